@@ -1,0 +1,512 @@
+//! A Streamable HTTP upstream: each tunnel stream becomes its own MCP client session.
+//!
+//! `connect` owns the upstream's HTTP semantics: its session id, its protocol version header,
+//! its JSON or SSE answers, its standalone GET stream. Back through the tunnel go only messages,
+//! each tagged with the exchange of the request whose response carried it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use sse_stream::SseByteStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
+use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
+use crate::mcp::{Classified, classify};
+use crate::transport::{RecvHalf, SendHalf};
+use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
+
+/// Time to establish a TCP (and TLS) connection to the upstream.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a DELETE of an upstream session may take when a stream ends.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames queued toward the relay before upstream readers wait.
+const WRITE_QUEUE: usize = 64;
+/// Consecutive failures after which the standalone GET stream is given up.
+const GET_STREAM_ATTEMPTS: u32 = 3;
+/// Pause between GET stream attempts.
+const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
+/// Text of an upstream error body quoted in a synthesized error.
+const QUOTE_LIMIT: usize = 200;
+
+/// A configured Streamable HTTP upstream.
+pub struct HttpSource {
+    name: String,
+    url: reqwest::Url,
+    client: reqwest::Client,
+    max_frame: usize,
+}
+
+/// Why an upstream exchange failed, in words for the agent.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("source {source_name} is unreachable: {reason}")]
+    Unreachable { source_name: String, reason: String },
+    #[error("source {source_name} answered HTTP {status}: {body}")]
+    Status {
+        source_name: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("source {source_name} sent a response larger than the tunnel limit of {limit} bytes")]
+    TooLarge { source_name: String, limit: usize },
+    #[error("source {source_name}: {reason}")]
+    Broken { source_name: String, reason: String },
+}
+
+impl UpstreamError {
+    fn code(&self) -> i64 {
+        match self {
+            UpstreamError::TooLarge { .. } => codes::TOO_LARGE,
+            UpstreamError::Status { .. } => codes::INTERNAL_ERROR,
+            _ => codes::SOURCE_UNAVAILABLE,
+        }
+    }
+}
+
+/// What one stream knows about its upstream session.
+#[derive(Default)]
+struct UpstreamSession {
+    /// The upstream's `Mcp-Session-Id`.
+    id: Option<HeaderValue>,
+    /// The protocol version negotiated by `initialize`.
+    version: Option<HeaderValue>,
+}
+
+/// Shared by the tasks serving one stream.
+struct StreamContext {
+    source: Arc<HttpSource>,
+    header: OpenHeader,
+    session: Mutex<UpstreamSession>,
+    out: mpsc::Sender<Frame>,
+}
+
+impl HttpSource {
+    /// A source `name` at `url`.
+    pub fn new(name: &str, url: &str, max_frame: usize) -> Result<Self, String> {
+        let url =
+            reqwest::Url::parse(url).map_err(|e| format!("source {name}: bad URL {url:?}: {e}"))?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("source {name}: HTTP client: {e}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            url,
+            client,
+            max_frame,
+        })
+    }
+
+    /// Serves one exchange stream: forwards each message upstream and tags what comes back.
+    pub async fn serve(
+        self: Arc<Self>,
+        header: OpenHeader,
+        mut reader: FrameReader<RecvHalf>,
+        mut writer: FrameWriter<SendHalf>,
+    ) {
+        let (out, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
+        let writer_task = tokio::spawn(async move {
+            while let Some(frame) = queue.recv().await {
+                if let Err(e) = writer.send(&frame).await {
+                    tracing::debug!(error = %e, "tunnel stream write failed");
+                    return;
+                }
+            }
+            let _ = writer.finish().await;
+        });
+        let context = Arc::new(StreamContext {
+            source: self.clone(),
+            header,
+            session: Mutex::default(),
+            out,
+        });
+        tracing::debug!(source = %self.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
+        let mut requests = JoinSet::new();
+        let mut get_stream: Option<tokio::task::JoinHandle<()>> = None;
+        loop {
+            let frame = tokio::select! {
+                frame = reader.next() => frame,
+                // Reap finished request tasks as we go so the set stays small.
+                Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+            };
+            let frame = match frame {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel stream read failed");
+                    break;
+                }
+            };
+            match frame.kind {
+                FrameKind::Message => {}
+                FrameKind::Close => {
+                    tracing::debug!(reason = %frame.reason(), "relay closed the stream");
+                    break;
+                }
+                other => {
+                    tracing::warn!(kind = ?other, "unexpected frame on an exchange stream");
+                    break;
+                }
+            }
+            let classified = classify(&frame.payload).ok();
+            let is_initialize = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("initialize"));
+            let has_requests = classified.as_ref().is_none_or(Classified::has_requests);
+            let is_initialized = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("notifications/initialized"));
+            if is_initialize || !has_requests {
+                // In order: the session id must exist before the next message, and
+                // notifications must reach the upstream before requests sent after them.
+                context
+                    .exchange(frame.exchange, frame.payload, classified)
+                    .await;
+                if is_initialized
+                    && context.header.era == Era::Session
+                    && get_stream.is_none()
+                    && context.session_id().is_some()
+                {
+                    get_stream = Some(tokio::spawn(context.clone().standalone_stream()));
+                }
+            } else {
+                let context = context.clone();
+                requests.spawn(async move {
+                    context
+                        .exchange(frame.exchange, frame.payload, classified)
+                        .await
+                });
+            }
+        }
+        requests.abort_all();
+        if let Some(task) = get_stream {
+            task.abort();
+        }
+        context.end_upstream_session().await;
+        drop(context);
+        let _ = writer_task.await;
+    }
+}
+
+impl StreamContext {
+    fn name(&self) -> &str {
+        &self.source.name
+    }
+
+    fn session_id(&self) -> Option<HeaderValue> {
+        self.session
+            .lock()
+            .expect("session lock is never held across a panic")
+            .id
+            .clone()
+    }
+
+    async fn send(&self, frame: Frame) {
+        // A closed queue means the stream is gone; nothing is waiting for this frame.
+        let _ = self.out.send(frame).await;
+    }
+
+    fn headers(&self, is_initialize: bool) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        match self.header.era {
+            Era::Session => {
+                let session = self
+                    .session
+                    .lock()
+                    .expect("session lock is never held across a panic");
+                if let Some(id) = &session.id {
+                    headers.insert(SESSION_HEADER, id.clone());
+                }
+                if let (Some(version), false) = (&session.version, is_initialize) {
+                    headers.insert(VERSION_HEADER, version.clone());
+                }
+            }
+            Era::Stateless => {
+                if let Some(version) = self
+                    .header
+                    .protocol_version
+                    .as_deref()
+                    .and_then(|v| HeaderValue::from_str(v).ok())
+                {
+                    headers.insert(VERSION_HEADER, version);
+                }
+                for (name, value) in &self.header.mcp_headers {
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::try_from(name.as_str()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        headers.insert(name, value);
+                    }
+                }
+            }
+        }
+        headers
+    }
+
+    /// POSTs one message and relays what the upstream answers, tagged with `exchange`, then
+    /// `End`. Every request in the message gets an answer: the upstream's, or an error that
+    /// says why there is none.
+    async fn exchange(&self, exchange: u64, payload: Bytes, classified: Option<Classified>) {
+        let is_initialize = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("initialize"));
+        if let Err(error) = self.post(exchange, payload, is_initialize).await {
+            tracing::warn!(source = %self.name(), error = %error, "upstream exchange failed");
+            if let Some(classified) = &classified {
+                for request in classified
+                    .messages()
+                    .iter()
+                    .filter(|m| m.kind == MessageKind::Request)
+                {
+                    self.send(Frame::message(
+                        exchange,
+                        error_body(request.id.as_deref(), error.code(), &error.to_string()),
+                    ))
+                    .await;
+                }
+            }
+        }
+        self.send(Frame::end(exchange)).await;
+    }
+
+    async fn post(
+        &self,
+        exchange: u64,
+        payload: Bytes,
+        is_initialize: bool,
+    ) -> Result<(), UpstreamError> {
+        let request = self
+            .source
+            .client
+            .post(self.source.url.clone())
+            .headers(self.headers(is_initialize))
+            .body(payload);
+        let response = request
+            .send()
+            .await
+            .map_err(|e| UpstreamError::Unreachable {
+                source_name: self.name().to_owned(),
+                reason: error_chain(&e),
+            })?;
+        let status = response.status();
+        if is_initialize && let Some(id) = response.headers().get(SESSION_HEADER) {
+            self.session
+                .lock()
+                .expect("session lock is never held across a panic")
+                .id = Some(id.clone());
+        }
+        if status == StatusCode::ACCEPTED {
+            return Ok(());
+        }
+        if status == StatusCode::NOT_FOUND
+            && self.header.era == Era::Session
+            && !is_initialize
+            && self.session_id().is_some()
+        {
+            // The upstream forgot the session: end ours, so the agent re-initializes.
+            self.send(Frame::close(format!(
+                "source {} ended the session",
+                self.name()
+            )))
+            .await;
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if content_type.starts_with("text/event-stream") && status.is_success() {
+            return self.relay_sse(exchange, response).await;
+        }
+        let body = self.read_limited(response).await?;
+        if !status.is_success() {
+            if content_type.starts_with("application/json") && classify(&body).is_ok() {
+                // A JSON-RPC error from the upstream passes through unchanged, status included.
+                self.send(Frame::rejected(exchange, status.as_u16())).await;
+                self.send(Frame::message(exchange, body)).await;
+                return Ok(());
+            }
+            self.send(Frame::rejected(exchange, status.as_u16())).await;
+            let text = String::from_utf8_lossy(&body[..body.len().min(QUOTE_LIMIT)])
+                .trim()
+                .to_owned();
+            return Err(UpstreamError::Status {
+                source_name: self.name().to_owned(),
+                status,
+                body: text,
+            });
+        }
+        if body.is_empty() {
+            return Ok(());
+        }
+        if is_initialize {
+            self.remember_version(&body);
+        }
+        self.send(Frame::message(exchange, body)).await;
+        Ok(())
+    }
+
+    fn remember_version(&self, body: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct InitResult {
+            result: Option<Negotiated>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Negotiated {
+            #[serde(rename = "protocolVersion")]
+            protocol_version: String,
+        }
+        if let Ok(InitResult {
+            result: Some(negotiated),
+        }) = serde_json::from_slice::<InitResult>(body)
+            && let Ok(value) = HeaderValue::from_str(&negotiated.protocol_version)
+        {
+            self.session
+                .lock()
+                .expect("session lock is never held across a panic")
+                .version = Some(value);
+        }
+    }
+
+    async fn read_limited(&self, response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+        let limit = self.source.max_frame;
+        if response
+            .content_length()
+            .is_some_and(|len| len > limit as u64)
+        {
+            return Err(UpstreamError::TooLarge {
+                source_name: self.name().to_owned(),
+                limit,
+            });
+        }
+        let mut body = bytes::BytesMut::new();
+        let mut chunks = response.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Broken {
+                source_name: self.name().to_owned(),
+                reason: error_chain(&e),
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(UpstreamError::TooLarge {
+                    source_name: self.name().to_owned(),
+                    limit,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    /// Relays an SSE answer event by event. Events without data (priming events) carry nothing
+    /// to forward.
+    async fn relay_sse(
+        &self,
+        exchange: u64,
+        response: reqwest::Response,
+    ) -> Result<(), UpstreamError> {
+        let mut events = SseByteStream::new(response.bytes_stream());
+        while let Some(event) = events.next().await {
+            let event = event.map_err(|e| UpstreamError::Broken {
+                source_name: self.name().to_owned(),
+                reason: format!("bad event stream: {e}"),
+            })?;
+            let Some(data) = event.data.filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            if data.len() > self.source.max_frame {
+                return Err(UpstreamError::TooLarge {
+                    source_name: self.name().to_owned(),
+                    limit: self.source.max_frame,
+                });
+            }
+            let data = Bytes::from(data);
+            if self
+                .session
+                .lock()
+                .expect("session lock is never held across a panic")
+                .version
+                .is_none()
+            {
+                self.remember_version(&data);
+            }
+            self.send(Frame::message(exchange, data)).await;
+        }
+        Ok(())
+    }
+
+    /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
+    async fn standalone_stream(self: Arc<Self>) {
+        let mut failures = 0;
+        while failures < GET_STREAM_ATTEMPTS {
+            let mut headers = self.headers(false);
+            headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+            headers.remove(CONTENT_TYPE);
+            match self
+                .source
+                .client
+                .get(self.source.url.clone())
+                .headers(headers)
+                .send()
+                .await
+            {
+                Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+                Ok(response) if response.status().is_success() => {
+                    failures = 0;
+                    if let Err(e) = self.relay_sse(UNSOLICITED, response).await {
+                        tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
+                        failures += 1;
+                    }
+                }
+                Ok(response) => {
+                    tracing::debug!(source = %self.name(), status = %response.status(), "upstream refused the GET stream");
+                    failures += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream GET stream failed");
+                    failures += 1;
+                }
+            }
+            tokio::time::sleep(GET_STREAM_RETRY).await;
+        }
+    }
+
+    /// DELETEs the upstream session, if there is one.
+    async fn end_upstream_session(&self) {
+        let Some(id) = self.session_id() else { return };
+        let mut headers = self.headers(false);
+        headers.insert(SESSION_HEADER, id);
+        let request = self
+            .source
+            .client
+            .delete(self.source.url.clone())
+            .headers(headers)
+            .timeout(DELETE_TIMEOUT);
+        match request.send().await {
+            Ok(response) => {
+                tracing::debug!(source = %self.name(), status = %response.status(), "upstream session deleted")
+            }
+            Err(e) => {
+                tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream session delete failed")
+            }
+        }
+    }
+}
+
+/// An error with its causes, e.g. "error sending request: connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

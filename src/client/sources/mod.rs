@@ -1,0 +1,87 @@
+//! The upstream MCP servers `connect` serves, by name.
+
+pub mod http;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{SourceConfig, SourceTarget};
+use crate::transport::{RecvHalf, SendHalf};
+use crate::wire::{FrameReader, FrameWriter, OpenHeader};
+
+/// Frame limit `connect` uses toward the relay.
+const MAX_FRAME: usize = crate::wire::DEFAULT_MAX_FRAME;
+
+/// One configured source.
+pub enum Source {
+    /// A Streamable HTTP server.
+    Http(Arc<http::HttpSource>),
+}
+
+impl Source {
+    /// Serves one exchange stream until it ends.
+    pub async fn serve(
+        &self,
+        header: OpenHeader,
+        reader: FrameReader<RecvHalf>,
+        writer: FrameWriter<SendHalf>,
+    ) {
+        match self {
+            Source::Http(source) => source.clone().serve(header, reader, writer).await,
+        }
+    }
+}
+
+/// All sources of this client.
+pub struct Sources {
+    by_name: HashMap<String, Source>,
+}
+
+impl Sources {
+    /// Builds the sources; refuses duplicates and kinds this release cannot serve.
+    pub fn new(configs: &[SourceConfig]) -> Result<Self, String> {
+        if configs.is_empty() {
+            return Err("no sources: give at least one --source NAME=URL".into());
+        }
+        let mut by_name = HashMap::new();
+        for config in configs {
+            let source = match &config.target {
+                SourceTarget::Http(url) => Source::Http(Arc::new(http::HttpSource::new(
+                    &config.name,
+                    url,
+                    MAX_FRAME,
+                )?)),
+                SourceTarget::Stdio(_) => {
+                    return Err(format!(
+                        "source {}: stdio sources are not supported by this release",
+                        config.name
+                    ));
+                }
+            };
+            if by_name.insert(config.name.clone(), source).is_some() {
+                return Err(format!("source {} is configured twice", config.name));
+            }
+        }
+        Ok(Self { by_name })
+    }
+
+    /// The source called `name`.
+    pub fn get(&self, name: &str) -> Option<&Source> {
+        self.by_name.get(name)
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The frame limit toward the relay.
+    pub fn max_frame(&self) -> usize {
+        MAX_FRAME
+    }
+}

@@ -1,0 +1,549 @@
+//! Configuration files: the relay's and `connect`'s, in TOML.
+//!
+//! Unknown keys are errors (the message names the key and its line). Secrets appear only as
+//! `sha256:` digests in the relay's file; `connect`'s token may come from the environment.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::govern::{Identity, Keyring, Policy, SecretHash, policy::Role};
+
+/// Default agent request body and tunnel frame limit: 16 MiB (see [`crate::wire::DEFAULT_MAX_FRAME`]).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = crate::wire::DEFAULT_MAX_FRAME;
+/// How long the relay waits for an upstream's answer to one request. Long-running tools report
+/// progress and may take minutes; five minutes bounds a stuck one.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 300;
+/// An agent session with no request for this long is ended (and its tunnel stream closed).
+pub const DEFAULT_SESSION_IDLE_SECS: u64 = 30 * 60;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (the message has the key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// The file parsed but says something impossible.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn parse_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+/// Checks that a source name is one URL path segment agents can type.
+pub fn validate_source_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "source name {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+/// The relay's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where tunnel clients connect.
+    pub tunnel: TunnelSection,
+    /// Agent-facing MCP endpoints.
+    pub agents: AgentsSection,
+    /// Operator endpoints.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: Option<AuditSection>,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// Tenants, their tunnel tokens, agent keys and roles.
+    #[serde(default)]
+    pub tenants: Vec<TenantSection>,
+}
+
+/// `[tunnel]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    /// QUIC on UDP (and later the HTTPS fallback on TCP) on this address.
+    pub listen: SocketAddr,
+    /// The relay certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The relay private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[agents]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsSection {
+    /// The agent endpoint address.
+    pub listen: SocketAddr,
+    /// Browser origins allowed to call (besides requests without `Origin`).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// The admin endpoint address; keep it private.
+    pub listen: SocketAddr,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The SQLite file of the audit trail.
+    pub path: PathBuf,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest agent request body and tunnel frame, in bytes.
+    pub max_message_bytes: usize,
+    /// Seconds to wait for an upstream's answer to one request.
+    pub request_timeout_secs: u64,
+    /// Seconds an idle agent session lives.
+    pub session_idle_secs: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
+            session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The per-request timeout.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+
+    /// The idle session lifetime.
+    pub fn session_idle(&self) -> Duration {
+        Duration::from_secs(self.session_idle_secs)
+    }
+}
+
+/// `[[tenants]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    /// The tenant's name.
+    pub name: String,
+    /// Digests of the tunnel tokens that register sources for this tenant.
+    #[serde(default)]
+    pub tunnel_tokens: Vec<String>,
+    /// Agent API keys.
+    #[serde(default)]
+    pub keys: Vec<KeySection>,
+    /// Roles; none means every key may call everything.
+    #[serde(default)]
+    pub roles: Vec<RoleSection>,
+}
+
+/// `[[tenants.keys]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    /// Who holds the key.
+    pub subject: String,
+    /// Their roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// The key's digest.
+    pub key: String,
+}
+
+/// `[[tenants.roles]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSection {
+    /// The role's name.
+    pub name: String,
+    /// `SOURCE/TOOL` globs allowed.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// `SOURCE/TOOL` globs denied (deny wins).
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl RelayConfig {
+    /// Reads and checks a relay configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Self = parse_file(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.tunnel.cert = base.join(&config.tunnel.cert);
+        config.tunnel.key = base.join(&config.tunnel.key);
+        if let Some(audit) = &mut config.audit {
+            audit.path = base.join(&audit.path);
+        }
+        config
+            .build_governance()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    /// Builds the keyring and policy, checking every cross-reference.
+    pub fn build_governance(&self) -> Result<(Keyring, Policy), String> {
+        let mut keyring = Keyring::default();
+        let mut policy = Policy::default();
+        let mut tenant_names = HashSet::new();
+        let mut secrets_seen = HashSet::new();
+        if self.limits.max_message_bytes < 1024 || self.limits.max_message_bytes > u32::MAX as usize
+        {
+            return Err("limits.max_message_bytes must be between 1024 and 4294967295".into());
+        }
+        for tenant in &self.tenants {
+            if tenant.name.is_empty() || !tenant_names.insert(tenant.name.as_str()) {
+                return Err(format!(
+                    "tenant name {:?} is empty or used twice",
+                    tenant.name
+                ));
+            }
+            let name: Arc<str> = tenant.name.as_str().into();
+            for token in &tenant.tunnel_tokens {
+                let hash = SecretHash::parse(token)
+                    .map_err(|e| format!("tenant {}: tunnel_tokens: {e}", tenant.name))?;
+                if !secrets_seen.insert(hash) {
+                    return Err(format!(
+                        "tenant {}: a tunnel token digest is listed twice",
+                        tenant.name
+                    ));
+                }
+                keyring.add_tunnel_token(hash, name.clone());
+            }
+            let mut roles = HashMap::new();
+            for role in &tenant.roles {
+                if roles
+                    .insert(
+                        role.name.clone(),
+                        Role {
+                            allow: role.allow.clone(),
+                            deny: role.deny.clone(),
+                        },
+                    )
+                    .is_some()
+                {
+                    return Err(format!(
+                        "tenant {}: role {} defined twice",
+                        tenant.name, role.name
+                    ));
+                }
+            }
+            for key in &tenant.keys {
+                let hash = SecretHash::parse(&key.key)
+                    .map_err(|e| format!("tenant {}: key of {}: {e}", tenant.name, key.subject))?;
+                if !secrets_seen.insert(hash) {
+                    return Err(format!(
+                        "tenant {}: key of {} is listed twice",
+                        tenant.name, key.subject
+                    ));
+                }
+                if let Some(unknown) = key.roles.iter().find(|r| !roles.contains_key(*r)) {
+                    return Err(format!(
+                        "tenant {}: key of {} names undefined role {unknown}",
+                        tenant.name, key.subject
+                    ));
+                }
+                keyring.add_api_key(
+                    hash,
+                    Identity {
+                        tenant: name.clone(),
+                        subject: key.subject.as_str().into(),
+                        roles: key.roles.clone().into(),
+                    },
+                );
+            }
+            policy.set_roles(name, roles);
+        }
+        Ok((keyring, policy))
+    }
+}
+
+/// Which transport `connect` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC, falling back to HTTPS when UDP is blocked (the fallback arrives in a later release;
+    /// until then `auto` means QUIC).
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// HTTPS only.
+    Https,
+}
+
+/// One upstream MCP server `connect` serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceTarget {
+    /// A Streamable HTTP endpoint.
+    Http(String),
+    /// A command speaking MCP on stdio.
+    Stdio(Vec<String>),
+}
+
+/// A named source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceConfig {
+    /// The name agents use.
+    pub name: String,
+    /// How to reach it.
+    pub target: SourceTarget,
+}
+
+impl SourceConfig {
+    /// Parses the command-line form `NAME=http://...` or `NAME=stdio:COMMAND ARG...`.
+    pub fn parse_flag(text: &str) -> Result<Self, String> {
+        let (name, target) = text
+            .split_once('=')
+            .ok_or_else(|| format!("--source {text:?}: expected NAME=URL or NAME=stdio:COMMAND"))?;
+        validate_source_name(name)?;
+        let target = if let Some(command) = target.strip_prefix("stdio:") {
+            let words: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
+            if words.is_empty() {
+                return Err(format!("--source {name}: stdio: needs a command"));
+            }
+            SourceTarget::Stdio(words)
+        } else if target.starts_with("http://") || target.starts_with("https://") {
+            SourceTarget::Http(target.to_owned())
+        } else {
+            return Err(format!(
+                "--source {name}: {target:?} is neither an http(s) URL nor stdio:COMMAND"
+            ));
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            target,
+        })
+    }
+}
+
+/// `connect`'s configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// The relay as HOST:PORT.
+    pub relay: String,
+    /// CA certificate(s) to verify the relay with; the system roots when absent.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The tunnel token (or env `MCP_TUNNEL_TOKEN`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// auto, quic or https.
+    #[serde(default)]
+    pub transport: TransportChoice,
+    /// Largest frame accepted from the relay, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// The sources.
+    #[serde(default)]
+    pub sources: Vec<SourceSection>,
+}
+
+fn default_max_message() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+
+/// `[[sources]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    /// The name agents use.
+    pub name: String,
+    /// A Streamable HTTP URL.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A stdio command and its arguments.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+}
+
+impl ClientFile {
+    /// Reads and checks a client configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut file: Self = parse_file(path)?;
+        if let Some(ca) = &mut file.ca {
+            *ca = path.parent().unwrap_or(Path::new(".")).join(&*ca);
+        }
+        file.sources().map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })?;
+        Ok(file)
+    }
+
+    /// The sources as checked values.
+    pub fn sources(&self) -> Result<Vec<SourceConfig>, String> {
+        self.sources
+            .iter()
+            .map(|s| {
+                validate_source_name(&s.name)?;
+                let target = match (&s.url, &s.command) {
+                    (Some(url), None) => SourceTarget::Http(url.clone()),
+                    (None, Some(command)) if !command.is_empty() => {
+                        SourceTarget::Stdio(command.clone())
+                    }
+                    _ => {
+                        return Err(format!(
+                            "source {}: give exactly one of url or command",
+                            s.name
+                        ));
+                    }
+                };
+                Ok(SourceConfig {
+                    name: s.name.clone(),
+                    target,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).expect("write config");
+        (dir, path)
+    }
+
+    const GOOD: &str = r#"
+[tunnel]
+listen = "127.0.0.1:4433"
+cert = "relay.pem"
+key = "relay.key"
+[agents]
+listen = "127.0.0.1:8443"
+[admin]
+listen = "127.0.0.1:9090"
+[audit]
+path = "audit.db"
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["sha256:0000000000000000000000000000000000000000000000000000000000000001"]
+[[tenants.keys]]
+subject = "alice@acme.example"
+roles = ["analyst"]
+key = "sha256:0000000000000000000000000000000000000000000000000000000000000002"
+[[tenants.roles]]
+name = "analyst"
+allow = ["everything/echo", "everything/get-*"]
+deny = []
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let (_dir, path) = write(GOOD);
+        let config = RelayConfig::load(&path).expect("documented config parses");
+        assert_eq!(config.tenants[0].keys[0].roles, vec!["analyst"]);
+        assert!(config.tunnel.cert.ends_with("relay.pem"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let (_dir, path) = write(&GOOD.replace("[admin]\n", "[admin]\nlisten_typo = 1\n"));
+        let err = RelayConfig::load(&path)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("listen_typo") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn refuses_clear_text_secrets_and_undefined_roles() {
+        let (_dir, path) = write(&GOOD.replace(
+            "sha256:0000000000000000000000000000000000000000000000000000000000000002",
+            "plain-key",
+        ));
+        assert!(
+            RelayConfig::load(&path)
+                .expect_err("clear text")
+                .to_string()
+                .contains("alice")
+        );
+        let (_dir, path) = write(&GOOD.replace("roles = [\"analyst\"]", "roles = [\"admin\"]"));
+        assert!(
+            RelayConfig::load(&path)
+                .expect_err("undefined role")
+                .to_string()
+                .contains("admin")
+        );
+    }
+
+    #[test]
+    fn source_flags() {
+        assert_eq!(
+            SourceConfig::parse_flag("db=http://127.0.0.1:1/mcp").expect("http"),
+            SourceConfig {
+                name: "db".into(),
+                target: SourceTarget::Http("http://127.0.0.1:1/mcp".into())
+            }
+        );
+        assert_eq!(
+            SourceConfig::parse_flag("fs=stdio:npx -y server")
+                .expect("stdio")
+                .target,
+            SourceTarget::Stdio(vec!["npx".into(), "-y".into(), "server".into()])
+        );
+        assert!(SourceConfig::parse_flag("bad name=http://x").is_err());
+        assert!(SourceConfig::parse_flag("x=ftp://x").is_err());
+    }
+}

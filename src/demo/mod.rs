@@ -1,0 +1,111 @@
+//! `mcp-tunnel demo`: relay, connect and the built-in MCP server in one process on loopback,
+//! with certificates and credentials made on the fly.
+
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, ClientSettings};
+use crate::config::{LimitsSection, SourceConfig, SourceTarget, TransportChoice};
+use crate::govern::identity::new_secret;
+use crate::govern::{Identity, Keyring, Policy, SecretHash};
+use crate::relay::{Governance, Relay, RelaySettings};
+use crate::transport::tls;
+
+/// The demo's tenant.
+pub const TENANT: &str = "demo";
+/// The demo's source name: agents use `/mcp/demo`.
+pub const SOURCE: &str = "demo";
+/// Time the tunnel has to come up before the demo gives up.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running demo.
+pub struct Demo {
+    /// The agent endpoint URL of the demo source.
+    pub agent_url: String,
+    /// An API key for it.
+    pub api_key: String,
+    /// The admin endpoint.
+    pub admin_url: String,
+    /// The built-in server, reached directly (no tunnel).
+    pub upstream_url: String,
+}
+
+/// Starts the demo with agents on `listen`; runs until `shutdown`.
+pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<Demo> {
+    let upstream = upstream::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    let upstream_url = format!("http://{upstream}/mcp");
+
+    let certs = crate::certs::generate(&[])?;
+    let token = new_secret("mcpt_tok_");
+    let api_key = new_secret("mcpt_key_");
+    let mut keyring = Keyring::default();
+    keyring.add_tunnel_token(SecretHash::of(&token), TENANT.into());
+    keyring.add_api_key(
+        SecretHash::of(&api_key),
+        Identity {
+            tenant: TENANT.into(),
+            subject: "demo@localhost".into(),
+            roles: Vec::new().into(),
+        },
+    );
+    let relay = Relay::bind(RelaySettings {
+        tunnel_listen: "127.0.0.1:0".parse()?,
+        identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)?,
+        agents_listen: listen,
+        admin_listen: Some("127.0.0.1:0".parse()?),
+        governance: Governance {
+            keyring,
+            policy: Policy::default(),
+        },
+        limits: LimitsSection::default(),
+        allowed_origins: Vec::new(),
+    })
+    .await?;
+    let agents = relay.agents_addr();
+    let admin = relay.admin_addr().expect("the demo always enables admin");
+    let tunnel = relay.tunnel_addr();
+    let state = relay.state().clone();
+    let relay_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = relay.serve(relay_shutdown).await {
+            tracing::error!(error = %e, "demo relay failed");
+        }
+    });
+
+    let settings = ClientSettings {
+        relay: tunnel.to_string(),
+        ca: None,
+        ca_pem: Some(certs.ca_pem),
+        token,
+        transport: TransportChoice::Quic,
+        sources: vec![SourceConfig {
+            name: SOURCE.into(),
+            target: SourceTarget::Http(upstream_url.clone()),
+        }],
+        max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
+    };
+    let client_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = client::run(settings, client_shutdown).await {
+            tracing::error!(error = %e, "demo connect failed");
+        }
+    });
+    tokio::time::timeout(READY_TIMEOUT, state.registry.wait_for(TENANT, SOURCE))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the demo tunnel did not come up within {} s",
+                READY_TIMEOUT.as_secs()
+            )
+        })?;
+    Ok(Demo {
+        agent_url: format!("http://{agents}/mcp/{SOURCE}"),
+        api_key,
+        admin_url: format!("http://{admin}"),
+        upstream_url,
+    })
+}

@@ -1,0 +1,119 @@
+//! The built-in MCP server (rmcp): `echo`, `add` and `blob`, fast enough that measurements
+//! through the tunnel measure the tunnel.
+
+use std::net::SocketAddr;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::transport::streamable_http_server::{
+    StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use tokio_util::sync::CancellationToken;
+
+/// Largest `blob` the server makes: bounds its memory whatever a caller asks.
+pub const MAX_BLOB_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Arguments of `echo`.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct EchoArgs {
+    /// The text to send back.
+    pub message: String,
+}
+
+/// Arguments of `add`.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct AddArgs {
+    /// Left operand.
+    pub a: i64,
+    /// Right operand.
+    pub b: i64,
+}
+
+/// Arguments of `blob`.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct BlobArgs {
+    /// How many bytes of text to return.
+    pub size: u64,
+}
+
+/// The demo server.
+#[derive(Debug, Clone)]
+pub struct DemoServer {
+    #[allow(dead_code, reason = "read by the code #[tool_handler] generates")]
+    tool_router: ToolRouter<Self>,
+}
+
+impl Default for DemoServer {
+    fn default() -> Self {
+        Self {
+            tool_router: Self::tool_router(),
+        }
+    }
+}
+
+/// The bytes `blob` returns for `size`: a repeating alphabet, so a checksum is predictable.
+pub fn blob_text(size: u64) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..size as usize)
+        .map(|i| ALPHABET[i % ALPHABET.len()] as char)
+        .collect()
+}
+
+#[tool_router]
+impl DemoServer {
+    /// Returns the message unchanged.
+    #[tool(description = "Echo the message back unchanged")]
+    fn echo(&self, Parameters(EchoArgs { message }): Parameters<EchoArgs>) -> String {
+        message
+    }
+
+    /// Adds two integers.
+    #[tool(description = "Add two integers")]
+    fn add(&self, Parameters(AddArgs { a, b }): Parameters<AddArgs>) -> Result<String, String> {
+        a.checked_add(b)
+            .map(|sum| sum.to_string())
+            .ok_or_else(|| "integer overflow".to_owned())
+    }
+
+    /// Returns `size` bytes of text.
+    #[tool(description = "Return SIZE bytes of text (for throughput tests)")]
+    fn blob(&self, Parameters(BlobArgs { size }): Parameters<BlobArgs>) -> Result<String, String> {
+        if size > MAX_BLOB_BYTES {
+            return Err(format!(
+                "size {size} exceeds the maximum of {MAX_BLOB_BYTES} bytes"
+            ));
+        }
+        Ok(blob_text(size))
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for DemoServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_instructions("mcp-tunnel demo server: echo, add, blob")
+    }
+}
+
+/// Serves the demo server's Streamable HTTP endpoint at `/mcp` on `addr` until `shutdown`;
+/// returns the bound address once it accepts connections.
+pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+    let config =
+        StreamableHttpServerConfig::default().with_cancellation_token(shutdown.child_token());
+    let service: StreamableHttpService<DemoServer, LocalSessionManager> =
+        StreamableHttpService::new(|| Ok(DemoServer::default()), Default::default(), config);
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "demo MCP server failed");
+        }
+    });
+    Ok(bound)
+}

@@ -1,0 +1,7 @@
+//! Governance: who is calling, and what they may call. No HTTP in here: the relay asks.
+
+pub mod identity;
+pub mod policy;
+
+pub use identity::{Identity, Keyring, SecretHash};
+pub use policy::{Decision, Policy};

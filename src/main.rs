@@ -1,0 +1,239 @@
+//! The `mcp-tunnel` command line: parse, then call into the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{ClientFile, RelayConfig, SourceConfig, TransportChoice};
+use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::{Relay, RelaySettings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "mcp-tunnel",
+    version,
+    about = "A governed tunnel for MCP servers that must never face the internet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make a dev CA and a relay certificate: DIR/ca.pem, DIR/relay.pem, DIR/relay.key.
+    Certs {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS names or IP addresses for the relay certificate (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the relay.
+    Relay {
+        /// The relay's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the tunnel client next to your MCP servers.
+    Connect(ConnectArgs),
+    /// Relay, connect and a built-in MCP server on loopback, ready for an MCP client.
+    Demo {
+        /// Agent endpoint address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Run only the built-in MCP server and print its URL (for benchmarks).
+        #[arg(long)]
+        upstream_only: bool,
+    },
+    /// Tunnel tokens.
+    Token {
+        #[command(subcommand)]
+        command: NewSecret,
+    },
+    /// Agent API keys.
+    Key {
+        #[command(subcommand)]
+        command: NewKey,
+    },
+}
+
+#[derive(clap::Args)]
+struct ConnectArgs {
+    /// A client configuration file (TOML); flags below override nothing in it.
+    #[arg(long, conflicts_with_all = ["relay", "sources"])]
+    config: Option<PathBuf>,
+    /// The relay as HOST:PORT.
+    #[arg(long, required_unless_present = "config")]
+    relay: Option<String>,
+    /// CA certificate(s) to verify the relay with (default: the system roots).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The tunnel token.
+    #[arg(long, env = "MCP_TUNNEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Transport.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
+    transport: TransportChoice,
+    /// A source: NAME=http://... or 'NAME=stdio:COMMAND ARG...' (repeatable).
+    #[arg(long = "source", value_parser = SourceConfig::parse_flag)]
+    sources: Vec<SourceConfig>,
+}
+
+#[derive(Subcommand)]
+enum NewSecret {
+    /// A fresh tunnel token and its config line.
+    New {
+        /// The tenant it registers sources for.
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NewKey {
+    /// A fresh agent API key and its config stanza.
+    New {
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// Who holds it.
+        #[arg(long)]
+        subject: String,
+        /// Roles (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(run(cli.command))
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler succeeds on Unix");
+        #[cfg(unix)]
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        cancel.cancel();
+    });
+    token
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Certs { out, hosts, force } => {
+            let certs = mcp_tunnel::certs::generate(&hosts)?;
+            mcp_tunnel::certs::write(&out, &certs, force)?;
+            println!(
+                "wrote {0}/ca.pem, {0}/relay.pem, {0}/relay.key",
+                out.display()
+            );
+        }
+        Command::Relay { config } => {
+            let config = RelayConfig::load(&config)?;
+            let relay = Relay::bind(RelaySettings::from_config(&config)?).await?;
+            relay.serve(shutdown_on_signals()).await?;
+        }
+        Command::Connect(args) => {
+            let settings = match &args.config {
+                Some(path) => {
+                    let mut settings =
+                        ClientSettings::from_file(&ClientFile::load(path)?, args.token)?;
+                    if args.ca.is_some() {
+                        settings.ca = args.ca;
+                    }
+                    settings
+                }
+                None => ClientSettings {
+                    relay: args.relay.context("--relay is required")?,
+                    ca: args.ca,
+                    ca_pem: None,
+                    token: args
+                        .token
+                        .context("a tunnel token is required: --token or MCP_TUNNEL_TOKEN")?,
+                    transport: args.transport,
+                    sources: args.sources,
+                    max_message_bytes: mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES,
+                },
+            };
+            client::run(settings, shutdown_on_signals()).await?;
+        }
+        Command::Demo {
+            listen,
+            upstream_only,
+        } => {
+            let shutdown = shutdown_on_signals();
+            if upstream_only {
+                let addr = mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await?;
+                println!("demo MCP server: http://{addr}/mcp");
+            } else {
+                let demo = mcp_tunnel::demo::start(listen, shutdown.clone()).await?;
+                println!(
+                    "mcp-tunnel demo: relay, connect and a demo MCP server (echo, add, blob) on loopback"
+                );
+                println!("agent URL: {}", demo.agent_url);
+                println!("API key: {}", demo.api_key);
+                println!("admin: {}/api/tunnels", demo.admin_url);
+                println!(
+                    "try: npx @modelcontextprotocol/inspector --cli {} --transport http --header \"Authorization: Bearer {}\" --method tools/list",
+                    demo.agent_url, demo.api_key
+                );
+            }
+            shutdown.cancelled().await;
+        }
+        Command::Token {
+            command: NewSecret::New { tenant },
+        } => {
+            let token = new_secret("mcpt_tok_");
+            println!("token: {token}");
+            println!("# relay config, under [[tenants]] name = \"{tenant}\":");
+            println!("tunnel_tokens = [\"{}\"]", SecretHash::of(&token));
+        }
+        Command::Key {
+            command:
+                NewKey::New {
+                    tenant,
+                    subject,
+                    roles,
+                },
+        } => {
+            let key = new_secret("mcpt_key_");
+            println!("key: {key}");
+            println!("# relay config, after [[tenants]] name = \"{tenant}\":");
+            println!("[[tenants.keys]]");
+            println!("subject = {subject:?}");
+            println!("roles = {roles:?}");
+            println!("key = \"{}\"", SecretHash::of(&key));
+        }
+    }
+    Ok(())
+}

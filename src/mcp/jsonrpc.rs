@@ -1,0 +1,335 @@
+//! JSON-RPC 2.0 message classification and error bodies.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::value::RawValue;
+
+/// JSON-RPC error codes the relay and `connect` produce.
+pub mod codes {
+    /// Invalid JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// Valid JSON, not a valid JSON-RPC message.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// Unknown method (also how a denied tool reads to the caller).
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Bad parameters.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// The relay or tunnel failed.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// 2026-07-28: `Mcp-Method` / `Mcp-Name` headers do not match the body.
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// The source could not be reached (upstream down, tunnel lost).
+    pub const SOURCE_UNAVAILABLE: i64 = -32000;
+    /// The source did not answer in time.
+    pub const TIMEOUT: i64 = -32001;
+    /// A message exceeded a size limit.
+    pub const TOO_LARGE: i64 = -32002;
+    /// Policy denied the call.
+    pub const DENIED: i64 = -32003;
+}
+
+/// The kind of one JSON-RPC message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Has `method` and `id`: expects a response.
+    Request,
+    /// Has `method`, no `id`.
+    Notification,
+    /// Has `result` or `error` and an `id`.
+    Response,
+}
+
+/// What governance needs to know about one message.
+#[derive(Debug, Clone)]
+pub struct MessageInfo {
+    /// Request, notification or response.
+    pub kind: MessageKind,
+    /// The id as its raw JSON text (`1`, `"abc"`), for matching and error replies.
+    pub id: Option<Box<RawValue>>,
+    /// The method of a request or notification.
+    pub method: Option<String>,
+    /// `params.name` (tools/call, prompts/get) or `params.uri` (resources/read).
+    pub target: Option<String>,
+    /// For a response: `result.isError == true` (a failed tool call).
+    pub is_tool_error: bool,
+    /// For a response: the JSON-RPC error code, if it is an error.
+    pub error_code: Option<i64>,
+}
+
+/// A classified body: one message or a batch.
+#[derive(Debug, Clone)]
+pub enum Classified {
+    /// A single message.
+    Single(MessageInfo),
+    /// A JSON array of messages.
+    Batch(Vec<MessageInfo>),
+}
+
+impl Classified {
+    /// The messages, in order.
+    pub fn messages(&self) -> &[MessageInfo] {
+        match self {
+            Classified::Single(one) => std::slice::from_ref(one),
+            Classified::Batch(many) => many,
+        }
+    }
+
+    /// Whether any message expects a response.
+    pub fn has_requests(&self) -> bool {
+        self.messages()
+            .iter()
+            .any(|m| m.kind == MessageKind::Request)
+    }
+
+    /// Whether every message is a response (a reply to a server's request, or a batch of them).
+    pub fn is_all_responses(&self) -> bool {
+        self.messages()
+            .iter()
+            .all(|m| m.kind == MessageKind::Response)
+    }
+}
+
+/// Why a body is not JSON-RPC.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    /// Not JSON at all (-32700).
+    #[error("parse error: {0}")]
+    Parse(String),
+    /// JSON, but not a JSON-RPC 2.0 message (-32600).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+impl ClassifyError {
+    /// The JSON-RPC error code for this failure.
+    pub fn code(&self) -> i64 {
+        match self {
+            ClassifyError::Parse(_) => codes::PARSE_ERROR,
+            ClassifyError::Invalid(_) => codes::INVALID_REQUEST,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    jsonrpc: Option<&'a str>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    error: Option<WireError>,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    code: i64,
+    #[allow(
+        dead_code,
+        reason = "present in the wire shape; only the code is needed"
+    )]
+    message: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Params<'a> {
+    name: Option<std::borrow::Cow<'a, str>>,
+    uri: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct ToolResult {
+    #[serde(rename = "isError", default)]
+    is_error: bool,
+}
+
+fn info(raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
+    let wire: Wire<'_> =
+        serde_json::from_str(raw.get()).map_err(|e| ClassifyError::Invalid(e.to_string()))?;
+    if wire.jsonrpc != Some("2.0") {
+        return Err(ClassifyError::Invalid("\"jsonrpc\" must be \"2.0\"".into()));
+    }
+    let id = wire
+        .id
+        .filter(|id| id.get() != "null")
+        .map(|id| id.to_owned());
+    let (kind, method) = match (wire.method, wire.result.is_some() || wire.error.is_some()) {
+        (Some(method), false) => (
+            if id.is_some() {
+                MessageKind::Request
+            } else {
+                MessageKind::Notification
+            },
+            Some(method.into_owned()),
+        ),
+        (None, true) => (MessageKind::Response, None),
+        (Some(_), true) => {
+            return Err(ClassifyError::Invalid(
+                "a message cannot have both method and result/error".into(),
+            ));
+        }
+        (None, false) => {
+            return Err(ClassifyError::Invalid(
+                "a message needs method, result or error".into(),
+            ));
+        }
+    };
+    let target = match (&method, wire.params) {
+        (Some(m), Some(params))
+            if matches!(
+                m.as_str(),
+                "tools/call"
+                    | "prompts/get"
+                    | "resources/read"
+                    | "resources/subscribe"
+                    | "resources/unsubscribe"
+            ) =>
+        {
+            let p: Params<'_> = serde_json::from_str(params.get())
+                .map_err(|e| ClassifyError::Invalid(format!("params: {e}")))?;
+            p.name.or(p.uri).map(|n| n.into_owned())
+        }
+        _ => None,
+    };
+    let is_tool_error = match wire.result {
+        Some(result) if result.get().contains("\"isError\"") => {
+            serde_json::from_str::<ToolResult>(result.get())
+                .map(|r| r.is_error)
+                .unwrap_or(false)
+        }
+        _ => false,
+    };
+    Ok(MessageInfo {
+        kind,
+        id,
+        method,
+        target,
+        is_tool_error,
+        error_code: wire.error.map(|e| e.code),
+    })
+}
+
+/// Classifies a body: one JSON-RPC message or a batch.
+pub fn classify(body: &[u8]) -> Result<Classified, ClassifyError> {
+    let raw: &RawValue =
+        serde_json::from_slice(body).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+    let text = raw.get();
+    if text.starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+        if items.is_empty() {
+            return Err(ClassifyError::Invalid("empty batch".into()));
+        }
+        return items
+            .into_iter()
+            .map(info)
+            .collect::<Result<_, _>>()
+            .map(Classified::Batch);
+    }
+    if !text.starts_with('{') {
+        return Err(ClassifyError::Invalid(
+            "a message must be a JSON object or array".into(),
+        ));
+    }
+    info(raw).map(Classified::Single)
+}
+
+/// A JSON-RPC error response body for `id` (or `null`).
+pub fn error_body(id: Option<&RawValue>, code: i64, message: &str) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        jsonrpc: &'static str,
+        id: Option<&'a RawValue>,
+        error: ErrorObject<'a>,
+    }
+    #[derive(serde::Serialize)]
+    struct ErrorObject<'a> {
+        code: i64,
+        message: &'a str,
+    }
+    let body = Body {
+        jsonrpc: "2.0",
+        id,
+        error: ErrorObject { code, message },
+    };
+    Bytes::from(serde_json::to_vec(&body).expect("error bodies are plain strings and numbers"))
+}
+
+/// A `notifications/cancelled` for request `id`, with a reason.
+pub fn cancelled_notification(id: &RawValue, reason: &str) -> Bytes {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "method": "notifications/cancelled",
+        "params": { "requestId": id, "reason": reason },
+    });
+    Bytes::from(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn single(text: &str) -> MessageInfo {
+        match classify(text.as_bytes()).expect("valid") {
+            Classified::Single(info) => info,
+            Classified::Batch(_) => panic!("expected a single message"),
+        }
+    }
+
+    #[test]
+    fn classifies_kinds_and_targets() {
+        let call = single(
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}}"#,
+        );
+        assert_eq!(call.kind, MessageKind::Request);
+        assert_eq!(call.id.as_deref().map(RawValue::get), Some("7"));
+        assert_eq!(call.target.as_deref(), Some("echo"));
+        let read = single(
+            r#"{"jsonrpc":"2.0","id":"a","method":"resources/read","params":{"uri":"file:///x"}}"#,
+        );
+        assert_eq!(read.target.as_deref(), Some("file:///x"));
+        let note = single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        assert_eq!(note.kind, MessageKind::Notification);
+        let response = single(r#"{"jsonrpc":"2.0","id":1,"result":{"content":[],"isError":true}}"#);
+        assert_eq!(response.kind, MessageKind::Response);
+        assert!(response.is_tool_error);
+        let error = single(r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#);
+        assert_eq!(error.error_code, Some(-32601));
+    }
+
+    #[test]
+    fn batches_and_errors() {
+        let batch = classify(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"x"}]"#,
+        )
+        .expect("batch");
+        assert!(batch.has_requests());
+        assert_eq!(batch.messages().len(), 2);
+        assert!(matches!(
+            classify(b"{not json"),
+            Err(ClassifyError::Parse(_))
+        ));
+        assert!(matches!(classify(b"[]"), Err(ClassifyError::Invalid(_))));
+        assert!(matches!(
+            classify(br#"{"id":1,"method":"x"}"#),
+            Err(ClassifyError::Invalid(_))
+        ));
+        assert!(matches!(classify(b"42"), Err(ClassifyError::Invalid(_))));
+    }
+
+    #[test]
+    fn error_body_is_valid_json_rpc() {
+        let id = RawValue::from_string("\"x\"".into()).expect("raw id");
+        let body = error_body(Some(&id), codes::TIMEOUT, "slow \"source\"");
+        let value: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(value["id"], "x");
+        assert_eq!(value["error"]["code"], codes::TIMEOUT);
+        assert_eq!(value["error"]["message"], "slow \"source\"");
+        let null: serde_json::Value =
+            serde_json::from_slice(&error_body(None, -1, "m")).expect("json");
+        assert!(null["id"].is_null());
+    }
+}

@@ -1,0 +1,11 @@
+//! Just enough MCP to govern it: JSON-RPC message classification and protocol eras.
+//!
+//! Messages stay as bytes; these helpers read the few fields routing, policy and audit need
+//! (kind, id, method, tool or resource name) and never re-serialise a message.
+
+pub mod era;
+pub mod jsonrpc;
+pub mod sse;
+
+pub use era::ProtocolEra;
+pub use jsonrpc::{Classified, MessageInfo, MessageKind, classify};

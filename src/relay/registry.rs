@@ -1,0 +1,268 @@
+//! Which tunnel serves which source, per tenant.
+//!
+//! Every key is `(tenant, source)`: a source name means nothing outside its tenant, so an agent
+//! of another tenant can never be routed to it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use std::sync::RwLock;
+use tokio::sync::watch;
+
+use crate::transport::{TransportError, TunnelConnection, TunnelStream};
+
+/// One connected tunnel client.
+pub struct Tunnel {
+    /// Process-unique id.
+    pub id: u64,
+    /// The tenant its token belongs to.
+    pub tenant: Arc<str>,
+    /// The sources it announced.
+    pub sources: Vec<String>,
+    /// The connection.
+    pub connection: Arc<dyn TunnelConnection>,
+    /// Seconds since the epoch when it registered.
+    pub connected_since: u64,
+    /// The largest frame the client accepts.
+    pub max_frame: usize,
+    streams_opened: AtomicU64,
+    streams_active: AtomicUsize,
+}
+
+impl Tunnel {
+    /// Opens an exchange stream on this tunnel, counted until the returned guard drops.
+    pub async fn open_stream(
+        self: &Arc<Self>,
+    ) -> Result<(TunnelStream, StreamGuard), TransportError> {
+        let stream = self.connection.open_stream().await?;
+        self.streams_opened.fetch_add(1, Ordering::Relaxed);
+        self.streams_active.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::STREAMS_ACTIVE).increment(1.0);
+        Ok((stream, StreamGuard(self.clone())))
+    }
+
+    /// Streams opened so far.
+    pub fn streams_opened(&self) -> u64 {
+        self.streams_opened.load(Ordering::Relaxed)
+    }
+
+    /// Streams open now.
+    pub fn streams_active(&self) -> usize {
+        self.streams_active.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a stream as active until dropped.
+pub struct StreamGuard(Arc<Tunnel>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.streams_active.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::STREAMS_ACTIVE).decrement(1.0);
+    }
+}
+
+/// A row of `/api/tunnels`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TunnelRow {
+    /// Tunnel id.
+    pub id: u64,
+    /// Tenant.
+    pub tenant: String,
+    /// One of the sources (one row per source).
+    pub source: String,
+    /// `quic` or `https`.
+    pub transport: String,
+    /// The client's address.
+    pub remote: String,
+    /// RFC 3339 time of registration.
+    pub connected_since: String,
+    /// Seconds since the epoch of registration.
+    pub connected_since_unix: u64,
+    /// Round-trip time estimate in milliseconds.
+    pub rtt_ms: f64,
+    /// Exchange streams opened on this tunnel so far.
+    pub streams_opened: u64,
+    /// Exchange streams open now.
+    pub streams_active: usize,
+}
+
+/// The relay's live tunnels.
+pub struct Registry {
+    routes: RwLock<HashMap<(Arc<str>, String), Vec<Arc<Tunnel>>>>,
+    tunnels: RwLock<HashMap<u64, Arc<Tunnel>>>,
+    next_id: AtomicU64,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            routes: RwLock::default(),
+            tunnels: RwLock::default(),
+            next_id: AtomicU64::new(1),
+            changed: watch::channel(0).0,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// Registers a tunnel for `tenant` serving `sources`.
+    pub fn register(
+        &self,
+        tenant: Arc<str>,
+        sources: Vec<String>,
+        connection: Arc<dyn TunnelConnection>,
+        max_frame: usize,
+    ) -> Arc<Tunnel> {
+        let tunnel = Arc::new(Tunnel {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            tenant: tenant.clone(),
+            sources,
+            connection,
+            connected_since: unix_now(),
+            max_frame,
+            streams_opened: AtomicU64::new(0),
+            streams_active: AtomicUsize::new(0),
+        });
+        {
+            let mut routes = self
+                .routes
+                .write()
+                .expect("registry lock is never held across a panic");
+            for source in &tunnel.sources {
+                routes
+                    .entry((tenant.clone(), source.clone()))
+                    .or_default()
+                    .push(tunnel.clone());
+            }
+        }
+        self.tunnels
+            .write()
+            .expect("registry lock is never held across a panic")
+            .insert(tunnel.id, tunnel.clone());
+        metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).increment(1.0);
+        self.changed.send_modify(|n| *n += 1);
+        tunnel
+    }
+
+    /// Removes a tunnel (its connection ended).
+    pub fn unregister(&self, tunnel: &Tunnel) {
+        {
+            let mut routes = self
+                .routes
+                .write()
+                .expect("registry lock is never held across a panic");
+            for source in &tunnel.sources {
+                let key = (tunnel.tenant.clone(), source.clone());
+                if let Some(list) = routes.get_mut(&key) {
+                    list.retain(|t| t.id != tunnel.id);
+                    if list.is_empty() {
+                        routes.remove(&key);
+                    }
+                }
+            }
+        }
+        if self
+            .tunnels
+            .write()
+            .expect("registry lock is never held across a panic")
+            .remove(&tunnel.id)
+            .is_some()
+        {
+            metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The tunnel that serves `source` for `tenant`: the most recently connected one.
+    pub fn route(&self, tenant: &str, source: &str) -> Option<Arc<Tunnel>> {
+        let routes = self
+            .routes
+            .read()
+            .expect("registry lock is never held across a panic");
+        routes
+            .get(&(Arc::from(tenant), source.to_owned()))?
+            .last()
+            .cloned()
+    }
+
+    /// One row per (tunnel, source), for `/api/tunnels`.
+    pub fn rows(&self) -> Vec<TunnelRow> {
+        let tunnels = self
+            .tunnels
+            .read()
+            .expect("registry lock is never held across a panic");
+        let mut rows: Vec<TunnelRow> = tunnels
+            .values()
+            .flat_map(|t| {
+                t.sources.iter().map(move |source| TunnelRow {
+                    id: t.id,
+                    tenant: t.tenant.to_string(),
+                    source: source.clone(),
+                    transport: t.connection.kind().to_string(),
+                    remote: t.connection.remote_addr().to_string(),
+                    connected_since: rfc3339(t.connected_since),
+                    connected_since_unix: t.connected_since,
+                    rtt_ms: t.connection.rtt().as_secs_f64() * 1000.0,
+                    streams_opened: t.streams_opened(),
+                    streams_active: t.streams_active(),
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (a.id, &a.source).cmp(&(b.id, &b.source)));
+        rows
+    }
+
+    /// Waits until `tenant` has a route to `source` (tests and the demo wait on readiness).
+    pub async fn wait_for(&self, tenant: &str, source: &str) {
+        let mut changes = self.changed.subscribe();
+        while self.route(tenant, source).is_none() {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Formats seconds since the epoch as an RFC 3339 UTC timestamp.
+pub fn rfc3339(secs: u64) -> String {
+    // Civil-from-days (Howard Hinnant's algorithm): no date crate needed for one format.
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_795_651_200), "2026-11-26T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400 + 3_661), "2000-02-29T01:01:01Z");
+    }
+}

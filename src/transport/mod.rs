@@ -1,0 +1,85 @@
+//! The tunnel transport: one trait over QUIC (and, later, the HTTPS fallback).
+//!
+//! Everything above this module sees a [`TunnelConnection`] that can open and accept
+//! bidirectional [`TunnelStream`]s and be closed with a reason. Opening a stream costs no round
+//! trip: the peer learns of it with the stream's first frame.
+
+pub mod quic;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A boxed future, as returned by the object-safe [`TunnelConnection`] methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The sending half of a tunnel stream.
+pub type SendHalf = Box<dyn AsyncWrite + Send + Unpin>;
+/// The receiving half of a tunnel stream.
+pub type RecvHalf = Box<dyn AsyncRead + Send + Unpin>;
+
+/// One bidirectional stream of a tunnel connection.
+pub struct TunnelStream {
+    /// Bytes to the peer.
+    pub send: SendHalf,
+    /// Bytes from the peer.
+    pub recv: RecvHalf,
+}
+
+/// Which transport carries a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// QUIC on UDP.
+    Quic,
+    /// TLS on TCP with a stream multiplexer (the fallback).
+    Https,
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Quic => "quic",
+            Self::Https => "https",
+        })
+    }
+}
+
+/// Why a transport operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The connection is gone; the text says why (peer closed, timed out, reset).
+    #[error("tunnel connection lost: {0}")]
+    ConnectionLost(String),
+    /// The peer refused more streams for now.
+    #[error("tunnel stream limit reached")]
+    StreamLimit,
+    /// Dialing or the TLS handshake failed.
+    #[error("could not connect to the relay: {0}")]
+    Connect(String),
+    /// Configuration (addresses, certificates) is unusable.
+    #[error("transport configuration: {0}")]
+    Config(String),
+}
+
+/// A live tunnel connection, whatever carries it.
+pub trait TunnelConnection: Send + Sync + 'static {
+    /// Opens a new bidirectional stream; no round trip.
+    fn open_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>>;
+    /// Waits for the peer to open a stream.
+    fn accept_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>>;
+    /// Closes the connection, telling the peer `reason`.
+    fn close(&self, reason: &str);
+    /// Resolves once the connection has ended, with why.
+    fn closed(&self) -> BoxFuture<'_, TransportError>;
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+    /// The peer's address.
+    fn remote_addr(&self) -> SocketAddr;
+    /// The current round-trip estimate.
+    fn rtt(&self) -> Duration;
+}

@@ -1,0 +1,432 @@
+//! Length-prefixed frames, their sans-IO codec, and async reader/writer halves.
+//!
+//! Layout (all integers big-endian):
+//!
+//! ```text
+//! +------+-------------------+-----------------+-------------------+
+//! | kind |  exchange (u64)   | length (u32)    | payload (length)  |
+//! | 1 B  |       8 B         |      4 B        |                   |
+//! +------+-------------------+-----------------+-------------------+
+//! ```
+//!
+//! The decoder refuses a frame whose declared length exceeds its limit before reading (or
+//! allocating) the payload, so a hostile peer cannot make either side buffer more than the limit.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{Decoder, FramedRead};
+
+/// Bytes in a frame header: kind (1) + exchange (8) + payload length (4).
+pub const HEADER_LEN: usize = 13;
+
+/// Default limit on one frame's payload: 16 MiB, enough for a large tool result (the MCP specs
+/// set no limit; common servers cap bodies at 4-16 MiB) while bounding per-stream memory.
+pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The exchange number of messages that belong to no agent request: what the upstream sends on
+/// its standalone (GET) stream, and control-stream traffic.
+pub const UNSOLICITED: u64 = 0;
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// A control-stream message (JSON, see [`crate::wire::control`]).
+    Control = 1,
+    /// The first frame of an exchange stream (JSON [`crate::wire::OpenHeader`]).
+    Open = 2,
+    /// One JSON-RPC message or batch, forwarded untouched.
+    Message = 3,
+    /// The upstream finished its response to this exchange; no more messages will carry it.
+    End = 4,
+    /// The sender ends the whole stream; the payload is a UTF-8 reason for logs and errors.
+    Close = 5,
+    /// The upstream refused this exchange's message: the payload is the HTTP status (u16) it
+    /// answered with, sent before the JSON-RPC error message so the relay can answer the agent
+    /// with the same status (clients read 4xx bodies differently from 200 ones).
+    Rejected = 6,
+}
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Control,
+            2 => Self::Open,
+            3 => Self::Message,
+            4 => Self::End,
+            5 => Self::Close,
+            6 => Self::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// One frame: a kind, the exchange it belongs to, and an opaque payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What the payload is.
+    pub kind: FrameKind,
+    /// The exchange (agent request) this frame belongs to; [`UNSOLICITED`] for none.
+    pub exchange: u64,
+    /// The payload, shared, never copied on the way through.
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// A JSON-RPC message for `exchange`.
+    pub fn message(exchange: u64, payload: Bytes) -> Self {
+        Self {
+            kind: FrameKind::Message,
+            exchange,
+            payload,
+        }
+    }
+
+    /// The end of the upstream's response to `exchange`.
+    pub fn end(exchange: u64) -> Self {
+        Self {
+            kind: FrameKind::End,
+            exchange,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// The upstream answered `exchange` with HTTP `status` (4xx or 5xx).
+    pub fn rejected(exchange: u64, status: u16) -> Self {
+        Self {
+            kind: FrameKind::Rejected,
+            exchange,
+            payload: Bytes::copy_from_slice(&status.to_be_bytes()),
+        }
+    }
+
+    /// The HTTP status of a [`FrameKind::Rejected`] frame, if well formed.
+    pub fn status(&self) -> Option<u16> {
+        <[u8; 2]>::try_from(&self.payload[..])
+            .ok()
+            .map(u16::from_be_bytes)
+    }
+
+    /// The end of the whole stream, with a reason a person can read.
+    pub fn close(reason: impl Into<String>) -> Self {
+        Self {
+            kind: FrameKind::Close,
+            exchange: UNSOLICITED,
+            payload: Bytes::from(reason.into()),
+        }
+    }
+
+    /// A JSON frame of `kind` (control messages and open headers).
+    pub fn json<T: serde::Serialize>(kind: FrameKind, value: &T) -> Self {
+        let payload = serde_json::to_vec(value)
+            .expect("wire types serialize infallibly: plain structs of strings and numbers");
+        Self {
+            kind,
+            exchange: UNSOLICITED,
+            payload: Bytes::from(payload),
+        }
+    }
+
+    /// Parses a JSON payload of the expected `kind`.
+    pub fn parse_json<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: FrameKind,
+    ) -> Result<T, FrameError> {
+        if self.kind != kind {
+            return Err(FrameError::Unexpected {
+                expected: kind,
+                got: self.kind,
+            });
+        }
+        serde_json::from_slice(&self.payload).map_err(|e| FrameError::BadJson(e.to_string()))
+    }
+
+    /// The reason text of a [`FrameKind::Close`] frame.
+    pub fn reason(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+
+    /// Writes the 13-byte header for this frame.
+    pub fn encode_header(&self) -> [u8; HEADER_LEN] {
+        let mut header = [0u8; HEADER_LEN];
+        let mut cursor = &mut header[..];
+        cursor.put_u8(self.kind as u8);
+        cursor.put_u64(self.exchange);
+        // Payload length is checked against the limit (< 4 GiB) before any frame is built for
+        // the wire; a larger payload is a programming error caught by `FrameWriter::send`.
+        cursor.put_u32(self.payload.len() as u32);
+        header
+    }
+
+    /// Appends the whole frame to `dst` (tests and benches; the writer avoids this copy).
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.reserve(HEADER_LEN + self.payload.len());
+        dst.put_slice(&self.encode_header());
+        dst.put_slice(&self.payload);
+    }
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer declared a payload larger than this side accepts.
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Declared payload size.
+        size: usize,
+        /// This side's limit.
+        limit: usize,
+    },
+    /// The kind byte is not one this version knows.
+    #[error("unknown frame kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A frame of another kind came where a specific one was required.
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected {
+        /// The kind that was required.
+        expected: FrameKind,
+        /// The kind that arrived.
+        got: FrameKind,
+    },
+    /// A JSON payload (control message, open header) did not parse.
+    #[error("malformed frame payload: {0}")]
+    BadJson(String),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The underlying stream failed.
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The sans-IO decoder: turns buffered bytes into frames, enforcing the payload limit.
+#[derive(Debug, Clone)]
+pub struct FrameDecoder {
+    limit: usize,
+}
+
+impl FrameDecoder {
+    /// A decoder that refuses payloads over `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+}
+
+impl Decoder for FrameDecoder {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind_byte = src[0];
+        let kind = FrameKind::from_byte(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+        let size = u32::from_be_bytes([src[9], src[10], src[11], src[12]]) as usize;
+        if size > self.limit {
+            return Err(FrameError::TooLarge {
+                size,
+                limit: self.limit,
+            });
+        }
+        if src.len() < HEADER_LEN + size {
+            // Reserve once for the whole frame so a large payload is not grown piecemeal.
+            src.reserve(HEADER_LEN + size - src.len());
+            return Ok(None);
+        }
+        let exchange = u64::from_be_bytes(
+            src[1..9]
+                .try_into()
+                .expect("slice of 8 bytes: bounds checked above"),
+        );
+        src.advance(HEADER_LEN);
+        let payload = src.split_to(size).freeze();
+        Ok(Some(Frame {
+            kind,
+            exchange,
+            payload,
+        }))
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(FrameError::Truncated),
+        }
+    }
+}
+
+/// Reads frames from one direction of a tunnel stream.
+pub struct FrameReader<R> {
+    inner: FramedRead<R, FrameDecoder>,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps `io`, refusing frames over `limit` bytes.
+    pub fn new(io: R, limit: usize) -> Self {
+        Self {
+            inner: FramedRead::with_capacity(io, FrameDecoder::new(limit), 16 * 1024),
+        }
+    }
+
+    /// The next frame, or `None` when the peer finished the stream cleanly.
+    pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
+        self.inner.next().await.transpose()
+    }
+}
+
+/// Writes frames to one direction of a tunnel stream.
+pub struct FrameWriter<W> {
+    io: W,
+    limit: usize,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Wraps `io`; payloads over `limit` bytes are refused before anything is written.
+    pub fn new(io: W, limit: usize) -> Self {
+        Self { io, limit }
+    }
+
+    /// Writes one frame. The payload is handed to the stream as is (no copy into a staging
+    /// buffer), which matters for multi-megabyte tool results.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), FrameError> {
+        if frame.payload.len() > self.limit {
+            return Err(FrameError::TooLarge {
+                size: frame.payload.len(),
+                limit: self.limit,
+            });
+        }
+        self.io.write_all(&frame.encode_header()).await?;
+        if !frame.payload.is_empty() {
+            self.io.write_all(&frame.payload).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes this direction of the stream (the peer reads a clean end).
+    pub async fn finish(&mut self) -> Result<(), FrameError> {
+        self.io.shutdown().await?;
+        Ok(())
+    }
+
+    /// The payload limit of this writer.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(bytes: &[u8], limit: usize) -> Result<Vec<Frame>, FrameError> {
+        let mut decoder = FrameDecoder::new(limit);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        // Feed one byte at a time: the decoder must cope with any split.
+        for byte in bytes {
+            buf.put_u8(*byte);
+            while let Some(frame) = decoder.decode(&mut buf)? {
+                out.push(frame);
+            }
+        }
+        if let Some(frame) = decoder.decode_eof(&mut buf)? {
+            out.push(frame);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trips_every_kind_across_arbitrary_splits() {
+        let frames = vec![
+            Frame::json(FrameKind::Control, &serde_json::json!({"a": 1})),
+            Frame::message(
+                7,
+                Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"method":"x"}"#),
+            ),
+            Frame::end(7),
+            Frame::rejected(8, 421),
+            Frame::message(u64::MAX, Bytes::new()),
+            Frame::close("bye"),
+        ];
+        let mut wire = BytesMut::new();
+        for frame in &frames {
+            frame.encode(&mut wire);
+        }
+        assert_eq!(
+            decode_all(&wire, 1024).expect("valid frames decode"),
+            frames
+        );
+    }
+
+    #[test]
+    fn refuses_oversized_frame_before_reading_payload() {
+        let frame = Frame::message(1, Bytes::from(vec![b'x'; 100]));
+        let mut wire = BytesMut::new();
+        frame.encode(&mut wire);
+        wire.truncate(HEADER_LEN); // the payload never arrives: the header alone must fail
+        let err = decode_all(&wire, 99).expect_err("100 > 99");
+        assert!(
+            matches!(
+                err,
+                FrameError::TooLarge {
+                    size: 100,
+                    limit: 99
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn accepts_frame_exactly_at_limit() {
+        let frame = Frame::message(1, Bytes::from(vec![b'x'; 64]));
+        let mut wire = BytesMut::new();
+        frame.encode(&mut wire);
+        assert_eq!(
+            decode_all(&wire, 64).expect("at the limit is allowed"),
+            vec![frame]
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_kind_and_truncation() {
+        let mut wire = BytesMut::new();
+        Frame::end(3).encode(&mut wire);
+        wire[0] = 0x7f;
+        assert!(matches!(
+            decode_all(&wire, 10),
+            Err(FrameError::UnknownKind(0x7f))
+        ));
+
+        let mut wire = BytesMut::new();
+        Frame::message(1, Bytes::from_static(b"abcdef")).encode(&mut wire);
+        wire.truncate(wire.len() - 1);
+        assert!(matches!(decode_all(&wire, 10), Err(FrameError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn writer_refuses_oversized_payload_and_reader_reads_clean_end() {
+        let (a, b) = tokio::io::duplex(1024);
+        let mut writer = FrameWriter::new(a, 8);
+        let err = writer
+            .send(&Frame::message(1, Bytes::from_static(b"123456789")))
+            .await;
+        assert!(matches!(
+            err,
+            Err(FrameError::TooLarge { size: 9, limit: 8 })
+        ));
+        writer
+            .send(&Frame::message(2, Bytes::from_static(b"12345678")))
+            .await
+            .expect("at limit");
+        writer.finish().await.expect("finish");
+        drop(writer);
+        let mut reader = FrameReader::new(b, 8);
+        let frame = reader.next().await.expect("read").expect("one frame");
+        assert_eq!(frame.exchange, 2);
+        assert!(reader.next().await.expect("clean end").is_none());
+    }
+}

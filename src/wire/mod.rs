@@ -1,0 +1,37 @@
+//! What travels inside a tunnel connection.
+//!
+//! Every tunnel stream, QUIC or the HTTPS fallback, carries [`Frame`]s: a fixed 13-byte header
+//! (kind, exchange number, payload length) followed by the payload. JSON-RPC messages ride as
+//! opaque bytes in [`FrameKind::Message`] frames and are never re-encoded on the way through.
+//!
+//! Two kinds of stream exist:
+//!
+//! - the **control stream**, the first stream `connect` opens on a new connection: a
+//!   [`control::Hello`] with the tunnel token and the sources, answered by a
+//!   [`control::HelloReply`]; it stays open for the life of the connection;
+//! - one **exchange stream** per MCP exchange context (a session-era session, or one stateless
+//!   request), opened by the relay: an [`open::OpenHeader`] first, then messages both ways.
+//!
+//! Within an exchange stream the relay numbers each agent message it forwards (its *exchange*),
+//! and `connect` tags every message it sends back with the exchange of the upstream HTTP response
+//! it arrived on, or [`UNSOLICITED`] for messages from the upstream's standalone stream. When an
+//! upstream response is complete `connect` sends [`FrameKind::End`] for that exchange, so the
+//! relay always knows when to finish the agent's HTTP response.
+
+pub mod control;
+pub mod frame;
+pub mod open;
+
+pub use control::{Hello, HelloReply, SourceAnnouncement};
+pub use frame::{
+    DEFAULT_MAX_FRAME, Frame, FrameError, FrameKind, FrameReader, FrameWriter, HEADER_LEN,
+    UNSOLICITED,
+};
+pub use open::{Era, OpenHeader};
+
+/// The ALPN protocol id of the tunnel. A new incompatible wire format gets a new id, so an old
+/// `connect` fails the TLS handshake with a clear ALPN error instead of misreading frames.
+pub const ALPN: &[u8] = b"mcp-tunnel/1";
+
+/// The wire protocol version carried in [`Hello`]; bumped on compatible extensions.
+pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,0 +1,41 @@
+//! The header that opens every exchange stream.
+
+use serde::{Deserialize, Serialize};
+
+/// Which MCP transport era an exchange stream serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Era {
+    /// A session-era session (2025-03-26 .. 2025-11-25): `initialize` to DELETE or expiry.
+    Session,
+    /// One stateless 2026-07-28 request (or one `subscriptions/listen`).
+    Stateless,
+}
+
+/// The first frame of an exchange stream, from the relay to `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenHeader {
+    /// Tenant of the connection; `connect` checks it matches its own.
+    pub tenant: String,
+    /// The source (by the name `connect` announced) this exchange is for.
+    pub source: String,
+    /// The authenticated caller (for upstream identity and logs; never a credential).
+    pub subject: String,
+    /// Session era or stateless.
+    pub era: Era,
+    /// The MCP protocol version the agent declared (`MCP-Protocol-Version`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// The relay's id for this exchange context (its session id, or a request id): for logs
+    /// on both sides.
+    pub context: String,
+    /// Stateless era: the agent's MCP routing headers (`mcp-method`, `mcp-name`, `mcp-param-*`),
+    /// forwarded to the upstream exactly once and byte for byte (servers check them against the
+    /// body, and some values are encoded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mcp_headers: Vec<(String, String)>,
+    /// W3C trace context of the agent request, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
