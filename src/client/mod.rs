@@ -151,10 +151,10 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
             };
             let connection: Arc<dyn TunnelConnection> =
                 Arc::new(quic::dial(&ep, addr, &server_name).await?);
-            let (tenant, control) = hello(&connection, &settings).await?;
-            Ok::<_, ClientError>((connection, tenant, control))
+            let (welcomed, control) = hello(&connection, &settings).await?;
+            Ok::<_, ClientError>((connection, welcomed, control))
         };
-        let (connection, tenant, control) = tokio::select! {
+        let (connection, welcomed, control) = tokio::select! {
             result = attempt => match result {
                 Ok(connected) => connected,
                 Err(ClientError::Refused(reason)) => return Err(ClientError::Refused(reason)),
@@ -165,11 +165,11 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
             },
             _ = shutdown.cancelled() => return Ok(()),
         };
-        tracing::info!(relay = %settings.relay, %tenant, transport = %connection.kind(), sources = sources.len(), "tunnel up");
+        tracing::info!(relay = %settings.relay, tenant = %welcomed.tenant, transport = %connection.kind(), sources = sources.len(), "tunnel up");
         let started = Instant::now();
         let reason = serve(
             connection.clone(),
-            tenant,
+            welcomed,
             sources.clone(),
             shutdown.clone(),
         )
@@ -201,10 +201,17 @@ struct ControlStream {
     _reader: FrameReader<crate::transport::RecvHalf>,
 }
 
+/// What the relay's welcome settled.
+struct Welcomed {
+    tenant: String,
+    /// The frame limit both ways on this connection.
+    limit: usize,
+}
+
 async fn hello(
     connection: &Arc<dyn TunnelConnection>,
     settings: &ClientSettings,
-) -> Result<(String, ControlStream), ClientError> {
+) -> Result<(Welcomed, ControlStream), ClientError> {
     let stream = connection.open_stream().await?;
     let mut writer = FrameWriter::new(stream.send, 64 * 1024);
     let mut reader = FrameReader::new(stream.recv, 64 * 1024);
@@ -240,8 +247,14 @@ async fn hello(
         Err(e) => return Err(ClientError::Handshake(e.to_string())),
     };
     match reply {
-        HelloReply::Welcome { tenant, .. } => Ok((
-            tenant,
+        HelloReply::Welcome { tenant, max_frame } => Ok((
+            // Never send the relay more than it accepts, nor accept more than we allow.
+            Welcomed {
+                tenant,
+                limit: usize::try_from(max_frame)
+                    .unwrap_or(usize::MAX)
+                    .min(settings.max_message_bytes),
+            },
             ControlStream {
                 _writer: writer,
                 _reader: reader,
@@ -257,11 +270,12 @@ async fn hello(
 /// Serves streams the relay opens until the connection ends; returns why it ended.
 async fn serve(
     connection: Arc<dyn TunnelConnection>,
-    tenant: String,
+    welcomed: Welcomed,
     sources: Arc<Sources>,
     shutdown: CancellationToken,
 ) -> String {
-    let tenant: Arc<str> = tenant.into();
+    let tenant: Arc<str> = welcomed.tenant.into();
+    let limit = welcomed.limit;
     loop {
         let stream = tokio::select! {
             stream = connection.accept_stream() => stream,
@@ -274,8 +288,8 @@ async fn serve(
         let sources = sources.clone();
         let tenant = tenant.clone();
         tokio::spawn(async move {
-            let mut reader = FrameReader::new(stream.recv, sources.max_frame());
-            let mut writer = FrameWriter::new(stream.send, sources.max_frame());
+            let mut reader = FrameReader::new(stream.recv, limit);
+            let mut writer = FrameWriter::new(stream.send, limit);
             let header: OpenHeader = match tokio::time::timeout(OPEN_TIMEOUT, reader.next()).await {
                 Ok(Ok(Some(frame))) => match frame.parse_json(FrameKind::Open) {
                     Ok(header) => header,

@@ -279,13 +279,13 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         };
         // A message with no waiting request goes to the GET stream; ends and statuses of
         // requests nobody waits for any more are simply done.
-        if let Some(Event::Message(message)) = undelivered {
-            if shared.unsolicited_tx.try_send(message).is_err() {
-                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
-                tracing::warn!(
-                    "server-to-agent message dropped: no agent stream is reading and the queue is full"
-                );
-            }
+        if let Some(Event::Message(message)) = undelivered
+            && shared.unsolicited_tx.try_send(message).is_err()
+        {
+            metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+            tracing::warn!(
+                "server-to-agent message dropped: no agent stream is reading and the queue is full"
+            );
         }
     }
 }

@@ -90,9 +90,12 @@ pub struct TunnelRow {
     pub streams_active: usize,
 }
 
+/// A route key: `(tenant, source)`.
+type RouteKey = (Arc<str>, String);
+
 /// The relay's live tunnels.
 pub struct Registry {
-    routes: RwLock<HashMap<(Arc<str>, String), Vec<Arc<Tunnel>>>>,
+    routes: RwLock<HashMap<RouteKey, Vec<Arc<Tunnel>>>>,
     tunnels: RwLock<HashMap<u64, Arc<Tunnel>>>,
     next_id: AtomicU64,
     changed: watch::Sender<u64>,

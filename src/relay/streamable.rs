@@ -344,6 +344,12 @@ fn check_stateless_headers(headers: &HeaderMap, info: &MessageInfo) -> Result<()
             "2026-07-28 accepts only requests and notifications".into(),
         ));
     };
+    // A repeated routing header is ambiguous: which copy would the server check?
+    for name in [VERSION_HEADER, METHOD_HEADER, NAME_HEADER] {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            return Err(mismatch(format!("{name} header appears more than once")));
+        }
+    }
     match header_str(headers, METHOD_HEADER) {
         Some(value) if value == method => {}
         Some(_) => {

@@ -39,7 +39,6 @@ pub struct HttpSource {
     name: String,
     url: reqwest::Url,
     client: reqwest::Client,
-    max_frame: usize,
 }
 
 /// Why an upstream exchange failed, in words for the agent.
@@ -84,11 +83,13 @@ struct StreamContext {
     header: OpenHeader,
     session: Mutex<UpstreamSession>,
     out: mpsc::Sender<Frame>,
+    /// The largest message the tunnel carries toward the relay.
+    max_frame: usize,
 }
 
 impl HttpSource {
     /// A source `name` at `url`.
-    pub fn new(name: &str, url: &str, max_frame: usize) -> Result<Self, String> {
+    pub fn new(name: &str, url: &str) -> Result<Self, String> {
         let url =
             reqwest::Url::parse(url).map_err(|e| format!("source {name}: bad URL {url:?}: {e}"))?;
         let client = reqwest::Client::builder()
@@ -100,7 +101,6 @@ impl HttpSource {
             name: name.to_owned(),
             url,
             client,
-            max_frame,
         })
     }
 
@@ -111,6 +111,7 @@ impl HttpSource {
         mut reader: FrameReader<RecvHalf>,
         mut writer: FrameWriter<SendHalf>,
     ) {
+        let max_frame = writer.limit();
         let (out, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
         let writer_task = tokio::spawn(async move {
             while let Some(frame) = queue.recv().await {
@@ -126,6 +127,7 @@ impl HttpSource {
             header,
             session: Mutex::default(),
             out,
+            max_frame,
         });
         tracing::debug!(source = %self.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         let mut requests = JoinSet::new();
@@ -376,7 +378,7 @@ impl StreamContext {
     }
 
     async fn read_limited(&self, response: reqwest::Response) -> Result<Bytes, UpstreamError> {
-        let limit = self.source.max_frame;
+        let limit = self.max_frame;
         if response
             .content_length()
             .is_some_and(|len| len > limit as u64)
@@ -420,10 +422,10 @@ impl StreamContext {
             let Some(data) = event.data.filter(|d| !d.is_empty()) else {
                 continue;
             };
-            if data.len() > self.source.max_frame {
+            if data.len() > self.max_frame {
                 return Err(UpstreamError::TooLarge {
                     source_name: self.name().to_owned(),
-                    limit: self.source.max_frame,
+                    limit: self.max_frame,
                 });
             }
             let data = Bytes::from(data);

@@ -9,9 +9,6 @@ use crate::config::{SourceConfig, SourceTarget};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{FrameReader, FrameWriter, OpenHeader};
 
-/// Frame limit `connect` uses toward the relay.
-const MAX_FRAME: usize = crate::wire::DEFAULT_MAX_FRAME;
-
 /// One configured source.
 pub enum Source {
     /// A Streamable HTTP server.
@@ -46,11 +43,9 @@ impl Sources {
         let mut by_name = HashMap::new();
         for config in configs {
             let source = match &config.target {
-                SourceTarget::Http(url) => Source::Http(Arc::new(http::HttpSource::new(
-                    &config.name,
-                    url,
-                    MAX_FRAME,
-                )?)),
+                SourceTarget::Http(url) => {
+                    Source::Http(Arc::new(http::HttpSource::new(&config.name, url)?))
+                }
                 SourceTarget::Stdio(_) => {
                     return Err(format!(
                         "source {}: stdio sources are not supported by this release",
@@ -78,10 +73,5 @@ impl Sources {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
-    }
-
-    /// The frame limit toward the relay.
-    pub fn max_frame(&self) -> usize {
-        MAX_FRAME
     }
 }

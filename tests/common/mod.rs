@@ -1,0 +1,415 @@
+//! The in-process test harness: a relay, `connect` clients and upstream MCP servers, all on
+//! loopback ports the OS picks, torn down when dropped.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mcp_tunnel::client::{self, ClientError, ClientSettings};
+use mcp_tunnel::config::{LimitsSection, SourceConfig, TransportChoice};
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::govern::{Identity, Keyring, Policy, SecretHash};
+use mcp_tunnel::relay::{Governance, Relay, RelaySettings, RelayState};
+use mcp_tunnel::transport::tls;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Bound on any single wait in a test: generous for a loaded CI machine, finite.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Routes `tracing` to the test writer (shown for failing tests only).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "mcp_tunnel=debug,warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Credentials of one test tenant.
+#[derive(Clone)]
+pub struct TenantCreds {
+    pub name: String,
+    pub api_key: String,
+    pub tunnel_token: String,
+}
+
+impl TenantCreds {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            api_key: new_secret("mcpt_key_"),
+            tunnel_token: new_secret("mcpt_tok_"),
+        }
+    }
+}
+
+/// Knobs of a harness relay.
+#[derive(Clone)]
+pub struct Options {
+    pub limits: LimitsSection,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limits: LimitsSection::default(),
+        }
+    }
+}
+
+/// A running relay with two tenants, `acme` and `other`.
+pub struct Harness {
+    pub state: Arc<RelayState>,
+    pub agents: SocketAddr,
+    pub admin: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub ca_pem: String,
+    pub acme: TenantCreds,
+    pub other: TenantCreds,
+    pub shutdown: CancellationToken,
+    relay_task: JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Harness {
+    /// Starts a relay on loopback.
+    pub async fn start(options: Options) -> Self {
+        init_tracing();
+        let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+        let acme = TenantCreds::new("acme");
+        let other = TenantCreds::new("other");
+        let mut keyring = Keyring::default();
+        for tenant in [&acme, &other] {
+            keyring.add_tunnel_token(
+                SecretHash::of(&tenant.tunnel_token),
+                tenant.name.as_str().into(),
+            );
+            keyring.add_api_key(
+                SecretHash::of(&tenant.api_key),
+                Identity {
+                    tenant: tenant.name.as_str().into(),
+                    subject: format!("agent@{}", tenant.name).into(),
+                    roles: Vec::new().into(),
+                },
+            );
+        }
+        let relay = Relay::bind(RelaySettings {
+            tunnel_listen: "127.0.0.1:0".parse().expect("literal"),
+            identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)
+                .expect("relay identity"),
+            agents_listen: "127.0.0.1:0".parse().expect("literal"),
+            admin_listen: Some("127.0.0.1:0".parse().expect("literal")),
+            governance: Governance {
+                keyring,
+                policy: Policy::default(),
+            },
+            limits: options.limits,
+            allowed_origins: Vec::new(),
+        })
+        .await
+        .expect("relay binds");
+        let shutdown = CancellationToken::new();
+        let (state, agents, admin, tunnel) = (
+            relay.state().clone(),
+            relay.agents_addr(),
+            relay.admin_addr().expect("admin enabled"),
+            relay.tunnel_addr(),
+        );
+        let relay_task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { relay.serve(shutdown).await.expect("relay serves") }
+        });
+        Self {
+            state,
+            agents,
+            admin,
+            tunnel,
+            ca_pem: certs.ca_pem,
+            acme,
+            other,
+            shutdown,
+            relay_task,
+        }
+    }
+
+    /// Client settings for `tenant` serving `sources` (name, URL).
+    pub fn client_settings(
+        &self,
+        tenant: &TenantCreds,
+        sources: &[(&str, &str)],
+    ) -> ClientSettings {
+        ClientSettings {
+            relay: self.tunnel.to_string(),
+            ca: None,
+            ca_pem: Some(self.ca_pem.clone()),
+            token: tenant.tunnel_token.clone(),
+            transport: TransportChoice::Quic,
+            sources: sources
+                .iter()
+                .map(|(name, url)| {
+                    SourceConfig::parse_flag(&format!("{name}={url}")).expect("valid source")
+                })
+                .collect(),
+            max_message_bytes: mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES,
+        }
+    }
+
+    /// Runs a `connect` for `tenant` and waits until the relay routes all its sources.
+    pub async fn connect(&self, tenant: &TenantCreds, sources: &[(&str, &str)]) -> Client {
+        self.connect_with(tenant, self.client_settings(tenant, sources))
+            .await
+    }
+
+    /// Runs a `connect` with explicit settings and waits until its sources are routed.
+    pub async fn connect_with(&self, tenant: &TenantCreds, settings: ClientSettings) -> Client {
+        let names: Vec<String> = settings.sources.iter().map(|s| s.name.clone()).collect();
+        let shutdown = self.shutdown.child_token();
+        let task = tokio::spawn(client::run(settings, shutdown.clone()));
+        for name in &names {
+            tokio::time::timeout(WAIT, self.state.registry.wait_for(&tenant.name, name))
+                .await
+                .expect("tunnel comes up");
+        }
+        Client {
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The agent URL of `source`.
+    pub fn url(&self, source: &str) -> String {
+        format!("http://{}/mcp/{source}", self.agents)
+    }
+
+    /// Stops the relay and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let task = std::mem::replace(&mut self.relay_task, tokio::spawn(async {}));
+        let _ = tokio::time::timeout(WAIT, task).await;
+    }
+}
+
+/// A running `connect`.
+pub struct Client {
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), ClientError>>>,
+}
+
+impl Client {
+    /// Stops it and returns how it ended.
+    pub async fn stop(mut self) -> Result<(), ClientError> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("stopped once");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("connect stops")
+            .expect("connect task does not panic")
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The built-in demo MCP server on loopback; stops when the token is cancelled.
+pub async fn demo_upstream(shutdown: &CancellationToken) -> String {
+    let addr = mcp_tunnel::demo::upstream::serve(
+        "127.0.0.1:0".parse().expect("literal"),
+        shutdown.child_token(),
+    )
+    .await
+    .expect("demo upstream binds");
+    format!("http://{addr}/mcp")
+}
+
+/// What an agent request got back: status, headers, and the JSON-RPC messages of the body
+/// (one for JSON, every `data` event for SSE).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub messages: Vec<Value>,
+}
+
+impl Answer {
+    /// The last message: the response, for a request.
+    pub fn response(&self) -> &Value {
+        self.messages
+            .last()
+            .unwrap_or_else(|| panic!("no message in the answer: {self:?}"))
+    }
+}
+
+/// A raw Streamable HTTP agent: exact control over headers and bodies.
+#[derive(Clone)]
+pub struct Agent {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub key: Option<String>,
+    pub session: Option<String>,
+    pub version: Option<String>,
+}
+
+impl Agent {
+    pub fn new(url: &str, key: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            url: url.into(),
+            key: Some(key.into()),
+            session: None,
+            version: None,
+        }
+    }
+
+    pub fn request(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .request(method, &self.url)
+            .header("accept", "application/json, text/event-stream")
+            .timeout(WAIT);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(session) = &self.session {
+            request = request.header("mcp-session-id", session);
+        }
+        if let Some(version) = &self.version {
+            request = request.header("mcp-protocol-version", version);
+        }
+        request
+    }
+
+    /// POSTs raw bytes.
+    pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> Answer {
+        let response = self
+            .request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("agent request is sent");
+        read_answer(response).await
+    }
+
+    /// POSTs a JSON value.
+    pub async fn post(&self, body: &Value) -> Answer {
+        self.post_raw(body.to_string()).await
+    }
+
+    /// Session era: `initialize` then `notifications/initialized`; keeps the session id.
+    pub async fn initialize(&mut self) -> Answer {
+        let answer = self
+            .post(&json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"test","version":"0"}}}))
+            .await;
+        if let Some(session) = answer.headers.get("mcp-session-id") {
+            self.session = Some(session.to_str().expect("ascii session id").to_owned());
+            self.version = Some("2025-11-25".into());
+            let note = self
+                .post(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+                .await;
+            assert_eq!(
+                note.status, 202,
+                "initialized notification accepted: {note:?}"
+            );
+        }
+        answer
+    }
+
+    /// Calls a tool in the session era and returns the answer.
+    pub async fn call_tool(&self, id: u64, tool: &str, arguments: Value) -> Answer {
+        self.post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":arguments}})).await
+    }
+}
+
+/// Reads a response as JSON or SSE.
+pub async fn read_answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let is_sse = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = tokio::time::timeout(WAIT, response.bytes())
+        .await
+        .expect("answer arrives in time")
+        .expect("body reads");
+    let messages = if is_sse {
+        sse_data(&body)
+            .into_iter()
+            .map(|d| serde_json::from_str(&d).expect("SSE data is JSON"))
+            .collect()
+    } else if body.is_empty() {
+        Vec::new()
+    } else {
+        vec![
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("JSON body ({e}): {}", String::from_utf8_lossy(&body))),
+        ]
+    };
+    Answer {
+        status,
+        headers,
+        messages,
+    }
+}
+
+/// The `data` of every non-empty SSE event in `body`.
+pub fn sse_data(body: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            (!data.is_empty() && data.iter().any(|d| !d.is_empty())).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// The text of the first content block of a tool result.
+pub fn tool_text(response: &Value) -> &str {
+    response["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a text tool result: {response}"))
+}
+
+/// A child process killed (by its PID) and reaped when dropped.
+pub struct Child(pub tokio::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// Spawns `command` with piped stdout and stderr, killed on drop.
+pub fn spawn(command: &mut tokio::process::Command) -> Child {
+    Child(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn child process"),
+    )
+}

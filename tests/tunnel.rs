@@ -1,0 +1,589 @@
+//! The tunnel core end to end, in-process: relay + connect + the built-in MCP server, driven by
+//! a raw Streamable HTTP agent so every status and header is visible.
+
+mod common;
+
+use common::{Agent, Harness, Options, WAIT, tool_text};
+use mcp_tunnel::config::LimitsSection;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+async fn harness_with_demo(options: Options) -> (Harness, common::Client, CancellationToken) {
+    let upstreams = CancellationToken::new();
+    let url = common::demo_upstream(&upstreams).await;
+    let harness = Harness::start(options).await;
+    let client = harness
+        .connect(&harness.acme.clone(), &[("demo", &url)])
+        .await;
+    (harness, client, upstreams)
+}
+
+fn tunnel_row(harness: &Harness) -> mcp_tunnel::relay::registry::TunnelRow {
+    harness
+        .state
+        .registry
+        .rows()
+        .into_iter()
+        .find(|r| r.tenant == "acme" && r.source == "demo")
+        .expect("acme/demo is routed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_lifecycle_initialize_call_stream_delete() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200, "{init:?}");
+    assert!(
+        init.response()["result"]["protocolVersion"].is_string(),
+        "{init:?}"
+    );
+    let session = agent
+        .session
+        .clone()
+        .expect("the relay issued a session id");
+    assert_eq!(session.len(), 48, "relay-issued id: 24 random bytes in hex");
+
+    let list = agent
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+        .await;
+    let names: Vec<&str> = list.response()["result"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    for tool in ["echo", "add", "blob"] {
+        assert!(names.contains(&tool), "{tool} listed: {names:?}");
+    }
+    let echo = agent.call_tool(2, "echo", json!({"message": "hi"})).await;
+    assert_eq!(tool_text(echo.response()), "hi");
+    assert_eq!(echo.response()["id"], 2);
+    let add = agent.call_tool(3, "add", json!({"a": 40, "b": 2})).await;
+    assert_eq!(tool_text(add.response()), "42");
+
+    // The GET stream opens as SSE; a second one at the same time is refused.
+    let get = agent
+        .request(reqwest::Method::GET)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(get.status(), 200);
+    assert!(
+        get.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/event-stream")
+    );
+    assert_eq!(get.headers()["x-accel-buffering"], "no");
+    let second = agent
+        .request(reqwest::Method::GET)
+        .send()
+        .await
+        .expect("second GET");
+    assert_eq!(second.status(), 409);
+    drop(get);
+
+    assert_eq!(
+        tunnel_row(&harness).streams_active,
+        1,
+        "one stream for the whole session"
+    );
+    let delete = agent
+        .request(reqwest::Method::DELETE)
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(delete.status(), 200);
+    let after = agent.call_tool(4, "echo", json!({"message": "late"})).await;
+    assert_eq!(after.status, 404, "a deleted session is gone: {after:?}");
+    assert_eq!(harness.state.sessions.len(), 0);
+    assert_eq!(tunnel_row(&harness).streams_opened, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_sessions_each_on_its_own_stream() {
+    const SESSIONS: usize = 100;
+    const CALLS: usize = 5;
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let url = harness.url("demo");
+    let mut agents = Vec::new();
+    let mut opened = tokio::task::JoinSet::new();
+    for _ in 0..SESSIONS {
+        let mut agent = Agent::new(&url, &harness.acme.api_key);
+        opened.spawn(async move {
+            assert_eq!(agent.initialize().await.status, 200);
+            agent
+        });
+    }
+    while let Some(agent) = opened.join_next().await {
+        agents.push(agent.expect("session opens"));
+    }
+    let row = tunnel_row(&harness);
+    assert_eq!(
+        row.streams_active, SESSIONS,
+        "every session holds its own QUIC stream"
+    );
+    assert_eq!(row.streams_opened, SESSIONS as u64);
+    assert_eq!(harness.state.sessions.len(), SESSIONS);
+
+    // Interleave calls across all sessions; every answer must come back to its asker.
+    let mut calls = tokio::task::JoinSet::new();
+    for (s, agent) in agents.iter().enumerate() {
+        for c in 0..CALLS {
+            let agent = agent.clone();
+            calls.spawn(async move {
+                let message = format!(
+                    "session {s} call {c} via {}",
+                    agent.session.as_deref().unwrap_or_default()
+                );
+                let answer = agent
+                    .call_tool(c as u64 + 10, "echo", json!({"message": message}))
+                    .await;
+                assert_eq!(answer.status, 200);
+                assert_eq!(answer.response()["id"], c as u64 + 10);
+                assert_eq!(
+                    tool_text(answer.response()),
+                    message,
+                    "the answer reached the session that asked"
+                );
+            });
+        }
+    }
+    let mut done = 0;
+    while let Some(result) = calls.join_next().await {
+        result.expect("call task");
+        done += 1;
+    }
+    assert_eq!(done, SESSIONS * CALLS);
+    assert_eq!(
+        tunnel_row(&harness).streams_opened,
+        SESSIONS as u64,
+        "calls reuse their session's stream"
+    );
+
+    for agent in &agents {
+        assert_eq!(
+            agent
+                .request(reqwest::Method::DELETE)
+                .send()
+                .await
+                .expect("DELETE")
+                .status(),
+            200
+        );
+    }
+    assert_eq!(harness.state.sessions.len(), 0);
+}
+
+fn stateless_call(agent: &Agent, id: u64, tool: &str, args: Value) -> reqwest::RequestBuilder {
+    agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .body(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":args,"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_era_one_stream_per_request_and_headers_checked() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    agent.version = Some("2026-07-28".into());
+
+    let discover = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "server/discover")
+        .body(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
+        .send()
+        .await
+        .expect("discover");
+    let discover = common::read_answer(discover).await;
+    assert_eq!(discover.status, 200, "{discover:?}");
+    assert!(
+        discover.response()["result"]["supportedVersions"]
+            .as_array()
+            .expect("versions")
+            .iter()
+            .any(|v| v == "2026-07-28"),
+        "{discover:?}"
+    );
+    assert!(
+        discover.headers.get("mcp-session-id").is_none(),
+        "no sessions in 2026-07-28"
+    );
+
+    for id in 2..5 {
+        let answer = common::read_answer(
+            stateless_call(&agent, id, "echo", json!({"message": format!("m{id}")}))
+                .send()
+                .await
+                .expect("call"),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(tool_text(answer.response()), format!("m{id}"));
+    }
+    let row = tunnel_row(&harness);
+    assert_eq!(
+        row.streams_opened, 4,
+        "each stateless request rode its own stream"
+    );
+    assert_eq!(row.streams_active, 0, "and closed it when answered");
+
+    // Headers that disagree with the body never reach the tunnel.
+    let mismatch =
+        stateless_call(&agent, 9, "add", json!({"a": 1, "b": 2})).header("mcp-name", "echo");
+    let mismatch = common::read_answer(mismatch.send().await.expect("repeated header")).await;
+    assert_eq!(mismatch.status, 400);
+    assert_eq!(mismatch.response()["error"]["code"], -32020);
+    assert_eq!(mismatch.response()["id"], 9);
+    let wrong_name = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "add")
+        .body(json!({"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"echo","arguments":{"message":"x"}}}).to_string());
+    let wrong_name = common::read_answer(wrong_name.send().await.expect("wrong name")).await;
+    assert_eq!(
+        (
+            wrong_name.status,
+            wrong_name.response()["error"]["code"].clone()
+        ),
+        (400, json!(-32020))
+    );
+    let no_method = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc":"2.0","id":10,"method":"tools/list"}).to_string())
+        .send()
+        .await
+        .expect("no Mcp-Method");
+    let no_method = common::read_answer(no_method).await;
+    assert_eq!(no_method.response()["error"]["code"], -32020);
+    assert_eq!(tunnel_row(&harness).streams_opened, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_credentials_are_required() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    agent.key = None;
+    let missing = agent.initialize().await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.headers["www-authenticate"], "Bearer");
+    agent.key = Some("mcpt_key_not-a-real-key".into());
+    assert_eq!(agent.initialize().await.status, 401);
+    agent.key = Some(harness.acme.tunnel_token.clone());
+    assert_eq!(
+        agent.initialize().await.status,
+        401,
+        "a tunnel token is not an agent key"
+    );
+    assert_eq!(
+        tunnel_row(&harness).streams_opened,
+        0,
+        "nothing reached the tunnel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_offline_and_foreign_sources_and_sessions_all_read_404() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let typo = Agent::new(&harness.url("demoo"), &harness.acme.api_key)
+        .clone()
+        .initialize()
+        .await;
+    assert_eq!(typo.status, 404);
+    let foreign = Agent::new(&harness.url("demo"), &harness.other.api_key)
+        .clone()
+        .initialize()
+        .await;
+    assert_eq!(foreign.status, 404);
+    assert_eq!(
+        typo.messages, foreign.messages,
+        "another tenant's source is indistinguishable from a typo"
+    );
+
+    let mut owner = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    assert_eq!(owner.initialize().await.status, 200);
+    let mut thief = Agent::new(&harness.url("demo"), &harness.other.api_key);
+    thief.session = owner.session.clone();
+    assert_eq!(
+        thief
+            .call_tool(1, "echo", json!({"message": "x"}))
+            .await
+            .status,
+        404,
+        "a session id is bound to its caller"
+    );
+    let mut guesser = owner.clone();
+    guesser.session = Some("00".repeat(24));
+    assert_eq!(
+        guesser
+            .call_tool(1, "echo", json!({"message": "x"}))
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        guesser
+            .request(reqwest::Method::DELETE)
+            .send()
+            .await
+            .expect("DELETE")
+            .status(),
+        404
+    );
+    assert_eq!(
+        tool_text(
+            owner
+                .call_tool(2, "echo", json!({"message": "still mine"}))
+                .await
+                .response()
+        ),
+        "still mine"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_json_is_400_with_parse_error() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    let answer = agent
+        .post_raw("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": ")
+        .await;
+    assert_eq!(answer.status, 400);
+    assert_eq!(answer.response()["error"]["code"], -32700);
+    let invalid = agent.post_raw("{\"id\": 1}").await;
+    assert_eq!(invalid.status, 400);
+    assert_eq!(invalid.response()["error"]["code"], -32600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
+    const LIMIT: usize = 64 * 1024;
+    let options = Options {
+        limits: LimitsSection {
+            max_message_bytes: LIMIT,
+            ..LimitsSection::default()
+        },
+    };
+    let (harness, _client, _upstreams) = harness_with_demo(options).await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+
+    let big = "x".repeat(LIMIT + 1);
+    let answer = agent.call_tool(1, "echo", json!({"message": big})).await;
+    assert_eq!(answer.status, 413);
+    let message = answer.response()["error"]["message"]
+        .as_str()
+        .expect("message");
+    assert!(
+        message.contains(&LIMIT.to_string()),
+        "the limit is stated: {message}"
+    );
+
+    // A result over the tunnel's frame limit becomes an error for that call only.
+    let answer = agent.call_tool(2, "blob", json!({"size": LIMIT * 2})).await;
+    assert_eq!(answer.status, 200);
+    let error = &answer.response()["error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains(&LIMIT.to_string()),
+        "{error}"
+    );
+    assert_eq!(answer.response()["id"], 2);
+    // ... and the session carries on.
+    assert_eq!(
+        tool_text(
+            agent
+                .call_tool(3, "echo", json!({"message": "after"}))
+                .await
+                .response()
+        ),
+        "after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_result_arrives_intact() {
+    const SIZE: u64 = 10 * 1024 * 1024;
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    agent.initialize().await;
+    let answer = agent.call_tool(1, "blob", json!({"size": SIZE})).await;
+    let text = tool_text(answer.response());
+    assert_eq!(text.len() as u64, SIZE);
+    assert!(
+        text == mcp_tunnel::demo::upstream::blob_text(SIZE),
+        "content intact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_a_json_rpc_error_naming_the_source() {
+    let harness = Harness::start(Options::default()).await;
+    // Bind then drop: nothing listens on this port any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let _client = harness
+        .connect(
+            &harness.acme.clone(),
+            &[("db", &format!("http://127.0.0.1:{port}/mcp"))],
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("db"), &harness.acme.api_key);
+    let answer = tokio::time::timeout(WAIT, agent.initialize())
+        .await
+        .expect("no hang");
+    assert_eq!(answer.status, 200);
+    let error = &answer.response()["error"];
+    assert_eq!(error["code"], -32000);
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("source db is unreachable"),
+        "{error}"
+    );
+    assert!(
+        answer.headers.get("mcp-session-id").is_none(),
+        "a failed initialize creates no session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_tunnel_ends_its_sessions_and_connect_reconnects() {
+    let upstreams = CancellationToken::new();
+    let url = common::demo_upstream(&upstreams).await;
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect(&harness.acme.clone(), &[("demo", &url)])
+        .await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    agent.initialize().await;
+    client.stop().await.expect("connect stops cleanly");
+    // Wait on readiness: the relay notices the closed connection and drops the route.
+    tokio::time::timeout(WAIT, async {
+        while harness.state.registry.route("acme", "demo").is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("route removed");
+    let answer = tokio::time::timeout(WAIT, agent.call_tool(1, "echo", json!({"message": "x"})))
+        .await
+        .expect("no hang");
+    assert_eq!(
+        answer.status, 404,
+        "the session ended with its tunnel: {answer:?}"
+    );
+    let offline = Agent::new(&harness.url("demo"), &harness.acme.api_key)
+        .initialize()
+        .await;
+    assert_eq!(
+        offline.status, 404,
+        "an offline source reads like any unknown one"
+    );
+
+    let _again = harness
+        .connect(&harness.acme.clone(), &[("demo", &url)])
+        .await;
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    agent.initialize().await;
+    assert_eq!(
+        tool_text(
+            agent
+                .call_tool(1, "echo", json!({"message": "back"}))
+                .await
+                .response()
+        ),
+        "back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tunnel_token_is_refused_with_a_reason() {
+    let harness = Harness::start(Options::default()).await;
+    let mut settings =
+        harness.client_settings(&harness.acme, &[("demo", "http://127.0.0.1:9/mcp")]);
+    settings.token = "mcpt_tok_wrong".into();
+    let result = tokio::time::timeout(
+        WAIT,
+        mcp_tunnel::client::run(settings, CancellationToken::new()),
+    )
+    .await
+    .expect("refusal is final, not retried forever");
+    let error = result.expect_err("refused").to_string();
+    assert!(error.contains("unknown tunnel token"), "{error}");
+    assert!(harness.state.registry.rows().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_binary_prints_the_refusal_and_exits() {
+    let harness = Harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &harness.ca_pem).expect("write CA");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+        .args([
+            "connect",
+            "--relay",
+            &harness.tunnel.to_string(),
+            "--transport",
+            "quic",
+            "--source",
+            "demo=http://127.0.0.1:9/mcp",
+        ])
+        .arg("--ca")
+        .arg(&ca)
+        .env("MCP_TUNNEL_TOKEN", "mcpt_tok_wrong")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, output)
+        .await
+        .expect("connect exits")
+        .expect("connect runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the relay refused this tunnel: unknown tunnel token"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("mcpt_tok_wrong"),
+        "the token is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_lists_tunnels() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let rows: Value = reqwest::get(format!("http://{}/api/tunnels", harness.admin))
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("JSON");
+    let row = &rows[0];
+    assert_eq!(row["tenant"], "acme");
+    assert_eq!(row["source"], "demo");
+    assert_eq!(row["transport"], "quic");
+    assert!(
+        row["connected_since"]
+            .as_str()
+            .expect("time")
+            .ends_with('Z')
+    );
+    let health = reqwest::get(format!("http://{}/healthz", harness.admin))
+        .await
+        .expect("GET");
+    assert_eq!(health.status(), 200);
+}
