@@ -54,18 +54,11 @@ impl TenantCreds {
 }
 
 /// Knobs of a harness relay.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Options {
     pub limits: LimitsSection,
 }
 
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            limits: LimitsSection::default(),
-        }
-    }
-}
 
 /// A running relay with two tenants, `acme` and `other`.
 pub struct Harness {
