@@ -59,7 +59,6 @@ pub struct Options {
     pub limits: LimitsSection,
 }
 
-
 /// A running relay with two tenants, `acme` and `other`.
 pub struct Harness {
     pub state: Arc<RelayState>,

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs the real third-party MCP peers that tests/peers.rs drives:
+#   - tests/peers/node_modules: server-everything and the Inspector CLI (pinned in package-lock.json)
+#   - tests/peers/.venv: the official Python SDK (pinned in requirements.txt)
+# Idempotent: an install that already matches the pins is left alone. Fails loudly on any error.
+# Needs Node.js >= 20 with npm, and Python >= 3.10.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+peers="$root/tests/peers"
+venv="$peers/.venv"
+
+die() {
+    echo "install-peers: $*" >&2
+    exit 1
+}
+
+command -v node >/dev/null || die "node is not installed (Node.js >= 20 is required)"
+command -v npm >/dev/null || die "npm is not installed (it comes with Node.js)"
+command -v python3 >/dev/null || die "python3 is not installed (Python >= 3.10 is required)"
+
+# Node peers: `npm ci` installs exactly the lockfile; skip it when the tree already matches.
+if [[ -d "$peers/node_modules" ]] && (cd "$peers" && npm ls --all >/dev/null 2>&1); then
+    echo "install-peers: node peers already installed"
+else
+    echo "install-peers: npm ci in tests/peers"
+    (cd "$peers" && npm ci --no-audit --no-fund)
+fi
+
+# Python peer: a private venv. Debian ships venv/ensurepip separately (python3-venv).
+if [[ ! -x "$venv/bin/python" ]]; then
+    echo "install-peers: creating tests/peers/.venv"
+    if ! python3 -m venv "$venv"; then
+        rm -rf "$venv"
+        if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
+            echo "install-peers: python3 -m venv failed; installing python3-venv with apt-get"
+            apt-get update
+            apt-get install -y python3-venv
+            python3 -m venv "$venv"
+        else
+            die "python3 -m venv failed; install the venv module (Debian/Ubuntu: apt-get install python3-venv)"
+        fi
+    fi
+fi
+echo "install-peers: pip install -r tests/peers/requirements.txt"
+"$venv/bin/python" -m pip install --disable-pip-version-check --quiet -r "$peers/requirements.txt"
+
+# Smoke check: every peer the tests start is in place.
+for file in \
+    "$peers/node_modules/@modelcontextprotocol/server-everything/dist/index.js" \
+    "$peers/node_modules/.bin/mcp-inspector"; do
+    [[ -e "$file" ]] || die "missing after install: $file"
+done
+"$venv/bin/python" -c "import mcp.server.mcpserver, mcp.client.streamable_http, httpx2" \
+    || die "the Python SDK does not import from tests/peers/.venv"
+echo "install-peers: done"

@@ -1,0 +1,64 @@
+"""Drives an MCP server with the official Python SDK (mcp 2.3.0), for tests/peers.rs.
+
+Usage: client.py URL KEY MODE [TOOL ARGS_JSON]
+
+MODE is an SDK connect mode: "legacy" (initialize handshake and sessions), "auto" (probe with
+server/discover, fall back to initialize) or a protocol version such as "2026-07-28".
+TOOL and ARGS_JSON default to echo and {"message": "hi"}.
+
+Prints one `key: value` line per fact, each value as JSON:
+    negotiated: "<protocol version>"
+    tools: [<tool names>]
+    call: "<text of the first content block of the tool result>"
+    is_error: <bool>
+Exits non-zero, with the traceback on stderr, on any exception.
+"""
+
+import json
+import sys
+import traceback
+
+import anyio
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+
+def emit(key: str, value: object) -> None:
+    print(f"{key}: {json.dumps(value)}", flush=True)
+
+
+async def run(url: str, key: str, mode: str, tool: str, arguments: dict) -> None:
+    timeout = httpx2.Timeout(30.0, read=60.0)
+    with anyio.fail_after(120):
+        await session(url, key, mode, tool, arguments, timeout)
+
+
+async def session(url: str, key: str, mode: str, tool: str, arguments: dict, timeout: httpx2.Timeout) -> None:
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as http:
+        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:
+            emit("negotiated", client.protocol_version)
+            tools = await client.list_tools()
+            emit("tools", [t.name for t in tools.tools])
+            result = await client.call_tool(tool, arguments)
+            first = result.content[0] if result.content else None
+            emit("call", getattr(first, "text", None))
+            emit("is_error", bool(result.is_error))
+
+
+def main() -> int:
+    if len(sys.argv) not in (4, 6):
+        print(__doc__, file=sys.stderr)
+        return 2
+    url, key, mode = sys.argv[1:4]
+    tool, arguments = ("echo", {"message": "hi"}) if len(sys.argv) == 4 else (sys.argv[4], json.loads(sys.argv[5]))
+    try:
+        anyio.run(run, url, key, mode, tool, arguments)
+    except BaseException:  # noqa: BLE001 - report everything, including exception groups
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
