@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+use axum::serve::ListenerExt;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
@@ -108,7 +109,7 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router)
+        if let Err(e) = axum::serve(listener.tap_io(crate::relay::no_delay), router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
         {

@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use axum::serve::ListenerExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitsSection, RelayConfig};
@@ -198,14 +199,17 @@ impl Relay {
         ));
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
         let agent_app = streamable::routes().with_state(state.clone());
-        let agent_server = axum::serve(agents, agent_app)
+        let agent_server = axum::serve(agents.tap_io(no_delay), agent_app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let admin_server = async {
             match admin {
                 Some(listener) => {
-                    axum::serve(listener, admin::routes().with_state(state.clone()))
-                        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                        .await
+                    axum::serve(
+                        listener.tap_io(no_delay),
+                        admin::routes().with_state(state.clone()),
+                    )
+                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                    .await
                 }
                 None => Ok(()),
             }
@@ -215,6 +219,15 @@ impl Relay {
         agent_result.map_err(RelayError::Http)?;
         admin_result.map_err(RelayError::Http)?;
         Ok(())
+    }
+}
+
+/// Disables Nagle's algorithm on an accepted connection: answers are written in several small
+/// pieces (headers, SSE events), and Nagle plus the peer's delayed ACK would hold each one for
+/// up to 40 ms.
+pub fn no_delay(tcp: &mut TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
 }
 
