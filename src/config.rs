@@ -529,6 +529,15 @@ deny = []
     }
 
     #[test]
+    fn shipped_examples_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let relay = RelayConfig::load(&dir.join("relay.toml")).expect("examples/relay.toml");
+        assert_eq!(relay.tenants[0].name, "acme");
+        let client = ClientFile::load(&dir.join("connect.toml")).expect("examples/connect.toml");
+        assert_eq!(client.sources().expect("sources")[0].name, "everything");
+    }
+
+    #[test]
     fn source_flags() {
         assert_eq!(
             SourceConfig::parse_flag("db=http://127.0.0.1:1/mcp").expect("http"),
