@@ -25,6 +25,10 @@ use crate::transport::{TransportError, quic, tls};
 use registry::Registry;
 use sessions::Sessions;
 
+/// After shutdown, how long open agent requests may take to finish before the relay stops
+/// anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often idle sessions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -42,6 +46,9 @@ pub enum RelayError {
     /// Certificates or the QUIC endpoint are unusable.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The configuration is inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
     /// Serving HTTP failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
@@ -66,6 +73,8 @@ pub struct RelayState {
     pub limits: LimitsSection,
     /// Browser origins allowed besides same-origin.
     pub allowed_origins: Vec<String>,
+    /// Cancelled when the relay stops: long-lived agent streams end on it.
+    pub shutdown: CancellationToken,
 }
 
 impl RelayState {
@@ -99,8 +108,8 @@ pub struct RelaySettings {
 
 impl RelaySettings {
     /// Resolves a loaded configuration file.
-    pub fn from_config(config: &RelayConfig) -> Result<Self, anyhow::Error> {
-        let (keyring, policy) = config.build_governance().map_err(anyhow::Error::msg)?;
+    pub fn from_config(config: &RelayConfig) -> Result<Self, RelayError> {
+        let (keyring, policy) = config.build_governance().map_err(RelayError::Config)?;
         Ok(Self {
             tunnel_listen: config.tunnel.listen,
             identity: tls::Identity::load(&config.tunnel.cert, &config.tunnel.key)?,
@@ -143,6 +152,7 @@ impl Relay {
             sessions: Sessions::default(),
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
+            shutdown: CancellationToken::new(),
         });
         Ok(Self {
             state,
@@ -214,11 +224,33 @@ impl Relay {
                 None => Ok(()),
             }
         };
-        let (agent_result, admin_result) = tokio::join!(agent_server.into_future(), admin_server);
+        // Long-lived agent streams (SSE) watch the state's token and end when it fires.
+        let state_shutdown = state.shutdown.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            state_shutdown.cancel();
+        });
+        let servers = async {
+            let (agent_result, admin_result) =
+                tokio::join!(agent_server.into_future(), admin_server);
+            agent_result
+                .map_err(RelayError::Http)
+                .and(admin_result.map_err(RelayError::Http))
+        };
+        let drain_deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        };
+        let result = tokio::select! {
+            result = servers => result,
+            _ = drain_deadline => {
+                tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "agent requests still open after the drain timeout; stopping anyway");
+                Ok(())
+            }
+        };
         let _ = tokio::join!(tunnels, sweeper);
-        agent_result.map_err(RelayError::Http)?;
-        admin_result.map_err(RelayError::Http)?;
-        Ok(())
+        result
     }
 }
 

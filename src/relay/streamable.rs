@@ -44,11 +44,6 @@ pub fn routes() -> Router<Arc<RelayState>> {
     )
 }
 
-/// Everything about an agent request that is checked before it goes anywhere.
-struct Caller {
-    who: Identity,
-}
-
 fn check_origin(state: &RelayState, headers: &HeaderMap) -> Result<(), AgentError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
@@ -76,7 +71,8 @@ fn check_origin(state: &RelayState, headers: &HeaderMap) -> Result<(), AgentErro
     Err(AgentError::ForbiddenOrigin)
 }
 
-fn authenticate(state: &RelayState, headers: &HeaderMap) -> Result<Caller, AgentError> {
+/// The caller behind the request's bearer API key.
+fn authenticate(state: &RelayState, headers: &HeaderMap) -> Result<Identity, AgentError> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -91,7 +87,7 @@ fn authenticate(state: &RelayState, headers: &HeaderMap) -> Result<Caller, Agent
         .agent(key.trim())
         .cloned()
         .ok_or(AgentError::Unauthorized)?;
-    Ok(Caller { who })
+    Ok(who)
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -127,20 +123,20 @@ async fn post_inner(
     body: Body,
 ) -> Result<Response, AgentError> {
     check_origin(&state, &headers)?;
-    let caller = authenticate(&state, &headers)?;
+    let who = authenticate(&state, &headers)?;
     let body = read_body(body, state.limits.max_message_bytes).await?;
     let classified = classify(&body).map_err(|e| match e {
         crate::mcp::jsonrpc::ClassifyError::Parse(m) => AgentError::Parse(m),
         crate::mcp::jsonrpc::ClassifyError::Invalid(m) => AgentError::BadRequest(m),
     })?;
-    if let Some(denied) = authorize(&state, &caller.who, &source, &classified) {
+    if let Some(denied) = authorize(&state, &who, &source, &classified) {
         return Ok(denied);
     }
 
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
         let session = state
             .sessions
-            .get(session_id, &caller.who, &source)
+            .get(session_id, &who, &source)
             .ok_or(AgentError::SessionNotFound)?;
         return Ok(forward(
             &state,
@@ -154,11 +150,11 @@ async fn post_inner(
     }
     let version = header_str(&headers, VERSION_HEADER);
     if version.is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless) {
-        return stateless(&state, &caller.who, &source, &headers, body, &classified).await;
+        return stateless(&state, &who, &source, &headers, body, &classified).await;
     }
     match &classified {
         Classified::Single(info) if info.method.as_deref() == Some("initialize") => {
-            initialize(&state, &caller.who, &source, body, info).await
+            initialize(&state, &who, &source, body, info).await
         }
         _ => Err(AgentError::BadRequest(
             "Bad Request: Mcp-Session-Id header is required (send initialize first)".into(),
@@ -282,7 +278,13 @@ async fn initialize(
         Ok(exchange) => exchange,
         Err(e) => return Ok(source_error(info.id.as_deref(), source, &e.to_string())),
     };
-    let mut response = answer(state, channel, exchange, source, info.id.as_deref(), false).await;
+    let awaiting = Awaiting {
+        source,
+        id: info.id.as_deref(),
+        responses: 1,
+        timeout: Some(state.limits.request_timeout()),
+    };
+    let mut response = answer(state, channel, exchange, awaiting).await;
     if response.status() == StatusCode::OK && !response_is_error(&response) {
         state.sessions.insert(session.clone());
         tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session opened");
@@ -392,6 +394,18 @@ fn decode_header_value(value: &str) -> Option<String> {
     }
 }
 
+/// What an agent request waits for on its exchange.
+struct Awaiting<'a> {
+    /// The source, for error messages.
+    source: &'a str,
+    /// The first request id (for relay-made errors).
+    id: Option<&'a RawValue>,
+    /// Responses that complete the answer: one per request in the body.
+    responses: usize,
+    /// Whether the request timeout applies (not to a `subscriptions/listen` stream).
+    timeout: Option<Duration>,
+}
+
 /// Sends the body down `channel` and answers the agent.
 async fn forward(
     state: &Arc<RelayState>,
@@ -401,105 +415,112 @@ async fn forward(
     classified: &Classified,
     era: ProtocolEra,
 ) -> Response {
-    let first_id = classified
+    let requests: Vec<&MessageInfo> = classified
         .messages()
         .iter()
-        .find(|m| m.kind == MessageKind::Request)
-        .and_then(|m| m.id.as_deref());
-    if !classified.has_requests() {
+        .filter(|m| m.kind == MessageKind::Request)
+        .collect();
+    let Some(first) = requests.first() else {
         return match channel.send(body).await {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => source_error(None, source, &e.to_string()),
         };
-    }
-    let exchange = match channel.request(body).await {
-        Ok(exchange) => exchange,
-        Err(e) => return source_error(first_id, source, &e.to_string()),
     };
     // A listen stream lasts as long as the agent wants it; no request timeout applies.
     let is_listen = era == ProtocolEra::Stateless
-        && classified
-            .messages()
+        && requests
             .iter()
             .any(|m| m.method.as_deref() == Some("subscriptions/listen"));
-    answer(
-        state,
-        channel.clone(),
-        exchange,
+    let awaiting = Awaiting {
         source,
-        first_id,
-        is_listen,
-    )
-    .await
+        id: first.id.as_deref(),
+        responses: requests.len(),
+        timeout: (!is_listen).then(|| state.limits.request_timeout()),
+    };
+    match channel.request(body).await {
+        Ok(exchange) => answer(state, channel.clone(), exchange, awaiting).await,
+        Err(e) => source_error(awaiting.id, source, &e.to_string()),
+    }
 }
 
-/// Answers the agent with what arrives on `exchange`: plain JSON when the first message is the
-/// response, else an SSE stream that ends with it.
+/// Waits for the next event, within the request timeout if one applies.
+async fn next_event(
+    exchange: &mut Exchange,
+    timeout: Option<Duration>,
+) -> Option<Result<Event, ChannelError>> {
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, exchange.next()).await.ok(),
+        None => Some(exchange.next().await),
+    }
+}
+
+/// How many responses a message carries (a batch may carry several).
+fn responses_in(message: &[u8]) -> (usize, bool) {
+    match classify(message) {
+        Ok(classified) => {
+            let responses = classified
+                .messages()
+                .iter()
+                .filter(|m| m.kind == MessageKind::Response);
+            let (count, errors) =
+                responses.fold((0, false), |(n, e), m| (n + 1, e || m.error_code.is_some()));
+            (count, errors)
+        }
+        Err(_) => (0, false),
+    }
+}
+
+/// Answers the agent with what arrives on `exchange`: plain JSON when the first message holds
+/// every response, else an SSE stream that ends once every response has been sent.
 async fn answer(
     state: &Arc<RelayState>,
     channel: Arc<Channel>,
     mut exchange: Exchange,
-    source: &str,
-    id: Option<&RawValue>,
-    unbounded: bool,
+    awaiting: Awaiting<'_>,
 ) -> Response {
-    let timeout = state.limits.request_timeout();
     let mut status = StatusCode::OK;
     loop {
-        let event = if unbounded {
-            exchange.next().await
-        } else {
-            match tokio::time::timeout(timeout, exchange.next()).await {
-                Ok(event) => event,
-                Err(_) => return timed_out(&channel, id, source, timeout).await,
-            }
+        let Some(event) = next_event(&mut exchange, awaiting.timeout).await else {
+            return timed_out(&channel, &awaiting).await;
         };
         match event {
             Ok(Event::Rejected(code)) => {
                 status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Ok(Event::Message(message)) => {
-                if let Ok(classified) = classify(&message)
-                    && classified.is_all_responses()
-                {
+                let (responses, is_error) = responses_in(&message);
+                if responses >= awaiting.responses {
                     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
-                    let is_error = classified.messages().iter().any(|m| m.error_code.is_some());
                     let mut response = json_response(status, message);
                     if is_error {
                         response.extensions_mut().insert(UpstreamError);
                     }
                     return response;
                 }
+                let remaining = awaiting.responses - responses;
                 return sse_answer(
+                    state,
                     channel,
                     exchange,
                     message,
-                    if unbounded { None } else { Some(timeout) },
+                    remaining,
+                    awaiting.timeout,
                 );
             }
             Ok(Event::End) => {
                 return source_error(
-                    id,
-                    source,
+                    awaiting.id,
+                    awaiting.source,
                     "the upstream ended its response without answering",
                 );
             }
-            Err(ChannelError::Closed(reason))
-            | Err(ChannelError::Open(crate::transport::TransportError::ConnectionLost(reason))) => {
-                return source_error(id, source, &reason);
-            }
-            Err(e) => return source_error(id, source, &e.to_string()),
+            Err(e) => return source_error(awaiting.id, awaiting.source, &e.to_string()),
         }
     }
 }
 
-async fn timed_out(
-    channel: &Channel,
-    id: Option<&RawValue>,
-    source: &str,
-    timeout: Duration,
-) -> Response {
-    if let Some(id) = id {
+async fn timed_out(channel: &Channel, awaiting: &Awaiting<'_>) -> Response {
+    if let Some(id) = awaiting.id {
         // Tell the upstream to stop working on it.
         let _ = channel
             .send(cancelled_notification(
@@ -509,11 +530,12 @@ async fn timed_out(
             .await;
     }
     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "timeout").increment(1);
-    let message = format!(
-        "source {source} did not answer within {} s",
-        timeout.as_secs()
-    );
-    json_response(StatusCode::OK, error_body(id, codes::TIMEOUT, &message))
+    let limit = awaiting.timeout.unwrap_or_default().as_secs();
+    let message = format!("source {} did not answer within {limit} s", awaiting.source);
+    json_response(
+        StatusCode::OK,
+        error_body(awaiting.id, codes::TIMEOUT, &message),
+    )
 }
 
 fn sse_headers(response: &mut Response) {
@@ -526,14 +548,18 @@ fn sse_headers(response: &mut Response) {
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
 }
 
-/// Streams the exchange as SSE: `first`, then every message until the response is complete.
+/// Streams the exchange as SSE: `first`, then every message until `remaining` more responses
+/// have been sent (or the upstream ends its answer, or the relay shuts down).
 fn sse_answer(
+    state: &Arc<RelayState>,
     channel: Arc<Channel>,
     mut exchange: Exchange,
     first: Bytes,
+    mut remaining: usize,
     idle_timeout: Option<Duration>,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
+    let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
         // The channel lives as long as the answer streams (a stateless request owns its stream).
         let _channel = channel;
@@ -542,38 +568,26 @@ fn sse_answer(
         }
         let mut keep_alive =
             tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE);
-        let mut deadline = idle_timeout.map(|t| tokio::time::Instant::now() + t);
-        loop {
-            let sleep = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+        while remaining > 0 {
             tokio::select! {
-                event = exchange.next() => match event {
-                    Ok(Event::Message(message)) => {
+                event = next_event(&mut exchange, idle_timeout) => match event {
+                    Some(Ok(Event::Message(message))) => {
+                        remaining = remaining.saturating_sub(responses_in(&message).0);
                         if tx.send(Ok(sse::message_event(&message))).await.is_err() {
-                            return; // the agent went away; the exchange drops and late messages go to GET
+                            return; // the agent went away; late messages go to its GET stream
                         }
-                        deadline = idle_timeout.map(|t| tokio::time::Instant::now() + t);
                     }
-                    Ok(Event::Rejected(_)) => {}
-                    Ok(Event::End) => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "SSE answer ended by the tunnel");
-                        return;
-                    }
+                    Some(Ok(Event::Rejected(_))) => {}
+                    Some(Ok(Event::End)) => return,
+                    Some(Err(e)) => return tracing::debug!(error = %e, "SSE answer ended by the tunnel"),
+                    None => return tracing::debug!("SSE answer idle past the request timeout"),
                 },
                 _ = keep_alive.tick() => {
                     if tx.send(Ok(sse::KEEP_ALIVE)).await.is_err() {
                         return;
                     }
                 }
-                _ = sleep => {
-                    tracing::debug!("SSE answer idle past the request timeout");
-                    return;
-                }
+                _ = shutdown.cancelled() => return,
             }
         }
     });
@@ -589,14 +603,15 @@ async fn handle_get(
 ) -> Response {
     let result = async {
         check_origin(&state, &headers)?;
-        let caller = authenticate(&state, &headers)?;
+        let who = authenticate(&state, &headers)?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
-        let session = state.sessions.get(session_id, &caller.who, &source).ok_or(AgentError::SessionNotFound)?;
+        let session = state.sessions.get(session_id, &who, &source).ok_or(AgentError::SessionNotFound)?;
         let mut queue = session.channel.unsolicited().ok_or(AgentError::StreamConflict)?;
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
         let channel = session.channel.clone();
+        let shutdown = state.shutdown.clone();
         tokio::spawn(async move {
             let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE);
             loop {
@@ -607,6 +622,7 @@ async fn handle_get(
                     },
                     _ = keep_alive.tick() => if tx.send(Ok(sse::KEEP_ALIVE)).await.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
                 }
                 if channel.closed_reason().is_some() && queue.is_empty() {
                     return;
@@ -628,11 +644,11 @@ async fn handle_delete(
 ) -> Response {
     let result = async {
         check_origin(&state, &headers)?;
-        let caller = authenticate(&state, &headers)?;
+        let who = authenticate(&state, &headers)?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
-        let session = state.sessions.get(session_id, &caller.who, &source).ok_or(AgentError::SessionNotFound)?;
+        let session = state.sessions.get(session_id, &who, &source).ok_or(AgentError::SessionNotFound)?;
         state.sessions.remove(&session.id);
         session.channel.close("session deleted by the agent").await;
         tracing::info!(tenant = %session.tenant, subject = %session.subject, source, session = %session.id, "session deleted");

@@ -1,0 +1,203 @@
+//! What `connect` does with an upstream's HTTP answers: SSE with priming events and CRLF,
+//! streams that stay open after the response, HTTP errors passed through with their status,
+//! the upstream's session id kept on its side, and the agent's credential never forwarded.
+//! The upstream here is scripted, so each answer shape is exact.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use common::{Agent, Harness, Options, tool_text};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Every request the scripted upstream saw: method, headers.
+type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
+
+async fn scripted(seen: Seen, headers: HeaderMap, body: String) -> Response {
+    let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let method = message["method"].as_str().unwrap_or("response").to_owned();
+    seen.lock().expect("lock").push((method.clone(), headers));
+    let id = message["id"].clone();
+    match method.as_str() {
+        "initialize" => {
+            let result = json!({"jsonrpc":"2.0","id":id,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"scripted","version":"1"}}});
+            (
+                [
+                    ("mcp-session-id", "upstream-session-1"),
+                    ("content-type", "application/json"),
+                ],
+                result.to_string(),
+            )
+                .into_response()
+        }
+        "tools/call" => match message["params"]["name"].as_str() {
+            Some("sse") => {
+                // A priming event with empty data, CRLF line ends, a notification before the
+                // response, and a stream that never closes on its own.
+                let head = format!(
+                    "id: p1\r\ndata: \r\n\r\nevent: message\r\ndata: {}\r\n\r\nevent: message\r\ndata: {}\r\n\r\n",
+                    json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}}),
+                    json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"streamed"}]}}),
+                );
+                let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(head)])
+                    .chain(futures_util::stream::pending());
+                (
+                    [("content-type", "text/event-stream")],
+                    Body::from_stream(stream),
+                )
+                    .into_response()
+            }
+            Some("reject") => {
+                let error = json!({"jsonrpc":"2.0","id":id,"error":{"code":-32602,"message":"bad arguments"}});
+                (
+                    StatusCode::BAD_REQUEST,
+                    [("content-type", "application/json")],
+                    error.to_string(),
+                )
+                    .into_response()
+            }
+            _ => (StatusCode::MISDIRECTED_REQUEST, "Invalid Host header").into_response(),
+        },
+        _ => StatusCode::ACCEPTED.into_response(),
+    }
+}
+
+async fn start_scripted(shutdown: &CancellationToken) -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let state = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        post(move |headers: HeaderMap, body: String| scripted(state.clone(), headers, body))
+            .get(|| async { StatusCode::METHOD_NOT_ALLOWED })
+            .delete({
+                let seen = seen.clone();
+                move |headers: HeaderMap| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.lock().expect("lock").push(("DELETE".into(), headers));
+                        StatusCode::OK
+                    }
+                }
+            }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    (format!("http://{addr}/mcp"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_reach_the_agent_faithfully() {
+    let upstreams = CancellationToken::new();
+    let (url, seen) = start_scripted(&upstreams).await;
+    let harness = Harness::start(Options::default()).await;
+    let _client = harness
+        .connect(&harness.acme.clone(), &[("scripted", &url)])
+        .await;
+    let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200);
+    let relay_session = agent.session.clone().expect("relay session id");
+    assert_ne!(
+        relay_session, "upstream-session-1",
+        "the upstream's session id stays on connect's side"
+    );
+
+    // SSE answer: the notification and the response, in order; the answer ends after the
+    // response although the upstream keeps its stream open.
+    let streamed = agent.call_tool(1, "sse", json!({})).await;
+    assert_eq!(streamed.status, 200);
+    assert!(
+        streamed.headers["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/event-stream")
+    );
+    assert_eq!(streamed.messages.len(), 2, "{streamed:?}");
+    assert_eq!(streamed.messages[0]["method"], "notifications/progress");
+    assert_eq!(tool_text(&streamed.messages[1]), "streamed");
+
+    // A JSON-RPC error from the upstream passes through with its HTTP status and body.
+    let rejected = agent.call_tool(2, "reject", json!({})).await;
+    assert_eq!(rejected.status, 400);
+    assert_eq!(
+        rejected.response(),
+        &json!({"jsonrpc":"2.0","id":2,"error":{"code":-32602,"message":"bad arguments"}})
+    );
+
+    // A non-JSON HTTP error becomes a JSON-RPC error naming the source, same status.
+    let misdirected = agent.call_tool(3, "other", json!({})).await;
+    assert_eq!(misdirected.status, 421);
+    let message = misdirected.response()["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_owned();
+    assert!(
+        message.contains("source scripted answered HTTP 421")
+            && message.contains("Invalid Host header"),
+        "{message}"
+    );
+    assert_eq!(misdirected.response()["id"], 3);
+
+    assert_eq!(
+        agent
+            .request(reqwest::Method::DELETE)
+            .send()
+            .await
+            .expect("DELETE")
+            .status(),
+        200
+    );
+    // connect deletes the upstream session when the agent's session ends.
+    tokio::time::timeout(common::WAIT, async {
+        while !seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(m, _)| m == "DELETE")
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("upstream session deleted");
+
+    let seen = seen.lock().expect("lock");
+    for (method, headers) in seen.iter() {
+        assert!(
+            headers.get("authorization").is_none(),
+            "{method}: the agent's credential never goes upstream"
+        );
+        if method != "initialize" {
+            assert_eq!(
+                headers["mcp-session-id"], "upstream-session-1",
+                "{method} carries the upstream's own session id"
+            );
+        }
+    }
+    let calls: Vec<&str> = seen.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(calls.iter().filter(|m| **m == "tools/call").count(), 3);
+    assert_eq!(calls.first(), Some(&"initialize"));
+    assert_eq!(calls[1], "notifications/initialized");
+    let versioned = seen
+        .iter()
+        .find(|(m, _)| m == "tools/call")
+        .expect("a call");
+    assert_eq!(
+        versioned.1["mcp-protocol-version"], "2025-06-18",
+        "the negotiated version goes upstream"
+    );
+}
