@@ -587,3 +587,41 @@ async fn admin_lists_tunnels() {
         .expect("GET");
     assert_eq!(health.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let first = harness
+        .state
+        .registry
+        .route("acme", "demo")
+        .expect("routed");
+    first.connection.close("test drops the connection");
+    // connect notices, backs off (the first retry is immediate) and registers again.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match harness.state.registry.route("acme", "demo") {
+                Some(tunnel) if tunnel.id != first.id => break,
+                _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("connect reconnected");
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    agent.initialize().await;
+    assert_eq!(
+        tool_text(
+            agent
+                .call_tool(1, "echo", json!({"message": "again"}))
+                .await
+                .response()
+        ),
+        "again"
+    );
+    assert_eq!(
+        harness.state.registry.rows().len(),
+        1,
+        "the old tunnel is gone from the registry"
+    );
+}
