@@ -119,9 +119,23 @@ pub struct TunnelSection {
 pub struct AgentsSection {
     /// The agent endpoint address.
     pub listen: SocketAddr,
-    /// Browser origins allowed to call (besides requests without `Origin`).
+    /// Browser origins allowed to call (besides requests without `Origin`, and same-origin).
     #[serde(default)]
     pub allowed_origins: Vec<String>,
+    /// Host names (optionally with `:port`) agents may address the relay by. Empty: any, except
+    /// that a relay listening on loopback answers only to loopback names (DNS rebinding).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Seconds between SSE keep-alive comments.
+    #[serde(default = "default_keep_alive")]
+    pub sse_keep_alive_secs: u64,
+}
+
+/// SSE keep-alive interval: inside the 15-30 s that proxies and clients tolerate.
+pub const DEFAULT_SSE_KEEP_ALIVE_SECS: u64 = 20;
+
+fn default_keep_alive() -> u64 {
+    DEFAULT_SSE_KEEP_ALIVE_SECS
 }
 
 /// `[admin]`
@@ -243,6 +257,9 @@ impl RelayConfig {
         let mut policy = Policy::default();
         let mut tenant_names = HashSet::new();
         let mut secrets_seen = HashSet::new();
+        if self.agents.sse_keep_alive_secs == 0 {
+            return Err("agents.sse_keep_alive_secs must be at least 1".into());
+        }
         if self.limits.max_message_bytes < 1024 || self.limits.max_message_bytes > u32::MAX as usize
         {
             return Err("limits.max_message_bytes must be between 1024 and 4294967295".into());

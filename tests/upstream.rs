@@ -19,7 +19,20 @@ use tokio_util::sync::CancellationToken;
 /// Every request the scripted upstream saw: method, headers.
 type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
 
-async fn scripted(seen: Seen, headers: HeaderMap, body: String) -> Response {
+/// The scripted upstream's shared state.
+#[derive(Clone, Default)]
+struct Script {
+    seen: Seen,
+    /// Lets the `slow` tool's answer continue.
+    release: Arc<tokio::sync::Notify>,
+}
+
+fn event(message: &Value) -> String {
+    format!("event: message\ndata: {message}\n\n")
+}
+
+async fn scripted(script: Script, headers: HeaderMap, body: String) -> Response {
+    let seen = script.seen.clone();
     let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     let method = message["method"].as_str().unwrap_or("response").to_owned();
     seen.lock().expect("lock").push((method.clone(), headers));
@@ -53,6 +66,28 @@ async fn scripted(seen: Seen, headers: HeaderMap, body: String) -> Response {
                 )
                     .into_response()
             }
+            Some("slow") => {
+                // One notification, then (once the test says so) another and the response.
+                let first = event(
+                    &json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"s","progress":1}}),
+                );
+                let rest = event(
+                    &json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"s","progress":2}}),
+                ) + &event(
+                    &json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"slow done"}]}}),
+                );
+                let release = script.release.clone();
+                let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(first)])
+                    .chain(futures_util::stream::once(async move {
+                        release.notified().await;
+                        Ok(rest)
+                    }));
+                (
+                    [("content-type", "text/event-stream")],
+                    Body::from_stream(stream),
+                )
+                    .into_response()
+            }
             Some("reject") => {
                 let error = json!({"jsonrpc":"2.0","id":id,"error":{"code":-32602,"message":"bad arguments"}});
                 (
@@ -68,13 +103,28 @@ async fn scripted(seen: Seen, headers: HeaderMap, body: String) -> Response {
     }
 }
 
-async fn start_scripted(shutdown: &CancellationToken) -> (String, Seen) {
-    let seen: Seen = Arc::default();
-    let state = seen.clone();
+/// The upstream's standalone stream: one server-initiated notification, then quiet.
+async fn standalone() -> Response {
+    let note = event(
+        &json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"from the server"}}),
+    );
+    let stream = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(note)])
+        .chain(futures_util::stream::pending());
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn start_scripted(shutdown: &CancellationToken) -> (String, Script) {
+    let script = Script::default();
+    let seen = script.seen.clone();
+    let state = script.clone();
     let app = axum::Router::new().route(
         "/mcp",
         post(move |headers: HeaderMap, body: String| scripted(state.clone(), headers, body))
-            .get(|| async { StatusCode::METHOD_NOT_ALLOWED })
+            .get(standalone)
             .delete({
                 let seen = seen.clone();
                 move |headers: HeaderMap| {
@@ -96,13 +146,14 @@ async fn start_scripted(shutdown: &CancellationToken) -> (String, Seen) {
             .with_graceful_shutdown(stop.cancelled_owned())
             .await
     });
-    (format!("http://{addr}/mcp"), seen)
+    (format!("http://{addr}/mcp"), script)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_answers_reach_the_agent_faithfully() {
     let upstreams = CancellationToken::new();
-    let (url, seen) = start_scripted(&upstreams).await;
+    let (url, script) = start_scripted(&upstreams).await;
+    let seen = script.seen.clone();
     let harness = Harness::start(Options::default()).await;
     let _client = harness
         .connect(&harness.acme.clone(), &[("scripted", &url)])
@@ -200,4 +251,92 @@ async fn upstream_answers_reach_the_agent_faithfully() {
         versioned.1["mcp-protocol-version"], "2025-06-18",
         "the negotiated version goes upstream"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_messages_wait_for_the_get_stream() {
+    let upstreams = CancellationToken::new();
+    let (url, _script) = start_scripted(&upstreams).await;
+    let harness = Harness::start(Options::default()).await;
+    let _client = harness
+        .connect(&harness.acme.clone(), &[("scripted", &url)])
+        .await;
+    let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
+    agent.initialize().await;
+    // The upstream sent its notification before the agent opened a GET stream: it was held.
+    let mut get = agent
+        .request(reqwest::Method::GET)
+        .send()
+        .await
+        .expect("GET");
+    let mut seen = String::new();
+    while !seen.contains("from the server") {
+        let chunk = tokio::time::timeout(common::WAIT, get.chunk())
+            .await
+            .expect("event in time")
+            .expect("read")
+            .expect("stream open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        seen.contains("id: 0-0"),
+        "standalone stream events carry resumable ids: {seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_answer_stream_resumes_with_last_event_id() {
+    let upstreams = CancellationToken::new();
+    let (url, script) = start_scripted(&upstreams).await;
+    let harness = Harness::start(Options::default()).await;
+    let _client = harness
+        .connect(&harness.acme.clone(), &[("scripted", &url)])
+        .await;
+    let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
+    agent.initialize().await;
+
+    // Read the answer stream up to its first event, then drop the connection.
+    let mut answer = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","arguments":{}}}).to_string())
+        .send()
+        .await
+        .expect("POST");
+    let mut head = String::new();
+    while !head.contains("\n\n") {
+        let chunk = tokio::time::timeout(common::WAIT, answer.chunk())
+            .await
+            .expect("first event in time")
+            .expect("read")
+            .expect("open");
+        head.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let last_id = head
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .expect("events carry ids")
+        .to_owned();
+    assert!(head.contains("\"progress\":1"), "{head}");
+    drop(answer);
+
+    // The upstream goes on while the agent is away; the agent comes back with Last-Event-ID.
+    script.release.notify_one();
+    let resumed = agent
+        .request(reqwest::Method::GET)
+        .header("last-event-id", &last_id)
+        .send()
+        .await
+        .expect("GET resume");
+    let resumed = common::read_answer(resumed).await;
+    assert_eq!(resumed.status, 200);
+    assert_eq!(
+        resumed.messages.len(),
+        2,
+        "exactly the missing events: {:?}",
+        resumed.messages
+    );
+    assert_eq!(resumed.messages[0]["params"]["progress"], 2);
+    assert_eq!(tool_text(&resumed.messages[1]), "slow done");
+    assert_eq!(resumed.messages[1]["id"], 7);
 }

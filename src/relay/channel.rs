@@ -53,7 +53,8 @@ pub enum ChannelError {
 struct Shared {
     pending: Mutex<HashMap<u64, mpsc::Sender<Event>>>,
     closed: Mutex<Option<String>>,
-    unsolicited_tx: mpsc::Sender<Bytes>,
+    /// Taken on close, so the GET stream's producer sees the end.
+    unsolicited_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
 }
 
 impl Shared {
@@ -135,7 +136,7 @@ impl Channel {
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
             closed: Mutex::default(),
-            unsolicited_tx,
+            unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         });
         let (writer, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
         let (stop, stopped) = oneshot::channel();
@@ -279,8 +280,15 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         };
         // A message with no waiting request goes to the GET stream; ends and statuses of
         // requests nobody waits for any more are simply done.
+        let unsolicited = || {
+            shared
+                .unsolicited_tx
+                .lock()
+                .expect("channel lock is never held across a panic")
+                .clone()
+        };
         if let Some(Event::Message(message)) = undelivered
-            && shared.unsolicited_tx.try_send(message).is_err()
+            && unsolicited().is_none_or(|tx| tx.try_send(message).is_err())
         {
             metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
             tracing::warn!(

@@ -4,7 +4,11 @@
 //! [`Relay::serve`] runs until the shutdown token fires.
 
 pub mod admin;
+pub mod agent;
+pub mod answer;
 pub mod channel;
+pub mod events;
+pub mod legacy_sse;
 pub mod registry;
 pub mod reply;
 pub mod sessions;
@@ -73,11 +77,43 @@ pub struct RelayState {
     pub limits: LimitsSection,
     /// Browser origins allowed besides same-origin.
     pub allowed_origins: Vec<String>,
+    /// Agent-facing host names; see [`RelayState::host_allowed`].
+    pub allowed_hosts: Vec<String>,
+    /// Whether the agent listener is on loopback.
+    pub loopback: bool,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keep_alive: Duration,
     /// Cancelled when the relay stops: long-lived agent streams end on it.
     pub shutdown: CancellationToken,
 }
 
+/// Names that reach a loopback listener legitimately.
+const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "[::1]", "::1"];
+
 impl RelayState {
+    /// Whether agents may address the relay as `host` (the `Host` header). Configured names
+    /// win; otherwise a loopback relay answers only to loopback names, so a web page whose DNS
+    /// name was rebound to 127.0.0.1 cannot reach it.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        if host.is_empty() {
+            return true;
+        }
+        let name = match host.rsplit_once(':') {
+            Some((name, port))
+                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') =>
+            {
+                name
+            }
+            _ => host,
+        };
+        if !self.allowed_hosts.is_empty() {
+            return self.allowed_hosts.iter().any(|allowed| {
+                allowed.eq_ignore_ascii_case(host) || allowed.eq_ignore_ascii_case(name)
+            });
+        }
+        !self.loopback || LOOPBACK_NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
     /// The current credentials and policy.
     pub fn governance(&self) -> Arc<Governance> {
         let guard: RwLockReadGuard<'_, Arc<Governance>> = self
@@ -104,6 +140,10 @@ pub struct RelaySettings {
     pub limits: LimitsSection,
     /// Allowed browser origins.
     pub allowed_origins: Vec<String>,
+    /// Allowed `Host` names (empty: see [`RelayState::host_allowed`]).
+    pub allowed_hosts: Vec<String>,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keep_alive: Duration,
 }
 
 impl RelaySettings {
@@ -118,6 +158,8 @@ impl RelaySettings {
             governance: Governance { keyring, policy },
             limits: config.limits.clone(),
             allowed_origins: config.agents.allowed_origins.clone(),
+            allowed_hosts: config.agents.allowed_hosts.clone(),
+            sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
         })
     }
 }
@@ -152,6 +194,12 @@ impl Relay {
             sessions: Sessions::default(),
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
+            allowed_hosts: settings.allowed_hosts,
+            loopback: agents
+                .local_addr()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false),
+            sse_keep_alive: settings.sse_keep_alive,
             shutdown: CancellationToken::new(),
         });
         Ok(Self {
@@ -208,7 +256,9 @@ impl Relay {
             shutdown.clone(),
         ));
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
-        let agent_app = streamable::routes().with_state(state.clone());
+        let agent_app = streamable::routes()
+            .merge(legacy_sse::routes())
+            .with_state(state.clone());
         let agent_server = axum::serve(agents.tap_io(no_delay), agent_app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let admin_server = async {

@@ -22,9 +22,12 @@ pub enum AgentError {
     /// The session id is unknown, ended, or someone else's.
     #[error("session not found")]
     SessionNotFound,
-    /// A browser origin that is not allowed (DNS rebinding, cross-site calls).
+    /// A browser origin that is not allowed (cross-site calls).
     #[error("origin not allowed")]
     ForbiddenOrigin,
+    /// A `Host` this relay does not answer to (DNS rebinding).
+    #[error("host not allowed")]
+    ForbiddenHost,
     /// The body is not JSON.
     #[error("parse error: {0}")]
     Parse(String),
@@ -48,9 +51,6 @@ pub enum AgentError {
     /// The method does not apply to this URL.
     #[error("method not allowed")]
     MethodNotAllowed,
-    /// A second GET stream for the same session.
-    #[error("a GET stream is already open for this session")]
-    StreamConflict,
 }
 
 impl IntoResponse for AgentError {
@@ -61,7 +61,9 @@ impl IntoResponse for AgentError {
             AgentError::NotFound | AgentError::SessionNotFound => {
                 (StatusCode::NOT_FOUND, codes::INVALID_REQUEST, None)
             }
-            AgentError::ForbiddenOrigin => (StatusCode::FORBIDDEN, codes::INVALID_REQUEST, None),
+            AgentError::ForbiddenOrigin | AgentError::ForbiddenHost => {
+                (StatusCode::FORBIDDEN, codes::INVALID_REQUEST, None)
+            }
             AgentError::Parse(_) => (StatusCode::BAD_REQUEST, codes::PARSE_ERROR, None),
             AgentError::BadRequest(_) => (StatusCode::BAD_REQUEST, codes::INVALID_REQUEST, None),
             AgentError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, codes::TOO_LARGE, None),
@@ -71,7 +73,6 @@ impl IntoResponse for AgentError {
             AgentError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, codes::INVALID_REQUEST, None)
             }
-            AgentError::StreamConflict => (StatusCode::CONFLICT, codes::INVALID_REQUEST, None),
         };
         let mut response = json_response(status, error_body(id.as_deref(), code, &message));
         match status {

@@ -1,13 +1,29 @@
 //! Agent sessions of the session era, each bound to its caller and carried by one channel.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
 use super::channel::Channel;
+use super::events::EventLog;
 use crate::govern::Identity;
+
+/// Answer streams per session kept for resumption; older finished ones are forgotten first.
+const ANSWER_LOGS: usize = 16;
+
+/// The stream number of a session's standalone stream (GET, or the HTTP+SSE stream).
+pub const STANDALONE_STREAM: u64 = 0;
+
+/// Which agent transport a session belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP: `/mcp/{source}` with `Mcp-Session-Id`.
+    Streamable,
+    /// The 2024-11-05 HTTP+SSE transport: `/sse/{source}`; every answer rides the one stream.
+    LegacySse,
+}
 
 /// Random bytes in a relay-issued session id (192 bits: unguessable, and it reveals nothing of
 /// the upstream's own id).
@@ -25,7 +41,18 @@ pub struct Session {
     pub source: String,
     /// The tunnel stream carrying it.
     pub channel: Arc<Channel>,
+    /// Streamable HTTP or HTTP+SSE.
+    pub transport: Transport,
+    /// The standalone stream's log: server-initiated messages, held until a GET reads them.
+    standalone: Arc<EventLog>,
+    answers: Mutex<AnswerLogs>,
     last_used: Mutex<Instant>,
+}
+
+#[derive(Default)]
+struct AnswerLogs {
+    next: u64,
+    logs: VecDeque<Arc<EventLog>>,
 }
 
 /// A fresh random session id.
@@ -36,16 +63,86 @@ pub fn new_session_id() -> String {
 }
 
 impl Session {
-    /// A session `id` (from [`new_session_id`]) of `who` with `source` over `channel`.
-    pub fn new(id: String, who: &Identity, source: &str, channel: Arc<Channel>) -> Self {
+    /// A session `id` (from [`new_session_id`]) of `who` with `source` over `channel`. Starts
+    /// moving the channel's server-initiated messages into the standalone stream's log.
+    pub fn new(
+        id: String,
+        who: &Identity,
+        source: &str,
+        channel: Arc<Channel>,
+        transport: Transport,
+    ) -> Self {
+        let standalone = Arc::new(EventLog::new(STANDALONE_STREAM));
+        if let Some(mut queue) = channel.unsolicited() {
+            let log = standalone.clone();
+            tokio::spawn(async move {
+                while let Some(message) = queue.recv().await {
+                    log.push(message).await;
+                }
+                log.finish();
+            });
+        }
         Self {
             id,
             tenant: who.tenant.clone(),
             subject: who.subject.clone(),
             source: source.to_owned(),
             channel,
+            transport,
+            standalone,
+            answers: Mutex::new(AnswerLogs {
+                next: STANDALONE_STREAM + 1,
+                logs: VecDeque::new(),
+            }),
             last_used: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The standalone stream's log.
+    pub fn standalone(&self) -> &Arc<EventLog> {
+        &self.standalone
+    }
+
+    /// A new log for a POST answer that became a stream. With the HTTP+SSE transport every
+    /// answer goes to the one standalone stream instead.
+    pub fn answer_log(&self) -> Arc<EventLog> {
+        if self.transport == Transport::LegacySse {
+            return self.standalone.clone();
+        }
+        let mut answers = self
+            .answers
+            .lock()
+            .expect("session lock is never held across a panic");
+        let log = Arc::new(EventLog::new(answers.next));
+        answers.next += 1;
+        if answers.logs.len() >= ANSWER_LOGS {
+            // Forget a completed stream first; if none is, the oldest (it stays readable by
+            // whoever reads it now, only no longer resumable).
+            let index = answers
+                .logs
+                .iter()
+                .position(|log| log.is_done())
+                .unwrap_or(0);
+            answers.logs.remove(index);
+        }
+        answers.logs.push_back(log.clone());
+        log
+    }
+
+    /// The log of stream `stream`, if it is still kept.
+    pub fn log(&self, stream: u64) -> Option<Arc<EventLog>> {
+        if stream == STANDALONE_STREAM {
+            return Some(self.standalone.clone());
+        }
+        let answers = self
+            .answers
+            .lock()
+            .expect("session lock is never held across a panic");
+        answers
+            .logs
+            .iter()
+            .find(|log| log.stream == stream)
+            .cloned()
     }
 
     fn touch(&self) {
@@ -79,10 +176,17 @@ impl Sessions {
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
     }
 
-    /// The session `id`, if it exists, belongs to `who` and talks to `source`; anything else
+    /// The session `id`, if it exists, belongs to `who` and talks to `source` over `transport`;
+    /// anything else
     /// reads as "no such session" (a foreign id reveals nothing). A session whose tunnel
     /// stream has ended is removed here.
-    pub fn get(&self, id: &str, who: &Identity, source: &str) -> Option<Arc<Session>> {
+    pub fn get(
+        &self,
+        id: &str,
+        who: &Identity,
+        source: &str,
+        transport: Transport,
+    ) -> Option<Arc<Session>> {
         let session = self
             .map
             .lock()
@@ -92,6 +196,7 @@ impl Sessions {
         if session.tenant != who.tenant
             || session.subject != who.subject
             || session.source != source
+            || session.transport != transport
         {
             return None;
         }

@@ -1,40 +1,32 @@
 //! The agent endpoint `/mcp/{source}`: Streamable HTTP, session era and 2026-07-28.
 //!
-//! The relay owns everything HTTP here: its own session ids, JSON or SSE answers, keep-alive
-//! comments. What reaches the tunnel is messages only.
+//! The relay owns everything HTTP here: its own session ids, JSON or SSE answers, event ids and
+//! resumption, keep-alive comments. What reaches the tunnel is messages only.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use serde_json::value::RawValue;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::RelayState;
-use super::channel::{Channel, ChannelError, Event, Exchange};
+use super::agent::{authorize, gate, header_str, open_channel, open_header, read_message};
+use super::answer::{Target, forward, is_upstream_error, sse_response};
+use super::events::{Start, parse_event_id};
 use super::reply::{AgentError, json_response};
-use super::sessions::Session;
+use super::sessions::{Session, Transport, new_session_id};
 use crate::govern::Identity;
+use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
-use crate::mcp::jsonrpc::{
-    Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
-};
-use crate::mcp::{ProtocolEra, classify, sse};
-use crate::wire::{Era, OpenHeader};
+use crate::mcp::jsonrpc::{Classified, MessageInfo};
+use crate::wire::Era;
 
-/// Interval of SSE keep-alive comments: inside the 15-30 s that proxies and clients tolerate.
-pub const SSE_KEEP_ALIVE: Duration = Duration::from_secs(20);
-
-/// SSE chunks buffered toward a slow agent before the tunnel side waits.
-const SSE_QUEUE: usize = 16;
+/// The header a reconnecting agent names its last seen event with.
+const LAST_EVENT_ID: &str = "last-event-id";
 
 /// Routes of the agent endpoint.
 pub fn routes() -> Router<Arc<RelayState>> {
@@ -44,76 +36,15 @@ pub fn routes() -> Router<Arc<RelayState>> {
     )
 }
 
-fn check_origin(state: &RelayState, headers: &HeaderMap) -> Result<(), AgentError> {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return Ok(());
-    };
-    let origin = origin.to_str().map_err(|_| AgentError::ForbiddenOrigin)?;
-    if state
-        .allowed_origins
-        .iter()
-        .any(|allowed| allowed == origin)
-    {
-        return Ok(());
-    }
-    // Same-origin browser calls: the Origin's authority equals the Host we were reached at.
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
-    let authority = origin
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    if !host.is_empty() && authority.eq_ignore_ascii_case(host) {
-        return Ok(());
-    }
-    Err(AgentError::ForbiddenOrigin)
-}
-
-/// The caller behind the request's bearer API key.
-fn authenticate(state: &RelayState, headers: &HeaderMap) -> Result<Identity, AgentError> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(AgentError::Unauthorized)?;
-    let (scheme, key) = value.split_once(' ').ok_or(AgentError::Unauthorized)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(AgentError::Unauthorized);
-    }
-    let who = state
-        .governance()
-        .keyring
-        .agent(key.trim())
-        .cloned()
-        .ok_or(AgentError::Unauthorized)?;
-    Ok(who)
-}
-
-fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, AgentError> {
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(AgentError::TooLarge { limit }),
-        Err(e) => Err(AgentError::BadRequest(format!(
-            "could not read the request body: {e}"
-        ))),
-    }
-}
-
 async fn handle_post(
     State(state): State<Arc<RelayState>>,
     Path(source): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match post_inner(state, source, headers, body).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+    post_inner(state, source, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn post_inner(
@@ -122,145 +53,55 @@ async fn post_inner(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    check_origin(&state, &headers)?;
-    let who = authenticate(&state, &headers)?;
-    let body = read_body(body, state.limits.max_message_bytes).await?;
-    let classified = classify(&body).map_err(|e| match e {
-        crate::mcp::jsonrpc::ClassifyError::Parse(m) => AgentError::Parse(m),
-        crate::mcp::jsonrpc::ClassifyError::Invalid(m) => AgentError::BadRequest(m),
-    })?;
+    let who = gate(&state, &headers)?;
+    let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
     if let Some(denied) = authorize(&state, &who, &source, &classified) {
-        return Ok(denied);
+        return Ok(json_response(StatusCode::OK, denied));
     }
-
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
         let session = state
             .sessions
-            .get(session_id, &who, &source)
+            .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
-        return Ok(forward(
-            &state,
-            &session.channel,
-            &source,
-            body,
-            &classified,
-            ProtocolEra::Session,
-        )
-        .await);
+        let target = Target {
+            source: &source,
+            session: Some(&session),
+            era: ProtocolEra::Session,
+        };
+        return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
     let version = header_str(&headers, VERSION_HEADER);
     if version.is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless) {
         return stateless(&state, &who, &source, &headers, body, &classified).await;
     }
     match &classified {
-        Classified::Single(info) if info.method.as_deref() == Some("initialize") => {
-            initialize(&state, &who, &source, body, info).await
-        }
+        Classified::Single(info) if info.method.as_deref() == Some("initialize") => Ok(initialize(
+            &state,
+            &who,
+            &source,
+            body,
+            &classified,
+            Transport::Streamable,
+        )
+        .await),
         _ => Err(AgentError::BadRequest(
             "Bad Request: Mcp-Session-Id header is required (send initialize first)".into(),
         )),
     }
 }
 
-/// Checks every `tools/call` in the body against the caller's roles; a denied call reads like
-/// an unknown tool, so nobody learns what exists beyond what they may use.
-fn authorize(
-    state: &RelayState,
-    who: &Identity,
-    source: &str,
-    classified: &Classified,
-) -> Option<Response> {
-    let governance = state.governance();
-    for message in classified.messages() {
-        if message.method.as_deref() != Some("tools/call") {
-            continue;
-        }
-        let tool = message.target.as_deref().unwrap_or_default();
-        let decision = governance.policy.check_tool(who, source, tool);
-        if !decision.is_allowed() {
-            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, tool, ?decision, "call denied");
-            metrics::counter!(crate::metrics::REQUESTS, "outcome" => "denied").increment(1);
-            let body = error_body(
-                message.id.as_deref(),
-                codes::INVALID_PARAMS,
-                &format!("Unknown tool: {tool}"),
-            );
-            return Some(json_response(StatusCode::OK, body));
-        }
-    }
-    None
-}
-
-fn open_header(
-    who: &Identity,
-    source: &str,
-    era: Era,
-    context: String,
-    protocol_version: Option<String>,
-    headers: &HeaderMap,
-) -> OpenHeader {
-    let mcp_headers = if era == Era::Stateless {
-        headers
-            .iter()
-            .filter(|(name, _)| {
-                let name = name.as_str();
-                name == METHOD_HEADER || name == NAME_HEADER || name.starts_with("mcp-param-")
-            })
-            .filter_map(|(name, value)| {
-                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    OpenHeader {
-        tenant: who.tenant.to_string(),
-        source: source.to_owned(),
-        subject: who.subject.to_string(),
-        era,
-        protocol_version,
-        context,
-        mcp_headers,
-        traceparent: header_str(headers, "traceparent").map(str::to_owned),
-    }
-}
-
-async fn open_channel(
-    state: &RelayState,
-    who: &Identity,
-    header: &OpenHeader,
-) -> Result<Arc<Channel>, Response> {
-    let tunnel = state
-        .registry
-        .route(&who.tenant, &header.source)
-        .ok_or_else(|| AgentError::NotFound.into_response())?;
-    Channel::open(&tunnel, header, state.limits.max_message_bytes)
-        .await
-        .map_err(|e| source_error(None, &header.source, &e.to_string()))
-}
-
-/// A JSON-RPC error (on HTTP 200) saying the source could not answer.
-fn source_error(id: Option<&RawValue>, source: &str, why: &str) -> Response {
-    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "tunnel_error").increment(1);
-    json_response(
-        StatusCode::OK,
-        error_body(
-            id,
-            codes::SOURCE_UNAVAILABLE,
-            &format!("source {source} is unavailable: {why}"),
-        ),
-    )
-}
-
+/// Opens a session: a new tunnel stream carrying `initialize`. The session exists only if the
+/// upstream accepts it.
 async fn initialize(
     state: &Arc<RelayState>,
     who: &Identity,
     source: &str,
     body: Bytes,
-    info: &MessageInfo,
-) -> Result<Response, AgentError> {
+    classified: &Classified,
+    transport: Transport,
+) -> Response {
     // The session id is minted before the stream opens, so both sides log the same id.
-    let session_id = super::sessions::new_session_id();
+    let session_id = new_session_id();
     let header = open_header(
         who,
         source,
@@ -271,36 +112,29 @@ async fn initialize(
     );
     let channel = match open_channel(state, who, &header).await {
         Ok(channel) => channel,
-        Err(response) => return Ok(response),
+        Err(response) => return response,
     };
-    let session = Arc::new(Session::new(session_id, who, source, channel.clone()));
-    let exchange = match channel.request(body).await {
-        Ok(exchange) => exchange,
-        Err(e) => return Ok(source_error(info.id.as_deref(), source, &e.to_string())),
-    };
-    let awaiting = Awaiting {
+    let session = Arc::new(Session::new(
+        session_id,
+        who,
         source,
-        id: info.id.as_deref(),
-        responses: 1,
-        timeout: Some(state.limits.request_timeout()),
+        channel.clone(),
+        transport,
+    ));
+    let target = Target {
+        source,
+        session: Some(&session),
+        era: ProtocolEra::Session,
     };
-    let mut response = answer(state, channel, exchange, awaiting).await;
-    if response.status() == StatusCode::OK && !response_is_error(&response) {
+    let mut response = forward(state, &channel, body, classified, target).await;
+    if response.status() == StatusCode::OK && !is_upstream_error(&response) {
         state.sessions.insert(session.clone());
         tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session opened");
         let value = HeaderValue::from_str(&session.id).expect("session ids are hex");
         response.headers_mut().insert(SESSION_HEADER, value);
     }
-    Ok(response)
+    response
 }
-
-fn response_is_error(response: &Response) -> bool {
-    response.extensions().get::<UpstreamError>().is_some()
-}
-
-/// Marks a JSON answer that carries a JSON-RPC error (so `initialize` creates no session).
-#[derive(Clone, Copy)]
-struct UpstreamError;
 
 async fn stateless(
     state: &Arc<RelayState>,
@@ -317,21 +151,18 @@ async fn stateless(
     };
     check_stateless_headers(headers, info)?;
     let version = header_str(headers, VERSION_HEADER).map(str::to_owned);
-    let context = format!("req-{}", &super::sessions::new_session_id()[..16]);
+    let context = format!("req-{}", &new_session_id()[..16]);
     let header = open_header(who, source, Era::Stateless, context, version, headers);
     let channel = match open_channel(state, who, &header).await {
         Ok(channel) => channel,
         Err(response) => return Ok(response),
     };
-    Ok(forward(
-        state,
-        &channel,
+    let target = Target {
         source,
-        body,
-        classified,
-        ProtocolEra::Stateless,
-    )
-    .await)
+        session: None,
+        era: ProtocolEra::Stateless,
+    };
+    Ok(forward(state, &channel, body, classified, target).await)
 }
 
 /// 2026-07-28: `Mcp-Method` must repeat the body's method, and `Mcp-Name` its tool, prompt or
@@ -394,246 +225,31 @@ fn decode_header_value(value: &str) -> Option<String> {
     }
 }
 
-/// What an agent request waits for on its exchange.
-struct Awaiting<'a> {
-    /// The source, for error messages.
-    source: &'a str,
-    /// The first request id (for relay-made errors).
-    id: Option<&'a RawValue>,
-    /// Responses that complete the answer: one per request in the body.
-    responses: usize,
-    /// Whether the request timeout applies (not to a `subscriptions/listen` stream).
-    timeout: Option<Duration>,
-}
-
-/// Sends the body down `channel` and answers the agent.
-async fn forward(
-    state: &Arc<RelayState>,
-    channel: &Arc<Channel>,
-    source: &str,
-    body: Bytes,
-    classified: &Classified,
-    era: ProtocolEra,
-) -> Response {
-    let requests: Vec<&MessageInfo> = classified
-        .messages()
-        .iter()
-        .filter(|m| m.kind == MessageKind::Request)
-        .collect();
-    let Some(first) = requests.first() else {
-        return match channel.send(body).await {
-            Ok(()) => StatusCode::ACCEPTED.into_response(),
-            Err(e) => source_error(None, source, &e.to_string()),
-        };
-    };
-    // A listen stream lasts as long as the agent wants it; no request timeout applies.
-    let is_listen = era == ProtocolEra::Stateless
-        && requests
-            .iter()
-            .any(|m| m.method.as_deref() == Some("subscriptions/listen"));
-    let awaiting = Awaiting {
-        source,
-        id: first.id.as_deref(),
-        responses: requests.len(),
-        timeout: (!is_listen).then(|| state.limits.request_timeout()),
-    };
-    match channel.request(body).await {
-        Ok(exchange) => answer(state, channel.clone(), exchange, awaiting).await,
-        Err(e) => source_error(awaiting.id, source, &e.to_string()),
-    }
-}
-
-/// Waits for the next event, within the request timeout if one applies.
-async fn next_event(
-    exchange: &mut Exchange,
-    timeout: Option<Duration>,
-) -> Option<Result<Event, ChannelError>> {
-    match timeout {
-        Some(limit) => tokio::time::timeout(limit, exchange.next()).await.ok(),
-        None => Some(exchange.next().await),
-    }
-}
-
-/// How many responses a message carries (a batch may carry several).
-fn responses_in(message: &[u8]) -> (usize, bool) {
-    match classify(message) {
-        Ok(classified) => {
-            let responses = classified
-                .messages()
-                .iter()
-                .filter(|m| m.kind == MessageKind::Response);
-            let (count, errors) =
-                responses.fold((0, false), |(n, e), m| (n + 1, e || m.error_code.is_some()));
-            (count, errors)
-        }
-        Err(_) => (0, false),
-    }
-}
-
-/// Answers the agent with what arrives on `exchange`: plain JSON when the first message holds
-/// every response, else an SSE stream that ends once every response has been sent.
-async fn answer(
-    state: &Arc<RelayState>,
-    channel: Arc<Channel>,
-    mut exchange: Exchange,
-    awaiting: Awaiting<'_>,
-) -> Response {
-    let mut status = StatusCode::OK;
-    loop {
-        let Some(event) = next_event(&mut exchange, awaiting.timeout).await else {
-            return timed_out(&channel, &awaiting).await;
-        };
-        match event {
-            Ok(Event::Rejected(code)) => {
-                status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
-            Ok(Event::Message(message)) => {
-                let (responses, is_error) = responses_in(&message);
-                if responses >= awaiting.responses {
-                    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
-                    let mut response = json_response(status, message);
-                    if is_error {
-                        response.extensions_mut().insert(UpstreamError);
-                    }
-                    return response;
-                }
-                let remaining = awaiting.responses - responses;
-                return sse_answer(
-                    state,
-                    channel,
-                    exchange,
-                    message,
-                    remaining,
-                    awaiting.timeout,
-                );
-            }
-            Ok(Event::End) => {
-                return source_error(
-                    awaiting.id,
-                    awaiting.source,
-                    "the upstream ended its response without answering",
-                );
-            }
-            Err(e) => return source_error(awaiting.id, awaiting.source, &e.to_string()),
-        }
-    }
-}
-
-async fn timed_out(channel: &Channel, awaiting: &Awaiting<'_>) -> Response {
-    if let Some(id) = awaiting.id {
-        // Tell the upstream to stop working on it.
-        let _ = channel
-            .send(cancelled_notification(
-                id,
-                "the relay's request timeout expired",
-            ))
-            .await;
-    }
-    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "timeout").increment(1);
-    let limit = awaiting.timeout.unwrap_or_default().as_secs();
-    let message = format!("source {} did not answer within {limit} s", awaiting.source);
-    json_response(
-        StatusCode::OK,
-        error_body(awaiting.id, codes::TIMEOUT, &message),
-    )
-}
-
-fn sse_headers(response: &mut Response) {
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-}
-
-/// Streams the exchange as SSE: `first`, then every message until `remaining` more responses
-/// have been sent (or the upstream ends its answer, or the relay shuts down).
-fn sse_answer(
-    state: &Arc<RelayState>,
-    channel: Arc<Channel>,
-    mut exchange: Exchange,
-    first: Bytes,
-    mut remaining: usize,
-    idle_timeout: Option<Duration>,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
-    let shutdown = state.shutdown.clone();
-    tokio::spawn(async move {
-        // The channel lives as long as the answer streams (a stateless request owns its stream).
-        let _channel = channel;
-        if tx.send(Ok(sse::message_event(&first))).await.is_err() {
-            return;
-        }
-        let mut keep_alive =
-            tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE);
-        while remaining > 0 {
-            tokio::select! {
-                event = next_event(&mut exchange, idle_timeout) => match event {
-                    Some(Ok(Event::Message(message))) => {
-                        remaining = remaining.saturating_sub(responses_in(&message).0);
-                        if tx.send(Ok(sse::message_event(&message))).await.is_err() {
-                            return; // the agent went away; late messages go to its GET stream
-                        }
-                    }
-                    Some(Ok(Event::Rejected(_))) => {}
-                    Some(Ok(Event::End)) => return,
-                    Some(Err(e)) => return tracing::debug!(error = %e, "SSE answer ended by the tunnel"),
-                    None => return tracing::debug!("SSE answer idle past the request timeout"),
-                },
-                _ = keep_alive.tick() => {
-                    if tx.send(Ok(sse::KEEP_ALIVE)).await.is_err() {
-                        return;
-                    }
-                }
-                _ = shutdown.cancelled() => return,
-            }
-        }
-    });
-    let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
-    sse_headers(&mut response);
-    response
-}
-
+/// GET: the session's standalone stream, or, with `Last-Event-ID`, the rest of the stream that
+/// event belongs to. A new GET takes over from an older one.
 async fn handle_get(
     State(state): State<Arc<RelayState>>,
     Path(source): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let result = async {
-        check_origin(&state, &headers)?;
-        let who = authenticate(&state, &headers)?;
+    let result = (|| {
+        let who = gate(&state, &headers)?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
-        let session = state.sessions.get(session_id, &who, &source).ok_or(AgentError::SessionNotFound)?;
-        let mut queue = session.channel.unsolicited().ok_or(AgentError::StreamConflict)?;
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
-        let channel = session.channel.clone();
-        let shutdown = state.shutdown.clone();
-        tokio::spawn(async move {
-            let mut keep_alive = tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE, SSE_KEEP_ALIVE);
-            loop {
-                tokio::select! {
-                    message = queue.recv() => match message {
-                        Some(message) => if tx.send(Ok(sse::message_event(&message))).await.is_err() { return },
-                        None => return,
-                    },
-                    _ = keep_alive.tick() => if tx.send(Ok(sse::KEEP_ALIVE)).await.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = shutdown.cancelled() => return,
-                }
-                if channel.closed_reason().is_some() && queue.is_empty() {
-                    return;
-                }
-            }
-        });
-        let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
-        sse_headers(&mut response);
-        Ok(response)
-    }
-    .await;
+        let session = state
+            .sessions
+            .get(session_id, &who, &source, Transport::Streamable)
+            .ok_or(AgentError::SessionNotFound)?;
+        let resume = header_str(&headers, LAST_EVENT_ID)
+            .and_then(parse_event_id)
+            .and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
+        let reader = match resume {
+            Some((log, seq)) => log.attach(Start::After(seq)),
+            None => session.standalone().attach(Start::Undelivered),
+        };
+        Ok(sse_response(&state, reader, true, None, None))
+    })();
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -643,12 +259,11 @@ async fn handle_delete(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        check_origin(&state, &headers)?;
-        let who = authenticate(&state, &headers)?;
+        let who = gate(&state, &headers)?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
-        let session = state.sessions.get(session_id, &who, &source).ok_or(AgentError::SessionNotFound)?;
+        let session = state.sessions.get(session_id, &who, &source, Transport::Streamable).ok_or(AgentError::SessionNotFound)?;
         state.sessions.remove(&session.id);
         session.channel.close("session deleted by the agent").await;
         tracing::info!(tenant = %session.tenant, subject = %session.subject, source, session = %session.id, "session deleted");

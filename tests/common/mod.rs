@@ -112,6 +112,10 @@ impl Harness {
             },
             limits: options.limits,
             allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            sse_keep_alive: std::time::Duration::from_secs(
+                mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
+            ),
         })
         .await
         .expect("relay binds");

@@ -1,0 +1,194 @@
+//! The gate every agent request passes, whatever its transport: origin and host checks,
+//! authentication, body limits, classification, authorization; and opening a tunnel stream to
+//! the source.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use serde_json::value::RawValue;
+
+use super::RelayState;
+use super::channel::Channel;
+use super::reply::{AgentError, json_response};
+use crate::govern::Identity;
+use crate::mcp::classify;
+use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
+use crate::mcp::jsonrpc::{Classified, ClassifyError, codes, error_body};
+use crate::wire::{Era, OpenHeader};
+
+/// A header's value as text, if present and text.
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Refuses browser origins that are neither allowed nor same-origin, and `Host` values a
+/// loopback relay does not answer to (DNS rebinding: a page on evil.example resolving its name
+/// to 127.0.0.1 must not reach local sources).
+pub fn check_origin_and_host(state: &RelayState, headers: &HeaderMap) -> Result<(), AgentError> {
+    let host = header_str(headers, header::HOST.as_str()).unwrap_or_default();
+    if !state.host_allowed(host) {
+        return Err(AgentError::ForbiddenHost);
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().map_err(|_| AgentError::ForbiddenOrigin)?;
+    if state
+        .allowed_origins
+        .iter()
+        .any(|allowed| allowed == origin)
+    {
+        return Ok(());
+    }
+    // Same-origin browser calls: the Origin's authority equals the Host we were reached at.
+    let authority = origin
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    if !host.is_empty() && authority.eq_ignore_ascii_case(host) {
+        return Ok(());
+    }
+    Err(AgentError::ForbiddenOrigin)
+}
+
+/// The caller behind the request's bearer API key.
+pub fn authenticate(state: &RelayState, headers: &HeaderMap) -> Result<Identity, AgentError> {
+    let value =
+        header_str(headers, header::AUTHORIZATION.as_str()).ok_or(AgentError::Unauthorized)?;
+    let (scheme, key) = value.split_once(' ').ok_or(AgentError::Unauthorized)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AgentError::Unauthorized);
+    }
+    state
+        .governance()
+        .keyring
+        .agent(key.trim())
+        .cloned()
+        .ok_or(AgentError::Unauthorized)
+}
+
+/// Checks origin, host and credentials: the start of every agent request.
+pub fn gate(state: &RelayState, headers: &HeaderMap) -> Result<Identity, AgentError> {
+    check_origin_and_host(state, headers)?;
+    authenticate(state, headers)
+}
+
+/// Reads a body of at most `limit` bytes (413 beyond), and classifies it (400 if not JSON-RPC).
+pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified), AgentError> {
+    let body = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(AgentError::TooLarge { limit });
+        }
+        Err(e) => {
+            return Err(AgentError::BadRequest(format!(
+                "could not read the request body: {e}"
+            )));
+        }
+    };
+    let classified = classify(&body).map_err(|e| match e {
+        ClassifyError::Parse(m) => AgentError::Parse(m),
+        ClassifyError::Invalid(m) => AgentError::BadRequest(m),
+    })?;
+    Ok((body, classified))
+}
+
+/// Checks every `tools/call` in the body against the caller's roles. A denied call never
+/// reaches the tunnel: this returns the JSON-RPC error to answer it with, the one an unknown
+/// tool gets.
+pub fn authorize(
+    state: &RelayState,
+    who: &Identity,
+    source: &str,
+    classified: &Classified,
+) -> Option<Bytes> {
+    let governance = state.governance();
+    for message in classified.messages() {
+        if message.method.as_deref() != Some("tools/call") {
+            continue;
+        }
+        let tool = message.target.as_deref().unwrap_or_default();
+        let decision = governance.policy.check_tool(who, source, tool);
+        if !decision.is_allowed() {
+            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, tool, ?decision, "call denied");
+            metrics::counter!(crate::metrics::REQUESTS, "outcome" => "denied").increment(1);
+            return Some(error_body(
+                message.id.as_deref(),
+                codes::INVALID_PARAMS,
+                &format!("Unknown tool: {tool}"),
+            ));
+        }
+    }
+    None
+}
+
+/// The open header of a new exchange stream. In the stateless era the agent's MCP routing
+/// headers travel along, verbatim.
+pub fn open_header(
+    who: &Identity,
+    source: &str,
+    era: Era,
+    context: String,
+    protocol_version: Option<String>,
+    headers: &HeaderMap,
+) -> OpenHeader {
+    let mcp_headers = if era == Era::Stateless {
+        headers
+            .iter()
+            .filter(|(name, _)| {
+                let name = name.as_str();
+                name == METHOD_HEADER || name == NAME_HEADER || name.starts_with("mcp-param-")
+            })
+            .filter_map(|(name, value)| {
+                Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    OpenHeader {
+        tenant: who.tenant.to_string(),
+        source: source.to_owned(),
+        subject: who.subject.to_string(),
+        era,
+        protocol_version,
+        context,
+        mcp_headers,
+        traceparent: header_str(headers, "traceparent").map(str::to_owned),
+    }
+}
+
+/// Opens a tunnel stream to the source named in `header`, for the caller's tenant only; a
+/// source that is unknown, offline or another tenant's is the same 404.
+pub async fn open_channel(
+    state: &RelayState,
+    who: &Identity,
+    header: &OpenHeader,
+) -> Result<Arc<Channel>, Response> {
+    let tunnel = state
+        .registry
+        .route(&who.tenant, &header.source)
+        .ok_or_else(|| AgentError::NotFound.into_response())?;
+    Channel::open(&tunnel, header, state.limits.max_message_bytes)
+        .await
+        .map_err(|e| source_error(None, &header.source, &e.to_string()))
+}
+
+/// A JSON-RPC error (on HTTP 200) saying the source could not answer.
+pub fn source_error(id: Option<&RawValue>, source: &str, why: &str) -> Response {
+    json_response(StatusCode::OK, source_error_body(id, source, why))
+}
+
+/// The body of [`source_error`].
+pub fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Bytes {
+    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "tunnel_error").increment(1);
+    error_body(
+        id,
+        codes::SOURCE_UNAVAILABLE,
+        &format!("source {source} is unavailable: {why}"),
+    )
+}

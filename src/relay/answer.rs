@@ -1,0 +1,338 @@
+//! Answering agents: forward a message down its tunnel stream and turn what comes back into
+//! plain JSON, or into an SSE stream backed by an [`EventLog`] (resumable in the session era).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::RelayState;
+use super::agent::{source_error, source_error_body};
+use super::channel::{Channel, ChannelError, Event, Exchange};
+use super::events::{EventLog, LogReader, Start};
+use super::reply::json_response;
+use super::sessions::{Session, Transport};
+use crate::mcp::jsonrpc::{
+    Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
+};
+use crate::mcp::{ProtocolEra, classify, sse};
+
+/// SSE chunks buffered toward a slow agent before the log reader waits.
+const SSE_QUEUE: usize = 16;
+
+/// Marks a JSON answer that carries a JSON-RPC error (so `initialize` creates no session).
+#[derive(Clone, Copy)]
+pub struct UpstreamError;
+
+/// Whether a response is a JSON-RPC error passed on from the upstream.
+pub fn is_upstream_error(response: &Response) -> bool {
+    response.extensions().get::<UpstreamError>().is_some()
+}
+
+/// Where an agent message goes and how its answer is delivered.
+pub struct Target<'a> {
+    /// The source, for error messages.
+    pub source: &'a str,
+    /// The session (session era), whose logs make SSE answers resumable.
+    pub session: Option<&'a Session>,
+    /// The protocol era of the request.
+    pub era: ProtocolEra,
+}
+
+/// What an agent request waits for on its exchange.
+struct Awaiting {
+    /// The first request id (for relay-made errors).
+    id: Option<Box<RawValue>>,
+    /// Responses that complete the answer: one per request in the body.
+    responses: usize,
+    /// The request timeout, or none (a `subscriptions/listen` stream).
+    timeout: Option<Duration>,
+    /// The source's name.
+    source: String,
+}
+
+impl Awaiting {
+    fn new(state: &RelayState, source: &str, requests: &[&MessageInfo], era: ProtocolEra) -> Self {
+        // A listen stream lasts as long as the agent wants it; no request timeout applies.
+        let is_listen = era == ProtocolEra::Stateless
+            && requests
+                .iter()
+                .any(|m| m.method.as_deref() == Some("subscriptions/listen"));
+        Self {
+            id: requests.first().and_then(|m| m.id.clone()),
+            responses: requests.len(),
+            timeout: (!is_listen).then(|| state.limits.request_timeout()),
+            source: source.to_owned(),
+        }
+    }
+}
+
+fn requests(classified: &Classified) -> Vec<&MessageInfo> {
+    classified
+        .messages()
+        .iter()
+        .filter(|m| m.kind == MessageKind::Request)
+        .collect()
+}
+
+/// Sends the body down `channel` and answers the agent: 202 for notifications and responses,
+/// else the upstream's answer as JSON or SSE.
+pub async fn forward(
+    state: &Arc<RelayState>,
+    channel: &Arc<Channel>,
+    body: Bytes,
+    classified: &Classified,
+    target: Target<'_>,
+) -> Response {
+    let requests = requests(classified);
+    if requests.is_empty() {
+        return match channel.send(body).await {
+            Ok(()) => StatusCode::ACCEPTED.into_response(),
+            Err(e) => source_error(None, target.source, &e.to_string()),
+        };
+    }
+    let awaiting = Awaiting::new(state, target.source, &requests, target.era);
+    match channel.request(body).await {
+        Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
+        Err(e) => source_error(awaiting.id.as_deref(), target.source, &e.to_string()),
+    }
+}
+
+/// The HTTP+SSE transport: every answer rides the session's one stream; the POST gets 202.
+pub async fn forward_to_stream(
+    state: &Arc<RelayState>,
+    session: &Session,
+    body: Bytes,
+    classified: &Classified,
+) -> Response {
+    let requests = requests(classified);
+    if requests.is_empty() {
+        return match session.channel.send(body).await {
+            Ok(()) => StatusCode::ACCEPTED.into_response(),
+            Err(e) => source_error(None, &session.source, &e.to_string()),
+        };
+    }
+    let awaiting = Awaiting::new(state, &session.source, &requests, ProtocolEra::Session);
+    match session.channel.request(body).await {
+        Ok(exchange) => {
+            tokio::spawn(produce(
+                session.standalone().clone(),
+                exchange,
+                None,
+                awaiting,
+                state.shutdown.clone(),
+                session.channel.clone(),
+                false,
+            ));
+            StatusCode::ACCEPTED.into_response()
+        }
+        Err(e) => source_error(awaiting.id.as_deref(), &session.source, &e.to_string()),
+    }
+}
+
+/// Waits for the next event, within the request timeout if one applies.
+async fn next_event(
+    exchange: &mut Exchange,
+    timeout: Option<Duration>,
+) -> Option<Result<Event, ChannelError>> {
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, exchange.next()).await.ok(),
+        None => Some(exchange.next().await),
+    }
+}
+
+/// How many responses a message carries (a batch may carry several), and whether any is an
+/// error.
+fn responses_in(message: &[u8]) -> (usize, bool) {
+    match classify(message) {
+        Ok(classified) => classified
+            .messages()
+            .iter()
+            .filter(|m| m.kind == MessageKind::Response)
+            .fold((0, false), |(n, e), m| (n + 1, e || m.error_code.is_some())),
+        Err(_) => (0, false),
+    }
+}
+
+/// Answers with what arrives on `exchange`: plain JSON when the first message holds every
+/// response, else an SSE stream that ends once every response has been sent.
+async fn answer(
+    state: &Arc<RelayState>,
+    channel: Arc<Channel>,
+    mut exchange: Exchange,
+    awaiting: Awaiting,
+    session: Option<&Session>,
+) -> Response {
+    let mut status = StatusCode::OK;
+    loop {
+        let Some(event) = next_event(&mut exchange, awaiting.timeout).await else {
+            return timed_out(&channel, &awaiting).await;
+        };
+        match event {
+            Ok(Event::Rejected(code)) => {
+                status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            Ok(Event::Message(message)) => {
+                let (responses, is_error) = responses_in(&message);
+                if responses >= awaiting.responses {
+                    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
+                    let mut response = json_response(status, message);
+                    if is_error {
+                        response.extensions_mut().insert(UpstreamError);
+                    }
+                    return response;
+                }
+                // A stream: resumable (with event ids) when it belongs to a session.
+                let (log, ids) = match session {
+                    Some(session) if session.transport == Transport::Streamable => {
+                        (session.answer_log(), true)
+                    }
+                    _ => (Arc::new(EventLog::new(0)), false),
+                };
+                let reader = log.attach(Start::Undelivered);
+                tokio::spawn(produce(
+                    log,
+                    exchange,
+                    Some(message),
+                    awaiting,
+                    state.shutdown.clone(),
+                    channel,
+                    true,
+                ));
+                return sse_response(state, reader, ids, None, None);
+            }
+            Ok(Event::End) => {
+                return source_error(
+                    awaiting.id.as_deref(),
+                    &awaiting.source,
+                    "the upstream ended its response without answering",
+                );
+            }
+            Err(e) => {
+                return source_error(awaiting.id.as_deref(), &awaiting.source, &e.to_string());
+            }
+        }
+    }
+}
+
+async fn timed_out(channel: &Channel, awaiting: &Awaiting) -> Response {
+    json_response(StatusCode::OK, timeout_body(channel, awaiting).await)
+}
+
+async fn timeout_body(channel: &Channel, awaiting: &Awaiting) -> Bytes {
+    if let Some(id) = &awaiting.id {
+        // Tell the upstream to stop working on it.
+        let _ = channel
+            .send(cancelled_notification(
+                id,
+                "the relay's request timeout expired",
+            ))
+            .await;
+    }
+    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "timeout").increment(1);
+    let limit = awaiting.timeout.unwrap_or_default().as_secs();
+    error_body(
+        awaiting.id.as_deref(),
+        codes::TIMEOUT,
+        &format!("source {} did not answer within {limit} s", awaiting.source),
+    )
+}
+
+/// Moves an exchange's messages into `log` until every response has arrived. If the exchange
+/// ends first (upstream, tunnel, timeout), the agent still gets an answer: an error that says
+/// why. `finish` closes the log (not for the shared stream of an HTTP+SSE session).
+async fn produce(
+    log: Arc<EventLog>,
+    mut exchange: Exchange,
+    first: Option<Bytes>,
+    awaiting: Awaiting,
+    shutdown: CancellationToken,
+    channel: Arc<Channel>,
+    finish: bool,
+) {
+    let mut remaining = awaiting.responses;
+    if let Some(message) = first {
+        remaining = remaining.saturating_sub(responses_in(&message).0);
+        log.push(message).await;
+    }
+    while remaining > 0 {
+        let failure = tokio::select! {
+            event = next_event(&mut exchange, awaiting.timeout) => match event {
+                Some(Ok(Event::Message(message))) => {
+                    remaining = remaining.saturating_sub(responses_in(&message).0);
+                    log.push(message).await;
+                    continue;
+                }
+                Some(Ok(Event::Rejected(_))) => continue,
+                Some(Ok(Event::End)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the upstream ended its response without answering"),
+                Some(Err(e)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, &e.to_string()),
+                None => timeout_body(&channel, &awaiting).await,
+            },
+            _ = shutdown.cancelled() => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the relay is shutting down"),
+        };
+        log.push(failure).await;
+        break;
+    }
+    if finish {
+        log.finish();
+    }
+}
+
+/// An SSE response that streams `reader`, with keep-alive comments, optionally after a
+/// `prelude` event; `on_end` runs when the agent goes away or the stream ends.
+pub fn sse_response(
+    state: &RelayState,
+    mut reader: LogReader,
+    ids: bool,
+    prelude: Option<Bytes>,
+    on_end: Option<Box<dyn FnOnce() + Send>>,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
+    let shutdown = state.shutdown.clone();
+    let keep_alive_every = state.sse_keep_alive;
+    tokio::spawn(async move {
+        let stream = reader.stream();
+        let mut keep_alive = tokio::time::interval_at(
+            tokio::time::Instant::now() + keep_alive_every,
+            keep_alive_every,
+        );
+        let mut open = match prelude {
+            Some(event) => tx.send(Ok(event)).await.is_ok(),
+            None => true,
+        };
+        while open {
+            open = tokio::select! {
+                event = reader.next() => match event {
+                    Some((seq, message)) => {
+                        let id = ids.then(|| format!("{stream}-{seq}"));
+                        tx.send(Ok(sse::message_event(id.as_deref(), &message))).await.is_ok()
+                    }
+                    None => false,
+                },
+                _ = keep_alive.tick() => tx.send(Ok(sse::KEEP_ALIVE)).await.is_ok(),
+                _ = tx.closed() => false,
+                _ = shutdown.cancelled() => false,
+            };
+        }
+        drop(reader);
+        if let Some(on_end) = on_end {
+            on_end();
+        }
+    });
+    let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}

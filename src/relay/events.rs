@@ -1,0 +1,336 @@
+//! Event logs: what the relay sends an agent on one SSE stream, kept for resumption.
+//!
+//! Every agent-facing SSE stream of a session (the GET stream, and each POST answer that turned
+//! into a stream) writes its messages into an [`EventLog`]. A [`LogReader`] turns the log into
+//! the HTTP body. When the agent's connection drops, the producer carries on into the log; an
+//! agent that reconnects with `Last-Event-ID: <stream>-<seq>` gets a new reader that starts
+//! right after that event: nothing lost within the replay window, nothing twice.
+//!
+//! Memory is bounded: events the reader has taken are kept only within a replay window (by
+//! count and bytes, always keeping the latest); events not yet taken are never evicted while a
+//! reader is attached (the producer waits instead: backpressure to the tunnel stream), and with
+//! no reader attached the oldest are dropped beyond the window (and counted).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Events kept for replay per stream: a reconnect within a few seconds of a busy stream.
+pub const REPLAY_EVENTS: usize = 64;
+/// Bytes kept for replay per stream (the latest event is always kept, whatever its size).
+pub const REPLAY_BYTES: usize = 1024 * 1024;
+
+/// One SSE stream's events.
+pub struct EventLog {
+    /// The stream number, the first half of every event id.
+    pub stream: u64,
+    state: Mutex<LogState>,
+    changed: Notify,
+}
+
+struct LogState {
+    /// Sequence number of `events[0]`.
+    first: u64,
+    events: VecDeque<Bytes>,
+    bytes: usize,
+    /// Sequence numbers below this have been handed to some reader.
+    delivered: u64,
+    /// The attached reader's generation, if one is attached.
+    reader: Option<u64>,
+    generation: u64,
+    finished: bool,
+    dropped: u64,
+}
+
+impl LogState {
+    fn next_seq(&self) -> u64 {
+        self.first + self.events.len() as u64
+    }
+
+    /// Evicts from the front what may go: delivered events beyond the window, or, with no
+    /// reader attached, anything beyond the window.
+    fn evict(&mut self) {
+        while self.events.len() > 1
+            && (self.events.len() > REPLAY_EVENTS || self.bytes > REPLAY_BYTES)
+        {
+            if self.first >= self.delivered && self.reader.is_some() {
+                break;
+            }
+            if self.first >= self.delivered {
+                self.dropped += 1;
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+            }
+            if let Some(event) = self.events.pop_front() {
+                self.bytes -= event.len();
+            }
+            self.first += 1;
+            self.delivered = self.delivered.max(self.first);
+        }
+    }
+
+    /// Whether the producer must wait: the window is full of events the reader has not taken.
+    fn full(&self) -> bool {
+        self.reader.is_some() && self.events.len() >= REPLAY_EVENTS && self.first >= self.delivered
+    }
+}
+
+/// Where a new reader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// At the first event no reader has taken yet (a fresh GET stream).
+    Undelivered,
+    /// Right after this sequence number (`Last-Event-ID`).
+    After(u64),
+}
+
+impl EventLog {
+    /// An empty log for stream number `stream`.
+    pub fn new(stream: u64) -> Self {
+        Self {
+            stream,
+            state: Mutex::new(LogState {
+                first: 0,
+                events: VecDeque::new(),
+                bytes: 0,
+                delivered: 0,
+                reader: None,
+                generation: 0,
+                finished: false,
+                dropped: 0,
+            }),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.state
+            .lock()
+            .expect("event log lock is never held across a panic")
+    }
+
+    /// Appends a message; waits while an attached reader has the window full.
+    pub async fn push(&self, message: Bytes) {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut state = self.lock();
+                if !state.full() {
+                    state.bytes += message.len();
+                    state.events.push_back(message);
+                    state.evict();
+                    break;
+                }
+            }
+            notified.await;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Marks the stream complete: readers end once they have taken everything.
+    pub fn finish(&self) {
+        self.lock().finished = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the stream is complete and every event has been taken.
+    pub fn is_done(&self) -> bool {
+        let state = self.lock();
+        state.finished && state.delivered >= state.next_seq()
+    }
+
+    /// Messages dropped unread because no reader was attached for too long.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    /// Attaches a reader (replacing any attached one, which then ends).
+    pub fn attach(self: &std::sync::Arc<Self>, start: Start) -> LogReader {
+        let (generation, next) = {
+            let mut state = self.lock();
+            state.generation += 1;
+            state.reader = Some(state.generation);
+            let next = match start {
+                Start::Undelivered => state.delivered,
+                Start::After(seq) => seq.saturating_add(1),
+            };
+            (state.generation, next.max(state.first))
+        };
+        self.changed.notify_waiters();
+        LogReader {
+            log: self.clone(),
+            generation,
+            next,
+        }
+    }
+}
+
+/// Reads one log from a position on; ends when the log is finished and drained, or when a
+/// newer reader takes over.
+pub struct LogReader {
+    log: std::sync::Arc<EventLog>,
+    generation: u64,
+    next: u64,
+}
+
+impl LogReader {
+    /// The next `(sequence number, message)`.
+    pub async fn next(&mut self) -> Option<(u64, Bytes)> {
+        loop {
+            let notified = self.log.changed.notified();
+            {
+                let mut state = self.log.lock();
+                if state.reader != Some(self.generation) {
+                    return None;
+                }
+                self.next = self.next.max(state.first);
+                if self.next < state.next_seq() {
+                    let seq = self.next;
+                    let event = state.events[(seq - state.first) as usize].clone();
+                    self.next += 1;
+                    state.delivered = state.delivered.max(self.next);
+                    state.evict();
+                    drop(state);
+                    self.log.changed.notify_waiters();
+                    return Some((seq, event));
+                }
+                if state.finished {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The stream number of the log being read.
+    pub fn stream(&self) -> u64 {
+        self.log.stream
+    }
+}
+
+impl Drop for LogReader {
+    fn drop(&mut self) {
+        let mut state = self.log.lock();
+        if state.reader == Some(self.generation) {
+            state.reader = None;
+            state.evict();
+        }
+        drop(state);
+        self.log.changed.notify_waiters();
+    }
+}
+
+/// Parses an event id `<stream>-<seq>`.
+pub fn parse_event_id(id: &str) -> Option<(u64, u64)> {
+    let (stream, seq) = id.split_once('-')?;
+    Some((stream.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn msg(n: usize) -> Bytes {
+        Bytes::from(format!("m{n}"))
+    }
+
+    #[tokio::test]
+    async fn reader_gets_everything_then_ends() {
+        let log = Arc::new(EventLog::new(3));
+        for n in 0..3 {
+            log.push(msg(n)).await;
+        }
+        log.finish();
+        let mut reader = log.attach(Start::Undelivered);
+        let got: Vec<_> =
+            std::iter::from_fn(|| futures_util::FutureExt::now_or_never(reader.next()).flatten())
+                .collect();
+        assert_eq!(got, vec![(0, msg(0)), (1, msg(1)), (2, msg(2))]);
+        assert!(log.is_done());
+    }
+
+    #[tokio::test]
+    async fn resume_after_last_event_id_replays_exactly_the_rest() {
+        let log = Arc::new(EventLog::new(1));
+        let mut first = log.attach(Start::Undelivered);
+        for n in 0..5 {
+            log.push(msg(n)).await;
+        }
+        // The agent saw events 0 and 1, then its connection dropped (events 2.. may have been
+        // read into a dead socket: 2 was taken but never arrived).
+        assert_eq!(first.next().await, Some((0, msg(0))));
+        assert_eq!(first.next().await, Some((1, msg(1))));
+        assert_eq!(first.next().await, Some((2, msg(2))));
+        drop(first);
+        log.push(msg(5)).await;
+        log.finish();
+        let mut resumed = log.attach(Start::After(1));
+        let mut got = Vec::new();
+        while let Some((seq, _)) = resumed.next().await {
+            got.push(seq);
+        }
+        assert_eq!(
+            got,
+            vec![2, 3, 4, 5],
+            "from right after the last seen id, nothing twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_reader_takes_over() {
+        let log = Arc::new(EventLog::new(0));
+        let mut old = log.attach(Start::Undelivered);
+        let mut new = log.attach(Start::Undelivered);
+        log.push(msg(0)).await;
+        assert_eq!(old.next().await, None);
+        assert_eq!(new.next().await, Some((0, msg(0))));
+    }
+
+    #[tokio::test]
+    async fn without_reader_old_events_are_dropped_beyond_the_window() {
+        let log = Arc::new(EventLog::new(0));
+        for n in 0..REPLAY_EVENTS + 10 {
+            log.push(msg(n)).await;
+        }
+        assert_eq!(log.dropped(), 10);
+        let mut reader = log.attach(Start::Undelivered);
+        assert_eq!(
+            reader.next().await,
+            Some((10, msg(10))),
+            "the newest window is kept for a late GET"
+        );
+    }
+
+    #[tokio::test]
+    async fn attached_slow_reader_gets_backpressure_not_loss() {
+        let log = Arc::new(EventLog::new(0));
+        let mut reader = log.attach(Start::Undelivered);
+        let producer = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for n in 0..REPLAY_EVENTS * 3 {
+                    log.push(msg(n)).await;
+                }
+                log.finish();
+            })
+        };
+        let mut seqs = Vec::new();
+        while let Some((seq, event)) = reader.next().await {
+            assert_eq!(event, msg(seq as usize));
+            seqs.push(seq);
+        }
+        producer.await.expect("producer");
+        assert_eq!(seqs, (0..(REPLAY_EVENTS * 3) as u64).collect::<Vec<_>>());
+        assert_eq!(log.dropped(), 0);
+    }
+
+    #[test]
+    fn event_ids() {
+        assert_eq!(parse_event_id("3-17"), Some((3, 17)));
+        assert_eq!(parse_event_id("x-1"), None);
+        assert_eq!(parse_event_id("17"), None);
+    }
+}

@@ -1,0 +1,112 @@
+//! The 2024-11-05 HTTP+SSE transport at `/sse/{source}`: a GET opens the session's one event
+//! stream, whose first `endpoint` event names the URL to POST messages to; every answer rides
+//! that stream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use super::RelayState;
+use super::agent::{authorize, gate, open_channel, open_header, read_message};
+use super::answer::{forward_to_stream, sse_response};
+use super::events::Start;
+use super::reply::AgentError;
+use super::sessions::{Session, Transport, new_session_id};
+use crate::mcp::sse;
+use crate::wire::Era;
+
+/// Routes of the HTTP+SSE transport.
+pub fn routes() -> Router<Arc<RelayState>> {
+    Router::new()
+        .route("/sse/{source}", get(open_stream))
+        .route("/sse/{source}/messages", post(handle_message))
+}
+
+/// GET: opens a session and its event stream; the session lasts as long as the stream.
+async fn open_stream(
+    State(state): State<Arc<RelayState>>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let who = match gate(&state, &headers) {
+        Ok(who) => who,
+        Err(e) => return e.into_response(),
+    };
+    let session_id = new_session_id();
+    let header = open_header(
+        &who,
+        &source,
+        Era::Session,
+        session_id.clone(),
+        None,
+        &HeaderMap::new(),
+    );
+    let channel = match open_channel(&state, &who, &header).await {
+        Ok(channel) => channel,
+        Err(response) => return response,
+    };
+    let session = Arc::new(Session::new(
+        session_id,
+        &who,
+        &source,
+        channel,
+        Transport::LegacySse,
+    ));
+    state.sessions.insert(session.clone());
+    tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "HTTP+SSE session opened");
+    let endpoint = sse::named_event(
+        "endpoint",
+        &format!("/sse/{source}/messages?sessionId={}", session.id),
+    );
+    let reader = session.standalone().attach(Start::Undelivered);
+    let on_end = {
+        let state = state.clone();
+        let session = session.clone();
+        Box::new(move || {
+            // The stream is the session: when the agent goes, so does the session.
+            state.sessions.remove(&session.id);
+            tokio::spawn(async move {
+                session
+                    .channel
+                    .close("the agent closed its event stream")
+                    .await
+            });
+        })
+    };
+    sse_response(&state, reader, false, Some(endpoint), Some(on_end))
+}
+
+/// POST to the endpoint: the message goes down the session's stream; answers arrive on the
+/// event stream, so this only says 202.
+async fn handle_message(
+    State(state): State<Arc<RelayState>>,
+    Path(source): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let who = gate(&state, &headers)?;
+        let session_id = query.get("sessionId").ok_or_else(|| {
+            AgentError::BadRequest("sessionId query parameter is required".into())
+        })?;
+        let session = state
+            .sessions
+            .get(session_id, &who, &source, Transport::LegacySse)
+            .ok_or(AgentError::SessionNotFound)?;
+        let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
+        if let Some(denied) = authorize(&state, &who, &source, &classified) {
+            session.standalone().push(denied).await;
+            return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
+        }
+        Ok(forward_to_stream(&state, &session, body, &classified).await)
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
