@@ -357,6 +357,16 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     );
     assert_eq!(auto.call, "Echo: hi");
 
+    // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
+    let sse_url = format!("http://{}/sse/everything", harness.agents);
+    let over_sse = python_client(&sse_url, &key, "sse").await;
+    assert!(
+        over_sse.tools.iter().any(|t| t == "echo"),
+        "echo is listed over HTTP+SSE: {:?}",
+        over_sse.tools
+    );
+    assert_eq!(over_sse.call, "Echo: hi");
+
     let listed = inspector(&url, &key, &["--method", "tools/list"]).await;
     let names: Vec<&str> = listed["result"]["tools"]
         .as_array()

@@ -629,3 +629,149 @@ async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
         "the old tunnel is gone from the registry"
     );
 }
+
+/// Reads SSE events from a streaming response until `done` says so; returns their data.
+async fn read_events(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    mut done: impl FnMut(&[String]) -> bool,
+) -> Vec<String> {
+    let mut events = Vec::new();
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .collect();
+            if !data.is_empty() {
+                events.push(data.join("\n"));
+            }
+        }
+        if done(&events) {
+            return events;
+        }
+        let chunk = tokio::time::timeout(WAIT, response.chunk())
+            .await
+            .expect("event in time")
+            .expect("read")
+            .expect("stream open");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sse_transport_carries_a_session() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", harness.agents);
+    let mut stream = http
+        .get(format!("{base}/sse/demo"))
+        .bearer_auth(&harness.acme.api_key)
+        .send()
+        .await
+        .expect("GET /sse");
+    assert_eq!(stream.status(), 200);
+    let mut buffer = String::new();
+    let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
+        .await
+        .remove(0);
+    assert!(
+        endpoint.starts_with("/sse/demo/messages?sessionId="),
+        "{endpoint}"
+    );
+    let post = |body: Value| {
+        http.post(format!("{base}{endpoint}"))
+            .bearer_auth(&harness.acme.api_key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+
+    let accepted = post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await.expect("POST");
+    assert_eq!(accepted.status(), 202, "answers ride the event stream");
+    let init = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
+    let init: Value = serde_json::from_str(&init[0]).expect("JSON");
+    assert_eq!(init["id"], 1);
+    assert!(init["result"]["serverInfo"].is_object(), "{init}");
+    assert_eq!(
+        post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+            .await
+            .expect("POST")
+            .status(),
+        202
+    );
+    assert_eq!(post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"over sse"}}})).await.expect("POST").status(), 202);
+    let call = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
+    let call: Value = serde_json::from_str(&call[0]).expect("JSON");
+    assert_eq!(call["id"], 2);
+    assert_eq!(tool_text(&call), "over sse");
+
+    // Another tenant cannot post into the session; closing the stream ends the session.
+    let foreign = http
+        .post(format!("{base}{endpoint}"))
+        .bearer_auth(&harness.other.api_key)
+        .body("{}")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(foreign.status(), 404);
+    drop(stream);
+    tokio::time::timeout(WAIT, async {
+        while !harness.state.sessions.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the session ends with its stream");
+    assert_eq!(
+        post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+            .await
+            .expect("POST")
+            .status(),
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_host_and_origin_are_refused() {
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+    let agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}).to_string();
+    let rebound = agent
+        .request(reqwest::Method::POST)
+        .header("host", format!("evil.example:{}", harness.agents.port()))
+        .header("content-type", "application/json")
+        .body(init.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(
+        rebound.status(),
+        403,
+        "a loopback relay answers only to loopback names"
+    );
+    let cross_site = agent
+        .request(reqwest::Method::POST)
+        .header("origin", "http://evil.example")
+        .header("content-type", "application/json")
+        .body(init.clone())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(cross_site.status(), 403);
+    let same_origin = agent
+        .request(reqwest::Method::POST)
+        .header("origin", format!("http://{}", harness.agents))
+        .header("content-type", "application/json")
+        .body(init)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(same_origin.status(), 200);
+    assert_eq!(
+        harness.state.registry.rows()[0].streams_opened,
+        1,
+        "refused requests never reached the tunnel"
+    );
+}

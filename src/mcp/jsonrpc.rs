@@ -11,9 +11,9 @@ pub mod codes {
     pub const PARSE_ERROR: i64 = -32700;
     /// Valid JSON, not a valid JSON-RPC message.
     pub const INVALID_REQUEST: i64 = -32600;
-    /// Unknown method (also how a denied tool reads to the caller).
+    /// Unknown method.
     pub const METHOD_NOT_FOUND: i64 = -32601;
-    /// Bad parameters.
+    /// Bad parameters; also an unknown tool, which is how a denied tool reads to its caller.
     pub const INVALID_PARAMS: i64 = -32602;
     /// The relay or tunnel failed.
     pub const INTERNAL_ERROR: i64 = -32603;
@@ -25,8 +25,6 @@ pub mod codes {
     pub const TIMEOUT: i64 = -32001;
     /// A message exceeded a size limit.
     pub const TOO_LARGE: i64 = -32002;
-    /// Policy denied the call.
-    pub const DENIED: i64 = -32003;
 }
 
 /// The kind of one JSON-RPC message.
