@@ -413,19 +413,68 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
     );
 }
 
+fn sha256(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_result_arrives_intact() {
+async fn ten_mib_result_arrives_intact_in_every_transport() {
     const SIZE: u64 = 10 * 1024 * 1024;
+    let expected = sha256(&mcp_tunnel::demo::upstream::blob_text(SIZE));
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
+
+    // Session era.
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.initialize().await;
     let answer = agent.call_tool(1, "blob", json!({"size": SIZE})).await;
-    let text = tool_text(answer.response());
-    assert_eq!(text.len() as u64, SIZE);
-    assert!(
-        text == mcp_tunnel::demo::upstream::blob_text(SIZE),
-        "content intact"
+    assert_eq!(
+        sha256(tool_text(answer.response())),
+        expected,
+        "session era"
     );
+
+    // 2026-07-28.
+    let mut stateless = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    stateless.version = Some("2026-07-28".into());
+    let answer = common::read_answer(
+        stateless_call(&stateless, 2, "blob", json!({"size": SIZE}))
+            .send()
+            .await
+            .expect("POST"),
+    )
+    .await;
+    assert_eq!(sha256(tool_text(answer.response())), expected, "2026-07-28");
+
+    // HTTP+SSE.
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", harness.agents);
+    let mut stream = http
+        .get(format!("{base}/sse/demo"))
+        .bearer_auth(&harness.acme.api_key)
+        .send()
+        .await
+        .expect("GET /sse");
+    let mut buffer = String::new();
+    let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
+        .await
+        .remove(0);
+    let post = |body: Value| {
+        http.post(format!("{base}{endpoint}"))
+            .bearer_auth(&harness.acme.api_key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await.expect("POST");
+    read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
+    post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+        .await
+        .expect("POST");
+    post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"blob","arguments":{"size":SIZE}}})).await.expect("POST");
+    let events = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
+    let result: Value = serde_json::from_str(&events[0]).expect("JSON");
+    assert_eq!(sha256(tool_text(&result)), expected, "HTTP+SSE");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
