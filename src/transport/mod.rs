@@ -4,6 +4,7 @@
 //! bidirectional [`TunnelStream`]s and be closed with a reason. Opening a stream costs no round
 //! trip: the peer learns of it with the stream's first frame.
 
+pub mod h2;
 pub mod quic;
 pub mod tls;
 
