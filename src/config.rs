@@ -335,8 +335,7 @@ impl RelayConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportChoice {
-    /// QUIC, falling back to HTTPS when UDP is blocked (the fallback arrives in a later release;
-    /// until then `auto` means QUIC).
+    /// QUIC, falling back to HTTPS when UDP is blocked, and back to QUIC when it works again.
     #[default]
     Auto,
     /// QUIC only.
@@ -408,6 +407,15 @@ pub struct ClientFile {
     /// Largest frame accepted from the relay, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
+    /// HTTP CONNECT proxy for the HTTPS fallback, `http://host:port` (else `HTTPS_PROXY`).
+    #[serde(default)]
+    pub proxy: Option<String>,
+    /// Connections held at once.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+    /// Seconds between QUIC probes while on the HTTPS fallback.
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_secs: u64,
     /// The sources.
     #[serde(default)]
     pub sources: Vec<SourceSection>,
@@ -415,6 +423,14 @@ pub struct ClientFile {
 
 fn default_max_message() -> usize {
     DEFAULT_MAX_MESSAGE_BYTES
+}
+
+fn default_connections() -> usize {
+    crate::client::DEFAULT_CONNECTIONS
+}
+
+fn default_probe_interval() -> u64 {
+    crate::client::DEFAULT_PROBE_INTERVAL.as_secs()
 }
 
 /// `[[sources]]`

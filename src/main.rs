@@ -83,6 +83,15 @@ struct ConnectArgs {
     /// Transport.
     #[arg(long, value_enum, default_value_t = TransportChoice::Auto)]
     transport: TransportChoice,
+    /// HTTP CONNECT proxy for the HTTPS fallback (default: env HTTPS_PROXY).
+    #[arg(long)]
+    proxy: Option<String>,
+    /// Connections held at once.
+    #[arg(long, default_value_t = mcp_tunnel::client::DEFAULT_CONNECTIONS)]
+    connections: usize,
+    /// Seconds between QUIC probes while on the HTTPS fallback.
+    #[arg(long, default_value_t = mcp_tunnel::client::DEFAULT_PROBE_INTERVAL.as_secs())]
+    probe_interval_secs: u64,
     /// A source: NAME=http://... or 'NAME=stdio:COMMAND ARG...' (repeatable).
     #[arg(long = "source", value_parser = SourceConfig::parse_flag)]
     sources: Vec<SourceConfig>,
@@ -174,17 +183,20 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     }
                     settings
                 }
-                None => ClientSettings {
-                    relay: args.relay.context("--relay is required")?,
-                    ca: args.ca,
-                    ca_pem: None,
-                    token: args
+                None => {
+                    let relay = args.relay.context("--relay is required")?;
+                    let token = args
                         .token
-                        .context("a tunnel token is required: --token or MCP_TUNNEL_TOKEN")?,
-                    transport: args.transport,
-                    sources: args.sources,
-                    max_message_bytes: mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES,
-                },
+                        .context("a tunnel token is required: --token or MCP_TUNNEL_TOKEN")?;
+                    let mut settings = ClientSettings::new(relay, token, args.sources);
+                    settings.ca = args.ca;
+                    settings.transport = args.transport;
+                    settings.proxy = args.proxy;
+                    settings.connections = args.connections;
+                    settings.probe_interval =
+                        std::time::Duration::from_secs(args.probe_interval_secs);
+                    settings
+                }
             };
             client::run(settings, shutdown_on_signals()).await?;
         }

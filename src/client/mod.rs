@@ -2,31 +2,48 @@
 //!
 //! It never listens. It forwards only to the sources in its own configuration: a stream that
 //! names anything else is refused.
+//!
+//! It holds [`ClientSettings::connections`] connections at once. With `--transport auto` each
+//! tries QUIC first; when UDP looks blocked (no handshake within [`AUTO_QUIC_TIMEOUT`], or an
+//! error) it serves over the HTTPS fallback at once, and probes QUIC again every
+//! [`ClientSettings::probe_interval`]: when QUIC answers, the QUIC connection takes over and the
+//! HTTPS one drains.
 
 pub mod backoff;
+pub mod dial;
+pub mod proxy;
 pub mod sources;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientFile, SourceConfig, TransportChoice};
-use crate::transport::{TransportError, TunnelConnection, quic, tls};
-use crate::wire::{
-    self, Frame, FrameKind, FrameReader, FrameWriter, Hello, HelloReply, OpenHeader,
-    SourceAnnouncement,
-};
+use crate::transport::{TransportError, TransportKind, TunnelConnection, tls};
+use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, Notice, OpenHeader};
 use backoff::Backoff;
+use dial::{Dialer, Tunnel};
+use proxy::Proxy;
 use sources::Sources;
 
-/// Time to wait for the relay's answer to `Hello`.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the relay has to send the open header of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection that lasted this long was healthy: the next failure retries at once again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// In `auto`, a QUIC handshake that takes longer than this means UDP is blocked: on a
+/// working path it takes one round trip, and 1.5 s covers even intercontinental ones.
+pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Time a forced transport has to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default connections held at once: losing one loses no new session.
+pub const DEFAULT_CONNECTIONS: usize = 2;
+/// Default interval between QUIC probes while on the HTTPS fallback.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// Time streams in flight get to finish when a connection drains.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why `connect` stopped or could not connect.
 #[derive(Debug, thiserror::Error)]
@@ -62,9 +79,32 @@ pub struct ClientSettings {
     pub sources: Vec<SourceConfig>,
     /// Largest frame accepted from the relay.
     pub max_message_bytes: usize,
+    /// HTTP CONNECT proxy for the HTTPS fallback (`http://host:port`); `HTTPS_PROXY` when
+    /// `None`.
+    pub proxy: Option<String>,
+    /// Connections held at once.
+    pub connections: usize,
+    /// Interval between QUIC probes while on the HTTPS fallback (`auto`).
+    pub probe_interval: Duration,
 }
 
 impl ClientSettings {
+    /// Settings for `relay` with defaults for everything optional.
+    pub fn new(relay: String, token: String, sources: Vec<SourceConfig>) -> Self {
+        Self {
+            relay,
+            ca: None,
+            ca_pem: None,
+            token,
+            transport: TransportChoice::Auto,
+            sources,
+            max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
+            proxy: None,
+            connections: DEFAULT_CONNECTIONS,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+        }
+    }
+
     /// Settings from a configuration file, with the token from `token_override` (flag or env)
     /// when the file has none.
     pub fn from_file(
@@ -86,208 +126,315 @@ impl ClientSettings {
             transport: file.transport,
             sources: file.sources().map_err(ClientError::Config)?,
             max_message_bytes: file.max_message_bytes,
+            proxy: file.proxy.clone(),
+            connections: file.connections,
+            probe_interval: Duration::from_secs(file.probe_interval_secs),
         })
     }
 }
 
-fn split_host(relay: &str) -> Result<&str, ClientError> {
-    let host = match relay.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => host,
-        _ => {
-            return Err(ClientError::Config(format!(
-                "relay {relay:?}: expected HOST:PORT"
-            )));
+/// Shared by a client's connection slots: what `auto` has learned about UDP.
+struct Policy {
+    choice: TransportChoice,
+    udp_blocked: AtomicBool,
+    probe_interval: Duration,
+}
+
+impl Policy {
+    fn first_kind(&self) -> TransportKind {
+        match self.choice {
+            TransportChoice::Https => TransportKind::Https,
+            TransportChoice::Quic => TransportKind::Quic,
+            TransportChoice::Auto if self.udp_blocked.load(Ordering::Relaxed) => {
+                TransportKind::Https
+            }
+            TransportChoice::Auto => TransportKind::Quic,
         }
-    };
-    Ok(host.trim_start_matches('[').trim_end_matches(']'))
+    }
+
+    fn set_udp_blocked(&self, blocked: bool, why: &str) {
+        if self.udp_blocked.swap(blocked, Ordering::Relaxed) != blocked {
+            if blocked {
+                tracing::warn!(
+                    reason = why,
+                    "UDP looks blocked: switching new connections to the HTTPS fallback"
+                );
+            } else {
+                tracing::info!("QUIC works again: moving new sessions back to QUIC");
+            }
+        }
+    }
 }
 
 /// Runs `connect` until `shutdown`, reconnecting as needed; returns early only when the relay
 /// refuses the tunnel or the configuration is unusable.
 pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Result<(), ClientError> {
-    if settings.transport == TransportChoice::Https {
-        return Err(ClientError::Config(
-            "--transport https: the HTTPS fallback is not available in this release; use quic"
-                .into(),
-        ));
-    }
     let sources = Arc::new(Sources::new(&settings.sources).map_err(ClientError::Config)?);
     let roots = match (&settings.ca_pem, &settings.ca) {
         (Some(pem), _) => tls::Roots::CaPem(pem.clone()),
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),
         (None, None) => tls::Roots::System,
     };
-    let tls = tls::client_config(&roots, &[wire::ALPN])?;
-    let server_name = split_host(&settings.relay)?.to_owned();
-    let mut backoff = Backoff::default();
-    let mut endpoint: Option<(bool, quinn::Endpoint)> = None;
-    loop {
-        let delay = backoff.next_delay();
-        if !delay.is_zero() {
-            tracing::info!(
-                delay_ms = delay.as_millis() as u64,
-                "reconnecting after a pause"
-            );
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.cancelled() => return Ok(()),
-        }
-        let attempt = async {
-            let addr = resolve(&settings.relay).await?;
-            let ep = match &endpoint {
-                Some((v6, ep)) if *v6 == addr.is_ipv6() => ep.clone(),
-                _ => {
-                    let bind: SocketAddr = if addr.is_ipv6() {
-                        "[::]:0".parse()
-                    } else {
-                        "0.0.0.0:0".parse()
-                    }
-                    .expect("literal socket addresses parse");
-                    let ep = quic::client_endpoint(bind, tls.clone())?;
-                    endpoint = Some((addr.is_ipv6(), ep.clone()));
-                    ep
-                }
-            };
-            let connection: Arc<dyn TunnelConnection> =
-                Arc::new(quic::dial(&ep, addr, &server_name).await?);
-            let (welcomed, control) = hello(&connection, &settings).await?;
-            Ok::<_, ClientError>((connection, welcomed, control))
-        };
-        let (connection, welcomed, control) = tokio::select! {
-            result = attempt => match result {
-                Ok(connected) => connected,
-                Err(ClientError::Refused(reason)) => return Err(ClientError::Refused(reason)),
-                Err(e) => {
-                    tracing::warn!(relay = %settings.relay, error = %e, "could not connect to the relay");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        tracing::info!(relay = %settings.relay, tenant = %welcomed.tenant, transport = %connection.kind(), sources = sources.len(), "tunnel up");
-        let started = Instant::now();
-        let reason = serve(
-            connection.clone(),
-            welcomed,
+    let host = dial::split_host(&settings.relay)?;
+    let proxy = match &settings.proxy {
+        Some(url) => Some(Proxy::parse(url).map_err(ClientError::Config)?),
+        None => Proxy::from_env(host)
+            .transpose()
+            .map_err(ClientError::Config)?,
+    };
+    let hello = dial::hello(
+        &settings.token,
+        &settings.sources,
+        settings.max_message_bytes,
+    );
+    let dialer = Arc::new(Dialer::new(&settings.relay, &roots, proxy, hello)?);
+    let policy = Arc::new(Policy {
+        choice: settings.transport,
+        udp_blocked: AtomicBool::new(false),
+        probe_interval: settings.probe_interval,
+    });
+    // A refusal in one slot ends them all.
+    let stop = shutdown.child_token();
+    let mut slots = JoinSet::new();
+    for slot in 0..settings.connections.max(1) {
+        slots.spawn(run_slot(
+            slot,
+            dialer.clone(),
+            policy.clone(),
             sources.clone(),
-            shutdown.clone(),
+            stop.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(ended) = slots.join_next().await {
+        if let Ok(Err(error)) = ended {
+            stop.cancel();
+            result = Err(error);
+        }
+    }
+    dialer.wait_idle().await;
+    result
+}
+
+/// How a connection's service ended.
+enum Ended {
+    /// It failed or closed.
+    Lost(String),
+    /// The relay is shutting down: reconnect at once (another relay instance may answer).
+    RelayDraining,
+    /// QUIC answered a probe: this (HTTPS) connection drains, the QUIC one takes over.
+    QuicBack(Tunnel),
+    /// `connect` is stopping.
+    Shutdown,
+}
+
+/// One connection slot: connect, serve, and reconnect, forever.
+async fn run_slot(
+    slot: usize,
+    dialer: Arc<Dialer>,
+    policy: Arc<Policy>,
+    sources: Arc<Sources>,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let mut backoff = Backoff::default();
+    let mut ready: Option<Tunnel> = None;
+    loop {
+        let tunnel = match ready.take() {
+            Some(tunnel) => tunnel,
+            None => {
+                let delay = backoff.next_delay();
+                if !delay.is_zero() {
+                    tracing::info!(
+                        slot,
+                        delay_ms = delay.as_millis() as u64,
+                        "reconnecting after a pause"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                let attempt = tokio::select! {
+                    attempt = connect(&dialer, &policy) => attempt,
+                    _ = shutdown.cancelled() => return Ok(()),
+                };
+                match attempt {
+                    Ok(tunnel) => tunnel,
+                    Err(ClientError::Refused(reason)) => return Err(ClientError::Refused(reason)),
+                    Err(e) => {
+                        tracing::warn!(slot, relay = %dialer.relay(), error = %e, "could not connect to the relay");
+                        continue;
+                    }
+                }
+            }
+        };
+        let kind = tunnel.connection.kind();
+        tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, sources = sources.len(), "tunnel up");
+        let started = Instant::now();
+        let Tunnel {
+            connection,
+            welcomed,
+            mut control_in,
+            mut control_out,
+        } = tunnel;
+        let active = Arc::new(AtomicUsize::new(0));
+        let server = tokio::spawn(serve_streams(
+            connection.clone(),
+            welcomed.tenant.into(),
+            welcomed.limit,
+            sources.clone(),
+            active.clone(),
+        ));
+        let probe_every = (kind == TransportKind::Https && policy.choice == TransportChoice::Auto)
+            .then_some(policy.probe_interval);
+        let ended = watch(
+            &connection,
+            &mut control_in,
+            probe_every,
+            &dialer,
+            &policy,
+            &shutdown,
         )
         .await;
-        drop(control);
-        if shutdown.is_cancelled() {
-            connection.close("connect shutting down");
-            return Ok(());
-        }
-        tracing::warn!(relay = %settings.relay, %reason, "tunnel down");
         if started.elapsed() >= HEALTHY_AFTER {
             backoff.reset();
         }
+        match ended {
+            Ended::Lost(reason) => {
+                tracing::warn!(slot, relay = %dialer.relay(), transport = %kind, %reason, "tunnel down");
+                server.abort();
+                continue;
+            }
+            Ended::RelayDraining => {
+                tracing::info!(slot, transport = %kind, "the relay is draining this connection; opening a replacement");
+                backoff.reset();
+                tokio::spawn(finish(connection, active, server, "relay shutting down"));
+            }
+            Ended::QuicBack(quic) => {
+                let _ = control_out
+                    .send(&Frame::json(
+                        FrameKind::Control,
+                        &Notice::Drain {
+                            reason: "moving to QUIC".into(),
+                        },
+                    ))
+                    .await;
+                tokio::spawn(finish(connection, active, server, "moved to QUIC"));
+                backoff.reset();
+                ready = Some(quic);
+            }
+            Ended::Shutdown => {
+                let _ = control_out
+                    .send(&Frame::json(
+                        FrameKind::Control,
+                        &Notice::Drain {
+                            reason: "connect shutting down".into(),
+                        },
+                    ))
+                    .await;
+                finish(connection, active, server, "connect shutting down").await;
+                return Ok(());
+            }
+        }
     }
 }
 
-async fn resolve(relay: &str) -> Result<SocketAddr, ClientError> {
-    let mut addrs = tokio::net::lookup_host(relay)
-        .await
-        .map_err(|e| TransportError::Connect(format!("resolve {relay}: {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| TransportError::Connect(format!("resolve {relay}: no address")).into())
+/// Connects with the transport the policy picks; in `auto`, a failed QUIC attempt marks UDP
+/// blocked and falls back to HTTPS at once.
+async fn connect(dialer: &Dialer, policy: &Policy) -> Result<Tunnel, ClientError> {
+    match (policy.choice, policy.first_kind()) {
+        (TransportChoice::Auto, TransportKind::Quic) => {
+            match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
+                Ok(tunnel) => Ok(tunnel),
+                Err(ClientError::Refused(reason)) => Err(ClientError::Refused(reason)),
+                Err(e) => {
+                    policy.set_udp_blocked(true, &e.to_string());
+                    dialer.connect(TransportKind::Https, CONNECT_TIMEOUT).await
+                }
+            }
+        }
+        (_, kind) => dialer.connect(kind, CONNECT_TIMEOUT).await,
+    }
 }
 
-/// The open control stream; dropping it tells the relay this client is gone.
-struct ControlStream {
-    _writer: FrameWriter<crate::transport::SendHalf>,
-    _reader: FrameReader<crate::transport::RecvHalf>,
-}
-
-/// What the relay's welcome settled.
-struct Welcomed {
-    tenant: String,
-    /// The frame limit both ways on this connection.
-    limit: usize,
-}
-
-async fn hello(
+/// Waits for the connection to end, a notice from the relay, shutdown, or (on the fallback in
+/// `auto`) a successful QUIC probe.
+async fn watch(
     connection: &Arc<dyn TunnelConnection>,
-    settings: &ClientSettings,
-) -> Result<(Welcomed, ControlStream), ClientError> {
-    let stream = connection.open_stream().await?;
-    let mut writer = FrameWriter::new(stream.send, 64 * 1024);
-    let mut reader = FrameReader::new(stream.recv, 64 * 1024);
-    let hello = Hello {
-        version: wire::PROTOCOL_VERSION,
-        token: settings.token.clone(),
-        sources: settings
-            .sources
-            .iter()
-            .map(|s| SourceAnnouncement {
-                name: s.name.clone(),
-            })
-            .collect(),
-        max_frame: settings.max_message_bytes as u64,
-        agent: format!("mcp-tunnel/{}", env!("CARGO_PKG_VERSION")),
-    };
-    writer
-        .send(&Frame::json(FrameKind::Control, &hello))
-        .await
-        .map_err(|e| ClientError::Handshake(e.to_string()))?;
-    let reply = tokio::time::timeout(HELLO_TIMEOUT, reader.next())
-        .await
-        .map_err(|_| ClientError::Handshake("no answer within 10 s".into()))?;
-    let reply: HelloReply = match reply {
-        Ok(Some(frame)) => frame
-            .parse_json(FrameKind::Control)
-            .map_err(|e| ClientError::Handshake(e.to_string()))?,
-        Ok(None) => {
-            return Err(ClientError::Handshake(
-                "the relay closed the control stream".into(),
-            ));
-        }
-        Err(e) => return Err(ClientError::Handshake(e.to_string())),
-    };
-    match reply {
-        HelloReply::Welcome { tenant, max_frame } => Ok((
-            // Never send the relay more than it accepts, nor accept more than we allow.
-            Welcomed {
-                tenant,
-                limit: usize::try_from(max_frame)
-                    .unwrap_or(usize::MAX)
-                    .min(settings.max_message_bytes),
+    control_in: &mut FrameReader<crate::transport::RecvHalf>,
+    probe_every: Option<Duration>,
+    dialer: &Dialer,
+    policy: &Policy,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut probe = tokio::time::interval(probe_every.unwrap_or(Duration::from_secs(3600)));
+    probe.tick().await; // the first tick is immediate; the first probe comes one interval later
+    loop {
+        tokio::select! {
+            e = connection.closed() => return Ended::Lost(e.to_string()),
+            frame = control_in.next() => match frame {
+                Ok(Some(frame)) => match frame.parse_json::<Notice>(FrameKind::Control) {
+                    Ok(Notice::Drain { .. }) => return Ended::RelayDraining,
+                    Err(e) => return Ended::Lost(format!("control stream: {e}")),
+                },
+                Ok(None) => return Ended::Lost("the relay closed the control stream".into()),
+                Err(e) => return Ended::Lost(format!("control stream: {e}")),
             },
-            ControlStream {
-                _writer: writer,
-                _reader: reader,
-            },
-        )),
-        HelloReply::Refused { reason } => {
-            connection.close("refused");
-            Err(ClientError::Refused(reason))
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = probe.tick(), if probe_every.is_some() => {
+                match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
+                    Ok(quic) => {
+                        policy.set_udp_blocked(false, "probe answered");
+                        return Ended::QuicBack(quic);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "QUIC probe failed; staying on HTTPS"),
+                }
+            }
         }
     }
 }
 
-/// Serves streams the relay opens until the connection ends; returns why it ended.
-async fn serve(
+/// Lets streams in flight finish (bounded), then closes the connection.
+async fn finish(
     connection: Arc<dyn TunnelConnection>,
-    welcomed: Welcomed,
+    active: Arc<AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+    reason: &str,
+) {
+    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+    while active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = connection.closed() => break,
+        }
+    }
+    server.abort();
+    connection.close(reason);
+}
+
+/// Counts a stream as active while it is served.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves the streams the relay opens on `connection` until it ends.
+async fn serve_streams(
+    connection: Arc<dyn TunnelConnection>,
+    tenant: Arc<str>,
+    limit: usize,
     sources: Arc<Sources>,
-    shutdown: CancellationToken,
-) -> String {
-    let tenant: Arc<str> = welcomed.tenant.into();
-    let limit = welcomed.limit;
-    loop {
-        let stream = tokio::select! {
-            stream = connection.accept_stream() => stream,
-            _ = shutdown.cancelled() => return "shutting down".into(),
-        };
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(e) => return e.to_string(),
-        };
-        let sources = sources.clone();
-        let tenant = tenant.clone();
+    active: Arc<AtomicUsize>,
+) {
+    while let Ok(stream) = connection.accept_stream().await {
+        let (sources, tenant) = (sources.clone(), tenant.clone());
+        active.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard(active.clone());
         tokio::spawn(async move {
+            let _guard = guard;
             let mut reader = FrameReader::new(stream.recv, limit);
             let mut writer = FrameWriter::new(stream.send, limit);
             let header: OpenHeader = match tokio::time::timeout(OPEN_TIMEOUT, reader.next()).await {

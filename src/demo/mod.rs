@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, ClientSettings};
-use crate::config::{LimitsSection, SourceConfig, SourceTarget, TransportChoice};
+use crate::config::{LimitsSection, SourceConfig, SourceTarget};
 use crate::govern::identity::new_secret;
 use crate::govern::{Identity, Keyring, Policy, SecretHash};
 use crate::relay::{Governance, Relay, RelaySettings};
@@ -78,18 +78,15 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         }
     });
 
-    let settings = ClientSettings {
-        relay: tunnel.to_string(),
-        ca: None,
-        ca_pem: Some(certs.ca_pem),
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
         token,
-        transport: TransportChoice::Quic,
-        sources: vec![SourceConfig {
+        vec![SourceConfig {
             name: SOURCE.into(),
             target: SourceTarget::Http(upstream_url.clone()),
         }],
-        max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
-    };
+    );
+    settings.ca_pem = Some(certs.ca_pem);
     let client_shutdown = shutdown.clone();
     tokio::spawn(async move {
         if let Err(e) = client::run(settings, client_shutdown).await {

@@ -127,7 +127,7 @@ pub async fn forward_to_stream(
                 exchange,
                 None,
                 awaiting,
-                state.shutdown.clone(),
+                state.stop.clone(),
                 session.channel.clone(),
                 false,
             ));
@@ -202,11 +202,12 @@ async fn answer(
                     exchange,
                     Some(message),
                     awaiting,
-                    state.shutdown.clone(),
+                    state.stop.clone(),
                     channel,
                     true,
                 ));
-                return sse_response(state, reader, ids, None, None);
+                // An answer in flight may finish while the relay drains.
+                return sse_response(state, reader, ids, None, None, state.stop.clone());
             }
             Ok(Event::End) => {
                 return source_error(
@@ -286,16 +287,18 @@ async fn produce(
 }
 
 /// An SSE response that streams `reader`, with keep-alive comments, optionally after a
-/// `prelude` event; `on_end` runs when the agent goes away or the stream ends.
+/// `prelude` event, until the stream ends, the agent goes away or `until` fires; then `on_end`
+/// runs.
 pub fn sse_response(
     state: &RelayState,
     mut reader: LogReader,
     ids: bool,
     prelude: Option<Bytes>,
     on_end: Option<Box<dyn FnOnce() + Send>>,
+    until: CancellationToken,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
-    let shutdown = state.shutdown.clone();
+    let shutdown = until;
     let keep_alive_every = state.sse_keep_alive;
     tokio::spawn(async move {
         let stream = reader.stream();

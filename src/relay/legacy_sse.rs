@@ -79,7 +79,14 @@ async fn open_stream(
             });
         })
     };
-    sse_response(&state, reader, false, Some(endpoint), Some(on_end))
+    sse_response(
+        &state,
+        reader,
+        false,
+        Some(endpoint),
+        Some(on_end),
+        state.stop.clone(),
+    )
 }
 
 /// POST to the endpoint: the message goes down the session's stream; answers arrive on the

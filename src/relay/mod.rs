@@ -83,8 +83,12 @@ pub struct RelayState {
     pub loopback: bool,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
-    /// Cancelled when the relay stops: long-lived agent streams end on it.
+    /// Cancelled when shutdown starts: tunnels are told to drain, standalone agent streams end,
+    /// nothing new is accepted.
     pub shutdown: CancellationToken,
+    /// Cancelled when the drain period is over: what is still in flight ends with an error
+    /// that names the shutdown, and tunnel connections close.
+    pub stop: CancellationToken,
 }
 
 /// Names that reach a loopback listener legitimately.
@@ -168,8 +172,38 @@ impl RelaySettings {
 pub struct Relay {
     state: Arc<RelayState>,
     endpoint: quinn::Endpoint,
+    tunnel_tcp: TcpListener,
+    tls_acceptor: tokio_rustls::TlsAcceptor,
     agents: TcpListener,
     admin: Option<TcpListener>,
+}
+
+/// Attempts at finding a port free for both UDP and TCP when the configured port is 0.
+const PORT_ATTEMPTS: usize = 16;
+
+/// Binds QUIC on UDP and the HTTPS fallback on TCP, on the same port number (a port 0 request
+/// picks one free for both).
+async fn bind_tunnel(
+    addr: SocketAddr,
+    tls: &rustls::ServerConfig,
+) -> Result<(quinn::Endpoint, TcpListener), RelayError> {
+    let mut last_error = None;
+    for _ in 0..PORT_ATTEMPTS {
+        let endpoint = quic::server_endpoint(addr, tls.clone())?;
+        let udp = endpoint
+            .local_addr()
+            .map_err(|source| RelayError::Bind { addr, source })?;
+        match TcpListener::bind(udp).await {
+            Ok(tcp) => return Ok((endpoint, tcp)),
+            Err(source) if addr.port() == 0 => last_error = Some(source),
+            Err(source) => return Err(RelayError::Bind { addr: udp, source }),
+        }
+    }
+    Err(RelayError::Bind {
+        addr,
+        source: last_error
+            .unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")),
+    })
 }
 
 async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, RelayError> {
@@ -181,8 +215,13 @@ async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, RelayError> {
 impl Relay {
     /// Binds every listener.
     pub async fn bind(settings: RelaySettings) -> Result<Self, RelayError> {
-        let tls = tls::server_config(settings.identity, &[crate::wire::ALPN])?;
-        let endpoint = quic::server_endpoint(settings.tunnel_listen, tls)?;
+        // One TLS config for both transports: QUIC clients offer our ALPN, HTTPS ones `h2`.
+        let tls = tls::server_config(
+            settings.identity,
+            &[crate::wire::ALPN, crate::transport::h2::ALPN],
+        )?;
+        let (endpoint, tunnel_tcp) = bind_tunnel(settings.tunnel_listen, &tls).await?;
+        let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let agents = bind_tcp(settings.agents_listen).await?;
         let admin = match settings.admin_listen {
             Some(addr) => Some(bind_tcp(addr).await?),
@@ -201,10 +240,13 @@ impl Relay {
                 .unwrap_or(false),
             sse_keep_alive: settings.sse_keep_alive,
             shutdown: CancellationToken::new(),
+            stop: CancellationToken::new(),
         });
         Ok(Self {
             state,
             endpoint,
+            tunnel_tcp,
+            tls_acceptor,
             agents,
             admin,
         })
@@ -242,64 +284,71 @@ impl Relay {
         let Relay {
             state,
             endpoint,
+            tunnel_tcp,
+            tls_acceptor,
             agents,
             admin,
         } = self;
         tracing::info!(
             tunnel = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             agents = %agents.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            "relay listening"
+            "relay listening (QUIC on UDP and HTTPS on TCP at the tunnel address)"
         );
-        let tunnels = tokio::spawn(tunnels::serve_quic(
+        let draining = state.shutdown.clone();
+        tokio::spawn({
+            let draining = draining.clone();
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!(
+                    grace_s = DRAIN_TIMEOUT.as_secs(),
+                    "draining: tunnels told, no new requests accepted"
+                );
+                draining.cancel();
+            }
+        });
+        let quic = tokio::spawn(tunnels::serve_quic(
             endpoint,
             state.clone(),
-            shutdown.clone(),
+            draining.clone(),
         ));
-        let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
+        let https = tokio::spawn(tunnels::serve_https(
+            tunnel_tcp,
+            tls_acceptor,
+            state.clone(),
+            draining.clone(),
+        ));
+        let sweeper = tokio::spawn(sweep_sessions(state.clone(), draining.clone()));
         let agent_app = streamable::routes()
             .merge(legacy_sse::routes())
             .with_state(state.clone());
         let agent_server = axum::serve(agents.tap_io(no_delay), agent_app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let admin_server = async {
-            match admin {
-                Some(listener) => {
-                    axum::serve(
-                        listener.tap_io(no_delay),
-                        admin::routes().with_state(state.clone()),
-                    )
-                    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                    .await
-                }
-                None => Ok(()),
-            }
-        };
-        // Long-lived agent streams (SSE) watch the state's token and end when it fires.
-        let state_shutdown = state.shutdown.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            state_shutdown.cancel();
+            .with_graceful_shutdown(draining.clone().cancelled_owned());
+        // The admin endpoints stay up while the relay drains: operators watch it happen.
+        let admin_server = admin.map(|listener| {
+            let app = admin::routes().with_state(state.clone());
+            tokio::spawn(
+                axum::serve(listener.tap_io(no_delay), app)
+                    .with_graceful_shutdown(state.stop.clone().cancelled_owned())
+                    .into_future(),
+            )
         });
-        let servers = async {
-            let (agent_result, admin_result) =
-                tokio::join!(agent_server.into_future(), admin_server);
-            agent_result
-                .map_err(RelayError::Http)
-                .and(admin_result.map_err(RelayError::Http))
-        };
         let drain_deadline = async {
-            shutdown.cancelled().await;
+            draining.cancelled().await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;
         };
         let result = tokio::select! {
-            result = servers => result,
+            result = agent_server.into_future() => result.map_err(RelayError::Http),
             _ = drain_deadline => {
-                tracing::warn!(timeout_s = DRAIN_TIMEOUT.as_secs(), "agent requests still open after the drain timeout; stopping anyway");
+                tracing::warn!(grace_s = DRAIN_TIMEOUT.as_secs(), "agent requests still open after the grace period; stopping anyway");
                 Ok(())
             }
         };
-        let _ = tokio::join!(tunnels, sweeper);
+        // In-flight calls have finished or now end with an error naming the shutdown.
+        state.stop.cancel();
+        let _ = tokio::join!(quic, https, sweeper);
+        if let Some(admin) = admin_server {
+            let _ = admin.await;
+        }
         result
     }
 }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use std::sync::RwLock;
 use tokio::sync::watch;
 
-use crate::transport::{TransportError, TunnelConnection, TunnelStream};
+use crate::transport::{TransportError, TransportKind, TunnelConnection, TunnelStream};
 
 /// One connected tunnel client.
 pub struct Tunnel {
@@ -30,6 +30,7 @@ pub struct Tunnel {
     pub max_frame: usize,
     streams_opened: AtomicU64,
     streams_active: AtomicUsize,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Tunnel {
@@ -88,6 +89,8 @@ pub struct TunnelRow {
     pub streams_opened: u64,
     /// Exchange streams open now.
     pub streams_active: usize,
+    /// Whether the tunnel is shutting down (no new sessions go to it).
+    pub draining: bool,
 }
 
 /// A route key: `(tenant, source)`.
@@ -137,6 +140,7 @@ impl Registry {
             max_frame,
             streams_opened: AtomicU64::new(0),
             streams_active: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         {
             let mut routes = self
@@ -159,23 +163,33 @@ impl Registry {
         tunnel
     }
 
-    /// Removes a tunnel (its connection ended).
-    pub fn unregister(&self, tunnel: &Tunnel) {
-        {
-            let mut routes = self
-                .routes
-                .write()
-                .expect("registry lock is never held across a panic");
-            for source in &tunnel.sources {
-                let key = (tunnel.tenant.clone(), source.clone());
-                if let Some(list) = routes.get_mut(&key) {
-                    list.retain(|t| t.id != tunnel.id);
-                    if list.is_empty() {
-                        routes.remove(&key);
-                    }
+    /// Routes nothing new to `tunnel` (it is shutting down); its streams in flight go on.
+    pub fn drain(&self, tunnel: &Tunnel) {
+        tunnel.draining.store(true, Ordering::Relaxed);
+        self.remove_routes(tunnel);
+    }
+
+    fn remove_routes(&self, tunnel: &Tunnel) {
+        let mut routes = self
+            .routes
+            .write()
+            .expect("registry lock is never held across a panic");
+        for source in &tunnel.sources {
+            let key = (tunnel.tenant.clone(), source.clone());
+            if let Some(list) = routes.get_mut(&key) {
+                list.retain(|t| t.id != tunnel.id);
+                if list.is_empty() {
+                    routes.remove(&key);
                 }
             }
         }
+        drop(routes);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Removes a tunnel (its connection ended).
+    pub fn unregister(&self, tunnel: &Tunnel) {
+        self.remove_routes(tunnel);
         if self
             .tunnels
             .write()
@@ -188,15 +202,28 @@ impl Registry {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// The tunnel that serves `source` for `tenant`: the most recently connected one.
+    /// The tunnel a new session of `tenant` with `source` goes to: QUIC before the HTTPS
+    /// fallback (a client that found UDP again moves new sessions back to it), and among those
+    /// the one carrying the fewest streams, the newest on a tie.
     pub fn route(&self, tenant: &str, source: &str) -> Option<Arc<Tunnel>> {
         let routes = self
             .routes
             .read()
             .expect("registry lock is never held across a panic");
-        routes
-            .get(&(Arc::from(tenant), source.to_owned()))?
-            .last()
+        let candidates = routes.get(&(Arc::from(tenant), source.to_owned()))?;
+        let best_kind = if candidates
+            .iter()
+            .any(|t| t.connection.kind() == TransportKind::Quic)
+        {
+            TransportKind::Quic
+        } else {
+            TransportKind::Https
+        };
+        candidates
+            .iter()
+            .rev()
+            .filter(|t| t.connection.kind() == best_kind)
+            .min_by_key(|t| t.streams_active())
             .cloned()
     }
 
@@ -220,6 +247,7 @@ impl Registry {
                     rtt_ms: t.connection.rtt().as_secs_f64() * 1000.0,
                     streams_opened: t.streams_opened(),
                     streams_active: t.streams_active(),
+                    draining: t.draining.load(Ordering::Relaxed),
                 })
             })
             .collect();

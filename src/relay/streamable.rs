@@ -248,7 +248,14 @@ async fn handle_get(
             Some((log, seq)) => log.attach(Start::After(seq)),
             None => session.standalone().attach(Start::Undelivered),
         };
-        Ok(sse_response(&state, reader, true, None, None))
+        Ok(sse_response(
+            &state,
+            reader,
+            true,
+            None,
+            None,
+            state.shutdown.clone(),
+        ))
     })();
     result.unwrap_or_else(IntoResponse::into_response)
 }

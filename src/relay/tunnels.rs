@@ -1,18 +1,24 @@
-//! Accepting tunnel connections: handshake, authentication, registration.
+//! Accepting tunnel connections (QUIC, and the HTTPS fallback on TCP), the control-stream
+//! handshake, registration, and draining.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::RelayState;
+use super::registry::Tunnel;
 use crate::config::validate_source_name;
 use crate::transport::quic::QuicConnection;
-use crate::transport::{TransportError, TunnelConnection};
-use crate::wire::{self, Frame, FrameKind, FrameReader, FrameWriter, Hello, HelloReply};
+use crate::transport::{RecvHalf, SendHalf, TunnelConnection};
+use crate::wire::{
+    self, Frame, FrameKind, FrameReader, FrameWriter, Greeting, Hello, HelloReply, Notice,
+};
 
-/// Time a new connection has to finish TLS and send its `Hello`: generous for a slow link,
-/// short enough that half-open connections do not pile up.
+/// Time a new connection has to finish TLS and the handshake: generous for a slow link, short
+/// enough that half-open connections do not pile up.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Control messages are small; this bounds what an unauthenticated peer can make us read.
@@ -34,7 +40,6 @@ pub async fn serve_quic(
         };
         let Some(incoming) = incoming else { break };
         let state = state.clone();
-        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
@@ -42,23 +47,68 @@ pub async fn serve_quic(
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "QUIC handshake timed out"),
             };
-            serve_connection(Arc::new(QuicConnection(connection)), state, shutdown).await;
+            serve_connection(Arc::new(QuicConnection(connection)), state).await;
         });
     }
-    endpoint.close(0u32.into(), b"relay shutting down");
+    // Established connections drain, then close when the relay stops; let the closes go out.
+    state.stop.cancelled().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
-/// Runs one tunnel connection: handshake, registration, then wait for its end.
-pub async fn serve_connection(
-    connection: Arc<dyn TunnelConnection>,
+/// Accepts HTTPS-fallback connections (TLS, then HTTP/2) until `shutdown`.
+pub async fn serve_https(
+    listener: TcpListener,
+    tls: TlsAcceptor,
     state: Arc<RelayState>,
     shutdown: CancellationToken,
 ) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let (tls, state) = (tls.clone(), state.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let connection = async {
+                let stream = tls.accept(tcp).await.map_err(|e| format!("TLS: {e}"))?;
+                crate::transport::h2::relay_side(stream, remote)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
+                Ok(Ok(connection)) => serve_connection(Arc::new(connection), state).await,
+                Ok(Err(e)) => tracing::debug!(%remote, error = %e, "HTTPS tunnel handshake failed"),
+                Err(_) => tracing::debug!(%remote, "HTTPS tunnel handshake timed out"),
+            }
+        });
+    }
+}
+
+/// A registered tunnel and its control stream.
+struct Control {
+    tunnel: Arc<Tunnel>,
+    reader: FrameReader<RecvHalf>,
+    writer: FrameWriter<SendHalf>,
+}
+
+/// Runs one tunnel connection: handshake and registration, then until it ends. When the relay
+/// shuts down it tells the client to drain, routes nothing new to it, and closes it once the
+/// relay stops.
+pub async fn serve_connection(connection: Arc<dyn TunnelConnection>, state: Arc<RelayState>) {
     let remote = connection.remote_addr();
     let Control {
         tunnel,
         reader: mut control,
-        _writer,
+        mut writer,
     } = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&connection, &state)).await {
         Ok(Ok(registered)) => registered,
         Ok(Err(reason)) => {
@@ -75,17 +125,28 @@ pub async fn serve_connection(
         }
     };
     tracing::info!(%remote, tenant = %tunnel.tenant, sources = ?tunnel.sources, transport = %connection.kind(), "tunnel connected");
-    let why = tokio::select! {
-        e = connection.closed() => e.to_string(),
-        // The control stream carries nothing yet after the handshake; its end is the client's.
-        frame = control.next() => match frame {
-            Ok(Some(frame)) if frame.kind == FrameKind::Close => format!("client closed: {}", frame.reason()),
-            Ok(_) => "control stream ended".to_owned(),
-            Err(e) => format!("control stream failed: {e}"),
-        },
-        _ = shutdown.cancelled() => {
-            connection.close("relay shutting down");
-            "relay shutting down".to_owned()
+    let mut told_to_drain = false;
+    let why = loop {
+        tokio::select! {
+            e = connection.closed() => break e.to_string(),
+            frame = control.next() => match frame {
+                Ok(Some(frame)) => match frame.parse_json::<Notice>(FrameKind::Control) {
+                    Ok(Notice::Drain { reason }) => {
+                        tracing::info!(%remote, tenant = %tunnel.tenant, %reason, "tunnel draining");
+                        state.registry.drain(&tunnel);
+                    }
+                    Err(e) => break format!("control stream: {e}"),
+                },
+                Ok(None) => break "control stream ended".to_owned(),
+                Err(e) => break format!("control stream failed: {e}"),
+            },
+            _ = state.shutdown.cancelled(), if !told_to_drain => {
+                told_to_drain = true;
+                state.registry.drain(&tunnel);
+                let notice = Notice::Drain { reason: "relay shutting down".into() };
+                let _ = writer.send(&Frame::json(FrameKind::Control, &notice)).await;
+            }
+            _ = state.stop.cancelled() => break "relay shutting down".to_owned(),
         }
     };
     state.registry.unregister(&tunnel);
@@ -93,23 +154,20 @@ pub async fn serve_connection(
     tracing::info!(%remote, tenant = %tunnel.tenant, reason = %why, "tunnel disconnected");
 }
 
-/// A registered tunnel and its control stream, held open for the life of the connection.
-struct Control {
-    tunnel: Arc<super::registry::Tunnel>,
-    reader: FrameReader<crate::transport::RecvHalf>,
-    _writer: FrameWriter<crate::transport::SendHalf>,
-}
-
 async fn handshake(
     connection: &Arc<dyn TunnelConnection>,
     state: &RelayState,
 ) -> Result<Control, String> {
-    let stream = connection
-        .accept_stream()
-        .await
-        .map_err(|e: TransportError| e.to_string())?;
+    let stream = connection.open_stream().await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(stream.recv, CONTROL_FRAME_LIMIT);
     let mut writer = FrameWriter::new(stream.send, CONTROL_FRAME_LIMIT);
+    let greeting = Greeting {
+        version: wire::PROTOCOL_VERSION,
+    };
+    writer
+        .send(&Frame::json(FrameKind::Control, &greeting))
+        .await
+        .map_err(|e| e.to_string())?;
     let hello: Hello = match reader.next().await {
         Ok(Some(frame)) => frame
             .parse_json(FrameKind::Control)
@@ -141,7 +199,7 @@ async fn handshake(
             .registry
             .register(tenant, sources, connection.clone(), max_frame),
         reader,
-        _writer: writer,
+        writer,
     })
 }
 

@@ -56,3 +56,24 @@ pub enum HelloReply {
         reason: String,
     },
 }
+
+/// The relay's first message on the control stream. The relay opens the control stream (on the
+/// HTTPS fallback only the relay can open streams), and `connect` answers with [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Greeting {
+    /// The relay's wire protocol version.
+    pub version: u32,
+}
+
+/// What either side may say on the control stream after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Notice {
+    /// The sender is shutting down: the relay routes no new session to this connection, and
+    /// `connect` opens a replacement; streams in flight finish.
+    Drain {
+        /// Why, for the logs.
+        reason: String,
+    },
+}

@@ -22,7 +22,7 @@ pub mod control;
 pub mod frame;
 pub mod open;
 
-pub use control::{Hello, HelloReply, SourceAnnouncement};
+pub use control::{Greeting, Hello, HelloReply, Notice, SourceAnnouncement};
 pub use frame::{
     DEFAULT_MAX_FRAME, Frame, FrameError, FrameKind, FrameReader, FrameWriter, HEADER_LEN,
     UNSOLICITED,

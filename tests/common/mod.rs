@@ -149,20 +149,22 @@ impl Harness {
         tenant: &TenantCreds,
         sources: &[(&str, &str)],
     ) -> ClientSettings {
-        ClientSettings {
-            relay: self.tunnel.to_string(),
-            ca: None,
-            ca_pem: Some(self.ca_pem.clone()),
-            token: tenant.tunnel_token.clone(),
-            transport: TransportChoice::Quic,
-            sources: sources
-                .iter()
-                .map(|(name, url)| {
-                    SourceConfig::parse_flag(&format!("{name}={url}")).expect("valid source")
-                })
-                .collect(),
-            max_message_bytes: mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES,
-        }
+        let sources = sources
+            .iter()
+            .map(|(name, url)| {
+                SourceConfig::parse_flag(&format!("{name}={url}")).expect("valid source")
+            })
+            .collect();
+        let mut settings = ClientSettings::new(
+            self.tunnel.to_string(),
+            tenant.tunnel_token.clone(),
+            sources,
+        );
+        settings.ca_pem = Some(self.ca_pem.clone());
+        // One QUIC connection unless a test asks for more: stream counts stay on one row.
+        settings.transport = TransportChoice::Quic;
+        settings.connections = 1;
+        settings
     }
 
     /// Runs a `connect` for `tenant` and waits until the relay routes all its sources.
