@@ -32,6 +32,16 @@ pub struct AddArgs {
     pub b: i64,
 }
 
+/// Arguments of `sleep`.
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SleepArgs {
+    /// Milliseconds to wait before answering.
+    pub ms: u64,
+}
+
+/// Longest `sleep`: a slow tool for tests and benchmarks, never a stuck one.
+pub const MAX_SLEEP_MS: u64 = 60_000;
+
 /// Arguments of `blob`.
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 pub struct BlobArgs {
@@ -78,6 +88,19 @@ impl DemoServer {
             .ok_or_else(|| "integer overflow".to_owned())
     }
 
+    /// Answers after `ms` milliseconds: a slow upstream, for drain and latency tests.
+    #[tool(description = "Wait MS milliseconds, then answer (a slow tool for tests)")]
+    async fn sleep(
+        &self,
+        Parameters(SleepArgs { ms }): Parameters<SleepArgs>,
+    ) -> Result<String, String> {
+        if ms > MAX_SLEEP_MS {
+            return Err(format!("ms {ms} exceeds the maximum of {MAX_SLEEP_MS}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        Ok(format!("slept {ms} ms"))
+    }
+
     /// Returns `size` bytes of text.
     #[tool(description = "Return SIZE bytes of text (for throughput tests)")]
     fn blob(&self, Parameters(BlobArgs { size }): Parameters<BlobArgs>) -> Result<String, String> {
@@ -94,7 +117,7 @@ impl DemoServer {
 impl ServerHandler for DemoServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_instructions("mcp-tunnel demo server: echo, add, blob")
+            .with_instructions("mcp-tunnel demo server: echo, add, blob, sleep")
     }
 }
 

@@ -33,6 +33,9 @@ use sessions::Sessions;
 /// anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// After the grace period, how long the last error answers get to reach their agents.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
+
 /// How often idle sessions are looked for.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -336,11 +339,18 @@ impl Relay {
             draining.cancelled().await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;
         };
+        let mut agent_server = std::pin::pin!(agent_server.into_future());
         let result = tokio::select! {
-            result = agent_server.into_future() => result.map_err(RelayError::Http),
+            result = &mut agent_server => result.map_err(RelayError::Http),
             _ = drain_deadline => {
-                tracing::warn!(grace_s = DRAIN_TIMEOUT.as_secs(), "agent requests still open after the grace period; stopping anyway");
-                Ok(())
+                tracing::warn!(grace_s = DRAIN_TIMEOUT.as_secs(), "agent requests still open after the grace period; ending them");
+                // Calls still in flight now end with an error naming the shutdown; give those
+                // answers a moment to reach their agents.
+                state.stop.cancel();
+                match tokio::time::timeout(FINAL_FLUSH, &mut agent_server).await {
+                    Ok(result) => result.map_err(RelayError::Http),
+                    Err(_) => Ok(()),
+                }
             }
         };
         // In-flight calls have finished or now end with an error naming the shutdown.
