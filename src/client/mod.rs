@@ -112,6 +112,18 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
         ));
     }
     let sources = Arc::new(Sources::new(&settings.sources).map_err(ClientError::Config)?);
+    let result = serve_until_stopped(&settings, sources.clone(), &shutdown).await;
+    // Whatever ended the tunnel, no child process of a stdio source outlives `run`.
+    sources.shutdown().await;
+    result
+}
+
+/// Connects, serves and reconnects until `shutdown` or a refusal.
+async fn serve_until_stopped(
+    settings: &ClientSettings,
+    sources: Arc<Sources>,
+    shutdown: &CancellationToken,
+) -> Result<(), ClientError> {
     let roots = match (&settings.ca_pem, &settings.ca) {
         (Some(pem), _) => tls::Roots::CaPem(pem.clone()),
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),
@@ -151,7 +163,7 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
             };
             let connection: Arc<dyn TunnelConnection> =
                 Arc::new(quic::dial(&ep, addr, &server_name).await?);
-            let (welcomed, control) = hello(&connection, &settings).await?;
+            let (welcomed, control) = hello(&connection, settings).await?;
             Ok::<_, ClientError>((connection, welcomed, control))
         };
         let (connection, welcomed, control) = tokio::select! {
