@@ -212,6 +212,8 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
             result = Err(error);
         }
     }
+    // Whatever ended the tunnel, no child process of a stdio source outlives `run`.
+    sources.shutdown().await;
     dialer.wait_idle().await;
     result
 }

@@ -1,6 +1,7 @@
 //! The upstream MCP servers `connect` serves, by name.
 
 pub mod http;
+pub mod stdio;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use crate::wire::{FrameReader, FrameWriter, OpenHeader};
 pub enum Source {
     /// A Streamable HTTP server.
     Http(Arc<http::HttpSource>),
+    /// A command speaking MCP on its stdin and stdout.
+    Stdio(Arc<stdio::StdioSource>),
 }
 
 impl Source {
@@ -25,6 +28,7 @@ impl Source {
     ) {
         match self {
             Source::Http(source) => source.clone().serve(header, reader, writer).await,
+            Source::Stdio(source) => source.clone().serve(header, reader, writer).await,
         }
     }
 }
@@ -35,7 +39,7 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Builds the sources; refuses duplicates and kinds this release cannot serve.
+    /// Builds the sources; refuses duplicates and unusable targets.
     pub fn new(configs: &[SourceConfig]) -> Result<Self, String> {
         if configs.is_empty() {
             return Err("no sources: give at least one --source NAME=URL".into());
@@ -46,12 +50,10 @@ impl Sources {
                 SourceTarget::Http(url) => {
                     Source::Http(Arc::new(http::HttpSource::new(&config.name, url)?))
                 }
-                SourceTarget::Stdio(_) => {
-                    return Err(format!(
-                        "source {}: stdio sources are not supported by this release",
-                        config.name
-                    ));
-                }
+                SourceTarget::Stdio(command) => Source::Stdio(Arc::new(stdio::StdioSource::new(
+                    &config.name,
+                    command.clone(),
+                )?)),
             };
             if by_name.insert(config.name.clone(), source).is_some() {
                 return Err(format!("source {} is configured twice", config.name));
@@ -73,5 +75,26 @@ impl Sources {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
+    }
+
+    /// Child processes of stdio sources alive now (started and not yet reaped).
+    pub fn live_processes(&self) -> usize {
+        self.by_name
+            .values()
+            .map(|source| match source {
+                Source::Stdio(source) => source.live_processes(),
+                Source::Http(_) => 0,
+            })
+            .sum()
+    }
+
+    /// Stops what the sources run: kills every stdio child (its whole process group) and
+    /// waits, bounded, until each is reaped. New sessions of stdio sources are refused after.
+    pub async fn shutdown(&self) {
+        for source in self.by_name.values() {
+            if let Source::Stdio(source) = source {
+                source.shutdown().await;
+            }
+        }
     }
 }

@@ -1,0 +1,547 @@
+//! stdio sources in `connect`: real MCP servers as child processes behind the tunnel, in both
+//! protocol eras, and process hygiene counted in the operating system's own process table.
+//!
+//! The tests of this file run one at a time: they count the child processes of the test
+//! process, which every test here shares.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Agent, Harness, Options, WAIT, tool_text};
+use futures_util::StreamExt;
+use mcp_tunnel::client::ClientSettings;
+use mcp_tunnel::config::{SourceConfig, SourceTarget};
+use serde_json::{Value, json};
+
+/// Serializes the tests of this binary (see the module comment).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The Python of the test peers (stdlib only is used here).
+const PYTHON: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/.venv/bin/python");
+
+/// A minimal stdio MCP server on the Python standard library: starts in milliseconds, answers
+/// `initialize`, `ping` and `tools/call` (echo; the tool `crash` exits with status 5), and
+/// exits when its stdin closes.
+const MINI_SERVER: &str = r#"
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, id = msg.get("method"), msg.get("id")
+    if method is None or id is None:
+        continue
+    if method == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}}, "serverInfo": {"name": "mini", "version": "1"}}
+    elif method == "ping":
+        result = {}
+    elif method == "tools/call" and msg["params"]["name"] == "crash":
+        sys.exit(5)
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": msg["params"]["arguments"]["message"]}]}
+    else:
+        print(json.dumps({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "Method not found"}}), flush=True)
+        continue
+    print(json.dumps({"jsonrpc": "2.0", "id": id, "result": result}), flush=True)
+"#;
+
+fn everything() -> Vec<String> {
+    vec![
+        "node".into(),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+        )
+        .into(),
+        "stdio".into(),
+    ]
+}
+
+fn mini() -> Vec<String> {
+    vec![PYTHON.into(), "-u".into(), "-c".into(), MINI_SERVER.into()]
+}
+
+/// Client settings for the `acme` tenant serving stdio `sources` (name, command).
+fn stdio_settings(harness: &Harness, sources: &[(&str, Vec<String>)]) -> ClientSettings {
+    let mut settings = harness.client_settings(&harness.acme, &[]);
+    settings.sources = sources
+        .iter()
+        .map(|(name, command)| SourceConfig {
+            name: (*name).into(),
+            target: SourceTarget::Stdio(command.clone()),
+        })
+        .collect();
+    settings
+}
+
+/// A 2026-07-28 request: no session, routing headers repeating the body.
+fn stateless_call(
+    agent: &Agent,
+    id: u64,
+    tool: &str,
+    args: Value,
+    meta: Value,
+) -> reqwest::RequestBuilder {
+    let mut meta = meta;
+    meta["io.modelcontextprotocol/protocolVersion"] = json!("2026-07-28");
+    meta["io.modelcontextprotocol/clientCapabilities"] = json!({});
+    agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .body(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":args,"_meta":meta}}).to_string())
+}
+
+async fn stateless(agent: &Agent, id: u64, tool: &str, args: Value, meta: Value) -> common::Answer {
+    let response = stateless_call(agent, id, tool, args, meta)
+        .send()
+        .await
+        .expect("stateless request is sent");
+    common::read_answer(response).await
+}
+
+/// One process as `/proc/PID/stat` describes it.
+#[derive(Debug)]
+struct Proc {
+    pid: u32,
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+}
+
+/// Every process in the system now.
+fn processes() -> Vec<Proc> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        panic!("/proc is readable");
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            // The command name may hold spaces and parentheses: fields start after the last ')'.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            let ppid = fields.next()?.parse().ok()?;
+            let pgrp = fields.next()?.parse().ok()?;
+            Some(Proc {
+                pid,
+                state,
+                ppid,
+                pgrp,
+            })
+        })
+        .collect()
+}
+
+/// Children of this test process (zombies included: an unreaped child is a leak too), minus
+/// those in `baseline`.
+fn children(baseline: &HashSet<u32>) -> Vec<u32> {
+    let me = std::process::id();
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == me && !baseline.contains(&p.pid))
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Live members of the process groups `groups` (grandchildren included). A zombie that
+/// another parent (init) has yet to reap is dead already and not counted.
+fn group_members(groups: &HashSet<u32>) -> Vec<(u32, u32)> {
+    processes()
+        .into_iter()
+        .filter(|p| groups.contains(&p.pgrp) && p.state != 'Z')
+        .map(|p| (p.pid, p.pgrp))
+        .collect()
+}
+
+/// Polls until `leftovers` is empty, bounded by [`WAIT`]; panics with what is left.
+async fn until_none_left<T: std::fmt::Debug>(what: &str, leftovers: impl Fn() -> Vec<T>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = leftovers();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: still alive after {WAIT:?}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Process ids the wrapper script recorded, one per line.
+fn recorded_pids(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| line.trim().parse().expect("a pid per line"))
+        .collect()
+}
+
+fn error_message(answer: &common::Answer) -> String {
+    answer.response()["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a JSON-RPC error: {answer:?}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_stdio_in_both_eras() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("everything", everything())]),
+        )
+        .await;
+
+    // Session era: one child for the session, speaking newline-delimited JSON.
+    let mut agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200, "{init:?}");
+    assert!(
+        init.response()["result"]["serverInfo"]["name"]
+            .as_str()
+            .is_some_and(|name| name.contains("everything")),
+        "{init:?}"
+    );
+    assert!(agent.session.is_some(), "a session is open");
+    let list = agent
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+        .await;
+    let tools: Vec<&str> = list.response()["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a tool list: {list:?}"))
+        .iter()
+        .filter_map(|tool| tool["name"].as_str())
+        .collect();
+    assert!(tools.contains(&"echo"), "{tools:?}");
+    let echo = agent
+        .call_tool(2, "echo", json!({"message": "hello stdio"}))
+        .await;
+    assert_eq!(tool_text(echo.response()), "Echo: hello stdio");
+    assert_eq!(echo.response()["id"], 2);
+
+    // A pretty-printed body (raw line breaks) still reaches the child as one line.
+    let pretty = serde_json::to_string_pretty(&json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":{"message":"two\nlines"}}})).expect("json");
+    assert!(pretty.contains('\n'));
+    let answer = agent.post_raw(pretty).await;
+    assert_eq!(tool_text(answer.response()), "Echo: two\nlines");
+
+    // Progress notifications ride on the request's own answer, before its response.
+    let long = agent
+        .post(&json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"trigger-long-running-operation","arguments":{"duration":0.3,"steps":3},"_meta":{"progressToken":"p-4"}}}))
+        .await;
+    let progress: Vec<&Value> = long
+        .messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3, "{long:?}");
+    assert!(
+        progress
+            .iter()
+            .all(|m| m["params"]["progressToken"] == "p-4")
+    );
+    assert_eq!(long.response()["id"], 4);
+    assert!(tool_text(long.response()).contains("completed"), "{long:?}");
+
+    // Stateless era: server-everything does not speak 2026-07-28; connect's pooled process
+    // does it in the session era. Three agents use the same id and progress token at once,
+    // and each gets exactly its own answer and progress.
+    let mut stateless_agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
+    stateless_agent.version = Some("2026-07-28".into());
+    let calls = (0..3).map(|n| {
+        let agent = stateless_agent.clone();
+        async move {
+            if n == 0 {
+                stateless(
+                    &agent,
+                    7,
+                    "trigger-long-running-operation",
+                    json!({"duration": 0.3, "steps": 3}),
+                    json!({"progressToken": "same"}),
+                )
+                .await
+            } else {
+                stateless(
+                    &agent,
+                    7,
+                    "echo",
+                    json!({"message": format!("stateless {n}")}),
+                    json!({"progressToken": "same"}),
+                )
+                .await
+            }
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    for (n, answer) in answers.iter().enumerate() {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.response()["id"], 7, "{answer:?}");
+        let progress: Vec<&Value> = answer
+            .messages
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        if n == 0 {
+            assert!(tool_text(answer.response()).contains("completed"));
+            assert_eq!(progress.len(), 3, "{answer:?}");
+            assert!(
+                progress
+                    .iter()
+                    .all(|m| m["params"]["progressToken"] == "same")
+            );
+        } else {
+            assert_eq!(tool_text(answer.response()), format!("Echo: stateless {n}"));
+            assert!(progress.is_empty(), "{answer:?}");
+        }
+    }
+    let again = stateless(
+        &stateless_agent,
+        8,
+        "echo",
+        json!({"message": "again"}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(tool_text(again.response()), "Echo: again");
+
+    // One child for the session, one pooled child for every stateless request.
+    assert_eq!(children(&baseline).len(), 2, "{:?}", children(&baseline));
+    let deleted = agent
+        .request(reqwest::Method::DELETE)
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(deleted.status(), 200);
+    until_none_left("the session's child", || {
+        let left = children(&baseline);
+        if left.len() > 1 { left } else { Vec::new() }
+    })
+    .await;
+
+    client.stop().await.expect("connect stops cleanly");
+    assert_eq!(
+        children(&baseline),
+        Vec::<u32>::new(),
+        "connect's run returned with a child left"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_child_outlives_its_session_or_connect() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let pid_file = dir.path().join("pids");
+    // The wrapper records its pid (which leads the process group), leaves a grandchild that
+    // would outlive it without a group kill, then becomes the server.
+    let command: Vec<String> = vec![
+        "sh".into(),
+        "-c".into(),
+        r#"echo $$ >> "$0"; sleep 600 & exec "$1" -u -c "$2""#.into(),
+        pid_file.to_string_lossy().into_owned(),
+        PYTHON.into(),
+        MINI_SERVER.into(),
+    ];
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("mini", command)]),
+        )
+        .await;
+    let url = harness.url("mini");
+    let key = harness.acme.api_key.clone();
+
+    // 200 sessions, 8 at a time: initialize, a request, DELETE.
+    let sessions = futures_util::stream::iter(0..200u64)
+        .map(|n| {
+            let mut agent = Agent::new(&url, &key);
+            async move {
+                let init = agent.initialize().await;
+                assert_eq!(init.status, 200, "session {n}: {init:?}");
+                assert!(agent.session.is_some(), "session {n}: {init:?}");
+                let ping = agent
+                    .post(&json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
+                    .await;
+                assert_eq!(
+                    ping.response()["result"],
+                    json!({}),
+                    "session {n}: {ping:?}"
+                );
+                let deleted = agent
+                    .request(reqwest::Method::DELETE)
+                    .send()
+                    .await
+                    .expect("DELETE");
+                assert_eq!(deleted.status(), 200, "session {n}");
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+    assert_eq!(sessions.len(), 200);
+    let started = recorded_pids(&pid_file);
+    assert_eq!(started.len(), 200, "one process per session");
+    let groups: HashSet<u32> = started.into_iter().collect();
+    assert_eq!(groups.len(), 200, "each session had its own process");
+    until_none_left("children after 200 sessions", || children(&baseline)).await;
+    until_none_left("process groups after 200 sessions", || {
+        group_members(&groups)
+    })
+    .await;
+
+    // connect stops while sessions are open: run() returns with every child reaped.
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        let mut agent = Agent::new(&url, &key);
+        assert_eq!(agent.initialize().await.status, 200);
+        open.push(agent);
+    }
+    assert_eq!(
+        children(&baseline).len(),
+        6,
+        "the scan sees each open session's child"
+    );
+    let groups: HashSet<u32> = recorded_pids(&pid_file).into_iter().collect();
+    assert_eq!(groups.len(), 206);
+    assert!(
+        !group_members(&groups).is_empty(),
+        "the open sessions' groups are alive"
+    );
+    client.stop().await.expect("connect stops cleanly");
+    assert_eq!(
+        children(&baseline),
+        Vec::<u32>::new(),
+        "connect's run returned with a child left"
+    );
+    until_none_left("process groups after connect stopped", || {
+        group_members(&groups)
+    })
+    .await;
+    drop(open);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let crashy = vec![
+        PYTHON.into(),
+        "-c".into(),
+        "import sys; sys.stdin.readline(); sys.exit(3)".into(),
+    ];
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(
+                &harness,
+                &[
+                    ("crashy", crashy),
+                    ("missing", vec!["/nonexistent/mcp-server".into()]),
+                    ("mini", mini()),
+                ],
+            ),
+        )
+        .await;
+
+    // Exits right after reading initialize: the agent gets an error, and no session.
+    let mut agent = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200, "{init:?}");
+    assert_eq!(init.response()["error"]["code"], -32000, "{init:?}");
+    assert_eq!(init.response()["id"], 0);
+    let message = error_message(&init);
+    assert!(
+        message.contains("source crashy exited") && message.contains("exit status: 3"),
+        "{message}"
+    );
+    assert!(agent.session.is_none(), "no session for a dead server");
+
+    // A command that cannot start.
+    let mut agent = Agent::new(&harness.url("missing"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    let message = error_message(&init);
+    assert!(
+        message.contains("source missing could not start"),
+        "{message}"
+    );
+
+    // A crash in the middle of a session answers the pending request and ends the session.
+    let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let echo = agent
+        .call_tool(1, "echo", json!({"message": "alive"}))
+        .await;
+    assert_eq!(tool_text(echo.response()), "alive");
+    let crash = agent.call_tool(2, "crash", json!({})).await;
+    assert_eq!(crash.response()["id"], 2);
+    let message = error_message(&crash);
+    assert!(
+        message.contains("source mini exited: exit status: 5"),
+        "{message}"
+    );
+    let after = agent.call_tool(3, "echo", json!({"message": "late"})).await;
+    assert!(
+        after.status == 404 || error_message(&after).contains("exited"),
+        "the session is over: {after:?}"
+    );
+
+    // Stateless: a pooled process that dies answers with the same error, and the next
+    // request starts a fresh one.
+    let mut stateless_agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+    stateless_agent.version = Some("2026-07-28".into());
+    let first = stateless(
+        &stateless_agent,
+        1,
+        "echo",
+        json!({"message": "pooled"}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(tool_text(first.response()), "pooled");
+    let crash = stateless(&stateless_agent, 2, "crash", json!({}), json!({})).await;
+    assert_eq!(crash.response()["id"], 2);
+    assert!(
+        error_message(&crash).contains("source mini exited: exit status: 5"),
+        "{crash:?}"
+    );
+    let restarted = stateless(
+        &stateless_agent,
+        3,
+        "echo",
+        json!({"message": "again"}),
+        json!({}),
+    )
+    .await;
+    assert_eq!(tool_text(restarted.response()), "again");
+    let mut crashy_stateless = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
+    crashy_stateless.version = Some("2026-07-28".into());
+    let failed = stateless(
+        &crashy_stateless,
+        4,
+        "echo",
+        json!({"message": "x"}),
+        json!({}),
+    )
+    .await;
+    assert!(
+        error_message(&failed).contains("source crashy exited: exit status: 3"),
+        "{failed:?}"
+    );
+
+    client.stop().await.expect("connect stops cleanly");
+    assert_eq!(children(&baseline), Vec::<u32>::new());
+    harness.stop().await;
+}
