@@ -279,7 +279,7 @@ async fn server_messages_wait_for_the_get_stream() {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert!(
-        seen.contains("id: 0-0"),
+        seen.contains("id: 0-1\nevent: message"),
         "standalone stream events carry resumable ids: {seen}"
     );
 }

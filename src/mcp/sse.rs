@@ -8,6 +8,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// A keep-alive comment: proxies and clients see traffic on an otherwise quiet stream.
 pub const KEEP_ALIVE: Bytes = Bytes::from_static(b": keep-alive\n\n");
 
+/// A priming event: an `id` with empty data (nothing for the client to handle) and a `retry`
+/// hint, so a client that loses the stream at once can still resume it.
+pub fn priming_event(id: &str, retry: std::time::Duration) -> Bytes {
+    Bytes::from(format!(
+        "id: {id}\nretry: {}\ndata: \n\n",
+        retry.as_millis()
+    ))
+}
+
 /// A named event (the HTTP+SSE transport's `endpoint` event) with one line of data.
 pub fn named_event(name: &str, data: &str) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))

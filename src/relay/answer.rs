@@ -24,16 +24,32 @@ use crate::mcp::jsonrpc::{
 };
 use crate::mcp::{ProtocolEra, classify, sse};
 
+/// The reconnection delay suggested to agents in priming events.
+const SSE_RETRY: Duration = Duration::from_secs(1);
+
 /// SSE chunks buffered toward a slow agent before the log reader waits.
 const SSE_QUEUE: usize = 16;
 
-/// Marks a JSON answer that carries a JSON-RPC error (so `initialize` creates no session).
-#[derive(Clone, Copy)]
-pub struct UpstreamError;
+/// Attached to a plain JSON answer: the message, and whether it is a JSON-RPC error (so
+/// `initialize` creates no session on an error, and learns the negotiated version otherwise).
+#[derive(Clone)]
+pub struct JsonAnswer {
+    /// The upstream's response.
+    pub message: Bytes,
+    /// Whether it is a JSON-RPC error.
+    pub is_error: bool,
+}
 
-/// Whether a response is a JSON-RPC error passed on from the upstream.
-pub fn is_upstream_error(response: &Response) -> bool {
-    response.extensions().get::<UpstreamError>().is_some()
+/// How an SSE answer names its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventIds {
+    /// No ids: the stream cannot be resumed (2026-07-28, HTTP+SSE).
+    None,
+    /// `<stream>-<seq>` ids, for `Last-Event-ID` resumption.
+    Resumable,
+    /// Resumable, and opened by a priming event (an id with empty data, and a `retry:` hint),
+    /// as 2025-11-25 servers do, so a client can resume even before the first message.
+    Primed,
 }
 
 /// Where an agent message goes and how its answer is delivered.
@@ -41,7 +57,7 @@ pub struct Target<'a> {
     /// The source, for error messages.
     pub source: &'a str,
     /// The session (session era), whose logs make SSE answers resumable.
-    pub session: Option<&'a Session>,
+    pub session: Option<&'a Arc<Session>>,
     /// The protocol era of the request.
     pub era: ProtocolEra,
 }
@@ -56,6 +72,9 @@ struct Awaiting {
     timeout: Option<Duration>,
     /// The source's name.
     source: String,
+    /// A session still to learn its protocol version from the answer (an `initialize`
+    /// answered as a stream).
+    learner: Option<Arc<Session>>,
 }
 
 impl Awaiting {
@@ -70,6 +89,7 @@ impl Awaiting {
             responses: requests.len(),
             timeout: (!is_listen).then(|| state.limits.request_timeout()),
             source: source.to_owned(),
+            learner: None,
         }
     }
 }
@@ -168,7 +188,7 @@ async fn answer(
     channel: Arc<Channel>,
     mut exchange: Exchange,
     awaiting: Awaiting,
-    session: Option<&Session>,
+    session: Option<&Arc<Session>>,
 ) -> Response {
     let mut status = StatusCode::OK;
     loop {
@@ -183,31 +203,16 @@ async fn answer(
                 let (responses, is_error) = responses_in(&message);
                 if responses >= awaiting.responses {
                     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
-                    let mut response = json_response(status, message);
-                    if is_error {
-                        response.extensions_mut().insert(UpstreamError);
-                    }
+                    let mut response = json_response(status, message.clone());
+                    response
+                        .extensions_mut()
+                        .insert(JsonAnswer { message, is_error });
                     return response;
                 }
-                // A stream: resumable (with event ids) when it belongs to a session.
-                let (log, ids) = match session {
-                    Some(session) if session.transport == Transport::Streamable => {
-                        (session.answer_log(), true)
-                    }
-                    _ => (Arc::new(EventLog::new(0)), false),
-                };
-                let reader = log.attach(Start::Undelivered);
-                tokio::spawn(produce(
-                    log,
-                    exchange,
-                    Some(message),
-                    awaiting,
-                    state.stop.clone(),
-                    channel,
-                    true,
-                ));
-                // An answer in flight may finish while the relay drains.
-                return sse_response(state, reader, ids, None, None, state.stop.clone());
+                return stream_answer(state, channel, exchange, Some(message), awaiting, session);
+            }
+            Ok(Event::Streaming) => {
+                return stream_answer(state, channel, exchange, None, awaiting, session);
             }
             Ok(Event::End) => {
                 return source_error(
@@ -221,6 +226,39 @@ async fn answer(
             }
         }
     }
+}
+
+/// Answers as a stream: resumable (with event ids) when it belongs to a session.
+fn stream_answer(
+    state: &Arc<RelayState>,
+    channel: Arc<Channel>,
+    exchange: Exchange,
+    first: Option<Bytes>,
+    awaiting: Awaiting,
+    session: Option<&Arc<Session>>,
+) -> Response {
+    let (log, ids) = match session {
+        Some(session) if session.transport == Transport::Streamable => {
+            (session.answer_log(), session.event_ids())
+        }
+        _ => (Arc::new(EventLog::new(0)), EventIds::None),
+    };
+    let reader = log.attach(Start::Undelivered);
+    let awaiting = Awaiting {
+        learner: session.filter(|s| !s.knows_version()).cloned(),
+        ..awaiting
+    };
+    tokio::spawn(produce(
+        log,
+        exchange,
+        first,
+        awaiting,
+        state.stop.clone(),
+        channel,
+        true,
+    ));
+    // An answer in flight may finish while the relay drains.
+    sse_response(state, reader, ids, None, None, state.stop.clone())
 }
 
 async fn timed_out(channel: &Channel, awaiting: &Awaiting) -> Response {
@@ -260,6 +298,9 @@ async fn produce(
 ) {
     let mut remaining = awaiting.responses;
     if let Some(message) = first {
+        if let Some(session) = &awaiting.learner {
+            session.learn_version(&message);
+        }
         remaining = remaining.saturating_sub(responses_in(&message).0);
         log.push(message).await;
     }
@@ -267,11 +308,14 @@ async fn produce(
         let failure = tokio::select! {
             event = next_event(&mut exchange, awaiting.timeout) => match event {
                 Some(Ok(Event::Message(message))) => {
+                    if let Some(session) = &awaiting.learner {
+                        session.learn_version(&message);
+                    }
                     remaining = remaining.saturating_sub(responses_in(&message).0);
                     log.push(message).await;
                     continue;
                 }
-                Some(Ok(Event::Rejected(_))) => continue,
+                Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
                 Some(Ok(Event::End)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the upstream ended its response without answering"),
                 Some(Err(e)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, &e.to_string()),
                 None => timeout_body(&channel, &awaiting).await,
@@ -292,7 +336,7 @@ async fn produce(
 pub fn sse_response(
     state: &RelayState,
     mut reader: LogReader,
-    ids: bool,
+    ids: EventIds,
     prelude: Option<Bytes>,
     on_end: Option<Box<dyn FnOnce() + Send>>,
     until: CancellationToken,
@@ -306,15 +350,17 @@ pub fn sse_response(
             tokio::time::Instant::now() + keep_alive_every,
             keep_alive_every,
         );
-        let mut open = match prelude {
-            Some(event) => tx.send(Ok(event)).await.is_ok(),
-            None => true,
-        };
+        let prime = (ids == EventIds::Primed)
+            .then(|| sse::priming_event(&format!("{stream}-0"), SSE_RETRY));
+        let mut open = true;
+        for event in [prelude, prime].into_iter().flatten() {
+            open = open && tx.send(Ok(event)).await.is_ok();
+        }
         while open {
             open = tokio::select! {
                 event = reader.next() => match event {
                     Some((seq, message)) => {
-                        let id = ids.then(|| format!("{stream}-{seq}"));
+                        let id = (ids != EventIds::None).then(|| format!("{stream}-{seq}"));
                         tx.send(Ok(sse::message_event(id.as_deref(), &message))).await.is_ok()
                     }
                     None => false,

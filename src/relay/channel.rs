@@ -37,6 +37,8 @@ pub enum Event {
     Rejected(u16),
     /// The upstream's response is complete.
     End,
+    /// The upstream answers with an event stream.
+    Streaming,
 }
 
 /// Why a channel operation failed.
@@ -256,6 +258,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             FrameKind::Message => Event::Message(frame.payload),
             FrameKind::End => Event::End,
             FrameKind::Rejected => Event::Rejected(frame.status().unwrap_or(502)),
+            FrameKind::Streaming => Event::Streaming,
             FrameKind::Close => return frame.reason(),
             other => {
                 return format!("protocol error: unexpected {other:?} frame on an exchange stream");

@@ -91,10 +91,12 @@ impl EventLog {
         Self {
             stream,
             state: Mutex::new(LogState {
-                first: 0,
+                // Sequence 0 is the priming event's id (a stream that begins empty): resuming
+                // after it replays from the first real event.
+                first: 1,
                 events: VecDeque::new(),
                 bytes: 0,
-                delivered: 0,
+                delivered: 1,
                 reader: None,
                 generation: 0,
                 finished: false,
@@ -248,7 +250,7 @@ mod tests {
         let got: Vec<_> =
             std::iter::from_fn(|| futures_util::FutureExt::now_or_never(reader.next()).flatten())
                 .collect();
-        assert_eq!(got, vec![(0, msg(0)), (1, msg(1)), (2, msg(2))]);
+        assert_eq!(got, vec![(1, msg(0)), (2, msg(1)), (3, msg(2))]);
         assert!(log.is_done());
     }
 
@@ -261,20 +263,20 @@ mod tests {
         }
         // The agent saw events 0 and 1, then its connection dropped (events 2.. may have been
         // read into a dead socket: 2 was taken but never arrived).
-        assert_eq!(first.next().await, Some((0, msg(0))));
-        assert_eq!(first.next().await, Some((1, msg(1))));
-        assert_eq!(first.next().await, Some((2, msg(2))));
+        assert_eq!(first.next().await, Some((1, msg(0))));
+        assert_eq!(first.next().await, Some((2, msg(1))));
+        assert_eq!(first.next().await, Some((3, msg(2))));
         drop(first);
         log.push(msg(5)).await;
         log.finish();
-        let mut resumed = log.attach(Start::After(1));
+        let mut resumed = log.attach(Start::After(2));
         let mut got = Vec::new();
         while let Some((seq, _)) = resumed.next().await {
             got.push(seq);
         }
         assert_eq!(
             got,
-            vec![2, 3, 4, 5],
+            vec![3, 4, 5, 6],
             "from right after the last seen id, nothing twice"
         );
     }
@@ -286,7 +288,7 @@ mod tests {
         let mut new = log.attach(Start::Undelivered);
         log.push(msg(0)).await;
         assert_eq!(old.next().await, None);
-        assert_eq!(new.next().await, Some((0, msg(0))));
+        assert_eq!(new.next().await, Some((1, msg(0))));
     }
 
     #[tokio::test]
@@ -299,7 +301,7 @@ mod tests {
         let mut reader = log.attach(Start::Undelivered);
         assert_eq!(
             reader.next().await,
-            Some((10, msg(10))),
+            Some((11, msg(10))),
             "the newest window is kept for a late GET"
         );
     }
@@ -319,11 +321,11 @@ mod tests {
         };
         let mut seqs = Vec::new();
         while let Some((seq, event)) = reader.next().await {
-            assert_eq!(event, msg(seq as usize));
+            assert_eq!(event, msg(seq as usize - 1));
             seqs.push(seq);
         }
         producer.await.expect("producer");
-        assert_eq!(seqs, (0..(REPLAY_EVENTS * 3) as u64).collect::<Vec<_>>());
+        assert_eq!(seqs, (1..=(REPLAY_EVENTS * 3) as u64).collect::<Vec<_>>());
         assert_eq!(log.dropped(), 0);
     }
 

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 
 use super::RelayState;
 use super::agent::{authorize, gate, open_channel, open_header, read_message};
-use super::answer::{forward_to_stream, sse_response};
+use super::answer::{EventIds, forward_to_stream, sse_response};
 use super::events::Start;
 use super::reply::AgentError;
 use super::sessions::{Session, Transport, new_session_id};
@@ -82,7 +82,7 @@ async fn open_stream(
     sse_response(
         &state,
         reader,
-        false,
+        EventIds::None,
         Some(endpoint),
         Some(on_end),
         state.stop.clone(),

@@ -47,6 +47,8 @@ pub struct Session {
     standalone: Arc<EventLog>,
     answers: Mutex<AnswerLogs>,
     last_used: Mutex<Instant>,
+    /// The protocol version `initialize` settled.
+    version: std::sync::OnceLock<String>,
 }
 
 #[derive(Default)]
@@ -95,6 +97,41 @@ impl Session {
                 logs: VecDeque::new(),
             }),
             last_used: Mutex::new(Instant::now()),
+            version: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Learns the protocol version from the answer to `initialize` (`result.protocolVersion`);
+    /// other messages are ignored.
+    pub fn learn_version(&self, message: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Init {
+            result: Option<Settled>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Settled {
+            #[serde(rename = "protocolVersion")]
+            protocol_version: String,
+        }
+        if let Ok(Init {
+            result: Some(settled),
+        }) = serde_json::from_slice::<Init>(message)
+        {
+            let _ = self.version.set(settled.protocol_version);
+        }
+    }
+
+    /// Whether the protocol version is known yet.
+    pub fn knows_version(&self) -> bool {
+        self.version.get().is_some()
+    }
+
+    /// How this session's answer and GET streams name their events: 2025-11-25 and later
+    /// open each stream with a priming event.
+    pub fn event_ids(&self) -> super::answer::EventIds {
+        match self.version.get() {
+            Some(version) if version.as_str() >= "2025-11-25" => super::answer::EventIds::Primed,
+            _ => super::answer::EventIds::Resumable,
         }
     }
 

@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::RelayState;
 use super::agent::{authorize, gate, header_str, open_channel, open_header, read_message};
-use super::answer::{Target, forward, is_upstream_error, sse_response};
+use super::answer::{EventIds, JsonAnswer, Target, forward, sse_response};
 use super::events::{Start, parse_event_id};
 use super::reply::{AgentError, json_response};
 use super::sessions::{Session, Transport, new_session_id};
@@ -127,7 +127,11 @@ async fn initialize(
         era: ProtocolEra::Session,
     };
     let mut response = forward(state, &channel, body, classified, target).await;
-    if response.status() == StatusCode::OK && !is_upstream_error(&response) {
+    let answer = response.extensions().get::<JsonAnswer>();
+    if let Some(answer) = answer {
+        session.learn_version(&answer.message);
+    }
+    if response.status() == StatusCode::OK && !answer.is_some_and(|a| a.is_error) {
         state.sessions.insert(session.clone());
         tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session opened");
         let value = HeaderValue::from_str(&session.id).expect("session ids are hex");
@@ -244,18 +248,24 @@ async fn handle_get(
         let resume = header_str(&headers, LAST_EVENT_ID)
             .and_then(parse_event_id)
             .and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
-        let reader = match resume {
-            Some((log, seq)) => log.attach(Start::After(seq)),
-            None => session.standalone().attach(Start::Undelivered),
+        // A resumed answer is a call in flight: it may finish while the relay drains. The
+        // standalone stream ends when draining starts. Only a fresh stream is primed.
+        let (reader, ids, until) = match resume {
+            Some((log, seq)) => {
+                let until = if log.stream == super::sessions::STANDALONE_STREAM {
+                    state.shutdown.clone()
+                } else {
+                    state.stop.clone()
+                };
+                (log.attach(Start::After(seq)), EventIds::Resumable, until)
+            }
+            None => (
+                session.standalone().attach(Start::Undelivered),
+                session.event_ids(),
+                state.shutdown.clone(),
+            ),
         };
-        Ok(sse_response(
-            &state,
-            reader,
-            true,
-            None,
-            None,
-            state.shutdown.clone(),
-        ))
+        Ok(sse_response(&state, reader, ids, None, None, until))
     })();
     result.unwrap_or_else(IntoResponse::into_response)
 }

@@ -46,6 +46,9 @@ pub enum FrameKind {
     /// answered with, sent before the JSON-RPC error message so the relay can answer the agent
     /// with the same status (clients read 4xx bodies differently from 200 ones).
     Rejected = 6,
+    /// The upstream answers this exchange with an event stream: the relay streams too, from
+    /// now on (keep-alive comments included), instead of waiting for a single JSON answer.
+    Streaming = 7,
 }
 
 impl FrameKind {
@@ -57,6 +60,7 @@ impl FrameKind {
             4 => Self::End,
             5 => Self::Close,
             6 => Self::Rejected,
+            7 => Self::Streaming,
             _ => return None,
         })
     }
@@ -98,6 +102,15 @@ impl Frame {
             kind: FrameKind::Rejected,
             exchange,
             payload: Bytes::copy_from_slice(&status.to_be_bytes()),
+        }
+    }
+
+    /// The upstream answers `exchange` with an event stream.
+    pub fn streaming(exchange: u64) -> Self {
+        Self {
+            kind: FrameKind::Streaming,
+            exchange,
+            payload: Bytes::new(),
         }
     }
 
@@ -348,6 +361,7 @@ mod tests {
             ),
             Frame::end(7),
             Frame::rejected(8, 421),
+            Frame::streaming(9),
             Frame::message(u64::MAX, Bytes::new()),
             Frame::close("bye"),
         ];

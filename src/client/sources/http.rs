@@ -4,6 +4,7 @@
 //! its JSON or SSE answers, its standalone GET stream. Back through the tunnel go only messages,
 //! each tagged with the exchange of the request whose response carried it.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +32,12 @@ const WRITE_QUEUE: usize = 64;
 const GET_STREAM_ATTEMPTS: u32 = 3;
 /// Pause between GET stream attempts.
 const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
+/// Times an answer stream is resumed with `Last-Event-ID` before the request fails.
+const RESUME_ATTEMPTS: u32 = 5;
+/// Delay before resuming when the upstream suggested none.
+const DEFAULT_RESUME_DELAY_MS: u64 = 500;
+/// Longest delay before resuming, whatever the upstream's `retry` says.
+const MAX_RESUME_DELAY: Duration = Duration::from_secs(5);
 /// Text of an upstream error body quoted in a synthesized error.
 const QUOTE_LIMIT: usize = 200;
 
@@ -258,20 +265,30 @@ impl StreamContext {
     /// says why there is none.
     async fn exchange(&self, exchange: u64, payload: Bytes, classified: Option<Classified>) {
         let is_initialize = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("initialize"));
-        if let Err(error) = self.post(exchange, payload, is_initialize).await {
+        let requests: Vec<&crate::mcp::MessageInfo> = classified
+            .iter()
+            .flat_map(|c| c.messages())
+            .filter(|m| m.kind == MessageKind::Request)
+            .collect();
+        let mut pending: HashSet<String> = requests
+            .iter()
+            .filter_map(|m| m.id.as_deref())
+            .map(id_key)
+            .collect();
+        if let Err(error) = self
+            .post(exchange, payload, is_initialize, &mut pending)
+            .await
+        {
             tracing::warn!(source = %self.name(), error = %error, "upstream exchange failed");
-            if let Some(classified) = &classified {
-                for request in classified
-                    .messages()
-                    .iter()
-                    .filter(|m| m.kind == MessageKind::Request)
-                {
-                    self.send(Frame::message(
-                        exchange,
-                        error_body(request.id.as_deref(), error.code(), &error.to_string()),
-                    ))
-                    .await;
-                }
+            for request in requests.iter().filter(|m| {
+                m.id.as_deref()
+                    .is_some_and(|id| pending.contains(&id_key(id)))
+            }) {
+                self.send(Frame::message(
+                    exchange,
+                    error_body(request.id.as_deref(), error.code(), &error.to_string()),
+                ))
+                .await;
             }
         }
         self.send(Frame::end(exchange)).await;
@@ -282,6 +299,7 @@ impl StreamContext {
         exchange: u64,
         payload: Bytes,
         is_initialize: bool,
+        pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
         let request = self
             .source
@@ -325,13 +343,14 @@ impl StreamContext {
             .unwrap_or_default()
             .to_ascii_lowercase();
         if content_type.starts_with("text/event-stream") && status.is_success() {
-            return self.relay_sse(exchange, response).await;
+            return self.relay_sse(exchange, response, pending).await;
         }
         let body = self.read_limited(response).await?;
         if !status.is_success() {
             if content_type.starts_with("application/json") && classify(&body).is_ok() {
                 // A JSON-RPC error from the upstream passes through unchanged, status included.
                 self.send(Frame::rejected(exchange, status.as_u16())).await;
+                answered(&body, pending);
                 self.send(Frame::message(exchange, body)).await;
                 return Ok(());
             }
@@ -351,6 +370,7 @@ impl StreamContext {
         if is_initialize {
             self.remember_version(&body);
         }
+        answered(&body, pending);
         self.send(Frame::message(exchange, body)).await;
         Ok(())
     }
@@ -406,41 +426,104 @@ impl StreamContext {
         Ok(body.freeze())
     }
 
-    /// Relays an SSE answer event by event. Events without data (priming events) carry nothing
-    /// to forward.
+    /// Relays an SSE answer event by event until every request in `pending` is answered.
+    /// Events without data (priming events) carry nothing to forward. When the upstream closes
+    /// the stream before answering (SSE polling) or it breaks, the answer is resumed with a GET
+    /// carrying `Last-Event-ID`, after the `retry` delay the upstream asked for.
     async fn relay_sse(
         &self,
         exchange: u64,
         response: reqwest::Response,
+        pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
-        let mut events = SseByteStream::new(response.bytes_stream());
-        while let Some(event) = events.next().await {
-            let event = event.map_err(|e| UpstreamError::Broken {
-                source_name: self.name().to_owned(),
-                reason: format!("bad event stream: {e}"),
-            })?;
-            let Some(data) = event.data.filter(|d| !d.is_empty()) else {
-                continue;
-            };
-            if data.len() > self.max_frame {
-                return Err(UpstreamError::TooLarge {
-                    source_name: self.name().to_owned(),
-                    limit: self.max_frame,
-                });
-            }
-            let data = Bytes::from(data);
-            if self
-                .session
-                .lock()
-                .expect("session lock is never held across a panic")
-                .version
-                .is_none()
-            {
-                self.remember_version(&data);
-            }
-            self.send(Frame::message(exchange, data)).await;
+        let broken = |reason: String| UpstreamError::Broken {
+            source_name: self.name().to_owned(),
+            reason,
+        };
+        if exchange != UNSOLICITED {
+            self.send(Frame::streaming(exchange)).await;
         }
-        Ok(())
+        let (mut last_id, mut retry, mut resumes) = (None::<String>, None::<u64>, 0);
+        let mut response = response;
+        loop {
+            let mut events = SseByteStream::new(response.bytes_stream());
+            let mut failure = None;
+            while let Some(event) = events.next().await {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        failure = Some(format!("bad event stream: {e}"));
+                        break;
+                    }
+                };
+                if let Some(id) = event.id {
+                    last_id = Some(id);
+                }
+                retry = event.retry.or(retry);
+                let Some(data) = event.data.filter(|d| !d.is_empty()) else {
+                    continue;
+                };
+                if data.len() > self.max_frame {
+                    return Err(UpstreamError::TooLarge {
+                        source_name: self.name().to_owned(),
+                        limit: self.max_frame,
+                    });
+                }
+                let data = Bytes::from(data);
+                if self
+                    .session
+                    .lock()
+                    .expect("session lock is never held across a panic")
+                    .version
+                    .is_none()
+                {
+                    self.remember_version(&data);
+                }
+                answered(&data, pending);
+                self.send(Frame::message(exchange, data)).await;
+                if exchange != UNSOLICITED && pending.is_empty() {
+                    return Ok(());
+                }
+            }
+            if exchange == UNSOLICITED || pending.is_empty() {
+                return failure.map_or(Ok(()), |reason| Err(broken(reason)));
+            }
+            let Some(id) = last_id.clone() else {
+                return Err(broken(failure.unwrap_or_else(|| {
+                    "it closed its event stream before answering".into()
+                })));
+            };
+            if resumes >= RESUME_ATTEMPTS {
+                return Err(broken(format!(
+                    "its event stream ended {resumes} times before answering"
+                )));
+            }
+            resumes += 1;
+            let delay = Duration::from_millis(retry.unwrap_or(DEFAULT_RESUME_DELAY_MS))
+                .min(MAX_RESUME_DELAY);
+            tokio::time::sleep(delay).await;
+            let mut headers = self.headers(false);
+            headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+            headers.remove(CONTENT_TYPE);
+            if let Ok(value) = HeaderValue::from_str(&id) {
+                headers.insert("last-event-id", value);
+            }
+            tracing::debug!(source = %self.name(), last_event_id = %id, "resuming the upstream's answer");
+            response = self
+                .source
+                .client
+                .get(self.source.url.clone())
+                .headers(headers)
+                .send()
+                .await
+                .map_err(|e| broken(format!("resuming its event stream: {}", error_chain(&e))))?;
+            if !response.status().is_success() {
+                return Err(broken(format!(
+                    "resuming its event stream: HTTP {}",
+                    response.status()
+                )));
+            }
+        }
     }
 
     /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
@@ -461,7 +544,10 @@ impl StreamContext {
                 Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
                 Ok(response) if response.status().is_success() => {
                     failures = 0;
-                    if let Err(e) = self.relay_sse(UNSOLICITED, response).await {
+                    if let Err(e) = self
+                        .relay_sse(UNSOLICITED, response, &mut HashSet::new())
+                        .await
+                    {
                         tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
                         failures += 1;
                     }
@@ -496,6 +582,29 @@ impl StreamContext {
             }
             Err(e) => {
                 tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream session delete failed")
+            }
+        }
+    }
+}
+
+/// A request id as a lookup key: its JSON text, trimmed.
+fn id_key(id: &serde_json::value::RawValue) -> String {
+    id.get().trim().to_owned()
+}
+
+/// Removes from `pending` the ids `message` answers.
+fn answered(message: &[u8], pending: &mut HashSet<String>) {
+    if pending.is_empty() {
+        return;
+    }
+    if let Ok(classified) = classify(message) {
+        for response in classified
+            .messages()
+            .iter()
+            .filter(|m| m.kind == MessageKind::Response)
+        {
+            if let Some(id) = response.id.as_deref() {
+                pending.remove(&id_key(id));
             }
         }
     }
