@@ -5,7 +5,7 @@
 //! each tagged with the exchange of the request whose response carried it.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use sse_stream::SseByteStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::legacy;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
@@ -46,6 +47,9 @@ pub struct HttpSource {
     name: String,
     url: reqwest::Url,
     client: reqwest::Client,
+    /// Whether the upstream speaks the 2024-11-05 HTTP+SSE transport instead of Streamable
+    /// HTTP: known from a URL ending in `/sse`, else learned on the first session.
+    legacy: OnceLock<bool>,
 }
 
 /// Why an upstream exchange failed, in words for the agent.
@@ -104,11 +108,40 @@ impl HttpSource {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("source {name}: HTTP client: {e}"))?;
+        let legacy = OnceLock::new();
+        if url.path().trim_end_matches('/').ends_with("/sse") {
+            let _ = legacy.set(true);
+        }
         Ok(Self {
             name: name.to_owned(),
             url,
             client,
+            legacy,
         })
+    }
+
+    /// Opens an HTTP+SSE session when the upstream speaks that transport: always for a known
+    /// legacy upstream, and once, on the first session, for an upstream not yet known (the
+    /// GET a Streamable HTTP server refuses without a session id is the probe).
+    async fn legacy_session(&self, era: Era) -> Result<Option<legacy::Opened>, String> {
+        match (self.legacy.get(), era) {
+            (Some(false), _) | (None, Era::Stateless) => Ok(None),
+            (Some(true), _) => match legacy::open(&self.client, &self.url).await? {
+                Some(opened) => Ok(Some(opened)),
+                None => Err(format!(
+                    "source {} did not open an HTTP+SSE event stream",
+                    self.name
+                )),
+            },
+            (None, Era::Session) => {
+                let opened = legacy::open(&self.client, &self.url).await.unwrap_or(None);
+                let _ = self.legacy.set(opened.is_some());
+                if opened.is_some() {
+                    tracing::info!(source = %self.name, "upstream speaks the 2024-11-05 HTTP+SSE transport");
+                }
+                Ok(opened)
+            }
+        }
     }
 
     /// Serves one exchange stream: forwards each message upstream and tags what comes back.
@@ -118,6 +151,46 @@ impl HttpSource {
         mut reader: FrameReader<RecvHalf>,
         mut writer: FrameWriter<SendHalf>,
     ) {
+        match self.legacy_session(header.era).await {
+            Ok(Some(opened)) => {
+                return legacy::serve(
+                    self.name.as_str().into(),
+                    self.client.clone(),
+                    opened,
+                    header,
+                    reader,
+                    writer,
+                )
+                .await;
+            }
+            Ok(None) => {}
+            Err(reason) => {
+                // Every request of the first message gets the reason, then the stream ends.
+                if let Ok(Some(frame)) = reader.next().await
+                    && let Ok(classified) = classify(&frame.payload)
+                {
+                    for request in classified
+                        .messages()
+                        .iter()
+                        .filter(|m| m.kind == MessageKind::Request)
+                    {
+                        let _ = writer
+                            .send(&Frame::message(
+                                frame.exchange,
+                                error_body(
+                                    request.id.as_deref(),
+                                    codes::SOURCE_UNAVAILABLE,
+                                    &reason,
+                                ),
+                            ))
+                            .await;
+                    }
+                    let _ = writer.send(&Frame::end(frame.exchange)).await;
+                }
+                let _ = writer.send(&Frame::close(reason)).await;
+                return;
+            }
+        }
         let max_frame = writer.limit();
         let (out, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
         let writer_task = tokio::spawn(async move {

@@ -1,6 +1,8 @@
 //! The upstream MCP servers `connect` serves, by name.
 
 pub mod http;
+pub mod legacy;
+pub mod routing;
 pub mod stdio;
 
 use std::collections::HashMap;

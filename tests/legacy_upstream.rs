@@ -1,0 +1,112 @@
+//! `connect` in front of an upstream that speaks the 2024-11-05 HTTP+SSE transport: the
+//! reference server-everything in its `sse` mode, reached by agents over Streamable HTTP.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+
+use common::{Agent, Harness, Options, WAIT, tool_text};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamable_agents_reach_an_http_sse_upstream() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers/node_modules/@modelcontextprotocol/server-everything/dist/index.js");
+    assert!(
+        script.exists(),
+        "{} is missing: run scripts/install-peers.sh",
+        script.display()
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = common::spawn(
+        tokio::process::Command::new("node")
+            .arg(&script)
+            .arg("sse")
+            .env("PORT", port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let stderr = child.0.stderr.take().expect("piped");
+    let stdout = child.0.stdout.take().expect("piped");
+    // Every output line goes to one queue, drained for the child's whole life.
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for reader in [
+        Box::new(stderr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+        Box::new(stdout),
+    ] {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.recv().await {
+            if line.contains("listening on port") || line.contains("running on") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("server-everything (sse) starts");
+
+    let harness = Harness::start(Options::default()).await;
+    // It listens on every interface; traffic goes to loopback only.
+    let _client = harness
+        .connect(
+            &harness.acme.clone(),
+            &[("everything", &format!("http://127.0.0.1:{port}/sse"))],
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200, "{init:?}");
+    assert!(
+        init.response()["result"]["serverInfo"].is_object(),
+        "{init:?}"
+    );
+    let list = agent
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+        .await;
+    assert!(
+        list.response()["result"]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .any(|t| t["name"] == "echo"),
+        "{list:?}"
+    );
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..5u64 {
+        let agent = agent.clone();
+        calls.spawn(async move {
+            let answer = agent
+                .call_tool(10 + i, "echo", json!({"message": format!("m{i}")}))
+                .await;
+            assert_eq!(answer.response()["id"], 10 + i);
+            assert_eq!(tool_text(answer.response()), format!("Echo: m{i}"));
+        });
+    }
+    while let Some(call) = calls.join_next().await {
+        call.expect("concurrent calls each get their own answer");
+    }
+    assert_eq!(
+        agent
+            .request(reqwest::Method::DELETE)
+            .send()
+            .await
+            .expect("DELETE")
+            .status(),
+        200
+    );
+    let _ = child.0.start_kill();
+    let _ = child.0.wait().await;
+}
