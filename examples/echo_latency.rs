@@ -1,16 +1,24 @@
-//! Echo round-trip latency through the tunnel next to the same calls straight to the upstream,
-//! in one process and one run, so the two are measured under the same conditions.
+//! Echo round-trip latency and large-result throughput: straight to the upstream, through the
+//! tunnel over QUIC, and through the tunnel over the HTTPS fallback, in one process and one run
+//! so the three are measured under the same conditions.
 //!
 //! ```text
-//! cargo run --release --example echo_latency -- [CALLS_PER_ROUND] [ROUNDS]
+//! cargo run --release --example echo_latency -- [CALLS_PER_ROUND] [ROUNDS] [BLOB_MIB] [BLOBS]
 //! ```
 //!
-//! It starts the demo (relay, connect and the built-in MCP server on loopback), opens one
-//! session-era session on each path, and alternates rounds of sequential `echo` calls between
-//! them so that drift in machine load hits both alike.
+//! It starts the built-in MCP server, a relay and two `connect`s on loopback (one forced to
+//! QUIC, one to HTTPS, each serving the same upstream under its own source name), opens one
+//! session-era session per path, and alternates rounds of sequential `echo` calls between the
+//! paths so that drift in machine load hits all alike. Then it fetches `blob` results.
 
 use std::time::{Duration, Instant};
 
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{LimitsSection, SourceConfig, SourceTarget, TransportChoice};
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::govern::{Identity, Keyring, Policy, SecretHash};
+use mcp_tunnel::relay::{Governance, Relay, RelaySettings};
+use mcp_tunnel::transport::tls;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -76,10 +84,19 @@ impl Session {
         Ok(session)
     }
 
-    async fn echo(&self, id: u64) -> anyhow::Result<Duration> {
+    async fn call(
+        &self,
+        id: u64,
+        tool: &str,
+        arguments: Value,
+    ) -> anyhow::Result<(Duration, Value)> {
         let started = Instant::now();
-        let (_, response) = self.post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"message":"ping"}}})).await?;
-        let elapsed = started.elapsed();
+        let (_, response) = self.post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":arguments}})).await?;
+        Ok((started.elapsed(), response))
+    }
+
+    async fn echo(&self, id: u64) -> anyhow::Result<Duration> {
+        let (elapsed, response) = self.call(id, "echo", json!({"message": "ping"})).await?;
         anyhow::ensure!(
             response["result"]["content"][0]["text"] == "ping",
             "unexpected answer: {response}"
@@ -95,56 +112,143 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let per_round: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(500);
-    let rounds: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(4);
+    let mut args = std::env::args().skip(1).map(|a| a.parse::<u64>());
+    let per_round = args.next().transpose()?.unwrap_or(500);
+    let rounds = args.next().transpose()?.unwrap_or(4);
+    let blob_mib = args.next().transpose()?.unwrap_or(8);
+    let blobs = args.next().transpose()?.unwrap_or(8);
     let shutdown = CancellationToken::new();
-    let demo = mcp_tunnel::demo::start("127.0.0.1:0".parse()?, shutdown.clone()).await?;
-    let direct = Session::open(&demo.upstream_url, None).await?;
-    let tunnel = Session::open(&demo.agent_url, Some(demo.api_key.clone())).await?;
-    for i in 0..200 {
-        direct.echo(i).await?;
-        tunnel.echo(i).await?;
+
+    let upstream =
+        mcp_tunnel::demo::upstream::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    let upstream_url = format!("http://{upstream}/mcp");
+    let certs = mcp_tunnel::certs::generate(&[])?;
+    let (token, key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let mut keyring = Keyring::default();
+    keyring.add_tunnel_token(SecretHash::of(&token), "bench".into());
+    keyring.add_api_key(
+        SecretHash::of(&key),
+        Identity {
+            tenant: "bench".into(),
+            subject: "bench".into(),
+            roles: Vec::new().into(),
+        },
+    );
+    let relay = Relay::bind(RelaySettings {
+        tunnel_listen: "127.0.0.1:0".parse()?,
+        identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)?,
+        agents_listen: "127.0.0.1:0".parse()?,
+        admin_listen: None,
+        governance: Governance {
+            keyring,
+            policy: Policy::default(),
+        },
+        limits: LimitsSection::default(),
+        allowed_origins: Vec::new(),
+        allowed_hosts: Vec::new(),
+        sse_keep_alive: Duration::from_secs(20),
+    })
+    .await?;
+    let (agents, tunnel, state) = (
+        relay.agents_addr(),
+        relay.tunnel_addr(),
+        relay.state().clone(),
+    );
+    tokio::spawn(relay.serve(shutdown.clone()));
+    for (name, transport) in [
+        ("quic", TransportChoice::Quic),
+        ("https", TransportChoice::Https),
+    ] {
+        let source = SourceConfig {
+            name: name.into(),
+            target: SourceTarget::Http(upstream_url.clone()),
+        };
+        let mut settings = ClientSettings::new(tunnel.to_string(), token.clone(), vec![source]);
+        settings.ca_pem = Some(certs.ca_pem.clone());
+        settings.transport = transport;
+        settings.connections = 1;
+        tokio::spawn(client::run(settings, shutdown.clone()));
+        tokio::time::timeout(
+            Duration::from_secs(15),
+            state.registry.wait_for("bench", name),
+        )
+        .await?;
     }
-    let (mut direct_times, mut tunnel_times) = (Vec::new(), Vec::new());
+
+    let paths = [
+        (
+            "direct to upstream",
+            Session::open(&upstream_url, None).await?,
+        ),
+        (
+            "relay + QUIC tunnel",
+            Session::open(&format!("http://{agents}/mcp/quic"), Some(key.clone())).await?,
+        ),
+        (
+            "relay + HTTPS fallback",
+            Session::open(&format!("http://{agents}/mcp/https"), Some(key.clone())).await?,
+        ),
+    ];
+    for (_, session) in &paths {
+        for i in 0..200 {
+            session.echo(i).await?;
+        }
+    }
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); paths.len()];
     let mut id = 1_000;
     for _ in 0..rounds {
-        for _ in 0..per_round {
-            id += 1;
-            direct_times.push(direct.echo(id).await?);
-        }
-        for _ in 0..per_round {
-            id += 1;
-            tunnel_times.push(tunnel.echo(id).await?);
+        for (i, (_, session)) in paths.iter().enumerate() {
+            for _ in 0..per_round {
+                id += 1;
+                times[i].push(session.echo(id).await?);
+            }
         }
     }
-    direct_times.sort();
-    tunnel_times.sort();
+    let size = blob_mib * 1024 * 1024;
+    let mut throughput = Vec::new();
+    for (_, session) in &paths {
+        session.call(1, "blob", json!({"size": size})).await?; // warm-up
+        let started = Instant::now();
+        for i in 0..blobs {
+            let (_, response) = session.call(2 + i, "blob", json!({"size": size})).await?;
+            let text = response["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default();
+            anyhow::ensure!(
+                text.len() as u64 == size,
+                "blob of {} bytes, expected {size}",
+                text.len()
+            );
+        }
+        throughput.push((size * blobs) as f64 / started.elapsed().as_secs_f64() / 1e6);
+    }
     println!(
-        "echo round trip, {} sequential calls per path, session era, loopback",
-        direct_times.len()
+        "echo round trip: {} sequential calls per path (session era, loopback); blob: {blobs} x {blob_mib} MiB sequential",
+        rounds * per_round
     );
     println!(
-        "{:<28} {:>9} {:>9} {:>9}",
-        "path", "p50 ms", "p90 ms", "p99 ms"
+        "{:<24} {:>9} {:>9} {:>9} {:>12}",
+        "path", "p50 ms", "p90 ms", "p99 ms", "blob MB/s"
     );
-    for (name, times) in [
-        ("direct to upstream", &direct_times),
-        ("relay + QUIC tunnel", &tunnel_times),
-    ] {
+    for (i, (name, _)) in paths.iter().enumerate() {
+        times[i].sort();
         println!(
-            "{:<28} {:>9.3} {:>9.3} {:>9.3}",
+            "{:<24} {:>9.3} {:>9.3} {:>9.3} {:>12.0}",
             name,
-            percentile(times, 0.5),
-            percentile(times, 0.9),
-            percentile(times, 0.99)
+            percentile(&times[i], 0.5),
+            percentile(&times[i], 0.9),
+            percentile(&times[i], 0.99),
+            throughput[i]
         );
     }
-    println!(
-        "added by the tunnel: p50 {:+.3} ms, p99 {:+.3} ms",
-        percentile(&tunnel_times, 0.5) - percentile(&direct_times, 0.5),
-        percentile(&tunnel_times, 0.99) - percentile(&direct_times, 0.99)
-    );
+    for (i, (name, _)) in paths.iter().enumerate().skip(1) {
+        println!(
+            "added by {name}: p50 {:+.3} ms, p99 {:+.3} ms; throughput {:.2}x direct",
+            percentile(&times[i], 0.5) - percentile(&times[0], 0.5),
+            percentile(&times[i], 0.99) - percentile(&times[0], 0.99),
+            throughput[i] / throughput[0]
+        );
+    }
     shutdown.cancel();
     Ok(())
 }

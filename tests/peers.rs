@@ -209,6 +209,52 @@ async fn run(what: String, command: &mut Command) -> Ran {
     }
 }
 
+/// The `key: value` lines (each value JSON) a finished peer script printed.
+struct Facts {
+    script: &'static str,
+    ran: Ran,
+    values: HashMap<String, Value>,
+}
+
+impl Facts {
+    /// Parses every line of `ran`'s stdout that holds `: `.
+    fn parse(script: &'static str, ran: Ran) -> Self {
+        let values = ran
+            .stdout
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+            .map(|(key, value)| {
+                let value = serde_json::from_str(value).unwrap_or_else(|e| {
+                    panic!("{script} printed {key} as non-JSON ({e}): {value}")
+                });
+                (key.to_owned(), value)
+            })
+            .collect();
+        Self {
+            script,
+            ran,
+            values,
+        }
+    }
+
+    /// The value printed for `key`, which must be there.
+    fn get(&self, key: &str) -> &Value {
+        self.values.get(key).unwrap_or_else(|| {
+            panic!(
+                "{} printed no `{key}`:\nstdout:\n{}\nstderr:\n{}",
+                self.script, self.ran.stdout, self.ran.stderr
+            )
+        })
+    }
+
+    /// The string printed for `key`.
+    fn text(&self, key: &str) -> &str {
+        self.get(key)
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: `{key}` is a string: {}", self.script, self.get(key)))
+    }
+}
+
 /// What `tests/peers/client.py` (the Python SDK client) reported.
 struct PyClient {
     negotiated: String,
@@ -238,24 +284,8 @@ async fn python_client_call(
     let ran = run(format!("client.py {url} {mode}"), &mut command)
         .await
         .succeeded();
-    let facts: HashMap<&str, Value> = ran
-        .stdout
-        .lines()
-        .filter_map(|line| line.split_once(": "))
-        .map(|(key, value)| {
-            let value = serde_json::from_str(value)
-                .unwrap_or_else(|e| panic!("client.py printed {key} as non-JSON ({e}): {value}"));
-            (key, value)
-        })
-        .collect();
-    let fact = |key: &str| {
-        facts.get(key).cloned().unwrap_or_else(|| {
-            panic!(
-                "client.py printed no `{key}`:\nstdout:\n{}\nstderr:\n{}",
-                ran.stdout, ran.stderr
-            )
-        })
-    };
+    let facts = Facts::parse("client.py", ran);
+    let fact = |key: &str| facts.get(key).clone();
     let parsed = PyClient {
         negotiated: serde_json::from_value(fact("negotiated")).expect("negotiated is a string"),
         tools: serde_json::from_value(fact("tools")).expect("tools is a list of names"),
@@ -265,9 +295,131 @@ async fn python_client_call(
     assert!(
         !parsed.is_error,
         "the tool call through {url} ({mode}) is not an error; stdout:\n{}",
-        ran.stdout
+        facts.ran.stdout
     );
     parsed
+}
+
+/// Runs `tests/peers/callbacks_client.py` (the Python SDK client with sampling and
+/// elicitation callbacks) against server-everything at `url` in `mode` (`legacy`, `auto` or
+/// `sse`), asserts everything it reports, and returns its facts.
+async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
+    let mut command = Command::new(python());
+    command
+        .arg(peer_file("callbacks_client.py"))
+        .args([url, key, mode]);
+    let ran = run(format!("callbacks_client.py {url} {mode}"), &mut command)
+        .await
+        .succeeded();
+    let facts = Facts::parse("callbacks_client.py", ran);
+    let context = format!("{url} ({mode}); stdout:\n{}", facts.ran.stdout);
+
+    assert!(
+        facts.text("negotiated").starts_with("20"),
+        "a protocol version is negotiated through {context}"
+    );
+    let tools: Vec<String> =
+        serde_json::from_value(facts.get("tools").clone()).expect("tools is a list of names");
+    for tool in [
+        "echo",
+        "trigger-sampling-request",
+        "trigger-elicitation-request",
+        "trigger-long-running-operation",
+    ] {
+        // The first two are listed only to a client whose initialize declared the capability.
+        assert!(
+            tools.iter().any(|t| t == tool),
+            "{tool} is listed through {context}"
+        );
+    }
+    assert_eq!(facts.text("echo"), "Echo: hi", "echo through {context}");
+
+    // Sampling: the server's request reached the callback once, the answer got back to it.
+    assert_eq!(
+        facts.get("sampling_calls"),
+        &Value::from(1),
+        "the sampling callback ran exactly once through {context}"
+    );
+    assert!(
+        facts
+            .text("sampling_prompt")
+            .contains("tunnel-sampling-prompt"),
+        "the sampling request carries the tool's prompt through {context}"
+    );
+    assert_eq!(
+        facts.get("sampling_is_error"),
+        &Value::Bool(false),
+        "{context}"
+    );
+    let sampled = facts.text("sampling_result");
+    let sampled: Value = serde_json::from_str(
+        sampled
+            .strip_prefix("LLM sampling result: \n")
+            .unwrap_or_else(|| panic!("a sampling result through {context}")),
+    )
+    .unwrap_or_else(|e| panic!("the sampling result holds JSON ({e}) through {context}"));
+    assert_eq!(
+        sampled["content"]["text"],
+        *facts.get("sampling_answer"),
+        "the server got the callback's answer through {context}"
+    );
+    assert_eq!(sampled["model"], "tunnel-test-model", "{context}");
+
+    // Elicitation: the callback's accepted content is what the server got.
+    assert_eq!(
+        facts.get("elicitation_calls"),
+        &Value::from(1),
+        "the elicitation callback ran exactly once through {context}"
+    );
+    assert_eq!(
+        facts.text("elicitation_message"),
+        "Please provide inputs for the following fields:",
+        "{context}"
+    );
+    assert_eq!(
+        facts.get("elicitation_is_error"),
+        &Value::Bool(false),
+        "{context}"
+    );
+    let elicited = facts.text("elicitation_result");
+    assert!(
+        elicited.contains("User provided the requested information!")
+            && elicited.contains("- Name: Ada Through-Tunnel"),
+        "the server saw an accepted elicitation through {context}"
+    );
+    let raw: Value = serde_json::from_str(
+        elicited
+            .split_once("Raw result: ")
+            .unwrap_or_else(|| panic!("the raw elicitation result through {context}"))
+            .1,
+    )
+    .unwrap_or_else(|e| panic!("the raw elicitation result is JSON ({e}) through {context}"));
+    assert_eq!(raw["action"], "accept", "{context}");
+    assert_eq!(
+        raw["content"],
+        *facts.get("elicitation_content"),
+        "the server got the accepted content through {context}"
+    );
+
+    // Progress: every notification of the long-running call, once each, in order.
+    let progress: Vec<(f64, Option<f64>)> = serde_json::from_value(facts.get("progress").clone())
+        .expect("progress is a list of [progress, total]");
+    assert!(
+        !progress.is_empty(),
+        "progress notifications arrived through {context}"
+    );
+    assert_eq!(
+        progress,
+        [1.0, 2.0, 3.0, 4.0].map(|step| (step, Some(4.0))),
+        "each of the 4 progress notifications arrived exactly once, in order, through {context}"
+    );
+    assert_eq!(facts.get("long_is_error"), &Value::Bool(false), "{context}");
+    assert_eq!(
+        facts.text("long_result"),
+        "Long running operation completed. Duration: 2 seconds, Steps: 4.",
+        "{context}"
+    );
+    facts
 }
 
 /// Runs the Inspector CLI with `args` against `url` and returns its `--format json` output.
@@ -285,14 +437,17 @@ async fn inspector(url: &str, key: &str, args: &[&str]) -> Value {
         .json()
 }
 
+/// server-everything's entry point (`node index.js stdio|sse|streamableHttp`).
+fn server_everything_script() -> PathBuf {
+    peer_file("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
+}
+
 /// server-everything (Streamable HTTP, session era) on a free port; returns it and its URL.
 async fn start_server_everything() -> (Peer, String) {
     let port = free_port();
     let mut command = Command::new(node());
     command
-        .arg(peer_file(
-            "node_modules/@modelcontextprotocol/server-everything/dist/index.js",
-        ))
+        .arg(server_everything_script())
         .arg("streamableHttp")
         .env("PORT", port.to_string());
     let mut peer = Peer::start("server-everything", &mut command);
@@ -501,4 +656,54 @@ async fn demo_command_answers_the_python_sdk() {
     }
 
     demo.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_callbacks_and_progress_through_tunnel_to_stdio_server_everything() {
+    let harness = common::Harness::start(common::Options::default()).await;
+    let source = format!(
+        "stdio:{} {} stdio",
+        node().display(),
+        server_everything_script().display()
+    );
+    let client = harness
+        .connect(&harness.acme, &[("everything", source.as_str())])
+        .await;
+    let key = harness.acme.api_key.clone();
+
+    // The session era over Streamable HTTP: server-to-client requests and progress ride the
+    // SSE stream of the tools/call, the answers come back as POSTs.
+    let legacy = callbacks_client(&harness.url("everything"), &key, "legacy").await;
+    assert!(
+        legacy.text("negotiated").starts_with("2025-"),
+        "legacy negotiates a session-era version: {}",
+        legacy.text("negotiated")
+    );
+
+    // auto probes server/discover first (the pooled stateless process answers it with an
+    // error), then falls back to the handshake and a session of its own.
+    let auto = callbacks_client(&harness.url("everything"), &key, "auto").await;
+    assert!(
+        auto.text("negotiated").starts_with("2025-"),
+        "auto falls back to a session-era version: {}",
+        auto.text("negotiated")
+    );
+
+    // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same stdio upstream: echo,
+    // and the same callbacks and progress on the one GET stream.
+    let sse_url = format!("http://{}/sse/everything", harness.agents);
+    callbacks_client(&sse_url, &key, "sse").await;
+
+    let rows = harness.state.registry.rows();
+    let row = rows
+        .iter()
+        .find(|row| row.tenant == harness.acme.name && row.source == "everything")
+        .unwrap_or_else(|| panic!("a registry row for acme/everything: {rows:?}"));
+    assert!(
+        row.streams_opened >= 3,
+        "each session rode its own tunnel stream: {row:?}"
+    );
+
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
 }
