@@ -15,7 +15,7 @@ pub mod proxy;
 pub mod sources;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
@@ -279,7 +279,7 @@ async fn run_slot(
             mut control_in,
             mut control_out,
         } = tunnel;
-        let active = Arc::new(AtomicUsize::new(0));
+        let active = Arc::new(ActiveStreams::default());
         let server = tokio::spawn(serve_streams(
             connection.clone(),
             welcomed.tenant.into(),
@@ -399,27 +399,41 @@ async fn watch(
 /// Lets streams in flight finish (bounded), then closes the connection.
 async fn finish(
     connection: Arc<dyn TunnelConnection>,
-    active: Arc<AtomicUsize>,
+    active: Arc<ActiveStreams>,
     server: tokio::task::JoinHandle<()>,
     reason: &str,
 ) {
-    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-    while active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = connection.closed() => break,
-        }
+    let mut count = active.0.subscribe();
+    tokio::select! {
+        _ = tokio::time::timeout(DRAIN_GRACE, count.wait_for(|n| *n == 0)) => {}
+        _ = connection.closed() => {}
     }
     server.abort();
     connection.close(reason);
 }
 
 /// Counts a stream as active while it is served.
-struct ActiveGuard(Arc<AtomicUsize>);
+struct ActiveGuard(Arc<ActiveStreams>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Streams being served on one connection; a drain waits for the count to reach zero.
+struct ActiveStreams(tokio::sync::watch::Sender<usize>);
+
+impl Default for ActiveStreams {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(0).0)
+    }
+}
+
+impl ActiveStreams {
+    fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.0.send_modify(|n| *n += 1);
+        ActiveGuard(self.clone())
     }
 }
 
@@ -429,12 +443,11 @@ async fn serve_streams(
     tenant: Arc<str>,
     limit: usize,
     sources: Arc<Sources>,
-    active: Arc<AtomicUsize>,
+    active: Arc<ActiveStreams>,
 ) {
     while let Ok(stream) = connection.accept_stream().await {
         let (sources, tenant) = (sources.clone(), tenant.clone());
-        active.fetch_add(1, Ordering::Relaxed);
-        let guard = ActiveGuard(active.clone());
+        let guard = active.enter();
         tokio::spawn(async move {
             let _guard = guard;
             let mut reader = FrameReader::new(stream.recv, limit);
