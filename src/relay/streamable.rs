@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use super::RelayState;
 use super::agent::{authorize, gate, header_str, open_channel, open_header, read_message};
@@ -252,10 +253,11 @@ async fn handle_get(
         // standalone stream ends when draining starts. Only a fresh stream is primed.
         let (reader, ids, until) = match resume {
             Some((log, seq)) => {
+                // A resumed answer ends with its log (see `answer::stream_answer`).
                 let until = if log.stream == super::sessions::STANDALONE_STREAM {
                     state.shutdown.clone()
                 } else {
-                    state.stop.clone()
+                    CancellationToken::new()
                 };
                 (log.attach(Start::After(seq)), EventIds::Resumable, until)
             }

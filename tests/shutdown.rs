@@ -1,0 +1,665 @@
+//! Graceful shutdown of real processes: the relay binary on SIGTERM during a load of calls (no
+//! call hangs; each succeeds or gets an error that names the shutdown), and the `connect`
+//! binary on SIGTERM (the relay forgets its tunnel at once, and it exits 0).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Agent, Harness, Options, WAIT, sse_data};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::identity::new_secret;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// From SIGTERM: every call has ended and the relay has exited. The relay's grace period is
+/// 10 s, then 2 s for the last answers and up to 2 s for QUIC closes.
+const BOUND: Duration = Duration::from_secs(25);
+/// The relay's grace period for calls in flight (`DRAIN_TIMEOUT` in src/relay/mod.rs).
+const GRACE: Duration = Duration::from_secs(10);
+/// Sessions issuing short calls in a loop.
+const SHORT_SESSIONS: usize = 8;
+const SHORT_MS: u64 = 200;
+/// Calls that outlive the grace period, each in its own session.
+const LONG_CALLS: usize = 2;
+const LONG_MS: u64 = 30_000;
+
+// ---------------------------------------------------------------------------------------------
+// Logs of the in-process parts (connect), kept so a test can assert on them.
+
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+/// Writes each log line to the captured test output and to [`LOG`].
+struct Tee;
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().expect("log lock").extend_from_slice(buf);
+        print!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "mcp_tunnel=debug,warn".into()),
+        )
+        .with_ansi(false)
+        .with_writer(|| Tee)
+        .try_init();
+}
+
+fn logged() -> String {
+    String::from_utf8_lossy(&LOG.lock().expect("log lock")).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real process, its output drained line by line (so a full pipe never blocks it).
+
+struct Process {
+    name: &'static str,
+    child: common::Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    fn start(name: &'static str, command: &mut Command) -> Self {
+        let mut child = common::spawn(command.env("NO_COLOR", "1"));
+        let (tx, lines) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.0.stdout.take().expect("stdout is piped");
+        let stderr = child.0.stderr.take().expect("stderr is piped");
+        tokio::spawn(drain(stdout, tx.clone(), log.clone()));
+        tokio::spawn(drain(stderr, tx, log.clone()));
+        Self {
+            name,
+            child,
+            lines,
+            log,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        let pid = self.child.0.id().expect("the process has not been reaped");
+        i32::try_from(pid).expect("a PID fits in pid_t")
+    }
+
+    fn sigterm(&self) {
+        // SAFETY: kill(2) with a PID of our own unreaped child and a valid signal number.
+        let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill({}, SIGTERM) failed", self.pid());
+    }
+
+    fn output(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// The first line (ANSI codes stripped) that `matches` accepts, within [`WAIT`].
+    async fn wait_for_line(&mut self, what: &str, mut matches: impl FnMut(&str) -> bool) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.recv().await {
+                if matches(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!(
+                "{} exited before printing {what}; output:\n{}",
+                self.name,
+                self.output()
+            ),
+            Err(_) => panic!(
+                "{} did not print {what} within {WAIT:?}; output:\n{}",
+                self.name,
+                self.output()
+            ),
+        }
+    }
+
+    /// Waits (until `deadline`) for the process to exit; panics with its output otherwise.
+    async fn exit_status(&mut self, deadline: tokio::time::Instant) -> std::process::ExitStatus {
+        match tokio::time::timeout_at(deadline, self.child.0.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("waiting for {}: {e}", self.name),
+            Err(_) => {
+                let _ = self.child.0.start_kill();
+                panic!(
+                    "{} did not exit in time after SIGTERM (killed); output:\n{}",
+                    self.name,
+                    self.output()
+                )
+            }
+        }
+    }
+}
+
+async fn drain(
+    pipe: impl AsyncRead + Unpin,
+    tx: mpsc::UnboundedSender<String>,
+    log: Arc<Mutex<Vec<String>>>,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let line = strip_ansi(&line);
+        log.lock().expect("log lock").push(line.clone());
+        let _ = tx.send(line);
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`), should a log be colored after all.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The address after `key=` on a log line.
+fn field(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent calls that report how they ended instead of panicking.
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// The tool's text.
+    Ok(String),
+    /// A JSON-RPC error's message.
+    RpcError(String),
+    /// No JSON-RPC answer at all: a transport error, or a body without the response.
+    Failed(String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Ok(text) => write!(f, "succeeded: {text:?}"),
+            Outcome::RpcError(message) => write!(f, "JSON-RPC error: {message:?}"),
+            Outcome::Failed(why) => write!(f, "no JSON-RPC answer: {why}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Record {
+    session: usize,
+    ms: u64,
+    started: Instant,
+    ended: Instant,
+    outcome: Outcome,
+}
+
+/// Calls `sleep` with `ms` and classifies what came back.
+async fn sleep_call(agent: &Agent, id: u64, ms: u64) -> Outcome {
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"sleep","arguments":{"ms":ms}}});
+    let response = match agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => return Outcome::Failed(format!("request failed: {}", chain(&e))),
+    };
+    let status = response.status();
+    let is_sse = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let bytes = match response.bytes().await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            return Outcome::Failed(format!("HTTP {status}, body failed: {}", chain(&e)));
+        }
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let messages: Vec<Value> = if is_sse {
+        sse_data(&bytes)
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
+    } else {
+        serde_json::from_slice(&bytes).into_iter().collect()
+    };
+    let answer = messages.iter().find(|m| {
+        m.get("id") == Some(&json!(id)) && (m.get("result").is_some() || m.get("error").is_some())
+    });
+    match answer {
+        Some(m) if m.get("error").is_some() => Outcome::RpcError(
+            m["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        Some(m) if m["result"]["isError"] == json!(true) => {
+            Outcome::Failed(format!("tool error: {m}"))
+        }
+        Some(m) => Outcome::Ok(
+            m["result"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        ),
+        None => Outcome::Failed(format!(
+            "HTTP {status}, no response to id {id} in: {text:?}"
+        )),
+    }
+}
+
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// Calls in flight, by (session, id): a call still here at the deadline hung.
+type InFlight = Arc<Mutex<HashMap<(usize, u64), (u64, Instant)>>>;
+
+async fn tracked_call(
+    agent: &Agent,
+    session: usize,
+    id: u64,
+    ms: u64,
+    in_flight: &InFlight,
+    records: &Arc<Mutex<Vec<Record>>>,
+) -> Outcome {
+    let started = Instant::now();
+    in_flight
+        .lock()
+        .expect("lock")
+        .insert((session, id), (ms, started));
+    let outcome = sleep_call(agent, id, ms).await;
+    records.lock().expect("lock").push(Record {
+        session,
+        ms,
+        started,
+        ended: Instant::now(),
+        outcome: outcome.clone(),
+    });
+    in_flight.lock().expect("lock").remove(&(session, id));
+    outcome
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Writes dev certificates and a relay config (every listener on 127.0.0.1:0, one tenant with
+/// the tunnel token and the API key) into `dir`; returns the config path and the CA.
+fn write_relay_config(dir: &Path, tunnel_token: &str, api_key: &str) -> (PathBuf, String) {
+    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+    mcp_tunnel::certs::write(dir, &certs, false).expect("write certificates");
+    let config = format!(
+        r#"[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+
+[agents]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+
+[[tenants.keys]]
+subject = "agent@acme.example"
+key = "{}"
+"#,
+        SecretHash::of(tunnel_token),
+        SecretHash::of(api_key),
+    );
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, config).expect("write relay.toml");
+    (path, certs.ca_pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() {
+    init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tunnel_token = new_secret("mcpt_tok_");
+    let api_key = new_secret("mcpt_key_");
+    let (config, ca_pem) = write_relay_config(dir.path(), &tunnel_token, &api_key);
+
+    let mut relay = Process::start(
+        "relay",
+        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("relay")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info"),
+    );
+    let listening = relay
+        .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
+        .await;
+    let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
+
+    let upstream_stop = CancellationToken::new();
+    let _upstream_guard = upstream_stop.clone().drop_guard();
+    let upstream = common::demo_upstream(&upstream_stop).await;
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
+        tunnel_token.clone(),
+        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
+    );
+    settings.ca_pem = Some(ca_pem);
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    let connect_stop = CancellationToken::new();
+    let _connect_guard = connect_stop.clone().drop_guard();
+    let connect = tokio::spawn(client::run(settings, connect_stop.clone()));
+    relay
+        .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
+        .await;
+
+    // Ten sessions: eight for short calls in a loop, two for one long call each.
+    let url = format!("http://{agents}/mcp/demo");
+    let mut sessions = Vec::new();
+    for _ in 0..SHORT_SESSIONS + LONG_CALLS {
+        let mut agent = Agent::new(&url, &api_key);
+        let answer = agent.initialize().await;
+        assert!(
+            answer.status == 200 && agent.session.is_some(),
+            "session opens: {answer:?}"
+        );
+        sessions.push(agent);
+    }
+
+    let in_flight: InFlight = Arc::default();
+    let records: Arc<Mutex<Vec<Record>>> = Arc::default();
+    let stop_issuing = Arc::new(AtomicBool::new(false));
+    let short_done = Arc::new(AtomicU64::new(0));
+    let mut calls = tokio::task::JoinSet::new();
+    for (session, agent) in sessions.into_iter().enumerate() {
+        let (in_flight, records, stop_issuing, short_done) = (
+            in_flight.clone(),
+            records.clone(),
+            stop_issuing.clone(),
+            short_done.clone(),
+        );
+        calls.spawn(async move {
+            if session >= SHORT_SESSIONS {
+                tracked_call(&agent, session, 1, LONG_MS, &in_flight, &records).await;
+                return;
+            }
+            let mut id = 1;
+            while !stop_issuing.load(Ordering::SeqCst) {
+                tracked_call(&agent, session, id, SHORT_MS, &in_flight, &records).await;
+                short_done.fetch_add(1, Ordering::SeqCst);
+                id += 1;
+            }
+        });
+    }
+    // Load is flowing: every short session has finished a few calls.
+    tokio::time::timeout(WAIT, async {
+        while short_done.load(Ordering::SeqCst) < 3 * SHORT_SESSIONS as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "load did not flow; records: {:?}",
+            records.lock().expect("lock")
+        )
+    });
+
+    // No new calls from now on; the ones just issued reach the relay before SIGTERM does.
+    stop_issuing.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sigterm_at = Instant::now();
+    let deadline = tokio::time::Instant::from_std(sigterm_at + BOUND);
+    relay.sigterm();
+
+    let all_ended = tokio::time::timeout_at(deadline, async {
+        while calls.join_next().await.is_some() {}
+    })
+    .await;
+    if all_ended.is_err() {
+        calls.abort_all();
+        let hung: Vec<String> = in_flight
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|((session, id), (ms, started))| {
+                format!(
+                    "session {session} call {id} (sleep {ms} ms, started {:?} before SIGTERM)",
+                    sigterm_at.saturating_duration_since(*started)
+                )
+            })
+            .collect();
+        panic!(
+            "calls still open {BOUND:?} after SIGTERM: {hung:?}\nrelay output:\n{}",
+            relay.output()
+        );
+    }
+    let status = relay.exit_status(deadline).await;
+    let exited_after = sigterm_at.elapsed();
+
+    let records = records.lock().expect("lock").clone();
+    let report = || {
+        let mut lines: Vec<String> = records
+            .iter()
+            .filter(|r| r.ended >= sigterm_at)
+            .map(|r| {
+                format!(
+                    "session {} sleep {} ms: ended {:?} after SIGTERM: {}",
+                    r.session,
+                    r.ms,
+                    r.ended - sigterm_at,
+                    r.outcome
+                )
+            })
+            .collect();
+        lines.sort();
+        format!(
+            "calls ending after SIGTERM:\n{}\nrelay exited {exited_after:?} after SIGTERM: {status}\nrelay output:\n{}",
+            lines.join("\n"),
+            relay.output()
+        )
+    };
+    // Before SIGTERM everything succeeded.
+    for record in records.iter().filter(|r| r.ended < sigterm_at) {
+        assert!(
+            matches!(&record.outcome, Outcome::Ok(text) if *text == format!("slept {} ms", record.ms)),
+            "a call before SIGTERM failed: {record:?}\n{}",
+            report()
+        );
+    }
+    // Each call either succeeded or got a JSON-RPC error that names the shutdown.
+    for record in &records {
+        let named = matches!(&record.outcome, Outcome::RpcError(message) if message.contains("shutting down"));
+        let served = matches!(&record.outcome, Outcome::Ok(text) if *text == format!("slept {} ms", record.ms));
+        assert!(
+            served || named,
+            "a call neither succeeded nor got an error naming the shutdown: {record:?}\n{}",
+            report()
+        );
+    }
+    // The short calls in flight at SIGTERM finished within the grace period.
+    let short_in_flight: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.ms == SHORT_MS && r.started < sigterm_at && r.ended >= sigterm_at)
+        .collect();
+    assert!(
+        !short_in_flight.is_empty(),
+        "no short call was in flight at SIGTERM: the test proved nothing\n{}",
+        report()
+    );
+    for record in &short_in_flight {
+        assert!(
+            matches!(record.outcome, Outcome::Ok(_)),
+            "a 200 ms call in flight at SIGTERM did not finish within the grace period: {record:?}\n{}",
+            report()
+        );
+    }
+    // The long calls outlived the grace period: they got the error, after it and not before.
+    let long: Vec<&Record> = records.iter().filter(|r| r.ms == LONG_MS).collect();
+    assert_eq!(long.len(), LONG_CALLS, "{}", report());
+    for record in long {
+        assert!(
+            matches!(&record.outcome, Outcome::RpcError(message) if message.contains("shutting down")),
+            "a call outliving the grace period got no error naming the shutdown: {record:?}\n{}",
+            report()
+        );
+        let after = record.ended - sigterm_at;
+        assert!(
+            after >= GRACE - Duration::from_secs(1),
+            "a long call was cut after {after:?}, before the {GRACE:?} grace period\n{}",
+            report()
+        );
+    }
+    assert!(
+        status.success(),
+        "relay exited with {status} ({exited_after:?} after SIGTERM)\n{}",
+        report()
+    );
+    let output = relay.output();
+    assert!(
+        output.contains("draining"),
+        "the relay logs its drain:\n{output}"
+    );
+
+    // connect saw the drain notice (and then tries to reconnect, to a relay that is gone).
+    let log = logged();
+    assert!(
+        log.contains("the relay is draining this connection"),
+        "connect logs the relay's drain notice; its log:\n{log}"
+    );
+    connect_stop.cancel();
+    let ended = tokio::time::timeout(WAIT, connect)
+        .await
+        .expect("connect stops when its token is cancelled")
+        .expect("connect does not panic");
+    assert!(ended.is_ok(), "connect ends cleanly: {ended:?}");
+    eprintln!(
+        "relay exited {exited_after:?} after SIGTERM; {} short calls in flight at SIGTERM all served",
+        short_in_flight.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
+    init_tracing();
+    let upstream_stop = CancellationToken::new();
+    let _upstream_guard = upstream_stop.clone().drop_guard();
+    let upstream = common::demo_upstream(&upstream_stop).await;
+    let harness = Harness::start(Options::default()).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &harness.ca_pem).expect("write ca.pem");
+
+    let mut connect = Process::start(
+        "connect",
+        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("connect")
+            .arg("--relay")
+            .arg(harness.tunnel.to_string())
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--token")
+            .arg(&harness.acme.tunnel_token)
+            .arg("--transport")
+            .arg("quic")
+            .arg("--source")
+            .arg(format!("demo={upstream}"))
+            .env("RUST_LOG", "info"),
+    );
+    let registry = &harness.state.registry;
+    let up = tokio::time::timeout(WAIT, async {
+        // Every connection of the default count is up before the signal.
+        while registry.rows().len() < mcp_tunnel::client::DEFAULT_CONNECTIONS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        up.is_ok(),
+        "connect registers {} connections; rows {:?}; output:\n{}",
+        mcp_tunnel::client::DEFAULT_CONNECTIONS,
+        registry.rows(),
+        connect.output()
+    );
+    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    assert_eq!(
+        agent.initialize().await.status,
+        200,
+        "served through connect"
+    );
+    let _ = agent.request(reqwest::Method::DELETE).send().await;
+
+    let signalled = Instant::now();
+    connect.sigterm();
+    let gone = tokio::time::timeout(Duration::from_secs(3), async {
+        while !registry.rows().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let took = signalled.elapsed();
+    assert!(
+        gone.is_ok(),
+        "the relay still lists connect's tunnels {took:?} after SIGTERM: {:?}\nconnect output:\n{}",
+        registry.rows(),
+        connect.output()
+    );
+    assert!(registry.route("acme", "demo").is_none(), "no route left");
+    let status = connect
+        .exit_status(tokio::time::Instant::now() + WAIT)
+        .await;
+    assert!(
+        status.success(),
+        "connect exits 0 on SIGTERM, got {status}; output:\n{}",
+        connect.output()
+    );
+    eprintln!(
+        "tunnels gone {took:?} after SIGTERM; connect exited after {:?}",
+        signalled.elapsed()
+    );
+    harness.stop().await;
+}
