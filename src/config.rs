@@ -393,7 +393,7 @@ impl SourceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientFile {
-    /// The relay as HOST:PORT.
+    /// The relay as HOST:PORT, or several separated by commas.
     pub relay: String,
     /// CA certificate(s) to verify the relay with; the system roots when absent.
     #[serde(default)]

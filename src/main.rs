@@ -71,9 +71,10 @@ struct ConnectArgs {
     /// A client configuration file (TOML); flags below override nothing in it.
     #[arg(long, conflicts_with_all = ["relay", "sources"])]
     config: Option<PathBuf>,
-    /// The relay as HOST:PORT.
+    /// The relay as HOST:PORT; repeat it (or separate with commas) to spread the connections
+    /// over several relays.
     #[arg(long, required_unless_present = "config")]
-    relay: Option<String>,
+    relay: Vec<String>,
     /// CA certificate(s) to verify the relay with (default: the system roots).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -184,7 +185,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     settings
                 }
                 None => {
-                    let relay = args.relay.context("--relay is required")?;
+                    let relay = args.relay.join(",");
                     let token = args
                         .token
                         .context("a tunnel token is required: --token or MCP_TUNNEL_TOKEN")?;

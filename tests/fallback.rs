@@ -349,3 +349,29 @@ async fn a_dropped_connection_fails_its_calls_at_once_and_the_other_serves() {
     .await
     .expect("connect reconnects the dropped connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_several_relays() {
+    let (first, url, _upstreams) = demo_harness().await;
+    let second = Harness::start(Options {
+        creds: Some((first.acme.clone(), first.other.clone())),
+        ..Options::default()
+    })
+    .await;
+    let mut settings = first.client_settings(&first.acme, &[("demo", &url)]);
+    settings.relay = format!("{},{}", first.tunnel, second.tunnel);
+    settings.connections = 2;
+    settings.ca_pem = Some(format!("{}{}", first.ca_pem, second.ca_pem));
+    let _client = first.connect_with(&first.acme.clone(), settings).await;
+    tokio::time::timeout(WAIT, second.state.registry.wait_for("acme", "demo"))
+        .await
+        .expect("the second relay gets a connection too");
+    for harness in [&first, &second] {
+        assert_eq!(
+            harness.state.registry.rows().len(),
+            1,
+            "one connection per relay"
+        );
+        echo_once(harness, "either relay").await;
+    }
+}

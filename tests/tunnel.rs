@@ -373,6 +373,7 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
             max_message_bytes: LIMIT,
             ..LimitsSection::default()
         },
+        ..Options::default()
     };
     let (harness, _client, _upstreams) = harness_with_demo(options).await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);

@@ -65,7 +65,8 @@ pub enum ClientError {
 /// `connect`'s resolved settings.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// The relay as HOST:PORT.
+    /// The relay as HOST:PORT, or several separated by commas (connections are spread over
+    /// them).
     pub relay: String,
     /// CA PEM file; the system roots when `None`.
     pub ca: Option<std::path::PathBuf>,
@@ -175,19 +176,30 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),
         (None, None) => tls::Roots::System,
     };
-    let host = dial::split_host(&settings.relay)?;
-    let proxy = match &settings.proxy {
-        Some(url) => Some(Proxy::parse(url).map_err(ClientError::Config)?),
-        None => Proxy::from_env(host)
-            .transpose()
-            .map_err(ClientError::Config)?,
-    };
     let hello = dial::hello(
         &settings.token,
         &settings.sources,
         settings.max_message_bytes,
     );
-    let dialer = Arc::new(Dialer::new(&settings.relay, &roots, proxy, hello)?);
+    // One dialer per relay address; connection slots are spread over them.
+    let mut dialers = Vec::new();
+    for relay in settings
+        .relay
+        .split(',')
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+    {
+        let proxy = match &settings.proxy {
+            Some(url) => Some(Proxy::parse(url).map_err(ClientError::Config)?),
+            None => Proxy::from_env(dial::split_host(relay)?)
+                .transpose()
+                .map_err(ClientError::Config)?,
+        };
+        dialers.push(Arc::new(Dialer::new(relay, &roots, proxy, hello.clone())?));
+    }
+    if dialers.is_empty() {
+        return Err(ClientError::Config("no relay address given".into()));
+    }
     let policy = Arc::new(Policy {
         choice: settings.transport,
         udp_blocked: AtomicBool::new(false),
@@ -196,10 +208,10 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
     // A refusal in one slot ends them all.
     let stop = shutdown.child_token();
     let mut slots = JoinSet::new();
-    for slot in 0..settings.connections.max(1) {
+    for slot in 0..settings.connections.max(dialers.len()) {
         slots.spawn(run_slot(
             slot,
-            dialer.clone(),
+            dialers[slot % dialers.len()].clone(),
             policy.clone(),
             sources.clone(),
             stop.clone(),
@@ -214,7 +226,9 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
     }
     // Whatever ended the tunnel, no child process of a stdio source outlives `run`.
     sources.shutdown().await;
-    dialer.wait_idle().await;
+    for dialer in &dialers {
+        dialer.wait_idle().await;
+    }
     result
 }
 

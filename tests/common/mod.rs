@@ -57,6 +57,8 @@ impl TenantCreds {
 #[derive(Clone, Default)]
 pub struct Options {
     pub limits: LimitsSection,
+    /// The tenants' credentials, to share them between relays; fresh ones when `None`.
+    pub creds: Option<(TenantCreds, TenantCreds)>,
 }
 
 /// A running relay with two tenants, `acme` and `other`.
@@ -83,8 +85,10 @@ impl Harness {
     pub async fn start(options: Options) -> Self {
         init_tracing();
         let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
-        let acme = TenantCreds::new("acme");
-        let other = TenantCreds::new("other");
+        let (acme, other) = options
+            .creds
+            .clone()
+            .unwrap_or_else(|| (TenantCreds::new("acme"), TenantCreds::new("other")));
         let mut keyring = Keyring::default();
         for tenant in [&acme, &other] {
             keyring.add_tunnel_token(
