@@ -230,6 +230,18 @@ pub struct RoleSection {
     /// `SOURCE/TOOL` globs denied (deny wins).
     #[serde(default)]
     pub deny: Vec<String>,
+    /// `SOURCE/URI` globs of resources allowed.
+    #[serde(default)]
+    pub allow_resources: Vec<String>,
+    /// `SOURCE/URI` globs of resources denied.
+    #[serde(default)]
+    pub deny_resources: Vec<String>,
+    /// `SOURCE/PROMPT` globs of prompts allowed.
+    #[serde(default)]
+    pub allow_prompts: Vec<String>,
+    /// `SOURCE/PROMPT` globs of prompts denied.
+    #[serde(default)]
+    pub deny_prompts: Vec<String>,
 }
 
 impl RelayConfig {
@@ -291,6 +303,10 @@ impl RelayConfig {
                         Role {
                             allow: role.allow.clone(),
                             deny: role.deny.clone(),
+                            allow_resources: role.allow_resources.clone(),
+                            deny_resources: role.deny_resources.clone(),
+                            allow_prompts: role.allow_prompts.clone(),
+                            deny_prompts: role.deny_prompts.clone(),
                         },
                     )
                     .is_some()

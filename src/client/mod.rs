@@ -42,6 +42,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECTIONS: usize = 2;
 /// Default interval between QUIC probes while on the HTTPS fallback.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest wait for a relay that asked us to drain to close the connection itself.
+const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// Time streams in flight get to finish when a connection drains.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -328,7 +330,16 @@ async fn run_slot(
                 // tell the relay this client is gone, and cut the calls in flight.
                 let control = (control_in, control_out);
                 tokio::spawn(async move {
-                    finish(connection, active, server, "relay shutting down").await;
+                    // The relay decides when its drain is over (it closes the connection);
+                    // our own bound only guards against a relay that never does.
+                    finish(
+                        connection,
+                        active,
+                        server,
+                        "relay shutting down",
+                        RELAY_DRAIN_LIMIT,
+                    )
+                    .await;
                     drop(control);
                 });
             }
@@ -343,7 +354,7 @@ async fn run_slot(
                     .await;
                 let control = (control_in, control_out);
                 tokio::spawn(async move {
-                    finish(connection, active, server, "moved to QUIC").await;
+                    finish(connection, active, server, "moved to QUIC", DRAIN_GRACE).await;
                     drop(control);
                 });
                 backoff.reset();
@@ -358,7 +369,14 @@ async fn run_slot(
                         },
                     ))
                     .await;
-                finish(connection, active, server, "connect shutting down").await;
+                finish(
+                    connection,
+                    active,
+                    server,
+                    "connect shutting down",
+                    DRAIN_GRACE,
+                )
+                .await;
                 return Ok(());
             }
         }
@@ -426,10 +444,11 @@ async fn finish(
     active: Arc<ActiveStreams>,
     server: tokio::task::JoinHandle<()>,
     reason: &str,
+    grace: Duration,
 ) {
     let mut count = active.0.subscribe();
     tokio::select! {
-        _ = tokio::time::timeout(DRAIN_GRACE, count.wait_for(|n| *n == 0)) => {}
+        _ = tokio::time::timeout(grace, count.wait_for(|n| *n == 0)) => {}
         _ = connection.closed() => {}
     }
     server.abort();

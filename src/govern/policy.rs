@@ -1,4 +1,5 @@
-//! Per-tool authorization: roles with `allow` and `deny` globs over `SOURCE/TOOL`.
+//! Authorization: roles with `allow` and `deny` globs over `SOURCE/TOOL`, and the same for
+//! resources (`SOURCE/URI`) and prompts (`SOURCE/PROMPT`).
 //!
 //! A tenant without roles allows everything (a first setup works at once). Once a tenant has
 //! roles, a call is allowed only if one of the caller's roles allows it and none denies it.
@@ -15,6 +16,35 @@ pub struct Role {
     pub allow: Vec<String>,
     /// Globs this role may never call; deny wins over allow across all roles.
     pub deny: Vec<String>,
+    /// Globs over `SOURCE/URI` of resources this role may read.
+    pub allow_resources: Vec<String>,
+    /// Resource globs denied.
+    pub deny_resources: Vec<String>,
+    /// Globs over `SOURCE/PROMPT` this role may get.
+    pub allow_prompts: Vec<String>,
+    /// Prompt globs denied.
+    pub deny_prompts: Vec<String>,
+}
+
+/// What a rule governs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `tools/call`, and the entries of `tools/list`.
+    Tool,
+    /// `resources/read` and subscriptions, and the entries of the resource lists.
+    Resource,
+    /// `prompts/get`, and the entries of `prompts/list`.
+    Prompt,
+}
+
+impl Role {
+    fn globs(&self, kind: Kind) -> (&[String], &[String]) {
+        match kind {
+            Kind::Tool => (&self.allow, &self.deny),
+            Kind::Resource => (&self.allow_resources, &self.deny_resources),
+            Kind::Prompt => (&self.allow_prompts, &self.deny_prompts),
+        }
+    }
 }
 
 /// The outcome of a policy check.
@@ -45,8 +75,20 @@ impl Policy {
         self.tenants.insert(tenant, roles);
     }
 
+    /// Whether `tenant` has roles (so lists must be filtered per caller).
+    pub fn restricts(&self, tenant: &str) -> bool {
+        self.tenants
+            .get(tenant)
+            .is_some_and(|roles| !roles.is_empty())
+    }
+
     /// May `who` call `tool` on `source`?
     pub fn check_tool(&self, who: &Identity, source: &str, tool: &str) -> Decision {
+        self.check(who, Kind::Tool, source, tool)
+    }
+
+    /// May `who` use the tool, resource or prompt `name` of `source`?
+    pub fn check(&self, who: &Identity, kind: Kind, source: &str, name: &str) -> Decision {
         let Some(roles) = self
             .tenants
             .get(&who.tenant)
@@ -54,22 +96,21 @@ impl Policy {
         else {
             return Decision::Allow("tenant has no roles".into());
         };
-        let target = format!("{source}/{tool}");
+        let target = format!("{source}/{name}");
         let mine = || {
             who.roles
                 .iter()
-                .filter_map(|name| roles.get(name).map(|role| (name, role)))
+                .filter_map(|name| roles.get(name).map(|role| (name, role.globs(kind))))
         };
-        if let Some((name, glob)) = mine().find_map(|(name, role)| {
-            role.deny
-                .iter()
+        if let Some((name, glob)) = mine().find_map(|(name, (_, deny))| {
+            deny.iter()
                 .find(|g| glob_match(g, &target))
                 .map(|g| (name, g))
         }) {
             return Decision::Deny(format!("role {name} denies {glob}"));
         }
-        if let Some((name, glob)) = mine().find_map(|(name, role)| {
-            role.allow
+        if let Some((name, glob)) = mine().find_map(|(name, (allow, _))| {
+            allow
                 .iter()
                 .find(|g| glob_match(g, &target))
                 .map(|g| (name, g))
@@ -142,9 +183,30 @@ mod tests {
             Role {
                 allow: vec!["db/*".into()],
                 deny: vec!["db/drop".into()],
+                allow_prompts: vec!["db/report".into()],
+                ..Role::default()
             },
         );
         policy.set_roles("acme".into(), roles);
+        assert!(policy.restricts("acme") && !policy.restricts("other"));
+        let analyst = who(&["analyst"]);
+        assert!(
+            policy
+                .check(&analyst, Kind::Prompt, "db", "report")
+                .is_allowed()
+        );
+        assert!(
+            !policy
+                .check(&analyst, Kind::Prompt, "db", "query")
+                .is_allowed(),
+            "tool globs do not grant prompts"
+        );
+        assert!(
+            !policy
+                .check(&analyst, Kind::Resource, "db", "file:///x")
+                .is_allowed(),
+            "no resource globs: none"
+        );
         assert!(
             policy
                 .check_tool(&who(&["analyst"]), "db", "query")

@@ -15,6 +15,7 @@ use super::RelayState;
 use super::channel::Channel;
 use super::reply::{AgentError, json_response};
 use crate::govern::Identity;
+use crate::govern::policy::Kind;
 use crate::mcp::classify;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
 use crate::mcp::jsonrpc::{Classified, ClassifyError, codes, error_body};
@@ -97,9 +98,9 @@ pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified
     Ok((body, classified))
 }
 
-/// Checks every `tools/call` in the body against the caller's roles. A denied call never
-/// reaches the tunnel: this returns the JSON-RPC error to answer it with, the one an unknown
-/// tool gets.
+/// Checks every `tools/call`, `resources/read` (and subscription) and `prompts/get` in the
+/// body against the caller's roles. A denied call never reaches the tunnel: this returns the
+/// JSON-RPC error to answer it with, the one an unknown tool, resource or prompt gets.
 pub fn authorize(
     state: &RelayState,
     who: &Identity,
@@ -108,18 +109,28 @@ pub fn authorize(
 ) -> Option<Bytes> {
     let governance = state.governance();
     for message in classified.messages() {
-        if message.method.as_deref() != Some("tools/call") {
-            continue;
-        }
-        let tool = message.target.as_deref().unwrap_or_default();
-        let decision = governance.policy.check_tool(who, source, tool);
+        let kind = match message.method.as_deref() {
+            Some("tools/call") => Kind::Tool,
+            Some("resources/read" | "resources/subscribe" | "resources/unsubscribe") => {
+                Kind::Resource
+            }
+            Some("prompts/get") => Kind::Prompt,
+            _ => continue,
+        };
+        let name = message.target.as_deref().unwrap_or_default();
+        let decision = governance.policy.check(who, kind, source, name);
         if !decision.is_allowed() {
-            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, tool, ?decision, "call denied");
+            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, name, ?kind, ?decision, "call denied");
             metrics::counter!(crate::metrics::REQUESTS, "outcome" => "denied").increment(1);
+            let what = match kind {
+                Kind::Tool => "tool",
+                Kind::Resource => "resource",
+                Kind::Prompt => "prompt",
+            };
             return Some(error_body(
                 message.id.as_deref(),
                 codes::INVALID_PARAMS,
-                &format!("Unknown tool: {tool}"),
+                &format!("Unknown {what}: {name}"),
             ));
         }
     }

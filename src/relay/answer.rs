@@ -17,6 +17,7 @@ use super::RelayState;
 use super::agent::{source_error, source_error_body};
 use super::channel::{Channel, ChannelError, Event, Exchange};
 use super::events::{EventLog, LogReader, Start};
+use super::filter::ListFilter;
 use super::reply::json_response;
 use super::sessions::{Session, Transport};
 use crate::mcp::jsonrpc::{
@@ -60,6 +61,8 @@ pub struct Target<'a> {
     pub session: Option<&'a Arc<Session>>,
     /// The protocol era of the request.
     pub era: ProtocolEra,
+    /// Policy's filter for a list answer, if the caller's tenant has roles.
+    pub filter: Option<ListFilter>,
 }
 
 /// What an agent request waits for on its exchange.
@@ -75,6 +78,18 @@ struct Awaiting {
     /// A session still to learn its protocol version from the answer (an `initialize`
     /// answered as a stream).
     learner: Option<Arc<Session>>,
+    /// Policy's filter for a list answer.
+    filter: Option<Arc<ListFilter>>,
+}
+
+impl Awaiting {
+    /// The message as the caller may see it.
+    fn filtered(&self, message: Bytes) -> Bytes {
+        match &self.filter {
+            Some(filter) => filter.apply(message),
+            None => message,
+        }
+    }
 }
 
 impl Awaiting {
@@ -90,6 +105,7 @@ impl Awaiting {
             timeout: (!is_listen).then(|| state.limits.request_timeout()),
             source: source.to_owned(),
             learner: None,
+            filter: None,
         }
     }
 }
@@ -119,6 +135,10 @@ pub async fn forward(
         };
     }
     let awaiting = Awaiting::new(state, target.source, &requests, target.era);
+    let awaiting = Awaiting {
+        filter: target.filter.map(Arc::new),
+        ..awaiting
+    };
     match channel.request(body).await {
         Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
         Err(e) => source_error(awaiting.id.as_deref(), target.source, &e.to_string()),
@@ -131,6 +151,7 @@ pub async fn forward_to_stream(
     session: &Session,
     body: Bytes,
     classified: &Classified,
+    filter: Option<ListFilter>,
 ) -> Response {
     let requests = requests(classified);
     if requests.is_empty() {
@@ -140,6 +161,10 @@ pub async fn forward_to_stream(
         };
     }
     let awaiting = Awaiting::new(state, &session.source, &requests, ProtocolEra::Session);
+    let awaiting = Awaiting {
+        filter: filter.map(Arc::new),
+        ..awaiting
+    };
     match session.channel.request(body).await {
         Ok(exchange) => {
             tokio::spawn(produce(
@@ -208,6 +233,7 @@ async fn answer(
                 let (responses, is_error) = responses_in(&message);
                 if responses >= awaiting.responses {
                     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
+                    let message = awaiting.filtered(message);
                     let mut response = json_response(status, message.clone());
                     response
                         .extensions_mut()
@@ -309,7 +335,7 @@ async fn produce(
             session.learn_version(&message);
         }
         remaining = remaining.saturating_sub(responses_in(&message).0);
-        log.push(message).await;
+        log.push(awaiting.filtered(message)).await;
     }
     while remaining > 0 {
         let failure = tokio::select! {
@@ -322,7 +348,7 @@ async fn produce(
                         session.learn_version(&message);
                     }
                     remaining = remaining.saturating_sub(responses_in(&message).0);
-                    log.push(message).await;
+                    log.push(awaiting.filtered(message)).await;
                     continue;
                 }
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,

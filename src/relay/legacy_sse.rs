@@ -16,6 +16,7 @@ use super::RelayState;
 use super::agent::{authorize, gate, open_channel, open_header, read_message};
 use super::answer::{EventIds, forward_to_stream, sse_response};
 use super::events::Start;
+use super::filter::ListFilter;
 use super::reply::AgentError;
 use super::sessions::{Session, Transport, new_session_id};
 use crate::mcp::sse;
@@ -112,7 +113,8 @@ async fn handle_message(
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
-        Ok(forward_to_stream(&state, &session, body, &classified).await)
+        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
+        Ok(forward_to_stream(&state, &session, body, &classified, filter).await)
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod answer;
 pub mod channel;
 pub mod events;
+pub mod filter;
 pub mod legacy_sse;
 pub mod registry;
 pub mod reply;

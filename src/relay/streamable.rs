@@ -18,6 +18,7 @@ use super::RelayState;
 use super::agent::{authorize, gate, header_str, open_channel, open_header, read_message};
 use super::answer::{EventIds, JsonAnswer, Target, forward, sse_response};
 use super::events::{Start, parse_event_id};
+use super::filter::ListFilter;
 use super::reply::{AgentError, json_response};
 use super::sessions::{Session, Transport, new_session_id};
 use crate::govern::Identity;
@@ -64,10 +65,12 @@ async fn post_inner(
             .sessions
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
+        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
         let target = Target {
             source: &source,
             session: Some(&session),
             era: ProtocolEra::Session,
+            filter,
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
@@ -126,6 +129,7 @@ async fn initialize(
         source,
         session: Some(&session),
         era: ProtocolEra::Session,
+        filter: None,
     };
     let mut response = forward(state, &channel, body, classified, target).await;
     let answer = response.extensions().get::<JsonAnswer>();
@@ -166,6 +170,7 @@ async fn stateless(
         source,
         session: None,
         era: ProtocolEra::Stateless,
+        filter: ListFilter::for_request(state.governance(), who, source, classified),
     };
     Ok(forward(state, &channel, body, classified, target).await)
 }

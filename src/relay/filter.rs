@@ -1,0 +1,91 @@
+//! Per-caller list filtering: a caller sees in `tools/list`, `resources/list`,
+//! `resources/templates/list` and `prompts/list` only what policy lets them use.
+//!
+//! Only answers to those methods, and only for tenants with roles, are parsed and re-encoded;
+//! everything else passes untouched.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::Governance;
+use crate::govern::Identity;
+use crate::govern::policy::Kind;
+use crate::mcp::Classified;
+
+/// Filters the answer to one list request.
+pub struct ListFilter {
+    who: Identity,
+    source: String,
+    governance: Arc<Governance>,
+    /// The result field holding the list, and what its entries are.
+    field: &'static str,
+    kind: Kind,
+    /// The entry field naming each entry.
+    name: &'static str,
+}
+
+impl ListFilter {
+    /// A filter for `classified` (a single list request), if the caller's tenant has roles.
+    pub fn for_request(
+        governance: Arc<Governance>,
+        who: &Identity,
+        source: &str,
+        classified: &Classified,
+    ) -> Option<Self> {
+        let Classified::Single(request) = classified else {
+            return None;
+        };
+        let (field, kind, name) = match request.method.as_deref()? {
+            "tools/list" => ("tools", Kind::Tool, "name"),
+            "resources/list" => ("resources", Kind::Resource, "uri"),
+            "resources/templates/list" => ("resourceTemplates", Kind::Resource, "uriTemplate"),
+            "prompts/list" => ("prompts", Kind::Prompt, "name"),
+            _ => return None,
+        };
+        if !governance.policy.restricts(&who.tenant) {
+            return None;
+        }
+        Some(Self {
+            who: who.clone(),
+            source: source.to_owned(),
+            governance,
+            field,
+            kind,
+            name,
+        })
+    }
+
+    /// The message with the entries the caller may not use removed. Messages that are not a
+    /// list result (progress notifications, errors) pass unchanged.
+    pub fn apply(&self, message: Bytes) -> Bytes {
+        let Ok(mut value) = serde_json::from_slice::<Value>(&message) else {
+            return message;
+        };
+        let Some(entries) = value
+            .get_mut("result")
+            .and_then(|r| r.get_mut(self.field))
+            .and_then(Value::as_array_mut)
+        else {
+            return message;
+        };
+        let before = entries.len();
+        entries.retain(|entry| {
+            let name = entry
+                .get(self.name)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            self.governance
+                .policy
+                .check(&self.who, self.kind, &self.source, name)
+                .is_allowed()
+        });
+        if entries.len() == before {
+            return message;
+        }
+        serde_json::to_vec(&value)
+            .map(Bytes::from)
+            .unwrap_or(message)
+    }
+}

@@ -1,0 +1,196 @@
+//! Per-tool policy end to end: a caller sees only the tools their roles allow, a denied call is
+//! an unknown tool (and never reaches the upstream), an allowed one works; in both eras and over
+//! HTTP+SSE.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{Agent, WAIT, read_answer, tool_text};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{LimitsSection, SourceConfig, TransportChoice};
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::govern::policy::Role;
+use mcp_tunnel::govern::{Identity, Keyring, Policy, SecretHash};
+use mcp_tunnel::relay::{Governance, Relay, RelaySettings};
+use mcp_tunnel::transport::tls;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+fn tool_names(answer: &Value) -> Vec<String> {
+    let mut names: Vec<String> = answer["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a tools/list result: {answer}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_see_and_call_only_what_their_roles_allow() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let upstream = common::demo_upstream(&shutdown).await;
+    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
+    let (token, analyst_key, admin_key) = (
+        new_secret("mcpt_tok_"),
+        new_secret("mcpt_key_"),
+        new_secret("mcpt_key_"),
+    );
+    let mut keyring = Keyring::default();
+    keyring.add_tunnel_token(SecretHash::of(&token), "acme".into());
+    keyring.add_api_key(
+        SecretHash::of(&analyst_key),
+        Identity {
+            tenant: "acme".into(),
+            subject: "alice".into(),
+            roles: vec!["analyst".to_owned()].into(),
+        },
+    );
+    keyring.add_api_key(
+        SecretHash::of(&admin_key),
+        Identity {
+            tenant: "acme".into(),
+            subject: "root".into(),
+            roles: vec!["admin".to_owned()].into(),
+        },
+    );
+    let mut policy = Policy::default();
+    let mut roles = HashMap::new();
+    roles.insert(
+        "analyst".to_owned(),
+        Role {
+            allow: vec!["demo/echo".into(), "demo/a*".into()],
+            deny: vec!["demo/add".into()],
+            ..Role::default()
+        },
+    );
+    roles.insert(
+        "admin".to_owned(),
+        Role {
+            allow: vec!["*".into()],
+            ..Role::default()
+        },
+    );
+    policy.set_roles("acme".into(), roles);
+    let relay = Relay::bind(RelaySettings {
+        tunnel_listen: "127.0.0.1:0".parse().expect("literal"),
+        identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key).expect("identity"),
+        agents_listen: "127.0.0.1:0".parse().expect("literal"),
+        admin_listen: None,
+        governance: Governance { keyring, policy },
+        limits: LimitsSection::default(),
+        allowed_origins: Vec::new(),
+        allowed_hosts: Vec::new(),
+        sse_keep_alive: Duration::from_secs(20),
+    })
+    .await
+    .expect("relay");
+    let (agents, tunnel, state) = (
+        relay.agents_addr(),
+        relay.tunnel_addr(),
+        relay.state().clone(),
+    );
+    tokio::spawn(relay.serve(shutdown.clone()));
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
+        token,
+        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
+    );
+    settings.ca_pem = Some(certs.ca_pem);
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
+        .await
+        .expect("tunnel up");
+    let url = format!("http://{agents}/mcp/demo");
+
+    // Session era: the analyst sees echo only (add is denied, a* would allow it), calls echo.
+    let mut alice = Agent::new(&url, &analyst_key);
+    alice.initialize().await;
+    let listed = alice
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+        .await;
+    assert_eq!(
+        tool_names(listed.response()),
+        ["echo"],
+        "deny wins over a matching allow; unlisted tools are hidden"
+    );
+    assert_eq!(
+        tool_text(
+            alice
+                .call_tool(2, "echo", json!({"message": "hi"}))
+                .await
+                .response()
+        ),
+        "hi"
+    );
+    let streams_before = state.registry.rows()[0].streams_opened;
+    let denied = alice.call_tool(3, "add", json!({"a": 1, "b": 2})).await;
+    assert_eq!(denied.status, 200);
+    assert_eq!(
+        denied.response()["error"]["code"],
+        -32602,
+        "a JSON-RPC error in the spec's shape, not an HTTP 403"
+    );
+    assert_eq!(
+        denied.response()["error"]["message"],
+        "Unknown tool: add",
+        "a denied tool reads like an unknown one"
+    );
+    assert_eq!(denied.response()["id"], 3);
+    let hidden = alice.call_tool(4, "blob", json!({"size": 1})).await;
+    assert_eq!(hidden.response()["error"]["message"], "Unknown tool: blob");
+    assert_eq!(
+        state.registry.rows()[0].streams_opened,
+        streams_before,
+        "denied calls never reached the tunnel"
+    );
+
+    // The admin role sees and calls everything.
+    let mut root = Agent::new(&url, &admin_key);
+    root.initialize().await;
+    let listed = root
+        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+        .await;
+    assert_eq!(
+        tool_names(listed.response()),
+        ["add", "blob", "echo", "sleep"]
+    );
+    assert_eq!(
+        tool_text(
+            root.call_tool(2, "add", json!({"a": 1, "b": 2}))
+                .await
+                .response()
+        ),
+        "3"
+    );
+
+    // 2026-07-28: the same filter and the same denial.
+    let mut stateless = Agent::new(&url, &analyst_key);
+    stateless.version = Some("2026-07-28".into());
+    let meta = json!({"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}});
+    let list = stateless
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/list")
+        .body(
+            json!({"jsonrpc":"2.0","id":5,"method":"tools/list","params":{"_meta":meta}})
+                .to_string(),
+        );
+    let list = read_answer(list.send().await.expect("POST")).await;
+    assert_eq!(tool_names(list.response()), ["echo"]);
+    let call = stateless
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "add")
+        .body(json!({"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2},"_meta":meta}}).to_string());
+    let call = read_answer(call.send().await.expect("POST")).await;
+    assert_eq!(call.response()["error"]["message"], "Unknown tool: add");
+}
