@@ -27,8 +27,6 @@ use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, U
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a DELETE of an upstream session may take when a stream ends.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Frames queued toward the relay before upstream readers wait.
-const WRITE_QUEUE: usize = 64;
 /// Consecutive failures after which the standalone GET stream is given up.
 const GET_STREAM_ATTEMPTS: u32 = 3;
 /// Pause between GET stream attempts.
@@ -192,16 +190,7 @@ impl HttpSource {
             }
         }
         let max_frame = writer.limit();
-        let (out, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
-        let writer_task = tokio::spawn(async move {
-            while let Some(frame) = queue.recv().await {
-                if let Err(e) = writer.send(&frame).await {
-                    tracing::debug!(error = %e, "tunnel stream write failed");
-                    return;
-                }
-            }
-            let _ = writer.finish().await;
-        });
+        let (out, writer_task) = super::start_writer(writer);
         let context = Arc::new(StreamContext {
             source: self.clone(),
             header,

@@ -11,7 +11,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use sse_stream::SseByteStream;
-use tokio::sync::mpsc;
 
 use super::routing::{Routing, progress_tokens};
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes, error_body};
@@ -21,8 +20,6 @@ use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader};
 
 /// Time the upstream has to send its `endpoint` event.
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames queued toward the relay before upstream readers wait.
-const WRITE_QUEUE: usize = 64;
 
 /// The upstream's event stream, opened, and the URL its `endpoint` event named.
 pub struct Opened {
@@ -86,17 +83,9 @@ pub async fn serve(
     opened: Opened,
     header: OpenHeader,
     mut reader: FrameReader<RecvHalf>,
-    mut writer: FrameWriter<SendHalf>,
+    writer: FrameWriter<SendHalf>,
 ) {
-    let (out, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
-    let writer_task = tokio::spawn(async move {
-        while let Some(frame) = queue.recv().await {
-            if writer.send(&frame).await.is_err() {
-                return;
-            }
-        }
-        let _ = writer.finish().await;
-    });
+    let (out, writer_task) = super::start_writer(writer);
     let Opened {
         mut events,
         post_url,

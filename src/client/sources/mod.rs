@@ -100,3 +100,27 @@ impl Sources {
         }
     }
 }
+
+/// Frames queued toward the relay before a source's readers wait.
+const WRITE_QUEUE: usize = 64;
+
+/// Starts the task that writes a stream's frames in order, and finishes the stream when every
+/// sender is gone; a source's tasks send through the returned queue.
+pub(crate) fn start_writer(
+    mut writer: crate::wire::FrameWriter<SendHalf>,
+) -> (
+    tokio::sync::mpsc::Sender<crate::wire::Frame>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (out, mut queue) = tokio::sync::mpsc::channel::<crate::wire::Frame>(WRITE_QUEUE);
+    let task = tokio::spawn(async move {
+        while let Some(frame) = queue.recv().await {
+            if let Err(e) = writer.send(&frame).await {
+                tracing::debug!(error = %e, "tunnel stream write failed");
+                return;
+            }
+        }
+        let _ = writer.finish().await;
+    });
+    (out, task)
+}

@@ -34,11 +34,11 @@ use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use super::routing::{Probe, Routing, cancelled_request, key, progress_tokens};
+use super::start_writer;
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
 use crate::transport::{RecvHalf, SendHalf};
@@ -68,9 +68,6 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Time the relay has to send the first message on a stream this source refuses.
 const REFUSE_WAIT: Duration = Duration::from_secs(10);
-
-/// Frames queued toward the relay before stdout readers wait.
-const WRITE_QUEUE: usize = 64;
 
 /// Lines queued toward a child's stdin before the tunnel reader waits (backpressure on the
 /// agent, never on the child's stdout, so the two pipes cannot deadlock).
@@ -842,21 +839,6 @@ async fn log_stderr(stderr: ChildStderr, source: Arc<str>, pid: u32) {
             }
         }
     }
-}
-
-/// The frame writer of one stream, fed by a queue.
-fn start_writer(mut writer: FrameWriter<SendHalf>) -> (mpsc::Sender<Frame>, JoinHandle<()>) {
-    let (out, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
-    let task = tokio::spawn(async move {
-        while let Some(frame) = queue.recv().await {
-            if let Err(e) = writer.send(&frame).await {
-                tracing::debug!(error = %e, "tunnel stream write failed");
-                return;
-            }
-        }
-        let _ = writer.finish().await;
-    });
-    (out, task)
 }
 
 /// Answers the first message of a stream this source cannot serve, then closes the stream.
