@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::govern::jwt::{self, ClaimMapping, JwtVerifier, Provider, TenantSource};
 use crate::govern::{Identity, Keyring, Policy, SecretHash, policy::Role};
 
 /// Default agent request body and tunnel frame limit: 16 MiB (see [`crate::wire::DEFAULT_MAX_FRAME`]).
@@ -99,6 +100,9 @@ pub struct RelayConfig {
     /// Tenants, their tunnel tokens, agent keys and roles.
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+    /// Identity providers whose JWTs agents may present instead of API keys.
+    #[serde(default)]
+    pub identity_providers: Vec<IdentityProviderSection>,
 }
 
 /// `[tunnel]`
@@ -129,6 +133,10 @@ pub struct AgentsSection {
     /// Seconds between SSE keep-alive comments.
     #[serde(default = "default_keep_alive")]
     pub sse_keep_alive_secs: u64,
+    /// The relay's public base URL (e.g. `https://relay.example.com`): the resource named in
+    /// OAuth protected resource metadata, and the audience agent JWTs must carry by default.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 /// SSE keep-alive interval: inside the 15-30 s that proxies and clients tolerate.
@@ -136,6 +144,55 @@ pub const DEFAULT_SSE_KEEP_ALIVE_SECS: u64 = 20;
 
 fn default_keep_alive() -> u64 {
     DEFAULT_SSE_KEEP_ALIVE_SECS
+}
+
+/// `[[identity_providers]]`: an OAuth authorization server whose JWTs identify agents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityProviderSection {
+    /// The `iss` its tokens carry (also listed in the protected resource metadata).
+    pub issuer: String,
+    /// Audiences accepted; empty: `[agents] public_url`.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Its JWKS (JSON), relative to the configuration file.
+    pub jwks_file: PathBuf,
+    /// Algorithms accepted among RS256, ES256 and EdDSA; empty: all three.
+    #[serde(default)]
+    pub algorithms: Vec<String>,
+    /// The claim naming the caller.
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+    /// The claim naming the caller's tenant (one of `tenant_claim` and `tenant`).
+    #[serde(default)]
+    pub tenant_claim: Option<String>,
+    /// The tenant of every token of this provider (one of `tenant_claim` and `tenant`).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The claim listing the caller's roles (array, or space-separated string).
+    #[serde(default)]
+    pub roles_claim: Option<String>,
+    /// The claim listing granted scopes (space-separated string, or array).
+    #[serde(default = "default_scope_claim")]
+    pub scope_claim: String,
+    /// Scopes every token must carry (a token lacking one gets 403 `insufficient_scope`).
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Seconds of clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_subject_claim() -> String {
+    "sub".into()
+}
+
+fn default_scope_claim() -> String {
+    "scope".into()
+}
+
+fn default_leeway() -> u64 {
+    crate::govern::jwt::DEFAULT_LEEWAY_SECS
 }
 
 /// `[admin]`
@@ -254,6 +311,9 @@ impl RelayConfig {
         if let Some(audit) = &mut config.audit {
             audit.path = base.join(&audit.path);
         }
+        for provider in &mut config.identity_providers {
+            provider.jwks_file = base.join(&provider.jwks_file);
+        }
         config
             .build_governance()
             .map_err(|message| ConfigError::Invalid {
@@ -343,7 +403,77 @@ impl RelayConfig {
             }
             policy.set_roles(name, roles);
         }
+        keyring.set_jwt(self.build_jwt(&tenant_names)?);
         Ok((keyring, policy))
+    }
+
+    /// Builds the JWT verifier from `[agents] public_url` and `[[identity_providers]]`,
+    /// reading each JWKS file.
+    fn build_jwt(&self, tenant_names: &HashSet<&str>) -> Result<JwtVerifier, String> {
+        let public_url = self
+            .agents
+            .public_url
+            .as_deref()
+            .map(|url| url.trim_end_matches('/'));
+        if let Some(url) = public_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(format!("agents.public_url {url:?} must be an http(s) URL"));
+        }
+        let mut providers = Vec::new();
+        let mut issuers = HashSet::new();
+        for section in &self.identity_providers {
+            let issuer = section.issuer.as_str();
+            let fail = |message: String| format!("identity provider {issuer}: {message}");
+            if !issuers.insert(issuer) {
+                return Err(fail("listed twice".into()));
+            }
+            let tenant = match (&section.tenant, &section.tenant_claim) {
+                (Some(tenant), None) => {
+                    if !tenant_names.contains(tenant.as_str()) {
+                        return Err(fail(format!("tenant {tenant} is not defined")));
+                    }
+                    TenantSource::Fixed(tenant.as_str().into())
+                }
+                (None, Some(claim)) => TenantSource::Claim(claim.clone()),
+                _ => return Err(fail("give exactly one of tenant or tenant_claim".into())),
+            };
+            let algorithms = section
+                .algorithms
+                .iter()
+                .map(|name| jwt::parse_algorithm(name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fail(e.to_string()))?;
+            let audiences = if section.audience.is_empty() {
+                public_url.map(str::to_owned).into_iter().collect()
+            } else {
+                section.audience.clone()
+            };
+            let jwks = std::fs::read_to_string(&section.jwks_file)
+                .map_err(|e| fail(format!("cannot read {}: {e}", section.jwks_file.display())))?;
+            let mapping = ClaimMapping {
+                subject: section.subject_claim.clone(),
+                tenant,
+                roles: section.roles_claim.clone(),
+                scope: section.scope_claim.clone(),
+            };
+            let provider = Provider::new(
+                issuer.to_owned(),
+                audiences,
+                algorithms,
+                &jwks,
+                mapping,
+                section.required_scopes.clone(),
+            )
+            .map_err(|e| fail(e.to_string()))?
+            .with_leeway(section.leeway_secs);
+            providers.push(provider);
+        }
+        Ok(JwtVerifier::new(
+            public_url.map(str::to_owned),
+            providers,
+            jwt::tenant_set(tenant_names.iter().copied()),
+        ))
     }
 }
 
@@ -575,6 +705,66 @@ deny = []
                 .to_string()
                 .contains("admin")
         );
+    }
+
+    const PROVIDER: &str = r#"
+[[identity_providers]]
+issuer = "https://idp.example"
+jwks_file = "jwks.json"
+algorithms = ["ES256", "EdDSA"]
+tenant = "acme"
+roles_claim = "roles"
+required_scopes = ["mcp:tools"]
+"#;
+
+    fn with_provider(agents_extra: &str, provider: &str) -> (tempfile::TempDir, PathBuf) {
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:8443\"\n",
+            &format!("listen = \"127.0.0.1:8443\"\n{agents_extra}"),
+        ) + provider;
+        let (dir, path) = write(&text);
+        std::fs::write(dir.path().join("jwks.json"), r#"{"keys":[]}"#).expect("write JWKS");
+        (dir, path)
+    }
+
+    #[test]
+    fn identity_providers_parse_and_are_checked() {
+        let public_url = "public_url = \"https://relay.example/\"\n";
+        let (_dir, path) = with_provider(public_url, PROVIDER);
+        let config = RelayConfig::load(&path).expect("a provider parses");
+        assert!(config.identity_providers[0].jwks_file.is_absolute());
+        let (keyring, _) = config.build_governance().expect("governance");
+        assert_eq!(keyring.jwt().public_url(), Some("https://relay.example"));
+        assert_eq!(keyring.jwt().issuers(), ["https://idp.example"]);
+        assert_eq!(keyring.jwt().scopes(), ["mcp:tools"]);
+
+        let load_err = |agents: &str, provider: &str| {
+            let (_dir, path) = with_provider(agents, provider);
+            RelayConfig::load(&path).expect_err("refused").to_string()
+        };
+        let err = load_err(public_url, &PROVIDER.replace("\"acme\"", "\"globex\""));
+        assert!(
+            err.contains("globex") && err.contains("idp.example"),
+            "{err}"
+        );
+        let err = load_err(public_url, &PROVIDER.replace("issuer =", "isuser ="));
+        assert!(err.contains("isuser") && err.contains("line"), "{err}");
+        let err = load_err(public_url, &PROVIDER.replace("\"EdDSA\"", "\"HS256\""));
+        assert!(err.contains("HS256"), "{err}");
+        let err = load_err("", PROVIDER);
+        assert!(err.contains("public_url"), "no audience: {err}");
+        let err = load_err(
+            public_url,
+            &PROVIDER.replace(
+                "tenant = \"acme\"",
+                "tenant = \"acme\"\ntenant_claim = \"t\"",
+            ),
+        );
+        assert!(err.contains("exactly one of tenant"), "{err}");
+        let err = load_err(public_url, &PROVIDER.replace("jwks.json", "missing.json"));
+        assert!(err.contains("missing.json"), "{err}");
+        let err = load_err("public_url = \"relay.example\"\n", PROVIDER);
+        assert!(err.contains("public_url"), "{err}");
     }
 
     #[test]

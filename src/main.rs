@@ -2,14 +2,17 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{ClientFile, RelayConfig, SourceConfig, TransportChoice};
+use mcp_tunnel::config::{ClientFile, SourceConfig, TransportChoice};
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::reload::{self, LoadedConfig, Reloader};
 use mcp_tunnel::relay::{Relay, RelaySettings};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -159,6 +162,24 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// A notification poked on every SIGHUP: the relay reloads its configuration. The handler is
+/// installed before the relay listens, so a SIGHUP never finds the default action (exit).
+fn hangups() -> anyhow::Result<Arc<Notify>> {
+    let notify = Arc::new(Notify::new());
+    #[cfg(unix)]
+    {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing a SIGHUP handler")?;
+        let notify = notify.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                notify.notify_one();
+            }
+        });
+    }
+    Ok(notify)
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Certs { out, hosts, force } => {
@@ -169,10 +190,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Relay { config } => {
-            let config = RelayConfig::load(&config)?;
-            let relay = Relay::bind(RelaySettings::from_config(&config)?).await?;
-            relay.serve(shutdown_on_signals()).await?;
+        Command::Relay { config: path } => {
+            let hangup = hangups()?;
+            let loaded = LoadedConfig::load(&path)?;
+            let relay = Relay::bind(RelaySettings::from_config(&loaded.config)?).await?;
+            let shutdown = shutdown_on_signals();
+            let reloader = Reloader::new(path, relay.state().clone(), loaded);
+            tokio::spawn(reload::watch(
+                reloader,
+                reload::POLL_INTERVAL,
+                hangup,
+                shutdown.clone(),
+            ));
+            relay.serve(shutdown).await?;
         }
         Command::Connect(args) => {
             let settings = match &args.config {

@@ -114,11 +114,13 @@ impl<T> SecretTable<T> {
     }
 }
 
-/// Every credential the relay accepts: agent API keys and tunnel tokens, across tenants.
+/// Every credential the relay accepts: agent API keys, agent JWTs (through the configured
+/// identity providers) and tunnel tokens, across tenants.
 #[derive(Debug, Default)]
 pub struct Keyring {
     api_keys: SecretTable<Identity>,
     tunnel_tokens: SecretTable<Arc<str>>,
+    jwt: super::jwt::JwtVerifier,
 }
 
 impl Keyring {
@@ -135,6 +137,16 @@ impl Keyring {
     /// The identity behind an agent API key, if it is one.
     pub fn agent(&self, api_key: &str) -> Option<&Identity> {
         self.api_keys.get(api_key)
+    }
+
+    /// Sets the JWT verifier (identity providers and the relay's public URL).
+    pub fn set_jwt(&mut self, verifier: super::jwt::JwtVerifier) {
+        self.jwt = verifier;
+    }
+
+    /// The JWT verifier: empty (no provider, no public URL) unless configured.
+    pub fn jwt(&self) -> &super::jwt::JwtVerifier {
+        &self.jwt
     }
 
     /// The tenant a tunnel token belongs to, if it is one.

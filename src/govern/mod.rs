@@ -1,6 +1,7 @@
 //! Governance: who is calling, and what they may call. No HTTP in here: the relay asks.
 
 pub mod identity;
+pub mod jwt;
 pub mod policy;
 
 pub use identity::{Identity, Keyring, SecretHash};

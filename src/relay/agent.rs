@@ -13,8 +13,10 @@ use serde_json::value::RawValue;
 
 use super::RelayState;
 use super::channel::Channel;
-use super::reply::{AgentError, json_response};
+use super::oauth::{self, Resource};
+use super::reply::{AgentError, Challenge, json_response};
 use crate::govern::Identity;
+use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::Kind;
 use crate::mcp::classify;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
@@ -56,26 +58,62 @@ pub fn check_origin_and_host(state: &RelayState, headers: &HeaderMap) -> Result<
     Err(AgentError::ForbiddenOrigin)
 }
 
-/// The caller behind the request's bearer API key.
-pub fn authenticate(state: &RelayState, headers: &HeaderMap) -> Result<Identity, AgentError> {
+/// The caller behind the request's bearer credential: an API key first, then a JWT of a
+/// configured identity provider. A refusal names `resource`'s protected resource metadata
+/// (RFC 9728) when the relay has a public URL.
+pub fn authenticate(
+    state: &RelayState,
+    headers: &HeaderMap,
+    resource: Resource<'_>,
+) -> Result<Identity, AgentError> {
+    let governance = state.governance();
+    let jwt = governance.keyring.jwt();
+    let challenge = |scope: Option<String>| Challenge {
+        resource_metadata: jwt
+            .public_url()
+            .map(|url| oauth::metadata_url(url, &resource.path())),
+        scope,
+    };
+    let required = || {
+        let scopes = jwt.scopes();
+        (!scopes.is_empty()).then(|| scopes.join(" "))
+    };
+    let unauthorized = |reason: Option<String>| AgentError::Unauthorized {
+        challenge: challenge(required()),
+        reason,
+    };
     let value =
-        header_str(headers, header::AUTHORIZATION.as_str()).ok_or(AgentError::Unauthorized)?;
-    let (scheme, key) = value.split_once(' ').ok_or(AgentError::Unauthorized)?;
+        header_str(headers, header::AUTHORIZATION.as_str()).ok_or_else(|| unauthorized(None))?;
+    let (scheme, credential) = value.split_once(' ').ok_or_else(|| unauthorized(None))?;
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(AgentError::Unauthorized);
+        return Err(unauthorized(None));
     }
-    state
-        .governance()
-        .keyring
-        .agent(key.trim())
-        .cloned()
-        .ok_or(AgentError::Unauthorized)
+    let credential = credential.trim();
+    if let Some(identity) = governance.keyring.agent(credential) {
+        return Ok(identity.clone());
+    }
+    if !jwt.is_enabled() || !looks_like_jwt(credential) {
+        return Err(unauthorized(None));
+    }
+    jwt.verify(credential).map_err(|e| {
+        tracing::info!(error = %e, resource = %resource.path(), "agent token refused");
+        match e {
+            JwtError::MissingScope { required } => AgentError::InsufficientScope {
+                challenge: challenge(Some(required.join(" "))),
+            },
+            other => unauthorized(Some(other.to_string())),
+        }
+    })
 }
 
-/// Checks origin, host and credentials: the start of every agent request.
-pub fn gate(state: &RelayState, headers: &HeaderMap) -> Result<Identity, AgentError> {
+/// Checks origin, host and credentials: the start of every agent request for `resource`.
+pub fn gate(
+    state: &RelayState,
+    headers: &HeaderMap,
+    resource: Resource<'_>,
+) -> Result<Identity, AgentError> {
     check_origin_and_host(state, headers)?;
-    authenticate(state, headers)
+    authenticate(state, headers, resource)
 }
 
 /// Reads a body of at most `limit` bytes (413 beyond), and classifies it (400 if not JSON-RPC).

@@ -17,6 +17,7 @@ use super::agent::{authorize, gate, open_channel, open_header, read_message};
 use super::answer::{EventIds, forward_to_stream, sse_response};
 use super::events::Start;
 use super::filter::ListFilter;
+use super::oauth::Resource;
 use super::reply::AgentError;
 use super::sessions::{Session, Transport, new_session_id};
 use crate::mcp::sse;
@@ -35,7 +36,7 @@ async fn open_stream(
     Path(source): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let who = match gate(&state, &headers) {
+    let who = match gate(&state, &headers, Resource::Sse(&source)) {
         Ok(who) => who,
         Err(e) => return e.into_response(),
     };
@@ -100,7 +101,7 @@ async fn handle_message(
     body: Body,
 ) -> Response {
     let result = async {
-        let who = gate(&state, &headers)?;
+        let who = gate(&state, &headers, Resource::Sse(&source))?;
         let session_id = query.get("sessionId").ok_or_else(|| {
             AgentError::BadRequest("sessionId query parameter is required".into())
         })?;

@@ -10,7 +10,9 @@ pub mod channel;
 pub mod events;
 pub mod filter;
 pub mod legacy_sse;
+pub mod oauth;
 pub mod registry;
+pub mod reload;
 pub mod reply;
 pub mod sessions;
 pub mod streamable;
@@ -68,6 +70,15 @@ pub struct Governance {
     pub keyring: Keyring,
     /// Roles.
     pub policy: Policy,
+}
+
+impl Governance {
+    /// Builds the credentials and policy a configuration file describes (checking every
+    /// cross-reference); the error says what is wrong.
+    pub fn from_config(config: &RelayConfig) -> Result<Self, String> {
+        let (keyring, policy) = config.build_governance()?;
+        Ok(Self { keyring, policy })
+    }
 }
 
 /// What every handler shares.
@@ -130,6 +141,17 @@ impl RelayState {
             .expect("governance lock is never held across a panic");
         guard.clone()
     }
+
+    /// Replaces the credentials and policy at once: requests that already read them finish
+    /// with the old ones, every later request sees the new ones. Open sessions and tunnels
+    /// stay. Returns the replaced governance.
+    pub fn reload(&self, governance: Governance) -> Arc<Governance> {
+        let mut guard = self
+            .governance
+            .write()
+            .expect("governance lock is never held across a panic");
+        std::mem::replace(&mut *guard, Arc::new(governance))
+    }
 }
 
 /// Everything the relay needs, resolved (certificates loaded, secrets parsed).
@@ -157,13 +179,13 @@ pub struct RelaySettings {
 impl RelaySettings {
     /// Resolves a loaded configuration file.
     pub fn from_config(config: &RelayConfig) -> Result<Self, RelayError> {
-        let (keyring, policy) = config.build_governance().map_err(RelayError::Config)?;
+        let governance = Governance::from_config(config).map_err(RelayError::Config)?;
         Ok(Self {
             tunnel_listen: config.tunnel.listen,
             identity: tls::Identity::load(&config.tunnel.cert, &config.tunnel.key)?,
             agents_listen: config.agents.listen,
             admin_listen: config.admin.as_ref().map(|a| a.listen),
-            governance: Governance { keyring, policy },
+            governance,
             limits: config.limits.clone(),
             allowed_origins: config.agents.allowed_origins.clone(),
             allowed_hosts: config.agents.allowed_hosts.clone(),
@@ -324,6 +346,7 @@ impl Relay {
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), draining.clone()));
         let agent_app = streamable::routes()
             .merge(legacy_sse::routes())
+            .merge(oauth::routes())
             .with_state(state.clone());
         let agent_server = axum::serve(agents.tap_io(no_delay), agent_app)
             .with_graceful_shutdown(draining.clone().cancelled_owned());

@@ -10,12 +10,62 @@ use crate::mcp::jsonrpc::{codes, error_body};
 /// Content type of JSON-RPC bodies.
 pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
+/// What a `401` or `403` tells the agent about authenticating (RFC 6750, RFC 9728).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Challenge {
+    /// The URL of the protected resource metadata of the resource the agent asked for; absent
+    /// when the relay has no public URL configured.
+    pub resource_metadata: Option<String>,
+    /// The scopes a token needs, space-separated; absent when none are required.
+    pub scope: Option<String>,
+}
+
+impl Challenge {
+    /// The `WWW-Authenticate` value: `Bearer` with `error` (if any), `scope` and
+    /// `resource_metadata` parameters.
+    pub fn header(&self, error: Option<&str>) -> HeaderValue {
+        let mut params = Vec::new();
+        if let Some(error) = error {
+            params.push(format!("error=\"{error}\""));
+        }
+        if let Some(scope) = &self.scope {
+            params.push(format!("scope=\"{}\"", quoted(scope)));
+        }
+        if let Some(url) = &self.resource_metadata {
+            params.push(format!("resource_metadata=\"{}\"", quoted(url)));
+        }
+        let value = if params.is_empty() {
+            "Bearer".to_owned()
+        } else {
+            format!("Bearer {}", params.join(", "))
+        };
+        HeaderValue::try_from(value).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
+    }
+}
+
+/// A quoted-string's content: no quotes or backslashes (they are not in URLs or scope tokens
+/// that pass configuration; dropping them keeps the header well-formed whatever the input).
+fn quoted(text: &str) -> String {
+    text.chars().filter(|c| *c != '"' && *c != '\\').collect()
+}
+
 /// A failure the relay reports to an agent before or instead of reaching the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No credential, or not a valid one.
-    #[error("missing or invalid credentials")]
-    Unauthorized,
+    #[error("missing or invalid credentials{}", .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Unauthorized {
+        /// How to authenticate.
+        challenge: Challenge,
+        /// Why a presented token was refused (not said for API keys), if one was presented.
+        reason: Option<String>,
+    },
+    /// A valid token that lacks a required scope.
+    #[error("insufficient scope: the token needs {}", .challenge.scope.as_deref().unwrap_or_default())]
+    InsufficientScope {
+        /// The scopes needed, and where the metadata is.
+        challenge: Challenge,
+    },
     /// The source does not exist, is offline, or belongs to another tenant (all alike).
     #[error("not found")]
     NotFound,
@@ -56,8 +106,17 @@ pub enum AgentError {
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let message = self.to_string();
+        let mut authenticate = None;
         let (status, code, id) = match self {
-            AgentError::Unauthorized => (StatusCode::UNAUTHORIZED, codes::INVALID_REQUEST, None),
+            AgentError::Unauthorized { challenge, reason } => {
+                let error = reason.is_some().then_some("invalid_token");
+                authenticate = Some(challenge.header(error));
+                (StatusCode::UNAUTHORIZED, codes::INVALID_REQUEST, None)
+            }
+            AgentError::InsufficientScope { challenge } => {
+                authenticate = Some(challenge.header(Some("insufficient_scope")));
+                (StatusCode::FORBIDDEN, codes::INVALID_REQUEST, None)
+            }
             AgentError::NotFound | AgentError::SessionNotFound => {
                 (StatusCode::NOT_FOUND, codes::INVALID_REQUEST, None)
             }
@@ -75,18 +134,15 @@ impl IntoResponse for AgentError {
             }
         };
         let mut response = json_response(status, error_body(id.as_deref(), code, &message));
-        match status {
-            StatusCode::UNAUTHORIZED => {
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            }
-            StatusCode::METHOD_NOT_ALLOWED => {
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
-            }
-            _ => {}
+        if let Some(value) = authenticate {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
         }
         response
     }

@@ -19,6 +19,7 @@ use super::agent::{authorize, gate, header_str, open_channel, open_header, read_
 use super::answer::{EventIds, JsonAnswer, Target, forward, sse_response};
 use super::events::{Start, parse_event_id};
 use super::filter::ListFilter;
+use super::oauth::Resource;
 use super::reply::{AgentError, json_response};
 use super::sessions::{Session, Transport, new_session_id};
 use crate::govern::Identity;
@@ -55,7 +56,7 @@ async fn post_inner(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, AgentError> {
-    let who = gate(&state, &headers)?;
+    let who = gate(&state, &headers, Resource::Mcp(&source))?;
     let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
     if let Some(denied) = authorize(&state, &who, &source, &classified) {
         return Ok(json_response(StatusCode::OK, denied));
@@ -243,7 +244,7 @@ async fn handle_get(
     headers: HeaderMap,
 ) -> Response {
     let result = (|| {
-        let who = gate(&state, &headers)?;
+        let who = gate(&state, &headers, Resource::Mcp(&source))?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
@@ -283,7 +284,7 @@ async fn handle_delete(
     headers: HeaderMap,
 ) -> Response {
     let result = async {
-        let who = gate(&state, &headers)?;
+        let who = gate(&state, &headers, Resource::Mcp(&source))?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };

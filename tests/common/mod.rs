@@ -61,7 +61,8 @@ pub struct Options {
     pub creds: Option<(TenantCreds, TenantCreds)>,
 }
 
-/// A running relay with two tenants, `acme` and `other`.
+/// A running relay with three tenants, `acme`, `other` and `globex` (the third for tests that
+/// need more than a pair, such as the isolation matrix).
 pub struct Harness {
     pub state: Arc<RelayState>,
     pub agents: SocketAddr,
@@ -70,6 +71,7 @@ pub struct Harness {
     pub ca_pem: String,
     pub acme: TenantCreds,
     pub other: TenantCreds,
+    pub third: TenantCreds,
     pub shutdown: CancellationToken,
     relay_task: JoinHandle<()>,
 }
@@ -89,8 +91,9 @@ impl Harness {
             .creds
             .clone()
             .unwrap_or_else(|| (TenantCreds::new("acme"), TenantCreds::new("other")));
+        let third = TenantCreds::new("globex");
         let mut keyring = Keyring::default();
-        for tenant in [&acme, &other] {
+        for tenant in [&acme, &other, &third] {
             keyring.add_tunnel_token(
                 SecretHash::of(&tenant.tunnel_token),
                 tenant.name.as_str().into(),
@@ -142,6 +145,7 @@ impl Harness {
             ca_pem: certs.ca_pem,
             acme,
             other,
+            third,
             shutdown,
             relay_task,
         }

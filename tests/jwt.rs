@@ -1,0 +1,370 @@
+//! Agents authenticated by JWTs of a configured identity provider, with a JWKS made here:
+//! valid tokens (ES256 and EdDSA) work end to end; expired, wrong audience, wrong issuer and bad
+//! signature are 401 naming the protected resource metadata; a missing scope is 403
+//! `insufficient_scope`; both well-known metadata documents are served; and the upstream never
+//! sees the agent's token. The relay is built from a configuration file, as in production.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{Agent, WAIT, tool_text};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{RelayConfig, SourceConfig, TransportChoice};
+use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::{Relay, RelaySettings};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const PUBLIC_URL: &str = "https://relay.example.test";
+const ISSUER: &str = "https://idp.example.test";
+const SCOPE: &str = "mcp:tools";
+
+/// Headers of every request the scripted upstream saw.
+type Seen = Arc<Mutex<Vec<HeaderMap>>>;
+
+/// A minimal Streamable HTTP upstream that records the headers of every request.
+async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
+    let seen = Seen::default();
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        post(move |headers: HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                record.lock().expect("lock").push(headers);
+                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let id = message["id"].clone();
+                let result = match message["method"].as_str() {
+                    Some("initialize") => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
+                    Some("tools/call") => json!({"content":[{"type":"text","text":"recorded"}]}),
+                    _ => return StatusCode::ACCEPTED.into_response(),
+                };
+                let mut response: Response = (
+                    [("content-type", "application/json")],
+                    json!({"jsonrpc":"2.0","id":id,"result":result}).to_string(),
+                )
+                    .into_response();
+                response.headers_mut().insert(
+                    "mcp-session-id",
+                    axum::http::HeaderValue::from_static("upstream-1"),
+                );
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    (format!("http://{addr}/mcp"), seen)
+}
+
+/// A signing key and its public JWK.
+struct SigningKey {
+    alg: Algorithm,
+    kid: &'static str,
+    key: EncodingKey,
+    jwk: Value,
+}
+
+fn es256(kid: &'static str) -> SigningKey {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key");
+    let point = pair.public_key_raw();
+    assert_eq!(point.len(), 65, "an uncompressed P-256 point");
+    SigningKey {
+        alg: Algorithm::ES256,
+        kid,
+        key: EncodingKey::from_ec_der(&pair.serialize_der()),
+        jwk: json!({"kty":"EC","crv":"P-256","kid":kid,"alg":"ES256","use":"sig",
+            "x": URL_SAFE_NO_PAD.encode(&point[1..33]), "y": URL_SAFE_NO_PAD.encode(&point[33..])}),
+    }
+}
+
+fn eddsa(kid: &'static str) -> SigningKey {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    SigningKey {
+        alg: Algorithm::EdDSA,
+        kid,
+        key: EncodingKey::from_ed_der(&pair.serialize_der()),
+        jwk: json!({"kty":"OKP","crv":"Ed25519","kid":kid,"alg":"EdDSA","use":"sig",
+            "x": URL_SAFE_NO_PAD.encode(pair.public_key_raw())}),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// Claims of a good token; the cases spoil one field at a time.
+fn claims() -> Value {
+    json!({
+        "iss": ISSUER,
+        "aud": PUBLIC_URL,
+        "sub": "carol@acme.example",
+        "tenant": "acme",
+        "roles": ["analyst"],
+        "scope": format!("openid {SCOPE}"),
+        "iat": now(),
+        "exp": now() + 600,
+    })
+}
+
+fn sign(key: &SigningKey, claims: &Value) -> String {
+    let mut header = Header::new(key.alg);
+    header.kid = Some(key.kid.to_owned());
+    jsonwebtoken::encode(&header, claims, &key.key).expect("token signs")
+}
+
+fn www_authenticate(answer: &common::Answer) -> &str {
+    answer
+        .headers
+        .get("www-authenticate")
+        .unwrap_or_else(|| panic!("a WWW-Authenticate header: {answer:?}"))
+        .to_str()
+        .expect("ascii header")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let demo = common::demo_upstream(&shutdown).await;
+    let (recording, seen) = start_recording_upstream(&shutdown).await;
+
+    // The identity provider's keys; `stranger` is not in its JWKS.
+    let (ec, ed, stranger) = (es256("ec-1"), eddsa("ed-1"), es256("ec-1"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
+    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
+    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        json!({"keys": [ec.jwk, ed.jwk]}).to_string(),
+    )
+    .expect("write JWKS");
+    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let config = format!(
+        r#"
+[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+[agents]
+listen = "127.0.0.1:0"
+public_url = "{PUBLIC_URL}/"
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+[[tenants.keys]]
+subject = "bob"
+roles = ["analyst"]
+key = "{}"
+[[tenants.roles]]
+name = "analyst"
+allow = ["demo/echo", "recording/*"]
+[[identity_providers]]
+issuer = "{ISSUER}"
+jwks_file = "jwks.json"
+algorithms = ["ES256", "EdDSA"]
+tenant_claim = "tenant"
+roles_claim = "roles"
+required_scopes = ["{SCOPE}"]
+"#,
+        SecretHash::of(&token),
+        SecretHash::of(&api_key),
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).expect("write config");
+    let config = RelayConfig::load(&path).expect("config loads");
+    let relay = Relay::bind(RelaySettings::from_config(&config).expect("settings"))
+        .await
+        .expect("relay");
+    let (agents, tunnel, state) = (
+        relay.agents_addr(),
+        relay.tunnel_addr(),
+        relay.state().clone(),
+    );
+    tokio::spawn(relay.serve(shutdown.clone()));
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
+        token,
+        vec![
+            SourceConfig::parse_flag(&format!("demo={demo}")).expect("source"),
+            SourceConfig::parse_flag(&format!("recording={recording}")).expect("source"),
+        ],
+    );
+    settings.ca_pem = Some(certs.ca_pem);
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "recording"))
+        .await
+        .expect("tunnel up");
+    let url = format!("http://{agents}/mcp/demo");
+    let metadata = format!("{PUBLIC_URL}/.well-known/oauth-protected-resource/mcp/demo");
+
+    // Valid tokens, both algorithms: initialize, then the echo tool through the tunnel.
+    for key in [&ec, &ed] {
+        let mut agent = Agent::new(&url, &sign(key, &claims()));
+        let init = agent.initialize().await;
+        assert_eq!(
+            init.status, 200,
+            "{:?} token initializes: {init:?}",
+            key.alg
+        );
+        let echoed = agent.call_tool(1, "echo", json!({"message": "hi"})).await;
+        assert_eq!(tool_text(echoed.response()), "hi", "{:?}", key.alg);
+        // The roles claim is the caller's roles: the analyst may not call `add`.
+        let denied = agent.call_tool(2, "add", json!({"a": 1, "b": 2})).await;
+        assert_eq!(denied.response()["error"]["message"], "Unknown tool: add");
+    }
+    // API keys still work, and are tried first.
+    let mut bob = Agent::new(&url, &api_key);
+    assert_eq!(bob.initialize().await.status, 200, "an API key still works");
+
+    // No credential: 401 naming the metadata and the scope, no error code (RFC 6750 3.1).
+    let mut anonymous = Agent::new(&url, "");
+    anonymous.key = None;
+    let refused = anonymous.initialize().await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(
+        www_authenticate(&refused),
+        format!(r#"Bearer scope="{SCOPE}", resource_metadata="{metadata}""#)
+    );
+
+    // Each bad token: 401, `invalid_token`, the metadata URL.
+    let mut expired = claims();
+    expired["exp"] = json!(now() - 3600);
+    expired["iat"] = json!(now() - 7200);
+    let mut wrong_audience = claims();
+    wrong_audience["aud"] = json!("https://someone-else.example");
+    let mut wrong_issuer = claims();
+    wrong_issuer["iss"] = json!("https://evil.example");
+    let cases = [
+        ("expired", sign(&ec, &expired), "token expired"),
+        (
+            "wrong audience",
+            sign(&ed, &wrong_audience),
+            "wrong audience",
+        ),
+        ("wrong issuer", sign(&ec, &wrong_issuer), "wrong issuer"),
+        ("bad signature", sign(&stranger, &claims()), "bad signature"),
+        ("not a token", "a.b.c".to_owned(), "malformed token"),
+    ];
+    for (case, token, reason) in cases {
+        let answer = Agent::new(&url, &token).initialize().await;
+        assert_eq!(answer.status, 401, "{case}: {answer:?}");
+        assert_eq!(
+            www_authenticate(&answer),
+            format!(
+                r#"Bearer error="invalid_token", scope="{SCOPE}", resource_metadata="{metadata}""#
+            ),
+            "{case}"
+        );
+        let message = answer.response()["error"]["message"]
+            .as_str()
+            .expect("an error message");
+        assert!(message.ends_with(reason), "{case}: {message}");
+    }
+
+    // A valid token without the required scope: 403 `insufficient_scope`.
+    let mut unscoped = claims();
+    unscoped["scope"] = json!("openid");
+    let answer = Agent::new(&url, &sign(&ec, &unscoped)).initialize().await;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert_eq!(
+        www_authenticate(&answer),
+        format!(
+            r#"Bearer error="insufficient_scope", scope="{SCOPE}", resource_metadata="{metadata}""#
+        )
+    );
+
+    // The HTTP+SSE endpoint names its own resource.
+    let sse = reqwest::Client::new()
+        .get(format!("http://{agents}/sse/demo"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .expect("GET /sse/demo");
+    assert_eq!(sse.status(), 401);
+    assert_eq!(
+        sse.headers()["www-authenticate"],
+        format!(
+            r#"Bearer scope="{SCOPE}", resource_metadata="{PUBLIC_URL}/.well-known/oauth-protected-resource/sse/demo""#
+        )
+        .as_str()
+    );
+
+    // Both well-known documents (RFC 9728), served without credentials.
+    for (path, resource) in [
+        (
+            "/.well-known/oauth-protected-resource/mcp/demo",
+            format!("{PUBLIC_URL}/mcp/demo"),
+        ),
+        (
+            "/.well-known/oauth-protected-resource",
+            PUBLIC_URL.to_owned(),
+        ),
+    ] {
+        let response = reqwest::Client::new()
+            .get(format!("http://{agents}{path}"))
+            .timeout(WAIT)
+            .send()
+            .await
+            .expect("metadata request");
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let document: Value = response.json().await.expect("JSON metadata");
+        assert_eq!(
+            document,
+            json!({
+                "resource": resource,
+                "authorization_servers": [ISSUER],
+                "scopes_supported": [SCOPE],
+                "bearer_methods_supported": ["header"],
+            }),
+            "{path}"
+        );
+    }
+
+    // The upstream sees the calls, never the agent's token.
+    let jwt = sign(&ec, &claims());
+    let mut agent = Agent::new(&format!("http://{agents}/mcp/recording"), &jwt);
+    assert_eq!(agent.initialize().await.status, 200);
+    let called = agent.call_tool(3, "anything", json!({})).await;
+    assert_eq!(tool_text(called.response()), "recorded");
+    let seen = seen.lock().expect("lock");
+    assert!(seen.len() >= 3, "initialize, initialized, tools/call");
+    for headers in seen.iter() {
+        assert!(
+            headers.get("authorization").is_none(),
+            "no Authorization upstream"
+        );
+        for (name, value) in headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            assert!(
+                !value.contains(&jwt) && !value.contains(jwt.split('.').nth(2).expect("3 parts")),
+                "header {name} carries the agent's token"
+            );
+        }
+    }
+}

@@ -1,0 +1,651 @@
+//! Configuration hot reload: keys added, removed and roles changed in the file apply to new
+//! requests without a restart and without dropping open sessions; an invalid file is refused
+//! with an error naming the problem and the running configuration stays. In-process (the
+//! library's reloader and file watcher) and against the relay binary (SIGHUP, and its own file
+//! watcher).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Agent, WAIT, tool_text};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::reload::{self, FileStamp, LoadedConfig, Reloader};
+use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// A digest no secret has: a placeholder the same length as a real one.
+const NO_KEY: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+
+/// An agent key line of the config: subject, digest, roles.
+type KeyLine<'a> = (&'a str, String, &'a [&'a str]);
+
+/// A relay config on loopback ports the OS picks: tenant `acme` with `token`, `keys` and
+/// `roles` (name, allowed globs), then `extra` verbatim (more keys of the last key, sections).
+fn config_text(
+    token: &str,
+    keys: &[KeyLine<'_>],
+    roles: &[(&str, &[&str])],
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        r#"[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+
+[agents]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+"#,
+        SecretHash::of(token)
+    );
+    for (name, allow) in roles {
+        text.push_str(&format!(
+            "\n[[tenants.roles]]\nname = {name:?}\nallow = {allow:?}\n"
+        ));
+    }
+    for (subject, digest, roles) in keys {
+        text.push_str(&format!(
+            "\n[[tenants.keys]]\nsubject = {subject:?}\nroles = {roles:?}\nkey = {digest:?}\n"
+        ));
+    }
+    text.push_str(extra);
+    text
+}
+
+fn digest(secret: &str) -> String {
+    SecretHash::of(secret).to_string()
+}
+
+/// A temporary directory with dev certificates; returns it and the CA.
+fn cert_dir() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
+    (dir, certs.ca_pem)
+}
+
+/// Runs a `connect` for `token` serving `demo` from a fresh demo upstream; stops on drop.
+async fn connect(
+    tunnel: &str,
+    token: &str,
+    ca_pem: &str,
+) -> (tokio::task::JoinHandle<()>, DropGuard) {
+    let stop = CancellationToken::new();
+    let upstream = common::demo_upstream(&stop).await;
+    let mut settings = ClientSettings::new(
+        tunnel.to_owned(),
+        token.to_owned(),
+        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
+    );
+    settings.ca_pem = Some(ca_pem.to_owned());
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let _ = client::run(settings, stop).await;
+        }
+    });
+    (task, stop.drop_guard())
+}
+
+/// A relay running in this process from a config file, with `connect` serving `demo`.
+struct FileRelay {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    state: Arc<RelayState>,
+    agents: std::net::SocketAddr,
+    reloader: Option<Reloader>,
+    shutdown: CancellationToken,
+    _connect: DropGuard,
+}
+
+impl Drop for FileRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl FileRelay {
+    async fn start(token: &str, text: &str) -> Self {
+        common::init_tracing();
+        let (dir, ca_pem) = cert_dir();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).expect("write relay.toml");
+        let loaded = LoadedConfig::load(&path).expect("the first config loads");
+        let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
+            .await
+            .expect("relay binds");
+        let state = relay.state().clone();
+        let (agents, tunnel) = (relay.agents_addr(), relay.tunnel_addr());
+        let shutdown = CancellationToken::new();
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { relay.serve(shutdown).await.expect("relay serves") }
+        });
+        let reloader = Reloader::new(&path, state.clone(), loaded);
+        let (_task, connect) = connect(&tunnel.to_string(), token, &ca_pem).await;
+        tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
+            .await
+            .expect("tunnel comes up");
+        Self {
+            _dir: dir,
+            path,
+            state,
+            agents,
+            reloader: Some(reloader),
+            shutdown,
+            _connect: connect,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/mcp/demo", self.agents)
+    }
+
+    fn reloader(&mut self) -> &mut Reloader {
+        self.reloader
+            .as_mut()
+            .expect("the reloader is not handed to a watcher")
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("rewrite relay.toml");
+    }
+}
+
+/// An agent with a session open on `demo`, its echo checked.
+async fn open_session(url: &str, key: &str) -> Agent {
+    let mut agent = Agent::new(url, key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200, "{init:?}");
+    assert!(agent.session.is_some());
+    assert_echo(&agent, 1, "opened").await;
+    agent
+}
+
+async fn assert_echo(agent: &Agent, id: u64, message: &str) {
+    let answer = agent
+        .call_tool(id, "echo", json!({"message": message}))
+        .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(tool_text(answer.response()), message);
+}
+
+/// The tool names `tools/list` shows in `agent`'s session, sorted.
+async fn tool_names(agent: &Agent, id: u64) -> Vec<String> {
+    let answer = agent
+        .post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/list"}))
+        .await;
+    let mut names: Vec<String> = answer.response()["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a tool list: {answer:?}"))
+        .iter()
+        .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The status of a fresh `initialize` with `key`.
+async fn initialize_status(url: &str, key: &str) -> u16 {
+    Agent::new(url, key).initialize().await.status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_to_the_file_works_once_the_watcher_sees_it_and_open_sessions_stay() {
+    let token = new_secret("mcpt_tok_");
+    let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
+    let alice_line = ("alice", digest(&alice), &[][..]);
+    let mut relay = FileRelay::start(
+        &token,
+        &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
+    )
+    .await;
+    let url = relay.url();
+    let session = open_session(&url, &alice).await;
+    assert_eq!(
+        initialize_status(&url, &bob).await,
+        401,
+        "bob is not in the file yet"
+    );
+
+    let hangup = Arc::new(Notify::new());
+    let watcher = tokio::spawn(reload::watch(
+        relay.reloader.take().expect("reloader"),
+        Duration::from_millis(100),
+        hangup,
+        relay.shutdown.clone(),
+    ));
+    relay.write(&config_text(
+        &token,
+        &[alice_line, ("bob", digest(&bob), &[])],
+        &[],
+        "",
+    ));
+    tokio::time::timeout(WAIT, async {
+        while initialize_status(&url, &bob).await != 200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("bob's key works once the watcher has reloaded the file");
+
+    let session_id = session.session.clone();
+    assert_echo(&session, 2, "same session after the reload").await;
+    assert_eq!(session.session, session_id);
+    assert_eq!(
+        relay.state.sessions.len(),
+        2,
+        "alice's session and bob's both live"
+    );
+    relay.shutdown.cancel();
+    tokio::time::timeout(WAIT, watcher)
+        .await
+        .expect("the watcher stops with the relay")
+        .expect("the watcher does not panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_key_stops_working_for_new_requests() {
+    let token = new_secret("mcpt_tok_");
+    let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
+    let alice_line = ("alice", digest(&alice), &[][..]);
+    let both = config_text(
+        &token,
+        &[alice_line.clone(), ("bob", digest(&bob), &[])],
+        &[],
+        "",
+    );
+    let mut relay = FileRelay::start(&token, &both).await;
+    let url = relay.url();
+    let alice_session = open_session(&url, &alice).await;
+    let bob_session = open_session(&url, &bob).await;
+
+    relay.write(&config_text(&token, &[alice_line], &[], ""));
+    let summary = relay.reloader().reload().await.expect("the file reloads");
+    assert_eq!(
+        (
+            summary.keys.before,
+            summary.keys.after,
+            summary.keys.removed
+        ),
+        (2, 1, 1),
+        "{summary:?}"
+    );
+    assert!(summary.restart_needed.is_empty(), "{summary:?}");
+
+    assert_eq!(
+        initialize_status(&url, &bob).await,
+        401,
+        "bob's key is gone"
+    );
+    let revoked = bob_session
+        .call_tool(2, "echo", json!({"message": "x"}))
+        .await;
+    assert_eq!(
+        revoked.status, 401,
+        "every request authenticates, in a session too: {revoked:?}"
+    );
+    assert_echo(&alice_session, 2, "alice is untouched").await;
+    assert_eq!(initialize_status(&url, &alice).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_work() {
+    let token = new_secret("mcpt_tok_");
+    let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
+    let alice_line = ("alice", digest(&alice), &[][..]);
+    let mut relay = FileRelay::start(
+        &token,
+        &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
+    )
+    .await;
+    let url = relay.url();
+    let session = open_session(&url, &alice).await;
+    let bob_line = ("bob", digest(&bob), &[][..]);
+
+    // An unknown key: the parser's error names it and its line.
+    relay.write(&config_text(
+        &token,
+        &[alice_line.clone(), bob_line.clone()],
+        &[],
+        "bogus_key = 1\n",
+    ));
+    let error = relay
+        .reloader()
+        .reload()
+        .await
+        .expect_err("an unknown key is refused")
+        .to_string();
+    assert!(
+        error.contains("bogus_key") && error.contains("line"),
+        "the error names the key and its line: {error}"
+    );
+    assert_eq!(
+        initialize_status(&url, &bob).await,
+        401,
+        "nothing of the refused file applies"
+    );
+    assert_echo(&session, 2, "the running configuration stays").await;
+    assert_eq!(initialize_status(&url, &alice).await, 200);
+
+    // A key naming a role that is not defined.
+    relay.write(&config_text(
+        &token,
+        &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
+        &[],
+        "",
+    ));
+    let error = relay
+        .reloader()
+        .reload()
+        .await
+        .expect_err("an undefined role is refused")
+        .to_string();
+    assert!(
+        error.contains("auditor"),
+        "the error names the role: {error}"
+    );
+    assert_eq!(initialize_status(&url, &bob).await, 401);
+
+    // A clear-text secret where a digest belongs.
+    relay.write(&config_text(
+        &token,
+        &[alice_line.clone(), ("bob", bob.clone(), &[])],
+        &[],
+        "",
+    ));
+    let error = relay
+        .reloader()
+        .reload()
+        .await
+        .expect_err("a clear-text key is refused")
+        .to_string();
+    assert!(
+        error.contains("key of bob"),
+        "the error names the key: {error}"
+    );
+    assert_eq!(initialize_status(&url, &bob).await, 401);
+    assert_echo(&session, 3, "still the running configuration").await;
+
+    // A valid file applies, and what reload cannot apply is reported, not silently dropped.
+    relay.write(&config_text(
+        &token,
+        &[alice_line, bob_line],
+        &[],
+        "\n[limits]\nrequest_timeout_secs = 60\n",
+    ));
+    let summary = relay
+        .reloader()
+        .reload()
+        .await
+        .expect("a valid file reloads");
+    assert_eq!(summary.restart_needed, vec!["[limits]"], "{summary:?}");
+    assert_eq!(
+        (summary.keys.added, summary.keys.after),
+        (1, 2),
+        "{summary:?}"
+    );
+    assert_eq!(initialize_status(&url, &bob).await, 200);
+    assert_echo(&session, 4, "and the session lives on").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() {
+    let token = new_secret("mcpt_tok_");
+    let alice = new_secret("mcpt_key_");
+    let with_allow = |allow: &[&str]| {
+        config_text(
+            &token,
+            &[("alice", digest(&alice), &["analyst"])],
+            &[("analyst", allow)],
+            "",
+        )
+    };
+    let mut relay = FileRelay::start(&token, &with_allow(&["demo/echo", "demo/add"])).await;
+    let url = relay.url();
+    let session = open_session(&url, &alice).await;
+    let add = |id: u64| session.call_tool(id, "add", json!({"a": 1, "b": 2}));
+    assert_eq!(tool_text(add(2).await.response()), "3");
+    assert_eq!(tool_names(&session, 1).await, ["add", "echo"]);
+
+    relay.write(&with_allow(&["demo/echo"]));
+    let summary = relay.reloader().reload().await.expect("reloads");
+    assert_eq!(summary.roles.changed, 1, "{summary:?}");
+    let denied = add(3).await;
+    assert_eq!(
+        denied.status, 200,
+        "a denial is a JSON-RPC error, not HTTP: {denied:?}"
+    );
+    assert_eq!(denied.response()["id"], 3);
+    assert!(
+        denied.response()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Unknown tool")),
+        "{denied:?}"
+    );
+    assert_echo(&session, 4, "echo is still allowed, in the same session").await;
+    assert_eq!(
+        tool_names(&session, 6).await,
+        ["echo"],
+        "the list follows the new role"
+    );
+
+    relay.write(&with_allow(&["demo/*"]));
+    relay.reloader().reload().await.expect("reloads");
+    assert_eq!(tool_text(add(5).await.response()), "3", "allowed again");
+    assert!(tool_names(&session, 7).await.contains(&"add".to_owned()));
+    assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay binary: SIGHUP, and its own file watcher.
+
+/// A child process whose output is read line by line (so a full pipe never blocks it).
+struct Process {
+    child: common::Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    fn start(command: &mut Command) -> Self {
+        let mut child = common::spawn(command.env("NO_COLOR", "1"));
+        let (tx, lines) = mpsc::unbounded_channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.0.stdout.take().expect("stdout is piped");
+        let stderr = child.0.stderr.take().expect("stderr is piped");
+        tokio::spawn(drain(stdout, tx.clone(), log.clone()));
+        tokio::spawn(drain(stderr, tx, log.clone()));
+        Self { child, lines, log }
+    }
+
+    fn pid(&self) -> i32 {
+        let pid = self.child.0.id().expect("the process has not been reaped");
+        i32::try_from(pid).expect("a PID fits in pid_t")
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with the PID of our own unreaped child and a valid signal number.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    fn output(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// The next line containing `text`, within [`WAIT`].
+    async fn wait_for(&mut self, text: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.recv().await {
+                if line.contains(text) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("relay exited before printing {text:?}:\n{}", self.output()),
+            Err(_) => panic!(
+                "relay did not print {text:?} within {WAIT:?}:\n{}",
+                self.output()
+            ),
+        }
+    }
+}
+
+async fn drain(
+    pipe: impl AsyncRead + Unpin,
+    tx: mpsc::UnboundedSender<String>,
+    log: Arc<Mutex<Vec<String>>>,
+) {
+    let mut lines = BufReader::new(pipe).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        log.lock().expect("log lock").push(line.clone());
+        let _ = tx.send(line);
+    }
+}
+
+/// The address after `key=` on a log line.
+fn field(line: &str, key: &str) -> std::net::SocketAddr {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
+}
+
+/// Rewrites `path` in place keeping its modification time, so that its stamp (time, length,
+/// inode) does not change and only a SIGHUP can make the relay read it.
+fn rewrite_keeping_stamp(path: &Path, text: &str) {
+    let before = FileStamp::read(path).expect("stamp");
+    let modified = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    std::fs::write(path, text).expect("rewrite in place");
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(modified))
+        .expect("restore mtime");
+    assert_eq!(
+        FileStamp::read(path),
+        Some(before),
+        "same length, inode and time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_binary_reloads_on_sighup_and_on_file_change() {
+    common::init_tracing();
+    let (dir, ca_pem) = cert_dir();
+    let path = dir.path().join("relay.toml");
+    let token = new_secret("mcpt_tok_");
+    let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
+    let alice_line = ("alice", digest(&alice), &[][..]);
+    // Bob's entry holds a placeholder digest of the same length as his real one.
+    std::fs::write(
+        &path,
+        config_text(
+            &token,
+            &[alice_line.clone(), ("bob", NO_KEY.into(), &[])],
+            &[],
+            "",
+        ),
+    )
+    .expect("write relay.toml");
+
+    let mut relay = Process::start(
+        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("relay")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info"),
+    );
+    let listening = relay.wait_for("relay listening").await;
+    let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
+    let (_connect_task, _connect) = connect(&tunnel.to_string(), &token, &ca_pem).await;
+    relay.wait_for("tunnel connected").await;
+    let url = format!("http://{agents}/mcp/demo");
+    let session = open_session(&url, &alice).await;
+    assert_eq!(initialize_status(&url, &bob).await, 401);
+
+    // SIGHUP: the file changed without its stamp changing, so the watcher cannot have seen it.
+    rewrite_keeping_stamp(
+        &path,
+        &config_text(
+            &token,
+            &[alice_line.clone(), ("bob", digest(&bob), &[])],
+            &[],
+            "",
+        ),
+    );
+    relay.signal(libc::SIGHUP);
+    relay.wait_for("SIGHUP: reloading").await;
+    let reloaded = relay.wait_for("configuration reloaded").await;
+    assert!(reloaded.contains("keys=2 -> 2 (+1 -1 ~0)"), "{reloaded}");
+    assert!(
+        !relay.output().contains("configuration file changed"),
+        "the SIGHUP did it:\n{}",
+        relay.output()
+    );
+    assert_eq!(initialize_status(&url, &bob).await, 200, "bob's key works");
+    assert_echo(&session, 2, "alice's session survived the SIGHUP").await;
+
+    // The binary's watcher: an invalid file is refused, naming the key; nothing changes.
+    std::fs::write(
+        &path,
+        config_text(
+            &token,
+            std::slice::from_ref(&alice_line),
+            &[],
+            "bogus_key = 1\n",
+        ),
+    )
+    .expect("write an invalid file");
+    let refused = relay.wait_for("reload refused").await;
+    assert!(
+        refused.contains("bogus_key") && refused.contains("line"),
+        "the log line names the key and its line: {refused}"
+    );
+    assert_eq!(initialize_status(&url, &bob).await, 200, "bob still works");
+    assert_echo(&session, 3, "alice's session too").await;
+
+    // A valid change (bob removed) is picked up by the watcher, without a signal.
+    std::fs::write(&path, config_text(&token, &[alice_line], &[], "")).expect("write");
+    let reloaded = relay.wait_for("configuration reloaded").await;
+    assert!(reloaded.contains("keys=2 -> 1 (+0 -1 ~0)"), "{reloaded}");
+    assert_eq!(
+        initialize_status(&url, &bob).await,
+        401,
+        "bob's key is gone"
+    );
+    assert_echo(&session, 4, "alice's session survived both reloads").await;
+
+    relay.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(WAIT, relay.child.0.wait())
+        .await
+        .unwrap_or_else(|_| panic!("relay exits after SIGTERM:\n{}", relay.output()))
+        .expect("wait for the relay");
+    assert!(status.success(), "{status}:\n{}", relay.output());
+}
