@@ -142,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
         governance: Governance {
             keyring,
             policy: Policy::default(),
+            limiter: Default::default(),
         },
         limits: LimitsSection::default(),
         allowed_origins: Vec::new(),

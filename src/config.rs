@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::govern::assertion::AssertionSigner;
 use crate::govern::jwt::{self, ClaimMapping, JwtVerifier, Provider, TenantSource};
 use crate::govern::{Identity, Keyring, Policy, SecretHash, policy::Role};
 
@@ -97,12 +98,42 @@ pub struct RelayConfig {
     /// Limits and timeouts.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Rate limits (applied by hot reload).
+    #[serde(default)]
+    pub rate_limits: crate::govern::limits::RateLimitsSection,
     /// Tenants, their tunnel tokens, agent keys and roles.
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
     /// Identity providers whose JWTs agents may present instead of API keys.
     #[serde(default)]
     pub identity_providers: Vec<IdentityProviderSection>,
+    /// Signed caller identity for upstreams (enabled per tenant and source).
+    #[serde(default)]
+    pub identity_assertion: Option<IdentityAssertionSection>,
+}
+
+/// `[identity_assertion]`: how the relay signs the caller's identity for upstreams. Which
+/// sources get it is set per tenant (`assert_identity`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityAssertionSection {
+    /// The Ed25519 private key (PKCS#8 PEM), relative to the configuration file. Upstreams
+    /// verify with its public key (`openssl pkey -in KEY -pubout`).
+    pub key: PathBuf,
+    /// The header `connect` sets on upstream requests (must start with `X-`).
+    #[serde(default = "default_assertion_header")]
+    pub header: String,
+    /// Lifetime of an assertion, in seconds (1 to 3600).
+    #[serde(default = "default_assertion_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_assertion_header() -> String {
+    crate::govern::assertion::DEFAULT_HEADER.to_owned()
+}
+
+fn default_assertion_ttl() -> u64 {
+    crate::govern::assertion::DEFAULT_TTL_SECS
 }
 
 /// `[tunnel]`
@@ -260,6 +291,10 @@ pub struct TenantSection {
     /// Roles; none means every key may call everything.
     #[serde(default)]
     pub roles: Vec<RoleSection>,
+    /// Sources whose upstreams get a signed assertion of the caller's identity (needs
+    /// `[identity_assertion]`); none by default.
+    #[serde(default)]
+    pub assert_identity: Vec<String>,
 }
 
 /// `[[tenants.keys]]`
@@ -313,6 +348,9 @@ impl RelayConfig {
         }
         for provider in &mut config.identity_providers {
             provider.jwks_file = base.join(&provider.jwks_file);
+        }
+        if let Some(assertion) = &mut config.identity_assertion {
+            assertion.key = base.join(&assertion.key);
         }
         config
             .build_governance()
@@ -404,7 +442,45 @@ impl RelayConfig {
             policy.set_roles(name, roles);
         }
         keyring.set_jwt(self.build_jwt(&tenant_names)?);
+        if let Some(signer) = self.build_assertions()? {
+            keyring.set_assertions(signer);
+        }
         Ok((keyring, policy))
+    }
+
+    /// Builds the identity assertion signer from `[identity_assertion]` and the tenants'
+    /// `assert_identity`, reading the key file.
+    fn build_assertions(&self) -> Result<Option<AssertionSigner>, String> {
+        let wanted = self.tenants.iter().any(|t| !t.assert_identity.is_empty());
+        let Some(section) = &self.identity_assertion else {
+            if wanted {
+                return Err(
+                    "a tenant sets assert_identity but [identity_assertion] is missing".into(),
+                );
+            }
+            return Ok(None);
+        };
+        let fail = |message: String| format!("identity_assertion: {message}");
+        let pem = std::fs::read_to_string(&section.key)
+            .map_err(|e| fail(format!("cannot read {}: {e}", section.key.display())))?;
+        let issuer = self.agents.public_url.as_deref().map_or_else(
+            || crate::govern::assertion::DEFAULT_ISSUER.to_owned(),
+            |url| url.trim_end_matches('/').to_owned(),
+        );
+        let mut signer =
+            AssertionSigner::new(&pem, issuer, section.header.clone(), section.ttl_secs)
+                .map_err(|e| fail(e.to_string()))?;
+        for tenant in &self.tenants {
+            for source in &tenant.assert_identity {
+                validate_source_name(source)
+                    .map_err(|e| format!("tenant {}: assert_identity: {e}", tenant.name))?;
+            }
+            signer.enable(
+                tenant.name.as_str().into(),
+                tenant.assert_identity.iter().cloned(),
+            );
+        }
+        Ok(Some(signer))
     }
 
     /// Builds the JWT verifier from `[agents] public_url` and `[[identity_providers]]`,
@@ -765,6 +841,45 @@ required_scopes = ["mcp:tools"]
         assert!(err.contains("missing.json"), "{err}");
         let err = load_err("public_url = \"relay.example\"\n", PROVIDER);
         assert!(err.contains("public_url"), "{err}");
+    }
+
+    #[test]
+    fn identity_assertions_are_checked() {
+        let with = |tenant_extra: &str, section: &str| {
+            let text = GOOD.replace(
+                "name = \"acme\"\n",
+                &format!("name = \"acme\"\n{tenant_extra}"),
+            );
+            let (dir, path) = write(&format!("{text}{section}"));
+            let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+            std::fs::write(dir.path().join("id.key"), pair.serialize_pem()).expect("write key");
+            let result = RelayConfig::load(&path).map(|config| {
+                let (keyring, _) = config.build_governance().expect("governance");
+                keyring
+                    .assertions()
+                    .is_some_and(|signer| signer.is_enabled("acme", "db"))
+            });
+            (dir, result.map_err(|e| e.to_string()))
+        };
+        let section = "[identity_assertion]\nkey = \"id.key\"\n";
+        let enabled = "assert_identity = [\"db\"]\n";
+        assert_eq!(with(enabled, section).1, Ok(true));
+        assert_eq!(with("", section).1, Ok(false), "off by default");
+        assert_eq!(with("", "").1, Ok(false));
+        let err = with(enabled, "").1.expect_err("no section");
+        assert!(err.contains("[identity_assertion] is missing"), "{err}");
+        let err = with(enabled, "[identity_assertion]\nkey = \"missing.key\"\n")
+            .1
+            .expect_err("no key file");
+        assert!(err.contains("missing.key"), "{err}");
+        let err = with(enabled, &format!("{section}header = \"Authorization\"\n"))
+            .1
+            .expect_err("header");
+        assert!(err.contains("Authorization"), "{err}");
+        let err = with("assert_identity = [\"a/b\"]\n", section)
+            .1
+            .expect_err("bad source name");
+        assert!(err.contains("assert_identity"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -706,4 +706,186 @@ async fn python_sdk_callbacks_and_progress_through_tunnel_to_stdio_server_everyt
 
     client.stop().await.expect("connect stops cleanly");
     harness.stop().await;
+}
+
+/// A relay config on loopback ports for tenant `acme`: its tunnel token, and one agent key
+/// (subject `ana`) with the role `analyst`, which allows `allow`.
+fn analyst_config(token: &str, key: &str, allow: &[&str]) -> String {
+    use mcp_tunnel::govern::SecretHash;
+    format!(
+        r#"[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+
+[agents]
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+
+[[tenants.roles]]
+name = "analyst"
+allow = {allow:?}
+
+[[tenants.keys]]
+subject = "ana"
+roles = ["analyst"]
+key = "{}"
+"#,
+        SecretHash::of(token),
+        SecretHash::of(key)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_applies_in_session() {
+    use mcp_tunnel::client::{self, ClientSettings};
+    use mcp_tunnel::config::{SourceConfig, TransportChoice};
+    use mcp_tunnel::govern::identity::new_secret;
+    use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
+    use mcp_tunnel::relay::{Relay, RelaySettings};
+    use tokio_util::sync::CancellationToken;
+
+    common::init_tracing();
+    let token = new_secret("mcpt_tok_");
+    let key = new_secret("mcpt_key_");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, analyst_config(&token, &key, &["demo/echo"])).expect("write config");
+
+    let loaded = LoadedConfig::load(&path).expect("the config loads");
+    let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
+        .await
+        .expect("relay binds");
+    let state = relay.state().clone();
+    let (agents, tunnel) = (relay.agents_addr(), relay.tunnel_addr());
+    let stop = CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let served = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.serve(stop).await }
+    });
+    let mut reloader = Reloader::new(&path, state.clone(), loaded);
+
+    let upstream = common::demo_upstream(&stop).await;
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
+        token.clone(),
+        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
+    );
+    settings.ca_pem = Some(certs.ca_pem.clone());
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    let connect = tokio::spawn(client::run(settings, stop.child_token()));
+    tokio::time::timeout(common::WAIT, state.registry.wait_for("acme", "demo"))
+        .await
+        .expect("the tunnel comes up");
+
+    let url = format!("http://{agents}/mcp/demo");
+    let go = dir.path().join("go");
+    let mut command = Command::new(python());
+    command
+        .arg(peer_file("policy_client.py"))
+        .arg(&url)
+        .arg(&key)
+        .arg(&go)
+        .env("PYTHONUNBUFFERED", "1");
+    let mut script = Peer::start("policy_client.py", &mut command);
+    script
+        .wait_for_line("`ready: true`", |line| line == "ready: true")
+        .await;
+    assert_eq!(state.sessions.len(), 1, "the script's session is open");
+
+    // The role now allows add too: rewrite the file, reload it, let the script go on.
+    std::fs::write(
+        &path,
+        analyst_config(&token, &key, &["demo/echo", "demo/add"]),
+    )
+    .expect("rewrite config");
+    let summary = reloader.reload().await.expect("the new config reloads");
+    assert!(summary.restart_needed.is_empty(), "{summary:?}");
+    std::fs::write(&go, "").expect("write the go file");
+
+    let status = tokio::time::timeout(RUN_WAIT, script.child.0.wait())
+        .await
+        .expect("policy_client.py finishes")
+        .expect("policy_client.py is reaped");
+    // The drain tasks see EOF once the process is gone; give them a bounded moment.
+    tokio::time::timeout(common::WAIT, async {
+        while !script.output().contains("session_ids: ") && status.success() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the last line is drained");
+    let output = script.output();
+    assert!(
+        status.success(),
+        "policy_client.py failed ({status}):\n{output}"
+    );
+    let facts: HashMap<&str, Value> = output
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .filter_map(|(k, v)| serde_json::from_str(v).ok().map(|v| (k, v)))
+        .collect();
+    let fact = |name: &str| {
+        facts
+            .get(name)
+            .unwrap_or_else(|| panic!("policy_client.py printed no `{name}`:\n{output}"))
+    };
+
+    assert!(
+        fact("negotiated")
+            .as_str()
+            .is_some_and(|v| v.starts_with("2025-")),
+        "a session-era version: {output}"
+    );
+    assert_eq!(
+        fact("tools_before"),
+        &json!(["echo"]),
+        "only echo is listed"
+    );
+    assert_eq!(
+        fact("denied_code"),
+        &json!(-32602),
+        "the denied add is a JSON-RPC error: {output}"
+    );
+    assert!(
+        fact("denied_message")
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "the denial has a message: {output}"
+    );
+    assert_eq!(fact("echo"), &json!("hi"), "the allowed echo works");
+    let mut after: Vec<String> =
+        serde_json::from_value(fact("tools_after").clone()).expect("a list of names");
+    after.sort();
+    assert_eq!(after, ["add", "echo"], "the reloaded role lists add too");
+    assert_eq!(
+        fact("add_after"),
+        &json!("42"),
+        "add works after the reload"
+    );
+    assert_eq!(fact("add_after_is_error"), &json!(false));
+    let ids = fact("session_ids").as_array().expect("a list of ids");
+    assert_eq!(
+        ids.len(),
+        1,
+        "one session throughout, never dropped: {output}"
+    );
+
+    stop.cancel();
+    let _ = tokio::time::timeout(common::WAIT, connect).await;
+    tokio::time::timeout(common::WAIT, served)
+        .await
+        .expect("the relay stops")
+        .expect("the relay task does not panic")
+        .expect("the relay serves cleanly");
 }

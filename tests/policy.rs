@@ -82,7 +82,11 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key).expect("identity"),
         agents_listen: "127.0.0.1:0".parse().expect("literal"),
         admin_listen: None,
-        governance: Governance { keyring, policy },
+        governance: Governance {
+            keyring,
+            policy,
+            limiter: Default::default(),
+        },
         limits: LimitsSection::default(),
         allowed_origins: Vec::new(),
         allowed_hosts: Vec::new(),

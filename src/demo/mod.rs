@@ -60,6 +60,7 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         governance: Governance {
             keyring,
             policy: Policy::default(),
+            limiter: Default::default(),
         },
         limits: LimitsSection::default(),
         allowed_origins: Vec::new(),

@@ -121,6 +121,7 @@ pub struct Keyring {
     api_keys: SecretTable<Identity>,
     tunnel_tokens: SecretTable<Arc<str>>,
     jwt: super::jwt::JwtVerifier,
+    assertions: Option<super::assertion::AssertionSigner>,
 }
 
 impl Keyring {
@@ -147,6 +148,16 @@ impl Keyring {
     /// The JWT verifier: empty (no provider, no public URL) unless configured.
     pub fn jwt(&self) -> &super::jwt::JwtVerifier {
         &self.jwt
+    }
+
+    /// Sets the signer of identity assertions for upstreams.
+    pub fn set_assertions(&mut self, signer: super::assertion::AssertionSigner) {
+        self.assertions = Some(signer);
+    }
+
+    /// The signer of identity assertions for upstreams, if configured.
+    pub fn assertions(&self) -> Option<&super::assertion::AssertionSigner> {
+        self.assertions.as_ref()
     }
 
     /// The tenant a tunnel token belongs to, if it is one.

@@ -106,14 +106,28 @@ pub fn authenticate(
     })
 }
 
-/// Checks origin, host and credentials: the start of every agent request for `resource`.
+/// Checks origin, host, credentials and the caller's and source's rate limits: the start of
+/// every agent request for `resource`.
 pub fn gate(
     state: &RelayState,
     headers: &HeaderMap,
     resource: Resource<'_>,
 ) -> Result<Identity, AgentError> {
     check_origin_and_host(state, headers)?;
-    authenticate(state, headers, resource)
+    let who = authenticate(state, headers, resource)?;
+    let source = match resource {
+        Resource::Mcp(source) | Resource::Sse(source) => source,
+    };
+    state
+        .governance()
+        .limiter
+        .request(&who.tenant, &who.subject, source, std::time::Instant::now())
+        .map_err(|limited| {
+            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, ?limited, "rate limited");
+            metrics::counter!(crate::metrics::REQUESTS, "outcome" => "rate_limited").increment(1);
+            AgentError::RateLimited(limited)
+        })?;
+    Ok(who)
 }
 
 /// Reads a body of at most `limit` bytes (413 beyond), and classifies it (400 if not JSON-RPC).
@@ -208,11 +222,14 @@ pub fn open_header(
         context,
         mcp_headers,
         traceparent: header_str(headers, "traceparent").map(str::to_owned),
+        assertion: None,
     }
 }
 
 /// Opens a tunnel stream to the source named in `header`, for the caller's tenant only; a
-/// source that is unknown, offline or another tenant's is the same 404.
+/// source that is unknown, offline or another tenant's is the same 404. When the tenant enables
+/// identity assertions for the source, the stream's header carries one, signed here (see
+/// [`crate::govern::assertion`]).
 pub async fn open_channel(
     state: &RelayState,
     who: &Identity,
@@ -222,6 +239,29 @@ pub async fn open_channel(
         .registry
         .route(&who.tenant, &header.source)
         .ok_or_else(|| AgentError::NotFound.into_response())?;
+    let governance = state.governance();
+    let assertion = match governance.keyring.assertions() {
+        Some(signer) => signer.assert(who, &header.source).map_err(|e| {
+            tracing::error!(error = %e, source = %header.source, "identity assertion not signed");
+            source_error(
+                None,
+                &header.source,
+                "the identity assertion could not be signed",
+            )
+        })?,
+        None => None,
+    };
+    let signed;
+    let header = match assertion {
+        Some(assertion) => {
+            signed = OpenHeader {
+                assertion: Some(assertion),
+                ..header.clone()
+            };
+            &signed
+        }
+        None => header,
+    };
     Channel::open(&tunnel, header, state.limits.max_message_bytes)
         .await
         .map_err(|e| source_error(None, &header.source, &e.to_string()))

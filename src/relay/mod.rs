@@ -27,6 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitsSection, RelayConfig};
+use crate::govern::limits::Limiter;
 use crate::govern::{Keyring, Policy};
 use crate::transport::{TransportError, quic, tls};
 use registry::Registry;
@@ -70,6 +71,8 @@ pub struct Governance {
     pub keyring: Keyring,
     /// Roles.
     pub policy: Policy,
+    /// Rate limits (their buckets start afresh when a reload swaps them in).
+    pub limiter: Limiter,
 }
 
 impl Governance {
@@ -77,7 +80,12 @@ impl Governance {
     /// cross-reference); the error says what is wrong.
     pub fn from_config(config: &RelayConfig) -> Result<Self, String> {
         let (keyring, policy) = config.build_governance()?;
-        Ok(Self { keyring, policy })
+        let limiter = Limiter::from_section(&config.rate_limits)?;
+        Ok(Self {
+            keyring,
+            policy,
+            limiter,
+        })
     }
 }
 
@@ -347,9 +355,16 @@ impl Relay {
         let agent_app = streamable::routes()
             .merge(legacy_sse::routes())
             .merge(oauth::routes())
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                limit_auth_failures,
+            ))
             .with_state(state.clone());
-        let agent_server = axum::serve(agents.tap_io(no_delay), agent_app)
-            .with_graceful_shutdown(draining.clone().cancelled_owned());
+        let agent_server = axum::serve(
+            agents.tap_io(no_delay),
+            agent_app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(draining.clone().cancelled_owned());
         // The admin endpoints stay up while the relay drains: operators watch it happen.
         let admin_server = admin.map(|listener| {
             let app = admin::routes().with_state(state.clone());
@@ -385,6 +400,33 @@ impl Relay {
         }
         result
     }
+}
+
+/// Limits failed authentication per remote address: an address out of attempts gets `429`
+/// with `Retry-After` before its request is looked at; every `401` answered counts one failure.
+async fn limit_auth_failures(
+    axum::extract::State(state): axum::extract::State<Arc<RelayState>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let governance = state.governance();
+    if let Err(limited) = governance
+        .limiter
+        .auth_allowed(peer.ip(), std::time::Instant::now())
+    {
+        tracing::info!(peer = %peer.ip(), ?limited, "authentication attempts limited");
+        metrics::counter!(crate::metrics::REQUESTS, "outcome" => "rate_limited").increment(1);
+        return reply::AgentError::RateLimited(limited).into_response();
+    }
+    let response = next.run(request).await;
+    if response.status() == axum::http::StatusCode::UNAUTHORIZED {
+        governance
+            .limiter
+            .auth_failed(peer.ip(), std::time::Instant::now());
+    }
+    response
 }
 
 /// Disables Nagle's algorithm on an accepted connection: answers are written in several small

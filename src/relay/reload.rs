@@ -1,5 +1,6 @@
 //! Configuration hot reload: on SIGHUP, or when the file changes, the relay reads its
-//! configuration file again and swaps in the new agent keys, tunnel tokens and roles.
+//! configuration file again and swaps in the new agent keys, tunnel tokens, roles and
+//! `[rate_limits]`.
 //!
 //! - What changes applies to new requests (and new tunnel handshakes); open sessions and tunnels
 //!   stay. A session whose key was removed gets 401 on its next request, like any request with

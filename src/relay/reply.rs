@@ -5,6 +5,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+use crate::govern::limits::{Limited, RateLimited};
 use crate::mcp::jsonrpc::{codes, error_body};
 
 /// Content type of JSON-RPC bodies.
@@ -101,12 +102,31 @@ pub enum AgentError {
     /// The method does not apply to this URL.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A rate limit refused the request: `429` with `Retry-After`.
+    #[error("{}", rate_limited_message(.0))]
+    RateLimited(RateLimited),
+}
+
+/// What a `429` says: which limit, and when to retry (whole seconds, rounded up).
+fn rate_limited_message(limited: &RateLimited) -> String {
+    let what = match limited.limit {
+        Limited::Identity => "too many requests from this caller",
+        Limited::Source => "too many requests to this source",
+        Limited::AuthFailures => "too many failed authentication attempts from this address",
+    };
+    format!("{what}; retry after {} s", retry_after_secs(limited))
+}
+
+/// `Retry-After` in whole seconds, rounded up (at least 1).
+fn retry_after_secs(limited: &RateLimited) -> u64 {
+    limited.retry_after.as_secs_f64().ceil().max(1.0) as u64
 }
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let message = self.to_string();
         let mut authenticate = None;
+        let mut retry_after = None;
         let (status, code, id) = match self {
             AgentError::Unauthorized { challenge, reason } => {
                 let error = reason.is_some().then_some("invalid_token");
@@ -132,12 +152,19 @@ impl IntoResponse for AgentError {
             AgentError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, codes::INVALID_REQUEST, None)
             }
+            AgentError::RateLimited(limited) => {
+                retry_after = Some(HeaderValue::from(retry_after_secs(&limited)));
+                (StatusCode::TOO_MANY_REQUESTS, codes::INVALID_REQUEST, None)
+            }
         };
         let mut response = json_response(status, error_body(id.as_deref(), code, &message));
         if let Some(value) = authenticate {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, value);
+        }
+        if let Some(value) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         if status == StatusCode::METHOD_NOT_ALLOWED {
             response

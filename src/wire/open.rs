@@ -38,4 +38,9 @@ pub struct OpenHeader {
     /// W3C trace context of the agent request, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// The relay-signed identity assertion `connect` passes to an HTTP upstream, when the
+    /// tenant enables it for this source (absent otherwise, so older `connect`s keep working
+    /// with sources that do not use it). Stdio and legacy HTTP+SSE sources ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assertion: Option<crate::govern::assertion::Assertion>,
 }

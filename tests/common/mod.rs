@@ -116,6 +116,7 @@ impl Harness {
             governance: Governance {
                 keyring,
                 policy: Policy::default(),
+                limiter: Default::default(),
             },
             limits: options.limits,
             allowed_origins: Vec::new(),

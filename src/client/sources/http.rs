@@ -319,6 +319,17 @@ impl StreamContext {
                 }
             }
         }
+        // The relay-signed identity of the caller, when the tenant enables it for this source:
+        // only in the `x-` header namespace, so it can never replace `Host` or credentials.
+        if let Some(assertion) = &self.header.assertion
+            && crate::govern::assertion::header_name_allowed(&assertion.header)
+            && let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(assertion.header.as_str()),
+                HeaderValue::from_str(&assertion.token),
+            )
+        {
+            headers.insert(name, value);
+        }
         headers
     }
 

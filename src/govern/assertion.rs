@@ -1,0 +1,274 @@
+//! Identity assertions for upstreams: a short-lived JWT, signed by the relay with an Ed25519
+//! key, that names the caller behind a tunnel stream. `connect` passes it to the private server
+//! in a header, so the server knows which end user is calling (and can verify that with the
+//! relay's public key) without ever seeing the agent's credential.
+//!
+//! Off by default; enabled per tenant and source. No HTTP in here: the relay asks for a token
+//! when it opens a stream.
+//!
+//! # Lifetime
+//!
+//! One assertion is signed per tunnel stream: per stateless request, and per session-era
+//! session (signed when the session is initialized, then sent with every request of that
+//! session). Its `exp` is `iat + ttl`: an upstream should verify it when the session starts
+//! (on `initialize`) and bind the identity to its session; a stateless request carries a fresh
+//! one each time. Re-signing per message would need a per-message channel and is not done.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::Identity;
+
+/// Header `connect` uses for the assertion unless configured otherwise.
+pub const DEFAULT_HEADER: &str = "X-MCP-Tunnel-Identity";
+
+/// Default lifetime of an assertion, in seconds.
+pub const DEFAULT_TTL_SECS: u64 = 60;
+
+/// Issuer when the relay has no public URL.
+pub const DEFAULT_ISSUER: &str = "mcp-tunnel";
+
+/// Why assertions cannot be configured or signed.
+#[derive(Debug, thiserror::Error)]
+pub enum AssertionError {
+    /// The signing key is not an Ed25519 private key in PKCS#8 PEM.
+    #[error("the signing key must be an Ed25519 private key in PKCS#8 PEM: {0}")]
+    Key(String),
+    /// The header name is not usable.
+    #[error("header {0:?} must be a valid header name starting with \"x-\"")]
+    Header(String),
+    /// The lifetime is zero or unreasonably long.
+    #[error("ttl_secs must be between 1 and 3600, not {0}")]
+    Ttl(u64),
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// Whether `name` may carry an assertion: a valid header name in the `x-` namespace, so it can
+/// never replace a header that routes or authenticates the request (`Host`, `Authorization`).
+pub fn header_name_allowed(name: &str) -> bool {
+    name.len() > 2
+        && name[..2].eq_ignore_ascii_case("x-")
+        && http::HeaderName::try_from(name).is_ok()
+}
+
+/// The claims of an assertion.
+#[derive(Debug, Clone, Serialize)]
+pub struct Claims<'a> {
+    /// The relay: its public URL, or `mcp-tunnel`.
+    pub iss: &'a str,
+    /// The caller.
+    pub sub: &'a str,
+    /// The source the stream is for; also the audience.
+    pub aud: &'a str,
+    /// The caller's tenant.
+    pub tenant: &'a str,
+    /// The caller's roles within the tenant.
+    pub roles: &'a [String],
+    /// The source the stream is for.
+    pub source: &'a str,
+    /// Issued at (seconds since the epoch).
+    pub iat: u64,
+    /// Expiry (seconds since the epoch).
+    pub exp: u64,
+    /// A random id, unique per assertion.
+    pub jti: String,
+}
+
+/// Signs identity assertions for the sources whose tenants ask for them.
+pub struct AssertionSigner {
+    key: EncodingKey,
+    issuer: String,
+    header: String,
+    ttl_secs: u64,
+    /// Per tenant, the sources that get assertions.
+    enabled: HashMap<Arc<str>, HashSet<String>>,
+}
+
+impl std::fmt::Debug for AssertionSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AssertionSigner")
+            .field("issuer", &self.issuer)
+            .field("header", &self.header)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `connect` is given for one stream (in its open header): the header to set on every
+/// upstream request of the stream, and its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assertion {
+    /// The header name.
+    pub header: String,
+    /// The signed JWT.
+    pub token: String,
+}
+
+impl AssertionSigner {
+    /// A signer with the Ed25519 private key in `key_pem` (PKCS#8 PEM).
+    pub fn new(
+        key_pem: &str,
+        issuer: String,
+        header: String,
+        ttl_secs: u64,
+    ) -> Result<Self, AssertionError> {
+        let pair =
+            rcgen::KeyPair::from_pem(key_pem).map_err(|e| AssertionError::Key(e.to_string()))?;
+        if pair.algorithm() != &rcgen::PKCS_ED25519 {
+            return Err(AssertionError::Key("not an Ed25519 key".into()));
+        }
+        if !header_name_allowed(&header) {
+            return Err(AssertionError::Header(header));
+        }
+        if ttl_secs == 0 || ttl_secs > 3600 {
+            return Err(AssertionError::Ttl(ttl_secs));
+        }
+        Ok(Self {
+            key: EncodingKey::from_ed_der(&pair.serialize_der()),
+            issuer,
+            header,
+            ttl_secs,
+            enabled: HashMap::new(),
+        })
+    }
+
+    /// Turns assertions on for `tenant`'s `sources`.
+    pub fn enable(&mut self, tenant: Arc<str>, sources: impl IntoIterator<Item = String>) {
+        self.enabled.entry(tenant).or_default().extend(sources);
+    }
+
+    /// Whether `tenant`'s `source` gets assertions.
+    pub fn is_enabled(&self, tenant: &str, source: &str) -> bool {
+        self.enabled
+            .get(tenant)
+            .is_some_and(|sources| sources.contains(source))
+    }
+
+    /// The assertion for `who` calling `source`, if its tenant enables them for that source.
+    pub fn assert(
+        &self,
+        who: &Identity,
+        source: &str,
+    ) -> Result<Option<Assertion>, AssertionError> {
+        if !self.is_enabled(&who.tenant, source) {
+            return Ok(None);
+        }
+        let mut jti = [0u8; 16];
+        rand::rng().fill_bytes(&mut jti);
+        let iat = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            iss: &self.issuer,
+            sub: &who.subject,
+            aud: source,
+            tenant: &who.tenant,
+            roles: &who.roles,
+            source,
+            iat,
+            exp: iat + self.ttl_secs,
+            jti: hex::encode(jti),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.key)?;
+        Ok(Some(Assertion {
+            header: self.header.clone(),
+            token,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use jsonwebtoken::{DecodingKey, Validation};
+    use serde_json::Value;
+
+    fn signer() -> (AssertionSigner, DecodingKey) {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+        let public =
+            DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(pair.public_key_raw()))
+                .expect("public key");
+        let signer = AssertionSigner::new(
+            &pair.serialize_pem(),
+            "https://relay.example".into(),
+            DEFAULT_HEADER.into(),
+            DEFAULT_TTL_SECS,
+        )
+        .expect("signer");
+        (signer, public)
+    }
+
+    fn alice() -> Identity {
+        Identity {
+            tenant: "acme".into(),
+            subject: "alice".into(),
+            roles: Arc::from(vec!["analyst".to_owned()]),
+        }
+    }
+
+    #[test]
+    fn signs_only_for_enabled_sources_and_verifies() {
+        let (mut signer, public) = signer();
+        assert_eq!(signer.assert(&alice(), "db").expect("signs"), None);
+        signer.enable("acme".into(), ["db".to_owned()]);
+        assert_eq!(signer.assert(&alice(), "crm").expect("signs"), None);
+        let assertion = signer.assert(&alice(), "db").expect("signs").expect("on");
+        assert_eq!(assertion.header, DEFAULT_HEADER);
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_audience(&["db"]);
+        validation.set_issuer(&["https://relay.example"]);
+        let claims = jsonwebtoken::decode::<Value>(&assertion.token, &public, &validation)
+            .expect("verifies")
+            .claims;
+        assert_eq!(claims["sub"], "alice");
+        assert_eq!(claims["tenant"], "acme");
+        assert_eq!(claims["source"], "db");
+        assert_eq!(claims["roles"][0], "analyst");
+        assert_eq!(
+            claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat"),
+            DEFAULT_TTL_SECS
+        );
+        let other = Identity {
+            tenant: "globex".into(),
+            ..alice()
+        };
+        assert_eq!(signer.assert(&other, "db").expect("signs"), None);
+    }
+
+    #[test]
+    fn refuses_bad_keys_headers_and_ttls() {
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("EC key");
+        let new = |pem: &str, header: &str, ttl| {
+            AssertionSigner::new(pem, "i".into(), header.into(), ttl).map(|_| ())
+        };
+        assert!(matches!(
+            new(&ec.serialize_pem(), DEFAULT_HEADER, 60),
+            Err(AssertionError::Key(_))
+        ));
+        assert!(matches!(
+            new("nope", DEFAULT_HEADER, 60),
+            Err(AssertionError::Key(_))
+        ));
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+        let pem = ed.serialize_pem();
+        for header in ["Authorization", "Host", "x-", "x-bad header"] {
+            assert!(
+                matches!(new(&pem, header, 60), Err(AssertionError::Header(_))),
+                "{header}"
+            );
+        }
+        assert!(matches!(
+            new(&pem, DEFAULT_HEADER, 0),
+            Err(AssertionError::Ttl(0))
+        ));
+        assert!(new(&pem, "x-user", 600).is_ok());
+    }
+}

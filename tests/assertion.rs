@@ -1,0 +1,229 @@
+//! Identity to the upstream: with `[identity_assertion]` and a tenant's `assert_identity`, the
+//! upstream of an enabled source gets a relay-signed JWT naming the caller, verifies it with the
+//! relay's public key, and never sees the agent's credential; a source without it gets no such
+//! header; enabling a source by hot reload applies to new streams. The relay is built from a
+//! configuration file, as in production.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{Agent, WAIT, tool_text};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
+use mcp_tunnel::relay::{Relay, RelaySettings};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const PUBLIC_URL: &str = "https://relay.example.test";
+const HEADER: &str = "x-mcp-tunnel-identity";
+
+/// Headers of every request the scripted upstream saw, with the JSON-RPC method.
+type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
+
+/// A minimal Streamable HTTP upstream that records the headers of every request.
+async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
+    let seen = Seen::default();
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        post(move |headers: HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let method = message["method"].as_str().unwrap_or_default().to_owned();
+                record.lock().expect("lock").push((method.clone(), headers));
+                let id = message["id"].clone();
+                let result = match method.as_str() {
+                    "initialize" => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
+                    "tools/call" => json!({"content":[{"type":"text","text":"recorded"}]}),
+                    _ => return StatusCode::ACCEPTED.into_response(),
+                };
+                let mut response: Response = (
+                    [("content-type", "application/json")],
+                    json!({"jsonrpc":"2.0","id":id,"result":result}).to_string(),
+                )
+                    .into_response();
+                response.headers_mut().insert(
+                    "mcp-session-id",
+                    axum::http::HeaderValue::from_static("upstream-1"),
+                );
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    (format!("http://{addr}/mcp"), seen)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+fn config(token: &str, key: &str, asserted: &str) -> String {
+    format!(
+        r#"
+[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+[agents]
+listen = "127.0.0.1:0"
+public_url = "{PUBLIC_URL}/"
+[identity_assertion]
+key = "assertion.key"
+ttl_secs = 120
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+assert_identity = [{asserted}]
+[[tenants.keys]]
+subject = "bob@acme.example"
+roles = ["analyst"]
+key = "{}"
+[[tenants.roles]]
+name = "analyst"
+allow = ["*"]
+"#,
+        SecretHash::of(token),
+        SecretHash::of(key),
+    )
+}
+
+/// Initializes a session with `source` as bob and calls a tool through the tunnel.
+async fn call(agents: std::net::SocketAddr, source: &str, api_key: &str) {
+    let mut agent = Agent::new(&format!("http://{agents}/mcp/{source}"), api_key);
+    assert_eq!(agent.initialize().await.status, 200, "{source} initializes");
+    let called = agent.call_tool(1, "anything", json!({})).await;
+    assert_eq!(tool_text(called.response()), "recorded", "{source}");
+}
+
+/// Checks every request `seen` got: the assertion verifies (when `asserted`) and names bob,
+/// and the agent's key appears nowhere.
+fn check(seen: &Seen, source: &str, asserted: bool, public: &DecodingKey, api_key: &str) {
+    let seen = seen.lock().expect("lock");
+    assert!(
+        seen.iter().any(|(method, _)| method == "tools/call"),
+        "{source}: the call reached the upstream"
+    );
+    for (method, headers) in seen.iter() {
+        assert!(
+            headers.get("authorization").is_none(),
+            "{source} {method}: no Authorization upstream"
+        );
+        for (name, value) in headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            assert!(
+                !value.contains(api_key),
+                "{source} {method}: header {name} carries the agent's key"
+            );
+        }
+        let Some(token) = headers.get(HEADER) else {
+            assert!(!asserted, "{source} {method}: no assertion");
+            continue;
+        };
+        assert!(
+            asserted,
+            "{source} {method}: an assertion it did not ask for"
+        );
+        let token = token.to_str().expect("ascii");
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[PUBLIC_URL]);
+        validation.set_audience(&[source]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let claims = jsonwebtoken::decode::<Value>(token, public, &validation)
+            .unwrap_or_else(|e| panic!("{source} {method}: the assertion verifies: {e}"))
+            .claims;
+        assert_eq!(claims["sub"], "bob@acme.example");
+        assert_eq!(claims["tenant"], "acme");
+        assert_eq!(claims["source"], source);
+        assert_eq!(claims["roles"], json!(["analyst"]));
+        let exp = claims["exp"].as_u64().expect("exp");
+        assert!(exp > now() && exp <= now() + 120, "short-lived: {exp}");
+        assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (db_url, db_seen) = start_recording_upstream(&shutdown).await;
+    let (crm_url, crm_seen) = start_recording_upstream(&shutdown).await;
+
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
+        .expect("public key");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
+    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
+    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
+    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config(&token, &api_key, r#""db""#)).expect("write config");
+    let loaded = LoadedConfig::load(&path).expect("config loads");
+    let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
+        .await
+        .expect("relay");
+    let (agents, tunnel, state) = (
+        relay.agents_addr(),
+        relay.tunnel_addr(),
+        relay.state().clone(),
+    );
+    let mut reloader = Reloader::new(&path, state.clone(), loaded);
+    tokio::spawn(relay.serve(shutdown.clone()));
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
+        token.clone(),
+        vec![
+            SourceConfig::parse_flag(&format!("db={db_url}")).expect("source"),
+            SourceConfig::parse_flag(&format!("crm={crm_url}")).expect("source"),
+        ],
+    );
+    settings.ca_pem = Some(certs.ca_pem);
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    for source in ["db", "crm"] {
+        tokio::time::timeout(WAIT, state.registry.wait_for("acme", source))
+            .await
+            .expect("tunnel up");
+    }
+
+    // `db` asks for assertions, `crm` does not.
+    call(agents, "db", &api_key).await;
+    call(agents, "crm", &api_key).await;
+    check(&db_seen, "db", true, &public, &api_key);
+    check(&crm_seen, "crm", false, &public, &api_key);
+
+    // Enabled for `crm` by hot reload: new sessions get assertions, no restart.
+    std::fs::write(&path, config(&token, &api_key, r#""db", "crm""#)).expect("rewrite config");
+    reloader.reload().await.expect("the file reloads");
+    crm_seen.lock().expect("lock").clear();
+    call(agents, "crm", &api_key).await;
+    check(&crm_seen, "crm", true, &public, &api_key);
+}

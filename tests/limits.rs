@@ -1,0 +1,280 @@
+//! Rate limits: token buckets per identity and per source (`429` with `Retry-After`), failed
+//! authentication limited per remote address, all from `[rate_limits]` and applied by hot
+//! reload. The rates are one token a minute, so a burst is never refilled while a test runs.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::{Agent, Answer, WAIT, tool_text};
+use mcp_tunnel::client::{self, ClientSettings};
+use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
+use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
+use serde_json::json;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Tenant `acme`'s credentials: its tunnel token, and the keys of alice and bob.
+struct Creds {
+    token: String,
+    alice: String,
+    bob: String,
+}
+
+impl Creds {
+    fn new() -> Self {
+        Self {
+            token: new_secret("mcpt_tok_"),
+            alice: new_secret("mcpt_key_"),
+            bob: new_secret("mcpt_key_"),
+        }
+    }
+
+    /// A relay config on loopback ports, then `rate_limits` verbatim.
+    fn config(&self, rate_limits: &str) -> String {
+        format!(
+            r#"[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+
+[agents]
+listen = "127.0.0.1:0"
+
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+
+[[tenants.keys]]
+subject = "alice"
+key = "{}"
+
+[[tenants.keys]]
+subject = "bob"
+key = "{}"
+
+{rate_limits}
+"#,
+            SecretHash::of(&self.token),
+            SecretHash::of(&self.alice),
+            SecretHash::of(&self.bob)
+        )
+    }
+}
+
+/// A relay running in this process from a config file, with `connect` serving `demo`.
+struct FileRelay {
+    dir: tempfile::TempDir,
+    state: Arc<RelayState>,
+    agents: std::net::SocketAddr,
+    reloader: Reloader,
+    _stop: DropGuard,
+}
+
+impl FileRelay {
+    async fn start(creds: &Creds, text: &str) -> Self {
+        common::init_tracing();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+        mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, text).expect("write relay.toml");
+        let loaded = LoadedConfig::load(&path).expect("the config loads");
+        let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
+            .await
+            .expect("relay binds");
+        let state = relay.state().clone();
+        let (agents, tunnel) = (relay.agents_addr(), relay.tunnel_addr());
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move { relay.serve(stop).await.expect("relay serves") }
+        });
+        let reloader = Reloader::new(&path, state.clone(), loaded);
+        let upstream = common::demo_upstream(&stop).await;
+        let mut settings = ClientSettings::new(
+            tunnel.to_string(),
+            creds.token.clone(),
+            vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
+        );
+        settings.ca_pem = Some(certs.ca_pem.clone());
+        settings.transport = TransportChoice::Quic;
+        settings.connections = 1;
+        tokio::spawn(client::run(settings, stop.child_token()));
+        tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
+            .await
+            .expect("the tunnel comes up");
+        Self {
+            dir,
+            state,
+            agents,
+            reloader,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/mcp/demo", self.agents)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("relay.toml")
+    }
+
+    /// Rewrites the file and reloads it, which must succeed.
+    async fn reload(&mut self, text: &str) {
+        std::fs::write(self.path(), text).expect("rewrite relay.toml");
+        let summary = self.reloader.reload().await.expect("the file reloads");
+        assert!(summary.restart_needed.is_empty(), "{summary:?}");
+    }
+}
+
+/// Asserts `answer` is a `429` with a `Retry-After` of 1 to 60 seconds and a JSON-RPC error.
+fn assert_limited(answer: &Answer, what: &str) {
+    assert_eq!(answer.status, 429, "{what}: {answer:?}");
+    let retry: u64 = answer
+        .headers
+        .get("retry-after")
+        .unwrap_or_else(|| panic!("{what}: a Retry-After header: {answer:?}"))
+        .to_str()
+        .expect("ASCII")
+        .parse()
+        .expect("whole seconds");
+    assert!((1..=60).contains(&retry), "{what}: Retry-After {retry}");
+    assert!(
+        answer.response()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("retry after")),
+        "{what}: a JSON-RPC error naming the wait: {answer:?}"
+    );
+}
+
+async fn echo(agent: &Agent, id: u64) -> Answer {
+    agent.call_tool(id, "echo", json!({"message": "hi"})).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_the_burst() {
+    let creds = Creds::new();
+    let mut relay = FileRelay::start(&creds, &creds.config("")).await;
+    let url = relay.url();
+    let mut alice = Agent::new(&url, &creds.alice);
+    assert_eq!(alice.initialize().await.status, 200);
+    for id in 1..=10 {
+        assert_eq!(
+            echo(&alice, id).await.status,
+            200,
+            "no limit configured yet"
+        );
+    }
+
+    relay
+        .reload(&creds.config("[rate_limits]\nidentity = { per_minute = 1, burst = 4 }\n"))
+        .await;
+    let session = alice.session.clone();
+    let answers = [
+        echo(&alice, 11).await,
+        echo(&alice, 12).await,
+        echo(&alice, 13).await,
+        echo(&alice, 14).await,
+        echo(&alice, 15).await,
+    ];
+    let limited: Vec<usize> = (0..answers.len())
+        .filter(|&i| answers[i].status == 429)
+        .collect();
+    assert_eq!(
+        limited,
+        [4],
+        "exactly the fifth request is refused: {answers:?}"
+    );
+    for answer in &answers[..4] {
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(tool_text(answer.response()), "hi");
+    }
+    assert_limited(&answers[4], "alice beyond her burst");
+    assert_eq!(alice.session, session, "the session is kept");
+    assert_eq!(relay.state.sessions.len(), 1, "the session is still open");
+
+    // Bob has a bucket of his own.
+    let mut bob = Agent::new(&url, &creds.bob);
+    assert_eq!(bob.initialize().await.status, 200);
+    assert_eq!(echo(&bob, 1).await.status, 200);
+
+    // A reload without the limit lifts it, for the same open session.
+    relay.reload(&creds.config("")).await;
+    assert_eq!(echo(&alice, 16).await.status, 200, "the limit is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_limit_counts_every_caller_of_the_tenant() {
+    let creds = Creds::new();
+    let relay = FileRelay::start(
+        &creds,
+        &creds.config("[rate_limits]\nsource = { per_minute = 1, burst = 5 }\n"),
+    )
+    .await;
+    let url = relay.url();
+    let mut alice = Agent::new(&url, &creds.alice);
+    let mut bob = Agent::new(&url, &creds.bob);
+    // Each initialize is two requests: the handshake and its `initialized` notification.
+    assert_eq!(alice.initialize().await.status, 200);
+    assert_eq!(bob.initialize().await.status, 200);
+    assert_eq!(echo(&alice, 1).await.status, 200);
+    let refused = echo(&bob, 1).await;
+    assert_limited(&refused, "the sixth request to the source");
+    assert_limited(&echo(&alice, 2).await, "alice too, the source is spent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentication_beyond_the_limit_from_one_address_gets_429() {
+    let creds = Creds::new();
+    let relay = FileRelay::start(
+        &creds,
+        &creds.config("[rate_limits]\nauth_failures = { per_minute = 1, burst = 3 }\n"),
+    )
+    .await;
+    let url = relay.url();
+    let mut alice = Agent::new(&url, &creds.alice);
+    assert_eq!(alice.initialize().await.status, 200, "a good key works");
+    for attempt in 1..=3 {
+        let answer = Agent::new(&url, "mcpt_key_wrong").initialize().await;
+        assert_eq!(answer.status, 401, "attempt {attempt}: {answer:?}");
+    }
+    let answer = Agent::new(&url, "mcpt_key_wrong").initialize().await;
+    assert_limited(&answer, "the fourth failure");
+    let answer = echo(&alice, 1).await;
+    assert_limited(&answer, "the address is out of attempts, whatever the key");
+}
+
+#[test]
+fn unknown_and_invalid_rate_limit_settings_are_refused_naming_them() {
+    let creds = Creds::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("relay.toml");
+    for (text, named) in [
+        ("[rate_limits]\nper_tenant = 5\n", "per_tenant"),
+        (
+            "[rate_limits]\nidentity = { per_minute = 1, burst = 1, refill = 2 }\n",
+            "refill",
+        ),
+    ] {
+        std::fs::write(&path, creds.config(text)).expect("write");
+        let error = LoadedConfig::load(&path)
+            .err()
+            .unwrap_or_else(|| panic!("{text} is refused"));
+        assert!(error.to_string().contains(named), "{named}: {error}");
+    }
+    std::fs::write(
+        &path,
+        creds.config("[rate_limits]\nidentity = { per_minute = 0, burst = 1 }\n"),
+    )
+    .expect("write");
+    let loaded = LoadedConfig::load(&path).expect("the file parses");
+    let error = mcp_tunnel::relay::Governance::from_config(&loaded.config)
+        .err()
+        .expect("a zero rate is refused");
+    assert!(error.contains("[rate_limits] identity"), "{error}");
+}
