@@ -78,6 +78,38 @@ impl State {
     }
 }
 
+/// The [`TunnelConnection`] methods both sides answer from their shared [`State`] alike.
+macro_rules! state_methods {
+    () => {
+        fn close(&self, reason: &str) {
+            self.state.close(reason);
+        }
+
+        fn closed(&self) -> BoxFuture<'_, TransportError> {
+            Box::pin(async move {
+                self.state.closed.cancelled().await;
+                self.state.lost()
+            })
+        }
+
+        fn kind(&self) -> TransportKind {
+            TransportKind::Https
+        }
+
+        fn remote_addr(&self) -> SocketAddr {
+            self.state.remote
+        }
+
+        fn rtt(&self) -> Duration {
+            *self
+                .state
+                .rtt
+                .lock()
+                .expect("rtt lock is never held across a panic")
+        }
+    };
+}
+
 /// Sends pings every [`KEEP_ALIVE`]; a pong that takes longer than [`IDLE_TIMEOUT`] closes
 /// the connection. Pong times are the RTT estimate.
 async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
@@ -168,32 +200,7 @@ impl TunnelConnection for RelaySide {
         })
     }
 
-    fn close(&self, reason: &str) {
-        self.state.close(reason);
-    }
-
-    fn closed(&self) -> BoxFuture<'_, TransportError> {
-        Box::pin(async move {
-            self.state.closed.cancelled().await;
-            self.state.lost()
-        })
-    }
-
-    fn kind(&self) -> TransportKind {
-        TransportKind::Https
-    }
-
-    fn remote_addr(&self) -> SocketAddr {
-        self.state.remote
-    }
-
-    fn rtt(&self) -> Duration {
-        *self
-            .state
-            .rtt
-            .lock()
-            .expect("rtt lock is never held across a panic")
-    }
+    state_methods!();
 }
 
 /// `connect`'s side: the HTTP/2 server, which accepts the relay's streams.
@@ -277,32 +284,7 @@ impl TunnelConnection for ConnectSide {
         })
     }
 
-    fn close(&self, reason: &str) {
-        self.state.close(reason);
-    }
-
-    fn closed(&self) -> BoxFuture<'_, TransportError> {
-        Box::pin(async move {
-            self.state.closed.cancelled().await;
-            self.state.lost()
-        })
-    }
-
-    fn kind(&self) -> TransportKind {
-        TransportKind::Https
-    }
-
-    fn remote_addr(&self) -> SocketAddr {
-        self.state.remote
-    }
-
-    fn rtt(&self) -> Duration {
-        *self
-            .state
-            .rtt
-            .lock()
-            .expect("rtt lock is never held across a panic")
-    }
+    state_methods!();
 }
 
 fn io_error(e: h2::Error) -> std::io::Error {
