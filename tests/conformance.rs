@@ -21,18 +21,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Bound on one whole suite run (32 scenarios). It takes about 2 s against a healthy server; a
@@ -72,100 +71,26 @@ fn conformance_cli() -> PathBuf {
     peer_file("node_modules/@modelcontextprotocol/conformance/dist/index.js")
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-        .port()
-}
-
-/// A long-running upstream process; every output line is kept for failure messages.
-struct Upstream {
-    name: &'static str,
-    child: common::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Upstream {
-    fn start(name: &'static str, command: &mut Command) -> Self {
-        let mut child = common::spawn(command);
-        let (tx, lines) = mpsc::unbounded_channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.0.stdout.take().expect("stdout is piped");
-        let stderr = child.0.stderr.take().expect("stderr is piped");
-        tokio::spawn(Self::drain(stdout, tx.clone(), log.clone()));
-        tokio::spawn(Self::drain(stderr, tx, log.clone()));
-        Self {
-            name,
-            child,
-            lines,
-            log,
-        }
-    }
-
-    async fn drain(
-        pipe: impl AsyncRead + Unpin,
-        tx: mpsc::UnboundedSender<String>,
-        log: Arc<Mutex<Vec<String>>>,
-    ) {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.lock().expect("log lock").push(line.clone());
-            let _ = tx.send(line);
-        }
-    }
-
-    fn output(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    /// Waits (bounded by `common::WAIT`) for a line containing `needle`.
-    async fn wait_for(&mut self, needle: &str) {
-        let found = tokio::time::timeout(common::WAIT, async {
-            while let Some(line) = self.lines.recv().await {
-                if line.contains(needle) {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert!(
-            found == Ok(true),
-            "{} did not print {needle:?} within {:?} (or exited); output:\n{}",
-            self.name,
-            common::WAIT,
-            self.output()
-        );
-    }
-
-    /// Kills the process by its PID and reaps it.
-    async fn stop(mut self) {
-        let _ = self.child.0.start_kill();
-        let status = tokio::time::timeout(common::WAIT, self.child.0.wait()).await;
-        assert!(status.is_ok(), "{} was not reaped after a kill", self.name);
-    }
-}
-
 /// `tests/peers/conformance_server.py` on a free port; returns it and its URL.
-async fn start_conformance_upstream() -> (Upstream, String) {
-    let port = free_port();
+async fn start_conformance_upstream() -> (common::Peer, String) {
+    let port = common::free_port();
     let mut command = Command::new(peer_file(".venv/bin/python"));
     command
         .arg(peer_file("conformance_server.py"))
         .arg(port.to_string())
         .env("PYTHONUNBUFFERED", "1");
-    let mut upstream = Upstream::start("conformance_server.py", &mut command);
-    upstream.wait_for("Uvicorn running on").await;
+    let mut upstream = common::Peer::start("conformance_server.py", &mut command);
+    upstream
+        .wait_for_line("Uvicorn running on", |line| {
+            line.contains("Uvicorn running on")
+        })
+        .await;
     (upstream, format!("http://127.0.0.1:{port}/mcp"))
 }
 
 /// server-everything (Streamable HTTP) on a free port; returns it and its URL.
-async fn start_server_everything() -> (Upstream, String) {
-    let port = free_port();
+async fn start_server_everything() -> (common::Peer, String) {
+    let port = common::free_port();
     let mut command = Command::new(node22());
     command
         .arg(peer_file(
@@ -173,8 +98,12 @@ async fn start_server_everything() -> (Upstream, String) {
         ))
         .arg("streamableHttp")
         .env("PORT", port.to_string());
-    let mut upstream = Upstream::start("server-everything", &mut command);
-    upstream.wait_for("listening on port").await;
+    let mut upstream = common::Peer::start("server-everything", &mut command);
+    upstream
+        .wait_for_line("listening on port", |line| {
+            line.contains("listening on port")
+        })
+        .await;
     // It listens on every interface; traffic goes to loopback only.
     (upstream, format!("http://127.0.0.1:{port}/mcp"))
 }

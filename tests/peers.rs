@@ -7,16 +7,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
-use tokio::sync::mpsc;
 
 /// Bound on one run of a peer CLI (interpreter start-up included).
 const RUN_WAIT: Duration = Duration::from_secs(60);
@@ -58,96 +55,6 @@ fn node() -> PathBuf {
     found.unwrap_or_else(|| {
         panic!("node is not on PATH: install Node.js >= 20, then {INSTALL_HINT}")
     })
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local address")
-        .port()
-}
-
-/// A long-running peer process: every output line is logged and offered to `wait_for_line`.
-struct Peer {
-    name: &'static str,
-    child: common::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Peer {
-    /// Spawns `command` (killed on drop) and starts draining its stdout and stderr.
-    fn start(name: &'static str, command: &mut Command) -> Self {
-        let mut child = common::spawn(command);
-        let (tx, lines) = mpsc::unbounded_channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.0.stdout.take().expect("stdout is piped");
-        let stderr = child.0.stderr.take().expect("stderr is piped");
-        tokio::spawn(Self::drain(stdout, tx.clone(), log.clone()));
-        tokio::spawn(Self::drain(stderr, tx, log.clone()));
-        Self {
-            name,
-            child,
-            lines,
-            log,
-        }
-    }
-
-    async fn drain(
-        pipe: impl AsyncRead + Unpin,
-        tx: mpsc::UnboundedSender<String>,
-        log: Arc<Mutex<Vec<String>>>,
-    ) {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.lock().expect("log lock").push(line.clone());
-            let _ = tx.send(line);
-        }
-    }
-
-    /// Everything the peer printed so far.
-    fn output(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    /// Waits (bounded by `common::WAIT`) for the first line `matches` accepts and returns it.
-    async fn wait_for_line(&mut self, what: &str, mut matches: impl FnMut(&str) -> bool) -> String {
-        let found = tokio::time::timeout(common::WAIT, async {
-            while let Some(line) = self.lines.recv().await {
-                if matches(&line) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            Ok(None) => {
-                let status = tokio::time::timeout(common::WAIT, self.child.0.wait()).await;
-                panic!(
-                    "{} exited ({status:?}) before printing {what}; output:\n{}",
-                    self.name,
-                    self.output()
-                )
-            }
-            Err(_) => panic!(
-                "{} did not print {what} within {:?}; output:\n{}",
-                self.name,
-                common::WAIT,
-                self.output()
-            ),
-        }
-    }
-
-    /// Kills the process by its PID and reaps it.
-    async fn stop(mut self) {
-        let _ = self.child.0.start_kill();
-        let status = tokio::time::timeout(common::WAIT, self.child.0.wait()).await;
-        assert!(status.is_ok(), "{} was not reaped after a kill", self.name);
-    }
 }
 
 /// What a finished peer CLI run left behind.
@@ -443,14 +350,14 @@ fn server_everything_script() -> PathBuf {
 }
 
 /// server-everything (Streamable HTTP, session era) on a free port; returns it and its URL.
-async fn start_server_everything() -> (Peer, String) {
-    let port = free_port();
+async fn start_server_everything() -> (common::Peer, String) {
+    let port = common::free_port();
     let mut command = Command::new(node());
     command
         .arg(server_everything_script())
         .arg("streamableHttp")
         .env("PORT", port.to_string());
-    let mut peer = Peer::start("server-everything", &mut command);
+    let mut peer = common::Peer::start("server-everything", &mut command);
     peer.wait_for_line("its listening line", |line| {
         line.contains("listening on port")
     })
@@ -460,14 +367,14 @@ async fn start_server_everything() -> (Peer, String) {
 }
 
 /// `tests/peers/py_server.py` (a Python SDK `MCPServer`) on a free port; returns it and its URL.
-async fn start_python_server() -> (Peer, String) {
-    let port = free_port();
+async fn start_python_server() -> (common::Peer, String) {
+    let port = common::free_port();
     let mut command = Command::new(python());
     command
         .arg(peer_file("py_server.py"))
         .arg(port.to_string())
         .env("PYTHONUNBUFFERED", "1");
-    let mut peer = Peer::start("py_server.py", &mut command);
+    let mut peer = common::Peer::start("py_server.py", &mut command);
     peer.wait_for_line("\"Uvicorn running on\"", |line| {
         line.contains("Uvicorn running on")
     })
@@ -627,7 +534,7 @@ async fn demo_command_answers_the_python_sdk() {
     command
         .args(["demo", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "mcp_tunnel=debug,warn");
-    let mut demo = Peer::start("mcp-tunnel demo", &mut command);
+    let mut demo = common::Peer::start("mcp-tunnel demo", &mut command);
     let url = demo
         .wait_for_line("`agent URL: ...`", |line| line.starts_with("agent URL: "))
         .await
@@ -797,7 +704,7 @@ async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_appl
         .arg(&key)
         .arg(&go)
         .env("PYTHONUNBUFFERED", "1");
-    let mut script = Peer::start("policy_client.py", &mut command);
+    let mut script = common::Peer::start("policy_client.py", &mut command);
     script
         .wait_for_line("`ready: true`", |line| line == "ready: true")
         .await;

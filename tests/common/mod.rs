@@ -420,3 +420,98 @@ pub fn spawn(command: &mut tokio::process::Command) -> Child {
             .expect("spawn child process"),
     )
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// A long-running peer process: every output line is logged and offered to `wait_for_line`.
+pub struct Peer {
+    name: &'static str,
+    /// The process (killed on drop).
+    pub child: Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Peer {
+    /// Spawns `command` (killed on drop) and starts draining its stdout and stderr.
+    pub fn start(name: &'static str, command: &mut tokio::process::Command) -> Self {
+        let mut child = spawn(command);
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.0.stdout.take().expect("stdout is piped");
+        let stderr = child.0.stderr.take().expect("stderr is piped");
+        tokio::spawn(Self::drain(stdout, tx.clone(), log.clone()));
+        tokio::spawn(Self::drain(stderr, tx, log.clone()));
+        Self {
+            name,
+            child,
+            lines,
+            log,
+        }
+    }
+
+    async fn drain(
+        pipe: impl tokio::io::AsyncRead + Unpin,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+        log: Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(pipe));
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.lock().expect("log lock").push(line.clone());
+            let _ = tx.send(line);
+        }
+    }
+
+    /// Everything the peer printed so far.
+    pub fn output(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits (bounded by `WAIT`) for the first line `matches` accepts and returns it.
+    pub async fn wait_for_line(
+        &mut self,
+        what: &str,
+        mut matches: impl FnMut(&str) -> bool,
+    ) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.recv().await {
+                if matches(&line) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                let status = tokio::time::timeout(WAIT, self.child.0.wait()).await;
+                panic!(
+                    "{} exited ({status:?}) before printing {what}; output:\n{}",
+                    self.name,
+                    self.output()
+                )
+            }
+            Err(_) => panic!(
+                "{} did not print {what} within {:?}; output:\n{}",
+                self.name,
+                WAIT,
+                self.output()
+            ),
+        }
+    }
+
+    /// Kills the process by its PID and reaps it.
+    pub async fn stop(mut self) {
+        let _ = self.child.0.start_kill();
+        let status = tokio::time::timeout(WAIT, self.child.0.wait()).await;
+        assert!(status.is_ok(), "{} was not reaped after a kill", self.name);
+    }
+}
