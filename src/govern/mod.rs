@@ -1,6 +1,7 @@
-//! Governance: who is calling, and what they may call. No HTTP in here: the relay asks.
+//! Governance: who is calling, what they may call, and the record of what they called. No HTTP in here: the relay asks.
 
 pub mod assertion;
+pub mod audit;
 pub mod identity;
 pub mod jwt;
 pub mod limits;
