@@ -143,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
             keyring,
             policy: Policy::default(),
             limiter: Default::default(),
+            limits: Default::default(),
         },
         limits: LimitsSection::default(),
         allowed_origins: Vec::new(),

@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::govern::assertion::AssertionSigner;
+use crate::govern::condition::Condition;
 use crate::govern::jwt::{self, ClaimMapping, JwtVerifier, Provider, TenantSource};
+use crate::govern::policy::Kind;
 use crate::govern::{Identity, Keyring, Policy, SecretHash, policy::Role};
 
 /// Default agent request body and tunnel frame limit: 16 MiB (see [`crate::wire::DEFAULT_MAX_FRAME`]).
@@ -334,6 +336,35 @@ pub struct RoleSection {
     /// `SOURCE/PROMPT` globs of prompts denied.
     #[serde(default)]
     pub deny_prompts: Vec<String>,
+    /// Conditions narrowing what the role allows (`[[tenants.roles.conditions]]`).
+    #[serde(default)]
+    pub conditions: Vec<ConditionSection>,
+}
+
+/// `[[tenants.roles.conditions]]`: a CEL expression that must hold for the role to allow the
+/// calls matching `match` (see [`crate::govern::condition`] for its variables).
+///
+/// ```toml
+/// [[tenants.roles.conditions]]
+/// match = "db/query"
+/// when = 'args.table != "salaries" || "hr" in roles'
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionSection {
+    /// Glob over `SOURCE/TOOL` (or `SOURCE/URI`, `SOURCE/PROMPT` with `kind`) choosing the
+    /// calls the condition applies to.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// What `match` names: `tool` (the default), `resource` or `prompt`.
+    #[serde(default = "default_condition_kind")]
+    pub kind: Kind,
+    /// The CEL expression; the call is allowed by this role only if it gives `true`.
+    pub when: String,
+}
+
+fn default_condition_kind() -> Kind {
+    Kind::Tool
 }
 
 impl RelayConfig {
@@ -395,6 +426,20 @@ impl RelayConfig {
             }
             let mut roles = HashMap::new();
             for role in &tenant.roles {
+                let conditions = role
+                    .conditions
+                    .iter()
+                    .map(|c| {
+                        Condition::compile(c.kind, c.pattern.clone(), &c.when)
+                            .map(Arc::new)
+                            .map_err(|e| {
+                                format!(
+                                    "tenant {}: role {}: condition on {}: {e}",
+                                    tenant.name, role.name, c.pattern
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 if roles
                     .insert(
                         role.name.clone(),
@@ -405,6 +450,7 @@ impl RelayConfig {
                             deny_resources: role.deny_resources.clone(),
                             allow_prompts: role.allow_prompts.clone(),
                             deny_prompts: role.deny_prompts.clone(),
+                            conditions,
                         },
                     )
                     .is_some()
@@ -781,6 +827,41 @@ deny = []
                 .to_string()
                 .contains("admin")
         );
+    }
+
+    #[test]
+    fn conditions_compile_at_load_and_errors_name_tenant_role_and_problem() {
+        let with = |when: &str, kind: &str| {
+            let (dir, path) = write(&format!(
+                "{GOOD}[[tenants.roles.conditions]]\nmatch = \"everything/echo\"\n{kind}when = '{when}'\n"
+            ));
+            let result = RelayConfig::load(&path).map_err(|e| e.to_string());
+            drop(dir);
+            result
+        };
+        let config = with(r#"args.message != "secret" || "hr" in roles"#, "").expect("valid");
+        assert_eq!(config.tenants[0].roles[0].conditions[0].kind, Kind::Tool);
+        let config = with(
+            "args.startsWith(\"file:///public/\")",
+            "kind = \"resource\"\n",
+        )
+        .expect("a resource condition");
+        assert_eq!(
+            config.tenants[0].roles[0].conditions[0].kind,
+            Kind::Resource
+        );
+        let err = with("args.message ==", "").expect_err("syntax");
+        assert!(
+            err.contains("tenant acme: role analyst: condition on everything/echo: invalid CEL"),
+            "{err}"
+        );
+        let err = with("user == 1", "").expect_err("unknown variable");
+        assert!(
+            err.contains("role analyst") && err.contains("\"user\""),
+            "{err}"
+        );
+        let err = with("true", "kind = \"tools\"\n").expect_err("unknown kind");
+        assert!(err.contains("tools") && err.contains("line"), "{err}");
     }
 
     const PROVIDER: &str = r#"

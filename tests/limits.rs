@@ -1,6 +1,7 @@
-//! Rate limits: token buckets per identity and per source (`429` with `Retry-After`), failed
-//! authentication limited per remote address, all from `[rate_limits]` and applied by hot
-//! reload. The rates are one token a minute, so a burst is never refilled while a test runs.
+//! Rate limits: token buckets per identity, per source and per tenant (`429` with
+//! `Retry-After`), failed authentication limited per remote address, all from `[rate_limits]`
+//! and applied by hot reload; and `[limits]` changed by hot reload. The rates are one token a
+//! minute, so a burst is never refilled while a test runs.
 
 mod common;
 
@@ -98,7 +99,10 @@ impl FileRelay {
         let mut settings = ClientSettings::new(
             tunnel.to_string(),
             creds.token.clone(),
-            vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
+            vec![
+                SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source"),
+                SourceConfig::parse_flag(&format!("other={upstream}")).expect("source"),
+            ],
         );
         settings.ca_pem = Some(certs.ca_pem.clone());
         settings.transport = TransportChoice::Quic;
@@ -118,6 +122,10 @@ impl FileRelay {
 
     fn url(&self) -> String {
         format!("http://{}/mcp/demo", self.agents)
+    }
+
+    fn other_url(&self) -> String {
+        format!("http://{}/mcp/other", self.agents)
     }
 
     fn path(&self) -> PathBuf {
@@ -226,6 +234,70 @@ async fn a_source_limit_counts_every_caller_of_the_tenant() {
     let refused = echo(&bob, 1).await;
     assert_limited(&refused, "the sixth request to the source");
     assert_limited(&echo(&alice, 2).await, "alice too, the source is spent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_limit_counts_every_caller_and_every_source_of_the_tenant() {
+    let creds = Creds::new();
+    let relay = FileRelay::start(
+        &creds,
+        &creds.config("[rate_limits]\ntenant = { per_minute = 1, burst = 5 }\n"),
+    )
+    .await;
+    let mut alice = Agent::new(&relay.url(), &creds.alice);
+    let mut bob = Agent::new(&relay.other_url(), &creds.bob);
+    // Each initialize is two requests: the handshake and its `initialized` notification.
+    assert_eq!(alice.initialize().await.status, 200);
+    assert_eq!(bob.initialize().await.status, 200, "another source");
+    assert_eq!(echo(&alice, 1).await.status, 200);
+    assert_limited(&echo(&bob, 1).await, "the tenant's sixth request");
+    let refused = echo(&alice, 2).await;
+    assert_limited(&refused, "alice too: the tenant is spent");
+    assert!(
+        refused.response()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tenant")),
+        "the refusal names the tenant's limit: {refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_session() {
+    let creds = Creds::new();
+    let mut relay = FileRelay::start(&creds, &creds.config("")).await;
+    let mut alice = Agent::new(&relay.url(), &creds.alice);
+    assert_eq!(alice.initialize().await.status, 200);
+    let session = alice.session.clone();
+    let sleep = |id: u64, ms: u64| {
+        let alice = &alice;
+        async move { alice.call_tool(id, "sleep", json!({"ms": ms})).await }
+    };
+    // Under the default five minutes, a 1.5 s tool answers.
+    assert_eq!(tool_text(sleep(1, 1500).await.response()), "slept 1500 ms");
+
+    // One second from now on: a 30 s tool is cut off after one second (the margin between
+    // the two is what the test relies on, not the machine's speed).
+    relay
+        .reload(&creds.config("[limits]\nrequest_timeout_secs = 1\n"))
+        .await;
+    let cut = sleep(2, 30_000).await;
+    assert_eq!(cut.status, 200, "{cut:?}");
+    assert_eq!(cut.response()["error"]["code"], -32001, "{cut:?}");
+    assert!(
+        cut.response()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("within 1 s")),
+        "{cut:?}"
+    );
+    assert_eq!(alice.session, session, "the session is kept");
+    assert_eq!(echo(&alice, 3).await.status, 200, "and still works");
+
+    // Back to a long timeout: the 1.5 s tool answers again, in the same session.
+    relay
+        .reload(&creds.config("[limits]\nrequest_timeout_secs = 60\n"))
+        .await;
+    assert_eq!(tool_text(sleep(4, 1500).await.response()), "slept 1500 ms");
+    assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

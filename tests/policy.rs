@@ -5,13 +5,15 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Agent, WAIT, read_answer, tool_text};
 use mcp_tunnel::client::{self, ClientSettings};
 use mcp_tunnel::config::{LimitsSection, SourceConfig, TransportChoice};
+use mcp_tunnel::govern::condition::Condition;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::govern::policy::Role;
+use mcp_tunnel::govern::policy::{Kind, Role};
 use mcp_tunnel::govern::{Identity, Keyring, Policy, SecretHash};
 use mcp_tunnel::relay::{Governance, Relay, RelaySettings};
 use mcp_tunnel::transport::tls;
@@ -66,6 +68,14 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         Role {
             allow: vec!["demo/echo".into(), "demo/a*".into()],
             deny: vec!["demo/add".into()],
+            conditions: vec![Arc::new(
+                Condition::compile(
+                    Kind::Tool,
+                    "demo/echo".into(),
+                    r#"args.message != "salaries" || "hr" in roles"#,
+                )
+                .expect("the condition compiles"),
+            )],
             ..Role::default()
         },
     );
@@ -86,6 +96,7 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
             keyring,
             policy,
             limiter: Default::default(),
+            limits: LimitsSection::default(),
         },
         limits: LimitsSection::default(),
         allowed_origins: Vec::new(),
@@ -150,6 +161,31 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
     assert_eq!(denied.response()["id"], 3);
     let hidden = alice.call_tool(4, "blob", json!({"size": 1})).await;
     assert_eq!(hidden.response()["error"]["message"], "Unknown tool: blob");
+    // The role's condition on echo: this argument is refused, like an unknown tool; so is a
+    // call whose condition cannot be evaluated (no `message`); a batch is checked message by
+    // message.
+    let refused = alice
+        .call_tool(40, "echo", json!({"message": "salaries"}))
+        .await;
+    assert_eq!(refused.response()["error"]["message"], "Unknown tool: echo");
+    assert_eq!(refused.response()["id"], 40);
+    let unevaluable = alice.call_tool(41, "echo", json!({})).await;
+    assert_eq!(
+        unevaluable.response()["error"]["message"],
+        "Unknown tool: echo"
+    );
+    let batch = alice
+        .post(&json!([
+            {"jsonrpc":"2.0","id":42,"method":"tools/call","params":{"name":"echo","arguments":{"message":"fine"}}},
+            {"jsonrpc":"2.0","id":43,"method":"tools/call","params":{"name":"echo","arguments":{"message":"salaries"}}}
+        ]))
+        .await;
+    assert_eq!(
+        batch.response()["error"]["message"],
+        "Unknown tool: echo",
+        "{batch:?}"
+    );
+    assert_eq!(batch.response()["id"], 43, "the second message is refused");
     assert_eq!(
         state.registry.rows()[0].streams_opened,
         streams_before,

@@ -391,14 +391,28 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
         &token,
         &[alice_line, bob_line],
         &[],
-        "\n[limits]\nrequest_timeout_secs = 60\n",
+        "\n[limits]\nrequest_timeout_secs = 60\nmax_message_bytes = 33554432\n",
     ));
     let summary = relay
         .reloader()
         .reload()
         .await
         .expect("a valid file reloads");
-    assert_eq!(summary.restart_needed, vec!["[limits]"], "{summary:?}");
+    assert_eq!(
+        summary.restart_needed,
+        vec!["[limits] max_message_bytes (raised above the starting value)"],
+        "{summary:?}"
+    );
+    assert_eq!(
+        relay.state.request_timeout(),
+        Duration::from_secs(60),
+        "the request timeout applies without a restart"
+    );
+    assert_eq!(
+        relay.state.max_message_bytes(),
+        mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES,
+        "the body limit does not rise above the tunnels' frame limit"
+    );
     assert_eq!(
         (summary.keys.added, summary.keys.after),
         (1, 2),
@@ -453,6 +467,71 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
     relay.reloader().reload().await.expect("reloads");
     assert_eq!(tool_text(add(5).await.response()), "3", "allowed again");
     assert!(tool_names(&session, 7).await.contains(&"add".to_owned()));
+    assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_condition_applies_by_reload_and_an_invalid_one_is_refused_naming_tenant_and_role() {
+    let token = new_secret("mcpt_tok_");
+    let alice = new_secret("mcpt_key_");
+    let with_condition = |when: &str| {
+        let condition = if when.is_empty() {
+            String::new()
+        } else {
+            format!("\n[[tenants.roles.conditions]]\nmatch = \"demo/echo\"\nwhen = '{when}'\n")
+        };
+        let mut text = config_text(&token, &[], &[("analyst", &["demo/*"])], &condition);
+        text.push_str(&format!(
+            "\n[[tenants.keys]]\nsubject = \"alice\"\nroles = [\"analyst\"]\nkey = {:?}\n",
+            digest(&alice)
+        ));
+        text
+    };
+    let mut relay = FileRelay::start(&token, &with_condition("")).await;
+    let url = relay.url();
+    let session = open_session(&url, &alice).await;
+    assert_echo(&session, 2, "secret").await;
+
+    relay.write(&with_condition(
+        r#"args.message != "secret" || "hr" in roles"#,
+    ));
+    relay
+        .reloader()
+        .reload()
+        .await
+        .expect("a condition reloads");
+    let denied = session
+        .call_tool(3, "echo", json!({"message": "secret"}))
+        .await;
+    assert_eq!(
+        denied.response()["error"]["message"],
+        "Unknown tool: echo",
+        "the condition applies to the open session's next call: {denied:?}"
+    );
+    assert_echo(&session, 4, "public").await;
+
+    relay.write(&with_condition("args.message !="));
+    let error = relay
+        .reloader()
+        .reload()
+        .await
+        .expect_err("an expression that does not compile is refused")
+        .to_string();
+    assert!(
+        error.contains("tenant acme")
+            && error.contains("role analyst")
+            && error.contains("invalid CEL expression"),
+        "the error names the tenant, the role and the problem: {error}"
+    );
+    let still = session
+        .call_tool(5, "echo", json!({"message": "secret"}))
+        .await;
+    assert_eq!(
+        still.response()["error"]["message"],
+        "Unknown tool: echo",
+        "the running condition stays"
+    );
+    assert_echo(&session, 6, "public").await;
     assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
 }
 

@@ -61,6 +61,7 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
             keyring,
             policy: Policy::default(),
             limiter: Default::default(),
+            limits: LimitsSection::default(),
         },
         limits: LimitsSection::default(),
         allowed_origins: Vec::new(),

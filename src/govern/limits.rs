@@ -1,5 +1,6 @@
-//! Rate limits: token buckets per identity (tenant and subject), per tenant and source, and
-//! for failed authentication per remote address. No HTTP in here: the relay asks, and maps a
+//! Rate limits: token buckets per identity (tenant and subject), per tenant and source, per
+//! tenant (all its callers and sources together), and for failed authentication per remote
+//! address. No HTTP in here: the relay asks, and maps a
 //! refusal to `429` with `Retry-After`.
 //!
 //! Every map of buckets is bounded: when full, buckets that have refilled completely (the same
@@ -171,6 +172,9 @@ pub struct RateLimitsSection {
     pub identity: Option<Rate>,
     /// Agent requests per tenant and source, all callers together.
     pub source: Option<Rate>,
+    /// Agent requests per tenant, all its callers and sources together: one tenant cannot
+    /// take the relay's whole capacity from the others.
+    pub tenant: Option<Rate>,
     /// Failed authentication attempts per remote IP address.
     pub auth_failures: Option<Rate>,
     /// Bound on the buckets each kind of limit keeps (default 100000).
@@ -183,6 +187,7 @@ impl RateLimitsSection {
         for (name, rate) in [
             ("identity", &self.identity),
             ("source", &self.source),
+            ("tenant", &self.tenant),
             ("auth_failures", &self.auth_failures),
         ] {
             if let Some(rate) = rate {
@@ -203,6 +208,8 @@ pub enum Limited {
     Identity,
     /// The source's rate (all callers of the tenant together).
     Source,
+    /// The tenant's rate (all its callers and sources together).
+    Tenant,
     /// Too many failed authentication attempts from the address.
     AuthFailures,
 }
@@ -222,6 +229,7 @@ pub struct RateLimited {
 pub struct Limiter {
     identity: Option<Buckets<(String, String)>>,
     source: Option<Buckets<(String, String)>>,
+    tenant: Option<Buckets<String>>,
     auth_failures: Option<Buckets<IpAddr>>,
 }
 
@@ -233,12 +241,13 @@ impl Limiter {
         Ok(Self {
             identity: section.identity.map(|rate| Buckets::new(rate, max)),
             source: section.source.map(|rate| Buckets::new(rate, max)),
+            tenant: section.tenant.map(|rate| Buckets::new(rate, max)),
             auth_failures: section.auth_failures.map(|rate| Buckets::new(rate, max)),
         })
     }
 
     /// Counts one request of `subject` of `tenant` to `source` at `now`: the identity's bucket
-    /// first, then the source's.
+    /// first, then the source's, then the tenant's.
     pub fn request(
         &self,
         tenant: &str,
@@ -259,6 +268,14 @@ impl Limiter {
                 .take(&(tenant.to_owned(), source.to_owned()), now)
                 .map_err(|retry_after| RateLimited {
                     limit: Limited::Source,
+                    retry_after,
+                })?;
+        }
+        if let Some(buckets) = &self.tenant {
+            buckets
+                .take(&tenant.to_owned(), now)
+                .map_err(|retry_after| RateLimited {
+                    limit: Limited::Tenant,
                     retry_after,
                 })?;
         }
@@ -364,7 +381,7 @@ mod tests {
                 per_minute: 1,
                 burst: 2,
             }),
-            max_keys: None,
+            ..RateLimitsSection::default()
         };
         let limiter = Limiter::from_section(&section).expect("valid");
         assert!(limiter.request("t", "alice", "s", now).is_ok());
@@ -387,6 +404,30 @@ mod tests {
         let refused = limiter.auth_allowed(addr, now).expect_err("two failures");
         assert_eq!(refused.limit, Limited::AuthFailures);
         assert_eq!(refused.retry_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn the_tenant_bucket_counts_every_caller_and_source_of_the_tenant() {
+        let now = Instant::now();
+        let section = RateLimitsSection {
+            tenant: Some(Rate {
+                per_minute: 1,
+                burst: 2,
+            }),
+            ..RateLimitsSection::default()
+        };
+        let limiter = Limiter::from_section(&section).expect("valid");
+        assert!(limiter.request("t", "alice", "db", now).is_ok());
+        assert!(limiter.request("t", "bob", "files", now).is_ok());
+        let refused = limiter
+            .request("t", "carol", "web", now)
+            .expect_err("the tenant's burst is spent");
+        assert_eq!(refused.limit, Limited::Tenant);
+        assert_eq!(refused.retry_after, Duration::from_secs(60));
+        assert!(
+            limiter.request("u", "alice", "db", now).is_ok(),
+            "another tenant has its own bucket"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod assertion;
 pub mod audit;
+pub mod condition;
 pub mod identity;
 pub mod jwt;
 pub mod limits;

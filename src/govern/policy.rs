@@ -3,11 +3,18 @@
 //!
 //! A tenant without roles allows everything (a first setup works at once). Once a tenant has
 //! roles, a call is allowed only if one of the caller's roles allows it and none denies it.
+//!
+//! A role may also carry [conditions](super::condition) (CEL expressions over the call's
+//! arguments and the caller's identity): a role allows a call only when each of its conditions
+//! that matches the call holds. Lists are filtered by globs alone ([`Policy::check`]): whether
+//! a call passes its conditions depends on its arguments, so an entry that some call could use
+//! stays listed; calls are checked whole by [`Policy::check_call`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Identity;
+use super::condition::{Call, Condition, EvalError};
 
 /// One role: what it allows and what it denies.
 #[derive(Debug, Clone, Default)]
@@ -24,10 +31,13 @@ pub struct Role {
     pub allow_prompts: Vec<String>,
     /// Prompt globs denied.
     pub deny_prompts: Vec<String>,
+    /// Conditions narrowing what this role allows.
+    pub conditions: Vec<Arc<Condition>>,
 }
 
 /// What a rule governs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// `tools/call`, and the entries of `tools/list`.
     Tool,
@@ -87,38 +97,109 @@ impl Policy {
         self.check(who, Kind::Tool, source, tool)
     }
 
-    /// May `who` use the tool, resource or prompt `name` of `source`?
+    /// May `who` use the tool, resource or prompt `name` of `source`, as far as globs say
+    /// (conditions are not evaluated: this is for list filtering)?
     pub fn check(&self, who: &Identity, kind: Kind, source: &str, name: &str) -> Decision {
-        let Some(roles) = self
-            .tenants
-            .get(&who.tenant)
-            .filter(|roles| !roles.is_empty())
-        else {
+        let Some(roles) = self.roles_of(who) else {
             return Decision::Allow("tenant has no roles".into());
         };
         let target = format!("{source}/{name}");
-        let mine = || {
-            who.roles
-                .iter()
-                .filter_map(|name| roles.get(name).map(|role| (name, role.globs(kind))))
-        };
-        if let Some((name, glob)) = mine().find_map(|(name, (_, deny))| {
-            deny.iter()
-                .find(|g| glob_match(g, &target))
-                .map(|g| (name, g))
-        }) {
-            return Decision::Deny(format!("role {name} denies {glob}"));
+        if let Some(denied) = denial(who, roles, kind, &target) {
+            return denied;
         }
-        if let Some((name, glob)) = mine().find_map(|(name, (allow, _))| {
-            allow
-                .iter()
-                .find(|g| glob_match(g, &target))
-                .map(|g| (name, g))
-        }) {
-            return Decision::Allow(format!("role {name} allows {glob}"));
+        match allowing(who, roles, kind, &target).next() {
+            Some((role, _, glob)) => Decision::Allow(format!("role {role} allows {glob}")),
+            None => Decision::Deny("no role allows it".into()),
         }
-        Decision::Deny("no role allows it".into())
     }
+
+    /// May the call be made: a role allows it, none denies it, and the allowing role's
+    /// conditions that match it hold? The call's arguments are read only if a condition
+    /// matches. A condition that cannot be evaluated denies, naming the error.
+    pub fn check_call(&self, call: &Call<'_>) -> Decision {
+        let Some(roles) = self.roles_of(call.who) else {
+            return Decision::Allow("tenant has no roles".into());
+        };
+        let target = format!("{}/{}", call.source, call.name);
+        if let Some(denied) = denial(call.who, roles, call.kind, &target) {
+            return denied;
+        }
+        let mut args: Option<Result<cel::Value, EvalError>> = None;
+        let mut refusal: Option<String> = None;
+        for (name, role, glob) in allowing(call.who, roles, call.kind, &target) {
+            let mut held = 0;
+            let mut failed = None;
+            for condition in role
+                .conditions
+                .iter()
+                .filter(|c| c.applies(call.kind, &target))
+            {
+                let outcome = match args.get_or_insert_with(|| call.args()) {
+                    Ok(args) => condition.evaluate(call, args),
+                    Err(e) => Err(e.clone()),
+                };
+                let pattern = &condition.pattern;
+                match outcome {
+                    Ok(true) => held += 1,
+                    Ok(false) => {
+                        failed = Some(format!("role {name}: condition on {pattern} is false"));
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(format!("role {name}: condition on {pattern} failed: {e}"));
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None if held == 0 => return Decision::Allow(format!("role {name} allows {glob}")),
+                None => {
+                    return Decision::Allow(format!(
+                        "role {name} allows {glob}; {held} condition(s) hold"
+                    ));
+                }
+                Some(why) => {
+                    refusal.get_or_insert(why);
+                }
+            }
+        }
+        Decision::Deny(refusal.unwrap_or_else(|| "no role allows it".into()))
+    }
+
+    fn roles_of(&self, who: &Identity) -> Option<&HashMap<String, Role>> {
+        self.tenants
+            .get(&who.tenant)
+            .filter(|roles| !roles.is_empty())
+    }
+}
+
+/// The first deny glob of the caller's roles matching `target`, as a decision.
+fn denial(
+    who: &Identity,
+    roles: &HashMap<String, Role>,
+    kind: Kind,
+    target: &str,
+) -> Option<Decision> {
+    who.roles.iter().find_map(|name| {
+        let (_, deny) = roles.get(name)?.globs(kind);
+        let glob = deny.iter().find(|g| glob_match(g, target))?;
+        Some(Decision::Deny(format!("role {name} denies {glob}")))
+    })
+}
+
+/// The caller's roles that allow `target` by glob, in the caller's order, with the glob.
+fn allowing<'a>(
+    who: &'a Identity,
+    roles: &'a HashMap<String, Role>,
+    kind: Kind,
+    target: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a Role, &'a str)> {
+    who.roles.iter().filter_map(move |name| {
+        let role = roles.get(name)?;
+        let (allow, _) = role.globs(kind);
+        let glob = allow.iter().find(|g| glob_match(g, target))?;
+        Some((name.as_str(), role, glob.as_str()))
+    })
 }
 
 /// Matches `text` against `pattern`, where `*` stands for any run of characters (including `/`).
@@ -222,6 +303,94 @@ mod tests {
             !policy
                 .check_tool(&who(&["analyst"]), "other", "query")
                 .is_allowed()
+        );
+    }
+
+    fn call<'a>(who: &'a Identity, name: &'a str, body: &'a str) -> Call<'a> {
+        Call {
+            who,
+            kind: Kind::Tool,
+            source: "db",
+            name,
+            body: body.as_bytes(),
+            batch_index: None,
+        }
+    }
+
+    #[test]
+    fn conditions_narrow_the_role_that_allows() {
+        let condition = |pattern: &str, when: &str| {
+            Arc::new(Condition::compile(Kind::Tool, pattern.into(), when).expect("compiles"))
+        };
+        let mut roles = HashMap::new();
+        roles.insert(
+            "analyst".to_string(),
+            Role {
+                allow: vec!["db/*".into()],
+                conditions: vec![condition(
+                    "db/query",
+                    r#"args.table != "salaries" || "hr" in roles"#,
+                )],
+                ..Role::default()
+            },
+        );
+        roles.insert(
+            "auditor".to_string(),
+            Role {
+                allow: vec!["db/query".into()],
+                ..Role::default()
+            },
+        );
+        let mut policy = Policy::default();
+        policy.set_roles("acme".into(), roles);
+        let salaries = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"query","arguments":{"table":"salaries"}}}"#;
+        let orders = salaries.replace("salaries", "orders");
+        let analyst = who(&["analyst"]);
+        assert_eq!(
+            policy.check_call(&call(&analyst, "query", &orders)),
+            Decision::Allow("role analyst allows db/*; 1 condition(s) hold".into())
+        );
+        assert_eq!(
+            policy.check_call(&call(&analyst, "query", salaries)),
+            Decision::Deny("role analyst: condition on db/query is false".into())
+        );
+        assert!(
+            policy
+                .check(&analyst, Kind::Tool, "db", "query")
+                .is_allowed(),
+            "lists are filtered by globs alone"
+        );
+        // A body that is not even JSON is never parsed unless a condition applies.
+        assert_eq!(
+            policy.check_call(&call(&analyst, "tables", "not json")),
+            Decision::Allow("role analyst allows db/*".into())
+        );
+        let failed = policy.check_call(&call(
+            &analyst,
+            "query",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"query"}}"#,
+        ));
+        assert!(
+            matches!(&failed, Decision::Deny(why) if why.starts_with("role analyst: condition on db/query failed:")),
+            "a missing field denies, naming the error: {failed:?}"
+        );
+        let both = who(&["analyst", "auditor"]);
+        assert_eq!(
+            policy.check_call(&call(&both, "query", salaries)),
+            Decision::Allow("role auditor allows db/query".into()),
+            "another role that allows without a condition still allows"
+        );
+        let batch = format!("[{orders},{salaries}]");
+        let mut second = call(&analyst, "query", &batch);
+        second.batch_index = Some(1);
+        assert!(
+            !policy.check_call(&second).is_allowed(),
+            "the batch's second message"
+        );
+        second.batch_index = Some(0);
+        assert!(
+            policy.check_call(&second).is_allowed(),
+            "the batch's first message"
         );
     }
 }

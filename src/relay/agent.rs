@@ -16,6 +16,7 @@ use super::channel::Channel;
 use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
 use crate::govern::Identity;
+use crate::govern::condition::Call;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::Kind;
 use crate::mcp::classify;
@@ -151,16 +152,19 @@ pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified
 }
 
 /// Checks every `tools/call`, `resources/read` (and subscription) and `prompts/get` in the
-/// body against the caller's roles. A denied call never reaches the tunnel: this returns the
-/// JSON-RPC error to answer it with, the one an unknown tool, resource or prompt gets.
+/// body against the caller's roles and their conditions. A denied call never reaches the
+/// tunnel: this returns the JSON-RPC error to answer it with, the one an unknown tool, resource
+/// or prompt gets. `body` is the raw message (or batch) `classified` describes: its `params` are
+/// parsed only when a role's condition applies to the call.
 pub fn authorize(
     state: &RelayState,
     who: &Identity,
     source: &str,
+    body: &Bytes,
     classified: &Classified,
 ) -> Option<Bytes> {
     let governance = state.governance();
-    for message in classified.messages() {
+    for (index, message) in classified.messages().iter().enumerate() {
         let kind = match message.method.as_deref() {
             Some("tools/call") => Kind::Tool,
             Some("resources/read" | "resources/subscribe" | "resources/unsubscribe") => {
@@ -170,7 +174,15 @@ pub fn authorize(
             _ => continue,
         };
         let name = message.target.as_deref().unwrap_or_default();
-        let decision = governance.policy.check(who, kind, source, name);
+        let call = Call {
+            who,
+            kind,
+            source,
+            name,
+            body,
+            batch_index: matches!(classified, Classified::Batch(_)).then_some(index),
+        };
+        let decision = governance.policy.check_call(&call);
         if !decision.is_allowed() {
             tracing::info!(tenant = %who.tenant, subject = %who.subject, source, name, ?kind, ?decision, "call denied");
             metrics::counter!(crate::metrics::REQUESTS, "outcome" => "denied").increment(1);

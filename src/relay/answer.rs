@@ -102,7 +102,7 @@ impl Awaiting {
         Self {
             id: requests.first().and_then(|m| m.id.clone()),
             responses: requests.len(),
-            timeout: (!is_listen).then(|| state.limits.request_timeout()),
+            timeout: (!is_listen).then(|| state.request_timeout()),
             source: source.to_owned(),
             learner: None,
             filter: None,

@@ -109,8 +109,8 @@ async fn handle_message(
             .sessions
             .get(session_id, &who, &source, Transport::LegacySse)
             .ok_or(AgentError::SessionNotFound)?;
-        let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
-        if let Some(denied) = authorize(&state, &who, &source, &classified) {
+        let (body, classified) = read_message(body, state.max_message_bytes()).await?;
+        if let Some(denied) = authorize(&state, &who, &source, &body, &classified) {
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }

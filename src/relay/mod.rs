@@ -65,14 +65,19 @@ pub enum RelayError {
     Http(std::io::Error),
 }
 
-/// Credentials and policy, swapped whole on reload.
+/// Credentials, policy and the limits that may change while running, swapped whole on reload.
 pub struct Governance {
     /// Agent keys and tunnel tokens.
     pub keyring: Keyring,
     /// Roles.
     pub policy: Policy,
-    /// Rate limits (their buckets start afresh when a reload swaps them in).
-    pub limiter: Limiter,
+    /// Rate limits. A reload that leaves `[rate_limits]` as it was keeps these buckets; one
+    /// that changes it starts new buckets.
+    pub limiter: Arc<Limiter>,
+    /// `[limits]` as last loaded; read through [`RelayState::request_timeout`],
+    /// [`RelayState::session_idle`] and [`RelayState::max_message_bytes`]. At start,
+    /// [`RelaySettings::limits`] replaces it.
+    pub limits: LimitsSection,
 }
 
 impl Governance {
@@ -80,11 +85,12 @@ impl Governance {
     /// cross-reference); the error says what is wrong.
     pub fn from_config(config: &RelayConfig) -> Result<Self, String> {
         let (keyring, policy) = config.build_governance()?;
-        let limiter = Limiter::from_section(&config.rate_limits)?;
+        let limiter = Arc::new(Limiter::from_section(&config.rate_limits)?);
         Ok(Self {
             keyring,
             policy,
             limiter,
+            limits: config.limits.clone(),
         })
     }
 }
@@ -96,7 +102,10 @@ pub struct RelayState {
     pub registry: Registry,
     /// Live agent sessions.
     pub sessions: Sessions,
-    /// Limits and timeouts.
+    /// Limits and timeouts as the relay started: `max_message_bytes` here is the tunnel frame
+    /// limit agreed with every `connect` at its handshake. What reload changes is read through
+    /// [`RelayState::request_timeout`], [`RelayState::session_idle`] and
+    /// [`RelayState::max_message_bytes`].
     pub limits: LimitsSection,
     /// Browser origins allowed besides same-origin.
     pub allowed_origins: Vec<String>,
@@ -139,6 +148,26 @@ impl RelayState {
             });
         }
         !self.loopback || LOOPBACK_NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// How long to wait for an upstream's answer to one request (reloadable).
+    pub fn request_timeout(&self) -> Duration {
+        self.governance().limits.request_timeout()
+    }
+
+    /// How long an idle agent session lives (reloadable).
+    pub fn session_idle(&self) -> Duration {
+        self.governance().limits.session_idle()
+    }
+
+    /// The largest agent request body accepted: the reloaded limit, but never above the one
+    /// the relay started with (tunnels agreed on that frame limit at their handshake, and a
+    /// larger message would not fit their frames).
+    pub fn max_message_bytes(&self) -> usize {
+        self.governance()
+            .limits
+            .max_message_bytes
+            .min(self.limits.max_message_bytes)
     }
 
     /// The current credentials and policy.
@@ -261,8 +290,10 @@ impl Relay {
             Some(addr) => Some(bind_tcp(addr).await?),
             None => None,
         };
+        let mut governance = settings.governance;
+        governance.limits = settings.limits.clone();
         let state = Arc::new(RelayState {
-            governance: RwLock::new(Arc::new(settings.governance)),
+            governance: RwLock::new(Arc::new(governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
             limits: settings.limits,
@@ -445,7 +476,7 @@ async fn sweep_sessions(state: Arc<RelayState>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        for session in state.sessions.sweep(state.limits.session_idle()) {
+        for session in state.sessions.sweep(state.session_idle()) {
             tracing::info!(session = %session.id, tenant = %session.tenant, "session expired");
             session.channel.close("session expired").await;
         }

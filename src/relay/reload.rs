@@ -1,16 +1,23 @@
-//! Configuration hot reload: on SIGHUP, or when the file changes, the relay reads its
-//! configuration file again and swaps in the new agent keys, tunnel tokens, roles and
-//! `[rate_limits]`.
+//! Configuration hot reload: on SIGHUP, and when the file changes on disk, the relay reads its
+//! configuration file again and swaps in the new agent keys, tunnel tokens, roles (with their
+//! conditions), identity providers, `[rate_limits]` and `[limits]`.
 //!
 //! - What changes applies to new requests (and new tunnel handshakes); open sessions and tunnels
 //!   stay. A session whose key was removed gets 401 on its next request, like any request with
-//!   that key; a role changed applies to the next call of every open session.
+//!   that key; a role changed applies to the next call of every open session; a new
+//!   `request_timeout_secs` applies to requests sent after the reload, a new
+//!   `session_idle_secs` at the next sweep.
+//! - Rate limit buckets carry over when `[rate_limits]` is unchanged; when it changes, new
+//!   buckets (full) start with the new rates.
 //! - A file that does not load (unreadable, not TOML, an unknown key, a role that is not
-//!   defined, ...) is refused: the error is logged naming the problem (key and line where the
-//!   parser has them) and the running configuration stays.
-//! - Listeners, certificates, `[agents]` settings, `[admin]`, `[audit]` and `[limits]` are read
-//!   once at start; when they differ in the file, a warning says a restart is needed to apply
-//!   them, and the rest of the file is applied.
+//!   defined, a condition that does not compile, ...) is refused: the error is logged naming
+//!   the problem (key and line where the parser has them; tenant and role for a condition) and
+//!   the running configuration stays.
+//! - What still needs a restart: listeners, certificates, `[agents]` settings, `[admin]`,
+//!   `[audit]`, and raising `[limits] max_message_bytes` above the value the relay started
+//!   with (every tunnel agreed on that frame limit at its handshake; lowering it applies to
+//!   agent requests at once). When these differ in the file, a warning says a restart is
+//!   needed to apply them, and the rest of the file is applied.
 //!
 //! [`Reloader`] does one reload; [`watch`] runs the loop (a poll of the file's modification
 //! stamp, and a [`Notify`] that `main` pokes on SIGHUP).
@@ -25,7 +32,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Governance, RelayState};
-use crate::config::{ConfigError, RelayConfig};
+use crate::config::{ConfigError, LimitsSection, RelayConfig};
 
 /// How often [`watch`] looks at the file's modification stamp in the relay binary.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -211,8 +218,8 @@ fn restart_needed(running: &RelayConfig, new: &RelayConfig) -> Vec<&'static str>
     if differs(&running.audit, &new.audit) {
         sections.push("[audit]");
     }
-    if differs(&running.limits, &new.limits) {
-        sections.push("[limits]");
+    if new.limits.max_message_bytes > running.limits.max_message_bytes {
+        sections.push("[limits] max_message_bytes (raised above the starting value)");
     }
     sections
 }
@@ -238,8 +245,8 @@ fn one_line(message: &str) -> String {
 pub struct Reloader {
     path: PathBuf,
     state: Arc<RelayState>,
-    /// The configuration in force: its tenants are the file's last good ones, every other
-    /// section what the relay started with.
+    /// The configuration in force: its tenants, identity providers, rate limits and limits are
+    /// the file's last good ones, every other section what the relay started with.
     running: RelayConfig,
     stamp: Option<FileStamp>,
 }
@@ -266,7 +273,8 @@ impl Reloader {
         FileStamp::read(&self.path) != self.stamp
     }
 
-    /// Reads the file again and, if it loads, swaps in its keys, tunnel tokens and roles.
+    /// Reads the file again and, if it loads, swaps in its keys, tunnel tokens, roles, identity
+    /// providers and limits.
     /// Logs the outcome: what changed in counts, sections that need a restart, or the error
     /// that refused the file (the running configuration then stays).
     pub async fn reload(&mut self) -> Result<ReloadSummary, ReloadError> {
@@ -279,7 +287,7 @@ impl Reloader {
                     keys = %summary.keys,
                     tunnel_tokens = %summary.tunnel_tokens,
                     roles = %summary.roles,
-                    "configuration reloaded: keys, tunnel tokens and roles apply to new requests"
+                    "configuration reloaded: keys, tunnel tokens, roles and limits apply to new requests"
                 );
                 if !summary.restart_needed.is_empty() {
                     tracing::warn!(
@@ -310,10 +318,14 @@ impl Reloader {
                 path: self.path.clone(),
                 message: e.to_string(),
             })??;
-        let governance = Governance::from_config(&new).map_err(|message| ConfigError::Invalid {
-            path: self.path.clone(),
-            message,
-        })?;
+        let mut governance =
+            Governance::from_config(&new).map_err(|message| ConfigError::Invalid {
+                path: self.path.clone(),
+                message,
+            })?;
+        if new.rate_limits == self.running.rate_limits {
+            governance.limiter = self.state.governance().limiter.clone();
+        }
         let (old_items, new_items) = (Items::of(&self.running), Items::of(&new));
         let summary = ReloadSummary {
             tenants: Change::between(&old_items.tenants, &new_items.tenants),
@@ -324,6 +336,13 @@ impl Reloader {
         };
         self.state.reload(governance);
         self.running.tenants = new.tenants;
+        self.running.identity_providers = new.identity_providers;
+        self.running.rate_limits = new.rate_limits;
+        // The starting frame limit stays the reference for what needs a restart.
+        self.running.limits = LimitsSection {
+            max_message_bytes: self.running.limits.max_message_bytes,
+            ..new.limits
+        };
         Ok(summary)
     }
 }

@@ -112,6 +112,7 @@ fn rate_limited_message(limited: &RateLimited) -> String {
     let what = match limited.limit {
         Limited::Identity => "too many requests from this caller",
         Limited::Source => "too many requests to this source",
+        Limited::Tenant => "too many requests for this tenant",
         Limited::AuthFailures => "too many failed authentication attempts from this address",
     };
     format!("{what}; retry after {} s", retry_after_secs(limited))

@@ -57,8 +57,8 @@ async fn post_inner(
     body: Body,
 ) -> Result<Response, AgentError> {
     let who = gate(&state, &headers, Resource::Mcp(&source))?;
-    let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
-    if let Some(denied) = authorize(&state, &who, &source, &classified) {
+    let (body, classified) = read_message(body, state.max_message_bytes()).await?;
+    if let Some(denied) = authorize(&state, &who, &source, &body, &classified) {
         return Ok(json_response(StatusCode::OK, denied));
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {

@@ -117,6 +117,7 @@ impl Harness {
                 keyring,
                 policy: Policy::default(),
                 limiter: Default::default(),
+                limits: Default::default(),
             },
             limits: options.limits,
             allowed_origins: Vec::new(),
