@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 use crate::govern::assertion::AssertionSigner;
 use crate::govern::condition::Condition;
-use crate::govern::jwt::{self, ClaimMapping, JwtVerifier, Provider, TenantSource};
+use crate::govern::jwks::RemoteJwks;
+use crate::govern::jwt::{self, ClaimMapping, JwtVerifier, Provider, ProviderKeys, TenantSource};
 use crate::govern::policy::Kind;
 use crate::govern::{Identity, Keyring, Policy, SecretHash, policy::Role};
 
@@ -188,8 +189,17 @@ pub struct IdentityProviderSection {
     /// Audiences accepted; empty: `[agents] public_url`.
     #[serde(default)]
     pub audience: Vec<String>,
-    /// Its JWKS (JSON), relative to the configuration file.
-    pub jwks_file: PathBuf,
+    /// Its JWKS (JSON) in a file, relative to the configuration file (one of `jwks_file` and
+    /// `jwks_url`).
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Its JWKS at a URL, fetched and cached (one of `jwks_file` and `jwks_url`); see
+    /// [`crate::govern::jwks`].
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// Seconds between fetches of `jwks_url` (a token naming an unknown key id fetches sooner).
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_secs: u64,
     /// Algorithms accepted among RS256, ES256 and EdDSA; empty: all three.
     #[serde(default)]
     pub algorithms: Vec<String>,
@@ -214,6 +224,10 @@ pub struct IdentityProviderSection {
     /// Seconds of clock skew tolerated on `exp` and `nbf`.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+}
+
+fn default_jwks_refresh() -> u64 {
+    crate::govern::jwks::DEFAULT_REFRESH_SECS
 }
 
 fn default_subject_claim() -> String {
@@ -378,7 +392,9 @@ impl RelayConfig {
             audit.path = base.join(&audit.path);
         }
         for provider in &mut config.identity_providers {
-            provider.jwks_file = base.join(&provider.jwks_file);
+            if let Some(file) = &mut provider.jwks_file {
+                *file = base.join(&*file);
+            }
         }
         if let Some(assertion) = &mut config.identity_assertion {
             assertion.key = base.join(&assertion.key);
@@ -571,8 +587,17 @@ impl RelayConfig {
             } else {
                 section.audience.clone()
             };
-            let jwks = std::fs::read_to_string(&section.jwks_file)
-                .map_err(|e| fail(format!("cannot read {}: {e}", section.jwks_file.display())))?;
+            let keys = match (&section.jwks_file, &section.jwks_url) {
+                (Some(file), None) => {
+                    let jwks = std::fs::read_to_string(file)
+                        .map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
+                    ProviderKeys::from_document(&jwks).map_err(|e| fail(e.to_string()))?
+                }
+                (None, Some(url)) => ProviderKeys::Remote(
+                    RemoteJwks::shared(url, section.jwks_refresh_secs).map_err(fail)?,
+                ),
+                _ => return Err(fail("give exactly one of jwks_file or jwks_url".into())),
+            };
             let mapping = ClaimMapping {
                 subject: section.subject_claim.clone(),
                 tenant,
@@ -583,7 +608,7 @@ impl RelayConfig {
                 issuer.to_owned(),
                 audiences,
                 algorithms,
-                &jwks,
+                keys,
                 mapping,
                 section.required_scopes.clone(),
             )
@@ -889,7 +914,12 @@ required_scopes = ["mcp:tools"]
         let public_url = "public_url = \"https://relay.example/\"\n";
         let (_dir, path) = with_provider(public_url, PROVIDER);
         let config = RelayConfig::load(&path).expect("a provider parses");
-        assert!(config.identity_providers[0].jwks_file.is_absolute());
+        assert!(
+            config.identity_providers[0]
+                .jwks_file
+                .as_ref()
+                .is_some_and(|f| f.is_absolute())
+        );
         let (keyring, _) = config.build_governance().expect("governance");
         assert_eq!(keyring.jwt().public_url(), Some("https://relay.example"));
         assert_eq!(keyring.jwt().issuers(), ["https://idp.example"]);
@@ -920,6 +950,38 @@ required_scopes = ["mcp:tools"]
         assert!(err.contains("exactly one of tenant"), "{err}");
         let err = load_err(public_url, &PROVIDER.replace("jwks.json", "missing.json"));
         assert!(err.contains("missing.json"), "{err}");
+        let err = load_err(
+            public_url,
+            &PROVIDER.replace(
+                "jwks_file = \"jwks.json\"",
+                "jwks_file = \"jwks.json\"\njwks_url = \"https://idp.example/jwks\"",
+            ),
+        );
+        assert!(
+            err.contains("exactly one of jwks_file or jwks_url"),
+            "{err}"
+        );
+        let err = load_err(
+            public_url,
+            &PROVIDER.replace("jwks_file = \"jwks.json\"", ""),
+        );
+        assert!(
+            err.contains("exactly one of jwks_file or jwks_url"),
+            "{err}"
+        );
+        let err = load_err(
+            public_url,
+            &PROVIDER.replace("jwks_file = \"jwks.json\"", "jwks_url = \"ftp://idp/jwks\""),
+        );
+        assert!(err.contains("ftp://idp/jwks"), "{err}");
+        let (_dir, path) = with_provider(
+            public_url,
+            &PROVIDER.replace(
+                "jwks_file = \"jwks.json\"",
+                "jwks_url = \"https://idp.example/jwks\"",
+            ),
+        );
+        RelayConfig::load(&path).expect("a JWKS URL is not fetched to check a file");
         let err = load_err("public_url = \"relay.example\"\n", PROVIDER);
         assert!(err.contains("public_url"), "{err}");
     }

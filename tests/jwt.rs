@@ -368,3 +368,161 @@ required_scopes = ["{SCOPE}"]
         }
     }
 }
+
+/// An identity provider's JWKS endpoint: serves `document`, or 503 while it is `None`, and
+/// counts the requests.
+#[derive(Default)]
+struct JwksEndpoint {
+    document: Mutex<Option<Value>>,
+    fetches: std::sync::atomic::AtomicUsize,
+}
+
+impl JwksEndpoint {
+    fn serve(&self, keys: &[&SigningKey]) {
+        let keys: Vec<&Value> = keys.iter().map(|k| &k.jwk).collect();
+        *self.document.lock().expect("lock") = Some(json!({ "keys": keys }));
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+async fn start_jwks_endpoint(shutdown: &CancellationToken) -> (String, Arc<JwksEndpoint>) {
+    let endpoint = Arc::new(JwksEndpoint::default());
+    let state = endpoint.clone();
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let state = state.clone();
+            async move {
+                state
+                    .fetches
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match state.document.lock().expect("lock").clone() {
+                    Some(document) => {
+                        ([("content-type", "application/json")], document.to_string())
+                            .into_response()
+                    }
+                    None => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    (format!("http://{addr}/jwks"), endpoint)
+}
+
+/// A relay (no tunnel) trusting `ISSUER` with its JWKS at `jwks_url`; returns the agent URL of
+/// source `demo` and the directory holding the files. An authenticated caller gets 404 there
+/// (no such source is connected), a refused one 401.
+async fn relay_with_jwks_url(
+    jwks_url: &str,
+    shutdown: &CancellationToken,
+) -> (String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
+    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
+    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
+    let config = format!(
+        r#"
+[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+[agents]
+listen = "127.0.0.1:0"
+public_url = "{PUBLIC_URL}"
+[[tenants]]
+name = "acme"
+[[identity_providers]]
+issuer = "{ISSUER}"
+jwks_url = "{jwks_url}"
+jwks_refresh_secs = 3600
+tenant_claim = "tenant"
+"#
+    );
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, config).expect("write config");
+    let config = RelayConfig::load(&path).expect("config loads");
+    let relay = Relay::bind(RelaySettings::from_config(&config).expect("settings"))
+        .await
+        .expect("the relay starts whatever the JWKS URL answers");
+    let agents = relay.agents_addr();
+    tokio::spawn(relay.serve(shutdown.clone()));
+    (format!("http://{agents}/mcp/demo"), dir)
+}
+
+/// The status of an `initialize` with `token`, and the error message if any.
+async fn try_token(url: &str, token: &str) -> (u16, String) {
+    let answer = Agent::new(url, token).initialize().await;
+    let message = answer
+        .messages
+        .last()
+        .and_then(|m| m["error"]["message"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    (answer.status, message)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_is_fetched_cached_refreshed_on_a_new_key_id_and_never_hammered() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (jwks_url, endpoint) = start_jwks_endpoint(&shutdown).await;
+    let (old, new) = (es256("old"), eddsa("new"));
+
+    // The identity provider is down: the relay starts, and refuses tokens saying why.
+    let (url, _dir) = relay_with_jwks_url(&jwks_url, &shutdown).await;
+    let (status, message) = try_token(&url, &sign(&old, &claims())).await;
+    assert_eq!(status, 401, "{message}");
+    assert!(message.contains("keys unavailable"), "{message}");
+    assert!(endpoint.fetches() >= 1, "the relay tried to fetch");
+
+    // It comes up: the next token with a key id the relay lacks fetches the JWKS again.
+    endpoint.serve(&[&old]);
+    assert_eq!(try_token(&url, &sign(&old, &claims())).await.0, 404);
+    // Cached: more tokens of a known key fetch nothing.
+    let fetched = endpoint.fetches();
+    for _ in 0..5 {
+        assert_eq!(try_token(&url, &sign(&old, &claims())).await.0, 404);
+    }
+    assert_eq!(
+        endpoint.fetches(),
+        fetched,
+        "known keys come from the cache"
+    );
+
+    // Rotation: the provider publishes a new key and drops the old one.
+    endpoint.serve(&[&new]);
+    assert_eq!(
+        try_token(&url, &sign(&new, &claims())).await.0,
+        404,
+        "a token of the new key is accepted"
+    );
+    let (status, message) = try_token(&url, &sign(&old, &claims())).await;
+    assert_eq!(status, 401, "the dropped key is refused");
+    assert!(message.ends_with("unknown key id"), "{message}");
+
+    // Tokens naming made-up key ids: the on-demand refreshes are rate limited (a burst of 3,
+    // spent above, then 2 a minute), so ten of them fetch at most a couple of times.
+    let before = endpoint.fetches();
+    for n in 0..10 {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(format!("made-up-{n}"));
+        let token = jsonwebtoken::encode(&header, &claims(), &old.key).expect("token signs");
+        assert_eq!(try_token(&url, &token).await.0, 401);
+    }
+    let extra = endpoint.fetches() - before;
+    assert!(extra <= 2, "{extra} fetches for 10 unknown key ids");
+}

@@ -6,7 +6,8 @@
 //! its `exp` / `nbf` window (with a small leeway). Its claims then map to an [`Identity`] as the
 //! provider's configuration says, and it must carry the provider's required scopes.
 //!
-//! No I/O here: JWKS documents come in as text; the configuration layer reads the files.
+//! No I/O here: JWKS documents come in as text (the configuration layer reads the files), or
+//! from a [`RemoteJwks`] cache that fetches them (see [`super::jwks`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde_json::{Map, Value};
 
 use super::Identity;
+use super::jwks::RemoteJwks;
 
 /// Seconds of clock skew tolerated on `exp` and `nbf` by default.
 pub const DEFAULT_LEEWAY_SECS: u64 = 30;
@@ -51,6 +53,10 @@ pub enum JwtError {
     /// The header's `kid` is not in the provider's JWKS (or, without a `kid`, no single key fits).
     #[error("unknown key id")]
     UnknownKey,
+    /// The provider's JWKS has not been fetched from its URL yet (the fetch failed or is in
+    /// flight).
+    #[error("identity provider keys unavailable (JWKS not fetched yet)")]
+    KeysUnavailable,
     /// A claim the mapping needs is absent or not of the right type.
     #[error("missing claim {0}")]
     MissingClaim(String),
@@ -109,13 +115,58 @@ pub struct ClaimMapping {
     pub scope: String,
 }
 
+/// The usable keys of a JWKS, with their key ids.
+pub type KeySet = Vec<(Option<String>, DecodingKey)>;
+
+/// Parses a JWKS document into its usable keys. HMAC keys are skipped: in a public JWKS they
+/// would let anyone who reads it sign tokens.
+pub fn key_set(jwks: &str) -> Result<KeySet, ProviderError> {
+    let set: JwkSet = serde_json::from_str(jwks).map_err(|e| ProviderError::Jwks(e.to_string()))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let kid = jwk.common.key_id.clone();
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| ProviderError::Key {
+            kid: kid.clone(),
+            message: e.to_string(),
+        })?;
+        if key.family() == jsonwebtoken::AlgorithmFamily::Hmac {
+            continue;
+        }
+        keys.push((kid, key));
+    }
+    Ok(keys)
+}
+
+/// Where a provider's keys come from.
+#[derive(Debug, Clone)]
+pub enum ProviderKeys {
+    /// A JWKS read once (from `jwks_file`).
+    Fixed(Arc<KeySet>),
+    /// A JWKS fetched from `jwks_url`, refreshed.
+    Remote(Arc<RemoteJwks>),
+}
+
+impl ProviderKeys {
+    /// The keys of a JWKS document.
+    pub fn from_document(jwks: &str) -> Result<Self, ProviderError> {
+        Ok(Self::Fixed(Arc::new(key_set(jwks)?)))
+    }
+
+    fn current(&self) -> Result<Arc<KeySet>, JwtError> {
+        match self {
+            Self::Fixed(keys) => Ok(keys.clone()),
+            Self::Remote(remote) => remote.keys().ok_or(JwtError::KeysUnavailable),
+        }
+    }
+}
+
 /// One trusted identity provider.
 #[derive(Debug)]
 pub struct Provider {
     issuer: String,
     audiences: Vec<String>,
     algorithms: Vec<Algorithm>,
-    keys: Vec<(Option<String>, DecodingKey)>,
+    keys: ProviderKeys,
     mapping: ClaimMapping,
     required_scopes: Vec<String>,
     leeway_secs: u64,
@@ -130,33 +181,18 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, ProviderError> {
 }
 
 impl Provider {
-    /// A provider from its issuer, accepted audiences, algorithms (empty: all supported), JWKS
-    /// text, claim mapping and required scopes.
+    /// A provider from its issuer, accepted audiences, algorithms (empty: all supported), keys,
+    /// claim mapping and required scopes.
     pub fn new(
         issuer: String,
         audiences: Vec<String>,
         algorithms: Vec<Algorithm>,
-        jwks: &str,
+        keys: ProviderKeys,
         mapping: ClaimMapping,
         required_scopes: Vec<String>,
     ) -> Result<Self, ProviderError> {
         if audiences.is_empty() {
             return Err(ProviderError::NoAudience);
-        }
-        let set: JwkSet =
-            serde_json::from_str(jwks).map_err(|e| ProviderError::Jwks(e.to_string()))?;
-        let mut keys = Vec::new();
-        for jwk in &set.keys {
-            let kid = jwk.common.key_id.clone();
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| ProviderError::Key {
-                kid: kid.clone(),
-                message: e.to_string(),
-            })?;
-            // HMAC keys in a public JWKS would let anyone who reads it sign tokens.
-            if key.family() == jsonwebtoken::AlgorithmFamily::Hmac {
-                continue;
-            }
-            keys.push((kid, key));
         }
         let algorithms = if algorithms.is_empty() {
             SUPPORTED_ALGORITHMS.to_vec()
@@ -190,26 +226,26 @@ impl Provider {
         &self.required_scopes
     }
 
-    fn key(&self, kid: Option<&str>, alg: Algorithm) -> Result<&DecodingKey, JwtError> {
+    fn key(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, JwtError> {
+        let keys = self.keys.current()?;
         let fits = |key: &DecodingKey| key.family() == alg.family();
         match kid {
             Some(kid) => {
-                let key = self
-                    .keys
+                let key = keys
                     .iter()
                     .find(|(id, _)| id.as_deref() == Some(kid))
                     .map(|(_, key)| key)
                     .ok_or(JwtError::UnknownKey)?;
                 if fits(key) {
-                    Ok(key)
+                    Ok(key.clone())
                 } else {
                     Err(JwtError::Algorithm)
                 }
             }
             None => {
-                let mut fitting = self.keys.iter().map(|(_, key)| key).filter(|k| fits(k));
+                let mut fitting = keys.iter().map(|(_, key)| key).filter(|k| fits(k));
                 match (fitting.next(), fitting.next()) {
-                    (Some(key), None) => Ok(key),
+                    (Some(key), None) => Ok(key.clone()),
                     _ => Err(JwtError::UnknownKey),
                 }
             }
@@ -233,7 +269,7 @@ impl Provider {
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway_secs;
-        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation)
+        let claims = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &validation)
             .map_err(|e| match e.into_kind() {
                 ErrorKind::ExpiredSignature => JwtError::Expired,
                 ErrorKind::ImmatureSignature => JwtError::NotYetValid,
@@ -354,6 +390,32 @@ impl JwtVerifier {
         scopes
     }
 
+    /// Before [`JwtVerifier::verify`]: when `token` names a key id its provider's fetched
+    /// JWKS does not hold (a rotated key, or keys not fetched yet), waits for the JWKS to be
+    /// fetched again, as far as the on-demand rate allows. Returns at once for anything else.
+    pub async fn refresh_for(&self, token: &str) {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return;
+        };
+        let Ok(unverified) =
+            jsonwebtoken::dangerous::insecure_decode_claims::<Map<String, Value>>(token)
+        else {
+            return;
+        };
+        let issuer = unverified.get("iss").and_then(Value::as_str);
+        let remote = self
+            .providers
+            .iter()
+            .find(|p| Some(p.issuer.as_str()) == issuer)
+            .and_then(|p| match &p.keys {
+                ProviderKeys::Remote(remote) => Some(remote.clone()),
+                ProviderKeys::Fixed(_) => None,
+            });
+        if let Some(remote) = remote {
+            remote.refresh_for(header.kid.as_deref()).await;
+        }
+    }
+
     /// Verifies `token` and maps it to the caller's identity.
     pub fn verify(&self, token: &str) -> Result<Identity, JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
@@ -411,7 +473,7 @@ mod tests {
             "https://idp".into(),
             vec!["https://relay".into()],
             Vec::new(),
-            &jwks.to_string(),
+            ProviderKeys::from_document(&jwks.to_string()).expect("JWKS"),
             mapping,
             scopes.iter().map(|s| s.to_string()).collect(),
         )

@@ -4,6 +4,7 @@ pub mod assertion;
 pub mod audit;
 pub mod condition;
 pub mod identity;
+pub mod jwks;
 pub mod jwt;
 pub mod limits;
 pub mod policy;

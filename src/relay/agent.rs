@@ -59,6 +59,14 @@ pub fn check_origin_and_host(state: &RelayState, headers: &HeaderMap) -> Result<
     Err(AgentError::ForbiddenOrigin)
 }
 
+/// The bearer credential of a request if it has the shape of a JWT and JWTs are accepted.
+pub fn bearer_jwt(headers: &HeaderMap) -> Option<&str> {
+    let value = header_str(headers, header::AUTHORIZATION.as_str())?;
+    let (scheme, credential) = value.split_once(' ')?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && looks_like_jwt(credential)).then_some(credential)
+}
+
 /// The caller behind the request's bearer credential: an API key first, then a JWT of a
 /// configured identity provider. A refusal names `resource`'s protected resource metadata
 /// (RFC 9728) when the relay has a public URL.

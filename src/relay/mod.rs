@@ -435,6 +435,7 @@ impl Relay {
 
 /// Limits failed authentication per remote address: an address out of attempts gets `429`
 /// with `Retry-After` before its request is looked at; every `401` answered counts one failure.
+/// Also refreshes a fetched JWKS before a token naming an unknown key is checked.
 async fn limit_auth_failures(
     axum::extract::State(state): axum::extract::State<Arc<RelayState>>,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
@@ -450,6 +451,11 @@ async fn limit_auth_failures(
         tracing::info!(peer = %peer.ip(), ?limited, "authentication attempts limited");
         metrics::counter!(crate::metrics::REQUESTS, "outcome" => "rate_limited").increment(1);
         return reply::AgentError::RateLimited(limited).into_response();
+    }
+    // A JWT naming a key its provider's fetched JWKS lacks waits here (the gate itself is
+    // synchronous) for the JWKS to be fetched again, as the on-demand rate allows.
+    if let Some(token) = agent::bearer_jwt(request.headers()) {
+        governance.keyring.jwt().refresh_for(token).await;
     }
     let response = next.run(request).await;
     if response.status() == axum::http::StatusCode::UNAUTHORIZED {
