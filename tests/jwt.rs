@@ -1,5 +1,5 @@
 //! Agents authenticated by JWTs of a configured identity provider, with a JWKS made here:
-//! valid tokens (ES256 and EdDSA) work end to end; expired, wrong audience, wrong issuer and bad
+//! valid tokens (ES256 and EdDSA; RS256 against a JWKS URL) work end to end; expired, wrong audience, wrong issuer and bad
 //! signature are 401 naming the protected resource metadata; a missing scope is 403
 //! `insufficient_scope`; both well-known metadata documents are served; and the upstream never
 //! sees the agent's token. The relay is built from a configuration file, as in production.
@@ -103,6 +103,28 @@ fn eddsa(kid: &'static str) -> SigningKey {
         key: EncodingKey::from_ed_der(&pair.serialize_der()),
         jwk: json!({"kty":"OKP","crv":"Ed25519","kid":kid,"alg":"EdDSA","use":"sig",
             "x": URL_SAFE_NO_PAD.encode(pair.public_key_raw())}),
+    }
+}
+
+/// An RSA key (2048 bits, made here with aws-lc-rs) for RS256.
+fn rs256(kid: &'static str) -> SigningKey {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::KeyPair;
+    let pair =
+        aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).expect("RSA key");
+    let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).expect("PKCS#8");
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
+    );
+    let public = pair.public_key();
+    SigningKey {
+        alg: Algorithm::RS256,
+        kid,
+        key: EncodingKey::from_rsa_pem(pem.as_bytes()).expect("PEM of the RSA key"),
+        jwk: json!({"kty":"RSA","kid":kid,"alg":"RS256","use":"sig",
+            "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+            "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero())}),
     }
 }
 
@@ -525,4 +547,31 @@ async fn a_jwks_url_is_fetched_cached_refreshed_on_a_new_key_id_and_never_hammer
     }
     let extra = endpoint.fetches() - before;
     assert!(extra <= 2, "{extra} fetches for 10 unknown key ids");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_tokens_verify_with_the_jwks_and_a_bad_signature_is_refused() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (jwks_url, endpoint) = start_jwks_endpoint(&shutdown).await;
+    // `impostor` claims the published key id but holds another key.
+    let (rsa, impostor) = (rs256("rsa-1"), rs256("rsa-1"));
+    endpoint.serve(&[&rsa]);
+    let (url, _dir) = relay_with_jwks_url(&jwks_url, &shutdown).await;
+
+    let (status, message) = try_token(&url, &sign(&rsa, &claims())).await;
+    assert_eq!(status, 404, "a valid RS256 token authenticates: {message}");
+    let (status, message) = try_token(&url, &sign(&impostor, &claims())).await;
+    assert_eq!(status, 401, "{message}");
+    assert!(message.ends_with("bad signature"), "{message}");
+    // The valid token with one signature byte changed.
+    let token = sign(&rsa, &claims());
+    let (head, signature) = token.rsplit_once('.').expect("three parts");
+    let mut bytes = URL_SAFE_NO_PAD.decode(signature).expect("base64url");
+    bytes[0] ^= 1;
+    let tampered = format!("{head}.{}", URL_SAFE_NO_PAD.encode(bytes));
+    let (status, message) = try_token(&url, &tampered).await;
+    assert_eq!(status, 401, "{message}");
+    assert!(message.ends_with("bad signature"), "{message}");
 }
