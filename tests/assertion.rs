@@ -1,13 +1,14 @@
 //! Identity to the upstream: with `[identity_assertion]` and a tenant's `assert_identity`, the
 //! upstream of an enabled source gets a relay-signed JWT naming the caller, verifies it with the
 //! relay's public key, and never sees the agent's credential; a source without it gets no such
-//! header; enabling a source by hot reload applies to new streams. The relay is built from a
-//! configuration file, as in production.
+//! header; enabling a source by hot reload applies to new streams; a session that outlives its
+//! assertion's lifetime keeps reaching the upstream with an unexpired one (the relay renews
+//! it). The relay is built from a configuration file, as in production.
 
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -28,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 const PUBLIC_URL: &str = "https://relay.example.test";
 const HEADER: &str = "x-mcp-tunnel-identity";
 
-/// Headers of every request the scripted upstream saw, with the JSON-RPC method.
-type Seen = Arc<Mutex<Vec<(String, HeaderMap)>>>;
+/// Every request the scripted upstream saw: the JSON-RPC method, the headers, and when it
+/// arrived.
+type Seen = Arc<Mutex<Vec<(String, HeaderMap, SystemTime)>>>;
 
 /// A minimal Streamable HTTP upstream that records the headers of every request.
 async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
@@ -42,7 +44,10 @@ async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen
             async move {
                 let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                 let method = message["method"].as_str().unwrap_or_default().to_owned();
-                record.lock().expect("lock").push((method.clone(), headers));
+                record
+                    .lock()
+                    .expect("lock")
+                    .push((method.clone(), headers, SystemTime::now()));
                 let id = message["id"].clone();
                 let result = match method.as_str() {
                     "initialize" => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
@@ -83,6 +88,10 @@ fn now() -> u64 {
 }
 
 fn config(token: &str, key: &str, asserted: &str) -> String {
+    config_with_ttl(token, key, asserted, 120)
+}
+
+fn config_with_ttl(token: &str, key: &str, asserted: &str, ttl_secs: u64) -> String {
     format!(
         r#"
 [tunnel]
@@ -94,7 +103,7 @@ listen = "127.0.0.1:0"
 public_url = "{PUBLIC_URL}/"
 [identity_assertion]
 key = "assertion.key"
-ttl_secs = 120
+ttl_secs = {ttl_secs}
 [[tenants]]
 name = "acme"
 tunnel_tokens = ["{}"]
@@ -125,10 +134,10 @@ async fn call(agents: std::net::SocketAddr, source: &str, api_key: &str) {
 fn check(seen: &Seen, source: &str, asserted: bool, public: &DecodingKey, api_key: &str) {
     let seen = seen.lock().expect("lock");
     assert!(
-        seen.iter().any(|(method, _)| method == "tools/call"),
+        seen.iter().any(|(method, _, _)| method == "tools/call"),
         "{source}: the call reached the upstream"
     );
-    for (method, headers) in seen.iter() {
+    for (method, headers, _) in seen.iter() {
         assert!(
             headers.get("authorization").is_none(),
             "{source} {method}: no Authorization upstream"
@@ -226,4 +235,121 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
     crm_seen.lock().expect("lock").clear();
     call(agents, "crm", &api_key).await;
     check(&crm_seen, "crm", true, &public, &api_key);
+}
+
+/// The `exp` and `jti` of the assertion on the last request `seen` got.
+fn last_assertion(seen: &Seen) -> (u64, String) {
+    let seen = seen.lock().expect("lock");
+    let (_, headers, _) = seen.last().expect("a request reached the upstream");
+    let token = headers
+        .get(HEADER)
+        .expect("an assertion")
+        .to_str()
+        .expect("ascii");
+    let claims: Value = jsonwebtoken::dangerous::insecure_decode_claims(token).expect("JWT claims");
+    (
+        claims["exp"].as_u64().expect("exp"),
+        claims["jti"].as_str().expect("jti").to_owned(),
+    )
+}
+
+/// Waits until the wall clock reaches `exp` (seconds since the epoch), at most `exp`'s distance
+/// plus a second. This test is about expiry, so it must let an assertion expire: the wait is
+/// bounded by the short lifetime configured, and nothing is decided by how fast the machine is.
+async fn wait_until(exp: u64) {
+    let target = UNIX_EPOCH + Duration::from_secs(exp);
+    let wait = target.duration_since(SystemTime::now()).unwrap_or_default();
+    assert!(wait <= Duration::from_secs(10), "exp {exp} is near");
+    tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    assert!(SystemTime::now() >= target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one_every_time() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (db_url, seen) = start_recording_upstream(&shutdown).await;
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
+        .expect("public key");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
+    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
+    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
+    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let path = dir.path().join("relay.toml");
+    // Three seconds: an assertion is valid for 2 to 3 s from signing (exp is in whole
+    // seconds), so a renewed one has at least a second left when forwarded.
+    std::fs::write(&path, config_with_ttl(&token, &api_key, r#""db""#, 3)).expect("write");
+    let loaded = LoadedConfig::load(&path).expect("config loads");
+    let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
+        .await
+        .expect("relay");
+    let (agents, tunnel, state) = (
+        relay.agents_addr(),
+        relay.tunnel_addr(),
+        relay.state().clone(),
+    );
+    tokio::spawn(relay.serve(shutdown.clone()));
+    let mut settings = ClientSettings::new(
+        tunnel.to_string(),
+        token,
+        vec![SourceConfig::parse_flag(&format!("db={db_url}")).expect("source")],
+    );
+    settings.ca_pem = Some(certs.ca_pem);
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "db"))
+        .await
+        .expect("tunnel up");
+
+    let mut agent = Agent::new(&format!("http://{agents}/mcp/db"), &api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let session = agent.session.clone();
+    let mut jtis = Vec::new();
+    for id in 1..=3 {
+        let called = agent.call_tool(id, "anything", json!({})).await;
+        assert_eq!(tool_text(called.response()), "recorded", "call {id}");
+        let (exp, jti) = last_assertion(&seen);
+        jtis.push(jti);
+        // Outlive the assertion the upstream just got before the next call.
+        wait_until(exp).await;
+    }
+    assert_eq!(agent.session, session, "one session throughout");
+    assert_eq!(state.sessions.len(), 1);
+    jtis.dedup();
+    assert_eq!(
+        jtis.len(),
+        3,
+        "each call after an expiry carried a renewed assertion"
+    );
+
+    // Every request the upstream got carried an assertion that verifies and had not expired
+    // when it arrived.
+    let seen = seen.lock().expect("lock");
+    assert!(seen.len() >= 5, "initialize, initialized and three calls");
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    validation.set_issuer(&[PUBLIC_URL]);
+    validation.set_audience(&["db"]);
+    validation.validate_exp = false;
+    for (method, headers, received) in seen.iter() {
+        let token = headers
+            .get(HEADER)
+            .unwrap_or_else(|| panic!("{method}: an assertion"))
+            .to_str()
+            .expect("ascii");
+        let claims = jsonwebtoken::decode::<Value>(token, &public, &validation)
+            .unwrap_or_else(|e| panic!("{method}: the assertion verifies: {e}"))
+            .claims;
+        let exp = UNIX_EPOCH + Duration::from_secs(claims["exp"].as_u64().expect("exp"));
+        assert!(
+            *received < exp,
+            "{method}: the assertion had expired when the upstream got it ({:?} late)",
+            received.duration_since(exp).unwrap_or_default()
+        );
+        assert_eq!(claims["sub"], "bob@acme.example");
+    }
 }

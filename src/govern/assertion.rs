@@ -8,14 +8,21 @@
 //!
 //! # Lifetime
 //!
-//! One assertion is signed per tunnel stream: per stateless request, and per session-era
-//! session (signed when the session is initialized, then sent with every request of that
-//! session). Its `exp` is `iat + ttl`: an upstream should verify it when the session starts
-//! (on `initialize`) and bind the identity to its session; a stateless request carries a fresh
-//! one each time. Re-signing per message would need a per-message channel and is not done.
+//! An assertion is signed when a tunnel stream opens (per stateless request, and per
+//! session-era session) and travels in the stream's open header. Its `exp` is `iat + ttl`. A
+//! session outlives that, so the relay keeps it fresh with a [`Refresher`]: before forwarding a
+//! message of the session once the current assertion is past half its lifetime, it signs a new
+//! one and sends it on the stream first ([`crate::wire::FrameKind::Identity`]); `connect` puts
+//! the latest assertion on every upstream request. So every request reaches the upstream with
+//! an assertion that has at least half its lifetime left when it was forwarded, whatever the
+//! session's age; an upstream can verify each request on its own.
+//!
+//! A session keeps the signer it started with: a reload that changes the key, lifetime or
+//! `assert_identity` lists applies to new sessions.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::RngCore;
@@ -161,9 +168,19 @@ impl AssertionSigner {
         if !self.is_enabled(&who.tenant, source) {
             return Ok(None);
         }
+        self.sign(who, source).map(|(assertion, _)| Some(assertion))
+    }
+
+    /// Signs an assertion, and says how long it is valid from now (its `exp` is in whole
+    /// seconds, so up to a second less than the lifetime).
+    fn sign(&self, who: &Identity, source: &str) -> Result<(Assertion, Duration), AssertionError> {
         let mut jti = [0u8; 16];
         rand::rng().fill_bytes(&mut jti);
-        let iat = jsonwebtoken::get_current_timestamp();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let iat = now.as_secs();
+        let exp = iat + self.ttl_secs;
         let claims = Claims {
             iss: &self.issuer,
             sub: &who.subject,
@@ -172,14 +189,74 @@ impl AssertionSigner {
             roles: &who.roles,
             source,
             iat,
-            exp: iat + self.ttl_secs,
+            exp,
             jti: hex::encode(jti),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.key)?;
-        Ok(Some(Assertion {
-            header: self.header.clone(),
-            token,
-        }))
+        let valid_for = Duration::from_secs(exp).saturating_sub(now);
+        Ok((
+            Assertion {
+                header: self.header.clone(),
+                token,
+            },
+            valid_for,
+        ))
+    }
+}
+
+/// Keeps one stream's assertion fresh: [`Refresher::due`] gives a new assertion once the
+/// current one is past half its lifetime.
+pub struct Refresher {
+    signer: Arc<AssertionSigner>,
+    who: Identity,
+    source: String,
+    /// When the assertion in use passes half its lifetime.
+    renew_at: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Refresher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refresher")
+            .field("subject", &self.who.subject)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Refresher {
+    /// The first assertion of a stream for `who` calling `source`, and the refresher that
+    /// renews it; `None` when the tenant does not enable assertions for the source.
+    pub fn start(
+        signer: &Arc<AssertionSigner>,
+        who: &Identity,
+        source: &str,
+    ) -> Result<Option<(Assertion, Self)>, AssertionError> {
+        if !signer.is_enabled(&who.tenant, source) {
+            return Ok(None);
+        }
+        let (assertion, valid_for) = signer.sign(who, source)?;
+        let refresher = Self {
+            signer: signer.clone(),
+            who: who.clone(),
+            source: source.to_owned(),
+            renew_at: Mutex::new(Instant::now() + valid_for / 2),
+        };
+        Ok(Some((assertion, refresher)))
+    }
+
+    /// A new assertion if the one in use is past half its lifetime at `now`, else `None`.
+    /// Concurrent callers get at most one new assertion per half-lifetime.
+    pub fn due(&self, now: Instant) -> Result<Option<Assertion>, AssertionError> {
+        let mut renew_at = self
+            .renew_at
+            .lock()
+            .expect("the refresher lock is never held across a panic");
+        if now < *renew_at {
+            return Ok(None);
+        }
+        let (assertion, valid_for) = self.signer.sign(&self.who, &self.source)?;
+        *renew_at = now + valid_for / 2;
+        Ok(Some(assertion))
     }
 }
 
@@ -270,5 +347,40 @@ mod tests {
             Err(AssertionError::Ttl(0))
         ));
         assert!(new(&pem, "x-user", 600).is_ok());
+    }
+
+    #[test]
+    fn a_refresher_renews_past_half_the_lifetime_only() {
+        let (mut signer, public) = signer();
+        signer.enable("acme".into(), ["db".to_owned()]);
+        let signer = Arc::new(signer);
+        assert!(
+            Refresher::start(&signer, &alice(), "crm")
+                .expect("signs")
+                .is_none(),
+            "not enabled for crm"
+        );
+        let (first, refresher) = Refresher::start(&signer, &alice(), "db")
+            .expect("signs")
+            .expect("enabled");
+        let start = Instant::now();
+        assert_eq!(refresher.due(start).expect("signs"), None, "fresh");
+        // The first assertion is valid for between TTL - 1 and TTL seconds: half of that is
+        // past by TTL / 2 seconds from now.
+        let later = start + Duration::from_secs(DEFAULT_TTL_SECS / 2);
+        let renewed = refresher
+            .due(later)
+            .expect("signs")
+            .expect("past half the lifetime");
+        assert_ne!(renewed.token, first.token);
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_audience(&["db"]);
+        validation.set_issuer(&["https://relay.example"]);
+        jsonwebtoken::decode::<Value>(&renewed.token, &public, &validation).expect("verifies");
+        assert_eq!(
+            refresher.due(later).expect("signs"),
+            None,
+            "renewed once per half-lifetime"
+        );
     }
 }

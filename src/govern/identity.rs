@@ -121,7 +121,7 @@ pub struct Keyring {
     api_keys: SecretTable<Identity>,
     tunnel_tokens: SecretTable<Arc<str>>,
     jwt: super::jwt::JwtVerifier,
-    assertions: Option<super::assertion::AssertionSigner>,
+    assertions: Option<Arc<super::assertion::AssertionSigner>>,
 }
 
 impl Keyring {
@@ -152,11 +152,11 @@ impl Keyring {
 
     /// Sets the signer of identity assertions for upstreams.
     pub fn set_assertions(&mut self, signer: super::assertion::AssertionSigner) {
-        self.assertions = Some(signer);
+        self.assertions = Some(Arc::new(signer));
     }
 
     /// The signer of identity assertions for upstreams, if configured.
-    pub fn assertions(&self) -> Option<&super::assertion::AssertionSigner> {
+    pub fn assertions(&self) -> Option<&Arc<super::assertion::AssertionSigner>> {
         self.assertions.as_ref()
     }
 

@@ -16,6 +16,7 @@ use super::channel::Channel;
 use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
 use crate::govern::Identity;
+use crate::govern::assertion::Refresher;
 use crate::govern::condition::Call;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::Kind;
@@ -248,8 +249,8 @@ pub fn open_header(
 
 /// Opens a tunnel stream to the source named in `header`, for the caller's tenant only; a
 /// source that is unknown, offline or another tenant's is the same 404. When the tenant enables
-/// identity assertions for the source, the stream's header carries one, signed here (see
-/// [`crate::govern::assertion`]).
+/// identity assertions for the source, the stream's header carries one, signed here, and the
+/// channel renews it while the stream lives (see [`crate::govern::assertion`]).
 pub async fn open_channel(
     state: &RelayState,
     who: &Identity,
@@ -260,8 +261,8 @@ pub async fn open_channel(
         .route(&who.tenant, &header.source)
         .ok_or_else(|| AgentError::NotFound.into_response())?;
     let governance = state.governance();
-    let assertion = match governance.keyring.assertions() {
-        Some(signer) => signer.assert(who, &header.source).map_err(|e| {
+    let signed = match governance.keyring.assertions() {
+        Some(signer) => Refresher::start(signer, who, &header.source).map_err(|e| {
             tracing::error!(error = %e, source = %header.source, "identity assertion not signed");
             source_error(
                 None,
@@ -271,18 +272,17 @@ pub async fn open_channel(
         })?,
         None => None,
     };
-    let signed;
-    let header = match assertion {
-        Some(assertion) => {
-            signed = OpenHeader {
+    let (header, refresher) = match signed {
+        Some((assertion, refresher)) => (
+            std::borrow::Cow::Owned(OpenHeader {
                 assertion: Some(assertion),
                 ..header.clone()
-            };
-            &signed
-        }
-        None => header,
+            }),
+            Some(refresher),
+        ),
+        None => (std::borrow::Cow::Borrowed(header), None),
     };
-    Channel::open(&tunnel, header, state.limits.max_message_bytes)
+    Channel::open_with_identity(&tunnel, &header, state.limits.max_message_bytes, refresher)
         .await
         .map_err(|e| source_error(None, &header.source, &e.to_string()))
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{StreamGuard, Tunnel};
+use crate::govern::assertion::Refresher;
 use crate::transport::TransportError;
 use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
 
@@ -89,6 +90,8 @@ pub struct Channel {
     writer: mpsc::Sender<Frame>,
     next_exchange: AtomicU64,
     unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    /// Renews the stream's identity assertion, when it has one.
+    identity: Option<Refresher>,
     /// Signals the reader to stop when the channel is dropped.
     _stop: oneshot::Sender<()>,
     _guard: StreamGuard,
@@ -132,6 +135,18 @@ impl Channel {
         tunnel: &Arc<Tunnel>,
         header: &OpenHeader,
         read_limit: usize,
+    ) -> Result<Arc<Self>, ChannelError> {
+        Self::open_with_identity(tunnel, header, read_limit, None).await
+    }
+
+    /// Opens a stream on `tunnel` and sends `header`, whose identity assertion `identity`
+    /// renews: before a message, once the assertion is past half its lifetime, a fresh one
+    /// goes first ([`FrameKind::Identity`]).
+    pub async fn open_with_identity(
+        tunnel: &Arc<Tunnel>,
+        header: &OpenHeader,
+        read_limit: usize,
+        identity: Option<Refresher>,
     ) -> Result<Arc<Self>, ChannelError> {
         let (stream, guard) = tunnel.open_stream().await?;
         let (unsolicited_tx, unsolicited_rx) = mpsc::channel(UNSOLICITED_QUEUE);
@@ -178,6 +193,7 @@ impl Channel {
             writer,
             next_exchange: AtomicU64::new(1),
             unsolicited_rx: Arc::new(tokio::sync::Mutex::new(unsolicited_rx)),
+            identity,
             _stop: stop,
             _guard: guard,
         }))
@@ -202,6 +218,7 @@ impl Channel {
             events,
             shared: self.shared.clone(),
         };
+        self.renew_identity().await?;
         self.send_frame(Frame::message(id, message)).await?;
         Ok(exchange)
     }
@@ -210,7 +227,24 @@ impl Channel {
     /// server request).
     pub async fn send(&self, message: Bytes) -> Result<(), ChannelError> {
         let id = self.next_exchange.fetch_add(1, Ordering::Relaxed);
+        self.renew_identity().await?;
         self.send_frame(Frame::message(id, message)).await
+    }
+
+    /// Sends a fresh identity assertion ahead of the next message when the one in use is past
+    /// half its lifetime. If signing fails the old one stays (and the upstream decides).
+    async fn renew_identity(&self) -> Result<(), ChannelError> {
+        let Some(refresher) = &self.identity else {
+            return Ok(());
+        };
+        match refresher.due(std::time::Instant::now()) {
+            Ok(Some(assertion)) => self.send_frame(Frame::identity(&assertion)).await,
+            Ok(None) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "identity assertion not renewed");
+                Ok(())
+            }
+        }
     }
 
     async fn send_frame(&self, frame: Frame) -> Result<(), ChannelError> {

@@ -49,6 +49,20 @@ pub enum FrameKind {
     /// The upstream answers this exchange with an event stream: the relay streams too, from
     /// now on (keep-alive comments included), instead of waiting for a single JSON answer.
     Streaming = 7,
+    /// From the relay, on an exchange stream whose open header carried an identity assertion:
+    /// a fresh assertion (JSON [`crate::govern::assertion::Assertion`]) that replaces it for
+    /// every upstream request from now on. The relay sends it before a message once the
+    /// current assertion is past half its lifetime, so a long session never reaches its
+    /// upstream with an expired one.
+    ///
+    /// Wire compatibility: a peer that does not know a frame kind fails the stream, so the
+    /// relay sends this only on streams whose open header has an `assertion`, and only a
+    /// `connect` that understands `assertion` is sent those (the field is absent otherwise,
+    /// and older `connect`s refuse an open header with an unknown field, naming it). The one
+    /// `connect` that understood `assertion` but not this frame was never released (both
+    /// arrived in the same release), so no released pair breaks; [`crate::wire::PROTOCOL_VERSION`]
+    /// stays 1.
+    Identity = 8,
 }
 
 impl FrameKind {
@@ -61,6 +75,7 @@ impl FrameKind {
             5 => Self::Close,
             6 => Self::Rejected,
             7 => Self::Streaming,
+            8 => Self::Identity,
             _ => return None,
         })
     }
@@ -112,6 +127,11 @@ impl Frame {
             exchange,
             payload: Bytes::new(),
         }
+    }
+
+    /// A fresh identity assertion for the rest of the stream.
+    pub fn identity(assertion: &crate::govern::assertion::Assertion) -> Self {
+        Self::json(FrameKind::Identity, assertion)
     }
 
     /// The HTTP status of a [`FrameKind::Rejected`] frame, if well formed.
@@ -362,6 +382,10 @@ mod tests {
             Frame::end(7),
             Frame::rejected(8, 421),
             Frame::streaming(9),
+            Frame::identity(&crate::govern::assertion::Assertion {
+                header: "x-mcp-tunnel-identity".into(),
+                token: "a.b.c".into(),
+            }),
             Frame::message(u64::MAX, Bytes::new()),
             Frame::close("bye"),
         ];

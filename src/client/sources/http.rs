@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::legacy;
+use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
@@ -90,6 +91,9 @@ struct UpstreamSession {
 struct StreamContext {
     source: Arc<HttpSource>,
     header: OpenHeader,
+    /// The latest identity assertion: the open header's, then each one the relay renews it
+    /// with ([`FrameKind::Identity`]).
+    assertion: Mutex<Option<Assertion>>,
     session: Mutex<UpstreamSession>,
     out: mpsc::Sender<Frame>,
     /// The largest message the tunnel carries toward the relay.
@@ -193,6 +197,7 @@ impl HttpSource {
         let (out, writer_task) = super::start_writer(writer);
         let context = Arc::new(StreamContext {
             source: self.clone(),
+            assertion: Mutex::new(header.assertion.clone()),
             header,
             session: Mutex::default(),
             out,
@@ -220,6 +225,20 @@ impl HttpSource {
                 FrameKind::Close => {
                     tracing::debug!(reason = %frame.reason(), "relay closed the stream");
                     break;
+                }
+                FrameKind::Identity => {
+                    // Applies to every upstream request sent from now on, in frame order.
+                    match frame.parse_json::<Assertion>(FrameKind::Identity) {
+                        Ok(assertion) => {
+                            *context
+                                .assertion
+                                .lock()
+                                .expect("assertion lock is never held across a panic") =
+                                Some(assertion);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "bad identity frame ignored"),
+                    }
+                    continue;
                 }
                 other => {
                     tracing::warn!(kind = ?other, "unexpected frame on an exchange stream");
@@ -321,7 +340,12 @@ impl StreamContext {
         }
         // The relay-signed identity of the caller, when the tenant enables it for this source:
         // only in the `x-` header namespace, so it can never replace `Host` or credentials.
-        if let Some(assertion) = &self.header.assertion
+        let assertion = self
+            .assertion
+            .lock()
+            .expect("assertion lock is never held across a panic")
+            .clone();
+        if let Some(assertion) = &assertion
             && crate::govern::assertion::header_name_allowed(&assertion.header)
             && let (Ok(name), Ok(value)) = (
                 HeaderName::try_from(assertion.header.as_str()),

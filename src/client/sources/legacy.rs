@@ -141,6 +141,10 @@ pub async fn serve(
         })
     };
     while let Ok(Some(frame)) = reader.next().await {
+        // HTTP+SSE upstreams get no identity assertion: a renewed one is ignored.
+        if frame.kind == FrameKind::Identity {
+            continue;
+        }
         if frame.kind != FrameKind::Message {
             break;
         }

@@ -347,6 +347,8 @@ impl StdioSource {
             };
             match frame.kind {
                 FrameKind::Message => {}
+                // A stdio upstream gets no identity assertion: nothing to renew.
+                FrameKind::Identity => continue,
                 FrameKind::Close => {
                     tracing::debug!(reason = %frame.reason(), "relay closed the stream");
                     break false;
@@ -468,6 +470,8 @@ impl StdioSource {
             };
             match frame.kind {
                 FrameKind::Message => {}
+                // A stdio upstream gets no identity assertion: nothing to renew.
+                FrameKind::Identity => continue,
                 FrameKind::Close => break,
                 other => {
                     tracing::warn!(kind = ?other, "unexpected frame on an exchange stream");
