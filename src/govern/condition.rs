@@ -328,6 +328,8 @@ mod tests {
         assert!(eval(rule, &["analyst"], orders).expect("evaluates"));
         assert!(!eval(rule, &["analyst"], salaries).expect("evaluates"));
         assert!(eval(rule, &["analyst", "hr"], salaries).expect("evaluates"));
+        let contains = r#"!args.table.contains("salar") || "hr" in roles"#;
+        assert!(!eval(contains, &["analyst"], salaries).expect("evaluates"));
         assert!(
             eval(
                 r#"tenant == "acme" && subject == "alice" && source == "db" && name == "query""#,
