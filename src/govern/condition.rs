@@ -82,7 +82,7 @@ pub struct Condition {
     /// Glob over `SOURCE/NAME` choosing the calls it applies to.
     pub pattern: String,
     /// The expression as written (for messages and change detection).
-    pub source: String,
+    pub expression: String,
     program: Program,
 }
 
@@ -107,7 +107,7 @@ impl Condition {
         Ok(Self {
             kind,
             pattern,
-            source: expression.to_owned(),
+            expression: expression.to_owned(),
             program,
         })
     }
