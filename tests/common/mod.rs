@@ -59,6 +59,8 @@ pub struct Options {
     pub limits: LimitsSection,
     /// The tenants' credentials, to share them between relays; fresh ones when `None`.
     pub creds: Option<(TenantCreds, TenantCreds)>,
+    /// The audit trail (`[audit]`), off when `None`.
+    pub audit: Option<mcp_tunnel::config::AuditSection>,
 }
 
 /// A running relay with three tenants, `acme`, `other` and `globex` (the third for tests that
@@ -124,6 +126,7 @@ impl Harness {
             sse_keep_alive: std::time::Duration::from_secs(
                 mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
             ),
+            audit: options.audit.clone(),
         })
         .await
         .expect("relay binds");
