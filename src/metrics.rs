@@ -10,3 +10,9 @@ pub const SESSIONS_ACTIVE: &str = "mcp_tunnel_sessions_active";
 pub const REQUESTS: &str = "mcp_tunnel_requests_total";
 /// Counter: server-to-agent messages dropped because no agent stream could take them.
 pub const DROPPED_MESSAGES: &str = "mcp_tunnel_dropped_messages_total";
+/// Histogram: seconds from an audit append to its row committed (queue wait included).
+pub const AUDIT_WRITE_SECONDS: &str = "mcp_tunnel_audit_write_seconds";
+/// Gauge: audit records queued for the writer.
+pub const AUDIT_QUEUE_DEPTH: &str = "mcp_tunnel_audit_queue_depth";
+/// Histogram: audit rows per commit (group commit batch size).
+pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";
