@@ -107,7 +107,8 @@ impl Calls {
             .record(record.latency_us as f64 / 1e6);
         metrics::counter!(crate::metrics::CALL_BYTES_IN, &labels).increment(record.bytes_in);
         metrics::counter!(crate::metrics::CALL_BYTES_OUT, &labels).increment(record.bytes_out);
-        // The live activity feed (src/relay/activity.rs) takes every finished call here.
+        // The live activity feed (src/relay/activity.rs) takes every finished call here, and
+        // only here: `self.activity.push(Arc::new(record.clone()))`.
     }
 
     /// Finishes a call nobody waits for (it was dropped unfinished), in the background.
