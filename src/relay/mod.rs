@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod answer;
+pub mod calls;
 pub mod channel;
 pub mod events;
 pub mod filter;
@@ -26,7 +27,7 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LimitsSection, RelayConfig};
+use crate::config::{AuditSection, LimitsSection, RelayConfig};
 use crate::govern::limits::Limiter;
 use crate::govern::{Keyring, Policy};
 use crate::transport::{TransportError, quic, tls};
@@ -63,6 +64,9 @@ pub enum RelayError {
     /// Serving HTTP failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    /// The audit trail could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::govern::audit::AuditError),
 }
 
 /// Credentials, policy and the limits that may change while running, swapped whole on reload.
@@ -102,6 +106,8 @@ pub struct RelayState {
     pub registry: Registry,
     /// Live agent sessions.
     pub sessions: Sessions,
+    /// Where finished calls go: the audit trail, metrics, the activity feed.
+    pub calls: Arc<calls::Calls>,
     /// Limits and timeouts as the relay started: `max_message_bytes` here is the tunnel frame
     /// limit agreed with every `connect` at its handshake. What reload changes is read through
     /// [`RelayState::request_timeout`], [`RelayState::session_idle`] and
@@ -211,6 +217,8 @@ pub struct RelaySettings {
     pub allowed_hosts: Vec<String>,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
+    /// The audit trail, if any: without it nothing is written.
+    pub audit: Option<AuditSection>,
 }
 
 impl RelaySettings {
@@ -227,6 +235,7 @@ impl RelaySettings {
             allowed_origins: config.agents.allowed_origins.clone(),
             allowed_hosts: config.agents.allowed_hosts.clone(),
             sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
+            audit: config.audit.clone(),
         })
     }
 }
@@ -286,16 +295,26 @@ impl Relay {
         let (endpoint, tunnel_tcp) = bind_tunnel(settings.tunnel_listen, &tls).await?;
         let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let agents = bind_tcp(settings.agents_listen).await?;
+        let auditor = settings
+            .audit
+            .as_ref()
+            .map(crate::govern::audit::Auditor::open)
+            .transpose()?;
         let admin = match settings.admin_listen {
             Some(addr) => Some(bind_tcp(addr).await?),
             None => None,
         };
         let mut governance = settings.governance;
         governance.limits = settings.limits.clone();
+        if admin.is_some() {
+            // Recorded metrics are kept (and served at /metrics) only with an admin listener.
+            crate::metrics::prometheus();
+        }
         let state = Arc::new(RelayState {
             governance: RwLock::new(Arc::new(governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
+            calls: Arc::new(calls::Calls::new(auditor)),
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
             allowed_hosts: settings.allowed_hosts,
@@ -398,6 +417,7 @@ impl Relay {
         .with_graceful_shutdown(draining.clone().cancelled_owned());
         // The admin endpoints stay up while the relay drains: operators watch it happen.
         let admin_server = admin.map(|listener| {
+            tokio::spawn(metrics_upkeep(state.stop.clone()));
             let app = admin::routes().with_state(state.clone());
             tokio::spawn(
                 axum::serve(listener.tap_io(no_delay), app)
@@ -426,6 +446,8 @@ impl Relay {
         // In-flight calls have finished or now end with an error naming the shutdown.
         state.stop.cancel();
         let _ = tokio::join!(quic, https, sweeper);
+        // Every answer is out or ended: the last records are in; sign and close the trail.
+        state.calls.close().await;
         if let Some(admin) = admin_server {
             let _ = admin.await;
         }
@@ -472,6 +494,21 @@ async fn limit_auth_failures(
 pub fn no_delay(tcp: &mut TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+}
+
+/// Folds recorded histogram samples into their buckets now and then, so memory stays bounded
+/// between scrapes.
+async fn metrics_upkeep(stop: CancellationToken) {
+    let Some(handle) = crate::metrics::prometheus() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
     }
 }
 
