@@ -414,7 +414,8 @@ pub(crate) mod tests {
     async fn concurrent_appends_all_land_chained_per_tenant_and_close_signs() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = AuditSection::new(dir.path().join("audit.db"));
-        config.queue = 8;
+        // A tiny queue: most appends wait for room (backpressure), none is dropped.
+        config.queue = 2;
         let auditor = Auditor::open(&config).expect("open");
         let mut tasks = Vec::new();
         for t in 0..10u64 {
@@ -497,6 +498,27 @@ pub(crate) mod tests {
             .collect::<Result<_, _>>()
             .expect("rows");
         assert_eq!(seqs, vec![5, 10, 12]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_fails_the_append_naming_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = AuditSection::new(dir.path().join("audit.db"));
+        let auditor = Auditor::open(&config).expect("open");
+        auditor.append(record("acme", 1)).await.expect("append");
+        Connection::open(&config.path)
+            .expect("open")
+            .execute_batch("DROP TABLE records")
+            .expect("break the trail");
+        let err = auditor
+            .append(record("acme", 2))
+            .await
+            .expect_err("no table to write to");
+        assert!(
+            matches!(err, AuditError::Write { .. }) && err.to_string().contains("audit.db"),
+            "{err}"
+        );
+        auditor.close().await;
     }
 
     #[test]
