@@ -3,6 +3,11 @@
 //! concurrency 1 this is commits per second, and at 64 it shows what group commit saves.
 //!
 //! The trail lives in `target/` (a real disk, not tmpfs, so `fsync` means something).
+//!
+//! Measured 2026-11-26 on the shared 2-vCPU dev machine (load average about 9, so read these as
+//! a floor), `cargo bench --bench audit_append`, appends per second (median):
+//! commit 1: 7.0k (143 µs per append), commit 64: 14.6k; fsync 1: 370 (2.7 ms),
+//! fsync 64: 5.9k (group commit shares each fsync among about 16 appends).
 
 use std::time::{Duration, Instant};
 

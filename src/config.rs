@@ -970,6 +970,65 @@ deny = []
     }
 
     #[test]
+    fn audit_section_defaults_and_sources() {
+        let (dir, path) = write(&GOOD.replace(
+            "[audit]\npath = \"audit.db\"\n",
+            "[audit]\npath = \"audit.db\"\ndurability = \"fsync\"\n\
+             [[audit.sources]]\ntenant = \"acme\"\nsource = \"db\"\nlevel = \"full\"\n\
+             redact = [\"password\", \"ssn\"]\n\
+             [[audit.sources]]\ntenant = \"acme\"\nsource = \"web\"\n",
+        ));
+        let config = RelayConfig::load(&path).expect("audit config parses");
+        let audit = config.audit.expect("[audit] present");
+        assert_eq!(audit.durability, Durability::Fsync);
+        assert_eq!(audit.key_path(), dir.path().join("audit.key"));
+        assert_eq!(audit.checkpoint_rows, DEFAULT_CHECKPOINT_ROWS);
+        assert_eq!(audit.checkpoint_secs, DEFAULT_CHECKPOINT_SECS);
+        assert_eq!(audit.sources[0].level, AuditLevel::Full);
+        assert_eq!(audit.sources[0].redact, vec!["password", "ssn"]);
+        assert_eq!(audit.sources[1].level, AuditLevel::Metadata);
+
+        let (dir, path) = write(&GOOD.replace(
+            "path = \"audit.db\"\n",
+            "path = \"audit.db\"\nkey = \"keys/trail.key\"\n",
+        ));
+        let audit = RelayConfig::load(&path)
+            .expect("parses")
+            .audit
+            .expect("present");
+        assert_eq!(audit.key_path(), dir.path().join("keys/trail.key"));
+        assert_eq!(audit.durability, Durability::Commit);
+    }
+
+    #[test]
+    fn audit_mistakes_are_named() {
+        for (text, needle) in [
+            ("path = \"audit.db\"\nlevel = \"full\"\n", "level"),
+            (
+                "path = \"audit.db\"\ndurability = \"sometimes\"\n",
+                "sometimes",
+            ),
+            (
+                "path = \"audit.db\"\ncheckpoint_rows = 0\n",
+                "checkpoint_rows",
+            ),
+            (
+                "path = \"audit.db\"\n[[audit.sources]]\ntenant = \"acme\"\nsource = \"db\"\nredacted = []\n",
+                "redacted",
+            ),
+            (
+                "path = \"audit.db\"\n[[audit.sources]]\ntenant = \"acme\"\nsource = \"db\"\n\
+                 [[audit.sources]]\ntenant = \"acme\"\nsource = \"db\"\n",
+                "listed twice",
+            ),
+        ] {
+            let (_dir, path) = write(&GOOD.replace("path = \"audit.db\"\n", text));
+            let err = RelayConfig::load(&path).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_line() {
         let (_dir, path) = write(&GOOD.replace("[admin]\n", "[admin]\nlisten_typo = 1\n"));
         let err = RelayConfig::load(&path)

@@ -125,6 +125,13 @@ pub struct Head {
     pub signed_seq: u64,
 }
 
+impl Head {
+    /// Rows after the last checkpoint.
+    pub fn unsigned(&self) -> u64 {
+        self.seq.saturating_sub(self.signed_seq)
+    }
+}
+
 impl Default for Head {
     fn default() -> Self {
         Self {

@@ -143,6 +143,17 @@ fn column_names() -> Vec<&'static str> {
     RECORD_COLUMNS.split(',').map(str::trim).collect()
 }
 
+/// A column value as a person reads it.
+fn show(value: &Value) -> String {
+    match value {
+        Value::Null => "NULL".into(),
+        Value::Integer(n) => n.to_string(),
+        Value::Real(x) => x.to_string(),
+        Value::Text(text) => format!("{text:?}"),
+        Value::Blob(bytes) => format!("a blob of {} bytes", bytes.len()),
+    }
+}
+
 /// Where a tenant's chain stands during the scan.
 struct Tail {
     seq: u64,
@@ -272,10 +283,10 @@ pub fn verify(path: &Path, public_key: Option<&str>) -> Result<Report, AuditErro
                 report.problem = Some(problem(
                     ProblemKind::ColumnMismatch,
                     format!(
-                        "column {} is {:?}, the hashed record says {:?}",
+                        "column {} is {}, the hashed record says {}",
                         names.get(i).copied().unwrap_or("?"),
-                        columns[i],
-                        expected_columns[i]
+                        show(&columns[i]),
+                        show(&expected_columns[i])
                     ),
                 ));
                 break;
@@ -364,6 +375,9 @@ pub fn verify(path: &Path, public_key: Option<&str>) -> Result<Report, AuditErro
             }
             report.checkpoints += 1;
         }
+    }
+    if report.problem.is_some() {
+        return Ok(report);
     }
     let mut unsigned: Vec<_> = tails
         .iter()
