@@ -136,7 +136,8 @@ impl McpClient {
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .connect_timeout(timeout)
-            .timeout(timeout)
+            // No client-wide timeout: each exchange runs under one `tokio::time::timeout`,
+            // which also bounds reading the body (one timer per call, not two).
             .build()?;
         let mut base = HeaderMap::new();
         base.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -295,6 +296,12 @@ impl McpClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         let mut body = BytesMut::new();
+        // One allocation for a body of known size (bounded: a server's claim is not trusted).
+        if let Some(length) = response.content_length() {
+            body.reserve(
+                usize::try_from(length).map_or(self.max_answer, |l| l.min(self.max_answer)),
+            );
+        }
         let mut bytes = 0u64;
         loop {
             match response.chunk().await {

@@ -437,3 +437,178 @@ async fn on_delete(State(server): State<Arc<Server>>, headers: HeaderMap) -> Res
         StatusCode::NOT_FOUND.into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    struct Peer {
+        http: reqwest::Client,
+        url: String,
+    }
+
+    impl Peer {
+        async fn post(&self, headers: &[(&str, &str)], body: Value) -> (u16, HeaderMap, Value) {
+            let mut request = self
+                .http
+                .post(&self.url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .timeout(Duration::from_secs(10));
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let response = request
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("request sent");
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let bytes = response.bytes().await.expect("body");
+            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (status, headers, value)
+        }
+    }
+
+    fn call(tool: &str, arguments: Value) -> Value {
+        json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":tool,"arguments":arguments}})
+    }
+
+    #[tokio::test]
+    async fn speaks_both_eras() {
+        let shutdown = CancellationToken::new();
+        let addr = serve("127.0.0.1:0".parse().expect("literal"), shutdown.clone())
+            .await
+            .expect("binds");
+        let peer = Peer {
+            http: reqwest::Client::new(),
+            url: format!("http://{addr}/mcp"),
+        };
+
+        // Session era.
+        let (status, headers, init) = peer
+            .post(&[], json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+        let session = headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .expect("a session id")
+            .to_owned();
+        let with = [(SESSION_HEADER, session.as_str())];
+        let (status, _, _) = peer
+            .post(
+                &with,
+                json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+            )
+            .await;
+        assert_eq!(status, 202);
+        let (_, _, list) = peer
+            .post(&with, json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+            .await;
+        let names: Vec<&str> = list["result"]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(names, ["add", "blob", "echo", "sleep"]);
+        let (_, _, echo) = peer
+            .post(&with, call("echo", json!({"message":"hé \"x\""})))
+            .await;
+        assert_eq!(echo["id"], 5);
+        assert_eq!(echo["result"]["content"][0]["text"], "hé \"x\"");
+        assert_eq!(echo["result"]["isError"], false);
+        let (_, _, sum) = peer.post(&with, call("add", json!({"a":2,"b":3}))).await;
+        assert_eq!(sum["result"]["content"][0]["text"], "5");
+        let (_, _, overflow) = peer
+            .post(&with, call("add", json!({"a":i64::MAX,"b":1})))
+            .await;
+        assert_eq!(overflow["result"]["isError"], true);
+        let (_, _, blob) = peer.post(&with, call("blob", json!({"size":40}))).await;
+        assert_eq!(
+            blob["result"]["content"][0]["text"],
+            super::super::upstream::blob_text(40)
+        );
+        let (_, _, unknown) = peer.post(&with, call("nope", json!({}))).await;
+        assert_eq!(unknown["error"]["code"], codes::INVALID_PARAMS);
+        let (_, _, bad_args) = peer.post(&with, call("add", json!({"a":"x"}))).await;
+        assert_eq!(bad_args["error"]["code"], codes::INVALID_PARAMS);
+        let (status, _, _) = peer.post(&[], call("echo", json!({"message":"x"}))).await;
+        assert_eq!(status, 400, "no session id");
+        let (status, _, _) = peer
+            .post(
+                &[(SESSION_HEADER, "unknown")],
+                call("echo", json!({"message":"x"})),
+            )
+            .await;
+        assert_eq!(status, 404, "unknown session");
+        let get = peer.http.get(&peer.url).send().await.expect("GET");
+        assert_eq!(get.status().as_u16(), 405);
+        let delete = |id: String| {
+            peer.http
+                .delete(&peer.url)
+                .header(SESSION_HEADER, id)
+                .send()
+        };
+        assert_eq!(
+            delete(session.clone())
+                .await
+                .expect("DELETE")
+                .status()
+                .as_u16(),
+            202
+        );
+        assert_eq!(
+            delete(session).await.expect("DELETE").status().as_u16(),
+            404
+        );
+
+        // Stateless era.
+        let stateless = |method: &'static str, name: Option<&'static str>| {
+            let mut headers = vec![(VERSION_HEADER, STATELESS_SINCE), (METHOD_HEADER, method)];
+            if let Some(name) = name {
+                headers.push((NAME_HEADER, name));
+            }
+            headers
+        };
+        let (status, headers, discover) = peer
+            .post(
+                &stateless("server/discover", None),
+                json!({"jsonrpc":"2.0","id":1,"method":"server/discover"}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert!(headers.get(SESSION_HEADER).is_none());
+        assert!(
+            discover["result"]["supportedVersions"]
+                .as_array()
+                .expect("versions")
+                .iter()
+                .any(|v| v == STATELESS_SINCE)
+        );
+        let (status, _, echo) = peer
+            .post(
+                &stateless("tools/call", Some("echo")),
+                call("echo", json!({"message":"hi"})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(echo["result"]["content"][0]["text"], "hi");
+        for headers in [
+            stateless("tools/call", Some("add")),
+            stateless("tools/call", None),
+            stateless("tools/list", Some("echo")),
+        ] {
+            let (status, _, mismatch) = peer
+                .post(&headers, call("echo", json!({"message":"hi"})))
+                .await;
+            assert_eq!(status, 400, "{headers:?}");
+            assert_eq!(mismatch["error"]["code"], codes::HEADER_MISMATCH);
+        }
+        shutdown.cancel();
+    }
+}
