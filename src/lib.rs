@@ -14,6 +14,7 @@
 //! [`relay::Relay`] and [`client::run`] take a shutdown token, so tests run everything
 //! in-process; `main.rs` is only the command line.
 
+pub mod bench;
 pub mod certs;
 pub mod client;
 pub mod config;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -57,6 +58,10 @@ enum Command {
         /// Run only the built-in MCP server and print its URL (for benchmarks).
         #[arg(long)]
         upstream_only: bool,
+        /// With --upstream-only: serve the demo tools with the rmcp SDK server instead of the
+        /// lean built-in one (to compare the two; see BENCHMARKS.md).
+        #[arg(long, requires = "upstream_only", hide = true)]
+        rmcp: bool,
     },
     /// Tunnel tokens.
     Token {
@@ -73,6 +78,8 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Load-test an MCP endpoint (Streamable HTTP): calls/s, latency percentiles, errors, MB/s.
+    Bench(BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -158,6 +165,48 @@ impl AuditFilterArgs {
             until_ms: None,
         }
     }
+}
+
+/// `mcp-tunnel bench`. Exits non-zero when any request failed (the report is printed first).
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The MCP endpoint, e.g. http://127.0.0.1:8080/mcp/demo.
+    #[arg(long)]
+    url: String,
+    /// Agent API key, sent as `Authorization: Bearer KEY`.
+    #[arg(long, env = "MCP_TUNNEL_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Sessions to open in the legacy era (default: one per concurrent call); ignored when
+    /// stateless.
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Stop after this many calls (default 1000 when --duration is not given).
+    #[arg(long, conflicts_with = "duration")]
+    calls: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
+    /// The tool to call.
+    #[arg(long, default_value = "echo")]
+    tool: String,
+    /// The tool's arguments, as JSON.
+    #[arg(long, conflicts_with = "payload")]
+    args: Option<String>,
+    /// Payload size in bytes: a string of that size sent to `echo`, or the size asked of `blob`.
+    #[arg(long)]
+    payload: Option<usize>,
+    /// Protocol era: legacy (sessions) or stateless (2026-07-28).
+    #[arg(long, value_enum, default_value_t = mcp_tunnel::bench::Era::Legacy)]
+    era: mcp_tunnel::bench::Era,
+    /// Seconds one request (with its whole answer) may take.
+    #[arg(long, default_value_t = mcp_tunnel::bench::DEFAULT_TIMEOUT.as_secs_f64())]
+    timeout: f64,
+    /// Print one JSON object instead of the table (and no progress bar).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -271,6 +320,55 @@ fn hangups() -> anyhow::Result<Arc<Notify>> {
     Ok(notify)
 }
 
+/// Runs `mcp-tunnel bench` and prints its report.
+async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use mcp_tunnel::bench::{self, BenchConfig, Stop};
+    let seconds = |what: &str, secs: f64| {
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .with_context(|| format!("{what} must be a positive number of seconds"))
+    };
+    let stop = match (args.calls, args.duration) {
+        (_, Some(secs)) => Stop::Duration(seconds("--duration", secs)?),
+        (Some(n), None) => Stop::Calls(n),
+        (None, None) => Stop::Calls(1000),
+    };
+    let json_args = args
+        .args
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .context("--args must be JSON")?;
+    let config = BenchConfig {
+        arguments: bench::arguments(&args.tool, json_args, args.payload)?,
+        url: args.url,
+        key: args.key,
+        sessions: args.sessions.unwrap_or(args.concurrency),
+        concurrency: args.concurrency,
+        stop,
+        tool: args.tool,
+        era: args.era,
+        timeout: seconds("--timeout", args.timeout)?,
+        max_answer: bench::DEFAULT_MAX_ANSWER,
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let report = bench::run(config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{report}");
+    }
+    if report.errors > 0 {
+        anyhow::bail!(
+            "{} of {} requests failed (see errors by kind)",
+            report.errors,
+            report.ok + report.errors
+        );
+    }
+    Ok(())
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Certs { out, hosts, force } => {
@@ -325,10 +423,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo {
             listen,
             upstream_only,
+            rmcp,
         } => {
             let shutdown = shutdown_on_signals();
             if upstream_only {
-                let addr = mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await?;
+                let addr = if rmcp {
+                    mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await?
+                } else {
+                    mcp_tunnel::demo::lean::serve(listen, shutdown.clone()).await?
+                };
                 println!("demo MCP server: http://{addr}/mcp");
             } else {
                 let demo = mcp_tunnel::demo::start(listen, shutdown.clone()).await?;
@@ -370,6 +473,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("key = \"{}\"", SecretHash::of(&key));
         }
         Command::Audit { command } => run_audit(command).await?,
+        Command::Bench(args) => bench(args).await?,
     }
     Ok(())
 }

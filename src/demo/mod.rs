@@ -1,6 +1,10 @@
 //! `mcp-tunnel demo`: relay, connect and the built-in MCP server in one process on loopback,
 //! with certificates and credentials made on the fly.
+//!
+//! The MCP server is [`lean`], built for speed; [`upstream`] is the same tools on the rmcp SDK,
+//! which the tests use as a reference server.
 
+pub mod lean;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -36,7 +40,7 @@ pub struct Demo {
 
 /// Starts the demo with agents on `listen`; runs until `shutdown`.
 pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<Demo> {
-    let upstream = upstream::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    let upstream = lean::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
     let upstream_url = format!("http://{upstream}/mcp");
 
     let certs = crate::certs::generate(&[])?;

@@ -1,0 +1,614 @@
+//! The lean built-in MCP server: the demo tools (`echo`, `add`, `blob`, `sleep`) on plain
+//! axum, answering with one JSON body per request, so that measurements through the tunnel
+//! measure the tunnel and not the server.
+//!
+//! It speaks both Streamable HTTP eras:
+//! - sessions (2025-03-26 .. 2025-11-25): `initialize` issues an `Mcp-Session-Id`, later
+//!   requests must carry it (400 without, 404 when unknown), DELETE ends it;
+//! - stateless (2026-07-28, chosen by the `MCP-Protocol-Version` header): no session, and the
+//!   `Mcp-Method` / `Mcp-Name` headers must repeat the body (400 with JSON-RPC -32020 if not);
+//!   `server/discover` describes the server.
+//!
+//! Notifications and client responses get 202. GET gets 405: the server never speaks first, and
+//! the transport lets a server decline the standalone stream.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::serve::ListenerExt;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::mcp::ProtocolEra;
+use crate::mcp::era::{
+    METHOD_HEADER, NAME_HEADER, SESSION_HEADER, SESSION_VERSIONS, STATELESS_SINCE, VERSION_HEADER,
+};
+use crate::mcp::jsonrpc::codes;
+
+use super::upstream::{MAX_BLOB_BYTES, MAX_SLEEP_MS};
+
+/// Largest request body: room for a 64 MiB `echo`; larger bodies get 413.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+/// Most sessions open at once: bounds the server's memory (an id is ~40 bytes) well above the
+/// 10,000 idle sessions the benchmarks hold.
+pub const MAX_SESSIONS: usize = 100_000;
+/// The newest session-era version, answered to clients that ask for an unknown one.
+const LATEST_SESSION_VERSION: &str = "2025-11-25";
+/// What the server says of itself.
+const INSTRUCTIONS: &str = "mcp-tunnel demo server: echo, add, blob, sleep";
+/// `serverInfo.name`.
+const SERVER_NAME: &str = "mcp-tunnel-demo";
+
+/// The `tools/list` result, fixed.
+const TOOLS: &str = r#"{"tools":[{"name":"add","description":"Add two integers","inputSchema":{"type":"object","properties":{"a":{"description":"Left operand.","type":"integer","format":"int64"},"b":{"description":"Right operand.","type":"integer","format":"int64"}},"required":["a","b"]}},{"name":"blob","description":"Return SIZE bytes of text (for throughput tests)","inputSchema":{"type":"object","properties":{"size":{"description":"How many bytes of text to return.","type":"integer","format":"uint64","minimum":0}},"required":["size"]}},{"name":"echo","description":"Echo the message back unchanged","inputSchema":{"type":"object","properties":{"message":{"description":"The text to send back.","type":"string"}},"required":["message"]}},{"name":"sleep","description":"Wait MS milliseconds, then answer (a slow tool for tests)","inputSchema":{"type":"object","properties":{"ms":{"description":"Milliseconds to wait before answering.","type":"integer","format":"uint64","minimum":0}},"required":["ms"]}}]}"#;
+
+/// The server's state: the open sessions.
+#[derive(Debug, Default)]
+struct Server {
+    sessions: Mutex<HashSet<String>>,
+}
+
+/// Serves the lean demo server at `/mcp` on `addr` until `shutdown`; returns the bound address
+/// once it accepts connections.
+pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+    let router = axum::Router::new()
+        .route("/mcp", post(on_post).get(on_get).delete(on_delete))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+        .with_state(Arc::new(Server::default()));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener.tap_io(crate::relay::no_delay), router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "demo MCP server failed");
+        }
+    });
+    Ok(bound)
+}
+
+/// The fields of a JSON-RPC message the server reads.
+#[derive(Deserialize)]
+struct Message<'a> {
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+}
+
+/// `params` of the requests that name something (`tools/call`, and in `initialize` the
+/// version).
+#[derive(Deserialize, Default)]
+struct Params<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    arguments: Option<&'a RawValue>,
+    #[serde(rename = "protocolVersion", borrow)]
+    protocol_version: Option<Cow<'a, str>>,
+}
+
+/// A tool's result: one text block.
+#[derive(Serialize)]
+struct ToolResult<'a> {
+    content: [TextBlock<'a>; 1],
+    #[serde(rename = "isError")]
+    is_error: bool,
+}
+
+#[derive(Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+/// What a request produced: a result (raw JSON) or a JSON-RPC error.
+enum Outcome {
+    Result(Vec<u8>),
+    Error(i64, String),
+}
+
+impl Outcome {
+    fn tool(text: &str, is_error: bool) -> Self {
+        let result = ToolResult {
+            content: [TextBlock { kind: "text", text }],
+            is_error,
+        };
+        Outcome::Result(serde_json::to_vec(&result).expect("a tool result is strings and a bool"))
+    }
+
+    fn fixed(json: &str) -> Self {
+        Outcome::Result(json.as_bytes().to_vec())
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// A JSON-RPC response body for `id`. Results are written in place, never re-parsed: they are
+/// serde_json output or fixed JSON made here.
+fn reply(id: &RawValue, outcome: &Outcome) -> Vec<u8> {
+    match outcome {
+        Outcome::Result(result) => {
+            const HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
+            const MIDDLE: &[u8] = br#","result":"#;
+            let mut out =
+                Vec::with_capacity(HEAD.len() + id.get().len() + MIDDLE.len() + result.len() + 1);
+            out.extend_from_slice(HEAD);
+            out.extend_from_slice(id.get().as_bytes());
+            out.extend_from_slice(MIDDLE);
+            out.extend_from_slice(result);
+            out.push(b'}');
+            out
+        }
+        Outcome::Error(code, message) => {
+            crate::mcp::jsonrpc::error_body(Some(id), *code, message).to_vec()
+        }
+    }
+}
+
+/// An error answer with no request to tie it to (`id: null`).
+fn error_response(status: StatusCode, code: i64, message: &str) -> Response {
+    json_response(
+        status,
+        crate::mcp::jsonrpc::error_body(None, code, message).to_vec(),
+    )
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(message) = serde_json::from_slice::<Message<'_>>(&body) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            codes::PARSE_ERROR,
+            "the body must be one JSON-RPC message",
+        );
+    };
+    if message.jsonrpc.as_deref() != Some("2.0") {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            codes::INVALID_REQUEST,
+            "\"jsonrpc\" must be \"2.0\"",
+        );
+    }
+    let params: Params<'_> = match message.params {
+        Some(raw) => serde_json::from_str(raw.get()).unwrap_or_default(),
+        None => Params::default(),
+    };
+    let stateless = header_str(&headers, VERSION_HEADER)
+        .is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless);
+    let mut session_id = None;
+    if stateless {
+        if let Err(mismatch) = check_routing_headers(&headers, &message, &params) {
+            return error_response(StatusCode::BAD_REQUEST, codes::HEADER_MISMATCH, &mismatch);
+        }
+    } else if message.method.as_deref() == Some("initialize") {
+        let mut sessions = server
+            .sessions
+            .lock()
+            .expect("session lock is never poisoned");
+        if sessions.len() >= MAX_SESSIONS {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::INTERNAL_ERROR,
+                "too many sessions",
+            );
+        }
+        let id = new_session_id();
+        sessions.insert(id.clone());
+        session_id = Some(id);
+    } else {
+        match header_str(&headers, SESSION_HEADER) {
+            None => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request: Session ID is required",
+                )
+                    .into_response();
+            }
+            Some(id)
+                if !server
+                    .sessions
+                    .lock()
+                    .expect("session lock is never poisoned")
+                    .contains(id) =>
+            {
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    codes::INVALID_REQUEST,
+                    "unknown or ended session",
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    // Notifications and responses to the server's (never sent) requests: accepted.
+    let (Some(id), Some(method)) = (message.id.filter(|id| id.get() != "null"), &message.method)
+    else {
+        return StatusCode::ACCEPTED.into_response();
+    };
+    let outcome = answer(method, &params, session_id.is_some()).await;
+    let mut response = json_response(StatusCode::OK, reply(id, &outcome));
+    if let Some(session) = session_id.and_then(|s| HeaderValue::try_from(s).ok()) {
+        response.headers_mut().insert(SESSION_HEADER, session);
+    }
+    response
+}
+
+/// 2026-07-28: `Mcp-Method` must equal the body's method, and `Mcp-Name` the name it targets.
+fn check_routing_headers(
+    headers: &HeaderMap,
+    message: &Message<'_>,
+    params: &Params<'_>,
+) -> Result<(), String> {
+    let Some(method) = message.method.as_deref() else {
+        return Ok(());
+    };
+    let declared = header_str(headers, METHOD_HEADER);
+    if declared != Some(method) {
+        return Err(format!(
+            "Mcp-Method header {declared:?} does not match body method {method:?}"
+        ));
+    }
+    if method == "tools/call" {
+        let declared = header_str(headers, NAME_HEADER);
+        let name = params.name.as_deref();
+        if declared != name {
+            return Err(format!(
+                "Mcp-Name header {declared:?} does not match body value {name:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A fresh session id: 128 random bits in hex.
+fn new_session_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// The answer to request `method`.
+async fn answer(method: &str, params: &Params<'_>, initializing: bool) -> Outcome {
+    match method {
+        "initialize" if initializing => {
+            let asked = params.protocol_version.as_deref().unwrap_or_default();
+            let version = if SESSION_VERSIONS.contains(&asked) {
+                asked
+            } else {
+                LATEST_SESSION_VERSION
+            };
+            Outcome::Result(
+                serde_json::to_vec(&serde_json::json!({
+                    "protocolVersion": version,
+                    "capabilities": { "tools": {} },
+                    "serverInfo": { "name": SERVER_NAME, "version": env!("CARGO_PKG_VERSION") },
+                    "instructions": INSTRUCTIONS,
+                }))
+                .expect("plain JSON"),
+            )
+        }
+        "server/discover" => {
+            let mut versions: Vec<&str> = SESSION_VERSIONS.to_vec();
+            versions.push(STATELESS_SINCE);
+            Outcome::Result(
+                serde_json::to_vec(&serde_json::json!({
+                    "resultType": "complete",
+                    "supportedVersions": versions,
+                    "capabilities": { "tools": {} },
+                    "instructions": INSTRUCTIONS,
+                    "ttlMs": 0,
+                    "cacheScope": "private",
+                    "_meta": { "io.modelcontextprotocol/serverInfo": {
+                        "name": SERVER_NAME, "version": env!("CARGO_PKG_VERSION") } },
+                }))
+                .expect("plain JSON"),
+            )
+        }
+        "ping" => Outcome::fixed("{}"),
+        "tools/list" => Outcome::fixed(TOOLS),
+        "tools/call" => call_tool(params).await,
+        _ => Outcome::Error(codes::METHOD_NOT_FOUND, format!("unknown method {method}")),
+    }
+}
+
+#[derive(Deserialize)]
+struct EchoArgs<'a> {
+    #[serde(borrow)]
+    message: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct AddArgs {
+    a: i64,
+    b: i64,
+}
+
+#[derive(Deserialize)]
+struct BlobArgs {
+    size: u64,
+}
+
+#[derive(Deserialize)]
+struct SleepArgs {
+    ms: u64,
+}
+
+/// Parses a tool's arguments, or says why they do not fit (JSON-RPC -32602).
+fn args<'a, T: Deserialize<'a>>(params: &'a Params<'_>) -> Result<T, Outcome> {
+    let raw = params.arguments.map_or("{}", RawValue::get);
+    serde_json::from_str(raw)
+        .map_err(|e| Outcome::Error(codes::INVALID_PARAMS, format!("invalid arguments: {e}")))
+}
+
+/// Runs one tool call.
+async fn call_tool(params: &Params<'_>) -> Outcome {
+    let run = async {
+        Ok(match params.name.as_deref() {
+            Some("echo") => {
+                let EchoArgs { message } = args(params)?;
+                Outcome::tool(&message, false)
+            }
+            Some("add") => {
+                let AddArgs { a, b } = args(params)?;
+                match a.checked_add(b) {
+                    Some(sum) => Outcome::tool(&sum.to_string(), false),
+                    None => Outcome::tool("integer overflow", true),
+                }
+            }
+            Some("blob") => {
+                let BlobArgs { size } = args(params)?;
+                if size > MAX_BLOB_BYTES {
+                    let text = format!("size {size} exceeds the maximum of {MAX_BLOB_BYTES} bytes");
+                    Outcome::tool(&text, true)
+                } else {
+                    Outcome::tool(&super::upstream::blob_text(size), false)
+                }
+            }
+            Some("sleep") => {
+                let SleepArgs { ms } = args(params)?;
+                if ms > MAX_SLEEP_MS {
+                    let text = format!("ms {ms} exceeds the maximum of {MAX_SLEEP_MS}");
+                    Outcome::tool(&text, true)
+                } else {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Outcome::tool(&format!("slept {ms} ms"), false)
+                }
+            }
+            Some(other) => Outcome::Error(codes::INVALID_PARAMS, format!("unknown tool {other}")),
+            None => Outcome::Error(codes::INVALID_PARAMS, "tools/call needs a name".into()),
+        })
+    };
+    run.await.unwrap_or_else(|e: Outcome| e)
+}
+
+async fn on_get() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(header::ALLOW, HeaderValue::from_static("POST, DELETE"))],
+    )
+        .into_response()
+}
+
+async fn on_delete(State(server): State<Arc<Server>>, headers: HeaderMap) -> Response {
+    let Some(id) = header_str(&headers, SESSION_HEADER) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Bad Request: Session ID is required",
+        )
+            .into_response();
+    };
+    if server
+        .sessions
+        .lock()
+        .expect("session lock is never poisoned")
+        .remove(id)
+    {
+        StatusCode::ACCEPTED.into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    struct Peer {
+        http: reqwest::Client,
+        url: String,
+    }
+
+    impl Peer {
+        async fn post(&self, headers: &[(&str, &str)], body: Value) -> (u16, HeaderMap, Value) {
+            let mut request = self
+                .http
+                .post(&self.url)
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .timeout(Duration::from_secs(10));
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let response = request
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("request sent");
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            let bytes = response.bytes().await.expect("body");
+            let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            (status, headers, value)
+        }
+    }
+
+    fn call(tool: &str, arguments: Value) -> Value {
+        json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":tool,"arguments":arguments}})
+    }
+
+    #[tokio::test]
+    async fn speaks_both_eras() {
+        let shutdown = CancellationToken::new();
+        let addr = serve("127.0.0.1:0".parse().expect("literal"), shutdown.clone())
+            .await
+            .expect("binds");
+        let peer = Peer {
+            http: reqwest::Client::new(),
+            url: format!("http://{addr}/mcp"),
+        };
+
+        // Session era.
+        let (status, headers, init) = peer
+            .post(&[], json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}))
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+        let session = headers
+            .get(SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .expect("a session id")
+            .to_owned();
+        let with = [(SESSION_HEADER, session.as_str())];
+        let (status, _, _) = peer
+            .post(
+                &with,
+                json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+            )
+            .await;
+        assert_eq!(status, 202);
+        let (_, _, list) = peer
+            .post(&with, json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
+            .await;
+        let names: Vec<&str> = list["result"]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(names, ["add", "blob", "echo", "sleep"]);
+        let (_, _, echo) = peer
+            .post(&with, call("echo", json!({"message":"hé \"x\""})))
+            .await;
+        assert_eq!(echo["id"], 5);
+        assert_eq!(echo["result"]["content"][0]["text"], "hé \"x\"");
+        assert_eq!(echo["result"]["isError"], false);
+        let (_, _, sum) = peer.post(&with, call("add", json!({"a":2,"b":3}))).await;
+        assert_eq!(sum["result"]["content"][0]["text"], "5");
+        let (_, _, overflow) = peer
+            .post(&with, call("add", json!({"a":i64::MAX,"b":1})))
+            .await;
+        assert_eq!(overflow["result"]["isError"], true);
+        let (_, _, blob) = peer.post(&with, call("blob", json!({"size":40}))).await;
+        assert_eq!(
+            blob["result"]["content"][0]["text"],
+            super::super::upstream::blob_text(40)
+        );
+        let (_, _, unknown) = peer.post(&with, call("nope", json!({}))).await;
+        assert_eq!(unknown["error"]["code"], codes::INVALID_PARAMS);
+        let (_, _, bad_args) = peer.post(&with, call("add", json!({"a":"x"}))).await;
+        assert_eq!(bad_args["error"]["code"], codes::INVALID_PARAMS);
+        let (status, _, _) = peer.post(&[], call("echo", json!({"message":"x"}))).await;
+        assert_eq!(status, 400, "no session id");
+        let (status, _, _) = peer
+            .post(
+                &[(SESSION_HEADER, "unknown")],
+                call("echo", json!({"message":"x"})),
+            )
+            .await;
+        assert_eq!(status, 404, "unknown session");
+        let get = peer.http.get(&peer.url).send().await.expect("GET");
+        assert_eq!(get.status().as_u16(), 405);
+        let delete = |id: String| {
+            peer.http
+                .delete(&peer.url)
+                .header(SESSION_HEADER, id)
+                .send()
+        };
+        assert_eq!(
+            delete(session.clone())
+                .await
+                .expect("DELETE")
+                .status()
+                .as_u16(),
+            202
+        );
+        assert_eq!(
+            delete(session).await.expect("DELETE").status().as_u16(),
+            404
+        );
+
+        // Stateless era.
+        let stateless = |method: &'static str, name: Option<&'static str>| {
+            let mut headers = vec![(VERSION_HEADER, STATELESS_SINCE), (METHOD_HEADER, method)];
+            if let Some(name) = name {
+                headers.push((NAME_HEADER, name));
+            }
+            headers
+        };
+        let (status, headers, discover) = peer
+            .post(
+                &stateless("server/discover", None),
+                json!({"jsonrpc":"2.0","id":1,"method":"server/discover"}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert!(headers.get(SESSION_HEADER).is_none());
+        assert!(
+            discover["result"]["supportedVersions"]
+                .as_array()
+                .expect("versions")
+                .iter()
+                .any(|v| v == STATELESS_SINCE)
+        );
+        let (status, _, echo) = peer
+            .post(
+                &stateless("tools/call", Some("echo")),
+                call("echo", json!({"message":"hi"})),
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(echo["result"]["content"][0]["text"], "hi");
+        for headers in [
+            stateless("tools/call", Some("add")),
+            stateless("tools/call", None),
+            stateless("tools/list", Some("echo")),
+        ] {
+            let (status, _, mismatch) = peer
+                .post(&headers, call("echo", json!({"message":"hi"})))
+                .await;
+            assert_eq!(status, 400, "{headers:?}");
+            assert_eq!(mismatch["error"]["code"], codes::HEADER_MISMATCH);
+        }
+        shutdown.cancel();
+    }
+}
