@@ -3,6 +3,7 @@
 //! [`Relay::bind`] opens every listener (so tests can bind port 0 and read the addresses back);
 //! [`Relay::serve`] runs until the shutdown token fires.
 
+pub mod activity;
 pub mod admin;
 pub mod agent;
 pub mod answer;
@@ -96,6 +97,8 @@ pub struct RelayState {
     pub registry: Registry,
     /// Live agent sessions.
     pub sessions: Sessions,
+    /// Live activity for the admin `/activity` page: the relay pushes every finished call.
+    pub activity: activity::Activity,
     /// Limits and timeouts.
     pub limits: LimitsSection,
     /// Browser origins allowed besides same-origin.
@@ -265,6 +268,7 @@ impl Relay {
             governance: RwLock::new(Arc::new(settings.governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
+            activity: activity::Activity::default(),
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
             allowed_hosts: settings.allowed_hosts,
