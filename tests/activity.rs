@@ -17,6 +17,9 @@ use serde_json::Value;
 /// Where Debian puts Chromium.
 const CHROMIUM: &str = "/usr/bin/chromium";
 
+/// Chromium's bound on a page that never loads, milliseconds.
+const LOAD_BOUND: &str = "--timeout=20000";
+
 /// A subject a hostile identity provider could hand out: the page must show it as text.
 const HOSTILE_SUBJECT: &str = "<img src=x onerror=alert(1)>@evil";
 
@@ -466,8 +469,6 @@ async fn chromium(url: &str, extra: &[String]) -> String {
             "--no-first-run",
             "--hide-scrollbars",
             "--window-size=1440,900",
-            // A bound on a page that never loads; a loaded page is dumped at once.
-            "--timeout=20000",
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .args(extra)
@@ -509,7 +510,10 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
     feed(harness, &load());
     let url = format!("http://{}/activity", harness.admin);
 
-    let dom = chromium(&url, &["--dump-dom".into()]).await;
+    // The page carries its first snapshot, so it is complete at its load event, when Chromium
+    // dumps it; `--timeout` only bounds a page that never loads. (`--virtual-time-budget`
+    // would wait for the event stream to end: virtual time stands still while a fetch is open.)
+    let dom = chromium(&url, &[LOAD_BOUND.into(), "--dump-dom".into()]).await;
     let tunnels = section(&dom, "id=\"tunnels\"");
     for want in ["acme", "demo", "other", "files", "quic", "online"] {
         assert!(
@@ -557,10 +561,60 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
     let png = screenshot_path();
     std::fs::create_dir_all(png.parent().expect("a parent")).expect("target/activity");
     let _ = std::fs::remove_file(&png);
-    chromium(&url, &[format!("--screenshot={}", png.display())]).await;
+    chromium(
+        &url,
+        &[LOAD_BOUND.into(), format!("--screenshot={}", png.display())],
+    )
+    .await;
     let bytes = std::fs::read(&png).expect("the screenshot is written");
     assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
     eprintln!("activity screenshot: {}", png.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_shows_calls_pushed_while_it_watches() {
+    let Scene {
+        harness,
+        _clients,
+        _agents,
+    } = scene().await;
+    let calls = load();
+    feed(&harness, &calls[..52]);
+    let url = format!("http://{}/activity", harness.admin);
+    // Virtual time stands still while the event stream is open and runs on once the relay
+    // has stopped, so the page has handled every event sent before the stop when it is dumped.
+    let browser = tokio::spawn(async move {
+        chromium(
+            &url,
+            &["--virtual-time-budget=5000".into(), "--dump-dom".into()],
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while harness.state.activity.viewers() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the page opened no event stream within {WAIT:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // other's calls exist only after the page loaded: only the event stream can show them.
+    feed(&harness, &calls[52..]);
+    tokio::time::timeout(WAIT, harness.stop())
+        .await
+        .expect("the relay stops with a viewer attached");
+    let dom = tokio::time::timeout(WAIT, browser)
+        .await
+        .expect("chromium finishes after the stream ends")
+        .expect("the chromium task does not panic");
+    let latest = section(&dom, "id=\"calls\"");
+    for want in ["carol@other.example", ">sleep<", "alice@acme.example"] {
+        assert!(latest.contains(want), "latest calls lack {want}:\n{latest}");
+    }
+    assert!(
+        latest.contains("class=\"fresh"),
+        "pushed rows are marked new:\n{latest}"
+    );
 }
 
 /// The part of `dom` from the element with `marker` to its table's end.

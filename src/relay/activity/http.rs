@@ -145,6 +145,7 @@ struct Feed {
     live: tokio::sync::broadcast::Receiver<Arc<Record>>,
     refresh: Interval,
     started: bool,
+    stopping: bool,
 }
 
 impl Drop for Feed {
@@ -165,6 +166,7 @@ impl Feed {
             live,
             refresh,
             started: false,
+            stopping: false,
         }
     }
 
@@ -175,16 +177,23 @@ impl Feed {
         })
     }
 
-    /// The next event; `None` when the relay stops. Every wait ends within [`REFRESH`].
+    /// The next event; `None` once the relay stops. Every wait ends within [`REFRESH`].
     async fn next_event(&mut self) -> Option<Event> {
         if !self.started {
             self.started = true;
             return Some(self.snapshot("snapshot", true));
         }
+        if self.stopping {
+            return None;
+        }
         loop {
             tokio::select! {
                 biased;
-                _ = self.state.stop.cancelled() => return None,
+                _ = self.state.stop.cancelled() => {
+                    // The calls already pushed go out before the stream ends (a last batch).
+                    self.stopping = true;
+                    return self.drain();
+                }
                 received = self.live.recv() => match received {
                     Ok(record) => {
                         if let Some(event) = self.batch(record) {
@@ -217,6 +226,24 @@ impl Feed {
                 Err(TryRecvError::Lagged(_)) => return Some(self.resync()),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => None,
             };
+        }
+        (!calls.is_empty()).then(|| json_event("calls", &calls))
+    }
+
+    /// The calls of this viewer's tenant waiting now (up to [`MAX_BATCH`]), as one `calls`
+    /// event.
+    fn drain(&mut self) -> Option<Event> {
+        let mut calls = Vec::new();
+        while calls.len() < MAX_BATCH {
+            match self.live.try_recv() {
+                Ok(record) => {
+                    if self.tenant.as_deref().is_none_or(|t| record.tenant == t) {
+                        calls.push(CallRow::from(record.as_ref()));
+                    }
+                }
+                Err(TryRecvError::Lagged(_)) => continue,
+                Err(TryRecvError::Empty | TryRecvError::Closed) => break,
+            }
         }
         (!calls.is_empty()).then(|| json_event("calls", &calls))
     }

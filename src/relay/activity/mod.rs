@@ -112,6 +112,11 @@ impl Activity {
         self.viewers.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Live viewers now.
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(Ordering::Acquire)
+    }
+
     /// The latest calls of `tenant` (all tenants when `None`), newest first.
     pub fn latest(&self, tenant: Option<&str>) -> Vec<CallRow> {
         let records: Vec<Arc<Record>> = {

@@ -6,6 +6,8 @@
 (function () {
   /** Calls kept on the page (the relay keeps 500; a screenful or two is what a person reads). */
   const MAX_CALLS = 200;
+  /** Rendering delay after an event: events in between are drawn together. */
+  const RENDER_EVERY_MS = 100;
 
   const $ = (id) => document.getElementById(id);
   const state = {
@@ -187,9 +189,8 @@
   function schedule() {
     if (state.pending) return;
     state.pending = true;
-    // One render per frame however many events arrive; a hidden tab renders on a timer.
-    if (document.hidden) setTimeout(render, 250);
-    else requestAnimationFrame(render);
+    // At most one render per RENDER_EVERY_MS however many events arrive.
+    setTimeout(render, RENDER_EVERY_MS);
   }
 
   function applySnapshot(snap) {
