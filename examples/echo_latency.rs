@@ -148,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         allowed_origins: Vec::new(),
         allowed_hosts: Vec::new(),
         sse_keep_alive: Duration::from_secs(20),
+        audit: None,
     })
     .await?;
     let (agents, tunnel, state) = (

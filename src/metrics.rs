@@ -10,3 +10,57 @@ pub const SESSIONS_ACTIVE: &str = "mcp_tunnel_sessions_active";
 pub const REQUESTS: &str = "mcp_tunnel_requests_total";
 /// Counter: server-to-agent messages dropped because no agent stream could take them.
 pub const DROPPED_MESSAGES: &str = "mcp_tunnel_dropped_messages_total";
+
+// Calls through the relay (src/relay/calls.rs), one count per JSON-RPC request in either
+// direction. Resource URIs are never a label (unbounded); tools and prompts are, as servers
+// offer a bounded set of them.
+
+/// Counter: finished calls, labelled by `tenant`, `source`, `direction`, `method`, `tool` (the
+/// tool or prompt name, empty otherwise), `decision` (`allow`, `deny`) and `outcome` (see
+/// [`crate::govern::audit::Outcome::label`]).
+pub const CALLS: &str = "mcp_tunnel_calls_total";
+/// Histogram: call latency in seconds, from request received to answer released, labelled by
+/// `tenant` and `source`.
+pub const CALL_DURATION: &str = "mcp_tunnel_call_duration_seconds";
+/// Counter: bytes of agent requests, labelled by `tenant` and `source`.
+pub const CALL_BYTES_IN: &str = "mcp_tunnel_call_bytes_in_total";
+/// Counter: bytes of answers released to agents, labelled by `tenant` and `source`.
+pub const CALL_BYTES_OUT: &str = "mcp_tunnel_call_bytes_out_total";
+/// Gauge, computed at scrape time from the live tunnels: each tunnel's round-trip estimate in
+/// seconds, labelled by `tenant`, `tunnel` (its id) and `transport`.
+pub const TUNNEL_RTT: &str = "mcp_tunnel_rtt_seconds";
+
+/// Upper bounds of the call latency buckets, seconds: from a loopback echo (~0.3 ms) to a slow
+/// tool near the default request timeout.
+pub const CALL_DURATION_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0, 60.0,
+];
+
+/// How often the exporter folds recorded histogram samples into their buckets, so memory stays
+/// bounded even when nobody scrapes.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The process's Prometheus recorder, installed once: the `metrics` facade has one global
+/// recorder per process, so every relay in a process (tests run several) renders from the same
+/// handle. `None` when another recorder was installed first.
+pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(CALL_DURATION.into()),
+                    CALL_DURATION_BUCKETS,
+                );
+            match builder.and_then(|b| b.install_recorder()) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Prometheus recorder not installed; /metrics stays empty");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}

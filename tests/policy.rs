@@ -91,6 +91,7 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         allowed_origins: Vec::new(),
         allowed_hosts: Vec::new(),
         sse_keep_alive: Duration::from_secs(20),
+        audit: None,
     })
     .await
     .expect("relay");

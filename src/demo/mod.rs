@@ -66,6 +66,7 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         allowed_origins: Vec::new(),
         allowed_hosts: Vec::new(),
         sse_keep_alive: std::time::Duration::from_secs(crate::config::DEFAULT_SSE_KEEP_ALIVE_SECS),
+        audit: None,
     })
     .await?;
     let agents = relay.agents_addr();

@@ -1,5 +1,7 @@
 //! JSON-RPC 2.0 message classification and error bodies.
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -53,6 +55,20 @@ pub struct MessageInfo {
     pub is_tool_error: bool,
     /// For a response: the JSON-RPC error code, if it is an error.
     pub error_code: Option<i64>,
+    /// Where the message's `params` (request, notification) or `result` (response) JSON text
+    /// lies in the classified body, so the audit trail digests and captures it without a
+    /// second parse.
+    pub payload: Option<Range<usize>>,
+    /// The message's size in bytes (within a batch, its own share).
+    pub size: usize,
+}
+
+impl MessageInfo {
+    /// The `params` or `result` text of this message within `body` (the bytes it was
+    /// classified from).
+    pub fn payload<'a>(&self, body: &'a [u8]) -> Option<&'a [u8]> {
+        body.get(self.payload.clone()?)
+    }
 }
 
 /// A classified body: one message or a batch.
@@ -144,7 +160,14 @@ struct ToolResult {
     is_error: bool,
 }
 
-fn info(raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
+/// Where `part` (a slice borrowed from `body`) lies in `body`.
+fn range_in(body: &[u8], part: &str) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= body.len()).then_some(start..end)
+}
+
+fn info(body: &[u8], raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
     let wire: Wire<'_> =
         serde_json::from_str(raw.get()).map_err(|e| ClassifyError::Invalid(e.to_string()))?;
     if wire.jsonrpc != Some("2.0") {
@@ -200,6 +223,10 @@ fn info(raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
         }
         _ => false,
     };
+    let payload = wire
+        .params
+        .or(wire.result)
+        .and_then(|raw| range_in(body, raw.get()));
     Ok(MessageInfo {
         kind,
         id,
@@ -207,6 +234,8 @@ fn info(raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
         target,
         is_tool_error,
         error_code: wire.error.map(|e| e.code),
+        payload,
+        size: raw.get().len(),
     })
 }
 
@@ -223,7 +252,7 @@ pub fn classify(body: &[u8]) -> Result<Classified, ClassifyError> {
         }
         return items
             .into_iter()
-            .map(info)
+            .map(|item| info(body, item))
             .collect::<Result<_, _>>()
             .map(Classified::Batch);
     }
@@ -232,7 +261,7 @@ pub fn classify(body: &[u8]) -> Result<Classified, ClassifyError> {
             "a message must be a JSON object or array".into(),
         ));
     }
-    info(raw).map(Classified::Single)
+    info(body, raw).map(Classified::Single)
 }
 
 /// A JSON-RPC error response body for `id` (or `null`).
@@ -316,6 +345,24 @@ mod tests {
             Err(ClassifyError::Invalid(_))
         ));
         assert!(matches!(classify(b"42"), Err(ClassifyError::Invalid(_))));
+    }
+
+    #[test]
+    fn payload_ranges_point_into_the_body() {
+        let body = br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"e","arguments":{}}},{"jsonrpc":"2.0","id":2,"result":{"ok":true}},{"jsonrpc":"2.0","method":"x"}]"#;
+        let batch = classify(body).expect("batch");
+        let [call, response, note] = batch.messages() else {
+            panic!("three messages")
+        };
+        assert_eq!(
+            call.payload(body),
+            Some(&br#"{"name":"e","arguments":{}}"#[..])
+        );
+        assert_eq!(response.payload(body), Some(&br#"{"ok":true}"#[..]));
+        assert_eq!(note.payload(body), None);
+        let single = br#"{"jsonrpc":"2.0","id":"a","method":"ping","params":[1, 2]}"#;
+        let info = classify(single).expect("single");
+        assert_eq!(info.messages()[0].payload(single), Some(&b"[1, 2]"[..]));
     }
 
     #[test]

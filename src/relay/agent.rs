@@ -17,7 +17,7 @@ use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
 use crate::govern::Identity;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
-use crate::govern::policy::Kind;
+use crate::govern::policy::{Decision, Kind};
 use crate::mcp::classify;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
 use crate::mcp::jsonrpc::{Classified, ClassifyError, codes, error_body};
@@ -150,16 +150,28 @@ pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified
     Ok((body, classified))
 }
 
+/// Policy's word on one agent message: on each message of the body (parallel to
+/// `Classified::messages`, `None` where policy does not govern the method), and the refusal to
+/// answer with when any was denied.
+#[derive(Debug, Default)]
+pub struct Authorization {
+    /// One entry per message of the body.
+    pub decisions: Vec<Option<Decision>>,
+    /// The JSON-RPC error for the first denied message, if any: the whole body is refused.
+    pub refusal: Option<Bytes>,
+}
+
 /// Checks every `tools/call`, `resources/read` (and subscription) and `prompts/get` in the
-/// body against the caller's roles. A denied call never reaches the tunnel: this returns the
+/// body against the caller's roles. A denied call never reaches the tunnel: the refusal is the
 /// JSON-RPC error to answer it with, the one an unknown tool, resource or prompt gets.
 pub fn authorize(
     state: &RelayState,
     who: &Identity,
     source: &str,
     classified: &Classified,
-) -> Option<Bytes> {
+) -> Authorization {
     let governance = state.governance();
+    let mut authorization = Authorization::default();
     for message in classified.messages() {
         let kind = match message.method.as_deref() {
             Some("tools/call") => Kind::Tool,
@@ -167,11 +179,14 @@ pub fn authorize(
                 Kind::Resource
             }
             Some("prompts/get") => Kind::Prompt,
-            _ => continue,
+            _ => {
+                authorization.decisions.push(None);
+                continue;
+            }
         };
         let name = message.target.as_deref().unwrap_or_default();
         let decision = governance.policy.check(who, kind, source, name);
-        if !decision.is_allowed() {
+        if !decision.is_allowed() && authorization.refusal.is_none() {
             tracing::info!(tenant = %who.tenant, subject = %who.subject, source, name, ?kind, ?decision, "call denied");
             metrics::counter!(crate::metrics::REQUESTS, "outcome" => "denied").increment(1);
             let what = match kind {
@@ -179,14 +194,15 @@ pub fn authorize(
                 Kind::Resource => "resource",
                 Kind::Prompt => "prompt",
             };
-            return Some(error_body(
+            authorization.refusal = Some(error_body(
                 message.id.as_deref(),
                 codes::INVALID_PARAMS,
                 &format!("Unknown {what}: {name}"),
             ));
         }
+        authorization.decisions.push(Some(decision));
     }
-    None
+    authorization
 }
 
 /// The open header of a new exchange stream. In the stateless era the agent's MCP routing

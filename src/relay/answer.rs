@@ -15,11 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::RelayState;
 use super::agent::{source_error, source_error_body};
+use super::calls::{Context, InFlight};
 use super::channel::{Channel, ChannelError, Event, Exchange};
 use super::events::{EventLog, LogReader, Start};
 use super::filter::ListFilter;
 use super::reply::json_response;
 use super::sessions::{Session, Transport};
+use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
 };
@@ -63,6 +65,8 @@ pub struct Target<'a> {
     pub era: ProtocolEra,
     /// Policy's filter for a list answer, if the caller's tenant has roles.
     pub filter: Option<ListFilter>,
+    /// The calls of the message, finished as their answers are released.
+    pub calls: InFlight,
 }
 
 /// What an agent request waits for on its exchange.
@@ -80,6 +84,10 @@ struct Awaiting {
     learner: Option<Arc<Session>>,
     /// Policy's filter for a list answer.
     filter: Option<Arc<ListFilter>>,
+    /// The calls awaiting their answers.
+    calls: InFlight,
+    /// The session whose server requests ride this answer stream, to be tracked.
+    tracker: Option<Arc<Session>>,
 }
 
 impl Awaiting {
@@ -106,7 +114,22 @@ impl Awaiting {
             source: source.to_owned(),
             learner: None,
             filter: None,
+            calls: InFlight::default(),
+            tracker: None,
         }
+    }
+
+    /// Finishes every open call with `outcome` and returns the relay-made error `answer` to
+    /// release (or the error saying the calls could not be audited).
+    async fn fail(&mut self, outcome: Outcome, answer: Bytes) -> Bytes {
+        self.calls.fail(outcome, answer).await
+    }
+
+    /// A relay-made error saying the source could not answer, its calls finished as tunnel
+    /// errors.
+    async fn source_failed(&mut self, why: &str) -> Bytes {
+        let body = source_error_body(self.id.as_deref(), &self.source, why);
+        self.fail(Outcome::TunnelError, body).await
     }
 }
 
@@ -129,40 +152,58 @@ pub async fn forward(
 ) -> Response {
     let requests = requests(classified);
     if requests.is_empty() {
+        if let Some(session) = target.session
+            && let Err(refusal) = session.answer_server_requests(classified).await
+        {
+            return json_response(StatusCode::OK, refusal);
+        }
         return match channel.send(body).await {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => source_error(None, target.source, &e.to_string()),
         };
     }
+    let mut calls = target.calls;
+    calls.set_context(&Context {
+        transport: Some(channel.transport()),
+        ..Context::default()
+    });
     let awaiting = Awaiting::new(state, target.source, &requests, target.era);
-    let awaiting = Awaiting {
+    let mut awaiting = Awaiting {
         filter: target.filter.map(Arc::new),
+        calls,
         ..awaiting
     };
     match channel.request(body).await {
         Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
-        Err(e) => source_error(awaiting.id.as_deref(), target.source, &e.to_string()),
+        Err(e) => json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await),
     }
 }
 
 /// The HTTP+SSE transport: every answer rides the session's one stream; the POST gets 202.
 pub async fn forward_to_stream(
     state: &Arc<RelayState>,
-    session: &Session,
+    session: &Arc<Session>,
     body: Bytes,
     classified: &Classified,
     filter: Option<ListFilter>,
+    calls: InFlight,
 ) -> Response {
     let requests = requests(classified);
     if requests.is_empty() {
+        if let Err(refusal) = session.answer_server_requests(classified).await {
+            session.standalone().push(refusal).await;
+            return StatusCode::ACCEPTED.into_response();
+        }
         return match session.channel.send(body).await {
             Ok(()) => StatusCode::ACCEPTED.into_response(),
             Err(e) => source_error(None, &session.source, &e.to_string()),
         };
     }
     let awaiting = Awaiting::new(state, &session.source, &requests, ProtocolEra::Session);
-    let awaiting = Awaiting {
+    let mut awaiting = Awaiting {
         filter: filter.map(Arc::new),
+        calls,
+        tracker: Some(session.clone()),
         ..awaiting
     };
     match session.channel.request(body).await {
@@ -178,7 +219,7 @@ pub async fn forward_to_stream(
             ));
             StatusCode::ACCEPTED.into_response()
         }
-        Err(e) => source_error(awaiting.id.as_deref(), &session.source, &e.to_string()),
+        Err(e) => json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await),
     }
 }
 
@@ -193,17 +234,56 @@ async fn next_event(
     }
 }
 
-/// How many responses a message carries (a batch may carry several), and whether any is an
-/// error.
-fn responses_in(message: &[u8]) -> (usize, bool) {
-    match classify(message) {
-        Ok(classified) => classified
-            .messages()
+/// A message from the upstream, classified once for everything the relay needs of it.
+struct Arrived {
+    message: Bytes,
+    classified: Option<Classified>,
+    /// How many responses it carries (a batch may carry several).
+    responses: usize,
+    /// Whether any of them is an error.
+    is_error: bool,
+}
+
+impl Arrived {
+    fn new(message: Bytes) -> Self {
+        let classified = classify(&message).ok();
+        let (responses, is_error) = classified
             .iter()
+            .flat_map(Classified::messages)
             .filter(|m| m.kind == MessageKind::Response)
-            .fold((0, false), |(n, e), m| (n + 1, e || m.error_code.is_some())),
-        Err(_) => (0, false),
+            .fold((0, false), |(n, e), m| (n + 1, e || m.error_code.is_some()));
+        Self {
+            message,
+            classified,
+            responses,
+            is_error,
+        }
     }
+}
+
+/// Releases an upstream message of a streamed answer into `log`: the session learns its
+/// version and tracks server requests from it, and the calls it answers are finished (and
+/// audited) before it is pushed. Returns how many responses it carried.
+async fn release(log: &EventLog, awaiting: &mut Awaiting, arrived: Arrived) -> usize {
+    if let Some(session) = &awaiting.learner {
+        session.learn_version(&arrived.message);
+    }
+    if let (Some(session), Some(classified)) = (&awaiting.tracker, &arrived.classified) {
+        session.track_server_requests(&arrived.message, classified);
+    }
+    let released = awaiting.filtered(arrived.message);
+    let released = match (&arrived.classified, arrived.responses) {
+        (Some(classified), 1..) => match awaiting.calls.settle(classified, released.len()).await {
+            Ok(()) => released,
+            Err(refusal) => refusal,
+        },
+        _ => {
+            awaiting.calls.streamed(released.len());
+            released
+        }
+    };
+    log.push(released).await;
+    arrived.responses
 }
 
 /// Answers with what arrives on `exchange`: plain JSON when the first message holds every
@@ -212,48 +292,58 @@ async fn answer(
     state: &Arc<RelayState>,
     channel: Arc<Channel>,
     mut exchange: Exchange,
-    awaiting: Awaiting,
+    mut awaiting: Awaiting,
     session: Option<&Arc<Session>>,
 ) -> Response {
     let mut status = StatusCode::OK;
     loop {
         let event = tokio::select! {
             biased;
-            _ = state.stop.cancelled() => return source_error(awaiting.id.as_deref(), &awaiting.source, "the relay is shutting down"),
+            _ = state.stop.cancelled() => {
+                return json_response(StatusCode::OK, awaiting.source_failed("the relay is shutting down").await);
+            }
             event = next_event(&mut exchange, awaiting.timeout) => event,
         };
         let Some(event) = event else {
-            return timed_out(&channel, &awaiting).await;
+            let body = timeout_body(&channel, &awaiting).await;
+            return json_response(StatusCode::OK, awaiting.fail(Outcome::Timeout, body).await);
         };
         match event {
             Ok(Event::Rejected(code)) => {
                 status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Ok(Event::Message(message)) => {
-                let (responses, is_error) = responses_in(&message);
-                if responses >= awaiting.responses {
+                let arrived = Arrived::new(message);
+                if arrived.responses >= awaiting.responses
+                    && let Some(classified) = &arrived.classified
+                {
                     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
-                    let message = awaiting.filtered(message);
+                    let message = awaiting.filtered(arrived.message);
+                    // Write before release: the record is committed before the agent sees
+                    // the answer.
+                    if let Err(refusal) = awaiting.calls.settle(classified, message.len()).await {
+                        return json_response(StatusCode::OK, refusal);
+                    }
                     let mut response = json_response(status, message.clone());
-                    response
-                        .extensions_mut()
-                        .insert(JsonAnswer { message, is_error });
+                    response.extensions_mut().insert(JsonAnswer {
+                        message,
+                        is_error: arrived.is_error,
+                    });
                     return response;
                 }
-                return stream_answer(state, channel, exchange, Some(message), awaiting, session);
+                return stream_answer(state, channel, exchange, Some(arrived), awaiting, session);
             }
             Ok(Event::Streaming) => {
                 return stream_answer(state, channel, exchange, None, awaiting, session);
             }
             Ok(Event::End) => {
-                return source_error(
-                    awaiting.id.as_deref(),
-                    &awaiting.source,
-                    "the upstream ended its response without answering",
-                );
+                let body = awaiting
+                    .source_failed("the upstream ended its response without answering")
+                    .await;
+                return json_response(StatusCode::OK, body);
             }
             Err(e) => {
-                return source_error(awaiting.id.as_deref(), &awaiting.source, &e.to_string());
+                return json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await);
             }
         }
     }
@@ -264,7 +354,7 @@ fn stream_answer(
     state: &Arc<RelayState>,
     channel: Arc<Channel>,
     exchange: Exchange,
-    first: Option<Bytes>,
+    first: Option<Arrived>,
     awaiting: Awaiting,
     session: Option<&Arc<Session>>,
 ) -> Response {
@@ -277,6 +367,7 @@ fn stream_answer(
     let reader = log.attach(Start::Undelivered);
     let awaiting = Awaiting {
         learner: session.filter(|s| !s.knows_version()).cloned(),
+        tracker: session.cloned(),
         ..awaiting
     };
     tokio::spawn(produce(
@@ -292,10 +383,6 @@ fn stream_answer(
     // `produce` writes the error that names the shutdown and closes the log, which ends the
     // stream, so nothing but the log's end may end it.
     sse_response(state, reader, ids, None, None, CancellationToken::new())
-}
-
-async fn timed_out(channel: &Channel, awaiting: &Awaiting) -> Response {
-    json_response(StatusCode::OK, timeout_body(channel, awaiting).await)
 }
 
 async fn timeout_body(channel: &Channel, awaiting: &Awaiting) -> Bytes {
@@ -323,38 +410,34 @@ async fn timeout_body(channel: &Channel, awaiting: &Awaiting) -> Bytes {
 async fn produce(
     log: Arc<EventLog>,
     mut exchange: Exchange,
-    first: Option<Bytes>,
-    awaiting: Awaiting,
+    first: Option<Arrived>,
+    mut awaiting: Awaiting,
     shutdown: CancellationToken,
     channel: Arc<Channel>,
     finish: bool,
 ) {
     let mut remaining = awaiting.responses;
-    if let Some(message) = first {
-        if let Some(session) = &awaiting.learner {
-            session.learn_version(&message);
-        }
-        remaining = remaining.saturating_sub(responses_in(&message).0);
-        log.push(awaiting.filtered(message)).await;
+    if let Some(arrived) = first {
+        remaining = remaining.saturating_sub(release(&log, &mut awaiting, arrived).await);
     }
     while remaining > 0 {
         let failure = tokio::select! {
             // At the end of the grace period the tunnel closes too: the shutdown is the reason.
             biased;
-            _ = shutdown.cancelled() => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the relay is shutting down"),
+            _ = shutdown.cancelled() => awaiting.source_failed("the relay is shutting down").await,
             event = next_event(&mut exchange, awaiting.timeout) => match event {
                 Some(Ok(Event::Message(message))) => {
-                    if let Some(session) = &awaiting.learner {
-                        session.learn_version(&message);
-                    }
-                    remaining = remaining.saturating_sub(responses_in(&message).0);
-                    log.push(awaiting.filtered(message)).await;
+                    let responses = release(&log, &mut awaiting, Arrived::new(message)).await;
+                    remaining = remaining.saturating_sub(responses);
                     continue;
                 }
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
-                Some(Ok(Event::End)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, "the upstream ended its response without answering"),
-                Some(Err(e)) => source_error_body(awaiting.id.as_deref(), &awaiting.source, &e.to_string()),
-                None => timeout_body(&channel, &awaiting).await,
+                Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
+                Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,
+                None => {
+                    let body = timeout_body(&channel, &awaiting).await;
+                    awaiting.fail(Outcome::Timeout, body).await
+                }
             },
         };
         log.push(failure).await;

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{StreamGuard, Tunnel};
-use crate::transport::TransportError;
+use crate::transport::{TransportError, TransportKind};
 use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
 
 /// Frames queued for the writer before senders wait: enough to absorb a burst of requests
@@ -86,6 +86,8 @@ impl Shared {
 /// The relay's end of one exchange stream.
 pub struct Channel {
     shared: Arc<Shared>,
+    /// The transport of the tunnel carrying the stream (for the audit trail).
+    transport: TransportKind,
     writer: mpsc::Sender<Frame>,
     next_exchange: AtomicU64,
     unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
@@ -175,6 +177,7 @@ impl Channel {
 
         Ok(Arc::new(Self {
             shared,
+            transport: tunnel.connection.kind(),
             writer,
             next_exchange: AtomicU64::new(1),
             unsolicited_rx: Arc::new(tokio::sync::Mutex::new(unsolicited_rx)),
@@ -229,6 +232,11 @@ impl Channel {
     /// The queue of messages for the agent's GET stream; one holder at a time.
     pub fn unsolicited(&self) -> Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>> {
         self.unsolicited_rx.clone().try_lock_owned().ok()
+    }
+
+    /// The transport of the tunnel carrying this stream (`quic` or `https`).
+    pub fn transport(&self) -> TransportKind {
+        self.transport
     }
 
     /// Why the stream ended, if it has.

@@ -15,11 +15,14 @@ use axum::routing::{get, post};
 use super::RelayState;
 use super::agent::{authorize, gate, open_channel, open_header, read_message};
 use super::answer::{EventIds, forward_to_stream, sse_response};
+use super::calls::InFlight;
 use super::events::Start;
 use super::filter::ListFilter;
 use super::oauth::Resource;
 use super::reply::AgentError;
 use super::sessions::{Session, Transport, new_session_id};
+use crate::govern::audit::Outcome;
+use crate::mcp::jsonrpc::codes;
 use crate::mcp::sse;
 use crate::wire::Era;
 
@@ -59,6 +62,7 @@ async fn open_stream(
         &source,
         channel,
         Transport::LegacySse,
+        &state.calls,
     ));
     state.sessions.insert(session.clone());
     tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "HTTP+SSE session opened");
@@ -110,12 +114,25 @@ async fn handle_message(
             .get(session_id, &who, &source, Transport::LegacySse)
             .ok_or(AgentError::SessionNotFound)?;
         let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
-        if let Some(denied) = authorize(&state, &who, &source, &classified) {
+        let authorization = authorize(&state, &who, &source, &classified);
+        let mut calls = InFlight::begin(
+            &state.calls,
+            &who,
+            &source,
+            &body,
+            &classified,
+            &authorization.decisions,
+        );
+        calls.set_context(&session.call_context());
+        if let Some(denied) = authorization.refusal {
+            let denied = calls
+                .fail(Outcome::Error(codes::INVALID_PARAMS), denied)
+                .await;
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
         let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
-        Ok(forward_to_stream(&state, &session, body, &classified, filter).await)
+        Ok(forward_to_stream(&state, &session, body, &classified, filter, calls).await)
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)

@@ -7,6 +7,7 @@ pub mod activity;
 pub mod admin;
 pub mod agent;
 pub mod answer;
+pub mod calls;
 pub mod channel;
 pub mod events;
 pub mod filter;
@@ -27,7 +28,7 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LimitsSection, RelayConfig};
+use crate::config::{AuditSection, LimitsSection, RelayConfig};
 use crate::govern::limits::Limiter;
 use crate::govern::{Keyring, Policy};
 use crate::transport::{TransportError, quic, tls};
@@ -97,8 +98,11 @@ pub struct RelayState {
     pub registry: Registry,
     /// Live agent sessions.
     pub sessions: Sessions,
-    /// Live activity for the admin `/activity` page: the relay pushes every finished call.
-    pub activity: activity::Activity,
+    /// Where finished calls go: the audit trail, metrics, the activity feed.
+    pub calls: Arc<calls::Calls>,
+    /// Live activity for the admin `/activity` page: every finished call reaches it through
+    /// [`calls::Calls`].
+    pub activity: Arc<activity::Activity>,
     /// Limits and timeouts.
     pub limits: LimitsSection,
     /// Browser origins allowed besides same-origin.
@@ -185,6 +189,8 @@ pub struct RelaySettings {
     pub allowed_hosts: Vec<String>,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
+    /// The audit trail, if any: without it nothing is written.
+    pub audit: Option<AuditSection>,
 }
 
 impl RelaySettings {
@@ -201,6 +207,7 @@ impl RelaySettings {
             allowed_origins: config.agents.allowed_origins.clone(),
             allowed_hosts: config.agents.allowed_hosts.clone(),
             sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
+            audit: config.audit.clone(),
         })
     }
 }
@@ -264,11 +271,17 @@ impl Relay {
             Some(addr) => Some(bind_tcp(addr).await?),
             None => None,
         };
+        if admin.is_some() {
+            // Recorded metrics are kept (and served at /metrics) only with an admin listener.
+            crate::metrics::prometheus();
+        }
+        let activity = Arc::new(activity::Activity::default());
         let state = Arc::new(RelayState {
             governance: RwLock::new(Arc::new(settings.governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
-            activity: activity::Activity::default(),
+            calls: Arc::new(calls::Calls::new(activity.clone())),
+            activity,
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
             allowed_hosts: settings.allowed_hosts,
@@ -371,6 +384,7 @@ impl Relay {
         .with_graceful_shutdown(draining.clone().cancelled_owned());
         // The admin endpoints stay up while the relay drains: operators watch it happen.
         let admin_server = admin.map(|listener| {
+            tokio::spawn(metrics_upkeep(state.stop.clone()));
             let app = admin::routes().with_state(state.clone());
             tokio::spawn(
                 axum::serve(listener.tap_io(no_delay), app)
@@ -439,6 +453,21 @@ async fn limit_auth_failures(
 pub fn no_delay(tcp: &mut TcpStream) {
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+}
+
+/// Folds recorded histogram samples into their buckets now and then, so memory stays bounded
+/// between scrapes.
+async fn metrics_upkeep(stop: CancellationToken) {
+    let Some(handle) = crate::metrics::prometheus() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => handle.run_upkeep(),
+            _ = stop.cancelled() => return,
+        }
     }
 }
 

@@ -6,9 +6,15 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
+use bytes::Bytes;
+
+use super::calls::{Call, Calls, Context, outcome_of, unaudited_body};
 use super::channel::Channel;
 use super::events::EventLog;
 use crate::govern::Identity;
+use crate::govern::audit::Direction;
+use crate::mcp::classify;
+use crate::mcp::jsonrpc::{Classified, MessageKind};
 
 /// Answer streams per session kept for resumption; older finished ones are forgotten first.
 const ANSWER_LOGS: usize = 16;
@@ -25,6 +31,10 @@ pub enum Transport {
     LegacySse,
 }
 
+/// Server-to-agent requests of one session awaiting the agent's response; past this the oldest
+/// is recorded as abandoned (an agent that never answers must not grow the table).
+const SERVER_REQUESTS: usize = 256;
+
 /// Random bytes in a relay-issued session id (192 bits: unguessable, and it reveals nothing of
 /// the upstream's own id).
 const SESSION_ID_BYTES: usize = 24;
@@ -37,6 +47,8 @@ pub struct Session {
     pub tenant: Arc<str>,
     /// The caller's subject.
     pub subject: Arc<str>,
+    /// The caller's roles when the session opened.
+    pub roles: Arc<[String]>,
     /// The source it talks to.
     pub source: String,
     /// The tunnel stream carrying it.
@@ -48,7 +60,58 @@ pub struct Session {
     answers: Mutex<AnswerLogs>,
     last_used: Mutex<Instant>,
     /// The protocol version `initialize` settled.
-    version: std::sync::OnceLock<String>,
+    version: Arc<std::sync::OnceLock<String>>,
+    /// The server's requests to the agent, until the agent responds.
+    server_requests: Arc<ServerRequests>,
+}
+
+/// The server's requests (sampling, elicitation, roots) a session's agent has not answered
+/// yet, each a call recorded when the agent's response comes back, or abandoned.
+struct ServerRequests {
+    calls: Arc<Calls>,
+    who: Identity,
+    source: String,
+    context: Context,
+    version: Arc<std::sync::OnceLock<String>>,
+    open: Mutex<VecDeque<Call>>,
+}
+
+impl ServerRequests {
+    /// Starts a call for every request in `message`, about to be released to the agent.
+    fn track(&self, message: &[u8], classified: &Classified) {
+        let mut context = self.context.clone();
+        context.protocol_version = self.version.get().cloned();
+        let started: Vec<Call> = classified
+            .messages()
+            .iter()
+            .filter(|m| m.kind == MessageKind::Request)
+            .map(|info| {
+                let mut call = Call::start(
+                    &self.calls,
+                    &self.who,
+                    &self.source,
+                    Direction::ServerToAgent,
+                    message,
+                    info,
+                    None,
+                );
+                call.set_context(&context);
+                call
+            })
+            .collect();
+        if started.is_empty() {
+            return;
+        }
+        let mut open = self
+            .open
+            .lock()
+            .expect("session lock is never held across a panic");
+        open.extend(started);
+        while open.len() > SERVER_REQUESTS {
+            // Dropped unfinished: recorded as abandoned.
+            open.pop_front();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -73,12 +136,30 @@ impl Session {
         source: &str,
         channel: Arc<Channel>,
         transport: Transport,
+        calls: &Arc<Calls>,
     ) -> Self {
         let standalone = Arc::new(EventLog::new(STANDALONE_STREAM));
+        let version = Arc::new(std::sync::OnceLock::new());
+        let server_requests = Arc::new(ServerRequests {
+            calls: calls.clone(),
+            who: who.clone(),
+            source: source.to_owned(),
+            context: Context {
+                session: Some(id.clone()),
+                transport: Some(channel.transport()),
+                protocol_version: None,
+            },
+            version: version.clone(),
+            open: Mutex::default(),
+        });
         if let Some(mut queue) = channel.unsolicited() {
             let log = standalone.clone();
+            let requests = server_requests.clone();
             tokio::spawn(async move {
                 while let Some(message) = queue.recv().await {
+                    if let Ok(classified) = classify(&message) {
+                        requests.track(&message, &classified);
+                    }
                     log.push(message).await;
                 }
                 log.finish();
@@ -88,6 +169,7 @@ impl Session {
             id,
             tenant: who.tenant.clone(),
             subject: who.subject.clone(),
+            roles: who.roles.clone(),
             source: source.to_owned(),
             channel,
             transport,
@@ -97,8 +179,68 @@ impl Session {
                 logs: VecDeque::new(),
             }),
             last_used: Mutex::new(Instant::now()),
-            version: std::sync::OnceLock::new(),
+            version,
+            server_requests,
         }
+    }
+
+    /// The caller who owns the session.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            tenant: self.tenant.clone(),
+            subject: self.subject.clone(),
+            roles: self.roles.clone(),
+        }
+    }
+
+    /// The protocol version `initialize` settled, once known.
+    pub fn version(&self) -> Option<&str> {
+        self.version.get().map(String::as_str)
+    }
+
+    /// What the audit trail records of this session's calls.
+    pub fn call_context(&self) -> Context {
+        Context {
+            session: Some(self.id.clone()),
+            transport: Some(self.channel.transport()),
+            protocol_version: self.version.get().cloned(),
+        }
+    }
+
+    /// Starts a call for every server request in `message`, a server message about to be
+    /// released to the agent on one of this session's streams.
+    pub fn track_server_requests(&self, message: &[u8], classified: &Classified) {
+        self.server_requests.track(message, classified);
+    }
+
+    /// Finishes the server requests the agent's `classified` responses answer, before they are
+    /// forwarded. Returns the error to answer the agent with instead when the trail could not
+    /// record one.
+    pub async fn answer_server_requests(&self, classified: &Classified) -> Result<(), Bytes> {
+        for info in classified
+            .messages()
+            .iter()
+            .filter(|m| m.kind == MessageKind::Response)
+        {
+            let id = info.id.as_deref().map(|id| id.get());
+            let call = {
+                let mut open = self
+                    .server_requests
+                    .open
+                    .lock()
+                    .expect("session lock is never held across a panic");
+                open.iter()
+                    .position(|call| call.request_id() == id)
+                    .and_then(|index| open.remove(index))
+            };
+            if let Some(call) = call
+                && let Err(e) = call.finish(outcome_of(info), info.size).await
+            {
+                tracing::error!(error = %e, session = %self.id, "agent response withheld: the call could not be audited");
+                return Err(unaudited_body(id));
+            }
+        }
+        Ok(())
     }
 
     /// Learns the protocol version from the answer to `initialize` (`result.protocolVersion`);

@@ -17,15 +17,17 @@ use tokio_util::sync::CancellationToken;
 use super::RelayState;
 use super::agent::{authorize, gate, header_str, open_channel, open_header, read_message};
 use super::answer::{EventIds, JsonAnswer, Target, forward, sse_response};
+use super::calls::{Context, InFlight};
 use super::events::{Start, parse_event_id};
 use super::filter::ListFilter;
 use super::oauth::Resource;
 use super::reply::{AgentError, json_response};
 use super::sessions::{Session, Transport, new_session_id};
 use crate::govern::Identity;
+use crate::govern::audit::Outcome;
 use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
-use crate::mcp::jsonrpc::{Classified, MessageInfo};
+use crate::mcp::jsonrpc::{Classified, MessageInfo, codes};
 use crate::wire::Era;
 
 /// The header a reconnecting agent names its last seen event with.
@@ -58,7 +60,25 @@ async fn post_inner(
 ) -> Result<Response, AgentError> {
     let who = gate(&state, &headers, Resource::Mcp(&source))?;
     let (body, classified) = read_message(body, state.limits.max_message_bytes).await?;
-    if let Some(denied) = authorize(&state, &who, &source, &classified) {
+    let authorization = authorize(&state, &who, &source, &classified);
+    let mut calls = InFlight::begin(
+        &state.calls,
+        &who,
+        &source,
+        &body,
+        &classified,
+        &authorization.decisions,
+    );
+    let version = header_str(&headers, VERSION_HEADER);
+    calls.set_context(&Context {
+        session: header_str(&headers, SESSION_HEADER).map(str::to_owned),
+        protocol_version: version.map(str::to_owned),
+        transport: None,
+    });
+    if let Some(denied) = authorization.refusal {
+        let denied = calls
+            .fail(Outcome::Error(codes::INVALID_PARAMS), denied)
+            .await;
         return Ok(json_response(StatusCode::OK, denied));
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
@@ -66,29 +86,24 @@ async fn post_inner(
             .sessions
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
+        calls.set_context(&session.call_context());
         let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
         let target = Target {
             source: &source,
             session: Some(&session),
             era: ProtocolEra::Session,
             filter,
+            calls,
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
-    let version = header_str(&headers, VERSION_HEADER);
     if version.is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless) {
-        return stateless(&state, &who, &source, &headers, body, &classified).await;
+        return stateless(&state, &who, &source, &headers, body, &classified, calls).await;
     }
     match &classified {
-        Classified::Single(info) if info.method.as_deref() == Some("initialize") => Ok(initialize(
-            &state,
-            &who,
-            &source,
-            body,
-            &classified,
-            Transport::Streamable,
-        )
-        .await),
+        Classified::Single(info) if info.method.as_deref() == Some("initialize") => {
+            Ok(initialize(&state, &who, &source, body, &classified, calls).await)
+        }
         _ => Err(AgentError::BadRequest(
             "Bad Request: Mcp-Session-Id header is required (send initialize first)".into(),
         )),
@@ -103,10 +118,14 @@ async fn initialize(
     source: &str,
     body: Bytes,
     classified: &Classified,
-    transport: Transport,
+    mut calls: InFlight,
 ) -> Response {
     // The session id is minted before the stream opens, so both sides log the same id.
     let session_id = new_session_id();
+    calls.set_context(&Context {
+        session: Some(session_id.clone()),
+        ..Context::default()
+    });
     let header = open_header(
         who,
         source,
@@ -117,20 +136,22 @@ async fn initialize(
     );
     let channel = match open_channel(state, who, &header).await {
         Ok(channel) => channel,
-        Err(response) => return response,
+        Err(response) => return unreached(calls, response).await,
     };
     let session = Arc::new(Session::new(
         session_id,
         who,
         source,
         channel.clone(),
-        transport,
+        Transport::Streamable,
+        &state.calls,
     ));
     let target = Target {
         source,
         session: Some(&session),
         era: ProtocolEra::Session,
         filter: None,
+        calls,
     };
     let mut response = forward(state, &channel, body, classified, target).await;
     let answer = response.extensions().get::<JsonAnswer>();
@@ -153,6 +174,7 @@ async fn stateless(
     headers: &HeaderMap,
     body: Bytes,
     classified: &Classified,
+    calls: InFlight,
 ) -> Result<Response, AgentError> {
     let Classified::Single(info) = classified else {
         return Err(AgentError::BadRequest(
@@ -165,15 +187,25 @@ async fn stateless(
     let header = open_header(who, source, Era::Stateless, context, version, headers);
     let channel = match open_channel(state, who, &header).await {
         Ok(channel) => channel,
-        Err(response) => return Ok(response),
+        Err(response) => return Ok(unreached(calls, response).await),
     };
     let target = Target {
         source,
         session: None,
         era: ProtocolEra::Stateless,
         filter: ListFilter::for_request(state.governance(), who, source, classified),
+        calls,
     };
     Ok(forward(state, &channel, body, classified, target).await)
+}
+
+/// The answer when no tunnel stream could be opened to the source (offline, unknown, or the
+/// stream refused): its calls end as tunnel errors, recorded before it is released.
+async fn unreached(mut calls: InFlight, response: Response) -> Response {
+    match calls.finish_all(Outcome::TunnelError, 0).await {
+        Ok(()) => response,
+        Err(refusal) => json_response(StatusCode::OK, refusal),
+    }
 }
 
 /// 2026-07-28: `Mcp-Method` must repeat the body's method, and `Mcp-Name` its tool, prompt or

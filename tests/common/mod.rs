@@ -59,6 +59,11 @@ pub struct Options {
     pub limits: LimitsSection,
     /// The tenants' credentials, to share them between relays; fresh ones when `None`.
     pub creds: Option<(TenantCreds, TenantCreds)>,
+    /// The audit trail (`[audit]`), off when `None`.
+    pub audit: Option<mcp_tunnel::config::AuditSection>,
+    /// Roles of tenant `acme` (its API key holds them all); none when empty, so everything is
+    /// allowed.
+    pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,
 }
 
 /// A running relay with three tenants, `acme`, `other` and `globex` (the third for tests that
@@ -93,6 +98,14 @@ impl Harness {
             .unwrap_or_else(|| (TenantCreds::new("acme"), TenantCreds::new("other")));
         let third = TenantCreds::new("globex");
         let mut keyring = Keyring::default();
+        let mut policy = Policy::default();
+        if !options.acme_roles.is_empty() {
+            policy.set_roles(
+                acme.name.as_str().into(),
+                options.acme_roles.iter().cloned().collect(),
+            );
+        }
+        let acme_roles: Vec<String> = options.acme_roles.iter().map(|(n, _)| n.clone()).collect();
         for tenant in [&acme, &other, &third] {
             keyring.add_tunnel_token(
                 SecretHash::of(&tenant.tunnel_token),
@@ -103,7 +116,11 @@ impl Harness {
                 Identity {
                     tenant: tenant.name.as_str().into(),
                     subject: format!("agent@{}", tenant.name).into(),
-                    roles: Vec::new().into(),
+                    roles: if tenant.name == acme.name {
+                        acme_roles.clone().into()
+                    } else {
+                        Vec::new().into()
+                    },
                 },
             );
         }
@@ -115,7 +132,7 @@ impl Harness {
             admin_listen: Some("127.0.0.1:0".parse().expect("literal")),
             governance: Governance {
                 keyring,
-                policy: Policy::default(),
+                policy,
                 limiter: Default::default(),
             },
             limits: options.limits,
@@ -124,6 +141,7 @@ impl Harness {
             sse_keep_alive: std::time::Duration::from_secs(
                 mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
             ),
+            audit: options.audit.clone(),
         })
         .await
         .expect("relay binds");
@@ -201,6 +219,11 @@ impl Harness {
     /// The agent URL of `source`.
     pub fn url(&self, source: &str) -> String {
         format!("http://{}/mcp/{source}", self.agents)
+    }
+
+    /// The admin URL of `path` (`/metrics`, `/api/tunnels`).
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 
     /// Stops the relay and waits for it.

@@ -1,0 +1,584 @@
+//! The relay's audit trail and metrics, end to end: one row per call whatever its fate, rows
+//! that survive `kill -9` of the relay for every answer an agent saw, and `/metrics` counts
+//! that match a known load.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use common::{Agent, Harness, Options, WAIT, free_port, tool_text};
+use mcp_tunnel::config::AuditSection;
+use mcp_tunnel::govern::policy::Role;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The one role of tenant `acme` in these tests: echo and add on any source; nothing else.
+fn caller_role() -> (String, Role) {
+    (
+        "caller".into(),
+        Role {
+            allow: vec!["*/echo".into(), "*/add".into()],
+            ..Role::default()
+        },
+    )
+}
+
+/// An `[audit]` section writing to `path`.
+fn audit_at(path: &Path) -> AuditSection {
+    toml::from_str(&format!("path = {:?}", path.display().to_string()))
+        .expect("a minimal [audit] section parses")
+}
+
+/// Runs the `mcp-tunnel` binary with `args`; returns (success, stdout, stderr).
+async fn mcp_tunnel(args: &[&str]) -> (bool, String, String) {
+    let output = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the command ends in time")
+    .expect("the command runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Every row of the trail at `db`, through `audit export`.
+async fn export(db: &Path) -> Vec<Value> {
+    let db = db.display().to_string();
+    let (ok, stdout, stderr) = mcp_tunnel(&["audit", "export", "--db", &db]).await;
+    assert!(ok, "audit export fails: {stderr}");
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is JSON ({e}): {l}")))
+        .collect()
+}
+
+/// `audit verify` passes on the trail at `db`.
+async fn assert_verifies(db: &Path) {
+    let db = db.display().to_string();
+    let (ok, stdout, stderr) = mcp_tunnel(&["audit", "verify", "--db", &db]).await;
+    assert!(ok, "audit verify fails:\n{stdout}\n{stderr}");
+}
+
+/// A row's outcome as `kind` or `kind:code`.
+fn outcome(row: &Value) -> String {
+    match row["outcome"]["code"].as_i64() {
+        Some(code) => format!("{}:{code}", row["outcome"]["kind"].as_str().unwrap_or("?")),
+        None => row["outcome"]["kind"].as_str().unwrap_or("?").to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_calls_across_two_tenants_give_one_row_each() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("audit.db");
+    let harness = Harness::start(Options {
+        audit: Some(audit_at(&db)),
+        acme_roles: vec![caller_role()],
+        ..Options::default()
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let upstream = common::demo_upstream(&stop).await;
+    let dead = format!("http://127.0.0.1:{}/mcp", free_port());
+    let _acme = harness
+        .connect(&harness.acme, &[("demo", &upstream), ("dead", &dead)])
+        .await;
+    let _other = harness
+        .connect(&harness.other, &[("demo", &upstream)])
+        .await;
+
+    // What each request should leave: (tenant, method, tool, decision, outcome).
+    let mut expected: Vec<(&str, &str, Option<&str>, &str, String)> = Vec::new();
+
+    let mut alice = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    assert_eq!(alice.initialize().await.status, 200);
+    expected.push(("acme", "initialize", None, "allow", "ok".into()));
+    for id in 1..=3 {
+        let answer = alice.call_tool(id, "echo", json!({"message": id})).await;
+        assert_eq!(tool_text(answer.response()), id.to_string());
+        expected.push(("acme", "tools/call", Some("echo"), "allow", "ok".into()));
+    }
+    // The tool runs and fails: a result with isError.
+    let overflow = alice
+        .call_tool(4, "add", json!({"a": i64::MAX, "b": 1}))
+        .await;
+    assert_eq!(overflow.response()["result"]["isError"], true);
+    expected.push((
+        "acme",
+        "tools/call",
+        Some("add"),
+        "allow",
+        "tool_error".into(),
+    ));
+    // Policy refuses it before the tunnel.
+    let denied = alice.call_tool(5, "sleep", json!({"ms": 1})).await;
+    assert_eq!(denied.response()["error"]["code"], -32602);
+    expected.push((
+        "acme",
+        "tools/call",
+        Some("sleep"),
+        "deny",
+        "error:-32602".into(),
+    ));
+    // The upstream answers with a JSON-RPC error.
+    let unknown = alice
+        .post(&json!({"jsonrpc":"2.0","id":6,"method":"no/such/method"}))
+        .await;
+    let code = unknown.response()["error"]["code"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("a JSON-RPC error: {unknown:?}"));
+    expected.push((
+        "acme",
+        "no/such/method",
+        None,
+        "allow",
+        format!("error:{code}"),
+    ));
+
+    // A source whose tunnel is up but whose server is down.
+    let mut to_dead = Agent::new(&harness.url("dead"), &harness.acme.api_key);
+    let failed = to_dead.initialize().await;
+    assert!(
+        to_dead.session.is_none(),
+        "no session with a dead source: {failed:?}"
+    );
+    let dead_code = failed.response()["error"]["code"].as_i64();
+    let dead_outcome = match dead_code {
+        Some(code) => format!("error:{code}"),
+        None => "tunnel_error".into(),
+    };
+    expected.push(("acme", "initialize", None, "allow", dead_outcome));
+    // A source with no tunnel at all: 404, recorded as a tunnel error.
+    let mut nowhere = Agent::new(&harness.url("nowhere"), &harness.acme.api_key);
+    assert_eq!(nowhere.initialize().await.status, 404);
+    expected.push(("acme", "initialize", None, "allow", "tunnel_error".into()));
+
+    // The other tenant has no roles: everything is allowed.
+    let mut bob = Agent::new(&harness.url("demo"), &harness.other.api_key);
+    assert_eq!(bob.initialize().await.status, 200);
+    expected.push(("other", "initialize", None, "allow", "ok".into()));
+    let slept = bob.call_tool(1, "sleep", json!({"ms": 1})).await;
+    assert_eq!(tool_text(slept.response()), "slept 1 ms");
+    expected.push(("other", "tools/call", Some("sleep"), "allow", "ok".into()));
+    let listed = bob
+        .post(&json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}))
+        .await;
+    assert!(listed.response()["result"]["tools"].is_array());
+    expected.push(("other", "tools/list", None, "allow", "ok".into()));
+
+    // Answers were released only after their rows were committed; the relay closes the trail
+    // on shutdown.
+    harness.stop().await;
+    let rows = export(&db).await;
+    assert_eq!(rows.len(), expected.len(), "one row per request: {rows:#?}");
+    let key = |tenant: &str, method: &str, tool: Option<&str>, decision: &str, outcome: &str| {
+        format!(
+            "{tenant} {method} {} {decision} {outcome}",
+            tool.unwrap_or("-")
+        )
+    };
+    let mut want: Vec<String> = expected
+        .iter()
+        .map(|(t, m, tool, d, o)| key(t, m, *tool, d, o))
+        .collect();
+    let mut got: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            key(
+                row["tenant"].as_str().unwrap_or("?"),
+                row["mcp.method.name"].as_str().unwrap_or("?"),
+                row["gen_ai.tool.name"].as_str(),
+                row["decision"].as_str().unwrap_or("?"),
+                &outcome(row),
+            )
+        })
+        .collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "rows: {rows:#?}");
+
+    for row in &rows {
+        let tenant = row["tenant"].as_str().unwrap_or_default();
+        assert_eq!(row["subject"], format!("agent@{tenant}"));
+        assert_eq!(row["direction"], "agent_to_server");
+        assert_eq!(
+            row["args_sha256"].as_str().map(str::len),
+            Some(64),
+            "every row has the arguments' digest: {row}"
+        );
+        assert!(row["bytes_in"].as_u64() > Some(0), "{row}");
+        let reached = row["network.transport"].as_str();
+        match (row["decision"].as_str(), outcome(row).as_str()) {
+            (Some("deny"), _) | (_, "tunnel_error") => {}
+            _ => assert_eq!(reached, Some("quic"), "{row}"),
+        }
+    }
+    // Calls in a session carry its id; the echo digests are of their params as sent.
+    let echo_one = rows
+        .iter()
+        .find(|r| r["gen_ai.tool.name"] == "echo" && r["jsonrpc.request.id"] == "1")
+        .expect("the first echo's row");
+    assert_eq!(
+        echo_one["mcp.session.id"].as_str(),
+        alice.session.as_deref(),
+        "{echo_one}"
+    );
+    assert_eq!(
+        echo_one["args_sha256"],
+        mcp_tunnel::govern::audit::digest(
+            json!({"name":"echo","arguments":{"message":1}})
+                .to_string()
+                .as_bytes()
+        ),
+        "the digest is of the params text exactly as the agent sent it"
+    );
+    assert_eq!(
+        rows.iter()
+            .find(|r| r["decision"] == "deny")
+            .map(|r| r["rule"].as_str().unwrap_or_default().is_empty()),
+        Some(false),
+        "a denial names its rule"
+    );
+    assert_verifies(&db).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics.
+
+/// The value of every sample of `name` in a Prometheus text exposition, by its labels.
+fn samples(text: &str, name: &str) -> Vec<(BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((metric, labels)) => (metric, labels.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let labels = labels
+                .split("\",")
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (key, value) = pair.split_once("=\"")?;
+                    Some((key.to_owned(), value.trim_end_matches('"').to_owned()))
+                })
+                .collect();
+            Some((labels, value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of `name`'s samples whose labels include every pair of `filter`.
+fn total(text: &str, name: &str, filter: &[(&str, &str)]) -> f64 {
+    samples(text, name)
+        .into_iter()
+        .filter(|(labels, _)| {
+            filter
+                .iter()
+                .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
+async fn scrape(harness: &Harness) -> String {
+    let response = reqwest::Client::new()
+        .get(harness.admin_url("/metrics"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .expect("/metrics answers");
+    assert_eq!(response.status(), 200);
+    response.text().await.expect("/metrics body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_load_exactly() {
+    // The recorder is per process: this test's calls go to a source name no other test uses.
+    const SOURCE: &str = "metered";
+    let harness = Harness::start(Options {
+        acme_roles: vec![caller_role()],
+        ..Options::default()
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let upstream = common::demo_upstream(&stop).await;
+    let _acme = harness.connect(&harness.acme, &[(SOURCE, &upstream)]).await;
+    let before = scrape(&harness).await;
+
+    const ECHOES: u64 = 7;
+    const TOOL_ERRORS: u64 = 3;
+    const DENIED: u64 = 4;
+    let mut agent = Agent::new(&harness.url(SOURCE), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let mut id = 0;
+    for _ in 0..ECHOES {
+        id += 1;
+        let answer = agent.call_tool(id, "echo", json!({"message": "m"})).await;
+        assert_eq!(tool_text(answer.response()), "m");
+    }
+    for _ in 0..TOOL_ERRORS {
+        id += 1;
+        let answer = agent
+            .call_tool(id, "add", json!({"a": i64::MAX, "b": 1}))
+            .await;
+        assert_eq!(answer.response()["result"]["isError"], true);
+    }
+    for _ in 0..DENIED {
+        id += 1;
+        let answer = agent.call_tool(id, "blob", json!({"size": 1})).await;
+        assert_eq!(answer.response()["error"]["code"], -32602);
+    }
+    let after = scrape(&harness).await;
+
+    let delta = |filter: &[(&str, &str)]| {
+        let mut filter = filter.to_vec();
+        filter.push(("source", SOURCE));
+        total(&after, "mcp_tunnel_calls_total", &filter)
+            - total(&before, "mcp_tunnel_calls_total", &filter)
+    };
+    let calls = 1 + ECHOES + TOOL_ERRORS + DENIED;
+    assert_eq!(
+        delta(&[]),
+        calls as f64,
+        "every call counted once:\n{after}"
+    );
+    assert_eq!(delta(&[("outcome", "ok")]), (1 + ECHOES) as f64);
+    assert_eq!(delta(&[("outcome", "tool_error")]), TOOL_ERRORS as f64);
+    assert_eq!(delta(&[("outcome", "error")]), DENIED as f64);
+    assert_eq!(delta(&[("decision", "deny")]), DENIED as f64);
+    assert_eq!(
+        delta(&[("decision", "allow")]),
+        (1 + ECHOES + TOOL_ERRORS) as f64
+    );
+    assert_eq!(
+        delta(&[("tool", "echo"), ("tenant", "acme")]),
+        ECHOES as f64
+    );
+    let latency_count = |text: &str| {
+        total(
+            text,
+            "mcp_tunnel_call_duration_seconds_count",
+            &[("source", SOURCE)],
+        )
+    };
+    assert_eq!(
+        latency_count(&after) - latency_count(&before),
+        calls as f64,
+        "one latency sample per call"
+    );
+    assert!(
+        total(
+            &after,
+            "mcp_tunnel_call_bytes_out_total",
+            &[("source", SOURCE)]
+        ) > 0.0,
+        "bytes out counted"
+    );
+    assert!(
+        total(&after, "mcp_tunnel_connections", &[("transport", "quic")]) >= 1.0,
+        "tunnel connections by transport:\n{after}"
+    );
+    assert!(
+        !samples(&after, "mcp_tunnel_rtt_seconds").is_empty(),
+        "the live tunnel's RTT:\n{after}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// kill -9 of the relay binary under load.
+
+/// The address after `key=` on a log line.
+fn field(line: &str, key: &str) -> std::net::SocketAddr {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|value| value.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
+}
+
+/// Agent tasks calling echo in a loop.
+const LOADERS: usize = 6;
+/// Answers received before the kill, at least (so the kill lands mid-load).
+const ANSWERS_BEFORE_KILL: usize = 60;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
+    use mcp_tunnel::govern::SecretHash;
+    use mcp_tunnel::govern::identity::new_secret;
+
+    common::init_tracing();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("audit.db");
+    let tunnel_token = new_secret("mcpt_tok_");
+    let api_key = new_secret("mcpt_key_");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+
+[agents]
+listen = "127.0.0.1:0"
+
+[audit]
+path = "audit.db"
+
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+
+[[tenants.keys]]
+subject = "agent@acme.example"
+key = "{}"
+"#,
+            SecretHash::of(&tunnel_token),
+            SecretHash::of(&api_key),
+        ),
+    )
+    .expect("write relay.toml");
+
+    let mut relay = common::Peer::start(
+        "relay",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("relay")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+    );
+    let listening = relay
+        .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
+        .await;
+    let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
+
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let upstream = common::demo_upstream(&stop).await;
+    let mut settings = mcp_tunnel::client::ClientSettings::new(
+        tunnel.to_string(),
+        tunnel_token,
+        vec![
+            mcp_tunnel::config::SourceConfig::parse_flag(&format!("demo={upstream}"))
+                .expect("source"),
+        ],
+    );
+    settings.ca_pem = Some(certs.ca_pem);
+    settings.transport = mcp_tunnel::config::TransportChoice::Quic;
+    settings.connections = 1;
+    tokio::spawn(mcp_tunnel::client::run(settings, stop.child_token()));
+    relay
+        .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
+        .await;
+
+    // Each loader calls echo with a unique message; an answer counts only if it is the echo.
+    let url = format!("http://{agents}/mcp/demo");
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut loaders = tokio::task::JoinSet::new();
+    for loader in 0..LOADERS {
+        let mut agent = Agent::new(&url, &api_key);
+        agent.http = reqwest::Client::builder()
+            .timeout(WAIT)
+            .build()
+            .expect("HTTP client");
+        let (answered, seen_tx) = (answered.clone(), seen_tx.clone());
+        loaders.spawn(async move {
+            if agent.initialize().await.status != 200 {
+                return;
+            }
+            // Bounded: the relay dies long before this many calls.
+            for id in 1..=100_000u64 {
+                let message = format!("loader{loader}-call{id}");
+                let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"message":message}}});
+                let Ok(response) = agent
+                    .request(reqwest::Method::POST)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                let Ok(bytes) = response.bytes().await else {
+                    return;
+                };
+                let text = String::from_utf8_lossy(&bytes);
+                let data = common::sse_data(&bytes);
+                let json_text = data.last().map(String::as_str).unwrap_or(&text);
+                match serde_json::from_str::<Value>(json_text) {
+                    Ok(v) if v["result"]["content"][0]["text"] == message.as_str() => {
+                        answered.lock().expect("lock").push(message);
+                        let _ = seen_tx.send(());
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    drop(seen_tx);
+    tokio::time::timeout(WAIT, async {
+        for _ in 0..ANSWERS_BEFORE_KILL {
+            seen_rx.recv().await.expect("loaders keep answering");
+        }
+    })
+    .await
+    .expect("load flows");
+
+    // SIGKILL by PID, mid-load.
+    let pid = relay.child.0.id().expect("the relay runs");
+    // SAFETY: kill(2) with the PID of our own unreaped child and a valid signal number.
+    let rc = unsafe { libc::kill(i32::try_from(pid).expect("pid_t"), libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill -9 the relay");
+    let _ = tokio::time::timeout(WAIT, relay.child.0.wait()).await;
+    tokio::time::timeout(WAIT, async { while loaders.join_next().await.is_some() {} })
+        .await
+        .expect("every loader stops once the relay is gone");
+
+    // Read the trail as the crash left it (WAL and all).
+    let rows = export(&db).await;
+    let digests: HashMap<String, usize> = rows
+        .iter()
+        .filter_map(|r| r["args_sha256"].as_str())
+        .fold(HashMap::new(), |mut m, d| {
+            *m.entry(d.to_owned()).or_default() += 1;
+            m
+        });
+    let answered = answered.lock().expect("lock").clone();
+    assert!(answered.len() >= ANSWERS_BEFORE_KILL);
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|message| {
+            let params = json!({"name":"echo","arguments":{"message":message}});
+            let digest = mcp_tunnel::govern::audit::digest(params.to_string().as_bytes());
+            !digests.contains_key(&digest)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered calls have no row, e.g. {:?}",
+        missing.len(),
+        answered.len(),
+        missing.first()
+    );
+    assert_verifies(&db).await;
+}
