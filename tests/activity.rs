@@ -1,18 +1,17 @@
-//! The live activity page: `/api/activity` and the event stream reflect the calls the relay
-//! records, and the page itself, rendered by headless Chromium (Debian's `chromium`, installed
-//! by scripts/install-peers.sh), shows the tunnels and the latest calls. The screenshot is kept
-//! at `target/activity/activity.png` for a person to look at.
+//! The live activity page, over real calls through the relay (allowed, denied and failing, two
+//! tenants): `/api/activity` and the event stream reflect them, and the page itself, rendered
+//! by headless Chromium (Debian's `chromium`, installed by scripts/install-peers.sh), shows the
+//! tunnels and the latest calls, including calls pushed while it watches. The screenshot is
+//! kept at `target/activity/activity.png` for a person to look at.
 
 mod common;
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::{Agent, Harness, Options, TenantCreds, WAIT, demo_upstream};
-use mcp_tunnel::govern::audit::{Direction, Outcome, Record, Verdict, digest};
-use serde_json::Value;
+use common::{Agent, Harness, Options, WAIT, demo_upstream, tool_text};
+use mcp_tunnel::govern::policy::Role;
+use serde_json::{Value, json};
 
 /// Where Debian puts Chromium.
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -20,169 +19,107 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 /// Chromium's bound on a page that never loads, milliseconds.
 const LOAD_BOUND: &str = "--timeout=20000";
 
-/// A subject a hostile identity provider could hand out: the page must show it as text.
-const HOSTILE_SUBJECT: &str = "<img src=x onerror=alert(1)>@evil";
+/// A tool name an agent made up to attack the page: it must show as text.
+const HOSTILE_TOOL: &str = "<img src=x onerror=alert(1)>";
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// acme's load: `echo` calls that succeed, `add` calls that overflow (a tool error), `blob`
+/// calls its role does not allow.
+const ECHOES: u64 = 12;
+const TOOL_ERRORS: u64 = 3;
+const DENIED: u64 = 4;
+/// other's load (it has no roles: everything allowed): `echo`, `sleep`, and two failures (a
+/// made-up tool and a made-up method).
+const OTHER_ECHOES: u64 = 6;
+const SLEEPS: u64 = 2;
+
+/// acme's one role: echo and add on any source; nothing else.
+fn caller_role() -> (String, Role) {
+    (
+        "caller".into(),
+        Role {
+            allow: vec!["*/echo".into(), "*/add".into()],
+            ..Role::default()
+        },
+    )
 }
 
-/// One call as the relay records it.
-struct Call {
-    tenant: &'static str,
-    subject: &'static str,
-    source: &'static str,
-    tool: &'static str,
-    decision: Verdict,
-    outcome: Outcome,
-    latency_us: u64,
-}
-
-impl Call {
-    fn record(&self) -> Record {
-        Record {
-            time_ms: now_ms(),
-            tenant: self.tenant.into(),
-            subject: self.subject.into(),
-            roles: vec!["analyst".into()],
-            source: self.source.into(),
-            session: Some("s-1".into()),
-            transport: (self.decision == Verdict::Allow).then(|| "quic".into()),
-            protocol_version: Some("2025-11-25".into()),
-            direction: Direction::AgentToServer,
-            method: "tools/call".into(),
-            request_id: Some("1".into()),
-            tool: Some(self.tool.into()),
-            resource: None,
-            prompt: None,
-            decision: self.decision,
-            rule: match self.decision {
-                Verdict::Allow => format!("role analyst allows {}/{}", self.source, self.tool),
-                Verdict::Deny => format!("no role allows {}/{}", self.source, self.tool),
-            },
-            outcome: self.outcome,
-            latency_us: self.latency_us,
-            bytes_in: 100,
-            bytes_out: 200,
-            args_sha256: digest(b"{}"),
-            args: None,
-            result: None,
-        }
-    }
-}
-
-/// The load every test here feeds: two tenants, allowed, denied and failing calls.
-/// acme: 40 `echo` ok (alice), 5 `add` tool errors (bob), 7 `blob` denied (mallory);
-/// other: 20 `echo` ok (carol), 3 `sleep` timeouts (carol), 1 `echo` by a hostile subject.
-fn load() -> Vec<Call> {
-    let mut calls = Vec::new();
-    for i in 0..40 {
-        calls.push(Call {
-            tenant: "acme",
-            subject: "alice@acme.example",
-            source: "demo",
-            tool: "echo",
-            decision: Verdict::Allow,
-            outcome: Outcome::Ok,
-            latency_us: 1_000 + i * 10,
-        });
-    }
-    for _ in 0..5 {
-        calls.push(Call {
-            tenant: "acme",
-            subject: "bob@acme.example",
-            source: "demo",
-            tool: "add",
-            decision: Verdict::Allow,
-            outcome: Outcome::ToolError,
-            latency_us: 2_500,
-        });
-    }
-    for _ in 0..7 {
-        calls.push(Call {
-            tenant: "acme",
-            subject: "mallory@acme.example",
-            source: "demo",
-            tool: "blob",
-            decision: Verdict::Deny,
-            outcome: Outcome::Error(-32602),
-            latency_us: 40,
-        });
-    }
-    for _ in 0..20 {
-        calls.push(Call {
-            tenant: "other",
-            subject: "carol@other.example",
-            source: "files",
-            tool: "echo",
-            decision: Verdict::Allow,
-            outcome: Outcome::Ok,
-            latency_us: 3_000,
-        });
-    }
-    for _ in 0..3 {
-        calls.push(Call {
-            tenant: "other",
-            subject: "carol@other.example",
-            source: "files",
-            tool: "sleep",
-            decision: Verdict::Allow,
-            outcome: Outcome::Timeout,
-            latency_us: 30_000_000,
-        });
-    }
-    calls.push(Call {
-        tenant: "other",
-        subject: HOSTILE_SUBJECT,
-        source: "files",
-        tool: "echo",
-        decision: Verdict::Allow,
-        outcome: Outcome::Ok,
-        latency_us: 900,
-    });
-    calls
-}
-
-/// A relay with a tunnel for each tenant (acme serves `demo`, other serves `files`) and one
-/// agent session each.
+/// A relay whose tenants each have a tunnel (acme serves `demo`, other serves `files`), and an
+/// agent session for each.
 struct Scene {
     harness: Harness,
+    acme: Agent,
+    other: Agent,
     _clients: Vec<common::Client>,
-    _agents: Vec<Agent>,
 }
 
 async fn scene() -> Scene {
-    let harness = Harness::start(Options::default()).await;
+    let harness = Harness::start(Options {
+        acme_roles: vec![caller_role()],
+        ..Options::default()
+    })
+    .await;
     let upstream = demo_upstream(&harness.shutdown).await;
-    let mut clients = Vec::new();
-    let mut agents = Vec::new();
-    for (tenant, source) in [(&harness.acme, "demo"), (&harness.other, "files")] {
-        clients.push(harness.connect(tenant, &[(source, &upstream)]).await);
-        agents.push(session(&harness, tenant, source).await);
-    }
+    let clients = vec![
+        harness.connect(&harness.acme, &[("demo", &upstream)]).await,
+        harness
+            .connect(&harness.other, &[("files", &upstream)])
+            .await,
+    ];
+    let mut acme = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    assert_eq!(acme.initialize().await.status, 200);
+    let mut other = Agent::new(&harness.url("files"), &harness.other.api_key);
+    assert_eq!(other.initialize().await.status, 200);
     Scene {
         harness,
+        acme,
+        other,
         _clients: clients,
-        _agents: agents,
     }
 }
 
-async fn session(harness: &Harness, tenant: &TenantCreds, source: &str) -> Agent {
-    let mut agent = Agent::new(&harness.url(source), &tenant.api_key);
-    let answer = agent.initialize().await;
-    assert_eq!(answer.status, 200, "initialize: {answer:?}");
-    assert!(agent.session.is_some(), "a session id: {answer:?}");
-    agent
+/// acme's calls: `1 + ECHOES + TOOL_ERRORS + DENIED` with its `initialize`.
+async fn acme_load(agent: &Agent) {
+    let mut id = 0;
+    for _ in 0..ECHOES {
+        id += 1;
+        let answer = agent.call_tool(id, "echo", json!({"message": "hi"})).await;
+        assert_eq!(tool_text(answer.response()), "hi");
+    }
+    for _ in 0..TOOL_ERRORS {
+        id += 1;
+        let answer = agent
+            .call_tool(id, "add", json!({"a": i64::MAX, "b": 1}))
+            .await;
+        assert_eq!(answer.response()["result"]["isError"], true);
+    }
+    for _ in 0..DENIED {
+        id += 1;
+        let answer = agent.call_tool(id, "blob", json!({"size": 1})).await;
+        assert_eq!(answer.response()["error"]["code"], -32602);
+    }
 }
 
-/// Feeds the load through the relay state, as the relay does for every finished call.
-fn feed(harness: &Harness, calls: &[Call]) {
-    for call in calls {
-        harness.state.activity.push(Arc::new(call.record()));
+/// other's calls: `1 + OTHER_ECHOES + SLEEPS + 2` with its `initialize`.
+async fn other_load(agent: &Agent) {
+    let mut id = 0;
+    for _ in 0..OTHER_ECHOES {
+        id += 1;
+        let answer = agent.call_tool(id, "echo", json!({"message": "yo"})).await;
+        assert_eq!(tool_text(answer.response()), "yo");
     }
+    for _ in 0..SLEEPS {
+        id += 1;
+        let answer = agent.call_tool(id, "sleep", json!({"ms": 1})).await;
+        assert_eq!(tool_text(answer.response()), "slept 1 ms");
+    }
+    let hostile = agent.call_tool(100, HOSTILE_TOOL, json!({})).await;
+    let failed = hostile.response().get("error").is_some()
+        || hostile.response()["result"]["isError"] == true;
+    assert!(failed, "no such tool: {hostile:?}");
+    let unknown = agent
+        .post(&json!({"jsonrpc":"2.0","id":101,"method":"no/such/method"}))
+        .await;
+    assert!(unknown.response()["error"]["code"].is_i64(), "{unknown:?}");
 }
 
 async fn get_json(url: &str) -> Value {
@@ -205,22 +142,30 @@ fn tool_row<'a>(snapshot: &'a Value, tenant: &str, tool: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {tenant}/{tool} row in {snapshot:#}"))
 }
 
+fn counts(row: &Value) -> (u64, u64, u64) {
+    let n = |k: &str| row[k].as_u64().unwrap_or_else(|| panic!("{k} in {row}"));
+    (n("calls"), n("denied"), n("errors"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_reflects_the_calls_of_each_tenant() {
+async fn api_reflects_real_calls_of_each_tenant() {
     let scene = scene().await;
+    acme_load(&scene.acme).await;
+    other_load(&scene.other).await;
     let harness = &scene.harness;
-    let calls = load();
-    feed(harness, &calls);
-    let all = get_json(&format!("http://{}/api/activity", harness.admin)).await;
+    // Every answer was released after its call reached the feed: no wait needed.
+    let all = get_json(&harness.admin_url("/api/activity")).await;
 
     assert_eq!(all["tenant"], Value::Null);
-    assert_eq!(all["tenants"], serde_json::json!(["acme", "other"]));
+    assert_eq!(all["tenants"], json!(["acme", "other"]));
     assert_eq!(all["sessions"], 2, "one session per tenant: {all:#}");
-    let tunnels = all["tunnels"].as_array().expect("tunnels");
-    let mut served: Vec<(String, String)> = tunnels
+    let mut served: Vec<(String, String)> = all["tunnels"]
+        .as_array()
+        .expect("tunnels")
         .iter()
         .map(|t| {
             assert_eq!(t["transport"], "quic");
+            assert!(t["rtt_ms"].as_f64().is_some_and(|rtt| rtt >= 0.0));
             (
                 t["tenant"].as_str().expect("tenant").into(),
                 t["source"].as_str().expect("source").into(),
@@ -235,84 +180,88 @@ async fn api_reflects_the_calls_of_each_tenant() {
             ("other".into(), "files".into())
         ]
     );
-    assert_eq!(all["offline"], serde_json::json!([]));
+    assert_eq!(all["offline"], json!([]));
+    let acme_calls = 1 + ECHOES + TOOL_ERRORS + DENIED;
+    let other_calls = 1 + OTHER_ECHOES + SLEEPS + 2;
     assert_eq!(
         all["totals"],
-        serde_json::json!({"calls": calls.len(), "denied": 7, "errors": 8})
+        json!({"calls": acme_calls + other_calls, "denied": DENIED, "errors": TOOL_ERRORS + 2})
     );
 
+    assert_eq!(counts(tool_row(&all, "acme", "echo")), (ECHOES, 0, 0));
+    assert_eq!(
+        counts(tool_row(&all, "acme", "add")),
+        (TOOL_ERRORS, 0, TOOL_ERRORS)
+    );
+    assert_eq!(counts(tool_row(&all, "acme", "blob")), (DENIED, DENIED, 0));
+    assert_eq!(counts(tool_row(&all, "acme", "initialize")), (1, 0, 0));
+    assert_eq!(counts(tool_row(&all, "other", "sleep")), (SLEEPS, 0, 0));
+    assert_eq!(counts(tool_row(&all, "other", HOSTILE_TOOL)), (1, 0, 1));
+    assert_eq!(counts(tool_row(&all, "other", "no/such/method")), (1, 0, 1));
     let echo = tool_row(&all, "acme", "echo");
-    assert_eq!(
-        (&echo["calls"], &echo["denied"], &echo["errors"]),
-        (&40.into(), &0.into(), &0.into())
-    );
-    // Latencies 1.000, 1.010, ... 1.390 ms: nearest-rank percentiles.
-    assert_eq!(echo["p50_ms"], 1.19);
-    assert_eq!(echo["p90_ms"], 1.35);
-    assert_eq!(echo["p99_ms"], 1.39);
-    assert_eq!(echo["window"], 40);
-    let add = tool_row(&all, "acme", "add");
-    assert_eq!((&add["calls"], &add["errors"]), (&5.into(), &5.into()));
+    assert_eq!(echo["window"], ECHOES);
+    let p = |k: &str| echo[k].as_f64().unwrap_or_else(|| panic!("{k} in {echo}"));
+    assert!(0.0 < p("p50_ms") && p("p50_ms") <= p("p90_ms") && p("p90_ms") <= p("p99_ms"));
     let blob = tool_row(&all, "acme", "blob");
-    assert_eq!(
-        (&blob["calls"], &blob["denied"], &blob["errors"]),
-        (&7.into(), &7.into(), &0.into())
-    );
     assert_eq!(blob["p50_ms"], Value::Null, "denied calls have no latency");
-    let sleep = tool_row(&all, "other", "sleep");
-    assert_eq!(
-        (&sleep["errors"], &sleep["p99_ms"]),
-        (&3.into(), &30_000.0.into())
-    );
 
     let latest = all["calls"].as_array().expect("calls");
-    assert_eq!(latest.len(), calls.len());
-    assert_eq!(latest[0]["subject"], HOSTILE_SUBJECT, "newest first");
-    assert_eq!(
-        latest.last().expect("a call")["subject"],
-        "alice@acme.example"
-    );
+    assert_eq!(latest.len() as u64, acme_calls + other_calls);
+    assert_eq!(latest[0]["method"], "no/such/method", "newest first");
+    assert_eq!(latest[0]["subject"], "agent@other");
+    assert_eq!(latest.last().expect("a call")["method"], "initialize");
     let denied = latest
         .iter()
         .find(|c| c["decision"] == "deny")
         .expect("a denied call");
     assert_eq!(
-        (&denied["target"], &denied["outcome"], &denied["code"]),
-        (&"blob".into(), &"error".into(), &(-32602).into())
+        (
+            &denied["target"],
+            &denied["outcome"],
+            &denied["code"],
+            &denied["subject"]
+        ),
+        (
+            &json!("blob"),
+            &json!("error"),
+            &json!(-32602),
+            &json!("agent@acme")
+        )
+    );
+    let echoed = latest
+        .iter()
+        .find(|c| c["target"] == "echo" && c["tenant"] == "acme")
+        .expect("an echo");
+    assert_eq!(
+        (&echoed["outcome"], &echoed["transport"]),
+        (&json!("ok"), &json!("quic"))
     );
 
-    let acme = get_json(&format!(
-        "http://{}/api/activity?tenant=acme",
-        harness.admin
-    ))
-    .await;
+    let acme = get_json(&harness.admin_url("/api/activity?tenant=acme")).await;
     assert_eq!(acme["tenant"], "acme");
     assert_eq!(
         acme["tenants"], all["tenants"],
         "the filter lists every tenant"
     );
     assert_eq!(acme["sessions"], 1);
-    assert!(
-        acme["tunnels"]
+    let only_acme = |key: &str| {
+        acme[key]
             .as_array()
-            .expect("tunnels")
+            .unwrap_or_else(|| panic!("{key} in {acme}"))
             .iter()
-            .all(|t| t["tenant"] == "acme"),
+            .all(|row| row["tenant"] == "acme")
+    };
+    assert!(
+        only_acme("tunnels") && only_acme("tools") && only_acme("calls"),
         "{acme:#}"
     );
     assert_eq!(
         acme["totals"],
-        serde_json::json!({"calls": 52, "denied": 7, "errors": 5})
+        json!({"calls": acme_calls, "denied": DENIED, "errors": TOOL_ERRORS})
     );
-    let acme_calls = acme["calls"].as_array().expect("calls");
-    assert_eq!(acme_calls.len(), 52);
-    assert!(acme_calls.iter().all(|c| c["tenant"] == "acme"));
-    assert!(
-        acme["tools"]
-            .as_array()
-            .expect("tools")
-            .iter()
-            .all(|t| t["tenant"] == "acme")
+    assert_eq!(
+        acme["calls"].as_array().expect("calls").len() as u64,
+        acme_calls
     );
 }
 
@@ -385,42 +334,36 @@ impl Events {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_push_a_snapshot_then_new_calls_and_end_at_shutdown() {
-    let scene = scene().await;
     let Scene {
         harness,
+        acme,
+        other,
         _clients,
-        _agents,
-    } = scene;
-    let calls = load();
-    feed(&harness, &calls[..10]);
-    let mut events = Events::open(&format!(
-        "http://{}/activity/events?tenant=other",
-        harness.admin
-    ))
-    .await;
+    } = scene().await;
+    let mut events = Events::open(&harness.admin_url("/activity/events?tenant=other")).await;
     let (name, snapshot) = events.next().await.expect("a first event");
     assert_eq!(name, "snapshot");
     assert_eq!(snapshot["tenant"], "other");
-    assert_eq!(
-        snapshot["calls"],
-        serde_json::json!([]),
-        "no call of other yet"
-    );
     assert_eq!(snapshot["tunnels"][0]["source"], "files");
+    let calls = snapshot["calls"].as_array().expect("calls");
+    assert_eq!(calls.len(), 1, "other's initialize: {snapshot:#}");
+    assert_eq!(calls[0]["method"], "initialize");
 
     // An acme call, then other's: the viewer of other sees only its own.
-    feed(&harness, &calls[10..11]);
-    feed(&harness, &calls[52..54]);
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        let batch = events.next_named("calls").await;
-        seen.extend(batch.as_array().expect("a calls array").iter().cloned());
-    }
-    assert_eq!(seen.len(), 2);
-    assert!(
-        seen.iter()
-            .all(|c| c["tenant"] == "other" && c["target"] == "echo"),
-        "{seen:#?}"
+    let answer = acme.call_tool(1, "echo", json!({"message": "a"})).await;
+    assert_eq!(tool_text(answer.response()), "a");
+    let answer = other.call_tool(1, "echo", json!({"message": "o"})).await;
+    assert_eq!(tool_text(answer.response()), "o");
+    let batch = events.next_named("calls").await;
+    let batch = batch.as_array().expect("a calls array");
+    assert_eq!(batch.len(), 1, "only other's call: {batch:#?}");
+    assert_eq!(
+        (
+            &batch[0]["tenant"],
+            &batch[0]["target"],
+            &batch[0]["subject"]
+        ),
+        (&json!("other"), &json!("echo"), &json!("agent@other"))
     );
 
     let refresh = events.next_named("refresh").await;
@@ -428,15 +371,12 @@ async fn events_push_a_snapshot_then_new_calls_and_end_at_shutdown() {
     assert_eq!(refresh["totals"]["calls"], 2);
     assert_eq!(refresh["sessions"], 1);
 
-    // Shutdown ends the stream (and the relay waits for no viewer).
+    // Shutdown ends the stream (and the relay does not wait for the viewer).
     tokio::time::timeout(WAIT, harness.stop())
         .await
         .expect("the relay stops with a viewer attached");
-    loop {
-        match events.next().await {
-            None => break,
-            Some((name, _)) => assert_ne!(name, "calls", "no call after shutdown"),
-        }
+    while let Some((name, data)) = events.next().await {
+        assert_ne!(name, "calls", "no call after the last one: {data}");
     }
 }
 
@@ -506,16 +446,18 @@ async fn chromium(url: &str, extra: &[String]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_the_tunnels_and_the_latest_calls() {
     let scene = scene().await;
-    let harness = &scene.harness;
-    feed(harness, &load());
-    let url = format!("http://{}/activity", harness.admin);
+    acme_load(&scene.acme).await;
+    other_load(&scene.other).await;
+    let url = scene.harness.admin_url("/activity");
 
     // The page carries its first snapshot, so it is complete at its load event, when Chromium
     // dumps it; `--timeout` only bounds a page that never loads. (`--virtual-time-budget`
     // would wait for the event stream to end: virtual time stands still while a fetch is open.)
     let dom = chromium(&url, &[LOAD_BOUND.into(), "--dump-dom".into()]).await;
     let tunnels = section(&dom, "id=\"tunnels\"");
-    for want in ["acme", "demo", "other", "files", "quic", "online"] {
+    for want in [
+        ">acme<", ">demo<", ">other<", ">files<", ">quic<", ">online<",
+    ] {
         assert!(
             tunnels.contains(want),
             "tunnels table lacks {want}:\n{tunnels}"
@@ -523,17 +465,16 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
     }
     let latest = section(&dom, "id=\"calls\"");
     for want in [
-        "alice@acme.example",
-        "bob@acme.example",
-        "mallory@acme.example",
-        "carol@other.example",
+        ">agent@acme<",
+        ">agent@other<",
         ">echo<",
         ">add<",
         ">blob<",
         ">sleep<",
-        "tool error",
-        "timeout",
-        "error -32602",
+        ">initialize<",
+        ">no/such/method<",
+        ">tool error<",
+        ">error -32602<",
     ] {
         assert!(latest.contains(want), "latest calls lack {want}:\n{latest}");
     }
@@ -545,16 +486,20 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
         latest.contains("<tr class=\"error"),
         "a failed row is marked:\n{latest}"
     );
-    // The hostile subject is text, not markup.
+    // The hostile tool name is text, not markup.
     assert!(
-        latest.contains("&lt;img src=x onerror=alert(1)&gt;@evil"),
+        latest.contains(">&lt;img src=x onerror=alert(1)&gt;<"),
         "{latest}"
     );
     assert!(!dom.contains("<img"), "no element came from a name:\n{dom}");
     let tools = section(&dom, "id=\"tools\"");
-    assert!(tools.contains(">1.19<"), "acme echo p50 shown:\n{tools}");
     assert!(
-        dom.contains("id=\"fig-calls\">76<"),
+        tools.contains(">blob<") && tools.contains(">initialize<"),
+        "{tools}"
+    );
+    let calls = 1 + ECHOES + TOOL_ERRORS + DENIED + 1 + OTHER_ECHOES + SLEEPS + 2;
+    assert!(
+        dom.contains(&format!("id=\"fig-calls\">{calls}<")),
         "the calls figure:\n{dom}"
     );
 
@@ -572,15 +517,15 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_shows_calls_pushed_while_it_watches() {
+async fn chromium_shows_calls_made_while_it_watches() {
     let Scene {
         harness,
+        acme,
+        other,
         _clients,
-        _agents,
     } = scene().await;
-    let calls = load();
-    feed(&harness, &calls[..52]);
-    let url = format!("http://{}/activity", harness.admin);
+    acme_load(&acme).await;
+    let url = harness.admin_url("/activity");
     // Virtual time stands still while the event stream is open and runs on once the relay
     // has stopped, so the page has handled every event sent before the stop when it is dumped.
     let browser = tokio::spawn(async move {
@@ -598,8 +543,11 @@ async fn chromium_shows_calls_pushed_while_it_watches() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // other's calls exist only after the page loaded: only the event stream can show them.
-    feed(&harness, &calls[52..]);
+    // other's sleeps happen only after the page loaded: only the event stream can show them.
+    for id in 1..=SLEEPS {
+        let answer = other.call_tool(id, "sleep", json!({"ms": 1})).await;
+        assert_eq!(tool_text(answer.response()), "slept 1 ms");
+    }
     tokio::time::timeout(WAIT, harness.stop())
         .await
         .expect("the relay stops with a viewer attached");
@@ -608,11 +556,11 @@ async fn chromium_shows_calls_pushed_while_it_watches() {
         .expect("chromium finishes after the stream ends")
         .expect("the chromium task does not panic");
     let latest = section(&dom, "id=\"calls\"");
-    for want in ["carol@other.example", ">sleep<", "alice@acme.example"] {
+    for want in [">sleep<", ">agent@other<", ">agent@acme<"] {
         assert!(latest.contains(want), "latest calls lack {want}:\n{latest}");
     }
     assert!(
-        latest.contains("class=\"fresh"),
+        latest.contains("<tr class=\"fresh"),
         "pushed rows are marked new:\n{latest}"
     );
 }

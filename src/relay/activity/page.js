@@ -127,7 +127,7 @@
       tr.append(
         cell(t.overflow ? "(other)" : t.tenant),
         cell(t.overflow ? "" : t.source),
-        cell(t.overflow ? "keys past the table's bound" : t.tool, "mono"),
+        cell(t.overflow ? "keys past the table's bound" : t.tool, "mono name"),
         cell(count(t.calls), "num"),
         denied,
         errors,
