@@ -503,6 +503,26 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
         "the calls figure:\n{dom}"
     );
 
+    // One tenant's page: its tunnel and calls only, the filter set to it.
+    let acme_dom = chromium(
+        &format!("{url}?tenant=acme"),
+        &[LOAD_BOUND.into(), "--dump-dom".into()],
+    )
+    .await;
+    let acme_latest = section(&acme_dom, "id=\"calls\"");
+    assert!(acme_latest.contains(">agent@acme<"), "{acme_latest}");
+    assert!(!acme_latest.contains(">agent@other<"), "{acme_latest}");
+    let acme_tunnels = section(&acme_dom, "id=\"tunnels\"");
+    assert!(
+        acme_tunnels.contains(">demo<") && !acme_tunnels.contains(">files<"),
+        "{acme_tunnels}"
+    );
+    assert!(
+        acme_dom.contains("<option value=\"acme\" selected=\"\">acme</option>")
+            && acme_dom.contains("<option value=\"other\">other</option>"),
+        "the filter is set to acme and offers other:\n{acme_dom}"
+    );
+
     let png = screenshot_path();
     std::fs::create_dir_all(png.parent().expect("a parent")).expect("target/activity");
     let _ = std::fs::remove_file(&png);

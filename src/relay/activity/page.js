@@ -88,7 +88,8 @@
     if (state.tenant && !wanted.includes(state.tenant)) wanted.push(state.tenant);
     const have = Array.from(select.options, (o) => o.value);
     if (have.join("\u0000") !== wanted.join("\u0000")) {
-      select.replaceChildren(...wanted.map((t) => new Option(t === "" ? "all tenants" : t, t)));
+      select.replaceChildren(...wanted.map((t) =>
+        new Option(t === "" ? "all tenants" : t, t, t === state.tenant, t === state.tenant)));
     }
     select.value = state.tenant;
   }
