@@ -45,6 +45,13 @@ pub const BROADCAST_CAPACITY: usize = 1_024;
 /// Live viewers (event streams) at once: each costs a refresh a second.
 pub const MAX_VIEWERS: usize = 32;
 
+/// The longest name kept (tenant, subject, source, tool, rule, ...), bytes: names come from the
+/// network, and the ring, the counts table and the viewers' buffers must stay bounded.
+pub const MAX_NAME: usize = 256;
+
+/// Roles kept per call (the page does not show them; the audit trail keeps them all).
+const MAX_ROLES: usize = 16;
+
 /// How long computed per-tool rows are reused, so that many viewers refreshing at once sort
 /// the latency windows once.
 const TOOL_ROWS_MAX_AGE: Duration = Duration::from_millis(250);
@@ -80,6 +87,7 @@ impl Activity {
     /// Takes in one finished call: it joins the latest calls and the counts, and goes out to
     /// the live viewers. Called by the relay on every call: one short lock, no await.
     pub fn push(&self, record: Arc<Record>) {
+        let record = slim(record);
         {
             let mut inner = self.lock();
             if inner.latest.len() == LATEST_CALLS {
@@ -179,6 +187,86 @@ impl Activity {
     }
 }
 
+/// `record` as the feed keeps it: without arguments and results (kept only by the audit trail)
+/// and with every name at most [`MAX_NAME`] bytes. Allocates only when something must go.
+fn slim(record: Arc<Record>) -> Arc<Record> {
+    let long = |s: &str| s.len() > MAX_NAME;
+    let long_opt = |s: &Option<String>| s.as_deref().is_some_and(long);
+    let r = record.as_ref();
+    let fits = r.args.is_none()
+        && r.result.is_none()
+        && r.roles.len() <= MAX_ROLES
+        && !r.roles.iter().any(|role| long(role))
+        && ![
+            &r.tenant,
+            &r.subject,
+            &r.source,
+            &r.method,
+            &r.rule,
+            &r.args_sha256,
+        ]
+        .into_iter()
+        .any(|s| long(s))
+        && ![
+            &r.session,
+            &r.transport,
+            &r.protocol_version,
+            &r.request_id,
+            &r.tool,
+            &r.resource,
+            &r.prompt,
+        ]
+        .into_iter()
+        .any(long_opt);
+    if fits {
+        return record;
+    }
+    let clip_opt = |s: &Option<String>| s.as_deref().map(clip);
+    Arc::new(Record {
+        time_ms: r.time_ms,
+        tenant: clip(&r.tenant),
+        subject: clip(&r.subject),
+        roles: r
+            .roles
+            .iter()
+            .take(MAX_ROLES)
+            .map(|role| clip(role))
+            .collect(),
+        source: clip(&r.source),
+        session: clip_opt(&r.session),
+        transport: clip_opt(&r.transport),
+        protocol_version: clip_opt(&r.protocol_version),
+        direction: r.direction,
+        method: clip(&r.method),
+        request_id: clip_opt(&r.request_id),
+        tool: clip_opt(&r.tool),
+        resource: clip_opt(&r.resource),
+        prompt: clip_opt(&r.prompt),
+        decision: r.decision,
+        rule: clip(&r.rule),
+        outcome: r.outcome,
+        latency_us: r.latency_us,
+        bytes_in: r.bytes_in,
+        bytes_out: r.bytes_out,
+        args_sha256: clip(&r.args_sha256),
+        args: None,
+        result: None,
+    })
+}
+
+/// `s` cut to at most [`MAX_NAME`] bytes at a character boundary, marked with `…` when cut.
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_NAME {
+        return s.to_owned();
+    }
+    let marker = "…";
+    let mut end = MAX_NAME - marker.len();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &s[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +326,32 @@ mod tests {
             viewer.recv().await,
             Err(broadcast::error::RecvError::Lagged(_))
         ));
+    }
+
+    #[test]
+    fn payloads_go_and_long_names_are_clipped() {
+        let activity = Activity::default();
+        let mut r =
+            stats::tests::record("acme", &"é".repeat(MAX_NAME), Verdict::Allow, Outcome::Ok);
+        r.args = Some("x".repeat(1 << 20));
+        r.result = Some("y".repeat(1 << 20));
+        r.roles = vec!["r".into(); 100];
+        activity.push(Arc::new(r));
+        let mut viewer = activity.subscribe();
+        let plain = record("acme", 1);
+        activity.push(plain.clone());
+        let kept = viewer.try_recv().expect("the plain call");
+        assert!(
+            Arc::ptr_eq(&kept, &plain),
+            "a record that fits is not copied"
+        );
+        let tool = activity.latest(None)[1].target.clone().expect("a tool");
+        assert!(tool.len() <= MAX_NAME && tool.ends_with('…'), "{tool}");
+        assert!(tool.trim_end_matches('…').chars().all(|c| c == 'é'));
+        let inner = activity.lock();
+        let first = inner.latest.front().expect("a call");
+        assert!(first.args.is_none() && first.result.is_none());
+        assert_eq!(first.roles.len(), MAX_ROLES);
     }
 
     #[test]
