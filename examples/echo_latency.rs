@@ -1,6 +1,7 @@
 //! Echo round-trip latency and large-result throughput: straight to the upstream, through the
-//! tunnel over QUIC, and through the tunnel over the HTTPS fallback, in one process and one run
-//! so the three are measured under the same conditions.
+//! tunnel over QUIC, through the tunnel over the HTTPS fallback, and through a second relay
+//! that writes every call to its audit trail (default durability) over QUIC, in one process and
+//! one run so the four are measured under the same conditions.
 //!
 //! ```text
 //! cargo run --release --example echo_latency -- [CALLS_PER_ROUND] [ROUNDS] [BLOB_MIB] [BLOBS]
@@ -124,58 +125,74 @@ async fn main() -> anyhow::Result<()> {
     let upstream_url = format!("http://{upstream}/mcp");
     let certs = mcp_tunnel::certs::generate(&[])?;
     let (token, key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
-    let mut keyring = Keyring::default();
-    keyring.add_tunnel_token(SecretHash::of(&token), "bench".into());
-    keyring.add_api_key(
-        SecretHash::of(&key),
-        Identity {
-            tenant: "bench".into(),
-            subject: "bench".into(),
-            roles: Vec::new().into(),
-        },
-    );
-    let relay = Relay::bind(RelaySettings {
-        tunnel_listen: "127.0.0.1:0".parse()?,
-        identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)?,
-        agents_listen: "127.0.0.1:0".parse()?,
-        admin_listen: None,
-        governance: Governance {
-            keyring,
-            policy: Policy::default(),
-            limiter: Default::default(),
-        },
-        limits: LimitsSection::default(),
-        allowed_origins: Vec::new(),
-        allowed_hosts: Vec::new(),
-        sse_keep_alive: Duration::from_secs(20),
-        audit: None,
-    })
-    .await?;
-    let (agents, tunnel, state) = (
-        relay.agents_addr(),
-        relay.tunnel_addr(),
-        relay.state().clone(),
-    );
-    tokio::spawn(relay.serve(shutdown.clone()));
-    for (name, transport) in [
-        ("quic", TransportChoice::Quic),
-        ("https", TransportChoice::Https),
+    let keyring = || {
+        let mut keyring = Keyring::default();
+        keyring.add_tunnel_token(SecretHash::of(&token), "bench".into());
+        keyring.add_api_key(
+            SecretHash::of(&key),
+            Identity {
+                tenant: "bench".into(),
+                subject: "bench".into(),
+                roles: Vec::new().into(),
+            },
+        );
+        keyring
+    };
+    let audit_dir = tempfile::tempdir()?;
+    let audit: mcp_tunnel::config::AuditSection = toml::from_str(&format!(
+        "path = {:?}",
+        audit_dir.path().join("audit.db").display().to_string()
+    ))?;
+    let mut agents = Vec::new();
+    // The plain relay serves the `quic` and `https` sources, the audited one `audited`.
+    for (audit, sources) in [
+        (
+            None,
+            &[
+                ("quic", TransportChoice::Quic),
+                ("https", TransportChoice::Https),
+            ][..],
+        ),
+        (Some(audit), &[("audited", TransportChoice::Quic)][..]),
     ] {
-        let source = SourceConfig {
-            name: name.into(),
-            target: SourceTarget::Http(upstream_url.clone()),
-        };
-        let mut settings = ClientSettings::new(tunnel.to_string(), token.clone(), vec![source]);
-        settings.ca_pem = Some(certs.ca_pem.clone());
-        settings.transport = transport;
-        settings.connections = 1;
-        tokio::spawn(client::run(settings, shutdown.clone()));
-        tokio::time::timeout(
-            Duration::from_secs(15),
-            state.registry.wait_for("bench", name),
-        )
+        let relay = Relay::bind(RelaySettings {
+            tunnel_listen: "127.0.0.1:0".parse()?,
+            identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)?,
+            agents_listen: "127.0.0.1:0".parse()?,
+            admin_listen: None,
+            governance: Governance {
+                keyring: keyring(),
+                policy: Policy::default(),
+                limiter: Default::default(),
+            },
+            limits: LimitsSection::default(),
+            allowed_origins: Vec::new(),
+            allowed_hosts: Vec::new(),
+            sse_keep_alive: Duration::from_secs(20),
+            audit,
+        })
         .await?;
+        let (tunnel, state) = (relay.tunnel_addr(), relay.state().clone());
+        agents.push(relay.agents_addr());
+        tokio::spawn(relay.serve(shutdown.clone()));
+        for (name, transport) in sources {
+            let source = SourceConfig {
+                name: (*name).into(),
+                target: SourceTarget::Http(upstream_url.clone()),
+            };
+            let mut settings = ClientSettings::new(tunnel.to_string(), token.clone(), vec![source]);
+            settings.ca_pem = Some(certs.ca_pem.clone());
+            settings.transport = *transport;
+            settings.connections = 1;
+            tokio::spawn(client::run(settings, shutdown.clone()));
+            tokio::time::timeout(
+                Duration::from_secs(15),
+                state.registry.wait_for("bench", name),
+            )
+            .await?;
+        }
     }
+    let (plain, audited) = (agents[0], agents[1]);
 
     let paths = [
         (
@@ -184,11 +201,15 @@ async fn main() -> anyhow::Result<()> {
         ),
         (
             "relay + QUIC tunnel",
-            Session::open(&format!("http://{agents}/mcp/quic"), Some(key.clone())).await?,
+            Session::open(&format!("http://{plain}/mcp/quic"), Some(key.clone())).await?,
         ),
         (
             "relay + HTTPS fallback",
-            Session::open(&format!("http://{agents}/mcp/https"), Some(key.clone())).await?,
+            Session::open(&format!("http://{plain}/mcp/https"), Some(key.clone())).await?,
+        ),
+        (
+            "relay + QUIC + audit",
+            Session::open(&format!("http://{audited}/mcp/audited"), Some(key.clone())).await?,
         ),
     ];
     for (_, session) in &paths {
@@ -251,6 +272,12 @@ async fn main() -> anyhow::Result<()> {
             throughput[i] / throughput[0]
         );
     }
+    println!(
+        "added by the audit trail (QUIC, audited vs plain relay): p50 {:+.3} ms ({:+.1}%), p99 {:+.3} ms",
+        percentile(&times[3], 0.5) - percentile(&times[1], 0.5),
+        (percentile(&times[3], 0.5) / percentile(&times[1], 0.5) - 1.0) * 100.0,
+        percentile(&times[3], 0.99) - percentile(&times[1], 0.99),
+    );
     shutdown.cancel();
     Ok(())
 }

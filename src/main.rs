@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use mcp_tunnel::client::{self, ClientSettings};
 use mcp_tunnel::config::{ClientFile, SourceConfig, TransportChoice};
 use mcp_tunnel::govern::SecretHash;
+use mcp_tunnel::govern::audit;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::relay::reload::{self, LoadedConfig, Reloader};
 use mcp_tunnel::relay::{Relay, RelaySettings};
@@ -67,6 +68,96 @@ enum Command {
         #[command(subcommand)]
         command: NewKey,
     },
+    /// The audit trail: follow, export or verify it (works while a relay writes to it).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The latest rows as lines; with --follow, then new rows as they are written.
+    Tail {
+        /// The audit trail (SQLite file).
+        #[arg(long)]
+        db: PathBuf,
+        /// Keep printing new rows until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        /// How many of the latest rows to print first.
+        #[arg(short = 'n', long = "lines", default_value_t = 20)]
+        lines: usize,
+    },
+    /// Every matching row, oldest first, one JSON object per line.
+    Export {
+        /// The audit trail (SQLite file).
+        #[arg(long)]
+        db: PathBuf,
+        /// Output format.
+        #[arg(long, value_parser = ["jsonl"], default_value = "jsonl")]
+        format: String,
+        #[command(flatten)]
+        filter: AuditFilterArgs,
+        /// Rows at or after this time (RFC 3339 or milliseconds since the epoch).
+        #[arg(long)]
+        since: Option<String>,
+        /// Rows before this time (RFC 3339 or milliseconds since the epoch).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Check every tenant's hash chain and every checkpoint signature; exits non-zero naming
+    /// the first bad row.
+    Verify {
+        /// The audit trail (SQLite file).
+        #[arg(long)]
+        db: PathBuf,
+        /// The relay's checkpoint public key (`audit.key.pub`); without it, signatures are
+        /// checked with the keys the trail names.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AuditFilterArgs {
+    /// Only this tenant.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this caller.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Only this source.
+    #[arg(long)]
+    source: Option<String>,
+    /// Only this tool.
+    #[arg(long)]
+    tool: Option<String>,
+    /// Only allowed or only denied calls.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    decision: Option<String>,
+}
+
+impl AuditFilterArgs {
+    fn into_filter(self) -> audit::Filter {
+        audit::Filter {
+            tenant: self.tenant,
+            subject: self.subject,
+            source: self.source,
+            tool: self.tool,
+            decision: self.decision.map(|d| {
+                if d == "deny" {
+                    audit::Verdict::Deny
+                } else {
+                    audit::Verdict::Allow
+                }
+            }),
+            since_ms: None,
+            until_ms: None,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -277,6 +368,63 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("subject = {subject:?}");
             println!("roles = {roles:?}");
             println!("key = \"{}\"", SecretHash::of(&key));
+        }
+        Command::Audit { command } => run_audit(command).await?,
+    }
+    Ok(())
+}
+
+async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
+    match command {
+        AuditCommand::Tail {
+            db,
+            follow,
+            filter,
+            lines,
+        } => {
+            let stop = shutdown_on_signals();
+            let filter = filter.into_filter();
+            tokio::task::spawn_blocking(move || {
+                let mut out = std::io::stdout().lock();
+                audit::tail(
+                    &db,
+                    &filter,
+                    lines,
+                    follow,
+                    &|| stop.is_cancelled(),
+                    &mut out,
+                )
+            })
+            .await??;
+        }
+        AuditCommand::Export {
+            db,
+            format: _,
+            filter,
+            since,
+            until,
+        } => {
+            let mut filter = filter.into_filter();
+            filter.since_ms = since.as_deref().map(audit::query::parse_time).transpose()?;
+            filter.until_ms = until.as_deref().map(audit::query::parse_time).transpose()?;
+            tokio::task::spawn_blocking(move || {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                audit::export(&db, &filter, &mut out)
+            })
+            .await??;
+        }
+        AuditCommand::Verify { db, public_key } => {
+            let public_key = public_key
+                .as_deref()
+                .map(audit::key::read_public_key)
+                .transpose()?;
+            let report =
+                tokio::task::spawn_blocking(move || audit::verify(&db, public_key.as_deref()))
+                    .await??;
+            println!("{report}");
+            if let Some(problem) = report.problem {
+                anyhow::bail!("audit verify failed: {problem}");
+            }
         }
     }
     Ok(())

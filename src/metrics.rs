@@ -64,3 +64,9 @@ pub fn prometheus() -> Option<&'static metrics_exporter_prometheus::PrometheusHa
         })
         .as_ref()
 }
+/// Histogram: seconds from an audit append to its row committed (queue wait included).
+pub const AUDIT_WRITE_SECONDS: &str = "mcp_tunnel_audit_write_seconds";
+/// Gauge: audit records queued for the writer.
+pub const AUDIT_QUEUE_DEPTH: &str = "mcp_tunnel_audit_queue_depth";
+/// Histogram: audit rows per commit (group commit batch size).
+pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";

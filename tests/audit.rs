@@ -105,7 +105,9 @@ async fn mixed_calls_across_two_tenants_give_one_row_each() {
     assert_eq!(alice.initialize().await.status, 200);
     expected.push(("acme", "initialize", None, "allow", "ok".into()));
     for id in 1..=3 {
-        let answer = alice.call_tool(id, "echo", json!({"message": id})).await;
+        let answer = alice
+            .call_tool(id, "echo", json!({"message": id.to_string()}))
+            .await;
         assert_eq!(tool_text(answer.response()), id.to_string());
         expected.push(("acme", "tools/call", Some("echo"), "allow", "ok".into()));
     }
@@ -237,7 +239,7 @@ async fn mixed_calls_across_two_tenants_give_one_row_each() {
     assert_eq!(
         echo_one["args_sha256"],
         mcp_tunnel::govern::audit::digest(
-            json!({"name":"echo","arguments":{"message":1}})
+            json!({"name":"echo","arguments":{"message":"1"}})
                 .to_string()
                 .as_bytes()
         ),

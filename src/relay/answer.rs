@@ -153,7 +153,7 @@ pub async fn forward(
     let requests = requests(classified);
     if requests.is_empty() {
         if let Some(session) = target.session
-            && let Err(refusal) = session.answer_server_requests(classified).await
+            && let Err(refusal) = session.answer_server_requests(&body, classified).await
         {
             return json_response(StatusCode::OK, refusal);
         }
@@ -190,7 +190,7 @@ pub async fn forward_to_stream(
 ) -> Response {
     let requests = requests(classified);
     if requests.is_empty() {
-        if let Err(refusal) = session.answer_server_requests(classified).await {
+        if let Err(refusal) = session.answer_server_requests(&body, classified).await {
             session.standalone().push(refusal).await;
             return StatusCode::ACCEPTED.into_response();
         }
@@ -271,9 +271,13 @@ async fn release(log: &EventLog, awaiting: &mut Awaiting, arrived: Arrived) -> u
     if let (Some(session), Some(classified)) = (&awaiting.tracker, &arrived.classified) {
         session.track_server_requests(&arrived.message, classified);
     }
-    let released = awaiting.filtered(arrived.message);
+    let released = awaiting.filtered(arrived.message.clone());
     let released = match (&arrived.classified, arrived.responses) {
-        (Some(classified), 1..) => match awaiting.calls.settle(classified, released.len()).await {
+        (Some(classified), 1..) => match awaiting
+            .calls
+            .settle(&arrived.message, classified, released.len())
+            .await
+        {
             Ok(()) => released,
             Err(refusal) => refusal,
         },
@@ -318,10 +322,14 @@ async fn answer(
                     && let Some(classified) = &arrived.classified
                 {
                     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
-                    let message = awaiting.filtered(arrived.message);
+                    let message = awaiting.filtered(arrived.message.clone());
                     // Write before release: the record is committed before the agent sees
                     // the answer.
-                    if let Err(refusal) = awaiting.calls.settle(classified, message.len()).await {
+                    if let Err(refusal) = awaiting
+                        .calls
+                        .settle(&arrived.message, classified, message.len())
+                        .await
+                    {
                         return json_response(StatusCode::OK, refusal);
                     }
                     let mut response = json_response(status, message.clone());

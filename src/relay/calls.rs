@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use super::activity::Activity;
 use crate::govern::Identity;
-use crate::govern::audit::{Direction, Outcome, Record, Verdict, digest};
+use crate::govern::audit::{Auditor, Capture, Direction, Outcome, Record, Verdict, digest};
 use crate::govern::policy::Decision;
 use crate::mcp::jsonrpc::{Classified, MessageInfo, MessageKind, codes, error_body};
 use crate::transport::TransportKind;
@@ -36,40 +36,56 @@ pub enum CallError {
 }
 
 /// Where finished calls go; one per relay.
+#[derive(Default)]
 pub struct Calls {
+    /// The audit trail; none without `[audit]` (then nothing is written or digested).
+    auditor: Option<Auditor>,
     /// The live activity feed every finished call is pushed to.
     activity: Arc<Activity>,
 }
 
 impl Calls {
-    /// Calls recorded in metrics and the live `activity` feed only (no audit trail).
-    pub fn new(activity: Arc<Activity>) -> Self {
-        Self { activity }
+    /// Finished calls go to metrics, the live `activity` feed and, if given, the audit trail.
+    pub fn new(auditor: Option<Auditor>, activity: Arc<Activity>) -> Self {
+        Self { auditor, activity }
     }
 
     /// Whether finished calls are written to an audit trail (arguments are digested only
     /// then).
     pub fn is_auditing(&self) -> bool {
-        false
+        self.auditor.is_some()
+    }
+
+    /// What the trail keeps of `tenant`'s `source`'s arguments and results.
+    fn capture(&self, tenant: &str, source: &str) -> Capture {
+        self.auditor
+            .as_ref()
+            .map(|auditor| auditor.capture(tenant, source))
+            .unwrap_or_default()
     }
 
     /// The one place a finished call goes: metrics and the activity feed at once, and the audit
     /// trail, resolving once the record is committed.
     pub async fn finish(&self, record: Record) -> Result<(), CallError> {
         self.publish(&record);
-        Ok(())
+        match &self.auditor {
+            Some(auditor) => auditor
+                .append(record)
+                .await
+                .map_err(|e| CallError::Audit(e.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// Flushes and closes the audit trail (graceful shutdown, after the drain).
+    pub async fn close(&self) {
+        if let Some(auditor) = &self.auditor {
+            auditor.close().await;
+        }
     }
 
     /// Metrics, and the live activity feed.
     fn publish(&self, record: &Record) {
-        let direction = match record.direction {
-            Direction::AgentToServer => "agent_to_server",
-            Direction::ServerToAgent => "server_to_agent",
-        };
-        let decision = match record.decision {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-        };
         let tool = record
             .tool
             .as_deref()
@@ -79,10 +95,10 @@ impl Calls {
             crate::metrics::CALLS,
             "tenant" => record.tenant.clone(),
             "source" => record.source.clone(),
-            "direction" => direction,
+            "direction" => record.direction.label(),
             "method" => record.method.clone(),
             "tool" => tool.to_owned(),
-            "decision" => decision,
+            "decision" => record.decision.label(),
             "outcome" => record.outcome.label(),
         )
         .increment(1);
@@ -94,7 +110,8 @@ impl Calls {
             .record(record.latency_us as f64 / 1e6);
         metrics::counter!(crate::metrics::CALL_BYTES_IN, &labels).increment(record.bytes_in);
         metrics::counter!(crate::metrics::CALL_BYTES_OUT, &labels).increment(record.bytes_out);
-        self.activity.push(Arc::new(record.clone()));
+        // The live activity feed takes every finished call here, and only here.
+        self.activity.push_record(record);
     }
 
     /// Finishes a call nobody waits for (it was dropped unfinished), in the background.
@@ -129,6 +146,8 @@ pub struct Call {
     record: Option<Record>,
     started: Instant,
     calls: Arc<Calls>,
+    /// What the trail keeps of the result.
+    capture: Capture,
 }
 
 fn now_ms() -> u64 {
@@ -162,11 +181,14 @@ impl Call {
             Some(Decision::Deny(rule)) => (Verdict::Deny, rule.clone()),
             None => (Verdict::Allow, UNGOVERNED.to_owned()),
         };
+        let params = info.payload(message).unwrap_or_default();
         let args_sha256 = if calls.is_auditing() {
-            digest(info.payload(message).unwrap_or_default())
+            digest(params)
         } else {
             String::new()
         };
+        let capture = calls.capture(&who.tenant, source);
+        let args = info.payload.as_ref().and_then(|_| capture.keep(params));
         Self {
             record: Some(Record {
                 time_ms: now_ms(),
@@ -190,11 +212,12 @@ impl Call {
                 bytes_in: info.size as u64,
                 bytes_out: 0,
                 args_sha256,
-                args: None,
+                args,
                 result: None,
             }),
             started: Instant::now(),
             calls: calls.clone(),
+            capture,
         }
     }
 
@@ -219,19 +242,31 @@ impl Call {
         }
     }
 
-    /// The finished record: `outcome` after `bytes_out` bytes of answer, now.
-    fn into_record(mut self, outcome: Outcome, bytes_out: usize) -> Option<Record> {
+    /// The finished record: `outcome` after `bytes_out` bytes of answer, now; `result` is the
+    /// answer's `result` (or whole error) text, kept if the source's capture level says so.
+    fn into_record(
+        mut self,
+        outcome: Outcome,
+        bytes_out: usize,
+        result: Option<&[u8]>,
+    ) -> Option<Record> {
         let mut record = self.record.take()?;
         record.outcome = outcome;
+        record.result = result.and_then(|text| self.capture.keep(text));
         record.latency_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX);
         record.bytes_out = bytes_out as u64;
         Some(record)
     }
 
     /// Finishes the call through [`Calls::finish`].
-    pub async fn finish(self, outcome: Outcome, bytes_out: usize) -> Result<(), CallError> {
+    pub async fn finish(
+        self,
+        outcome: Outcome,
+        bytes_out: usize,
+        result: Option<&[u8]>,
+    ) -> Result<(), CallError> {
         let calls = self.calls.clone();
-        match self.into_record(outcome, bytes_out) {
+        match self.into_record(outcome, bytes_out, result) {
             Some(record) => calls.finish(record).await,
             None => Ok(()),
         }
@@ -330,7 +365,12 @@ impl InFlight {
     /// Finishes the calls whose responses `message` (classified as `classified`) carries, before
     /// it is released as `released` bytes. Returns the error to release instead when the trail
     /// could not record them.
-    pub async fn settle(&mut self, classified: &Classified, released: usize) -> Result<(), Bytes> {
+    pub async fn settle(
+        &mut self,
+        message: &[u8],
+        classified: &Classified,
+        released: usize,
+    ) -> Result<(), Bytes> {
         let mut finished = Vec::new();
         for info in classified
             .messages()
@@ -345,7 +385,9 @@ impl InFlight {
                 // An upstream that rewrote the id still answers the only call open.
                 .or_else(|| (self.calls.len() == 1).then_some(0));
             if let Some(index) = index {
-                finished.push((self.calls.remove(index), outcome_of(info)));
+                // A result's text, or the whole error response.
+                let result = info.payload(message).unwrap_or(message);
+                finished.push((self.calls.remove(index), outcome_of(info), Some(result)));
             }
         }
         let share = released / finished.len().max(1) + std::mem::take(&mut self.streamed);
@@ -355,7 +397,11 @@ impl InFlight {
     /// Finishes every call still open with `outcome`, after `bytes_out` bytes of answer.
     /// Returns the error to release instead when the trail could not record them.
     pub async fn finish_all(&mut self, outcome: Outcome, bytes_out: usize) -> Result<(), Bytes> {
-        let finished: Vec<_> = self.calls.drain(..).map(|call| (call, outcome)).collect();
+        let finished: Vec<_> = self
+            .calls
+            .drain(..)
+            .map(|call| (call, outcome, None))
+            .collect();
         let bytes = bytes_out.saturating_add(std::mem::take(&mut self.streamed));
         self.write(finished, bytes).await
     }
@@ -370,16 +416,20 @@ impl InFlight {
         }
     }
 
-    async fn write(&self, finished: Vec<(Call, Outcome)>, bytes_out: usize) -> Result<(), Bytes> {
+    async fn write(
+        &self,
+        finished: Vec<(Call, Outcome, Option<&[u8]>)>,
+        bytes_out: usize,
+    ) -> Result<(), Bytes> {
         let mut first_failed = None;
         let ids: Vec<Option<String>> = finished
             .iter()
-            .map(|(call, _)| call.request_id().map(str::to_owned))
+            .map(|(call, _, _)| call.request_id().map(str::to_owned))
             .collect();
         let results = futures_util::future::join_all(
             finished
                 .into_iter()
-                .map(|(call, outcome)| call.finish(outcome, bytes_out)),
+                .map(|(call, outcome, result)| call.finish(outcome, bytes_out, result)),
         )
         .await;
         for (result, id) in results.into_iter().zip(ids) {

@@ -65,6 +65,9 @@ pub enum RelayError {
     /// Serving HTTP failed.
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    /// The audit trail could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::govern::audit::AuditError),
 }
 
 /// Credentials and policy, swapped whole on reload.
@@ -267,6 +270,11 @@ impl Relay {
         let (endpoint, tunnel_tcp) = bind_tunnel(settings.tunnel_listen, &tls).await?;
         let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let agents = bind_tcp(settings.agents_listen).await?;
+        let auditor = settings
+            .audit
+            .as_ref()
+            .map(crate::govern::audit::Auditor::open)
+            .transpose()?;
         let admin = match settings.admin_listen {
             Some(addr) => Some(bind_tcp(addr).await?),
             None => None,
@@ -280,7 +288,7 @@ impl Relay {
             governance: RwLock::new(Arc::new(settings.governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
-            calls: Arc::new(calls::Calls::new(activity.clone())),
+            calls: Arc::new(calls::Calls::new(auditor, activity.clone())),
             activity,
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
@@ -413,6 +421,8 @@ impl Relay {
         // In-flight calls have finished or now end with an error naming the shutdown.
         state.stop.cancel();
         let _ = tokio::join!(quic, https, sweeper);
+        // Every answer is out or ended: the last records are in; sign and close the trail.
+        state.calls.close().await;
         if let Some(admin) = admin_server {
             let _ = admin.await;
         }

@@ -216,7 +216,11 @@ impl Session {
     /// Finishes the server requests the agent's `classified` responses answer, before they are
     /// forwarded. Returns the error to answer the agent with instead when the trail could not
     /// record one.
-    pub async fn answer_server_requests(&self, classified: &Classified) -> Result<(), Bytes> {
+    pub async fn answer_server_requests(
+        &self,
+        message: &[u8],
+        classified: &Classified,
+    ) -> Result<(), Bytes> {
         for info in classified
             .messages()
             .iter()
@@ -234,7 +238,9 @@ impl Session {
                     .and_then(|index| open.remove(index))
             };
             if let Some(call) = call
-                && let Err(e) = call.finish(outcome_of(info), info.size).await
+                && let Err(e) = call
+                    .finish(outcome_of(info), info.size, info.payload(message))
+                    .await
             {
                 tracing::error!(error = %e, session = %self.id, "agent response withheld: the call could not be audited");
                 return Err(unaudited_body(id));

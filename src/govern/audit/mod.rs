@@ -1,5 +1,77 @@
-//! The audit trail: what the relay records of every call.
+//! The audit trail: a tamper-evident record of every call through the relay.
+//!
+//! The relay builds a [`Record`] per request and hands it to [`Auditor::append`], which
+//! resolves once the row is committed, so the relay can hold the agent's answer until the
+//! trail has it. One writer thread owns the SQLite file (WAL) and commits whatever is queued in
+//! one transaction (group commit): the cost of a commit is shared by every call waiting on it.
+//!
+//! Each tenant's rows form a hash chain (see [`chain`]), and the writer signs the chain heads
+//! with the relay's Ed25519 key at intervals (checkpoints), so a changed, deleted or reordered
+//! row is found by [`verify()`] (`mcp-tunnel audit verify`). [`query`] reads the trail for
+//! `audit tail` and `audit export`, also while a relay writes to it.
+//!
+//! How much of arguments and results a row keeps is set per tenant and source ([`Capture`]);
+//! by default only metadata and a digest of the arguments.
 
+mod auditor;
+pub mod capture;
+pub mod chain;
+pub mod key;
+pub mod query;
 pub mod record;
+pub mod store;
+pub mod verify;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use auditor::{APPEND_TIMEOUT, Auditor, CLOSE_TIMEOUT};
+pub use capture::{Capture, REDACTED, redact_json};
+pub use query::{Filter, Reader, StoredRow, export, tail};
 pub use record::{Direction, Outcome, Record, Verdict, digest};
+pub use verify::{Problem, ProblemKind, Report, verify};
+
+/// Why the audit trail could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The database could not be opened, is not an audit trail, or a query failed.
+    #[error("audit trail {path}: {message}")]
+    Database {
+        /// The SQLite file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The checkpoint key (or a public key file) could not be read, created or used.
+    #[error("audit key {path}: {message}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// Committing rows failed: the record was not stored.
+    #[error("audit trail {path}: writing failed: {message}")]
+    Write {
+        /// The SQLite file.
+        path: PathBuf,
+        /// What SQLite said.
+        message: String,
+    },
+    /// The trail was closed (shutdown) before the record was queued or committed.
+    #[error("the audit trail is closed")]
+    Closed,
+    /// The record was not committed in time (queue full and the disk stuck). It may still be
+    /// committed later.
+    #[error("the audit trail did not commit the record within {0:?}")]
+    Timeout(Duration),
+    /// The writer thread could not be started.
+    #[error("cannot start the audit writer thread: {0}")]
+    Thread(std::io::Error),
+    /// Writing output (`tail`, `export`) failed.
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+    /// A filter or time argument is not understood.
+    #[error("{0}")]
+    Argument(String),
+}

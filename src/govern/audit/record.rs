@@ -16,6 +16,16 @@ pub enum Direction {
     ServerToAgent,
 }
 
+impl Direction {
+    /// Its name in JSON, columns and filters: `agent_to_server` or `server_to_agent`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Direction::AgentToServer => "agent_to_server",
+            Direction::ServerToAgent => "server_to_agent",
+        }
+    }
+}
+
 /// Whether policy let the request through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +34,16 @@ pub enum Verdict {
     Allow,
     /// Denied: the request never reached the tunnel.
     Deny,
+}
+
+impl Verdict {
+    /// Its name in JSON, columns and filters: `allow` or `deny`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+    }
 }
 
 /// How the request ended, as the agent saw it.
@@ -183,6 +203,8 @@ mod tests {
         assert_eq!(json["outcome"]["code"], -32602);
         assert_eq!(json["decision"], "deny");
         assert!(json.get("args").is_none());
+        assert_eq!(json["decision"], record.decision.label());
+        assert_eq!(json["direction"], record.direction.label());
         let back: Record = serde_json::from_value(json).expect("round trip");
         assert_eq!(back, record);
         assert_eq!(back.target(), Some("query"));

@@ -100,6 +100,17 @@ impl Activity {
         let _ = self.live.send(record);
     }
 
+    /// [`Activity::push`] of a copy of `record`, made without its arguments and results (the
+    /// feed would drop them anyway): for a caller that keeps its record.
+    pub fn push_record(&self, record: &Record) {
+        let copy = if fits(record) {
+            record.clone()
+        } else {
+            slimmed(record)
+        };
+        self.push(Arc::new(copy));
+    }
+
     /// A receiver of every call pushed from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Record>> {
         self.live.subscribe()
@@ -190,10 +201,18 @@ impl Activity {
 /// `record` as the feed keeps it: without arguments and results (kept only by the audit trail)
 /// and with every name at most [`MAX_NAME`] bytes. Allocates only when something must go.
 fn slim(record: Arc<Record>) -> Arc<Record> {
+    if fits(&record) {
+        record
+    } else {
+        Arc::new(slimmed(&record))
+    }
+}
+
+/// Whether the feed can keep `r` as it is.
+fn fits(r: &Record) -> bool {
     let long = |s: &str| s.len() > MAX_NAME;
     let long_opt = |s: &Option<String>| s.as_deref().is_some_and(long);
-    let r = record.as_ref();
-    let fits = r.args.is_none()
+    r.args.is_none()
         && r.result.is_none()
         && r.roles.len() <= MAX_ROLES
         && !r.roles.iter().any(|role| long(role))
@@ -217,12 +236,13 @@ fn slim(record: Arc<Record>) -> Arc<Record> {
             &r.prompt,
         ]
         .into_iter()
-        .any(long_opt);
-    if fits {
-        return record;
-    }
+        .any(long_opt)
+}
+
+/// A copy of `r` without arguments and results, its names clipped to [`MAX_NAME`] bytes.
+fn slimmed(r: &Record) -> Record {
     let clip_opt = |s: &Option<String>| s.as_deref().map(clip);
-    Arc::new(Record {
+    Record {
         time_ms: r.time_ms,
         tenant: clip(&r.tenant),
         subject: clip(&r.subject),
@@ -251,7 +271,7 @@ fn slim(record: Arc<Record>) -> Arc<Record> {
         args_sha256: clip(&r.args_sha256),
         args: None,
         result: None,
-    })
+    }
 }
 
 /// `s` cut to at most [`MAX_NAME`] bytes at a character boundary, marked with `…` when cut.

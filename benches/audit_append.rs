@@ -1,0 +1,96 @@
+//! Audit appends per second through the `Auditor` (group commit), with 1 and 64 concurrent
+//! appenders, in both durability modes. One append resolves when its row is committed, so at
+//! concurrency 1 this is commits per second, and at 64 it shows what group commit saves.
+//!
+//! The trail lives in `target/` (a real disk, not tmpfs, so `fsync` means something).
+
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use mcp_tunnel::config::{AuditSection, Durability};
+use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
+
+/// A typical metadata-only record of a tool call.
+fn record(n: u64) -> Record {
+    Record {
+        time_ms: 1_764_140_400_000 + n,
+        tenant: if n.is_multiple_of(2) {
+            "acme"
+        } else {
+            "globex"
+        }
+        .into(),
+        subject: "alice@acme.example".into(),
+        roles: vec!["analyst".into()],
+        source: "db".into(),
+        session: Some("3f1c2e9a-6b7d-4d0e-9c55-0d7c6f0a8b21".into()),
+        transport: Some("quic".into()),
+        protocol_version: Some("2025-11-25".into()),
+        direction: Direction::AgentToServer,
+        method: "tools/call".into(),
+        request_id: Some(n.to_string()),
+        tool: Some("query".into()),
+        resource: None,
+        prompt: None,
+        decision: Verdict::Allow,
+        rule: "role analyst allows db/query".into(),
+        outcome: Outcome::Ok,
+        latency_us: 850,
+        bytes_in: 180,
+        bytes_out: 420,
+        args_sha256: digest(b"{\"name\":\"query\",\"arguments\":{\"sql\":\"select 1\"}}"),
+        args: None,
+        result: None,
+    }
+}
+
+fn appends(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let mut group = c.benchmark_group("audit_append");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(5));
+    for (label, durability) in [("commit", Durability::Commit), ("fsync", Durability::Fsync)] {
+        let dir = tempfile::tempdir_in(base).expect("a temp dir under target/");
+        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        config.durability = durability;
+        let auditor = runtime
+            .block_on(async { Auditor::open(&config) })
+            .expect("open");
+        for concurrency in [1u64, 64] {
+            group.bench_with_input(
+                BenchmarkId::new(label, concurrency),
+                &concurrency,
+                |b, &concurrency| {
+                    b.iter_custom(|iters| {
+                        runtime.block_on(async {
+                            let started = Instant::now();
+                            let tasks: Vec<_> = (0..concurrency)
+                                .map(|task| {
+                                    let auditor = auditor.clone();
+                                    // Task `task` does every `concurrency`-th of the `iters`.
+                                    tokio::spawn(async move {
+                                        let mut n = task;
+                                        while n < iters {
+                                            auditor.append(record(n)).await.expect("append");
+                                            n += concurrency;
+                                        }
+                                    })
+                                })
+                                .collect();
+                            for task in tasks {
+                                task.await.expect("append task");
+                            }
+                            started.elapsed()
+                        })
+                    })
+                },
+            );
+        }
+        runtime.block_on(auditor.close());
+    }
+    group.finish();
+}
+
+criterion_group!(benches, appends);
+criterion_main!(benches);

@@ -1,0 +1,512 @@
+//! [`Auditor`]: the relay's handle on the trail, and the writer thread behind it.
+//!
+//! Appends go through a bounded queue to one dedicated thread (not a tokio worker: SQLite
+//! blocks). The thread takes everything queued, writes it in one transaction, and then
+//! completes every waiting append (group commit). A full queue makes `append` wait; nothing is
+//! dropped. After a commit, tenants with [`AuditSection::checkpoint_rows`] new rows get a
+//! signed checkpoint; every [`AuditSection::checkpoint_secs`] so do all tenants with unsigned
+//! rows; and [`Auditor::close`] signs every tenant's head.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::capture::{Capture, CaptureRules};
+use super::chain;
+use super::key::CheckpointKey;
+use super::store::{self, Checkpoint, Head};
+use super::{AuditError, Record};
+use crate::config::{AuditSection, AuditSourceSection};
+use crate::metrics as names;
+
+/// The longest an append waits for its row to be committed (queue wait included). Only a stuck
+/// disk gets near it; the relay then answers the agent with an error rather than hang.
+pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest [`Auditor::close`] waits for the writer to flush and sign.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A handle on the audit trail; clones share one writer.
+#[derive(Clone)]
+pub struct Auditor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    queue: mpsc::Sender<Message>,
+    capture: RwLock<CaptureRules>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Auditor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auditor")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[allow(
+    clippy::large_enum_variant,
+    reason = "almost every message is an Append; boxing would add an allocation per call"
+)]
+enum Message {
+    Append {
+        record: Record,
+        done: oneshot::Sender<Result<(), AuditError>>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+impl Auditor {
+    /// Opens or creates the trail at `config.path` (SQLite, WAL), loads or creates the relay's
+    /// Ed25519 checkpoint key, and starts the writer thread. Errors name the file and problem.
+    pub fn open(config: &AuditSection) -> Result<Auditor, AuditError> {
+        let path = config.path.clone();
+        let key = CheckpointKey::load_or_create(&config.key_path())?;
+        let conn = store::open_writer(&path, config.durability, key.public_hex())?;
+        let heads = store::load_heads(&conn).map_err(|e| AuditError::Database {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        tracing::info!(
+            path = %path.display(),
+            tenants = heads.len(),
+            durability = ?config.durability,
+            "audit trail open"
+        );
+        let (queue, rx) = mpsc::channel(config.queue);
+        let writer = Writer {
+            conn,
+            path: path.clone(),
+            key,
+            heads,
+            checkpoint_rows: config.checkpoint_rows,
+            checkpoint_interval: config.checkpoint_interval(),
+            last_checkpoint: Instant::now(),
+        };
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(AuditError::Thread)?;
+        Ok(Auditor {
+            inner: Arc::new(Inner {
+                queue,
+                capture: RwLock::new(CaptureRules::new(&config.sources)),
+                path,
+            }),
+        })
+    }
+
+    /// Appends one record; resolves once the row is committed (so the relay can hold the
+    /// agent's response until then). Concurrent appends share one transaction. Waits while the
+    /// queue is full, at most [`APPEND_TIMEOUT`] in all.
+    pub async fn append(&self, record: Record) -> Result<(), AuditError> {
+        let started = Instant::now();
+        let (done, committed) = oneshot::channel();
+        let result = tokio::time::timeout(APPEND_TIMEOUT, async {
+            self.inner
+                .queue
+                .send(Message::Append { record, done })
+                .await
+                .map_err(|_| AuditError::Closed)?;
+            committed.await.map_err(|_| AuditError::Closed)?
+        })
+        .await
+        .unwrap_or(Err(AuditError::Timeout(APPEND_TIMEOUT)));
+        metrics::histogram!(names::AUDIT_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// What to keep of arguments and results for this tenant's source ([`Capture::keep`]
+    /// applies it, redaction included).
+    pub fn capture(&self, tenant: &str, source: &str) -> Capture {
+        // A poisoned lock means a panic while swapping rules; the old rules are still whole.
+        let rules = self
+            .inner
+            .capture
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        rules.get(tenant, source)
+    }
+
+    /// Replaces the capture rules (configuration reload). The file, key and durability stay as
+    /// opened.
+    pub fn set_capture(&self, sources: &[AuditSourceSection]) {
+        let rules = CaptureRules::new(sources);
+        *self
+            .inner
+            .capture
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = rules;
+    }
+
+    /// The trail's file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.inner.path
+    }
+
+    /// Flushes pending rows and writes a final signed checkpoint (graceful shutdown). Appends
+    /// after this fail with [`AuditError::Closed`]. Waits at most [`CLOSE_TIMEOUT`].
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        let flushed = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if self.inner.queue.send(Message::Close { done }).await.is_ok() {
+                let _ = closed.await;
+            }
+        })
+        .await;
+        if flushed.is_err() {
+            tracing::warn!(path = %self.inner.path.display(), "audit trail did not close in time");
+        }
+    }
+}
+
+/// The writer thread's state: the connection, the key, and where each chain stands.
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    key: CheckpointKey,
+    heads: HashMap<String, Head>,
+    checkpoint_rows: u64,
+    checkpoint_interval: Duration,
+    last_checkpoint: Instant,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(error = %e, "audit writer cannot start; appends will fail");
+                return;
+            }
+        };
+        let mut appends = Vec::new();
+        loop {
+            let wait = self
+                .checkpoint_interval
+                .saturating_sub(self.last_checkpoint.elapsed());
+            // The timer must be made inside the runtime: build the timeout in the future.
+            let received = runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
+            let first = match received {
+                Err(_) => {
+                    self.checkpoint(|_| true);
+                    continue;
+                }
+                Ok(None) => break,
+                Ok(Some(message)) => message,
+            };
+            let mut close = None;
+            let mut next = Some(first);
+            // Take everything queued (the queue bounds it), up to a close request.
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Append { record, done } => appends.push((record, done)),
+                    Message::Close { done } => {
+                        close = Some(done);
+                        break;
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set((appends.len() + rx.len()) as f64);
+            if !appends.is_empty() {
+                self.commit(&mut appends);
+            }
+            metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(rx.len() as f64);
+            if let Some(done) = close {
+                rx.close();
+                // Appends queued behind the close find the trail closed: drop their senders.
+                while rx.try_recv().is_ok() {}
+                self.finish();
+                let _ = done.send(());
+                return;
+            }
+            if self
+                .heads
+                .values()
+                .any(|h| h.seq - h.signed_seq >= self.checkpoint_rows)
+            {
+                let rows = self.checkpoint_rows;
+                self.checkpoint(|h| h.seq - h.signed_seq >= rows);
+            }
+        }
+        self.finish();
+    }
+
+    /// Writes `appends` in one transaction and completes each with the outcome.
+    fn commit(&mut self, appends: &mut Vec<(Record, oneshot::Sender<Result<(), AuditError>>)>) {
+        metrics::histogram!(names::AUDIT_BATCH_ROWS).record(appends.len() as f64);
+        let result = write_rows(&mut self.conn, &self.heads, appends.iter().map(|(r, _)| r));
+        let failure = match result {
+            Ok(heads) => {
+                self.heads.extend(heads);
+                None
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, rows = appends.len(), "audit write failed");
+                Some(e.to_string())
+            }
+        };
+        for (_, done) in appends.drain(..) {
+            let outcome = match &failure {
+                None => Ok(()),
+                Some(message) => Err(AuditError::Write {
+                    path: self.path.clone(),
+                    message: message.clone(),
+                }),
+            };
+            // The appender may have timed out and gone; nothing to tell it then.
+            let _ = done.send(outcome);
+        }
+    }
+
+    /// Signs every tenant with unsigned rows and closes the file (merging the WAL into it), so
+    /// the file is complete on its own once this returns: the graceful end.
+    fn finish(mut self) {
+        self.checkpoint(|_| true);
+        match self.conn.close() {
+            Ok(()) => tracing::info!(path = %self.path.display(), "audit trail closed"),
+            Err((_, e)) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "closing the audit trail failed")
+            }
+        }
+    }
+
+    /// Writes a signed checkpoint for each tenant with unsigned rows that `due` selects.
+    fn checkpoint(&mut self, due: impl Fn(&Head) -> bool) {
+        self.last_checkpoint = Instant::now();
+        let time_ms = store::now_ms();
+        let checkpoints: Vec<Checkpoint> = self
+            .heads
+            .iter()
+            .filter(|(_, h)| h.seq > h.signed_seq && due(h))
+            .map(|(tenant, head)| {
+                let hash = hex::encode(head.hash);
+                let message = chain::checkpoint_message(tenant, head.seq, &hash, time_ms);
+                Checkpoint {
+                    time_ms,
+                    tenant: tenant.clone(),
+                    seq: head.seq,
+                    signature: self.key.sign(&message),
+                    hash,
+                    public_key: self.key.public_hex().to_owned(),
+                }
+            })
+            .collect();
+        if checkpoints.is_empty() {
+            return;
+        }
+        let written = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for cp in &checkpoints {
+                store::insert_checkpoint(&tx, cp)?;
+            }
+            tx.commit()
+        })();
+        match written {
+            Ok(()) => {
+                for cp in checkpoints {
+                    if let Some(head) = self.heads.get_mut(&cp.tenant) {
+                        head.signed_seq = cp.seq;
+                    }
+                }
+            }
+            // The rows stay unsigned; the next checkpoint tries again.
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "audit checkpoint failed")
+            }
+        }
+    }
+}
+
+/// Inserts `records` chained after `heads` in one transaction; returns the new heads of the
+/// tenants written (applied by the caller only once committed).
+fn write_rows<'a>(
+    conn: &mut Connection,
+    heads: &HashMap<String, Head>,
+    records: impl Iterator<Item = &'a Record>,
+) -> rusqlite::Result<HashMap<String, Head>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut moved: HashMap<String, Head> = HashMap::new();
+    for record in records {
+        let head = match moved.get_mut(&record.tenant) {
+            Some(head) => head,
+            None => moved
+                .entry(record.tenant.clone())
+                .or_insert_with(|| heads.get(&record.tenant).copied().unwrap_or_default()),
+        };
+        let seq = head.seq + 1;
+        let bytes = chain::canonical(record);
+        let hash = chain::row_hash(&head.hash, seq, &bytes);
+        store::insert_record(&tx, seq, &head.hash, &hash, &bytes, record)?;
+        head.seq = seq;
+        head.hash = hash;
+    }
+    tx.commit()?;
+    Ok(moved)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::govern::audit::{Direction, Outcome, Verdict, digest};
+
+    /// A record for tests: `n` goes into the request id and the latency.
+    pub(crate) fn record(tenant: &str, n: u64) -> Record {
+        Record {
+            time_ms: 1_764_000_000_000 + n,
+            tenant: tenant.into(),
+            subject: format!("user{}@{tenant}.example", n % 3),
+            roles: vec!["analyst".into()],
+            source: if n.is_multiple_of(2) { "db" } else { "web" }.into(),
+            session: None,
+            transport: Some("quic".into()),
+            protocol_version: Some("2025-11-25".into()),
+            direction: Direction::AgentToServer,
+            method: "tools/call".into(),
+            request_id: Some(n.to_string()),
+            tool: Some("query".into()),
+            resource: None,
+            prompt: None,
+            decision: if n.is_multiple_of(5) {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            },
+            rule: "test".into(),
+            outcome: Outcome::Ok,
+            latency_us: n,
+            bytes_in: 10,
+            bytes_out: 20,
+            args_sha256: digest(b"{}"),
+            args: None,
+            result: None,
+        }
+    }
+
+    fn rows(path: &std::path::Path) -> Vec<(String, i64, String, String, Vec<u8>)> {
+        let conn = Connection::open(path).expect("open");
+        let mut stmt = conn
+            .prepare("SELECT tenant, seq, prev_hash, hash, record FROM records ORDER BY id")
+            .expect("prepare");
+        stmt.query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_all_land_chained_per_tenant_and_close_signs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        config.queue = 8;
+        let auditor = Auditor::open(&config).expect("open");
+        let mut tasks = Vec::new();
+        for t in 0..10u64 {
+            let auditor = auditor.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..20 {
+                    let tenant = if t % 2 == 0 { "acme" } else { "globex" };
+                    auditor
+                        .append(record(tenant, t * 100 + i))
+                        .await
+                        .expect("append");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        auditor.close().await;
+        assert!(matches!(
+            auditor.append(record("acme", 1)).await,
+            Err(AuditError::Closed)
+        ));
+        let rows = rows(&config.path);
+        assert_eq!(rows.len(), 200);
+        let mut heads: HashMap<String, (i64, [u8; 32])> = HashMap::new();
+        for (tenant, seq, prev, hash, bytes) in &rows {
+            let (last_seq, last_hash) = heads.entry(tenant.clone()).or_insert((0, chain::GENESIS));
+            assert_eq!(*seq, *last_seq + 1);
+            assert_eq!(prev, &hex::encode(*last_hash));
+            let expected = chain::row_hash(last_hash, *seq as u64, bytes);
+            assert_eq!(hash, &hex::encode(expected));
+            *last_seq = *seq;
+            *last_hash = expected;
+        }
+        assert_eq!(heads["acme"].0, 100);
+        assert_eq!(heads["globex"].0, 100);
+        let conn = Connection::open(&config.path).expect("open");
+        let signed: Vec<(String, i64)> = conn
+            .prepare("SELECT tenant, MAX(seq) FROM checkpoints GROUP BY tenant ORDER BY tenant")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(signed, vec![("acme".into(), 100), ("globex".into(), 100)]);
+    }
+
+    #[tokio::test]
+    async fn a_reopened_trail_continues_each_chain() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = AuditSection::new(dir.path().join("audit.db"));
+        let first = Auditor::open(&config).expect("open");
+        first.append(record("acme", 1)).await.expect("append");
+        first.close().await;
+        let second = Auditor::open(&config).expect("reopen");
+        second.append(record("acme", 2)).await.expect("append");
+        second.close().await;
+        let rows = rows(&config.path);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].1, 2);
+        assert_eq!(rows[1].2, rows[0].3, "the second row chains to the first");
+    }
+
+    #[tokio::test]
+    async fn checkpoints_every_n_rows() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        config.checkpoint_rows = 5;
+        let auditor = Auditor::open(&config).expect("open");
+        for i in 0..12 {
+            auditor.append(record("acme", i)).await.expect("append");
+        }
+        auditor.close().await;
+        let conn = Connection::open(&config.path).expect("open");
+        let seqs: Vec<i64> = conn
+            .prepare("SELECT seq FROM checkpoints ORDER BY id")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(seqs, vec![5, 10, 12]);
+    }
+
+    #[test]
+    fn open_names_the_file_it_cannot_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("not-a-db");
+        std::fs::write(&path, vec![b'x'; 4096]).expect("write");
+        let mut config = AuditSection::new(&path);
+        config.key = Some(dir.path().join("audit.key"));
+        let err = Auditor::open(&config).expect_err("not a database");
+        assert!(err.to_string().contains("not-a-db"), "{err}");
+    }
+}

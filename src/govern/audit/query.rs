@@ -1,0 +1,353 @@
+//! Reading the trail: filters, `audit tail` (human-readable lines, optionally following new
+//! rows) and `audit export` (JSON lines). Readers open the file read-only, so they work while a
+//! relay writes to it (WAL).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use rusqlite::types::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::store;
+use super::{AuditError, Record, Verdict};
+
+/// How often `tail --follow` looks for new rows.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+/// Rows read per query while exporting or following: bounds memory on any trail size.
+const PAGE_ROWS: usize = 1000;
+
+/// Which rows to read. Every field set must match (exactly); none set reads everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// The tenant.
+    pub tenant: Option<String>,
+    /// The caller.
+    pub subject: Option<String>,
+    /// The source.
+    pub source: Option<String>,
+    /// The tool (of `tools/call`).
+    pub tool: Option<String>,
+    /// Allowed or denied.
+    pub decision: Option<Verdict>,
+    /// Records at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Records before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
+}
+
+impl Filter {
+    /// The SQL condition and its parameters.
+    fn sql(&self) -> (String, Vec<Value>) {
+        let mut conditions = vec!["1 = 1".to_owned()];
+        let mut values = Vec::new();
+        let text = [
+            ("tenant", &self.tenant),
+            ("subject", &self.subject),
+            ("source", &self.source),
+            ("tool", &self.tool),
+        ];
+        for (column, value) in text {
+            if let Some(value) = value {
+                values.push(Value::Text(value.clone()));
+                conditions.push(format!("{column} = ?{}", values.len()));
+            }
+        }
+        if let Some(decision) = self.decision {
+            values.push(Value::Text(decision.label().to_owned()));
+            conditions.push(format!("decision = ?{}", values.len()));
+        }
+        if let Some(since) = self.since_ms {
+            values.push(Value::Integer(i64::try_from(since).unwrap_or(i64::MAX)));
+            conditions.push(format!("time_ms >= ?{}", values.len()));
+        }
+        if let Some(until) = self.until_ms {
+            values.push(Value::Integer(i64::try_from(until).unwrap_or(i64::MAX)));
+            conditions.push(format!("time_ms < ?{}", values.len()));
+        }
+        (conditions.join(" AND "), values)
+    }
+}
+
+/// A time argument: milliseconds since the epoch, or RFC 3339 (`2026-11-26T07:00:00Z`).
+pub fn parse_time(text: &str) -> Result<u64, AuditError> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .map_err(|_| AuditError::Argument(format!("time {text:?} is out of range")));
+    }
+    let time = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+        AuditError::Argument(format!(
+            "time {text:?} is neither RFC 3339 nor milliseconds since the epoch: {e}"
+        ))
+    })?;
+    u64::try_from(time.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_| AuditError::Argument(format!("time {text:?} is before 1970")))
+}
+
+/// `ms` since the epoch as RFC 3339 UTC with milliseconds.
+pub fn format_time(ms: u64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("{ms}ms"))
+}
+
+/// One stored row: the chain fields and the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    /// Insertion order in the file.
+    pub id: i64,
+    /// The tenant's chain position (1, 2, ...).
+    pub seq: u64,
+    /// The previous row's hash, hex.
+    pub prev_hash: String,
+    /// This row's hash, hex.
+    pub hash: String,
+    /// The record's JSON as stored (what the hash covers).
+    pub record: serde_json::Value,
+}
+
+impl StoredRow {
+    /// The record, typed; `None` if the stored JSON is not a record.
+    pub fn typed(&self) -> Option<Record> {
+        serde_json::from_value(self.record.clone()).ok()
+    }
+
+    /// The export line: the record's JSON plus `seq`, `prev_hash` and `hash`.
+    pub fn to_json_line(&self) -> String {
+        let mut value = self.record.clone();
+        if let Some(object) = value.as_object_mut() {
+            object.insert("seq".into(), self.seq.into());
+            object.insert("prev_hash".into(), self.prev_hash.clone().into());
+            object.insert("hash".into(), self.hash.clone().into());
+        }
+        value.to_string()
+    }
+
+    /// The `tail` line: time, tenant#seq, subject, source, method, target, decision, outcome,
+    /// latency, sizes and rule.
+    pub fn to_human_line(&self) -> String {
+        let Some(r) = self.typed() else {
+            return format!(
+                "#{} seq {}: (not a record) {}",
+                self.id, self.seq, self.record
+            );
+        };
+        let outcome = match r.outcome {
+            super::Outcome::Error(code) => format!("error {code}"),
+            other => other.label().to_owned(),
+        };
+        format!(
+            "{} {}#{} {} {} {} {} {} {} {:.1}ms in={}B out={}B rule={:?}",
+            format_time(r.time_ms),
+            r.tenant,
+            self.seq,
+            r.subject,
+            r.source,
+            r.method,
+            r.target().unwrap_or("-"),
+            r.decision.label(),
+            outcome,
+            r.latency_us as f64 / 1000.0,
+            r.bytes_in,
+            r.bytes_out,
+            r.rule,
+        )
+    }
+}
+
+/// A read-only reader of the trail at one path.
+pub struct Reader {
+    conn: Connection,
+    path: std::path::PathBuf,
+}
+
+impl Reader {
+    /// Opens the trail read-only.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        Ok(Self {
+            conn: store::open_reader(path)?,
+            path: path.to_owned(),
+        })
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> AuditError {
+        AuditError::Database {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Up to `limit` rows matching `filter` with id above `after_id`, oldest first.
+    pub fn rows_after(
+        &self,
+        filter: &Filter,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredRow>, AuditError> {
+        self.select(filter, "id > ?", after_id, "id ASC", limit)
+    }
+
+    /// The newest `n` rows matching `filter`, oldest first.
+    pub fn last_rows(&self, filter: &Filter, n: usize) -> Result<Vec<StoredRow>, AuditError> {
+        let mut rows = self.select(filter, "id <= ?", i64::MAX, "id DESC", n)?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    fn select(
+        &self,
+        filter: &Filter,
+        id_condition: &str,
+        id: i64,
+        order: &str,
+        limit: usize,
+    ) -> Result<Vec<StoredRow>, AuditError> {
+        let (condition, mut values) = filter.sql();
+        values.push(Value::Integer(id));
+        let id_condition = id_condition.replace('?', &format!("?{}", values.len()));
+        values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        let sql = format!(
+            "SELECT id, seq, prev_hash, hash, record FROM records WHERE {condition} AND \
+             {id_condition} ORDER BY {order} LIMIT ?{}",
+            values.len()
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.error(e))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(values), |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .map_err(|e| self.error(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, seq, prev_hash, hash, bytes) = row.map_err(|e| self.error(e))?;
+            let record = serde_json::from_slice(&bytes)
+                .map_err(|e| self.error(format!("row {id}: the record is not JSON: {e}")))?;
+            out.push(StoredRow {
+                id,
+                seq: u64::try_from(seq).unwrap_or(0),
+                prev_hash,
+                hash,
+                record,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// `audit export --format jsonl`: every matching row as one JSON line, oldest first. Returns
+/// the number of rows written.
+pub fn export(path: &Path, filter: &Filter, out: &mut dyn Write) -> Result<u64, AuditError> {
+    let reader = Reader::open(path)?;
+    let mut after = 0;
+    let mut written = 0;
+    loop {
+        let rows = reader.rows_after(filter, after, PAGE_ROWS)?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        for row in &rows {
+            writeln!(out, "{}", row.to_json_line())?;
+            written += 1;
+        }
+    }
+    out.flush()?;
+    Ok(written)
+}
+
+/// `audit tail`: the last `n` matching rows as human-readable lines; with `follow`, then every
+/// new matching row as it is committed, until `stop` returns true (checked every
+/// [`FOLLOW_POLL`]).
+pub fn tail(
+    path: &Path,
+    filter: &Filter,
+    n: usize,
+    follow: bool,
+    stop: &dyn Fn() -> bool,
+    out: &mut dyn Write,
+) -> Result<(), AuditError> {
+    let reader = Reader::open(path)?;
+    let rows = reader.last_rows(filter, n)?;
+    let mut after = rows.last().map_or(0, |r| r.id);
+    if !follow && rows.is_empty() {
+        return Ok(());
+    }
+    if follow && rows.is_empty() {
+        // Start following from the current end, not from the first row.
+        after = reader
+            .conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
+            .map_err(|e| reader.error(e))?;
+    }
+    for row in &rows {
+        writeln!(out, "{}", row.to_human_line())?;
+    }
+    out.flush()?;
+    while follow && !stop() {
+        let rows = reader.rows_after(filter, after, PAGE_ROWS)?;
+        match rows.last() {
+            Some(last) => after = last.id,
+            None => {
+                std::thread::sleep(FOLLOW_POLL);
+                continue;
+            }
+        }
+        for row in &rows {
+            writeln!(out, "{}", row.to_human_line())?;
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_as_rfc3339_or_milliseconds() {
+        assert_eq!(parse_time("1764140400000").expect("ms"), 1_764_140_400_000);
+        assert_eq!(
+            parse_time("2025-11-26T07:00:00Z").expect("rfc3339"),
+            1_764_140_400_000
+        );
+        assert_eq!(
+            parse_time("2025-11-26T08:00:00.5+01:00").expect("offset"),
+            1_764_140_400_500
+        );
+        assert!(parse_time("yesterday").is_err());
+        assert_eq!(format_time(1_764_140_400_500), "2025-11-26T07:00:00.5Z");
+    }
+
+    #[test]
+    fn filters_become_bound_parameters() {
+        let filter = Filter {
+            tenant: Some("acme".into()),
+            decision: Some(Verdict::Deny),
+            since_ms: Some(5),
+            ..Filter::default()
+        };
+        let (sql, values) = filter.sql();
+        assert_eq!(
+            sql,
+            "1 = 1 AND tenant = ?1 AND decision = ?2 AND time_ms >= ?3"
+        );
+        assert_eq!(
+            values,
+            vec![
+                Value::Text("acme".into()),
+                Value::Text("deny".into()),
+                Value::Integer(5)
+            ]
+        );
+    }
+}

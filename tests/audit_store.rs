@@ -1,0 +1,427 @@
+//! The audit trail's storage, end to end: records appended through the `Auditor`, then read,
+//! exported and verified by the real `mcp-tunnel audit` commands, before and after tampering
+//! with the SQLite file directly.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mcp_tunnel::config::AuditSection;
+use mcp_tunnel::govern::audit::store::RECORD_COLUMNS;
+use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
+use rusqlite::Connection;
+
+/// Bound on one command or batch of appends: generous for a loaded CI machine, finite.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The time of record 0; record `n` is `n` ms later.
+const BASE_MS: u64 = 1_764_140_400_000;
+
+/// Rows per tenant in the tampering tests.
+const PER_TENANT: u64 = 30;
+
+/// Record `n` of `tenant`: allowed, denied and failing in a fixed pattern, with `n` in the
+/// request id and the time, so tests know which rows a filter must return.
+fn record(tenant: &str, n: u64) -> Record {
+    let decision = if n % 4 == 3 {
+        Verdict::Deny
+    } else {
+        Verdict::Allow
+    };
+    let outcome = match (decision, n % 4) {
+        (Verdict::Deny, _) => Outcome::Error(-32602),
+        (_, 1) => Outcome::ToolError,
+        (_, 2) => Outcome::Error(-32603),
+        _ => Outcome::Ok,
+    };
+    Record {
+        time_ms: BASE_MS + n,
+        tenant: tenant.into(),
+        subject: format!("user{}@{tenant}.example", n % 3),
+        roles: vec!["analyst".into()],
+        source: if n.is_multiple_of(2) { "db" } else { "web" }.into(),
+        session: Some(format!("s{}", n % 5)),
+        transport: Some("quic".into()),
+        protocol_version: Some("2025-11-25".into()),
+        direction: Direction::AgentToServer,
+        method: "tools/call".into(),
+        request_id: Some(format!("{tenant}-{n}")),
+        tool: Some(if n.is_multiple_of(3) { "query" } else { "echo" }.into()),
+        resource: None,
+        prompt: None,
+        decision,
+        rule: "test rule".into(),
+        outcome,
+        latency_us: 100 + n,
+        bytes_in: 50,
+        bytes_out: 70,
+        args_sha256: digest(format!("{{\"n\":{n}}}").as_bytes()),
+        args: None,
+        result: None,
+    }
+}
+
+/// A trail in `dir` with `per_tenant` records for each of `acme` and `globex`, appended from
+/// `tasks` concurrent tasks, closed (so every row is signed). Returns the database path.
+async fn fill(dir: &Path, per_tenant: u64, tasks: u64) -> PathBuf {
+    let config = AuditSection::new(dir.join("audit.db"));
+    let auditor = Auditor::open(&config).expect("open the trail");
+    let mut handles = Vec::new();
+    for task in 0..tasks {
+        let auditor = auditor.clone();
+        handles.push(tokio::spawn(async move {
+            let mut n = task;
+            while n < per_tenant {
+                for tenant in ["acme", "globex"] {
+                    auditor.append(record(tenant, n)).await.expect("append");
+                }
+                n += tasks;
+            }
+        }));
+    }
+    tokio::time::timeout(WAIT, async {
+        for handle in handles {
+            handle.await.expect("append task");
+        }
+    })
+    .await
+    .expect("appends finish in time");
+    auditor.close().await;
+    config.path
+}
+
+/// Runs `mcp-tunnel ARGS`; returns success and stdout + stderr.
+async fn cli(args: &[&str]) -> (bool, String) {
+    let output = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the command finishes in time")
+    .expect("the binary runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+async fn verify(db: &Path) -> (bool, String) {
+    cli(&[
+        "audit",
+        "verify",
+        "--db",
+        db.to_str().expect("UTF-8 temp path"),
+    ])
+    .await
+}
+
+/// A copy of the trail to tamper with: the file and its WAL, if a reader left one (nothing
+/// writes to it any more).
+fn copy(db: &Path, name: &str) -> PathBuf {
+    let to = db.with_file_name(name);
+    std::fs::copy(db, &to).expect("copy the trail");
+    let with_suffix = |path: &Path| {
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        PathBuf::from(wal)
+    };
+    if with_suffix(db).exists() {
+        std::fs::copy(with_suffix(db), with_suffix(&to)).expect("copy the WAL");
+    }
+    to
+}
+
+fn tamper(db: &Path, sql: &str) {
+    let conn = Connection::open(db).expect("open the copy");
+    conn.execute_batch(sql).expect("tamper");
+}
+
+#[tokio::test]
+async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = fill(dir.path(), PER_TENANT, 4).await;
+
+    let (ok, out) = verify(&db).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("ok: 60 rows, 2 tenants"), "{out}");
+    let public = dir.path().join("audit.key.pub");
+    let (ok, out) = cli(&[
+        "audit",
+        "verify",
+        "--db",
+        db.to_str().expect("UTF-8"),
+        "--public-key",
+        public.to_str().expect("UTF-8"),
+    ])
+    .await;
+    assert!(ok, "{out}");
+
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "column.db",
+            "UPDATE records SET subject = 'mallory' WHERE tenant = 'acme' AND seq = 7;",
+            &["tenant \"acme\" seq 7", "column mismatch", "subject"],
+        ),
+        (
+            "record.db",
+            "UPDATE records SET record = CAST(replace(CAST(record AS TEXT), 'test rule', 'tset rule') AS BLOB) \
+             WHERE tenant = 'globex' AND seq = 11;",
+            &["tenant \"globex\" seq 11", "hash mismatch"],
+        ),
+        (
+            "deleted.db",
+            "DELETE FROM records WHERE tenant = 'globex' AND seq = 5;",
+            &["tenant \"globex\" seq 6", "gap", "seq 5 is missing"],
+        ),
+        (
+            "cut.db",
+            "DELETE FROM records WHERE tenant = 'acme' AND seq = 30;",
+            &["tenant \"acme\" seq 30", "checkpoint mismatch", "missing"],
+        ),
+        (
+            "resigned.db",
+            "UPDATE checkpoints SET signature = replace(signature, substr(signature, 1, 1), \
+             CASE substr(signature, 1, 1) WHEN 'a' THEN 'b' ELSE 'a' END) WHERE tenant = 'acme';",
+            &["tenant \"acme\" seq 30", "bad signature"],
+        ),
+    ];
+    for (name, sql, expected) in cases {
+        let copy = copy(&db, name);
+        tamper(&copy, sql);
+        let (ok, out) = verify(&copy).await;
+        assert!(!ok, "{name}: verify must fail\n{out}");
+        for needle in *expected {
+            assert!(
+                out.contains(needle),
+                "{name}: expected {needle:?} in\n{out}"
+            );
+        }
+    }
+
+    // Swap two rows whole (contents, seq and hashes): each row is intact, but out of order.
+    let swapped = copy(&db, "swapped.db");
+    let all = format!("tenant, seq, prev_hash, hash, record, {RECORD_COLUMNS}");
+    tamper(
+        &swapped,
+        &format!(
+            "CREATE TEMP TABLE t AS SELECT id, {all} FROM records WHERE tenant = 'acme' AND seq IN (3, 4);
+             UPDATE records SET seq = -seq WHERE id IN (SELECT id FROM t);
+             UPDATE records SET ({all}) = (SELECT {all} FROM t WHERE t.id != records.id)
+               WHERE id IN (SELECT id FROM t);"
+        ),
+    );
+    let (ok, out) = verify(&swapped).await;
+    assert!(!ok, "swapped rows must fail\n{out}");
+    assert!(
+        out.contains("tenant \"acme\" seq 4") && out.contains("reordered"),
+        "{out}"
+    );
+
+    // Swap only the records of two rows: each row's hash no longer matches.
+    let swapped = copy(&db, "swapped-records.db");
+    tamper(
+        &swapped,
+        &format!(
+            "CREATE TEMP TABLE t AS SELECT id, {RECORD_COLUMNS}, record FROM records WHERE tenant = 'globex' AND seq IN (8, 9);
+             UPDATE records SET ({RECORD_COLUMNS}, record) = (SELECT {RECORD_COLUMNS}, record FROM t WHERE t.id != records.id)
+               WHERE id IN (SELECT id FROM t);"
+        ),
+    );
+    let (ok, out) = verify(&swapped).await;
+    assert!(!ok, "swapped records must fail\n{out}");
+    assert!(
+        out.contains("tenant \"globex\" seq 8") && out.contains("hash mismatch"),
+        "{out}"
+    );
+
+    // A checkpoint key other than the relay's is refused.
+    let other = tempfile::tempdir().expect("temp dir");
+    let other_key = other.path().join("other.key");
+    mcp_tunnel::govern::audit::key::CheckpointKey::load_or_create(&other_key).expect("key");
+    let (ok, out) = cli(&[
+        "audit",
+        "verify",
+        "--db",
+        db.to_str().expect("UTF-8"),
+        "--public-key",
+        other.path().join("other.key.pub").to_str().expect("UTF-8"),
+    ])
+    .await;
+    assert!(!ok && out.contains("unknown key"), "{out}");
+}
+
+#[tokio::test]
+async fn export_with_filters_returns_exactly_the_matching_rows() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = fill(dir.path(), PER_TENANT, 3).await;
+    let db_arg = db.to_str().expect("UTF-8");
+
+    let ids = |out: &str| -> BTreeSet<String> {
+        out.lines()
+            .map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+                assert!(value["seq"].as_u64().is_some() && value["hash"].is_string());
+                value["jsonrpc.request.id"]
+                    .as_str()
+                    .expect("request id")
+                    .to_owned()
+            })
+            .collect()
+    };
+    let expect = |tenant: &str, keep: &dyn Fn(&Record) -> bool| -> BTreeSet<String> {
+        (0..PER_TENANT)
+            .map(|n| record(tenant, n))
+            .filter(|r| keep(r))
+            .map(|r| r.request_id.expect("set"))
+            .collect()
+    };
+
+    let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--format", "jsonl"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 60);
+
+    let (ok, out) = cli(&[
+        "audit",
+        "export",
+        "--db",
+        db_arg,
+        "--tenant",
+        "acme",
+        "--decision",
+        "deny",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(ids(&out), expect("acme", &|r| r.decision == Verdict::Deny));
+
+    let (ok, out) = cli(&[
+        "audit",
+        "export",
+        "--db",
+        db_arg,
+        "--tenant",
+        "globex",
+        "--source",
+        "db",
+        "--tool",
+        "query",
+        "--subject",
+        "user0@globex.example",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let want = expect("globex", &|r| {
+        r.source == "db"
+            && r.tool.as_deref() == Some("query")
+            && r.subject == "user0@globex.example"
+    });
+    assert!(!want.is_empty());
+    assert_eq!(ids(&out), want);
+
+    // A time range, once in RFC 3339 and once in milliseconds: records 10 to 19.
+    let (ok, out) = cli(&[
+        "audit",
+        "export",
+        "--db",
+        db_arg,
+        "--tenant",
+        "acme",
+        "--since",
+        "2025-11-26T07:00:00.010Z",
+        "--until",
+        &(BASE_MS + 20).to_string(),
+    ])
+    .await;
+    assert!(ok, "{out}");
+    assert_eq!(
+        ids(&out),
+        expect("acme", &|r| (10..20).contains(&(r.time_ms - BASE_MS)))
+    );
+
+    let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--since", "yesterday"]).await;
+    assert!(!ok && out.contains("yesterday"), "{out}");
+
+    let (ok, out) = cli(&[
+        "audit",
+        "tail",
+        "--db",
+        db_arg,
+        "-n",
+        "3",
+        "--tenant",
+        "acme",
+        "--decision",
+        "allow",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" acme#") && l.contains(" allow ")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_appends_all_land_chained() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // 50 tasks, 500 records per tenant: 1,000 rows.
+    let db = fill(dir.path(), 500, 50).await;
+    let conn = Connection::open(&db).expect("open");
+    let counts: Vec<(String, i64, i64)> = conn
+        .prepare("SELECT tenant, COUNT(*), MAX(seq) FROM records GROUP BY tenant ORDER BY tenant")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        counts,
+        vec![("acme".into(), 500, 500), ("globex".into(), 500, 500)]
+    );
+    let distinct: i64 = conn
+        .query_row("SELECT COUNT(DISTINCT record) FROM records", [], |r| {
+            r.get(0)
+        })
+        .expect("count");
+    assert_eq!(distinct, 1000, "every record stored once");
+    let (ok, out) = verify(&db).await;
+    assert!(ok && out.contains("ok: 1000 rows, 2 tenants"), "{out}");
+}
+
+#[tokio::test]
+async fn verify_reads_while_the_relay_writes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = AuditSection::new(dir.path().join("audit.db"));
+    let auditor = Auditor::open(&config).expect("open");
+    for n in 0..10 {
+        auditor.append(record("acme", n)).await.expect("append");
+    }
+    // The writer holds the file open; its rows are committed but not yet signed.
+    let (ok, out) = verify(&config.path).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("ok: 10 rows, 1 tenants, 0 checkpoints"),
+        "{out}"
+    );
+    assert!(
+        out.contains("rows 1 to 10 are after the last checkpoint (unsigned)"),
+        "{out}"
+    );
+    auditor.append(record("acme", 10)).await.expect("append");
+    auditor.close().await;
+    let (ok, out) = verify(&config.path).await;
+    assert!(
+        ok && out.contains("ok: 11 rows, 1 tenants, 1 checkpoints"),
+        "{out}"
+    );
+    assert!(!out.contains("unsigned"), "{out}");
+}
