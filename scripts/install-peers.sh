@@ -5,9 +5,10 @@
 #     pinned in package-lock.json
 #   - tests/peers/.venv: the official Python SDK (pinned in requirements.txt)
 #   - tinyproxy (Debian package), the HTTP CONNECT proxy tests/fallback.rs starts
+#   - chromium (Debian package, /usr/bin/chromium), the headless browser tests/activity.rs runs
 # Idempotent: an install that already matches the pins is left alone. Fails loudly on any error.
 # Needs Node.js >= 20 with npm, and Python >= 3.10 (the suite's Node 22 comes from npm; Linux x64);
-# installing tinyproxy needs root and apt-get (or install it yourself first).
+# installing tinyproxy and chromium needs root and apt-get (or install it yourself first).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +41,21 @@ else
     DEBIAN_FRONTEND=noninteractive apt-get install -y tinyproxy || die "apt-get install -y tinyproxy failed"
     have_tinyproxy || die "tinyproxy is still missing after apt-get install"
 fi
+
+# chromium: Debian's browser, run headless by tests/activity.rs to render the /activity page.
+if [[ -x /usr/bin/chromium ]]; then
+    echo "install-peers: chromium already installed"
+elif [[ "$(id -u)" != 0 ]]; then
+    die "chromium is not installed; run as root: apt-get update && apt-get install -y chromium"
+elif ! command -v apt-get >/dev/null; then
+    die "chromium is not installed and apt-get is missing; install Debian's chromium package"
+else
+    echo "install-peers: apt-get install chromium"
+    apt-get update || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || die "apt-get install -y chromium failed"
+    [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium is still missing after apt-get install"
+fi
+/usr/bin/chromium --version >/dev/null 2>&1 || die "/usr/bin/chromium does not run"
 
 # Node peers: `npm ci` installs exactly the lockfile; skip it when the tree already matches.
 if [[ -d "$peers/node_modules" ]] && (cd "$peers" && npm ls --all >/dev/null 2>&1); then

@@ -1,4 +1,5 @@
-//! The admin endpoints over the relay's own state: `/healthz`, `/metrics`, `/api/tunnels`.
+//! The admin endpoints over the relay's own state: `/healthz`, `/metrics`, `/api/tunnels`, and
+//! the live activity page (`/activity`, its assets and event stream, `/api/activity`).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use super::RelayState;
+use super::activity::http as activity;
 use super::registry::TunnelRow;
 
 /// The Prometheus text exposition format's content type.
@@ -22,6 +24,11 @@ pub fn routes() -> Router<Arc<RelayState>> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/tunnels", get(tunnels))
+        .route("/activity", get(activity::page))
+        .route("/activity/page.css", get(activity::stylesheet))
+        .route("/activity/page.js", get(activity::script))
+        .route("/activity/events", get(activity::events))
+        .route("/api/activity", get(activity::api))
 }
 
 async fn tunnels(State(state): State<Arc<RelayState>>) -> Json<Vec<TunnelRow>> {

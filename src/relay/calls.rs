@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use super::activity::Activity;
 use crate::govern::Identity;
 use crate::govern::audit::{Auditor, Capture, Direction, Outcome, Record, Verdict, digest};
 use crate::govern::policy::Decision;
@@ -39,12 +40,14 @@ pub enum CallError {
 pub struct Calls {
     /// The audit trail; none without `[audit]` (then nothing is written or digested).
     auditor: Option<Auditor>,
+    /// The live activity feed every finished call is pushed to.
+    activity: Arc<Activity>,
 }
 
 impl Calls {
-    /// Finished calls go to metrics, the activity feed and, if given, the audit trail.
-    pub fn new(auditor: Option<Auditor>) -> Self {
-        Self { auditor }
+    /// Finished calls go to metrics, the live `activity` feed and, if given, the audit trail.
+    pub fn new(auditor: Option<Auditor>, activity: Arc<Activity>) -> Self {
+        Self { auditor, activity }
     }
 
     /// Whether finished calls are written to an audit trail (arguments are digested only
@@ -107,8 +110,8 @@ impl Calls {
             .record(record.latency_us as f64 / 1e6);
         metrics::counter!(crate::metrics::CALL_BYTES_IN, &labels).increment(record.bytes_in);
         metrics::counter!(crate::metrics::CALL_BYTES_OUT, &labels).increment(record.bytes_out);
-        // The live activity feed (src/relay/activity.rs) takes every finished call here, and
-        // only here: `self.activity.push(Arc::new(record.clone()))`.
+        // The live activity feed takes every finished call here, and only here.
+        self.activity.push_record(record);
     }
 
     /// Finishes a call nobody waits for (it was dropped unfinished), in the background.

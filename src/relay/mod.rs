@@ -3,6 +3,7 @@
 //! [`Relay::bind`] opens every listener (so tests can bind port 0 and read the addresses back);
 //! [`Relay::serve`] runs until the shutdown token fires.
 
+pub mod activity;
 pub mod admin;
 pub mod agent;
 pub mod answer;
@@ -108,6 +109,9 @@ pub struct RelayState {
     pub sessions: Sessions,
     /// Where finished calls go: the audit trail, metrics, the activity feed.
     pub calls: Arc<calls::Calls>,
+    /// Live activity for the admin `/activity` page: every finished call reaches it through
+    /// [`calls::Calls`].
+    pub activity: Arc<activity::Activity>,
     /// Limits and timeouts as the relay started: `max_message_bytes` here is the tunnel frame
     /// limit agreed with every `connect` at its handshake. What reload changes is read through
     /// [`RelayState::request_timeout`], [`RelayState::session_idle`] and
@@ -310,11 +314,13 @@ impl Relay {
             // Recorded metrics are kept (and served at /metrics) only with an admin listener.
             crate::metrics::prometheus();
         }
+        let activity = Arc::new(activity::Activity::default());
         let state = Arc::new(RelayState {
             governance: RwLock::new(Arc::new(governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
-            calls: Arc::new(calls::Calls::new(auditor)),
+            calls: Arc::new(calls::Calls::new(auditor, activity.clone())),
+            activity,
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,
             allowed_hosts: settings.allowed_hosts,

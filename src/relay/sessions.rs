@@ -431,4 +431,16 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Live sessions of `tenant` (of all tenants when `None`), for the activity page.
+    pub fn count(&self, tenant: Option<&str>) -> usize {
+        let map = self
+            .map
+            .lock()
+            .expect("sessions lock is never held across a panic");
+        match tenant {
+            None => map.len(),
+            Some(tenant) => map.values().filter(|s| *s.tenant == *tenant).count(),
+        }
+    }
 }

@@ -1,0 +1,207 @@
+//! What the page and `/api/activity` read: a snapshot of tunnels, sessions, latest calls and
+//! per-tool figures, as JSON.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::stats::{RawRow, percentile};
+use crate::govern::audit::{Outcome, Record, Verdict};
+use crate::relay::RelayState;
+use crate::relay::registry::TunnelRow;
+
+/// One call as the page shows it: who, what, how it ended. Arguments and results stay out:
+/// this page is for watching traffic, the audit trail is for reading it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallRow {
+    /// When the relay received it, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Tenant.
+    pub tenant: String,
+    /// Caller.
+    pub subject: String,
+    /// Source addressed.
+    pub source: String,
+    /// JSON-RPC method.
+    pub method: String,
+    /// Tool, resource or prompt, if any.
+    pub target: Option<String>,
+    /// `agent_to_server` or `server_to_agent`.
+    pub direction: &'static str,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// The rule that decided.
+    pub rule: String,
+    /// `ok`, `error`, `tool_error`, `tunnel_error`, `timeout` or `abandoned`.
+    pub outcome: &'static str,
+    /// The JSON-RPC error code, for `error`.
+    pub code: Option<i64>,
+    /// Latency, microseconds.
+    pub latency_us: u64,
+    /// Tunnel transport, when it reached one.
+    pub transport: Option<String>,
+}
+
+impl From<&Record> for CallRow {
+    fn from(r: &Record) -> Self {
+        Self {
+            time_ms: r.time_ms,
+            tenant: r.tenant.clone(),
+            subject: r.subject.clone(),
+            source: r.source.clone(),
+            method: r.method.clone(),
+            target: r.target().map(str::to_owned),
+            direction: match r.direction {
+                crate::govern::audit::Direction::AgentToServer => "agent_to_server",
+                crate::govern::audit::Direction::ServerToAgent => "server_to_agent",
+            },
+            decision: match r.decision {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+            },
+            rule: r.rule.clone(),
+            outcome: r.outcome.label(),
+            code: match r.outcome {
+                Outcome::Error(code) => Some(code),
+                _ => None,
+            },
+            latency_us: r.latency_us,
+            transport: r.transport.clone(),
+        }
+    }
+}
+
+/// Counts and latency percentiles of one (tenant, source, tool).
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolRow {
+    /// Tenant (empty for the overflow row).
+    pub tenant: String,
+    /// Source (empty for the overflow row).
+    pub source: String,
+    /// Tool or prompt name, or the method of other requests (empty for the overflow row).
+    pub tool: String,
+    /// Whether this row counts the calls past the table's bound, of any key.
+    pub overflow: bool,
+    /// Calls.
+    pub calls: u64,
+    /// Denied calls.
+    pub denied: u64,
+    /// Allowed calls that ended in an error of any kind.
+    pub errors: u64,
+    /// Latency percentiles over the recent allowed calls, milliseconds.
+    pub p50_ms: Option<f64>,
+    /// See `p50_ms`.
+    pub p90_ms: Option<f64>,
+    /// See `p50_ms`.
+    pub p99_ms: Option<f64>,
+    /// How many recent latencies the percentiles are over.
+    pub window: usize,
+}
+
+impl From<RawRow> for ToolRow {
+    fn from(raw: RawRow) -> Self {
+        let mut window = raw.stats.latencies().to_vec();
+        let mut ms = |p| percentile(&mut window, p).map(|us| f64::from(us) / 1000.0);
+        let (p50_ms, p90_ms, p99_ms) = (ms(50), ms(90), ms(99));
+        Self {
+            tenant: raw.tenant,
+            source: raw.source,
+            tool: raw.tool,
+            overflow: raw.overflow,
+            calls: raw.stats.calls,
+            denied: raw.stats.denied,
+            errors: raw.stats.errors,
+            p50_ms,
+            p90_ms,
+            p99_ms,
+            window: window.len(),
+        }
+    }
+}
+
+/// A source seen in calls that no tunnel serves now.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct OfflineSource {
+    /// Tenant.
+    pub tenant: String,
+    /// Source.
+    pub source: String,
+}
+
+/// Calls, denials and errors added up over the rows shown.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    /// Calls.
+    pub calls: u64,
+    /// Denied calls.
+    pub denied: u64,
+    /// Allowed calls that ended in an error.
+    pub errors: u64,
+}
+
+/// Everything the page shows, for one tenant or all. The first event of `/activity/events`
+/// and the body of `/api/activity`; the periodic refresh is the same without `calls`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// The tenant filter, if any.
+    pub tenant: Option<String>,
+    /// Every tenant seen (in tunnels or calls), to fill the page's filter.
+    pub tenants: BTreeSet<String>,
+    /// Live tunnels, one row per (tunnel, source).
+    pub tunnels: Vec<TunnelRow>,
+    /// Sources seen in calls that no tunnel serves now.
+    pub offline: Vec<OfflineSource>,
+    /// Live agent sessions.
+    pub sessions: usize,
+    /// Totals over `tools`.
+    pub totals: Totals,
+    /// Per (tenant, source, tool) figures.
+    pub tools: Vec<ToolRow>,
+    /// The latest calls, newest first (absent from refreshes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls: Option<Vec<CallRow>>,
+}
+
+impl Snapshot {
+    /// The state of the relay now, for `tenant` (all when `None`), with the latest calls when
+    /// `with_calls`.
+    pub fn of(state: &RelayState, tenant: Option<&str>, with_calls: bool) -> Self {
+        let activity = &state.activity;
+        let all_tunnels = state.registry.rows();
+        let mut tenants = activity.tenants();
+        tenants.extend(all_tunnels.iter().map(|t| t.tenant.clone()));
+        let tunnels: Vec<TunnelRow> = all_tunnels
+            .into_iter()
+            .filter(|t| tenant.is_none_or(|want| t.tenant == want))
+            .collect();
+        let tools = activity.tools(tenant);
+        let offline: BTreeSet<OfflineSource> = tools
+            .iter()
+            .filter(|row| !row.overflow)
+            .filter(|row| {
+                !tunnels
+                    .iter()
+                    .any(|t| t.tenant == row.tenant && t.source == row.source)
+            })
+            .map(|row| OfflineSource {
+                tenant: row.tenant.clone(),
+                source: row.source.clone(),
+            })
+            .collect();
+        let totals = tools.iter().fold(Totals::default(), |sum, row| Totals {
+            calls: sum.calls + row.calls,
+            denied: sum.denied + row.denied,
+            errors: sum.errors + row.errors,
+        });
+        Self {
+            tenant: tenant.map(str::to_owned),
+            tenants,
+            tunnels,
+            offline: offline.into_iter().collect(),
+            sessions: state.sessions.count(tenant),
+            totals,
+            tools,
+            calls: with_calls.then(|| activity.latest(tenant)),
+        }
+    }
+}
