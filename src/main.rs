@@ -436,11 +436,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 let demo = mcp_tunnel::demo::start(listen, shutdown.clone()).await?;
                 println!(
-                    "mcp-tunnel demo: relay, connect and a demo MCP server (echo, add, blob) on loopback"
+                    "mcp-tunnel demo: relay, connect and a demo MCP server (echo, add, blob, sleep) on loopback"
                 );
                 println!("agent URL: {}", demo.agent_url);
                 println!("API key: {}", demo.api_key);
-                println!("admin: {}/api/tunnels", demo.admin_url);
+                println!("live activity: {}/activity", demo.admin_url);
+                println!("metrics: {}/metrics", demo.admin_url);
+                println!(
+                    "audit trail: mcp-tunnel audit tail --follow --db {}",
+                    demo.audit_db.display()
+                );
                 println!(
                     "try: npx @modelcontextprotocol/inspector --cli {} --transport http --header \"Authorization: Bearer {}\" --method tools/list",
                     demo.agent_url, demo.api_key

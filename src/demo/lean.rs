@@ -135,6 +135,29 @@ impl Outcome {
     fn fixed(json: &str) -> Self {
         Outcome::Result(json.as_bytes().to_vec())
     }
+
+    /// The 2026-07-28 shape of a result: `resultType` is required, and cacheable results
+    /// (`tools/list`) carry `ttlMs` and `cacheScope` too. Results here are JSON objects written
+    /// by this module, so the fields go right after the opening brace.
+    fn tagged_complete(self, cacheable: bool) -> Self {
+        let Outcome::Result(json) = self else {
+            return self;
+        };
+        let fields: &[u8] = if cacheable {
+            br#""resultType":"complete","ttlMs":0,"cacheScope":"private""#
+        } else {
+            br#""resultType":"complete""#
+        };
+        let rest = json.strip_prefix(b"{").unwrap_or(&json);
+        let mut out = Vec::with_capacity(json.len() + fields.len() + 2);
+        out.push(b'{');
+        out.extend_from_slice(fields);
+        if rest.first() != Some(&b'}') {
+            out.push(b',');
+        }
+        out.extend_from_slice(rest);
+        Outcome::Result(out)
+    }
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
@@ -254,7 +277,10 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
     else {
         return StatusCode::ACCEPTED.into_response();
     };
-    let outcome = answer(method, &params, session_id.is_some()).await;
+    let mut outcome = answer(method, &params, session_id.is_some()).await;
+    if stateless && method != "server/discover" {
+        outcome = outcome.tagged_complete(method == "tools/list");
+    }
     let mut response = json_response(StatusCode::OK, reply(id, &outcome));
     if let Some(session) = session_id.and_then(|s| HeaderValue::try_from(s).ok()) {
         response.headers_mut().insert(SESSION_HEADER, session);
@@ -598,6 +624,26 @@ mod tests {
             .await;
         assert_eq!(status, 200);
         assert_eq!(echo["result"]["content"][0]["text"], "hi");
+        assert_eq!(echo["result"]["resultType"], "complete");
+        let (_, _, list) = peer
+            .post(
+                &stateless("tools/list", None),
+                json!({"jsonrpc":"2.0","id":2,"method":"tools/list"}),
+            )
+            .await;
+        assert_eq!(list["result"]["resultType"], "complete");
+        assert_eq!(list["result"]["ttlMs"], 0);
+        assert_eq!(list["result"]["cacheScope"], "private");
+        assert_eq!(list["result"]["tools"].as_array().map(Vec::len), Some(4));
+        let (_, _, ping) = peer
+            .post(
+                &stateless("ping", None),
+                json!({"jsonrpc":"2.0","id":3,"method":"ping"}),
+            )
+            .await;
+        assert_eq!(ping["result"], json!({"resultType": "complete"}));
+        // Session-era results stay as they were.
+        assert!(sum["result"].get("resultType").is_none());
         for headers in [
             stateless("tools/call", Some("add")),
             stateless("tools/call", None),

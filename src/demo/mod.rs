@@ -34,6 +34,8 @@ pub struct Demo {
     pub api_key: String,
     /// The admin endpoint.
     pub admin_url: String,
+    /// The audit trail's SQLite file.
+    pub audit_db: std::path::PathBuf,
     /// The built-in server, reached directly (no tunnel).
     pub upstream_url: String,
 }
@@ -56,6 +58,11 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
             roles: Vec::new().into(),
         },
     );
+    // The audit trail goes to a fresh folder under the system's temporary directory, kept after
+    // the demo ends so that `audit verify` and `audit export` can be tried on it.
+    let audit_dir = std::env::temp_dir().join(format!("mcp-tunnel-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&audit_dir)?;
+    let audit_db = audit_dir.join("audit.db");
     let relay = Relay::bind(RelaySettings {
         tunnel_listen: "127.0.0.1:0".parse()?,
         identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)?,
@@ -71,7 +78,7 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         allowed_origins: Vec::new(),
         allowed_hosts: Vec::new(),
         sse_keep_alive: std::time::Duration::from_secs(crate::config::DEFAULT_SSE_KEEP_ALIVE_SECS),
-        audit: None,
+        audit: Some(crate::config::AuditSection::new(&audit_db)),
     })
     .await?;
     let agents = relay.agents_addr();
@@ -112,6 +119,7 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         agent_url: format!("http://{agents}/mcp/{SOURCE}"),
         api_key,
         admin_url: format!("http://{admin}"),
+        audit_db,
         upstream_url,
     })
 }
