@@ -1,13 +1,20 @@
 //! The admin endpoints over the relay's own state: `/healthz`, `/metrics`, `/api/tunnels`, and
 //! the live activity page (`/activity`, its assets and event stream, `/api/activity`).
+//!
+//! They show who calls what, so a web page must not read them: every request must name the
+//! admin listener by a loopback name, an IP address or one of `[agents] allowed_hosts` (a page
+//! whose DNS name was rebound to the admin address sends its own name), and a browser `Origin`
+//! must be the admin's own.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::Request;
 use axum::extract::State;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
@@ -19,9 +26,8 @@ use super::registry::TunnelRow;
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Routes of the admin listener.
-pub fn routes() -> Router<Arc<RelayState>> {
+pub fn routes(state: Arc<RelayState>) -> Router<Arc<RelayState>> {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/tunnels", get(tunnels))
         .route("/activity", get(activity::page))
@@ -29,6 +35,52 @@ pub fn routes() -> Router<Arc<RelayState>> {
         .route("/activity/page.js", get(activity::script))
         .route("/activity/events", get(activity::events))
         .route("/api/activity", get(activity::api))
+        .route_layer(middleware::from_fn_with_state(state, same_host_only))
+        // Health checks come from load balancers under any name, and say nothing.
+        .route("/healthz", get(|| async { "ok\n" }))
+}
+
+/// Refuses requests whose `Host` is a DNS name the relay was not told about, or whose `Origin`
+/// is another site (403): DNS rebinding and cross-site reads of the admin data.
+async fn same_host_only(
+    State(state): State<Arc<RelayState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let origin_ok = match headers.get(header::ORIGIN) {
+        None => true,
+        Some(origin) => origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .is_some_and(|(_, authority)| authority.eq_ignore_ascii_case(host)),
+    };
+    if !origin_ok || !admin_host_allowed(&state.allowed_hosts, host) {
+        return (StatusCode::FORBIDDEN, "forbidden host or origin\n").into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether `host` (a `Host` header) may address the admin listener: a loopback name, an IP
+/// literal, or a configured agent host name.
+fn admin_host_allowed(allowed_hosts: &[String], host: &str) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let literal = name.trim_start_matches('[').trim_end_matches(']');
+    host.is_empty()
+        || name.eq_ignore_ascii_case("localhost")
+        || literal.parse::<std::net::IpAddr>().is_ok()
+        || host.parse::<std::net::IpAddr>().is_ok()
+        || allowed_hosts
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(host) || allowed.eq_ignore_ascii_case(name))
 }
 
 async fn tunnels(State(state): State<Arc<RelayState>>) -> Json<Vec<TunnelRow>> {
@@ -76,4 +128,33 @@ fn escape_label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin_host_allowed;
+
+    #[test]
+    fn only_loopback_names_ip_literals_and_configured_hosts_reach_admin() {
+        let configured = ["admin.internal".to_owned()];
+        for host in [
+            "",
+            "localhost",
+            "localhost:9090",
+            "127.0.0.1:9090",
+            "10.1.2.3",
+            "[::1]:9090",
+            "::1",
+            "admin.internal:9090",
+        ] {
+            assert!(admin_host_allowed(&configured, host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9090",
+            "127.0.0.1.evil.example",
+        ] {
+            assert!(!admin_host_allowed(&configured, host), "{host}");
+        }
+    }
 }

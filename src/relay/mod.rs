@@ -424,7 +424,7 @@ impl Relay {
         // The admin endpoints stay up while the relay drains: operators watch it happen.
         let admin_server = admin.map(|listener| {
             tokio::spawn(metrics_upkeep(state.stop.clone()));
-            let app = admin::routes().with_state(state.clone());
+            let app = admin::routes(state.clone()).with_state(state.clone());
             tokio::spawn(
                 axum::serve(listener.tap_io(no_delay), app)
                     .with_graceful_shutdown(state.stop.clone().cancelled_owned())
