@@ -17,6 +17,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use mcp_tunnel::certs::DevCerts;
 use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
@@ -74,6 +75,18 @@ fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("after 1970")
         .as_secs()
+}
+
+/// A temporary directory with dev certificates and a fresh Ed25519 assertion signing key
+/// (`assertion.key`); returns it, the certificates and the public key that verifies
+/// assertions.
+fn relay_dir() -> (tempfile::TempDir, DevCerts, DecodingKey) {
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
+        .expect("public key");
+    let (dir, certs) = cert_dir();
+    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    (dir, certs, public)
 }
 
 fn config(token: &str, key: &str, asserted: &str) -> String {
@@ -165,11 +178,7 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
     let (db_url, db_seen) = start_recording_upstream(&shutdown).await;
     let (crm_url, crm_seen) = start_recording_upstream(&shutdown).await;
 
-    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
-    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
-        .expect("public key");
-    let (dir, certs) = cert_dir();
-    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let (dir, certs, public) = relay_dir();
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
     let path = write_config(dir.path(), &config(&token, &api_key, r#""db""#));
     let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
@@ -235,11 +244,7 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let (db_url, seen) = start_recording_upstream(&shutdown).await;
-    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
-    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
-        .expect("public key");
-    let (dir, certs) = cert_dir();
-    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let (dir, certs, public) = relay_dir();
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
     // Three seconds: an assertion is valid for 2 to 3 s from signing (exp is in whole
     // seconds), so a renewed one has at least a second left when forwarded.
