@@ -386,7 +386,6 @@ const ANSWERS_BEFORE_KILL: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
-    use mcp_tunnel::govern::SecretHash;
     use mcp_tunnel::govern::identity::new_secret;
 
     common::init_tracing();
@@ -397,21 +396,9 @@ async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
     let config = common::write_config(
         dir.path(),
         &format!(
-            r#"{}
-[audit]
-path = "audit.db"
-
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-
-[[tenants.keys]]
-subject = "agent@acme.example"
-key = "{}"
-"#,
+            "{}\n[audit]\npath = \"audit.db\"\n{}",
             common::LISTENERS,
-            SecretHash::of(&tunnel_token),
-            SecretHash::of(&api_key),
+            common::acme_tenant(&tunnel_token, &api_key),
         ),
     );
 

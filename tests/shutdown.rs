@@ -10,11 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Agent, Harness, LISTENERS, Options, Peer, RelayProcess, WAIT, cert_dir, quic_settings,
-    sse_data, write_config,
+    Agent, Harness, LISTENERS, Options, Peer, RelayProcess, WAIT, acme_tenant, cert_dir,
+    quic_settings, sse_data, write_config,
 };
 use mcp_tunnel::client;
-use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
 use serde_json::{Value, json};
 use tokio::process::Command;
@@ -203,20 +202,8 @@ async fn tracked_call(
 /// key).
 fn relay_config(tunnel_token: &str, api_key: &str) -> String {
     format!(
-        r#"{LISTENERS}
-[admin]
-listen = "127.0.0.1:0"
-
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-
-[[tenants.keys]]
-subject = "agent@acme.example"
-key = "{}"
-"#,
-        SecretHash::of(tunnel_token),
-        SecretHash::of(api_key),
+        "{LISTENERS}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        acme_tenant(tunnel_token, api_key)
     )
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use mcp_tunnel::certs::DevCerts;
 use mcp_tunnel::client::ClientSettings;
 use mcp_tunnel::config::{SourceConfig, TransportChoice};
-use mcp_tunnel::govern::Identity;
+use mcp_tunnel::govern::{Identity, SecretHash};
 use mcp_tunnel::relay::reload::LoadedConfig;
 use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
 use tokio::task::JoinHandle;
@@ -27,6 +27,24 @@ key = "relay.key"
 [agents]
 listen = "127.0.0.1:0"
 "#;
+
+/// The `[[tenants]]` block of tenant `acme` with the tunnel token `token` and one agent key,
+/// `api_key`, of subject `agent@acme.example` (no roles: everything is allowed).
+pub fn acme_tenant(token: &str, api_key: &str) -> String {
+    format!(
+        r#"
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+
+[[tenants.keys]]
+subject = "agent@acme.example"
+key = "{}"
+"#,
+        SecretHash::of(token),
+        SecretHash::of(api_key),
+    )
+}
 
 /// A temporary directory holding dev certificates under the names a relay config uses
 /// (`relay.pem`, `relay.key`, `ca.pem`); returns it and the certificates.
