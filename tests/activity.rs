@@ -79,24 +79,7 @@ async fn scene() -> Scene {
 
 /// acme's calls: `1 + ECHOES + TOOL_ERRORS + DENIED` with its `initialize`.
 async fn acme_load(agent: &Agent) {
-    let mut id = 0;
-    for _ in 0..ECHOES {
-        id += 1;
-        let answer = agent.call_tool(id, "echo", json!({"message": "hi"})).await;
-        assert_eq!(tool_text(answer.response()), "hi");
-    }
-    for _ in 0..TOOL_ERRORS {
-        id += 1;
-        let answer = agent
-            .call_tool(id, "add", json!({"a": i64::MAX, "b": 1}))
-            .await;
-        assert_eq!(answer.response()["result"]["isError"], true);
-    }
-    for _ in 0..DENIED {
-        id += 1;
-        let answer = agent.call_tool(id, "blob", json!({"size": 1})).await;
-        assert_eq!(answer.response()["error"]["code"], -32602);
-    }
+    common::mixed_calls(agent, "hi", ECHOES, TOOL_ERRORS, DENIED).await;
 }
 
 /// other's calls: `1 + OTHER_ECHOES + SLEEPS + 2` with its `initialize`.

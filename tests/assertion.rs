@@ -15,14 +15,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{Agent, WAIT, tool_text};
+use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use mcp_tunnel::certs::DevCerts;
+use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
-use mcp_tunnel::relay::{Relay, RelaySettings};
+use mcp_tunnel::relay::reload::Reloader;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -67,16 +66,7 @@ async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let addr = common::serve_axum(app, shutdown).await;
     (format!("http://{addr}/mcp"), seen)
 }
 
@@ -87,20 +77,25 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// A temporary directory with dev certificates and a fresh Ed25519 assertion signing key
+/// (`assertion.key`); returns it, the certificates and the public key that verifies
+/// assertions.
+fn relay_dir() -> (tempfile::TempDir, DevCerts, DecodingKey) {
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
+        .expect("public key");
+    let (dir, certs) = cert_dir();
+    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    (dir, certs, public)
+}
+
 fn config(token: &str, key: &str, asserted: &str) -> String {
     config_with_ttl(token, key, asserted, 120)
 }
 
 fn config_with_ttl(token: &str, key: &str, asserted: &str, ttl_secs: u64) -> String {
     format!(
-        r#"
-[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-[agents]
-listen = "127.0.0.1:0"
-public_url = "{PUBLIC_URL}/"
+        r#"{LISTENERS}public_url = "{PUBLIC_URL}/"
 [identity_assertion]
 key = "assertion.key"
 ttl_secs = {ttl_secs}
@@ -183,39 +178,18 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
     let (db_url, db_seen) = start_recording_upstream(&shutdown).await;
     let (crm_url, crm_seen) = start_recording_upstream(&shutdown).await;
 
-    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
-    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
-        .expect("public key");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
-    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
-    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
-    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let (dir, certs, public) = relay_dir();
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config(&token, &api_key, r#""db""#)).expect("write config");
-    let loaded = LoadedConfig::load(&path).expect("config loads");
-    let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
-        .await
-        .expect("relay");
-    let (agents, tunnel, state) = (
-        relay.agents_addr(),
-        relay.tunnel_addr(),
-        relay.state().clone(),
-    );
+    let path = write_config(dir.path(), &config(&token, &api_key, r#""db""#));
+    let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
+    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
     let mut reloader = Reloader::new(&path, state.clone(), loaded);
-    tokio::spawn(relay.serve(shutdown.clone()));
-    let mut settings = ClientSettings::new(
-        tunnel.to_string(),
-        token.clone(),
-        vec![
-            SourceConfig::parse_flag(&format!("db={db_url}")).expect("source"),
-            SourceConfig::parse_flag(&format!("crm={crm_url}")).expect("source"),
-        ],
+    let settings = quic_settings(
+        tunnel,
+        &token,
+        &certs.ca_pem,
+        &[("db", &db_url), ("crm", &crm_url)],
     );
-    settings.ca_pem = Some(certs.ca_pem);
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
     tokio::spawn(client::run(settings, shutdown.clone()));
     for source in ["db", "crm"] {
         tokio::time::timeout(WAIT, state.registry.wait_for("acme", source))
@@ -270,37 +244,14 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let (db_url, seen) = start_recording_upstream(&shutdown).await;
-    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
-    let public = DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
-        .expect("public key");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
-    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
-    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
-    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let (dir, certs, public) = relay_dir();
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
-    let path = dir.path().join("relay.toml");
     // Three seconds: an assertion is valid for 2 to 3 s from signing (exp is in whole
     // seconds), so a renewed one has at least a second left when forwarded.
-    std::fs::write(&path, config_with_ttl(&token, &api_key, r#""db""#, 3)).expect("write");
-    let loaded = LoadedConfig::load(&path).expect("config loads");
-    let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
-        .await
-        .expect("relay");
-    let (agents, tunnel, state) = (
-        relay.agents_addr(),
-        relay.tunnel_addr(),
-        relay.state().clone(),
-    );
-    tokio::spawn(relay.serve(shutdown.clone()));
-    let mut settings = ClientSettings::new(
-        tunnel.to_string(),
-        token,
-        vec![SourceConfig::parse_flag(&format!("db={db_url}")).expect("source")],
-    );
-    settings.ca_pem = Some(certs.ca_pem);
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
+    let path = write_config(dir.path(), &config_with_ttl(&token, &api_key, r#""db""#, 3));
+    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
+    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
+    let settings = quic_settings(tunnel, &token, &certs.ca_pem, &[("db", &db_url)]);
     tokio::spawn(client::run(settings, shutdown.clone()));
     tokio::time::timeout(WAIT, state.registry.wait_for("acme", "db"))
         .await

@@ -33,16 +33,7 @@ fn audit_at(path: &Path) -> AuditSection {
 
 /// Runs the `mcp-tunnel` binary with `args`; returns (success, stdout, stderr).
 async fn mcp_tunnel(args: &[&str]) -> (bool, String, String) {
-    let output = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command ends in time")
-    .expect("the command runs");
+    let output = common::run_cli(args).await;
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -328,24 +319,7 @@ async fn metrics_count_a_known_load_exactly() {
     const DENIED: u64 = 4;
     let mut agent = Agent::new(&harness.url(SOURCE), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
-    let mut id = 0;
-    for _ in 0..ECHOES {
-        id += 1;
-        let answer = agent.call_tool(id, "echo", json!({"message": "m"})).await;
-        assert_eq!(tool_text(answer.response()), "m");
-    }
-    for _ in 0..TOOL_ERRORS {
-        id += 1;
-        let answer = agent
-            .call_tool(id, "add", json!({"a": i64::MAX, "b": 1}))
-            .await;
-        assert_eq!(answer.response()["result"]["isError"], true);
-    }
-    for _ in 0..DENIED {
-        id += 1;
-        let answer = agent.call_tool(id, "blob", json!({"size": 1})).await;
-        assert_eq!(answer.response()["error"]["code"], -32602);
-    }
+    common::mixed_calls(&agent, "m", ECHOES, TOOL_ERRORS, DENIED).await;
     let after = scrape(&harness).await;
 
     let delta = |filter: &[(&str, &str)]| {
@@ -405,14 +379,6 @@ async fn metrics_count_a_known_load_exactly() {
 // ---------------------------------------------------------------------------------------------
 // kill -9 of the relay binary under load.
 
-/// The address after `key=` on a log line.
-fn field(line: &str, key: &str) -> std::net::SocketAddr {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|value| value.trim_matches('"').parse().ok())
-        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
-}
-
 /// Agent tasks calling echo in a loop.
 const LOADERS: usize = 6;
 /// Answers received before the kill, at least (so the kill lands mid-load).
@@ -420,73 +386,33 @@ const ANSWERS_BEFORE_KILL: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
-    use mcp_tunnel::govern::SecretHash;
     use mcp_tunnel::govern::identity::new_secret;
 
     common::init_tracing();
-    let dir = tempfile::tempdir().expect("temp dir");
+    let (dir, certs) = common::cert_dir();
     let db = dir.path().join("audit.db");
     let tunnel_token = new_secret("mcpt_tok_");
     let api_key = new_secret("mcpt_key_");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
-    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-
-[agents]
-listen = "127.0.0.1:0"
-
-[audit]
-path = "audit.db"
-
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-
-[[tenants.keys]]
-subject = "agent@acme.example"
-key = "{}"
-"#,
-            SecretHash::of(&tunnel_token),
-            SecretHash::of(&api_key),
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "{}\n[audit]\npath = \"audit.db\"\n{}",
+            common::LISTENERS,
+            common::acme_tenant(&tunnel_token, &api_key),
         ),
-    )
-    .expect("write relay.toml");
-
-    let mut relay = common::Peer::start(
-        "relay",
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .arg("relay")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1"),
     );
-    let listening = relay
-        .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
-        .await;
-    let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
+
+    let common::RelayProcess {
+        peer: mut relay,
+        tunnel,
+        agents,
+    } = common::RelayProcess::start(&config).await;
 
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let upstream = common::demo_upstream(&stop).await;
-    let mut settings = mcp_tunnel::client::ClientSettings::new(
-        tunnel.to_string(),
-        tunnel_token,
-        vec![
-            mcp_tunnel::config::SourceConfig::parse_flag(&format!("demo={upstream}"))
-                .expect("source"),
-        ],
-    );
-    settings.ca_pem = Some(certs.ca_pem);
-    settings.transport = mcp_tunnel::config::TransportChoice::Quic;
-    settings.connections = 1;
+    let settings =
+        common::quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
     tokio::spawn(mcp_tunnel::client::run(settings, stop.child_token()));
     relay
         .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
@@ -547,10 +473,7 @@ key = "{}"
     .expect("load flows");
 
     // SIGKILL by PID, mid-load.
-    let pid = relay.child.0.id().expect("the relay runs");
-    // SAFETY: kill(2) with the PID of our own unreaped child and a valid signal number.
-    let rc = unsafe { libc::kill(i32::try_from(pid).expect("pid_t"), libc::SIGKILL) };
-    assert_eq!(rc, 0, "kill -9 the relay");
+    relay.signal(libc::SIGKILL);
     let _ = tokio::time::timeout(WAIT, relay.child.0.wait()).await;
     tokio::time::timeout(WAIT, async { while loaders.join_next().await.is_some() {} })
         .await

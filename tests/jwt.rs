@@ -14,13 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{Agent, WAIT, tool_text};
+use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{RelayConfig, SourceConfig, TransportChoice};
+use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::{Relay, RelaySettings};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -61,16 +59,7 @@ async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let addr = common::serve_axum(app, shutdown).await;
     (format!("http://{addr}/mcp"), seen)
 }
 
@@ -174,10 +163,7 @@ async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
 
     // The identity provider's keys; `stranger` is not in its JWKS.
     let (ec, ed, stranger) = (es256("ec-1"), eddsa("ed-1"), es256("ec-1"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
-    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
-    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
+    let (dir, certs) = cert_dir();
     std::fs::write(
         dir.path().join("jwks.json"),
         json!({"keys": [ec.jwk, ed.jwk]}).to_string(),
@@ -185,14 +171,7 @@ async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
     .expect("write JWKS");
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
     let config = format!(
-        r#"
-[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-[agents]
-listen = "127.0.0.1:0"
-public_url = "{PUBLIC_URL}/"
+        r#"{LISTENERS}public_url = "{PUBLIC_URL}/"
 [[tenants]]
 name = "acme"
 tunnel_tokens = ["{}"]
@@ -214,29 +193,15 @@ required_scopes = ["{SCOPE}"]
         SecretHash::of(&token),
         SecretHash::of(&api_key),
     );
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).expect("write config");
-    let config = RelayConfig::load(&path).expect("config loads");
-    let relay = Relay::bind(RelaySettings::from_config(&config).expect("settings"))
-        .await
-        .expect("relay");
-    let (agents, tunnel, state) = (
-        relay.agents_addr(),
-        relay.tunnel_addr(),
-        relay.state().clone(),
+    let path = write_config(dir.path(), &config);
+    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
+    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
+    let settings = quic_settings(
+        tunnel,
+        &token,
+        &certs.ca_pem,
+        &[("demo", &demo), ("recording", &recording)],
     );
-    tokio::spawn(relay.serve(shutdown.clone()));
-    let mut settings = ClientSettings::new(
-        tunnel.to_string(),
-        token,
-        vec![
-            SourceConfig::parse_flag(&format!("demo={demo}")).expect("source"),
-            SourceConfig::parse_flag(&format!("recording={recording}")).expect("source"),
-        ],
-    );
-    settings.ca_pem = Some(certs.ca_pem);
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
     tokio::spawn(client::run(settings, shutdown.clone()));
     tokio::time::timeout(WAIT, state.registry.wait_for("acme", "recording"))
         .await
@@ -431,16 +396,7 @@ async fn start_jwks_endpoint(shutdown: &CancellationToken) -> (String, Arc<JwksE
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let addr = common::serve_axum(app, shutdown).await;
     (format!("http://{addr}/jwks"), endpoint)
 }
 
@@ -451,19 +407,9 @@ async fn relay_with_jwks_url(
     jwks_url: &str,
     shutdown: &CancellationToken,
 ) -> (String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
-    std::fs::write(dir.path().join("relay.pem"), &certs.relay_pem).expect("write cert");
-    std::fs::write(dir.path().join("relay.key"), &certs.relay_key).expect("write key");
+    let (dir, _certs) = cert_dir();
     let config = format!(
-        r#"
-[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-[agents]
-listen = "127.0.0.1:0"
-public_url = "{PUBLIC_URL}"
+        r#"{LISTENERS}public_url = "{PUBLIC_URL}"
 [[tenants]]
 name = "acme"
 [[identity_providers]]
@@ -473,14 +419,10 @@ jwks_refresh_secs = 3600
 tenant_claim = "tenant"
 "#
     );
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, config).expect("write config");
-    let config = RelayConfig::load(&path).expect("config loads");
-    let relay = Relay::bind(RelaySettings::from_config(&config).expect("settings"))
-        .await
-        .expect("the relay starts whatever the JWKS URL answers");
-    let agents = relay.agents_addr();
-    tokio::spawn(relay.serve(shutdown.clone()));
+    let path = write_config(dir.path(), &config);
+    // The relay starts whatever the JWKS URL answers.
+    let (relay, _) = FileRelay::serve(&path, shutdown).await;
+    let agents = relay.agents;
     (format!("http://{agents}/mcp/demo"), dir)
 }
 

@@ -8,13 +8,12 @@ mod common;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::{Agent, Answer, WAIT, tool_text};
-use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use common::{Agent, Answer, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
+use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
+use mcp_tunnel::relay::RelayState;
 use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
-use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
 use serde_json::json;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -37,14 +36,7 @@ impl Creds {
     /// A relay config on loopback ports, then `rate_limits` verbatim.
     fn config(&self, rate_limits: &str) -> String {
         format!(
-            r#"[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-
-[agents]
-listen = "127.0.0.1:0"
-
+            r#"{LISTENERS}
 [[tenants]]
 name = "acme"
 tunnel_tokens = ["{}"]
@@ -78,35 +70,19 @@ struct FileRelay {
 impl FileRelay {
     async fn start(creds: &Creds, text: &str) -> Self {
         common::init_tracing();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
-        mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
-        let path = dir.path().join("relay.toml");
-        std::fs::write(&path, text).expect("write relay.toml");
-        let loaded = LoadedConfig::load(&path).expect("the config loads");
-        let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
-            .await
-            .expect("relay binds");
-        let state = relay.state().clone();
-        let (agents, tunnel) = (relay.agents_addr(), relay.tunnel_addr());
+        let (dir, certs) = cert_dir();
+        let path = write_config(dir.path(), text);
         let stop = CancellationToken::new();
-        tokio::spawn({
-            let stop = stop.clone();
-            async move { relay.serve(stop).await.expect("relay serves") }
-        });
+        let (relay, loaded) = common::FileRelay::serve(&path, &stop).await;
+        let (state, agents, tunnel) = (relay.state, relay.agents, relay.tunnel);
         let reloader = Reloader::new(&path, state.clone(), loaded);
         let upstream = common::demo_upstream(&stop).await;
-        let mut settings = ClientSettings::new(
-            tunnel.to_string(),
-            creds.token.clone(),
-            vec![
-                SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source"),
-                SourceConfig::parse_flag(&format!("other={upstream}")).expect("source"),
-            ],
+        let settings = quic_settings(
+            tunnel,
+            &creds.token,
+            &certs.ca_pem,
+            &[("demo", &upstream), ("other", &upstream)],
         );
-        settings.ca_pem = Some(certs.ca_pem.clone());
-        settings.transport = TransportChoice::Quic;
-        settings.connections = 1;
         tokio::spawn(client::run(settings, stop.child_token()));
         tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
             .await

@@ -620,14 +620,7 @@ async fn python_sdk_callbacks_and_progress_through_tunnel_to_stdio_server_everyt
 fn analyst_config(token: &str, key: &str, allow: &[&str]) -> String {
     use mcp_tunnel::govern::SecretHash;
     format!(
-        r#"[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-
-[agents]
-listen = "127.0.0.1:0"
-
+        r#"{}
 [admin]
 listen = "127.0.0.1:0"
 
@@ -644,6 +637,7 @@ subject = "ana"
 roles = ["analyst"]
 key = "{}"
 "#,
+        common::LISTENERS,
         SecretHash::of(token),
         SecretHash::of(key)
     )
@@ -651,45 +645,25 @@ key = "{}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_applies_in_session() {
-    use mcp_tunnel::client::{self, ClientSettings};
-    use mcp_tunnel::config::{SourceConfig, TransportChoice};
+    use mcp_tunnel::client;
     use mcp_tunnel::govern::identity::new_secret;
-    use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
-    use mcp_tunnel::relay::{Relay, RelaySettings};
+    use mcp_tunnel::relay::reload::Reloader;
     use tokio_util::sync::CancellationToken;
 
     common::init_tracing();
     let token = new_secret("mcpt_tok_");
     let key = new_secret("mcpt_key_");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
-    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
-    let path = dir.path().join("relay.toml");
-    std::fs::write(&path, analyst_config(&token, &key, &["demo/echo"])).expect("write config");
+    let (dir, certs) = common::cert_dir();
+    let path = common::write_config(dir.path(), &analyst_config(&token, &key, &["demo/echo"]));
 
-    let loaded = LoadedConfig::load(&path).expect("the config loads");
-    let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
-        .await
-        .expect("relay binds");
-    let state = relay.state().clone();
-    let (agents, tunnel) = (relay.agents_addr(), relay.tunnel_addr());
     let stop = CancellationToken::new();
     let _stop_on_drop = stop.clone().drop_guard();
-    let served = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.serve(stop).await }
-    });
+    let (relay, loaded) = common::FileRelay::serve(&path, &stop).await;
+    let (state, agents, tunnel, served) = (relay.state, relay.agents, relay.tunnel, relay.served);
     let mut reloader = Reloader::new(&path, state.clone(), loaded);
 
     let upstream = common::demo_upstream(&stop).await;
-    let mut settings = ClientSettings::new(
-        tunnel.to_string(),
-        token.clone(),
-        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
-    );
-    settings.ca_pem = Some(certs.ca_pem.clone());
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
+    let settings = common::quic_settings(tunnel, &token, &certs.ca_pem, &[("demo", &upstream)]);
     let connect = tokio::spawn(client::run(settings, stop.child_token()));
     tokio::time::timeout(common::WAIT, state.registry.wait_for("acme", "demo"))
         .await
@@ -793,6 +767,5 @@ async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_appl
     tokio::time::timeout(common::WAIT, served)
         .await
         .expect("the relay stops")
-        .expect("the relay task does not panic")
-        .expect("the relay serves cleanly");
+        .expect("the relay task does not panic: it serves cleanly");
 }

@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, WAIT, read_answer, tool_text};
-use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{LimitsSection, SourceConfig, TransportChoice};
+use common::{Agent, WAIT, identity, quic_settings, read_answer, tool_text};
+use mcp_tunnel::client;
+use mcp_tunnel::config::LimitsSection;
 use mcp_tunnel::govern::condition::Condition;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::govern::policy::{Kind, Role};
-use mcp_tunnel::govern::{Identity, Keyring, Policy, SecretHash};
+use mcp_tunnel::govern::{Keyring, Policy, SecretHash};
 use mcp_tunnel::relay::{Governance, Relay, RelaySettings};
 use mcp_tunnel::transport::tls;
 use serde_json::{Value, json};
@@ -47,19 +47,11 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
     keyring.add_tunnel_token(SecretHash::of(&token), "acme".into());
     keyring.add_api_key(
         SecretHash::of(&analyst_key),
-        Identity {
-            tenant: "acme".into(),
-            subject: "alice".into(),
-            roles: vec!["analyst".to_owned()].into(),
-        },
+        identity("acme", "alice", &["analyst"]),
     );
     keyring.add_api_key(
         SecretHash::of(&admin_key),
-        Identity {
-            tenant: "acme".into(),
-            subject: "root".into(),
-            roles: vec!["admin".to_owned()].into(),
-        },
+        identity("acme", "root", &["admin"]),
     );
     let mut policy = Policy::default();
     let mut roles = HashMap::new();
@@ -112,14 +104,7 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         relay.state().clone(),
     );
     tokio::spawn(relay.serve(shutdown.clone()));
-    let mut settings = ClientSettings::new(
-        tunnel.to_string(),
-        token,
-        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
-    );
-    settings.ca_pem = Some(certs.ca_pem);
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
+    let settings = quic_settings(tunnel, &token, &certs.ca_pem, &[("demo", &upstream)]);
     tokio::spawn(client::run(settings, shutdown.clone()));
     tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
         .await

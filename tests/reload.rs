@@ -7,20 +7,19 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, WAIT, tool_text};
-use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use common::{
+    Agent, LISTENERS, RelayProcess, WAIT, cert_dir, quic_settings, tool_text, write_config,
+};
+use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::reload::{self, FileStamp, LoadedConfig, Reloader};
-use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
+use mcp_tunnel::relay::RelayState;
+use mcp_tunnel::relay::reload::{self, FileStamp, Reloader};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// A digest no secret has: a placeholder the same length as a real one.
@@ -38,14 +37,7 @@ fn config_text(
     extra: &str,
 ) -> String {
     let mut text = format!(
-        r#"[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-
-[agents]
-listen = "127.0.0.1:0"
-
+        r#"{LISTENERS}
 [admin]
 listen = "127.0.0.1:0"
 
@@ -73,14 +65,6 @@ fn digest(secret: &str) -> String {
     SecretHash::of(secret).to_string()
 }
 
-/// A temporary directory with dev certificates; returns it and the CA.
-fn cert_dir() -> (tempfile::TempDir, String) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
-    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
-    (dir, certs.ca_pem)
-}
-
 /// Runs a `connect` for `token` serving `demo` from a fresh demo upstream; stops on drop.
 async fn connect(
     tunnel: &str,
@@ -89,14 +73,7 @@ async fn connect(
 ) -> (tokio::task::JoinHandle<()>, DropGuard) {
     let stop = CancellationToken::new();
     let upstream = common::demo_upstream(&stop).await;
-    let mut settings = ClientSettings::new(
-        tunnel.to_owned(),
-        token.to_owned(),
-        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
-    );
-    settings.ca_pem = Some(ca_pem.to_owned());
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
+    let settings = quic_settings(tunnel, token, ca_pem, &[("demo", &upstream)]);
     let task = tokio::spawn({
         let stop = stop.clone();
         async move {
@@ -126,22 +103,13 @@ impl Drop for FileRelay {
 impl FileRelay {
     async fn start(token: &str, text: &str) -> Self {
         common::init_tracing();
-        let (dir, ca_pem) = cert_dir();
-        let path = dir.path().join("relay.toml");
-        std::fs::write(&path, text).expect("write relay.toml");
-        let loaded = LoadedConfig::load(&path).expect("the first config loads");
-        let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
-            .await
-            .expect("relay binds");
-        let state = relay.state().clone();
-        let (agents, tunnel) = (relay.agents_addr(), relay.tunnel_addr());
+        let (dir, certs) = cert_dir();
+        let path = write_config(dir.path(), text);
         let shutdown = CancellationToken::new();
-        tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { relay.serve(shutdown).await.expect("relay serves") }
-        });
+        let (relay, loaded) = common::FileRelay::serve(&path, &shutdown).await;
+        let (state, agents, tunnel) = (relay.state, relay.agents, relay.tunnel);
         let reloader = Reloader::new(&path, state.clone(), loaded);
-        let (_task, connect) = connect(&tunnel.to_string(), token, &ca_pem).await;
+        let (_task, connect) = connect(&tunnel.to_string(), token, &certs.ca_pem).await;
         tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
             .await
             .expect("tunnel comes up");
@@ -539,81 +507,6 @@ async fn a_condition_applies_by_reload_and_an_invalid_one_is_refused_naming_tena
 // The relay binary: SIGHUP, and its own file watcher.
 
 /// A child process whose output is read line by line (so a full pipe never blocks it).
-struct Process {
-    child: common::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn start(command: &mut Command) -> Self {
-        let mut child = common::spawn(command.env("NO_COLOR", "1"));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.0.stdout.take().expect("stdout is piped");
-        let stderr = child.0.stderr.take().expect("stderr is piped");
-        tokio::spawn(drain(stdout, tx.clone(), log.clone()));
-        tokio::spawn(drain(stderr, tx, log.clone()));
-        Self { child, lines, log }
-    }
-
-    fn pid(&self) -> i32 {
-        let pid = self.child.0.id().expect("the process has not been reaped");
-        i32::try_from(pid).expect("a PID fits in pid_t")
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) with the PID of our own unreaped child and a valid signal number.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
-    }
-
-    fn output(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    /// The next line containing `text`, within [`WAIT`].
-    async fn wait_for(&mut self, text: &str) -> String {
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.lines.recv().await {
-                if line.contains(text) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            Ok(None) => panic!("relay exited before printing {text:?}:\n{}", self.output()),
-            Err(_) => panic!(
-                "relay did not print {text:?} within {WAIT:?}:\n{}",
-                self.output()
-            ),
-        }
-    }
-}
-
-async fn drain(
-    pipe: impl AsyncRead + Unpin,
-    tx: mpsc::UnboundedSender<String>,
-    log: Arc<Mutex<Vec<String>>>,
-) {
-    let mut lines = BufReader::new(pipe).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        log.lock().expect("log lock").push(line.clone());
-        let _ = tx.send(line);
-    }
-}
-
-/// The address after `key=` on a log line.
-fn field(line: &str, key: &str) -> std::net::SocketAddr {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
-}
-
 /// Rewrites `path` in place keeping its modification time, so that its stamp (time, length,
 /// inode) does not change and only a SIGHUP can make the relay read it.
 fn rewrite_keeping_stamp(path: &Path, text: &str) {
@@ -637,33 +530,24 @@ fn rewrite_keeping_stamp(path: &Path, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_binary_reloads_on_sighup_and_on_file_change() {
     common::init_tracing();
-    let (dir, ca_pem) = cert_dir();
-    let path = dir.path().join("relay.toml");
+    let (dir, certs) = cert_dir();
     let token = new_secret("mcpt_tok_");
     let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
     let alice_line = ("alice", digest(&alice), &[][..]);
     // Bob's entry holds a placeholder digest of the same length as his real one.
-    std::fs::write(
-        &path,
-        config_text(
+    let path = write_config(
+        dir.path(),
+        &config_text(
             &token,
             &[alice_line.clone(), ("bob", NO_KEY.into(), &[])],
             &[],
             "",
         ),
-    )
-    .expect("write relay.toml");
-
-    let mut relay = Process::start(
-        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .arg("relay")
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info"),
     );
-    let listening = relay.wait_for("relay listening").await;
-    let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
-    let (_connect_task, _connect) = connect(&tunnel.to_string(), &token, &ca_pem).await;
+
+    let mut relay = RelayProcess::start(&path).await;
+    let (tunnel, agents) = (relay.tunnel, relay.agents);
+    let (_connect_task, _connect) = connect(&tunnel.to_string(), &token, &certs.ca_pem).await;
     relay.wait_for("tunnel connected").await;
     let url = format!("http://{agents}/mcp/demo");
     let session = open_session(&url, &alice).await;
@@ -679,14 +563,14 @@ async fn relay_binary_reloads_on_sighup_and_on_file_change() {
             "",
         ),
     );
-    relay.signal(libc::SIGHUP);
+    relay.peer.signal(libc::SIGHUP);
     relay.wait_for("SIGHUP: reloading").await;
     let reloaded = relay.wait_for("configuration reloaded").await;
     assert!(reloaded.contains("keys=2 -> 2 (+1 -1 ~0)"), "{reloaded}");
     assert!(
-        !relay.output().contains("configuration file changed"),
+        !relay.peer.output().contains("configuration file changed"),
         "the SIGHUP did it:\n{}",
-        relay.output()
+        relay.peer.output()
     );
     assert_eq!(initialize_status(&url, &bob).await, 200, "bob's key works");
     assert_echo(&session, 2, "alice's session survived the SIGHUP").await;
@@ -721,10 +605,10 @@ async fn relay_binary_reloads_on_sighup_and_on_file_change() {
     );
     assert_echo(&session, 4, "alice's session survived both reloads").await;
 
-    relay.signal(libc::SIGTERM);
-    let status = tokio::time::timeout(WAIT, relay.child.0.wait())
+    relay.peer.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(WAIT, relay.peer.child.0.wait())
         .await
-        .unwrap_or_else(|_| panic!("relay exits after SIGTERM:\n{}", relay.output()))
+        .unwrap_or_else(|_| panic!("relay exits after SIGTERM:\n{}", relay.peer.output()))
         .expect("wait for the relay");
-    assert!(status.success(), "{status}:\n{}", relay.output());
+    assert!(status.success(), "{status}:\n{}", relay.peer.output());
 }

@@ -5,21 +5,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Agent, Harness, Options, WAIT, sse_data};
-use mcp_tunnel::client::{self, ClientSettings};
-use mcp_tunnel::config::{SourceConfig, TransportChoice};
-use mcp_tunnel::govern::SecretHash;
+use common::{
+    Agent, Harness, LISTENERS, Options, Peer, RelayProcess, WAIT, acme_tenant, cert_dir,
+    quic_settings, sse_data, write_config,
+};
+use mcp_tunnel::client;
 use mcp_tunnel::govern::identity::new_secret;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// From SIGTERM: every call has ended and the relay has exited. The relay's grace period is
@@ -67,130 +64,6 @@ fn init_tracing() {
 
 fn logged() -> String {
     String::from_utf8_lossy(&LOG.lock().expect("log lock")).into_owned()
-}
-
-// ---------------------------------------------------------------------------------------------
-// A real process, its output drained line by line (so a full pipe never blocks it).
-
-struct Process {
-    name: &'static str,
-    child: common::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    fn start(name: &'static str, command: &mut Command) -> Self {
-        let mut child = common::spawn(command.env("NO_COLOR", "1"));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.0.stdout.take().expect("stdout is piped");
-        let stderr = child.0.stderr.take().expect("stderr is piped");
-        tokio::spawn(drain(stdout, tx.clone(), log.clone()));
-        tokio::spawn(drain(stderr, tx, log.clone()));
-        Self {
-            name,
-            child,
-            lines,
-            log,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        let pid = self.child.0.id().expect("the process has not been reaped");
-        i32::try_from(pid).expect("a PID fits in pid_t")
-    }
-
-    fn sigterm(&self) {
-        // SAFETY: kill(2) with a PID of our own unreaped child and a valid signal number.
-        let rc = unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill({}, SIGTERM) failed", self.pid());
-    }
-
-    fn output(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
-    }
-
-    /// The first line (ANSI codes stripped) that `matches` accepts, within [`WAIT`].
-    async fn wait_for_line(&mut self, what: &str, mut matches: impl FnMut(&str) -> bool) -> String {
-        let found = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.lines.recv().await {
-                if matches(&line) {
-                    return Some(line);
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(line)) => line,
-            Ok(None) => panic!(
-                "{} exited before printing {what}; output:\n{}",
-                self.name,
-                self.output()
-            ),
-            Err(_) => panic!(
-                "{} did not print {what} within {WAIT:?}; output:\n{}",
-                self.name,
-                self.output()
-            ),
-        }
-    }
-
-    /// Waits (until `deadline`) for the process to exit; panics with its output otherwise.
-    async fn exit_status(&mut self, deadline: tokio::time::Instant) -> std::process::ExitStatus {
-        match tokio::time::timeout_at(deadline, self.child.0.wait()).await {
-            Ok(Ok(status)) => status,
-            Ok(Err(e)) => panic!("waiting for {}: {e}", self.name),
-            Err(_) => {
-                let _ = self.child.0.start_kill();
-                panic!(
-                    "{} did not exit in time after SIGTERM (killed); output:\n{}",
-                    self.name,
-                    self.output()
-                )
-            }
-        }
-    }
-}
-
-async fn drain(
-    pipe: impl AsyncRead + Unpin,
-    tx: mpsc::UnboundedSender<String>,
-    log: Arc<Mutex<Vec<String>>>,
-) {
-    let mut lines = BufReader::new(pipe).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let line = strip_ansi(&line);
-        log.lock().expect("log lock").push(line.clone());
-        let _ = tx.send(line);
-    }
-}
-
-/// Removes ANSI escape sequences (`ESC [ ... letter`), should a log be colored after all.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The address after `key=` on a log line.
-fn field(line: &str, key: &str) -> SocketAddr {
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,71 +198,33 @@ async fn tracked_call(
 
 // ---------------------------------------------------------------------------------------------
 
-/// Writes dev certificates and a relay config (every listener on 127.0.0.1:0, one tenant with
-/// the tunnel token and the API key) into `dir`; returns the config path and the CA.
-fn write_relay_config(dir: &Path, tunnel_token: &str, api_key: &str) -> (PathBuf, String) {
-    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
-    mcp_tunnel::certs::write(dir, &certs, false).expect("write certificates");
-    let config = format!(
-        r#"[tunnel]
-listen = "127.0.0.1:0"
-cert = "relay.pem"
-key = "relay.key"
-
-[agents]
-listen = "127.0.0.1:0"
-
-[admin]
-listen = "127.0.0.1:0"
-
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-
-[[tenants.keys]]
-subject = "agent@acme.example"
-key = "{}"
-"#,
-        SecretHash::of(tunnel_token),
-        SecretHash::of(api_key),
-    );
-    let path = dir.join("relay.toml");
-    std::fs::write(&path, config).expect("write relay.toml");
-    (path, certs.ca_pem)
+/// A relay config (every listener on 127.0.0.1:0, one tenant with the tunnel token and the API
+/// key).
+fn relay_config(tunnel_token: &str, api_key: &str) -> String {
+    format!(
+        "{LISTENERS}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+        acme_tenant(tunnel_token, api_key)
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() {
     init_tracing();
-    let dir = tempfile::tempdir().expect("temp dir");
+    let (dir, certs) = cert_dir();
     let tunnel_token = new_secret("mcpt_tok_");
     let api_key = new_secret("mcpt_key_");
-    let (config, ca_pem) = write_relay_config(dir.path(), &tunnel_token, &api_key);
+    let config = write_config(dir.path(), &relay_config(&tunnel_token, &api_key));
 
-    let mut relay = Process::start(
-        "relay",
-        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .arg("relay")
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "info"),
-    );
-    let listening = relay
-        .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
-        .await;
-    let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
+    let RelayProcess {
+        peer: mut relay,
+        tunnel,
+        agents,
+    } = RelayProcess::start(&config).await;
 
     let upstream_stop = CancellationToken::new();
     let _upstream_guard = upstream_stop.clone().drop_guard();
     let upstream = common::demo_upstream(&upstream_stop).await;
-    let mut settings = ClientSettings::new(
-        tunnel.to_string(),
-        tunnel_token.clone(),
-        vec![SourceConfig::parse_flag(&format!("demo={upstream}")).expect("source")],
-    );
-    settings.ca_pem = Some(ca_pem);
-    settings.transport = TransportChoice::Quic;
-    settings.connections = 1;
+    let settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
     let connect_stop = CancellationToken::new();
     let _connect_guard = connect_stop.clone().drop_guard();
     let connect = tokio::spawn(client::run(settings, connect_stop.clone()));
@@ -454,7 +289,7 @@ async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() 
     tokio::time::sleep(Duration::from_millis(50)).await;
     let sigterm_at = Instant::now();
     let deadline = tokio::time::Instant::from_std(sigterm_at + BOUND);
-    relay.sigterm();
+    relay.signal(libc::SIGTERM);
 
     let all_ended = tokio::time::timeout_at(deadline, async {
         while calls.join_next().await.is_some() {}
@@ -594,7 +429,7 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &harness.ca_pem).expect("write ca.pem");
 
-    let mut connect = Process::start(
+    let mut connect = Peer::start(
         "connect",
         Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
             .arg("connect")
@@ -608,7 +443,8 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
             .arg("quic")
             .arg("--source")
             .arg(format!("demo={upstream}"))
-            .env("RUST_LOG", "info"),
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
     );
     let registry = &harness.state.registry;
     let up = tokio::time::timeout(WAIT, async {
@@ -634,7 +470,7 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
     let _ = agent.request(reqwest::Method::DELETE).send().await;
 
     let signalled = Instant::now();
-    connect.sigterm();
+    connect.signal(libc::SIGTERM);
     let gone = tokio::time::timeout(Duration::from_secs(3), async {
         while !registry.rows().is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -136,16 +136,7 @@ async fn start_scripted(shutdown: &CancellationToken) -> (String, Script) {
                 }
             }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-    });
+    let addr = common::serve_axum(app, shutdown).await;
     (format!("http://{addr}/mcp"), script)
 }
 

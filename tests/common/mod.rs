@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mcp_tunnel::client::{self, ClientError, ClientSettings};
-use mcp_tunnel::config::{LimitsSection, SourceConfig, TransportChoice};
+use mcp_tunnel::config::LimitsSection;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::govern::{Identity, Keyring, Policy, SecretHash};
 use mcp_tunnel::relay::{Governance, Relay, RelaySettings, RelayState};
@@ -20,6 +20,9 @@ use mcp_tunnel::transport::tls;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+mod config_relay;
+pub use config_relay::*;
 
 /// Bound on any single wait in a test: generous for a loaded CI machine, finite.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -177,22 +180,7 @@ impl Harness {
         tenant: &TenantCreds,
         sources: &[(&str, &str)],
     ) -> ClientSettings {
-        let sources = sources
-            .iter()
-            .map(|(name, url)| {
-                SourceConfig::parse_flag(&format!("{name}={url}")).expect("valid source")
-            })
-            .collect();
-        let mut settings = ClientSettings::new(
-            self.tunnel.to_string(),
-            tenant.tunnel_token.clone(),
-            sources,
-        );
-        settings.ca_pem = Some(self.ca_pem.clone());
-        // One QUIC connection unless a test asks for more: stream counts stay on one row.
-        settings.transport = TransportChoice::Quic;
-        settings.connections = 1;
-        settings
+        quic_settings(self.tunnel, &tenant.tunnel_token, &self.ca_pem, sources)
     }
 
     /// Runs a `connect` for `tenant` and waits until the relay routes all its sources.
@@ -369,6 +357,33 @@ impl Agent {
     }
 }
 
+/// A known mix of calls in `agent`'s session, each answer checked: `echoes` echoes of
+/// `message`, then `tool_errors` overflowing `add`s (the tool runs and fails: `isError`), then
+/// `denied` calls of `blob`, which the caller's role does not allow (an unknown tool, -32602).
+/// Ids count from 1.
+pub async fn mixed_calls(agent: &Agent, message: &str, echoes: u64, tool_errors: u64, denied: u64) {
+    let mut id = 0;
+    for _ in 0..echoes {
+        id += 1;
+        let answer = agent
+            .call_tool(id, "echo", json!({"message": message}))
+            .await;
+        assert_eq!(tool_text(answer.response()), message);
+    }
+    for _ in 0..tool_errors {
+        id += 1;
+        let answer = agent
+            .call_tool(id, "add", json!({"a": i64::MAX, "b": 1}))
+            .await;
+        assert_eq!(answer.response()["result"]["isError"], true);
+    }
+    for _ in 0..denied {
+        id += 1;
+        let answer = agent.call_tool(id, "blob", json!({"size": 1})).await;
+        assert_eq!(answer.response()["error"]["code"], -32602);
+    }
+}
+
 /// Reads a response as JSON or SSE.
 pub async fn read_answer(response: reqwest::Response) -> Answer {
     let status = response.status().as_u16();
@@ -445,6 +460,21 @@ pub fn spawn(command: &mut tokio::process::Command) -> Child {
     )
 }
 
+/// Runs `mcp-tunnel ARGS` to its end (bounded by [`WAIT`], killed if the wait ends) and
+/// returns its output.
+pub async fn run_cli(args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the command ends in time")
+    .expect("the binary runs")
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -488,6 +518,7 @@ impl Peer {
     ) {
         let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(pipe));
         while let Ok(Some(line)) = lines.next_line().await {
+            let line = strip_ansi(&line);
             log.lock().expect("log lock").push(line.clone());
             let _ = tx.send(line);
         }
@@ -532,10 +563,77 @@ impl Peer {
         }
     }
 
+    /// The process's PID.
+    pub fn pid(&self) -> i32 {
+        let pid = self.child.0.id().expect("the process has not been reaped");
+        i32::try_from(pid).expect("a PID fits in pid_t")
+    }
+
+    /// Sends `signal` to the process by its PID.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with the PID of our own unreaped child and a valid signal number.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    /// Waits (until `deadline`) for the process to exit; kills it and panics with its output
+    /// otherwise.
+    pub async fn exit_status(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> std::process::ExitStatus {
+        match tokio::time::timeout_at(deadline, self.child.0.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("waiting for {}: {e}", self.name),
+            Err(_) => {
+                let _ = self.child.0.start_kill();
+                panic!(
+                    "{} did not exit in time after a signal (killed); output:\n{}",
+                    self.name,
+                    self.output()
+                )
+            }
+        }
+    }
+
     /// Kills the process by its PID and reaps it.
     pub async fn stop(mut self) {
         let _ = self.child.0.start_kill();
         let status = tokio::time::timeout(WAIT, self.child.0.wait()).await;
         assert!(status.is_ok(), "{} was not reaped after a kill", self.name);
     }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`), should a log be colored after all.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Serves `app` on a loopback port the OS picks until `shutdown` is cancelled; returns the
+/// address.
+pub async fn serve_axum(app: axum::Router, shutdown: &CancellationToken) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    });
+    addr
 }

@@ -1,0 +1,180 @@
+//! A relay started from a config file, as an operator runs it: dev certificates and a
+//! `relay.toml` in a temporary directory, then the relay bound in this process or the
+//! `mcp-tunnel relay` binary spawned and awaited on its "relay listening" line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mcp_tunnel::certs::DevCerts;
+use mcp_tunnel::client::ClientSettings;
+use mcp_tunnel::config::{SourceConfig, TransportChoice};
+use mcp_tunnel::govern::{Identity, SecretHash};
+use mcp_tunnel::relay::reload::LoadedConfig;
+use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::Peer;
+
+/// The head of a relay config: the tunnel (with the dev certificates [`cert_dir`] writes) and
+/// the agent listener, both on loopback ports the OS picks. Keys of `[agents]` may follow.
+pub const LISTENERS: &str = r#"[tunnel]
+listen = "127.0.0.1:0"
+cert = "relay.pem"
+key = "relay.key"
+
+[agents]
+listen = "127.0.0.1:0"
+"#;
+
+/// The `[[tenants]]` block of tenant `acme` with the tunnel token `token` and one agent key,
+/// `api_key`, of subject `agent@acme.example` (no roles: everything is allowed).
+pub fn acme_tenant(token: &str, api_key: &str) -> String {
+    format!(
+        r#"
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["{}"]
+
+[[tenants.keys]]
+subject = "agent@acme.example"
+key = "{}"
+"#,
+        SecretHash::of(token),
+        SecretHash::of(api_key),
+    )
+}
+
+/// A temporary directory holding dev certificates under the names a relay config uses
+/// (`relay.pem`, `relay.key`, `ca.pem`); returns it and the certificates.
+pub fn cert_dir() -> (tempfile::TempDir, DevCerts) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+    mcp_tunnel::certs::write(dir.path(), &certs, false).expect("write certificates");
+    (dir, certs)
+}
+
+/// Writes `text` as `relay.toml` in `dir`; returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, text).expect("write relay.toml");
+    path
+}
+
+/// Settings of a `connect` for `token` serving `sources` (name, URL) through the relay at
+/// `tunnel`, trusting `ca_pem`: QUIC with one connection, so stream counts stay on one row.
+pub fn quic_settings(
+    tunnel: impl ToString,
+    token: &str,
+    ca_pem: &str,
+    sources: &[(&str, &str)],
+) -> ClientSettings {
+    let sources = sources
+        .iter()
+        .map(|(name, url)| {
+            SourceConfig::parse_flag(&format!("{name}={url}")).expect("valid source")
+        })
+        .collect();
+    let mut settings = ClientSettings::new(tunnel.to_string(), token.to_owned(), sources);
+    settings.ca_pem = Some(ca_pem.to_owned());
+    settings.transport = TransportChoice::Quic;
+    settings.connections = 1;
+    settings
+}
+
+/// The identity an API key stands for: `subject` of `tenant` holding `roles`.
+pub fn identity(tenant: &str, subject: &str, roles: &[&str]) -> Identity {
+    Identity {
+        tenant: tenant.into(),
+        subject: subject.into(),
+        roles: roles
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect::<Vec<_>>()
+            .into(),
+    }
+}
+
+/// A relay bound in this process from a config file, serving until its token is cancelled.
+pub struct FileRelay {
+    pub state: Arc<RelayState>,
+    pub agents: SocketAddr,
+    pub tunnel: SocketAddr,
+    /// The serving task: it ends once the token is cancelled, and panics if serving fails.
+    pub served: JoinHandle<()>,
+}
+
+impl FileRelay {
+    /// Loads the config at `path`, binds the relay and serves it until `shutdown`; returns it
+    /// and the loaded config (for a `Reloader`).
+    pub async fn serve(path: &Path, shutdown: &CancellationToken) -> (Self, LoadedConfig) {
+        let loaded = LoadedConfig::load(path).expect("the config loads");
+        let relay = Relay::bind(RelaySettings::from_config(&loaded.config).expect("settings"))
+            .await
+            .expect("the relay binds");
+        let (state, agents, tunnel) = (
+            relay.state().clone(),
+            relay.agents_addr(),
+            relay.tunnel_addr(),
+        );
+        let shutdown = shutdown.clone();
+        let served =
+            tokio::spawn(async move { relay.serve(shutdown).await.expect("relay serves") });
+        let this = Self {
+            state,
+            agents,
+            tunnel,
+            served,
+        };
+        (this, loaded)
+    }
+}
+
+/// The `mcp-tunnel relay --config` binary, up: it printed its listening line.
+pub struct RelayProcess {
+    /// The process (killed by its PID on drop or [`Peer::stop`]), its output.
+    pub peer: Peer,
+    pub tunnel: SocketAddr,
+    pub agents: SocketAddr,
+}
+
+impl RelayProcess {
+    /// Spawns the relay on the config at `path` (`RUST_LOG=info`) and waits (bounded) for
+    /// "relay listening"; reads the tunnel and agent addresses off that line.
+    pub async fn start(path: &Path) -> Self {
+        let mut peer = Peer::start(
+            "relay",
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+                .arg("relay")
+                .arg("--config")
+                .arg(path)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1"),
+        );
+        let listening = peer
+            .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
+            .await;
+        let (tunnel, agents) = (field(&listening, "tunnel"), field(&listening, "agents"));
+        Self {
+            peer,
+            tunnel,
+            agents,
+        }
+    }
+
+    /// Waits (bounded) for the next line containing `text` and returns it.
+    pub async fn wait_for(&mut self, text: &str) -> String {
+        self.peer
+            .wait_for_line(&format!("{text:?}"), |l| l.contains(text))
+            .await
+    }
+}
+
+/// The address after `key=` on a log line (quoted or not).
+pub fn field(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|value| value.trim_matches('"').parse().ok())
+        .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
+}
