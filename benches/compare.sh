@@ -29,6 +29,7 @@ BLOB_CALLS=${BLOB_CALLS:-3}
 FIRST_CALLS=${FIRST_CALLS:-200}
 SATURATION=${SATURATION:-64}
 PATHS=${PATHS:-direct quic https rathole}
+AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see what auditing costs)
 READY_SECS=${READY_SECS:-60}         # bound on every readiness wait
 MAX_MESSAGE=$((128 * 1024 * 1024))   # relay and connect frame limit: room for the 100 MiB result
 RATHOLE_ROOT=$TARGET/tools/rathole
@@ -112,6 +113,15 @@ tunnel_up() { curl -sf -m 2 "http://$1/api/tunnels" | grep -q '"demo"'; }
 line_in() { grep -m1 -E "$2" "$1"; }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+CLK_TCK=$(getconf CLK_TCK)
+# CPU time (user + system) a process has used so far, in ms; 0 for no PID.
+cpu_ms() {
+    [[ -n ${1:-} ]] || { echo 0; return; }
+    local stat fields
+    stat=$(<"/proc/$1/stat")
+    read -ra fields <<<"${stat##*) }" # fields from the 3rd (state) on: utime is 14th, stime 15th
+    echo $(((fields[11] + fields[12]) * 1000 / CLK_TCK))
+}
 calc() { awk "BEGIN { printf \"%.6g\", $* }"; }
 num() { awk "BEGIN { printf \"$1\", $2 }"; }
 has() { [[ -n ${R[$1]:-} ]]; }
@@ -177,8 +187,7 @@ listen = "127.0.0.1:$agents"
 [admin]
 listen = "127.0.0.1:$admin"
 
-[audit]
-path = "$dir/audit.db"
+$( ((AUDIT)) && printf '[audit]\npath = "%s"\n' "$dir/audit.db")
 
 [limits]
 max_message_bytes = $MAX_MESSAGE
@@ -262,9 +271,12 @@ EOF
 
 declare -A R
 
+# bench_json ARGS...: one bench run's JSON (fails the script on any error); the bench's own CPU
+# time goes to $WORK/bench.time as "user system" seconds when /usr/bin/time is there.
 bench_json() {
-    local out
-    out=$("$BIN" bench --url "$URL" ${URL_KEY:+--key "$URL_KEY"} --json "$@" 2>/dev/null) || true
+    local out timer=()
+    [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -f '%U %S' -o "$WORK/bench.time")
+    out=$("${timer[@]}" "$BIN" bench --url "$URL" ${URL_KEY:+--key "$URL_KEY"} --json "$@" 2>/dev/null) || true
     [[ -n $out ]] || die "bench $* on $URL printed nothing"
     local errors
     errors=$(jq -r '.errors' <<<"$out")
@@ -298,6 +310,24 @@ measure_idle() {
     wait "$hold_pid" 2>/dev/null || true
 }
 
+# CPU accounting around one workload: cpu_start SERVER CLIENT, then
+# cpu_per PATH METRIC SERVER CLIENT CALLS SCALE sets R[PATH.METRIC.cpu_{server,client,upstream,bench}]
+# to CPU seconds * SCALE / CALLS (SCALE 10^6: µs per call; 10^3: ms per call).
+cpu_start() { CPU0=("$(cpu_ms "${1:-}")" "$(cpu_ms "${2:-}")" "$(cpu_ms "$UPSTREAM_PID")"); }
+cpu_per() {
+    local p=$1 m=$2 calls=$5 scale=$6
+    ((calls > 0)) || return 0
+    local now=("$(cpu_ms "${3:-}")" "$(cpu_ms "${4:-}")" "$(cpu_ms "$UPSTREAM_PID")")
+    if [[ $p != direct ]]; then
+        R[$p.$m.cpu_server]=$(calc "(${now[0]} - ${CPU0[0]}) / 1000 * $scale / $calls")
+        R[$p.$m.cpu_client]=$(calc "(${now[1]} - ${CPU0[1]}) / 1000 * $scale / $calls")
+    fi
+    R[$p.$m.cpu_upstream]=$(calc "(${now[2]} - ${CPU0[2]}) / 1000 * $scale / $calls")
+    [[ -s $WORK/bench.time ]] &&
+        R[$p.$m.cpu_bench]=$(awk -v s="$scale" -v c="$calls" '{ printf "%.6g", ($1 + $2) * s / c }' "$WORK/bench.time")
+    return 0
+}
+
 measure_path() {
     local p=$1 server=${2:-} client=${3:-} out
     log "$p: warm-up"
@@ -319,12 +349,16 @@ measure_path() {
     R[$p.p99]=$(jq -r .p99_ms <<<"$out")
 
     log "$p: saturation, $SATURATION sessions"
+    cpu_start "$server" "$client"
     out=$(bench_json --concurrency "$SATURATION" --sessions "$SATURATION" --duration "$DURATION")
     R[$p.cps]=$(jq -r .calls_per_sec <<<"$out")
+    cpu_per "$p" cps "$server" "$client" "$(jq -r .calls <<<"$out")" 1000000
 
     log "$p: blob of $BLOB_BYTES bytes x $BLOB_CALLS"
+    cpu_start "$server" "$client"
     out=$(bench_json --tool blob --payload "$BLOB_BYTES" --concurrency 1 --sessions 1 --calls "$BLOB_CALLS" --timeout 120)
     R[$p.blob]=$(jq -r .mb_per_sec <<<"$out")
+    cpu_per "$p" blob "$server" "$client" "$(jq -r .calls <<<"$out")" 1000
     log "$p: p50 ${R[$p.p50]} ms, p99 ${R[$p.p99]} ms, $(num %.0f "${R[$p.cps]}") calls/s, $(num %.1f "${R[$p.blob]}") MB/s, first call ${R[$p.first_p50]} ms"
 }
 
@@ -383,6 +417,18 @@ row() { # row WORKLOAD PATH METRIC FORMAT NOTE
         "${vd:+${vd}x}" "${vr:+${vr}x}" "$note"
 }
 
+cpu_note() { # cpu_note PATH METRIC: each process's share of the CPU per call
+    local p=$1 m=$2 side client
+    side="relay"; client="connect"
+    [[ $p == rathole ]] && side="server" client="client"
+    has "$p.$m.cpu_upstream" || return 0
+    if [[ $p != direct ]]; then
+        printf '%s %s, %s %s, ' "$side" "$(num %.0f "${R[$p.$m.cpu_server]}")" "$client" "$(num %.0f "${R[$p.$m.cpu_client]}")"
+    fi
+    printf 'upstream %s' "$(num %.0f "${R[$p.$m.cpu_upstream]}")"
+    has "$p.$m.cpu_bench" && printf ', bench %s' "$(num %.0f "${R[$p.$m.cpu_bench]}")"
+}
+
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average before $LOAD_BEFORE, after $LOAD_AFTER."
 echo
@@ -395,13 +441,14 @@ for p in direct quic https rathole; do
     row "echo p99 latency, c=1 (ms)" "$p" p99 "%.3f" "$(added "$p.p99" direct.p99 || true)"
 done
 for p in direct quic https rathole; do
-    row "calls/s, $SATURATION sessions" "$p" cps "%.0f"
+    row "calls/s, $SATURATION sessions" "$p" cps "%.0f" "CPU µs per call: $(cpu_note "$p" cps)"
 done
 for p in direct quic https rathole raw_quic raw_tls; do
     note=""
     [[ $p != raw_quic ]] && has raw_quic.blob && has "$p.blob" &&
         note="$(awk "BEGIN { printf \"%.0f%%\", 100 * ${R[$p.blob]} / ${R[raw_quic.blob]} }") of raw quinn"
-    row "$((BLOB_BYTES / 1048576)) MiB blob result (MB/s)" "$p" blob "%.1f" "$note"
+    has "$p.blob.cpu_upstream" && note="$note; CPU ms per result: $(cpu_note "$p" blob)"
+    row "$((BLOB_BYTES / 1048576)) MiB blob result (MB/s)" "$p" blob "%.1f" "${note#; }"
 done
 IFS=, read -ra STEPS <<<"$IDLE_COUNTS"
 for n in "${STEPS[@]}"; do
