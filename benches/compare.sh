@@ -307,7 +307,7 @@ measure_idle() {
     done
     read -r -t 300 line <&"${HOLD[0]}" || die "$p: closing sessions: no answer within 300 s"
     log "$p: $line"
-    wait "$hold_pid" 2>/dev/null || true
+    stop_pid "$hold_pid" # it exits by itself after `closed`; this bounds the wait
 }
 
 # CPU accounting around one workload: cpu_start SERVER CLIENT, then
@@ -431,6 +431,7 @@ cpu_note() { # cpu_note PATH METRIC: each process's share of the CPU per call
 
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average before $LOAD_BEFORE, after $LOAD_AFTER."
+[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
 echo
 echo "| workload | path | figure | vs direct | vs rathole | note |"
 echo "|---|---|---|---|---|---|"
