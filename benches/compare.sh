@@ -1,0 +1,498 @@
+#!/usr/bin/env bash
+# mcp-tunnel against raw tunnels, in one run on loopback (issue 7, item 4).
+#
+# Measures the same MCP workloads over four paths, each with its own fresh processes:
+#   direct   the bench straight to the lean demo upstream (`demo --upstream-only`)
+#   quic     relay + connect binaries over QUIC (policy and audit on)
+#   https    the same over the HTTPS fallback (`connect --transport https`)
+#   rathole  rathole server + client (noise transport) forwarding the upstream's HTTP port
+# and the raw ceilings: one quinn stream (examples/raw_quic.rs) and one TLS-over-TCP connection
+# (examples/raw_tls.rs), each between two processes.
+#
+# Workloads: echo latency at concurrency 1 (p50, p99); calls/s with 64 concurrent sessions; a
+# 100 MiB `blob` result (MB/s, MB = 10^6 bytes); 1,000 and 10,000 open idle sessions (KiB of
+# VmRSS per session on each side); time to first answer for a new session (initialize +
+# notifications/initialized + tools/call) on an established connection.
+#
+# Prints a Markdown table on stdout (progress on stderr). Usage:
+#   benches/compare.sh                        # from the crate root; CARGO_TARGET_DIR is honoured
+#   DURATION=5 IDLE_COUNTS=1000,10000 BLOB_BYTES=104857600 BLOB_CALLS=3 PATHS="direct quic https rathole" benches/compare.sh
+# rathole is installed with `cargo install rathole` under $CARGO_TARGET_DIR/tools (never committed).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+DURATION=${DURATION:-5}              # seconds of each rate workload
+IDLE_COUNTS=${IDLE_COUNTS:-1000,10000}
+BLOB_BYTES=${BLOB_BYTES:-104857600}  # 100 MiB
+BLOB_CALLS=${BLOB_CALLS:-3}
+FIRST_CALLS=${FIRST_CALLS:-200}
+SATURATION=${SATURATION:-64}
+PATHS=${PATHS:-direct quic https rathole}
+AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see what auditing costs)
+READY_SECS=${READY_SECS:-60}         # bound on every readiness wait
+MAX_MESSAGE=$((128 * 1024 * 1024))   # relay and connect frame limit: room for the 100 MiB result
+RATHOLE_ROOT=$TARGET/tools/rathole
+RATHOLE=$RATHOLE_ROOT/bin/rathole
+
+log() { printf '[compare %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/mcp-compare.XXXXXX")
+PIDS=()
+
+# Stops one process by PID: SIGTERM, up to 10 s, then SIGKILL.
+stop_pid() {
+    local pid=$1 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local i
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
+    if [[ -n ${KEEP_WORK:-} ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, output in $WORK/NAME.log; sets $LAST_PID.
+start() {
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.log" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+# stop_all: stops every process started so far (between paths, so each path starts fresh).
+stop_all() {
+    local i
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
+    PIDS=()
+}
+
+# A port free on TCP and UDP of 127.0.0.1 (the tunnel needs both).
+free_port() {
+    python3 - <<'EOF'
+import socket
+for _ in range(100):
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); port = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", port))
+    except OSError:
+        t.close(); continue
+    u.close(); t.close(); print(port); break
+EOF
+}
+
+# wait_until WHAT PID CMD...: polls CMD every 50 ms until it succeeds, for at most READY_SECS;
+# fails at once if PID (the process being waited for) has exited.
+wait_until() {
+    local what=$1 pid=$2 deadline=$((SECONDS + READY_SECS))
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        kill -0 "$pid" 2>/dev/null || die "$what: process $pid exited (see $WORK)"
+        ((SECONDS < deadline)) || die "$what: not ready within ${READY_SECS}s"
+        sleep 0.05
+    done
+}
+
+# http_answers URL: any HTTP status at all (the server or tunnel is there).
+http_answers() { [[ $(curl -s -o /dev/null -m 2 -w '%{http_code}' "$1") != 000 ]]; }
+# tunnel_up ADMIN: /api/tunnels lists the demo source.
+tunnel_up() { curl -sf -m 2 "http://$1/api/tunnels" | grep -q '"demo"'; }
+# First line matching REGEX in FILE.
+line_in() { grep -m1 -E "$2" "$1"; }
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+CLK_TCK=$(getconf CLK_TCK)
+# CPU time (user + system) a process has used so far, in ms; 0 for no PID.
+cpu_ms() {
+    [[ -n ${1:-} ]] || { echo 0; return; }
+    local stat fields
+    stat=$(<"/proc/$1/stat")
+    read -ra fields <<<"${stat##*) }" # fields from the 3rd (state) on: utime is 14th, stime 15th
+    echo $(((fields[11] + fields[12]) * 1000 / CLK_TCK))
+}
+calc() { awk "BEGIN { printf \"%.6g\", $* }"; }
+num() { awk "BEGIN { printf \"$1\", $2 }"; }
+has() { [[ -n ${R[$1]:-} ]]; }
+
+# ------------------------------------------------------------------------------------------
+# Build.
+
+cd "$ROOT"
+log "building release (target dir $TARGET)"
+cargo build --release --quiet --bin mcp-tunnel --example raw_quic --example raw_tls --example sessions
+BIN=$TARGET/release/mcp-tunnel
+EX=$TARGET/release/examples
+
+if [[ " $PATHS " == *" rathole "* && ! -x $RATHOLE ]]; then
+    log "installing rathole under $RATHOLE_ROOT"
+    if ! CARGO_TARGET_DIR=$TARGET/rathole-build cargo install rathole --locked --root "$RATHOLE_ROOT" \
+        >"$WORK/rathole-install-locked.log" 2>&1; then
+        # rathole 0.5.0's lock file pins time 0.3.29, which newer rustc (1.80+) rejects
+        # (E0282 in time's format_description); the same versions' semver-latest patches build.
+        log "cargo install rathole --locked failed: $(grep -m1 -E '^error' "$WORK/rathole-install-locked.log" || true)"
+        log "retrying without --locked (semver-compatible updates of its dependencies)"
+        CARGO_TARGET_DIR=$TARGET/rathole-build cargo install rathole --root "$RATHOLE_ROOT" \
+            >"$WORK/rathole-install.log" 2>&1 || die "rathole does not build: see $WORK/rathole-install.log"
+    fi
+fi
+
+# Secrets and certificates, generated fresh in the temp dir.
+"$BIN" certs --out "$WORK/certs" >/dev/null
+TOKEN_OUT=$("$BIN" token new --tenant acme)
+KEY_OUT=$("$BIN" key new --tenant acme --subject bench@acme.example --role bench)
+TOKEN=$(sed -n 's/^token: //p' <<<"$TOKEN_OUT")
+TOKEN_HASH=$(grep -o 'sha256:[0-9a-f]*' <<<"$TOKEN_OUT")
+KEY=$(sed -n 's/^key: //p' <<<"$KEY_OUT")
+KEY_HASH=$(grep -o 'sha256:[0-9a-f]*' <<<"$KEY_OUT")
+[[ -n $TOKEN && -n $KEY ]] || die "could not read the token or key"
+
+# ------------------------------------------------------------------------------------------
+# Processes of each path.
+
+start_upstream() {
+    local port
+    port=$(free_port)
+    start upstream "$BIN" demo --upstream-only --listen "127.0.0.1:$port"
+    UPSTREAM_PID=$LAST_PID
+    UPSTREAM_URL=http://127.0.0.1:$port/mcp
+    wait_until "upstream" "$UPSTREAM_PID" http_answers "$UPSTREAM_URL"
+}
+
+# start_tunnel TRANSPORT: relay (policy: a role allowing demo/*; audit on) and connect.
+start_tunnel() {
+    local transport=$1 tunnel agents admin dir=$WORK/$1
+    mkdir -p "$dir"
+    tunnel=$(free_port) agents=$(free_port) admin=$(free_port)
+    cat >"$dir/relay.toml" <<EOF
+[tunnel]
+listen = "127.0.0.1:$tunnel"
+cert = "$WORK/certs/relay.pem"
+key = "$WORK/certs/relay.key"
+
+[agents]
+listen = "127.0.0.1:$agents"
+
+[admin]
+listen = "127.0.0.1:$admin"
+
+$( ((AUDIT)) && printf '[audit]\npath = "%s"\n' "$dir/audit.db")
+
+[limits]
+max_message_bytes = $MAX_MESSAGE
+
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["$TOKEN_HASH"]
+
+[[tenants.keys]]
+subject = "bench@acme.example"
+roles = ["bench"]
+key = "$KEY_HASH"
+
+[[tenants.roles]]
+name = "bench"
+allow = ["demo/*"]
+EOF
+    cat >"$dir/connect.toml" <<EOF
+relay = "localhost:$tunnel"
+ca = "$WORK/certs/ca.pem"
+token = "$TOKEN"
+transport = "$transport"
+max_message_bytes = $MAX_MESSAGE
+
+[[sources]]
+name = "demo"
+url = "$UPSTREAM_URL"
+EOF
+    start "relay-$transport" "$BIN" relay --config "$dir/relay.toml"
+    SERVER_PID=$LAST_PID
+    wait_until "relay" "$SERVER_PID" curl -sf -m 2 "http://127.0.0.1:$admin/healthz"
+    start "connect-$transport" "$BIN" connect --config "$dir/connect.toml"
+    CLIENT_PID=$LAST_PID
+    wait_until "connect ($transport)" "$CLIENT_PID" tunnel_up "127.0.0.1:$admin"
+    URL=http://127.0.0.1:$agents/mcp/demo
+    URL_KEY=$KEY
+}
+
+start_rathole() {
+    local ctrl visit keys private public dir=$WORK/rathole upstream_port
+    mkdir -p "$dir"
+    ctrl=$(free_port) visit=$(free_port)
+    upstream_port=${UPSTREAM_URL#http://127.0.0.1:}
+    upstream_port=${upstream_port%/mcp}
+    keys=$("$RATHOLE" --genkey)
+    private=$(awk '/Private Key/ {getline; print}' <<<"$keys")
+    public=$(awk '/Public Key/ {getline; print}' <<<"$keys")
+    cat >"$dir/server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$ctrl"
+[server.transport]
+type = "noise"
+[server.transport.noise]
+local_private_key = "$private"
+[server.services.mcp]
+token = "$TOKEN"
+bind_addr = "127.0.0.1:$visit"
+EOF
+    cat >"$dir/client.toml" <<EOF
+[client]
+remote_addr = "127.0.0.1:$ctrl"
+[client.transport]
+type = "noise"
+[client.transport.noise]
+remote_public_key = "$public"
+[client.services.mcp]
+token = "$TOKEN"
+local_addr = "127.0.0.1:$upstream_port"
+EOF
+    start rathole-server "$RATHOLE" --server "$dir/server.toml"
+    SERVER_PID=$LAST_PID
+    start rathole-client "$RATHOLE" --client "$dir/client.toml"
+    CLIENT_PID=$LAST_PID
+    URL=http://127.0.0.1:$visit/mcp
+    URL_KEY=
+    wait_until "rathole" "$SERVER_PID" http_answers "$URL"
+}
+
+# ------------------------------------------------------------------------------------------
+# Workloads. Results go to R[path.metric].
+
+declare -A R
+
+# bench_json ARGS...: one bench run's JSON (fails the script on any error); the bench's own CPU
+# time goes to $WORK/bench.time as "user system" seconds when /usr/bin/time is there.
+bench_json() {
+    local out timer=()
+    [[ -x /usr/bin/time ]] && timer=(/usr/bin/time -f '%U %S' -o "$WORK/bench.time")
+    out=$("${timer[@]}" "$BIN" bench --url "$URL" ${URL_KEY:+--key "$URL_KEY"} --json "$@" 2>/dev/null) || true
+    [[ -n $out ]] || die "bench $* on $URL printed nothing"
+    local errors
+    errors=$(jq -r '.errors' <<<"$out")
+    [[ $errors == 0 ]] || die "bench $* on $URL: $errors errors: $(jq -c '.errors_by_kind' <<<"$out")"
+    printf '%s' "$out"
+}
+
+# Opens IDLE_COUNTS sessions step by step and reads both sides' VmRSS around each step.
+measure_idle() {
+    local p=$1 server=$2 client=$3 line count
+    local base_s base_c
+    base_s=$(rss_kib "$server")
+    base_c=$( [[ -n $client ]] && rss_kib "$client" || echo 0)
+    coproc HOLD { exec "$EX/sessions" hold --url "$URL" ${URL_KEY:+--key "$URL_KEY"} --counts "$IDLE_COUNTS" 2>"$WORK/hold-$p.log"; }
+    local hold_pid=$HOLD_PID
+    PIDS+=("$hold_pid")
+    local steps
+    IFS=, read -ra steps <<<"$IDLE_COUNTS"
+    for count in "${steps[@]}"; do
+        read -r -t 300 line <&"${HOLD[0]}" || die "$p: holding $count sessions: no answer within 300 s"
+        [[ $line =~ ^held\ ([0-9]+)\ failed\ ([0-9]+) ]] || die "$p: unexpected: $line"
+        [[ ${BASH_REMATCH[1]} == "$count" && ${BASH_REMATCH[2]} == 0 ]] || die "$p: $line (wanted $count)"
+        R[$p.idle$count.server]=$(calc "($(rss_kib "$server") - $base_s) / $count")
+        [[ -n $client ]] && R[$p.idle$count.client]=$(calc "($(rss_kib "$client") - $base_c) / $count")
+        R[$p.idle$count.open_secs]=$(awk '{print $6}' <<<"$line")
+        log "$p: $line; server +${R[$p.idle$count.server]} KiB/session${client:+, client +${R[$p.idle$count.client]:-} KiB/session}"
+        echo go >&"${HOLD[1]}"
+    done
+    read -r -t 300 line <&"${HOLD[0]}" || die "$p: closing sessions: no answer within 300 s"
+    log "$p: $line"
+    stop_pid "$hold_pid" # it exits by itself after `closed`; this bounds the wait
+}
+
+# CPU accounting around one workload: cpu_start SERVER CLIENT, then
+# cpu_per PATH METRIC SERVER CLIENT CALLS SCALE sets R[PATH.METRIC.cpu_{server,client,upstream,bench}]
+# to CPU seconds * SCALE / CALLS (SCALE 10^6: µs per call; 10^3: ms per call).
+cpu_start() { CPU0=("$(cpu_ms "${1:-}")" "$(cpu_ms "${2:-}")" "$(cpu_ms "$UPSTREAM_PID")"); }
+cpu_per() {
+    local p=$1 m=$2 calls=$5 scale=$6
+    ((calls > 0)) || return 0
+    local now=("$(cpu_ms "${3:-}")" "$(cpu_ms "${4:-}")" "$(cpu_ms "$UPSTREAM_PID")")
+    if [[ $p != direct ]]; then
+        R[$p.$m.cpu_server]=$(calc "(${now[0]} - ${CPU0[0]}) / 1000 * $scale / $calls")
+        R[$p.$m.cpu_client]=$(calc "(${now[1]} - ${CPU0[1]}) / 1000 * $scale / $calls")
+    fi
+    R[$p.$m.cpu_upstream]=$(calc "(${now[2]} - ${CPU0[2]}) / 1000 * $scale / $calls")
+    [[ -s $WORK/bench.time ]] &&
+        R[$p.$m.cpu_bench]=$(awk -v s="$scale" -v c="$calls" '{ printf "%.6g", ($1 + $2) * s / c }' "$WORK/bench.time")
+    return 0
+}
+
+measure_path() {
+    local p=$1 server=${2:-} client=${3:-} out
+    log "$p: warm-up"
+    bench_json --concurrency 4 --calls 2000 >/dev/null
+
+    if [[ -n $server ]]; then
+        measure_idle "$p" "$server" "$client"
+    fi
+
+    log "$p: first call of new sessions"
+    out=$("$EX/sessions" first-call --url "$URL" ${URL_KEY:+--key "$URL_KEY"} --count "$FIRST_CALLS")
+    R[$p.first_p50]=$(jq -r .first_call_p50_ms <<<"$out")
+    R[$p.first_p99]=$(jq -r .first_call_p99_ms <<<"$out")
+    R[$p.first_call_p50]=$(jq -r .call_p50_ms <<<"$out")
+
+    log "$p: echo latency, concurrency 1"
+    out=$(bench_json --concurrency 1 --sessions 1 --duration "$DURATION")
+    R[$p.p50]=$(jq -r .p50_ms <<<"$out")
+    R[$p.p99]=$(jq -r .p99_ms <<<"$out")
+
+    log "$p: saturation, $SATURATION sessions"
+    cpu_start "$server" "$client"
+    out=$(bench_json --concurrency "$SATURATION" --sessions "$SATURATION" --duration "$DURATION")
+    R[$p.cps]=$(jq -r .calls_per_sec <<<"$out")
+    cpu_per "$p" cps "$server" "$client" "$(jq -r .calls <<<"$out")" 1000000
+
+    log "$p: blob of $BLOB_BYTES bytes x $BLOB_CALLS"
+    cpu_start "$server" "$client"
+    out=$(bench_json --tool blob --payload "$BLOB_BYTES" --concurrency 1 --sessions 1 --calls "$BLOB_CALLS" --timeout 120)
+    R[$p.blob]=$(jq -r .mb_per_sec <<<"$out")
+    cpu_per "$p" blob "$server" "$client" "$(jq -r .calls <<<"$out")" 1000
+    log "$p: p50 ${R[$p.p50]} ms, p99 ${R[$p.p99]} ms, $(num %.0f "${R[$p.cps]}") calls/s, $(num %.1f "${R[$p.blob]}") MB/s, first call ${R[$p.first_p50]} ms"
+}
+
+raw_ceiling() {
+    local name=$1 addr out
+    start "raw-$name-server" "$EX/raw_$name" server --cert "$WORK/certs/relay.pem" --key "$WORK/certs/relay.key"
+    local pid=$LAST_PID
+    wait_until "raw $name server" "$pid" line_in "$WORK/raw-$name-server.log" '^listening '
+    addr=$(line_in "$WORK/raw-$name-server.log" '^listening ' | awk '{print $2}')
+    out=$("$EX/raw_$name" client --addr "$addr" --ca "$WORK/certs/ca.pem" --bytes "$BLOB_BYTES" --rounds "$BLOB_CALLS")
+    R[raw_$name.blob]=$(jq -r .median_mb_per_sec <<<"$out")
+    log "raw $name: $(num %.1f "${R[raw_$name.blob]}") MB/s (median of $BLOB_CALLS)"
+    stop_all
+}
+
+# ------------------------------------------------------------------------------------------
+# Run.
+
+log "machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r)"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+log "load before: $LOAD_BEFORE"
+
+for p in $PATHS; do
+    start_upstream
+    case $p in
+        direct) URL=$UPSTREAM_URL URL_KEY=; measure_path direct "$UPSTREAM_PID" "" ;;
+        quic | https) start_tunnel "$p"; measure_path "$p" "$SERVER_PID" "$CLIENT_PID" ;;
+        rathole) start_rathole; measure_path rathole "$SERVER_PID" "$CLIENT_PID" ;;
+        *) die "unknown path $p" ;;
+    esac
+    stop_all
+done
+raw_ceiling quic
+raw_ceiling tls
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+log "load after: $LOAD_AFTER"
+
+# ------------------------------------------------------------------------------------------
+# Report.
+
+# ratio A B: A/B to two places, or empty.
+ratio() { has "$1" && has "$2" && awk "BEGIN { b = ${R[$2]}; if (b > 0) printf \"%.2f\", ${R[$1]} / b }"; }
+added() { [[ $1 != direct.* ]] && has "$1" && has "$2" && awk "BEGIN { printf \"%+.3f ms\", ${R[$1]} - ${R[$2]} }"; }
+
+declare -A NAME=([direct]="direct" [quic]="mcp-tunnel QUIC" [https]="mcp-tunnel HTTPS"
+    [rathole]="rathole (noise)" [raw_quic]="raw quinn, 1 stream" [raw_tls]="raw TLS over TCP")
+
+row() { # row WORKLOAD PATH METRIC FORMAT NOTE
+    local w=$1 p=$2 m=$3 f=$4 note=${5:-} key=$2.$3
+    has "$key" || return 0
+    local vd="" vr=""
+    # Idle sessions: the direct row is the upstream's own cost, not a path to compare with.
+    [[ $m != idle* ]] && vd=$(ratio "$key" "direct.$m" || true)
+    [[ $p == quic || $p == https ]] && vr=$(ratio "$key" "rathole.$m" || true)
+    printf '| %s | %s | %s | %s | %s | %s |\n' "$w" "${NAME[$p]}" "$(num "$f" "${R[$key]}")" \
+        "${vd:+${vd}x}" "${vr:+${vr}x}" "$note"
+}
+
+cpu_note() { # cpu_note PATH METRIC: each process's share of the CPU per call
+    local p=$1 m=$2 side client
+    side="relay"; client="connect"
+    [[ $p == rathole ]] && side="server" client="client"
+    has "$p.$m.cpu_upstream" || return 0
+    if [[ $p != direct ]]; then
+        printf '%s %s, %s %s, ' "$side" "$(num %.0f "${R[$p.$m.cpu_server]}")" "$client" "$(num %.0f "${R[$p.$m.cpu_client]}")"
+    fi
+    printf 'upstream %s' "$(num %.0f "${R[$p.$m.cpu_upstream]}")"
+    has "$p.$m.cpu_bench" && printf ', bench %s' "$(num %.0f "${R[$p.$m.cpu_bench]}")"
+}
+
+echo
+echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average before $LOAD_BEFORE, after $LOAD_AFTER."
+[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
+echo
+echo "| workload | path | figure | vs direct | vs rathole | note |"
+echo "|---|---|---|---|---|---|"
+for p in direct quic https rathole; do
+    row "echo p50 latency, c=1 (ms)" "$p" p50 "%.3f" "$(added "$p.p50" direct.p50 || true)"
+done
+for p in direct quic https rathole; do
+    row "echo p99 latency, c=1 (ms)" "$p" p99 "%.3f" "$(added "$p.p99" direct.p99 || true)"
+done
+for p in direct quic https rathole; do
+    row "calls/s, $SATURATION sessions" "$p" cps "%.0f" "CPU µs per call: $(cpu_note "$p" cps)"
+done
+for p in direct quic https rathole raw_quic raw_tls; do
+    note=""
+    [[ $p != raw_quic ]] && has raw_quic.blob && has "$p.blob" &&
+        note="$(awk "BEGIN { printf \"%.0f%%\", 100 * ${R[$p.blob]} / ${R[raw_quic.blob]} }") of raw quinn"
+    has "$p.blob.cpu_upstream" && note="$note; CPU ms per result: $(cpu_note "$p" blob)"
+    row "$((BLOB_BYTES / 1048576)) MiB blob result (MB/s)" "$p" blob "%.1f" "${note#; }"
+done
+IFS=, read -ra STEPS <<<"$IDLE_COUNTS"
+for n in "${STEPS[@]}"; do
+    for p in direct quic https rathole; do
+        side="relay"; [[ $p == rathole ]] && side="server"; [[ $p == direct ]] && side="upstream"
+        row "$n idle sessions: $side KiB/session" "$p" "idle$n.server" "%.2f" "opened in ${R[$p.idle$n.open_secs]:-?} s"
+    done
+    for p in quic https rathole; do
+        side="connect"; [[ $p == rathole ]] && side="client"
+        row "$n idle sessions: $side KiB/session" "$p" "idle$n.client" "%.2f"
+    done
+done
+for p in direct quic https rathole; do
+    row "new session to first answer, p50 (ms)" "$p" first_p50 "%.3f" \
+        "$(has "$p.first_call_p50" && num '%.3f' "${R[$p.first_call_p50]}") ms per call on an open session"
+done
+for p in direct quic https rathole; do
+    row "new session to first answer, p99 (ms)" "$p" first_p99 "%.3f"
+done
+
+# Targets of issue 7 (for mcp-tunnel over QUIC; HTTPS in brackets).
+target() { printf -- '- %s: %s\n' "$1" "$2"; }
+met() { awk "BEGIN { exit !($1) }" && echo "met" || echo "not met"; }
+if has quic.p50 && has rathole.p50 && has direct.p50; then
+    echo
+    echo "Targets (mcp-tunnel over QUIC, HTTPS fallback in brackets):"
+    for q in p50 p99; do
+        target "latency added over direct at $q <= rathole's (+$(num %.3f "${R[rathole.$q]} - ${R[direct.$q]}") ms)" \
+            "$(met "${R[quic.$q]} <= ${R[rathole.$q]}") (+$(num %.3f "${R[quic.$q]} - ${R[direct.$q]}") ms) [$(met "${R[https.$q]:-1e9} <= ${R[rathole.$q]}")]"
+    done
+    target "calls/s at saturation >= rathole's ($(num %.0f "${R[rathole.cps]}"))" \
+        "$(met "${R[quic.cps]} >= ${R[rathole.cps]}") ($(num %.0f "${R[quic.cps]}")) [$(met "${R[https.cps]:-0} >= ${R[rathole.cps]}")]"
+    target "blob MB/s >= rathole's ($(num %.1f "${R[rathole.blob]}"))" \
+        "$(met "${R[quic.blob]} >= ${R[rathole.blob]}") ($(num %.1f "${R[quic.blob]}")) [$(met "${R[https.blob]:-0} >= ${R[rathole.blob]}")]"
+    has raw_quic.blob && target "blob MB/s >= 70% of raw quinn ($(num %.1f "0.7 * ${R[raw_quic.blob]}"))" \
+        "$(met "${R[quic.blob]} >= 0.7 * ${R[raw_quic.blob]}") [$(met "${R[https.blob]:-0} >= 0.7 * ${R[raw_quic.blob]}")]"
+    last=${STEPS[${#STEPS[@]} - 1]}
+    has "quic.idle$last.server" && target "$last idle sessions <= 32 KiB relay RSS each" \
+        "$(met "${R[quic.idle$last.server]} <= 32") ($(num %.2f "${R[quic.idle$last.server]}") KiB) [$(met "${R[https.idle$last.server]:-1e9} <= 32")]"
+    # A new session is initialize + notifications/initialized + tools/call: three requests. If
+    # opening a tunnel stream cost a round trip, the first answer would take more than three
+    # tunneled calls' worth of added time; "extra" is what is left over.
+    extra=$(num %.3f "(${R[quic.first_p50]} - ${R[direct.first_p50]}) - 3 * (${R[quic.first_call_p50]} - ${R[direct.first_call_p50]})")
+    target "new session: time added over direct beyond 3 tunneled requests' added time (p50)" \
+        "$extra ms (QUIC), $(num %.3f "(${R[https.first_p50]:-0} - ${R[direct.first_p50]}) - 3 * (${R[https.first_call_p50]:-0} - ${R[direct.first_call_p50]})") ms (HTTPS)"
+fi
