@@ -32,6 +32,11 @@ use crate::metrics as names;
 /// disk gets near it; the relay then answers the agent with an error rather than hang.
 pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Rows written between two merges of the WAL into the file. A metadata row changes three
+/// pages (the table and its two indexes), so this keeps the WAL near SQLite's default
+/// automatic checkpoint of 1,000 pages.
+pub const WAL_CHECKPOINT_ROWS: u64 = 300;
+
 /// The longest [`Auditor::close`] waits for the writer to flush and sign.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -90,6 +95,7 @@ impl Auditor {
             durability = ?config.durability,
             "audit trail open"
         );
+        let wal = WalCheckpointer::start(&path)?;
         let (queue, rx) = mpsc::channel();
         let room = Arc::new(Semaphore::new(config.queue));
         let writer = Writer {
@@ -102,6 +108,7 @@ impl Auditor {
             last_checkpoint: Instant::now(),
             room: room.clone(),
             capacity: config.queue,
+            wal: Some(wal),
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -203,6 +210,61 @@ struct Writer {
     /// The queue's room (for the depth gauge) and its size.
     room: Arc<Semaphore>,
     capacity: usize,
+    /// Merges the WAL into the file beside the writer; taken at the close.
+    wal: Option<WalCheckpointer>,
+}
+
+/// A thread with its own connection that merges the WAL into the file when the writer asks,
+/// so no commit (and no answer waiting on one) includes that merge and its fsyncs.
+struct WalCheckpointer {
+    /// One pending request at most; more while one runs are folded into it.
+    ask: mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+    /// Rows written since the last request.
+    rows: u64,
+}
+
+impl WalCheckpointer {
+    fn start(path: &std::path::Path) -> Result<Self, AuditError> {
+        let conn = store::open_wal_checkpointer(path)?;
+        let (ask, asked) = mpsc::sync_channel::<()>(1);
+        let shown = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("audit-wal".into())
+            .spawn(move || {
+                // Ends when the writer drops `ask` (the close).
+                while asked.recv().is_ok() {
+                    if let Err(e) = store::wal_checkpoint(&conn) {
+                        tracing::warn!(path = %shown.display(), error = %e, "audit WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(AuditError::Thread)?;
+        Ok(Self {
+            ask,
+            thread,
+            rows: 0,
+        })
+    }
+
+    /// Counts `rows` written; asks for a merge every [`WAL_CHECKPOINT_ROWS`].
+    fn wrote(&mut self, rows: u64) {
+        self.rows += rows;
+        if self.rows >= WAL_CHECKPOINT_ROWS {
+            self.rows = 0;
+            // Full: a merge is already pending, which covers these rows too.
+            let _ = self.ask.try_send(());
+        }
+    }
+
+    /// Stops the thread and closes its connection (so the writer's close can merge and remove
+    /// the WAL as the last connection).
+    fn stop(self) {
+        drop(self.ask);
+        if self.thread.join().is_err() {
+            tracing::warn!("audit WAL checkpointer panicked");
+        }
+    }
 }
 
 /// An append taken from the queue: its room, record and waiter.
@@ -284,6 +346,9 @@ impl Writer {
         let failure = match result {
             Ok(heads) => {
                 self.heads.extend(heads);
+                if let Some(wal) = &mut self.wal {
+                    wal.wrote(appends.len() as u64);
+                }
                 None
             }
             Err(e) => {
@@ -308,6 +373,9 @@ impl Writer {
     /// the file is complete on its own once this returns: the graceful end.
     fn finish(mut self) {
         self.checkpoint(|_| true);
+        if let Some(wal) = self.wal.take() {
+            wal.stop();
+        }
         match self.conn.close() {
             Ok(()) => tracing::info!(path = %self.path.display(), "audit trail closed"),
             Err((_, e)) => {
@@ -494,6 +562,24 @@ pub(crate) mod tests {
             .collect::<Result<_, _>>()
             .expect("rows");
         assert_eq!(signed, vec![("acme".into(), 100), ("globex".into(), 100)]);
+    }
+
+    #[tokio::test]
+    async fn close_merges_the_wal_into_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = AuditSection::new(dir.path().join("audit.db"));
+        let auditor = Auditor::open(&config).expect("open");
+        // Enough rows for the WAL checkpointer to be asked several times.
+        let count = WAL_CHECKPOINT_ROWS * 3 + 1;
+        for i in 0..count {
+            auditor.append(record("acme", i)).await.expect("append");
+        }
+        auditor.close().await;
+        assert!(
+            !dir.path().join("audit.db-wal").exists(),
+            "the checkpointer's connection is closed first, so the writer's close removes the WAL"
+        );
+        assert_eq!(rows(&config.path).len() as u64, count);
     }
 
     #[tokio::test]
