@@ -8,6 +8,10 @@
 //! a floor), `cargo bench --bench audit_append`, appends per second (median):
 //! commit 1: 7.0k (143 µs per append), commit 64: 14.6k; fsync 1: 370 (2.7 ms),
 //! fsync 64: 5.9k (group commit shares each fsync among about 16 appends).
+//!
+//! Again 2026-11-26 (load average 5-6), before and after the writer woke on a std channel and
+//! the WAL merge left the commit path (median): commit 1: 7.8k -> 8.0k (128 -> 125 µs);
+//! commit 64: 21.9k -> 48.6k; fsync 1: 980 -> 3.3k (1.02 -> 0.31 ms); fsync 64: 8.8k -> 30.7k.
 
 use std::time::{Duration, Instant};
 

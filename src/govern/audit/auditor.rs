@@ -1,7 +1,10 @@
 //! [`Auditor`]: the relay's handle on the trail, and the writer thread behind it.
 //!
 //! Appends go through a bounded queue to one dedicated thread (not a tokio worker: SQLite
-//! blocks). The thread takes everything queued, writes it in one transaction, and then
+//! blocks). The thread waits on a std channel (a futex wake-up), not on a tokio runtime of its
+//! own: that hand-off measured 15 µs at the median against 40 µs, and 50 µs at p99 against
+//! 2-3 ms (`examples/echo_latency.rs`); room in the queue is a tokio semaphore so appends wait
+//! for it without blocking. The thread takes everything queued, writes it in one transaction, and then
 //! completes every waiting append (group commit). A full queue makes `append` wait; nothing is
 //! dropped. After a commit, tenants with [`AuditSection::checkpoint_rows`] new rows get a
 //! signed checkpoint; every [`AuditSection::checkpoint_secs`] so do all tenants with unsigned
@@ -13,7 +16,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::capture::{Capture, CaptureRules};
 use super::chain;
@@ -27,6 +32,11 @@ use crate::metrics as names;
 /// disk gets near it; the relay then answers the agent with an error rather than hang.
 pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Rows written between two merges of the WAL into the file. A metadata row changes three
+/// pages (the table and its two indexes), so this keeps the WAL near SQLite's default
+/// automatic checkpoint of 1,000 pages.
+pub const WAL_CHECKPOINT_ROWS: u64 = 300;
+
 /// The longest [`Auditor::close`] waits for the writer to flush and sign.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,6 +48,8 @@ pub struct Auditor {
 
 struct Inner {
     queue: mpsc::Sender<Message>,
+    /// One permit per record the queue may hold; an append holds one until its row is written.
+    room: Arc<Semaphore>,
     capture: RwLock<CaptureRules>,
     path: PathBuf,
 }
@@ -56,6 +68,8 @@ impl std::fmt::Debug for Auditor {
 )]
 enum Message {
     Append {
+        /// Room in the queue, given back once the row is written.
+        permit: OwnedSemaphorePermit,
         record: Record,
         done: oneshot::Sender<Result<(), AuditError>>,
     },
@@ -81,7 +95,9 @@ impl Auditor {
             durability = ?config.durability,
             "audit trail open"
         );
-        let (queue, rx) = mpsc::channel(config.queue);
+        let wal = WalCheckpointer::start(&path)?;
+        let (queue, rx) = mpsc::channel();
+        let room = Arc::new(Semaphore::new(config.queue));
         let writer = Writer {
             conn,
             path: path.clone(),
@@ -90,6 +106,9 @@ impl Auditor {
             checkpoint_rows: config.checkpoint_rows,
             checkpoint_interval: config.checkpoint_interval(),
             last_checkpoint: Instant::now(),
+            room: room.clone(),
+            capacity: config.queue,
+            wal: Some(wal),
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -98,6 +117,7 @@ impl Auditor {
         Ok(Auditor {
             inner: Arc::new(Inner {
                 queue,
+                room,
                 capture: RwLock::new(CaptureRules::new(&config.sources)),
                 path,
             }),
@@ -111,10 +131,20 @@ impl Auditor {
         let started = Instant::now();
         let (done, committed) = oneshot::channel();
         let result = tokio::time::timeout(APPEND_TIMEOUT, async {
+            let permit = self
+                .inner
+                .room
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| AuditError::Closed)?;
             self.inner
                 .queue
-                .send(Message::Append { record, done })
-                .await
+                .send(Message::Append {
+                    permit,
+                    record,
+                    done,
+                })
                 .map_err(|_| AuditError::Closed)?;
             committed.await.map_err(|_| AuditError::Closed)?
         })
@@ -157,7 +187,7 @@ impl Auditor {
     pub async fn close(&self) {
         let (done, closed) = oneshot::channel();
         let flushed = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            if self.inner.queue.send(Message::Close { done }).await.is_ok() {
+            if self.inner.queue.send(Message::Close { done }).is_ok() {
                 let _ = closed.await;
             }
         })
@@ -177,41 +207,98 @@ struct Writer {
     checkpoint_rows: u64,
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
+    /// The queue's room (for the depth gauge) and its size.
+    room: Arc<Semaphore>,
+    capacity: usize,
+    /// Merges the WAL into the file beside the writer; taken at the close.
+    wal: Option<WalCheckpointer>,
 }
 
+/// A thread with its own connection that merges the WAL into the file when the writer asks,
+/// so no commit (and no answer waiting on one) includes that merge and its fsyncs.
+struct WalCheckpointer {
+    /// One pending request at most; more while one runs are folded into it.
+    ask: mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+    /// Rows written since the last request.
+    rows: u64,
+}
+
+impl WalCheckpointer {
+    fn start(path: &std::path::Path) -> Result<Self, AuditError> {
+        let conn = store::open_wal_checkpointer(path)?;
+        let (ask, asked) = mpsc::sync_channel::<()>(1);
+        let shown = path.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("audit-wal".into())
+            .spawn(move || {
+                // Ends when the writer drops `ask` (the close).
+                while asked.recv().is_ok() {
+                    if let Err(e) = store::wal_checkpoint(&conn) {
+                        tracing::warn!(path = %shown.display(), error = %e, "audit WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(AuditError::Thread)?;
+        Ok(Self {
+            ask,
+            thread,
+            rows: 0,
+        })
+    }
+
+    /// Counts `rows` written; asks for a merge every [`WAL_CHECKPOINT_ROWS`].
+    fn wrote(&mut self, rows: u64) {
+        self.rows += rows;
+        if self.rows >= WAL_CHECKPOINT_ROWS {
+            self.rows = 0;
+            // Full: a merge is already pending, which covers these rows too.
+            let _ = self.ask.try_send(());
+        }
+    }
+
+    /// Stops the thread and closes its connection (so the writer's close can merge and remove
+    /// the WAL as the last connection).
+    fn stop(self) {
+        drop(self.ask);
+        if self.thread.join().is_err() {
+            tracing::warn!("audit WAL checkpointer panicked");
+        }
+    }
+}
+
+/// An append taken from the queue: its room, record and waiter.
+type Taken = (
+    OwnedSemaphorePermit,
+    Record,
+    oneshot::Sender<Result<(), AuditError>>,
+);
+
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Message>) {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                tracing::error!(error = %e, "audit writer cannot start; appends will fail");
-                return;
-            }
-        };
+    fn run(mut self, rx: mpsc::Receiver<Message>) {
         let mut appends = Vec::new();
         loop {
             let wait = self
                 .checkpoint_interval
                 .saturating_sub(self.last_checkpoint.elapsed());
-            // The timer must be made inside the runtime: build the timeout in the future.
-            let received = runtime.block_on(async { tokio::time::timeout(wait, rx.recv()).await });
-            let first = match received {
-                Err(_) => {
+            let first = match rx.recv_timeout(wait) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
                     self.checkpoint(|_| true);
                     continue;
                 }
-                Ok(None) => break,
-                Ok(Some(message)) => message,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Ok(message) => message,
             };
             let mut close = None;
             let mut next = Some(first);
             // Take everything queued (the queue bounds it), up to a close request.
             while let Some(message) = next.take() {
                 match message {
-                    Message::Append { record, done } => appends.push((record, done)),
+                    Message::Append {
+                        permit,
+                        record,
+                        done,
+                    } => appends.push((permit, record, done)),
                     Message::Close { done } => {
                         close = Some(done);
                         break;
@@ -219,15 +306,15 @@ impl Writer {
                 }
                 next = rx.try_recv().ok();
             }
-            metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set((appends.len() + rx.len()) as f64);
+            metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(self.depth());
             if !appends.is_empty() {
                 self.commit(&mut appends);
             }
-            metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(rx.len() as f64);
+            metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(self.depth());
             if let Some(done) = close {
-                rx.close();
-                // Appends queued behind the close find the trail closed: drop their senders.
-                while rx.try_recv().is_ok() {}
+                // Appends queued behind the close find the trail closed: dropping the
+                // receiver drops their waiters, and later sends fail.
+                drop(rx);
                 self.finish();
                 let _ = done.send(());
                 return;
@@ -243,13 +330,25 @@ impl Writer {
         self.finish();
     }
 
+    /// Records queued or being written.
+    fn depth(&self) -> f64 {
+        self.capacity.saturating_sub(self.room.available_permits()) as f64
+    }
+
     /// Writes `appends` in one transaction and completes each with the outcome.
-    fn commit(&mut self, appends: &mut Vec<(Record, oneshot::Sender<Result<(), AuditError>>)>) {
+    fn commit(&mut self, appends: &mut Vec<Taken>) {
         metrics::histogram!(names::AUDIT_BATCH_ROWS).record(appends.len() as f64);
-        let result = write_rows(&mut self.conn, &self.heads, appends.iter().map(|(r, _)| r));
+        let result = write_rows(
+            &mut self.conn,
+            &self.heads,
+            appends.iter().map(|(_, r, _)| r),
+        );
         let failure = match result {
             Ok(heads) => {
                 self.heads.extend(heads);
+                if let Some(wal) = &mut self.wal {
+                    wal.wrote(appends.len() as u64);
+                }
                 None
             }
             Err(e) => {
@@ -257,7 +356,7 @@ impl Writer {
                 Some(e.to_string())
             }
         };
-        for (_, done) in appends.drain(..) {
+        for (_, _, done) in appends.drain(..) {
             let outcome = match &failure {
                 None => Ok(()),
                 Some(message) => Err(AuditError::Write {
@@ -274,6 +373,9 @@ impl Writer {
     /// the file is complete on its own once this returns: the graceful end.
     fn finish(mut self) {
         self.checkpoint(|_| true);
+        if let Some(wal) = self.wal.take() {
+            wal.stop();
+        }
         match self.conn.close() {
             Ok(()) => tracing::info!(path = %self.path.display(), "audit trail closed"),
             Err((_, e)) => {
@@ -460,6 +562,24 @@ pub(crate) mod tests {
             .collect::<Result<_, _>>()
             .expect("rows");
         assert_eq!(signed, vec![("acme".into(), 100), ("globex".into(), 100)]);
+    }
+
+    #[tokio::test]
+    async fn close_merges_the_wal_into_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = AuditSection::new(dir.path().join("audit.db"));
+        let auditor = Auditor::open(&config).expect("open");
+        // Enough rows for the WAL checkpointer to be asked several times.
+        let count = WAL_CHECKPOINT_ROWS * 3 + 1;
+        for i in 0..count {
+            auditor.append(record("acme", i)).await.expect("append");
+        }
+        auditor.close().await;
+        assert!(
+            !dir.path().join("audit.db-wal").exists(),
+            "the checkpointer's connection is closed first, so the writer's close removes the WAL"
+        );
+        assert_eq!(rows(&config.path).len() as u64, count);
     }
 
     #[tokio::test]

@@ -172,8 +172,12 @@ pub fn open_writer(
         Durability::Commit => "NORMAL",
         Durability::Fsync => "FULL",
     };
-    conn.execute_batch(&format!("PRAGMA synchronous = {synchronous};"))
-        .map_err(&err)?;
+    // No checkpoint inside a commit: the one that crossed the threshold held its answer for
+    // the fsyncs of the merge (a few ms). [`open_wal_checkpointer`]'s connection merges instead.
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 0;"
+    ))
+    .map_err(&err)?;
     conn.execute_batch(SCHEMA).map_err(&err)?;
     check_schema(&conn, path, true)?;
     conn.execute(
@@ -182,6 +186,21 @@ pub fn open_writer(
     )
     .map_err(&err)?;
     Ok(conn)
+}
+
+/// Opens a second connection to the trail for merging the WAL into the file
+/// ([`wal_checkpoint`]) beside the writer, so commits never wait for that work.
+pub fn open_wal_checkpointer(path: &Path) -> Result<Connection, AuditError> {
+    let err = sql_error(path);
+    let conn = Connection::open(path).map_err(&err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
+    Ok(conn)
+}
+
+/// Merges what it can of the WAL into the file without waiting for readers or the writer
+/// (`PASSIVE`): what SQLite's automatic checkpoint did inside a commit.
+pub fn wal_checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
 
 /// Opens the trail read-only (works while a relay writes to it).
