@@ -16,11 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::{TransportError, TransportKind};
-use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
-
-/// Frames queued for the writer before senders wait: enough to absorb a burst of requests
-/// without letting one session buffer unboundedly.
-const WRITE_QUEUE: usize = 64;
+use crate::transport::SendHalf;
+use crate::wire::{
+    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, SinkError, UNSOLICITED,
+};
 
 /// Frames buffered per waiting request before the reader waits for the agent to take them.
 const EXCHANGE_QUEUE: usize = 32;
@@ -89,7 +88,8 @@ pub struct Channel {
     shared: Arc<Shared>,
     /// The transport of the tunnel carrying the stream (for the audit trail).
     transport: TransportKind,
-    writer: mpsc::Sender<Frame>,
+    /// Requests are written by the agent's task itself, in order.
+    sink: FrameSink<SendHalf>,
     next_exchange: AtomicU64,
     unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
     /// Renews the stream's identity assertion, when it has one.
@@ -157,28 +157,13 @@ impl Channel {
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         });
-        let (writer, mut queue) = mpsc::channel::<Frame>(WRITE_QUEUE);
         let (stop, stopped) = oneshot::channel();
 
         // The peer's limit bounds what we send; ours bounds what we read.
-        let mut frames_out = FrameWriter::new(stream.send, tunnel.max_frame);
-        let first = Frame::json(FrameKind::Open, header);
-        let write_shared = shared.clone();
-        tokio::spawn(async move {
-            let mut result = frames_out.send(&first).await;
-            while result.is_ok() {
-                match queue.recv().await {
-                    Some(frame) => result = frames_out.send(&frame).await,
-                    None => break,
-                }
-            }
-            match result {
-                Ok(()) => {
-                    let _ = frames_out.finish().await;
-                }
-                Err(e) => write_shared.close(format!("tunnel stream write failed: {e}")),
-            }
-        });
+        let sink = FrameSink::new(FrameWriter::new(stream.send, tunnel.max_frame));
+        if let Err(e) = sink.send(Frame::json(FrameKind::Open, header)).await {
+            return Err(ChannelError::Closed(e.to_string()));
+        }
 
         let mut frames_in = FrameReader::new(stream.recv, read_limit);
         let read_shared = shared.clone();
@@ -193,7 +178,7 @@ impl Channel {
         Ok(Arc::new(Self {
             shared,
             transport: tunnel.connection.kind(),
-            writer,
+            sink,
             next_exchange: AtomicU64::new(1),
             unsolicited_rx: Arc::new(tokio::sync::Mutex::new(unsolicited_rx)),
             identity,
@@ -254,12 +239,10 @@ impl Channel {
         if let Some(reason) = self.shared.closed_reason() {
             return Err(ChannelError::Closed(reason));
         }
-        self.writer.send(frame).await.map_err(|_| {
-            ChannelError::Closed(
-                self.shared
-                    .closed_reason()
-                    .unwrap_or_else(|| "tunnel stream ended".into()),
-            )
+        self.sink.send(frame).await.map_err(|SinkError(why)| {
+            let reason = format!("tunnel stream write failed: {why}");
+            self.shared.close(reason.clone());
+            ChannelError::Closed(reason)
         })
     }
 
@@ -280,7 +263,7 @@ impl Channel {
 
     /// Asks the peer to end the stream, with a reason.
     pub async fn close(&self, reason: &str) {
-        let _ = self.writer.send(Frame::close(reason)).await;
+        let _ = self.sink.send(Frame::close(reason)).await;
         self.shared.close(reason.to_owned());
     }
 }

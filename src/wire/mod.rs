@@ -21,6 +21,7 @@
 pub mod control;
 pub mod frame;
 pub mod open;
+pub mod sink;
 
 pub use control::{Greeting, Hello, HelloReply, Notice, SourceAnnouncement};
 pub use frame::{
@@ -28,6 +29,7 @@ pub use frame::{
     UNSOLICITED,
 };
 pub use open::{Era, OpenHeader};
+pub use sink::{FrameSink, SinkError};
 
 /// The ALPN protocol id of the tunnel. A new incompatible wire format gets a new id, so an old
 /// `connect` fails the TLS handshake with a clear ALPN error instead of misreading frames.
