@@ -6,8 +6,8 @@
 #   quic     relay + connect binaries over QUIC (policy and audit on)
 #   https    the same over the HTTPS fallback (`connect --transport https`)
 #   rathole  rathole server + client (noise transport) forwarding the upstream's HTTP port
-# and the raw ceilings: one quinn stream (examples/raw_quic.rs) and one TLS-over-TCP connection
-# (examples/raw_tls.rs), each between two processes.
+# and the raw ceilings (examples/raw.rs): one quinn stream and one TLS-over-TCP connection, each
+# between two processes: a bulk transfer, and the round trip of a small message on an open stream.
 #
 # Workloads: echo latency at concurrency 1 (p50, p99); calls/s with 64 concurrent sessions; a
 # 100 MiB `blob` result (MB/s, MB = 10^6 bytes); 1,000 and 10,000 open idle sessions (KiB of
@@ -27,6 +27,7 @@ IDLE_COUNTS=${IDLE_COUNTS:-1000,10000}
 BLOB_BYTES=${BLOB_BYTES:-104857600}  # 100 MiB
 BLOB_CALLS=${BLOB_CALLS:-3}
 FIRST_CALLS=${FIRST_CALLS:-200}
+ECHO_ROUNDS=${ECHO_ROUNDS:-5000}     # round trips of the raw ceilings' echo
 SATURATION=${SATURATION:-64}
 PATHS=${PATHS:-direct quic https rathole}
 AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see what auditing costs)
@@ -131,7 +132,7 @@ has() { [[ -n ${R[$1]:-} ]]; }
 
 cd "$ROOT"
 log "building release (target dir $TARGET)"
-cargo build --release --quiet --bin mcp-tunnel --example raw_quic --example raw_tls --example sessions
+cargo build --release --quiet --bin mcp-tunnel --example raw --example sessions
 BIN=$TARGET/release/mcp-tunnel
 EX=$TARGET/release/examples
 
@@ -364,13 +365,16 @@ measure_path() {
 
 raw_ceiling() {
     local name=$1 addr out
-    start "raw-$name-server" "$EX/raw_$name" server --cert "$WORK/certs/relay.pem" --key "$WORK/certs/relay.key"
+    start "raw-$name-server" "$EX/raw" --transport "$name" server --cert "$WORK/certs/relay.pem" --key "$WORK/certs/relay.key"
     local pid=$LAST_PID
     wait_until "raw $name server" "$pid" line_in "$WORK/raw-$name-server.log" '^listening '
     addr=$(line_in "$WORK/raw-$name-server.log" '^listening ' | awk '{print $2}')
-    out=$("$EX/raw_$name" client --addr "$addr" --ca "$WORK/certs/ca.pem" --bytes "$BLOB_BYTES" --rounds "$BLOB_CALLS")
+    out=$("$EX/raw" --transport "$name" client --addr "$addr" --ca "$WORK/certs/ca.pem" bulk --bytes "$BLOB_BYTES" --rounds "$BLOB_CALLS")
     R[raw_$name.blob]=$(jq -r .median_mb_per_sec <<<"$out")
-    log "raw $name: $(num %.1f "${R[raw_$name.blob]}") MB/s (median of $BLOB_CALLS)"
+    out=$("$EX/raw" --transport "$name" client --addr "$addr" --ca "$WORK/certs/ca.pem" echo --rounds "$ECHO_ROUNDS")
+    R[raw_$name.p50]=$(jq -r .p50_ms <<<"$out")
+    R[raw_$name.p99]=$(jq -r .p99_ms <<<"$out")
+    log "raw $name: $(num %.1f "${R[raw_$name.blob]}") MB/s (median of $BLOB_CALLS); echo of 200 bytes p50 ${R[raw_$name.p50]} ms, p99 ${R[raw_$name.p99]} ms"
     stop_all
 }
 
@@ -435,11 +439,14 @@ echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /pro
 echo
 echo "| workload | path | figure | vs direct | vs rathole | note |"
 echo "|---|---|---|---|---|---|"
-for p in direct quic https rathole; do
-    row "echo p50 latency, c=1 (ms)" "$p" p50 "%.3f" "$(added "$p.p50" direct.p50 || true)"
-done
-for p in direct quic https rathole; do
-    row "echo p99 latency, c=1 (ms)" "$p" p99 "%.3f" "$(added "$p.p99" direct.p99 || true)"
+for q in p50 p99; do
+    for p in direct quic https rathole; do
+        row "echo $q latency, c=1 (ms)" "$p" $q "%.3f" "$(added "$p.$q" direct.$q || true)"
+    done
+    # The transports alone: one round trip of a 200-byte message on an open stream.
+    for p in raw_quic raw_tls; do
+        row "echo $q latency, c=1 (ms)" "$p" $q "%.3f" "one round trip on an open stream, no HTTP"
+    done
 done
 for p in direct quic https rathole; do
     row "calls/s, $SATURATION sessions" "$p" cps "%.0f" "CPU µs per call: $(cpu_note "$p" cps)"
