@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
-use crate::transport::{TransportError, TransportKind};
 use crate::transport::SendHalf;
+use crate::transport::{TransportError, TransportKind};
 use crate::wire::{
     Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, SinkError, UNSOLICITED,
 };

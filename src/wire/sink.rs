@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::io::AsyncWrite;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, oneshot};
 
 use super::frame::{Frame, FrameError, FrameWriter};
 
@@ -33,16 +33,22 @@ type Slot<W> = Result<FrameWriter<W>, SinkError>;
 
 struct Inner<W: AsyncWrite + Unpin + Send + 'static> {
     slot: Arc<Mutex<Slot<W>>>,
+    /// Told once the stream is finished after the last handle went away.
+    done: Option<oneshot::Sender<()>>,
 }
 
 impl<W: AsyncWrite + Unpin + Send + 'static> Drop for Inner<W> {
     /// The last handle gone: finish the stream so the peer reads a clean end.
     fn drop(&mut self) {
         let slot = self.slot.clone();
+        let done = self.done.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Ok(writer) = slot.lock().await.as_mut() {
                     let _ = writer.finish().await;
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
                 }
             });
         }
@@ -66,11 +72,20 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Clone for FrameSink<W> {
 impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink<W> {
     /// Shares `writer`.
     pub fn new(writer: FrameWriter<W>) -> Self {
-        Self {
+        Self::with_done(writer).0
+    }
+
+    /// Shares `writer`; the receiver learns when the last handle is gone and the stream has
+    /// been finished (so a task can wait for everything it handed out to be written).
+    pub fn with_done(writer: FrameWriter<W>) -> (Self, oneshot::Receiver<()>) {
+        let (done, finished) = oneshot::channel();
+        let sink = Self {
             inner: Arc::new(Inner {
                 slot: Arc::new(Mutex::new(Ok(writer))),
+                done: Some(done),
             }),
-        }
+        };
+        (sink, finished)
     }
 
     /// Writes one frame after those already sent. Waits while another task writes, or while
@@ -120,7 +135,7 @@ mod tests {
     #[tokio::test]
     async fn frames_from_many_tasks_arrive_whole_in_per_task_order_then_a_clean_end() {
         let (tx, rx) = tokio::io::duplex(64); // small: most writes wait for the reader
-        let sink = FrameSink::new(FrameWriter::new(tx, 1 << 20));
+        let (sink, finished) = FrameSink::with_done(FrameWriter::new(tx, 1 << 20));
         let reader = tokio::spawn(async move {
             let mut frames = FrameReader::new(rx, 1 << 20);
             let mut seen = Vec::new();
@@ -145,6 +160,10 @@ mod tests {
             sender.await.expect("sender task");
         }
         drop(sink); // the last handle: the stream is finished
+        tokio::time::timeout(std::time::Duration::from_secs(10), finished)
+            .await
+            .expect("finished within the bound")
+            .expect("the finishing task reports");
         let seen = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
             .await
             .expect("the reader sees the end")

@@ -13,7 +13,6 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use sse_stream::SseByteStream;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::legacy;
@@ -95,7 +94,7 @@ struct StreamContext {
     /// with ([`FrameKind::Identity`]).
     assertion: Mutex<Option<Assertion>>,
     session: Mutex<UpstreamSession>,
-    out: mpsc::Sender<Frame>,
+    out: super::Out,
     /// The largest message the tunnel carries toward the relay.
     max_frame: usize,
 }

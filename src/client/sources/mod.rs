@@ -101,26 +101,14 @@ impl Sources {
     }
 }
 
-/// Frames queued toward the relay before a source's readers wait.
-const WRITE_QUEUE: usize = 64;
-
-/// Starts the task that writes a stream's frames in order, and finishes the stream when every
-/// sender is gone; a source's tasks send through the returned queue.
+/// The shared writer of a stream's frames toward the relay: a source's tasks write through
+/// clones of it, each in its own task (no writer-task hop on the path of every answer). The
+/// receiver completes once every clone is gone and the stream has been finished.
 pub(crate) fn start_writer(
-    mut writer: crate::wire::FrameWriter<SendHalf>,
-) -> (
-    tokio::sync::mpsc::Sender<crate::wire::Frame>,
-    tokio::task::JoinHandle<()>,
-) {
-    let (out, mut queue) = tokio::sync::mpsc::channel::<crate::wire::Frame>(WRITE_QUEUE);
-    let task = tokio::spawn(async move {
-        while let Some(frame) = queue.recv().await {
-            if let Err(e) = writer.send(&frame).await {
-                tracing::debug!(error = %e, "tunnel stream write failed");
-                return;
-            }
-        }
-        let _ = writer.finish().await;
-    });
-    (out, task)
+    writer: crate::wire::FrameWriter<SendHalf>,
+) -> (Out, tokio::sync::oneshot::Receiver<()>) {
+    crate::wire::FrameSink::with_done(writer)
 }
+
+/// Where a source's tasks send frames toward the relay.
+pub(crate) type Out = crate::wire::FrameSink<SendHalf>;

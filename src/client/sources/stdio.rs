@@ -403,7 +403,7 @@ impl StdioSource {
         &self,
         process: &Process,
         routing: &Mutex<Routing>,
-        out: &mpsc::Sender<Frame>,
+        out: &super::Out,
         exchange: u64,
         payload: Bytes,
     ) -> bool {
@@ -495,7 +495,7 @@ impl StdioSource {
         &self,
         header: &OpenHeader,
         limit: usize,
-        out: &mpsc::Sender<Frame>,
+        out: &super::Out,
         mine: &mut Vec<(Arc<Pooled>, u64)>,
         frame: Frame,
     ) {
@@ -846,7 +846,7 @@ async fn log_stderr(stderr: ChildStderr, source: Arc<str>, pid: u32) {
 }
 
 /// Answers the first message of a stream this source cannot serve, then closes the stream.
-async fn refuse(reader: &mut FrameReader<RecvHalf>, out: &mpsc::Sender<Frame>, error: &StdioError) {
+async fn refuse(reader: &mut FrameReader<RecvHalf>, out: &super::Out, error: &StdioError) {
     if let Ok(Ok(Some(frame))) = tokio::time::timeout(REFUSE_WAIT, reader.next()).await
         && frame.kind == FrameKind::Message
     {
@@ -861,12 +861,7 @@ async fn refuse(reader: &mut FrameReader<RecvHalf>, out: &mpsc::Sender<Frame>, e
 }
 
 /// Answers every request in `classified` with `error`, then ends the exchange.
-async fn answer_all(
-    out: &mpsc::Sender<Frame>,
-    exchange: u64,
-    classified: &Classified,
-    error: &StdioError,
-) {
+async fn answer_all(out: &super::Out, exchange: u64, classified: &Classified, error: &StdioError) {
     for request in requests(classified) {
         let body = error_body(request.id.as_deref(), error.code(), &error.to_string());
         let _ = out.send(Frame::message(exchange, body)).await;
@@ -902,7 +897,7 @@ async fn route_session_output(
     limit: usize,
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
-    out: mpsc::Sender<Frame>,
+    out: super::Out,
 ) {
     let mut lines = FramedRead::new(stdout, LineDecoder::new(limit));
     while let Some(Ok(line)) = lines.next().await {
@@ -1044,7 +1039,7 @@ struct AgentCall {
     original_id: Box<RawValue>,
     original_token: Option<Box<RawValue>>,
     exchange: u64,
-    out: mpsc::Sender<Frame>,
+    out: super::Out,
 }
 
 /// Who waits for an answer of the pooled process.
