@@ -212,9 +212,10 @@ impl Opener {
         Ok(match transport {
             Transport::Quic => {
                 let endpoint = quic::client_endpoint("127.0.0.1:0".parse()?, config)?;
-                let connection = tokio::time::timeout(TIMEOUT, endpoint.connect(addr, "localhost")?)
-                    .await
-                    .context("QUIC handshake timed out")??;
+                let connection =
+                    tokio::time::timeout(TIMEOUT, endpoint.connect(addr, "localhost")?)
+                        .await
+                        .context("QUIC handshake timed out")??;
                 Self::Quic(endpoint, connection)
             }
             Transport::Tls => Self::Tls(TlsConnector::from(Arc::new(config)), addr),
