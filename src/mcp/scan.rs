@@ -512,16 +512,19 @@ mod tests {
         scanner.feed(b" \r\n\t");
         assert!(scanner.facts().is_some(), "trailing blanks are fine");
         scanner.feed(b"x");
-        assert!(scanner.facts().is_none(), "text after the end is not one message");
+        assert!(
+            scanner.facts().is_none(),
+            "text after the end is not one message"
+        );
     }
 
     #[test]
     fn refuses_what_is_not_one_complete_response() {
         for text in [
             r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]}"#, // cut short
-            r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,           // a batch
-            r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,         // a request
-            r#"{"jsonrpc":"2.0","id":1,"result":null}"#,           // no result
+            r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,          // a batch
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,        // a request
+            r#"{"jsonrpc":"2.0","id":1,"result":null}"#,          // no result
             r#""just a string""#,
             r#"42"#,
             r#"{"id":1,"result":{}}}"#, // unbalanced
