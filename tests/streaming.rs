@@ -237,7 +237,7 @@ fn outcome(row: &Value) -> String {
 /// The row of request `id`.
 fn row_of(rows: &[Value], id: u64) -> &Value {
     rows.iter()
-        .find(|row| row["jsonrpc.request.id"] == id.to_string())
+        .find(|row| row["jsonrpc.request.id"].as_str() == Some(id.to_string().as_str()))
         .unwrap_or_else(|| panic!("a row for request {id}: {rows:?}"))
 }
 
