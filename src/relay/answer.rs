@@ -557,7 +557,12 @@ async fn pipe(
             break;
         }
         while piece.is_none() {
-            let broken = match next_or_broken(&mut exchange, awaiting.timeout, &shutdown).await {
+            let event = tokio::select! {
+                event = next_or_broken(&mut exchange, awaiting.timeout, &shutdown) => event,
+                // The agent went away while the upstream was slow: stop waiting for it.
+                _ = tx.closed() => return,
+            };
+            let broken = match event {
                 Ok(Event::Part(bytes)) => {
                     piece = Some((bytes, false));
                     continue;
