@@ -1,9 +1,13 @@
 //! Message classification (`mcp::classify`): what the relay pays per message to learn kind,
 //! id, method and tool name without re-encoding. Small requests, a `tools/list` answer, and
 //! 1 MiB and 10 MiB tool results (which must be scanned to the end to find `isError`).
+//!
+//! Then the same 10 MiB result through the incremental scanner (`mcp::ResponseScanner`) that
+//! finds a streamed answer's `id`, error code and `isError` piece by piece: whole, and fed in
+//! the 256 KiB pieces `connect` sends.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use mcp_tunnel::mcp::classify;
+use mcp_tunnel::mcp::{ResponseScanner, classify};
 use std::hint::black_box;
 
 /// A `tools/list` result with `n` tools, each with a small input schema.
@@ -55,6 +59,29 @@ fn bench(c: &mut Criterion) {
         }
         group.bench_with_input(BenchmarkId::from_parameter(name), body, |b, body| {
             b.iter(|| classify(black_box(body.as_bytes())).expect("valid JSON-RPC"))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("scan_vs_classify");
+    let body = result(10 * 1024 * 1024);
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.sample_size(20);
+    group.bench_function("classify_10MiB", |b| {
+        b.iter(|| classify(black_box(body.as_bytes())).expect("valid JSON-RPC"))
+    });
+    for (name, piece) in [
+        ("scan_10MiB_whole", body.len()),
+        ("scan_10MiB_256KiB", 256 * 1024),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut scanner = ResponseScanner::new();
+                for chunk in black_box(body.as_bytes()).chunks(piece) {
+                    scanner.feed(chunk);
+                }
+                scanner.facts().cloned().expect("a response")
+            })
         });
     }
     group.finish();

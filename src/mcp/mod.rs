@@ -5,7 +5,9 @@
 
 pub mod era;
 pub mod jsonrpc;
+pub mod scan;
 pub mod sse;
 
 pub use era::ProtocolEra;
 pub use jsonrpc::{Classified, MessageInfo, MessageKind, classify};
+pub use scan::{ResponseFacts, ResponseScanner};

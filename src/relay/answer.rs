@@ -25,13 +25,19 @@ use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
 };
-use crate::mcp::{ProtocolEra, classify, sse};
+use crate::mcp::{ProtocolEra, ResponseScanner, classify, sse};
 
 /// The reconnection delay suggested to agents in priming events.
 const SSE_RETRY: Duration = Duration::from_secs(1);
 
 /// SSE chunks buffered toward a slow agent before the log reader waits.
 const SSE_QUEUE: usize = 16;
+
+/// Pieces of a streamed JSON answer buffered toward a slow agent before the relay stops
+/// reading the exchange (and the tunnel's flow control slows the upstream): with `connect`'s
+/// 256 KiB pieces about 1 MiB per answer, enough to keep the agent's connection busy while
+/// the next piece crosses the tunnel.
+const BODY_QUEUE: usize = 4;
 
 /// Attached to a plain JSON answer: the message, and whether it is a JSON-RPC error (so
 /// `initialize` creates no session on an error, and learns the negotiated version otherwise).
@@ -88,6 +94,23 @@ struct Awaiting {
     calls: InFlight,
     /// The session whose server requests ride this answer stream, to be tracked.
     tracker: Option<Arc<Session>>,
+    /// Whether a JSON answer arriving in pieces may be passed on as it comes: one request,
+    /// not `initialize` (the relay learns the session's version from its whole answer).
+    pipelined: bool,
+}
+
+/// Why an exchange ended without its answer.
+enum Broken {
+    /// The relay is shutting down.
+    Shutdown,
+    /// The request timeout passed with nothing new.
+    Timeout,
+    /// The answer passed the per-message limit (bytes).
+    TooLarge(usize),
+    /// The upstream's response ended without (the rest of) the answer.
+    Ended,
+    /// The tunnel stream ended; the text says why.
+    Closed(String),
 }
 
 impl Awaiting {
@@ -107,9 +130,11 @@ impl Awaiting {
             && requests
                 .iter()
                 .any(|m| m.method.as_deref() == Some("subscriptions/listen"));
+        let pipelined = requests.len() == 1 && requests[0].method.as_deref() != Some("initialize");
         Self {
             id: requests.first().and_then(|m| m.id.clone()),
             responses: requests.len(),
+            pipelined,
             timeout: (!is_listen).then(|| state.request_timeout()),
             source: source.to_owned(),
             learner: None,
@@ -130,6 +155,47 @@ impl Awaiting {
     async fn source_failed(&mut self, why: &str) -> Bytes {
         let body = source_error_body(self.id.as_deref(), &self.source, why);
         self.fail(Outcome::TunnelError, body).await
+    }
+
+    /// Finishes every open call as `broken` says and returns the relay-made error to release
+    /// (or the error saying the calls could not be audited).
+    async fn broken(&mut self, channel: &Channel, broken: Broken) -> Bytes {
+        match broken {
+            Broken::Shutdown => self.source_failed("the relay is shutting down").await,
+            Broken::Timeout => {
+                let body = timeout_body(channel, self).await;
+                self.fail(Outcome::Timeout, body).await
+            }
+            Broken::TooLarge(limit) => {
+                metrics::counter!(crate::metrics::REQUESTS, "outcome" => "too_large").increment(1);
+                let body = error_body(
+                    self.id.as_deref(),
+                    codes::TOO_LARGE,
+                    &format!(
+                        "source {} sent an answer larger than the limit of {limit} bytes",
+                        self.source
+                    ),
+                );
+                self.fail(Outcome::Error(codes::TOO_LARGE), body).await
+            }
+            Broken::Ended => {
+                self.source_failed("the upstream ended its response without answering")
+                    .await
+            }
+            Broken::Closed(reason) => self.source_failed(&reason).await,
+        }
+    }
+
+    /// Whether a JSON answer whose first piece is `first` is passed on piece by piece: one
+    /// request, no list filter (it needs the whole list), no result the trail keeps, and a
+    /// single message (an object; a batch is read whole).
+    fn pipelines(&self, first: &[u8]) -> bool {
+        let mut scanner = ResponseScanner::new();
+        scanner.feed(first);
+        self.pipelined
+            && self.filter.is_none()
+            && !self.calls.keeps_results()
+            && scanner.is_object()
     }
 }
 
@@ -234,6 +300,47 @@ async fn next_event(
     }
 }
 
+/// The next event of an exchange, or why none will come: shutdown, timeout, tunnel gone.
+async fn next_or_broken(
+    exchange: &mut Exchange,
+    timeout: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Result<Event, Broken> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(Broken::Shutdown),
+        event = next_event(exchange, timeout) => match event {
+            None => Err(Broken::Timeout),
+            Some(Err(e)) => Err(Broken::Closed(e.to_string())),
+            Some(Ok(event)) => Ok(event),
+        },
+    }
+}
+
+/// Reads the rest of a message that began with the piece `first`, whole: for answers that
+/// policy or the session needs entire. The channel's reader bounds it by the per-message
+/// limit.
+async fn assemble(
+    exchange: &mut Exchange,
+    first: Bytes,
+    timeout: Option<Duration>,
+    shutdown: &CancellationToken,
+) -> Result<Bytes, Broken> {
+    let mut whole = bytes::BytesMut::from(first);
+    loop {
+        match next_or_broken(exchange, timeout, shutdown).await? {
+            Event::Part(piece) => whole.extend_from_slice(&piece),
+            Event::Message(last) => {
+                whole.extend_from_slice(&last);
+                return Ok(whole.freeze());
+            }
+            Event::TooLarge(limit) => return Err(Broken::TooLarge(limit)),
+            Event::End => return Err(Broken::Ended),
+            Event::Rejected(_) | Event::Streaming => {}
+        }
+    }
+}
+
 /// A message from the upstream, classified once for everything the relay needs of it.
 struct Arrived {
     message: Bytes,
@@ -317,29 +424,28 @@ async fn answer(
                 status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Ok(Event::Message(message)) => {
-                let arrived = Arrived::new(message);
-                if arrived.responses >= awaiting.responses
-                    && let Some(classified) = &arrived.classified
-                {
-                    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
-                    let message = awaiting.filtered(arrived.message.clone());
-                    // Write before release: the record is committed before the agent sees
-                    // the answer.
-                    if let Err(refusal) = awaiting
-                        .calls
-                        .settle(&arrived.message, classified, message.len())
-                        .await
-                    {
-                        return json_response(StatusCode::OK, refusal);
-                    }
-                    let mut response = json_response(status, message.clone());
-                    response.extensions_mut().insert(JsonAnswer {
-                        message,
-                        is_error: arrived.is_error,
-                    });
-                    return response;
+                return answer_message(
+                    state, channel, exchange, awaiting, session, status, message,
+                )
+                .await;
+            }
+            Ok(Event::Part(first)) => {
+                if awaiting.pipelines(&first) {
+                    return pipe_answer(state, channel, exchange, awaiting, status, first);
                 }
-                return stream_answer(state, channel, exchange, Some(arrived), awaiting, session);
+                return match assemble(&mut exchange, first, awaiting.timeout, &state.stop).await {
+                    Ok(message) => {
+                        answer_message(state, channel, exchange, awaiting, session, status, message)
+                            .await
+                    }
+                    Err(broken) => {
+                        json_response(StatusCode::OK, awaiting.broken(&channel, broken).await)
+                    }
+                };
+            }
+            Ok(Event::TooLarge(limit)) => {
+                let body = awaiting.broken(&channel, Broken::TooLarge(limit)).await;
+                return json_response(StatusCode::OK, body);
             }
             Ok(Event::Streaming) => {
                 return stream_answer(state, channel, exchange, None, awaiting, session);
@@ -353,6 +459,159 @@ async fn answer(
             Err(e) => {
                 return json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await);
             }
+        }
+    }
+}
+
+/// Answers with the first whole message of an exchange: plain JSON when it holds every
+/// response, else an SSE stream of it and what follows.
+async fn answer_message(
+    state: &Arc<RelayState>,
+    channel: Arc<Channel>,
+    exchange: Exchange,
+    mut awaiting: Awaiting,
+    session: Option<&Arc<Session>>,
+    status: StatusCode,
+    message: Bytes,
+) -> Response {
+    let arrived = Arrived::new(message);
+    if arrived.responses >= awaiting.responses
+        && let Some(classified) = &arrived.classified
+    {
+        metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
+        let message = awaiting.filtered(arrived.message.clone());
+        // Write before release: the record is committed before the agent sees the answer.
+        if let Err(refusal) = awaiting
+            .calls
+            .settle(&arrived.message, classified, message.len())
+            .await
+        {
+            return json_response(StatusCode::OK, refusal);
+        }
+        let mut response = json_response(status, message.clone());
+        response.extensions_mut().insert(JsonAnswer {
+            message,
+            is_error: arrived.is_error,
+        });
+        return response;
+    }
+    stream_answer(state, channel, exchange, Some(arrived), awaiting, session)
+}
+
+/// Answers with a JSON answer arriving in pieces, passing each on as it comes (a pipeline:
+/// neither the relay nor `connect` holds it whole). The agent's response starts at once with
+/// `status`; its body is fed from a bounded queue.
+fn pipe_answer(
+    state: &Arc<RelayState>,
+    channel: Arc<Channel>,
+    exchange: Exchange,
+    awaiting: Awaiting,
+    status: StatusCode,
+    first: Bytes,
+) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(BODY_QUEUE);
+    tokio::spawn(pipe(
+        channel,
+        exchange,
+        awaiting,
+        first,
+        tx,
+        state.stop.clone(),
+    ));
+    let mut response = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, super::reply::JSON);
+    response
+}
+
+/// Moves the pieces of a JSON answer into the agent's body. The audit rule holds as for a
+/// whole answer: from the piece that closes the JSON text on, pieces are held back until the
+/// call's record is committed (an agent cannot use a JSON text without its end); the outcome,
+/// error code and `isError` come from an incremental scan of the pieces as they pass. When
+/// the answer breaks off (tunnel gone, timeout, over the limit, shutdown) or cannot be
+/// recorded, the call is finished accordingly and the body ends with an error, so the agent
+/// sees an aborted response, never a truncated one that looks complete.
+async fn pipe(
+    channel: Arc<Channel>,
+    mut exchange: Exchange,
+    mut awaiting: Awaiting,
+    first: Bytes,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    shutdown: CancellationToken,
+) {
+    let mut scanner = ResponseScanner::new();
+    let mut held: Vec<Bytes> = Vec::new();
+    let mut piece = Some((first, false));
+    let abort = |why: String| std::io::Error::other(why);
+    while let Some((bytes, last)) = piece.take() {
+        scanner.feed(&bytes);
+        if scanner.is_complete() || last {
+            held.push(bytes);
+        } else if tx.send(Ok(bytes)).await.is_err() {
+            // The agent went away: its call is recorded as abandoned when dropped.
+            return;
+        }
+        if last {
+            break;
+        }
+        while piece.is_none() {
+            let event = tokio::select! {
+                event = next_or_broken(&mut exchange, awaiting.timeout, &shutdown) => event,
+                // The agent went away while the upstream was slow: stop waiting for it.
+                _ = tx.closed() => return,
+            };
+            let broken = match event {
+                Ok(Event::Part(bytes)) => {
+                    piece = Some((bytes, false));
+                    continue;
+                }
+                Ok(Event::Message(bytes)) => {
+                    piece = Some((bytes, true));
+                    continue;
+                }
+                Ok(Event::Rejected(_) | Event::Streaming) => continue,
+                Ok(Event::TooLarge(limit)) => Broken::TooLarge(limit),
+                Ok(Event::End) => Broken::Ended,
+                Err(broken) => broken,
+            };
+            // The relay-made error cannot follow a body already begun: the record says what
+            // happened, and the agent's body ends with an error.
+            let _ = awaiting.broken(&channel, broken).await;
+            let _ = tx
+                .send(Err(abort(format!(
+                    "the answer of source {} broke off",
+                    awaiting.source
+                ))))
+                .await;
+            return;
+        }
+    }
+    let Some(facts) = scanner.facts() else {
+        let _ = awaiting
+            .source_failed("the upstream's answer is not a JSON-RPC response")
+            .await;
+        let _ = tx
+            .send(Err(abort("the answer is not a JSON-RPC response".into())))
+            .await;
+        return;
+    };
+    let classified = Classified::Single(facts.message_info());
+    let size = usize::try_from(scanner.size()).unwrap_or(usize::MAX);
+    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "ok").increment(1);
+    // Write before release: the record is committed before the agent has the answer's end.
+    if awaiting.calls.settle(&[], &classified, size).await.is_err() {
+        let _ = tx
+            .send(Err(abort(
+                "the call could not be audited, so its answer is withheld".into(),
+            )))
+            .await;
+        return;
+    }
+    for bytes in held {
+        if tx.send(Ok(bytes)).await.is_err() {
+            return;
         }
     }
 }
@@ -439,6 +698,18 @@ async fn produce(
                     remaining = remaining.saturating_sub(responses);
                     continue;
                 }
+                // A message in pieces within an event stream is released whole.
+                Some(Ok(Event::Part(first))) => {
+                    match assemble(&mut exchange, first, awaiting.timeout, &shutdown).await {
+                        Ok(message) => {
+                            let responses = release(&log, &mut awaiting, Arrived::new(message)).await;
+                            remaining = remaining.saturating_sub(responses);
+                            continue;
+                        }
+                        Err(broken) => awaiting.broken(&channel, broken).await,
+                    }
+                }
+                Some(Ok(Event::TooLarge(limit))) => awaiting.broken(&channel, Broken::TooLarge(limit)).await,
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
                 Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
                 Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,

@@ -345,6 +345,14 @@ impl InFlight {
         Self { calls, streamed: 0 }
     }
 
+    /// Whether the trail keeps the result text of any open call: its answer must then be read
+    /// whole (a streamed answer is never held, so its text could not be kept).
+    pub fn keeps_results(&self) -> bool {
+        self.calls
+            .iter()
+            .any(|call| call.capture != Capture::Metadata)
+    }
+
     /// Whether no call is open.
     pub fn is_empty(&self) -> bool {
         self.calls.is_empty()

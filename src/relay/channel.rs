@@ -1,10 +1,10 @@
 //! One exchange stream seen from the relay: numbered requests out, tagged messages back.
 //!
-//! A [`Channel`] owns a tunnel stream. A writer task sends frames in order; a reader task routes
-//! each incoming frame by its exchange number to the agent HTTP request waiting for it, and
-//! everything that belongs to no waiting request (the upstream's standalone messages, or
-//! messages for a request whose agent went away) to the bounded unsolicited queue that the
-//! agent's GET stream drains.
+//! A [`Channel`] owns a tunnel stream. Agent requests write their frames in order through a
+//! shared [`FrameSink`]; a reader task routes each incoming frame by its exchange number to the
+//! agent HTTP request waiting for it, and everything that belongs to no waiting request (the
+//! upstream's standalone messages, or messages for a request whose agent went away) to the
+//! bounded unsolicited queue that the agent's GET stream drains.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +17,7 @@ use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
 use crate::transport::{TransportError, TransportKind};
+use crate::wire::frame::PieceCount;
 use crate::wire::{
     Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, SinkError, UNSOLICITED,
 };
@@ -28,11 +29,24 @@ const EXCHANGE_QUEUE: usize = 32;
 /// (and counted): a session nobody listens to must not grow without bound.
 pub const UNSOLICITED_QUEUE: usize = 256;
 
+/// Messages arriving in pieces at once on one stream, past which the stream fails: each is a
+/// large answer in flight (one per concurrent request at most), so this bounds the reader's
+/// bookkeeping against a peer that opens pieces and never closes them.
+const MAX_OPEN_PIECED: usize = 1024;
+
 /// What an agent request sees arrive for its exchange.
 #[derive(Debug)]
 pub enum Event {
-    /// A JSON-RPC message from the upstream.
+    /// A JSON-RPC message from the upstream; or, after [`Event::Part`]s, the piece that ends
+    /// the message they began.
     Message(Bytes),
+    /// A piece of a message that the next `Part`s and a closing [`Event::Message`] continue
+    /// ([`FrameKind::MessagePart`]). An [`Event::End`] before the closing piece means the
+    /// message was abandoned.
+    Part(Bytes),
+    /// The message arriving in pieces passed the per-message limit (bytes): the rest of it
+    /// is dropped, and [`Event::End`] follows.
+    TooLarge(usize),
     /// The upstream answered with this HTTP status (a rejection, message follows).
     Rejected(u16),
     /// The upstream's response is complete.
@@ -169,7 +183,7 @@ impl Channel {
         let read_shared = shared.clone();
         tokio::spawn(async move {
             let reason = tokio::select! {
-                reason = read_loop(&mut frames_in, &read_shared) => reason,
+                reason = read_loop(&mut frames_in, &read_shared, read_limit) => reason,
                 _ = stopped => "session ended".to_owned(),
             };
             read_shared.close(reason);
@@ -268,20 +282,73 @@ impl Channel {
     }
 }
 
-/// Reads frames until the stream ends; returns why it ended.
+/// A message arriving in pieces on one exchange.
+struct Pieced {
+    count: PieceCount,
+    /// It passed the limit: its remaining pieces are dropped.
+    refused: bool,
+}
+
+/// Reads frames until the stream ends; returns why it ended. A message in pieces is counted
+/// against `limit` (the per-message limit) as it arrives, never assembled here.
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
     shared: &Shared,
+    limit: usize,
 ) -> String {
+    let mut pieced: HashMap<u64, Pieced> = HashMap::new();
     loop {
         let frame = match frames.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => return "the tunnel client ended the stream".into(),
             Err(e) => return format!("tunnel stream failed: {e}"),
         };
+        // Whether this message ends one that came in pieces (never a message of its own).
+        let mut closes_pieces = false;
         let event = match frame.kind {
-            FrameKind::Message => Event::Message(frame.payload),
-            FrameKind::End => Event::End,
+            FrameKind::MessagePart => {
+                if frame.exchange == UNSOLICITED {
+                    return "protocol error: a message in pieces outside an exchange".into();
+                }
+                if !pieced.contains_key(&frame.exchange) && pieced.len() >= MAX_OPEN_PIECED {
+                    return format!(
+                        "protocol error: more than {MAX_OPEN_PIECED} messages in pieces at once"
+                    );
+                }
+                let open = pieced.entry(frame.exchange).or_insert_with(|| Pieced {
+                    count: PieceCount::new(limit),
+                    refused: false,
+                });
+                if open.refused {
+                    continue;
+                }
+                match open.count.add(frame.payload.len()) {
+                    Ok(()) => Event::Part(frame.payload),
+                    Err(e) => {
+                        tracing::warn!(exchange = frame.exchange, error = %e, "answer refused");
+                        open.refused = true;
+                        Event::TooLarge(limit)
+                    }
+                }
+            }
+            FrameKind::Message => match pieced.remove(&frame.exchange) {
+                Some(open) if open.refused => continue,
+                Some(mut open) => {
+                    closes_pieces = true;
+                    match open.count.add(frame.payload.len()) {
+                        Ok(()) => Event::Message(frame.payload),
+                        Err(e) => {
+                            tracing::warn!(exchange = frame.exchange, error = %e, "answer refused");
+                            Event::TooLarge(limit)
+                        }
+                    }
+                }
+                None => Event::Message(frame.payload),
+            },
+            FrameKind::End => {
+                pieced.remove(&frame.exchange);
+                Event::End
+            }
             FrameKind::Rejected => Event::Rejected(frame.status().unwrap_or(502)),
             FrameKind::Streaming => Event::Streaming,
             FrameKind::Close => return frame.reason(),
@@ -306,8 +373,9 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             },
             None => Some(event),
         };
-        // A message with no waiting request goes to the GET stream; ends and statuses of
-        // requests nobody waits for any more are simply done.
+        // A whole message with no waiting request goes to the GET stream; pieces of one (its
+        // request went away mid-answer), ends and statuses of requests nobody waits for any
+        // more are simply done.
         let unsolicited = || {
             shared
                 .unsolicited_tx
@@ -316,6 +384,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 .clone()
         };
         if let Some(Event::Message(message)) = undelivered
+            && !closes_pieces
             && unsolicited().is_none_or(|tx| tx.try_send(message).is_err())
         {
             metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
@@ -323,5 +392,153 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 "server-to-agent message dropped: no agent stream is reading and the queue is full"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader over `frames`, and what `read_loop` delivers to exchange 1 (waited on) and to
+    /// the GET stream, with the reason it stopped.
+    async fn run(frames: Vec<Frame>, limit: usize) -> (Vec<Event>, Vec<Bytes>, String) {
+        let (mut near, far) = tokio::io::duplex(64 * 1024);
+        let writer = tokio::spawn(async move {
+            let mut bytes = bytes::BytesMut::new();
+            for frame in &frames {
+                frame.encode(&mut bytes);
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut near, &bytes).await
+        });
+        let (tx, mut events) = mpsc::channel(1024);
+        let (unsolicited_tx, mut unsolicited) = mpsc::channel(16);
+        let shared = Shared {
+            pending: Mutex::new(HashMap::from([(1, tx)])),
+            closed: Mutex::default(),
+            unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
+        };
+        let mut reader = FrameReader::new(far, limit);
+        let reason = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            read_loop(&mut reader, &shared, limit),
+        )
+        .await
+        .expect("the reader ends with the stream");
+        writer
+            .await
+            .expect("writer task")
+            .expect("frames are written");
+        drop(shared);
+        let mut delivered = Vec::new();
+        while let Some(event) = events.recv().await {
+            delivered.push(event);
+        }
+        let mut standalone = Vec::new();
+        while let Some(message) = unsolicited.recv().await {
+            standalone.push(message);
+        }
+        (delivered, standalone, reason)
+    }
+
+    fn piece(text: &'static str) -> Bytes {
+        Bytes::from_static(text.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn pieces_pass_through_in_order_within_the_limit() {
+        let frames = vec![
+            Frame::part(1, piece("{\"id\":1,")),
+            Frame::part(1, piece("\"result\"")),
+            Frame::message(1, piece(":{}}")),
+            Frame::end(1),
+        ];
+        let (events, standalone, _) = run(frames, 64).await;
+        let kinds: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [Event::Part(a), Event::Part(b), Event::Message(c), Event::End]
+                    if a == "{\"id\":1," && b == "\"result\"" && c == ":{}}"
+            ),
+            "{kinds:?}"
+        );
+        assert!(standalone.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pieced_message_past_the_limit_is_refused_once_and_dropped() {
+        // 8 + 8 bytes fit a limit of 20; the third piece passes it.
+        let frames = vec![
+            Frame::part(1, piece("12345678")),
+            Frame::part(1, piece("12345678")),
+            Frame::part(1, piece("12345678")),
+            Frame::part(1, piece("12345678")),
+            Frame::message(1, piece("}")),
+            Frame::end(1),
+        ];
+        let (events, standalone, _) = run(frames, 20).await;
+        let kinds: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [
+                    Event::Part(_),
+                    Event::Part(_),
+                    Event::TooLarge(20),
+                    Event::End
+                ]
+            ),
+            "{kinds:?}"
+        );
+        assert!(
+            standalone.is_empty(),
+            "the closing piece is not a message of its own"
+        );
+        // The closing piece alone can pass the limit too.
+        let frames = vec![
+            Frame::part(1, piece("12345678")),
+            Frame::message(1, piece("1234567890123")),
+        ];
+        let (events, _, _) = run(frames, 20).await;
+        assert!(matches!(
+            events.as_slice(),
+            [Event::Part(_), Event::TooLarge(20)]
+        ));
+    }
+
+    #[tokio::test]
+    async fn pieces_of_a_request_gone_away_never_reach_the_get_stream() {
+        // Exchange 2 has nobody waiting: its pieces and closing piece are dropped, while a
+        // whole message for it still goes to the GET stream as before.
+        let frames = vec![
+            Frame::part(2, piece("{\"a\":")),
+            Frame::message(2, piece("1}")),
+            Frame::message(2, piece("{\"whole\":1}")),
+            Frame::end(2),
+        ];
+        let (events, standalone, _) = run(frames, 64).await;
+        assert!(events.is_empty());
+        assert_eq!(standalone, vec![piece("{\"whole\":1}")]);
+    }
+
+    #[tokio::test]
+    async fn an_end_between_pieces_is_delivered_and_forgets_the_message() {
+        let frames = vec![
+            Frame::part(1, piece("{\"a\":")),
+            Frame::end(1),
+            Frame::message(1, piece("{}")),
+        ];
+        let (events, _, _) = run(frames, 64).await;
+        assert!(matches!(
+            events.as_slice(),
+            [Event::Part(_), Event::End, Event::Message(m)] if m == "{}"
+        ));
+    }
+
+    #[tokio::test]
+    async fn pieces_outside_an_exchange_fail_the_stream() {
+        let (events, _, reason) = run(vec![Frame::part(UNSOLICITED, piece("{"))], 64).await;
+        assert!(events.is_empty());
+        assert!(reason.contains("protocol error"), "{reason}");
     }
 }

@@ -63,6 +63,22 @@ pub enum FrameKind {
     /// arrived in the same release), so no released pair breaks; [`crate::wire::PROTOCOL_VERSION`]
     /// stays 1.
     Identity = 8,
+    /// A piece of one JSON-RPC message that continues in the next frames of this exchange; the
+    /// piece in the following [`FrameKind::Message`] frame of the same exchange ends it. The
+    /// message is the pieces' payloads concatenated, in order, with nothing re-encoded.
+    ///
+    /// `connect` sends a large upstream answer this way, so the relay can pass it on to the
+    /// agent as it arrives (a pipeline) instead of each side holding it whole. Each piece is
+    /// one frame within the frame limit; the whole message stays bounded by the per-message
+    /// limit agreed at the handshake: the receiver counts the pieces' bytes
+    /// ([`PieceCount`]) and fails the exchange once they pass it, dropping the rest. An
+    /// [`FrameKind::End`] for the exchange before the closing `Message` abandons the message
+    /// (the upstream's answer broke off, or passed the limit): the receiver discards what it
+    /// has and fails the exchange rather than deliver a truncated text.
+    ///
+    /// Wire compatibility: like [`FrameKind::Identity`], both ends ship together (a peer that
+    /// does not know a kind fails the stream); [`crate::wire::PROTOCOL_VERSION`] stays 1.
+    MessagePart = 9,
 }
 
 impl FrameKind {
@@ -76,6 +92,7 @@ impl FrameKind {
             6 => Self::Rejected,
             7 => Self::Streaming,
             8 => Self::Identity,
+            9 => Self::MessagePart,
             _ => return None,
         })
     }
@@ -97,6 +114,16 @@ impl Frame {
     pub fn message(exchange: u64, payload: Bytes) -> Self {
         Self {
             kind: FrameKind::Message,
+            exchange,
+            payload,
+        }
+    }
+
+    /// A piece of a message for `exchange` that continues in the next frames (see
+    /// [`FrameKind::MessagePart`]).
+    pub fn part(exchange: u64, payload: Bytes) -> Self {
+        Self {
+            kind: FrameKind::MessagePart,
             exchange,
             payload,
         }
@@ -231,6 +258,44 @@ pub enum FrameError {
     /// The underlying stream failed.
     #[error("stream error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Counts the bytes of one message arriving in pieces ([`FrameKind::MessagePart`] frames, then
+/// the closing [`FrameKind::Message`]) against the per-message limit, so a receiver can refuse
+/// it before buffering (or forwarding) more than the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PieceCount {
+    bytes: usize,
+    limit: usize,
+}
+
+/// A message in pieces passed the per-message limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a message of more than {limit} bytes (the per-message limit) arrived in pieces")]
+pub struct TooManyPieces {
+    /// The per-message limit.
+    pub limit: usize,
+}
+
+impl PieceCount {
+    /// A message not yet started, to be refused past `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self { bytes: 0, limit }
+    }
+
+    /// Counts the next piece; fails once the message so far exceeds the limit.
+    pub fn add(&mut self, piece: usize) -> Result<(), TooManyPieces> {
+        self.bytes = self.bytes.saturating_add(piece);
+        if self.bytes > self.limit {
+            return Err(TooManyPieces { limit: self.limit });
+        }
+        Ok(())
+    }
+
+    /// Bytes counted so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// The sans-IO decoder: turns buffered bytes into frames, enforcing the payload limit.
@@ -386,6 +451,8 @@ mod tests {
                 header: "x-mcp-tunnel-identity".into(),
                 token: "a.b.c".into(),
             }),
+            Frame::part(10, Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"re"#)),
+            Frame::message(10, Bytes::from_static(br#"sult":{}}"#)),
             Frame::message(u64::MAX, Bytes::new()),
             Frame::close("bye"),
         ];
@@ -443,6 +510,38 @@ mod tests {
         Frame::message(1, Bytes::from_static(b"abcdef")).encode(&mut wire);
         wire.truncate(wire.len() - 1);
         assert!(matches!(decode_all(&wire, 10), Err(FrameError::Truncated)));
+    }
+
+    #[test]
+    fn message_in_pieces_is_their_concatenation() {
+        let message = br#"{"jsonrpc":"2.0","id":1,"result":{"text":"abcdefghijklmnop"}}"#;
+        let mut wire = BytesMut::new();
+        let pieces: Vec<&[u8]> = message.chunks(7).collect();
+        let (last, parts) = pieces.split_last().expect("several pieces");
+        for piece in parts {
+            Frame::part(4, Bytes::copy_from_slice(piece)).encode(&mut wire);
+        }
+        Frame::message(4, Bytes::copy_from_slice(last)).encode(&mut wire);
+        let frames = decode_all(&wire, 7).expect("every piece is within the frame limit");
+        let (closing, head) = frames.split_last().expect("frames");
+        assert!(head.iter().all(|f| f.kind == FrameKind::MessagePart));
+        assert_eq!(closing.kind, FrameKind::Message);
+        let joined: Vec<u8> = frames.iter().flat_map(|f| f.payload.to_vec()).collect();
+        assert_eq!(joined, message);
+    }
+
+    #[test]
+    fn piece_count_refuses_past_the_message_limit() {
+        let mut count = PieceCount::new(10);
+        assert_eq!(count.add(4), Ok(()));
+        assert_eq!(count.add(6), Ok(()), "exactly at the limit is allowed");
+        assert_eq!(count.bytes(), 10);
+        assert_eq!(count.add(1), Err(TooManyPieces { limit: 10 }));
+        assert_eq!(
+            count.add(usize::MAX),
+            Err(TooManyPieces { limit: 10 }),
+            "no overflow"
+        );
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ use super::legacy;
 use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
-use crate::mcp::{Classified, classify};
+use crate::mcp::{Classified, ResponseScanner, classify};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
 
@@ -39,6 +39,14 @@ const DEFAULT_RESUME_DELAY_MS: u64 = 500;
 const MAX_RESUME_DELAY: Duration = Duration::from_secs(5);
 /// Text of an upstream error body quoted in a synthesized error.
 const QUOTE_LIMIT: usize = 200;
+/// A JSON answer larger than this crosses the tunnel in pieces of this size
+/// ([`FrameKind::MessagePart`]), sent as they arrive from the upstream, so that the upstream,
+/// `connect`, the tunnel, the relay and the agent work at once instead of each waiting for the
+/// whole answer. 256 KiB makes the per-piece costs (a 13-byte frame header, a queue hop and a
+/// wake-up on each side) negligible against the copy of the bytes, while the queues on the way
+/// (64 frames here, a few at the relay) hold a few MiB at most per stream. Answers up to this
+/// size (nearly every call) still go as one frame, exactly as before.
+const PIECE_BYTES: usize = 256 * 1024;
 
 /// A configured Streamable HTTP upstream.
 pub struct HttpSource {
@@ -65,6 +73,15 @@ enum UpstreamError {
     TooLarge { source_name: String, limit: usize },
     #[error("source {source_name}: {reason}")]
     Broken { source_name: String, reason: String },
+    /// The answer failed after some of its pieces went to the relay: the exchange's `End`
+    /// (with no closing piece) tells the relay it was abandoned; no error message may follow,
+    /// as it would read as the rest of the message.
+    #[error("source {source_name}: the answer broke off after {sent} bytes: {reason}")]
+    BrokeOff {
+        source_name: String,
+        sent: usize,
+        reason: String,
+    },
 }
 
 impl UpstreamError {
@@ -376,9 +393,12 @@ impl StreamContext {
             .await
         {
             tracing::warn!(source = %self.name(), error = %error, "upstream exchange failed");
+            let abandoned = matches!(error, UpstreamError::BrokeOff { .. });
             for request in requests.iter().filter(|m| {
-                m.id.as_deref()
-                    .is_some_and(|id| pending.contains(&id_key(id)))
+                !abandoned
+                    && m.id
+                        .as_deref()
+                        .is_some_and(|id| pending.contains(&id_key(id)))
             }) {
                 self.send(Frame::message(
                     exchange,
@@ -440,6 +460,10 @@ impl StreamContext {
             .to_ascii_lowercase();
         if content_type.starts_with("text/event-stream") && status.is_success() {
             return self.relay_sse(exchange, response, pending).await;
+        }
+        // `initialize` answers are read whole: the session's version is learned from them.
+        if status.is_success() && !is_initialize && self.max_frame > PIECE_BYTES {
+            return self.relay_json(exchange, response, pending).await;
         }
         let body = self.read_limited(response).await?;
         if !status.is_success() {
@@ -520,6 +544,86 @@ impl StreamContext {
             body.extend_from_slice(&chunk);
         }
         Ok(body.freeze())
+    }
+
+    /// Relays a successful JSON answer: as one message when it is at most [`PIECE_BYTES`],
+    /// else in pieces as it arrives, never holding more than about one piece. The whole answer
+    /// stays within the tunnel's per-message limit: refused up front when its declared length
+    /// is over it, abandoned (`End` without a closing piece) when its bytes pass it. The ids it
+    /// answers come from an incremental scan of the pieces.
+    async fn relay_json(
+        &self,
+        exchange: u64,
+        response: reqwest::Response,
+        pending: &mut HashSet<String>,
+    ) -> Result<(), UpstreamError> {
+        let limit = self.max_frame;
+        let too_large = || UpstreamError::TooLarge {
+            source_name: self.name().to_owned(),
+            limit,
+        };
+        let declared = response.content_length();
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(too_large());
+        }
+        let capacity = declared
+            .and_then(|len| usize::try_from(len).ok())
+            .unwrap_or(0)
+            .min(2 * PIECE_BYTES);
+        let mut head = bytes::BytesMut::with_capacity(capacity);
+        let mut scanner = None::<ResponseScanner>;
+        let mut sent = 0usize;
+        let mut chunks = response.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            let failure = match chunk {
+                Ok(chunk) if sent + head.len() + chunk.len() <= limit => {
+                    head.extend_from_slice(&chunk);
+                    None
+                }
+                Ok(_) => Some(too_large()),
+                Err(e) => Some(UpstreamError::Broken {
+                    source_name: self.name().to_owned(),
+                    reason: error_chain(&e),
+                }),
+            };
+            if let Some(failure) = failure {
+                return Err(match sent {
+                    0 => failure,
+                    sent => UpstreamError::BrokeOff {
+                        source_name: self.name().to_owned(),
+                        sent,
+                        reason: failure.to_string(),
+                    },
+                });
+            }
+            // Keep at least one byte back: the closing `Message` is never empty.
+            while head.len() > PIECE_BYTES {
+                let piece = head.split_to(PIECE_BYTES).freeze();
+                scanner
+                    .get_or_insert_with(ResponseScanner::new)
+                    .feed(&piece);
+                sent += piece.len();
+                self.send(Frame::part(exchange, piece)).await;
+                if head.capacity() < PIECE_BYTES {
+                    head.reserve(2 * PIECE_BYTES);
+                }
+            }
+        }
+        let last = head.freeze();
+        match scanner {
+            None if last.is_empty() => {}
+            None => answered(&last, pending),
+            Some(mut scanner) => {
+                scanner.feed(&last);
+                if let Some(id) = scanner.facts().and_then(|facts| facts.id.as_deref()) {
+                    pending.remove(id.trim());
+                }
+            }
+        }
+        if !last.is_empty() {
+            self.send(Frame::message(exchange, last)).await;
+        }
+        Ok(())
     }
 
     /// Relays an SSE answer event by event until every request in `pending` is answered.
