@@ -53,6 +53,20 @@ fn record(n: u64) -> Record {
     }
 }
 
+/// CPU time this process has used (user + system, every thread: the appending tasks, the
+/// writer and the WAL thread). CPU per append varies far less than wall time on a shared
+/// machine, so small changes to the writer show in it when the timings are noise.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
 fn appends(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
@@ -67,12 +81,14 @@ fn appends(c: &mut Criterion) {
             .block_on(async { Auditor::open(&config) })
             .expect("open");
         for concurrency in [1u64, 64] {
+            let cpu = std::cell::Cell::new((Duration::ZERO, 0u64));
             group.bench_with_input(
                 BenchmarkId::new(label, concurrency),
                 &concurrency,
                 |b, &concurrency| {
                     b.iter_custom(|iters| {
-                        runtime.block_on(async {
+                        let cpu_before = cpu_time();
+                        let elapsed = runtime.block_on(async {
                             let started = Instant::now();
                             let tasks: Vec<_> = (0..concurrency)
                                 .map(|task| {
@@ -91,9 +107,17 @@ fn appends(c: &mut Criterion) {
                                 task.await.expect("append task");
                             }
                             started.elapsed()
-                        })
+                        });
+                        let (time, count) = cpu.get();
+                        cpu.set((time + cpu_time().saturating_sub(cpu_before), count + iters));
+                        elapsed
                     })
                 },
+            );
+            let (time, count) = cpu.get();
+            println!(
+                "audit_append/{label}/{concurrency}: CPU {:.1} µs per append (all threads, {count} appends)",
+                time.as_secs_f64() * 1e6 / count.max(1) as f64
             );
         }
         runtime.block_on(auditor.close());

@@ -338,11 +338,7 @@ impl Writer {
     /// Writes `appends` in one transaction and completes each with the outcome.
     fn commit(&mut self, appends: &mut Vec<Taken>) {
         metrics::histogram!(names::AUDIT_BATCH_ROWS).record(appends.len() as f64);
-        let result = write_rows(
-            &mut self.conn,
-            &self.heads,
-            appends.iter().map(|(_, r, _)| r),
-        );
+        let result = write_rows(&self.conn, &self.heads, appends.iter().map(|(_, r, _)| r));
         let failure = match result {
             Ok(heads) => {
                 self.heads.extend(heads);
@@ -436,27 +432,36 @@ impl Writer {
 /// Inserts `records` chained after `heads` in one transaction; returns the new heads of the
 /// tenants written (applied by the caller only once committed).
 fn write_rows<'a>(
-    conn: &mut Connection,
+    conn: &Connection,
     heads: &HashMap<String, Head>,
     records: impl Iterator<Item = &'a Record>,
 ) -> rusqlite::Result<HashMap<String, Head>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    store::begin(conn)?;
     let mut moved: HashMap<String, Head> = HashMap::new();
-    for record in records {
-        let head = match moved.get_mut(&record.tenant) {
-            Some(head) => head,
-            None => moved
-                .entry(record.tenant.clone())
-                .or_insert_with(|| heads.get(&record.tenant).copied().unwrap_or_default()),
-        };
-        let seq = head.seq + 1;
-        let bytes = chain::canonical(record);
-        let hash = chain::row_hash(&head.hash, seq, &bytes);
-        store::insert_record(&tx, seq, &head.hash, &hash, &bytes, record)?;
-        head.seq = seq;
-        head.hash = hash;
+    let inserted = (|| {
+        for record in records {
+            let head = match moved.get_mut(&record.tenant) {
+                Some(head) => head,
+                None => moved
+                    .entry(record.tenant.clone())
+                    .or_insert_with(|| heads.get(&record.tenant).copied().unwrap_or_default()),
+            };
+            let seq = head.seq + 1;
+            let bytes = chain::canonical(record);
+            let hash = chain::row_hash(&head.hash, seq, &bytes);
+            store::insert_record(conn, seq, &head.hash, &hash, &bytes, record)?;
+            head.seq = seq;
+            head.hash = hash;
+        }
+        Ok(())
+    })();
+    match inserted {
+        Ok(()) => store::commit(conn)?,
+        Err(e) => {
+            store::rollback(conn);
+            return Err(e);
+        }
     }
-    tx.commit()?;
     Ok(moved)
 }
 
