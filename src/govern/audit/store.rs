@@ -313,6 +313,18 @@ pub fn begin(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// [`begin`] without waiting for the write lock: `SQLITE_BUSY` at once if another connection
+/// holds it (for a caller that must not block; it hands the write to a thread that may).
+pub fn begin_now(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::ZERO)?;
+    let begun = begin(conn);
+    if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+        rollback(conn);
+        return Err(e);
+    }
+    begun
+}
+
 /// Commits the writer's transaction ([`begin`]); on failure rolls it back, so the connection
 /// is never left inside a transaction.
 pub fn commit(conn: &Connection) -> rusqlite::Result<()> {
