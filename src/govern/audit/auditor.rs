@@ -18,6 +18,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,12 @@ pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// automatic checkpoint of 1,000 pages.
 pub const WAL_CHECKPOINT_ROWS: u64 = 300;
 
+/// How long the trail must have been idle (no commit ending) for an append to commit inline:
+/// longer than the gaps between appends under load (where the queue's group commit wins, as
+/// one inline row per commit would cut the batches), shorter than a call's round trip at low
+/// load (about 0.4 ms through the relay).
+pub const INLINE_IDLE: Duration = Duration::from_micros(100);
+
 /// The longest [`Auditor::close`] waits for the writer to flush and sign.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -62,6 +69,9 @@ struct Inner {
     inline: bool,
     /// The queue's size: an idle writer has all of `room`'s permits.
     capacity: usize,
+    /// When the last commit ended, in µs after `opened` (for [`INLINE_IDLE`]).
+    last_write: Arc<AtomicU64>,
+    opened: Instant,
     /// One permit per record the queue may hold; an append holds one until its row is written.
     room: Arc<Semaphore>,
     capture: RwLock<CaptureRules>,
@@ -122,8 +132,12 @@ impl Auditor {
             last_checkpoint: Instant::now(),
             wal: Some(wal),
         }));
+        let opened = Instant::now();
+        let last_write = Arc::new(AtomicU64::new(0));
         let thread = WriterThread {
             store: store.clone(),
+            last_write: last_write.clone(),
+            opened,
             room: room.clone(),
             capacity: config.queue,
         };
@@ -137,6 +151,8 @@ impl Auditor {
                 store,
                 inline: config.durability == crate::config::Durability::Commit,
                 capacity: config.queue,
+                last_write,
+                opened,
                 room,
                 capture: RwLock::new(CaptureRules::new(&config.sources)),
                 path,
@@ -188,8 +204,17 @@ impl Auditor {
         if !inner.inline || inner.room.available_permits() < inner.capacity {
             return None;
         }
+        let idle =
+            micros_since(inner.opened).saturating_sub(inner.last_write.load(Ordering::Relaxed));
+        if idle < INLINE_IDLE.as_micros() as u64 {
+            return None;
+        }
         let mut writer = inner.store.try_lock().ok()?;
-        writer.commit_one(record)
+        let result = writer.commit_one(record);
+        inner
+            .last_write
+            .store(micros_since(inner.opened), Ordering::Relaxed);
+        result
     }
 
     /// What to keep of arguments and results for this tenant's source ([`Capture::keep`]
@@ -239,6 +264,9 @@ impl Auditor {
 /// The writer thread: takes appends from the queue and commits them in batches.
 struct WriterThread {
     store: Arc<Mutex<Writer>>,
+    /// When the last commit ended (see [`Inner::last_write`]).
+    last_write: Arc<AtomicU64>,
+    opened: Instant,
     /// The queue's room (for the depth gauge) and its size.
     room: Arc<Semaphore>,
     capacity: usize,
@@ -364,6 +392,8 @@ impl WriterThread {
             let mut writer = self.lock();
             if !appends.is_empty() {
                 writer.commit(&mut appends);
+                self.last_write
+                    .store(micros_since(self.opened), Ordering::Relaxed);
             }
             metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(self.depth());
             if let Some(done) = close {
@@ -539,6 +569,11 @@ impl Writer {
             }
         }
     }
+}
+
+/// Microseconds from `start` to now.
+fn micros_since(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Whether SQLite refused for another connection's lock.
