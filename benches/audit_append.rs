@@ -12,6 +12,12 @@
 //! Again 2026-11-26 (load average 5-6), before and after the writer woke on a std channel and
 //! the WAL merge left the commit path (median): commit 1: 7.8k -> 8.0k (128 -> 125 µs);
 //! commit 64: 21.9k -> 48.6k; fsync 1: 980 -> 3.3k (1.02 -> 0.31 ms); fsync 64: 8.8k -> 30.7k.
+//!
+//! 2026-11-26 (load 3-10), CPU per append (all threads; steadier than the times here):
+//! before the cached BEGIN/COMMIT and by-reference insert: commit 1 68.2 µs, commit 64 28.0 µs;
+//! after: 54.1 and 18.8 µs (commit 1 wall 85 -> 57 µs). With inline commits gated on 100 µs
+//! of idleness: commit 64 19.1 µs CPU, 55.9k appends/s. Commit 1 here is a continuous stream
+//! (no gap), so it takes the queue; the inline path shows in `examples/echo_latency.rs`.
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +59,20 @@ fn record(n: u64) -> Record {
     }
 }
 
+/// CPU time this process has used (user + system, every thread: the appending tasks, the
+/// writer and the WAL thread). CPU per append varies far less than wall time on a shared
+/// machine, so small changes to the writer show in it when the timings are noise.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
 fn appends(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
@@ -67,12 +87,14 @@ fn appends(c: &mut Criterion) {
             .block_on(async { Auditor::open(&config) })
             .expect("open");
         for concurrency in [1u64, 64] {
+            let cpu = std::cell::Cell::new((Duration::ZERO, 0u64));
             group.bench_with_input(
                 BenchmarkId::new(label, concurrency),
                 &concurrency,
                 |b, &concurrency| {
                     b.iter_custom(|iters| {
-                        runtime.block_on(async {
+                        let cpu_before = cpu_time();
+                        let elapsed = runtime.block_on(async {
                             let started = Instant::now();
                             let tasks: Vec<_> = (0..concurrency)
                                 .map(|task| {
@@ -91,9 +113,17 @@ fn appends(c: &mut Criterion) {
                                 task.await.expect("append task");
                             }
                             started.elapsed()
-                        })
+                        });
+                        let (time, count) = cpu.get();
+                        cpu.set((time + cpu_time().saturating_sub(cpu_before), count + iters));
+                        elapsed
                     })
                 },
+            );
+            let (time, count) = cpu.get();
+            println!(
+                "audit_append/{label}/{concurrency}: CPU {:.1} µs per append (all threads, {count} appends)",
+                time.as_secs_f64() * 1e6 / count.max(1) as f64
             );
         }
         runtime.block_on(auditor.close());
