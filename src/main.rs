@@ -17,23 +17,11 @@ use mcp_tunnel::relay::{Relay, RelaySettings};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// The allocator of every process the CLI runs. Each forwarded call allocates and frees many
-/// small buffers across threads; with glibc's malloc, once 10,000 sessions had come and gone
-/// the relay's CPU per call at saturation rose by a third and `connect`'s by half (a fragmented
-/// heap: `_int_malloc` and `unlink_chunk` at the top of the profile), and their RSS stayed
-/// higher. mimalloc keeps both flat (BENCHMARKS.md, "The allocator").
+mod alloc;
+
+/// The allocator of every process the CLI runs: see [`alloc`].
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (libmimalloc-sys 0.1.49, pinned in
-/// Cargo.toml: its Rust bindings do not name this option).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// How long freed memory stays with the process before mimalloc returns it to the OS. Its
-/// default, 10 ms, returns the buffers of one large result before the next arrives, so each
-/// 100 MiB result faulted in fresh pages again (direct `blob` 200 against 430 MB/s without
-/// purging); a second keeps memory for back-to-back large results and still gives it back.
-const PURGE_DELAY_MS: std::ffi::c_long = 1000;
+static ALLOCATOR: alloc::Split = alloc::Split;
 
 #[derive(Parser)]
 #[command(
@@ -286,9 +274,6 @@ enum NewKey {
 }
 
 fn main() -> anyhow::Result<()> {
-    // SAFETY: sets one allocator option to a valid value; mimalloc's options are plain
-    // integers read atomically, and this runs before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
