@@ -7,12 +7,8 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
@@ -27,48 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 const PUBLIC_URL: &str = "https://relay.example.test";
 const HEADER: &str = "x-mcp-tunnel-identity";
-
-/// Every request the scripted upstream saw: the JSON-RPC method, the headers, and when it
-/// arrived.
-type Seen = Arc<Mutex<Vec<(String, HeaderMap, SystemTime)>>>;
-
-/// A minimal Streamable HTTP upstream that records the headers of every request.
-async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
-    let seen = Seen::default();
-    let record = seen.clone();
-    let app = axum::Router::new().route(
-        "/mcp",
-        post(move |headers: HeaderMap, body: String| {
-            let record = record.clone();
-            async move {
-                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                let method = message["method"].as_str().unwrap_or_default().to_owned();
-                record
-                    .lock()
-                    .expect("lock")
-                    .push((method.clone(), headers, SystemTime::now()));
-                let id = message["id"].clone();
-                let result = match method.as_str() {
-                    "initialize" => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
-                    "tools/call" => json!({"content":[{"type":"text","text":"recorded"}]}),
-                    _ => return StatusCode::ACCEPTED.into_response(),
-                };
-                let mut response: Response = (
-                    [("content-type", "application/json")],
-                    json!({"jsonrpc":"2.0","id":id,"result":result}).to_string(),
-                )
-                    .into_response();
-                response.headers_mut().insert(
-                    "mcp-session-id",
-                    axum::http::HeaderValue::from_static("upstream-1"),
-                );
-                response
-            }
-        }),
-    );
-    let addr = common::serve_axum(app, shutdown).await;
-    (format!("http://{addr}/mcp"), seen)
-}
 
 fn now() -> u64 {
     SystemTime::now()
@@ -126,7 +80,7 @@ async fn call(agents: std::net::SocketAddr, source: &str, api_key: &str) {
 
 /// Checks every request `seen` got: the assertion verifies (when `asserted`) and names bob,
 /// and the agent's key appears nowhere.
-fn check(seen: &Seen, source: &str, asserted: bool, public: &DecodingKey, api_key: &str) {
+fn check(seen: &common::Seen, source: &str, asserted: bool, public: &DecodingKey, api_key: &str) {
     let seen = seen.lock().expect("lock");
     assert!(
         seen.iter().any(|(method, _, _)| method == "tools/call"),
@@ -175,8 +129,8 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
     common::init_tracing();
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let (db_url, db_seen) = start_recording_upstream(&shutdown).await;
-    let (crm_url, crm_seen) = start_recording_upstream(&shutdown).await;
+    let (db_url, db_seen) = common::start_recording_upstream(&shutdown).await;
+    let (crm_url, crm_seen) = common::start_recording_upstream(&shutdown).await;
 
     let (dir, certs, public) = relay_dir();
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
@@ -212,7 +166,7 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
 }
 
 /// The `exp` and `jti` of the assertion on the last request `seen` got.
-fn last_assertion(seen: &Seen) -> (u64, String) {
+fn last_assertion(seen: &common::Seen) -> (u64, String) {
     let seen = seen.lock().expect("lock");
     let (_, headers, _) = seen.last().expect("a request reached the upstream");
     let token = headers
@@ -243,7 +197,7 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
     common::init_tracing();
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
-    let (db_url, seen) = start_recording_upstream(&shutdown).await;
+    let (db_url, seen) = common::start_recording_upstream(&shutdown).await;
     let (dir, certs, public) = relay_dir();
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
     // Three seconds: an assertion is valid for 2 to 3 s from signing (exp is in whole

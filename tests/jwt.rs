@@ -9,9 +9,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
@@ -25,43 +24,6 @@ use tokio_util::sync::CancellationToken;
 const PUBLIC_URL: &str = "https://relay.example.test";
 const ISSUER: &str = "https://idp.example.test";
 const SCOPE: &str = "mcp:tools";
-
-/// Headers of every request the scripted upstream saw.
-type Seen = Arc<Mutex<Vec<HeaderMap>>>;
-
-/// A minimal Streamable HTTP upstream that records the headers of every request.
-async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
-    let seen = Seen::default();
-    let record = seen.clone();
-    let app = axum::Router::new().route(
-        "/mcp",
-        post(move |headers: HeaderMap, body: String| {
-            let record = record.clone();
-            async move {
-                record.lock().expect("lock").push(headers);
-                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-                let id = message["id"].clone();
-                let result = match message["method"].as_str() {
-                    Some("initialize") => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
-                    Some("tools/call") => json!({"content":[{"type":"text","text":"recorded"}]}),
-                    _ => return StatusCode::ACCEPTED.into_response(),
-                };
-                let mut response: Response = (
-                    [("content-type", "application/json")],
-                    json!({"jsonrpc":"2.0","id":id,"result":result}).to_string(),
-                )
-                    .into_response();
-                response.headers_mut().insert(
-                    "mcp-session-id",
-                    axum::http::HeaderValue::from_static("upstream-1"),
-                );
-                response
-            }
-        }),
-    );
-    let addr = common::serve_axum(app, shutdown).await;
-    (format!("http://{addr}/mcp"), seen)
-}
 
 /// A signing key and its public JWK.
 struct SigningKey {
@@ -159,7 +121,7 @@ async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let demo = common::demo_upstream(&shutdown).await;
-    let (recording, seen) = start_recording_upstream(&shutdown).await;
+    let (recording, seen) = common::start_recording_upstream(&shutdown).await;
 
     // The identity provider's keys; `stranger` is not in its JWKS.
     let (ec, ed, stranger) = (es256("ec-1"), eddsa("ed-1"), es256("ec-1"));
@@ -341,7 +303,7 @@ required_scopes = ["{SCOPE}"]
     assert_eq!(tool_text(called.response()), "recorded");
     let seen = seen.lock().expect("lock");
     assert!(seen.len() >= 3, "initialize, initialized, tools/call");
-    for headers in seen.iter() {
+    for (_, headers, _) in seen.iter() {
         assert!(
             headers.get("authorization").is_none(),
             "no Authorization upstream"

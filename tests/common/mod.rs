@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+
 mod config_relay;
 pub use config_relay::*;
 
@@ -636,4 +639,46 @@ pub async fn serve_axum(app: axum::Router, shutdown: &CancellationToken) -> Sock
             .await
     });
     addr
+}
+
+/// Every request the scripted upstream saw: the JSON-RPC method, the headers, and when it
+/// arrived.
+pub type Seen = Arc<std::sync::Mutex<Vec<(String, HeaderMap, std::time::SystemTime)>>>;
+
+/// A minimal Streamable HTTP upstream that records the headers of every request.
+pub async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
+    let seen = Seen::default();
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let record = record.clone();
+            async move {
+                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let method = message["method"].as_str().unwrap_or_default().to_owned();
+                record
+                    .lock()
+                    .expect("lock")
+                    .push((method.clone(), headers, std::time::SystemTime::now()));
+                let id = message["id"].clone();
+                let result = match method.as_str() {
+                    "initialize" => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
+                    "tools/call" => json!({"content":[{"type":"text","text":"recorded"}]}),
+                    _ => return axum::http::StatusCode::ACCEPTED.into_response(),
+                };
+                let mut response: axum::response::Response = (
+                    [("content-type", "application/json")],
+                    json!({"jsonrpc":"2.0","id":id,"result":result}).to_string(),
+                )
+                    .into_response();
+                response.headers_mut().insert(
+                    "mcp-session-id",
+                    axum::http::HeaderValue::from_static("upstream-1"),
+                );
+                response
+            }
+        }),
+    );
+    let addr = serve_axum(app, shutdown).await;
+    (format!("http://{addr}/mcp"), seen)
 }
