@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::activity::Activity;
+use super::call_metrics::CallMetrics;
 use crate::govern::Identity;
 use crate::govern::audit::{Auditor, Capture, Direction, Outcome, Record, Verdict, digest};
 use crate::govern::policy::Decision;
@@ -42,12 +43,18 @@ pub struct Calls {
     auditor: Option<Auditor>,
     /// The live activity feed every finished call is pushed to.
     activity: Arc<Activity>,
+    /// The calls' metrics, their handles kept per label set.
+    metrics: CallMetrics,
 }
 
 impl Calls {
     /// Finished calls go to metrics, the live `activity` feed and, if given, the audit trail.
     pub fn new(auditor: Option<Auditor>, activity: Arc<Activity>) -> Self {
-        Self { auditor, activity }
+        Self {
+            auditor,
+            activity,
+            metrics: CallMetrics::default(),
+        }
     }
 
     /// Whether finished calls are written to an audit trail (arguments are digested only
@@ -86,30 +93,7 @@ impl Calls {
 
     /// Metrics, and the live activity feed.
     fn publish(&self, record: &Record) {
-        let tool = record
-            .tool
-            .as_deref()
-            .or(record.prompt.as_deref())
-            .unwrap_or_default();
-        metrics::counter!(
-            crate::metrics::CALLS,
-            "tenant" => record.tenant.clone(),
-            "source" => record.source.clone(),
-            "direction" => record.direction.label(),
-            "method" => record.method.clone(),
-            "tool" => tool.to_owned(),
-            "decision" => record.decision.label(),
-            "outcome" => record.outcome.label(),
-        )
-        .increment(1);
-        let labels = [
-            ("tenant", record.tenant.clone()),
-            ("source", record.source.clone()),
-        ];
-        metrics::histogram!(crate::metrics::CALL_DURATION, &labels)
-            .record(record.latency_us as f64 / 1e6);
-        metrics::counter!(crate::metrics::CALL_BYTES_IN, &labels).increment(record.bytes_in);
-        metrics::counter!(crate::metrics::CALL_BYTES_OUT, &labels).increment(record.bytes_out);
+        self.metrics.record(record);
         // The live activity feed takes every finished call here, and only here.
         self.activity.push_record(record);
     }

@@ -7,6 +7,7 @@ pub mod activity;
 pub mod admin;
 pub mod agent;
 pub mod answer;
+pub mod call_metrics;
 pub mod calls;
 pub mod channel;
 pub mod events;
