@@ -167,9 +167,23 @@ fn range_in(body: &[u8], part: &str) -> Option<Range<usize>> {
     (end <= body.len()).then_some(start..end)
 }
 
+/// A batch item's facts.
 fn info(body: &[u8], raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
     let wire: Wire<'_> =
         serde_json::from_str(raw.get()).map_err(|e| ClassifyError::Invalid(e.to_string()))?;
+    facts(body, wire, raw.get().len())
+}
+
+/// Not JSON (-32700) for a syntax error, not JSON-RPC (-32600) for JSON of the wrong shape.
+fn parse_error(e: serde_json::Error) -> ClassifyError {
+    match e.classify() {
+        serde_json::error::Category::Data => ClassifyError::Invalid(e.to_string()),
+        _ => ClassifyError::Parse(e.to_string()),
+    }
+}
+
+/// The facts of one parsed message `wire`, `size` bytes long, borrowed from `body`.
+fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, ClassifyError> {
     if wire.jsonrpc != Some("2.0") {
         return Err(ClassifyError::Invalid("\"jsonrpc\" must be \"2.0\"".into()));
     }
@@ -235,33 +249,37 @@ fn info(body: &[u8], raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
         is_tool_error,
         error_code: wire.error.map(|e| e.code),
         payload,
-        size: raw.get().len(),
+        size,
     })
 }
 
 /// Classifies a body: one JSON-RPC message or a batch.
 pub fn classify(body: &[u8]) -> Result<Classified, ClassifyError> {
-    let raw: &RawValue =
-        serde_json::from_slice(body).map_err(|e| ClassifyError::Parse(e.to_string()))?;
-    let text = raw.get();
-    if text.starts_with('[') {
-        let items: Vec<&RawValue> =
-            serde_json::from_str(text).map_err(|e| ClassifyError::Parse(e.to_string()))?;
-        if items.is_empty() {
-            return Err(ClassifyError::Invalid("empty batch".into()));
+    // One pass over a single message (the common case): its fields straight from the body.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {
+            let wire: Wire<'_> = serde_json::from_slice(body).map_err(parse_error)?;
+            facts(body, wire, body.trim_ascii().len()).map(Classified::Single)
         }
-        return items
-            .into_iter()
-            .map(|item| info(body, item))
-            .collect::<Result<_, _>>()
-            .map(Classified::Batch);
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(parse_error)?;
+            if items.is_empty() {
+                return Err(ClassifyError::Invalid("empty batch".into()));
+            }
+            items
+                .into_iter()
+                .map(|item| info(body, item))
+                .collect::<Result<_, _>>()
+                .map(Classified::Batch)
+        }
+        _ => {
+            serde_json::from_slice::<IgnoredAny>(body)
+                .map_err(|e| ClassifyError::Parse(e.to_string()))?;
+            Err(ClassifyError::Invalid(
+                "a message must be a JSON object or array".into(),
+            ))
+        }
     }
-    if !text.starts_with('{') {
-        return Err(ClassifyError::Invalid(
-            "a message must be a JSON object or array".into(),
-        ));
-    }
-    info(body, raw).map(Classified::Single)
 }
 
 /// A JSON-RPC error response body for `id` (or `null`).
@@ -345,6 +363,24 @@ mod tests {
             Err(ClassifyError::Invalid(_))
         ));
         assert!(matches!(classify(b"42"), Err(ClassifyError::Invalid(_))));
+        // Not JSON, however far in: a parse error, never an invalid request.
+        for body in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"x""#[..],
+            br#"{"jsonrpc":"2.0","id":1,"method":"x"} tail"#,
+            br#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"a":[1,}}"#,
+            br#"[{"jsonrpc":"2.0","id":1,"method":"x"},"#,
+            b"42 43",
+            b"",
+        ] {
+            assert!(
+                matches!(classify(body), Err(ClassifyError::Parse(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Whitespace around a message is not part of its size.
+        let single = classify(b" \n{\"jsonrpc\":\"2.0\",\"method\":\"x\"}\r\n").expect("single");
+        assert_eq!(single.messages()[0].size, 30);
     }
 
     #[test]
