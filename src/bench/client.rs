@@ -1,6 +1,8 @@
 //! One MCP client over Streamable HTTP, as lean as the load generator needs: session setup in
 //! the session era, `tools/call` in either era, answers read as JSON or SSE and classified with
-//! the relay's own [`classify`](crate::mcp::classify), never re-parsed into a tree.
+//! the relay's own code, never parsed into a tree: a JSON answer with the
+//! [`ResponseScanner`] as it arrives (so a 100 MiB result costs no 100 MiB buffer), SSE events
+//! with [`classify`](crate::mcp::classify).
 
 use std::fmt;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use super::Era;
 use crate::mcp::era::{
     METHOD_HEADER, NAME_HEADER, SESSION_HEADER, STATELESS_SINCE, VERSION_HEADER,
 };
-use crate::mcp::{Classified, MessageKind, classify};
+use crate::mcp::{Classified, MessageKind, ResponseScanner, classify};
 
 /// The session-era protocol version the bench negotiates.
 pub const SESSION_VERSION: &str = "2025-11-25";
@@ -295,25 +297,24 @@ impl McpClient {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let mut body = BytesMut::new();
-        // One allocation for a body of known size (bounded: a server's claim is not trusted).
-        if let Some(length) = response.content_length() {
-            body.reserve(
-                usize::try_from(length).map_or(self.max_answer, |l| l.min(self.max_answer)),
-            );
-        }
+        // SSE events are read whole; a JSON answer is scanned as it arrives.
+        let mut events = BytesMut::new();
+        let mut scanner = (!is_sse).then(ResponseScanner::new);
         let mut bytes = 0u64;
         loop {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     bytes += chunk.len() as u64;
-                    if body.len() + chunk.len() > self.max_answer {
+                    if bytes > self.max_answer as u64 {
                         return Outcome {
                             bytes,
                             result: Err(Failure::TooLarge),
                         };
                     }
-                    body.extend_from_slice(&chunk);
+                    match &mut scanner {
+                        Some(scanner) => scanner.feed(&chunk),
+                        None => events.extend_from_slice(&chunk),
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -330,10 +331,13 @@ impl McpClient {
                 result: Err(Failure::Http(status.as_u16())),
             };
         }
-        let result = if is_sse {
-            sse_response(&body)
-        } else {
-            judge(classify(&body).ok())
+        let result = match scanner {
+            Some(scanner) => judge(
+                scanner
+                    .facts()
+                    .map(|facts| Classified::Single(facts.message_info())),
+            ),
+            None => sse_response(&events),
         };
         Outcome { bytes, result }
     }
@@ -400,6 +404,27 @@ mod tests {
         assert_eq!(judge(classify(b"nope").ok()), Err(Failure::Malformed));
         let request = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
         assert_eq!(judge(classify(request).ok()), Err(Failure::Malformed));
+        // Scanned in pieces, as a JSON answer is read: the same verdicts.
+        let scanned = |body: &[u8]| {
+            let mut scanner = ResponseScanner::new();
+            body.chunks(3).for_each(|piece| scanner.feed(piece));
+            judge(
+                scanner
+                    .facts()
+                    .map(|facts| Classified::Single(facts.message_info())),
+            )
+        };
+        for body in [
+            &ok[..],
+            tool,
+            error,
+            b"nope",
+            request,
+            br#"{"jsonrpc":"2.0","id":1"#,
+        ] {
+            let expected = judge(classify(body).ok());
+            assert_eq!(scanned(body), expected, "{}", String::from_utf8_lossy(body));
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -117,9 +117,15 @@ struct TextBlock<'a> {
     text: &'a str,
 }
 
-/// What a request produced: a result (raw JSON) or a JSON-RPC error.
+/// What a request produced: a result (raw JSON), a `blob` result (streamed, never built whole:
+/// the server must not be what a 100 MiB measurement measures), or a JSON-RPC error.
 enum Outcome {
     Result(Vec<u8>),
+    Blob {
+        size: u64,
+        /// With the 2026-07-28 `resultType`.
+        tagged: bool,
+    },
     Error(i64, String),
 }
 
@@ -140,8 +146,10 @@ impl Outcome {
     /// (`tools/list`) carry `ttlMs` and `cacheScope` too. Results here are JSON objects written
     /// by this module, so the fields go right after the opening brace.
     fn tagged_complete(self, cacheable: bool) -> Self {
-        let Outcome::Result(json) = self else {
-            return self;
+        let json = match self {
+            Outcome::Result(json) => json,
+            Outcome::Blob { size, .. } => return Outcome::Blob { size, tagged: true },
+            Outcome::Error(..) => return self,
         };
         let fields: &[u8] = if cacheable {
             br#""resultType":"complete","ttlMs":0,"cacheScope":"private""#
@@ -160,46 +168,70 @@ impl Outcome {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     (
         status,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body,
+        body.into(),
     )
         .into_response()
 }
 
 /// A JSON-RPC response body for `id`. Results are written in place, never re-parsed: they are
-/// serde_json output or fixed JSON made here.
-fn reply(id: &RawValue, outcome: &Outcome) -> Vec<u8> {
+/// serde_json output or fixed JSON made here; a `blob` result streams in pieces, its length
+/// known up front.
+fn reply(id: &RawValue, outcome: Outcome) -> Response {
+    const HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
+    const MIDDLE: &[u8] = br#","result":"#;
     match outcome {
         Outcome::Result(result) => {
-            const HEAD: &[u8] = br#"{"jsonrpc":"2.0","id":"#;
-            const MIDDLE: &[u8] = br#","result":"#;
             let mut out =
                 Vec::with_capacity(HEAD.len() + id.get().len() + MIDDLE.len() + result.len() + 1);
             out.extend_from_slice(HEAD);
             out.extend_from_slice(id.get().as_bytes());
             out.extend_from_slice(MIDDLE);
-            out.extend_from_slice(result);
+            out.extend_from_slice(&result);
             out.push(b'}');
-            out
+            json_response(StatusCode::OK, out)
         }
-        Outcome::Error(code, message) => {
-            crate::mcp::jsonrpc::error_body(Some(id), *code, message).to_vec()
+        Outcome::Blob { size, tagged } => {
+            let tag = if tagged {
+                r#""resultType":"complete","#
+            } else {
+                ""
+            };
+            let head = format!(
+                r#"{{"jsonrpc":"2.0","id":{},"result":{{{tag}"content":[{{"type":"text","text":""#,
+                id.get()
+            );
+            const TAIL: &str = r#""}],"isError":false}}"#;
+            let length = head.len() as u64 + size + TAIL.len() as u64;
+            let pieces = std::iter::once(Bytes::from(head))
+                .chain(super::upstream::blob_pieces(size))
+                .chain(std::iter::once(Bytes::from_static(TAIL.as_bytes())))
+                .map(Ok::<_, std::convert::Infallible>);
+            let mut response = json_response(
+                StatusCode::OK,
+                Body::from_stream(futures_util::stream::iter(pieces)),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            response
         }
+        Outcome::Error(code, message) => json_response(
+            StatusCode::OK,
+            crate::mcp::jsonrpc::error_body(Some(id), code, &message),
+        ),
     }
 }
 
 /// An error answer with no request to tie it to (`id: null`).
 fn error_response(status: StatusCode, code: i64, message: &str) -> Response {
-    json_response(
-        status,
-        crate::mcp::jsonrpc::error_body(None, code, message).to_vec(),
-    )
+    json_response(status, crate::mcp::jsonrpc::error_body(None, code, message))
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
@@ -281,7 +313,7 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
     if stateless && method != "server/discover" {
         outcome = outcome.tagged_complete(method == "tools/list");
     }
-    let mut response = json_response(StatusCode::OK, reply(id, &outcome));
+    let mut response = reply(id, outcome);
     if let Some(session) = session_id.and_then(|s| HeaderValue::try_from(s).ok()) {
         response.headers_mut().insert(SESSION_HEADER, session);
     }
@@ -416,7 +448,10 @@ async fn call_tool(params: &Params<'_>) -> Outcome {
                     let text = format!("size {size} exceeds the maximum of {MAX_BLOB_BYTES} bytes");
                     Outcome::tool(&text, true)
                 } else {
-                    Outcome::tool(&super::upstream::blob_text(size), false)
+                    Outcome::Blob {
+                        size,
+                        tagged: false,
+                    }
                 }
             }
             Some("sleep") => {
@@ -625,6 +660,25 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(echo["result"]["content"][0]["text"], "hi");
         assert_eq!(echo["result"]["resultType"], "complete");
+        // A blob of two whole pieces and a part, streamed with its length declared.
+        let size = 2 * 262_152 + 5;
+        let (status, headers, blob) = peer
+            .post(
+                &stateless("tools/call", Some("blob")),
+                call("blob", json!({ "size": size })),
+            )
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(blob["result"]["resultType"], "complete");
+        assert_eq!(blob["result"]["isError"], false);
+        let text = blob["result"]["content"][0]["text"].as_str().expect("text");
+        assert!(text == super::super::upstream::blob_text(size), "blob text");
+        let declared: usize = headers[header::CONTENT_LENGTH]
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .expect("content-length");
+        assert_eq!(declared, blob.to_string().len());
         let (_, _, list) = peer
             .post(
                 &stateless("tools/list", None),
