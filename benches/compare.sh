@@ -17,6 +17,7 @@
 # Prints a Markdown table on stdout (progress on stderr). Usage:
 #   benches/compare.sh                        # from the crate root; CARGO_TARGET_DIR is honoured
 #   DURATION=5 IDLE_COUNTS=1000,10000 BLOB_BYTES=104857600 BLOB_CALLS=3 PATHS="direct quic https rathole" benches/compare.sh
+#   WORKERS=1 benches/compare.sh           # the tunnels' processes (ours and rathole's) on one tokio worker
 # rathole is installed with `cargo install rathole` under $CARGO_TARGET_DIR/tools (never committed).
 set -euo pipefail
 
@@ -31,10 +32,15 @@ ECHO_ROUNDS=${ECHO_ROUNDS:-5000}     # round trips of the raw ceilings' echo
 SATURATION=${SATURATION:-64}
 PATHS=${PATHS:-direct quic https rathole}
 AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see what auditing costs)
+WORKERS=${WORKERS:-}                 # tokio worker threads of relay, connect and rathole (empty: one per core)
 READY_SECS=${READY_SECS:-60}         # bound on every readiness wait
 MAX_MESSAGE=$((128 * 1024 * 1024))   # relay and connect frame limit: room for the 100 MiB result
 RATHOLE_ROOT=$TARGET/tools/rathole
 RATHOLE=$RATHOLE_ROOT/bin/rathole
+
+# How the tunnels' processes start: with TOKIO_WORKER_THREADS when WORKERS is set.
+TUNNEL_ENV=(env)
+[[ -n $WORKERS ]] && TUNNEL_ENV+=("TOKIO_WORKER_THREADS=$WORKERS")
 
 log() { printf '[compare %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -217,10 +223,10 @@ max_message_bytes = $MAX_MESSAGE
 name = "demo"
 url = "$UPSTREAM_URL"
 EOF
-    start "relay-$transport" "$BIN" relay --config "$dir/relay.toml"
+    start "relay-$transport" "${TUNNEL_ENV[@]}" "$BIN" relay --config "$dir/relay.toml"
     SERVER_PID=$LAST_PID
     wait_until "relay" "$SERVER_PID" curl -sf -m 2 "http://127.0.0.1:$admin/healthz"
-    start "connect-$transport" "$BIN" connect --config "$dir/connect.toml"
+    start "connect-$transport" "${TUNNEL_ENV[@]}" "$BIN" connect --config "$dir/connect.toml"
     CLIENT_PID=$LAST_PID
     wait_until "connect ($transport)" "$CLIENT_PID" tunnel_up "127.0.0.1:$admin"
     URL=http://127.0.0.1:$agents/mcp/demo
@@ -258,9 +264,9 @@ remote_public_key = "$public"
 token = "$TOKEN"
 local_addr = "127.0.0.1:$upstream_port"
 EOF
-    start rathole-server "$RATHOLE" --server "$dir/server.toml"
+    start rathole-server "${TUNNEL_ENV[@]}" "$RATHOLE" --server "$dir/server.toml"
     SERVER_PID=$LAST_PID
-    start rathole-client "$RATHOLE" --client "$dir/client.toml"
+    start rathole-client "${TUNNEL_ENV[@]}" "$RATHOLE" --client "$dir/client.toml"
     CLIENT_PID=$LAST_PID
     URL=http://127.0.0.1:$visit/mcp
     URL_KEY=
@@ -435,7 +441,7 @@ cpu_note() { # cpu_note PATH METRIC: each process's share of the CPU per call
 
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average before $LOAD_BEFORE, after $LOAD_AFTER."
-[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
+[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); tokio workers of the tunnels: ${WORKERS:-one per core}; $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
 echo
 echo "| workload | path | figure | vs direct | vs rathole | note |"
 echo "|---|---|---|---|---|---|"
