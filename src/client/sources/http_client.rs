@@ -1,0 +1,265 @@
+//! The HTTP client of the HTTP sources: hyper's pooled client and nothing more per request.
+//!
+//! reqwest, used here before, wraps every request in layers `connect` has no use for: a
+//! redirect policy that re-parses the request URI into a `url::Url`, a retry wrapper (both
+//! installed even when disabled) and the large futures they move around, about a tenth of
+//! `connect`'s CPU at saturation. This client keeps what reqwest was configured to do: a
+//! connection pool, `TCP_NODELAY`, a connect timeout over TCP and TLS together, HTTP/1.1 and
+//! HTTP/2 (by ALPN) for `https` upstreams, HTTP/1.1 for `http`, the platform's trust roots
+//! through rustls-platform-verifier (what reqwest's `rustls` feature uses), and credentials in
+//! the URL sent as Basic auth. A source's URL is parsed once, into a [`Target`] whose URI each
+//! request clones.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use http::{Method, Request, Uri};
+use http_body_util::{BodyDataStream, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+/// Time to establish a TCP connection and its TLS session with an upstream, as with reqwest.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle pooled connection is kept for the next request (reqwest's default).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An upstream's response; its body is read with [`body_stream`].
+pub type Response = http::Response<Incoming>;
+
+/// A response body as a stream of its data.
+pub type BodyStream = BodyDataStream<Incoming>;
+
+/// Why a request got no response: connecting failed or timed out, or the connection broke.
+pub type RequestError = hyper_util::client::legacy::Error;
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The platform's certificate verifier is unavailable.
+    #[error("platform certificate verifier: {0}")]
+    Verifier(rustls::Error),
+    /// The crypto provider supports no usable TLS version.
+    #[error("TLS versions: {0}")]
+    Versions(rustls::Error),
+}
+
+/// A connection that took longer than [`CONNECT_TIMEOUT`].
+#[derive(Debug, thiserror::Error)]
+#[error("no connection within {0:?}")]
+struct ConnectTimeout(Duration);
+
+/// Where a source's requests go, parsed once: the URI without credentials, and the Basic
+/// `Authorization` the URL's credentials make, as reqwest sent them.
+#[derive(Clone, Debug)]
+pub struct Target {
+    uri: Uri,
+    authorization: Option<HeaderValue>,
+}
+
+impl Target {
+    /// The target of `url` (`http` or `https`).
+    pub fn new(url: &url::Url) -> Result<Self, String> {
+        let mut url = url.clone();
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!("{url}: not an http or https URL"));
+        }
+        // Fragments are never sent.
+        url.set_fragment(None);
+        let authorization = credentials(&mut url);
+        let uri = Uri::try_from(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
+        Ok(Self { uri, authorization })
+    }
+}
+
+/// Takes the credentials out of `url`, as a Basic `Authorization` value (marked sensitive).
+fn credentials(url: &mut url::Url) -> Option<HeaderValue> {
+    use base64::Engine as _;
+    let decode = |text: &str| {
+        percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .map(|t| t.into_owned())
+    };
+    if !url.has_authority() || (url.username().is_empty() && url.password().is_none()) {
+        return None;
+    }
+    let username = decode(url.username()).ok()?;
+    let password = match url.password() {
+        Some(password) => Some(decode(password).ok()?),
+        None => None,
+    };
+    // Both succeed: an http(s) URL with an authority can always lose its credentials.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    let pair = format!("{username}:{}", password.unwrap_or_default());
+    let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+    let mut value = HeaderValue::try_from(format!("Basic {encoded}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// A pooled HTTP client for upstreams; clones share the pool.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<TimeoutConnector, Full<Bytes>>,
+}
+
+impl HttpClient {
+    /// A client with its own connection pool.
+    pub fn new() -> Result<Self, ClientError> {
+        let provider = crate::transport::tls::provider();
+        let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+            .map_err(ClientError::Verifier)?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(ClientError::Versions)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        let inner = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(TimeoutConnector { inner: https });
+        Ok(Self { inner })
+    }
+
+    /// Sends `method` to `target` with `headers` and `body` (empty for none); resolves to the
+    /// response head, whose body streams after.
+    pub fn send(
+        &self,
+        method: Method,
+        target: &Target,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> hyper_util::client::legacy::ResponseFuture {
+        if let Some(authorization) = &target.authorization {
+            headers
+                .entry(AUTHORIZATION)
+                .or_insert_with(|| authorization.clone());
+        }
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = target.uri.clone();
+        *request.headers_mut() = headers;
+        self.inner.request(request)
+    }
+}
+
+/// The body's length when the upstream declared it.
+pub fn content_length(response: &Response) -> Option<u64> {
+    response.body().size_hint().exact()
+}
+
+/// The body of `response` as a stream of its data.
+pub fn body_stream(response: Response) -> BodyStream {
+    BodyDataStream::new(response.into_body())
+}
+
+/// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused
+/// (os error 111)": hyper's errors say little without their sources.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The TLS connector with [`CONNECT_TIMEOUT`] over TCP and TLS together: the TCP connector's
+/// own timeout covers only TCP, and a TLS handshake must not wait forever either.
+#[derive(Clone)]
+struct TimeoutConnector {
+    inner: HttpsConnector<HttpConnector>,
+}
+
+impl tower_service::Service<Uri> for TimeoutConnector {
+    type Response = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, destination: Uri) -> Self::Future {
+        let connecting = self.inner.call(destination);
+        Box::pin(async move {
+            tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                .await
+                .unwrap_or_else(|_| Err(Box::new(ConnectTimeout(CONNECT_TIMEOUT))))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_become_basic_auth_and_leave_the_uri() {
+        let url = url::Url::parse("http://us%40er:p%3Ass@127.0.0.1:8080/mcp#frag").expect("valid");
+        let target = Target::new(&url).expect("http URL");
+        assert_eq!(target.uri, "http://127.0.0.1:8080/mcp");
+        let value = target.authorization.expect("credentials given");
+        assert!(value.is_sensitive());
+        // base64("us@er:p:ss")
+        assert_eq!(value, "Basic dXNAZXI6cDpzcw==");
+        // A user without a password still authenticates, with an empty password.
+        let url = url::Url::parse("https://user@example.com/mcp").expect("valid");
+        let target = Target::new(&url).expect("https URL");
+        assert_eq!(target.uri, "https://example.com/mcp");
+        assert_eq!(
+            target.authorization.expect("a user given"),
+            "Basic dXNlcjo="
+        );
+    }
+
+    #[test]
+    fn plain_urls_send_no_authorization_and_other_schemes_are_refused() {
+        let url = url::Url::parse("http://127.0.0.1:1/mcp?x=1").expect("valid");
+        let target = Target::new(&url).expect("http URL");
+        assert_eq!(target.uri, "http://127.0.0.1:1/mcp?x=1");
+        assert!(target.authorization.is_none());
+        let url = url::Url::parse("ftp://127.0.0.1/mcp").expect("valid");
+        assert!(Target::new(&url).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_named_in_the_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let port = listener.local_addr().expect("bound").port();
+        drop(listener);
+        let client = HttpClient::new().expect("client builds");
+        let url = url::Url::parse(&format!("http://127.0.0.1:{port}/mcp")).expect("valid");
+        let target = Target::new(&url).expect("http URL");
+        let error = client
+            .send(Method::POST, &target, HeaderMap::new(), Bytes::new())
+            .await
+            .expect_err("nothing listens on the port");
+        let text = error_chain(&error);
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
+}
