@@ -119,6 +119,25 @@ impl HttpClient {
         let provider = crate::transport::tls::provider();
         let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
             .map_err(ClientError::Verifier)?;
+        Self::with_verifier(provider, verifier)
+    }
+
+    /// A client that also trusts `roots` (tests: an upstream with a certificate of their own).
+    #[cfg(test)]
+    fn with_extra_roots(
+        roots: Vec<rustls_pki_types::CertificateDer<'static>>,
+    ) -> Result<Self, ClientError> {
+        let provider = crate::transport::tls::provider();
+        let verifier =
+            rustls_platform_verifier::Verifier::new_with_extra_roots(roots, provider.clone())
+                .map_err(ClientError::Verifier)?;
+        Self::with_verifier(provider, verifier)
+    }
+
+    fn with_verifier(
+        provider: Arc<rustls::crypto::CryptoProvider>,
+        verifier: rustls_platform_verifier::Verifier,
+    ) -> Result<Self, ClientError> {
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(ClientError::Versions)?
@@ -261,5 +280,101 @@ mod tests {
             .expect_err("nothing listens on the port");
         let text = error_chain(&error);
         assert!(text.to_lowercase().contains("refused"), "{text}");
+    }
+
+    /// Serves one HTTP/2 request on a TLS listener offering h2 and http/1.1; returns the
+    /// protocol ALPN chose and the request's method.
+    async fn h2_upstream(
+        listener: tokio::net::TcpListener,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> (Option<Vec<u8>>, Method) {
+        let (tcp, _) = listener.accept().await.expect("the client connects");
+        let tls = acceptor.accept(tcp).await.expect("TLS handshake");
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let mut connection = h2::server::handshake(tls).await.expect("HTTP/2 preface");
+        let (request, mut respond) = connection
+            .accept()
+            .await
+            .expect("one request")
+            .expect("a valid request");
+        let head = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(())
+            .expect("static response head");
+        let mut body = respond.send_response(head, false).expect("send the head");
+        body.send_data(Bytes::from_static(b"{}"), true)
+            .expect("send the body");
+        // The connection goes on in its own task, until the client hangs up or the test ends.
+        tokio::spawn(async move { while connection.accept().await.is_some() {} });
+        (alpn, request.method().clone())
+    }
+
+    #[tokio::test]
+    async fn https_upstreams_speak_http2_by_alpn_and_untrusted_certificates_are_refused() {
+        use futures_util::StreamExt as _;
+        use rustls_pki_types::pem::PemObject as _;
+        let certs = crate::certs::generate(&[]).expect("dev certificates");
+        let identity =
+            crate::transport::tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)
+                .expect("the dev identity loads");
+        let config = crate::transport::tls::server_config(identity, &[b"h2", b"http/1.1"])
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+        // Trusting the upstream's CA: the request goes over HTTP/2, chosen by ALPN.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "https://127.0.0.1:{}/mcp",
+            listener.local_addr().expect("bound").port()
+        );
+        let upstream = tokio::spawn(h2_upstream(listener, acceptor.clone()));
+        let ca = rustls_pki_types::CertificateDer::from_pem_slice(certs.ca_pem.as_bytes())
+            .expect("the CA is PEM");
+        let client = HttpClient::with_extra_roots(vec![ca]).expect("client builds");
+        let target = Target::new(&url::Url::parse(&url).expect("valid")).expect("https URL");
+        let response = client
+            .send(Method::GET, &target, HeaderMap::new(), Bytes::new())
+            .await
+            .unwrap_or_else(|e| panic!("the trusted upstream answers: {}", error_chain(&e)));
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        let mut body = body_stream(response);
+        let mut read = Vec::new();
+        while let Some(chunk) = body.next().await {
+            read.extend_from_slice(&chunk.expect("the body arrives"));
+        }
+        assert_eq!(read, b"{}");
+        let (alpn, method) = tokio::time::timeout(Duration::from_secs(10), upstream)
+            .await
+            .expect("the upstream has answered")
+            .expect("the upstream task does not panic");
+        assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+        assert_eq!(method, Method::GET);
+
+        // With the platform's roots alone, the same certificate is refused.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "https://127.0.0.1:{}/mcp",
+            listener.local_addr().expect("bound").port()
+        );
+        let refusing = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("the client connects");
+            // The client aborts the handshake.
+            let _ = acceptor.accept(tcp).await;
+        });
+        let client = HttpClient::new().expect("client builds");
+        let target = Target::new(&url::Url::parse(&url).expect("valid")).expect("https URL");
+        let error = client
+            .send(Method::GET, &target, HeaderMap::new(), Bytes::new())
+            .await
+            .expect_err("an unknown CA is not trusted");
+        let text = error_chain(&error);
+        assert!(text.contains("certificate"), "{text}");
+        let _ = tokio::time::timeout(Duration::from_secs(10), refusing).await;
     }
 }
