@@ -39,8 +39,22 @@ pub type Response = http::Response<Incoming>;
 /// A response body as a stream of its data.
 pub type BodyStream = BodyDataStream<Incoming>;
 
-/// Why a request got no response: connecting failed or timed out, or the connection broke.
-pub type RequestError = hyper_util::client::legacy::Error;
+/// Redirects followed for one request before it fails, as reqwest's default policy.
+const MAX_REDIRECTS: usize = 10;
+
+/// Why a request got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Connecting failed or timed out, or the connection broke.
+    #[error(transparent)]
+    Http(#[from] hyper_util::client::legacy::Error),
+    /// The upstream redirected more than [`MAX_REDIRECTS`] times.
+    #[error("too many redirects (more than {MAX_REDIRECTS})")]
+    TooManyRedirects,
+    /// The upstream redirected to a URL that is not `http` or `https`.
+    #[error("redirected to {0}, which is not an http or https URL")]
+    BadRedirect(String),
+}
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -163,24 +177,140 @@ impl HttpClient {
     }
 
     /// Sends `method` to `target` with `headers` and `body` (empty for none); resolves to the
-    /// response head, whose body streams after.
-    pub fn send(
+    /// response head, whose body streams after. Redirects are followed as reqwest's default
+    /// policy did (see [`Redirect`]); only a redirect response costs more than the request.
+    pub async fn send(
         &self,
         method: Method,
         target: &Target,
         mut headers: HeaderMap,
         body: Bytes,
-    ) -> hyper_util::client::legacy::ResponseFuture {
+    ) -> Result<Response, RequestError> {
         if let Some(authorization) = &target.authorization {
             headers
                 .entry(AUTHORIZATION)
                 .or_insert_with(|| authorization.clone());
         }
-        let mut request = Request::new(Full::new(body));
-        *request.method_mut() = method;
-        *request.uri_mut() = target.uri.clone();
-        *request.headers_mut() = headers;
-        self.inner.request(request)
+        let mut redirect = Redirect {
+            method,
+            uri: target.uri.clone(),
+            headers,
+            body,
+        };
+        let mut response = self.inner.request(redirect.request()).await?;
+        for _ in 0..MAX_REDIRECTS {
+            if !redirect.follow(&response)? {
+                return Ok(response);
+            }
+            response = self.inner.request(redirect.request()).await?;
+        }
+        if redirect.follow(&response)? {
+            return Err(RequestError::TooManyRedirects);
+        }
+        Ok(response)
+    }
+}
+
+/// A request as sent, kept to follow redirects the way reqwest's default policy (tower-http's
+/// `FollowRedirect` with reqwest's `TowerRedirectPolicy`) did: 301 and 302 turn a POST into a
+/// bodiless GET, 303 turns anything but HEAD into one, 307 and 308 resend method and body; the
+/// `Location` is resolved against the request's URI; credentials and cookies are dropped on a
+/// move to another scheme, host or port; `Referer` names the previous URI (never from https to
+/// http).
+struct Redirect {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Redirect {
+    /// The request to send now.
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+
+    /// Whether `response` redirects this request; if so, becomes the request to send next.
+    fn follow(&mut self, response: &Response) -> Result<bool, RequestError> {
+        use http::StatusCode;
+        let status = response.status();
+        if !matches!(
+            status,
+            StatusCode::MOVED_PERMANENTLY
+                | StatusCode::FOUND
+                | StatusCode::SEE_OTHER
+                | StatusCode::TEMPORARY_REDIRECT
+                | StatusCode::PERMANENT_REDIRECT
+        ) {
+            return Ok(false);
+        }
+        // Only on a redirect: the URI is parsed as a URL here and nowhere on the usual path.
+        let Some((previous, next)) = response
+            .headers()
+            .get(http::header::LOCATION)
+            .and_then(|location| location.to_str().ok())
+            .and_then(|location| {
+                let previous = url::Url::parse(&self.uri.to_string()).ok()?;
+                let next = previous.join(location).ok()?;
+                Some((previous, next))
+            })
+        else {
+            // No usable Location: the redirect itself is the answer.
+            return Ok(false);
+        };
+        if !matches!(next.scheme(), "http" | "https") {
+            return Err(RequestError::BadRedirect(next.to_string()));
+        }
+        let uri = Uri::try_from(next.as_str())
+            .map_err(|_| RequestError::BadRedirect(next.to_string()))?;
+        let to_get = match status {
+            StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND => self.method == Method::POST,
+            StatusCode::SEE_OTHER => true,
+            _ => false,
+        };
+        if to_get {
+            if self.method != Method::HEAD {
+                self.method = Method::GET;
+            }
+            self.body = Bytes::new();
+            for name in [
+                http::header::CONTENT_TYPE,
+                http::header::CONTENT_LENGTH,
+                http::header::CONTENT_ENCODING,
+                http::header::TRANSFER_ENCODING,
+            ] {
+                self.headers.remove(name);
+            }
+        }
+        if next.host_str() != previous.host_str()
+            || next.port_or_known_default() != previous.port_or_known_default()
+            || next.scheme() != previous.scheme()
+        {
+            for name in [
+                AUTHORIZATION,
+                http::header::COOKIE,
+                http::header::PROXY_AUTHORIZATION,
+                http::header::WWW_AUTHENTICATE,
+            ] {
+                self.headers.remove(name);
+            }
+            self.headers.remove("cookie2");
+        }
+        if !(next.scheme() == "http" && previous.scheme() == "https") {
+            let mut referer = previous;
+            let _ = referer.set_username("");
+            let _ = referer.set_password(None);
+            referer.set_fragment(None);
+            if let Ok(value) = HeaderValue::try_from(referer.as_str()) {
+                self.headers.insert(http::header::REFERER, value);
+            }
+        }
+        self.uri = uri;
+        Ok(true)
     }
 }
 
@@ -376,5 +506,89 @@ mod tests {
         let text = error_chain(&error);
         assert!(text.contains("certificate"), "{text}");
         let _ = tokio::time::timeout(Duration::from_secs(10), refusing).await;
+    }
+
+    /// An upstream that redirects: `/307` and `/302` to `/echo`, `/loop` to itself; `/echo`
+    /// answers with the method, content type, referer and body it got.
+    async fn redirecting_upstream() -> (String, tokio::task::JoinHandle<()>) {
+        use axum::routing::any;
+        let redirect = |status: u16, to: &'static str| {
+            move || async move {
+                http::Response::builder()
+                    .status(status)
+                    .header(http::header::LOCATION, to)
+                    .body(axum::body::Body::empty())
+                    .expect("static redirect")
+            }
+        };
+        let echo = |method: Method, headers: HeaderMap, body: Bytes| async move {
+            let header = |name| {
+                headers
+                    .get(name)
+                    .and_then(|v: &HeaderValue| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned()
+            };
+            format!(
+                "{method} {} {} {}",
+                header(http::header::CONTENT_TYPE),
+                header(http::header::REFERER),
+                String::from_utf8_lossy(&body)
+            )
+        };
+        let app = axum::Router::new()
+            .route("/307", any(redirect(307, "/echo")))
+            .route("/302", any(redirect(302, "echo")))
+            .route("/loop", any(redirect(302, "/loop")))
+            .route("/echo", any(echo));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("bound"));
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (base, server)
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_as_reqwest_followed_them() {
+        use futures_util::StreamExt as _;
+        let (base, server) = redirecting_upstream().await;
+        let client = HttpClient::new().expect("client builds");
+        let post = |path: &str| {
+            let target = Target::new(&url::Url::parse(&format!("{base}{path}")).expect("valid"))
+                .expect("http URL");
+            let client = client.clone();
+            async move {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let response = client
+                    .send(Method::POST, &target, headers, Bytes::from_static(b"{}"))
+                    .await?;
+                let mut text = Vec::new();
+                let mut body = body_stream(response);
+                while let Some(chunk) = body.next().await {
+                    text.extend_from_slice(&chunk.expect("the body arrives"));
+                }
+                Ok::<_, RequestError>(String::from_utf8_lossy(&text).into_owned())
+            }
+        };
+        // 307 resends the POST with its body.
+        assert_eq!(
+            post("/307").await.expect("followed"),
+            format!("POST application/json {base}/307 {{}}")
+        );
+        // 302 turns it into a GET without body or content type; a relative Location resolves.
+        assert_eq!(
+            post("/302").await.expect("followed"),
+            format!("GET - {base}/302 ")
+        );
+        let error = post("/loop").await.expect_err("a redirect loop ends");
+        assert!(matches!(error, RequestError::TooManyRedirects), "{error}");
+        server.abort();
     }
 }
