@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
 use sse_stream::SseByteStream;
 use tokio::task::JoinSet;
 
+use super::http_client::{HttpClient, Response, Target, body_stream, content_length, error_chain};
 use super::legacy;
 use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
@@ -23,8 +24,6 @@ use crate::mcp::{Classified, ResponseScanner, classify};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
 
-/// Time to establish a TCP (and TLS) connection to the upstream.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a DELETE of an upstream session may take when a stream ends.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Consecutive failures after which the standalone GET stream is given up.
@@ -51,8 +50,11 @@ const PIECE_BYTES: usize = 256 * 1024;
 /// A configured Streamable HTTP upstream.
 pub struct HttpSource {
     name: String,
-    url: reqwest::Url,
-    client: reqwest::Client,
+    /// The configured URL: HTTP+SSE endpoints are resolved against it.
+    url: url::Url,
+    /// Where requests go, parsed once from `url`.
+    target: Target,
+    client: HttpClient,
     /// Whether the upstream speaks the 2024-11-05 HTTP+SSE transport instead of Streamable
     /// HTTP: known from a URL ending in `/sse`, else learned on the first session.
     legacy: OnceLock<bool>,
@@ -120,12 +122,10 @@ impl HttpSource {
     /// A source `name` at `url`.
     pub fn new(name: &str, url: &str) -> Result<Self, String> {
         let url =
-            reqwest::Url::parse(url).map_err(|e| format!("source {name}: bad URL {url:?}: {e}"))?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("source {name}: HTTP client: {e}"))?;
+            url::Url::parse(url).map_err(|e| format!("source {name}: bad URL {url:?}: {e}"))?;
+        let target =
+            Target::new(&url).map_err(|e| format!("source {name}: bad URL {url:?}: {e}"))?;
+        let client = HttpClient::new().map_err(|e| format!("source {name}: HTTP client: {e}"))?;
         let legacy = OnceLock::new();
         if url.path().trim_end_matches('/').ends_with("/sse") {
             let _ = legacy.set(true);
@@ -133,6 +133,7 @@ impl HttpSource {
         Ok(Self {
             name: name.to_owned(),
             url,
+            target,
             client,
             legacy,
         })
@@ -144,7 +145,7 @@ impl HttpSource {
     async fn legacy_session(&self, era: Era) -> Result<Option<legacy::Opened>, String> {
         match (self.legacy.get(), era) {
             (Some(false), _) | (None, Era::Stateless) => Ok(None),
-            (Some(true), _) => match legacy::open(&self.client, &self.url).await? {
+            (Some(true), _) => match legacy::open(&self.client, &self.url, &self.target).await? {
                 Some(opened) => Ok(Some(opened)),
                 None => Err(format!(
                     "source {} did not open an HTTP+SSE event stream",
@@ -152,7 +153,9 @@ impl HttpSource {
                 )),
             },
             (None, Era::Session) => {
-                let opened = legacy::open(&self.client, &self.url).await.unwrap_or(None);
+                let opened = legacy::open(&self.client, &self.url, &self.target)
+                    .await
+                    .unwrap_or(None);
                 let _ = self.legacy.set(opened.is_some());
                 if opened.is_some() {
                     tracing::info!(source = %self.name, "upstream speaks the 2024-11-05 HTTP+SSE transport");
@@ -417,14 +420,15 @@ impl StreamContext {
         is_initialize: bool,
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
-        let request = self
+        let response = self
             .source
             .client
-            .post(self.source.url.clone())
-            .headers(self.headers(is_initialize))
-            .body(payload);
-        let response = request
-            .send()
+            .send(
+                Method::POST,
+                &self.source.target,
+                self.headers(is_initialize),
+                payload,
+            )
             .await
             .map_err(|e| UpstreamError::Unreachable {
                 source_name: self.name().to_owned(),
@@ -517,19 +521,16 @@ impl StreamContext {
         }
     }
 
-    async fn read_limited(&self, response: reqwest::Response) -> Result<Bytes, UpstreamError> {
+    async fn read_limited(&self, response: Response) -> Result<Bytes, UpstreamError> {
         let limit = self.max_frame;
-        if response
-            .content_length()
-            .is_some_and(|len| len > limit as u64)
-        {
+        if content_length(&response).is_some_and(|len| len > limit as u64) {
             return Err(UpstreamError::TooLarge {
                 source_name: self.name().to_owned(),
                 limit,
             });
         }
         let mut body = bytes::BytesMut::new();
-        let mut chunks = response.bytes_stream();
+        let mut chunks = body_stream(response);
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk.map_err(|e| UpstreamError::Broken {
                 source_name: self.name().to_owned(),
@@ -554,7 +555,7 @@ impl StreamContext {
     async fn relay_json(
         &self,
         exchange: u64,
-        response: reqwest::Response,
+        response: Response,
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
         let limit = self.max_frame;
@@ -562,7 +563,7 @@ impl StreamContext {
             source_name: self.name().to_owned(),
             limit,
         };
-        let declared = response.content_length();
+        let declared = content_length(&response);
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large());
         }
@@ -573,7 +574,7 @@ impl StreamContext {
         let mut head = bytes::BytesMut::with_capacity(capacity);
         let mut scanner = None::<ResponseScanner>;
         let mut sent = 0usize;
-        let mut chunks = response.bytes_stream();
+        let mut chunks = body_stream(response);
         while let Some(chunk) = chunks.next().await {
             let failure = match chunk {
                 Ok(chunk) if sent + head.len() + chunk.len() <= limit => {
@@ -633,7 +634,7 @@ impl StreamContext {
     async fn relay_sse(
         &self,
         exchange: u64,
-        response: reqwest::Response,
+        response: Response,
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
         let broken = |reason: String| UpstreamError::Broken {
@@ -646,7 +647,7 @@ impl StreamContext {
         let (mut last_id, mut retry, mut resumes) = (None::<String>, None::<u64>, 0);
         let mut response = response;
         loop {
-            let mut events = SseByteStream::new(response.bytes_stream());
+            let mut events = SseByteStream::new(body_stream(response));
             let mut failure = None;
             while let Some(event) = events.next().await {
                 let event = match event {
@@ -712,9 +713,7 @@ impl StreamContext {
             response = self
                 .source
                 .client
-                .get(self.source.url.clone())
-                .headers(headers)
-                .send()
+                .send(Method::GET, &self.source.target, headers, Bytes::new())
                 .await
                 .map_err(|e| broken(format!("resuming its event stream: {}", error_chain(&e))))?;
             if !response.status().is_success() {
@@ -736,9 +735,7 @@ impl StreamContext {
             match self
                 .source
                 .client
-                .get(self.source.url.clone())
-                .headers(headers)
-                .send()
+                .send(Method::GET, &self.source.target, headers, Bytes::new())
                 .await
             {
                 Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
@@ -770,18 +767,19 @@ impl StreamContext {
         let Some(id) = self.session_id() else { return };
         let mut headers = self.headers(false);
         headers.insert(SESSION_HEADER, id);
-        let request = self
-            .source
-            .client
-            .delete(self.source.url.clone())
-            .headers(headers)
-            .timeout(DELETE_TIMEOUT);
-        match request.send().await {
-            Ok(response) => {
+        let request =
+            self.source
+                .client
+                .send(Method::DELETE, &self.source.target, headers, Bytes::new());
+        match tokio::time::timeout(DELETE_TIMEOUT, request).await {
+            Ok(Ok(response)) => {
                 tracing::debug!(source = %self.name(), status = %response.status(), "upstream session deleted")
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream session delete failed")
+            }
+            Err(_) => {
+                tracing::debug!(source = %self.name(), timeout = ?DELETE_TIMEOUT, "upstream session delete timed out")
             }
         }
     }
@@ -808,16 +806,4 @@ fn answered(message: &[u8], pending: &mut HashSet<String>) {
             }
         }
     }
-}
-
-/// An error with its causes, e.g. "error sending request: connection refused".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

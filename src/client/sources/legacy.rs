@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use http::Method;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use sse_stream::SseByteStream;
 
+use super::http_client::{BodyStream, HttpClient, Target, body_stream, error_chain};
 use super::routing::{Routing, progress_tokens};
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
@@ -23,21 +25,25 @@ const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The upstream's event stream, opened, and the URL its `endpoint` event named.
 pub struct Opened {
-    events: SseByteStream<
-        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    >,
-    post_url: reqwest::Url,
+    events: SseByteStream<BodyStream>,
+    /// Where messages are POSTed: the `endpoint` event's URL, resolved once per session.
+    post_target: Target,
 }
 
-/// Opens the event stream at `url` and waits for its `endpoint` event. `None` when `url` does
-/// not speak the HTTP+SSE transport (no event stream, or no `endpoint` event).
-pub async fn open(client: &reqwest::Client, url: &reqwest::Url) -> Result<Option<Opened>, String> {
+/// Opens the event stream at `target` (the source's `url`) and waits for its `endpoint`
+/// event. `None` when it does not speak the HTTP+SSE transport (no event stream, or no
+/// `endpoint` event).
+pub async fn open(
+    client: &HttpClient,
+    url: &url::Url,
+    target: &Target,
+) -> Result<Option<Opened>, String> {
+    let mut headers = HeaderMap::new();
+    headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
     let response = client
-        .get(url.clone())
-        .header(ACCEPT, HeaderValue::from_static("text/event-stream"))
-        .send()
+        .send(Method::GET, target, headers, Bytes::new())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| error_chain(&e))?;
     let is_sse = response
         .headers()
         .get(CONTENT_TYPE)
@@ -46,9 +52,7 @@ pub async fn open(client: &reqwest::Client, url: &reqwest::Url) -> Result<Option
     if !response.status().is_success() || !is_sse {
         return Ok(None);
     }
-    let stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<Bytes>> + Send>> =
-        Box::pin(response.bytes_stream());
-    let mut events = SseByteStream::new(stream);
+    let mut events = SseByteStream::new(body_stream(response));
     let endpoint = tokio::time::timeout(ENDPOINT_TIMEOUT, async {
         while let Some(event) = events.next().await {
             match event {
@@ -73,13 +77,17 @@ pub async fn open(client: &reqwest::Client, url: &reqwest::Url) -> Result<Option
         // would let the upstream steer connect to another host.
         return Err(format!("endpoint {post_url} is not on the origin of {url}"));
     }
-    Ok(Some(Opened { events, post_url }))
+    let post_target = Target::new(&post_url).map_err(|e| format!("bad endpoint {e}"))?;
+    Ok(Some(Opened {
+        events,
+        post_target,
+    }))
 }
 
 /// Serves one tunnel stream over an opened HTTP+SSE session.
 pub async fn serve(
     name: Arc<str>,
-    client: reqwest::Client,
+    client: HttpClient,
     opened: Opened,
     header: OpenHeader,
     mut reader: FrameReader<RecvHalf>,
@@ -88,7 +96,7 @@ pub async fn serve(
     let (out, writer_task) = super::start_writer(writer);
     let Opened {
         mut events,
-        post_url,
+        post_target,
     } = opened;
     let routing = Arc::new(Mutex::new(Routing::default()));
     let event_task = {
@@ -183,16 +191,17 @@ pub async fn serve(
             let _ = out.send(Frame::end(frame.exchange)).await;
             continue;
         }
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        // What reqwest sent when no Accept was given.
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         let posted = client
-            .post(post_url.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(frame.payload.clone())
-            .send()
+            .send(Method::POST, &post_target, headers, frame.payload.clone())
             .await;
         let failure = match posted {
             Ok(response) if response.status().is_success() => None,
             Ok(response) => Some(format!("source {name} answered HTTP {}", response.status())),
-            Err(e) => Some(format!("source {name} is unreachable: {e}")),
+            Err(e) => Some(format!("source {name} is unreachable: {}", error_chain(&e))),
         };
         match failure {
             Some(reason) => {

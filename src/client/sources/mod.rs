@@ -1,6 +1,7 @@
 //! The upstream MCP servers `connect` serves, by name.
 
 pub mod http;
+pub mod http_client;
 pub mod legacy;
 pub mod routing;
 pub mod stdio;
