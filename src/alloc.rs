@@ -5,8 +5,8 @@
 //! malloc alone, once 10,000 sessions had come and gone the relay's CPU per call at saturation
 //! rose by a third and `connect`'s by half (a fragmented heap: `_int_malloc` and `unlink_chunk`
 //! at the top of the profile); mimalloc keeps it flat. With mimalloc alone, buffers of tens of
-//! MiB (a 100 MiB result built by the demo upstream or read whole by `bench`) were slower:
-//! growing one copies it, where glibc remaps its pages (`mremap`). So allocations from
+//! MiB (a 100 MiB message read whole) were slower: growing one copies it, where glibc remaps
+//! its pages (`mremap`). So allocations from
 //! [`HUGE`] up go to the system allocator and the rest to mimalloc (BENCHMARKS.md, "The
 //! allocator").
 
