@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use sse_stream::SseByteStream;
-use tokio::task::JoinSet;
 
 use super::http_client::{HttpClient, Response, Target, body_stream, content_length, error_chain};
 use super::legacy;
@@ -223,13 +223,14 @@ impl HttpSource {
             max_frame,
         });
         tracing::debug!(source = %self.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
-        let mut requests = JoinSet::new();
+        // Requests in flight run inside this task, polled beside the next frame's read: a call
+        // costs no task of its own, and its answer no hand-off between tasks (or threads).
+        let mut requests = FuturesUnordered::new();
         let mut get_stream: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let frame = tokio::select! {
                 frame = reader.next() => frame,
-                // Reap finished request tasks as we go so the set stays small.
-                Some(_) = requests.join_next(), if !requests.is_empty() => continue,
+                Some(()) = requests.next(), if !requests.is_empty() => continue,
             };
             let frame = match frame {
                 Ok(Some(frame)) => frame,
@@ -271,9 +272,15 @@ impl HttpSource {
             if is_initialize || !has_requests {
                 // In order: the session id must exist before the next message, and
                 // notifications must reach the upstream before requests sent after them.
-                context
-                    .exchange(frame.exchange, frame.payload, classified)
-                    .await;
+                // Requests already in flight keep going meanwhile.
+                let ordered = context.exchange(frame.exchange, frame.payload, classified);
+                tokio::pin!(ordered);
+                loop {
+                    tokio::select! {
+                        () = &mut ordered => break,
+                        Some(()) = requests.next(), if !requests.is_empty() => {}
+                    }
+                }
                 if is_initialized
                     && context.header.era == Era::Session
                     && get_stream.is_none()
@@ -283,14 +290,14 @@ impl HttpSource {
                 }
             } else {
                 let context = context.clone();
-                requests.spawn(async move {
+                requests.push(async move {
                     context
                         .exchange(frame.exchange, frame.payload, classified)
                         .await
                 });
             }
         }
-        requests.abort_all();
+        drop(requests);
         if let Some(task) = get_stream {
             task.abort();
         }
