@@ -44,6 +44,16 @@ pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// automatic checkpoint of 1,000 pages.
 pub const WAL_CHECKPOINT_ROWS: u64 = 300;
 
+/// WAL frames (4 KiB pages, so 16 MiB) past which a merge also starts the WAL over: at
+/// [`WAL_CHECKPOINT_ROWS`] rows of up to four frames between merges, a few merges' worth. A
+/// WAL that a passive merge caught up with starts over by itself; this bounds one that never
+/// does under steady appends.
+pub const WAL_RESTART_FRAMES: u64 = 4096;
+
+/// The longest a restart of the WAL waits for the writer's transaction and for readers to let
+/// go of the WAL (appends wait meanwhile); past it, the next merge tries again.
+pub const WAL_RESTART_WAIT: Duration = Duration::from_millis(100);
+
 /// How long the trail must have been idle (no commit ending) for an append to commit inline:
 /// longer than the gaps between appends under load (where the queue's group commit wins, as
 /// one inline row per commit would cut the batches), shorter than a call's round trip at low
@@ -119,7 +129,7 @@ impl Auditor {
             durability = ?config.durability,
             "audit trail open"
         );
-        let wal = WalCheckpointer::start(&path)?;
+        let wal = WalCheckpointer::start(&path, WAL_RESTART_FRAMES)?;
         let (queue, rx) = mpsc::channel();
         let room = Arc::new(Semaphore::new(config.queue));
         let store = Arc::new(Mutex::new(Writer {
@@ -297,7 +307,9 @@ struct WalCheckpointer {
 }
 
 impl WalCheckpointer {
-    fn start(path: &std::path::Path) -> Result<Self, AuditError> {
+    /// A checkpointer of the trail at `path` that also starts the WAL over once it holds
+    /// `restart_frames` frames ([`store::wal_restart`]).
+    fn start(path: &std::path::Path, restart_frames: u64) -> Result<Self, AuditError> {
         let conn = store::open_wal_checkpointer(path)?;
         let (ask, asked) = mpsc::sync_channel::<()>(1);
         let shown = path.to_owned();
@@ -306,7 +318,16 @@ impl WalCheckpointer {
             .spawn(move || {
                 // Ends when the writer drops `ask` (the close).
                 while asked.recv().is_ok() {
-                    if let Err(e) = store::wal_checkpoint(&conn) {
+                    let merged = store::wal_checkpoint(&conn).and_then(|frames| {
+                        if frames < restart_frames {
+                            return Ok(());
+                        }
+                        if !store::wal_restart(&conn, WAL_RESTART_WAIT)? {
+                            tracing::debug!(path = %shown.display(), frames, "audit WAL busy; starting it over next time");
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = merged {
                         tracing::warn!(path = %shown.display(), error = %e, "audit WAL checkpoint failed");
                     }
                 }
@@ -737,6 +758,35 @@ pub(crate) mod tests {
             "the checkpointer's connection is closed first, so the writer's close removes the WAL"
         );
         assert_eq!(rows(&config.path).len() as u64, count);
+    }
+
+    #[test]
+    fn the_wal_starts_over_under_steady_writes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.db");
+        let conn =
+            store::open_writer(&path, crate::config::Durability::Commit, "key").expect("open");
+        // A restart once the WAL holds 64 frames; the writer never pauses, so a passive merge
+        // alone never catches up with it.
+        let mut wal = WalCheckpointer::start(&path, 64).expect("checkpointer");
+        let r = record("acme", 1);
+        let mut prev = chain::GENESIS;
+        let mut largest = 0;
+        for seq in 1..=3_000u64 {
+            let bytes = chain::canonical(&r);
+            let hash = chain::row_hash(&prev, seq, &bytes);
+            store::begin(&conn).expect("begin");
+            store::insert_record(&conn, seq, &prev, &hash, &bytes, &r).expect("insert");
+            store::commit(&conn).expect("commit");
+            prev = hash;
+            wal.wrote(1);
+            let size = std::fs::metadata(dir.path().join("audit.db-wal")).map_or(0, |m| m.len());
+            largest = largest.max(size);
+        }
+        wal.stop();
+        // 3,000 commits of 3-4 pages each would make a WAL of ~40 MiB never started over;
+        // bounded by the restart threshold plus what the writer adds while a merge runs.
+        assert!(largest < 16 << 20, "WAL grew to {largest} bytes");
     }
 
     #[tokio::test]

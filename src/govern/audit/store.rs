@@ -175,7 +175,8 @@ pub fn open_writer(
     // No checkpoint inside a commit: the one that crossed the threshold held its answer for
     // the fsyncs of the merge (a few ms). [`open_wal_checkpointer`]'s connection merges instead.
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 0;"
+        "PRAGMA synchronous = {synchronous}; PRAGMA wal_autocheckpoint = 0; \
+         PRAGMA journal_size_limit = {WAL_FILE_LIMIT};"
     ))
     .map_err(&err)?;
     conn.execute_batch(SCHEMA).map_err(&err)?;
@@ -197,10 +198,34 @@ pub fn open_wal_checkpointer(path: &Path) -> Result<Connection, AuditError> {
     Ok(conn)
 }
 
+/// The largest the WAL file stays once it starts over (`journal_size_limit`): the space a
+/// burst took is given back, down to room for a few merges' worth of frames.
+pub const WAL_FILE_LIMIT: u64 = 16 << 20;
+
 /// Merges what it can of the WAL into the file without waiting for readers or the writer
-/// (`PASSIVE`): what SQLite's automatic checkpoint did inside a commit.
-pub fn wal_checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+/// (`PASSIVE`): what SQLite's automatic checkpoint did inside a commit. Returns the frames the
+/// WAL holds.
+pub fn wal_checkpoint(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        row.get::<_, i64>(1)
+    })
+    .map(|frames| u64::try_from(frames).unwrap_or(0))
+}
+
+/// Merges the whole WAL and has the next commit start it over from its beginning
+/// (`RESTART`), holding off the writer meanwhile and waiting at most `wait` for it and for
+/// readers. Returns whether it finished (a busy writer or reader past `wait`: not this time).
+///
+/// Needed because a passive merge running beside a writer that never pauses never catches up
+/// with it, and a WAL is only started over once a merge has: under steady appends it grew
+/// without bound (44 MB after 3,000 commits in the unit test, 788 MB in an hour of benchmarks).
+pub fn wal_restart(conn: &Connection, wait: Duration) -> rusqlite::Result<bool> {
+    conn.busy_timeout(wait)?;
+    let busy = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
+        row.get::<_, i64>(0)
+    });
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(busy? == 0)
 }
 
 /// Opens the trail read-only (works while a relay writes to it).
