@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
@@ -225,7 +226,9 @@ impl HttpSource {
         tracing::debug!(source = %self.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         // Requests in flight run inside this task, polled beside the next frame's read: a call
         // costs no task of its own, and its answer no hand-off between tasks (or threads).
-        let mut requests = FuturesUnordered::new();
+        // Boxed: the set keeps a stub the size of its future type for as long as the stream
+        // lives, a few KiB per idle session unboxed.
+        let mut requests: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         let mut get_stream: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let frame = tokio::select! {
@@ -290,11 +293,11 @@ impl HttpSource {
                 }
             } else {
                 let context = context.clone();
-                requests.push(async move {
+                requests.push(Box::pin(async move {
                     context
                         .exchange(frame.exchange, frame.payload, classified)
                         .await
-                });
+                }));
             }
         }
         drop(requests);
