@@ -189,34 +189,10 @@ impl CallMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::govern::audit::{Direction, Outcome, Verdict};
+    use crate::govern::audit::{Outcome, Verdict};
 
     fn record(tool: &str, outcome: Outcome) -> Record {
-        Record {
-            time_ms: 1,
-            tenant: "acme".into(),
-            subject: "a@acme".into(),
-            roles: vec!["dev".into()],
-            source: "demo".into(),
-            session: None,
-            transport: None,
-            protocol_version: None,
-            direction: Direction::AgentToServer,
-            method: "tools/call".into(),
-            request_id: Some("1".into()),
-            tool: Some(tool.into()),
-            resource: None,
-            prompt: None,
-            decision: Verdict::Allow,
-            rule: "r".into(),
-            outcome,
-            latency_us: 1500,
-            bytes_in: 10,
-            bytes_out: 20,
-            args_sha256: String::new(),
-            args: None,
-            result: None,
-        }
+        crate::relay::activity::test_record("acme", tool, Verdict::Allow, outcome)
     }
 
     fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
@@ -240,7 +216,7 @@ mod tests {
         let text = handle.render();
         let count = |tool: &str, outcome: &str| {
             let prefix = format!(
-                "mcp_tunnel_calls_total{{tenant=\"acme\",source=\"demo\",direction=\"agent_to_server\",method=\"tools/call\",tool=\"{tool}\",decision=\"allow\",outcome=\"{outcome}\"}}"
+                "mcp_tunnel_calls_total{{tenant=\"acme\",source=\"db\",direction=\"agent_to_server\",method=\"tools/call\",tool=\"{tool}\",decision=\"allow\",outcome=\"{outcome}\"}}"
             );
             line(&text, &prefix).map(|l| l[prefix.len()..].trim().to_owned())
         };
@@ -249,12 +225,12 @@ mod tests {
         assert_eq!(count("echo", "tool_error").as_deref(), Some("1"), "{text}");
         let bytes = line(
             &text,
-            "mcp_tunnel_call_bytes_out_total{tenant=\"acme\",source=\"demo\"}",
+            "mcp_tunnel_call_bytes_out_total{tenant=\"acme\",source=\"db\"}",
         );
-        assert!(bytes.is_some_and(|l| l.ends_with(" 100")), "{text}");
+        assert!(bytes.is_some_and(|l| l.ends_with(" 50")), "{text}");
         let durations = line(
             &text,
-            "mcp_tunnel_call_duration_seconds_count{tenant=\"acme\",source=\"demo\"}",
+            "mcp_tunnel_call_duration_seconds_count{tenant=\"acme\",source=\"db\"}",
         );
         assert!(durations.is_some_and(|l| l.ends_with(" 5")), "{text}");
     }

@@ -13,6 +13,10 @@
 
 pub mod http;
 mod stats;
+
+/// A finished call for tests elsewhere in the relay.
+#[cfg(test)]
+pub(crate) use stats::tests::record as test_record;
 pub mod view;
 
 use std::collections::{BTreeSet, VecDeque};

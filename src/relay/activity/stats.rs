@@ -157,7 +157,7 @@ pub(super) fn percentile(samples: &mut [u32], p: u32) -> Option<u32> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::govern::audit::{Direction, digest};
 
