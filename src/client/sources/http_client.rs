@@ -440,6 +440,18 @@ mod tests {
         (alpn, request.method().clone())
     }
 
+    /// A loopback listener on port 0 and the `https` URL of its `/mcp`.
+    async fn https_listener() -> (tokio::net::TcpListener, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!(
+            "https://127.0.0.1:{}/mcp",
+            listener.local_addr().expect("bound").port()
+        );
+        (listener, url)
+    }
+
     #[tokio::test]
     async fn https_upstreams_speak_http2_by_alpn_and_untrusted_certificates_are_refused() {
         use futures_util::StreamExt as _;
@@ -453,13 +465,7 @@ mod tests {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
 
         // Trusting the upstream's CA: the request goes over HTTP/2, chosen by ALPN.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!(
-            "https://127.0.0.1:{}/mcp",
-            listener.local_addr().expect("bound").port()
-        );
+        let (listener, url) = https_listener().await;
         let upstream = tokio::spawn(h2_upstream(listener, acceptor.clone()));
         let ca = rustls_pki_types::CertificateDer::from_pem_slice(certs.ca_pem.as_bytes())
             .expect("the CA is PEM");
@@ -485,13 +491,7 @@ mod tests {
         assert_eq!(method, Method::GET);
 
         // With the platform's roots alone, the same certificate is refused.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!(
-            "https://127.0.0.1:{}/mcp",
-            listener.local_addr().expect("bound").port()
-        );
+        let (listener, url) = https_listener().await;
         let refusing = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.expect("the client connects");
             // The client aborts the handshake.
