@@ -376,11 +376,13 @@ impl StreamContext {
             .clone();
         if let Some(assertion) = &assertion
             && crate::govern::assertion::header_name_allowed(&assertion.header)
-            && let (Ok(name), Ok(value)) = (
+            && let (Ok(name), Ok(mut value)) = (
                 HeaderName::try_from(assertion.header.as_str()),
                 HeaderValue::from_str(&assertion.token),
             )
         {
+            // Sensitive: never logged, and dropped on a redirect to another origin.
+            value.set_sensitive(true);
             headers.insert(name, value);
         }
         headers

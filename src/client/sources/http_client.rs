@@ -235,7 +235,7 @@ impl Redirect {
     }
 
     /// Whether `response` redirects this request; if so, becomes the request to send next.
-    fn follow(&mut self, response: &Response) -> Result<bool, RequestError> {
+    fn follow<B>(&mut self, response: &http::Response<B>) -> Result<bool, RequestError> {
         use http::StatusCode;
         let status = response.status();
         if !matches!(
@@ -299,6 +299,17 @@ impl Redirect {
                 self.headers.remove(name);
             }
             self.headers.remove("cookie2");
+            // And any other header marked sensitive (the caller's identity assertion): it was
+            // meant for the upstream configured, not for wherever that upstream points.
+            let sensitive: Vec<_> = self
+                .headers
+                .iter()
+                .filter(|(_, value)| value.is_sensitive())
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in sensitive {
+                self.headers.remove(name);
+            }
         }
         if !(next.scheme() == "http" && previous.scheme() == "https") {
             let mut referer = previous;
@@ -549,6 +560,38 @@ mod tests {
             let _ = axum::serve(listener, app).await;
         });
         (base, server)
+    }
+
+    #[test]
+    fn sensitive_headers_stay_with_their_origin() {
+        let mut assertion = HeaderValue::from_static("signed");
+        assertion.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-identity", assertion);
+        headers.insert("x-plain", HeaderValue::from_static("kept"));
+        let mut redirect = Redirect {
+            method: Method::POST,
+            uri: Uri::from_static("http://a.example:8080/mcp"),
+            headers,
+            body: Bytes::new(),
+        };
+        let to = |location: &str| {
+            http::Response::builder()
+                .status(307)
+                .header(http::header::LOCATION, location)
+                .body(())
+                .expect("a valid response")
+        };
+        assert!(redirect.follow(&to("/other")).expect("followed"));
+        assert!(redirect.headers.contains_key("x-identity"), "same origin");
+        assert!(
+            redirect
+                .follow(&to("http://b.example:8080/mcp"))
+                .expect("followed")
+        );
+        assert!(!redirect.headers.contains_key("x-identity"), "another host");
+        assert_eq!(redirect.headers["x-plain"], "kept");
+        assert_eq!(redirect.uri, "http://b.example:8080/mcp");
     }
 
     #[tokio::test]
