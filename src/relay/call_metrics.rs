@@ -114,7 +114,6 @@ impl<'a> Labels<'a> {
 }
 
 /// The handles one label set updates.
-#[derive(Clone)]
 struct Series {
     calls: Counter,
     duration: Histogram,
@@ -156,25 +155,24 @@ impl CallMetrics {
     /// Counts `record`, a finished call.
     pub fn record(&self, record: &Record) {
         let labels = Labels::of(record);
-        let series = {
+        {
+            // Updated under the lock: four atomic adds, no handle cloned per call.
             let mut kept = self
                 .kept
                 .lock()
                 .expect("call metrics lock is never held across a panic");
-            match kept.get(&labels) {
-                Some(series) => Some(series.clone()),
-                None if kept.len() < self.limit => {
-                    let series = labels.register();
-                    kept.insert(labels.to_owned(), series.clone());
-                    Some(series)
-                }
-                None => None,
+            if let Some(series) = kept.get(&labels) {
+                series.record(record);
+                return;
             }
-        };
-        match series {
-            Some(series) => series.record(record),
-            None => labels.register().record(record),
+            if kept.len() < self.limit {
+                let series = labels.register();
+                series.record(record);
+                kept.insert(labels.to_owned(), series);
+                return;
+            }
         }
+        labels.register().record(record);
     }
 
     /// How many label sets have their handles kept.
