@@ -29,6 +29,9 @@ pub const CALL_BYTES_OUT: &str = "mcp_tunnel_call_bytes_out_total";
 /// Gauge, computed at scrape time from the live tunnels: each tunnel's round-trip estimate in
 /// seconds, labelled by `tenant`, `tunnel` (its id) and `transport`.
 pub const TUNNEL_RTT: &str = "mcp_tunnel_rtt_seconds";
+/// Gauge, read at scrape time: tasks alive in the relay's async runtime. Steady growth under a
+/// steady load is a leak (the soak run, `benches/soak.sh`, watches it).
+pub const RUNTIME_TASKS: &str = "mcp_tunnel_runtime_tasks";
 
 /// Upper bounds of the call latency buckets, seconds: from a loopback echo (~0.3 ms) to a slow
 /// tool near the default request timeout.

@@ -374,6 +374,12 @@ async fn metrics_count_a_known_load_exactly() {
         !samples(&after, "mcp_tunnel_rtt_seconds").is_empty(),
         "the live tunnel's RTT:\n{after}"
     );
+    assert!(
+        samples(&after, "mcp_tunnel_runtime_tasks")
+            .iter()
+            .any(|(_, value)| *value >= 1.0),
+        "the runtime's live tasks:\n{after}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

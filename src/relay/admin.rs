@@ -88,7 +88,8 @@ async fn tunnels(State(state): State<Arc<RelayState>>) -> Json<Vec<TunnelRow>> {
 }
 
 /// Everything the `metrics` facade recorded in this process, then the live tunnels' round-trip
-/// times (computed now, so a tunnel that is gone leaves no stale series).
+/// times (computed now, so a tunnel that is gone leaves no stale series) and the runtime's live
+/// task count.
 async fn metrics(State(state): State<Arc<RelayState>>) -> Response {
     let mut text = crate::metrics::prometheus()
         .map(|handle| handle.render())
@@ -114,6 +115,12 @@ async fn metrics(State(state): State<Arc<RelayState>>) -> Response {
             );
         }
     }
+    let name = crate::metrics::RUNTIME_TASKS;
+    let _ = writeln!(
+        text,
+        "# HELP {name} Tasks alive in the relay's async runtime.\n# TYPE {name} gauge\n{name} {}",
+        tokio::runtime::Handle::current().metrics().num_alive_tasks()
+    );
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
