@@ -14,6 +14,24 @@ use crate::govern::Identity;
 use crate::govern::policy::Kind;
 use crate::mcp::Classified;
 
+/// The result field holding the list of a list method, what its entries are, and the entry
+/// field naming each; `None` for other methods.
+fn list_of(method: &str) -> Option<(&'static str, Kind, &'static str)> {
+    Some(match method {
+        "tools/list" => ("tools", Kind::Tool, "name"),
+        "resources/list" => ("resources", Kind::Resource, "uri"),
+        "resources/templates/list" => ("resourceTemplates", Kind::Resource, "uriTemplate"),
+        "prompts/list" => ("prompts", Kind::Prompt, "name"),
+        _ => return None,
+    })
+}
+
+/// Whether `method` lists tools, resources, resource templates or prompts (an answer policy
+/// filters per caller).
+pub fn is_list_method(method: &str) -> bool {
+    list_of(method).is_some()
+}
+
 /// Filters the answer to one list request.
 pub struct ListFilter {
     who: Identity,
@@ -37,13 +55,7 @@ impl ListFilter {
         let Classified::Single(request) = classified else {
             return None;
         };
-        let (field, kind, name) = match request.method.as_deref()? {
-            "tools/list" => ("tools", Kind::Tool, "name"),
-            "resources/list" => ("resources", Kind::Resource, "uri"),
-            "resources/templates/list" => ("resourceTemplates", Kind::Resource, "uriTemplate"),
-            "prompts/list" => ("prompts", Kind::Prompt, "name"),
-            _ => return None,
-        };
+        let (field, kind, name) = list_of(request.method.as_deref()?)?;
         if !governance.policy.restricts(&who.tenant) {
             return None;
         }

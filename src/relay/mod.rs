@@ -181,6 +181,11 @@ impl RelayState {
             .min(self.limits.max_message_bytes)
     }
 
+    /// Most messages one agent batch may hold (reloadable).
+    pub fn max_batch_messages(&self) -> usize {
+        self.governance().limits.max_batch_messages
+    }
+
     /// The current credentials and policy.
     pub fn governance(&self) -> Arc<Governance> {
         let guard: RwLockReadGuard<'_, Arc<Governance>> = self

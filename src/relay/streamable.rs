@@ -27,7 +27,7 @@ use crate::govern::Identity;
 use crate::govern::audit::Outcome;
 use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
-use crate::mcp::jsonrpc::{Classified, MessageInfo, codes};
+use crate::mcp::jsonrpc::{Classified, MessageInfo};
 use crate::wire::Era;
 
 /// The header a reconnecting agent names its last seen event with.
@@ -59,8 +59,8 @@ async fn post_inner(
     body: Body,
 ) -> Result<Response, AgentError> {
     let who = gate(&state, &headers, Resource::Mcp(&source))?;
-    let (body, classified) = read_message(body, state.max_message_bytes()).await?;
-    let authorization = authorize(&state, &who, &source, &body, &classified);
+    let (body, classified) = read_message(&state, &who, &source, body).await?;
+    let authorization = authorize(&state, &who, &source, &body, &classified).await;
     let mut calls = InFlight::begin(
         &state.calls,
         &who,
@@ -77,7 +77,7 @@ async fn post_inner(
     });
     if let Some(denied) = authorization.refusal {
         let denied = calls
-            .fail(Outcome::Error(codes::INVALID_PARAMS), denied)
+            .fail(Outcome::Error(denied.code), denied.body)
             .await;
         return Ok(json_response(StatusCode::OK, denied));
     }
