@@ -466,3 +466,4 @@ pub fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Byte
         &format!("source {source} is unavailable: {why}"),
     )
 }
+
