@@ -439,3 +439,118 @@ when = 'args.message != "salaries" || "hr" in roles'
         body.len()
     );
 }
+
+/// `/metrics` of the harness relay.
+async fn scrape(harness: &Harness) -> String {
+    let response = reqwest::Client::new()
+        .get(harness.admin_url("/metrics"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .expect("/metrics answers");
+    assert_eq!(response.status(), 200);
+    response.text().await.expect("/metrics body")
+}
+
+/// The `mcp_tunnel_calls_total` samples whose labels include every one of `labels` (each
+/// `key="value"`), summed.
+fn calls_with(text: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("mcp_tunnel_calls_total{"))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
+    // The recorder is per process: this test's calls go to a source no other test uses.
+    const SOURCE: &str = "labelled";
+    let harness = Harness::start(Options {
+        acme_roles: vec![(
+            "caller".into(),
+            Role {
+                allow: vec![format!("{SOURCE}/echo")],
+                ..Role::default()
+            },
+        )],
+        ..Options::default()
+    })
+    .await;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let upstream = common::demo_upstream(&stop).await;
+    let _acme = harness.connect(&harness.acme, &[(SOURCE, &upstream)]).await;
+    let _other = harness.connect(&harness.other, &[(SOURCE, &upstream)]).await;
+    let mut acme = Agent::new(&harness.url(SOURCE), &harness.acme.api_key);
+    assert_eq!(acme.initialize().await.status, 200);
+    let mut other = Agent::new(&harness.url(SOURCE), &harness.other.api_key);
+    assert_eq!(other.initialize().await.status, 200);
+
+    const MADE_UP: u64 = 20;
+    let made_up = |i: u64| format!("madeup{i}-{}", "x".repeat(10_000));
+    for i in 0..MADE_UP {
+        // Denied (acme has roles), allowed and unknown upstream (other has none), and methods
+        // MCP does not have.
+        acme.call_tool(i, &made_up(i), json!({})).await;
+        other.call_tool(i, &made_up(i), json!({})).await;
+        acme.post(&json!({"jsonrpc":"2.0","id":i,"method":made_up(i)}))
+            .await;
+    }
+    // Sources nobody registered.
+    for i in 0..3 {
+        let mut lost = Agent::new(&harness.url(&format!("nowhere{i}")), &harness.acme.api_key);
+        assert_eq!(lost.initialize().await.status, 404);
+    }
+    // Known: echo by acme's policy; add once the upstream listed it to other.
+    assert_eq!(
+        acme.call_tool(100, "echo", json!({"message":"m"}))
+            .await
+            .status,
+        200
+    );
+    other
+        .post(&json!({"jsonrpc":"2.0","id":101,"method":"tools/list"}))
+        .await;
+    other.call_tool(102, "add", json!({"a":1,"b":2})).await;
+
+    let text = scrape(&harness).await;
+    assert!(
+        !text.contains("madeup") && !text.contains("nowhere"),
+        "no made-up name is a label"
+    );
+    assert!(
+        text.lines().all(|l| l.len() < 2_000),
+        "no label is long: {} bytes of /metrics",
+        text.len()
+    );
+    let source = format!("source=\"{SOURCE}\"");
+    assert_eq!(
+        calls_with(&text, &["tenant=\"acme\"", &source, "tool=\"_other\"", "decision=\"deny\""]),
+        MADE_UP as f64,
+        "made-up tools are counted, under one value:\n{text}"
+    );
+    assert_eq!(
+        calls_with(&text, &["tenant=\"acme\"", &source, "method=\"_other\""]),
+        MADE_UP as f64,
+        "made-up methods too"
+    );
+    assert_eq!(
+        calls_with(&text, &["tenant=\"other\"", &source, "tool=\"_other\""]),
+        MADE_UP as f64
+    );
+    assert_eq!(
+        calls_with(&text, &["tenant=\"acme\"", "source=\"_other\""]),
+        3.0,
+        "unknown sources under one value"
+    );
+    assert_eq!(
+        calls_with(&text, &["tenant=\"acme\"", &source, "tool=\"echo\""]),
+        1.0
+    );
+    assert_eq!(
+        calls_with(&text, &["tenant=\"other\"", &source, "tool=\"add\""]),
+        1.0,
+        "a listed tool is a label:\n{text}"
+    );
+}

@@ -180,6 +180,21 @@ impl Policy {
                 .any(|(_, role, _)| role.conditions.iter().any(|c| c.applies(kind, &target)))
     }
 
+    /// Every `allow` and `deny` glob over tools and prompts, with its tenant: where the relay
+    /// finds the names policy states literally (metric labels).
+    pub fn tool_and_prompt_globs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.tenants.iter().flat_map(|(tenant, roles)| {
+            roles.values().flat_map(move |role| {
+                role.allow
+                    .iter()
+                    .chain(&role.deny)
+                    .chain(&role.allow_prompts)
+                    .chain(&role.deny_prompts)
+                    .map(move |glob| (&**tenant, glob.as_str()))
+            })
+        })
+    }
+
     fn roles_of(&self, who: &Identity) -> Option<&HashMap<String, Role>> {
         self.tenants
             .get(&who.tenant)

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::Governance;
+use super::calls::Calls;
+use super::{Governance, RelayState};
 use crate::govern::Identity;
 use crate::govern::policy::Kind;
 use crate::mcp::Classified;
@@ -32,11 +33,15 @@ pub fn is_list_method(method: &str) -> bool {
     list_of(method).is_some()
 }
 
-/// Filters the answer to one list request.
+/// Filters the answer to one list request, and teaches the relay's metric labels the tool and
+/// prompt names the upstream listed (see [`super::metric_names`]).
 pub struct ListFilter {
     who: Identity,
     source: String,
     governance: Arc<Governance>,
+    calls: Arc<Calls>,
+    /// Whether the caller's tenant has roles (entries are then filtered).
+    restricts: bool,
     /// The result field holding the list, and what its entries are.
     field: &'static str,
     kind: Kind,
@@ -45,9 +50,10 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
-    /// A filter for `classified` (a single list request), if the caller's tenant has roles.
+    /// A filter for `classified` (a single list request), if the caller's tenant has roles or
+    /// the list names tools or prompts (names metrics may label calls with).
     pub fn for_request(
-        governance: Arc<Governance>,
+        state: &RelayState,
         who: &Identity,
         source: &str,
         classified: &Classified,
@@ -56,13 +62,17 @@ impl ListFilter {
             return None;
         };
         let (field, kind, name) = list_of(request.method.as_deref()?)?;
-        if !governance.policy.restricts(&who.tenant) {
+        let governance = state.governance();
+        let restricts = governance.policy.restricts(&who.tenant);
+        if !restricts && kind == Kind::Resource {
             return None;
         }
         Some(Self {
             who: who.clone(),
             source: source.to_owned(),
             governance,
+            calls: state.calls.clone(),
+            restricts,
             field,
             kind,
             name,
@@ -82,15 +92,25 @@ impl ListFilter {
         else {
             return message;
         };
+        let field = self.name;
+        fn name_of<'v>(entry: &'v Value, field: &str) -> &'v str {
+            entry.get(field).and_then(Value::as_str).unwrap_or_default()
+        }
+        if self.kind != Kind::Resource {
+            self.calls.metric_names().learn_names(
+                &self.who.tenant,
+                &self.source,
+                entries.iter().map(|entry| name_of(entry, field)),
+            );
+        }
+        if !self.restricts {
+            return message;
+        }
         let before = entries.len();
         entries.retain(|entry| {
-            let name = entry
-                .get(self.name)
-                .and_then(Value::as_str)
-                .unwrap_or_default();
             self.governance
                 .policy
-                .check(&self.who, self.kind, &self.source, name)
+                .check(&self.who, self.kind, &self.source, name_of(entry, field))
                 .is_allowed()
         });
         if entries.len() == before {

@@ -130,7 +130,7 @@ async fn handle_message(
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
-        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
+        let filter = ListFilter::for_request(&state, &who, &source, &classified);
         Ok(forward_to_stream(&state, &session, body, &classified, filter, calls).await)
     }
     .await;

@@ -87,7 +87,7 @@ async fn post_inner(
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
         calls.set_context(&session.call_context());
-        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
+        let filter = ListFilter::for_request(&state, &who, &source, &classified);
         let target = Target {
             source: &source,
             session: Some(&session),
@@ -193,7 +193,7 @@ async fn stateless(
         source,
         session: None,
         era: ProtocolEra::Stateless,
-        filter: ListFilter::for_request(state.governance(), who, source, classified),
+        filter: ListFilter::for_request(state, who, source, classified),
         calls,
     };
     Ok(forward(state, &channel, body, classified, target).await)
