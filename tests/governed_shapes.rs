@@ -71,8 +71,14 @@ async fn a_resource_is_judged_on_its_uri_and_a_decoy_name_is_refused() {
 
     // The review's decoy: the upstream reads `uri`; `name` must not decide (in either order).
     for (id, params) in [
-        (1, json!({"uri":"file:///etc/secret","name":"file:///public/decoy"})),
-        (2, json!({"name":"file:///public/decoy","uri":"file:///etc/secret"})),
+        (
+            1,
+            json!({"uri":"file:///etc/secret","name":"file:///public/decoy"}),
+        ),
+        (
+            2,
+            json!({"name":"file:///public/decoy","uri":"file:///etc/secret"}),
+        ),
         (3, json!({"name":"file:///public/decoy"})),
     ] {
         let answer = agent.post(&read(id, params.clone())).await;
@@ -118,7 +124,10 @@ async fn a_resource_is_judged_on_its_uri_and_a_decoy_name_is_refused() {
         .collect();
     assert_eq!(
         reads,
-        [("file:///etc/secret", "deny"), ("file:///public/a", "allow")],
+        [
+            ("file:///etc/secret", "deny"),
+            ("file:///public/a", "allow")
+        ],
         "rows name the uri the upstream would read, never a decoy: {rows:#?}"
     );
 }
@@ -220,7 +229,9 @@ async fn a_list_in_a_batch_never_reveals_what_policy_hides() {
     let _stop = stop.clone().drop_guard();
     let upstream = batch_upstream(&stop).await;
     let _acme = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
-    let _other = harness.connect(&harness.other, &[("demo", &upstream)]).await;
+    let _other = harness
+        .connect(&harness.other, &[("demo", &upstream)])
+        .await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
     let alone = agent
@@ -370,12 +381,19 @@ async fn every_message_of_a_batch_costs_a_token() {
     assert_eq!(answer.status, 200, "{answer:?}");
     let three: Vec<Value> = (6..=8).map(echo).collect();
     let refused = agent.post(&Value::Array(three)).await;
-    assert_eq!(refused.status, 429, "two tokens for three calls: {refused:?}");
+    assert_eq!(
+        refused.status, 429,
+        "two tokens for three calls: {refused:?}"
+    );
     assert!(refused.headers.get("retry-after").is_some());
     // Its other two messages took nothing: one token is left.
     let one = agent.post(&echo(11)).await;
     assert_eq!(one.status, 200, "{one:?}");
-    assert_eq!(agent.post(&echo(12)).await.status, 429, "the burst is spent");
+    assert_eq!(
+        agent.post(&echo(12)).await.status,
+        429,
+        "the burst is spent"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,13 +401,9 @@ async fn a_batch_over_the_configured_bound_is_refused_before_it_is_read() {
     let (url, key, _dir, _stop) = file_relay("[limits]\nmax_batch_messages = 3\n").await;
     let mut agent = Agent::new(&url, &key);
     assert_eq!(agent.initialize().await.status, 200);
-    let answer = agent
-        .post(&Value::Array((1..=3).map(echo).collect()))
-        .await;
+    let answer = agent.post(&Value::Array((1..=3).map(echo).collect())).await;
     assert_eq!(answer.status, 200, "{answer:?}");
-    let over = agent
-        .post(&Value::Array((1..=4).map(echo).collect()))
-        .await;
+    let over = agent.post(&Value::Array((1..=4).map(echo).collect())).await;
     assert_eq!(over.status, 400, "{over:?}");
     assert_eq!(over.response()["error"]["code"], -32600);
     let message = over.response()["error"]["message"].as_str().unwrap_or("");
@@ -481,7 +495,9 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
     let _stop = stop.clone().drop_guard();
     let upstream = common::demo_upstream(&stop).await;
     let _acme = harness.connect(&harness.acme, &[(SOURCE, &upstream)]).await;
-    let _other = harness.connect(&harness.other, &[(SOURCE, &upstream)]).await;
+    let _other = harness
+        .connect(&harness.other, &[(SOURCE, &upstream)])
+        .await;
     let mut acme = Agent::new(&harness.url(SOURCE), &harness.acme.api_key);
     assert_eq!(acme.initialize().await.status, 200);
     let mut other = Agent::new(&harness.url(SOURCE), &harness.other.api_key);
@@ -526,7 +542,15 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
     );
     let source = format!("source=\"{SOURCE}\"");
     assert_eq!(
-        calls_with(&text, &["tenant=\"acme\"", &source, "tool=\"_other\"", "decision=\"deny\""]),
+        calls_with(
+            &text,
+            &[
+                "tenant=\"acme\"",
+                &source,
+                "tool=\"_other\"",
+                "decision=\"deny\""
+            ]
+        ),
         MADE_UP as f64,
         "made-up tools are counted, under one value:\n{text}"
     );

@@ -374,7 +374,11 @@ mod tests {
             Err(Duration::from_secs(1)),
             "one token left, two asked: none taken"
         );
-        assert_eq!(bucket.take(&RATE, now), Ok(()), "the one left is still there");
+        assert_eq!(
+            bucket.take(&RATE, now),
+            Ok(()),
+            "the one left is still there"
+        );
         assert!(
             Bucket::full(&RATE, now).take_n(&RATE, now, 4).is_err(),
             "more than the burst is never there"

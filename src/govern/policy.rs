@@ -170,7 +170,13 @@ impl Policy {
     /// `source`/`name` by `who`: the tenant has roles, none of the caller's denies it, and a
     /// role that allows it has a condition matching it. Globs only, so cheap: the relay asks
     /// this first and runs the costly checks off its async workers.
-    pub fn evaluates_conditions(&self, who: &Identity, kind: Kind, source: &str, name: &str) -> bool {
+    pub fn evaluates_conditions(
+        &self,
+        who: &Identity,
+        kind: Kind,
+        source: &str,
+        name: &str,
+    ) -> bool {
         let Some(roles) = self.roles_of(who) else {
             return false;
         };

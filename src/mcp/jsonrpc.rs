@@ -407,11 +407,14 @@ mod tests {
     fn governed_methods_are_judged_on_the_field_their_upstream_reads() {
         let read = |params: &str| {
             classify(
-                format!(r#"{{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{params}}}"#)
-                    .as_bytes(),
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{params}}}"#
+                )
+                .as_bytes(),
             )
         };
-        let target = |c: Result<Classified, ClassifyError>| c.expect("valid").messages()[0].target.clone();
+        let target =
+            |c: Result<Classified, ClassifyError>| c.expect("valid").messages()[0].target.clone();
         assert_eq!(
             target(read(r#"{"uri":"file:///etc/secret"}"#)).as_deref(),
             Some("file:///etc/secret")
@@ -438,7 +441,10 @@ mod tests {
             )
         };
         assert_eq!(
-            target(call(r#"{"n\u0061me":"echo","arguments":{"uri":"x","name":"y"}}"#)).as_deref(),
+            target(call(
+                r#"{"n\u0061me":"echo","arguments":{"uri":"x","name":"y"}}"#
+            ))
+            .as_deref(),
             Some("echo"),
             "an escaped key is the key it spells; arguments are the tool's own"
         );
@@ -465,13 +471,18 @@ mod tests {
 
     #[test]
     fn a_null_id_is_a_request_never_a_notification() {
-        let null = single(r#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"x"}}"#);
+        let null =
+            single(r#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"x"}}"#);
         assert_eq!(null.kind, MessageKind::Request);
         assert!(null.null_id && null.id.is_none());
         let note = single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
         assert!(!note.null_id);
         let error = single(r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#);
-        assert_eq!(error.kind, MessageKind::Response, "an error about an unreadable request");
+        assert_eq!(
+            error.kind,
+            MessageKind::Response,
+            "an error about an unreadable request"
+        );
     }
 
     #[test]

@@ -13,9 +13,9 @@ use serde_json::value::RawValue;
 
 use super::channel::Channel;
 use super::filter::is_list_method;
-use super::{Governance, RelayState};
 use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
+use super::{Governance, RelayState};
 use crate::govern::Identity;
 use crate::govern::assertion::Refresher;
 use crate::govern::condition::Call;
@@ -311,9 +311,8 @@ fn decide(
     let mut authorization = Authorization::default();
     let is_batch = matches!(classified, Classified::Batch(_));
     for message in classified.messages() {
-        let refused = |rule: &str, code: i64, text: String| {
-            (Decision::Deny(rule.to_owned()), code, text)
-        };
+        let refused =
+            |rule: &str, code: i64, text: String| (Decision::Deny(rule.to_owned()), code, text);
         let kind = governed_kind(message);
         let denied = if message.null_id && message.kind == MessageKind::Request {
             Some(refused(
@@ -466,4 +465,3 @@ pub fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Byte
         &format!("source {source} is unavailable: {why}"),
     )
 }
-

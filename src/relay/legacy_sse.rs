@@ -124,9 +124,7 @@ async fn handle_message(
         );
         calls.set_context(&session.call_context());
         if let Some(denied) = authorization.refusal {
-            let denied = calls
-                .fail(Outcome::Error(denied.code), denied.body)
-                .await;
+            let denied = calls.fail(Outcome::Error(denied.code), denied.body).await;
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }

@@ -106,11 +106,14 @@ impl Equivalent<SourceKey> for SourceRef<'_> {
     }
 }
 
+/// A (source glob, tool or prompt name) pair a role states.
+type NamedInPolicy = (Box<str>, Box<str>);
+
 /// What policy names literally, per tenant: (source glob, tool or prompt name) pairs, and the
 /// sources named without a `*`.
 #[derive(Default)]
 struct Configured {
-    names: HashMap<Box<str>, Vec<(Box<str>, Box<str>)>>,
+    names: HashMap<Box<str>, Vec<NamedInPolicy>>,
     sources: HashMap<Box<str>, Vec<Box<str>>>,
 }
 
@@ -178,7 +181,12 @@ impl MetricNames {
 
     /// Learns the tool or prompt names `source`'s upstream listed to a caller of `tenant`.
     /// Names longer than [`MAX_LABEL_BYTES`] are not learned.
-    pub fn learn_names<'a>(&self, tenant: &str, source: &str, names: impl Iterator<Item = &'a str>) {
+    pub fn learn_names<'a>(
+        &self,
+        tenant: &str,
+        source: &str,
+        names: impl Iterator<Item = &'a str>,
+    ) {
         let mut learned = self.lock();
         let key = SourceRef { tenant, source };
         if !learned.sources.contains_key(&key) {
@@ -282,17 +290,33 @@ mod tests {
         names.configure(&policy);
         assert_eq!(names.name_label("acme", "any", "echo"), "echo");
         assert_eq!(names.name_label("acme", "db", "secret"), "secret");
-        assert_eq!(names.name_label("acme", "db", "get-x"), OTHER, "a glob names nothing");
-        assert_eq!(names.name_label("other", "any", "echo"), OTHER, "per tenant");
+        assert_eq!(
+            names.name_label("acme", "db", "get-x"),
+            OTHER,
+            "a glob names nothing"
+        );
+        assert_eq!(
+            names.name_label("other", "any", "echo"),
+            OTHER,
+            "per tenant"
+        );
         assert_eq!(names.source_label("acme", "db"), "db", "policy names db");
         assert_eq!(names.source_label("acme", "x"), OTHER);
         names.learn_sources("acme", &["x".to_owned()]);
         assert_eq!(names.source_label("acme", "x"), "x");
-        names.learn_names("acme", "x", ["add", &"n".repeat(MAX_LABEL_BYTES + 1)].into_iter());
+        names.learn_names(
+            "acme",
+            "x",
+            ["add", &"n".repeat(MAX_LABEL_BYTES + 1)].into_iter(),
+        );
         assert_eq!(names.name_label("acme", "x", "add"), "add");
         assert_eq!(names.name_label("acme", "y", "add"), OTHER, "per source");
         let long = "n".repeat(MAX_LABEL_BYTES + 1);
-        assert_eq!(names.name_label("acme", "x", &long), OTHER, "too long to learn");
+        assert_eq!(
+            names.name_label("acme", "x", &long),
+            OTHER,
+            "too long to learn"
+        );
         assert_eq!(method_label("tools/call"), "tools/call");
         assert_eq!(method_label("x/y"), OTHER);
         assert_eq!(clip(&"é".repeat(MAX_LABEL_BYTES)).len(), MAX_LABEL_BYTES);
@@ -301,7 +325,9 @@ mod tests {
     #[test]
     fn learning_is_bounded() {
         let names = MetricNames::default();
-        let many: Vec<String> = (0..MAX_LEARNED_PER_SOURCE * 2).map(|i| format!("t{i}")).collect();
+        let many: Vec<String> = (0..MAX_LEARNED_PER_SOURCE * 2)
+            .map(|i| format!("t{i}"))
+            .collect();
         names.learn_names("acme", "s", many.iter().map(String::as_str));
         assert_eq!(names.lock().total, 1 + MAX_LEARNED_PER_SOURCE);
         let sources: Vec<String> = (0..MAX_LEARNED * 2).map(|i| format!("s{i}")).collect();

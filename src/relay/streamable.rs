@@ -76,9 +76,7 @@ async fn post_inner(
         transport: None,
     });
     if let Some(denied) = authorization.refusal {
-        let denied = calls
-            .fail(Outcome::Error(denied.code), denied.body)
-            .await;
+        let denied = calls.fail(Outcome::Error(denied.code), denied.body).await;
         return Ok(json_response(StatusCode::OK, denied));
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
