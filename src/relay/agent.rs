@@ -259,28 +259,30 @@ pub async fn authorize(
             &classified_owned,
         )
     });
-    match blocking.await {
-        Ok(authorization) => authorization,
-        Err(e) => {
-            // The checks panicked or were cancelled: refuse, never let the body through.
-            tracing::error!(error = %e, source, "authorization failed");
-            let messages = classified.messages();
-            let failed = || Decision::Deny("authorization failed".into());
-            Authorization {
-                decisions: messages
-                    .iter()
-                    .map(|m| governed_kind(m).map(|_| failed()))
-                    .collect(),
-                refusal: Some(Refusal {
-                    body: error_body(
-                        messages.first().and_then(|m| m.id.as_deref()),
-                        codes::INTERNAL_ERROR,
-                        "authorization failed",
-                    ),
-                    code: codes::INTERNAL_ERROR,
-                }),
-            }
-        }
+    // Evaluation is finite (CEL has no unbounded loops, the body and batch are bounded), but
+    // every wait has a bound: past the request timeout the body is refused.
+    let outcome = match tokio::time::timeout(state.request_timeout(), blocking).await {
+        Ok(Ok(authorization)) => return authorization,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the conditions took longer than the request timeout".to_owned(),
+    };
+    // The checks panicked or took too long: refuse, never let the body through.
+    tracing::error!(error = %outcome, source, "authorization failed");
+    let messages = classified.messages();
+    let failed = || Decision::Deny(format!("authorization failed: {outcome}"));
+    Authorization {
+        decisions: messages
+            .iter()
+            .map(|m| governed_kind(m).map(|_| failed()))
+            .collect(),
+        refusal: Some(Refusal {
+            body: error_body(
+                messages.first().and_then(|m| m.id.as_deref()),
+                codes::INTERNAL_ERROR,
+                "authorization failed",
+            ),
+            code: codes::INTERNAL_ERROR,
+        }),
     }
 }
 
