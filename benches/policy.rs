@@ -5,7 +5,7 @@
 //!   matches no role (every glob tried twice: deny, then allow).
 //! - `check_call`: a role whose CEL condition matches the call (params parsed, expression
 //!   evaluated), a role whose condition is for another tool (not evaluated), and globs only (the
-//!   common path: the body is never parsed).
+//!   common path: the params are never parsed).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -16,7 +16,8 @@ use mcp_tunnel::govern::condition::{Call, Condition};
 use mcp_tunnel::govern::policy::{Kind, Role};
 use mcp_tunnel::govern::{Identity, Policy};
 
-const BODY: &[u8] = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"query","arguments":{"table":"orders","limit":100,"filters":{"region":"emea","year":2026}}}}"#;
+/// The `params` of the call, as classification locates them in its body.
+const PARAMS: &[u8] = br#"{"name":"query","arguments":{"table":"orders","limit":100,"filters":{"region":"emea","year":2026}}}"#;
 
 fn policy(condition_on: Option<&str>) -> Policy {
     let conditions = condition_on
@@ -54,8 +55,7 @@ fn authorize(c: &mut Criterion) {
         kind: Kind::Tool,
         source: "db",
         name: "query",
-        body: BODY,
-        batch_index: None,
+        params: Some(PARAMS),
     };
     let mut group = c.benchmark_group("check_call");
     for (name, policy) in [

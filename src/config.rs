@@ -408,6 +408,9 @@ pub struct LimitsSection {
     pub request_timeout_secs: u64,
     /// Seconds an idle agent session lives.
     pub session_idle_secs: u64,
+    // --- hardening (issue 13): batch bound ---
+    /// Most messages one agent batch may hold (a JSON-RPC error beyond); 0 refuses batches.
+    pub max_batch_messages: usize,
 }
 
 impl Default for LimitsSection {
@@ -416,6 +419,7 @@ impl Default for LimitsSection {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
+            max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
         }
     }
 }
@@ -925,6 +929,12 @@ impl ClientFile {
             .collect()
     }
 }
+
+// --- hardening (issue 13): batch bound ---
+
+/// Default `[limits] max_batch_messages`: more than any real client batches, few enough that
+/// governing one batch stays cheap.
+pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 100;
 
 #[cfg(test)]
 mod tests {

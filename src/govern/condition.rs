@@ -143,8 +143,8 @@ impl Condition {
     }
 }
 
-/// One call being authorized: who makes it, on what, and the raw JSON-RPC body it came in,
-/// whose params are read only when a condition applies.
+/// One call being authorized: who makes it, on what, and the JSON text of its `params`, read
+/// only when a condition applies.
 pub struct Call<'a> {
     /// The caller.
     pub who: &'a Identity,
@@ -152,45 +152,31 @@ pub struct Call<'a> {
     pub kind: Kind,
     /// The source.
     pub source: &'a str,
-    /// The tool or prompt name, or the resource URI.
+    /// The tool or prompt name, or the resource URI: the field the upstream acts on.
     pub name: &'a str,
-    /// The raw body holding the message: one JSON-RPC message, or a batch.
-    pub body: &'a [u8],
-    /// The message's position when `body` is a batch; `None` for a single message.
-    pub batch_index: Option<usize>,
+    /// The message's `params` text, as classification located it in the body (so a batch is
+    /// parsed once, not once per message a condition applies to); `None` when absent.
+    pub params: Option<&'a [u8]>,
 }
 
 impl Call<'_> {
     /// The `args` variable: a tool's or prompt's `arguments` (an empty map when absent), or a
-    /// resource's URI.
+    /// resource's URI (the `uri` the upstream reads, the same text policy matched).
     pub fn args(&self) -> Result<Value, EvalError> {
         if self.kind == Kind::Resource {
             return Ok(Value::from(self.name));
-        }
-        #[derive(serde::Deserialize)]
-        struct Message<'a> {
-            #[serde(borrow)]
-            params: Option<Params<'a>>,
         }
         #[derive(serde::Deserialize)]
         struct Params<'a> {
             #[serde(borrow)]
             arguments: Option<&'a RawValue>,
         }
-        let unreadable = |e: serde_json::Error| EvalError::Args(e.to_string());
-        let message: &RawValue = match self.batch_index {
-            None => serde_json::from_slice(self.body).map_err(unreadable)?,
-            Some(index) => {
-                let batch: Vec<&RawValue> =
-                    serde_json::from_slice(self.body).map_err(unreadable)?;
-                batch
-                    .get(index)
-                    .copied()
-                    .ok_or_else(|| EvalError::Args(format!("no message {index} in the batch")))?
-            }
+        let Some(params) = self.params else {
+            return Ok(empty_map());
         };
-        let message: Message<'_> = serde_json::from_str(message.get()).map_err(unreadable)?;
-        let Some(arguments) = message.params.and_then(|p| p.arguments) else {
+        let params: Params<'_> =
+            serde_json::from_slice(params).map_err(|e| EvalError::Args(e.to_string()))?;
+        let Some(arguments) = params.arguments else {
             return Ok(empty_map());
         };
         let json: serde_json::Value =
@@ -308,14 +294,12 @@ mod tests {
         let condition =
             Condition::compile(Kind::Tool, "db/*".into(), expression).expect("compiles");
         let who = who(roles);
-        let body = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#);
         let call = Call {
             who: &who,
             kind: Kind::Tool,
             source: "db",
             name: "query",
-            body: body.as_bytes(),
-            batch_index: None,
+            params: Some(params.as_bytes()),
         };
         condition.evaluate(&call, &call.args()?)
     }

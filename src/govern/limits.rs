@@ -67,12 +67,22 @@ impl Bucket {
 
     /// Takes one token at `now`, or says how long until one is there.
     pub fn take(&mut self, rate: &Rate, now: Instant) -> Result<(), Duration> {
+        self.take_n(rate, now, 1)
+    }
+
+    /// Takes `n` tokens at `now`, all or none, or says how long until `n` are there. More than
+    /// the burst are never there: the wait is then until the bucket is full.
+    pub fn take_n(&mut self, rate: &Rate, now: Instant, n: u32) -> Result<(), Duration> {
         self.refill(rate, now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = f64::from(n);
+        if self.tokens >= n {
+            self.tokens -= n;
             Ok(())
         } else {
-            Err(self.wait(rate))
+            let short = n.min(f64::from(rate.burst)) - self.tokens;
+            Err(Duration::from_secs_f64(
+                short.max(0.0) / rate.tokens_per_second(),
+            ))
         }
     }
 
@@ -118,7 +128,12 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
 
     /// Takes a token from `key`'s bucket at `now`; `Err` holds the time until one is there.
     pub fn take(&self, key: &K, now: Instant) -> Result<(), Duration> {
-        self.with(key, now, |bucket, rate| bucket.take(rate, now))
+        self.take_n(key, now, 1)
+    }
+
+    /// Takes `n` tokens from `key`'s bucket at `now`, all or none.
+    pub fn take_n(&self, key: &K, now: Instant, n: u32) -> Result<(), Duration> {
+        self.with(key, now, |bucket, rate| bucket.take_n(rate, now, n))
     }
 
     /// Whether `key`'s bucket has a token at `now`, taking none.
@@ -255,9 +270,27 @@ impl Limiter {
         source: &str,
         now: Instant,
     ) -> Result<(), RateLimited> {
+        self.messages(tenant, subject, source, 1, now)
+    }
+
+    /// Counts `n` messages of `subject` of `tenant` to `source` at `now` (the messages of a
+    /// batch past the first, which [`Limiter::request`] counted with its HTTP request): a batch
+    /// of N calls costs what N single calls cost. Each bucket gives all `n` tokens or none; a
+    /// batch larger than a bucket's burst is always refused.
+    pub fn messages(
+        &self,
+        tenant: &str,
+        subject: &str,
+        source: &str,
+        n: u32,
+        now: Instant,
+    ) -> Result<(), RateLimited> {
+        if n == 0 {
+            return Ok(());
+        }
         if let Some(buckets) = &self.identity {
             buckets
-                .take(&(tenant.to_owned(), subject.to_owned()), now)
+                .take_n(&(tenant.to_owned(), subject.to_owned()), now, n)
                 .map_err(|retry_after| RateLimited {
                     limit: Limited::Identity,
                     retry_after,
@@ -265,7 +298,7 @@ impl Limiter {
         }
         if let Some(buckets) = &self.source {
             buckets
-                .take(&(tenant.to_owned(), source.to_owned()), now)
+                .take_n(&(tenant.to_owned(), source.to_owned()), now, n)
                 .map_err(|retry_after| RateLimited {
                     limit: Limited::Source,
                     retry_after,
@@ -273,7 +306,7 @@ impl Limiter {
         }
         if let Some(buckets) = &self.tenant {
             buckets
-                .take(&tenant.to_owned(), now)
+                .take_n(&tenant.to_owned(), now, n)
                 .map_err(|retry_after| RateLimited {
                     limit: Limited::Tenant,
                     retry_after,
@@ -329,6 +362,27 @@ mod tests {
             assert_eq!(bucket.take(&RATE, later), Ok(()));
         }
         assert!(bucket.take(&RATE, later).is_err());
+    }
+
+    #[test]
+    fn many_tokens_are_taken_all_or_none() {
+        let now = Instant::now();
+        let mut bucket = Bucket::full(&RATE, now);
+        assert_eq!(bucket.take_n(&RATE, now, 2), Ok(()));
+        assert_eq!(
+            bucket.take_n(&RATE, now, 2),
+            Err(Duration::from_secs(1)),
+            "one token left, two asked: none taken"
+        );
+        assert_eq!(
+            bucket.take(&RATE, now),
+            Ok(()),
+            "the one left is still there"
+        );
+        assert!(
+            Bucket::full(&RATE, now).take_n(&RATE, now, 4).is_err(),
+            "more than the burst is never there"
+        );
     }
 
     #[test]

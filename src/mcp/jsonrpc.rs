@@ -61,6 +61,10 @@ pub struct MessageInfo {
     pub payload: Option<Range<usize>>,
     /// The message's size in bytes (within a batch, its own share).
     pub size: usize,
+    /// Whether the message has `"id": null`. MCP forbids null ids: such a message with a
+    /// `method` is a [`MessageKind::Request`] (never a notification) without an `id`, which the
+    /// relay refuses; a response may carry a null id (an error about an unreadable request).
+    pub null_id: bool,
 }
 
 impl MessageInfo {
@@ -128,7 +132,8 @@ impl ClassifyError {
 #[derive(Deserialize)]
 struct Wire<'a> {
     jsonrpc: Option<&'a str>,
-    #[serde(borrow)]
+    /// Present with its text, `null` included (`Option` alone would read `null` as absent).
+    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
     method: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
@@ -136,6 +141,11 @@ struct Wire<'a> {
     #[serde(borrow)]
     result: Option<&'a RawValue>,
     error: Option<WireError>,
+}
+
+/// A field that is there, whatever its value (`null` too).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -148,10 +158,56 @@ struct WireError {
     message: Option<IgnoredAny>,
 }
 
+/// The two fields a governed method may name its target by. Deserialized by derive, so a
+/// field given twice is an error (which copy would the upstream read?), and so is a value that
+/// is not a string.
 #[derive(Deserialize)]
 struct Params<'a> {
+    #[serde(borrow)]
     name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
     uri: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// The `params` field a governed method's upstream acts on, and the one it ignores, for the
+/// methods policy governs; `None` for any other method.
+///
+/// Policy, conditions and the audit trail judge a call on exactly the field the upstream
+/// reads: `name` for `tools/call` and `prompts/get`, `uri` for the resource methods.
+pub fn target_field(method: &str) -> Option<(&'static str, &'static str)> {
+    match method {
+        "tools/call" | "prompts/get" => Some(("name", "uri")),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some(("uri", "name")),
+        _ => None,
+    }
+}
+
+/// The target of a governed request: `params` must be an object holding the method's one
+/// target field as a string, and not the other one (a message naming its target two ways is
+/// ambiguous: an upstream reads one, and policy must judge that one, so it is refused).
+fn target_of(method: &str, params: Option<&RawValue>) -> Result<Option<String>, ClassifyError> {
+    let Some((field, other)) = target_field(method) else {
+        return Ok(None);
+    };
+    let invalid = |why: String| ClassifyError::Invalid(format!("{method}: {why}"));
+    let Some(params) = params.filter(|p| p.get().trim_start().starts_with('{')) else {
+        return Err(invalid(format!("params must be an object with {field:?}")));
+    };
+    let p: Params<'_> =
+        serde_json::from_str(params.get()).map_err(|e| invalid(format!("params: {e}")))?;
+    let (target, ignored) = match field {
+        "name" => (p.name, p.uri),
+        _ => (p.uri, p.name),
+    };
+    if ignored.is_some() {
+        return Err(invalid(format!(
+            "params.{other} is ambiguous: the target is named by params.{field} only"
+        )));
+    }
+    match target {
+        Some(target) => Ok(Some(target.into_owned())),
+        None => Err(invalid(format!("params.{field} is required"))),
+    }
 }
 
 #[derive(Deserialize)]
@@ -187,13 +243,12 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
     if wire.jsonrpc != Some("2.0") {
         return Err(ClassifyError::Invalid("\"jsonrpc\" must be \"2.0\"".into()));
     }
-    let id = wire
-        .id
-        .filter(|id| id.get() != "null")
-        .map(|id| id.to_owned());
+    let null_id = wire.id.is_some_and(|id| id.get() == "null");
+    let id = wire.id.filter(|_| !null_id).map(|id| id.to_owned());
     let (kind, method) = match (wire.method, wire.result.is_some() || wire.error.is_some()) {
         (Some(method), false) => (
-            if id.is_some() {
+            // `"id": null` is no notification: a request with a forbidden id.
+            if id.is_some() || null_id {
                 MessageKind::Request
             } else {
                 MessageKind::Notification
@@ -212,20 +267,9 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
             ));
         }
     };
-    let target = match (&method, wire.params) {
-        (Some(m), Some(params))
-            if matches!(
-                m.as_str(),
-                "tools/call"
-                    | "prompts/get"
-                    | "resources/read"
-                    | "resources/subscribe"
-                    | "resources/unsubscribe"
-            ) =>
-        {
-            let p: Params<'_> = serde_json::from_str(params.get())
-                .map_err(|e| ClassifyError::Invalid(format!("params: {e}")))?;
-            p.name.or(p.uri).map(|n| n.into_owned())
+    let target = match (&method, kind) {
+        (Some(method), MessageKind::Request | MessageKind::Notification) => {
+            target_of(method, wire.params)?
         }
         _ => None,
     };
@@ -250,11 +294,19 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
         error_code: wire.error.map(|e| e.code),
         payload,
         size,
+        null_id,
     })
 }
 
 /// Classifies a body: one JSON-RPC message or a batch.
 pub fn classify(body: &[u8]) -> Result<Classified, ClassifyError> {
+    classify_capped(body, usize::MAX)
+}
+
+/// Classifies a body as [`classify`] does, refusing a batch of more than `max_batch` messages
+/// before reading any of them (an agent's batch is bounded in messages, not only in bytes: each
+/// costs governance work).
+pub fn classify_capped(body: &[u8], max_batch: usize) -> Result<Classified, ClassifyError> {
     // One pass over a single message (the common case): its fields straight from the body.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {
@@ -265,6 +317,12 @@ pub fn classify(body: &[u8]) -> Result<Classified, ClassifyError> {
             let items: Vec<&RawValue> = serde_json::from_slice(body).map_err(parse_error)?;
             if items.is_empty() {
                 return Err(ClassifyError::Invalid("empty batch".into()));
+            }
+            if items.len() > max_batch {
+                return Err(ClassifyError::Invalid(format!(
+                    "a batch of {} messages exceeds the limit of {max_batch}",
+                    items.len()
+                )));
             }
             items
                 .into_iter()
@@ -346,6 +404,88 @@ mod tests {
     }
 
     #[test]
+    fn governed_methods_are_judged_on_the_field_their_upstream_reads() {
+        let read = |params: &str| {
+            classify(
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{params}}}"#
+                )
+                .as_bytes(),
+            )
+        };
+        let target =
+            |c: Result<Classified, ClassifyError>| c.expect("valid").messages()[0].target.clone();
+        assert_eq!(
+            target(read(r#"{"uri":"file:///etc/secret"}"#)).as_deref(),
+            Some("file:///etc/secret")
+        );
+        // The decoy of the review: a resource named two ways is ambiguous, refused.
+        for params in [
+            r#"{"uri":"file:///etc/secret","name":"file:///public/decoy"}"#,
+            r#"{"name":"file:///public/decoy","uri":"file:///etc/secret"}"#,
+            r#"{"name":"file:///public/decoy"}"#,
+            r#"{"uri":"file:///public/a","uri":"file:///etc/secret"}"#,
+            r#"{"uri":7}"#,
+            r#"["file:///public/a","file:///etc/secret"]"#,
+            r#""file:///public/a""#,
+        ] {
+            assert!(
+                matches!(read(params), Err(ClassifyError::Invalid(_))),
+                "{params}"
+            );
+        }
+        let call = |params: &str| {
+            classify(
+                format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#)
+                    .as_bytes(),
+            )
+        };
+        assert_eq!(
+            target(call(
+                r#"{"n\u0061me":"echo","arguments":{"uri":"x","name":"y"}}"#
+            ))
+            .as_deref(),
+            Some("echo"),
+            "an escaped key is the key it spells; arguments are the tool's own"
+        );
+        for params in [
+            r#"{"name":"echo","uri":"file:///x"}"#,
+            r#"{"name":"echo","name":"add"}"#,
+            r#"{"arguments":{}}"#,
+        ] {
+            assert!(
+                matches!(call(params), Err(ClassifyError::Invalid(_))),
+                "{params}"
+            );
+        }
+        assert!(matches!(
+            classify(br#"{"jsonrpc":"2.0","id":1,"method":"prompts/get"}"#),
+            Err(ClassifyError::Invalid(_))
+        ));
+        assert!(
+            classify(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"name":1}}"#)
+                .is_ok(),
+            "ungoverned methods are not read"
+        );
+    }
+
+    #[test]
+    fn a_null_id_is_a_request_never_a_notification() {
+        let null =
+            single(r#"{"jsonrpc":"2.0","id":null,"method":"tools/call","params":{"name":"x"}}"#);
+        assert_eq!(null.kind, MessageKind::Request);
+        assert!(null.null_id && null.id.is_none());
+        let note = single(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        assert!(!note.null_id);
+        let error = single(r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"x"}}"#);
+        assert_eq!(
+            error.kind,
+            MessageKind::Response,
+            "an error about an unreadable request"
+        );
+    }
+
+    #[test]
     fn batches_and_errors() {
         let batch = classify(
             br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"x"}]"#,
@@ -358,6 +498,12 @@ mod tests {
             Err(ClassifyError::Parse(_))
         ));
         assert!(matches!(classify(b"[]"), Err(ClassifyError::Invalid(_))));
+        let two = br#"[{"jsonrpc":"2.0","method":"x"},{"jsonrpc":"2.0","method":"y"}]"#;
+        assert!(classify_capped(two, 2).is_ok());
+        assert!(matches!(
+            classify_capped(two, 1),
+            Err(ClassifyError::Invalid(m)) if m.contains("limit of 1")
+        ));
         assert!(matches!(
             classify(br#"{"id":1,"method":"x"}"#),
             Err(ClassifyError::Invalid(_))

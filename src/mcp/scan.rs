@@ -116,6 +116,7 @@ impl ResponseFacts {
             },
             payload: None,
             size: usize::try_from(self.size).unwrap_or(usize::MAX),
+            null_id: false,
         }
     }
 }

@@ -11,18 +11,20 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 
-use super::RelayState;
 use super::channel::Channel;
+use super::filter::is_list_method;
 use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
+use super::{Governance, RelayState};
 use crate::govern::Identity;
 use crate::govern::assertion::Refresher;
 use crate::govern::condition::Call;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::{Decision, Kind};
-use crate::mcp::classify;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
-use crate::mcp::jsonrpc::{Classified, ClassifyError, codes, error_body};
+use crate::mcp::jsonrpc::{
+    Classified, ClassifyError, MessageInfo, MessageKind, classify_capped, codes, error_body,
+};
 use crate::wire::{Era, OpenHeader};
 
 /// A header's value as text, if present and text.
@@ -140,8 +142,17 @@ pub fn gate(
     Ok(who)
 }
 
-/// Reads a body of at most `limit` bytes (413 beyond), and classifies it (400 if not JSON-RPC).
-pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified), AgentError> {
+/// Reads an agent's body of at most the message limit (413 beyond) and classifies it (400 if
+/// not JSON-RPC, or a batch of more than `[limits] max_batch_messages`), then counts its
+/// messages past the first against the caller's rate limits ([`gate`] counted the first): a
+/// batch of N messages costs what N single messages cost.
+pub async fn read_message(
+    state: &RelayState,
+    who: &Identity,
+    source: &str,
+    body: Body,
+) -> Result<(Bytes, Classified), AgentError> {
+    let limit = state.max_message_bytes();
     let body = match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
@@ -153,11 +164,39 @@ pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified
             )));
         }
     };
-    let classified = classify(&body).map_err(|e| match e {
+    let classified = classify_capped(&body, state.max_batch_messages()).map_err(|e| match e {
         ClassifyError::Parse(m) => AgentError::Parse(m),
         ClassifyError::Invalid(m) => AgentError::BadRequest(m),
     })?;
+    let extra = classified.messages().len().saturating_sub(1);
+    if extra > 0 {
+        state
+            .governance()
+            .limiter
+            .messages(
+                &who.tenant,
+                &who.subject,
+                source,
+                u32::try_from(extra).unwrap_or(u32::MAX),
+                std::time::Instant::now(),
+            )
+            .map_err(|limited| {
+                tracing::info!(tenant = %who.tenant, subject = %who.subject, source, messages = extra + 1, ?limited, "batch rate limited");
+                metrics::counter!(crate::metrics::REQUESTS, "outcome" => "rate_limited").increment(1);
+                AgentError::RateLimited(limited)
+            })?;
+    }
     Ok((body, classified))
+}
+
+/// Why a body is refused before it reaches the tunnel: the JSON-RPC error to answer with, and
+/// its code (the outcome its calls are recorded with).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The error body.
+    pub body: Bytes,
+    /// Its JSON-RPC error code.
+    pub code: i64,
 }
 
 /// Policy's word on one agent message: on each message of the body (parallel to
@@ -167,16 +206,26 @@ pub async fn read_message(body: Body, limit: usize) -> Result<(Bytes, Classified
 pub struct Authorization {
     /// One entry per message of the body.
     pub decisions: Vec<Option<Decision>>,
-    /// The JSON-RPC error for the first denied message, if any: the whole body is refused.
-    pub refusal: Option<Bytes>,
+    /// The JSON-RPC error for the first refused message, if any: the whole body is refused.
+    pub refusal: Option<Refusal>,
 }
 
-/// Checks every `tools/call`, `resources/read` (and subscription) and `prompts/get` in the
-/// body against the caller's roles and their conditions. A denied call never reaches the
-/// tunnel: the refusal is the JSON-RPC error to answer it with, the one an unknown tool,
-/// resource or prompt gets. `body` is the raw message (or batch) `classified` describes: its
-/// `params` are parsed only when a role's condition applies to the call.
-pub fn authorize(
+/// Checks every message of the body before it may reach the tunnel, and refuses the whole body
+/// when one fails:
+///
+/// - a request with `"id": null` (MCP forbids it; it is no notification): `-32600`;
+/// - a list request inside a batch when the caller's tenant has roles (a list is filtered per
+///   caller, one answer at a time): `-32600`;
+/// - every `tools/call`, `resources/read` (and subscription) and `prompts/get`, against the
+///   caller's roles and their conditions, judged on the field the upstream acts on (see
+///   [`crate::mcp::jsonrpc::target_field`]); a denied one is refused with the error an unknown
+///   tool, resource or prompt gets (`-32602`).
+///
+/// Conditions are CEL evaluated over the call's arguments, whose cost grows with the body: when
+/// any applies, the checks run on the blocking pool, never on an async worker other tenants'
+/// requests share. `body` is parsed once (by classification); a condition reads only its own
+/// message's `params`.
+pub async fn authorize(
     state: &RelayState,
     who: &Identity,
     source: &str,
@@ -184,44 +233,145 @@ pub fn authorize(
     classified: &Classified,
 ) -> Authorization {
     let governance = state.governance();
+    let evaluates = classified.messages().iter().any(|message| {
+        governed_kind(message).is_some_and(|kind| {
+            let name = message.target.as_deref().unwrap_or_default();
+            governance
+                .policy
+                .evaluates_conditions(who, kind, source, name)
+        })
+    });
+    if !evaluates {
+        return decide(&governance, who, source, body, classified);
+    }
+    let (who_owned, source_owned, body_owned, classified_owned) = (
+        who.clone(),
+        source.to_owned(),
+        body.clone(),
+        classified.clone(),
+    );
+    let blocking = tokio::task::spawn_blocking(move || {
+        decide(
+            &governance,
+            &who_owned,
+            &source_owned,
+            &body_owned,
+            &classified_owned,
+        )
+    });
+    // Evaluation is finite (CEL has no unbounded loops, the body and batch are bounded), but
+    // every wait has a bound: past the request timeout the body is refused.
+    let outcome = match tokio::time::timeout(state.request_timeout(), blocking).await {
+        Ok(Ok(authorization)) => return authorization,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "the conditions took longer than the request timeout".to_owned(),
+    };
+    // The checks panicked or took too long: refuse, never let the body through.
+    tracing::error!(error = %outcome, source, "authorization failed");
+    let messages = classified.messages();
+    let failed = || Decision::Deny(format!("authorization failed: {outcome}"));
+    Authorization {
+        decisions: messages
+            .iter()
+            .map(|m| governed_kind(m).map(|_| failed()))
+            .collect(),
+        refusal: Some(Refusal {
+            body: error_body(
+                messages.first().and_then(|m| m.id.as_deref()),
+                codes::INTERNAL_ERROR,
+                "authorization failed",
+            ),
+            code: codes::INTERNAL_ERROR,
+        }),
+    }
+}
+
+/// What policy governs `message` as, if anything.
+fn governed_kind(message: &MessageInfo) -> Option<Kind> {
+    match message.method.as_deref()? {
+        "tools/call" => Some(Kind::Tool),
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => Some(Kind::Resource),
+        "prompts/get" => Some(Kind::Prompt),
+        _ => None,
+    }
+}
+
+/// The rule named in the audit record of a request with a null id.
+const NULL_ID_RULE: &str = "a request id must not be null";
+
+/// The rule named in the audit record of a list request in a batch.
+const BATCHED_LIST_RULE: &str = "a list request cannot be filtered inside a batch";
+
+/// [`authorize`]'s checks, on the calling thread.
+fn decide(
+    governance: &Governance,
+    who: &Identity,
+    source: &str,
+    body: &[u8],
+    classified: &Classified,
+) -> Authorization {
     let mut authorization = Authorization::default();
-    for (index, message) in classified.messages().iter().enumerate() {
-        let kind = match message.method.as_deref() {
-            Some("tools/call") => Kind::Tool,
-            Some("resources/read" | "resources/subscribe" | "resources/unsubscribe") => {
-                Kind::Resource
-            }
-            Some("prompts/get") => Kind::Prompt,
-            _ => {
-                authorization.decisions.push(None);
-                continue;
+    let is_batch = matches!(classified, Classified::Batch(_));
+    for message in classified.messages() {
+        let refused =
+            |rule: &str, code: i64, text: String| (Decision::Deny(rule.to_owned()), code, text);
+        let kind = governed_kind(message);
+        let denied = if message.null_id && message.kind == MessageKind::Request {
+            Some(refused(
+                NULL_ID_RULE,
+                codes::INVALID_REQUEST,
+                "Invalid Request: the id of a request must not be null".to_owned(),
+            ))
+        } else if is_batch
+            && message.method.as_deref().is_some_and(is_list_method)
+            && governance.policy.restricts(&who.tenant)
+        {
+            Some(refused(
+                BATCHED_LIST_RULE,
+                codes::INVALID_REQUEST,
+                format!(
+                    "Invalid Request: {} cannot be sent in a batch; send it alone",
+                    message.method.as_deref().unwrap_or_default()
+                ),
+            ))
+        } else {
+            None
+        };
+        let (decision, refusal) = match (denied, kind) {
+            (Some((decision, code, text)), _) => (Some(decision), Some((code, text))),
+            (None, None) => (None, None),
+            (None, Some(kind)) => {
+                let name = message.target.as_deref().unwrap_or_default();
+                let call = Call {
+                    who,
+                    kind,
+                    source,
+                    name,
+                    params: message.payload(body),
+                };
+                let decision = governance.policy.check_call(&call);
+                let refusal = (!decision.is_allowed()).then(|| {
+                    tracing::info!(tenant = %who.tenant, subject = %who.subject, source, name, ?kind, ?decision, "call denied");
+                    let what = match kind {
+                        Kind::Tool => "tool",
+                        Kind::Resource => "resource",
+                        Kind::Prompt => "prompt",
+                    };
+                    (codes::INVALID_PARAMS, format!("Unknown {what}: {name}"))
+                });
+                (Some(decision), refusal)
             }
         };
-        let name = message.target.as_deref().unwrap_or_default();
-        let call = Call {
-            who,
-            kind,
-            source,
-            name,
-            body,
-            batch_index: matches!(classified, Classified::Batch(_)).then_some(index),
-        };
-        let decision = governance.policy.check_call(&call);
-        if !decision.is_allowed() && authorization.refusal.is_none() {
-            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, name, ?kind, ?decision, "call denied");
+        if let Some((code, text)) = refusal
+            && authorization.refusal.is_none()
+        {
             metrics::counter!(crate::metrics::REQUESTS, "outcome" => "denied").increment(1);
-            let what = match kind {
-                Kind::Tool => "tool",
-                Kind::Resource => "resource",
-                Kind::Prompt => "prompt",
-            };
-            authorization.refusal = Some(error_body(
-                message.id.as_deref(),
-                codes::INVALID_PARAMS,
-                &format!("Unknown {what}: {name}"),
-            ));
+            authorization.refusal = Some(Refusal {
+                body: error_body(message.id.as_deref(), code, &text),
+                code,
+            });
         }
-        authorization.decisions.push(Some(decision));
+        authorization.decisions.push(decision);
     }
     authorization
 }

@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use hashbrown::{Equivalent, HashMap};
 use metrics::{Counter, Histogram};
 
+use super::metric_names::{self, MetricNames};
 use crate::govern::audit::Record;
 use crate::metrics as names;
 
@@ -60,17 +61,20 @@ impl Equivalent<OwnedLabels> for Labels<'_> {
 }
 
 impl<'a> Labels<'a> {
-    fn of(record: &'a Record) -> Self {
+    /// The labels of `record`: its source, method and tool or prompt only as far as `names`
+    /// knows them (the rest is [`metric_names::OTHER`]), so agents cannot add series at will.
+    fn of(record: &'a Record, names: &MetricNames) -> Self {
+        let tool = record
+            .tool
+            .as_deref()
+            .or(record.prompt.as_deref())
+            .unwrap_or_default();
         Labels {
             tenant: &record.tenant,
-            source: &record.source,
+            source: names.source_label(&record.tenant, &record.source),
             direction: record.direction.label(),
-            method: &record.method,
-            tool: record
-                .tool
-                .as_deref()
-                .or(record.prompt.as_deref())
-                .unwrap_or_default(),
+            method: metric_names::method_label(&record.method),
+            tool: names.name_label(&record.tenant, &record.source, tool),
             decision: record.decision.label(),
             outcome: record.outcome.label(),
         }
@@ -135,6 +139,8 @@ impl Series {
 pub struct CallMetrics {
     kept: Mutex<HashMap<OwnedLabels, Series>>,
     limit: usize,
+    /// What may be a label value.
+    names: MetricNames,
 }
 
 impl Default for CallMetrics {
@@ -149,12 +155,18 @@ impl CallMetrics {
         Self {
             kept: Mutex::default(),
             limit,
+            names: MetricNames::default(),
         }
+    }
+
+    /// The names labels may take.
+    pub fn names(&self) -> &MetricNames {
+        &self.names
     }
 
     /// Counts `record`, a finished call.
     pub fn record(&self, record: &Record) {
-        let labels = Labels::of(record);
+        let labels = Labels::of(record, &self.names);
         {
             // Updated under the lock: four atomic adds, no handle cloned per call.
             let mut kept = self
@@ -202,6 +214,9 @@ mod tests {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let calls = CallMetrics::new(1);
+        calls
+            .names()
+            .learn_names("acme", "db", ["echo", "add"].into_iter());
         metrics::with_local_recorder(&recorder, || {
             calls.record(&record("echo", Outcome::Ok));
             calls.record(&record("echo", Outcome::Ok));
@@ -235,11 +250,16 @@ mod tests {
 
     #[test]
     fn borrowed_labels_find_their_owned_key() {
+        let names = MetricNames::default();
+        names.learn_names("acme", "db", ["echo", "add"].into_iter());
         let r = record("echo", Outcome::Ok);
-        let labels = Labels::of(&r);
+        let labels = Labels::of(&r, &names);
         let mut map = HashMap::new();
         map.insert(labels.to_owned(), ());
-        assert!(map.get(&Labels::of(&r)).is_some());
-        assert!(map.get(&Labels::of(&record("add", Outcome::Ok))).is_none());
+        assert!(map.get(&Labels::of(&r, &names)).is_some());
+        assert!(
+            map.get(&Labels::of(&record("add", Outcome::Ok), &names))
+                .is_none()
+        );
     }
 }

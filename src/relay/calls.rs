@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use super::activity::Activity;
 use super::call_metrics::CallMetrics;
+use super::metric_names::MetricNames;
 use crate::govern::Identity;
 use crate::govern::audit::{Auditor, Capture, Direction, Outcome, Record, Verdict, digest};
 use crate::govern::policy::Decision;
@@ -82,6 +83,11 @@ impl Calls {
                 .map_err(|e| CallError::Audit(e.to_string())),
             None => Ok(()),
         }
+    }
+
+    /// The names finished calls' metrics may be labelled with.
+    pub fn metric_names(&self) -> &MetricNames {
+        self.metrics.names()
     }
 
     /// Flushes and closes the audit trail (graceful shutdown, after the drain).

@@ -9,16 +9,39 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::Governance;
+use super::calls::Calls;
+use super::{Governance, RelayState};
 use crate::govern::Identity;
 use crate::govern::policy::Kind;
 use crate::mcp::Classified;
 
-/// Filters the answer to one list request.
+/// The result field holding the list of a list method, what its entries are, and the entry
+/// field naming each; `None` for other methods.
+fn list_of(method: &str) -> Option<(&'static str, Kind, &'static str)> {
+    Some(match method {
+        "tools/list" => ("tools", Kind::Tool, "name"),
+        "resources/list" => ("resources", Kind::Resource, "uri"),
+        "resources/templates/list" => ("resourceTemplates", Kind::Resource, "uriTemplate"),
+        "prompts/list" => ("prompts", Kind::Prompt, "name"),
+        _ => return None,
+    })
+}
+
+/// Whether `method` lists tools, resources, resource templates or prompts (an answer policy
+/// filters per caller).
+pub fn is_list_method(method: &str) -> bool {
+    list_of(method).is_some()
+}
+
+/// Filters the answer to one list request, and teaches the relay's metric labels the tool and
+/// prompt names the upstream listed (see [`super::metric_names`]).
 pub struct ListFilter {
     who: Identity,
     source: String,
     governance: Arc<Governance>,
+    calls: Arc<Calls>,
+    /// Whether the caller's tenant has roles (entries are then filtered).
+    restricts: bool,
     /// The result field holding the list, and what its entries are.
     field: &'static str,
     kind: Kind,
@@ -27,9 +50,10 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
-    /// A filter for `classified` (a single list request), if the caller's tenant has roles.
+    /// A filter for `classified` (a single list request), if the caller's tenant has roles or
+    /// the list names tools or prompts (names metrics may label calls with).
     pub fn for_request(
-        governance: Arc<Governance>,
+        state: &RelayState,
         who: &Identity,
         source: &str,
         classified: &Classified,
@@ -37,20 +61,18 @@ impl ListFilter {
         let Classified::Single(request) = classified else {
             return None;
         };
-        let (field, kind, name) = match request.method.as_deref()? {
-            "tools/list" => ("tools", Kind::Tool, "name"),
-            "resources/list" => ("resources", Kind::Resource, "uri"),
-            "resources/templates/list" => ("resourceTemplates", Kind::Resource, "uriTemplate"),
-            "prompts/list" => ("prompts", Kind::Prompt, "name"),
-            _ => return None,
-        };
-        if !governance.policy.restricts(&who.tenant) {
+        let (field, kind, name) = list_of(request.method.as_deref()?)?;
+        let governance = state.governance();
+        let restricts = governance.policy.restricts(&who.tenant);
+        if !restricts && kind == Kind::Resource {
             return None;
         }
         Some(Self {
             who: who.clone(),
             source: source.to_owned(),
             governance,
+            calls: state.calls.clone(),
+            restricts,
             field,
             kind,
             name,
@@ -70,15 +92,25 @@ impl ListFilter {
         else {
             return message;
         };
+        let field = self.name;
+        fn name_of<'v>(entry: &'v Value, field: &str) -> &'v str {
+            entry.get(field).and_then(Value::as_str).unwrap_or_default()
+        }
+        if self.kind != Kind::Resource {
+            self.calls.metric_names().learn_names(
+                &self.who.tenant,
+                &self.source,
+                entries.iter().map(|entry| name_of(entry, field)),
+            );
+        }
+        if !self.restricts {
+            return message;
+        }
         let before = entries.len();
         entries.retain(|entry| {
-            let name = entry
-                .get(self.name)
-                .and_then(Value::as_str)
-                .unwrap_or_default();
             self.governance
                 .policy
-                .check(&self.who, self.kind, &self.source, name)
+                .check(&self.who, self.kind, &self.source, name_of(entry, field))
                 .is_allowed()
         });
         if entries.len() == before {

@@ -22,7 +22,6 @@ use super::oauth::Resource;
 use super::reply::AgentError;
 use super::sessions::{Session, Transport, new_session_id};
 use crate::govern::audit::Outcome;
-use crate::mcp::jsonrpc::codes;
 use crate::mcp::sse;
 use crate::wire::Era;
 
@@ -113,8 +112,8 @@ async fn handle_message(
             .sessions
             .get(session_id, &who, &source, Transport::LegacySse)
             .ok_or(AgentError::SessionNotFound)?;
-        let (body, classified) = read_message(body, state.max_message_bytes()).await?;
-        let authorization = authorize(&state, &who, &source, &body, &classified);
+        let (body, classified) = read_message(&state, &who, &source, body).await?;
+        let authorization = authorize(&state, &who, &source, &body, &classified).await;
         let mut calls = InFlight::begin(
             &state.calls,
             &who,
@@ -125,13 +124,11 @@ async fn handle_message(
         );
         calls.set_context(&session.call_context());
         if let Some(denied) = authorization.refusal {
-            let denied = calls
-                .fail(Outcome::Error(codes::INVALID_PARAMS), denied)
-                .await;
+            let denied = calls.fail(Outcome::Error(denied.code), denied.body).await;
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
-        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
+        let filter = ListFilter::for_request(&state, &who, &source, &classified);
         Ok(forward_to_stream(&state, &session, body, &classified, filter, calls).await)
     }
     .await;

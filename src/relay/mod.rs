@@ -13,6 +13,7 @@ pub mod channel;
 pub mod events;
 pub mod filter;
 pub mod legacy_sse;
+pub mod metric_names;
 pub mod oauth;
 pub mod registry;
 pub mod reload;
@@ -181,6 +182,11 @@ impl RelayState {
             .min(self.limits.max_message_bytes)
     }
 
+    /// Most messages one agent batch may hold (reloadable).
+    pub fn max_batch_messages(&self) -> usize {
+        self.governance().limits.max_batch_messages
+    }
+
     /// The current credentials and policy.
     pub fn governance(&self) -> Arc<Governance> {
         let guard: RwLockReadGuard<'_, Arc<Governance>> = self
@@ -194,6 +200,7 @@ impl RelayState {
     /// with the old ones, every later request sees the new ones. Open sessions and tunnels
     /// stay. Returns the replaced governance.
     pub fn reload(&self, governance: Governance) -> Arc<Governance> {
+        self.calls.metric_names().configure(&governance.policy);
         let mut guard = self
             .governance
             .write()
@@ -316,11 +323,13 @@ impl Relay {
             crate::metrics::prometheus();
         }
         let activity = Arc::new(activity::Activity::default());
+        let calls = Arc::new(calls::Calls::new(auditor, activity.clone()));
+        calls.metric_names().configure(&governance.policy);
         let state = Arc::new(RelayState {
             governance: RwLock::new(Arc::new(governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
-            calls: Arc::new(calls::Calls::new(auditor, activity.clone())),
+            calls,
             activity,
             limits: settings.limits,
             allowed_origins: settings.allowed_origins,

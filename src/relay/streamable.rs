@@ -27,7 +27,7 @@ use crate::govern::Identity;
 use crate::govern::audit::Outcome;
 use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
-use crate::mcp::jsonrpc::{Classified, MessageInfo, codes};
+use crate::mcp::jsonrpc::{Classified, MessageInfo};
 use crate::wire::Era;
 
 /// The header a reconnecting agent names its last seen event with.
@@ -59,8 +59,8 @@ async fn post_inner(
     body: Body,
 ) -> Result<Response, AgentError> {
     let who = gate(&state, &headers, Resource::Mcp(&source))?;
-    let (body, classified) = read_message(body, state.max_message_bytes()).await?;
-    let authorization = authorize(&state, &who, &source, &body, &classified);
+    let (body, classified) = read_message(&state, &who, &source, body).await?;
+    let authorization = authorize(&state, &who, &source, &body, &classified).await;
     let mut calls = InFlight::begin(
         &state.calls,
         &who,
@@ -76,9 +76,7 @@ async fn post_inner(
         transport: None,
     });
     if let Some(denied) = authorization.refusal {
-        let denied = calls
-            .fail(Outcome::Error(codes::INVALID_PARAMS), denied)
-            .await;
+        let denied = calls.fail(Outcome::Error(denied.code), denied.body).await;
         return Ok(json_response(StatusCode::OK, denied));
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
@@ -87,7 +85,7 @@ async fn post_inner(
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
         calls.set_context(&session.call_context());
-        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
+        let filter = ListFilter::for_request(&state, &who, &source, &classified);
         let target = Target {
             source: &source,
             session: Some(&session),
@@ -193,7 +191,7 @@ async fn stateless(
         source,
         session: None,
         era: ProtocolEra::Stateless,
-        filter: ListFilter::for_request(state.governance(), who, source, classified),
+        filter: ListFilter::for_request(state, who, source, classified),
         calls,
     };
     Ok(forward(state, &channel, body, classified, target).await)

@@ -193,7 +193,9 @@ async fn handshake(
     let max_frame = usize::try_from(hello.max_frame)
         .unwrap_or(usize::MAX)
         .min(state.limits.max_message_bytes);
-    let sources = hello.sources.into_iter().map(|s| s.name).collect();
+    let sources: Vec<String> = hello.sources.into_iter().map(|s| s.name).collect();
+    // A registered source is one metrics may name (see `metric_names`).
+    state.calls.metric_names().learn_sources(&tenant, &sources);
     Ok(Control {
         tunnel: state
             .registry
