@@ -113,6 +113,9 @@ pub struct RelayConfig {
     /// Signed caller identity for upstreams (enabled per tenant and source).
     #[serde(default)]
     pub identity_assertion: Option<IdentityAssertionSection>,
+    /// This relay's place in a fleet (for now only its instance id).
+    #[serde(default)]
+    pub fleet: Option<FleetSection>,
 }
 
 /// `[identity_assertion]`: how the relay signs the caller's identity for upstreams. Which
@@ -275,6 +278,20 @@ pub struct AuditSection {
     /// Per tenant and source: how much of arguments and results to keep.
     #[serde(default)]
     pub sources: Vec<AuditSourceSection>,
+
+    // --- Checkpoint chain and epochs (issue 13, item 5) ---
+    /// A file the relay appends every signed checkpoint to, one JSON line each: the off-box
+    /// copy (`audit verify --checkpoints FILE`) once shipped or mounted elsewhere. None: off.
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
+    /// This relay instance's name in the trail (its chains are keyed by it): set by the relay
+    /// from `[fleet] id`, else host and tunnel port. Not a file key.
+    #[serde(skip)]
+    pub relay_id: Option<String>,
+    /// `relay --new-audit-epoch`: begin a new epoch if the trail does not verify at start,
+    /// instead of refusing to start. Not a file key.
+    #[serde(skip)]
+    pub new_epoch: bool,
 }
 
 /// `[audit] durability`: what a committed row survives.
@@ -349,6 +366,9 @@ impl AuditSection {
             checkpoint_secs: DEFAULT_CHECKPOINT_SECS,
             queue: DEFAULT_AUDIT_QUEUE,
             sources: Vec::new(),
+            checkpoint_file: None,
+            relay_id: None,
+            new_epoch: false,
         }
     }
 
@@ -531,7 +551,14 @@ impl RelayConfig {
         if let Some(audit) = &mut config.audit {
             audit.path = base.join(&audit.path);
             audit.key = audit.key.as_ref().map(|key| base.join(key));
+            audit.checkpoint_file = audit.checkpoint_file.as_ref().map(|f| base.join(f));
             audit.validate().map_err(|message| ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })?;
+        }
+        if let Some(fleet) = &config.fleet {
+            fleet.validate().map_err(|message| ConfigError::Invalid {
                 path: path.into(),
                 message,
             })?;
@@ -923,6 +950,29 @@ impl ClientFile {
                 })
             })
             .collect()
+    }
+}
+
+// --- [fleet] (issue 13, item 5: the audit trail keys its chains by relay instance) ---
+
+/// `[fleet]`: this relay's place in a fleet. Only `id` so far; the fleet secret and shared
+/// stores come with the fleet itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// This relay instance's id: names its audit checkpoint chain. Default: derived from the
+    /// host name and the tunnel listen port.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl FleetSection {
+    /// Checks values serde cannot: a non-empty id.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.id {
+            Some(id) if id.trim().is_empty() => Err("fleet.id must not be empty".into()),
+            _ => Ok(()),
+        }
     }
 }
 
