@@ -310,18 +310,28 @@ fn main() -> anyhow::Result<()> {
 fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
+    // The handlers are installed here, before the caller goes on to listen: installed inside
+    // the task, a SIGTERM right after "relay listening" could find the default action (exit
+    // without closing the audit trail) before the task first ran.
+    #[cfg(unix)]
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).expect("installing a SIGINT handler succeeds on Unix"),
+            signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds on Unix"),
+        )
+    };
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler succeeds on Unix");
-        #[cfg(unix)]
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        {
+            let (mut int, mut term) = signals;
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
         cancel.cancel();
     });
