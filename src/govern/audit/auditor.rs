@@ -1068,4 +1068,169 @@ pub(crate) mod tests {
         let err = Auditor::open(&config).expect_err("not a database");
         assert!(err.to_string().contains("not-a-db"), "{err}");
     }
+
+    /// The schema of a trail written before checkpoints were chained (c1e4632).
+    const V1_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    public_key TEXT PRIMARY KEY,
+    added_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    subject TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    source TEXT NOT NULL,
+    session TEXT,
+    transport TEXT,
+    protocol_version TEXT,
+    direction TEXT NOT NULL,
+    method TEXT NOT NULL,
+    request_id TEXT,
+    tool TEXT,
+    resource TEXT,
+    prompt TEXT,
+    decision TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    outcome_code INTEGER,
+    latency_us INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    args_sha256 TEXT NOT NULL,
+    record BLOB NOT NULL,
+    UNIQUE (tenant, seq)
+);
+CREATE INDEX IF NOT EXISTS records_time ON records (time_ms);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+";
+
+    /// A schema 1 trail at `path`, as the relay of c1e4632 wrote it: `count` acme rows and a
+    /// per-tenant checkpoint of the last, signed by the key at `key`.
+    fn write_v1(path: &std::path::Path, key: &std::path::Path, count: u64) {
+        let key = CheckpointKey::load_or_create(key).expect("key");
+        let conn = Connection::open(path).expect("create");
+        conn.execute_batch(V1_SCHEMA).expect("schema 1");
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')", [])
+            .expect("version");
+        conn.execute(
+            "INSERT INTO keys (public_key, added_ms) VALUES (?1, 0)",
+            [key.public_hex()],
+        )
+        .expect("key");
+        let mut prev = chain::GENESIS;
+        for seq in 1..=count {
+            let r = record("acme", seq);
+            let bytes = chain::canonical(&r);
+            let hash = chain::row_hash(&prev, seq, &bytes);
+            let mut values: Vec<rusqlite::types::Value> = vec![
+                "acme".to_owned().into(),
+                (seq as i64).into(),
+                hex::encode(prev).into(),
+                hex::encode(hash).into(),
+                bytes.into(),
+            ];
+            values.extend(store::record_columns(&r));
+            conn.execute(
+                &format!(
+                    "INSERT INTO records (tenant, seq, prev_hash, hash, record, {}) VALUES ({})",
+                    store::RECORD_COLUMNS,
+                    (1..=values.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+                ),
+                rusqlite::params_from_iter(values),
+            )
+            .expect("row");
+            prev = hash;
+        }
+        let hash = hex::encode(prev);
+        let signature = key.sign(&chain::checkpoint_message("acme", count, &hash, 5));
+        conn.execute(
+            "INSERT INTO checkpoints (time_ms, tenant, seq, hash, public_key, signature) \
+             VALUES (5, 'acme', ?1, ?2, ?3, ?4)",
+            rusqlite::params![count as i64, hash, key.public_hex(), signature],
+        )
+        .expect("checkpoint");
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_trail_is_read_as_it_is_and_migrated_in_place_by_the_relay() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.db");
+        let key_path = dir.path().join("audit.key");
+        write_v1(&path, &key_path, 7);
+        let public = crate::govern::audit::key::read_public_key(&crate::govern::audit::key::public_key_path(&key_path))
+            .expect("public key");
+        let keys = [public];
+
+        // Read-only tools read it unchanged.
+        let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
+        assert!(report.ok(), "{report}");
+        assert_eq!((report.rows, report.checkpoints), (7, 1));
+        assert!(report.notes.iter().any(|n| n.contains("schema 1")), "{report}");
+
+        // The relay migrates it in place and chains on from its rows.
+        let mut config = AuditSection::new(&path);
+        config.relay_id = Some("relay-a".into());
+        let auditor = Auditor::open(&config).expect("open and migrate");
+        auditor.append(record("acme", 8)).await.expect("append");
+        auditor.close().await;
+        let conn = Connection::open(&path).expect("open");
+        let version: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, store::SCHEMA_VERSION);
+        let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
+        assert!(report.ok(), "{report}");
+        assert_eq!(report.rows, 8);
+        assert_eq!(report.checkpoints, 3, "the schema 1 one, start and close");
+        assert!(
+            report.notes.iter().any(|n| n.contains("migrated from schema 1")),
+            "{report}"
+        );
+        let last = checkpoints(&path).pop().expect("a checkpoint");
+        assert_eq!(last.head("acme").map(|h| h.seq), Some(8));
+
+        // A schema 1 row changed after the migration is still found.
+        conn.execute_batch("UPDATE records SET subject = 'mallory' WHERE seq = 3")
+            .expect("tamper");
+        let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
+        assert!(!report.ok(), "{report}");
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_trail_whose_checkpoint_does_not_verify_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.db");
+        write_v1(&path, &dir.path().join("old.key"), 3);
+        // The relay has another key than the one that signed the schema 1 checkpoints.
+        let mut config = AuditSection::new(&path);
+        config.relay_id = Some("relay-a".into());
+        let err = Auditor::open(&config).expect_err("refused");
+        assert!(
+            matches!(err, AuditError::Untrusted { .. }) && err.to_string().contains("schema 1"),
+            "{err}"
+        );
+        config.new_epoch = true;
+        let auditor = Auditor::open(&config).expect("a new epoch");
+        auditor.close().await;
+        let first = checkpoints(&path).remove(0);
+        assert_eq!((first.kind, first.epoch, first.n), (Kind::Epoch, 2, 1));
+        assert!(first.note.contains("schema 1"), "{}", first.note);
+    }
 }
