@@ -608,7 +608,8 @@ pub fn last_checkpoint(
     })
 }
 
-/// Every checkpoint, relay by relay, in number order (for `audit checkpoints` and `verify`).
+/// Every checkpoint, relay by relay, in number order, in memory (for tests and small trails;
+/// `audit checkpoints` and `verify` stream them instead).
 pub fn all_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<StoredCheckpoint>> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY relay, n, id"

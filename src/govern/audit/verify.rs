@@ -294,14 +294,16 @@ impl TailClock {
     }
 }
 
-/// A relay's checkpoints, parsed, in number order.
+/// What the scan keeps of a relay's checkpoints (not all of them: a year of one-minute
+/// checkpoints is half a million): the last, and the epoch checkpoints, with row ids.
 struct RelayCheckpoints {
-    list: Vec<(i64, Checkpoint)>,
+    last: (i64, Checkpoint),
+    epochs: Vec<(i64, Checkpoint)>,
 }
 
 impl RelayCheckpoints {
     fn last(&self) -> Option<&(i64, Checkpoint)> {
-        self.list.last()
+        Some(&self.last)
     }
 }
 
@@ -342,17 +344,23 @@ pub fn verify(
         warnings: Vec::new(),
         problem: None,
     };
-    let stored = if v1 {
-        Vec::new()
-    } else {
-        store::all_checkpoints(&tx).map_err(err)?
-    };
     let mut relays: BTreeMap<String, RelayCheckpoints> = BTreeMap::new();
     let mut segments: Vec<EpochSegment> = Vec::new();
-    if let Some(problem) = check_checkpoints(stored, &keys, &mut relays, &mut segments, &mut report)
-    {
-        report.problem = Some(problem);
-        return Ok(report);
+    if !v1 {
+        let mut stmt = tx
+            .prepare(&format!(
+                "SELECT {} FROM checkpoints ORDER BY relay, n, id",
+                store::CHECKPOINT_COLUMNS
+            ))
+            .map_err(err)?;
+        let stored = stmt.query_map([], store::read_checkpoint).map_err(err)?;
+        if let Some(problem) =
+            check_checkpoints(stored, &keys, &mut relays, &mut segments, &mut report)
+                .map_err(err)?
+        {
+            report.problem = Some(problem);
+            return Ok(report);
+        }
     }
 
     // Rows, in insertion order.
@@ -547,11 +555,12 @@ pub fn verify(
             .filter(|s| &s.relay == relay)
             .map(|s| s.n)
             .collect();
-        for (id, cp) in cps
-            .list
+        let last_is_epoch = epochs.contains(&cps.last.1.n);
+        let signing = cps
+            .epochs
             .iter()
-            .filter(|(_, cp)| epochs.contains(&cp.n) || Some(cp.n) == cps.last().map(|l| l.1.n))
-        {
+            .chain((!last_is_epoch).then_some(&cps.last));
+        for (id, cp) in signing {
             for head in &cp.heads {
                 let problem = |kind, detail: String| Problem {
                     relay: relay.clone(),
@@ -697,7 +706,7 @@ pub fn verify(
     }
 
     if let Some(copy) = offbox
-        && let Some(problem) = check_offbox(copy, &keys, &relays, &mut report)
+        && let Some(problem) = check_offbox(copy, &keys, &tx, &mut report).map_err(err)?
     {
         report.problem = Some(problem);
         return Ok(report);
@@ -715,14 +724,15 @@ pub fn verify(
 /// Checks each relay's checkpoint chain (numbering, links, signatures, keys, heads never
 /// going back), filling `relays` and the epoch segments; returns the first problem.
 fn check_checkpoints(
-    stored: Vec<StoredCheckpoint>,
+    stored: impl Iterator<Item = rusqlite::Result<StoredCheckpoint>>,
     keys: &[String],
     relays: &mut BTreeMap<String, RelayCheckpoints>,
     segments: &mut Vec<EpochSegment>,
     report: &mut Report,
-) -> Option<Problem> {
+) -> rusqlite::Result<Option<Problem>> {
     let mut crashes: BTreeMap<String, u64> = BTreeMap::new();
     for sc in stored {
+        let sc = sc?;
         let problem = |kind, detail: String| Problem {
             relay: sc.relay.clone(),
             checkpoint: Some(sc.n),
@@ -734,34 +744,31 @@ fn check_checkpoints(
         };
         let cp = match sc.checkpoint {
             Ok(cp) => cp,
-            Err(e) => return Some(problem(ProblemKind::InvalidCheckpoint, e)),
+            Err(e) => return Ok(Some(problem(ProblemKind::InvalidCheckpoint, e))),
         };
         if !keys.is_empty() && !keys.contains(&cp.public_key.to_ascii_lowercase()) {
-            return Some(problem(
+            return Ok(Some(problem(
                 ProblemKind::UnknownKey,
                 format!(
                     "signed by key {}, not the given public key{}",
                     cp.public_key,
                     if keys.len() > 1 { "s" } else { "" }
                 ),
-            ));
+            )));
         }
         if !cp.signature_valid() {
-            return Some(problem(
+            return Ok(Some(problem(
                 ProblemKind::BadSignature,
                 "the signature does not verify".into(),
-            ));
+            )));
         }
         if !sc.stored_hash.eq_ignore_ascii_case(&cp.hash()) {
-            return Some(problem(
+            return Ok(Some(problem(
                 ProblemKind::CheckpointMismatch,
                 "the hash column is not the hash of the signed checkpoint".into(),
-            ));
+            )));
         }
-        let chain = relays
-            .entry(cp.relay.clone())
-            .or_insert(RelayCheckpoints { list: Vec::new() });
-        let previous = chain.last().map(|(_, p)| p);
+        let previous = relays.get(&cp.relay).map(|c| &c.last.1);
         let expected = previous.map_or(1, |p| p.n + 1);
         if cp.n != expected {
             let missing = if cp.n == expected + 1 {
@@ -769,27 +776,27 @@ fn check_checkpoints(
             } else {
                 format!("checkpoints {expected} to {} are missing", cp.n - 1)
             };
-            return Some(problem(
+            return Ok(Some(problem(
                 ProblemKind::CheckpointGap,
                 format!("{missing} (deleted checkpoints)"),
-            ));
+            )));
         }
         let expected_prev = previous.map_or_else(|| GENESIS_HEX.to_owned(), Checkpoint::hash);
         if !cp.prev.eq_ignore_ascii_case(&expected_prev) {
-            return Some(problem(
+            return Ok(Some(problem(
                 ProblemKind::CheckpointChainBroken,
                 format!(
                     "it does not follow checkpoint {} (its previous hash is not that one's)",
                     cp.n.saturating_sub(1)
                 ),
-            ));
+            )));
         }
         if let Some(previous) = previous {
             for head in &previous.heads {
                 match cp.head(&head.tenant) {
                     Some(now) if now.seq >= head.seq => {}
                     _ => {
-                        return Some(Problem {
+                        return Ok(Some(Problem {
                             tenant: Some(head.tenant.clone()),
                             ..problem(
                                 ProblemKind::CheckpointMismatch,
@@ -798,7 +805,7 @@ fn check_checkpoints(
                                     head.seq, previous.n
                                 ),
                             )
-                        });
+                        }));
                     }
                 }
             }
@@ -845,7 +852,28 @@ fn check_checkpoints(
             _ => {}
         }
         report.checkpoints += 1;
-        chain.list.push((sc.id, cp));
+        match relays.get_mut(&cp.relay) {
+            Some(chain) => {
+                if cp.kind == Kind::Epoch {
+                    chain.epochs.push((sc.id, cp.clone()));
+                }
+                chain.last = (sc.id, cp);
+            }
+            None => {
+                let epochs = if cp.kind == Kind::Epoch {
+                    vec![(sc.id, cp.clone())]
+                } else {
+                    Vec::new()
+                };
+                relays.insert(
+                    cp.relay.clone(),
+                    RelayCheckpoints {
+                        last: (sc.id, cp),
+                        epochs,
+                    },
+                );
+            }
+        }
     }
     for (relay, count) in crashes {
         report.notes.push(format!(
@@ -853,7 +881,7 @@ fn check_checkpoints(
              their unsigned rows were signed by the next start)"
         ));
     }
-    None
+    Ok(None)
 }
 
 /// Checks schema 1 checkpoints (per tenant: signature, and the row they name); returns per
@@ -942,9 +970,9 @@ fn legacy_checkpoints(
 fn check_offbox(
     copy: &[Checkpoint],
     keys: &[String],
-    relays: &BTreeMap<String, RelayCheckpoints>,
+    conn: &Connection,
     report: &mut Report,
-) -> Option<Problem> {
+) -> rusqlite::Result<Option<Problem>> {
     let mut matched = 0u64;
     for (line, cp) in copy.iter().enumerate() {
         let problem = |detail: String| Problem {
@@ -960,43 +988,52 @@ fn check_offbox(
         if !cp.signature_valid()
             || (!keys.is_empty() && !keys.contains(&cp.public_key.to_ascii_lowercase()))
         {
-            return Some(problem(format!(
+            return Ok(Some(problem(format!(
                 "line {line} of the copy is not signed by {}",
                 if keys.is_empty() {
                     "the key it names"
                 } else {
                     "a given public key"
                 }
-            )));
+            ))));
         }
-        let in_trail = relays
-            .get(&cp.relay)
-            .and_then(|c| c.list.iter().find(|(_, t)| t.n == cp.n));
+        // Every stored checkpoint's hash column was checked against what it signs.
+        let in_trail: Option<(String, String)> = conn
+            .query_row(
+                "SELECT hash, public_key FROM checkpoints WHERE relay = ?1 AND n = ?2",
+                rusqlite::params![cp.relay, i64::try_from(cp.n).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
         match in_trail {
             None => {
-                return Some(problem(format!(
+                return Ok(Some(problem(format!(
                     "line {line} of the copy is not in the trail (the trail was cut back or \
                      replaced)"
-                )));
+                ))));
             }
-            Some((_, stored)) if stored.hash() != cp.hash() => {
-                return Some(problem(format!(
+            Some((hash, key)) if !hash.eq_ignore_ascii_case(&cp.hash()) => {
+                return Ok(Some(problem(format!(
                     "line {line} of the copy differs from the trail's checkpoint (the trail was \
                      rewritten{})",
-                    if stored.public_key != cp.public_key {
+                    if !key.eq_ignore_ascii_case(&cp.public_key) {
                         ", with another key"
                     } else {
                         ""
                     }
-                )));
+                ))));
             }
             Some(_) => matched += 1,
         }
     }
-    report.notes.push(format!(
-        "{matched} checkpoints match the off-box copy"
-    ));
-    None
+    report
+        .notes
+        .push(format!("{matched} checkpoints match the off-box copy"));
+    Ok(None)
 }
 
 /// Reads an off-box copy: one checkpoint JSON object a line (blank lines skipped).
@@ -1099,9 +1136,10 @@ pub fn check_start(
             )));
         }
     }
-    // The unsigned tail: chained on from the signed heads, and a crash tail by its times.
+    // The unsigned tail: chained on from the signed heads, and a crash tail by its times. Both
+    // passes stream (a forged file may hold any number of rows).
     let mut clock = TailClock::new(Some(cp.time_ms), cp.interval_ms);
-    let mut tail: Vec<(i64, String, u64, u64)> = Vec::new();
+    let mut first_unsigned: Option<i64> = None;
     let mut stmt = conn.prepare_cached(
         "SELECT id, seq, prev_hash, hash, record FROM records WHERE relay = ?1 AND tenant = ?2 \
          AND seq > ?3 ORDER BY seq",
@@ -1128,15 +1166,27 @@ pub fn check_start(
                      ({n}), does not chain on from it"
                 )));
             }
-            let time_ms = serde_json::from_slice::<Record>(&bytes).map_or(0, |r| r.time_ms);
-            tail.push((id, tenant.clone(), row_seq, time_ms));
+            first_unsigned = Some(first_unsigned.map_or(id, |f| f.min(id)));
             seq = row_seq;
             hash = computed;
         }
     }
-    tail.sort_by_key(|t| t.0);
-    for (id, tenant, seq, time_ms) in &tail {
-        clock.feed(*id, tenant, *seq, *time_ms);
+    if let Some(first) = first_unsigned {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, tenant, seq, record FROM records WHERE relay = ?1 AND id >= ?2 ORDER BY id",
+        )?;
+        let mut rows = stmt.query(rusqlite::params![relay, first])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let tenant: String = row.get(1)?;
+            let seq = u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0);
+            if seq <= cp.head(&tenant).map_or(0, |h| h.seq) {
+                continue;
+            }
+            let bytes: Vec<u8> = row.get(3)?;
+            let time_ms = serde_json::from_slice::<Record>(&bytes).map_or(0, |r| r.time_ms);
+            clock.feed(id, &tenant, seq, time_ms);
+        }
     }
     if let Some((id, tenant, seq, detail)) = clock.failure(&format!(
         "after its last checkpoint ({n}, {})",
@@ -1146,10 +1196,10 @@ pub fn check_start(
             "tenant {tenant:?} seq {seq} (row id {id}): {detail}"
         )));
     }
-    if !tail.is_empty() {
+    if clock.rows > 0 {
         tracing::warn!(
             relay,
-            rows = tail.len(),
+            rows = clock.rows,
             checkpoint = n,
             "audit trail: a crash tail of unsigned rows after the last checkpoint; signing it now"
         );
