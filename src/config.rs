@@ -1306,4 +1306,30 @@ required_scopes = ["mcp:tools"]
         assert!(SourceConfig::parse_flag("bad name=http://x").is_err());
         assert!(SourceConfig::parse_flag("x=ftp://x").is_err());
     }
+
+    // --- [fleet] and the audit checkpoint file (issue 13, item 5) ---
+
+    #[test]
+    fn fleet_id_and_checkpoint_file_parse_and_name_the_relay_in_the_trail() {
+        let text = GOOD.replace(
+            "[audit]\npath = \"audit.db\"\n",
+            "[audit]\npath = \"audit.db\"\ncheckpoint_file = \"cp.jsonl\"\n[fleet]\nid = \"relay-a\"\n",
+        );
+        let (dir, path) = write(&text);
+        let config = RelayConfig::load(&path).expect("parses");
+        let audit = config.audit.as_ref().expect("[audit]");
+        assert_eq!(audit.checkpoint_file, Some(dir.path().join("cp.jsonl")));
+        assert_eq!(
+            config.fleet.as_ref().and_then(|f| f.id.as_deref()),
+            Some("relay-a")
+        );
+        assert_eq!(
+            crate::govern::audit::relay_instance(Some("relay-a"), 4433),
+            "relay-a"
+        );
+        assert!(crate::govern::audit::relay_instance(None, 4433).ends_with(":4433"));
+        let (_dir, path) = write(&text.replace("id = \"relay-a\"", "id = \" \""));
+        let err = RelayConfig::load(&path).expect_err("an empty id").to_string();
+        assert!(err.contains("fleet.id"), "{err}");
+    }
 }
