@@ -1329,7 +1329,9 @@ required_scopes = ["mcp:tools"]
         );
         assert!(crate::govern::audit::relay_instance(None, 4433).ends_with(":4433"));
         let (_dir, path) = write(&text.replace("id = \"relay-a\"", "id = \" \""));
-        let err = RelayConfig::load(&path).expect_err("an empty id").to_string();
+        let err = RelayConfig::load(&path)
+            .expect_err("an empty id")
+            .to_string();
         assert!(err.contains("fleet.id"), "{err}");
     }
 }

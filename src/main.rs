@@ -585,10 +585,9 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let report = tokio::task::spawn_blocking(move || {
-                audit::verify(&db, &keys, copy.as_deref())
-            })
-            .await??;
+            let report =
+                tokio::task::spawn_blocking(move || audit::verify(&db, &keys, copy.as_deref()))
+                    .await??;
             println!("{report}");
             if let Some(problem) = report.problem {
                 anyhow::bail!("audit verify failed: {problem}");

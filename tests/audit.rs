@@ -611,9 +611,7 @@ async fn run_relay_once(config: &Path, extra: &[&str]) -> String {
         .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
         .await;
     relay.signal(libc::SIGTERM);
-    let status = relay
-        .exit_status(tokio::time::Instant::now() + WAIT)
-        .await;
+    let status = relay.exit_status(tokio::time::Instant::now() + WAIT).await;
     assert!(status.success(), "{status:?}\n{}", relay.output());
     relay.output()
 }
@@ -652,7 +650,10 @@ async fn a_relay_restarted_after_a_crash_signs_the_crash_tail_and_goes_on() {
     run_relay_once(&config, &[]).await;
     let (ok, out) = verify_with_key(&db).await;
     assert!(ok, "{out}");
-    assert!(!out.contains("warning"), "the start checkpoint signed the tail\n{out}");
+    assert!(
+        !out.contains("warning"),
+        "the start checkpoint signed the tail\n{out}"
+    );
     assert!(out.contains("ended without a close checkpoint"), "{out}");
 }
 
@@ -705,7 +706,10 @@ async fn a_relay_refuses_a_forged_trail_unless_told_to_begin_a_new_epoch() {
         "{refused}"
     );
     let (ok, out) = verify_with_key(&db).await;
-    assert!(!ok && out.contains("no checkpoint"), "nothing was signed\n{out}");
+    assert!(
+        !ok && out.contains("no checkpoint"),
+        "nothing was signed\n{out}"
+    );
 
     // ...unless told to begin a new epoch, which the trail then shows, with why; and what came
     // before it still fails.

@@ -693,10 +693,7 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
     config.relay_id = Some(RELAY.into());
     let auditor = Auditor::open(&config).expect("open the forged trail");
     for n in 0..3 {
-        auditor
-            .append(record("acme", n))
-            .await
-            .expect("append");
+        auditor.append(record("acme", n)).await.expect("append");
     }
     auditor.close().await;
     let (ok, out) = verify(&config.path).await;

@@ -29,8 +29,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::capture::{Capture, CaptureRules};
 use super::chain;
-use super::key::CheckpointKey;
 use super::checkpoint::{Checkpoint, HeadEntry, Kind};
+use super::key::CheckpointKey;
 use super::store::{self, Head};
 use super::{AuditError, Record};
 use crate::config::{AuditSection, AuditSourceSection};
@@ -131,8 +131,9 @@ impl Auditor {
         };
         let heads = store::load_heads(&conn, &relay).map_err(db_error)?;
         let last = store::last_checkpoint(&conn, &relay).map_err(db_error)?;
-        let verdict = super::verify::check_start(&conn, &relay, key.public_hex(), &heads, last.as_ref())
-            .map_err(db_error)?;
+        let verdict =
+            super::verify::check_start(&conn, &relay, key.public_hex(), &heads, last.as_ref())
+                .map_err(db_error)?;
         let last_epoch = last
             .as_ref()
             .and_then(|l| l.checkpoint.as_ref().ok())
@@ -577,8 +578,14 @@ impl Writer {
             }
             return;
         };
-        let result = store::begin(conn)
-            .and_then(|()| write_rows(conn, &self.relay, &self.heads, appends.iter().map(|(_, r, _)| r)));
+        let result = store::begin(conn).and_then(|()| {
+            write_rows(
+                conn,
+                &self.relay,
+                &self.heads,
+                appends.iter().map(|(_, r, _)| r),
+            )
+        });
         let failure = match result {
             Ok(heads) => {
                 self.heads.extend(heads);
@@ -691,7 +698,10 @@ struct CheckpointFile {
 }
 
 impl CheckpointFile {
-    fn open(path: &std::path::Path, durability: crate::config::Durability) -> Result<Self, AuditError> {
+    fn open(
+        path: &std::path::Path,
+        durability: crate::config::Durability,
+    ) -> Result<Self, AuditError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -868,7 +878,8 @@ pub(crate) mod tests {
         assert_eq!(heads["globex"].0, 100);
         let last = checkpoints(&config.path).pop().expect("a checkpoint");
         assert_eq!(last.kind, Kind::Close);
-        let signed: Vec<(String, u64)> = last.heads.into_iter().map(|h| (h.tenant, h.seq)).collect();
+        let signed: Vec<(String, u64)> =
+            last.heads.into_iter().map(|h| (h.tenant, h.seq)).collect();
         assert_eq!(signed, vec![("acme".into(), 100), ("globex".into(), 100)]);
     }
 
@@ -1151,7 +1162,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
                 &format!(
                     "INSERT INTO records (tenant, seq, prev_hash, hash, record, {}) VALUES ({})",
                     store::RECORD_COLUMNS,
-                    (1..=values.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+                    (1..=values.len())
+                        .map(|i| format!("?{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 rusqlite::params_from_iter(values),
             )
@@ -1174,15 +1188,20 @@ CREATE TABLE IF NOT EXISTS checkpoints (
         let path = dir.path().join("audit.db");
         let key_path = dir.path().join("audit.key");
         write_v1(&path, &key_path, 7);
-        let public = crate::govern::audit::key::read_public_key(&crate::govern::audit::key::public_key_path(&key_path))
-            .expect("public key");
+        let public = crate::govern::audit::key::read_public_key(
+            &crate::govern::audit::key::public_key_path(&key_path),
+        )
+        .expect("public key");
         let keys = [public];
 
         // Read-only tools read it unchanged.
         let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
         assert!(report.ok(), "{report}");
         assert_eq!((report.rows, report.checkpoints), (7, 1));
-        assert!(report.notes.iter().any(|n| n.contains("schema 1")), "{report}");
+        assert!(
+            report.notes.iter().any(|n| n.contains("schema 1")),
+            "{report}"
+        );
 
         // The relay migrates it in place and chains on from its rows.
         let mut config = AuditSection::new(&path);
@@ -1192,7 +1211,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
         auditor.close().await;
         let conn = Connection::open(&path).expect("open");
         let version: String = conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
             .expect("version");
         assert_eq!(version, store::SCHEMA_VERSION);
         let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
@@ -1200,7 +1221,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
         assert_eq!(report.rows, 8);
         assert_eq!(report.checkpoints, 3, "the schema 1 one, start and close");
         assert!(
-            report.notes.iter().any(|n| n.contains("migrated from schema 1")),
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("migrated from schema 1")),
             "{report}"
         );
         let last = checkpoints(&path).pop().expect("a checkpoint");

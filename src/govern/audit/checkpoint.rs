@@ -179,7 +179,8 @@ mod tests {
     #[test]
     fn every_field_changes_the_message_and_json_round_trips() {
         let base = sample();
-        let variants: Vec<Box<dyn Fn(&mut Checkpoint)>> = vec![
+        type Change = Box<dyn Fn(&mut Checkpoint)>;
+        let variants: Vec<Change> = vec![
             Box::new(|c| c.relay = "relay-b".into()),
             Box::new(|c| c.n = 4),
             Box::new(|c| c.prev = "01".into()),

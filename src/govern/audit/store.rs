@@ -237,7 +237,9 @@ pub fn open_writer(
         Some(v) => {
             return Err(AuditError::Database {
                 path: path.to_owned(),
-                message: format!("schema version {v}, this build reads {SCHEMA_V1} and {SCHEMA_VERSION}"),
+                message: format!(
+                    "schema version {v}, this build reads {SCHEMA_V1} and {SCHEMA_VERSION}"
+                ),
             });
         }
     };
@@ -267,10 +269,7 @@ fn migrate_v1(conn: &Connection, relay: &str) -> rusqlite::Result<()> {
     );
     let migrated = (|| {
         conn.execute_batch(&sql)?;
-        conn.execute(
-            "UPDATE legacy_checkpoints SET relay = ?1",
-            params![relay],
-        )?;
+        conn.execute("UPDATE legacy_checkpoints SET relay = ?1", params![relay])?;
         conn.execute(
             &format!(
                 "INSERT INTO records (id, relay, {columns}) SELECT id, ?1, {columns} FROM records_v1"
@@ -344,7 +343,9 @@ pub fn open_reader(path: &Path) -> Result<Connection, AuditError> {
         Some(SCHEMA_VERSION | SCHEMA_V1) => Ok(conn),
         Some(v) => Err(AuditError::Database {
             path: path.to_owned(),
-            message: format!("schema version {v}, this build reads {SCHEMA_V1} and {SCHEMA_VERSION}"),
+            message: format!(
+                "schema version {v}, this build reads {SCHEMA_V1} and {SCHEMA_VERSION}"
+            ),
         }),
         None => Err(AuditError::Database {
             path: path.to_owned(),
@@ -374,9 +375,8 @@ pub fn schema_version(conn: &Connection, path: &Path) -> Result<Option<String>, 
 pub fn load_heads(conn: &Connection, relay: &str) -> rusqlite::Result<HashMap<String, Head>> {
     let mut heads: HashMap<String, Head> = HashMap::new();
     // SQLite returns the other columns of the row holding MAX() (documented bare-column rule).
-    let mut rows = conn.prepare(
-        "SELECT tenant, MAX(seq), hash FROM records WHERE relay = ?1 GROUP BY tenant",
-    )?;
+    let mut rows = conn
+        .prepare("SELECT tenant, MAX(seq), hash FROM records WHERE relay = ?1 GROUP BY tenant")?;
     for row in rows.query_map([relay], |row| {
         Ok((
             row.get::<_, String>(0)?,
@@ -563,7 +563,10 @@ pub fn read_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckp
     };
     let kind: String = row.get(5)?;
     let heads: String = row.get(10)?;
-    let parsed = match (Kind::parse(&kind), serde_json::from_str::<Vec<HeadEntry>>(&heads)) {
+    let parsed = match (
+        Kind::parse(&kind),
+        serde_json::from_str::<Vec<HeadEntry>>(&heads),
+    ) {
         (None, _) => Err(format!("unknown kind {kind:?}")),
         (_, Err(e)) => Err(format!("the heads are not a list of heads: {e}")),
         (Some(kind), Ok(heads)) => Ok(Checkpoint {

@@ -828,7 +828,9 @@ fn check_checkpoints(
                     .heads
                     .iter()
                     .map(|h| {
-                        let from = previous.and_then(|p| p.head(&h.tenant)).map_or(0, |p| p.seq);
+                        let from = previous
+                            .and_then(|p| p.head(&h.tenant))
+                            .map_or(0, |p| p.seq);
                         (h.tenant.clone(), (from, h.seq))
                     })
                     .collect();
@@ -884,6 +886,9 @@ fn check_checkpoints(
     Ok(None)
 }
 
+/// Finds the hash of row (relay, tenant, seq), if it exists.
+type RowLookup<'a> = dyn FnMut(&str, &str, u64) -> Result<Option<String>, AuditError> + 'a;
+
 /// Checks schema 1 checkpoints (per tenant: signature, and the row they name); returns per
 /// relay, per tenant, the highest seq they sign.
 fn legacy_checkpoints(
@@ -891,7 +896,7 @@ fn legacy_checkpoints(
     v1: bool,
     keys: &[String],
     report: &mut Report,
-    lookup: &mut dyn FnMut(&str, &str, u64) -> Result<Option<String>, AuditError>,
+    lookup: &mut RowLookup<'_>,
 ) -> Result<HashMap<String, HashMap<String, u64>>, AuditError> {
     let err = |e: rusqlite::Error| AuditError::Database {
         path: Default::default(),
@@ -1248,7 +1253,7 @@ fn check_legacy_start(
                 "tenant {tenant:?}, signed by a schema 1 checkpoint, has no rows left"
             )));
         }
-        if !row_hash(conn, relay, &tenant, seq)?.is_some_and(|h| h == hash) {
+        if row_hash(conn, relay, &tenant, seq)?.is_none_or(|h| h != hash) {
             return Ok(Err(format!(
                 "tenant {tenant:?} seq {seq}: the row a schema 1 checkpoint signs is missing or \
                  changed"
