@@ -657,21 +657,11 @@ async fn a_relay_restarted_after_a_crash_signs_the_crash_tail_and_goes_on() {
     assert!(out.contains("ended without a close checkpoint"), "{out}");
 }
 
-#[tokio::test]
-async fn a_relay_refuses_a_forged_trail_unless_told_to_begin_a_new_epoch() {
+/// Rewrites every row of the trail at `db` (one tenant): the tool becomes `drop_tables`, and
+/// every hash is computed afresh so the chain is whole again.
+fn rewrite_rows(db: &Path) {
     use mcp_tunnel::govern::audit::chain;
-    let (dir, _certs) = common::cert_dir();
-    let config = relay_a_config(dir.path());
-    let db = dir.path().join("audit.db");
-    // An hour of calls, a minute apart, signed every 4 rows.
-    let now = now_ms();
-    let times: Vec<u64> = (0..60).map(|i| now + i * 60_000).collect();
-    write_as_relay_a(&db, &times).await;
-
-    // Rows rewritten with fresh hashes (a whole chain again), the checkpoints deleted.
-    let conn = rusqlite::Connection::open(&db).expect("open");
-    conn.execute_batch("DELETE FROM checkpoints;")
-        .expect("delete the checkpoints");
+    let conn = rusqlite::Connection::open(db).expect("open");
     let rows: Vec<(i64, i64, Vec<u8>)> = conn
         .prepare("SELECT id, seq, record FROM records ORDER BY id")
         .expect("prepare")
@@ -693,7 +683,48 @@ async fn a_relay_refuses_a_forged_trail_unless_told_to_begin_a_new_epoch() {
         .expect("rewrite");
         prev = hash;
     }
-    drop(conn);
+}
+
+#[tokio::test]
+async fn a_new_epoch_does_not_launder_rewritten_rows() {
+    let (dir, _certs) = common::cert_dir();
+    let config = relay_a_config(dir.path());
+    let db = dir.path().join("audit.db");
+    let now = now_ms();
+    write_as_relay_a(&db, &[now, now + 1, now + 2, now + 3, now + 4, now + 5]).await;
+    // The checkpoints kept, every row rewritten: they sign other heads.
+    rewrite_rows(&db);
+    let refused = relay_refuses(&config).await;
+    assert!(
+        refused.contains("refusing to sign over it") && refused.contains("rewritten"),
+        "{refused}"
+    );
+    run_relay_once(&config, &["--new-audit-epoch"]).await;
+    let (ok, out) = verify_with_key(&db).await;
+    println!("{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("began epoch 2") && out.contains("checkpoint mismatch"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_refuses_a_forged_trail_unless_told_to_begin_a_new_epoch() {
+    let (dir, _certs) = common::cert_dir();
+    let config = relay_a_config(dir.path());
+    let db = dir.path().join("audit.db");
+    // An hour of calls, a minute apart, signed every 4 rows.
+    let now = now_ms();
+    let times: Vec<u64> = (0..60).map(|i| now + i * 60_000).collect();
+    write_as_relay_a(&db, &times).await;
+
+    // Rows rewritten with fresh hashes (a whole chain again), the checkpoints deleted.
+    rusqlite::Connection::open(&db)
+        .expect("open")
+        .execute_batch("DELETE FROM checkpoints;")
+        .expect("delete the checkpoints");
+    rewrite_rows(&db);
     let (ok, out) = verify_with_key(&db).await;
     assert!(!ok && out.contains("no checkpoint"), "{out}");
 

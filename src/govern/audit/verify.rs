@@ -295,7 +295,8 @@ impl TailClock {
 }
 
 /// What the scan keeps of a relay's checkpoints (not all of them: a year of one-minute
-/// checkpoints is half a million): the last, and the epoch checkpoints, with row ids.
+/// checkpoints is half a million): the last, and each epoch checkpoint with the one before it
+/// (in number order), with row ids. The heads of all of these are checked against the rows.
 struct RelayCheckpoints {
     last: (i64, Checkpoint),
     epochs: Vec<(i64, Checkpoint)>,
@@ -550,16 +551,8 @@ pub fn verify(
             .map_err(err)
     };
     for (relay, cps) in &relays {
-        let epochs: HashSet<u64> = segments
-            .iter()
-            .filter(|s| &s.relay == relay)
-            .map(|s| s.n)
-            .collect();
-        let last_is_epoch = epochs.contains(&cps.last.1.n);
-        let signing = cps
-            .epochs
-            .iter()
-            .chain((!last_is_epoch).then_some(&cps.last));
+        let last_kept = cps.epochs.last().map(|e| e.1.n) == Some(cps.last.1.n);
+        let signing = cps.epochs.iter().chain((!last_kept).then_some(&cps.last));
         for (id, cp) in signing {
             for head in &cp.heads {
                 let problem = |kind, detail: String| Problem {
@@ -857,6 +850,11 @@ fn check_checkpoints(
         match relays.get_mut(&cp.relay) {
             Some(chain) => {
                 if cp.kind == Kind::Epoch {
+                    // The state the relay found and did not vouch for: what it signed must
+                    // still be there, or the epoch would launder a rewrite.
+                    if chain.epochs.last().map(|e| e.1.n) != Some(chain.last.1.n) {
+                        chain.epochs.push(chain.last.clone());
+                    }
                     chain.epochs.push((sc.id, cp.clone()));
                 }
                 chain.last = (sc.id, cp);
