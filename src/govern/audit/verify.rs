@@ -268,7 +268,7 @@ impl TailClock {
             && let Some(earliest) = self.earliest
         {
             let from = self.since.map_or(earliest, |since| since.max(earliest));
-            if time_ms > from.saturating_add(self.interval_ms + CRASH_GRACE_MS) {
+            if time_ms > from.saturating_add(self.interval_ms.saturating_add(CRASH_GRACE_MS)) {
                 self.violation = Some((id, tenant.to_owned(), seq, time_ms, from));
             }
         }
@@ -762,7 +762,13 @@ fn check_checkpoints(
             )));
         }
         let previous = relays.get(&cp.relay).map(|c| &c.last.1);
-        let expected = previous.map_or(1, |p| p.n + 1);
+        let expected = previous.map_or(1, |p| p.n.saturating_add(1));
+        if cp.n < expected {
+            return Ok(Some(problem(
+                ProblemKind::CheckpointChainBroken,
+                format!("expected checkpoint {expected} here: numbers repeat or run backwards"),
+            )));
+        }
         if cp.n != expected {
             let missing = if cp.n == expected + 1 {
                 format!("checkpoint {expected} is missing")
