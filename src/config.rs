@@ -113,6 +113,9 @@ pub struct RelayConfig {
     /// Signed caller identity for upstreams (enabled per tenant and source).
     #[serde(default)]
     pub identity_assertion: Option<IdentityAssertionSection>,
+    /// This relay's place in a fleet (for now only its instance id).
+    #[serde(default)]
+    pub fleet: Option<FleetSection>,
 }
 
 /// `[identity_assertion]`: how the relay signs the caller's identity for upstreams. Which
@@ -275,6 +278,20 @@ pub struct AuditSection {
     /// Per tenant and source: how much of arguments and results to keep.
     #[serde(default)]
     pub sources: Vec<AuditSourceSection>,
+
+    // --- Checkpoint chain and epochs (issue 13, item 5) ---
+    /// A file the relay appends every signed checkpoint to, one JSON line each: the off-box
+    /// copy (`audit verify --checkpoints FILE`) once shipped or mounted elsewhere. None: off.
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
+    /// This relay instance's name in the trail (its chains are keyed by it): set by the relay
+    /// from `[fleet] id`, else host and tunnel port. Not a file key.
+    #[serde(skip)]
+    pub relay_id: Option<String>,
+    /// `relay --new-audit-epoch`: begin a new epoch if the trail does not verify at start,
+    /// instead of refusing to start. Not a file key.
+    #[serde(skip)]
+    pub new_epoch: bool,
 }
 
 /// `[audit] durability`: what a committed row survives.
@@ -349,6 +366,9 @@ impl AuditSection {
             checkpoint_secs: DEFAULT_CHECKPOINT_SECS,
             queue: DEFAULT_AUDIT_QUEUE,
             sources: Vec::new(),
+            checkpoint_file: None,
+            relay_id: None,
+            new_epoch: false,
         }
     }
 
@@ -535,7 +555,14 @@ impl RelayConfig {
         if let Some(audit) = &mut config.audit {
             audit.path = base.join(&audit.path);
             audit.key = audit.key.as_ref().map(|key| base.join(key));
+            audit.checkpoint_file = audit.checkpoint_file.as_ref().map(|f| base.join(f));
             audit.validate().map_err(|message| ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })?;
+        }
+        if let Some(fleet) = &config.fleet {
+            fleet.validate().map_err(|message| ConfigError::Invalid {
                 path: path.into(),
                 message,
             })?;
@@ -936,6 +963,29 @@ impl ClientFile {
 /// governing one batch stays cheap.
 pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 100;
 
+// --- [fleet] (issue 13, item 5: the audit trail keys its chains by relay instance) ---
+
+/// `[fleet]`: this relay's place in a fleet. Only `id` so far; the fleet secret and shared
+/// stores come with the fleet itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// This relay instance's id: names its audit checkpoint chain. Default: derived from the
+    /// host name and the tunnel listen port.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl FleetSection {
+    /// Checks values serde cannot: a non-empty id.
+    pub fn validate(&self) -> Result<(), String> {
+        match &self.id {
+            Some(id) if id.trim().is_empty() => Err("fleet.id must not be empty".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1265,5 +1315,33 @@ required_scopes = ["mcp:tools"]
         );
         assert!(SourceConfig::parse_flag("bad name=http://x").is_err());
         assert!(SourceConfig::parse_flag("x=ftp://x").is_err());
+    }
+
+    // --- [fleet] and the audit checkpoint file (issue 13, item 5) ---
+
+    #[test]
+    fn fleet_id_and_checkpoint_file_parse_and_name_the_relay_in_the_trail() {
+        let text = GOOD.replace(
+            "[audit]\npath = \"audit.db\"\n",
+            "[audit]\npath = \"audit.db\"\ncheckpoint_file = \"cp.jsonl\"\n[fleet]\nid = \"relay-a\"\n",
+        );
+        let (dir, path) = write(&text);
+        let config = RelayConfig::load(&path).expect("parses");
+        let audit = config.audit.as_ref().expect("[audit]");
+        assert_eq!(audit.checkpoint_file, Some(dir.path().join("cp.jsonl")));
+        assert_eq!(
+            config.fleet.as_ref().and_then(|f| f.id.as_deref()),
+            Some("relay-a")
+        );
+        assert_eq!(
+            crate::govern::audit::relay_instance(Some("relay-a"), 4433),
+            "relay-a"
+        );
+        assert!(crate::govern::audit::relay_instance(None, 4433).ends_with(":4433"));
+        let (_dir, path) = write(&text.replace("id = \"relay-a\"", "id = \" \""));
+        let err = RelayConfig::load(&path)
+            .expect_err("an empty id")
+            .to_string();
+        assert!(err.contains("fleet.id"), "{err}");
     }
 }

@@ -53,6 +53,11 @@ enum Command {
         /// The relay's TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// If the audit trail's last checkpoint does not verify (changed or deleted rows or
+        /// checkpoints, another key), begin a new epoch instead of refusing to start: the trail
+        /// records the epoch and why, and `audit verify` reports it.
+        #[arg(long)]
+        new_audit_epoch: bool,
     },
     /// Run the tunnel client next to your MCP servers.
     Connect(ConnectArgs),
@@ -127,10 +132,25 @@ enum AuditCommand {
         /// The audit trail (SQLite file).
         #[arg(long)]
         db: PathBuf,
-        /// The relay's checkpoint public key (`audit.key.pub`); without it, signatures are
-        /// checked with the keys the trail names.
+        /// The relay's checkpoint public key (`audit.key.pub`); repeat it for every key the
+        /// trail was signed with (one per relay, or after a key change). Without it, signatures
+        /// are checked with the keys the trail names.
         #[arg(long)]
-        public_key: Option<PathBuf>,
+        public_key: Vec<PathBuf>,
+        /// The off-box copy of the checkpoints (`[audit] checkpoint_file`, or an earlier
+        /// `audit checkpoints --export`): every checkpoint in it must be in the trail, identical.
+        #[arg(long)]
+        checkpoints: Option<PathBuf>,
+    },
+    /// The relays' signed checkpoints, oldest first: one line each, or with --export one JSON
+    /// object a line (the off-box copy `verify --checkpoints` reads).
+    Checkpoints {
+        /// The audit trail (SQLite file).
+        #[arg(long)]
+        db: PathBuf,
+        /// Print JSON lines (the off-box copy's format).
+        #[arg(long)]
+        export: bool,
     },
 }
 
@@ -290,18 +310,28 @@ fn main() -> anyhow::Result<()> {
 fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let cancel = token.clone();
+    // The handlers are installed here, before the caller goes on to listen: installed inside
+    // the task, a SIGTERM right after "relay listening" could find the default action (exit
+    // without closing the audit trail) before the task first ran.
+    #[cfg(unix)]
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::interrupt()).expect("installing a SIGINT handler succeeds on Unix"),
+            signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds on Unix"),
+        )
+    };
     tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler succeeds on Unix");
-        #[cfg(unix)]
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        {
+            let (mut int, mut term) = signals;
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
         cancel.cancel();
     });
@@ -385,10 +415,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Relay { config: path } => {
+        Command::Relay {
+            config: path,
+            new_audit_epoch,
+        } => {
             let hangup = hangups()?;
             let loaded = LoadedConfig::load(&path)?;
-            let relay = Relay::bind(RelaySettings::from_config(&loaded.config)?).await?;
+            let mut settings = RelaySettings::from_config(&loaded.config)?;
+            if let Some(audit) = &mut settings.audit {
+                audit.new_epoch = new_audit_epoch;
+            }
+            let relay = Relay::bind(settings).await?;
             let shutdown = shutdown_on_signals();
             let reloader = Reloader::new(path, relay.state().clone(), loaded);
             tokio::spawn(reload::watch(
@@ -528,18 +565,40 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
             })
             .await??;
         }
-        AuditCommand::Verify { db, public_key } => {
-            let public_key = public_key
-                .as_deref()
-                .map(audit::key::read_public_key)
-                .transpose()?;
+        AuditCommand::Verify {
+            db,
+            public_key,
+            checkpoints,
+        } => {
+            let keys = public_key
+                .iter()
+                .map(|path| audit::key::read_public_key(path))
+                .collect::<Result<Vec<_>, _>>()?;
+            let copy = match &checkpoints {
+                Some(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    Some(
+                        audit::verify::read_offbox(&text)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                    )
+                }
+                None => None,
+            };
             let report =
-                tokio::task::spawn_blocking(move || audit::verify(&db, public_key.as_deref()))
+                tokio::task::spawn_blocking(move || audit::verify(&db, &keys, copy.as_deref()))
                     .await??;
             println!("{report}");
             if let Some(problem) = report.problem {
                 anyhow::bail!("audit verify failed: {problem}");
             }
+        }
+        AuditCommand::Checkpoints { db, export } => {
+            tokio::task::spawn_blocking(move || {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                audit::query::checkpoints(&db, export, &mut out)
+            })
+            .await??;
         }
     }
     Ok(())

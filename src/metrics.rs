@@ -73,3 +73,6 @@ pub const AUDIT_WRITE_SECONDS: &str = "mcp_tunnel_audit_write_seconds";
 pub const AUDIT_QUEUE_DEPTH: &str = "mcp_tunnel_audit_queue_depth";
 /// Histogram: audit rows per commit (group commit batch size).
 pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";
+/// Counter: signed audit checkpoints that could not be appended to `[audit] checkpoint_file`
+/// (the off-box copy); the trail itself has them.
+pub const AUDIT_CHECKPOINT_FILE_ERRORS: &str = "mcp_tunnel_audit_checkpoint_file_errors_total";

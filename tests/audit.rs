@@ -513,3 +513,255 @@ async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
     );
     assert_verifies(&db).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A relay restarted on a trail (issue 13, item 5): a crash tail is signed and the relay goes
+// on; a forged trail is refused unless the operator begins a new epoch, which the trail keeps.
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as u64
+}
+
+/// A call record of `tenant` at `time_ms`.
+fn call(tenant: &str, n: u64, time_ms: u64) -> mcp_tunnel::govern::audit::Record {
+    use mcp_tunnel::govern::audit::{Direction, Outcome, Record, Verdict, digest};
+    Record {
+        time_ms,
+        tenant: tenant.into(),
+        subject: format!("agent@{tenant}.example"),
+        roles: vec!["caller".into()],
+        source: "demo".into(),
+        session: None,
+        transport: Some("quic".into()),
+        protocol_version: Some("2025-11-25".into()),
+        direction: Direction::AgentToServer,
+        method: "tools/call".into(),
+        request_id: Some(n.to_string()),
+        tool: Some("echo".into()),
+        resource: None,
+        prompt: None,
+        decision: Verdict::Allow,
+        rule: "role caller".into(),
+        outcome: Outcome::Ok,
+        latency_us: 100,
+        bytes_in: 10,
+        bytes_out: 20,
+        args_sha256: digest(b"{}"),
+        args: None,
+        result: None,
+    }
+}
+
+/// A relay config in `dir` for fleet id `relay-a` with its trail in `audit.db`.
+fn relay_a_config(dir: &Path) -> std::path::PathBuf {
+    use mcp_tunnel::govern::identity::new_secret;
+    common::write_config(
+        dir,
+        &format!(
+            "{}\n[fleet]\nid = \"relay-a\"\n\n[audit]\npath = \"audit.db\"\n{}",
+            common::LISTENERS,
+            common::acme_tenant(&new_secret("mcpt_tok_"), &new_secret("mcpt_key_")),
+        ),
+    )
+}
+
+/// Appends `times.len()` acme rows at those times as relay `relay-a` (the relay binary's
+/// chain for `relay_a_config`), then closes the trail.
+async fn write_as_relay_a(db: &Path, times: &[u64]) {
+    let mut config = audit_at(db);
+    config.relay_id = Some("relay-a".into());
+    config.checkpoint_rows = 4;
+    let auditor = mcp_tunnel::govern::audit::Auditor::open(&config).expect("open the trail");
+    for (n, time) in times.iter().enumerate() {
+        auditor
+            .append(call("acme", n as u64, *time))
+            .await
+            .expect("append");
+    }
+    auditor.close().await;
+}
+
+/// `audit verify --db DB --public-key DIR/audit.key.pub`: success and stdout + stderr.
+async fn verify_with_key(db: &Path) -> (bool, String) {
+    let key = db.with_file_name("audit.key.pub");
+    let (ok, stdout, stderr) = mcp_tunnel(&[
+        "audit",
+        "verify",
+        "--db",
+        &db.display().to_string(),
+        "--public-key",
+        &key.display().to_string(),
+    ])
+    .await;
+    (ok, format!("{stdout}{stderr}"))
+}
+
+/// Starts the relay binary on `config` with `extra` arguments, waits until it listens, stops
+/// it with SIGTERM (a graceful close that signs the trail) and waits for it to exit.
+async fn run_relay_once(config: &Path, extra: &[&str]) -> String {
+    let mut relay = common::Peer::start(
+        "relay",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("relay")
+            .arg("--config")
+            .arg(config)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+    );
+    relay
+        .wait_for_line("\"relay listening\"", |l| l.contains("relay listening"))
+        .await;
+    relay.signal(libc::SIGTERM);
+    let status = relay.exit_status(tokio::time::Instant::now() + WAIT).await;
+    assert!(status.success(), "{status:?}\n{}", relay.output());
+    relay.output()
+}
+
+/// The relay binary on `config` must refuse to start; returns what it printed.
+async fn relay_refuses(config: &Path) -> String {
+    let output = common::run_cli(&["relay", "--config", &config.display().to_string()]).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!output.status.success(), "the relay must refuse\n{text}");
+    text
+}
+
+#[tokio::test]
+async fn a_relay_restarted_after_a_crash_signs_the_crash_tail_and_goes_on() {
+    let (dir, _certs) = common::cert_dir();
+    let config = relay_a_config(dir.path());
+    let db = dir.path().join("audit.db");
+    let now = now_ms();
+    write_as_relay_a(&db, &[now, now + 1, now + 2, now + 3, now + 4, now + 5]).await;
+    // What a crash leaves: the rows after the last checkpoint of the run, unsigned.
+    let conn = rusqlite::Connection::open(&db).expect("open");
+    conn.execute_batch("DELETE FROM checkpoints WHERE kind = 'close';")
+        .expect("drop the close checkpoint");
+    drop(conn);
+    let (ok, out) = verify_with_key(&db).await;
+    assert!(ok, "a crash tail is not tampering\n{out}");
+    assert!(
+        out.contains("warning: ") && out.contains("a crash tail"),
+        "{out}"
+    );
+
+    run_relay_once(&config, &[]).await;
+    let (ok, out) = verify_with_key(&db).await;
+    assert!(ok, "{out}");
+    assert!(
+        !out.contains("warning"),
+        "the start checkpoint signed the tail\n{out}"
+    );
+    assert!(out.contains("ended without a close checkpoint"), "{out}");
+}
+
+/// Rewrites every row of the trail at `db` (one tenant): the tool becomes `drop_tables`, and
+/// every hash is computed afresh so the chain is whole again.
+fn rewrite_rows(db: &Path) {
+    use mcp_tunnel::govern::audit::chain;
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let rows: Vec<(i64, i64, Vec<u8>)> = conn
+        .prepare("SELECT id, seq, record FROM records ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let mut prev = chain::GENESIS;
+    for (id, seq, bytes) in rows {
+        let mut record: mcp_tunnel::govern::audit::Record =
+            serde_json::from_slice(&bytes).expect("a record");
+        record.tool = Some("drop_tables".into());
+        let bytes = chain::canonical(&record);
+        let hash = chain::row_hash(&prev, seq as u64, &bytes);
+        conn.execute(
+            "UPDATE records SET record = ?1, tool = ?2, prev_hash = ?3, hash = ?4 WHERE id = ?5",
+            rusqlite::params![bytes, record.tool, hex::encode(prev), hex::encode(hash), id],
+        )
+        .expect("rewrite");
+        prev = hash;
+    }
+}
+
+#[tokio::test]
+async fn a_new_epoch_does_not_launder_rewritten_rows() {
+    let (dir, _certs) = common::cert_dir();
+    let config = relay_a_config(dir.path());
+    let db = dir.path().join("audit.db");
+    let now = now_ms();
+    write_as_relay_a(&db, &[now, now + 1, now + 2, now + 3, now + 4, now + 5]).await;
+    // The checkpoints kept, every row rewritten: they sign other heads.
+    rewrite_rows(&db);
+    let refused = relay_refuses(&config).await;
+    assert!(
+        refused.contains("refusing to sign over it") && refused.contains("rewritten"),
+        "{refused}"
+    );
+    run_relay_once(&config, &["--new-audit-epoch"]).await;
+    let (ok, out) = verify_with_key(&db).await;
+    println!("{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("began epoch 2") && out.contains("checkpoint mismatch"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_refuses_a_forged_trail_unless_told_to_begin_a_new_epoch() {
+    let (dir, _certs) = common::cert_dir();
+    let config = relay_a_config(dir.path());
+    let db = dir.path().join("audit.db");
+    // An hour of calls, a minute apart, signed every 4 rows.
+    let now = now_ms();
+    let times: Vec<u64> = (0..60).map(|i| now + i * 60_000).collect();
+    write_as_relay_a(&db, &times).await;
+
+    // Rows rewritten with fresh hashes (a whole chain again), the checkpoints deleted.
+    rusqlite::Connection::open(&db)
+        .expect("open")
+        .execute_batch("DELETE FROM checkpoints;")
+        .expect("delete the checkpoints");
+    rewrite_rows(&db);
+    let (ok, out) = verify_with_key(&db).await;
+    assert!(!ok && out.contains("no checkpoint"), "{out}");
+
+    // The relay will not sign over it...
+    let refused = relay_refuses(&config).await;
+    assert!(
+        refused.contains("refusing to sign over it")
+            && refused.contains("--new-audit-epoch")
+            && refused.contains("checkpoints were deleted"),
+        "{refused}"
+    );
+    let (ok, out) = verify_with_key(&db).await;
+    assert!(
+        !ok && out.contains("no checkpoint"),
+        "nothing was signed\n{out}"
+    );
+
+    // ...unless told to begin a new epoch, which the trail then shows, with why; and what came
+    // before it still fails.
+    run_relay_once(&config, &["--new-audit-epoch"]).await;
+    let (ok, out) = verify_with_key(&db).await;
+    println!("{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("warning: relay \"relay-a\" began epoch 2 at checkpoint 1")
+            && out.contains("checkpoints were deleted"),
+        "{out}"
+    );
+    assert!(
+        out.contains("unsigned rows past the checkpoint interval")
+            && out.contains("epoch checkpoint 1"),
+        "{out}"
+    );
+}

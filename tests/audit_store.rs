@@ -186,8 +186,9 @@ async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
         (
             "resigned.db",
             "UPDATE checkpoints SET signature = replace(signature, substr(signature, 1, 1), \
-             CASE substr(signature, 1, 1) WHEN 'a' THEN 'b' ELSE 'a' END) WHERE tenant = 'acme';",
-            &["tenant \"acme\" seq 30", "bad signature"],
+             CASE substr(signature, 1, 1) WHEN 'a' THEN 'b' ELSE 'a' END) \
+             WHERE n = (SELECT MAX(n) FROM checkpoints);",
+            &["checkpoint 2", "bad signature"],
         ),
     ];
     for (name, sql, expected) in cases {
@@ -411,18 +412,18 @@ async fn verify_reads_while_the_relay_writes() {
     let (ok, out) = verify(&config.path).await;
     assert!(ok, "{out}");
     assert!(
-        out.contains("ok: 10 rows, 1 tenants, 0 checkpoints"),
+        out.contains("ok: 10 rows, 1 tenants, 1 checkpoints"),
         "{out}"
     );
     assert!(
-        out.contains("rows 1 to 10 are after the last checkpoint (unsigned)"),
+        out.contains("warning: ") && out.contains("10 rows after its last checkpoint 1"),
         "{out}"
     );
     auditor.append(record("acme", 10)).await.expect("append");
     auditor.close().await;
     let (ok, out) = verify(&config.path).await;
     assert!(
-        ok && out.contains("ok: 11 rows, 1 tenants, 1 checkpoints"),
+        ok && out.contains("ok: 11 rows, 1 tenants, 2 checkpoints"),
         "{out}"
     );
     assert!(!out.contains("unsigned"), "{out}");
@@ -472,4 +473,275 @@ async fn tail_follows_new_rows_that_match() {
         .expect("tail exits in time")
         .expect("wait");
     auditor.close().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks on the checkpoints themselves (issue 13, item 5): deleting the last checkpoints with
+// their tail, deleting a tenant, rewriting every row with fresh hashes, replacing the whole
+// trail under another key. Each through `mcp-tunnel audit verify --public-key`.
+
+/// The relay instance the timed trails are written as.
+const RELAY: &str = "relay-a";
+
+/// Rounds of one acme and one globex row in a timed trail.
+const ROUNDS: u64 = 20;
+
+/// Milliseconds since the Unix epoch, now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as u64
+}
+
+/// A trail as relay `RELAY` writes it over `ROUNDS` minutes of calls (record times one minute
+/// apart, from now on; the checkpoint interval is the default minute), a checkpoint every 4
+/// rows of a tenant, and the off-box copy in `checkpoints.jsonl`. Returns (trail, copy,
+/// public key).
+async fn timed_trail(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let mut config = AuditSection::new(dir.join("audit.db"));
+    config.checkpoint_rows = 4;
+    config.relay_id = Some(RELAY.into());
+    config.checkpoint_file = Some(dir.join("checkpoints.jsonl"));
+    let auditor = Auditor::open(&config).expect("open the trail");
+    let start = now_ms();
+    for n in 0..ROUNDS {
+        for tenant in ["acme", "globex"] {
+            let mut r = record(tenant, n);
+            r.time_ms = start + n * 60_000;
+            auditor.append(r).await.expect("append");
+        }
+    }
+    auditor.close().await;
+    (
+        config.path,
+        dir.join("checkpoints.jsonl"),
+        dir.join("audit.key.pub"),
+    )
+}
+
+/// `audit verify --db DB --public-key KEY [EXTRA...]`.
+async fn verify_with(db: &Path, key: &Path, extra: &[&str]) -> (bool, String) {
+    let mut args = vec![
+        "audit",
+        "verify",
+        "--db",
+        db.to_str().expect("UTF-8"),
+        "--public-key",
+        key.to_str().expect("UTF-8"),
+    ];
+    args.extend_from_slice(extra);
+    cli(&args).await
+}
+
+/// Deletes the last `k` checkpoints.
+const DELETE_LAST_3_CHECKPOINTS: &str =
+    "DELETE FROM checkpoints WHERE n > (SELECT MAX(n) - 3 FROM checkpoints);";
+
+/// Deletes `tenant`'s rows after what the (remaining) last checkpoint signs.
+fn delete_unsigned(tenant: &str) -> String {
+    format!(
+        "DELETE FROM records WHERE tenant = '{tenant}' AND seq > (SELECT j.value ->> '$.seq' \
+         FROM checkpoints, json_each(checkpoints.heads) AS j WHERE j.value ->> '$.tenant' = \
+         '{tenant}' ORDER BY n DESC LIMIT 1);"
+    )
+}
+
+#[tokio::test]
+async fn deleting_the_last_checkpoints_and_their_tail_is_found() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (db, copy_file, key) = timed_trail(dir.path()).await;
+    let offbox = copy_file.to_str().expect("UTF-8");
+    let (ok, out) = verify_with(&db, &key, &["--checkpoints", offbox]).await;
+    assert!(ok, "the intact trail verifies\n{out}");
+    assert!(!out.contains("warning"), "{out}");
+    assert!(out.contains("match the off-box copy"), "{out}");
+
+    // The last checkpoints and acme's rows after what is left signed: globex's rows of the
+    // same minutes stay behind, unsigned for longer than a running relay allows.
+    let cut = copy(&db, "cut-acme.db");
+    tamper(
+        &cut,
+        &format!("{DELETE_LAST_3_CHECKPOINTS}{}", delete_unsigned("acme")),
+    );
+    let (ok, out) = verify_with(&cut, &key, &[]).await;
+    println!("cut-acme.db:\n{out}");
+    assert!(!ok, "verify must fail\n{out}");
+    for needle in [
+        "relay \"relay-a\"",
+        "tenant \"globex\"",
+        "unsigned rows past the checkpoint interval",
+    ] {
+        assert!(out.contains(needle), "expected {needle:?} in\n{out}");
+    }
+
+    // Everything after an earlier checkpoint: the trail alone cannot tell this from a relay
+    // that stopped there (documented); the off-box copy can.
+    let cut = copy(&db, "cut-all.db");
+    tamper(
+        &cut,
+        &format!(
+            "{DELETE_LAST_3_CHECKPOINTS}{}{}",
+            delete_unsigned("acme"),
+            delete_unsigned("globex")
+        ),
+    );
+    let (ok, out) = verify_with(&cut, &key, &[]).await;
+    assert!(ok, "a clean cut verifies without the copy\n{out}");
+    let (ok, out) = verify_with(&cut, &key, &["--checkpoints", offbox]).await;
+    println!("cut-all.db with the copy:\n{out}");
+    assert!(!ok, "the off-box copy finds the cut\n{out}");
+    assert!(
+        out.contains("off-box copy mismatch") && out.contains("not in the trail"),
+        "{out}"
+    );
+
+    // A checkpoint from the middle: a gap in the numbering.
+    let gap = copy(&db, "gap.db");
+    tamper(&gap, "DELETE FROM checkpoints WHERE n = 3;");
+    let (ok, out) = verify_with(&gap, &key, &[]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("checkpoint gap") && out.contains("checkpoint 3 is missing"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_whole_tenant_is_found() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (db, _, key) = timed_trail(dir.path()).await;
+    let gone = copy(&db, "no-globex.db");
+    tamper(&gone, "DELETE FROM records WHERE tenant = 'globex';");
+    let (ok, out) = verify_with(&gone, &key, &[]).await;
+    println!("no-globex.db:\n{out}");
+    assert!(!ok, "verify must fail\n{out}");
+    assert!(
+        out.contains("tenant \"globex\"") && out.contains("tenant vanished"),
+        "{out}"
+    );
+}
+
+/// Rewrites every row of the trail at `db`: `subject` becomes mallory, and every hash is
+/// computed afresh so each chain is whole again.
+fn rewrite_rows(db: &Path) {
+    use mcp_tunnel::govern::audit::chain;
+    let conn = Connection::open(db).expect("open the copy");
+    let rows: Vec<(i64, String, String, i64, Vec<u8>)> = conn
+        .prepare("SELECT id, relay, tenant, seq, record FROM records ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let mut heads: std::collections::HashMap<(String, String), [u8; 32]> = Default::default();
+    for (id, relay, tenant, seq, bytes) in rows {
+        let mut record: Record = serde_json::from_slice(&bytes).expect("a record");
+        record.subject = "mallory@acme.example".into();
+        let bytes = chain::canonical(&record);
+        let prev = heads.entry((relay, tenant)).or_insert(chain::GENESIS);
+        let hash = chain::row_hash(prev, seq as u64, &bytes);
+        conn.execute(
+            "UPDATE records SET record = ?1, subject = ?2, prev_hash = ?3, hash = ?4 WHERE id = ?5",
+            rusqlite::params![
+                bytes,
+                record.subject,
+                hex::encode(*prev),
+                hex::encode(hash),
+                id
+            ],
+        )
+        .expect("rewrite a row");
+        *prev = hash;
+    }
+}
+
+#[tokio::test]
+async fn rewriting_every_row_with_fresh_hashes_is_found() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (db, copy_file, key) = timed_trail(dir.path()).await;
+
+    // With the checkpoints left in place: they sign other heads.
+    let rewritten = copy(&db, "rewritten.db");
+    rewrite_rows(&rewritten);
+    let (ok, out) = verify_with(&rewritten, &key, &[]).await;
+    println!("rewritten.db:\n{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("checkpoint mismatch") && out.contains("rewritten"),
+        "{out}"
+    );
+
+    // With every checkpoint deleted first: rows and not one checkpoint.
+    let rewritten = copy(&db, "rewritten-no-checkpoints.db");
+    tamper(&rewritten, "DELETE FROM checkpoints;");
+    rewrite_rows(&rewritten);
+    let (ok, out) = verify_with(&rewritten, &key, &[]).await;
+    println!("rewritten-no-checkpoints.db:\n{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("relay \"relay-a\"") && out.contains("no checkpoint"),
+        "{out}"
+    );
+
+    // The whole trail replaced by one a relay with a new key wrote: the given public key and
+    // the off-box copy both refuse it; only the keys the trail names would accept it.
+    let forger = tempfile::tempdir().expect("temp dir");
+    let mut config = AuditSection::new(forger.path().join("audit.db"));
+    config.relay_id = Some(RELAY.into());
+    let auditor = Auditor::open(&config).expect("open the forged trail");
+    for n in 0..3 {
+        auditor.append(record("acme", n)).await.expect("append");
+    }
+    auditor.close().await;
+    let (ok, out) = verify(&config.path).await;
+    assert!(ok, "by its own keys the forgery is whole\n{out}");
+    let (ok, out) = verify_with(&config.path, &key, &[]).await;
+    assert!(!ok && out.contains("unknown key"), "{out}");
+    let (ok, out) = cli(&[
+        "audit",
+        "verify",
+        "--db",
+        config.path.to_str().expect("UTF-8"),
+        "--checkpoints",
+        copy_file.to_str().expect("UTF-8"),
+    ])
+    .await;
+    println!("replaced trail with the copy:\n{out}");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("off-box copy mismatch") && out.contains("another key"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn checkpoints_export_is_the_off_box_copy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (db, copy_file, key) = timed_trail(dir.path()).await;
+    let (ok, exported) = cli(&[
+        "audit",
+        "checkpoints",
+        "--db",
+        db.to_str().expect("UTF-8"),
+        "--export",
+    ])
+    .await;
+    assert!(ok, "{exported}");
+    let appended = std::fs::read_to_string(&copy_file).expect("the checkpoint file");
+    assert_eq!(
+        exported, appended,
+        "the relay appends exactly what export prints"
+    );
+    let exported_file = dir.path().join("exported.jsonl");
+    std::fs::write(&exported_file, &exported).expect("write");
+    let (ok, out) = verify_with(
+        &db,
+        &key,
+        &["--checkpoints", exported_file.to_str().expect("UTF-8")],
+    )
+    .await;
+    assert!(ok, "{out}");
 }

@@ -247,7 +247,14 @@ impl RelaySettings {
             allowed_origins: config.agents.allowed_origins.clone(),
             allowed_hosts: config.agents.allowed_hosts.clone(),
             sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
-            audit: config.audit.clone(),
+            audit: config.audit.clone().map(|mut audit| {
+                let fleet_id = config.fleet.as_ref().and_then(|f| f.id.as_deref());
+                audit.relay_id = Some(crate::govern::audit::relay_instance(
+                    fleet_id,
+                    config.tunnel.listen.port(),
+                ));
+                audit
+            }),
         })
     }
 }
@@ -309,8 +316,16 @@ impl Relay {
         let agents = bind_tcp(settings.agents_listen).await?;
         let auditor = settings
             .audit
-            .as_ref()
-            .map(crate::govern::audit::Auditor::open)
+            .clone()
+            .map(|mut audit| {
+                if audit.relay_id.is_none() {
+                    audit.relay_id = Some(crate::govern::audit::relay_instance(
+                        None,
+                        settings.tunnel_listen.port(),
+                    ));
+                }
+                crate::govern::audit::Auditor::open(&audit)
+            })
             .transpose()?;
         let admin = match settings.admin_listen {
             Some(addr) => Some(bind_tcp(addr).await?),

@@ -29,8 +29,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::capture::{Capture, CaptureRules};
 use super::chain;
+use super::checkpoint::{Checkpoint, HeadEntry, Kind};
 use super::key::CheckpointKey;
-use super::store::{self, Checkpoint, Head};
+use super::store::{self, Head};
 use super::{AuditError, Record};
 use crate::config::{AuditSection, AuditSourceSection};
 use crate::metrics as names;
@@ -118,13 +119,67 @@ impl Auditor {
     pub fn open(config: &AuditSection) -> Result<Auditor, AuditError> {
         let path = config.path.clone();
         let key = CheckpointKey::load_or_create(&config.key_path())?;
-        let conn = store::open_writer(&path, config.durability, key.public_hex())?;
-        let heads = store::load_heads(&conn).map_err(|e| AuditError::Database {
+        let relay = config
+            .relay_id
+            .clone()
+            .unwrap_or_else(|| super::relay_instance(None, 0));
+        let (conn, migrated) =
+            store::open_writer(&path, config.durability, key.public_hex(), &relay)?;
+        let db_error = |e: rusqlite::Error| AuditError::Database {
             path: path.clone(),
             message: e.to_string(),
-        })?;
+        };
+        let heads = store::load_heads(&conn, &relay).map_err(db_error)?;
+        let last = store::last_checkpoint(&conn, &relay).map_err(db_error)?;
+        let verdict =
+            super::verify::check_start(&conn, &relay, key.public_hex(), &heads, last.as_ref())
+                .map_err(db_error)?;
+        let last_epoch = last
+            .as_ref()
+            .and_then(|l| l.checkpoint.as_ref().ok())
+            .map(|c| c.epoch);
+        let (kind, note, epoch) = match verdict {
+            Ok(()) => {
+                if config.new_epoch {
+                    tracing::warn!(path = %path.display(), "the audit trail verifies: no new epoch begun (--new-audit-epoch ignored)");
+                }
+                let note = if migrated {
+                    "migrated from schema 1: rows before this checkpoint were signed by per-tenant checkpoints only"
+                } else {
+                    ""
+                };
+                (Kind::Start, note.to_owned(), last_epoch.unwrap_or(1))
+            }
+            Err(reason) if config.new_epoch => {
+                tracing::warn!(path = %path.display(), relay, %reason, "the audit trail does not verify: beginning a new epoch (--new-audit-epoch)");
+                (Kind::Epoch, reason, last_epoch.unwrap_or(1) + 1)
+            }
+            Err(reason) => {
+                return Err(AuditError::Untrusted {
+                    path: path.clone(),
+                    reason,
+                });
+            }
+        };
+        let chain = ChainState {
+            n: last.as_ref().map_or(0, |l| l.n),
+            hash: last.as_ref().map_or_else(
+                || super::checkpoint::GENESIS_HEX.to_owned(),
+                |l| match &l.checkpoint {
+                    Ok(cp) => cp.hash(),
+                    Err(_) => l.stored_hash.clone(),
+                },
+            ),
+            epoch,
+        };
+        let checkpoint_file = config
+            .checkpoint_file
+            .as_deref()
+            .map(|file| CheckpointFile::open(file, config.durability))
+            .transpose()?;
         tracing::info!(
             path = %path.display(),
+            relay,
             tenants = heads.len(),
             durability = ?config.durability,
             "audit trail open"
@@ -132,7 +187,7 @@ impl Auditor {
         let wal = WalCheckpointer::start(&path, WAL_RESTART_FRAMES)?;
         let (queue, rx) = mpsc::channel();
         let room = Arc::new(Semaphore::new(config.queue));
-        let store = Arc::new(Mutex::new(Writer {
+        let mut writer = Writer {
             conn: Some(conn),
             path: path.clone(),
             key,
@@ -141,7 +196,16 @@ impl Auditor {
             checkpoint_interval: config.checkpoint_interval(),
             last_checkpoint: Instant::now(),
             wal: Some(wal),
-        }));
+            relay,
+            chain,
+            checkpoint_file,
+        };
+        // The run's first checkpoint: signs every head as found (a crash tail the check above
+        // accepted included), so every row this relay writes follows one of its checkpoints.
+        writer
+            .checkpoint(kind, &note, true)
+            .map_err(|e| writer.write_error(&e))?;
+        let store = Arc::new(Mutex::new(writer));
         let opened = Instant::now();
         let last_write = Arc::new(AtomicU64::new(0));
         let thread = WriterThread {
@@ -294,6 +358,12 @@ struct Writer {
     last_checkpoint: Instant,
     /// Merges the WAL into the file beside the writer; taken at the close.
     wal: Option<WalCheckpointer>,
+    /// This relay instance: the key of its chains and of its checkpoint chain.
+    relay: String,
+    /// Where its checkpoint chain stands.
+    chain: ChainState,
+    /// The off-box copy, if configured.
+    checkpoint_file: Option<CheckpointFile>,
 }
 
 /// A thread with its own connection that merges the WAL into the file when the writer asks,
@@ -386,7 +456,7 @@ impl WriterThread {
             };
             let first = match rx.recv_timeout(wait) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    self.lock().checkpoint(|_| true);
+                    self.lock().checkpoint_interval_now();
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -442,10 +512,18 @@ impl Writer {
     /// [`AuditSection::checkpoint_rows`] unsigned rows.
     fn checkpoint_if_due(&mut self) {
         let rows = self.checkpoint_rows;
-        if self.last_checkpoint.elapsed() >= self.checkpoint_interval {
-            self.checkpoint(|_| true);
-        } else if self.heads.values().any(|h| h.unsigned() >= rows) {
-            self.checkpoint(|h| h.unsigned() >= rows);
+        if self.last_checkpoint.elapsed() >= self.checkpoint_interval
+            || self.heads.values().any(|h| h.unsigned() >= rows)
+        {
+            self.checkpoint_interval_now();
+        }
+    }
+
+    /// Signs every head if any tenant has unsigned rows; a failure is logged (the rows stay
+    /// unsigned and the next checkpoint tries again).
+    fn checkpoint_interval_now(&mut self) {
+        if let Err(e) = self.checkpoint(Kind::Interval, "", false) {
+            tracing::warn!(path = %self.path.display(), error = %e, "audit checkpoint failed");
         }
     }
 
@@ -467,7 +545,7 @@ impl Writer {
             return Some(Err(self.write_error(&e)));
         }
         metrics::histogram!(names::AUDIT_BATCH_ROWS).record(1.0);
-        let result = match write_rows(conn, &self.heads, std::iter::once(record)) {
+        let result = match write_rows(conn, &self.relay, &self.heads, std::iter::once(record)) {
             Ok(heads) => {
                 self.heads.extend(heads);
                 if let Some(wal) = &mut self.wal {
@@ -500,8 +578,14 @@ impl Writer {
             }
             return;
         };
-        let result = store::begin(conn)
-            .and_then(|()| write_rows(conn, &self.heads, appends.iter().map(|(_, r, _)| r)));
+        let result = store::begin(conn).and_then(|()| {
+            write_rows(
+                conn,
+                &self.relay,
+                &self.heads,
+                appends.iter().map(|(_, r, _)| r),
+            )
+        });
         let failure = match result {
             Ok(heads) => {
                 self.heads.extend(heads);
@@ -528,10 +612,13 @@ impl Writer {
         }
     }
 
-    /// Signs every tenant with unsigned rows and closes the file (merging the WAL into it), so
-    /// the file is complete on its own once this returns: the graceful end.
+    /// Signs every head (a close checkpoint, so the trail shows the run ended cleanly) and
+    /// closes the file (merging the WAL into it), so the file is complete on its own once this
+    /// returns: the graceful end.
     fn finish(&mut self) {
-        self.checkpoint(|_| true);
+        if let Err(e) = self.checkpoint(Kind::Close, "", true) {
+            tracing::warn!(path = %self.path.display(), error = %e, "audit close checkpoint failed");
+        }
         if let Some(wal) = self.wal.take() {
             wal.stop();
         }
@@ -544,50 +631,107 @@ impl Writer {
         }
     }
 
-    /// Writes a signed checkpoint for each tenant with unsigned rows that `due` selects.
-    fn checkpoint(&mut self, due: impl Fn(&Head) -> bool) {
+    /// Writes the relay's next checkpoint, signing the head of every tenant chain it writes:
+    /// always when `always`, else only if some tenant has unsigned rows. Then appends it to the
+    /// off-box copy, if configured (a failure there is logged, not fatal: the trail has it).
+    fn checkpoint(&mut self, kind: Kind, note: &str, always: bool) -> rusqlite::Result<()> {
         self.last_checkpoint = Instant::now();
-        let time_ms = store::now_ms();
-        let checkpoints: Vec<Checkpoint> = self
+        if !always && self.heads.values().all(|h| h.unsigned() == 0) {
+            return Ok(());
+        }
+        let Some(conn) = &mut self.conn else {
+            return Ok(());
+        };
+        let mut heads: Vec<HeadEntry> = self
             .heads
             .iter()
-            .filter(|(_, h)| h.unsigned() > 0 && due(h))
-            .map(|(tenant, head)| {
-                let hash = hex::encode(head.hash);
-                let message = chain::checkpoint_message(tenant, head.seq, &hash, time_ms);
-                Checkpoint {
-                    time_ms,
-                    tenant: tenant.clone(),
-                    seq: head.seq,
-                    signature: self.key.sign(&message),
-                    hash,
-                    public_key: self.key.public_hex().to_owned(),
-                }
+            .filter(|(_, h)| h.seq > 0)
+            .map(|(tenant, h)| HeadEntry {
+                tenant: tenant.clone(),
+                seq: h.seq,
+                hash: hex::encode(h.hash),
             })
             .collect();
-        let Some(conn) = &mut self.conn else { return };
-        if checkpoints.is_empty() {
-            return;
+        heads.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+        let mut cp = Checkpoint {
+            relay: self.relay.clone(),
+            n: self.chain.n + 1,
+            prev: self.chain.hash.clone(),
+            kind,
+            epoch: self.chain.epoch,
+            note: note.to_owned(),
+            time_ms: store::now_ms(),
+            interval_ms: u64::try_from(self.checkpoint_interval.as_millis()).unwrap_or(u64::MAX),
+            heads,
+            public_key: self.key.public_hex().to_owned(),
+            signature: String::new(),
+        };
+        cp.signature = self.key.sign(&cp.message());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        store::insert_checkpoint(&tx, &cp)?;
+        tx.commit()?;
+        self.chain.n = cp.n;
+        self.chain.hash = cp.hash();
+        for head in self.heads.values_mut() {
+            head.signed_seq = head.seq;
         }
-        let written = (|| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            for cp in &checkpoints {
-                store::insert_checkpoint(&tx, cp)?;
+        if let Some(file) = &mut self.checkpoint_file {
+            file.append(&cp);
+        }
+        Ok(())
+    }
+}
+
+/// Where the relay's checkpoint chain stands: the last number, its hash, the epoch.
+struct ChainState {
+    n: u64,
+    hash: String,
+    epoch: u64,
+}
+
+/// `[audit] checkpoint_file`: every signed checkpoint appended as one JSON line.
+struct CheckpointFile {
+    path: PathBuf,
+    file: std::fs::File,
+    /// `durability = "fsync"`: each line is synced to disk too.
+    sync: bool,
+}
+
+impl CheckpointFile {
+    fn open(
+        path: &std::path::Path,
+        durability: crate::config::Durability,
+    ) -> Result<Self, AuditError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| AuditError::Database {
+                path: path.to_owned(),
+                message: format!("cannot open the checkpoint file: {e}"),
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            sync: durability == crate::config::Durability::Fsync,
+        })
+    }
+
+    fn append(&mut self, cp: &Checkpoint) {
+        use std::io::Write;
+        let mut line = cp.to_json_line();
+        line.push('\n');
+        // One write of the whole line: an appending file gets it in one piece.
+        let written = self.file.write_all(line.as_bytes()).and_then(|()| {
+            if self.sync {
+                self.file.sync_data()
+            } else {
+                Ok(())
             }
-            tx.commit()
-        })();
-        match written {
-            Ok(()) => {
-                for cp in checkpoints {
-                    if let Some(head) = self.heads.get_mut(&cp.tenant) {
-                        head.signed_seq = cp.seq;
-                    }
-                }
-            }
-            // The rows stay unsigned; the next checkpoint tries again.
-            Err(e) => {
-                tracing::warn!(path = %self.path.display(), error = %e, "audit checkpoint failed")
-            }
+        });
+        if let Err(e) = written {
+            metrics::counter!(names::AUDIT_CHECKPOINT_FILE_ERRORS).increment(1);
+            tracing::error!(file = %self.path.display(), error = %e, n = cp.n, "appending the audit checkpoint to the checkpoint file failed");
         }
     }
 }
@@ -607,6 +751,7 @@ fn is_busy(e: &rusqlite::Error) -> bool {
 /// written (applied by the caller only once committed).
 fn write_rows<'a>(
     conn: &Connection,
+    relay: &str,
     heads: &HashMap<String, Head>,
     records: impl Iterator<Item = &'a Record>,
 ) -> rusqlite::Result<HashMap<String, Head>> {
@@ -622,7 +767,7 @@ fn write_rows<'a>(
             let seq = head.seq + 1;
             let bytes = chain::canonical(record);
             let hash = chain::row_hash(&head.hash, seq, &bytes);
-            store::insert_record(conn, seq, &head.hash, &hash, &bytes, record)?;
+            store::insert_record(conn, relay, seq, &head.hash, &hash, &bytes, record)?;
             head.seq = seq;
             head.hash = hash;
         }
@@ -731,15 +876,21 @@ pub(crate) mod tests {
         }
         assert_eq!(heads["acme"].0, 100);
         assert_eq!(heads["globex"].0, 100);
-        let conn = Connection::open(&config.path).expect("open");
-        let signed: Vec<(String, i64)> = conn
-            .prepare("SELECT tenant, MAX(seq) FROM checkpoints GROUP BY tenant ORDER BY tenant")
-            .expect("prepare")
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
+        let last = checkpoints(&config.path).pop().expect("a checkpoint");
+        assert_eq!(last.kind, Kind::Close);
+        let signed: Vec<(String, u64)> =
+            last.heads.into_iter().map(|h| (h.tenant, h.seq)).collect();
         assert_eq!(signed, vec![("acme".into(), 100), ("globex".into(), 100)]);
+    }
+
+    /// The trail's checkpoints, in order.
+    fn checkpoints(path: &std::path::Path) -> Vec<Checkpoint> {
+        let conn = Connection::open(path).expect("open");
+        store::all_checkpoints(&conn)
+            .expect("checkpoints")
+            .into_iter()
+            .map(|c| c.checkpoint.expect("a valid checkpoint"))
+            .collect()
     }
 
     #[tokio::test]
@@ -764,8 +915,9 @@ pub(crate) mod tests {
     fn the_wal_starts_over_under_steady_writes() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("audit.db");
-        let conn =
-            store::open_writer(&path, crate::config::Durability::Commit, "key").expect("open");
+        let (conn, _) =
+            store::open_writer(&path, crate::config::Durability::Commit, "key", "relay-a")
+                .expect("open");
         // A restart once the WAL holds 64 frames; the writer never pauses, so a passive merge
         // alone never catches up with it.
         let mut wal = WalCheckpointer::start(&path, 64).expect("checkpointer");
@@ -776,7 +928,7 @@ pub(crate) mod tests {
             let bytes = chain::canonical(&r);
             let hash = chain::row_hash(&prev, seq, &bytes);
             store::begin(&conn).expect("begin");
-            store::insert_record(&conn, seq, &prev, &hash, &bytes, &r).expect("insert");
+            store::insert_record(&conn, "relay-a", seq, &prev, &hash, &bytes, &r).expect("insert");
             store::commit(&conn).expect("commit");
             prev = hash;
             wal.wrote(1);
@@ -815,15 +967,19 @@ pub(crate) mod tests {
             auditor.append(record("acme", i)).await.expect("append");
         }
         auditor.close().await;
-        let conn = Connection::open(&config.path).expect("open");
-        let seqs: Vec<i64> = conn
-            .prepare("SELECT seq FROM checkpoints ORDER BY id")
-            .expect("prepare")
-            .query_map([], |r| r.get(0))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        assert_eq!(seqs, vec![5, 10, 12]);
+        let signed: Vec<(Kind, u64, Option<u64>)> = checkpoints(&config.path)
+            .iter()
+            .map(|c| (c.kind, c.n, c.head("acme").map(|h| h.seq)))
+            .collect();
+        assert_eq!(
+            signed,
+            vec![
+                (Kind::Start, 1, None),
+                (Kind::Interval, 2, Some(5)),
+                (Kind::Interval, 3, Some(10)),
+                (Kind::Close, 4, Some(12)),
+            ]
+        );
     }
 
     #[tokio::test]
@@ -840,12 +996,16 @@ pub(crate) mod tests {
         };
         // Poll (bounded) until the writer's timer signs the row; no append prompts it.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while signed() == 0 && Instant::now() < deadline {
+        // The start checkpoint, then one the timer wrote.
+        while signed() < 2 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(signed(), 1, "one checkpoint within the deadline");
+        assert_eq!(signed(), 2, "one checkpoint within the deadline");
         auditor.close().await;
-        assert_eq!(signed(), 1, "close has nothing left to sign");
+        let all = checkpoints(&config.path);
+        assert_eq!(all.len(), 3, "and the close");
+        assert_eq!(all[1].kind, Kind::Interval);
+        assert_eq!(all[1].head("acme").map(|h| h.seq), Some(1));
     }
 
     #[tokio::test]
@@ -918,5 +1078,183 @@ pub(crate) mod tests {
         config.key = Some(dir.path().join("audit.key"));
         let err = Auditor::open(&config).expect_err("not a database");
         assert!(err.to_string().contains("not-a-db"), "{err}");
+    }
+
+    /// The schema of a trail written before checkpoints were chained (c1e4632).
+    const V1_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    public_key TEXT PRIMARY KEY,
+    added_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    subject TEXT NOT NULL,
+    roles TEXT NOT NULL,
+    source TEXT NOT NULL,
+    session TEXT,
+    transport TEXT,
+    protocol_version TEXT,
+    direction TEXT NOT NULL,
+    method TEXT NOT NULL,
+    request_id TEXT,
+    tool TEXT,
+    resource TEXT,
+    prompt TEXT,
+    decision TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    outcome_code INTEGER,
+    latency_us INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL,
+    args_sha256 TEXT NOT NULL,
+    record BLOB NOT NULL,
+    UNIQUE (tenant, seq)
+);
+CREATE INDEX IF NOT EXISTS records_time ON records (time_ms);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+";
+
+    /// A schema 1 trail at `path`, as the relay of c1e4632 wrote it: `count` acme rows and a
+    /// per-tenant checkpoint of the last, signed by the key at `key`.
+    fn write_v1(path: &std::path::Path, key: &std::path::Path, count: u64) {
+        let key = CheckpointKey::load_or_create(key).expect("key");
+        let conn = Connection::open(path).expect("create");
+        conn.execute_batch(V1_SCHEMA).expect("schema 1");
+        conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')", [])
+            .expect("version");
+        conn.execute(
+            "INSERT INTO keys (public_key, added_ms) VALUES (?1, 0)",
+            [key.public_hex()],
+        )
+        .expect("key");
+        let mut prev = chain::GENESIS;
+        for seq in 1..=count {
+            let r = record("acme", seq);
+            let bytes = chain::canonical(&r);
+            let hash = chain::row_hash(&prev, seq, &bytes);
+            let mut values: Vec<rusqlite::types::Value> = vec![
+                "acme".to_owned().into(),
+                (seq as i64).into(),
+                hex::encode(prev).into(),
+                hex::encode(hash).into(),
+                bytes.into(),
+            ];
+            values.extend(store::record_columns(&r));
+            conn.execute(
+                &format!(
+                    "INSERT INTO records (tenant, seq, prev_hash, hash, record, {}) VALUES ({})",
+                    store::RECORD_COLUMNS,
+                    (1..=values.len())
+                        .map(|i| format!("?{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                rusqlite::params_from_iter(values),
+            )
+            .expect("row");
+            prev = hash;
+        }
+        let hash = hex::encode(prev);
+        let signature = key.sign(&chain::checkpoint_message("acme", count, &hash, 5));
+        conn.execute(
+            "INSERT INTO checkpoints (time_ms, tenant, seq, hash, public_key, signature) \
+             VALUES (5, 'acme', ?1, ?2, ?3, ?4)",
+            rusqlite::params![count as i64, hash, key.public_hex(), signature],
+        )
+        .expect("checkpoint");
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_trail_is_read_as_it_is_and_migrated_in_place_by_the_relay() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.db");
+        let key_path = dir.path().join("audit.key");
+        write_v1(&path, &key_path, 7);
+        let public = crate::govern::audit::key::read_public_key(
+            &crate::govern::audit::key::public_key_path(&key_path),
+        )
+        .expect("public key");
+        let keys = [public];
+
+        // Read-only tools read it unchanged.
+        let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
+        assert!(report.ok(), "{report}");
+        assert_eq!((report.rows, report.checkpoints), (7, 1));
+        assert!(
+            report.notes.iter().any(|n| n.contains("schema 1")),
+            "{report}"
+        );
+
+        // The relay migrates it in place and chains on from its rows.
+        let mut config = AuditSection::new(&path);
+        config.relay_id = Some("relay-a".into());
+        let auditor = Auditor::open(&config).expect("open and migrate");
+        auditor.append(record("acme", 8)).await.expect("append");
+        auditor.close().await;
+        let conn = Connection::open(&path).expect("open");
+        let version: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .expect("version");
+        assert_eq!(version, store::SCHEMA_VERSION);
+        let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
+        assert!(report.ok(), "{report}");
+        assert_eq!(report.rows, 8);
+        assert_eq!(report.checkpoints, 3, "the schema 1 one, start and close");
+        assert!(
+            report
+                .notes
+                .iter()
+                .any(|n| n.contains("migrated from schema 1")),
+            "{report}"
+        );
+        let last = checkpoints(&path).pop().expect("a checkpoint");
+        assert_eq!(last.head("acme").map(|h| h.seq), Some(8));
+
+        // A schema 1 row changed after the migration is still found.
+        conn.execute_batch("UPDATE records SET subject = 'mallory' WHERE seq = 3")
+            .expect("tamper");
+        let report = crate::govern::audit::verify(&path, &keys, None).expect("verify");
+        assert!(!report.ok(), "{report}");
+    }
+
+    #[tokio::test]
+    async fn a_schema_1_trail_whose_checkpoint_does_not_verify_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("audit.db");
+        write_v1(&path, &dir.path().join("old.key"), 3);
+        // The relay has another key than the one that signed the schema 1 checkpoints.
+        let mut config = AuditSection::new(&path);
+        config.relay_id = Some("relay-a".into());
+        let err = Auditor::open(&config).expect_err("refused");
+        assert!(
+            matches!(err, AuditError::Untrusted { .. }) && err.to_string().contains("schema 1"),
+            "{err}"
+        );
+        config.new_epoch = true;
+        let auditor = Auditor::open(&config).expect("a new epoch");
+        auditor.close().await;
+        let first = checkpoints(&path).remove(0);
+        assert_eq!((first.kind, first.epoch, first.n), (Kind::Epoch, 2, 1));
+        assert!(first.note.contains("schema 1"), "{}", first.note);
     }
 }

@@ -16,6 +16,7 @@
 mod auditor;
 pub mod capture;
 pub mod chain;
+pub mod checkpoint;
 pub mod key;
 pub mod query;
 pub mod record;
@@ -74,4 +75,42 @@ pub enum AuditError {
     /// A filter or time argument is not understood.
     #[error("{0}")]
     Argument(String),
+    /// The relay will not write to a trail whose last checkpoint does not verify (it would
+    /// sign over whatever was changed) unless told to begin a new epoch.
+    #[error(
+        "audit trail {path}: {reason}; refusing to sign over it. Check it with `mcp-tunnel audit \
+         verify`; to go on writing, start the relay with --new-audit-epoch (the trail records \
+         the new epoch and why)"
+    )]
+    Untrusted {
+        /// The SQLite file.
+        path: PathBuf,
+        /// What does not verify.
+        reason: String,
+    },
+}
+
+/// This relay instance's name in the trail: `fleet_id` when set, else `HOST:PORT` from the
+/// host name and the tunnel listen port (stable across restarts of one relay, distinct for
+/// relays sharing a host).
+pub fn relay_instance(fleet_id: Option<&str>, tunnel_port: u16) -> String {
+    if let Some(id) = fleet_id {
+        return id.to_owned();
+    }
+    format!("{}:{tunnel_port}", host_name())
+}
+
+/// The machine's host name (`localhost` if it cannot be read).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if !name.is_empty() => name.to_owned(),
+        _ => "localhost".into(),
+    }
 }

@@ -245,6 +245,60 @@ impl Reader {
     }
 }
 
+/// `audit checkpoints`: every relay's signed checkpoints, relay by relay in number order; one
+/// human line each, or with `json` one JSON object a line (the off-box copy's format, which
+/// `audit verify --checkpoints` reads). Returns the number written. A schema 1 trail has none
+/// (its per-tenant checkpoints are not a chain).
+pub fn checkpoints(path: &Path, json: bool, out: &mut dyn Write) -> Result<u64, AuditError> {
+    let conn = store::open_reader(path)?;
+    let err = |e: rusqlite::Error| AuditError::Database {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    if store::schema_version(&conn, path)?.as_deref() == Some(store::SCHEMA_V1) {
+        return Ok(0);
+    }
+    let mut written = 0;
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT {} FROM checkpoints ORDER BY relay, n, id",
+            store::CHECKPOINT_COLUMNS
+        ))
+        .map_err(err)?;
+    // Streamed: a year of one-minute checkpoints is half a million.
+    for stored in stmt.query_map([], store::read_checkpoint).map_err(err)? {
+        let stored = stored.map_err(err)?;
+        match (&stored.checkpoint, json) {
+            (Ok(cp), true) => writeln!(out, "{}", cp.to_json_line())?,
+            (Ok(cp), false) => writeln!(
+                out,
+                "{} relay={:?} n={} kind={} epoch={} tenants={} key={}{}",
+                format_time(cp.time_ms),
+                cp.relay,
+                cp.n,
+                cp.kind.label(),
+                cp.epoch,
+                cp.heads.len(),
+                cp.public_key.get(..16).unwrap_or(&cp.public_key),
+                if cp.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" note={:?}", cp.note)
+                }
+            )?,
+            (Err(e), _) => {
+                return Err(AuditError::Database {
+                    path: path.to_owned(),
+                    message: format!("checkpoint id {}: {e}", stored.id),
+                });
+            }
+        }
+        written += 1;
+    }
+    out.flush()?;
+    Ok(written)
+}
+
 /// `audit export --format jsonl`: every matching row as one JSON line, oldest first. Returns
 /// the number of rows written.
 pub fn export(path: &Path, filter: &Filter, out: &mut dyn Write) -> Result<u64, AuditError> {

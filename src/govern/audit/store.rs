@@ -10,27 +10,34 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OpenFlags, params};
 
 use super::chain::{self, GENESIS};
+use super::checkpoint::{Checkpoint, HeadEntry, Kind};
 use super::{AuditError, Record};
 use crate::config::Durability;
 
-/// The schema this code writes and reads (in `meta`).
-pub const SCHEMA_VERSION: &str = "1";
+/// The schema this code writes (in `meta`). Schema 1 (per-tenant checkpoints, no relay
+/// column) is still read, and migrated in place when a relay opens it for writing
+/// ([`open_writer`]).
+pub const SCHEMA_VERSION: &str = "2";
+
+/// The first schema, still readable.
+pub const SCHEMA_V1: &str = "1";
 
 /// How long a statement waits for a lock another connection holds (a reader's WAL checkpoint,
 /// a second writer by mistake) before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const SCHEMA: &str = "
+const META: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS keys (
-    public_key TEXT PRIMARY KEY,
-    added_ms INTEGER NOT NULL
-);
+";
+
+/// The rows of schema 2: each chain is keyed by (relay instance, tenant).
+const RECORDS_V2: &str = "
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
+    relay TEXT NOT NULL,
     tenant TEXT NOT NULL,
     seq INTEGER NOT NULL,
     prev_hash TEXT NOT NULL,
@@ -57,17 +64,43 @@ CREATE TABLE IF NOT EXISTS records (
     bytes_out INTEGER NOT NULL,
     args_sha256 TEXT NOT NULL,
     record BLOB NOT NULL,
-    UNIQUE (tenant, seq)
+    UNIQUE (relay, tenant, seq)
 );
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ms);
+";
+
+/// The rest of schema 2: the relays' checkpoint chains (see [`super::checkpoint`]), schema 1's
+/// per-tenant checkpoints kept as they were (`legacy_checkpoints`), and the keys.
+const TABLES_V2: &str = "
+CREATE TABLE IF NOT EXISTS keys (
+    public_key TEXT PRIMARY KEY,
+    added_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
+    id INTEGER PRIMARY KEY,
+    relay TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    note TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    interval_ms INTEGER NOT NULL,
+    heads TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    UNIQUE (relay, n)
+);
+CREATE TABLE IF NOT EXISTS legacy_checkpoints (
     id INTEGER PRIMARY KEY,
     time_ms INTEGER NOT NULL,
     tenant TEXT NOT NULL,
     seq INTEGER NOT NULL,
     hash TEXT NOT NULL,
     public_key TEXT NOT NULL,
-    signature TEXT NOT NULL
+    signature TEXT NOT NULL,
+    relay TEXT NOT NULL DEFAULT ''
 );
 ";
 
@@ -150,12 +183,15 @@ fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> AuditError + '_ {
 }
 
 /// Opens (creating if needed) the trail for writing: WAL, the durability's `synchronous`, the
-/// schema, and `public_key` recorded in `keys`.
+/// schema (a schema 1 file is migrated in place, its rows given to `relay`, the instance that
+/// wrote them), and `public_key` recorded in `keys`. Returns the connection and whether the
+/// file was migrated.
 pub fn open_writer(
     path: &Path,
     durability: Durability,
     public_key: &str,
-) -> Result<Connection, AuditError> {
+    relay: &str,
+) -> Result<(Connection, bool), AuditError> {
     let err = sql_error(path);
     let conn = Connection::open(path).map_err(&err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
@@ -179,14 +215,73 @@ pub fn open_writer(
          PRAGMA journal_size_limit = {WAL_FILE_LIMIT};"
     ))
     .map_err(&err)?;
-    conn.execute_batch(SCHEMA).map_err(&err)?;
-    check_schema(&conn, path, true)?;
+    conn.execute_batch(META).map_err(&err)?;
+    let migrated = match schema_version(&conn, path)?.as_deref() {
+        None => {
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {RECORDS_V2} {TABLES_V2} \
+                 INSERT INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}'); COMMIT;"
+            ))
+            .map_err(&err)?;
+            false
+        }
+        Some(SCHEMA_VERSION) => false,
+        Some(SCHEMA_V1) => {
+            migrate_v1(&conn, relay).map_err(|e| AuditError::Database {
+                path: path.to_owned(),
+                message: format!("migrating schema 1 to 2 failed: {e}"),
+            })?;
+            tracing::info!(path = %path.display(), relay, "audit trail migrated from schema 1 to 2");
+            true
+        }
+        Some(v) => {
+            return Err(AuditError::Database {
+                path: path.to_owned(),
+                message: format!(
+                    "schema version {v}, this build reads {SCHEMA_V1} and {SCHEMA_VERSION}"
+                ),
+            });
+        }
+    };
     conn.execute(
         "INSERT OR IGNORE INTO keys (public_key, added_ms) VALUES (?1, ?2)",
         params![public_key, now_ms() as i64],
     )
     .map_err(&err)?;
-    Ok(conn)
+    Ok((conn, migrated))
+}
+
+/// Schema 1 to 2, in one transaction: the rows gain the relay column (all of them written by
+/// `relay`, the one relay a schema 1 file had) and chains become keyed by (relay, tenant); the
+/// per-tenant checkpoints are kept, untouched, as `legacy_checkpoints` (their signatures still
+/// verify); the relays' checkpoint chains start empty (the relay's start checkpoint follows).
+fn migrate_v1(conn: &Connection, relay: &str) -> rusqlite::Result<()> {
+    let columns = format!("tenant, seq, prev_hash, hash, {RECORD_COLUMNS}, record");
+    let sql = format!(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE checkpoints RENAME TO legacy_checkpoints;
+         ALTER TABLE legacy_checkpoints ADD COLUMN relay TEXT NOT NULL DEFAULT '';
+         ALTER TABLE records RENAME TO records_v1;
+         DROP INDEX IF EXISTS records_time;
+         {RECORDS_V2}
+         {TABLES_V2}
+         UPDATE meta SET value = '{SCHEMA_VERSION}' WHERE key = 'schema';"
+    );
+    let migrated = (|| {
+        conn.execute_batch(&sql)?;
+        conn.execute("UPDATE legacy_checkpoints SET relay = ?1", params![relay])?;
+        conn.execute(
+            &format!(
+                "INSERT INTO records (id, relay, {columns}) SELECT id, ?1, {columns} FROM records_v1"
+            ),
+            params![relay],
+        )?;
+        conn.execute_batch("DROP TABLE records_v1; COMMIT;")
+    })();
+    if migrated.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    migrated
 }
 
 /// Opens a second connection to the trail for merging the WAL into the file
@@ -228,7 +323,8 @@ pub fn wal_restart(conn: &Connection, wait: Duration) -> rusqlite::Result<bool> 
     Ok(busy? == 0)
 }
 
-/// Opens the trail read-only (works while a relay writes to it).
+/// Opens the trail read-only (works while a relay writes to it). Schema 1 files are read as
+/// they are (one relay, named `""`).
 pub fn open_reader(path: &Path) -> Result<Connection, AuditError> {
     let err = sql_error(path);
     if !path.exists() {
@@ -243,40 +339,14 @@ pub fn open_reader(path: &Path) -> Result<Connection, AuditError> {
     )
     .map_err(&err)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(&err)?;
-    check_schema(&conn, path, false)?;
-    Ok(conn)
-}
-
-/// Checks (or, for a new file, sets) the schema version.
-fn check_schema(conn: &Connection, path: &Path, write: bool) -> Result<(), AuditError> {
-    let err = sql_error(path);
-    let version: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| {
-            row.get(0)
-        })
-        .map(Some)
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })
-        .map_err(|e| AuditError::Database {
-            path: path.to_owned(),
-            message: format!("not an audit trail ({e})"),
-        })?;
-    match version {
-        Some(v) if v == SCHEMA_VERSION => Ok(()),
+    match schema_version(&conn, path)?.as_deref() {
+        Some(SCHEMA_VERSION | SCHEMA_V1) => Ok(conn),
         Some(v) => Err(AuditError::Database {
             path: path.to_owned(),
-            message: format!("schema version {v}, this build reads {SCHEMA_VERSION}"),
+            message: format!(
+                "schema version {v}, this build reads {SCHEMA_V1} and {SCHEMA_VERSION}"
+            ),
         }),
-        None if write => {
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
-                [SCHEMA_VERSION],
-            )
-            .map_err(&err)?;
-            Ok(())
-        }
         None => Err(AuditError::Database {
             path: path.to_owned(),
             message: "not an audit trail (no schema version)".into(),
@@ -284,12 +354,30 @@ fn check_schema(conn: &Connection, path: &Path, write: bool) -> Result<(), Audit
     }
 }
 
-/// Every tenant's chain head and last checkpoint, as stored.
-pub fn load_heads(conn: &Connection) -> rusqlite::Result<HashMap<String, Head>> {
+/// The schema version the file records (`None`: a new file).
+pub fn schema_version(conn: &Connection, path: &Path) -> Result<Option<String>, AuditError> {
+    conn.query_row("SELECT value FROM meta WHERE key = 'schema'", [], |row| {
+        row.get(0)
+    })
+    .map(Some)
+    .or_else(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+        e => Err(e),
+    })
+    .map_err(|e| AuditError::Database {
+        path: path.to_owned(),
+        message: format!("not an audit trail ({e})"),
+    })
+}
+
+/// Every tenant chain head of `relay`, as stored (`signed_seq` left 0: the caller sets it from
+/// the relay's last checkpoint).
+pub fn load_heads(conn: &Connection, relay: &str) -> rusqlite::Result<HashMap<String, Head>> {
     let mut heads: HashMap<String, Head> = HashMap::new();
     // SQLite returns the other columns of the row holding MAX() (documented bare-column rule).
-    let mut rows = conn.prepare("SELECT tenant, MAX(seq), hash FROM records GROUP BY tenant")?;
-    for row in rows.query_map([], |row| {
+    let mut rows = conn
+        .prepare("SELECT tenant, MAX(seq), hash FROM records WHERE relay = ?1 GROUP BY tenant")?;
+    for row in rows.query_map([relay], |row| {
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, i64>(1)?,
@@ -309,24 +397,15 @@ pub fn load_heads(conn: &Connection) -> rusqlite::Result<HashMap<String, Head>> 
             },
         );
     }
-    let mut rows = conn.prepare("SELECT tenant, MAX(seq) FROM checkpoints GROUP BY tenant")?;
-    for row in rows.query_map([], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-    })? {
-        let (tenant, seq) = row?;
-        if let Some(head) = heads.get_mut(&tenant) {
-            head.signed_seq = u64::try_from(seq).unwrap_or(0);
-        }
-    }
     Ok(heads)
 }
 
 /// The insert of one row, built once: the statement cache finds it by this text.
 static INSERT_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "INSERT INTO records (tenant, seq, prev_hash, hash, record, {RECORD_COLUMNS}) VALUES \
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-         ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+        "INSERT INTO records (relay, tenant, seq, prev_hash, hash, record, {RECORD_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+         ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
     )
 });
 
@@ -380,6 +459,7 @@ pub fn rollback(conn: &Connection) {
 /// reference: nothing is copied but the roles' JSON and the two hashes' hex.
 pub fn insert_record(
     conn: &Connection,
+    relay: &str,
     seq: u64,
     prev: &[u8; 32],
     hash: &[u8; 32],
@@ -402,6 +482,7 @@ pub fn insert_record(
     };
     // The order of RECORD_COLUMNS (and of `record_columns`, which `audit verify` compares).
     stmt.execute(params![
+        relay,
         record.tenant,
         int(seq),
         prev_hex,
@@ -432,38 +513,111 @@ pub fn insert_record(
     Ok(())
 }
 
-/// One signed checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checkpoint {
-    /// When it was signed, ms since the epoch.
-    pub time_ms: u64,
-    /// The tenant.
-    pub tenant: String,
-    /// The tenant's last row at that time.
-    pub seq: u64,
-    /// That row's hash, hex.
-    pub hash: String,
-    /// The signing key, hex.
-    pub public_key: String,
-    /// The Ed25519 signature of [`chain::checkpoint_message`], hex.
-    pub signature: String,
-}
-
-/// Inserts a checkpoint.
-pub fn insert_checkpoint(tx: &Connection, cp: &Checkpoint) -> rusqlite::Result<()> {
-    tx.execute(
-        "INSERT INTO checkpoints (time_ms, tenant, seq, hash, public_key, signature) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+/// Inserts a signed checkpoint of the relay's chain.
+pub fn insert_checkpoint(conn: &Connection, cp: &Checkpoint) -> rusqlite::Result<()> {
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    conn.execute(
+        "INSERT INTO checkpoints (relay, n, prev, hash, kind, epoch, note, time_ms, interval_ms, \
+         heads, public_key, signature) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
-            cp.time_ms as i64,
-            cp.tenant,
-            cp.seq as i64,
-            cp.hash,
+            cp.relay,
+            int(cp.n),
+            cp.prev,
+            cp.hash(),
+            cp.kind.label(),
+            int(cp.epoch),
+            cp.note,
+            int(cp.time_ms),
+            int(cp.interval_ms),
+            cp.heads_json(),
             cp.public_key,
             cp.signature
         ],
     )?;
     Ok(())
+}
+
+/// A checkpoint as stored: the checkpoint (or why its row is not one), its row id and the hash
+/// column (which [`Checkpoint::hash`] must equal).
+pub struct StoredCheckpoint {
+    /// The row id.
+    pub id: i64,
+    /// The relay column.
+    pub relay: String,
+    /// The number column.
+    pub n: u64,
+    /// The `hash` column.
+    pub stored_hash: String,
+    /// The checkpoint, or what is wrong with the row (an unknown kind, heads that are not JSON).
+    pub checkpoint: Result<Checkpoint, String>,
+}
+
+/// The columns [`read_checkpoint`] reads, in its order.
+pub const CHECKPOINT_COLUMNS: &str = "id, relay, n, prev, hash, kind, epoch, note, time_ms, \
+    interval_ms, heads, public_key, signature";
+
+/// One row of [`CHECKPOINT_COLUMNS`].
+pub fn read_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
+    let int = |i: usize| -> rusqlite::Result<u64> {
+        Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or(0))
+    };
+    let kind: String = row.get(5)?;
+    let heads: String = row.get(10)?;
+    let parsed = match (
+        Kind::parse(&kind),
+        serde_json::from_str::<Vec<HeadEntry>>(&heads),
+    ) {
+        (None, _) => Err(format!("unknown kind {kind:?}")),
+        (_, Err(e)) => Err(format!("the heads are not a list of heads: {e}")),
+        (Some(kind), Ok(heads)) => Ok(Checkpoint {
+            relay: row.get(1)?,
+            n: int(2)?,
+            prev: row.get(3)?,
+            kind,
+            epoch: int(6)?,
+            note: row.get(7)?,
+            time_ms: int(8)?,
+            interval_ms: int(9)?,
+            heads,
+            public_key: row.get(11)?,
+            signature: row.get(12)?,
+        }),
+    };
+    Ok(StoredCheckpoint {
+        id: row.get(0)?,
+        relay: row.get(1)?,
+        n: int(2)?,
+        stored_hash: row.get(4)?,
+        checkpoint: parsed,
+    })
+}
+
+/// The checkpoint of `relay` with the highest number, if any.
+pub fn last_checkpoint(
+    conn: &Connection,
+    relay: &str,
+) -> rusqlite::Result<Option<StoredCheckpoint>> {
+    conn.query_row(
+        &format!(
+            "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE relay = ?1 ORDER BY n DESC LIMIT 1"
+        ),
+        [relay],
+        read_checkpoint,
+    )
+    .map(Some)
+    .or_else(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+        e => Err(e),
+    })
+}
+
+/// Every checkpoint, relay by relay, in number order, in memory (for tests and small trails;
+/// `audit checkpoints` and `verify` stream them instead).
+pub fn all_checkpoints(conn: &Connection) -> rusqlite::Result<Vec<StoredCheckpoint>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY relay, n, id"
+    ))?;
+    stmt.query_map([], read_checkpoint)?.collect()
 }
 
 /// Milliseconds since the Unix epoch, now.
