@@ -70,3 +70,7 @@ pub const AUDIT_WRITE_SECONDS: &str = "mcp_tunnel_audit_write_seconds";
 pub const AUDIT_QUEUE_DEPTH: &str = "mcp_tunnel_audit_queue_depth";
 /// Histogram: audit rows per commit (group commit batch size).
 pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";
+
+/// Counter: tunnels that announced a source already announced under another tunnel token of
+/// the same tenant (each logged as a warning naming both tokens and the one serving).
+pub const SOURCE_CONFLICTS: &str = "mcp_tunnel_source_token_conflicts_total";
