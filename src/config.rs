@@ -916,6 +916,8 @@ pub struct SourceConfig {
     pub name: String,
     /// How to reach it.
     pub target: SourceTarget,
+    /// HTTP sources: whether redirects to another origin are followed (`false`: refused).
+    pub follow_cross_origin_redirects: bool,
 }
 
 impl SourceConfig {
@@ -941,6 +943,7 @@ impl SourceConfig {
         Ok(Self {
             name: name.to_owned(),
             target,
+            follow_cross_origin_redirects: false,
         })
     }
 }
@@ -1001,6 +1004,11 @@ pub struct SourceSection {
     /// A stdio command and its arguments.
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// Whether requests to `url` follow redirects to another origin (scheme, host or port);
+    /// off by default: such a redirect fails the request, as the request (and its body on 307
+    /// and 308) was meant for this upstream only.
+    #[serde(default)]
+    pub follow_cross_origin_redirects: bool,
 }
 
 impl ClientFile {
@@ -1035,9 +1043,16 @@ impl ClientFile {
                         ));
                     }
                 };
+                if s.follow_cross_origin_redirects && !matches!(target, SourceTarget::Http(_)) {
+                    return Err(format!(
+                        "source {}: follow_cross_origin_redirects applies to url sources only",
+                        s.name
+                    ));
+                }
                 Ok(SourceConfig {
                     name: s.name.clone(),
                     target,
+                    follow_cross_origin_redirects: s.follow_cross_origin_redirects,
                 })
             })
             .collect()
@@ -1362,7 +1377,8 @@ required_scopes = ["mcp:tools"]
             SourceConfig::parse_flag("db=http://127.0.0.1:1/mcp").expect("http"),
             SourceConfig {
                 name: "db".into(),
-                target: SourceTarget::Http("http://127.0.0.1:1/mcp".into())
+                target: SourceTarget::Http("http://127.0.0.1:1/mcp".into()),
+                follow_cross_origin_redirects: false,
             }
         );
         assert_eq!(

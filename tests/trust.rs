@@ -235,3 +235,75 @@ async fn token_new_prints_a_stanza_bound_to_its_sources() {
     let text = String::from_utf8(output.stdout).expect("utf-8");
     assert!(text.contains("tunnel_tokens = [\"sha256:"), "{text}");
 }
+
+/// A relay with tenant acme (one unbound token `token`, agent key `key`) from a config file.
+async fn acme_relay(
+    shutdown: &CancellationToken,
+    token: &str,
+    key: &str,
+) -> (tempfile::TempDir, mcp_tunnel::certs::DevCerts, FileRelay) {
+    let (dir, certs) = cert_dir();
+    let tokens = format!("tunnel_tokens = [\"{}\"]", SecretHash::of(token));
+    let path = write_config(dir.path(), &format!("{LISTENERS}{}", acme(key, &tokens)));
+    let (relay, _) = FileRelay::serve(&path, shutdown).await;
+    (dir, certs, relay)
+}
+
+/// Item 12: an upstream that redirects with 307 to another origin got the agent's request,
+/// body and all, at that origin. Now `connect` refuses it (the agent gets an error naming the
+/// redirect) unless the source sets `follow_cross_origin_redirects`.
+#[tokio::test]
+async fn cross_origin_redirects_are_refused_unless_the_source_allows_them() {
+    let shutdown = CancellationToken::new();
+    let (token, key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let (_dir, certs, relay) = acme_relay(&shutdown, &token, &key).await;
+    let (elsewhere, seen) = start_recording_upstream(&shutdown).await;
+    let redirect = axum::Router::new().route(
+        "/mcp",
+        axum::routing::any(move || {
+            let to = elsewhere.clone();
+            async move {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [("location", to)],
+                )
+            }
+        }),
+    );
+    let redirecting = format!(
+        "http://{}/mcp",
+        common::serve_axum(redirect, &shutdown).await
+    );
+
+    let mut settings = quic_settings(
+        relay.tunnel,
+        &token,
+        &certs.ca_pem,
+        &[("strict", &redirecting), ("lenient", &redirecting)],
+    );
+    settings.sources[1].follow_cross_origin_redirects = true;
+    let client = tokio::spawn(client::run(settings, shutdown.child_token()));
+    wait_rows(&relay.state, "lenient", 1).await;
+
+    let mut agent = Agent::new(&format!("http://{}/mcp/strict", relay.agents), &key);
+    let answer = agent.initialize().await;
+    let error = answer.response()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("another origin") && error.contains("follow_cross_origin_redirects"),
+        "{answer:?}"
+    );
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "nothing reached the other origin"
+    );
+
+    let mut agent = Agent::new(&format!("http://{}/mcp/lenient", relay.agents), &key);
+    let answer = agent.initialize().await;
+    assert!(answer.response()["result"].is_object(), "{answer:?}");
+    assert_eq!(seen.lock().expect("lock").len(), 1, "followed when allowed");
+    shutdown.cancel();
+    let _ = client.await;
+}

@@ -21,7 +21,6 @@ use crate::govern::condition::Call;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::{Decision, Kind};
 use crate::mcp::classify;
-use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
 use crate::mcp::jsonrpc::{Classified, ClassifyError, codes, error_body};
 use crate::wire::{Era, OpenHeader};
 
@@ -239,10 +238,7 @@ pub fn open_header(
     let mcp_headers = if era == Era::Stateless {
         headers
             .iter()
-            .filter(|(name, _)| {
-                let name = name.as_str();
-                name == METHOD_HEADER || name == NAME_HEADER || name.starts_with("mcp-param-")
-            })
+            .filter(|(name, _)| crate::mcp::era::relayed_header_allowed(name.as_str()))
             .filter_map(|(name, value)| {
                 Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
             })
