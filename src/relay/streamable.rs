@@ -87,7 +87,11 @@ async fn post_inner(
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
         calls.set_context(&session.call_context());
-        let filter = ListFilter::for_request(state.governance(), &who, &source, &classified);
+        let governance = state.governance();
+        session
+            .channel
+            .update_identity(governance.keyring.assertions(), &who);
+        let filter = ListFilter::for_request(governance, &who, &source, &classified);
         let target = Target {
             source: &source,
             session: Some(&session),
