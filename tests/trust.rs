@@ -307,3 +307,101 @@ async fn cross_origin_redirects_are_refused_unless_the_source_allows_them() {
     shutdown.cancel();
     let _ = client.await;
 }
+
+const PUBLIC_URL: &str = "https://relay.example.test";
+const ISSUER: &str = "https://idp.example.test";
+
+/// A relay config with tenants acme and globex (no tunnels) trusting `ISSUER`, whose JWKS (one
+/// Ed25519 key) it writes beside; `provider_extra` goes into the provider's table. Returns the
+/// directory, the config path and the key signing the provider's tokens.
+fn provider_config(
+    provider_extra: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    jsonwebtoken::EncodingKey,
+) {
+    use base64::Engine as _;
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let jwk = serde_json::json!({"kty":"OKP","crv":"Ed25519","kid":"ed","alg":"EdDSA","use":"sig",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(pair.public_key_raw())});
+    let (dir, _certs) = cert_dir();
+    std::fs::write(
+        dir.path().join("jwks.json"),
+        serde_json::json!({"keys": [jwk]}).to_string(),
+    )
+    .expect("write JWKS");
+    let config = format!(
+        r#"{LISTENERS}public_url = "{PUBLIC_URL}"
+[[tenants]]
+name = "acme"
+[[tenants]]
+name = "globex"
+[[identity_providers]]
+issuer = "{ISSUER}"
+jwks_file = "jwks.json"
+tenant_claim = "tenant"
+{provider_extra}
+"#
+    );
+    let path = write_config(dir.path(), &config);
+    (
+        dir,
+        path,
+        jsonwebtoken::EncodingKey::from_ed_der(&pair.serialize_der()),
+    )
+}
+
+fn token_for(key: &jsonwebtoken::EncodingKey, tenant: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+    header.kid = Some("ed".into());
+    let claims = serde_json::json!({"iss": ISSUER, "aud": PUBLIC_URL, "sub": "mallory",
+        "tenant": tenant, "iat": now, "exp": now + 600});
+    jsonwebtoken::encode(&header, &claims, key).expect("token signs")
+}
+
+/// Item 14: an identity provider with `tenant_claim` minted identities for every tenant of the
+/// relay. With `tenants = [...]` its tokens naming another tenant are refused (401).
+#[tokio::test]
+async fn an_identity_provider_speaks_only_for_its_listed_tenants() {
+    let shutdown = CancellationToken::new();
+    let (_dir, path, key) = provider_config("tenants = [\"acme\"]");
+    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
+    let url = format!("http://{}/mcp/db", relay.agents);
+    // Authenticated: 404 (no such source is connected); refused: 401.
+    let acme = Agent::new(&url, &token_for(&key, "acme"))
+        .initialize()
+        .await;
+    assert_eq!(acme.status, 404, "{acme:?}");
+    let globex = Agent::new(&url, &token_for(&key, "globex"))
+        .initialize()
+        .await;
+    assert_eq!(globex.status, 401, "{globex:?}");
+    shutdown.cancel();
+}
+
+/// Item 14: a percent-encoded newline in an unauthenticated request's path forged a line of
+/// the relay's log (the source was logged with Display). Now it is quoted on its own line.
+#[tokio::test]
+async fn a_newline_in_an_unauthenticated_path_forges_no_log_line() {
+    let (_dir, path, _key) = provider_config("");
+    let mut relay = common::RelayProcess::start(&path).await;
+    let url = format!(
+        "http://{}/mcp/x%0A2026-12-04T00:00:00.000000Z%20INFO%20forged%3A%20admin%20logged%20in",
+        relay.agents
+    );
+    let answer = Agent::new(&url, "not.a.jwt").initialize().await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    let line = relay.wait_for("agent token refused").await;
+    assert!(line.contains("\\n"), "the newline is escaped: {line}");
+    let output = relay.peer.output();
+    assert!(
+        !output.lines().any(|l| l.starts_with("2026-12-04T00:00:00")),
+        "no forged line: {output}"
+    );
+    relay.peer.stop().await;
+}

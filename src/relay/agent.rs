@@ -80,7 +80,7 @@ pub fn authenticate(
     let challenge = |scope: Option<String>| Challenge {
         resource_metadata: jwt
             .public_url()
-            .map(|url| oauth::metadata_url(url, &resource.path())),
+            .map(|url| oauth::metadata_url(url, &resource.metadata_path())),
         scope,
     };
     let required = || {
@@ -105,7 +105,9 @@ pub fn authenticate(
         return Err(unauthorized(None));
     }
     jwt.verify(credential).map_err(|e| {
-        tracing::info!(error = %e, resource = %resource.path(), "agent token refused");
+        // Debug formatting: the path comes from an unauthenticated request, and a decoded
+        // newline in it must not start a line of its own in the log.
+        tracing::info!(error = %e, resource = ?resource.path(), "agent token refused");
         match e {
             JwtError::MissingScope { required } => AgentError::InsufficientScope {
                 challenge: challenge(Some(required.join(" "))),
