@@ -1497,4 +1497,36 @@ required_scopes = ["mcp:tools"]
             RelayConfig::load(&path).unwrap_or_else(|e| panic!("{loopback}: {e}"));
         }
     }
+
+    #[test]
+    fn cross_origin_redirects_are_a_per_source_switch_for_url_sources() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("connect.toml");
+        let base = "relay = \"localhost:4433\"\n[[sources]]\nname = \"db\"\n";
+        std::fs::write(&path, format!("{base}url = \"http://127.0.0.1:1/mcp\"\n")).expect("write");
+        let sources = ClientFile::load(&path)
+            .expect("loads")
+            .sources()
+            .expect("sources");
+        assert!(!sources[0].follow_cross_origin_redirects, "off by default");
+        std::fs::write(
+            &path,
+            format!(
+                "{base}url = \"http://127.0.0.1:1/mcp\"\nfollow_cross_origin_redirects = true\n"
+            ),
+        )
+        .expect("write");
+        let sources = ClientFile::load(&path)
+            .expect("loads")
+            .sources()
+            .expect("sources");
+        assert!(sources[0].follow_cross_origin_redirects);
+        std::fs::write(
+            &path,
+            format!("{base}command = [\"server\"]\nfollow_cross_origin_redirects = true\n"),
+        )
+        .expect("write");
+        let err = ClientFile::load(&path).expect_err("refused").to_string();
+        assert!(err.contains("url sources only"), "{err}");
+    }
 }
