@@ -180,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             let source = SourceConfig {
                 name: (*name).into(),
                 target: SourceTarget::Http(upstream_url.clone()),
+                follow_cross_origin_redirects: false,
             };
             let mut settings = ClientSettings::new(tunnel.to_string(), token.clone(), vec![source]);
             settings.ca_pem = Some(certs.ca_pem.clone());

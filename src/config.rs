@@ -227,6 +227,10 @@ pub struct IdentityProviderSection {
     /// Seconds of clock skew tolerated on `exp` and `nbf`.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    /// With `tenant_claim`: the tenants this provider may speak for (a token naming another
+    /// is refused). Absent: any tenant, with a warning at start.
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
 }
 
 fn default_jwks_refresh() -> u64 {
@@ -475,6 +479,10 @@ pub struct TenantSection {
     /// `[identity_assertion]`); none by default.
     #[serde(default)]
     pub assert_identity: Vec<String>,
+    /// Tunnel tokens bound to the sources they may announce (`[[tenants.tunnels]]`); the
+    /// documented form for new tokens. `tunnel_tokens` (unbound) keeps working, with a warning.
+    #[serde(default)]
+    pub tunnels: Vec<TunnelTokenSection>,
 }
 
 /// `[[tenants.keys]]`
@@ -616,6 +624,7 @@ impl RelayConfig {
                 }
                 keyring.add_tunnel_token(hash, name.clone());
             }
+            add_bound_tunnel_tokens(&mut keyring, &mut secrets_seen, tenant, &name)?;
             let mut roles = HashMap::new();
             for role in &tenant.roles {
                 let conditions = role
@@ -752,6 +761,7 @@ impl RelayConfig {
                 (None, Some(claim)) => TenantSource::Claim(claim.clone()),
                 _ => return Err(fail("give exactly one of tenant or tenant_claim".into())),
             };
+            let allowed_tenants = provider_tenants(section, tenant_names).map_err(fail)?;
             let algorithms = section
                 .algorithms
                 .iter()
@@ -790,6 +800,10 @@ impl RelayConfig {
             )
             .map_err(|e| fail(e.to_string()))?
             .with_leeway(section.leeway_secs);
+            let provider = match allowed_tenants {
+                Some(allowed) => provider.with_allowed_tenants(allowed),
+                None => provider,
+            };
             providers.push(provider);
         }
         Ok(JwtVerifier::new(
@@ -797,6 +811,110 @@ impl RelayConfig {
             providers,
             jwt::tenant_set(tenant_names.iter().copied()),
         ))
+    }
+}
+
+// ---- Tunnel trust: tokens bound to sources, identity provider tenants ----
+
+/// `[[tenants.tunnels]]`: a tunnel token bound to the source names it may announce. A tunnel
+/// with this token that announces any other source is refused at its handshake.
+///
+/// ```toml
+/// [[tenants.tunnels]]
+/// token = "sha256:..."
+/// sources = ["db", "files"]
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelTokenSection {
+    /// The token's digest.
+    pub token: String,
+    /// The source names the token may announce (at least one).
+    pub sources: Vec<String>,
+}
+
+/// Adds `tenant`'s `[[tenants.tunnels]]` to `keyring`, checking each entry.
+fn add_bound_tunnel_tokens(
+    keyring: &mut Keyring,
+    secrets_seen: &mut HashSet<SecretHash>,
+    tenant: &TenantSection,
+    name: &Arc<str>,
+) -> Result<(), String> {
+    for entry in &tenant.tunnels {
+        let fail = |message: String| format!("tenant {}: tunnels: {message}", tenant.name);
+        let hash = SecretHash::parse(&entry.token).map_err(fail)?;
+        if !secrets_seen.insert(hash) {
+            return Err(fail(format!("token {} is listed twice", hash.short())));
+        }
+        if entry.sources.is_empty() {
+            return Err(fail(format!(
+                "token {} names no sources (list the sources it may serve)",
+                hash.short()
+            )));
+        }
+        for source in &entry.sources {
+            validate_source_name(source).map_err(fail)?;
+        }
+        keyring.add_bound_tunnel_token(hash, name.clone(), entry.sources.iter().cloned());
+    }
+    Ok(())
+}
+
+/// The tenants an identity provider with `tenant_claim` may speak for (`tenants = [...]`),
+/// each of them defined; `None` when it does not say (any tenant).
+fn provider_tenants(
+    section: &IdentityProviderSection,
+    tenant_names: &HashSet<&str>,
+) -> Result<Option<HashSet<Arc<str>>>, String> {
+    let Some(listed) = &section.tenants else {
+        return Ok(None);
+    };
+    if section.tenant_claim.is_none() {
+        return Err("tenants = [...] applies only with tenant_claim".into());
+    }
+    if listed.is_empty() {
+        return Err("tenants = [] lets the provider speak for no tenant; list at least one".into());
+    }
+    listed
+        .iter()
+        .map(|tenant| {
+            if tenant_names.contains(tenant.as_str()) {
+                Ok(Arc::from(tenant.as_str()))
+            } else {
+                Err(format!("tenants: tenant {tenant} is not defined"))
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(Some)
+}
+
+impl RelayConfig {
+    /// What this configuration allows that an operator should know about, one line each:
+    /// unbound tunnel tokens (`tunnel_tokens`: any tunnel with one may announce any source of
+    /// its tenant and take its sessions) and identity providers whose `tenant_claim` may name
+    /// any tenant. The relay logs them as warnings at start and at each reload.
+    pub fn trust_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for tenant in &self.tenants {
+            for token in &tenant.tunnel_tokens {
+                let shown = SecretHash::parse(token)
+                    .map(|hash| hash.short())
+                    .unwrap_or_default();
+                warnings.push(format!(
+                    "tenant {}: tunnel token {shown} in tunnel_tokens is not bound to sources: a tunnel with it may announce any source of the tenant; bind it with [[tenants.tunnels]] token = \"...\" sources = [...]",
+                    tenant.name
+                ));
+            }
+        }
+        for provider in &self.identity_providers {
+            if provider.tenant_claim.is_some() && provider.tenants.is_none() {
+                warnings.push(format!(
+                    "identity provider {}: tenant_claim without tenants = [...]: its tokens may name any tenant of the relay; list the tenants it may speak for",
+                    provider.issuer
+                ));
+            }
+        }
+        warnings
     }
 }
 
@@ -829,6 +947,8 @@ pub struct SourceConfig {
     pub name: String,
     /// How to reach it.
     pub target: SourceTarget,
+    /// HTTP sources: whether redirects to another origin are followed (`false`: refused).
+    pub follow_cross_origin_redirects: bool,
 }
 
 impl SourceConfig {
@@ -854,6 +974,7 @@ impl SourceConfig {
         Ok(Self {
             name: name.to_owned(),
             target,
+            follow_cross_origin_redirects: false,
         })
     }
 }
@@ -914,6 +1035,11 @@ pub struct SourceSection {
     /// A stdio command and its arguments.
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// Whether requests to `url` follow redirects to another origin (scheme, host or port);
+    /// off by default: such a redirect fails the request, as the request (and its body on 307
+    /// and 308) was meant for this upstream only.
+    #[serde(default)]
+    pub follow_cross_origin_redirects: bool,
 }
 
 impl ClientFile {
@@ -948,9 +1074,16 @@ impl ClientFile {
                         ));
                     }
                 };
+                if s.follow_cross_origin_redirects && !matches!(target, SourceTarget::Http(_)) {
+                    return Err(format!(
+                        "source {}: follow_cross_origin_redirects applies to url sources only",
+                        s.name
+                    ));
+                }
                 Ok(SourceConfig {
                     name: s.name.clone(),
                     target,
+                    follow_cross_origin_redirects: s.follow_cross_origin_redirects,
                 })
             })
             .collect()
@@ -1304,7 +1437,8 @@ required_scopes = ["mcp:tools"]
             SourceConfig::parse_flag("db=http://127.0.0.1:1/mcp").expect("http"),
             SourceConfig {
                 name: "db".into(),
-                target: SourceTarget::Http("http://127.0.0.1:1/mcp".into())
+                target: SourceTarget::Http("http://127.0.0.1:1/mcp".into()),
+                follow_cross_origin_redirects: false,
             }
         );
         assert_eq!(
@@ -1343,5 +1477,144 @@ required_scopes = ["mcp:tools"]
             .expect_err("an empty id")
             .to_string();
         assert!(err.contains("fleet.id"), "{err}");
+    }
+
+    // ---- Tunnel trust ----
+
+    #[test]
+    fn bound_tunnel_tokens_load_and_mistakes_are_named() {
+        let token = "sha256:00000000000000000000000000000000000000000000000000000000000000aa";
+        let with = |tunnels: &str| {
+            let text = GOOD.replace("name = \"acme\"\n", &format!("name = \"acme\"\n{tunnels}"));
+            let (_dir, path) = write(&text);
+            RelayConfig::load(&path).map_err(|e| e.to_string())
+        };
+        // TOML: the array-of-tables lines go after the tenant's plain keys.
+        let stanza = |sources: &str| {
+            format!("[[tenants.tunnels]]\ntoken = \"{token}\"\nsources = {sources}\n")
+        };
+        let good = GOOD.to_owned() + &stanza("[\"db\", \"files\"]");
+        let (_dir, path) = write(&good);
+        let config = RelayConfig::load(&path).expect("a bound token loads");
+        assert_eq!(config.tenants[0].tunnels[0].sources, ["db", "files"]);
+        assert_eq!(
+            config.trust_warnings().len(),
+            1,
+            "the unbound token of GOOD is warned about"
+        );
+        assert!(config.trust_warnings()[0].contains("not bound"));
+        for (sources, expected) in [("[]", "names no sources"), ("[\"a/b\"]", "source name")] {
+            let (_dir, path) = write(&(GOOD.to_owned() + &stanza(sources)));
+            let err = RelayConfig::load(&path).expect_err("refused").to_string();
+            assert!(err.contains(expected) && err.contains("tunnels"), "{err}");
+        }
+        let twice = GOOD.to_owned() + &stanza("[\"db\"]") + &stanza("[\"files\"]");
+        let (_dir, path) = write(&twice);
+        let err = RelayConfig::load(&path).expect_err("refused").to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        assert!(with("").is_ok());
+    }
+
+    #[test]
+    fn provider_tenants_are_checked_and_warned_about() {
+        let public_url = "public_url = \"https://relay.example/\"\n";
+        let claim = PROVIDER.replace("tenant = \"acme\"", "tenant_claim = \"t\"");
+        let (_dir, path) = with_provider(public_url, &claim);
+        let config = RelayConfig::load(&path).expect("tenant_claim alone still loads");
+        assert!(
+            config
+                .trust_warnings()
+                .iter()
+                .any(|w| w.contains("idp.example") && w.contains("any tenant")),
+            "{:?}",
+            config.trust_warnings()
+        );
+        let listed = claim.replace(
+            "tenant_claim = \"t\"",
+            "tenant_claim = \"t\"\ntenants = [\"acme\"]",
+        );
+        let (_dir, path) = with_provider(public_url, &listed);
+        let config = RelayConfig::load(&path).expect("listed tenants load");
+        assert!(
+            !config
+                .trust_warnings()
+                .iter()
+                .any(|w| w.contains("idp.example"))
+        );
+        for (provider, expected) in [
+            (
+                claim.replace(
+                    "tenant_claim = \"t\"",
+                    "tenant_claim = \"t\"\ntenants = [\"globex\"]",
+                ),
+                "tenant globex is not defined",
+            ),
+            (
+                claim.replace("tenant_claim = \"t\"", "tenant_claim = \"t\"\ntenants = []"),
+                "no tenant",
+            ),
+            (
+                PROVIDER.replace(
+                    "tenant = \"acme\"",
+                    "tenant = \"acme\"\ntenants = [\"acme\"]",
+                ),
+                "only with tenant_claim",
+            ),
+            (
+                PROVIDER.replace(
+                    "jwks_file = \"jwks.json\"",
+                    "jwks_url = \"http://idp.example/jwks\"",
+                ),
+                "https",
+            ),
+        ] {
+            let (_dir, path) = with_provider(public_url, &provider);
+            let err = RelayConfig::load(&path).expect_err("refused").to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        for loopback in [
+            "http://127.0.0.1:1/jwks",
+            "http://localhost:1/jwks",
+            "http://[::1]:1/jwks",
+        ] {
+            let provider = PROVIDER.replace(
+                "jwks_file = \"jwks.json\"",
+                &format!("jwks_url = \"{loopback}\""),
+            );
+            let (_dir, path) = with_provider(public_url, &provider);
+            RelayConfig::load(&path).unwrap_or_else(|e| panic!("{loopback}: {e}"));
+        }
+    }
+
+    #[test]
+    fn cross_origin_redirects_are_a_per_source_switch_for_url_sources() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("connect.toml");
+        let base = "relay = \"localhost:4433\"\n[[sources]]\nname = \"db\"\n";
+        std::fs::write(&path, format!("{base}url = \"http://127.0.0.1:1/mcp\"\n")).expect("write");
+        let sources = ClientFile::load(&path)
+            .expect("loads")
+            .sources()
+            .expect("sources");
+        assert!(!sources[0].follow_cross_origin_redirects, "off by default");
+        std::fs::write(
+            &path,
+            format!(
+                "{base}url = \"http://127.0.0.1:1/mcp\"\nfollow_cross_origin_redirects = true\n"
+            ),
+        )
+        .expect("write");
+        let sources = ClientFile::load(&path)
+            .expect("loads")
+            .sources()
+            .expect("sources");
+        assert!(sources[0].follow_cross_origin_redirects);
+        std::fs::write(
+            &path,
+            format!("{base}command = [\"server\"]\nfollow_cross_origin_redirects = true\n"),
+        )
+        .expect("write");
+        let err = ClientFile::load(&path).expect_err("refused").to_string();
+        assert!(err.contains("url sources only"), "{err}");
     }
 }

@@ -269,11 +269,19 @@ struct ConnectArgs {
 
 #[derive(Subcommand)]
 enum NewSecret {
-    /// A fresh tunnel token and its config line.
+    /// A fresh tunnel token and its config stanza, bound to the sources it may serve.
     New {
         /// The tenant it registers sources for.
         #[arg(long)]
         tenant: String,
+        /// A source name the token may serve (repeatable); a tunnel with the token that
+        /// announces any other source is refused.
+        #[arg(long = "source", value_parser = parse_source_name)]
+        sources: Vec<String>,
+        /// Print the unbound form instead (`tunnel_tokens`: any source of the tenant; not
+        /// recommended, any holder can then take over another team's source).
+        #[arg(long, conflicts_with = "sources")]
+        any_source: bool,
     },
 }
 
@@ -304,6 +312,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(run(cli.command))
+}
+
+/// A `--source` of `token new`: a source name agents can type.
+fn parse_source_name(name: &str) -> Result<String, String> {
+    mcp_tunnel::config::validate_source_name(name).map(|()| name.to_owned())
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM.
@@ -497,12 +510,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
             shutdown.cancelled().await;
         }
         Command::Token {
-            command: NewSecret::New { tenant },
+            command:
+                NewSecret::New {
+                    tenant,
+                    sources,
+                    any_source,
+                },
         } => {
             let token = new_secret("mcpt_tok_");
             println!("token: {token}");
             println!("# relay config, under [[tenants]] name = \"{tenant}\":");
-            println!("tunnel_tokens = [\"{}\"]", SecretHash::of(&token));
+            if any_source {
+                println!("tunnel_tokens = [\"{}\"]", SecretHash::of(&token));
+            } else {
+                if sources.is_empty() {
+                    println!(
+                        "# list the sources this token may serve (or run again with --source NAME ...)"
+                    );
+                }
+                let quoted: Vec<String> = sources.iter().map(|s| format!("{s:?}")).collect();
+                println!("[[tenants.tunnels]]");
+                println!("token = \"{}\"", SecretHash::of(&token));
+                println!("sources = [{}]", quoted.join(", "));
+            }
         }
         Command::Key {
             command:

@@ -76,3 +76,7 @@ pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";
 /// Counter: signed audit checkpoints that could not be appended to `[audit] checkpoint_file`
 /// (the off-box copy); the trail itself has them.
 pub const AUDIT_CHECKPOINT_FILE_ERRORS: &str = "mcp_tunnel_audit_checkpoint_file_errors_total";
+
+/// Counter: tunnels that announced a source already announced under another tunnel token of
+/// the same tenant (each logged as a warning naming both tokens and the one serving).
+pub const SOURCE_CONFLICTS: &str = "mcp_tunnel_source_token_conflicts_total";

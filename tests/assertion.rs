@@ -109,7 +109,7 @@ fn check(seen: &common::Seen, source: &str, asserted: bool, public: &DecodingKey
         let token = token.to_str().expect("ascii");
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[PUBLIC_URL]);
-        validation.set_audience(&[source]);
+        validation.set_audience(&[format!("acme/{source}")]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         let claims = jsonwebtoken::decode::<Value>(token, public, &validation)
             .unwrap_or_else(|e| panic!("{source} {method}: the assertion verifies: {e}"))
@@ -238,7 +238,7 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
     assert!(seen.len() >= 5, "initialize, initialized and three calls");
     let mut validation = Validation::new(Algorithm::EdDSA);
     validation.set_issuer(&[PUBLIC_URL]);
-    validation.set_audience(&["db"]);
+    validation.set_audience(&["acme/db"]);
     validation.validate_exp = false;
     for (method, headers, received) in seen.iter() {
         let token = headers
@@ -257,4 +257,63 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
         );
         assert_eq!(claims["sub"], "bob@acme.example");
     }
+}
+
+/// Item 13: a reload that rotates the signing key and changes the caller's roles reaches a live
+/// session at its next request: the assertion it carries is signed with the new key, names the
+/// new roles, and its audience is `TENANT/SOURCE` (unambiguous across tenants).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotating_the_key_and_roles_applies_to_the_next_request_of_a_live_session() {
+    common::init_tracing();
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let (db_url, seen) = common::start_recording_upstream(&shutdown).await;
+    let (dir, certs, old_public) = relay_dir();
+    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    // A long lifetime: nothing here renews by age.
+    let text = config_with_ttl(&token, &api_key, r#""db""#, 3600);
+    let path = write_config(dir.path(), &text);
+    let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
+    let mut reloader = Reloader::new(&path, relay.state.clone(), loaded);
+    let settings = quic_settings(relay.tunnel, &token, &certs.ca_pem, &[("db", &db_url)]);
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
+        .await
+        .expect("tunnel up");
+
+    let mut agent = Agent::new(&format!("http://{}/mcp/db", relay.agents), &api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let called = agent.call_tool(1, "anything", json!({})).await;
+    assert_eq!(tool_text(called.response()), "recorded");
+    let claims_of = |public: &DecodingKey| {
+        let seen = seen.lock().expect("lock");
+        let (_, headers, _) = seen.last().expect("a request");
+        let token = headers[HEADER].to_str().expect("ascii").to_owned();
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[PUBLIC_URL]);
+        validation.set_audience(&["acme/db"]);
+        jsonwebtoken::decode::<Value>(&token, public, &validation).map(|d| d.claims)
+    };
+    let before = claims_of(&old_public).expect("signed with the first key");
+    assert_eq!(before["aud"], "acme/db");
+    assert_eq!(before["roles"], json!(["analyst"]));
+
+    // Rotate the key and give bob another role; the session stays open.
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("Ed25519 key");
+    let new_public =
+        DecodingKey::from_ed_components(&URL_SAFE_NO_PAD.encode(signing.public_key_raw()))
+            .expect("public key");
+    std::fs::write(dir.path().join("assertion.key"), signing.serialize_pem()).expect("write key");
+    let text = text.replace("roles = [\"analyst\"]", "roles = [\"analyst\", \"oncall\"]")
+        + "[[tenants.roles]]\nname = \"oncall\"\nallow = [\"*\"]\n";
+    std::fs::write(&path, text).expect("rewrite the config");
+    reloader.reload().await.expect("the file reloads");
+
+    let called = agent.call_tool(2, "anything", json!({})).await;
+    assert_eq!(tool_text(called.response()), "recorded");
+    let after = claims_of(&new_public).expect("the next request: signed with the rotated key");
+    assert!(claims_of(&old_public).is_err(), "not with the old key");
+    assert_eq!(after["roles"], json!(["analyst", "oncall"]));
+    assert_eq!(after["aud"], "acme/db");
+    assert_eq!(relay.state.sessions.len(), 1, "the same session");
 }

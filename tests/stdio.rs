@@ -70,6 +70,7 @@ fn stdio_settings(harness: &Harness, sources: &[(&str, Vec<String>)]) -> ClientS
         .map(|(name, command)| SourceConfig {
             name: (*name).into(),
             target: SourceTarget::Stdio(command.clone()),
+            follow_cross_origin_redirects: false,
         })
         .collect();
     settings

@@ -98,6 +98,7 @@ pub async fn start(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::R
         vec![SourceConfig {
             name: SOURCE.into(),
             target: SourceTarget::Http(upstream_url.clone()),
+            follow_cross_origin_redirects: false,
         }],
     );
     settings.ca_pem = Some(certs.ca_pem);

@@ -17,8 +17,19 @@
 //! an assertion that has at least half its lifetime left when it was forwarded, whatever the
 //! session's age; an upstream can verify each request on its own.
 //!
-//! A session keeps the signer it started with: a reload that changes the key, lifetime or
-//! `assert_identity` lists applies to new sessions.
+//! A reload reaches live sessions at their next request: the relay hands the refresher the
+//! signer now configured and the caller's identity as just authenticated (with the roles the
+//! reloaded file gives it), and when either differs from what the assertion in use was signed
+//! with, the next message of the session carries a fresh assertion signed with them (a rotated
+//! key, a new lifetime, changed roles). A reload that stops assertions for the source, or
+//! removes `[identity_assertion]`, leaves live sessions renewing as they were (their upstream
+//! expects an assertion on every request); new sessions follow the new file.
+//!
+//! # Audience
+//!
+//! `aud` is `TENANT/SOURCE` (see [`audience`]): source names are per tenant, so the bare source
+//! name (what `aud` held before) was the same for two tenants' `db`, and an upstream serving
+//! one tenant could be handed an assertion meant for another's.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -64,6 +75,12 @@ pub fn header_name_allowed(name: &str) -> bool {
         && http::HeaderName::try_from(name).is_ok()
 }
 
+/// The audience of assertions for `tenant`'s `source`: `TENANT/SOURCE`. Source names never
+/// contain `/`, so the last `/` splits it unambiguously.
+pub fn audience(tenant: &str, source: &str) -> String {
+    format!("{tenant}/{source}")
+}
+
 /// The claims of an assertion.
 #[derive(Debug, Clone, Serialize)]
 pub struct Claims<'a> {
@@ -71,7 +88,7 @@ pub struct Claims<'a> {
     pub iss: &'a str,
     /// The caller.
     pub sub: &'a str,
-    /// The source the stream is for; also the audience.
+    /// The audience: `TENANT/SOURCE` ([`audience`]).
     pub aud: &'a str,
     /// The caller's tenant.
     pub tenant: &'a str,
@@ -181,10 +198,11 @@ impl AssertionSigner {
             .unwrap_or_default();
         let iat = now.as_secs();
         let exp = iat + self.ttl_secs;
+        let aud = audience(&who.tenant, source);
         let claims = Claims {
             iss: &self.issuer,
             sub: &who.subject,
-            aud: source,
+            aud: &aud,
             tenant: &who.tenant,
             roles: &who.roles,
             source,
@@ -207,17 +225,20 @@ impl AssertionSigner {
 /// Keeps one stream's assertion fresh: [`Refresher::due`] gives a new assertion once the
 /// current one is past half its lifetime.
 pub struct Refresher {
+    source: String,
+    current: Mutex<Current>,
+}
+
+/// What the assertion in use was signed with, and when it passes half its lifetime.
+struct Current {
     signer: Arc<AssertionSigner>,
     who: Identity,
-    source: String,
-    /// When the assertion in use passes half its lifetime.
-    renew_at: Mutex<Instant>,
+    renew_at: Instant,
 }
 
 impl std::fmt::Debug for Refresher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Refresher")
-            .field("subject", &self.who.subject)
             .field("source", &self.source)
             .finish_non_exhaustive()
     }
@@ -236,10 +257,12 @@ impl Refresher {
         }
         let (assertion, valid_for) = signer.sign(who, source)?;
         let refresher = Self {
-            signer: signer.clone(),
-            who: who.clone(),
             source: source.to_owned(),
-            renew_at: Mutex::new(Instant::now() + valid_for / 2),
+            current: Mutex::new(Current {
+                signer: signer.clone(),
+                who: who.clone(),
+                renew_at: Instant::now() + valid_for / 2,
+            }),
         };
         Ok(Some((assertion, refresher)))
     }
@@ -247,16 +270,43 @@ impl Refresher {
     /// A new assertion if the one in use is past half its lifetime at `now`, else `None`.
     /// Concurrent callers get at most one new assertion per half-lifetime.
     pub fn due(&self, now: Instant) -> Result<Option<Assertion>, AssertionError> {
-        let mut renew_at = self
-            .renew_at
+        let mut current = self
+            .current
             .lock()
             .expect("the refresher lock is never held across a panic");
-        if now < *renew_at {
+        if now < current.renew_at {
             return Ok(None);
         }
-        let (assertion, valid_for) = self.signer.sign(&self.who, &self.source)?;
-        *renew_at = now + valid_for / 2;
+        let (assertion, valid_for) = current.signer.sign(&current.who, &self.source)?;
+        current.renew_at = now + valid_for / 2;
         Ok(Some(assertion))
+    }
+
+    /// Hands the refresher the signer configured now (`None`: assertions are off) and the
+    /// caller's identity as the latest request authenticated it. When the signer still enables
+    /// this source and either differs from what the assertion in use was signed with (a
+    /// reload rotated the key or changed the lifetime, or the caller's roles changed), the
+    /// next [`Refresher::due`] signs a fresh assertion with them, whatever the age of the one
+    /// in use. A signer that no longer enables the source changes nothing (see the module
+    /// docs); neither does an identity of another tenant or subject.
+    pub fn update(&self, signer: Option<&Arc<AssertionSigner>>, who: &Identity) {
+        let mut current = self
+            .current
+            .lock()
+            .expect("the refresher lock is never held across a panic");
+        if who.tenant != current.who.tenant || who.subject != current.who.subject {
+            return;
+        }
+        let signer = match signer {
+            Some(signer) if signer.is_enabled(&who.tenant, &self.source) => signer,
+            _ => return,
+        };
+        if Arc::ptr_eq(signer, &current.signer) && *who == current.who {
+            return;
+        }
+        current.signer = signer.clone();
+        current.who = who.clone();
+        current.renew_at = Instant::now();
     }
 }
 
@@ -300,7 +350,7 @@ mod tests {
         let assertion = signer.assert(&alice(), "db").expect("signs").expect("on");
         assert_eq!(assertion.header, DEFAULT_HEADER);
         let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_audience(&["db"]);
+        validation.set_audience(&["acme/db"]);
         validation.set_issuer(&["https://relay.example"]);
         let claims = jsonwebtoken::decode::<Value>(&assertion.token, &public, &validation)
             .expect("verifies")
@@ -374,7 +424,7 @@ mod tests {
             .expect("past half the lifetime");
         assert_ne!(renewed.token, first.token);
         let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.set_audience(&["db"]);
+        validation.set_audience(&["acme/db"]);
         validation.set_issuer(&["https://relay.example"]);
         jsonwebtoken::decode::<Value>(&renewed.token, &public, &validation).expect("verifies");
         assert_eq!(

@@ -49,6 +49,12 @@ impl SecretHash {
     fn matches(&self, other: &SecretHash) -> bool {
         self.0.ct_eq(&other.0).into()
     }
+
+    /// A short form for logs (`sha256:` and the first 12 hex digits): enough for an operator to
+    /// find the entry in the configuration, never the secret (the digest is not secret either).
+    pub fn short(&self) -> String {
+        format!("{HASH_PREFIX}{}", hex::encode(&self.0[..6]))
+    }
 }
 
 impl std::fmt::Display for SecretHash {
@@ -80,6 +86,36 @@ pub struct Identity {
     pub subject: Arc<str>,
     /// Roles granted to the caller within the tenant.
     pub roles: Arc<[String]>,
+}
+
+/// What a tunnel token grants: its tenant and, for a token bound to sources
+/// (`[[tenants.tunnels]]`), the only source names it may announce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelGrant {
+    /// The tenant the token registers sources for.
+    pub tenant: Arc<str>,
+    /// The sources it may announce; `None` for an unbound token (`tunnel_tokens`), which may
+    /// announce any source name of its tenant.
+    pub sources: Option<Arc<[String]>>,
+    /// The token's digest: which token a tunnel came with (logs name it by [`SecretHash::short`]).
+    pub token: SecretHash,
+}
+
+impl TunnelGrant {
+    /// Whether the token may announce `source`.
+    pub fn allows(&self, source: &str) -> bool {
+        self.sources
+            .as_ref()
+            .is_none_or(|sources| sources.iter().any(|s| s == source))
+    }
+
+    /// Whether the token is bound to `source` by name (not merely allowed it as an unbound
+    /// token is).
+    pub fn is_bound_to(&self, source: &str) -> bool {
+        self.sources
+            .as_ref()
+            .is_some_and(|sources| sources.iter().any(|s| s == source))
+    }
 }
 
 /// A digest-indexed table of secrets, each mapped to what it proves.
@@ -119,7 +155,7 @@ impl<T> SecretTable<T> {
 #[derive(Debug, Default)]
 pub struct Keyring {
     api_keys: SecretTable<Identity>,
-    tunnel_tokens: SecretTable<Arc<str>>,
+    tunnel_tokens: SecretTable<TunnelGrant>,
     jwt: super::jwt::JwtVerifier,
     assertions: Option<Arc<super::assertion::AssertionSigner>>,
 }
@@ -130,9 +166,34 @@ impl Keyring {
         self.api_keys.insert(hash, identity);
     }
 
-    /// Adds a tunnel token digest for `tenant`.
+    /// Adds an unbound tunnel token digest for `tenant`: it may announce any source name of
+    /// the tenant (the `tunnel_tokens` form; prefer [`Keyring::add_bound_tunnel_token`]).
     pub fn add_tunnel_token(&mut self, hash: SecretHash, tenant: Arc<str>) {
-        self.tunnel_tokens.insert(hash, tenant);
+        self.tunnel_tokens.insert(
+            hash,
+            TunnelGrant {
+                tenant,
+                sources: None,
+                token: hash,
+            },
+        );
+    }
+
+    /// Adds a tunnel token digest for `tenant` that may announce only `sources`.
+    pub fn add_bound_tunnel_token(
+        &mut self,
+        hash: SecretHash,
+        tenant: Arc<str>,
+        sources: impl IntoIterator<Item = String>,
+    ) {
+        self.tunnel_tokens.insert(
+            hash,
+            TunnelGrant {
+                tenant,
+                sources: Some(sources.into_iter().collect()),
+                token: hash,
+            },
+        );
     }
 
     /// The identity behind an agent API key, if it is one.
@@ -162,6 +223,12 @@ impl Keyring {
 
     /// The tenant a tunnel token belongs to, if it is one.
     pub fn tunnel_tenant(&self, token: &str) -> Option<&Arc<str>> {
+        self.tunnel_grant(token).map(|grant| &grant.tenant)
+    }
+
+    /// What a tunnel token grants (tenant, and the sources a bound token may announce), if it
+    /// is one.
+    pub fn tunnel_grant(&self, token: &str) -> Option<&TunnelGrant> {
         self.tunnel_tokens.get(token)
     }
 }
@@ -198,5 +265,24 @@ mod tests {
         assert_eq!(keyring.tunnel_tenant("tok").map(|t| &**t), Some("acme"));
         assert_eq!(keyring.tunnel_tenant(&key), None);
         assert!(key.len() >= SECRET_BYTES * 2);
+    }
+
+    #[test]
+    fn bound_tokens_allow_only_their_sources() {
+        let mut keyring = Keyring::default();
+        keyring.add_tunnel_token(SecretHash::of("any"), "acme".into());
+        keyring.add_bound_tunnel_token(
+            SecretHash::of("db"),
+            "acme".into(),
+            ["db".to_owned(), "files".to_owned()],
+        );
+        let any = keyring.tunnel_grant("any").expect("unbound token");
+        assert!(any.allows("db") && any.allows("whatever"));
+        assert!(!any.is_bound_to("db"));
+        let bound = keyring.tunnel_grant("db").expect("bound token");
+        assert!(bound.allows("db") && bound.allows("files") && !bound.allows("crm"));
+        assert!(bound.is_bound_to("db"));
+        assert_eq!(bound.token, SecretHash::of("db"));
+        assert_eq!(bound.token.short().len(), "sha256:".len() + 12);
     }
 }

@@ -70,14 +70,31 @@ impl std::fmt::Debug for RemoteJwks {
     }
 }
 
+/// Redirects a JWKS fetch follows, as reqwest's default policy.
+const MAX_REDIRECTS: usize = 10;
+
+/// Whether keys fetched from `url` can be trusted in transit: `https`, or plain `http` to a
+/// loopback host (a provider on the same machine, or a test).
+fn secure_url(url: &reqwest::Url) -> bool {
+    match (url.scheme(), url.host()) {
+        ("https", Some(_)) => true,
+        ("http", Some(url::Host::Domain(name))) => name.eq_ignore_ascii_case("localhost"),
+        ("http", Some(url::Host::Ipv4(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Ipv6(ip))) => ip.is_loopback(),
+        _ => false,
+    }
+}
+
 impl RemoteJwks {
     /// The cache for `url` refreshed every `refresh_secs`: the live one if any configuration
     /// holds it, else a new one whose fetch loop starts at once (when called inside a Tokio
     /// runtime; outside one, as when a file is only checked, nothing is fetched).
     pub fn shared(url: &str, refresh_secs: u64) -> Result<Arc<Self>, String> {
         let parsed = reqwest::Url::parse(url).map_err(|e| format!("jwks_url {url:?}: {e}"))?;
-        if !matches!(parsed.scheme(), "https" | "http") {
-            return Err(format!("jwks_url {url:?} must be an http(s) URL"));
+        if !secure_url(&parsed) {
+            return Err(format!(
+                "jwks_url {url:?} must be an https URL (plain http only for a loopback host): whoever can alter the keys in transit can mint any identity"
+            ));
         }
         if refresh_secs < MIN_REFRESH_SECS {
             return Err(format!(
@@ -92,7 +109,18 @@ impl RemoteJwks {
         if let Some(live) = caches.get(&key).and_then(Weak::upgrade) {
             return Ok(live);
         }
+        // Redirects follow the same rule: never from https to plain http off loopback.
+        let redirects = reqwest::redirect::Policy::custom(|attempt| {
+            if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else if secure_url(attempt.url()) {
+                attempt.follow()
+            } else {
+                attempt.error("redirected to a URL that is neither https nor loopback")
+            }
+        });
         let client = reqwest::Client::builder()
+            .redirect(redirects)
             .timeout(FETCH_TIMEOUT)
             .connect_timeout(FETCH_TIMEOUT)
             .build()

@@ -170,6 +170,8 @@ pub struct Provider {
     mapping: ClaimMapping,
     required_scopes: Vec<String>,
     leeway_secs: u64,
+    /// With a tenant claim: the only tenants its tokens may name (`None`: any tenant).
+    allowed_tenants: Option<HashSet<Arc<str>>>,
 }
 
 /// Parses an algorithm name, accepting only [`SUPPORTED_ALGORITHMS`].
@@ -207,12 +209,21 @@ impl Provider {
             mapping,
             required_scopes,
             leeway_secs: DEFAULT_LEEWAY_SECS,
+            allowed_tenants: None,
         })
     }
 
     /// Sets the clock-skew leeway on `exp` and `nbf`.
     pub fn with_leeway(mut self, secs: u64) -> Self {
         self.leeway_secs = secs;
+        self
+    }
+
+    /// Limits the tenants a tenant claim may name to `tenants` (a token naming another one is
+    /// refused as an unknown tenant): an identity provider speaks only for the tenants it is
+    /// trusted for, whatever its tokens say.
+    pub fn with_allowed_tenants(mut self, tenants: HashSet<Arc<str>>) -> Self {
+        self.allowed_tenants = Some(tenants);
         self
     }
 
@@ -301,10 +312,17 @@ impl Provider {
         let subject: Arc<str> = text(&self.mapping.subject)?.into();
         let tenant = match &self.mapping.tenant {
             TenantSource::Fixed(tenant) => tenant.clone(),
-            TenantSource::Claim(claim) => tenants
-                .get(text(claim)?)
-                .cloned()
-                .ok_or(JwtError::UnknownTenant)?,
+            TenantSource::Claim(claim) => {
+                let named = text(claim)?;
+                if self
+                    .allowed_tenants
+                    .as_ref()
+                    .is_some_and(|allowed| !allowed.contains(named))
+                {
+                    return Err(JwtError::UnknownTenant);
+                }
+                tenants.get(named).cloned().ok_or(JwtError::UnknownTenant)?
+            }
         };
         let roles = match &self.mapping.roles {
             Some(claim) => words(claims.get(claim)),

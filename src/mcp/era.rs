@@ -15,6 +15,21 @@ pub const METHOD_HEADER: &str = "mcp-method";
 /// The 2026-07-28 header that repeats the body's tool, resource or prompt name.
 pub const NAME_HEADER: &str = "mcp-name";
 
+/// Prefix of the 2026-07-28 headers that repeat a call's parameters (`Mcp-Param-*`).
+pub const PARAM_HEADER_PREFIX: &str = "mcp-param-";
+
+/// Whether a header of the agent's request travels to the upstream (in the stream's open
+/// header): only the 2026-07-28 routing headers, `Mcp-Method`, `Mcp-Name` and `Mcp-Param-*`.
+/// `connect` applies the same rule to what it receives, so a relay can never make it set
+/// `Host`, `Authorization`, `Cookie`, the upstream session id or anything else upstream.
+pub fn relayed_header_allowed(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let shaped = lower == METHOD_HEADER
+        || lower == NAME_HEADER
+        || (lower.len() > PARAM_HEADER_PREFIX.len() && lower.starts_with(PARAM_HEADER_PREFIX));
+    shaped && http::HeaderName::try_from(name).is_ok()
+}
+
 /// How a request is to be carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProtocolEra {
@@ -63,5 +78,24 @@ mod tests {
             ProtocolEra::of_version("DRAFT-2026-v1"),
             ProtocolEra::Session
         );
+    }
+
+    #[test]
+    fn only_the_mcp_routing_headers_are_relayed() {
+        for name in ["Mcp-Method", "mcp-name", "Mcp-Param-Region", "mcp-param-x"] {
+            assert!(super::relayed_header_allowed(name), "{name}");
+        }
+        for name in [
+            "Host",
+            "Authorization",
+            "Cookie",
+            "Mcp-Session-Id",
+            "MCP-Protocol-Version",
+            "mcp-param-",
+            "mcp-param-bad name",
+            "x-forwarded-for",
+        ] {
+            assert!(!super::relayed_header_allowed(name), "{name}");
+        }
     }
 }

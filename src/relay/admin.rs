@@ -119,7 +119,9 @@ async fn metrics(State(state): State<Arc<RelayState>>) -> Response {
     let _ = writeln!(
         text,
         "# HELP {name} Tasks alive in the relay's async runtime.\n# TYPE {name} gauge\n{name} {}",
-        tokio::runtime::Handle::current().metrics().num_alive_tasks()
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
     );
     let mut response = text.into_response();
     response.headers_mut().insert(

@@ -21,7 +21,6 @@ use crate::govern::assertion::Refresher;
 use crate::govern::condition::Call;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::{Decision, Kind};
-use crate::mcp::era::{METHOD_HEADER, NAME_HEADER};
 use crate::mcp::jsonrpc::{
     Classified, ClassifyError, MessageInfo, MessageKind, classify_capped, codes, error_body,
 };
@@ -83,7 +82,7 @@ pub fn authenticate(
     let challenge = |scope: Option<String>| Challenge {
         resource_metadata: jwt
             .public_url()
-            .map(|url| oauth::metadata_url(url, &resource.path())),
+            .map(|url| oauth::metadata_url(url, &resource.metadata_path())),
         scope,
     };
     let required = || {
@@ -108,7 +107,9 @@ pub fn authenticate(
         return Err(unauthorized(None));
     }
     jwt.verify(credential).map_err(|e| {
-        tracing::info!(error = %e, resource = %resource.path(), "agent token refused");
+        // Debug formatting: the path comes from an unauthenticated request, and a decoded
+        // newline in it must not start a line of its own in the log.
+        tracing::info!(error = %e, resource = ?resource.path(), "agent token refused");
         match e {
             JwtError::MissingScope { required } => AgentError::InsufficientScope {
                 challenge: challenge(Some(required.join(" "))),
@@ -389,10 +390,7 @@ pub fn open_header(
     let mcp_headers = if era == Era::Stateless {
         headers
             .iter()
-            .filter(|(name, _)| {
-                let name = name.as_str();
-                name == METHOD_HEADER || name == NAME_HEADER || name.starts_with("mcp-param-")
-            })
+            .filter(|(name, _)| crate::mcp::era::relayed_header_allowed(name.as_str()))
             .filter_map(|(name, value)| {
                 Some((name.as_str().to_owned(), value.to_str().ok()?.to_owned()))
             })

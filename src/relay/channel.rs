@@ -233,6 +233,19 @@ impl Channel {
         self.send_frame(Frame::message(id, message)).await
     }
 
+    /// Hands the stream's identity refresher the signer configured now and the caller as the
+    /// current request authenticated it: a reloaded key, lifetime or role set then applies to
+    /// the assertion the next message carries (see [`Refresher::update`]).
+    pub fn update_identity(
+        &self,
+        signer: Option<&Arc<crate::govern::assertion::AssertionSigner>>,
+        who: &crate::govern::Identity,
+    ) {
+        if let Some(refresher) = &self.identity {
+            refresher.update(signer, who);
+        }
+    }
+
     /// Sends a fresh identity assertion ahead of the next message when the one in use is past
     /// half its lifetime. If signing fails the old one stays (and the upstream decides).
     async fn renew_identity(&self) -> Result<(), ChannelError> {

@@ -128,6 +128,10 @@ async fn handle_message(
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
+        let governance = state.governance();
+        session
+            .channel
+            .update_identity(governance.keyring.assertions(), &who);
         let filter = ListFilter::for_request(&state, &who, &source, &classified);
         Ok(forward_to_stream(&state, &session, body, &classified, filter, calls).await)
     }

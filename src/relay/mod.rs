@@ -92,6 +92,9 @@ impl Governance {
     /// cross-reference); the error says what is wrong.
     pub fn from_config(config: &RelayConfig) -> Result<Self, String> {
         let (keyring, policy) = config.build_governance()?;
+        for warning in config.trust_warnings() {
+            tracing::warn!("{warning}");
+        }
         let limiter = Arc::new(Limiter::from_section(&config.rate_limits)?);
         Ok(Self {
             keyring,

@@ -44,6 +44,22 @@ impl Resource<'_> {
     }
 }
 
+impl Resource<'_> {
+    /// The path whose protected resource metadata a refusal names: the resource's own for a
+    /// source name agents can type, the relay's (`""`) for anything else, so that text from
+    /// an unauthenticated request's path never reaches a response header unchecked.
+    pub fn metadata_path(&self) -> String {
+        let source = match self {
+            Resource::Mcp(source) | Resource::Sse(source) => source,
+        };
+        if crate::config::validate_source_name(source).is_ok() {
+            self.path()
+        } else {
+            String::new()
+        }
+    }
+}
+
 /// The URL of the metadata of the resource at `path` (`""` for the relay itself), with the
 /// well-known segment inserted between host and path as RFC 9728 section 3.1 says.
 pub fn metadata_url(public_url: &str, path: &str) -> String {

@@ -12,6 +12,7 @@ use serde::Serialize;
 use std::sync::RwLock;
 use tokio::sync::watch;
 
+use crate::govern::identity::TunnelGrant;
 use crate::transport::{TransportError, TransportKind, TunnelConnection, TunnelStream};
 
 /// One connected tunnel client.
@@ -28,6 +29,8 @@ pub struct Tunnel {
     pub connected_since: u64,
     /// The largest frame the client accepts.
     pub max_frame: usize,
+    /// What its token grants: which token it came with, and the sources it is bound to.
+    pub grant: TunnelGrant,
     streams_opened: AtomicU64,
     streams_active: AtomicUsize,
     draining: std::sync::atomic::AtomicBool,
@@ -91,6 +94,11 @@ pub struct TunnelRow {
     pub streams_active: usize,
     /// Whether the tunnel is shutting down (no new sessions go to it).
     pub draining: bool,
+    /// Whether new sessions of this source go to this tunnel's token: `false` for a tunnel
+    /// whose token is not the one serving the source (see [`Registry::route`]).
+    pub serving: bool,
+    /// The short digest of the tunnel's token (`sha256:` and 12 hex digits).
+    pub token: String,
 }
 
 /// A route key: `(tenant, source)`.
@@ -123,14 +131,18 @@ fn unix_now() -> u64 {
 }
 
 impl Registry {
-    /// Registers a tunnel for `tenant` serving `sources`.
+    /// Registers a tunnel with `grant` (its token's tenant and bindings) serving `sources`.
+    /// A source already served under another token stays with the serving token unless only
+    /// the new one is bound to it by name (see [`Registry::route`]); either way the conflict is
+    /// logged as a warning naming both tokens and which one serves.
     pub fn register(
         &self,
-        tenant: Arc<str>,
+        grant: TunnelGrant,
         sources: Vec<String>,
         connection: Arc<dyn TunnelConnection>,
         max_frame: usize,
     ) -> Arc<Tunnel> {
+        let tenant = grant.tenant.clone();
         let tunnel = Arc::new(Tunnel {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             tenant: tenant.clone(),
@@ -138,6 +150,7 @@ impl Registry {
             connection,
             connected_since: unix_now(),
             max_frame,
+            grant,
             streams_opened: AtomicU64::new(0),
             streams_active: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -148,10 +161,9 @@ impl Registry {
                 .write()
                 .expect("registry lock is never held across a panic");
             for source in &tunnel.sources {
-                routes
-                    .entry((tenant.clone(), source.clone()))
-                    .or_default()
-                    .push(tunnel.clone());
+                let list = routes.entry((tenant.clone(), source.clone())).or_default();
+                list.push(tunnel.clone());
+                warn_on_conflict(&tunnel, source, list);
             }
         }
         self.tunnels
@@ -202,15 +214,18 @@ impl Registry {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// The tunnel a new session of `tenant` with `source` goes to: QUIC before the HTTPS
-    /// fallback (a client that found UDP again moves new sessions back to it), and among those
+    /// The tunnel a new session of `tenant` with `source` goes to: among the tunnels of the
+    /// token serving the source (one token serves a source at a time: see [`serving_token`]),
+    /// QUIC before the HTTPS fallback (a client that found UDP again moves new sessions back to it), and among those
     /// the one carrying the fewest streams, the newest on a tie.
     pub fn route(&self, tenant: &str, source: &str) -> Option<Arc<Tunnel>> {
         let routes = self
             .routes
             .read()
             .expect("registry lock is never held across a panic");
-        let candidates = routes.get(&(Arc::from(tenant), source.to_owned()))?;
+        let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
+        let owner = serving_token(source, all)?;
+        let candidates: Vec<&Arc<Tunnel>> = all.iter().filter(|t| t.grant.token == owner).collect();
         let best_kind = if candidates
             .iter()
             .any(|t| t.connection.kind() == TransportKind::Quic)
@@ -224,7 +239,7 @@ impl Registry {
             .rev()
             .filter(|t| t.connection.kind() == best_kind)
             .min_by_key(|t| t.streams_active())
-            .cloned()
+            .map(|t| (*t).clone())
     }
 
     /// One row per (tunnel, source), for `/api/tunnels`.
@@ -233,10 +248,20 @@ impl Registry {
             .tunnels
             .read()
             .expect("registry lock is never held across a panic");
+        let routes = self
+            .routes
+            .read()
+            .expect("registry lock is never held across a panic");
+        let routes = &routes;
         let mut rows: Vec<TunnelRow> = tunnels
             .values()
             .flat_map(|t| {
                 t.sources.iter().map(move |source| TunnelRow {
+                    serving: routes
+                        .get(&(t.tenant.clone(), source.clone()))
+                        .and_then(|list| serving_token(source, list))
+                        .is_some_and(|owner| owner == t.grant.token),
+                    token: t.grant.token.short(),
                     id: t.id,
                     tenant: t.tenant.to_string(),
                     source: source.clone(),
@@ -264,6 +289,71 @@ impl Registry {
             }
         }
     }
+}
+
+/// The token whose tunnels serve `source` among the tunnels announcing it: tunnels whose token
+/// is bound to the source by name (`[[tenants.tunnels]]`) before unbound ones, and among those
+/// the token of the oldest tunnel. So a second token announcing a served source never takes
+/// its sessions unless the operator bound that token to it and not the serving one; another
+/// token's tunnels wait as standbys and serve once every tunnel of the serving token is gone.
+fn serving_token(source: &str, tunnels: &[Arc<Tunnel>]) -> Option<crate::govern::SecretHash> {
+    let bound = tunnels.iter().any(|t| t.grant.is_bound_to(source));
+    tunnels
+        .iter()
+        .filter(|t| !bound || t.grant.is_bound_to(source))
+        .min_by_key(|t| t.id)
+        .map(|t| t.grant.token)
+}
+
+/// Logs a warning when `tunnel` announces `source` already announced under another token
+/// (`list` holds every tunnel announcing it, `tunnel` included): which token serves and why.
+fn warn_on_conflict(tunnel: &Tunnel, source: &str, list: &[Arc<Tunnel>]) {
+    let others: Vec<String> = list
+        .iter()
+        .filter(|t| t.grant.token != tunnel.grant.token)
+        .map(|t| t.grant.token.short())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    metrics::counter!(crate::metrics::SOURCE_CONFLICTS).increment(1);
+    let Some(owner) = serving_token(source, list) else {
+        return;
+    };
+    let token = tunnel.grant.token.short();
+    let remote = tunnel.connection.remote_addr();
+    let (serving, why) = if owner == tunnel.grant.token {
+        (
+            token.clone(),
+            "the new tunnel's token is bound to this source by name and the other is not; the other's tunnels get no new sessions",
+        )
+    } else if list
+        .iter()
+        .any(|t| t.grant.token == owner && t.grant.is_bound_to(source))
+        && !tunnel.grant.is_bound_to(source)
+    {
+        (
+            owner.short(),
+            "the serving token is bound to this source by name and the new one is not; the new tunnel gets no sessions of it",
+        )
+    } else {
+        (
+            owner.short(),
+            "it served the source first; the new tunnel gets no sessions of it unless every tunnel of the serving token goes",
+        )
+    };
+    tracing::warn!(
+        tenant = %tunnel.tenant,
+        source,
+        %remote,
+        tunnel = tunnel.id,
+        token = %token,
+        already_served_by = %others.join(", "),
+        serving = %serving,
+        "SOURCE ANNOUNCED UNDER A SECOND TUNNEL TOKEN: {why}; if this tunnel is not yours, revoke its token, and bind tokens to sources with [[tenants.tunnels]]"
+    );
 }
 
 /// Formats seconds since the epoch as an RFC 3339 UTC timestamp.

@@ -164,7 +164,7 @@ pub struct ReloadSummary {
 struct Items {
     tenants: BTreeMap<String, ()>,
     keys: BTreeMap<(String, String), String>,
-    tunnel_tokens: BTreeMap<(String, String), ()>,
+    tunnel_tokens: BTreeMap<(String, String), String>,
     roles: BTreeMap<(String, String), String>,
 }
 
@@ -182,7 +182,13 @@ impl Items {
             for token in &tenant.tunnel_tokens {
                 items
                     .tunnel_tokens
-                    .insert((name.clone(), token.to_ascii_lowercase()), ());
+                    .insert((name.clone(), token.to_ascii_lowercase()), String::new());
+            }
+            for bound in &tenant.tunnels {
+                items.tunnel_tokens.insert(
+                    (name.clone(), bound.token.to_ascii_lowercase()),
+                    format!("{:?}", bound.sources),
+                );
             }
             for key in &tenant.keys {
                 items.keys.insert(

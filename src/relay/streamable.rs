@@ -85,6 +85,10 @@ async fn post_inner(
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
         calls.set_context(&session.call_context());
+        let governance = state.governance();
+        session
+            .channel
+            .update_identity(governance.keyring.assertions(), &who);
         let filter = ListFilter::for_request(&state, &who, &source, &classified);
         let target = Target {
             source: &source,

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::RelayState;
 use super::registry::Tunnel;
 use crate::config::validate_source_name;
+use crate::govern::identity::TunnelGrant;
 use crate::transport::quic::QuicConnection;
 use crate::transport::{RecvHalf, SendHalf, TunnelConnection};
 use crate::wire::{
@@ -177,8 +178,8 @@ async fn handshake(
     };
     let verdict = check_hello(&hello, state);
     let reply = match &verdict {
-        Ok(tenant) => HelloReply::Welcome {
-            tenant: tenant.to_string(),
+        Ok(grant) => HelloReply::Welcome {
+            tenant: grant.tenant.to_string(),
             max_frame: state.limits.max_message_bytes as u64,
         },
         Err(reason) => HelloReply::Refused {
@@ -189,23 +190,26 @@ async fn handshake(
         .send(&Frame::json(FrameKind::Control, &reply))
         .await
         .map_err(|e| e.to_string())?;
-    let tenant = verdict?;
+    let grant = verdict?;
     let max_frame = usize::try_from(hello.max_frame)
         .unwrap_or(usize::MAX)
         .min(state.limits.max_message_bytes);
     let sources: Vec<String> = hello.sources.into_iter().map(|s| s.name).collect();
     // A registered source is one metrics may name (see `metric_names`).
-    state.calls.metric_names().learn_sources(&tenant, &sources);
+    state
+        .calls
+        .metric_names()
+        .learn_sources(&grant.tenant, &sources);
     Ok(Control {
         tunnel: state
             .registry
-            .register(tenant, sources, connection.clone(), max_frame),
+            .register(grant, sources, connection.clone(), max_frame),
         reader,
         writer,
     })
 }
 
-fn check_hello(hello: &Hello, state: &RelayState) -> Result<Arc<str>, String> {
+fn check_hello(hello: &Hello, state: &RelayState) -> Result<TunnelGrant, String> {
     if hello.version != wire::PROTOCOL_VERSION {
         return Err(format!(
             "wire protocol version {} is not supported (relay speaks {})",
@@ -213,10 +217,10 @@ fn check_hello(hello: &Hello, state: &RelayState) -> Result<Arc<str>, String> {
             wire::PROTOCOL_VERSION
         ));
     }
-    let tenant = state
+    let grant = state
         .governance()
         .keyring
-        .tunnel_tenant(&hello.token)
+        .tunnel_grant(&hello.token)
         .cloned()
         .ok_or_else(|| {
             "unknown tunnel token: no tenant has it (check the token, or the relay's tunnel_tokens)"
@@ -228,5 +232,22 @@ fn check_hello(hello: &Hello, state: &RelayState) -> Result<Arc<str>, String> {
     for source in &hello.sources {
         validate_source_name(&source.name)?;
     }
-    Ok(tenant)
+    let refused: Vec<&str> = hello
+        .sources
+        .iter()
+        .map(|s| s.name.as_str())
+        .filter(|name| !grant.allows(name))
+        .collect();
+    if let Some(bound) = &grant.sources
+        && !refused.is_empty()
+    {
+        return Err(format!(
+            "this tunnel token ({} of tenant {}) is bound to sources [{}] and may not serve [{}]: remove those sources from connect, or add them to the token's sources in the relay's [[tenants.tunnels]]",
+            grant.token.short(),
+            grant.tenant,
+            bound.join(", "),
+            refused.join(", "),
+        ));
+    }
+    Ok(grant)
 }

@@ -54,6 +54,17 @@ pub enum RequestError {
     /// The upstream redirected to a URL that is not `http` or `https`.
     #[error("redirected to {0}, which is not an http or https URL")]
     BadRedirect(String),
+    /// The upstream redirected to another origin (scheme, host or port) and the source does
+    /// not allow that (`follow_cross_origin_redirects`).
+    #[error(
+        "redirected from {from} to another origin, {to}: refused (set follow_cross_origin_redirects = true on the source to allow it)"
+    )]
+    CrossOriginRedirect {
+        /// The URL that redirected.
+        from: String,
+        /// Where it pointed.
+        to: String,
+    },
 }
 
 /// Why the client could not be built.
@@ -78,6 +89,9 @@ struct ConnectTimeout(Duration);
 pub struct Target {
     uri: Uri,
     authorization: Option<HeaderValue>,
+    /// Whether a redirect to another origin is followed (off by default: the request, its
+    /// body included on 307 and 308, was meant for the configured upstream only).
+    cross_origin_redirects: bool,
 }
 
 impl Target {
@@ -91,7 +105,23 @@ impl Target {
         url.set_fragment(None);
         let authorization = credentials(&mut url);
         let uri = Uri::try_from(url.as_str()).map_err(|e| format!("{url}: {e}"))?;
-        Ok(Self { uri, authorization })
+        Ok(Self {
+            uri,
+            authorization,
+            cross_origin_redirects: false,
+        })
+    }
+
+    /// Lets requests to this target follow redirects to other origins (with credentials,
+    /// cookies and sensitive headers dropped on the way).
+    pub fn with_cross_origin_redirects(mut self, allowed: bool) -> Self {
+        self.cross_origin_redirects = allowed;
+        self
+    }
+
+    /// Whether redirects to other origins are followed.
+    pub fn cross_origin_redirects(&self) -> bool {
+        self.cross_origin_redirects
     }
 }
 
@@ -196,6 +226,7 @@ impl HttpClient {
             uri: target.uri.clone(),
             headers,
             body,
+            cross_origin: target.cross_origin_redirects,
         };
         let mut response = self.inner.request(redirect.request()).await?;
         for _ in 0..MAX_REDIRECTS {
@@ -222,6 +253,8 @@ struct Redirect {
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+    /// Whether a redirect to another origin is followed; if not, it fails the request.
+    cross_origin: bool,
 }
 
 impl Redirect {
@@ -267,6 +300,15 @@ impl Redirect {
         }
         let uri = Uri::try_from(next.as_str())
             .map_err(|_| RequestError::BadRedirect(next.to_string()))?;
+        let other_origin = next.host_str() != previous.host_str()
+            || next.port_or_known_default() != previous.port_or_known_default()
+            || next.scheme() != previous.scheme();
+        if other_origin && !self.cross_origin {
+            return Err(RequestError::CrossOriginRedirect {
+                from: redacted(&previous),
+                to: redacted(&next),
+            });
+        }
         let to_get = match status {
             StatusCode::MOVED_PERMANENTLY | StatusCode::FOUND => self.method == Method::POST,
             StatusCode::SEE_OTHER => true,
@@ -286,10 +328,7 @@ impl Redirect {
                 self.headers.remove(name);
             }
         }
-        if next.host_str() != previous.host_str()
-            || next.port_or_known_default() != previous.port_or_known_default()
-            || next.scheme() != previous.scheme()
-        {
+        if other_origin {
             for name in [
                 AUTHORIZATION,
                 http::header::COOKIE,
@@ -323,6 +362,16 @@ impl Redirect {
         self.uri = uri;
         Ok(true)
     }
+}
+
+/// `url` without credentials, query or fragment, for an error message.
+fn redacted(url: &url::Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    url.to_string()
 }
 
 /// The body's length when the upstream declared it.
@@ -574,6 +623,7 @@ mod tests {
             uri: Uri::from_static("http://a.example:8080/mcp"),
             headers,
             body: Bytes::new(),
+            cross_origin: true,
         };
         let to = |location: &str| {
             http::Response::builder()
@@ -592,6 +642,37 @@ mod tests {
         assert!(!redirect.headers.contains_key("x-identity"), "another host");
         assert_eq!(redirect.headers["x-plain"], "kept");
         assert_eq!(redirect.uri, "http://b.example:8080/mcp");
+    }
+
+    #[test]
+    fn cross_origin_redirects_are_refused_unless_allowed() {
+        let mut redirect = Redirect {
+            method: Method::POST,
+            uri: Uri::from_static("http://a.example:8080/mcp"),
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            cross_origin: false,
+        };
+        let to = |location: &str| {
+            http::Response::builder()
+                .status(308)
+                .header(http::header::LOCATION, location)
+                .body(())
+                .expect("a valid response")
+        };
+        assert!(redirect.follow(&to("/other")).expect("same origin"));
+        for other in [
+            "http://b.example:8080/mcp",
+            "http://a.example:8081/mcp",
+            "https://a.example:8080/mcp",
+        ] {
+            let error = redirect.follow(&to(other)).expect_err("another origin");
+            assert!(
+                matches!(&error, RequestError::CrossOriginRedirect { to, .. } if to == other),
+                "{error}"
+            );
+        }
+        assert_eq!(redirect.uri, "http://a.example:8080/other", "not followed");
     }
 
     #[tokio::test]

@@ -77,7 +77,9 @@ pub async fn open(
         // would let the upstream steer connect to another host.
         return Err(format!("endpoint {post_url} is not on the origin of {url}"));
     }
-    let post_target = Target::new(&post_url).map_err(|e| format!("bad endpoint {e}"))?;
+    let post_target = Target::new(&post_url)
+        .map_err(|e| format!("bad endpoint {e}"))?
+        .with_cross_origin_redirects(target.cross_origin_redirects());
     Ok(Some(Opened {
         events,
         post_target,

@@ -50,9 +50,10 @@ impl Sources {
         let mut by_name = HashMap::new();
         for config in configs {
             let source = match &config.target {
-                SourceTarget::Http(url) => {
-                    Source::Http(Arc::new(http::HttpSource::new(&config.name, url)?))
-                }
+                SourceTarget::Http(url) => Source::Http(Arc::new(
+                    http::HttpSource::new(&config.name, url)?
+                        .with_cross_origin_redirects(config.follow_cross_origin_redirects),
+                )),
                 SourceTarget::Stdio(command) => Source::Stdio(Arc::new(stdio::StdioSource::new(
                     &config.name,
                     command.clone(),
