@@ -12,9 +12,15 @@
 //! 2-3 ms (`examples/echo_latency.rs`); room in the queue is a tokio semaphore so appends wait
 //! for it without blocking. The thread takes everything queued, writes it in one transaction, and then
 //! completes every waiting append (group commit). A full queue makes `append` wait; nothing is
-//! dropped. After a commit, tenants with [`AuditSection::checkpoint_rows`] new rows get a
-//! signed checkpoint; every [`AuditSection::checkpoint_secs`] so do all tenants with unsigned
-//! rows; and [`Auditor::close`] signs every tenant's head.
+//! dropped.
+//!
+//! Checkpoints (see [`super::checkpoint`]): [`Auditor::open`] checks the relay's own chain
+//! ([`super::verify::check_start`]) and refuses a trail that does not verify unless
+//! `new_epoch` is set, then signs a start (or epoch) checkpoint; after a commit that leaves a
+//! tenant with [`AuditSection::checkpoint_rows`] unsigned rows, and at least every
+//! [`AuditSection::checkpoint_secs`] while any row is unsigned, the next checkpoint signs the
+//! head of every tenant; [`Auditor::close`] signs a close checkpoint. Each is also appended to
+//! `[audit] checkpoint_file` when set.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -114,8 +120,11 @@ enum Message {
 }
 
 impl Auditor {
-    /// Opens or creates the trail at `config.path` (SQLite, WAL), loads or creates the relay's
-    /// Ed25519 checkpoint key, and starts the writer thread. Errors name the file and problem.
+    /// Opens or creates the trail at `config.path` (SQLite, WAL; a schema 1 file is migrated),
+    /// loads or creates the relay's Ed25519 checkpoint key, checks the relay's own chains
+    /// (refusing with [`AuditError::Untrusted`] a trail whose last checkpoint does not verify,
+    /// unless `config.new_epoch`), signs the run's first checkpoint and starts the writer
+    /// thread. Errors name the file and problem.
     pub fn open(config: &AuditSection) -> Result<Auditor, AuditError> {
         let path = config.path.clone();
         let key = CheckpointKey::load_or_create(&config.key_path())?;

@@ -5,9 +5,11 @@
 //! trail has it. One writer thread owns the SQLite file (WAL) and commits whatever is queued in
 //! one transaction (group commit): the cost of a commit is shared by every call waiting on it.
 //!
-//! Each tenant's rows form a hash chain (see [`chain`]), and the writer signs the chain heads
-//! with the relay's Ed25519 key at intervals (checkpoints), so a changed, deleted or reordered
-//! row is found by [`verify()`] (`mcp-tunnel audit verify`). [`query`] reads the trail for
+//! Each (relay instance, tenant) pair's rows form a hash chain (see [`chain`]), and each relay
+//! signs a numbered, hash-linked chain of checkpoints over the heads of all its tenant chains
+//! with its Ed25519 key (see [`checkpoint`]), so a changed, deleted or reordered row, a deleted
+//! checkpoint, a deleted tenant or a rewritten chain is found by [`verify()`]
+//! (`mcp-tunnel audit verify`). [`query`] reads the trail for
 //! `audit tail` and `audit export`, also while a relay writes to it.
 //!
 //! How much of arguments and results a row keeps is set per tenant and source ([`Capture`]);
