@@ -256,6 +256,10 @@ async fn run_slot(
 ) -> Result<(), ClientError> {
     let mut backoff = Backoff::default();
     let mut ready: Option<Tunnel> = None;
+    // Set when the relay drained this slot's connection, until a replacement is up: a relay
+    // that drains takes no new connections, so a QUIC attempt failing then says nothing about
+    // UDP (and must not move every later connection to the fallback).
+    let mut after_drain = false;
     loop {
         let tunnel = match ready.take() {
             Some(tunnel) => tunnel,
@@ -273,7 +277,7 @@ async fn run_slot(
                     _ = shutdown.cancelled() => return Ok(()),
                 }
                 let attempt = tokio::select! {
-                    attempt = connect(&dialer, &policy) => attempt,
+                    attempt = connect(&dialer, &policy, !after_drain) => attempt,
                     _ = shutdown.cancelled() => return Ok(()),
                 };
                 match attempt {
@@ -286,6 +290,7 @@ async fn run_slot(
                 }
             }
         };
+        after_drain = false;
         let kind = tunnel.connection.kind();
         tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, sources = sources.len(), "tunnel up");
         let started = Instant::now();
@@ -326,6 +331,7 @@ async fn run_slot(
             Ended::RelayDraining => {
                 tracing::info!(slot, transport = %kind, "the relay is draining this connection; opening a replacement");
                 backoff.reset();
+                after_drain = true;
                 // The control stream stays open while the connection drains: closing it would
                 // tell the relay this client is gone, and cut the calls in flight.
                 let control = (control_in, control_out);
@@ -384,15 +390,21 @@ async fn run_slot(
 }
 
 /// Connects with the transport the policy picks; in `auto`, a failed QUIC attempt marks UDP
-/// blocked and falls back to HTTPS at once.
-async fn connect(dialer: &Dialer, policy: &Policy) -> Result<Tunnel, ClientError> {
+/// blocked (when `learn` allows) and falls back to HTTPS at once. A relay that answers and
+/// refuses the QUIC connection (it drains) proves UDP works: that failure is returned as is.
+async fn connect(dialer: &Dialer, policy: &Policy, learn: bool) -> Result<Tunnel, ClientError> {
     match (policy.choice, policy.first_kind()) {
         (TransportChoice::Auto, TransportKind::Quic) => {
             match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
                 Ok(tunnel) => Ok(tunnel),
                 Err(ClientError::Refused(reason)) => Err(ClientError::Refused(reason)),
+                Err(e @ ClientError::Transport(TransportError::Refused(_))) => Err(e),
                 Err(e) => {
-                    policy.set_udp_blocked(true, &e.to_string());
+                    if learn {
+                        policy.set_udp_blocked(true, &e.to_string());
+                    } else {
+                        tracing::info!(error = %e, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
+                    }
                     dialer.connect(TransportKind::Https, CONNECT_TIMEOUT).await
                 }
             }
