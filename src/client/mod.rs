@@ -89,6 +89,9 @@ pub struct ClientSettings {
     pub connections: usize,
     /// Interval between QUIC probes while on the HTTPS fallback (`auto`).
     pub probe_interval: Duration,
+    /// Largest single upstream answer relayed (`max_answer_bytes`): larger than a frame, an
+    /// answer crosses the tunnel in pieces, so this bounds a runaway answer, not memory.
+    pub max_answer_bytes: usize,
 }
 
 impl ClientSettings {
@@ -105,6 +108,7 @@ impl ClientSettings {
             proxy: None,
             connections: DEFAULT_CONNECTIONS,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            max_answer_bytes: crate::config::DEFAULT_MAX_ANSWER_BYTES,
         }
     }
 
@@ -132,6 +136,14 @@ impl ClientSettings {
             proxy: file.proxy.clone(),
             connections: file.connections,
             probe_interval: Duration::from_secs(file.probe_interval_secs),
+            max_answer_bytes: {
+                crate::config::check_max_answer_bytes(
+                    file.max_answer_bytes,
+                    file.max_message_bytes,
+                )
+                .map_err(ClientError::Config)?;
+                file.max_answer_bytes
+            },
         })
     }
 }
@@ -172,7 +184,10 @@ impl Policy {
 /// Runs `connect` until `shutdown`, reconnecting as needed; returns early only when the relay
 /// refuses the tunnel or the configuration is unusable.
 pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let sources = Arc::new(Sources::new(&settings.sources).map_err(ClientError::Config)?);
+    let sources = Arc::new(
+        Sources::with_answer_limit(&settings.sources, settings.max_answer_bytes)
+            .map_err(ClientError::Config)?,
+    );
     let roots = match (&settings.ca_pem, &settings.ca) {
         (Some(pem), _) => tls::Roots::CaPem(pem.clone()),
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),

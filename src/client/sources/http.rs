@@ -8,13 +8,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use crate::mcp::sse_reader::{SseItem, SseReader};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use sse_stream::SseByteStream;
 
 use super::http_client::{HttpClient, Response, Target, body_stream, content_length, error_chain};
 use super::legacy;
@@ -46,7 +46,7 @@ const QUOTE_LIMIT: usize = 200;
 /// wake-up on each side) negligible against the copy of the bytes, while the queues on the way
 /// (64 frames here, a few at the relay) hold a few MiB at most per stream. Answers up to this
 /// size (nearly every call) still go as one frame, exactly as before.
-const PIECE_BYTES: usize = 256 * 1024;
+const PIECE_BYTES: usize = super::PIECE_BYTES;
 
 /// A configured Streamable HTTP upstream.
 pub struct HttpSource {
@@ -59,6 +59,9 @@ pub struct HttpSource {
     /// Whether the upstream speaks the 2024-11-05 HTTP+SSE transport instead of Streamable
     /// HTTP: known from a URL ending in `/sse`, else learned on the first session.
     legacy: OnceLock<bool>,
+    /// The largest single answer relayed (`max_answer_bytes`); larger than a frame, it
+    /// crosses the tunnel in pieces.
+    max_answer: usize,
 }
 
 /// Why an upstream exchange failed, in words for the agent.
@@ -117,6 +120,8 @@ struct StreamContext {
     out: super::Out,
     /// The largest message the tunnel carries toward the relay.
     max_frame: usize,
+    /// The largest answer relayed in pieces (never below `max_frame`).
+    max_answer: usize,
 }
 
 impl HttpSource {
@@ -137,7 +142,14 @@ impl HttpSource {
             target,
             client,
             legacy,
+            max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
         })
+    }
+
+    /// Sets the largest single answer relayed (`max_answer_bytes`).
+    pub fn with_answer_limit(mut self, max_answer: usize) -> Self {
+        self.max_answer = max_answer;
+        self
     }
 
     /// Opens an HTTP+SSE session when the upstream speaks that transport: always for a known
@@ -222,6 +234,7 @@ impl HttpSource {
             session: Mutex::default(),
             out,
             max_frame,
+            max_answer: self.max_answer.max(max_frame),
         });
         tracing::debug!(source = %self.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         // Requests in flight run inside this task, polled beside the next frame's read: a call
@@ -570,7 +583,7 @@ impl StreamContext {
         response: Response,
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
-        let limit = self.max_frame;
+        let limit = self.max_answer;
         let too_large = || UpstreamError::TooLarge {
             source_name: self.name().to_owned(),
             limit,
@@ -640,9 +653,12 @@ impl StreamContext {
     }
 
     /// Relays an SSE answer event by event until every request in `pending` is answered.
-    /// Events without data (priming events) carry nothing to forward. When the upstream closes
-    /// the stream before answering (SSE polling) or it breaks, the answer is resumed with a GET
-    /// carrying `Last-Event-ID`, after the `retry` delay the upstream asked for.
+    /// Events without data (priming events) carry nothing to forward. An event's data is
+    /// passed on as it arrives: up to [`PIECE_BYTES`] as one message, larger in pieces (see
+    /// [`Assembling`]), so an answer of any size up to `max_answer_bytes` is never held whole.
+    /// When the upstream closes the stream before answering (SSE polling) or it breaks, the
+    /// answer is resumed with a GET carrying `Last-Event-ID`, after the `retry` delay the
+    /// upstream asked for.
     async fn relay_sse(
         &self,
         exchange: u64,
@@ -658,45 +674,68 @@ impl StreamContext {
         }
         let (mut last_id, mut retry, mut resumes) = (None::<String>, None::<u64>, 0);
         let mut response = response;
+        let mut items = Vec::new();
         loop {
-            let mut events = SseByteStream::new(body_stream(response));
+            let mut reader = SseReader::new();
+            let mut body = body_stream(response);
+            let mut event = Assembling::new(exchange, self.max_frame, self.max_answer);
             let mut failure = None;
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
+            while let Some(chunk) = body.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
                     Err(e) => {
-                        failure = Some(format!("bad event stream: {e}"));
+                        failure = Some(format!("its event stream broke: {}", error_chain(&e)));
                         break;
                     }
                 };
-                if let Some(id) = event.id {
-                    last_id = Some(id);
+                items.clear();
+                if let Err(e) = reader.feed(&chunk, &mut items) {
+                    failure = Some(format!("bad event stream: {e}"));
+                    break;
                 }
-                retry = event.retry.or(retry);
-                let Some(data) = event.data.filter(|d| !d.is_empty()) else {
-                    continue;
-                };
-                if data.len() > self.max_frame {
-                    return Err(UpstreamError::TooLarge {
-                        source_name: self.name().to_owned(),
-                        limit: self.max_frame,
-                    });
+                for item in items.drain(..) {
+                    match item {
+                        SseItem::Data(bytes) => event.push(self, bytes).await?,
+                        SseItem::End {
+                            id,
+                            retry: asked,
+                            data,
+                        } => {
+                            if let Some(id) = id {
+                                last_id = Some(id);
+                            }
+                            retry = asked.or(retry);
+                            let Some(message) = event.finish(self, data).await? else {
+                                continue;
+                            };
+                            if let Some(whole) = &message.whole {
+                                if self
+                                    .session
+                                    .lock()
+                                    .expect("session lock is never held across a panic")
+                                    .version
+                                    .is_none()
+                                {
+                                    self.remember_version(whole);
+                                }
+                                answered(whole, pending);
+                            } else if let Some(id) = &message.answers {
+                                pending.remove(id.trim());
+                            }
+                            if exchange != UNSOLICITED && pending.is_empty() {
+                                return Ok(());
+                            }
+                        }
+                    }
                 }
-                let data = Bytes::from(data);
-                if self
-                    .session
-                    .lock()
-                    .expect("session lock is never held across a panic")
-                    .version
-                    .is_none()
-                {
-                    self.remember_version(&data);
-                }
-                answered(&data, pending);
-                self.send(Frame::message(exchange, data)).await;
-                if exchange != UNSOLICITED && pending.is_empty() {
-                    return Ok(());
-                }
+            }
+            if event.has_sent() {
+                // The stream ended inside a message already partly passed on.
+                return Err(UpstreamError::BrokeOff {
+                    source_name: self.name().to_owned(),
+                    sent: event.sent,
+                    reason: failure.unwrap_or_else(|| "its event stream ended mid-event".into()),
+                });
             }
             if exchange == UNSOLICITED || pending.is_empty() {
                 return failure.map_or(Ok(()), |reason| Err(broken(reason)));
@@ -792,6 +831,131 @@ impl StreamContext {
             }
             Err(_) => {
                 tracing::debug!(source = %self.name(), timeout = ?DELETE_TIMEOUT, "upstream session delete timed out")
+            }
+        }
+    }
+}
+
+/// One SSE event's data on its way to the relay: held while it is at most [`PIECE_BYTES`]
+/// (nearly every message, sent whole as before), else passed on in pieces as it arrives, never
+/// more than about one piece held. The whole message stays within `max_answer` (within the
+/// frame limit on the standalone stream, which carries no pieces).
+struct Assembling {
+    exchange: u64,
+    max_frame: usize,
+    max_answer: usize,
+    head: bytes::BytesMut,
+    /// Bytes already passed on as pieces.
+    sent: usize,
+    /// Scans the pieces for the id the message answers (once it goes in pieces).
+    scanner: Option<ResponseScanner>,
+}
+
+/// A message [`Assembling`] finished.
+struct Finished {
+    /// The message, when it went whole.
+    whole: Option<Bytes>,
+    /// The id it answers, when it went in pieces and is a response.
+    answers: Option<String>,
+}
+
+impl Assembling {
+    fn new(exchange: u64, max_frame: usize, max_answer: usize) -> Self {
+        Self {
+            exchange,
+            max_frame,
+            max_answer: max_answer.max(max_frame),
+            head: bytes::BytesMut::new(),
+            sent: 0,
+            scanner: None,
+        }
+    }
+
+    fn has_sent(&self) -> bool {
+        self.sent > 0
+    }
+
+    fn limit(&self) -> usize {
+        if self.exchange == UNSOLICITED {
+            self.max_frame
+        } else {
+            self.max_answer
+        }
+    }
+
+    fn piece_bytes(&self) -> usize {
+        PIECE_BYTES.min(self.max_frame)
+    }
+
+    /// Takes the next bytes of the event's data; sends whole pieces on.
+    async fn push(&mut self, context: &StreamContext, bytes: Bytes) -> Result<(), UpstreamError> {
+        if self.sent + self.head.len() + bytes.len() > self.limit() {
+            let too_large = UpstreamError::TooLarge {
+                source_name: context.name().to_owned(),
+                limit: self.limit(),
+            };
+            return Err(match self.sent {
+                0 => too_large,
+                sent => UpstreamError::BrokeOff {
+                    source_name: context.name().to_owned(),
+                    sent,
+                    reason: too_large.to_string(),
+                },
+            });
+        }
+        self.head.extend_from_slice(&bytes);
+        if self.exchange == UNSOLICITED {
+            return Ok(());
+        }
+        // Keep at least one byte back: the closing `Message` is never empty.
+        let piece_bytes = self.piece_bytes();
+        while self.head.len() > piece_bytes {
+            let piece = self.head.split_to(piece_bytes).freeze();
+            self.scanner
+                .get_or_insert_with(ResponseScanner::new)
+                .feed(&piece);
+            self.sent += piece.len();
+            context.send(Frame::part(self.exchange, piece)).await;
+            if self.head.capacity() < piece_bytes {
+                self.head.reserve(2 * piece_bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// The event ended: sends what is left (the message, or its closing piece). `None` when
+    /// it carried no message (no data, or empty data).
+    async fn finish(
+        &mut self,
+        context: &StreamContext,
+        data: bool,
+    ) -> Result<Option<Finished>, UpstreamError> {
+        let last = std::mem::take(&mut self.head).freeze();
+        let sent = std::mem::take(&mut self.sent);
+        let scanner = self.scanner.take();
+        if !data || (sent == 0 && last.is_empty()) {
+            return Ok(None);
+        }
+        match scanner {
+            None => {
+                context
+                    .send(Frame::message(self.exchange, last.clone()))
+                    .await;
+                Ok(Some(Finished {
+                    whole: Some(last),
+                    answers: None,
+                }))
+            }
+            Some(mut scanner) => {
+                scanner.feed(&last);
+                context.send(Frame::message(self.exchange, last)).await;
+                let answers = scanner
+                    .facts()
+                    .and_then(|facts| facts.id.as_deref().map(str::to_owned));
+                Ok(Some(Finished {
+                    whole: None,
+                    answers,
+                }))
             }
         }
     }
