@@ -920,6 +920,13 @@ async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
         "peak RSS: relay {relay_peak} MiB (before the calls {relay_before} MiB), connect {connect_peak} MiB (before {connect_before} MiB), for answers of about {} MiB each",
         2 * BIG_RESULT >> 20
     );
+    // Neither side held an answer whole (each is about 200 MiB): memory follows the pieces.
+    for (name, peak) in [("relay", relay_peak), ("connect", connect_peak)] {
+        assert!(
+            peak < 160,
+            "{name} peaked at {peak} MiB: it held an answer of about 200 MiB whole"
+        );
+    }
     connect.stop().await;
     relay.stop().await;
     server.stop().await;
