@@ -75,7 +75,7 @@ enum UpstreamError {
         status: StatusCode,
         body: String,
     },
-    #[error("source {source_name} sent a response larger than the tunnel limit of {limit} bytes")]
+    #[error("source {source_name} sent a response larger than the limit of {limit} bytes")]
     TooLarge { source_name: String, limit: usize },
     #[error("source {source_name}: {reason}")]
     Broken { source_name: String, reason: String },
