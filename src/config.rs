@@ -934,6 +934,30 @@ impl ClientFile {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Upstream answer limit (`[limits] max_answer_bytes` on the relay, `max_answer_bytes` in
+// connect's file), separate from `max_message_bytes`, which bounds what agents send.
+
+/// Default limit on one upstream answer: 256 MiB. Answers larger than a tunnel frame cross in
+/// pieces and are passed on as they arrive, so this bounds a runaway answer (and the time and
+/// bandwidth it costs), not the memory of the relay or `connect`.
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
+
+fn default_max_answer() -> usize {
+    DEFAULT_MAX_ANSWER_BYTES
+}
+
+/// Checks an answer limit: at least 1024 bytes, and not below `max_message_bytes` (an answer
+/// that fits one frame is never refused for its size).
+pub fn check_max_answer_bytes(max_answer: usize, max_message: usize) -> Result<(), String> {
+    if max_answer < 1024 || max_answer < max_message {
+        return Err(format!(
+            "max_answer_bytes ({max_answer}) must be at least 1024 and at least max_message_bytes ({max_message})"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1264,28 +1288,4 @@ required_scopes = ["mcp:tools"]
         assert!(SourceConfig::parse_flag("bad name=http://x").is_err());
         assert!(SourceConfig::parse_flag("x=ftp://x").is_err());
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Upstream answer limit (`[limits] max_answer_bytes` on the relay, `max_answer_bytes` in
-// connect's file), separate from `max_message_bytes`, which bounds what agents send.
-
-/// Default limit on one upstream answer: 256 MiB. Answers larger than a tunnel frame cross in
-/// pieces and are passed on as they arrive, so this bounds a runaway answer (and the time and
-/// bandwidth it costs), not the memory of the relay or `connect`.
-pub const DEFAULT_MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
-
-fn default_max_answer() -> usize {
-    DEFAULT_MAX_ANSWER_BYTES
-}
-
-/// Checks an answer limit: at least 1024 bytes, and not below `max_message_bytes` (an answer
-/// that fits one frame is never refused for its size).
-pub fn check_max_answer_bytes(max_answer: usize, max_message: usize) -> Result<(), String> {
-    if max_answer < 1024 || max_answer < max_message {
-        return Err(format!(
-            "max_answer_bytes ({max_answer}) must be at least 1024 and at least max_message_bytes ({max_message})"
-        ));
-    }
-    Ok(())
 }

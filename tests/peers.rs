@@ -918,7 +918,7 @@ async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
     let (relay_peak, connect_peak) = (peak_rss_mib(relay.pid()), peak_rss_mib(connect.pid()));
     eprintln!(
         "peak RSS: relay {relay_peak} MiB (before the calls {relay_before} MiB), connect {connect_peak} MiB (before {connect_before} MiB), for answers of about {} MiB each",
-        2 * BIG_RESULT >> 20
+        (2 * BIG_RESULT) >> 20
     );
     // Neither side held an answer whole (each is about 200 MiB): memory follows the pieces.
     for (name, peak) in [("relay", relay_peak), ("connect", connect_peak)] {
