@@ -743,8 +743,9 @@ async fn produce(
 /// does for a JSON answer): neither `connect` nor the relay holds it whole. The audit rule
 /// holds: from the piece that closes the JSON text on, pieces are held back until the call's
 /// record is committed. Returns how many responses it carried (1, or 0 for a message that
-/// turned out not to be a response: passed on all the same). When the answer breaks off, the
-/// event begun is closed ([`Piece::Abort`]) and the caller releases the error.
+/// turned out not to be a response: passed on all the same). When the answer breaks off after
+/// its event began, [`Piece::Abort`] ends the agent's body with an error, and the caller
+/// releases the error answer into the log (for an agent that resumes).
 async fn stream_pieces(
     log: &EventLog,
     exchange: &mut Exchange,
@@ -835,7 +836,7 @@ pub fn sse_response(
     on_end: Option<Box<dyn FnOnce() + Send>>,
     until: CancellationToken,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(SSE_QUEUE);
     let shutdown = until;
     let keep_alive_every = state.sse_keep_alive;
     tokio::spawn(async move {
@@ -862,7 +863,15 @@ pub fn sse_response(
                             Piece::Begin => (sse::begin_event(), Some(sse::data_piece(&message))),
                             Piece::More => (sse::data_piece(&message), None),
                             Piece::Last => (sse::data_piece(&message), Some(sse::end_event(id.as_deref()))),
-                            Piece::Abort => (sse::end_event(None), None),
+                            // An event begun cannot be taken back: the body ends with an error, so
+                            // the agent sees an aborted response, never a truncated message. The
+                            // error the producer logs next is there for an agent that resumes.
+                            Piece::Abort => {
+                                let _ = tx
+                                    .send(Err(std::io::Error::other("the answer broke off")))
+                                    .await;
+                                break;
+                            }
                         };
                         in_event = matches!(piece, Piece::Begin | Piece::More);
                         let mut sent = tx.send(Ok(first)).await.is_ok();

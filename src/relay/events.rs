@@ -42,7 +42,8 @@ pub enum Piece {
     More,
     /// The piece that ends the message: closes its event (which takes this entry's id).
     Last,
-    /// The message broke off: its event is closed as is, and an error follows.
+    /// The message broke off: the reader ends its body with an error (an event begun cannot
+    /// be taken back); the error answer follows in the log, for an agent that resumes.
     Abort,
 }
 

@@ -491,7 +491,7 @@ impl StreamContext {
             return self.relay_sse(exchange, response, pending).await;
         }
         // `initialize` answers are read whole: the session's version is learned from them.
-        if status.is_success() && !is_initialize && self.max_frame > PIECE_BYTES {
+        if status.is_success() && !is_initialize {
             return self.relay_json(exchange, response, pending).await;
         }
         let body = self.read_limited(response).await?;
@@ -592,10 +592,11 @@ impl StreamContext {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large());
         }
+        let piece_bytes = PIECE_BYTES.min(self.max_frame);
         let capacity = declared
             .and_then(|len| usize::try_from(len).ok())
             .unwrap_or(0)
-            .min(2 * PIECE_BYTES);
+            .min(2 * piece_bytes);
         let mut head = bytes::BytesMut::with_capacity(capacity);
         let mut scanner = None::<ResponseScanner>;
         let mut sent = 0usize;
@@ -623,15 +624,15 @@ impl StreamContext {
                 });
             }
             // Keep at least one byte back: the closing `Message` is never empty.
-            while head.len() > PIECE_BYTES {
-                let piece = head.split_to(PIECE_BYTES).freeze();
+            while head.len() > piece_bytes {
+                let piece = head.split_to(piece_bytes).freeze();
                 scanner
                     .get_or_insert_with(ResponseScanner::new)
                     .feed(&piece);
                 sent += piece.len();
                 self.send(Frame::part(exchange, piece)).await;
-                if head.capacity() < PIECE_BYTES {
-                    head.reserve(2 * PIECE_BYTES);
+                if head.capacity() < piece_bytes {
+                    head.reserve(2 * piece_bytes);
                 }
             }
         }
