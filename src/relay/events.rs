@@ -281,6 +281,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reader_that_resumes_inside_a_message_in_pieces_skips_to_the_next_message() {
+        let log = Arc::new(EventLog::new(4));
+        log.push(msg(0)).await;
+        log.push_piece(Piece::Begin, msg(1)).await;
+        log.push_piece(Piece::More, msg(2)).await;
+        log.push_piece(Piece::Last, msg(3)).await;
+        log.push(msg(4)).await;
+        log.finish();
+        // Resuming after the message's first piece: the rest of it cannot make an event.
+        let mut resumed = log.attach(Start::After(2));
+        let mut got = Vec::new();
+        while let Some((seq, piece, _)) = resumed.next_entry().await {
+            got.push((seq, piece));
+        }
+        assert_eq!(got, vec![(5, Piece::Whole)]);
+        drop(resumed);
+        // From the start, the pieces come in order with their kinds.
+        let mut reader = log.attach(Start::After(0));
+        let mut got = Vec::new();
+        while let Some((seq, piece, _)) = reader.next_entry().await {
+            got.push((seq, piece));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (1, Piece::Whole),
+                (2, Piece::Begin),
+                (3, Piece::More),
+                (4, Piece::Last),
+                (5, Piece::Whole)
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn reader_gets_everything_then_ends() {
         let log = Arc::new(EventLog::new(3));
         for n in 0..3 {

@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::mcp::sse_reader::{SseItem, SseReader};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -21,6 +20,7 @@ use super::legacy;
 use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
+use crate::mcp::sse_reader::{SseItem, SseReader};
 use crate::mcp::{Classified, ResponseScanner, classify};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
