@@ -209,6 +209,16 @@ fn relay_config(tunnel_token: &str, api_key: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() {
+    sigterm_during_load(mcp_tunnel::config::TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_sigterm_during_load_over_auto_no_call_hangs_and_errors_name_the_shutdown() {
+    sigterm_during_load(mcp_tunnel::config::TransportChoice::Auto).await;
+}
+
+/// SIGTERM to the relay binary during a load of calls through a `connect` on `transport`.
+async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
     init_tracing();
     let (dir, certs) = cert_dir();
     let tunnel_token = new_secret("mcpt_tok_");
@@ -224,7 +234,8 @@ async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() 
     let upstream_stop = CancellationToken::new();
     let _upstream_guard = upstream_stop.clone().drop_guard();
     let upstream = common::demo_upstream(&upstream_stop).await;
-    let settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
+    let mut settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
+    settings.transport = transport;
     let connect_stop = CancellationToken::new();
     let _connect_guard = connect_stop.clone().drop_guard();
     let connect = tokio::spawn(client::run(settings, connect_stop.clone()));
