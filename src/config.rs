@@ -435,6 +435,10 @@ pub struct LimitsSection {
     // --- hardening (issue 13): batch bound ---
     /// Most messages one agent batch may hold (a JSON-RPC error beyond); 0 refuses batches.
     pub max_batch_messages: usize,
+    /// Largest single upstream answer (one JSON-RPC message from a source), in bytes: large
+    /// answers travel in pieces, so this bounds a runaway answer, not the relay's memory
+    /// (see [`DEFAULT_MAX_ANSWER_BYTES`]).
+    pub max_answer_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -444,6 +448,7 @@ impl Default for LimitsSection {
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
             max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
+            max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
         }
     }
 }
@@ -1009,6 +1014,9 @@ pub struct ClientFile {
     /// The sources.
     #[serde(default)]
     pub sources: Vec<SourceSection>,
+    /// Largest single upstream answer relayed, in bytes (see [`DEFAULT_MAX_ANSWER_BYTES`]).
+    #[serde(default = "default_max_answer")]
+    pub max_answer_bytes: usize,
 }
 
 fn default_max_message() -> usize {
@@ -1117,6 +1125,30 @@ impl FleetSection {
             _ => Ok(()),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream answer limit (`[limits] max_answer_bytes` on the relay, `max_answer_bytes` in
+// connect's file), separate from `max_message_bytes`, which bounds what agents send.
+
+/// Default limit on one upstream answer: 256 MiB. Answers larger than a tunnel frame cross in
+/// pieces and are passed on as they arrive, so this bounds a runaway answer (and the time and
+/// bandwidth it costs), not the memory of the relay or `connect`.
+pub const DEFAULT_MAX_ANSWER_BYTES: usize = 256 * 1024 * 1024;
+
+fn default_max_answer() -> usize {
+    DEFAULT_MAX_ANSWER_BYTES
+}
+
+/// Checks an answer limit: at least 1024 bytes, and not below `max_message_bytes` (an answer
+/// that fits one frame is never refused for its size).
+pub fn check_max_answer_bytes(max_answer: usize, max_message: usize) -> Result<(), String> {
+    if max_answer < 1024 || max_answer < max_message {
+        return Err(format!(
+            "max_answer_bytes ({max_answer}) must be at least 1024 and at least max_message_bytes ({max_message})"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -769,3 +769,165 @@ async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_appl
         .expect("the relay stops")
         .expect("the relay task does not panic: it serves cleanly");
 }
+
+// ---------------------------------------------------------------------------------------------
+// A 100 MiB tool result from a Python SDK `MCPServer`, through the relay and connect binaries,
+// in both eras (issue 13, item 16). The SDK repeats a string result in `content` and
+// `structuredContent`, so the answer is a message of about 200 MiB: over the 16 MiB request
+// limit, within the 256 MiB default answer limit.
+
+/// The string the tool returns: 100 MiB.
+const BIG_RESULT: usize = 100 * 1024 * 1024;
+
+/// Peak resident memory of process `pid` (`VmHWM`), in MiB.
+fn peak_rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb / 1024)
+        .expect("VmHWM in /proc status")
+}
+
+/// Reads a tools/call answer (JSON or SSE) and returns the response to `id`.
+async fn big_answer(response: reqwest::Response, id: u64) -> Value {
+    let status = response.status();
+    let is_sse = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let body = response.bytes().await.expect("the whole answer arrives");
+    assert_eq!(status, 200, "HTTP status of the big answer");
+    let messages: Vec<Value> = if is_sse {
+        common::sse_data(&body)
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
+    } else {
+        serde_json::from_slice(&body).into_iter().collect()
+    };
+    messages
+        .into_iter()
+        .find(|m| m.get("id") == Some(&json!(id)))
+        .unwrap_or_else(|| {
+            panic!(
+                "no response to id {id} in {} bytes starting {:?}",
+                body.len(),
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            )
+        })
+}
+
+/// Checks that the answer carries the whole string, in both places.
+fn assert_big_result(answer: &Value, era: &str) {
+    let result = answer
+        .get("result")
+        .unwrap_or_else(|| panic!("{era}: an error instead of the result: {}", answer["error"]));
+    let text = result["content"][0]["text"].as_str().unwrap_or_default();
+    assert_eq!(text.len(), BIG_RESULT, "{era}: the text arrives whole");
+    assert!(text.bytes().all(|b| b == b'x'), "{era}: the text is intact");
+    let structured = result["structuredContent"]["result"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        structured.len(),
+        BIG_RESULT,
+        "{era}: the structured copy arrives whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
+    let (server, upstream) = start_python_server().await;
+    let (dir, certs) = common::cert_dir();
+    let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
+    let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "{}\n{}",
+            common::LISTENERS,
+            common::acme_tenant(&tunnel_token, &api_key)
+        ),
+    );
+    let common::RelayProcess {
+        peer: mut relay,
+        tunnel,
+        agents,
+    } = common::RelayProcess::start(&config).await;
+    let ca = dir.path().join("tunnel-ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
+    let connect = common::Peer::start(
+        "connect",
+        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("connect")
+            .arg("--relay")
+            .arg(tunnel.to_string())
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--token")
+            .arg(&tunnel_token)
+            .arg("--connections")
+            .arg("1")
+            .arg("--source")
+            .arg(format!("pysrv={upstream}"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+    );
+    relay
+        .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
+        .await;
+    let (relay_before, connect_before) = (peak_rss_mib(relay.pid()), peak_rss_mib(connect.pid()));
+    let url = format!("http://{agents}/mcp/pysrv");
+    let arguments = json!({ "size": BIG_RESULT });
+
+    // The session era (2025-11-25).
+    let mut agent = common::Agent::new(&url, &api_key);
+    let opened = agent.initialize().await;
+    assert!(
+        opened.status == 200 && agent.session.is_some(),
+        "session opens: {opened:?}"
+    );
+    let response = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .timeout(Duration::from_secs(300))
+        .body(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"big","arguments":arguments}}).to_string())
+        .send()
+        .await
+        .expect("the call is answered");
+    assert_big_result(&big_answer(response, 1).await, "session era");
+
+    // The stateless era (2026-07-28).
+    let mut stateless = common::Agent::new(&url, &api_key);
+    stateless.version = Some("2026-07-28".into());
+    let response = stateless
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "big")
+        .timeout(Duration::from_secs(300))
+        .body(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"big","arguments":arguments,"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
+        .send()
+        .await
+        .expect("the call is answered");
+    assert_big_result(&big_answer(response, 2).await, "stateless era");
+
+    let (relay_peak, connect_peak) = (peak_rss_mib(relay.pid()), peak_rss_mib(connect.pid()));
+    eprintln!(
+        "peak RSS: relay {relay_peak} MiB (before the calls {relay_before} MiB), connect {connect_peak} MiB (before {connect_before} MiB), for answers of about {} MiB each",
+        (2 * BIG_RESULT) >> 20
+    );
+    // Neither side held an answer whole (each is about 200 MiB): memory follows the pieces.
+    for (name, peak) in [("relay", relay_peak), ("connect", connect_peak)] {
+        assert!(
+            peak < 160,
+            "{name} peaked at {peak} MiB: it held an answer of about 200 MiB whole"
+        );
+    }
+    connect.stop().await;
+    relay.stop().await;
+    server.stop().await;
+}

@@ -209,6 +209,16 @@ fn relay_config(tunnel_token: &str, api_key: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() {
+    sigterm_during_load(mcp_tunnel::config::TransportChoice::Quic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_sigterm_during_load_over_auto_no_call_hangs_and_errors_name_the_shutdown() {
+    sigterm_during_load(mcp_tunnel::config::TransportChoice::Auto).await;
+}
+
+/// SIGTERM to the relay binary during a load of calls through a `connect` on `transport`.
+async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
     init_tracing();
     let (dir, certs) = cert_dir();
     let tunnel_token = new_secret("mcpt_tok_");
@@ -224,7 +234,8 @@ async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() 
     let upstream_stop = CancellationToken::new();
     let _upstream_guard = upstream_stop.clone().drop_guard();
     let upstream = common::demo_upstream(&upstream_stop).await;
-    let settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
+    let mut settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
+    settings.transport = transport;
     let connect_stop = CancellationToken::new();
     let _connect_guard = connect_stop.clone().drop_guard();
     let connect = tokio::spawn(client::run(settings, connect_stop.clone()));
@@ -498,4 +509,177 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
         signalled.elapsed()
     );
     harness.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A call with progress notifications in flight when the relay drains, for every transport
+// choice of `connect` (issue 13, item 15): the draining connection keeps its streams until they
+// finish, whatever `connect` does about a replacement.
+
+/// A file under tests/peers (installed by scripts/install-peers.sh).
+fn peer_file(relative: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/peers")
+        .join(relative)
+}
+
+/// server-everything (Streamable HTTP, session era) on a free port; returns it and its URL.
+async fn start_server_everything() -> (Peer, String) {
+    let port = common::free_port();
+    let node = std::env::var("NODE").unwrap_or_else(|_| "node".into());
+    let mut command = Command::new(node);
+    command
+        .arg(peer_file(
+            "node_modules/@modelcontextprotocol/server-everything/dist/index.js",
+        ))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string());
+    let mut peer = Peer::start("server-everything", &mut command);
+    peer.wait_for_line("its listening line", |line| {
+        line.contains("listening on port")
+    })
+    .await;
+    (peer, format!("http://127.0.0.1:{port}/mcp"))
+}
+
+/// SIGTERM to the relay while `trigger-long-running-operation` (2 s, 2 progress steps) runs
+/// through a `connect` on `transport`: the call finishes with its result, after its full
+/// duration, and the relay exits only after that.
+async fn drain_keeps_a_call_with_progress(transport: &str) {
+    use futures_util::StreamExt;
+    let (everything, upstream) = start_server_everything().await;
+    let (dir, certs) = cert_dir();
+    let tunnel_token = new_secret("mcpt_tok_");
+    let api_key = new_secret("mcpt_key_");
+    let config = write_config(dir.path(), &relay_config(&tunnel_token, &api_key));
+    let RelayProcess {
+        peer: mut relay,
+        tunnel,
+        agents,
+    } = RelayProcess::start(&config).await;
+    let ca = dir.path().join("tunnel-ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
+    let connect = Peer::start(
+        "connect",
+        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .arg("connect")
+            .arg("--relay")
+            .arg(tunnel.to_string())
+            .arg("--ca")
+            .arg(&ca)
+            .arg("--token")
+            .arg(&tunnel_token)
+            .arg("--transport")
+            .arg(transport)
+            .arg("--source")
+            .arg(format!("everything={upstream}"))
+            .env("RUST_LOG", "mcp_tunnel=debug,warn")
+            .env("NO_COLOR", "1"),
+    );
+    // Every connection of the default count is up before the signal.
+    for _ in 0..client::DEFAULT_CONNECTIONS {
+        relay
+            .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
+            .await;
+    }
+
+    let mut agent = Agent::new(&format!("http://{agents}/mcp/everything"), &api_key);
+    let answer = agent.initialize().await;
+    assert!(
+        answer.status == 200 && agent.session.is_some(),
+        "session opens: {answer:?}"
+    );
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{
+        "name":"trigger-long-running-operation","arguments":{"duration":2,"steps":2},
+        "_meta":{"progressToken":"p7"}}});
+    let started = Instant::now();
+    let response = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(call.to_string())
+        .send()
+        .await
+        .expect("the call is sent");
+    assert_eq!(response.status(), 200, "the call is accepted");
+    // The answer's headers came back: the upstream answers with an event stream, so the call
+    // is in flight at the upstream, with its whole 2 s ahead.
+    let mut body = response.bytes_stream();
+    let mut seen = Vec::new();
+    let sigterm_at = Instant::now();
+    relay.signal(libc::SIGTERM);
+    let rest = tokio::time::timeout(BOUND, async {
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(chunk) => seen.extend_from_slice(&chunk),
+                Err(e) => return Err(chain(&e)),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    let ended_after = sigterm_at.elapsed();
+    let took = started.elapsed();
+    let status = relay
+        .exit_status(tokio::time::Instant::from_std(sigterm_at + BOUND))
+        .await;
+    let exited_after = sigterm_at.elapsed();
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    let report = || {
+        format!(
+            "transport {transport}: call ended {ended_after:?} after SIGTERM ({took:?} in all), \
+             relay exited {exited_after:?} after SIGTERM ({status})\nanswer: {text}\n\
+             relay output:\n{}\nconnect output:\n{}",
+            relay.output(),
+            connect.output()
+        )
+    };
+    assert!(
+        matches!(rest, Ok(Ok(()))),
+        "the answer streams to its end: {rest:?}\n{}",
+        report()
+    );
+    let result = sse_data(&seen)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|m| m.get("id") == Some(&json!(7)));
+    let result = result.unwrap_or_else(|| panic!("no answer to the call\n{}", report()));
+    assert!(
+        result.get("result").is_some() && result["result"]["isError"] != json!(true),
+        "the call finished with its result, not an error: {result}\n{}",
+        report()
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "the call ran its full 2 s\n{}",
+        report()
+    );
+    assert!(status.success(), "the relay exits 0\n{}", report());
+    // The draining relay refused the replacement connections (QUIC answered): nothing made
+    // `connect` conclude that UDP is blocked and move to the fallback.
+    let output = connect.output();
+    assert!(
+        !output.contains("UDP looks blocked"),
+        "a draining relay made connect think UDP is blocked\n{}",
+        report()
+    );
+    eprintln!(
+        "transport {transport}: call served {ended_after:?} after SIGTERM; relay exited {exited_after:?} after SIGTERM"
+    );
+    connect.stop().await;
+    everything.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_drain_keeps_a_call_with_progress_over_auto() {
+    drain_keeps_a_call_with_progress("auto").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_drain_keeps_a_call_with_progress_over_quic() {
+    drain_keeps_a_call_with_progress("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_drain_keeps_a_call_with_progress_over_https() {
+    drain_keeps_a_call_with_progress("https").await;
 }

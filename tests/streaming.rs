@@ -165,6 +165,22 @@ async fn mcp(
                     Body::from_stream(stream)
                 }
                 "length" => Body::from(answer),
+                // An event stream: a progress notification, then the answer as one event.
+                "sse" => {
+                    let mut events = format!(
+                        "event: message\ndata: {}\n\nevent: message\ndata: ",
+                        json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}})
+                    )
+                    .into_bytes();
+                    events.extend_from_slice(&answer);
+                    events.extend_from_slice(b"\n\n");
+                    let mut response = Response::new(streamed(upstream, events, "end"));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/event-stream"),
+                    );
+                    return response;
+                }
                 "chunked" => streamed(upstream, answer, "end"),
                 // The first half of the answer, then the upstream breaks off or stalls.
                 "break" | "stall" => {
@@ -261,6 +277,7 @@ async fn setup(
     transport: TransportChoice,
     stop: &CancellationToken,
 ) -> (Harness, common::Client, Agent, Arc<Upstream>) {
+    let max_answer_bytes = limits.max_answer_bytes;
     let harness = Harness::start(Options {
         audit: Some(audit_at(db)),
         limits,
@@ -270,6 +287,8 @@ async fn setup(
     let (url, upstream) = big_upstream(stop).await;
     let mut settings = harness.client_settings(&harness.acme, &[("big", &url)]);
     settings.transport = transport;
+    // connect's answer limit as the relay's.
+    settings.max_answer_bytes = max_answer_bytes;
     let client = harness.connect_with(&harness.acme, settings).await;
     let mut agent = Agent::new(&harness.url("big"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
@@ -353,14 +372,17 @@ fn transport_label(transport: TransportChoice) -> &'static str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_over_the_message_limit_fails_without_being_read_whole() {
+async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("audit.db");
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let limit = 1024 * 1024;
+    // Upstream answers are bounded by max_answer_bytes (max_message_bytes bounds what agents
+    // send): both at 1 MiB here.
     let limits = LimitsSection {
         max_message_bytes: limit,
+        max_answer_bytes: limit,
         ..LimitsSection::default()
     };
     let (_harness, _client, agent, upstream) =
@@ -461,4 +483,48 @@ async fn an_upstream_breaking_off_or_stalling_mid_answer_aborts_the_body() {
     let rows = call_rows(&db).await;
     assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
     assert_eq!(outcome(row_of(&rows, 2)), "timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_over_the_request_limit_within_the_answer_limit_arrive_whole_json_and_sse() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("audit.db");
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    // Agents may send at most 1 MiB; upstreams answer up to the default answer limit.
+    let limit = 1024 * 1024;
+    let limits = LimitsSection {
+        max_message_bytes: limit,
+        ..LimitsSection::default()
+    };
+    let (_harness, _client, agent, _upstream) =
+        setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let size = 8 * limit;
+    let wanted = big_answer(&json!(1), size, false, false);
+    for (id, mode) in [(1, "chunked"), (1, "sse")] {
+        let response = call_big(&agent, id, json!({"size": size, "mode": mode})).await;
+        assert_eq!(response.status(), 200, "{mode}");
+        let is_sse = response
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let body = response.bytes().await.expect("the whole answer arrives");
+        let answer = if is_sse {
+            let data = common::sse_data(&body);
+            let last = data.last().expect("events");
+            assert!(
+                data.iter().any(|d| d.contains("notifications/progress")),
+                "the progress notification passes too ({mode})"
+            );
+            Bytes::from(last.clone())
+        } else {
+            body
+        };
+        assert_eq!(
+            answer.len(),
+            wanted.len(),
+            "the {mode} answer arrives whole"
+        );
+        assert!(answer[..] == wanted[..], "the {mode} answer arrives intact");
+    }
 }

@@ -376,9 +376,12 @@ async fn malformed_json_is_400_with_parse_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
     const LIMIT: usize = 64 * 1024;
+    // Agents may send LIMIT bytes; an upstream's answer may be four times that.
+    const ANSWER_LIMIT: usize = 4 * LIMIT;
     let options = Options {
         limits: LimitsSection {
             max_message_bytes: LIMIT,
+            max_answer_bytes: ANSWER_LIMIT,
             ..LimitsSection::default()
         },
         ..Options::default()
@@ -398,18 +401,36 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
         "the limit is stated: {message}"
     );
 
-    // A result over the tunnel's frame limit becomes an error for that call only.
+    // A result over the request limit (and the frame) but within the answer limit arrives.
     let answer = agent.call_tool(2, "blob", json!({"size": LIMIT * 2})).await;
     assert_eq!(answer.status, 200);
-    let error = &answer.response()["error"];
-    assert!(
-        error["message"]
-            .as_str()
-            .expect("message")
-            .contains(&LIMIT.to_string()),
-        "{error}"
+    assert_eq!(
+        tool_text(answer.response()).len(),
+        LIMIT * 2,
+        "the result arrives whole"
     );
-    assert_eq!(answer.response()["id"], 2);
+
+    // A result over the answer limit fails that call only: an error naming the limit, or,
+    // once the answer has begun to stream, an aborted body (never a truncated message).
+    let response = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"blob","arguments":{"size":ANSWER_LIMIT * 2}}}).to_string())
+        .send()
+        .await
+        .expect("the relay answers");
+    assert_eq!(response.status(), 200);
+    match response.bytes().await {
+        Err(aborted) => assert!(aborted.is_body() || aborted.is_decode(), "{aborted}"),
+        Ok(body) => {
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                text.contains(&ANSWER_LIMIT.to_string()) && text.contains("\"id\":4"),
+                "an error naming the limit: {}",
+                &text[..text.len().min(500)]
+            );
+        }
+    }
     // ... and the session carries on.
     assert_eq!(
         tool_text(

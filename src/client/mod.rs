@@ -89,6 +89,9 @@ pub struct ClientSettings {
     pub connections: usize,
     /// Interval between QUIC probes while on the HTTPS fallback (`auto`).
     pub probe_interval: Duration,
+    /// Largest single upstream answer relayed (`max_answer_bytes`): larger than a frame, an
+    /// answer crosses the tunnel in pieces, so this bounds a runaway answer, not memory.
+    pub max_answer_bytes: usize,
 }
 
 impl ClientSettings {
@@ -105,6 +108,7 @@ impl ClientSettings {
             proxy: None,
             connections: DEFAULT_CONNECTIONS,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            max_answer_bytes: crate::config::DEFAULT_MAX_ANSWER_BYTES,
         }
     }
 
@@ -132,6 +136,14 @@ impl ClientSettings {
             proxy: file.proxy.clone(),
             connections: file.connections,
             probe_interval: Duration::from_secs(file.probe_interval_secs),
+            max_answer_bytes: {
+                crate::config::check_max_answer_bytes(
+                    file.max_answer_bytes,
+                    file.max_message_bytes,
+                )
+                .map_err(ClientError::Config)?;
+                file.max_answer_bytes
+            },
         })
     }
 }
@@ -172,7 +184,10 @@ impl Policy {
 /// Runs `connect` until `shutdown`, reconnecting as needed; returns early only when the relay
 /// refuses the tunnel or the configuration is unusable.
 pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let sources = Arc::new(Sources::new(&settings.sources).map_err(ClientError::Config)?);
+    let sources = Arc::new(
+        Sources::with_answer_limit(&settings.sources, settings.max_answer_bytes)
+            .map_err(ClientError::Config)?,
+    );
     let roots = match (&settings.ca_pem, &settings.ca) {
         (Some(pem), _) => tls::Roots::CaPem(pem.clone()),
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),
@@ -256,6 +271,10 @@ async fn run_slot(
 ) -> Result<(), ClientError> {
     let mut backoff = Backoff::default();
     let mut ready: Option<Tunnel> = None;
+    // Set when the relay drained this slot's connection, until a replacement is up: a relay
+    // that drains takes no new connections, so a QUIC attempt failing then says nothing about
+    // UDP (and must not move every later connection to the fallback).
+    let mut after_drain = false;
     loop {
         let tunnel = match ready.take() {
             Some(tunnel) => tunnel,
@@ -273,7 +292,7 @@ async fn run_slot(
                     _ = shutdown.cancelled() => return Ok(()),
                 }
                 let attempt = tokio::select! {
-                    attempt = connect(&dialer, &policy) => attempt,
+                    attempt = connect(&dialer, &policy, !after_drain) => attempt,
                     _ = shutdown.cancelled() => return Ok(()),
                 };
                 match attempt {
@@ -286,6 +305,7 @@ async fn run_slot(
                 }
             }
         };
+        after_drain = false;
         let kind = tunnel.connection.kind();
         tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, sources = sources.len(), "tunnel up");
         let started = Instant::now();
@@ -326,6 +346,7 @@ async fn run_slot(
             Ended::RelayDraining => {
                 tracing::info!(slot, transport = %kind, "the relay is draining this connection; opening a replacement");
                 backoff.reset();
+                after_drain = true;
                 // The control stream stays open while the connection drains: closing it would
                 // tell the relay this client is gone, and cut the calls in flight.
                 let control = (control_in, control_out);
@@ -384,15 +405,21 @@ async fn run_slot(
 }
 
 /// Connects with the transport the policy picks; in `auto`, a failed QUIC attempt marks UDP
-/// blocked and falls back to HTTPS at once.
-async fn connect(dialer: &Dialer, policy: &Policy) -> Result<Tunnel, ClientError> {
+/// blocked (when `learn` allows) and falls back to HTTPS at once. A relay that answers and
+/// refuses the QUIC connection (it drains) proves UDP works: that failure is returned as is.
+async fn connect(dialer: &Dialer, policy: &Policy, learn: bool) -> Result<Tunnel, ClientError> {
     match (policy.choice, policy.first_kind()) {
         (TransportChoice::Auto, TransportKind::Quic) => {
             match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
                 Ok(tunnel) => Ok(tunnel),
                 Err(ClientError::Refused(reason)) => Err(ClientError::Refused(reason)),
+                Err(e @ ClientError::Transport(TransportError::Refused(_))) => Err(e),
                 Err(e) => {
-                    policy.set_udp_blocked(true, &e.to_string());
+                    if learn {
+                        policy.set_udp_blocked(true, &e.to_string());
+                    } else {
+                        tracing::info!(error = %e, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
+                    }
                     dialer.connect(TransportKind::Https, CONNECT_TIMEOUT).await
                 }
             }

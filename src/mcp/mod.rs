@@ -7,6 +7,7 @@ pub mod era;
 pub mod jsonrpc;
 pub mod scan;
 pub mod sse;
+pub mod sse_reader;
 
 pub use era::ProtocolEra;
 pub use jsonrpc::{Classified, MessageInfo, MessageKind, classify};

@@ -1,7 +1,8 @@
 //! Server-Sent Events encoding for agent-facing streams.
 //!
-//! Parsing upstream SSE is left to the `sse-stream` crate (it accepts LF, CRLF and CR line ends,
-//! comments and empty-data events); this side only writes events.
+//! Parsing upstream SSE is [`crate::mcp::sse_reader`]'s (and, for HTTP+SSE upstreams, the
+//! `sse-stream` crate's); this side only writes events, whole or, for a large answer, in pieces
+//! ([`begin_event`], [`data_piece`], [`end_event`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -43,9 +44,58 @@ pub fn message_event(id: Option<&str>, data: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// The opening of a `message` event whose data follows in pieces ([`data_piece`]), closed by
+/// [`end_event`]: a large answer passes through without being held whole.
+pub fn begin_event() -> Bytes {
+    Bytes::from_static(b"event: message\ndata: ")
+}
+
+/// A piece of an event's data: passed on as is (no copy) unless it holds raw line breaks
+/// (whitespace of a pretty-printed JSON text), which continue on a new `data:` line as in
+/// [`message_event`] (a carriage return is dropped).
+pub fn data_piece(piece: &Bytes) -> Bytes {
+    if !piece.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        return piece.clone();
+    }
+    let mut out = BytesMut::with_capacity(piece.len() + 64);
+    for &b in piece.iter() {
+        match b {
+            b'\n' => out.put_slice(b"\ndata: "),
+            b'\r' => {}
+            b => out.put_u8(b),
+        }
+    }
+    out.freeze()
+}
+
+/// The end of an event begun with [`begin_event`], with its `id` when the stream is resumable
+/// (SSE lets the id come after the data: it is known only once the last piece is in).
+pub fn end_event(id: Option<&str>) -> Bytes {
+    match id {
+        Some(id) => Bytes::from(format!("\nid: {id}\n\n")),
+        None => Bytes::from_static(b"\n\n"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_in_pieces_reads_as_the_whole_one() {
+        let whole = message_event(None, b"{\"a\":\r\n1}");
+        let mut pieced = BytesMut::new();
+        pieced.put_slice(&begin_event());
+        pieced.put_slice(&data_piece(&Bytes::from_static(b"{\"a\":\r")));
+        pieced.put_slice(&data_piece(&Bytes::from_static(b"\n1}")));
+        pieced.put_slice(&end_event(None));
+        assert_eq!(pieced.freeze(), whole);
+        assert_eq!(
+            &end_event(Some("2-9"))[..],
+            b"\nid: 2-9\n\n",
+            "the id may close the event"
+        );
+    }
 
     #[test]
     fn splits_lines() {

@@ -446,9 +446,15 @@ pub async fn open_channel(
         ),
         None => (std::borrow::Cow::Borrowed(header), None),
     };
-    Channel::open_with_identity(&tunnel, &header, state.limits.max_message_bytes, refresher)
-        .await
-        .map_err(|e| source_error(None, &header.source, &e.to_string()))
+    Channel::open_with_identity(
+        &tunnel,
+        &header,
+        state.limits.max_message_bytes,
+        state.max_answer_bytes(),
+        refresher,
+    )
+    .await
+    .map_err(|e| source_error(None, &header.source, &e.to_string()))
 }
 
 /// A JSON-RPC error (on HTTP 200) saying the source could not answer.

@@ -17,7 +17,7 @@ use super::RelayState;
 use super::agent::{source_error, source_error_body};
 use super::calls::{Context, InFlight};
 use super::channel::{Channel, ChannelError, Event, Exchange};
-use super::events::{EventLog, LogReader, Start};
+use super::events::{EventLog, LogReader, Piece, Start};
 use super::filter::ListFilter;
 use super::reply::json_response;
 use super::sessions::{Session, Transport};
@@ -698,7 +698,19 @@ async fn produce(
                     remaining = remaining.saturating_sub(responses);
                     continue;
                 }
-                // A message in pieces within an event stream is released whole.
+                // The answer in pieces is passed on as it arrives when nothing needs it whole.
+                // Only into a log of its own (`finish`): on the shared stream of an HTTP+SSE
+                // session, pieces of concurrent answers would interleave.
+                Some(Ok(Event::Part(first))) if finish && remaining == 1 && awaiting.pipelines(&first) => {
+                    match stream_pieces(&log, &mut exchange, &mut awaiting, first, &shutdown).await {
+                        Ok(responses) => {
+                            remaining = remaining.saturating_sub(responses);
+                            continue;
+                        }
+                        Err(broken) => awaiting.broken(&channel, broken).await,
+                    }
+                }
+                // Else a message in pieces within an event stream is released whole.
                 Some(Ok(Event::Part(first))) => {
                     match assemble(&mut exchange, first, awaiting.timeout, &shutdown).await {
                         Ok(message) => {
@@ -727,6 +739,92 @@ async fn produce(
     }
 }
 
+/// Passes a message arriving in pieces on into `log` as it arrives (a pipeline, as [`pipe`]
+/// does for a JSON answer): neither `connect` nor the relay holds it whole. The audit rule
+/// holds: from the piece that closes the JSON text on, pieces are held back until the call's
+/// record is committed. Returns how many responses it carried (1, or 0 for a message that
+/// turned out not to be a response: passed on all the same). When the answer breaks off after
+/// its event began, [`Piece::Abort`] ends the agent's body with an error, and the caller
+/// releases the error answer into the log (for an agent that resumes).
+async fn stream_pieces(
+    log: &EventLog,
+    exchange: &mut Exchange,
+    awaiting: &mut Awaiting,
+    first: Bytes,
+    shutdown: &CancellationToken,
+) -> Result<usize, Broken> {
+    let mut scanner = ResponseScanner::new();
+    let mut held: Vec<Bytes> = Vec::new();
+    let mut begun = false;
+    let mut piece = Some((first, false));
+    while let Some((bytes, last)) = piece.take() {
+        scanner.feed(&bytes);
+        if scanner.is_complete() || last {
+            held.push(bytes);
+        } else {
+            let kind = if begun { Piece::More } else { Piece::Begin };
+            log.push_piece(kind, bytes).await;
+            begun = true;
+        }
+        if last {
+            break;
+        }
+        while piece.is_none() {
+            let broken = match next_or_broken(exchange, awaiting.timeout, shutdown).await {
+                Ok(Event::Part(bytes)) => {
+                    piece = Some((bytes, false));
+                    continue;
+                }
+                Ok(Event::Message(bytes)) => {
+                    piece = Some((bytes, true));
+                    continue;
+                }
+                Ok(Event::Rejected(_) | Event::Streaming) => continue,
+                Ok(Event::TooLarge(limit)) => Broken::TooLarge(limit),
+                Ok(Event::End) => Broken::Ended,
+                Err(broken) => broken,
+            };
+            if begun {
+                log.push_piece(Piece::Abort, Bytes::new()).await;
+            }
+            return Err(broken);
+        }
+    }
+    let responses = match scanner.facts() {
+        Some(facts) => {
+            let classified = Classified::Single(facts.message_info());
+            let size = usize::try_from(scanner.size()).unwrap_or(usize::MAX);
+            // Write before release: the record is committed before the agent has the end.
+            if let Err(refusal) = awaiting.calls.settle(&[], &classified, size).await {
+                if begun {
+                    log.push_piece(Piece::Abort, Bytes::new()).await;
+                }
+                log.push(refusal).await;
+                return Ok(1);
+            }
+            1
+        }
+        None => {
+            awaiting
+                .calls
+                .streamed(usize::try_from(scanner.size()).unwrap_or(usize::MAX));
+            0
+        }
+    };
+    let count = held.len();
+    for (n, bytes) in held.into_iter().enumerate() {
+        let kind = match (begun, n + 1 == count) {
+            (false, true) => Piece::Whole,
+            (false, false) => Piece::Begin,
+            (true, false) => Piece::More,
+            (true, true) => Piece::Last,
+        };
+        log.push_piece(kind, bytes).await;
+        begun = true;
+    }
+    Ok(responses)
+}
+
 /// An SSE response that streams `reader`, with keep-alive comments, optionally after a
 /// `prelude` event, until the stream ends, the agent goes away or `until` fires; then `on_end`
 /// runs.
@@ -738,7 +836,7 @@ pub fn sse_response(
     on_end: Option<Box<dyn FnOnce() + Send>>,
     until: CancellationToken,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(SSE_QUEUE);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(SSE_QUEUE);
     let shutdown = until;
     let keep_alive_every = state.sse_keep_alive;
     tokio::spawn(async move {
@@ -753,16 +851,38 @@ pub fn sse_response(
         for event in [prelude, prime].into_iter().flatten() {
             open = open && tx.send(Ok(event)).await.is_ok();
         }
+        // Inside an event whose data comes in pieces: no keep-alive comment may cut into it.
+        let mut in_event = false;
         while open {
             open = tokio::select! {
-                event = reader.next() => match event {
-                    Some((seq, message)) => {
+                event = reader.next_entry() => match event {
+                    Some((seq, piece, message)) => {
                         let id = (ids != EventIds::None).then(|| format!("{stream}-{seq}"));
-                        tx.send(Ok(sse::message_event(id.as_deref(), &message))).await.is_ok()
+                        let (first, second) = match piece {
+                            Piece::Whole => (sse::message_event(id.as_deref(), &message), None),
+                            Piece::Begin => (sse::begin_event(), Some(sse::data_piece(&message))),
+                            Piece::More => (sse::data_piece(&message), None),
+                            Piece::Last => (sse::data_piece(&message), Some(sse::end_event(id.as_deref()))),
+                            // An event begun cannot be taken back: the body ends with an error, so
+                            // the agent sees an aborted response, never a truncated message. The
+                            // error the producer logs next is there for an agent that resumes.
+                            Piece::Abort => {
+                                let _ = tx
+                                    .send(Err(std::io::Error::other("the answer broke off")))
+                                    .await;
+                                break;
+                            }
+                        };
+                        in_event = matches!(piece, Piece::Begin | Piece::More);
+                        let mut sent = tx.send(Ok(first)).await.is_ok();
+                        if let Some(second) = second {
+                            sent = sent && tx.send(Ok(second)).await.is_ok();
+                        }
+                        sent
                     }
                     None => false,
                 },
-                _ = keep_alive.tick() => tx.send(Ok(sse::KEEP_ALIVE)).await.is_ok(),
+                _ = keep_alive.tick(), if !in_event => tx.send(Ok(sse::KEEP_ALIVE)).await.is_ok(),
                 _ = tx.closed() => false,
                 _ = shutdown.cancelled() => false,
             };

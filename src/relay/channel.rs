@@ -152,16 +152,18 @@ impl Channel {
         header: &OpenHeader,
         read_limit: usize,
     ) -> Result<Arc<Self>, ChannelError> {
-        Self::open_with_identity(tunnel, header, read_limit, None).await
+        Self::open_with_identity(tunnel, header, read_limit, read_limit, None).await
     }
 
     /// Opens a stream on `tunnel` and sends `header`, whose identity assertion `identity`
     /// renews: before a message, once the assertion is past half its lifetime, a fresh one
-    /// goes first ([`FrameKind::Identity`]).
+    /// goes first ([`FrameKind::Identity`]). Frames read are bounded by `read_limit`; one
+    /// message arriving in pieces ([`FrameKind::MessagePart`]) by `answer_limit`.
     pub async fn open_with_identity(
         tunnel: &Arc<Tunnel>,
         header: &OpenHeader,
         read_limit: usize,
+        answer_limit: usize,
         identity: Option<Refresher>,
     ) -> Result<Arc<Self>, ChannelError> {
         let (stream, guard) = tunnel.open_stream().await?;
@@ -183,7 +185,7 @@ impl Channel {
         let read_shared = shared.clone();
         tokio::spawn(async move {
             let reason = tokio::select! {
-                reason = read_loop(&mut frames_in, &read_shared, read_limit) => reason,
+                reason = read_loop(&mut frames_in, &read_shared, answer_limit.max(read_limit)) => reason,
                 _ = stopped => "session ended".to_owned(),
             };
             read_shared.close(reason);

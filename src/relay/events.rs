@@ -30,10 +30,27 @@ pub struct EventLog {
     changed: Notify,
 }
 
+/// What one entry of a log holds: a whole message, or a piece of one passed on as it arrives
+/// (a large answer: see [`EventLog::push_piece`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// A whole message: one SSE event.
+    Whole,
+    /// The first piece of a message: opens its event.
+    Begin,
+    /// A piece that continues the message.
+    More,
+    /// The piece that ends the message: closes its event (which takes this entry's id).
+    Last,
+    /// The message broke off: the reader ends its body with an error (an event begun cannot
+    /// be taken back); the error answer follows in the log, for an agent that resumes.
+    Abort,
+}
+
 struct LogState {
     /// Sequence number of `events[0]`.
     first: u64,
-    events: VecDeque<Bytes>,
+    events: VecDeque<(Piece, Bytes)>,
     bytes: usize,
     /// Sequence numbers below this have been handed to some reader.
     delivered: u64,
@@ -62,7 +79,7 @@ impl LogState {
                 self.dropped += 1;
                 metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
             }
-            if let Some(event) = self.events.pop_front() {
+            if let Some((_, event)) = self.events.pop_front() {
                 self.bytes -= event.len();
             }
             self.first += 1;
@@ -114,13 +131,21 @@ impl EventLog {
 
     /// Appends a message; waits while an attached reader has the window full.
     pub async fn push(&self, message: Bytes) {
+        self.push_piece(Piece::Whole, message).await
+    }
+
+    /// Appends a piece of a message (or a whole one); waits while an attached reader has the
+    /// window full. A large answer goes in pieces, so the log (and the relay) never holds it
+    /// whole: pieces already taken are evicted like any event. A reader that attaches in the
+    /// middle of a message in pieces skips to the next message (it cannot replay half an event).
+    pub async fn push_piece(&self, piece: Piece, message: Bytes) {
         loop {
             let notified = self.changed.notified();
             {
                 let mut state = self.lock();
                 if !state.full() {
                     state.bytes += message.len();
-                    state.events.push_back(message);
+                    state.events.push_back((piece, message));
                     state.evict();
                     break;
                 }
@@ -164,6 +189,7 @@ impl EventLog {
             log: self.clone(),
             generation,
             next,
+            aligning: true,
         }
     }
 }
@@ -174,11 +200,22 @@ pub struct LogReader {
     log: std::sync::Arc<EventLog>,
     generation: u64,
     next: u64,
+    /// Until the first entry that starts a message: pieces of one begun before are skipped.
+    aligning: bool,
 }
 
 impl LogReader {
-    /// The next `(sequence number, message)`.
+    /// The next event: its sequence number and message (a piece of one for a message in
+    /// pieces; see [`LogReader::next_entry`]); `None` once the log is finished and read, or
+    /// another reader took over.
     pub async fn next(&mut self) -> Option<(u64, Bytes)> {
+        self.next_entry()
+            .await
+            .map(|(seq, _, message)| (seq, message))
+    }
+
+    /// The next entry: its sequence number, what piece it is, and its bytes.
+    pub async fn next_entry(&mut self) -> Option<(u64, Piece, Bytes)> {
         loop {
             let notified = self.log.changed.notified();
             {
@@ -189,13 +226,17 @@ impl LogReader {
                 self.next = self.next.max(state.first);
                 if self.next < state.next_seq() {
                     let seq = self.next;
-                    let event = state.events[(seq - state.first) as usize].clone();
+                    let (piece, event) = state.events[(seq - state.first) as usize].clone();
                     self.next += 1;
                     state.delivered = state.delivered.max(self.next);
                     state.evict();
                     drop(state);
                     self.log.changed.notify_waiters();
-                    return Some((seq, event));
+                    if self.aligning && matches!(piece, Piece::More | Piece::Last | Piece::Abort) {
+                        continue;
+                    }
+                    self.aligning = false;
+                    return Some((seq, piece, event));
                 }
                 if state.finished {
                     return None;
@@ -237,6 +278,41 @@ mod tests {
 
     fn msg(n: usize) -> Bytes {
         Bytes::from(format!("m{n}"))
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_resumes_inside_a_message_in_pieces_skips_to_the_next_message() {
+        let log = Arc::new(EventLog::new(4));
+        log.push(msg(0)).await;
+        log.push_piece(Piece::Begin, msg(1)).await;
+        log.push_piece(Piece::More, msg(2)).await;
+        log.push_piece(Piece::Last, msg(3)).await;
+        log.push(msg(4)).await;
+        log.finish();
+        // Resuming after the message's first piece: the rest of it cannot make an event.
+        let mut resumed = log.attach(Start::After(2));
+        let mut got = Vec::new();
+        while let Some((seq, piece, _)) = resumed.next_entry().await {
+            got.push((seq, piece));
+        }
+        assert_eq!(got, vec![(5, Piece::Whole)]);
+        drop(resumed);
+        // From the start, the pieces come in order with their kinds.
+        let mut reader = log.attach(Start::After(0));
+        let mut got = Vec::new();
+        while let Some((seq, piece, _)) = reader.next_entry().await {
+            got.push((seq, piece));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (1, Piece::Whole),
+                (2, Piece::Begin),
+                (3, Piece::More),
+                (4, Piece::Last),
+                (5, Piece::Whole)
+            ]
+        );
     }
 
     #[tokio::test]

@@ -190,6 +190,15 @@ impl RelayState {
         self.governance().limits.max_batch_messages
     }
 
+    /// The largest single upstream answer relayed (reloadable; applies to streams opened
+    /// after a reload). Answers larger than a frame cross the tunnel in pieces.
+    pub fn max_answer_bytes(&self) -> usize {
+        self.governance()
+            .limits
+            .max_answer_bytes
+            .max(self.limits.max_message_bytes)
+    }
+
     /// The current credentials and policy.
     pub fn governance(&self) -> Arc<Governance> {
         let guard: RwLockReadGuard<'_, Arc<Governance>> = self
@@ -239,6 +248,11 @@ pub struct RelaySettings {
 impl RelaySettings {
     /// Resolves a loaded configuration file.
     pub fn from_config(config: &RelayConfig) -> Result<Self, RelayError> {
+        crate::config::check_max_answer_bytes(
+            config.limits.max_answer_bytes,
+            config.limits.max_message_bytes,
+        )
+        .map_err(|e| RelayError::Config(format!("limits.{e}")))?;
         let governance = Governance::from_config(config).map_err(RelayError::Config)?;
         Ok(Self {
             tunnel_listen: config.tunnel.listen,

@@ -51,7 +51,19 @@ pub async fn serve_quic(
             serve_connection(Arc::new(QuicConnection(connection)), state).await;
         });
     }
-    // Established connections drain, then close when the relay stops; let the closes go out.
+    // While established connections drain, new ones are refused at once rather than left
+    // unanswered: a `connect` learns in one round trip that this relay takes no new tunnels
+    // (and that UDP works; silence would look like UDP blocked and send it to the fallback).
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming.refuse(),
+                None => break,
+            },
+            _ = state.stop.cancelled() => break,
+        }
+    }
+    // Established connections close when the relay stops; let the closes go out.
     state.stop.cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }

@@ -62,6 +62,10 @@ pub enum TransportError {
     /// Dialing or the TLS handshake failed.
     #[error("could not connect to the relay: {0}")]
     Connect(String),
+    /// The relay answered and refused a new connection (it is draining): the path works, the
+    /// relay takes no new tunnels.
+    #[error("the relay refused a new connection: {0}")]
+    Refused(String),
     /// Configuration (addresses, certificates) is unusable.
     #[error("transport configuration: {0}")]
     Config(String),

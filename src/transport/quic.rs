@@ -116,9 +116,15 @@ pub async fn dial(
     let connecting = endpoint
         .connect(addr, server_name)
         .map_err(|e| TransportError::Connect(e.to_string()))?;
-    let connection = connecting
-        .await
-        .map_err(|e| TransportError::Connect(e.to_string()))?;
+    let connection = connecting.await.map_err(|e| match e {
+        // The relay answered: UDP works, the relay takes no new connections (it drains).
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            TransportError::Refused(close.to_string())
+        }
+        e => TransportError::Connect(e.to_string()),
+    })?;
     Ok(QuicConnection(connection))
 }
 

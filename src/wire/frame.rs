@@ -69,9 +69,12 @@ pub enum FrameKind {
     ///
     /// `connect` sends a large upstream answer this way, so the relay can pass it on to the
     /// agent as it arrives (a pipeline) instead of each side holding it whole. Each piece is
-    /// one frame within the frame limit; the whole message stays bounded by the per-message
-    /// limit agreed at the handshake: the receiver counts the pieces' bytes
-    /// ([`PieceCount`]) and fails the exchange once they pass it, dropping the rest. An
+    /// one frame within the frame limit; the whole message stays bounded by the receiver's
+    /// answer limit (`max_answer_bytes`, 256 MiB by default, each side's own and not
+    /// exchanged; the frame limit agreed at the handshake stays `max_message_bytes`): the
+    /// receiver counts the pieces' bytes ([`PieceCount`]) and fails the exchange once they
+    /// pass it, dropping the rest. `connect` sends JSON answers, SSE events and stdio lines
+    /// larger than 256 KiB this way. An
     /// [`FrameKind::End`] for the exchange before the closing `Message` abandons the message
     /// (the upstream's answer broke off, or passed the limit): the receiver discards what it
     /// has and fails the exchange rather than deliver a truncated text.

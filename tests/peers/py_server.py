@@ -26,5 +26,11 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+@mcp.tool()
+def big(size: int) -> str:
+    """Return a string of SIZE characters (for large-answer tests)."""
+    return "x" * size
+
+
 if __name__ == "__main__":
     mcp.run(transport="streamable-http", host="127.0.0.1", port=int(sys.argv[1]))

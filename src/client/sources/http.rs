@@ -14,13 +14,13 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use sse_stream::SseByteStream;
 
 use super::http_client::{HttpClient, Response, Target, body_stream, content_length, error_chain};
 use super::legacy;
 use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
+use crate::mcp::sse_reader::{SseItem, SseReader};
 use crate::mcp::{Classified, ResponseScanner, classify};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader, UNSOLICITED};
@@ -46,7 +46,7 @@ const QUOTE_LIMIT: usize = 200;
 /// wake-up on each side) negligible against the copy of the bytes, while the queues on the way
 /// (64 frames here, a few at the relay) hold a few MiB at most per stream. Answers up to this
 /// size (nearly every call) still go as one frame, exactly as before.
-const PIECE_BYTES: usize = 256 * 1024;
+const PIECE_BYTES: usize = super::PIECE_BYTES;
 
 /// A configured Streamable HTTP upstream.
 pub struct HttpSource {
@@ -59,6 +59,9 @@ pub struct HttpSource {
     /// Whether the upstream speaks the 2024-11-05 HTTP+SSE transport instead of Streamable
     /// HTTP: known from a URL ending in `/sse`, else learned on the first session.
     legacy: OnceLock<bool>,
+    /// The largest single answer relayed (`max_answer_bytes`); larger than a frame, it
+    /// crosses the tunnel in pieces.
+    max_answer: usize,
 }
 
 /// Why an upstream exchange failed, in words for the agent.
@@ -72,7 +75,7 @@ enum UpstreamError {
         status: StatusCode,
         body: String,
     },
-    #[error("source {source_name} sent a response larger than the tunnel limit of {limit} bytes")]
+    #[error("source {source_name} sent a response larger than the limit of {limit} bytes")]
     TooLarge { source_name: String, limit: usize },
     #[error("source {source_name}: {reason}")]
     Broken { source_name: String, reason: String },
@@ -117,6 +120,8 @@ struct StreamContext {
     out: super::Out,
     /// The largest message the tunnel carries toward the relay.
     max_frame: usize,
+    /// The largest answer relayed in pieces (never below `max_frame`).
+    max_answer: usize,
 }
 
 impl HttpSource {
@@ -137,12 +142,19 @@ impl HttpSource {
             target,
             client,
             legacy,
+            max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
         })
     }
 
     /// Lets requests follow redirects to other origins (`follow_cross_origin_redirects`).
     pub fn with_cross_origin_redirects(mut self, allowed: bool) -> Self {
         self.target = self.target.with_cross_origin_redirects(allowed);
+        self
+    }
+
+    /// Sets the largest single answer relayed (`max_answer_bytes`).
+    pub fn with_answer_limit(mut self, max_answer: usize) -> Self {
+        self.max_answer = max_answer;
         self
     }
 
@@ -228,6 +240,7 @@ impl HttpSource {
             session: Mutex::default(),
             out,
             max_frame,
+            max_answer: self.max_answer.max(max_frame),
         });
         tracing::debug!(source = %self.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         // Requests in flight run inside this task, polled beside the next frame's read: a call
@@ -490,7 +503,7 @@ impl StreamContext {
             return self.relay_sse(exchange, response, pending).await;
         }
         // `initialize` answers are read whole: the session's version is learned from them.
-        if status.is_success() && !is_initialize && self.max_frame > PIECE_BYTES {
+        if status.is_success() && !is_initialize {
             return self.relay_json(exchange, response, pending).await;
         }
         let body = self.read_limited(response).await?;
@@ -582,7 +595,7 @@ impl StreamContext {
         response: Response,
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
-        let limit = self.max_frame;
+        let limit = self.max_answer;
         let too_large = || UpstreamError::TooLarge {
             source_name: self.name().to_owned(),
             limit,
@@ -591,10 +604,11 @@ impl StreamContext {
         if declared.is_some_and(|len| len > limit as u64) {
             return Err(too_large());
         }
+        let piece_bytes = PIECE_BYTES.min(self.max_frame);
         let capacity = declared
             .and_then(|len| usize::try_from(len).ok())
             .unwrap_or(0)
-            .min(2 * PIECE_BYTES);
+            .min(2 * piece_bytes);
         let mut head = bytes::BytesMut::with_capacity(capacity);
         let mut scanner = None::<ResponseScanner>;
         let mut sent = 0usize;
@@ -622,15 +636,15 @@ impl StreamContext {
                 });
             }
             // Keep at least one byte back: the closing `Message` is never empty.
-            while head.len() > PIECE_BYTES {
-                let piece = head.split_to(PIECE_BYTES).freeze();
+            while head.len() > piece_bytes {
+                let piece = head.split_to(piece_bytes).freeze();
                 scanner
                     .get_or_insert_with(ResponseScanner::new)
                     .feed(&piece);
                 sent += piece.len();
                 self.send(Frame::part(exchange, piece)).await;
-                if head.capacity() < PIECE_BYTES {
-                    head.reserve(2 * PIECE_BYTES);
+                if head.capacity() < piece_bytes {
+                    head.reserve(2 * piece_bytes);
                 }
             }
         }
@@ -652,9 +666,12 @@ impl StreamContext {
     }
 
     /// Relays an SSE answer event by event until every request in `pending` is answered.
-    /// Events without data (priming events) carry nothing to forward. When the upstream closes
-    /// the stream before answering (SSE polling) or it breaks, the answer is resumed with a GET
-    /// carrying `Last-Event-ID`, after the `retry` delay the upstream asked for.
+    /// Events without data (priming events) carry nothing to forward. An event's data is
+    /// passed on as it arrives: up to [`PIECE_BYTES`] as one message, larger in pieces (see
+    /// [`Assembling`]), so an answer of any size up to `max_answer_bytes` is never held whole.
+    /// When the upstream closes the stream before answering (SSE polling) or it breaks, the
+    /// answer is resumed with a GET carrying `Last-Event-ID`, after the `retry` delay the
+    /// upstream asked for.
     async fn relay_sse(
         &self,
         exchange: u64,
@@ -670,45 +687,68 @@ impl StreamContext {
         }
         let (mut last_id, mut retry, mut resumes) = (None::<String>, None::<u64>, 0);
         let mut response = response;
+        let mut items = Vec::new();
         loop {
-            let mut events = SseByteStream::new(body_stream(response));
+            let mut reader = SseReader::new();
+            let mut body = body_stream(response);
+            let mut event = Assembling::new(exchange, self.max_frame, self.max_answer);
             let mut failure = None;
-            while let Some(event) = events.next().await {
-                let event = match event {
-                    Ok(event) => event,
+            while let Some(chunk) = body.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
                     Err(e) => {
-                        failure = Some(format!("bad event stream: {e}"));
+                        failure = Some(format!("its event stream broke: {}", error_chain(&e)));
                         break;
                     }
                 };
-                if let Some(id) = event.id {
-                    last_id = Some(id);
+                items.clear();
+                if let Err(e) = reader.feed(&chunk, &mut items) {
+                    failure = Some(format!("bad event stream: {e}"));
+                    break;
                 }
-                retry = event.retry.or(retry);
-                let Some(data) = event.data.filter(|d| !d.is_empty()) else {
-                    continue;
-                };
-                if data.len() > self.max_frame {
-                    return Err(UpstreamError::TooLarge {
-                        source_name: self.name().to_owned(),
-                        limit: self.max_frame,
-                    });
+                for item in items.drain(..) {
+                    match item {
+                        SseItem::Data(bytes) => event.push(self, bytes).await?,
+                        SseItem::End {
+                            id,
+                            retry: asked,
+                            data,
+                        } => {
+                            if let Some(id) = id {
+                                last_id = Some(id);
+                            }
+                            retry = asked.or(retry);
+                            let Some(message) = event.finish(self, data).await? else {
+                                continue;
+                            };
+                            if let Some(whole) = &message.whole {
+                                if self
+                                    .session
+                                    .lock()
+                                    .expect("session lock is never held across a panic")
+                                    .version
+                                    .is_none()
+                                {
+                                    self.remember_version(whole);
+                                }
+                                answered(whole, pending);
+                            } else if let Some(id) = &message.answers {
+                                pending.remove(id.trim());
+                            }
+                            if exchange != UNSOLICITED && pending.is_empty() {
+                                return Ok(());
+                            }
+                        }
+                    }
                 }
-                let data = Bytes::from(data);
-                if self
-                    .session
-                    .lock()
-                    .expect("session lock is never held across a panic")
-                    .version
-                    .is_none()
-                {
-                    self.remember_version(&data);
-                }
-                answered(&data, pending);
-                self.send(Frame::message(exchange, data)).await;
-                if exchange != UNSOLICITED && pending.is_empty() {
-                    return Ok(());
-                }
+            }
+            if event.has_sent() {
+                // The stream ended inside a message already partly passed on.
+                return Err(UpstreamError::BrokeOff {
+                    source_name: self.name().to_owned(),
+                    sent: event.sent,
+                    reason: failure.unwrap_or_else(|| "its event stream ended mid-event".into()),
+                });
             }
             if exchange == UNSOLICITED || pending.is_empty() {
                 return failure.map_or(Ok(()), |reason| Err(broken(reason)));
@@ -804,6 +844,131 @@ impl StreamContext {
             }
             Err(_) => {
                 tracing::debug!(source = %self.name(), timeout = ?DELETE_TIMEOUT, "upstream session delete timed out")
+            }
+        }
+    }
+}
+
+/// One SSE event's data on its way to the relay: held while it is at most [`PIECE_BYTES`]
+/// (nearly every message, sent whole as before), else passed on in pieces as it arrives, never
+/// more than about one piece held. The whole message stays within `max_answer` (within the
+/// frame limit on the standalone stream, which carries no pieces).
+struct Assembling {
+    exchange: u64,
+    max_frame: usize,
+    max_answer: usize,
+    head: bytes::BytesMut,
+    /// Bytes already passed on as pieces.
+    sent: usize,
+    /// Scans the pieces for the id the message answers (once it goes in pieces).
+    scanner: Option<ResponseScanner>,
+}
+
+/// A message [`Assembling`] finished.
+struct Finished {
+    /// The message, when it went whole.
+    whole: Option<Bytes>,
+    /// The id it answers, when it went in pieces and is a response.
+    answers: Option<String>,
+}
+
+impl Assembling {
+    fn new(exchange: u64, max_frame: usize, max_answer: usize) -> Self {
+        Self {
+            exchange,
+            max_frame,
+            max_answer: max_answer.max(max_frame),
+            head: bytes::BytesMut::new(),
+            sent: 0,
+            scanner: None,
+        }
+    }
+
+    fn has_sent(&self) -> bool {
+        self.sent > 0
+    }
+
+    fn limit(&self) -> usize {
+        if self.exchange == UNSOLICITED {
+            self.max_frame
+        } else {
+            self.max_answer
+        }
+    }
+
+    fn piece_bytes(&self) -> usize {
+        PIECE_BYTES.min(self.max_frame)
+    }
+
+    /// Takes the next bytes of the event's data; sends whole pieces on.
+    async fn push(&mut self, context: &StreamContext, bytes: Bytes) -> Result<(), UpstreamError> {
+        if self.sent + self.head.len() + bytes.len() > self.limit() {
+            let too_large = UpstreamError::TooLarge {
+                source_name: context.name().to_owned(),
+                limit: self.limit(),
+            };
+            return Err(match self.sent {
+                0 => too_large,
+                sent => UpstreamError::BrokeOff {
+                    source_name: context.name().to_owned(),
+                    sent,
+                    reason: too_large.to_string(),
+                },
+            });
+        }
+        self.head.extend_from_slice(&bytes);
+        if self.exchange == UNSOLICITED {
+            return Ok(());
+        }
+        // Keep at least one byte back: the closing `Message` is never empty.
+        let piece_bytes = self.piece_bytes();
+        while self.head.len() > piece_bytes {
+            let piece = self.head.split_to(piece_bytes).freeze();
+            self.scanner
+                .get_or_insert_with(ResponseScanner::new)
+                .feed(&piece);
+            self.sent += piece.len();
+            context.send(Frame::part(self.exchange, piece)).await;
+            if self.head.capacity() < piece_bytes {
+                self.head.reserve(2 * piece_bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// The event ended: sends what is left (the message, or its closing piece). `None` when
+    /// it carried no message (no data, or empty data).
+    async fn finish(
+        &mut self,
+        context: &StreamContext,
+        data: bool,
+    ) -> Result<Option<Finished>, UpstreamError> {
+        let last = std::mem::take(&mut self.head).freeze();
+        let sent = std::mem::take(&mut self.sent);
+        let scanner = self.scanner.take();
+        if !data || (sent == 0 && last.is_empty()) {
+            return Ok(None);
+        }
+        match scanner {
+            None => {
+                context
+                    .send(Frame::message(self.exchange, last.clone()))
+                    .await;
+                Ok(Some(Finished {
+                    whole: Some(last),
+                    answers: None,
+                }))
+            }
+            Some(mut scanner) => {
+                scanner.feed(&last);
+                context.send(Frame::message(self.exchange, last)).await;
+                let answers = scanner
+                    .facts()
+                    .and_then(|facts| facts.id.as_deref().map(str::to_owned));
+                Ok(Some(Finished {
+                    whole: None,
+                    answers,
+                }))
             }
         }
     }

@@ -44,6 +44,11 @@ pub struct Sources {
 impl Sources {
     /// Builds the sources; refuses duplicates and unusable targets.
     pub fn new(configs: &[SourceConfig]) -> Result<Self, String> {
+        Self::with_answer_limit(configs, crate::config::DEFAULT_MAX_ANSWER_BYTES)
+    }
+
+    /// Builds the sources, relaying answers of at most `max_answer` bytes each.
+    pub fn with_answer_limit(configs: &[SourceConfig], max_answer: usize) -> Result<Self, String> {
         if configs.is_empty() {
             return Err("no sources: give at least one --source NAME=URL".into());
         }
@@ -52,12 +57,13 @@ impl Sources {
             let source = match &config.target {
                 SourceTarget::Http(url) => Source::Http(Arc::new(
                     http::HttpSource::new(&config.name, url)?
-                        .with_cross_origin_redirects(config.follow_cross_origin_redirects),
+                        .with_cross_origin_redirects(config.follow_cross_origin_redirects)
+                        .with_answer_limit(max_answer),
                 )),
-                SourceTarget::Stdio(command) => Source::Stdio(Arc::new(stdio::StdioSource::new(
-                    &config.name,
-                    command.clone(),
-                )?)),
+                SourceTarget::Stdio(command) => Source::Stdio(Arc::new(
+                    stdio::StdioSource::new(&config.name, command.clone())?
+                        .with_answer_limit(max_answer),
+                )),
             };
             if by_name.insert(config.name.clone(), source).is_some() {
                 return Err(format!("source {} is configured twice", config.name));
@@ -114,3 +120,42 @@ pub(crate) fn start_writer(
 
 /// Where a source's tasks send frames toward the relay.
 pub(crate) type Out = crate::wire::FrameSink<SendHalf>;
+
+/// A large answer crosses the tunnel in pieces of this size ([`crate::wire::FrameKind::MessagePart`]).
+pub(crate) const PIECE_BYTES: usize = 256 * 1024;
+
+/// Sends one whole upstream message for `exchange`: as one frame when it is at most
+/// [`PIECE_BYTES`] (and fits `max_frame`), else in pieces. The standalone stream
+/// ([`crate::wire::UNSOLICITED`]) carries no pieces: a message there larger than a frame is
+/// dropped (and logged) instead of breaking the stream. Fails when the stream is gone.
+pub(crate) async fn send_message(
+    out: &Out,
+    exchange: u64,
+    message: bytes::Bytes,
+    max_frame: usize,
+    source: &str,
+) -> Result<(), crate::wire::SinkError> {
+    use crate::wire::Frame;
+    let piece_bytes = PIECE_BYTES.min(max_frame);
+    if message.len() <= piece_bytes {
+        return out.send(Frame::message(exchange, message)).await;
+    }
+    if exchange == crate::wire::UNSOLICITED {
+        if message.len() <= max_frame {
+            return out.send(Frame::message(exchange, message)).await;
+        }
+        tracing::warn!(
+            source,
+            size = message.len(),
+            max_frame,
+            "server-to-agent message larger than a tunnel frame; dropped"
+        );
+        return Ok(());
+    }
+    let mut rest = message;
+    while rest.len() > piece_bytes {
+        let piece = rest.split_to(piece_bytes);
+        out.send(Frame::part(exchange, piece)).await?;
+    }
+    out.send(Frame::message(exchange, rest)).await
+}

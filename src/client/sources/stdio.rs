@@ -155,6 +155,10 @@ pub struct StdioSource {
     command: Vec<String>,
     registry: Arc<Registry>,
     pool: tokio::sync::Mutex<Option<Arc<Pooled>>>,
+    /// The largest answer line read from a child (`max_answer_bytes`). A line is buffered
+    /// whole (bounded by this) because its id must be read to route it, then sent on in
+    /// pieces when it is larger than one.
+    max_answer: usize,
 }
 
 impl StdioSource {
@@ -180,7 +184,14 @@ impl StdioSource {
             command,
             registry: Arc::new(Registry::new(cap)),
             pool: tokio::sync::Mutex::new(None),
+            max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
         })
+    }
+
+    /// Sets the largest answer line read from a child (`max_answer_bytes`).
+    pub fn with_answer_limit(mut self, max_answer: usize) -> Self {
+        self.max_answer = max_answer;
+        self
     }
 
     /// Processes of this source alive now (started and not yet reaped).
@@ -282,7 +293,7 @@ impl StdioSource {
             pid,
             stdin: Some(stdin_tx),
             stdout: Some(stdout),
-            line_limit,
+            line_limit: line_limit.max(self.max_answer),
             stop,
             exit,
         })
@@ -326,6 +337,7 @@ impl StdioSource {
             tokio::spawn(route_session_output(
                 stdout,
                 process.line_limit,
+                limit,
                 self.name.clone(),
                 routing.clone(),
                 out.clone(),
@@ -895,6 +907,7 @@ fn one_line(payload: Bytes) -> Bytes {
 async fn route_session_output(
     stdout: ChildStdout,
     limit: usize,
+    max_frame: usize,
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
     out: super::Out,
@@ -904,7 +917,7 @@ async fn route_session_output(
         let line = match line {
             Line::Text(line) => line,
             Line::TooLong => {
-                tracing::warn!(source = %source, limit, "stdio process printed a message larger than the tunnel limit; dropped");
+                tracing::warn!(source = %source, limit, "stdio process printed a message larger than max_answer_bytes; dropped");
                 continue;
             }
         };
@@ -920,7 +933,10 @@ async fn route_session_output(
             .lock()
             .expect("routing lock is never held across a panic")
             .target(&classified, raw);
-        if out.send(Frame::message(exchange, line)).await.is_err() {
+        if super::send_message(&out, exchange, line, max_frame, &source)
+            .await
+            .is_err()
+        {
             return;
         }
         for exchange in ended {
@@ -1088,6 +1104,7 @@ impl Pooled {
                 pooled.stdin.downgrade(),
                 pooled.exit.clone(),
                 stdout,
+                pooled.process.line_limit,
                 limit,
                 pooled.source.clone(),
             ));
@@ -1225,18 +1242,19 @@ async fn route_pooled_output(
     exit: Exit,
     stdout: ChildStdout,
     limit: usize,
+    max_frame: usize,
     source: Arc<str>,
 ) {
     let mut lines = FramedRead::new(stdout, LineDecoder::new(limit));
     while let Some(Ok(line)) = lines.next().await {
         let Line::Text(line) = line else {
-            tracing::warn!(source = %source, limit, "pooled stdio process printed a message larger than the tunnel limit; dropped");
+            tracing::warn!(source = %source, limit, "pooled stdio process printed a message larger than max_answer_bytes; dropped");
             continue;
         };
         let Some(pooled) = pooled.upgrade() else {
             return;
         };
-        route_pooled_line(&pooled, &stdin, line).await;
+        route_pooled_line(&pooled, &stdin, line, max_frame).await;
     }
     // Its stdout is closed: the process is over, or useless. Make sure it is gone.
     if tokio::time::timeout(DRAIN_WAIT, exit.dead.cancelled())
@@ -1270,7 +1288,12 @@ async fn route_pooled_output(
     }
 }
 
-async fn route_pooled_line(pooled: &Pooled, stdin: &mpsc::WeakSender<Bytes>, line: Bytes) {
+async fn route_pooled_line(
+    pooled: &Pooled,
+    stdin: &mpsc::WeakSender<Bytes>,
+    line: Bytes,
+    max_frame: usize,
+) {
     let (Ok(classified), Ok(raw)) = (classify(&line), serde_json::from_slice::<&RawValue>(&line))
     else {
         tracing::warn!(source = %pooled.source, line = %quote(&line), "pooled stdio process printed a line that is not JSON-RPC; dropped");
@@ -1305,7 +1328,14 @@ async fn route_pooled_line(pooled: &Pooled, stdin: &mpsc::WeakSender<Bytes>, lin
                             ),
                         ),
                     };
-                    let _ = call.out.send(Frame::message(call.exchange, body)).await;
+                    let _ = super::send_message(
+                        &call.out,
+                        call.exchange,
+                        body,
+                        max_frame,
+                        &pooled.source,
+                    )
+                    .await;
                     let _ = call.out.send(Frame::end(call.exchange)).await;
                 }
                 Some(Waiter::Internal(tx)) => {
@@ -1337,7 +1367,9 @@ async fn route_pooled_line(pooled: &Pooled, stdin: &mpsc::WeakSender<Bytes>, lin
                 Some((token, exchange, out)) => {
                     if let Ok((body, _)) = replace_at(raw, &["params", "progressToken"], &token) {
                         let body = one_line(Bytes::from(body.get().to_owned()));
-                        let _ = out.send(Frame::message(exchange, body)).await;
+                        let _ =
+                            super::send_message(&out, exchange, body, max_frame, &pooled.source)
+                                .await;
                     }
                 }
                 None => {
