@@ -408,6 +408,22 @@ pub struct LimitsSection {
     pub request_timeout_secs: u64,
     /// Seconds an idle agent session lives.
     pub session_idle_secs: u64,
+
+    // --- Sessions, streams and event logs (issue 13: items 8 and 10) ---
+    /// Open sessions (and stateless `subscriptions/listen` streams) one caller (API key or
+    /// token subject) may hold; 0: no cap.
+    pub max_sessions_per_key: usize,
+    /// Open sessions (and listen streams) of all callers of one tenant; 0: no cap.
+    pub max_sessions_per_tenant: usize,
+    /// Open sessions (and listen streams) of one tenant's source; 0: no cap.
+    pub max_sessions_per_source: usize,
+    /// Seconds to wait for the tunnel to grant a new stream (the peer's stream credit), before
+    /// the agent gets an error naming the source.
+    pub open_stream_timeout_secs: u64,
+    /// Bytes one session may hold in its event logs and queues (answers and server messages
+    /// kept for a slow or absent agent, and for resumption); past it the oldest unread ones
+    /// are dropped (and counted).
+    pub session_event_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -416,6 +432,11 @@ impl Default for LimitsSection {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
             session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
+            max_sessions_per_key: DEFAULT_MAX_SESSIONS_PER_KEY,
+            max_sessions_per_tenant: DEFAULT_MAX_SESSIONS_PER_TENANT,
+            max_sessions_per_source: DEFAULT_MAX_SESSIONS_PER_SOURCE,
+            open_stream_timeout_secs: DEFAULT_OPEN_STREAM_TIMEOUT_SECS,
+            session_event_bytes: DEFAULT_SESSION_EVENT_BYTES,
         }
     }
 }
@@ -430,7 +451,26 @@ impl LimitsSection {
     pub fn session_idle(&self) -> Duration {
         Duration::from_secs(self.session_idle_secs)
     }
+
+    /// How long opening a tunnel stream may wait.
+    pub fn open_stream_timeout(&self) -> Duration {
+        Duration::from_secs(self.open_stream_timeout_secs)
+    }
 }
+
+// --- Session limits (issue 13: items 8 and 10) ---
+
+/// Default of `[limits] max_sessions_per_key`: a few agents (each a handful of sessions) per
+/// caller, with room for clients that restart without ending their sessions.
+pub const DEFAULT_MAX_SESSIONS_PER_KEY: usize = 64;
+/// Default of `[limits] max_sessions_per_tenant`.
+pub const DEFAULT_MAX_SESSIONS_PER_TENANT: usize = 1024;
+/// Default of `[limits] max_sessions_per_source`.
+pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: usize = 256;
+/// Default of `[limits] open_stream_timeout_secs`.
+pub const DEFAULT_OPEN_STREAM_TIMEOUT_SECS: u64 = 10;
+/// Default of `[limits] session_event_bytes`: 32 MiB, two messages of the largest default size.
+pub const DEFAULT_SESSION_EVENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// `[[tenants]]`
 #[derive(Debug, Clone, Deserialize)]

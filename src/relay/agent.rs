@@ -12,7 +12,8 @@ use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 
 use super::RelayState;
-use super::channel::Channel;
+use super::channel::{Channel, ChannelLimits};
+use super::events::Budget;
 use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
 use crate::govern::Identity;
@@ -298,8 +299,22 @@ pub async fn open_channel(
         ),
         None => (std::borrow::Cow::Borrowed(header), None),
     };
-    Channel::open_with_identity(&tunnel, &header, state.limits.max_message_bytes, refresher)
-        .await
+    let limits = ChannelLimits {
+        open_timeout: governance.limits.open_stream_timeout(),
+        // A budget below one message would drop every message: it holds at least one.
+        budget: Budget::new(match governance.limits.session_event_bytes {
+            0 => 0,
+            bytes => bytes.max(state.limits.max_message_bytes),
+        }),
+    };
+    Channel::open_with_identity(
+        &tunnel,
+        &header,
+        state.limits.max_message_bytes,
+        refresher,
+        limits,
+    )
+    .await
         .map_err(|e| source_error(None, &header.source, &e.to_string()))
 }
 

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::Budget;
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
@@ -66,8 +67,20 @@ pub enum ChannelError {
     Closed(String),
 }
 
+/// What bounds a channel: how long opening its stream may wait, and the session's byte budget
+/// its unsolicited queue charges.
+#[derive(Clone)]
+pub struct ChannelLimits {
+    /// Longest wait for the tunnel to grant the stream.
+    pub open_timeout: std::time::Duration,
+    /// The session's event budget (see [`Budget`]).
+    pub budget: Arc<Budget>,
+}
+
 struct Shared {
     pending: Mutex<HashMap<u64, mpsc::Sender<Event>>>,
+    /// Charged by messages waiting in the unsolicited queue.
+    budget: Arc<Budget>,
     closed: Mutex<Option<String>>,
     /// Taken on close, so the GET stream's producer sees the end.
     unsolicited_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
@@ -82,11 +95,16 @@ impl Shared {
         if closed.is_none() {
             *closed = Some(reason);
         }
-        // Dropping the senders ends every waiting request's stream of events.
+        // Dropping the senders ends every waiting request's stream of events, and the
+        // unsolicited queue's ends the GET stream's producer.
         self.pending
             .lock()
             .expect("channel lock is never held across a panic")
             .clear();
+        self.unsolicited_tx
+            .lock()
+            .expect("channel lock is never held across a panic")
+            .take();
     }
 
     fn closed_reason(&self) -> Option<String> {
@@ -106,6 +124,8 @@ pub struct Channel {
     sink: FrameSink<SendHalf>,
     next_exchange: AtomicU64,
     unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    /// The session's event budget; messages in the unsolicited queue are charged to it.
+    budget: Arc<Budget>,
     /// Renews the stream's identity assertion, when it has one.
     identity: Option<Refresher>,
     /// Signals the reader to stop when the channel is dropped.
@@ -151,8 +171,9 @@ impl Channel {
         tunnel: &Arc<Tunnel>,
         header: &OpenHeader,
         read_limit: usize,
+        limits: ChannelLimits,
     ) -> Result<Arc<Self>, ChannelError> {
-        Self::open_with_identity(tunnel, header, read_limit, None).await
+        Self::open_with_identity(tunnel, header, read_limit, None, limits).await
     }
 
     /// Opens a stream on `tunnel` and sends `header`, whose identity assertion `identity`
@@ -163,11 +184,13 @@ impl Channel {
         header: &OpenHeader,
         read_limit: usize,
         identity: Option<Refresher>,
+        limits: ChannelLimits,
     ) -> Result<Arc<Self>, ChannelError> {
-        let (stream, guard) = tunnel.open_stream().await?;
+        let (stream, guard) = tunnel.open_stream(limits.open_timeout).await?;
         let (unsolicited_tx, unsolicited_rx) = mpsc::channel(UNSOLICITED_QUEUE);
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
+            budget: limits.budget.clone(),
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         });
@@ -195,6 +218,7 @@ impl Channel {
             sink,
             next_exchange: AtomicU64::new(1),
             unsolicited_rx: Arc::new(tokio::sync::Mutex::new(unsolicited_rx)),
+            budget: limits.budget,
             identity,
             _stop: stop,
             _guard: guard,
@@ -260,9 +284,16 @@ impl Channel {
         })
     }
 
-    /// The queue of messages for the agent's GET stream; one holder at a time.
+    /// The queue of messages for the agent's GET stream; one holder at a time. Each message
+    /// taken from it is charged to [`Channel::budget`] until the taker calls
+    /// [`Budget::release`] with its length.
     pub fn unsolicited(&self) -> Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>> {
         self.unsolicited_rx.clone().try_lock_owned().ok()
+    }
+
+    /// The session's event budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The transport of the tunnel carrying this stream (`quic` or `https`).
@@ -385,14 +416,47 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         };
         if let Some(Event::Message(message)) = undelivered
             && !closes_pieces
-            && unsolicited().is_none_or(|tx| tx.try_send(message).is_err())
         {
-            metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
-            tracing::warn!(
-                "server-to-agent message dropped: no agent stream is reading and the queue is full"
-            );
+            let len = message.len();
+            // An answer whose request went away belongs to that request's stream only (where a
+            // resuming agent finds it, when the stream was kept); on the GET stream an agent
+            // could not tell it from an answer it is owed (2025-11-25 forbids it).
+            if frame.exchange != UNSOLICITED && is_response(&message) {
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+                tracing::debug!(
+                    exchange = frame.exchange,
+                    "answer of a request nobody waits for any more dropped"
+                );
+                continue;
+            }
+            let queued = shared.budget.fits(len)
+                && unsolicited().is_some_and(|tx| {
+                    shared.budget.charge(len);
+                    let sent = tx.try_send(message).is_ok();
+                    if !sent {
+                        shared.budget.release(len);
+                    }
+                    sent
+                });
+            if !queued {
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+                tracing::warn!(
+                    bytes = len,
+                    "server-to-agent message dropped: no agent stream is reading and the session's queue is full"
+                );
+            }
         }
     }
+}
+
+/// Whether `message` is a JSON-RPC response (or a batch of them only).
+fn is_response(message: &[u8]) -> bool {
+    crate::mcp::classify(message).is_ok_and(|classified| {
+        classified
+            .messages()
+            .iter()
+            .all(|m| m.kind == crate::mcp::jsonrpc::MessageKind::Response)
+    })
 }
 
 #[cfg(test)]
@@ -414,6 +478,7 @@ mod tests {
         let (unsolicited_tx, mut unsolicited) = mpsc::channel(16);
         let shared = Shared {
             pending: Mutex::new(HashMap::from([(1, tx)])),
+            budget: Budget::new(0),
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         };

@@ -34,11 +34,21 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Opens an exchange stream on this tunnel, counted until the returned guard drops.
+    /// Opens an exchange stream on this tunnel, counted until the returned guard drops. Waits
+    /// at most `timeout` for the peer's stream credit (QUIC's concurrent stream limit, HTTP/2's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`): a tunnel whose streams are all in use answers with
+    /// an error instead of holding the agent forever.
     pub async fn open_stream(
         self: &Arc<Self>,
+        timeout: std::time::Duration,
     ) -> Result<(TunnelStream, StreamGuard), TransportError> {
-        let stream = self.connection.open_stream().await?;
+        let stream = tokio::time::timeout(timeout, self.connection.open_stream())
+            .await
+            .map_err(|_| {
+                metrics::counter!(crate::metrics::REQUESTS, "outcome" => "stream_timeout")
+                    .increment(1);
+                TransportError::OpenTimeout(timeout.as_secs())
+            })??;
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
         self.streams_active.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::STREAMS_ACTIVE).increment(1.0);

@@ -138,7 +138,11 @@ impl Session {
         transport: Transport,
         calls: &Arc<Calls>,
     ) -> Self {
-        let standalone = Arc::new(EventLog::new(STANDALONE_STREAM));
+        let budget = channel.budget().clone();
+        let standalone = Arc::new(EventLog::with_budget(
+            STANDALONE_STREAM,
+            Some(budget.clone()),
+        ));
         let version = Arc::new(std::sync::OnceLock::new());
         let server_requests = Arc::new(ServerRequests {
             calls: calls.clone(),
@@ -157,6 +161,8 @@ impl Session {
             let requests = server_requests.clone();
             tokio::spawn(async move {
                 while let Some(message) = queue.recv().await {
+                    // Charged while queued (see `Channel::unsolicited`); the log charges it now.
+                    budget.release(message.len());
                     if let Ok(classified) = classify(&message) {
                         requests.track(&message, &classified);
                     }
@@ -298,7 +304,10 @@ impl Session {
             .answers
             .lock()
             .expect("session lock is never held across a panic");
-        let log = Arc::new(EventLog::new(answers.next));
+        let log = Arc::new(EventLog::with_budget(
+            answers.next,
+            Some(self.channel.budget().clone()),
+        ));
         answers.next += 1;
         if answers.logs.len() >= ANSWER_LOGS {
             // Forget a completed stream first; if none is, the oldest (it stays readable by
