@@ -20,7 +20,7 @@ use super::channel::{Channel, ChannelError, Event, Exchange};
 use super::events::{EventLog, LogReader, Start};
 use super::filter::ListFilter;
 use super::reply::json_response;
-use super::sessions::{Session, Transport};
+use super::sessions::{ListenGuard, Session, Transport};
 use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
@@ -73,6 +73,8 @@ pub struct Target<'a> {
     pub filter: Option<ListFilter>,
     /// The calls of the message, finished as their answers are released.
     pub calls: InFlight,
+    /// A stateless listen stream's place under the session caps, held while it is open.
+    pub listen: Option<ListenGuard>,
 }
 
 /// What an agent request waits for on its exchange.
@@ -97,6 +99,8 @@ struct Awaiting {
     /// Whether a JSON answer arriving in pieces may be passed on as it comes: one request,
     /// not `initialize` (the relay learns the session's version from its whole answer).
     pipelined: bool,
+    /// A listen stream's place under the session caps, given back when the answer ends.
+    _listen: Option<ListenGuard>,
 }
 
 /// Why an exchange ended without its answer.
@@ -141,6 +145,7 @@ impl Awaiting {
             filter: None,
             calls: InFlight::default(),
             tracker: None,
+            _listen: None,
         }
     }
 
@@ -237,6 +242,7 @@ pub async fn forward(
     let mut awaiting = Awaiting {
         filter: target.filter.map(Arc::new),
         calls,
+        _listen: target.listen,
         ..awaiting
     };
     match channel.request(body).await {
@@ -270,6 +276,7 @@ pub async fn forward_to_stream(
         filter: filter.map(Arc::new),
         calls,
         tracker: Some(session.clone()),
+        learner: (!session.knows_version()).then(|| session.clone()),
         ..awaiting
     };
     match session.channel.request(body).await {
@@ -281,7 +288,10 @@ pub async fn forward_to_stream(
                 awaiting,
                 state.stop.clone(),
                 session.channel.clone(),
-                false,
+                Ending {
+                    finish: false,
+                    with_reader: false,
+                },
             ));
             StatusCode::ACCEPTED.into_response()
         }
@@ -644,7 +654,10 @@ fn stream_answer(
         awaiting,
         state.stop.clone(),
         channel,
-        true,
+        Ending {
+            finish: true,
+            with_reader: ids == EventIds::None,
+        },
     ));
     // An answer in flight may finish while the relay drains; at the end of the grace period
     // `produce` writes the error that names the shutdown and closes the log, which ends the
@@ -671,9 +684,20 @@ async fn timeout_body(channel: &Channel, awaiting: &Awaiting) -> Bytes {
     )
 }
 
+/// How [`produce`] ends.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    /// Close the log once done (not for the shared stream of an HTTP+SSE session).
+    finish: bool,
+    /// Stop as soon as the log's reader is gone: nobody can resume a stream without event
+    /// ids, so a listen stream (no request timeout) would otherwise hold its tunnel stream
+    /// (and the upstream's) forever after its agent left.
+    with_reader: bool,
+}
+
 /// Moves an exchange's messages into `log` until every response has arrived. If the exchange
 /// ends first (upstream, tunnel, timeout), the agent still gets an answer: an error that says
-/// why. `finish` closes the log (not for the shared stream of an HTTP+SSE session).
+/// why.
 async fn produce(
     log: Arc<EventLog>,
     mut exchange: Exchange,
@@ -681,28 +705,56 @@ async fn produce(
     mut awaiting: Awaiting,
     shutdown: CancellationToken,
     channel: Arc<Channel>,
-    finish: bool,
+    ending: Ending,
+) {
+    let gone = {
+        let log = log.clone();
+        async move {
+            if ending.with_reader {
+                log.abandoned().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = produce_all(&log, &mut exchange, first, &mut awaiting, &shutdown, &channel) => {}
+        // The calls still open are recorded as abandoned when `awaiting` drops.
+        () = gone => tracing::debug!(source = %awaiting.source, "agent left a stream that cannot be resumed: its exchange ends"),
+    }
+    if ending.finish {
+        log.finish();
+    }
+}
+
+async fn produce_all(
+    log: &EventLog,
+    exchange: &mut Exchange,
+    first: Option<Arrived>,
+    awaiting: &mut Awaiting,
+    shutdown: &CancellationToken,
+    channel: &Channel,
 ) {
     let mut remaining = awaiting.responses;
     if let Some(arrived) = first {
-        remaining = remaining.saturating_sub(release(&log, &mut awaiting, arrived).await);
+        remaining = remaining.saturating_sub(release(log, awaiting, arrived).await);
     }
     while remaining > 0 {
         let failure = tokio::select! {
             // At the end of the grace period the tunnel closes too: the shutdown is the reason.
             biased;
             _ = shutdown.cancelled() => awaiting.source_failed("the relay is shutting down").await,
-            event = next_event(&mut exchange, awaiting.timeout) => match event {
+            event = next_event(exchange, awaiting.timeout) => match event {
                 Some(Ok(Event::Message(message))) => {
-                    let responses = release(&log, &mut awaiting, Arrived::new(message)).await;
+                    let responses = release(log, awaiting, Arrived::new(message)).await;
                     remaining = remaining.saturating_sub(responses);
                     continue;
                 }
                 // A message in pieces within an event stream is released whole.
                 Some(Ok(Event::Part(first))) => {
-                    match assemble(&mut exchange, first, awaiting.timeout, &shutdown).await {
+                    match assemble(exchange, first, awaiting.timeout, shutdown).await {
                         Ok(message) => {
-                            let responses = release(&log, &mut awaiting, Arrived::new(message)).await;
+                            let responses = release(log, awaiting, Arrived::new(message)).await;
                             remaining = remaining.saturating_sub(responses);
                             continue;
                         }
@@ -714,16 +766,13 @@ async fn produce(
                 Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
                 Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,
                 None => {
-                    let body = timeout_body(&channel, &awaiting).await;
+                    let body = timeout_body(channel, awaiting).await;
                     awaiting.fail(Outcome::Timeout, body).await
                 }
             },
         };
         log.push(failure).await;
         break;
-    }
-    if finish {
-        log.finish();
     }
 }
 

@@ -232,6 +232,21 @@ impl EventLog {
         state.finished && state.delivered >= state.next_seq()
     }
 
+    /// Resolves once a reader was attached and none is any more: for a stream that cannot be
+    /// resumed, the agent is gone for good.
+    pub async fn abandoned(&self) {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let state = self.lock();
+                if state.generation > 0 && state.reader.is_none() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
     /// Messages dropped unread because no reader was attached for too long.
     pub fn dropped(&self) -> u64 {
         self.lock().dropped
