@@ -263,3 +263,93 @@ async fn listen_streams_count_against_the_cap_and_end_with_their_agent() {
     let again = listen(&agent, 3).send().await.expect("listen is sent");
     assert_eq!(again.status(), 200, "room again once the first is gone");
 }
+
+/// A Streamable HTTP upstream that never answers `tools/call` (as the spec allows once the
+/// call is cancelled, and as a stuck server does); it records every method it sees.
+async fn silent_upstream(
+    shutdown: &CancellationToken,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |body: String| {
+            let record = record.clone();
+            async move {
+                let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                let method = message["method"].as_str().unwrap_or_default().to_owned();
+                record.lock().expect("lock").push(method.clone());
+                let result = match method.as_str() {
+                    "initialize" => {
+                        json!({"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"silent","version":"1"}})
+                    }
+                    "tools/call" => std::future::pending().await,
+                    _ => {
+                        return axum::response::Response::builder()
+                            .status(202)
+                            .body(axum::body::Body::empty())
+                            .expect("a valid response");
+                    }
+                };
+                axum::response::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(
+                        json!({"jsonrpc":"2.0","id":message["id"],"result":result}).to_string(),
+                    ))
+                    .expect("a valid response")
+            }
+        }),
+    );
+    let addr = common::serve_axum(app, shutdown).await;
+    (format!("http://{addr}/mcp"), seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_ends_its_post_though_the_upstream_never_answers() {
+    let harness = Harness::start(Options::default()).await;
+    let stop = CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let (upstream, seen) = silent_upstream(&stop).await;
+    let _client = harness
+        .connect(&harness.acme, &[("silent", &upstream)])
+        .await;
+    let mut agent = Agent::new(&harness.url("silent"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+
+    // The call hangs upstream (the request timeout is 300 s, past this test's WAIT).
+    let call = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.call_tool(7, "hang", json!({})).await }
+    });
+    until("the upstream has the call", || {
+        seen.lock().expect("lock").iter().any(|m| m == "tools/call")
+    })
+    .await;
+    let cancel = agent
+        .post(&json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":7,"reason":"user"}}))
+        .await;
+    assert_eq!(cancel.status, 202);
+
+    // The POST ends at once, with no answer (none is owed to a cancelled request).
+    let answer = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("the cancelled call's POST ends")
+        .expect("call task");
+    assert_eq!(answer.status, 200);
+    assert!(
+        answer.messages.iter().all(|m| m["id"] != 7),
+        "no answer for a cancelled request: {answer:?}"
+    );
+    until("the upstream hears the cancellation", || {
+        seen.lock()
+            .expect("lock")
+            .iter()
+            .any(|m| m == "notifications/cancelled")
+    })
+    .await;
+    // The session goes on.
+    let ping = agent
+        .post(&json!({"jsonrpc":"2.0","id":8,"method":"ping"}))
+        .await;
+    assert_eq!(ping.status, 200, "the session lives on: {ping:?}");
+}

@@ -20,7 +20,7 @@ use super::channel::{Channel, ChannelError, Event, Exchange};
 use super::events::{EventLog, LogReader, Start};
 use super::filter::ListFilter;
 use super::reply::json_response;
-use super::sessions::{ListenGuard, Session, Transport};
+use super::sessions::{CancelGuard, ListenGuard, Session, Transport};
 use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
@@ -101,6 +101,10 @@ struct Awaiting {
     pipelined: bool,
     /// A listen stream's place under the session caps, given back when the answer ends.
     _listen: Option<ListenGuard>,
+    /// Cancelled when the agent cancels the request: its answer ends at once, without one.
+    cancelled: CancellationToken,
+    /// The request's place in its session's cancellation table.
+    _cancel: Option<CancelGuard>,
 }
 
 /// Why an exchange ended without its answer.
@@ -146,7 +150,20 @@ impl Awaiting {
             calls: InFlight::default(),
             tracker: None,
             _listen: None,
+            cancelled: CancellationToken::new(),
+            _cancel: None,
         }
+    }
+
+    /// Follows the agent's cancellation of the message's request, when it is the only one
+    /// and belongs to `session`.
+    fn cancellable(mut self, session: Option<&Arc<Session>>) -> Self {
+        if let (Some(session), 1, Some(id)) = (session, self.responses, self.id.as_deref()) {
+            let guard = session.track_cancel(id);
+            self.cancelled = guard.token().clone();
+            self._cancel = Some(guard);
+        }
+        self
     }
 
     /// Finishes every open call with `outcome` and returns the relay-made error `answer` to
@@ -228,8 +245,13 @@ pub async fn forward(
         {
             return json_response(StatusCode::OK, refusal);
         }
-        return match channel.send(body).await {
-            Ok(()) => StatusCode::ACCEPTED.into_response(),
+        return match channel.send(body.clone()).await {
+            Ok(()) => {
+                if let Some(session) = target.session {
+                    session.cancel_requests(&body, classified);
+                }
+                StatusCode::ACCEPTED.into_response()
+            }
             Err(e) => source_error(None, target.source, &e.to_string()),
         };
     }
@@ -244,7 +266,8 @@ pub async fn forward(
         calls,
         _listen: target.listen,
         ..awaiting
-    };
+    }
+    .cancellable(target.session);
     match channel.request(body).await {
         Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
         Err(e) => json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await),
@@ -266,8 +289,11 @@ pub async fn forward_to_stream(
             session.standalone().push(refusal).await;
             return StatusCode::ACCEPTED.into_response();
         }
-        return match session.channel.send(body).await {
-            Ok(()) => StatusCode::ACCEPTED.into_response(),
+        return match session.channel.send(body.clone()).await {
+            Ok(()) => {
+                session.cancel_requests(&body, classified);
+                StatusCode::ACCEPTED.into_response()
+            }
             Err(e) => source_error(None, &session.source, &e.to_string()),
         };
     }
@@ -278,7 +304,8 @@ pub async fn forward_to_stream(
         tracker: Some(session.clone()),
         learner: (!session.knows_version()).then(|| session.clone()),
         ..awaiting
-    };
+    }
+    .cancellable(Some(session));
     match session.channel.request(body).await {
         Ok(exchange) => {
             tokio::spawn(produce(
@@ -423,6 +450,9 @@ async fn answer(
             _ = state.stop.cancelled() => {
                 return json_response(StatusCode::OK, awaiting.source_failed("the relay is shutting down").await);
             }
+            // The agent cancelled: no answer is owed, so the stream it gets ends empty (a
+            // late answer finds no exchange and is dropped). Its call is recorded abandoned.
+            _ = awaiting.cancelled.cancelled() => return cancelled_response(),
             event = next_event(&mut exchange, awaiting.timeout) => event,
         };
         let Some(event) = event else {
@@ -471,6 +501,18 @@ async fn answer(
             }
         }
     }
+}
+
+/// The answer to a request the agent cancelled before anything of its answer was sent: an
+/// event stream with no event (the protocol owes no response to a cancelled request).
+fn cancelled_response() -> Response {
+    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "cancelled").increment(1);
+    let mut response = Response::new(Body::empty());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
 
 /// Answers with the first whole message of an exchange: plain JSON when it holds every
@@ -571,6 +613,11 @@ async fn pipe(
                 event = next_or_broken(&mut exchange, awaiting.timeout, &shutdown) => event,
                 // The agent went away while the upstream was slow: stop waiting for it.
                 _ = tx.closed() => return,
+                // The agent cancelled: its body ends (aborted), and the rest is dropped.
+                _ = awaiting.cancelled.cancelled() => {
+                    let _ = tx.send(Err(abort("the request was cancelled".into()))).await;
+                    return;
+                }
             };
             let broken = match event {
                 Ok(Event::Part(bytes)) => {
@@ -744,6 +791,8 @@ async fn produce_all(
             // At the end of the grace period the tunnel closes too: the shutdown is the reason.
             biased;
             _ = shutdown.cancelled() => awaiting.source_failed("the relay is shutting down").await,
+            // The agent cancelled: no more of this answer, nor an error in its place.
+            _ = awaiting.cancelled.cancelled() => return,
             event = next_event(exchange, awaiting.timeout) => match event {
                 Some(Ok(Event::Message(message))) => {
                     let responses = release(log, awaiting, Arrived::new(message)).await;

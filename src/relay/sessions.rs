@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 
@@ -65,6 +66,54 @@ pub struct Session {
     version: Arc<std::sync::OnceLock<String>>,
     /// The server's requests to the agent, until the agent responds.
     server_requests: Arc<ServerRequests>,
+    /// The agent's requests in flight, by id key: cancelled when the agent cancels them.
+    cancels: Arc<Mutex<Cancels>>,
+}
+
+/// The cancellation tokens of a session's requests in flight, by id key.
+#[derive(Default)]
+struct Cancels {
+    next: u64,
+    tokens: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// A request id as a comparable key (`"a"` and `"\u0061"` are the same id).
+fn id_key(raw: &serde_json::value::RawValue) -> String {
+    serde_json::from_str::<serde_json::Value>(raw.get())
+        .map(|value| value.to_string())
+        .unwrap_or_else(|_| raw.get().to_owned())
+}
+
+/// An agent request's place in its session's cancellation table, removed when dropped.
+pub struct CancelGuard {
+    key: String,
+    number: u64,
+    token: CancellationToken,
+    cancels: Arc<Mutex<Cancels>>,
+}
+
+impl CancelGuard {
+    /// Cancelled once the agent cancels the request (`notifications/cancelled`).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let mut cancels = self
+            .cancels
+            .lock()
+            .expect("session lock is never held across a panic");
+        // Only our own entry: a reused id may have a newer one.
+        if cancels
+            .tokens
+            .get(&self.key)
+            .is_some_and(|(number, _)| *number == self.number)
+        {
+            cancels.tokens.remove(&self.key);
+        }
+    }
 }
 
 /// The server's requests (sampling, elicitation, roots) a session's agent has not answered
@@ -190,6 +239,63 @@ impl Session {
             created: Instant::now(),
             version,
             server_requests,
+            cancels: Arc::default(),
+        }
+    }
+
+    /// Registers the agent's request `id` (the only request of its message) as in flight:
+    /// the guard's token is cancelled when the agent cancels it.
+    pub fn track_cancel(&self, id: &serde_json::value::RawValue) -> CancelGuard {
+        let key = id_key(id);
+        let token = CancellationToken::new();
+        let mut cancels = self
+            .cancels
+            .lock()
+            .expect("session lock is never held across a panic");
+        cancels.next += 1;
+        let number = cancels.next;
+        cancels
+            .tokens
+            .insert(key.clone(), (number, token.clone()));
+        CancelGuard {
+            key,
+            number,
+            token,
+            cancels: self.cancels.clone(),
+        }
+    }
+
+    /// Ends the answer of every request a `notifications/cancelled` in `message` names (it has
+    /// been forwarded): the agent wants no answer, and the upstream may never send one.
+    pub fn cancel_requests(&self, message: &[u8], classified: &Classified) {
+        #[derive(serde::Deserialize)]
+        struct Params<'a> {
+            #[serde(rename = "requestId", borrow)]
+            request_id: Option<&'a serde_json::value::RawValue>,
+        }
+        for info in classified.messages() {
+            if info.method.as_deref() != Some("notifications/cancelled") {
+                continue;
+            }
+            let Some(params) = info.payload(message) else {
+                continue;
+            };
+            let Ok(Params {
+                request_id: Some(id),
+            }) = serde_json::from_slice::<Params<'_>>(params)
+            else {
+                continue;
+            };
+            let token = self
+                .cancels
+                .lock()
+                .expect("session lock is never held across a panic")
+                .tokens
+                .remove(&id_key(id));
+            if let Some((_, token)) = token {
+                tracing::debug!(session = %self.id, id = %id.get(), "request cancelled by the agent: its answer ends");
+                token.cancel();
+            }
         }
     }
 
