@@ -545,3 +545,150 @@ async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
     assert_eq!(children(&baseline), Vec::<u32>::new());
     harness.stop().await;
 }
+
+/// A stdio MCP server that holds every `tools/call` until the agent sends
+/// `notifications/release`, then answers them all; it echoes the protocol version asked for.
+const HOLDING_SERVER: &str = r#"
+import json, sys
+held = []
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, id = msg.get("method"), msg.get("id")
+    if method == "notifications/release":
+        for h in held:
+            print(json.dumps({"jsonrpc": "2.0", "id": h, "result": {"content": [{"type": "text", "text": "released"}]}}), flush=True)
+        held = []
+        continue
+    if method is None or id is None:
+        continue
+    if method == "initialize":
+        print(json.dumps({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}}, "serverInfo": {"name": "holding", "version": "1"}}}), flush=True)
+    elif method == "tools/call":
+        held.append(id)
+    else:
+        print(json.dumps({"jsonrpc": "2.0", "id": id, "result": {}}), flush=True)
+"#;
+
+/// Reads SSE `body` until an event whose data is a JSON-RPC message with `id`; returns the
+/// text read. Bounded by `WAIT`.
+async fn read_until_id(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    id: u64,
+) -> String {
+    let mut text = String::new();
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(chunk)) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if common::sse_data(text.as_bytes())
+                .iter()
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .any(|m| m["id"] == id)
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "message {id} on the stream; got:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only() {
+    let _serial = SERIAL.lock().await;
+    let harness = Harness::start(Options::default()).await;
+    let holding = vec![
+        PYTHON.into(),
+        "-u".into(),
+        "-c".into(),
+        HOLDING_SERVER.into(),
+    ];
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("holding", holding)]),
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("holding"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+
+    // The child holds the call; the POST's headers and priming event come at once anyway.
+    let post = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"held","arguments":{}}}).to_string())
+        .send()
+        .await
+        .expect("POST is sent");
+    assert_eq!(post.status(), 200);
+    let content_type = post
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    let mut body = post.bytes_stream();
+    let mut primed = String::new();
+    let prime_id = tokio::time::timeout(WAIT, async {
+        loop {
+            let chunk = body.next().await?.ok()?;
+            primed.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(id) = primed
+                .lines()
+                .find_map(|line| line.strip_prefix("id: "))
+                .map(str::to_owned)
+            {
+                return Some(id);
+            }
+        }
+    })
+    .await
+    .expect("the priming event comes before the answer")
+    .expect("the priming event has an id");
+    // The agent's connection drops before the answer.
+    drop(body);
+
+    // A plain GET stream is open when the answer comes.
+    let plain = agent
+        .request(reqwest::Method::GET)
+        .send()
+        .await
+        .expect("GET is sent");
+    assert_eq!(plain.status(), 200);
+    let mut plain = plain.bytes_stream();
+    let release = agent
+        .post(&json!({"jsonrpc":"2.0","method":"notifications/release"}))
+        .await;
+    assert_eq!(release.status, 202);
+
+    // Resuming from the priming event's id gets the answer.
+    let resumed = agent
+        .request(reqwest::Method::GET)
+        .header("last-event-id", &prime_id)
+        .send()
+        .await
+        .expect("resuming GET is sent");
+    assert_eq!(resumed.status(), 200);
+    let mut resumed = resumed.bytes_stream();
+    let text = read_until_id(&mut resumed, 5).await;
+    assert!(text.contains("released"), "{text}");
+
+    // The plain GET stream never carries it (2025-11-25: only a resuming stream may). The
+    // answer has crossed the relay by now; what the plain stream holds is read without waiting
+    // for more than a short pause between chunks.
+    let mut seen = String::new();
+    while let Ok(Some(Ok(chunk))) =
+        tokio::time::timeout(Duration::from_millis(200), plain.next()).await
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        !common::sse_data(seen.as_bytes())
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .any(|m| m["id"] == 5),
+        "the orphaned answer reached a plain GET stream:\n{seen}"
+    );
+}

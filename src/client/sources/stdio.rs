@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -322,6 +322,7 @@ impl StdioSource {
             }
         };
         let routing = Arc::new(Mutex::new(Routing::default()));
+        let primed = Arc::new(AtomicBool::new(false));
         let stdout_task = process.stdout.take().map(|stdout| {
             tokio::spawn(route_session_output(
                 stdout,
@@ -329,6 +330,7 @@ impl StdioSource {
                 self.name.clone(),
                 routing.clone(),
                 out.clone(),
+                primed.clone(),
             ))
         });
         let exit = process.exit.clone();
@@ -358,8 +360,9 @@ impl StdioSource {
                     break false;
                 }
             }
+            let streams = primed.load(Ordering::Relaxed);
             if !self
-                .session_message(&process, &routing, &out, frame.exchange, frame.payload)
+                .session_message(&process, &routing, &out, frame.exchange, frame.payload, streams)
                 .await
             {
                 break true;
@@ -398,7 +401,9 @@ impl StdioSource {
         let _ = writer_task.await;
     }
 
-    /// Forwards one message of a session to its process; false when the process died.
+    /// Forwards one message of a session to its process; false when the process died. With
+    /// `streams`, a request's answer is announced as an event stream at once (see
+    /// [`announces_streams`]).
     async fn session_message(
         &self,
         process: &Process,
@@ -406,6 +411,7 @@ impl StdioSource {
         out: &super::Out,
         exchange: u64,
         payload: Bytes,
+        streams: bool,
     ) -> bool {
         let classified = match classify(&payload) {
             Ok(classified) => classified,
@@ -432,6 +438,10 @@ impl StdioSource {
             ));
             answer_all(out, exchange, &classified, &error).await;
             return true;
+        }
+        if streams && !requests.is_empty() {
+            // Before the request reaches the child, so before any line of its answer.
+            let _ = out.send(Frame::streaming(exchange)).await;
         }
         let line = one_line(payload);
         let delivered = match &process.stdin {
@@ -892,12 +902,38 @@ fn one_line(payload: Bytes) -> Bytes {
 }
 
 /// Reads a session's child's stdout and sends each message to its exchange.
+/// Whether a session whose `initialize` answer is `line` has its answers announced as event
+/// streams: from protocol version 2025-11-25 on, an agent expects a POST's stream to open at
+/// once with a priming event (an event id it can resume from), so an answer the child takes
+/// its time over is not lost when the agent's connection drops before it. An HTTP upstream
+/// decides that itself (its response headers say `text/event-stream`); a stdio child has no
+/// headers, so `connect` announces the stream as soon as the request is forwarded, and the
+/// relay primes it.
+fn announces_streams(line: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Init {
+        result: Option<Settled>,
+    }
+    #[derive(Deserialize)]
+    struct Settled {
+        #[serde(rename = "protocolVersion")]
+        protocol_version: String,
+    }
+    match serde_json::from_slice::<Init>(line) {
+        Ok(Init {
+            result: Some(settled),
+        }) => settled.protocol_version.as_str() >= "2025-11-25",
+        _ => false,
+    }
+}
+
 async fn route_session_output(
     stdout: ChildStdout,
     limit: usize,
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
     out: super::Out,
+    primed: Arc<AtomicBool>,
 ) {
     let mut lines = FramedRead::new(stdout, LineDecoder::new(limit));
     while let Some(Ok(line)) = lines.next().await {
@@ -920,6 +956,12 @@ async fn route_session_output(
             .lock()
             .expect("routing lock is never held across a panic")
             .target(&classified, raw);
+        if !primed.load(Ordering::Relaxed)
+            && line.windows(16).any(|w| w == b"protocolVersion\"")
+            && announces_streams(&line)
+        {
+            primed.store(true, Ordering::Relaxed);
+        }
         if out.send(Frame::message(exchange, line)).await.is_err() {
             return;
         }
