@@ -897,6 +897,23 @@ pub struct ClientFile {
     /// The sources.
     #[serde(default)]
     pub sources: Vec<SourceSection>,
+
+    // --- stdio processes (issue 13: item 19) ---
+    /// Processes one stdio source runs at once (one per agent session, plus one pooled).
+    #[serde(default = "default_stdio_max_processes")]
+    pub stdio_max_processes: usize,
+    /// Seconds a stdio session's process lives with no message from its agent and no request
+    /// in flight; then it is stopped and the session's next call gets an error. 0: never.
+    #[serde(default = "default_stdio_idle_secs")]
+    pub stdio_idle_secs: u64,
+}
+
+fn default_stdio_max_processes() -> usize {
+    crate::client::sources::stdio::DEFAULT_MAX_PROCESSES
+}
+
+fn default_stdio_idle_secs() -> u64 {
+    crate::client::sources::stdio::DEFAULT_IDLE.as_secs()
 }
 
 fn default_max_message() -> usize {

@@ -692,3 +692,106 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
         "the orphaned answer reached a plain GET stream:\n{seen}"
     );
 }
+
+/// `stdio_settings` with the stdio processes bounded by `limits`.
+fn limited_settings(
+    harness: &Harness,
+    sources: &[(&str, Vec<String>)],
+    limits: mcp_tunnel::client::sources::stdio::StdioLimits,
+) -> ClientSettings {
+    let mut settings = stdio_settings(harness, sources);
+    settings.stdio = limits;
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    // A cap of 3 stands for the default 64; the idle time is out of the way.
+    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
+        max_processes: 3,
+        idle: Duration::from_secs(3600),
+    };
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            limited_settings(&harness, &[("mini", mini())], limits),
+        )
+        .await;
+
+    // Clients restart without a DELETE, twice as many times as the cap: every new session
+    // opens, each taking the place of the least recently used idle one.
+    let mut agents = Vec::new();
+    for n in 0..6u64 {
+        let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+        let init = agent.initialize().await;
+        assert_eq!(init.status, 200, "session {n}: {init:?}");
+        assert!(agent.session.is_some(), "session {n} opens: {init:?}");
+        let echo = agent
+            .call_tool(1, "echo", json!({"message": format!("s{n}")}))
+            .await;
+        assert_eq!(tool_text(echo.response()), format!("s{n}"));
+        assert!(
+            children(&baseline).len() <= 3,
+            "never more processes than the cap"
+        );
+        agents.push(agent);
+    }
+
+    // The three oldest lost their process: their next call says so, in a JSON-RPC error.
+    for (n, agent) in agents[..3].iter().enumerate() {
+        let answer = agent
+            .call_tool(2, "echo", json!({"message": "again"}))
+            .await;
+        let message = error_message(&answer);
+        assert!(
+            message.contains("source mini stopped this session's process")
+                && message.contains("limit of 3")
+                && message.contains("start a new session"),
+            "session {n}: {message}"
+        );
+        assert_eq!(answer.response()["id"], 2);
+    }
+    // The three newest go on.
+    for (n, agent) in agents[3..].iter().enumerate() {
+        let echo = agent
+            .call_tool(2, "echo", json!({"message": format!("t{n}")}))
+            .await;
+        assert_eq!(tool_text(echo.response()), format!("t{n}"));
+    }
+    drop(agents);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sessions_process_is_stopped_and_its_next_call_says_why() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
+        max_processes: 3,
+        idle: Duration::from_millis(300),
+    };
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            limited_settings(&harness, &[("mini", mini())], limits),
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let echo = agent.call_tool(1, "echo", json!({"message": "hi"})).await;
+    assert_eq!(tool_text(echo.response()), "hi");
+
+    // Nothing happens in the session: its process is stopped and reaped.
+    until_none_left("the idle session's process", || children(&baseline)).await;
+    let answer = agent.call_tool(2, "echo", json!({"message": "late"})).await;
+    let message = error_message(&answer);
+    assert!(
+        message.contains("stopped this session's process") && message.contains("idle"),
+        "{message}"
+    );
+    harness.stop().await;
+}

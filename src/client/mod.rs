@@ -89,6 +89,8 @@ pub struct ClientSettings {
     pub connections: usize,
     /// Interval between QUIC probes while on the HTTPS fallback (`auto`).
     pub probe_interval: Duration,
+    /// How stdio sources bound their processes.
+    pub stdio: sources::stdio::StdioLimits,
 }
 
 impl ClientSettings {
@@ -105,6 +107,7 @@ impl ClientSettings {
             proxy: None,
             connections: DEFAULT_CONNECTIONS,
             probe_interval: DEFAULT_PROBE_INTERVAL,
+            stdio: sources::stdio::StdioLimits::default(),
         }
     }
 
@@ -132,6 +135,10 @@ impl ClientSettings {
             proxy: file.proxy.clone(),
             connections: file.connections,
             probe_interval: Duration::from_secs(file.probe_interval_secs),
+            stdio: sources::stdio::StdioLimits {
+                max_processes: file.stdio_max_processes,
+                idle: Duration::from_secs(file.stdio_idle_secs),
+            },
         })
     }
 }
@@ -172,7 +179,9 @@ impl Policy {
 /// Runs `connect` until `shutdown`, reconnecting as needed; returns early only when the relay
 /// refuses the tunnel or the configuration is unusable.
 pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let sources = Arc::new(Sources::new(&settings.sources).map_err(ClientError::Config)?);
+    let sources = Arc::new(
+        Sources::new(&settings.sources, settings.stdio).map_err(ClientError::Config)?,
+    );
     let roots = match (&settings.ca_pem, &settings.ca) {
         (Some(pem), _) => tls::Roots::CaPem(pem.clone()),
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),

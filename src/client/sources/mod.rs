@@ -43,7 +43,7 @@ pub struct Sources {
 
 impl Sources {
     /// Builds the sources; refuses duplicates and unusable targets.
-    pub fn new(configs: &[SourceConfig]) -> Result<Self, String> {
+    pub fn new(configs: &[SourceConfig], stdio_limits: stdio::StdioLimits) -> Result<Self, String> {
         if configs.is_empty() {
             return Err("no sources: give at least one --source NAME=URL".into());
         }
@@ -53,10 +53,9 @@ impl Sources {
                 SourceTarget::Http(url) => {
                     Source::Http(Arc::new(http::HttpSource::new(&config.name, url)?))
                 }
-                SourceTarget::Stdio(command) => Source::Stdio(Arc::new(stdio::StdioSource::new(
-                    &config.name,
-                    command.clone(),
-                )?)),
+                SourceTarget::Stdio(command) => Source::Stdio(Arc::new(
+                    stdio::StdioSource::with_limits(&config.name, command.clone(), stdio_limits)?,
+                )),
             };
             if by_name.insert(config.name.clone(), source).is_some() {
                 return Err(format!("source {} is configured twice", config.name));
