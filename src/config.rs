@@ -460,13 +460,14 @@ impl LimitsSection {
 
 // --- Session limits (issue 13: items 8 and 10) ---
 
-/// Default of `[limits] max_sessions_per_key`: a few agents (each a handful of sessions) per
-/// caller, with room for clients that restart without ending their sessions.
-pub const DEFAULT_MAX_SESSIONS_PER_KEY: usize = 64;
+/// Default of `[limits] max_sessions_per_key`: room for a backend that serves many users with
+/// one key, and for clients that restart without ending their sessions, yet a bound on what
+/// one leaked or stolen key can hold open.
+pub const DEFAULT_MAX_SESSIONS_PER_KEY: usize = 256;
 /// Default of `[limits] max_sessions_per_tenant`.
 pub const DEFAULT_MAX_SESSIONS_PER_TENANT: usize = 1024;
 /// Default of `[limits] max_sessions_per_source`.
-pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: usize = 256;
+pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: usize = 512;
 /// Default of `[limits] open_stream_timeout_secs`.
 pub const DEFAULT_OPEN_STREAM_TIMEOUT_SECS: u64 = 10;
 /// Default of `[limits] session_event_bytes`: 32 MiB, two messages of the largest default size.
@@ -1312,5 +1313,36 @@ required_scopes = ["mcp:tools"]
         );
         assert!(SourceConfig::parse_flag("bad name=http://x").is_err());
         assert!(SourceConfig::parse_flag("x=ftp://x").is_err());
+    }
+
+    // --- Session limits (issue 13: items 8, 10 and 19) ---
+
+    #[test]
+    fn the_examples_name_every_session_limit_with_its_default() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let relay = RelayConfig::load(&dir.join("relay.toml")).expect("examples/relay.toml");
+        let defaults = LimitsSection::default();
+        assert_eq!(relay.limits.max_sessions_per_key, defaults.max_sessions_per_key);
+        assert_eq!(relay.limits.max_sessions_per_tenant, defaults.max_sessions_per_tenant);
+        assert_eq!(relay.limits.max_sessions_per_source, defaults.max_sessions_per_source);
+        assert_eq!(
+            relay.limits.open_stream_timeout_secs,
+            defaults.open_stream_timeout_secs
+        );
+        assert_eq!(relay.limits.session_event_bytes, defaults.session_event_bytes);
+        let client = ClientFile::load(&dir.join("connect.toml")).expect("examples/connect.toml");
+        assert_eq!(
+            client.stdio_max_processes,
+            crate::client::sources::stdio::DEFAULT_MAX_PROCESSES
+        );
+        assert_eq!(
+            client.stdio_idle_secs,
+            crate::client::sources::stdio::DEFAULT_IDLE.as_secs()
+        );
+        // Absent keys take the defaults; the section may name only some.
+        let limits: LimitsSection =
+            toml::from_str("max_sessions_per_key = 2").expect("a partial [limits]");
+        assert_eq!(limits.max_sessions_per_key, 2);
+        assert_eq!(limits.session_event_bytes, DEFAULT_SESSION_EVENT_BYTES);
     }
 }

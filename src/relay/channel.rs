@@ -466,6 +466,15 @@ mod tests {
     /// A reader over `frames`, and what `read_loop` delivers to exchange 1 (waited on) and to
     /// the GET stream, with the reason it stopped.
     async fn run(frames: Vec<Frame>, limit: usize) -> (Vec<Event>, Vec<Bytes>, String) {
+        run_within(frames, limit, Budget::new(0)).await
+    }
+
+    /// [`run`] with the session's event budget.
+    async fn run_within(
+        frames: Vec<Frame>,
+        limit: usize,
+        budget: Arc<Budget>,
+    ) -> (Vec<Event>, Vec<Bytes>, String) {
         let (mut near, far) = tokio::io::duplex(64 * 1024);
         let writer = tokio::spawn(async move {
             let mut bytes = bytes::BytesMut::new();
@@ -478,7 +487,7 @@ mod tests {
         let (unsolicited_tx, mut unsolicited) = mpsc::channel(16);
         let shared = Shared {
             pending: Mutex::new(HashMap::from([(1, tx)])),
-            budget: Budget::new(0),
+            budget,
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         };
@@ -598,6 +607,41 @@ mod tests {
             events.as_slice(),
             [Event::Part(_), Event::End, Event::Message(m)] if m == "{}"
         ));
+    }
+
+    #[tokio::test]
+    async fn the_unsolicited_queue_is_bounded_by_the_sessions_budget_in_bytes() {
+        // Ten 100-byte server messages, nobody reading, a budget of 350 bytes: three queue.
+        let note = Bytes::from(format!(
+            "{{\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{{\"p\":\"{}\"}}}}",
+            "x".repeat(59)
+        ));
+        assert_eq!(note.len(), 100);
+        let frames = (0..10)
+            .map(|_| Frame::message(UNSOLICITED, note.clone()))
+            .collect();
+        let budget = Budget::new(350);
+        let (_, standalone, _) = run_within(frames, 1024, budget.clone()).await;
+        assert_eq!(standalone.len(), 3);
+        assert_eq!(budget.used(), 300, "queued messages are charged until taken");
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_request_went_away_never_reaches_the_get_stream() {
+        let frames = vec![
+            Frame::message(2, piece("{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{}}")),
+            Frame::message(
+                2,
+                piece("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}"),
+            ),
+            Frame::end(2),
+        ];
+        let (_, standalone, _) = run(frames, 1024).await;
+        assert_eq!(
+            standalone,
+            vec![piece("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}")],
+            "the orphaned answer is dropped, the server's notification still goes"
+        );
     }
 
     #[tokio::test]
