@@ -614,7 +614,7 @@ mod tests {
         // Ten 100-byte server messages, nobody reading, a budget of 350 bytes: three queue.
         let note = Bytes::from(format!(
             "{{\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{{\"p\":\"{}\"}}}}",
-            "x".repeat(59)
+            "x".repeat(52)
         ));
         assert_eq!(note.len(), 100);
         let frames = (0..10)
