@@ -1322,14 +1322,26 @@ required_scopes = ["mcp:tools"]
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
         let relay = RelayConfig::load(&dir.join("relay.toml")).expect("examples/relay.toml");
         let defaults = LimitsSection::default();
-        assert_eq!(relay.limits.max_sessions_per_key, defaults.max_sessions_per_key);
-        assert_eq!(relay.limits.max_sessions_per_tenant, defaults.max_sessions_per_tenant);
-        assert_eq!(relay.limits.max_sessions_per_source, defaults.max_sessions_per_source);
+        assert_eq!(
+            relay.limits.max_sessions_per_key,
+            defaults.max_sessions_per_key
+        );
+        assert_eq!(
+            relay.limits.max_sessions_per_tenant,
+            defaults.max_sessions_per_tenant
+        );
+        assert_eq!(
+            relay.limits.max_sessions_per_source,
+            defaults.max_sessions_per_source
+        );
         assert_eq!(
             relay.limits.open_stream_timeout_secs,
             defaults.open_stream_timeout_secs
         );
-        assert_eq!(relay.limits.session_event_bytes, defaults.session_event_bytes);
+        assert_eq!(
+            relay.limits.session_event_bytes,
+            defaults.session_event_bytes
+        );
         let client = ClientFile::load(&dir.join("connect.toml")).expect("examples/connect.toml");
         assert_eq!(
             client.stdio_max_processes,

@@ -23,7 +23,10 @@ fn audit_at(path: &Path) -> AuditSection {
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -107,7 +110,9 @@ async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap(
     assert_eq!(streams, 3, "refused sessions opened no tunnel stream");
 
     // Another tenant's caller is not counted with acme's.
-    let _other = harness.connect(&harness.other, &[("demo", &upstream)]).await;
+    let _other = harness
+        .connect(&harness.other, &[("demo", &upstream)])
+        .await;
     let mut other = Agent::new(&harness.url("demo"), &harness.other.api_key);
     assert_eq!(other.initialize().await.status, 200);
 
@@ -186,7 +191,10 @@ async fn an_http_sse_stream_that_never_initializes_is_swept_and_its_stream_ends(
         }
     })
     .await;
-    assert!(ended.is_ok(), "the agent's event stream ends with its session");
+    assert!(
+        ended.is_ok(),
+        "the agent's event stream ends with its session"
+    );
     until("the tunnel stream closes", || tunnel.streams_active() == 0).await;
     assert_eq!(harness.state.sessions.len(), 0);
 }

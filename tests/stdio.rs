@@ -628,7 +628,10 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
     let mut body = post.bytes_stream();
     let mut primed = String::new();
     let prime_id = tokio::time::timeout(WAIT, async {

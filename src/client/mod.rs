@@ -179,9 +179,8 @@ impl Policy {
 /// Runs `connect` until `shutdown`, reconnecting as needed; returns early only when the relay
 /// refuses the tunnel or the configuration is unusable.
 pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Result<(), ClientError> {
-    let sources = Arc::new(
-        Sources::new(&settings.sources, settings.stdio).map_err(ClientError::Config)?,
-    );
+    let sources =
+        Arc::new(Sources::new(&settings.sources, settings.stdio).map_err(ClientError::Config)?);
     let roots = match (&settings.ca_pem, &settings.ca) {
         (Some(pem), _) => tls::Roots::CaPem(pem.clone()),
         (None, Some(path)) => tls::Roots::CaFile(path.clone()),

@@ -315,7 +315,7 @@ pub async fn open_channel(
         limits,
     )
     .await
-        .map_err(|e| source_error(None, &header.source, &e.to_string()))
+    .map_err(|e| source_error(None, &header.source, &e.to_string()))
 }
 
 /// A JSON-RPC error (on HTTP 200) saying the source could not answer.

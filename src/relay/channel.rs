@@ -26,6 +26,11 @@ use crate::wire::{
 /// Frames buffered per waiting request before the reader waits for the agent to take them.
 const EXCHANGE_QUEUE: usize = 32;
 
+/// Bytes queued toward one waiting request before the reader waits for the agent to take them
+/// (one event always passes, whatever its size): with [`EXCHANGE_QUEUE`], what bounds a
+/// request's queue in bytes, not only in events of up to the message limit each.
+const EXCHANGE_BYTES: usize = 1024 * 1024;
+
 /// Server-to-agent messages held while no GET stream is open. Past this they are dropped
 /// (and counted): a session nobody listens to must not grow without bound.
 pub const UNSOLICITED_QUEUE: usize = 256;
@@ -77,8 +82,57 @@ pub struct ChannelLimits {
     pub budget: Arc<Budget>,
 }
 
+/// A waiting request's queue: its events, and the bytes of them not taken yet.
+#[derive(Clone)]
+struct Waiting {
+    tx: mpsc::Sender<Event>,
+    queued: Arc<Queued>,
+}
+
+/// Bytes queued toward one request, and a signal when the request takes some.
+#[derive(Default)]
+struct Queued {
+    bytes: std::sync::atomic::AtomicUsize,
+    taken: tokio::sync::Notify,
+}
+
+/// The bytes an event carries.
+fn event_bytes(event: &Event) -> usize {
+    match event {
+        Event::Message(bytes) | Event::Part(bytes) => bytes.len(),
+        _ => 0,
+    }
+}
+
+impl Waiting {
+    /// Queues `event`, first waiting (while the request lives) until it fits within
+    /// [`EXCHANGE_BYTES`] or the queue is empty. Gives the event back if the request is gone.
+    async fn send(&self, event: Event) -> Result<(), Event> {
+        let len = event_bytes(&event);
+        loop {
+            let taken = self.queued.taken.notified();
+            let queued = self.queued.bytes.load(Ordering::Acquire);
+            if queued == 0 || queued.saturating_add(len) <= EXCHANGE_BYTES {
+                break;
+            }
+            tokio::select! {
+                () = taken => {}
+                () = self.tx.closed() => return Err(event),
+            }
+        }
+        self.queued.bytes.fetch_add(len, Ordering::AcqRel);
+        self.tx
+            .send(event)
+            .await
+            .map_err(|mpsc::error::SendError(event)| {
+                self.queued.bytes.fetch_sub(len, Ordering::AcqRel);
+                event
+            })
+    }
+}
+
 struct Shared {
-    pending: Mutex<HashMap<u64, mpsc::Sender<Event>>>,
+    pending: Mutex<HashMap<u64, Waiting>>,
     /// Charged by messages waiting in the unsolicited queue.
     budget: Arc<Budget>,
     closed: Mutex<Option<String>>,
@@ -138,6 +192,7 @@ pub struct Exchange {
     /// The exchange number.
     pub id: u64,
     events: mpsc::Receiver<Event>,
+    queued: Arc<Queued>,
     shared: Arc<Shared>,
 }
 
@@ -145,7 +200,13 @@ impl Exchange {
     /// The next event, or the reason the stream ended.
     pub async fn next(&mut self) -> Result<Event, ChannelError> {
         match self.events.recv().await {
-            Some(event) => Ok(event),
+            Some(event) => {
+                self.queued
+                    .bytes
+                    .fetch_sub(event_bytes(&event), Ordering::AcqRel);
+                self.queued.taken.notify_waiters();
+                Ok(event)
+            }
             None => Err(ChannelError::Closed(
                 self.shared
                     .closed_reason()
@@ -229,6 +290,7 @@ impl Channel {
     pub async fn request(&self, message: Bytes) -> Result<Exchange, ChannelError> {
         let id = self.next_exchange.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = mpsc::channel(EXCHANGE_QUEUE);
+        let queued = Arc::new(Queued::default());
         {
             if let Some(reason) = self.shared.closed_reason() {
                 return Err(ChannelError::Closed(reason));
@@ -237,11 +299,18 @@ impl Channel {
                 .pending
                 .lock()
                 .expect("channel lock is never held across a panic")
-                .insert(id, tx);
+                .insert(
+                    id,
+                    Waiting {
+                        tx,
+                        queued: queued.clone(),
+                    },
+                );
         }
         let exchange = Exchange {
             id,
             events,
+            queued,
             shared: self.shared.clone(),
         };
         self.renew_identity().await?;
@@ -398,10 +467,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 .cloned()
         };
         let undelivered = match waiting {
-            Some(tx) => match tx.send(event).await {
-                Ok(()) => None,
-                Err(mpsc::error::SendError(event)) => Some(event),
-            },
+            Some(waiting) => waiting.send(event).await.err(),
             None => Some(event),
         };
         // A whole message with no waiting request goes to the GET stream; pieces of one (its
@@ -486,7 +552,13 @@ mod tests {
         let (tx, mut events) = mpsc::channel(1024);
         let (unsolicited_tx, mut unsolicited) = mpsc::channel(16);
         let shared = Shared {
-            pending: Mutex::new(HashMap::from([(1, tx)])),
+            pending: Mutex::new(HashMap::from([(
+                1,
+                Waiting {
+                    tx,
+                    queued: Arc::default(),
+                },
+            )])),
             budget,
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
@@ -623,7 +695,11 @@ mod tests {
         let budget = Budget::new(350);
         let (_, standalone, _) = run_within(frames, 1024, budget.clone()).await;
         assert_eq!(standalone.len(), 3);
-        assert_eq!(budget.used(), 300, "queued messages are charged until taken");
+        assert_eq!(
+            budget.used(),
+            300,
+            "queued messages are charged until taken"
+        );
     }
 
     #[tokio::test]
@@ -639,9 +715,47 @@ mod tests {
         let (_, standalone, _) = run(frames, 1024).await;
         assert_eq!(
             standalone,
-            vec![piece("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}")],
+            vec![piece(
+                "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}"
+            )],
             "the orphaned answer is dropped, the server's notification still goes"
         );
+    }
+
+    #[tokio::test]
+    async fn a_requests_queue_is_bounded_in_bytes_and_always_passes_one_event() {
+        let (tx, mut events) = mpsc::channel(EXCHANGE_QUEUE);
+        let waiting = Waiting {
+            tx,
+            queued: Arc::default(),
+        };
+        let big = || Event::Message(Bytes::from(vec![b'x'; EXCHANGE_BYTES / 2 + 1]));
+        // One event passes into an empty queue, whatever its size.
+        let huge = Event::Message(Bytes::from(vec![b'x'; EXCHANGE_BYTES * 2]));
+        assert!(waiting.send(huge).await.is_ok());
+        let taken = events.recv().await.expect("queued");
+        waiting
+            .queued
+            .bytes
+            .fetch_sub(event_bytes(&taken), Ordering::AcqRel);
+        // Two halves do not fit: the second waits until the first is taken.
+        assert!(waiting.send(big()).await.is_ok());
+        let second = waiting.send(big());
+        tokio::pin!(second);
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut second).is_none(),
+            "the reader waits for the request to take its bytes"
+        );
+        let taken = events.recv().await.expect("queued");
+        waiting
+            .queued
+            .bytes
+            .fetch_sub(event_bytes(&taken), Ordering::AcqRel);
+        waiting.queued.taken.notify_waiters();
+        assert!(second.await.is_ok());
+        // A request gone away gives the event back instead of waiting.
+        drop(events);
+        assert!(waiting.send(big()).await.is_err());
     }
 
     #[tokio::test]

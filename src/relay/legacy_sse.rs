@@ -90,7 +90,10 @@ async fn open_stream(
     }
     if finish_open(opened, Outcome::Ok).await.is_err() {
         state.sessions.remove(&session.id);
-        session.channel.close("the stream's opening could not be audited").await;
+        session
+            .channel
+            .close("the stream's opening could not be audited")
+            .await;
         return AgentError::Unaudited.into_response();
     }
     tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "HTTP+SSE session opened");

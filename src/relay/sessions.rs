@@ -254,9 +254,7 @@ impl Session {
             .expect("session lock is never held across a panic");
         cancels.next += 1;
         let number = cancels.next;
-        cancels
-            .tokens
-            .insert(key.clone(), (number, token.clone()));
+        cancels.tokens.insert(key.clone(), (number, token.clone()));
         CancelGuard {
             key,
             number,

@@ -439,7 +439,14 @@ impl StdioSource {
             }
             let streams = primed.load(Ordering::Relaxed);
             if !self
-                .session_message(&process, &routing, &out, frame.exchange, frame.payload, streams)
+                .session_message(
+                    &process,
+                    &routing,
+                    &out,
+                    frame.exchange,
+                    frame.payload,
+                    streams,
+                )
                 .await
             {
                 break Ended::Crashed;
@@ -730,12 +737,17 @@ impl Default for Activity {
 
 impl Activity {
     fn touch(&self) {
-        *self.0.lock().expect("activity lock is never held across a panic") =
-            std::time::Instant::now();
+        *self
+            .0
+            .lock()
+            .expect("activity lock is never held across a panic") = std::time::Instant::now();
     }
 
     fn last(&self) -> std::time::Instant {
-        *self.0.lock().expect("activity lock is never held across a panic")
+        *self
+            .0
+            .lock()
+            .expect("activity lock is never held across a panic")
     }
 }
 
