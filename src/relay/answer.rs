@@ -807,10 +807,10 @@ async fn produce_all(
                             remaining = remaining.saturating_sub(responses);
                             continue;
                         }
-                        Err(broken) => awaiting.broken(&channel, broken).await,
+                        Err(broken) => awaiting.broken(channel, broken).await,
                     }
                 }
-                Some(Ok(Event::TooLarge(limit))) => awaiting.broken(&channel, Broken::TooLarge(limit)).await,
+                Some(Ok(Event::TooLarge(limit))) => awaiting.broken(channel, Broken::TooLarge(limit)).await,
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
                 Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
                 Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,

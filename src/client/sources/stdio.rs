@@ -772,22 +772,24 @@ async fn serve_reclaimed(
         }
         let _ = out.send(Frame::end(exchange)).await;
     }
-    while !answered {
-        let frame = match reader.next().await {
-            Ok(Some(frame)) if frame.kind == FrameKind::Message => frame,
-            Ok(Some(frame)) if frame.kind == FrameKind::Identity => continue,
-            _ => return,
-        };
-        let Ok(classified) = classify(&frame.payload) else {
-            let _ = out.send(Frame::end(frame.exchange)).await;
-            continue;
-        };
-        if requests(&classified).next().is_none() {
-            let _ = out.send(Frame::end(frame.exchange)).await;
-            continue;
+    if !answered {
+        loop {
+            let frame = match reader.next().await {
+                Ok(Some(frame)) if frame.kind == FrameKind::Message => frame,
+                Ok(Some(frame)) if frame.kind == FrameKind::Identity => continue,
+                _ => return,
+            };
+            let Ok(classified) = classify(&frame.payload) else {
+                let _ = out.send(Frame::end(frame.exchange)).await;
+                continue;
+            };
+            if requests(&classified).next().is_none() {
+                let _ = out.send(Frame::end(frame.exchange)).await;
+                continue;
+            }
+            answer_all(out, frame.exchange, &classified, error).await;
+            break;
         }
-        answer_all(out, frame.exchange, &classified, error).await;
-        break;
     }
     let _ = out.send(Frame::close(error.to_string())).await;
 }
