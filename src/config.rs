@@ -439,6 +439,22 @@ pub struct LimitsSection {
     /// answers travel in pieces, so this bounds a runaway answer, not the relay's memory
     /// (see [`DEFAULT_MAX_ANSWER_BYTES`]).
     pub max_answer_bytes: usize,
+
+    // --- Sessions, streams and event logs (issue 13: items 8 and 10) ---
+    /// Open sessions (and stateless `subscriptions/listen` streams) one caller (API key or
+    /// token subject) may hold; 0: no cap.
+    pub max_sessions_per_key: usize,
+    /// Open sessions (and listen streams) of all callers of one tenant; 0: no cap.
+    pub max_sessions_per_tenant: usize,
+    /// Open sessions (and listen streams) of one tenant's source; 0: no cap.
+    pub max_sessions_per_source: usize,
+    /// Seconds to wait for the tunnel to grant a new stream (the peer's stream credit), before
+    /// the agent gets an error naming the source.
+    pub open_stream_timeout_secs: u64,
+    /// Bytes one session may hold in its event logs and queues (answers and server messages
+    /// kept for a slow or absent agent, and for resumption); past it the oldest unread ones
+    /// are dropped (and counted).
+    pub session_event_bytes: usize,
 }
 
 impl Default for LimitsSection {
@@ -449,6 +465,11 @@ impl Default for LimitsSection {
             session_idle_secs: DEFAULT_SESSION_IDLE_SECS,
             max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
             max_answer_bytes: DEFAULT_MAX_ANSWER_BYTES,
+            max_sessions_per_key: DEFAULT_MAX_SESSIONS_PER_KEY,
+            max_sessions_per_tenant: DEFAULT_MAX_SESSIONS_PER_TENANT,
+            max_sessions_per_source: DEFAULT_MAX_SESSIONS_PER_SOURCE,
+            open_stream_timeout_secs: DEFAULT_OPEN_STREAM_TIMEOUT_SECS,
+            session_event_bytes: DEFAULT_SESSION_EVENT_BYTES,
         }
     }
 }
@@ -463,7 +484,27 @@ impl LimitsSection {
     pub fn session_idle(&self) -> Duration {
         Duration::from_secs(self.session_idle_secs)
     }
+
+    /// How long opening a tunnel stream may wait.
+    pub fn open_stream_timeout(&self) -> Duration {
+        Duration::from_secs(self.open_stream_timeout_secs)
+    }
 }
+
+// --- Session limits (issue 13: items 8 and 10) ---
+
+/// Default of `[limits] max_sessions_per_key`: room for a backend that serves many users with
+/// one key, and for clients that restart without ending their sessions, yet a bound on what
+/// one leaked or stolen key can hold open.
+pub const DEFAULT_MAX_SESSIONS_PER_KEY: usize = 256;
+/// Default of `[limits] max_sessions_per_tenant`.
+pub const DEFAULT_MAX_SESSIONS_PER_TENANT: usize = 1024;
+/// Default of `[limits] max_sessions_per_source`.
+pub const DEFAULT_MAX_SESSIONS_PER_SOURCE: usize = 512;
+/// Default of `[limits] open_stream_timeout_secs`.
+pub const DEFAULT_OPEN_STREAM_TIMEOUT_SECS: u64 = 10;
+/// Default of `[limits] session_event_bytes`: 32 MiB, two messages of the largest default size.
+pub const DEFAULT_SESSION_EVENT_BYTES: usize = 32 * 1024 * 1024;
 
 /// `[[tenants]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -1017,6 +1058,23 @@ pub struct ClientFile {
     /// Largest single upstream answer relayed, in bytes (see [`DEFAULT_MAX_ANSWER_BYTES`]).
     #[serde(default = "default_max_answer")]
     pub max_answer_bytes: usize,
+
+    // --- stdio processes (issue 13: item 19) ---
+    /// Processes one stdio source runs at once (one per agent session, plus one pooled).
+    #[serde(default = "default_stdio_max_processes")]
+    pub stdio_max_processes: usize,
+    /// Seconds a stdio session's process lives with no message from its agent and no request
+    /// in flight; then it is stopped and the session's next call gets an error. 0: never.
+    #[serde(default = "default_stdio_idle_secs")]
+    pub stdio_idle_secs: u64,
+}
+
+fn default_stdio_max_processes() -> usize {
+    crate::client::sources::stdio::DEFAULT_MAX_PROCESSES
+}
+
+fn default_stdio_idle_secs() -> u64 {
+    crate::client::sources::stdio::DEFAULT_IDLE.as_secs()
 }
 
 fn default_max_message() -> usize {
@@ -1648,5 +1706,48 @@ required_scopes = ["mcp:tools"]
         .expect("write");
         let err = ClientFile::load(&path).expect_err("refused").to_string();
         assert!(err.contains("url sources only"), "{err}");
+    }
+
+    // --- Session limits (issue 13: items 8, 10 and 19) ---
+
+    #[test]
+    fn the_examples_name_every_session_limit_with_its_default() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let relay = RelayConfig::load(&dir.join("relay.toml")).expect("examples/relay.toml");
+        let defaults = LimitsSection::default();
+        assert_eq!(
+            relay.limits.max_sessions_per_key,
+            defaults.max_sessions_per_key
+        );
+        assert_eq!(
+            relay.limits.max_sessions_per_tenant,
+            defaults.max_sessions_per_tenant
+        );
+        assert_eq!(
+            relay.limits.max_sessions_per_source,
+            defaults.max_sessions_per_source
+        );
+        assert_eq!(
+            relay.limits.open_stream_timeout_secs,
+            defaults.open_stream_timeout_secs
+        );
+        assert_eq!(
+            relay.limits.session_event_bytes,
+            defaults.session_event_bytes
+        );
+        let client = ClientFile::load(&dir.join("connect.toml")).expect("examples/connect.toml");
+        assert_eq!(
+            client.stdio_max_processes,
+            crate::client::sources::stdio::DEFAULT_MAX_PROCESSES
+        );
+        assert_eq!(
+            client.stdio_idle_secs,
+            crate::client::sources::stdio::DEFAULT_IDLE.as_secs()
+        );
+        // Absent keys take the defaults; the section may name only some.
+        let limits: LimitsSection =
+            toml::from_str("max_sessions_per_key = 2").expect("a partial [limits]");
+        assert_eq!(limits.max_sessions_per_key, 2);
+        assert_eq!(limits.session_event_bytes, DEFAULT_SESSION_EVENT_BYTES);
     }
 }

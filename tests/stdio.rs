@@ -546,3 +546,256 @@ async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
     assert_eq!(children(&baseline), Vec::<u32>::new());
     harness.stop().await;
 }
+
+/// A stdio MCP server that holds every `tools/call` until the agent sends
+/// `notifications/release`, then answers them all; it echoes the protocol version asked for.
+const HOLDING_SERVER: &str = r#"
+import json, sys
+held = []
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, id = msg.get("method"), msg.get("id")
+    if method == "notifications/release":
+        for h in held:
+            print(json.dumps({"jsonrpc": "2.0", "id": h, "result": {"content": [{"type": "text", "text": "released"}]}}), flush=True)
+        held = []
+        continue
+    if method is None or id is None:
+        continue
+    if method == "initialize":
+        print(json.dumps({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}}, "serverInfo": {"name": "holding", "version": "1"}}}), flush=True)
+    elif method == "tools/call":
+        held.append(id)
+    else:
+        print(json.dumps({"jsonrpc": "2.0", "id": id, "result": {}}), flush=True)
+"#;
+
+/// Reads SSE `body` until an event whose data is a JSON-RPC message with `id`; returns the
+/// text read. Bounded by `WAIT`.
+async fn read_until_id(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    id: u64,
+) -> String {
+    let mut text = String::new();
+    let found = tokio::time::timeout(WAIT, async {
+        while let Some(Ok(chunk)) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if common::sse_data(text.as_bytes())
+                .iter()
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .any(|m| m["id"] == id)
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "message {id} on the stream; got:\n{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only() {
+    let _serial = SERIAL.lock().await;
+    let harness = Harness::start(Options::default()).await;
+    let holding = vec![
+        PYTHON.into(),
+        "-u".into(),
+        "-c".into(),
+        HOLDING_SERVER.into(),
+    ];
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("holding", holding)]),
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("holding"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+
+    // The child holds the call; the POST's headers and priming event come at once anyway.
+    let post = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"held","arguments":{}}}).to_string())
+        .send()
+        .await
+        .expect("POST is sent");
+    assert_eq!(post.status(), 200);
+    let content_type = post
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let mut body = post.bytes_stream();
+    let mut primed = String::new();
+    let prime_id = tokio::time::timeout(WAIT, async {
+        loop {
+            let chunk = body.next().await?.ok()?;
+            primed.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(id) = primed
+                .lines()
+                .find_map(|line| line.strip_prefix("id: "))
+                .map(str::to_owned)
+            {
+                return Some(id);
+            }
+        }
+    })
+    .await
+    .expect("the priming event comes before the answer")
+    .expect("the priming event has an id");
+    // The agent's connection drops before the answer.
+    drop(body);
+
+    // A plain GET stream is open when the answer comes.
+    let plain = agent
+        .request(reqwest::Method::GET)
+        .send()
+        .await
+        .expect("GET is sent");
+    assert_eq!(plain.status(), 200);
+    let mut plain = plain.bytes_stream();
+    let release = agent
+        .post(&json!({"jsonrpc":"2.0","method":"notifications/release"}))
+        .await;
+    assert_eq!(release.status, 202);
+
+    // Resuming from the priming event's id gets the answer.
+    let resumed = agent
+        .request(reqwest::Method::GET)
+        .header("last-event-id", &prime_id)
+        .send()
+        .await
+        .expect("resuming GET is sent");
+    assert_eq!(resumed.status(), 200);
+    let mut resumed = resumed.bytes_stream();
+    let text = read_until_id(&mut resumed, 5).await;
+    assert!(text.contains("released"), "{text}");
+
+    // The plain GET stream never carries it (2025-11-25: only a resuming stream may). The
+    // answer has crossed the relay by now; what the plain stream holds is read without waiting
+    // for more than a short pause between chunks.
+    let mut seen = String::new();
+    while let Ok(Some(Ok(chunk))) =
+        tokio::time::timeout(Duration::from_millis(200), plain.next()).await
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        !common::sse_data(seen.as_bytes())
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .any(|m| m["id"] == 5),
+        "the orphaned answer reached a plain GET stream:\n{seen}"
+    );
+}
+
+/// `stdio_settings` with the stdio processes bounded by `limits`.
+fn limited_settings(
+    harness: &Harness,
+    sources: &[(&str, Vec<String>)],
+    limits: mcp_tunnel::client::sources::stdio::StdioLimits,
+) -> ClientSettings {
+    let mut settings = stdio_settings(harness, sources);
+    settings.stdio = limits;
+    settings
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    // A cap of 3 stands for the default 64; the idle time is out of the way.
+    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
+        max_processes: 3,
+        idle: Duration::from_secs(3600),
+    };
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            limited_settings(&harness, &[("mini", mini())], limits),
+        )
+        .await;
+
+    // Clients restart without a DELETE, twice as many times as the cap: every new session
+    // opens, each taking the place of the least recently used idle one.
+    let mut agents = Vec::new();
+    for n in 0..6u64 {
+        let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+        let init = agent.initialize().await;
+        assert_eq!(init.status, 200, "session {n}: {init:?}");
+        assert!(agent.session.is_some(), "session {n} opens: {init:?}");
+        let echo = agent
+            .call_tool(1, "echo", json!({"message": format!("s{n}")}))
+            .await;
+        assert_eq!(tool_text(echo.response()), format!("s{n}"));
+        assert!(
+            children(&baseline).len() <= 3,
+            "never more processes than the cap"
+        );
+        agents.push(agent);
+    }
+
+    // The three oldest lost their process: their next call says so, in a JSON-RPC error.
+    for (n, agent) in agents[..3].iter().enumerate() {
+        let answer = agent
+            .call_tool(2, "echo", json!({"message": "again"}))
+            .await;
+        let message = error_message(&answer);
+        assert!(
+            message.contains("source mini stopped this session's process")
+                && message.contains("limit of 3")
+                && message.contains("start a new session"),
+            "session {n}: {message}"
+        );
+        assert_eq!(answer.response()["id"], 2);
+    }
+    // The three newest go on.
+    for (n, agent) in agents[3..].iter().enumerate() {
+        let echo = agent
+            .call_tool(2, "echo", json!({"message": format!("t{n}")}))
+            .await;
+        assert_eq!(tool_text(echo.response()), format!("t{n}"));
+    }
+    drop(agents);
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sessions_process_is_stopped_and_its_next_call_says_why() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
+        max_processes: 3,
+        idle: Duration::from_millis(300),
+    };
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            limited_settings(&harness, &[("mini", mini())], limits),
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let echo = agent.call_tool(1, "echo", json!({"message": "hi"})).await;
+    assert_eq!(tool_text(echo.response()), "hi");
+
+    // Nothing happens in the session: its process is stopped and reaped.
+    until_none_left("the idle session's process", || children(&baseline)).await;
+    let answer = agent.call_tool(2, "echo", json!({"message": "late"})).await;
+    let message = error_message(&answer);
+    assert!(
+        message.contains("stopped this session's process") && message.contains("idle"),
+        "{message}"
+    );
+    harness.stop().await;
+}

@@ -92,6 +92,8 @@ pub struct ClientSettings {
     /// Largest single upstream answer relayed (`max_answer_bytes`): larger than a frame, an
     /// answer crosses the tunnel in pieces, so this bounds a runaway answer, not memory.
     pub max_answer_bytes: usize,
+    /// How stdio sources bound their processes.
+    pub stdio: sources::stdio::StdioLimits,
 }
 
 impl ClientSettings {
@@ -109,6 +111,7 @@ impl ClientSettings {
             connections: DEFAULT_CONNECTIONS,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             max_answer_bytes: crate::config::DEFAULT_MAX_ANSWER_BYTES,
+            stdio: sources::stdio::StdioLimits::default(),
         }
     }
 
@@ -143,6 +146,10 @@ impl ClientSettings {
                 )
                 .map_err(ClientError::Config)?;
                 file.max_answer_bytes
+            },
+            stdio: sources::stdio::StdioLimits {
+                max_processes: file.stdio_max_processes,
+                idle: Duration::from_secs(file.stdio_idle_secs),
             },
         })
     }
@@ -185,7 +192,7 @@ impl Policy {
 /// refuses the tunnel or the configuration is unusable.
 pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Result<(), ClientError> {
     let sources = Arc::new(
-        Sources::with_answer_limit(&settings.sources, settings.max_answer_bytes)
+        Sources::new(&settings.sources, settings.stdio, settings.max_answer_bytes)
             .map_err(ClientError::Config)?,
     );
     let roots = match (&settings.ca_pem, &settings.ca) {

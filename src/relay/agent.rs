@@ -11,7 +11,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::value::RawValue;
 
-use super::channel::Channel;
+use super::channel::{Channel, ChannelLimits};
+use super::events::Budget;
 use super::filter::is_list_method;
 use super::oauth::{self, Resource};
 use super::reply::{AgentError, Challenge, json_response};
@@ -446,12 +447,21 @@ pub async fn open_channel(
         ),
         None => (std::borrow::Cow::Borrowed(header), None),
     };
+    let limits = ChannelLimits {
+        open_timeout: governance.limits.open_stream_timeout(),
+        // A budget below one message would drop every message: it holds at least one.
+        budget: Budget::new(match governance.limits.session_event_bytes {
+            0 => 0,
+            bytes => bytes.max(state.limits.max_message_bytes),
+        }),
+    };
     Channel::open_with_identity(
         &tunnel,
         &header,
         state.limits.max_message_bytes,
         state.max_answer_bytes(),
         refresher,
+        limits,
     )
     .await
     .map_err(|e| source_error(None, &header.source, &e.to_string()))

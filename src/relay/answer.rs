@@ -20,7 +20,7 @@ use super::channel::{Channel, ChannelError, Event, Exchange};
 use super::events::{EventLog, LogReader, Piece, Start};
 use super::filter::ListFilter;
 use super::reply::json_response;
-use super::sessions::{Session, Transport};
+use super::sessions::{CancelGuard, ListenGuard, Session, Transport};
 use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
@@ -73,6 +73,8 @@ pub struct Target<'a> {
     pub filter: Option<ListFilter>,
     /// The calls of the message, finished as their answers are released.
     pub calls: InFlight,
+    /// A stateless listen stream's place under the session caps, held while it is open.
+    pub listen: Option<ListenGuard>,
 }
 
 /// What an agent request waits for on its exchange.
@@ -97,6 +99,12 @@ struct Awaiting {
     /// Whether a JSON answer arriving in pieces may be passed on as it comes: one request,
     /// not `initialize` (the relay learns the session's version from its whole answer).
     pipelined: bool,
+    /// A listen stream's place under the session caps, given back when the answer ends.
+    _listen: Option<ListenGuard>,
+    /// Cancelled when the agent cancels the request: its answer ends at once, without one.
+    cancelled: CancellationToken,
+    /// The request's place in its session's cancellation table.
+    _cancel: Option<CancelGuard>,
 }
 
 /// Why an exchange ended without its answer.
@@ -141,7 +149,21 @@ impl Awaiting {
             filter: None,
             calls: InFlight::default(),
             tracker: None,
+            _listen: None,
+            cancelled: CancellationToken::new(),
+            _cancel: None,
         }
+    }
+
+    /// Follows the agent's cancellation of the message's request, when it is the only one
+    /// and belongs to `session`.
+    fn cancellable(mut self, session: Option<&Arc<Session>>) -> Self {
+        if let (Some(session), 1, Some(id)) = (session, self.responses, self.id.as_deref()) {
+            let guard = session.track_cancel(id);
+            self.cancelled = guard.token().clone();
+            self._cancel = Some(guard);
+        }
+        self
     }
 
     /// Finishes every open call with `outcome` and returns the relay-made error `answer` to
@@ -223,8 +245,13 @@ pub async fn forward(
         {
             return json_response(StatusCode::OK, refusal);
         }
-        return match channel.send(body).await {
-            Ok(()) => StatusCode::ACCEPTED.into_response(),
+        return match channel.send(body.clone()).await {
+            Ok(()) => {
+                if let Some(session) = target.session {
+                    session.cancel_requests(&body, classified);
+                }
+                StatusCode::ACCEPTED.into_response()
+            }
             Err(e) => source_error(None, target.source, &e.to_string()),
         };
     }
@@ -237,8 +264,10 @@ pub async fn forward(
     let mut awaiting = Awaiting {
         filter: target.filter.map(Arc::new),
         calls,
+        _listen: target.listen,
         ..awaiting
-    };
+    }
+    .cancellable(target.session);
     match channel.request(body).await {
         Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
         Err(e) => json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await),
@@ -260,8 +289,11 @@ pub async fn forward_to_stream(
             session.standalone().push(refusal).await;
             return StatusCode::ACCEPTED.into_response();
         }
-        return match session.channel.send(body).await {
-            Ok(()) => StatusCode::ACCEPTED.into_response(),
+        return match session.channel.send(body.clone()).await {
+            Ok(()) => {
+                session.cancel_requests(&body, classified);
+                StatusCode::ACCEPTED.into_response()
+            }
             Err(e) => source_error(None, &session.source, &e.to_string()),
         };
     }
@@ -270,8 +302,10 @@ pub async fn forward_to_stream(
         filter: filter.map(Arc::new),
         calls,
         tracker: Some(session.clone()),
+        learner: (!session.knows_version()).then(|| session.clone()),
         ..awaiting
-    };
+    }
+    .cancellable(Some(session));
     match session.channel.request(body).await {
         Ok(exchange) => {
             tokio::spawn(produce(
@@ -281,7 +315,10 @@ pub async fn forward_to_stream(
                 awaiting,
                 state.stop.clone(),
                 session.channel.clone(),
-                false,
+                Ending {
+                    finish: false,
+                    with_reader: false,
+                },
             ));
             StatusCode::ACCEPTED.into_response()
         }
@@ -413,6 +450,9 @@ async fn answer(
             _ = state.stop.cancelled() => {
                 return json_response(StatusCode::OK, awaiting.source_failed("the relay is shutting down").await);
             }
+            // The agent cancelled: no answer is owed, so the stream it gets ends empty (a
+            // late answer finds no exchange and is dropped). Its call is recorded abandoned.
+            _ = awaiting.cancelled.cancelled() => return cancelled_response(),
             event = next_event(&mut exchange, awaiting.timeout) => event,
         };
         let Some(event) = event else {
@@ -461,6 +501,18 @@ async fn answer(
             }
         }
     }
+}
+
+/// The answer to a request the agent cancelled before anything of its answer was sent: an
+/// event stream with no event (the protocol owes no response to a cancelled request).
+fn cancelled_response() -> Response {
+    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "cancelled").increment(1);
+    let mut response = Response::new(Body::empty());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
 
 /// Answers with the first whole message of an exchange: plain JSON when it holds every
@@ -561,6 +613,11 @@ async fn pipe(
                 event = next_or_broken(&mut exchange, awaiting.timeout, &shutdown) => event,
                 // The agent went away while the upstream was slow: stop waiting for it.
                 _ = tx.closed() => return,
+                // The agent cancelled: its body ends (aborted), and the rest is dropped.
+                _ = awaiting.cancelled.cancelled() => {
+                    let _ = tx.send(Err(abort("the request was cancelled".into()))).await;
+                    return;
+                }
             };
             let broken = match event {
                 Ok(Event::Part(bytes)) => {
@@ -644,7 +701,10 @@ fn stream_answer(
         awaiting,
         state.stop.clone(),
         channel,
-        true,
+        Ending {
+            finish: true,
+            with_reader: ids == EventIds::None,
+        },
     ));
     // An answer in flight may finish while the relay drains; at the end of the grace period
     // `produce` writes the error that names the shutdown and closes the log, which ends the
@@ -671,9 +731,20 @@ async fn timeout_body(channel: &Channel, awaiting: &Awaiting) -> Bytes {
     )
 }
 
+/// How [`produce`] ends.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    /// Close the log once done (not for the shared stream of an HTTP+SSE session).
+    finish: bool,
+    /// Stop as soon as the log's reader is gone: nobody can resume a stream without event
+    /// ids, so a listen stream (no request timeout) would otherwise hold its tunnel stream
+    /// (and the upstream's) forever after its agent left.
+    with_reader: bool,
+}
+
 /// Moves an exchange's messages into `log` until every response has arrived. If the exchange
 /// ends first (upstream, tunnel, timeout), the agent still gets an answer: an error that says
-/// why. `finish` closes the log (not for the shared stream of an HTTP+SSE session).
+/// why.
 async fn produce(
     log: Arc<EventLog>,
     mut exchange: Exchange,
@@ -681,20 +752,51 @@ async fn produce(
     mut awaiting: Awaiting,
     shutdown: CancellationToken,
     channel: Arc<Channel>,
+    ending: Ending,
+) {
+    let gone = {
+        let log = log.clone();
+        async move {
+            if ending.with_reader {
+                log.abandoned().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = produce_all(&log, &mut exchange, first, &mut awaiting, &shutdown, &channel, ending.finish) => {}
+        // The calls still open are recorded as abandoned when `awaiting` drops.
+        () = gone => tracing::debug!(source = %awaiting.source, "agent left a stream that cannot be resumed: its exchange ends"),
+    }
+    if ending.finish {
+        log.finish();
+    }
+}
+
+async fn produce_all(
+    log: &EventLog,
+    exchange: &mut Exchange,
+    first: Option<Arrived>,
+    awaiting: &mut Awaiting,
+    shutdown: &CancellationToken,
+    channel: &Channel,
     finish: bool,
 ) {
     let mut remaining = awaiting.responses;
     if let Some(arrived) = first {
-        remaining = remaining.saturating_sub(release(&log, &mut awaiting, arrived).await);
+        remaining = remaining.saturating_sub(release(log, awaiting, arrived).await);
     }
     while remaining > 0 {
         let failure = tokio::select! {
             // At the end of the grace period the tunnel closes too: the shutdown is the reason.
             biased;
             _ = shutdown.cancelled() => awaiting.source_failed("the relay is shutting down").await,
-            event = next_event(&mut exchange, awaiting.timeout) => match event {
+            // The agent cancelled: no more of this answer, nor an error in its place.
+            _ = awaiting.cancelled.cancelled() => return,
+            event = next_event(exchange, awaiting.timeout) => match event {
                 Some(Ok(Event::Message(message))) => {
-                    let responses = release(&log, &mut awaiting, Arrived::new(message)).await;
+                    let responses = release(log, awaiting, Arrived::new(message)).await;
                     remaining = remaining.saturating_sub(responses);
                     continue;
                 }
@@ -702,40 +804,37 @@ async fn produce(
                 // Only into a log of its own (`finish`): on the shared stream of an HTTP+SSE
                 // session, pieces of concurrent answers would interleave.
                 Some(Ok(Event::Part(first))) if finish && remaining == 1 && awaiting.pipelines(&first) => {
-                    match stream_pieces(&log, &mut exchange, &mut awaiting, first, &shutdown).await {
+                    match stream_pieces(log, exchange, awaiting, first, shutdown).await {
                         Ok(responses) => {
                             remaining = remaining.saturating_sub(responses);
                             continue;
                         }
-                        Err(broken) => awaiting.broken(&channel, broken).await,
+                        Err(broken) => awaiting.broken(channel, broken).await,
                     }
                 }
                 // Else a message in pieces within an event stream is released whole.
                 Some(Ok(Event::Part(first))) => {
-                    match assemble(&mut exchange, first, awaiting.timeout, &shutdown).await {
+                    match assemble(exchange, first, awaiting.timeout, shutdown).await {
                         Ok(message) => {
-                            let responses = release(&log, &mut awaiting, Arrived::new(message)).await;
+                            let responses = release(log, awaiting, Arrived::new(message)).await;
                             remaining = remaining.saturating_sub(responses);
                             continue;
                         }
-                        Err(broken) => awaiting.broken(&channel, broken).await,
+                        Err(broken) => awaiting.broken(channel, broken).await,
                     }
                 }
-                Some(Ok(Event::TooLarge(limit))) => awaiting.broken(&channel, Broken::TooLarge(limit)).await,
+                Some(Ok(Event::TooLarge(limit))) => awaiting.broken(channel, Broken::TooLarge(limit)).await,
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
                 Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
                 Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,
                 None => {
-                    let body = timeout_body(&channel, &awaiting).await;
+                    let body = timeout_body(channel, awaiting).await;
                     awaiting.fail(Outcome::Timeout, body).await
                 }
             },
         };
         log.push(failure).await;
         break;
-    }
-    if finish {
-        log.finish();
     }
 }
 

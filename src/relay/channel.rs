@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::Budget;
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
@@ -24,6 +25,11 @@ use crate::wire::{
 
 /// Frames buffered per waiting request before the reader waits for the agent to take them.
 const EXCHANGE_QUEUE: usize = 32;
+
+/// Bytes queued toward one waiting request before the reader waits for the agent to take them
+/// (one event always passes, whatever its size): with [`EXCHANGE_QUEUE`], what bounds a
+/// request's queue in bytes, not only in events of up to the message limit each.
+const EXCHANGE_BYTES: usize = 1024 * 1024;
 
 /// Server-to-agent messages held while no GET stream is open. Past this they are dropped
 /// (and counted): a session nobody listens to must not grow without bound.
@@ -66,8 +72,69 @@ pub enum ChannelError {
     Closed(String),
 }
 
+/// What bounds a channel: how long opening its stream may wait, and the session's byte budget
+/// its unsolicited queue charges.
+#[derive(Clone)]
+pub struct ChannelLimits {
+    /// Longest wait for the tunnel to grant the stream.
+    pub open_timeout: std::time::Duration,
+    /// The session's event budget (see [`Budget`]).
+    pub budget: Arc<Budget>,
+}
+
+/// A waiting request's queue: its events, and the bytes of them not taken yet.
+#[derive(Clone)]
+struct Waiting {
+    tx: mpsc::Sender<Event>,
+    queued: Arc<Queued>,
+}
+
+/// Bytes queued toward one request, and a signal when the request takes some.
+#[derive(Default)]
+struct Queued {
+    bytes: std::sync::atomic::AtomicUsize,
+    taken: tokio::sync::Notify,
+}
+
+/// The bytes an event carries.
+fn event_bytes(event: &Event) -> usize {
+    match event {
+        Event::Message(bytes) | Event::Part(bytes) => bytes.len(),
+        _ => 0,
+    }
+}
+
+impl Waiting {
+    /// Queues `event`, first waiting (while the request lives) until it fits within
+    /// [`EXCHANGE_BYTES`] or the queue is empty. Gives the event back if the request is gone.
+    async fn send(&self, event: Event) -> Result<(), Event> {
+        let len = event_bytes(&event);
+        loop {
+            let taken = self.queued.taken.notified();
+            let queued = self.queued.bytes.load(Ordering::Acquire);
+            if queued == 0 || queued.saturating_add(len) <= EXCHANGE_BYTES {
+                break;
+            }
+            tokio::select! {
+                () = taken => {}
+                () = self.tx.closed() => return Err(event),
+            }
+        }
+        self.queued.bytes.fetch_add(len, Ordering::AcqRel);
+        self.tx
+            .send(event)
+            .await
+            .map_err(|mpsc::error::SendError(event)| {
+                self.queued.bytes.fetch_sub(len, Ordering::AcqRel);
+                event
+            })
+    }
+}
+
 struct Shared {
-    pending: Mutex<HashMap<u64, mpsc::Sender<Event>>>,
+    pending: Mutex<HashMap<u64, Waiting>>,
+    /// Charged by messages waiting in the unsolicited queue.
+    budget: Arc<Budget>,
     closed: Mutex<Option<String>>,
     /// Taken on close, so the GET stream's producer sees the end.
     unsolicited_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
@@ -82,11 +149,16 @@ impl Shared {
         if closed.is_none() {
             *closed = Some(reason);
         }
-        // Dropping the senders ends every waiting request's stream of events.
+        // Dropping the senders ends every waiting request's stream of events, and the
+        // unsolicited queue's ends the GET stream's producer.
         self.pending
             .lock()
             .expect("channel lock is never held across a panic")
             .clear();
+        self.unsolicited_tx
+            .lock()
+            .expect("channel lock is never held across a panic")
+            .take();
     }
 
     fn closed_reason(&self) -> Option<String> {
@@ -106,6 +178,8 @@ pub struct Channel {
     sink: FrameSink<SendHalf>,
     next_exchange: AtomicU64,
     unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    /// The session's event budget; messages in the unsolicited queue are charged to it.
+    budget: Arc<Budget>,
     /// Renews the stream's identity assertion, when it has one.
     identity: Option<Refresher>,
     /// Signals the reader to stop when the channel is dropped.
@@ -118,6 +192,7 @@ pub struct Exchange {
     /// The exchange number.
     pub id: u64,
     events: mpsc::Receiver<Event>,
+    queued: Arc<Queued>,
     shared: Arc<Shared>,
 }
 
@@ -125,7 +200,13 @@ impl Exchange {
     /// The next event, or the reason the stream ended.
     pub async fn next(&mut self) -> Result<Event, ChannelError> {
         match self.events.recv().await {
-            Some(event) => Ok(event),
+            Some(event) => {
+                self.queued
+                    .bytes
+                    .fetch_sub(event_bytes(&event), Ordering::AcqRel);
+                self.queued.taken.notify_waiters();
+                Ok(event)
+            }
             None => Err(ChannelError::Closed(
                 self.shared
                     .closed_reason()
@@ -151,8 +232,9 @@ impl Channel {
         tunnel: &Arc<Tunnel>,
         header: &OpenHeader,
         read_limit: usize,
+        limits: ChannelLimits,
     ) -> Result<Arc<Self>, ChannelError> {
-        Self::open_with_identity(tunnel, header, read_limit, read_limit, None).await
+        Self::open_with_identity(tunnel, header, read_limit, read_limit, None, limits).await
     }
 
     /// Opens a stream on `tunnel` and sends `header`, whose identity assertion `identity`
@@ -165,11 +247,13 @@ impl Channel {
         read_limit: usize,
         answer_limit: usize,
         identity: Option<Refresher>,
+        limits: ChannelLimits,
     ) -> Result<Arc<Self>, ChannelError> {
-        let (stream, guard) = tunnel.open_stream().await?;
+        let (stream, guard) = tunnel.open_stream(limits.open_timeout).await?;
         let (unsolicited_tx, unsolicited_rx) = mpsc::channel(UNSOLICITED_QUEUE);
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
+            budget: limits.budget.clone(),
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         });
@@ -197,6 +281,7 @@ impl Channel {
             sink,
             next_exchange: AtomicU64::new(1),
             unsolicited_rx: Arc::new(tokio::sync::Mutex::new(unsolicited_rx)),
+            budget: limits.budget,
             identity,
             _stop: stop,
             _guard: guard,
@@ -207,6 +292,7 @@ impl Channel {
     pub async fn request(&self, message: Bytes) -> Result<Exchange, ChannelError> {
         let id = self.next_exchange.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = mpsc::channel(EXCHANGE_QUEUE);
+        let queued = Arc::new(Queued::default());
         {
             if let Some(reason) = self.shared.closed_reason() {
                 return Err(ChannelError::Closed(reason));
@@ -215,11 +301,18 @@ impl Channel {
                 .pending
                 .lock()
                 .expect("channel lock is never held across a panic")
-                .insert(id, tx);
+                .insert(
+                    id,
+                    Waiting {
+                        tx,
+                        queued: queued.clone(),
+                    },
+                );
         }
         let exchange = Exchange {
             id,
             events,
+            queued,
             shared: self.shared.clone(),
         };
         self.renew_identity().await?;
@@ -275,9 +368,16 @@ impl Channel {
         })
     }
 
-    /// The queue of messages for the agent's GET stream; one holder at a time.
+    /// The queue of messages for the agent's GET stream; one holder at a time. Each message
+    /// taken from it is charged to [`Channel::budget`] until the taker calls
+    /// [`Budget::release`] with its length.
     pub fn unsolicited(&self) -> Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>> {
         self.unsolicited_rx.clone().try_lock_owned().ok()
+    }
+
+    /// The session's event budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The transport of the tunnel carrying this stream (`quic` or `https`).
@@ -382,10 +482,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 .cloned()
         };
         let undelivered = match waiting {
-            Some(tx) => match tx.send(event).await {
-                Ok(()) => None,
-                Err(mpsc::error::SendError(event)) => Some(event),
-            },
+            Some(waiting) => waiting.send(event).await.err(),
             None => Some(event),
         };
         // A whole message with no waiting request goes to the GET stream; pieces of one (its
@@ -400,14 +497,47 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         };
         if let Some(Event::Message(message)) = undelivered
             && !closes_pieces
-            && unsolicited().is_none_or(|tx| tx.try_send(message).is_err())
         {
-            metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
-            tracing::warn!(
-                "server-to-agent message dropped: no agent stream is reading and the queue is full"
-            );
+            let len = message.len();
+            // An answer whose request went away belongs to that request's stream only (where a
+            // resuming agent finds it, when the stream was kept); on the GET stream an agent
+            // could not tell it from an answer it is owed (2025-11-25 forbids it).
+            if frame.exchange != UNSOLICITED && is_response(&message) {
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+                tracing::debug!(
+                    exchange = frame.exchange,
+                    "answer of a request nobody waits for any more dropped"
+                );
+                continue;
+            }
+            let queued = shared.budget.fits(len)
+                && unsolicited().is_some_and(|tx| {
+                    shared.budget.charge(len);
+                    let sent = tx.try_send(message).is_ok();
+                    if !sent {
+                        shared.budget.release(len);
+                    }
+                    sent
+                });
+            if !queued {
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+                tracing::warn!(
+                    bytes = len,
+                    "server-to-agent message dropped: no agent stream is reading and the session's queue is full"
+                );
+            }
         }
     }
+}
+
+/// Whether `message` is a JSON-RPC response (or a batch of them only).
+fn is_response(message: &[u8]) -> bool {
+    crate::mcp::classify(message).is_ok_and(|classified| {
+        classified
+            .messages()
+            .iter()
+            .all(|m| m.kind == crate::mcp::jsonrpc::MessageKind::Response)
+    })
 }
 
 #[cfg(test)]
@@ -417,6 +547,15 @@ mod tests {
     /// A reader over `frames`, and what `read_loop` delivers to exchange 1 (waited on) and to
     /// the GET stream, with the reason it stopped.
     async fn run(frames: Vec<Frame>, limit: usize) -> (Vec<Event>, Vec<Bytes>, String) {
+        run_within(frames, limit, Budget::new(0)).await
+    }
+
+    /// [`run`] with the session's event budget.
+    async fn run_within(
+        frames: Vec<Frame>,
+        limit: usize,
+        budget: Arc<Budget>,
+    ) -> (Vec<Event>, Vec<Bytes>, String) {
         let (mut near, far) = tokio::io::duplex(64 * 1024);
         let writer = tokio::spawn(async move {
             let mut bytes = bytes::BytesMut::new();
@@ -428,7 +567,14 @@ mod tests {
         let (tx, mut events) = mpsc::channel(1024);
         let (unsolicited_tx, mut unsolicited) = mpsc::channel(16);
         let shared = Shared {
-            pending: Mutex::new(HashMap::from([(1, tx)])),
+            pending: Mutex::new(HashMap::from([(
+                1,
+                Waiting {
+                    tx,
+                    queued: Arc::default(),
+                },
+            )])),
+            budget,
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         };
@@ -548,6 +694,83 @@ mod tests {
             events.as_slice(),
             [Event::Part(_), Event::End, Event::Message(m)] if m == "{}"
         ));
+    }
+
+    #[tokio::test]
+    async fn the_unsolicited_queue_is_bounded_by_the_sessions_budget_in_bytes() {
+        // Ten 100-byte server messages, nobody reading, a budget of 350 bytes: three queue.
+        let note = Bytes::from(format!(
+            "{{\"jsonrpc\":\"2.0\",\"method\":\"n\",\"params\":{{\"p\":\"{}\"}}}}",
+            "x".repeat(52)
+        ));
+        assert_eq!(note.len(), 100);
+        let frames = (0..10)
+            .map(|_| Frame::message(UNSOLICITED, note.clone()))
+            .collect();
+        let budget = Budget::new(350);
+        let (_, standalone, _) = run_within(frames, 1024, budget.clone()).await;
+        assert_eq!(standalone.len(), 3);
+        assert_eq!(
+            budget.used(),
+            300,
+            "queued messages are charged until taken"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_request_went_away_never_reaches_the_get_stream() {
+        let frames = vec![
+            Frame::message(2, piece("{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{}}")),
+            Frame::message(
+                2,
+                piece("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}"),
+            ),
+            Frame::end(2),
+        ];
+        let (_, standalone, _) = run(frames, 1024).await;
+        assert_eq!(
+            standalone,
+            vec![piece(
+                "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}"
+            )],
+            "the orphaned answer is dropped, the server's notification still goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_requests_queue_is_bounded_in_bytes_and_always_passes_one_event() {
+        let (tx, mut events) = mpsc::channel(EXCHANGE_QUEUE);
+        let waiting = Waiting {
+            tx,
+            queued: Arc::default(),
+        };
+        let big = || Event::Message(Bytes::from(vec![b'x'; EXCHANGE_BYTES / 2 + 1]));
+        // One event passes into an empty queue, whatever its size.
+        let huge = Event::Message(Bytes::from(vec![b'x'; EXCHANGE_BYTES * 2]));
+        assert!(waiting.send(huge).await.is_ok());
+        let taken = events.recv().await.expect("queued");
+        waiting
+            .queued
+            .bytes
+            .fetch_sub(event_bytes(&taken), Ordering::AcqRel);
+        // Two halves do not fit: the second waits until the first is taken.
+        assert!(waiting.send(big()).await.is_ok());
+        let second = waiting.send(big());
+        tokio::pin!(second);
+        assert!(
+            futures_util::FutureExt::now_or_never(&mut second).is_none(),
+            "the reader waits for the request to take its bytes"
+        );
+        let taken = events.recv().await.expect("queued");
+        waiting
+            .queued
+            .bytes
+            .fetch_sub(event_bytes(&taken), Ordering::AcqRel);
+        waiting.queued.taken.notify_waiters();
+        assert!(second.await.is_ok());
+        // A request gone away gives the event back instead of waiting.
+        drop(events);
+        assert!(waiting.send(big()).await.is_err());
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -21,6 +22,56 @@ use tokio::sync::Notify;
 pub const REPLAY_EVENTS: usize = 64;
 /// Bytes kept for replay per stream (the latest event is always kept, whatever its size).
 pub const REPLAY_BYTES: usize = 1024 * 1024;
+
+/// The bytes all event logs (and queues) of one session may hold together. Every log
+/// charges its events here; past the budget, events a reader has taken are forgotten, a log
+/// nobody reads drops its oldest events (counted), and a log whose reader is attached makes
+/// its producer wait until the reader takes what it holds.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes (0: unbounded).
+    pub fn new(limit: usize) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            limit: if limit == 0 { usize::MAX } else { limit },
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether more than the budget is held.
+    pub fn over(&self) -> bool {
+        self.used() > self.limit
+    }
+
+    /// Whether `bytes` more would fit.
+    pub fn fits(&self, bytes: usize) -> bool {
+        self.used().saturating_add(bytes) <= self.limit
+    }
+
+    /// Charges `bytes`.
+    pub fn charge(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Gives back `bytes`.
+    pub fn release(&self, bytes: usize) {
+        // Never below zero, whatever the order of charges and releases.
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
 
 /// One SSE stream's events.
 pub struct EventLog {
@@ -59,6 +110,8 @@ struct LogState {
     generation: u64,
     finished: bool,
     dropped: u64,
+    /// The session's budget this log charges, if any.
+    budget: Option<std::sync::Arc<Budget>>,
 }
 
 impl LogState {
@@ -66,12 +119,20 @@ impl LogState {
         self.first + self.events.len() as u64
     }
 
+    fn over_budget(&self) -> bool {
+        self.budget.as_ref().is_some_and(|budget| budget.over())
+    }
+
     /// Evicts from the front what may go: delivered events beyond the window, or, with no
-    /// reader attached, anything beyond the window.
+    /// reader attached, anything beyond the window. Past the session's budget the window
+    /// shrinks to nothing: the latest event is kept only within it.
     fn evict(&mut self) {
-        while self.events.len() > 1
-            && (self.events.len() > REPLAY_EVENTS || self.bytes > REPLAY_BYTES)
-        {
+        loop {
+            let over_window = self.events.len() > 1
+                && (self.events.len() > REPLAY_EVENTS || self.bytes > REPLAY_BYTES);
+            if self.events.is_empty() || !(over_window || self.over_budget()) {
+                break;
+            }
             if self.first >= self.delivered && self.reader.is_some() {
                 break;
             }
@@ -81,15 +142,39 @@ impl LogState {
             }
             if let Some((_, event)) = self.events.pop_front() {
                 self.bytes -= event.len();
+                if let Some(budget) = &self.budget {
+                    budget.release(event.len());
+                }
             }
             self.first += 1;
             self.delivered = self.delivered.max(self.first);
         }
     }
 
-    /// Whether the producer must wait: the window is full of events the reader has not taken.
-    fn full(&self) -> bool {
-        self.reader.is_some() && self.events.len() >= REPLAY_EVENTS && self.first >= self.delivered
+    /// Bytes of the events the attached reader has not taken yet.
+    fn undelivered_bytes(&self) -> usize {
+        let taken = self.delivered.saturating_sub(self.first) as usize;
+        self.events
+            .iter()
+            .skip(taken)
+            .map(|(_, event)| event.len())
+            .sum()
+    }
+
+    /// Whether the producer must wait: the window (by count or bytes), or the session's
+    /// budget, is full of events the reader has not taken. An empty log never waits, so the
+    /// producer always makes progress once the reader has taken everything.
+    fn full(&self, next: usize) -> bool {
+        if self.reader.is_none() || self.delivered >= self.next_seq() {
+            return false;
+        }
+        let undelivered = (self.next_seq() - self.delivered) as usize;
+        undelivered >= REPLAY_EVENTS
+            || self.undelivered_bytes().saturating_add(next) > REPLAY_BYTES
+            || self
+                .budget
+                .as_ref()
+                .is_some_and(|budget| !budget.fits(next))
     }
 }
 
@@ -105,6 +190,11 @@ pub enum Start {
 impl EventLog {
     /// An empty log for stream number `stream`.
     pub fn new(stream: u64) -> Self {
+        Self::with_budget(stream, None)
+    }
+
+    /// An empty log for stream number `stream` whose events count against `budget`.
+    pub fn with_budget(stream: u64, budget: Option<std::sync::Arc<Budget>>) -> Self {
         Self {
             stream,
             state: Mutex::new(LogState {
@@ -118,6 +208,7 @@ impl EventLog {
                 generation: 0,
                 finished: false,
                 dropped: 0,
+                budget,
             }),
             changed: Notify::new(),
         }
@@ -143,8 +234,11 @@ impl EventLog {
             let notified = self.changed.notified();
             {
                 let mut state = self.lock();
-                if !state.full() {
+                if !state.full(message.len()) {
                     state.bytes += message.len();
+                    if let Some(budget) = &state.budget {
+                        budget.charge(message.len());
+                    }
                     state.events.push_back((piece, message));
                     state.evict();
                     break;
@@ -165,6 +259,21 @@ impl EventLog {
     pub fn is_done(&self) -> bool {
         let state = self.lock();
         state.finished && state.delivered >= state.next_seq()
+    }
+
+    /// Resolves once a reader was attached and none is any more: for a stream that cannot be
+    /// resumed, the agent is gone for good.
+    pub async fn abandoned(&self) {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let state = self.lock();
+                if state.generation > 0 && state.reader.is_none() {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Messages dropped unread because no reader was attached for too long.
@@ -190,6 +299,15 @@ impl EventLog {
             generation,
             next,
             aligning: true,
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let state = self.lock();
+        if let Some(budget) = &state.budget {
+            budget.release(state.bytes);
         }
     }
 }
@@ -403,6 +521,64 @@ mod tests {
         producer.await.expect("producer");
         assert_eq!(seqs, (1..=(REPLAY_EVENTS * 3) as u64).collect::<Vec<_>>());
         assert_eq!(log.dropped(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_attached_reader_that_does_not_read_stops_the_producer_by_bytes() {
+        // Few, large events: the count window (64) is far away, the byte window is not.
+        let log = Arc::new(EventLog::new(0));
+        let _reader = log.attach(Start::Undelivered);
+        let big = Bytes::from(vec![b'x'; REPLAY_BYTES / 2 + 1]);
+        log.push(big.clone()).await;
+        assert!(
+            futures_util::FutureExt::now_or_never(log.push(big.clone())).is_none(),
+            "the second event would pass the byte window: the producer waits"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_session_budget_bounds_every_log_of_the_session_in_bytes() {
+        let budget = Budget::new(1000);
+        let answers: Vec<Arc<EventLog>> = (1..=8)
+            .map(|n| Arc::new(EventLog::with_budget(n, Some(budget.clone()))))
+            .collect();
+        // Nobody reads: each log would keep up to 64 events or 1 MiB on its own.
+        for log in &answers {
+            for _ in 0..10 {
+                log.push(Bytes::from(vec![b'x'; 300])).await;
+            }
+        }
+        assert!(budget.used() <= 1000, "held {} bytes", budget.used());
+        let dropped: u64 = answers.iter().map(|log| log.dropped()).sum();
+        assert!(dropped >= 80 - 1000 / 300, "dropped {dropped}");
+        // What is dropped is given back: the budget is whole again once the logs go.
+        drop(answers);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reader_past_the_budget_still_gets_every_event_in_order() {
+        let budget = Budget::new(1000);
+        let log = Arc::new(EventLog::with_budget(1, Some(budget.clone())));
+        let mut reader = log.attach(Start::Undelivered);
+        let producer = {
+            let log = log.clone();
+            tokio::spawn(async move {
+                for n in 0..50u8 {
+                    log.push(Bytes::from(vec![n; 400])).await;
+                }
+                log.finish();
+            })
+        };
+        let mut got = 0u8;
+        while let Some((_, event)) = reader.next().await {
+            assert_eq!(event[0], got);
+            assert!(budget.used() <= 1200, "held {} bytes", budget.used());
+            got += 1;
+        }
+        producer.await.expect("producer");
+        assert_eq!(got, 50);
+        assert_eq!(log.dropped(), 0, "backpressure, not loss");
     }
 
     #[test]

@@ -15,13 +15,15 @@ use axum::routing::{get, post};
 use super::RelayState;
 use super::agent::{authorize, gate, open_channel, open_header, read_message};
 use super::answer::{EventIds, forward_to_stream, sse_response};
-use super::calls::InFlight;
+use super::calls::{Call, Context, InFlight};
 use super::events::Start;
 use super::filter::ListFilter;
 use super::oauth::Resource;
 use super::reply::AgentError;
 use super::sessions::{Session, Transport, new_session_id};
-use crate::govern::audit::Outcome;
+use crate::govern::Identity;
+use crate::govern::audit::{Direction, Outcome};
+use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes};
 use crate::mcp::sse;
 use crate::wire::Era;
 
@@ -43,6 +45,14 @@ async fn open_stream(
         Err(e) => return e.into_response(),
     };
     let session_id = new_session_id();
+    // The stream opens a tunnel stream (and, for a stdio source, a process) before any
+    // `initialize`: it is recorded like a call, and counted against the session caps.
+    let mut opened = open_call(&state, &who, &source, &session_id);
+    let refused = |cap| AgentError::TooManySessions { id: None, cap };
+    if let Err(cap) = state.sessions.admit(&who, &source, state.session_caps()) {
+        let _ = finish_open(opened, Outcome::Error(codes::INVALID_REQUEST)).await;
+        return refused(cap).into_response();
+    }
     let header = open_header(
         &who,
         &source,
@@ -53,8 +63,15 @@ async fn open_stream(
     );
     let channel = match open_channel(&state, &who, &header).await {
         Ok(channel) => channel,
-        Err(response) => return response,
+        Err(response) => {
+            let _ = finish_open(opened, Outcome::TunnelError).await;
+            return response;
+        }
     };
+    opened.set_context(&Context {
+        transport: Some(channel.transport()),
+        ..Context::default()
+    });
     let session = Arc::new(Session::new(
         session_id,
         &who,
@@ -63,7 +80,22 @@ async fn open_stream(
         Transport::LegacySse,
         &state.calls,
     ));
-    state.sessions.insert(session.clone());
+    if let Err(cap) = state
+        .sessions
+        .try_insert(session.clone(), state.session_caps())
+    {
+        let _ = finish_open(opened, Outcome::Error(codes::INVALID_REQUEST)).await;
+        session.channel.close("too many open sessions").await;
+        return refused(cap).into_response();
+    }
+    if finish_open(opened, Outcome::Ok).await.is_err() {
+        state.sessions.remove(&session.id);
+        session
+            .channel
+            .close("the stream's opening could not be audited")
+            .await;
+        return AgentError::Unaudited.into_response();
+    }
     tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "HTTP+SSE session opened");
     let endpoint = sse::named_event(
         "endpoint",
@@ -92,6 +124,45 @@ async fn open_stream(
         Some(on_end),
         state.stop.clone(),
     )
+}
+
+/// The method an HTTP+SSE stream's opening is recorded with in the audit trail.
+pub const OPEN_METHOD: &str = "sse/open";
+
+/// A call recording the opening of an HTTP+SSE stream by `who`.
+fn open_call(state: &RelayState, who: &Identity, source: &str, session: &str) -> Call {
+    let info = MessageInfo {
+        kind: MessageKind::Request,
+        id: None,
+        method: Some(OPEN_METHOD.to_owned()),
+        null_id: false,
+        target: None,
+        is_tool_error: false,
+        error_code: None,
+        payload: None,
+        size: 0,
+    };
+    let mut call = Call::start(
+        &state.calls,
+        who,
+        source,
+        Direction::AgentToServer,
+        &[],
+        &info,
+        None,
+    );
+    call.set_context(&Context {
+        session: Some(session.to_owned()),
+        ..Context::default()
+    });
+    call
+}
+
+/// Finishes the record of a stream's opening; an error when it could not be written.
+async fn finish_open(call: Call, outcome: Outcome) -> Result<(), ()> {
+    call.finish(outcome, 0, None).await.map_err(|e| {
+        tracing::error!(error = %e, "HTTP+SSE stream refused: its opening could not be audited");
+    })
 }
 
 /// POST to the endpoint: the message goes down the session's stream; answers arrive on the

@@ -175,6 +175,11 @@ impl RelayState {
         self.governance().limits.session_idle()
     }
 
+    /// The caps on open sessions and listen streams (reloadable).
+    pub fn session_caps(&self) -> sessions::SessionCaps {
+        sessions::SessionCaps::of(&self.governance().limits)
+    }
+
     /// The largest agent request body accepted: the reloaded limit, but never above the one
     /// the relay started with (tunnels agreed on that frame limit at their handshake, and a
     /// larger message would not fit their frames).
@@ -567,9 +572,22 @@ async fn sweep_sessions(state: Arc<RelayState>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        for session in state.sessions.sweep(state.session_idle()) {
+        state.sweep_sessions().await;
+    }
+}
+
+impl RelayState {
+    /// Ends the sessions that are idle past `session_idle_secs`, whose tunnel stream ended, or
+    /// (HTTP+SSE) whose agent did not initialize within `request_timeout_secs`; returns how
+    /// many. The relay does this every 30 s.
+    pub async fn sweep_sessions(&self) -> usize {
+        let expired = self
+            .sessions
+            .sweep(self.session_idle(), self.request_timeout());
+        for session in &expired {
             tracing::info!(session = %session.id, tenant = %session.tenant, "session expired");
             session.channel.close("session expired").await;
         }
+        expired.len()
     }
 }

@@ -37,11 +37,21 @@ pub struct Tunnel {
 }
 
 impl Tunnel {
-    /// Opens an exchange stream on this tunnel, counted until the returned guard drops.
+    /// Opens an exchange stream on this tunnel, counted until the returned guard drops. Waits
+    /// at most `timeout` for the peer's stream credit (QUIC's concurrent stream limit, HTTP/2's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`): a tunnel whose streams are all in use answers with
+    /// an error instead of holding the agent forever.
     pub async fn open_stream(
         self: &Arc<Self>,
+        timeout: std::time::Duration,
     ) -> Result<(TunnelStream, StreamGuard), TransportError> {
-        let stream = self.connection.open_stream().await?;
+        let stream = tokio::time::timeout(timeout, self.connection.open_stream())
+            .await
+            .map_err(|_| {
+                metrics::counter!(crate::metrics::REQUESTS, "outcome" => "stream_timeout")
+                    .increment(1);
+                TransportError::OpenTimeout(timeout.as_secs())
+            })??;
         self.streams_opened.fetch_add(1, Ordering::Relaxed);
         self.streams_active.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!(crate::metrics::STREAMS_ACTIVE).increment(1.0);
@@ -380,6 +390,61 @@ pub fn rfc3339(secs: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::transport::BoxFuture;
+
+    /// A connection whose peer never grants another stream (its stream credit is used up).
+    struct NoCredit;
+
+    impl TunnelConnection for NoCredit {
+        fn open_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
+            Box::pin(std::future::pending())
+        }
+        fn accept_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
+            Box::pin(std::future::pending())
+        }
+        fn close(&self, _reason: &str) {}
+        fn closed(&self) -> BoxFuture<'_, TransportError> {
+            Box::pin(std::future::pending())
+        }
+        fn kind(&self) -> TransportKind {
+            TransportKind::Quic
+        }
+        fn remote_addr(&self) -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], 1))
+        }
+        fn rtt(&self) -> Duration {
+            Duration::ZERO
+        }
+    }
+
+    #[tokio::test]
+    async fn opening_a_stream_without_credit_ends_with_an_error_in_time() {
+        let registry = Registry::default();
+        let grant = crate::govern::identity::TunnelGrant {
+            tenant: "acme".into(),
+            sources: None,
+            token: crate::govern::SecretHash::of("a tunnel token"),
+        };
+        let tunnel = registry.register(grant, vec!["s".into()], Arc::new(NoCredit), 1024);
+        // The peer never grants the stream: the wait ends at the timeout, whatever the speed.
+        let opened = tokio::time::timeout(
+            Duration::from_secs(30),
+            tunnel.open_stream(Duration::from_millis(50)),
+        )
+        .await
+        .expect("opening gives up at its own timeout");
+        let Err(error) = opened else {
+            panic!("no stream can open");
+        };
+        assert!(matches!(error, TransportError::OpenTimeout(0)), "{error}");
+        assert!(error.to_string().contains("no new stream"), "{error}");
+        assert_eq!(tunnel.streams_active(), 0);
+    }
+
     #[test]
     fn rfc3339() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");

@@ -102,6 +102,17 @@ pub enum AgentError {
     /// The method does not apply to this URL.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The trail could not record what the request started, so it is refused.
+    #[error("the request could not be audited, so it is refused")]
+    Unaudited,
+    /// A session cap refused a new session or listen stream: `429`.
+    #[error("{cap}")]
+    TooManySessions {
+        /// The request id, echoed.
+        id: Option<Box<RawValue>>,
+        /// Which cap.
+        cap: crate::relay::sessions::CapReached,
+    },
     /// A rate limit refused the request: `429` with `Retry-After`.
     #[error("{}", rate_limited_message(.0))]
     RateLimited(RateLimited),
@@ -152,6 +163,14 @@ impl IntoResponse for AgentError {
             }
             AgentError::MethodNotAllowed => {
                 (StatusCode::METHOD_NOT_ALLOWED, codes::INVALID_REQUEST, None)
+            }
+            AgentError::Unaudited => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::SOURCE_UNAVAILABLE,
+                None,
+            ),
+            AgentError::TooManySessions { id, .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, codes::INVALID_REQUEST, id)
             }
             AgentError::RateLimited(limited) => {
                 retry_after = Some(HeaderValue::from(retry_after_secs(&limited)));

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 
@@ -59,10 +60,60 @@ pub struct Session {
     standalone: Arc<EventLog>,
     answers: Mutex<AnswerLogs>,
     last_used: Mutex<Instant>,
+    /// When it opened.
+    created: Instant,
     /// The protocol version `initialize` settled.
     version: Arc<std::sync::OnceLock<String>>,
     /// The server's requests to the agent, until the agent responds.
     server_requests: Arc<ServerRequests>,
+    /// The agent's requests in flight, by id key: cancelled when the agent cancels them.
+    cancels: Arc<Mutex<Cancels>>,
+}
+
+/// The cancellation tokens of a session's requests in flight, by id key.
+#[derive(Default)]
+struct Cancels {
+    next: u64,
+    tokens: HashMap<String, (u64, CancellationToken)>,
+}
+
+/// A request id as a comparable key (`"a"` and `"\u0061"` are the same id).
+fn id_key(raw: &serde_json::value::RawValue) -> String {
+    serde_json::from_str::<serde_json::Value>(raw.get())
+        .map(|value| value.to_string())
+        .unwrap_or_else(|_| raw.get().to_owned())
+}
+
+/// An agent request's place in its session's cancellation table, removed when dropped.
+pub struct CancelGuard {
+    key: String,
+    number: u64,
+    token: CancellationToken,
+    cancels: Arc<Mutex<Cancels>>,
+}
+
+impl CancelGuard {
+    /// Cancelled once the agent cancels the request (`notifications/cancelled`).
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let mut cancels = self
+            .cancels
+            .lock()
+            .expect("session lock is never held across a panic");
+        // Only our own entry: a reused id may have a newer one.
+        if cancels
+            .tokens
+            .get(&self.key)
+            .is_some_and(|(number, _)| *number == self.number)
+        {
+            cancels.tokens.remove(&self.key);
+        }
+    }
 }
 
 /// The server's requests (sampling, elicitation, roots) a session's agent has not answered
@@ -138,7 +189,11 @@ impl Session {
         transport: Transport,
         calls: &Arc<Calls>,
     ) -> Self {
-        let standalone = Arc::new(EventLog::new(STANDALONE_STREAM));
+        let budget = channel.budget().clone();
+        let standalone = Arc::new(EventLog::with_budget(
+            STANDALONE_STREAM,
+            Some(budget.clone()),
+        ));
         let version = Arc::new(std::sync::OnceLock::new());
         let server_requests = Arc::new(ServerRequests {
             calls: calls.clone(),
@@ -157,6 +212,8 @@ impl Session {
             let requests = server_requests.clone();
             tokio::spawn(async move {
                 while let Some(message) = queue.recv().await {
+                    // Charged while queued (see `Channel::unsolicited`); the log charges it now.
+                    budget.release(message.len());
                     if let Ok(classified) = classify(&message) {
                         requests.track(&message, &classified);
                     }
@@ -179,8 +236,64 @@ impl Session {
                 logs: VecDeque::new(),
             }),
             last_used: Mutex::new(Instant::now()),
+            created: Instant::now(),
             version,
             server_requests,
+            cancels: Arc::default(),
+        }
+    }
+
+    /// Registers the agent's request `id` (the only request of its message) as in flight:
+    /// the guard's token is cancelled when the agent cancels it.
+    pub fn track_cancel(&self, id: &serde_json::value::RawValue) -> CancelGuard {
+        let key = id_key(id);
+        let token = CancellationToken::new();
+        let mut cancels = self
+            .cancels
+            .lock()
+            .expect("session lock is never held across a panic");
+        cancels.next += 1;
+        let number = cancels.next;
+        cancels.tokens.insert(key.clone(), (number, token.clone()));
+        CancelGuard {
+            key,
+            number,
+            token,
+            cancels: self.cancels.clone(),
+        }
+    }
+
+    /// Ends the answer of every request a `notifications/cancelled` in `message` names (it has
+    /// been forwarded): the agent wants no answer, and the upstream may never send one.
+    pub fn cancel_requests(&self, message: &[u8], classified: &Classified) {
+        #[derive(serde::Deserialize)]
+        struct Params<'a> {
+            #[serde(rename = "requestId", borrow)]
+            request_id: Option<&'a serde_json::value::RawValue>,
+        }
+        for info in classified.messages() {
+            if info.method.as_deref() != Some("notifications/cancelled") {
+                continue;
+            }
+            let Some(params) = info.payload(message) else {
+                continue;
+            };
+            let Ok(Params {
+                request_id: Some(id),
+            }) = serde_json::from_slice::<Params<'_>>(params)
+            else {
+                continue;
+            };
+            let token = self
+                .cancels
+                .lock()
+                .expect("session lock is never held across a panic")
+                .tokens
+                .remove(&id_key(id));
+            if let Some((_, token)) = token {
+                tracing::debug!(session = %self.id, id = %id.get(), "request cancelled by the agent: its answer ends");
+                token.cancel();
+            }
         }
     }
 
@@ -298,7 +411,10 @@ impl Session {
             .answers
             .lock()
             .expect("session lock is never held across a panic");
-        let log = Arc::new(EventLog::new(answers.next));
+        let log = Arc::new(EventLog::with_budget(
+            answers.next,
+            Some(self.channel.budget().clone()),
+        ));
         answers.next += 1;
         if answers.logs.len() >= ANSWER_LOGS {
             // Forget a completed stream first; if none is, the oldest (it stays readable by
@@ -345,10 +461,71 @@ impl Session {
     }
 }
 
-/// The live sessions of all tenants.
+/// Caps on open sessions (and stateless listen streams), from `[limits]`; 0 is no cap.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionCaps {
+    /// Per caller (tenant and subject).
+    pub per_key: usize,
+    /// Per tenant.
+    pub per_tenant: usize,
+    /// Per tenant and source.
+    pub per_source: usize,
+}
+
+impl SessionCaps {
+    /// The caps `[limits]` sets.
+    pub fn of(limits: &crate::config::LimitsSection) -> Self {
+        Self {
+            per_key: limits.max_sessions_per_key,
+            per_tenant: limits.max_sessions_per_tenant,
+            per_source: limits.max_sessions_per_source,
+        }
+    }
+}
+
+/// A new session (or listen stream) refused by a cap; the text says which, for the agent.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "too many open sessions: {what} already holds {cap}, its limit; end one (DELETE the \
+     session) or wait until an idle one expires"
+)]
+pub struct CapReached {
+    /// Which holder: `this caller`, `tenant acme`, `source everything of tenant acme`.
+    pub what: String,
+    /// The cap.
+    pub cap: usize,
+}
+
+/// Who holds an open session or listen stream, for the caps.
+#[derive(Debug, Clone)]
+struct Holder {
+    tenant: Arc<str>,
+    subject: Arc<str>,
+    source: String,
+}
+
+/// The live sessions of all tenants, and the stateless listen streams open now.
 #[derive(Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Arc<Session>>>,
+    /// Open stateless `subscriptions/listen` streams, by a number of their own.
+    listens: Arc<Mutex<HashMap<u64, Holder>>>,
+    next_listen: std::sync::atomic::AtomicU64,
+}
+
+/// An open listen stream, counted against the caps until dropped.
+pub struct ListenGuard {
+    id: u64,
+    listens: Arc<Mutex<HashMap<u64, Holder>>>,
+}
+
+impl Drop for ListenGuard {
+    fn drop(&mut self) {
+        self.listens
+            .lock()
+            .expect("sessions lock is never held across a panic")
+            .remove(&self.id);
+    }
 }
 
 impl Sessions {
@@ -359,6 +536,122 @@ impl Sessions {
             .expect("sessions lock is never held across a panic")
             .insert(session.id.clone(), session);
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
+    }
+
+    /// Adds a session unless a cap refuses it (counted with the listen streams).
+    pub fn try_insert(&self, session: Arc<Session>, caps: SessionCaps) -> Result<(), CapReached> {
+        {
+            let mut map = self
+                .map
+                .lock()
+                .expect("sessions lock is never held across a panic");
+            self.check(&map, &session.identity(), &session.source, caps)?;
+            map.insert(session.id.clone(), session);
+        }
+        metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
+        Ok(())
+    }
+
+    /// Whether `who` may open one more session (or listen stream) with `source` now: checked
+    /// before a tunnel stream (and perhaps an upstream process) is opened for it.
+    pub fn admit(&self, who: &Identity, source: &str, caps: SessionCaps) -> Result<(), CapReached> {
+        let map = self
+            .map
+            .lock()
+            .expect("sessions lock is never held across a panic");
+        self.check(&map, who, source, caps)
+    }
+
+    /// Counts a listen stream of `who` with `source` while the guard lives, unless a cap
+    /// refuses it.
+    pub fn open_listen(
+        &self,
+        who: &Identity,
+        source: &str,
+        caps: SessionCaps,
+    ) -> Result<ListenGuard, CapReached> {
+        let map = self
+            .map
+            .lock()
+            .expect("sessions lock is never held across a panic");
+        self.check(&map, who, source, caps)?;
+        let id = self
+            .next_listen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.listens
+            .lock()
+            .expect("sessions lock is never held across a panic")
+            .insert(
+                id,
+                Holder {
+                    tenant: who.tenant.clone(),
+                    subject: who.subject.clone(),
+                    source: source.to_owned(),
+                },
+            );
+        Ok(ListenGuard {
+            id,
+            listens: self.listens.clone(),
+        })
+    }
+
+    /// Open listen streams now.
+    pub fn listens(&self) -> usize {
+        self.listens
+            .lock()
+            .expect("sessions lock is never held across a panic")
+            .len()
+    }
+
+    /// Checks the caps against the sessions in `map` and the listen streams. Sessions whose
+    /// tunnel stream has ended do not count (the sweep removes them).
+    fn check(
+        &self,
+        map: &HashMap<String, Arc<Session>>,
+        who: &Identity,
+        source: &str,
+        caps: SessionCaps,
+    ) -> Result<(), CapReached> {
+        let listens = self
+            .listens
+            .lock()
+            .expect("sessions lock is never held across a panic");
+        let holders = map
+            .values()
+            .filter(|s| s.channel.closed_reason().is_none())
+            .map(|s| (&s.tenant, &s.subject, s.source.as_str()))
+            .chain(
+                listens
+                    .values()
+                    .map(|h| (&h.tenant, &h.subject, h.source.as_str())),
+            );
+        let (mut key, mut tenant, mut by_source) = (0, 0, 0);
+        for (t, subject, s) in holders {
+            if *t != who.tenant {
+                continue;
+            }
+            tenant += 1;
+            key += usize::from(*subject == who.subject);
+            by_source += usize::from(s == source);
+        }
+        let refuse = |what: String, cap: usize| {
+            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, %what, cap, "session refused: cap reached");
+            metrics::counter!(crate::metrics::REQUESTS, "outcome" => "session_cap").increment(1);
+            Err(CapReached { what, cap })
+        };
+        if caps.per_key > 0 && key >= caps.per_key {
+            return refuse(format!("caller {}", who.subject), caps.per_key);
+        }
+        if caps.per_source > 0 && by_source >= caps.per_source {
+            return refuse(
+                format!("source {source} of tenant {}", who.tenant),
+                caps.per_source,
+            );
+        }
+        if caps.per_tenant > 0 && tenant >= caps.per_tenant {
+            return refuse(format!("tenant {}", who.tenant), caps.per_tenant);
+        }
+        Ok(())
     }
 
     /// The session `id`, if it exists, belongs to `who` and talks to `source` over `transport`;
@@ -406,14 +699,23 @@ impl Sessions {
         removed
     }
 
-    /// Removes sessions idle longer than `idle` or whose stream ended; returns how many.
-    pub fn sweep(&self, idle: Duration) -> Vec<Arc<Session>> {
+    /// Removes sessions idle longer than `idle` or whose stream ended, and HTTP+SSE sessions
+    /// whose agent has not initialized within `init_grace` (their stream, and perhaps an
+    /// upstream process, opened with the GET alone); returns them.
+    pub fn sweep(&self, idle: Duration, init_grace: Duration) -> Vec<Arc<Session>> {
         let expired: Vec<String> = self
             .map
             .lock()
             .expect("sessions lock is never held across a panic")
             .values()
-            .filter(|s| s.idle_for() > idle || s.channel.closed_reason().is_some())
+            .filter(|s| {
+                let idle_for = s.idle_for();
+                idle_for > idle
+                    || s.channel.closed_reason().is_some()
+                    || (s.transport == Transport::LegacySse
+                        && !s.knows_version()
+                        && s.created.elapsed() > init_grace)
+            })
             .map(|s| s.id.clone())
             .collect();
         expired.iter().filter_map(|id| self.remove(id)).collect()

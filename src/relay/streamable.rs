@@ -22,12 +22,12 @@ use super::events::{Start, parse_event_id};
 use super::filter::ListFilter;
 use super::oauth::Resource;
 use super::reply::{AgentError, json_response};
-use super::sessions::{Session, Transport, new_session_id};
+use super::sessions::{CapReached, Session, Transport, new_session_id};
 use crate::govern::Identity;
 use crate::govern::audit::Outcome;
 use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
-use crate::mcp::jsonrpc::{Classified, MessageInfo};
+use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::wire::Era;
 
 /// The header a reconnecting agent names its last seen event with.
@@ -96,6 +96,7 @@ async fn post_inner(
             era: ProtocolEra::Session,
             filter,
             calls,
+            listen: None,
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
@@ -128,6 +129,10 @@ async fn initialize(
         session: Some(session_id.clone()),
         ..Context::default()
     });
+    let id = classified.messages().first().and_then(|m| m.id.clone());
+    if let Err(cap) = state.sessions.admit(who, source, state.session_caps()) {
+        return too_many_sessions(calls, id, cap).await;
+    }
     let header = open_header(
         who,
         source,
@@ -154,6 +159,7 @@ async fn initialize(
         era: ProtocolEra::Session,
         filter: None,
         calls,
+        listen: None,
     };
     let mut response = forward(state, &channel, body, classified, target).await;
     let answer = response.extensions().get::<JsonAnswer>();
@@ -161,7 +167,14 @@ async fn initialize(
         session.learn_version(&answer.message);
     }
     if response.status() == StatusCode::OK && !answer.is_some_and(|a| a.is_error) {
-        state.sessions.insert(session.clone());
+        if let Err(cap) = state
+            .sessions
+            .try_insert(session.clone(), state.session_caps())
+        {
+            // Others opened meanwhile: the initialize was recorded, the session is not kept.
+            session.channel.close("too many open sessions").await;
+            return AgentError::TooManySessions { id, cap }.into_response();
+        }
         tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session opened");
         let value = HeaderValue::from_str(&session.id).expect("session ids are hex");
         response.headers_mut().insert(SESSION_HEADER, value);
@@ -184,6 +197,18 @@ async fn stateless(
         ));
     };
     check_stateless_headers(headers, info)?;
+    // A listen stream lasts as long as the agent wants it: it counts like a session.
+    let listen = if info.method.as_deref() == Some("subscriptions/listen") {
+        match state
+            .sessions
+            .open_listen(who, source, state.session_caps())
+        {
+            Ok(guard) => Some(guard),
+            Err(cap) => return Ok(too_many_sessions(calls, info.id.clone(), cap).await),
+        }
+    } else {
+        None
+    };
     let version = header_str(headers, VERSION_HEADER).map(str::to_owned);
     let context = format!("req-{}", &new_session_id()[..16]);
     let header = open_header(who, source, Era::Stateless, context, version, headers);
@@ -197,8 +222,23 @@ async fn stateless(
         era: ProtocolEra::Stateless,
         filter: ListFilter::for_request(state, who, source, classified),
         calls,
+        listen,
     };
     Ok(forward(state, &channel, body, classified, target).await)
+}
+
+/// The answer when a session cap refuses a new session or listen stream: `429` with a
+/// JSON-RPC error naming the cap, its call recorded first.
+async fn too_many_sessions(
+    mut calls: InFlight,
+    id: Option<Box<serde_json::value::RawValue>>,
+    cap: CapReached,
+) -> Response {
+    let body = error_body(id.as_deref(), codes::INVALID_REQUEST, &cap.to_string());
+    let body = calls
+        .fail(Outcome::Error(codes::INVALID_REQUEST), body)
+        .await;
+    json_response(StatusCode::TOO_MANY_REQUESTS, body)
 }
 
 /// The answer when no tunnel stream could be opened to the source (offline, unknown, or the

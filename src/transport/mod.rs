@@ -59,6 +59,11 @@ pub enum TransportError {
     /// The peer refused more streams for now.
     #[error("tunnel stream limit reached")]
     StreamLimit,
+    /// The peer granted no new stream in time (its concurrent stream limit is used up).
+    #[error(
+        "the tunnel granted no new stream within {0} s (its limit of concurrent streams is reached); retry later"
+    )]
+    OpenTimeout(u64),
     /// Dialing or the TLS handshake failed.
     #[error("could not connect to the relay: {0}")]
     Connect(String),

@@ -42,13 +42,13 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Builds the sources; refuses duplicates and unusable targets.
-    pub fn new(configs: &[SourceConfig]) -> Result<Self, String> {
-        Self::with_answer_limit(configs, crate::config::DEFAULT_MAX_ANSWER_BYTES)
-    }
-
-    /// Builds the sources, relaying answers of at most `max_answer` bytes each.
-    pub fn with_answer_limit(configs: &[SourceConfig], max_answer: usize) -> Result<Self, String> {
+    /// Builds the sources; refuses duplicates and unusable targets. Answers of at most
+    /// `max_answer` bytes each are relayed.
+    pub fn new(
+        configs: &[SourceConfig],
+        stdio_limits: stdio::StdioLimits,
+        max_answer: usize,
+    ) -> Result<Self, String> {
         if configs.is_empty() {
             return Err("no sources: give at least one --source NAME=URL".into());
         }
@@ -61,7 +61,7 @@ impl Sources {
                         .with_answer_limit(max_answer),
                 )),
                 SourceTarget::Stdio(command) => Source::Stdio(Arc::new(
-                    stdio::StdioSource::new(&config.name, command.clone())?
+                    stdio::StdioSource::with_limits(&config.name, command.clone(), stdio_limits)?
                         .with_answer_limit(max_answer),
                 )),
             };

@@ -122,6 +122,11 @@ pub struct Routing {
 }
 
 impl Routing {
+    /// Requests in flight.
+    pub fn pending(&self) -> usize {
+        self.requests.len()
+    }
+
     /// Records the requests of one message; refuses a message reusing a pending id.
     pub fn record(
         &mut self,

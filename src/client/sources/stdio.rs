@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -50,6 +50,34 @@ use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader};
 /// the memory and process table of the host `connect` runs on; 64 concurrent sessions per
 /// source is ample for a private server and small enough to stay safe on a modest machine.
 pub const DEFAULT_MAX_PROCESSES: usize = 64;
+
+/// Default time a session's process lives with no message either way and no request in
+/// flight (`stdio_idle_secs`). Clients that never end their sessions (no DELETE: mcp-remote,
+/// the TypeScript SDK's `Client.close()`) would otherwise hold a process each for the relay's
+/// whole session idle time (30 min), and a few restarts would use up the source's cap.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(5 * 60);
+
+/// Time a new session at the cap waits for the process it reclaimed to be reaped.
+const RECLAIM_WAIT: Duration = Duration::from_secs(10);
+
+/// How a stdio source bounds its processes (`connect`'s `stdio_max_processes` and
+/// `stdio_idle_secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StdioLimits {
+    /// Processes one source runs at once.
+    pub max_processes: usize,
+    /// Idle time after which a session's process is stopped; zero: never.
+    pub idle: Duration,
+}
+
+impl Default for StdioLimits {
+    fn default() -> Self {
+        Self {
+            max_processes: DEFAULT_MAX_PROCESSES,
+            idle: DEFAULT_IDLE,
+        }
+    }
+}
 
 /// Time a child has to exit by itself once its stdin is closed, before its process group gets
 /// SIGKILL. The MCP stdio transport asks clients to close stdin first and give the server a
@@ -130,6 +158,14 @@ pub enum StdioError {
         /// The source.
         source_name: String,
     },
+    /// The session's process was stopped to free its place; the session is over.
+    #[error("source {source_name} stopped this session's process: {why}; start a new session")]
+    Reclaimed {
+        /// The source.
+        source_name: String,
+        /// Why: idle too long, or its place went to a new session.
+        why: String,
+    },
     /// A message could not be forwarded as asked.
     #[error("source {source_name}: {reason}")]
     Unsupported {
@@ -153,6 +189,8 @@ impl StdioError {
 pub struct StdioSource {
     name: Arc<str>,
     command: Vec<String>,
+    /// Idle time after which a session's process is stopped; zero: never.
+    idle: Duration,
     registry: Arc<Registry>,
     pool: tokio::sync::Mutex<Option<Arc<Pooled>>>,
     /// The largest answer line read from a child (`max_answer_bytes`). A line is buffered
@@ -173,6 +211,23 @@ impl StdioSource {
         command: Vec<String>,
         cap: usize,
     ) -> Result<Self, String> {
+        Self::with_limits(
+            name,
+            command,
+            StdioLimits {
+                max_processes: cap,
+                ..StdioLimits::default()
+            },
+        )
+    }
+
+    /// A source `name` that runs `command` within `limits`.
+    pub fn with_limits(
+        name: &str,
+        command: Vec<String>,
+        limits: StdioLimits,
+    ) -> Result<Self, String> {
+        let cap = limits.max_processes;
         if command.first().is_none_or(|program| program.is_empty()) {
             return Err(format!("source {name}: stdio needs a command"));
         }
@@ -182,6 +237,7 @@ impl StdioSource {
         Ok(Self {
             name: name.into(),
             command,
+            idle: limits.idle,
             registry: Arc::new(Registry::new(cap)),
             pool: tokio::sync::Mutex::new(None),
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
@@ -227,9 +283,10 @@ impl StdioSource {
         }
     }
 
-    /// Starts one child process.
-    fn spawn(&self, line_limit: usize, context: &str) -> Result<Process, StdioError> {
-        let mut slot = self.registry.reserve(&self.name)?;
+    /// Starts one child process; at the cap, the process of the least recently used idle
+    /// session makes room for it.
+    async fn spawn(&self, line_limit: usize, context: &str) -> Result<Process, StdioError> {
+        let mut slot = self.registry.reserve_or_reclaim(&self.name).await?;
         let program = &self.command[0];
         let mut command = Command::new(program);
         command
@@ -322,7 +379,7 @@ impl StdioSource {
     ) {
         let limit = writer.limit();
         let (out, writer_task) = start_writer(writer);
-        let mut process = match self.spawn(limit, &header.context) {
+        let mut process = match self.spawn(limit, &header.context).await {
             Ok(process) => process,
             Err(error) => {
                 tracing::warn!(source = %self.name, context = %header.context, %error, "session refused");
@@ -333,6 +390,9 @@ impl StdioSource {
             }
         };
         let routing = Arc::new(Mutex::new(Routing::default()));
+        let primed = Arc::new(AtomicBool::new(false));
+        let activity = Activity::default();
+        let lease = self.registry.lease(activity.clone(), routing.clone());
         let stdout_task = process.stdout.take().map(|stdout| {
             tokio::spawn(route_session_output(
                 stdout,
@@ -341,20 +401,39 @@ impl StdioSource {
                 self.name.clone(),
                 routing.clone(),
                 out.clone(),
+                primed.clone(),
+                activity.clone(),
             ))
         });
         let exit = process.exit.clone();
-        let crashed = loop {
+        let ended = loop {
+            let idle_until = tokio::time::Instant::from_std(activity.last() + self.idle);
             let frame = tokio::select! {
                 frame = reader.next() => frame,
-                () = exit.dead.cancelled() => break true,
+                () = exit.dead.cancelled() => break Ended::Crashed,
+                () = lease.reclaim.cancelled() => break Ended::Reclaimed(format!(
+                    "the source runs its limit of {} processes and a new session took the place of this one, the least recently used idle one",
+                    self.registry.cap
+                )),
+                () = tokio::time::sleep_until(idle_until), if !self.idle.is_zero() => {
+                    if pending(&routing) {
+                        // A slow request is not idleness: look again a whole period later.
+                        activity.touch();
+                        continue;
+                    }
+                    break Ended::Reclaimed(format!(
+                        "it was idle for {} s (stdio_idle_secs)",
+                        self.idle.as_secs()
+                    ));
+                }
             };
+            activity.touch();
             let frame = match frame {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break false,
+                Ok(None) => break Ended::Stream,
                 Err(e) => {
                     tracing::debug!(error = %e, "tunnel stream read failed");
-                    break false;
+                    break Ended::Stream;
                 }
             };
             match frame.kind {
@@ -363,21 +442,45 @@ impl StdioSource {
                 FrameKind::Identity => continue,
                 FrameKind::Close => {
                     tracing::debug!(reason = %frame.reason(), "relay closed the stream");
-                    break false;
+                    break Ended::Stream;
                 }
                 other => {
                     tracing::warn!(kind = ?other, "unexpected frame on an exchange stream");
-                    break false;
+                    break Ended::Stream;
                 }
             }
+            let streams = primed.load(Ordering::Relaxed);
             if !self
-                .session_message(&process, &routing, &out, frame.exchange, frame.payload)
+                .session_message(
+                    &process,
+                    &routing,
+                    &out,
+                    frame.exchange,
+                    frame.payload,
+                    streams,
+                )
                 .await
             {
-                break true;
+                break Ended::Crashed;
             }
         };
-        if crashed {
+        drop(lease);
+        if let Ended::Reclaimed(why) = ended {
+            tracing::info!(source = %self.name, pid = process.pid, context = %header.context, %why, "stdio process of a session stopped to free its place");
+            if let Some(task) = stdout_task {
+                task.abort();
+            }
+            drop(process);
+            let error = StdioError::Reclaimed {
+                source_name: self.name.to_string(),
+                why,
+            };
+            serve_reclaimed(&mut reader, &out, &routing, &error).await;
+            drop(out);
+            let _ = writer_task.await;
+            return;
+        }
+        if ended == Ended::Crashed {
             // Let what it printed before dying reach the agent, then answer the rest.
             if let Some(task) = stdout_task {
                 let abort = task.abort_handle();
@@ -410,7 +513,9 @@ impl StdioSource {
         let _ = writer_task.await;
     }
 
-    /// Forwards one message of a session to its process; false when the process died.
+    /// Forwards one message of a session to its process; false when the process died. With
+    /// `streams`, a request's answer is announced as an event stream at once (see
+    /// [`announces_streams`]).
     async fn session_message(
         &self,
         process: &Process,
@@ -418,6 +523,7 @@ impl StdioSource {
         out: &super::Out,
         exchange: u64,
         payload: Bytes,
+        streams: bool,
     ) -> bool {
         let classified = match classify(&payload) {
             Ok(classified) => classified,
@@ -444,6 +550,10 @@ impl StdioSource {
             ));
             answer_all(out, exchange, &classified, &error).await;
             return true;
+        }
+        if streams && !requests.is_empty() {
+            // Before the request reaches the child, so before any line of its answer.
+            let _ = out.send(Frame::streaming(exchange)).await;
         }
         let line = one_line(payload);
         let delivered = match &process.stdin {
@@ -607,10 +717,125 @@ impl Drop for StdioSource {
     }
 }
 
+/// How a session's loop ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The tunnel stream ended (the session is over).
+    Stream,
+    /// The process died.
+    Crashed,
+    /// The process was stopped to free its place; the text says why.
+    Reclaimed(String),
+}
+
+/// Whether a session has requests in flight.
+fn pending(routing: &Mutex<Routing>) -> bool {
+    routing
+        .lock()
+        .expect("routing lock is never held across a panic")
+        .pending()
+        > 0
+}
+
+/// When a session last saw a message either way.
+#[derive(Clone)]
+struct Activity(Arc<Mutex<std::time::Instant>>);
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(std::time::Instant::now())))
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self
+            .0
+            .lock()
+            .expect("activity lock is never held across a panic") = std::time::Instant::now();
+    }
+
+    fn last(&self) -> std::time::Instant {
+        *self
+            .0
+            .lock()
+            .expect("activity lock is never held across a panic")
+    }
+}
+
+/// After its process was reclaimed, a session's stream answers its next request with
+/// `error` (and any request still pending), then ends: the agent learns why, and its
+/// session is over.
+async fn serve_reclaimed(
+    reader: &mut FrameReader<RecvHalf>,
+    out: &super::Out,
+    routing: &Mutex<Routing>,
+    error: &StdioError,
+) {
+    let pending = routing
+        .lock()
+        .expect("routing lock is never held across a panic")
+        .take_all();
+    let answered = !pending.is_empty();
+    for (exchange, ids) in pending {
+        for id in ids {
+            let body = error_body(Some(&id), error.code(), &error.to_string());
+            let _ = out.send(Frame::message(exchange, body)).await;
+        }
+        let _ = out.send(Frame::end(exchange)).await;
+    }
+    if !answered {
+        loop {
+            let frame = match reader.next().await {
+                Ok(Some(frame)) if frame.kind == FrameKind::Message => frame,
+                Ok(Some(frame)) if frame.kind == FrameKind::Identity => continue,
+                _ => return,
+            };
+            let Ok(classified) = classify(&frame.payload) else {
+                let _ = out.send(Frame::end(frame.exchange)).await;
+                continue;
+            };
+            if requests(&classified).next().is_none() {
+                let _ = out.send(Frame::end(frame.exchange)).await;
+                continue;
+            }
+            answer_all(out, frame.exchange, &classified, error).await;
+            break;
+        }
+    }
+    let _ = out.send(Frame::close(error.to_string())).await;
+}
+
 /// The process ids of this source's children: the cap and the kill list.
 struct Registry {
     cap: usize,
     state: watch::Sender<RegistryState>,
+    /// The sessions holding a process, for reclaiming the least recently used idle one.
+    leases: Arc<Mutex<Leases>>,
+}
+
+/// Sessions holding a process, by a number of their own.
+#[derive(Default)]
+struct Leases {
+    next: u64,
+    open: HashMap<u64, (Activity, Arc<Mutex<Routing>>, CancellationToken)>,
+}
+
+/// A session's hold on its process; cancelled when the process is reclaimed.
+struct Lease {
+    number: u64,
+    leases: Arc<Mutex<Leases>>,
+    reclaim: CancellationToken,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.leases
+            .lock()
+            .expect("lease lock is never held across a panic")
+            .open
+            .remove(&self.number);
+    }
 }
 
 #[derive(Default)]
@@ -628,6 +853,73 @@ impl Registry {
         Self {
             cap,
             state: watch::Sender::new(RegistryState::default()),
+            leases: Arc::default(),
+        }
+    }
+
+    /// Registers a session holding a process, active as `activity` says and idle while
+    /// `routing` has no request pending.
+    fn lease(&self, activity: Activity, routing: Arc<Mutex<Routing>>) -> Lease {
+        let reclaim = CancellationToken::new();
+        let mut leases = self
+            .leases
+            .lock()
+            .expect("lease lock is never held across a panic");
+        leases.next += 1;
+        let number = leases.next;
+        leases
+            .open
+            .insert(number, (activity, routing, reclaim.clone()));
+        Lease {
+            number,
+            leases: self.leases.clone(),
+            reclaim,
+        }
+    }
+
+    /// Asks the least recently used idle session to give up its process; false when every
+    /// session has a request in flight.
+    fn reclaim_lru(&self) -> bool {
+        let mut leases = self
+            .leases
+            .lock()
+            .expect("lease lock is never held across a panic");
+        let victim = leases
+            .open
+            .iter()
+            .filter(|(_, (_, routing, _))| !pending(routing))
+            .min_by_key(|(_, (activity, _, _))| activity.last())
+            .map(|(number, _)| *number);
+        match victim.and_then(|number| leases.open.remove(&number)) {
+            Some((_, _, reclaim)) => {
+                reclaim.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A slot, reclaiming the least recently used idle session's process at the cap and
+    /// waiting (bounded) until it is reaped.
+    async fn reserve_or_reclaim(self: &Arc<Self>, source: &str) -> Result<Slot, StdioError> {
+        let mut changes = self.state.subscribe();
+        let refused = match self.reserve(source) {
+            Err(refused @ StdioError::CapReached { .. }) => refused,
+            other => return other,
+        };
+        if !self.reclaim_lru() {
+            return Err(refused);
+        }
+        let deadline = tokio::time::Instant::now() + RECLAIM_WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(refused),
+            }
+            match self.reserve(source) {
+                Err(StdioError::CapReached { .. }) => continue,
+                other => return other,
+            }
         }
     }
 
@@ -904,6 +1196,31 @@ fn one_line(payload: Bytes) -> Bytes {
 }
 
 /// Reads a session's child's stdout and sends each message to its exchange.
+/// Whether a session whose `initialize` answer is `line` has its answers announced as event
+/// streams: from protocol version 2025-11-25 on, an agent expects a POST's stream to open at
+/// once with a priming event (an event id it can resume from), so an answer the child takes
+/// its time over is not lost when the agent's connection drops before it. An HTTP upstream
+/// decides that itself (its response headers say `text/event-stream`); a stdio child has no
+/// headers, so `connect` announces the stream as soon as the request is forwarded, and the
+/// relay primes it.
+fn announces_streams(line: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Init {
+        result: Option<Settled>,
+    }
+    #[derive(Deserialize)]
+    struct Settled {
+        #[serde(rename = "protocolVersion")]
+        protocol_version: String,
+    }
+    match serde_json::from_slice::<Init>(line) {
+        Ok(Init {
+            result: Some(settled),
+        }) => settled.protocol_version.as_str() >= "2025-11-25",
+        _ => false,
+    }
+}
+
 async fn route_session_output(
     stdout: ChildStdout,
     limit: usize,
@@ -911,6 +1228,8 @@ async fn route_session_output(
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
     out: super::Out,
+    primed: Arc<AtomicBool>,
+    activity: Activity,
 ) {
     let mut lines = FramedRead::new(stdout, LineDecoder::new(limit));
     while let Some(Ok(line)) = lines.next().await {
@@ -929,10 +1248,17 @@ async fn route_session_output(
                 continue;
             }
         };
+        activity.touch();
         let (exchange, ended) = routing
             .lock()
             .expect("routing lock is never held across a panic")
             .target(&classified, raw);
+        if !primed.load(Ordering::Relaxed)
+            && line.windows(16).any(|w| w == b"protocolVersion\"")
+            && announces_streams(&line)
+        {
+            primed.store(true, Ordering::Relaxed);
+        }
         if super::send_message(&out, exchange, line, max_frame, &source)
             .await
             .is_err()
@@ -1085,7 +1411,7 @@ impl Pooled {
         limit: usize,
         context: &str,
     ) -> Result<Arc<Self>, StdioError> {
-        let mut process = source.spawn(limit, context)?;
+        let mut process = source.spawn(limit, context).await?;
         let stdout = process.stdout.take();
         let Some(stdin) = process.stdin.clone() else {
             return Err(source.exited("stdin closed".into()));
