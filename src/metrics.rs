@@ -70,3 +70,14 @@ pub const AUDIT_WRITE_SECONDS: &str = "mcp_tunnel_audit_write_seconds";
 pub const AUDIT_QUEUE_DEPTH: &str = "mcp_tunnel_audit_queue_depth";
 /// Histogram: audit rows per commit (group commit batch size).
 pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";
+
+// Listener and tunnel admission bounds (`[limits]`, src/relay/serve_http.rs and
+// src/relay/tunnels.rs).
+
+/// Counter: tunnel connections refused because `max_tunnel_handshakes` were in progress.
+pub const TUNNEL_HANDSHAKES_REFUSED: &str = "mcp_tunnel_handshakes_refused_total";
+/// Gauge: open HTTP connections, labelled by `listener` (`agents`, `admin`).
+pub const HTTP_CONNECTIONS: &str = "mcp_tunnel_http_connections";
+/// Counter: HTTP connections closed by the relay for a timeout, labelled by `listener` and
+/// `reason` (`idle`, `header`).
+pub const HTTP_CONNECTIONS_TIMED_OUT: &str = "mcp_tunnel_http_connections_timed_out_total";
