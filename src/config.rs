@@ -410,9 +410,8 @@ pub struct LimitsSection {
     pub session_idle_secs: u64,
 
     // --- Listener and tunnel admission bounds (read at start; see [`ListenerLimits`]). ---
-    /// Seconds an agent or admin connection has to deliver a request's complete header. On
-    /// HTTP/1.1 the clock runs from when the connection is ready for its next request, so it
-    /// also closes a kept-alive connection that stays quiet this long.
+    /// Seconds an agent or admin connection has to deliver a request's complete header,
+    /// counted from the request's first byte (from accept for a connection's first request).
     pub agent_header_timeout_secs: u64,
     /// Seconds an agent or admin connection may stay open with no request in flight (HTTP/2
     /// gets a GOAWAY); open SSE streams and calls waiting on their upstream are in flight.
@@ -996,8 +995,8 @@ impl ClientFile {
 /// hold open before (and without) authenticating. Read when the relay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerLimits {
-    /// Time to deliver a request's complete header (HTTP/1.1: from when the connection is ready
-    /// for its next request).
+    /// Time to deliver a request's complete header, from its first byte (from accept for a
+    /// connection's first request).
     pub header_timeout: Duration,
     /// Time a connection may stay open with no request in flight.
     pub idle_timeout: Duration,
@@ -1017,8 +1016,9 @@ impl ListenerLimits {
     /// Default header timeout: a real client sends its header in one go; 10 s covers a slow
     /// link and closes a slowloris connection quickly.
     pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
-    /// Default idle timeout: longer than common client pools keep connections (httpx 5 s), far
-    /// shorter than a forgotten socket.
+    /// Default idle timeout: longer than common client pools keep idle connections (httpx 5 s,
+    /// reqwest 90 s), so a client rarely reuses one just as the relay closes it; far shorter
+    /// than a forgotten socket.
     pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
     /// Default agent connection cap: well under a raised file descriptor limit, ample for
     /// thousands of agents with open SSE streams.

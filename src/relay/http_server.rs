@@ -4,20 +4,25 @@
 //! - **Connection cap**: a connection is accepted only with a permit; while all are taken, new
 //!   connections wait in the kernel's listen backlog (as Go's `netutil.LimitListener` does)
 //!   instead of costing the relay memory and a task each.
-//! - **Header timeout**: hyper's HTTP/1.1 `header_read_timeout` (with its timer): a request's
-//!   header must be complete within it, counted from when the connection is ready for that
-//!   request. A connection that sends nothing at all (not even enough to tell HTTP/1.1 from
-//!   HTTP/2) is closed by the idle watchdog at the same deadline.
-//! - **Idle timeout**: a connection with no request in flight for that long is shut down
-//!   gracefully (HTTP/2 gets a GOAWAY). A request is in flight from its header until its
-//!   response body is finished or dropped, so an open SSE stream or a call waiting on its
-//!   upstream never counts as idle.
+//! - **Header timeout** (HTTP/1.1): from the first byte of a request (or from accept, for a
+//!   connection's first request) its header must be complete within the timeout, or the
+//!   connection is dropped: a slowloris peer holds a connection that long and no longer.
+//!   hyper's own `header_read_timeout` is not used: its clock starts as soon as a kept-alive
+//!   connection waits for its next request, so it would also close idle keep-alive connections
+//!   that early, racing clients that reuse them (reqwest keeps them 90 s).
+//! - **Idle timeout**: a connection with no request in flight and no request begun for that
+//!   long is shut down gracefully (HTTP/2 gets a GOAWAY). A request is in flight from its
+//!   header until its response body is finished or dropped, so an open SSE stream or a call
+//!   waiting on its upstream never counts as idle. HTTP/2 connections are held to this one
+//!   (their frames arrive at any time; the `h2` crate bounds header blocks).
 //!
 //! On shutdown the listener closes, every connection is shut down gracefully, and [`serve`]
 //! returns once they have all ended.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +32,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -102,27 +107,64 @@ pub async fn serve(
     connections.wait().await;
 }
 
-/// Requests in flight on one connection, and when it is due to close if none starts.
+/// Which clock a connection with no request in flight runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// A request's header has begun (or the connection is fresh): dropped at the deadline.
+    Header,
+    /// Nothing begun since the last answer: shut down gracefully at the deadline.
+    Idle,
+}
+
+/// The clocks of one connection.
+struct Clock {
+    /// When a header began arriving with no request in flight (`None`: none has).
+    header_started: Option<Instant>,
+    /// When an idle connection is shut down; set as each answer ends.
+    idle_deadline: Instant,
+    /// Whether the connection speaks HTTP/2 (its preface was seen): no header clock then.
+    h2: bool,
+}
+
+/// Requests in flight on one connection, and its clocks.
 struct Activity {
     in_flight: AtomicUsize,
-    /// When the connection has been idle too long; meaningful while `in_flight` is 0.
-    idle_deadline: Mutex<Instant>,
+    clock: Mutex<Clock>,
+    header_timeout: Duration,
     idle_timeout: Duration,
     changed: Notify,
 }
 
 impl Activity {
-    /// The idle deadline, or `None` while a request is in flight.
-    fn idle_deadline(&self) -> Option<Instant> {
+    fn clock(&self) -> std::sync::MutexGuard<'_, Clock> {
+        self.clock
+            .lock()
+            .expect("clock lock is never held across a panic")
+    }
+
+    /// When the connection is due to close and why, or `None` while a request is in flight.
+    fn due(&self) -> Option<(Instant, Due)> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        Some(
-            *self
-                .idle_deadline
-                .lock()
-                .expect("idle_deadline lock is never held across a panic"),
-        )
+        let clock = self.clock();
+        match clock.header_started {
+            Some(started) if !clock.h2 => Some((started + self.header_timeout, Due::Header)),
+            _ => Some((clock.idle_deadline, Due::Idle)),
+        }
+    }
+
+    /// Bytes arrived; `first` are the connection's first bytes, if these are they.
+    fn bytes_read(&self, first: Option<&[u8]>) {
+        let mut clock = self.clock();
+        if let Some(first) = first {
+            clock.h2 = first.starts_with(b"PRI ");
+        }
+        if clock.header_started.is_none() && self.in_flight.load(Ordering::Acquire) == 0 {
+            clock.header_started = Some(Instant::now());
+            drop(clock);
+            self.changed.notify_one();
+        }
     }
 }
 
@@ -132,6 +174,7 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn begin(activity: &Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.clock().header_started = None;
         activity.changed.notify_one();
         Self(activity.clone())
     }
@@ -143,14 +186,71 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.0;
-        // Stamp the deadline before the count can reach 0, so the watchdog never reads an old one.
-        *activity
-            .idle_deadline
-            .lock()
-            .expect("idle_deadline lock is never held across a panic") =
-            Instant::now() + activity.idle_timeout;
-        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        {
+            // Under the clock's lock, so a byte read meanwhile is seen with the count at 0.
+            let mut clock = activity.clock();
+            clock.idle_deadline = Instant::now() + activity.idle_timeout;
+            clock.header_started = None;
+            activity.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
         activity.changed.notify_one();
+    }
+}
+
+/// A TCP stream that tells its connection's [`Activity`] when bytes arrive.
+struct Watched {
+    tcp: TcpStream,
+    activity: Arc<Activity>,
+    seen_any: bool,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            let first = (!this.seen_any).then(|| &buf.filled()[before..]);
+            this.seen_any = true;
+            this.activity.bytes_read(first);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -164,16 +264,25 @@ async fn serve_connection(
 ) {
     let open = metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "listener" => bounds.name);
     open.increment(1.0);
-    // Before its first request a connection is held to the header timeout (or the idle
-    // timeout, if shorter): a real client sends its request right after connecting.
+    // A fresh connection is on the header clock from accept: a real client sends its request
+    // right after connecting (an HTTP/2 one its preface, then the idle clock applies).
+    let now = Instant::now();
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
-        idle_deadline: Mutex::new(
-            Instant::now() + bounds.header_timeout.min(bounds.idle_timeout),
-        ),
+        clock: Mutex::new(Clock {
+            header_started: Some(now),
+            idle_deadline: now + bounds.header_timeout.min(bounds.idle_timeout),
+            h2: false,
+        }),
+        header_timeout: bounds.header_timeout,
         idle_timeout: bounds.idle_timeout,
         changed: Notify::new(),
     });
+    let io = Watched {
+        tcp,
+        activity: activity.clone(),
+        seen_any: false,
+    };
     let service = {
         let activity = activity.clone();
         hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -195,28 +304,19 @@ async fn serve_connection(
         })
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(bounds.header_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+    // The header clock is ours (see the module docs); hyper's would default to 30 s with a
+    // timer, and this builder has none.
+    builder.http1().header_read_timeout(None);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     let mut closing = false;
     let mut give_up: Option<Instant> = None;
     loop {
-        let idle = if closing {
-            None
-        } else {
-            activity.idle_deadline()
-        };
+        let due = if closing { None } else { activity.due() };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(listener = bounds.name, %remote, error = %e, "HTTP connection ended");
-                    if is_header_timeout(&*e) {
-                        metrics::counter!(crate::metrics::HTTP_CONNECTIONS_TIMED_OUT, "listener" => bounds.name, "reason" => "header").increment(1);
-                    }
                 }
                 break;
             }
@@ -226,13 +326,21 @@ async fn serve_connection(
                     give_up = None;
                 }
             }
-            _ = sleep_until(idle), if idle.is_some() => {
-                if activity.idle_deadline().is_some_and(|d| d <= Instant::now()) {
-                    tracing::debug!(listener = bounds.name, %remote, "closing idle HTTP connection");
-                    metrics::counter!(crate::metrics::HTTP_CONNECTIONS_TIMED_OUT, "listener" => bounds.name, "reason" => "idle").increment(1);
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
-                    give_up = Some(Instant::now() + CLOSE_GRACE);
+            _ = sleep_until(due.map(|(at, _)| at)), if due.is_some() => {
+                match activity.due() {
+                    Some((at, Due::Header)) if at <= Instant::now() => {
+                        tracing::debug!(listener = bounds.name, %remote, "no complete request header in time; dropping the connection");
+                        metrics::counter!(crate::metrics::HTTP_CONNECTIONS_TIMED_OUT, "listener" => bounds.name, "reason" => "header").increment(1);
+                        break;
+                    }
+                    Some((at, Due::Idle)) if at <= Instant::now() => {
+                        tracing::debug!(listener = bounds.name, %remote, "closing idle HTTP connection");
+                        metrics::counter!(crate::metrics::HTTP_CONNECTIONS_TIMED_OUT, "listener" => bounds.name, "reason" => "idle").increment(1);
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                        give_up = Some(Instant::now() + CLOSE_GRACE);
+                    }
+                    _ => {}
                 }
             }
             _ = sleep_until(give_up), if give_up.is_some() => break,
@@ -250,18 +358,4 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-/// Whether hyper ended the connection for its header read timeout.
-fn is_header_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(error);
-    while let Some(e) = source {
-        if let Some(hyper) = e.downcast_ref::<hyper::Error>()
-            && hyper.is_timeout()
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }

@@ -21,6 +21,7 @@ pub mod reply;
 pub mod sessions;
 pub mod streamable;
 pub mod tunnels;
+pub mod unread_body;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -423,6 +424,12 @@ impl Relay {
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
                 limit_auth_failures,
+            ))
+            // Outermost: whatever answered early, the rest of the body is read before the
+            // answer goes out, so clients still sending can read it.
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                unread_body::discard_unread_body,
             ))
             .with_state(state.clone());
         let agent_server = http_server::serve(
