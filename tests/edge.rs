@@ -296,3 +296,223 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     drop(second);
     harness.stop().await;
 }
+
+/// A harness with the demo upstream behind tenant `acme`'s source `demo`.
+async fn with_demo(
+    options: Options,
+) -> (
+    Harness,
+    common::Client,
+    tokio_util::sync::CancellationToken,
+) {
+    let upstreams = tokio_util::sync::CancellationToken::new();
+    let url = common::demo_upstream(&upstreams).await;
+    let harness = Harness::start(options).await;
+    let client = harness
+        .connect(&harness.acme.clone(), &[("demo", &url)])
+        .await;
+    (harness, client, upstreams)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
+    let options = Options {
+        limits: LimitsSection {
+            agent_header_timeout_secs: 1,
+            agent_idle_timeout_secs: 1,
+            ..LimitsSection::default()
+        },
+        ..Options::default()
+    };
+    let (harness, _client, _upstreams) = with_demo(options).await;
+    // A call whose upstream takes longer than the idle and header timeouts is in flight, not
+    // idle: its connection stays until the answer is out.
+    let mut agent = common::Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let answer = agent
+        .call_tool(1, "sleep", serde_json::json!({"ms": 2500}))
+        .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(common::tool_text(answer.response()), "slept 2500 ms");
+    harness.stop().await;
+
+    // A kept-alive HTTP/1.1 connection quiet longer than the header timeout (but not the idle
+    // timeout) still takes its next request: the header clock starts at a request's first byte.
+    let options = Options {
+        limits: LimitsSection {
+            agent_header_timeout_secs: 1,
+            agent_idle_timeout_secs: 60,
+            ..LimitsSection::default()
+        },
+        ..Options::default()
+    };
+    let harness = Harness::start(options).await;
+    let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
+    assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
+    harness.stop().await;
+}
+
+/// Sends a `tools/call` whose body is `size` bytes over raw HTTP/1.1 in 64 KiB writes, then
+/// reads the answer: its head and the JSON body. A write error (the relay reset the connection)
+/// is returned with whatever was read.
+async fn post_oversized(
+    tcp: &mut TcpStream,
+    host: SocketAddr,
+    key: &str,
+    size: usize,
+) -> Result<(String, serde_json::Value), String> {
+    let prefix = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"message":""#;
+    let suffix = br#""}}}"#;
+    let filler = size - prefix.len() - suffix.len();
+    let head = format!(
+        "POST /mcp/demo HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+         MCP-Protocol-Version: 2025-11-25\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let sent = async {
+        tcp.write_all(head.as_bytes()).await?;
+        tcp.write_all(prefix).await?;
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = filler;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            tcp.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        tcp.write_all(suffix).await
+    };
+    let sent: std::io::Result<()> = tokio::time::timeout(WAIT, sent)
+        .await
+        .expect("body sent in time");
+    // Read one answer: head, then Content-Length bytes.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().expect("a length"))
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                let body = serde_json::from_slice(&got[end + 4..end + 4 + length])
+                    .map_err(|e| format!("answer body: {e}"))?;
+                return Ok((head, body));
+            }
+        }
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "read failed after {} bytes ({e}); write: {sent:?}",
+                    got.len()
+                ));
+            }
+            Err(_) => return Err("no answer in time".into()),
+        }
+    }
+    Err(format!(
+        "connection closed after {} bytes; write: {sent:?}",
+        got.len()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usable() {
+    const LIMIT: usize = 64 * 1024;
+    let options = Options {
+        limits: LimitsSection {
+            max_message_bytes: LIMIT,
+            ..LimitsSection::default()
+        },
+        ..Options::default()
+    };
+    let (harness, _client, _upstreams) = with_demo(options).await;
+    let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
+    // 32 MiB: far more than loopback socket buffers absorb, so the client is still sending
+    // when the relay has its answer.
+    let (head, body) = post_oversized(&mut tcp, harness.agents, &harness.acme.api_key, 32 << 20)
+        .await
+        .expect("the 413 is read");
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(
+        body["error"]["code"],
+        mcp_tunnel::mcp::jsonrpc::codes::TOO_LARGE,
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&LIMIT.to_string()),
+        "{body}"
+    );
+    // The whole body was read: the connection takes the next request.
+    assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
+    harness.stop().await;
+}
+
+/// Runs `tests/peers/oversized_client.py` against `url` with a `size`-byte message; returns
+/// its facts (`key: value` lines).
+async fn oversized_client(url: &str, key: &str, size: usize) -> Vec<(String, serde_json::Value)> {
+    let peers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers");
+    let python = peers.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/install-peers.sh",
+        python.display()
+    );
+    let mut command = tokio::process::Command::new(&python);
+    command
+        .arg(peers.join("oversized_client.py"))
+        .args([url, key, &size.to_string()])
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(4 * WAIT, command.output())
+        .await
+        .expect("oversized_client.py ends in time")
+        .expect("oversized_client.py runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "oversized_client.py ({size} bytes) failed\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_owned(), serde_json::from_str(v).expect("a JSON fact")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_and_async_httpx_read_the_413_of_large_bodies() {
+    let (harness, _client, _upstreams) = with_demo(Options::default()).await;
+    let limit = mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES;
+    // Just over the limit, and far over it (the reset showed from 20 MiB on, every time at
+    // 48 MiB on loopback).
+    for size in [20 * 1024 * 1024 + 512 * 1024, 48 * 1024 * 1024] {
+        let facts = oversized_client(&harness.url("demo"), &harness.acme.api_key, size).await;
+        let fact = |key: &str| -> &serde_json::Value {
+            facts
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v)
+                .unwrap_or_else(|| panic!("no {key} in {facts:?}"))
+        };
+        assert_eq!(fact("raw_status"), 413, "{size}: {facts:?}");
+        let states_limit =
+            |v: &serde_json::Value| v.as_str().unwrap_or_default().contains(&limit.to_string());
+        assert!(states_limit(&fact("raw_error")["message"]), "{size}: {facts:?}");
+        assert!(states_limit(fact("sdk_error")), "{size}: {facts:?}");
+        assert_eq!(fact("after"), "after", "{size}: {facts:?}");
+    }
+    harness.stop().await;
+}
