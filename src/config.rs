@@ -1068,6 +1068,29 @@ impl ListenerLimits {
 }
 
 #[cfg(test)]
+mod listener_limit_tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_zero_bounds_are_named() {
+        let limits = LimitsSection::default();
+        assert_eq!(limits.listeners().validate(), Ok(()));
+        let zero = LimitsSection {
+            max_tunnel_handshakes: 0,
+            ..LimitsSection::default()
+        };
+        let err = zero.listeners().validate().expect_err("zero handshakes");
+        assert!(err.contains("max_tunnel_handshakes"), "{err}");
+        let tiny = LimitsSection {
+            tunnel_receive_window_bytes: 1024,
+            ..LimitsSection::default()
+        };
+        let err = tiny.listeners().validate().expect_err("tiny window");
+        assert!(err.contains("tunnel_receive_window_bytes"), "{err}");
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
