@@ -411,10 +411,11 @@ pub struct LimitsSection {
 
     // --- Listener and tunnel admission bounds (read at start; see [`ListenerLimits`]). ---
     /// Seconds an agent or admin connection has to deliver a request's complete header,
-    /// counted from the request's first byte (from accept for a connection's first request).
+    /// counted from the request's first byte.
     pub agent_header_timeout_secs: u64,
-    /// Seconds an agent or admin connection may stay open with no request in flight (HTTP/2
-    /// gets a GOAWAY); open SSE streams and calls waiting on their upstream are in flight.
+    /// Seconds an agent or admin connection may stay open with no request in flight, a fresh
+    /// one included (HTTP/2 gets a GOAWAY); open SSE streams and calls waiting on their
+    /// upstream are in flight.
     pub agent_idle_timeout_secs: u64,
     /// Agent connections served at once; more wait in the listen backlog.
     pub max_agent_connections: usize,
@@ -995,8 +996,7 @@ impl ClientFile {
 /// hold open before (and without) authenticating. Read when the relay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenerLimits {
-    /// Time to deliver a request's complete header, from its first byte (from accept for a
-    /// connection's first request).
+    /// Time to deliver a request's complete header, from its first byte.
     pub header_timeout: Duration,
     /// Time a connection may stay open with no request in flight.
     pub idle_timeout: Duration,

@@ -348,9 +348,12 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
     };
     let harness = Harness::start(options).await;
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
+    // A fresh connection is idle too (pooling clients open them ahead of use).
+    let mut unused = TcpStream::connect(harness.agents).await.expect("connect");
     assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
+    assert!(request_status(&mut unused, harness.agents).await.contains("401"));
     harness.stop().await;
 }
 

@@ -4,14 +4,15 @@
 //! - **Connection cap**: a connection is accepted only with a permit; while all are taken, new
 //!   connections wait in the kernel's listen backlog (as Go's `netutil.LimitListener` does)
 //!   instead of costing the relay memory and a task each.
-//! - **Header timeout** (HTTP/1.1): from the first byte of a request (or from accept, for a
-//!   connection's first request) its header must be complete within the timeout, or the
-//!   connection is dropped: a slowloris peer holds a connection that long and no longer.
+//! - **Header timeout** (HTTP/1.1): from the first byte of a request its header must be
+//!   complete within the timeout, or the connection is dropped: a slowloris peer holds a
+//!   connection that long and no longer.
 //!   hyper's own `header_read_timeout` is not used: its clock starts as soon as a kept-alive
 //!   connection waits for its next request, so it would also close idle keep-alive connections
 //!   that early, racing clients that reuse them (reqwest keeps them 90 s).
 //! - **Idle timeout**: a connection with no request in flight and no request begun for that
-//!   long is shut down gracefully (HTTP/2 gets a GOAWAY). A request is in flight from its
+//!   long (a fresh one included: pooling clients open connections they keep unused for a
+//!   while) is shut down gracefully (HTTP/2 gets a GOAWAY). A request is in flight from its
 //!   header until its response body is finished or dropped, so an open SSE stream or a call
 //!   waiting on its upstream never counts as idle. HTTP/2 connections are held to this one
 //!   (their frames arrive at any time; the `h2` crate bounds header blocks).
@@ -110,7 +111,7 @@ pub async fn serve(
 /// Which clock a connection with no request in flight runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Due {
-    /// A request's header has begun (or the connection is fresh): dropped at the deadline.
+    /// A request's header has begun: dropped at the deadline.
     Header,
     /// Nothing begun since the last answer: shut down gracefully at the deadline.
     Idle,
@@ -264,14 +265,13 @@ async fn serve_connection(
 ) {
     let open = metrics::gauge!(crate::metrics::HTTP_CONNECTIONS, "listener" => bounds.name);
     open.increment(1.0);
-    // A fresh connection is on the header clock from accept: a real client sends its request
-    // right after connecting (an HTTP/2 one its preface, then the idle clock applies).
-    let now = Instant::now();
+    // A fresh connection is on the idle clock until its first byte: pooling clients (hyper's,
+    // so reqwest) open connections they may keep unused for a while, like a kept-alive one.
     let activity = Arc::new(Activity {
         in_flight: AtomicUsize::new(0),
         clock: Mutex::new(Clock {
-            header_started: Some(now),
-            idle_deadline: now + bounds.header_timeout.min(bounds.idle_timeout),
+            header_started: None,
+            idle_deadline: Instant::now() + bounds.idle_timeout,
             h2: false,
         }),
         header_timeout: bounds.header_timeout,

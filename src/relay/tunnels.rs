@@ -24,6 +24,7 @@ use crate::wire::{
 #[derive(Clone)]
 pub struct Admission {
     permits: Arc<Semaphore>,
+    max: usize,
     timeout: Duration,
     receive_window: u64,
 }
@@ -33,9 +34,17 @@ impl Admission {
     pub fn new(limits: &ListenerLimits) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limits.max_tunnel_handshakes)),
+            max: limits.max_tunnel_handshakes,
             timeout: limits.tunnel_handshake_timeout,
             receive_window: limits.tunnel_receive_window,
         }
+    }
+
+    /// Whether more than half the handshake slots are taken: QUIC peers must then prove their
+    /// address (a Retry round trip) before they get one, so spoofed Initial packets, which can
+    /// never complete a handshake, cannot hold slots until the handshake timeout.
+    fn under_pressure(&self) -> bool {
+        self.permits.available_permits().saturating_mul(2) < self.max
     }
 
     /// A handshake slot with its deadline, or `None` when all are taken.
@@ -77,8 +86,14 @@ pub async fn serve_quic(
             incoming = endpoint.accept() => incoming,
             _ = shutdown.cancelled() => break,
         };
-        let Some(incoming) = incoming else { break };
+        let Some(mut incoming) = incoming else { break };
         let remote = incoming.remote_address();
+        if admission.under_pressure() && !incoming.remote_address_validated() {
+            match incoming.retry() {
+                Ok(()) => continue,
+                Err(not_now) => incoming = not_now.into_incoming(),
+            }
+        }
         let Some(handshaking) = admission.begin() else {
             tracing::debug!(%remote, "QUIC connection refused: too many handshakes in progress");
             incoming.refuse();
