@@ -47,11 +47,13 @@ async fn demo_takes_a_free_port_when_8080_is_taken_and_removes_its_folder_on_ctr
         .post(&url)
         .bearer_auth(&key)
         .header("accept", "application/json, text/event-stream")
-        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "demo-test", "version": "0"}
-        }}))
+        .json(
+            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "demo-test", "version": "0"}
+            }}),
+        )
         .timeout(WAIT)
         .send()
         .await
@@ -64,10 +66,11 @@ async fn demo_takes_a_free_port_when_8080_is_taken_and_removes_its_folder_on_ctr
     );
 
     demo.signal(libc::SIGINT);
-    let status = demo
-        .exit_status(tokio::time::Instant::now() + WAIT)
-        .await;
-    assert!(status.success(), "the demo exits cleanly on Ctrl-C: {status:?}");
+    let status = demo.exit_status(tokio::time::Instant::now() + WAIT).await;
+    assert!(
+        status.success(),
+        "the demo exits cleanly on Ctrl-C: {status:?}"
+    );
     assert!(
         !folder.exists(),
         "{} is left behind; output:\n{}",

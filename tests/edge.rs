@@ -99,9 +99,7 @@ async fn quic_peer_opens_no_streams_after_hello_either() {
     let hello = Hello {
         version: wire::PROTOCOL_VERSION,
         token: harness.acme.tunnel_token.clone(),
-        sources: vec![wire::SourceAnnouncement {
-            name: "raw".into(),
-        }],
+        sources: vec![wire::SourceAnnouncement { name: "raw".into() }],
         max_frame: 1024 * 1024,
         agent: "edge-test".into(),
     };
@@ -265,8 +263,16 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     let harness = Harness::start(options).await;
     let mut first = TcpStream::connect(harness.agents).await.expect("connect");
     let mut second = TcpStream::connect(harness.agents).await.expect("connect");
-    assert!(request_status(&mut first, harness.agents).await.contains("401"));
-    assert!(request_status(&mut second, harness.agents).await.contains("401"));
+    assert!(
+        request_status(&mut first, harness.agents)
+            .await
+            .contains("401")
+    );
+    assert!(
+        request_status(&mut second, harness.agents)
+            .await
+            .contains("401")
+    );
     // Both slots are held by kept-alive connections: a third is not served...
     let mut third = TcpStream::connect(harness.agents).await.expect("connect");
     third
@@ -300,11 +306,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
 /// A harness with the demo upstream behind tenant `acme`'s source `demo`.
 async fn with_demo(
     options: Options,
-) -> (
-    Harness,
-    common::Client,
-    tokio_util::sync::CancellationToken,
-) {
+) -> (Harness, common::Client, tokio_util::sync::CancellationToken) {
     let upstreams = tokio_util::sync::CancellationToken::new();
     let url = common::demo_upstream(&upstreams).await;
     let harness = Harness::start(options).await;
@@ -350,10 +352,22 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // A fresh connection is idle too (pooling clients open them ahead of use).
     let mut unused = TcpStream::connect(harness.agents).await.expect("connect");
-    assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
+    assert!(
+        request_status(&mut tcp, harness.agents)
+            .await
+            .contains("401")
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
-    assert!(request_status(&mut unused, harness.agents).await.contains("401"));
+    assert!(
+        request_status(&mut tcp, harness.agents)
+            .await
+            .contains("401")
+    );
+    assert!(
+        request_status(&mut unused, harness.agents)
+            .await
+            .contains("401")
+    );
     harness.stop().await;
 }
 
@@ -459,7 +473,11 @@ async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usab
         "{body}"
     );
     // The whole body was read: the connection takes the next request.
-    assert!(request_status(&mut tcp, harness.agents).await.contains("401"));
+    assert!(
+        request_status(&mut tcp, harness.agents)
+            .await
+            .contains("401")
+    );
     harness.stop().await;
 }
 
@@ -513,7 +531,10 @@ async fn python_sdk_and_async_httpx_read_the_413_of_large_bodies() {
         assert_eq!(fact("raw_status"), 413, "{size}: {facts:?}");
         let states_limit =
             |v: &serde_json::Value| v.as_str().unwrap_or_default().contains(&limit.to_string());
-        assert!(states_limit(&fact("raw_error")["message"]), "{size}: {facts:?}");
+        assert!(
+            states_limit(&fact("raw_error")["message"]),
+            "{size}: {facts:?}"
+        );
         assert!(states_limit(fact("sdk_error")), "{size}: {facts:?}");
         assert_eq!(fact("after"), "after", "{size}: {facts:?}");
     }

@@ -26,8 +26,10 @@ pub const SOURCE: &str = "demo";
 /// Time the tunnel has to come up before the demo gives up.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The agent address the demo prefers (the one the README's examples use).
-pub const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8080));
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    8080,
+));
 /// After shutdown, how long the relay gets to drain and close its audit trail before the demo's
 /// folder is removed anyway (the relay's own grace period is 10 s, then 2 s for the last
 /// answers).
@@ -60,7 +62,10 @@ impl Demo {
     /// After `shutdown`: waits (bounded) for the relay to drain and close its audit trail,
     /// then removes the demo's temporary folder.
     pub async fn finish(self) {
-        if tokio::time::timeout(FINISH_TIMEOUT, self.relay).await.is_err() {
+        if tokio::time::timeout(FINISH_TIMEOUT, self.relay)
+            .await
+            .is_err()
+        {
             tracing::warn!("the demo relay did not stop in time; removing its folder anyway");
         }
         drop(self.folder);
@@ -124,8 +129,11 @@ pub async fn start(
             if listen.is_none() && error.kind() == std::io::ErrorKind::AddrInUse =>
         {
             tracing::info!(%addr, "the demo's default address is taken; using a free port");
-            let mut demo = start_on("127.0.0.1:0".parse().map_err(anyhow::Error::from)?, shutdown)
-                .await?;
+            let mut demo = start_on(
+                "127.0.0.1:0".parse().map_err(anyhow::Error::from)?,
+                shutdown,
+            )
+            .await?;
             demo.default_taken = true;
             Ok(demo)
         }
@@ -136,11 +144,10 @@ pub async fn start(
 async fn start_on(listen: SocketAddr, shutdown: CancellationToken) -> Result<Demo, DemoError> {
     // The agent address first: the one bind that may fail for a reason the user can fix.
     drop(
-        std::net::TcpListener::bind(listen)
-            .map_err(|error| DemoError::Listen {
-                addr: listen,
-                error,
-            })?,
+        std::net::TcpListener::bind(listen).map_err(|error| DemoError::Listen {
+            addr: listen,
+            error,
+        })?,
     );
     Ok(start_inner(listen, shutdown).await?)
 }

@@ -152,9 +152,14 @@ async fn discard(mut body: Body, bound: usize, timeout: Duration) -> bool {
         }
         true
     };
-    let drained = tokio::time::timeout(timeout, read_all).await.unwrap_or(false);
+    let drained = tokio::time::timeout(timeout, read_all)
+        .await
+        .unwrap_or(false);
     if !drained {
-        tracing::debug!(bound, "unread request body left; closing the connection after the answer");
+        tracing::debug!(
+            bound,
+            "unread request body left; closing the connection after the answer"
+        );
     }
     drained
 }

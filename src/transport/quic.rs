@@ -30,7 +30,8 @@ pub const PRE_AUTH_WINDOW: u64 = 128 * 1024;
 
 /// The connection receive window of `connect`'s side: bounds what the relay can make it buffer
 /// over all streams, as wide as the relay's default.
-pub const CONNECT_RECEIVE_WINDOW: u64 = crate::config::ListenerLimits::DEFAULT_TUNNEL_RECEIVE_WINDOW;
+pub const CONNECT_RECEIVE_WINDOW: u64 =
+    crate::config::ListenerLimits::DEFAULT_TUNNEL_RECEIVE_WINDOW;
 
 /// Bytes of a not yet accepted connection attempt that quinn buffers (the client's first
 /// flight; the relay accepts no 0-RTT data).
@@ -118,6 +119,29 @@ pub fn server_endpoint(
         .max_incoming(max_incoming)
         .incoming_buffer_size(INCOMING_BUFFER)
         .incoming_buffer_size_total(INCOMING_BUFFER.saturating_mul(max_incoming as u64));
+    let socket =
+        udp_socket(addr).map_err(|e| TransportError::Config(format!("bind UDP {addr}: {e}")))?;
+    Endpoint::new(
+        EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|e| TransportError::Config(format!("QUIC endpoint on {addr}: {e}")))
+}
+
+/// A QUIC endpoint whose peers open the streams, with the transport settings of `connect`'s
+/// side (which accepts the streams the relay opens): for the raw transport benchmark
+/// (`examples/raw.rs`), whose server accepts its client's streams. The relay never uses it: its
+/// peers may open no streams ([`server_endpoint`]).
+pub fn stream_accepting_server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+) -> Result<Endpoint, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(connect_transport_config());
     let socket =
         udp_socket(addr).map_err(|e| TransportError::Config(format!("bind UDP {addr}: {e}")))?;
     Endpoint::new(
