@@ -134,7 +134,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve_quic(config: rustls::ServerConfig, listen: SocketAddr) -> anyhow::Result<()> {
-    let endpoint = quic::server_endpoint(listen, config)?;
+    // The relay's endpoint lets its peers open no streams; here the client opens them, as the
+    // relay does towards `connect`.
+    let endpoint = quic::stream_accepting_server_endpoint(listen, config)?;
     println!("listening {}", endpoint.local_addr()?);
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(async move {

@@ -455,6 +455,33 @@ pub struct LimitsSection {
     /// kept for a slow or absent agent, and for resumption); past it the oldest unread ones
     /// are dropped (and counted).
     pub session_event_bytes: usize,
+
+    // --- Listener and tunnel admission bounds (read at start; see [`ListenerLimits`]). ---
+    /// Seconds an agent or admin connection has to deliver a request's complete header,
+    /// counted from the request's first byte.
+    pub agent_header_timeout_secs: u64,
+    /// Seconds an agent or admin connection may stay open with no request in flight, a fresh
+    /// one included (HTTP/2 gets a GOAWAY); open SSE streams and calls waiting on their
+    /// upstream are in flight.
+    pub agent_idle_timeout_secs: u64,
+    /// Agent connections served at once; more wait in the listen backlog.
+    pub max_agent_connections: usize,
+    /// Admin connections served at once; more wait in the listen backlog.
+    pub max_admin_connections: usize,
+    /// Tunnel connections in their TLS handshake and `hello` at once (QUIC and HTTPS
+    /// together); more are refused until one finishes.
+    pub max_tunnel_handshakes: usize,
+    /// Seconds a tunnel connection has for TLS and its `hello` together.
+    pub tunnel_handshake_timeout_secs: u64,
+    /// Bytes an authenticated QUIC tunnel connection may have in flight towards the relay over
+    /// all its streams (the connection receive window). Before the `hello` is accepted, the
+    /// window is [`crate::transport::quic::PRE_AUTH_WINDOW`].
+    pub tunnel_receive_window_bytes: u64,
+    /// After a request body over `max_message_bytes`, how many more bytes the relay reads and
+    /// discards so the client, still sending, can read its 413 (reloadable).
+    pub oversized_body_drain_bytes: usize,
+    /// Seconds the relay spends discarding the rest of an oversized body (reloadable).
+    pub oversized_body_drain_secs: u64,
 }
 
 impl Default for LimitsSection {
@@ -470,6 +497,16 @@ impl Default for LimitsSection {
             max_sessions_per_source: DEFAULT_MAX_SESSIONS_PER_SOURCE,
             open_stream_timeout_secs: DEFAULT_OPEN_STREAM_TIMEOUT_SECS,
             session_event_bytes: DEFAULT_SESSION_EVENT_BYTES,
+            // Listener and tunnel admission bounds.
+            agent_header_timeout_secs: ListenerLimits::DEFAULT_HEADER_TIMEOUT_SECS,
+            agent_idle_timeout_secs: ListenerLimits::DEFAULT_IDLE_TIMEOUT_SECS,
+            max_agent_connections: ListenerLimits::DEFAULT_MAX_AGENT_CONNECTIONS,
+            max_admin_connections: ListenerLimits::DEFAULT_MAX_ADMIN_CONNECTIONS,
+            max_tunnel_handshakes: ListenerLimits::DEFAULT_MAX_TUNNEL_HANDSHAKES,
+            tunnel_handshake_timeout_secs: ListenerLimits::DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT_SECS,
+            tunnel_receive_window_bytes: ListenerLimits::DEFAULT_TUNNEL_RECEIVE_WINDOW,
+            oversized_body_drain_bytes: ListenerLimits::DEFAULT_DRAIN_BYTES,
+            oversized_body_drain_secs: ListenerLimits::DEFAULT_DRAIN_SECS,
         }
     }
 }
@@ -488,6 +525,27 @@ impl LimitsSection {
     /// How long opening a tunnel stream may wait.
     pub fn open_stream_timeout(&self) -> Duration {
         Duration::from_secs(self.open_stream_timeout_secs)
+    }
+
+    /// The listener and tunnel admission bounds of this section.
+    pub fn listeners(&self) -> ListenerLimits {
+        ListenerLimits {
+            header_timeout: Duration::from_secs(self.agent_header_timeout_secs),
+            idle_timeout: Duration::from_secs(self.agent_idle_timeout_secs),
+            max_agent_connections: self.max_agent_connections,
+            max_admin_connections: self.max_admin_connections,
+            max_tunnel_handshakes: self.max_tunnel_handshakes,
+            tunnel_handshake_timeout: Duration::from_secs(self.tunnel_handshake_timeout_secs),
+            tunnel_receive_window: self.tunnel_receive_window_bytes,
+        }
+    }
+
+    /// How much of an oversized body is discarded, and for how long at most.
+    pub fn oversized_body_drain(&self) -> (usize, Duration) {
+        (
+            self.oversized_body_drain_bytes,
+            Duration::from_secs(self.oversized_body_drain_secs),
+        )
     }
 }
 
@@ -629,6 +687,14 @@ impl RelayConfig {
         if let Some(assertion) = &mut config.identity_assertion {
             assertion.key = base.join(&assertion.key);
         }
+        config
+            .limits
+            .listeners()
+            .validate()
+            .map_err(|message| ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })?;
         config
             .build_governance()
             .map_err(|message| ConfigError::Invalid {
@@ -1207,6 +1273,104 @@ pub fn check_max_answer_bytes(max_answer: usize, max_message: usize) -> Result<(
         ));
     }
     Ok(())
+}
+
+/// Bounds on the relay's listeners and on tunnel admission, from `[limits]`: what a peer can
+/// hold open before (and without) authenticating. Read when the relay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Time to deliver a request's complete header, from its first byte.
+    pub header_timeout: Duration,
+    /// Time a connection may stay open with no request in flight.
+    pub idle_timeout: Duration,
+    /// Agent connections served at once.
+    pub max_agent_connections: usize,
+    /// Admin connections served at once.
+    pub max_admin_connections: usize,
+    /// Tunnel connections in TLS or `hello` at once.
+    pub max_tunnel_handshakes: usize,
+    /// Time for TLS and `hello` together.
+    pub tunnel_handshake_timeout: Duration,
+    /// An authenticated QUIC connection's receive window, in bytes.
+    pub tunnel_receive_window: u64,
+}
+
+impl ListenerLimits {
+    /// Default header timeout: a real client sends its header in one go; 10 s covers a slow
+    /// link and closes a slowloris connection quickly.
+    pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+    /// Default idle timeout: longer than common client pools keep idle connections (httpx 5 s,
+    /// reqwest 90 s), so a client rarely reuses one just as the relay closes it; far shorter
+    /// than a forgotten socket.
+    pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 120;
+    /// Default agent connection cap: well under a raised file descriptor limit, ample for
+    /// thousands of agents with open SSE streams.
+    pub const DEFAULT_MAX_AGENT_CONNECTIONS: usize = 4096;
+    /// Default admin connection cap: scrapers and a few operators.
+    pub const DEFAULT_MAX_ADMIN_CONNECTIONS: usize = 64;
+    /// Default cap on tunnel handshakes in progress: a fleet reconnecting after a relay restart
+    /// gets through in moments (a handshake takes milliseconds), while a flood of peers that
+    /// never authenticate holds at most this many connections' worth of memory.
+    pub const DEFAULT_MAX_TUNNEL_HANDSHAKES: usize = 256;
+    /// Default time for TLS and `hello`.
+    pub const DEFAULT_TUNNEL_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
+    /// Default receive window of an authenticated QUIC tunnel connection: 16 MiB keeps a fast
+    /// link busy (1.6 GB/s at 10 ms round trip) and bounds what one connection makes us buffer.
+    pub const DEFAULT_TUNNEL_RECEIVE_WINDOW: u64 = 16 * 1024 * 1024;
+    /// Default bytes of an oversized body read and discarded after the limit.
+    pub const DEFAULT_DRAIN_BYTES: usize = 64 * 1024 * 1024;
+    /// Default time spent discarding an oversized body.
+    pub const DEFAULT_DRAIN_SECS: u64 = 30;
+
+    /// Checks that every bound is usable (a zero timeout or cap would refuse everything).
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("agent_header_timeout_secs", self.header_timeout.as_secs()),
+            ("agent_idle_timeout_secs", self.idle_timeout.as_secs()),
+            ("max_agent_connections", self.max_agent_connections as u64),
+            ("max_admin_connections", self.max_admin_connections as u64),
+            ("max_tunnel_handshakes", self.max_tunnel_handshakes as u64),
+            (
+                "tunnel_handshake_timeout_secs",
+                self.tunnel_handshake_timeout.as_secs(),
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(format!("[limits] {key} must be at least 1"));
+            }
+        }
+        let window = crate::transport::quic::PRE_AUTH_WINDOW;
+        if self.tunnel_receive_window < window || self.tunnel_receive_window > (1 << 40) {
+            return Err(format!(
+                "[limits] tunnel_receive_window_bytes must be between {window} and 2^40"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod listener_limit_tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_zero_bounds_are_named() {
+        let limits = LimitsSection::default();
+        assert_eq!(limits.listeners().validate(), Ok(()));
+        let zero = LimitsSection {
+            max_tunnel_handshakes: 0,
+            ..LimitsSection::default()
+        };
+        let err = zero.listeners().validate().expect_err("zero handshakes");
+        assert!(err.contains("max_tunnel_handshakes"), "{err}");
+        let tiny = LimitsSection {
+            tunnel_receive_window_bytes: 1024,
+            ..LimitsSection::default()
+        };
+        let err = tiny.listeners().validate().expect_err("tiny window");
+        assert!(err.contains("tunnel_receive_window_bytes"), "{err}");
+    }
 }
 
 #[cfg(test)]

@@ -63,9 +63,9 @@ enum Command {
     Connect(ConnectArgs),
     /// Relay, connect and a built-in MCP server on loopback, ready for an MCP client.
     Demo {
-        /// Agent endpoint address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: SocketAddr,
+        /// Agent endpoint address [default: 127.0.0.1:8080, or a free port when that is taken]
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// Run only the built-in MCP server and print its URL (for benchmarks).
         #[arg(long)]
         upstream_only: bool,
@@ -301,7 +301,7 @@ enum NewKey {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -310,8 +310,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(run(cli.command))
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with its causes: an operator's error, not a crash (no backtrace).
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// A `--source` of `token new`: a source name agents can type.
@@ -483,17 +492,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
         } => {
             let shutdown = shutdown_on_signals();
             if upstream_only {
+                let listen = listen.unwrap_or(mcp_tunnel::demo::DEFAULT_LISTEN);
                 let addr = if rmcp {
-                    mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await?
+                    mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await
                 } else {
-                    mcp_tunnel::demo::lean::serve(listen, shutdown.clone()).await?
-                };
+                    mcp_tunnel::demo::lean::serve(listen, shutdown.clone()).await
+                }
+                .with_context(|| {
+                    format!("cannot listen on {listen}; pick another address with --listen")
+                })?;
                 println!("demo MCP server: http://{addr}/mcp");
+                shutdown.cancelled().await;
             } else {
                 let demo = mcp_tunnel::demo::start(listen, shutdown.clone()).await?;
                 println!(
                     "mcp-tunnel demo: relay, connect and a demo MCP server (echo, add, blob, sleep) on loopback"
                 );
+                if demo.default_taken {
+                    println!(
+                        "{} is taken; serving on a free port instead (choose one with --listen)",
+                        mcp_tunnel::demo::DEFAULT_LISTEN
+                    );
+                }
                 println!("agent URL: {}", demo.agent_url);
                 println!("API key: {}", demo.api_key);
                 println!("live activity: {}/activity", demo.admin_url);
@@ -506,8 +526,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "try: npx @modelcontextprotocol/inspector --cli {} --transport http --header \"Authorization: Bearer {}\" --method tools/list",
                     demo.agent_url, demo.api_key
                 );
+                println!(
+                    "Ctrl-C stops the demo and removes {} (audit trail and key)",
+                    demo.folder().display()
+                );
+                shutdown.cancelled().await;
+                demo.finish().await;
             }
-            shutdown.cancelled().await;
         }
         Command::Token {
             command:

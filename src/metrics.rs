@@ -80,3 +80,14 @@ pub const AUDIT_CHECKPOINT_FILE_ERRORS: &str = "mcp_tunnel_audit_checkpoint_file
 /// Counter: tunnels that announced a source already announced under another tunnel token of
 /// the same tenant (each logged as a warning naming both tokens and the one serving).
 pub const SOURCE_CONFLICTS: &str = "mcp_tunnel_source_token_conflicts_total";
+
+// Listener and tunnel admission bounds (`[limits]`, src/relay/serve_http.rs and
+// src/relay/tunnels.rs).
+
+/// Counter: tunnel connections refused because `max_tunnel_handshakes` were in progress.
+pub const TUNNEL_HANDSHAKES_REFUSED: &str = "mcp_tunnel_handshakes_refused_total";
+/// Gauge: open HTTP connections, labelled by `listener` (`agents`, `admin`).
+pub const HTTP_CONNECTIONS: &str = "mcp_tunnel_http_connections";
+/// Counter: HTTP connections closed by the relay for a timeout, labelled by `listener` and
+/// `reason` (`idle`, `header`).
+pub const HTTP_CONNECTIONS_TIMED_OUT: &str = "mcp_tunnel_http_connections_timed_out_total";

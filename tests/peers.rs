@@ -562,7 +562,15 @@ async fn demo_command_answers_the_python_sdk() {
         assert_eq!(answer.call, "hi", "the demo echoes unchanged ({mode})");
     }
 
-    demo.stop().await;
+    // Ctrl-C, as a user stops it: the demo removes its temporary folder (a kill would not).
+    demo.signal(libc::SIGINT);
+    let status = demo
+        .exit_status(tokio::time::Instant::now() + common::WAIT)
+        .await;
+    assert!(
+        status.success(),
+        "the demo exits cleanly on Ctrl-C: {status:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ pub mod calls;
 pub mod channel;
 pub mod events;
 pub mod filter;
+pub mod http_server;
 pub mod legacy_sse;
 pub mod metric_names;
 pub mod oauth;
@@ -21,12 +22,12 @@ pub mod reply;
 pub mod sessions;
 pub mod streamable;
 pub mod tunnels;
+pub mod unread_body;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -299,10 +300,11 @@ const PORT_ATTEMPTS: usize = 16;
 async fn bind_tunnel(
     addr: SocketAddr,
     tls: &rustls::ServerConfig,
+    max_handshakes: usize,
 ) -> Result<(quinn::Endpoint, TcpListener), RelayError> {
     let mut last_error = None;
     for _ in 0..PORT_ATTEMPTS {
-        let endpoint = quic::server_endpoint(addr, tls.clone())?;
+        let endpoint = quic::server_endpoint(addr, tls.clone(), max_handshakes)?;
         let udp = endpoint
             .local_addr()
             .map_err(|source| RelayError::Bind { addr, source })?;
@@ -333,7 +335,10 @@ impl Relay {
             settings.identity,
             &[crate::wire::ALPN, crate::transport::h2::ALPN],
         )?;
-        let (endpoint, tunnel_tcp) = bind_tunnel(settings.tunnel_listen, &tls).await?;
+        let bounds = settings.limits.listeners();
+        bounds.validate().map_err(RelayError::Config)?;
+        let (endpoint, tunnel_tcp) =
+            bind_tunnel(settings.tunnel_listen, &tls, bounds.max_tunnel_handshakes).await?;
         let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let agents = bind_tcp(settings.agents_listen).await?;
         let auditor = settings
@@ -443,15 +448,19 @@ impl Relay {
                 draining.cancel();
             }
         });
+        let bounds = state.limits.listeners();
+        let admission = tunnels::Admission::new(&bounds);
         let quic = tokio::spawn(tunnels::serve_quic(
             endpoint,
             state.clone(),
+            admission.clone(),
             draining.clone(),
         ));
         let https = tokio::spawn(tunnels::serve_https(
             tunnel_tcp,
             tls_acceptor,
             state.clone(),
+            admission,
             draining.clone(),
         ));
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), draining.clone()));
@@ -462,40 +471,58 @@ impl Relay {
                 state.clone(),
                 limit_auth_failures,
             ))
+            // Outermost: whatever answered early, the rest of the body is read before the
+            // answer goes out, so clients still sending can read it.
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                unread_body::discard_unread_body,
+            ))
             .with_state(state.clone());
-        let agent_server = axum::serve(
-            agents.tap_io(no_delay),
-            agent_app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(draining.clone().cancelled_owned());
+        let agent_server = http_server::serve(
+            agents,
+            agent_app,
+            http_server::Bounds {
+                name: "agents",
+                max_connections: bounds.max_agent_connections,
+                header_timeout: bounds.header_timeout,
+                idle_timeout: bounds.idle_timeout,
+            },
+            no_delay,
+            draining.clone(),
+        );
         // The admin endpoints stay up while the relay drains: operators watch it happen.
         let admin_server = admin.map(|listener| {
             tokio::spawn(metrics_upkeep(state.stop.clone()));
             let app = admin::routes(state.clone()).with_state(state.clone());
-            tokio::spawn(
-                axum::serve(listener.tap_io(no_delay), app)
-                    .with_graceful_shutdown(state.stop.clone().cancelled_owned())
-                    .into_future(),
-            )
+            tokio::spawn(http_server::serve(
+                listener,
+                app,
+                http_server::Bounds {
+                    name: "admin",
+                    max_connections: bounds.max_admin_connections,
+                    header_timeout: bounds.header_timeout,
+                    idle_timeout: bounds.idle_timeout,
+                },
+                no_delay,
+                state.stop.clone(),
+            ))
         });
         let drain_deadline = async {
             draining.cancelled().await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;
         };
-        let mut agent_server = std::pin::pin!(agent_server.into_future());
-        let result = tokio::select! {
-            result = &mut agent_server => result.map_err(RelayError::Http),
+        let mut agent_server = std::pin::pin!(agent_server);
+        tokio::select! {
+            () = &mut agent_server => {}
             _ = drain_deadline => {
                 tracing::warn!(grace_s = DRAIN_TIMEOUT.as_secs(), "agent requests still open after the grace period; ending them");
                 // Calls still in flight now end with an error naming the shutdown; give those
                 // answers a moment to reach their agents.
                 state.stop.cancel();
-                match tokio::time::timeout(FINAL_FLUSH, &mut agent_server).await {
-                    Ok(result) => result.map_err(RelayError::Http),
-                    Err(_) => Ok(()),
-                }
+                let _ = tokio::time::timeout(FINAL_FLUSH, &mut agent_server).await;
             }
-        };
+        }
+        let result = Ok(());
         // In-flight calls have finished or now end with an error naming the shutdown.
         state.stop.cancel();
         let _ = tokio::join!(quic, https, sweeper);

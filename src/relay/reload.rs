@@ -227,6 +227,12 @@ fn restart_needed(running: &RelayConfig, new: &RelayConfig) -> Vec<&'static str>
     if new.limits.max_message_bytes > running.limits.max_message_bytes {
         sections.push("[limits] max_message_bytes (raised above the starting value)");
     }
+    if new.limits.listeners() != running.limits.listeners() {
+        sections.push(
+            "[limits] listener and tunnel admission bounds (header and idle timeouts, \
+             connection caps, tunnel handshakes, tunnel receive window)",
+        );
+    }
     sections
 }
 
@@ -344,9 +350,18 @@ impl Reloader {
         self.running.tenants = new.tenants;
         self.running.identity_providers = new.identity_providers;
         self.running.rate_limits = new.rate_limits;
-        // The starting frame limit stays the reference for what needs a restart.
+        // The starting frame limit and listener bounds stay the reference for what needs a
+        // restart.
+        let started = &self.running.limits;
         self.running.limits = LimitsSection {
-            max_message_bytes: self.running.limits.max_message_bytes,
+            max_message_bytes: started.max_message_bytes,
+            agent_header_timeout_secs: started.agent_header_timeout_secs,
+            agent_idle_timeout_secs: started.agent_idle_timeout_secs,
+            max_agent_connections: started.max_agent_connections,
+            max_admin_connections: started.max_admin_connections,
+            max_tunnel_handshakes: started.max_tunnel_handshakes,
+            tunnel_handshake_timeout_secs: started.tunnel_handshake_timeout_secs,
+            tunnel_receive_window_bytes: started.tunnel_receive_window_bytes,
             ..new.limits
         };
         Ok(summary)

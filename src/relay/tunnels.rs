@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::RelayState;
 use super::registry::Tunnel;
-use crate::config::validate_source_name;
+use crate::config::{ListenerLimits, validate_source_name};
 use crate::govern::identity::TunnelGrant;
 use crate::transport::quic::QuicConnection;
 use crate::transport::{RecvHalf, SendHalf, TunnelConnection};
@@ -18,9 +19,55 @@ use crate::wire::{
     self, Frame, FrameKind, FrameReader, FrameWriter, Greeting, Hello, HelloReply, Notice,
 };
 
-/// Time a new connection has to finish TLS and the handshake: generous for a slow link, short
-/// enough that half-open connections do not pile up.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tunnel connections in TLS or `hello`: each holds one permit from accept until it is
+/// registered or refused, so peers that never authenticate hold at most
+/// `[limits] max_tunnel_handshakes` connections, each within `tunnel_handshake_timeout_secs`.
+#[derive(Clone)]
+pub struct Admission {
+    permits: Arc<Semaphore>,
+    max: usize,
+    timeout: Duration,
+    receive_window: u64,
+}
+
+impl Admission {
+    /// Admission under `limits`.
+    pub fn new(limits: &ListenerLimits) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limits.max_tunnel_handshakes)),
+            max: limits.max_tunnel_handshakes,
+            timeout: limits.tunnel_handshake_timeout,
+            receive_window: limits.tunnel_receive_window,
+        }
+    }
+
+    /// Whether more than half the handshake slots are taken: QUIC peers must then prove their
+    /// address (a Retry round trip) before they get one, so spoofed Initial packets, which can
+    /// never complete a handshake, cannot hold slots until the handshake timeout.
+    fn under_pressure(&self) -> bool {
+        self.permits.available_permits().saturating_mul(2) < self.max
+    }
+
+    /// A handshake slot with its deadline, or `None` when all are taken.
+    fn begin(&self) -> Option<Handshaking> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            metrics::counter!(crate::metrics::TUNNEL_HANDSHAKES_REFUSED).increment(1);
+        }
+        Some(Handshaking {
+            _permit: permit?,
+            deadline: tokio::time::Instant::now() + self.timeout,
+            receive_window: self.receive_window,
+        })
+    }
+}
+
+/// One tunnel connection between accept and registration.
+pub struct Handshaking {
+    _permit: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+    receive_window: u64,
+}
 
 /// Control messages are small; this bounds what an unauthenticated peer can make us read.
 const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
@@ -32,6 +79,7 @@ const MAX_SOURCES: usize = 256;
 pub async fn serve_quic(
     endpoint: quinn::Endpoint,
     state: Arc<RelayState>,
+    admission: Admission,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -39,16 +87,27 @@ pub async fn serve_quic(
             incoming = endpoint.accept() => incoming,
             _ = shutdown.cancelled() => break,
         };
-        let Some(incoming) = incoming else { break };
+        let Some(mut incoming) = incoming else { break };
+        let remote = incoming.remote_address();
+        if admission.under_pressure() && !incoming.remote_address_validated() {
+            match incoming.retry() {
+                Ok(()) => continue,
+                Err(not_now) => incoming = not_now.into_incoming(),
+            }
+        }
+        let Some(handshaking) = admission.begin() else {
+            tracing::debug!(%remote, "QUIC connection refused: too many handshakes in progress");
+            incoming.refuse();
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            let connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            let connection = match tokio::time::timeout_at(handshaking.deadline, incoming).await {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "QUIC handshake timed out"),
             };
-            serve_connection(Arc::new(QuicConnection(connection)), state).await;
+            serve_connection(Arc::new(QuicConnection(connection)), state, handshaking).await;
         });
     }
     // While established connections drain, new ones are refused at once rather than left
@@ -73,6 +132,7 @@ pub async fn serve_https(
     listener: TcpListener,
     tls: TlsAcceptor,
     state: Arc<RelayState>,
+    admission: Admission,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -88,6 +148,11 @@ pub async fn serve_https(
             },
             _ = shutdown.cancelled() => break,
         };
+        let Some(handshaking) = admission.begin() else {
+            tracing::debug!(%remote, "HTTPS tunnel connection refused: too many handshakes in progress");
+            drop(tcp);
+            continue;
+        };
         let (tls, state) = (tls.clone(), state.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
@@ -97,8 +162,10 @@ pub async fn serve_https(
                     .await
                     .map_err(|e| e.to_string())
             };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await {
-                Ok(Ok(connection)) => serve_connection(Arc::new(connection), state).await,
+            match tokio::time::timeout_at(handshaking.deadline, connection).await {
+                Ok(Ok(connection)) => {
+                    serve_connection(Arc::new(connection), state, handshaking).await
+                }
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "HTTPS tunnel handshake failed"),
                 Err(_) => tracing::debug!(%remote, "HTTPS tunnel handshake timed out"),
             }
@@ -113,17 +180,28 @@ struct Control {
     writer: FrameWriter<SendHalf>,
 }
 
-/// Runs one tunnel connection: handshake and registration, then until it ends. When the relay
-/// shuts down it tells the client to drain, routes nothing new to it, and closes it once the
-/// relay stops.
-pub async fn serve_connection(connection: Arc<dyn TunnelConnection>, state: Arc<RelayState>) {
+/// Runs one tunnel connection: handshake (by the deadline `handshaking` carries) and
+/// registration, then until it ends. When the relay shuts down it tells the client to drain,
+/// routes nothing new to it, and closes it once the relay stops.
+pub async fn serve_connection(
+    connection: Arc<dyn TunnelConnection>,
+    state: Arc<RelayState>,
+    handshaking: Handshaking,
+) {
     let remote = connection.remote_addr();
+    let hello = tokio::time::timeout_at(handshaking.deadline, handshake(&connection, &state)).await;
+    let receive_window = handshaking.receive_window;
+    // Registered or refused: the handshake slot is free for the next connection.
+    drop(handshaking);
     let Control {
         tunnel,
         reader: mut control,
         mut writer,
-    } = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&connection, &state)).await {
-        Ok(Ok(registered)) => registered,
+    } = match hello {
+        Ok(Ok(registered)) => {
+            connection.admit(receive_window);
+            registered
+        }
         Ok(Err(reason)) => {
             tracing::warn!(%remote, %reason, "tunnel refused");
             // Give the client a moment to read the refusal before the connection closes.

@@ -29,7 +29,8 @@ pub const ALPN: &[u8] = b"h2";
 /// Per-stream flow-control window: 1 MiB keeps one large result flowing at full speed on a
 /// fast link (the 64 KiB default halves throughput on loopback).
 const STREAM_WINDOW: u32 = 1024 * 1024;
-/// Connection-wide window: room for a few streams in full flight.
+/// `connect`'s connection-wide window: room for a few streams in full flight. The relay's
+/// comes from `[limits] tunnel_receive_window_bytes`, granted at [`TunnelConnection::admit`].
 const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// Largest HTTP/2 frame: 64 KiB cuts per-frame overhead for bulk results.
 const MAX_FRAME: u32 = 64 * 1024;
@@ -37,6 +38,9 @@ const MAX_FRAME: u32 = 64 * 1024;
 const MAX_WRITE: usize = 256 * 1024;
 /// Streams accepted by `connect` and not yet picked up.
 const ACCEPT_QUEUE: usize = 256;
+/// Largest header block either side accepts: stream headers here are a fixed few bytes (the
+/// open header travels in the body), so a peer gets no room to make us buffer more.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 /// Shared between a connection's handle and its driver task.
 struct State {
@@ -136,17 +140,23 @@ async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
 pub struct RelaySide {
     send: h2::client::SendRequest<Bytes>,
     state: Arc<State>,
+    /// Tells the driver the connection-wide window to grant once the peer authenticated.
+    admit: mpsc::UnboundedSender<u32>,
 }
 
-/// Starts the relay's side on an accepted (TLS) connection.
+/// Starts the relay's side on an accepted (TLS) connection. Until [`TunnelConnection::admit`],
+/// the peer may send at most [`PRE_AUTH_WINDOW`](super::quic::PRE_AUTH_WINDOW) bytes over the
+/// whole connection, may not push, and its header blocks are small.
 pub async fn relay_side<IO>(io: IO, remote: SocketAddr) -> Result<RelaySide, TransportError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (send, mut connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(super::quic::PRE_AUTH_WINDOW as u32)
         .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| TransportError::Connect(format!("HTTP/2 handshake: {e}")))?;
@@ -155,16 +165,24 @@ where
         tokio::spawn(keep_alive(ping_pong, state.clone()));
     }
     let driver = state.clone();
+    let (admit, mut admitted) = mpsc::unbounded_channel::<u32>();
     tokio::spawn(async move {
-        tokio::select! {
-            result = connection => driver.close(&match result {
-                Ok(()) => "closed by peer".to_owned(),
-                Err(e) => e.to_string(),
-            }),
-            _ = driver.closed.cancelled() => {}
+        let mut connection = std::pin::pin!(connection);
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    driver.close(&match result {
+                        Ok(()) => "closed by peer".to_owned(),
+                        Err(e) => e.to_string(),
+                    });
+                    return;
+                }
+                Some(window) = admitted.recv() => connection.set_target_window_size(window),
+                _ = driver.closed.cancelled() => return,
+            }
         }
     });
-    Ok(RelaySide { send, state })
+    Ok(RelaySide { send, state, admit })
 }
 
 impl TunnelConnection for RelaySide {
@@ -200,6 +218,12 @@ impl TunnelConnection for RelaySide {
         })
     }
 
+    fn admit(&self, receive_window: u64) {
+        // The HTTP/2 connection window is at most 2^31 - 1 bytes.
+        let window = receive_window.clamp(super::quic::PRE_AUTH_WINDOW, (1 << 31) - 1) as u32;
+        let _ = self.admit.send(window);
+    }
+
     state_methods!();
 }
 
@@ -219,6 +243,7 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| TransportError::Connect(format!("HTTP/2 handshake: {e}")))?;

@@ -84,6 +84,12 @@ pub trait TunnelConnection: Send + Sync + 'static {
     fn accept_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>>;
     /// Closes the connection, telling the peer `reason`.
     fn close(&self, reason: &str);
+    /// Called by the relay once the peer authenticated: lifts the bounds a peer that has not
+    /// (yet) authenticated is held to, granting `receive_window` bytes of connection-wide
+    /// receive window where the transport has one to widen. Does nothing by default.
+    fn admit(&self, receive_window: u64) {
+        let _ = receive_window;
+    }
     /// Resolves once the connection has ended, with why.
     fn closed(&self) -> BoxFuture<'_, TransportError>;
     /// Which transport this is.

@@ -17,9 +17,25 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// keep-alives.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Concurrent bidirectional streams a peer may open: one per live MCP session or stateless
-/// request. quinn's default of 100 would queue the 101st session behind the others.
+/// Concurrent bidirectional streams the relay may open towards `connect`: one per live MCP
+/// session or stateless request (plus the control stream). quinn's default of 100 would queue
+/// the 101st session behind the others.
 pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
+
+/// The connection receive window of a relay-side connection until its `hello` is accepted:
+/// the peer may then send only its `hello` on the control stream the relay opened, so a peer
+/// that never authenticates makes the relay buffer at most this much (quinn's default is
+/// unbounded).
+pub const PRE_AUTH_WINDOW: u64 = 128 * 1024;
+
+/// The connection receive window of `connect`'s side: bounds what the relay can make it buffer
+/// over all streams, as wide as the relay's default.
+pub const CONNECT_RECEIVE_WINDOW: u64 =
+    crate::config::ListenerLimits::DEFAULT_TUNNEL_RECEIVE_WINDOW;
+
+/// Bytes of a not yet accepted connection attempt that quinn buffers (the client's first
+/// flight; the relay accepts no 0-RTT data).
+const INCOMING_BUFFER: u64 = 64 * 1024;
 
 /// UDP socket buffer size to ask for: at the kernel's 208 KiB default, a busy tunnel drops
 /// thousands of datagrams per GiB on loopback; 4 MiB absorbs the bursts GSO produces.
@@ -28,15 +44,37 @@ pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// The quinn close code for a normal close; the reason text says why.
 const CLOSE_CODE: u32 = 0;
 
-fn transport_config() -> Arc<TransportConfig> {
+/// What both sides share: keep-alives, the idle timeout, no unidirectional streams and no
+/// datagrams (neither is used, so a peer gets no buffer for them).
+fn common_config() -> TransportConfig {
     let mut config = TransportConfig::default();
     config
-        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
             IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is within QUIC's idle timeout range"),
         ));
+    config
+}
+
+/// The relay's side: only the relay opens streams (the control stream and one per exchange), so
+/// the peer may open none; the connection window starts at [`PRE_AUTH_WINDOW`] and is widened
+/// by [`TunnelConnection::admit`] once the peer authenticated.
+fn relay_transport_config() -> Arc<TransportConfig> {
+    let mut config = common_config();
+    config
+        .max_concurrent_bidi_streams(VarInt::from_u32(0))
+        .receive_window(VarInt::from_u32(PRE_AUTH_WINDOW as u32));
+    Arc::new(config)
+}
+
+/// `connect`'s side: accepts the relay's streams, with a bounded connection window.
+fn connect_transport_config() -> Arc<TransportConfig> {
+    let mut config = common_config();
+    config
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+        .receive_window(VarInt::from_u32(CONNECT_RECEIVE_WINDOW as u32));
     Arc::new(config)
 }
 
@@ -65,15 +103,45 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// A QUIC endpoint that accepts tunnel connections.
+/// A QUIC endpoint that accepts tunnel connections; at most `max_incoming` connection attempts
+/// wait to be accepted at once (the relay bounds handshakes in progress itself).
 pub fn server_endpoint(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    max_incoming: usize,
+) -> Result<Endpoint, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let max_incoming = max_incoming.max(1);
+    server
+        .transport_config(relay_transport_config())
+        .max_incoming(max_incoming)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER.saturating_mul(max_incoming as u64));
+    let socket =
+        udp_socket(addr).map_err(|e| TransportError::Config(format!("bind UDP {addr}: {e}")))?;
+    Endpoint::new(
+        EndpointConfig::default(),
+        Some(server),
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|e| TransportError::Config(format!("QUIC endpoint on {addr}: {e}")))
+}
+
+/// A QUIC endpoint whose peers open the streams, with the transport settings of `connect`'s
+/// side (which accepts the streams the relay opens): for the raw transport benchmark
+/// (`examples/raw.rs`), whose server accepts its client's streams. The relay never uses it: its
+/// peers may open no streams ([`server_endpoint`]).
+pub fn stream_accepting_server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
 ) -> Result<Endpoint, TransportError> {
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(transport_config());
+    server.transport_config(connect_transport_config());
     let socket =
         udp_socket(addr).map_err(|e| TransportError::Config(format!("bind UDP {addr}: {e}")))?;
     Endpoint::new(
@@ -93,7 +161,7 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(transport_config());
+    client.transport_config(connect_transport_config());
     let socket =
         udp_socket(bind).map_err(|e| TransportError::Config(format!("bind UDP {bind}: {e}")))?;
     let mut endpoint = Endpoint::new(
@@ -160,6 +228,13 @@ impl TunnelConnection for QuicConnection {
     fn close(&self, reason: &str) {
         self.0
             .close(VarInt::from_u32(CLOSE_CODE), reason.as_bytes());
+    }
+
+    fn admit(&self, receive_window: u64) {
+        match VarInt::from_u64(receive_window) {
+            Ok(window) => self.0.set_receive_window(window),
+            Err(_) => tracing::warn!(receive_window, "receive window too large; left as it was"),
+        }
     }
 
     fn closed(&self) -> BoxFuture<'_, TransportError> {
