@@ -258,3 +258,18 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
         assert_eq!(claims["sub"], "bob@acme.example");
     }
 }
+
+/// A configured assertion header with a multi-byte character across byte 2 is a configuration
+/// error; the header check sliced the name there and the relay panicked while loading its
+/// configuration (found by the fuzz/ `handshake` target, through connect's use of that check).
+#[test]
+fn a_non_ascii_assertion_header_is_a_configuration_error() {
+    let (dir, _certs, _public) = relay_dir();
+    let text = config("t", "k", r#""db""#).replace(
+        "ttl_secs = 120",
+        "ttl_secs = 120\nheader = \"x\u{e9}-identity\"",
+    );
+    let path = write_config(dir.path(), &text);
+    let err = mcp_tunnel::config::RelayConfig::load(&path).expect_err("a bad header");
+    assert!(err.to_string().contains("header"), "{err}");
+}
