@@ -403,6 +403,11 @@ pub fn sse_agent(data: &[u8]) {
 /// configuration (parse, sources) from the same text. Sections that read files or fetch URLs
 /// (identity providers, the assertion key) are dropped before the build.
 pub fn relay_config(data: &[u8]) {
+    let data = data.to_vec();
+    on_small_stack(move || relay_config_on_this_thread(&data));
+}
+
+fn relay_config_on_this_thread(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -518,6 +523,24 @@ const FIXED_CONDITIONS: &[&str] = &[
 /// call's `SOURCE/NAME`), the rest a JSON-RPC body whose arguments the expression and the
 /// operators' usual conditions are evaluated over, as a tool, resource and prompt call.
 pub fn cel(data: &[u8]) {
+    let data = data.to_vec();
+    on_small_stack(move || cel_on_this_thread(&data));
+}
+
+/// Runs `f` on a thread with a 2 MiB stack, as the relay's tokio workers and blocking threads
+/// (where a hot reload compiles conditions) have, so a recursion too deep for them is a finding;
+/// a panic in `f` is re-raised here.
+fn on_small_stack(f: impl FnOnce() + Send + 'static) {
+    let thread = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(f)
+        .expect("the fuzz target can spawn a thread");
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn cel_on_this_thread(data: &[u8]) {
     let (expression, rest) = split_line(data);
     let (glob, body) = split_line(rest);
     let expression = String::from_utf8_lossy(expression);
