@@ -109,7 +109,9 @@ pub mod corpus {
 
     /// The committed corpus folder of `target`.
     pub fn dir(target: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("corpus")
+            .join(target)
     }
 
     /// The files at `paths` (files as given, folders' files sorted), skipping dot files.

@@ -172,7 +172,11 @@ pub fn mcp_classify(data: &[u8]) {
         pieced.feed(piece);
         let _ = (pieced.is_complete(), pieced.is_object(), pieced.is_blank());
     }
-    assert_eq!(whole.facts(), pieced.facts(), "scanner facts differ in pieces");
+    assert_eq!(
+        whole.facts(),
+        pieced.facts(),
+        "scanner facts differ in pieces"
+    );
     assert_eq!(whole.is_complete(), pieced.is_complete());
     assert_eq!(whole.size(), data.len() as u64);
     // The scanner does not see keys written with escapes, by design.
@@ -190,10 +194,7 @@ pub fn mcp_classify(data: &[u8]) {
             assert_eq!(info.id.as_ref().map(|id| id.get()), id, "ids differ");
         }
         assert_eq!(info.error_code, message.error_code, "error codes differ");
-        assert_eq!(
-            info.is_tool_error, message.is_tool_error,
-            "isError differs"
-        );
+        assert_eq!(info.is_tool_error, message.is_tool_error, "isError differs");
     }
 }
 
@@ -210,7 +211,9 @@ pub fn reference_message(value: &Value) -> Result<Reference, String> {
     let id = object.get("id").filter(|id| !id.is_null()).cloned();
     // A request id is a string or an integer (`Value` keeps integers beyond 64 bits as f64).
     if object.contains_key("method")
-        && id.as_ref().is_some_and(|id| !(id.is_string() || id.is_number()))
+        && id
+            .as_ref()
+            .is_some_and(|id| !(id.is_string() || id.is_number()))
     {
         return Err("request id".into());
     }
@@ -240,7 +243,10 @@ pub fn reference_message(value: &Value) -> Result<Reference, String> {
     let target = match (method.as_deref(), params) {
         (
             Some(
-                "tools/call" | "prompts/get" | "resources/read" | "resources/subscribe"
+                "tools/call"
+                | "prompts/get"
+                | "resources/read"
+                | "resources/subscribe"
                 | "resources/unsubscribe",
             ),
             Some(params),
@@ -270,7 +276,10 @@ pub fn mcp_differential(data: &[u8]) {
         // beyond f64 (`1e400`) is JSON to it and out of range to `Value`.
         Err(e) if e.to_string().contains("number out of range") => return,
         Err(_) => {
-            assert!(relay.is_err(), "the relay accepts what serde_json cannot parse");
+            assert!(
+                relay.is_err(),
+                "the relay accepts what serde_json cannot parse"
+            );
             return;
         }
     };
@@ -285,7 +294,11 @@ pub fn mcp_differential(data: &[u8]) {
     };
     match (relay, reference) {
         (Ok(relay), Ok(reference)) => {
-            assert_eq!(relay.messages().len(), reference.len(), "message counts differ");
+            assert_eq!(
+                relay.messages().len(),
+                reference.len(),
+                "message counts differ"
+            );
             assert_eq!(matches!(relay, Classified::Batch(_)), value.is_array());
             for (got, (kind, id, method, target)) in relay.messages().iter().zip(reference) {
                 assert_eq!(got.kind, kind, "kinds differ");
@@ -317,7 +330,9 @@ pub fn mcp_differential(data: &[u8]) {
 }
 
 /// Parses an SSE stream delivered in `chunks` as `connect` does (sse-stream over a body).
-fn sse_events<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<Result<sse_stream::Sse, String>> {
+fn sse_events<'a>(
+    chunks: impl IntoIterator<Item = &'a [u8]>,
+) -> Vec<Result<sse_stream::Sse, String>> {
     let chunks: Vec<Result<Bytes, Infallible>> = chunks
         .into_iter()
         .map(|c| Ok(Bytes::copy_from_slice(c)))
@@ -375,7 +390,10 @@ pub fn sse_agent(data: &[u8]) {
         && let Ok(text) = value.to_str()
         && let Some((stream, seq)) = parse_event_id(text)
     {
-        assert_eq!(parse_event_id(&format!("{stream}-{seq}")), Some((stream, seq)));
+        assert_eq!(
+            parse_event_id(&format!("{stream}-{seq}")),
+            Some((stream, seq))
+        );
     }
     let Ok(text) = std::str::from_utf8(data) else {
         return;

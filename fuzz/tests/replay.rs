@@ -11,7 +11,11 @@ fn every_corpus_input_passes_its_target() {
         total += report.inputs;
         failures.extend(report.failures);
     }
-    assert!(failures.is_empty(), "{} of {total} inputs failed: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {total} inputs failed: {failures:#?}",
+        failures.len()
+    );
 }
 
 /// The jwt target reaches the identity mapping: claims it signs verify.

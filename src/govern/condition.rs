@@ -332,7 +332,10 @@ fn deeper_than(expression: &IdedExpr, limit: usize) -> bool {
             .any(|part| deeper_than(part, below)),
         Expr::List(list) => list.elements.iter().any(|e| deeper_than(e, below)),
         Expr::Select(select) => deeper_than(&select.operand, below),
-        Expr::Map(map) => map.entries.iter().any(|e| entry_deeper_than(&e.expr, below)),
+        Expr::Map(map) => map
+            .entries
+            .iter()
+            .any(|e| entry_deeper_than(&e.expr, below)),
         Expr::Struct(s) => s.entries.iter().any(|e| entry_deeper_than(&e.expr, below)),
         Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => false,
     }
@@ -516,7 +519,11 @@ mod tests {
             chain(MAX_DEPTH),
             chain(1000),
             format!("{}1 == 1", "1+".repeat(2000)),
-            format!("{}true{}", "[".repeat(MAX_NESTING + 1), "]".repeat(MAX_NESTING + 1)),
+            format!(
+                "{}true{}",
+                "[".repeat(MAX_NESTING + 1),
+                "]".repeat(MAX_NESTING + 1)
+            ),
         ] {
             let result = on_small_stack(move || {
                 Condition::compile(Kind::Tool, "*".into(), &expression).map(|_| ())

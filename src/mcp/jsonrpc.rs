@@ -474,7 +474,9 @@ mod tests {
     #[test]
     fn request_ids_are_strings_or_integers() {
         for id in ["1.5", "1e400", "2.0", "true", "{}", "[1]", "-0.0"] {
-            let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"x"}}}}"#);
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"x"}}}}"#
+            );
             let e = classify(body.as_bytes()).expect_err(&body);
             assert_eq!(e.code(), codes::INVALID_REQUEST, "{body}: {e}");
         }
