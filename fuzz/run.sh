@@ -24,6 +24,7 @@ case "$target" in
     frame) dict="" ;;
     *) dict=dict/json.dict ;;
 esac
+mkdir -p out
 out="out/$target"
 rm -rf "$out"
 nice -n 19 cargo afl fuzz -i "corpus/$target" -o "$out" -V "$seconds" -t 2000 ${dict:+-x "$dict"} -- "$bin" "$target" \
