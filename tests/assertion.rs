@@ -317,3 +317,18 @@ async fn a_reload_rotating_the_key_and_roles_applies_to_the_next_request_of_a_li
     assert_eq!(after["aud"], "acme/db");
     assert_eq!(relay.state.sessions.len(), 1, "the same session");
 }
+
+/// A configured assertion header with a multi-byte character across byte 2 is a configuration
+/// error; the header check sliced the name there and the relay panicked while loading its
+/// configuration (found by the fuzz/ `handshake` target, through connect's use of that check).
+#[test]
+fn a_non_ascii_assertion_header_is_a_configuration_error() {
+    let (dir, _certs, _public) = relay_dir();
+    let text = config("t", "k", r#""db""#).replace(
+        "ttl_secs = 120",
+        "ttl_secs = 120\nheader = \"x\u{e9}-identity\"",
+    );
+    let path = write_config(dir.path(), &text);
+    let err = mcp_tunnel::config::RelayConfig::load(&path).expect_err("a bad header");
+    assert!(err.to_string().contains("header"), "{err}");
+}

@@ -70,8 +70,10 @@ pub enum AssertionError {
 /// Whether `name` may carry an assertion: a valid header name in the `x-` namespace, so it can
 /// never replace a header that routes or authenticates the request (`Host`, `Authorization`).
 pub fn header_name_allowed(name: &str) -> bool {
+    // Compared as bytes: `connect` reads the name from the relay's frames, and a multi-byte
+    // character straddling byte 2 must be refused, not split (fuzz/ `handshake` target).
     name.len() > 2
-        && name[..2].eq_ignore_ascii_case("x-")
+        && name.as_bytes()[..2].eq_ignore_ascii_case(b"x-")
         && http::HeaderName::try_from(name).is_ok()
 }
 
@@ -432,5 +434,15 @@ mod tests {
             None,
             "renewed once per half-lifetime"
         );
+    }
+
+    /// A header name from the relay with a multi-byte character across byte 2 is refused; it
+    /// panicked `connect`'s source task (slicing a `str` off a character boundary).
+    #[test]
+    fn header_name_with_multibyte_character_is_refused_without_panic() {
+        assert!(!header_name_allowed("x\u{e9}-a"));
+        assert!(!header_name_allowed("\u{e9}\u{e9}"));
+        assert!(!header_name_allowed("x-\u{e9}"));
+        assert!(header_name_allowed("X-MCP-Tunnel-Identity"));
     }
 }

@@ -36,6 +36,23 @@ use super::policy::Kind;
 /// keeps a configuration typo (a pasted file) from becoming a slow parse.
 pub const MAX_EXPRESSION_LEN: usize = 4096;
 
+/// The deepest bracket nesting (`(`, `[`, `{`) accepted in an expression's text. The `cel`
+/// parser recurses through dozens of frames per bracket: about 70 nested parentheses overflowed
+/// an 8 MiB stack in a debug build, and a hot reload compiles on a 2 MiB thread (found by the
+/// fuzz/ `cel` target). Real conditions nest a few levels.
+pub const MAX_NESTING: usize = 10;
+
+/// The stack of the thread that parses an expression: the `cel` parser recurses once per
+/// operator of a chain (`1 + 1 + ... + 1`), and a chain of 1500 overflowed a 2 MiB stack in a
+/// debug build before the depth could be checked; 64 MiB of address space (touched only as
+/// deep as the parse goes) covers the longest expression accepted.
+const COMPILE_STACK: usize = 64 << 20;
+
+/// The deepest parsed expression accepted (operators, calls and selections inside each other):
+/// evaluation recurses once per level on the thread serving the call, so a long chain of
+/// operators (`1 + 1 + ... + 1`) overflowed its stack at every call.
+pub const MAX_DEPTH: usize = 32;
+
 /// How deeply nested the arguments given to a condition may be. JSON nested deeper is refused
 /// (the condition then denies): the conversion to CEL values recurses.
 pub const MAX_ARGS_DEPTH: usize = 64;
@@ -49,6 +66,14 @@ pub enum CompileError {
     /// Not valid CEL; the message is the parser's.
     #[error("invalid CEL expression: {0}")]
     Syntax(String),
+    /// Nested deeper than [`MAX_NESTING`] brackets or [`MAX_DEPTH`] levels.
+    #[error(
+        "the expression nests deeper than {MAX_NESTING} brackets or {MAX_DEPTH} operators; use `in [...]` for long alternatives"
+    )]
+    TooDeep,
+    /// The compiler thread could not start, or the parser panicked.
+    #[error("the CEL compiler failed: {0}")]
+    Compiler(String),
     /// Names a variable that conditions do not have.
     #[error("unknown variable {0:?} (known: args, tenant, subject, roles, source, name)")]
     UnknownVariable(String),
@@ -92,8 +117,25 @@ impl Condition {
         if expression.len() > MAX_EXPRESSION_LEN {
             return Err(CompileError::TooLong);
         }
-        let program = Program::compile(expression)
-            .map_err(|e| CompileError::Syntax(e.to_string().replace('\n', " ")))?;
+        if bracket_depth(expression) > MAX_NESTING {
+            return Err(CompileError::TooDeep);
+        }
+        let text = expression.to_owned();
+        let program = std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(COMPILE_STACK)
+            .spawn(move || {
+                let program = Program::compile(&text)
+                    .map_err(|e| CompileError::Syntax(e.to_string().replace('\n', " ")))?;
+                // A deeper program is dropped here too: dropping it recurses as well.
+                if deeper_than(program.expression(), MAX_DEPTH) {
+                    return Err(CompileError::TooDeep);
+                }
+                Ok(program)
+            })
+            .map_err(|e| CompileError::Compiler(e.to_string()))?
+            .join()
+            .map_err(|_| CompileError::Compiler("the CEL parser panicked".into()))??;
         let mut bound = Vec::new();
         comprehension_variables(program.expression(), &mut bound);
         if let Some(unknown) = program
@@ -225,6 +267,72 @@ fn comprehension_variables<'e>(expression: &'e IdedExpr, out: &mut Vec<&'e str>)
             }
         }
         Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
+}
+
+/// The deepest nesting of brackets in `text`, outside string literals (quotes of either kind,
+/// backslash escapes; a triple-quoted or raw string only counts as more conservative).
+fn bracket_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut quote = None;
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        match (quote, b) {
+            (Some(_), b'\\') => {
+                bytes.next();
+            }
+            (Some(q), b) if b == q => quote = None,
+            (Some(_), _) => {}
+            (None, b'"' | b'\'') => quote = Some(b),
+            (None, b'(' | b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (None, b')' | b']' | b'}') => depth = depth.saturating_sub(1),
+            (None, _) => {}
+        }
+    }
+    deepest
+}
+
+/// Whether `expression` is more than `limit` levels deep; recurses at most `limit` levels.
+fn deeper_than(expression: &IdedExpr, limit: usize) -> bool {
+    let Some(below) = limit.checked_sub(1) else {
+        return true;
+    };
+    match &expression.expr {
+        Expr::Comprehension(c) => [
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ]
+        .into_iter()
+        .any(|part| deeper_than(part, below)),
+        Expr::Call(call) => call
+            .target
+            .iter()
+            .map(|t| &**t)
+            .chain(&call.args)
+            .any(|part| deeper_than(part, below)),
+        Expr::List(list) => list.elements.iter().any(|e| deeper_than(e, below)),
+        Expr::Select(select) => deeper_than(&select.operand, below),
+        Expr::Map(map) => map
+            .entries
+            .iter()
+            .any(|e| entry_deeper_than(&e.expr, below)),
+        Expr::Struct(s) => s.entries.iter().any(|e| entry_deeper_than(&e.expr, below)),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => false,
+    }
+}
+
+fn entry_deeper_than(entry: &EntryExpr, limit: usize) -> bool {
+    match entry {
+        EntryExpr::StructField(field) => deeper_than(&field.value, limit),
+        EntryExpr::MapEntry(pair) => {
+            deeper_than(&pair.key, limit) || deeper_than(&pair.value, limit)
+        }
     }
 }
 
@@ -368,5 +476,50 @@ mod tests {
             Condition::compile(Kind::Tool, "*".into(), &long),
             Err(CompileError::TooLong)
         ));
+    }
+
+    /// Runs `f` on a thread with a 2 MiB stack, as tokio's workers and blocking threads (a hot
+    /// reload) have; a stack overflow aborts the test process.
+    fn on_small_stack<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(f)
+            .expect("spawn a thread")
+            .join()
+            .expect("no panic")
+    }
+
+    /// Deeply nested expressions are refused before the `cel` parser or evaluator recurses
+    /// through them: 70 nested parentheses overflowed an 8 MiB stack while compiling, a chain of
+    /// 1500 additions a 2 MiB one while compiling and a chain of 400 an 8 MiB one while
+    /// evaluating (found by the fuzz/ `cel` target).
+    #[test]
+    fn deep_nesting_is_refused_and_the_deepest_accepted_runs_on_a_small_stack() {
+        let nested = |n: usize| format!("{}1{} == 1", "(".repeat(n), ")".repeat(n));
+        let chain = |n: usize| format!("{}1 == {}", "1 + ".repeat(n), n + 1);
+        for expression in [
+            nested(MAX_NESTING + 1),
+            nested(2000),
+            chain(MAX_DEPTH),
+            chain(1000),
+            format!("{}1 == 1", "1+".repeat(2000)),
+            format!(
+                "{}true{}",
+                "[".repeat(MAX_NESTING + 1),
+                "]".repeat(MAX_NESTING + 1)
+            ),
+        ] {
+            let result = on_small_stack(move || {
+                Condition::compile(Kind::Tool, "*".into(), &expression).map(|_| ())
+            });
+            assert!(matches!(result, Err(CompileError::TooDeep)), "{result:?}");
+        }
+        // Brackets inside strings do not count.
+        let quoted = format!(r#"args.table != "{}""#, "(".repeat(50));
+        assert!(eval(&quoted, &[], r#"{"arguments":{"table":"x"}}"#).expect("evaluates"));
+        for expression in [nested(MAX_NESTING), chain(MAX_DEPTH - 2)] {
+            let result = on_small_stack(move || eval(&expression, &[], r#"{"arguments":{}}"#));
+            assert!(result.expect("evaluates"), "the deepest accepted evaluates");
+        }
     }
 }

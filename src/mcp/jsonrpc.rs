@@ -140,7 +140,8 @@ struct Wire<'a> {
     params: Option<&'a RawValue>,
     #[serde(borrow)]
     result: Option<&'a RawValue>,
-    error: Option<WireError>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
 }
 
 /// A field that is there, whatever its value (`null` too).
@@ -223,8 +224,30 @@ fn range_in(body: &[u8], part: &str) -> Option<Range<usize>> {
     (end <= body.len()).then_some(start..end)
 }
 
+/// Whether a request's `id` is a string or an integer, as MCP's `RequestId` is. Readers
+/// that type the id (the Python SDK) take a request with any other id (`1.5`, `true`, `{}`) for
+/// a notification and never answer it, while the relay would wait for the answer: such a
+/// request is refused up front (found by fuzz/ `differential.py`).
+fn is_request_id(id: &RawValue) -> bool {
+    let text = id.get();
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    text.starts_with('"') || (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Serde's derived structs also read a JSON array, field by field in order; a message, its
+/// `params` and its `error` must be objects, or the relay would read fields (a tool name) that no
+/// other JSON-RPC reader sees (found by fuzz/ `mcp_differential`).
+fn require_object(raw: &RawValue, what: &str) -> Result<(), ClassifyError> {
+    if raw.get().starts_with('{') {
+        Ok(())
+    } else {
+        Err(ClassifyError::Invalid(format!("{what} must be an object")))
+    }
+}
+
 /// A batch item's facts.
 fn info(body: &[u8], raw: &RawValue) -> Result<MessageInfo, ClassifyError> {
+    require_object(raw, "a batch item")?;
     let wire: Wire<'_> =
         serde_json::from_str(raw.get()).map_err(|e| ClassifyError::Invalid(e.to_string()))?;
     facts(body, wire, raw.get().len())
@@ -247,11 +270,16 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
     let id = wire.id.filter(|_| !null_id).map(|id| id.to_owned());
     let (kind, method) = match (wire.method, wire.result.is_some() || wire.error.is_some()) {
         (Some(method), false) => (
-            // `"id": null` is no notification: a request with a forbidden id.
-            if id.is_some() || null_id {
-                MessageKind::Request
-            } else {
-                MessageKind::Notification
+            match &id {
+                Some(id) if !is_request_id(id) => {
+                    return Err(ClassifyError::Invalid(
+                        "a request id must be a string or an integer".into(),
+                    ));
+                }
+                Some(_) => MessageKind::Request,
+                // `"id": null` is no notification: a request with a forbidden id.
+                None if null_id => MessageKind::Request,
+                None => MessageKind::Notification,
             },
             Some(method.into_owned()),
         ),
@@ -281,6 +309,15 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
         }
         _ => false,
     };
+    let error_code = match wire.error {
+        Some(error) => {
+            require_object(error, "error")?;
+            let error: WireError = serde_json::from_str(error.get())
+                .map_err(|e| ClassifyError::Invalid(format!("error: {e}")))?;
+            Some(error.code)
+        }
+        None => None,
+    };
     let payload = wire
         .params
         .or(wire.result)
@@ -291,7 +328,7 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
         method,
         target,
         is_tool_error,
-        error_code: wire.error.map(|e| e.code),
+        error_code,
         payload,
         size,
         null_id,
@@ -558,5 +595,45 @@ mod tests {
         let null: serde_json::Value =
             serde_json::from_slice(&error_body(None, -1, "m")).expect("json");
         assert!(null["id"].is_null());
+    }
+
+    /// Serde reads structs from arrays too; the relay read `params: ["secret", null]` as a call
+    /// of tool `secret`, `error: [5, "x"]` as error 5 and an array batch item as a message,
+    /// where every other JSON-RPC reader (serde_json::Value, the Python SDK) sees no such fields.
+    #[test]
+    fn array_shaped_messages_params_and_errors_are_invalid() {
+        for body in [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["secret",null]}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":[null,"file:///x"]}"#,
+            r#"{"jsonrpc":"2.0","id":1,"error":[5,"x"]}"#,
+            r#"[["2.0",1,"tools/call",{"name":"secret"},null,null]]"#,
+        ] {
+            let e = classify(body.as_bytes()).expect_err(body);
+            assert_eq!(e.code(), codes::INVALID_REQUEST, "{body}: {e}");
+        }
+        // Other methods' params stay opaque, as before.
+        single(r#"{"jsonrpc":"2.0","id":"a","method":"ping","params":[1, 2]}"#);
+    }
+
+    /// A request whose id is neither a string nor an integer is refused: the Python SDK reads it
+    /// as a notification (no answer ever comes), the relay read it as a request.
+    #[test]
+    fn request_ids_are_strings_or_integers() {
+        for id in ["1.5", "1e400", "2.0", "true", "{}", "[1]", "-0.0"] {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"x"}}}}"#
+            );
+            let e = classify(body.as_bytes()).expect_err(&body);
+            assert_eq!(e.code(), codes::INVALID_REQUEST, "{body}: {e}");
+        }
+        for id in ["0", "-7", "18446744073709551616", r#""a-1""#, r#""""#] {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"ping"}}"#);
+            assert_eq!(single(&body).kind, MessageKind::Request, "{body}");
+        }
+        // Responses keep any id: they are matched by its text.
+        assert_eq!(
+            single(r#"{"jsonrpc":"2.0","id":-12.5e3,"result":{}}"#).kind,
+            MessageKind::Response
+        );
     }
 }

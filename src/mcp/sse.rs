@@ -25,7 +25,9 @@ pub fn named_event(name: &str, data: &str) -> Bytes {
 
 /// One `message` event carrying `data` (a JSON-RPC message), with an event `id` when the stream
 /// is resumable. JSON may contain raw line breaks (pretty-printed bodies): each line becomes its
-/// own `data:` line, as SSE requires.
+/// own `data:` line, as SSE requires. A line ends at CRLF, LF or a lone CR, as SSE parsers read
+/// it: a lone CR (JSON whitespace) left inside a `data:` line would end it there, and the rest
+/// of the message would reach the agent as a stray field instead of data.
 pub fn message_event(id: Option<&str>, data: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 48);
     if let Some(id) = id {
@@ -34,11 +36,22 @@ pub fn message_event(id: Option<&str>, data: &[u8]) -> Bytes {
         out.put_u8(b'\n');
     }
     out.put_slice(b"event: message\n");
-    for line in data.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut rest = data;
+    loop {
+        let (line, next) = match memchr::memchr2(b'\r', b'\n', rest) {
+            None => (rest, None),
+            Some(at) => {
+                let crlf = rest[at] == b'\r' && rest.get(at + 1) == Some(&b'\n');
+                (&rest[..at], Some(&rest[at + if crlf { 2 } else { 1 }..]))
+            }
+        };
         out.put_slice(b"data: ");
         out.put_slice(line);
         out.put_u8(b'\n');
+        match next {
+            Some(next) => rest = next,
+            None => break,
+        }
     }
     out.put_u8(b'\n');
     out.freeze()
@@ -106,6 +119,21 @@ mod tests {
         assert_eq!(
             &message_event(Some("0-3"), b"{\r\n\"a\":1\n}")[..],
             b"id: 0-3\nevent: message\ndata: {\ndata: \"a\":1\ndata: }\n\n"
+        );
+    }
+
+    /// A lone CR (JSON whitespace an upstream may send) ends a line for SSE parsers, so it must
+    /// start a new `data:` line; it was kept inside one, and the agent's parser cut the message
+    /// there (fuzz/ `sse_agent` target).
+    #[test]
+    fn lone_carriage_return_starts_a_data_line() {
+        assert_eq!(
+            &message_event(None, b"{\"a\":1,\r\"b\":2}\r")[..],
+            b"event: message\ndata: {\"a\":1,\ndata: \"b\":2}\ndata: \n\n"
+        );
+        assert_eq!(
+            &message_event(None, b"x\r\n\ny")[..],
+            b"event: message\ndata: x\ndata: \ndata: y\n\n"
         );
     }
 }
