@@ -396,8 +396,10 @@ impl StdioSource {
         let stdout_task = process.stdout.take().map(|stdout| {
             tokio::spawn(route_session_output(
                 stdout,
-                process.line_limit,
-                limit,
+                OutputLimits {
+                    line: process.line_limit,
+                    frame: limit,
+                },
                 self.name.clone(),
                 routing.clone(),
                 out.clone(),
@@ -1221,22 +1223,29 @@ fn announces_streams(line: &[u8]) -> bool {
     }
 }
 
+/// How large what a session's process prints may be: one line (bounded by the answer limit)
+/// and one frame (larger lines cross the tunnel in pieces).
+#[derive(Debug, Clone, Copy)]
+struct OutputLimits {
+    line: usize,
+    frame: usize,
+}
+
 async fn route_session_output(
     stdout: ChildStdout,
-    limit: usize,
-    max_frame: usize,
+    limits: OutputLimits,
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
     out: super::Out,
     primed: Arc<AtomicBool>,
     activity: Activity,
 ) {
-    let mut lines = FramedRead::new(stdout, LineDecoder::new(limit));
+    let mut lines = FramedRead::new(stdout, LineDecoder::new(limits.line));
     while let Some(Ok(line)) = lines.next().await {
         let line = match line {
             Line::Text(line) => line,
             Line::TooLong => {
-                tracing::warn!(source = %source, limit, "stdio process printed a message larger than max_answer_bytes; dropped");
+                tracing::warn!(source = %source, limit = limits.line, "stdio process printed a message larger than max_answer_bytes; dropped");
                 continue;
             }
         };
@@ -1259,7 +1268,7 @@ async fn route_session_output(
         {
             primed.store(true, Ordering::Relaxed);
         }
-        if super::send_message(&out, exchange, line, max_frame, &source)
+        if super::send_message(&out, exchange, line, limits.frame, &source)
             .await
             .is_err()
         {
