@@ -638,20 +638,23 @@ fn cel_on_this_thread(data: &[u8]) {
         subject: "alice@example.com".into(),
         roles: vec!["dev".to_owned(), "hr".to_owned()].into(),
     };
-    let name = classify(body)
-        .ok()
-        .and_then(|c| c.messages().first().and_then(|m| m.target.clone()))
+    // The first message of the body, as the relay classifies it: its target names the call, and
+    // its `params` (located by classification, as the relay hands them to conditions) are what
+    // the conditions read.
+    let classified = classify(body).ok();
+    let first = classified.as_ref().and_then(|c| c.messages().first());
+    let name = first
+        .and_then(|m| m.target.clone())
         .unwrap_or_else(|| "echo".into());
+    let params = first.and_then(|m| m.payload(body));
     let _ = glob_match(&glob, &format!("demo/{name}"));
-    let batch_index = body.trim_ascii_start().starts_with(b"[").then_some(0);
     for kind in [Kind::Tool, Kind::Resource, Kind::Prompt] {
         let call = Call {
             who: &who,
             kind,
             source: "demo",
             name: &name,
-            body,
-            batch_index,
+            params,
         };
         let Ok(args) = call.args() else {
             continue;
