@@ -9,7 +9,8 @@
 #             10 MiB `blob` result
 #   faults    connect is killed (-9: the tunnel drops) every DROP_SECS and started again, on QUIC
 #             (`--transport auto`) and on the HTTPS fallback (`--transport https`) by turns; the
-#             relay's configuration is rewritten (a role's deny list changes) every RELOAD_SECS
+#             relay's configuration is rewritten (a role's deny list changes) every RELOAD_SECS;
+#             after each kill it measures the seconds until a new session is served again
 #
 # Every SAMPLE_SECS it records relay and connect RSS and open file descriptors, the relay's live
 # tasks (/metrics `mcp_tunnel_runtime_tasks`) and sessions, and the audit rows, to
@@ -174,15 +175,24 @@ load blob --url "http://127.0.0.1:$AGENTS/mcp/demo" --tool blob --payload "$BLOB
 # Faults and readings until the end.
 next_drop=$((SECONDS + DROP_SECS)) next_reload=$((SECONDS + RELOAD_SECS)) next_sample=$((SECONDS + SAMPLE_SECS))
 third_sampled=0 drops=0 reloads=0
+RECOVERY=()
 while ((SECONDS < END)); do
     kill -0 "$RELAY_PID" 2>/dev/null || die "the relay exited (see $WORK/relay.log)"
     if ((SECONDS >= next_drop)); then
         drops=$((drops + 1))
         transport=$( ((drops % 2)) && echo https || echo auto)
         log "dropping the tunnel (kill -9 connect $CONNECT_PID); the next one runs --transport $transport"
+        killed_at=$SECONDS
         kill -KILL "$CONNECT_PID" 2>/dev/null || true
         wait "$CONNECT_PID" 2>/dev/null || true
         start_connect "$transport"
+        # Recovery: seconds from the kill until a new session is served (each try bounded).
+        until timeout 10 "$BIN" bench --url "http://127.0.0.1:$AGENTS/mcp/demo" --key "$KEY" \
+            --calls 1 --sessions 1 --concurrency 1 --json >/dev/null 2>&1; do
+            ((SECONDS - killed_at < 120)) || break
+        done
+        RECOVERY+=("$((SECONDS - killed_at))")
+        log "a new session was served $((SECONDS - killed_at)) s after the kill"
         next_drop=$((SECONDS + DROP_SECS))
     fi
     if ((SECONDS >= next_reload)); then
@@ -239,6 +249,7 @@ field() { cut -f"$2" <<<"$1"; }
     printf '%-22s %12s %12s\n' "connect fds" "$(field "$start_row" 8)" "$(field "$end_row" 8)"
     printf '%-22s %12s %12s\n' "audit rows" "$(field "$start_row" 9)" "$(field "$end_row" 9)"
     echo "relay RSS under load: ${THIRD_RSS:-?} KiB at a third of the run, $END_RSS KiB at its end"
+    echo "seconds from each tunnel kill to a new session served: ${RECOVERY[*]:-none}"
     echo "calls: $ok ok, $failed failed; by cause:"
     [[ -n $causes ]] && echo "$causes"
     echo "audit verify: $([[ $verified == 1 ]] && echo passed || echo FAILED)"

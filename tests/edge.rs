@@ -26,7 +26,9 @@ async fn raw_quic(tunnel: SocketAddr, ca_pem: &str) -> Result<quinn::Connection,
     let connection = tokio::time::timeout(WAIT, quic::dial(&endpoint, tunnel, "localhost"))
         .await
         .expect("dial ends");
-    connection.map(|c| c.0).map_err(|e| e.to_string())
+    connection
+        .map(quic::QuicConnection::into_inner)
+        .map_err(|e| e.to_string())
 }
 
 /// Writes 64 KiB chunks on `send` for as long as flow control takes them without waiting

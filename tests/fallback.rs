@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, Harness, Options, WAIT, tool_text};
 use mcp_tunnel::config::TransportChoice;
+use mcp_tunnel::relay::registry::TunnelRow;
 use serde_json::json;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -348,6 +349,64 @@ async fn a_dropped_connection_fails_its_calls_at_once_and_the_other_serves() {
     })
     .await
     .expect("connect reconnects the dropped connection");
+}
+
+/// Waits until the relay's tunnel rows satisfy `ready`.
+async fn until_rows(harness: &Harness, what: &str, ready: impl Fn(&[TunnelRow]) -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !ready(&harness.state.registry.rows()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: {:?}", harness.state.registry.rows()));
+}
+
+/// A `connect` killed without a word (`kill -9`, power loss) leaves a QUIC connection that looks
+/// open to the relay until its idle timeout (30 s). Once its peer is silent, new sessions go to
+/// the replacement, here on the HTTPS fallback, although QUIC is otherwise preferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_quic_tunnel_gets_no_new_sessions_while_its_https_replacement_is_heard() {
+    let (harness, url, _upstreams) = demo_harness().await;
+    let front = Front::start(harness.tunnel).await;
+    front.udp_open.store(true, Ordering::Relaxed);
+    let mut settings = harness.client_settings(&harness.acme, &[("demo", &url)]);
+    settings.relay = front.addr.to_string();
+    settings.transport = TransportChoice::Quic;
+    let _vanishing = harness.connect_with(&harness.acme.clone(), settings).await;
+    echo_once(&harness, "over QUIC").await;
+    let opened_on_quic = harness.state.registry.rows()[0].streams_opened;
+
+    // Every datagram either way is lost from now on: to the relay, the peer went quiet.
+    front.udp_open.store(false, Ordering::Relaxed);
+    let mut settings = harness.client_settings(&harness.acme, &[("demo", &url)]);
+    settings.transport = TransportChoice::Https;
+    let _replacement = harness.connect_with(&harness.acme.clone(), settings).await;
+    until_rows(
+        &harness,
+        "the QUIC tunnel turns silent, the HTTPS one is heard",
+        |rows| {
+            rows.len() == 2
+                && rows
+                    .iter()
+                    .all(|r| r.silent == (r.transport == "quic") && !r.draining)
+        },
+    )
+    .await;
+    tokio::time::timeout(WAIT, echo_once(&harness, "over the replacement"))
+        .await
+        .expect("a new session is served by the tunnel that is heard from");
+    let rows = harness.state.registry.rows();
+    let https = rows
+        .iter()
+        .find(|r| r.transport == "https")
+        .expect("the replacement");
+    assert!(https.streams_opened >= 1, "{rows:?}");
+    let quic = rows.iter().find(|r| r.transport == "quic");
+    assert!(
+        quic.is_none_or(|r| r.streams_opened == opened_on_quic),
+        "nothing new went to the silent tunnel: {rows:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

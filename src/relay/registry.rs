@@ -13,7 +13,9 @@ use std::sync::RwLock;
 use tokio::sync::watch;
 
 use crate::govern::identity::TunnelGrant;
-use crate::transport::{TransportError, TransportKind, TunnelConnection, TunnelStream};
+use crate::transport::{
+    SILENT_AFTER, TransportError, TransportKind, TunnelConnection, TunnelStream,
+};
 
 /// One connected tunnel client.
 pub struct Tunnel {
@@ -67,6 +69,11 @@ impl Tunnel {
     pub fn streams_active(&self) -> usize {
         self.streams_active.load(Ordering::Relaxed)
     }
+
+    /// Whether the peer has not been heard from for [`SILENT_AFTER`] (see [`Registry::route`]).
+    pub fn silent(&self) -> bool {
+        self.connection.silent_for() >= SILENT_AFTER
+    }
 }
 
 /// Counts a stream as active until dropped.
@@ -104,6 +111,11 @@ pub struct TunnelRow {
     pub streams_active: usize,
     /// Whether the tunnel is shutting down (no new sessions go to it).
     pub draining: bool,
+    /// Milliseconds since its peer was last heard from (keep-alives included).
+    pub silent_ms: u64,
+    /// Whether that is so long that the peer is likely gone: new sessions go to another
+    /// tunnel of the source while one is heard from (see [`Registry::route`]).
+    pub silent: bool,
     /// Whether new sessions of this source go to this tunnel's token: `false` for a tunnel
     /// whose token is not the one serving the source (see [`Registry::route`]).
     pub serving: bool,
@@ -226,8 +238,11 @@ impl Registry {
 
     /// The tunnel a new session of `tenant` with `source` goes to: among the tunnels of the
     /// token serving the source (one token serves a source at a time: see [`serving_token`]),
-    /// QUIC before the HTTPS fallback (a client that found UDP again moves new sessions back to it), and among those
-    /// the one carrying the fewest streams, the newest on a tie.
+    /// those whose peer is heard from before [silent](crate::transport::SILENT_AFTER) ones (a
+    /// `connect` killed without a word leaves its QUIC connection looking open until the idle
+    /// timeout, while its replacement is already there), then QUIC before the HTTPS fallback (a
+    /// client that found UDP again moves new sessions back to it), and among those the one
+    /// carrying the fewest streams, the newest on a tie.
     pub fn route(&self, tenant: &str, source: &str) -> Option<Arc<Tunnel>> {
         let routes = self
             .routes
@@ -235,21 +250,18 @@ impl Registry {
             .expect("registry lock is never held across a panic");
         let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
         let owner = serving_token(source, all)?;
-        let candidates: Vec<&Arc<Tunnel>> = all.iter().filter(|t| t.grant.token == owner).collect();
-        let best_kind = if candidates
-            .iter()
-            .any(|t| t.connection.kind() == TransportKind::Quic)
-        {
-            TransportKind::Quic
-        } else {
-            TransportKind::Https
-        };
-        candidates
-            .iter()
+        // Newest first, so that `min_by_key` (which keeps the first of equals) picks the newest.
+        all.iter()
             .rev()
-            .filter(|t| t.connection.kind() == best_kind)
-            .min_by_key(|t| t.streams_active())
-            .map(|t| (*t).clone())
+            .filter(|t| t.grant.token == owner)
+            .min_by_key(|t| {
+                (
+                    t.silent(),
+                    t.connection.kind() != TransportKind::Quic,
+                    t.streams_active(),
+                )
+            })
+            .cloned()
     }
 
     /// One row per (tunnel, source), for `/api/tunnels`.
@@ -283,6 +295,9 @@ impl Registry {
                     streams_opened: t.streams_opened(),
                     streams_active: t.streams_active(),
                     draining: t.draining.load(Ordering::Relaxed),
+                    silent_ms: u64::try_from(t.connection.silent_for().as_millis())
+                        .unwrap_or(u64::MAX),
+                    silent: t.silent(),
                 })
             })
             .collect();
@@ -396,8 +411,17 @@ mod tests {
     use super::*;
     use crate::transport::BoxFuture;
 
-    /// A connection whose peer never grants another stream (its stream credit is used up).
-    struct NoCredit;
+    /// A connection whose peer never grants another stream (its stream credit is used up), of
+    /// a given transport, last heard from a given time ago.
+    struct NoCredit {
+        kind: TransportKind,
+        silent_for: Duration,
+    }
+
+    const HEARD: NoCredit = NoCredit {
+        kind: TransportKind::Quic,
+        silent_for: Duration::ZERO,
+    };
 
     impl TunnelConnection for NoCredit {
         fn open_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
@@ -411,7 +435,7 @@ mod tests {
             Box::pin(std::future::pending())
         }
         fn kind(&self) -> TransportKind {
-            TransportKind::Quic
+            self.kind
         }
         fn remote_addr(&self) -> SocketAddr {
             SocketAddr::from(([127, 0, 0, 1], 1))
@@ -419,17 +443,80 @@ mod tests {
         fn rtt(&self) -> Duration {
             Duration::ZERO
         }
+        fn silent_for(&self) -> Duration {
+            self.silent_for
+        }
+    }
+
+    fn grant(token: &str) -> crate::govern::identity::TunnelGrant {
+        crate::govern::identity::TunnelGrant {
+            tenant: "acme".into(),
+            sources: None,
+            token: crate::govern::SecretHash::of(token),
+        }
+    }
+
+    #[test]
+    fn a_silent_tunnel_gets_new_sessions_only_when_every_tunnel_of_the_source_is_silent() {
+        let registry = Registry::default();
+        let register = |kind, silent_for| {
+            registry.register(
+                grant("one token"),
+                vec!["s".into()],
+                Arc::new(NoCredit { kind, silent_for }),
+                1024,
+            )
+        };
+        // A QUIC tunnel whose connect was killed: still registered, not heard from for 6 s.
+        let dead = register(TransportKind::Quic, Duration::from_secs(6));
+        assert!(dead.silent());
+        assert_eq!(registry.route("acme", "s").map(|t| t.id), Some(dead.id));
+        // Its replacement came up on the HTTPS fallback: it gets the new sessions, although
+        // QUIC is preferred among tunnels heard from.
+        let replacement = register(TransportKind::Https, Duration::from_millis(100));
+        assert_eq!(
+            registry.route("acme", "s").map(|t| t.id),
+            Some(replacement.id)
+        );
+        let rows = registry.rows();
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.id, r.silent, r.silent_ms))
+                .collect::<Vec<_>>(),
+            vec![(dead.id, true, 6_000), (replacement.id, false, 100)]
+        );
+        // A QUIC tunnel heard from is preferred again.
+        let quic = register(TransportKind::Quic, Duration::ZERO);
+        assert_eq!(registry.route("acme", "s").map(|t| t.id), Some(quic.id));
+        // Liveness never moves a source to another token's tunnel.
+        let registry = Registry::default();
+        let serving = registry.register(
+            grant("one token"),
+            vec!["s".into()],
+            Arc::new(NoCredit {
+                kind: TransportKind::Quic,
+                silent_for: Duration::from_secs(60),
+            }),
+            1024,
+        );
+        registry.register(
+            grant("another token"),
+            vec!["s".into()],
+            Arc::new(HEARD),
+            1024,
+        );
+        assert_eq!(registry.route("acme", "s").map(|t| t.id), Some(serving.id));
     }
 
     #[tokio::test]
     async fn opening_a_stream_without_credit_ends_with_an_error_in_time() {
         let registry = Registry::default();
-        let grant = crate::govern::identity::TunnelGrant {
-            tenant: "acme".into(),
-            sources: None,
-            token: crate::govern::SecretHash::of("a tunnel token"),
-        };
-        let tunnel = registry.register(grant, vec!["s".into()], Arc::new(NoCredit), 1024);
+        let tunnel = registry.register(
+            grant("a tunnel token"),
+            vec!["s".into()],
+            Arc::new(HEARD),
+            1024,
+        );
         // The peer never grants the stream: the wait ends at the timeout, whatever the speed.
         let opened = tokio::time::timeout(
             Duration::from_secs(30),

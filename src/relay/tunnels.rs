@@ -107,7 +107,12 @@ pub async fn serve_quic(
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "QUIC handshake timed out"),
             };
-            serve_connection(Arc::new(QuicConnection(connection)), state, handshaking).await;
+            serve_connection(
+                Arc::new(QuicConnection::new(connection)),
+                state,
+                handshaking,
+            )
+            .await;
         });
     }
     // While established connections drain, new ones are refused at once rather than left

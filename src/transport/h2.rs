@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{BoxFuture, TransportError, TransportKind, TunnelConnection, TunnelStream};
-use crate::transport::quic::{IDLE_TIMEOUT, KEEP_ALIVE, MAX_CONCURRENT_STREAMS};
+use crate::transport::quic::MAX_CONCURRENT_STREAMS;
+use crate::transport::{IDLE_TIMEOUT, KEEP_ALIVE};
 
 /// ALPN of the fallback: plain `h2`, so TLS middleboxes see ordinary HTTPS.
 pub const ALPN: &[u8] = b"h2";
@@ -46,6 +47,8 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 struct State {
     remote: SocketAddr,
     rtt: Mutex<Duration>,
+    /// When the last keep-alive answer came (the connection's start before the first).
+    heard: Mutex<tokio::time::Instant>,
     closed: CancellationToken,
     reason: Mutex<Option<String>>,
 }
@@ -55,6 +58,7 @@ impl State {
         Arc::new(Self {
             remote,
             rtt: Mutex::new(Duration::ZERO),
+            heard: Mutex::new(tokio::time::Instant::now()),
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
         })
@@ -111,11 +115,19 @@ macro_rules! state_methods {
                 .lock()
                 .expect("rtt lock is never held across a panic")
         }
+
+        fn silent_for(&self) -> Duration {
+            self.state
+                .heard
+                .lock()
+                .expect("heard lock is never held across a panic")
+                .elapsed()
+        }
     };
 }
 
 /// Sends pings every [`KEEP_ALIVE`]; a pong that takes longer than [`IDLE_TIMEOUT`] closes
-/// the connection. Pong times are the RTT estimate.
+/// the connection. Pong times are the RTT estimate, and a pong is the peer heard from.
 async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
     loop {
         let started = tokio::time::Instant::now();
@@ -124,7 +136,12 @@ async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
                 *state
                     .rtt
                     .lock()
-                    .expect("rtt lock is never held across a panic") = started.elapsed()
+                    .expect("rtt lock is never held across a panic") = started.elapsed();
+                *state
+                    .heard
+                    .lock()
+                    .expect("heard lock is never held across a panic") =
+                    tokio::time::Instant::now();
             }
             Ok(Err(e)) => return state.close(&format!("keep-alive failed: {e}")),
             Err(_) => return state.close("timed out: no keep-alive answer"),

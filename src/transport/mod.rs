@@ -15,6 +15,24 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+/// How long either side lets a connection go quiet before it sends a keep-alive (a QUIC PING,
+/// an HTTP/2 PING). Well under common NAT UDP mapping timeouts (30 s on many routers), and short
+/// enough that a peer that has gone away is [silent](SILENT_AFTER) within seconds, while the
+/// cost stays a small packet every 2 s per idle tunnel.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// A peer not heard from (not even a keep-alive or its answer) for this long is *silent*: two
+/// keep-alives missed, plus slack for a round trip. The relay routes new sessions to a silent
+/// tunnel only when every tunnel of the source is silent: a `connect` killed without a word
+/// (power loss, `kill -9`) leaves a QUIC connection that looks open until [`IDLE_TIMEOUT`], and
+/// its replacement must get the sessions meanwhile.
+pub const SILENT_AFTER: Duration = Duration::from_secs(5);
+
+/// A connection with no traffic at all for this long is closed as dead. Longer than
+/// [`SILENT_AFTER`] on purpose: a network outage of a few seconds costs a silent tunnel its new
+/// sessions, not the sessions it carries.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A boxed future, as returned by the object-safe [`TunnelConnection`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -98,4 +116,7 @@ pub trait TunnelConnection: Send + Sync + 'static {
     fn remote_addr(&self) -> SocketAddr;
     /// The current round-trip estimate.
     fn rtt(&self) -> Duration;
+    /// How long since the peer was last heard from (anything it sent, keep-alives included),
+    /// to within a fraction of a second. Over [`SILENT_AFTER`] the peer is likely gone.
+    fn silent_for(&self) -> Duration;
 }

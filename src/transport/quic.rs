@@ -2,20 +2,21 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt};
 
-use super::{BoxFuture, TransportError, TransportKind, TunnelConnection, TunnelStream};
+use super::{
+    BoxFuture, IDLE_TIMEOUT, KEEP_ALIVE, TransportError, TransportKind, TunnelConnection,
+    TunnelStream,
+};
 
-/// Keep-alive interval: well under common NAT UDP mapping timeouts (30 s on many routers), so
-/// an idle tunnel keeps its mapping and a dead one is noticed quickly.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
-
-/// A connection with no traffic (keep-alives included) for this long is dead: three missed
-/// keep-alives.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a connection looks whether its peer sent anything since the last look: the
+/// resolution of [`TunnelConnection::silent_for`] (quinn counts received datagrams but keeps no
+/// time of the last one).
+const HEARD_SAMPLE: Duration = Duration::from_millis(250);
 
 /// Concurrent bidirectional streams the relay may open towards `connect`: one per live MCP
 /// session or stateless request (plus the control stream). quinn's default of 100 would queue
@@ -52,9 +53,9 @@ fn common_config() -> TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .datagram_receive_buffer_size(None)
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(
-            IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is within QUIC's idle timeout range"),
-        ));
+        .max_idle_timeout(Some(IdleTimeout::try_from(IDLE_TIMEOUT).expect(
+            "IDLE_TIMEOUT is within QUIC's idle timeout range (under 2^62 ms)",
+        )));
     config
 }
 
@@ -193,12 +194,55 @@ pub async fn dial(
         }
         e => TransportError::Connect(e.to_string()),
     })?;
-    Ok(QuicConnection(connection))
+    Ok(QuicConnection::new(connection))
 }
 
 /// A tunnel connection over QUIC.
 #[derive(Clone)]
-pub struct QuicConnection(pub quinn::Connection);
+pub struct QuicConnection {
+    connection: quinn::Connection,
+    /// When the peer was last heard from, in milliseconds since `born`.
+    heard_ms: Arc<AtomicU64>,
+    born: tokio::time::Instant,
+}
+
+impl QuicConnection {
+    /// Wraps an established connection and starts watching what its peer sends, until it
+    /// closes (see [`TunnelConnection::silent_for`]). Needs a tokio runtime.
+    pub fn new(connection: quinn::Connection) -> Self {
+        let this = Self {
+            connection,
+            heard_ms: Arc::default(),
+            born: tokio::time::Instant::now(),
+        };
+        tokio::spawn(this.clone().watch_peer());
+        this
+    }
+
+    /// The quinn connection underneath (tests drive the relay's edge with it).
+    pub fn into_inner(self) -> quinn::Connection {
+        self.connection
+    }
+
+    /// Every [`HEARD_SAMPLE`], records "heard now" when the peer's datagram count moved.
+    async fn watch_peer(self) {
+        let mut seen = self.connection.stats().udp_rx.datagrams;
+        let mut ticks = tokio::time::interval(HEARD_SAMPLE);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.connection.closed() => return,
+                _ = ticks.tick() => {}
+            }
+            let now = self.connection.stats().udp_rx.datagrams;
+            if now != seen {
+                seen = now;
+                let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.heard_ms.store(ms, Ordering::Relaxed);
+            }
+        }
+    }
+}
 
 fn lost(e: quinn::ConnectionError) -> TransportError {
     TransportError::ConnectionLost(e.to_string())
@@ -207,7 +251,7 @@ fn lost(e: quinn::ConnectionError) -> TransportError {
 impl TunnelConnection for QuicConnection {
     fn open_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
         Box::pin(async move {
-            let (send, recv) = self.0.open_bi().await.map_err(lost)?;
+            let (send, recv) = self.connection.open_bi().await.map_err(lost)?;
             Ok(TunnelStream {
                 send: Box::new(send),
                 recv: Box::new(recv),
@@ -217,7 +261,7 @@ impl TunnelConnection for QuicConnection {
 
     fn accept_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
         Box::pin(async move {
-            let (send, recv) = self.0.accept_bi().await.map_err(lost)?;
+            let (send, recv) = self.connection.accept_bi().await.map_err(lost)?;
             Ok(TunnelStream {
                 send: Box::new(send),
                 recv: Box::new(recv),
@@ -226,19 +270,19 @@ impl TunnelConnection for QuicConnection {
     }
 
     fn close(&self, reason: &str) {
-        self.0
+        self.connection
             .close(VarInt::from_u32(CLOSE_CODE), reason.as_bytes());
     }
 
     fn admit(&self, receive_window: u64) {
         match VarInt::from_u64(receive_window) {
-            Ok(window) => self.0.set_receive_window(window),
+            Ok(window) => self.connection.set_receive_window(window),
             Err(_) => tracing::warn!(receive_window, "receive window too large; left as it was"),
         }
     }
 
     fn closed(&self) -> BoxFuture<'_, TransportError> {
-        Box::pin(async move { lost(self.0.closed().await) })
+        Box::pin(async move { lost(self.connection.closed().await) })
     }
 
     fn kind(&self) -> TransportKind {
@@ -246,10 +290,15 @@ impl TunnelConnection for QuicConnection {
     }
 
     fn remote_addr(&self) -> SocketAddr {
-        self.0.remote_address()
+        self.connection.remote_address()
     }
 
     fn rtt(&self) -> Duration {
-        self.0.rtt()
+        self.connection.rtt()
+    }
+
+    fn silent_for(&self) -> Duration {
+        let heard = Duration::from_millis(self.heard_ms.load(Ordering::Relaxed));
+        self.born.elapsed().saturating_sub(heard)
     }
 }

@@ -100,7 +100,9 @@
       tr.append(
         cell(t.tenant),
         cell(t.source),
-        t.draining ? badgeCell("draining", "draining") : badgeCell("online", "online", "from " + t.remote),
+        t.draining ? badgeCell("draining", "draining")
+          : t.silent ? badgeCell("silent", "draining", "not heard from for " + millis(t.silent_ms) + " ms: new sessions go to another tunnel")
+          : badgeCell("online", "online", "from " + t.remote),
         badgeCell(t.transport, t.transport === "quic" ? "quic" : "https"),
         cell(millis(t.rtt_ms) + " ms", "num"),
         cell(count(t.streams_active), "num", count(t.streams_opened) + " opened so far"),
@@ -143,7 +145,7 @@
   }
 
   function renderFigures(snap) {
-    const online = snap.tunnels.filter((t) => !t.draining).length;
+    const online = snap.tunnels.filter((t) => !t.draining && !t.silent).length;
     $("fig-tunnels").textContent = count(online);
     $("fig-sessions").textContent = count(snap.sessions);
     $("fig-calls").textContent = count(snap.totals.calls);
