@@ -186,8 +186,8 @@ while ((SECONDS < END)); do
         kill -KILL "$CONNECT_PID" 2>/dev/null || true
         wait "$CONNECT_PID" 2>/dev/null || true
         start_connect "$transport"
-        # Recovery: seconds from the kill until a new session is served (each try bounded).
-        until timeout 10 "$BIN" bench --url "http://127.0.0.1:$AGENTS/mcp/demo" --key "$KEY" \
+        # Recovery: seconds from the kill until a new session is served (each try bounded at 3 s).
+        until timeout 3 "$BIN" bench --url "http://127.0.0.1:$AGENTS/mcp/demo" --key "$KEY" \
             --calls 1 --sessions 1 --concurrency 1 --json >/dev/null 2>&1; do
             ((SECONDS - killed_at < 120)) || break
         done

@@ -204,42 +204,62 @@ pub struct QuicConnection {
     /// When the peer was last heard from, in milliseconds since `born`.
     heard_ms: Arc<AtomicU64>,
     born: tokio::time::Instant,
+    /// Stops the peer watcher once the last clone of this handle is gone, so the watcher's own
+    /// handle does not keep the connection open (quinn closes a connection when its last
+    /// handle drops).
+    _watching: Arc<tokio_util::sync::DropGuard>,
 }
 
 impl QuicConnection {
     /// Wraps an established connection and starts watching what its peer sends, until it
-    /// closes (see [`TunnelConnection::silent_for`]). Needs a tokio runtime.
+    /// closes or this handle and its clones are dropped (see
+    /// [`TunnelConnection::silent_for`]). Needs a tokio runtime.
     pub fn new(connection: quinn::Connection) -> Self {
-        let this = Self {
+        let heard_ms = Arc::new(AtomicU64::new(0));
+        let born = tokio::time::Instant::now();
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(watch_peer(
+            connection.clone(),
+            heard_ms.clone(),
+            born,
+            stop.clone(),
+        ));
+        Self {
             connection,
-            heard_ms: Arc::default(),
-            born: tokio::time::Instant::now(),
-        };
-        tokio::spawn(this.clone().watch_peer());
-        this
+            heard_ms,
+            born,
+            _watching: Arc::new(stop.drop_guard()),
+        }
     }
 
     /// The quinn connection underneath (tests drive the relay's edge with it).
     pub fn into_inner(self) -> quinn::Connection {
         self.connection
     }
+}
 
-    /// Every [`HEARD_SAMPLE`], records "heard now" when the peer's datagram count moved.
-    async fn watch_peer(self) {
-        let mut seen = self.connection.stats().udp_rx.datagrams;
-        let mut ticks = tokio::time::interval(HEARD_SAMPLE);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.connection.closed() => return,
-                _ = ticks.tick() => {}
-            }
-            let now = self.connection.stats().udp_rx.datagrams;
-            if now != seen {
-                seen = now;
-                let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-                self.heard_ms.store(ms, Ordering::Relaxed);
-            }
+/// Every [`HEARD_SAMPLE`], records in `heard_ms` "heard now" when the peer's datagram count
+/// moved; ends when the connection closes or `stop` fires.
+async fn watch_peer(
+    connection: quinn::Connection,
+    heard_ms: Arc<AtomicU64>,
+    born: tokio::time::Instant,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut seen = connection.stats().udp_rx.datagrams;
+    let mut ticks = tokio::time::interval(HEARD_SAMPLE);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = connection.closed() => return,
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = connection.stats().udp_rx.datagrams;
+        if now != seen {
+            seen = now;
+            let ms = u64::try_from(born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            heard_ms.store(ms, Ordering::Relaxed);
         }
     }
 }
@@ -300,5 +320,65 @@ impl TunnelConnection for QuicConnection {
     fn silent_for(&self) -> Duration {
         let heard = Duration::from_millis(self.heard_ms.load(Ordering::Relaxed));
         self.born.elapsed().saturating_sub(heard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::tls;
+
+    /// A relay-side server endpoint and a dialed client connection on loopback.
+    async fn pair() -> (Endpoint, QuicConnection, QuicConnection) {
+        let certs = crate::certs::generate(&[]).expect("dev certs");
+        let identity =
+            tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key).expect("identity");
+        let server_tls = tls::server_config(identity, &[b"test"]).expect("server TLS");
+        let server = server_endpoint("127.0.0.1:0".parse().expect("literal"), server_tls, 8)
+            .expect("server endpoint");
+        let client_tls =
+            tls::client_config(&tls::Roots::CaPem(certs.ca_pem), &[b"test"]).expect("client TLS");
+        let client = client_endpoint("127.0.0.1:0".parse().expect("literal"), client_tls)
+            .expect("client endpoint");
+        let addr = server.local_addr().expect("server address");
+        let (accepted, dialed) = tokio::join!(
+            async {
+                let incoming = server.accept().await.expect("an incoming connection");
+                QuicConnection::new(incoming.await.expect("handshake"))
+            },
+            dial(&client, addr, "localhost"),
+        );
+        (server, accepted, dialed.expect("dial"))
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_sends_is_heard_and_the_last_dropped_handle_closes_the_connection() {
+        let (_server, relay_side, connect_side) = pair().await;
+        // Born "heard" (the handshake just finished); the watcher then records what the peer
+        // sends after it (acknowledgements, keep-alives every 2 s).
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while relay_side.heard_ms.load(Ordering::Relaxed) == 0 {
+                tokio::time::sleep(HEARD_SAMPLE).await;
+            }
+        })
+        .await
+        .expect("the peer is heard from after the handshake");
+        assert!(relay_side.silent_for() < crate::transport::SILENT_AFTER);
+        // The watcher holds no handle that keeps the connection open: dropping connect's side
+        // (every clone) closes it, and the relay's side learns so.
+        let clone = connect_side.clone();
+        drop(connect_side);
+        assert!(
+            clone.connection.close_reason().is_none(),
+            "a clone keeps it open"
+        );
+        drop(clone);
+        let closed = tokio::time::timeout(Duration::from_secs(30), relay_side.closed())
+            .await
+            .expect("the relay side sees the close");
+        assert!(
+            matches!(closed, TransportError::ConnectionLost(_)),
+            "{closed}"
+        );
     }
 }
