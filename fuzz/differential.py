@@ -70,6 +70,10 @@ def relay_reading(line):
         return f"relay: {line['error']}"
     out = []
     for m in line["messages"]:
+        if m["kind"] == "request" and m["id"] is None:
+            # `"id": null`: a request the relay refuses (MCP forbids null ids), where the SDK
+            # reads a notification. Counted as a refusal by the relay.
+            return "relay: a request id must not be null"
         ident = json.loads(m["id"]) if m["id"] is not None else None
         out.append((m["kind"], ident, m["method"], m["target"]))
     return out

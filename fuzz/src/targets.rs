@@ -233,8 +233,11 @@ pub fn reference_message(value: &Value) -> Result<Reference, String> {
             return Err("error is not an object".into());
         }
     }
+    // `"id": null` is still a request (MCP forbids null ids; the relay refuses such a request
+    // and audits it rather than forwarding it as a notification).
+    let null_id = object.get("id").is_some_and(Value::is_null);
     let kind = match (&method, result.is_some() || error.is_some()) {
-        (Some(_), false) if id.is_some() => MessageKind::Request,
+        (Some(_), false) if id.is_some() || null_id => MessageKind::Request,
         (Some(_), false) => MessageKind::Notification,
         (None, true) => MessageKind::Response,
         _ => return Err("method and result/error".into()),
