@@ -22,7 +22,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use mcp_tunnel::config::{AuditSection, Durability};
+use mcp_tunnel::govern::audit::{AuditSettings, Durability};
 use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
 
 /// A typical metadata-only record of a tool call.
@@ -81,7 +81,7 @@ fn appends(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(5));
     for (label, durability) in [("commit", Durability::Commit), ("fsync", Durability::Fsync)] {
         let dir = tempfile::tempdir_in(base).expect("a temp dir under target/");
-        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        let mut config = AuditSettings::new(dir.path().join("audit.db"));
         config.durability = durability;
         let auditor = runtime
             .block_on(async { Auditor::open(&config) })

@@ -139,10 +139,7 @@ async fn main() -> anyhow::Result<()> {
         keyring
     };
     let audit_dir = tempfile::tempdir()?;
-    let audit: mcp_tunnel::config::AuditSection = toml::from_str(&format!(
-        "path = {:?}",
-        audit_dir.path().join("audit.db").display().to_string()
-    ))?;
+    let audit = mcp_tunnel::govern::audit::AuditSettings::new(audit_dir.path().join("audit.db"));
     let mut agents = Vec::new();
     // The plain relay serves the `quic` and `https` sources, the audited one `audited`.
     for (audit, sources) in [

@@ -329,6 +329,6 @@ fn a_non_ascii_assertion_header_is_a_configuration_error() {
         "ttl_secs = 120\nheader = \"x\u{e9}-identity\"",
     );
     let path = write_config(dir.path(), &text);
-    let err = mcp_tunnel::config::RelayConfig::load(&path).expect_err("a bad header");
+    let err = mcp_tunnel::relay::load_config(&path).expect_err("a bad header");
     assert!(err.to_string().contains("header"), "{err}");
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use common::{Agent, Harness, Options, WAIT, free_port, tool_text};
-use mcp_tunnel::config::AuditSection;
+use mcp_tunnel::govern::audit::AuditSettings;
 use mcp_tunnel::govern::policy::Role;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -25,10 +25,9 @@ fn caller_role() -> (String, Role) {
     )
 }
 
-/// An `[audit]` section writing to `path`.
-fn audit_at(path: &Path) -> AuditSection {
-    toml::from_str(&format!("path = {:?}", path.display().to_string()))
-        .expect("a minimal [audit] section parses")
+/// The audit trail at `path`, with the defaults of `[audit]`.
+fn audit_at(path: &Path) -> AuditSettings {
+    AuditSettings::new(path)
 }
 
 /// Runs the `mcp-tunnel` binary with `args`; returns (success, stdout, stderr).

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mcp_tunnel::config::AuditSection;
+use mcp_tunnel::govern::audit::AuditSettings;
 use mcp_tunnel::govern::audit::store::RECORD_COLUMNS;
 use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
 use rusqlite::Connection;
@@ -64,7 +64,7 @@ fn record(tenant: &str, n: u64) -> Record {
 /// A trail in `dir` with `per_tenant` records for each of `acme` and `globex`, appended from
 /// `tasks` concurrent tasks, closed (so every row is signed). Returns the database path.
 async fn fill(dir: &Path, per_tenant: u64, tasks: u64) -> PathBuf {
-    let config = AuditSection::new(dir.join("audit.db"));
+    let config = AuditSettings::new(dir.join("audit.db"));
     let auditor = Auditor::open(&config).expect("open the trail");
     let mut handles = Vec::new();
     for task in 0..tasks {
@@ -403,7 +403,7 @@ async fn concurrent_appends_all_land_chained() {
 #[tokio::test]
 async fn verify_reads_while_the_relay_writes() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = AuditSection::new(dir.path().join("audit.db"));
+    let config = AuditSettings::new(dir.path().join("audit.db"));
     let auditor = Auditor::open(&config).expect("open");
     for n in 0..10 {
         auditor.append(record("acme", n)).await.expect("append");
@@ -434,7 +434,7 @@ async fn tail_follows_new_rows_that_match() {
     use tokio::io::AsyncBufReadExt;
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = AuditSection::new(dir.path().join("audit.db"));
+    let config = AuditSettings::new(dir.path().join("audit.db"));
     let auditor = Auditor::open(&config).expect("open");
     auditor.append(record("acme", 0)).await.expect("append");
     auditor.append(record("acme", 1)).await.expect("append");
@@ -499,7 +499,7 @@ fn now_ms() -> u64 {
 /// rows of a tenant, and the off-box copy in `checkpoints.jsonl`. Returns (trail, copy,
 /// public key).
 async fn timed_trail(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let mut config = AuditSection::new(dir.join("audit.db"));
+    let mut config = AuditSettings::new(dir.join("audit.db"));
     config.checkpoint_rows = 4;
     config.relay_id = Some(RELAY.into());
     config.checkpoint_file = Some(dir.join("checkpoints.jsonl"));
@@ -689,7 +689,7 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
     // The whole trail replaced by one a relay with a new key wrote: the given public key and
     // the off-box copy both refuse it; only the keys the trail names would accept it.
     let forger = tempfile::tempdir().expect("temp dir");
-    let mut config = AuditSection::new(forger.path().join("audit.db"));
+    let mut config = AuditSettings::new(forger.path().join("audit.db"));
     config.relay_id = Some(RELAY.into());
     let auditor = Auditor::open(&config).expect("open the forged trail");
     for n in 0..3 {

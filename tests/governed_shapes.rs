@@ -8,7 +8,7 @@ use std::path::Path;
 
 use common::{Agent, Harness, Options, WAIT, cert_dir, quic_settings, write_config};
 use mcp_tunnel::client;
-use mcp_tunnel::config::AuditSection;
+use mcp_tunnel::govern::audit::AuditSettings;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::govern::policy::Role;
 use serde_json::{Value, json};
@@ -26,10 +26,9 @@ fn reader_role() -> (String, Role) {
     )
 }
 
-/// An `[audit]` section writing to `path`.
-fn audit_at(path: &Path) -> AuditSection {
-    toml::from_str(&format!("path = {:?}", path.display().to_string()))
-        .expect("a minimal [audit] section parses")
+/// The audit trail at `path`, with the defaults of `[audit]`.
+fn audit_at(path: &Path) -> AuditSettings {
+    AuditSettings::new(path)
 }
 
 /// Every row of the trail at `db`, through `audit export`.

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use common::{Agent, Harness, Options, WAIT};
 use futures_util::StreamExt;
-use mcp_tunnel::config::{AuditSection, LimitsSection};
+use mcp_tunnel::config::LimitsSection;
+use mcp_tunnel::govern::audit::AuditSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-/// An `[audit]` section writing to `path`.
-fn audit_at(path: &Path) -> AuditSection {
-    toml::from_str(&format!("path = {:?}", path.display().to_string()))
-        .expect("a minimal [audit] section parses")
+/// The audit trail at `path`, with the defaults of `[audit]`.
+fn audit_at(path: &Path) -> AuditSettings {
+    AuditSettings::new(path)
 }
 
 /// Waits (bounded) until `done` holds, checking now and then.

@@ -19,7 +19,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use common::{Agent, Harness, Options, WAIT};
 use futures_util::StreamExt;
-use mcp_tunnel::config::{AuditSection, LimitsSection, TransportChoice};
+use mcp_tunnel::config::{LimitsSection, TransportChoice};
+use mcp_tunnel::govern::audit::AuditSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -219,10 +220,9 @@ async fn big_upstream(stop: &CancellationToken) -> (String, Arc<Upstream>) {
     (format!("http://{addr}/mcp"), upstream)
 }
 
-/// An `[audit]` section writing to `path`.
-fn audit_at(path: &Path) -> AuditSection {
-    toml::from_str(&format!("path = {:?}", path.display().to_string()))
-        .expect("a minimal [audit] section parses")
+/// The audit trail at `path`, with the defaults of `[audit]`.
+fn audit_at(path: &Path) -> AuditSettings {
+    AuditSettings::new(path)
 }
 
 /// The `tools/call` rows of the trail at `db`, through `audit export`.

@@ -228,8 +228,11 @@ async fn token_new_prints_a_stanza_bound_to_its_sources() {
         dir.path(),
         &format!("{LISTENERS}\n[[tenants]]\nname = \"acme\"\n{stanza}"),
     );
-    let config = mcp_tunnel::config::RelayConfig::load(&path).expect("the stanza loads");
-    assert!(config.trust_warnings().is_empty(), "bound: no warning");
+    let config = mcp_tunnel::relay::load_config(&path).expect("the stanza loads");
+    assert!(
+        mcp_tunnel::relay::governance::trust_warnings(&config).is_empty(),
+        "bound: no warning"
+    );
 
     let output = common::run_cli(&["token", "new", "--tenant", "acme", "--any-source"]).await;
     let text = String::from_utf8(output.stdout).expect("utf-8");

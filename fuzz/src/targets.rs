@@ -520,7 +520,7 @@ fn relay_config_on_this_thread(data: &[u8]) {
         }
         let _ = config.limits.request_timeout();
         let _ = config.limits.session_idle();
-        let _ = config.build_governance();
+        let _ = mcp_tunnel::relay::governance::build(&config);
     }
     if let Ok(client) = toml::from_str::<ClientFile>(text) {
         let _ = client.sources();

@@ -38,10 +38,11 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Time a forced transport has to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default connections held at once: losing one loses no new session.
-pub const DEFAULT_CONNECTIONS: usize = 2;
+/// Default connections held at once (see [`crate::config::DEFAULT_CONNECTIONS`]).
+pub const DEFAULT_CONNECTIONS: usize = crate::config::DEFAULT_CONNECTIONS;
 /// Default interval between QUIC probes while on the HTTPS fallback.
-pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_PROBE_INTERVAL: Duration =
+    Duration::from_secs(crate::config::DEFAULT_PROBE_INTERVAL_SECS);
 /// Longest wait for a relay that asked us to drain to close the connection itself.
 const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// Time streams in flight get to finish when a connection drains.

@@ -37,15 +37,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::Identity;
-
-/// Header `connect` uses for the assertion unless configured otherwise.
-pub const DEFAULT_HEADER: &str = "X-MCP-Tunnel-Identity";
-
-/// Default lifetime of an assertion, in seconds.
-pub const DEFAULT_TTL_SECS: u64 = 60;
 
 /// Issuer when the relay has no public URL.
 pub const DEFAULT_ISSUER: &str = "mcp-tunnel";
@@ -127,16 +121,8 @@ impl std::fmt::Debug for AssertionSigner {
     }
 }
 
-/// What `connect` is given for one stream (in its open header): the header to set on every
-/// upstream request of the stream, and its value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Assertion {
-    /// The header name.
-    pub header: String,
-    /// The signed JWT.
-    pub token: String,
-}
+/// What `connect` is given for one stream: its wire form lives with the open header.
+pub use crate::wire::Assertion;
 
 impl AssertionSigner {
     /// A signer with the Ed25519 private key in `key_pem` (PKCS#8 PEM).
@@ -315,6 +301,10 @@ impl Refresher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The header and lifetime `[identity_assertion]` defaults to.
+    const DEFAULT_HEADER: &str = "X-MCP-Tunnel-Identity";
+    const DEFAULT_TTL_SECS: u64 = 60;
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jsonwebtoken::{DecodingKey, Validation};

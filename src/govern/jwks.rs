@@ -25,10 +25,6 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// the bound keeps a misbehaving server from filling the relay's memory.
 pub const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
-/// Default seconds between refreshes: identity providers publish a new key well before they
-/// sign with it, and an unknown key id triggers a refresh anyway.
-pub const DEFAULT_REFRESH_SECS: u64 = 300;
-
 /// The shortest refresh period accepted, in seconds.
 pub const MIN_REFRESH_SECS: u64 = 10;
 

@@ -12,14 +12,11 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 /// Default bound on the buckets one map holds.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// One rate: `per_minute` tokens a minute, at most `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
     /// Tokens added per minute (at least 1).
     pub per_minute: u32,
@@ -28,16 +25,6 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// Checks that both numbers are positive; the error names `what`.
-    pub fn validate(&self, what: &str) -> Result<(), String> {
-        if self.per_minute == 0 || self.burst == 0 {
-            return Err(format!(
-                "{what}: per_minute and burst must both be at least 1"
-            ));
-        }
-        Ok(())
-    }
-
     fn tokens_per_second(&self) -> f64 {
         f64::from(self.per_minute) / 60.0
     }
@@ -179,10 +166,10 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
     }
 }
 
-/// `[rate_limits]`: every rate is optional; an absent one does not limit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimitsSection {
+/// The rate limits of one configuration (`[rate_limits]`): every rate is optional; an absent
+/// one does not limit. Rates are at least 1 per minute with a burst of at least 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimits {
     /// Agent requests per identity (tenant and subject).
     pub identity: Option<Rate>,
     /// Agent requests per tenant and source, all callers together.
@@ -192,27 +179,19 @@ pub struct RateLimitsSection {
     pub tenant: Option<Rate>,
     /// Failed authentication attempts per remote IP address.
     pub auth_failures: Option<Rate>,
-    /// Bound on the buckets each kind of limit keeps (default 100000).
-    pub max_keys: Option<usize>,
+    /// Bound on the buckets each kind of limit keeps.
+    pub max_keys: usize,
 }
 
-impl RateLimitsSection {
-    /// Checks every configured rate; the error names the bad one.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, rate) in [
-            ("identity", &self.identity),
-            ("source", &self.source),
-            ("tenant", &self.tenant),
-            ("auth_failures", &self.auth_failures),
-        ] {
-            if let Some(rate) = rate {
-                rate.validate(&format!("[rate_limits] {name}"))?;
-            }
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            identity: None,
+            source: None,
+            tenant: None,
+            auth_failures: None,
+            max_keys: DEFAULT_MAX_KEYS,
         }
-        if self.max_keys == Some(0) {
-            return Err("[rate_limits] max_keys must be at least 1".into());
-        }
-        Ok(())
     }
 }
 
@@ -249,16 +228,15 @@ pub struct Limiter {
 }
 
 impl Limiter {
-    /// The limits `section` configures (validated first).
-    pub fn from_section(section: &RateLimitsSection) -> Result<Self, String> {
-        section.validate()?;
-        let max = section.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
-        Ok(Self {
-            identity: section.identity.map(|rate| Buckets::new(rate, max)),
-            source: section.source.map(|rate| Buckets::new(rate, max)),
-            tenant: section.tenant.map(|rate| Buckets::new(rate, max)),
-            auth_failures: section.auth_failures.map(|rate| Buckets::new(rate, max)),
-        })
+    /// Empty buckets for `limits`.
+    pub fn new(limits: &RateLimits) -> Self {
+        let max = limits.max_keys.max(1);
+        Self {
+            identity: limits.identity.map(|rate| Buckets::new(rate, max)),
+            source: limits.source.map(|rate| Buckets::new(rate, max)),
+            tenant: limits.tenant.map(|rate| Buckets::new(rate, max)),
+            auth_failures: limits.auth_failures.map(|rate| Buckets::new(rate, max)),
+        }
     }
 
     /// Counts one request of `subject` of `tenant` to `source` at `now`: the identity's bucket
@@ -422,7 +400,7 @@ mod tests {
     #[test]
     fn the_limiter_checks_identity_then_source_and_counts_auth_failures() {
         let now = Instant::now();
-        let section = RateLimitsSection {
+        let section = RateLimits {
             identity: Some(Rate {
                 per_minute: 1,
                 burst: 2,
@@ -435,9 +413,9 @@ mod tests {
                 per_minute: 1,
                 burst: 2,
             }),
-            ..RateLimitsSection::default()
+            ..RateLimits::default()
         };
-        let limiter = Limiter::from_section(&section).expect("valid");
+        let limiter = Limiter::new(&section);
         assert!(limiter.request("t", "alice", "s", now).is_ok());
         assert!(limiter.request("t", "alice", "s", now).is_ok());
         let refused = limiter.request("t", "alice", "s", now).expect_err("alice");
@@ -463,14 +441,14 @@ mod tests {
     #[test]
     fn the_tenant_bucket_counts_every_caller_and_source_of_the_tenant() {
         let now = Instant::now();
-        let section = RateLimitsSection {
+        let section = RateLimits {
             tenant: Some(Rate {
                 per_minute: 1,
                 burst: 2,
             }),
-            ..RateLimitsSection::default()
+            ..RateLimits::default()
         };
-        let limiter = Limiter::from_section(&section).expect("valid");
+        let limiter = Limiter::new(&section);
         assert!(limiter.request("t", "alice", "db", now).is_ok());
         assert!(limiter.request("t", "bob", "files", now).is_ok());
         let refused = limiter
@@ -482,18 +460,5 @@ mod tests {
             limiter.request("u", "alice", "db", now).is_ok(),
             "another tenant has its own bucket"
         );
-    }
-
-    #[test]
-    fn zero_rates_are_refused_naming_the_limit() {
-        let section = RateLimitsSection {
-            source: Some(Rate {
-                per_minute: 0,
-                burst: 1,
-            }),
-            ..RateLimitsSection::default()
-        };
-        let error = Limiter::from_section(&section).expect_err("invalid");
-        assert!(error.contains("[rate_limits] source"), "{error}");
     }
 }

@@ -10,10 +10,14 @@ pub mod answer;
 pub mod call_metrics;
 pub mod calls;
 pub mod channel;
+#[cfg(test)]
+mod config_tests;
 pub mod events;
 pub mod filter;
+pub mod governance;
 pub mod http_server;
 pub mod legacy_sse;
+pub mod listener_limits;
 pub mod metric_names;
 pub mod oauth;
 pub mod registry;
@@ -31,10 +35,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuditSection, LimitsSection, RelayConfig};
-use crate::govern::limits::Limiter;
-use crate::govern::{Keyring, Policy};
+use crate::config::{LimitsSection, RelayConfig};
+use crate::govern::audit::AuditSettings;
 use crate::transport::{TransportError, quic, tls};
+pub use governance::{Governance, load_config};
+use listener_limits::ListenerLimits;
 use registry::Registry;
 use sessions::Sessions;
 
@@ -71,39 +76,6 @@ pub enum RelayError {
     /// The audit trail could not be opened.
     #[error(transparent)]
     Audit(#[from] crate::govern::audit::AuditError),
-}
-
-/// Credentials, policy and the limits that may change while running, swapped whole on reload.
-pub struct Governance {
-    /// Agent keys and tunnel tokens.
-    pub keyring: Keyring,
-    /// Roles.
-    pub policy: Policy,
-    /// Rate limits. A reload that leaves `[rate_limits]` as it was keeps these buckets; one
-    /// that changes it starts new buckets.
-    pub limiter: Arc<Limiter>,
-    /// `[limits]` as last loaded; read through [`RelayState::request_timeout`],
-    /// [`RelayState::session_idle`] and [`RelayState::max_message_bytes`]. At start,
-    /// [`RelaySettings::limits`] replaces it.
-    pub limits: LimitsSection,
-}
-
-impl Governance {
-    /// Builds the credentials and policy a configuration file describes (checking every
-    /// cross-reference); the error says what is wrong.
-    pub fn from_config(config: &RelayConfig) -> Result<Self, String> {
-        let (keyring, policy) = config.build_governance()?;
-        for warning in config.trust_warnings() {
-            tracing::warn!("{warning}");
-        }
-        let limiter = Arc::new(Limiter::from_section(&config.rate_limits)?);
-        Ok(Self {
-            keyring,
-            policy,
-            limiter,
-            limits: config.limits.clone(),
-        })
-    }
 }
 
 /// What every handler shares.
@@ -248,7 +220,7 @@ pub struct RelaySettings {
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
     /// The audit trail, if any: without it nothing is written.
-    pub audit: Option<AuditSection>,
+    pub audit: Option<AuditSettings>,
 }
 
 impl RelaySettings {
@@ -270,14 +242,7 @@ impl RelaySettings {
             allowed_origins: config.agents.allowed_origins.clone(),
             allowed_hosts: config.agents.allowed_hosts.clone(),
             sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
-            audit: config.audit.clone().map(|mut audit| {
-                let fleet_id = config.fleet.as_ref().and_then(|f| f.id.as_deref());
-                audit.relay_id = Some(crate::govern::audit::relay_instance(
-                    fleet_id,
-                    config.tunnel.listen.port(),
-                ));
-                audit
-            }),
+            audit: governance::audit_settings(config),
         })
     }
 }
@@ -335,8 +300,11 @@ impl Relay {
             settings.identity,
             &[crate::wire::ALPN, crate::transport::h2::ALPN],
         )?;
-        let bounds = settings.limits.listeners();
-        bounds.validate().map_err(RelayError::Config)?;
+        settings
+            .limits
+            .validate_listeners()
+            .map_err(RelayError::Config)?;
+        let bounds = ListenerLimits::from(&settings.limits);
         let (endpoint, tunnel_tcp) =
             bind_tunnel(settings.tunnel_listen, &tls, bounds.max_tunnel_handshakes).await?;
         let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
@@ -448,7 +416,7 @@ impl Relay {
                 draining.cancel();
             }
         });
-        let bounds = state.limits.listeners();
+        let bounds = ListenerLimits::from(&state.limits);
         let admission = tunnels::Admission::new(&bounds);
         let quic = tokio::spawn(tunnels::serve_quic(
             endpoint,

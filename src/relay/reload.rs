@@ -31,6 +31,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::listener_limits::ListenerLimits;
 use super::{Governance, RelayState};
 use crate::config::{ConfigError, LimitsSection, RelayConfig};
 
@@ -73,10 +74,10 @@ pub struct LoadedConfig {
 }
 
 impl LoadedConfig {
-    /// Reads and checks the relay configuration file at `path` (see [`RelayConfig::load`]).
+    /// Reads and checks the relay configuration file at `path` (see [`super::load_config`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let stamp = FileStamp::read(path);
-        let config = RelayConfig::load(path)?;
+        let config = super::load_config(path)?;
         Ok(Self { config, stamp })
     }
 }
@@ -227,7 +228,7 @@ fn restart_needed(running: &RelayConfig, new: &RelayConfig) -> Vec<&'static str>
     if new.limits.max_message_bytes > running.limits.max_message_bytes {
         sections.push("[limits] max_message_bytes (raised above the starting value)");
     }
-    if new.limits.listeners() != running.limits.listeners() {
+    if ListenerLimits::from(&new.limits) != ListenerLimits::from(&running.limits) {
         sections.push(
             "[limits] listener and tunnel admission bounds (header and idle timeouts, \
              connection caps, tunnel handshakes, tunnel receive window)",

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::RelayState;
 use super::registry::Tunnel;
-use crate::config::{ListenerLimits, validate_source_name};
+use crate::config::validate_source_name;
 use crate::govern::identity::TunnelGrant;
+use crate::relay::listener_limits::ListenerLimits;
 use crate::transport::quic::QuicConnection;
 use crate::transport::{RecvHalf, SendHalf, TunnelConnection};
 use crate::wire::{

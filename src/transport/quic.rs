@@ -30,9 +30,9 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 10_000;
 pub const PRE_AUTH_WINDOW: u64 = 128 * 1024;
 
 /// The connection receive window of `connect`'s side: bounds what the relay can make it buffer
-/// over all streams, as wide as the relay's default.
-pub const CONNECT_RECEIVE_WINDOW: u64 =
-    crate::config::ListenerLimits::DEFAULT_TUNNEL_RECEIVE_WINDOW;
+/// over all streams; 16 MiB, as wide as the relay's default (`[limits]
+/// tunnel_receive_window_bytes`), keeps a fast link busy.
+pub const CONNECT_RECEIVE_WINDOW: u64 = 16 * 1024 * 1024;
 
 /// Bytes of a not yet accepted connection attempt that quinn buffers (the client's first
 /// flight; the relay accepts no 0-RTT data).

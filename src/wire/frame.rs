@@ -50,7 +50,7 @@ pub enum FrameKind {
     /// now on (keep-alive comments included), instead of waiting for a single JSON answer.
     Streaming = 7,
     /// From the relay, on an exchange stream whose open header carried an identity assertion:
-    /// a fresh assertion (JSON [`crate::govern::assertion::Assertion`]) that replaces it for
+    /// a fresh assertion (JSON [`super::Assertion`]) that replaces it for
     /// every upstream request from now on. The relay sends it before a message once the
     /// current assertion is past half its lifetime, so a long session never reaches its
     /// upstream with an expired one.
@@ -160,7 +160,7 @@ impl Frame {
     }
 
     /// A fresh identity assertion for the rest of the stream.
-    pub fn identity(assertion: &crate::govern::assertion::Assertion) -> Self {
+    pub fn identity(assertion: &super::Assertion) -> Self {
         Self::json(FrameKind::Identity, assertion)
     }
 
@@ -450,7 +450,7 @@ mod tests {
             Frame::end(7),
             Frame::rejected(8, 421),
             Frame::streaming(9),
-            Frame::identity(&crate::govern::assertion::Assertion {
+            Frame::identity(&crate::wire::Assertion {
                 header: "x-mcp-tunnel-identity".into(),
                 token: "a.b.c".into(),
             }),

@@ -28,7 +28,7 @@ pub use frame::{
     DEFAULT_MAX_FRAME, Frame, FrameError, FrameKind, FrameReader, FrameWriter, HEADER_LEN,
     UNSOLICITED,
 };
-pub use open::{Era, OpenHeader};
+pub use open::{Assertion, Era, OpenHeader};
 pub use sink::{FrameSink, SinkError};
 
 /// The ALPN protocol id of the tunnel. A new incompatible wire format gets a new id, so an old

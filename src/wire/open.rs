@@ -42,5 +42,18 @@ pub struct OpenHeader {
     /// tenant enables it for this source (absent otherwise, so older `connect`s keep working
     /// with sources that do not use it). Stdio and legacy HTTP+SSE sources ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub assertion: Option<crate::govern::assertion::Assertion>,
+    pub assertion: Option<Assertion>,
+}
+
+/// The identity assertion as it crosses the tunnel (in the open header, or a
+/// [`FrameKind::Identity`](super::FrameKind::Identity) frame that replaces it): the header
+/// `connect` sets on every upstream request of the stream, and its value, a JWT the relay
+/// signed (see `govern::assertion`, which makes it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assertion {
+    /// The header name.
+    pub header: String,
+    /// The signed JWT.
+    pub token: String,
 }

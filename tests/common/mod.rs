@@ -66,7 +66,7 @@ pub struct Options {
     /// The tenants' credentials, to share them between relays; fresh ones when `None`.
     pub creds: Option<(TenantCreds, TenantCreds)>,
     /// The audit trail (`[audit]`), off when `None`.
-    pub audit: Option<mcp_tunnel::config::AuditSection>,
+    pub audit: Option<mcp_tunnel::govern::audit::AuditSettings>,
     /// Roles of tenant `acme` (its API key holds them all); none when empty, so everything is
     /// allowed.
     pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,

@@ -44,18 +44,12 @@ use crate::mcp::{Classified, classify};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader};
 
-/// Default cap on the processes one stdio source runs at once (one per agent session, plus the
-/// pooled process of stateless requests). Each child is a whole MCP server (often a Node or
-/// Python runtime of 50-100 MB), so an unbounded number of sessions would let agents exhaust
-/// the memory and process table of the host `connect` runs on; 64 concurrent sessions per
-/// source is ample for a private server and small enough to stay safe on a modest machine.
-pub const DEFAULT_MAX_PROCESSES: usize = 64;
+/// Default cap on the processes one stdio source runs at once (see
+/// [`crate::config::DEFAULT_STDIO_MAX_PROCESSES`]).
+pub const DEFAULT_MAX_PROCESSES: usize = crate::config::DEFAULT_STDIO_MAX_PROCESSES;
 
-/// Default time a session's process lives with no message either way and no request in
-/// flight (`stdio_idle_secs`). Clients that never end their sessions (no DELETE: mcp-remote,
-/// the TypeScript SDK's `Client.close()`) would otherwise hold a process each for the relay's
-/// whole session idle time (30 min), and a few restarts would use up the source's cap.
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(5 * 60);
+/// Default time a session's process lives idle (see [`crate::config::DEFAULT_STDIO_IDLE_SECS`]).
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(crate::config::DEFAULT_STDIO_IDLE_SECS);
 
 /// Time a new session at the cap waits for the process it reclaimed to be reaped.
 const RECLAIM_WAIT: Duration = Duration::from_secs(10);

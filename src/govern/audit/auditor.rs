@@ -17,8 +17,8 @@
 //! Checkpoints (see [`super::checkpoint`]): [`Auditor::open`] checks the relay's own chain
 //! ([`super::verify::check_start`]) and refuses a trail that does not verify unless
 //! `new_epoch` is set, then signs a start (or epoch) checkpoint; after a commit that leaves a
-//! tenant with [`AuditSection::checkpoint_rows`] unsigned rows, and at least every
-//! [`AuditSection::checkpoint_secs`] while any row is unsigned, the next checkpoint signs the
+//! tenant with [`AuditSettings::checkpoint_rows`] unsigned rows, and at least every
+//! [`AuditSettings::checkpoint_secs`] while any row is unsigned, the next checkpoint signs the
 //! head of every tenant; [`Auditor::close`] signs a close checkpoint. Each is also appended to
 //! `[audit] checkpoint_file` when set.
 
@@ -37,9 +37,9 @@ use super::capture::{Capture, CaptureRules};
 use super::chain;
 use super::checkpoint::{Checkpoint, HeadEntry, Kind};
 use super::key::CheckpointKey;
+use super::settings::{AuditSettings, Durability};
 use super::store::{self, Head};
 use super::{AuditError, Record};
-use crate::config::{AuditSection, AuditSourceSection};
 use crate::metrics as names;
 
 /// The longest an append waits for its row to be committed (queue wait included). Only a stuck
@@ -125,7 +125,7 @@ impl Auditor {
     /// (refusing with [`AuditError::Untrusted`] a trail whose last checkpoint does not verify,
     /// unless `config.new_epoch`), signs the run's first checkpoint and starts the writer
     /// thread. Errors name the file and problem.
-    pub fn open(config: &AuditSection) -> Result<Auditor, AuditError> {
+    pub fn open(config: &AuditSettings) -> Result<Auditor, AuditError> {
         let path = config.path.clone();
         let key = CheckpointKey::load_or_create(&config.key_path())?;
         let relay = config
@@ -232,12 +232,12 @@ impl Auditor {
             inner: Arc::new(Inner {
                 queue,
                 store,
-                inline: config.durability == crate::config::Durability::Commit,
+                inline: config.durability == Durability::Commit,
                 capacity: config.queue,
                 last_write,
                 opened,
                 room,
-                capture: RwLock::new(CaptureRules::new(&config.sources)),
+                capture: RwLock::new(config.capture.clone()),
                 path,
             }),
         })
@@ -314,8 +314,7 @@ impl Auditor {
 
     /// Replaces the capture rules (configuration reload). The file, key and durability stay as
     /// opened.
-    pub fn set_capture(&self, sources: &[AuditSourceSection]) {
-        let rules = CaptureRules::new(sources);
+    pub fn set_capture(&self, rules: CaptureRules) {
         *self
             .inner
             .capture
@@ -518,7 +517,7 @@ impl WriterThread {
 
 impl Writer {
     /// Signs what is due: every tenant once the interval has passed, else the tenants with
-    /// [`AuditSection::checkpoint_rows`] unsigned rows.
+    /// [`AuditSettings::checkpoint_rows`] unsigned rows.
     fn checkpoint_if_due(&mut self) {
         let rows = self.checkpoint_rows;
         if self.last_checkpoint.elapsed() >= self.checkpoint_interval
@@ -537,7 +536,7 @@ impl Writer {
     }
 
     /// Commits one record on the caller's thread ([`Auditor::append_inline`]), and signs a
-    /// checkpoint if one is now due (once in [`AuditSection::checkpoint_rows`] rows, so
+    /// checkpoint if one is now due (once in [`AuditSettings::checkpoint_rows`] rows, so
     /// checkpoints stay exactly that many rows apart). Never waits on another connection's
     /// lock: `None` then, nothing written, for the queue to retry.
     fn commit_one(&mut self, record: &Record) -> Option<Result<(), AuditError>> {
@@ -707,10 +706,7 @@ struct CheckpointFile {
 }
 
 impl CheckpointFile {
-    fn open(
-        path: &std::path::Path,
-        durability: crate::config::Durability,
-    ) -> Result<Self, AuditError> {
+    fn open(path: &std::path::Path, durability: Durability) -> Result<Self, AuditError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -722,7 +718,7 @@ impl CheckpointFile {
         Ok(Self {
             path: path.to_owned(),
             file,
-            sync: durability == crate::config::Durability::Fsync,
+            sync: durability == Durability::Fsync,
         })
     }
 
@@ -846,7 +842,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn concurrent_appends_all_land_chained_per_tenant_and_close_signs() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        let mut config = AuditSettings::new(dir.path().join("audit.db"));
         // A tiny queue: most appends wait for room (backpressure), none is dropped.
         config.queue = 2;
         let auditor = Auditor::open(&config).expect("open");
@@ -905,7 +901,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn close_merges_the_wal_into_the_file() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = AuditSection::new(dir.path().join("audit.db"));
+        let config = AuditSettings::new(dir.path().join("audit.db"));
         let auditor = Auditor::open(&config).expect("open");
         // Enough rows for the WAL checkpointer to be asked several times.
         let count = WAL_CHECKPOINT_ROWS * 3 + 1;
@@ -925,8 +921,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("audit.db");
         let (conn, _) =
-            store::open_writer(&path, crate::config::Durability::Commit, "key", "relay-a")
-                .expect("open");
+            store::open_writer(&path, Durability::Commit, "key", "relay-a").expect("open");
         // A restart once the WAL holds 64 frames; the writer never pauses, so a passive merge
         // alone never catches up with it.
         let mut wal = WalCheckpointer::start(&path, 64).expect("checkpointer");
@@ -953,7 +948,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_reopened_trail_continues_each_chain() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = AuditSection::new(dir.path().join("audit.db"));
+        let config = AuditSettings::new(dir.path().join("audit.db"));
         let first = Auditor::open(&config).expect("open");
         first.append(record("acme", 1)).await.expect("append");
         first.close().await;
@@ -969,7 +964,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn checkpoints_every_n_rows() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        let mut config = AuditSettings::new(dir.path().join("audit.db"));
         config.checkpoint_rows = 5;
         let auditor = Auditor::open(&config).expect("open");
         for i in 0..12 {
@@ -994,7 +989,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_quiet_tenant_is_signed_after_the_interval() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = AuditSection::new(dir.path().join("audit.db"));
+        let mut config = AuditSettings::new(dir.path().join("audit.db"));
         config.checkpoint_secs = 1;
         let auditor = Auditor::open(&config).expect("open");
         auditor.append(record("acme", 1)).await.expect("append");
@@ -1020,7 +1015,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_failed_commit_fails_the_append_naming_the_file() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = AuditSection::new(dir.path().join("audit.db"));
+        let config = AuditSettings::new(dir.path().join("audit.db"));
         let auditor = Auditor::open(&config).expect("open");
         auditor.append(record("acme", 1)).await.expect("append");
         Connection::open(&config.path)
@@ -1041,7 +1036,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn an_append_while_another_connection_holds_the_write_lock_is_queued_not_failed() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = AuditSection::new(dir.path().join("audit.db"));
+        let config = AuditSettings::new(dir.path().join("audit.db"));
         let auditor = Auditor::open(&config).expect("open");
         auditor
             .append(record("acme", 1))
@@ -1083,7 +1078,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("not-a-db");
         std::fs::write(&path, vec![b'x'; 4096]).expect("write");
-        let mut config = AuditSection::new(&path);
+        let mut config = AuditSettings::new(&path);
         config.key = Some(dir.path().join("audit.key"));
         let err = Auditor::open(&config).expect_err("not a database");
         assert!(err.to_string().contains("not-a-db"), "{err}");
@@ -1213,7 +1208,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
         );
 
         // The relay migrates it in place and chains on from its rows.
-        let mut config = AuditSection::new(&path);
+        let mut config = AuditSettings::new(&path);
         config.relay_id = Some("relay-a".into());
         let auditor = Auditor::open(&config).expect("open and migrate");
         auditor.append(record("acme", 8)).await.expect("append");
@@ -1252,7 +1247,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
         let path = dir.path().join("audit.db");
         write_v1(&path, &dir.path().join("old.key"), 3);
         // The relay has another key than the one that signed the schema 1 checkpoints.
-        let mut config = AuditSection::new(&path);
+        let mut config = AuditSettings::new(&path);
         config.relay_id = Some("relay-a".into());
         let err = Auditor::open(&config).expect_err("refused");
         assert!(

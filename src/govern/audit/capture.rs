@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::config::{AuditLevel, AuditSourceSection};
-
 /// What replaces the value of a redacted key.
 pub const REDACTED: &str = "[REDACTED]";
 
@@ -68,29 +66,20 @@ fn redact_value(value: &mut Value, keys: &[String]) {
 }
 
 /// Per tenant and source, the configured [`Capture`]; everything else is metadata only.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CaptureRules {
     /// Tenant, then source.
     rules: HashMap<String, HashMap<String, Capture>>,
 }
 
 impl CaptureRules {
-    /// The rules of `[[audit.sources]]`.
-    pub fn new(sources: &[AuditSourceSection]) -> Self {
-        let mut rules: HashMap<String, HashMap<String, Capture>> = HashMap::new();
-        for s in sources {
-            let capture = match s.level {
-                AuditLevel::Metadata => Capture::Metadata,
-                AuditLevel::Full => Capture::Full {
-                    redact: s.redact.clone().into(),
-                },
-            };
-            rules
-                .entry(s.tenant.clone())
-                .or_default()
-                .insert(s.source.clone(), capture);
+    /// The rules given as (tenant, source, capture); sources not listed keep metadata only.
+    pub fn new(rules: impl IntoIterator<Item = (String, String, Capture)>) -> Self {
+        let mut by_tenant: HashMap<String, HashMap<String, Capture>> = HashMap::new();
+        for (tenant, source, capture) in rules {
+            by_tenant.entry(tenant).or_default().insert(source, capture);
         }
-        Self { rules }
+        Self { rules: by_tenant }
     }
 
     /// The capture for one tenant's source.
@@ -138,12 +127,13 @@ mod tests {
 
     #[test]
     fn rules_default_to_metadata() {
-        let rules = CaptureRules::new(&[AuditSourceSection {
-            tenant: "acme".into(),
-            source: "db".into(),
-            level: AuditLevel::Full,
-            redact: keys(&["password"]),
-        }]);
+        let rules = CaptureRules::new([(
+            "acme".to_owned(),
+            "db".to_owned(),
+            Capture::Full {
+                redact: keys(&["password"]).into(),
+            },
+        )]);
         assert_eq!(rules.get("acme", "web"), Capture::Metadata);
         assert_eq!(rules.get("globex", "db"), Capture::Metadata);
         let full = rules.get("acme", "db");

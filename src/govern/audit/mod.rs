@@ -22,6 +22,7 @@ pub mod checkpoint;
 pub mod key;
 pub mod query;
 pub mod record;
+mod settings;
 pub mod store;
 pub mod verify;
 
@@ -29,9 +30,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use auditor::{APPEND_TIMEOUT, Auditor, CLOSE_TIMEOUT};
-pub use capture::{Capture, REDACTED, redact_json};
+pub use capture::{Capture, CaptureRules, REDACTED, redact_json};
 pub use query::{Filter, Reader, StoredRow, export, tail};
 pub use record::{Direction, Outcome, Record, Verdict, digest};
+pub use settings::{AuditSettings, Durability};
 pub use verify::{Problem, ProblemKind, Report, verify};
 
 /// Why the audit trail could not do what was asked.

@@ -11,8 +11,8 @@ use rusqlite::{Connection, OpenFlags, params};
 
 use super::chain::{self, GENESIS};
 use super::checkpoint::{Checkpoint, HeadEntry, Kind};
+use super::settings::Durability;
 use super::{AuditError, Record};
-use crate::config::Durability;
 
 /// The schema this code writes (in `meta`). Schema 1 (per-tenant checkpoints, no relay
 /// column) is still read, and migrated in place when a relay opens it for writing

@@ -1,0 +1,162 @@
+//! `[audit]`: the audit trail's file, key, durability and what it keeps per source.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[audit]`: where and how the relay keeps its audit trail.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// The SQLite file of the audit trail.
+    pub path: PathBuf,
+    /// How durable a committed row is.
+    #[serde(default)]
+    pub durability: Durability,
+    /// The relay's Ed25519 checkpoint key (PKCS#8 PEM), created (mode 0600) if missing; its
+    /// public key is written beside it as `KEY.pub`. Default: `audit.key` next to `path`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// A signed checkpoint is written for a tenant after this many new rows of it.
+    #[serde(default = "default_checkpoint_rows")]
+    pub checkpoint_rows: u64,
+    /// ... and at least this often (seconds) while a tenant has unsigned rows.
+    #[serde(default = "default_checkpoint_secs")]
+    pub checkpoint_secs: u64,
+    /// Records waiting for the writer at most; a full queue makes appends wait.
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+    /// Per tenant and source: how much of arguments and results to keep.
+    #[serde(default)]
+    pub sources: Vec<AuditSourceSection>,
+
+    // --- Checkpoint chain and epochs (issue 13, item 5) ---
+    /// A file the relay appends every signed checkpoint to, one JSON line each: the off-box
+    /// copy (`audit verify --checkpoints FILE`) once shipped or mounted elsewhere. None: off.
+    #[serde(default)]
+    pub checkpoint_file: Option<PathBuf>,
+}
+
+/// `[audit] durability`: what a committed row survives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// WAL with `synchronous = NORMAL`: a committed row survives a crash of the relay process
+    /// (not necessarily a power loss). The default: cheap, and what the relay promises agents.
+    #[default]
+    Commit,
+    /// WAL with `synchronous = FULL`: every commit is fsynced, so rows survive power loss.
+    Fsync,
+}
+
+/// `[[audit.sources]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSourceSection {
+    /// The tenant.
+    pub tenant: String,
+    /// The source (of that tenant).
+    pub source: String,
+    /// How much to keep.
+    #[serde(default)]
+    pub level: AuditLevel,
+    /// Keys whose values become `"[REDACTED]"` anywhere in kept arguments and results.
+    #[serde(default)]
+    pub redact: Vec<String>,
+}
+
+/// `[[audit.sources]] level`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditLevel {
+    /// Method, names, outcome, sizes and the arguments' digest; never the arguments.
+    #[default]
+    Metadata,
+    /// Metadata plus the arguments and results, redacted.
+    Full,
+}
+
+/// Default [`AuditSection::checkpoint_rows`]: a checkpoint per thousand rows keeps the unsigned
+/// tail short without a signature per call (a signature costs about 20 µs).
+pub const DEFAULT_CHECKPOINT_ROWS: u64 = 1000;
+/// Default [`AuditSection::checkpoint_secs`]: a quiet tenant's last rows are signed within a
+/// minute.
+pub const DEFAULT_CHECKPOINT_SECS: u64 = 60;
+/// Default [`AuditSection::queue`]: enough for a burst of a few thousand calls per second while
+/// one commit is on disk; records are small (metadata), so this bounds memory at a few MiB.
+pub const DEFAULT_AUDIT_QUEUE: usize = 4096;
+
+fn default_checkpoint_rows() -> u64 {
+    DEFAULT_CHECKPOINT_ROWS
+}
+
+fn default_checkpoint_secs() -> u64 {
+    DEFAULT_CHECKPOINT_SECS
+}
+
+fn default_audit_queue() -> usize {
+    DEFAULT_AUDIT_QUEUE
+}
+
+impl AuditSection {
+    /// A section with every default and the trail at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            durability: Durability::default(),
+            key: None,
+            checkpoint_rows: DEFAULT_CHECKPOINT_ROWS,
+            checkpoint_secs: DEFAULT_CHECKPOINT_SECS,
+            queue: DEFAULT_AUDIT_QUEUE,
+            sources: Vec::new(),
+            checkpoint_file: None,
+        }
+    }
+
+    /// The checkpoint key's file: `key`, or `audit.key` next to the database.
+    pub fn key_path(&self) -> PathBuf {
+        match &self.key {
+            Some(key) => key.clone(),
+            None => self.path.with_file_name("audit.key"),
+        }
+    }
+
+    /// The checkpoint interval.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_secs(self.checkpoint_secs)
+    }
+
+    /// Checks values serde cannot: positive limits, one entry per tenant and source.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.checkpoint_rows == 0 {
+            return Err("audit.checkpoint_rows must be at least 1".into());
+        }
+        if self.checkpoint_secs == 0 {
+            return Err("audit.checkpoint_secs must be at least 1".into());
+        }
+        if self.queue == 0 {
+            return Err("audit.queue must be at least 1".into());
+        }
+        let mut seen = HashSet::new();
+        for source in &self.sources {
+            if source.tenant.is_empty() || source.source.is_empty() {
+                return Err("audit.sources: tenant and source must not be empty".into());
+            }
+            if !seen.insert((source.tenant.as_str(), source.source.as_str())) {
+                return Err(format!(
+                    "audit.sources: tenant {} source {} is listed twice",
+                    source.tenant, source.source
+                ));
+            }
+            if source.redact.iter().any(String::is_empty) {
+                return Err(format!(
+                    "audit.sources: tenant {} source {}: an empty redact key",
+                    source.tenant, source.source
+                ));
+            }
+        }
+        Ok(())
+    }
+}

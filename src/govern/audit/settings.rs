@@ -1,0 +1,78 @@
+//! What opening the audit trail takes. The relay builds it from `[audit]` and `[fleet]`; tests
+//! and the demo start from [`AuditSettings::new`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::capture::CaptureRules;
+
+/// How durable a committed row is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// WAL with `synchronous = NORMAL`: a committed row survives a crash of the relay process
+    /// (not necessarily a power loss). The default: cheap, and what the relay promises agents.
+    #[default]
+    Commit,
+    /// WAL with `synchronous = FULL`: every commit is fsynced, so rows survive power loss.
+    Fsync,
+}
+
+/// The audit trail's file, key, durability, checkpoint cadence, queue and capture rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditSettings {
+    /// The SQLite file of the trail.
+    pub path: PathBuf,
+    /// How durable a committed row is.
+    pub durability: Durability,
+    /// The relay's Ed25519 checkpoint key (PKCS#8 PEM), created (mode 0600) if missing, its
+    /// public key beside it as `KEY.pub`; `None`: `audit.key` next to `path`.
+    pub key: Option<PathBuf>,
+    /// A signed checkpoint is written for a tenant after this many new rows of it.
+    pub checkpoint_rows: u64,
+    /// ... and at least this often (seconds) while a tenant has unsigned rows.
+    pub checkpoint_secs: u64,
+    /// Records waiting for the writer at most; a full queue makes appends wait.
+    pub queue: usize,
+    /// Per tenant and source: how much of arguments and results to keep.
+    pub capture: CaptureRules,
+    /// A file every signed checkpoint is appended to, one JSON line each (the off-box copy).
+    pub checkpoint_file: Option<PathBuf>,
+    /// This relay instance's name in the trail (its chains are keyed by it); `None`: the host
+    /// name (see [`super::relay_instance`]).
+    pub relay_id: Option<String>,
+    /// Begin a new epoch if the trail does not verify at start, instead of refusing to start
+    /// (`relay --new-audit-epoch`).
+    pub new_epoch: bool,
+}
+
+impl AuditSettings {
+    /// A trail at `path` with the defaults `[audit]` has: a checkpoint per 1000 rows of a
+    /// tenant and at least every minute, a queue of 4096 records, metadata only.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            durability: Durability::default(),
+            key: None,
+            checkpoint_rows: 1000,
+            checkpoint_secs: 60,
+            queue: 4096,
+            capture: CaptureRules::default(),
+            checkpoint_file: None,
+            relay_id: None,
+            new_epoch: false,
+        }
+    }
+
+    /// The checkpoint key's file: `key`, or `audit.key` next to the database.
+    pub fn key_path(&self) -> PathBuf {
+        match &self.key {
+            Some(key) => key.clone(),
+            None => self.path.with_file_name("audit.key"),
+        }
+    }
+
+    /// The checkpoint interval.
+    pub fn checkpoint_interval(&self) -> Duration {
+        Duration::from_secs(self.checkpoint_secs)
+    }
+}
