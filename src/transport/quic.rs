@@ -111,15 +111,28 @@ pub fn server_endpoint(
     tls: rustls::ServerConfig,
     max_incoming: usize,
 ) -> Result<Endpoint, TransportError> {
-    let crypto = QuicServerConfig::try_from(tls)
-        .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = server_config(tls)?;
     let max_incoming = max_incoming.max(1);
     server
         .transport_config(relay_transport_config())
         .max_incoming(max_incoming)
         .incoming_buffer_size(INCOMING_BUFFER)
         .incoming_buffer_size_total(INCOMING_BUFFER.saturating_mul(max_incoming as u64));
+    serving_endpoint(addr, server)
+}
+
+/// The QUIC server config over `tls`, with quinn's defaults for the rest.
+fn server_config(tls: rustls::ServerConfig) -> Result<quinn::ServerConfig, TransportError> {
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+/// An endpoint on `addr` (a socket with large buffers) serving with `server`.
+fn serving_endpoint(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+) -> Result<Endpoint, TransportError> {
     let socket =
         udp_socket(addr).map_err(|e| TransportError::Config(format!("bind UDP {addr}: {e}")))?;
     Endpoint::new(
@@ -139,19 +152,9 @@ pub fn stream_accepting_server_endpoint(
     addr: SocketAddr,
     tls: rustls::ServerConfig,
 ) -> Result<Endpoint, TransportError> {
-    let crypto = QuicServerConfig::try_from(tls)
-        .map_err(|e| TransportError::Config(format!("QUIC TLS config: {e}")))?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = server_config(tls)?;
     server.transport_config(connect_transport_config());
-    let socket =
-        udp_socket(addr).map_err(|e| TransportError::Config(format!("bind UDP {addr}: {e}")))?;
-    Endpoint::new(
-        EndpointConfig::default(),
-        Some(server),
-        socket,
-        Arc::new(TokioRuntime),
-    )
-    .map_err(|e| TransportError::Config(format!("QUIC endpoint on {addr}: {e}")))
+    serving_endpoint(addr, server)
 }
 
 /// A client-only QUIC endpoint whose connections verify the relay with `tls`.
