@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use mcp_tunnel::govern::audit::{Direction, Outcome, Record, Verdict, digest};
-use mcp_tunnel::relay::activity::{Activity, LATENCY_WINDOW, MAX_STATS_KEYS};
+use mcp_tunnel::relay::{Activity, LATENCY_WINDOW, MAX_STATS_KEYS};
 
 fn record(tool: &str, latency_us: u64) -> Record {
     Record {

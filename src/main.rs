@@ -436,104 +436,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "wrote {0}/ca.pem, {0}/relay.pem, {0}/relay.key",
                 out.display()
             );
+            Ok(())
         }
         Command::Relay {
-            config: path,
+            config,
             new_audit_epoch,
-        } => {
-            let hangup = hangups()?;
-            let loaded = LoadedConfig::load(&path)?;
-            let mut settings = RelaySettings::from_config(&loaded.config)?;
-            if let Some(audit) = &mut settings.audit {
-                audit.new_epoch = new_audit_epoch;
-            }
-            let relay = Relay::bind(settings).await?;
-            let shutdown = shutdown_on_signals();
-            let reloader = Reloader::new(path, relay.state().clone(), loaded);
-            tokio::spawn(reload::watch(
-                reloader,
-                reload::POLL_INTERVAL,
-                hangup,
-                shutdown.clone(),
-            ));
-            relay.serve(shutdown).await?;
-        }
-        Command::Connect(args) => {
-            let settings = match &args.config {
-                Some(path) => {
-                    let mut settings =
-                        ClientSettings::from_file(&ClientFile::load(path)?, args.token)?;
-                    if args.ca.is_some() {
-                        settings.ca = args.ca;
-                    }
-                    settings
-                }
-                None => {
-                    let relay = args.relay.join(",");
-                    let token = args
-                        .token
-                        .context("a tunnel token is required: --token or MCP_TUNNEL_TOKEN")?;
-                    let mut settings = ClientSettings::new(relay, token, args.sources);
-                    settings.ca = args.ca;
-                    settings.transport = args.transport;
-                    settings.proxy = args.proxy;
-                    settings.connections = args.connections;
-                    settings.probe_interval =
-                        std::time::Duration::from_secs(args.probe_interval_secs);
-                    settings
-                }
-            };
-            client::run(settings, shutdown_on_signals()).await?;
-        }
+        } => relay(config, new_audit_epoch).await,
+        Command::Connect(args) => connect(args).await,
         Command::Demo {
             listen,
             upstream_only,
             rmcp,
-        } => {
-            let shutdown = shutdown_on_signals();
-            if upstream_only {
-                let listen = listen.unwrap_or(mcp_tunnel::demo::DEFAULT_LISTEN);
-                let addr = if rmcp {
-                    mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await
-                } else {
-                    mcp_tunnel::demo::lean::serve(listen, shutdown.clone()).await
-                }
-                .with_context(|| {
-                    format!("cannot listen on {listen}; pick another address with --listen")
-                })?;
-                println!("demo MCP server: http://{addr}/mcp");
-                shutdown.cancelled().await;
-            } else {
-                let demo = mcp_tunnel::demo::start(listen, shutdown.clone()).await?;
-                println!(
-                    "mcp-tunnel demo: relay, connect and a demo MCP server (echo, add, blob, sleep) on loopback"
-                );
-                if demo.default_taken {
-                    println!(
-                        "{} is taken; serving on a free port instead (choose one with --listen)",
-                        mcp_tunnel::demo::DEFAULT_LISTEN
-                    );
-                }
-                println!("agent URL: {}", demo.agent_url);
-                println!("API key: {}", demo.api_key);
-                println!("live activity: {}/activity", demo.admin_url);
-                println!("metrics: {}/metrics", demo.admin_url);
-                println!(
-                    "audit trail: mcp-tunnel audit tail --follow --db {}",
-                    demo.audit_db.display()
-                );
-                println!(
-                    "try: npx @modelcontextprotocol/inspector --cli {} --transport http --header \"Authorization: Bearer {}\" --method tools/list",
-                    demo.agent_url, demo.api_key
-                );
-                println!(
-                    "Ctrl-C stops the demo and removes {} (audit trail and key)",
-                    demo.folder().display()
-                );
-                shutdown.cancelled().await;
-                demo.finish().await;
-            }
-        }
+        } => demo(listen, upstream_only, rmcp).await,
         Command::Token {
             command:
                 NewSecret::New {
@@ -542,22 +456,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     any_source,
                 },
         } => {
-            let token = new_secret("mcpt_tok_");
-            println!("token: {token}");
-            println!("# relay config, under [[tenants]] name = \"{tenant}\":");
-            if any_source {
-                println!("tunnel_tokens = [\"{}\"]", SecretHash::of(&token));
-            } else {
-                if sources.is_empty() {
-                    println!(
-                        "# list the sources this token may serve (or run again with --source NAME ...)"
-                    );
-                }
-                let quoted: Vec<String> = sources.iter().map(|s| format!("{s:?}")).collect();
-                println!("[[tenants.tunnels]]");
-                println!("token = \"{}\"", SecretHash::of(&token));
-                println!("sources = [{}]", quoted.join(", "));
-            }
+            new_token(&tenant, &sources, any_source);
+            Ok(())
         }
         Command::Key {
             command:
@@ -567,18 +467,140 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     roles,
                 },
         } => {
-            let key = new_secret("mcpt_key_");
-            println!("key: {key}");
-            println!("# relay config, after [[tenants]] name = \"{tenant}\":");
-            println!("[[tenants.keys]]");
-            println!("subject = {subject:?}");
-            println!("roles = {roles:?}");
-            println!("key = \"{}\"", SecretHash::of(&key));
+            new_key(&tenant, &subject, &roles);
+            Ok(())
         }
-        Command::Audit { command } => run_audit(command).await?,
-        Command::Bench(args) => bench(args).await?,
+        Command::Audit { command } => run_audit(command).await,
+        Command::Bench(args) => bench(args).await,
+    }
+}
+
+/// `mcp-tunnel relay`: serves until a signal, reloading the configuration on change or SIGHUP.
+async fn relay(path: PathBuf, new_audit_epoch: bool) -> anyhow::Result<()> {
+    let hangup = hangups()?;
+    let loaded = LoadedConfig::load(&path)?;
+    let mut settings = RelaySettings::from_config(&loaded.config)?;
+    if let Some(audit) = &mut settings.audit {
+        audit.new_epoch = new_audit_epoch;
+    }
+    let relay = Relay::bind(settings).await?;
+    let shutdown = shutdown_on_signals();
+    let reloader = Reloader::new(path, relay.state().clone(), loaded);
+    tokio::spawn(reload::watch(
+        reloader,
+        reload::POLL_INTERVAL,
+        hangup,
+        shutdown.clone(),
+    ));
+    relay.serve(shutdown).await?;
+    Ok(())
+}
+
+/// `mcp-tunnel connect`: from a file, or from flags.
+async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
+    let settings = match &args.config {
+        Some(path) => {
+            let mut settings = ClientSettings::from_file(&ClientFile::load(path)?, args.token)?;
+            if args.ca.is_some() {
+                settings.ca = args.ca;
+            }
+            settings
+        }
+        None => {
+            let relay = args.relay.join(",");
+            let token = args
+                .token
+                .context("a tunnel token is required: --token or MCP_TUNNEL_TOKEN")?;
+            let mut settings = ClientSettings::new(relay, token, args.sources);
+            settings.ca = args.ca;
+            settings.transport = args.transport;
+            settings.proxy = args.proxy;
+            settings.connections = args.connections;
+            settings.probe_interval = std::time::Duration::from_secs(args.probe_interval_secs);
+            settings
+        }
+    };
+    client::run(settings, shutdown_on_signals()).await?;
+    Ok(())
+}
+
+/// `mcp-tunnel demo`: the whole product on loopback, or only its demo MCP server.
+async fn demo(listen: Option<SocketAddr>, upstream_only: bool, rmcp: bool) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signals();
+    if upstream_only {
+        let listen = listen.unwrap_or(mcp_tunnel::demo::DEFAULT_LISTEN);
+        let addr = if rmcp {
+            mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await
+        } else {
+            mcp_tunnel::demo::lean::serve(listen, shutdown.clone()).await
+        }
+        .with_context(|| {
+            format!("cannot listen on {listen}; pick another address with --listen")
+        })?;
+        println!("demo MCP server: http://{addr}/mcp");
+        shutdown.cancelled().await;
+    } else {
+        let demo = mcp_tunnel::demo::start(listen, shutdown.clone()).await?;
+        println!(
+            "mcp-tunnel demo: relay, connect and a demo MCP server (echo, add, blob, sleep) on loopback"
+        );
+        if demo.default_taken {
+            println!(
+                "{} is taken; serving on a free port instead (choose one with --listen)",
+                mcp_tunnel::demo::DEFAULT_LISTEN
+            );
+        }
+        println!("agent URL: {}", demo.agent_url);
+        println!("API key: {}", demo.api_key);
+        println!("live activity: {}/activity", demo.admin_url);
+        println!("metrics: {}/metrics", demo.admin_url);
+        println!(
+            "audit trail: mcp-tunnel audit tail --follow --db {}",
+            demo.audit_db.display()
+        );
+        println!(
+            "try: npx @modelcontextprotocol/inspector --cli {} --transport http --header \"Authorization: Bearer {}\" --method tools/list",
+            demo.agent_url, demo.api_key
+        );
+        println!(
+            "Ctrl-C stops the demo and removes {} (audit trail and key)",
+            demo.folder().display()
+        );
+        shutdown.cancelled().await;
+        demo.finish().await;
     }
     Ok(())
+}
+
+/// `mcp-tunnel token new`: a tunnel token, and the relay configuration that admits it.
+fn new_token(tenant: &str, sources: &[String], any_source: bool) {
+    let token = new_secret("mcpt_tok_");
+    println!("token: {token}");
+    println!("# relay config, under [[tenants]] name = \"{tenant}\":");
+    if any_source {
+        println!("tunnel_tokens = [\"{}\"]", SecretHash::of(&token));
+    } else {
+        if sources.is_empty() {
+            println!(
+                "# list the sources this token may serve (or run again with --source NAME ...)"
+            );
+        }
+        let quoted: Vec<String> = sources.iter().map(|s| format!("{s:?}")).collect();
+        println!("[[tenants.tunnels]]");
+        println!("token = \"{}\"", SecretHash::of(&token));
+        println!("sources = [{}]", quoted.join(", "));
+    }
+}
+
+/// `mcp-tunnel key new`: an agent key, and the relay configuration that admits it.
+fn new_key(tenant: &str, subject: &str, roles: &[String]) {
+    let key = new_secret("mcpt_key_");
+    println!("key: {key}");
+    println!("# relay config, after [[tenants]] name = \"{tenant}\":");
+    println!("[[tenants.keys]]");
+    println!("subject = {subject:?}");
+    println!("roles = {roles:?}");
+    println!("key = \"{}\"", SecretHash::of(&key));
 }
 
 async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {

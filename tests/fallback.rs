@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Agent, Harness, Options, WAIT, tool_text};
 use mcp_tunnel::config::TransportChoice;
-use mcp_tunnel::relay::registry::TunnelRow;
+use mcp_tunnel::relay::TunnelRow;
 use serde_json::json;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;

@@ -230,7 +230,7 @@ async fn token_new_prints_a_stanza_bound_to_its_sources() {
     );
     let config = mcp_tunnel::relay::load_config(&path).expect("the stanza loads");
     assert!(
-        mcp_tunnel::relay::governance::trust_warnings(&config).is_empty(),
+        mcp_tunnel::relay::trust_warnings(&config).is_empty(),
         "bound: no warning"
     );
 

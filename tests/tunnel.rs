@@ -18,7 +18,7 @@ async fn harness_with_demo(options: Options) -> (Harness, common::Client, Cancel
     (harness, client, upstreams)
 }
 
-fn tunnel_row(harness: &Harness) -> mcp_tunnel::relay::registry::TunnelRow {
+fn tunnel_row(harness: &Harness) -> mcp_tunnel::relay::TunnelRow {
     harness
         .state
         .registry

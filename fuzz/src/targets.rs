@@ -16,7 +16,7 @@ use mcp_tunnel::govern::policy::{Kind, glob_match};
 use mcp_tunnel::mcp::jsonrpc::{Classified, MessageKind, classify};
 use mcp_tunnel::mcp::scan::MAX_CAPTURE;
 use mcp_tunnel::mcp::{ResponseScanner, sse};
-use mcp_tunnel::relay::events::parse_event_id;
+use mcp_tunnel::relay::parse_event_id;
 use mcp_tunnel::wire::frame::FrameDecoder;
 use mcp_tunnel::wire::{Frame, FrameKind, Greeting, Hello, HelloReply, Notice, OpenHeader};
 use serde_json::Value;
@@ -520,7 +520,7 @@ fn relay_config_on_this_thread(data: &[u8]) {
         }
         let _ = config.limits.request_timeout();
         let _ = config.limits.session_idle();
-        let _ = mcp_tunnel::relay::governance::build(&config);
+        let _ = mcp_tunnel::relay::build_governance(&config);
     }
     if let Ok(client) = toml::from_str::<ClientFile>(text) {
         let _ = client.sources();

@@ -15,7 +15,9 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -267,8 +269,7 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
     } else if message.method.as_deref() == Some("initialize") {
         let mut sessions = server
             .sessions
-            .lock()
-            .expect("session lock is never poisoned");
+            .lock();
         if sessions.len() >= MAX_SESSIONS {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -292,7 +293,6 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
                 if !server
                     .sessions
                     .lock()
-                    .expect("session lock is never poisoned")
                     .contains(id) =>
             {
                 return error_response(
@@ -490,7 +490,6 @@ async fn on_delete(State(server): State<Arc<Server>>, headers: HeaderMap) -> Res
     if server
         .sessions
         .lock()
-        .expect("session lock is never poisoned")
         .remove(id)
     {
         StatusCode::ACCEPTED.into_response()

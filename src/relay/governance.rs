@@ -160,43 +160,7 @@ pub fn build(config: &RelayConfig) -> Result<(Keyring, Policy), String> {
             keyring.add_tunnel_token(hash, name.clone());
         }
         add_bound_tunnel_tokens(&mut keyring, &mut secrets_seen, tenant, &name)?;
-        let mut roles = HashMap::new();
-        for role in &tenant.roles {
-            let conditions = role
-                .conditions
-                .iter()
-                .map(|c| {
-                    Condition::compile(match_kind(c.kind), c.pattern.clone(), &c.when)
-                        .map(Arc::new)
-                        .map_err(|e| {
-                            format!(
-                                "tenant {}: role {}: condition on {}: {e}",
-                                tenant.name, role.name, c.pattern
-                            )
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if roles
-                .insert(
-                    role.name.clone(),
-                    Role {
-                        allow: role.allow.clone(),
-                        deny: role.deny.clone(),
-                        allow_resources: role.allow_resources.clone(),
-                        deny_resources: role.deny_resources.clone(),
-                        allow_prompts: role.allow_prompts.clone(),
-                        deny_prompts: role.deny_prompts.clone(),
-                        conditions,
-                    },
-                )
-                .is_some()
-            {
-                return Err(format!(
-                    "tenant {}: role {} defined twice",
-                    tenant.name, role.name
-                ));
-            }
-        }
+        let roles = build_roles(tenant)?;
         for key in &tenant.keys {
             let hash = SecretHash::parse(&key.key)
                 .map_err(|e| format!("tenant {}: key of {}: {e}", tenant.name, key.subject))?;
@@ -228,6 +192,43 @@ pub fn build(config: &RelayConfig) -> Result<(Keyring, Policy), String> {
         keyring.set_assertions(signer);
     }
     Ok((keyring, policy))
+}
+
+/// The roles of `tenant`, their conditions compiled.
+fn build_roles(tenant: &TenantSection) -> Result<HashMap<String, Role>, String> {
+    let mut roles = HashMap::new();
+    for role in &tenant.roles {
+        let conditions = role
+            .conditions
+            .iter()
+            .map(|c| {
+                Condition::compile(match_kind(c.kind), c.pattern.clone(), &c.when)
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        format!(
+                            "tenant {}: role {}: condition on {}: {e}",
+                            tenant.name, role.name, c.pattern
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let built = Role {
+            allow: role.allow.clone(),
+            deny: role.deny.clone(),
+            allow_resources: role.allow_resources.clone(),
+            deny_resources: role.deny_resources.clone(),
+            allow_prompts: role.allow_prompts.clone(),
+            deny_prompts: role.deny_prompts.clone(),
+            conditions,
+        };
+        if roles.insert(role.name.clone(), built).is_some() {
+            return Err(format!(
+                "tenant {}: role {} defined twice",
+                tenant.name, role.name
+            ));
+        }
+    }
+    Ok(roles)
 }
 
 /// Builds the identity assertion signer from `[identity_assertion]` and the tenants'

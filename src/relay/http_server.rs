@@ -24,7 +24,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -137,10 +139,9 @@ struct Activity {
 }
 
 impl Activity {
-    fn clock(&self) -> std::sync::MutexGuard<'_, Clock> {
+    fn clock(&self) -> parking_lot::MutexGuard<'_, Clock> {
         self.clock
             .lock()
-            .expect("clock lock is never held across a panic")
     }
 
     /// When the connection is due to close and why, or `None` while a request is in flight.
@@ -357,5 +358,14 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Disables Nagle's algorithm on an accepted connection: answers are written in several small
+/// pieces (headers, SSE events), and Nagle plus the peer's delayed ACK would hold each one for
+/// up to 40 ms.
+pub fn no_delay(tcp: &mut TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
 }

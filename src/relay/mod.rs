@@ -3,45 +3,39 @@
 //! [`Relay::bind`] opens every listener (so tests can bind port 0 and read the addresses back);
 //! [`Relay::serve`] runs until the shutdown token fires.
 
-pub mod activity;
-pub mod admin;
-pub mod agent;
-pub mod answer;
-pub mod call_metrics;
-pub mod calls;
-pub mod channel;
+mod admin;
+mod agents;
+mod calls;
 #[cfg(test)]
 mod config_tests;
-pub mod events;
-pub mod filter;
-pub mod governance;
-pub mod http_server;
-pub mod legacy_sse;
-pub mod listener_limits;
-pub mod metric_names;
-pub mod oauth;
-pub mod registry;
+mod governance;
+mod http_server;
+mod listener_limits;
 pub mod reload;
-pub mod reply;
-pub mod sessions;
-pub mod streamable;
-pub mod tunnels;
-pub mod unread_body;
+mod session;
+mod state;
+mod tunnel;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{LimitsSection, RelayConfig};
 use crate::govern::audit::AuditSettings;
 use crate::transport::{TransportError, quic, tls};
-pub use governance::{Governance, load_config};
+pub use calls::activity::{Activity, LATENCY_WINDOW, MAX_STATS_KEYS};
+pub use governance::{Governance, build as build_governance, load_config, trust_warnings};
+pub use http_server::no_delay;
 use listener_limits::ListenerLimits;
-use registry::Registry;
-use sessions::Sessions;
+use session::Sessions;
+pub use session::parse_event_id;
+pub use state::RelayState;
+use tunnel::Registry;
+pub use tunnel::TunnelRow;
+use tunnel::accept::{self, Admission};
 
 /// After shutdown, how long open agent requests may take to finish before the relay stops
 /// anyway.
@@ -76,127 +70,6 @@ pub enum RelayError {
     /// The audit trail could not be opened.
     #[error(transparent)]
     Audit(#[from] crate::govern::audit::AuditError),
-}
-
-/// What every handler shares.
-pub struct RelayState {
-    governance: RwLock<Arc<Governance>>,
-    /// Live tunnels.
-    pub registry: Registry,
-    /// Live agent sessions.
-    pub sessions: Sessions,
-    /// Where finished calls go: the audit trail, metrics, the activity feed.
-    pub calls: Arc<calls::Calls>,
-    /// Live activity for the admin `/activity` page: every finished call reaches it through
-    /// [`calls::Calls`].
-    pub activity: Arc<activity::Activity>,
-    /// Limits and timeouts as the relay started: `max_message_bytes` here is the tunnel frame
-    /// limit agreed with every `connect` at its handshake. What reload changes is read through
-    /// [`RelayState::request_timeout`], [`RelayState::session_idle`] and
-    /// [`RelayState::max_message_bytes`].
-    pub limits: LimitsSection,
-    /// Browser origins allowed besides same-origin.
-    pub allowed_origins: Vec<String>,
-    /// Agent-facing host names; see [`RelayState::host_allowed`].
-    pub allowed_hosts: Vec<String>,
-    /// Whether the agent listener is on loopback.
-    pub loopback: bool,
-    /// Interval of SSE keep-alive comments.
-    pub sse_keep_alive: Duration,
-    /// Cancelled when shutdown starts: tunnels are told to drain, standalone agent streams end,
-    /// nothing new is accepted.
-    pub shutdown: CancellationToken,
-    /// Cancelled when the drain period is over: what is still in flight ends with an error
-    /// that names the shutdown, and tunnel connections close.
-    pub stop: CancellationToken,
-}
-
-/// Names that reach a loopback listener legitimately.
-const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "[::1]", "::1"];
-
-impl RelayState {
-    /// Whether agents may address the relay as `host` (the `Host` header). Configured names
-    /// win; otherwise a loopback relay answers only to loopback names, so a web page whose DNS
-    /// name was rebound to 127.0.0.1 cannot reach it.
-    pub fn host_allowed(&self, host: &str) -> bool {
-        if host.is_empty() {
-            return true;
-        }
-        let name = match host.rsplit_once(':') {
-            Some((name, port))
-                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') =>
-            {
-                name
-            }
-            _ => host,
-        };
-        if !self.allowed_hosts.is_empty() {
-            return self.allowed_hosts.iter().any(|allowed| {
-                allowed.eq_ignore_ascii_case(host) || allowed.eq_ignore_ascii_case(name)
-            });
-        }
-        !self.loopback || LOOPBACK_NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
-    }
-
-    /// How long to wait for an upstream's answer to one request (reloadable).
-    pub fn request_timeout(&self) -> Duration {
-        self.governance().limits.request_timeout()
-    }
-
-    /// How long an idle agent session lives (reloadable).
-    pub fn session_idle(&self) -> Duration {
-        self.governance().limits.session_idle()
-    }
-
-    /// The caps on open sessions and listen streams (reloadable).
-    pub fn session_caps(&self) -> sessions::SessionCaps {
-        sessions::SessionCaps::of(&self.governance().limits)
-    }
-
-    /// The largest agent request body accepted: the reloaded limit, but never above the one
-    /// the relay started with (tunnels agreed on that frame limit at their handshake, and a
-    /// larger message would not fit their frames).
-    pub fn max_message_bytes(&self) -> usize {
-        self.governance()
-            .limits
-            .max_message_bytes
-            .min(self.limits.max_message_bytes)
-    }
-
-    /// Most messages one agent batch may hold (reloadable).
-    pub fn max_batch_messages(&self) -> usize {
-        self.governance().limits.max_batch_messages
-    }
-
-    /// The largest single upstream answer relayed (reloadable; applies to streams opened
-    /// after a reload). Answers larger than a frame cross the tunnel in pieces.
-    pub fn max_answer_bytes(&self) -> usize {
-        self.governance()
-            .limits
-            .max_answer_bytes
-            .max(self.limits.max_message_bytes)
-    }
-
-    /// The current credentials and policy.
-    pub fn governance(&self) -> Arc<Governance> {
-        let guard: RwLockReadGuard<'_, Arc<Governance>> = self
-            .governance
-            .read()
-            .expect("governance lock is never held across a panic");
-        guard.clone()
-    }
-
-    /// Replaces the credentials and policy at once: requests that already read them finish
-    /// with the old ones, every later request sees the new ones. Open sessions and tunnels
-    /// stay. Returns the replaced governance.
-    pub fn reload(&self, governance: Governance) -> Arc<Governance> {
-        self.calls.metric_names().configure(&governance.policy);
-        let mut guard = self
-            .governance
-            .write()
-            .expect("governance lock is never held across a panic");
-        std::mem::replace(&mut *guard, Arc::new(governance))
-    }
 }
 
 /// Everything the relay needs, resolved (certificates loaded, secrets parsed).
@@ -332,11 +205,11 @@ impl Relay {
             // Recorded metrics are kept (and served at /metrics) only with an admin listener.
             crate::metrics::prometheus();
         }
-        let activity = Arc::new(activity::Activity::default());
+        let activity = Arc::new(calls::Activity::default());
         let calls = Arc::new(calls::Calls::new(auditor, activity.clone()));
         calls.metric_names().configure(&governance.policy);
         let state = Arc::new(RelayState {
-            governance: RwLock::new(Arc::new(governance)),
+            governance: parking_lot::RwLock::new(Arc::new(governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
             calls,
@@ -417,14 +290,14 @@ impl Relay {
             }
         });
         let bounds = ListenerLimits::from(&state.limits);
-        let admission = tunnels::Admission::new(&bounds);
-        let quic = tokio::spawn(tunnels::serve_quic(
+        let admission = Admission::new(&bounds);
+        let quic = tokio::spawn(accept::serve_quic(
             endpoint,
             state.clone(),
             admission.clone(),
             draining.clone(),
         ));
-        let https = tokio::spawn(tunnels::serve_https(
+        let https = tokio::spawn(accept::serve_https(
             tunnel_tcp,
             tls_acceptor,
             state.clone(),
@@ -432,20 +305,7 @@ impl Relay {
             draining.clone(),
         ));
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), draining.clone()));
-        let agent_app = streamable::routes()
-            .merge(legacy_sse::routes())
-            .merge(oauth::routes())
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                limit_auth_failures,
-            ))
-            // Outermost: whatever answered early, the rest of the body is read before the
-            // answer goes out, so clients still sending can read it.
-            .layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                unread_body::discard_unread_body,
-            ))
-            .with_state(state.clone());
+        let agent_app = agents::app(state.clone());
         let agent_server = http_server::serve(
             agents,
             agent_app,
@@ -503,48 +363,6 @@ impl Relay {
     }
 }
 
-/// Limits failed authentication per remote address: an address out of attempts gets `429`
-/// with `Retry-After` before its request is looked at; every `401` answered counts one failure.
-/// Also refreshes a fetched JWKS before a token naming an unknown key is checked.
-async fn limit_auth_failures(
-    axum::extract::State(state): axum::extract::State<Arc<RelayState>>,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let governance = state.governance();
-    if let Err(limited) = governance
-        .limiter
-        .auth_allowed(peer.ip(), std::time::Instant::now())
-    {
-        tracing::info!(peer = %peer.ip(), ?limited, "authentication attempts limited");
-        metrics::counter!(crate::metrics::REQUESTS, "outcome" => "rate_limited").increment(1);
-        return reply::AgentError::RateLimited(limited).into_response();
-    }
-    // A JWT naming a key its provider's fetched JWKS lacks waits here (the gate itself is
-    // synchronous) for the JWKS to be fetched again, as the on-demand rate allows.
-    if let Some(token) = agent::bearer_jwt(request.headers()) {
-        governance.keyring.jwt().refresh_for(token).await;
-    }
-    let response = next.run(request).await;
-    if response.status() == axum::http::StatusCode::UNAUTHORIZED {
-        governance
-            .limiter
-            .auth_failed(peer.ip(), std::time::Instant::now());
-    }
-    response
-}
-
-/// Disables Nagle's algorithm on an accepted connection: answers are written in several small
-/// pieces (headers, SSE events), and Nagle plus the peer's delayed ACK would hold each one for
-/// up to 40 ms.
-pub fn no_delay(tcp: &mut TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set");
-    }
-}
-
 /// Folds recorded histogram samples into their buckets now and then, so memory stays bounded
 /// between scrapes.
 async fn metrics_upkeep(stop: CancellationToken) {
@@ -568,21 +386,5 @@ async fn sweep_sessions(state: Arc<RelayState>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
         }
         state.sweep_sessions().await;
-    }
-}
-
-impl RelayState {
-    /// Ends the sessions that are idle past `session_idle_secs`, whose tunnel stream ended, or
-    /// (HTTP+SSE) whose agent did not initialize within `request_timeout_secs`; returns how
-    /// many. The relay does this every 30 s.
-    pub async fn sweep_sessions(&self) -> usize {
-        let expired = self
-            .sessions
-            .sweep(self.session_idle(), self.request_timeout());
-        for session in &expired {
-            tracing::info!(session = %session.id, tenant = %session.tenant, "session expired");
-            session.channel.close("session expired").await;
-        }
-        expired.len()
     }
 }

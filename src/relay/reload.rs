@@ -31,8 +31,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::governance::{Governance, load_config};
 use super::listener_limits::ListenerLimits;
-use super::{Governance, RelayState};
+use super::state::RelayState;
 use crate::config::{ConfigError, LimitsSection, RelayConfig};
 
 /// How often [`watch`] looks at the file's modification stamp in the relay binary.
@@ -74,10 +75,10 @@ pub struct LoadedConfig {
 }
 
 impl LoadedConfig {
-    /// Reads and checks the relay configuration file at `path` (see [`super::load_config`]).
+    /// Reads and checks the relay configuration file at `path` (see [`load_config`]).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let stamp = FileStamp::read(path);
-        let config = super::load_config(path)?;
+        let config = load_config(path)?;
         Ok(Self { config, stamp })
     }
 }

@@ -10,7 +10,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -67,8 +69,7 @@ impl State {
     fn close(&self, reason: &str) {
         let mut slot = self
             .reason
-            .lock()
-            .expect("reason lock is never held across a panic");
+            .lock();
         if slot.is_none() {
             *slot = Some(reason.to_owned());
         }
@@ -80,7 +81,6 @@ impl State {
         let reason = self
             .reason
             .lock()
-            .expect("reason lock is never held across a panic")
             .clone();
         TransportError::ConnectionLost(reason.unwrap_or_else(|| "connection closed".into()))
     }
@@ -113,14 +113,12 @@ macro_rules! state_methods {
                 .state
                 .rtt
                 .lock()
-                .expect("rtt lock is never held across a panic")
         }
 
         fn silent_for(&self) -> Duration {
             self.state
                 .heard
                 .lock()
-                .expect("heard lock is never held across a panic")
                 .elapsed()
         }
     };
@@ -135,12 +133,10 @@ async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
             Ok(Ok(_pong)) => {
                 *state
                     .rtt
-                    .lock()
-                    .expect("rtt lock is never held across a panic") = started.elapsed();
+                    .lock() = started.elapsed();
                 *state
                     .heard
-                    .lock()
-                    .expect("heard lock is never held across a panic") =
+                    .lock() =
                     tokio::time::Instant::now();
             }
             Ok(Err(e)) => return state.close(&format!("keep-alive failed: {e}")),

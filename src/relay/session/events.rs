@@ -12,66 +12,17 @@
 //! no reader attached the oldest are dropped beyond the window (and counted).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+
+use crate::relay::tunnel::Budget;
 
 /// Events kept for replay per stream: a reconnect within a few seconds of a busy stream.
 pub const REPLAY_EVENTS: usize = 64;
 /// Bytes kept for replay per stream (the latest event is always kept, whatever its size).
 pub const REPLAY_BYTES: usize = 1024 * 1024;
-
-/// The bytes all event logs (and queues) of one session may hold together. Every log
-/// charges its events here; past the budget, events a reader has taken are forgotten, a log
-/// nobody reads drops its oldest events (counted), and a log whose reader is attached makes
-/// its producer wait until the reader takes what it holds.
-#[derive(Debug)]
-pub struct Budget {
-    limit: usize,
-    used: AtomicUsize,
-}
-
-impl Budget {
-    /// A budget of `limit` bytes (0: unbounded).
-    pub fn new(limit: usize) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self {
-            limit: if limit == 0 { usize::MAX } else { limit },
-            used: AtomicUsize::new(0),
-        })
-    }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    /// Whether more than the budget is held.
-    pub fn over(&self) -> bool {
-        self.used() > self.limit
-    }
-
-    /// Whether `bytes` more would fit.
-    pub fn fits(&self, bytes: usize) -> bool {
-        self.used().saturating_add(bytes) <= self.limit
-    }
-
-    /// Charges `bytes`.
-    pub fn charge(&self, bytes: usize) {
-        self.used.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    /// Gives back `bytes`.
-    pub fn release(&self, bytes: usize) {
-        // Never below zero, whatever the order of charges and releases.
-        let _ = self
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                Some(used.saturating_sub(bytes))
-            });
-    }
-}
 
 /// One SSE stream's events.
 pub struct EventLog {
@@ -214,10 +165,9 @@ impl EventLog {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LogState> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, LogState> {
         self.state
             .lock()
-            .expect("event log lock is never held across a panic")
     }
 
     /// Appends a message; waits while an attached reader has the window full.

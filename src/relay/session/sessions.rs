@@ -1,7 +1,9 @@
 //! Agent sessions of the session era, each bound to its caller and carried by one channel.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
@@ -9,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use bytes::Bytes;
 
-use super::calls::{Call, Calls, Context, outcome_of, unaudited_body};
-use super::channel::Channel;
 use super::events::EventLog;
+use super::exchange::EventIds;
 use crate::govern::Identity;
 use crate::govern::audit::Direction;
 use crate::mcp::classify;
 use crate::mcp::jsonrpc::{Classified, MessageKind};
+use crate::relay::calls::{Call, Calls, Context, outcome_of, unaudited_body};
+use crate::relay::tunnel::Channel;
 
 /// Answer streams per session kept for resumption; older finished ones are forgotten first.
 const ANSWER_LOGS: usize = 16;
@@ -103,8 +106,7 @@ impl Drop for CancelGuard {
     fn drop(&mut self) {
         let mut cancels = self
             .cancels
-            .lock()
-            .expect("session lock is never held across a panic");
+            .lock();
         // Only our own entry: a reused id may have a newer one.
         if cancels
             .tokens
@@ -155,8 +157,7 @@ impl ServerRequests {
         }
         let mut open = self
             .open
-            .lock()
-            .expect("session lock is never held across a panic");
+            .lock();
         open.extend(started);
         while open.len() > SERVER_REQUESTS {
             // Dropped unfinished: recorded as abandoned.
@@ -250,8 +251,7 @@ impl Session {
         let token = CancellationToken::new();
         let mut cancels = self
             .cancels
-            .lock()
-            .expect("session lock is never held across a panic");
+            .lock();
         cancels.next += 1;
         let number = cancels.next;
         cancels.tokens.insert(key.clone(), (number, token.clone()));
@@ -287,7 +287,6 @@ impl Session {
             let token = self
                 .cancels
                 .lock()
-                .expect("session lock is never held across a panic")
                 .tokens
                 .remove(&id_key(id));
             if let Some((_, token)) = token {
@@ -344,8 +343,7 @@ impl Session {
                 let mut open = self
                     .server_requests
                     .open
-                    .lock()
-                    .expect("session lock is never held across a panic");
+                    .lock();
                 open.iter()
                     .position(|call| call.request_id() == id)
                     .and_then(|index| open.remove(index))
@@ -389,10 +387,10 @@ impl Session {
 
     /// How this session's answer and GET streams name their events: 2025-11-25 and later
     /// open each stream with a priming event.
-    pub fn event_ids(&self) -> super::answer::EventIds {
+    pub fn event_ids(&self) -> EventIds {
         match self.version.get() {
-            Some(version) if version.as_str() >= "2025-11-25" => super::answer::EventIds::Primed,
-            _ => super::answer::EventIds::Resumable,
+            Some(version) if version.as_str() >= "2025-11-25" => EventIds::Primed,
+            _ => EventIds::Resumable,
         }
     }
 
@@ -409,8 +407,7 @@ impl Session {
         }
         let mut answers = self
             .answers
-            .lock()
-            .expect("session lock is never held across a panic");
+            .lock();
         let log = Arc::new(EventLog::with_budget(
             answers.next,
             Some(self.channel.budget().clone()),
@@ -437,8 +434,7 @@ impl Session {
         }
         let answers = self
             .answers
-            .lock()
-            .expect("session lock is never held across a panic");
+            .lock();
         answers
             .logs
             .iter()
@@ -449,14 +445,12 @@ impl Session {
     fn touch(&self) {
         *self
             .last_used
-            .lock()
-            .expect("session lock is never held across a panic") = Instant::now();
+            .lock() = Instant::now();
     }
 
     fn idle_for(&self) -> Duration {
         self.last_used
             .lock()
-            .expect("session lock is never held across a panic")
             .elapsed()
     }
 }
@@ -523,7 +517,6 @@ impl Drop for ListenGuard {
     fn drop(&mut self) {
         self.listens
             .lock()
-            .expect("sessions lock is never held across a panic")
             .remove(&self.id);
     }
 }
@@ -533,7 +526,6 @@ impl Sessions {
     pub fn insert(&self, session: Arc<Session>) {
         self.map
             .lock()
-            .expect("sessions lock is never held across a panic")
             .insert(session.id.clone(), session);
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
     }
@@ -543,8 +535,7 @@ impl Sessions {
         {
             let mut map = self
                 .map
-                .lock()
-                .expect("sessions lock is never held across a panic");
+                .lock();
             self.check(&map, &session.identity(), &session.source, caps)?;
             map.insert(session.id.clone(), session);
         }
@@ -557,8 +548,7 @@ impl Sessions {
     pub fn admit(&self, who: &Identity, source: &str, caps: SessionCaps) -> Result<(), CapReached> {
         let map = self
             .map
-            .lock()
-            .expect("sessions lock is never held across a panic");
+            .lock();
         self.check(&map, who, source, caps)
     }
 
@@ -572,15 +562,13 @@ impl Sessions {
     ) -> Result<ListenGuard, CapReached> {
         let map = self
             .map
-            .lock()
-            .expect("sessions lock is never held across a panic");
+            .lock();
         self.check(&map, who, source, caps)?;
         let id = self
             .next_listen
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.listens
             .lock()
-            .expect("sessions lock is never held across a panic")
             .insert(
                 id,
                 Holder {
@@ -599,7 +587,6 @@ impl Sessions {
     pub fn listens(&self) -> usize {
         self.listens
             .lock()
-            .expect("sessions lock is never held across a panic")
             .len()
     }
 
@@ -614,8 +601,7 @@ impl Sessions {
     ) -> Result<(), CapReached> {
         let listens = self
             .listens
-            .lock()
-            .expect("sessions lock is never held across a panic");
+            .lock();
         let holders = map
             .values()
             .filter(|s| s.channel.closed_reason().is_none())
@@ -668,7 +654,6 @@ impl Sessions {
         let session = self
             .map
             .lock()
-            .expect("sessions lock is never held across a panic")
             .get(id)
             .cloned()?;
         if session.tenant != who.tenant
@@ -691,7 +676,6 @@ impl Sessions {
         let removed = self
             .map
             .lock()
-            .expect("sessions lock is never held across a panic")
             .remove(id);
         if removed.is_some() {
             metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).decrement(1.0);
@@ -706,7 +690,6 @@ impl Sessions {
         let expired: Vec<String> = self
             .map
             .lock()
-            .expect("sessions lock is never held across a panic")
             .values()
             .filter(|s| {
                 let idle_for = s.idle_for();
@@ -725,7 +708,6 @@ impl Sessions {
     pub fn len(&self) -> usize {
         self.map
             .lock()
-            .expect("sessions lock is never held across a panic")
             .len()
     }
 
@@ -738,8 +720,7 @@ impl Sessions {
     pub fn count(&self, tenant: Option<&str>) -> usize {
         let map = self
             .map
-            .lock()
-            .expect("sessions lock is never held across a panic");
+            .lock();
         match tenant {
             None => map.len(),
             Some(tenant) => map.values().filter(|s| *s.tenant == *tenant).count(),

@@ -13,7 +13,9 @@
 //! asked for has sent nothing to discard.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::RelayState;
+use crate::relay::state::RelayState;
 
 /// What a handler left of a request body, handed back when it dropped the body.
 #[derive(Default)]
@@ -46,9 +48,8 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, Leftover> {
+    fn lock(slot: &Slot) -> parking_lot::MutexGuard<'_, Leftover> {
         slot.lock()
-            .expect("leftover lock is never held across a panic")
     }
 }
 

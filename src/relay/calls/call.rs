@@ -17,8 +17,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::activity::Activity;
-use super::call_metrics::CallMetrics;
 use super::metric_names::MetricNames;
+use super::metrics::CallMetrics;
 use crate::govern::Identity;
 use crate::govern::audit::{Auditor, Capture, Direction, Outcome, Record, Verdict, digest};
 use crate::govern::policy::Decision;
@@ -341,11 +341,6 @@ impl InFlight {
         self.calls
             .iter()
             .any(|call| call.capture != Capture::Metadata)
-    }
-
-    /// Whether no call is open.
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
     }
 
     /// Sets the context of every open call.

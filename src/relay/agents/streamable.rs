@@ -14,20 +14,22 @@ use axum::routing::post;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::RelayState;
-use super::agent::{authorize, gate, header_str, open_channel, open_header, read_message};
-use super::answer::{EventIds, JsonAnswer, Target, forward, sse_response};
-use super::calls::{Context, InFlight};
-use super::events::{Start, parse_event_id};
-use super::filter::ListFilter;
+use super::admission::{Admitted, admit, gate, header_str, open_channel, open_header};
+use super::answer::{JsonAnswer, Target, forward, sse_response};
 use super::oauth::Resource;
 use super::reply::{AgentError, json_response};
-use super::sessions::{CapReached, Session, Transport, new_session_id};
 use crate::govern::Identity;
 use crate::govern::audit::Outcome;
 use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
+use crate::relay::calls::filter::ListFilter;
+use crate::relay::calls::{Context, InFlight};
+use crate::relay::session::{
+    CapReached, EventIds, STANDALONE_STREAM, Session, Start, Transport, new_session_id,
+    parse_event_id,
+};
+use crate::relay::state::RelayState;
 use crate::wire::Era;
 
 /// The header a reconnecting agent names its last seen event with.
@@ -59,24 +61,14 @@ async fn post_inner(
     body: Body,
 ) -> Result<Response, AgentError> {
     let who = gate(&state, &headers, Resource::Mcp(&source))?;
-    let (body, classified) = read_message(&state, &who, &source, body).await?;
-    let authorization = authorize(&state, &who, &source, &body, &classified).await;
-    let mut calls = InFlight::begin(
-        &state.calls,
-        &who,
-        &source,
-        &body,
-        &classified,
-        &authorization.decisions,
-    );
+    let mut admitted = admit(&state, &who, &source, body).await?;
     let version = header_str(&headers, VERSION_HEADER);
-    calls.set_context(&Context {
+    admitted.calls.set_context(&Context {
         session: header_str(&headers, SESSION_HEADER).map(str::to_owned),
         protocol_version: version.map(str::to_owned),
         transport: None,
     });
-    if let Some(denied) = authorization.refusal {
-        let denied = calls.fail(Outcome::Error(denied.code), denied.body).await;
+    if let Some(denied) = admitted.refused().await {
         return Ok(json_response(StatusCode::OK, denied));
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
@@ -84,12 +76,13 @@ async fn post_inner(
             .sessions
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
-        calls.set_context(&session.call_context());
-        let governance = state.governance();
-        session
-            .channel
-            .update_identity(governance.keyring.assertions(), &who);
-        let filter = ListFilter::for_request(&state, &who, &source, &classified);
+        let filter = admitted.continue_in(&state, &session, &who);
+        let Admitted {
+            body,
+            classified,
+            calls,
+            ..
+        } = admitted;
         let target = Target {
             source: &source,
             session: Some(&session),
@@ -100,6 +93,12 @@ async fn post_inner(
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
+    let Admitted {
+        body,
+        classified,
+        calls,
+        ..
+    } = admitted;
     if version.is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless) {
         return stateless(&state, &who, &source, &headers, body, &classified, calls).await;
     }
@@ -220,7 +219,7 @@ async fn stateless(
         source,
         session: None,
         era: ProtocolEra::Stateless,
-        filter: ListFilter::for_request(state, who, source, classified),
+        filter: ListFilter::for_request(&state.governance(), &state.calls, who, source, classified),
         calls,
         listen,
     };
@@ -334,7 +333,7 @@ async fn handle_get(
         let (reader, ids, until) = match resume {
             Some((log, seq)) => {
                 // A resumed answer ends with its log (see `answer::stream_answer`).
-                let until = if log.stream == super::sessions::STANDALONE_STREAM {
+                let until = if log.stream == STANDALONE_STREAM {
                     state.shutdown.clone()
                 } else {
                     CancellationToken::new()

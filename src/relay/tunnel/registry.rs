@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use std::sync::RwLock;
+use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use crate::govern::identity::TunnelGrant;
@@ -180,8 +180,7 @@ impl Registry {
         {
             let mut routes = self
                 .routes
-                .write()
-                .expect("registry lock is never held across a panic");
+                .write();
             for source in &tunnel.sources {
                 let list = routes.entry((tenant.clone(), source.clone())).or_default();
                 list.push(tunnel.clone());
@@ -190,7 +189,6 @@ impl Registry {
         }
         self.tunnels
             .write()
-            .expect("registry lock is never held across a panic")
             .insert(tunnel.id, tunnel.clone());
         metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).increment(1.0);
         self.changed.send_modify(|n| *n += 1);
@@ -206,8 +204,7 @@ impl Registry {
     fn remove_routes(&self, tunnel: &Tunnel) {
         let mut routes = self
             .routes
-            .write()
-            .expect("registry lock is never held across a panic");
+            .write();
         for source in &tunnel.sources {
             let key = (tunnel.tenant.clone(), source.clone());
             if let Some(list) = routes.get_mut(&key) {
@@ -227,7 +224,6 @@ impl Registry {
         if self
             .tunnels
             .write()
-            .expect("registry lock is never held across a panic")
             .remove(&tunnel.id)
             .is_some()
         {
@@ -246,8 +242,7 @@ impl Registry {
     pub fn route(&self, tenant: &str, source: &str) -> Option<Arc<Tunnel>> {
         let routes = self
             .routes
-            .read()
-            .expect("registry lock is never held across a panic");
+            .read();
         let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
         let owner = serving_token(source, all)?;
         // Newest first, so that `min_by_key` (which keeps the first of equals) picks the newest.
@@ -268,12 +263,10 @@ impl Registry {
     pub fn rows(&self) -> Vec<TunnelRow> {
         let tunnels = self
             .tunnels
-            .read()
-            .expect("registry lock is never held across a panic");
+            .read();
         let routes = self
             .routes
-            .read()
-            .expect("registry lock is never held across a panic");
+            .read();
         let routes = &routes;
         let mut rows: Vec<TunnelRow> = tunnels
             .values()

@@ -3,7 +3,7 @@
 //! Each `/mcp/{source}` and `/sse/{source}` is a protected resource; its metadata is served at
 //! the path-inserted well-known URL (`/.well-known/oauth-protected-resource/mcp/{source}`), and
 //! the relay's own at the root one (`/.well-known/oauth-protected-resource`). A `401` names the
-//! document of the resource asked for (see [`super::agent::authenticate`]). Without
+//! document of the resource asked for (see [`super::admission::authenticate`]). Without
 //! `[agents] public_url` there is no resource identifier to give, and these URLs are 404.
 //!
 //! The documents are public and the same for every source name, existing or not, so they tell
@@ -18,9 +18,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use super::RelayState;
 use super::reply::{AgentError, json_response};
 use crate::config::validate_source_name;
+use crate::relay::state::RelayState;
 
 /// The well-known path prefix of RFC 9728.
 pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";

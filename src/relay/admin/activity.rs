@@ -16,9 +16,10 @@ use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Interval, MissedTickBehavior};
 
-use super::view::{CallRow, Snapshot};
+use super::view::Snapshot;
 use crate::govern::audit::Record;
-use crate::relay::RelayState;
+use crate::relay::calls::CallRow;
+use crate::relay::state::RelayState;
 
 /// How often a live view gets fresh tunnels, sessions and per-tool figures.
 pub const REFRESH: Duration = Duration::from_secs(1);

@@ -8,27 +8,21 @@
 //! that falls behind is sent a fresh snapshot instead). This is a view, not the audit trail:
 //! nothing here survives a restart.
 //!
-//! [`view`] turns the state (plus the relay's tunnels and sessions) into the JSON the page
-//! and `/api/activity` read; [`http`] serves the page, the JSON and the server push.
-
-pub mod http;
-mod stats;
-
-/// A finished call for tests elsewhere in the relay.
-#[cfg(test)]
-pub(crate) use stats::tests::record as test_record;
-pub mod view;
+//! The admin listener serves it (`admin::activity`), with the relay's tunnels and sessions
+//! beside it (`admin::view`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
+use super::rows::{CallRow, ToolRow};
+use super::stats::StatsTable;
 use crate::govern::audit::Record;
-use stats::StatsTable;
-pub use view::{CallRow, Snapshot, ToolRow};
 
 /// How many of the latest calls are kept: a screenful many times over, and at a few hundred
 /// bytes a record, well under a megabyte.
@@ -176,8 +170,7 @@ impl Activity {
     fn all_tool_rows(&self) -> Arc<[ToolRow]> {
         let mut cache = self
             .tool_rows
-            .lock()
-            .expect("tool rows lock is never held across a panic");
+            .lock();
         if let Some((at, rows)) = cache.as_ref()
             && at.elapsed() < TOOL_ROWS_MAX_AGE
         {
@@ -198,7 +191,6 @@ impl Activity {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner
             .lock()
-            .expect("activity lock is never held across a panic")
     }
 }
 
@@ -297,7 +289,8 @@ mod tests {
     use crate::govern::audit::{Outcome, Verdict};
 
     fn record(tenant: &str, n: u64) -> Arc<Record> {
-        let mut r = stats::tests::record(tenant, "echo", Verdict::Allow, Outcome::Ok);
+        let mut r =
+            crate::relay::calls::stats::tests::record(tenant, "echo", Verdict::Allow, Outcome::Ok);
         r.request_id = Some(n.to_string());
         Arc::new(r)
     }
@@ -328,7 +321,8 @@ mod tests {
     #[test]
     fn newest_call_comes_first() {
         let activity = Activity::default();
-        let mut first = stats::tests::record("acme", "first", Verdict::Allow, Outcome::Ok);
+        let mut first =
+            crate::relay::calls::stats::tests::record("acme", "first", Verdict::Allow, Outcome::Ok);
         first.time_ms = 1;
         let mut second = first.clone();
         second.tool = Some("second".into());
@@ -355,8 +349,12 @@ mod tests {
     #[test]
     fn payloads_go_and_long_names_are_clipped() {
         let activity = Activity::default();
-        let mut r =
-            stats::tests::record("acme", &"é".repeat(MAX_NAME), Verdict::Allow, Outcome::Ok);
+        let mut r = crate::relay::calls::stats::tests::record(
+            "acme",
+            &"é".repeat(MAX_NAME),
+            Verdict::Allow,
+            Outcome::Ok,
+        );
         r.args = Some("x".repeat(1 << 20));
         r.result = Some("y".repeat(1 << 20));
         r.roles = vec!["r".into(); 100];

@@ -5,26 +5,28 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use serde_json::value::RawValue;
 
-use super::channel::{Channel, ChannelLimits};
-use super::events::Budget;
-use super::filter::is_list_method;
 use super::oauth::{self, Resource};
-use super::reply::{AgentError, Challenge, json_response};
-use super::{Governance, RelayState};
+use super::reply::{AgentError, Challenge, source_error};
 use crate::govern::Identity;
 use crate::govern::assertion::Refresher;
+use crate::govern::audit::Outcome;
 use crate::govern::condition::Call;
 use crate::govern::jwt::{JwtError, looks_like_jwt};
 use crate::govern::policy::{Decision, Kind};
 use crate::mcp::jsonrpc::{
     Classified, ClassifyError, MessageInfo, MessageKind, classify_capped, codes, error_body,
 };
+use crate::relay::calls::InFlight;
+use crate::relay::calls::filter::{ListFilter, is_list_method};
+use crate::relay::governance::Governance;
+use crate::relay::session::Session;
+use crate::relay::state::RelayState;
+use crate::relay::tunnel::{Budget, Channel, ChannelLimits};
 use crate::wire::{Era, OpenHeader};
 
 /// A header's value as text, if present and text.
@@ -189,6 +191,80 @@ pub async fn read_message(
             })?;
     }
     Ok((body, classified))
+}
+
+/// An agent message past admission: read, classified, authorized, its calls begun.
+pub struct Admitted {
+    /// The body as read.
+    pub body: Bytes,
+    /// Its messages.
+    pub classified: Classified,
+    /// The calls of its requests, finished as their answers are released.
+    pub calls: InFlight,
+    /// Policy's refusal of the whole body, if any (see [`Admitted::refused`]).
+    refusal: Option<Refusal>,
+}
+
+impl Admitted {
+    /// Policy's refusal, if the body was refused: the calls are finished as refused, and the
+    /// error to answer with is returned (or the error saying they could not be audited).
+    pub async fn refused(&mut self) -> Option<Bytes> {
+        let denied = self.refusal.take()?;
+        Some(
+            self.calls
+                .fail(Outcome::Error(denied.code), denied.body)
+                .await,
+        )
+    }
+
+    /// Carries on in `session`: the calls take the session's context, its tunnel stream the
+    /// caller's current identity; returns policy's filter for a list answer.
+    pub fn continue_in(
+        &mut self,
+        state: &RelayState,
+        session: &Session,
+        who: &Identity,
+    ) -> Option<ListFilter> {
+        self.calls.set_context(&session.call_context());
+        let governance = state.governance();
+        session
+            .channel
+            .update_identity(governance.keyring.assertions(), who);
+        ListFilter::for_request(
+            &governance,
+            &state.calls,
+            who,
+            &session.source,
+            &self.classified,
+        )
+    }
+}
+
+/// The admission every agent message passes after [`gate`], whatever its transport: the body
+/// read within the limits ([`read_message`]), policy's word on each message ([`authorize`]),
+/// and a call begun for every request.
+pub async fn admit(
+    state: &RelayState,
+    who: &Identity,
+    source: &str,
+    body: Body,
+) -> Result<Admitted, AgentError> {
+    let (body, classified) = read_message(state, who, source, body).await?;
+    let authorization = authorize(state, who, source, &body, &classified).await;
+    let calls = InFlight::begin(
+        &state.calls,
+        who,
+        source,
+        &body,
+        &classified,
+        &authorization.decisions,
+    );
+    Ok(Admitted {
+        body,
+        classified,
+        calls,
+        refusal: authorization.refusal,
+    })
 }
 
 /// Why a body is refused before it reaches the tunnel: the JSON-RPC error to answer with, and
@@ -465,19 +541,4 @@ pub async fn open_channel(
     )
     .await
     .map_err(|e| source_error(None, &header.source, &e.to_string()))
-}
-
-/// A JSON-RPC error (on HTTP 200) saying the source could not answer.
-pub fn source_error(id: Option<&RawValue>, source: &str, why: &str) -> Response {
-    json_response(StatusCode::OK, source_error_body(id, source, why))
-}
-
-/// The body of [`source_error`].
-pub fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Bytes {
-    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "tunnel_error").increment(1);
-    error_body(
-        id,
-        codes::SOURCE_UNAVAILABLE,
-        &format!("source {source} is unavailable: {why}"),
-    )
 }

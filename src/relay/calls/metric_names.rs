@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
 
 use hashbrown::{Equivalent, HashMap as BorrowMap, HashSet};
 
@@ -156,8 +156,7 @@ impl MetricNames {
         }
         *self
             .configured
-            .write()
-            .expect("metric names lock is never held across a panic") = configured;
+            .write() = configured;
     }
 
     /// Learns the sources a tunnel of `tenant` registered.
@@ -252,16 +251,14 @@ impl MetricNames {
         if known { clip(name) } else { OTHER }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Learned> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Learned> {
         self.learned
             .lock()
-            .expect("metric names lock is never held across a panic")
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Configured> {
+    fn read(&self) -> parking_lot::RwLockReadGuard<'_, Configured> {
         self.configured
             .read()
-            .expect("metric names lock is never held across a panic")
     }
 }
 

@@ -12,19 +12,17 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use super::RelayState;
-use super::agent::{authorize, gate, open_channel, open_header, read_message};
-use super::answer::{EventIds, forward_to_stream, sse_response};
-use super::calls::{Call, Context, InFlight};
-use super::events::Start;
-use super::filter::ListFilter;
+use super::admission::{Admitted, admit, gate, open_channel, open_header};
+use super::answer::{forward_to_stream, sse_response};
 use super::oauth::Resource;
 use super::reply::AgentError;
-use super::sessions::{Session, Transport, new_session_id};
 use crate::govern::Identity;
 use crate::govern::audit::{Direction, Outcome};
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes};
 use crate::mcp::sse;
+use crate::relay::calls::{Call, Context};
+use crate::relay::session::{EventIds, Session, Start, Transport, new_session_id};
+use crate::relay::state::RelayState;
 use crate::wire::Era;
 
 /// Routes of the HTTP+SSE transport.
@@ -183,27 +181,20 @@ async fn handle_message(
             .sessions
             .get(session_id, &who, &source, Transport::LegacySse)
             .ok_or(AgentError::SessionNotFound)?;
-        let (body, classified) = read_message(&state, &who, &source, body).await?;
-        let authorization = authorize(&state, &who, &source, &body, &classified).await;
-        let mut calls = InFlight::begin(
-            &state.calls,
-            &who,
-            &source,
-            &body,
-            &classified,
-            &authorization.decisions,
-        );
-        calls.set_context(&session.call_context());
-        if let Some(denied) = authorization.refusal {
-            let denied = calls.fail(Outcome::Error(denied.code), denied.body).await;
+        let mut admitted = admit(&state, &who, &source, body).await?;
+        // A refused message's records name its session too.
+        admitted.calls.set_context(&session.call_context());
+        if let Some(denied) = admitted.refused().await {
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
-        let governance = state.governance();
-        session
-            .channel
-            .update_identity(governance.keyring.assertions(), &who);
-        let filter = ListFilter::for_request(&state, &who, &source, &classified);
+        let filter = admitted.continue_in(&state, &session, &who);
+        let Admitted {
+            body,
+            classified,
+            calls,
+            ..
+        } = admitted;
         Ok(forward_to_stream(&state, &session, body, &classified, filter, calls).await)
     }
     .await;

@@ -9,8 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::RelayState;
-use super::registry::Tunnel;
+use super::registry::{Registry, Tunnel};
 use crate::config::validate_source_name;
 use crate::govern::identity::TunnelGrant;
 use crate::relay::listener_limits::ListenerLimits;
@@ -19,6 +18,25 @@ use crate::transport::{RecvHalf, SendHalf, TunnelConnection};
 use crate::wire::{
     self, Frame, FrameKind, FrameReader, FrameWriter, Greeting, Hello, HelloReply, Notice,
 };
+
+/// What accepting tunnels needs of the relay around it: where tunnels register, who may
+/// connect, and when to drain and stop. The relay's shared state implements it; keeping it a
+/// trait keeps this module free of everything above the tunnel layer.
+pub trait TunnelHost: Send + Sync + 'static {
+    /// Where tunnels register.
+    fn registry(&self) -> &Registry;
+    /// The grant of a tunnel token, if a tenant has it (read at each handshake, so a reload
+    /// applies to the next one).
+    fn tunnel_grant(&self, token: &str) -> Option<TunnelGrant>;
+    /// The frame limit offered to every `connect` at its handshake.
+    fn max_frame(&self) -> usize;
+    /// A tunnel of `tenant` registered `sources`.
+    fn registered(&self, tenant: &str, sources: &[String]);
+    /// Cancelled when the relay starts draining: tunnels are told, nothing new is accepted.
+    fn draining(&self) -> &CancellationToken;
+    /// Cancelled when the relay stops: tunnel connections close.
+    fn stopped(&self) -> &CancellationToken;
+}
 
 /// Tunnel connections in TLS or `hello`: each holds one permit from accept until it is
 /// registered or refused, so peers that never authenticate hold at most
@@ -77,9 +95,9 @@ const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
 const MAX_SOURCES: usize = 256;
 
 /// Accepts QUIC connections until `shutdown`.
-pub async fn serve_quic(
+pub async fn serve_quic<H: TunnelHost>(
     endpoint: quinn::Endpoint,
-    state: Arc<RelayState>,
+    host: Arc<H>,
     admission: Admission,
     shutdown: CancellationToken,
 ) {
@@ -101,19 +119,14 @@ pub async fn serve_quic(
             incoming.refuse();
             continue;
         };
-        let state = state.clone();
+        let host = host.clone();
         tokio::spawn(async move {
             let connection = match tokio::time::timeout_at(handshaking.deadline, incoming).await {
                 Ok(Ok(connection)) => connection,
                 Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "QUIC handshake failed"),
                 Err(_) => return tracing::debug!(%remote, "QUIC handshake timed out"),
             };
-            serve_connection(
-                Arc::new(QuicConnection::new(connection)),
-                state,
-                handshaking,
-            )
-            .await;
+            serve_connection(Arc::new(QuicConnection::new(connection)), host, handshaking).await;
         });
     }
     // While established connections drain, new ones are refused at once rather than left
@@ -125,19 +138,19 @@ pub async fn serve_quic(
                 Some(incoming) => incoming.refuse(),
                 None => break,
             },
-            _ = state.stop.cancelled() => break,
+            _ = host.stopped().cancelled() => break,
         }
     }
     // Established connections close when the relay stops; let the closes go out.
-    state.stop.cancelled().await;
+    host.stopped().cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
 }
 
 /// Accepts HTTPS-fallback connections (TLS, then HTTP/2) until `shutdown`.
-pub async fn serve_https(
+pub async fn serve_https<H: TunnelHost>(
     listener: TcpListener,
     tls: TlsAcceptor,
-    state: Arc<RelayState>,
+    host: Arc<H>,
     admission: Admission,
     shutdown: CancellationToken,
 ) {
@@ -159,7 +172,7 @@ pub async fn serve_https(
             drop(tcp);
             continue;
         };
-        let (tls, state) = (tls.clone(), state.clone());
+        let (tls, host) = (tls.clone(), host.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             let connection = async {
@@ -170,7 +183,7 @@ pub async fn serve_https(
             };
             match tokio::time::timeout_at(handshaking.deadline, connection).await {
                 Ok(Ok(connection)) => {
-                    serve_connection(Arc::new(connection), state, handshaking).await
+                    serve_connection(Arc::new(connection), host, handshaking).await
                 }
                 Ok(Err(e)) => tracing::debug!(%remote, error = %e, "HTTPS tunnel handshake failed"),
                 Err(_) => tracing::debug!(%remote, "HTTPS tunnel handshake timed out"),
@@ -189,13 +202,14 @@ struct Control {
 /// Runs one tunnel connection: handshake (by the deadline `handshaking` carries) and
 /// registration, then until it ends. When the relay shuts down it tells the client to drain,
 /// routes nothing new to it, and closes it once the relay stops.
-pub async fn serve_connection(
+async fn serve_connection<H: TunnelHost>(
     connection: Arc<dyn TunnelConnection>,
-    state: Arc<RelayState>,
+    host: Arc<H>,
     handshaking: Handshaking,
 ) {
     let remote = connection.remote_addr();
-    let hello = tokio::time::timeout_at(handshaking.deadline, handshake(&connection, &state)).await;
+    let hello =
+        tokio::time::timeout_at(handshaking.deadline, handshake(&connection, host.as_ref())).await;
     let receive_window = handshaking.receive_window;
     // Registered or refused: the handshake slot is free for the next connection.
     drop(handshaking);
@@ -230,30 +244,30 @@ pub async fn serve_connection(
                 Ok(Some(frame)) => match frame.parse_json::<Notice>(FrameKind::Control) {
                     Ok(Notice::Drain { reason }) => {
                         tracing::info!(%remote, tenant = %tunnel.tenant, %reason, "tunnel draining");
-                        state.registry.drain(&tunnel);
+                        host.registry().drain(&tunnel);
                     }
                     Err(e) => break format!("control stream: {e}"),
                 },
                 Ok(None) => break "control stream ended".to_owned(),
                 Err(e) => break format!("control stream failed: {e}"),
             },
-            _ = state.shutdown.cancelled(), if !told_to_drain => {
+            _ = host.draining().cancelled(), if !told_to_drain => {
                 told_to_drain = true;
-                state.registry.drain(&tunnel);
+                host.registry().drain(&tunnel);
                 let notice = Notice::Drain { reason: "relay shutting down".into() };
                 let _ = writer.send(&Frame::json(FrameKind::Control, &notice)).await;
             }
-            _ = state.stop.cancelled() => break "relay shutting down".to_owned(),
+            _ = host.stopped().cancelled() => break "relay shutting down".to_owned(),
         }
     };
-    state.registry.unregister(&tunnel);
+    host.registry().unregister(&tunnel);
     connection.close(&why);
     tracing::info!(%remote, tenant = %tunnel.tenant, reason = %why, "tunnel disconnected");
 }
 
-async fn handshake(
+async fn handshake<H: TunnelHost>(
     connection: &Arc<dyn TunnelConnection>,
-    state: &RelayState,
+    host: &H,
 ) -> Result<Control, String> {
     let stream = connection.open_stream().await.map_err(|e| e.to_string())?;
     let mut reader = FrameReader::new(stream.recv, CONTROL_FRAME_LIMIT);
@@ -272,11 +286,11 @@ async fn handshake(
         Ok(None) => return Err("client closed before hello".into()),
         Err(e) => return Err(format!("bad hello: {e}")),
     };
-    let verdict = check_hello(&hello, state);
+    let verdict = check_hello(&hello, host);
     let reply = match &verdict {
         Ok(grant) => HelloReply::Welcome {
             tenant: grant.tenant.to_string(),
-            max_frame: state.limits.max_message_bytes as u64,
+            max_frame: host.max_frame() as u64,
         },
         Err(reason) => HelloReply::Refused {
             reason: reason.clone(),
@@ -289,23 +303,20 @@ async fn handshake(
     let grant = verdict?;
     let max_frame = usize::try_from(hello.max_frame)
         .unwrap_or(usize::MAX)
-        .min(state.limits.max_message_bytes);
+        .min(host.max_frame());
     let sources: Vec<String> = hello.sources.into_iter().map(|s| s.name).collect();
     // A registered source is one metrics may name (see `metric_names`).
-    state
-        .calls
-        .metric_names()
-        .learn_sources(&grant.tenant, &sources);
+    host.registered(&grant.tenant, &sources);
     Ok(Control {
-        tunnel: state
-            .registry
+        tunnel: host
+            .registry()
             .register(grant, sources, connection.clone(), max_frame),
         reader,
         writer,
     })
 }
 
-fn check_hello(hello: &Hello, state: &RelayState) -> Result<TunnelGrant, String> {
+fn check_hello<H: TunnelHost>(hello: &Hello, host: &H) -> Result<TunnelGrant, String> {
     if hello.version != wire::PROTOCOL_VERSION {
         return Err(format!(
             "wire protocol version {} is not supported (relay speaks {})",
@@ -313,15 +324,10 @@ fn check_hello(hello: &Hello, state: &RelayState) -> Result<TunnelGrant, String>
             wire::PROTOCOL_VERSION
         ));
     }
-    let grant = state
-        .governance()
-        .keyring
-        .tunnel_grant(&hello.token)
-        .cloned()
-        .ok_or_else(|| {
-            "unknown tunnel token: no tenant has it (check the token, or the relay's tunnel_tokens)"
-                .to_owned()
-        })?;
+    let grant = host.tunnel_grant(&hello.token).ok_or_else(|| {
+        "unknown tunnel token: no tenant has it (check the token, or the relay's tunnel_tokens)"
+            .to_owned()
+    })?;
     if hello.sources.is_empty() || hello.sources.len() > MAX_SOURCES {
         return Err(format!("announce between 1 and {MAX_SOURCES} sources"));
     }

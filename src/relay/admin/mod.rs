@@ -6,6 +6,9 @@
 //! whose DNS name was rebound to the admin address sends its own name), and a browser `Origin`
 //! must be the admin's own.
 
+mod activity;
+mod view;
+
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -18,9 +21,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::RelayState;
-use super::activity::http as activity;
-use super::registry::TunnelRow;
+use crate::relay::state::RelayState;
+use crate::relay::tunnel::TunnelRow;
 
 /// The Prometheus text exposition format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";

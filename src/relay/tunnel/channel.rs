@@ -8,12 +8,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::events::Budget;
+use super::budget::Budget;
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
@@ -144,8 +146,7 @@ impl Shared {
     fn close(&self, reason: String) {
         let mut closed = self
             .closed
-            .lock()
-            .expect("channel lock is never held across a panic");
+            .lock();
         if closed.is_none() {
             *closed = Some(reason);
         }
@@ -153,18 +154,15 @@ impl Shared {
         // unsolicited queue's ends the GET stream's producer.
         self.pending
             .lock()
-            .expect("channel lock is never held across a panic")
             .clear();
         self.unsolicited_tx
             .lock()
-            .expect("channel lock is never held across a panic")
             .take();
     }
 
     fn closed_reason(&self) -> Option<String> {
         self.closed
             .lock()
-            .expect("channel lock is never held across a panic")
             .clone()
     }
 }
@@ -221,7 +219,6 @@ impl Drop for Exchange {
         self.shared
             .pending
             .lock()
-            .expect("channel lock is never held across a panic")
             .remove(&self.id);
     }
 }
@@ -300,7 +297,6 @@ impl Channel {
             self.shared
                 .pending
                 .lock()
-                .expect("channel lock is never held across a panic")
                 .insert(
                     id,
                     Waiting {
@@ -404,128 +400,151 @@ struct Pieced {
     refused: bool,
 }
 
-/// Reads frames until the stream ends; returns why it ended. A message in pieces is counted
-/// against `limit` (the per-message limit) as it arrives, never assembled here.
+/// The messages arriving in pieces on one stream, each counted against the per-message limit
+/// as it arrives, never assembled here.
+struct Assembly {
+    open: HashMap<u64, Pieced>,
+    limit: usize,
+}
+
+impl Assembly {
+    fn new(limit: usize) -> Self {
+        Self {
+            open: HashMap::new(),
+            limit,
+        }
+    }
+
+    /// What `frame` means for its exchange: an event to deliver, with whether it ends a message
+    /// that came in pieces (never a message of its own); nothing (more of a refused message);
+    /// or why the stream must end.
+    fn event(&mut self, frame: Frame) -> Result<Option<(Event, bool)>, String> {
+        let limit = self.limit;
+        let refuse = |exchange: u64, e: &dyn std::fmt::Display| {
+            tracing::warn!(exchange, error = %e, "answer refused");
+            Event::TooLarge(limit)
+        };
+        let event = match frame.kind {
+            FrameKind::MessagePart => {
+                if frame.exchange == UNSOLICITED {
+                    return Err("protocol error: a message in pieces outside an exchange".into());
+                }
+                if !self.open.contains_key(&frame.exchange) && self.open.len() >= MAX_OPEN_PIECED {
+                    return Err(format!(
+                        "protocol error: more than {MAX_OPEN_PIECED} messages in pieces at once"
+                    ));
+                }
+                let open = self.open.entry(frame.exchange).or_insert_with(|| Pieced {
+                    count: PieceCount::new(limit),
+                    refused: false,
+                });
+                if open.refused {
+                    return Ok(None);
+                }
+                match open.count.add(frame.payload.len()) {
+                    Ok(()) => Event::Part(frame.payload),
+                    Err(e) => {
+                        open.refused = true;
+                        refuse(frame.exchange, &e)
+                    }
+                }
+            }
+            FrameKind::Message => {
+                return Ok(match self.open.remove(&frame.exchange) {
+                    Some(open) if open.refused => None,
+                    Some(mut open) => match open.count.add(frame.payload.len()) {
+                        Ok(()) => Some((Event::Message(frame.payload), true)),
+                        Err(e) => Some((refuse(frame.exchange, &e), true)),
+                    },
+                    None => Some((Event::Message(frame.payload), false)),
+                });
+            }
+            FrameKind::End => {
+                self.open.remove(&frame.exchange);
+                Event::End
+            }
+            FrameKind::Rejected => Event::Rejected(frame.status().unwrap_or(502)),
+            FrameKind::Streaming => Event::Streaming,
+            FrameKind::Close => return Err(frame.reason()),
+            other => {
+                return Err(format!(
+                    "protocol error: unexpected {other:?} frame on an exchange stream"
+                ));
+            }
+        };
+        Ok(Some((event, false)))
+    }
+}
+
+/// Reads frames until the stream ends; returns why it ended.
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
     shared: &Shared,
     limit: usize,
 ) -> String {
-    let mut pieced: HashMap<u64, Pieced> = HashMap::new();
+    let mut assembly = Assembly::new(limit);
     loop {
         let frame = match frames.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => return "the tunnel client ended the stream".into(),
             Err(e) => return format!("tunnel stream failed: {e}"),
         };
-        // Whether this message ends one that came in pieces (never a message of its own).
-        let mut closes_pieces = false;
-        let event = match frame.kind {
-            FrameKind::MessagePart => {
-                if frame.exchange == UNSOLICITED {
-                    return "protocol error: a message in pieces outside an exchange".into();
-                }
-                if !pieced.contains_key(&frame.exchange) && pieced.len() >= MAX_OPEN_PIECED {
-                    return format!(
-                        "protocol error: more than {MAX_OPEN_PIECED} messages in pieces at once"
-                    );
-                }
-                let open = pieced.entry(frame.exchange).or_insert_with(|| Pieced {
-                    count: PieceCount::new(limit),
-                    refused: false,
-                });
-                if open.refused {
-                    continue;
-                }
-                match open.count.add(frame.payload.len()) {
-                    Ok(()) => Event::Part(frame.payload),
-                    Err(e) => {
-                        tracing::warn!(exchange = frame.exchange, error = %e, "answer refused");
-                        open.refused = true;
-                        Event::TooLarge(limit)
-                    }
-                }
-            }
-            FrameKind::Message => match pieced.remove(&frame.exchange) {
-                Some(open) if open.refused => continue,
-                Some(mut open) => {
-                    closes_pieces = true;
-                    match open.count.add(frame.payload.len()) {
-                        Ok(()) => Event::Message(frame.payload),
-                        Err(e) => {
-                            tracing::warn!(exchange = frame.exchange, error = %e, "answer refused");
-                            Event::TooLarge(limit)
-                        }
-                    }
-                }
-                None => Event::Message(frame.payload),
-            },
-            FrameKind::End => {
-                pieced.remove(&frame.exchange);
-                Event::End
-            }
-            FrameKind::Rejected => Event::Rejected(frame.status().unwrap_or(502)),
-            FrameKind::Streaming => Event::Streaming,
-            FrameKind::Close => return frame.reason(),
-            other => {
-                return format!("protocol error: unexpected {other:?} frame on an exchange stream");
-            }
-        };
-        let waiting = if frame.exchange == UNSOLICITED {
+        let exchange = frame.exchange;
+        match assembly.event(frame) {
+            Ok(Some((event, closes_pieces))) => shared.deliver(exchange, event, closes_pieces).await,
+            Ok(None) => {}
+            Err(why) => return why,
+        }
+    }
+}
+
+impl Shared {
+    /// Hands `event` to the request waiting on `exchange`. A whole message with no waiting
+    /// request goes to the GET stream; pieces of one (its request went away mid-answer), ends
+    /// and statuses of requests nobody waits for any more are simply done.
+    async fn deliver(&self, exchange: u64, event: Event, closes_pieces: bool) {
+        let waiting = if exchange == UNSOLICITED {
             None
         } else {
-            shared
-                .pending
-                .lock()
-                .expect("channel lock is never held across a panic")
-                .get(&frame.exchange)
-                .cloned()
+            self.pending.lock().get(&exchange).cloned()
         };
         let undelivered = match waiting {
             Some(waiting) => waiting.send(event).await.err(),
             None => Some(event),
         };
-        // A whole message with no waiting request goes to the GET stream; pieces of one (its
-        // request went away mid-answer), ends and statuses of requests nobody waits for any
-        // more are simply done.
-        let unsolicited = || {
-            shared
-                .unsolicited_tx
-                .lock()
-                .expect("channel lock is never held across a panic")
-                .clone()
+        let Some(Event::Message(message)) = undelivered else {
+            return;
         };
-        if let Some(Event::Message(message)) = undelivered
-            && !closes_pieces
-        {
-            let len = message.len();
-            // An answer whose request went away belongs to that request's stream only (where a
-            // resuming agent finds it, when the stream was kept); on the GET stream an agent
-            // could not tell it from an answer it is owed (2025-11-25 forbids it).
-            if frame.exchange != UNSOLICITED && is_response(&message) {
-                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
-                tracing::debug!(
-                    exchange = frame.exchange,
-                    "answer of a request nobody waits for any more dropped"
-                );
-                continue;
-            }
-            let queued = shared.budget.fits(len)
-                && unsolicited().is_some_and(|tx| {
-                    shared.budget.charge(len);
-                    let sent = tx.try_send(message).is_ok();
-                    if !sent {
-                        shared.budget.release(len);
-                    }
-                    sent
-                });
-            if !queued {
-                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
-                tracing::warn!(
-                    bytes = len,
-                    "server-to-agent message dropped: no agent stream is reading and the session's queue is full"
-                );
-            }
+        if closes_pieces {
+            return;
+        }
+        let len = message.len();
+        // An answer whose request went away belongs to that request's stream only (where a
+        // resuming agent finds it, when the stream was kept); on the GET stream an agent could
+        // not tell it from an answer it is owed (2025-11-25 forbids it).
+        if exchange != UNSOLICITED && is_response(&message) {
+            metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+            tracing::debug!(
+                exchange,
+                "answer of a request nobody waits for any more dropped"
+            );
+            return;
+        }
+        let queued = self.budget.fits(len)
+            && self.unsolicited_tx.lock().clone().is_some_and(|tx| {
+                self.budget.charge(len);
+                let sent = tx.try_send(message).is_ok();
+                if !sent {
+                    self.budget.release(len);
+                }
+                sent
+            });
+        if !queued {
+            metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+            tracing::warn!(
+                bytes = len,
+                "server-to-agent message dropped: no agent stream is reading and the session's queue is full"
+            );
         }
     }
 }

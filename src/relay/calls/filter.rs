@@ -9,11 +9,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::calls::Calls;
-use super::{Governance, RelayState};
+use super::Calls;
 use crate::govern::Identity;
 use crate::govern::policy::Kind;
 use crate::mcp::Classified;
+use crate::relay::governance::Governance;
 
 /// The result field holding the list of a list method, what its entries are, and the entry
 /// field naming each; `None` for other methods.
@@ -53,7 +53,8 @@ impl ListFilter {
     /// A filter for `classified` (a single list request), if the caller's tenant has roles or
     /// the list names tools or prompts (names metrics may label calls with).
     pub fn for_request(
-        state: &RelayState,
+        governance: &Arc<Governance>,
+        calls: &Arc<Calls>,
         who: &Identity,
         source: &str,
         classified: &Classified,
@@ -62,7 +63,6 @@ impl ListFilter {
             return None;
         };
         let (field, kind, name) = list_of(request.method.as_deref()?)?;
-        let governance = state.governance();
         let restricts = governance.policy.restricts(&who.tenant);
         if !restricts && kind == Kind::Resource {
             return None;
@@ -70,8 +70,8 @@ impl ListFilter {
         Some(Self {
             who: who.clone(),
             source: source.to_owned(),
-            governance,
-            calls: state.calls.clone(),
+            governance: governance.clone(),
+            calls: calls.clone(),
             restricts,
             field,
             kind,

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::{LATENCY_WINDOW, MAX_STATS_KEYS};
+use super::activity::{LATENCY_WINDOW, MAX_STATS_KEYS};
 use crate::govern::audit::{Outcome, Record, Verdict};
 
 /// Counts and recent latencies of one (tenant, source, tool).

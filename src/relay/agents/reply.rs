@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 
 use crate::govern::limits::{Limited, RateLimited};
 use crate::mcp::jsonrpc::{codes, error_body};
+use crate::relay::session::source_error_body;
 
 /// Content type of JSON-RPC bodies.
 pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -111,7 +112,7 @@ pub enum AgentError {
         /// The request id, echoed.
         id: Option<Box<RawValue>>,
         /// Which cap.
-        cap: crate::relay::sessions::CapReached,
+        cap: crate::relay::session::CapReached,
     },
     /// A rate limit refused the request: `429` with `Retry-After`.
     #[error("{}", rate_limited_message(.0))]
@@ -200,4 +201,9 @@ pub fn json_response(status: StatusCode, body: Bytes) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, JSON);
     response
+}
+
+/// A JSON-RPC error (on HTTP 200) saying the source could not answer.
+pub fn source_error(id: Option<&RawValue>, source: &str, why: &str) -> Response {
+    json_response(StatusCode::OK, source_error_body(id, source, why))
 }

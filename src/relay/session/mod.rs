@@ -1,0 +1,17 @@
+//! Agent sessions and what an agent reads, with no HTTP: the session store with its caps
+//! ([`sessions`]), the event logs that make SSE streams resumable ([`events`]), and the exchange
+//! of one agent message with its upstream ([`exchange`]), which finishes every call before its
+//! answer is released.
+
+pub(crate) mod events;
+pub(crate) mod exchange;
+pub(crate) mod sessions;
+
+pub use events::{EventLog, LogReader, Piece, Start, parse_event_id};
+pub use exchange::{
+    Arrived, Awaiting, Ending, EventIds, Opening, pipe, produce, requests, source_error_body,
+};
+pub use sessions::{
+    CapReached, ListenGuard, STANDALONE_STREAM, Session, SessionCaps, Sessions, Transport,
+    new_session_id,
+};

@@ -1,0 +1,172 @@
+//! What every handler shares: the tunnels, sessions and calls, the current governance (swapped
+//! whole by a reload), the limits, and the shutdown tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tokio_util::sync::CancellationToken;
+
+use super::calls::{Activity, Calls};
+use super::governance::Governance;
+use super::session::{SessionCaps, Sessions};
+use super::tunnel::Registry;
+use super::tunnel::accept::TunnelHost;
+use crate::config::LimitsSection;
+use crate::govern::identity::TunnelGrant;
+
+/// What every handler shares.
+pub struct RelayState {
+    pub(super) governance: RwLock<Arc<Governance>>,
+    /// Live tunnels.
+    pub registry: Registry,
+    /// Live agent sessions.
+    pub sessions: Sessions,
+    /// Where finished calls go: the audit trail, metrics, the activity feed.
+    pub calls: Arc<Calls>,
+    /// Live activity for the admin `/activity` page: every finished call reaches it through
+    /// [`Calls`].
+    pub activity: Arc<Activity>,
+    /// Limits and timeouts as the relay started: `max_message_bytes` here is the tunnel frame
+    /// limit agreed with every `connect` at its handshake. What reload changes is read through
+    /// [`RelayState::request_timeout`], [`RelayState::session_idle`] and
+    /// [`RelayState::max_message_bytes`].
+    pub limits: LimitsSection,
+    /// Browser origins allowed besides same-origin.
+    pub allowed_origins: Vec<String>,
+    /// Agent-facing host names; see [`RelayState::host_allowed`].
+    pub allowed_hosts: Vec<String>,
+    /// Whether the agent listener is on loopback.
+    pub loopback: bool,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keep_alive: Duration,
+    /// Cancelled when shutdown starts: tunnels are told to drain, standalone agent streams end,
+    /// nothing new is accepted.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the drain period is over: what is still in flight ends with an error
+    /// that names the shutdown, and tunnel connections close.
+    pub stop: CancellationToken,
+}
+
+/// Names that reach a loopback listener legitimately.
+const LOOPBACK_NAMES: &[&str] = &["localhost", "127.0.0.1", "[::1]", "::1"];
+
+impl RelayState {
+    /// Whether agents may address the relay as `host` (the `Host` header). Configured names
+    /// win; otherwise a loopback relay answers only to loopback names, so a web page whose DNS
+    /// name was rebound to 127.0.0.1 cannot reach it.
+    pub fn host_allowed(&self, host: &str) -> bool {
+        if host.is_empty() {
+            return true;
+        }
+        let name = match host.rsplit_once(':') {
+            Some((name, port))
+                if port.bytes().all(|b| b.is_ascii_digit()) && !name.ends_with(':') =>
+            {
+                name
+            }
+            _ => host,
+        };
+        if !self.allowed_hosts.is_empty() {
+            return self.allowed_hosts.iter().any(|allowed| {
+                allowed.eq_ignore_ascii_case(host) || allowed.eq_ignore_ascii_case(name)
+            });
+        }
+        !self.loopback || LOOPBACK_NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// How long to wait for an upstream's answer to one request (reloadable).
+    pub fn request_timeout(&self) -> Duration {
+        self.governance().limits.request_timeout()
+    }
+
+    /// How long an idle agent session lives (reloadable).
+    pub fn session_idle(&self) -> Duration {
+        self.governance().limits.session_idle()
+    }
+
+    /// The caps on open sessions and listen streams (reloadable).
+    pub fn session_caps(&self) -> SessionCaps {
+        SessionCaps::of(&self.governance().limits)
+    }
+
+    /// The largest agent request body accepted: the reloaded limit, but never above the one
+    /// the relay started with (tunnels agreed on that frame limit at their handshake, and a
+    /// larger message would not fit their frames).
+    pub fn max_message_bytes(&self) -> usize {
+        self.governance()
+            .limits
+            .max_message_bytes
+            .min(self.limits.max_message_bytes)
+    }
+
+    /// Most messages one agent batch may hold (reloadable).
+    pub fn max_batch_messages(&self) -> usize {
+        self.governance().limits.max_batch_messages
+    }
+
+    /// The largest single upstream answer relayed (reloadable; applies to streams opened
+    /// after a reload). Answers larger than a frame cross the tunnel in pieces.
+    pub fn max_answer_bytes(&self) -> usize {
+        self.governance()
+            .limits
+            .max_answer_bytes
+            .max(self.limits.max_message_bytes)
+    }
+
+    /// The current credentials and policy.
+    pub fn governance(&self) -> Arc<Governance> {
+        self.governance.read().clone()
+    }
+
+    /// Replaces the credentials and policy at once: requests that already read them finish
+    /// with the old ones, every later request sees the new ones. Open sessions and tunnels
+    /// stay. Returns the replaced governance.
+    pub fn reload(&self, governance: Governance) -> Arc<Governance> {
+        self.calls.metric_names().configure(&governance.policy);
+        std::mem::replace(&mut *self.governance.write(), Arc::new(governance))
+    }
+}
+
+impl RelayState {
+    /// Ends the sessions that are idle past `session_idle_secs`, whose tunnel stream ended, or
+    /// (HTTP+SSE) whose agent did not initialize within `request_timeout_secs`; returns how
+    /// many. The relay does this every 30 s.
+    pub async fn sweep_sessions(&self) -> usize {
+        let expired = self
+            .sessions
+            .sweep(self.session_idle(), self.request_timeout());
+        for session in &expired {
+            tracing::info!(session = %session.id, tenant = %session.tenant, "session expired");
+            session.channel.close("session expired").await;
+        }
+        expired.len()
+    }
+}
+
+impl TunnelHost for RelayState {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn tunnel_grant(&self, token: &str) -> Option<TunnelGrant> {
+        self.governance().keyring.tunnel_grant(token).cloned()
+    }
+
+    fn max_frame(&self) -> usize {
+        self.limits.max_message_bytes
+    }
+
+    fn registered(&self, tenant: &str, sources: &[String]) {
+        // A registered source is one metrics may name (see `calls::metric_names`).
+        self.calls.metric_names().learn_sources(tenant, sources);
+    }
+
+    fn draining(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    fn stopped(&self) -> &CancellationToken {
+        &self.stop
+    }
+}

@@ -1,0 +1,13 @@
+//! The tunnel side of the relay, with no HTTP: accepting `connect`'s connections and their
+//! handshake ([`accept`]), the registry of live tunnels that routes each tenant's sources
+//! ([`registry`]), and channels, one tunnel stream each, carrying an agent session's or
+//! request's exchanges ([`channel`]), whose buffers charge one [`Budget`] per session.
+
+pub(crate) mod accept;
+mod budget;
+pub(crate) mod channel;
+pub(crate) mod registry;
+
+pub use budget::Budget;
+pub use channel::{Channel, ChannelError, ChannelLimits, Event, Exchange};
+pub use registry::{Registry, TunnelRow};
