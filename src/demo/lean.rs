@@ -267,9 +267,7 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
             return error_response(StatusCode::BAD_REQUEST, codes::HEADER_MISMATCH, &mismatch);
         }
     } else if message.method.as_deref() == Some("initialize") {
-        let mut sessions = server
-            .sessions
-            .lock();
+        let mut sessions = server.sessions.lock();
         if sessions.len() >= MAX_SESSIONS {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -289,12 +287,7 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
                 )
                     .into_response();
             }
-            Some(id)
-                if !server
-                    .sessions
-                    .lock()
-                    .contains(id) =>
-            {
+            Some(id) if !server.sessions.lock().contains(id) => {
                 return error_response(
                     StatusCode::NOT_FOUND,
                     codes::INVALID_REQUEST,
@@ -487,11 +480,7 @@ async fn on_delete(State(server): State<Arc<Server>>, headers: HeaderMap) -> Res
         )
             .into_response();
     };
-    if server
-        .sessions
-        .lock()
-        .remove(id)
-    {
+    if server.sessions.lock().remove(id) {
         StatusCode::ACCEPTED.into_response()
     } else {
         StatusCode::NOT_FOUND.into_response()

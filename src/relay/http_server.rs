@@ -23,8 +23,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use std::task::{Context, Poll};
@@ -140,8 +140,7 @@ struct Activity {
 
 impl Activity {
     fn clock(&self) -> parking_lot::MutexGuard<'_, Clock> {
-        self.clock
-            .lock()
+        self.clock.lock()
     }
 
     /// When the connection is due to close and why, or `None` while a request is in flight.

@@ -67,9 +67,7 @@ impl State {
     }
 
     fn close(&self, reason: &str) {
-        let mut slot = self
-            .reason
-            .lock();
+        let mut slot = self.reason.lock();
         if slot.is_none() {
             *slot = Some(reason.to_owned());
         }
@@ -78,10 +76,7 @@ impl State {
     }
 
     fn lost(&self) -> TransportError {
-        let reason = self
-            .reason
-            .lock()
-            .clone();
+        let reason = self.reason.lock().clone();
         TransportError::ConnectionLost(reason.unwrap_or_else(|| "connection closed".into()))
     }
 }
@@ -109,17 +104,11 @@ macro_rules! state_methods {
         }
 
         fn rtt(&self) -> Duration {
-            *self
-                .state
-                .rtt
-                .lock()
+            *self.state.rtt.lock()
         }
 
         fn silent_for(&self) -> Duration {
-            self.state
-                .heard
-                .lock()
-                .elapsed()
+            self.state.heard.lock().elapsed()
         }
     };
 }
@@ -131,13 +120,8 @@ async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
         let started = tokio::time::Instant::now();
         match tokio::time::timeout(IDLE_TIMEOUT, ping_pong.ping(h2::Ping::opaque())).await {
             Ok(Ok(_pong)) => {
-                *state
-                    .rtt
-                    .lock() = started.elapsed();
-                *state
-                    .heard
-                    .lock() =
-                    tokio::time::Instant::now();
+                *state.rtt.lock() = started.elapsed();
+                *state.heard.lock() = tokio::time::Instant::now();
             }
             Ok(Err(e)) => return state.close(&format!("keep-alive failed: {e}")),
             Err(_) => return state.close("timed out: no keep-alive answer"),

@@ -12,8 +12,8 @@
 //! beside it (`admin::view`).
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -168,9 +168,7 @@ impl Activity {
     }
 
     fn all_tool_rows(&self) -> Arc<[ToolRow]> {
-        let mut cache = self
-            .tool_rows
-            .lock();
+        let mut cache = self.tool_rows.lock();
         if let Some((at, rows)) = cache.as_ref()
             && at.elapsed() < TOOL_ROWS_MAX_AGE
         {
@@ -189,8 +187,7 @@ impl Activity {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
+        self.inner.lock()
     }
 }
 

@@ -18,9 +18,9 @@
 //! [`MAX_LEARNED_PER_SOURCE`] per source), so the label sets stay bounded whatever agents,
 //! tunnels and upstreams send.
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::hash::Hash;
-use parking_lot::{Mutex, RwLock};
 
 use hashbrown::{Equivalent, HashMap as BorrowMap, HashSet};
 
@@ -154,9 +154,7 @@ impl MetricNames {
                     .push((source.into(), name.into()));
             }
         }
-        *self
-            .configured
-            .write() = configured;
+        *self.configured.write() = configured;
     }
 
     /// Learns the sources a tunnel of `tenant` registered.
@@ -252,13 +250,11 @@ impl MetricNames {
     }
 
     fn lock(&self) -> parking_lot::MutexGuard<'_, Learned> {
-        self.learned
-            .lock()
+        self.learned.lock()
     }
 
     fn read(&self) -> parking_lot::RwLockReadGuard<'_, Configured> {
-        self.configured
-            .read()
+        self.configured.read()
     }
 }
 

@@ -8,8 +8,8 @@
 //! updates. The kept sets are bounded ([`MAX_SERIES`]); past the bound a call's metrics go
 //! through the macros as before, so nothing is lost.
 
-use std::hash::Hash;
 use parking_lot::Mutex;
+use std::hash::Hash;
 
 use hashbrown::{Equivalent, HashMap};
 use metrics::{Counter, Histogram};
@@ -169,9 +169,7 @@ impl CallMetrics {
         let labels = Labels::of(record, &self.names);
         {
             // Updated under the lock: four atomic adds, no handle cloned per call.
-            let mut kept = self
-                .kept
-                .lock();
+            let mut kept = self.kept.lock();
             if let Some(series) = kept.get(&labels) {
                 series.record(record);
                 return;
@@ -189,9 +187,7 @@ impl CallMetrics {
     /// How many label sets have their handles kept.
     #[cfg(test)]
     pub fn kept(&self) -> usize {
-        self.kept
-            .lock()
-            .len()
+        self.kept.lock().len()
     }
 }
 

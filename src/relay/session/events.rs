@@ -11,8 +11,8 @@
 //! reader is attached (the producer waits instead: backpressure to the tunnel stream), and with
 //! no reader attached the oldest are dropped beyond the window (and counted).
 
-use std::collections::VecDeque;
 use parking_lot::Mutex;
+use std::collections::VecDeque;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -166,8 +166,7 @@ impl EventLog {
     }
 
     fn lock(&self) -> parking_lot::MutexGuard<'_, LogState> {
-        self.state
-            .lock()
+        self.state.lock()
     }
 
     /// Appends a message; waits while an attached reader has the window full.

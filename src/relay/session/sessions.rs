@@ -104,9 +104,7 @@ impl CancelGuard {
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
-        let mut cancels = self
-            .cancels
-            .lock();
+        let mut cancels = self.cancels.lock();
         // Only our own entry: a reused id may have a newer one.
         if cancels
             .tokens
@@ -155,9 +153,7 @@ impl ServerRequests {
         if started.is_empty() {
             return;
         }
-        let mut open = self
-            .open
-            .lock();
+        let mut open = self.open.lock();
         open.extend(started);
         while open.len() > SERVER_REQUESTS {
             // Dropped unfinished: recorded as abandoned.
@@ -249,9 +245,7 @@ impl Session {
     pub fn track_cancel(&self, id: &serde_json::value::RawValue) -> CancelGuard {
         let key = id_key(id);
         let token = CancellationToken::new();
-        let mut cancels = self
-            .cancels
-            .lock();
+        let mut cancels = self.cancels.lock();
         cancels.next += 1;
         let number = cancels.next;
         cancels.tokens.insert(key.clone(), (number, token.clone()));
@@ -284,11 +278,7 @@ impl Session {
             else {
                 continue;
             };
-            let token = self
-                .cancels
-                .lock()
-                .tokens
-                .remove(&id_key(id));
+            let token = self.cancels.lock().tokens.remove(&id_key(id));
             if let Some((_, token)) = token {
                 tracing::debug!(session = %self.id, id = %id.get(), "request cancelled by the agent: its answer ends");
                 token.cancel();
@@ -340,10 +330,7 @@ impl Session {
         {
             let id = info.id.as_deref().map(|id| id.get());
             let call = {
-                let mut open = self
-                    .server_requests
-                    .open
-                    .lock();
+                let mut open = self.server_requests.open.lock();
                 open.iter()
                     .position(|call| call.request_id() == id)
                     .and_then(|index| open.remove(index))
@@ -405,9 +392,7 @@ impl Session {
         if self.transport == Transport::LegacySse {
             return self.standalone.clone();
         }
-        let mut answers = self
-            .answers
-            .lock();
+        let mut answers = self.answers.lock();
         let log = Arc::new(EventLog::with_budget(
             answers.next,
             Some(self.channel.budget().clone()),
@@ -432,9 +417,7 @@ impl Session {
         if stream == STANDALONE_STREAM {
             return Some(self.standalone.clone());
         }
-        let answers = self
-            .answers
-            .lock();
+        let answers = self.answers.lock();
         answers
             .logs
             .iter()
@@ -443,15 +426,11 @@ impl Session {
     }
 
     fn touch(&self) {
-        *self
-            .last_used
-            .lock() = Instant::now();
+        *self.last_used.lock() = Instant::now();
     }
 
     fn idle_for(&self) -> Duration {
-        self.last_used
-            .lock()
-            .elapsed()
+        self.last_used.lock().elapsed()
     }
 }
 
@@ -515,27 +494,21 @@ pub struct ListenGuard {
 
 impl Drop for ListenGuard {
     fn drop(&mut self) {
-        self.listens
-            .lock()
-            .remove(&self.id);
+        self.listens.lock().remove(&self.id);
     }
 }
 
 impl Sessions {
     /// Adds a session.
     pub fn insert(&self, session: Arc<Session>) {
-        self.map
-            .lock()
-            .insert(session.id.clone(), session);
+        self.map.lock().insert(session.id.clone(), session);
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
     }
 
     /// Adds a session unless a cap refuses it (counted with the listen streams).
     pub fn try_insert(&self, session: Arc<Session>, caps: SessionCaps) -> Result<(), CapReached> {
         {
-            let mut map = self
-                .map
-                .lock();
+            let mut map = self.map.lock();
             self.check(&map, &session.identity(), &session.source, caps)?;
             map.insert(session.id.clone(), session);
         }
@@ -546,9 +519,7 @@ impl Sessions {
     /// Whether `who` may open one more session (or listen stream) with `source` now: checked
     /// before a tunnel stream (and perhaps an upstream process) is opened for it.
     pub fn admit(&self, who: &Identity, source: &str, caps: SessionCaps) -> Result<(), CapReached> {
-        let map = self
-            .map
-            .lock();
+        let map = self.map.lock();
         self.check(&map, who, source, caps)
     }
 
@@ -560,23 +531,19 @@ impl Sessions {
         source: &str,
         caps: SessionCaps,
     ) -> Result<ListenGuard, CapReached> {
-        let map = self
-            .map
-            .lock();
+        let map = self.map.lock();
         self.check(&map, who, source, caps)?;
         let id = self
             .next_listen
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.listens
-            .lock()
-            .insert(
-                id,
-                Holder {
-                    tenant: who.tenant.clone(),
-                    subject: who.subject.clone(),
-                    source: source.to_owned(),
-                },
-            );
+        self.listens.lock().insert(
+            id,
+            Holder {
+                tenant: who.tenant.clone(),
+                subject: who.subject.clone(),
+                source: source.to_owned(),
+            },
+        );
         Ok(ListenGuard {
             id,
             listens: self.listens.clone(),
@@ -585,9 +552,7 @@ impl Sessions {
 
     /// Open listen streams now.
     pub fn listens(&self) -> usize {
-        self.listens
-            .lock()
-            .len()
+        self.listens.lock().len()
     }
 
     /// Checks the caps against the sessions in `map` and the listen streams. Sessions whose
@@ -599,9 +564,7 @@ impl Sessions {
         source: &str,
         caps: SessionCaps,
     ) -> Result<(), CapReached> {
-        let listens = self
-            .listens
-            .lock();
+        let listens = self.listens.lock();
         let holders = map
             .values()
             .filter(|s| s.channel.closed_reason().is_none())
@@ -651,11 +614,7 @@ impl Sessions {
         source: &str,
         transport: Transport,
     ) -> Option<Arc<Session>> {
-        let session = self
-            .map
-            .lock()
-            .get(id)
-            .cloned()?;
+        let session = self.map.lock().get(id).cloned()?;
         if session.tenant != who.tenant
             || session.subject != who.subject
             || session.source != source
@@ -673,10 +632,7 @@ impl Sessions {
 
     /// Removes and returns a session.
     pub fn remove(&self, id: &str) -> Option<Arc<Session>> {
-        let removed = self
-            .map
-            .lock()
-            .remove(id);
+        let removed = self.map.lock().remove(id);
         if removed.is_some() {
             metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).decrement(1.0);
         }
@@ -706,9 +662,7 @@ impl Sessions {
 
     /// Live sessions now.
     pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .len()
+        self.map.lock().len()
     }
 
     /// Whether there are none.
@@ -718,9 +672,7 @@ impl Sessions {
 
     /// Live sessions of `tenant` (of all tenants when `None`), for the activity page.
     pub fn count(&self, tenant: Option<&str>) -> usize {
-        let map = self
-            .map
-            .lock();
+        let map = self.map.lock();
         match tenant {
             None => map.len(),
             Some(tenant) => map.values().filter(|s| *s.tenant == *tenant).count(),

@@ -7,8 +7,8 @@
 //! bounded unsolicited queue that the agent's GET stream drains.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -144,26 +144,18 @@ struct Shared {
 
 impl Shared {
     fn close(&self, reason: String) {
-        let mut closed = self
-            .closed
-            .lock();
+        let mut closed = self.closed.lock();
         if closed.is_none() {
             *closed = Some(reason);
         }
         // Dropping the senders ends every waiting request's stream of events, and the
         // unsolicited queue's ends the GET stream's producer.
-        self.pending
-            .lock()
-            .clear();
-        self.unsolicited_tx
-            .lock()
-            .take();
+        self.pending.lock().clear();
+        self.unsolicited_tx.lock().take();
     }
 
     fn closed_reason(&self) -> Option<String> {
-        self.closed
-            .lock()
-            .clone()
+        self.closed.lock().clone()
     }
 }
 
@@ -216,10 +208,7 @@ impl Exchange {
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.shared
-            .pending
-            .lock()
-            .remove(&self.id);
+        self.shared.pending.lock().remove(&self.id);
     }
 }
 
@@ -294,16 +283,13 @@ impl Channel {
             if let Some(reason) = self.shared.closed_reason() {
                 return Err(ChannelError::Closed(reason));
             }
-            self.shared
-                .pending
-                .lock()
-                .insert(
-                    id,
-                    Waiting {
-                        tx,
-                        queued: queued.clone(),
-                    },
-                );
+            self.shared.pending.lock().insert(
+                id,
+                Waiting {
+                    tx,
+                    queued: queued.clone(),
+                },
+            );
         }
         let exchange = Exchange {
             id,
@@ -491,7 +477,9 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         };
         let exchange = frame.exchange;
         match assembly.event(frame) {
-            Ok(Some((event, closes_pieces))) => shared.deliver(exchange, event, closes_pieces).await,
+            Ok(Some((event, closes_pieces))) => {
+                shared.deliver(exchange, event, closes_pieces).await
+            }
             Ok(None) => {}
             Err(why) => return why,
         }

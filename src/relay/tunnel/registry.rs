@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
 use parking_lot::RwLock;
+use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::govern::identity::TunnelGrant;
@@ -178,18 +178,14 @@ impl Registry {
             draining: std::sync::atomic::AtomicBool::new(false),
         });
         {
-            let mut routes = self
-                .routes
-                .write();
+            let mut routes = self.routes.write();
             for source in &tunnel.sources {
                 let list = routes.entry((tenant.clone(), source.clone())).or_default();
                 list.push(tunnel.clone());
                 warn_on_conflict(&tunnel, source, list);
             }
         }
-        self.tunnels
-            .write()
-            .insert(tunnel.id, tunnel.clone());
+        self.tunnels.write().insert(tunnel.id, tunnel.clone());
         metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).increment(1.0);
         self.changed.send_modify(|n| *n += 1);
         tunnel
@@ -202,9 +198,7 @@ impl Registry {
     }
 
     fn remove_routes(&self, tunnel: &Tunnel) {
-        let mut routes = self
-            .routes
-            .write();
+        let mut routes = self.routes.write();
         for source in &tunnel.sources {
             let key = (tunnel.tenant.clone(), source.clone());
             if let Some(list) = routes.get_mut(&key) {
@@ -221,12 +215,7 @@ impl Registry {
     /// Removes a tunnel (its connection ended).
     pub fn unregister(&self, tunnel: &Tunnel) {
         self.remove_routes(tunnel);
-        if self
-            .tunnels
-            .write()
-            .remove(&tunnel.id)
-            .is_some()
-        {
+        if self.tunnels.write().remove(&tunnel.id).is_some() {
             metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
         }
         self.changed.send_modify(|n| *n += 1);
@@ -240,9 +229,7 @@ impl Registry {
     /// client that found UDP again moves new sessions back to it), and among those the one
     /// carrying the fewest streams, the newest on a tie.
     pub fn route(&self, tenant: &str, source: &str) -> Option<Arc<Tunnel>> {
-        let routes = self
-            .routes
-            .read();
+        let routes = self.routes.read();
         let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
         let owner = serving_token(source, all)?;
         // Newest first, so that `min_by_key` (which keeps the first of equals) picks the newest.
@@ -261,12 +248,8 @@ impl Registry {
 
     /// One row per (tunnel, source), for `/api/tunnels`.
     pub fn rows(&self) -> Vec<TunnelRow> {
-        let tunnels = self
-            .tunnels
-            .read();
-        let routes = self
-            .routes
-            .read();
+        let tunnels = self.tunnels.read();
+        let routes = self.routes.read();
         let routes = &routes;
         let mut rows: Vec<TunnelRow> = tunnels
             .values()
