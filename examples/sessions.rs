@@ -20,7 +20,8 @@ use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use mcp_tunnel::bench::{Era, McpClient, Session};
+use mcp_tunnel::bench::{McpClient, Session};
+use mcp_tunnel::wire::Era;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Bound on each request.
@@ -84,7 +85,7 @@ async fn hold(
     counts: &[usize],
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let client = McpClient::new(url, key, Era::Legacy, concurrency, TIMEOUT, MAX_ANSWER)?;
+    let client = McpClient::new(url, key, Era::Session, concurrency, TIMEOUT, MAX_ANSWER)?;
     let mut stdin = BufReader::new(tokio::io::stdin()).lines();
     let mut sessions: Vec<Session> = Vec::new();
     for &count in counts {
@@ -117,7 +118,7 @@ async fn hold(
 }
 
 async fn first_call(url: &str, key: Option<&str>, count: usize) -> anyhow::Result<()> {
-    let client = McpClient::new(url, key, Era::Legacy, 1, TIMEOUT, MAX_ANSWER)?;
+    let client = McpClient::new(url, key, Era::Session, 1, TIMEOUT, MAX_ANSWER)?;
     // Establishes the HTTP connection (and, through a tunnel, proves it up) before timing.
     let open = client
         .open_session()

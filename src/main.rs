@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand};
+use mcp_tunnel::bench;
 use mcp_tunnel::client::{self, ClientSettings};
 use mcp_tunnel::config::{ClientFile, SourceConfig, TransportChoice};
 use mcp_tunnel::govern::SecretHash;
@@ -225,10 +227,14 @@ struct BenchArgs {
     #[arg(long)]
     payload: Option<usize>,
     /// Protocol era: legacy (sessions) or stateless (2026-07-28).
-    #[arg(long, value_enum, default_value_t = mcp_tunnel::bench::Era::Legacy)]
-    era: mcp_tunnel::bench::Era,
+    #[arg(
+        long,
+        default_value = bench::ERA_NAMES[0],
+        value_parser = PossibleValuesParser::new(bench::ERA_NAMES).map(bench::era_named)
+    )]
+    era: mcp_tunnel::wire::Era,
     /// Seconds one request (with its whole answer) may take.
-    #[arg(long, default_value_t = mcp_tunnel::bench::DEFAULT_TIMEOUT.as_secs_f64())]
+    #[arg(long, default_value_t = bench::DEFAULT_TIMEOUT.as_secs_f64())]
     timeout: f64,
     /// Print one JSON object instead of the table (and no progress bar).
     #[arg(long)]
@@ -380,7 +386,7 @@ fn hangups() -> anyhow::Result<Arc<Notify>> {
 
 /// Runs `mcp-tunnel bench` and prints its report.
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use mcp_tunnel::bench::{self, BenchConfig, Stop};
+    use mcp_tunnel::bench::{BenchConfig, Stop};
     let seconds = |what: &str, secs: f64| {
         Duration::try_from_secs_f64(secs)
             .ok()

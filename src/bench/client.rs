@@ -12,12 +12,10 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValu
 
 use super::Era;
 use crate::mcp::era::{
-    METHOD_HEADER, NAME_HEADER, SESSION_HEADER, STATELESS_SINCE, VERSION_HEADER,
+    LATEST_SESSION_VERSION, METHOD_HEADER, NAME_HEADER, SESSION_HEADER, STATELESS_SINCE,
+    VERSION_HEADER,
 };
 use crate::mcp::{Classified, MessageKind, ResponseScanner, classify};
-
-/// The session-era protocol version the bench negotiates.
-pub const SESSION_VERSION: &str = "2025-11-25";
 
 /// How long an idle pooled connection is kept: longer than any pause between two calls of a
 /// run, so connections are reused, not re-dialled.
@@ -175,7 +173,7 @@ impl McpClient {
             return Ok(Session::default());
         }
         let initialize = format!(
-            r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"{SESSION_VERSION}","capabilities":{{}},"clientInfo":{{"name":"mcp-tunnel-bench","version":"{}"}}}}}}"#,
+            r#"{{"jsonrpc":"2.0","id":0,"method":"initialize","params":{{"protocolVersion":"{LATEST_SESSION_VERSION}","capabilities":{{}},"clientInfo":{{"name":"mcp-tunnel-bench","version":"{}"}}}}}}"#,
             env!("CARGO_PKG_VERSION")
         );
         let headers = self.base.clone();
@@ -242,8 +240,11 @@ impl McpClient {
     pub fn headers(&self, session: &Session, method: &str, name: Option<&str>) -> HeaderMap {
         let mut headers = self.base.clone();
         match self.era {
-            Era::Legacy => {
-                headers.insert(VERSION_HEADER, HeaderValue::from_static(SESSION_VERSION));
+            Era::Session => {
+                headers.insert(
+                    VERSION_HEADER,
+                    HeaderValue::from_static(LATEST_SESSION_VERSION),
+                );
                 if let Some(id) = &session.id {
                     headers.insert(SESSION_HEADER, id.clone());
                 }

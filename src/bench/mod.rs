@@ -19,6 +19,8 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
+use crate::wire::Era;
+
 pub use client::{ClientError, Failure, McpClient, Session};
 pub use report::{Report, Shape, Tally};
 
@@ -34,24 +36,25 @@ const DEFAULT_ECHO: &str = "hello";
 /// The size `blob` is asked for when neither `--args` nor `--payload` is given.
 const DEFAULT_BLOB: usize = 1024;
 
-/// The protocol era a run speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Era {
-    /// Sessions: `initialize`, `Mcp-Session-Id`, `notifications/initialized`.
-    #[default]
-    Legacy,
-    /// 2026-07-28: no `initialize`; `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` on
-    /// every request.
-    Stateless,
+/// The names `bench --era` takes and its reports print, in the contract's words: `legacy` for
+/// the session era (`initialize`, `Mcp-Session-Id`), `stateless` for 2026-07-28 (no
+/// `initialize`; `MCP-Protocol-Version`, `Mcp-Method` and `Mcp-Name` on every request).
+pub const ERA_NAMES: [&str; 2] = ["legacy", "stateless"];
+
+/// The name of an era in `--era` and in reports (see [`ERA_NAMES`]).
+pub fn era_name(era: Era) -> &'static str {
+    match era {
+        Era::Session => ERA_NAMES[0],
+        Era::Stateless => ERA_NAMES[1],
+    }
 }
 
-impl Era {
-    /// The name used in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Era::Legacy => "legacy",
-            Era::Stateless => "stateless",
-        }
+/// The era one of [`ERA_NAMES`] names; any other text is the session era, the default.
+pub fn era_named(name: String) -> Era {
+    if name == ERA_NAMES[1] {
+        Era::Stateless
+    } else {
+        Era::Session
     }
 }
 
@@ -188,7 +191,7 @@ pub async fn run(config: BenchConfig) -> Result<Report, BenchError> {
     if config.concurrency == 0 {
         return Err(BenchError::Zero("--concurrency"));
     }
-    if config.sessions == 0 && config.era == Era::Legacy {
+    if config.sessions == 0 && config.era == Era::Session {
         return Err(BenchError::Zero("--sessions"));
     }
     let client = McpClient::new(
@@ -202,7 +205,7 @@ pub async fn run(config: BenchConfig) -> Result<Report, BenchError> {
     let mut tally = Tally::default();
 
     // Session setup, `concurrency` at a time.
-    let wanted = if config.era == Era::Legacy {
+    let wanted = if config.era == Era::Session {
         config.sessions
     } else {
         1
@@ -220,9 +223,9 @@ pub async fn run(config: BenchConfig) -> Result<Report, BenchError> {
         }
     }
     let shape = Shape {
-        era: config.era.name(),
+        era: era_name(config.era),
         tool: config.tool.clone(),
-        sessions: if config.era == Era::Legacy {
+        sessions: if config.era == Era::Session {
             sessions.len()
         } else {
             0

@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::mcp::ProtocolEra;
 use crate::mcp::era::{
-    METHOD_HEADER, NAME_HEADER, SESSION_HEADER, SESSION_VERSIONS, STATELESS_SINCE, VERSION_HEADER,
+    LATEST_SESSION_VERSION, METHOD_HEADER, NAME_HEADER, SESSION_HEADER, SESSION_VERSIONS,
+    STATELESS_SINCE, VERSION_HEADER,
 };
 use crate::mcp::jsonrpc::codes;
 
@@ -45,7 +45,6 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
 /// 10,000 idle sessions the benchmarks hold.
 pub const MAX_SESSIONS: usize = 100_000;
 /// The newest session-era version, answered to clients that ask for an unknown one.
-const LATEST_SESSION_VERSION: &str = "2025-11-25";
 /// What the server says of itself.
 const INSTRUCTIONS: &str = "mcp-tunnel demo server: echo, add, blob, sleep";
 /// `serverInfo.name`.
@@ -260,7 +259,7 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
         None => Params::default(),
     };
     let stateless = header_str(&headers, VERSION_HEADER)
-        .is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless);
+        .is_some_and(|v| crate::mcp::era_of(v) == crate::wire::Era::Stateless);
     let mut session_id = None;
     if stateless {
         if let Err(mismatch) = check_routing_headers(&headers, &message, &params) {

@@ -1,10 +1,20 @@
-//! MCP protocol versions and the transport era each belongs to.
+//! MCP protocol versions and the transport era each belongs to: the one place that names them.
+
+use crate::wire::Era;
 
 /// The first protocol version of the stateless era (no `initialize`, no session id).
 pub const STATELESS_SINCE: &str = "2026-07-28";
 
 /// Session-era versions the relay knows; others before [`STATELESS_SINCE`] pass through too.
 pub const SESSION_VERSIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
+
+/// The newest session-era version: what our session-era peers (the demo server, the pooled
+/// stdio sessions, the bench client) speak.
+pub const LATEST_SESSION_VERSION: &str = SESSION_VERSIONS[SESSION_VERSIONS.len() - 1];
+
+/// The first version whose servers open every SSE stream with a priming event (an id and no
+/// data) that a client may resume from.
+pub const PRIMED_STREAMS_SINCE: &str = "2025-11-25";
 
 /// The HTTP header that carries the protocol version.
 pub const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -30,32 +40,21 @@ pub fn relayed_header_allowed(name: &str) -> bool {
     shaped && http::HeaderName::try_from(name).is_ok()
 }
 
-/// How a request is to be carried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProtocolEra {
-    /// Sessions: `initialize`, `Mcp-Session-Id`, GET stream, DELETE.
-    Session,
-    /// 2026-07-28 and later: every request stands alone.
-    Stateless,
-}
-
-impl ProtocolEra {
-    /// The era of a declared protocol version. Versions are ISO dates, so they compare as
-    /// strings; anything malformed is treated as the session era, whose servers reject it.
-    pub fn of_version(version: &str) -> Self {
-        let is_date = version.len() == 10
-            && version.bytes().enumerate().all(|(i, b)| {
-                if i == 4 || i == 7 {
-                    b == b'-'
-                } else {
-                    b.is_ascii_digit()
-                }
-            });
-        if is_date && version >= STATELESS_SINCE {
-            Self::Stateless
-        } else {
-            Self::Session
-        }
+/// The era of a declared protocol version. Versions are ISO dates, so they compare as strings;
+/// anything malformed is treated as the session era, whose servers reject it.
+pub fn era_of(version: &str) -> Era {
+    let is_date = version.len() == 10
+        && version.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        });
+    if is_date && version >= STATELESS_SINCE {
+        Era::Stateless
+    } else {
+        Era::Session
     }
 }
 
@@ -65,19 +64,10 @@ mod tests {
 
     #[test]
     fn eras() {
-        assert_eq!(
-            ProtocolEra::of_version("2026-07-28"),
-            ProtocolEra::Stateless
-        );
-        assert_eq!(
-            ProtocolEra::of_version("2027-01-01"),
-            ProtocolEra::Stateless
-        );
-        assert_eq!(ProtocolEra::of_version("2025-11-25"), ProtocolEra::Session);
-        assert_eq!(
-            ProtocolEra::of_version("DRAFT-2026-v1"),
-            ProtocolEra::Session
-        );
+        assert_eq!(era_of("2026-07-28"), Era::Stateless);
+        assert_eq!(era_of("2027-01-01"), Era::Stateless);
+        assert_eq!(era_of("2025-11-25"), Era::Session);
+        assert_eq!(era_of("DRAFT-2026-v1"), Era::Session);
     }
 
     #[test]

@@ -9,6 +9,6 @@ pub mod scan;
 pub mod sse;
 pub mod sse_reader;
 
-pub use era::ProtocolEra;
+pub use era::era_of;
 pub use jsonrpc::{Classified, MessageInfo, MessageKind, classify};
 pub use scan::{ResponseFacts, ResponseScanner};

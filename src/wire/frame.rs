@@ -28,7 +28,9 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// its standalone (GET) stream, and control-stream traffic.
 pub const UNSOLICITED: u64 = 0;
 
-/// What a frame carries.
+/// What a frame carries. A reader that meets a kind it does not know fails with
+/// [`FrameError::UnknownKind`]; a sender uses a kind only at a wire version that has it (the
+/// rule in [`crate::wire::version`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum FrameKind {
@@ -55,13 +57,8 @@ pub enum FrameKind {
     /// current assertion is past half its lifetime, so a long session never reaches its
     /// upstream with an expired one.
     ///
-    /// Wire compatibility: a peer that does not know a frame kind fails the stream, so the
-    /// relay sends this only on streams whose open header has an `assertion`, and only a
-    /// `connect` that understands `assertion` is sent those (the field is absent otherwise,
-    /// and older `connect`s refuse an open header with an unknown field, naming it). The one
-    /// `connect` that understood `assertion` but not this frame was never released (both
-    /// arrived in the same release), so no released pair breaks; [`crate::wire::PROTOCOL_VERSION`]
-    /// stays 1.
+    /// Wire version 1 (see [`crate::wire::version`]); sent only on streams whose open header
+    /// has an `assertion`.
     Identity = 8,
     /// A piece of one JSON-RPC message that continues in the next frames of this exchange; the
     /// piece in the following [`FrameKind::Message`] frame of the same exchange ends it. The
@@ -79,8 +76,7 @@ pub enum FrameKind {
     /// (the upstream's answer broke off, or passed the limit): the receiver discards what it
     /// has and fails the exchange rather than deliver a truncated text.
     ///
-    /// Wire compatibility: like [`FrameKind::Identity`], both ends ship together (a peer that
-    /// does not know a kind fails the stream); [`crate::wire::PROTOCOL_VERSION`] stays 1.
+    /// Wire version 1 (see [`crate::wire::version`]).
     MessagePart = 9,
 }
 

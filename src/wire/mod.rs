@@ -17,11 +17,15 @@
 //! it arrived on, or [`UNSOLICITED`] for messages from the upstream's standalone stream. When an
 //! upstream response is complete `connect` sends [`FrameKind::End`] for that exchange, so the
 //! relay always knows when to finish the agent's HTTP response.
+//!
+//! How the format grows without breaking a released peer (strict receivers, senders gated on
+//! the version agreed in the handshake) is the rule in [`version`].
 
 pub mod control;
 pub mod frame;
 pub mod open;
 pub mod sink;
+pub mod version;
 
 pub use control::{Greeting, Hello, HelloReply, Notice, SourceAnnouncement};
 pub use frame::{
@@ -30,10 +34,4 @@ pub use frame::{
 };
 pub use open::{Assertion, Era, OpenHeader};
 pub use sink::{FrameSink, SinkError};
-
-/// The ALPN protocol id of the tunnel. A new incompatible wire format gets a new id, so an old
-/// `connect` fails the TLS handshake with a clear ALPN error instead of misreading frames.
-pub const ALPN: &[u8] = b"mcp-tunnel/1";
-
-/// The wire protocol version carried in [`Hello`]; bumped on compatible extensions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use version::{ALPN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VersionError, agree};

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reply::{JSON, json_response, source_error};
 use crate::mcp::jsonrpc::Classified;
-use crate::mcp::{ProtocolEra, sse};
+use crate::mcp::sse;
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::{
@@ -23,6 +23,7 @@ use crate::relay::session::{
 };
 use crate::relay::state::RelayState;
 use crate::relay::tunnel::{Channel, Exchange};
+use crate::wire::Era;
 
 /// The reconnection delay suggested to agents in priming events.
 const SSE_RETRY: Duration = Duration::from_secs(1);
@@ -53,7 +54,7 @@ pub struct Target<'a> {
     /// The session (session era), whose logs make SSE answers resumable.
     pub session: Option<&'a Arc<Session>>,
     /// The protocol era of the request.
-    pub era: ProtocolEra,
+    pub era: Era,
     /// Policy's filter for a list answer, if the caller's tenant has roles.
     pub filter: Option<ListFilter>,
     /// The calls of the message, finished as their answers are released.
@@ -136,7 +137,7 @@ pub async fn forward_to_stream(
         state.request_timeout(),
         &session.source,
         &requests,
-        ProtocolEra::Session,
+        Era::Session,
         calls,
     )
     .filtered_by(filter)

@@ -20,7 +20,6 @@ use super::oauth::Resource;
 use super::reply::{AgentError, json_response};
 use crate::govern::Identity;
 use crate::govern::audit::Outcome;
-use crate::mcp::ProtocolEra;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
@@ -86,7 +85,7 @@ async fn post_inner(
         let target = Target {
             source: &source,
             session: Some(&session),
-            era: ProtocolEra::Session,
+            era: Era::Session,
             filter,
             calls,
             listen: None,
@@ -99,7 +98,7 @@ async fn post_inner(
         calls,
         ..
     } = admitted;
-    if version.is_some_and(|v| ProtocolEra::of_version(v) == ProtocolEra::Stateless) {
+    if version.is_some_and(|v| crate::mcp::era_of(v) == Era::Stateless) {
         return stateless(&state, &who, &source, &headers, body, &classified, calls).await;
     }
     match &classified {
@@ -155,7 +154,7 @@ async fn initialize(
     let target = Target {
         source,
         session: Some(&session),
-        era: ProtocolEra::Session,
+        era: Era::Session,
         filter: None,
         calls,
         listen: None,
@@ -218,7 +217,7 @@ async fn stateless(
     let target = Target {
         source,
         session: None,
-        era: ProtocolEra::Stateless,
+        era: Era::Stateless,
         filter: ListFilter::for_request(&state.governance(), &state.calls, who, source, classified),
         calls,
         listen,

@@ -18,10 +18,11 @@ use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
 };
-use crate::mcp::{ProtocolEra, ResponseScanner, classify};
+use crate::mcp::{ResponseScanner, classify};
 use crate::relay::calls::InFlight;
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::tunnel::{Channel, ChannelError, Event, Exchange};
+use crate::wire::Era;
 
 /// How an SSE answer names its events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,11 +97,11 @@ impl Awaiting {
         request_timeout: Duration,
         source: &str,
         requests: &[&MessageInfo],
-        era: ProtocolEra,
+        era: Era,
         calls: InFlight,
     ) -> Self {
         // A listen stream lasts as long as the agent wants it; no request timeout applies.
-        let is_listen = era == ProtocolEra::Stateless
+        let is_listen = era == Era::Stateless
             && requests
                 .iter()
                 .any(|m| m.method.as_deref() == Some("subscriptions/listen"));

@@ -2,20 +2,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use parking_lot::Mutex;
 use rand::RngCore;
 use tokio_util::sync::CancellationToken;
-
-use bytes::Bytes;
 
 use super::events::EventLog;
 use super::exchange::EventIds;
 use crate::govern::Identity;
 use crate::govern::audit::Direction;
 use crate::mcp::classify;
+use crate::mcp::era::PRIMED_STREAMS_SINCE;
 use crate::mcp::jsonrpc::{Classified, MessageKind};
 use crate::relay::calls::{Call, Calls, Context, outcome_of, unaudited_body};
 use crate::relay::tunnel::Channel;
@@ -376,7 +375,7 @@ impl Session {
     /// open each stream with a priming event.
     pub fn event_ids(&self) -> EventIds {
         match self.version.get() {
-            Some(version) if version.as_str() >= "2025-11-25" => EventIds::Primed,
+            Some(version) if version.as_str() >= PRIMED_STREAMS_SINCE => EventIds::Primed,
             _ => EventIds::Resumable,
         }
     }

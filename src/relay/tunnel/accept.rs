@@ -9,7 +9,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::registry::{Registry, Tunnel};
+use super::registry::{Registry, Terms, Tunnel};
 use crate::config::validate_source_name;
 use crate::govern::identity::TunnelGrant;
 use crate::relay::listener_limits::ListenerLimits;
@@ -288,7 +288,7 @@ async fn handshake<H: TunnelHost>(
     };
     let verdict = check_hello(&hello, host);
     let reply = match &verdict {
-        Ok(grant) => HelloReply::Welcome {
+        Ok((grant, _)) => HelloReply::Welcome {
             tenant: grant.tenant.to_string(),
             max_frame: host.max_frame() as u64,
         },
@@ -300,30 +300,28 @@ async fn handshake<H: TunnelHost>(
         .send(&Frame::json(FrameKind::Control, &reply))
         .await
         .map_err(|e| e.to_string())?;
-    let grant = verdict?;
-    let max_frame = usize::try_from(hello.max_frame)
-        .unwrap_or(usize::MAX)
-        .min(host.max_frame());
+    let (grant, wire_version) = verdict?;
+    let terms = Terms {
+        max_frame: usize::try_from(hello.max_frame)
+            .unwrap_or(usize::MAX)
+            .min(host.max_frame()),
+        wire_version,
+    };
     let sources: Vec<String> = hello.sources.into_iter().map(|s| s.name).collect();
     // A registered source is one metrics may name (see `metric_names`).
     host.registered(&grant.tenant, &sources);
     Ok(Control {
         tunnel: host
             .registry()
-            .register(grant, sources, connection.clone(), max_frame),
+            .register(grant, sources, connection.clone(), terms),
         reader,
         writer,
     })
 }
 
-fn check_hello<H: TunnelHost>(hello: &Hello, host: &H) -> Result<TunnelGrant, String> {
-    if hello.version != wire::PROTOCOL_VERSION {
-        return Err(format!(
-            "wire protocol version {} is not supported (relay speaks {})",
-            hello.version,
-            wire::PROTOCOL_VERSION
-        ));
-    }
+/// Checks a client's hello: the wire version both sides speak, and what its token grants.
+fn check_hello<H: TunnelHost>(hello: &Hello, host: &H) -> Result<(TunnelGrant, u32), String> {
+    let wire_version = wire::agree(hello.version).map_err(|e| e.to_string())?;
     let grant = host.tunnel_grant(&hello.token).ok_or_else(|| {
         "unknown tunnel token: no tenant has it (check the token, or the relay's tunnel_tokens)"
             .to_owned()
@@ -351,5 +349,5 @@ fn check_hello<H: TunnelHost>(hello: &Hello, host: &H) -> Result<TunnelGrant, St
             refused.join(", "),
         ));
     }
-    Ok(grant)
+    Ok((grant, wire_version))
 }

@@ -246,7 +246,7 @@ impl Channel {
         let (stop, stopped) = oneshot::channel();
 
         // The peer's limit bounds what we send; ours bounds what we read.
-        let sink = FrameSink::new(FrameWriter::new(stream.send, tunnel.max_frame));
+        let sink = FrameSink::new(FrameWriter::new(stream.send, tunnel.terms.max_frame));
         if let Err(e) = sink.send(Frame::json(FrameKind::Open, header)).await {
             return Err(ChannelError::Closed(e.to_string()));
         }

@@ -17,6 +17,16 @@ use crate::transport::{
     SILENT_AFTER, TransportError, TransportKind, TunnelConnection, TunnelStream,
 };
 
+/// What a tunnel's handshake agreed: the limits and the version both sides work at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Terms {
+    /// The largest frame payload the client accepts (the lower of both sides' limits).
+    pub max_frame: usize,
+    /// The wire version both sides speak ([`crate::wire::agree`]): what the relay may send
+    /// this client (the rule in [`crate::wire::version`]).
+    pub wire_version: u32,
+}
+
 /// One connected tunnel client.
 pub struct Tunnel {
     /// Process-unique id.
@@ -29,8 +39,8 @@ pub struct Tunnel {
     pub connection: Arc<dyn TunnelConnection>,
     /// Seconds since the epoch when it registered.
     pub connected_since: u64,
-    /// The largest frame the client accepts.
-    pub max_frame: usize,
+    /// What the handshake agreed with the client.
+    pub terms: Terms,
     /// What its token grants: which token it came with, and the sources it is bound to.
     pub grant: TunnelGrant,
     streams_opened: AtomicU64,
@@ -121,6 +131,9 @@ pub struct TunnelRow {
     pub serving: bool,
     /// The short digest of the tunnel's token (`sha256:` and 12 hex digits).
     pub token: String,
+    /// The wire version the relay and this client agreed on: during an upgrade, which
+    /// `connect`s still speak an older one.
+    pub wire_version: u32,
 }
 
 /// A route key: `(tenant, source)`.
@@ -162,7 +175,7 @@ impl Registry {
         grant: TunnelGrant,
         sources: Vec<String>,
         connection: Arc<dyn TunnelConnection>,
-        max_frame: usize,
+        terms: Terms,
     ) -> Arc<Tunnel> {
         let tenant = grant.tenant.clone();
         let tunnel = Arc::new(Tunnel {
@@ -171,7 +184,7 @@ impl Registry {
             sources,
             connection,
             connected_since: unix_now(),
-            max_frame,
+            terms,
             grant,
             streams_opened: AtomicU64::new(0),
             streams_active: AtomicUsize::new(0),
@@ -260,6 +273,7 @@ impl Registry {
                         .and_then(|list| serving_token(source, list))
                         .is_some_and(|owner| owner == t.grant.token),
                     token: t.grant.token.short(),
+                    wire_version: t.terms.wire_version,
                     id: t.id,
                     tenant: t.tenant.to_string(),
                     source: source.clone(),
@@ -386,6 +400,12 @@ mod tests {
 
     use super::*;
     use crate::transport::BoxFuture;
+    use crate::wire;
+
+    const TERMS: Terms = Terms {
+        max_frame: 1024,
+        wire_version: wire::PROTOCOL_VERSION,
+    };
 
     /// A connection whose peer never grants another stream (its stream credit is used up), of
     /// a given transport, last heard from a given time ago.
@@ -440,7 +460,7 @@ mod tests {
                 grant("one token"),
                 vec!["s".into()],
                 Arc::new(NoCredit { kind, silent_for }),
-                1024,
+                TERMS,
             )
         };
         // A QUIC tunnel whose connect was killed: still registered, not heard from for 6 s.
@@ -473,13 +493,13 @@ mod tests {
                 kind: TransportKind::Quic,
                 silent_for: Duration::from_secs(60),
             }),
-            1024,
+            TERMS,
         );
         registry.register(
             grant("another token"),
             vec!["s".into()],
             Arc::new(HEARD),
-            1024,
+            TERMS,
         );
         assert_eq!(registry.route("acme", "s").map(|t| t.id), Some(serving.id));
     }
@@ -491,7 +511,7 @@ mod tests {
             grant("a tunnel token"),
             vec!["s".into()],
             Arc::new(HEARD),
-            1024,
+            TERMS,
         );
         // The peer never grants the stream: the wait ends at the timeout, whatever the speed.
         let opened = tokio::time::timeout(
