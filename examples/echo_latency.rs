@@ -14,6 +14,11 @@
 
 use std::time::{Duration, Instant};
 
+/// The upstream: the demo tools on the rmcp SDK server, as the figures in BENCHMARKS.md were
+/// measured.
+#[path = "../tests/common/rmcp_upstream.rs"]
+mod rmcp_upstream;
+
 use mcp_tunnel::client::{self, ClientSettings};
 use mcp_tunnel::config::{LimitsSection, SourceConfig, SourceTarget, TransportChoice};
 use mcp_tunnel::govern::identity::new_secret;
@@ -120,8 +125,7 @@ async fn main() -> anyhow::Result<()> {
     let blobs = args.next().transpose()?.unwrap_or(8);
     let shutdown = CancellationToken::new();
 
-    let upstream =
-        mcp_tunnel::demo::upstream::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    let upstream = rmcp_upstream::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
     let upstream_url = format!("http://{upstream}/mcp");
     let certs = mcp_tunnel::certs::generate(&[])?;
     let (token, key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));

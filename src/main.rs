@@ -71,10 +71,6 @@ enum Command {
         /// Run only the built-in MCP server and print its URL (for benchmarks).
         #[arg(long)]
         upstream_only: bool,
-        /// With --upstream-only: serve the demo tools with the rmcp SDK server instead of the
-        /// lean built-in one (to compare the two; see BENCHMARKS.md).
-        #[arg(long, requires = "upstream_only", hide = true)]
-        rmcp: bool,
     },
     /// Tunnel tokens.
     Token {
@@ -452,8 +448,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo {
             listen,
             upstream_only,
-            rmcp,
-        } => demo(listen, upstream_only, rmcp).await,
+        } => demo(listen, upstream_only).await,
         Command::Token {
             command:
                 NewSecret::New {
@@ -531,18 +526,15 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
 }
 
 /// `mcp-tunnel demo`: the whole product on loopback, or only its demo MCP server.
-async fn demo(listen: Option<SocketAddr>, upstream_only: bool, rmcp: bool) -> anyhow::Result<()> {
+async fn demo(listen: Option<SocketAddr>, upstream_only: bool) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     if upstream_only {
         let listen = listen.unwrap_or(mcp_tunnel::demo::DEFAULT_LISTEN);
-        let addr = if rmcp {
-            mcp_tunnel::demo::upstream::serve(listen, shutdown.clone()).await
-        } else {
-            mcp_tunnel::demo::lean::serve(listen, shutdown.clone()).await
-        }
-        .with_context(|| {
-            format!("cannot listen on {listen}; pick another address with --listen")
-        })?;
+        let addr = mcp_tunnel::demo::lean::serve(listen, shutdown.clone())
+            .await
+            .with_context(|| {
+                format!("cannot listen on {listen}; pick another address with --listen")
+            })?;
         println!("demo MCP server: http://{addr}/mcp");
         shutdown.cancelled().await;
     } else {

@@ -170,7 +170,7 @@ async fn https_transport_carries_sessions_and_large_results() {
     let size = 10 * 1024 * 1024;
     let blob = agent.call_tool(99, "blob", json!({"size": size})).await;
     assert!(
-        tool_text(blob.response()) == mcp_tunnel::demo::upstream::blob_text(size),
+        tool_text(blob.response()) == mcp_tunnel::demo::tools::blob_text(size),
         "10 MiB intact over HTTPS"
     );
     let mut stateless = Agent::new(&harness.url("demo"), &harness.acme.api_key);

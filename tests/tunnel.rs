@@ -451,7 +451,7 @@ fn sha256(text: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_mib_result_arrives_intact_in_every_transport() {
     const SIZE: u64 = 10 * 1024 * 1024;
-    let expected = sha256(&mcp_tunnel::demo::upstream::blob_text(SIZE));
+    let expected = sha256(&mcp_tunnel::demo::tools::blob_text(SIZE));
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
 
     // Session era.

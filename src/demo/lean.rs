@@ -16,8 +16,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -26,6 +24,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::serve::ListenerExt;
+use parking_lot::Mutex;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -37,7 +36,7 @@ use crate::mcp::era::{
 };
 use crate::mcp::jsonrpc::codes;
 
-use super::upstream::{MAX_BLOB_BYTES, MAX_SLEEP_MS};
+use super::tools::{MAX_BLOB_BYTES, MAX_SLEEP_MS};
 
 /// Largest request body: room for a 64 MiB `echo`; larger bodies get 413.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -211,7 +210,7 @@ fn reply(id: &RawValue, outcome: Outcome) -> Response {
             const TAIL: &str = r#""}],"isError":false}}"#;
             let length = head.len() as u64 + size + TAIL.len() as u64;
             let pieces = std::iter::once(Bytes::from(head))
-                .chain(super::upstream::blob_pieces(size))
+                .chain(super::tools::blob_pieces(size))
                 .chain(std::iter::once(Bytes::from_static(TAIL.as_bytes())))
                 .map(Ok::<_, std::convert::Infallible>);
             let mut response = json_response(
@@ -579,7 +578,7 @@ mod tests {
         let (_, _, blob) = peer.post(&with, call("blob", json!({"size":40}))).await;
         assert_eq!(
             blob["result"]["content"][0]["text"],
-            super::super::upstream::blob_text(40)
+            super::super::tools::blob_text(40)
         );
         let (_, _, unknown) = peer.post(&with, call("nope", json!({}))).await;
         assert_eq!(unknown["error"]["code"], codes::INVALID_PARAMS);
@@ -659,7 +658,7 @@ mod tests {
         assert_eq!(blob["result"]["resultType"], "complete");
         assert_eq!(blob["result"]["isError"], false);
         let text = blob["result"]["content"][0]["text"].as_str().expect("text");
-        assert!(text == super::super::upstream::blob_text(size), "blob text");
+        assert!(text == super::super::tools::blob_text(size), "blob text");
         let declared: usize = headers[header::CONTENT_LENGTH]
             .to_str()
             .ok()

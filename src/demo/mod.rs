@@ -1,11 +1,11 @@
 //! `mcp-tunnel demo`: relay, connect and the built-in MCP server in one process on loopback,
 //! with certificates and credentials made on the fly.
 //!
-//! The MCP server is [`lean`], built for speed; [`upstream`] is the same tools on the rmcp SDK,
-//! which the tests use as a reference server.
+//! The MCP server is [`lean`], built for speed; [`tools`] says what its tools do (the tests run
+//! the same tools on the rmcp SDK as a reference server).
 
 pub mod lean;
-pub mod upstream;
+pub mod tools;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,8 +1,10 @@
-//! The tunnel transport: one trait over QUIC (and, later, the HTTPS fallback).
+//! The tunnel transport: one trait over QUIC ([`quic`]) and the HTTPS fallback ([`h2`], HTTP/2
+//! over TLS on TCP, for networks that block UDP).
 //!
 //! Everything above this module sees a [`TunnelConnection`] that can open and accept
 //! bidirectional [`TunnelStream`]s and be closed with a reason. Opening a stream costs no round
-//! trip: the peer learns of it with the stream's first frame.
+//! trip: the peer learns of it with the stream's first frame. Both transports share the
+//! keep-alive and liveness constants below and the TLS setup in [`tls`].
 
 pub mod h2;
 pub mod quic;

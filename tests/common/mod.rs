@@ -6,6 +6,8 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod rmcp_upstream;
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -250,9 +252,10 @@ impl Drop for Client {
     }
 }
 
-/// The built-in demo MCP server on loopback; stops when the token is cancelled.
+/// The demo tools on the rmcp reference server ([`rmcp_upstream`]) on loopback; stops when the
+/// token is cancelled.
 pub async fn demo_upstream(shutdown: &CancellationToken) -> String {
-    let addr = mcp_tunnel::demo::upstream::serve(
+    let addr = rmcp_upstream::serve(
         "127.0.0.1:0".parse().expect("literal"),
         shutdown.child_token(),
     )

@@ -18,11 +18,11 @@
 //! [`MAX_LEARNED_PER_SOURCE`] per source), so the label sets stay bounded whatever agents,
 //! tunnels and upstreams send.
 
-use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::hash::Hash;
 
 use hashbrown::{Equivalent, HashMap as BorrowMap, HashSet};
+use parking_lot::{Mutex, RwLock};
 
 use crate::govern::Policy;
 use crate::govern::policy::glob_match;

@@ -8,11 +8,11 @@
 //! updates. The kept sets are bounded ([`MAX_SERIES`]); past the bound a call's metrics go
 //! through the macros as before, so nothing is lost.
 
-use parking_lot::Mutex;
 use std::hash::Hash;
 
 use hashbrown::{Equivalent, HashMap};
 use metrics::{Counter, Histogram};
+use parking_lot::Mutex;
 
 use super::metric_names::{self, MetricNames};
 use crate::govern::audit::Record;

@@ -11,10 +11,10 @@
 //! reader is attached (the producer waits instead: backpressure to the tunnel stream), and with
 //! no reader attached the oldest are dropped beyond the window (and counted).
 
-use parking_lot::Mutex;
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::relay::tunnel::Budget;

@@ -1,9 +1,11 @@
-//! The built-in MCP server (rmcp): `echo`, `add` and `blob`, fast enough that measurements
-//! through the tunnel measure the tunnel.
+//! The demo tools (`echo`, `add`, `sleep`, `blob`) on the rmcp SDK's Streamable HTTP server:
+//! the tests' reference upstream, an MCP server that is not ours. The product's demo server is
+//! `mcp_tunnel::demo::lean`; both follow `mcp_tunnel::demo::tools`.
 
 use std::net::SocketAddr;
 
 use axum::serve::ListenerExt;
+use mcp_tunnel::demo::tools::{MAX_BLOB_BYTES, MAX_SLEEP_MS, blob_text};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
@@ -12,9 +14,6 @@ use rmcp::transport::streamable_http_server::{
 };
 use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 use tokio_util::sync::CancellationToken;
-
-/// Largest `blob` the server makes: bounds its memory whatever a caller asks.
-pub const MAX_BLOB_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Arguments of `echo`.
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
@@ -39,9 +38,6 @@ pub struct SleepArgs {
     pub ms: u64,
 }
 
-/// Longest `sleep`: a slow tool for tests and benchmarks, never a stuck one.
-pub const MAX_SLEEP_MS: u64 = 60_000;
-
 /// Arguments of `blob`.
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 pub struct BlobArgs {
@@ -49,7 +45,7 @@ pub struct BlobArgs {
     pub size: u64,
 }
 
-/// The demo server.
+/// The demo tools as an rmcp server.
 #[derive(Debug, Clone)]
 pub struct DemoServer {
     #[allow(dead_code, reason = "read by the code #[tool_handler] generates")]
@@ -62,34 +58,6 @@ impl Default for DemoServer {
             tool_router: Self::tool_router(),
         }
     }
-}
-
-/// What `blob` text repeats.
-const BLOB_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-
-/// The bytes `blob` returns for `size`: a repeating alphabet, so a checksum is predictable.
-pub fn blob_text(size: u64) -> String {
-    let size = usize::try_from(size).expect("usize is 64 bits on the targets mcp-tunnel supports");
-    let mut text = Vec::with_capacity(size + BLOB_ALPHABET.len());
-    while text.len() < size {
-        text.extend_from_slice(BLOB_ALPHABET);
-    }
-    text.truncate(size);
-    String::from_utf8(text).expect("the alphabet is ASCII")
-}
-
-/// [`blob_text`] of `size` in pieces that share one buffer (a whole number of alphabets, about
-/// 256 KiB), for a server that streams the text rather than building it.
-pub fn blob_pieces(size: u64) -> impl Iterator<Item = bytes::Bytes> {
-    /// Whole alphabets in a piece: 7,282 x 36 = 262,152 bytes.
-    const ALPHABETS_PER_PIECE: usize = 7_282;
-    static PIECE: std::sync::LazyLock<bytes::Bytes> =
-        std::sync::LazyLock::new(|| bytes::Bytes::from(BLOB_ALPHABET.repeat(ALPHABETS_PER_PIECE)));
-    let piece = PIECE.clone();
-    let len = piece.len() as u64;
-    let rest = usize::try_from(size % len).expect("below the piece's length");
-    let last = (rest > 0).then(|| piece.slice(..rest));
-    std::iter::repeat_n(piece, usize::try_from(size / len).unwrap_or(usize::MAX)).chain(last)
 }
 
 #[tool_router]
@@ -152,7 +120,7 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener.tap_io(crate::relay::no_delay), router)
+        if let Err(e) = axum::serve(listener.tap_io(mcp_tunnel::relay::no_delay), router)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
         {
