@@ -15,12 +15,12 @@ use parking_lot::Mutex;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use super::assembly::Assembly;
 use super::budget::Budget;
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
 use crate::transport::{TransportError, TransportKind};
-use crate::wire::frame::PieceCount;
 use crate::wire::{
     Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, SinkError, UNSOLICITED,
 };
@@ -36,11 +36,6 @@ const EXCHANGE_BYTES: usize = 1024 * 1024;
 /// Server-to-agent messages held while no GET stream is open. Past this they are dropped
 /// (and counted): a session nobody listens to must not grow without bound.
 pub const UNSOLICITED_QUEUE: usize = 256;
-
-/// Messages arriving in pieces at once on one stream, past which the stream fails: each is a
-/// large answer in flight (one per concurrent request at most), so this bounds the reader's
-/// bookkeeping against a peer that opens pieces and never closes them.
-const MAX_OPEN_PIECED: usize = 1024;
 
 /// What an agent request sees arrive for its exchange.
 #[derive(Debug)]
@@ -376,89 +371,6 @@ impl Channel {
     pub async fn close(&self, reason: &str) {
         let _ = self.sink.send(Frame::close(reason)).await;
         self.shared.close(reason.to_owned());
-    }
-}
-
-/// A message arriving in pieces on one exchange.
-struct Pieced {
-    count: PieceCount,
-    /// It passed the limit: its remaining pieces are dropped.
-    refused: bool,
-}
-
-/// The messages arriving in pieces on one stream, each counted against the per-message limit
-/// as it arrives, never assembled here.
-struct Assembly {
-    open: HashMap<u64, Pieced>,
-    limit: usize,
-}
-
-impl Assembly {
-    fn new(limit: usize) -> Self {
-        Self {
-            open: HashMap::new(),
-            limit,
-        }
-    }
-
-    /// What `frame` means for its exchange: an event to deliver, with whether it ends a message
-    /// that came in pieces (never a message of its own); nothing (more of a refused message);
-    /// or why the stream must end.
-    fn event(&mut self, frame: Frame) -> Result<Option<(Event, bool)>, String> {
-        let limit = self.limit;
-        let refuse = |exchange: u64, e: &dyn std::fmt::Display| {
-            tracing::warn!(exchange, error = %e, "answer refused");
-            Event::TooLarge(limit)
-        };
-        let event = match frame.kind {
-            FrameKind::MessagePart => {
-                if frame.exchange == UNSOLICITED {
-                    return Err("protocol error: a message in pieces outside an exchange".into());
-                }
-                if !self.open.contains_key(&frame.exchange) && self.open.len() >= MAX_OPEN_PIECED {
-                    return Err(format!(
-                        "protocol error: more than {MAX_OPEN_PIECED} messages in pieces at once"
-                    ));
-                }
-                let open = self.open.entry(frame.exchange).or_insert_with(|| Pieced {
-                    count: PieceCount::new(limit),
-                    refused: false,
-                });
-                if open.refused {
-                    return Ok(None);
-                }
-                match open.count.add(frame.payload.len()) {
-                    Ok(()) => Event::Part(frame.payload),
-                    Err(e) => {
-                        open.refused = true;
-                        refuse(frame.exchange, &e)
-                    }
-                }
-            }
-            FrameKind::Message => {
-                return Ok(match self.open.remove(&frame.exchange) {
-                    Some(open) if open.refused => None,
-                    Some(mut open) => match open.count.add(frame.payload.len()) {
-                        Ok(()) => Some((Event::Message(frame.payload), true)),
-                        Err(e) => Some((refuse(frame.exchange, &e), true)),
-                    },
-                    None => Some((Event::Message(frame.payload), false)),
-                });
-            }
-            FrameKind::End => {
-                self.open.remove(&frame.exchange);
-                Event::End
-            }
-            FrameKind::Rejected => Event::Rejected(frame.status().unwrap_or(502)),
-            FrameKind::Streaming => Event::Streaming,
-            FrameKind::Close => return Err(frame.reason()),
-            other => {
-                return Err(format!(
-                    "protocol error: unexpected {other:?} frame on an exchange stream"
-                ));
-            }
-        };
-        Ok(Some((event, false)))
     }
 }
 

@@ -1,9 +1,11 @@
 //! The tunnel side of the relay, with no HTTP: accepting `connect`'s connections and their
 //! handshake ([`accept`]), the registry of live tunnels that routes each tenant's sources
 //! ([`registry`]), and channels, one tunnel stream each, carrying an agent session's or
-//! request's exchanges ([`channel`]), whose buffers charge one [`Budget`] per session.
+//! request's exchanges ([`channel`], whose [`assembly`] passes on messages that come in pieces),
+//! whose buffers charge one [`Budget`] per session.
 
 pub(crate) mod accept;
+mod assembly;
 mod budget;
 pub(crate) mod channel;
 pub(crate) mod registry;
