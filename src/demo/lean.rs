@@ -16,7 +16,6 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
@@ -36,7 +35,7 @@ use crate::mcp::era::{
 };
 use crate::mcp::jsonrpc::codes;
 
-use super::tools::{MAX_BLOB_BYTES, MAX_SLEEP_MS};
+use super::tools::{blob_size, sleep_time, slept};
 
 /// Largest request body: room for a 64 MiB `echo`; larger bodies get 413.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
@@ -435,24 +434,22 @@ async fn call_tool(params: &Params<'_>) -> Outcome {
             }
             Some("blob") => {
                 let BlobArgs { size } = args(params)?;
-                if size > MAX_BLOB_BYTES {
-                    let text = format!("size {size} exceeds the maximum of {MAX_BLOB_BYTES} bytes");
-                    Outcome::tool(&text, true)
-                } else {
-                    Outcome::Blob {
+                match blob_size(size) {
+                    Ok(size) => Outcome::Blob {
                         size,
                         tagged: false,
-                    }
+                    },
+                    Err(text) => Outcome::tool(&text, true),
                 }
             }
             Some("sleep") => {
                 let SleepArgs { ms } = args(params)?;
-                if ms > MAX_SLEEP_MS {
-                    let text = format!("ms {ms} exceeds the maximum of {MAX_SLEEP_MS}");
-                    Outcome::tool(&text, true)
-                } else {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    Outcome::tool(&format!("slept {ms} ms"), false)
+                match sleep_time(ms) {
+                    Ok(time) => {
+                        tokio::time::sleep(time).await;
+                        Outcome::tool(&slept(ms), false)
+                    }
+                    Err(text) => Outcome::tool(&text, true),
                 }
             }
             Some(other) => Outcome::Error(codes::INVALID_PARAMS, format!("unknown tool {other}")),
@@ -487,8 +484,11 @@ async fn on_delete(State(server): State<Arc<Server>>, headers: HeaderMap) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
+
     use serde_json::{Value, json};
+
+    use super::*;
 
     struct Peer {
         http: reqwest::Client,

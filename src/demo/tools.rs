@@ -7,6 +7,29 @@ pub const MAX_BLOB_BYTES: u64 = 256 * 1024 * 1024;
 /// Longest `sleep`: a slow tool for tests and benchmarks, never a stuck one.
 pub const MAX_SLEEP_MS: u64 = 60_000;
 
+/// `blob`'s size, or the tool error's text when it is over [`MAX_BLOB_BYTES`].
+pub fn blob_size(size: u64) -> Result<u64, String> {
+    if size > MAX_BLOB_BYTES {
+        return Err(format!(
+            "size {size} exceeds the maximum of {MAX_BLOB_BYTES} bytes"
+        ));
+    }
+    Ok(size)
+}
+
+/// How long `sleep` waits, or the tool error's text when `ms` is over [`MAX_SLEEP_MS`].
+pub fn sleep_time(ms: u64) -> Result<std::time::Duration, String> {
+    if ms > MAX_SLEEP_MS {
+        return Err(format!("ms {ms} exceeds the maximum of {MAX_SLEEP_MS}"));
+    }
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// What `sleep` answers after waiting `ms`.
+pub fn slept(ms: u64) -> String {
+    format!("slept {ms} ms")
+}
+
 /// What `blob` text repeats.
 const BLOB_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 

@@ -264,17 +264,10 @@ impl Relay {
 
     /// Serves until `shutdown` is cancelled.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), RelayError> {
-        let Relay {
-            state,
-            endpoint,
-            tunnel_tcp,
-            tls_acceptor,
-            agents,
-            admin,
-        } = self;
+        let state = self.state;
         tracing::info!(
-            tunnel = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            agents = %agents.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            tunnel = %self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            agents = %self.agents.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             "relay listening (QUIC on UDP and HTTPS on TCP at the tunnel address)"
         );
         let draining = state.shutdown.clone();
@@ -292,14 +285,14 @@ impl Relay {
         let bounds = ListenerLimits::from(&state.limits);
         let admission = Admission::new(&bounds);
         let quic = tokio::spawn(accept::serve_quic(
-            endpoint,
+            self.endpoint,
             state.clone(),
             admission.clone(),
             draining.clone(),
         ));
         let https = tokio::spawn(accept::serve_https(
-            tunnel_tcp,
-            tls_acceptor,
+            self.tunnel_tcp,
+            self.tls_acceptor,
             state.clone(),
             admission,
             draining.clone(),
@@ -307,7 +300,7 @@ impl Relay {
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), draining.clone()));
         let agent_app = agents::app(state.clone());
         let agent_server = http_server::serve(
-            agents,
+            self.agents,
             agent_app,
             http_server::Bounds {
                 name: "agents",
@@ -319,7 +312,7 @@ impl Relay {
             draining.clone(),
         );
         // The admin endpoints stay up while the relay drains: operators watch it happen.
-        let admin_server = admin.map(|listener| {
+        let admin_server = self.admin.map(|listener| {
             tokio::spawn(metrics_upkeep(state.stop.clone()));
             let app = admin::routes(state.clone()).with_state(state.clone());
             tokio::spawn(http_server::serve(

@@ -55,14 +55,19 @@ struct State {
 }
 
 impl State {
-    fn new(remote: SocketAddr) -> Arc<Self> {
-        Arc::new(Self {
+    /// A new connection's state, with its keep-alive started when HTTP/2 offers pings.
+    fn watched(remote: SocketAddr, ping_pong: Option<h2::PingPong>) -> Arc<Self> {
+        let state = Arc::new(Self {
             remote,
             rtt: Mutex::new(Duration::ZERO),
             heard: Mutex::new(tokio::time::Instant::now()),
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
-        })
+        });
+        if let Some(ping_pong) = ping_pong {
+            tokio::spawn(keep_alive(ping_pong, state.clone()));
+        }
+        state
     }
 
     fn close(&self, reason: &str) {
@@ -112,6 +117,11 @@ macro_rules! state_methods {
     };
 }
 
+/// The error of a failed HTTP/2 handshake, in either role.
+fn handshake_failed(e: h2::Error) -> TransportError {
+    TransportError::Connect(format!("HTTP/2 handshake: {e}"))
+}
+
 /// Sends pings every [`KEEP_ALIVE`]; a pong that takes longer than [`IDLE_TIMEOUT`] closes
 /// the connection. Pong times are the RTT estimate, and a pong is the peer heard from.
 async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
@@ -155,11 +165,8 @@ where
         .enable_push(false)
         .handshake::<_, Bytes>(io)
         .await
-        .map_err(|e| TransportError::Connect(format!("HTTP/2 handshake: {e}")))?;
-    let state = State::new(remote);
-    if let Some(ping_pong) = connection.ping_pong() {
-        tokio::spawn(keep_alive(ping_pong, state.clone()));
-    }
+        .map_err(handshake_failed)?;
+    let state = State::watched(remote, connection.ping_pong());
     let driver = state.clone();
     let (admit, mut admitted) = mpsc::unbounded_channel::<u32>();
     tokio::spawn(async move {
@@ -242,11 +249,8 @@ where
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake::<_, Bytes>(io)
         .await
-        .map_err(|e| TransportError::Connect(format!("HTTP/2 handshake: {e}")))?;
-    let state = State::new(remote);
-    if let Some(ping_pong) = connection.ping_pong() {
-        tokio::spawn(keep_alive(ping_pong, state.clone()));
-    }
+        .map_err(handshake_failed)?;
+    let state = State::watched(remote, connection.ping_pong());
     let (tx, incoming) = mpsc::channel(ACCEPT_QUEUE);
     let driver = state.clone();
     tokio::spawn(async move {

@@ -267,6 +267,13 @@ async fn watch_peer(
     }
 }
 
+fn tunnel_stream((send, recv): (quinn::SendStream, quinn::RecvStream)) -> TunnelStream {
+    TunnelStream {
+        send: Box::new(send),
+        recv: Box::new(recv),
+    }
+}
+
 fn lost(e: quinn::ConnectionError) -> TransportError {
     TransportError::ConnectionLost(e.to_string())
 }
@@ -274,21 +281,21 @@ fn lost(e: quinn::ConnectionError) -> TransportError {
 impl TunnelConnection for QuicConnection {
     fn open_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
         Box::pin(async move {
-            let (send, recv) = self.connection.open_bi().await.map_err(lost)?;
-            Ok(TunnelStream {
-                send: Box::new(send),
-                recv: Box::new(recv),
-            })
+            self.connection
+                .open_bi()
+                .await
+                .map(tunnel_stream)
+                .map_err(lost)
         })
     }
 
     fn accept_stream(&self) -> BoxFuture<'_, Result<TunnelStream, TransportError>> {
         Box::pin(async move {
-            let (send, recv) = self.connection.accept_bi().await.map_err(lost)?;
-            Ok(TunnelStream {
-                send: Box::new(send),
-                recv: Box::new(recv),
-            })
+            self.connection
+                .accept_bi()
+                .await
+                .map(tunnel_stream)
+                .map_err(lost)
         })
     }
 

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use axum::serve::ListenerExt;
-use mcp_tunnel::demo::tools::{MAX_BLOB_BYTES, MAX_SLEEP_MS, blob_text};
+use mcp_tunnel::demo::tools::{blob_size, blob_text, sleep_time, slept};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
@@ -82,22 +82,14 @@ impl DemoServer {
         &self,
         Parameters(SleepArgs { ms }): Parameters<SleepArgs>,
     ) -> Result<String, String> {
-        if ms > MAX_SLEEP_MS {
-            return Err(format!("ms {ms} exceeds the maximum of {MAX_SLEEP_MS}"));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-        Ok(format!("slept {ms} ms"))
+        tokio::time::sleep(sleep_time(ms)?).await;
+        Ok(slept(ms))
     }
 
     /// Returns `size` bytes of text.
     #[tool(description = "Return SIZE bytes of text (for throughput tests)")]
     fn blob(&self, Parameters(BlobArgs { size }): Parameters<BlobArgs>) -> Result<String, String> {
-        if size > MAX_BLOB_BYTES {
-            return Err(format!(
-                "size {size} exceeds the maximum of {MAX_BLOB_BYTES} bytes"
-            ));
-        }
-        Ok(blob_text(size))
+        Ok(blob_text(blob_size(size)?))
     }
 }
 

@@ -217,6 +217,11 @@ impl Admitted {
         )
     }
 
+    /// The body, its messages and their calls, to forward.
+    pub fn into_parts(self) -> (Bytes, Classified, InFlight) {
+        (self.body, self.classified, self.calls)
+    }
+
     /// Carries on in `session`: the calls take the session's context, its tunnel stream the
     /// caller's current identity; returns policy's filter for a list answer.
     pub fn continue_in(

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use super::admission::{Admitted, admit, gate, open_channel, open_header};
+use super::admission::{admit, gate, open_channel, open_header};
 use super::answer::{forward_to_stream, sse_response};
 use super::oauth::Resource;
 use super::reply::AgentError;
@@ -189,12 +189,7 @@ async fn handle_message(
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }
         let filter = admitted.continue_in(&state, &session, &who);
-        let Admitted {
-            body,
-            classified,
-            calls,
-            ..
-        } = admitted;
+        let (body, classified, calls) = admitted.into_parts();
         Ok(forward_to_stream(&state, &session, body, &classified, filter, calls).await)
     }
     .await;

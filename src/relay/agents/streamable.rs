@@ -14,7 +14,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{Admitted, admit, gate, header_str, open_channel, open_header};
+use super::admission::{admit, gate, header_str, open_channel, open_header};
 use super::answer::{JsonAnswer, Target, forward, sse_response};
 use super::oauth::Resource;
 use super::reply::{AgentError, json_response};
@@ -76,12 +76,7 @@ async fn post_inner(
             .get(session_id, &who, &source, Transport::Streamable)
             .ok_or(AgentError::SessionNotFound)?;
         let filter = admitted.continue_in(&state, &session, &who);
-        let Admitted {
-            body,
-            classified,
-            calls,
-            ..
-        } = admitted;
+        let (body, classified, calls) = admitted.into_parts();
         let target = Target {
             source: &source,
             session: Some(&session),
@@ -92,12 +87,7 @@ async fn post_inner(
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
-    let Admitted {
-        body,
-        classified,
-        calls,
-        ..
-    } = admitted;
+    let (body, classified, calls) = admitted.into_parts();
     if version.is_some_and(|v| crate::mcp::era_of(v) == Era::Stateless) {
         return stateless(&state, &who, &source, &headers, body, &classified, calls).await;
     }

@@ -341,6 +341,18 @@ async fn next_event(
     }
 }
 
+/// What an event means for a message read piece by piece: its next piece and whether that
+/// piece ends it, nothing yet (a status or the switch to streaming), or why the answer broke.
+fn next_piece(event: Result<Event, Broken>) -> Result<Option<(Bytes, bool)>, Broken> {
+    match event? {
+        Event::Part(bytes) => Ok(Some((bytes, false))),
+        Event::Message(bytes) => Ok(Some((bytes, true))),
+        Event::Rejected(_) | Event::Streaming => Ok(None),
+        Event::TooLarge(limit) => Err(Broken::TooLarge(limit)),
+        Event::End => Err(Broken::Ended),
+    }
+}
+
 /// The next event of an exchange, or why none will come: shutdown, timeout, tunnel gone.
 async fn next_or_broken(
     exchange: &mut Exchange,
@@ -595,20 +607,14 @@ async fn stream_pieces(
             break;
         }
         while piece.is_none() {
-            let broken = match next_or_broken(exchange, awaiting.timeout, shutdown).await {
-                Ok(Event::Part(bytes)) => {
-                    piece = Some((bytes, false));
-                    continue;
-                }
-                Ok(Event::Message(bytes)) => {
-                    piece = Some((bytes, true));
-                    continue;
-                }
-                Ok(Event::Rejected(_) | Event::Streaming) => continue,
-                Ok(Event::TooLarge(limit)) => Broken::TooLarge(limit),
-                Ok(Event::End) => Broken::Ended,
-                Err(broken) => broken,
-            };
+            let broken =
+                match next_piece(next_or_broken(exchange, awaiting.timeout, shutdown).await) {
+                    Ok(next) => {
+                        piece = next;
+                        continue;
+                    }
+                    Err(broken) => broken,
+                };
             if begun {
                 log.push_piece(Piece::Abort, Bytes::new()).await;
             }
@@ -691,18 +697,11 @@ pub async fn pipe(
                     return;
                 }
             };
-            let broken = match event {
-                Ok(Event::Part(bytes)) => {
-                    piece = Some((bytes, false));
+            let broken = match next_piece(event) {
+                Ok(next) => {
+                    piece = next;
                     continue;
                 }
-                Ok(Event::Message(bytes)) => {
-                    piece = Some((bytes, true));
-                    continue;
-                }
-                Ok(Event::Rejected(_) | Event::Streaming) => continue,
-                Ok(Event::TooLarge(limit)) => Broken::TooLarge(limit),
-                Ok(Event::End) => Broken::Ended,
                 Err(broken) => broken,
             };
             // The relay-made error cannot follow a body already begun: the record says what
