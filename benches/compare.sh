@@ -79,34 +79,14 @@ start_tunnel() {
     mkdir -p "$dir"
     tunnel=$(free_port) agents=$(free_port) admin=$(free_port)
     cat >"$dir/relay.toml" <<EOF
-[tunnel]
-listen = "127.0.0.1:$tunnel"
-cert = "$WORK/certs/relay.pem"
-key = "$WORK/certs/relay.key"
-
-[agents]
-listen = "127.0.0.1:$agents"
-
-[admin]
-listen = "127.0.0.1:$admin"
+$(relay_listeners "$tunnel" "$agents" "$admin")
 
 $( ((AUDIT)) && printf '[audit]\npath = "%s"\n' "$dir/audit.db")
 
 [limits]
 max_message_bytes = $MAX_MESSAGE
 
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["$TOKEN_HASH"]
-
-[[tenants.keys]]
-subject = "bench@acme.example"
-roles = ["bench"]
-key = "$KEY_HASH"
-
-[[tenants.roles]]
-name = "bench"
-allow = ["demo/*"]
+$(bench_tenant "demo/*")
 EOF
     cat >"$dir/connect.toml" <<EOF
 relay = "localhost:$tunnel"

@@ -107,6 +107,44 @@ make_secrets() {
     [[ -n $TOKEN && -n $KEY ]] || die "could not read the token or key"
 }
 
+# relay_listeners TUNNEL AGENTS ADMIN: the [tunnel], [agents] and [admin] tables of a relay config
+# on those loopback ports, with the certificate make_secrets wrote.
+relay_listeners() {
+    cat <<EOF
+[tunnel]
+listen = "127.0.0.1:$1"
+cert = "$WORK/certs/relay.pem"
+key = "$WORK/certs/relay.key"
+
+[agents]
+listen = "127.0.0.1:$2"
+
+[admin]
+listen = "127.0.0.1:$3"
+EOF
+}
+
+# bench_tenant ALLOW...: tenant acme of a relay config, with make_secrets' token and key, and the
+# role bench allowing the tool patterns given (a `deny` line may follow, for the same role).
+bench_tenant() {
+    local allow
+    allow=$(printf '"%s", ' "$@")
+    cat <<EOF
+[[tenants]]
+name = "acme"
+tunnel_tokens = ["$TOKEN_HASH"]
+
+[[tenants.keys]]
+subject = "bench@acme.example"
+roles = ["bench"]
+key = "$KEY_HASH"
+
+[[tenants.roles]]
+name = "bench"
+allow = [${allow%, }]
+EOF
+}
+
 # start_upstream: the lean demo MCP server on a free port; sets UPSTREAM_PID and UPSTREAM_URL.
 start_upstream() {
     local port

@@ -68,33 +68,13 @@ DB=$WORK/audit.db
 # every generation differs from the one before).
 write_relay_config() {
     cat >"$WORK/relay.toml.new" <<EOF
-[tunnel]
-listen = "127.0.0.1:$TUNNEL"
-cert = "$WORK/certs/relay.pem"
-key = "$WORK/certs/relay.key"
-
-[agents]
-listen = "127.0.0.1:$AGENTS"
-
-[admin]
-listen = "127.0.0.1:$ADMIN"
+$(relay_listeners "$TUNNEL" "$AGENTS" "$ADMIN")
 
 [audit]
 path = "$DB"
 checkpoint_secs = 10
 
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["$TOKEN_HASH"]
-
-[[tenants.keys]]
-subject = "bench@acme.example"
-roles = ["bench"]
-key = "$KEY_HASH"
-
-[[tenants.roles]]
-name = "bench"
-allow = ["demo/*", "everything/*"]
+$(bench_tenant "demo/*" "everything/*")
 deny = ["demo/generation-$1"]
 EOF
     mv "$WORK/relay.toml.new" "$WORK/relay.toml"

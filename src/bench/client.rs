@@ -178,13 +178,7 @@ impl McpClient {
         );
         let headers = self.base.clone();
         let (id, outcome) = tokio::time::timeout(self.timeout, async {
-            let response = self
-                .http
-                .post(self.url.clone())
-                .headers(headers)
-                .body(initialize)
-                .send()
-                .await?;
+            let response = self.post(headers, initialize).await?;
             let id = response.headers().get(SESSION_HEADER).cloned();
             Ok::<_, Failure>((id, self.read_answer(response).await))
         })
@@ -195,13 +189,7 @@ impl McpClient {
         let note = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
         let headers = self.headers(&session, "notifications/initialized", None);
         let status = tokio::time::timeout(self.timeout, async {
-            let response = self
-                .http
-                .post(self.url.clone())
-                .headers(headers)
-                .body(note)
-                .send()
-                .await?;
+            let response = self.post(headers, note).await?;
             let status = response.status();
             // Drain the (normally empty) body so the connection goes back to the pool.
             let _ = response.bytes().await;
@@ -266,14 +254,7 @@ impl McpClient {
     /// answer, all within the request timeout.
     pub async fn call(&self, headers: HeaderMap, body: Bytes) -> Outcome {
         let exchange = async {
-            match self
-                .http
-                .post(self.url.clone())
-                .headers(headers)
-                .body(body)
-                .send()
-                .await
-            {
+            match self.post(headers, body).await {
                 Ok(response) => self.read_answer(response).await,
                 Err(e) => Outcome {
                     bytes: 0,
@@ -287,6 +268,20 @@ impl McpClient {
                 bytes: 0,
                 result: Err(Failure::Timeout),
             })
+    }
+
+    /// POSTs `body` to the endpoint.
+    async fn post(
+        &self,
+        headers: HeaderMap,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        self.http
+            .post(self.url.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
     }
 
     /// Reads an answer to a request: its status, then its body (bounded), then the JSON-RPC
