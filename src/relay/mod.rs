@@ -26,16 +26,17 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{LimitsSection, RelayConfig};
 use crate::govern::audit::AuditSettings;
 use crate::transport::{TransportError, quic, tls};
+use listener_limits::ListenerLimits;
+use session::Sessions;
+use tunnel::Registry;
+use tunnel::accept::{self, Admission};
+
 pub use calls::activity::{Activity, LATENCY_WINDOW, MAX_STATS_KEYS};
 pub use governance::{Governance, build as build_governance, load_config, trust_warnings};
 pub use http_server::no_delay;
-use listener_limits::ListenerLimits;
-use session::Sessions;
 pub use session::parse_event_id;
 pub use state::RelayState;
-use tunnel::Registry;
 pub use tunnel::TunnelRow;
-use tunnel::accept::{self, Admission};
 
 /// After shutdown, how long open agent requests may take to finish before the relay stops
 /// anyway.
@@ -64,9 +65,6 @@ pub enum RelayError {
     /// The configuration is inconsistent.
     #[error("configuration: {0}")]
     Config(String),
-    /// Serving HTTP failed.
-    #[error("HTTP server: {0}")]
-    Http(std::io::Error),
     /// The audit trail could not be opened.
     #[error(transparent)]
     Audit(#[from] crate::govern::audit::AuditError),
