@@ -65,7 +65,7 @@ pub fn load_config(path: &Path) -> Result<RelayConfig, ConfigError> {
 }
 
 /// The rate limits `[rate_limits]` configures (checked first).
-pub fn rate_limits(section: &RateLimitsSection) -> Result<RateLimits, String> {
+pub(super) fn rate_limits(section: &RateLimitsSection) -> Result<RateLimits, String> {
     section.validate()?;
     let rate = |rate: Option<crate::config::RateSection>| {
         rate.map(|r| Rate {
@@ -86,7 +86,7 @@ pub fn rate_limits(section: &RateLimitsSection) -> Result<RateLimits, String> {
 
 /// The audit trail's settings from `[audit]` (none without it), its chains named by
 /// `[fleet] id`, else by the host name and the tunnel port.
-pub fn audit_settings(config: &RelayConfig) -> Option<AuditSettings> {
+pub(super) fn audit_settings(config: &RelayConfig) -> Option<AuditSettings> {
     let section = config.audit.as_ref()?;
     let fleet_id = config.fleet.as_ref().and_then(|f| f.id.as_deref());
     let capture = section.sources.iter().map(|s| {

@@ -50,7 +50,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
-pub struct Bounds {
+pub(super) struct Bounds {
     /// The listener's name, a metric label (`agents`, `admin`).
     pub name: &'static str,
     /// Connections served at once.
@@ -64,7 +64,7 @@ pub struct Bounds {
 /// Serves `app` on `listener` within `bounds` until `shutdown`, then waits for the open
 /// connections to end (each is shut down gracefully). Handlers see the peer's address as
 /// [`ConnectInfo<SocketAddr>`]; `tap` runs on each accepted socket.
-pub async fn serve(
+pub(super) async fn serve(
     listener: TcpListener,
     app: Router,
     bounds: Bounds,

@@ -7,7 +7,7 @@ use crate::config::LimitsSection;
 /// Bounds on the relay's listeners and on tunnel admission, from `[limits]`: what a peer can
 /// hold open before (and without) authenticating. Read when the relay starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenerLimits {
+pub(super) struct ListenerLimits {
     /// Time to deliver a request's complete header, from its first byte.
     pub header_timeout: Duration,
     /// Time a connection may stay open with no request in flight.

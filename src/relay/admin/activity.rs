@@ -22,7 +22,7 @@ use crate::relay::calls::CallRow;
 use crate::relay::state::RelayState;
 
 /// How often a live view gets fresh tunnels, sessions and per-tool figures.
-pub const REFRESH: Duration = Duration::from_secs(1);
+pub(super) const REFRESH: Duration = Duration::from_secs(1);
 
 /// Keep-alive comment interval on the event stream (proxies drop idle streams).
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -40,7 +40,7 @@ const PAGE_JS: &str = include_str!("page.js");
 
 /// `?tenant=T`: one tenant's activity; absent or empty for all.
 #[derive(Debug, Default, Deserialize)]
-pub struct TenantQuery {
+pub(super) struct TenantQuery {
     tenant: Option<String>,
 }
 
@@ -75,7 +75,7 @@ const SNAPSHOT_SLOT: &str = "{{SNAPSHOT}}";
 
 /// `GET /activity?tenant=T`: the page, carrying the snapshot it first shows (so it shows the
 /// state at once, before its event stream opens).
-pub async fn page(
+pub(super) async fn page(
     State(state): State<Arc<RelayState>>,
     Query(query): Query<TenantQuery>,
 ) -> Response {
@@ -98,17 +98,17 @@ fn script_safe(json: &str) -> String {
 }
 
 /// `GET /activity/page.css`.
-pub async fn stylesheet() -> Response {
+pub(super) async fn stylesheet() -> Response {
     asset("text/css; charset=utf-8", PAGE_CSS)
 }
 
 /// `GET /activity/page.js`.
-pub async fn script() -> Response {
+pub(super) async fn script() -> Response {
     asset("text/javascript; charset=utf-8", PAGE_JS)
 }
 
 /// `GET /api/activity?tenant=T`: the snapshot the event stream starts with, as JSON.
-pub async fn api(
+pub(super) async fn api(
     State(state): State<Arc<RelayState>>,
     Query(query): Query<TenantQuery>,
 ) -> Json<Snapshot> {
@@ -118,7 +118,7 @@ pub async fn api(
 /// `GET /activity/events?tenant=T`: a `snapshot` event, then `calls` events (arrays of new
 /// calls, newest last) and a `refresh` event every [`REFRESH`]; a viewer that fell behind gets
 /// a new `snapshot`. Ends when the relay stops. `503` when too many viewers watch already.
-pub async fn events(
+pub(super) async fn events(
     State(state): State<Arc<RelayState>>,
     Query(query): Query<TenantQuery>,
 ) -> Response {

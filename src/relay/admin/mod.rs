@@ -28,7 +28,7 @@ use crate::relay::tunnel::TunnelRow;
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Routes of the admin listener.
-pub fn routes(state: Arc<RelayState>) -> Router<Arc<RelayState>> {
+pub(super) fn routes(state: Arc<RelayState>) -> Router<Arc<RelayState>> {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/api/tunnels", get(tunnels))

@@ -11,7 +11,7 @@ use crate::relay::tunnel::TunnelRow;
 
 /// A source seen in calls that no tunnel serves now.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OfflineSource {
+pub(super) struct OfflineSource {
     /// Tenant.
     pub tenant: String,
     /// Source.
@@ -20,7 +20,7 @@ pub struct OfflineSource {
 
 /// Calls, denials and errors added up over the rows shown.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Totals {
+pub(super) struct Totals {
     /// Calls.
     pub calls: u64,
     /// Denied calls.
@@ -32,7 +32,7 @@ pub struct Totals {
 /// Everything the page shows, for one tenant or all. The first event of `/activity/events`
 /// and the body of `/api/activity`; the periodic refresh is the same without `calls`.
 #[derive(Debug, Clone, Serialize)]
-pub struct Snapshot {
+pub(super) struct Snapshot {
     /// The tenant filter, if any.
     pub tenant: Option<String>,
     /// Every tenant seen (in tunnels or calls), to fill the page's filter.
@@ -55,7 +55,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// The state of the relay now, for `tenant` (all when `None`), with the latest calls when
     /// `with_calls`.
-    pub fn of(state: &RelayState, tenant: Option<&str>, with_calls: bool) -> Self {
+    pub(super) fn of(state: &RelayState, tenant: Option<&str>, with_calls: bool) -> Self {
         let activity = &state.activity;
         let all_tunnels = state.registry.rows();
         let mut tenants = activity.tenants();

@@ -30,14 +30,17 @@ use crate::relay::tunnel::{Budget, Channel, ChannelLimits};
 use crate::wire::{Era, OpenHeader};
 
 /// A header's value as text, if present and text.
-pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(super) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// Refuses browser origins that are neither allowed nor same-origin, and `Host` values a
 /// loopback relay does not answer to (DNS rebinding: a page on evil.example resolving its name
 /// to 127.0.0.1 must not reach local sources).
-pub fn check_origin_and_host(state: &RelayState, headers: &HeaderMap) -> Result<(), AgentError> {
+pub(super) fn check_origin_and_host(
+    state: &RelayState,
+    headers: &HeaderMap,
+) -> Result<(), AgentError> {
     let host = header_str(headers, header::HOST.as_str()).unwrap_or_default();
     if !state.host_allowed(host) {
         return Err(AgentError::ForbiddenHost);
@@ -65,7 +68,7 @@ pub fn check_origin_and_host(state: &RelayState, headers: &HeaderMap) -> Result<
 }
 
 /// The bearer credential of a request if it has the shape of a JWT and JWTs are accepted.
-pub fn bearer_jwt(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer_jwt(headers: &HeaderMap) -> Option<&str> {
     let value = header_str(headers, header::AUTHORIZATION.as_str())?;
     let (scheme, credential) = value.split_once(' ')?;
     let credential = credential.trim();
@@ -75,7 +78,7 @@ pub fn bearer_jwt(headers: &HeaderMap) -> Option<&str> {
 /// The caller behind the request's bearer credential: an API key first, then a JWT of a
 /// configured identity provider. A refusal names `resource`'s protected resource metadata
 /// (RFC 9728) when the relay has a public URL.
-pub fn authenticate(
+pub(super) fn authenticate(
     state: &RelayState,
     headers: &HeaderMap,
     resource: Resource<'_>,
@@ -124,7 +127,7 @@ pub fn authenticate(
 
 /// Checks origin, host, credentials and the caller's and source's rate limits: the start of
 /// every agent request for `resource`.
-pub fn gate(
+pub(super) fn gate(
     state: &RelayState,
     headers: &HeaderMap,
     resource: Resource<'_>,
@@ -150,7 +153,7 @@ pub fn gate(
 /// not JSON-RPC, or a batch of more than `[limits] max_batch_messages`), then counts its
 /// messages past the first against the caller's rate limits ([`gate`] counted the first): a
 /// batch of N messages costs what N single messages cost.
-pub async fn read_message(
+pub(super) async fn read_message(
     state: &RelayState,
     who: &Identity,
     source: &str,
@@ -194,7 +197,7 @@ pub async fn read_message(
 }
 
 /// An agent message past admission: read, classified, authorized, its calls begun.
-pub struct Admitted {
+pub(super) struct Admitted {
     /// The body as read.
     pub body: Bytes,
     /// Its messages.
@@ -208,7 +211,7 @@ pub struct Admitted {
 impl Admitted {
     /// Policy's refusal, if the body was refused: the calls are finished as refused, and the
     /// error to answer with is returned (or the error saying they could not be audited).
-    pub async fn refused(&mut self) -> Option<Bytes> {
+    pub(super) async fn refused(&mut self) -> Option<Bytes> {
         let denied = self.refusal.take()?;
         Some(
             self.calls
@@ -218,13 +221,13 @@ impl Admitted {
     }
 
     /// The body, its messages and their calls, to forward.
-    pub fn into_parts(self) -> (Bytes, Classified, InFlight) {
+    pub(super) fn into_parts(self) -> (Bytes, Classified, InFlight) {
         (self.body, self.classified, self.calls)
     }
 
     /// Carries on in `session`: the calls take the session's context, its tunnel stream the
     /// caller's current identity; returns policy's filter for a list answer.
-    pub fn continue_in(
+    pub(super) fn continue_in(
         &mut self,
         state: &RelayState,
         session: &Session,
@@ -248,7 +251,7 @@ impl Admitted {
 /// The admission every agent message passes after [`gate`], whatever its transport: the body
 /// read within the limits ([`read_message`]), policy's word on each message ([`authorize`]),
 /// and a call begun for every request.
-pub async fn admit(
+pub(super) async fn admit(
     state: &RelayState,
     who: &Identity,
     source: &str,
@@ -275,7 +278,7 @@ pub async fn admit(
 /// Why a body is refused before it reaches the tunnel: the JSON-RPC error to answer with, and
 /// its code (the outcome its calls are recorded with).
 #[derive(Debug, Clone)]
-pub struct Refusal {
+pub(super) struct Refusal {
     /// The error body.
     pub body: Bytes,
     /// Its JSON-RPC error code.
@@ -286,7 +289,7 @@ pub struct Refusal {
 /// `Classified::messages`, `None` where policy does not govern the method), and the refusal to
 /// answer with when any was denied.
 #[derive(Debug, Default)]
-pub struct Authorization {
+pub(super) struct Authorization {
     /// One entry per message of the body.
     pub decisions: Vec<Option<Decision>>,
     /// The JSON-RPC error for the first refused message, if any: the whole body is refused.
@@ -308,7 +311,7 @@ pub struct Authorization {
 /// any applies, the checks run on the blocking pool, never on an async worker other tenants'
 /// requests share. `body` is parsed once (by classification); a condition reads only its own
 /// message's `params`.
-pub async fn authorize(
+pub(super) async fn authorize(
     state: &RelayState,
     who: &Identity,
     source: &str,
@@ -461,7 +464,7 @@ fn decide(
 
 /// The open header of a new exchange stream. In the stateless era the agent's MCP routing
 /// headers travel along, verbatim.
-pub fn open_header(
+pub(super) fn open_header(
     who: &Identity,
     source: &str,
     era: Era,
@@ -497,7 +500,7 @@ pub fn open_header(
 /// source that is unknown, offline or another tenant's is the same 404. When the tenant enables
 /// identity assertions for the source, the stream's header carries one, signed here, and the
 /// channel renews it while the stream lives (see [`crate::govern::assertion`]).
-pub async fn open_channel(
+pub(super) async fn open_channel(
     state: &RelayState,
     who: &Identity,
     header: &OpenHeader,

@@ -40,7 +40,7 @@ const BODY_QUEUE: usize = 4;
 /// Attached to a plain JSON answer: the message, and whether it is a JSON-RPC error (so
 /// `initialize` creates no session on an error, and learns the negotiated version otherwise).
 #[derive(Clone)]
-pub struct JsonAnswer {
+pub(super) struct JsonAnswer {
     /// The upstream's response.
     pub message: Bytes,
     /// Whether it is a JSON-RPC error.
@@ -48,7 +48,7 @@ pub struct JsonAnswer {
 }
 
 /// Where an agent message goes and how its answer is delivered.
-pub struct Target<'a> {
+pub(super) struct Target<'a> {
     /// The source, for error messages.
     pub source: &'a str,
     /// The session (session era), whose logs make SSE answers resumable.
@@ -65,7 +65,7 @@ pub struct Target<'a> {
 
 /// Sends the body down `channel` and answers the agent: 202 for notifications and responses,
 /// else the upstream's answer as JSON or SSE.
-pub async fn forward(
+pub(super) async fn forward(
     state: &Arc<RelayState>,
     channel: &Arc<Channel>,
     body: Bytes,
@@ -111,7 +111,7 @@ pub async fn forward(
 }
 
 /// The HTTP+SSE transport: every answer rides the session's one stream; the POST gets 202.
-pub async fn forward_to_stream(
+pub(super) async fn forward_to_stream(
     state: &Arc<RelayState>,
     session: &Arc<Session>,
     body: Bytes,
@@ -275,7 +275,7 @@ fn stream_answer(
 /// An SSE response that streams `reader`, with keep-alive comments, optionally after a
 /// `prelude` event, until the stream ends, the agent goes away or `until` fires; then `on_end`
 /// runs.
-pub fn sse_response(
+pub(super) fn sse_response(
     state: &RelayState,
     mut reader: LogReader,
     ids: EventIds,

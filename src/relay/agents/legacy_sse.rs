@@ -26,7 +26,7 @@ use crate::relay::state::RelayState;
 use crate::wire::Era;
 
 /// Routes of the HTTP+SSE transport.
-pub fn routes() -> Router<Arc<RelayState>> {
+pub(super) fn routes() -> Router<Arc<RelayState>> {
     Router::new()
         .route("/sse/{source}", get(open_stream))
         .route("/sse/{source}/messages", post(handle_message))
@@ -125,7 +125,7 @@ async fn open_stream(
 }
 
 /// The method an HTTP+SSE stream's opening is recorded with in the audit trail.
-pub const OPEN_METHOD: &str = "sse/open";
+pub(super) const OPEN_METHOD: &str = "sse/open";
 
 /// A call recording the opening of an HTTP+SSE stream by `who`.
 fn open_call(state: &RelayState, who: &Identity, source: &str, session: &str) -> Call {

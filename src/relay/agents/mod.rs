@@ -21,7 +21,7 @@ use reply::AgentError;
 
 /// The agent listener's routes, with their middleware: failed authentication limited per
 /// address, and (outermost) the rest of an unread body read before the answer goes out.
-pub fn app(state: Arc<RelayState>) -> Router {
+pub(super) fn app(state: Arc<RelayState>) -> Router {
     streamable::routes()
         .merge(legacy_sse::routes())
         .merge(oauth::routes())

@@ -23,11 +23,11 @@ use crate::config::validate_source_name;
 use crate::relay::state::RelayState;
 
 /// The well-known path prefix of RFC 9728.
-pub const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
+pub(super) const WELL_KNOWN: &str = "/.well-known/oauth-protected-resource";
 
 /// An agent-facing resource: the path a request was made to, without the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resource<'a> {
+pub(super) enum Resource<'a> {
     /// `/mcp/{source}`: Streamable HTTP.
     Mcp(&'a str),
     /// `/sse/{source}` (and its `messages` endpoint): HTTP+SSE.
@@ -36,7 +36,7 @@ pub enum Resource<'a> {
 
 impl Resource<'_> {
     /// The resource's path, e.g. `/mcp/demo`.
-    pub fn path(&self) -> String {
+    pub(super) fn path(&self) -> String {
         match self {
             Resource::Mcp(source) => format!("/mcp/{source}"),
             Resource::Sse(source) => format!("/sse/{source}"),
@@ -48,7 +48,7 @@ impl Resource<'_> {
     /// The path whose protected resource metadata a refusal names: the resource's own for a
     /// source name agents can type, the relay's (`""`) for anything else, so that text from
     /// an unauthenticated request's path never reaches a response header unchecked.
-    pub fn metadata_path(&self) -> String {
+    pub(super) fn metadata_path(&self) -> String {
         let source = match self {
             Resource::Mcp(source) | Resource::Sse(source) => source,
         };
@@ -62,12 +62,12 @@ impl Resource<'_> {
 
 /// The URL of the metadata of the resource at `path` (`""` for the relay itself), with the
 /// well-known segment inserted between host and path as RFC 9728 section 3.1 says.
-pub fn metadata_url(public_url: &str, path: &str) -> String {
+pub(super) fn metadata_url(public_url: &str, path: &str) -> String {
     format!("{}{WELL_KNOWN}{path}", public_url.trim_end_matches('/'))
 }
 
 /// Routes serving the metadata documents.
-pub fn routes() -> Router<Arc<RelayState>> {
+pub(super) fn routes() -> Router<Arc<RelayState>> {
     Router::new()
         .route(WELL_KNOWN, get(root))
         .route(&format!("{WELL_KNOWN}/mcp/{{source}}"), get(mcp))

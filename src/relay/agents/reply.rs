@@ -10,11 +10,11 @@ use crate::mcp::jsonrpc::{codes, error_body};
 use crate::relay::session::source_error_body;
 
 /// Content type of JSON-RPC bodies.
-pub const JSON: HeaderValue = HeaderValue::from_static("application/json");
+pub(super) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// What a `401` or `403` tells the agent about authenticating (RFC 6750, RFC 9728).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Challenge {
+pub(super) struct Challenge {
     /// The URL of the protected resource metadata of the resource the agent asked for; absent
     /// when the relay has no public URL configured.
     pub resource_metadata: Option<String>,
@@ -25,7 +25,7 @@ pub struct Challenge {
 impl Challenge {
     /// The `WWW-Authenticate` value: `Bearer` with `error` (if any), `scope` and
     /// `resource_metadata` parameters.
-    pub fn header(&self, error: Option<&str>) -> HeaderValue {
+    pub(super) fn header(&self, error: Option<&str>) -> HeaderValue {
         let mut params = Vec::new();
         if let Some(error) = error {
             params.push(format!("error=\"{error}\""));
@@ -53,7 +53,7 @@ fn quoted(text: &str) -> String {
 
 /// A failure the relay reports to an agent before or instead of reaching the upstream.
 #[derive(Debug, thiserror::Error)]
-pub enum AgentError {
+pub(super) enum AgentError {
     /// No credential, or not a valid one.
     #[error("missing or invalid credentials{}", .reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default())]
     Unauthorized {
@@ -197,13 +197,13 @@ impl IntoResponse for AgentError {
 }
 
 /// A JSON body with `status`.
-pub fn json_response(status: StatusCode, body: Bytes) -> Response {
+pub(super) fn json_response(status: StatusCode, body: Bytes) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, JSON);
     response
 }
 
 /// A JSON-RPC error (on HTTP 200) saying the source could not answer.
-pub fn source_error(id: Option<&RawValue>, source: &str, why: &str) -> Response {
+pub(super) fn source_error(id: Option<&RawValue>, source: &str, why: &str) -> Response {
     json_response(StatusCode::OK, source_error_body(id, source, why))
 }

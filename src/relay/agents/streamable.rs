@@ -35,7 +35,7 @@ use crate::wire::Era;
 const LAST_EVENT_ID: &str = "last-event-id";
 
 /// Routes of the agent endpoint.
-pub fn routes() -> Router<Arc<RelayState>> {
+pub(super) fn routes() -> Router<Arc<RelayState>> {
     Router::new().route(
         "/mcp/{source}",
         post(handle_post).get(handle_get).delete(handle_delete),

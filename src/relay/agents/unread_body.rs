@@ -96,7 +96,7 @@ impl Drop for Tracked {
 
 /// The middleware: runs the request, then discards what its handler left of the body (see the
 /// module docs) before the answer goes out.
-pub async fn discard_unread_body(
+pub(super) async fn discard_unread_body(
     State(state): State<Arc<RelayState>>,
     request: Request,
     next: Next,

@@ -25,7 +25,7 @@ use crate::govern::audit::Record;
 
 /// How many of the latest calls are kept: a screenful many times over, and at a few hundred
 /// bytes a record, well under a megabyte.
-pub const LATEST_CALLS: usize = 500;
+pub(crate) const LATEST_CALLS: usize = 500;
 
 /// How many recent latencies per (tenant, source, tool) the percentiles are computed over:
 /// enough for a stable p99 (ten samples above it), 4 KB a key.
@@ -37,14 +37,14 @@ pub const MAX_STATS_KEYS: usize = 2_000;
 
 /// Calls buffered per live viewer. A viewer further behind than this gets a fresh snapshot
 /// instead of the calls it missed; the relay never waits for it.
-pub const BROADCAST_CAPACITY: usize = 1_024;
+pub(crate) const BROADCAST_CAPACITY: usize = 1_024;
 
 /// Live viewers (event streams) at once: each costs a refresh a second.
-pub const MAX_VIEWERS: usize = 32;
+pub(crate) const MAX_VIEWERS: usize = 32;
 
 /// The longest name kept (tenant, subject, source, tool, rule, ...), bytes: names come from the
 /// network, and the ring, the counts table and the viewers' buffers must stay bounded.
-pub const MAX_NAME: usize = 256;
+pub(crate) const MAX_NAME: usize = 256;
 
 /// Roles kept per call (the page does not show them; the audit trail keeps them all).
 const MAX_ROLES: usize = 16;

@@ -132,7 +132,7 @@ pub struct Context {
 
 /// One request in flight; finished by [`InFlight`] or the session that tracks it, or recorded
 /// as abandoned when dropped.
-pub struct Call {
+pub(crate) struct Call {
     record: Option<Record>,
     started: Instant,
     calls: Arc<Calls>,
@@ -149,7 +149,7 @@ fn now_ms() -> u64 {
 
 impl Call {
     /// A request `info` from `message`, sent in `direction` on behalf of `who`.
-    pub fn start(
+    pub(crate) fn start(
         calls: &Arc<Calls>,
         who: &Identity,
         source: &str,
@@ -212,12 +212,12 @@ impl Call {
     }
 
     /// The request id as its JSON text.
-    pub fn request_id(&self) -> Option<&str> {
+    pub(crate) fn request_id(&self) -> Option<&str> {
         self.record.as_ref()?.request_id.as_deref()
     }
 
     /// Sets what is known of the context so far (fields left `None` stay as they were).
-    pub fn set_context(&mut self, context: &Context) {
+    pub(crate) fn set_context(&mut self, context: &Context) {
         let Some(record) = self.record.as_mut() else {
             return;
         };
@@ -249,7 +249,7 @@ impl Call {
     }
 
     /// Finishes the call through [`Calls::finish`].
-    pub async fn finish(
+    pub(crate) async fn finish(
         self,
         outcome: Outcome,
         bytes_out: usize,
@@ -275,7 +275,7 @@ impl Drop for Call {
 }
 
 /// How a response message ended the call it answers.
-pub fn outcome_of(info: &MessageInfo) -> Outcome {
+pub(crate) fn outcome_of(info: &MessageInfo) -> Outcome {
     match (info.error_code, info.is_tool_error) {
         (Some(code), _) => Outcome::Error(code),
         (None, true) => Outcome::ToolError,
@@ -284,7 +284,7 @@ pub fn outcome_of(info: &MessageInfo) -> Outcome {
 }
 
 /// The error an agent gets instead of an answer the audit trail could not record.
-pub fn unaudited_body(id: Option<&str>) -> Bytes {
+pub(crate) fn unaudited_body(id: Option<&str>) -> Bytes {
     let id = id.and_then(|id| serde_json::value::RawValue::from_string(id.to_owned()).ok());
     error_body(
         id.as_deref(),
@@ -296,7 +296,7 @@ pub fn unaudited_body(id: Option<&str>) -> Bytes {
 /// The calls of one agent message: one per request in it (a batch has several), finished as
 /// their answers are released.
 #[derive(Default)]
-pub struct InFlight {
+pub(crate) struct InFlight {
     calls: Vec<Call>,
     /// Bytes already released toward the agent for these calls (progress and other messages of
     /// a streamed answer), counted into the next call to finish.
@@ -306,7 +306,7 @@ pub struct InFlight {
 impl InFlight {
     /// Starts a call for every request in `body`, with policy's word on each message
     /// (`decisions` runs parallel to `classified.messages()`; missing entries are ungoverned).
-    pub fn begin(
+    pub(crate) fn begin(
         calls: &Arc<Calls>,
         who: &Identity,
         source: &str,
@@ -337,28 +337,28 @@ impl InFlight {
 
     /// Whether the trail keeps the result text of any open call: its answer must then be read
     /// whole (a streamed answer is never held, so its text could not be kept).
-    pub fn keeps_results(&self) -> bool {
+    pub(crate) fn keeps_results(&self) -> bool {
         self.calls
             .iter()
             .any(|call| call.capture != Capture::Metadata)
     }
 
     /// Sets the context of every open call.
-    pub fn set_context(&mut self, context: &Context) {
+    pub(crate) fn set_context(&mut self, context: &Context) {
         for call in &mut self.calls {
             call.set_context(context);
         }
     }
 
     /// Counts a message released toward the agent that answers none of the calls.
-    pub fn streamed(&mut self, bytes: usize) {
+    pub(crate) fn streamed(&mut self, bytes: usize) {
         self.streamed = self.streamed.saturating_add(bytes);
     }
 
     /// Finishes the calls whose responses `message` (classified as `classified`) carries, before
     /// it is released as `released` bytes. Returns the error to release instead when the trail
     /// could not record them.
-    pub async fn settle(
+    pub(crate) async fn settle(
         &mut self,
         message: &[u8],
         classified: &Classified,
@@ -389,7 +389,11 @@ impl InFlight {
 
     /// Finishes every call still open with `outcome`, after `bytes_out` bytes of answer.
     /// Returns the error to release instead when the trail could not record them.
-    pub async fn finish_all(&mut self, outcome: Outcome, bytes_out: usize) -> Result<(), Bytes> {
+    pub(crate) async fn finish_all(
+        &mut self,
+        outcome: Outcome,
+        bytes_out: usize,
+    ) -> Result<(), Bytes> {
         let finished: Vec<_> = self
             .calls
             .drain(..)
@@ -402,7 +406,7 @@ impl InFlight {
     /// Finishes every call still open with `outcome`, before `answer` (an error the relay made
     /// for them) is released. Returns what to release: `answer`, or the error saying the calls
     /// could not be audited.
-    pub async fn fail(&mut self, outcome: Outcome, answer: Bytes) -> Bytes {
+    pub(crate) async fn fail(&mut self, outcome: Outcome, answer: Bytes) -> Bytes {
         match self.finish_all(outcome, answer.len()).await {
             Ok(()) => answer,
             Err(refusal) => refusal,

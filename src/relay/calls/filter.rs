@@ -29,13 +29,13 @@ fn list_of(method: &str) -> Option<(&'static str, Kind, &'static str)> {
 
 /// Whether `method` lists tools, resources, resource templates or prompts (an answer policy
 /// filters per caller).
-pub fn is_list_method(method: &str) -> bool {
+pub(crate) fn is_list_method(method: &str) -> bool {
     list_of(method).is_some()
 }
 
 /// Filters the answer to one list request, and teaches the relay's metric labels the tool and
 /// prompt names the upstream listed (see [`super::metric_names`]).
-pub struct ListFilter {
+pub(crate) struct ListFilter {
     who: Identity,
     source: String,
     governance: Arc<Governance>,
@@ -52,7 +52,7 @@ pub struct ListFilter {
 impl ListFilter {
     /// A filter for `classified` (a single list request), if the caller's tenant has roles or
     /// the list names tools or prompts (names metrics may label calls with).
-    pub fn for_request(
+    pub(crate) fn for_request(
         governance: &Arc<Governance>,
         calls: &Arc<Calls>,
         who: &Identity,
@@ -81,7 +81,7 @@ impl ListFilter {
 
     /// The message with the entries the caller may not use removed. Messages that are not a
     /// list result (progress notifications, errors) pass unchanged.
-    pub fn apply(&self, message: Bytes) -> Bytes {
+    pub(crate) fn apply(&self, message: Bytes) -> Bytes {
         let Ok(mut value) = serde_json::from_slice::<Value>(&message) else {
             return message;
         };

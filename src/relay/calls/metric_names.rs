@@ -28,16 +28,16 @@ use crate::govern::Policy;
 use crate::govern::policy::glob_match;
 
 /// The label value every unknown name is counted under.
-pub const OTHER: &str = "_other";
+pub(crate) const OTHER: &str = "_other";
 
 /// The longest label value kept, in bytes; a longer known name is cut at a character boundary.
-pub const MAX_LABEL_BYTES: usize = 128;
+pub(crate) const MAX_LABEL_BYTES: usize = 128;
 
 /// How many tool and prompt names, and sources, are learned from tunnels and lists in all.
-pub const MAX_LEARNED: usize = 16_384;
+pub(crate) const MAX_LEARNED: usize = 16_384;
 
 /// How many names one source's lists may teach.
-pub const MAX_LEARNED_PER_SOURCE: usize = 1_024;
+pub(crate) const MAX_LEARNED_PER_SOURCE: usize = 1_024;
 
 /// The MCP methods counted under their own name (requests both ways).
 const METHODS: &[&str] = &[
@@ -66,7 +66,7 @@ const METHODS: &[&str] = &[
 ];
 
 /// The label of `method`: itself if MCP defines it, else [`OTHER`].
-pub fn method_label(method: &str) -> &str {
+pub(crate) fn method_label(method: &str) -> &str {
     if method.is_empty() || METHODS.contains(&method) {
         method
     } else {
@@ -75,7 +75,7 @@ pub fn method_label(method: &str) -> &str {
 }
 
 /// `name` cut to at most [`MAX_LABEL_BYTES`], at a character boundary.
-pub fn clip(name: &str) -> &str {
+pub(crate) fn clip(name: &str) -> &str {
     if name.len() <= MAX_LABEL_BYTES {
         return name;
     }

@@ -21,7 +21,7 @@ use crate::metrics as names;
 /// Label sets whose handles are kept. Tenants times sources times tools times outcomes: a few
 /// hundred on a busy relay; the bound only matters when tool names are made up by agents (a
 /// denied call to a tool that does not exist still counts).
-pub const MAX_SERIES: usize = 4096;
+pub(super) const MAX_SERIES: usize = 4096;
 
 /// The labels of one finished call, borrowed from its record.
 #[derive(Hash)]
@@ -136,7 +136,7 @@ impl Series {
 
 /// Counts finished calls in [`names::CALLS`], [`names::CALL_DURATION`],
 /// [`names::CALL_BYTES_IN`] and [`names::CALL_BYTES_OUT`]; one per relay.
-pub struct CallMetrics {
+pub(super) struct CallMetrics {
     kept: Mutex<HashMap<OwnedLabels, Series>>,
     limit: usize,
     /// What may be a label value.
@@ -151,7 +151,7 @@ impl Default for CallMetrics {
 
 impl CallMetrics {
     /// Keeping the handles of at most `limit` label sets.
-    pub fn new(limit: usize) -> Self {
+    pub(super) fn new(limit: usize) -> Self {
         Self {
             kept: Mutex::default(),
             limit,
@@ -160,12 +160,12 @@ impl CallMetrics {
     }
 
     /// The names labels may take.
-    pub fn names(&self) -> &MetricNames {
+    pub(super) fn names(&self) -> &MetricNames {
         &self.names
     }
 
     /// Counts `record`, a finished call.
-    pub fn record(&self, record: &Record) {
+    pub(super) fn record(&self, record: &Record) {
         let labels = Labels::of(record, &self.names);
         {
             // Updated under the lock: four atomic adds, no handle cloned per call.
@@ -186,7 +186,7 @@ impl CallMetrics {
 
     /// How many label sets have their handles kept.
     #[cfg(test)]
-    pub fn kept(&self) -> usize {
+    pub(super) fn kept(&self) -> usize {
         self.kept.lock().len()
     }
 }

@@ -12,6 +12,6 @@ mod metrics;
 mod rows;
 mod stats;
 
-pub use activity::Activity;
-pub use call::{Call, Calls, Context, InFlight, outcome_of, unaudited_body};
-pub use rows::{CallRow, ToolRow};
+pub(super) use activity::Activity;
+pub(super) use call::{Call, Calls, Context, InFlight, outcome_of, unaudited_body};
+pub(super) use rows::{CallRow, ToolRow};

@@ -44,7 +44,7 @@ impl ToolStats {
     }
 
     /// The latency window, in no particular order.
-    pub fn latencies(&self) -> &[u32] {
+    pub(super) fn latencies(&self) -> &[u32] {
         &self.window
     }
 }
@@ -75,7 +75,7 @@ impl StatsTable {
     /// Counts `record` under its tenant, source and tool or prompt name, or its method for
     /// anything else (`resources/read` of many URIs is one row: URIs are too many to count
     /// apart). Allocates only for a key not seen before.
-    pub fn add(&mut self, record: &Record) {
+    pub(super) fn add(&mut self, record: &Record) {
         let name = record
             .tool
             .as_deref()
@@ -110,12 +110,12 @@ impl StatsTable {
     }
 
     /// Every tenant with counts.
-    pub fn tenants(&self) -> BTreeSet<String> {
+    pub(super) fn tenants(&self) -> BTreeSet<String> {
         self.by_tenant.keys().map(|t| t.to_string()).collect()
     }
 
     /// A copy of every key's state, and of the overflow row when it counted anything.
-    pub fn raw_rows(&self) -> Vec<RawRow> {
+    pub(super) fn raw_rows(&self) -> Vec<RawRow> {
         let mut rows = Vec::with_capacity(self.keys + 1);
         for (tenant, sources) in &self.by_tenant {
             for (source, tools) in sources {

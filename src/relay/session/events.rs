@@ -20,9 +20,9 @@ use tokio::sync::Notify;
 use crate::relay::tunnel::Budget;
 
 /// Events kept for replay per stream: a reconnect within a few seconds of a busy stream.
-pub const REPLAY_EVENTS: usize = 64;
+pub(crate) const REPLAY_EVENTS: usize = 64;
 /// Bytes kept for replay per stream (the latest event is always kept, whatever its size).
-pub const REPLAY_BYTES: usize = 1024 * 1024;
+pub(crate) const REPLAY_BYTES: usize = 1024 * 1024;
 
 /// One SSE stream's events.
 pub struct EventLog {

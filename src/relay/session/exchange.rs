@@ -37,7 +37,7 @@ pub enum EventIds {
 }
 
 /// What an agent request waits for on its exchange.
-pub struct Awaiting {
+pub(crate) struct Awaiting {
     /// The first request id (for relay-made errors).
     id: Option<Box<RawValue>>,
     /// Responses that complete the answer: one per request in the body.
@@ -93,7 +93,7 @@ impl Awaiting {
 impl Awaiting {
     /// Waiting for the answers to `requests` (those of one agent message, in `era`) from
     /// `source`, within `request_timeout`; `calls` are finished as their answers are released.
-    pub fn new(
+    pub(crate) fn new(
         request_timeout: Duration,
         source: &str,
         requests: &[&MessageInfo],
@@ -123,20 +123,20 @@ impl Awaiting {
     }
 
     /// Filters a list answer as policy says.
-    pub fn filtered_by(mut self, filter: Option<ListFilter>) -> Self {
+    pub(crate) fn filtered_by(mut self, filter: Option<ListFilter>) -> Self {
         self.filter = filter.map(Arc::new);
         self
     }
 
     /// Holds a stateless listen stream's place under the session caps until the answer ends.
-    pub fn holding(mut self, listen: Option<ListenGuard>) -> Self {
+    pub(crate) fn holding(mut self, listen: Option<ListenGuard>) -> Self {
         self._listen = listen;
         self
     }
 
     /// Lets `session` learn its protocol version from the answer (while it does not know it)
     /// and track the server requests riding the answer.
-    pub fn tracked_by(mut self, session: Option<&Arc<Session>>) -> Self {
+    pub(crate) fn tracked_by(mut self, session: Option<&Arc<Session>>) -> Self {
         self.learner = session.filter(|s| !s.knows_version()).cloned();
         self.tracker = session.cloned();
         self
@@ -144,7 +144,7 @@ impl Awaiting {
 
     /// Follows the agent's cancellation of the message's request, when it is the only one
     /// and belongs to `session`.
-    pub fn cancellable(mut self, session: Option<&Arc<Session>>) -> Self {
+    pub(crate) fn cancellable(mut self, session: Option<&Arc<Session>>) -> Self {
         if let (Some(session), 1, Some(id)) = (session, self.responses, self.id.as_deref()) {
             let guard = session.track_cancel(id);
             self.cancelled = guard.token().clone();
@@ -161,7 +161,7 @@ impl Awaiting {
 
     /// A relay-made error saying the source could not answer, its calls finished as tunnel
     /// errors.
-    pub async fn source_failed(&mut self, why: &str) -> Bytes {
+    pub(crate) async fn source_failed(&mut self, why: &str) -> Bytes {
         let body = source_error_body(self.id.as_deref(), &self.source, why);
         self.fail(Outcome::TunnelError, body).await
     }
@@ -209,7 +209,7 @@ impl Awaiting {
 }
 
 /// How an exchange's answer begins, for the agent-facing side to answer accordingly.
-pub enum Opening {
+pub(crate) enum Opening {
     /// One JSON message holding every response, its calls already settled: answer it whole,
     /// with the upstream's HTTP status if it gave one.
     Json {
@@ -239,7 +239,7 @@ impl Awaiting {
     /// Waits for the first event of `exchange` and says how the answer begins. After a
     /// cancellation, a late answer finds no exchange and is dropped; the call is recorded
     /// abandoned.
-    pub async fn open(
+    pub(crate) async fn open(
         &mut self,
         exchange: &mut Exchange,
         channel: &Channel,
@@ -312,7 +312,7 @@ impl Awaiting {
 }
 
 /// The relay-made error saying `source` could not answer (counted as a tunnel error).
-pub fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Bytes {
+pub(crate) fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Bytes {
     metrics::counter!(crate::metrics::REQUESTS, "outcome" => "tunnel_error").increment(1);
     error_body(
         id,
@@ -322,7 +322,7 @@ pub fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Byte
 }
 
 /// The requests among an agent message's messages: what its answer must respond to.
-pub fn requests(classified: &Classified) -> Vec<&MessageInfo> {
+pub(crate) fn requests(classified: &Classified) -> Vec<&MessageInfo> {
     classified
         .messages()
         .iter()
@@ -395,7 +395,7 @@ async fn assemble(
 }
 
 /// A message from the upstream, classified once for everything the relay needs of it.
-pub struct Arrived {
+pub(crate) struct Arrived {
     message: Bytes,
     classified: Option<Classified>,
     /// How many responses it carries (a batch may carry several).
@@ -471,7 +471,7 @@ async fn timeout_body(channel: &Channel, awaiting: &Awaiting) -> Bytes {
 
 /// How [`produce`] ends.
 #[derive(Debug, Clone, Copy)]
-pub struct Ending {
+pub(crate) struct Ending {
     /// Close the log once done (not for the shared stream of an HTTP+SSE session).
     pub finish: bool,
     /// Stop as soon as the log's reader is gone: nobody can resume a stream without event
@@ -483,7 +483,7 @@ pub struct Ending {
 /// Moves an exchange's messages into `log` until every response has arrived. If the exchange
 /// ends first (upstream, tunnel, timeout), the agent still gets an answer: an error that says
 /// why.
-pub async fn produce(
+pub(crate) async fn produce(
     log: Arc<EventLog>,
     mut exchange: Exchange,
     first: Option<Arrived>,
@@ -663,7 +663,7 @@ async fn stream_pieces(
 /// the answer breaks off (tunnel gone, timeout, over the limit, shutdown) or cannot be
 /// recorded, the call is finished accordingly and the body ends with an error, so the agent
 /// sees an aborted response, never a truncated one that looks complete.
-pub async fn pipe(
+pub(crate) async fn pipe(
     channel: Arc<Channel>,
     mut exchange: Exchange,
     mut awaiting: Awaiting,

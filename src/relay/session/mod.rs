@@ -7,11 +7,12 @@ pub(crate) mod events;
 pub(crate) mod exchange;
 pub(crate) mod sessions;
 
-pub use events::{EventLog, LogReader, Piece, Start, parse_event_id};
-pub use exchange::{
+pub use events::parse_event_id;
+pub(super) use events::{EventLog, LogReader, Piece, Start};
+pub(super) use exchange::{
     Arrived, Awaiting, Ending, EventIds, Opening, pipe, produce, requests, source_error_body,
 };
-pub use sessions::{
+pub(super) use sessions::{
     CapReached, ListenGuard, STANDALONE_STREAM, Session, SessionCaps, Sessions, Transport,
     new_session_id,
 };

@@ -23,7 +23,7 @@ use crate::relay::tunnel::Channel;
 const ANSWER_LOGS: usize = 16;
 
 /// The stream number of a session's standalone stream (GET, or the HTTP+SSE stream).
-pub const STANDALONE_STREAM: u64 = 0;
+pub(crate) const STANDALONE_STREAM: u64 = 0;
 
 /// Which agent transport a session belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,7 @@ struct AnswerLogs {
 }
 
 /// A fresh random session id.
-pub fn new_session_id() -> String {
+pub(crate) fn new_session_id() -> String {
     let mut bytes = [0u8; SESSION_ID_BYTES];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)

@@ -22,7 +22,7 @@ use crate::wire::{
 /// What accepting tunnels needs of the relay around it: where tunnels register, who may
 /// connect, and when to drain and stop. The relay's shared state implements it; keeping it a
 /// trait keeps this module free of everything above the tunnel layer.
-pub trait TunnelHost: Send + Sync + 'static {
+pub(crate) trait TunnelHost: Send + Sync + 'static {
     /// Where tunnels register.
     fn registry(&self) -> &Registry;
     /// The grant of a tunnel token, if a tenant has it (read at each handshake, so a reload
@@ -42,7 +42,7 @@ pub trait TunnelHost: Send + Sync + 'static {
 /// registered or refused, so peers that never authenticate hold at most
 /// `[limits] max_tunnel_handshakes` connections, each within `tunnel_handshake_timeout_secs`.
 #[derive(Clone)]
-pub struct Admission {
+pub(crate) struct Admission {
     permits: Arc<Semaphore>,
     max: usize,
     timeout: Duration,
@@ -51,7 +51,7 @@ pub struct Admission {
 
 impl Admission {
     /// Admission under `limits`.
-    pub fn new(limits: &ListenerLimits) -> Self {
+    pub(crate) fn new(limits: &ListenerLimits) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limits.max_tunnel_handshakes)),
             max: limits.max_tunnel_handshakes,
@@ -82,7 +82,7 @@ impl Admission {
 }
 
 /// One tunnel connection between accept and registration.
-pub struct Handshaking {
+pub(crate) struct Handshaking {
     _permit: OwnedSemaphorePermit,
     deadline: tokio::time::Instant,
     receive_window: u64,
@@ -95,7 +95,7 @@ const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
 const MAX_SOURCES: usize = 256;
 
 /// Accepts QUIC connections until `shutdown`.
-pub async fn serve_quic<H: TunnelHost>(
+pub(crate) async fn serve_quic<H: TunnelHost>(
     endpoint: quinn::Endpoint,
     host: Arc<H>,
     admission: Admission,
@@ -147,7 +147,7 @@ pub async fn serve_quic<H: TunnelHost>(
 }
 
 /// Accepts HTTPS-fallback connections (TLS, then HTTP/2) until `shutdown`.
-pub async fn serve_https<H: TunnelHost>(
+pub(crate) async fn serve_https<H: TunnelHost>(
     listener: TcpListener,
     tls: TlsAcceptor,
     host: Arc<H>,

@@ -35,7 +35,7 @@ const EXCHANGE_BYTES: usize = 1024 * 1024;
 
 /// Server-to-agent messages held while no GET stream is open. Past this they are dropped
 /// (and counted): a session nobody listens to must not grow without bound.
-pub const UNSOLICITED_QUEUE: usize = 256;
+pub(crate) const UNSOLICITED_QUEUE: usize = 256;
 
 /// What an agent request sees arrive for its exchange.
 #[derive(Debug)]

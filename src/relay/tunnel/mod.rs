@@ -10,6 +10,7 @@ mod budget;
 pub(crate) mod channel;
 pub(crate) mod registry;
 
-pub use budget::Budget;
-pub use channel::{Channel, ChannelError, ChannelLimits, Event, Exchange};
-pub use registry::{Registry, TunnelRow};
+pub(super) use budget::Budget;
+pub(super) use channel::{Channel, ChannelError, ChannelLimits, Event, Exchange};
+pub(super) use registry::Registry;
+pub use registry::TunnelRow;

@@ -372,7 +372,7 @@ fn warn_on_conflict(tunnel: &Tunnel, source: &str, list: &[Arc<Tunnel>]) {
 }
 
 /// Formats seconds since the epoch as an RFC 3339 UTC timestamp.
-pub fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     // Civil-from-days (Howard Hinnant's algorithm): no date crate needed for one format.
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
