@@ -3,7 +3,7 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use mcp_tunnel::wire::{Frame, frame::FrameDecoder};
+use mcp_tunnel::wire::{Frame, FrameDecoder};
 use std::hint::black_box;
 use tokio_util::codec::Decoder;
 

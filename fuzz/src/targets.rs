@@ -17,8 +17,9 @@ use mcp_tunnel::mcp::jsonrpc::{Classified, MessageKind, classify};
 use mcp_tunnel::mcp::scan::MAX_CAPTURE;
 use mcp_tunnel::mcp::{ResponseScanner, sse};
 use mcp_tunnel::relay::parse_event_id;
-use mcp_tunnel::wire::frame::FrameDecoder;
-use mcp_tunnel::wire::{Frame, FrameKind, Greeting, Hello, HelloReply, Notice, OpenHeader};
+use mcp_tunnel::wire::{
+    Frame, FrameDecoder, FrameKind, Greeting, Hello, HelloReply, Notice, OpenHeader,
+};
 use serde_json::Value;
 use tokio_util::codec::Decoder;
 

@@ -21,16 +21,16 @@
 //! How the format grows without breaking a released peer (strict receivers, senders gated on
 //! the version agreed in the handshake) is the rule in [`version`].
 
-pub mod control;
-pub mod frame;
-pub mod open;
-pub mod sink;
+mod control;
+mod frame;
+mod open;
+mod sink;
 pub mod version;
 
 pub use control::{Greeting, Hello, HelloReply, Notice, SourceAnnouncement};
 pub use frame::{
-    DEFAULT_MAX_FRAME, Frame, FrameError, FrameKind, FrameReader, FrameWriter, HEADER_LEN,
-    UNSOLICITED,
+    DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameError, FrameKind, FrameReader, FrameWriter,
+    HEADER_LEN, PieceCount, UNSOLICITED,
 };
 pub use open::{Assertion, Era, OpenHeader};
 pub use sink::{FrameSink, SinkError};

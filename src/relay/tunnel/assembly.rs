@@ -5,8 +5,7 @@
 use std::collections::HashMap;
 
 use super::channel::Event;
-use crate::wire::frame::PieceCount;
-use crate::wire::{Frame, FrameKind, UNSOLICITED};
+use crate::wire::{Frame, FrameKind, PieceCount, UNSOLICITED};
 
 /// Messages arriving in pieces at once on one stream, past which the stream fails: each is a
 /// large answer in flight (one per concurrent request at most), so this bounds the reader's
