@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Harness, Options, WAIT};
+use common::{Harness, Options, WAIT, harness_with_demo};
 use futures_util::FutureExt;
 use mcp_tunnel::config::LimitsSection;
 use mcp_tunnel::transport::{quic, tls};
@@ -305,19 +305,6 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     harness.stop().await;
 }
 
-/// A harness with the demo upstream behind tenant `acme`'s source `demo`.
-async fn with_demo(
-    options: Options,
-) -> (Harness, common::Client, tokio_util::sync::CancellationToken) {
-    let upstreams = tokio_util::sync::CancellationToken::new();
-    let url = common::demo_upstream(&upstreams).await;
-    let harness = Harness::start(options).await;
-    let client = harness
-        .connect(&harness.acme.clone(), &[("demo", &url)])
-        .await;
-    (harness, client, upstreams)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
     let options = Options {
@@ -328,7 +315,7 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
         },
         ..Options::default()
     };
-    let (harness, _client, _upstreams) = with_demo(options).await;
+    let (harness, _client, _upstreams) = harness_with_demo(options).await;
     // A call whose upstream takes longer than the idle and header timeouts is in flight, not
     // idle: its connection stays until the answer is out.
     let mut agent = common::Agent::new(&harness.url("demo"), &harness.acme.api_key);
@@ -454,7 +441,7 @@ async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usab
         },
         ..Options::default()
     };
-    let (harness, _client, _upstreams) = with_demo(options).await;
+    let (harness, _client, _upstreams) = harness_with_demo(options).await;
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // 32 MiB: far more than loopback socket buffers absorb, so the client is still sending
     // when the relay has its answer.
@@ -486,16 +473,9 @@ async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usab
 /// Runs `tests/peers/oversized_client.py` against `url` with a `size`-byte message; returns
 /// its facts (`key: value` lines).
 async fn oversized_client(url: &str, key: &str, size: usize) -> Vec<(String, serde_json::Value)> {
-    let peers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers");
-    let python = peers.join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/install-peers.sh",
-        python.display()
-    );
-    let mut command = tokio::process::Command::new(&python);
+    let mut command = tokio::process::Command::new(common::peers::python());
     command
-        .arg(peers.join("oversized_client.py"))
+        .arg(common::peers::peer_file("oversized_client.py"))
         .args([url, key, &size.to_string()])
         .kill_on_drop(true);
     let output = tokio::time::timeout(4 * WAIT, command.output())
@@ -517,7 +497,7 @@ async fn oversized_client(url: &str, key: &str, size: usize) -> Vec<(String, ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_and_async_httpx_read_the_413_of_large_bodies() {
-    let (harness, _client, _upstreams) = with_demo(Options::default()).await;
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
     let limit = mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES;
     // Just over the limit, and far over it (the reset showed from 20 MiB on, every time at
     // 48 MiB on loopback).

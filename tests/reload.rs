@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Agent, LISTENERS, RelayProcess, WAIT, cert_dir, quic_settings, tool_text, write_config,
+    Agent, LISTENERS, RelayProcess, WAIT, assert_echo, cert_dir, quic_settings, tool_text,
+    write_config,
 };
 use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
@@ -137,6 +138,12 @@ impl FileRelay {
     fn write(&self, text: &str) {
         std::fs::write(&self.path, text).expect("rewrite relay.toml");
     }
+
+    /// Writes `text` and reloads, which must fail (`why` says why it must); returns the error.
+    async fn refused(&mut self, text: &str, why: &str) -> String {
+        self.write(text);
+        self.reloader().reload().await.expect_err(why).to_string()
+    }
 }
 
 /// An agent with a session open on `demo`, its echo checked.
@@ -147,14 +154,6 @@ async fn open_session(url: &str, key: &str) -> Agent {
     assert!(agent.session.is_some());
     assert_echo(&agent, 1, "opened").await;
     agent
-}
-
-async fn assert_echo(agent: &Agent, id: u64, message: &str) {
-    let answer = agent
-        .call_tool(id, "echo", json!({"message": message}))
-        .await;
-    assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(tool_text(answer.response()), message);
 }
 
 /// The tool names `tools/list` shows in `agent`'s session, sorted.
@@ -291,18 +290,17 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     let bob_line = ("bob", digest(&bob), &[][..]);
 
     // An unknown key: the parser's error names it and its line.
-    relay.write(&config_text(
-        &token,
-        &[alice_line.clone(), bob_line.clone()],
-        &[],
-        "bogus_key = 1\n",
-    ));
     let error = relay
-        .reloader()
-        .reload()
-        .await
-        .expect_err("an unknown key is refused")
-        .to_string();
+        .refused(
+            &config_text(
+                &token,
+                &[alice_line.clone(), bob_line.clone()],
+                &[],
+                "bogus_key = 1\n",
+            ),
+            "an unknown key is refused",
+        )
+        .await;
     assert!(
         error.contains("bogus_key") && error.contains("line"),
         "the error names the key and its line: {error}"
@@ -316,18 +314,17 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     assert_eq!(initialize_status(&url, &alice).await, 200);
 
     // A key naming a role that is not defined.
-    relay.write(&config_text(
-        &token,
-        &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
-        &[],
-        "",
-    ));
     let error = relay
-        .reloader()
-        .reload()
-        .await
-        .expect_err("an undefined role is refused")
-        .to_string();
+        .refused(
+            &config_text(
+                &token,
+                &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
+                &[],
+                "",
+            ),
+            "an undefined role is refused",
+        )
+        .await;
     assert!(
         error.contains("auditor"),
         "the error names the role: {error}"
@@ -335,18 +332,17 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     assert_eq!(initialize_status(&url, &bob).await, 401);
 
     // A clear-text secret where a digest belongs.
-    relay.write(&config_text(
-        &token,
-        &[alice_line.clone(), ("bob", bob.clone(), &[])],
-        &[],
-        "",
-    ));
     let error = relay
-        .reloader()
-        .reload()
-        .await
-        .expect_err("a clear-text key is refused")
-        .to_string();
+        .refused(
+            &config_text(
+                &token,
+                &[alice_line.clone(), ("bob", bob.clone(), &[])],
+                &[],
+                "",
+            ),
+            "a clear-text key is refused",
+        )
+        .await;
     assert!(
         error.contains("key of bob"),
         "the error names the key: {error}"
@@ -355,8 +351,21 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     assert_echo(&session, 3, "still the running configuration").await;
 
     // A valid file applies, and what reload cannot apply is reported, not silently dropped.
+    assert_valid_file_applies(&mut relay, &token, [alice_line, bob_line], &bob).await;
+    assert_echo(&session, 4, "and the session lives on").await;
+}
+
+/// A valid file with both keys and new limits reloads: bob's key works, the request timeout
+/// applies and the raised body limit is reported as needing a restart.
+async fn assert_valid_file_applies(
+    relay: &mut FileRelay,
+    token: &str,
+    [alice_line, bob_line]: [KeyLine<'_>; 2],
+    bob: &str,
+) {
+    let url = relay.url();
     relay.write(&config_text(
-        &token,
+        token,
         &[alice_line, bob_line],
         &[],
         "\n[limits]\nrequest_timeout_secs = 60\nmax_message_bytes = 33554432\n",
@@ -386,8 +395,7 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
         (1, 2),
         "{summary:?}"
     );
-    assert_eq!(initialize_status(&url, &bob).await, 200);
-    assert_echo(&session, 4, "and the session lives on").await;
+    assert_eq!(initialize_status(&url, bob).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,6 +535,43 @@ fn rewrite_keeping_stamp(path: &Path, text: &str) {
     );
 }
 
+/// The binary's watcher: an invalid file is refused, naming the key, and nothing changes; a
+/// valid change (bob removed) is picked up without a signal.
+async fn watcher_refuses_then_applies(
+    relay: &mut RelayProcess,
+    path: &Path,
+    token: &str,
+    alice_line: KeyLine<'_>,
+    session: &Agent,
+    bob: &str,
+) {
+    let url = format!("http://{}/mcp/demo", relay.agents);
+    std::fs::write(
+        path,
+        config_text(
+            token,
+            std::slice::from_ref(&alice_line),
+            &[],
+            "bogus_key = 1\n",
+        ),
+    )
+    .expect("write an invalid file");
+    let refused = relay.wait_for("reload refused").await;
+    assert!(
+        refused.contains("bogus_key") && refused.contains("line"),
+        "the log line names the key and its line: {refused}"
+    );
+    assert_eq!(initialize_status(&url, bob).await, 200, "bob still works");
+    assert_echo(session, 3, "alice's session too").await;
+
+    // A valid change (bob removed) is picked up by the watcher, without a signal.
+    std::fs::write(path, config_text(token, &[alice_line], &[], "")).expect("write");
+    let reloaded = relay.wait_for("configuration reloaded").await;
+    assert!(reloaded.contains("keys=2 -> 1 (+0 -1 ~0)"), "{reloaded}");
+    assert_eq!(initialize_status(&url, bob).await, 401, "bob's key is gone");
+    assert_echo(session, 4, "alice's session survived both reloads").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_binary_reloads_on_sighup_and_on_file_change() {
     common::init_tracing();
@@ -575,35 +620,7 @@ async fn relay_binary_reloads_on_sighup_and_on_file_change() {
     assert_eq!(initialize_status(&url, &bob).await, 200, "bob's key works");
     assert_echo(&session, 2, "alice's session survived the SIGHUP").await;
 
-    // The binary's watcher: an invalid file is refused, naming the key; nothing changes.
-    std::fs::write(
-        &path,
-        config_text(
-            &token,
-            std::slice::from_ref(&alice_line),
-            &[],
-            "bogus_key = 1\n",
-        ),
-    )
-    .expect("write an invalid file");
-    let refused = relay.wait_for("reload refused").await;
-    assert!(
-        refused.contains("bogus_key") && refused.contains("line"),
-        "the log line names the key and its line: {refused}"
-    );
-    assert_eq!(initialize_status(&url, &bob).await, 200, "bob still works");
-    assert_echo(&session, 3, "alice's session too").await;
-
-    // A valid change (bob removed) is picked up by the watcher, without a signal.
-    std::fs::write(&path, config_text(&token, &[alice_line], &[], "")).expect("write");
-    let reloaded = relay.wait_for("configuration reloaded").await;
-    assert!(reloaded.contains("keys=2 -> 1 (+0 -1 ~0)"), "{reloaded}");
-    assert_eq!(
-        initialize_status(&url, &bob).await,
-        401,
-        "bob's key is gone"
-    );
-    assert_echo(&session, 4, "alice's session survived both reloads").await;
+    watcher_refuses_then_applies(&mut relay, &path, &token, alice_line, &session, &bob).await;
 
     relay.peer.signal(libc::SIGTERM);
     let status = tokio::time::timeout(WAIT, relay.peer.child.0.wait())

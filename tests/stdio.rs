@@ -190,18 +190,9 @@ fn error_message(answer: &common::Answer) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_everything_over_stdio_in_both_eras() {
-    let _serial = SERIAL.lock().await;
-    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let harness = Harness::start(Options::default()).await;
-    let client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            stdio_settings(&harness, &[("everything", everything())]),
-        )
-        .await;
-
+/// Session era through server-everything over stdio: one child for the session, speaking
+/// newline-delimited JSON; returns the agent, its session open.
+async fn session_era_over_stdio(harness: &Harness) -> Agent {
     // Session era: one child for the session, speaking newline-delimited JSON.
     let mut agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
     let init = agent.initialize().await;
@@ -252,7 +243,11 @@ async fn server_everything_over_stdio_in_both_eras() {
     );
     assert_eq!(long.response()["id"], 4);
     assert!(tool_text(long.response()).contains("completed"), "{long:?}");
+    agent
+}
 
+/// Stateless era through server-everything over stdio.
+async fn stateless_era_over_stdio(harness: &Harness) {
     // Stateless era: server-everything does not speak 2026-07-28; connect's pooled process
     // does it in the session era. Three agents use the same id and progress token at once,
     // and each gets exactly its own answer and progress.
@@ -313,15 +308,26 @@ async fn server_everything_over_stdio_in_both_eras() {
     )
     .await;
     assert_eq!(tool_text(again.response()), "Echo: again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_stdio_in_both_eras() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("everything", everything())]),
+        )
+        .await;
+
+    let agent = session_era_over_stdio(&harness).await;
+    stateless_era_over_stdio(&harness).await;
 
     // One child for the session, one pooled child for every stateless request.
     assert_eq!(children(&baseline).len(), 2, "{:?}", children(&baseline));
-    let deleted = agent
-        .request(reqwest::Method::DELETE)
-        .send()
-        .await
-        .expect("DELETE");
-    assert_eq!(deleted.status(), 200);
+    assert_eq!(agent.delete().await, 200);
     until_none_left("the session's child", || {
         let left = children(&baseline);
         if left.len() > 1 { left } else { Vec::new() }
@@ -335,6 +341,31 @@ async fn server_everything_over_stdio_in_both_eras() {
         "connect's run returned with a child left"
     );
     harness.stop().await;
+}
+
+/// `count` sessions on `url`, 8 at a time: initialize, a request, DELETE, each checked.
+async fn short_sessions(url: &str, key: &str, count: u64) -> Vec<()> {
+    futures_util::stream::iter(0..count)
+        .map(|n| {
+            let mut agent = Agent::new(url, key);
+            async move {
+                let init = agent.initialize().await;
+                assert_eq!(init.status, 200, "session {n}: {init:?}");
+                assert!(agent.session.is_some(), "session {n}: {init:?}");
+                let ping = agent
+                    .post(&json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
+                    .await;
+                assert_eq!(
+                    ping.response()["result"],
+                    json!({}),
+                    "session {n}: {ping:?}"
+                );
+                assert_eq!(agent.delete().await, 200, "session {n}");
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,32 +395,7 @@ async fn no_child_outlives_its_session_or_connect() {
     let key = harness.acme.api_key.clone();
 
     // 200 sessions, 8 at a time: initialize, a request, DELETE.
-    let sessions = futures_util::stream::iter(0..200u64)
-        .map(|n| {
-            let mut agent = Agent::new(&url, &key);
-            async move {
-                let init = agent.initialize().await;
-                assert_eq!(init.status, 200, "session {n}: {init:?}");
-                assert!(agent.session.is_some(), "session {n}: {init:?}");
-                let ping = agent
-                    .post(&json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
-                    .await;
-                assert_eq!(
-                    ping.response()["result"],
-                    json!({}),
-                    "session {n}: {ping:?}"
-                );
-                let deleted = agent
-                    .request(reqwest::Method::DELETE)
-                    .send()
-                    .await
-                    .expect("DELETE");
-                assert_eq!(deleted.status(), 200, "session {n}");
-            }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<()>>()
-        .await;
+    let sessions = short_sessions(&url, &key, 200).await;
     assert_eq!(sessions.len(), 200);
     let started = recorded_pids(&pid_file);
     assert_eq!(started.len(), 200, "one process per session");
@@ -433,30 +439,9 @@ async fn no_child_outlives_its_session_or_connect() {
     harness.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
-    let _serial = SERIAL.lock().await;
-    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let crashy = vec![
-        PYTHON.into(),
-        "-c".into(),
-        "import sys; sys.stdin.readline(); sys.exit(3)".into(),
-    ];
-    let harness = Harness::start(Options::default()).await;
-    let client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            stdio_settings(
-                &harness,
-                &[
-                    ("crashy", crashy),
-                    ("missing", vec!["/nonexistent/mcp-server".into()]),
-                    ("mini", mini()),
-                ],
-            ),
-        )
-        .await;
-
+/// `crashy` exits right after reading initialize, `missing` cannot start: errors naming the
+/// source, and no session.
+async fn failed_starts_answer_with_an_error(harness: &Harness) {
     // Exits right after reading initialize: the agent gets an error, and no session.
     let mut agent = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
     let init = agent.initialize().await;
@@ -478,8 +463,10 @@ async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
         message.contains("source missing could not start"),
         "{message}"
     );
+}
 
-    // A crash in the middle of a session answers the pending request and ends the session.
+/// A crash in the middle of a session answers the pending request and ends the session.
+async fn a_crash_mid_session_ends_it(harness: &Harness) {
     let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
     let echo = agent
@@ -498,9 +485,11 @@ async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
         after.status == 404 || error_message(&after).contains("exited"),
         "the session is over: {after:?}"
     );
+}
 
-    // Stateless: a pooled process that dies answers with the same error, and the next
-    // request starts a fresh one.
+/// Stateless: a pooled process that dies answers with the same error, and the next request
+/// starts a fresh one.
+async fn a_crashed_pooled_process_is_replaced(harness: &Harness) {
     let mut stateless_agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
     stateless_agent.version = Some("2026-07-28".into());
     let first = stateless(
@@ -541,6 +530,35 @@ async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
         error_message(&failed).contains("source crashy exited: exit status: 3"),
         "{failed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let crashy = vec![
+        PYTHON.into(),
+        "-c".into(),
+        "import sys; sys.stdin.readline(); sys.exit(3)".into(),
+    ];
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(
+                &harness,
+                &[
+                    ("crashy", crashy),
+                    ("missing", vec!["/nonexistent/mcp-server".into()]),
+                    ("mini", mini()),
+                ],
+            ),
+        )
+        .await;
+
+    failed_starts_answer_with_an_error(&harness).await;
+    a_crash_mid_session_ends_it(&harness).await;
+    a_crashed_pooled_process_is_replaced(&harness).await;
 
     client.stop().await.expect("connect stops cleanly");
     assert_eq!(children(&baseline), Vec::<u32>::new());
@@ -595,26 +613,14 @@ async fn read_until_id(
     text
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only() {
-    let _serial = SERIAL.lock().await;
-    let harness = Harness::start(Options::default()).await;
-    let holding = vec![
-        PYTHON.into(),
-        "-u".into(),
-        "-c".into(),
-        HOLDING_SERVER.into(),
-    ];
-    let _client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            stdio_settings(&harness, &[("holding", holding)]),
-        )
-        .await;
-    let mut agent = Agent::new(&harness.url("holding"), &harness.acme.api_key);
-    assert_eq!(agent.initialize().await.status, 200);
-
-    // The child holds the call; the POST's headers and priming event come at once anyway.
+/// POSTs the `held` call; its headers and priming event come at once, though the child holds
+/// the call. Returns the open body and the priming event's id.
+async fn post_held_call_until_primed(
+    agent: &Agent,
+) -> (
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>,
+    String,
+) {
     let post = agent
         .request(reqwest::Method::POST)
         .header("content-type", "application/json")
@@ -651,6 +657,30 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     .await
     .expect("the priming event comes before the answer")
     .expect("the priming event has an id");
+    (body, prime_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only() {
+    let _serial = SERIAL.lock().await;
+    let harness = Harness::start(Options::default()).await;
+    let holding = vec![
+        PYTHON.into(),
+        "-u".into(),
+        "-c".into(),
+        HOLDING_SERVER.into(),
+    ];
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("holding", holding)]),
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("holding"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+
+    // The child holds the call; the POST's headers and priming event come at once anyway.
+    let (body, prime_id) = post_held_call_until_primed(&agent).await;
     // The agent's connection drops before the answer.
     drop(body);
 

@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use common::audit::{audit_at, export, outcome};
 use common::{Agent, Harness, Options, WAIT};
 use futures_util::StreamExt;
 use mcp_tunnel::config::{LimitsSection, TransportChoice};
-use mcp_tunnel::govern::audit::AuditSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -115,6 +115,55 @@ fn async_stream(
     )
 }
 
+/// The answer to `initialize`: session `big-session`.
+fn initialized(id: &Value) -> Response {
+    let answer = json!({"jsonrpc":"2.0","id":id,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"big","version":"0"}}});
+    let mut response = axum::Json(answer).into_response();
+    response
+        .headers_mut()
+        .insert("mcp-session-id", HeaderValue::from_static("big-session"));
+    response
+}
+
+/// The start of a result whose text runs on for `size` bytes, made as it is read: nobody may
+/// hold it whole.
+fn endless(id: &Value, size: usize, upstream: Arc<Upstream>) -> Body {
+    let head =
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":""#);
+    let filler = Bytes::from(vec![b'x'; CHUNK]);
+    let signal = DropSignal(upstream.clone());
+    let chunks = (0..size / CHUNK).map(move |_| filler.clone());
+    let stream = futures_util::stream::iter(std::iter::once(Bytes::from(head)).chain(chunks)).then(
+        move |chunk| {
+            let upstream = upstream.clone();
+            let _signal = &signal;
+            async move {
+                tokio::task::yield_now().await;
+                upstream.produced.fetch_add(chunk.len(), Ordering::SeqCst);
+                Ok::<_, std::io::Error>(chunk)
+            }
+        },
+    );
+    Body::from_stream(stream)
+}
+
+/// An event stream: a progress notification, then `answer` as one event.
+fn progress_then_answer(upstream: Arc<Upstream>, answer: Vec<u8>) -> Response {
+    let mut events = format!(
+        "event: message\ndata: {}\n\nevent: message\ndata: ",
+        json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}})
+    )
+    .into_bytes();
+    events.extend_from_slice(&answer);
+    events.extend_from_slice(b"\n\n");
+    let mut response = Response::new(streamed(upstream, events, "end"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
 /// The upstream's one endpoint: sessions, notifications, and the `big` tool.
 async fn mcp(
     axum::extract::State(upstream): axum::extract::State<Arc<Upstream>>,
@@ -123,14 +172,7 @@ async fn mcp(
     let request: Value = serde_json::from_slice(&body).expect("connect forwards JSON");
     let id = request["id"].clone();
     match request["method"].as_str() {
-        Some("initialize") => {
-            let answer = json!({"jsonrpc":"2.0","id":id,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"big","version":"0"}}});
-            let mut response = axum::Json(answer).into_response();
-            response
-                .headers_mut()
-                .insert("mcp-session-id", HeaderValue::from_static("big-session"));
-            response
-        }
+        Some("initialize") => initialized(&id),
         Some("tools/call") if !id.is_null() => {
             let args = &request["params"]["arguments"];
             let size = args["size"].as_u64().expect("size") as usize;
@@ -144,44 +186,10 @@ async fn mcp(
             let body = match mode {
                 // The start of a result whose text runs on for `size` bytes, made as it is
                 // read: nobody may hold it whole.
-                "endless" => {
-                    let head = format!(
-                        r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":""#
-                    );
-                    let filler = Bytes::from(vec![b'x'; CHUNK]);
-                    let signal = DropSignal(upstream.clone());
-                    let chunks = (0..size / CHUNK).map(move |_| filler.clone());
-                    let stream = futures_util::stream::iter(
-                        std::iter::once(Bytes::from(head)).chain(chunks),
-                    )
-                    .then(move |chunk| {
-                        let upstream = upstream.clone();
-                        let _signal = &signal;
-                        async move {
-                            tokio::task::yield_now().await;
-                            upstream.produced.fetch_add(chunk.len(), Ordering::SeqCst);
-                            Ok::<_, std::io::Error>(chunk)
-                        }
-                    });
-                    Body::from_stream(stream)
-                }
+                "endless" => endless(&id, size, upstream),
                 "length" => Body::from(answer),
                 // An event stream: a progress notification, then the answer as one event.
-                "sse" => {
-                    let mut events = format!(
-                        "event: message\ndata: {}\n\nevent: message\ndata: ",
-                        json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}})
-                    )
-                    .into_bytes();
-                    events.extend_from_slice(&answer);
-                    events.extend_from_slice(b"\n\n");
-                    let mut response = Response::new(streamed(upstream, events, "end"));
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/event-stream"),
-                    );
-                    return response;
-                }
+                "sse" => return progress_then_answer(upstream, answer),
                 "chunked" => streamed(upstream, answer, "end"),
                 // The first half of the answer, then the upstream breaks off or stalls.
                 "break" | "stall" => {
@@ -220,34 +228,13 @@ async fn big_upstream(stop: &CancellationToken) -> (String, Arc<Upstream>) {
     (format!("http://{addr}/mcp"), upstream)
 }
 
-/// The audit trail at `path`, with the defaults of `[audit]`.
-fn audit_at(path: &Path) -> AuditSettings {
-    AuditSettings::new(path)
-}
-
 /// The `tools/call` rows of the trail at `db`, through `audit export`.
 async fn call_rows(db: &Path) -> Vec<Value> {
-    let db = db.display().to_string();
-    let output = common::run_cli(&["audit", "export", "--db", &db]).await;
-    assert!(
-        output.status.success(),
-        "audit export fails: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is JSON ({e}): {l}")))
+    export(db)
+        .await
+        .into_iter()
         .filter(|row: &Value| row["mcp.method.name"] == "tools/call")
         .collect()
-}
-
-/// A row's outcome as `kind` or `kind:code`.
-fn outcome(row: &Value) -> String {
-    match row["outcome"]["code"].as_i64() {
-        Some(code) => format!("{}:{code}", row["outcome"]["kind"].as_str().unwrap_or("?")),
-        None => row["outcome"]["kind"].as_str().unwrap_or("?").to_owned(),
-    }
 }
 
 /// The row of request `id`.

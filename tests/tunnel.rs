@@ -3,20 +3,11 @@
 
 mod common;
 
-use common::{Agent, Harness, Options, WAIT, tool_text};
+use common::sse::read_events;
+use common::{Agent, Harness, Options, WAIT, harness_with_demo, tool_text};
 use mcp_tunnel::config::LimitsSection;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-async fn harness_with_demo(options: Options) -> (Harness, common::Client, CancellationToken) {
-    let upstreams = CancellationToken::new();
-    let url = common::demo_upstream(&upstreams).await;
-    let harness = Harness::start(options).await;
-    let client = harness
-        .connect(&harness.acme.clone(), &[("demo", &url)])
-        .await;
-    (harness, client, upstreams)
-}
 
 fn tunnel_row(harness: &Harness) -> mcp_tunnel::relay::TunnelRow {
     harness
@@ -93,12 +84,7 @@ async fn session_lifecycle_initialize_call_stream_delete() {
         1,
         "one stream for the whole session"
     );
-    let delete = agent
-        .request(reqwest::Method::DELETE)
-        .send()
-        .await
-        .expect("DELETE");
-    assert_eq!(delete.status(), 200);
+    assert_eq!(agent.delete().await, 200);
     let after = agent.call_tool(4, "echo", json!({"message": "late"})).await;
     assert_eq!(after.status, 404, "a deleted session is gone: {after:?}");
     assert_eq!(harness.state.sessions.len(), 0);
@@ -167,15 +153,7 @@ async fn hundred_concurrent_sessions_each_on_its_own_stream() {
     );
 
     for agent in &agents {
-        assert_eq!(
-            agent
-                .request(reqwest::Method::DELETE)
-                .send()
-                .await
-                .expect("DELETE")
-                .status(),
-            200
-        );
+        assert_eq!(agent.delete().await, 200);
     }
     assert_eq!(harness.state.sessions.len(), 0);
 }
@@ -195,14 +173,7 @@ async fn stateless_era_one_stream_per_request_and_headers_checked() {
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.version = Some("2026-07-28".into());
 
-    let discover = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .header("mcp-method", "server/discover")
-        .body(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
-        .send()
-        .await
-        .expect("discover");
+    let discover = agent.discover().send().await.expect("discover");
     let discover = common::read_answer(discover).await;
     assert_eq!(discover.status, 200, "{discover:?}");
     assert!(
@@ -245,8 +216,15 @@ async fn stateless_era_one_stream_per_request_and_headers_checked() {
     assert!(settled.is_ok(), "and closed it when answered");
 
     // Headers that disagree with the body never reach the tunnel.
+    headers_that_disagree_with_the_body_are_refused(&agent).await;
+    assert_eq!(tunnel_row(&harness).streams_opened, 4);
+}
+
+/// Headers that disagree with the body (a repeated or wrong `Mcp-Name`, no `Mcp-Method`) are
+/// refused with -32020.
+async fn headers_that_disagree_with_the_body_are_refused(agent: &Agent) {
     let mismatch =
-        stateless_call(&agent, 9, "add", json!({"a": 1, "b": 2})).header("mcp-name", "echo");
+        stateless_call(agent, 9, "add", json!({"a": 1, "b": 2})).header("mcp-name", "echo");
     let mismatch = common::read_answer(mismatch.send().await.expect("repeated header")).await;
     assert_eq!(mismatch.status, 400);
     assert_eq!(mismatch.response()["error"]["code"], -32020);
@@ -274,7 +252,6 @@ async fn stateless_era_one_stream_per_request_and_headers_checked() {
         .expect("no Mcp-Method");
     let no_method = common::read_answer(no_method).await;
     assert_eq!(no_method.response()["error"]["code"], -32020);
-    assert_eq!(tunnel_row(&harness).streams_opened, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,24 +316,8 @@ async fn unknown_offline_and_foreign_sources_and_sessions_all_read_404() {
             .status,
         404
     );
-    assert_eq!(
-        guesser
-            .request(reqwest::Method::DELETE)
-            .send()
-            .await
-            .expect("DELETE")
-            .status(),
-        404
-    );
-    assert_eq!(
-        tool_text(
-            owner
-                .call_tool(2, "echo", json!({"message": "still mine"}))
-                .await
-                .response()
-        ),
-        "still mine"
-    );
+    assert_eq!(guesser.delete().await, 404);
+    assert_eq!(owner.echo(2, "still mine").await, "still mine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,15 +393,7 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
         }
     }
     // ... and the session carries on.
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(3, "echo", json!({"message": "after"}))
-                .await
-                .response()
-        ),
-        "after"
-    );
+    assert_eq!(agent.echo(3, "after").await, "after");
 }
 
 fn sha256(text: &str) -> String {
@@ -581,15 +534,7 @@ async fn dropped_tunnel_ends_its_sessions_and_connect_reconnects() {
         .await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.initialize().await;
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(1, "echo", json!({"message": "back"}))
-                .await
-                .response()
-        ),
-        "back"
-    );
+    assert_eq!(agent.echo(1, "back").await, "back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,50 +638,12 @@ async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
     .expect("connect reconnected");
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.initialize().await;
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(1, "echo", json!({"message": "again"}))
-                .await
-                .response()
-        ),
-        "again"
-    );
+    assert_eq!(agent.echo(1, "again").await, "again");
     assert_eq!(
         harness.state.registry.rows().len(),
         1,
         "the old tunnel is gone from the registry"
     );
-}
-
-/// Reads SSE events from a streaming response until `done` says so; returns their data.
-async fn read_events(
-    response: &mut reqwest::Response,
-    buffer: &mut String,
-    mut done: impl FnMut(&[String]) -> bool,
-) -> Vec<String> {
-    let mut events = Vec::new();
-    loop {
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .collect();
-            if !data.is_empty() {
-                events.push(data.join("\n"));
-            }
-        }
-        if done(&events) {
-            return events;
-        }
-        let chunk = tokio::time::timeout(WAIT, response.chunk())
-            .await
-            .expect("event in time")
-            .expect("read")
-            .expect("stream open");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

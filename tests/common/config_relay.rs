@@ -178,3 +178,63 @@ pub fn field(line: &str, key: &str) -> SocketAddr {
         .and_then(|value| value.trim_matches('"').parse().ok())
         .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
 }
+
+/// `mcp-tunnel connect --relay TUNNEL --ca CA --token TOKEN`, more arguments to follow.
+pub fn connect_command(tunnel: SocketAddr, ca: &Path, token: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"));
+    command
+        .arg("connect")
+        .arg("--relay")
+        .arg(tunnel.to_string())
+        .arg("--ca")
+        .arg(ca)
+        .arg("--token")
+        .arg(token);
+    command
+}
+
+/// The relay binary up on a config of tenant `acme` (a fresh tunnel token and API key) in a
+/// temporary directory with dev certificates, their CA written as `tunnel-ca.pem` for
+/// `connect --ca`.
+pub struct AcmeRelay {
+    pub dir: tempfile::TempDir,
+    pub certs: DevCerts,
+    pub tunnel_token: String,
+    pub api_key: String,
+    /// The CA file for `connect --ca`.
+    pub ca: PathBuf,
+    pub relay: RelayProcess,
+}
+
+impl AcmeRelay {
+    /// Writes `LISTENERS`, then `extra` (whole sections, such as `[admin]`), then acme's
+    /// tenant block as `relay.toml`, and starts the relay binary on it.
+    pub async fn start(extra: &str) -> Self {
+        let (dir, certs) = cert_dir();
+        let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
+        let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "{LISTENERS}\n{extra}{}",
+                acme_tenant(&tunnel_token, &api_key)
+            ),
+        );
+        let relay = RelayProcess::start(&config).await;
+        let ca = dir.path().join("tunnel-ca.pem");
+        std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
+        Self {
+            dir,
+            certs,
+            tunnel_token,
+            api_key,
+            ca,
+            relay,
+        }
+    }
+
+    /// `connect` to this relay with acme's tunnel token, more arguments to follow.
+    pub fn connect_command(&self) -> tokio::process::Command {
+        connect_command(self.relay.tunnel, &self.ca, &self.tunnel_token)
+    }
+}
