@@ -41,6 +41,13 @@ struct Scene {
     _clients: Vec<common::Client>,
 }
 
+impl Scene {
+    /// The relay, acme's agent, other's agent and the `connect`s.
+    fn into_parts(self) -> (Harness, Agent, Agent, Vec<common::Client>) {
+        (self.harness, self.acme, self.other, self._clients)
+    }
+}
+
 async fn scene() -> Scene {
     let harness = Harness::start(Options {
         acme_roles: vec![caller_role()],
@@ -95,12 +102,7 @@ async fn other_load(agent: &Agent) {
 }
 
 async fn get_json(url: &str) -> Value {
-    let response = reqwest::Client::new()
-        .get(url)
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("admin request is sent");
+    let response = common::get(url).await;
     assert_eq!(response.status(), 200, "GET {url}");
     response.json().await.expect("JSON body")
 }
@@ -325,12 +327,7 @@ impl Events {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_push_a_snapshot_then_new_calls_and_end_at_shutdown() {
-    let Scene {
-        harness,
-        acme,
-        other,
-        _clients,
-    } = scene().await;
+    let (harness, acme, other, _clients) = scene().await.into_parts();
     let mut events = Events::open(&harness.admin_url("/activity/events?tenant=other")).await;
     let (name, snapshot) = events.next().await.expect("a first event");
     assert_eq!(name, "snapshot");
@@ -542,12 +539,7 @@ async fn screenshot(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_calls_made_while_it_watches() {
-    let Scene {
-        harness,
-        acme,
-        other,
-        _clients,
-    } = scene().await;
+    let (harness, acme, other, _clients) = scene().await.into_parts();
     acme_load(&acme).await;
     let url = harness.admin_url("/activity");
     // Virtual time stands still while the event stream is open and runs on once the relay

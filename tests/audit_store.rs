@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::audit::{now_ms, rewrite_rows};
+use common::audit::{assert_fails_naming, now_ms, rewrite_rows};
 use mcp_tunnel::govern::audit::AuditSettings;
 use mcp_tunnel::govern::audit::store::RECORD_COLUMNS;
 use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
@@ -95,16 +95,7 @@ async fn fill(dir: &Path, per_tenant: u64, tasks: u64) -> PathBuf {
 
 /// Runs `mcp-tunnel ARGS`; returns success and stdout + stderr.
 async fn cli(args: &[&str]) -> (bool, String) {
-    let output = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command finishes in time")
-    .expect("the binary runs");
+    let output = common::run_cli_within(args, WAIT).await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -583,11 +574,7 @@ async fn deleting_the_last_checkpoints_and_their_tail_is_found() {
     let gap = copy(&db, "gap.db");
     tamper(&gap, "DELETE FROM checkpoints WHERE n = 3;");
     let (ok, out) = verify_with(&gap, &key, &[]).await;
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("checkpoint gap") && out.contains("checkpoint 3 is missing"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["checkpoint gap", "checkpoint 3 is missing"]);
 }
 
 #[tokio::test]
@@ -621,11 +608,7 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
     rewrite_subjects(&rewritten);
     let (ok, out) = verify_with(&rewritten, &key, &[]).await;
     println!("rewritten.db:\n{out}");
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("checkpoint mismatch") && out.contains("rewritten"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["checkpoint mismatch", "rewritten"]);
 
     // With every checkpoint deleted first: rows and not one checkpoint.
     let rewritten = copy(&db, "rewritten-no-checkpoints.db");
@@ -633,11 +616,7 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
     rewrite_subjects(&rewritten);
     let (ok, out) = verify_with(&rewritten, &key, &[]).await;
     println!("rewritten-no-checkpoints.db:\n{out}");
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("relay \"relay-a\"") && out.contains("no checkpoint"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["relay \"relay-a\"", "no checkpoint"]);
 
     // The whole trail replaced by one a relay with a new key wrote: the given public key and
     // the off-box copy both refuse it; only the keys the trail names would accept it.
@@ -663,11 +642,7 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
     ])
     .await;
     println!("replaced trail with the copy:\n{out}");
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("off-box copy mismatch") && out.contains("another key"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["off-box copy mismatch", "another key"]);
 }
 
 #[tokio::test]

@@ -67,6 +67,23 @@ async fn bench(args: &[&str]) -> Run {
     }
 }
 
+impl Run {
+    /// A failed run: it exits non-zero, with `calls` calls and `count` errors of `kind`.
+    fn assert_failed(&self, calls: u64, kind: &str, count: u64) {
+        assert!(
+            !self.success,
+            "a failed run exits non-zero: {}",
+            self.report
+        );
+        assert_eq!(self.report["calls"], calls, "{}", self.report);
+        assert_eq!(
+            self.report["errors_by_kind"][kind], count,
+            "{}",
+            self.report
+        );
+    }
+}
+
 fn number(report: &Value, field: &str) -> f64 {
     report[field]
         .as_f64()
@@ -175,14 +192,8 @@ async fn both_eras_through_the_relay_and_a_bad_key_is_counted() {
         "20",
     ])
     .await;
-    assert!(!run.success, "a failed run exits non-zero: {}", run.report);
-    assert_eq!(run.report["calls"], 20, "{}", run.report);
+    run.assert_failed(20, "http 401", 20);
     assert_eq!(run.report["errors"], 20, "{}", run.report);
-    assert_eq!(
-        run.report["errors_by_kind"]["http 401"], 20,
-        "{}",
-        run.report
-    );
     assert!(
         run.stderr.contains("20 of 20 requests failed"),
         "{}",
@@ -201,13 +212,7 @@ async fn both_eras_through_the_relay_and_a_bad_key_is_counted() {
         "2",
     ])
     .await;
-    assert!(!run.success, "{}", run.report);
-    assert_eq!(run.report["calls"], 0, "{}", run.report);
-    assert_eq!(
-        run.report["errors_by_kind"]["initialize: http 401"], 2,
-        "{}",
-        run.report
-    );
+    run.assert_failed(0, "initialize: http 401", 2);
     harness.stop().await;
     upstream.stop().await;
 }
@@ -226,12 +231,6 @@ async fn a_dead_url_is_counted_as_transport_errors() {
         "5",
     ])
     .await;
-    assert!(!run.success, "{}", run.report);
-    assert_eq!(run.report["calls"], 10, "{}", run.report);
-    assert_eq!(
-        run.report["errors_by_kind"]["transport: connect"], 10,
-        "{}",
-        run.report
-    );
+    run.assert_failed(10, "transport: connect", 10);
     assert!(run.stderr.contains("requests failed"), "{}", run.stderr);
 }

@@ -236,11 +236,7 @@ async fn silent_and_idle_connections_are_closed() {
 
 /// Sends one unauthenticated request on `tcp` and reads its answer's status line.
 async fn request_status(tcp: &mut TcpStream, host: SocketAddr) -> String {
-    tcp.write_all(
-        format!("GET /mcp/demo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("request");
+    write_request(tcp, host).await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
         .await
@@ -251,6 +247,20 @@ async fn request_status(tcp: &mut TcpStream, host: SocketAddr) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// Whether one unauthenticated request on `tcp` is answered 401.
+async fn answers_401(tcp: &mut TcpStream, host: SocketAddr) -> bool {
+    request_status(tcp, host).await.contains("401")
+}
+
+/// Writes one unauthenticated request on `tcp`.
+async fn write_request(tcp: &mut TcpStream, host: SocketAddr) {
+    tcp.write_all(
+        format!("GET /mcp/demo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,28 +275,11 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     let harness = Harness::start(options).await;
     let mut first = TcpStream::connect(harness.agents).await.expect("connect");
     let mut second = TcpStream::connect(harness.agents).await.expect("connect");
-    assert!(
-        request_status(&mut first, harness.agents)
-            .await
-            .contains("401")
-    );
-    assert!(
-        request_status(&mut second, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut first, harness.agents).await);
+    assert!(answers_401(&mut second, harness.agents).await);
     // Both slots are held by kept-alive connections: a third is not served...
     let mut third = TcpStream::connect(harness.agents).await.expect("connect");
-    third
-        .write_all(
-            format!(
-                "GET /mcp/demo HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
-                harness.agents
-            )
-            .as_bytes(),
-        )
-        .await
-        .expect("request");
+    write_request(&mut third, harness.agents).await;
     let mut buf = vec![0u8; 4096];
     assert!(
         tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf))
@@ -341,22 +334,10 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // A fresh connection is idle too (pooling clients open them ahead of use).
     let mut unused = TcpStream::connect(harness.agents).await.expect("connect");
-    assert!(
-        request_status(&mut tcp, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut tcp, harness.agents).await);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(
-        request_status(&mut tcp, harness.agents)
-            .await
-            .contains("401")
-    );
-    assert!(
-        request_status(&mut unused, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut tcp, harness.agents).await);
+    assert!(answers_401(&mut unused, harness.agents).await);
     harness.stop().await;
 }
 
@@ -462,11 +443,7 @@ async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usab
         "{body}"
     );
     // The whole body was read: the connection takes the next request.
-    assert!(
-        request_status(&mut tcp, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut tcp, harness.agents).await);
     harness.stop().await;
 }
 

@@ -272,12 +272,7 @@ async fn bad_tokens_are_refused_naming_the_metadata(
 /// The HTTP+SSE endpoint names its own resource; both well-known documents (RFC 9728) are
 /// served without credentials.
 async fn metadata_is_served(agents: std::net::SocketAddr) {
-    let sse = reqwest::Client::new()
-        .get(format!("http://{agents}/sse/demo"))
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("GET /sse/demo");
+    let sse = common::get(&format!("http://{agents}/sse/demo")).await;
     assert_eq!(sse.status(), 401);
     assert_eq!(
         sse.headers()["www-authenticate"],
@@ -298,12 +293,7 @@ async fn metadata_is_served(agents: std::net::SocketAddr) {
             PUBLIC_URL.to_owned(),
         ),
     ] {
-        let response = reqwest::Client::new()
-            .get(format!("http://{agents}{path}"))
-            .timeout(WAIT)
-            .send()
-            .await
-            .expect("metadata request");
+        let response = common::get(&format!("http://{agents}{path}")).await;
         assert_eq!(response.status(), 200, "{path}");
         assert_eq!(response.headers()["content-type"], "application/json");
         let document: Value = response.json().await.expect("JSON metadata");

@@ -25,6 +25,11 @@ struct Creds {
 }
 
 impl Creds {
+    /// A relay on `config(extra)` with these credentials.
+    async fn relay(&self, extra: &str) -> FileRelay {
+        FileRelay::start(self, &self.config(extra)).await
+    }
+
     fn new() -> Self {
         Self {
             token: new_secret("mcpt_tok_"),
@@ -143,7 +148,7 @@ async fn echo(agent: &Agent, id: u64) -> Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_the_burst() {
     let creds = Creds::new();
-    let mut relay = FileRelay::start(&creds, &creds.config("")).await;
+    let mut relay = creds.relay("").await;
     let url = relay.url();
     let mut alice = Agent::new(&url, &creds.alice);
     assert_eq!(alice.initialize().await.status, 200);
@@ -195,11 +200,9 @@ async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_limit_counts_every_caller_of_the_tenant() {
     let creds = Creds::new();
-    let relay = FileRelay::start(
-        &creds,
-        &creds.config("[rate_limits]\nsource = { per_minute = 1, burst = 5 }\n"),
-    )
-    .await;
+    let relay = creds
+        .relay("[rate_limits]\nsource = { per_minute = 1, burst = 5 }\n")
+        .await;
     let url = relay.url();
     let mut alice = Agent::new(&url, &creds.alice);
     let mut bob = Agent::new(&url, &creds.bob);
@@ -215,11 +218,9 @@ async fn a_source_limit_counts_every_caller_of_the_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_limit_counts_every_caller_and_every_source_of_the_tenant() {
     let creds = Creds::new();
-    let relay = FileRelay::start(
-        &creds,
-        &creds.config("[rate_limits]\ntenant = { per_minute = 1, burst = 5 }\n"),
-    )
-    .await;
+    let relay = creds
+        .relay("[rate_limits]\ntenant = { per_minute = 1, burst = 5 }\n")
+        .await;
     let mut alice = Agent::new(&relay.url(), &creds.alice);
     let mut bob = Agent::new(&relay.other_url(), &creds.bob);
     // Each initialize is two requests: the handshake and its `initialized` notification.
@@ -240,7 +241,7 @@ async fn a_tenant_limit_counts_every_caller_and_every_source_of_the_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_session() {
     let creds = Creds::new();
-    let mut relay = FileRelay::start(&creds, &creds.config("")).await;
+    let mut relay = creds.relay("").await;
     let mut alice = Agent::new(&relay.url(), &creds.alice);
     assert_eq!(alice.initialize().await.status, 200);
     let session = alice.session.clone();
@@ -279,11 +280,9 @@ async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_ses
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentication_beyond_the_limit_from_one_address_gets_429() {
     let creds = Creds::new();
-    let relay = FileRelay::start(
-        &creds,
-        &creds.config("[rate_limits]\nauth_failures = { per_minute = 1, burst = 3 }\n"),
-    )
-    .await;
+    let relay = creds
+        .relay("[rate_limits]\nauth_failures = { per_minute = 1, burst = 3 }\n")
+        .await;
     let url = relay.url();
     let mut alice = Agent::new(&url, &creds.alice);
     assert_eq!(alice.initialize().await.status, 200, "a good key works");

@@ -146,6 +146,23 @@ struct PyClient {
     is_error: bool,
 }
 
+impl PyClient {
+    /// A session-era version was negotiated (`why` says how), echo is listed and echoed "hi".
+    fn assert_session_era_echo(&self, why: &str) {
+        assert!(
+            self.negotiated.starts_with("2025-"),
+            "{why}: {}",
+            self.negotiated
+        );
+        assert!(
+            self.tools.iter().any(|t| t == "echo"),
+            "echo is listed: {:?}",
+            self.tools
+        );
+        assert_eq!(self.call, "Echo: hi");
+    }
+}
+
 /// Runs the Python SDK client against `url` in `mode` (`legacy`, `auto` or a version) and
 /// calls `echo` with `{"message": "hi"}`.
 async fn python_client(url: &str, key: &str, mode: &str) -> PyClient {
@@ -340,6 +357,19 @@ async fn start_python_server() -> (common::Peer, String) {
     common::peers::start_python_server("py_server.py").await
 }
 
+/// A harness whose tenant acme serves `upstream` as `source`; returns it, the `connect`, the
+/// agent URL of the source and acme's API key.
+async fn serving(
+    source: &str,
+    upstream: &str,
+) -> (common::Harness, common::Client, String, String) {
+    let harness = common::Harness::start(common::Options::default()).await;
+    let client = harness.connect(&harness.acme, &[(source, upstream)]).await;
+    let url = harness.url(source);
+    let key = harness.acme.api_key.clone();
+    (harness, client, url, key)
+}
+
 /// acme's registry row of `source` is over QUIC, and the traffic went through its streams.
 fn assert_traffic_rode_quic_streams(harness: &common::Harness, source: &str) {
     let rows = harness.state.registry.rows();
@@ -387,39 +417,14 @@ async fn inspector_lists_and_calls_echo(url: &str, key: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     let (everything, upstream) = start_server_everything().await;
-    let harness = common::Harness::start(common::Options::default()).await;
-    let client = harness
-        .connect(&harness.acme, &[("everything", upstream.as_str())])
-        .await;
-    let url = harness.url("everything");
-    let key = harness.acme.api_key.clone();
+    let (harness, client, url, key) = serving("everything", &upstream).await;
 
     let legacy = python_client(&url, &key, "legacy").await;
-    assert!(
-        legacy.negotiated.starts_with("2025-"),
-        "legacy negotiates a session-era version: {}",
-        legacy.negotiated
-    );
-    assert!(
-        legacy.tools.iter().any(|t| t == "echo"),
-        "echo is listed: {:?}",
-        legacy.tools
-    );
-    assert_eq!(legacy.call, "Echo: hi");
+    legacy.assert_session_era_echo("legacy negotiates a session-era version");
 
     // server-everything has no server/discover: auto falls back to the handshake.
     let auto = python_client(&url, &key, "auto").await;
-    assert!(
-        auto.negotiated.starts_with("2025-"),
-        "auto falls back to a session-era version: {}",
-        auto.negotiated
-    );
-    assert!(
-        auto.tools.iter().any(|t| t == "echo"),
-        "echo is listed: {:?}",
-        auto.tools
-    );
-    assert_eq!(auto.call, "Echo: hi");
+    auto.assert_session_era_echo("auto falls back to a session-era version");
 
     // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
     let sse_url = format!("http://{}/sse/everything", harness.agents);
@@ -442,12 +447,7 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     let (server, upstream) = start_python_server().await;
-    let harness = common::Harness::start(common::Options::default()).await;
-    let client = harness
-        .connect(&harness.acme, &[("pysrv", upstream.as_str())])
-        .await;
-    let url = harness.url("pysrv");
-    let key = harness.acme.api_key.clone();
+    let (harness, client, url, key) = serving("pysrv", &upstream).await;
 
     // The stateless era: server/discover, then plain POSTs with no session.
     let modern = python_client(&url, &key, "auto").await;

@@ -176,18 +176,36 @@ async fn initialize_status(url: &str, key: &str) -> u16 {
     Agent::new(url, key).initialize().await.status
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_added_to_the_file_works_once_the_watcher_sees_it_and_open_sessions_stay() {
+/// A relay whose file holds alice's key only, and a session of hers open.
+type AliceOnly = (
+    String,
+    [String; 2],
+    KeyLine<'static>,
+    FileRelay,
+    String,
+    Agent,
+);
+
+/// A relay whose file holds alice's key only, with a session of hers open; bob's key is made
+/// but not in the file. Returns the tunnel token, alice's and bob's keys, alice's key line, the
+/// relay, its agent URL and alice's session.
+async fn alice_only() -> AliceOnly {
     let token = new_secret("mcpt_tok_");
     let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
     let alice_line = ("alice", digest(&alice), &[][..]);
-    let mut relay = FileRelay::start(
+    let relay = FileRelay::start(
         &token,
         &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
     )
     .await;
     let url = relay.url();
     let session = open_session(&url, &alice).await;
+    (token, [alice, bob], alice_line, relay, url, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_to_the_file_works_once_the_watcher_sees_it_and_open_sessions_stay() {
+    let (token, [_, bob], alice_line, mut relay, url, session) = alice_only().await;
     assert_eq!(
         initialize_status(&url, &bob).await,
         401,
@@ -277,16 +295,7 @@ async fn a_removed_key_stops_working_for_new_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_work() {
-    let token = new_secret("mcpt_tok_");
-    let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
-    let alice_line = ("alice", digest(&alice), &[][..]);
-    let mut relay = FileRelay::start(
-        &token,
-        &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
-    )
-    .await;
-    let url = relay.url();
-    let session = open_session(&url, &alice).await;
+    let (token, [alice, bob], alice_line, mut relay, url, session) = alice_only().await;
     let bob_line = ("bob", digest(&bob), &[][..]);
 
     // An unknown key: the parser's error names it and its line.

@@ -183,6 +183,11 @@ fn recorded_pids(path: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A stateless-era echo of `message`, no `_meta` beyond the version's.
+async fn stateless_echo(agent: &Agent, id: u64, message: &str) -> common::Answer {
+    stateless(agent, id, "echo", json!({"message": message}), json!({})).await
+}
+
 fn error_message(answer: &common::Answer) -> String {
     answer.response()["error"]["message"]
         .as_str()
@@ -299,14 +304,7 @@ async fn stateless_era_over_stdio(harness: &Harness) {
             assert!(progress.is_empty(), "{answer:?}");
         }
     }
-    let again = stateless(
-        &stateless_agent,
-        8,
-        "echo",
-        json!({"message": "again"}),
-        json!({}),
-    )
-    .await;
+    let again = stateless_echo(&stateless_agent, 8, "again").await;
     assert_eq!(tool_text(again.response()), "Echo: again");
 }
 
@@ -492,14 +490,7 @@ async fn a_crash_mid_session_ends_it(harness: &Harness) {
 async fn a_crashed_pooled_process_is_replaced(harness: &Harness) {
     let mut stateless_agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
     stateless_agent.version = Some("2026-07-28".into());
-    let first = stateless(
-        &stateless_agent,
-        1,
-        "echo",
-        json!({"message": "pooled"}),
-        json!({}),
-    )
-    .await;
+    let first = stateless_echo(&stateless_agent, 1, "pooled").await;
     assert_eq!(tool_text(first.response()), "pooled");
     let crash = stateless(&stateless_agent, 2, "crash", json!({}), json!({})).await;
     assert_eq!(crash.response()["id"], 2);
@@ -507,25 +498,11 @@ async fn a_crashed_pooled_process_is_replaced(harness: &Harness) {
         error_message(&crash).contains("source mini exited: exit status: 5"),
         "{crash:?}"
     );
-    let restarted = stateless(
-        &stateless_agent,
-        3,
-        "echo",
-        json!({"message": "again"}),
-        json!({}),
-    )
-    .await;
+    let restarted = stateless_echo(&stateless_agent, 3, "again").await;
     assert_eq!(tool_text(restarted.response()), "again");
     let mut crashy_stateless = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
     crashy_stateless.version = Some("2026-07-28".into());
-    let failed = stateless(
-        &crashy_stateless,
-        4,
-        "echo",
-        json!({"message": "x"}),
-        json!({}),
-    )
-    .await;
+    let failed = stateless_echo(&crashy_stateless, 4, "x").await;
     assert!(
         error_message(&failed).contains("source crashy exited: exit status: 3"),
         "{failed:?}"
@@ -727,15 +704,14 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     );
 }
 
-/// `stdio_settings` with the stdio processes bounded by `limits`.
-fn limited_settings(
-    harness: &Harness,
-    sources: &[(&str, Vec<String>)],
-    limits: mcp_tunnel::client::sources::stdio::StdioLimits,
-) -> ClientSettings {
-    let mut settings = stdio_settings(harness, sources);
-    settings.stdio = limits;
-    settings
+/// A `connect` serving the mini server as `mini` under `max_processes` and `idle`.
+async fn limited_mini(harness: &Harness, max_processes: usize, idle: Duration) -> common::Client {
+    let mut settings = stdio_settings(harness, &[("mini", mini())]);
+    settings.stdio = mcp_tunnel::client::sources::stdio::StdioLimits {
+        max_processes,
+        idle,
+    };
+    harness.connect_with(&harness.acme.clone(), settings).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -744,16 +720,7 @@ async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
     let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
     let harness = Harness::start(Options::default()).await;
     // A cap of 3 stands for the default 64; the idle time is out of the way.
-    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
-        max_processes: 3,
-        idle: Duration::from_secs(3600),
-    };
-    let _client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            limited_settings(&harness, &[("mini", mini())], limits),
-        )
-        .await;
+    let _client = limited_mini(&harness, 3, Duration::from_secs(3600)).await;
 
     // Clients restart without a DELETE, twice as many times as the cap: every new session
     // opens, each taking the place of the least recently used idle one.
@@ -804,16 +771,7 @@ async fn an_idle_sessions_process_is_stopped_and_its_next_call_says_why() {
     let _serial = SERIAL.lock().await;
     let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
     let harness = Harness::start(Options::default()).await;
-    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
-        max_processes: 3,
-        idle: Duration::from_millis(300),
-    };
-    let _client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            limited_settings(&harness, &[("mini", mini())], limits),
-        )
-        .await;
+    let _client = limited_mini(&harness, 3, Duration::from_millis(300)).await;
     let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
     let echo = agent.call_tool(1, "echo", json!({"message": "hi"})).await;

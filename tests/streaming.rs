@@ -256,22 +256,31 @@ async fn call_big(agent: &Agent, id: u64, arguments: Value) -> reqwest::Response
         .expect("the relay answers")
 }
 
+/// A scratch directory with the trail at `db`, and the token that stops the test upstream;
+/// both go when this is dropped.
+struct Scratch {
+    db: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _stop: tokio_util::sync::DropGuard,
+}
+
 /// A relay with an audit trail and a `connect` over `transport` serving the test upstream;
-/// returns them with an agent in a fresh session.
+/// returns them with an agent in a fresh session, and the scratch holding the trail.
 async fn setup(
-    db: &Path,
     limits: LimitsSection,
     transport: TransportChoice,
-    stop: &CancellationToken,
-) -> (Harness, common::Client, Agent, Arc<Upstream>) {
+) -> (Harness, common::Client, Agent, Arc<Upstream>, Scratch) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("audit.db");
+    let stop = CancellationToken::new();
     let max_answer_bytes = limits.max_answer_bytes;
     let harness = Harness::start(Options {
-        audit: Some(audit_at(db)),
+        audit: Some(audit_at(&db)),
         limits,
         ..Options::default()
     })
     .await;
-    let (url, upstream) = big_upstream(stop).await;
+    let (url, upstream) = big_upstream(&stop).await;
     let mut settings = harness.client_settings(&harness.acme, &[("big", &url)]);
     settings.transport = transport;
     // connect's answer limit as the relay's.
@@ -279,18 +288,19 @@ async fn setup(
     let client = harness.connect_with(&harness.acme, settings).await;
     let mut agent = Agent::new(&harness.url("big"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
-    (harness, client, agent, upstream)
+    let scratch = Scratch {
+        db,
+        _dir: dir,
+        _stop: stop.drop_guard(),
+    };
+    (harness, client, agent, upstream, scratch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_arrive_byte_identical_over_quic_and_https_and_are_audited() {
     for transport in [TransportChoice::Quic, TransportChoice::Https] {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("audit.db");
-        let stop = CancellationToken::new();
-        let _stop = stop.clone().drop_guard();
-        let (_harness, _client, agent, _) =
-            setup(&db, LimitsSection::default(), transport, &stop).await;
+        let (_harness, _client, agent, _, scratch) =
+            setup(LimitsSection::default(), transport).await;
 
         // (id, arguments, expected outcome): a length-delimited and a chunked result, a tool
         // error whose `isError` comes after the large text, and a large JSON-RPC error.
@@ -340,7 +350,7 @@ async fn large_answers_arrive_byte_identical_over_quic_and_https_and_are_audited
         let small = small.bytes().await.expect("small body");
         assert_eq!(&small[..], &big_answer(&json!(5), 1000, false, false)[..]);
 
-        let rows = call_rows(&db).await;
+        let rows = call_rows(&scratch.db).await;
         for ((id, _, expected), size) in cases.iter().zip(sizes) {
             let row = row_of(&rows, *id);
             assert_eq!(outcome(row), *expected, "{transport:?} call {id}: {row}");
@@ -360,10 +370,6 @@ fn transport_label(transport: TransportChoice) -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     let limit = 1024 * 1024;
     // Upstream answers are bounded by max_answer_bytes (max_message_bytes bounds what agents
     // send): both at 1 MiB here.
@@ -372,8 +378,7 @@ async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
         max_answer_bytes: limit,
         ..LimitsSection::default()
     };
-    let (_harness, _client, agent, upstream) =
-        setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let (_harness, _client, agent, upstream, scratch) = setup(limits, TransportChoice::Quic).await;
     let huge = 128 * 1024 * 1024;
 
     // With a declared length, connect refuses before reading: a clear JSON-RPC error.
@@ -398,19 +403,15 @@ async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
         "the upstream produced {produced} bytes of a {huge}-byte answer: it was read on, not refused"
     );
 
-    let rows = call_rows(&db).await;
+    let rows = call_rows(&scratch.db).await;
     assert_eq!(outcome(row_of(&rows, 1)), "error:-32002");
     assert_eq!(outcome(row_of(&rows, 2)), "tunnel_error");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_drop_mid_answer_aborts_the_body_and_records_a_tunnel_error() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let (harness, _client, agent, _) =
-        setup(&db, LimitsSection::default(), TransportChoice::Quic, &stop).await;
+    let (harness, _client, agent, _, scratch) =
+        setup(LimitsSection::default(), TransportChoice::Quic).await;
     // Half the answer, then the upstream stalls: the agent has its first bytes.
     let mut response = call_big(&agent, 1, json!({"size": LARGE, "mode": "stall"})).await;
     assert_eq!(response.status(), 200);
@@ -441,21 +442,17 @@ async fn a_tunnel_drop_mid_answer_aborts_the_body_and_records_a_tunnel_error() {
     .expect("the body ends in time");
     assert!(rest.is_err(), "an aborted body, not a truncated 200");
 
-    let rows = call_rows(&db).await;
+    let rows = call_rows(&scratch.db).await;
     assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_breaking_off_or_stalling_mid_answer_aborts_the_body() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     let limits = LimitsSection {
         request_timeout_secs: 5,
         ..LimitsSection::default()
     };
-    let (_harness, _client, agent, _) = setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let (_harness, _client, agent, _, scratch) = setup(limits, TransportChoice::Quic).await;
     for (id, mode) in [(1, "break"), (2, "stall")] {
         let response = call_big(&agent, id, json!({"size": LARGE, "mode": mode})).await;
         assert_eq!(response.status(), 200, "{mode}");
@@ -467,25 +464,21 @@ async fn an_upstream_breaking_off_or_stalling_mid_answer_aborts_the_body() {
             "{mode}: an aborted body, not a truncated 200"
         );
     }
-    let rows = call_rows(&db).await;
+    let rows = call_rows(&scratch.db).await;
     assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
     assert_eq!(outcome(row_of(&rows, 2)), "timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_over_the_request_limit_within_the_answer_limit_arrive_whole_json_and_sse() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     // Agents may send at most 1 MiB; upstreams answer up to the default answer limit.
     let limit = 1024 * 1024;
     let limits = LimitsSection {
         max_message_bytes: limit,
         ..LimitsSection::default()
     };
-    let (_harness, _client, agent, _upstream) =
-        setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let (_harness, _client, agent, _upstream, _scratch) =
+        setup(limits, TransportChoice::Quic).await;
     let size = 8 * limit;
     let wanted = big_answer(&json!(1), size, false, false);
     for (id, mode) in [(1, "chunked"), (1, "sse")] {

@@ -432,12 +432,7 @@ async fn ten_mib_result_arrives_intact_in_every_transport() {
     // HTTP+SSE.
     let http = reqwest::Client::new();
     let base = format!("http://{}", harness.agents);
-    let mut stream = http
-        .get(format!("{base}/sse/demo"))
-        .bearer_auth(&harness.acme.api_key)
-        .send()
-        .await
-        .expect("GET /sse");
+    let mut stream = harness.sse("demo", &harness.acme.api_key).await;
     let mut buffer = String::new();
     let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
         .await
@@ -651,12 +646,7 @@ async fn http_sse_transport_carries_a_session() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}", harness.agents);
-    let mut stream = http
-        .get(format!("{base}/sse/demo"))
-        .bearer_auth(&harness.acme.api_key)
-        .send()
-        .await
-        .expect("GET /sse");
+    let mut stream = harness.sse("demo", &harness.acme.api_key).await;
     assert_eq!(stream.status(), 200);
     let mut buffer = String::new();
     let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
@@ -719,42 +709,44 @@ async fn http_sse_transport_carries_a_session() {
     );
 }
 
+/// The status of POSTing `body` in `agent`'s session with one more header.
+async fn post_with(agent: &Agent, (name, value): (&str, impl AsRef<str>), body: &str) -> u16 {
+    agent
+        .request(reqwest::Method::POST)
+        .header(name, value.as_ref())
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST")
+        .status()
+        .as_u16()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_host_and_origin_are_refused() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
     let agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}).to_string();
-    let rebound = agent
-        .request(reqwest::Method::POST)
-        .header("host", format!("evil.example:{}", harness.agents.port()))
-        .header("content-type", "application/json")
-        .body(init.clone())
-        .send()
-        .await
-        .expect("POST");
+    let rebound = post_with(
+        &agent,
+        ("host", format!("evil.example:{}", harness.agents.port())),
+        &init,
+    )
+    .await;
     assert_eq!(
-        rebound.status(),
-        403,
+        rebound, 403,
         "a loopback relay answers only to loopback names"
     );
-    let cross_site = agent
-        .request(reqwest::Method::POST)
-        .header("origin", "http://evil.example")
-        .header("content-type", "application/json")
-        .body(init.clone())
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(cross_site.status(), 403);
-    let same_origin = agent
-        .request(reqwest::Method::POST)
-        .header("origin", format!("http://{}", harness.agents))
-        .header("content-type", "application/json")
-        .body(init)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(same_origin.status(), 200);
+    let cross_site = post_with(&agent, ("origin", "http://evil.example"), &init).await;
+    assert_eq!(cross_site, 403);
+    let same_origin = post_with(
+        &agent,
+        ("origin", format!("http://{}", harness.agents)),
+        &init,
+    )
+    .await;
+    assert_eq!(same_origin, 200);
     assert_eq!(
         harness.state.registry.rows()[0].streams_opened,
         1,

@@ -296,12 +296,7 @@ async fn server_messages_wait_for_the_get_stream() {
         .expect("GET");
     let mut seen = String::new();
     while !seen.contains("from the server") {
-        let chunk = tokio::time::timeout(common::WAIT, get.chunk())
-            .await
-            .expect("event in time")
-            .expect("read")
-            .expect("stream open");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
+        common::sse::read_chunk(&mut get, &mut seen).await;
     }
     assert!(
         seen.contains("id: 0-1\nevent: message"),
@@ -330,12 +325,7 @@ async fn dropped_answer_stream_resumes_with_last_event_id() {
         .expect("POST");
     let mut head = String::new();
     while !head.contains("\n\n") {
-        let chunk = tokio::time::timeout(common::WAIT, answer.chunk())
-            .await
-            .expect("first event in time")
-            .expect("read")
-            .expect("open");
-        head.push_str(&String::from_utf8_lossy(&chunk));
+        common::sse::read_chunk(&mut answer, &mut head).await;
     }
     let last_id = head
         .lines()

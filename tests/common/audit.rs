@@ -47,6 +47,14 @@ pub fn outcome(row: &Value) -> String {
     }
 }
 
+/// A failed command (`ok` false) whose output `out` names every one of `needles`.
+pub fn assert_fails_naming(ok: bool, out: &str, needles: &[&str]) {
+    assert!(!ok, "{out}");
+    for needle in needles {
+        assert!(out.contains(needle), "expected {needle:?} in\n{out}");
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

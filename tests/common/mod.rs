@@ -223,6 +223,17 @@ impl Harness {
         format!("http://{}/mcp/{source}", self.agents)
     }
 
+    /// Opens the HTTP+SSE stream (`GET /sse/SOURCE`) of `source` with `key`; no timeout, the
+    /// stream stays open.
+    pub async fn sse(&self, source: &str, key: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(format!("http://{}/sse/{source}", self.agents))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("GET /sse")
+    }
+
     /// The admin URL of `path` (`/metrics`, `/api/tunnels`).
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
@@ -552,8 +563,14 @@ pub fn spawn(command: &mut tokio::process::Command) -> Child {
 /// Runs `mcp-tunnel ARGS` to its end (bounded by [`WAIT`], killed if the wait ends) and
 /// returns its output.
 pub async fn run_cli(args: &[&str]) -> std::process::Output {
+    run_cli_within(args, WAIT).await
+}
+
+/// Runs `mcp-tunnel ARGS` to its end (bounded by `bound`, killed if the wait ends) and returns
+/// its output.
+pub async fn run_cli_within(args: &[&str], bound: Duration) -> std::process::Output {
     tokio::time::timeout(
-        WAIT,
+        bound,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
             .args(args)
             .kill_on_drop(true)
@@ -562,6 +579,16 @@ pub async fn run_cli(args: &[&str]) -> std::process::Output {
     .await
     .expect("the command ends in time")
     .expect("the binary runs")
+}
+
+/// `GET url` without credentials (bounded by [`WAIT`]).
+pub async fn get(url: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url} is sent: {e}"))
 }
 
 /// A loopback port nobody listens on right now.
