@@ -276,14 +276,8 @@ async fn metrics_count_a_known_load_exactly() {
         ..Options::default()
     })
     .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let _acme = harness
-        .connect(
-            &harness.acme,
-            &[(SOURCE, &common::demo_upstream(&stop).await)],
-        )
-        .await;
+    let (upstream, _stop) = common::guarded_demo_upstream().await;
+    let _acme = harness.connect(&harness.acme, &[(SOURCE, &upstream)]).await;
     let before = harness.metrics().await;
 
     const ECHOES: u64 = 7;

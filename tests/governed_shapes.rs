@@ -437,9 +437,7 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
         ..Options::default()
     })
     .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&stop).await;
+    let (upstream, _stop) = common::guarded_demo_upstream().await;
     let _acme = harness.connect(&harness.acme, &[(SOURCE, &upstream)]).await;
     let _other = harness
         .connect(&harness.other, &[(SOURCE, &upstream)])

@@ -338,8 +338,7 @@ async fn every_cross_tenant_attempt_reads_exactly_like_a_source_that_does_not_ex
             assert_eq!(caller.sse_open(&foreign).await, typo_sse, "{who}: GET /sse");
             attempts += 4;
 
-            attempts += stolen_session_ids_read_like_missing_ones(&caller, &who, owner).await;
-            attempts += stolen_sse_sessions_read_like_missing_ones(&caller, &who, owner).await;
+            attempts += stolen_sessions_read_like_missing_ones(&caller, &who, owner).await;
         }
     }
     assert_eq!(attempts, 3 * 2 * (4 + 2 * 2 * 4 + 2));
@@ -387,8 +386,9 @@ async fn open_owned_sessions(harness: &Harness, tenants: &[TenantCreds]) -> Vec<
 }
 
 /// Another tenant's session ids, on the source they belong to and on the caller's own source
-/// of the same name, read like a session id that does not exist there; returns the attempts.
-async fn stolen_session_ids_read_like_missing_ones(
+/// of the same name, read like a session id that does not exist there; so do posts into its
+/// HTTP+SSE session. Returns the attempts.
+async fn stolen_sessions_read_like_missing_ones(
     caller: &Caller<'_>,
     who: &str,
     owner: &Owned,
@@ -416,17 +416,6 @@ async fn stolen_session_ids_read_like_missing_ones(
             attempts += 4;
         }
     }
-    attempts
-}
-
-/// Posts into another tenant's HTTP+SSE session read like posts into a missing one; returns
-/// the attempts.
-async fn stolen_sse_sessions_read_like_missing_ones(
-    caller: &Caller<'_>,
-    who: &str,
-    owner: &Owned,
-) -> usize {
-    let mut attempts = 0;
     let stolen = owner.legacy.id.as_str();
     for body in [echo(5, "stolen"), tools_list(6)] {
         let attempt = caller.sse_post(SHARED[0], stolen, body.clone()).await;

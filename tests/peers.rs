@@ -387,13 +387,11 @@ fn assert_traffic_rode_quic_streams(harness: &common::Harness, source: &str) {
 /// The Inspector CLI lists `echo` at `url` and calls it.
 async fn inspector_lists_and_calls_echo(url: &str, key: &str) {
     let listed = inspector(url, key, &["--method", "tools/list"]).await;
-    let names: Vec<&str> = listed["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tools/list result: {listed}"))
-        .iter()
-        .filter_map(|tool| tool["name"].as_str())
-        .collect();
-    assert!(names.contains(&"echo"), "echo is listed: {names:?}");
+    let names = common::tool_names(&listed);
+    assert!(
+        names.iter().any(|n| n == "echo"),
+        "echo is listed: {names:?}"
+    );
 
     let called = inspector(
         url,

@@ -128,11 +128,8 @@ async fn serve_relay(
 async fn analyst_session(url: &str, analyst_key: &str, state: &RelayState) {
     let mut alice = Agent::new(url, analyst_key);
     alice.initialize().await;
-    let listed = alice
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
     assert_eq!(
-        tool_names(listed.response()),
+        alice.tool_names(1).await,
         ["echo"],
         "deny wins over a matching allow; unlisted tools are hidden"
     );
@@ -197,13 +194,7 @@ async fn analyst_session(url: &str, analyst_key: &str, state: &RelayState) {
 async fn admin_session(url: &str, admin_key: &str) {
     let mut root = Agent::new(url, admin_key);
     root.initialize().await;
-    let listed = root
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
-    assert_eq!(
-        tool_names(listed.response()),
-        ["add", "blob", "echo", "sleep"]
-    );
+    assert_eq!(root.tool_names(1).await, ["add", "blob", "echo", "sleep"]);
     assert_eq!(
         tool_text(
             root.call_tool(2, "add", json!({"a": 1, "b": 2}))

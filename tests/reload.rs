@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,7 @@ use common::{
 use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::RelayState;
-use mcp_tunnel::relay::reload::{self, FileStamp, Reloader};
+use mcp_tunnel::relay::reload::{self, FileStamp};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -85,66 +84,7 @@ async fn connect(
 }
 
 /// A relay running in this process from a config file, with `connect` serving `demo`.
-struct FileRelay {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    state: Arc<RelayState>,
-    agents: std::net::SocketAddr,
-    reloader: Option<Reloader>,
-    shutdown: CancellationToken,
-    _connect: DropGuard,
-}
-
-impl Drop for FileRelay {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-impl FileRelay {
-    async fn start(token: &str, text: &str) -> Self {
-        common::init_tracing();
-        let (dir, certs) = cert_dir();
-        let path = write_config(dir.path(), text);
-        let shutdown = CancellationToken::new();
-        let (relay, loaded) = common::FileRelay::serve(&path, &shutdown).await;
-        let (state, agents, tunnel) = (relay.state, relay.agents, relay.tunnel);
-        let reloader = Reloader::new(&path, state.clone(), loaded);
-        let (_task, connect) = connect(&tunnel.to_string(), token, &certs.ca_pem).await;
-        tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
-            .await
-            .expect("tunnel comes up");
-        Self {
-            _dir: dir,
-            path,
-            state,
-            agents,
-            reloader: Some(reloader),
-            shutdown,
-            _connect: connect,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/mcp/demo", self.agents)
-    }
-
-    fn reloader(&mut self) -> &mut Reloader {
-        self.reloader
-            .as_mut()
-            .expect("the reloader is not handed to a watcher")
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.path, text).expect("rewrite relay.toml");
-    }
-
-    /// Writes `text` and reloads, which must fail (`why` says why it must); returns the error.
-    async fn refused(&mut self, text: &str, why: &str) -> String {
-        self.write(text);
-        self.reloader().reload().await.expect_err(why).to_string()
-    }
-}
+type FileRelay = common::ReloadableRelay;
 
 /// An agent with a session open on `demo`, its echo checked.
 async fn open_session(url: &str, key: &str) -> Agent {
@@ -154,21 +94,6 @@ async fn open_session(url: &str, key: &str) -> Agent {
     assert!(agent.session.is_some());
     assert_echo(&agent, 1, "opened").await;
     agent
-}
-
-/// The tool names `tools/list` shows in `agent`'s session, sorted.
-async fn tool_names(agent: &Agent, id: u64) -> Vec<String> {
-    let answer = agent
-        .post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/list"}))
-        .await;
-    let mut names: Vec<String> = answer.response()["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tool list: {answer:?}"))
-        .iter()
-        .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names
 }
 
 /// The status of a fresh `initialize` with `key`.
@@ -196,9 +121,10 @@ async fn alice_only() -> AliceOnly {
     let relay = FileRelay::start(
         &token,
         &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
+        &["demo"],
     )
     .await;
-    let url = relay.url();
+    let url = relay.url("demo");
     let session = open_session(&url, &alice).await;
     (token, [alice, bob], alice_line, relay, url, session)
 }
@@ -259,8 +185,8 @@ async fn a_removed_key_stops_working_for_new_requests() {
         &[],
         "",
     );
-    let mut relay = FileRelay::start(&token, &both).await;
-    let url = relay.url();
+    let mut relay = FileRelay::start(&token, &both, &["demo"]).await;
+    let url = relay.url("demo");
     let alice_session = open_session(&url, &alice).await;
     let bob_session = open_session(&url, &bob).await;
 
@@ -300,7 +226,7 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
 
     // An unknown key: the parser's error names it and its line.
     let error = relay
-        .refused(
+        .reload_refused(
             &config_text(
                 &token,
                 &[alice_line.clone(), bob_line.clone()],
@@ -324,7 +250,7 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
 
     // A key naming a role that is not defined.
     let error = relay
-        .refused(
+        .reload_refused(
             &config_text(
                 &token,
                 &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
@@ -342,7 +268,7 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
 
     // A clear-text secret where a digest belongs.
     let error = relay
-        .refused(
+        .reload_refused(
             &config_text(
                 &token,
                 &[alice_line.clone(), ("bob", bob.clone(), &[])],
@@ -372,7 +298,7 @@ async fn assert_valid_file_applies(
     [alice_line, bob_line]: [KeyLine<'_>; 2],
     bob: &str,
 ) {
-    let url = relay.url();
+    let url = relay.url("demo");
     relay.write(&config_text(
         token,
         &[alice_line, bob_line],
@@ -419,12 +345,13 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
             "",
         )
     };
-    let mut relay = FileRelay::start(&token, &with_allow(&["demo/echo", "demo/add"])).await;
-    let url = relay.url();
+    let mut relay =
+        FileRelay::start(&token, &with_allow(&["demo/echo", "demo/add"]), &["demo"]).await;
+    let url = relay.url("demo");
     let session = open_session(&url, &alice).await;
     let add = |id: u64| session.call_tool(id, "add", json!({"a": 1, "b": 2}));
     assert_eq!(tool_text(add(2).await.response()), "3");
-    assert_eq!(tool_names(&session, 1).await, ["add", "echo"]);
+    assert_eq!(session.tool_names(1).await, ["add", "echo"]);
 
     relay.write(&with_allow(&["demo/echo"]));
     let summary = relay.reloader().reload().await.expect("reloads");
@@ -443,7 +370,7 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
     );
     assert_echo(&session, 4, "echo is still allowed, in the same session").await;
     assert_eq!(
-        tool_names(&session, 6).await,
+        session.tool_names(6).await,
         ["echo"],
         "the list follows the new role"
     );
@@ -451,7 +378,7 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
     relay.write(&with_allow(&["demo/*"]));
     relay.reloader().reload().await.expect("reloads");
     assert_eq!(tool_text(add(5).await.response()), "3", "allowed again");
-    assert!(tool_names(&session, 7).await.contains(&"add".to_owned()));
+    assert!(session.tool_names(7).await.contains(&"add".to_owned()));
     assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
 }
 
@@ -472,8 +399,8 @@ async fn a_condition_applies_by_reload_and_an_invalid_one_is_refused_naming_tena
         ));
         text
     };
-    let mut relay = FileRelay::start(&token, &with_condition("")).await;
-    let url = relay.url();
+    let mut relay = FileRelay::start(&token, &with_condition(""), &["demo"]).await;
+    let url = relay.url("demo");
     let session = open_session(&url, &alice).await;
     assert_echo(&session, 2, "secret").await;
 

@@ -77,10 +77,7 @@ async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap(
     let mut fourth = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     let refused = fourth.initialize().await;
     assert_eq!(refused.status, 429, "{refused:?}");
-    let message = refused.response()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let message = refused.error_message();
     assert!(
         message.contains("too many open sessions") && message.contains("3"),
         "{message}"
@@ -133,9 +130,7 @@ async fn an_http_sse_stream_that_never_initializes_is_swept_and_its_stream_ends(
         ..Options::default()
     })
     .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&stop).await;
+    let (upstream, _stop) = common::guarded_demo_upstream().await;
     let _client = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
     let tunnel = harness
         .state

@@ -209,16 +209,8 @@ async fn session_era_over_stdio(harness: &Harness) -> Agent {
         "{init:?}"
     );
     assert!(agent.session.is_some(), "a session is open");
-    let list = agent
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
-    let tools: Vec<&str> = list.response()["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tool list: {list:?}"))
-        .iter()
-        .filter_map(|tool| tool["name"].as_str())
-        .collect();
-    assert!(tools.contains(&"echo"), "{tools:?}");
+    let tools = agent.tool_names(1).await;
+    assert!(tools.iter().any(|t| t == "echo"), "{tools:?}");
     let echo = agent
         .call_tool(2, "echo", json!({"message": "hello stdio"}))
         .await;
@@ -704,23 +696,25 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     );
 }
 
-/// A `connect` serving the mini server as `mini` under `max_processes` and `idle`.
-async fn limited_mini(harness: &Harness, max_processes: usize, idle: Duration) -> common::Client {
-    let mut settings = stdio_settings(harness, &[("mini", mini())]);
+/// A relay, and a `connect` serving the mini server as `mini` under `max_processes` and
+/// `idle`.
+async fn limited_mini(max_processes: usize, idle: Duration) -> (Harness, common::Client) {
+    let harness = Harness::start(Options::default()).await;
+    let mut settings = stdio_settings(&harness, &[("mini", mini())]);
     settings.stdio = mcp_tunnel::client::sources::stdio::StdioLimits {
         max_processes,
         idle,
     };
-    harness.connect_with(&harness.acme.clone(), settings).await
+    let client = harness.connect_with(&harness.acme.clone(), settings).await;
+    (harness, client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
     let _serial = SERIAL.lock().await;
     let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let harness = Harness::start(Options::default()).await;
     // A cap of 3 stands for the default 64; the idle time is out of the way.
-    let _client = limited_mini(&harness, 3, Duration::from_secs(3600)).await;
+    let (harness, _client) = limited_mini(3, Duration::from_secs(3600)).await;
 
     // Clients restart without a DELETE, twice as many times as the cap: every new session
     // opens, each taking the place of the least recently used idle one.
@@ -770,8 +764,7 @@ async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
 async fn an_idle_sessions_process_is_stopped_and_its_next_call_says_why() {
     let _serial = SERIAL.lock().await;
     let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let harness = Harness::start(Options::default()).await;
-    let _client = limited_mini(&harness, 3, Duration::from_millis(300)).await;
+    let (harness, _client) = limited_mini(3, Duration::from_millis(300)).await;
     let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
     let echo = agent.call_tool(1, "echo", json!({"message": "hi"})).await;

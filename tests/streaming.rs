@@ -237,6 +237,12 @@ async fn call_rows(db: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The outcomes of the `tools/call` rows of requests `ids`, in that order.
+async fn outcomes(db: &Path, ids: &[u64]) -> Vec<String> {
+    let rows = call_rows(db).await;
+    ids.iter().map(|id| outcome(row_of(&rows, *id))).collect()
+}
+
 /// The row of request `id`.
 fn row_of(rows: &[Value], id: u64) -> &Value {
     rows.iter()
@@ -403,9 +409,10 @@ async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
         "the upstream produced {produced} bytes of a {huge}-byte answer: it was read on, not refused"
     );
 
-    let rows = call_rows(&scratch.db).await;
-    assert_eq!(outcome(row_of(&rows, 1)), "error:-32002");
-    assert_eq!(outcome(row_of(&rows, 2)), "tunnel_error");
+    assert_eq!(
+        outcomes(&scratch.db, &[1, 2]).await,
+        ["error:-32002", "tunnel_error"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,8 +449,7 @@ async fn a_tunnel_drop_mid_answer_aborts_the_body_and_records_a_tunnel_error() {
     .expect("the body ends in time");
     assert!(rest.is_err(), "an aborted body, not a truncated 200");
 
-    let rows = call_rows(&scratch.db).await;
-    assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
+    assert_eq!(outcomes(&scratch.db, &[1]).await, ["tunnel_error"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,9 +470,10 @@ async fn an_upstream_breaking_off_or_stalling_mid_answer_aborts_the_body() {
             "{mode}: an aborted body, not a truncated 200"
         );
     }
-    let rows = call_rows(&scratch.db).await;
-    assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
-    assert_eq!(outcome(row_of(&rows, 2)), "timeout");
+    assert_eq!(
+        outcomes(&scratch.db, &[1, 2]).await,
+        ["tunnel_error", "timeout"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

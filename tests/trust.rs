@@ -290,10 +290,7 @@ async fn cross_origin_redirects_are_refused_unless_the_source_allows_them() {
 
     let mut agent = Agent::new(&format!("http://{}/mcp/strict", relay.agents), &key);
     let answer = agent.initialize().await;
-    let error = answer.response()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let error = answer.error_message();
     assert!(
         error.contains("another origin") && error.contains("follow_cross_origin_redirects"),
         "{answer:?}"

@@ -35,17 +35,9 @@ async fn session_lifecycle_initialize_call_stream_delete() {
         .expect("the relay issued a session id");
     assert_eq!(session.len(), 48, "relay-issued id: 24 random bytes in hex");
 
-    let list = agent
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
-    let names: Vec<&str> = list.response()["result"]["tools"]
-        .as_array()
-        .expect("tools")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
+    let names = agent.tool_names(1).await;
     for tool in ["echo", "add", "blob"] {
-        assert!(names.contains(&tool), "{tool} listed: {names:?}");
+        assert!(names.iter().any(|n| n == tool), "{tool} listed: {names:?}");
     }
     let echo = agent.call_tool(2, "echo", json!({"message": "hi"})).await;
     assert_eq!(tool_text(echo.response()), "hi");
@@ -430,28 +422,13 @@ async fn ten_mib_result_arrives_intact_in_every_transport() {
     assert_eq!(sha256(tool_text(answer.response())), expected, "2026-07-28");
 
     // HTTP+SSE.
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", harness.agents);
-    let mut stream = harness.sse("demo", &harness.acme.api_key).await;
-    let mut buffer = String::new();
-    let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
-        .await
-        .remove(0);
-    let post = |body: Value| {
-        http.post(format!("{base}{endpoint}"))
-            .bearer_auth(&harness.acme.api_key)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-    };
-    post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await.expect("POST");
-    read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-        .await
-        .expect("POST");
-    post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"blob","arguments":{"size":SIZE}}})).await.expect("POST");
-    let events = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    let result: Value = serde_json::from_str(&events[0]).expect("JSON");
+    let mut sse = SseSession::open(&harness).await;
+    sse.post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await;
+    sse.next().await;
+    sse.post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+        .await;
+    sse.post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"blob","arguments":{"size":SIZE}}})).await;
+    let result = sse.next().await;
     assert_eq!(sha256(tool_text(&result)), expected, "HTTP+SSE");
 }
 
@@ -644,55 +621,36 @@ async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_sse_transport_carries_a_session() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", harness.agents);
-    let mut stream = harness.sse("demo", &harness.acme.api_key).await;
-    assert_eq!(stream.status(), 200);
-    let mut buffer = String::new();
-    let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
-        .await
-        .remove(0);
+    let mut sse = SseSession::open(&harness).await;
     assert!(
-        endpoint.starts_with("/sse/demo/messages?sessionId="),
-        "{endpoint}"
+        sse.path.starts_with("/sse/demo/messages?sessionId="),
+        "{}",
+        sse.path
     );
-    let post = |body: Value| {
-        http.post(format!("{base}{endpoint}"))
-            .bearer_auth(&harness.acme.api_key)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-    };
 
-    let accepted = post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await.expect("POST");
+    let accepted = sse.post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await;
     assert_eq!(accepted.status(), 202, "answers ride the event stream");
-    let init = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    let init: Value = serde_json::from_str(&init[0]).expect("JSON");
+    let init = sse.next().await;
     assert_eq!(init["id"], 1);
     assert!(init["result"]["serverInfo"].is_object(), "{init}");
-    assert_eq!(
-        post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-            .await
-            .expect("POST")
-            .status(),
-        202
-    );
-    assert_eq!(post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"over sse"}}})).await.expect("POST").status(), 202);
-    let call = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    let call: Value = serde_json::from_str(&call[0]).expect("JSON");
+    let initialized = json!({"jsonrpc":"2.0","method":"notifications/initialized"});
+    assert_eq!(sse.post(initialized.clone()).await.status(), 202);
+    assert_eq!(sse.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"over sse"}}})).await.status(), 202);
+    let call = sse.next().await;
     assert_eq!(call["id"], 2);
     assert_eq!(tool_text(&call), "over sse");
 
     // Another tenant cannot post into the session; closing the stream ends the session.
-    let foreign = http
-        .post(format!("{base}{endpoint}"))
+    let foreign = sse
+        .http
+        .post(&sse.url)
         .bearer_auth(&harness.other.api_key)
         .body("{}")
         .send()
         .await
         .expect("POST");
     assert_eq!(foreign.status(), 404);
-    drop(stream);
+    sse.close();
     tokio::time::timeout(WAIT, async {
         while !harness.state.sessions.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -700,13 +658,65 @@ async fn http_sse_transport_carries_a_session() {
     })
     .await
     .expect("the session ends with its stream");
-    assert_eq!(
-        post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+    assert_eq!(sse.post(initialized).await.status(), 404);
+}
+
+/// An HTTP+SSE session of tenant acme on `demo`: its event stream and where its messages go.
+struct SseSession {
+    http: reqwest::Client,
+    /// The event stream, until [`SseSession::close`].
+    stream: Option<reqwest::Response>,
+    buffer: String,
+    /// The endpoint path the stream's first event named.
+    path: String,
+    /// The endpoint's URL.
+    url: String,
+    key: String,
+}
+
+impl SseSession {
+    /// Opens the stream (200) and reads the endpoint from its first event.
+    async fn open(harness: &Harness) -> Self {
+        let key = harness.acme.api_key.clone();
+        let mut stream = harness.sse("demo", &key).await;
+        assert_eq!(stream.status(), 200);
+        let mut buffer = String::new();
+        let path = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
+            .await
+            .remove(0);
+        Self {
+            http: reqwest::Client::new(),
+            stream: Some(stream),
+            buffer,
+            url: format!("http://{}{path}", harness.agents),
+            path,
+            key,
+        }
+    }
+
+    /// Closes the event stream (which ends the session).
+    fn close(&mut self) {
+        self.stream = None;
+    }
+
+    /// POSTs `body` to the session's endpoint.
+    async fn post(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(&self.url)
+            .bearer_auth(&self.key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
             .await
             .expect("POST")
-            .status(),
-        404
-    );
+    }
+
+    /// The first message of the next events on the stream.
+    async fn next(&mut self) -> Value {
+        let stream = self.stream.as_mut().expect("the stream is open");
+        let events = read_events(stream, &mut self.buffer, |e| !e.is_empty()).await;
+        serde_json::from_str(&events[0]).expect("JSON")
+    }
 }
 
 /// The status of POSTing `body` in `agent`'s session with one more header.

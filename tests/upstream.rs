@@ -281,13 +281,8 @@ async fn upstream_answers_reach_the_agent_faithfully() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_messages_wait_for_the_get_stream() {
-    let Scripted {
-        _harness,
-        _client,
-        agent,
-        _upstreams,
-        ..
-    } = Scripted::start().await;
+    let scripted = Scripted::start().await;
+    let agent = &scripted.agent;
     // The upstream sent its notification before the agent opened a GET stream: it was held.
     let mut get = agent
         .request(reqwest::Method::GET)
@@ -306,14 +301,8 @@ async fn server_messages_wait_for_the_get_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_answer_stream_resumes_with_last_event_id() {
-    let Scripted {
-        script,
-        _harness,
-        _client,
-        agent,
-        _upstreams,
-        ..
-    } = Scripted::start().await;
+    let scripted = Scripted::start().await;
+    let (script, agent) = (&scripted.script, &scripted.agent);
 
     // Read the answer stream up to its first event, then drop the connection.
     let mut answer = agent

@@ -283,6 +283,13 @@ impl Drop for Client {
     }
 }
 
+/// The built-in demo MCP server on loopback, stopped when the guard is dropped.
+pub async fn guarded_demo_upstream() -> (String, tokio_util::sync::DropGuard) {
+    let stop = CancellationToken::new();
+    let url = demo_upstream(&stop).await;
+    (url, stop.drop_guard())
+}
+
 /// The built-in demo MCP server on loopback; stops when the token is cancelled.
 pub async fn demo_upstream(shutdown: &CancellationToken) -> String {
     let addr = mcp_tunnel::demo::upstream::serve(
@@ -304,6 +311,14 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The message of the response's JSON-RPC error, empty when there is none.
+    pub fn error_message(&self) -> String {
+        self.response()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// The last message: the response, for a request.
     pub fn response(&self) -> &Value {
         self.messages
@@ -390,6 +405,14 @@ impl Agent {
     /// Calls a tool in the session era and returns the answer.
     pub async fn call_tool(&self, id: u64, tool: &str, arguments: Value) -> Answer {
         self.post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":arguments}})).await
+    }
+
+    /// The tool names `tools/list` (request `id`) shows, sorted.
+    pub async fn tool_names(&self, id: u64) -> Vec<String> {
+        let answer = self
+            .post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/list"}))
+            .await;
+        tool_names(answer.response())
     }
 
     /// Ends the session (`DELETE`); returns the status.
