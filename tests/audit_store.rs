@@ -273,6 +273,33 @@ fn expected_ids(tenant: &str, keep: &dyn Fn(&Record) -> bool) -> BTreeSet<String
         .collect()
 }
 
+/// `audit tail -n 3` with a tenant and a decision prints 3 lines, each of that tenant and
+/// decision.
+async fn assert_tail_filters(db_arg: &str) {
+    let (ok, out) = cli(&[
+        "audit",
+        "tail",
+        "--db",
+        db_arg,
+        "-n",
+        "3",
+        "--tenant",
+        "acme",
+        "--decision",
+        "allow",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains(" acme#") && l.contains(" allow ")),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn export_with_filters_returns_exactly_the_matching_rows() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -331,28 +358,7 @@ async fn export_with_filters_returns_exactly_the_matching_rows() {
     let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--since", "yesterday"]).await;
     assert!(!ok && out.contains("yesterday"), "{out}");
 
-    let (ok, out) = cli(&[
-        "audit",
-        "tail",
-        "--db",
-        db_arg,
-        "-n",
-        "3",
-        "--tenant",
-        "acme",
-        "--decision",
-        "allow",
-    ])
-    .await;
-    assert!(ok, "{out}");
-    let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
-    assert!(
-        lines
-            .iter()
-            .all(|l| l.contains(" acme#") && l.contains(" allow ")),
-        "{out}"
-    );
+    assert_tail_filters(db_arg).await;
 }
 
 #[tokio::test]

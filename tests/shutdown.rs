@@ -221,9 +221,7 @@ async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
         ..
     } = AcmeRelay::start(ADMIN).await;
 
-    let upstream_stop = CancellationToken::new();
-    let _upstream_guard = upstream_stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&upstream_stop).await;
+    let (upstream, _upstream_guard) = common::guarded_demo_upstream().await;
     let mut settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
     settings.transport = transport;
     let connect_stop = CancellationToken::new();
@@ -671,13 +669,7 @@ async fn start_progress_call(
         "name":"trigger-long-running-operation","arguments":{"duration":2,"steps":2},
         "_meta":{"progressToken":"p7"}}});
     let started = Instant::now();
-    let response = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(call.to_string())
-        .send()
-        .await
-        .expect("the call is sent");
+    let response = agent.send(&call).await;
     assert_eq!(response.status(), 200, "the call is accepted");
     (response, started)
 }

@@ -590,13 +590,7 @@ async fn post_held_call_until_primed(
     impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>,
     String,
 ) {
-    let post = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"held","arguments":{}}}).to_string())
-        .send()
-        .await
-        .expect("POST is sent");
+    let post = agent.send(&json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"held","arguments":{}}})).await;
     assert_eq!(post.status(), 200);
     let content_type = post
         .headers()

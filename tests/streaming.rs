@@ -253,13 +253,7 @@ fn row_of(rows: &[Value], id: u64) -> &Value {
 /// POSTs a `big` call in `agent`'s session and returns the raw response (body unread).
 async fn call_big(agent: &Agent, id: u64, arguments: Value) -> reqwest::Response {
     let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"big","arguments":arguments}});
-    agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("the relay answers")
+    agent.send(&body).await
 }
 
 /// A scratch directory with the trail at `db`, and the token that stops the test upstream;

@@ -236,12 +236,8 @@ async fn headers_that_disagree_with_the_body_are_refused(agent: &Agent) {
         (400, json!(-32020))
     );
     let no_method = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":10,"method":"tools/list"}).to_string())
-        .send()
-        .await
-        .expect("no Mcp-Method");
+        .send(&json!({"jsonrpc":"2.0","id":10,"method":"tools/list"}))
+        .await;
     let no_method = common::read_answer(no_method).await;
     assert_eq!(no_method.response()["error"]["code"], -32020);
 }
@@ -365,13 +361,7 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
 
     // A result over the answer limit fails that call only: an error naming the limit, or,
     // once the answer has begun to stream, an aborted body (never a truncated message).
-    let response = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"blob","arguments":{"size":ANSWER_LIMIT * 2}}}).to_string())
-        .send()
-        .await
-        .expect("the relay answers");
+    let response = agent.send(&json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"blob","arguments":{"size":ANSWER_LIMIT * 2}}})).await;
     assert_eq!(response.status(), 200);
     match response.bytes().await {
         Err(aborted) => assert!(aborted.is_body() || aborted.is_decode(), "{aborted}"),

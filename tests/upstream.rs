@@ -290,9 +290,7 @@ async fn server_messages_wait_for_the_get_stream() {
         .await
         .expect("GET");
     let mut seen = String::new();
-    while !seen.contains("from the server") {
-        common::sse::read_chunk(&mut get, &mut seen).await;
-    }
+    common::sse::read_until(&mut get, &mut seen, "from the server").await;
     assert!(
         seen.contains("id: 0-1\nevent: message"),
         "standalone stream events carry resumable ids: {seen}"
@@ -305,17 +303,9 @@ async fn dropped_answer_stream_resumes_with_last_event_id() {
     let (script, agent) = (&scripted.script, &scripted.agent);
 
     // Read the answer stream up to its first event, then drop the connection.
-    let mut answer = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","arguments":{}}}).to_string())
-        .send()
-        .await
-        .expect("POST");
+    let mut answer = agent.send(&json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","arguments":{}}})).await;
     let mut head = String::new();
-    while !head.contains("\n\n") {
-        common::sse::read_chunk(&mut answer, &mut head).await;
-    }
+    common::sse::read_until(&mut answer, &mut head, "\n\n").await;
     let last_id = head
         .lines()
         .find_map(|l| l.strip_prefix("id: "))

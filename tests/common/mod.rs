@@ -366,6 +366,16 @@ impl Agent {
         request
     }
 
+    /// POSTs a JSON value; returns the response, its body unread.
+    pub async fn send(&self, body: &Value) -> reqwest::Response {
+        self.request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("agent request is sent")
+    }
+
     /// POSTs raw bytes.
     pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> Answer {
         let response = self

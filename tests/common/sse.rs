@@ -28,6 +28,13 @@ pub async fn read_chunk(stream: &mut reqwest::Response, buffer: &mut String) {
     buffer.push_str(&String::from_utf8_lossy(&chunk));
 }
 
+/// Reads `stream` into `buffer` until the buffer contains `needle`.
+pub async fn read_until(stream: &mut reqwest::Response, buffer: &mut String, needle: &str) {
+    while !buffer.contains(needle) {
+        read_chunk(stream, buffer).await;
+    }
+}
+
 /// The data of the next SSE event with data on `stream`.
 pub async fn next_event(stream: &mut reqwest::Response, buffer: &mut String) -> String {
     loop {
