@@ -44,7 +44,7 @@ type Expected = Vec<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_calls_across_two_tenants_give_one_row_each() {
     let (harness, trail) = Trail::with_roles(vec![caller_role()]).await;
-    let (db, upstream) = (&trail.db, &trail.upstream);
+    let (db, upstream) = (trail.db.clone(), trail.upstream.clone());
     let dead = format!("http://127.0.0.1:{}/mcp", free_port());
     let _acme = harness
         .connect(&harness.acme, &[("demo", &upstream), ("dead", &dead)])

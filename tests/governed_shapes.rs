@@ -31,7 +31,7 @@ fn read(id: u64, params: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_is_judged_on_its_uri_and_a_decoy_name_is_refused() {
     let (harness, trail) = Trail::with_roles(vec![reader_role()]).await;
-    let (db, upstream) = (&trail.db, &trail.upstream);
+    let (db, upstream) = (trail.db.clone(), trail.upstream.clone());
     let _acme = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);

@@ -62,7 +62,7 @@ async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap(
         ..Options::default()
     })
     .await;
-    let (db, upstream) = (&trail.db, &trail.upstream);
+    let (db, upstream) = (trail.db.clone(), trail.upstream.clone());
     let _client = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
 
     // Two Streamable HTTP sessions and one HTTP+SSE stream (which never initializes): three.
