@@ -9,8 +9,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use common::audit::caller_role;
 use common::{Agent, Harness, Options, WAIT, demo_upstream, tool_text};
-use mcp_tunnel::govern::policy::Role;
 use serde_json::{Value, json};
 
 /// Where Debian puts Chromium.
@@ -32,17 +32,6 @@ const DENIED: u64 = 4;
 const OTHER_ECHOES: u64 = 6;
 const SLEEPS: u64 = 2;
 
-/// acme's one role: echo and add on any source; nothing else.
-fn caller_role() -> (String, Role) {
-    (
-        "caller".into(),
-        Role {
-            allow: vec!["*/echo".into(), "*/add".into()],
-            ..Role::default()
-        },
-    )
-}
-
 /// A relay whose tenants each have a tunnel (acme serves `demo`, other serves `files`), and an
 /// agent session for each.
 struct Scene {
@@ -50,6 +39,13 @@ struct Scene {
     acme: Agent,
     other: Agent,
     _clients: Vec<common::Client>,
+}
+
+impl Scene {
+    /// The relay, acme's agent, other's agent and the `connect`s.
+    fn into_parts(self) -> (Harness, Agent, Agent, Vec<common::Client>) {
+        (self.harness, self.acme, self.other, self._clients)
+    }
 }
 
 async fn scene() -> Scene {
@@ -106,12 +102,7 @@ async fn other_load(agent: &Agent) {
 }
 
 async fn get_json(url: &str) -> Value {
-    let response = reqwest::Client::new()
-        .get(url)
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("admin request is sent");
+    let response = common::get(url).await;
     assert_eq!(response.status(), 200, "GET {url}");
     response.json().await.expect("JSON body")
 }
@@ -138,7 +129,20 @@ async fn api_reflects_real_calls_of_each_tenant() {
     let harness = &scene.harness;
     // Every answer was released after its call reached the feed: no wait needed.
     let all = get_json(&harness.admin_url("/api/activity")).await;
+    assert_overview(&all);
+    assert_tool_rows(&all);
+    assert_latest_calls(&all);
+    let acme = get_json(&harness.admin_url("/api/activity?tenant=acme")).await;
+    assert_filtered_to_acme(&acme, &all);
+}
 
+/// acme's calls with its `initialize`.
+const ACME_CALLS: u64 = 1 + ECHOES + TOOL_ERRORS + DENIED;
+/// other's calls with its `initialize`.
+const OTHER_CALLS: u64 = 1 + OTHER_ECHOES + SLEEPS + 2;
+
+/// Tenants, sessions, tunnels and totals of the unfiltered snapshot `all`.
+fn assert_overview(all: &Value) {
     assert_eq!(all["tenant"], Value::Null);
     assert_eq!(all["tenants"], json!(["acme", "other"]));
     assert_eq!(all["sessions"], 2, "one session per tenant: {all:#}");
@@ -164,32 +168,36 @@ async fn api_reflects_real_calls_of_each_tenant() {
         ]
     );
     assert_eq!(all["offline"], json!([]));
-    let acme_calls = 1 + ECHOES + TOOL_ERRORS + DENIED;
-    let other_calls = 1 + OTHER_ECHOES + SLEEPS + 2;
     assert_eq!(
         all["totals"],
-        json!({"calls": acme_calls + other_calls, "denied": DENIED, "errors": TOOL_ERRORS + 2})
+        json!({"calls": ACME_CALLS + OTHER_CALLS, "denied": DENIED, "errors": TOOL_ERRORS + 2})
     );
+}
 
-    assert_eq!(counts(tool_row(&all, "acme", "echo")), (ECHOES, 0, 0));
+/// Each tool's counts and latencies in `all`.
+fn assert_tool_rows(all: &Value) {
+    assert_eq!(counts(tool_row(all, "acme", "echo")), (ECHOES, 0, 0));
     assert_eq!(
-        counts(tool_row(&all, "acme", "add")),
+        counts(tool_row(all, "acme", "add")),
         (TOOL_ERRORS, 0, TOOL_ERRORS)
     );
-    assert_eq!(counts(tool_row(&all, "acme", "blob")), (DENIED, DENIED, 0));
-    assert_eq!(counts(tool_row(&all, "acme", "initialize")), (1, 0, 0));
-    assert_eq!(counts(tool_row(&all, "other", "sleep")), (SLEEPS, 0, 0));
-    assert_eq!(counts(tool_row(&all, "other", HOSTILE_TOOL)), (1, 0, 1));
-    assert_eq!(counts(tool_row(&all, "other", "no/such/method")), (1, 0, 1));
-    let echo = tool_row(&all, "acme", "echo");
+    assert_eq!(counts(tool_row(all, "acme", "blob")), (DENIED, DENIED, 0));
+    assert_eq!(counts(tool_row(all, "acme", "initialize")), (1, 0, 0));
+    assert_eq!(counts(tool_row(all, "other", "sleep")), (SLEEPS, 0, 0));
+    assert_eq!(counts(tool_row(all, "other", HOSTILE_TOOL)), (1, 0, 1));
+    assert_eq!(counts(tool_row(all, "other", "no/such/method")), (1, 0, 1));
+    let echo = tool_row(all, "acme", "echo");
     assert_eq!(echo["window"], ECHOES);
     let p = |k: &str| echo[k].as_f64().unwrap_or_else(|| panic!("{k} in {echo}"));
     assert!(0.0 < p("p50_ms") && p("p50_ms") <= p("p90_ms") && p("p90_ms") <= p("p99_ms"));
-    let blob = tool_row(&all, "acme", "blob");
+    let blob = tool_row(all, "acme", "blob");
     assert_eq!(blob["p50_ms"], Value::Null, "denied calls have no latency");
+}
 
+/// The latest calls in `all`, newest first, with their decisions and outcomes.
+fn assert_latest_calls(all: &Value) {
     let latest = all["calls"].as_array().expect("calls");
-    assert_eq!(latest.len() as u64, acme_calls + other_calls);
+    assert_eq!(latest.len() as u64, ACME_CALLS + OTHER_CALLS);
     assert_eq!(latest[0]["method"], "no/such/method", "newest first");
     assert_eq!(latest[0]["subject"], "agent@other");
     assert_eq!(latest.last().expect("a call")["method"], "initialize");
@@ -219,8 +227,10 @@ async fn api_reflects_real_calls_of_each_tenant() {
         (&echoed["outcome"], &echoed["transport"]),
         (&json!("ok"), &json!("quic"))
     );
+}
 
-    let acme = get_json(&harness.admin_url("/api/activity?tenant=acme")).await;
+/// The snapshot `acme`, filtered to tenant acme, holds acme's rows only (and `all`'s tenants).
+fn assert_filtered_to_acme(acme: &Value, all: &Value) {
     assert_eq!(acme["tenant"], "acme");
     assert_eq!(
         acme["tenants"], all["tenants"],
@@ -240,11 +250,11 @@ async fn api_reflects_real_calls_of_each_tenant() {
     );
     assert_eq!(
         acme["totals"],
-        json!({"calls": acme_calls, "denied": DENIED, "errors": TOOL_ERRORS})
+        json!({"calls": ACME_CALLS, "denied": DENIED, "errors": TOOL_ERRORS})
     );
     assert_eq!(
         acme["calls"].as_array().expect("calls").len() as u64,
-        acme_calls
+        ACME_CALLS
     );
 }
 
@@ -317,12 +327,7 @@ impl Events {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_push_a_snapshot_then_new_calls_and_end_at_shutdown() {
-    let Scene {
-        harness,
-        acme,
-        other,
-        _clients,
-    } = scene().await;
+    let (harness, acme, other, _clients) = scene().await.into_parts();
     let mut events = Events::open(&harness.admin_url("/activity/events?tenant=other")).await;
     let (name, snapshot) = events.next().await.expect("a first event");
     assert_eq!(name, "snapshot");
@@ -437,7 +442,15 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
     // dumps it; `--timeout` only bounds a page that never loads. (`--virtual-time-budget`
     // would wait for the event stream to end: virtual time stands still while a fetch is open.)
     let dom = chromium(&url, &[LOAD_BOUND.into(), "--dump-dom".into()]).await;
-    let tunnels = section(&dom, "id=\"tunnels\"");
+    assert_full_page(&dom);
+    assert_acme_page(&url).await;
+    screenshot(&url).await;
+}
+
+/// The page of every tenant shows both tunnels, the latest calls (a hostile name as text), the
+/// tools and the calls figure.
+fn assert_full_page(dom: &str) {
+    let tunnels = section(dom, "id=\"tunnels\"");
     for want in [
         ">acme<", ">demo<", ">other<", ">files<", ">quic<", ">online<",
     ] {
@@ -446,7 +459,7 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
             "tunnels table lacks {want}:\n{tunnels}"
         );
     }
-    let latest = section(&dom, "id=\"calls\"");
+    let latest = section(dom, "id=\"calls\"");
     for want in [
         ">agent@acme<",
         ">agent@other<",
@@ -475,18 +488,20 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
         "{latest}"
     );
     assert!(!dom.contains("<img"), "no element came from a name:\n{dom}");
-    let tools = section(&dom, "id=\"tools\"");
+    let tools = section(dom, "id=\"tools\"");
     assert!(
         tools.contains(">blob<") && tools.contains(">initialize<"),
         "{tools}"
     );
-    let calls = 1 + ECHOES + TOOL_ERRORS + DENIED + 1 + OTHER_ECHOES + SLEEPS + 2;
+    let calls = ACME_CALLS + OTHER_CALLS;
     assert!(
         dom.contains(&format!("id=\"fig-calls\">{calls}<")),
         "the calls figure:\n{dom}"
     );
+}
 
-    // One tenant's page: its tunnel and calls only, the filter set to it.
+/// One tenant's page: its tunnel and calls only, the filter set to it.
+async fn assert_acme_page(url: &str) {
     let acme_dom = chromium(
         &format!("{url}?tenant=acme"),
         &[LOAD_BOUND.into(), "--dump-dom".into()],
@@ -505,12 +520,15 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
             && acme_dom.contains("<option value=\"other\">other</option>"),
         "the filter is set to acme and offers other:\n{acme_dom}"
     );
+}
 
+/// Chromium takes a PNG screenshot of the page at `url`.
+async fn screenshot(url: &str) {
     let png = screenshot_path();
     std::fs::create_dir_all(png.parent().expect("a parent")).expect("target/activity");
     let _ = std::fs::remove_file(&png);
     chromium(
-        &url,
+        url,
         &[LOAD_BOUND.into(), format!("--screenshot={}", png.display())],
     )
     .await;
@@ -521,12 +539,7 @@ async fn chromium_shows_the_tunnels_and_the_latest_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_calls_made_while_it_watches() {
-    let Scene {
-        harness,
-        acme,
-        other,
-        _clients,
-    } = scene().await;
+    let (harness, acme, other, _clients) = scene().await.into_parts();
     acme_load(&acme).await;
     let url = harness.admin_url("/activity");
     // Virtual time stands still while the event stream is open and runs on once the relay

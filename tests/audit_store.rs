@@ -2,10 +2,13 @@
 //! exported and verified by the real `mcp-tunnel audit` commands, before and after tampering
 //! with the SQLite file directly.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::audit::{assert_fails_naming, now_ms, rewrite_rows};
 use mcp_tunnel::govern::audit::AuditSettings;
 use mcp_tunnel::govern::audit::store::RECORD_COLUMNS;
 use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
@@ -92,16 +95,7 @@ async fn fill(dir: &Path, per_tenant: u64, tasks: u64) -> PathBuf {
 
 /// Runs `mcp-tunnel ARGS`; returns success and stdout + stderr.
 async fn cli(args: &[&str]) -> (bool, String) {
-    let output = tokio::time::timeout(
-        WAIT,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command finishes in time")
-    .expect("the binary runs");
+    let output = common::run_cli_within(args, WAIT).await;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
@@ -149,18 +143,22 @@ async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
     let (ok, out) = verify(&db).await;
     assert!(ok, "{out}");
     assert!(out.contains("ok: 60 rows, 2 tenants"), "{out}");
-    let public = dir.path().join("audit.key.pub");
-    let (ok, out) = cli(&[
-        "audit",
-        "verify",
-        "--db",
-        db.to_str().expect("UTF-8"),
-        "--public-key",
-        public.to_str().expect("UTF-8"),
-    ])
-    .await;
+    let (ok, out) = verify_with(&db, &dir.path().join("audit.key.pub"), &[]).await;
     assert!(ok, "{out}");
+    assert_tampered_copies_fail(&db).await;
+    assert_swapped_rows_fail(&db).await;
 
+    // A checkpoint key other than the relay's is refused.
+    let other = tempfile::tempdir().expect("temp dir");
+    let other_key = other.path().join("other.key");
+    mcp_tunnel::govern::audit::key::CheckpointKey::load_or_create(&other_key).expect("key");
+    let (ok, out) = verify_with(&db, &other.path().join("other.key.pub"), &[]).await;
+    assert!(!ok && out.contains("unknown key"), "{out}");
+}
+
+/// Copies of the trail at `db`, each changed in one way (a column, a record, a deleted or cut
+/// row, a checkpoint signature), fail verify naming what changed.
+async fn assert_tampered_copies_fail(db: &Path) {
     let cases: &[(&str, &str, &[&str])] = &[
         (
             "column.db",
@@ -192,7 +190,7 @@ async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
         ),
     ];
     for (name, sql, expected) in cases {
-        let copy = copy(&db, name);
+        let copy = copy(db, name);
         tamper(&copy, sql);
         let (ok, out) = verify(&copy).await;
         println!("{name}:\n{out}");
@@ -204,9 +202,13 @@ async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
             );
         }
     }
+}
 
+/// Copies of the trail at `db` with two rows swapped, whole or only their records, fail
+/// verify.
+async fn assert_swapped_rows_fail(db: &Path) {
     // Swap two rows whole (contents, seq and hashes): each row is intact, but out of order.
-    let swapped = copy(&db, "swapped.db");
+    let swapped = copy(db, "swapped.db");
     let all = format!("tenant, seq, prev_hash, hash, record, {RECORD_COLUMNS}");
     tamper(
         &swapped,
@@ -226,7 +228,7 @@ async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
     );
 
     // Swap only the records of two rows: each row's hash no longer matches.
-    let swapped = copy(&db, "swapped-records.db");
+    let swapped = copy(db, "swapped-records.db");
     tamper(
         &swapped,
         &format!(
@@ -241,114 +243,39 @@ async fn verify_passes_then_names_a_changed_deleted_or_swapped_row() {
         out.contains("tenant \"globex\" seq 8") && out.contains("hash mismatch"),
         "{out}"
     );
-
-    // A checkpoint key other than the relay's is refused.
-    let other = tempfile::tempdir().expect("temp dir");
-    let other_key = other.path().join("other.key");
-    mcp_tunnel::govern::audit::key::CheckpointKey::load_or_create(&other_key).expect("key");
-    let (ok, out) = cli(&[
-        "audit",
-        "verify",
-        "--db",
-        db.to_str().expect("UTF-8"),
-        "--public-key",
-        other.path().join("other.key.pub").to_str().expect("UTF-8"),
-    ])
-    .await;
-    assert!(!ok && out.contains("unknown key"), "{out}");
 }
 
-#[tokio::test]
-async fn export_with_filters_returns_exactly_the_matching_rows() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = fill(dir.path(), PER_TENANT, 3).await;
-    let db_arg = db.to_str().expect("UTF-8");
-
-    let ids = |out: &str| -> BTreeSet<String> {
-        out.lines()
-            .map(|line| {
-                let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-                assert!(value["seq"].as_u64().is_some() && value["hash"].is_string());
-                value["jsonrpc.request.id"]
-                    .as_str()
-                    .expect("request id")
-                    .to_owned()
-            })
-            .collect()
-    };
-    let expect = |tenant: &str, keep: &dyn Fn(&Record) -> bool| -> BTreeSet<String> {
-        (0..PER_TENANT)
-            .map(|n| record(tenant, n))
-            .filter(|r| keep(r))
-            .map(|r| r.request_id.expect("set"))
-            .collect()
-    };
-
-    let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--format", "jsonl"]).await;
+/// The request ids of the rows `audit export --db DB FILTERS` prints (each row with its seq
+/// and hash); the export must succeed.
+async fn export_ids(db: &str, filters: &[&str]) -> BTreeSet<String> {
+    let mut args = vec!["audit", "export", "--db", db];
+    args.extend_from_slice(filters);
+    let (ok, out) = cli(&args).await;
     assert!(ok, "{out}");
-    assert_eq!(out.lines().count(), 60);
+    out.lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            assert!(value["seq"].as_u64().is_some() && value["hash"].is_string());
+            value["jsonrpc.request.id"]
+                .as_str()
+                .expect("request id")
+                .to_owned()
+        })
+        .collect()
+}
 
-    let (ok, out) = cli(&[
-        "audit",
-        "export",
-        "--db",
-        db_arg,
-        "--tenant",
-        "acme",
-        "--decision",
-        "deny",
-    ])
-    .await;
-    assert!(ok, "{out}");
-    assert_eq!(ids(&out), expect("acme", &|r| r.decision == Verdict::Deny));
+/// The request ids of the records of `tenant` that `keep` keeps.
+fn expected_ids(tenant: &str, keep: &dyn Fn(&Record) -> bool) -> BTreeSet<String> {
+    (0..PER_TENANT)
+        .map(|n| record(tenant, n))
+        .filter(|r| keep(r))
+        .map(|r| r.request_id.expect("set"))
+        .collect()
+}
 
-    let (ok, out) = cli(&[
-        "audit",
-        "export",
-        "--db",
-        db_arg,
-        "--tenant",
-        "globex",
-        "--source",
-        "db",
-        "--tool",
-        "query",
-        "--subject",
-        "user0@globex.example",
-    ])
-    .await;
-    assert!(ok, "{out}");
-    let want = expect("globex", &|r| {
-        r.source == "db"
-            && r.tool.as_deref() == Some("query")
-            && r.subject == "user0@globex.example"
-    });
-    assert!(!want.is_empty());
-    assert_eq!(ids(&out), want);
-
-    // A time range, once in RFC 3339 and once in milliseconds: records 10 to 19.
-    let (ok, out) = cli(&[
-        "audit",
-        "export",
-        "--db",
-        db_arg,
-        "--tenant",
-        "acme",
-        "--since",
-        "2025-11-26T07:00:00.010Z",
-        "--until",
-        &(BASE_MS + 20).to_string(),
-    ])
-    .await;
-    assert!(ok, "{out}");
-    assert_eq!(
-        ids(&out),
-        expect("acme", &|r| (10..20).contains(&(r.time_ms - BASE_MS)))
-    );
-
-    let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--since", "yesterday"]).await;
-    assert!(!ok && out.contains("yesterday"), "{out}");
-
+/// `audit tail -n 3` with a tenant and a decision prints 3 lines, each of that tenant and
+/// decision.
+async fn assert_tail_filters(db_arg: &str) {
     let (ok, out) = cli(&[
         "audit",
         "tail",
@@ -371,6 +298,67 @@ async fn export_with_filters_returns_exactly_the_matching_rows() {
             .all(|l| l.contains(" acme#") && l.contains(" allow ")),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn export_with_filters_returns_exactly_the_matching_rows() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = fill(dir.path(), PER_TENANT, 3).await;
+    let db_arg = db.to_str().expect("UTF-8");
+
+    let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--format", "jsonl"]).await;
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 60);
+
+    assert_eq!(
+        export_ids(db_arg, &["--tenant", "acme", "--decision", "deny"]).await,
+        expected_ids("acme", &|r| r.decision == Verdict::Deny)
+    );
+
+    let got = export_ids(
+        db_arg,
+        &[
+            "--tenant",
+            "globex",
+            "--source",
+            "db",
+            "--tool",
+            "query",
+            "--subject",
+            "user0@globex.example",
+        ],
+    )
+    .await;
+    let want = expected_ids("globex", &|r| {
+        r.source == "db"
+            && r.tool.as_deref() == Some("query")
+            && r.subject == "user0@globex.example"
+    });
+    assert!(!want.is_empty());
+    assert_eq!(got, want);
+
+    // A time range, once in RFC 3339 and once in milliseconds: records 10 to 19.
+    let until = (BASE_MS + 20).to_string();
+    assert_eq!(
+        export_ids(
+            db_arg,
+            &[
+                "--tenant",
+                "acme",
+                "--since",
+                "2025-11-26T07:00:00.010Z",
+                "--until",
+                &until,
+            ],
+        )
+        .await,
+        expected_ids("acme", &|r| (10..20).contains(&(r.time_ms - BASE_MS)))
+    );
+
+    let (ok, out) = cli(&["audit", "export", "--db", db_arg, "--since", "yesterday"]).await;
+    assert!(!ok && out.contains("yesterday"), "{out}");
+
+    assert_tail_filters(db_arg).await;
 }
 
 #[tokio::test]
@@ -486,14 +474,6 @@ const RELAY: &str = "relay-a";
 /// Rounds of one acme and one globex row in a timed trail.
 const ROUNDS: u64 = 20;
 
-/// Milliseconds since the Unix epoch, now.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_millis() as u64
-}
-
 /// A trail as relay `RELAY` writes it over `ROUNDS` minutes of calls (record times one minute
 /// apart, from now on; the checkpoint interval is the default minute), a checkpoint every 4
 /// rows of a tenant, and the off-box copy in `checkpoints.jsonl`. Returns (trail, copy,
@@ -600,11 +580,7 @@ async fn deleting_the_last_checkpoints_and_their_tail_is_found() {
     let gap = copy(&db, "gap.db");
     tamper(&gap, "DELETE FROM checkpoints WHERE n = 3;");
     let (ok, out) = verify_with(&gap, &key, &[]).await;
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("checkpoint gap") && out.contains("checkpoint 3 is missing"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["checkpoint gap", "checkpoint 3 is missing"]);
 }
 
 #[tokio::test]
@@ -624,38 +600,8 @@ async fn deleting_a_whole_tenant_is_found() {
 
 /// Rewrites every row of the trail at `db`: `subject` becomes mallory, and every hash is
 /// computed afresh so each chain is whole again.
-fn rewrite_rows(db: &Path) {
-    use mcp_tunnel::govern::audit::chain;
-    let conn = Connection::open(db).expect("open the copy");
-    let rows: Vec<(i64, String, String, i64, Vec<u8>)> = conn
-        .prepare("SELECT id, relay, tenant, seq, record FROM records ORDER BY id")
-        .expect("prepare")
-        .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-        })
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("rows");
-    let mut heads: std::collections::HashMap<(String, String), [u8; 32]> = Default::default();
-    for (id, relay, tenant, seq, bytes) in rows {
-        let mut record: Record = serde_json::from_slice(&bytes).expect("a record");
-        record.subject = "mallory@acme.example".into();
-        let bytes = chain::canonical(&record);
-        let prev = heads.entry((relay, tenant)).or_insert(chain::GENESIS);
-        let hash = chain::row_hash(prev, seq as u64, &bytes);
-        conn.execute(
-            "UPDATE records SET record = ?1, subject = ?2, prev_hash = ?3, hash = ?4 WHERE id = ?5",
-            rusqlite::params![
-                bytes,
-                record.subject,
-                hex::encode(*prev),
-                hex::encode(hash),
-                id
-            ],
-        )
-        .expect("rewrite a row");
-        *prev = hash;
-    }
+fn rewrite_subjects(db: &Path) {
+    rewrite_rows(db, |record| record.subject = "mallory@acme.example".into());
 }
 
 #[tokio::test]
@@ -665,26 +611,18 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
 
     // With the checkpoints left in place: they sign other heads.
     let rewritten = copy(&db, "rewritten.db");
-    rewrite_rows(&rewritten);
+    rewrite_subjects(&rewritten);
     let (ok, out) = verify_with(&rewritten, &key, &[]).await;
     println!("rewritten.db:\n{out}");
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("checkpoint mismatch") && out.contains("rewritten"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["checkpoint mismatch", "rewritten"]);
 
     // With every checkpoint deleted first: rows and not one checkpoint.
     let rewritten = copy(&db, "rewritten-no-checkpoints.db");
     tamper(&rewritten, "DELETE FROM checkpoints;");
-    rewrite_rows(&rewritten);
+    rewrite_subjects(&rewritten);
     let (ok, out) = verify_with(&rewritten, &key, &[]).await;
     println!("rewritten-no-checkpoints.db:\n{out}");
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("relay \"relay-a\"") && out.contains("no checkpoint"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["relay \"relay-a\"", "no checkpoint"]);
 
     // The whole trail replaced by one a relay with a new key wrote: the given public key and
     // the off-box copy both refuse it; only the keys the trail names would accept it.
@@ -710,11 +648,7 @@ async fn rewriting_every_row_with_fresh_hashes_is_found() {
     ])
     .await;
     println!("replaced trail with the copy:\n{out}");
-    assert!(!ok, "{out}");
-    assert!(
-        out.contains("off-box copy mismatch") && out.contains("another key"),
-        "{out}"
-    );
+    assert_fails_naming(ok, &out, &["off-box copy mismatch", "another key"]);
 }
 
 #[tokio::test]

@@ -67,6 +67,23 @@ async fn bench(args: &[&str]) -> Run {
     }
 }
 
+impl Run {
+    /// A failed run: it exits non-zero, with `calls` calls and `count` errors of `kind`.
+    fn assert_failed(&self, calls: u64, kind: &str, count: u64) {
+        assert!(
+            !self.success,
+            "a failed run exits non-zero: {}",
+            self.report
+        );
+        assert_eq!(self.report["calls"], calls, "{}", self.report);
+        assert_eq!(
+            self.report["errors_by_kind"][kind], count,
+            "{}",
+            self.report
+        );
+    }
+}
+
 fn number(report: &Value, field: &str) -> f64 {
     report[field]
         .as_f64()
@@ -97,41 +114,35 @@ fn assert_clean(run: &Run, era: &str) {
     assert!(number(report, "response_bytes") > 0.0, "{report}");
 }
 
+/// A clean run of `CALLS` calls in `era` against `url` by 8 workers, with `extra` arguments.
+async fn clean_run(url: &str, era: &str, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "--url",
+        url,
+        "--era",
+        era,
+        "--calls",
+        "200",
+        "--concurrency",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    let run = bench(&args).await;
+    assert_clean(&run, era);
+    run
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_eras_against_the_upstream_directly() {
     let (upstream, url) = upstream().await;
     for era in ["legacy", "stateless"] {
-        let run = bench(&[
-            "--url",
-            &url,
-            "--era",
-            era,
-            "--calls",
-            "200",
-            "--concurrency",
-            "8",
-        ])
-        .await;
-        assert_clean(&run, era);
+        let run = clean_run(&url, era, &[]).await;
         if era == "legacy" {
             assert_eq!(run.report["sessions"], 8, "one session per worker");
         }
     }
     // A payload asked of `blob` comes back whole: every answer carries at least its bytes.
-    let run = bench(&[
-        "--url",
-        &url,
-        "--tool",
-        "blob",
-        "--payload",
-        "100000",
-        "--calls",
-        "200",
-        "--concurrency",
-        "8",
-    ])
-    .await;
-    assert_clean(&run, "legacy");
+    let run = clean_run(&url, "legacy", &["--tool", "blob", "--payload", "100000"]).await;
     assert!(number(&run.report, "response_bytes") >= (CALLS * 100_000) as f64);
     upstream.stop().await;
 }
@@ -145,22 +156,12 @@ async fn both_eras_through_the_relay_and_a_bad_key_is_counted() {
         .await;
     let agent_url = harness.url("demo");
     for era in ["legacy", "stateless"] {
-        let run = bench(&[
-            "--url",
+        clean_run(
             &agent_url,
-            "--key",
-            &harness.acme.api_key,
-            "--era",
             era,
-            "--calls",
-            "200",
-            "--concurrency",
-            "8",
-            "--sessions",
-            "4",
-        ])
+            &["--key", &harness.acme.api_key, "--sessions", "4"],
+        )
         .await;
-        assert_clean(&run, era);
     }
 
     // Stateless: every call is refused with 401 and counted as such.
@@ -175,14 +176,8 @@ async fn both_eras_through_the_relay_and_a_bad_key_is_counted() {
         "20",
     ])
     .await;
-    assert!(!run.success, "a failed run exits non-zero: {}", run.report);
-    assert_eq!(run.report["calls"], 20, "{}", run.report);
+    run.assert_failed(20, "http 401", 20);
     assert_eq!(run.report["errors"], 20, "{}", run.report);
-    assert_eq!(
-        run.report["errors_by_kind"]["http 401"], 20,
-        "{}",
-        run.report
-    );
     assert!(
         run.stderr.contains("20 of 20 requests failed"),
         "{}",
@@ -201,13 +196,7 @@ async fn both_eras_through_the_relay_and_a_bad_key_is_counted() {
         "2",
     ])
     .await;
-    assert!(!run.success, "{}", run.report);
-    assert_eq!(run.report["calls"], 0, "{}", run.report);
-    assert_eq!(
-        run.report["errors_by_kind"]["initialize: http 401"], 2,
-        "{}",
-        run.report
-    );
+    run.assert_failed(0, "initialize: http 401", 2);
     harness.stop().await;
     upstream.stop().await;
 }
@@ -226,12 +215,6 @@ async fn a_dead_url_is_counted_as_transport_errors() {
         "5",
     ])
     .await;
-    assert!(!run.success, "{}", run.report);
-    assert_eq!(run.report["calls"], 10, "{}", run.report);
-    assert_eq!(
-        run.report["errors_by_kind"]["transport: connect"], 10,
-        "{}",
-        run.report
-    );
+    run.assert_failed(10, "transport: connect", 10);
     assert!(run.stderr.contains("requests failed"), "{}", run.stderr);
 }

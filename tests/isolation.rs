@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::sse::next_event;
 use common::{Agent, Harness, Options, TenantCreds, WAIT, tool_text};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -212,29 +213,6 @@ fn tools_list(id: u64) -> Value {
     json!({"jsonrpc":"2.0","id":id,"method":"tools/list"})
 }
 
-/// The data of the next SSE event with data on `stream`.
-async fn next_event(stream: &mut reqwest::Response, buffer: &mut String) -> String {
-    loop {
-        if let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .collect();
-            if !data.is_empty() {
-                return data.join("\n");
-            }
-            continue;
-        }
-        let chunk = tokio::time::timeout(WAIT, stream.chunk())
-            .await
-            .expect("event in time")
-            .expect("stream reads")
-            .expect("stream open");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-    }
-}
-
 /// An open HTTP+SSE session: the event stream and its session id.
 struct LegacySession {
     stream: reqwest::Response,
@@ -320,26 +298,7 @@ async fn every_cross_tenant_attempt_reads_exactly_like_a_source_that_does_not_ex
 
     // Every tenant opens sessions on its own `db` and its own source: Streamable HTTP and
     // HTTP+SSE. These are what the other tenants will try to reuse.
-    struct Owned {
-        tenant: TenantCreds,
-        streamable: Vec<(String, Agent)>,
-        legacy: LegacySession,
-    }
-    let mut owned = Vec::new();
-    for tenant in &setup.tenants {
-        let mut streamable = Vec::new();
-        for source in [SHARED[0].to_owned(), own_source(tenant)] {
-            let mut agent = Agent::new(&harness.url(&source), &tenant.api_key);
-            assert_eq!(agent.initialize().await.status, 200);
-            streamable.push((source, agent));
-        }
-        let legacy = open_legacy(&Caller::new(harness, tenant), SHARED[0]).await;
-        owned.push(Owned {
-            tenant: tenant.clone(),
-            streamable,
-            legacy,
-        });
-    }
+    let owned = open_owned_sessions(harness, &setup.tenants).await;
     let sessions_before = harness.state.sessions.len();
     let streams_before = streams_by_tenant(harness);
 
@@ -379,39 +338,7 @@ async fn every_cross_tenant_attempt_reads_exactly_like_a_source_that_does_not_ex
             assert_eq!(caller.sse_open(&foreign).await, typo_sse, "{who}: GET /sse");
             attempts += 4;
 
-            // Another tenant's session ids: on the source they belong to and on the caller's
-            // own source of the same name; against a session id that does not exist there.
-            for (source, agent) in &owner.streamable {
-                let stolen = agent.session.as_deref().expect("session id");
-                for target in [source.as_str(), SHARED[1]] {
-                    for body in [echo(3, "stolen"), tools_list(4)] {
-                        assert_eq!(
-                            caller.in_session(target, stolen, body.clone()).await,
-                            caller.in_session(target, NO_SESSION, body).await,
-                            "{who}: POST /mcp/{target} with a session of {source}"
-                        );
-                    }
-                    for verb in [Method::GET, Method::DELETE] {
-                        assert_eq!(
-                            caller.session_verb(verb.clone(), target, stolen).await,
-                            caller.session_verb(verb.clone(), target, NO_SESSION).await,
-                            "{who}: {verb} /mcp/{target} with a session of {source}"
-                        );
-                    }
-                    attempts += 4;
-                }
-            }
-            let stolen = owner.legacy.id.as_str();
-            for body in [echo(5, "stolen"), tools_list(6)] {
-                let attempt = caller.sse_post(SHARED[0], stolen, body.clone()).await;
-                assert_eq!(attempt.status, 404, "{who}: {attempt:?}");
-                assert_eq!(
-                    attempt,
-                    caller.sse_post(SHARED[0], NO_SESSION, body).await,
-                    "{who}: POST to the HTTP+SSE endpoint of another tenant's session"
-                );
-                attempts += 1;
-            }
+            attempts += stolen_sessions_read_like_missing_ones(&caller, &who, owner).await;
         }
     }
     assert_eq!(attempts, 3 * 2 * (4 + 2 * 2 * 4 + 2));
@@ -427,6 +354,84 @@ async fn every_cross_tenant_attempt_reads_exactly_like_a_source_that_does_not_ex
     );
 
     // Every owner's sessions still work after all that.
+    owners_sessions_still_work(harness, owned).await;
+}
+
+/// A tenant's own sessions: Streamable HTTP on `db` and on its own source, and HTTP+SSE.
+struct Owned {
+    tenant: TenantCreds,
+    streamable: Vec<(String, Agent)>,
+    legacy: LegacySession,
+}
+
+/// Every tenant opens sessions on its own `db` and its own source: Streamable HTTP and
+/// HTTP+SSE.
+async fn open_owned_sessions(harness: &Harness, tenants: &[TenantCreds]) -> Vec<Owned> {
+    let mut owned = Vec::new();
+    for tenant in tenants {
+        let mut streamable = Vec::new();
+        for source in [SHARED[0].to_owned(), own_source(tenant)] {
+            let mut agent = Agent::new(&harness.url(&source), &tenant.api_key);
+            assert_eq!(agent.initialize().await.status, 200);
+            streamable.push((source, agent));
+        }
+        let legacy = open_legacy(&Caller::new(harness, tenant), SHARED[0]).await;
+        owned.push(Owned {
+            tenant: tenant.clone(),
+            streamable,
+            legacy,
+        });
+    }
+    owned
+}
+
+/// Another tenant's session ids, on the source they belong to and on the caller's own source
+/// of the same name, read like a session id that does not exist there; so do posts into its
+/// HTTP+SSE session. Returns the attempts.
+async fn stolen_sessions_read_like_missing_ones(
+    caller: &Caller<'_>,
+    who: &str,
+    owner: &Owned,
+) -> usize {
+    let mut attempts = 0;
+    // Another tenant's session ids: on the source they belong to and on the caller's
+    // own source of the same name; against a session id that does not exist there.
+    for (source, agent) in &owner.streamable {
+        let stolen = agent.session.as_deref().expect("session id");
+        for target in [source.as_str(), SHARED[1]] {
+            for body in [echo(3, "stolen"), tools_list(4)] {
+                assert_eq!(
+                    caller.in_session(target, stolen, body.clone()).await,
+                    caller.in_session(target, NO_SESSION, body).await,
+                    "{who}: POST /mcp/{target} with a session of {source}"
+                );
+            }
+            for verb in [Method::GET, Method::DELETE] {
+                assert_eq!(
+                    caller.session_verb(verb.clone(), target, stolen).await,
+                    caller.session_verb(verb.clone(), target, NO_SESSION).await,
+                    "{who}: {verb} /mcp/{target} with a session of {source}"
+                );
+            }
+            attempts += 4;
+        }
+    }
+    let stolen = owner.legacy.id.as_str();
+    for body in [echo(5, "stolen"), tools_list(6)] {
+        let attempt = caller.sse_post(SHARED[0], stolen, body.clone()).await;
+        assert_eq!(attempt.status, 404, "{who}: {attempt:?}");
+        assert_eq!(
+            attempt,
+            caller.sse_post(SHARED[0], NO_SESSION, body).await,
+            "{who}: POST to the HTTP+SSE endpoint of another tenant's session"
+        );
+        attempts += 1;
+    }
+    attempts
+}
+
+/// Every owner's sessions still work.
+async fn owners_sessions_still_work(harness: &Harness, owned: Vec<Owned>) {
     for mut owner in owned {
         for (source, agent) in &owner.streamable {
             let answer = agent

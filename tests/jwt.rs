@@ -132,7 +132,33 @@ async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
     )
     .expect("write JWKS");
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
-    let config = format!(
+    let config = jwt_config(&token, &api_key);
+    let path = write_config(dir.path(), &config);
+    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
+    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
+    let settings = quic_settings(
+        tunnel,
+        &token,
+        &certs.ca_pem,
+        &[("demo", &demo), ("recording", &recording)],
+    );
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "recording"))
+        .await
+        .expect("tunnel up");
+    let url = format!("http://{agents}/mcp/demo");
+    let metadata = format!("{PUBLIC_URL}/.well-known/oauth-protected-resource/mcp/demo");
+
+    valid_tokens_and_api_keys_work(&url, &[&ec, &ed], &api_key).await;
+    bad_tokens_are_refused_naming_the_metadata(&url, &metadata, (&ec, &ed, &stranger)).await;
+    metadata_is_served(agents).await;
+    the_upstream_never_sees_the_token(agents, &ec, &seen).await;
+}
+
+/// The relay config of these tests: acme with an API key of bob and role `analyst`, and an
+/// identity provider with the JWKS in `jwks.json`.
+fn jwt_config(token: &str, api_key: &str) -> String {
+    format!(
         r#"{LISTENERS}public_url = "{PUBLIC_URL}/"
 [[tenants]]
 name = "acme"
@@ -152,28 +178,16 @@ tenant_claim = "tenant"
 roles_claim = "roles"
 required_scopes = ["{SCOPE}"]
 "#,
-        SecretHash::of(&token),
-        SecretHash::of(&api_key),
-    );
-    let path = write_config(dir.path(), &config);
-    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
-    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
-    let settings = quic_settings(
-        tunnel,
-        &token,
-        &certs.ca_pem,
-        &[("demo", &demo), ("recording", &recording)],
-    );
-    tokio::spawn(client::run(settings, shutdown.clone()));
-    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "recording"))
-        .await
-        .expect("tunnel up");
-    let url = format!("http://{agents}/mcp/demo");
-    let metadata = format!("{PUBLIC_URL}/.well-known/oauth-protected-resource/mcp/demo");
+        SecretHash::of(token),
+        SecretHash::of(api_key),
+    )
+}
 
-    // Valid tokens, both algorithms: initialize, then the echo tool through the tunnel.
-    for key in [&ec, &ed] {
-        let mut agent = Agent::new(&url, &sign(key, &claims()));
+/// Valid tokens signed by each of `keys`: initialize, then the echo tool through the tunnel;
+/// the roles claim holds; API keys still work, and are tried first.
+async fn valid_tokens_and_api_keys_work(url: &str, keys: &[&SigningKey], api_key: &str) {
+    for key in keys {
+        let mut agent = Agent::new(url, &sign(key, &claims()));
         let init = agent.initialize().await;
         assert_eq!(
             init.status, 200,
@@ -187,11 +201,18 @@ required_scopes = ["{SCOPE}"]
         assert_eq!(denied.response()["error"]["message"], "Unknown tool: add");
     }
     // API keys still work, and are tried first.
-    let mut bob = Agent::new(&url, &api_key);
+    let mut bob = Agent::new(url, api_key);
     assert_eq!(bob.initialize().await.status, 200, "an API key still works");
+}
 
+/// No credential, each bad token and a missing scope: refusals naming the metadata.
+async fn bad_tokens_are_refused_naming_the_metadata(
+    url: &str,
+    metadata: &str,
+    (ec, ed, stranger): (&SigningKey, &SigningKey, &SigningKey),
+) {
     // No credential: 401 naming the metadata and the scope, no error code (RFC 6750 3.1).
-    let mut anonymous = Agent::new(&url, "");
+    let mut anonymous = Agent::new(url, "");
     anonymous.key = None;
     let refused = anonymous.initialize().await;
     assert_eq!(refused.status, 401);
@@ -209,18 +230,18 @@ required_scopes = ["{SCOPE}"]
     let mut wrong_issuer = claims();
     wrong_issuer["iss"] = json!("https://evil.example");
     let cases = [
-        ("expired", sign(&ec, &expired), "token expired"),
+        ("expired", sign(ec, &expired), "token expired"),
         (
             "wrong audience",
-            sign(&ed, &wrong_audience),
+            sign(ed, &wrong_audience),
             "wrong audience",
         ),
-        ("wrong issuer", sign(&ec, &wrong_issuer), "wrong issuer"),
-        ("bad signature", sign(&stranger, &claims()), "bad signature"),
+        ("wrong issuer", sign(ec, &wrong_issuer), "wrong issuer"),
+        ("bad signature", sign(stranger, &claims()), "bad signature"),
         ("not a token", "a.b.c".to_owned(), "malformed token"),
     ];
     for (case, token, reason) in cases {
-        let answer = Agent::new(&url, &token).initialize().await;
+        let answer = Agent::new(url, &token).initialize().await;
         assert_eq!(answer.status, 401, "{case}: {answer:?}");
         assert_eq!(
             www_authenticate(&answer),
@@ -238,7 +259,7 @@ required_scopes = ["{SCOPE}"]
     // A valid token without the required scope: 403 `insufficient_scope`.
     let mut unscoped = claims();
     unscoped["scope"] = json!("openid");
-    let answer = Agent::new(&url, &sign(&ec, &unscoped)).initialize().await;
+    let answer = Agent::new(url, &sign(ec, &unscoped)).initialize().await;
     assert_eq!(answer.status, 403, "{answer:?}");
     assert_eq!(
         www_authenticate(&answer),
@@ -246,14 +267,12 @@ required_scopes = ["{SCOPE}"]
             r#"Bearer error="insufficient_scope", scope="{SCOPE}", resource_metadata="{metadata}""#
         )
     );
+}
 
-    // The HTTP+SSE endpoint names its own resource.
-    let sse = reqwest::Client::new()
-        .get(format!("http://{agents}/sse/demo"))
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("GET /sse/demo");
+/// The HTTP+SSE endpoint names its own resource; both well-known documents (RFC 9728) are
+/// served without credentials.
+async fn metadata_is_served(agents: std::net::SocketAddr) {
+    let sse = common::get(&format!("http://{agents}/sse/demo")).await;
     assert_eq!(sse.status(), 401);
     assert_eq!(
         sse.headers()["www-authenticate"],
@@ -274,12 +293,7 @@ required_scopes = ["{SCOPE}"]
             PUBLIC_URL.to_owned(),
         ),
     ] {
-        let response = reqwest::Client::new()
-            .get(format!("http://{agents}{path}"))
-            .timeout(WAIT)
-            .send()
-            .await
-            .expect("metadata request");
+        let response = common::get(&format!("http://{agents}{path}")).await;
         assert_eq!(response.status(), 200, "{path}");
         assert_eq!(response.headers()["content-type"], "application/json");
         let document: Value = response.json().await.expect("JSON metadata");
@@ -294,9 +308,15 @@ required_scopes = ["{SCOPE}"]
             "{path}"
         );
     }
+}
 
-    // The upstream sees the calls, never the agent's token.
-    let jwt = sign(&ec, &claims());
+/// The upstream sees the calls, never the agent's token.
+async fn the_upstream_never_sees_the_token(
+    agents: std::net::SocketAddr,
+    ec: &SigningKey,
+    seen: &common::Seen,
+) {
+    let jwt = sign(ec, &claims());
     let mut agent = Agent::new(&format!("http://{agents}/mcp/recording"), &jwt);
     assert_eq!(agent.initialize().await.status, 200);
     let called = agent.call_tool(3, "anything", json!({})).await;

@@ -3,27 +3,17 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 
 use common::{Agent, Harness, Options, WAIT, tool_text};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streamable_agents_reach_an_http_sse_upstream() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/peers/node_modules/@modelcontextprotocol/server-everything/dist/index.js");
-    assert!(
-        script.exists(),
-        "{} is missing: run scripts/install-peers.sh",
-        script.display()
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
+/// server-everything in its `sse` mode on a free port, started (it printed its listening
+/// line); returns it and the port.
+async fn start_sse_everything() -> (common::Child, u16) {
+    let script = common::peers::server_everything_script();
+    let port = common::free_port();
     let mut child = common::spawn(
         tokio::process::Command::new("node")
             .arg(&script)
@@ -57,7 +47,12 @@ async fn streamable_agents_reach_an_http_sse_upstream() {
     })
     .await
     .expect("server-everything (sse) starts");
+    (child, port)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamable_agents_reach_an_http_sse_upstream() {
+    let (mut child, port) = start_sse_everything().await;
     let harness = Harness::start(Options::default()).await;
     // It listens on every interface; traffic goes to loopback only.
     let _client = harness
@@ -98,15 +93,7 @@ async fn streamable_agents_reach_an_http_sse_upstream() {
     while let Some(call) = calls.join_next().await {
         call.expect("concurrent calls each get their own answer");
     }
-    assert_eq!(
-        agent
-            .request(reqwest::Method::DELETE)
-            .send()
-            .await
-            .expect("DELETE")
-            .status(),
-        200
-    );
+    assert_eq!(agent.delete().await, 200);
     let _ = child.0.start_kill();
     let _ = child.0.wait().await;
 }

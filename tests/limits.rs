@@ -5,17 +5,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
-
-use common::{Agent, Answer, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
-use mcp_tunnel::client;
+use common::{Agent, Answer, LISTENERS, ReloadableRelay, tool_text};
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::RelayState;
-use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
+use mcp_tunnel::relay::reload::LoadedConfig;
 use serde_json::json;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Tenant `acme`'s credentials: its tunnel token, and the keys of alice and bob.
 struct Creds {
@@ -25,6 +19,11 @@ struct Creds {
 }
 
 impl Creds {
+    /// A relay on `config(extra)` with these credentials.
+    async fn relay(&self, extra: &str) -> ReloadableRelay {
+        ReloadableRelay::start(&self.token, &self.config(extra), &["demo", "other"]).await
+    }
+
     fn new() -> Self {
         Self {
             token: new_secret("mcpt_tok_"),
@@ -58,64 +57,6 @@ key = "{}"
     }
 }
 
-/// A relay running in this process from a config file, with `connect` serving `demo`.
-struct FileRelay {
-    dir: tempfile::TempDir,
-    state: Arc<RelayState>,
-    agents: std::net::SocketAddr,
-    reloader: Reloader,
-    _stop: DropGuard,
-}
-
-impl FileRelay {
-    async fn start(creds: &Creds, text: &str) -> Self {
-        common::init_tracing();
-        let (dir, certs) = cert_dir();
-        let path = write_config(dir.path(), text);
-        let stop = CancellationToken::new();
-        let (relay, loaded) = common::FileRelay::serve(&path, &stop).await;
-        let (state, agents, tunnel) = (relay.state, relay.agents, relay.tunnel);
-        let reloader = Reloader::new(&path, state.clone(), loaded);
-        let upstream = common::demo_upstream(&stop).await;
-        let settings = quic_settings(
-            tunnel,
-            &creds.token,
-            &certs.ca_pem,
-            &[("demo", &upstream), ("other", &upstream)],
-        );
-        tokio::spawn(client::run(settings, stop.child_token()));
-        tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
-            .await
-            .expect("the tunnel comes up");
-        Self {
-            dir,
-            state,
-            agents,
-            reloader,
-            _stop: stop.drop_guard(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/mcp/demo", self.agents)
-    }
-
-    fn other_url(&self) -> String {
-        format!("http://{}/mcp/other", self.agents)
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.path().join("relay.toml")
-    }
-
-    /// Rewrites the file and reloads it, which must succeed.
-    async fn reload(&mut self, text: &str) {
-        std::fs::write(self.path(), text).expect("rewrite relay.toml");
-        let summary = self.reloader.reload().await.expect("the file reloads");
-        assert!(summary.restart_needed.is_empty(), "{summary:?}");
-    }
-}
-
 /// Asserts `answer` is a `429` with a `Retry-After` of 1 to 60 seconds and a JSON-RPC error.
 fn assert_limited(answer: &Answer, what: &str) {
     assert_eq!(answer.status, 429, "{what}: {answer:?}");
@@ -143,8 +84,8 @@ async fn echo(agent: &Agent, id: u64) -> Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_the_burst() {
     let creds = Creds::new();
-    let mut relay = FileRelay::start(&creds, &creds.config("")).await;
-    let url = relay.url();
+    let mut relay = creds.relay("").await;
+    let url = relay.url("demo");
     let mut alice = Agent::new(&url, &creds.alice);
     assert_eq!(alice.initialize().await.status, 200);
     for id in 1..=10 {
@@ -156,7 +97,7 @@ async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_
     }
 
     relay
-        .reload(&creds.config("[rate_limits]\nidentity = { per_minute = 1, burst = 4 }\n"))
+        .reload_cleanly(&creds.config("[rate_limits]\nidentity = { per_minute = 1, burst = 4 }\n"))
         .await;
     let session = alice.session.clone();
     let answers = [
@@ -188,19 +129,17 @@ async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_
     assert_eq!(echo(&bob, 1).await.status, 200);
 
     // A reload without the limit lifts it, for the same open session.
-    relay.reload(&creds.config("")).await;
+    relay.reload_cleanly(&creds.config("")).await;
     assert_eq!(echo(&alice, 16).await.status, 200, "the limit is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_limit_counts_every_caller_of_the_tenant() {
     let creds = Creds::new();
-    let relay = FileRelay::start(
-        &creds,
-        &creds.config("[rate_limits]\nsource = { per_minute = 1, burst = 5 }\n"),
-    )
-    .await;
-    let url = relay.url();
+    let relay = creds
+        .relay("[rate_limits]\nsource = { per_minute = 1, burst = 5 }\n")
+        .await;
+    let url = relay.url("demo");
     let mut alice = Agent::new(&url, &creds.alice);
     let mut bob = Agent::new(&url, &creds.bob);
     // Each initialize is two requests: the handshake and its `initialized` notification.
@@ -215,13 +154,11 @@ async fn a_source_limit_counts_every_caller_of_the_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_limit_counts_every_caller_and_every_source_of_the_tenant() {
     let creds = Creds::new();
-    let relay = FileRelay::start(
-        &creds,
-        &creds.config("[rate_limits]\ntenant = { per_minute = 1, burst = 5 }\n"),
-    )
-    .await;
-    let mut alice = Agent::new(&relay.url(), &creds.alice);
-    let mut bob = Agent::new(&relay.other_url(), &creds.bob);
+    let relay = creds
+        .relay("[rate_limits]\ntenant = { per_minute = 1, burst = 5 }\n")
+        .await;
+    let mut alice = Agent::new(&relay.url("demo"), &creds.alice);
+    let mut bob = Agent::new(&relay.url("other"), &creds.bob);
     // Each initialize is two requests: the handshake and its `initialized` notification.
     assert_eq!(alice.initialize().await.status, 200);
     assert_eq!(bob.initialize().await.status, 200, "another source");
@@ -240,8 +177,8 @@ async fn a_tenant_limit_counts_every_caller_and_every_source_of_the_tenant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_session() {
     let creds = Creds::new();
-    let mut relay = FileRelay::start(&creds, &creds.config("")).await;
-    let mut alice = Agent::new(&relay.url(), &creds.alice);
+    let mut relay = creds.relay("").await;
+    let mut alice = Agent::new(&relay.url("demo"), &creds.alice);
     assert_eq!(alice.initialize().await.status, 200);
     let session = alice.session.clone();
     let sleep = |id: u64, ms: u64| {
@@ -254,7 +191,7 @@ async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_ses
     // One second from now on: a 30 s tool is cut off after one second (the margin between
     // the two is what the test relies on, not the machine's speed).
     relay
-        .reload(&creds.config("[limits]\nrequest_timeout_secs = 1\n"))
+        .reload_cleanly(&creds.config("[limits]\nrequest_timeout_secs = 1\n"))
         .await;
     let cut = sleep(2, 30_000).await;
     assert_eq!(cut.status, 200, "{cut:?}");
@@ -270,7 +207,7 @@ async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_ses
 
     // Back to a long timeout: the 1.5 s tool answers again, in the same session.
     relay
-        .reload(&creds.config("[limits]\nrequest_timeout_secs = 60\n"))
+        .reload_cleanly(&creds.config("[limits]\nrequest_timeout_secs = 60\n"))
         .await;
     assert_eq!(tool_text(sleep(4, 1500).await.response()), "slept 1500 ms");
     assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
@@ -279,12 +216,10 @@ async fn a_reload_changes_the_request_timeout_for_new_requests_and_keeps_the_ses
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentication_beyond_the_limit_from_one_address_gets_429() {
     let creds = Creds::new();
-    let relay = FileRelay::start(
-        &creds,
-        &creds.config("[rate_limits]\nauth_failures = { per_minute = 1, burst = 3 }\n"),
-    )
-    .await;
-    let url = relay.url();
+    let relay = creds
+        .relay("[rate_limits]\nauth_failures = { per_minute = 1, burst = 3 }\n")
+        .await;
+    let url = relay.url("demo");
     let mut alice = Agent::new(&url, &creds.alice);
     assert_eq!(alice.initialize().await.status, 200, "a good key works");
     for attempt in 1..=3 {

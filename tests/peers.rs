@@ -7,41 +7,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use common::peers::{INSTALL_HINT, peer_file, python, server_everything_script};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 /// Bound on one run of a peer CLI (interpreter start-up included).
 const RUN_WAIT: Duration = Duration::from_secs(60);
-
-const INSTALL_HINT: &str = "run scripts/install-peers.sh to install the test peers";
-
-/// `tests/peers`.
-fn peers_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("peers")
-}
-
-/// `path` under `tests/peers`, which must exist.
-fn peer_file(relative: &str) -> PathBuf {
-    let path = peers_dir().join(relative);
-    assert!(
-        path.exists(),
-        "{} is missing: {INSTALL_HINT}",
-        path.display()
-    );
-    path
-}
-
-/// The venv's Python interpreter.
-fn python() -> PathBuf {
-    peer_file(".venv/bin/python")
-}
 
 /// `node` from `PATH`, which must be there.
 fn node() -> PathBuf {
@@ -170,6 +146,23 @@ struct PyClient {
     is_error: bool,
 }
 
+impl PyClient {
+    /// A session-era version was negotiated (`why` says how), echo is listed and echoed "hi".
+    fn assert_session_era_echo(&self, why: &str) {
+        assert!(
+            self.negotiated.starts_with("2025-"),
+            "{why}: {}",
+            self.negotiated
+        );
+        assert!(
+            self.tools.iter().any(|t| t == "echo"),
+            "echo is listed: {:?}",
+            self.tools
+        );
+        assert_eq!(self.call, "Echo: hi");
+    }
+}
+
 /// Runs the Python SDK client against `url` in `mode` (`legacy`, `auto` or a version) and
 /// calls `echo` with `{"message": "hi"}`.
 async fn python_client(url: &str, key: &str, mode: &str) -> PyClient {
@@ -241,7 +234,14 @@ async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
     }
     assert_eq!(facts.text("echo"), "Echo: hi", "echo through {context}");
 
-    // Sampling: the server's request reached the callback once, the answer got back to it.
+    assert_sampling(&facts, &context);
+    assert_elicitation(&facts, &context);
+    assert_progress(&facts, &context);
+    facts
+}
+
+/// Sampling: the server's request reached the callback once, the answer got back to it.
+fn assert_sampling(facts: &Facts, context: &str) {
     assert_eq!(
         facts.get("sampling_calls"),
         &Value::from(1),
@@ -271,8 +271,10 @@ async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
         "the server got the callback's answer through {context}"
     );
     assert_eq!(sampled["model"], "tunnel-test-model", "{context}");
+}
 
-    // Elicitation: the callback's accepted content is what the server got.
+/// Elicitation: the callback's accepted content is what the server got.
+fn assert_elicitation(facts: &Facts, context: &str) {
     assert_eq!(
         facts.get("elicitation_calls"),
         &Value::from(1),
@@ -307,8 +309,10 @@ async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
         *facts.get("elicitation_content"),
         "the server got the accepted content through {context}"
     );
+}
 
-    // Progress: every notification of the long-running call, once each, in order.
+/// Progress: every notification of the long-running call, once each, in order.
+fn assert_progress(facts: &Facts, context: &str) {
     let progress: Vec<(f64, Option<f64>)> = serde_json::from_value(facts.get("progress").clone())
         .expect("progress is a list of [progress, total]");
     assert!(
@@ -326,7 +330,6 @@ async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
         "Long running operation completed. Duration: 2 seconds, Steps: 4.",
         "{context}"
     );
-    facts
 }
 
 /// Runs the Inspector CLI with `args` against `url` and returns its `--format json` output.
@@ -344,103 +347,55 @@ async fn inspector(url: &str, key: &str, args: &[&str]) -> Value {
         .json()
 }
 
-/// server-everything's entry point (`node index.js stdio|sse|streamableHttp`).
-fn server_everything_script() -> PathBuf {
-    peer_file("node_modules/@modelcontextprotocol/server-everything/dist/index.js")
-}
-
 /// server-everything (Streamable HTTP, session era) on a free port; returns it and its URL.
 async fn start_server_everything() -> (common::Peer, String) {
-    let port = common::free_port();
-    let mut command = Command::new(node());
-    command
-        .arg(server_everything_script())
-        .arg("streamableHttp")
-        .env("PORT", port.to_string());
-    let mut peer = common::Peer::start("server-everything", &mut command);
-    peer.wait_for_line("its listening line", |line| {
-        line.contains("listening on port")
-    })
-    .await;
-    // It listens on every interface; traffic goes to loopback only.
-    (peer, format!("http://127.0.0.1:{port}/mcp"))
+    common::peers::start_server_everything(node()).await
 }
 
 /// `tests/peers/py_server.py` (a Python SDK `MCPServer`) on a free port; returns it and its URL.
 async fn start_python_server() -> (common::Peer, String) {
-    let port = common::free_port();
-    let mut command = Command::new(python());
-    command
-        .arg(peer_file("py_server.py"))
-        .arg(port.to_string())
-        .env("PYTHONUNBUFFERED", "1");
-    let mut peer = common::Peer::start("py_server.py", &mut command);
-    peer.wait_for_line("\"Uvicorn running on\"", |line| {
-        line.contains("Uvicorn running on")
-    })
-    .await;
-    (peer, format!("http://127.0.0.1:{port}/mcp"))
+    common::peers::start_python_server("py_server.py").await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
-    let (everything, upstream) = start_server_everything().await;
+/// A harness whose tenant acme serves `upstream` as `source`; returns it, the `connect`, the
+/// agent URL of the source and acme's API key.
+async fn serving(
+    source: &str,
+    upstream: &str,
+) -> (common::Harness, common::Client, String, String) {
     let harness = common::Harness::start(common::Options::default()).await;
-    let client = harness
-        .connect(&harness.acme, &[("everything", upstream.as_str())])
-        .await;
-    let url = harness.url("everything");
+    let client = harness.connect(&harness.acme, &[(source, upstream)]).await;
+    let url = harness.url(source);
     let key = harness.acme.api_key.clone();
+    (harness, client, url, key)
+}
 
-    let legacy = python_client(&url, &key, "legacy").await;
-    assert!(
-        legacy.negotiated.starts_with("2025-"),
-        "legacy negotiates a session-era version: {}",
-        legacy.negotiated
-    );
-    assert!(
-        legacy.tools.iter().any(|t| t == "echo"),
-        "echo is listed: {:?}",
-        legacy.tools
-    );
-    assert_eq!(legacy.call, "Echo: hi");
-
-    // server-everything has no server/discover: auto falls back to the handshake.
-    let auto = python_client(&url, &key, "auto").await;
-    assert!(
-        auto.negotiated.starts_with("2025-"),
-        "auto falls back to a session-era version: {}",
-        auto.negotiated
-    );
-    assert!(
-        auto.tools.iter().any(|t| t == "echo"),
-        "echo is listed: {:?}",
-        auto.tools
-    );
-    assert_eq!(auto.call, "Echo: hi");
-
-    // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
-    let sse_url = format!("http://{}/sse/everything", harness.agents);
-    let over_sse = python_client(&sse_url, &key, "sse").await;
-    assert!(
-        over_sse.tools.iter().any(|t| t == "echo"),
-        "echo is listed over HTTP+SSE: {:?}",
-        over_sse.tools
-    );
-    assert_eq!(over_sse.call, "Echo: hi");
-
-    let listed = inspector(&url, &key, &["--method", "tools/list"]).await;
-    let names: Vec<&str> = listed["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tools/list result: {listed}"))
+/// acme's registry row of `source` is over QUIC, and the traffic went through its streams.
+fn assert_traffic_rode_quic_streams(harness: &common::Harness, source: &str) {
+    let rows = harness.state.registry.rows();
+    let row = rows
         .iter()
-        .filter_map(|tool| tool["name"].as_str())
-        .collect();
-    assert!(names.contains(&"echo"), "echo is listed: {names:?}");
+        .find(|row| row.tenant == harness.acme.name && row.source == source)
+        .unwrap_or_else(|| panic!("a registry row for acme/{source}: {rows:?}"));
+    assert_eq!(row.transport, "quic");
+    assert!(
+        row.streams_opened > 0,
+        "the traffic went through tunnel streams: {row:?}"
+    );
+}
+
+/// The Inspector CLI lists `echo` at `url` and calls it.
+async fn inspector_lists_and_calls_echo(url: &str, key: &str) {
+    let listed = inspector(url, key, &["--method", "tools/list"]).await;
+    let names = common::tool_names(&listed);
+    assert!(
+        names.iter().any(|n| n == "echo"),
+        "echo is listed: {names:?}"
+    );
 
     let called = inspector(
-        &url,
-        &key,
+        url,
+        key,
         &[
             "--method",
             "tools/call",
@@ -455,17 +410,32 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
         called["result"]["content"][0]["text"], "Echo: hi",
         "the inspector's echo result: {called}"
     );
+}
 
-    let rows = harness.state.registry.rows();
-    let row = rows
-        .iter()
-        .find(|row| row.tenant == harness.acme.name && row.source == "everything")
-        .unwrap_or_else(|| panic!("a registry row for acme/everything: {rows:?}"));
-    assert_eq!(row.transport, "quic");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
+    let (everything, upstream) = start_server_everything().await;
+    let (harness, client, url, key) = serving("everything", &upstream).await;
+
+    let legacy = python_client(&url, &key, "legacy").await;
+    legacy.assert_session_era_echo("legacy negotiates a session-era version");
+
+    // server-everything has no server/discover: auto falls back to the handshake.
+    let auto = python_client(&url, &key, "auto").await;
+    auto.assert_session_era_echo("auto falls back to a session-era version");
+
+    // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
+    let sse_url = format!("http://{}/sse/everything", harness.agents);
+    let over_sse = python_client(&sse_url, &key, "sse").await;
     assert!(
-        row.streams_opened > 0,
-        "the traffic went through tunnel streams: {row:?}"
+        over_sse.tools.iter().any(|t| t == "echo"),
+        "echo is listed over HTTP+SSE: {:?}",
+        over_sse.tools
     );
+    assert_eq!(over_sse.call, "Echo: hi");
+
+    inspector_lists_and_calls_echo(&url, &key).await;
+    assert_traffic_rode_quic_streams(&harness, "everything");
 
     client.stop().await.expect("connect stops cleanly");
     harness.stop().await;
@@ -475,12 +445,7 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     let (server, upstream) = start_python_server().await;
-    let harness = common::Harness::start(common::Options::default()).await;
-    let client = harness
-        .connect(&harness.acme, &[("pysrv", upstream.as_str())])
-        .await;
-    let url = harness.url("pysrv");
-    let key = harness.acme.api_key.clone();
+    let (harness, client, url, key) = serving("pysrv", &upstream).await;
 
     // The stateless era: server/discover, then plain POSTs with no session.
     let modern = python_client(&url, &key, "auto").await;
@@ -512,16 +477,7 @@ async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     );
     assert_eq!(legacy.call, "Echo: hi");
 
-    let rows = harness.state.registry.rows();
-    let row = rows
-        .iter()
-        .find(|row| row.tenant == harness.acme.name && row.source == "pysrv")
-        .unwrap_or_else(|| panic!("a registry row for acme/pysrv: {rows:?}"));
-    assert_eq!(row.transport, "quic");
-    assert!(
-        row.streams_opened > 0,
-        "the traffic went through tunnel streams: {row:?}"
-    );
+    assert_traffic_rode_quic_streams(&harness, "pysrv");
 
     client.stop().await.expect("connect stops cleanly");
     harness.stop().await;
@@ -651,6 +607,61 @@ key = "{}"
     )
 }
 
+/// What `policy_client.py` printed (`output`): only echo before the reload, a denied add, add
+/// after it, and one session throughout.
+fn assert_policy_client_facts(output: &str) {
+    let facts: HashMap<&str, Value> = output
+        .lines()
+        .filter_map(|line| line.split_once(": "))
+        .filter_map(|(k, v)| serde_json::from_str(v).ok().map(|v| (k, v)))
+        .collect();
+    let fact = |name: &str| {
+        facts
+            .get(name)
+            .unwrap_or_else(|| panic!("policy_client.py printed no `{name}`:\n{output}"))
+    };
+
+    assert!(
+        fact("negotiated")
+            .as_str()
+            .is_some_and(|v| v.starts_with("2025-")),
+        "a session-era version: {output}"
+    );
+    assert_eq!(
+        fact("tools_before"),
+        &json!(["echo"]),
+        "only echo is listed"
+    );
+    assert_eq!(
+        fact("denied_code"),
+        &json!(-32602),
+        "the denied add is a JSON-RPC error: {output}"
+    );
+    assert!(
+        fact("denied_message")
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "the denial has a message: {output}"
+    );
+    assert_eq!(fact("echo"), &json!("hi"), "the allowed echo works");
+    let mut after: Vec<String> =
+        serde_json::from_value(fact("tools_after").clone()).expect("a list of names");
+    after.sort();
+    assert_eq!(after, ["add", "echo"], "the reloaded role lists add too");
+    assert_eq!(
+        fact("add_after"),
+        &json!("42"),
+        "add works after the reload"
+    );
+    assert_eq!(fact("add_after_is_error"), &json!(false));
+    let ids = fact("session_ids").as_array().expect("a list of ids");
+    assert_eq!(
+        ids.len(),
+        1,
+        "one session throughout, never dropped: {output}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_applies_in_session() {
     use mcp_tunnel::client;
@@ -719,56 +730,7 @@ async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_appl
         status.success(),
         "policy_client.py failed ({status}):\n{output}"
     );
-    let facts: HashMap<&str, Value> = output
-        .lines()
-        .filter_map(|line| line.split_once(": "))
-        .filter_map(|(k, v)| serde_json::from_str(v).ok().map(|v| (k, v)))
-        .collect();
-    let fact = |name: &str| {
-        facts
-            .get(name)
-            .unwrap_or_else(|| panic!("policy_client.py printed no `{name}`:\n{output}"))
-    };
-
-    assert!(
-        fact("negotiated")
-            .as_str()
-            .is_some_and(|v| v.starts_with("2025-")),
-        "a session-era version: {output}"
-    );
-    assert_eq!(
-        fact("tools_before"),
-        &json!(["echo"]),
-        "only echo is listed"
-    );
-    assert_eq!(
-        fact("denied_code"),
-        &json!(-32602),
-        "the denied add is a JSON-RPC error: {output}"
-    );
-    assert!(
-        fact("denied_message")
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "the denial has a message: {output}"
-    );
-    assert_eq!(fact("echo"), &json!("hi"), "the allowed echo works");
-    let mut after: Vec<String> =
-        serde_json::from_value(fact("tools_after").clone()).expect("a list of names");
-    after.sort();
-    assert_eq!(after, ["add", "echo"], "the reloaded role lists add too");
-    assert_eq!(
-        fact("add_after"),
-        &json!("42"),
-        "add works after the reload"
-    );
-    assert_eq!(fact("add_after_is_error"), &json!(false));
-    let ids = fact("session_ids").as_array().expect("a list of ids");
-    assert_eq!(
-        ids.len(),
-        1,
-        "one session throughout, never dropped: {output}"
-    );
+    assert_policy_client_facts(&output);
 
     stop.cancel();
     let _ = tokio::time::timeout(common::WAIT, connect).await;
@@ -801,11 +763,7 @@ fn peak_rss_mib(pid: i32) -> u64 {
 /// Reads a tools/call answer (JSON or SSE) and returns the response to `id`.
 async fn big_answer(response: reqwest::Response, id: u64) -> Value {
     let status = response.status();
-    let is_sse = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = common::is_event_stream(response.headers());
     let body = response.bytes().await.expect("the whole answer arrives");
     assert_eq!(status, 200, "HTTP status of the big answer");
     let messages: Vec<Value> = if is_sse {
@@ -846,53 +804,11 @@ fn assert_big_result(answer: &Value, era: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
-    let (server, upstream) = start_python_server().await;
-    let (dir, certs) = common::cert_dir();
-    let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
-    let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
-    let config = common::write_config(
-        dir.path(),
-        &format!(
-            "{}\n{}",
-            common::LISTENERS,
-            common::acme_tenant(&tunnel_token, &api_key)
-        ),
-    );
-    let common::RelayProcess {
-        peer: mut relay,
-        tunnel,
-        agents,
-    } = common::RelayProcess::start(&config).await;
-    let ca = dir.path().join("tunnel-ca.pem");
-    std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
-    let connect = common::Peer::start(
-        "connect",
-        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .arg("connect")
-            .arg("--relay")
-            .arg(tunnel.to_string())
-            .arg("--ca")
-            .arg(&ca)
-            .arg("--token")
-            .arg(&tunnel_token)
-            .arg("--connections")
-            .arg("1")
-            .arg("--source")
-            .arg(format!("pysrv={upstream}"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1"),
-    );
-    relay
-        .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
-        .await;
-    let (relay_before, connect_before) = (peak_rss_mib(relay.pid()), peak_rss_mib(connect.pid()));
-    let url = format!("http://{agents}/mcp/pysrv");
+/// A `big` call of `BIG_RESULT` bytes in each era at `url`, each result checked.
+async fn big_calls_in_both_eras(url: &str, api_key: &str) {
     let arguments = json!({ "size": BIG_RESULT });
-
     // The session era (2025-11-25).
-    let mut agent = common::Agent::new(&url, &api_key);
+    let mut agent = common::Agent::new(url, api_key);
     let opened = agent.initialize().await;
     assert!(
         opened.status == 200 && agent.session.is_some(),
@@ -909,7 +825,7 @@ async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
     assert_big_result(&big_answer(response, 1).await, "session era");
 
     // The stateless era (2026-07-28).
-    let mut stateless = common::Agent::new(&url, &api_key);
+    let mut stateless = common::Agent::new(url, api_key);
     stateless.version = Some("2026-07-28".into());
     let response = stateless
         .request(reqwest::Method::POST)
@@ -922,6 +838,40 @@ async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
         .await
         .expect("the call is answered");
     assert_big_result(&big_answer(response, 2).await, "stateless era");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
+    let (server, upstream) = start_python_server().await;
+    let relay_process = common::AcmeRelay::start("").await;
+    let connect = common::Peer::start(
+        "connect",
+        relay_process
+            .connect_command()
+            .arg("--connections")
+            .arg("1")
+            .arg("--source")
+            .arg(format!("pysrv={upstream}"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1"),
+    );
+    let common::AcmeRelay {
+        dir: _dir,
+        api_key,
+        relay:
+            common::RelayProcess {
+                peer: mut relay,
+                agents,
+                ..
+            },
+        ..
+    } = relay_process;
+    relay
+        .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
+        .await;
+    let (relay_before, connect_before) = (peak_rss_mib(relay.pid()), peak_rss_mib(connect.pid()));
+    let url = format!("http://{agents}/mcp/pysrv");
+    big_calls_in_both_eras(&url, &api_key).await;
 
     let (relay_peak, connect_peak) = (peak_rss_mib(relay.pid()), peak_rss_mib(connect.pid()));
     eprintln!(

@@ -5,31 +5,21 @@
 mod common;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Agent, WAIT, identity, quic_settings, read_answer, tool_text};
+use common::{Agent, WAIT, identity, quic_settings, read_answer, tool_names, tool_text};
 use mcp_tunnel::client;
 use mcp_tunnel::config::LimitsSection;
 use mcp_tunnel::govern::condition::Condition;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::govern::policy::{Kind, Role};
 use mcp_tunnel::govern::{Keyring, Policy, SecretHash};
-use mcp_tunnel::relay::{Governance, Relay, RelaySettings};
+use mcp_tunnel::relay::{Governance, Relay, RelaySettings, RelayState};
 use mcp_tunnel::transport::tls;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
-
-fn tool_names(answer: &Value) -> Vec<String> {
-    let mut names: Vec<String> = answer["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tools/list result: {answer}"))
-        .iter()
-        .filter_map(|t| t["name"].as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_see_and_call_only_what_their_roles_allow() {
@@ -54,6 +44,22 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         identity("acme", "root", &["admin"]),
     );
     let mut policy = Policy::default();
+    policy.set_roles("acme".into(), acme_roles());
+    let (agents, tunnel, state) = serve_relay(&certs, keyring, policy, &shutdown).await;
+    let settings = quic_settings(tunnel, &token, &certs.ca_pem, &[("demo", &upstream)]);
+    tokio::spawn(client::run(settings, shutdown.clone()));
+    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
+        .await
+        .expect("tunnel up");
+    let url = format!("http://{agents}/mcp/demo");
+
+    analyst_session(&url, &analyst_key, &state).await;
+    admin_session(&url, &admin_key).await;
+    stateless_analyst(&url, &analyst_key).await;
+}
+
+/// acme's roles: `analyst` (echo under a condition, not add) and `admin` (everything).
+fn acme_roles() -> HashMap<String, Role> {
     let mut roles = HashMap::new();
     roles.insert(
         "analyst".to_owned(),
@@ -78,7 +84,17 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
             ..Role::default()
         },
     );
-    policy.set_roles("acme".into(), roles);
+    roles
+}
+
+/// A relay without admin or audit governed by `keyring` and `policy`, served until
+/// `shutdown`; returns its agent and tunnel addresses and its state.
+async fn serve_relay(
+    certs: &mcp_tunnel::certs::DevCerts,
+    keyring: Keyring,
+    policy: Policy,
+    shutdown: &CancellationToken,
+) -> (SocketAddr, SocketAddr, Arc<RelayState>) {
     let relay = Relay::bind(RelaySettings {
         tunnel_listen: "127.0.0.1:0".parse().expect("literal"),
         identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key).expect("identity"),
@@ -104,21 +120,16 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         relay.state().clone(),
     );
     tokio::spawn(relay.serve(shutdown.clone()));
-    let settings = quic_settings(tunnel, &token, &certs.ca_pem, &[("demo", &upstream)]);
-    tokio::spawn(client::run(settings, shutdown.clone()));
-    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
-        .await
-        .expect("tunnel up");
-    let url = format!("http://{agents}/mcp/demo");
+    (agents, tunnel, state)
+}
 
-    // Session era: the analyst sees echo only (add is denied, a* would allow it), calls echo.
-    let mut alice = Agent::new(&url, &analyst_key);
+/// Session era: the analyst sees echo only (add is denied, a* would allow it), calls echo;
+/// denied calls never reach the tunnel of `state`.
+async fn analyst_session(url: &str, analyst_key: &str, state: &RelayState) {
+    let mut alice = Agent::new(url, analyst_key);
     alice.initialize().await;
-    let listed = alice
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
     assert_eq!(
-        tool_names(listed.response()),
+        alice.tool_names(1).await,
         ["echo"],
         "deny wins over a matching allow; unlisted tools are hidden"
     );
@@ -177,17 +188,13 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         streams_before,
         "denied calls never reached the tunnel"
     );
+}
 
-    // The admin role sees and calls everything.
-    let mut root = Agent::new(&url, &admin_key);
+/// The admin role sees and calls everything.
+async fn admin_session(url: &str, admin_key: &str) {
+    let mut root = Agent::new(url, admin_key);
     root.initialize().await;
-    let listed = root
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
-    assert_eq!(
-        tool_names(listed.response()),
-        ["add", "blob", "echo", "sleep"]
-    );
+    assert_eq!(root.tool_names(1).await, ["add", "blob", "echo", "sleep"]);
     assert_eq!(
         tool_text(
             root.call_tool(2, "add", json!({"a": 1, "b": 2}))
@@ -196,9 +203,11 @@ async fn callers_see_and_call_only_what_their_roles_allow() {
         ),
         "3"
     );
+}
 
-    // 2026-07-28: the same filter and the same denial.
-    let mut stateless = Agent::new(&url, &analyst_key);
+/// 2026-07-28: the same filter and the same denial.
+async fn stateless_analyst(url: &str, analyst_key: &str) {
+    let mut stateless = Agent::new(url, analyst_key);
     stateless.version = Some("2026-07-28".into());
     let meta = json!({"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}});
     let list = stateless

@@ -6,18 +6,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    Agent, LISTENERS, RelayProcess, WAIT, cert_dir, quic_settings, tool_text, write_config,
+    Agent, LISTENERS, RelayProcess, WAIT, assert_echo, cert_dir, quic_settings, tool_text,
+    write_config,
 };
 use mcp_tunnel::client;
 use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::RelayState;
-use mcp_tunnel::relay::reload::{self, FileStamp, Reloader};
+use mcp_tunnel::relay::reload::{self, FileStamp};
 use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -84,60 +84,7 @@ async fn connect(
 }
 
 /// A relay running in this process from a config file, with `connect` serving `demo`.
-struct FileRelay {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    state: Arc<RelayState>,
-    agents: std::net::SocketAddr,
-    reloader: Option<Reloader>,
-    shutdown: CancellationToken,
-    _connect: DropGuard,
-}
-
-impl Drop for FileRelay {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-impl FileRelay {
-    async fn start(token: &str, text: &str) -> Self {
-        common::init_tracing();
-        let (dir, certs) = cert_dir();
-        let path = write_config(dir.path(), text);
-        let shutdown = CancellationToken::new();
-        let (relay, loaded) = common::FileRelay::serve(&path, &shutdown).await;
-        let (state, agents, tunnel) = (relay.state, relay.agents, relay.tunnel);
-        let reloader = Reloader::new(&path, state.clone(), loaded);
-        let (_task, connect) = connect(&tunnel.to_string(), token, &certs.ca_pem).await;
-        tokio::time::timeout(WAIT, state.registry.wait_for("acme", "demo"))
-            .await
-            .expect("tunnel comes up");
-        Self {
-            _dir: dir,
-            path,
-            state,
-            agents,
-            reloader: Some(reloader),
-            shutdown,
-            _connect: connect,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/mcp/demo", self.agents)
-    }
-
-    fn reloader(&mut self) -> &mut Reloader {
-        self.reloader
-            .as_mut()
-            .expect("the reloader is not handed to a watcher")
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.path, text).expect("rewrite relay.toml");
-    }
-}
+type FileRelay = common::ReloadableRelay;
 
 /// An agent with a session open on `demo`, its echo checked.
 async fn open_session(url: &str, key: &str) -> Agent {
@@ -149,46 +96,42 @@ async fn open_session(url: &str, key: &str) -> Agent {
     agent
 }
 
-async fn assert_echo(agent: &Agent, id: u64, message: &str) {
-    let answer = agent
-        .call_tool(id, "echo", json!({"message": message}))
-        .await;
-    assert_eq!(answer.status, 200, "{answer:?}");
-    assert_eq!(tool_text(answer.response()), message);
-}
-
-/// The tool names `tools/list` shows in `agent`'s session, sorted.
-async fn tool_names(agent: &Agent, id: u64) -> Vec<String> {
-    let answer = agent
-        .post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/list"}))
-        .await;
-    let mut names: Vec<String> = answer.response()["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tool list: {answer:?}"))
-        .iter()
-        .filter_map(|tool| tool["name"].as_str().map(str::to_owned))
-        .collect();
-    names.sort();
-    names
-}
-
 /// The status of a fresh `initialize` with `key`.
 async fn initialize_status(url: &str, key: &str) -> u16 {
     Agent::new(url, key).initialize().await.status
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_added_to_the_file_works_once_the_watcher_sees_it_and_open_sessions_stay() {
+/// A relay whose file holds alice's key only, and a session of hers open.
+type AliceOnly = (
+    String,
+    [String; 2],
+    KeyLine<'static>,
+    FileRelay,
+    String,
+    Agent,
+);
+
+/// A relay whose file holds alice's key only, with a session of hers open; bob's key is made
+/// but not in the file. Returns the tunnel token, alice's and bob's keys, alice's key line, the
+/// relay, its agent URL and alice's session.
+async fn alice_only() -> AliceOnly {
     let token = new_secret("mcpt_tok_");
     let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
     let alice_line = ("alice", digest(&alice), &[][..]);
-    let mut relay = FileRelay::start(
+    let relay = FileRelay::start(
         &token,
         &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
+        &["demo"],
     )
     .await;
-    let url = relay.url();
+    let url = relay.url("demo");
     let session = open_session(&url, &alice).await;
+    (token, [alice, bob], alice_line, relay, url, session)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_added_to_the_file_works_once_the_watcher_sees_it_and_open_sessions_stay() {
+    let (token, [_, bob], alice_line, mut relay, url, session) = alice_only().await;
     assert_eq!(
         initialize_status(&url, &bob).await,
         401,
@@ -242,8 +185,8 @@ async fn a_removed_key_stops_working_for_new_requests() {
         &[],
         "",
     );
-    let mut relay = FileRelay::start(&token, &both).await;
-    let url = relay.url();
+    let mut relay = FileRelay::start(&token, &both, &["demo"]).await;
+    let url = relay.url("demo");
     let alice_session = open_session(&url, &alice).await;
     let bob_session = open_session(&url, &bob).await;
 
@@ -278,31 +221,21 @@ async fn a_removed_key_stops_working_for_new_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_work() {
-    let token = new_secret("mcpt_tok_");
-    let (alice, bob) = (new_secret("mcpt_key_"), new_secret("mcpt_key_"));
-    let alice_line = ("alice", digest(&alice), &[][..]);
-    let mut relay = FileRelay::start(
-        &token,
-        &config_text(&token, std::slice::from_ref(&alice_line), &[], ""),
-    )
-    .await;
-    let url = relay.url();
-    let session = open_session(&url, &alice).await;
+    let (token, [alice, bob], alice_line, mut relay, url, session) = alice_only().await;
     let bob_line = ("bob", digest(&bob), &[][..]);
 
     // An unknown key: the parser's error names it and its line.
-    relay.write(&config_text(
-        &token,
-        &[alice_line.clone(), bob_line.clone()],
-        &[],
-        "bogus_key = 1\n",
-    ));
     let error = relay
-        .reloader()
-        .reload()
-        .await
-        .expect_err("an unknown key is refused")
-        .to_string();
+        .reload_refused(
+            &config_text(
+                &token,
+                &[alice_line.clone(), bob_line.clone()],
+                &[],
+                "bogus_key = 1\n",
+            ),
+            "an unknown key is refused",
+        )
+        .await;
     assert!(
         error.contains("bogus_key") && error.contains("line"),
         "the error names the key and its line: {error}"
@@ -316,18 +249,17 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     assert_eq!(initialize_status(&url, &alice).await, 200);
 
     // A key naming a role that is not defined.
-    relay.write(&config_text(
-        &token,
-        &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
-        &[],
-        "",
-    ));
     let error = relay
-        .reloader()
-        .reload()
-        .await
-        .expect_err("an undefined role is refused")
-        .to_string();
+        .reload_refused(
+            &config_text(
+                &token,
+                &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
+                &[],
+                "",
+            ),
+            "an undefined role is refused",
+        )
+        .await;
     assert!(
         error.contains("auditor"),
         "the error names the role: {error}"
@@ -335,18 +267,17 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     assert_eq!(initialize_status(&url, &bob).await, 401);
 
     // A clear-text secret where a digest belongs.
-    relay.write(&config_text(
-        &token,
-        &[alice_line.clone(), ("bob", bob.clone(), &[])],
-        &[],
-        "",
-    ));
     let error = relay
-        .reloader()
-        .reload()
-        .await
-        .expect_err("a clear-text key is refused")
-        .to_string();
+        .reload_refused(
+            &config_text(
+                &token,
+                &[alice_line.clone(), ("bob", bob.clone(), &[])],
+                &[],
+                "",
+            ),
+            "a clear-text key is refused",
+        )
+        .await;
     assert!(
         error.contains("key of bob"),
         "the error names the key: {error}"
@@ -355,8 +286,21 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     assert_echo(&session, 3, "still the running configuration").await;
 
     // A valid file applies, and what reload cannot apply is reported, not silently dropped.
+    assert_valid_file_applies(&mut relay, &token, [alice_line, bob_line], &bob).await;
+    assert_echo(&session, 4, "and the session lives on").await;
+}
+
+/// A valid file with both keys and new limits reloads: bob's key works, the request timeout
+/// applies and the raised body limit is reported as needing a restart.
+async fn assert_valid_file_applies(
+    relay: &mut FileRelay,
+    token: &str,
+    [alice_line, bob_line]: [KeyLine<'_>; 2],
+    bob: &str,
+) {
+    let url = relay.url("demo");
     relay.write(&config_text(
-        &token,
+        token,
         &[alice_line, bob_line],
         &[],
         "\n[limits]\nrequest_timeout_secs = 60\nmax_message_bytes = 33554432\n",
@@ -386,8 +330,7 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
         (1, 2),
         "{summary:?}"
     );
-    assert_eq!(initialize_status(&url, &bob).await, 200);
-    assert_echo(&session, 4, "and the session lives on").await;
+    assert_eq!(initialize_status(&url, bob).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,12 +345,13 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
             "",
         )
     };
-    let mut relay = FileRelay::start(&token, &with_allow(&["demo/echo", "demo/add"])).await;
-    let url = relay.url();
+    let mut relay =
+        FileRelay::start(&token, &with_allow(&["demo/echo", "demo/add"]), &["demo"]).await;
+    let url = relay.url("demo");
     let session = open_session(&url, &alice).await;
     let add = |id: u64| session.call_tool(id, "add", json!({"a": 1, "b": 2}));
     assert_eq!(tool_text(add(2).await.response()), "3");
-    assert_eq!(tool_names(&session, 1).await, ["add", "echo"]);
+    assert_eq!(session.tool_names(1).await, ["add", "echo"]);
 
     relay.write(&with_allow(&["demo/echo"]));
     let summary = relay.reloader().reload().await.expect("reloads");
@@ -426,7 +370,7 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
     );
     assert_echo(&session, 4, "echo is still allowed, in the same session").await;
     assert_eq!(
-        tool_names(&session, 6).await,
+        session.tool_names(6).await,
         ["echo"],
         "the list follows the new role"
     );
@@ -434,7 +378,7 @@ async fn a_role_changed_by_reload_applies_to_the_next_call_of_an_open_session() 
     relay.write(&with_allow(&["demo/*"]));
     relay.reloader().reload().await.expect("reloads");
     assert_eq!(tool_text(add(5).await.response()), "3", "allowed again");
-    assert!(tool_names(&session, 7).await.contains(&"add".to_owned()));
+    assert!(session.tool_names(7).await.contains(&"add".to_owned()));
     assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
 }
 
@@ -455,8 +399,8 @@ async fn a_condition_applies_by_reload_and_an_invalid_one_is_refused_naming_tena
         ));
         text
     };
-    let mut relay = FileRelay::start(&token, &with_condition("")).await;
-    let url = relay.url();
+    let mut relay = FileRelay::start(&token, &with_condition(""), &["demo"]).await;
+    let url = relay.url("demo");
     let session = open_session(&url, &alice).await;
     assert_echo(&session, 2, "secret").await;
 
@@ -527,6 +471,43 @@ fn rewrite_keeping_stamp(path: &Path, text: &str) {
     );
 }
 
+/// The binary's watcher: an invalid file is refused, naming the key, and nothing changes; a
+/// valid change (bob removed) is picked up without a signal.
+async fn watcher_refuses_then_applies(
+    relay: &mut RelayProcess,
+    path: &Path,
+    token: &str,
+    alice_line: KeyLine<'_>,
+    session: &Agent,
+    bob: &str,
+) {
+    let url = format!("http://{}/mcp/demo", relay.agents);
+    std::fs::write(
+        path,
+        config_text(
+            token,
+            std::slice::from_ref(&alice_line),
+            &[],
+            "bogus_key = 1\n",
+        ),
+    )
+    .expect("write an invalid file");
+    let refused = relay.wait_for("reload refused").await;
+    assert!(
+        refused.contains("bogus_key") && refused.contains("line"),
+        "the log line names the key and its line: {refused}"
+    );
+    assert_eq!(initialize_status(&url, bob).await, 200, "bob still works");
+    assert_echo(session, 3, "alice's session too").await;
+
+    // A valid change (bob removed) is picked up by the watcher, without a signal.
+    std::fs::write(path, config_text(token, &[alice_line], &[], "")).expect("write");
+    let reloaded = relay.wait_for("configuration reloaded").await;
+    assert!(reloaded.contains("keys=2 -> 1 (+0 -1 ~0)"), "{reloaded}");
+    assert_eq!(initialize_status(&url, bob).await, 401, "bob's key is gone");
+    assert_echo(session, 4, "alice's session survived both reloads").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_binary_reloads_on_sighup_and_on_file_change() {
     common::init_tracing();
@@ -575,35 +556,7 @@ async fn relay_binary_reloads_on_sighup_and_on_file_change() {
     assert_eq!(initialize_status(&url, &bob).await, 200, "bob's key works");
     assert_echo(&session, 2, "alice's session survived the SIGHUP").await;
 
-    // The binary's watcher: an invalid file is refused, naming the key; nothing changes.
-    std::fs::write(
-        &path,
-        config_text(
-            &token,
-            std::slice::from_ref(&alice_line),
-            &[],
-            "bogus_key = 1\n",
-        ),
-    )
-    .expect("write an invalid file");
-    let refused = relay.wait_for("reload refused").await;
-    assert!(
-        refused.contains("bogus_key") && refused.contains("line"),
-        "the log line names the key and its line: {refused}"
-    );
-    assert_eq!(initialize_status(&url, &bob).await, 200, "bob still works");
-    assert_echo(&session, 3, "alice's session too").await;
-
-    // A valid change (bob removed) is picked up by the watcher, without a signal.
-    std::fs::write(&path, config_text(&token, &[alice_line], &[], "")).expect("write");
-    let reloaded = relay.wait_for("configuration reloaded").await;
-    assert!(reloaded.contains("keys=2 -> 1 (+0 -1 ~0)"), "{reloaded}");
-    assert_eq!(
-        initialize_status(&url, &bob).await,
-        401,
-        "bob's key is gone"
-    );
-    assert_echo(&session, 4, "alice's session survived both reloads").await;
+    watcher_refuses_then_applies(&mut relay, &path, &token, alice_line, &session, &bob).await;
 
     relay.peer.signal(libc::SIGTERM);
     let status = tokio::time::timeout(WAIT, relay.peer.child.0.wait())

@@ -4,20 +4,14 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
+use common::audit::{Trail, export};
 use common::{Agent, Harness, Options, WAIT};
 use futures_util::StreamExt;
 use mcp_tunnel::config::LimitsSection;
-use mcp_tunnel::govern::audit::AuditSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-/// The audit trail at `path`, with the defaults of `[audit]`.
-fn audit_at(path: &Path) -> AuditSettings {
-    AuditSettings::new(path)
-}
 
 /// Waits (bounded) until `done` holds, checking now and then.
 async fn until(what: &str, mut done: impl FnMut() -> bool) {
@@ -63,17 +57,12 @@ async fn refusal(response: reqwest::Response) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let harness = Harness::start(Options {
+    let (harness, trail) = Trail::start(Options {
         limits: capped(3),
-        audit: Some(audit_at(&db)),
         ..Options::default()
     })
     .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&stop).await;
+    let (db, upstream) = (trail.db.clone(), trail.upstream.clone());
     let _client = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
 
     // Two Streamable HTTP sessions and one HTTP+SSE stream (which never initializes): three.
@@ -88,10 +77,7 @@ async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap(
     let mut fourth = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     let refused = fourth.initialize().await;
     assert_eq!(refused.status, 429, "{refused:?}");
-    let message = refused.response()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let message = refused.error_message();
     assert!(
         message.contains("too many open sessions") && message.contains("3"),
         "{message}"
@@ -134,22 +120,6 @@ async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap(
     assert_eq!(opens, vec!["ok", "error"], "{rows:#?}");
 }
 
-/// Every row of the trail at `db`, through `audit export`.
-async fn export(db: &Path) -> Vec<Value> {
-    let db = db.display().to_string();
-    let output = common::run_cli(&["audit", "export", "--db", &db]).await;
-    assert!(
-        output.status.success(),
-        "audit export fails: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is JSON ({e}): {l}")))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_sse_stream_that_never_initializes_is_swept_and_its_stream_ends() {
     let harness = Harness::start(Options {
@@ -160,9 +130,7 @@ async fn an_http_sse_stream_that_never_initializes_is_swept_and_its_stream_ends(
         ..Options::default()
     })
     .await;
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&stop).await;
+    let (upstream, _stop) = common::guarded_demo_upstream().await;
     let _client = harness.connect(&harness.acme, &[("demo", &upstream)]).await;
     let tunnel = harness
         .state

@@ -10,13 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    Agent, Harness, LISTENERS, Options, Peer, RelayProcess, WAIT, acme_tenant, cert_dir,
-    quic_settings, sse_data, write_config,
+    AcmeRelay, Agent, Harness, Options, Peer, RelayProcess, WAIT, quic_settings, sse_data,
 };
 use mcp_tunnel::client;
-use mcp_tunnel::govern::identity::new_secret;
 use serde_json::{Value, json};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 /// From SIGTERM: every call has ended and the relay has exited. The relay's grace period is
@@ -112,11 +109,7 @@ async fn sleep_call(agent: &Agent, id: u64, ms: u64) -> Outcome {
         Err(e) => return Outcome::Failed(format!("request failed: {}", chain(&e))),
     };
     let status = response.status();
-    let is_sse = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = common::is_event_stream(response.headers());
     let bytes = match response.bytes().await {
         Ok(bytes) => bytes,
         Err(e) => {
@@ -198,14 +191,8 @@ async fn tracked_call(
 
 // ---------------------------------------------------------------------------------------------
 
-/// A relay config (every listener on 127.0.0.1:0, one tenant with the tunnel token and the API
-/// key).
-fn relay_config(tunnel_token: &str, api_key: &str) -> String {
-    format!(
-        "{LISTENERS}\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
-        acme_tenant(tunnel_token, api_key)
-    )
-}
+/// The `[admin]` section of the relays of these tests (every listener on 127.0.0.1:0).
+const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_sigterm_during_load_no_call_hangs_and_errors_name_the_shutdown() {
@@ -220,20 +207,21 @@ async fn relay_sigterm_during_load_over_auto_no_call_hangs_and_errors_name_the_s
 /// SIGTERM to the relay binary during a load of calls through a `connect` on `transport`.
 async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
     init_tracing();
-    let (dir, certs) = cert_dir();
-    let tunnel_token = new_secret("mcpt_tok_");
-    let api_key = new_secret("mcpt_key_");
-    let config = write_config(dir.path(), &relay_config(&tunnel_token, &api_key));
+    let AcmeRelay {
+        dir: _dir,
+        certs,
+        tunnel_token,
+        api_key,
+        relay:
+            RelayProcess {
+                peer: mut relay,
+                tunnel,
+                agents,
+            },
+        ..
+    } = AcmeRelay::start(ADMIN).await;
 
-    let RelayProcess {
-        peer: mut relay,
-        tunnel,
-        agents,
-    } = RelayProcess::start(&config).await;
-
-    let upstream_stop = CancellationToken::new();
-    let _upstream_guard = upstream_stop.clone().drop_guard();
-    let upstream = common::demo_upstream(&upstream_stop).await;
+    let (upstream, _upstream_guard) = common::guarded_demo_upstream().await;
     let mut settings = quic_settings(tunnel, &tunnel_token, &certs.ca_pem, &[("demo", &upstream)]);
     settings.transport = transport;
     let connect_stop = CancellationToken::new();
@@ -243,91 +231,21 @@ async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
         .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
         .await;
 
-    // Ten sessions: eight for short calls in a loop, two for one long call each.
-    let url = format!("http://{agents}/mcp/demo");
-    let mut sessions = Vec::new();
-    for _ in 0..SHORT_SESSIONS + LONG_CALLS {
-        let mut agent = Agent::new(&url, &api_key);
-        let answer = agent.initialize().await;
-        assert!(
-            answer.status == 200 && agent.session.is_some(),
-            "session opens: {answer:?}"
-        );
-        sessions.push(agent);
-    }
-
-    let in_flight: InFlight = Arc::default();
-    let records: Arc<Mutex<Vec<Record>>> = Arc::default();
-    let stop_issuing = Arc::new(AtomicBool::new(false));
-    let short_done = Arc::new(AtomicU64::new(0));
-    let mut calls = tokio::task::JoinSet::new();
-    for (session, agent) in sessions.into_iter().enumerate() {
-        let (in_flight, records, stop_issuing, short_done) = (
-            in_flight.clone(),
-            records.clone(),
-            stop_issuing.clone(),
-            short_done.clone(),
-        );
-        calls.spawn(async move {
-            if session >= SHORT_SESSIONS {
-                tracked_call(&agent, session, 1, LONG_MS, &in_flight, &records).await;
-                return;
-            }
-            let mut id = 1;
-            while !stop_issuing.load(Ordering::SeqCst) {
-                tracked_call(&agent, session, id, SHORT_MS, &in_flight, &records).await;
-                short_done.fetch_add(1, Ordering::SeqCst);
-                id += 1;
-            }
-        });
-    }
-    // Load is flowing: every short session has finished a few calls.
-    tokio::time::timeout(WAIT, async {
-        while short_done.load(Ordering::SeqCst) < 3 * SHORT_SESSIONS as u64 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "load did not flow; records: {:?}",
-            records.lock().expect("lock")
-        )
-    });
+    let sessions = open_sessions(&format!("http://{agents}/mcp/demo"), &api_key).await;
+    let mut load = Load::start(sessions).await;
 
     // No new calls from now on; the ones just issued reach the relay before SIGTERM does.
-    stop_issuing.store(true, Ordering::SeqCst);
+    load.stop_issuing.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let sigterm_at = Instant::now();
     let deadline = tokio::time::Instant::from_std(sigterm_at + BOUND);
     relay.signal(libc::SIGTERM);
-
-    let all_ended = tokio::time::timeout_at(deadline, async {
-        while calls.join_next().await.is_some() {}
-    })
-    .await;
-    if all_ended.is_err() {
-        calls.abort_all();
-        let hung: Vec<String> = in_flight
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|((session, id), (ms, started))| {
-                format!(
-                    "session {session} call {id} (sleep {ms} ms, started {:?} before SIGTERM)",
-                    sigterm_at.saturating_duration_since(*started)
-                )
-            })
-            .collect();
-        panic!(
-            "calls still open {BOUND:?} after SIGTERM: {hung:?}\nrelay output:\n{}",
-            relay.output()
-        );
-    }
+    load.wait_until_every_call_ended(&relay, sigterm_at, deadline)
+        .await;
     let status = relay.exit_status(deadline).await;
     let exited_after = sigterm_at.elapsed();
 
-    let records = records.lock().expect("lock").clone();
+    let records = load.records.lock().expect("lock").clone();
     let report = || {
         let mut lines: Vec<String> = records
             .iter()
@@ -349,6 +267,139 @@ async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
             relay.output()
         )
     };
+    let short_in_flight = assert_every_call_served_or_told(&records, sigterm_at, &report);
+    assert!(
+        status.success(),
+        "relay exited with {status} ({exited_after:?} after SIGTERM)\n{}",
+        report()
+    );
+    let output = relay.output();
+    assert!(
+        output.contains("draining"),
+        "the relay logs its drain:\n{output}"
+    );
+    assert_connect_saw_the_drain(connect_stop, connect).await;
+    eprintln!(
+        "relay exited {exited_after:?} after SIGTERM; {short_in_flight} short calls in flight at SIGTERM all served"
+    );
+}
+
+/// Ten sessions on `url`: eight for short calls in a loop, two for one long call each.
+async fn open_sessions(url: &str, api_key: &str) -> Vec<Agent> {
+    let mut sessions = Vec::new();
+    for _ in 0..SHORT_SESSIONS + LONG_CALLS {
+        let mut agent = Agent::new(url, api_key);
+        let answer = agent.initialize().await;
+        assert!(
+            answer.status == 200 && agent.session.is_some(),
+            "session opens: {answer:?}"
+        );
+        sessions.push(agent);
+    }
+    sessions
+}
+
+/// Calls of every session, tracked: short ones in a loop until `stop_issuing`, one long one in
+/// each of the last `LONG_CALLS` sessions.
+struct Load {
+    calls: tokio::task::JoinSet<()>,
+    in_flight: InFlight,
+    records: Arc<Mutex<Vec<Record>>>,
+    stop_issuing: Arc<AtomicBool>,
+}
+
+impl Load {
+    /// Starts the calls and returns once load is flowing.
+    async fn start(sessions: Vec<Agent>) -> Self {
+        let in_flight: InFlight = Arc::default();
+        let records: Arc<Mutex<Vec<Record>>> = Arc::default();
+        let stop_issuing = Arc::new(AtomicBool::new(false));
+        let short_done = Arc::new(AtomicU64::new(0));
+        let mut calls = tokio::task::JoinSet::new();
+        for (session, agent) in sessions.into_iter().enumerate() {
+            let (in_flight, records, stop_issuing, short_done) = (
+                in_flight.clone(),
+                records.clone(),
+                stop_issuing.clone(),
+                short_done.clone(),
+            );
+            calls.spawn(async move {
+                if session >= SHORT_SESSIONS {
+                    tracked_call(&agent, session, 1, LONG_MS, &in_flight, &records).await;
+                    return;
+                }
+                let mut id = 1;
+                while !stop_issuing.load(Ordering::SeqCst) {
+                    tracked_call(&agent, session, id, SHORT_MS, &in_flight, &records).await;
+                    short_done.fetch_add(1, Ordering::SeqCst);
+                    id += 1;
+                }
+            });
+        }
+        // Load is flowing: every short session has finished a few calls.
+        tokio::time::timeout(WAIT, async {
+            while short_done.load(Ordering::SeqCst) < 3 * SHORT_SESSIONS as u64 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "load did not flow; records: {:?}",
+                records.lock().expect("lock")
+            )
+        });
+        Self {
+            calls,
+            in_flight,
+            records,
+            stop_issuing,
+        }
+    }
+
+    /// Waits until every call ended (by `deadline`); a call still open then hung, and fails the
+    /// test naming it.
+    async fn wait_until_every_call_ended(
+        &mut self,
+        relay: &Peer,
+        sigterm_at: Instant,
+        deadline: tokio::time::Instant,
+    ) {
+        let calls = &mut self.calls;
+        let in_flight = &self.in_flight;
+        let all_ended = tokio::time::timeout_at(deadline, async {
+            while calls.join_next().await.is_some() {}
+        })
+        .await;
+        if all_ended.is_err() {
+            calls.abort_all();
+            let hung: Vec<String> = in_flight
+                .lock()
+                .expect("lock")
+                .iter()
+                .map(|((session, id), (ms, started))| {
+                    format!(
+                        "session {session} call {id} (sleep {ms} ms, started {:?} before SIGTERM)",
+                        sigterm_at.saturating_duration_since(*started)
+                    )
+                })
+                .collect();
+            panic!(
+                "calls still open {BOUND:?} after SIGTERM: {hung:?}\nrelay output:\n{}",
+                relay.output()
+            );
+        }
+    }
+}
+
+/// Before SIGTERM every call succeeded; after it each succeeded or got a JSON-RPC error naming
+/// the shutdown: the short calls in flight at SIGTERM within the grace period, the long ones
+/// after it. Returns how many short calls were in flight at SIGTERM.
+fn assert_every_call_served_or_told(
+    records: &[Record],
+    sigterm_at: Instant,
+    report: &dyn Fn() -> String,
+) -> usize {
     // Before SIGTERM everything succeeded.
     for record in records.iter().filter(|r| r.ended < sigterm_at) {
         assert!(
@@ -358,7 +409,7 @@ async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
         );
     }
     // Each call either succeeded or got a JSON-RPC error that names the shutdown.
-    for record in &records {
+    for record in records {
         let named = matches!(&record.outcome, Outcome::RpcError(message) if message.contains("shutting down"));
         let served = matches!(&record.outcome, Outcome::Ok(text) if *text == format!("slept {} ms", record.ms));
         assert!(
@@ -400,18 +451,15 @@ async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
             report()
         );
     }
-    assert!(
-        status.success(),
-        "relay exited with {status} ({exited_after:?} after SIGTERM)\n{}",
-        report()
-    );
-    let output = relay.output();
-    assert!(
-        output.contains("draining"),
-        "the relay logs its drain:\n{output}"
-    );
+    short_in_flight.len()
+}
 
-    // connect saw the drain notice (and then tries to reconnect, to a relay that is gone).
+/// connect saw the drain notice (and then tries to reconnect, to a relay that is gone), and
+/// stops cleanly once told to.
+async fn assert_connect_saw_the_drain(
+    connect_stop: CancellationToken,
+    connect: tokio::task::JoinHandle<Result<(), mcp_tunnel::client::ClientError>>,
+) {
     let log = logged();
     assert!(
         log.contains("the relay is draining this connection"),
@@ -423,10 +471,6 @@ async fn sigterm_during_load(transport: mcp_tunnel::config::TransportChoice) {
         .expect("connect stops when its token is cancelled")
         .expect("connect does not panic");
     assert!(ended.is_ok(), "connect ends cleanly: {ended:?}");
-    eprintln!(
-        "relay exited {exited_after:?} after SIGTERM; {} short calls in flight at SIGTERM all served",
-        short_in_flight.len()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -442,14 +486,7 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
 
     let mut connect = Peer::start(
         "connect",
-        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .arg("connect")
-            .arg("--relay")
-            .arg(harness.tunnel.to_string())
-            .arg("--ca")
-            .arg(&ca)
-            .arg("--token")
-            .arg(&harness.acme.tunnel_token)
+        common::connect_command(harness.tunnel, &ca, &harness.acme.tunnel_token)
             .arg("--transport")
             .arg("quic")
             .arg("--source")
@@ -516,91 +553,26 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
 // choice of `connect` (issue 13, item 15): the draining connection keeps its streams until they
 // finish, whatever `connect` does about a replacement.
 
-/// A file under tests/peers (installed by scripts/install-peers.sh).
-fn peer_file(relative: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/peers")
-        .join(relative)
-}
-
-/// server-everything (Streamable HTTP, session era) on a free port; returns it and its URL.
-async fn start_server_everything() -> (Peer, String) {
-    let port = common::free_port();
-    let node = std::env::var("NODE").unwrap_or_else(|_| "node".into());
-    let mut command = Command::new(node);
-    command
-        .arg(peer_file(
-            "node_modules/@modelcontextprotocol/server-everything/dist/index.js",
-        ))
-        .arg("streamableHttp")
-        .env("PORT", port.to_string());
-    let mut peer = Peer::start("server-everything", &mut command);
-    peer.wait_for_line("its listening line", |line| {
-        line.contains("listening on port")
-    })
-    .await;
-    (peer, format!("http://127.0.0.1:{port}/mcp"))
-}
-
 /// SIGTERM to the relay while `trigger-long-running-operation` (2 s, 2 progress steps) runs
 /// through a `connect` on `transport`: the call finishes with its result, after its full
 /// duration, and the relay exits only after that.
 async fn drain_keeps_a_call_with_progress(transport: &str) {
     use futures_util::StreamExt;
-    let (everything, upstream) = start_server_everything().await;
-    let (dir, certs) = cert_dir();
-    let tunnel_token = new_secret("mcpt_tok_");
-    let api_key = new_secret("mcpt_key_");
-    let config = write_config(dir.path(), &relay_config(&tunnel_token, &api_key));
-    let RelayProcess {
-        peer: mut relay,
-        tunnel,
-        agents,
-    } = RelayProcess::start(&config).await;
-    let ca = dir.path().join("tunnel-ca.pem");
-    std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
-    let connect = Peer::start(
-        "connect",
-        Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-            .arg("connect")
-            .arg("--relay")
-            .arg(tunnel.to_string())
-            .arg("--ca")
-            .arg(&ca)
-            .arg("--token")
-            .arg(&tunnel_token)
-            .arg("--transport")
-            .arg(transport)
-            .arg("--source")
-            .arg(format!("everything={upstream}"))
-            .env("RUST_LOG", "mcp_tunnel=debug,warn")
-            .env("NO_COLOR", "1"),
-    );
-    // Every connection of the default count is up before the signal.
-    for _ in 0..client::DEFAULT_CONNECTIONS {
-        relay
-            .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
-            .await;
-    }
-
-    let mut agent = Agent::new(&format!("http://{agents}/mcp/everything"), &api_key);
-    let answer = agent.initialize().await;
-    assert!(
-        answer.status == 200 && agent.session.is_some(),
-        "session opens: {answer:?}"
-    );
-    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{
-        "name":"trigger-long-running-operation","arguments":{"duration":2,"steps":2},
-        "_meta":{"progressToken":"p7"}}});
-    let started = Instant::now();
-    let response = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(call.to_string())
-        .send()
-        .await
-        .expect("the call is sent");
-    assert_eq!(response.status(), 200, "the call is accepted");
+    let node = std::env::var("NODE").unwrap_or_else(|_| "node".into());
+    let (everything, upstream) = common::peers::start_server_everything(node).await;
+    let (relay, connect) = relay_with_connect(transport, &upstream).await;
+    let AcmeRelay {
+        relay:
+            RelayProcess {
+                peer: mut relay,
+                agents,
+                ..
+            },
+        api_key,
+        dir: _dir,
+        ..
+    } = relay;
+    let (response, started) = start_progress_call(agents, &api_key).await;
     // The answer's headers came back: the upstream answers with an event stream, so the call
     // is in flight at the upstream, with its whole 2 s ahead.
     let mut body = response.bytes_stream();
@@ -638,21 +610,7 @@ async fn drain_keeps_a_call_with_progress(transport: &str) {
         "the answer streams to its end: {rest:?}\n{}",
         report()
     );
-    let result = sse_data(&seen)
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .find(|m| m.get("id") == Some(&json!(7)));
-    let result = result.unwrap_or_else(|| panic!("no answer to the call\n{}", report()));
-    assert!(
-        result.get("result").is_some() && result["result"]["isError"] != json!(true),
-        "the call finished with its result, not an error: {result}\n{}",
-        report()
-    );
-    assert!(
-        took >= Duration::from_secs(2),
-        "the call ran its full 2 s\n{}",
-        report()
-    );
+    assert_the_call_ran_to_its_result(&seen, took, &report);
     assert!(status.success(), "the relay exits 0\n{}", report());
     // The draining relay refused the replacement connections (QUIC answered): nothing made
     // `connect` conclude that UDP is blocked and move to the fallback.
@@ -667,6 +625,72 @@ async fn drain_keeps_a_call_with_progress(transport: &str) {
     );
     connect.stop().await;
     everything.stop().await;
+}
+
+/// The relay binary, and the `connect` binary on `transport` serving `everything` from
+/// `upstream` through it, every connection of the default count up.
+async fn relay_with_connect(transport: &str, upstream: &str) -> (AcmeRelay, Peer) {
+    let mut relay = AcmeRelay::start(ADMIN).await;
+    let connect = Peer::start(
+        "connect",
+        relay
+            .connect_command()
+            .arg("--transport")
+            .arg(transport)
+            .arg("--source")
+            .arg(format!("everything={upstream}"))
+            .env("RUST_LOG", "mcp_tunnel=debug,warn")
+            .env("NO_COLOR", "1"),
+    );
+    // Every connection of the default count is up before the signal.
+    for _ in 0..client::DEFAULT_CONNECTIONS {
+        relay
+            .relay
+            .peer
+            .wait_for_line("\"tunnel connected\"", |l| l.contains("tunnel connected"))
+            .await;
+    }
+    (relay, connect)
+}
+
+/// Opens a session on `everything` and POSTs `trigger-long-running-operation` (2 s, 2 progress
+/// steps); returns the accepted response (body unread) and when the call started.
+async fn start_progress_call(
+    agents: std::net::SocketAddr,
+    api_key: &str,
+) -> (reqwest::Response, Instant) {
+    let mut agent = Agent::new(&format!("http://{agents}/mcp/everything"), api_key);
+    let answer = agent.initialize().await;
+    assert!(
+        answer.status == 200 && agent.session.is_some(),
+        "session opens: {answer:?}"
+    );
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{
+        "name":"trigger-long-running-operation","arguments":{"duration":2,"steps":2},
+        "_meta":{"progressToken":"p7"}}});
+    let started = Instant::now();
+    let response = agent.send(&call).await;
+    assert_eq!(response.status(), 200, "the call is accepted");
+    (response, started)
+}
+
+/// The event stream `seen` holds the call's result, not an error, after its full 2 s (`took`).
+fn assert_the_call_ran_to_its_result(seen: &[u8], took: Duration, report: &dyn Fn() -> String) {
+    let result = sse_data(seen)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|m| m.get("id") == Some(&json!(7)));
+    let result = result.unwrap_or_else(|| panic!("no answer to the call\n{}", report()));
+    assert!(
+        result.get("result").is_some() && result["result"]["isError"] != json!(true),
+        "the call finished with its result, not an error: {result}\n{}",
+        report()
+    );
+    assert!(
+        took >= Duration::from_secs(2),
+        "the call ran its full 2 s\n{}",
+        report()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -183,6 +183,11 @@ fn recorded_pids(path: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A stateless-era echo of `message`, no `_meta` beyond the version's.
+async fn stateless_echo(agent: &Agent, id: u64, message: &str) -> common::Answer {
+    stateless(agent, id, "echo", json!({"message": message}), json!({})).await
+}
+
 fn error_message(answer: &common::Answer) -> String {
     answer.response()["error"]["message"]
         .as_str()
@@ -190,18 +195,9 @@ fn error_message(answer: &common::Answer) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_everything_over_stdio_in_both_eras() {
-    let _serial = SERIAL.lock().await;
-    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let harness = Harness::start(Options::default()).await;
-    let client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            stdio_settings(&harness, &[("everything", everything())]),
-        )
-        .await;
-
+/// Session era through server-everything over stdio: one child for the session, speaking
+/// newline-delimited JSON; returns the agent, its session open.
+async fn session_era_over_stdio(harness: &Harness) -> Agent {
     // Session era: one child for the session, speaking newline-delimited JSON.
     let mut agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
     let init = agent.initialize().await;
@@ -213,16 +209,8 @@ async fn server_everything_over_stdio_in_both_eras() {
         "{init:?}"
     );
     assert!(agent.session.is_some(), "a session is open");
-    let list = agent
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
-    let tools: Vec<&str> = list.response()["result"]["tools"]
-        .as_array()
-        .unwrap_or_else(|| panic!("a tool list: {list:?}"))
-        .iter()
-        .filter_map(|tool| tool["name"].as_str())
-        .collect();
-    assert!(tools.contains(&"echo"), "{tools:?}");
+    let tools = agent.tool_names(1).await;
+    assert!(tools.iter().any(|t| t == "echo"), "{tools:?}");
     let echo = agent
         .call_tool(2, "echo", json!({"message": "hello stdio"}))
         .await;
@@ -252,7 +240,11 @@ async fn server_everything_over_stdio_in_both_eras() {
     );
     assert_eq!(long.response()["id"], 4);
     assert!(tool_text(long.response()).contains("completed"), "{long:?}");
+    agent
+}
 
+/// Stateless era through server-everything over stdio.
+async fn stateless_era_over_stdio(harness: &Harness) {
     // Stateless era: server-everything does not speak 2026-07-28; connect's pooled process
     // does it in the session era. Three agents use the same id and progress token at once,
     // and each gets exactly its own answer and progress.
@@ -304,24 +296,28 @@ async fn server_everything_over_stdio_in_both_eras() {
             assert!(progress.is_empty(), "{answer:?}");
         }
     }
-    let again = stateless(
-        &stateless_agent,
-        8,
-        "echo",
-        json!({"message": "again"}),
-        json!({}),
-    )
-    .await;
+    let again = stateless_echo(&stateless_agent, 8, "again").await;
     assert_eq!(tool_text(again.response()), "Echo: again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_stdio_in_both_eras() {
+    let _serial = SERIAL.lock().await;
+    let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
+    let harness = Harness::start(Options::default()).await;
+    let client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("everything", everything())]),
+        )
+        .await;
+
+    let agent = session_era_over_stdio(&harness).await;
+    stateless_era_over_stdio(&harness).await;
 
     // One child for the session, one pooled child for every stateless request.
     assert_eq!(children(&baseline).len(), 2, "{:?}", children(&baseline));
-    let deleted = agent
-        .request(reqwest::Method::DELETE)
-        .send()
-        .await
-        .expect("DELETE");
-    assert_eq!(deleted.status(), 200);
+    assert_eq!(agent.delete().await, 200);
     until_none_left("the session's child", || {
         let left = children(&baseline);
         if left.len() > 1 { left } else { Vec::new() }
@@ -335,6 +331,31 @@ async fn server_everything_over_stdio_in_both_eras() {
         "connect's run returned with a child left"
     );
     harness.stop().await;
+}
+
+/// `count` sessions on `url`, 8 at a time: initialize, a request, DELETE, each checked.
+async fn short_sessions(url: &str, key: &str, count: u64) -> Vec<()> {
+    futures_util::stream::iter(0..count)
+        .map(|n| {
+            let mut agent = Agent::new(url, key);
+            async move {
+                let init = agent.initialize().await;
+                assert_eq!(init.status, 200, "session {n}: {init:?}");
+                assert!(agent.session.is_some(), "session {n}: {init:?}");
+                let ping = agent
+                    .post(&json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
+                    .await;
+                assert_eq!(
+                    ping.response()["result"],
+                    json!({}),
+                    "session {n}: {ping:?}"
+                );
+                assert_eq!(agent.delete().await, 200, "session {n}");
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,32 +385,7 @@ async fn no_child_outlives_its_session_or_connect() {
     let key = harness.acme.api_key.clone();
 
     // 200 sessions, 8 at a time: initialize, a request, DELETE.
-    let sessions = futures_util::stream::iter(0..200u64)
-        .map(|n| {
-            let mut agent = Agent::new(&url, &key);
-            async move {
-                let init = agent.initialize().await;
-                assert_eq!(init.status, 200, "session {n}: {init:?}");
-                assert!(agent.session.is_some(), "session {n}: {init:?}");
-                let ping = agent
-                    .post(&json!({"jsonrpc":"2.0","id":1,"method":"ping"}))
-                    .await;
-                assert_eq!(
-                    ping.response()["result"],
-                    json!({}),
-                    "session {n}: {ping:?}"
-                );
-                let deleted = agent
-                    .request(reqwest::Method::DELETE)
-                    .send()
-                    .await
-                    .expect("DELETE");
-                assert_eq!(deleted.status(), 200, "session {n}");
-            }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<()>>()
-        .await;
+    let sessions = short_sessions(&url, &key, 200).await;
     assert_eq!(sessions.len(), 200);
     let started = recorded_pids(&pid_file);
     assert_eq!(started.len(), 200, "one process per session");
@@ -433,6 +429,78 @@ async fn no_child_outlives_its_session_or_connect() {
     harness.stop().await;
 }
 
+/// `crashy` exits right after reading initialize, `missing` cannot start: errors naming the
+/// source, and no session.
+async fn failed_starts_answer_with_an_error(harness: &Harness) {
+    // Exits right after reading initialize: the agent gets an error, and no session.
+    let mut agent = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    assert_eq!(init.status, 200, "{init:?}");
+    assert_eq!(init.response()["error"]["code"], -32000, "{init:?}");
+    assert_eq!(init.response()["id"], 0);
+    let message = error_message(&init);
+    assert!(
+        message.contains("source crashy exited") && message.contains("exit status: 3"),
+        "{message}"
+    );
+    assert!(agent.session.is_none(), "no session for a dead server");
+
+    // A command that cannot start.
+    let mut agent = Agent::new(&harness.url("missing"), &harness.acme.api_key);
+    let init = agent.initialize().await;
+    let message = error_message(&init);
+    assert!(
+        message.contains("source missing could not start"),
+        "{message}"
+    );
+}
+
+/// A crash in the middle of a session answers the pending request and ends the session.
+async fn a_crash_mid_session_ends_it(harness: &Harness) {
+    let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    let echo = agent
+        .call_tool(1, "echo", json!({"message": "alive"}))
+        .await;
+    assert_eq!(tool_text(echo.response()), "alive");
+    let crash = agent.call_tool(2, "crash", json!({})).await;
+    assert_eq!(crash.response()["id"], 2);
+    let message = error_message(&crash);
+    assert!(
+        message.contains("source mini exited: exit status: 5"),
+        "{message}"
+    );
+    let after = agent.call_tool(3, "echo", json!({"message": "late"})).await;
+    assert!(
+        after.status == 404 || error_message(&after).contains("exited"),
+        "the session is over: {after:?}"
+    );
+}
+
+/// Stateless: a pooled process that dies answers with the same error, and the next request
+/// starts a fresh one.
+async fn a_crashed_pooled_process_is_replaced(harness: &Harness) {
+    let mut stateless_agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
+    stateless_agent.version = Some("2026-07-28".into());
+    let first = stateless_echo(&stateless_agent, 1, "pooled").await;
+    assert_eq!(tool_text(first.response()), "pooled");
+    let crash = stateless(&stateless_agent, 2, "crash", json!({}), json!({})).await;
+    assert_eq!(crash.response()["id"], 2);
+    assert!(
+        error_message(&crash).contains("source mini exited: exit status: 5"),
+        "{crash:?}"
+    );
+    let restarted = stateless_echo(&stateless_agent, 3, "again").await;
+    assert_eq!(tool_text(restarted.response()), "again");
+    let mut crashy_stateless = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
+    crashy_stateless.version = Some("2026-07-28".into());
+    let failed = stateless_echo(&crashy_stateless, 4, "x").await;
+    assert!(
+        error_message(&failed).contains("source crashy exited: exit status: 3"),
+        "{failed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
     let _serial = SERIAL.lock().await;
@@ -457,90 +525,9 @@ async fn a_crash_or_a_failed_start_answers_with_an_error_naming_the_source() {
         )
         .await;
 
-    // Exits right after reading initialize: the agent gets an error, and no session.
-    let mut agent = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
-    let init = agent.initialize().await;
-    assert_eq!(init.status, 200, "{init:?}");
-    assert_eq!(init.response()["error"]["code"], -32000, "{init:?}");
-    assert_eq!(init.response()["id"], 0);
-    let message = error_message(&init);
-    assert!(
-        message.contains("source crashy exited") && message.contains("exit status: 3"),
-        "{message}"
-    );
-    assert!(agent.session.is_none(), "no session for a dead server");
-
-    // A command that cannot start.
-    let mut agent = Agent::new(&harness.url("missing"), &harness.acme.api_key);
-    let init = agent.initialize().await;
-    let message = error_message(&init);
-    assert!(
-        message.contains("source missing could not start"),
-        "{message}"
-    );
-
-    // A crash in the middle of a session answers the pending request and ends the session.
-    let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
-    assert_eq!(agent.initialize().await.status, 200);
-    let echo = agent
-        .call_tool(1, "echo", json!({"message": "alive"}))
-        .await;
-    assert_eq!(tool_text(echo.response()), "alive");
-    let crash = agent.call_tool(2, "crash", json!({})).await;
-    assert_eq!(crash.response()["id"], 2);
-    let message = error_message(&crash);
-    assert!(
-        message.contains("source mini exited: exit status: 5"),
-        "{message}"
-    );
-    let after = agent.call_tool(3, "echo", json!({"message": "late"})).await;
-    assert!(
-        after.status == 404 || error_message(&after).contains("exited"),
-        "the session is over: {after:?}"
-    );
-
-    // Stateless: a pooled process that dies answers with the same error, and the next
-    // request starts a fresh one.
-    let mut stateless_agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
-    stateless_agent.version = Some("2026-07-28".into());
-    let first = stateless(
-        &stateless_agent,
-        1,
-        "echo",
-        json!({"message": "pooled"}),
-        json!({}),
-    )
-    .await;
-    assert_eq!(tool_text(first.response()), "pooled");
-    let crash = stateless(&stateless_agent, 2, "crash", json!({}), json!({})).await;
-    assert_eq!(crash.response()["id"], 2);
-    assert!(
-        error_message(&crash).contains("source mini exited: exit status: 5"),
-        "{crash:?}"
-    );
-    let restarted = stateless(
-        &stateless_agent,
-        3,
-        "echo",
-        json!({"message": "again"}),
-        json!({}),
-    )
-    .await;
-    assert_eq!(tool_text(restarted.response()), "again");
-    let mut crashy_stateless = Agent::new(&harness.url("crashy"), &harness.acme.api_key);
-    crashy_stateless.version = Some("2026-07-28".into());
-    let failed = stateless(
-        &crashy_stateless,
-        4,
-        "echo",
-        json!({"message": "x"}),
-        json!({}),
-    )
-    .await;
-    assert!(
-        error_message(&failed).contains("source crashy exited: exit status: 3"),
-        "{failed:?}"
-    );
+    failed_starts_answer_with_an_error(&harness).await;
+    a_crash_mid_session_ends_it(&harness).await;
+    a_crashed_pooled_process_is_replaced(&harness).await;
 
     client.stop().await.expect("connect stops cleanly");
     assert_eq!(children(&baseline), Vec::<u32>::new());
@@ -595,33 +582,15 @@ async fn read_until_id(
     text
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only() {
-    let _serial = SERIAL.lock().await;
-    let harness = Harness::start(Options::default()).await;
-    let holding = vec![
-        PYTHON.into(),
-        "-u".into(),
-        "-c".into(),
-        HOLDING_SERVER.into(),
-    ];
-    let _client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            stdio_settings(&harness, &[("holding", holding)]),
-        )
-        .await;
-    let mut agent = Agent::new(&harness.url("holding"), &harness.acme.api_key);
-    assert_eq!(agent.initialize().await.status, 200);
-
-    // The child holds the call; the POST's headers and priming event come at once anyway.
-    let post = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"held","arguments":{}}}).to_string())
-        .send()
-        .await
-        .expect("POST is sent");
+/// POSTs the `held` call; its headers and priming event come at once, though the child holds
+/// the call. Returns the open body and the priming event's id.
+async fn post_held_call_until_primed(
+    agent: &Agent,
+) -> (
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>,
+    String,
+) {
+    let post = agent.send(&json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"held","arguments":{}}})).await;
     assert_eq!(post.status(), 200);
     let content_type = post
         .headers()
@@ -651,6 +620,30 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     .await
     .expect("the priming event comes before the answer")
     .expect("the priming event has an id");
+    (body, prime_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only() {
+    let _serial = SERIAL.lock().await;
+    let harness = Harness::start(Options::default()).await;
+    let holding = vec![
+        PYTHON.into(),
+        "-u".into(),
+        "-c".into(),
+        HOLDING_SERVER.into(),
+    ];
+    let _client = harness
+        .connect_with(
+            &harness.acme.clone(),
+            stdio_settings(&harness, &[("holding", holding)]),
+        )
+        .await;
+    let mut agent = Agent::new(&harness.url("holding"), &harness.acme.api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+
+    // The child holds the call; the POST's headers and priming event come at once anyway.
+    let (body, prime_id) = post_held_call_until_primed(&agent).await;
     // The agent's connection drops before the answer.
     drop(body);
 
@@ -697,33 +690,25 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     );
 }
 
-/// `stdio_settings` with the stdio processes bounded by `limits`.
-fn limited_settings(
-    harness: &Harness,
-    sources: &[(&str, Vec<String>)],
-    limits: mcp_tunnel::client::sources::stdio::StdioLimits,
-) -> ClientSettings {
-    let mut settings = stdio_settings(harness, sources);
-    settings.stdio = limits;
-    settings
+/// A relay, and a `connect` serving the mini server as `mini` under `max_processes` and
+/// `idle`.
+async fn limited_mini(max_processes: usize, idle: Duration) -> (Harness, common::Client) {
+    let harness = Harness::start(Options::default()).await;
+    let mut settings = stdio_settings(&harness, &[("mini", mini())]);
+    settings.stdio = mcp_tunnel::client::sources::stdio::StdioLimits {
+        max_processes,
+        idle,
+    };
+    let client = harness.connect_with(&harness.acme.clone(), settings).await;
+    (harness, client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
     let _serial = SERIAL.lock().await;
     let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let harness = Harness::start(Options::default()).await;
     // A cap of 3 stands for the default 64; the idle time is out of the way.
-    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
-        max_processes: 3,
-        idle: Duration::from_secs(3600),
-    };
-    let _client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            limited_settings(&harness, &[("mini", mini())], limits),
-        )
-        .await;
+    let (harness, _client) = limited_mini(3, Duration::from_secs(3600)).await;
 
     // Clients restart without a DELETE, twice as many times as the cap: every new session
     // opens, each taking the place of the least recently used idle one.
@@ -773,17 +758,7 @@ async fn sessions_that_never_end_cannot_lock_a_stdio_source() {
 async fn an_idle_sessions_process_is_stopped_and_its_next_call_says_why() {
     let _serial = SERIAL.lock().await;
     let baseline: HashSet<u32> = children(&HashSet::new()).into_iter().collect();
-    let harness = Harness::start(Options::default()).await;
-    let limits = mcp_tunnel::client::sources::stdio::StdioLimits {
-        max_processes: 3,
-        idle: Duration::from_millis(300),
-    };
-    let _client = harness
-        .connect_with(
-            &harness.acme.clone(),
-            limited_settings(&harness, &[("mini", mini())], limits),
-        )
-        .await;
+    let (harness, _client) = limited_mini(3, Duration::from_millis(300)).await;
     let mut agent = Agent::new(&harness.url("mini"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
     let echo = agent.call_tool(1, "echo", json!({"message": "hi"})).await;

@@ -17,10 +17,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use common::audit::{audit_at, export, outcome};
 use common::{Agent, Harness, Options, WAIT};
 use futures_util::StreamExt;
 use mcp_tunnel::config::{LimitsSection, TransportChoice};
-use mcp_tunnel::govern::audit::AuditSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -115,6 +115,55 @@ fn async_stream(
     )
 }
 
+/// The answer to `initialize`: session `big-session`.
+fn initialized(id: &Value) -> Response {
+    let answer = json!({"jsonrpc":"2.0","id":id,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"big","version":"0"}}});
+    let mut response = axum::Json(answer).into_response();
+    response
+        .headers_mut()
+        .insert("mcp-session-id", HeaderValue::from_static("big-session"));
+    response
+}
+
+/// The start of a result whose text runs on for `size` bytes, made as it is read: nobody may
+/// hold it whole.
+fn endless(id: &Value, size: usize, upstream: Arc<Upstream>) -> Body {
+    let head =
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":""#);
+    let filler = Bytes::from(vec![b'x'; CHUNK]);
+    let signal = DropSignal(upstream.clone());
+    let chunks = (0..size / CHUNK).map(move |_| filler.clone());
+    let stream = futures_util::stream::iter(std::iter::once(Bytes::from(head)).chain(chunks)).then(
+        move |chunk| {
+            let upstream = upstream.clone();
+            let _signal = &signal;
+            async move {
+                tokio::task::yield_now().await;
+                upstream.produced.fetch_add(chunk.len(), Ordering::SeqCst);
+                Ok::<_, std::io::Error>(chunk)
+            }
+        },
+    );
+    Body::from_stream(stream)
+}
+
+/// An event stream: a progress notification, then `answer` as one event.
+fn progress_then_answer(upstream: Arc<Upstream>, answer: Vec<u8>) -> Response {
+    let mut events = format!(
+        "event: message\ndata: {}\n\nevent: message\ndata: ",
+        json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}})
+    )
+    .into_bytes();
+    events.extend_from_slice(&answer);
+    events.extend_from_slice(b"\n\n");
+    let mut response = Response::new(streamed(upstream, events, "end"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
 /// The upstream's one endpoint: sessions, notifications, and the `big` tool.
 async fn mcp(
     axum::extract::State(upstream): axum::extract::State<Arc<Upstream>>,
@@ -123,14 +172,7 @@ async fn mcp(
     let request: Value = serde_json::from_slice(&body).expect("connect forwards JSON");
     let id = request["id"].clone();
     match request["method"].as_str() {
-        Some("initialize") => {
-            let answer = json!({"jsonrpc":"2.0","id":id,"result":{"protocolVersion":"2025-11-25","capabilities":{"tools":{}},"serverInfo":{"name":"big","version":"0"}}});
-            let mut response = axum::Json(answer).into_response();
-            response
-                .headers_mut()
-                .insert("mcp-session-id", HeaderValue::from_static("big-session"));
-            response
-        }
+        Some("initialize") => initialized(&id),
         Some("tools/call") if !id.is_null() => {
             let args = &request["params"]["arguments"];
             let size = args["size"].as_u64().expect("size") as usize;
@@ -144,44 +186,10 @@ async fn mcp(
             let body = match mode {
                 // The start of a result whose text runs on for `size` bytes, made as it is
                 // read: nobody may hold it whole.
-                "endless" => {
-                    let head = format!(
-                        r#"{{"jsonrpc":"2.0","id":{id},"result":{{"content":[{{"type":"text","text":""#
-                    );
-                    let filler = Bytes::from(vec![b'x'; CHUNK]);
-                    let signal = DropSignal(upstream.clone());
-                    let chunks = (0..size / CHUNK).map(move |_| filler.clone());
-                    let stream = futures_util::stream::iter(
-                        std::iter::once(Bytes::from(head)).chain(chunks),
-                    )
-                    .then(move |chunk| {
-                        let upstream = upstream.clone();
-                        let _signal = &signal;
-                        async move {
-                            tokio::task::yield_now().await;
-                            upstream.produced.fetch_add(chunk.len(), Ordering::SeqCst);
-                            Ok::<_, std::io::Error>(chunk)
-                        }
-                    });
-                    Body::from_stream(stream)
-                }
+                "endless" => endless(&id, size, upstream),
                 "length" => Body::from(answer),
                 // An event stream: a progress notification, then the answer as one event.
-                "sse" => {
-                    let mut events = format!(
-                        "event: message\ndata: {}\n\nevent: message\ndata: ",
-                        json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":1}})
-                    )
-                    .into_bytes();
-                    events.extend_from_slice(&answer);
-                    events.extend_from_slice(b"\n\n");
-                    let mut response = Response::new(streamed(upstream, events, "end"));
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/event-stream"),
-                    );
-                    return response;
-                }
+                "sse" => return progress_then_answer(upstream, answer),
                 "chunked" => streamed(upstream, answer, "end"),
                 // The first half of the answer, then the upstream breaks off or stalls.
                 "break" | "stall" => {
@@ -220,34 +228,19 @@ async fn big_upstream(stop: &CancellationToken) -> (String, Arc<Upstream>) {
     (format!("http://{addr}/mcp"), upstream)
 }
 
-/// The audit trail at `path`, with the defaults of `[audit]`.
-fn audit_at(path: &Path) -> AuditSettings {
-    AuditSettings::new(path)
-}
-
 /// The `tools/call` rows of the trail at `db`, through `audit export`.
 async fn call_rows(db: &Path) -> Vec<Value> {
-    let db = db.display().to_string();
-    let output = common::run_cli(&["audit", "export", "--db", &db]).await;
-    assert!(
-        output.status.success(),
-        "audit export fails: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is JSON ({e}): {l}")))
+    export(db)
+        .await
+        .into_iter()
         .filter(|row: &Value| row["mcp.method.name"] == "tools/call")
         .collect()
 }
 
-/// A row's outcome as `kind` or `kind:code`.
-fn outcome(row: &Value) -> String {
-    match row["outcome"]["code"].as_i64() {
-        Some(code) => format!("{}:{code}", row["outcome"]["kind"].as_str().unwrap_or("?")),
-        None => row["outcome"]["kind"].as_str().unwrap_or("?").to_owned(),
-    }
+/// The outcomes of the `tools/call` rows of requests `ids`, in that order.
+async fn outcomes(db: &Path, ids: &[u64]) -> Vec<String> {
+    let rows = call_rows(db).await;
+    ids.iter().map(|id| outcome(row_of(&rows, *id))).collect()
 }
 
 /// The row of request `id`.
@@ -260,31 +253,34 @@ fn row_of(rows: &[Value], id: u64) -> &Value {
 /// POSTs a `big` call in `agent`'s session and returns the raw response (body unread).
 async fn call_big(agent: &Agent, id: u64, arguments: Value) -> reqwest::Response {
     let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"big","arguments":arguments}});
-    agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("the relay answers")
+    agent.send(&body).await
+}
+
+/// A scratch directory with the trail at `db`, and the token that stops the test upstream;
+/// both go when this is dropped.
+struct Scratch {
+    db: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    _stop: tokio_util::sync::DropGuard,
 }
 
 /// A relay with an audit trail and a `connect` over `transport` serving the test upstream;
-/// returns them with an agent in a fresh session.
+/// returns them with an agent in a fresh session, and the scratch holding the trail.
 async fn setup(
-    db: &Path,
     limits: LimitsSection,
     transport: TransportChoice,
-    stop: &CancellationToken,
-) -> (Harness, common::Client, Agent, Arc<Upstream>) {
+) -> (Harness, common::Client, Agent, Arc<Upstream>, Scratch) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("audit.db");
+    let stop = CancellationToken::new();
     let max_answer_bytes = limits.max_answer_bytes;
     let harness = Harness::start(Options {
-        audit: Some(audit_at(db)),
+        audit: Some(audit_at(&db)),
         limits,
         ..Options::default()
     })
     .await;
-    let (url, upstream) = big_upstream(stop).await;
+    let (url, upstream) = big_upstream(&stop).await;
     let mut settings = harness.client_settings(&harness.acme, &[("big", &url)]);
     settings.transport = transport;
     // connect's answer limit as the relay's.
@@ -292,18 +288,19 @@ async fn setup(
     let client = harness.connect_with(&harness.acme, settings).await;
     let mut agent = Agent::new(&harness.url("big"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);
-    (harness, client, agent, upstream)
+    let scratch = Scratch {
+        db,
+        _dir: dir,
+        _stop: stop.drop_guard(),
+    };
+    (harness, client, agent, upstream, scratch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_answers_arrive_byte_identical_over_quic_and_https_and_are_audited() {
     for transport in [TransportChoice::Quic, TransportChoice::Https] {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db = dir.path().join("audit.db");
-        let stop = CancellationToken::new();
-        let _stop = stop.clone().drop_guard();
-        let (_harness, _client, agent, _) =
-            setup(&db, LimitsSection::default(), transport, &stop).await;
+        let (_harness, _client, agent, _, scratch) =
+            setup(LimitsSection::default(), transport).await;
 
         // (id, arguments, expected outcome): a length-delimited and a chunked result, a tool
         // error whose `isError` comes after the large text, and a large JSON-RPC error.
@@ -353,7 +350,7 @@ async fn large_answers_arrive_byte_identical_over_quic_and_https_and_are_audited
         let small = small.bytes().await.expect("small body");
         assert_eq!(&small[..], &big_answer(&json!(5), 1000, false, false)[..]);
 
-        let rows = call_rows(&db).await;
+        let rows = call_rows(&scratch.db).await;
         for ((id, _, expected), size) in cases.iter().zip(sizes) {
             let row = row_of(&rows, *id);
             assert_eq!(outcome(row), *expected, "{transport:?} call {id}: {row}");
@@ -373,10 +370,6 @@ fn transport_label(transport: TransportChoice) -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     let limit = 1024 * 1024;
     // Upstream answers are bounded by max_answer_bytes (max_message_bytes bounds what agents
     // send): both at 1 MiB here.
@@ -385,8 +378,7 @@ async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
         max_answer_bytes: limit,
         ..LimitsSection::default()
     };
-    let (_harness, _client, agent, upstream) =
-        setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let (_harness, _client, agent, upstream, scratch) = setup(limits, TransportChoice::Quic).await;
     let huge = 128 * 1024 * 1024;
 
     // With a declared length, connect refuses before reading: a clear JSON-RPC error.
@@ -411,19 +403,16 @@ async fn an_answer_over_the_answer_limit_fails_without_being_read_whole() {
         "the upstream produced {produced} bytes of a {huge}-byte answer: it was read on, not refused"
     );
 
-    let rows = call_rows(&db).await;
-    assert_eq!(outcome(row_of(&rows, 1)), "error:-32002");
-    assert_eq!(outcome(row_of(&rows, 2)), "tunnel_error");
+    assert_eq!(
+        outcomes(&scratch.db, &[1, 2]).await,
+        ["error:-32002", "tunnel_error"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_drop_mid_answer_aborts_the_body_and_records_a_tunnel_error() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
-    let (harness, _client, agent, _) =
-        setup(&db, LimitsSection::default(), TransportChoice::Quic, &stop).await;
+    let (harness, _client, agent, _, scratch) =
+        setup(LimitsSection::default(), TransportChoice::Quic).await;
     // Half the answer, then the upstream stalls: the agent has its first bytes.
     let mut response = call_big(&agent, 1, json!({"size": LARGE, "mode": "stall"})).await;
     assert_eq!(response.status(), 200);
@@ -454,21 +443,16 @@ async fn a_tunnel_drop_mid_answer_aborts_the_body_and_records_a_tunnel_error() {
     .expect("the body ends in time");
     assert!(rest.is_err(), "an aborted body, not a truncated 200");
 
-    let rows = call_rows(&db).await;
-    assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
+    assert_eq!(outcomes(&scratch.db, &[1]).await, ["tunnel_error"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_breaking_off_or_stalling_mid_answer_aborts_the_body() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     let limits = LimitsSection {
         request_timeout_secs: 5,
         ..LimitsSection::default()
     };
-    let (_harness, _client, agent, _) = setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let (_harness, _client, agent, _, scratch) = setup(limits, TransportChoice::Quic).await;
     for (id, mode) in [(1, "break"), (2, "stall")] {
         let response = call_big(&agent, id, json!({"size": LARGE, "mode": mode})).await;
         assert_eq!(response.status(), 200, "{mode}");
@@ -480,25 +464,22 @@ async fn an_upstream_breaking_off_or_stalling_mid_answer_aborts_the_body() {
             "{mode}: an aborted body, not a truncated 200"
         );
     }
-    let rows = call_rows(&db).await;
-    assert_eq!(outcome(row_of(&rows, 1)), "tunnel_error");
-    assert_eq!(outcome(row_of(&rows, 2)), "timeout");
+    assert_eq!(
+        outcomes(&scratch.db, &[1, 2]).await,
+        ["tunnel_error", "timeout"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_over_the_request_limit_within_the_answer_limit_arrive_whole_json_and_sse() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let db = dir.path().join("audit.db");
-    let stop = CancellationToken::new();
-    let _stop = stop.clone().drop_guard();
     // Agents may send at most 1 MiB; upstreams answer up to the default answer limit.
     let limit = 1024 * 1024;
     let limits = LimitsSection {
         max_message_bytes: limit,
         ..LimitsSection::default()
     };
-    let (_harness, _client, agent, _upstream) =
-        setup(&db, limits, TransportChoice::Quic, &stop).await;
+    let (_harness, _client, agent, _upstream, _scratch) =
+        setup(limits, TransportChoice::Quic).await;
     let size = 8 * limit;
     let wanted = big_answer(&json!(1), size, false, false);
     for (id, mode) in [(1, "chunked"), (1, "sse")] {

@@ -17,6 +17,32 @@ use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::relay::RelayState;
 use tokio_util::sync::CancellationToken;
 
+/// The `tools/call` requests an upstream saw.
+fn tool_calls(seen: &common::Seen) -> usize {
+    seen.lock()
+        .expect("lock")
+        .iter()
+        .filter(|(method, ..)| method == "tools/call")
+        .count()
+}
+
+/// A `connect` with `token` serving `db` from `upstream`, once the relay lists `rows` tunnel
+/// rows for `db`.
+async fn serve_db(
+    relay: &FileRelay,
+    (token, ca_pem): (&str, &str),
+    upstream: &str,
+    rows: usize,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<Result<(), ClientError>> {
+    let task = tokio::spawn(client::run(
+        quic_settings(relay.tunnel, token, ca_pem, &[("db", upstream)]),
+        shutdown.child_token(),
+    ));
+    wait_rows(&relay.state, "db", rows).await;
+    task
+}
+
 /// Waits (bounded) until the relay lists `count` tunnel rows for `source`.
 async fn wait_rows(state: &RelayState, source: &str, count: usize) {
     tokio::time::timeout(WAIT, async {
@@ -90,27 +116,12 @@ async fn a_second_token_announcing_a_served_source_takes_none_of_its_sessions() 
     let (upstream1, seen1) = start_recording_upstream(&shutdown).await;
     let (upstream2, seen2) = start_recording_upstream(&shutdown).await;
 
-    let first = tokio::spawn(client::run(
-        quic_settings(relay.tunnel, &team1, &certs.ca_pem, &[("db", &upstream1)]),
-        shutdown.child_token(),
-    ));
-    wait_rows(&relay.state, "db", 1).await;
-    let second = tokio::spawn(client::run(
-        quic_settings(relay.tunnel, &team2, &certs.ca_pem, &[("db", &upstream2)]),
-        shutdown.child_token(),
-    ));
-    wait_rows(&relay.state, "db", 2).await;
+    let first = serve_db(&relay, (&team1, &certs.ca_pem), &upstream1, 1, &shutdown).await;
+    let second = serve_db(&relay, (&team2, &certs.ca_pem), &upstream2, 2, &shutdown).await;
 
     sessions(&format!("http://{}/mcp/db", relay.agents), &key, 4).await;
-    let count = |seen: &common::Seen| {
-        seen.lock()
-            .expect("lock")
-            .iter()
-            .filter(|(method, ..)| method == "tools/call")
-            .count()
-    };
-    assert_eq!(count(&seen1), 4, "the first token keeps serving db");
-    assert_eq!(count(&seen2), 0, "the second token's tunnel gets none");
+    assert_eq!(tool_calls(&seen1), 4, "the first token keeps serving db");
+    assert_eq!(tool_calls(&seen2), 0, "the second token's tunnel gets none");
     let rows = relay.state.registry.rows();
     let serving: Vec<(String, bool)> = rows.iter().map(|r| (r.token.clone(), r.serving)).collect();
     assert_eq!(
@@ -132,7 +143,7 @@ async fn a_second_token_announcing_a_served_source_takes_none_of_its_sessions() 
     .await
     .expect("the first tunnel goes");
     sessions(&format!("http://{}/mcp/db", relay.agents), &key, 1).await;
-    assert_eq!(count(&seen2), 1, "the standby took over");
+    assert_eq!(tool_calls(&seen2), 1, "the standby took over");
     shutdown.cancel();
     let _ = second.await;
 }
@@ -184,26 +195,15 @@ async fn a_token_bound_to_sources_serves_only_those() {
     assert!(relay.state.registry.rows().is_empty(), "nothing registered");
 
     // An unbound token serves db first; the token bound to db takes it over.
-    let _unbound = tokio::spawn(client::run(
-        quic_settings(relay.tunnel, &legacy, &certs.ca_pem, &[("db", &upstream2)]),
-        shutdown.child_token(),
-    ));
-    wait_rows(&relay.state, "db", 1).await;
-    let _bound = tokio::spawn(client::run(
-        quic_settings(relay.tunnel, &db, &certs.ca_pem, &[("db", &upstream1)]),
-        shutdown.child_token(),
-    ));
-    wait_rows(&relay.state, "db", 2).await;
+    let _unbound = serve_db(&relay, (&legacy, &certs.ca_pem), &upstream2, 1, &shutdown).await;
+    let _bound = serve_db(&relay, (&db, &certs.ca_pem), &upstream1, 2, &shutdown).await;
     sessions(&format!("http://{}/mcp/db", relay.agents), &key, 2).await;
-    let calls = |seen: &common::Seen| {
-        seen.lock()
-            .expect("lock")
-            .iter()
-            .filter(|(method, ..)| method == "tools/call")
-            .count()
-    };
-    assert_eq!(calls(&seen1), 2, "the token bound to db serves it");
-    assert_eq!(calls(&seen2), 0, "the unbound token's tunnel is a standby");
+    assert_eq!(tool_calls(&seen1), 2, "the token bound to db serves it");
+    assert_eq!(
+        tool_calls(&seen2),
+        0,
+        "the unbound token's tunnel is a standby"
+    );
     shutdown.cancel();
 }
 
@@ -290,10 +290,7 @@ async fn cross_origin_redirects_are_refused_unless_the_source_allows_them() {
 
     let mut agent = Agent::new(&format!("http://{}/mcp/strict", relay.agents), &key);
     let answer = agent.initialize().await;
-    let error = answer.response()["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let error = answer.error_message();
     assert!(
         error.contains("another origin") && error.contains("follow_cross_origin_redirects"),
         "{answer:?}"

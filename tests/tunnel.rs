@@ -3,20 +3,11 @@
 
 mod common;
 
-use common::{Agent, Harness, Options, WAIT, tool_text};
+use common::sse::read_events;
+use common::{Agent, Harness, Options, WAIT, harness_with_demo, tool_text};
 use mcp_tunnel::config::LimitsSection;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-async fn harness_with_demo(options: Options) -> (Harness, common::Client, CancellationToken) {
-    let upstreams = CancellationToken::new();
-    let url = common::demo_upstream(&upstreams).await;
-    let harness = Harness::start(options).await;
-    let client = harness
-        .connect(&harness.acme.clone(), &[("demo", &url)])
-        .await;
-    (harness, client, upstreams)
-}
 
 fn tunnel_row(harness: &Harness) -> mcp_tunnel::relay::TunnelRow {
     harness
@@ -44,17 +35,9 @@ async fn session_lifecycle_initialize_call_stream_delete() {
         .expect("the relay issued a session id");
     assert_eq!(session.len(), 48, "relay-issued id: 24 random bytes in hex");
 
-    let list = agent
-        .post(&json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}))
-        .await;
-    let names: Vec<&str> = list.response()["result"]["tools"]
-        .as_array()
-        .expect("tools")
-        .iter()
-        .filter_map(|t| t["name"].as_str())
-        .collect();
+    let names = agent.tool_names(1).await;
     for tool in ["echo", "add", "blob"] {
-        assert!(names.contains(&tool), "{tool} listed: {names:?}");
+        assert!(names.iter().any(|n| n == tool), "{tool} listed: {names:?}");
     }
     let echo = agent.call_tool(2, "echo", json!({"message": "hi"})).await;
     assert_eq!(tool_text(echo.response()), "hi");
@@ -93,12 +76,7 @@ async fn session_lifecycle_initialize_call_stream_delete() {
         1,
         "one stream for the whole session"
     );
-    let delete = agent
-        .request(reqwest::Method::DELETE)
-        .send()
-        .await
-        .expect("DELETE");
-    assert_eq!(delete.status(), 200);
+    assert_eq!(agent.delete().await, 200);
     let after = agent.call_tool(4, "echo", json!({"message": "late"})).await;
     assert_eq!(after.status, 404, "a deleted session is gone: {after:?}");
     assert_eq!(harness.state.sessions.len(), 0);
@@ -167,15 +145,7 @@ async fn hundred_concurrent_sessions_each_on_its_own_stream() {
     );
 
     for agent in &agents {
-        assert_eq!(
-            agent
-                .request(reqwest::Method::DELETE)
-                .send()
-                .await
-                .expect("DELETE")
-                .status(),
-            200
-        );
+        assert_eq!(agent.delete().await, 200);
     }
     assert_eq!(harness.state.sessions.len(), 0);
 }
@@ -195,14 +165,7 @@ async fn stateless_era_one_stream_per_request_and_headers_checked() {
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.version = Some("2026-07-28".into());
 
-    let discover = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .header("mcp-method", "server/discover")
-        .body(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
-        .send()
-        .await
-        .expect("discover");
+    let discover = agent.discover().send().await.expect("discover");
     let discover = common::read_answer(discover).await;
     assert_eq!(discover.status, 200, "{discover:?}");
     assert!(
@@ -245,8 +208,15 @@ async fn stateless_era_one_stream_per_request_and_headers_checked() {
     assert!(settled.is_ok(), "and closed it when answered");
 
     // Headers that disagree with the body never reach the tunnel.
+    headers_that_disagree_with_the_body_are_refused(&agent).await;
+    assert_eq!(tunnel_row(&harness).streams_opened, 4);
+}
+
+/// Headers that disagree with the body (a repeated or wrong `Mcp-Name`, no `Mcp-Method`) are
+/// refused with -32020.
+async fn headers_that_disagree_with_the_body_are_refused(agent: &Agent) {
     let mismatch =
-        stateless_call(&agent, 9, "add", json!({"a": 1, "b": 2})).header("mcp-name", "echo");
+        stateless_call(agent, 9, "add", json!({"a": 1, "b": 2})).header("mcp-name", "echo");
     let mismatch = common::read_answer(mismatch.send().await.expect("repeated header")).await;
     assert_eq!(mismatch.status, 400);
     assert_eq!(mismatch.response()["error"]["code"], -32020);
@@ -266,15 +236,10 @@ async fn stateless_era_one_stream_per_request_and_headers_checked() {
         (400, json!(-32020))
     );
     let no_method = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":10,"method":"tools/list"}).to_string())
-        .send()
-        .await
-        .expect("no Mcp-Method");
+        .send(&json!({"jsonrpc":"2.0","id":10,"method":"tools/list"}))
+        .await;
     let no_method = common::read_answer(no_method).await;
     assert_eq!(no_method.response()["error"]["code"], -32020);
-    assert_eq!(tunnel_row(&harness).streams_opened, 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -339,24 +304,8 @@ async fn unknown_offline_and_foreign_sources_and_sessions_all_read_404() {
             .status,
         404
     );
-    assert_eq!(
-        guesser
-            .request(reqwest::Method::DELETE)
-            .send()
-            .await
-            .expect("DELETE")
-            .status(),
-        404
-    );
-    assert_eq!(
-        tool_text(
-            owner
-                .call_tool(2, "echo", json!({"message": "still mine"}))
-                .await
-                .response()
-        ),
-        "still mine"
-    );
+    assert_eq!(guesser.delete().await, 404);
+    assert_eq!(owner.echo(2, "still mine").await, "still mine");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,13 +361,7 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
 
     // A result over the answer limit fails that call only: an error naming the limit, or,
     // once the answer has begun to stream, an aborted body (never a truncated message).
-    let response = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"blob","arguments":{"size":ANSWER_LIMIT * 2}}}).to_string())
-        .send()
-        .await
-        .expect("the relay answers");
+    let response = agent.send(&json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"blob","arguments":{"size":ANSWER_LIMIT * 2}}})).await;
     assert_eq!(response.status(), 200);
     match response.bytes().await {
         Err(aborted) => assert!(aborted.is_body() || aborted.is_decode(), "{aborted}"),
@@ -432,15 +375,7 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
         }
     }
     // ... and the session carries on.
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(3, "echo", json!({"message": "after"}))
-                .await
-                .response()
-        ),
-        "after"
-    );
+    assert_eq!(agent.echo(3, "after").await, "after");
 }
 
 fn sha256(text: &str) -> String {
@@ -477,33 +412,13 @@ async fn ten_mib_result_arrives_intact_in_every_transport() {
     assert_eq!(sha256(tool_text(answer.response())), expected, "2026-07-28");
 
     // HTTP+SSE.
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", harness.agents);
-    let mut stream = http
-        .get(format!("{base}/sse/demo"))
-        .bearer_auth(&harness.acme.api_key)
-        .send()
-        .await
-        .expect("GET /sse");
-    let mut buffer = String::new();
-    let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
-        .await
-        .remove(0);
-    let post = |body: Value| {
-        http.post(format!("{base}{endpoint}"))
-            .bearer_auth(&harness.acme.api_key)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-    };
-    post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await.expect("POST");
-    read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-        .await
-        .expect("POST");
-    post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"blob","arguments":{"size":SIZE}}})).await.expect("POST");
-    let events = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    let result: Value = serde_json::from_str(&events[0]).expect("JSON");
+    let mut sse = SseSession::open(&harness).await;
+    sse.post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await;
+    sse.next().await;
+    sse.post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+        .await;
+    sse.post(json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"blob","arguments":{"size":SIZE}}})).await;
+    let result = sse.next().await;
     assert_eq!(sha256(tool_text(&result)), expected, "HTTP+SSE");
 }
 
@@ -581,15 +496,7 @@ async fn dropped_tunnel_ends_its_sessions_and_connect_reconnects() {
         .await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.initialize().await;
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(1, "echo", json!({"message": "back"}))
-                .await
-                .response()
-        ),
-        "back"
-    );
+    assert_eq!(agent.echo(1, "back").await, "back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -693,15 +600,7 @@ async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
     .expect("connect reconnected");
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.initialize().await;
-    assert_eq!(
-        tool_text(
-            agent
-                .call_tool(1, "echo", json!({"message": "again"}))
-                .await
-                .response()
-        ),
-        "again"
-    );
+    assert_eq!(agent.echo(1, "again").await, "again");
     assert_eq!(
         harness.state.registry.rows().len(),
         1,
@@ -709,93 +608,39 @@ async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
     );
 }
 
-/// Reads SSE events from a streaming response until `done` says so; returns their data.
-async fn read_events(
-    response: &mut reqwest::Response,
-    buffer: &mut String,
-    mut done: impl FnMut(&[String]) -> bool,
-) -> Vec<String> {
-    let mut events = Vec::new();
-    loop {
-        while let Some(end) = buffer.find("\n\n") {
-            let event: String = buffer.drain(..end + 2).collect();
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data: "))
-                .collect();
-            if !data.is_empty() {
-                events.push(data.join("\n"));
-            }
-        }
-        if done(&events) {
-            return events;
-        }
-        let chunk = tokio::time::timeout(WAIT, response.chunk())
-            .await
-            .expect("event in time")
-            .expect("read")
-            .expect("stream open");
-        buffer.push_str(&String::from_utf8_lossy(&chunk));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_sse_transport_carries_a_session() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", harness.agents);
-    let mut stream = http
-        .get(format!("{base}/sse/demo"))
-        .bearer_auth(&harness.acme.api_key)
-        .send()
-        .await
-        .expect("GET /sse");
-    assert_eq!(stream.status(), 200);
-    let mut buffer = String::new();
-    let endpoint = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
-        .await
-        .remove(0);
+    let mut sse = SseSession::open(&harness).await;
     assert!(
-        endpoint.starts_with("/sse/demo/messages?sessionId="),
-        "{endpoint}"
+        sse.path.starts_with("/sse/demo/messages?sessionId="),
+        "{}",
+        sse.path
     );
-    let post = |body: Value| {
-        http.post(format!("{base}{endpoint}"))
-            .bearer_auth(&harness.acme.api_key)
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-    };
 
-    let accepted = post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await.expect("POST");
+    let accepted = sse.post(json!({"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"t","version":"0"}}})).await;
     assert_eq!(accepted.status(), 202, "answers ride the event stream");
-    let init = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    let init: Value = serde_json::from_str(&init[0]).expect("JSON");
+    let init = sse.next().await;
     assert_eq!(init["id"], 1);
     assert!(init["result"]["serverInfo"].is_object(), "{init}");
-    assert_eq!(
-        post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-            .await
-            .expect("POST")
-            .status(),
-        202
-    );
-    assert_eq!(post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"over sse"}}})).await.expect("POST").status(), 202);
-    let call = read_events(&mut stream, &mut buffer, |e| !e.is_empty()).await;
-    let call: Value = serde_json::from_str(&call[0]).expect("JSON");
+    let initialized = json!({"jsonrpc":"2.0","method":"notifications/initialized"});
+    assert_eq!(sse.post(initialized.clone()).await.status(), 202);
+    assert_eq!(sse.post(json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"over sse"}}})).await.status(), 202);
+    let call = sse.next().await;
     assert_eq!(call["id"], 2);
     assert_eq!(tool_text(&call), "over sse");
 
     // Another tenant cannot post into the session; closing the stream ends the session.
-    let foreign = http
-        .post(format!("{base}{endpoint}"))
+    let foreign = sse
+        .http
+        .post(&sse.url)
         .bearer_auth(&harness.other.api_key)
         .body("{}")
         .send()
         .await
         .expect("POST");
     assert_eq!(foreign.status(), 404);
-    drop(stream);
+    sse.close();
     tokio::time::timeout(WAIT, async {
         while !harness.state.sessions.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -803,13 +648,79 @@ async fn http_sse_transport_carries_a_session() {
     })
     .await
     .expect("the session ends with its stream");
-    assert_eq!(
-        post(json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
+    assert_eq!(sse.post(initialized).await.status(), 404);
+}
+
+/// An HTTP+SSE session of tenant acme on `demo`: its event stream and where its messages go.
+struct SseSession {
+    http: reqwest::Client,
+    /// The event stream, until [`SseSession::close`].
+    stream: Option<reqwest::Response>,
+    buffer: String,
+    /// The endpoint path the stream's first event named.
+    path: String,
+    /// The endpoint's URL.
+    url: String,
+    key: String,
+}
+
+impl SseSession {
+    /// Opens the stream (200) and reads the endpoint from its first event.
+    async fn open(harness: &Harness) -> Self {
+        let key = harness.acme.api_key.clone();
+        let mut stream = harness.sse("demo", &key).await;
+        assert_eq!(stream.status(), 200);
+        let mut buffer = String::new();
+        let path = read_events(&mut stream, &mut buffer, |e| !e.is_empty())
+            .await
+            .remove(0);
+        Self {
+            http: reqwest::Client::new(),
+            stream: Some(stream),
+            buffer,
+            url: format!("http://{}{path}", harness.agents),
+            path,
+            key,
+        }
+    }
+
+    /// Closes the event stream (which ends the session).
+    fn close(&mut self) {
+        self.stream = None;
+    }
+
+    /// POSTs `body` to the session's endpoint.
+    async fn post(&self, body: Value) -> reqwest::Response {
+        self.http
+            .post(&self.url)
+            .bearer_auth(&self.key)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
             .await
             .expect("POST")
-            .status(),
-        404
-    );
+    }
+
+    /// The first message of the next events on the stream.
+    async fn next(&mut self) -> Value {
+        let stream = self.stream.as_mut().expect("the stream is open");
+        let events = read_events(stream, &mut self.buffer, |e| !e.is_empty()).await;
+        serde_json::from_str(&events[0]).expect("JSON")
+    }
+}
+
+/// The status of POSTing `body` in `agent`'s session with one more header.
+async fn post_with(agent: &Agent, (name, value): (&str, impl AsRef<str>), body: &str) -> u16 {
+    agent
+        .request(reqwest::Method::POST)
+        .header(name, value.as_ref())
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST")
+        .status()
+        .as_u16()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,37 +728,25 @@ async fn foreign_host_and_origin_are_refused() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
     let agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}).to_string();
-    let rebound = agent
-        .request(reqwest::Method::POST)
-        .header("host", format!("evil.example:{}", harness.agents.port()))
-        .header("content-type", "application/json")
-        .body(init.clone())
-        .send()
-        .await
-        .expect("POST");
+    let rebound = post_with(
+        &agent,
+        ("host", format!("evil.example:{}", harness.agents.port())),
+        &init,
+    )
+    .await;
     assert_eq!(
-        rebound.status(),
-        403,
+        rebound, 403,
         "a loopback relay answers only to loopback names"
     );
-    let cross_site = agent
-        .request(reqwest::Method::POST)
-        .header("origin", "http://evil.example")
-        .header("content-type", "application/json")
-        .body(init.clone())
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(cross_site.status(), 403);
-    let same_origin = agent
-        .request(reqwest::Method::POST)
-        .header("origin", format!("http://{}", harness.agents))
-        .header("content-type", "application/json")
-        .body(init)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(same_origin.status(), 200);
+    let cross_site = post_with(&agent, ("origin", "http://evil.example"), &init).await;
+    assert_eq!(cross_site, 403);
+    let same_origin = post_with(
+        &agent,
+        ("origin", format!("http://{}", harness.agents)),
+        &init,
+    )
+    .await;
+    assert_eq!(same_origin, 200);
     assert_eq!(
         harness.state.registry.rows()[0].streams_opened,
         1,

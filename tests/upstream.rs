@@ -140,24 +140,41 @@ async fn start_scripted(shutdown: &CancellationToken) -> (String, Script) {
     (format!("http://{addr}/mcp"), script)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_answers_reach_the_agent_faithfully() {
-    let upstreams = CancellationToken::new();
-    let (url, script) = start_scripted(&upstreams).await;
-    let seen = script.seen.clone();
-    let harness = Harness::start(Options::default()).await;
-    let _client = harness
-        .connect(&harness.acme.clone(), &[("scripted", &url)])
-        .await;
-    let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
-    let init = agent.initialize().await;
-    assert_eq!(init.status, 200);
-    let relay_session = agent.session.clone().expect("relay session id");
-    assert_ne!(
-        relay_session, "upstream-session-1",
-        "the upstream's session id stays on connect's side"
-    );
+/// The scripted upstream behind tenant `acme`'s source `scripted`, and an agent that sent
+/// `initialize` (its answer in `init`).
+struct Scripted {
+    script: Script,
+    _harness: Harness,
+    _client: common::Client,
+    agent: Agent,
+    init: common::Answer,
+    _upstreams: CancellationToken,
+}
 
+impl Scripted {
+    async fn start() -> Self {
+        let upstreams = CancellationToken::new();
+        let (url, script) = start_scripted(&upstreams).await;
+        let harness = Harness::start(Options::default()).await;
+        let client = harness
+            .connect(&harness.acme.clone(), &[("scripted", &url)])
+            .await;
+        let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
+        let init = agent.initialize().await;
+        Self {
+            script,
+            _harness: harness,
+            _client: client,
+            agent,
+            init,
+            _upstreams: upstreams,
+        }
+    }
+}
+
+/// An SSE answer, an upstream JSON-RPC error and a non-JSON HTTP error reach the agent
+/// faithfully.
+async fn scripted_answers_pass_through(agent: &Agent) {
     // SSE answer: the notification and the response, in order; the answer ends after the
     // response although the upstream keeps its stream open.
     let streamed = agent.call_tool(1, "sse", json!({})).await;
@@ -193,31 +210,11 @@ async fn upstream_answers_reach_the_agent_faithfully() {
         "{message}"
     );
     assert_eq!(misdirected.response()["id"], 3);
+}
 
-    assert_eq!(
-        agent
-            .request(reqwest::Method::DELETE)
-            .send()
-            .await
-            .expect("DELETE")
-            .status(),
-        200
-    );
-    // connect deletes the upstream session when the agent's session ends.
-    tokio::time::timeout(common::WAIT, async {
-        while !seen
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|(m, _)| m == "DELETE")
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("upstream session deleted");
-
-    let seen = seen.lock().expect("lock");
+/// Every request the upstream saw (`seen`) carried no agent credential and, after
+/// `initialize`, the upstream's own session id and the negotiated version.
+fn assert_upstream_saw_its_own_session(seen: &[(String, HeaderMap)]) {
     for (method, headers) in seen.iter() {
         assert!(
             headers.get("authorization").is_none(),
@@ -245,15 +242,47 @@ async fn upstream_answers_reach_the_agent_faithfully() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_reach_the_agent_faithfully() {
+    let Scripted {
+        script,
+        _harness,
+        _client,
+        agent,
+        init,
+        _upstreams,
+    } = Scripted::start().await;
+    let seen = script.seen.clone();
+    assert_eq!(init.status, 200);
+    let relay_session = agent.session.clone().expect("relay session id");
+    assert_ne!(
+        relay_session, "upstream-session-1",
+        "the upstream's session id stays on connect's side"
+    );
+
+    scripted_answers_pass_through(&agent).await;
+
+    assert_eq!(agent.delete().await, 200);
+    // connect deletes the upstream session when the agent's session ends.
+    tokio::time::timeout(common::WAIT, async {
+        while !seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(m, _)| m == "DELETE")
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("upstream session deleted");
+
+    assert_upstream_saw_its_own_session(&seen.lock().expect("lock"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_messages_wait_for_the_get_stream() {
-    let upstreams = CancellationToken::new();
-    let (url, _script) = start_scripted(&upstreams).await;
-    let harness = Harness::start(Options::default()).await;
-    let _client = harness
-        .connect(&harness.acme.clone(), &[("scripted", &url)])
-        .await;
-    let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
-    agent.initialize().await;
+    let scripted = Scripted::start().await;
+    let agent = &scripted.agent;
     // The upstream sent its notification before the agent opened a GET stream: it was held.
     let mut get = agent
         .request(reqwest::Method::GET)
@@ -261,14 +290,7 @@ async fn server_messages_wait_for_the_get_stream() {
         .await
         .expect("GET");
     let mut seen = String::new();
-    while !seen.contains("from the server") {
-        let chunk = tokio::time::timeout(common::WAIT, get.chunk())
-            .await
-            .expect("event in time")
-            .expect("read")
-            .expect("stream open");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    common::sse::read_until(&mut get, &mut seen, "from the server").await;
     assert!(
         seen.contains("id: 0-1\nevent: message"),
         "standalone stream events carry resumable ids: {seen}"
@@ -277,32 +299,13 @@ async fn server_messages_wait_for_the_get_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_answer_stream_resumes_with_last_event_id() {
-    let upstreams = CancellationToken::new();
-    let (url, script) = start_scripted(&upstreams).await;
-    let harness = Harness::start(Options::default()).await;
-    let _client = harness
-        .connect(&harness.acme.clone(), &[("scripted", &url)])
-        .await;
-    let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
-    agent.initialize().await;
+    let scripted = Scripted::start().await;
+    let (script, agent) = (&scripted.script, &scripted.agent);
 
     // Read the answer stream up to its first event, then drop the connection.
-    let mut answer = agent
-        .request(reqwest::Method::POST)
-        .header("content-type", "application/json")
-        .body(json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","arguments":{}}}).to_string())
-        .send()
-        .await
-        .expect("POST");
+    let mut answer = agent.send(&json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"slow","arguments":{}}})).await;
     let mut head = String::new();
-    while !head.contains("\n\n") {
-        let chunk = tokio::time::timeout(common::WAIT, answer.chunk())
-            .await
-            .expect("first event in time")
-            .expect("read")
-            .expect("open");
-        head.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    common::sse::read_until(&mut answer, &mut head, "\n\n").await;
     let last_id = head
         .lines()
         .find_map(|l| l.strip_prefix("id: "))

@@ -10,7 +10,7 @@ use mcp_tunnel::certs::DevCerts;
 use mcp_tunnel::client::ClientSettings;
 use mcp_tunnel::config::{SourceConfig, TransportChoice};
 use mcp_tunnel::govern::{Identity, SecretHash};
-use mcp_tunnel::relay::reload::LoadedConfig;
+use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
 use mcp_tunnel::relay::{Relay, RelaySettings, RelayState};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -177,4 +177,147 @@ pub fn field(line: &str, key: &str) -> SocketAddr {
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
         .and_then(|value| value.trim_matches('"').parse().ok())
         .unwrap_or_else(|| panic!("no {key}=ADDR in {line:?}"))
+}
+
+/// `mcp-tunnel connect --relay TUNNEL --ca CA --token TOKEN`, more arguments to follow.
+pub fn connect_command(tunnel: SocketAddr, ca: &Path, token: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"));
+    command
+        .arg("connect")
+        .arg("--relay")
+        .arg(tunnel.to_string())
+        .arg("--ca")
+        .arg(ca)
+        .arg("--token")
+        .arg(token);
+    command
+}
+
+/// The relay binary up on a config of tenant `acme` (a fresh tunnel token and API key) in a
+/// temporary directory with dev certificates, their CA written as `tunnel-ca.pem` for
+/// `connect --ca`.
+pub struct AcmeRelay {
+    pub dir: tempfile::TempDir,
+    pub certs: DevCerts,
+    pub tunnel_token: String,
+    pub api_key: String,
+    /// The CA file for `connect --ca`.
+    pub ca: PathBuf,
+    pub relay: RelayProcess,
+}
+
+impl AcmeRelay {
+    /// Writes `LISTENERS`, then `extra` (whole sections, such as `[admin]`), then acme's
+    /// tenant block as `relay.toml`, and starts the relay binary on it.
+    pub async fn start(extra: &str) -> Self {
+        let (dir, certs) = cert_dir();
+        let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
+        let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
+        let config = write_config(
+            dir.path(),
+            &format!(
+                "{LISTENERS}\n{extra}{}",
+                acme_tenant(&tunnel_token, &api_key)
+            ),
+        );
+        let relay = RelayProcess::start(&config).await;
+        let ca = dir.path().join("tunnel-ca.pem");
+        std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
+        Self {
+            dir,
+            certs,
+            tunnel_token,
+            api_key,
+            ca,
+            relay,
+        }
+    }
+
+    /// `connect` to this relay with acme's tunnel token, more arguments to follow.
+    pub fn connect_command(&self) -> tokio::process::Command {
+        connect_command(self.relay.tunnel, &self.ca, &self.tunnel_token)
+    }
+}
+
+/// A relay bound in this process from `relay.toml` in a temporary directory with dev
+/// certificates, its reloader at hand, and a `connect` with a tunnel token serving each of its
+/// sources from one demo upstream. Stops when dropped.
+pub struct ReloadableRelay {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub state: Arc<RelayState>,
+    pub agents: SocketAddr,
+    /// The reloader, until a test hands it to a watcher.
+    pub reloader: Option<Reloader>,
+    /// Stops the relay.
+    pub shutdown: CancellationToken,
+    /// Stops the `connect` and the upstream.
+    _connect: tokio_util::sync::DropGuard,
+}
+
+impl Drop for ReloadableRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl ReloadableRelay {
+    /// Writes `text` as `relay.toml`, serves it, and runs a `connect` with `token` serving each
+    /// of `sources`; returns once tenant acme's first source is routed.
+    pub async fn start(token: &str, text: &str, sources: &[&str]) -> Self {
+        super::init_tracing();
+        let (dir, certs) = cert_dir();
+        let path = write_config(dir.path(), text);
+        let shutdown = CancellationToken::new();
+        let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
+        let (state, agents, tunnel) = (relay.state, relay.agents, relay.tunnel);
+        let reloader = Reloader::new(&path, state.clone(), loaded);
+        let connect = CancellationToken::new();
+        let upstream = super::demo_upstream(&connect).await;
+        let sources: Vec<(&str, &str)> = sources.iter().map(|s| (*s, upstream.as_str())).collect();
+        let settings = quic_settings(tunnel, token, &certs.ca_pem, &sources);
+        tokio::spawn(mcp_tunnel::client::run(settings, connect.child_token()));
+        tokio::time::timeout(super::WAIT, state.registry.wait_for("acme", sources[0].0))
+            .await
+            .expect("the tunnel comes up");
+        Self {
+            dir,
+            path,
+            state,
+            agents,
+            reloader: Some(reloader),
+            shutdown,
+            _connect: connect.drop_guard(),
+        }
+    }
+
+    /// The agent URL of `source`.
+    pub fn url(&self, source: &str) -> String {
+        format!("http://{}/mcp/{source}", self.agents)
+    }
+
+    /// Rewrites `relay.toml`.
+    pub fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("rewrite relay.toml");
+    }
+
+    pub fn reloader(&mut self) -> &mut Reloader {
+        self.reloader
+            .as_mut()
+            .expect("the reloader is not handed to a watcher")
+    }
+
+    /// Rewrites the file and reloads it, which must fail (`why` says why it must); returns the
+    /// error.
+    pub async fn reload_refused(&mut self, text: &str, why: &str) -> String {
+        self.write(text);
+        self.reloader().reload().await.expect_err(why).to_string()
+    }
+
+    /// Rewrites the file and reloads it, which must succeed without needing a restart.
+    pub async fn reload_cleanly(&mut self, text: &str) {
+        self.write(text);
+        let summary = self.reloader().reload().await.expect("the file reloads");
+        assert!(summary.restart_needed.is_empty(), "{summary:?}");
+    }
 }

@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 
+pub mod audit;
 mod config_relay;
+pub mod peers;
+pub mod sse;
 pub use config_relay::*;
 
 /// Bound on any single wait in a test: generous for a loaded CI machine, finite.
@@ -59,6 +62,31 @@ impl TenantCreds {
             tunnel_token: new_secret("mcpt_tok_"),
         }
     }
+}
+
+/// The keyring of `tenants`: each one's tunnel token and API key (of subject
+/// `agent@TENANT`), the API key of `acme` holding `acme_roles`.
+fn keyring(acme: &TenantCreds, tenants: [&TenantCreds; 3], acme_roles: &[String]) -> Keyring {
+    let mut keyring = Keyring::default();
+    for tenant in tenants {
+        keyring.add_tunnel_token(
+            SecretHash::of(&tenant.tunnel_token),
+            tenant.name.as_str().into(),
+        );
+        keyring.add_api_key(
+            SecretHash::of(&tenant.api_key),
+            Identity {
+                tenant: tenant.name.as_str().into(),
+                subject: format!("agent@{}", tenant.name).into(),
+                roles: if tenant.name == acme.name {
+                    acme_roles.to_vec().into()
+                } else {
+                    Vec::new().into()
+                },
+            },
+        );
+    }
+    keyring
 }
 
 /// Knobs of a harness relay.
@@ -105,7 +133,6 @@ impl Harness {
             .clone()
             .unwrap_or_else(|| (TenantCreds::new("acme"), TenantCreds::new("other")));
         let third = TenantCreds::new("globex");
-        let mut keyring = Keyring::default();
         let mut policy = Policy::default();
         if !options.acme_roles.is_empty() {
             policy.set_roles(
@@ -114,24 +141,7 @@ impl Harness {
             );
         }
         let acme_roles: Vec<String> = options.acme_roles.iter().map(|(n, _)| n.clone()).collect();
-        for tenant in [&acme, &other, &third] {
-            keyring.add_tunnel_token(
-                SecretHash::of(&tenant.tunnel_token),
-                tenant.name.as_str().into(),
-            );
-            keyring.add_api_key(
-                SecretHash::of(&tenant.api_key),
-                Identity {
-                    tenant: tenant.name.as_str().into(),
-                    subject: format!("agent@{}", tenant.name).into(),
-                    roles: if tenant.name == acme.name {
-                        acme_roles.clone().into()
-                    } else {
-                        Vec::new().into()
-                    },
-                },
-            );
-        }
+        let keyring = keyring(&acme, [&acme, &other, &third], &acme_roles);
         let relay = Relay::bind(RelaySettings {
             tunnel_listen: "127.0.0.1:0".parse().expect("literal"),
             identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)
@@ -215,9 +225,32 @@ impl Harness {
         format!("http://{}/mcp/{source}", self.agents)
     }
 
+    /// Opens the HTTP+SSE stream (`GET /sse/SOURCE`) of `source` with `key`; no timeout, the
+    /// stream stays open.
+    pub async fn sse(&self, source: &str, key: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(format!("http://{}/sse/{source}", self.agents))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("GET /sse")
+    }
+
     /// The admin URL of `path` (`/metrics`, `/api/tunnels`).
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// The text of the relay's `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = reqwest::Client::new()
+            .get(self.admin_url("/metrics"))
+            .timeout(WAIT)
+            .send()
+            .await
+            .expect("/metrics answers");
+        assert_eq!(response.status(), 200);
+        response.text().await.expect("/metrics body")
     }
 
     /// Stops the relay and waits for it.
@@ -252,6 +285,13 @@ impl Drop for Client {
     }
 }
 
+/// The demo tools on the rmcp reference server on loopback, stopped when the guard is dropped.
+pub async fn guarded_demo_upstream() -> (String, tokio_util::sync::DropGuard) {
+    let stop = CancellationToken::new();
+    let url = demo_upstream(&stop).await;
+    (url, stop.drop_guard())
+}
+
 /// The demo tools on the rmcp reference server ([`rmcp_upstream`]) on loopback; stops when the
 /// token is cancelled.
 pub async fn demo_upstream(shutdown: &CancellationToken) -> String {
@@ -274,6 +314,14 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The message of the response's JSON-RPC error, empty when there is none.
+    pub fn error_message(&self) -> String {
+        self.response()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     /// The last message: the response, for a request.
     pub fn response(&self) -> &Value {
         self.messages
@@ -321,6 +369,16 @@ impl Agent {
         request
     }
 
+    /// POSTs a JSON value; returns the response, its body unread.
+    pub async fn send(&self, body: &Value) -> reqwest::Response {
+        self.request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("agent request is sent")
+    }
+
     /// POSTs raw bytes.
     pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> Answer {
         let response = self
@@ -361,6 +419,73 @@ impl Agent {
     pub async fn call_tool(&self, id: u64, tool: &str, arguments: Value) -> Answer {
         self.post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":arguments}})).await
     }
+
+    /// The tool names `tools/list` (request `id`) shows, sorted.
+    pub async fn tool_names(&self, id: u64) -> Vec<String> {
+        let answer = self
+            .post(&json!({"jsonrpc":"2.0","id":id,"method":"tools/list"}))
+            .await;
+        tool_names(answer.response())
+    }
+
+    /// Ends the session (`DELETE`); returns the status.
+    pub async fn delete(&self) -> u16 {
+        self.request(reqwest::Method::DELETE)
+            .send()
+            .await
+            .expect("DELETE")
+            .status()
+            .as_u16()
+    }
+
+    /// Calls `echo` with `message`; returns the text it answered.
+    pub async fn echo(&self, id: u64, message: &str) -> String {
+        let answer = self
+            .call_tool(id, "echo", json!({"message": message}))
+            .await;
+        tool_text(answer.response()).to_owned()
+    }
+
+    /// A stateless-era `server/discover` request (id 1, protocol 2026-07-28), not yet sent.
+    pub fn discover(&self) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .header("mcp-method", "server/discover")
+            .body(json!({"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}).to_string())
+    }
+}
+
+/// An echo in `agent`'s session answers 200 with `message`.
+pub async fn assert_echo(agent: &Agent, id: u64, message: &str) {
+    let answer = agent
+        .call_tool(id, "echo", json!({"message": message}))
+        .await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(tool_text(answer.response()), message);
+}
+
+/// The tool names of a `tools/list` answer, sorted.
+pub fn tool_names(answer: &Value) -> Vec<String> {
+    let mut names: Vec<String> = answer["result"]["tools"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a tools/list result: {answer}"))
+        .iter()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A harness with the demo upstream behind tenant `acme`'s source `demo`; the upstream stops
+/// when the returned token is cancelled.
+pub async fn harness_with_demo(options: Options) -> (Harness, Client, CancellationToken) {
+    let upstreams = CancellationToken::new();
+    let url = demo_upstream(&upstreams).await;
+    let harness = Harness::start(options).await;
+    let client = harness
+        .connect(&harness.acme.clone(), &[("demo", &url)])
+        .await;
+    (harness, client, upstreams)
 }
 
 /// A known mix of calls in `agent`'s session, each answer checked: `echoes` echoes of
@@ -394,10 +519,7 @@ pub async fn mixed_calls(agent: &Agent, message: &str, echoes: u64, tool_errors:
 pub async fn read_answer(response: reqwest::Response) -> Answer {
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let is_sse = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = is_event_stream(&headers);
     let body = tokio::time::timeout(WAIT, response.bytes())
         .await
         .expect("answer arrives in time")
@@ -420,6 +542,14 @@ pub async fn read_answer(response: reqwest::Response) -> Answer {
         headers,
         messages,
     }
+}
+
+/// Whether `headers` say the body is an event stream.
+pub fn is_event_stream(headers: &reqwest::header::HeaderMap) -> bool {
+    headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
 }
 
 /// The `data` of every non-empty SSE event in `body`.
@@ -469,8 +599,14 @@ pub fn spawn(command: &mut tokio::process::Command) -> Child {
 /// Runs `mcp-tunnel ARGS` to its end (bounded by [`WAIT`], killed if the wait ends) and
 /// returns its output.
 pub async fn run_cli(args: &[&str]) -> std::process::Output {
+    run_cli_within(args, WAIT).await
+}
+
+/// Runs `mcp-tunnel ARGS` to its end (bounded by `bound`, killed if the wait ends) and returns
+/// its output.
+pub async fn run_cli_within(args: &[&str], bound: Duration) -> std::process::Output {
     tokio::time::timeout(
-        WAIT,
+        bound,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
             .args(args)
             .kill_on_drop(true)
@@ -479,6 +615,16 @@ pub async fn run_cli(args: &[&str]) -> std::process::Output {
     .await
     .expect("the command ends in time")
     .expect("the binary runs")
+}
+
+/// `GET url` without credentials (bounded by [`WAIT`]).
+pub async fn get(url: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url} is sent: {e}"))
 }
 
 /// A loopback port nobody listens on right now.

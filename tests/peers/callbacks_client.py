@@ -34,9 +34,7 @@ Prints one `key: value` line per fact, each value as JSON:
 Exits non-zero, with the traceback on stderr, on any exception.
 """
 
-import json
 import sys
-import traceback
 from typing import Any
 
 import anyio
@@ -54,13 +52,12 @@ from mcp_types import (
     TextContent,
 )
 
+from peerlib import emit, run_main
+
 PROMPT = "tunnel-sampling-prompt"
 SAMPLING_ANSWER = "sampled-through-the-tunnel"
 ELICITED = {"name": "Ada Through-Tunnel", "check": True, "integer": 7}
 
-
-def emit(key: str, value: object) -> None:
-    print(f"{key}: {json.dumps(value)}", flush=True)
 
 
 class Recorder:
@@ -143,17 +140,7 @@ async def exercise(client: Client, recorder: Recorder) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 4:
-        print(__doc__, file=sys.stderr)
-        return 2
-    url, key, mode = sys.argv[1:4]
-    try:
-        anyio.run(run, url, key, mode)
-    except BaseException:  # noqa: BLE001 - report everything, including exception groups
-        traceback.print_exc()
-        return 1
-    return 0
-
+    return run_main(__doc__, run, lambda argv: argv[1:4])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,6 @@ Exits non-zero, with the traceback on stderr, on any exception.
 
 import json
 import sys
-import traceback
 
 import anyio
 import httpx2
@@ -25,9 +24,7 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
-
-def emit(key: str, value: object) -> None:
-    print(f"{key}: {json.dumps(value)}", flush=True)
+from peerlib import emit, run_main
 
 
 async def run(url: str, key: str, mode: str, tool: str, arguments: dict) -> None:
@@ -58,18 +55,12 @@ async def exercise(client: Client, tool: str, arguments: dict) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) not in (4, 6):
-        print(__doc__, file=sys.stderr)
-        return 2
-    url, key, mode = sys.argv[1:4]
-    tool, arguments = ("echo", {"message": "hi"}) if len(sys.argv) == 4 else (sys.argv[4], json.loads(sys.argv[5]))
-    try:
-        anyio.run(run, url, key, mode, tool, arguments)
-    except BaseException:  # noqa: BLE001 - report everything, including exception groups
-        traceback.print_exc()
-        return 1
-    return 0
+    def parse(argv: list[str]) -> tuple:
+        url, key, mode = argv[1:4]
+        tool, arguments = ("echo", {"message": "hi"}) if len(argv) == 4 else (argv[4], json.loads(argv[5]))
+        return url, key, mode, tool, arguments
 
+    return run_main(__doc__, run, parse, (4, 6))
 
 if __name__ == "__main__":
     sys.exit(main())

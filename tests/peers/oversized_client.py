@@ -16,16 +16,13 @@ Exits non-zero, with the traceback on stderr, on any exception other than the ex
 
 import json
 import sys
-import traceback
 
 import anyio
 import httpx2
 from mcp import Client, MCPError
 from mcp.client.streamable_http import streamable_http_client
 
-
-def emit(key: str, value: object) -> None:
-    print(f"{key}: {json.dumps(value)}", flush=True)
+from peerlib import emit, run_main
 
 
 def call_body(size: int) -> bytes:
@@ -65,17 +62,7 @@ async def run(url: str, key: str, size: int) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 4:
-        print(__doc__, file=sys.stderr)
-        return 2
-    url, key, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    try:
-        anyio.run(run, url, key, size)
-    except BaseException:  # noqa: BLE001 - report everything, including exception groups
-        traceback.print_exc()
-        return 1
-    return 0
-
+    return run_main(__doc__, run, lambda argv: (argv[1], argv[2], int(argv[3])))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,10 +24,8 @@ Prints one `key: value` line per fact, each value as JSON:
 Exits non-zero, with the traceback on stderr, on any exception.
 """
 
-import json
 import os
 import sys
-import traceback
 
 import anyio
 import httpx2
@@ -35,9 +33,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-
-def emit(key: str, value: object) -> None:
-    print(f"{key}: {json.dumps(value)}", flush=True)
+from peerlib import emit, run_main
 
 
 def text_of(result) -> str | None:
@@ -83,16 +79,7 @@ async def run(url: str, key: str, go_file: str) -> None:
 
 
 def main() -> int:
-    if len(sys.argv) != 4:
-        print(__doc__, file=sys.stderr)
-        return 2
-    try:
-        anyio.run(run, *sys.argv[1:4])
-    except BaseException:  # noqa: BLE001 - report everything, including exception groups
-        traceback.print_exc()
-        return 1
-    return 0
-
+    return run_main(__doc__, run, lambda argv: argv[1:4])
 
 if __name__ == "__main__":
     sys.exit(main())

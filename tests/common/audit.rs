@@ -1,0 +1,142 @@
+//! The audit trail as tests read it: settings, a role that lets calls through, and the rows
+//! `mcp-tunnel audit export` prints.
+
+use std::path::Path;
+
+use mcp_tunnel::govern::audit::{AuditSettings, Record, chain};
+use mcp_tunnel::govern::policy::Role;
+use serde_json::Value;
+
+/// Role `caller`: may call `echo` and `add` of any source, nothing else.
+pub fn caller_role() -> (String, Role) {
+    (
+        "caller".into(),
+        Role {
+            allow: vec!["*/echo".into(), "*/add".into()],
+            ..Role::default()
+        },
+    )
+}
+
+/// The audit trail at `path`, with the defaults of `[audit]`.
+pub fn audit_at(path: &Path) -> AuditSettings {
+    AuditSettings::new(path)
+}
+
+/// Every row of the trail at `db`, through `audit export`.
+pub async fn export(db: &Path) -> Vec<Value> {
+    let db = db.display().to_string();
+    let output = super::run_cli(&["audit", "export", "--db", &db]).await;
+    assert!(
+        output.status.success(),
+        "audit export fails: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("row is JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A row's outcome as `kind` or `kind:code`.
+pub fn outcome(row: &Value) -> String {
+    match row["outcome"]["code"].as_i64() {
+        Some(code) => format!("{}:{code}", row["outcome"]["kind"].as_str().unwrap_or("?")),
+        None => row["outcome"]["kind"].as_str().unwrap_or("?").to_owned(),
+    }
+}
+
+/// A failed command (`ok` false) whose output `out` names every one of `needles`.
+pub fn assert_fails_naming(ok: bool, out: &str, needles: &[&str]) {
+    assert!(!ok, "{out}");
+    for needle in needles {
+        assert!(out.contains(needle), "expected {needle:?} in\n{out}");
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_millis() as u64
+}
+
+/// Rewrites every row of the trail at `db` with `edit`, and computes every hash afresh so each
+/// chain (one per relay and tenant) is whole again; the `subject` and `tool` columns follow the
+/// edited record.
+pub fn rewrite_rows(db: &Path, edit: impl Fn(&mut Record)) {
+    let conn = rusqlite::Connection::open(db).expect("open the copy");
+    let rows: Vec<(i64, String, String, i64, Vec<u8>)> = conn
+        .prepare("SELECT id, relay, tenant, seq, record FROM records ORDER BY id")
+        .expect("prepare")
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let mut heads: std::collections::HashMap<(String, String), [u8; 32]> = Default::default();
+    for (id, relay, tenant, seq, bytes) in rows {
+        let mut record: Record = serde_json::from_slice(&bytes).expect("a record");
+        edit(&mut record);
+        let bytes = chain::canonical(&record);
+        let prev = heads.entry((relay, tenant)).or_insert(chain::GENESIS);
+        let hash = chain::row_hash(prev, seq as u64, &bytes);
+        conn.execute(
+            "UPDATE records SET record = ?1, subject = ?2, tool = ?3, prev_hash = ?4, hash = ?5 \
+             WHERE id = ?6",
+            rusqlite::params![
+                bytes,
+                record.subject,
+                record.tool,
+                hex::encode(*prev),
+                hex::encode(hash),
+                id
+            ],
+        )
+        .expect("rewrite a row");
+        *prev = hash;
+    }
+}
+
+/// The audit trail of a harness at `audit.db` in a temporary directory, and the demo upstream
+/// (not yet connected) at `upstream`; both go when this is dropped.
+pub struct Trail {
+    pub db: std::path::PathBuf,
+    pub upstream: String,
+    _stop: tokio_util::sync::DropGuard,
+    _dir: tempfile::TempDir,
+}
+
+impl Trail {
+    /// A harness on `options` with tenant `acme` holding `acme_roles`, and its trail.
+    pub async fn with_roles(acme_roles: Vec<(String, Role)>) -> (super::Harness, Self) {
+        Self::start(super::Options {
+            acme_roles,
+            ..super::Options::default()
+        })
+        .await
+    }
+
+    /// A harness on `options` with the audit trail set, and its trail.
+    pub async fn start(options: super::Options) -> (super::Harness, Self) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let db = dir.path().join("audit.db");
+        let harness = super::Harness::start(super::Options {
+            audit: Some(audit_at(&db)),
+            ..options
+        })
+        .await;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let upstream = super::demo_upstream(&stop).await;
+        let trail = Self {
+            db,
+            upstream,
+            _stop: stop.drop_guard(),
+            _dir: dir,
+        };
+        (harness, trail)
+    }
+}
