@@ -85,46 +85,17 @@ async fn quic_peer_opens_no_streams_and_buffers_little_before_hello() {
 #[tokio::test(flavor = "current_thread")]
 async fn quic_peer_opens_no_streams_after_hello_either() {
     let harness = Harness::start(Options::default()).await;
-    let connection = raw_quic(harness.tunnel, &harness.ca_pem)
-        .await
-        .expect("TLS completes");
-    let (send, recv) = tokio::time::timeout(WAIT, connection.accept_bi())
-        .await
-        .expect("control stream in time")
-        .expect("control stream");
-    let mut reader = FrameReader::new(recv, 64 * 1024);
-    let mut writer = FrameWriter::new(send, 64 * 1024);
-    tokio::time::timeout(WAIT, reader.next())
-        .await
-        .expect("greeting in time")
-        .expect("greeting");
-    let hello = Hello {
-        version: wire::PROTOCOL_VERSION,
-        token: harness.acme.tunnel_token.clone(),
-        sources: vec![wire::SourceAnnouncement { name: "raw".into() }],
-        max_frame: 1024 * 1024,
-        agent: "edge-test".into(),
-    };
-    writer
-        .send(&Frame::json(FrameKind::Control, &hello))
-        .await
-        .expect("hello sent");
-    let reply: HelloReply = tokio::time::timeout(WAIT, reader.next())
-        .await
-        .expect("reply in time")
-        .expect("reply")
-        .expect("a frame")
-        .parse_json(FrameKind::Control)
-        .expect("a hello reply");
+    let peer = hello_at_version(&harness, wire::PROTOCOL_VERSION).await;
     assert!(
-        matches!(reply, HelloReply::Welcome { .. }),
-        "welcomed: {reply:?}"
+        matches!(peer.reply, HelloReply::Welcome { .. }),
+        "welcomed: {:?}",
+        peer.reply
     );
     assert!(
-        connection.open_bi().now_or_never().is_none(),
+        peer.connection.open_bi().now_or_never().is_none(),
         "an authenticated peer may open a bidirectional stream"
     );
-    connection.close(0u32.into(), b"done");
+    peer.connection.close(0u32.into(), b"done");
     harness.stop().await;
 }
 
@@ -497,5 +468,95 @@ async fn python_sdk_and_async_httpx_read_the_413_of_large_bodies() {
         assert!(states_limit(fact("sdk_error")), "{size}: {facts:?}");
         assert_eq!(fact("after"), "after", "{size}: {facts:?}");
     }
+    harness.stop().await;
+}
+
+/// A raw peer past its hello: the connection, the relay's reply, and the control stream, kept
+/// open so that a welcomed tunnel stays registered.
+struct RawPeer {
+    connection: quinn::Connection,
+    reply: HelloReply,
+    _control: (
+        FrameReader<quinn::RecvStream>,
+        FrameWriter<quinn::SendStream>,
+    ),
+}
+
+/// Says hello with wire `version` (source `v{version}`) on a fresh raw QUIC connection.
+async fn hello_at_version(harness: &Harness, version: u32) -> RawPeer {
+    let connection = raw_quic(harness.tunnel, &harness.ca_pem)
+        .await
+        .expect("TLS completes");
+    let (send, recv) = tokio::time::timeout(WAIT, connection.accept_bi())
+        .await
+        .expect("control stream in time")
+        .expect("control stream");
+    let mut reader = FrameReader::new(recv, 64 * 1024);
+    let mut writer = FrameWriter::new(send, 64 * 1024);
+    let greeting: wire::Greeting = tokio::time::timeout(WAIT, reader.next())
+        .await
+        .expect("greeting in time")
+        .expect("greeting")
+        .expect("a frame")
+        .parse_json(FrameKind::Control)
+        .expect("a greeting");
+    assert_eq!(greeting.version, wire::PROTOCOL_VERSION);
+    let hello = Hello {
+        version,
+        token: harness.acme.tunnel_token.clone(),
+        sources: vec![wire::SourceAnnouncement {
+            name: format!("v{version}"),
+        }],
+        max_frame: 1024 * 1024,
+        agent: "edge-test".into(),
+    };
+    writer
+        .send(&Frame::json(FrameKind::Control, &hello))
+        .await
+        .expect("hello sent");
+    let reply = tokio::time::timeout(WAIT, reader.next())
+        .await
+        .expect("reply in time")
+        .expect("reply")
+        .expect("a frame")
+        .parse_json(FrameKind::Control)
+        .expect("a hello reply");
+    RawPeer {
+        connection,
+        reply,
+        _control: (reader, writer),
+    }
+}
+
+/// The wire rule (src/wire/version.rs): a newer `connect` is served at the relay's version, and
+/// the tunnel records the agreed version; one older than the minimum is refused, naming both.
+#[tokio::test(flavor = "current_thread")]
+async fn wire_versions_are_agreed_in_the_handshake() {
+    let harness = Harness::start(Options::default()).await;
+    let newer = wire::PROTOCOL_VERSION + 1;
+    let peer = hello_at_version(&harness, newer).await;
+    assert!(
+        matches!(peer.reply, HelloReply::Welcome { .. }),
+        "a newer connect is welcomed: {:?}",
+        peer.reply
+    );
+    let rows = harness.state.registry.rows();
+    let row = rows
+        .iter()
+        .find(|r| r.source == format!("v{newer}"))
+        .expect("the newer connect's tunnel is registered");
+    assert_eq!(row.wire_version, wire::PROTOCOL_VERSION);
+    peer.connection.close(0u32.into(), b"done");
+
+    let older = wire::MIN_PROTOCOL_VERSION - 1;
+    let peer = hello_at_version(&harness, older).await;
+    match peer.reply {
+        HelloReply::Refused { reason } => assert!(
+            reason.contains(&format!("version {older} is too old")),
+            "the refusal names the version: {reason}"
+        ),
+        other => panic!("a connect older than the minimum was not refused: {other:?}"),
+    }
+    peer.connection.close(0u32.into(), b"done");
     harness.stop().await;
 }
