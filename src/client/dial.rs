@@ -1,9 +1,10 @@
 //! Dialing the relay over QUIC or the HTTPS fallback, and the handshake on the control stream.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio_rustls::TlsConnector;
 
 use super::ClientError;
@@ -89,10 +90,7 @@ impl Dialer {
     }
 
     fn quic_endpoint(&self, v6: bool) -> Result<quinn::Endpoint, TransportError> {
-        let mut slot = self
-            .endpoint
-            .lock()
-            .expect("endpoint lock is never held across a panic");
+        let mut slot = self.endpoint.lock();
         if let Some((is_v6, endpoint)) = &*slot
             && *is_v6 == v6
         {
@@ -234,12 +232,7 @@ impl Dialer {
 
     /// Waits until the QUIC endpoint has sent every close (bounded).
     pub async fn wait_idle(&self) {
-        let endpoint = self
-            .endpoint
-            .lock()
-            .expect("endpoint lock is never held across a panic")
-            .as_ref()
-            .map(|(_, e)| e.clone());
+        let endpoint = self.endpoint.lock().as_ref().map(|(_, e)| e.clone());
         if let Some(endpoint) = endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
