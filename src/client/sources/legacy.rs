@@ -19,8 +19,7 @@ use super::routing::{Routing, progress_tokens};
 use super::stream::{Inbound, fail_ids, fail_pending, requests};
 use crate::mcp::classify;
 use crate::mcp::jsonrpc::{MessageInfo, codes, error_body};
-use crate::transport::{RecvHalf, SendHalf};
-use crate::wire::{Era, Frame, FrameReader, FrameWriter, OpenHeader};
+use crate::wire::{Era, Frame, OpenHeader};
 
 /// Time the upstream has to send its `endpoint` event.
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -89,15 +88,14 @@ pub async fn open(
 }
 
 /// Serves one tunnel stream over an opened HTTP+SSE session.
-pub async fn serve(
+pub(crate) async fn serve(
     name: Arc<str>,
     client: HttpClient,
     opened: Opened,
     header: OpenHeader,
-    reader: FrameReader<RecvHalf>,
-    writer: FrameWriter<SendHalf>,
+    mut inbound: Inbound,
+    out: super::Out,
 ) {
-    let (out, writer_task) = super::start_writer(writer);
     let Opened {
         events,
         post_target,
@@ -117,15 +115,12 @@ pub async fn serve(
         routing,
         out,
     };
-    let mut inbound = Inbound::new(reader);
     // HTTP+SSE upstreams get no identity assertion: a renewed one is ignored.
     while let Some(frame) = inbound.next_message().await {
         session.message(frame).await;
     }
     // Closing the event stream ends the upstream's session.
     event_task.abort();
-    drop(session);
-    let _ = writer_task.await;
 }
 
 /// Reads the upstream's event stream: each message goes to the exchange it belongs to. When

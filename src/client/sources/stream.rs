@@ -6,8 +6,10 @@
 //! answer, every request waiting on it gets a JSON-RPC error that says why, then its
 //! exchange's `End`, so no agent waits for an answer that will never come. The sources differ
 //! only in what they do with a message (and, for HTTP, with an identity); [`Inbound`] and the
-//! `fail_*` functions here are the part they share.
+//! `fail_*` functions here are the part they share, and [`serve`] runs a source on a stream:
+//! the relay's messages in, the source's frames out through a shared writer.
 
+use std::future::Future;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -17,11 +19,25 @@ use super::Out;
 use super::routing::Routing;
 use crate::mcp::Classified;
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, error_body};
-use crate::transport::RecvHalf;
-use crate::wire::{Frame, FrameKind, FrameReader};
+use crate::transport::{RecvHalf, SendHalf};
+use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter};
 
 /// Time the relay has to send the first message on a stream a source refuses.
 const REFUSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Serves one tunnel stream: `source` gets the relay's messages, the writer of frames toward
+/// the relay (to clone for each of its tasks) and the largest frame it takes; once `source` is
+/// done and every clone of the writer is gone, the stream is finished.
+pub(crate) async fn serve<F: Future<Output = ()>>(
+    reader: FrameReader<RecvHalf>,
+    writer: FrameWriter<SendHalf>,
+    source: impl FnOnce(Inbound, Out, usize) -> F,
+) {
+    let max_frame = writer.limit();
+    let (out, finished) = super::start_writer(writer);
+    source(Inbound::new(reader), out, max_frame).await;
+    let _ = finished.await;
+}
 
 /// The relay's side of a tunnel stream, as a source reads it: one message after another.
 pub(crate) struct Inbound {

@@ -3,6 +3,12 @@
 //! `connect` owns the upstream's HTTP semantics: its session id, its protocol version header,
 //! its JSON or SSE answers, its standalone GET stream. Back through the tunnel go only messages,
 //! each tagged with the exchange of the request whose response carried it.
+//!
+//! One concept a file: this one, the source and how a stream starts (an HTTP+SSE upstream is
+//! handed to [`super::legacy`]); `context`, one stream's upstream session and its requests;
+//! `answer`, relaying the upstream's answers (JSON or event streams, in pieces when large);
+//! `error`, why an exchange failed. The frame loop is the one all sources share
+//! (`sources::stream`).
 
 mod answer;
 mod context;
@@ -12,9 +18,10 @@ mod tests;
 
 use std::sync::{Arc, OnceLock};
 
+use super::Out;
 use super::http_client::{HttpClient, Target};
 use super::legacy;
-use super::stream::Inbound;
+use super::stream::{self, Inbound};
 use crate::mcp::jsonrpc::codes;
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
@@ -103,37 +110,36 @@ impl HttpSource {
         reader: FrameReader<RecvHalf>,
         writer: FrameWriter<SendHalf>,
     ) {
+        stream::serve(reader, writer, |inbound, out, max_frame| {
+            self.serve_stream(header, inbound, out, max_frame)
+        })
+        .await;
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        header: OpenHeader,
+        mut inbound: Inbound,
+        out: Out,
+        max_frame: usize,
+    ) {
         match self.legacy_session(header.era).await {
             Ok(Some(opened)) => {
-                return legacy::serve(
-                    self.name.as_str().into(),
-                    self.client.clone(),
-                    opened,
-                    header,
-                    reader,
-                    writer,
-                )
-                .await;
+                let name = self.name.as_str().into();
+                return legacy::serve(name, self.client.clone(), opened, header, inbound, out)
+                    .await;
             }
             Ok(None) => {}
             Err(reason) => {
                 // Every request of the first message gets the reason, then the stream ends.
-                let (out, writer_task) = super::start_writer(writer);
-                Inbound::new(reader)
+                return inbound
                     .refuse(&out, codes::SOURCE_UNAVAILABLE, &reason)
                     .await;
-                drop(out);
-                let _ = writer_task.await;
-                return;
             }
         }
-        let max_frame = writer.limit();
-        let (out, writer_task) = super::start_writer(writer);
         let max_answer = self.max_answer.max(max_frame);
         let context = Arc::new(StreamContext::new(self, header, out, max_frame, max_answer));
-        context.clone().run(Inbound::new(reader)).await;
+        context.clone().run(inbound).await;
         context.end_upstream_session().await;
-        drop(context);
-        let _ = writer_task.await;
     }
 }

@@ -19,6 +19,12 @@
 //!
 //! Every child is registered with its source; `connect` kills and reaps all of them when it
 //! stops ([`StdioSource::shutdown`]), and a per-source cap bounds how many run at once.
+//!
+//! One concept a file: this one, the source and its settings; `session`, the session era;
+//! `pool`, the stateless era's pooled process; `remap`, re-addressing its messages;
+//! `process`, a child's life; `registry`, the cap and the kill list; `lines`, the line codec;
+//! `error`, what agents are told. The frame loop is the one all sources share
+//! (`sources::stream`).
 
 mod error;
 mod lines;
@@ -31,6 +37,7 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::stream;
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
 
@@ -163,10 +170,13 @@ impl StdioSource {
         reader: FrameReader<RecvHalf>,
         writer: FrameWriter<SendHalf>,
     ) {
-        match header.era {
-            Era::Session => self.serve_session(header, reader, writer).await,
-            Era::Stateless => self.serve_stateless(header, reader, writer).await,
-        }
+        stream::serve(reader, writer, |inbound, out, max_frame| async move {
+            match header.era {
+                Era::Session => self.serve_session(header, inbound, out, max_frame).await,
+                Era::Stateless => self.serve_stateless(header, inbound, out, max_frame).await,
+            }
+        })
+        .await;
     }
 
     fn error(&self, reason: impl Into<String>) -> StdioError {

@@ -23,11 +23,10 @@ use super::remap::{remap_request, replace_at};
 use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Probe, cancelled_request, key};
 use crate::client::sources::stream::Inbound;
-use crate::client::sources::{Out, send_message, start_writer};
+use crate::client::sources::{Out, send_message};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
-use crate::transport::{RecvHalf, SendHalf};
-use crate::wire::{Frame, FrameReader, FrameWriter, OpenHeader};
+use crate::wire::{Frame, OpenHeader};
 
 /// Time a pooled process has to answer `connect`'s own `initialize`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,13 +40,11 @@ impl StdioSource {
     pub(super) async fn serve_stateless(
         self: Arc<Self>,
         header: OpenHeader,
-        reader: FrameReader<RecvHalf>,
-        writer: FrameWriter<SendHalf>,
+        mut inbound: Inbound,
+        out: Out,
+        limit: usize,
     ) {
-        let limit = writer.limit();
-        let (out, writer_task) = start_writer(writer);
         let mut mine: Vec<(Arc<Pooled>, u64)> = Vec::new();
-        let mut inbound = Inbound::new(reader);
         while let Some(frame) = inbound.next_message().await {
             self.stateless_message(&header, limit, &out, &mut mine, frame)
                 .await;
@@ -58,8 +55,6 @@ impl StdioSource {
                 pooled.send(cancelled(id)).await;
             }
         }
-        drop(out);
-        let _ = writer_task.await;
     }
 
     async fn stateless_message(

@@ -20,23 +20,20 @@ use super::registry::{Activity, Lease, pending};
 use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Routing, progress_tokens};
 use crate::client::sources::stream::{Inbound, fail_pending, fail_requests, requests};
-use crate::client::sources::{Out, send_message, start_writer};
+use crate::client::sources::{Out, send_message};
 use crate::mcp::classify;
 use crate::mcp::jsonrpc::MessageInfo;
-use crate::transport::{RecvHalf, SendHalf};
-use crate::wire::{Frame, FrameReader, FrameWriter, OpenHeader};
+use crate::wire::{Frame, OpenHeader};
 
 impl StdioSource {
     /// Session era: one process for the whole stream.
     pub(super) async fn serve_session(
         self: Arc<Self>,
         header: OpenHeader,
-        reader: FrameReader<RecvHalf>,
-        writer: FrameWriter<SendHalf>,
+        mut inbound: Inbound,
+        out: Out,
+        limit: usize,
     ) {
-        let limit = writer.limit();
-        let (out, writer_task) = start_writer(writer);
-        let mut inbound = Inbound::new(reader);
         match self.spawn(limit, &header.context).await {
             Ok(process) => {
                 Session::start(self, process, header.context, limit, out)
@@ -46,10 +43,8 @@ impl StdioSource {
             Err(error) => {
                 tracing::warn!(source = %self.name, context = %header.context, %error, "session refused");
                 inbound.refuse(&out, error.code(), &error.to_string()).await;
-                drop(out);
             }
         }
-        let _ = writer_task.await;
     }
 }
 
