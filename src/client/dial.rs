@@ -1,9 +1,10 @@
 //! Dialing the relay over QUIC or the HTTPS fallback, and the handshake on the control stream.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio_rustls::TlsConnector;
 
 use super::ClientError;
@@ -89,10 +90,7 @@ impl Dialer {
     }
 
     fn quic_endpoint(&self, v6: bool) -> Result<quinn::Endpoint, TransportError> {
-        let mut slot = self
-            .endpoint
-            .lock()
-            .expect("endpoint lock is never held across a panic");
+        let mut slot = self.endpoint.lock();
         if let Some((is_v6, endpoint)) = &*slot
             && *is_v6 == v6
         {
@@ -179,17 +177,7 @@ impl Dialer {
         let stream = connection.accept_stream().await?;
         let mut reader = FrameReader::new(stream.recv, CONTROL_FRAME_LIMIT);
         let mut writer = FrameWriter::new(stream.send, CONTROL_FRAME_LIMIT);
-        let greeting: Greeting = match reader.next().await {
-            Ok(Some(frame)) => frame
-                .parse_json(FrameKind::Control)
-                .map_err(|e| ClientError::Handshake(e.to_string()))?,
-            Ok(None) => {
-                return Err(ClientError::Handshake(
-                    "the relay closed the control stream".into(),
-                ));
-            }
-            Err(e) => return Err(ClientError::Handshake(e.to_string())),
-        };
+        let greeting: Greeting = read_control(&mut reader).await?;
         if greeting.version != wire::PROTOCOL_VERSION {
             return Err(ClientError::Refused(format!(
                 "the relay speaks wire protocol {}, this client {}",
@@ -201,17 +189,7 @@ impl Dialer {
             .send(&Frame::json(FrameKind::Control, &self.hello))
             .await
             .map_err(|e| ClientError::Handshake(e.to_string()))?;
-        let reply: HelloReply = match reader.next().await {
-            Ok(Some(frame)) => frame
-                .parse_json(FrameKind::Control)
-                .map_err(|e| ClientError::Handshake(e.to_string()))?,
-            Ok(None) => {
-                return Err(ClientError::Handshake(
-                    "the relay closed the control stream".into(),
-                ));
-            }
-            Err(e) => return Err(ClientError::Handshake(e.to_string())),
-        };
+        let reply: HelloReply = read_control(&mut reader).await?;
         match reply {
             HelloReply::Welcome { tenant, max_frame } => {
                 // Never send the relay more than it accepts, nor accept more than we allow.
@@ -234,15 +212,25 @@ impl Dialer {
 
     /// Waits until the QUIC endpoint has sent every close (bounded).
     pub async fn wait_idle(&self) {
-        let endpoint = self
-            .endpoint
-            .lock()
-            .expect("endpoint lock is never held across a panic")
-            .as_ref()
-            .map(|(_, e)| e.clone());
+        let endpoint = self.endpoint.lock().as_ref().map(|(_, e)| e.clone());
         if let Some(endpoint) = endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
+    }
+}
+
+/// The next control message of the handshake.
+async fn read_control<T: serde::de::DeserializeOwned>(
+    reader: &mut FrameReader<RecvHalf>,
+) -> Result<T, ClientError> {
+    match reader.next().await {
+        Ok(Some(frame)) => frame
+            .parse_json(FrameKind::Control)
+            .map_err(|e| ClientError::Handshake(e.to_string())),
+        Ok(None) => Err(ClientError::Handshake(
+            "the relay closed the control stream".into(),
+        )),
+        Err(e) => Err(ClientError::Handshake(e.to_string())),
     }
 }
 

@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientFile, SourceConfig, TransportChoice};
+use crate::transport::{RecvHalf, SendHalf};
 use crate::transport::{TransportError, TransportKind, TunnelConnection, tls};
 use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, Notice, OpenHeader};
 use backoff::Backoff;
@@ -156,14 +157,16 @@ impl ClientSettings {
     }
 }
 
-/// Shared by a client's connection slots: what `auto` has learned about UDP.
-struct Policy {
+/// The transport-fallback state the connection slots share: the configured choice (QUIC,
+/// HTTPS, or `auto`), and what `auto` has learned about UDP: whether new connections go over
+/// QUIC or the HTTPS fallback, and how often the fallback probes QUIC again.
+struct Fallback {
     choice: TransportChoice,
     udp_blocked: AtomicBool,
     probe_interval: Duration,
 }
 
-impl Policy {
+impl Fallback {
     fn first_kind(&self) -> TransportKind {
         match self.choice {
             TransportChoice::Https => TransportKind::Https,
@@ -173,6 +176,12 @@ impl Policy {
             }
             TransportChoice::Auto => TransportKind::Quic,
         }
+    }
+
+    /// How often a connection over `kind` probes QUIC: only on the fallback in `auto`.
+    fn probe_every(&self, kind: TransportKind) -> Option<Duration> {
+        (kind == TransportKind::Https && self.choice == TransportChoice::Auto)
+            .then_some(self.probe_interval)
     }
 
     fn set_udp_blocked(&self, blocked: bool, why: &str) {
@@ -225,7 +234,7 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
     if dialers.is_empty() {
         return Err(ClientError::Config("no relay address given".into()));
     }
-    let policy = Arc::new(Policy {
+    let fallback = Arc::new(Fallback {
         choice: settings.transport,
         udp_blocked: AtomicBool::new(false),
         probe_interval: settings.probe_interval,
@@ -237,7 +246,7 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
         slots.spawn(run_slot(
             slot,
             dialers[slot % dialers.len()].clone(),
-            policy.clone(),
+            fallback.clone(),
             sources.clone(),
             stop.clone(),
         ));
@@ -273,150 +282,206 @@ enum Ended {
 async fn run_slot(
     slot: usize,
     dialer: Arc<Dialer>,
-    policy: Arc<Policy>,
+    fallback: Arc<Fallback>,
     sources: Arc<Sources>,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
-    let mut backoff = Backoff::default();
+    let mut slot = Slot {
+        slot,
+        dialer,
+        fallback,
+        sources,
+        shutdown,
+        backoff: Backoff::default(),
+        after_drain: false,
+    };
     let mut ready: Option<Tunnel> = None;
-    // Set when the relay drained this slot's connection, until a replacement is up: a relay
-    // that drains takes no new connections, so a QUIC attempt failing then says nothing about
-    // UDP (and must not move every later connection to the fallback).
-    let mut after_drain = false;
     loop {
         let tunnel = match ready.take() {
             Some(tunnel) => tunnel,
-            None => {
-                let delay = backoff.next_delay();
-                if !delay.is_zero() {
-                    tracing::info!(
-                        slot,
-                        delay_ms = delay.as_millis() as u64,
-                        "reconnecting after a pause"
-                    );
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-                let attempt = tokio::select! {
-                    attempt = connect(&dialer, &policy, !after_drain) => attempt,
-                    _ = shutdown.cancelled() => return Ok(()),
-                };
-                match attempt {
-                    Ok(tunnel) => tunnel,
-                    Err(ClientError::Refused(reason)) => return Err(ClientError::Refused(reason)),
-                    Err(e) => {
-                        tracing::warn!(slot, relay = %dialer.relay(), error = %e, "could not connect to the relay");
-                        continue;
-                    }
+            None => match slot.reconnect().await? {
+                Some(tunnel) => tunnel,
+                None => return Ok(()),
+            },
+        };
+        slot.after_drain = false;
+        match slot.serve(tunnel).await {
+            Next::Reconnect => {}
+            Next::Take(quic) => ready = Some(quic),
+            Next::Stop => return Ok(()),
+        }
+    }
+}
+
+/// What a connection slot does once a connection's service ended.
+enum Next {
+    /// Connect again (after the backoff's pause).
+    Reconnect,
+    /// Serve this connection (QUIC, which answered a probe).
+    Take(Tunnel),
+    /// `connect` is stopping.
+    Stop,
+}
+
+/// One connection slot's state between its connections.
+struct Slot {
+    slot: usize,
+    dialer: Arc<Dialer>,
+    fallback: Arc<Fallback>,
+    sources: Arc<Sources>,
+    shutdown: CancellationToken,
+    backoff: Backoff,
+    /// Set when the relay drained this slot's connection, until a replacement is up: a relay
+    /// that drains takes no new connections, so a QUIC attempt failing then says nothing about
+    /// UDP (and must not move every later connection to the fallback).
+    after_drain: bool,
+}
+
+impl Slot {
+    /// Connects, after the backoff's pause, until a connection is up; `None` when `connect`
+    /// stops first. Fails only when the relay refuses the tunnel.
+    async fn reconnect(&mut self) -> Result<Option<Tunnel>, ClientError> {
+        let slot = self.slot;
+        loop {
+            let delay = self.backoff.next_delay();
+            if !delay.is_zero() {
+                tracing::info!(
+                    slot,
+                    delay_ms = delay.as_millis() as u64,
+                    "reconnecting after a pause"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => return Ok(None),
+            }
+            let attempt = tokio::select! {
+                attempt = connect(&self.dialer, &self.fallback, !self.after_drain) => attempt,
+                _ = self.shutdown.cancelled() => return Ok(None),
+            };
+            match attempt {
+                Ok(tunnel) => return Ok(Some(tunnel)),
+                Err(ClientError::Refused(reason)) => return Err(ClientError::Refused(reason)),
+                Err(e) => {
+                    tracing::warn!(slot, relay = %self.dialer.relay(), error = %e, "could not connect to the relay");
                 }
             }
-        };
-        after_drain = false;
+        }
+    }
+
+    /// Serves the relay's streams on `tunnel` until its service ends, then winds it down as
+    /// the end requires.
+    async fn serve(&mut self, tunnel: Tunnel) -> Next {
+        let (slot, dialer) = (self.slot, &self.dialer);
         let kind = tunnel.connection.kind();
-        tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, sources = sources.len(), "tunnel up");
+        tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, sources = self.sources.len(), "tunnel up");
         let started = Instant::now();
         let Tunnel {
             connection,
             welcomed,
-            mut control_in,
-            mut control_out,
+            control_in,
+            control_out,
         } = tunnel;
         let active = Arc::new(ActiveStreams::default());
         let server = tokio::spawn(serve_streams(
             connection.clone(),
             welcomed.tenant.into(),
             welcomed.limit,
-            sources.clone(),
+            self.sources.clone(),
             active.clone(),
         ));
-        let probe_every = (kind == TransportKind::Https && policy.choice == TransportChoice::Auto)
-            .then_some(policy.probe_interval);
+        let mut served = Served {
+            connection,
+            active,
+            server,
+            control_in,
+            control_out,
+        };
         let ended = watch(
-            &connection,
-            &mut control_in,
-            probe_every,
-            &dialer,
-            &policy,
-            &shutdown,
+            &served.connection,
+            &mut served.control_in,
+            self.fallback.probe_every(kind),
+            dialer,
+            &self.fallback,
+            &self.shutdown,
         )
         .await;
         if started.elapsed() >= HEALTHY_AFTER {
-            backoff.reset();
+            self.backoff.reset();
         }
         match ended {
             Ended::Lost(reason) => {
                 tracing::warn!(slot, relay = %dialer.relay(), transport = %kind, %reason, "tunnel down");
-                server.abort();
-                continue;
+                served.server.abort();
+                Next::Reconnect
             }
             Ended::RelayDraining => {
                 tracing::info!(slot, transport = %kind, "the relay is draining this connection; opening a replacement");
-                backoff.reset();
-                after_drain = true;
-                // The control stream stays open while the connection drains: closing it would
-                // tell the relay this client is gone, and cut the calls in flight.
-                let control = (control_in, control_out);
-                tokio::spawn(async move {
-                    // The relay decides when its drain is over (it closes the connection);
-                    // our own bound only guards against a relay that never does.
-                    finish(
-                        connection,
-                        active,
-                        server,
-                        "relay shutting down",
-                        RELAY_DRAIN_LIMIT,
-                    )
-                    .await;
-                    drop(control);
-                });
+                self.backoff.reset();
+                self.after_drain = true;
+                // The relay decides when its drain is over (it closes the connection); our own
+                // bound only guards against a relay that never does.
+                tokio::spawn(served.finish("relay shutting down", RELAY_DRAIN_LIMIT));
+                Next::Reconnect
             }
             Ended::QuicBack(quic) => {
-                let _ = control_out
-                    .send(&Frame::json(
-                        FrameKind::Control,
-                        &Notice::Drain {
-                            reason: "moving to QUIC".into(),
-                        },
-                    ))
-                    .await;
-                let control = (control_in, control_out);
-                tokio::spawn(async move {
-                    finish(connection, active, server, "moved to QUIC", DRAIN_GRACE).await;
-                    drop(control);
-                });
-                backoff.reset();
-                ready = Some(quic);
+                served.tell_drain("moving to QUIC").await;
+                tokio::spawn(served.finish("moved to QUIC", DRAIN_GRACE));
+                self.backoff.reset();
+                Next::Take(quic)
             }
             Ended::Shutdown => {
-                let _ = control_out
-                    .send(&Frame::json(
-                        FrameKind::Control,
-                        &Notice::Drain {
-                            reason: "connect shutting down".into(),
-                        },
-                    ))
-                    .await;
-                finish(
-                    connection,
-                    active,
-                    server,
-                    "connect shutting down",
-                    DRAIN_GRACE,
-                )
-                .await;
-                return Ok(());
+                served.tell_drain("connect shutting down").await;
+                served.finish("connect shutting down", DRAIN_GRACE).await;
+                Next::Stop
             }
         }
     }
 }
 
-/// Connects with the transport the policy picks; in `auto`, a failed QUIC attempt marks UDP
+/// A connection being served: its stream server, the streams in flight, and its control
+/// stream, which stays open while the connection drains (closing it would tell the relay this
+/// client is gone, and cut the calls in flight).
+struct Served {
+    connection: Arc<dyn TunnelConnection>,
+    active: Arc<ActiveStreams>,
+    server: tokio::task::JoinHandle<()>,
+    control_in: FrameReader<RecvHalf>,
+    control_out: FrameWriter<SendHalf>,
+}
+
+impl Served {
+    /// Tells the relay this connection drains: it opens no new streams on it.
+    async fn tell_drain(&mut self, reason: &str) {
+        let notice = Notice::Drain {
+            reason: reason.into(),
+        };
+        let _ = self
+            .control_out
+            .send(&Frame::json(FrameKind::Control, &notice))
+            .await;
+    }
+
+    /// Lets streams in flight finish (bounded by `grace`), then closes the connection and,
+    /// last, its control stream.
+    async fn finish(self, reason: &'static str, grace: Duration) {
+        let Served {
+            connection,
+            active,
+            server,
+            control_in,
+            control_out,
+        } = self;
+        finish(connection, active, server, reason, grace).await;
+        drop((control_in, control_out));
+    }
+}
+
+/// Connects with the transport `fallback` picks; in `auto`, a failed QUIC attempt marks UDP
 /// blocked (when `learn` allows) and falls back to HTTPS at once. A relay that answers and
 /// refuses the QUIC connection (it drains) proves UDP works: that failure is returned as is.
-async fn connect(dialer: &Dialer, policy: &Policy, learn: bool) -> Result<Tunnel, ClientError> {
-    match (policy.choice, policy.first_kind()) {
+async fn connect(dialer: &Dialer, fallback: &Fallback, learn: bool) -> Result<Tunnel, ClientError> {
+    match (fallback.choice, fallback.first_kind()) {
         (TransportChoice::Auto, TransportKind::Quic) => {
             match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
                 Ok(tunnel) => Ok(tunnel),
@@ -424,7 +489,7 @@ async fn connect(dialer: &Dialer, policy: &Policy, learn: bool) -> Result<Tunnel
                 Err(e @ ClientError::Transport(TransportError::Refused(_))) => Err(e),
                 Err(e) => {
                     if learn {
-                        policy.set_udp_blocked(true, &e.to_string());
+                        fallback.set_udp_blocked(true, &e.to_string());
                     } else {
                         tracing::info!(error = %e, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
                     }
@@ -440,10 +505,10 @@ async fn connect(dialer: &Dialer, policy: &Policy, learn: bool) -> Result<Tunnel
 /// `auto`) a successful QUIC probe.
 async fn watch(
     connection: &Arc<dyn TunnelConnection>,
-    control_in: &mut FrameReader<crate::transport::RecvHalf>,
+    control_in: &mut FrameReader<RecvHalf>,
     probe_every: Option<Duration>,
     dialer: &Dialer,
-    policy: &Policy,
+    fallback: &Fallback,
     shutdown: &CancellationToken,
 ) -> Ended {
     let mut probe = tokio::time::interval(probe_every.unwrap_or(Duration::from_secs(3600)));
@@ -463,7 +528,7 @@ async fn watch(
             _ = probe.tick(), if probe_every.is_some() => {
                 match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
                     Ok(quic) => {
-                        policy.set_udp_blocked(false, "probe answered");
+                        fallback.set_udp_blocked(false, "probe answered");
                         return Ended::QuicBack(quic);
                     }
                     Err(e) => tracing::debug!(error = %e, "QUIC probe failed; staying on HTTPS"),

@@ -4,21 +4,22 @@
 //! names where to POST; messages go up as POSTs (answered 202), and everything the upstream
 //! says comes back on the event stream, routed to its exchange by request id.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::Method;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
+use parking_lot::Mutex;
 use sse_stream::SseByteStream;
 
 use super::http_client::{BodyStream, HttpClient, Target, body_stream, error_chain};
 use super::routing::{Routing, progress_tokens};
-use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes, error_body};
-use crate::mcp::{Classified, classify};
-use crate::transport::{RecvHalf, SendHalf};
-use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader};
+use super::stream::{Inbound, fail_ids, fail_pending, requests};
+use crate::mcp::classify;
+use crate::mcp::jsonrpc::{MessageInfo, codes, error_body};
+use crate::wire::{Era, Frame, OpenHeader};
 
 /// Time the upstream has to send its `endpoint` event.
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,88 +88,99 @@ pub async fn open(
 }
 
 /// Serves one tunnel stream over an opened HTTP+SSE session.
-pub async fn serve(
+pub(crate) async fn serve(
     name: Arc<str>,
     client: HttpClient,
     opened: Opened,
     header: OpenHeader,
-    mut reader: FrameReader<RecvHalf>,
-    writer: FrameWriter<SendHalf>,
+    mut inbound: Inbound,
+    out: super::Out,
 ) {
-    let (out, writer_task) = super::start_writer(writer);
     let Opened {
-        mut events,
+        events,
         post_target,
     } = opened;
     let routing = Arc::new(Mutex::new(Routing::default()));
-    let event_task = {
-        let (routing, out, name) = (routing.clone(), out.clone(), name.clone());
-        tokio::spawn(async move {
-            let why = loop {
-                let data = match events.next().await {
-                    Some(Ok(event)) => match event.data.filter(|d| !d.is_empty()) {
-                        Some(data) => Bytes::from(data),
-                        None => continue,
-                    },
-                    Some(Err(e)) => break format!("its event stream failed: {e}"),
-                    None => break "it closed its event stream".to_owned(),
-                };
-                let (Ok(classified), Ok(raw)) = (
-                    classify(&data),
-                    serde_json::from_slice::<&serde_json::value::RawValue>(&data),
-                ) else {
-                    tracing::warn!(source = %name, "HTTP+SSE upstream sent an event that is not JSON-RPC; dropped");
-                    continue;
-                };
-                let (exchange, ended) = routing
-                    .lock()
-                    .expect("routing lock is never held across a panic")
-                    .target(&classified, raw);
-                if out.send(Frame::message(exchange, data)).await.is_err() {
-                    return;
-                }
-                for exchange in ended {
-                    let _ = out.send(Frame::end(exchange)).await;
-                }
-            };
-            let reason = format!("source {name}: {why}");
-            let pending = routing
-                .lock()
-                .expect("routing lock is never held across a panic")
-                .take_all();
-            for (exchange, ids) in pending {
-                for id in ids {
-                    let _ = out
-                        .send(Frame::message(
-                            exchange,
-                            error_body(Some(&id), codes::SOURCE_UNAVAILABLE, &reason),
-                        ))
-                        .await;
-                }
-                let _ = out.send(Frame::end(exchange)).await;
-            }
-            let _ = out.send(Frame::close(reason)).await;
-        })
+    let event_task = tokio::spawn(route_events(
+        events,
+        routing.clone(),
+        out.clone(),
+        name.clone(),
+    ));
+    let session = Session {
+        name,
+        client,
+        post_target,
+        era: header.era,
+        routing,
+        out,
     };
-    while let Ok(Some(frame)) = reader.next().await {
-        // HTTP+SSE upstreams get no identity assertion: a renewed one is ignored.
-        if frame.kind == FrameKind::Identity {
+    // HTTP+SSE upstreams get no identity assertion: a renewed one is ignored.
+    while let Some(frame) = inbound.next_message().await {
+        session.message(frame).await;
+    }
+    // Closing the event stream ends the upstream's session.
+    event_task.abort();
+}
+
+/// Reads the upstream's event stream: each message goes to the exchange it belongs to. When
+/// the stream ends, every pending request fails and the tunnel stream closes.
+async fn route_events(
+    mut events: SseByteStream<BodyStream>,
+    routing: Arc<Mutex<Routing>>,
+    out: super::Out,
+    name: Arc<str>,
+) {
+    let why = loop {
+        let data = match events.next().await {
+            Some(Ok(event)) => match event.data.filter(|d| !d.is_empty()) {
+                Some(data) => Bytes::from(data),
+                None => continue,
+            },
+            Some(Err(e)) => break format!("its event stream failed: {e}"),
+            None => break "it closed its event stream".to_owned(),
+        };
+        let (Ok(classified), Ok(raw)) = (
+            classify(&data),
+            serde_json::from_slice::<&serde_json::value::RawValue>(&data),
+        ) else {
+            tracing::warn!(source = %name, "HTTP+SSE upstream sent an event that is not JSON-RPC; dropped");
             continue;
+        };
+        let (exchange, ended) = routing.lock().target(&classified, raw);
+        if out.send(Frame::message(exchange, data)).await.is_err() {
+            return;
         }
-        if frame.kind != FrameKind::Message {
-            break;
+        for exchange in ended {
+            let _ = out.send(Frame::end(exchange)).await;
         }
+    };
+    let reason = format!("source {name}: {why}");
+    fail_pending(&out, &routing, codes::SOURCE_UNAVAILABLE, &reason).await;
+    let _ = out.send(Frame::close(reason)).await;
+}
+
+/// One tunnel stream's HTTP+SSE session: where its messages are POSTed.
+struct Session {
+    name: Arc<str>,
+    client: HttpClient,
+    post_target: Target,
+    era: Era,
+    routing: Arc<Mutex<Routing>>,
+    out: super::Out,
+}
+
+impl Session {
+    /// POSTs one message of the agent; answers its requests with an error when it cannot.
+    async fn message(&self, frame: Frame) {
+        let (out, name) = (&self.out, &self.name);
         let classified = classify(&frame.payload).ok();
-        let requests: Vec<&MessageInfo> = classified
-            .iter()
-            .flat_map(Classified::messages)
-            .filter(|m| m.kind == MessageKind::Request)
-            .collect();
-        if header.era == Era::Stateless {
+        let requests: Vec<&MessageInfo> = classified.iter().flat_map(requests).collect();
+        if self.era == Era::Stateless {
+            let message = format!(
+                "source {name} speaks the 2024-11-05 HTTP+SSE transport, which has no stateless requests; send initialize"
+            );
             for request in &requests {
-                let message = format!(
-                    "source {name} speaks the 2024-11-05 HTTP+SSE transport, which has no stateless requests; send initialize"
-                );
                 let _ = out
                     .send(Frame::message(
                         frame.exchange,
@@ -177,12 +189,12 @@ pub async fn serve(
                     .await;
             }
             let _ = out.send(Frame::end(frame.exchange)).await;
-            continue;
+            return;
         }
-        let recorded = routing
-            .lock()
-            .expect("routing lock is never held across a panic")
-            .record(frame.exchange, &requests, &progress_tokens(&frame.payload));
+        let recorded =
+            self.routing
+                .lock()
+                .record(frame.exchange, &requests, &progress_tokens(&frame.payload));
         if let Err(id) = recorded {
             let body = error_body(
                 None,
@@ -191,14 +203,20 @@ pub async fn serve(
             );
             let _ = out.send(Frame::message(frame.exchange, body)).await;
             let _ = out.send(Frame::end(frame.exchange)).await;
-            continue;
+            return;
         }
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         // What reqwest sent when no Accept was given.
         headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
-        let posted = client
-            .send(Method::POST, &post_target, headers, frame.payload.clone())
+        let posted = self
+            .client
+            .send(
+                Method::POST,
+                &self.post_target,
+                headers,
+                frame.payload.clone(),
+            )
             .await;
         let failure = match posted {
             Ok(response) if response.status().is_success() => None,
@@ -207,19 +225,8 @@ pub async fn serve(
         };
         match failure {
             Some(reason) => {
-                let ids = routing
-                    .lock()
-                    .expect("routing lock is never held across a panic")
-                    .forget(frame.exchange);
-                for id in ids {
-                    let _ = out
-                        .send(Frame::message(
-                            frame.exchange,
-                            error_body(Some(&id), codes::SOURCE_UNAVAILABLE, &reason),
-                        ))
-                        .await;
-                }
-                let _ = out.send(Frame::end(frame.exchange)).await;
+                let ids = self.routing.lock().forget(frame.exchange);
+                fail_ids(out, frame.exchange, ids, codes::SOURCE_UNAVAILABLE, &reason).await;
             }
             None if requests.is_empty() => {
                 let _ = out.send(Frame::end(frame.exchange)).await;
@@ -227,8 +234,4 @@ pub async fn serve(
             None => {}
         }
     }
-    // Closing the event stream ends the upstream's session.
-    event_task.abort();
-    drop(out);
-    let _ = writer_task.await;
 }

@@ -5,6 +5,7 @@ pub mod http_client;
 pub mod legacy;
 pub mod routing;
 pub mod stdio;
+pub(crate) mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;

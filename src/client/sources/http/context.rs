@@ -1,0 +1,458 @@
+//! One tunnel stream served against a Streamable HTTP upstream: its MCP client session
+//! upstream (session id, negotiated version, the caller's identity assertion), each message
+//! POSTed with the headers that session needs, the standalone GET stream, and the DELETE that
+//! ends the session.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use parking_lot::Mutex;
+
+use super::HttpSource;
+use super::answer::{answered, id_key};
+use super::error::UpstreamError;
+use crate::client::sources::Out;
+use crate::client::sources::http_client::{Response, body_stream, content_length, error_chain};
+use crate::client::sources::stream::Inbound;
+use crate::govern::assertion::Assertion;
+use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
+use crate::mcp::jsonrpc::{MessageKind, error_body};
+use crate::mcp::{Classified, classify};
+use crate::wire::{Era, Frame, FrameKind, OpenHeader, UNSOLICITED};
+
+/// Time a DELETE of an upstream session may take when a stream ends.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Consecutive failures after which the standalone GET stream is given up.
+const GET_STREAM_ATTEMPTS: u32 = 3;
+
+/// Pause between GET stream attempts.
+const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
+
+/// Text of an upstream error body quoted in a synthesized error.
+const QUOTE_LIMIT: usize = 200;
+
+/// What one stream knows about its upstream session.
+#[derive(Default)]
+pub(super) struct UpstreamSession {
+    /// The upstream's `Mcp-Session-Id`.
+    id: Option<HeaderValue>,
+    /// The protocol version negotiated by `initialize`.
+    pub(super) version: Option<HeaderValue>,
+}
+
+/// Shared by the tasks serving one stream.
+pub(super) struct StreamContext {
+    pub(super) source: Arc<HttpSource>,
+    pub(super) header: OpenHeader,
+    /// The latest identity assertion: the open header's, then each one the relay renews it
+    /// with ([`FrameKind::Identity`]).
+    pub(super) assertion: Mutex<Option<Assertion>>,
+    pub(super) session: Mutex<UpstreamSession>,
+    pub(super) out: Out,
+    /// The largest message the tunnel carries toward the relay.
+    pub(super) max_frame: usize,
+    /// The largest answer relayed in pieces (never below `max_frame`).
+    pub(super) max_answer: usize,
+}
+
+impl StreamContext {
+    /// The context of one stream of `source`, opened with `header`, writing to `out`.
+    pub(super) fn new(
+        source: Arc<HttpSource>,
+        header: OpenHeader,
+        out: Out,
+        max_frame: usize,
+        max_answer: usize,
+    ) -> Self {
+        let context = Self {
+            source,
+            assertion: Mutex::new(header.assertion.clone()),
+            header,
+            session: Mutex::default(),
+            out,
+            max_frame,
+            max_answer,
+        };
+        tracing::debug!(source = %context.source.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
+        context
+    }
+
+    /// Serves the stream's messages until it ends. `initialize` and messages without requests
+    /// go upstream in order; requests go at once, each answered while the next is read.
+    pub(super) async fn run(self: Arc<Self>, mut inbound: Inbound) {
+        // Requests in flight run inside this task, polled beside the next frame's read: a call
+        // costs no task of its own, and its answer no hand-off between tasks (or threads).
+        // Boxed: the set keeps a stub the size of its future type for as long as the stream
+        // lives, a few KiB per idle session unboxed.
+        let mut requests: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+        let mut get_stream: Option<tokio::task::JoinHandle<()>> = None;
+        loop {
+            let frame = tokio::select! {
+                frame = inbound.next_message_with(|frame| self.renew_identity(frame)) => frame,
+                Some(()) = requests.next(), if !requests.is_empty() => continue,
+            };
+            let Some(frame) = frame else {
+                break;
+            };
+            let classified = classify(&frame.payload).ok();
+            let is_initialize = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("initialize"));
+            let has_requests = classified.as_ref().is_none_or(Classified::has_requests);
+            let is_initialized = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("notifications/initialized"));
+            if is_initialize || !has_requests {
+                // In order: the session id must exist before the next message, and
+                // notifications must reach the upstream before requests sent after them.
+                // Requests already in flight keep going meanwhile.
+                let ordered = self.exchange(frame.exchange, frame.payload, classified);
+                tokio::pin!(ordered);
+                loop {
+                    tokio::select! {
+                        () = &mut ordered => break,
+                        Some(()) = requests.next(), if !requests.is_empty() => {}
+                    }
+                }
+                if is_initialized
+                    && self.header.era == Era::Session
+                    && get_stream.is_none()
+                    && self.session_id().is_some()
+                {
+                    get_stream = Some(tokio::spawn(self.clone().standalone_stream()));
+                }
+            } else {
+                let context = self.clone();
+                requests.push(Box::pin(async move {
+                    context
+                        .exchange(frame.exchange, frame.payload, classified)
+                        .await
+                }));
+            }
+        }
+        drop(requests);
+        if let Some(task) = get_stream {
+            task.abort();
+        }
+    }
+
+    /// Takes the assertion an identity frame renews: it applies to every upstream request
+    /// sent from now on, in frame order.
+    fn renew_identity(&self, frame: &Frame) {
+        match frame.parse_json::<Assertion>(FrameKind::Identity) {
+            Ok(assertion) => *self.assertion.lock() = Some(assertion),
+            Err(e) => tracing::warn!(error = %e, "bad identity frame ignored"),
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.source.name
+    }
+
+    pub(super) fn session_id(&self) -> Option<HeaderValue> {
+        self.session.lock().id.clone()
+    }
+
+    pub(super) async fn send(&self, frame: Frame) {
+        // A closed queue means the stream is gone; nothing is waiting for this frame.
+        let _ = self.out.send(frame).await;
+    }
+
+    pub(super) fn headers(&self, is_initialize: bool) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        match self.header.era {
+            Era::Session => {
+                let session = self.session.lock();
+                if let Some(id) = &session.id {
+                    headers.insert(SESSION_HEADER, id.clone());
+                }
+                if let (Some(version), false) = (&session.version, is_initialize) {
+                    headers.insert(VERSION_HEADER, version.clone());
+                }
+            }
+            Era::Stateless => {
+                if let Some(version) = self
+                    .header
+                    .protocol_version
+                    .as_deref()
+                    .and_then(|v| HeaderValue::from_str(v).ok())
+                {
+                    headers.insert(VERSION_HEADER, version);
+                }
+                // Only the MCP routing headers, whatever the relay sends: nothing it says can
+                // set `Host`, credentials, cookies or the session upstream.
+                for (name, value) in &self.header.mcp_headers {
+                    if !crate::mcp::era::relayed_header_allowed(name) {
+                        tracing::warn!(source = %self.source.name, header = ?name, "header from the relay not sent upstream: only Mcp-Method, Mcp-Name and Mcp-Param-* are");
+                        continue;
+                    }
+                    if let (Ok(name), Ok(value)) = (
+                        HeaderName::try_from(name.as_str()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        headers.insert(name, value);
+                    }
+                }
+            }
+        }
+        // The relay-signed identity of the caller, when the tenant enables it for this source:
+        // only in the `x-` header namespace, so it can never replace `Host` or credentials.
+        let assertion = self.assertion.lock().clone();
+        if let Some(assertion) = &assertion
+            && crate::govern::assertion::header_name_allowed(&assertion.header)
+            && let (Ok(name), Ok(mut value)) = (
+                HeaderName::try_from(assertion.header.as_str()),
+                HeaderValue::from_str(&assertion.token),
+            )
+        {
+            // Sensitive: never logged, and dropped on a redirect to another origin.
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        headers
+    }
+
+    /// The headers of a GET for an event stream (the standalone stream, or a resumed answer).
+    pub(super) fn event_stream_headers(&self) -> HeaderMap {
+        let mut headers = self.headers(false);
+        headers.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+        headers.remove(CONTENT_TYPE);
+        headers
+    }
+
+    /// A GET of the source's URL.
+    pub(super) async fn get(
+        &self,
+        headers: HeaderMap,
+    ) -> Result<Response, crate::client::sources::http_client::RequestError> {
+        self.source
+            .client
+            .send(Method::GET, &self.source.target, headers, Bytes::new())
+            .await
+    }
+
+    /// POSTs one message and relays what the upstream answers, tagged with `exchange`, then
+    /// `End`. Every request in the message gets an answer: the upstream's, or an error that
+    /// says why there is none.
+    async fn exchange(&self, exchange: u64, payload: Bytes, classified: Option<Classified>) {
+        let is_initialize = matches!(&classified, Some(Classified::Single(m)) if m.method.as_deref() == Some("initialize"));
+        let requests: Vec<&crate::mcp::MessageInfo> = classified
+            .iter()
+            .flat_map(|c| c.messages())
+            .filter(|m| m.kind == MessageKind::Request)
+            .collect();
+        let mut pending: HashSet<String> = requests
+            .iter()
+            .filter_map(|m| m.id.as_deref())
+            .map(id_key)
+            .collect();
+        if let Err(error) = self
+            .post(exchange, payload, is_initialize, &mut pending)
+            .await
+        {
+            tracing::warn!(source = %self.name(), error = %error, "upstream exchange failed");
+            let abandoned = matches!(error, UpstreamError::BrokeOff { .. });
+            for request in requests.iter().filter(|m| {
+                !abandoned
+                    && m.id
+                        .as_deref()
+                        .is_some_and(|id| pending.contains(&id_key(id)))
+            }) {
+                self.send(Frame::message(
+                    exchange,
+                    error_body(request.id.as_deref(), error.code(), &error.to_string()),
+                ))
+                .await;
+            }
+        }
+        self.send(Frame::end(exchange)).await;
+    }
+
+    async fn post(
+        &self,
+        exchange: u64,
+        payload: Bytes,
+        is_initialize: bool,
+        pending: &mut HashSet<String>,
+    ) -> Result<(), UpstreamError> {
+        let response = self
+            .source
+            .client
+            .send(
+                Method::POST,
+                &self.source.target,
+                self.headers(is_initialize),
+                payload,
+            )
+            .await
+            .map_err(|e| UpstreamError::Unreachable {
+                source_name: self.name().to_owned(),
+                reason: error_chain(&e),
+            })?;
+        let status = response.status();
+        if is_initialize && let Some(id) = response.headers().get(SESSION_HEADER) {
+            self.session.lock().id = Some(id.clone());
+        }
+        if status == StatusCode::ACCEPTED {
+            return Ok(());
+        }
+        if status == StatusCode::NOT_FOUND
+            && self.header.era == Era::Session
+            && !is_initialize
+            && self.session_id().is_some()
+        {
+            // The upstream forgot the session: end ours, so the agent re-initializes.
+            self.send(Frame::close(format!(
+                "source {} ended the session",
+                self.name()
+            )))
+            .await;
+        }
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        if content_type.starts_with("text/event-stream") && status.is_success() {
+            return self.relay_sse(exchange, response, pending).await;
+        }
+        // `initialize` answers are read whole: the session's version is learned from them.
+        if status.is_success() && !is_initialize {
+            return self.relay_json(exchange, response, pending).await;
+        }
+        let body = self.read_limited(response).await?;
+        if !status.is_success() {
+            if content_type.starts_with("application/json") && classify(&body).is_ok() {
+                // A JSON-RPC error from the upstream passes through unchanged, status included.
+                self.send(Frame::rejected(exchange, status.as_u16())).await;
+                answered(&body, pending);
+                self.send(Frame::message(exchange, body)).await;
+                return Ok(());
+            }
+            self.send(Frame::rejected(exchange, status.as_u16())).await;
+            let text = String::from_utf8_lossy(&body[..body.len().min(QUOTE_LIMIT)])
+                .trim()
+                .to_owned();
+            return Err(UpstreamError::Status {
+                source_name: self.name().to_owned(),
+                status,
+                body: text,
+            });
+        }
+        if body.is_empty() {
+            return Ok(());
+        }
+        if is_initialize {
+            self.remember_version(&body);
+        }
+        answered(&body, pending);
+        self.send(Frame::message(exchange, body)).await;
+        Ok(())
+    }
+
+    pub(super) fn remember_version(&self, body: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct InitResult {
+            result: Option<Negotiated>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Negotiated {
+            #[serde(rename = "protocolVersion")]
+            protocol_version: String,
+        }
+        if let Ok(InitResult {
+            result: Some(negotiated),
+        }) = serde_json::from_slice::<InitResult>(body)
+            && let Ok(value) = HeaderValue::from_str(&negotiated.protocol_version)
+        {
+            self.session.lock().version = Some(value);
+        }
+    }
+
+    async fn read_limited(&self, response: Response) -> Result<Bytes, UpstreamError> {
+        let limit = self.max_frame;
+        if content_length(&response).is_some_and(|len| len > limit as u64) {
+            return Err(UpstreamError::TooLarge {
+                source_name: self.name().to_owned(),
+                limit,
+            });
+        }
+        let mut body = bytes::BytesMut::new();
+        let mut chunks = body_stream(response);
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Broken {
+                source_name: self.name().to_owned(),
+                reason: error_chain(&e),
+            })?;
+            if body.len() + chunk.len() > limit {
+                return Err(UpstreamError::TooLarge {
+                    source_name: self.name().to_owned(),
+                    limit,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+
+    /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
+    async fn standalone_stream(self: Arc<Self>) {
+        let mut failures = 0;
+        while failures < GET_STREAM_ATTEMPTS {
+            match self.get(self.event_stream_headers()).await {
+                Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+                Ok(response) if response.status().is_success() => {
+                    failures = 0;
+                    if let Err(e) = self
+                        .relay_sse(UNSOLICITED, response, &mut HashSet::new())
+                        .await
+                    {
+                        tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
+                        failures += 1;
+                    }
+                }
+                Ok(response) => {
+                    tracing::debug!(source = %self.name(), status = %response.status(), "upstream refused the GET stream");
+                    failures += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream GET stream failed");
+                    failures += 1;
+                }
+            }
+            tokio::time::sleep(GET_STREAM_RETRY).await;
+        }
+    }
+
+    /// DELETEs the upstream session, if there is one.
+    pub(super) async fn end_upstream_session(&self) {
+        let Some(id) = self.session_id() else { return };
+        let mut headers = self.headers(false);
+        headers.insert(SESSION_HEADER, id);
+        let request =
+            self.source
+                .client
+                .send(Method::DELETE, &self.source.target, headers, Bytes::new());
+        match tokio::time::timeout(DELETE_TIMEOUT, request).await {
+            Ok(Ok(response)) => {
+                tracing::debug!(source = %self.name(), status = %response.status(), "upstream session deleted")
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream session delete failed")
+            }
+            Err(_) => {
+                tracing::debug!(source = %self.name(), timeout = ?DELETE_TIMEOUT, "upstream session delete timed out")
+            }
+        }
+    }
+}

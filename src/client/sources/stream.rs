@@ -1,0 +1,162 @@
+//! The frame loop every source runs on its tunnel stream, written once.
+//!
+//! Whatever the upstream (Streamable HTTP, HTTP+SSE, a stdio process), a source reads the
+//! same frames from the relay: messages to serve, renewed identity assertions, and the
+//! relay's `Close`; any other kind ends the stream. And whatever the upstream, when it cannot
+//! answer, every request waiting on it gets a JSON-RPC error that says why, then its
+//! exchange's `End`, so no agent waits for an answer that will never come. The sources differ
+//! only in what they do with a message (and, for HTTP, with an identity); [`Inbound`] and the
+//! `fail_*` functions here are the part they share, and [`serve`] runs a source on a stream:
+//! the relay's messages in, the source's frames out through a shared writer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
+
+use super::Out;
+use super::routing::Routing;
+use crate::mcp::Classified;
+use crate::mcp::jsonrpc::{MessageInfo, MessageKind, error_body};
+use crate::transport::{RecvHalf, SendHalf};
+use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter};
+
+/// Time the relay has to send the first message on a stream a source refuses.
+const REFUSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Serves one tunnel stream: `source` gets the relay's messages, the writer of frames toward
+/// the relay (to clone for each of its tasks) and the largest frame it takes; once `source` is
+/// done and every clone of the writer is gone, the stream is finished.
+pub(crate) async fn serve<F: Future<Output = ()>>(
+    reader: FrameReader<RecvHalf>,
+    writer: FrameWriter<SendHalf>,
+    source: impl FnOnce(Inbound, Out, usize) -> F,
+) {
+    let max_frame = writer.limit();
+    let (out, finished) = super::start_writer(writer);
+    source(Inbound::new(reader), out, max_frame).await;
+    let _ = finished.await;
+}
+
+/// The relay's side of a tunnel stream, as a source reads it: one message after another.
+pub(crate) struct Inbound {
+    reader: FrameReader<RecvHalf>,
+}
+
+impl Inbound {
+    /// Reads the frames of `reader`.
+    pub(crate) fn new(reader: FrameReader<RecvHalf>) -> Self {
+        Self { reader }
+    }
+
+    /// The next message, passing each identity frame before it to `on_identity`. `None` once
+    /// the stream is over: finished, broken, closed by the relay (`Close`), or carrying a
+    /// frame no exchange stream carries. Cancel-safe: a frame is taken only when returned or
+    /// handed to `on_identity`.
+    pub(crate) async fn next_message_with(
+        &mut self,
+        mut on_identity: impl FnMut(&Frame),
+    ) -> Option<Frame> {
+        loop {
+            let frame = match self.reader.next().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel stream read failed");
+                    return None;
+                }
+            };
+            match frame.kind {
+                FrameKind::Message => return Some(frame),
+                FrameKind::Identity => on_identity(&frame),
+                FrameKind::Close => {
+                    tracing::debug!(reason = %frame.reason(), "relay closed the stream");
+                    return None;
+                }
+                other => {
+                    tracing::warn!(kind = ?other, "unexpected frame on an exchange stream");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next message; identity frames are ignored (the upstream gets no identity
+    /// assertion, so there is nothing to renew).
+    pub(crate) async fn next_message(&mut self) -> Option<Frame> {
+        self.next_message_with(|_| {}).await
+    }
+
+    /// Refuses the stream: answers every request of its first message (waited for a bounded
+    /// time) with the error `code` and `reason`, then closes the stream with `reason`.
+    pub(crate) async fn refuse(&mut self, out: &Out, code: i64, reason: &str) {
+        if let Ok(Some(frame)) = tokio::time::timeout(REFUSE_WAIT, self.next_message()).await {
+            match crate::mcp::classify(&frame.payload) {
+                Ok(classified) => {
+                    fail_requests(out, frame.exchange, &classified, code, reason).await
+                }
+                Err(_) => {
+                    let _ = out.send(Frame::end(frame.exchange)).await;
+                }
+            }
+        }
+        let _ = out.send(Frame::close(reason)).await;
+    }
+}
+
+/// The requests of a message (not its notifications and responses).
+pub(crate) fn requests(classified: &Classified) -> impl Iterator<Item = &MessageInfo> {
+    classified
+        .messages()
+        .iter()
+        .filter(|m| m.kind == MessageKind::Request)
+}
+
+/// Answers every request of `classified` with the error `code` and `reason`, then ends
+/// `exchange`.
+pub(crate) async fn fail_requests(
+    out: &Out,
+    exchange: u64,
+    classified: &Classified,
+    code: i64,
+    reason: &str,
+) {
+    for request in requests(classified) {
+        let body = error_body(request.id.as_deref(), code, reason);
+        let _ = out.send(Frame::message(exchange, body)).await;
+    }
+    let _ = out.send(Frame::end(exchange)).await;
+}
+
+/// Answers the requests `ids` of `exchange` with the error `code` and `reason`, then ends
+/// the exchange.
+pub(crate) async fn fail_ids(
+    out: &Out,
+    exchange: u64,
+    ids: Vec<Box<RawValue>>,
+    code: i64,
+    reason: &str,
+) {
+    for id in ids {
+        let body = error_body(Some(&id), code, reason);
+        let _ = out.send(Frame::message(exchange, body)).await;
+    }
+    let _ = out.send(Frame::end(exchange)).await;
+}
+
+/// Fails every request pending in `routing` (see [`fail_ids`]), exchange by exchange; returns
+/// whether there was any.
+pub(crate) async fn fail_pending(
+    out: &Out,
+    routing: &Mutex<Routing>,
+    code: i64,
+    reason: &str,
+) -> bool {
+    let pending = routing.lock().take_all();
+    let any = !pending.is_empty();
+    for (exchange, ids) in pending {
+        fail_ids(out, exchange, ids, code, reason).await;
+    }
+    any
+}
