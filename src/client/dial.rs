@@ -28,6 +28,9 @@ pub struct Welcomed {
     pub tenant: String,
     /// The frame limit both ways on this connection.
     pub limit: usize,
+    /// The wire version both sides speak ([`wire::agree`]): what this client may send the
+    /// relay (the rule in [`wire::version`]).
+    pub wire_version: u32,
 }
 
 /// A connected, authenticated tunnel connection and its control stream.
@@ -178,13 +181,10 @@ impl Dialer {
         let mut reader = FrameReader::new(stream.recv, CONTROL_FRAME_LIMIT);
         let mut writer = FrameWriter::new(stream.send, CONTROL_FRAME_LIMIT);
         let greeting: Greeting = read_control(&mut reader).await?;
-        if greeting.version != wire::PROTOCOL_VERSION {
-            return Err(ClientError::Refused(format!(
-                "the relay speaks wire protocol {}, this client {}",
-                greeting.version,
-                wire::PROTOCOL_VERSION
-            )));
-        }
+        // The relay's version is known before the hello, so the hello too may carry only
+        // what the relay understands (rule 3).
+        let wire_version =
+            wire::agree(greeting.version).map_err(|e| ClientError::Refused(e.to_string()))?;
         writer
             .send(&Frame::json(FrameKind::Control, &self.hello))
             .await
@@ -198,7 +198,11 @@ impl Dialer {
                     .min(self.hello.max_frame as usize);
                 Ok(Tunnel {
                     connection: connection.clone(),
-                    welcomed: Welcomed { tenant, limit },
+                    welcomed: Welcomed {
+                        tenant,
+                        limit,
+                        wire_version,
+                    },
                     control_in: reader,
                     control_out: writer,
                 })

@@ -374,7 +374,7 @@ impl Slot {
     async fn serve(&mut self, tunnel: Tunnel) -> Next {
         let (slot, dialer) = (self.slot, &self.dialer);
         let kind = tunnel.connection.kind();
-        tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, sources = self.sources.len(), "tunnel up");
+        tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, wire_version = tunnel.welcomed.wire_version, sources = self.sources.len(), "tunnel up");
         let started = Instant::now();
         let Tunnel {
             connection,

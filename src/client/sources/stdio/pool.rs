@@ -33,7 +33,7 @@ const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The protocol version `connect` asks a pooled process for: the newest session-era version.
 /// Servers that only know older ones answer with theirs, as the handshake allows.
-const POOLED_PROTOCOL_VERSION: &str = "2025-11-25";
+const POOLED_PROTOCOL_VERSION: &str = crate::mcp::era::LATEST_SESSION_VERSION;
 
 impl StdioSource {
     /// Stateless era: each message is forwarded to the source's pooled process.

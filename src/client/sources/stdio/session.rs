@@ -310,7 +310,7 @@ fn announces_streams(line: &[u8]) -> bool {
     match serde_json::from_slice::<Init>(line) {
         Ok(Init {
             result: Some(settled),
-        }) => settled.protocol_version.as_str() >= "2025-11-25",
+        }) => settled.protocol_version.as_str() >= crate::mcp::era::PRIMED_STREAMS_SINCE,
         _ => false,
     }
 }
