@@ -24,37 +24,34 @@ command -v node >/dev/null || die "node is not installed (Node.js >= 20 is requi
 command -v npm >/dev/null || die "npm is not installed (it comes with Node.js)"
 command -v python3 >/dev/null || die "python3 is not installed (Python >= 3.10 is required)"
 
+# debian_package NAME CHECK...: installs Debian's package NAME with apt-get unless the command
+# CHECK already succeeds, and fails unless CHECK succeeds after the install.
+debian_package() {
+    local name=$1
+    shift
+    if "$@"; then
+        echo "install-peers: $name already installed"
+    elif [[ "$(id -u)" != 0 ]]; then
+        die "$name is not installed; run as root: apt-get update && apt-get install -y $name"
+    elif ! command -v apt-get >/dev/null; then
+        die "$name is not installed and apt-get is missing; install Debian's $name package"
+    else
+        echo "install-peers: apt-get install $name"
+        apt-get update || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "$name" || die "apt-get install -y $name failed"
+        "$@" || die "$name is still missing after apt-get install"
+    fi
+}
+
 # tinyproxy: an HTTP CONNECT proxy from Debian's packages, for the HTTPS fallback's proxy test.
 # Debian puts it in /usr/bin, which a non-login root shell may lack in PATH: look there too.
 have_tinyproxy() {
     command -v tinyproxy >/dev/null || [[ -x /usr/bin/tinyproxy ]] || [[ -x /usr/sbin/tinyproxy ]]
 }
-if have_tinyproxy; then
-    echo "install-peers: tinyproxy already installed"
-elif [[ "$(id -u)" != 0 ]]; then
-    die "tinyproxy is not installed; run as root: apt-get update && apt-get install -y tinyproxy"
-elif ! command -v apt-get >/dev/null; then
-    die "tinyproxy is not installed and apt-get is missing; install tinyproxy with your package manager"
-else
-    echo "install-peers: apt-get install tinyproxy"
-    apt-get update || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y tinyproxy || die "apt-get install -y tinyproxy failed"
-    have_tinyproxy || die "tinyproxy is still missing after apt-get install"
-fi
+debian_package tinyproxy have_tinyproxy
 
 # chromium: Debian's browser, run headless by tests/activity.rs to render the /activity page.
-if [[ -x /usr/bin/chromium ]]; then
-    echo "install-peers: chromium already installed"
-elif [[ "$(id -u)" != 0 ]]; then
-    die "chromium is not installed; run as root: apt-get update && apt-get install -y chromium"
-elif ! command -v apt-get >/dev/null; then
-    die "chromium is not installed and apt-get is missing; install Debian's chromium package"
-else
-    echo "install-peers: apt-get install chromium"
-    apt-get update || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y chromium || die "apt-get install -y chromium failed"
-    [[ -x /usr/bin/chromium ]] || die "/usr/bin/chromium is still missing after apt-get install"
-fi
+debian_package chromium test -x /usr/bin/chromium
 /usr/bin/chromium --version >/dev/null 2>&1 || die "/usr/bin/chromium does not run"
 
 # Node peers: `npm ci` installs exactly the lockfile; skip it when the tree already matches.
