@@ -22,7 +22,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::serve::ListenerExt;
 use parking_lot::Mutex;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -64,17 +63,7 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
         .route("/mcp", post(on_post).get(on_get).delete(on_delete))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(Arc::new(Server::default()));
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener.tap_io(crate::relay::no_delay), router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "demo MCP server failed");
-        }
-    });
-    Ok(bound)
+    super::spawn_server(addr, router, shutdown).await
 }
 
 /// The fields of a JSON-RPC message the server reads.

@@ -10,6 +10,7 @@ pub mod tools;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, ClientSettings};
@@ -236,4 +237,24 @@ async fn start_inner(listen: SocketAddr, shutdown: CancellationToken) -> anyhow:
         folder,
         relay,
     })
+}
+
+/// Serves `router` on `addr` until `shutdown` (a demo MCP server: the built-in one, or the
+/// tests' rmcp one); returns the bound address once it accepts connections.
+pub async fn spawn_server(
+    addr: SocketAddr,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener.tap_io(crate::relay::no_delay), router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "demo MCP server failed");
+        }
+    });
+    Ok(bound)
 }

@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 
-use axum::serve::ListenerExt;
 use mcp_tunnel::demo::tools::{blob_size, blob_text, sleep_time, slept};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
@@ -109,15 +108,5 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
     let service: StreamableHttpService<DemoServer, LocalSessionManager> =
         StreamableHttpService::new(|| Ok(DemoServer::default()), Default::default(), config);
     let router = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener.tap_io(mcp_tunnel::relay::no_delay), router)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "demo MCP server failed");
-        }
-    });
-    Ok(bound)
+    mcp_tunnel::demo::spawn_server(addr, router, shutdown).await
 }
