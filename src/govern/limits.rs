@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Default bound on the buckets one map holds.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
@@ -130,10 +131,7 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
 
     /// How many keys are held.
     pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .expect("bucket lock is never held across a panic")
-            .len()
+        self.map.lock().len()
     }
 
     /// Whether no key is held.
@@ -142,10 +140,7 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
     }
 
     fn with<T>(&self, key: &K, now: Instant, f: impl FnOnce(&mut Bucket, &Rate) -> T) -> T {
-        let mut map = self
-            .map
-            .lock()
-            .expect("bucket lock is never held across a panic");
+        let mut map = self.map.lock();
         if !map.contains_key(key) && map.len() >= self.max_keys {
             let rate = self.rate;
             map.retain(|_, bucket| !bucket.is_full(&rate, now));
