@@ -321,11 +321,7 @@ mod tests {
     }
 
     fn alice() -> Identity {
-        Identity {
-            tenant: "acme".into(),
-            subject: "alice".into(),
-            roles: Arc::from(vec!["analyst".to_owned()]),
-        }
+        crate::govern::identity::tests::who(&["analyst"])
     }
 
     #[test]

@@ -22,10 +22,10 @@
 //! head of every tenant; [`Auditor::close`] signs a close checkpoint. Each is also appended to
 //! `[audit] checkpoint_file` when set.
 //!
-//! One module a concern: [`open`] (opening the trail, the start check and the run's first
-//! checkpoint), [`thread`] (the writer thread and its group commit), [`writer`] (the state
-//! behind the lock and how rows are written), [`signing`] (checkpoints as the writer signs
-//! them, and the off-box copy), [`wal`] (the WAL merge thread). This file is the handle the
+//! One module a concern: `open` (opening the trail, the start check and the run's first
+//! checkpoint), `thread` (the writer thread and its group commit), `writer` (the state
+//! behind the lock and how rows are written), `signing` (checkpoints as the writer signs
+//! them, and the off-box copy), `wal` (the WAL merge thread). This file is the handle the
 //! relay holds.
 
 mod open;

@@ -9,13 +9,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use rusqlite::Connection;
+
 use super::clock::TailClock;
 use super::report::{Problem, ProblemKind, Report};
 use super::rows::Tail;
 use super::when;
 use crate::govern::audit::AuditError;
 use crate::govern::audit::checkpoint::{Checkpoint, GENESIS_HEX, Kind};
-use crate::govern::audit::store::StoredCheckpoint;
+use crate::govern::audit::store::{self, StoredCheckpoint};
 
 /// What the scan keeps of a relay's checkpoints (not all of them: a year of one-minute
 /// checkpoints is half a million): the last, and each epoch checkpoint with the one before it
@@ -83,9 +85,25 @@ impl Signed {
     }
 }
 
+/// Reads every checkpoint of the schema 2 trail (relay by relay, in number order, streaming)
+/// and checks them with [`check_checkpoints`].
+pub(super) fn read_checkpoints(
+    tx: &Connection,
+    keys: &[String],
+    signed: &mut Signed,
+    report: &mut Report,
+) -> rusqlite::Result<Option<Problem>> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT {} FROM checkpoints ORDER BY relay, n, id",
+        store::CHECKPOINT_COLUMNS
+    ))?;
+    let stored = stmt.query_map([], store::read_checkpoint)?;
+    check_checkpoints(stored, keys, signed, report)
+}
+
 /// Checks each relay's checkpoint chain (numbering, links, signatures, keys, heads never
 /// going back), filling `signed`; returns the first problem.
-pub(super) fn check_checkpoints(
+fn check_checkpoints(
     stored: impl Iterator<Item = rusqlite::Result<StoredCheckpoint>>,
     keys: &[String],
     signed: &mut Signed,

@@ -2,9 +2,9 @@
 //! sign, in one read snapshot (so it works while a relay writes), and reports the first
 //! problem. [`check_start`] is the part a relay runs on its own chains before writing.
 //!
-//! One module a concept: [`report`] (what it answers), [`checkpoints`] (the checkpoint
-//! chains and what they sign), [`rows`] (the walk over the rows), [`clock`] (the unsigned-rows
-//! test), [`legacy`] (schema 1), [`offbox`] (the off-box copy), [`start`] (a relay's own
+//! One module a concept: `report` (what it answers), `checkpoints` (the checkpoint
+//! chains and what they sign), `rows` (the walk over the rows), `clock` (the unsigned-rows
+//! test), `legacy` (schema 1), `offbox` (the off-box copy), `start` (a relay's own
 //! check before writing). This file runs them in order over one read snapshot.
 //!
 //! - **Rows.** Each (relay, tenant) chain runs 1, 2, 3, ... with no gap and nothing out of
@@ -40,7 +40,7 @@ mod start;
 use std::collections::HashSet;
 use std::path::Path;
 
-use rusqlite::OptionalExtension;
+use rusqlite::{Connection, OptionalExtension};
 
 pub use clock::CRASH_GRACE_MS;
 pub use offbox::read_offbox;
@@ -51,6 +51,7 @@ use super::AuditError;
 use super::checkpoint::Checkpoint;
 use super::store;
 use checkpoints::Signed;
+use rows::Walk;
 
 /// A time for messages (RFC 3339).
 fn when(ms: u64) -> String {
@@ -83,20 +84,12 @@ pub fn verify(
     };
     let mut signed = Signed::default();
     if !v1 {
-        let mut stmt = tx
-            .prepare(&format!(
-                "SELECT {} FROM checkpoints ORDER BY relay, n, id",
-                store::CHECKPOINT_COLUMNS
-            ))
-            .map_err(&err)?;
-        let stored = stmt.query_map([], store::read_checkpoint).map_err(&err)?;
-        report.problem = checkpoints::check_checkpoints(stored, &keys, &mut signed, &mut report)
-            .map_err(&err)?;
+        report.problem =
+            checkpoints::read_checkpoints(&tx, &keys, &mut signed, &mut report).map_err(&err)?;
         if report.problem.is_some() {
             return Ok(report);
         }
     }
-
     let walk = rows::walk_rows(&tx, v1, &mut signed, &mut report).map_err(&err)?;
     report.tenants = walk
         .tails
@@ -110,39 +103,7 @@ pub fn verify(
     if report.problem.is_some() {
         return Ok(report);
     }
-
-    let mut row_hash = tx
-        .prepare(if v1 {
-            "SELECT hash FROM records WHERE ?1 = '' AND tenant = ?2 AND seq = ?3"
-        } else {
-            "SELECT hash FROM records WHERE relay = ?1 AND tenant = ?2 AND seq = ?3"
-        })
-        .map_err(&err)?;
-    let mut lookup = |relay: &str, tenant: &str, seq: u64| -> Result<Option<String>, AuditError> {
-        row_hash
-            .query_row(rusqlite::params![relay, tenant, seq as i64], |r| r.get(0))
-            .optional()
-            .map_err(&err)
-    };
-    report.problem = checkpoints::check_signed_heads(&signed, &walk.tails, &mut lookup)?;
-    if report.problem.is_some() {
-        return Ok(report);
-    }
-    report.problem = checkpoints::check_unsigned(&signed, &walk.clocks, &mut report);
-    if report.problem.is_some() {
-        return Ok(report);
-    }
-    let legacy = legacy::legacy_checkpoints(&tx, v1, &keys, &mut report, &mut lookup)?;
-    if report.problem.is_some() {
-        return Ok(report);
-    }
-    report.problem = legacy::check_unchained_relays(
-        &walk.relay_rows,
-        &signed,
-        &legacy,
-        &walk.tails,
-        &mut report,
-    );
+    report.problem = check_after_walk(&tx, path, v1, &keys, &signed, &walk, &mut report)?;
     if report.problem.is_some() {
         return Ok(report);
     }
@@ -160,4 +121,51 @@ pub fn verify(
         );
     }
     Ok(report)
+}
+
+/// The checks once the rows are walked, in order, up to the first problem: what the kept
+/// checkpoints sign is there, unsigned rows are a crash tail, schema 1 checkpoints verify, and
+/// every relay with rows has checkpoints (or schema 1 ones).
+fn check_after_walk(
+    tx: &Connection,
+    path: &Path,
+    v1: bool,
+    keys: &[String],
+    signed: &Signed,
+    walk: &Walk,
+    report: &mut Report,
+) -> Result<Option<Problem>, AuditError> {
+    let err = store::sql_error(path);
+    let mut row_hash = tx
+        .prepare(if v1 {
+            "SELECT hash FROM records WHERE ?1 = '' AND tenant = ?2 AND seq = ?3"
+        } else {
+            "SELECT hash FROM records WHERE relay = ?1 AND tenant = ?2 AND seq = ?3"
+        })
+        .map_err(&err)?;
+    let mut lookup = |relay: &str, tenant: &str, seq: u64| -> Result<Option<String>, AuditError> {
+        row_hash
+            .query_row(rusqlite::params![relay, tenant, seq as i64], |r| r.get(0))
+            .optional()
+            .map_err(&err)
+    };
+    let problem = checkpoints::check_signed_heads(signed, &walk.tails, &mut lookup)?;
+    if problem.is_some() {
+        return Ok(problem);
+    }
+    let problem = checkpoints::check_unsigned(signed, &walk.clocks, report);
+    if problem.is_some() {
+        return Ok(problem);
+    }
+    let legacy = legacy::legacy_checkpoints(tx, v1, keys, report, &mut lookup)?;
+    if report.problem.is_some() {
+        return Ok(report.problem.take());
+    }
+    Ok(legacy::check_unchained_relays(
+        &walk.relay_rows,
+        signed,
+        &legacy,
+        &walk.tails,
+        report,
+    ))
 }
