@@ -146,18 +146,14 @@ pub(super) fn check_unchained_relays(
             continue;
         }
         let Some(signed) = legacy.get(relay) else {
-            return Some(Problem {
-                relay: relay.clone(),
-                checkpoint: None,
-                tenant: None,
-                seq: None,
-                id: 0,
-                kind: ProblemKind::NoCheckpoint,
-                detail: format!(
+            return Some(Problem::relay(
+                relay,
+                ProblemKind::NoCheckpoint,
+                format!(
                     "{count} rows of this relay and not one checkpoint of it (a relay signs one \
                      before its first row): its checkpoints were deleted"
                 ),
-            });
+            ));
         };
         report.notes.push(format!(
             "relay {relay:?}: {count} rows of a schema 1 trail, signed by per-tenant \

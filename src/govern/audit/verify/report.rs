@@ -174,6 +174,19 @@ impl fmt::Display for ProblemKind {
 }
 
 impl Problem {
+    /// A problem of `relay` naming no checkpoint, tenant or row.
+    pub(super) fn relay(relay: &str, kind: ProblemKind, detail: String) -> Problem {
+        Problem {
+            relay: relay.to_owned(),
+            checkpoint: None,
+            tenant: None,
+            seq: None,
+            id: 0,
+            kind,
+            detail,
+        }
+    }
+
     /// A problem with the row `seq` (row id `id`) of the chain (`relay`, `tenant`).
     pub(super) fn row(
         relay: &str,
@@ -184,13 +197,10 @@ impl Problem {
         detail: String,
     ) -> Problem {
         Problem {
-            relay: relay.to_owned(),
-            checkpoint: None,
             tenant: Some(tenant.to_owned()),
             seq: Some(seq),
             id,
-            kind,
-            detail,
+            ..Problem::relay(relay, kind, detail)
         }
     }
 
@@ -203,13 +213,9 @@ impl Problem {
         detail: String,
     ) -> Problem {
         Problem {
-            relay: relay.to_owned(),
             checkpoint: Some(n),
-            tenant: None,
-            seq: None,
             id,
-            kind,
-            detail,
+            ..Problem::relay(relay, kind, detail)
         }
     }
 }

@@ -191,6 +191,9 @@ fn feed_unsigned(
     }
 }
 
+/// A good row's hash and record, or what is wrong with it.
+type RowCheck = Result<([u8; 32], Record), (ProblemKind, String)>;
+
 /// Checks `row` as the successor of `tail`: its number, its link, its hash, its record and
 /// its columns. The row's hash and record, or what is wrong with it.
 fn check_row(
@@ -198,7 +201,7 @@ fn check_row(
     row: &StoredRow,
     exists: &mut Statement<'_>,
     names: &[&str],
-) -> rusqlite::Result<Result<([u8; 32], Record), (ProblemKind, String)>> {
+) -> rusqlite::Result<RowCheck> {
     let seq = row.seq;
     let expected = tail.seq + 1;
     if seq != expected {

@@ -83,13 +83,11 @@ fn check_last(
         )));
     }
     if n > 1 {
-        let prev: Option<String> = conn
-            .query_row(
-                "SELECT hash FROM checkpoints WHERE relay = ?1 AND n = ?2",
-                rusqlite::params![relay, (n - 1) as i64],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let prev = query_hash(
+            conn,
+            "SELECT hash FROM checkpoints WHERE relay = ?1 AND n = ?2",
+            rusqlite::params![relay, (n - 1) as i64],
+        )?;
         if !prev.is_some_and(|p| p.eq_ignore_ascii_case(&cp.prev)) {
             return Ok(Err(format!(
                 "its last checkpoint ({n}) does not follow checkpoint {}",
@@ -294,10 +292,18 @@ fn row_hash(
     tenant: &str,
     seq: u64,
 ) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
+    query_hash(
+        conn,
         "SELECT hash FROM records WHERE relay = ?1 AND tenant = ?2 AND seq = ?3",
         rusqlite::params![relay, tenant, seq as i64],
-        |r| r.get(0),
     )
-    .optional()
+}
+
+/// The `hash` column of the row `sql` finds with `params`, if it finds one.
+fn query_hash(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Option<String>> {
+    conn.query_row(sql, params, |r| r.get(0)).optional()
 }
