@@ -44,10 +44,28 @@ pub fn check_start(
     if let Err(why) = check_last(conn, relay, own_key, stored, cp)? {
         return Ok(Err(why));
     }
-    if let Err(why) = check_heads(conn, relay, n, cp, heads)? {
+    let start = Start {
+        conn,
+        relay,
+        n,
+        cp,
+        heads,
+    };
+    if let Err(why) = start.check_heads()? {
         return Ok(Err(why));
     }
-    check_unsigned_tail(conn, relay, n, cp, heads)
+    start.check_unsigned_tail()
+}
+
+/// What the checks after the last checkpoint look at: the trail, this relay, its last
+/// checkpoint (`cp`, number `n`) and where its chains end (`heads`).
+#[derive(Clone, Copy)]
+struct Start<'a> {
+    conn: &'a Connection,
+    relay: &'a str,
+    n: u64,
+    cp: &'a Checkpoint,
+    heads: &'a HashMap<String, Head>,
 }
 
 /// The relay's last checkpoint `cp` (number `n`, stored as `stored`): signed by `own_key`,
@@ -98,134 +116,135 @@ fn check_last(
     Ok(Ok(()))
 }
 
-/// Every head the last checkpoint (`n`) signs is there: the tenant has rows, at least that
-/// many, and the signed row's hash is unchanged.
-fn check_heads(
-    conn: &Connection,
-    relay: &str,
-    n: u64,
-    cp: &Checkpoint,
-    heads: &HashMap<String, Head>,
-) -> Verdict {
-    for head in &cp.heads {
-        let Some(now) = heads.get(&head.tenant) else {
-            return Ok(Err(format!(
-                "tenant {:?}, signed up to seq {} by the last checkpoint ({n}), has no rows \
-                 left: its rows were deleted",
-                head.tenant, head.seq
-            )));
-        };
-        if now.seq < head.seq {
-            return Ok(Err(format!(
-                "tenant {:?}: the last checkpoint ({n}) signs seq {} but the chain ends at seq \
-                 {}: rows were cut",
-                head.tenant, head.seq, now.seq
-            )));
-        }
-        let hash: Option<String> = row_hash(conn, relay, &head.tenant, head.seq)?;
-        if !hash.is_some_and(|h| h.eq_ignore_ascii_case(&head.hash)) {
-            return Ok(Err(format!(
-                "tenant {:?} seq {}: the row differs from what the last checkpoint ({n}) signs: \
-                 the chain was rewritten",
-                head.tenant, head.seq
-            )));
-        }
-    }
-    Ok(Ok(()))
-}
-
-/// The unsigned tail after the last checkpoint (`n`): chained on from the signed heads, and a
-/// crash tail by its times. Both passes stream (a forged file may hold any number of rows).
-fn check_unsigned_tail(
-    conn: &Connection,
-    relay: &str,
-    n: u64,
-    cp: &Checkpoint,
-    heads: &HashMap<String, Head>,
-) -> Verdict {
-    let first_unsigned = match check_tail_chains(conn, relay, n, cp, heads)? {
-        Ok(first) => first,
-        Err(why) => return Ok(Err(why)),
-    };
-    let mut clock = TailClock::new(Some(cp.time_ms), cp.interval_ms);
-    if let Some(first) = first_unsigned {
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, tenant, seq, record FROM records WHERE relay = ?1 AND id >= ?2 ORDER BY id",
-        )?;
-        let mut rows = stmt.query(rusqlite::params![relay, first])?;
-        while let Some(row) = rows.next()? {
-            let id: i64 = row.get(0)?;
-            let tenant: String = row.get(1)?;
-            let seq = u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0);
-            if seq <= cp.head(&tenant).map_or(0, |h| h.seq) {
-                continue;
-            }
-            let bytes: Vec<u8> = row.get(3)?;
-            let time_ms = serde_json::from_slice::<Record>(&bytes).map_or(0, |r| r.time_ms);
-            clock.feed(id, &tenant, seq, time_ms);
-        }
-    }
-    if let Some((id, tenant, seq, detail)) = clock.failure(&format!(
-        "after its last checkpoint ({n}, {})",
-        when(cp.time_ms)
-    )) {
-        return Ok(Err(format!(
-            "tenant {tenant:?} seq {seq} (row id {id}): {detail}"
-        )));
-    }
-    if clock.rows > 0 {
-        tracing::warn!(
+impl Start<'_> {
+    /// Every head the last checkpoint (`n`) signs is there: the tenant has rows, at least that
+    /// many, and the signed row's hash is unchanged.
+    fn check_heads(&self) -> Verdict {
+        let Start {
+            conn,
             relay,
-            rows = clock.rows,
-            checkpoint = n,
-            "audit trail: a crash tail of unsigned rows after the last checkpoint; signing it now"
-        );
-    }
-    Ok(Ok(()))
-}
-
-/// Each tenant's rows after the last checkpoint (`n`) chain on from the head it signs; the
-/// lowest row id among them (where the time test starts), if any.
-fn check_tail_chains(
-    conn: &Connection,
-    relay: &str,
-    n: u64,
-    cp: &Checkpoint,
-    heads: &HashMap<String, Head>,
-) -> rusqlite::Result<Result<Option<i64>, String>> {
-    let mut first_unsigned: Option<i64> = None;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, seq, prev_hash, hash, record FROM records WHERE relay = ?1 AND tenant = ?2 \
-         AND seq > ?3 ORDER BY seq",
-    )?;
-    for tenant in heads.keys() {
-        let (mut seq, mut hash) = cp
-            .head(tenant)
-            .and_then(|h| Some((h.seq, chain::parse_hash(&h.hash)?)))
-            .unwrap_or((0, GENESIS));
-        let mut rows = stmt.query(rusqlite::params![relay, tenant, seq as i64])?;
-        while let Some(row) = rows.next()? {
-            let id: i64 = row.get(0)?;
-            let row_seq = u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
-            let prev: String = row.get(2)?;
-            let stored: String = row.get(3)?;
-            let bytes: Vec<u8> = row.get(4)?;
-            let computed = chain::row_hash(&hash, row_seq, &bytes);
-            if row_seq != seq + 1
-                || chain::parse_hash(&prev) != Some(hash)
-                || chain::parse_hash(&stored) != Some(computed)
-            {
+            n,
+            cp,
+            heads,
+        } = *self;
+        for head in &cp.heads {
+            let Some(now) = heads.get(&head.tenant) else {
                 return Ok(Err(format!(
-                    "tenant {tenant:?} seq {row_seq} (row id {id}), after the last checkpoint \
-                     ({n}), does not chain on from it"
+                    "tenant {:?}, signed up to seq {} by the last checkpoint ({n}), has no rows \
+                     left: its rows were deleted",
+                    head.tenant, head.seq
+                )));
+            };
+            if now.seq < head.seq {
+                return Ok(Err(format!(
+                    "tenant {:?}: the last checkpoint ({n}) signs seq {} but the chain ends at seq \
+                     {}: rows were cut",
+                    head.tenant, head.seq, now.seq
                 )));
             }
-            first_unsigned = Some(first_unsigned.map_or(id, |f| f.min(id)));
-            seq = row_seq;
-            hash = computed;
+            let hash: Option<String> = row_hash(conn, relay, &head.tenant, head.seq)?;
+            if !hash.is_some_and(|h| h.eq_ignore_ascii_case(&head.hash)) {
+                return Ok(Err(format!(
+                    "tenant {:?} seq {}: the row differs from what the last checkpoint ({n}) signs: \
+                     the chain was rewritten",
+                    head.tenant, head.seq
+                )));
+            }
         }
+        Ok(Ok(()))
     }
-    Ok(Ok(first_unsigned))
+
+    /// The unsigned tail after the last checkpoint (`n`): chained on from the signed heads, and a
+    /// crash tail by its times. Both passes stream (a forged file may hold any number of rows).
+    fn check_unsigned_tail(&self) -> Verdict {
+        let Start {
+            conn, relay, n, cp, ..
+        } = *self;
+        let first_unsigned = match self.check_tail_chains()? {
+            Ok(first) => first,
+            Err(why) => return Ok(Err(why)),
+        };
+        let mut clock = TailClock::new(Some(cp.time_ms), cp.interval_ms);
+        if let Some(first) = first_unsigned {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, tenant, seq, record FROM records WHERE relay = ?1 AND id >= ?2 ORDER BY id",
+            )?;
+            let mut rows = stmt.query(rusqlite::params![relay, first])?;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                let tenant: String = row.get(1)?;
+                let seq = u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0);
+                if seq <= cp.head(&tenant).map_or(0, |h| h.seq) {
+                    continue;
+                }
+                let bytes: Vec<u8> = row.get(3)?;
+                let time_ms = serde_json::from_slice::<Record>(&bytes).map_or(0, |r| r.time_ms);
+                clock.feed(id, &tenant, seq, time_ms);
+            }
+        }
+        if let Some((id, tenant, seq, detail)) = clock.failure(&format!(
+            "after its last checkpoint ({n}, {})",
+            when(cp.time_ms)
+        )) {
+            return Ok(Err(format!(
+                "tenant {tenant:?} seq {seq} (row id {id}): {detail}"
+            )));
+        }
+        if clock.rows > 0 {
+            tracing::warn!(
+                relay,
+                rows = clock.rows,
+                checkpoint = n,
+                "audit trail: a crash tail of unsigned rows after the last checkpoint; signing it now"
+            );
+        }
+        Ok(Ok(()))
+    }
+
+    /// Each tenant's rows after the last checkpoint (`n`) chain on from the head it signs; the
+    /// lowest row id among them (where the time test starts), if any.
+    fn check_tail_chains(&self) -> rusqlite::Result<Result<Option<i64>, String>> {
+        let Start {
+            conn,
+            relay,
+            n,
+            cp,
+            heads,
+        } = *self;
+        let mut first_unsigned: Option<i64> = None;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, seq, prev_hash, hash, record FROM records WHERE relay = ?1 AND tenant = ?2 \
+             AND seq > ?3 ORDER BY seq",
+        )?;
+        for tenant in heads.keys() {
+            let (mut seq, mut hash) = cp
+                .head(tenant)
+                .and_then(|h| Some((h.seq, chain::parse_hash(&h.hash)?)))
+                .unwrap_or((0, GENESIS));
+            let mut rows = stmt.query(rusqlite::params![relay, tenant, seq as i64])?;
+            while let Some(row) = rows.next()? {
+                let id: i64 = row.get(0)?;
+                let row_seq = u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
+                let prev: String = row.get(2)?;
+                let stored: String = row.get(3)?;
+                let bytes: Vec<u8> = row.get(4)?;
+                let computed = chain::row_hash(&hash, row_seq, &bytes);
+                if row_seq != seq + 1
+                    || chain::parse_hash(&prev) != Some(hash)
+                    || chain::parse_hash(&stored) != Some(computed)
+                {
+                    return Ok(Err(format!(
+                        "tenant {tenant:?} seq {row_seq} (row id {id}), after the last checkpoint \
+                         ({n}), does not chain on from it"
+                    )));
+                }
+                first_unsigned = Some(first_unsigned.map_or(id, |f| f.min(id)));
+                seq = row_seq;
+                hash = computed;
+            }
+        }
+        Ok(Ok(first_unsigned))
+    }
 }
 
 /// [`check_start`] for a relay with rows and no checkpoint of its own: only a migrated schema
