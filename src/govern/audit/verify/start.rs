@@ -120,15 +120,9 @@ impl Start<'_> {
     /// Every head the last checkpoint (`n`) signs is there: the tenant has rows, at least that
     /// many, and the signed row's hash is unchanged.
     fn check_heads(&self) -> Verdict {
-        let Start {
-            conn,
-            relay,
-            n,
-            cp,
-            heads,
-        } = *self;
+        let (n, cp) = (self.n, self.cp);
         for head in &cp.heads {
-            let Some(now) = heads.get(&head.tenant) else {
+            let Some(now) = self.heads.get(&head.tenant) else {
                 return Ok(Err(format!(
                     "tenant {:?}, signed up to seq {} by the last checkpoint ({n}), has no rows \
                      left: its rows were deleted",
@@ -142,7 +136,7 @@ impl Start<'_> {
                     head.tenant, head.seq, now.seq
                 )));
             }
-            let hash: Option<String> = row_hash(conn, relay, &head.tenant, head.seq)?;
+            let hash: Option<String> = row_hash(self.conn, self.relay, &head.tenant, head.seq)?;
             if !hash.is_some_and(|h| h.eq_ignore_ascii_case(&head.hash)) {
                 return Ok(Err(format!(
                     "tenant {:?} seq {}: the row differs from what the last checkpoint ({n}) signs: \
