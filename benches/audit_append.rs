@@ -85,7 +85,7 @@ fn appends(c: &mut Criterion) {
         config.durability = durability;
         let auditor = runtime
             .block_on(async { Auditor::open(&config) })
-            .expect("open");
+            .expect("a bench cannot run without its trail: open it under target/");
         for concurrency in [1u64, 64] {
             let cpu = std::cell::Cell::new((Duration::ZERO, 0u64));
             group.bench_with_input(
@@ -103,14 +103,17 @@ fn appends(c: &mut Criterion) {
                                     tokio::spawn(async move {
                                         let mut n = task;
                                         while n < iters {
-                                            auditor.append(record(n)).await.expect("append");
+                                            auditor.append(record(n)).await.expect(
+                                                "a failed append would falsify the measurement",
+                                            );
                                             n += concurrency;
                                         }
                                     })
                                 })
                                 .collect();
                             for task in tasks {
-                                task.await.expect("append task");
+                                task.await
+                                    .expect("an append task panics only if an append failed");
                             }
                             started.elapsed()
                         });

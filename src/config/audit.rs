@@ -1,7 +1,7 @@
 //! `[audit]`: the audit trail's file, key, durability and what it keeps per source.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -100,6 +100,15 @@ fn default_audit_queue() -> usize {
     DEFAULT_AUDIT_QUEUE
 }
 
+/// The checkpoint key's file of the trail at `path`: `key`, or `audit.key` next to the
+/// database. One rule for `[audit]` and the audit settings the relay opens the trail with.
+pub fn audit_key_path(path: &Path, key: Option<&Path>) -> PathBuf {
+    match key {
+        Some(key) => key.to_owned(),
+        None => path.with_file_name("audit.key"),
+    }
+}
+
 impl AuditSection {
     /// A section with every default and the trail at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -117,10 +126,7 @@ impl AuditSection {
 
     /// The checkpoint key's file: `key`, or `audit.key` next to the database.
     pub fn key_path(&self) -> PathBuf {
-        match &self.key {
-            Some(key) => key.clone(),
-            None => self.path.with_file_name("audit.key"),
-        }
+        audit_key_path(&self.path, self.key.as_deref())
     }
 
     /// The checkpoint interval.

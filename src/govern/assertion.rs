@@ -32,10 +32,11 @@
 //! one tenant could be handed an assertion meant for another's.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use parking_lot::Mutex;
 use rand::RngCore;
 use serde::Serialize;
 
@@ -258,10 +259,7 @@ impl Refresher {
     /// A new assertion if the one in use is past half its lifetime at `now`, else `None`.
     /// Concurrent callers get at most one new assertion per half-lifetime.
     pub fn due(&self, now: Instant) -> Result<Option<Assertion>, AssertionError> {
-        let mut current = self
-            .current
-            .lock()
-            .expect("the refresher lock is never held across a panic");
+        let mut current = self.current.lock();
         if now < current.renew_at {
             return Ok(None);
         }
@@ -278,10 +276,7 @@ impl Refresher {
     /// in use. A signer that no longer enables the source changes nothing (see the module
     /// docs); neither does an identity of another tenant or subject.
     pub fn update(&self, signer: Option<&Arc<AssertionSigner>>, who: &Identity) {
-        let mut current = self
-            .current
-            .lock()
-            .expect("the refresher lock is never held across a panic");
+        let mut current = self.current.lock();
         if who.tenant != current.who.tenant || who.subject != current.who.subject {
             return;
         }
@@ -326,11 +321,7 @@ mod tests {
     }
 
     fn alice() -> Identity {
-        Identity {
-            tenant: "acme".into(),
-            subject: "alice".into(),
-            roles: Arc::from(vec!["analyst".to_owned()]),
-        }
+        crate::govern::identity::tests::who(&["analyst"])
     }
 
     #[test]

@@ -385,18 +385,7 @@ fn from_json(json: &serde_json::Value, depth: usize) -> Result<Value, EvalError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn who(roles: &[&str]) -> Identity {
-        Identity {
-            tenant: "acme".into(),
-            subject: "alice".into(),
-            roles: roles
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .into(),
-        }
-    }
+    use crate::govern::identity::tests::who;
 
     fn eval(expression: &str, roles: &[&str], params: &str) -> Result<bool, EvalError> {
         let condition =

@@ -234,8 +234,21 @@ impl Keyring {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// alice of tenant acme with `roles`: the caller of the policy and condition tests.
+    pub(crate) fn who(roles: &[&str]) -> Identity {
+        Identity {
+            tenant: "acme".into(),
+            subject: "alice".into(),
+            roles: roles
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .into(),
+        }
+    }
 
     #[test]
     fn hash_round_trips_and_refuses_clear_text() {

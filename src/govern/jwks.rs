@@ -11,8 +11,10 @@
 //! is alive, so a configuration reload keeps the fetched keys instead of starting empty.
 
 use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, RwLock, Weak};
+use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
 
 use super::jwt::{KeySet, key_set};
 use super::limits::{Bucket, Rate};
@@ -98,9 +100,7 @@ impl RemoteJwks {
             ));
         }
         let key = (url.to_owned(), refresh_secs);
-        let mut caches = CACHES
-            .lock()
-            .expect("the JWKS cache lock is never held across a panic");
+        let mut caches = CACHES.lock();
         caches.retain(|_, cache| cache.strong_count() > 0);
         if let Some(live) = caches.get(&key).and_then(Weak::upgrade) {
             return Ok(live);
@@ -143,10 +143,7 @@ impl RemoteJwks {
 
     /// The keys last fetched, or `None` before the first successful fetch.
     pub fn keys(&self) -> Option<Arc<KeySet>> {
-        self.keys
-            .read()
-            .expect("the JWKS lock is never held across a panic")
-            .clone()
+        self.keys.read().clone()
     }
 
     /// Whether the cached keys hold `kid` (any key, when `kid` is `None`).
@@ -168,11 +165,7 @@ impl RemoteJwks {
         if self.holds(kid) {
             return;
         }
-        let allowed = self
-            .on_demand
-            .lock()
-            .expect("the JWKS rate lock is never held across a panic")
-            .take(&ON_DEMAND, Instant::now());
+        let allowed = self.on_demand.lock().take(&ON_DEMAND, Instant::now());
         if let Err(retry_after) = allowed {
             tracing::debug!(url = %self.url, kid, ?retry_after, "unknown JWKS key id; refresh rate limited");
             return;
@@ -196,10 +189,7 @@ impl RemoteJwks {
             Ok(keys) => {
                 let count = keys.len();
                 tracing::info!(url = %self.url, keys = count, "JWKS fetched");
-                *self
-                    .keys
-                    .write()
-                    .expect("the JWKS lock is never held across a panic") = Some(Arc::new(keys));
+                *self.keys.write() = Some(Arc::new(keys));
                 Ok(count)
             }
             Err(error) => {

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 /// Default bound on the buckets one map holds.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
@@ -130,10 +131,7 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
 
     /// How many keys are held.
     pub fn len(&self) -> usize {
-        self.map
-            .lock()
-            .expect("bucket lock is never held across a panic")
-            .len()
+        self.map.lock().len()
     }
 
     /// Whether no key is held.
@@ -142,10 +140,7 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
     }
 
     fn with<T>(&self, key: &K, now: Instant, f: impl FnOnce(&mut Bucket, &Rate) -> T) -> T {
-        let mut map = self
-            .map
-            .lock()
-            .expect("bucket lock is never held across a panic");
+        let mut map = self.map.lock();
         if !map.contains_key(key) && map.len() >= self.max_keys {
             let rate = self.rate;
             map.retain(|_, bucket| !bucket.is_full(&rate, now));
@@ -266,31 +261,10 @@ impl Limiter {
         if n == 0 {
             return Ok(());
         }
-        if let Some(buckets) = &self.identity {
-            buckets
-                .take_n(&(tenant.to_owned(), subject.to_owned()), now, n)
-                .map_err(|retry_after| RateLimited {
-                    limit: Limited::Identity,
-                    retry_after,
-                })?;
-        }
-        if let Some(buckets) = &self.source {
-            buckets
-                .take_n(&(tenant.to_owned(), source.to_owned()), now, n)
-                .map_err(|retry_after| RateLimited {
-                    limit: Limited::Source,
-                    retry_after,
-                })?;
-        }
-        if let Some(buckets) = &self.tenant {
-            buckets
-                .take_n(&tenant.to_owned(), now, n)
-                .map_err(|retry_after| RateLimited {
-                    limit: Limited::Tenant,
-                    retry_after,
-                })?;
-        }
-        Ok(())
+        let pair = |other: &str| (tenant.to_owned(), other.to_owned());
+        take_from(&self.identity, || pair(subject), now, n, Limited::Identity)?;
+        take_from(&self.source, || pair(source), now, n, Limited::Source)?;
+        take_from(&self.tenant, || tenant.to_owned(), now, n, Limited::Tenant)
     }
 
     /// Whether `addr` may still try to authenticate at `now` (it has failures left).
@@ -310,6 +284,23 @@ impl Limiter {
             let _ = buckets.take(&addr, now);
         }
     }
+}
+
+/// Takes `n` tokens at `now` from the bucket of `key` (built only when the limit is on) in
+/// `buckets`; a refusal names `limit`.
+fn take_from<K: Eq + Hash + Clone>(
+    buckets: &Option<Buckets<K>>,
+    key: impl FnOnce() -> K,
+    now: Instant,
+    n: u32,
+    limit: Limited,
+) -> Result<(), RateLimited> {
+    let Some(buckets) = buckets else {
+        return Ok(());
+    };
+    buckets
+        .take_n(&key(), now, n)
+        .map_err(|retry_after| RateLimited { limit, retry_after })
 }
 
 #[cfg(test)]

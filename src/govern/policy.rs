@@ -265,6 +265,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::govern::identity::tests::who;
 
     #[test]
     fn globs() {
@@ -275,18 +276,6 @@ mod tests {
         assert!(!glob_match("everything/echo", "everything/echo2"));
         assert!(!glob_match("a*b", "aXXc"));
         assert!(glob_match("", ""));
-    }
-
-    fn who(roles: &[&str]) -> Identity {
-        Identity {
-            tenant: "acme".into(),
-            subject: "alice".into(),
-            roles: roles
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .into(),
-        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::capture::CaptureRules;
+use crate::config;
 
 /// How durable a committed row is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -53,9 +54,9 @@ impl AuditSettings {
             path: path.into(),
             durability: Durability::default(),
             key: None,
-            checkpoint_rows: 1000,
-            checkpoint_secs: 60,
-            queue: 4096,
+            checkpoint_rows: config::DEFAULT_CHECKPOINT_ROWS,
+            checkpoint_secs: config::DEFAULT_CHECKPOINT_SECS,
+            queue: config::DEFAULT_AUDIT_QUEUE,
             capture: CaptureRules::default(),
             checkpoint_file: None,
             relay_id: None,
@@ -65,10 +66,7 @@ impl AuditSettings {
 
     /// The checkpoint key's file: `key`, or `audit.key` next to the database.
     pub fn key_path(&self) -> PathBuf {
-        match &self.key {
-            Some(key) => key.clone(),
-            None => self.path.with_file_name("audit.key"),
-        }
+        config::audit_key_path(&self.path, self.key.as_deref())
     }
 
     /// The checkpoint interval.

@@ -175,7 +175,7 @@ impl Default for Head {
     }
 }
 
-fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> AuditError + '_ {
+pub(super) fn sql_error(path: &Path) -> impl Fn(rusqlite::Error) -> AuditError + '_ {
     move |e| AuditError::Database {
         path: path.to_owned(),
         message: e.to_string(),
