@@ -23,6 +23,8 @@
 //! [`relay::Relay`] and [`client::run`] take a shutdown token, so tests run everything
 //! in-process; `main.rs` is only the command line.
 
+#![warn(unreachable_pub)]
+
 pub mod bench;
 pub mod certs;
 pub mod client;

@@ -695,7 +695,7 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
 async fn limited_mini(max_processes: usize, idle: Duration) -> (Harness, common::Client) {
     let harness = Harness::start(Options::default()).await;
     let mut settings = stdio_settings(&harness, &[("mini", mini())]);
-    settings.stdio = mcp_tunnel::client::sources::stdio::StdioLimits {
+    settings.stdio = mcp_tunnel::client::StdioLimits {
         max_processes,
         idle,
     };

@@ -7,8 +7,8 @@
 //! failure is counted by kind, never raised. All sessions share one keep-alive connection pool
 //! (HTTP/1.1), so the generator costs little next to what it measures.
 
-pub mod client;
-pub mod report;
+mod client;
+mod report;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -11,7 +11,7 @@ const CAP: Duration = Duration::from_secs(30);
 
 /// Successive reconnect delays.
 #[derive(Debug, Default)]
-pub struct Backoff {
+pub(super) struct Backoff {
     failures: u32,
 }
 
@@ -19,7 +19,7 @@ impl Backoff {
     /// The delay before the next attempt: 0 the first time, then full-jitter exponential
     /// (a random point in `[d/2, d]`, `d` doubling from [`BASE`] up to [`CAP`]) so that many
     /// clients cut off together do not reconnect in lockstep.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(super) fn next_delay(&mut self) -> Duration {
         let failures = self.failures;
         self.failures = self.failures.saturating_add(1);
         if failures == 0 {
@@ -31,7 +31,7 @@ impl Backoff {
     }
 
     /// Forgets past failures (after a connection that worked).
-    pub fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.failures = 0;
     }
 }

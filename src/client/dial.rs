@@ -23,7 +23,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONTROL_FRAME_LIMIT: usize = 64 * 1024;
 
 /// What the relay's welcome settled.
-pub struct Welcomed {
+pub(super) struct Welcomed {
     /// The tenant the token belongs to.
     pub tenant: String,
     /// The frame limit both ways on this connection.
@@ -34,7 +34,7 @@ pub struct Welcomed {
 }
 
 /// A connected, authenticated tunnel connection and its control stream.
-pub struct Tunnel {
+pub(super) struct Tunnel {
     /// The connection.
     pub connection: Arc<dyn TunnelConnection>,
     /// What the handshake settled.
@@ -46,7 +46,7 @@ pub struct Tunnel {
 }
 
 /// Dials the relay; keeps the QUIC endpoint between attempts.
-pub struct Dialer {
+pub(super) struct Dialer {
     relay: String,
     server_name: String,
     quic_tls: rustls::ClientConfig,
@@ -58,7 +58,7 @@ pub struct Dialer {
 
 impl Dialer {
     /// A dialer for `relay` (`HOST:PORT`), verifying it against `roots`.
-    pub fn new(
+    pub(super) fn new(
         relay: &str,
         roots: &tls::Roots,
         proxy: Option<Proxy>,
@@ -79,7 +79,7 @@ impl Dialer {
     }
 
     /// The relay address as configured.
-    pub fn relay(&self) -> &str {
+    pub(super) fn relay(&self) -> &str {
         &self.relay
     }
 
@@ -108,7 +108,7 @@ impl Dialer {
     }
 
     /// Dials over `kind` within `timeout` (TLS included), then runs the handshake.
-    pub async fn connect(
+    pub(super) async fn connect(
         &self,
         kind: TransportKind,
         timeout: Duration,
@@ -215,7 +215,7 @@ impl Dialer {
     }
 
     /// Waits until the QUIC endpoint has sent every close (bounded).
-    pub async fn wait_idle(&self) {
+    pub(super) async fn wait_idle(&self) {
         let endpoint = self.endpoint.lock().as_ref().map(|(_, e)| e.clone());
         if let Some(endpoint) = endpoint {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -239,7 +239,11 @@ async fn read_control<T: serde::de::DeserializeOwned>(
 }
 
 /// The `Hello` this client sends.
-pub fn hello(token: &str, sources: &[crate::config::SourceConfig], max_frame: usize) -> Hello {
+pub(super) fn hello(
+    token: &str,
+    sources: &[crate::config::SourceConfig],
+    max_frame: usize,
+) -> Hello {
     Hello {
         version: wire::PROTOCOL_VERSION,
         token: token.to_owned(),
@@ -255,7 +259,7 @@ pub fn hello(token: &str, sources: &[crate::config::SourceConfig], max_frame: us
 }
 
 /// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
-pub fn split_host(relay: &str) -> Result<&str, ClientError> {
+pub(super) fn split_host(relay: &str) -> Result<&str, ClientError> {
     let host = match relay.rsplit_once(':') {
         Some((host, port)) if port.parse::<u16>().is_ok() => host,
         _ => {

@@ -9,10 +9,10 @@
 //! [`ClientSettings::probe_interval`]: when QUIC answers, the QUIC connection takes over and the
 //! HTTPS one drains.
 
-pub mod backoff;
-pub mod dial;
-pub mod proxy;
-pub mod sources;
+mod backoff;
+mod dial;
+mod proxy;
+mod sources;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +29,8 @@ use backoff::Backoff;
 use dial::{Dialer, Tunnel};
 use proxy::Proxy;
 use sources::Sources;
+
+pub use sources::StdioLimits;
 
 /// Time the relay has to send the open header of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,7 +97,7 @@ pub struct ClientSettings {
     /// answer crosses the tunnel in pieces, so this bounds a runaway answer, not memory.
     pub max_answer_bytes: usize,
     /// How stdio sources bound their processes.
-    pub stdio: sources::stdio::StdioLimits,
+    pub stdio: StdioLimits,
 }
 
 impl ClientSettings {
@@ -113,7 +115,7 @@ impl ClientSettings {
             connections: DEFAULT_CONNECTIONS,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             max_answer_bytes: crate::config::DEFAULT_MAX_ANSWER_BYTES,
-            stdio: sources::stdio::StdioLimits::default(),
+            stdio: StdioLimits::default(),
         }
     }
 
@@ -149,7 +151,7 @@ impl ClientSettings {
                 .map_err(ClientError::Config)?;
                 file.max_answer_bytes
             },
-            stdio: sources::stdio::StdioLimits {
+            stdio: StdioLimits {
                 max_processes: file.stdio_max_processes,
                 idle: Duration::from_secs(file.stdio_idle_secs),
             },

@@ -14,7 +14,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An HTTP proxy that supports CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Proxy {
+pub(super) struct Proxy {
     /// `host:port` of the proxy.
     pub address: String,
     /// `user:password` for Basic proxy authentication, if the URL has one.
@@ -24,7 +24,7 @@ pub struct Proxy {
 impl Proxy {
     /// Parses `http://[user:password@]host[:port]` (port 3128 when absent: Squid's default, and
     /// the usual one).
-    pub fn parse(url: &str) -> Result<Self, String> {
+    pub(super) fn parse(url: &str) -> Result<Self, String> {
         let rest = url
             .strip_prefix("http://")
             .ok_or_else(|| format!("proxy {url:?}: only http:// proxies are supported"))?;
@@ -52,7 +52,7 @@ impl Proxy {
     }
 
     /// The proxy from `HTTPS_PROXY` / `https_proxy`, unless `NO_PROXY` names `host`.
-    pub fn from_env(host: &str) -> Option<Result<Self, String>> {
+    pub(super) fn from_env(host: &str) -> Option<Result<Self, String>> {
         let url = std::env::var("HTTPS_PROXY")
             .or_else(|_| std::env::var("https_proxy"))
             .ok()
@@ -70,7 +70,7 @@ impl Proxy {
     }
 
     /// Opens a TCP tunnel to `target` (`host:port`) through the proxy.
-    pub async fn connect(&self, target: &str) -> std::io::Result<TcpStream> {
+    pub(super) async fn connect(&self, target: &str) -> std::io::Result<TcpStream> {
         tokio::time::timeout(CONNECT_TIMEOUT, self.connect_inner(target))
             .await
             .map_err(|_| {

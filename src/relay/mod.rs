@@ -3,8 +3,6 @@
 //! [`Relay::bind`] opens every listener (so tests can bind port 0 and read the addresses back);
 //! [`Relay::serve`] runs until the shutdown token fires.
 
-#![warn(unreachable_pub)]
-
 mod admin;
 mod agents;
 mod calls;

@@ -34,17 +34,17 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An upstream's response; its body is read with [`body_stream`].
-pub type Response = http::Response<Incoming>;
+pub(super) type Response = http::Response<Incoming>;
 
 /// A response body as a stream of its data.
-pub type BodyStream = BodyDataStream<Incoming>;
+pub(super) type BodyStream = BodyDataStream<Incoming>;
 
 /// Redirects followed for one request before it fails, as reqwest's default policy.
 const MAX_REDIRECTS: usize = 10;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
-pub enum RequestError {
+pub(super) enum RequestError {
     /// Connecting failed or timed out, or the connection broke.
     #[error(transparent)]
     Http(#[from] hyper_util::client::legacy::Error),
@@ -69,7 +69,7 @@ pub enum RequestError {
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(super) enum ClientError {
     /// The platform's certificate verifier is unavailable.
     #[error("platform certificate verifier: {0}")]
     Verifier(rustls::Error),
@@ -86,7 +86,7 @@ struct ConnectTimeout(Duration);
 /// Where a source's requests go, parsed once: the URI without credentials, and the Basic
 /// `Authorization` the URL's credentials make, as reqwest sent them.
 #[derive(Clone, Debug)]
-pub struct Target {
+pub(super) struct Target {
     uri: Uri,
     authorization: Option<HeaderValue>,
     /// Whether a redirect to another origin is followed (off by default: the request, its
@@ -96,7 +96,7 @@ pub struct Target {
 
 impl Target {
     /// The target of `url` (`http` or `https`).
-    pub fn new(url: &url::Url) -> Result<Self, String> {
+    pub(super) fn new(url: &url::Url) -> Result<Self, String> {
         let mut url = url.clone();
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("{url}: not an http or https URL"));
@@ -114,13 +114,13 @@ impl Target {
 
     /// Lets requests to this target follow redirects to other origins (with credentials,
     /// cookies and sensitive headers dropped on the way).
-    pub fn with_cross_origin_redirects(mut self, allowed: bool) -> Self {
+    pub(super) fn with_cross_origin_redirects(mut self, allowed: bool) -> Self {
         self.cross_origin_redirects = allowed;
         self
     }
 
     /// Whether redirects to other origins are followed.
-    pub fn cross_origin_redirects(&self) -> bool {
+    pub(super) fn cross_origin_redirects(&self) -> bool {
         self.cross_origin_redirects
     }
 }
@@ -153,13 +153,13 @@ fn credentials(url: &mut url::Url) -> Option<HeaderValue> {
 
 /// A pooled HTTP client for upstreams; clones share the pool.
 #[derive(Clone)]
-pub struct HttpClient {
+pub(super) struct HttpClient {
     inner: Client<TimeoutConnector, Full<Bytes>>,
 }
 
 impl HttpClient {
     /// A client with its own connection pool.
-    pub fn new() -> Result<Self, ClientError> {
+    pub(super) fn new() -> Result<Self, ClientError> {
         let provider = crate::transport::tls::provider();
         let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
             .map_err(ClientError::Verifier)?;
@@ -209,7 +209,7 @@ impl HttpClient {
     /// Sends `method` to `target` with `headers` and `body` (empty for none); resolves to the
     /// response head, whose body streams after. Redirects are followed as reqwest's default
     /// policy did (see [`Redirect`]); only a redirect response costs more than the request.
-    pub async fn send(
+    pub(super) async fn send(
         &self,
         method: Method,
         target: &Target,
@@ -375,18 +375,18 @@ fn redacted(url: &url::Url) -> String {
 }
 
 /// The body's length when the upstream declared it.
-pub fn content_length(response: &Response) -> Option<u64> {
+pub(super) fn content_length(response: &Response) -> Option<u64> {
     response.body().size_hint().exact()
 }
 
 /// The body of `response` as a stream of its data.
-pub fn body_stream(response: Response) -> BodyStream {
+pub(super) fn body_stream(response: Response) -> BodyStream {
     BodyDataStream::new(response.into_body())
 }
 
 /// An error with its causes, e.g. "client error (Connect): tcp connect error: Connection refused
 /// (os error 111)": hyper's errors say little without their sources.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

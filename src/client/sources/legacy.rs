@@ -25,7 +25,7 @@ use crate::wire::{Era, Frame, OpenHeader};
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The upstream's event stream, opened, and the URL its `endpoint` event named.
-pub struct Opened {
+pub(super) struct Opened {
     events: SseByteStream<BodyStream>,
     /// Where messages are POSTed: the `endpoint` event's URL, resolved once per session.
     post_target: Target,
@@ -34,7 +34,7 @@ pub struct Opened {
 /// Opens the event stream at `target` (the source's `url`) and waits for its `endpoint`
 /// event. `None` when it does not speak the HTTP+SSE transport (no event stream, or no
 /// `endpoint` event).
-pub async fn open(
+pub(super) async fn open(
     client: &HttpClient,
     url: &url::Url,
     target: &Target,

@@ -1,11 +1,11 @@
 //! The upstream MCP servers `connect` serves, by name.
 
-pub mod http;
-pub mod http_client;
-pub mod legacy;
-pub mod routing;
-pub mod stdio;
-pub(crate) mod stream;
+mod http;
+mod http_client;
+mod legacy;
+mod routing;
+mod stdio;
+mod stream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +14,10 @@ use crate::config::{SourceConfig, SourceTarget};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{FrameReader, FrameWriter, OpenHeader};
 
+pub use stdio::StdioLimits;
+
 /// One configured source.
-pub enum Source {
+pub(super) enum Source {
     /// A Streamable HTTP server.
     Http(Arc<http::HttpSource>),
     /// A command speaking MCP on its stdin and stdout.
@@ -24,7 +26,7 @@ pub enum Source {
 
 impl Source {
     /// Serves one exchange stream until it ends.
-    pub async fn serve(
+    pub(super) async fn serve(
         &self,
         header: OpenHeader,
         reader: FrameReader<RecvHalf>,
@@ -38,14 +40,14 @@ impl Source {
 }
 
 /// All sources of this client.
-pub struct Sources {
+pub(super) struct Sources {
     by_name: HashMap<String, Source>,
 }
 
 impl Sources {
     /// Builds the sources; refuses duplicates and unusable targets. Answers of at most
     /// `max_answer` bytes each are relayed.
-    pub fn new(
+    pub(super) fn new(
         configs: &[SourceConfig],
         stdio_limits: stdio::StdioLimits,
         max_answer: usize,
@@ -74,34 +76,18 @@ impl Sources {
     }
 
     /// The source called `name`.
-    pub fn get(&self, name: &str) -> Option<&Source> {
+    pub(super) fn get(&self, name: &str) -> Option<&Source> {
         self.by_name.get(name)
     }
 
     /// How many.
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.by_name.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-
-    /// Child processes of stdio sources alive now (started and not yet reaped).
-    pub fn live_processes(&self) -> usize {
-        self.by_name
-            .values()
-            .map(|source| match source {
-                Source::Stdio(source) => source.live_processes(),
-                Source::Http(_) => 0,
-            })
-            .sum()
     }
 
     /// Stops what the sources run: kills every stdio child (its whole process group) and
     /// waits, bounded, until each is reaped. New sessions of stdio sources are refused after.
-    pub async fn shutdown(&self) {
+    pub(super) async fn shutdown(&self) {
         for source in self.by_name.values() {
             if let Source::Stdio(source) = source {
                 source.shutdown().await;

@@ -15,7 +15,7 @@ use crate::mcp::jsonrpc::{MessageInfo, MessageKind};
 use crate::wire::UNSOLICITED;
 
 /// A JSON-RPC id or progress token as a comparable key (`"a"` and `"\u0061"` are equal).
-pub fn key(raw: &RawValue) -> String {
+pub(super) fn key(raw: &RawValue) -> String {
     serde_json::from_str::<serde_json::Value>(raw.get())
         .map(|value| value.to_string())
         .unwrap_or_else(|_| raw.get().to_owned())
@@ -23,7 +23,7 @@ pub fn key(raw: &RawValue) -> String {
 
 /// The shape of a message, as far as ids and progress tokens go.
 #[derive(Deserialize)]
-pub struct Probe<'a> {
+pub(super) struct Probe<'a> {
     /// The message id.
     #[serde(borrow, default)]
     pub id: Option<&'a RawValue>,
@@ -34,7 +34,7 @@ pub struct Probe<'a> {
 
 /// The params a [`Probe`] reads.
 #[derive(Deserialize)]
-pub struct ProbeParams<'a> {
+pub(super) struct ProbeParams<'a> {
     /// `progressToken` (of a progress notification).
     #[serde(rename = "progressToken", borrow, default)]
     pub progress_token: Option<&'a RawValue>,
@@ -48,7 +48,7 @@ pub struct ProbeParams<'a> {
 
 /// The `_meta` a [`Probe`] reads.
 #[derive(Deserialize)]
-pub struct ProbeMeta<'a> {
+pub(super) struct ProbeMeta<'a> {
     /// `_meta.progressToken` (of a request).
     #[serde(rename = "progressToken", borrow, default)]
     pub progress_token: Option<&'a RawValue>,
@@ -67,7 +67,7 @@ fn raw_messages(body: &[u8]) -> Vec<&RawValue> {
 }
 
 /// For each request of `body` with a `params._meta.progressToken`: (id key, token key).
-pub fn progress_tokens(body: &[u8]) -> Vec<(String, String)> {
+pub(super) fn progress_tokens(body: &[u8]) -> Vec<(String, String)> {
     if !contains(body, b"progressToken") {
         return Vec::new();
     }
@@ -94,7 +94,7 @@ fn notification_token(raw: &RawValue) -> Option<String> {
 }
 
 /// `params.requestId` of a `notifications/cancelled`, as a key.
-pub fn cancelled_request(body: &[u8]) -> Option<String> {
+pub(super) fn cancelled_request(body: &[u8]) -> Option<String> {
     let probe = serde_json::from_slice::<Probe<'_>>(body).ok()?;
     probe.params?.request_id.map(key)
 }
@@ -112,7 +112,7 @@ struct PendingRequest {
 
 /// Where a session's answers go: the exchange of each pending request.
 #[derive(Default)]
-pub struct Routing {
+pub(super) struct Routing {
     /// Pending requests by id key.
     requests: HashMap<String, PendingRequest>,
     /// Exchanges with pending requests: how many, and whether one is `initialize`.
@@ -123,12 +123,12 @@ pub struct Routing {
 
 impl Routing {
     /// Requests in flight.
-    pub fn pending(&self) -> usize {
+    pub(super) fn pending(&self) -> usize {
         self.requests.len()
     }
 
     /// Records the requests of one message; refuses a message reusing a pending id.
-    pub fn record(
+    pub(super) fn record(
         &mut self,
         exchange: u64,
         requests: &[&MessageInfo],
@@ -183,7 +183,7 @@ impl Routing {
     /// stream (stdio carries no "related request" of its own; within one session every
     /// stream reaches the same agent); else, and never during `initialize`, to the agent's
     /// standalone stream.
-    pub fn target(&mut self, classified: &Classified, raw: &RawValue) -> (u64, Vec<u64>) {
+    pub(super) fn target(&mut self, classified: &Classified, raw: &RawValue) -> (u64, Vec<u64>) {
         let mut target = None;
         let mut ended = Vec::new();
         for message in classified.messages() {
@@ -227,7 +227,7 @@ impl Routing {
 
     /// Forgets the pending requests of `exchange` (their message never reached the upstream)
     /// and returns their ids.
-    pub fn forget(&mut self, exchange: u64) -> Vec<Box<RawValue>> {
+    pub(super) fn forget(&mut self, exchange: u64) -> Vec<Box<RawValue>> {
         let ids: Vec<String> = self
             .requests
             .iter()
@@ -247,7 +247,7 @@ impl Routing {
     }
 
     /// Takes every pending request, grouped by exchange (the process is gone).
-    pub fn take_all(&mut self) -> Vec<(u64, Vec<Box<RawValue>>)> {
+    pub(super) fn take_all(&mut self) -> Vec<(u64, Vec<Box<RawValue>>)> {
         let mut by_exchange: BTreeMap<u64, Vec<Box<RawValue>>> = BTreeMap::new();
         for (_, pending) in self.requests.drain() {
             by_exchange

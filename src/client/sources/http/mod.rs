@@ -28,7 +28,7 @@ use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
 use context::StreamContext;
 
 /// A configured Streamable HTTP upstream.
-pub struct HttpSource {
+pub(crate) struct HttpSource {
     name: String,
     /// The configured URL: HTTP+SSE endpoints are resolved against it.
     url: url::Url,
@@ -45,7 +45,7 @@ pub struct HttpSource {
 
 impl HttpSource {
     /// A source `name` at `url`.
-    pub fn new(name: &str, url: &str) -> Result<Self, String> {
+    pub(crate) fn new(name: &str, url: &str) -> Result<Self, String> {
         let url =
             url::Url::parse(url).map_err(|e| format!("source {name}: bad URL {url:?}: {e}"))?;
         let target =
@@ -66,13 +66,13 @@ impl HttpSource {
     }
 
     /// Lets requests follow redirects to other origins (`follow_cross_origin_redirects`).
-    pub fn with_cross_origin_redirects(mut self, allowed: bool) -> Self {
+    pub(crate) fn with_cross_origin_redirects(mut self, allowed: bool) -> Self {
         self.target = self.target.with_cross_origin_redirects(allowed);
         self
     }
 
     /// Sets the largest single answer relayed (`max_answer_bytes`).
-    pub fn with_answer_limit(mut self, max_answer: usize) -> Self {
+    pub(crate) fn with_answer_limit(mut self, max_answer: usize) -> Self {
         self.max_answer = max_answer;
         self
     }
@@ -104,7 +104,7 @@ impl HttpSource {
     }
 
     /// Serves one exchange stream: forwards each message upstream and tags what comes back.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         header: OpenHeader,
         reader: FrameReader<RecvHalf>,

@@ -8,7 +8,7 @@ use crate::mcp::jsonrpc::codes;
 
 /// Why a stdio source could not serve a message, in words for the agent.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum StdioError {
+pub(crate) enum StdioError {
     /// The source already runs as many processes as it may.
     #[error(
         "source {source_name} already runs its limit of {cap} processes (one per session); \

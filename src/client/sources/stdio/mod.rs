@@ -41,16 +41,17 @@ use super::stream;
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
 
-pub use error::StdioError;
+pub(super) use error::StdioError;
 use pool::Pooled;
 use registry::Registry;
 
 /// Default cap on the processes one stdio source runs at once (see
 /// [`crate::config::DEFAULT_STDIO_MAX_PROCESSES`]).
-pub const DEFAULT_MAX_PROCESSES: usize = crate::config::DEFAULT_STDIO_MAX_PROCESSES;
+pub(super) const DEFAULT_MAX_PROCESSES: usize = crate::config::DEFAULT_STDIO_MAX_PROCESSES;
 
 /// Default time a session's process lives idle (see [`crate::config::DEFAULT_STDIO_IDLE_SECS`]).
-pub const DEFAULT_IDLE: Duration = Duration::from_secs(crate::config::DEFAULT_STDIO_IDLE_SECS);
+pub(super) const DEFAULT_IDLE: Duration =
+    Duration::from_secs(crate::config::DEFAULT_STDIO_IDLE_SECS);
 
 /// How a stdio source bounds its processes (`connect`'s `stdio_max_processes` and
 /// `stdio_idle_secs`).
@@ -79,7 +80,7 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// A configured stdio upstream.
-pub struct StdioSource {
+pub(crate) struct StdioSource {
     name: Arc<str>,
     command: Vec<String>,
     /// Idle time after which a session's process is stopped; zero: never.
@@ -93,29 +94,8 @@ pub struct StdioSource {
 }
 
 impl StdioSource {
-    /// A source `name` that runs `command` (program, then arguments), with the default cap.
-    pub fn new(name: &str, command: Vec<String>) -> Result<Self, String> {
-        Self::with_max_processes(name, command, DEFAULT_MAX_PROCESSES)
-    }
-
-    /// A source `name` that runs `command` and at most `cap` processes at once.
-    pub fn with_max_processes(
-        name: &str,
-        command: Vec<String>,
-        cap: usize,
-    ) -> Result<Self, String> {
-        Self::with_limits(
-            name,
-            command,
-            StdioLimits {
-                max_processes: cap,
-                ..StdioLimits::default()
-            },
-        )
-    }
-
     /// A source `name` that runs `command` within `limits`.
-    pub fn with_limits(
+    pub(crate) fn with_limits(
         name: &str,
         command: Vec<String>,
         limits: StdioLimits,
@@ -138,19 +118,14 @@ impl StdioSource {
     }
 
     /// Sets the largest answer line read from a child (`max_answer_bytes`).
-    pub fn with_answer_limit(mut self, max_answer: usize) -> Self {
+    pub(crate) fn with_answer_limit(mut self, max_answer: usize) -> Self {
         self.max_answer = max_answer;
         self
     }
 
-    /// Processes of this source alive now (started and not yet reaped).
-    pub fn live_processes(&self) -> usize {
-        self.registry.live()
-    }
-
     /// Kills every process of this source (SIGKILL to each process group), refuses to start
     /// new ones, and waits (bounded) until all are reaped.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         self.registry.close_and_kill();
         if let Ok(mut pool) = tokio::time::timeout(SHUTDOWN_WAIT, self.pool.lock()).await {
             pool.take();
@@ -164,7 +139,7 @@ impl StdioSource {
     }
 
     /// Serves one exchange stream until it ends.
-    pub async fn serve(
+    pub(crate) async fn serve(
         self: Arc<Self>,
         header: OpenHeader,
         reader: FrameReader<RecvHalf>,

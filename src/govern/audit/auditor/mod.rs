@@ -58,7 +58,7 @@ pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// longer than the gaps between appends under load (where the queue's group commit wins, as
 /// one inline row per commit would cut the batches), shorter than a call's round trip at low
 /// load (about 0.4 ms through the relay).
-pub const INLINE_IDLE: Duration = Duration::from_micros(100);
+pub(super) const INLINE_IDLE: Duration = Duration::from_micros(100);
 
 /// The longest [`Auditor::close`] waits for the writer to flush and sign.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -10,17 +10,17 @@ use crate::govern::audit::{AuditError, store};
 /// Rows written between two merges of the WAL into the file. A metadata row changes three
 /// pages (the table and its two indexes), so this keeps the WAL near SQLite's default
 /// automatic checkpoint of 1,000 pages.
-pub const WAL_CHECKPOINT_ROWS: u64 = 300;
+pub(super) const WAL_CHECKPOINT_ROWS: u64 = 300;
 
 /// WAL frames (4 KiB pages, so 16 MiB) past which a merge also starts the WAL over: at
 /// [`WAL_CHECKPOINT_ROWS`] rows of up to four frames between merges, a few merges' worth. A
 /// WAL that a passive merge caught up with starts over by itself; this bounds one that never
 /// does under steady appends.
-pub const WAL_RESTART_FRAMES: u64 = 4096;
+pub(super) const WAL_RESTART_FRAMES: u64 = 4096;
 
 /// The longest a restart of the WAL waits for the writer's transaction and for readers to let
 /// go of the WAL (appends wait meanwhile); past it, the next merge tries again.
-pub const WAL_RESTART_WAIT: Duration = Duration::from_millis(100);
+pub(super) const WAL_RESTART_WAIT: Duration = Duration::from_millis(100);
 
 /// A thread with its own connection that merges the WAL into the file when the writer asks,
 /// so no commit (and no answer waiting on one) includes that merge and its fsyncs.
