@@ -7,34 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use mcp_tunnel::govern::audit::{Direction, Outcome, Record, Verdict, digest};
+use mcp_tunnel::govern::audit::Record;
 use mcp_tunnel::relay::{Activity, LATENCY_WINDOW, MAX_STATS_KEYS};
 
 fn record(tool: &str, latency_us: u64) -> Record {
     Record {
         time_ms: 1_764_000_000_000,
-        tenant: "acme".into(),
-        subject: "alice@acme.example".into(),
-        roles: vec!["analyst".into()],
-        source: "db".into(),
         session: Some("s1".into()),
-        transport: Some("quic".into()),
-        protocol_version: Some("2025-11-25".into()),
-        direction: Direction::AgentToServer,
-        method: "tools/call".into(),
-        request_id: Some("7".into()),
         tool: Some(tool.into()),
-        resource: None,
-        prompt: None,
-        decision: Verdict::Allow,
-        rule: "role analyst allows db/query".into(),
-        outcome: Outcome::Ok,
         latency_us,
-        bytes_in: 80,
-        bytes_out: 90,
-        args_sha256: digest(b"{}"),
-        args: None,
-        result: None,
+        ..Record::example("acme", 7)
     }
 }
 

@@ -23,39 +23,24 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use mcp_tunnel::govern::audit::{AuditSettings, Durability};
-use mcp_tunnel::govern::audit::{Auditor, Direction, Outcome, Record, Verdict, digest};
+use mcp_tunnel::govern::audit::{Auditor, Record, digest};
 
 /// A typical metadata-only record of a tool call.
 fn record(n: u64) -> Record {
+    let tenant = if n.is_multiple_of(2) {
+        "acme"
+    } else {
+        "globex"
+    };
     Record {
         time_ms: 1_764_140_400_000 + n,
-        tenant: if n.is_multiple_of(2) {
-            "acme"
-        } else {
-            "globex"
-        }
-        .into(),
         subject: "alice@acme.example".into(),
-        roles: vec!["analyst".into()],
-        source: "db".into(),
         session: Some("3f1c2e9a-6b7d-4d0e-9c55-0d7c6f0a8b21".into()),
-        transport: Some("quic".into()),
-        protocol_version: Some("2025-11-25".into()),
-        direction: Direction::AgentToServer,
-        method: "tools/call".into(),
-        request_id: Some(n.to_string()),
-        tool: Some("query".into()),
-        resource: None,
-        prompt: None,
-        decision: Verdict::Allow,
-        rule: "role analyst allows db/query".into(),
-        outcome: Outcome::Ok,
         latency_us: 850,
         bytes_in: 180,
         bytes_out: 420,
         args_sha256: digest(b"{\"name\":\"query\",\"arguments\":{\"sql\":\"select 1\"}}"),
-        args: None,
-        result: None,
+        ..Record::example(tenant, n)
     }
 }
 

@@ -506,31 +506,16 @@ fn assert_every_answer_has_a_row(rows: &[Value], answered: &[String]) {
 
 /// A call record of `tenant` at `time_ms`.
 fn call(tenant: &str, n: u64, time_ms: u64) -> mcp_tunnel::govern::audit::Record {
-    use mcp_tunnel::govern::audit::{Direction, Outcome, Record, Verdict, digest};
-    Record {
+    mcp_tunnel::govern::audit::Record {
         time_ms,
-        tenant: tenant.into(),
         subject: format!("agent@{tenant}.example"),
         roles: vec!["caller".into()],
         source: "demo".into(),
-        session: None,
-        transport: Some("quic".into()),
-        protocol_version: Some("2025-11-25".into()),
-        direction: Direction::AgentToServer,
-        method: "tools/call".into(),
-        request_id: Some(n.to_string()),
         tool: Some("echo".into()),
-        resource: None,
-        prompt: None,
-        decision: Verdict::Allow,
         rule: "role caller".into(),
-        outcome: Outcome::Ok,
-        latency_us: 100,
         bytes_in: 10,
         bytes_out: 20,
-        args_sha256: digest(b"{}"),
-        args: None,
-        result: None,
+        ..mcp_tunnel::govern::audit::Record::example(tenant, n)
     }
 }
 

@@ -160,6 +160,43 @@ impl Record {
     }
 }
 
+/// Fixtures for tests and benchmarks (the `test-support` feature, which the crate's own tests
+/// and benches turn on): one way to make a plausible record, each caller overriding what it
+/// varies with struct update syntax.
+#[cfg(any(test, feature = "test-support"))]
+impl Record {
+    /// The `n`th record of a run for `tenant`: `alice@TENANT.example` (role `analyst`) calls
+    /// tool `query` of source `db` over QUIC, allowed, answered, request id `n`, at
+    /// `1_764_000_000_000 + n` ms.
+    pub fn example(tenant: &str, n: u64) -> Self {
+        Self {
+            time_ms: 1_764_000_000_000 + n,
+            tenant: tenant.into(),
+            subject: format!("alice@{tenant}.example"),
+            roles: vec!["analyst".into()],
+            source: "db".into(),
+            session: None,
+            transport: Some("quic".into()),
+            protocol_version: Some(crate::mcp::era::LATEST_SESSION_VERSION.into()),
+            direction: Direction::AgentToServer,
+            method: "tools/call".into(),
+            request_id: Some(n.to_string()),
+            tool: Some("query".into()),
+            resource: None,
+            prompt: None,
+            decision: Verdict::Allow,
+            rule: "role analyst allows db/query".into(),
+            outcome: Outcome::Ok,
+            latency_us: 100,
+            bytes_in: 80,
+            bytes_out: 90,
+            args_sha256: digest(b"{}"),
+            args: None,
+            result: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,28 +204,12 @@ mod tests {
     fn sample() -> Record {
         Record {
             time_ms: 1_764_000_000_000,
-            tenant: "acme".into(),
-            subject: "alice@acme.example".into(),
-            roles: vec!["analyst".into()],
-            source: "db".into(),
             session: Some("s1".into()),
-            transport: Some("quic".into()),
-            protocol_version: Some("2025-11-25".into()),
-            direction: Direction::AgentToServer,
-            method: "tools/call".into(),
-            request_id: Some("7".into()),
-            tool: Some("query".into()),
-            resource: None,
-            prompt: None,
             decision: Verdict::Deny,
             rule: "no role allows db/query".into(),
             outcome: Outcome::Error(-32602),
             latency_us: 120,
-            bytes_in: 80,
-            bytes_out: 90,
-            args_sha256: digest(b"{}"),
-            args: None,
-            result: None,
+            ..Record::example("acme", 7)
         }
     }
 

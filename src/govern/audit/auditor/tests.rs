@@ -11,41 +11,23 @@ use super::Auditor;
 use super::wal::{WAL_CHECKPOINT_ROWS, WalCheckpointer};
 use crate::govern::audit::checkpoint::{Checkpoint, Kind};
 use crate::govern::audit::key::CheckpointKey;
-use crate::govern::audit::{
-    AuditError, AuditSettings, Direction, Durability, Outcome, Record, Verdict, chain, digest,
-    store,
-};
+use crate::govern::audit::{AuditError, AuditSettings, Durability, Record, Verdict, chain, store};
 
 /// A record for tests: `n` goes into the request id and the latency.
 pub(crate) fn record(tenant: &str, n: u64) -> Record {
     Record {
-        time_ms: 1_764_000_000_000 + n,
-        tenant: tenant.into(),
         subject: format!("user{}@{tenant}.example", n % 3),
-        roles: vec!["analyst".into()],
         source: if n.is_multiple_of(2) { "db" } else { "web" }.into(),
-        session: None,
-        transport: Some("quic".into()),
-        protocol_version: Some("2025-11-25".into()),
-        direction: Direction::AgentToServer,
-        method: "tools/call".into(),
-        request_id: Some(n.to_string()),
-        tool: Some("query".into()),
-        resource: None,
-        prompt: None,
         decision: if n.is_multiple_of(5) {
             Verdict::Deny
         } else {
             Verdict::Allow
         },
         rule: "test".into(),
-        outcome: Outcome::Ok,
         latency_us: n,
         bytes_in: 10,
         bytes_out: 20,
-        args_sha256: digest(b"{}"),
-        args: None,
-        result: None,
+        ..Record::example(tenant, n)
     }
 }
 
