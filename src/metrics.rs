@@ -11,7 +11,7 @@ pub const REQUESTS: &str = "mcp_tunnel_requests_total";
 /// Counter: server-to-agent messages dropped because no agent stream could take them.
 pub const DROPPED_MESSAGES: &str = "mcp_tunnel_dropped_messages_total";
 
-// Calls through the relay (src/relay/calls.rs), one count per JSON-RPC request in either
+// Calls through the relay (src/relay/calls/call.rs), one count per JSON-RPC request in either
 // direction. Resource URIs are never a label (unbounded); tools and prompts are, as servers
 // offer a bounded set of them.
 
@@ -81,8 +81,8 @@ pub const AUDIT_CHECKPOINT_FILE_ERRORS: &str = "mcp_tunnel_audit_checkpoint_file
 /// the same tenant (each logged as a warning naming both tokens and the one serving).
 pub const SOURCE_CONFLICTS: &str = "mcp_tunnel_source_token_conflicts_total";
 
-// Listener and tunnel admission bounds (`[limits]`, src/relay/serve_http.rs and
-// src/relay/tunnels.rs).
+// Listener and tunnel admission bounds (`[limits]`, src/relay/http_server.rs and
+// src/relay/tunnel/accept.rs).
 
 /// Counter: tunnel connections refused because `max_tunnel_handshakes` were in progress.
 pub const TUNNEL_HANDSHAKES_REFUSED: &str = "mcp_tunnel_handshakes_refused_total";
