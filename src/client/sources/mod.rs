@@ -1,8 +1,6 @@
 //! The upstream MCP servers `connect` serves, by name.
 
 mod http;
-mod http_client;
-mod legacy;
 mod routing;
 mod stdio;
 mod stream;

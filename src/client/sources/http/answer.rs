@@ -9,9 +9,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::HeaderValue;
 
+use super::client::{Response, body_stream, content_length, error_chain};
 use super::context::StreamContext;
 use super::error::UpstreamError;
-use crate::client::sources::http_client::{Response, body_stream, content_length, error_chain};
 use crate::mcp::jsonrpc::MessageKind;
 use crate::mcp::sse_reader::{SseItem, SseReader};
 use crate::mcp::{ResponseScanner, classify};

@@ -17,9 +17,9 @@ use parking_lot::Mutex;
 
 use super::HttpSource;
 use super::answer::{answered, id_key};
+use super::client::{Response, body_stream, content_length, error_chain};
 use super::error::UpstreamError;
 use crate::client::sources::Out;
-use crate::client::sources::http_client::{Response, body_stream, content_length, error_chain};
 use crate::client::sources::stream::Inbound;
 use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
@@ -233,7 +233,7 @@ impl StreamContext {
     pub(super) async fn get(
         &self,
         headers: HeaderMap,
-    ) -> Result<Response, crate::client::sources::http_client::RequestError> {
+    ) -> Result<Response, super::client::RequestError> {
         self.source
             .client
             .send(Method::GET, &self.source.target, headers, Bytes::new())

@@ -5,26 +5,27 @@
 //! each tagged with the exchange of the request whose response carried it.
 //!
 //! One concept a file: this one, the source and how a stream starts (an HTTP+SSE upstream is
-//! handed to [`super::legacy`]); `context`, one stream's upstream session and its requests;
-//! `answer`, relaying the upstream's answers (JSON or event streams, in pieces when large);
-//! `error`, why an exchange failed. The frame loop is the one all sources share
-//! (`sources::stream`).
+//! handed to [`legacy`], the 2024-11-05 transport); `context`, one stream's upstream session
+//! and its requests; `answer`, relaying the upstream's answers (JSON or event streams, in
+//! pieces when large); `error`, why an exchange failed; `client`, the pooled HTTP client both
+//! transports use. The frame loop is the one all sources share (`sources::stream`).
 
 mod answer;
+mod client;
 mod context;
 mod error;
+mod legacy;
 #[cfg(test)]
 mod tests;
 
 use std::sync::{Arc, OnceLock};
 
 use super::Out;
-use super::http_client::{HttpClient, Target};
-use super::legacy;
 use super::stream::{self, Inbound};
 use crate::mcp::jsonrpc::codes;
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
+use client::{HttpClient, Target};
 use context::StreamContext;
 
 /// A configured Streamable HTTP upstream.

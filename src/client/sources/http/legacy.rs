@@ -14,9 +14,9 @@ use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
 use parking_lot::Mutex;
 use sse_stream::SseByteStream;
 
-use super::http_client::{BodyStream, HttpClient, Target, body_stream, error_chain};
-use super::routing::{Routing, progress_tokens};
-use super::stream::{Inbound, fail_ids, fail_pending, requests};
+use super::super::routing::{Routing, progress_tokens};
+use super::super::stream::{Inbound, fail_ids, fail_pending, requests};
+use super::client::{BodyStream, HttpClient, Target, body_stream, error_chain};
 use crate::mcp::classify;
 use crate::mcp::jsonrpc::{MessageInfo, codes, error_body};
 use crate::wire::{Era, Frame, OpenHeader};
