@@ -312,6 +312,10 @@ mod tests {
         burst: 3,
     };
 
+    fn rate(per_minute: u32, burst: u32) -> Option<Rate> {
+        Some(Rate { per_minute, burst })
+    }
+
     #[test]
     fn a_bucket_allows_its_burst_then_refills_at_its_rate() {
         let start = Instant::now();
@@ -392,18 +396,9 @@ mod tests {
     fn the_limiter_checks_identity_then_source_and_counts_auth_failures() {
         let now = Instant::now();
         let section = RateLimits {
-            identity: Some(Rate {
-                per_minute: 1,
-                burst: 2,
-            }),
-            source: Some(Rate {
-                per_minute: 1,
-                burst: 3,
-            }),
-            auth_failures: Some(Rate {
-                per_minute: 1,
-                burst: 2,
-            }),
+            identity: rate(1, 2),
+            source: rate(1, 3),
+            auth_failures: rate(1, 2),
             ..RateLimits::default()
         };
         let limiter = Limiter::new(&section);
@@ -433,10 +428,7 @@ mod tests {
     fn the_tenant_bucket_counts_every_caller_and_source_of_the_tenant() {
         let now = Instant::now();
         let section = RateLimits {
-            tenant: Some(Rate {
-                per_minute: 1,
-                burst: 2,
-            }),
+            tenant: rate(1, 2),
             ..RateLimits::default()
         };
         let limiter = Limiter::new(&section);

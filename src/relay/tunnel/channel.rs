@@ -520,6 +520,14 @@ mod tests {
         (delivered, standalone, reason)
     }
 
+    /// Asserts that `events` match the pattern (a guard may follow it), showing them if not.
+    macro_rules! assert_events {
+        ($events:expr, $($pattern:tt)+) => {{
+            let events = &$events;
+            assert!(matches!(events.as_slice(), $($pattern)+), "{events:?}");
+        }};
+    }
+
     fn piece(text: &'static str) -> Bytes {
         Bytes::from_static(text.as_bytes())
     }
@@ -533,14 +541,10 @@ mod tests {
             Frame::end(1),
         ];
         let (events, standalone, _) = run(frames, 64).await;
-        let kinds: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
-        assert!(
-            matches!(
-                events.as_slice(),
-                [Event::Part(a), Event::Part(b), Event::Message(c), Event::End]
-                    if a == "{\"id\":1," && b == "\"result\"" && c == ":{}}"
-            ),
-            "{kinds:?}"
+        assert_events!(
+            events,
+            [Event::Part(a), Event::Part(b), Event::Message(c), Event::End]
+                if a == "{\"id\":1," && b == "\"result\"" && c == ":{}}"
         );
         assert!(standalone.is_empty());
     }
@@ -557,18 +561,14 @@ mod tests {
             Frame::end(1),
         ];
         let (events, standalone, _) = run(frames, 20).await;
-        let kinds: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
-        assert!(
-            matches!(
-                events.as_slice(),
-                [
-                    Event::Part(_),
-                    Event::Part(_),
-                    Event::TooLarge(20),
-                    Event::End
-                ]
-            ),
-            "{kinds:?}"
+        assert_events!(
+            events,
+            [
+                Event::Part(_),
+                Event::Part(_),
+                Event::TooLarge(20),
+                Event::End
+            ]
         );
         assert!(
             standalone.is_empty(),
@@ -580,10 +580,7 @@ mod tests {
             Frame::message(1, piece("1234567890123")),
         ];
         let (events, _, _) = run(frames, 20).await;
-        assert!(matches!(
-            events.as_slice(),
-            [Event::Part(_), Event::TooLarge(20)]
-        ));
+        assert_events!(events, [Event::Part(_), Event::TooLarge(20)]);
     }
 
     #[tokio::test]
@@ -609,10 +606,7 @@ mod tests {
             Frame::message(1, piece("{}")),
         ];
         let (events, _, _) = run(frames, 64).await;
-        assert!(matches!(
-            events.as_slice(),
-            [Event::Part(_), Event::End, Event::Message(m)] if m == "{}"
-        ));
+        assert_events!(events, [Event::Part(_), Event::End, Event::Message(m)] if m == "{}");
     }
 
     #[tokio::test]

@@ -611,6 +611,15 @@ mod tests {
         (base, server)
     }
 
+    /// A redirect answer with `status` to `location`.
+    fn redirect_to(status: u16, location: &str) -> http::Response<()> {
+        http::Response::builder()
+            .status(status)
+            .header(http::header::LOCATION, location)
+            .body(())
+            .expect("a valid response")
+    }
+
     #[test]
     fn sensitive_headers_stay_with_their_origin() {
         let mut assertion = HeaderValue::from_static("signed");
@@ -625,13 +634,7 @@ mod tests {
             body: Bytes::new(),
             cross_origin: true,
         };
-        let to = |location: &str| {
-            http::Response::builder()
-                .status(307)
-                .header(http::header::LOCATION, location)
-                .body(())
-                .expect("a valid response")
-        };
+        let to = |location: &str| redirect_to(307, location);
         assert!(redirect.follow(&to("/other")).expect("followed"));
         assert!(redirect.headers.contains_key("x-identity"), "same origin");
         assert!(
@@ -653,13 +656,7 @@ mod tests {
             body: Bytes::from_static(b"{}"),
             cross_origin: false,
         };
-        let to = |location: &str| {
-            http::Response::builder()
-                .status(308)
-                .header(http::header::LOCATION, location)
-                .body(())
-                .expect("a valid response")
-        };
+        let to = |location: &str| redirect_to(308, location);
         assert!(redirect.follow(&to("/other")).expect("same origin"));
         for other in [
             "http://b.example:8080/mcp",
