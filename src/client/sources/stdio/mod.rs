@@ -22,7 +22,7 @@
 //!
 //! One concept a file: this one, the source and its settings; `session`, the session era;
 //! `pool`, the stateless era's pooled process; `remap`, re-addressing its messages;
-//! `process`, a child's life; `registry`, the cap and the kill list; `lines`, the line codec;
+//! `process`, a child's life; `slots`, the cap and the kill list; `lines`, the line codec;
 //! `error`, what agents are told. The frame loop is the one all sources share
 //! (`sources::stream`).
 
@@ -30,9 +30,9 @@ mod error;
 mod lines;
 mod pool;
 mod process;
-mod registry;
 mod remap;
 mod session;
+mod slots;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +43,7 @@ use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
 
 pub(super) use error::StdioError;
 use pool::Pooled;
-use registry::Registry;
+use slots::Slots;
 
 /// Default cap on the processes one stdio source runs at once (see
 /// [`crate::config::DEFAULT_STDIO_MAX_PROCESSES`]).
@@ -85,7 +85,7 @@ pub(crate) struct StdioSource {
     command: Vec<String>,
     /// Idle time after which a session's process is stopped; zero: never.
     idle: Duration,
-    registry: Arc<Registry>,
+    slots: Arc<Slots>,
     pool: tokio::sync::Mutex<Option<Arc<Pooled>>>,
     /// The largest answer line read from a child (`max_answer_bytes`). A line is buffered
     /// whole (bounded by this) because its id must be read to route it, then sent on in
@@ -111,7 +111,7 @@ impl StdioSource {
             name: name.into(),
             command,
             idle: limits.idle,
-            registry: Arc::new(Registry::new(cap)),
+            slots: Arc::new(Slots::new(cap)),
             pool: tokio::sync::Mutex::new(None),
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
         })
@@ -126,15 +126,15 @@ impl StdioSource {
     /// Kills every process of this source (SIGKILL to each process group), refuses to start
     /// new ones, and waits (bounded) until all are reaped.
     pub(crate) async fn shutdown(&self) {
-        self.registry.close_and_kill();
+        self.slots.close_and_kill();
         if let Ok(mut pool) = tokio::time::timeout(SHUTDOWN_WAIT, self.pool.lock()).await {
             pool.take();
         }
-        if tokio::time::timeout(SHUTDOWN_WAIT, self.registry.idle())
+        if tokio::time::timeout(SHUTDOWN_WAIT, self.slots.idle())
             .await
             .is_err()
         {
-            tracing::warn!(source = %self.name, live = self.registry.live(), "stdio processes still running after shutdown");
+            tracing::warn!(source = %self.name, live = self.slots.live(), "stdio processes still running after shutdown");
         }
     }
 
@@ -172,6 +172,6 @@ impl StdioSource {
 impl Drop for StdioSource {
     fn drop(&mut self) {
         // Last resort: a source that goes away takes its processes with it.
-        self.registry.close_and_kill();
+        self.slots.close_and_kill();
     }
 }

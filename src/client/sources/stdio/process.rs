@@ -1,6 +1,6 @@
 //! A child process's life: started in its own process group with `connect`'s own variables
 //! removed, fed lines on stdin, its stderr logged, stopped (stdin closed, then SIGKILL to the
-//! group after a grace), and reaped; its slot in the source's registry is held until then.
+//! group after a grace), and reaped; its slot in the source's slots is held until then.
 
 use std::ffi::OsString;
 use std::process::Stdio;
@@ -16,7 +16,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::lines::{Line, LineDecoder};
-use super::registry::Slot;
+use super::slots::Slot;
 use super::{StdioError, StdioSource};
 
 /// Time a child has to exit by itself once its stdin is closed, before its process group gets
@@ -43,7 +43,7 @@ impl StdioSource {
         line_limit: usize,
         context: &str,
     ) -> Result<Process, StdioError> {
-        let mut slot = self.registry.reserve_or_reclaim(&self.name).await?;
+        let mut slot = self.slots.reserve_or_reclaim(&self.name).await?;
         let program = &self.command[0];
         let mut command = Command::new(program);
         command

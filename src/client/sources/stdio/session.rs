@@ -16,7 +16,7 @@ use tokio_util::codec::FramedRead;
 
 use super::lines::{Line, LineDecoder, one_line, quote};
 use super::process::Process;
-use super::registry::{Activity, Lease, pending};
+use super::slots::{Activity, Lease, pending};
 use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Routing, progress_tokens};
 use crate::client::sources::stream::{Inbound, fail_pending, fail_requests, requests};
@@ -105,7 +105,7 @@ impl Session {
     async fn serve(self, inbound: &mut Inbound) {
         let lease = self
             .source
-            .registry
+            .slots
             .lease(self.activity.clone(), self.routing.clone());
         let ended = self.run(inbound, &lease).await;
         drop(lease);
@@ -127,7 +127,7 @@ impl Session {
                 () = exit.dead.cancelled() => return Ended::Crashed,
                 () = lease.reclaim.cancelled() => return Ended::Reclaimed(format!(
                     "the source runs its limit of {} processes and a new session took the place of this one, the least recently used idle one",
-                    source.registry.cap
+                    source.slots.cap
                 )),
                 () = tokio::time::sleep_until(idle_until), if !source.idle.is_zero() => {
                     if pending(&self.routing) {

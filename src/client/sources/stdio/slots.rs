@@ -43,9 +43,9 @@ impl Activity {
 }
 
 /// The process ids of this source's children: the cap and the kill list.
-pub(super) struct Registry {
+pub(super) struct Slots {
     pub(super) cap: usize,
-    state: watch::Sender<RegistryState>,
+    state: watch::Sender<SlotsState>,
     /// The sessions holding a process, for reclaiming the least recently used idle one.
     leases: Arc<Mutex<Leases>>,
 }
@@ -71,7 +71,7 @@ impl Drop for Lease {
 }
 
 #[derive(Default)]
-struct RegistryState {
+struct SlotsState {
     /// No new process may start.
     closed: bool,
     /// Reserved slots: processes starting, running, or not yet reaped.
@@ -80,11 +80,11 @@ struct RegistryState {
     pids: HashSet<u32>,
 }
 
-impl Registry {
+impl Slots {
     pub(super) fn new(cap: usize) -> Self {
         Self {
             cap,
-            state: watch::Sender::new(RegistryState::default()),
+            state: watch::Sender::new(SlotsState::default()),
             leases: Arc::default(),
         }
     }
@@ -172,7 +172,7 @@ impl Registry {
             }
         });
         result.map(|()| Slot {
-            registry: self.clone(),
+            slots: self.clone(),
             pid: None,
             reaped: false,
         })
@@ -201,17 +201,17 @@ impl Registry {
 
 /// One reserved process slot; released when dropped.
 pub(super) struct Slot {
-    registry: Arc<Registry>,
+    slots: Arc<Slots>,
     pub(super) pid: Option<u32>,
     reaped: bool,
 }
 
 impl Slot {
-    /// Records the started process; false when the registry closed meanwhile.
+    /// Records the started process; false when the slots closed meanwhile.
     pub(super) fn attach(&mut self, pid: u32) -> bool {
         self.pid = Some(pid);
         let mut open = true;
-        self.registry.state.send_modify(|state| {
+        self.slots.state.send_modify(|state| {
             state.pids.insert(pid);
             open = !state.closed;
         });
@@ -231,7 +231,7 @@ impl Drop for Slot {
             kill_group(pid);
         }
         let pid = self.pid;
-        self.registry.state.send_modify(|state| {
+        self.slots.state.send_modify(|state| {
             state.slots = state.slots.saturating_sub(1);
             if let Some(pid) = pid {
                 state.pids.remove(&pid);
@@ -246,24 +246,24 @@ mod tests {
 
     #[tokio::test]
     async fn the_cap_bounds_slots_and_shutdown_refuses_new_ones() {
-        let registry = Arc::new(Registry::new(2));
-        let first = registry.reserve("s").expect("first");
-        let _second = registry.reserve("s").expect("second");
-        let error = registry.reserve("s").err().expect("over the cap");
+        let slots = Arc::new(Slots::new(2));
+        let first = slots.reserve("s").expect("first");
+        let _second = slots.reserve("s").expect("second");
+        let error = slots.reserve("s").err().expect("over the cap");
         assert!(
             error.to_string().contains("source s") && error.to_string().contains("limit of 2"),
             "{error}"
         );
         drop(first);
-        let third = registry.reserve("s").expect("a slot freed");
-        registry.close_and_kill();
+        let third = slots.reserve("s").expect("a slot freed");
+        slots.close_and_kill();
         assert!(matches!(
-            registry.reserve("s"),
+            slots.reserve("s"),
             Err(StdioError::ShuttingDown { .. })
         ));
         drop(third);
         drop(_second);
-        tokio::time::timeout(Duration::from_secs(1), registry.idle())
+        tokio::time::timeout(Duration::from_secs(1), slots.idle())
             .await
             .expect("idle once every slot is released");
     }
