@@ -25,8 +25,9 @@ pub(super) const WAL_RESTART_WAIT: Duration = Duration::from_millis(100);
 /// A thread with its own connection that merges the WAL into the file when the writer asks,
 /// so no commit (and no answer waiting on one) includes that merge and its fsyncs.
 pub(super) struct WalCheckpointer {
-    /// One pending request at most; more while one runs are folded into it.
-    ask: mpsc::SyncSender<()>,
+    /// One pending request at most; more while one runs are folded into it. A request may
+    /// carry where to say that its merge is done (tests wait on it; the writer never does).
+    ask: mpsc::SyncSender<Option<mpsc::SyncSender<()>>>,
     thread: std::thread::JoinHandle<()>,
     /// Rows written since the last request.
     rows: u64,
@@ -37,13 +38,13 @@ impl WalCheckpointer {
     /// `restart_frames` frames ([`store::wal_restart`]).
     pub(super) fn start(path: &std::path::Path, restart_frames: u64) -> Result<Self, AuditError> {
         let conn = store::open_wal_checkpointer(path)?;
-        let (ask, asked) = mpsc::sync_channel::<()>(1);
+        let (ask, asked) = mpsc::sync_channel::<Option<mpsc::SyncSender<()>>>(1);
         let shown = path.to_owned();
         let thread = std::thread::Builder::new()
             .name("audit-wal".into())
             .spawn(move || {
                 // Ends when the writer drops `ask` (the close).
-                while asked.recv().is_ok() {
+                while let Ok(done) = asked.recv() {
                     let merged = store::wal_checkpoint(&conn).and_then(|frames| {
                         if frames < restart_frames {
                             return Ok(());
@@ -55,6 +56,9 @@ impl WalCheckpointer {
                     });
                     if let Err(e) = merged {
                         tracing::warn!(path = %shown.display(), error = %e, "audit WAL checkpoint failed");
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
                     }
                 }
             })
@@ -72,7 +76,18 @@ impl WalCheckpointer {
         if self.rows >= WAL_CHECKPOINT_ROWS {
             self.rows = 0;
             // Full: a merge is already pending, which covers these rows too.
-            let _ = self.ask.try_send(());
+            let _ = self.ask.try_send(None);
+        }
+    }
+
+    /// Asks for a merge and waits until it has run: what a writer that pauses between batches
+    /// gives the merge thread, made certain for tests.
+    #[cfg(test)]
+    pub(super) fn merge_now(&mut self) {
+        self.rows = 0;
+        let (done, merged) = mpsc::sync_channel(1);
+        if self.ask.send(Some(done)).is_ok() {
+            let _ = merged.recv();
         }
     }
 
