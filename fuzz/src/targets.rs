@@ -454,7 +454,7 @@ pub fn sse_upstream(data: &[u8]) {
                 && let Ok(post) = base.join(data.trim())
                 && post.origin() == base.origin()
             {
-                let _ = mcp_tunnel::client::sources::http_client::Target::new(&post);
+                let _ = mcp_tunnel::client::UpstreamTarget::new(&post);
             }
         }
         if let Some(retry) = event.retry {

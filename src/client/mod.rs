@@ -30,7 +30,7 @@ use dial::{Dialer, Tunnel};
 use proxy::Proxy;
 use sources::Sources;
 
-pub use sources::StdioLimits;
+pub use sources::{StdioLimits, UpstreamTarget};
 
 /// Time the relay has to send the open header of a new stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);

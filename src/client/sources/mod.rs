@@ -12,6 +12,7 @@ use crate::config::{SourceConfig, SourceTarget};
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{FrameReader, FrameWriter, OpenHeader};
 
+pub use http::Target as UpstreamTarget;
 pub use stdio::StdioLimits;
 
 /// One configured source.

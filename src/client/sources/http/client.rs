@@ -84,9 +84,10 @@ pub(super) enum ClientError {
 struct ConnectTimeout(Duration);
 
 /// Where a source's requests go, parsed once: the URI without credentials, and the Basic
-/// `Authorization` the URL's credentials make, as reqwest sent them.
+/// `Authorization` the URL's credentials make, as reqwest sent them. Public (as
+/// `client::UpstreamTarget`) so the fuzz targets reach its parser with URLs an upstream names.
 #[derive(Clone, Debug)]
-pub(super) struct Target {
+pub struct Target {
     uri: Uri,
     authorization: Option<HeaderValue>,
     /// Whether a redirect to another origin is followed (off by default: the request, its
@@ -96,7 +97,7 @@ pub(super) struct Target {
 
 impl Target {
     /// The target of `url` (`http` or `https`).
-    pub(super) fn new(url: &url::Url) -> Result<Self, String> {
+    pub fn new(url: &url::Url) -> Result<Self, String> {
         let mut url = url.clone();
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("{url}: not an http or https URL"));

@@ -18,6 +18,8 @@ mod legacy;
 #[cfg(test)]
 mod tests;
 
+pub use client::Target;
+
 use std::sync::{Arc, OnceLock};
 
 use super::Out;
@@ -25,7 +27,7 @@ use super::stream::{self, Inbound};
 use crate::mcp::jsonrpc::codes;
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
-use client::{HttpClient, Target};
+use client::HttpClient;
 use context::StreamContext;
 
 /// A configured Streamable HTTP upstream.
