@@ -109,6 +109,23 @@ EOF
     URL_KEY=$KEY
 }
 
+# rathole_toml SIDE ADDR_KEY CTRL_PORT NOISE_KEY NOISE SERVICE_ADDR_KEY SERVICE_PORT: the
+# config of rathole's server or client (SIDE), on loopback: the control channel at CTRL_PORT,
+# noise with the key NOISE, and service mcp (token $TOKEN) at SERVICE_PORT.
+rathole_toml() {
+    cat <<EOF
+[$1]
+$2 = "127.0.0.1:$3"
+[$1.transport]
+type = "noise"
+[$1.transport.noise]
+$4 = "$5"
+[$1.services.mcp]
+token = "$TOKEN"
+$6 = "127.0.0.1:$7"
+EOF
+}
+
 start_rathole() {
     local ctrl visit keys private public dir=$WORK/rathole upstream_port
     mkdir -p "$dir"
@@ -118,28 +135,10 @@ start_rathole() {
     keys=$("$RATHOLE" --genkey)
     private=$(awk '/Private Key/ {getline; print}' <<<"$keys")
     public=$(awk '/Public Key/ {getline; print}' <<<"$keys")
-    cat >"$dir/server.toml" <<EOF
-[server]
-bind_addr = "127.0.0.1:$ctrl"
-[server.transport]
-type = "noise"
-[server.transport.noise]
-local_private_key = "$private"
-[server.services.mcp]
-token = "$TOKEN"
-bind_addr = "127.0.0.1:$visit"
-EOF
-    cat >"$dir/client.toml" <<EOF
-[client]
-remote_addr = "127.0.0.1:$ctrl"
-[client.transport]
-type = "noise"
-[client.transport.noise]
-remote_public_key = "$public"
-[client.services.mcp]
-token = "$TOKEN"
-local_addr = "127.0.0.1:$upstream_port"
-EOF
+    rathole_toml server bind_addr "$ctrl" local_private_key "$private" bind_addr "$visit" \
+        >"$dir/server.toml"
+    rathole_toml client remote_addr "$ctrl" remote_public_key "$public" local_addr "$upstream_port" \
+        >"$dir/client.toml"
     start rathole-server "${TUNNEL_ENV[@]}" "$RATHOLE" --server "$dir/server.toml"
     SERVER_PID=$LAST_PID
     start rathole-client "${TUNNEL_ENV[@]}" "$RATHOLE" --client "$dir/client.toml"

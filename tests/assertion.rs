@@ -11,11 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
+use common::{
+    Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tenant_block, tool_text, write_config,
+};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mcp_tunnel::certs::DevCerts;
 use mcp_tunnel::client;
-use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::relay::reload::Reloader;
 use serde_json::{Value, json};
@@ -48,25 +49,18 @@ fn config(token: &str, key: &str, asserted: &str) -> String {
 }
 
 fn config_with_ttl(token: &str, key: &str, asserted: &str, ttl_secs: u64) -> String {
+    let tenant = tenant_block(
+        token,
+        &format!("assert_identity = [{asserted}]\n"),
+        &[("bob@acme.example", key, &["analyst"])],
+        &[("analyst", &["*"])],
+    );
     format!(
         r#"{LISTENERS}public_url = "{PUBLIC_URL}/"
 [identity_assertion]
 key = "assertion.key"
 ttl_secs = {ttl_secs}
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-assert_identity = [{asserted}]
-[[tenants.keys]]
-subject = "bob@acme.example"
-roles = ["analyst"]
-key = "{}"
-[[tenants.roles]]
-name = "analyst"
-allow = ["*"]
-"#,
-        SecretHash::of(token),
-        SecretHash::of(key),
+{tenant}"#
     )
 }
 

@@ -13,10 +13,11 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tool_text, write_config};
+use common::{
+    Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tenant_block, tool_text, write_config,
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mcp_tunnel::client;
-use mcp_tunnel::govern::SecretHash;
 use mcp_tunnel::govern::identity::new_secret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -158,18 +159,15 @@ async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
 /// The relay config of these tests: acme with an API key of bob and role `analyst`, and an
 /// identity provider with the JWKS in `jwks.json`.
 fn jwt_config(token: &str, api_key: &str) -> String {
+    let tenant = tenant_block(
+        token,
+        "",
+        &[("bob", api_key, &["analyst"])],
+        &[("analyst", &["demo/echo", "recording/*"])],
+    );
     format!(
         r#"{LISTENERS}public_url = "{PUBLIC_URL}/"
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-[[tenants.keys]]
-subject = "bob"
-roles = ["analyst"]
-key = "{}"
-[[tenants.roles]]
-name = "analyst"
-allow = ["demo/echo", "recording/*"]
+{tenant}
 [[identity_providers]]
 issuer = "{ISSUER}"
 jwks_file = "jwks.json"
@@ -177,9 +175,7 @@ algorithms = ["ES256", "EdDSA"]
 tenant_claim = "tenant"
 roles_claim = "roles"
 required_scopes = ["{SCOPE}"]
-"#,
-        SecretHash::of(token),
-        SecretHash::of(api_key),
+"#
     )
 }
 

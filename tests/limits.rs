@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{Agent, Answer, LISTENERS, ReloadableRelay, tool_text};
-use mcp_tunnel::govern::SecretHash;
+use common::{Agent, Answer, LISTENERS, ReloadableRelay, tenant_block, tool_text};
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::relay::reload::LoadedConfig;
 use serde_json::json;
@@ -34,26 +33,13 @@ impl Creds {
 
     /// A relay config on loopback ports, then `rate_limits` verbatim.
     fn config(&self, rate_limits: &str) -> String {
-        format!(
-            r#"{LISTENERS}
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-
-[[tenants.keys]]
-subject = "alice"
-key = "{}"
-
-[[tenants.keys]]
-subject = "bob"
-key = "{}"
-
-{rate_limits}
-"#,
-            SecretHash::of(&self.token),
-            SecretHash::of(&self.alice),
-            SecretHash::of(&self.bob)
-        )
+        let tenant = tenant_block(
+            &self.token,
+            "",
+            &[("alice", &self.alice, &[]), ("bob", &self.bob, &[])],
+            &[],
+        );
+        format!("{LISTENERS}\n{tenant}\n{rate_limits}\n")
     }
 }
 

@@ -582,28 +582,15 @@ async fn python_sdk_callbacks_and_progress_through_tunnel_to_stdio_server_everyt
 /// A relay config on loopback ports for tenant `acme`: its tunnel token, and one agent key
 /// (subject `ana`) with the role `analyst`, which allows `allow`.
 fn analyst_config(token: &str, key: &str, allow: &[&str]) -> String {
-    use mcp_tunnel::govern::SecretHash;
+    let tenant = common::tenant_block(
+        token,
+        "",
+        &[("ana", key, &["analyst"])],
+        &[("analyst", allow)],
+    );
     format!(
-        r#"{}
-[admin]
-listen = "127.0.0.1:0"
-
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
-
-[[tenants.roles]]
-name = "analyst"
-allow = {allow:?}
-
-[[tenants.keys]]
-subject = "ana"
-roles = ["analyst"]
-key = "{}"
-"#,
-        common::LISTENERS,
-        SecretHash::of(token),
-        SecretHash::of(key)
+        "{}\n[admin]\nlisten = \"127.0.0.1:0\"\n{tenant}",
+        common::LISTENERS
     )
 }
 

@@ -31,19 +31,34 @@ listen = "127.0.0.1:0"
 /// The `[[tenants]]` block of tenant `acme` with the tunnel token `token` and one agent key,
 /// `api_key`, of subject `agent@acme.example` (no roles: everything is allowed).
 pub fn acme_tenant(token: &str, api_key: &str) -> String {
-    format!(
-        r#"
-[[tenants]]
-name = "acme"
-tunnel_tokens = ["{}"]
+    tenant_block(token, "", &[("agent@acme.example", api_key, &[])], &[])
+}
 
-[[tenants.keys]]
-subject = "agent@acme.example"
-key = "{}"
-"#,
-        SecretHash::of(token),
-        SecretHash::of(api_key),
-    )
+/// The `[[tenants]]` block of tenant `acme` with the tunnel token `token`, then `head` (more
+/// TOML lines of the tenant itself, each ending in a newline; may be empty), then a
+/// `[[tenants.keys]]` per `keys` (subject, secret, roles: none means everything is allowed)
+/// and a `[[tenants.roles]]` per `roles` (name, allowed tool patterns).
+pub fn tenant_block(
+    token: &str,
+    head: &str,
+    keys: &[(&str, &str, &[&str])],
+    roles: &[(&str, &[&str])],
+) -> String {
+    let mut toml = format!(
+        "\n[[tenants]]\nname = \"acme\"\ntunnel_tokens = [\"{}\"]\n{head}",
+        SecretHash::of(token)
+    );
+    for (subject, key, key_roles) in keys {
+        toml += &format!("\n[[tenants.keys]]\nsubject = \"{subject}\"\n");
+        if !key_roles.is_empty() {
+            toml += &format!("roles = {key_roles:?}\n");
+        }
+        toml += &format!("key = \"{}\"\n", SecretHash::of(key));
+    }
+    for (name, allow) in roles {
+        toml += &format!("\n[[tenants.roles]]\nname = \"{name}\"\nallow = {allow:?}\n");
+    }
+    toml
 }
 
 /// A temporary directory holding dev certificates under the names a relay config uses
