@@ -101,13 +101,10 @@ async fn quic_peer_opens_no_streams_after_hello_either() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_handshakes_in_progress_are_capped() {
-    let options = Options {
-        limits: LimitsSection {
-            max_tunnel_handshakes: 1,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    };
+    let options = Options::with_limits(LimitsSection {
+        max_tunnel_handshakes: 1,
+        ..LimitsSection::default()
+    });
     let harness = Harness::start(options).await;
     // One peer completes TLS and never says hello: it holds the only handshake slot.
     let silent = raw_quic(harness.tunnel, &harness.ca_pem)
@@ -147,14 +144,11 @@ async fn read_to_close(tcp: &mut TcpStream) -> Result<Vec<u8>, Vec<u8>> {
 }
 
 fn short_timeouts() -> Options {
-    Options {
-        limits: LimitsSection {
-            agent_header_timeout_secs: 1,
-            agent_idle_timeout_secs: 1,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    }
+    Options::with_limits(LimitsSection {
+        agent_header_timeout_secs: 1,
+        agent_idle_timeout_secs: 1,
+        ..LimitsSection::default()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,13 +230,10 @@ async fn write_request(tcp: &mut TcpStream, host: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_wait_for_a_free_slot() {
-    let options = Options {
-        limits: LimitsSection {
-            max_agent_connections: 2,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    };
+    let options = Options::with_limits(LimitsSection {
+        max_agent_connections: 2,
+        ..LimitsSection::default()
+    });
     let harness = Harness::start(options).await;
     let mut first = TcpStream::connect(harness.agents).await.expect("connect");
     let mut second = TcpStream::connect(harness.agents).await.expect("connect");
@@ -271,15 +262,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
-    let options = Options {
-        limits: LimitsSection {
-            agent_header_timeout_secs: 1,
-            agent_idle_timeout_secs: 1,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    };
-    let (harness, _client, _upstreams) = harness_with_demo(options).await;
+    let (harness, _client, _upstreams) = harness_with_demo(short_timeouts()).await;
     // A call whose upstream takes longer than the idle and header timeouts is in flight, not
     // idle: its connection stays until the answer is out.
     let mut agent = common::Agent::new(&harness.url("demo"), &harness.acme.api_key);
@@ -293,14 +276,11 @@ async fn requests_in_flight_and_quiet_keep_alive_connections_are_not_cut() {
 
     // A kept-alive HTTP/1.1 connection quiet longer than the header timeout (but not the idle
     // timeout) still takes its next request: the header clock starts at a request's first byte.
-    let options = Options {
-        limits: LimitsSection {
-            agent_header_timeout_secs: 1,
-            agent_idle_timeout_secs: 60,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    };
+    let options = Options::with_limits(LimitsSection {
+        agent_header_timeout_secs: 1,
+        agent_idle_timeout_secs: 60,
+        ..LimitsSection::default()
+    });
     let harness = Harness::start(options).await;
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // A fresh connection is idle too (pooling clients open them ahead of use).
@@ -386,13 +366,10 @@ async fn post_oversized(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_body_still_sending_gets_its_413_and_the_connection_stays_usable() {
     const LIMIT: usize = 64 * 1024;
-    let options = Options {
-        limits: LimitsSection {
-            max_message_bytes: LIMIT,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    };
+    let options = Options::with_limits(LimitsSection {
+        max_message_bytes: LIMIT,
+        ..LimitsSection::default()
+    });
     let (harness, _client, _upstreams) = harness_with_demo(options).await;
     let mut tcp = TcpStream::connect(harness.agents).await.expect("connect");
     // 32 MiB: far more than loopback socket buffers absorb, so the client is still sending

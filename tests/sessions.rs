@@ -122,13 +122,10 @@ async fn sessions_past_the_callers_cap_are_refused_with_an_error_naming_the_cap(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_sse_stream_that_never_initializes_is_swept_and_its_stream_ends() {
-    let harness = Harness::start(Options {
-        limits: LimitsSection {
-            request_timeout_secs: 0,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    })
+    let harness = Harness::start(Options::with_limits(LimitsSection {
+        request_timeout_secs: 0,
+        ..LimitsSection::default()
+    }))
     .await;
     let (upstream, _stop) = common::guarded_demo_upstream().await;
     let _client = harness.connect(&harness.acme, &[("demo", &upstream)]).await;

@@ -327,14 +327,11 @@ async fn oversized_body_is_413_and_oversized_result_fails_cleanly() {
     const LIMIT: usize = 64 * 1024;
     // Agents may send LIMIT bytes; an upstream's answer may be four times that.
     const ANSWER_LIMIT: usize = 4 * LIMIT;
-    let options = Options {
-        limits: LimitsSection {
-            max_message_bytes: LIMIT,
-            max_answer_bytes: ANSWER_LIMIT,
-            ..LimitsSection::default()
-        },
-        ..Options::default()
-    };
+    let options = Options::with_limits(LimitsSection {
+        max_message_bytes: LIMIT,
+        max_answer_bytes: ANSWER_LIMIT,
+        ..LimitsSection::default()
+    });
     let (harness, _client, _upstreams) = harness_with_demo(options).await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     assert_eq!(agent.initialize().await.status, 200);

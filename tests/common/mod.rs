@@ -102,6 +102,16 @@ pub struct Options {
     pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,
 }
 
+impl Options {
+    /// The default knobs but for `limits`.
+    pub fn with_limits(limits: LimitsSection) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+}
+
 /// A running relay with three tenants, `acme`, `other` and `globex` (the third for tests that
 /// need more than a pair, such as the isolation matrix).
 pub struct Harness {
