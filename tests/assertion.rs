@@ -12,11 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{
-    Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tenant_block, tool_text, write_config,
+    Agent, FileRelay, LISTENERS, cert_dir, tenant_block, tool_text, write_config,
 };
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mcp_tunnel::certs::DevCerts;
-use mcp_tunnel::client;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::relay::reload::Reloader;
 use serde_json::{Value, json};
@@ -130,20 +129,12 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
     let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
     let path = write_config(dir.path(), &config(&token, &api_key, r#""db""#));
     let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
-    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
+    let sources = [("db", db_url.as_str()), ("crm", crm_url.as_str())];
+    relay
+        .connect(&token, &certs.ca_pem, &sources, shutdown.clone())
+        .await;
+    let (agents, state) = (relay.agents, relay.state);
     let mut reloader = Reloader::new(&path, state.clone(), loaded);
-    let settings = quic_settings(
-        tunnel,
-        &token,
-        &certs.ca_pem,
-        &[("db", &db_url), ("crm", &crm_url)],
-    );
-    tokio::spawn(client::run(settings, shutdown.clone()));
-    for source in ["db", "crm"] {
-        tokio::time::timeout(WAIT, state.registry.wait_for("acme", source))
-            .await
-            .expect("tunnel up");
-    }
 
     // `db` asks for assertions, `crm` does not.
     call(agents, "db", &api_key).await;
@@ -198,12 +189,10 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
     // seconds), so a renewed one has at least a second left when forwarded.
     let path = write_config(dir.path(), &config_with_ttl(&token, &api_key, r#""db""#, 3));
     let (relay, _) = FileRelay::serve(&path, &shutdown).await;
-    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
-    let settings = quic_settings(tunnel, &token, &certs.ca_pem, &[("db", &db_url)]);
-    tokio::spawn(client::run(settings, shutdown.clone()));
-    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "db"))
-        .await
-        .expect("tunnel up");
+    relay
+        .connect(&token, &certs.ca_pem, &[("db", &db_url)], shutdown.clone())
+        .await;
+    let (agents, state) = (relay.agents, relay.state);
 
     let mut agent = Agent::new(&format!("http://{agents}/mcp/db"), &api_key);
     assert_eq!(agent.initialize().await.status, 200);
@@ -269,11 +258,9 @@ async fn a_reload_rotating_the_key_and_roles_applies_to_the_next_request_of_a_li
     let path = write_config(dir.path(), &text);
     let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
     let mut reloader = Reloader::new(&path, relay.state.clone(), loaded);
-    let settings = quic_settings(relay.tunnel, &token, &certs.ca_pem, &[("db", &db_url)]);
-    tokio::spawn(client::run(settings, shutdown.clone()));
-    tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
-        .await
-        .expect("tunnel up");
+    relay
+        .connect(&token, &certs.ca_pem, &[("db", &db_url)], shutdown.clone())
+        .await;
 
     let mut agent = Agent::new(&format!("http://{}/mcp/db", relay.agents), &api_key);
     assert_eq!(agent.initialize().await.status, 200);

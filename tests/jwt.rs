@@ -14,10 +14,9 @@ use axum::response::IntoResponse;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{
-    Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, tenant_block, tool_text, write_config,
+    Agent, FileRelay, LISTENERS, cert_dir, tenant_block, tool_text, write_config,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use mcp_tunnel::client;
 use mcp_tunnel::govern::identity::new_secret;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -136,17 +135,11 @@ async fn jwt_agents_are_verified_and_refusals_name_the_metadata() {
     let config = jwt_config(&token, &api_key);
     let path = write_config(dir.path(), &config);
     let (relay, _) = FileRelay::serve(&path, &shutdown).await;
-    let (agents, tunnel, state) = (relay.agents, relay.tunnel, relay.state);
-    let settings = quic_settings(
-        tunnel,
-        &token,
-        &certs.ca_pem,
-        &[("demo", &demo), ("recording", &recording)],
-    );
-    tokio::spawn(client::run(settings, shutdown.clone()));
-    tokio::time::timeout(WAIT, state.registry.wait_for("acme", "recording"))
-        .await
-        .expect("tunnel up");
+    let sources = [("demo", demo.as_str()), ("recording", recording.as_str())];
+    relay
+        .connect(&token, &certs.ca_pem, &sources, shutdown.clone())
+        .await;
+    let agents = relay.agents;
     let url = format!("http://{agents}/mcp/demo");
     let metadata = format!("{PUBLIC_URL}/.well-known/oauth-protected-resource/mcp/demo");
 

@@ -144,6 +144,26 @@ impl FileRelay {
         };
         (this, loaded)
     }
+
+    /// Spawns a `connect` for `token`, trusting `ca_pem`, serving `sources` (name, URL) through
+    /// this relay over QUIC until `shutdown`; returns its task once every source's tunnel is up
+    /// for tenant `acme`.
+    pub async fn connect(
+        &self,
+        token: &str,
+        ca_pem: &str,
+        sources: &[(&str, &str)],
+        shutdown: CancellationToken,
+    ) -> JoinHandle<Result<(), mcp_tunnel::client::ClientError>> {
+        let settings = quic_settings(self.tunnel, token, ca_pem, sources);
+        let connect = tokio::spawn(mcp_tunnel::client::run(settings, shutdown));
+        for (source, _) in sources {
+            tokio::time::timeout(super::WAIT, self.state.registry.wait_for("acme", source))
+                .await
+                .expect("tunnel up");
+        }
+        connect
+    }
 }
 
 /// The `mcp-tunnel relay --config` binary, up: it printed its listening line.
