@@ -24,6 +24,12 @@ fn reader_role() -> (String, Role) {
     )
 }
 
+/// Two fields of each audit row of `rows`, by key; "-" where one is not a string.
+fn columns<'a>(rows: impl Iterator<Item = &'a Value>, [a, b]: [&str; 2]) -> Vec<(&'a str, &'a str)> {
+    rows.map(|r| (r[a].as_str().unwrap_or("-"), r[b].as_str().unwrap_or("-")))
+        .collect()
+}
+
 fn read(id: u64, params: Value) -> Value {
     json!({"jsonrpc":"2.0","id":id,"method":"resources/read","params":params})
 }
@@ -79,16 +85,11 @@ async fn a_resource_is_judged_on_its_uri_and_a_decoy_name_is_refused() {
     harness.stop().await;
 
     let rows = export(&db).await;
-    let reads: Vec<(&str, &str)> = rows
-        .iter()
-        .filter(|r| r["mcp.method.name"] == "resources/read")
-        .map(|r| {
-            (
-                r["mcp.resource.uri"].as_str().unwrap_or("-"),
-                r["decision"].as_str().unwrap_or("-"),
-            )
-        })
-        .collect();
+    let reads = columns(
+        rows.iter()
+            .filter(|r| r["mcp.method.name"] == "resources/read"),
+        ["mcp.resource.uri", "decision"],
+    );
     assert_eq!(
         reads,
         [
@@ -153,16 +154,10 @@ async fn a_request_with_a_null_id_is_refused_audited_and_never_forwarded() {
         .filter(|r| r["outcome"]["code"] == -32600)
         .collect();
     assert_eq!(refused.len(), 3, "{rows:#?}");
-    let denied: Vec<(&str, &str)> = refused
-        .iter()
-        .filter(|r| r["decision"] == "deny")
-        .map(|r| {
-            (
-                r["mcp.method.name"].as_str().unwrap_or("-"),
-                r["rule"].as_str().unwrap_or("-"),
-            )
-        })
-        .collect();
+    let denied = columns(
+        refused.iter().copied().filter(|r| r["decision"] == "deny"),
+        ["mcp.method.name", "rule"],
+    );
     assert_eq!(
         denied,
         [

@@ -119,39 +119,36 @@ async fn an_identity_limit_set_by_hot_reload_refuses_exactly_the_request_beyond_
     assert_eq!(echo(&alice, 16).await.status, 200, "the limit is gone");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_source_limit_counts_every_caller_of_the_tenant() {
+/// A rate limit on `scope` (`source` or `tenant`) with a burst of 5, spent by alice on `demo`
+/// and bob on `bob_source`: the sixth request, bob's, is refused, and so is alice's next one;
+/// returns alice's refusal.
+async fn shared_burst_is_spent(scope: &str, bob_source: &str) -> Answer {
     let creds = Creds::new();
     let relay = creds
-        .relay("[rate_limits]\nsource = { per_minute = 1, burst = 5 }\n")
+        .relay(&format!(
+            "[rate_limits]\n{scope} = {{ per_minute = 1, burst = 5 }}\n"
+        ))
         .await;
-    let url = relay.url("demo");
-    let mut alice = Agent::new(&url, &creds.alice);
-    let mut bob = Agent::new(&url, &creds.bob);
+    let mut alice = Agent::new(&relay.url("demo"), &creds.alice);
+    let mut bob = Agent::new(&relay.url(bob_source), &creds.bob);
     // Each initialize is two requests: the handshake and its `initialized` notification.
     assert_eq!(alice.initialize().await.status, 200);
-    assert_eq!(bob.initialize().await.status, 200);
+    assert_eq!(bob.initialize().await.status, 200, "bob on {bob_source}");
     assert_eq!(echo(&alice, 1).await.status, 200);
-    let refused = echo(&bob, 1).await;
-    assert_limited(&refused, "the sixth request to the source");
-    assert_limited(&echo(&alice, 2).await, "alice too, the source is spent");
+    assert_limited(&echo(&bob, 1).await, &format!("the {scope}'s sixth request"));
+    let refused = echo(&alice, 2).await;
+    assert_limited(&refused, &format!("alice too: the {scope} is spent"));
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_limit_counts_every_caller_of_the_tenant() {
+    shared_burst_is_spent("source", "demo").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_limit_counts_every_caller_and_every_source_of_the_tenant() {
-    let creds = Creds::new();
-    let relay = creds
-        .relay("[rate_limits]\ntenant = { per_minute = 1, burst = 5 }\n")
-        .await;
-    let mut alice = Agent::new(&relay.url("demo"), &creds.alice);
-    let mut bob = Agent::new(&relay.url("other"), &creds.bob);
-    // Each initialize is two requests: the handshake and its `initialized` notification.
-    assert_eq!(alice.initialize().await.status, 200);
-    assert_eq!(bob.initialize().await.status, 200, "another source");
-    assert_eq!(echo(&alice, 1).await.status, 200);
-    assert_limited(&echo(&bob, 1).await, "the tenant's sixth request");
-    let refused = echo(&alice, 2).await;
-    assert_limited(&refused, "alice too: the tenant is spent");
+    let refused = shared_burst_is_spent("tenant", "other").await;
     assert!(
         refused.response()["error"]["message"]
             .as_str()

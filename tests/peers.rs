@@ -154,12 +154,22 @@ impl PyClient {
             "{why}: {}",
             self.negotiated
         );
+        self.assert_echo(why);
+    }
+
+    /// Echo is listed and echoed "hi" (`why` names the run).
+    fn assert_echo(&self, why: &str) {
+        self.assert_lists("echo", why);
+        assert_eq!(self.call, "Echo: hi", "{why}");
+    }
+
+    /// `tool` is listed (`why` names the run).
+    fn assert_lists(&self, tool: &str, why: &str) {
         assert!(
-            self.tools.iter().any(|t| t == "echo"),
-            "echo is listed: {:?}",
+            self.tools.iter().any(|t| t == tool),
+            "{tool} is listed ({why}): {:?}",
             self.tools
         );
-        assert_eq!(self.call, "Echo: hi");
     }
 }
 
@@ -427,12 +437,7 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
     let sse_url = format!("http://{}/sse/everything", harness.agents);
     let over_sse = python_client(&sse_url, &key, "sse").await;
-    assert!(
-        over_sse.tools.iter().any(|t| t == "echo"),
-        "echo is listed over HTTP+SSE: {:?}",
-        over_sse.tools
-    );
-    assert_eq!(over_sse.call, "Echo: hi");
+    over_sse.assert_echo("over HTTP+SSE");
 
     inspector_lists_and_calls_echo(&url, &key).await;
     assert_traffic_rode_quic_streams(&harness, "everything");
@@ -453,12 +458,8 @@ async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
         modern.negotiated, "2026-07-28",
         "auto negotiates the stateless era"
     );
-    assert!(
-        modern.tools.iter().any(|t| t == "echo") && modern.tools.iter().any(|t| t == "add"),
-        "echo and add are listed: {:?}",
-        modern.tools
-    );
-    assert_eq!(modern.call, "Echo: hi");
+    modern.assert_echo("stateless era");
+    modern.assert_lists("add", "stateless era");
 
     let sum = python_client_call(&url, &key, "auto", Some(("add", r#"{"a": 2, "b": 40}"#))).await;
     assert_eq!(sum.negotiated, "2026-07-28");
@@ -470,12 +471,7 @@ async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
         legacy.negotiated, "2025-11-25",
         "legacy negotiates the session era"
     );
-    assert!(
-        legacy.tools.iter().any(|t| t == "echo"),
-        "echo is listed: {:?}",
-        legacy.tools
-    );
-    assert_eq!(legacy.call, "Echo: hi");
+    legacy.assert_echo("session era");
 
     assert_traffic_rode_quic_streams(&harness, "pysrv");
 
@@ -510,11 +506,7 @@ async fn demo_command_answers_the_python_sdk() {
 
     for mode in ["auto", "legacy"] {
         let answer = python_client(&url, &key, mode).await;
-        assert!(
-            answer.tools.iter().any(|t| t == "echo"),
-            "echo is listed ({mode}): {:?}",
-            answer.tools
-        );
+        answer.assert_lists("echo", mode);
         assert_eq!(answer.call, "hi", "the demo echoes unchanged ({mode})");
     }
 
@@ -651,7 +643,6 @@ fn assert_policy_client_facts(output: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_applies_in_session() {
-    use mcp_tunnel::client;
     use mcp_tunnel::govern::identity::new_secret;
     use mcp_tunnel::relay::reload::Reloader;
     use tokio_util::sync::CancellationToken;
@@ -665,15 +656,12 @@ async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_appl
     let stop = CancellationToken::new();
     let _stop_on_drop = stop.clone().drop_guard();
     let (relay, loaded) = common::FileRelay::serve(&path, &stop).await;
-    let (state, agents, tunnel, served) = (relay.state, relay.agents, relay.tunnel, relay.served);
-    let mut reloader = Reloader::new(&path, state.clone(), loaded);
-
     let upstream = common::demo_upstream(&stop).await;
-    let settings = common::quic_settings(tunnel, &token, &certs.ca_pem, &[("demo", &upstream)]);
-    let connect = tokio::spawn(client::run(settings, stop.child_token()));
-    tokio::time::timeout(common::WAIT, state.registry.wait_for("acme", "demo"))
-        .await
-        .expect("the tunnel comes up");
+    let connect = relay
+        .connect(&token, &certs.ca_pem, &[("demo", &upstream)], stop.child_token())
+        .await;
+    let (state, agents, served) = (relay.state, relay.agents, relay.served);
+    let mut reloader = Reloader::new(&path, state.clone(), loaded);
 
     let url = format!("http://{agents}/mcp/demo");
     let go = dir.path().join("go");

@@ -412,14 +412,20 @@ async fn a_condition_applies_by_reload_and_an_invalid_one_is_refused_naming_tena
         .reload()
         .await
         .expect("a condition reloads");
-    let denied = session
-        .call_tool(3, "echo", json!({"message": "secret"}))
-        .await;
-    assert_eq!(
-        denied.response()["error"]["message"],
-        "Unknown tool: echo",
-        "the condition applies to the open session's next call: {denied:?}"
-    );
+    let secret_is_refused = |id: u64, why: &'static str| {
+        let session = &session;
+        async move {
+            let denied = session
+                .call_tool(id, "echo", json!({"message": "secret"}))
+                .await;
+            assert_eq!(
+                denied.response()["error"]["message"],
+                "Unknown tool: echo",
+                "{why}: {denied:?}"
+            );
+        }
+    };
+    secret_is_refused(3, "the condition applies to the open session's next call").await;
     assert_echo(&session, 4, "public").await;
 
     relay.write(&with_condition("args.message !="));
@@ -435,14 +441,7 @@ async fn a_condition_applies_by_reload_and_an_invalid_one_is_refused_naming_tena
             && error.contains("invalid CEL expression"),
         "the error names the tenant, the role and the problem: {error}"
     );
-    let still = session
-        .call_tool(5, "echo", json!({"message": "secret"}))
-        .await;
-    assert_eq!(
-        still.response()["error"]["message"],
-        "Unknown tool: echo",
-        "the running condition stays"
-    );
+    secret_is_refused(5, "the running condition stays").await;
     assert_echo(&session, 6, "public").await;
     assert_eq!(relay.state.sessions.len(), 1, "one session throughout");
 }
