@@ -409,6 +409,13 @@ async fn try_token(url: &str, token: &str) -> (u16, String) {
     (answer.status, message)
 }
 
+/// Asserts `token` is refused at `url` with a 401 whose message ends in `why`.
+async fn assert_refused(url: &str, token: &str, why: &str) {
+    let (status, message) = try_token(url, token).await;
+    assert_eq!(status, 401, "{message}");
+    assert!(message.ends_with(why), "{message}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwks_url_is_fetched_cached_refreshed_on_a_new_key_id_and_never_hammered() {
     common::init_tracing();
@@ -445,9 +452,8 @@ async fn a_jwks_url_is_fetched_cached_refreshed_on_a_new_key_id_and_never_hammer
         404,
         "a token of the new key is accepted"
     );
-    let (status, message) = try_token(&url, &sign(&old, &claims())).await;
-    assert_eq!(status, 401, "the dropped key is refused");
-    assert!(message.ends_with("unknown key id"), "{message}");
+    // The dropped key is refused.
+    assert_refused(&url, &sign(&old, &claims()), "unknown key id").await;
 
     // Tokens naming made-up key ids: the on-demand refreshes are rate limited (a burst of 3,
     // spent above, then 2 a minute), so ten of them fetch at most a couple of times.
@@ -475,16 +481,12 @@ async fn rs256_tokens_verify_with_the_jwks_and_a_bad_signature_is_refused() {
 
     let (status, message) = try_token(&url, &sign(&rsa, &claims())).await;
     assert_eq!(status, 404, "a valid RS256 token authenticates: {message}");
-    let (status, message) = try_token(&url, &sign(&impostor, &claims())).await;
-    assert_eq!(status, 401, "{message}");
-    assert!(message.ends_with("bad signature"), "{message}");
+    assert_refused(&url, &sign(&impostor, &claims()), "bad signature").await;
     // The valid token with one signature byte changed.
     let token = sign(&rsa, &claims());
     let (head, signature) = token.rsplit_once('.').expect("three parts");
     let mut bytes = URL_SAFE_NO_PAD.decode(signature).expect("base64url");
     bytes[0] ^= 1;
     let tampered = format!("{head}.{}", URL_SAFE_NO_PAD.encode(bytes));
-    let (status, message) = try_token(&url, &tampered).await;
-    assert_eq!(status, 401, "{message}");
-    assert!(message.ends_with("bad signature"), "{message}");
+    assert_refused(&url, &tampered, "bad signature").await;
 }

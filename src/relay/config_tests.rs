@@ -202,56 +202,6 @@ fn identity_providers_parse_and_are_checked() {
     assert_eq!(keyring.jwt().public_url(), Some("https://relay.example"));
     assert_eq!(keyring.jwt().issuers(), ["https://idp.example"]);
     assert_eq!(keyring.jwt().scopes(), ["mcp:tools"]);
-
-    let load_err = |agents: &str, provider: &str| {
-        let (_dir, path) = with_provider(agents, provider);
-        load_config(&path).expect_err("refused").to_string()
-    };
-    let err = load_err(public_url, &PROVIDER.replace("\"acme\"", "\"globex\""));
-    assert!(
-        err.contains("globex") && err.contains("idp.example"),
-        "{err}"
-    );
-    let err = load_err(public_url, &PROVIDER.replace("issuer =", "isuser ="));
-    assert!(err.contains("isuser") && err.contains("line"), "{err}");
-    let err = load_err(public_url, &PROVIDER.replace("\"EdDSA\"", "\"HS256\""));
-    assert!(err.contains("HS256"), "{err}");
-    let err = load_err("", PROVIDER);
-    assert!(err.contains("public_url"), "no audience: {err}");
-    let err = load_err(
-        public_url,
-        &PROVIDER.replace(
-            "tenant = \"acme\"",
-            "tenant = \"acme\"\ntenant_claim = \"t\"",
-        ),
-    );
-    assert!(err.contains("exactly one of tenant"), "{err}");
-    let err = load_err(public_url, &PROVIDER.replace("jwks.json", "missing.json"));
-    assert!(err.contains("missing.json"), "{err}");
-    let err = load_err(
-        public_url,
-        &PROVIDER.replace(
-            "jwks_file = \"jwks.json\"",
-            "jwks_file = \"jwks.json\"\njwks_url = \"https://idp.example/jwks\"",
-        ),
-    );
-    assert!(
-        err.contains("exactly one of jwks_file or jwks_url"),
-        "{err}"
-    );
-    let err = load_err(
-        public_url,
-        &PROVIDER.replace("jwks_file = \"jwks.json\"", ""),
-    );
-    assert!(
-        err.contains("exactly one of jwks_file or jwks_url"),
-        "{err}"
-    );
-    let err = load_err(
-        public_url,
-        &PROVIDER.replace("jwks_file = \"jwks.json\"", "jwks_url = \"ftp://idp/jwks\""),
-    );
-    assert!(err.contains("ftp://idp/jwks"), "{err}");
     let (_dir, path) = with_provider(
         public_url,
         &PROVIDER.replace(
@@ -260,8 +210,72 @@ fn identity_providers_parse_and_are_checked() {
         ),
     );
     load_config(&path).expect("a JWKS URL is not fetched to check a file");
-    let err = load_err("public_url = \"relay.example\"\n", PROVIDER);
-    assert!(err.contains("public_url"), "{err}");
+}
+
+#[test]
+fn identity_provider_mistakes_are_named() {
+    let public_url = "public_url = \"https://relay.example/\"\n";
+    let jwks_file = "jwks_file = \"jwks.json\"";
+    // Each refused provider (agent listener lines, provider): what its error names.
+    let refused: [(&str, String, &[&str]); 10] = [
+        (
+            public_url,
+            PROVIDER.replace("\"acme\"", "\"globex\""),
+            &["globex", "idp.example"],
+        ),
+        (
+            public_url,
+            PROVIDER.replace("issuer =", "isuser ="),
+            &["isuser", "line"],
+        ),
+        (
+            public_url,
+            PROVIDER.replace("\"EdDSA\"", "\"HS256\""),
+            &["HS256"],
+        ),
+        ("", PROVIDER.to_owned(), &["public_url"]),
+        (
+            public_url,
+            PROVIDER.replace(
+                "tenant = \"acme\"",
+                "tenant = \"acme\"\ntenant_claim = \"t\"",
+            ),
+            &["exactly one of tenant"],
+        ),
+        (
+            public_url,
+            PROVIDER.replace("jwks.json", "missing.json"),
+            &["missing.json"],
+        ),
+        (
+            public_url,
+            PROVIDER.replace(
+                jwks_file,
+                "jwks_file = \"jwks.json\"\njwks_url = \"https://idp.example/jwks\"",
+            ),
+            &["exactly one of jwks_file or jwks_url"],
+        ),
+        (
+            public_url,
+            PROVIDER.replace(jwks_file, ""),
+            &["exactly one of jwks_file or jwks_url"],
+        ),
+        (
+            public_url,
+            PROVIDER.replace(jwks_file, "jwks_url = \"ftp://idp/jwks\""),
+            &["ftp://idp/jwks"],
+        ),
+        (
+            "public_url = \"relay.example\"\n",
+            PROVIDER.to_owned(),
+            &["public_url"],
+        ),
+    ];
+    for (agents, provider, named) in refused {
+        let (_dir, path) = with_provider(agents, &provider);
+        let err = load_config(&path).expect_err("refused").to_string();
+        assert!(named.iter().all(|n| err.contains(n)), "{named:?}: {err}");
+    }
 }
 
 #[test]

@@ -46,8 +46,7 @@ fn rows(path: &std::path::Path) -> Vec<(String, i64, String, String, Vec<u8>)> {
 
 #[tokio::test]
 async fn concurrent_appends_all_land_chained_per_tenant_and_close_signs() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = AuditSettings::new(dir.path().join("audit.db"));
+    let (_dir, mut config) = trail();
     // A tiny queue: most appends wait for room (backpressure), none is dropped.
     config.queue = 2;
     let auditor = Auditor::open(&config).expect("open");
@@ -92,6 +91,21 @@ async fn concurrent_appends_all_land_chained_per_tenant_and_close_signs() {
     assert_eq!(signed, vec![("acme".into(), 100), ("globex".into(), 100)]);
 }
 
+/// Default settings of a trail `audit.db` in a fresh temporary directory (returned too: the
+/// trail lives as long as it).
+fn trail() -> (tempfile::TempDir, AuditSettings) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = AuditSettings::new(dir.path().join("audit.db"));
+    (dir, config)
+}
+
+/// Appends the records `ns` (see [`record`]) of tenant acme, one after the other.
+async fn append_acme(auditor: &Auditor, ns: std::ops::Range<u64>) {
+    for n in ns {
+        auditor.append(record("acme", n)).await.expect("append");
+    }
+}
+
 /// The trail's checkpoints, in order.
 fn checkpoints(path: &std::path::Path) -> Vec<Checkpoint> {
     let conn = Connection::open(path).expect("open");
@@ -104,14 +118,11 @@ fn checkpoints(path: &std::path::Path) -> Vec<Checkpoint> {
 
 #[tokio::test]
 async fn close_merges_the_wal_into_the_file() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = AuditSettings::new(dir.path().join("audit.db"));
+    let (dir, config) = trail();
     let auditor = Auditor::open(&config).expect("open");
     // Enough rows for the WAL checkpointer to be asked several times.
     let count = WAL_CHECKPOINT_ROWS * 3 + 1;
-    for i in 0..count {
-        auditor.append(record("acme", i)).await.expect("append");
-    }
+    append_acme(&auditor, 0..count).await;
     auditor.close().await;
     assert!(
         !dir.path().join("audit.db-wal").exists(),
@@ -154,8 +165,7 @@ fn the_wal_starts_over_under_steady_writes() {
 
 #[tokio::test]
 async fn a_reopened_trail_continues_each_chain() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = AuditSettings::new(dir.path().join("audit.db"));
+    let (_dir, config) = trail();
     let first = Auditor::open(&config).expect("open");
     first.append(record("acme", 1)).await.expect("append");
     first.close().await;
@@ -170,13 +180,10 @@ async fn a_reopened_trail_continues_each_chain() {
 
 #[tokio::test]
 async fn checkpoints_every_n_rows() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = AuditSettings::new(dir.path().join("audit.db"));
+    let (_dir, mut config) = trail();
     config.checkpoint_rows = 5;
     let auditor = Auditor::open(&config).expect("open");
-    for i in 0..12 {
-        auditor.append(record("acme", i)).await.expect("append");
-    }
+    append_acme(&auditor, 0..12).await;
     auditor.close().await;
     let signed: Vec<(Kind, u64, Option<u64>)> = checkpoints(&config.path)
         .iter()
@@ -195,8 +202,7 @@ async fn checkpoints_every_n_rows() {
 
 #[tokio::test]
 async fn a_quiet_tenant_is_signed_after_the_interval() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut config = AuditSettings::new(dir.path().join("audit.db"));
+    let (_dir, mut config) = trail();
     config.checkpoint_secs = 1;
     let auditor = Auditor::open(&config).expect("open");
     auditor.append(record("acme", 1)).await.expect("append");
@@ -221,8 +227,7 @@ async fn a_quiet_tenant_is_signed_after_the_interval() {
 
 #[tokio::test]
 async fn a_failed_commit_fails_the_append_naming_the_file() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = AuditSettings::new(dir.path().join("audit.db"));
+    let (_dir, config) = trail();
     let auditor = Auditor::open(&config).expect("open");
     auditor.append(record("acme", 1)).await.expect("append");
     Connection::open(&config.path)
@@ -242,8 +247,7 @@ async fn a_failed_commit_fails_the_append_naming_the_file() {
 
 #[tokio::test]
 async fn an_append_while_another_connection_holds_the_write_lock_is_queued_not_failed() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = AuditSettings::new(dir.path().join("audit.db"));
+    let (_dir, config) = trail();
     let auditor = Auditor::open(&config).expect("open");
     auditor
         .append(record("acme", 1))
