@@ -648,11 +648,7 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     drop(body);
 
     // A plain GET stream is open when the answer comes.
-    let plain = agent
-        .request(reqwest::Method::GET)
-        .send()
-        .await
-        .expect("GET is sent");
+    let plain = agent.get(None, "GET is sent").await;
     assert_eq!(plain.status(), 200);
     let mut plain = plain.bytes_stream();
     let release = agent
@@ -661,12 +657,7 @@ async fn a_stdio_answer_stream_is_primed_at_once_and_its_answer_resumable_only()
     assert_eq!(release.status, 202);
 
     // Resuming from the priming event's id gets the answer.
-    let resumed = agent
-        .request(reqwest::Method::GET)
-        .header("last-event-id", &prime_id)
-        .send()
-        .await
-        .expect("resuming GET is sent");
+    let resumed = agent.get(Some(&prime_id), "resuming GET is sent").await;
     assert_eq!(resumed.status(), 200);
     let mut resumed = resumed.bytes_stream();
     let text = read_until_id(&mut resumed, 5).await;

@@ -46,11 +46,7 @@ async fn session_lifecycle_initialize_call_stream_delete() {
     assert_eq!(tool_text(add.response()), "42");
 
     // The GET stream opens as SSE; a second one takes over from the first, which ends.
-    let get = agent
-        .request(reqwest::Method::GET)
-        .send()
-        .await
-        .expect("GET");
+    let get = agent.get(None, "GET").await;
     assert_eq!(get.status(), 200);
     assert!(
         get.headers()["content-type"]
@@ -59,11 +55,7 @@ async fn session_lifecycle_initialize_call_stream_delete() {
             .starts_with("text/event-stream")
     );
     assert_eq!(get.headers()["x-accel-buffering"], "no");
-    let second = agent
-        .request(reqwest::Method::GET)
-        .send()
-        .await
-        .expect("second GET");
+    let second = agent.get(None, "second GET").await;
     assert_eq!(second.status(), 200, "a new GET takes over the stream");
     let first_body = tokio::time::timeout(WAIT, get.bytes())
         .await

@@ -284,11 +284,7 @@ async fn server_messages_wait_for_the_get_stream() {
     let scripted = Scripted::start().await;
     let agent = &scripted.agent;
     // The upstream sent its notification before the agent opened a GET stream: it was held.
-    let mut get = agent
-        .request(reqwest::Method::GET)
-        .send()
-        .await
-        .expect("GET");
+    let mut get = agent.get(None, "GET").await;
     let mut seen = String::new();
     common::sse::read_until(&mut get, &mut seen, "from the server").await;
     assert!(
@@ -316,12 +312,7 @@ async fn dropped_answer_stream_resumes_with_last_event_id() {
 
     // The upstream goes on while the agent is away; the agent comes back with Last-Event-ID.
     script.release.notify_one();
-    let resumed = agent
-        .request(reqwest::Method::GET)
-        .header("last-event-id", &last_id)
-        .send()
-        .await
-        .expect("GET resume");
+    let resumed = agent.get(Some(&last_id), "GET resume").await;
     let resumed = common::read_answer(resumed).await;
     assert_eq!(resumed.status, 200);
     assert_eq!(
