@@ -821,14 +821,12 @@ async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
     let relay_process = common::AcmeRelay::start("").await;
     let connect = common::Peer::start(
         "connect",
-        relay_process
-            .connect_command()
-            .arg("--connections")
-            .arg("1")
-            .arg("--source")
-            .arg(format!("pysrv={upstream}"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1"),
+        common::serving_one(
+            &mut relay_process.connect_command(),
+            ["--connections", "1"],
+            ("pysrv", &upstream),
+            "info",
+        ),
     );
     let common::AcmeRelay {
         dir: _dir,

@@ -23,9 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_see_and_call_only_what_their_roles_allow() {
-    common::init_tracing();
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
+    let (shutdown, _stop) = common::stop_on_drop();
     let upstream = common::demo_upstream(&shutdown).await;
     let certs = mcp_tunnel::certs::generate(&[]).expect("certs");
     let (token, analyst_key, admin_key) = (

@@ -224,70 +224,50 @@ async fn an_invalid_file_is_refused_naming_the_problem_and_the_old_keys_still_wo
     let (token, [alice, bob], alice_line, mut relay, url, session) = alice_only().await;
     let bob_line = ("bob", digest(&bob), &[][..]);
 
-    // An unknown key: the parser's error names it and its line.
-    let error = relay
-        .reload_refused(
-            &config_text(
-                &token,
-                &[alice_line.clone(), bob_line.clone()],
-                &[],
-                "bogus_key = 1\n",
-            ),
-            "an unknown key is refused",
-        )
-        .await;
-    assert!(
-        error.contains("bogus_key") && error.contains("line"),
-        "the error names the key and its line: {error}"
-    );
-    assert_eq!(
-        initialize_status(&url, &bob).await,
-        401,
-        "nothing of the refused file applies"
-    );
-    assert_echo(&session, 2, "the running configuration stays").await;
-    assert_eq!(initialize_status(&url, &alice).await, 200);
-
-    // A key naming a role that is not defined.
-    let error = relay
-        .reload_refused(
-            &config_text(
-                &token,
-                &[alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
-                &[],
-                "",
-            ),
-            "an undefined role is refused",
-        )
-        .await;
-    assert!(
-        error.contains("auditor"),
-        "the error names the role: {error}"
-    );
-    assert_eq!(initialize_status(&url, &bob).await, 401);
-
-    // A clear-text secret where a digest belongs.
-    let error = relay
-        .reload_refused(
-            &config_text(
-                &token,
-                &[alice_line.clone(), ("bob", bob.clone(), &[])],
-                &[],
-                "",
-            ),
-            "a clear-text key is refused",
-        )
-        .await;
-    assert!(
-        error.contains("key of bob"),
-        "the error names the key: {error}"
-    );
-    assert_eq!(initialize_status(&url, &bob).await, 401);
-    assert_echo(&session, 3, "still the running configuration").await;
+    // Each refused file (what is wrong, its keys, its extra lines): what its error names.
+    let refused: [(&str, Vec<KeyLine<'_>>, &str, &[&str]); 3] = [
+        (
+            "an unknown key",
+            vec![alice_line.clone(), bob_line.clone()],
+            "bogus_key = 1\n",
+            &["bogus_key", "line"],
+        ),
+        (
+            "an undefined role",
+            vec![alice_line.clone(), ("bob", digest(&bob), &["auditor"])],
+            "",
+            &["auditor"],
+        ),
+        (
+            "a clear-text key",
+            vec![alice_line.clone(), ("bob", bob.clone(), &[])],
+            "",
+            &["key of bob"],
+        ),
+    ];
+    for (id, (what, keys, extra, named)) in (2..).zip(refused) {
+        let error = relay
+            .reload_refused(
+                &config_text(&token, &keys, &[], extra),
+                &format!("{what} is refused"),
+            )
+            .await;
+        assert!(
+            named.iter().all(|n| error.contains(n)),
+            "{what}: the error names {named:?}: {error}"
+        );
+        assert_eq!(
+            initialize_status(&url, &bob).await,
+            401,
+            "{what}: nothing of the refused file applies"
+        );
+        assert_echo(&session, id, "the running configuration stays").await;
+        assert_eq!(initialize_status(&url, &alice).await, 200);
+    }
 
     // A valid file applies, and what reload cannot apply is reported, not silently dropped.
     assert_valid_file_applies(&mut relay, &token, [alice_line, bob_line], &bob).await;
-    assert_echo(&session, 4, "and the session lives on").await;
+    assert_echo(&session, 5, "and the session lives on").await;
 }
 
 /// A valid file with both keys and new limits reloads: bob's key works, the request timeout

@@ -486,13 +486,12 @@ async fn connect_sigterm_unregisters_its_tunnel_at_once_and_exits_zero() {
 
     let mut connect = Peer::start(
         "connect",
-        common::connect_command(harness.tunnel, &ca, &harness.acme.tunnel_token)
-            .arg("--transport")
-            .arg("quic")
-            .arg("--source")
-            .arg(format!("demo={upstream}"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1"),
+        common::serving_one(
+            &mut common::connect_command(harness.tunnel, &ca, &harness.acme.tunnel_token),
+            ["--transport", "quic"],
+            ("demo", &upstream),
+            "info",
+        ),
     );
     let registry = &harness.state.registry;
     let up = tokio::time::timeout(WAIT, async {
@@ -633,14 +632,12 @@ async fn relay_with_connect(transport: &str, upstream: &str) -> (AcmeRelay, Peer
     let mut relay = AcmeRelay::start(ADMIN).await;
     let connect = Peer::start(
         "connect",
-        relay
-            .connect_command()
-            .arg("--transport")
-            .arg(transport)
-            .arg("--source")
-            .arg(format!("everything={upstream}"))
-            .env("RUST_LOG", "mcp_tunnel=debug,warn")
-            .env("NO_COLOR", "1"),
+        common::serving_one(
+            &mut relay.connect_command(),
+            ["--transport", transport],
+            ("everything", upstream),
+            "mcp_tunnel=debug,warn",
+        ),
     );
     // Every connection of the default count is up before the signal.
     for _ in 0..client::DEFAULT_CONNECTIONS {

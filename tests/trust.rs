@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Agent, FileRelay, LISTENERS, WAIT, cert_dir, quic_settings, start_recording_upstream,
+    Agent, FileRelay, ISSUER, LISTENERS, PUBLIC_URL, WAIT, cert_dir, quic_settings, start_recording_upstream,
     write_config,
 };
 use mcp_tunnel::client::{self, ClientError};
@@ -94,13 +94,30 @@ fn bound(token: &str, sources: &[&str]) -> String {
     )
 }
 
+/// Serves a relay with tenant acme (agent key `key`, then `tokens`: see [`acme`]) until
+/// `shutdown`, and starts two recording upstreams; returns the relay, its directory (with dev
+/// certificates), their CA and the upstreams.
+async fn relay_with_two_upstreams(
+    key: &str,
+    tokens: &str,
+    shutdown: &CancellationToken,
+) -> (FileRelay, tempfile::TempDir, String, [(String, common::Seen); 2]) {
+    let (dir, certs) = cert_dir();
+    let path = write_config(dir.path(), &format!("{LISTENERS}{}", acme(key, tokens)));
+    let (relay, _) = FileRelay::serve(&path, shutdown).await;
+    let upstreams = [
+        start_recording_upstream(shutdown).await,
+        start_recording_upstream(shutdown).await,
+    ];
+    (relay, dir, certs.ca_pem, upstreams)
+}
+
 /// Item 11: with two unbound tokens of one tenant, a second `connect` announcing a source the
 /// first serves took every new session (the newest tunnel won). Now the serving token keeps
 /// them; the second tunnel is a standby, flagged in the tunnel rows.
 #[tokio::test]
 async fn a_second_token_announcing_a_served_source_takes_none_of_its_sessions() {
     let shutdown = CancellationToken::new();
-    let (dir, certs) = cert_dir();
     let (team1, team2, key) = (
         new_secret("mcpt_tok_"),
         new_secret("mcpt_tok_"),
@@ -111,13 +128,11 @@ async fn a_second_token_announcing_a_served_source_takes_none_of_its_sessions() 
         SecretHash::of(&team1),
         SecretHash::of(&team2)
     );
-    let path = write_config(dir.path(), &format!("{LISTENERS}{}", acme(&key, &tokens)));
-    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
-    let (upstream1, seen1) = start_recording_upstream(&shutdown).await;
-    let (upstream2, seen2) = start_recording_upstream(&shutdown).await;
+    let (relay, _dir, ca, [(upstream1, seen1), (upstream2, seen2)]) =
+        relay_with_two_upstreams(&key, &tokens, &shutdown).await;
 
-    let first = serve_db(&relay, (&team1, &certs.ca_pem), &upstream1, 1, &shutdown).await;
-    let second = serve_db(&relay, (&team2, &certs.ca_pem), &upstream2, 2, &shutdown).await;
+    let first = serve_db(&relay, (&team1, &ca), &upstream1, 1, &shutdown).await;
+    let second = serve_db(&relay, (&team2, &ca), &upstream2, 2, &shutdown).await;
 
     sessions(&format!("http://{}/mcp/db", relay.agents), &key, 4).await;
     assert_eq!(tool_calls(&seen1), 4, "the first token keeps serving db");
@@ -153,7 +168,6 @@ async fn a_second_token_announcing_a_served_source_takes_none_of_its_sessions() 
 #[tokio::test]
 async fn a_token_bound_to_sources_serves_only_those() {
     let shutdown = CancellationToken::new();
-    let (dir, certs) = cert_dir();
     let (db, files, legacy, key) = (
         new_secret("mcpt_tok_"),
         new_secret("mcpt_tok_"),
@@ -166,10 +180,8 @@ async fn a_token_bound_to_sources_serves_only_those() {
         bound(&db, &["db"]),
         bound(&files, &["files", "docs"])
     );
-    let path = write_config(dir.path(), &format!("{LISTENERS}{}", acme(&key, &tokens)));
-    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
-    let (upstream1, seen1) = start_recording_upstream(&shutdown).await;
-    let (upstream2, seen2) = start_recording_upstream(&shutdown).await;
+    let (relay, _dir, ca, [(upstream1, seen1), (upstream2, seen2)]) =
+        relay_with_two_upstreams(&key, &tokens, &shutdown).await;
 
     let refused = tokio::time::timeout(
         WAIT,
@@ -177,7 +189,7 @@ async fn a_token_bound_to_sources_serves_only_those() {
             quic_settings(
                 relay.tunnel,
                 &files,
-                &certs.ca_pem,
+                &ca,
                 &[("files", &upstream2), ("db", &upstream2)],
             ),
             shutdown.child_token(),
@@ -195,8 +207,8 @@ async fn a_token_bound_to_sources_serves_only_those() {
     assert!(relay.state.registry.rows().is_empty(), "nothing registered");
 
     // An unbound token serves db first; the token bound to db takes it over.
-    let _unbound = serve_db(&relay, (&legacy, &certs.ca_pem), &upstream2, 1, &shutdown).await;
-    let _bound = serve_db(&relay, (&db, &certs.ca_pem), &upstream1, 2, &shutdown).await;
+    let _unbound = serve_db(&relay, (&legacy, &ca), &upstream2, 1, &shutdown).await;
+    let _bound = serve_db(&relay, (&db, &ca), &upstream1, 2, &shutdown).await;
     sessions(&format!("http://{}/mcp/db", relay.agents), &key, 2).await;
     assert_eq!(tool_calls(&seen1), 2, "the token bound to db serves it");
     assert_eq!(
@@ -308,8 +320,6 @@ async fn cross_origin_redirects_are_refused_unless_the_source_allows_them() {
     let _ = client.await;
 }
 
-const PUBLIC_URL: &str = "https://relay.example.test";
-const ISSUER: &str = "https://idp.example.test";
 
 /// A relay config with tenants acme and globex (no tunnels) trusting `ISSUER`, whose JWKS (one
 /// Ed25519 key) it writes beside; `provider_extra` goes into the provider's table. Returns the
@@ -331,18 +341,11 @@ fn provider_config(
         serde_json::json!({"keys": [jwk]}).to_string(),
     )
     .expect("write JWKS");
-    let config = format!(
-        r#"{LISTENERS}public_url = "{PUBLIC_URL}"
-[[tenants]]
-name = "acme"
-[[tenants]]
-name = "globex"
-[[identity_providers]]
-issuer = "{ISSUER}"
-jwks_file = "jwks.json"
-tenant_claim = "tenant"
-{provider_extra}
-"#
+    let config = common::provider_config(
+        PUBLIC_URL,
+        "[[tenants]]\nname = \"acme\"\n[[tenants]]\nname = \"globex\"",
+        r#"jwks_file = "jwks.json""#,
+        provider_extra,
     );
     let path = write_config(dir.path(), &config);
     (

@@ -28,6 +28,26 @@ key = "relay.key"
 listen = "127.0.0.1:0"
 "#;
 
+/// The identity provider the tests' relay configs trust, and the public URL they give the relay.
+pub const ISSUER: &str = "https://idp.example.test";
+pub const PUBLIC_URL: &str = "https://relay.example.test";
+
+/// A relay config of [`LISTENERS`] with `public_url`, then `tenants` (TOML), then one
+/// `[[identity_providers]]` of [`ISSUER`] with its JWKS at `jwks` (a `jwks_file` or `jwks_url`
+/// line), `tenant_claim = "tenant"`, then `extra` lines of the provider.
+pub fn provider_config(public_url: &str, tenants: &str, jwks: &str, extra: &str) -> String {
+    format!(
+        r#"{LISTENERS}public_url = "{public_url}"
+{tenants}
+[[identity_providers]]
+issuer = "{ISSUER}"
+{jwks}
+tenant_claim = "tenant"
+{extra}
+"#
+    )
+}
+
 /// The `[[tenants]]` block of tenant `acme` with the tunnel token `token` and one agent key,
 /// `api_key`, of subject `agent@acme.example` (no roles: everything is allowed).
 pub fn acme_tenant(token: &str, api_key: &str) -> String {
@@ -226,6 +246,22 @@ pub fn connect_command(tunnel: SocketAddr, ca: &Path, token: &str) -> tokio::pro
         .arg("--token")
         .arg(token);
     command
+}
+
+/// `command` (a `connect`) with `flags`, then serving one source (name, URL), logging at `log`
+/// without colours, for a test to read its lines.
+pub fn serving_one<'a>(
+    command: &'a mut tokio::process::Command,
+    flags: [&str; 2],
+    (name, url): (&str, &str),
+    log: &str,
+) -> &'a mut tokio::process::Command {
+    command
+        .args(flags)
+        .arg("--source")
+        .arg(format!("{name}={url}"))
+        .env("RUST_LOG", log)
+        .env("NO_COLOR", "1")
 }
 
 /// The relay binary up on a config of tenant `acme` (a fresh tunnel token and API key) in a

@@ -35,6 +35,15 @@ pub use config_relay::*;
 /// Bound on any single wait in a test: generous for a loaded CI machine, finite.
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// Tracing on, and a token that stops a test's tasks: cancelled when the guard returned with
+/// it drops, when the test ends, passing or failing.
+pub fn stop_on_drop() -> (CancellationToken, tokio_util::sync::DropGuard) {
+    init_tracing();
+    let stop = CancellationToken::new();
+    let guard = stop.clone().drop_guard();
+    (stop, guard)
+}
+
 /// Routes `tracing` to the test writer (shown for failing tests only).
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -359,6 +368,16 @@ impl Agent {
             session: None,
             version: None,
         }
+    }
+
+    /// A GET of the agent's stream, resuming after the event `last_event_id` when given; panics
+    /// when it cannot be sent (`what` names it).
+    pub async fn get(&self, last_event_id: Option<&str>, what: &str) -> reqwest::Response {
+        let mut request = self.request(reqwest::Method::GET);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id);
+        }
+        request.send().await.expect(what)
     }
 
     pub fn request(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
@@ -798,6 +817,22 @@ pub async fn serve_axum(app: axum::Router, shutdown: &CancellationToken) -> Sock
             .await
     });
     addr
+}
+
+/// Asserts `headers` (of a request an upstream got; `what` names it) hold no Authorization
+/// header and no value containing any of `secrets` (the caller's credentials).
+pub fn assert_no_credentials(headers: &HeaderMap, secrets: &[&str], what: &str) {
+    assert!(
+        headers.get("authorization").is_none(),
+        "{what}: no Authorization upstream"
+    );
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            secrets.iter().all(|secret| !value.contains(secret)),
+            "{what}: header {name} carries the agent's credentials"
+        );
+    }
 }
 
 /// Every request the scripted upstream saw: the JSON-RPC method, the headers, and when it
