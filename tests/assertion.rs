@@ -17,9 +17,9 @@ use common::{
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mcp_tunnel::certs::DevCerts;
 use mcp_tunnel::govern::identity::new_secret;
-use mcp_tunnel::relay::reload::Reloader;
-use serde_json::{Value, json};
+use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
 use tokio_util::sync::CancellationToken;
+use serde_json::{Value, json};
 
 const PUBLIC_URL: &str = "https://relay.example.test";
 const HEADER: &str = "x-mcp-tunnel-identity";
@@ -80,17 +80,7 @@ fn check(seen: &common::Seen, source: &str, asserted: bool, public: &DecodingKey
         "{source}: the call reached the upstream"
     );
     for (method, headers, _) in seen.iter() {
-        assert!(
-            headers.get("authorization").is_none(),
-            "{source} {method}: no Authorization upstream"
-        );
-        for (name, value) in headers {
-            let value = String::from_utf8_lossy(value.as_bytes());
-            assert!(
-                !value.contains(api_key),
-                "{source} {method}: header {name} carries the agent's key"
-            );
-        }
+        common::assert_no_credentials(headers, &[api_key], &format!("{source} {method}"));
         let Some(token) = headers.get(HEADER) else {
             assert!(!asserted, "{source} {method}: no assertion");
             continue;
@@ -119,9 +109,7 @@ fn check(seen: &common::Seen, source: &str, asserted: bool, public: &DecodingKey
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() {
-    common::init_tracing();
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
+    let (shutdown, _stop) = common::stop_on_drop();
     let (db_url, db_seen) = common::start_recording_upstream(&shutdown).await;
     let (crm_url, crm_seen) = common::start_recording_upstream(&shutdown).await;
 
@@ -148,6 +136,45 @@ async fn upstream_verifies_the_relays_assertion_and_never_sees_the_agents_key() 
     crm_seen.lock().expect("lock").clear();
     call(agents, "crm", &api_key).await;
     check(&crm_seen, "crm", true, &public, &api_key);
+}
+
+/// A relay asserting bob's identity to `db` with a lifetime of `ttl_secs` (config `text`, at
+/// `path` in `dir`; `public` verifies its assertions), and a `connect` serving a recording
+/// upstream (`seen`) as `db`; bob's `agent` has a session open on `db`.
+struct DbRelay {
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    text: String,
+    relay: FileRelay,
+    loaded: LoadedConfig,
+    public: DecodingKey,
+    seen: common::Seen,
+    agent: Agent,
+}
+
+/// Starts a [`DbRelay`] served until `shutdown`.
+async fn db_relay(ttl_secs: u64, shutdown: &CancellationToken) -> DbRelay {
+    let (db_url, seen) = common::start_recording_upstream(shutdown).await;
+    let (dir, certs, public) = relay_dir();
+    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let text = config_with_ttl(&token, &api_key, r#""db""#, ttl_secs);
+    let path = write_config(dir.path(), &text);
+    let (relay, loaded) = FileRelay::serve(&path, shutdown).await;
+    relay
+        .connect(&token, &certs.ca_pem, &[("db", &db_url)], shutdown.clone())
+        .await;
+    let mut agent = Agent::new(&format!("http://{}/mcp/db", relay.agents), &api_key);
+    assert_eq!(agent.initialize().await.status, 200);
+    DbRelay {
+        dir,
+        path,
+        text,
+        relay,
+        loaded,
+        public,
+        seen,
+        agent,
+    }
 }
 
 /// The `exp` and `jti` of the assertion on the last request `seen` got.
@@ -179,23 +206,18 @@ async fn wait_until(exp: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one_every_time() {
-    common::init_tracing();
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let (db_url, seen) = common::start_recording_upstream(&shutdown).await;
-    let (dir, certs, public) = relay_dir();
-    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let (shutdown, _stop) = common::stop_on_drop();
     // Three seconds: an assertion is valid for 2 to 3 s from signing (exp is in whole
     // seconds), so a renewed one has at least a second left when forwarded.
-    let path = write_config(dir.path(), &config_with_ttl(&token, &api_key, r#""db""#, 3));
-    let (relay, _) = FileRelay::serve(&path, &shutdown).await;
-    relay
-        .connect(&token, &certs.ca_pem, &[("db", &db_url)], shutdown.clone())
-        .await;
-    let (agents, state) = (relay.agents, relay.state);
-
-    let mut agent = Agent::new(&format!("http://{agents}/mcp/db"), &api_key);
-    assert_eq!(agent.initialize().await.status, 200);
+    let DbRelay {
+        dir: _dir,
+        relay,
+        public,
+        seen,
+        agent,
+        ..
+    } = db_relay(3, &shutdown).await;
+    let state = relay.state;
     let session = agent.session.clone();
     let mut jtis = Vec::new();
     for id in 1..=3 {
@@ -247,23 +269,19 @@ async fn a_session_outliving_its_assertion_reaches_the_upstream_with_a_fresh_one
 /// new roles, and its audience is `TENANT/SOURCE` (unambiguous across tenants).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_rotating_the_key_and_roles_applies_to_the_next_request_of_a_live_session() {
-    common::init_tracing();
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let (db_url, seen) = common::start_recording_upstream(&shutdown).await;
-    let (dir, certs, old_public) = relay_dir();
-    let (token, api_key) = (new_secret("mcpt_tok_"), new_secret("mcpt_key_"));
+    let (shutdown, _stop) = common::stop_on_drop();
     // A long lifetime: nothing here renews by age.
-    let text = config_with_ttl(&token, &api_key, r#""db""#, 3600);
-    let path = write_config(dir.path(), &text);
-    let (relay, loaded) = FileRelay::serve(&path, &shutdown).await;
+    let DbRelay {
+        dir,
+        path,
+        text,
+        relay,
+        loaded,
+        public: old_public,
+        seen,
+        agent,
+    } = db_relay(3600, &shutdown).await;
     let mut reloader = Reloader::new(&path, relay.state.clone(), loaded);
-    relay
-        .connect(&token, &certs.ca_pem, &[("db", &db_url)], shutdown.clone())
-        .await;
-
-    let mut agent = Agent::new(&format!("http://{}/mcp/db", relay.agents), &api_key);
-    assert_eq!(agent.initialize().await.status, 200);
     let called = agent.call_tool(1, "anything", json!({})).await;
     assert_eq!(tool_text(called.response()), "recorded");
     let claims_of = |public: &DecodingKey| {
