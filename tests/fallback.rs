@@ -291,12 +291,7 @@ async fn a_dropped_connection_fails_its_calls_at_once_and_the_other_serves() {
     }
     // Let the calls reach the upstream, then drop one connection from the relay's side.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let victim = harness
-        .state
-        .registry
-        .route("acme", "demo")
-        .expect("routed");
-    victim.connection.close("test drops this connection");
+    harness.drop_acme_tunnel("demo", "test drops this connection");
     let (mut failed, mut served) = (0, 0);
     while let Some(call) = calls.join_next().await {
         let (elapsed, answer) = call.expect("call task");

@@ -380,8 +380,13 @@ async fn serving(
     (harness, client, url, key)
 }
 
-/// acme's registry row of `source` is over QUIC, and the traffic went through its streams.
-fn assert_traffic_rode_quic_streams(harness: &common::Harness, source: &str) {
+/// acme's registry row of `source` is over QUIC, and the traffic went through its streams;
+/// then `client` (the `connect` of [`serving`]) and the relay stop, cleanly.
+async fn assert_traffic_rode_quic_streams_then_stop(
+    harness: common::Harness,
+    client: common::Client,
+    source: &str,
+) {
     let rows = harness.state.registry.rows();
     let row = rows
         .iter()
@@ -392,6 +397,8 @@ fn assert_traffic_rode_quic_streams(harness: &common::Harness, source: &str) {
         row.streams_opened > 0,
         "the traffic went through tunnel streams: {row:?}"
     );
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
 }
 
 /// The Inspector CLI lists `echo` at `url` and calls it.
@@ -440,10 +447,7 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     over_sse.assert_echo("over HTTP+SSE");
 
     inspector_lists_and_calls_echo(&url, &key).await;
-    assert_traffic_rode_quic_streams(&harness, "everything");
-
-    client.stop().await.expect("connect stops cleanly");
-    harness.stop().await;
+    assert_traffic_rode_quic_streams_then_stop(harness, client, "everything").await;
     everything.stop().await;
 }
 
@@ -473,10 +477,7 @@ async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     );
     legacy.assert_echo("session era");
 
-    assert_traffic_rode_quic_streams(&harness, "pysrv");
-
-    client.stop().await.expect("connect stops cleanly");
-    harness.stop().await;
+    assert_traffic_rode_quic_streams_then_stop(harness, client, "pysrv").await;
     server.stop().await;
 }
 

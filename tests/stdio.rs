@@ -200,13 +200,12 @@ fn error_message(answer: &common::Answer) -> String {
 async fn session_era_over_stdio(harness: &Harness) -> Agent {
     // Session era: one child for the session, speaking newline-delimited JSON.
     let mut agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
-    let init = agent.initialize().await;
-    assert_eq!(init.status, 200, "{init:?}");
+    let result = agent.initialize_result().await;
     assert!(
-        init.response()["result"]["serverInfo"]["name"]
+        result["serverInfo"]["name"]
             .as_str()
             .is_some_and(|name| name.contains("everything")),
-        "{init:?}"
+        "{result}"
     );
     assert!(agent.session.is_some(), "a session is open");
     let tools = agent.tool_names(1).await;

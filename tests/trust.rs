@@ -87,6 +87,12 @@ key = "{}"
     )
 }
 
+/// The `tunnel_tokens` line of a tenant: `tokens`, hashed, each serving any source.
+fn unbound(tokens: &[&str]) -> String {
+    let hashes: Vec<String> = tokens.iter().map(|t| SecretHash::of(t).to_string()).collect();
+    format!("tunnel_tokens = {hashes:?}")
+}
+
 fn bound(token: &str, sources: &[&str]) -> String {
     format!(
         "\n[[tenants.tunnels]]\ntoken = \"{}\"\nsources = {sources:?}\n",
@@ -123,11 +129,7 @@ async fn a_second_token_announcing_a_served_source_takes_none_of_its_sessions() 
         new_secret("mcpt_tok_"),
         new_secret("mcpt_key_"),
     );
-    let tokens = format!(
-        "tunnel_tokens = [\"{}\", \"{}\"]",
-        SecretHash::of(&team1),
-        SecretHash::of(&team2)
-    );
+    let tokens = unbound(&[&team1, &team2]);
     let (relay, _dir, ca, [(upstream1, seen1), (upstream2, seen2)]) =
         relay_with_two_upstreams(&key, &tokens, &shutdown).await;
 
@@ -175,8 +177,8 @@ async fn a_token_bound_to_sources_serves_only_those() {
         new_secret("mcpt_key_"),
     );
     let tokens = format!(
-        "tunnel_tokens = [\"{}\"]\n{}{}",
-        SecretHash::of(&legacy),
+        "{}\n{}{}",
+        unbound(&[&legacy]),
         bound(&db, &["db"]),
         bound(&files, &["files", "docs"])
     );
@@ -258,7 +260,7 @@ async fn acme_relay(
     key: &str,
 ) -> (tempfile::TempDir, mcp_tunnel::certs::DevCerts, FileRelay) {
     let (dir, certs) = cert_dir();
-    let tokens = format!("tunnel_tokens = [\"{}\"]", SecretHash::of(token));
+    let tokens = unbound(&[token]);
     let path = write_config(dir.path(), &format!("{LISTENERS}{}", acme(key, &tokens)));
     let (relay, _) = FileRelay::serve(&path, shutdown).await;
     (dir, certs, relay)

@@ -23,12 +23,8 @@ fn tunnel_row(harness: &Harness) -> mcp_tunnel::relay::TunnelRow {
 async fn session_lifecycle_initialize_call_stream_delete() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
-    let init = agent.initialize().await;
-    assert_eq!(init.status, 200, "{init:?}");
-    assert!(
-        init.response()["result"]["protocolVersion"].is_string(),
-        "{init:?}"
-    );
+    let result = agent.initialize_result().await;
+    assert!(result["protocolVersion"].is_string(), "{result}");
     let session = agent
         .session
         .clone()
@@ -570,17 +566,12 @@ async fn admin_lists_tunnels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_reconnects_by_itself_when_the_relay_drops_it() {
     let (harness, _client, _upstreams) = harness_with_demo(Options::default()).await;
-    let first = harness
-        .state
-        .registry
-        .route("acme", "demo")
-        .expect("routed");
-    first.connection.close("test drops the connection");
+    let first = harness.drop_acme_tunnel("demo", "test drops the connection");
     // connect notices, backs off (the first retry is immediate) and registers again.
     tokio::time::timeout(WAIT, async {
         loop {
             match harness.state.registry.route("acme", "demo") {
-                Some(tunnel) if tunnel.id != first.id => break,
+                Some(tunnel) if tunnel.id != first => break,
                 _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
             }
         }

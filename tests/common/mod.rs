@@ -244,6 +244,18 @@ impl Harness {
         format!("http://{}/mcp/{source}", self.agents)
     }
 
+    /// Closes, from the relay's side, the connection of the tunnel serving acme's `source`
+    /// (there must be one), saying `reason`; returns the tunnel's id.
+    pub fn drop_acme_tunnel(&self, source: &str, reason: &str) -> u64 {
+        let tunnel = self
+            .state
+            .registry
+            .route("acme", source)
+            .expect("routed");
+        tunnel.connection.close(reason);
+        tunnel.id
+    }
+
     /// Opens the HTTP+SSE stream (`GET /sse/SOURCE`) of `source` with `key`; no timeout, the
     /// stream stays open.
     pub async fn sse(&self, source: &str, key: &str) -> reqwest::Response {
@@ -442,6 +454,13 @@ impl Agent {
             );
         }
         answer
+    }
+
+    /// [`Agent::initialize`], which must answer 200; returns the initialize result.
+    pub async fn initialize_result(&mut self) -> Value {
+        let init = self.initialize().await;
+        assert_eq!(init.status, 200, "{init:?}");
+        init.response()["result"].clone()
     }
 
     /// Calls a tool in the session era and returns the answer.
