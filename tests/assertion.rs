@@ -11,15 +11,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{
-    Agent, FileRelay, LISTENERS, cert_dir, tenant_block, tool_text, write_config,
-};
+use common::{Agent, FileRelay, LISTENERS, cert_dir, tenant_block, tool_text, write_config};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use mcp_tunnel::certs::DevCerts;
 use mcp_tunnel::govern::identity::new_secret;
 use mcp_tunnel::relay::reload::{LoadedConfig, Reloader};
-use tokio_util::sync::CancellationToken;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 const PUBLIC_URL: &str = "https://relay.example.test";
 const HEADER: &str = "x-mcp-tunnel-identity";

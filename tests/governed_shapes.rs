@@ -25,7 +25,10 @@ fn reader_role() -> (String, Role) {
 }
 
 /// Two fields of each audit row of `rows`, by key; "-" where one is not a string.
-fn columns<'a>(rows: impl Iterator<Item = &'a Value>, [a, b]: [&str; 2]) -> Vec<(&'a str, &'a str)> {
+fn columns<'a>(
+    rows: impl Iterator<Item = &'a Value>,
+    [a, b]: [&str; 2],
+) -> Vec<(&'a str, &'a str)> {
     rows.map(|r| (r[a].as_str().unwrap_or("-"), r[b].as_str().unwrap_or("-")))
         .collect()
 }

@@ -14,8 +14,8 @@ use axum::response::IntoResponse;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::{
-    Agent, FileRelay, ISSUER, PUBLIC_URL, cert_dir, provider_config, tenant_block,
-    tool_text, write_config,
+    Agent, FileRelay, ISSUER, PUBLIC_URL, cert_dir, provider_config, tenant_block, tool_text,
+    write_config,
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use mcp_tunnel::govern::identity::new_secret;

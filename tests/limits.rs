@@ -135,7 +135,10 @@ async fn shared_burst_is_spent(scope: &str, bob_source: &str) -> Answer {
     assert_eq!(alice.initialize().await.status, 200);
     assert_eq!(bob.initialize().await.status, 200, "bob on {bob_source}");
     assert_eq!(echo(&alice, 1).await.status, 200);
-    assert_limited(&echo(&bob, 1).await, &format!("the {scope}'s sixth request"));
+    assert_limited(
+        &echo(&bob, 1).await,
+        &format!("the {scope}'s sixth request"),
+    );
     let refused = echo(&alice, 2).await;
     assert_limited(&refused, &format!("alice too: the {scope} is spent"));
     refused

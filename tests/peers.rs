@@ -659,7 +659,12 @@ async fn python_sdk_analyst_sees_only_allowed_tools_and_a_hot_reloaded_role_appl
     let (relay, loaded) = common::FileRelay::serve(&path, &stop).await;
     let upstream = common::demo_upstream(&stop).await;
     let connect = relay
-        .connect(&token, &certs.ca_pem, &[("demo", &upstream)], stop.child_token())
+        .connect(
+            &token,
+            &certs.ca_pem,
+            &[("demo", &upstream)],
+            stop.child_token(),
+        )
         .await;
     let (state, agents, served) = (relay.state, relay.agents, relay.served);
     let mut reloader = Reloader::new(&path, state.clone(), loaded);

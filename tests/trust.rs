@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Agent, FileRelay, ISSUER, LISTENERS, PUBLIC_URL, WAIT, cert_dir, quic_settings, start_recording_upstream,
-    write_config,
+    Agent, FileRelay, ISSUER, LISTENERS, PUBLIC_URL, WAIT, cert_dir, quic_settings,
+    start_recording_upstream, write_config,
 };
 use mcp_tunnel::client::{self, ClientError};
 use mcp_tunnel::govern::SecretHash;
@@ -89,7 +89,10 @@ key = "{}"
 
 /// The `tunnel_tokens` line of a tenant: `tokens`, hashed, each serving any source.
 fn unbound(tokens: &[&str]) -> String {
-    let hashes: Vec<String> = tokens.iter().map(|t| SecretHash::of(t).to_string()).collect();
+    let hashes: Vec<String> = tokens
+        .iter()
+        .map(|t| SecretHash::of(t).to_string())
+        .collect();
     format!("tunnel_tokens = {hashes:?}")
 }
 
@@ -107,7 +110,12 @@ async fn relay_with_two_upstreams(
     key: &str,
     tokens: &str,
     shutdown: &CancellationToken,
-) -> (FileRelay, tempfile::TempDir, String, [(String, common::Seen); 2]) {
+) -> (
+    FileRelay,
+    tempfile::TempDir,
+    String,
+    [(String, common::Seen); 2],
+) {
     let (dir, certs) = cert_dir();
     let path = write_config(dir.path(), &format!("{LISTENERS}{}", acme(key, tokens)));
     let (relay, _) = FileRelay::serve(&path, shutdown).await;
@@ -321,7 +329,6 @@ async fn cross_origin_redirects_are_refused_unless_the_source_allows_them() {
     shutdown.cancel();
     let _ = client.await;
 }
-
 
 /// A relay config with tenants acme and globex (no tunnels) trusting `ISSUER`, whose JWKS (one
 /// Ed25519 key) it writes beside; `provider_extra` goes into the provider's table. Returns the

@@ -247,11 +247,7 @@ impl Harness {
     /// Closes, from the relay's side, the connection of the tunnel serving acme's `source`
     /// (there must be one), saying `reason`; returns the tunnel's id.
     pub fn drop_acme_tunnel(&self, source: &str, reason: &str) -> u64 {
-        let tunnel = self
-            .state
-            .registry
-            .route("acme", source)
-            .expect("routed");
+        let tunnel = self.state.registry.route("acme", source).expect("routed");
         tunnel.connection.close(reason);
         tunnel.id
     }
