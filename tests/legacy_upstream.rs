@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{Agent, Harness, Options, WAIT, tool_text};
+use common::{Harness, Options, WAIT, tool_text};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -55,13 +55,9 @@ async fn streamable_agents_reach_an_http_sse_upstream() {
     let (mut child, port) = start_sse_everything().await;
     let harness = Harness::start(Options::default()).await;
     // It listens on every interface; traffic goes to loopback only.
-    let _client = harness
-        .connect(
-            &harness.acme.clone(),
-            &[("everything", &format!("http://127.0.0.1:{port}/sse"))],
-        )
+    let (_client, mut agent) = harness
+        .acme_serving("everything", &format!("http://127.0.0.1:{port}/sse"))
         .await;
-    let mut agent = Agent::new(&harness.url("everything"), &harness.acme.api_key);
     let result = agent.initialize_result().await;
     assert!(result["serverInfo"].is_object(), "{result}");
     let list = agent

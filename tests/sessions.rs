@@ -283,10 +283,7 @@ async fn a_cancelled_call_ends_its_post_though_the_upstream_never_answers() {
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let (upstream, seen) = silent_upstream(&stop).await;
-    let _client = harness
-        .connect(&harness.acme, &[("silent", &upstream)])
-        .await;
-    let mut agent = Agent::new(&harness.url("silent"), &harness.acme.api_key);
+    let (_client, mut agent) = harness.acme_serving("silent", &upstream).await;
     assert_eq!(agent.initialize().await.status, 200);
 
     // The call hangs upstream (the request timeout is 300 s, past this test's WAIT).

@@ -416,13 +416,9 @@ async fn upstream_down_is_a_json_rpc_error_naming_the_source() {
         .local_addr()
         .expect("addr")
         .port();
-    let _client = harness
-        .connect(
-            &harness.acme.clone(),
-            &[("db", &format!("http://127.0.0.1:{port}/mcp"))],
-        )
+    let (_client, mut agent) = harness
+        .acme_serving("db", &format!("http://127.0.0.1:{port}/mcp"))
         .await;
-    let mut agent = Agent::new(&harness.url("db"), &harness.acme.api_key);
     let answer = tokio::time::timeout(WAIT, agent.initialize())
         .await
         .expect("no hang");
@@ -447,10 +443,7 @@ async fn dropped_tunnel_ends_its_sessions_and_connect_reconnects() {
     let upstreams = CancellationToken::new();
     let url = common::demo_upstream(&upstreams).await;
     let harness = Harness::start(Options::default()).await;
-    let client = harness
-        .connect(&harness.acme.clone(), &[("demo", &url)])
-        .await;
-    let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+    let (client, mut agent) = harness.acme_serving("demo", &url).await;
     agent.initialize().await;
     client.stop().await.expect("connect stops cleanly");
     // Wait on readiness: the relay notices the closed connection and drops the route.

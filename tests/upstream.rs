@@ -156,10 +156,7 @@ impl Scripted {
         let upstreams = CancellationToken::new();
         let (url, script) = start_scripted(&upstreams).await;
         let harness = Harness::start(Options::default()).await;
-        let client = harness
-            .connect(&harness.acme.clone(), &[("scripted", &url)])
-            .await;
-        let mut agent = Agent::new(&harness.url("scripted"), &harness.acme.api_key);
+        let (client, mut agent) = harness.acme_serving("scripted", &url).await;
         let init = agent.initialize().await;
         Self {
             script,

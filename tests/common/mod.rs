@@ -244,6 +244,13 @@ impl Harness {
         format!("http://{}/mcp/{source}", self.agents)
     }
 
+    /// Connects acme serving `source` from `upstream`; returns that `connect` and an agent
+    /// with acme's API key at `source` (no session yet).
+    pub async fn acme_serving(&self, source: &str, upstream: &str) -> (Client, Agent) {
+        let client = self.connect(&self.acme, &[(source, upstream)]).await;
+        (client, Agent::new(&self.url(source), &self.acme.api_key))
+    }
+
     /// Closes, from the relay's side, the connection of the tunnel serving acme's `source`
     /// (there must be one), saying `reason`; returns the tunnel's id.
     pub fn drop_acme_tunnel(&self, source: &str, reason: &str) -> u64 {
