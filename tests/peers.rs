@@ -250,23 +250,29 @@ async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
     facts
 }
 
+/// The client's `callback` (`sampling`, `elicitation`) ran exactly once, and the tool that
+/// asked for it did not fail.
+fn assert_callback_ran_once(facts: &Facts, callback: &str, context: &str) {
+    assert_eq!(
+        facts.get(&format!("{callback}_calls")),
+        &Value::from(1),
+        "the {callback} callback ran exactly once through {context}"
+    );
+    assert_eq!(
+        facts.get(&format!("{callback}_is_error")),
+        &Value::Bool(false),
+        "{context}"
+    );
+}
+
 /// Sampling: the server's request reached the callback once, the answer got back to it.
 fn assert_sampling(facts: &Facts, context: &str) {
-    assert_eq!(
-        facts.get("sampling_calls"),
-        &Value::from(1),
-        "the sampling callback ran exactly once through {context}"
-    );
+    assert_callback_ran_once(facts, "sampling", context);
     assert!(
         facts
             .text("sampling_prompt")
             .contains("tunnel-sampling-prompt"),
         "the sampling request carries the tool's prompt through {context}"
-    );
-    assert_eq!(
-        facts.get("sampling_is_error"),
-        &Value::Bool(false),
-        "{context}"
     );
     let sampled = facts.text("sampling_result");
     let sampled: Value = serde_json::from_str(
@@ -285,19 +291,10 @@ fn assert_sampling(facts: &Facts, context: &str) {
 
 /// Elicitation: the callback's accepted content is what the server got.
 fn assert_elicitation(facts: &Facts, context: &str) {
-    assert_eq!(
-        facts.get("elicitation_calls"),
-        &Value::from(1),
-        "the elicitation callback ran exactly once through {context}"
-    );
+    assert_callback_ran_once(facts, "elicitation", context);
     assert_eq!(
         facts.text("elicitation_message"),
         "Please provide inputs for the following fields:",
-        "{context}"
-    );
-    assert_eq!(
-        facts.get("elicitation_is_error"),
-        &Value::Bool(false),
         "{context}"
     );
     let elicited = facts.text("elicitation_result");
