@@ -4,7 +4,6 @@
 mod common;
 
 use common::{Peer, WAIT};
-use serde_json::json;
 use tokio::process::Command;
 
 /// The value of the first line starting with `prefix`.
@@ -43,22 +42,11 @@ async fn demo_takes_a_free_port_when_8080_is_taken_and_removes_its_folder_on_ctr
         );
     }
     // The printed URL serves.
-    let answer = reqwest::Client::new()
-        .post(&url)
-        .bearer_auth(&key)
-        .header("accept", "application/json, text/event-stream")
-        .json(
-            &json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-                "protocolVersion": "2025-11-25",
-                "capabilities": {},
-                "clientInfo": {"name": "demo-test", "version": "0"}
-            }}),
-        )
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("the demo answers at its printed URL");
-    assert_eq!(answer.status(), 200);
+    let init = common::Agent::new(&url, &key).initialize().await;
+    assert_eq!(
+        init.status, 200,
+        "the demo answers at its printed URL: {init:?}"
+    );
     assert!(
         folder.join("audit.db").exists(),
         "the audit trail is in {}",
