@@ -6,15 +6,6 @@ mod common;
 use common::{Peer, WAIT};
 use tokio::process::Command;
 
-/// The value of the first line starting with `prefix`.
-async fn line_after(demo: &mut Peer, prefix: &str) -> String {
-    demo.wait_for_line(prefix, |line| line.starts_with(prefix))
-        .await
-        .trim_start_matches(prefix)
-        .trim()
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_takes_a_free_port_when_8080_is_taken_and_removes_its_folder_on_ctrl_c() {
     // Hold 8080 if it is free; if it is not, someone else holds it and it is taken all the same.
@@ -22,9 +13,9 @@ async fn demo_takes_a_free_port_when_8080_is_taken_and_removes_its_folder_on_ctr
     let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"));
     command.arg("demo").env("RUST_LOG", "mcp_tunnel=debug,warn");
     let mut demo = Peer::start("mcp-tunnel demo", &mut command);
-    let url = line_after(&mut demo, "agent URL: ").await;
-    let key = line_after(&mut demo, "API key: ").await;
-    let folder = line_after(&mut demo, "Ctrl-C stops the demo and removes ").await;
+    let url = demo.line_after("agent URL: ").await;
+    let key = demo.line_after("API key: ").await;
+    let folder = demo.line_after("Ctrl-C stops the demo and removes ").await;
     let folder = std::path::PathBuf::from(
         folder
             .strip_suffix(" (audit trail and key)")

@@ -485,18 +485,8 @@ async fn demo_command_answers_the_python_sdk() {
         .args(["demo", "--listen", "127.0.0.1:0"])
         .env("RUST_LOG", "mcp_tunnel=debug,warn");
     let mut demo = common::Peer::start("mcp-tunnel demo", &mut command);
-    let url = demo
-        .wait_for_line("`agent URL: ...`", |line| line.starts_with("agent URL: "))
-        .await
-        .trim_start_matches("agent URL: ")
-        .trim()
-        .to_owned();
-    let key = demo
-        .wait_for_line("`API key: ...`", |line| line.starts_with("API key: "))
-        .await
-        .trim_start_matches("API key: ")
-        .trim()
-        .to_owned();
+    let url = demo.line_after("agent URL: ").await;
+    let key = demo.line_after("API key: ").await;
     assert!(
         url.starts_with("http://127.0.0.1:") && url.ends_with("/mcp/demo"),
         "the demo's agent URL: {url}"

@@ -732,6 +732,15 @@ impl Peer {
         self.log.lock().expect("log lock").join("\n")
     }
 
+    /// The rest of the first line starting with `prefix`, trimmed (the value it prints).
+    pub async fn line_after(&mut self, prefix: &str) -> String {
+        self.wait_for_line(prefix, |line| line.starts_with(prefix))
+            .await
+            .trim_start_matches(prefix)
+            .trim()
+            .to_owned()
+    }
+
     /// Waits (bounded by `WAIT`) for the first line `matches` accepts and returns it.
     pub async fn wait_for_line(
         &mut self,
