@@ -331,6 +331,12 @@ impl RelayConfig {
         if let Some(assertion) = &mut config.identity_assertion {
             assertion.key = base.join(&assertion.key);
         }
+        if let Some(fleet) = &mut config.fleet {
+            fleet.secret_file = fleet.secret_file.as_ref().map(|f| base.join(f));
+            for file in &mut fleet.accepted_secret_files {
+                *file = base.join(&*file);
+            }
+        }
         config
             .limits
             .validate_listeners()
@@ -359,8 +365,7 @@ pub struct TunnelTokenSection {
     pub sources: Vec<String>,
 }
 
-/// `[fleet]`: this relay's place in a fleet. Only `id` so far; the fleet secret and shared
-/// stores come with the fleet itself.
+/// `[fleet]`: this relay's place in a fleet of interchangeable relays.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetSection {
@@ -368,6 +373,17 @@ pub struct FleetSection {
     /// host name and the tunnel listen port.
     #[serde(default)]
     pub id: Option<String>,
+    /// The fleet secret (at least 32 random bytes, the same file on every relay of the fleet),
+    /// relative to the configuration file: it seals the session ids agents get, so any relay
+    /// continues any session. Without it a relay seals with a random secret of its own and its
+    /// sessions end with the process.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Secrets this relay also opens ids with but never seals with: the previous secret while
+    /// a rotation completes (and the next one while it is rolled out). See the README's
+    /// "Running a fleet".
+    #[serde(default)]
+    pub accepted_secret_files: Vec<PathBuf>,
 }
 
 impl FleetSection {
@@ -375,6 +391,9 @@ impl FleetSection {
     pub fn validate(&self) -> Result<(), String> {
         match &self.id {
             Some(id) if id.trim().is_empty() => Err("fleet.id must not be empty".into()),
+            _ if self.secret_file.is_none() && !self.accepted_secret_files.is_empty() => {
+                Err("fleet.accepted_secret_files needs fleet.secret_file".into())
+            }
             _ => Ok(()),
         }
     }

@@ -8,6 +8,7 @@ mod agents;
 mod calls;
 #[cfg(test)]
 mod config_tests;
+pub mod fleet;
 mod governance;
 mod http_server;
 mod listener_limits;
@@ -92,6 +93,8 @@ pub struct RelaySettings {
     pub sse_keep_alive: Duration,
     /// The audit trail, if any: without it nothing is written.
     pub audit: Option<AuditSettings>,
+    /// The keys that seal session ids: the fleet's, or this relay's own.
+    pub fleet: Arc<fleet::FleetKeys>,
 }
 
 impl RelaySettings {
@@ -114,7 +117,21 @@ impl RelaySettings {
             allowed_hosts: config.agents.allowed_hosts.clone(),
             sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
             audit: governance::audit_settings(config),
+            fleet: Arc::new(fleet_keys(config)?),
         })
+    }
+}
+
+/// The fleet's keys from `[fleet] secret_file`, or a secret of this relay's own.
+fn fleet_keys(config: &RelayConfig) -> Result<fleet::FleetKeys, RelayError> {
+    match config.fleet.as_ref() {
+        Some(crate::config::FleetSection {
+            secret_file: Some(secret),
+            accepted_secret_files,
+            ..
+        }) => fleet::FleetKeys::load(secret, accepted_secret_files)
+            .map_err(|e| RelayError::Config(e.to_string())),
+        _ => Ok(fleet::FleetKeys::standalone()),
     }
 }
 
@@ -220,6 +237,7 @@ impl Relay {
                 .map(|a| a.ip().is_loopback())
                 .unwrap_or(false),
             sse_keep_alive: settings.sse_keep_alive,
+            fleet: settings.fleet,
             shutdown: CancellationToken::new(),
             stop: CancellationToken::new(),
         });

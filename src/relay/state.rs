@@ -40,6 +40,8 @@ pub struct RelayState {
     pub loopback: bool,
     /// Interval of SSE keep-alive comments.
     pub sse_keep_alive: Duration,
+    /// The keys that seal session ids (see [`super::fleet`]).
+    pub fleet: Arc<super::fleet::FleetKeys>,
     /// Cancelled when shutdown starts: tunnels are told to drain, standalone agent streams end,
     /// nothing new is accepted.
     pub shutdown: CancellationToken,

@@ -180,6 +180,7 @@ impl Harness {
                 mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
             ),
             audit: options.audit.clone(),
+            fleet: Default::default(),
         })
         .await
         .expect("relay binds");
