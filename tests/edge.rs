@@ -486,6 +486,7 @@ async fn hello_at_version(harness: &Harness, version: u32) -> RawPeer {
         }],
         max_frame: 1024 * 1024,
         agent: "edge-test".into(),
+        instance: None,
     };
     writer
         .send(&Frame::json(FrameKind::Control, &hello))

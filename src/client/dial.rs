@@ -185,8 +185,13 @@ impl Dialer {
         // what the relay understands (rule 3).
         let wire_version =
             wire::agree(greeting.version).map_err(|e| ClientError::Refused(e.to_string()))?;
+        let mut hello = self.hello.clone();
+        if wire_version < 2 {
+            // Wire version 2 added the instance id (rule 2).
+            hello.instance = None;
+        }
         writer
-            .send(&Frame::json(FrameKind::Control, &self.hello))
+            .send(&Frame::json(FrameKind::Control, &hello))
             .await
             .map_err(|e| ClientError::Handshake(e.to_string()))?;
         let reply: HelloReply = read_control(&mut reader).await?;
@@ -255,7 +260,16 @@ pub(super) fn hello(
             .collect(),
         max_frame: max_frame as u64,
         agent: format!("mcp-tunnel/{}", env!("CARGO_PKG_VERSION")),
+        instance: Some(new_instance_id()),
     }
+}
+
+/// A fresh instance id for this `connect` run (see [`Hello::instance`]): random, so a
+/// restarted `connect` is never mistaken for the one whose stdio processes died with it.
+fn new_instance_id() -> String {
+    let mut bytes = [0u8; 12];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    hex::encode(bytes)
 }
 
 /// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).

@@ -17,6 +17,12 @@ pub struct Hello {
     pub max_frame: u64,
     /// `mcp-tunnel` version of the client, for the operator's view.
     pub agent: String,
+    /// This `connect` process's instance id (random at each start): a relay sends a resumed
+    /// session whose upstream only this `connect` holds (a stdio process) back to it.
+    ///
+    /// Wire version 2 (see [`crate::wire::version`]); sent when the relay's greeting says 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
 }
 
 impl std::fmt::Debug for Hello {
@@ -27,6 +33,7 @@ impl std::fmt::Debug for Hello {
             .field("sources", &self.sources)
             .field("max_frame", &self.max_frame)
             .field("agent", &self.agent)
+            .field("instance", &self.instance)
             .finish()
     }
 }

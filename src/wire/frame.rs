@@ -78,6 +78,21 @@ pub enum FrameKind {
     ///
     /// Wire version 1 (see [`crate::wire::version`]).
     MessagePart = 9,
+    /// From `connect`, on a session-era stream whose open header names a session handle
+    /// ([`super::SessionHandle`]): the upstream session is held by `connect` and can be
+    /// resumed on a later stream (JSON [`super::Resumable`]). Sent before the answer to
+    /// `initialize` on a new session, and first of all on a resumed one, so the relay knows
+    /// what to seal into the agent's session id, or that the resume succeeded. A resume
+    /// `connect` cannot honour gets [`FrameKind::Close`] instead.
+    ///
+    /// Wire version 2 (see [`crate::wire::version`]).
+    Resumable = 10,
+    /// From the relay, on a session-era stream: the agent listens on this stream for the
+    /// session's server-initiated messages (its GET stream is open on this relay), so
+    /// `connect` sends them here rather than on another stream carrying the same session.
+    ///
+    /// Wire version 2 (see [`crate::wire::version`]).
+    Listen = 11,
 }
 
 impl FrameKind {
@@ -92,6 +107,8 @@ impl FrameKind {
             7 => Self::Streaming,
             8 => Self::Identity,
             9 => Self::MessagePart,
+            10 => Self::Resumable,
+            11 => Self::Listen,
             _ => return None,
         })
     }
@@ -158,6 +175,15 @@ impl Frame {
     /// A fresh identity assertion for the rest of the stream.
     pub fn identity(assertion: &super::Assertion) -> Self {
         Self::json(FrameKind::Identity, assertion)
+    }
+
+    /// The agent listens for server-initiated messages on this stream ([`FrameKind::Listen`]).
+    pub fn listen() -> Self {
+        Self {
+            kind: FrameKind::Listen,
+            exchange: UNSOLICITED,
+            payload: Bytes::new(),
+        }
     }
 
     /// The HTTP status of a [`FrameKind::Rejected`] frame, if well formed.

@@ -43,6 +43,46 @@ pub struct OpenHeader {
     /// with sources that do not use it). Stdio and legacy HTTP+SSE sources ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assertion: Option<Assertion>,
+    /// Session era: the session this stream carries, so `connect` keeps its upstream session
+    /// past the stream's end and a later stream (from any relay of the fleet) can resume it.
+    ///
+    /// Wire version 2 (see [`crate::wire::version`]); without it `connect` ends the upstream
+    /// session with the stream, as version 1 did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionHandle>,
+}
+
+/// A session-era stream's session, as the open header names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionHandle {
+    /// The relay-chosen handle `connect` keeps the upstream session under (random, 128 bits:
+    /// the same for every stream that carries the session).
+    pub handle: String,
+    /// Whether this stream resumes a session an earlier stream opened (no `initialize`
+    /// follows); `false` on the stream that opens it.
+    pub resume: bool,
+    /// What `connect` reported resumable (see [`Resumable`]), from the sealed session id:
+    /// lets a `connect` that does not hold the handle (restarted, or another one) resume an
+    /// HTTP upstream's session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Resumable>,
+}
+
+/// What `connect` says of an upstream session it holds ([`super::FrameKind::Resumable`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resumable {
+    /// The HTTP upstream's own `Mcp-Session-Id`, if it issued one: with it any `connect` can
+    /// continue the session. Absent for a stdio process, which only its `connect` holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_session: Option<String>,
+    /// The protocol version the upstream negotiated (sent as `MCP-Protocol-Version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// Whether any `connect` of the source may resume it (HTTP upstreams), or only the one
+    /// that holds it (stdio processes).
+    pub portable: bool,
 }
 
 /// The identity assertion as it crosses the tunnel (in the open header, or a

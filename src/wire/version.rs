@@ -36,6 +36,9 @@
 //! - **1**: the format as first released, including the open header's `assertion` and the
 //!   `Identity` and `MessagePart` frame kinds (both ends of those shipped in one release, so no
 //!   released pair disagrees about them).
+//! - **2**: sessions that outlive their stream (issue 15, a fleet of relays): the open
+//!   header's `session`, the [`Hello`](super::Hello)'s `instance`, and the `Resumable` and
+//!   `Listen` frame kinds.
 
 use thiserror::Error;
 
@@ -43,7 +46,7 @@ use thiserror::Error;
 pub const ALPN: &[u8] = b"mcp-tunnel/1";
 
 /// The newest wire version this build speaks, announced in the handshake (rule 2).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The oldest peer version this build still serves (rule 4).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

@@ -493,6 +493,7 @@ pub(super) fn open_header(
         mcp_headers,
         traceparent: header_str(headers, "traceparent").map(str::to_owned),
         assertion: None,
+        session: None,
     }
 }
 

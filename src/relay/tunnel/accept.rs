@@ -306,6 +306,7 @@ async fn handshake<H: TunnelHost>(
             .unwrap_or(usize::MAX)
             .min(host.max_frame()),
         wire_version,
+        connect: hello.instance.as_deref().map(Arc::from),
     };
     let sources: Vec<String> = hello.sources.into_iter().map(|s| s.name).collect();
     // A registered source is one metrics may name (see `metric_names`).
@@ -319,6 +320,9 @@ async fn handshake<H: TunnelHost>(
     })
 }
 
+/// The longest `connect` instance id accepted (the ids `connect` makes are 24 characters).
+const MAX_INSTANCE_LEN: usize = 64;
+
 /// Checks a client's hello: the wire version both sides speak, and what its token grants.
 fn check_hello<H: TunnelHost>(hello: &Hello, host: &H) -> Result<(TunnelGrant, u32), String> {
     let wire_version = wire::agree(hello.version).map_err(|e| e.to_string())?;
@@ -326,6 +330,15 @@ fn check_hello<H: TunnelHost>(hello: &Hello, host: &H) -> Result<(TunnelGrant, u
         "unknown tunnel token: no tenant has it (check the token, or the relay's tunnel_tokens)"
             .to_owned()
     })?;
+    if hello
+        .instance
+        .as_ref()
+        .is_some_and(|id| id.is_empty() || id.len() > MAX_INSTANCE_LEN)
+    {
+        return Err(format!(
+            "bad hello: an instance id is 1 to {MAX_INSTANCE_LEN} characters"
+        ));
+    }
     if hello.sources.is_empty() || hello.sources.len() > MAX_SOURCES {
         return Err(format!("announce between 1 and {MAX_SOURCES} sources"));
     }

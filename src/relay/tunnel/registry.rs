@@ -18,13 +18,16 @@ use crate::transport::{
 };
 
 /// What a tunnel's handshake agreed: the limits and the version both sides work at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Terms {
     /// The largest frame payload the client accepts (the lower of both sides' limits).
     pub max_frame: usize,
     /// The wire version both sides speak ([`crate::wire::agree`]): what the relay may send
     /// this client (the rule in [`crate::wire::version`]).
     pub wire_version: u32,
+    /// The `connect` instance on the other end (wire version 2; `None` from older clients):
+    /// a resumed session that only that instance can serve is routed to it.
+    pub connect: Option<Arc<str>>,
 }
 
 /// One connected tunnel client.
@@ -259,6 +262,37 @@ impl Registry {
             .cloned()
     }
 
+    /// The tunnel a resumed session goes to: one of the `connect` instance `connect` when it
+    /// is still attached (it holds the upstream session), else, when `portable` (any
+    /// `connect` can resume it), the one [`Registry::route`] picks; `None` when the session's
+    /// upstream is gone with its `connect`.
+    pub fn route_resumed(
+        &self,
+        tenant: &str,
+        source: &str,
+        connect: Option<&str>,
+        portable: bool,
+    ) -> Option<Arc<Tunnel>> {
+        if let Some(connect) = connect {
+            let routes = self.routes.read();
+            let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
+            let own = all
+                .iter()
+                .rev()
+                .filter(|t| t.terms.connect.as_deref() == Some(connect))
+                .min_by_key(|t| (t.silent(), t.connection.kind() != TransportKind::Quic))
+                .cloned();
+            if own.is_some() {
+                return own;
+            }
+        }
+        if portable {
+            self.route(tenant, source)
+        } else {
+            None
+        }
+    }
+
     /// One row per (tunnel, source), for `/api/tunnels`.
     pub fn rows(&self) -> Vec<TunnelRow> {
         let tunnels = self.tunnels.read();
@@ -405,6 +439,7 @@ mod tests {
     const TERMS: Terms = Terms {
         max_frame: 1024,
         wire_version: wire::PROTOCOL_VERSION,
+        connect: None,
     };
 
     /// A connection whose peer never grants another stream (its stream credit is used up), of
@@ -460,7 +495,7 @@ mod tests {
                 grant("one token"),
                 vec!["s".into()],
                 Arc::new(NoCredit { kind, silent_for }),
-                TERMS,
+                TERMS.clone(),
             )
         };
         // A QUIC tunnel whose connect was killed: still registered, not heard from for 6 s.
@@ -493,13 +528,13 @@ mod tests {
                 kind: TransportKind::Quic,
                 silent_for: Duration::from_secs(60),
             }),
-            TERMS,
+            TERMS.clone(),
         );
         registry.register(
             grant("another token"),
             vec!["s".into()],
             Arc::new(HEARD),
-            TERMS,
+            TERMS.clone(),
         );
         assert_eq!(registry.route("acme", "s").map(|t| t.id), Some(serving.id));
     }
@@ -511,7 +546,7 @@ mod tests {
             grant("a tunnel token"),
             vec!["s".into()],
             Arc::new(HEARD),
-            TERMS,
+            TERMS.clone(),
         );
         // The peer never grants the stream: the wait ends at the timeout, whatever the speed.
         let opened = tokio::time::timeout(

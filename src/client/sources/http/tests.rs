@@ -59,6 +59,7 @@ async fn only_mcp_routing_headers_from_the_relay_reach_the_upstream() {
         .collect(),
         traceparent: None,
         assertion: None,
+        session: None,
     };
     let (relay_end, connect_end) = tokio::io::duplex(64 * 1024);
     let (connect_read, connect_write) = tokio::io::split(connect_end);
