@@ -153,7 +153,7 @@ impl ClientSettings {
             },
             stdio: StdioLimits {
                 max_processes: file.stdio_max_processes,
-                idle: Duration::from_secs(file.stdio_idle_secs),
+                idle: Duration::from_secs(file.session_idle_secs),
             },
         })
     }

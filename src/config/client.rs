@@ -20,11 +20,12 @@ pub const DEFAULT_PROBE_INTERVAL_SECS: u64 = 30;
 /// sessions per source is ample for a private server and small enough to stay safe on a modest
 /// machine.
 pub const DEFAULT_STDIO_MAX_PROCESSES: usize = 64;
-/// Default `stdio_idle_secs`: time a session's process lives with no message either way and no
-/// request in flight. Clients that never end their sessions (no DELETE: mcp-remote, the
+/// Default `session_idle_secs`: time an upstream session lives with no stream carrying it (a
+/// relay may resume it meanwhile), and a stdio session's process with no message either way and
+/// no request in flight. Clients that never end their sessions (no DELETE: mcp-remote, the
 /// TypeScript SDK's `Client.close()`) would otherwise hold a process each for the relay's whole
 /// session idle time (30 min), and a few restarts would use up the source's cap.
-pub const DEFAULT_STDIO_IDLE_SECS: u64 = 5 * 60;
+pub const DEFAULT_CONNECT_SESSION_IDLE_SECS: u64 = 5 * 60;
 
 /// Which transport `connect` uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -125,18 +126,22 @@ pub struct ClientFile {
     /// Processes one stdio source runs at once (one per agent session, plus one pooled).
     #[serde(default = "default_stdio_max_processes")]
     pub stdio_max_processes: usize,
-    /// Seconds a stdio session's process lives with no message from its agent and no request
-    /// in flight; then it is stopped and the session's next call gets an error. 0: never.
-    #[serde(default = "default_stdio_idle_secs")]
-    pub stdio_idle_secs: u64,
+    /// Seconds an upstream session is kept with no tunnel stream carrying it, for a relay of
+    /// the fleet to resume it (a relay restarted, the agent's next request reached another
+    /// relay, the tunnel dropped); and seconds a stdio session's process lives with no message
+    /// from its agent and no request in flight. Then it is ended (an HTTP session DELETEd, a
+    /// process stopped) and the agent's next call is told so. 0: never. `stdio_idle_secs` is
+    /// the earlier name.
+    #[serde(default = "default_session_idle_secs", alias = "stdio_idle_secs")]
+    pub session_idle_secs: u64,
 }
 
 fn default_stdio_max_processes() -> usize {
     DEFAULT_STDIO_MAX_PROCESSES
 }
 
-fn default_stdio_idle_secs() -> u64 {
-    DEFAULT_STDIO_IDLE_SECS
+fn default_session_idle_secs() -> u64 {
+    DEFAULT_CONNECT_SESSION_IDLE_SECS
 }
 
 fn default_max_message() -> usize {

@@ -535,7 +535,7 @@ fn the_examples_name_every_session_limit_with_its_default() {
     );
     let client = ClientFile::load(&dir.join("connect.toml")).expect("examples/connect.toml");
     assert_eq!(client.stdio_max_processes, DEFAULT_STDIO_MAX_PROCESSES);
-    assert_eq!(client.stdio_idle_secs, DEFAULT_STDIO_IDLE_SECS);
+    assert_eq!(client.session_idle_secs, DEFAULT_CONNECT_SESSION_IDLE_SECS);
     // Absent keys take the defaults; the section may name only some.
     let limits: LimitsSection =
         toml::from_str("max_sessions_per_key = 2").expect("a partial [limits]");

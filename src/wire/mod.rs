@@ -33,5 +33,5 @@ pub use frame::{
     HEADER_LEN, PieceCount, UNSOLICITED,
 };
 pub use open::{Assertion, Era, OpenHeader, Resumable, SessionHandle};
-pub use sink::{FrameSink, SinkError};
+pub use sink::{FrameSink, SinkError, WeakFrameSink};
 pub use version::{ALPN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VersionError, agree};

@@ -64,7 +64,8 @@ pub struct SessionHandle {
     pub resume: bool,
     /// What `connect` reported resumable (see [`Resumable`]), from the sealed session id:
     /// lets a `connect` that does not hold the handle (restarted, or another one) resume an
-    /// HTTP upstream's session.
+    /// HTTP upstream's session. The open header's `protocol_version` is then the version the
+    /// session negotiated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<Resumable>,
 }
@@ -77,9 +78,6 @@ pub struct Resumable {
     /// continue the session. Absent for a stdio process, which only its `connect` holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_session: Option<String>,
-    /// The protocol version the upstream negotiated (sent as `MCP-Protocol-Version`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol_version: Option<String>,
     /// Whether any `connect` of the source may resume it (HTTP upstreams), or only the one
     /// that holds it (stdio processes).
     pub portable: bool,

@@ -116,6 +116,19 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink<W> {
         }
     }
 
+    /// A handle that does not keep the stream open: the stream still finishes when the last
+    /// [`FrameSink`] goes, and [`WeakFrameSink::upgrade`] fails after.
+    pub fn downgrade(&self) -> WeakFrameSink<W> {
+        WeakFrameSink {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Whether `other` sends on the same stream.
+    pub fn same_stream(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Finishes the stream now (the peer reads a clean end); later sends fail.
     pub async fn finish(&self) {
         let mut slot = self.inner.slot.lock().await;
@@ -123,6 +136,26 @@ impl<W: AsyncWrite + Unpin + Send + 'static> FrameSink<W> {
             let _ = writer.finish().await;
         }
         *slot = Err(SinkError("the stream was finished".into()));
+    }
+}
+
+/// A [`FrameSink`] that does not keep its stream open (see [`FrameSink::downgrade`]).
+pub struct WeakFrameSink<W: AsyncWrite + Unpin + Send + 'static> {
+    inner: std::sync::Weak<Inner<W>>,
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> Clone for WeakFrameSink<W> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> WeakFrameSink<W> {
+    /// The sink, while some [`FrameSink`] of the stream lives.
+    pub fn upgrade(&self) -> Option<FrameSink<W>> {
+        self.inner.upgrade().map(|inner| FrameSink { inner })
     }
 }
 

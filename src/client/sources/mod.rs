@@ -1,5 +1,6 @@
 //! The upstream MCP servers `connect` serves, by name.
 
+mod held;
 mod http;
 mod routing;
 mod stdio;
@@ -60,7 +61,8 @@ impl Sources {
                 SourceTarget::Http(url) => Source::Http(Arc::new(
                     http::HttpSource::new(&config.name, url)?
                         .with_cross_origin_redirects(config.follow_cross_origin_redirects)
-                        .with_answer_limit(max_answer),
+                        .with_answer_limit(max_answer)
+                        .with_session_idle(stdio_limits.idle),
                 )),
                 SourceTarget::Stdio(command) => Source::Stdio(Arc::new(
                     stdio::StdioSource::with_limits(&config.name, command.clone(), stdio_limits)?

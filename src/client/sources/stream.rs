@@ -42,21 +42,32 @@ pub(crate) async fn serve<F: Future<Output = ()>>(
 /// The relay's side of a tunnel stream, as a source reads it: one message after another.
 pub(crate) struct Inbound {
     reader: FrameReader<RecvHalf>,
+    /// The relay ended the stream with `Close`: the agent's session is over (the agent
+    /// deleted it), not only this stream (a relay gone or done with it).
+    closed_by_relay: bool,
 }
 
 impl Inbound {
     /// Reads the frames of `reader`.
     pub(crate) fn new(reader: FrameReader<RecvHalf>) -> Self {
-        Self { reader }
+        Self {
+            reader,
+            closed_by_relay: false,
+        }
     }
 
-    /// The next message, passing each identity frame before it to `on_identity`. `None` once
-    /// the stream is over: finished, broken, closed by the relay (`Close`), or carrying a
-    /// frame no exchange stream carries. Cancel-safe: a frame is taken only when returned or
-    /// handed to `on_identity`.
+    /// Whether the relay ended the stream with `Close` (see [`Inbound::next_message`]).
+    pub(crate) fn closed_by_relay(&self) -> bool {
+        self.closed_by_relay
+    }
+
+    /// The next message, passing each signal frame before it (identity, listen) to
+    /// `on_signal`. `None` once the stream is over: finished, broken, closed by the relay
+    /// (`Close`), or carrying a frame no exchange stream carries. Cancel-safe: a frame is taken
+    /// only when returned or handed to `on_signal`.
     pub(crate) async fn next_message_with(
         &mut self,
-        mut on_identity: impl FnMut(&Frame),
+        mut on_signal: impl FnMut(&Frame),
     ) -> Option<Frame> {
         loop {
             let frame = match self.reader.next().await {
@@ -69,9 +80,10 @@ impl Inbound {
             };
             match frame.kind {
                 FrameKind::Message => return Some(frame),
-                FrameKind::Identity => on_identity(&frame),
+                FrameKind::Identity | FrameKind::Listen => on_signal(&frame),
                 FrameKind::Close => {
                     tracing::debug!(reason = %frame.reason(), "relay closed the stream");
+                    self.closed_by_relay = true;
                     return None;
                 }
                 other => {
@@ -82,8 +94,8 @@ impl Inbound {
         }
     }
 
-    /// The next message; identity frames are ignored (the upstream gets no identity
-    /// assertion, so there is nothing to renew).
+    /// The next message; signal frames are ignored (the upstream gets no identity assertion,
+    /// so there is nothing to renew, and server messages go to the one stream).
     pub(crate) async fn next_message(&mut self) -> Option<Frame> {
         self.next_message_with(|_| {}).await
     }

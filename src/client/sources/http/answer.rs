@@ -223,7 +223,7 @@ impl StreamContext {
                     continue;
                 };
                 if let Some(whole) = &message.whole {
-                    if self.session.lock().version.is_none() {
+                    if self.session.upstream.lock().version.is_none() {
                         self.remember_version(whole);
                     }
                     answered(whole, pending);

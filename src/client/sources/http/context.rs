@@ -13,10 +13,10 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use parking_lot::Mutex;
 
 use super::HttpSource;
 use super::answer::{answered, id_key};
+use super::session::HttpSession;
 use super::client::{Response, body_stream, content_length, error_chain};
 use super::error::UpstreamError;
 use crate::client::sources::Out;
@@ -39,24 +39,15 @@ const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
 /// Text of an upstream error body quoted in a synthesized error.
 const QUOTE_LIMIT: usize = 200;
 
-/// What one stream knows about its upstream session.
-#[derive(Default)]
-pub(super) struct UpstreamSession {
-    /// The upstream's `Mcp-Session-Id`.
-    id: Option<HeaderValue>,
-    /// The protocol version negotiated by `initialize`.
-    pub(super) version: Option<HeaderValue>,
-}
-
 /// Shared by the tasks serving one stream.
 pub(super) struct StreamContext {
     pub(super) source: Arc<HttpSource>,
     pub(super) header: OpenHeader,
-    /// The latest identity assertion: the open header's, then each one the relay renews it
-    /// with ([`FrameKind::Identity`]).
-    pub(super) assertion: Mutex<Option<Assertion>>,
-    pub(super) session: Mutex<UpstreamSession>,
-    pub(super) out: Out,
+    /// The upstream session the stream carries (shared with the other streams carrying it).
+    pub(super) session: Arc<HttpSession>,
+    /// The stream's frames toward the relay; `None` in the context of the session's own tasks
+    /// (its GET stream, its final DELETE), which send only server-initiated messages.
+    out: Option<Out>,
     /// The largest message the tunnel carries toward the relay.
     pub(super) max_frame: usize,
     /// The largest answer relayed in pieces (never below `max_frame`).
@@ -64,20 +55,22 @@ pub(super) struct StreamContext {
 }
 
 impl StreamContext {
-    /// The context of one stream of `source`, opened with `header`, writing to `out`.
+    /// The context of one stream of `source`, opened with `header`, carrying `session`,
+    /// writing to `out`.
     pub(super) fn new(
         source: Arc<HttpSource>,
         header: OpenHeader,
+        session: Arc<HttpSession>,
         out: Out,
         max_frame: usize,
         max_answer: usize,
     ) -> Self {
+        session.attached(&out);
         let context = Self {
             source,
-            assertion: Mutex::new(header.assertion.clone()),
             header,
-            session: Mutex::default(),
-            out,
+            session,
+            out: Some(out),
             max_frame,
             max_answer,
         };
@@ -85,18 +78,30 @@ impl StreamContext {
         context
     }
 
+    /// The context the session's own tasks run in: this stream's, without the stream.
+    pub(super) fn for_session(&self) -> Self {
+        Self {
+            source: self.source.clone(),
+            header: self.header.clone(),
+            session: self.session.clone(),
+            out: None,
+            max_frame: self.max_frame,
+            max_answer: self.max_answer,
+        }
+    }
+
     /// Serves the stream's messages until it ends. `initialize` and messages without requests
     /// go upstream in order; requests go at once, each answered while the next is read.
-    pub(super) async fn run(self: Arc<Self>, mut inbound: Inbound) {
+    /// Requests still in flight when the stream ends are abandoned.
+    pub(super) async fn run(self: Arc<Self>, inbound: &mut Inbound) {
         // Requests in flight run inside this task, polled beside the next frame's read: a call
         // costs no task of its own, and its answer no hand-off between tasks (or threads).
         // Boxed: the set keeps a stub the size of its future type for as long as the stream
         // lives, a few KiB per idle session unboxed.
         let mut requests: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
-        let mut get_stream: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let frame = tokio::select! {
-                frame = inbound.next_message_with(|frame| self.renew_identity(frame)) => frame,
+                frame = inbound.next_message_with(|frame| self.signal(frame)) => frame,
                 Some(()) = requests.next(), if !requests.is_empty() => continue,
             };
             let Some(frame) = frame else {
@@ -118,12 +123,8 @@ impl StreamContext {
                         Some(()) = requests.next(), if !requests.is_empty() => {}
                     }
                 }
-                if is_initialized
-                    && self.header.era == Era::Session
-                    && get_stream.is_none()
-                    && self.session_id().is_some()
-                {
-                    get_stream = Some(tokio::spawn(self.clone().standalone_stream()));
+                if is_initialized && self.header.era == Era::Session {
+                    self.session.start_get_stream();
                 }
             } else {
                 let context = self.clone();
@@ -134,18 +135,22 @@ impl StreamContext {
                 }));
             }
         }
-        drop(requests);
-        if let Some(task) = get_stream {
-            task.abort();
-        }
     }
 
-    /// Takes the assertion an identity frame renews: it applies to every upstream request
-    /// sent from now on, in frame order.
-    fn renew_identity(&self, frame: &Frame) {
-        match frame.parse_json::<Assertion>(FrameKind::Identity) {
-            Ok(assertion) => *self.assertion.lock() = Some(assertion),
-            Err(e) => tracing::warn!(error = %e, "bad identity frame ignored"),
+    /// Takes a relay's signal between messages: an identity frame renews the assertion for
+    /// every upstream request sent from now on, in frame order; a listen frame says the agent
+    /// reads server-initiated messages on this stream.
+    fn signal(&self, frame: &Frame) {
+        match frame.kind {
+            FrameKind::Listen => {
+                if let Some(out) = &self.out {
+                    self.session.listen(out);
+                }
+            }
+            _ => match frame.parse_json::<Assertion>(FrameKind::Identity) {
+                Ok(assertion) => *self.session.assertion.lock() = Some(assertion),
+                Err(e) => tracing::warn!(error = %e, "bad identity frame ignored"),
+            },
         }
     }
 
@@ -154,12 +159,19 @@ impl StreamContext {
     }
 
     pub(super) fn session_id(&self) -> Option<HeaderValue> {
-        self.session.lock().id.clone()
+        self.session.id()
     }
 
+    /// Sends a frame toward the relay: an exchange's on this stream, a server-initiated
+    /// message on the stream the session's agent listens on.
     pub(super) async fn send(&self, frame: Frame) {
-        // A closed queue means the stream is gone; nothing is waiting for this frame.
-        let _ = self.out.send(frame).await;
+        if frame.exchange == UNSOLICITED && frame.kind != FrameKind::Close {
+            return self.session.send_unsolicited(frame).await;
+        }
+        if let Some(out) = &self.out {
+            // A closed stream means nobody is waiting for this frame.
+            let _ = out.send(frame).await;
+        }
     }
 
     pub(super) fn headers(&self, is_initialize: bool) -> HeaderMap {
@@ -171,7 +183,7 @@ impl StreamContext {
         );
         match self.header.era {
             Era::Session => {
-                let session = self.session.lock();
+                let session = self.session.upstream.lock();
                 if let Some(id) = &session.id {
                     headers.insert(SESSION_HEADER, id.clone());
                 }
@@ -206,7 +218,7 @@ impl StreamContext {
         }
         // The relay-signed identity of the caller, when the tenant enables it for this source:
         // only in the `x-` header namespace, so it can never replace `Host` or credentials.
-        let assertion = self.assertion.lock().clone();
+        let assertion = self.session.assertion.lock().clone();
         if let Some(assertion) = &assertion
             && crate::govern::assertion::header_name_allowed(&assertion.header)
             && let (Ok(name), Ok(mut value)) = (
@@ -300,7 +312,12 @@ impl StreamContext {
             })?;
         let status = response.status();
         if is_initialize && let Some(id) = response.headers().get(SESSION_HEADER) {
-            self.session.lock().id = Some(id.clone());
+            self.session.upstream.lock().id = Some(id.clone());
+        }
+        if is_initialize && status.is_success() && self.session.handle.is_some() {
+            // Before any of the answer: the relay seals this into the agent's session id.
+            self.send(Frame::json(FrameKind::Resumable, &self.session.resumable()))
+                .await;
         }
         if status == StatusCode::ACCEPTED {
             return Ok(());
@@ -311,6 +328,7 @@ impl StreamContext {
             && self.session_id().is_some()
         {
             // The upstream forgot the session: end ours, so the agent re-initializes.
+            self.session.mark_gone();
             self.send(Frame::close(format!(
                 "source {} ended the session",
                 self.name()
@@ -375,7 +393,7 @@ impl StreamContext {
         }) = serde_json::from_slice::<InitResult>(body)
             && let Ok(value) = HeaderValue::from_str(&negotiated.protocol_version)
         {
-            self.session.lock().version = Some(value);
+            self.session.upstream.lock().version = Some(value);
         }
     }
 
@@ -406,7 +424,7 @@ impl StreamContext {
     }
 
     /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
-    async fn standalone_stream(self: Arc<Self>) {
+    pub(super) async fn standalone_stream(self: Arc<Self>) {
         let mut failures = 0;
         while failures < GET_STREAM_ATTEMPTS {
             match self.get(self.event_stream_headers()).await {
@@ -435,7 +453,7 @@ impl StreamContext {
     }
 
     /// DELETEs the upstream session, if there is one.
-    pub(super) async fn end_upstream_session(&self) {
+    pub(super) async fn delete_upstream_session(&self) {
         let Some(id) = self.session_id() else { return };
         let mut headers = self.headers(false);
         headers.insert(SESSION_HEADER, id);

@@ -15,20 +15,24 @@ mod client;
 mod context;
 mod error;
 mod legacy;
+mod session;
 #[cfg(test)]
 mod tests;
 
 pub use client::Target;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use super::Out;
+use super::held::{self, Held};
 use super::stream::{self, Inbound};
 use crate::mcp::jsonrpc::codes;
 use crate::transport::{RecvHalf, SendHalf};
-use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
+use crate::wire::{Era, Frame, FrameKind, FrameReader, FrameWriter, OpenHeader};
 use client::HttpClient;
 use context::StreamContext;
+use session::{HttpSession, UpstreamState};
 
 /// A configured Streamable HTTP upstream.
 pub(crate) struct HttpSource {
@@ -44,6 +48,10 @@ pub(crate) struct HttpSource {
     /// The largest single answer relayed (`max_answer_bytes`); larger than a frame, it
     /// crosses the tunnel in pieces.
     max_answer: usize,
+    /// Session-era upstream sessions, kept past their streams for a relay to resume.
+    held: Held<HttpSession>,
+    /// Whether the sweep of expired held sessions runs.
+    sweeping: OnceLock<()>,
 }
 
 impl HttpSource {
@@ -65,7 +73,16 @@ impl HttpSource {
             client,
             legacy,
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
+            held: Held::new(Duration::from_secs(crate::config::DEFAULT_CONNECT_SESSION_IDLE_SECS)),
+            sweeping: OnceLock::new(),
         })
+    }
+
+    /// Sets how long a session no stream carries is kept for a relay to resume
+    /// (`session_idle_secs`).
+    pub(crate) fn with_session_idle(mut self, idle: Duration) -> Self {
+        self.held = Held::new(idle);
+        self
     }
 
     /// Lets requests follow redirects to other origins (`follow_cross_origin_redirects`).
@@ -141,8 +158,115 @@ impl HttpSource {
             }
         }
         let max_answer = self.max_answer.max(max_frame);
-        let context = Arc::new(StreamContext::new(self, header, out, max_frame, max_answer));
-        context.clone().run(inbound).await;
-        context.end_upstream_session().await;
+        let Some((session, resumed)) = self.session_for(&header) else {
+            let reason = format!(
+                "session not found: its upstream session with source {} has ended",
+                self.name
+            );
+            let _ = out.send(Frame::close(reason)).await;
+            return;
+        };
+        let context = Arc::new(StreamContext::new(
+            self.clone(),
+            header,
+            session.clone(),
+            out,
+            max_frame,
+            max_answer,
+        ));
+        session.set_tasks(|| Arc::new(context.for_session()));
+        if resumed {
+            // First of all: the relay waits for this to know the resume succeeded.
+            context
+                .send(Frame::json(FrameKind::Resumable, &session.resumable()))
+                .await;
+            session.start_get_stream();
+        }
+        context.clone().run(&mut inbound).await;
+        match &session.handle {
+            Some(handle) if !inbound.closed_by_relay() && !session.is_gone() => {
+                // The stream ended, not the session: a relay may resume it.
+                tracing::debug!(source = %self.name, context = %context.header.context, "stream ended; upstream session held");
+                self.held.detach(handle, Instant::now());
+            }
+            handle => {
+                if let Some(handle) = handle {
+                    self.held.remove(handle);
+                }
+                session.end(Some(&context)).await;
+            }
+        }
+    }
+
+    /// The upstream session a stream opened with `header` carries, and whether it resumes
+    /// one: a new one (held when the relay named a handle), the one held under the handle,
+    /// or, for a handle this `connect` does not hold (it restarted, or another one opened
+    /// it), the upstream session the relay's sealed id names. `None` when there is none to
+    /// resume.
+    fn session_for(self: &Arc<Self>, header: &OpenHeader) -> Option<(Arc<HttpSession>, bool)> {
+        let assertion = header.assertion.clone();
+        let Some(named) = header
+            .session
+            .as_ref()
+            .filter(|s| header.era == Era::Session && s.handle.len() <= held::MAX_HANDLE_LEN)
+        else {
+            let session = HttpSession::new(None, UpstreamState::default(), assertion);
+            return Some((Arc::new(session), false));
+        };
+        if named.resume
+            && let Some(session) = self.held.attach(&named.handle)
+        {
+            if let Some(assertion) = assertion {
+                *session.assertion.lock() = Some(assertion);
+            }
+            return Some((session, true));
+        }
+        let upstream = if named.resume {
+            let resumable = named.upstream.as_ref().filter(|r| r.portable)?;
+            let header_value = |v: &str| http::HeaderValue::from_str(v).ok();
+            UpstreamState {
+                id: resumable.upstream_session.as_deref().and_then(header_value),
+                version: header.protocol_version.as_deref().and_then(header_value),
+            }
+        } else {
+            UpstreamState::default()
+        };
+        let session = Arc::new(HttpSession::new(
+            Some(named.handle.clone()),
+            upstream,
+            assertion,
+        ));
+        self.hold(&named.handle, &session);
+        Some((session, named.resume))
+    }
+
+    /// Holds `session` under `handle`, ending what it displaces, and starts the sweep of
+    /// expired sessions on first use.
+    fn hold(self: &Arc<Self>, handle: &str, session: &Arc<HttpSession>) {
+        for displaced in self.held.insert(handle, session.clone(), Instant::now()) {
+            tokio::spawn(async move { displaced.end(None).await });
+        }
+        if self.sweeping.set(()).is_ok() {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+    }
+}
+
+/// Ends the held sessions of `source` no stream has carried for its idle time, until the
+/// source is gone.
+async fn sweep(source: Weak<HttpSource>) {
+    let Some(interval) = source.upgrade().map(|s| held::sweep_interval(s.held.idle())) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let Some(source) = source.upgrade() else {
+            return;
+        };
+        for session in source.held.expired(Instant::now()) {
+            tracing::debug!(source = %source.name, "upstream session idle past session_idle_secs; ended");
+            session.end(None).await;
+        }
     }
 }

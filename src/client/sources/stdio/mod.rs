@@ -49,12 +49,12 @@ use slots::Slots;
 /// [`crate::config::DEFAULT_STDIO_MAX_PROCESSES`]).
 pub(super) const DEFAULT_MAX_PROCESSES: usize = crate::config::DEFAULT_STDIO_MAX_PROCESSES;
 
-/// Default time a session's process lives idle (see [`crate::config::DEFAULT_STDIO_IDLE_SECS`]).
+/// Default time a session's process lives idle (see [`crate::config::DEFAULT_CONNECT_SESSION_IDLE_SECS`]).
 pub(super) const DEFAULT_IDLE: Duration =
-    Duration::from_secs(crate::config::DEFAULT_STDIO_IDLE_SECS);
+    Duration::from_secs(crate::config::DEFAULT_CONNECT_SESSION_IDLE_SECS);
 
 /// How a stdio source bounds its processes (`connect`'s `stdio_max_processes` and
-/// `stdio_idle_secs`).
+/// `session_idle_secs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StdioLimits {
     /// Processes one source runs at once.

@@ -136,7 +136,7 @@ impl Session {
                         continue;
                     }
                     return Ended::Reclaimed(format!(
-                        "it was idle for {} s (stdio_idle_secs)",
+                        "it was idle for {} s (session_idle_secs)",
                         source.idle.as_secs()
                     ));
                 }

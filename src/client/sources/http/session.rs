@@ -1,0 +1,160 @@
+//! One MCP client session with a Streamable HTTP upstream, shared by every tunnel stream that
+//! carries it (see [`crate::client::sources::held`]): the upstream's session id and negotiated
+//! version, the caller's latest identity assertion, the upstream's standalone GET stream, and
+//! which stream the agent listens on for what that GET stream brings.
+
+use std::sync::Arc;
+
+use http::header::HeaderValue;
+use parking_lot::Mutex;
+
+use super::context::StreamContext;
+use crate::client::sources::Out;
+use crate::govern::assertion::Assertion;
+use crate::wire::{Frame, Resumable, WeakFrameSink};
+
+/// What the upstream said of the session.
+#[derive(Default)]
+pub(super) struct UpstreamState {
+    /// The upstream's `Mcp-Session-Id`.
+    pub(super) id: Option<HeaderValue>,
+    /// The protocol version negotiated by `initialize`.
+    pub(super) version: Option<HeaderValue>,
+}
+
+/// Where a held session's server-initiated messages go: the stream the agent listens on (a
+/// relay says so with a `Listen` frame when the agent's GET stream opens there), else the
+/// stream attached last. Weak: a stream ends when its own work is done, whoever points at it.
+#[derive(Default)]
+struct Streams {
+    listener: Option<WeakFrameSink<crate::transport::SendHalf>>,
+    latest: Option<WeakFrameSink<crate::transport::SendHalf>>,
+}
+
+/// One upstream session.
+pub(super) struct HttpSession {
+    /// The handle it is held under; `None` for a session that ends with its stream (the
+    /// stateless era, or a relay of wire version 1).
+    pub(super) handle: Option<String>,
+    pub(super) upstream: Mutex<UpstreamState>,
+    /// The latest identity assertion: the open header's, then each one a relay renews it with.
+    pub(super) assertion: Mutex<Option<Assertion>>,
+    streams: Mutex<Streams>,
+    /// The context the session's own tasks run in (the GET stream, the final DELETE): it has
+    /// no stream of its own. Taken when the session ends (it points back at the session).
+    tasks: Mutex<Option<Arc<StreamContext>>>,
+    get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl HttpSession {
+    /// A session under `handle` (if held), known to the upstream as `upstream`.
+    pub(super) fn new(
+        handle: Option<String>,
+        upstream: UpstreamState,
+        assertion: Option<Assertion>,
+    ) -> Self {
+        Self {
+            handle,
+            upstream: Mutex::new(upstream),
+            assertion: Mutex::new(assertion),
+            streams: Mutex::default(),
+            tasks: Mutex::default(),
+            get_stream: Mutex::default(),
+            gone: Default::default(),
+        }
+    }
+
+    /// The upstream's session id, if it issued one.
+    pub(super) fn id(&self) -> Option<HeaderValue> {
+        self.upstream.lock().id.clone()
+    }
+
+    /// What a relay seals into the agent's session id to resume this one anywhere.
+    pub(super) fn resumable(&self) -> Resumable {
+        Resumable {
+            upstream_session: self
+                .id()
+                .and_then(|id| id.to_str().ok().map(str::to_owned)),
+            portable: true,
+        }
+    }
+
+    /// A stream now carries the session: the latest attached is where server messages go
+    /// while no agent listens.
+    pub(super) fn attached(&self, out: &Out) {
+        self.streams.lock().latest = Some(out.downgrade());
+    }
+
+    /// The agent listens on `out`'s stream.
+    pub(super) fn listen(&self, out: &Out) {
+        self.streams.lock().listener = Some(out.downgrade());
+    }
+
+    /// Sends a server-initiated message toward the agent: on the stream it listens on, else
+    /// the latest attached one. Dropped (the agent reads nothing now) when no stream lives.
+    pub(super) async fn send_unsolicited(&self, frame: Frame) {
+        let out = {
+            let streams = self.streams.lock();
+            streams
+                .listener
+                .as_ref()
+                .and_then(WeakFrameSink::upgrade)
+                .or_else(|| streams.latest.as_ref().and_then(WeakFrameSink::upgrade))
+        };
+        match out {
+            Some(out) => {
+                let _ = out.send(frame).await;
+            }
+            None => {
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+                tracing::debug!("server-to-agent message dropped: no stream carries its session now");
+            }
+        }
+    }
+
+    /// Gives the session the context its own tasks run in, unless it has one: a context
+    /// without a stream of its own (see [`StreamContext::for_session`]), kept until the
+    /// session ends.
+    pub(super) fn set_tasks(&self, tasks: impl FnOnce() -> Arc<StreamContext>) {
+        let mut slot = self.tasks.lock();
+        if slot.is_none() {
+            *slot = Some(tasks());
+        }
+    }
+
+    /// Starts the upstream's standalone GET stream, once, when the upstream gave the session
+    /// an id.
+    pub(super) fn start_get_stream(&self) {
+        let mut get_stream = self.get_stream.lock();
+        if get_stream.is_some() || self.id().is_none() {
+            return;
+        }
+        if let Some(tasks) = self.tasks.lock().clone() {
+            *get_stream = Some(tokio::spawn(tasks.standalone_stream()));
+        }
+    }
+
+    /// The upstream forgot the session (it answered 404): nothing may resume it.
+    pub(super) fn mark_gone(&self) {
+        self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the upstream forgot the session.
+    pub(super) fn is_gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Ends the session: stops its GET stream and DELETEs it upstream (through `context`, or
+    /// the session's own task context).
+    pub(super) async fn end(&self, context: Option<&StreamContext>) {
+        if let Some(task) = self.get_stream.lock().take() {
+            task.abort();
+        }
+        let tasks = self.tasks.lock().take();
+        match context.or(tasks.as_deref()) {
+            Some(context) => context.delete_upstream_session().await,
+            None => tracing::debug!("upstream session ended without a context to delete it in"),
+        }
+    }
+}
