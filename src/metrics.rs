@@ -6,6 +6,9 @@ pub const TUNNELS: &str = "mcp_tunnel_connections";
 pub const STREAMS_ACTIVE: &str = "mcp_tunnel_streams_active";
 /// Gauge: live agent sessions.
 pub const SESSIONS_ACTIVE: &str = "mcp_tunnel_sessions_active";
+/// Counter: agent sessions this relay resumed from their sealed ids (opened on another relay
+/// of the fleet, or before a restart).
+pub const SESSIONS_RESUMED: &str = "mcp_tunnel_sessions_resumed_total";
 /// Counter: agent requests, labelled by `outcome`.
 pub const REQUESTS: &str = "mcp_tunnel_requests_total";
 /// Counter: server-to-agent messages dropped because no agent stream could take them.

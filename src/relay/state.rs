@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::calls::{Activity, Calls};
 use super::governance::Governance;
-use super::session::{SessionCaps, Sessions};
+use super::session::{SessionCaps, Sessions, Transport};
 use super::tunnel::Registry;
 use super::tunnel::accept::TunnelHost;
 use crate::config::LimitsSection;
@@ -139,8 +139,18 @@ impl RelayState {
             .sessions
             .sweep(self.session_idle(), self.request_timeout());
         for session in &expired {
-            tracing::info!(session = %session.id, tenant = %session.tenant, "session expired");
-            session.channel.close("session expired").await;
+            match session.transport {
+                // Only this relay is done with it: the stream ends, and `connect` keeps the
+                // upstream session for another relay of the fleet to resume (or ends it once
+                // no stream has carried it for its own idle time).
+                Transport::Streamable => {
+                    tracing::info!(session = %session.id, tenant = %session.tenant, "session idle here; its stream ends")
+                }
+                Transport::LegacySse => {
+                    tracing::info!(session = %session.id, tenant = %session.tenant, "session expired");
+                    session.channel.close("session expired").await;
+                }
+            }
         }
         expired.len()
     }

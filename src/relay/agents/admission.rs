@@ -510,6 +510,27 @@ pub(super) async fn open_channel(
         .registry
         .route(&who.tenant, &header.source)
         .ok_or_else(|| AgentError::NotFound.into_response())?;
+    open_on(state, who, &tunnel, header).await
+}
+
+/// Opens a tunnel stream on `tunnel` (see [`open_channel`]). A `connect` of wire version 1
+/// gets no session handle: it ends the upstream session with the stream, as it always did.
+pub(super) async fn open_on(
+    state: &RelayState,
+    who: &Identity,
+    tunnel: &Arc<crate::relay::tunnel::registry::Tunnel>,
+    header: &OpenHeader,
+) -> Result<Arc<Channel>, Response> {
+    let stripped;
+    let header = if tunnel.terms.wire_version < 2 && header.session.is_some() {
+        stripped = OpenHeader {
+            session: None,
+            ..header.clone()
+        };
+        &stripped
+    } else {
+        header
+    };
     let governance = state.governance();
     let signed = match governance.keyring.assertions() {
         Some(signer) => Refresher::start(signer, who, &header.source).map_err(|e| {
@@ -541,7 +562,7 @@ pub(super) async fn open_channel(
         }),
     };
     Channel::open_with_identity(
-        &tunnel,
+        tunnel,
         &header,
         state.limits.max_message_bytes,
         state.max_answer_bytes(),

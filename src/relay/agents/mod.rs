@@ -8,6 +8,7 @@ mod answer;
 mod legacy_sse;
 mod oauth;
 mod reply;
+mod resume;
 mod streamable;
 mod unread_body;
 

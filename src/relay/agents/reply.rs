@@ -114,6 +114,11 @@ pub(super) enum AgentError {
         /// Which cap.
         cap: crate::relay::session::CapReached,
     },
+    /// The session lives on but its source cannot be reached right now (its tunnels are
+    /// reconnecting): `503` with `Retry-After`, for a GET or DELETE (a POST's requests get a
+    /// JSON-RPC error each instead).
+    #[error("{0}")]
+    Unavailable(String),
     /// A rate limit refused the request: `429` with `Retry-After`.
     #[error("{}", rate_limited_message(.0))]
     RateLimited(RateLimited),
@@ -172,6 +177,14 @@ impl IntoResponse for AgentError {
             ),
             AgentError::TooManySessions { id, .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, codes::INVALID_REQUEST, id)
+            }
+            AgentError::Unavailable(_) => {
+                retry_after = Some(HeaderValue::from_static("1"));
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    codes::SOURCE_UNAVAILABLE,
+                    None,
+                )
             }
             AgentError::RateLimited(limited) => {
                 retry_after = Some(HeaderValue::from(retry_after_secs(&limited)));

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{admit, gate, header_str, open_channel, open_header};
 use super::answer::{JsonAnswer, Target, forward, sse_response};
 use super::oauth::Resource;
-use super::reply::{AgentError, json_response};
+use super::reply::{AgentError, json_response, source_error};
+use super::resume::{self, Lost};
 use crate::govern::Identity;
 use crate::govern::audit::Outcome;
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
@@ -25,11 +26,11 @@ use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::{
-    CapReached, EventIds, STANDALONE_STREAM, Session, Start, Transport, new_session_id,
-    parse_event_id,
+    CapReached, EventIds, STANDALONE_STREAM, Session, SessionClaims, Start, Transport,
+    new_handle, new_session_id, parse_event_id,
 };
 use crate::relay::state::RelayState;
-use crate::wire::Era;
+use crate::wire::{Era, SessionHandle};
 
 /// The header a reconnecting agent names its last seen event with.
 const LAST_EVENT_ID: &str = "last-event-id";
@@ -71,10 +72,13 @@ async fn post_inner(
         return Ok(json_response(StatusCode::OK, denied));
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
-        let session = state
-            .sessions
-            .get(session_id, &who, &source, Transport::Streamable)
-            .ok_or(AgentError::SessionNotFound)?;
+        let session = match resume::find(&state, session_id, &who, &source).await {
+            Ok(session) => session,
+            Err(lost) => {
+                let (_, classified, calls) = admitted.into_parts();
+                return lost_session(lost, &source, &classified, calls).await;
+            }
+        };
         let filter = admitted.continue_in(&state, &session, &who);
         let (body, classified, calls) = admitted.into_parts();
         let target = Target {
@@ -101,8 +105,33 @@ async fn post_inner(
     }
 }
 
+/// The answer when the session an id names cannot be continued here: `404` when it is gone
+/// (the agent initializes again), else an error for each request, recorded first, that says
+/// why (the session id stays good).
+async fn lost_session(
+    lost: Lost,
+    source: &str,
+    classified: &Classified,
+    calls: InFlight,
+) -> Result<Response, AgentError> {
+    match lost {
+        Lost::NotFound => Err(AgentError::SessionNotFound),
+        Lost::Cap(cap) => {
+            let id = classified.messages().first().and_then(|m| m.id.clone());
+            Ok(too_many_sessions(calls, id, cap).await)
+        }
+        Lost::Unreachable(why) => {
+            let id = match classified {
+                Classified::Single(info) => info.id.as_deref(),
+                Classified::Batch(_) => None,
+            };
+            Ok(unreached(calls, source_error(id, source, &why)).await)
+        }
+    }
+}
+
 /// Opens a session: a new tunnel stream carrying `initialize`. The session exists only if the
-/// upstream accepts it.
+/// upstream accepts it; its id, sealed, names what any relay of the fleet needs to continue it.
 async fn initialize(
     state: &Arc<RelayState>,
     who: &Identity,
@@ -111,30 +140,36 @@ async fn initialize(
     classified: &Classified,
     mut calls: InFlight,
 ) -> Response {
-    // The session id is minted before the stream opens, so both sides log the same id.
-    let session_id = new_session_id();
+    // The handle is minted before the stream opens, so both sides log the same name (the
+    // agent's id, sealed, is made once the upstream has answered).
+    let handle = new_handle();
     calls.set_context(&Context {
-        session: Some(session_id.clone()),
+        session: Some(handle.clone()),
         ..Context::default()
     });
     let id = classified.messages().first().and_then(|m| m.id.clone());
     if let Err(cap) = state.sessions.admit(who, source, state.session_caps()) {
         return too_many_sessions(calls, id, cap).await;
     }
-    let header = open_header(
+    let mut header = open_header(
         who,
         source,
         Era::Session,
-        session_id.clone(),
+        handle.clone(),
         None,
         &HeaderMap::new(),
     );
+    header.session = Some(SessionHandle {
+        handle: handle.clone(),
+        resume: false,
+        upstream: None,
+    });
     let channel = match open_channel(state, who, &header).await {
         Ok(channel) => channel,
         Err(response) => return unreached(calls, response).await,
     };
     let session = Arc::new(Session::new(
-        session_id,
+        handle.clone(),
         who,
         source,
         channel.clone(),
@@ -164,7 +199,19 @@ async fn initialize(
             return AgentError::TooManySessions { id, cap }.into_response();
         }
         tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session opened");
-        let value = HeaderValue::from_str(&session.id).expect("session ids are hex");
+        let claims = SessionClaims {
+            tenant: who.tenant.to_string(),
+            subject: who.subject.to_string(),
+            source: source.to_owned(),
+            handle,
+            connect: channel.connect_instance().map(str::to_owned),
+            // A `connect` that says nothing (wire version 1) ends the session with its stream.
+            resumable: channel.resumable().unwrap_or_default(),
+            version: session.version().map(str::to_owned),
+            issued: crate::relay::tunnel::registry::unix_now(),
+        };
+        let value = HeaderValue::from_str(&claims.seal(&state.fleet))
+            .expect("sealed ids are base64url");
         response.headers_mut().insert(SESSION_HEADER, value);
     }
     response
@@ -305,15 +352,17 @@ async fn handle_get(
     Path(source): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let result = (|| {
+    let result = async {
         let who = gate(&state, &headers, Resource::Mcp(&source))?;
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
-        let session = state
-            .sessions
-            .get(session_id, &who, &source, Transport::Streamable)
-            .ok_or(AgentError::SessionNotFound)?;
+        let session = resume::find(&state, session_id, &who, &source)
+            .await
+            .map_err(|lost| match lost {
+                Lost::Unreachable(why) => AgentError::Unavailable(why),
+                Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
+            })?;
         let resume = header_str(&headers, LAST_EVENT_ID)
             .and_then(parse_event_id)
             .and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
@@ -329,14 +378,20 @@ async fn handle_get(
                 };
                 (log.attach(Start::After(seq)), EventIds::Resumable, until)
             }
-            None => (
-                session.standalone().attach(Start::Undelivered),
-                session.event_ids(),
-                state.shutdown.clone(),
-            ),
+            None => {
+                // The agent listens here: `connect` sends the session's server messages to
+                // this relay's stream.
+                session.channel.listen().await;
+                (
+                    session.standalone().attach(Start::Undelivered),
+                    session.event_ids(),
+                    state.shutdown.clone(),
+                )
+            }
         };
         Ok(sse_response(&state, reader, ids, None, None, until))
-    })();
+    }
+    .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
@@ -350,7 +405,12 @@ async fn handle_delete(
         let Some(session_id) = header_str(&headers, SESSION_HEADER) else {
             return Err(AgentError::MethodNotAllowed);
         };
-        let session = state.sessions.get(session_id, &who, &source, Transport::Streamable).ok_or(AgentError::SessionNotFound)?;
+        let session = resume::find(&state, session_id, &who, &source)
+            .await
+            .map_err(|lost| match lost {
+                Lost::Unreachable(why) => AgentError::Unavailable(why),
+                Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
+            })?;
         state.sessions.remove(&session.id);
         session.channel.close("session deleted by the agent").await;
         tracing::info!(tenant = %session.tenant, subject = %session.subject, source, session = %session.id, "session deleted");

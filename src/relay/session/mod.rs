@@ -5,6 +5,7 @@
 
 pub(crate) mod events;
 pub(crate) mod exchange;
+pub(crate) mod sealed;
 pub(crate) mod sessions;
 
 pub use events::parse_event_id;
@@ -12,6 +13,7 @@ pub(super) use events::{EventLog, LogReader, Piece, Start};
 pub(super) use exchange::{
     Arrived, Awaiting, Ending, EventIds, Opening, pipe, produce, requests, source_error_body,
 };
+pub(super) use sealed::{SessionClaims, new_handle};
 pub(super) use sessions::{
     CapReached, ListenGuard, STANDALONE_STREAM, Session, SessionCaps, Sessions, Transport,
     new_session_id,

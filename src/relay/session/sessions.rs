@@ -366,6 +366,14 @@ impl Session {
         }
     }
 
+    /// Sets the protocol version a resumed session settled when it opened (from its sealed
+    /// id), unless it is known.
+    pub fn know_version(&self, version: Option<String>) {
+        if let Some(version) = version {
+            let _ = self.version.set(version);
+        }
+    }
+
     /// Whether the protocol version is known yet.
     pub fn knows_version(&self) -> bool {
         self.version.get().is_some()
@@ -513,6 +521,32 @@ impl Sessions {
         }
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
         Ok(())
+    }
+
+    /// Adds a session resumed here (its id came from another relay, or from before a restart)
+    /// unless a cap refuses it; when a concurrent request resumed it first, that one is
+    /// returned instead (and `session`, with its stream, is dropped).
+    pub fn adopt(
+        &self,
+        session: Arc<Session>,
+        caps: SessionCaps,
+    ) -> Result<Arc<Session>, CapReached> {
+        {
+            let mut map = self.map.lock();
+            if let Some(existing) = map
+                .get(&session.id)
+                .filter(|s| s.channel.closed_reason().is_none())
+            {
+                return Ok(existing.clone());
+            }
+            self.check(&map, &session.identity(), &session.source, caps)?;
+            if map.insert(session.id.clone(), session.clone()).is_some() {
+                // It replaced one whose stream had ended: the count stays.
+                return Ok(session);
+            }
+        }
+        metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
+        Ok(session)
     }
 
     /// Whether `who` may open one more session (or listen stream) with `source` now: checked

@@ -22,7 +22,8 @@ use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
 use crate::transport::{TransportError, TransportKind};
 use crate::wire::{
-    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, SinkError, UNSOLICITED,
+    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, Resumable, SinkError,
+    UNSOLICITED,
 };
 
 /// Frames buffered per waiting request before the reader waits for the agent to take them.
@@ -135,6 +136,10 @@ struct Shared {
     closed: Mutex<Option<String>>,
     /// Taken on close, so the GET stream's producer sees the end.
     unsolicited_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
+    /// What `connect` last said of the session's upstream ([`FrameKind::Resumable`]).
+    resumable: Mutex<Option<Resumable>>,
+    /// Woken when `resumable` is set or the stream closes.
+    resumable_changed: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -147,6 +152,8 @@ impl Shared {
         // unsolicited queue's ends the GET stream's producer.
         self.pending.lock().clear();
         self.unsolicited_tx.lock().take();
+        drop(closed);
+        self.resumable_changed.notify_waiters();
     }
 
     fn closed_reason(&self) -> Option<String> {
@@ -167,6 +174,10 @@ pub struct Channel {
     budget: Arc<Budget>,
     /// Renews the stream's identity assertion, when it has one.
     identity: Option<Refresher>,
+    /// The wire version agreed with the `connect` on the other end.
+    wire_version: u32,
+    /// The instance id of that `connect` (wire version 2).
+    connect: Option<Arc<str>>,
     /// Signals the reader to stop when the channel is dropped.
     _stop: oneshot::Sender<()>,
     _guard: StreamGuard,
@@ -237,6 +248,8 @@ impl Channel {
             budget: limits.budget.clone(),
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
+            resumable: Mutex::default(),
+            resumable_changed: tokio::sync::Notify::new(),
         });
         let (stop, stopped) = oneshot::channel();
 
@@ -264,6 +277,8 @@ impl Channel {
             unsolicited_rx: Arc::new(tokio::sync::Mutex::new(unsolicited_rx)),
             budget: limits.budget,
             identity,
+            wire_version: tunnel.terms.wire_version,
+            connect: tunnel.terms.connect.clone(),
             _stop: stop,
             _guard: guard,
         }))
@@ -367,6 +382,52 @@ impl Channel {
         self.shared.closed_reason()
     }
 
+    /// The instance id of the `connect` on the other end, if it said (wire version 2).
+    pub fn connect_instance(&self) -> Option<&str> {
+        self.connect.as_deref()
+    }
+
+    /// What `connect` said of the session's upstream, if it has ([`FrameKind::Resumable`]):
+    /// on a new session, before its answer to `initialize`.
+    pub fn resumable(&self) -> Option<Resumable> {
+        self.shared.resumable.lock().clone()
+    }
+
+    /// Waits, at most `timeout`, for `connect` to confirm it resumed the session this stream
+    /// names; the error says why not (it closed the stream: the session is gone; or it did
+    /// not answer in time).
+    pub async fn resumed(&self, timeout: std::time::Duration) -> Result<Resumable, ChannelError> {
+        let wait = async {
+            loop {
+                let changed = self.shared.resumable_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if let Some(resumable) = self.resumable() {
+                    return Ok(resumable);
+                }
+                if let Some(reason) = self.shared.closed_reason() {
+                    return Err(ChannelError::Closed(reason));
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or_else(|_| {
+            Err(ChannelError::Closed(format!(
+                "the tunnel client did not resume the session within {} s",
+                timeout.as_secs()
+            )))
+        })
+    }
+
+    /// Tells `connect` the agent listens on this stream for the session's server-initiated
+    /// messages ([`FrameKind::Listen`]; a `connect` of wire version 1 has one stream per
+    /// session and is not told).
+    pub async fn listen(&self) {
+        if self.wire_version >= 2 {
+            let _ = self.send_frame(Frame::listen()).await;
+        }
+    }
+
     /// Asks the peer to end the stream, with a reason.
     pub async fn close(&self, reason: &str) {
         let _ = self.sink.send(Frame::close(reason)).await;
@@ -387,6 +448,16 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             Ok(None) => return "the tunnel client ended the stream".into(),
             Err(e) => return format!("tunnel stream failed: {e}"),
         };
+        if frame.kind == FrameKind::Resumable {
+            match frame.parse_json::<Resumable>(FrameKind::Resumable) {
+                Ok(resumable) => {
+                    *shared.resumable.lock() = Some(resumable);
+                    shared.resumable_changed.notify_waiters();
+                    continue;
+                }
+                Err(e) => return format!("protocol error: bad resumable frame: {e}"),
+            }
+        }
         let exchange = frame.exchange;
         match assembly.event(frame) {
             Ok(Some((event, closes_pieces))) => {
@@ -496,6 +567,8 @@ mod tests {
             budget,
             closed: Mutex::default(),
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
+            resumable: Mutex::default(),
+            resumable_changed: tokio::sync::Notify::new(),
         };
         let mut reader = FrameReader::new(far, limit);
         let reason = tokio::time::timeout(

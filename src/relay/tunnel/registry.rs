@@ -161,7 +161,7 @@ impl Default for Registry {
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -262,10 +262,11 @@ impl Registry {
             .cloned()
     }
 
-    /// The tunnel a resumed session goes to: one of the `connect` instance `connect` when it
-    /// is still attached (it holds the upstream session), else, when `portable` (any
-    /// `connect` can resume it), the one [`Registry::route`] picks; `None` when the session's
-    /// upstream is gone with its `connect`.
+    /// The tunnel a resumed session goes to, among those that can resume (wire version 2):
+    /// one of the `connect` instance `connect` while it is attached (it holds the upstream
+    /// session), else, when `portable` (any `connect` can resume it), the least busy of the
+    /// token serving the source; `None` when the session's upstream went with its `connect`,
+    /// or no tunnel reaches the source now.
     pub fn route_resumed(
         &self,
         tenant: &str,
@@ -273,24 +274,28 @@ impl Registry {
         connect: Option<&str>,
         portable: bool,
     ) -> Option<Arc<Tunnel>> {
-        if let Some(connect) = connect {
-            let routes = self.routes.read();
-            let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
-            let own = all
+        let routes = self.routes.read();
+        let all = routes.get(&(Arc::from(tenant), source.to_owned()))?;
+        let owner = serving_token(source, all)?;
+        let best = |tunnels: &mut dyn Iterator<Item = &Arc<Tunnel>>| {
+            tunnels
+                .filter(|t| t.grant.token == owner && t.terms.wire_version >= 2)
+                .min_by_key(|t| {
+                    (
+                        t.silent(),
+                        t.connection.kind() != TransportKind::Quic,
+                        t.streams_active(),
+                    )
+                })
+                .cloned()
+        };
+        let own = connect.and_then(|connect| {
+            best(&mut all
                 .iter()
                 .rev()
-                .filter(|t| t.terms.connect.as_deref() == Some(connect))
-                .min_by_key(|t| (t.silent(), t.connection.kind() != TransportKind::Quic))
-                .cloned();
-            if own.is_some() {
-                return own;
-            }
-        }
-        if portable {
-            self.route(tenant, source)
-        } else {
-            None
-        }
+                .filter(|t| t.terms.connect.as_deref() == Some(connect)))
+        });
+        own.or_else(|| portable.then(|| best(&mut all.iter().rev())).flatten())
     }
 
     /// One row per (tunnel, source), for `/api/tunnels`.
