@@ -109,6 +109,29 @@ pub struct Options {
     /// Roles of tenant `acme` (its API key holds them all); none when empty, so everything is
     /// allowed.
     pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,
+    /// A fleet the relay belongs to: its keys and certificates, shared with the fleet's other
+    /// relays; a relay of its own when `None`.
+    pub fleet: Option<Fleet>,
+}
+
+/// What the relays of one test fleet share: the sealing keys and the certificates (so one
+/// `connect` trusts them all).
+#[derive(Clone)]
+pub struct Fleet {
+    pub keys: Arc<mcp_tunnel::relay::fleet::FleetKeys>,
+    pub certs: Arc<mcp_tunnel::certs::DevCerts>,
+}
+
+impl Fleet {
+    /// A fresh fleet secret and certificates.
+    pub fn new() -> Self {
+        let mut secret = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+        Self {
+            keys: Arc::new(mcp_tunnel::relay::fleet::FleetKeys::from_secrets(&secret, &[])),
+            certs: Arc::new(mcp_tunnel::certs::generate(&[]).expect("dev certificates")),
+        }
+    }
 }
 
 impl Options {
@@ -146,7 +169,10 @@ impl Harness {
     /// Starts a relay on loopback.
     pub async fn start(options: Options) -> Self {
         init_tracing();
-        let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+        let certs = match &options.fleet {
+            Some(fleet) => fleet.certs.clone(),
+            None => Arc::new(mcp_tunnel::certs::generate(&[]).expect("dev certificates")),
+        };
         let (acme, other) = options
             .creds
             .clone()
@@ -180,7 +206,11 @@ impl Harness {
                 mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
             ),
             audit: options.audit.clone(),
-            fleet: Default::default(),
+            fleet: options
+                .fleet
+                .as_ref()
+                .map(|fleet| fleet.keys.clone())
+                .unwrap_or_default(),
         })
         .await
         .expect("relay binds");
@@ -200,7 +230,7 @@ impl Harness {
             agents,
             admin,
             tunnel,
-            ca_pem: certs.ca_pem,
+            ca_pem: certs.ca_pem.clone(),
             acme,
             other,
             third,

@@ -64,7 +64,10 @@ async fn post_inner(
     let mut admitted = admit(&state, &who, &source, body).await?;
     let version = header_str(&headers, VERSION_HEADER);
     admitted.calls.set_context(&Context {
-        session: header_str(&headers, SESSION_HEADER).map(str::to_owned),
+        // The session's handle, when the id is one this fleet sealed: never the agent's text.
+        session: header_str(&headers, SESSION_HEADER)
+            .and_then(|id| SessionClaims::open(&state.fleet, id))
+            .map(|claims| claims.handle),
         protocol_version: version.map(str::to_owned),
         transport: None,
     });

@@ -143,7 +143,15 @@ impl HttpSource {
         out: Out,
         max_frame: usize,
     ) {
-        match self.legacy_session(header.era).await {
+        // A resumed session is a Streamable HTTP one: an HTTP+SSE session is never held
+        // (its event stream is its life), so its resume is refused below.
+        let resumes = header.session.as_ref().is_some_and(|s| s.resume);
+        let legacy = if resumes {
+            Ok(None)
+        } else {
+            self.legacy_session(header.era).await
+        };
+        match legacy {
             Ok(Some(opened)) => {
                 let name = self.name.as_str().into();
                 return legacy::serve(name, self.client.clone(), opened, header, inbound, out)

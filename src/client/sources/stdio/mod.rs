@@ -146,6 +146,16 @@ impl StdioSource {
         writer: FrameWriter<SendHalf>,
     ) {
         stream::serve(reader, writer, |inbound, out, max_frame| async move {
+            if header.session.as_ref().is_some_and(|s| s.resume) {
+                // A stdio session's process lives with its stream (not held for a resume
+                // yet): the relay answers the agent that the session is gone.
+                let reason = format!(
+                    "session not found: the stdio session with source {} ended with its stream",
+                    self.name
+                );
+                let _ = out.send(crate::wire::Frame::close(reason)).await;
+                return;
+            }
             match header.era {
                 Era::Session => self.serve_session(header, inbound, out, max_frame).await,
                 Era::Stateless => self.serve_stateless(header, inbound, out, max_frame).await,

@@ -1,0 +1,205 @@
+//! Sessions that outlive the relay and the tunnel that carried them (issue 15), in-process:
+//! relays of one fleet sharing a secret, a `connect` attached to all of them, and a recording
+//! upstream that shows what it received. The real-process fleet behind HAProxy is in
+//! `tests/fleet.rs`.
+
+mod common;
+
+use common::{Agent, Fleet, Harness, Options, WAIT, quic_settings, start_recording_upstream};
+use serde_json::json;
+
+/// Two relays of `fleet`, sharing tenants and credentials.
+async fn two_relays(fleet: &Fleet) -> (Harness, Harness) {
+    let a = Harness::start(Options {
+        fleet: Some(fleet.clone()),
+        ..Options::default()
+    })
+    .await;
+    let b = Harness::start(Options {
+        fleet: Some(fleet.clone()),
+        creds: Some((a.acme.clone(), a.other.clone())),
+        ..Options::default()
+    })
+    .await;
+    (a, b)
+}
+
+/// Runs acme's `connect` serving `db` from `upstream`, attached to every relay of `relays`,
+/// and waits until each routes it.
+async fn connect_all(relays: &[&Harness], upstream: &str) -> common::Client {
+    let list: Vec<String> = relays.iter().map(|r| r.tunnel.to_string()).collect();
+    let mut settings = quic_settings(
+        list.join(","),
+        &relays[0].acme.tunnel_token,
+        &relays[0].ca_pem,
+        &[("db", upstream)],
+    );
+    settings.connections = relays.len();
+    let client = relays[0].connect_with(&relays[0].acme, settings).await;
+    for relay in &relays[1..] {
+        tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
+            .await
+            .expect("every relay of the fleet gets a tunnel");
+    }
+    client
+}
+
+/// How many requests of `method` the upstream saw.
+fn seen(seen: &common::Seen, method: &str) -> usize {
+    seen.lock()
+        .expect("lock")
+        .iter()
+        .filter(|(m, _, _)| m == method)
+        .count()
+}
+
+/// The same agent session, through another relay.
+fn via(relay: &Harness, agent: &Agent) -> Agent {
+    let mut moved = Agent::new(&relay.url("db"), &relay.acme.api_key);
+    moved.session = agent.session.clone();
+    moved.version = agent.version.clone();
+    moved
+}
+
+#[tokio::test]
+async fn a_session_opened_on_one_relay_continues_on_another_and_after_its_relay_stops() {
+    let (_stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, recorded) = start_recording_upstream(&_stop).await;
+    let _client = connect_all(&[&a, &b], &upstream).await;
+
+    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
+    on_a.initialize().await;
+    let id = on_a.session.clone().expect("a session id");
+    assert!(
+        id.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+        "visible ASCII: {id}"
+    );
+    let answer = on_a.call_tool(2, "anything", json!({})).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    let on_b = via(&b, &on_a);
+    let answer = on_b.call_tool(3, "anything", json!({})).await;
+    assert_eq!(answer.status, 200, "the other relay continues it: {answer:?}");
+    assert_eq!(common::tool_text(answer.response()), "recorded");
+
+    a.stop().await;
+    let answer = on_b.call_tool(4, "anything", json!({})).await;
+    assert_eq!(answer.status, 200, "after the first relay stopped: {answer:?}");
+
+    assert_eq!(seen(&recorded, "initialize"), 1, "one initialize upstream");
+    assert_eq!(seen(&recorded, "tools/call"), 3, "each call once");
+    let sessions: Vec<String> = recorded
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(m, _, _)| m == "tools/call")
+        .map(|(_, headers, _)| {
+            headers
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        sessions,
+        vec!["upstream-1"; 3],
+        "every call in the one upstream session"
+    );
+}
+
+#[tokio::test]
+async fn a_forged_foreign_or_other_callers_session_id_is_a_404_alike() {
+    let (_stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, _recorded) = start_recording_upstream(&_stop).await;
+    let _client = connect_all(&[&a, &b], &upstream).await;
+    let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
+    agent.initialize().await;
+    let id = agent.session.clone().expect("a session id");
+
+    // Another fleet (its own secret), with the same tenants and a tunnel for the source.
+    let foreign = Harness::start(Options {
+        creds: Some((a.acme.clone(), a.other.clone())),
+        ..Options::default()
+    })
+    .await;
+    let _foreign_client = foreign.connect(&foreign.acme, &[("db", &upstream)]).await;
+
+    let mut altered = id.clone().into_bytes();
+    let middle = altered.len() / 2;
+    altered[middle] = if altered[middle] == b'A' { b'B' } else { b'A' };
+    let altered = String::from_utf8(altered).expect("ASCII");
+
+    let mut other_caller = Agent::new(&b.url("db"), &b.other.api_key);
+    other_caller.session = Some(id.clone());
+    let mut other_source = Agent::new(&b.url("files"), &b.acme.api_key);
+    other_source.session = Some(id.clone());
+    let mut cases = vec![
+        ("another fleet", via(&foreign, &agent)),
+        ("another caller", other_caller),
+        ("another source", other_source),
+    ];
+    let mut one_byte = via(&b, &agent);
+    one_byte.session = Some(altered);
+    cases.push(("one byte altered", one_byte));
+    let mut garbage = via(&b, &agent);
+    garbage.session = Some("not-a-session".into());
+    cases.push(("garbage", garbage));
+
+    let mut bodies = Vec::new();
+    for (what, agent) in cases {
+        let answer = agent.call_tool(9, "anything", json!({})).await;
+        assert_eq!(answer.status, 404, "{what}: {answer:?}");
+        bodies.push((what, answer.messages));
+    }
+    let first = bodies[0].1.clone();
+    for (what, body) in &bodies {
+        assert_eq!(body, &first, "{what} answers exactly as the others");
+    }
+    // The real id still works on the other relay of the fleet.
+    assert_eq!(via(&b, &agent).call_tool(10, "anything", json!({})).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_session_continues_after_its_connect_restarts_and_calls_meanwhile_get_an_error() {
+    let (_stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, recorded) = start_recording_upstream(&_stop).await;
+    let client = connect_all(&[&a, &b], &upstream).await;
+    let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
+    agent.initialize().await;
+    assert_eq!(agent.call_tool(2, "anything", json!({})).await.status, 200);
+
+    client.stop().await.expect("connect stops cleanly");
+    for relay in [&a, &b] {
+        tokio::time::timeout(WAIT, async {
+            while relay.state.registry.route("acme", "db").is_some() {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the tunnel goes");
+    }
+    // No tunnel reaches the source: a clear JSON-RPC error, not a hang, and not a 404.
+    let on_b = via(&b, &agent);
+    let answer = on_b.call_tool(3, "anything", json!({})).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(
+        answer.error_message().contains("not connected"),
+        "{answer:?}"
+    );
+
+    // A new `connect` (it holds nothing) continues the upstream's session from the sealed id.
+    let _client = connect_all(&[&a, &b], &upstream).await;
+    let answer = on_b.call_tool(4, "anything", json!({})).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(common::tool_text(answer.response()), "recorded");
+    assert_eq!(seen(&recorded, "initialize"), 1);
+    assert_eq!(seen(&recorded, "tools/call"), 2, "the failed call never reached it");
+}
