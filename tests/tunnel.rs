@@ -67,11 +67,16 @@ async fn session_lifecycle_initialize_call_stream_delete() {
         1,
         "one stream for the whole session"
     );
+    assert_eq!(tunnel_row(&harness).streams_opened, 1);
     assert_eq!(agent.delete().await, 200);
     let after = agent.call_tool(4, "echo", json!({"message": "late"})).await;
     assert_eq!(after.status, 404, "a deleted session is gone: {after:?}");
     assert_eq!(harness.state.sessions.len(), 0);
-    assert_eq!(tunnel_row(&harness).streams_opened, 1);
+    assert_eq!(
+        tunnel_row(&harness).streams_opened,
+        2,
+        "the late call's resume was refused by connect, which remembers the deletion"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

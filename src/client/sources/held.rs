@@ -42,6 +42,10 @@ struct Entry<S> {
 /// The held sessions of one source, by handle.
 pub(crate) struct Held<S> {
     entries: Mutex<HashMap<String, Entry<S>>>,
+    /// Handles of sessions ended on purpose (the agent deleted them, the upstream forgot
+    /// them), kept for the idle time so a resume of one is refused at once instead of
+    /// continuing the upstream session from what its sealed id carries.
+    ended: Mutex<HashMap<String, Instant>>,
     idle: Duration,
     max: usize,
 }
@@ -56,6 +60,7 @@ impl<S> Held<S> {
     fn with_max(idle: Duration, max: usize) -> Self {
         Self {
             entries: Mutex::default(),
+            ended: Mutex::default(),
             idle,
             max,
         }
@@ -117,9 +122,27 @@ impl<S> Held<S> {
         }
     }
 
-    /// Ends holding `handle` (the session ends now); returns it if it was held.
-    pub(crate) fn remove(&self, handle: &str) -> Option<Arc<S>> {
+    /// Ends holding `handle` (the session ends now, for good: see [`Held::ended`]); returns it
+    /// if it was held.
+    pub(crate) fn remove(&self, handle: &str, now: Instant) -> Option<Arc<S>> {
+        let mut ended = self.ended.lock();
+        if ended.len() >= self.max {
+            let oldest = ended
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(handle, _)| handle.clone());
+            if let Some(oldest) = oldest {
+                ended.remove(&oldest);
+            }
+        }
+        ended.insert(handle.to_owned(), now);
+        drop(ended);
         self.entries.lock().remove(handle).map(|entry| entry.session)
+    }
+
+    /// Whether the session `handle` was ended on purpose lately (within the idle time).
+    pub(crate) fn ended(&self, handle: &str) -> bool {
+        self.ended.lock().contains_key(handle)
     }
 
     /// Removes and returns the sessions no stream has carried for the idle time by `now`.
@@ -127,6 +150,9 @@ impl<S> Held<S> {
         if self.idle.is_zero() {
             return Vec::new();
         }
+        self.ended
+            .lock()
+            .retain(|_, at| now.saturating_duration_since(*at) < self.idle);
         let mut entries = self.entries.lock();
         let gone: Vec<String> = entries
             .iter()
@@ -211,8 +237,12 @@ mod tests {
         held.insert("h", Arc::new(1), t0);
         let displaced = held.insert("h", Arc::new(2), t0);
         assert_eq!(displaced.iter().map(|s| **s).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(held.remove("h").as_deref(), Some(&2));
+        assert!(!held.ended("h"));
+        assert_eq!(held.remove("h", t0).as_deref(), Some(&2));
         assert_eq!(held.len(), 0);
+        assert!(held.ended("h"), "remembered for the idle time");
+        held.expired(t0 + IDLE);
+        assert!(!held.ended("h"), "and forgotten after");
     }
 
     #[test]

@@ -216,6 +216,9 @@ async fn initialize(
         let value = HeaderValue::from_str(&claims.seal(&state.fleet))
             .expect("sealed ids are base64url");
         response.headers_mut().insert(SESSION_HEADER, value);
+    } else {
+        // No session: `connect` need not keep the upstream one for a resume.
+        session.channel.close("initialize failed").await;
     }
     response
 }

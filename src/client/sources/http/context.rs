@@ -287,6 +287,13 @@ impl StreamContext {
             }
         }
         self.send(Frame::end(exchange)).await;
+        if self.session.is_gone() {
+            self.send(Frame::close(format!(
+                "source {} ended the session",
+                self.name()
+            )))
+            .await;
+        }
     }
 
     async fn post(
@@ -327,13 +334,9 @@ impl StreamContext {
             && !is_initialize
             && self.session_id().is_some()
         {
-            // The upstream forgot the session: end ours, so the agent re-initializes.
+            // The upstream forgot the session: ours ends once this answer (with the upstream's
+            // 404, which tells the agent to initialize again) is through (see `exchange`).
             self.session.mark_gone();
-            self.send(Frame::close(format!(
-                "source {} ended the session",
-                self.name()
-            )))
-            .await;
         }
         let content_type = response
             .headers()

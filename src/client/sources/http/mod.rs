@@ -199,7 +199,7 @@ impl HttpSource {
             }
             handle => {
                 if let Some(handle) = handle {
-                    self.held.remove(handle);
+                    self.held.remove(handle, Instant::now());
                 }
                 session.end(Some(&context)).await;
             }
@@ -228,6 +228,9 @@ impl HttpSource {
                 *session.assertion.lock() = Some(assertion);
             }
             return Some((session, true));
+        }
+        if named.resume && self.held.ended(&named.handle) {
+            return None;
         }
         let upstream = if named.resume {
             let resumable = named.upstream.as_ref().filter(|r| r.portable)?;
