@@ -172,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
             allowed_hosts: Vec::new(),
             sse_keep_alive: Duration::from_secs(20),
             audit,
+            fleet: Default::default(),
         })
         .await?;
         let (tunnel, state) = (relay.tunnel_addr(), relay.state().clone());

@@ -109,6 +109,7 @@ async fn serve_relay(
         allowed_hosts: Vec::new(),
         sse_keep_alive: Duration::from_secs(20),
         audit: None,
+        fleet: Default::default(),
     })
     .await
     .expect("relay");

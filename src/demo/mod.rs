@@ -190,6 +190,7 @@ async fn start_inner(listen: SocketAddr, shutdown: CancellationToken) -> anyhow:
         allowed_hosts: Vec::new(),
         sse_keep_alive: std::time::Duration::from_secs(crate::config::DEFAULT_SSE_KEEP_ALIVE_SECS),
         audit: Some(crate::govern::audit::AuditSettings::new(&audit_db)),
+        fleet: Default::default(),
     })
     .await?;
     let agents = relay.agents_addr();

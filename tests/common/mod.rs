@@ -109,6 +109,8 @@ pub struct Options {
     /// Roles of tenant `acme` (its API key holds them all); none when empty, so everything is
     /// allowed.
     pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,
+    /// `[fleet]`: the instance id and the drain delay; a single relay (no delay) by default.
+    pub fleet: mcp_tunnel::relay::FleetSettings,
 }
 
 impl Options {
@@ -180,6 +182,7 @@ impl Harness {
                 mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
             ),
             audit: options.audit.clone(),
+            fleet: options.fleet.clone(),
         })
         .await
         .expect("relay binds");
