@@ -36,6 +36,11 @@ pub const TUNNEL_RTT: &str = "mcp_tunnel_rtt_seconds";
 /// steady load is a leak (the soak run, `benches/soak.sh`, watches it).
 pub const RUNTIME_TASKS: &str = "mcp_tunnel_runtime_tasks";
 
+/// Gauge, written at scrape time: always 1, its `relay` label the instance id (`[fleet] id`,
+/// else host name and tunnel port), so scrapes of a fleet's relays can be told apart and
+/// joined with the other series by instance.
+pub const RELAY_INFO: &str = "mcp_tunnel_relay_info";
+
 /// Upper bounds of the call latency buckets, seconds: from a loopback echo (~0.3 ms) to a slow
 /// tool near the default request timeout.
 pub const CALL_DURATION_BUCKETS: &[f64] = &[

@@ -1,5 +1,6 @@
 //! The admin listener refuses what a web page could send it: a rebound DNS name in `Host`, or
 //! another site's `Origin`; the relay's own operators (loopback names, IP addresses) get through.
+//! Its tunnels, activity and metrics name the relay instance (`[fleet] id`).
 
 mod common;
 
@@ -44,5 +45,79 @@ async fn admin_refuses_rebound_hosts_and_foreign_origins() {
             status(&http, &url, Some(("origin", format!("http://{authority}")))).await;
         assert_eq!(same_origin, 200, "{path} from its own page");
     }
+    harness.stop().await;
+}
+
+/// Harness options for a relay of a fleet with instance id `id`.
+fn fleet_relay(id: &str) -> Options {
+    Options {
+        fleet: mcp_tunnel::relay::FleetSettings {
+            id: Some(id.into()),
+            drain_delay: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+        ..Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_activity_and_metrics_name_the_relay_instance() {
+    common::init_tracing();
+    let (harness, _client, _upstream) = common::harness_with_demo(fleet_relay("relay-a")).await;
+    // Another relay in the same process (one metrics recorder for both) under its own name.
+    let peer = Harness::start(fleet_relay("relay-b")).await;
+
+    let rows: Vec<serde_json::Value> = common::get(&harness.admin_url("/api/tunnels"))
+        .await
+        .json()
+        .await
+        .expect("/api/tunnels is JSON");
+    assert!(!rows.is_empty(), "the demo tunnel is listed");
+    for row in &rows {
+        assert_eq!(row["relay"], "relay-a", "{row}");
+        assert_eq!(row["source"], "demo", "the tunnel's own fields stay: {row}");
+    }
+
+    let metrics = harness.metrics().await;
+    assert!(
+        metrics.contains("mcp_tunnel_relay_info{relay=\"relay-a\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("relay-b"), "only its own name: {metrics}");
+    let peer_metrics = peer.metrics().await;
+    assert!(
+        peer_metrics.contains("mcp_tunnel_relay_info{relay=\"relay-b\"} 1"),
+        "{peer_metrics}"
+    );
+
+    let page = common::get(&harness.admin_url("/activity"))
+        .await
+        .text()
+        .await
+        .expect("/activity body");
+    let header = page
+        .split_once("<header")
+        .and_then(|(_, rest)| rest.split_once("</header>"))
+        .map(|(header, _)| header)
+        .expect("the page has a header");
+    assert!(header.contains("relay-a"), "{header}");
+    let activity: serde_json::Value = common::get(&harness.admin_url("/api/activity"))
+        .await
+        .json()
+        .await
+        .expect("/api/activity is JSON");
+    assert_eq!(activity["relay"], "relay-a");
+
+    peer.stop().await;
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_answers_ok_while_the_relay_serves() {
+    common::init_tracing();
+    let harness = Harness::start(Options::default()).await;
+    let response = common::get(&harness.admin_url("/healthz")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.expect("/healthz body"), "ok\n");
     harness.stop().await;
 }

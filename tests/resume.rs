@@ -10,22 +10,18 @@ use serde_json::json;
 
 /// Two relays of `fleet`, sharing tenants and credentials.
 async fn two_relays(fleet: &Fleet) -> (Harness, Harness) {
-    let a = Harness::start(Options {
-        fleet: Some(fleet.clone()),
-        ..Options::default()
-    })
-    .await;
+    let a = Harness::start(fleet.options()).await;
     let b = Harness::start(Options {
-        fleet: Some(fleet.clone()),
         creds: Some((a.acme.clone(), a.other.clone())),
-        ..Options::default()
+        ..fleet.options()
     })
     .await;
     (a, b)
 }
 
 /// Runs acme's `connect` serving `db` from `upstream`, attached to every relay of `relays`,
-/// and waits until each routes it.
+/// and waits until each routes it. It stops with the last relay's harness (the others may be
+/// stopped before it).
 async fn connect_all(relays: &[&Harness], upstream: &str) -> common::Client {
     let list: Vec<String> = relays.iter().map(|r| r.tunnel.to_string()).collect();
     let mut settings = quic_settings(
@@ -35,8 +31,9 @@ async fn connect_all(relays: &[&Harness], upstream: &str) -> common::Client {
         &[("db", upstream)],
     );
     settings.connections = relays.len();
-    let client = relays[0].connect_with(&relays[0].acme, settings).await;
-    for relay in &relays[1..] {
+    let last = relays[relays.len() - 1];
+    let client = last.connect_with(&last.acme, settings).await;
+    for relay in relays {
         tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
             .await
             .expect("every relay of the fleet gets a tunnel");
@@ -84,7 +81,8 @@ async fn a_session_opened_on_one_relay_continues_on_another_and_after_its_relay_
     assert_eq!(answer.status, 200, "the other relay continues it: {answer:?}");
     assert_eq!(common::tool_text(answer.response()), "recorded");
 
-    a.stop().await;
+    a.stop_relay();
+    a.stopped().await;
     let answer = on_b.call_tool(4, "anything", json!({})).await;
     assert_eq!(answer.status, 200, "after the first relay stopped: {answer:?}");
 

@@ -704,3 +704,94 @@ async fn relay_drain_keeps_a_call_with_progress_over_quic() {
 async fn relay_drain_keeps_a_call_with_progress_over_https() {
     drain_keeps_a_call_with_progress("https").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A relay of a fleet told to stop (issue 15): unready at once, still serving for its drain
+// delay, then the drain as before.
+
+/// The drain delay of the fleet relay below: long enough for a loopback request to get in.
+const DRAIN_DELAY: Duration = Duration::from_secs(3);
+
+/// The status and body of the relay's `/healthz`.
+async fn healthz(harness: &Harness) -> (u16, String) {
+    let response = common::get(&harness.admin_url("/healthz")).await;
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("/healthz body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_relay_told_to_stop_reports_unready_and_serves_through_its_drain_delay() {
+    init_tracing();
+    let upstream_stop = CancellationToken::new();
+    let _upstream_guard = upstream_stop.clone().drop_guard();
+    let (upstream, gate) = common::start_gated_upstream(&upstream_stop).await;
+    let harness = Harness::start(Options {
+        fleet: mcp_tunnel::relay::FleetSettings {
+            id: Some("relay-drain".into()),
+            drain_delay: DRAIN_DELAY,
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_client, mut agent) = harness.acme_serving("gated", &upstream).await;
+    agent.initialize_result().await;
+    assert_eq!(healthz(&harness).await, (200, "ok\n".into()));
+
+    // A call held at the upstream is in flight when the relay is told to stop.
+    let held = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.call_tool(1, "hold", json!({})).await }
+    });
+    gate.held().await;
+    let told = Instant::now();
+    harness.stop_relay();
+
+    // Unready at once: /healthz answers 503 (waiting only for the relay's task to see it).
+    let health = tokio::time::timeout(WAIT, async {
+        loop {
+            let health = healthz(&harness).await;
+            if health.0 != 200 {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("/healthz turns unready");
+    assert_eq!(health, (503, "draining\n".into()));
+
+    // A new agent, on a new connection, is still served during the delay, told to close.
+    let mut fresh = Agent::new(&harness.url("gated"), &harness.acme.api_key);
+    let init = fresh.initialize().await;
+    let served_after = told.elapsed();
+    assert_eq!(init.status, 200, "served during the drain delay: {init:?}");
+    assert!(
+        served_after < DRAIN_DELAY,
+        "the new request was answered {served_after:?} after the stop, past the {DRAIN_DELAY:?} \
+         delay: the test proved nothing"
+    );
+    assert_eq!(
+        init.headers.get("connection").and_then(|v| v.to_str().ok()),
+        Some("close"),
+        "an answer during the drain delay carries Connection: close: {init:?}"
+    );
+    let call = fresh.call_tool(2, "echo", json!({})).await;
+    assert_eq!(common::tool_text(call.response()), "served");
+    assert_eq!(healthz(&harness).await.0, 503, "still unready");
+
+    // Released, the held call completes with its answer, and the relay stops after the delay.
+    gate.release();
+    let answer = tokio::time::timeout(WAIT, held)
+        .await
+        .expect("the held call ends")
+        .expect("the call task does not panic");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(common::tool_text(answer.response()), "released");
+    harness.stopped().await;
+    let stopped_after = told.elapsed();
+    assert!(
+        stopped_after >= DRAIN_DELAY,
+        "the relay stopped {stopped_after:?} after being told, before its {DRAIN_DELAY:?} delay"
+    );
+}

@@ -36,7 +36,7 @@ pub struct RelayConfig {
     /// Signed caller identity for upstreams (enabled per tenant and source).
     #[serde(default)]
     pub identity_assertion: Option<IdentityAssertionSection>,
-    /// This relay's place in a fleet (for now only its instance id).
+    /// This relay's place in a fleet: its instance id and its drain delay.
     #[serde(default)]
     pub fleet: Option<FleetSection>,
 }
@@ -365,12 +365,22 @@ pub struct TunnelTokenSection {
     pub sources: Vec<String>,
 }
 
-/// `[fleet]`: this relay's place in a fleet of interchangeable relays.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[fleet]`: this relay's place in a fleet of interchangeable relays: its instance id, the
+/// secret that seals the session ids agents get, and how long it keeps serving once told to
+/// stop, so a load balancer moves new requests to its peers first.
+///
+/// ```toml
+/// [fleet]
+/// id = "relay-a"
+/// secret_file = "fleet.key"
+/// drain_delay_secs = 5
+/// ```
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetSection {
-    /// This relay instance's id: names its audit checkpoint chain. Default: derived from the
-    /// host name and the tunnel listen port.
+    /// This relay instance's id: names its audit checkpoint chain, its `/api/tunnels` rows, its
+    /// activity page and its metrics. Default: derived from the host name and the tunnel
+    /// listen port.
     #[serde(default)]
     pub id: Option<String>,
     /// The fleet secret (at least 32 random bytes, the same file on every relay of the fleet),
@@ -384,17 +394,62 @@ pub struct FleetSection {
     /// "Running a fleet".
     #[serde(default)]
     pub accepted_secret_files: Vec<PathBuf>,
+    /// Seconds a relay told to stop keeps accepting and serving agents while `/healthz`
+    /// answers 503, before it drains as a single relay does (0 to 300; default 5). Without a
+    /// `[fleet]` section the delay is 0: a single relay stops at once.
+    #[serde(default = "default_drain_delay_secs")]
+    pub drain_delay_secs: u64,
+}
+
+/// Default `[fleet] drain_delay_secs`: a few health-check intervals of a typical load
+/// balancer.
+pub const DEFAULT_DRAIN_DELAY_SECS: u64 = 5;
+
+/// The largest `[fleet] drain_delay_secs`: beyond it a service manager would likely kill the
+/// relay before it drained.
+pub const MAX_DRAIN_DELAY_SECS: u64 = 300;
+
+fn default_drain_delay_secs() -> u64 {
+    DEFAULT_DRAIN_DELAY_SECS
+}
+
+impl Default for FleetSection {
+    fn default() -> Self {
+        Self {
+            id: None,
+            secret_file: None,
+            accepted_secret_files: Vec::new(),
+            drain_delay_secs: DEFAULT_DRAIN_DELAY_SECS,
+        }
+    }
 }
 
 impl FleetSection {
-    /// Checks values serde cannot: a non-empty id.
+    /// Checks values serde cannot: a non-empty id, a drain delay within bounds, accepted
+    /// secrets only beside a secret.
     pub fn validate(&self) -> Result<(), String> {
-        match &self.id {
-            Some(id) if id.trim().is_empty() => Err("fleet.id must not be empty".into()),
-            _ if self.secret_file.is_none() && !self.accepted_secret_files.is_empty() => {
-                Err("fleet.accepted_secret_files needs fleet.secret_file".into())
-            }
-            _ => Ok(()),
+        if self.id.as_ref().is_some_and(|id| id.trim().is_empty()) {
+            return Err("fleet.id must not be empty".into());
         }
+        if self.drain_delay_secs > MAX_DRAIN_DELAY_SECS {
+            return Err(format!(
+                "fleet.drain_delay_secs must be at most {MAX_DRAIN_DELAY_SECS}, not {}",
+                self.drain_delay_secs
+            ));
+        }
+        if self.secret_file.is_none() && !self.accepted_secret_files.is_empty() {
+            return Err("fleet.accepted_secret_files needs fleet.secret_file".into());
+        }
+        Ok(())
+    }
+}
+
+impl RelayConfig {
+    /// How long this relay keeps serving agents once told to stop: `[fleet]
+    /// drain_delay_secs`, or zero without a `[fleet]` section.
+    pub fn drain_delay_secs(&self) -> u64 {
+        self.fleet
+            .as_ref()
+            .map_or(0, |fleet| fleet.drain_delay_secs)
     }
 }

@@ -372,6 +372,44 @@ fn fleet_id_and_checkpoint_file_parse_and_name_the_relay_in_the_trail() {
     assert!(err.contains("fleet.id"), "{err}");
 }
 
+// --- [fleet] drain_delay_secs (issue 15) ---
+
+#[test]
+fn drain_delay_defaults_to_five_with_a_fleet_and_zero_without_and_is_bounded() {
+    let (_dir, path) = write(GOOD);
+    let single = load_config(&path).expect("parses");
+    assert!(single.fleet.is_none());
+    assert_eq!(single.drain_delay_secs(), 0, "a single relay stops at once");
+
+    let (_dir, path) = write(&format!("{GOOD}[fleet]\nid = \"relay-a\"\n"));
+    let fleet = load_config(&path).expect("parses");
+    assert_eq!(fleet.drain_delay_secs(), DEFAULT_DRAIN_DELAY_SECS);
+    assert_eq!(DEFAULT_DRAIN_DELAY_SECS, 5);
+    assert_eq!(
+        FleetSection::default().drain_delay_secs,
+        5,
+        "as serde's default"
+    );
+
+    let (_dir, path) = write(&format!("{GOOD}[fleet]\ndrain_delay_secs = 0\n"));
+    assert_eq!(load_config(&path).expect("parses").drain_delay_secs(), 0);
+    let (_dir, path) = write(&format!("{GOOD}[fleet]\ndrain_delay_secs = 30\n"));
+    let config = load_config(&path).expect("parses");
+    assert_eq!(config.drain_delay_secs(), 30);
+    assert_eq!(
+        config.fleet.as_ref().and_then(|f| f.id.as_deref()),
+        None,
+        "the id stays derived"
+    );
+
+    let (_dir, path) = write(&format!("{GOOD}[fleet]\ndrain_delay_secs = 301\n"));
+    let err = load_config(&path).expect_err("too long").to_string();
+    assert!(err.contains("fleet.drain_delay_secs"), "{err}");
+    let (_dir, path) = write(&format!("{GOOD}[fleet]\ndrain_delay_secs = -1\n"));
+    let err = load_config(&path).expect_err("negative").to_string();
+    assert!(err.contains("drain_delay_secs"), "{err}");
+}
+
 // ---- Tunnel trust ----
 
 #[test]

@@ -84,11 +84,10 @@ pub(super) fn rate_limits(section: &RateLimitsSection) -> Result<RateLimits, Str
     })
 }
 
-/// The audit trail's settings from `[audit]` (none without it), its chains named by
-/// `[fleet] id`, else by the host name and the tunnel port.
+/// The audit trail's settings from `[audit]` (none without it). Its chains are named by the
+/// relay's instance id, which [`super::Relay::bind`] fills in.
 pub(super) fn audit_settings(config: &RelayConfig) -> Option<AuditSettings> {
     let section = config.audit.as_ref()?;
-    let fleet_id = config.fleet.as_ref().and_then(|f| f.id.as_deref());
     let capture = section.sources.iter().map(|s| {
         let capture = match s.level {
             AuditLevel::Metadata => Capture::Metadata,
@@ -110,10 +109,7 @@ pub(super) fn audit_settings(config: &RelayConfig) -> Option<AuditSettings> {
         queue: section.queue,
         capture: CaptureRules::new(capture),
         checkpoint_file: section.checkpoint_file.clone(),
-        relay_id: Some(crate::govern::audit::relay_instance(
-            fleet_id,
-            config.tunnel.listen.port(),
-        )),
+        relay_id: None,
         new_epoch: false,
     })
 }

@@ -93,8 +93,23 @@ pub struct RelaySettings {
     pub sse_keep_alive: Duration,
     /// The audit trail, if any: without it nothing is written.
     pub audit: Option<AuditSettings>,
-    /// The keys that seal session ids: the fleet's, or this relay's own.
-    pub fleet: Arc<fleet::FleetKeys>,
+    /// This relay's place in a fleet.
+    pub fleet: FleetSettings,
+}
+
+/// This relay's place in a fleet (`[fleet]`). The default is a single relay: its id derived
+/// from the host name and tunnel port, and no drain delay.
+#[derive(Debug, Clone, Default)]
+pub struct FleetSettings {
+    /// This instance's id (`[fleet] id`); `None`: derived, see
+    /// [`crate::govern::audit::relay_instance`].
+    pub id: Option<String>,
+    /// Once told to stop, how long the relay reports itself unready (`/healthz` 503) while it
+    /// still serves agents, each response with `Connection: close`, before it drains.
+    pub drain_delay: Duration,
+    /// The keys that seal session ids: the fleet's (`[fleet] secret_file`), or this relay's
+    /// own.
+    pub keys: Arc<fleet::FleetKeys>,
 }
 
 impl RelaySettings {
@@ -117,7 +132,11 @@ impl RelaySettings {
             allowed_hosts: config.agents.allowed_hosts.clone(),
             sse_keep_alive: Duration::from_secs(config.agents.sse_keep_alive_secs),
             audit: governance::audit_settings(config),
-            fleet: Arc::new(fleet_keys(config)?),
+            fleet: FleetSettings {
+                id: config.fleet.as_ref().and_then(|f| f.id.clone()),
+                drain_delay: Duration::from_secs(config.drain_delay_secs()),
+                keys: Arc::new(fleet_keys(config)?),
+            },
         })
     }
 }
@@ -143,6 +162,7 @@ pub struct Relay {
     tls_acceptor: tokio_rustls::TlsAcceptor,
     agents: TcpListener,
     admin: Option<TcpListener>,
+    drain_delay: Duration,
 }
 
 /// Attempts at finding a port free for both UDP and TCP when the configured port is 0.
@@ -197,16 +217,17 @@ impl Relay {
             bind_tunnel(settings.tunnel_listen, &tls, bounds.max_tunnel_handshakes).await?;
         let tls_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let agents = bind_tcp(settings.agents_listen).await?;
+        // The one place the instance id is computed: the audit trail's chains, the admin
+        // endpoints and the metrics all name it.
+        let instance = crate::govern::audit::relay_instance(
+            settings.fleet.id.as_deref(),
+            settings.tunnel_listen.port(),
+        );
         let auditor = settings
             .audit
             .clone()
             .map(|mut audit| {
-                if audit.relay_id.is_none() {
-                    audit.relay_id = Some(crate::govern::audit::relay_instance(
-                        None,
-                        settings.tunnel_listen.port(),
-                    ));
-                }
+                audit.relay_id.get_or_insert_with(|| instance.clone());
                 crate::govern::audit::Auditor::open(&audit)
             })
             .transpose()?;
@@ -224,6 +245,7 @@ impl Relay {
         let calls = Arc::new(calls::Calls::new(auditor, activity.clone()));
         calls.metric_names().configure(&governance.policy);
         let state = Arc::new(RelayState {
+            instance: instance.into(),
             governance: parking_lot::RwLock::new(Arc::new(governance)),
             registry: Registry::default(),
             sessions: Sessions::default(),
@@ -237,7 +259,8 @@ impl Relay {
                 .map(|a| a.ip().is_loopback())
                 .unwrap_or(false),
             sse_keep_alive: settings.sse_keep_alive,
-            fleet: settings.fleet,
+            fleet: settings.fleet.keys.clone(),
+            unready: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             stop: CancellationToken::new(),
         });
@@ -248,6 +271,7 @@ impl Relay {
             tls_acceptor,
             agents,
             admin,
+            drain_delay: settings.fleet.drain_delay,
         })
     }
 
@@ -278,19 +302,31 @@ impl Relay {
         })
     }
 
-    /// Serves until `shutdown` is cancelled.
+    /// Serves until `shutdown` is cancelled, then stops in three phases: unready (`/healthz`
+    /// answers 503 while agents are still served, for the drain delay), draining (tunnels
+    /// told, no new agent requests, calls in flight get [`DRAIN_TIMEOUT`]), stopped.
     pub async fn serve(self, shutdown: CancellationToken) -> Result<(), RelayError> {
         let state = self.state;
         tracing::info!(
+            relay = %state.instance,
             tunnel = %self.endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             agents = %self.agents.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             "relay listening (QUIC on UDP and HTTPS on TCP at the tunnel address)"
         );
         let draining = state.shutdown.clone();
         tokio::spawn({
-            let draining = draining.clone();
+            let (unready, draining) = (state.unready.clone(), draining.clone());
+            let delay = self.drain_delay;
             async move {
                 shutdown.cancelled().await;
+                unready.cancel();
+                if !delay.is_zero() {
+                    tracing::info!(
+                        delay_s = delay.as_secs(),
+                        "unready: /healthz answers 503; agents still served until the drain delay ends"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
                 tracing::info!(
                     grace_s = DRAIN_TIMEOUT.as_secs(),
                     "draining: tunnels told, no new requests accepted"

@@ -14,9 +14,9 @@
 //!   the problem (key and line where the parser has them; tenant and role for a condition) and
 //!   the running configuration stays.
 //! - What still needs a restart: listeners, certificates, `[agents]` settings, `[admin]`,
-//!   `[audit]`, and raising `[limits] max_message_bytes` above the value the relay started
-//!   with (every tunnel agreed on that frame limit at its handshake; lowering it applies to
-//!   agent requests at once). When these differ in the file, a warning says a restart is
+//!   `[audit]`, `[fleet]`, and raising `[limits] max_message_bytes` above the value the relay
+//!   started with (every tunnel agreed on that frame limit at its handshake; lowering it
+//!   applies to agent requests at once). When these differ in the file, a warning says a restart is
 //!   needed to apply them, and the rest of the file is applied.
 //!
 //! [`Reloader`] does one reload; [`watch`] runs the loop (a poll of the file's modification
@@ -225,6 +225,9 @@ fn restart_needed(running: &RelayConfig, new: &RelayConfig) -> Vec<&'static str>
     }
     if differs(&running.audit, &new.audit) {
         sections.push("[audit]");
+    }
+    if differs(&running.fleet, &new.fleet) {
+        sections.push("[fleet] (instance id, drain delay)");
     }
     if new.limits.max_message_bytes > running.limits.max_message_bytes {
         sections.push("[limits] max_message_bytes (raised above the starting value)");

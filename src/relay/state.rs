@@ -17,6 +17,9 @@ use crate::govern::identity::TunnelGrant;
 
 /// What every handler shares.
 pub struct RelayState {
+    /// This relay instance's id (`[fleet] id`, else host name and tunnel port): the admin
+    /// endpoints and metrics name it, the audit trail keys its chains by it.
+    pub instance: Arc<str>,
     pub(super) governance: RwLock<Arc<Governance>>,
     /// Live tunnels.
     pub registry: Registry,
@@ -42,8 +45,12 @@ pub struct RelayState {
     pub sse_keep_alive: Duration,
     /// The keys that seal session ids (see [`super::fleet`]).
     pub fleet: Arc<super::fleet::FleetKeys>,
-    /// Cancelled when shutdown starts: tunnels are told to drain, standalone agent streams end,
-    /// nothing new is accepted.
+    /// Cancelled as soon as the relay is told to stop: `/healthz` answers 503 and agent
+    /// responses carry `Connection: close`, while agents are still served for the drain delay
+    /// (`[fleet] drain_delay_secs`), so a load balancer moves new requests to other relays.
+    pub unready: CancellationToken,
+    /// Cancelled when the drain delay is over: tunnels are told to drain, standalone agent
+    /// streams end, nothing new is accepted.
     pub shutdown: CancellationToken,
     /// Cancelled when the drain period is over: what is still in flight ends with an error
     /// that names the shutdown, and tunnel connections close.

@@ -109,13 +109,15 @@ pub struct Options {
     /// Roles of tenant `acme` (its API key holds them all); none when empty, so everything is
     /// allowed.
     pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,
-    /// A fleet the relay belongs to: its keys and certificates, shared with the fleet's other
-    /// relays; a relay of its own when `None`.
-    pub fleet: Option<Fleet>,
+    /// `[fleet]`: the instance id, the drain delay and the sealing keys; a single relay (no
+    /// delay, keys of its own) by default.
+    pub fleet: mcp_tunnel::relay::FleetSettings,
+    /// The relay's certificates, shared with other relays (so one `connect` trusts them all);
+    /// fresh ones when `None`.
+    pub certs: Option<Arc<mcp_tunnel::certs::DevCerts>>,
 }
 
-/// What the relays of one test fleet share: the sealing keys and the certificates (so one
-/// `connect` trusts them all).
+/// What the relays of one test fleet share: the sealing keys and the certificates.
 #[derive(Clone)]
 pub struct Fleet {
     pub keys: Arc<mcp_tunnel::relay::fleet::FleetKeys>,
@@ -130,6 +132,18 @@ impl Fleet {
         Self {
             keys: Arc::new(mcp_tunnel::relay::fleet::FleetKeys::from_secrets(&secret, &[])),
             certs: Arc::new(mcp_tunnel::certs::generate(&[]).expect("dev certificates")),
+        }
+    }
+
+    /// Options of a relay of this fleet.
+    pub fn options(&self) -> Options {
+        Options {
+            fleet: mcp_tunnel::relay::FleetSettings {
+                keys: self.keys.clone(),
+                ..Default::default()
+            },
+            certs: Some(self.certs.clone()),
+            ..Options::default()
         }
     }
 }
@@ -156,6 +170,8 @@ pub struct Harness {
     pub other: TenantCreds,
     pub third: TenantCreds,
     pub shutdown: CancellationToken,
+    /// Stops the relay alone (the `connect`s stay); a child of `shutdown`.
+    relay_stop: CancellationToken,
     relay_task: JoinHandle<()>,
 }
 
@@ -169,8 +185,8 @@ impl Harness {
     /// Starts a relay on loopback.
     pub async fn start(options: Options) -> Self {
         init_tracing();
-        let certs = match &options.fleet {
-            Some(fleet) => fleet.certs.clone(),
+        let certs = match &options.certs {
+            Some(certs) => certs.clone(),
             None => Arc::new(mcp_tunnel::certs::generate(&[]).expect("dev certificates")),
         };
         let (acme, other) = options
@@ -206,11 +222,7 @@ impl Harness {
                 mcp_tunnel::config::DEFAULT_SSE_KEEP_ALIVE_SECS,
             ),
             audit: options.audit.clone(),
-            fleet: options
-                .fleet
-                .as_ref()
-                .map(|fleet| fleet.keys.clone())
-                .unwrap_or_default(),
+            fleet: options.fleet.clone(),
         })
         .await
         .expect("relay binds");
@@ -221,9 +233,10 @@ impl Harness {
             relay.admin_addr().expect("admin enabled"),
             relay.tunnel_addr(),
         );
+        let relay_stop = shutdown.child_token();
         let relay_task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { relay.serve(shutdown).await.expect("relay serves") }
+            let relay_stop = relay_stop.clone();
+            async move { relay.serve(relay_stop).await.expect("relay serves") }
         });
         Self {
             state,
@@ -235,6 +248,7 @@ impl Harness {
             other,
             third,
             shutdown,
+            relay_stop,
             relay_task,
         }
     }
@@ -316,6 +330,21 @@ impl Harness {
             .expect("/metrics answers");
         assert_eq!(response.status(), 200);
         response.text().await.expect("/metrics body")
+    }
+
+    /// Tells the relay alone to stop, as SIGTERM does: its `connect`s keep running.
+    pub fn stop_relay(&self) {
+        self.relay_stop.cancel();
+    }
+
+    /// Waits (bounded by [`WAIT`]) for the relay to stop by itself once told to
+    /// ([`Harness::stop_relay`]); panics if it does not, or if it failed.
+    pub async fn stopped(mut self) {
+        let task = std::mem::replace(&mut self.relay_task, tokio::spawn(async {}));
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the relay stops in time")
+            .expect("the relay task does not panic");
     }
 
     /// Stops the relay and waits for it.
@@ -901,6 +930,78 @@ pub fn assert_no_credentials(headers: &HeaderMap, secrets: &[&str], what: &str) 
 /// arrived.
 pub type Seen = Arc<std::sync::Mutex<Vec<(String, HeaderMap, std::time::SystemTime)>>>;
 
+/// The scripted upstreams' answer to `message` (of JSON-RPC `method`): `initialize` opens
+/// session `upstream-1`, `tools/call` answers the text `tool_text`, anything else is accepted
+/// (202).
+fn scripted_answer(message: &Value, method: &str, tool_text: &str) -> axum::response::Response {
+    let result = match method {
+        "initialize" => {
+            json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"scripted","version":"1"}})
+        }
+        "tools/call" => json!({"content":[{"type":"text","text":tool_text}]}),
+        _ => return axum::http::StatusCode::ACCEPTED.into_response(),
+    };
+    let mut response: axum::response::Response = (
+        [("content-type", "application/json")],
+        json!({"jsonrpc":"2.0","id":message["id"],"result":result}).to_string(),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        "mcp-session-id",
+        axum::http::HeaderValue::from_static("upstream-1"),
+    );
+    response
+}
+
+/// The gate of [`start_gated_upstream`]: calls of the tool `hold` wait at it until it opens.
+#[derive(Clone, Default)]
+pub struct Gate {
+    arrived: Arc<tokio::sync::Notify>,
+    open: CancellationToken,
+}
+
+impl Gate {
+    /// Waits (bounded by [`WAIT`]) until a `hold` call reached the upstream.
+    pub async fn held(&self) {
+        tokio::time::timeout(WAIT, self.arrived.notified())
+            .await
+            .expect("a hold call reaches the upstream");
+    }
+
+    /// Lets every `hold` call, waiting or to come, answer.
+    pub fn release(&self) {
+        self.open.cancel();
+    }
+}
+
+/// A minimal Streamable HTTP upstream whose `tools/call` of `hold` answers `released` only
+/// once the returned [`Gate`] opens (or after [`WAIT`]); every other tool answers `served` at
+/// once.
+pub async fn start_gated_upstream(shutdown: &CancellationToken) -> (String, Gate) {
+    let gate = Gate::default();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post({
+            let gate = gate.clone();
+            move |body: String| {
+                let gate = gate.clone();
+                async move {
+                    let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    let method = message["method"].as_str().unwrap_or_default();
+                    if message["params"]["name"] == "hold" {
+                        gate.arrived.notify_one();
+                        let _ = tokio::time::timeout(WAIT, gate.open.cancelled()).await;
+                        return scripted_answer(&message, method, "released");
+                    }
+                    scripted_answer(&message, method, "served")
+                }
+            }
+        }),
+    );
+    let addr = serve_axum(app, shutdown).await;
+    (format!("http://{addr}/mcp"), gate)
+}
+
 /// A minimal Streamable HTTP upstream that records the headers of every request.
 pub async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, Seen) {
     let seen = Seen::default();
@@ -912,26 +1013,12 @@ pub async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, 
             async move {
                 let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                 let method = message["method"].as_str().unwrap_or_default().to_owned();
-                record
-                    .lock()
-                    .expect("lock")
-                    .push((method.clone(), headers, std::time::SystemTime::now()));
-                let id = message["id"].clone();
-                let result = match method.as_str() {
-                    "initialize" => json!({"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"recording","version":"1"}}),
-                    "tools/call" => json!({"content":[{"type":"text","text":"recorded"}]}),
-                    _ => return axum::http::StatusCode::ACCEPTED.into_response(),
-                };
-                let mut response: axum::response::Response = (
-                    [("content-type", "application/json")],
-                    json!({"jsonrpc":"2.0","id":id,"result":result}).to_string(),
-                )
-                    .into_response();
-                response.headers_mut().insert(
-                    "mcp-session-id",
-                    axum::http::HeaderValue::from_static("upstream-1"),
-                );
-                response
+                record.lock().expect("lock").push((
+                    method.clone(),
+                    headers,
+                    std::time::SystemTime::now(),
+                ));
+                scripted_answer(&message, &method, "recorded")
             }
         }),
     );

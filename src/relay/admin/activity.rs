@@ -73,6 +73,9 @@ fn asset(content_type: &'static str, body: impl Into<axum::body::Body>) -> Respo
 /// Where the page carries its first snapshot.
 const SNAPSHOT_SLOT: &str = "{{SNAPSHOT}}";
 
+/// Where the page names the relay instance (its title and header).
+const RELAY_SLOT: &str = "{{RELAY}}";
+
 /// `GET /activity?tenant=T`: the page, carrying the snapshot it first shows (so it shows the
 /// state at once, before its event stream opens).
 pub(super) async fn page(
@@ -84,8 +87,25 @@ pub(super) async fn page(
         tracing::warn!(error = %e, "activity snapshot not serialisable");
         "null".into()
     });
-    let html = PAGE_HTML.replacen(SNAPSHOT_SLOT, &script_safe(&json), 1);
+    // The slots are filled in the template's own text only, never in what fills another.
+    let (head, tail) = PAGE_HTML
+        .split_once(SNAPSHOT_SLOT)
+        .unwrap_or((PAGE_HTML, ""));
+    let html = [
+        head.replace(RELAY_SLOT, &html_text(&state.instance)),
+        script_safe(&json),
+        tail.into(),
+    ]
+    .concat();
     asset("text/html; charset=utf-8", html)
+}
+
+/// `text` made safe as HTML element content.
+fn html_text(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// JSON made safe inside a `<script>` element: `<`, `>` and `&` only occur inside JSON

@@ -39,7 +39,18 @@ pub(super) fn routes(state: Arc<RelayState>) -> Router<Arc<RelayState>> {
         .route("/api/activity", get(activity::api))
         .route_layer(middleware::from_fn_with_state(state, same_host_only))
         // Health checks come from load balancers under any name, and say nothing.
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+}
+
+/// `GET /healthz`: `200 ok` while the relay serves, `503 draining` from the moment it is told
+/// to stop, so a load balancer moves new requests to other relays while this one still
+/// serves them.
+async fn healthz(State(state): State<Arc<RelayState>>) -> Response {
+    if state.unready.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ok\n".into_response()
+    }
 }
 
 /// Refuses requests whose `Host` is a DNS name the relay was not told about, or whose `Origin`
@@ -85,17 +96,44 @@ fn admin_host_allowed(allowed_hosts: &[String], host: &str) -> bool {
             .any(|allowed| allowed.eq_ignore_ascii_case(host) || allowed.eq_ignore_ascii_case(name))
 }
 
-async fn tunnels(State(state): State<Arc<RelayState>>) -> Json<Vec<TunnelRow>> {
-    Json(state.registry.rows())
+/// A `/api/tunnels` row: the tunnel's fields and the relay instance that holds it (behind a
+/// load balancer, each relay of a fleet lists only its own tunnels).
+#[derive(serde::Serialize)]
+struct InstanceRow<'a> {
+    relay: &'a str,
+    #[serde(flatten)]
+    tunnel: TunnelRow,
 }
 
-/// Everything the `metrics` facade recorded in this process, then the live tunnels' round-trip
-/// times (computed now, so a tunnel that is gone leaves no stale series) and the runtime's live
-/// task count.
+async fn tunnels(State(state): State<Arc<RelayState>>) -> Response {
+    let rows: Vec<InstanceRow<'_>> = state
+        .registry
+        .rows()
+        .into_iter()
+        .map(|tunnel| InstanceRow {
+            relay: &state.instance,
+            tunnel,
+        })
+        .collect();
+    Json(rows).into_response()
+}
+
+/// Everything the `metrics` facade recorded in this process, then this relay's instance id
+/// (`mcp_tunnel_relay_info`; the recorder is the process's, shared by every relay in it, so
+/// the id is written here rather than as a global label), the live tunnels' round-trip times
+/// (computed now, so a tunnel that is gone leaves no stale series) and the runtime's live task
+/// count.
 async fn metrics(State(state): State<Arc<RelayState>>) -> Response {
     let mut text = crate::metrics::prometheus()
         .map(|handle| handle.render())
         .unwrap_or_default();
+    let name = crate::metrics::RELAY_INFO;
+    let _ = writeln!(
+        text,
+        "# HELP {name} This relay instance (`[fleet] id`, else host name and tunnel port); always 1.\n\
+         # TYPE {name} gauge\n{name}{{relay=\"{}\"}} 1",
+        escape_label(&state.instance)
+    );
     let rows = state.registry.rows();
     if !rows.is_empty() {
         let name = crate::metrics::TUNNEL_RTT;

@@ -33,6 +33,8 @@ pub(super) struct Totals {
 /// and the body of `/api/activity`; the periodic refresh is the same without `calls`.
 #[derive(Debug, Clone, Serialize)]
 pub(super) struct Snapshot {
+    /// The relay instance this is the activity of (each relay of a fleet has its own).
+    pub relay: String,
     /// The tenant filter, if any.
     pub tenant: Option<String>,
     /// Every tenant seen (in tunnels or calls), to fill the page's filter.
@@ -84,6 +86,7 @@ impl Snapshot {
             errors: sum.errors + row.errors,
         });
         Self {
+            relay: state.instance.to_string(),
             tenant: tenant.map(str::to_owned),
             tenants,
             tunnels,

@@ -21,7 +21,8 @@ use crate::relay::state::RelayState;
 use reply::AgentError;
 
 /// The agent listener's routes, with their middleware: failed authentication limited per
-/// address, and (outermost) the rest of an unread body read before the answer goes out.
+/// address, the rest of an unread body read before the answer goes out, and (outermost)
+/// `Connection: close` on every answer while the relay is unready.
 pub(super) fn app(state: Arc<RelayState>) -> Router {
     streamable::routes()
         .merge(legacy_sse::routes())
@@ -36,7 +37,31 @@ pub(super) fn app(state: Arc<RelayState>) -> Router {
             state.clone(),
             unread_body::discard_unread_body,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            close_while_unready,
+        ))
         .with_state(state)
+}
+
+/// While the relay is unready (told to stop, still serving for its drain delay), every
+/// HTTP/1.x answer carries `Connection: close`: the agent's next request opens a new
+/// connection, which the load balancer sends to a relay that is staying. (HTTP/2 has no such
+/// header; its connections get a GOAWAY when the relay drains.)
+async fn close_while_unready(
+    axum::extract::State(state): axum::extract::State<Arc<RelayState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let http1 = request.version() < axum::http::Version::HTTP_2;
+    let mut response = next.run(request).await;
+    if http1 && state.unready.is_cancelled() {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Limits failed authentication per remote address: an address out of attempts gets `429`
