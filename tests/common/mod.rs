@@ -109,6 +109,8 @@ pub struct Options {
     /// Roles of tenant `acme` (its API key holds them all); none when empty, so everything is
     /// allowed.
     pub acme_roles: Vec<(String, mcp_tunnel::govern::policy::Role)>,
+    /// Where the tunnel listens (QUIC and the fallback); `127.0.0.1:0` when `None`.
+    pub tunnel_listen: Option<SocketAddr>,
 }
 
 impl Options {
@@ -145,6 +147,12 @@ impl Drop for Harness {
 impl Harness {
     /// Starts a relay on loopback.
     pub async fn start(options: Options) -> Self {
+        Self::try_start(options).await.expect("relay binds")
+    }
+
+    /// Starts a relay on loopback; fails when its addresses cannot be bound (a fixed
+    /// [`Options::tunnel_listen`] port that is taken).
+    pub async fn try_start(options: Options) -> Result<Self, mcp_tunnel::relay::RelayError> {
         init_tracing();
         let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
         let (acme, other) = options
@@ -162,7 +170,9 @@ impl Harness {
         let acme_roles: Vec<String> = options.acme_roles.iter().map(|(n, _)| n.clone()).collect();
         let keyring = keyring(&acme, [&acme, &other, &third], &acme_roles);
         let relay = Relay::bind(RelaySettings {
-            tunnel_listen: "127.0.0.1:0".parse().expect("literal"),
+            tunnel_listen: options
+                .tunnel_listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal")),
             identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)
                 .expect("relay identity"),
             agents_listen: "127.0.0.1:0".parse().expect("literal"),
@@ -181,8 +191,7 @@ impl Harness {
             ),
             audit: options.audit.clone(),
         })
-        .await
-        .expect("relay binds");
+        .await?;
         let shutdown = CancellationToken::new();
         let (state, agents, admin, tunnel) = (
             relay.state().clone(),
@@ -194,7 +203,7 @@ impl Harness {
             let shutdown = shutdown.clone();
             async move { relay.serve(shutdown).await.expect("relay serves") }
         });
-        Self {
+        Ok(Self {
             state,
             agents,
             admin,
@@ -205,7 +214,7 @@ impl Harness {
             third,
             shutdown,
             relay_task,
-        }
+        })
     }
 
     /// Client settings for `tenant` serving `sources` (name, URL).
