@@ -209,3 +209,49 @@ async fn addresses_that_come_and_go_are_attached_and_retired() {
     end(vec![on_v4, again]).await;
     client.stop().await.expect("connect stops cleanly");
 }
+
+/// An address of the name that answers neither QUIC nor TLS (here a TCP listener on ::1 that
+/// closes every connection, and no UDP) is retried on its own, and in `auto` does not make
+/// `connect` conclude that UDP is blocked: the working relay's next connection is QUIC still.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_that_does_not_answer_does_not_move_the_others_to_https() {
+    let (stop, _guard) = common::stop_on_drop();
+    let upstream = common::demo_upstream(&stop).await;
+    let (v4, v6) = relays_on_one_port().await;
+    let dead = tokio::net::TcpListener::bind((Ipv6Addr::LOCALHOST, 0))
+        .await
+        .expect("bind ::1");
+    let addresses: Addresses = Arc::new(Mutex::new(vec![
+        SocketAddr::from((Ipv4Addr::LOCALHOST, v4.tunnel.port())),
+        dead.local_addr().expect("local address"),
+    ]));
+    let _client = connect_localhost((&v4, &v6), &upstream, &addresses, TransportChoice::Auto).await;
+    // The dead address's slot tries QUIC (no answer within 1.5 s), then TLS (closed at once);
+    // its second attempt starts only once the first ended, whatever it concluded.
+    for attempt in 1..=2 {
+        let (socket, _) = tokio::time::timeout(WAIT, dead.accept())
+            .await
+            .unwrap_or_else(|_| panic!("attempt {attempt} on the dead address"))
+            .expect("accept");
+        drop(socket);
+    }
+    let first = v4.drop_acme_tunnel(SOURCE, "test drops the connection");
+    tokio::time::timeout(
+        WAIT,
+        v4.state.registry.wait_until(|registry| {
+            registry
+                .route("acme", SOURCE)
+                .is_some_and(|tunnel| tunnel.id != first)
+        }),
+    )
+    .await
+    .expect("connect reconnects to the working relay");
+    let rows = tunnel_rows(&v4).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        rows[0]["transport"], "quic",
+        "UDP was not judged blocked: {rows:?}"
+    );
+    let session = echo_through(&v4, "quic still").await;
+    end(vec![session]).await;
+}

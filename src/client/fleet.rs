@@ -138,7 +138,7 @@ impl Fleet {
     pub(super) async fn run(mut self, interval: Duration) -> Result<(), ClientError> {
         let names = self.relays.iter().any(|r| r.literal().is_none());
         if names {
-            self.lookup_all().await;
+            self.lookup_all(true).await;
         }
         self.apply();
         let addresses = self.known.iter().map(|k| k.current().len()).sum::<usize>();
@@ -186,7 +186,7 @@ impl Fleet {
                 _ = tokio::time::sleep_until(next), if names && !self.kit.stop.is_cancelled() => {
                     let stop = self.kit.stop.clone();
                     tokio::select! {
-                        _ = self.lookup_all() => self.apply(),
+                        _ = self.lookup_all(false) => self.apply(),
                         _ = stop.cancelled() => {}
                     }
                     next = tokio::time::Instant::now() + self.next_lookup(&mut unresolved, interval);
@@ -209,8 +209,9 @@ impl Fleet {
         }
     }
 
-    /// Looks up every relay name at once and takes in the results.
-    async fn lookup_all(&mut self) {
+    /// Looks up every relay name at once and takes in the results (the `first` time, what
+    /// was found is told by the start line).
+    async fn lookup_all(&mut self, first: bool) {
         let lookups = self
             .relays
             .iter()
@@ -231,7 +232,7 @@ impl Fleet {
             if update.recovered {
                 tracing::info!(relay = %given, "the relay's name resolves again");
             }
-            if !update.added.is_empty() || !update.removed.is_empty() {
+            if !first && (!update.added.is_empty() || !update.removed.is_empty()) {
                 tracing::info!(relay = %given, added = ?update.added, removed = ?update.removed, "the relay's addresses changed");
             }
         }

@@ -3,9 +3,11 @@
 //! It never listens. It forwards only to the sources in its own configuration: a stream that
 //! names anything else is refused.
 //!
-//! It holds [`ClientSettings::connections`] connections at once. With `--transport auto` each
-//! tries QUIC first; when UDP looks blocked (no handshake within [`AUTO_QUIC_TIMEOUT`], or an
-//! error) it serves over the HTTPS fallback at once, and probes QUIC again every
+//! It holds at least [`ClientSettings::connections`] connections at once, at least one to every
+//! relay given and to every address a relay name resolves to (`fleet` looks names up again
+//! every [`RESOLVE_INTERVAL`]; `relays` plans the slots). With `--transport auto` each tries
+//! QUIC first; when UDP looks blocked (no handshake within [`AUTO_QUIC_TIMEOUT`], or an error,
+//! where HTTPS answers) it serves over the HTTPS fallback at once, and probes QUIC again every
 //! [`ClientSettings::probe_interval`]: when QUIC answers, the QUIC connection takes over and the
 //! HTTPS one drains.
 
@@ -513,9 +515,12 @@ impl Served {
     }
 }
 
-/// Connects with the transport `fallback` picks; in `auto`, a failed QUIC attempt marks UDP
-/// blocked (when `learn` allows) and falls back to HTTPS at once. A relay that answers and
-/// refuses the QUIC connection (it drains) proves UDP works: that failure is returned as is.
+/// Connects with the transport `fallback` picks; in `auto`, a failed QUIC attempt falls back to
+/// HTTPS at once, and when HTTPS answers where QUIC did not, marks UDP blocked (when `learn`
+/// allows). An address that answers neither is down, which says nothing about UDP: a name with
+/// an address this network cannot reach (an IPv6 one without an IPv6 route) must not move every
+/// other connection to the fallback. A relay that answers and refuses the QUIC connection (it
+/// drains) proves UDP works: that failure is returned as is.
 async fn connect(route: &Route, fallback: &Fallback, learn: bool) -> Result<Tunnel, ClientError> {
     match (fallback.choice, fallback.first_kind()) {
         (TransportChoice::Auto, TransportKind::Quic) => {
@@ -523,13 +528,19 @@ async fn connect(route: &Route, fallback: &Fallback, learn: bool) -> Result<Tunn
                 Ok(tunnel) => Ok(tunnel),
                 Err(ClientError::Refused(reason)) => Err(ClientError::Refused(reason)),
                 Err(e @ ClientError::Transport(TransportError::Refused(_))) => Err(e),
-                Err(e) => {
-                    if learn {
-                        fallback.set_udp_blocked(true, &e.to_string());
-                    } else {
-                        tracing::info!(error = %e, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
+                Err(quic) => {
+                    if !learn {
+                        tracing::info!(error = %quic, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
                     }
-                    route.connect(TransportKind::Https, CONNECT_TIMEOUT).await
+                    let https = route.connect(TransportKind::Https, CONNECT_TIMEOUT).await;
+                    match &https {
+                        Ok(_) if learn => fallback.set_udp_blocked(true, &quic.to_string()),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(relay = %route, quic = %quic, https = %e, "neither QUIC nor HTTPS answered");
+                        }
+                    }
+                    https
                 }
             }
         }
@@ -657,5 +668,30 @@ async fn serve_streams(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_slot_warns_on_its_first_failure_then_seldom() {
+        let mut failures = Failures::default();
+        assert_eq!(failures.failed(), Some(1), "the first failure warns");
+        for _ in 0..100 {
+            assert_eq!(failures.failed(), None, "the next ones do not");
+        }
+        failures.last_warned = Instant::now().checked_sub(FAILURE_WARN_EVERY);
+        assert_eq!(
+            failures.failed(),
+            Some(102),
+            "a warning again after a while"
+        );
+        assert_eq!(
+            Failures::default().failed(),
+            Some(1),
+            "a new streak warns again"
+        );
     }
 }
