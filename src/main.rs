@@ -242,8 +242,9 @@ struct ConnectArgs {
     /// A client configuration file (TOML); flags below override nothing in it.
     #[arg(long, conflicts_with_all = ["relay", "sources"])]
     config: Option<PathBuf>,
-    /// The relay as HOST:PORT; repeat it (or separate with commas) to spread the connections
-    /// over several relays.
+    /// The relay as HOST:PORT; repeat it (or separate with commas) for several relays. Every
+    /// relay, and every address a relay name resolves to (looked up again every 30 s), gets at
+    /// least one connection.
     #[arg(long, required_unless_present = "config")]
     relay: Vec<String>,
     /// CA certificate(s) to verify the relay with (default: the system roots).
@@ -258,7 +259,7 @@ struct ConnectArgs {
     /// HTTP CONNECT proxy for the HTTPS fallback (default: env HTTPS_PROXY).
     #[arg(long)]
     proxy: Option<String>,
-    /// Connections held at once.
+    /// Connections held at once, at least (in total over all relay addresses).
     #[arg(long, default_value_t = mcp_tunnel::client::DEFAULT_CONNECTIONS)]
     connections: usize,
     /// Seconds between QUIC probes while on the HTTPS fallback.

@@ -45,35 +45,37 @@ pub(super) struct Tunnel {
     pub control_out: FrameWriter<SendHalf>,
 }
 
-/// Dials the relay; keeps the QUIC endpoint between attempts.
+/// Dials one relay (at any of its addresses); keeps its QUIC endpoints between attempts.
 pub(super) struct Dialer {
     relay: String,
     server_name: String,
     quic_tls: rustls::ClientConfig,
     https_tls: TlsConnector,
     proxy: Option<Proxy>,
-    endpoint: Mutex<Option<(bool, quinn::Endpoint)>>,
+    /// The QUIC endpoints, one per address family (`[v4, v6]`): slots to both families of one
+    /// name share them.
+    endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
     hello: Hello,
 }
 
 impl Dialer {
-    /// A dialer for `relay` (`HOST:PORT`), verifying it against `roots`.
+    /// A dialer for `relay` (`HOST:PORT`), verifying it against `roots` under the name `host`.
     pub(super) fn new(
         relay: &str,
+        host: &str,
         roots: &tls::Roots,
         proxy: Option<Proxy>,
         hello: Hello,
     ) -> Result<Self, ClientError> {
-        let server_name = split_host(relay)?.to_owned();
         let quic_tls = tls::client_config(roots, &[wire::ALPN])?;
         let https_tls = TlsConnector::from(Arc::new(tls::client_config(roots, &[h2::ALPN])?));
         Ok(Self {
             relay: relay.to_owned(),
-            server_name,
+            server_name: host.to_owned(),
             quic_tls,
             https_tls,
             proxy,
-            endpoint: Mutex::new(None),
+            endpoints: Mutex::new([None, None]),
             hello,
         })
     }
@@ -83,6 +85,7 @@ impl Dialer {
         &self.relay
     }
 
+    /// The first address the relay's name resolves to (a slot whose name never resolved).
     async fn resolve(&self) -> Result<SocketAddr, TransportError> {
         let mut addrs = tokio::net::lookup_host(&self.relay)
             .await
@@ -93,37 +96,44 @@ impl Dialer {
     }
 
     fn quic_endpoint(&self, v6: bool) -> Result<quinn::Endpoint, TransportError> {
-        let mut slot = self.endpoint.lock();
-        if let Some((is_v6, endpoint)) = &*slot
-            && *is_v6 == v6
-        {
+        let mut endpoints = self.endpoints.lock();
+        let slot = &mut endpoints[usize::from(v6)];
+        if let Some(endpoint) = slot {
             return Ok(endpoint.clone());
         }
-        let bind: SocketAddr = if v6 { "[::]:0" } else { "0.0.0.0:0" }
-            .parse()
-            .expect("literal socket addresses parse");
+        let bind = if v6 {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        };
         let endpoint = quic::client_endpoint(bind, self.quic_tls.clone())?;
-        *slot = Some((v6, endpoint.clone()));
+        *slot = Some(endpoint.clone());
         Ok(endpoint)
     }
 
-    /// Dials over `kind` within `timeout` (TLS included), then runs the handshake.
+    /// Dials over `kind` within `timeout` (TLS included), then runs the handshake: at `addr`,
+    /// or by name when `None`. The certificate is verified against the relay's host name
+    /// either way.
     pub(super) async fn connect(
         &self,
         kind: TransportKind,
         timeout: Duration,
+        addr: Option<SocketAddr>,
     ) -> Result<Tunnel, ClientError> {
         let connection: Arc<dyn TunnelConnection> = tokio::time::timeout(timeout, async {
             match kind {
                 TransportKind::Quic => {
-                    let addr = self.resolve().await?;
+                    let addr = match addr {
+                        Some(addr) => addr,
+                        None => self.resolve().await?,
+                    };
                     let endpoint = self.quic_endpoint(addr.is_ipv6())?;
                     Ok::<Arc<dyn TunnelConnection>, TransportError>(Arc::new(
                         quic::dial(&endpoint, addr, &self.server_name).await?,
                     ))
                 }
                 TransportKind::Https => {
-                    Ok(Arc::new(self.dial_https().await?) as Arc<dyn TunnelConnection>)
+                    Ok(Arc::new(self.dial_https(addr).await?) as Arc<dyn TunnelConnection>)
                 }
             }
         })
@@ -149,12 +159,21 @@ impl Dialer {
         }
     }
 
-    async fn dial_https(&self) -> Result<h2::ConnectSide, TransportError> {
-        let tcp = match &self.proxy {
-            Some(proxy) => proxy.connect(&self.relay).await.map_err(|e| {
+    /// TCP and TLS to `addr` (by name when `None`). Through a CONNECT proxy the name is what
+    /// the proxy is asked for: proxies' rules are commonly written for names, and the proxy
+    /// may resolve what this host cannot.
+    async fn dial_https(
+        &self,
+        addr: Option<SocketAddr>,
+    ) -> Result<h2::ConnectSide, TransportError> {
+        let tcp = match (&self.proxy, addr) {
+            (Some(proxy), _) => proxy.connect(&self.relay).await.map_err(|e| {
                 TransportError::Connect(format!("via proxy {}: {e}", proxy.address))
             })?,
-            None => tokio::net::TcpStream::connect(&self.relay)
+            (None, Some(addr)) => tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| TransportError::Connect(format!("TCP {addr}: {e}")))?,
+            (None, None) => tokio::net::TcpStream::connect(&self.relay)
                 .await
                 .map_err(|e| TransportError::Connect(format!("TCP {}: {e}", self.relay)))?,
         };
@@ -219,11 +238,43 @@ impl Dialer {
         }
     }
 
-    /// Waits until the QUIC endpoint has sent every close (bounded).
+    /// Waits until the QUIC endpoints have sent every close (bounded).
     pub(super) async fn wait_idle(&self) {
-        let endpoint = self.endpoint.lock().as_ref().map(|(_, e)| e.clone());
-        if let Some(endpoint) = endpoint {
+        let endpoints: Vec<quinn::Endpoint> =
+            self.endpoints.lock().iter().flatten().cloned().collect();
+        for endpoint in endpoints {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+    }
+}
+
+/// Where one connection slot dials: a relay at one of its addresses, or by name.
+#[derive(Clone)]
+pub(super) struct Route {
+    /// The relay's dialer.
+    pub dialer: Arc<Dialer>,
+    /// The address; `None`: by name.
+    pub addr: Option<SocketAddr>,
+}
+
+impl Route {
+    /// Dials over `kind` within `timeout`, then runs the handshake.
+    pub(super) async fn connect(
+        &self,
+        kind: TransportKind,
+        timeout: Duration,
+    ) -> Result<Tunnel, ClientError> {
+        self.dialer.connect(kind, timeout, self.addr).await
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            Some(addr) if addr.to_string() != self.dialer.relay() => {
+                write!(f, "{} at {addr}", self.dialer.relay())
+            }
+            _ => f.write_str(self.dialer.relay()),
         }
     }
 }
@@ -270,17 +321,4 @@ fn new_instance_id() -> String {
     let mut bytes = [0u8; 12];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
     hex::encode(bytes)
-}
-
-/// The host part of `HOST:PORT` (brackets of an IPv6 literal removed).
-pub(super) fn split_host(relay: &str) -> Result<&str, ClientError> {
-    let host = match relay.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() => host,
-        _ => {
-            return Err(ClientError::Config(format!(
-                "relay {relay:?}: expected HOST:PORT"
-            )));
-        }
-    };
-    Ok(host.trim_start_matches('[').trim_end_matches(']'))
 }

@@ -3,22 +3,25 @@
 //! It never listens. It forwards only to the sources in its own configuration: a stream that
 //! names anything else is refused.
 //!
-//! It holds [`ClientSettings::connections`] connections at once. With `--transport auto` each
-//! tries QUIC first; when UDP looks blocked (no handshake within [`AUTO_QUIC_TIMEOUT`], or an
-//! error) it serves over the HTTPS fallback at once, and probes QUIC again every
+//! It holds at least [`ClientSettings::connections`] connections at once, at least one to every
+//! relay given and to every address a relay name resolves to (`fleet` looks names up again
+//! every [`RESOLVE_INTERVAL`]; `relays` plans the slots). With `--transport auto` each tries
+//! QUIC first; when UDP looks blocked (no handshake within [`AUTO_QUIC_TIMEOUT`], or an error,
+//! where HTTPS answers) it serves over the HTTPS fallback at once, and probes QUIC again every
 //! [`ClientSettings::probe_interval`]: when QUIC answers, the QUIC connection takes over and the
 //! HTTPS one drains.
 
 mod backoff;
 mod dial;
+mod fleet;
 mod proxy;
+mod relays;
 mod sources;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ClientFile, SourceConfig, TransportChoice};
@@ -26,10 +29,10 @@ use crate::transport::{RecvHalf, SendHalf};
 use crate::transport::{TransportError, TransportKind, TunnelConnection, tls};
 use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, Notice, OpenHeader};
 use backoff::Backoff;
-use dial::{Dialer, Tunnel};
-use proxy::Proxy;
+use dial::{Route, Tunnel};
 use sources::Sources;
 
+pub use fleet::{RESOLVE_INTERVAL, Resolver};
 pub use sources::{StdioLimits, UpstreamTarget};
 
 /// Time the relay has to send the open header of a new stream.
@@ -50,6 +53,10 @@ pub const DEFAULT_PROBE_INTERVAL: Duration =
 const RELAY_DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// Time streams in flight get to finish when a connection drains.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// A slot that keeps failing to connect warns on its first failure, then at most this often
+/// (debug in between): a relay address that does not answer is retried for as long as it
+/// resolves, and must not flood the log.
+const FAILURE_WARN_EVERY: Duration = Duration::from_secs(300);
 
 /// Why `connect` stopped or could not connect.
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +78,8 @@ pub enum ClientError {
 /// `connect`'s resolved settings.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    /// The relay as HOST:PORT, or several separated by commas (connections are spread over
-    /// them).
+    /// The relay as HOST:PORT, or several separated by commas. Every relay, and every address
+    /// a relay name resolves to, gets at least one connection.
     pub relay: String,
     /// CA PEM file; the system roots when `None`.
     pub ca: Option<std::path::PathBuf>,
@@ -89,8 +96,13 @@ pub struct ClientSettings {
     /// HTTP CONNECT proxy for the HTTPS fallback (`http://host:port`); `HTTPS_PROXY` when
     /// `None`.
     pub proxy: Option<String>,
-    /// Connections held at once.
+    /// Connections held at once, at least: every relay address gets one even when there are
+    /// more addresses, and the extra ones spread round-robin over the addresses.
     pub connections: usize,
+    /// How relay names are looked up.
+    pub resolver: Resolver,
+    /// Interval between lookups of the relay names ([`RESOLVE_INTERVAL`]).
+    pub resolve_interval: Duration,
     /// Interval between QUIC probes while on the HTTPS fallback (`auto`).
     pub probe_interval: Duration,
     /// Largest single upstream answer relayed (`max_answer_bytes`): larger than a frame, an
@@ -113,6 +125,8 @@ impl ClientSettings {
             max_message_bytes: crate::config::DEFAULT_MAX_MESSAGE_BYTES,
             proxy: None,
             connections: DEFAULT_CONNECTIONS,
+            resolver: Resolver::system(),
+            resolve_interval: RESOLVE_INTERVAL,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             max_answer_bytes: crate::config::DEFAULT_MAX_ANSWER_BYTES,
             stdio: StdioLimits::default(),
@@ -142,6 +156,8 @@ impl ClientSettings {
             max_message_bytes: file.max_message_bytes,
             proxy: file.proxy.clone(),
             connections: file.connections,
+            resolver: Resolver::system(),
+            resolve_interval: RESOLVE_INTERVAL,
             probe_interval: Duration::from_secs(file.probe_interval_secs),
             max_answer_bytes: {
                 crate::config::check_max_answer_bytes(
@@ -217,25 +233,8 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
         &settings.sources,
         settings.max_message_bytes,
     );
-    // One dialer per relay address; connection slots are spread over them.
-    let mut dialers = Vec::new();
-    for relay in settings
-        .relay
-        .split(',')
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-    {
-        let proxy = match &settings.proxy {
-            Some(url) => Some(Proxy::parse(url).map_err(ClientError::Config)?),
-            None => Proxy::from_env(dial::split_host(relay)?)
-                .transpose()
-                .map_err(ClientError::Config)?,
-        };
-        dialers.push(Arc::new(Dialer::new(relay, &roots, proxy, hello.clone())?));
-    }
-    if dialers.is_empty() {
-        return Err(ClientError::Config("no relay address given".into()));
-    }
+    let relays = relays::Relay::parse_list(&settings.relay).map_err(ClientError::Config)?;
+    let dialers = fleet::dialers(&relays, &roots, settings.proxy.as_deref(), &hello)?;
     let fallback = Arc::new(Fallback {
         choice: settings.transport,
         udp_blocked: AtomicBool::new(false),
@@ -243,28 +242,20 @@ pub async fn run(settings: ClientSettings, shutdown: CancellationToken) -> Resul
     });
     // A refusal in one slot ends them all.
     let stop = shutdown.child_token();
-    let mut slots = JoinSet::new();
-    for slot in 0..settings.connections.max(dialers.len()) {
-        slots.spawn(run_slot(
-            slot,
-            dialers[slot % dialers.len()].clone(),
-            fallback.clone(),
-            sources.clone(),
-            stop.clone(),
-        ));
-    }
-    let mut result = Ok(());
-    while let Some(ended) = slots.join_next().await {
-        if let Ok(Err(error)) = ended {
-            stop.cancel();
-            result = Err(error);
-        }
-    }
+    let fleet = fleet::Fleet::new(
+        relays,
+        dialers,
+        settings.resolver.clone(),
+        settings.connections,
+        fleet::Kit {
+            fallback,
+            sources: sources.clone(),
+            stop,
+        },
+    );
+    let result = fleet.run(settings.resolve_interval).await;
     // Whatever ended the tunnel, no child process of a stdio source outlives `run`.
     sources.shutdown().await;
-    for dialer in &dialers {
-        dialer.wait_idle().await;
-    }
     result
 }
 
@@ -280,21 +271,25 @@ enum Ended {
     Shutdown,
 }
 
-/// One connection slot: connect, serve, and reconnect, forever.
+/// One connection slot: connect, serve, and reconnect, until `connect` stops (`stopping`) or
+/// the slot is retired (`shutdown`, a child of `stopping`).
 async fn run_slot(
     slot: usize,
-    dialer: Arc<Dialer>,
+    route: Route,
     fallback: Arc<Fallback>,
     sources: Arc<Sources>,
+    stopping: CancellationToken,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
     let mut slot = Slot {
         slot,
-        dialer,
+        route,
         fallback,
         sources,
+        stopping,
         shutdown,
         backoff: Backoff::default(),
+        failures: Failures::default(),
         after_drain: false,
     };
     let mut ready: Option<Tunnel> = None;
@@ -315,6 +310,28 @@ async fn run_slot(
     }
 }
 
+/// A slot's streak of failed attempts, for warning without flooding the log.
+#[derive(Default)]
+struct Failures {
+    attempts: u32,
+    last_warned: Option<Instant>,
+}
+
+impl Failures {
+    /// Counts a failure; `Some(attempts in the streak)` when it is to be logged as a warning:
+    /// the first of a streak, then once every [`FAILURE_WARN_EVERY`].
+    fn failed(&mut self) -> Option<u32> {
+        self.attempts = self.attempts.saturating_add(1);
+        let warn = self
+            .last_warned
+            .is_none_or(|at| at.elapsed() >= FAILURE_WARN_EVERY);
+        if warn {
+            self.last_warned = Some(Instant::now());
+        }
+        warn.then_some(self.attempts)
+    }
+}
+
 /// What a connection slot does once a connection's service ended.
 enum Next {
     /// Connect again (after the backoff's pause).
@@ -328,11 +345,15 @@ enum Next {
 /// One connection slot's state between its connections.
 struct Slot {
     slot: usize,
-    dialer: Arc<Dialer>,
+    route: Route,
     fallback: Arc<Fallback>,
     sources: Arc<Sources>,
+    /// Cancelled when `connect` stops.
+    stopping: CancellationToken,
+    /// Cancelled when `connect` stops or the slot is retired (its address is gone).
     shutdown: CancellationToken,
     backoff: Backoff,
+    failures: Failures,
     /// Set when the relay drained this slot's connection, until a replacement is up: a relay
     /// that drains takes no new connections, so a QUIC attempt failing then says nothing about
     /// UDP (and must not move every later connection to the fallback).
@@ -347,7 +368,7 @@ impl Slot {
         loop {
             let delay = self.backoff.next_delay();
             if !delay.is_zero() {
-                tracing::info!(
+                tracing::debug!(
                     slot,
                     delay_ms = delay.as_millis() as u64,
                     "reconnecting after a pause"
@@ -358,14 +379,21 @@ impl Slot {
                 _ = self.shutdown.cancelled() => return Ok(None),
             }
             let attempt = tokio::select! {
-                attempt = connect(&self.dialer, &self.fallback, !self.after_drain) => attempt,
+                attempt = connect(&self.route, &self.fallback, !self.after_drain) => attempt,
                 _ = self.shutdown.cancelled() => return Ok(None),
             };
             match attempt {
-                Ok(tunnel) => return Ok(Some(tunnel)),
+                Ok(tunnel) => {
+                    self.failures = Failures::default();
+                    return Ok(Some(tunnel));
+                }
                 Err(ClientError::Refused(reason)) => return Err(ClientError::Refused(reason)),
                 Err(e) => {
-                    tracing::warn!(slot, relay = %self.dialer.relay(), error = %e, "could not connect to the relay");
+                    if let Some(attempts) = self.failures.failed() {
+                        tracing::warn!(slot, relay = %self.route, error = %e, attempts, "could not connect to the relay");
+                    } else {
+                        tracing::debug!(slot, relay = %self.route, error = %e, "could not connect to the relay");
+                    }
                 }
             }
         }
@@ -374,9 +402,9 @@ impl Slot {
     /// Serves the relay's streams on `tunnel` until its service ends, then winds it down as
     /// the end requires.
     async fn serve(&mut self, tunnel: Tunnel) -> Next {
-        let (slot, dialer) = (self.slot, &self.dialer);
+        let (slot, route) = (self.slot, &self.route);
         let kind = tunnel.connection.kind();
-        tracing::info!(slot, relay = %dialer.relay(), tenant = %tunnel.welcomed.tenant, transport = %kind, wire_version = tunnel.welcomed.wire_version, sources = self.sources.len(), "tunnel up");
+        tracing::info!(slot, relay = %route, tenant = %tunnel.welcomed.tenant, transport = %kind, wire_version = tunnel.welcomed.wire_version, sources = self.sources.len(), "tunnel up");
         let started = Instant::now();
         let Tunnel {
             connection,
@@ -403,7 +431,7 @@ impl Slot {
             &served.connection,
             &mut served.control_in,
             self.fallback.probe_every(kind),
-            dialer,
+            route,
             &self.fallback,
             &self.shutdown,
         )
@@ -413,7 +441,7 @@ impl Slot {
         }
         match ended {
             Ended::Lost(reason) => {
-                tracing::warn!(slot, relay = %dialer.relay(), transport = %kind, %reason, "tunnel down");
+                tracing::warn!(slot, relay = %route, transport = %kind, %reason, "tunnel down");
                 served.server.abort();
                 Next::Reconnect
             }
@@ -433,8 +461,16 @@ impl Slot {
                 Next::Take(quic)
             }
             Ended::Shutdown => {
-                served.tell_drain("connect shutting down").await;
-                served.finish("connect shutting down", DRAIN_GRACE).await;
+                // Stopping, or retired because the relay's name no longer resolves to this
+                // address: either way the relay routes nothing new here, and the streams in
+                // flight finish.
+                let reason = if self.stopping.is_cancelled() {
+                    "connect shutting down"
+                } else {
+                    "relay address retired"
+                };
+                served.tell_drain(reason).await;
+                served.finish(reason, DRAIN_GRACE).await;
                 Next::Stop
             }
         }
@@ -479,27 +515,36 @@ impl Served {
     }
 }
 
-/// Connects with the transport `fallback` picks; in `auto`, a failed QUIC attempt marks UDP
-/// blocked (when `learn` allows) and falls back to HTTPS at once. A relay that answers and
-/// refuses the QUIC connection (it drains) proves UDP works: that failure is returned as is.
-async fn connect(dialer: &Dialer, fallback: &Fallback, learn: bool) -> Result<Tunnel, ClientError> {
+/// Connects with the transport `fallback` picks; in `auto`, a failed QUIC attempt falls back to
+/// HTTPS at once, and when HTTPS answers where QUIC did not, marks UDP blocked (when `learn`
+/// allows). An address that answers neither is down, which says nothing about UDP: a name with
+/// an address this network cannot reach (an IPv6 one without an IPv6 route) must not move every
+/// other connection to the fallback. A relay that answers and refuses the QUIC connection (it
+/// drains) proves UDP works: that failure is returned as is.
+async fn connect(route: &Route, fallback: &Fallback, learn: bool) -> Result<Tunnel, ClientError> {
     match (fallback.choice, fallback.first_kind()) {
         (TransportChoice::Auto, TransportKind::Quic) => {
-            match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
+            match route.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
                 Ok(tunnel) => Ok(tunnel),
                 Err(ClientError::Refused(reason)) => Err(ClientError::Refused(reason)),
                 Err(e @ ClientError::Transport(TransportError::Refused(_))) => Err(e),
-                Err(e) => {
-                    if learn {
-                        fallback.set_udp_blocked(true, &e.to_string());
-                    } else {
-                        tracing::info!(error = %e, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
+                Err(quic) => {
+                    if !learn {
+                        tracing::info!(error = %quic, "no QUIC connection to a relay that just drained; trying HTTPS without concluding UDP is blocked");
                     }
-                    dialer.connect(TransportKind::Https, CONNECT_TIMEOUT).await
+                    let https = route.connect(TransportKind::Https, CONNECT_TIMEOUT).await;
+                    match &https {
+                        Ok(_) if learn => fallback.set_udp_blocked(true, &quic.to_string()),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(relay = %route, quic = %quic, https = %e, "neither QUIC nor HTTPS answered");
+                        }
+                    }
+                    https
                 }
             }
         }
-        (_, kind) => dialer.connect(kind, CONNECT_TIMEOUT).await,
+        (_, kind) => route.connect(kind, CONNECT_TIMEOUT).await,
     }
 }
 
@@ -509,7 +554,7 @@ async fn watch(
     connection: &Arc<dyn TunnelConnection>,
     control_in: &mut FrameReader<RecvHalf>,
     probe_every: Option<Duration>,
-    dialer: &Dialer,
+    route: &Route,
     fallback: &Fallback,
     shutdown: &CancellationToken,
 ) -> Ended {
@@ -528,7 +573,7 @@ async fn watch(
             },
             _ = shutdown.cancelled() => return Ended::Shutdown,
             _ = probe.tick(), if probe_every.is_some() => {
-                match dialer.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
+                match route.connect(TransportKind::Quic, AUTO_QUIC_TIMEOUT).await {
                     Ok(quic) => {
                         fallback.set_udp_blocked(false, "probe answered");
                         return Ended::QuicBack(quic);
@@ -623,5 +668,30 @@ async fn serve_streams(
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_slot_warns_on_its_first_failure_then_seldom() {
+        let mut failures = Failures::default();
+        assert_eq!(failures.failed(), Some(1), "the first failure warns");
+        for _ in 0..100 {
+            assert_eq!(failures.failed(), None, "the next ones do not");
+        }
+        failures.last_warned = Instant::now().checked_sub(FAILURE_WARN_EVERY);
+        assert_eq!(
+            failures.failed(),
+            Some(102),
+            "a warning again after a while"
+        );
+        assert_eq!(
+            Failures::default().failed(),
+            Some(1),
+            "a new streak warns again"
+        );
     }
 }

@@ -92,7 +92,8 @@ impl SourceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientFile {
-    /// The relay as HOST:PORT, or several separated by commas.
+    /// The relay as HOST:PORT, or several separated by commas; every relay, and every address
+    /// a relay name resolves to, gets at least one connection.
     pub relay: String,
     /// CA certificate(s) to verify the relay with; the system roots when absent.
     #[serde(default)]

@@ -115,6 +115,8 @@ pub struct Options {
     /// The relay's certificates, shared with other relays (so one `connect` trusts them all);
     /// fresh ones when `None`.
     pub certs: Option<Arc<mcp_tunnel::certs::DevCerts>>,
+    /// Where the tunnel listens (QUIC and the fallback); `127.0.0.1:0` when `None`.
+    pub tunnel_listen: Option<SocketAddr>,
 }
 
 /// What the relays of one test fleet share: the sealing keys and the certificates.
@@ -184,6 +186,12 @@ impl Drop for Harness {
 impl Harness {
     /// Starts a relay on loopback.
     pub async fn start(options: Options) -> Self {
+        Self::try_start(options).await.expect("relay binds")
+    }
+
+    /// Starts a relay on loopback; fails when its addresses cannot be bound (a fixed
+    /// [`Options::tunnel_listen`] port that is taken).
+    pub async fn try_start(options: Options) -> Result<Self, mcp_tunnel::relay::RelayError> {
         init_tracing();
         let certs = match &options.certs {
             Some(certs) => certs.clone(),
@@ -204,7 +212,9 @@ impl Harness {
         let acme_roles: Vec<String> = options.acme_roles.iter().map(|(n, _)| n.clone()).collect();
         let keyring = keyring(&acme, [&acme, &other, &third], &acme_roles);
         let relay = Relay::bind(RelaySettings {
-            tunnel_listen: "127.0.0.1:0".parse().expect("literal"),
+            tunnel_listen: options
+                .tunnel_listen
+                .unwrap_or_else(|| "127.0.0.1:0".parse().expect("literal")),
             identity: tls::Identity::from_pem(&certs.relay_pem, &certs.relay_key)
                 .expect("relay identity"),
             agents_listen: "127.0.0.1:0".parse().expect("literal"),
@@ -224,8 +234,7 @@ impl Harness {
             audit: options.audit.clone(),
             fleet: options.fleet.clone(),
         })
-        .await
-        .expect("relay binds");
+        .await?;
         let shutdown = CancellationToken::new();
         let (state, agents, admin, tunnel) = (
             relay.state().clone(),
@@ -238,7 +247,7 @@ impl Harness {
             let relay_stop = relay_stop.clone();
             async move { relay.serve(relay_stop).await.expect("relay serves") }
         });
-        Self {
+        Ok(Self {
             state,
             agents,
             admin,
@@ -250,7 +259,7 @@ impl Harness {
             shutdown,
             relay_stop,
             relay_task,
-        }
+        })
     }
 
     /// Client settings for `tenant` serving `sources` (name, URL).

@@ -336,8 +336,15 @@ impl Registry {
 
     /// Waits until `tenant` has a route to `source` (tests and the demo wait on readiness).
     pub async fn wait_for(&self, tenant: &str, source: &str) {
+        self.wait_until(|registry| registry.route(tenant, source).is_some())
+            .await;
+    }
+
+    /// Waits until `done` holds, checking it after every change of the routes or tunnels
+    /// (tests wait on a tunnel draining or leaving this way).
+    pub async fn wait_until(&self, done: impl Fn(&Self) -> bool) {
         let mut changes = self.changed.subscribe();
-        while self.route(tenant, source).is_none() {
+        while !done(self) {
             if changes.changed().await.is_err() {
                 return;
             }
