@@ -37,14 +37,27 @@ fn assert_upstream_saw_each_call_once(fleet: &Fleet, report: &LoadReport) {
                 report.brief()
             );
         } else {
-            assert!(times <= 1, "the failed call {} reached it at most once", call.message);
+            assert!(
+                times <= 1,
+                "the failed call {} reached it at most once",
+                call.message
+            );
         }
     }
+    let made: std::collections::HashSet<String> = report
+        .calls
+        .iter()
+        .map(|c| common::recording::call_key("echo", &serde_json::json!({ "message": c.message })))
+        .collect();
+    let unknown: Vec<&String> = received
+        .calls
+        .keys()
+        .filter(|k| !made.contains(*k))
+        .collect();
     assert!(
-        received.call_total() <= report.calls.len() as u64,
-        "the upstream saw no call the client did not make: {} calls upstream, {} made",
-        received.call_total(),
-        report.calls.len()
+        unknown.is_empty(),
+        "the upstream saw no call the client did not report: {unknown:?}; {}",
+        report.brief()
     );
 }
 
@@ -64,7 +77,11 @@ async fn stateless_calls_spread_over_every_relay_and_reach_the_upstream_once() {
         "every session made all its calls; {}",
         report.brief()
     );
-    assert!(report.failed().is_empty(), "every call succeeded; {}", report.brief());
+    assert!(
+        report.failed().is_empty(),
+        "every call succeeded; {}",
+        report.brief()
+    );
     assert!(
         report.calls.iter().all(|c| c.session_id.is_none()),
         "the stateless era carries no session id"
@@ -155,11 +172,20 @@ async fn kill_9_of_a_relay_under_stateless_load_fails_only_calls_in_flight_on_it
         "no call went to {victim_id} once HAProxy took it out"
     );
     assert_upstream_saw_each_call_once(&fleet, &report);
+    let received = fleet.upstream.received();
     eprintln!(
-        "kill -9 of {victim_id} under load: {} calls, {} failed; by relay {:?}",
+        "HAProxy's unusual requests: {:#?}\nclient sessions that broke: {:?}",
+        fleet.haproxy.unusual_requests(),
+        report.session_errors
+    );
+    eprintln!(
+        "kill -9 of {victim_id} under load: {} calls, {} failed {:?}; by relay {:?}; upstream saw {} calls, {} initializes",
         report.calls.len(),
         failed.len(),
-        report.calls_by_relay()
+        failed,
+        report.calls_by_relay(),
+        received.call_total(),
+        received.initialize_total()
     );
 }
 
@@ -187,7 +213,11 @@ async fn session_era_sessions_spread_over_the_fleet_and_every_call_succeeds() {
         "every session made all its calls; {}",
         report.brief()
     );
-    assert!(report.failed().is_empty(), "every call succeeded; {}", report.brief());
+    assert!(
+        report.failed().is_empty(),
+        "every call succeeded; {}",
+        report.brief()
+    );
     // Each session kept its one Mcp-Session-Id for all its calls, wherever they went.
     let ids = report.session_ids_by_session();
     assert_eq!(ids.len(), sessions);

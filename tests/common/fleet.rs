@@ -336,6 +336,20 @@ impl Haproxy {
     }
 }
 
+impl Haproxy {
+    /// HAProxy's request log lines (one per request, `option httplog`) that did not end in a
+    /// 200 from a relay: retries, 502s, aborted connections, with their termination state.
+    pub fn unusual_requests(&self) -> Vec<String> {
+        self.process
+            .peer
+            .output()
+            .lines()
+            .filter(|line| line.contains(&format!(" {BACKEND}/")) && !line.contains(" 200 "))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
 /// HAProxy's stats as CSV, or `None` when the page does not answer.
 async fn stats_csv(stats: SocketAddr) -> Option<String> {
     let response = reqwest::Client::new()
@@ -668,7 +682,14 @@ impl Fleet {
     /// Runs `tests/peers/fleet_client.py` through HAProxy: `sessions` sessions in `mode`
     /// (`legacy`, `2026-07-28`, `auto`), each calling `echo` with messages `PREFIX-sS-cN` until
     /// `calls` calls each (0: unbounded) or `seconds` have passed.
-    pub fn load(&self, mode: &str, sessions: usize, calls: usize, seconds: f64, prefix: &str) -> Load {
+    pub fn load(
+        &self,
+        mode: &str,
+        sessions: usize,
+        calls: usize,
+        seconds: f64,
+        prefix: &str,
+    ) -> Load {
         let mut command = Command::new(super::peers::python());
         command
             .arg(super::peers::peer_file("fleet_client.py"))
@@ -864,7 +885,10 @@ impl Load {
         let bound = Duration::from_secs_f64(self.seconds) + Duration::from_secs(75);
         let status = self.peer.exit_status(Instant::now() + bound).await;
         let output = self.peer.output();
-        assert!(status.success(), "fleet_client.py failed ({status}):\n{output}");
+        assert!(
+            status.success(),
+            "fleet_client.py failed ({status}):\n{output}"
+        );
         let mut report = LoadReport {
             opens: Vec::new(),
             calls: Vec::new(),

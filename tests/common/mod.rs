@@ -744,11 +744,7 @@ impl Peer {
     }
 
     /// Waits (bounded by `WAIT`) for the first line `matches` accepts and returns it.
-    pub async fn wait_for_line(
-        &mut self,
-        what: &str,
-        matches: impl FnMut(&str) -> bool,
-    ) -> String {
+    pub async fn wait_for_line(&mut self, what: &str, matches: impl FnMut(&str) -> bool) -> String {
         self.try_wait_for_line(what, matches)
             .await
             .unwrap_or_else(|why| panic!("{why}"))

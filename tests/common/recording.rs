@@ -25,8 +25,12 @@ const SKIPPED_REQUEST_HEADERS: [&str; 5] = [
     "keep-alive",
 ];
 /// Response headers not passed back (the body is re-framed here).
-const SKIPPED_RESPONSE_HEADERS: [&str; 4] =
-    ["content-length", "connection", "transfer-encoding", "keep-alive"];
+const SKIPPED_RESPONSE_HEADERS: [&str; 4] = [
+    "content-length",
+    "connection",
+    "transfer-encoding",
+    "keep-alive",
+];
 
 /// What the upstream received so far.
 #[derive(Debug, Default, Clone)]
