@@ -681,7 +681,7 @@ impl Fleet {
 
     /// Runs `tests/peers/fleet_client.py` through HAProxy: `sessions` sessions in `mode`
     /// (`legacy`, `2026-07-28`, `auto`), each calling `echo` with messages `PREFIX-sS-cN` until
-    /// `calls` calls each (0: unbounded) or `seconds` have passed.
+    /// `calls` calls each (0: unbounded) or `seconds` have passed, or [`Load::stop`].
     pub fn load(
         &self,
         mode: &str,
@@ -701,9 +701,12 @@ impl Fleet {
             .arg(seconds.to_string())
             .arg(prefix)
             .env("PYTHONUNBUFFERED", "1");
+        let stop_file = self.dir.path().join(format!("stop-{prefix}"));
+        command.env("FLEET_CLIENT_STOP_FILE", &stop_file);
         Load {
             peer: Peer::start("fleet_client.py", &mut command),
             seconds,
+            stop_file,
         }
     }
 }
@@ -769,6 +772,8 @@ pub fn metric_sum(text: &str, metric: &str, label: &str) -> u64 {
 pub struct Load {
     pub peer: Peer,
     seconds: f64,
+    /// Created by [`Load::stop`]: the client ends each session after its call in flight.
+    stop_file: PathBuf,
 }
 
 /// One call `fleet_client.py` made.
@@ -877,6 +882,32 @@ impl Load {
                 seen >= count
             })
             .await;
+    }
+
+    /// Waits (bounded) until `count` calls begun after `at` have ended (lines printed before
+    /// this wait began count too, as long as they are not consumed yet).
+    pub async fn wait_calls_after(&mut self, at: SystemTime, count: usize) {
+        let at = unix(at);
+        let mut seen = 0;
+        self.peer
+            .wait_for_line(&format!("{count} calls begun after {at}"), |line| {
+                let started = line
+                    .strip_prefix("call: ")
+                    .and_then(|json| serde_json::from_str::<Value>(json).ok())
+                    .and_then(|call| call["started"].as_f64());
+                if started.is_some_and(|started| started > at) {
+                    seen += 1;
+                }
+                seen >= count
+            })
+            .await;
+    }
+
+    /// Tells the client to stop (each session after its call in flight), then
+    /// [`Load::finish`].
+    pub async fn stop(self) -> LoadReport {
+        std::fs::write(&self.stop_file, b"stop").expect("write the stop file");
+        self.finish().await
     }
 
     /// Waits for the client to finish (bounded by its duration and a minute) and parses what it

@@ -5,7 +5,8 @@ Usage: fleet_client.py URL KEY MODE SESSIONS CALLS SECONDS PREFIX
 Opens SESSIONS clients of URL at once, each with its own HTTP client (so its own connections to
 the load balancer), and has each call `echo` in a loop with a unique message,
 "PREFIX-sSESSION-cCALL", until it has made CALLS calls (0: no bound) or SECONDS have passed
-since the start. MODE is the SDK's connect mode: "legacy" (the session era: initialize,
+since the start, or the file named by env FLEET_CLIENT_STOP_FILE exists. MODE is the SDK's
+connect mode: "legacy" (the session era: initialize,
 Mcp-Session-Id, GET stream, DELETE at the end) or a stateless protocol version such as
 "2026-07-28" (no handshake, every call a request of its own); "auto" works too.
 
@@ -31,6 +32,7 @@ each session's clients' session ids in order.
 Exits 0 once the summary is printed, whatever the calls did; 1 with a traceback on a bug.
 """
 
+import os
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -44,6 +46,8 @@ from peerlib import emit, run_main
 
 CALL_TIMEOUT = 10.0
 OPEN_TIMEOUT = 15.0
+# When this file exists, every session ends after its call in flight (the test's "stop now").
+STOP_FILE = os.environ.get("FLEET_CLIENT_STOP_FILE")
 
 
 class Tally:
@@ -82,7 +86,8 @@ async def one_session(
     n = 0
 
     def more() -> bool:
-        return (calls == 0 or n < calls) and time.time() < deadline
+        stopped = STOP_FILE is not None and os.path.exists(STOP_FILE)
+        return (calls == 0 or n < calls) and time.time() < deadline and not stopped
 
     while more():
         in_flight: dict | None = None
