@@ -117,6 +117,28 @@ impl FleetRelay {
     }
 }
 
+/// When a `kill -9` happened. The process dies between the two: until the kernel has torn it
+/// down, its sockets still take connections and bytes (a request a load balancer hands it then
+/// is lost with it), so a call can be in flight on it at any moment up to `reaped`.
+#[derive(Clone, Copy, Debug)]
+pub struct Killed {
+    /// Just before the signal was sent.
+    pub signalled: SystemTime,
+    /// Once the process was reaped (gone).
+    pub reaped: SystemTime,
+}
+
+impl Killed {
+    async fn kill(mut process: Proc) -> Self {
+        let signalled = SystemTime::now();
+        process.signal_and_wait(libc::SIGKILL).await;
+        Self {
+            signalled,
+            reaped: SystemTime::now(),
+        }
+    }
+}
+
 /// The relay config of relay `id`: listeners on `agents`, `tunnel` and `admin` (port 0 for
 /// the OS to pick, the tunnel's and agents' are then read off the "relay listening" line), the
 /// dev certificates of the fleet's directory, the fleet section, and tenant `tenant` (TOML).
@@ -337,14 +359,16 @@ impl Haproxy {
 }
 
 impl Haproxy {
-    /// HAProxy's request log lines (one per request, `option httplog`) that did not end in a
-    /// 200 from a relay: retries, 502s, aborted connections, with their termination state.
+    /// What HAProxy printed but its log lines of requests that ended normally (`option
+    /// httplog`, termination state `----`): requests aborted or refused with their status and
+    /// termination state (`SD--`: the relay went away after the request was forwarded), servers
+    /// going down and up, warnings. (HAProxy drops a log line rather than block on stdout.)
     pub fn unusual_requests(&self) -> Vec<String> {
         self.process
             .peer
             .output()
             .lines()
-            .filter(|line| line.contains(&format!(" {BACKEND}/")) && !line.contains(" 200 "))
+            .filter(|line| !line.contains(" ---- "))
             .map(str::to_owned)
             .collect()
     }
@@ -553,6 +577,32 @@ impl Fleet {
         }
     }
 
+    /// Waits (bounded) until every running relay routes the source through exactly the running
+    /// `connect`s: the connections of a killed one are marked silent (after 5 s unheard) or
+    /// gone. Until then a relay may still route new calls to a killed `connect`.
+    pub async fn wait_routes_only_running(&self) {
+        let want = self.connects.iter().filter(|c| c.is_some()).count();
+        let until = Instant::now() + WAIT;
+        for index in 0..self.relays.len() {
+            if self.relays[index].process.is_none() {
+                continue;
+            }
+            loop {
+                let live = self.live_tunnels(index).await;
+                if live == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < until,
+                    "{} still routes through {live} connects, not {want}, after {WAIT:?}: {:?}",
+                    self.relays[index].id,
+                    self.tunnels(index).await
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+
     /// [`Fleet::wait_attached`] for every running relay.
     pub async fn wait_all_attached(&self) {
         for index in 0..self.relays.len() {
@@ -581,16 +631,13 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    /// `kill -9` of relay `index` by its PID; returns once it is reaped, with the time of the
-    /// kill.
-    pub async fn kill_relay(&mut self, index: usize) -> SystemTime {
-        let mut process = self.relays[index]
+    /// `kill -9` of relay `index` by its PID; returns once it is reaped.
+    pub async fn kill_relay(&mut self, index: usize) -> Killed {
+        let process = self.relays[index]
             .process
             .take()
             .unwrap_or_else(|| panic!("{} is running", self.relays[index].id));
-        let at = SystemTime::now();
-        process.signal_and_wait(libc::SIGKILL).await;
-        at
+        Killed::kill(process).await
     }
 
     /// SIGTERM to relay `index` by its PID; waits (bounded) for it to exit, which must be
@@ -639,13 +686,11 @@ impl Fleet {
     }
 
     /// `kill -9` of `connect` `index` by its PID; returns once it is reaped.
-    pub async fn kill_connect(&mut self, index: usize) -> SystemTime {
-        let mut process = self.connects[index]
+    pub async fn kill_connect(&mut self, index: usize) -> Killed {
+        let process = self.connects[index]
             .take()
             .unwrap_or_else(|| panic!("connect {index} is running"));
-        let at = SystemTime::now();
-        process.signal_and_wait(libc::SIGKILL).await;
-        at
+        Killed::kill(process).await
     }
 
     /// Starts `connect` `index` again and waits (bounded) until every running relay routes
@@ -801,6 +846,11 @@ impl Call {
     /// Whether it began after `at`.
     pub fn started_after(&self, at: SystemTime) -> bool {
         self.started > unix(at)
+    }
+
+    /// Whether it ended before `at`.
+    pub fn ended_before(&self, at: SystemTime) -> bool {
+        self.ended < unix(at)
     }
 }
 

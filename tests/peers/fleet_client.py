@@ -11,7 +11,7 @@ Mcp-Session-Id, GET stream, DELETE at the end) or a stateless protocol version s
 "2026-07-28" (no handshake, every call a request of its own); "auto" works too.
 
 A failed call (an exception, a JSON-RPC error, an `isError` result, a wrong echo, or no answer
-within the call timeout of 10 s) is recorded and the loop goes on with the next call. When the
+within the call timeout: 10 s, or env FLEET_CLIENT_CALL_TIMEOUT) is recorded and the loop goes on with the next call. When the
 SDK's client itself breaks (an exception out of its own tasks ends it: the SDK 2.3.0 does that
 on a connection closed without a response), the call in flight is recorded as failed, a
 `session_error` line says so, and the session opens a new client (in the session era, a new
@@ -44,7 +44,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from peerlib import emit, run_main
 
-CALL_TIMEOUT = 10.0
+CALL_TIMEOUT = float(os.environ.get("FLEET_CLIENT_CALL_TIMEOUT", "10"))
 OPEN_TIMEOUT = 15.0
 # When this file exists, every session ends after its call in flight (the test's "stop now").
 STOP_FILE = os.environ.get("FLEET_CLIENT_STOP_FILE")
@@ -178,7 +178,7 @@ async def open_client(
     # break the nesting of the Client's task group, which outlives this statement).
     try:
         client = await stack.enter_async_context(
-            Client(streamable_http_client(url, http_client=http), mode=mode, read_timeout_seconds=OPEN_TIMEOUT)
+            Client(streamable_http_client(url, http_client=http), mode=mode, read_timeout_seconds=max(OPEN_TIMEOUT, CALL_TIMEOUT))
         )
     except Exception as error:  # noqa: BLE001 - recorded, the run goes on
         emit("open", {"session": index, "ok": False, "session_id": None, "error": describe(error), "at": time.time()})
