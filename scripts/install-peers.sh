@@ -6,9 +6,11 @@
 #   - tests/peers/.venv: the official Python SDK (pinned in requirements.txt)
 #   - tinyproxy (Debian package), the HTTP CONNECT proxy tests/fallback.rs starts
 #   - chromium (Debian package, /usr/bin/chromium), the headless browser tests/activity.rs runs
+#   - haproxy (Debian package, /usr/sbin/haproxy), the load balancer tests/fleet.rs puts in
+#     front of three relays
 # Idempotent: an install that already matches the pins is left alone. Fails loudly on any error.
 # Needs Node.js >= 20 with npm, and Python >= 3.10 (the suite's Node 22 comes from npm; Linux x64);
-# installing tinyproxy and chromium needs root and apt-get (or install it yourself first).
+# installing tinyproxy, chromium and haproxy needs root and apt-get (or install it yourself first).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,6 +55,14 @@ debian_package tinyproxy have_tinyproxy
 # chromium: Debian's browser, run headless by tests/activity.rs to render the /activity page.
 debian_package chromium test -x /usr/bin/chromium
 /usr/bin/chromium --version >/dev/null 2>&1 || die "/usr/bin/chromium does not run"
+
+# haproxy: Debian's load balancer, started by tests/fleet.rs on loopback (round-robin over three
+# relays, health checks on their admin /healthz). Debian puts it in /usr/sbin, which a non-root
+# PATH may lack: look there too.
+have_haproxy() {
+    command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]
+}
+debian_package haproxy have_haproxy
 
 # Node peers: `npm ci` installs exactly the lockfile; skip it when the tree already matches.
 if [[ -d "$peers/node_modules" ]] && (cd "$peers" && npm ls --all >/dev/null 2>&1); then

@@ -28,7 +28,9 @@ use axum::response::IntoResponse;
 
 pub mod audit;
 mod config_relay;
+pub mod fleet;
 pub mod peers;
+pub mod recording;
 pub mod sse;
 pub use config_relay::*;
 
@@ -811,11 +813,19 @@ impl Peer {
     }
 
     /// Waits (bounded by `WAIT`) for the first line `matches` accepts and returns it.
-    pub async fn wait_for_line(
+    pub async fn wait_for_line(&mut self, what: &str, matches: impl FnMut(&str) -> bool) -> String {
+        self.try_wait_for_line(what, matches)
+            .await
+            .unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    /// [`Peer::wait_for_line`], but an exit before the line (or no line within `WAIT`) is an
+    /// error saying so, with the output, instead of a panic: for a caller that retries.
+    pub async fn try_wait_for_line(
         &mut self,
         what: &str,
         mut matches: impl FnMut(&str) -> bool,
-    ) -> String {
+    ) -> Result<String, String> {
         let found = tokio::time::timeout(WAIT, async {
             while let Some(line) = self.lines.recv().await {
                 if matches(&line) {
@@ -826,21 +836,21 @@ impl Peer {
         })
         .await;
         match found {
-            Ok(Some(line)) => line,
+            Ok(Some(line)) => Ok(line),
             Ok(None) => {
                 let status = tokio::time::timeout(WAIT, self.child.0.wait()).await;
-                panic!(
+                Err(format!(
                     "{} exited ({status:?}) before printing {what}; output:\n{}",
                     self.name,
                     self.output()
-                )
+                ))
             }
-            Err(_) => panic!(
+            Err(_) => Err(format!(
                 "{} did not print {what} within {:?}; output:\n{}",
                 self.name,
                 WAIT,
                 self.output()
-            ),
+            )),
         }
     }
 
