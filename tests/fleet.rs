@@ -193,7 +193,6 @@ async fn kill_9_of_a_relay_under_stateless_load_fails_only_calls_in_flight_on_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: needs sealed session ids (in progress)"]
 async fn session_era_sessions_spread_over_the_fleet_and_every_call_succeeds() {
     let fleet = Fleet::start().await;
     let (sessions, calls_each) = (8, 15);

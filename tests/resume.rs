@@ -78,13 +78,19 @@ async fn a_session_opened_on_one_relay_continues_on_another_and_after_its_relay_
 
     let on_b = via(&b, &on_a);
     let answer = on_b.call_tool(3, "anything", json!({})).await;
-    assert_eq!(answer.status, 200, "the other relay continues it: {answer:?}");
+    assert_eq!(
+        answer.status, 200,
+        "the other relay continues it: {answer:?}"
+    );
     assert_eq!(common::tool_text(answer.response()), "recorded");
 
     a.stop_relay();
     a.stopped().await;
     let answer = on_b.call_tool(4, "anything", json!({})).await;
-    assert_eq!(answer.status, 200, "after the first relay stopped: {answer:?}");
+    assert_eq!(
+        answer.status, 200,
+        "after the first relay stopped: {answer:?}"
+    );
 
     assert_eq!(seen(&recorded, "initialize"), 1, "one initialize upstream");
     assert_eq!(seen(&recorded, "tools/call"), 3, "each call once");
@@ -159,7 +165,13 @@ async fn a_forged_foreign_or_other_callers_session_id_is_a_404_alike() {
         assert_eq!(body, &first, "{what} answers exactly as the others");
     }
     // The real id still works on the other relay of the fleet.
-    assert_eq!(via(&b, &agent).call_tool(10, "anything", json!({})).await.status, 200);
+    assert_eq!(
+        via(&b, &agent)
+            .call_tool(10, "anything", json!({}))
+            .await
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -199,5 +211,9 @@ async fn a_session_continues_after_its_connect_restarts_and_calls_meanwhile_get_
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(common::tool_text(answer.response()), "recorded");
     assert_eq!(seen(&recorded, "initialize"), 1);
-    assert_eq!(seen(&recorded, "tools/call"), 2, "the failed call never reached it");
+    assert_eq!(
+        seen(&recorded, "tools/call"),
+        2,
+        "the failed call never reached it"
+    );
 }

@@ -481,7 +481,11 @@ async fn a_dropped_tunnel_keeps_its_sessions_and_connect_reconnects() {
     let _again = harness
         .connect(&harness.acme.clone(), &[("demo", &url)])
         .await;
-    assert_eq!(agent.echo(2, "continued").await, "continued", "the same session, resumed");
+    assert_eq!(
+        agent.echo(2, "continued").await,
+        "continued",
+        "the same session, resumed"
+    );
     let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
     agent.initialize().await;
     assert_eq!(agent.echo(1, "back").await, "back");

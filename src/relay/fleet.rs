@@ -325,7 +325,9 @@ mod tests {
         );
         let after = rotating.seal(Purpose::Session, b"new");
         assert_eq!(
-            FleetKeys::from_secrets(B, &[]).open(Purpose::Session, &after).as_deref(),
+            FleetKeys::from_secrets(B, &[])
+                .open(Purpose::Session, &after)
+                .as_deref(),
             Some(&b"new"[..]),
             "sealed with the new secret"
         );
@@ -357,7 +359,11 @@ mod tests {
         std::fs::write(&long, [A, b"\n"].concat()).expect("write");
         let keys = FleetKeys::load(&long, &[]).expect("40 bytes");
         let sealed = keys.seal(Purpose::Session, b"v");
-        assert!(FleetKeys::from_secrets(A, &[]).open(Purpose::Session, &sealed).is_some());
+        assert!(
+            FleetKeys::from_secrets(A, &[])
+                .open(Purpose::Session, &sealed)
+                .is_some()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

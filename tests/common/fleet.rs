@@ -173,10 +173,9 @@ id = "{id}"
 /// [`Fleet::start_with`]).
 pub const FLEET_SECRET_FILE: &str = "fleet.key";
 
-/// FLEET SECRET (issue 15): whether the relay configs name the fleet secret
-/// (`[fleet] secret_file`). Off until the relay accepts the key: today's binary refuses unknown
-/// keys. Turn it on when sealed session ids land (and un-ignore the session-era tests).
-pub const WRITE_FLEET_SECRET: bool = false;
+/// Whether the relay configs name the fleet secret (`[fleet] secret_file`): the relays of one
+/// fleet open each other's session ids.
+pub const WRITE_FLEET_SECRET: bool = true;
 
 /// The `[fleet]` line naming the secret file, or a comment saying why there is none.
 fn fleet_secret_line() -> String {

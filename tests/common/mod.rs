@@ -134,7 +134,10 @@ impl Fleet {
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
         Self {
-            keys: Arc::new(mcp_tunnel::relay::fleet::FleetKeys::from_secrets(&secret, &[])),
+            keys: Arc::new(mcp_tunnel::relay::fleet::FleetKeys::from_secrets(
+                &secret,
+                &[],
+            )),
             certs: Arc::new(mcp_tunnel::certs::generate(&[]).expect("dev certificates")),
         }
     }

@@ -137,7 +137,10 @@ impl<S> Held<S> {
         }
         ended.insert(handle.to_owned(), now);
         drop(ended);
-        self.entries.lock().remove(handle).map(|entry| entry.session)
+        self.entries
+            .lock()
+            .remove(handle)
+            .map(|entry| entry.session)
     }
 
     /// Whether the session `handle` was ended on purpose lately (within the idle time).
@@ -210,7 +213,10 @@ mod tests {
         held.insert("h", Arc::new(()), t0);
         assert!(held.attach("h").is_some());
         held.detach("h", t0);
-        assert!(held.expired(t0 + IDLE * 2).is_empty(), "one stream still carries it");
+        assert!(
+            held.expired(t0 + IDLE * 2).is_empty(),
+            "one stream still carries it"
+        );
         held.detach("h", t0 + IDLE * 2);
         assert_eq!(held.expired(t0 + IDLE * 3).len(), 1);
     }
@@ -253,7 +259,13 @@ mod tests {
         held.detach("h", t0);
         assert!(held.expired(t0 + Duration::from_secs(86_400)).is_empty());
         assert_eq!(sweep_interval(Duration::ZERO), Duration::from_secs(1));
-        assert_eq!(sweep_interval(Duration::from_secs(3600)), Duration::from_secs(30));
-        assert_eq!(sweep_interval(Duration::from_secs(20)), Duration::from_secs(5));
+        assert_eq!(
+            sweep_interval(Duration::from_secs(3600)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_secs(20)),
+            Duration::from_secs(5)
+        );
     }
 }

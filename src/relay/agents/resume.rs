@@ -71,7 +71,11 @@ async fn resume(
             .route_resumed(&who.tenant, source, claims.connect.as_deref(), portable)
     else {
         // Held only by a `connect` that is gone: so is the session.
-        return Err(if portable { unreachable() } else { Lost::NotFound });
+        return Err(if portable {
+            unreachable()
+        } else {
+            Lost::NotFound
+        });
     };
     let mut header = open_header(
         who,

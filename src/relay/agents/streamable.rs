@@ -26,8 +26,8 @@ use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::{
-    CapReached, EventIds, STANDALONE_STREAM, Session, SessionClaims, Start, Transport,
-    new_handle, new_session_id, parse_event_id,
+    CapReached, EventIds, STANDALONE_STREAM, Session, SessionClaims, Start, Transport, new_handle,
+    new_session_id, parse_event_id,
 };
 use crate::relay::state::RelayState;
 use crate::wire::{Era, SessionHandle};
@@ -213,8 +213,8 @@ async fn initialize(
             version: session.version().map(str::to_owned),
             issued: crate::relay::tunnel::registry::unix_now(),
         };
-        let value = HeaderValue::from_str(&claims.seal(&state.fleet))
-            .expect("sealed ids are base64url");
+        let value =
+            HeaderValue::from_str(&claims.seal(&state.fleet)).expect("sealed ids are base64url");
         response.headers_mut().insert(SESSION_HEADER, value);
     } else {
         // No session: `connect` need not keep the upstream one for a resume.

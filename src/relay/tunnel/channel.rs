@@ -411,12 +411,14 @@ impl Channel {
                 changed.await;
             }
         };
-        tokio::time::timeout(timeout, wait).await.unwrap_or_else(|_| {
-            Err(ChannelError::Closed(format!(
-                "the tunnel client did not resume the session within {} s",
-                timeout.as_secs()
-            )))
-        })
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ChannelError::Closed(format!(
+                    "the tunnel client did not resume the session within {} s",
+                    timeout.as_secs()
+                )))
+            })
     }
 
     /// Tells `connect` the agent listens on this stream for the session's server-initiated

@@ -290,10 +290,12 @@ impl Registry {
                 .cloned()
         };
         let own = connect.and_then(|connect| {
-            best(&mut all
-                .iter()
-                .rev()
-                .filter(|t| t.terms.connect.as_deref() == Some(connect)))
+            best(
+                &mut all
+                    .iter()
+                    .rev()
+                    .filter(|t| t.terms.connect.as_deref() == Some(connect)),
+            )
         });
         own.or_else(|| portable.then(|| best(&mut all.iter().rev())).flatten())
     }

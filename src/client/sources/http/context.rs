@@ -16,9 +16,9 @@ use http::{Method, StatusCode};
 
 use super::HttpSource;
 use super::answer::{answered, id_key};
-use super::session::HttpSession;
 use super::client::{Response, body_stream, content_length, error_chain};
 use super::error::UpstreamError;
+use super::session::HttpSession;
 use crate::client::sources::Out;
 use crate::client::sources::stream::Inbound;
 use crate::govern::assertion::Assertion;
@@ -165,7 +165,7 @@ impl StreamContext {
     /// Sends a frame toward the relay: an exchange's on this stream, a server-initiated
     /// message on the stream the session's agent listens on.
     pub(super) async fn send(&self, frame: Frame) {
-        if frame.exchange == UNSOLICITED && frame.kind != FrameKind::Close {
+        if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
             return self.session.send_unsolicited(frame).await;
         }
         if let Some(out) = &self.out {

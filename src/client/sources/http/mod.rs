@@ -73,7 +73,9 @@ impl HttpSource {
             client,
             legacy,
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
-            held: Held::new(Duration::from_secs(crate::config::DEFAULT_CONNECT_SESSION_IDLE_SECS)),
+            held: Held::new(Duration::from_secs(
+                crate::config::DEFAULT_CONNECT_SESSION_IDLE_SECS,
+            )),
             sweeping: OnceLock::new(),
         })
     }
@@ -266,7 +268,10 @@ impl HttpSource {
 /// Ends the held sessions of `source` no stream has carried for its idle time, until the
 /// source is gone.
 async fn sweep(source: Weak<HttpSource>) {
-    let Some(interval) = source.upgrade().map(|s| held::sweep_interval(s.held.idle())) else {
+    let Some(interval) = source
+        .upgrade()
+        .map(|s| held::sweep_interval(s.held.idle()))
+    else {
         return;
     };
     let mut tick = tokio::time::interval(interval);

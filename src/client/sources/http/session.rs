@@ -73,9 +73,7 @@ impl HttpSession {
     /// What a relay seals into the agent's session id to resume this one anywhere.
     pub(super) fn resumable(&self) -> Resumable {
         Resumable {
-            upstream_session: self
-                .id()
-                .and_then(|id| id.to_str().ok().map(str::to_owned)),
+            upstream_session: self.id().and_then(|id| id.to_str().ok().map(str::to_owned)),
             portable: true,
         }
     }
@@ -108,7 +106,9 @@ impl HttpSession {
             }
             None => {
                 metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
-                tracing::debug!("server-to-agent message dropped: no stream carries its session now");
+                tracing::debug!(
+                    "server-to-agent message dropped: no stream carries its session now"
+                );
             }
         }
     }
