@@ -58,12 +58,18 @@ async fn mixed_calls_across_two_tenants_give_one_row_each() {
     acme_unreachable_sources(&harness, &mut expected).await;
     other_requests(&harness, &mut expected).await;
 
+    // The trail names a session by its handle (what logs call it), not the sealed agent id.
+    let handle = alice
+        .session
+        .as_deref()
+        .and_then(|id| harness.state.session_handle(id));
+    assert!(handle.is_some(), "alice's session id opens on its relay");
     // Answers were released only after their rows were committed; the relay closes the trail
     // on shutdown.
     harness.stop().await;
     let rows = export(&db).await;
     assert_rows_are(&rows, &expected);
-    assert_row_fields(&rows, alice.session.as_deref());
+    assert_row_fields(&rows, handle.as_deref());
     assert_verifies(&db).await;
 }
 

@@ -217,3 +217,34 @@ async fn a_session_continues_after_its_connect_restarts_and_calls_meanwhile_get_
         "the failed call never reached it"
     );
 }
+
+#[tokio::test]
+async fn a_last_event_id_from_another_relay_opens_a_fresh_get_stream_or_says_its_answer_is_not_here()
+ {
+    let (_stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, _recorded) = start_recording_upstream(&_stop).await;
+    let _client = connect_all(&[&a, &b], &upstream).await;
+    let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
+    agent.initialize().await;
+    let on_b = via(&b, &agent);
+    // Stream numbers of one relay's copy of a session start at a random multiple of 2^20: an
+    // even one names a GET stream, an odd one an answer (neither is B's).
+    let standalone = on_b
+        .get(Some("1048576-3"), "GET with a foreign stream's id")
+        .await;
+    assert_eq!(standalone.status(), 200, "a fresh GET stream on this relay");
+    assert!(common::is_event_stream(standalone.headers()));
+    drop(standalone);
+    let answer = on_b
+        .get(Some("1048577-3"), "GET with a foreign answer's id")
+        .await;
+    assert_eq!(
+        answer.status(),
+        400,
+        "nothing to replay here, and no wait forever"
+    );
+    let body = answer.text().await.expect("the error body");
+    assert!(body.contains("cannot be resumed here"), "{body}");
+}

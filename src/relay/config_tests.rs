@@ -580,3 +580,48 @@ fn the_examples_name_every_session_limit_with_its_default() {
     assert_eq!(limits.max_sessions_per_key, 2);
     assert_eq!(limits.session_event_bytes, DEFAULT_SESSION_EVENT_BYTES);
 }
+
+// --- [fleet] secret_file and accepted_secret_files (issue 15) ---
+
+#[test]
+fn fleet_secrets_load_relative_to_the_file_and_a_rotation_opens_the_old_ids() {
+    let text = format!(
+        "{GOOD}\n[fleet]\nsecret_file = \"new.key\"\naccepted_secret_files = [\"old.key\"]\n"
+    );
+    let (dir, path) = write(&text);
+    std::fs::write(dir.path().join("new.key"), [b'n'; 32]).expect("write");
+    std::fs::write(dir.path().join("old.key"), [b'o'; 40]).expect("write");
+    let config = load_config(&path).expect("parses");
+    let fleet = config.fleet.as_ref().expect("[fleet]");
+    assert_eq!(fleet.secret_file, Some(dir.path().join("new.key")));
+    assert_eq!(
+        fleet.accepted_secret_files,
+        vec![dir.path().join("old.key")]
+    );
+    let keys = super::fleet_keys(&config).expect("the secrets load");
+    let old = super::fleet::FleetKeys::from_secrets(&[b'o'; 40], &[]);
+    let id = old.seal(super::fleet::Purpose::Session, b"claims");
+    assert_eq!(
+        keys.open(super::fleet::Purpose::Session, &id).as_deref(),
+        Some(&b"claims"[..]),
+        "an id the old secret sealed still opens during the rotation"
+    );
+    let fresh = keys.seal(super::fleet::Purpose::Session, b"x");
+    assert!(
+        old.open(super::fleet::Purpose::Session, &fresh).is_none(),
+        "sealed with the new one"
+    );
+
+    std::fs::write(dir.path().join("new.key"), b"short\n").expect("write");
+    let err = super::fleet_keys(&config)
+        .expect_err("a 5-byte secret is refused")
+        .to_string();
+    assert!(err.contains("at least 32"), "{err}");
+    let (_dir, path) = write(&format!(
+        "{GOOD}\n[fleet]\naccepted_secret_files = [\"old.key\"]\n"
+    ));
+    let err = load_config(&path)
+        .expect_err("accepted without a secret")
+        .to_string();
+    assert!(err.contains("fleet.accepted_secret_files"), "{err}");
+}

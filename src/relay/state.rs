@@ -123,6 +123,13 @@ impl RelayState {
             .max(self.limits.max_message_bytes)
     }
 
+    /// The handle a session id this fleet sealed names: what the relays' and `connect`'s logs
+    /// and the audit trail (`mcp.session.id`) call the session, short and the same on every
+    /// relay. `None` for an id this fleet did not seal.
+    pub fn session_handle(&self, session_id: &str) -> Option<String> {
+        super::session::SessionClaims::open(&self.fleet, session_id).map(|claims| claims.handle)
+    }
+
     /// The current credentials and policy.
     pub fn governance(&self) -> Arc<Governance> {
         self.governance.read().clone()

@@ -26,8 +26,8 @@ use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::{
-    CapReached, EventIds, STANDALONE_STREAM, Session, SessionClaims, Start, Transport, new_handle,
-    new_session_id, parse_event_id,
+    CapReached, EventIds, Session, SessionClaims, Start, Transport, is_standalone_stream,
+    new_handle, new_session_id, parse_event_id,
 };
 use crate::relay::state::RelayState;
 use crate::wire::{Era, SessionHandle};
@@ -369,15 +369,26 @@ async fn handle_get(
                 Lost::Unreachable(why) => AgentError::Unavailable(why),
                 Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
             })?;
-        let resume = header_str(&headers, LAST_EVENT_ID)
-            .and_then(parse_event_id)
-            .and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
+        let named = header_str(&headers, LAST_EVENT_ID).and_then(parse_event_id);
+        let resume = named.and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
+        if let (Some((stream, _)), None) = (named, &resume)
+            && !is_standalone_stream(stream)
+        {
+            // An answer this relay never carried (another relay of the fleet did, or this one
+            // before a restart), or one forgotten: there is nothing to replay here, and an
+            // agent waiting on a fresh stream for it would wait forever.
+            return Err(AgentError::BadRequest(
+                "Bad Request: the answer stream this Last-Event-ID names cannot be resumed \
+                 here (it was carried by another relay, or is no longer kept)"
+                    .into(),
+            ));
+        }
         // A resumed answer is a call in flight: it may finish while the relay drains. The
         // standalone stream ends when draining starts. Only a fresh stream is primed.
         let (reader, ids, until) = match resume {
             Some((log, seq)) => {
                 // A resumed answer ends with its log (see `answer::stream_answer`).
-                let until = if log.stream == STANDALONE_STREAM {
+                let until = if is_standalone_stream(log.stream) {
                     state.shutdown.clone()
                 } else {
                     CancellationToken::new()

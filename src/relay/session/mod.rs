@@ -15,6 +15,6 @@ pub(super) use exchange::{
 };
 pub(super) use sealed::{SessionClaims, new_handle};
 pub(super) use sessions::{
-    CapReached, ListenGuard, STANDALONE_STREAM, Session, SessionCaps, Sessions, Transport,
+    CapReached, ListenGuard, Session, SessionCaps, Sessions, Transport, is_standalone_stream,
     new_session_id,
 };

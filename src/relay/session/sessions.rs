@@ -22,8 +22,23 @@ use crate::relay::tunnel::Channel;
 /// Answer streams per session kept for resumption; older finished ones are forgotten first.
 const ANSWER_LOGS: usize = 16;
 
-/// The stream number of a session's standalone stream (GET, or the HTTP+SSE stream).
-pub(crate) const STANDALONE_STREAM: u64 = 0;
+/// Stream numbers (the first half of event ids) of one relay's copy of a session start at a
+/// random multiple of this, below 2^52 (exact in every JSON number): the copies a session has on
+/// the relays of a fleet never share a number, so an event id from another relay is never
+/// taken for one of this relay's streams. The standalone stream is the first number (even);
+/// answer streams follow at odd numbers, so a foreign id still says which kind it named.
+const STREAM_BLOCK: u64 = 1 << 20;
+
+/// A random first stream number (see [`STREAM_BLOCK`]).
+fn first_stream() -> u64 {
+    let block = rand::rng().next_u64() % ((1 << 52) / STREAM_BLOCK - 1) + 1;
+    block * STREAM_BLOCK
+}
+
+/// Whether a stream number names a standalone stream (even) rather than an answer (odd).
+pub(crate) fn is_standalone_stream(stream: u64) -> bool {
+    stream.is_multiple_of(2)
+}
 
 /// Which agent transport a session belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,10 +201,8 @@ impl Session {
         calls: &Arc<Calls>,
     ) -> Self {
         let budget = channel.budget().clone();
-        let standalone = Arc::new(EventLog::with_budget(
-            STANDALONE_STREAM,
-            Some(budget.clone()),
-        ));
+        let first = first_stream();
+        let standalone = Arc::new(EventLog::with_budget(first, Some(budget.clone())));
         let version = Arc::new(std::sync::OnceLock::new());
         let server_requests = Arc::new(ServerRequests {
             calls: calls.clone(),
@@ -228,7 +241,7 @@ impl Session {
             transport,
             standalone,
             answers: Mutex::new(AnswerLogs {
-                next: STANDALONE_STREAM + 1,
+                next: first + 1,
                 logs: VecDeque::new(),
             }),
             last_used: Mutex::new(Instant::now()),
@@ -404,7 +417,7 @@ impl Session {
             answers.next,
             Some(self.channel.budget().clone()),
         ));
-        answers.next += 1;
+        answers.next += 2;
         if answers.logs.len() >= ANSWER_LOGS {
             // Forget a completed stream first; if none is, the oldest (it stays readable by
             // whoever reads it now, only no longer resumable).
@@ -421,7 +434,7 @@ impl Session {
 
     /// The log of stream `stream`, if it is still kept.
     pub fn log(&self, stream: u64) -> Option<Arc<EventLog>> {
-        if stream == STANDALONE_STREAM {
+        if stream == self.standalone.stream {
             return Some(self.standalone.clone());
         }
         let answers = self.answers.lock();

@@ -26,6 +26,10 @@ use crate::wire::{
     UNSOLICITED,
 };
 
+/// The longest upstream session id a relay seals into an agent's session id (MCP session ids
+/// are typically a UUID or a few dozen characters; every request carries the sealed id).
+const MAX_UPSTREAM_SESSION_ID: usize = 256;
+
 /// Frames buffered per waiting request before the reader waits for the agent to take them.
 const EXCHANGE_QUEUE: usize = 32;
 
@@ -452,7 +456,16 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         };
         if frame.kind == FrameKind::Resumable {
             match frame.parse_json::<Resumable>(FrameKind::Resumable) {
-                Ok(resumable) => {
+                Ok(mut resumable) => {
+                    if resumable
+                        .upstream_session
+                        .as_ref()
+                        .is_some_and(|id| id.len() > MAX_UPSTREAM_SESSION_ID)
+                    {
+                        // It would bloat every session id sealed around it: such a session
+                        // continues only while its stream lives.
+                        resumable = Resumable::default();
+                    }
                     *shared.resumable.lock() = Some(resumable);
                     shared.resumable_changed.notify_waiters();
                     continue;
