@@ -358,3 +358,141 @@ async fn kill_9_of_a_connect_under_stateless_load_then_it_comes_back() {
         report.brief()
     );
 }
+
+/// One call of [`session_loop`]: its message, when it started and ended, and how it ended.
+#[derive(Debug, Clone)]
+struct SessionCall {
+    message: String,
+    started: SystemTime,
+    ended: SystemTime,
+    /// The error, or `None` when the echo came back.
+    error: Option<String>,
+}
+
+/// Calls `echo` in a loop on the session of `agent` (a raw Streamable HTTP agent, through the
+/// load balancer) until `stop`, each call with a unique message; every call bounded.
+async fn session_loop(
+    agent: common::Agent,
+    session: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<SessionCall> {
+    let mut calls = Vec::new();
+    for n in 0..10_000u64 {
+        if stop.is_cancelled() {
+            break;
+        }
+        let message = format!("kill-s{session}-c{n}");
+        let body = serde_json::json!({"jsonrpc": "2.0", "id": n + 10, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"message": message}}});
+        let started = SystemTime::now();
+        let sent = agent
+            .request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .timeout(std::time::Duration::from_secs(20))
+            .body(body.to_string())
+            .send()
+            .await;
+        let error = match sent {
+            Err(e) => Some(format!("request failed: {e}")),
+            Ok(response) if response.status() != 200 => {
+                Some(format!("status {}", response.status()))
+            }
+            Ok(response) => match response.bytes().await {
+                Err(e) => Some(format!("body broke: {e}")),
+                Ok(body) => {
+                    let text = String::from_utf8_lossy(&body);
+                    (!text.contains(&format!("\"{message}\"")) || text.contains("\"error\""))
+                        .then(|| format!("not the echo: {text}"))
+                }
+            },
+        };
+        calls.push(SessionCall {
+            message,
+            started,
+            ended: SystemTime::now(),
+            error,
+        });
+    }
+    calls
+}
+
+/// Issue 15, must-show 2: `kill -9` of one relay under session-era load. Every session keeps
+/// its `Mcp-Session-Id` and its next calls succeed wherever HAProxy sends them; the only calls
+/// that may fail are those in flight on the killed relay at that moment; the upstream saw one
+/// `initialize` per agent session and each call at most once (exactly once when it succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_relay_under_session_load_keeps_every_session() {
+    const SESSIONS: usize = 8;
+    let mut fleet = Fleet::start().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut ids = Vec::new();
+    for session in 0..SESSIONS {
+        let mut agent = common::Agent::new(&fleet.url(), &fleet.api_key);
+        let answer = agent.initialize().await;
+        assert_eq!(answer.status, 200, "session {session} opens: {answer:?}");
+        ids.push(agent.session.clone().expect("a session id"));
+        tasks.push(tokio::spawn(session_loop(agent, session, stop.clone())));
+    }
+    // Load on every relay, then the kill.
+    let calls_so_far = |fleet: &Fleet| fleet.upstream.received().call_total();
+    tokio::time::timeout(common::WAIT, async {
+        while calls_so_far(&fleet) < 40 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the load runs");
+    let killed = fleet.kill_relay(0).await;
+    let before = calls_so_far(&fleet);
+    tokio::time::timeout(common::WAIT, async {
+        while calls_so_far(&fleet) < before + 10 * SESSIONS as u64 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the load goes on after the kill");
+    stop.cancel();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.expect("session task"));
+    }
+
+    let received = fleet.upstream.received();
+    for (session, calls) in all.iter().enumerate() {
+        let after: Vec<&SessionCall> = calls.iter().filter(|c| c.started > killed.reaped).collect();
+        assert!(
+            after.len() >= 3 && after.iter().all(|c| c.error.is_none()),
+            "session {session} (id kept: the agent never changed it) goes on after the kill: {after:?}"
+        );
+        for call in calls {
+            let times = received.times_echoed(&call.message);
+            match &call.error {
+                None => assert_eq!(times, 1, "{} reached the upstream once", call.message),
+                Some(error) => {
+                    assert!(times <= 1, "{} reached the upstream twice", call.message);
+                    assert!(
+                        call.started <= killed.reaped && call.ended >= killed.signalled,
+                        "only calls in flight at the kill may fail: {call:?} ({error})"
+                    );
+                }
+            }
+        }
+        let failed = calls.iter().filter(|c| c.error.is_some()).count();
+        assert!(failed <= 1, "session {session}: {failed} failed calls");
+    }
+    let failed: Vec<&SessionCall> = all.iter().flatten().filter(|c| c.error.is_some()).collect();
+    eprintln!(
+        "{} calls, {} failed (in flight on the killed relay): {failed:?}",
+        all.iter().map(Vec::len).sum::<usize>(),
+        failed.len()
+    );
+    assert_eq!(ids.len(), SESSIONS);
+    assert_eq!(
+        received.initialize_total(),
+        SESSIONS as u32,
+        "one upstream initialize per agent session: {:?}",
+        received.initializes
+    );
+    assert_eq!(received.repeated_calls(), Vec::<(String, u32)>::new());
+}
