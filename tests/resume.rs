@@ -23,13 +23,20 @@ async fn two_relays(fleet: &Fleet) -> (Harness, Harness) {
 /// and waits until each routes it. It stops with the last relay's harness (the others may be
 /// stopped before it).
 async fn connect_all(relays: &[&Harness], upstream: &str) -> common::Client {
+    connect_all_to(relays, &format!("db={upstream}")).await
+}
+
+/// [`connect_all`] with the source given as `--source` would: `NAME=URL` or `NAME=stdio:CMD`.
+async fn connect_all_to(relays: &[&Harness], source: &str) -> common::Client {
     let list: Vec<String> = relays.iter().map(|r| r.tunnel.to_string()).collect();
     let mut settings = quic_settings(
         list.join(","),
         &relays[0].acme.tunnel_token,
         &relays[0].ca_pem,
-        &[("db", upstream)],
+        &[],
     );
+    settings.sources =
+        vec![mcp_tunnel::config::SourceConfig::parse_flag(source).expect("a valid source")];
     settings.connections = relays.len();
     let last = relays[relays.len() - 1];
     let client = last.connect_with(&last.acme, settings).await;
@@ -247,4 +254,67 @@ async fn a_last_event_id_from_another_relay_opens_a_fresh_get_stream_or_says_its
     );
     let body = answer.text().await.expect("the error body");
     assert!(body.contains("cannot be resumed here"), "{body}");
+}
+
+/// The stdio source flag of a server on the Python standard library whose `echo` answers with
+/// the message and its process id (which process served a call), its script written in `dir`.
+fn pid_server(dir: &std::path::Path) -> String {
+    let script = dir.join("pid_server.py");
+    std::fs::write(
+        &script,
+        r#"
+import json, os, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, id = msg.get("method"), msg.get("id")
+    if method is None or id is None:
+        continue
+    if method == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}}, "serverInfo": {"name": "pid", "version": "1"}}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": msg["params"]["arguments"]["message"] + "@" + str(os.getpid())}]}
+    else:
+        result = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": id, "result": result}), flush=True)
+"#,
+    )
+    .expect("script written");
+    format!(
+        "db=stdio:{}/tests/peers/.venv/bin/python -u {}",
+        env!("CARGO_MANIFEST_DIR"),
+        script.display()
+    )
+}
+
+#[tokio::test]
+async fn a_stdio_session_keeps_its_process_on_another_relay_and_ends_with_its_connect() {
+    let (_stop, _guard) = common::stop_on_drop();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let client = connect_all_to(&[&a, &b], &pid_server(dir.path())).await;
+    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
+    on_a.initialize().await;
+    let first = on_a.echo(2, "one").await;
+    let (_, pid) = first.split_once('@').expect("message@pid");
+
+    let on_b = via(&b, &on_a);
+    assert_eq!(
+        on_b.echo(3, "two").await,
+        format!("two@{pid}"),
+        "the same process"
+    );
+    a.stop_relay();
+    a.stopped().await;
+    assert_eq!(
+        on_b.echo(4, "three").await,
+        format!("three@{pid}"),
+        "after the relay that opened it stopped"
+    );
+
+    // The process lived in that `connect`: with it gone, so is the session.
+    client.stop().await.expect("connect stops");
+    let _again = connect_all_to(&[&b], &pid_server(dir.path())).await;
+    let answer = on_b.call_tool(5, "echo", json!({"message": "four"})).await;
+    assert_eq!(answer.status, 404, "{answer:?}");
 }

@@ -5,6 +5,7 @@ mod http;
 mod routing;
 mod stdio;
 mod stream;
+mod streams;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -21,6 +21,7 @@ use super::error::UpstreamError;
 use super::session::HttpSession;
 use crate::client::sources::Out;
 use crate::client::sources::stream::Inbound;
+use crate::client::sources::streams::StreamNo;
 use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, error_body};
@@ -45,9 +46,10 @@ pub(super) struct StreamContext {
     pub(super) header: OpenHeader,
     /// The upstream session the stream carries (shared with the other streams carrying it).
     pub(super) session: Arc<HttpSession>,
-    /// The stream's frames toward the relay; `None` in the context of the session's own tasks
-    /// (its GET stream, its final DELETE), which send only server-initiated messages.
-    out: Option<Out>,
+    /// The stream's frames toward the relay, and its number among the session's streams;
+    /// `None` in the context of the session's own tasks (its GET stream, its final DELETE),
+    /// which send only server-initiated messages.
+    out: Option<(Out, StreamNo)>,
     /// The largest message the tunnel carries toward the relay.
     pub(super) max_frame: usize,
     /// The largest answer relayed in pieces (never below `max_frame`).
@@ -65,12 +67,12 @@ impl StreamContext {
         max_frame: usize,
         max_answer: usize,
     ) -> Self {
-        session.attached(&out);
+        let number = session.streams.attach(&out);
         let context = Self {
             source,
             header,
             session,
-            out: Some(out),
+            out: Some((out, number)),
             max_frame,
             max_answer,
         };
@@ -143,8 +145,8 @@ impl StreamContext {
     fn signal(&self, frame: &Frame) {
         match frame.kind {
             FrameKind::Listen => {
-                if let Some(out) = &self.out {
-                    self.session.listen(out);
+                if let Some((_, number)) = &self.out {
+                    self.session.streams.listen(*number);
                 }
             }
             _ => match frame.parse_json::<Assertion>(FrameKind::Identity) {
@@ -168,7 +170,7 @@ impl StreamContext {
         if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
             return self.session.send_unsolicited(frame).await;
         }
-        if let Some(out) = &self.out {
+        if let Some((out, _)) = &self.out {
             // A closed stream means nobody is waiting for this frame.
             let _ = out.send(frame).await;
         }

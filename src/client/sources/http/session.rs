@@ -9,9 +9,9 @@ use http::header::HeaderValue;
 use parking_lot::Mutex;
 
 use super::context::StreamContext;
-use crate::client::sources::Out;
+use crate::client::sources::streams::StreamSet;
 use crate::govern::assertion::Assertion;
-use crate::wire::{Frame, Resumable, WeakFrameSink};
+use crate::wire::{Frame, Resumable};
 
 /// What the upstream said of the session.
 #[derive(Default)]
@@ -22,15 +22,6 @@ pub(super) struct UpstreamState {
     pub(super) version: Option<HeaderValue>,
 }
 
-/// Where a held session's server-initiated messages go: the stream the agent listens on (a
-/// relay says so with a `Listen` frame when the agent's GET stream opens there), else the
-/// stream attached last. Weak: a stream ends when its own work is done, whoever points at it.
-#[derive(Default)]
-struct Streams {
-    listener: Option<WeakFrameSink<crate::transport::SendHalf>>,
-    latest: Option<WeakFrameSink<crate::transport::SendHalf>>,
-}
-
 /// One upstream session.
 pub(super) struct HttpSession {
     /// The handle it is held under; `None` for a session that ends with its stream (the
@@ -39,7 +30,8 @@ pub(super) struct HttpSession {
     pub(super) upstream: Mutex<UpstreamState>,
     /// The latest identity assertion: the open header's, then each one a relay renews it with.
     pub(super) assertion: Mutex<Option<Assertion>>,
-    streams: Mutex<Streams>,
+    /// The streams carrying it, and which one its agent listens on.
+    pub(super) streams: StreamSet,
     /// The context the session's own tasks run in (the GET stream, the final DELETE): it has
     /// no stream of its own. Taken when the session ends (it points back at the session).
     tasks: Mutex<Option<Arc<StreamContext>>>,
@@ -58,7 +50,7 @@ impl HttpSession {
             handle,
             upstream: Mutex::new(upstream),
             assertion: Mutex::new(assertion),
-            streams: Mutex::default(),
+            streams: StreamSet::default(),
             tasks: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
@@ -78,30 +70,11 @@ impl HttpSession {
         }
     }
 
-    /// A stream now carries the session: the latest attached is where server messages go
-    /// while no agent listens.
-    pub(super) fn attached(&self, out: &Out) {
-        self.streams.lock().latest = Some(out.downgrade());
-    }
-
-    /// The agent listens on `out`'s stream.
-    pub(super) fn listen(&self, out: &Out) {
-        self.streams.lock().listener = Some(out.downgrade());
-    }
-
     /// Sends a server-initiated message toward the agent: on the stream it listens on, else
     /// the latest attached one. Dropped (the agent reads nothing now) when no stream lives.
     pub(super) async fn send_unsolicited(&self, frame: Frame) {
-        let out = {
-            let streams = self.streams.lock();
-            streams
-                .listener
-                .as_ref()
-                .and_then(WeakFrameSink::upgrade)
-                .or_else(|| streams.latest.as_ref().and_then(WeakFrameSink::upgrade))
-        };
-        match out {
-            Some(out) => {
+        match self.streams.resolve(frame.exchange) {
+            Some((out, _)) => {
                 let _ = out.send(frame).await;
             }
             None => {

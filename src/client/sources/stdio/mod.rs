@@ -37,6 +37,7 @@ mod slots;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::held::Held;
 use super::stream;
 use crate::transport::{RecvHalf, SendHalf};
 use crate::wire::{Era, FrameReader, FrameWriter, OpenHeader};
@@ -91,6 +92,9 @@ pub(crate) struct StdioSource {
     /// whole (bounded by this) because its id must be read to route it, then sent on in
     /// pieces when it is larger than one.
     max_answer: usize,
+    /// Session-era sessions, kept past their streams for a relay to resume. Their processes
+    /// idle out on their own (`idle`), so the table itself never expires them.
+    held: Held<session::Session>,
 }
 
 impl StdioSource {
@@ -114,6 +118,7 @@ impl StdioSource {
             slots: Arc::new(Slots::new(cap)),
             pool: tokio::sync::Mutex::new(None),
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
+            held: Held::new(Duration::ZERO),
         })
     }
 
@@ -146,16 +151,6 @@ impl StdioSource {
         writer: FrameWriter<SendHalf>,
     ) {
         stream::serve(reader, writer, |inbound, out, max_frame| async move {
-            if header.session.as_ref().is_some_and(|s| s.resume) {
-                // A stdio session's process lives with its stream (not held for a resume
-                // yet): the relay answers the agent that the session is gone.
-                let reason = format!(
-                    "session not found: the stdio session with source {} ended with its stream",
-                    self.name
-                );
-                let _ = out.send(crate::wire::Frame::close(reason)).await;
-                return;
-            }
             match header.era {
                 Era::Session => self.serve_session(header, inbound, out, max_frame).await,
                 Era::Stateless => self.serve_stateless(header, inbound, out, max_frame).await,

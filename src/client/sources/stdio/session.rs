@@ -1,9 +1,13 @@
-//! Session era: one child process per tunnel stream (one agent session), its stdout routed
-//! back to the exchange of the request each line answers, stopped when the session ends, dies,
-//! idles out, or gives its place to a new session at the cap.
+//! Session era: one child process per agent session, held by `connect` past the tunnel stream
+//! that opened it (see `sources::held`). Every stream that carries the session (one per relay
+//! its agent's requests reach) forwards its messages to the process, and each line the process
+//! prints goes back on the stream of the request it answers (`sources::streams`). The process
+//! stops when the agent ends the session, when no stream has carried it for the idle time, when
+//! it dies, or when it gives its place to a new session at the cap.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -13,20 +17,23 @@ use serde_json::value::RawValue;
 use tokio::process::ChildStdout;
 use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
 
 use super::lines::{Line, LineDecoder, one_line, quote};
-use super::process::Process;
+use super::process::{Exit, Process};
 use super::slots::{Activity, Lease, pending};
 use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Routing, progress_tokens};
-use crate::client::sources::stream::{Inbound, fail_pending, fail_requests, requests};
+use crate::client::sources::stream::{Inbound, fail_ids, fail_requests, requests};
+use crate::client::sources::streams::{StreamNo, StreamSet, global};
 use crate::client::sources::{Out, send_message};
 use crate::mcp::classify;
 use crate::mcp::jsonrpc::MessageInfo;
-use crate::wire::{Frame, OpenHeader};
+use crate::wire::{Frame, FrameKind, OpenHeader, Resumable};
 
 impl StdioSource {
-    /// Session era: one process for the whole stream.
+    /// Session era: the stream opens a session (a new process) or resumes the one held under
+    /// its handle, and carries it until the stream ends.
     pub(super) async fn serve_session(
         self: Arc<Self>,
         header: OpenHeader,
@@ -34,47 +41,114 @@ impl StdioSource {
         out: Out,
         limit: usize,
     ) {
-        match self.spawn(limit, &header.context).await {
-            Ok(process) => {
-                Session::start(self, process, header.context, limit, out)
-                    .serve(&mut inbound)
-                    .await;
+        let named = header
+            .session
+            .as_ref()
+            .filter(|s| s.handle.len() <= crate::client::sources::held::MAX_HANDLE_LEN);
+        let session = match named {
+            Some(named) if named.resume => match self.held.attach(&named.handle) {
+                Some(session) if !session.over.is_cancelled() => session,
+                found => {
+                    if found.is_some() {
+                        self.held.detach(&named.handle, Instant::now());
+                    }
+                    let reason = format!(
+                        "session not found: the stdio session with source {} has ended",
+                        self.name
+                    );
+                    let _ = out.send(Frame::close(reason)).await;
+                    return;
+                }
+            },
+            _ => match self.spawn(limit, &header.context).await {
+                Ok(process) => {
+                    let handle = named.map(|n| n.handle.clone());
+                    let session =
+                        Session::start(self.clone(), process, header.context, handle, limit);
+                    if let Some(handle) = &session.handle {
+                        for displaced in self.held.insert(handle, session.clone(), Instant::now()) {
+                            displaced.end();
+                        }
+                    }
+                    session
+                }
+                Err(error) => {
+                    tracing::warn!(source = %self.name, context = %header.context, %error, "session refused");
+                    inbound.refuse(&out, error.code(), &error.to_string()).await;
+                    return;
+                }
+            },
+        };
+        if session.handle.is_some() {
+            // First of all: a new session's relay seals it into the agent's session id, a
+            // resuming relay waits for it. Only this `connect` holds the process.
+            let resumable = Resumable {
+                upstream_session: None,
+                portable: false,
+            };
+            let _ = out
+                .send(Frame::json(FrameKind::Resumable, &resumable))
+                .await;
+        }
+        let number = session.streams.attach(&out);
+        session.carry(number, &mut inbound, &out).await;
+        match &session.handle {
+            Some(handle) if !inbound.closed_by_relay() && !session.over.is_cancelled() => {
+                // The stream ended, not the session: a relay may resume it.
+                self.held.detach(handle, Instant::now());
             }
-            Err(error) => {
-                tracing::warn!(source = %self.name, context = %header.context, %error, "session refused");
-                inbound.refuse(&out, error.code(), &error.to_string()).await;
-            }
+            _ => session.end(),
         }
     }
 }
 
-/// One session's process, and what routes its answers back.
-struct Session {
+/// Why a session is over.
+#[derive(Debug, Clone)]
+enum Over {
+    /// The process died; the text says how.
+    Crashed(String),
+    /// The process was stopped to free its place, or idled out.
+    Reclaimed(String),
+    /// The agent ended it, or no stream carried it for the idle time.
+    Ended,
+}
+
+/// One session's process, what routes its answers back, and the streams carrying it.
+pub(super) struct Session {
     source: Arc<StdioSource>,
-    /// The stream's trace context, for logs.
+    /// The opening stream's trace context, for logs.
     context: String,
-    process: Process,
-    /// Reads the process's stdout (see [`route_session_output`]).
-    stdout_task: Option<JoinHandle<()>>,
+    /// The handle it is held under (`None`: it ends with its one stream).
+    handle: Option<String>,
+    process: Mutex<Option<Process>>,
+    pid: u32,
+    exit: Exit,
+    stdout_task: Mutex<Option<JoinHandle<()>>>,
     routing: Arc<Mutex<Routing>>,
     /// Whether answers are announced as event streams (see [`announces_streams`]).
     primed: Arc<AtomicBool>,
     activity: Activity,
-    out: Out,
+    streams: Arc<StreamSet>,
+    /// Asked to end (the agent ended it, or it expired).
+    stop: CancellationToken,
+    /// Cancelled once it is over; [`Session::over_reason`] says why.
+    over: CancellationToken,
+    reason: Mutex<Option<Over>>,
 }
 
 impl Session {
-    /// Starts routing the output of `process`, which serves the stream `out` writes to.
+    /// Starts routing the output of `process` and watching over it.
     fn start(
         source: Arc<StdioSource>,
         mut process: Process,
         context: String,
+        handle: Option<String>,
         frame_limit: usize,
-        out: Out,
-    ) -> Self {
+    ) -> Arc<Self> {
         let routing = Arc::new(Mutex::new(Routing::default()));
         let primed = Arc::new(AtomicBool::new(false));
         let activity = Activity::default();
+        let streams = Arc::new(StreamSet::default());
         let stdout_task = process.stdout.take().map(|stdout| {
             tokio::spawn(route_session_output(
                 stdout,
@@ -84,78 +158,190 @@ impl Session {
                 },
                 source.name.clone(),
                 routing.clone(),
-                out.clone(),
+                streams.clone(),
                 primed.clone(),
                 activity.clone(),
             ))
         });
-        Self {
+        let lease = source.slots.lease(activity.clone(), routing.clone());
+        let session = Arc::new(Self {
+            pid: process.pid,
+            exit: process.exit.clone(),
+            process: Mutex::new(Some(process)),
             source,
             context,
-            process,
-            stdout_task,
+            handle,
+            stdout_task: Mutex::new(stdout_task),
             routing,
             primed,
             activity,
-            out,
-        }
+            streams,
+            stop: CancellationToken::new(),
+            over: CancellationToken::new(),
+            reason: Mutex::new(None),
+        });
+        tokio::spawn(session.clone().watch(lease));
+        session
     }
 
-    /// Serves the stream until the session is over, then ends it as its end requires.
-    async fn serve(self, inbound: &mut Inbound) {
-        let lease = self
-            .source
-            .slots
-            .lease(self.activity.clone(), self.routing.clone());
-        let ended = self.run(inbound, &lease).await;
-        drop(lease);
-        match ended {
-            Ended::Stream => self.stream_ended(),
-            Ended::Crashed => self.crashed().await,
-            Ended::Reclaimed(why) => self.reclaimed(why, inbound).await,
-        }
+    /// Asks the session to end (its process stops).
+    pub(super) fn end(&self) {
+        self.stop.cancel();
     }
 
-    /// Forwards the stream's messages to the process until the stream ends, the process dies,
-    /// or its place is reclaimed (the session idled out, or a new session took it at the cap).
-    async fn run(&self, inbound: &mut Inbound, lease: &Lease) -> Ended {
-        let (source, activity, exit) = (&self.source, &self.activity, &self.process.exit);
-        loop {
-            let idle_until = tokio::time::Instant::from_std(activity.last() + source.idle);
-            let frame = tokio::select! {
-                frame = inbound.next_message_with(|_| activity.touch()) => frame,
-                () = exit.dead.cancelled() => return Ended::Crashed,
-                () = lease.reclaim.cancelled() => return Ended::Reclaimed(format!(
+    /// Why it is over, once it is.
+    fn over_reason(&self) -> Option<Over> {
+        self.reason.lock().clone()
+    }
+
+    /// Watches over the process until the session is over, then ends it as its end requires.
+    async fn watch(self: Arc<Self>, lease: Lease) {
+        let source = self.source.clone();
+        let over = loop {
+            let idle_until = tokio::time::Instant::from_std(self.activity.last() + source.idle);
+            tokio::select! {
+                () = self.exit.dead.cancelled() => break Over::Crashed(String::new()),
+                () = self.stop.cancelled() => break Over::Ended,
+                () = lease.reclaim.cancelled() => break Over::Reclaimed(format!(
                     "the source runs its limit of {} processes and a new session took the place of this one, the least recently used idle one",
                     source.slots.cap
                 )),
                 () = tokio::time::sleep_until(idle_until), if !source.idle.is_zero() => {
                     if pending(&self.routing) {
                         // A slow request is not idleness: look again a whole period later.
-                        activity.touch();
+                        self.activity.touch();
                         continue;
                     }
-                    return Ended::Reclaimed(format!(
+                    break Over::Reclaimed(format!(
                         "it was idle for {} s (session_idle_secs)",
                         source.idle.as_secs()
                     ));
                 }
-            };
-            activity.touch();
-            let Some(frame) = frame else {
-                return Ended::Stream;
-            };
-            if !self.message(frame.exchange, frame.payload).await {
-                return Ended::Crashed;
+            }
+        };
+        drop(lease);
+        let over = match over {
+            Over::Crashed(_) => Over::Crashed(self.crashed().await),
+            other => {
+                if let Some(task) = self.stdout_task.lock().take() {
+                    // Nobody is left to read its answers; closing its stdout speeds its end.
+                    task.abort();
+                }
+                self.process.lock().take();
+                other
+            }
+        };
+        match &over {
+            Over::Crashed(reason) => {
+                tracing::warn!(source = %source.name, pid = self.pid, context = %self.context, %reason, "stdio process exited during its session");
+            }
+            Over::Reclaimed(why) => {
+                tracing::info!(source = %source.name, pid = self.pid, context = %self.context, %why, "stdio process of a session stopped to free its place");
+            }
+            Over::Ended => {
+                tracing::debug!(source = %source.name, pid = self.pid, context = %self.context, "session ended");
+            }
+        }
+        *self.reason.lock() = Some(over.clone());
+        if let Some(handle) = &self.handle {
+            source.held.remove(handle, Instant::now());
+        }
+        match over {
+            Over::Crashed(reason) => {
+                let code = source.exited(String::new()).code();
+                self.fail_pending(code, &reason).await;
+                for out in self.streams.all() {
+                    let _ = out.send(Frame::close(reason.clone())).await;
+                }
+            }
+            Over::Reclaimed(why) => {
+                let error = StdioError::Reclaimed {
+                    source_name: source.name.to_string(),
+                    why,
+                };
+                self.fail_pending(error.code(), &error.to_string()).await;
+            }
+            Over::Ended => {}
+        }
+        self.over.cancel();
+    }
+
+    /// The process died: what it printed before dying reaches the agent; returns the error
+    /// text naming how it ended.
+    async fn crashed(&self) -> String {
+        let task = self.stdout_task.lock().take();
+        if let Some(task) = task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(DRAIN_WAIT, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        let status = self.exit.wait().await;
+        self.process.lock().take();
+        self.source.exited(status).to_string()
+    }
+
+    /// Fails every request still pending, each on the stream it came in on.
+    async fn fail_pending(&self, code: i64, reason: &str) {
+        let pending = self.routing.lock().take_all();
+        for (exchange, ids) in pending {
+            if let Some((out, local)) = self.streams.resolve(exchange) {
+                fail_ids(&out, local, ids, code, reason).await;
             }
         }
     }
 
-    /// Forwards one message to the process; false when the process died. Once the session
-    /// is primed, a request's answer is announced as an event stream at once (see
-    /// [`announces_streams`]).
-    async fn message(&self, exchange: u64, payload: Bytes) -> bool {
-        let (process, out) = (&self.process, &self.out);
+    /// Carries the session on one stream (`number`, writing to `out`) until the stream ends
+    /// or the session is over.
+    async fn carry(&self, number: StreamNo, inbound: &mut Inbound, out: &Out) {
+        loop {
+            let frame = tokio::select! {
+                frame = inbound.next_message_with(|frame| {
+                    self.activity.touch();
+                    if frame.kind == FrameKind::Listen {
+                        self.streams.listen(number);
+                    }
+                }) => frame,
+                () = self.over.cancelled() => break,
+            };
+            self.activity.touch();
+            let Some(frame) = frame else {
+                return;
+            };
+            if !self
+                .message(number, out, frame.exchange, frame.payload)
+                .await
+            {
+                // The process died: `watch` answers what is pending and closes the stream.
+                self.over.cancelled().await;
+                return;
+            }
+        }
+        match self.over_reason() {
+            Some(Over::Reclaimed(why)) => {
+                let error = StdioError::Reclaimed {
+                    source_name: self.source.name.to_string(),
+                    why,
+                };
+                serve_reclaimed(inbound, out, &error).await;
+            }
+            Some(Over::Ended) => {
+                let _ = out
+                    .send(Frame::close(format!(
+                        "the session with source {} has ended",
+                        self.source.name
+                    )))
+                    .await;
+            }
+            // Closed by `watch`, with the reason.
+            Some(Over::Crashed(_)) | None => {}
+        }
+    }
+
+    /// Forwards one message of stream `number` to the process; false when the process died.
+    /// Once the session is primed, a request's answer is announced as an event stream at once
+    /// (see [`announces_streams`]).
+    async fn message(&self, number: StreamNo, out: &Out, exchange: u64, payload: Bytes) -> bool {
         let classified = match classify(&payload) {
             Ok(classified) => classified,
             Err(e) => {
@@ -168,9 +354,13 @@ impl Session {
         let requests: Vec<&MessageInfo> = requests(&classified).collect();
         let recorded = if requests.is_empty() {
             Ok(())
-        } else {
+        } else if let Some(session_wide) = global(number, exchange) {
             let tokens = progress_tokens(&payload);
-            self.routing.lock().record(exchange, &requests, &tokens)
+            self.routing.lock().record(session_wide, &requests, &tokens)
+        } else {
+            let error = self.source.error("the stream numbered too many exchanges");
+            error.answer_all(out, exchange, &classified).await;
+            return true;
         };
         if let Err(duplicate) = recorded {
             let error = self.source.error(format!(
@@ -184,10 +374,16 @@ impl Session {
             let _ = out.send(Frame::streaming(exchange)).await;
         }
         let line = one_line(payload);
-        let delivered = match &process.stdin {
+        // A clone of the sender only for this send: the child's stdin closes with the process.
+        let stdin = self
+            .process
+            .lock()
+            .as_ref()
+            .and_then(|process| process.stdin.clone());
+        let delivered = match stdin {
             Some(stdin) => tokio::select! {
                 sent = stdin.send(line) => sent.is_ok(),
-                () = process.exit.dead.cancelled() => false,
+                () = self.exit.dead.cancelled() => false,
             },
             None => false,
         };
@@ -196,96 +392,29 @@ impl Session {
             let _ = out.send(Frame::end(exchange)).await;
         }
         // A failed delivery means the child is gone: its exit answers the pending requests.
-        delivered || !process.exit.dead.is_cancelled()
-    }
-
-    /// The stream ended: the process stops.
-    fn stream_ended(mut self) {
-        if let Some(task) = self.stdout_task.take() {
-            // Nobody is left to read its answers; closing its stdout speeds its end.
-            task.abort();
-        }
-        tracing::debug!(source = %self.source.name, pid = self.process.pid, context = %self.context, "session ended");
-    }
-
-    /// The process died: what it printed before dying reaches the agent, then every request
-    /// still pending fails and the stream closes.
-    async fn crashed(mut self) {
-        if let Some(task) = self.stdout_task.take() {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(DRAIN_WAIT, task).await.is_err() {
-                abort.abort();
-            }
-        }
-        let status = self.process.exit.wait().await;
-        tracing::warn!(source = %self.source.name, pid = self.process.pid, context = %self.context, %status, "stdio process exited during its session");
-        let error = self.source.exited(status);
-        let reason = error.to_string();
-        fail_pending(&self.out, &self.routing, error.code(), &reason).await;
-        let _ = self.out.send(Frame::close(reason)).await;
-        tracing::debug!(source = %self.source.name, pid = self.process.pid, context = %self.context, "session ended");
-    }
-
-    /// The process was stopped to free its place: the agent learns why (see
-    /// [`serve_reclaimed`]).
-    async fn reclaimed(mut self, why: String, inbound: &mut Inbound) {
-        tracing::info!(source = %self.source.name, pid = self.process.pid, context = %self.context, %why, "stdio process of a session stopped to free its place");
-        if let Some(task) = self.stdout_task.take() {
-            task.abort();
-        }
-        let Session {
-            source,
-            process,
-            routing,
-            out,
-            ..
-        } = self;
-        drop(process);
-        let error = StdioError::Reclaimed {
-            source_name: source.name.to_string(),
-            why,
-        };
-        serve_reclaimed(inbound, &out, &routing, &error).await;
+        delivered || !self.exit.dead.is_cancelled()
     }
 }
 
-/// How a session's loop ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Ended {
-    /// The tunnel stream ended (the session is over).
-    Stream,
-    /// The process died.
-    Crashed,
-    /// The process was stopped to free its place; the text says why.
-    Reclaimed(String),
-}
-
-/// After its process was reclaimed, a session's stream answers its next request with
-/// `error` (and any request still pending), then ends: the agent learns why, and its
-/// session is over.
-async fn serve_reclaimed(
-    inbound: &mut Inbound,
-    out: &Out,
-    routing: &Mutex<Routing>,
-    error: &StdioError,
-) {
+/// After its process was reclaimed, a stream of the session answers its next request with
+/// `error`, then ends: the agent learns why, and its session is over. (Requests pending at
+/// that moment were answered already.)
+async fn serve_reclaimed(inbound: &mut Inbound, out: &Out, error: &StdioError) {
     let (code, reason) = (error.code(), error.to_string());
-    if !fail_pending(out, routing, code, &reason).await {
-        loop {
-            let Some(frame) = inbound.next_message().await else {
-                return;
-            };
-            let Ok(classified) = classify(&frame.payload) else {
-                let _ = out.send(Frame::end(frame.exchange)).await;
-                continue;
-            };
-            if requests(&classified).next().is_none() {
-                let _ = out.send(Frame::end(frame.exchange)).await;
-                continue;
-            }
-            fail_requests(out, frame.exchange, &classified, code, &reason).await;
-            break;
+    loop {
+        let Some(frame) = inbound.next_message().await else {
+            return;
+        };
+        let Ok(classified) = classify(&frame.payload) else {
+            let _ = out.send(Frame::end(frame.exchange)).await;
+            continue;
+        };
+        if requests(&classified).next().is_none() {
+            let _ = out.send(Frame::end(frame.exchange)).await;
+            continue;
         }
+        fail_requests(out, frame.exchange, &classified, code, &reason).await;
+        break;
     }
     let _ = out.send(Frame::close(reason)).await;
 }
@@ -323,13 +452,14 @@ struct OutputLimits {
     frame: usize,
 }
 
-/// Reads a session's child's stdout and sends each message to its exchange.
+/// Reads a session's child's stdout and sends each message to its exchange, on the stream that
+/// exchange came in on (server-initiated ones to the stream the agent listens on).
 async fn route_session_output(
     stdout: ChildStdout,
     limits: OutputLimits,
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
-    out: Out,
+    streams: Arc<StreamSet>,
     primed: Arc<AtomicBool>,
     activity: Activity,
 ) {
@@ -358,14 +488,19 @@ async fn route_session_output(
         {
             primed.store(true, Ordering::Relaxed);
         }
-        if send_message(&out, exchange, line, limits.frame, &source)
-            .await
-            .is_err()
-        {
-            return;
+        match streams.resolve(exchange) {
+            Some((out, local)) => {
+                // A stream gone mid-answer loses only that answer, not the session.
+                let _ = send_message(&out, local, line, limits.frame, &source).await;
+            }
+            None => {
+                tracing::debug!(source = %source, "answer of a request whose stream is gone dropped");
+            }
         }
         for exchange in ended {
-            let _ = out.send(Frame::end(exchange)).await;
+            if let Some((out, local)) = streams.resolve(exchange) {
+                let _ = out.send(Frame::end(local)).await;
+            }
         }
     }
 }
