@@ -65,16 +65,51 @@ fn via(relay: &Harness, agent: &Agent) -> Agent {
     moved
 }
 
+/// Two relays of one fleet, a recording upstream, acme's `connect` attached to both, and an
+/// agent whose session opened on the first relay.
+struct TwoRelays {
+    a: Harness,
+    b: Harness,
+    upstream: String,
+    recorded: common::Seen,
+    client: common::Client,
+    agent: Agent,
+    /// Stops the upstream when dropped: bind it for the test's whole run.
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl TwoRelays {
+    async fn start() -> Self {
+        let (stop, guard) = common::stop_on_drop();
+        let fleet = Fleet::new();
+        let (a, b) = two_relays(&fleet).await;
+        let (upstream, recorded) = start_recording_upstream(&stop).await;
+        let client = connect_all(&[&a, &b], &upstream).await;
+        let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
+        agent.initialize().await;
+        Self {
+            a,
+            b,
+            upstream,
+            recorded,
+            client,
+            agent,
+            _stop: guard,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_session_opened_on_one_relay_continues_on_another_and_after_its_relay_stops() {
-    let (_stop, _guard) = common::stop_on_drop();
-    let fleet = Fleet::new();
-    let (a, b) = two_relays(&fleet).await;
-    let (upstream, recorded) = start_recording_upstream(&_stop).await;
-    let _client = connect_all(&[&a, &b], &upstream).await;
-
-    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
-    on_a.initialize().await;
+    let TwoRelays {
+        a,
+        b,
+        recorded,
+        client: _client,
+        agent: on_a,
+        _stop: _guard,
+        ..
+    } = TwoRelays::start().await;
     let id = on_a.session.clone().expect("a session id");
     assert!(
         id.bytes().all(|b| (0x21..=0x7e).contains(&b)),
@@ -123,13 +158,15 @@ async fn a_session_opened_on_one_relay_continues_on_another_and_after_its_relay_
 
 #[tokio::test]
 async fn a_forged_foreign_or_other_callers_session_id_is_a_404_alike() {
-    let (_stop, _guard) = common::stop_on_drop();
-    let fleet = Fleet::new();
-    let (a, b) = two_relays(&fleet).await;
-    let (upstream, _recorded) = start_recording_upstream(&_stop).await;
-    let _client = connect_all(&[&a, &b], &upstream).await;
-    let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
-    agent.initialize().await;
+    let TwoRelays {
+        a,
+        b,
+        upstream,
+        client: _client,
+        agent,
+        _stop: _guard,
+        ..
+    } = TwoRelays::start().await;
     let id = agent.session.clone().expect("a session id");
 
     // Another fleet (its own secret), with the same tenants and a tunnel for the source.
@@ -183,13 +220,16 @@ async fn a_forged_foreign_or_other_callers_session_id_is_a_404_alike() {
 
 #[tokio::test]
 async fn a_session_continues_after_its_connect_restarts_and_calls_meanwhile_get_an_error() {
-    let (_stop, _guard) = common::stop_on_drop();
-    let fleet = Fleet::new();
-    let (a, b) = two_relays(&fleet).await;
-    let (upstream, recorded) = start_recording_upstream(&_stop).await;
-    let client = connect_all(&[&a, &b], &upstream).await;
-    let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
-    agent.initialize().await;
+    let TwoRelays {
+        a,
+        b,
+        upstream,
+        recorded,
+        client,
+        agent,
+        _stop: _guard,
+        ..
+    } = TwoRelays::start().await;
     assert_eq!(agent.call_tool(2, "anything", json!({})).await.status, 200);
 
     client.stop().await.expect("connect stops cleanly");
@@ -228,13 +268,13 @@ async fn a_session_continues_after_its_connect_restarts_and_calls_meanwhile_get_
 #[tokio::test]
 async fn a_last_event_id_from_another_relay_opens_a_fresh_get_stream_or_says_its_answer_is_not_here()
  {
-    let (_stop, _guard) = common::stop_on_drop();
-    let fleet = Fleet::new();
-    let (a, b) = two_relays(&fleet).await;
-    let (upstream, _recorded) = start_recording_upstream(&_stop).await;
-    let _client = connect_all(&[&a, &b], &upstream).await;
-    let mut agent = Agent::new(&a.url("db"), &a.acme.api_key);
-    agent.initialize().await;
+    let TwoRelays {
+        b,
+        client: _client,
+        agent,
+        _stop: _guard,
+        ..
+    } = TwoRelays::start().await;
     let on_b = via(&b, &agent);
     // Stream numbers of one relay's copy of a session start at a random multiple of 2^20: an
     // even one names a GET stream, an odd one an answer (neither is B's).

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 
 use super::admission::{open_header, open_on};
+use super::reply::AgentError;
 use crate::govern::Identity;
 use crate::relay::session::{Session, SessionClaims, Transport};
 use crate::relay::state::RelayState;
@@ -30,6 +31,17 @@ pub(super) enum Lost {
     Unreachable(String),
     /// A session cap refused resuming it here.
     Cap(crate::relay::session::CapReached),
+}
+
+impl Lost {
+    /// The answer to a GET or DELETE (no requests to answer one by one): `404`, or `503` while
+    /// the source is unreachable.
+    pub(super) fn into_error(self) -> AgentError {
+        match self {
+            Lost::Unreachable(why) => AgentError::Unavailable(why),
+            Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
+        }
+    }
 }
 
 /// The session `id` names, if it is `who`'s with `source`: carried here, or resumed.

@@ -365,10 +365,7 @@ async fn handle_get(
         };
         let session = resume::find(&state, session_id, &who, &source)
             .await
-            .map_err(|lost| match lost {
-                Lost::Unreachable(why) => AgentError::Unavailable(why),
-                Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
-            })?;
+            .map_err(Lost::into_error)?;
         let named = header_str(&headers, LAST_EVENT_ID).and_then(parse_event_id);
         let resume = named.and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
         if let (Some((stream, _)), None) = (named, &resume)
@@ -424,10 +421,7 @@ async fn handle_delete(
         };
         let session = resume::find(&state, session_id, &who, &source)
             .await
-            .map_err(|lost| match lost {
-                Lost::Unreachable(why) => AgentError::Unavailable(why),
-                Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
-            })?;
+            .map_err(Lost::into_error)?;
         state.sessions.remove(&session.id);
         session.channel.close("session deleted by the agent").await;
         tracing::info!(tenant = %session.tenant, subject = %session.subject, source, session = %session.id, "session deleted");
