@@ -6,7 +6,9 @@
 //! a new tunnel stream to the `connect` that holds the upstream session (or, for an HTTP
 //! upstream, any `connect` of the source, which continues the upstream's own session from what
 //! the id carries), and `connect` confirms before any message goes. The upstream sees no second
-//! `initialize`.
+//! `initialize`. A session whose tunnel has gone silent moves the same way to a live tunnel
+//! at its next request, so a `connect` killed without a word costs its sessions no more than
+//! the calls in flight on it.
 
 use std::sync::Arc;
 
@@ -58,7 +60,12 @@ pub(super) async fn find(
         .sessions
         .get(&claims.handle, who, source, Transport::Streamable)
     {
-        return Ok(session);
+        if !session.channel.tunnel_silent() || !claims.resumable.portable {
+            return Ok(session);
+        }
+        // Its tunnel went silent (its `connect` may be dead): continue on a live one, which
+        // any `connect` of the source can; failing that, stay (the tunnel may recover).
+        return Ok(resume(state, who, source, claims).await.unwrap_or(session));
     }
     resume(state, who, source, claims).await
 }

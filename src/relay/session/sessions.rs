@@ -536,9 +536,10 @@ impl Sessions {
         Ok(())
     }
 
-    /// Adds a session resumed here (its id came from another relay, or from before a restart)
-    /// unless a cap refuses it; when a concurrent request resumed it first, that one is
-    /// returned instead (and `session`, with its stream, is dropped).
+    /// Adds a session resumed here (its id came from another relay, or from before a restart,
+    /// or its tunnel went silent) unless a cap refuses it; when a concurrent request resumed it
+    /// first on a live tunnel, that one is returned instead (and `session`, with its stream,
+    /// is dropped).
     pub fn adopt(
         &self,
         session: Arc<Session>,
@@ -548,7 +549,7 @@ impl Sessions {
             let mut map = self.map.lock();
             if let Some(existing) = map
                 .get(&session.id)
-                .filter(|s| s.channel.closed_reason().is_none())
+                .filter(|s| s.channel.closed_reason().is_none() && !s.channel.tunnel_silent())
             {
                 return Ok(existing.clone());
             }

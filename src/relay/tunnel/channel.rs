@@ -184,7 +184,7 @@ pub struct Channel {
     connect: Option<Arc<str>>,
     /// Signals the reader to stop when the channel is dropped.
     _stop: oneshot::Sender<()>,
-    _guard: StreamGuard,
+    guard: StreamGuard,
 }
 
 /// An agent request in flight: its events, and its registration, removed on drop.
@@ -284,7 +284,7 @@ impl Channel {
             wire_version: tunnel.terms.wire_version,
             connect: tunnel.terms.connect.clone(),
             _stop: stop,
-            _guard: guard,
+            guard,
         }))
     }
 
@@ -384,6 +384,12 @@ impl Channel {
     /// Why the stream ended, if it has.
     pub fn closed_reason(&self) -> Option<String> {
         self.shared.closed_reason()
+    }
+
+    /// Whether the tunnel carrying the stream has gone silent (its `connect` may be dead: see
+    /// [`super::registry::Tunnel::silent`]).
+    pub fn tunnel_silent(&self) -> bool {
+        self.guard.tunnel().silent()
     }
 
     /// The instance id of the `connect` on the other end, if it said (wire version 2).

@@ -92,6 +92,13 @@ impl Tunnel {
 /// Counts a stream as active until dropped.
 pub struct StreamGuard(Arc<Tunnel>);
 
+impl StreamGuard {
+    /// The tunnel the stream is on.
+    pub fn tunnel(&self) -> &Arc<Tunnel> {
+        &self.0
+    }
+}
+
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.streams_active.fetch_sub(1, Ordering::Relaxed);
