@@ -359,6 +359,10 @@ async fn kill_9_of_a_connect_under_stateless_load_then_it_comes_back() {
     );
 }
 
+/// Bound on one call of [`session_loop`]: a call on a tunnel whose `connect` died unheard
+/// waits until the relay gives up on the connection; this cuts it short.
+const SESSION_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One call of [`session_loop`]: its message, when it started and ended, and how it ended.
 #[derive(Debug, Clone)]
 struct SessionCall {
@@ -375,6 +379,7 @@ async fn session_loop(
     agent: common::Agent,
     session: usize,
     stop: tokio_util::sync::CancellationToken,
+    succeeded: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Vec<SessionCall> {
     let mut calls = Vec::new();
     for n in 0..10_000u64 {
@@ -388,7 +393,7 @@ async fn session_loop(
         let sent = agent
             .request(reqwest::Method::POST)
             .header("content-type", "application/json")
-            .timeout(std::time::Duration::from_secs(20))
+            .timeout(SESSION_CALL_TIMEOUT)
             .body(body.to_string())
             .send()
             .await;
@@ -406,6 +411,9 @@ async fn session_loop(
                 }
             },
         };
+        if error.is_none() {
+            succeeded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         calls.push(SessionCall {
             message,
             started,
@@ -432,7 +440,12 @@ async fn kill_9_of_a_relay_under_session_load_keeps_every_session() {
         let answer = agent.initialize().await;
         assert_eq!(answer.status, 200, "session {session} opens: {answer:?}");
         ids.push(agent.session.clone().expect("a session id"));
-        tasks.push(tokio::spawn(session_loop(agent, session, stop.clone())));
+        tasks.push(tokio::spawn(session_loop(
+            agent,
+            session,
+            stop.clone(),
+            std::sync::Arc::default(),
+        )));
     }
     // Load on every relay, then the kill.
     let calls_so_far = |fleet: &Fleet| fleet.upstream.received().call_total();
@@ -488,6 +501,112 @@ async fn kill_9_of_a_relay_under_session_load_keeps_every_session() {
         failed.len()
     );
     assert_eq!(ids.len(), SESSIONS);
+    assert_eq!(
+        received.initialize_total(),
+        SESSIONS as u32,
+        "one upstream initialize per agent session: {:?}",
+        received.initializes
+    );
+    assert_eq!(received.repeated_calls(), Vec::<(String, u32)>::new());
+}
+
+/// Issue 15, must-show 4 (two `connect`s): `kill -9` of one `connect` under session-era load,
+/// then it restarts. Sessions whose upstream session it held (an HTTP server) continue through
+/// the other `connect` once the relays hear its tunnel has gone silent, with the same
+/// `Mcp-Session-Id` and the same upstream session; only calls sent to it before that may fail
+/// (never twice at the upstream), and the upstream saw one `initialize` per agent session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_connect_under_session_load_keeps_every_session() {
+    const SESSIONS: usize = 8;
+    /// The relays route away from a tunnel silent this long (`transport::SILENT_AFTER`, 5 s),
+    /// plus a keep-alive interval of slack.
+    const SILENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(7);
+    let mut fleet = Fleet::start().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut succeeded = Vec::new();
+    for session in 0..SESSIONS {
+        let mut agent = common::Agent::new(&fleet.url(), &fleet.api_key);
+        let answer = agent.initialize().await;
+        assert_eq!(answer.status, 200, "session {session} opens: {answer:?}");
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        succeeded.push(ok.clone());
+        tasks.push(tokio::spawn(session_loop(agent, session, stop.clone(), ok)));
+    }
+    let each_succeeded = |succeeded: &[std::sync::Arc<std::sync::atomic::AtomicU64>]| {
+        succeeded
+            .iter()
+            .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+            .collect::<Vec<u64>>()
+    };
+    let calls_so_far = |fleet: &Fleet| fleet.upstream.received().call_total();
+    tokio::time::timeout(common::WAIT, async {
+        while calls_so_far(&fleet) < 40 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the load runs");
+    let killed = fleet.kill_connect(0).await;
+    let settled = killed.reaped + SILENT_WINDOW;
+    // Every session succeeds again, well past the silent window (a call sent into it may wait
+    // out its timeout first), and again once the `connect` is back.
+    let progressed = |from: &[u64], by: u64| {
+        let now = each_succeeded(&succeeded);
+        now.iter().zip(from).all(|(now, from)| *now >= from + by)
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while SystemTime::now() < settled + SESSION_CALL_TIMEOUT {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let from = each_succeeded(&succeeded);
+        while !progressed(&from, 3) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every session goes on after the kill");
+    fleet.start_connect(0).await;
+    let from = each_succeeded(&succeeded);
+    tokio::time::timeout(common::WAIT, async {
+        while !progressed(&from, 3) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every session goes on after the restart");
+    stop.cancel();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.expect("session task"));
+    }
+    let received = fleet.upstream.received();
+    for (session, calls) in all.iter().enumerate() {
+        let after: Vec<&SessionCall> = calls.iter().filter(|c| c.started > settled).collect();
+        assert!(
+            after.len() >= 3 && after.iter().all(|c| c.error.is_none()),
+            "session {session} goes on once the dead tunnel is silent: {after:?}"
+        );
+        for call in calls {
+            let times = received.times_echoed(&call.message);
+            match &call.error {
+                None => assert_eq!(times, 1, "{} reached the upstream once", call.message),
+                Some(error) => {
+                    assert!(times <= 1, "{} reached the upstream twice", call.message);
+                    assert!(
+                        call.started <= settled && call.ended >= killed.signalled,
+                        "only calls sent before the relays knew may fail: {call:?} ({error})"
+                    );
+                }
+            }
+        }
+    }
+    let failed: Vec<&SessionCall> = all.iter().flatten().filter(|c| c.error.is_some()).collect();
+    eprintln!(
+        "{} calls, {} failed: {failed:?}",
+        all.iter().map(Vec::len).sum::<usize>(),
+        failed.len()
+    );
     assert_eq!(
         received.initialize_total(),
         SESSIONS as u32,

@@ -271,9 +271,10 @@ impl Registry {
 
     /// The tunnel a resumed session goes to, among those that can resume (wire version 2):
     /// one of the `connect` instance `connect` while it is attached (it holds the upstream
-    /// session), else, when `portable` (any `connect` can resume it), the least busy of the
-    /// token serving the source; `None` when the session's upstream went with its `connect`,
-    /// or no tunnel reaches the source now.
+    /// session) and, when another could take over, heard from; else, when `portable` (any
+    /// `connect` can resume it), the one [`Registry::route`] would pick among those of wire
+    /// version 2; `None` when the session's upstream went with its `connect`, or no tunnel
+    /// reaches the source now.
     pub fn route_resumed(
         &self,
         tenant: &str,
@@ -296,13 +297,11 @@ impl Registry {
                 })
                 .cloned()
         };
+        // Its own `connect`, unless that went silent and another can take the session over.
         let own = connect.and_then(|connect| {
-            best(
-                &mut all
-                    .iter()
-                    .rev()
-                    .filter(|t| t.terms.connect.as_deref() == Some(connect)),
-            )
+            best(&mut all.iter().rev().filter(|t| {
+                t.terms.connect.as_deref() == Some(connect) && !(portable && t.silent())
+            }))
         });
         own.or_else(|| portable.then(|| best(&mut all.iter().rev())).flatten())
     }
