@@ -119,6 +119,7 @@ async fn lost_session(
 ) -> Result<Response, AgentError> {
     match lost {
         Lost::NotFound => Err(AgentError::SessionNotFound),
+        Lost::Starting => Ok(unreached(calls, AgentError::Starting.into_response()).await),
         Lost::Cap(cap) => {
             let id = classified.messages().first().and_then(|m| m.id.clone());
             Ok(too_many_sessions(calls, id, cap).await)
@@ -367,6 +368,7 @@ async fn handle_get(
             .await
             .map_err(|lost| match lost {
                 Lost::Unreachable(why) => AgentError::Unavailable(why),
+                Lost::Starting => AgentError::Starting,
                 Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
             })?;
         let resume = header_str(&headers, LAST_EVENT_ID)
@@ -415,6 +417,7 @@ async fn handle_delete(
             .await
             .map_err(|lost| match lost {
                 Lost::Unreachable(why) => AgentError::Unavailable(why),
+                Lost::Starting => AgentError::Starting,
                 Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
             })?;
         state.sessions.remove(&session.id);
