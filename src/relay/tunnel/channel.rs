@@ -445,8 +445,8 @@ impl Channel {
 fn lost_reason(reason: String, silent_for: std::time::Duration) -> String {
     if reason.starts_with(STREAM_FAILED) && silent_for >= SILENT_AFTER {
         format!(
-            "the tunnel connection was lost: its tunnel client was not heard from for {} s",
-            silent_for.as_secs()
+            "the tunnel connection was lost: its tunnel client was not heard from for {:.0} s",
+            silent_for.as_secs_f64()
         )
     } else {
         reason
