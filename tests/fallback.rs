@@ -343,7 +343,7 @@ async fn until_rows(harness: &Harness, what: &str, ready: impl Fn(&[TunnelRow]) 
 }
 
 /// A `connect` killed without a word (`kill -9`, power loss) leaves a QUIC connection that looks
-/// open to the relay until its idle timeout (30 s). Once its peer is silent, new sessions go to
+/// open to the relay until its idle timeout (10 s). Once its peer is silent, new sessions go to
 /// the replacement, here on the HTTPS fallback, although QUIC is otherwise preferred.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_quic_tunnel_gets_no_new_sessions_while_its_https_replacement_is_heard() {

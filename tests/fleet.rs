@@ -253,11 +253,12 @@ async fn session_era_sessions_spread_over_the_fleet_and_every_call_succeeds() {
     );
 }
 
-/// Today a restarted relay reports healthy (`/healthz` 200) and takes agents at once, before any
-/// `connect` has attached again, and answers their calls 404 (`not found`, as for a source
-/// that does not exist) until one has; HAProxy, which never saw it down, sends it its share.
+/// A rolling restart under stateless load: each relay in turn gets SIGTERM (it reports itself
+/// unready and serves on for its drain delay, so HAProxy marks it down first; then it drains
+/// and exits 0) and is started again on the same ports, where it reports itself unready
+/// (`/healthz` 503 `starting`) until a `connect` has attached, so HAProxy sends it nothing it
+/// could not route. No call fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "issue 15: a restarted relay answers 404 until its connects are back (needs readiness and draining)"]
 async fn rolling_restart_under_stateless_load_fails_no_call() {
     let mut fleet = Fleet::start().await;
     let mut load = fleet.load("2026-07-28", STATELESS_SESSIONS, 0, 50.0, "rolling");
@@ -309,16 +310,28 @@ async fn rolling_restart_under_stateless_load_fails_no_call() {
     assert_upstream_saw_each_call_once(&fleet, &report);
 }
 
-/// Today the calls in flight on the killed `connect`, and the calls the relays route to its
-/// connections until they mark them silent (5 s unheard; a restarted `connect` does not end
-/// that), get no answer for about 30 s (the QUIC idle timeout; then a JSON-RPC error `source
-/// fleet is unavailable: tunnel stream failed: stream error: connection lost`): the client's
-/// 10 s timeout ends them here. At most one per client (each waits out its call); once the
-/// relays route through the running `connect`s only, every call succeeds.
+/// The client's per-call timeout in [`kill_9_of_a_connect_under_stateless_load_then_it_comes_back`]:
+/// above the time a relay takes to declare a silent tunnel dead (the transport's idle timeout,
+/// 10 s; over the fallback a keep-alive interval more) with room for a loaded machine, and
+/// below the 30 s it took before, so that a call left hanging shows as a client timeout.
+const KILLED_CONNECT_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// The calls in flight on the killed `connect`, and the calls the relays route to its
+/// connections until they mark them silent (5 s unheard), end with a JSON-RPC error once the
+/// relay declares the tunnel dead (10 s unheard: the QUIC idle timeout), never in a hang the
+/// client has to time out. At most one per client (each waits out its call); once the relays
+/// route through the running `connect`s only, every call succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_connect_under_stateless_load_then_it_comes_back() {
     let mut fleet = Fleet::start().await;
-    let mut load = fleet.load("2026-07-28", STATELESS_SESSIONS, 0, 50.0, "connect");
+    let mut load = fleet.load_with_call_timeout(
+        "2026-07-28",
+        STATELESS_SESSIONS,
+        0,
+        60.0,
+        "connect",
+        Some(KILLED_CONNECT_CALL_TIMEOUT),
+    );
     load.wait_calls(5 * STATELESS_SESSIONS).await;
     let killed = fleet.kill_connect(0).await;
     // Calls go on through the other connect; then the killed one comes back on every relay.
@@ -348,6 +361,20 @@ async fn kill_9_of_a_connect_under_stateless_load_then_it_comes_back() {
         "at most the calls in flight on the killed connect failed; {}",
         report.brief()
     );
+    // Each failed with the relay's answer (a JSON-RPC error saying the tunnel was lost), not
+    // a client timeout: no hang.
+    for call in &failed {
+        let error = call.error.as_deref().unwrap_or_default();
+        assert!(
+            error.contains("is unavailable") && !error.contains("Timeout"),
+            "a call on the killed connect got an error answer, not a hang: {call:?}; {}",
+            report.brief()
+        );
+        assert!(
+            !call.ended_before(killed.signalled),
+            "only calls in flight at or after the kill failed: {call:?}"
+        );
+    }
     assert!(
         report
             .calls
@@ -614,4 +641,78 @@ async fn kill_9_of_a_connect_under_session_load_keeps_every_session() {
         received.initializes
     );
     assert_eq!(received.repeated_calls(), Vec::<(String, u32)>::new());
+}
+
+/// Issue 15, must-show 3: a rolling restart under session-era load. Eight sessions call in a
+/// loop through HAProxy while each relay in turn gets SIGTERM and starts again; no call
+/// fails, each session keeps its one `Mcp-Session-Id`, the upstream sees each call once and
+/// one `initialize` per session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_under_session_load_fails_no_call() {
+    let mut fleet = Fleet::start().await;
+    let sessions = 8;
+    let mut load = fleet.load("legacy", sessions, 0, 50.0, "rolling-sessions");
+    load.wait_calls(3 * sessions).await;
+    let mut restarts = Vec::new();
+    for index in 0..fleet.relays.len() {
+        let stopping = SystemTime::now();
+        fleet.stop_relay(index).await;
+        let stopped = SystemTime::now();
+        fleet.start_relay(index).await;
+        restarts.push((
+            fleet.relays[index].id.clone(),
+            common::fleet::unix(stopping),
+            common::fleet::unix(stopped),
+            common::fleet::unix(SystemTime::now()),
+        ));
+    }
+    let restarted_at = SystemTime::now();
+    load.wait_calls_after(restarted_at, 3 * sessions).await;
+    let report = load.stop().await;
+
+    eprintln!(
+        "rolling restart (sessions) {restarts:?}: {} calls, {} failed; by relay {:?}; HAProxy's unusual requests: {:#?}",
+        report.calls.len(),
+        report.failed().len(),
+        report.calls_by_relay(),
+        fleet.haproxy.unusual_requests(),
+    );
+    assert!(
+        report.opens.iter().all(|open| open["ok"] == true),
+        "every session opened: {:?}; {}",
+        report.opens,
+        report.brief()
+    );
+    assert!(report.session_errors.is_empty(), "{}", report.brief());
+    assert!(
+        report.failed().is_empty(),
+        "no call failed during the rolling restart; {}",
+        report.brief()
+    );
+    assert!(
+        report.calls.iter().any(|c| c.started_after(restarted_at)),
+        "the load went on after the last restart"
+    );
+    let ids = report.session_ids_by_session();
+    assert_eq!(ids.len(), sessions, "{}", report.brief());
+    for (session, seen) in &ids {
+        assert!(
+            seen.len() == 1 && seen[0].is_some(),
+            "session {session} kept one session id through the restarts: {seen:?}"
+        );
+    }
+    assert_upstream_saw_each_call_once(&fleet, &report);
+    let received = fleet.upstream.received();
+    assert_eq!(
+        received.initialize_total(),
+        sessions as u32,
+        "one upstream initialize per agent session: {:?}",
+        received.initializes
+    );
+    assert_eq!(received.repeated_initializes(), Vec::<(String, u32)>::new());
+    assert!(
+        report.closes.iter().all(|close| close["ok"] == true),
+        "every session closed (DELETE): {:?}",
+        report.closes
+    );
 }

@@ -36,12 +36,21 @@ pub use calls::activity::{Activity, LATENCY_WINDOW, MAX_STATS_KEYS};
 pub use governance::{Governance, build as build_governance, load_config, trust_warnings};
 pub use http_server::no_delay;
 pub use session::parse_event_id;
-pub use state::RelayState;
+pub use state::{RelayState, Startup};
 pub use tunnel::TunnelRow;
 
 /// After shutdown, how long open agent requests may take to finish before the relay stops
 /// anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a relay of a fleet (one with a `[fleet]` section) reports itself unready after it
+/// starts, unless a tunnel registers first: `/healthz` answers `503 starting`, and an agent
+/// request for a source no tunnel reaches here yet gets `503` with `Retry-After: 1` instead of
+/// the `404` of an unknown source, so a load balancer sends a restarted relay nothing before
+/// its `connect`s are back. A `connect` reconnects at once when its relay goes, and within a few
+/// seconds of backoff when the relay was down for a while: 10 s covers that, and bounds how
+/// long a fleet with no `connect` at all (being set up) stays unhealthy.
+pub const STARTUP_WINDOW: Duration = Duration::from_secs(10);
 
 /// After the grace period, how long the last error answers get to reach their agents.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
@@ -110,6 +119,10 @@ pub struct FleetSettings {
     /// The keys that seal session ids: the fleet's (`[fleet] secret_file`), or this relay's
     /// own.
     pub keys: Arc<fleet::FleetKeys>,
+    /// After it starts, how long the relay reports itself unready until a tunnel registers
+    /// (see [`STARTUP_WINDOW`], the value with `[fleet]`); zero, the default, for a single
+    /// relay: ready at once.
+    pub startup_window: Duration,
 }
 
 impl RelaySettings {
@@ -136,6 +149,11 @@ impl RelaySettings {
                 id: config.fleet.as_ref().and_then(|f| f.id.clone()),
                 drain_delay: Duration::from_secs(config.drain_delay_secs()),
                 keys: Arc::new(fleet_keys(config)?),
+                startup_window: if config.fleet.is_some() {
+                    STARTUP_WINDOW
+                } else {
+                    Duration::ZERO
+                },
             },
         })
     }
@@ -260,6 +278,7 @@ impl Relay {
                 .unwrap_or(false),
             sse_keep_alive: settings.sse_keep_alive,
             fleet: settings.fleet.keys.clone(),
+            starting: state::Startup::new(settings.fleet.startup_window),
             unready: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             stop: CancellationToken::new(),

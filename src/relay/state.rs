@@ -2,7 +2,8 @@
 //! whole by a reload), the limits, and the shutdown tokens.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,10 @@ pub struct RelayState {
     pub sse_keep_alive: Duration,
     /// The keys that seal session ids (see [`super::fleet`]).
     pub fleet: Arc<super::fleet::FleetKeys>,
+    /// Whether the relay is still starting (a relay of a fleet, until a tunnel registers or
+    /// its startup window ends): `/healthz` answers `503 starting`, and an agent request for a
+    /// source no tunnel reaches here gets `503` with `Retry-After` rather than `404`.
+    pub starting: Startup,
     /// Cancelled as soon as the relay is told to stop: `/healthz` answers 503 and agent
     /// responses carry `Connection: close`, while agents are still served for the drain delay
     /// (`[fleet] drain_delay_secs`), so a load balancer moves new requests to other relays.
@@ -55,6 +60,48 @@ pub struct RelayState {
     /// Cancelled when the drain period is over: what is still in flight ends with an error
     /// that names the shutdown, and tunnel connections close.
     pub stop: CancellationToken,
+}
+
+/// A relay's startup: unready from its start until the first tunnel registers, or until its
+/// window ends (a fleet with no `connect` at all must still become healthy). A zero window (a
+/// relay outside a fleet) is never starting.
+#[derive(Debug)]
+pub struct Startup {
+    /// When the relay started.
+    began: Instant,
+    /// The longest it stays starting.
+    window: Duration,
+    /// Whether a tunnel has registered.
+    attached: AtomicBool,
+}
+
+impl Startup {
+    /// A relay starting now, unready for at most `window`.
+    pub fn new(window: Duration) -> Self {
+        Self::since(Instant::now(), window)
+    }
+
+    /// A relay that started at `began`.
+    fn since(began: Instant, window: Duration) -> Self {
+        Self {
+            began,
+            window,
+            attached: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the relay is still starting: no tunnel has registered, and the window is not
+    /// over.
+    pub fn is_starting(&self) -> bool {
+        !self.attached.load(Ordering::Acquire) && self.began.elapsed() < self.window
+    }
+
+    /// Records that a tunnel registered; returns whether that ended the startup (the first,
+    /// within the window).
+    pub fn tunnel_registered(&self) -> bool {
+        let starting = self.is_starting();
+        !self.attached.swap(true, Ordering::AcqRel) && starting
+    }
 }
 
 /// Names that reach a loopback listener legitimately.
@@ -188,11 +235,50 @@ impl TunnelHost for RelayState {
         self.calls.metric_names().learn_sources(tenant, sources);
     }
 
+    fn routed(&self) {
+        if self.starting.tunnel_registered() {
+            tracing::info!(
+                relay = %self.instance,
+                "ready: the first tunnel registered; /healthz answers 200"
+            );
+        }
+    }
+
     fn draining(&self) -> &CancellationToken {
         &self.shutdown
     }
 
     fn stopped(&self) -> &CancellationToken {
         &self.stop
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_is_starting_until_a_tunnel_registers_or_its_window_ends() {
+        let window = Duration::from_secs(10);
+        let starting = Startup::new(window);
+        assert!(starting.is_starting());
+        assert!(
+            starting.tunnel_registered(),
+            "the first tunnel ends the startup"
+        );
+        assert!(!starting.is_starting());
+        assert!(!starting.tunnel_registered(), "only the first one");
+
+        let over = Startup::since(Instant::now() - window, window);
+        assert!(
+            !over.is_starting(),
+            "a window that ended: ready without a tunnel"
+        );
+        assert!(!over.tunnel_registered(), "nothing left to end");
+
+        assert!(
+            !Startup::new(Duration::ZERO).is_starting(),
+            "a relay outside a fleet is ready at once"
+        );
     }
 }

@@ -123,7 +123,11 @@ fn handshake_failed(e: h2::Error) -> TransportError {
 }
 
 /// Sends pings every [`KEEP_ALIVE`]; a pong that takes longer than [`IDLE_TIMEOUT`] closes
-/// the connection. Pong times are the RTT estimate, and a pong is the peer heard from.
+/// the connection (so a peer that vanished without closing TCP, as on a network cut, is dead
+/// at most `KEEP_ALIVE + IDLE_TIMEOUT` after its last pong; a killed process's TCP connection
+/// is closed by its kernel at once). The whole timeout is given to each ping, rather than the
+/// rest of `IDLE_TIMEOUT` since the last pong: only pongs count as the peer heard from here,
+/// and one may queue behind a burst of data on a slow link. Pong times are the RTT estimate.
 async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
     loop {
         let started = tokio::time::Instant::now();
@@ -133,7 +137,12 @@ async fn keep_alive(mut ping_pong: h2::PingPong, state: Arc<State>) {
                 *state.heard.lock() = tokio::time::Instant::now();
             }
             Ok(Err(e)) => return state.close(&format!("keep-alive failed: {e}")),
-            Err(_) => return state.close("timed out: no keep-alive answer"),
+            Err(_) => {
+                return state.close(&format!(
+                    "timed out: no keep-alive answer within {} s",
+                    IDLE_TIMEOUT.as_secs()
+                ));
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(KEEP_ALIVE) => {}

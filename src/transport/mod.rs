@@ -30,10 +30,18 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// its replacement must get the sessions meanwhile.
 pub const SILENT_AFTER: Duration = Duration::from_secs(5);
 
-/// A connection with no traffic at all for this long is closed as dead. Longer than
-/// [`SILENT_AFTER`] on purpose: a network outage of a few seconds costs a silent tunnel its new
-/// sessions, not the sessions it carries.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no traffic at all for this long is closed as dead: QUIC's idle timeout,
+/// and over the fallback the longest an HTTP/2 PING may go unanswered. Its streams end then,
+/// and the requests in flight on them get a JSON-RPC error at once.
+///
+/// 10 s is five [`KEEP_ALIVE`] intervals: a live peer answers several keep-alives in that time
+/// even with a lost packet or two, so only a peer that is gone (killed without a word, power
+/// loss, network cut) reaches it. It is twice [`SILENT_AFTER`] on purpose: an outage of a few
+/// seconds costs a silent tunnel its new sessions, not the calls it carries. Longer bought
+/// nothing since sessions survive the loss of a tunnel (`connect` holds the upstream session,
+/// and a relay resumes it on another tunnel): it only made the calls in flight on a dead
+/// tunnel wait longer for their error (30 s before).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A boxed future, as returned by the object-safe [`TunnelConnection`] methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

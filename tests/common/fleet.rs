@@ -163,11 +163,19 @@ listen = "{admin}"
 
 [fleet]
 id = "{id}"
+drain_delay_secs = {RELAY_DRAIN_DELAY_SECS}
 {secret}
 {tenant}"#,
         secret = fleet_secret_line()
     )
 }
+
+/// The relays' `[fleet] drain_delay_secs`: told to stop, a relay reports itself unready
+/// (`/healthz` 503) and serves on for this long, so HAProxy marks it down before it stops
+/// taking requests. HAProxy needs `fall` (2) failed checks, the first within `inter` (500 ms)
+/// and the next `fastinter` (250 ms) later: about 0.75 s, plus a check's round trip; 2 s leaves
+/// room on a loaded machine.
+pub const RELAY_DRAIN_DELAY_SECS: u64 = 2;
 
 /// The fleet secret's file in the fleet's directory (32 random bytes, written by
 /// [`Fleet::start_with`]).
@@ -220,7 +228,11 @@ pub fn haproxy_binary() -> PathBuf {
 /// - round-robin, no stickiness (no cookie, no `balance source`, no `prefer-last-server`): every
 ///   request is balanced on its own;
 /// - health checks `GET /healthz` on each relay's admin port, fast for tests (every 500 ms, down
-///   after 2 failures, up after 2 successes);
+///   after 2 failures, up after 2 successes). A relay answers 503 from SIGTERM on for its drain
+///   delay ([`RELAY_DRAIN_DELAY_SECS`], longer than `fall` checks take), and again after it
+///   starts until a `connect` has attached: so `rise 2` is not what keeps a restarted relay
+///   out until it can serve (its `starting` answer is), it only asks for two good answers in
+///   a row before traffic returns;
 /// - `retries 2` with `retry-on conn-failure` only, and `option redispatch`: a request is sent
 ///   again (to another relay on the last retry) only when its connection failed, so never once a
 ///   relay may have received it (no `empty-response`, `response-timeout` or status retries);
@@ -763,6 +775,21 @@ impl Fleet {
         seconds: f64,
         prefix: &str,
     ) -> Load {
+        self.load_with_call_timeout(mode, sessions, calls, seconds, prefix, None)
+    }
+
+    /// [`Fleet::load`] with the client's per-call timeout (`FLEET_CLIENT_CALL_TIMEOUT`; 10 s
+    /// when `None`): a call with no answer within it is recorded as failed with a
+    /// `TimeoutError`.
+    pub fn load_with_call_timeout(
+        &self,
+        mode: &str,
+        sessions: usize,
+        calls: usize,
+        seconds: f64,
+        prefix: &str,
+        call_timeout: Option<Duration>,
+    ) -> Load {
         let mut command = Command::new(super::peers::python());
         command
             .arg(super::peers::peer_file("fleet_client.py"))
@@ -776,6 +803,13 @@ impl Fleet {
             .env("PYTHONUNBUFFERED", "1");
         let stop_file = self.dir.path().join(format!("stop-{prefix}"));
         command.env("FLEET_CLIENT_STOP_FILE", &stop_file);
+        match call_timeout {
+            Some(timeout) => command.env(
+                "FLEET_CLIENT_CALL_TIMEOUT",
+                timeout.as_secs_f64().to_string(),
+            ),
+            None => command.env_remove("FLEET_CLIENT_CALL_TIMEOUT"),
+        };
         Load {
             process: Proc::start("fleet_client.py", &mut command),
             seconds,

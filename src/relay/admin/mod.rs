@@ -42,12 +42,16 @@ pub(super) fn routes(state: Arc<RelayState>) -> Router<Arc<RelayState>> {
         .route("/healthz", get(healthz))
 }
 
-/// `GET /healthz`: `200 ok` while the relay serves, `503 draining` from the moment it is told
+/// `GET /healthz`: `200 ok` while the relay serves; `503 draining` from the moment it is told
 /// to stop, so a load balancer moves new requests to other relays while this one still
-/// serves them.
+/// serves them; and `503 starting` while a relay of a fleet has just started and no tunnel has
+/// registered yet (see [`crate::relay::STARTUP_WINDOW`]), so a load balancer sends it nothing
+/// it could not route.
 async fn healthz(State(state): State<Arc<RelayState>>) -> Response {
     if state.unready.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if state.starting.is_starting() {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
     } else {
         "ok\n".into_response()
     }

@@ -498,7 +498,9 @@ pub(super) fn open_header(
 }
 
 /// Opens a tunnel stream to the source named in `header`, for the caller's tenant only; a
-/// source that is unknown, offline or another tenant's is the same 404. When the tenant enables
+/// source that is unknown, offline or another tenant's is the same 404 (the same 503
+/// [`AgentError::Starting`] while the relay is starting: no tunnel may have registered yet,
+/// whoever's it is). When the tenant enables
 /// identity assertions for the source, the stream's header carries one, signed here, and the
 /// channel renews it while the stream lives (see [`crate::govern::assertion`]).
 pub(super) async fn open_channel(
@@ -509,8 +511,20 @@ pub(super) async fn open_channel(
     let tunnel = state
         .registry
         .route(&who.tenant, &header.source)
-        .ok_or_else(|| AgentError::NotFound.into_response())?;
+        .ok_or_else(|| unrouted(state).into_response())?;
     open_on(state, who, &tunnel, header).await
+}
+
+/// The refusal of a request for a source no tunnel of the caller's tenant reaches here: `404`,
+/// as for a source that does not exist; `503` with `Retry-After` while the relay is starting
+/// (its tunnels may not have registered yet). Which one depends on the relay's startup only,
+/// never on the source or on other tenants.
+pub(super) fn unrouted(state: &RelayState) -> AgentError {
+    if state.starting.is_starting() {
+        AgentError::Starting
+    } else {
+        AgentError::NotFound
+    }
 }
 
 /// Opens a tunnel stream on `tunnel` (see [`open_channel`]). A `connect` of wire version 1

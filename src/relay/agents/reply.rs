@@ -119,6 +119,11 @@ pub(super) enum AgentError {
     /// JSON-RPC error each instead).
     #[error("{0}")]
     Unavailable(String),
+    /// The relay has just started and no tunnel reaches the source here yet (see
+    /// [`crate::relay::STARTUP_WINDOW`]): `503` with `Retry-After: 1`, whether or not the
+    /// source exists, for any tenant.
+    #[error("the relay is starting and cannot reach the source yet; retry shortly")]
+    Starting,
     /// A rate limit refused the request: `429` with `Retry-After`.
     #[error("{}", rate_limited_message(.0))]
     RateLimited(RateLimited),
@@ -178,7 +183,7 @@ impl IntoResponse for AgentError {
             AgentError::TooManySessions { id, .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, codes::INVALID_REQUEST, id)
             }
-            AgentError::Unavailable(_) => {
+            AgentError::Unavailable(_) | AgentError::Starting => {
                 retry_after = Some(HeaderValue::from_static("1"));
                 (
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -31,16 +31,20 @@ pub(super) enum Lost {
     /// is reconnecting): the agent's requests get an error that says so, and the session id
     /// stays good.
     Unreachable(String),
+    /// The relay is starting and no tunnel reaches the source here yet: the `connect` holding
+    /// the session may not have attached again (see [`crate::relay::STARTUP_WINDOW`]).
+    Starting,
     /// A session cap refused resuming it here.
     Cap(crate::relay::session::CapReached),
 }
 
 impl Lost {
     /// The answer to a GET or DELETE (no requests to answer one by one): `404`, or `503` while
-    /// the source is unreachable.
+    /// the source is unreachable or the relay is starting.
     pub(super) fn into_error(self) -> AgentError {
         match self {
             Lost::Unreachable(why) => AgentError::Unavailable(why),
+            Lost::Starting => AgentError::Starting,
             Lost::NotFound | Lost::Cap(_) => AgentError::SessionNotFound,
         }
     }
@@ -89,8 +93,11 @@ async fn resume(
             .registry
             .route_resumed(&who.tenant, source, claims.connect.as_deref(), portable)
     else {
-        // Held only by a `connect` that is gone: so is the session.
-        return Err(if portable {
+        // Held only by a `connect` that is gone: so is the session. Unless this relay has
+        // just started, and that `connect` may not be back yet.
+        return Err(if state.starting.is_starting() {
+            Lost::Starting
+        } else if portable {
             unreachable()
         } else {
             Lost::NotFound

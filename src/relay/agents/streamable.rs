@@ -119,6 +119,7 @@ async fn lost_session(
 ) -> Result<Response, AgentError> {
     match lost {
         Lost::NotFound => Err(AgentError::SessionNotFound),
+        Lost::Starting => Ok(unreached(calls, AgentError::Starting.into_response()).await),
         Lost::Cap(cap) => {
             let id = classified.messages().first().and_then(|m| m.id.clone());
             Ok(too_many_sessions(calls, id, cap).await)

@@ -30,8 +30,10 @@ pub(crate) trait TunnelHost: Send + Sync + 'static {
     fn tunnel_grant(&self, token: &str) -> Option<TunnelGrant>;
     /// The frame limit offered to every `connect` at its handshake.
     fn max_frame(&self) -> usize;
-    /// A tunnel of `tenant` registered `sources`.
+    /// A tunnel of `tenant` is about to register `sources`.
     fn registered(&self, tenant: &str, sources: &[String]);
+    /// A tunnel registered: its sources are routed.
+    fn routed(&self);
     /// Cancelled when the relay starts draining: tunnels are told, nothing new is accepted.
     fn draining(&self) -> &CancellationToken;
     /// Cancelled when the relay stops: tunnel connections close.
@@ -311,10 +313,12 @@ async fn handshake<H: TunnelHost>(
     let sources: Vec<String> = hello.sources.into_iter().map(|s| s.name).collect();
     // A registered source is one metrics may name (see `metric_names`).
     host.registered(&grant.tenant, &sources);
+    let tunnel = host
+        .registry()
+        .register(grant, sources, connection.clone(), terms);
+    host.routed();
     Ok(Control {
-        tunnel: host
-            .registry()
-            .register(grant, sources, connection.clone(), terms),
+        tunnel,
         reader,
         writer,
     })

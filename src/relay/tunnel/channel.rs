@@ -20,7 +20,7 @@ use super::budget::Budget;
 use super::registry::{StreamGuard, Tunnel};
 use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
-use crate::transport::{TransportError, TransportKind};
+use crate::transport::{SILENT_AFTER, TransportError, TransportKind};
 use crate::wire::{
     Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, Resumable, SinkError,
     UNSOLICITED,
@@ -265,12 +265,13 @@ impl Channel {
 
         let mut frames_in = FrameReader::new(stream.recv, read_limit);
         let read_shared = shared.clone();
+        let connection = tunnel.connection.clone();
         tokio::spawn(async move {
             let reason = tokio::select! {
                 reason = read_loop(&mut frames_in, &read_shared, answer_limit.max(read_limit)) => reason,
                 _ = stopped => "session ended".to_owned(),
             };
-            read_shared.close(reason);
+            read_shared.close(lost_reason(reason, connection.silent_for()));
         });
 
         Ok(Arc::new(Self {
@@ -447,6 +448,24 @@ impl Channel {
     }
 }
 
+/// Why a stream ended, as its requests in flight are told: a stream that failed on a
+/// connection whose peer was silent past [`SILENT_AFTER`] (a `connect` killed without a word,
+/// or cut off from the network, until the [idle timeout](crate::transport::IDLE_TIMEOUT)
+/// closed it) says so, rather than only "connection lost".
+fn lost_reason(reason: String, silent_for: std::time::Duration) -> String {
+    if reason.starts_with(STREAM_FAILED) && silent_for >= SILENT_AFTER {
+        format!(
+            "the tunnel connection was lost: its tunnel client was not heard from for {:.0} s",
+            silent_for.as_secs_f64()
+        )
+    } else {
+        reason
+    }
+}
+
+/// The start of the reason of a stream that failed (not ended by either side).
+const STREAM_FAILED: &str = "tunnel stream failed";
+
 /// Reads frames until the stream ends; returns why it ended.
 async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
     frames: &mut FrameReader<R>,
@@ -458,7 +477,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
         let frame = match frames.next().await {
             Ok(Some(frame)) => frame,
             Ok(None) => return "the tunnel client ended the stream".into(),
-            Err(e) => return format!("tunnel stream failed: {e}"),
+            Err(e) => return format!("{STREAM_FAILED}: {e}"),
         };
         if frame.kind == FrameKind::Resumable {
             match frame.parse_json::<Resumable>(FrameKind::Resumable) {
