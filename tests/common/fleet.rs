@@ -164,9 +164,8 @@ listen = "{admin}"
 [fleet]
 id = "{id}"
 drain_delay_secs = {RELAY_DRAIN_DELAY_SECS}
-{secret}
-{tenant}"#,
-        secret = fleet_secret_line()
+secret_file = "{FLEET_SECRET_FILE}"
+{tenant}"#
     )
 }
 
@@ -180,21 +179,6 @@ pub const RELAY_DRAIN_DELAY_SECS: u64 = 2;
 /// The fleet secret's file in the fleet's directory (32 random bytes, written by
 /// [`Fleet::start_with`]).
 pub const FLEET_SECRET_FILE: &str = "fleet.key";
-
-/// Whether the relay configs name the fleet secret (`[fleet] secret_file`): the relays of one
-/// fleet open each other's session ids.
-pub const WRITE_FLEET_SECRET: bool = true;
-
-/// The `[fleet]` line naming the secret file, or a comment saying why there is none.
-fn fleet_secret_line() -> String {
-    if WRITE_FLEET_SECRET {
-        format!("secret_file = \"{FLEET_SECRET_FILE}\"")
-    } else {
-        format!(
-            "# secret_file = \"{FLEET_SECRET_FILE}\"  (issue 15: not written until the relay accepts it)"
-        )
-    }
-}
 
 /// HAProxy started by the test on loopback, in the foreground (`-db`), with its config in the
 /// fleet's directory; killed by PID on drop.
@@ -436,8 +420,7 @@ pub struct Fleet {
     pub tunnel_token: String,
     /// The CA the `connect`s trust.
     pub ca: PathBuf,
-    /// The fleet secret's file (`fleet.key`, 32 random bytes), the same for every relay; not in
-    /// their configs yet (see [`WRITE_FLEET_SECRET`]).
+    /// The fleet secret's file (`fleet.key`, 32 random bytes), named by every relay's config.
     pub fleet_secret: PathBuf,
     /// Dev certificates (`relay.pem`, `relay.key`, `ca.pem`), `fleet.key`, the relay configs
     /// (`relay-N.toml`) and `haproxy.cfg`.
