@@ -9,6 +9,9 @@ pub const SESSIONS_ACTIVE: &str = "mcp_tunnel_sessions_active";
 /// Counter: agent sessions this relay resumed from their sealed ids (opened on another relay
 /// of the fleet, or before a restart).
 pub const SESSIONS_RESUMED: &str = "mcp_tunnel_sessions_resumed_total";
+/// Counter: answers this relay resumed for an agent by a replay from `connect` (the relay
+/// that carried them died, or the agent resumed on another relay).
+pub const ANSWERS_REPLAYED: &str = "mcp_tunnel_answers_replayed_total";
 /// Counter: agent requests, labelled by `outcome`.
 pub const REQUESTS: &str = "mcp_tunnel_requests_total";
 /// Counter: server-to-agent messages dropped because no agent stream could take them.

@@ -358,3 +358,101 @@ async fn a_stdio_session_keeps_its_process_on_another_relay_and_ends_with_its_co
     let answer = on_b.call_tool(5, "echo", json!({"message": "four"})).await;
     assert_eq!(answer.status, 404, "{answer:?}");
 }
+
+/// Reads `response`'s event stream until `enough` holds for what was read (bounded by
+/// [`WAIT`]); returns the text.
+async fn read_events_until(
+    response: &mut reqwest::Response,
+    mut enough: impl FnMut(&str) -> bool,
+) -> String {
+    let mut text = String::new();
+    let read = async {
+        while !enough(&text) {
+            match response.chunk().await {
+                Ok(Some(chunk)) => text.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => break,
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("the events arrive in time");
+    text
+}
+
+/// The last event id in an event stream's text.
+fn last_event_id(text: &str) -> Option<String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("id:"))
+        .map(|id| id.trim().to_owned())
+        .next_back()
+}
+
+#[tokio::test]
+async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_the_call_once() {
+    let (stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, gate, recorded) = common::start_gated_upstream(&stop).await;
+    let _client = connect_all(&[&a, &b], &upstream).await;
+    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
+    on_a.initialize_result().await;
+
+    // In a fleet a 2025-11-25 session's answer is a stream primed at once: it has an event id
+    // before the upstream has answered.
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
+    let mut post = on_a.send(&call).await;
+    assert_eq!(post.status(), 200);
+    assert!(common::is_event_stream(post.headers()));
+    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
+    let id = last_event_id(&primed).expect("a priming event id");
+    gate.held().await;
+
+    // The agent's connection breaks with the call in flight; it resumes on the other relay,
+    // which has never seen the answer: `connect` replays it there.
+    drop(post);
+    let on_b = via(&b, &on_a);
+    let resumed = on_b.get(Some(&id), "resume the answer on B").await;
+    assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
+    assert!(common::is_event_stream(resumed.headers()));
+    gate.release();
+    let body = tokio::time::timeout(WAIT, resumed.bytes())
+        .await
+        .expect("the answer in time")
+        .expect("the body");
+    let answers: Vec<serde_json::Value> = common::sse_data(&body)
+        .iter()
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .collect();
+    assert_eq!(answers.len(), 1, "the answer, once: {answers:?}");
+    assert_eq!(answers[0]["id"], 7);
+    assert_eq!(common::tool_text(&answers[0]), "released");
+
+    // Resumed again from the start, on the first relay: the same answer (kept by `connect`),
+    // and still one call upstream.
+    let again = on_a.get(Some(&id), "resume the answer on A").await;
+    assert_eq!(again.status(), 200);
+    let body = tokio::time::timeout(WAIT, again.bytes())
+        .await
+        .expect("the answer in time")
+        .expect("the body");
+    assert!(
+        common::sse_data(&body)
+            .iter()
+            .any(|data| data.contains("released")),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        seen(&recorded, "tools/call"),
+        1,
+        "the upstream saw the call once"
+    );
+    // Both relays of this test count into the process's one metrics recorder: B's replay,
+    // then A's (the answer had moved away from A's own log).
+    let replayed = b.metrics().await;
+    assert!(
+        replayed.contains("mcp_tunnel_answers_replayed_total 2"),
+        "{replayed}"
+    );
+}

@@ -724,7 +724,7 @@ async fn a_fleet_relay_told_to_stop_reports_unready_and_serves_through_its_drain
     init_tracing();
     let upstream_stop = CancellationToken::new();
     let _upstream_guard = upstream_stop.clone().drop_guard();
-    let (upstream, gate) = common::start_gated_upstream(&upstream_stop).await;
+    let (upstream, gate, _) = common::start_gated_upstream(&upstream_stop).await;
     let harness = Harness::start(Options {
         fleet: mcp_tunnel::relay::FleetSettings {
             id: Some("relay-drain".into()),

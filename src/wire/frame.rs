@@ -93,6 +93,23 @@ pub enum FrameKind {
     ///
     /// Wire version 2 (see [`crate::wire::version`]).
     Listen = 11,
+    /// Replaying an answer on another stream, both ways, on a session-era stream.
+    ///
+    /// From the relay (JSON [`super::Replay`]): an agent resumes an answer with `Last-Event-ID`
+    /// here, but the answer was carried by another stream of the session (another relay's,
+    /// maybe one that died): `connect` sends what it buffered of that answer after the
+    /// message the agent saw, then the rest as it arrives, tagged with this frame's exchange
+    /// instead of the old one (the old stream gets none of it any more).
+    ///
+    /// From `connect`, tagged with that exchange: the replay begins; the payload is the agent's
+    /// message the answer belongs to (so the relay records the calls it answers, as for any
+    /// answer it releases). A replay `connect` cannot make (it never had the answer, or
+    /// forgot it) gets [`FrameKind::End`] instead. An empty one, tagged with an exchange the
+    /// answer went to before, says the answer moved to another stream: nothing more of it
+    /// comes there.
+    ///
+    /// Wire version 3 (see [`crate::wire::version`]).
+    Replay = 12,
 }
 
 impl FrameKind {
@@ -109,6 +126,7 @@ impl FrameKind {
             9 => Self::MessagePart,
             10 => Self::Resumable,
             11 => Self::Listen,
+            12 => Self::Replay,
             _ => return None,
         })
     }

@@ -68,6 +68,26 @@ pub struct SessionHandle {
     /// session negotiated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<Resumable>,
+    /// The relay's number for this stream of the session (random, distinct among the
+    /// session's streams on every relay): `connect` keys what it buffers of each answer by
+    /// this number and the exchange, the relay seals both into the answer's event ids, and a
+    /// [`Replay`] names an answer by them, from any relay.
+    ///
+    /// Wire version 3 (see [`crate::wire::version`]); without it `connect` buffers nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u64>,
+}
+
+/// Which answer to replay ([`super::FrameKind::Replay`], from the relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replay {
+    /// The stream that carried the answer ([`SessionHandle::stream`]).
+    pub stream: u64,
+    /// Its exchange on that stream.
+    pub exchange: u64,
+    /// Whole messages of the answer the agent already has: the replay starts after them.
+    pub after: u64,
 }
 
 /// What `connect` says of an upstream session it holds ([`super::FrameKind::Resumable`]).

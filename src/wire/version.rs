@@ -39,6 +39,8 @@
 //! - **2**: sessions that outlive their stream (issue 15, a fleet of relays): the open
 //!   header's `session`, the [`Hello`](super::Hello)'s `instance`, and the `Resumable` and
 //!   `Listen` frame kinds.
+//! - **3**: nothing in flight lost (issue 15): the session handle's `stream`, and the `Replay`
+//!   frame kind (`connect` buffers each answer of a held session; any relay replays it).
 
 use thiserror::Error;
 
@@ -46,7 +48,7 @@ use thiserror::Error;
 pub const ALPN: &[u8] = b"mcp-tunnel/1";
 
 /// The newest wire version this build speaks, announced in the handshake (rule 2).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest peer version this build still serves (rule 4).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

@@ -998,30 +998,46 @@ impl Gate {
 
 /// A minimal Streamable HTTP upstream whose `tools/call` of `hold` answers `released` only
 /// once the returned [`Gate`] opens (or after [`WAIT`]); every other tool answers `served` at
-/// once.
-pub async fn start_gated_upstream(shutdown: &CancellationToken) -> (String, Gate) {
+/// once. It records every request (see [`Seen`]) and settles `initialize` on the version the
+/// client asked for.
+pub async fn start_gated_upstream(shutdown: &CancellationToken) -> (String, Gate, Seen) {
     let gate = Gate::default();
+    let seen = Seen::default();
     let app = axum::Router::new().route(
         "/mcp",
         axum::routing::post({
-            let gate = gate.clone();
-            move |body: String| {
-                let gate = gate.clone();
+            let (gate, seen) = (gate.clone(), seen.clone());
+            move |headers: HeaderMap, body: String| {
+                let (gate, seen) = (gate.clone(), seen.clone());
                 async move {
                     let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
                     let method = message["method"].as_str().unwrap_or_default();
+                    seen.lock().expect("lock").push((
+                        method.to_owned(),
+                        headers,
+                        std::time::SystemTime::now(),
+                    ));
                     if message["params"]["name"] == "hold" {
                         gate.arrived.notify_one();
                         let _ = tokio::time::timeout(WAIT, gate.open.cancelled()).await;
                         return scripted_answer(&message, method, "released");
                     }
-                    scripted_answer(&message, method, "served")
+                    let mut answer = scripted_answer(&message, method, "served");
+                    if method == "initialize" {
+                        let asked = message["params"]["protocolVersion"].clone();
+                        answer = (
+                            [("content-type", "application/json"), ("mcp-session-id", "upstream-1")],
+                            json!({"jsonrpc":"2.0","id":message["id"],"result":{"protocolVersion":asked,"capabilities":{"tools":{}},"serverInfo":{"name":"gated","version":"1"}}}).to_string(),
+                        )
+                            .into_response();
+                    }
+                    answer
                 }
             }
         }),
     );
     let addr = serve_axum(app, shutdown).await;
-    (format!("http://{addr}/mcp"), gate)
+    (format!("http://{addr}/mcp"), gate, seen)
 }
 
 /// A minimal Streamable HTTP upstream that records the headers of every request.

@@ -2,6 +2,7 @@
 
 mod held;
 mod http;
+mod replay;
 mod routing;
 mod stdio;
 mod stream;

@@ -20,7 +20,7 @@ use super::routing::Routing;
 use crate::mcp::Classified;
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, error_body};
 use crate::transport::{RecvHalf, SendHalf};
-use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter};
+use crate::wire::{Frame, FrameKind, FrameReader, FrameWriter, WeakFrameSink};
 
 /// Time the relay has to send the first message on a stream a source refuses.
 const REFUSE_WAIT: Duration = Duration::from_secs(10);
@@ -35,7 +35,8 @@ pub(crate) async fn serve<F: Future<Output = ()>>(
 ) {
     let max_frame = writer.limit();
     let (out, finished) = super::start_writer(writer);
-    source(Inbound::new(reader), out, max_frame).await;
+    let inbound = Inbound::new(reader, out.downgrade());
+    source(inbound, out, max_frame).await;
     let _ = finished.await;
 }
 
@@ -45,15 +46,28 @@ pub(crate) struct Inbound {
     /// The relay ended the stream with `Close`: the agent's session is over (the agent
     /// deleted it), not only this stream (a relay gone or done with it).
     closed_by_relay: bool,
+    /// Whether the source replays answers ([`FrameKind::Replay`]); if not, each replay the
+    /// relay asks for is refused at once (`End`), so the relay need not wait for it.
+    replays: bool,
+    /// The stream's frames toward the relay, for those refusals.
+    out: WeakFrameSink<SendHalf>,
 }
 
 impl Inbound {
     /// Reads the frames of `reader`.
-    pub(crate) fn new(reader: FrameReader<RecvHalf>) -> Self {
+    pub(crate) fn new(reader: FrameReader<RecvHalf>, out: WeakFrameSink<SendHalf>) -> Self {
         Self {
             reader,
             closed_by_relay: false,
+            replays: false,
+            out,
         }
+    }
+
+    /// The source replays answers: `Replay` frames go to its `on_signal` (see
+    /// [`Inbound::next_message_with`]).
+    pub(crate) fn replays_answers(&mut self) {
+        self.replays = true;
     }
 
     /// Whether the relay ended the stream with `Close` (see [`Inbound::next_message`]).
@@ -61,8 +75,8 @@ impl Inbound {
         self.closed_by_relay
     }
 
-    /// The next message, passing each signal frame before it (identity, listen) to
-    /// `on_signal`. `None` once the stream is over: finished, broken, closed by the relay
+    /// The next message, passing each signal frame before it (identity, listen, and replay
+    /// when the source [replays answers](Inbound::replays_answers)) to `on_signal`. `None` once the stream is over: finished, broken, closed by the relay
     /// (`Close`), or carrying a frame no exchange stream carries. Cancel-safe: a frame is taken
     /// only when returned or handed to `on_signal`.
     pub(crate) async fn next_message_with(
@@ -80,7 +94,14 @@ impl Inbound {
             };
             match frame.kind {
                 FrameKind::Message => return Some(frame),
-                FrameKind::Identity | FrameKind::Listen => on_signal(&frame),
+                FrameKind::Replay if !self.replays => {
+                    if let Some(out) = self.out.upgrade() {
+                        tokio::spawn(async move {
+                            let _ = out.send(Frame::end(frame.exchange)).await;
+                        });
+                    }
+                }
+                FrameKind::Identity | FrameKind::Listen | FrameKind::Replay => on_signal(&frame),
                 FrameKind::Close => {
                     tracing::debug!(reason = %frame.reason(), "relay closed the stream");
                     self.closed_by_relay = true;

@@ -27,7 +27,7 @@ use crate::relay::governance::Governance;
 use crate::relay::session::Session;
 use crate::relay::state::RelayState;
 use crate::relay::tunnel::{Budget, Channel, ChannelLimits};
-use crate::wire::{Era, OpenHeader};
+use crate::wire::{Era, OpenHeader, SessionHandle};
 
 /// A header's value as text, if present and text.
 pub(super) fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -258,6 +258,18 @@ pub(super) async fn admit(
     body: Body,
 ) -> Result<Admitted, AgentError> {
     let (body, classified) = read_message(state, who, source, body).await?;
+    Ok(admit_read(state, who, source, body, classified).await)
+}
+
+/// The admission of a message already read (see [`admit`]): a replayed answer's request,
+/// which `connect` sends back, is admitted again on the relay that releases its answer.
+pub(super) async fn admit_read(
+    state: &RelayState,
+    who: &Identity,
+    source: &str,
+    body: Bytes,
+    classified: Classified,
+) -> Admitted {
     let authorization = authorize(state, who, source, &body, &classified).await;
     let calls = InFlight::begin(
         &state.calls,
@@ -267,12 +279,12 @@ pub(super) async fn admit(
         &classified,
         &authorization.decisions,
     );
-    Ok(Admitted {
+    Admitted {
         body,
         classified,
         calls,
         refusal: authorization.refusal,
-    })
+    }
 }
 
 /// Why a body is refused before it reaches the tunnel: the JSON-RPC error to answer with, and
@@ -528,7 +540,8 @@ pub(super) fn unrouted(state: &RelayState) -> AgentError {
 }
 
 /// Opens a tunnel stream on `tunnel` (see [`open_channel`]). A `connect` of wire version 1
-/// gets no session handle: it ends the upstream session with the stream, as it always did.
+/// gets no session handle: it ends the upstream session with the stream, as it always did;
+/// one of version 2 no stream number: it keeps no answers for a replay.
 pub(super) async fn open_on(
     state: &RelayState,
     who: &Identity,
@@ -536,14 +549,26 @@ pub(super) async fn open_on(
     header: &OpenHeader,
 ) -> Result<Arc<Channel>, Response> {
     let stripped;
-    let header = if tunnel.terms.wire_version < 2 && header.session.is_some() {
-        stripped = OpenHeader {
-            session: None,
-            ..header.clone()
-        };
-        &stripped
-    } else {
-        header
+    let header = match (&header.session, tunnel.terms.wire_version) {
+        (Some(_), ..2) => {
+            stripped = OpenHeader {
+                session: None,
+                ..header.clone()
+            };
+            &stripped
+        }
+        // Wire version 3 added the stream number (answers kept for a replay).
+        (Some(named), 2) if named.stream.is_some() => {
+            stripped = OpenHeader {
+                session: Some(SessionHandle {
+                    stream: None,
+                    ..named.clone()
+                }),
+                ..header.clone()
+            };
+            &stripped
+        }
+        _ => header,
     };
     let governance = state.governance();
     let signed = match governance.keyring.assertions() {

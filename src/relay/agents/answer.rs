@@ -177,6 +177,11 @@ async fn answer(
             StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
         })
     };
+    if let Some(session) = session.filter(|s| primes_at_once(state, s)) {
+        // Resumable on any relay from its first byte: a call in flight when this relay dies
+        // is not lost (see `relay::agents::replay`).
+        return stream_answer(state, channel, exchange, None, awaiting, Some(session));
+    }
     match awaiting.open(&mut exchange, &channel, &state.stop).await {
         Opening::Json {
             status: code,
@@ -198,6 +203,14 @@ async fn answer(
         // No answer is owed, so the stream the agent gets ends empty.
         Opening::Cancelled => cancelled_response(),
     }
+}
+
+/// Whether a session's answers are streams primed at once rather than plain JSON when they
+/// can be: in a fleet whose `connect` keeps answers for a replay, to an agent that resumes
+/// primed streams (2025-11-25 and later), so every answer carries an event id before its first
+/// message, and an agent whose relay dies mid-call resumes it on another.
+fn primes_at_once(state: &RelayState, session: &Session) -> bool {
+    session.event_ids() == EventIds::Primed && session.replays_answers(&state.fleet)
 }
 
 /// The answer to a request the agent cancelled before anything of its answer was sent: an
@@ -249,7 +262,8 @@ fn stream_answer(
 ) -> Response {
     let (log, ids) = match session {
         Some(session) if session.transport == Transport::Streamable => {
-            (session.answer_log(), session.event_ids())
+            let sealed = session.answer_ids(&state.fleet, exchange.id);
+            (session.answer_log(sealed), session.event_ids())
         }
         _ => (Arc::new(EventLog::new(0)), EventIds::None),
     };
@@ -287,13 +301,13 @@ pub(super) fn sse_response(
     let shutdown = until;
     let keep_alive_every = state.sse_keep_alive;
     tokio::spawn(async move {
-        let stream = reader.stream();
+        let log = reader.log().clone();
         let mut keep_alive = tokio::time::interval_at(
             tokio::time::Instant::now() + keep_alive_every,
             keep_alive_every,
         );
-        let prime = (ids == EventIds::Primed)
-            .then(|| sse::priming_event(&format!("{stream}-0"), SSE_RETRY));
+        let prime =
+            (ids == EventIds::Primed).then(|| sse::priming_event(&log.priming_id(), SSE_RETRY));
         let mut open = true;
         for event in [prelude, prime].into_iter().flatten() {
             open = open && tx.send(Ok(event)).await.is_ok();
@@ -303,8 +317,9 @@ pub(super) fn sse_response(
         while open {
             open = tokio::select! {
                 event = reader.next_entry() => match event {
-                    Some((seq, piece, message)) => {
-                        let id = (ids != EventIds::None).then(|| format!("{stream}-{seq}"));
+                    Some((seq, piece, message, number)) => {
+                        let id = (ids != EventIds::None && matches!(piece, Piece::Whole | Piece::Last))
+                            .then(|| log.event_id(seq, number));
                         let (first, second) = match piece {
                             Piece::Whole => (sse::message_event(id.as_deref(), &message), None),
                             Piece::Begin => (sse::begin_event(), Some(sse::data_piece(&message))),

@@ -21,7 +21,7 @@ use crate::govern::audit::{Direction, Outcome};
 use crate::mcp::jsonrpc::{MessageInfo, MessageKind, codes};
 use crate::mcp::sse;
 use crate::relay::calls::{Call, Context};
-use crate::relay::session::{EventIds, Session, Start, Transport, new_session_id};
+use crate::relay::session::{EventIds, Session, Start, Transport, new_session_id, new_stream_base};
 use crate::relay::state::RelayState;
 use crate::wire::Era;
 
@@ -74,7 +74,7 @@ async fn open_stream(
         session_id,
         &who,
         &source,
-        channel,
+        (channel, new_stream_base()),
         Transport::LegacySse,
         &state.calls,
     ));

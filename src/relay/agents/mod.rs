@@ -7,6 +7,7 @@ mod admission;
 mod answer;
 mod legacy_sse;
 mod oauth;
+mod replay;
 mod reply;
 mod resume;
 mod streamable;

@@ -17,7 +17,7 @@ use axum::http::HeaderMap;
 use super::admission::{open_header, open_on};
 use super::reply::AgentError;
 use crate::govern::Identity;
-use crate::relay::session::{Session, SessionClaims, Transport};
+use crate::relay::session::{Session, SessionClaims, Transport, new_stream_base};
 use crate::relay::state::RelayState;
 use crate::wire::{Era, SessionHandle};
 
@@ -103,6 +103,7 @@ async fn resume(
             Lost::NotFound
         });
     };
+    let base = new_stream_base();
     let mut header = open_header(
         who,
         source,
@@ -115,6 +116,7 @@ async fn resume(
         handle: claims.handle.clone(),
         resume: true,
         upstream: Some(claims.resumable.clone()),
+        stream: Some(base),
     });
     let channel = open_on(state, who, &tunnel, &header)
         .await
@@ -135,7 +137,7 @@ async fn resume(
         claims.handle.clone(),
         who,
         source,
-        channel,
+        (channel, base),
         Transport::Streamable,
         &state.calls,
     ));

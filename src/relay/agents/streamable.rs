@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::{admit, gate, header_str, open_channel, open_header};
 use super::answer::{JsonAnswer, Target, forward, sse_response};
 use super::oauth::Resource;
+use super::replay;
 use super::reply::{AgentError, json_response, source_error};
 use super::resume::{self, Lost};
 use crate::govern::Identity;
@@ -26,8 +27,8 @@ use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::{
-    CapReached, EventIds, Session, SessionClaims, Start, Transport, is_standalone_stream,
-    new_handle, new_session_id, parse_event_id,
+    CapReached, EventClaims, EventIds, Session, SessionClaims, Start, Transport,
+    is_standalone_stream, new_handle, new_session_id, new_stream_base, parse_event_id,
 };
 use crate::relay::state::RelayState;
 use crate::wire::{Era, SessionHandle};
@@ -163,10 +164,12 @@ async fn initialize(
         None,
         &HeaderMap::new(),
     );
+    let base = new_stream_base();
     header.session = Some(SessionHandle {
         handle: handle.clone(),
         resume: false,
         upstream: None,
+        stream: Some(base),
     });
     let channel = match open_channel(state, who, &header).await {
         Ok(channel) => channel,
@@ -176,7 +179,7 @@ async fn initialize(
         handle.clone(),
         who,
         source,
-        channel.clone(),
+        (channel.clone(), base),
         Transport::Streamable,
         &state.calls,
     ));
@@ -367,7 +370,11 @@ async fn handle_get(
         let session = resume::find(&state, session_id, &who, &source)
             .await
             .map_err(Lost::into_error)?;
-        let named = header_str(&headers, LAST_EVENT_ID).and_then(parse_event_id);
+        let last = header_str(&headers, LAST_EVENT_ID);
+        if let Some(claims) = last.and_then(|id| EventClaims::open(&state.fleet, id)) {
+            return replay::resume_answer(&state, &who, &session, claims).await;
+        }
+        let named = last.and_then(parse_event_id);
         let resume = named.and_then(|(stream, seq)| Some((session.log(stream)?, seq)));
         if let (Some((stream, _)), None) = (named, &resume)
             && !is_standalone_stream(stream)

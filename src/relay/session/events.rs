@@ -17,6 +17,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::sealed::AnswerIds;
 use crate::relay::tunnel::Budget;
 
 /// Events kept for replay per stream: a reconnect within a few seconds of a busy stream.
@@ -26,8 +27,11 @@ pub(crate) const REPLAY_BYTES: usize = 1024 * 1024;
 
 /// One SSE stream's events.
 pub struct EventLog {
-    /// The stream number, the first half of every event id.
+    /// The stream number, the first half of every event id (`<stream>-<seq>`).
     pub stream: u64,
+    /// Sealed event ids naming the answer itself, which any relay of the fleet can resume
+    /// (see [`AnswerIds`]); `None` for `<stream>-<seq>` ids, resumable on this relay only.
+    ids: Option<AnswerIds>,
     state: Mutex<LogState>,
     changed: Notify,
 }
@@ -49,10 +53,21 @@ pub enum Piece {
     Abort,
 }
 
+/// One entry of a log: a piece of a message (or a whole one), and the number of the message
+/// it belongs to (messages count from 1 in the order they complete; a replayed answer's
+/// continue the count of the answer it replays).
+struct Entry {
+    piece: Piece,
+    bytes: Bytes,
+    message: u64,
+}
+
 struct LogState {
     /// Sequence number of `events[0]`.
     first: u64,
-    events: VecDeque<(Piece, Bytes)>,
+    events: VecDeque<Entry>,
+    /// Messages completed so far (the number of the last whole one).
+    messages: u64,
     bytes: usize,
     /// Sequence numbers below this have been handed to some reader.
     delivered: u64,
@@ -60,6 +75,9 @@ struct LogState {
     reader: Option<u64>,
     generation: u64,
     finished: bool,
+    /// The answer moved to another relay's stream (the agent resumed it there): what this
+    /// log holds is not all of it, so it is not resumed here.
+    moved: bool,
     dropped: u64,
     /// The session's budget this log charges, if any.
     budget: Option<std::sync::Arc<Budget>>,
@@ -91,10 +109,10 @@ impl LogState {
                 self.dropped += 1;
                 metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
             }
-            if let Some((_, event)) = self.events.pop_front() {
-                self.bytes -= event.len();
+            if let Some(entry) = self.events.pop_front() {
+                self.bytes -= entry.bytes.len();
                 if let Some(budget) = &self.budget {
-                    budget.release(event.len());
+                    budget.release(entry.bytes.len());
                 }
             }
             self.first += 1;
@@ -108,7 +126,7 @@ impl LogState {
         self.events
             .iter()
             .skip(taken)
-            .map(|(_, event)| event.len())
+            .map(|entry| entry.bytes.len())
             .sum()
     }
 
@@ -146,9 +164,22 @@ impl EventLog {
 
     /// An empty log for stream number `stream` whose events count against `budget`.
     pub fn with_budget(stream: u64, budget: Option<std::sync::Arc<Budget>>) -> Self {
+        Self::answer(stream, budget, None)
+    }
+
+    /// An empty log for stream number `stream` whose events count against `budget`, named by
+    /// `ids` when given (its first message is then the one after `ids.after`).
+    pub fn answer(
+        stream: u64,
+        budget: Option<std::sync::Arc<Budget>>,
+        ids: Option<AnswerIds>,
+    ) -> Self {
+        let messages = ids.as_ref().map_or(0, |ids| ids.after);
         Self {
             stream,
+            ids,
             state: Mutex::new(LogState {
+                messages,
                 // Sequence 0 is the priming event's id (a stream that begins empty): resuming
                 // after it replays from the first real event.
                 first: 1,
@@ -158,6 +189,7 @@ impl EventLog {
                 reader: None,
                 generation: 0,
                 finished: false,
+                moved: false,
                 dropped: 0,
                 budget,
             }),
@@ -188,7 +220,15 @@ impl EventLog {
                     if let Some(budget) = &state.budget {
                         budget.charge(message.len());
                     }
-                    state.events.push_back((piece, message));
+                    let number = state.messages + 1;
+                    if matches!(piece, Piece::Whole | Piece::Last) {
+                        state.messages = number;
+                    }
+                    state.events.push_back(Entry {
+                        piece,
+                        bytes: message,
+                        message: number,
+                    });
                     state.evict();
                     break;
                 }
@@ -252,6 +292,63 @@ impl EventLog {
     }
 }
 
+impl EventLog {
+    /// The sealed ids naming this log's answer, if it has them.
+    pub fn answer_ids(&self) -> Option<&AnswerIds> {
+        self.ids.as_ref()
+    }
+
+    /// The id of the event that ends message `message` (or of the priming event, for the
+    /// message before the first): sealed when the log has [`AnswerIds`], else
+    /// `<stream>-<seq>` with the entry's sequence number `seq`.
+    pub fn event_id(&self, seq: u64, message: u64) -> String {
+        match &self.ids {
+            Some(ids) => ids.mint(message),
+            None => format!("{}-{seq}", self.stream),
+        }
+    }
+
+    /// The priming event's id: before the first message.
+    pub fn priming_id(&self) -> String {
+        let before = self.ids.as_ref().map_or(0, |ids| ids.after);
+        self.event_id(0, before)
+    }
+
+    /// The answer moved to another stream: the log ends, and is not resumed here.
+    pub fn moved_away(&self) {
+        self.lock().moved = true;
+        self.finish();
+    }
+
+    /// Attaches a reader right after message `message` (a sealed `Last-Event-ID`), if the
+    /// log still holds everything after it; `None` if not (evicted, never that many, or the
+    /// answer moved away).
+    pub fn attach_after_message(self: &std::sync::Arc<Self>, message: u64) -> Option<LogReader> {
+        let seq = {
+            let state = self.lock();
+            if message > state.messages || state.moved {
+                return None;
+            }
+            match state
+                .events
+                .iter()
+                .position(|entry| entry.message > message)
+            {
+                None => state.next_seq(),
+                Some(index) => {
+                    let entry = &state.events[index];
+                    let starts = matches!(entry.piece, Piece::Whole | Piece::Begin);
+                    if !starts || entry.message > message + 1 {
+                        return None;
+                    }
+                    state.first + index as u64
+                }
+            }
+        };
+        Some(self.attach(Start::After(seq - 1)))
+    }
+}
+
 impl Drop for EventLog {
     fn drop(&mut self) {
         let state = self.lock();
@@ -278,11 +375,12 @@ impl LogReader {
     pub async fn next(&mut self) -> Option<(u64, Bytes)> {
         self.next_entry()
             .await
-            .map(|(seq, _, message)| (seq, message))
+            .map(|(seq, _, message, _)| (seq, message))
     }
 
-    /// The next entry: its sequence number, what piece it is, and its bytes.
-    pub async fn next_entry(&mut self) -> Option<(u64, Piece, Bytes)> {
+    /// The next entry: its sequence number, what piece it is, its bytes, and the number of
+    /// the message it belongs to.
+    pub async fn next_entry(&mut self) -> Option<(u64, Piece, Bytes, u64)> {
         loop {
             let notified = self.log.changed.notified();
             {
@@ -293,7 +391,8 @@ impl LogReader {
                 self.next = self.next.max(state.first);
                 if self.next < state.next_seq() {
                     let seq = self.next;
-                    let (piece, event) = state.events[(seq - state.first) as usize].clone();
+                    let entry = &state.events[(seq - state.first) as usize];
+                    let (piece, event, message) = (entry.piece, entry.bytes.clone(), entry.message);
                     self.next += 1;
                     state.delivered = state.delivered.max(self.next);
                     state.evict();
@@ -303,7 +402,7 @@ impl LogReader {
                         continue;
                     }
                     self.aligning = false;
-                    return Some((seq, piece, event));
+                    return Some((seq, piece, event, message));
                 }
                 if state.finished {
                     return None;
@@ -313,9 +412,9 @@ impl LogReader {
         }
     }
 
-    /// The stream number of the log being read.
-    pub fn stream(&self) -> u64 {
-        self.log.stream
+    /// The log being read.
+    pub fn log(&self) -> &std::sync::Arc<EventLog> {
+        &self.log
     }
 }
 
@@ -359,7 +458,7 @@ mod tests {
         // Resuming after the message's first piece: the rest of it cannot make an event.
         let mut resumed = log.attach(Start::After(2));
         let mut got = Vec::new();
-        while let Some((seq, piece, _)) = resumed.next_entry().await {
+        while let Some((seq, piece, _, _)) = resumed.next_entry().await {
             got.push((seq, piece));
         }
         assert_eq!(got, vec![(5, Piece::Whole)]);
@@ -367,7 +466,7 @@ mod tests {
         // From the start, the pieces come in order with their kinds.
         let mut reader = log.attach(Start::After(0));
         let mut got = Vec::new();
-        while let Some((seq, piece, _)) = reader.next_entry().await {
+        while let Some((seq, piece, _, _)) = reader.next_entry().await {
             got.push((seq, piece));
         }
         assert_eq!(

@@ -264,6 +264,7 @@ impl Awaiting {
                     status = Some(code);
                     continue;
                 }
+                Ok(Event::Replaying(_)) => continue,
                 Ok(Event::Message(message)) => return self.first_message(message, status).await,
                 Ok(Event::Part(first)) if self.pipelines(&first) => {
                     return Opening::Pipe { status, first };
@@ -347,7 +348,7 @@ fn next_piece(event: Result<Event, Broken>) -> Result<Option<(Bytes, bool)>, Bro
     match event? {
         Event::Part(bytes) => Ok(Some((bytes, false))),
         Event::Message(bytes) => Ok(Some((bytes, true))),
-        Event::Rejected(_) | Event::Streaming => Ok(None),
+        Event::Rejected(_) | Event::Streaming | Event::Replaying(_) => Ok(None),
         Event::TooLarge(limit) => Err(Broken::TooLarge(limit)),
         Event::End => Err(Broken::Ended),
     }
@@ -389,7 +390,7 @@ async fn assemble(
             }
             Event::TooLarge(limit) => return Err(Broken::TooLarge(limit)),
             Event::End => return Err(Broken::Ended),
-            Event::Rejected(_) | Event::Streaming => {}
+            Event::Rejected(_) | Event::Streaming | Event::Replaying(_) => {}
         }
     }
 }
@@ -563,6 +564,12 @@ async fn produce_all(
                 }
                 Some(Ok(Event::TooLarge(limit))) => awaiting.broken(channel, Broken::TooLarge(limit)).await,
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
+                // The agent resumed the answer on another relay: it goes there (the calls
+                // still open are recorded as abandoned here when `awaiting` drops).
+                Some(Ok(Event::Replaying(_))) => {
+                    log.moved_away();
+                    return;
+                }
                 Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
                 Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,
                 None => {

@@ -13,8 +13,8 @@ pub(super) use events::{EventLog, LogReader, Piece, Start};
 pub(super) use exchange::{
     Arrived, Awaiting, Ending, EventIds, Opening, pipe, produce, requests, source_error_body,
 };
-pub(super) use sealed::{SessionClaims, new_handle};
+pub(super) use sealed::{AnswerIds, EventClaims, SessionClaims, new_handle};
 pub(super) use sessions::{
     CapReached, ListenGuard, Session, SessionCaps, Sessions, Transport, is_standalone_stream,
-    new_session_id,
+    new_session_id, new_stream_base,
 };

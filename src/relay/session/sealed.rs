@@ -72,6 +72,75 @@ impl SessionClaims {
     }
 }
 
+/// What a sealed event id holds: which answer of which session, and how far into it. An
+/// agent resuming with it on any relay of the fleet gets the rest of that answer: from the
+/// relay's own log if it carried the answer, else replayed by the `connect` that keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct EventClaims {
+    /// The session's handle.
+    #[serde(rename = "h")]
+    pub(crate) handle: String,
+    /// The `connect` instance that keeps the answer.
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub(crate) connect: Option<String>,
+    /// The relay's number for the stream that asked ([`crate::wire::SessionHandle::stream`]).
+    #[serde(rename = "s")]
+    pub(crate) stream: u64,
+    /// The exchange on that stream.
+    #[serde(rename = "x")]
+    pub(crate) exchange: u64,
+    /// Whole messages of the answer up to and including this event's.
+    #[serde(rename = "n")]
+    pub(crate) message: u64,
+}
+
+impl EventClaims {
+    /// The claims in an event id, if a relay of this fleet sealed it.
+    pub(crate) fn open(keys: &FleetKeys, id: &str) -> Option<Self> {
+        let plain = keys.open(Purpose::Event, id)?;
+        serde_json::from_slice(&plain).ok()
+    }
+}
+
+/// Mints the sealed event ids of one answer stream (see [`EventClaims`]).
+#[derive(Clone)]
+pub struct AnswerIds {
+    keys: std::sync::Arc<FleetKeys>,
+    /// Every id's claims, but the message number.
+    claims: EventClaims,
+    /// Messages of the answer sent before this stream's first (a replayed answer's).
+    pub(crate) after: u64,
+}
+
+impl AnswerIds {
+    /// Ids for the answer `claims` names (its `message` is where this stream starts: 0 for a
+    /// new answer, the agent's last seen for a replayed one), sealed with `keys`.
+    pub(crate) fn new(keys: std::sync::Arc<FleetKeys>, claims: EventClaims) -> Self {
+        let after = claims.message;
+        Self {
+            keys,
+            claims,
+            after,
+        }
+    }
+
+    /// Whether these ids name the answer of `stream`'s exchange `exchange`.
+    pub(crate) fn names(&self, stream: u64, exchange: u64) -> bool {
+        self.claims.stream == stream && self.claims.exchange == exchange
+    }
+
+    /// The id of the event that ends message `message` of the answer.
+    pub(crate) fn mint(&self, message: u64) -> String {
+        let claims = EventClaims {
+            message,
+            ..self.claims.clone()
+        };
+        let plain = serde_json::to_vec(&claims)
+            .expect("claims serialize infallibly: plain strings and numbers");
+        self.keys.seal(Purpose::Event, &plain)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +181,28 @@ mod tests {
         );
         assert_eq!(SessionClaims::open(&FleetKeys::standalone(), &id), None);
         assert!(id.len() < 400, "{} characters", id.len());
+    }
+
+    #[test]
+    fn an_event_id_opens_to_its_answer_and_never_passes_for_a_session_id() {
+        let keys = std::sync::Arc::new(FleetKeys::from_secrets(
+            b"0123456789abcdef0123456789abcdef",
+            &[],
+        ));
+        let claims = EventClaims {
+            handle: new_handle(),
+            connect: Some("c0ffee00c0ffee00".into()),
+            stream: 1 << 40,
+            exchange: 12,
+            message: 0,
+        };
+        let ids = AnswerIds::new(keys.clone(), claims.clone());
+        let id = ids.mint(3);
+        let opened = EventClaims::open(&keys, &id).expect("opens");
+        assert_eq!((opened.exchange, opened.message), (12, 3));
+        assert!(ids.names(1 << 40, 12) && !ids.names(1 << 40, 13));
+        assert_eq!(SessionClaims::open(&keys, &id), None);
+        assert!(id.len() < 220, "{} characters", id.len());
     }
 
     #[test]

@@ -11,12 +11,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::EventLog;
 use super::exchange::EventIds;
+use super::sealed::{AnswerIds, EventClaims};
 use crate::govern::Identity;
 use crate::govern::audit::Direction;
 use crate::mcp::classify;
 use crate::mcp::era::PRIMED_STREAMS_SINCE;
 use crate::mcp::jsonrpc::{Classified, MessageKind};
 use crate::relay::calls::{Call, Calls, Context, outcome_of, unaudited_body};
+use crate::relay::fleet::FleetKeys;
 use crate::relay::tunnel::Channel;
 
 /// Answer streams per session kept for resumption; older finished ones are forgotten first.
@@ -29,8 +31,10 @@ const ANSWER_LOGS: usize = 16;
 /// answer streams follow at odd numbers, so a foreign id still says which kind it named.
 const STREAM_BLOCK: u64 = 1 << 20;
 
-/// A random first stream number (see [`STREAM_BLOCK`]).
-fn first_stream() -> u64 {
+/// A random first stream number for a relay's copy of a session (see [`STREAM_BLOCK`]): the
+/// standalone stream's number, and the number `connect` knows the copy's tunnel stream by
+/// ([`crate::wire::SessionHandle::stream`]).
+pub(crate) fn new_stream_base() -> u64 {
     let block = rand::rng().next_u64() % ((1 << 52) / STREAM_BLOCK - 1) + 1;
     block * STREAM_BLOCK
 }
@@ -74,6 +78,7 @@ pub struct Session {
     /// Streamable HTTP or HTTP+SSE.
     pub transport: Transport,
     /// The standalone stream's log: server-initiated messages, held until a GET reads them.
+    /// Its number is this copy's stream base (see [`new_stream_base`]).
     standalone: Arc<EventLog>,
     answers: Mutex<AnswerLogs>,
     last_used: Mutex<Instant>,
@@ -190,18 +195,19 @@ pub(crate) fn new_session_id() -> String {
 }
 
 impl Session {
-    /// A session `id` (from [`new_session_id`]) of `who` with `source` over `channel`. Starts
-    /// moving the channel's server-initiated messages into the standalone stream's log.
+    /// A session `id` (its handle, or from [`new_session_id`]) of `who` with `source` over
+    /// `channel`, whose stream base is `first` (from [`new_stream_base`], as the channel's open
+    /// header named it). Starts moving the channel's server-initiated messages into the
+    /// standalone stream's log.
     pub fn new(
         id: String,
         who: &Identity,
         source: &str,
-        channel: Arc<Channel>,
+        (channel, first): (Arc<Channel>, u64),
         transport: Transport,
         calls: &Arc<Calls>,
     ) -> Self {
         let budget = channel.budget().clone();
-        let first = first_stream();
         let standalone = Arc::new(EventLog::with_budget(first, Some(budget.clone())));
         let version = Arc::new(std::sync::OnceLock::new());
         let server_requests = Arc::new(ServerRequests {
@@ -406,16 +412,51 @@ impl Session {
         &self.standalone
     }
 
-    /// A new log for a POST answer that became a stream. With the HTTP+SSE transport every
-    /// answer goes to the one standalone stream instead.
-    pub fn answer_log(&self) -> Arc<EventLog> {
+    /// This copy's stream base: the number `connect` knows its tunnel stream by.
+    pub fn stream_base(&self) -> u64 {
+        self.standalone.stream
+    }
+
+    /// Whether the answers of this session can be resumed on any relay of a fleet sealed with
+    /// `keys`: its `connect` keeps them for a replay (wire version 3, an HTTP upstream), and
+    /// the fleet shares its secret.
+    pub fn replays_answers(&self, keys: &FleetKeys) -> bool {
+        // `connect` keeps the answers of sessions any `connect` may resume (HTTP upstreams);
+        // a stdio process's answers go only to the stream that asked.
+        keys.shared()
+            && self.transport == Transport::Streamable
+            && self.channel.replays()
+            && self.channel.resumable().is_some_and(|r| r.portable)
+    }
+
+    /// The sealed ids of the answer to `exchange` on this copy's stream, when it can be
+    /// resumed anywhere (see [`Session::replays_answers`]).
+    pub fn answer_ids(&self, keys: &Arc<FleetKeys>, exchange: u64) -> Option<AnswerIds> {
+        self.replays_answers(keys).then(|| {
+            AnswerIds::new(
+                keys.clone(),
+                EventClaims {
+                    handle: self.id.clone(),
+                    connect: self.channel.connect_instance().map(str::to_owned),
+                    stream: self.stream_base(),
+                    exchange,
+                    message: 0,
+                },
+            )
+        })
+    }
+
+    /// A new log for a POST answer that became a stream, named by `ids` when given. With the
+    /// HTTP+SSE transport every answer goes to the one standalone stream instead.
+    pub fn answer_log(&self, ids: Option<AnswerIds>) -> Arc<EventLog> {
         if self.transport == Transport::LegacySse {
             return self.standalone.clone();
         }
         let mut answers = self.answers.lock();
-        let log = Arc::new(EventLog::with_budget(
+        let log = Arc::new(EventLog::answer(
             answers.next,
             Some(self.channel.budget().clone()),
+            ids,
         ));
         answers.next += 2;
         if answers.logs.len() >= ANSWER_LOGS {
@@ -430,6 +471,20 @@ impl Session {
         }
         answers.logs.push_back(log.clone());
         log
+    }
+
+    /// The log of the answer that sealed ids name (`stream`'s exchange `exchange`), if this
+    /// copy still keeps it.
+    pub fn answer_log_of(&self, stream: u64, exchange: u64) -> Option<Arc<EventLog>> {
+        self.answers
+            .lock()
+            .logs
+            .iter()
+            .find(|log| {
+                log.answer_ids()
+                    .is_some_and(|ids| ids.names(stream, exchange))
+            })
+            .cloned()
     }
 
     /// The log of stream `stream`, if it is still kept.

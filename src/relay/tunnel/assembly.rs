@@ -84,6 +84,7 @@ impl Assembly {
             }
             FrameKind::Rejected => Event::Rejected(frame.status().unwrap_or(502)),
             FrameKind::Streaming => Event::Streaming,
+            FrameKind::Replay if frame.exchange != UNSOLICITED => Event::Replaying(frame.payload),
             FrameKind::Close => return Err(frame.reason()),
             other => {
                 return Err(format!(

@@ -22,8 +22,8 @@ use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
 use crate::transport::{SILENT_AFTER, TransportError, TransportKind};
 use crate::wire::{
-    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, Resumable, SinkError,
-    UNSOLICITED,
+    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, Replay, Resumable,
+    SinkError, UNSOLICITED,
 };
 
 /// The longest upstream session id a relay seals into an agent's session id (MCP session ids
@@ -61,6 +61,9 @@ pub enum Event {
     End,
     /// The upstream answers with an event stream.
     Streaming,
+    /// `connect` replays an answer on this exchange ([`FrameKind::Replay`]): the agent's
+    /// message it answers; the answer's messages follow.
+    Replaying(Bytes),
 }
 
 /// Why a channel operation failed.
@@ -101,7 +104,7 @@ struct Queued {
 /// The bytes an event carries.
 fn event_bytes(event: &Event) -> usize {
     match event {
-        Event::Message(bytes) | Event::Part(bytes) => bytes.len(),
+        Event::Message(bytes) | Event::Part(bytes) | Event::Replaying(bytes) => bytes.len(),
         _ => 0,
     }
 }
@@ -291,6 +294,36 @@ impl Channel {
 
     /// Forwards a message that expects answers, returning the exchange to read them from.
     pub async fn request(&self, message: Bytes) -> Result<Exchange, ChannelError> {
+        let exchange = self.expect()?;
+        self.renew_identity().await?;
+        self.send_frame(Frame::message(exchange.id, message))
+            .await?;
+        Ok(exchange)
+    }
+
+    /// Whether `connect` keeps this stream's answers for a replay (wire version 3).
+    pub fn replays(&self) -> bool {
+        self.wire_version >= 3
+    }
+
+    /// Asks `connect` to replay an answer another stream of the session carried (see
+    /// [`FrameKind::Replay`]), returning the exchange it arrives on: first
+    /// [`Event::Replaying`], or [`Event::End`] when `connect` cannot.
+    pub async fn replay(&self, replay: &Replay) -> Result<Exchange, ChannelError> {
+        let exchange = self.expect()?;
+        let payload = serde_json::to_vec(replay)
+            .expect("wire types serialize infallibly: plain structs of numbers");
+        self.send_frame(Frame {
+            kind: FrameKind::Replay,
+            exchange: exchange.id,
+            payload: Bytes::from(payload),
+        })
+        .await?;
+        Ok(exchange)
+    }
+
+    /// Registers a new exchange, before its first frame goes.
+    fn expect(&self) -> Result<Exchange, ChannelError> {
         let id = self.next_exchange.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = mpsc::channel(EXCHANGE_QUEUE);
         let queued = Arc::new(Queued::default());
@@ -306,15 +339,12 @@ impl Channel {
                 },
             );
         }
-        let exchange = Exchange {
+        Ok(Exchange {
             id,
             events,
             queued,
             shared: self.shared.clone(),
-        };
-        self.renew_identity().await?;
-        self.send_frame(Frame::message(id, message)).await?;
-        Ok(exchange)
+        })
     }
 
     /// Forwards a message that expects no answer (a notification, or the agent's response to a

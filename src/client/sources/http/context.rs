@@ -26,7 +26,7 @@ use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, error_body};
 use crate::mcp::{Classified, classify};
-use crate::wire::{Era, Frame, FrameKind, OpenHeader, UNSOLICITED};
+use crate::wire::{Era, Frame, FrameKind, OpenHeader, Replay, UNSOLICITED};
 
 /// Time a DELETE of an upstream session may take when a stream ends.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -36,6 +36,10 @@ const GET_STREAM_ATTEMPTS: u32 = 3;
 
 /// Pause between GET stream attempts.
 const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
+
+/// The least time requests in flight on a stream that ended run on, for their answers to be
+/// replayed (see [`StreamContext::run`]).
+const DETACHED_ANSWERS: Duration = Duration::from_secs(300);
 
 /// Text of an upstream error body quoted in a synthesized error.
 const QUOTE_LIMIT: usize = 200;
@@ -54,6 +58,10 @@ pub(super) struct StreamContext {
     pub(super) max_frame: usize,
     /// The largest answer relayed in pieces (never below `max_frame`).
     pub(super) max_answer: usize,
+    /// The relay's number for this stream, when the session is held and the relay replays
+    /// answers (wire version 3): each answer is kept under it and its exchange (see
+    /// [`crate::client::sources::replay`]).
+    relay_stream: Option<u64>,
 }
 
 impl StreamContext {
@@ -68,6 +76,11 @@ impl StreamContext {
         max_answer: usize,
     ) -> Self {
         let number = session.streams.attach(&out);
+        let relay_stream = header
+            .session
+            .as_ref()
+            .and_then(|named| named.stream)
+            .filter(|_| session.handle.is_some());
         let context = Self {
             source,
             header,
@@ -75,6 +88,7 @@ impl StreamContext {
             out: Some((out, number)),
             max_frame,
             max_answer,
+            relay_stream,
         };
         tracing::debug!(source = %context.source.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         context
@@ -89,13 +103,19 @@ impl StreamContext {
             out: None,
             max_frame: self.max_frame,
             max_answer: self.max_answer,
+            relay_stream: None,
         }
     }
 
     /// Serves the stream's messages until it ends. `initialize` and messages without requests
     /// go upstream in order; requests go at once, each answered while the next is read.
-    /// Requests still in flight when the stream ends are abandoned.
+    /// Requests still in flight when the stream ends are abandoned, unless their answers are
+    /// kept for a replay: then they run on, for at most [`DETACHED_ANSWERS`] (or the session's
+    /// idle time, if longer).
     pub(super) async fn run(self: Arc<Self>, inbound: &mut Inbound) {
+        if self.relay_stream.is_some() {
+            inbound.replays_answers();
+        }
         // Requests in flight run inside this task, polled beside the next frame's read: a call
         // costs no task of its own, and its answer no hand-off between tasks (or threads).
         // Boxed: the set keeps a stub the size of its future type for as long as the stream
@@ -137,6 +157,17 @@ impl StreamContext {
                 }));
             }
         }
+        if self.relay_stream.is_some() && !inbound.closed_by_relay() && !requests.is_empty() {
+            // The stream is gone, not the session: the answers still come, kept for the
+            // relay the agent resumes on.
+            let grace = self.source.held.idle().max(DETACHED_ANSWERS);
+            tokio::spawn(async move {
+                let drained = async { while requests.next().await.is_some() {} };
+                if tokio::time::timeout(grace, drained).await.is_err() {
+                    tracing::debug!("answers of a gone stream not finished in time: abandoned");
+                }
+            });
+        }
     }
 
     /// Takes a relay's signal between messages: an identity frame renews the assertion for
@@ -147,6 +178,23 @@ impl StreamContext {
             FrameKind::Listen => {
                 if let Some((_, number)) = &self.out {
                     self.session.streams.listen(*number);
+                }
+            }
+            FrameKind::Replay => {
+                let Some((out, _)) = &self.out else { return };
+                let (out, exchange, session) = (out.clone(), frame.exchange, self.session.clone());
+                match frame.parse_json::<Replay>(FrameKind::Replay) {
+                    Ok(replay) => {
+                        tokio::spawn(async move {
+                            session.replays.replay(replay, out, exchange).await;
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad replay frame refused");
+                        tokio::spawn(async move {
+                            let _ = out.send(Frame::end(exchange)).await;
+                        });
+                    }
                 }
             }
             _ => match frame.parse_json::<Assertion>(FrameKind::Identity) {
@@ -170,6 +218,20 @@ impl StreamContext {
         if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
             return self.session.send_unsolicited(frame).await;
         }
+        let frame = match self.relay_stream {
+            Some(stream) if frame.exchange != UNSOLICITED => {
+                match self
+                    .session
+                    .replays
+                    .send((stream, frame.exchange), frame)
+                    .await
+                {
+                    Ok(()) => return,
+                    Err(frame) => frame,
+                }
+            }
+            _ => frame,
+        };
         if let Some((out, _)) = &self.out {
             // A closed stream means nobody is waiting for this frame.
             let _ = out.send(frame).await;
@@ -269,6 +331,15 @@ impl StreamContext {
             .filter_map(|m| m.id.as_deref())
             .map(id_key)
             .collect();
+        if let (Some(stream), Some((out, _)), false) =
+            (self.relay_stream, &self.out, requests.is_empty())
+        {
+            let ids = requests.iter().filter_map(|m| m.id.clone()).collect();
+            let key = (stream, exchange);
+            self.session
+                .replays
+                .begin(key, payload.clone(), ids, out, exchange);
+        }
         if let Err(error) = self
             .post(exchange, payload, is_initialize, &mut pending)
             .await

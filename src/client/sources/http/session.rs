@@ -9,6 +9,7 @@ use http::header::HeaderValue;
 use parking_lot::Mutex;
 
 use super::context::StreamContext;
+use crate::client::sources::replay::Replays;
 use crate::client::sources::streams::StreamSet;
 use crate::govern::assertion::Assertion;
 use crate::wire::{Frame, Resumable};
@@ -32,6 +33,8 @@ pub(super) struct HttpSession {
     pub(super) assertion: Mutex<Option<Assertion>>,
     /// The streams carrying it, and which one its agent listens on.
     pub(super) streams: StreamSet,
+    /// Its answers, kept for a relay to replay (held sessions only).
+    pub(super) replays: Replays,
     /// The context the session's own tasks run in (the GET stream, the final DELETE): it has
     /// no stream of its own. Taken when the session ends (it points back at the session).
     tasks: Mutex<Option<Arc<StreamContext>>>,
@@ -51,6 +54,7 @@ impl HttpSession {
             upstream: Mutex::new(upstream),
             assertion: Mutex::new(assertion),
             streams: StreamSet::default(),
+            replays: Replays::default(),
             tasks: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),

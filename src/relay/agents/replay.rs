@@ -1,0 +1,143 @@
+//! Resuming an answer on any relay of the fleet: the GET that carries a sealed `Last-Event-ID`.
+//!
+//! In a fleet, a session's answers are SSE streams whose event ids are sealed
+//! ([`EventClaims`]): they name the session, the stream and exchange that carried the request,
+//! and how many of the answer's messages the agent has. When the relay that carried it still
+//! keeps the answer, its log serves the rest. Otherwise (the relay died, or the agent's GET
+//! landed on another relay) this relay asks the session's `connect`, which keeps every answer
+//! of a held session (see `client::sources::replay`), to replay it on this relay's stream: the
+//! messages the agent missed, then the rest as the upstream sends it. The upstream sees the
+//! request once.
+//!
+//! A replayed answer is released like any other: `connect` sends the agent's message back
+//! with it, the relay admits it again (policy, the audit trail) and records its calls before
+//! the answer goes out, so the trail holds every answer an agent got, from whichever relay.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use tokio_util::sync::CancellationToken;
+
+use super::admission::admit_read;
+use super::answer::sse_response;
+use super::reply::AgentError;
+use crate::govern::Identity;
+use crate::mcp::classify;
+use crate::relay::session::{AnswerIds, Awaiting, Ending, EventClaims, Session, produce, requests};
+use crate::relay::state::RelayState;
+use crate::relay::tunnel::Event;
+use crate::wire::{Era, Replay};
+
+/// The answer to a GET resuming the answer `claims` names, in `session` (the caller's).
+pub(super) async fn resume_answer(
+    state: &Arc<RelayState>,
+    who: &Identity,
+    session: &Arc<Session>,
+    claims: EventClaims,
+) -> Result<Response, AgentError> {
+    let cannot = |why: &str| {
+        AgentError::BadRequest(format!(
+            "Bad Request: the answer this Last-Event-ID names cannot be resumed: {why}"
+        ))
+    };
+    if claims.handle != session.id {
+        return Err(cannot("it belongs to another session"));
+    }
+    let ids = session.event_ids();
+    if let Some(log) = session.answer_log_of(claims.stream, claims.exchange)
+        && let Some(reader) = log.attach_after_message(claims.message)
+    {
+        // Carried here, and still kept: the log serves the rest (a resumed answer ends with
+        // its log, whatever the drain).
+        return Ok(sse_response(
+            state,
+            reader,
+            ids,
+            None,
+            None,
+            CancellationToken::new(),
+        ));
+    }
+    if !session.replays_answers(&state.fleet)
+        || claims.connect.as_deref() != session.channel.connect_instance()
+    {
+        return Err(cannot(
+            "the tunnel client that kept it is gone (restarted, or not the one carrying the \
+             session now)",
+        ));
+    }
+    let replay = Replay {
+        stream: claims.stream,
+        exchange: claims.exchange,
+        after: claims.message,
+    };
+    let unreachable = |e: &dyn std::fmt::Display| {
+        AgentError::Unavailable(format!(
+            "source {} could not replay the answer: {e}",
+            session.source
+        ))
+    };
+    let mut exchange = session
+        .channel
+        .replay(&replay)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let wait = state.governance().limits.open_stream_timeout();
+    let request = match tokio::time::timeout(wait, exchange.next()).await {
+        Ok(Ok(Event::Replaying(request))) => request,
+        Ok(Ok(_)) => return Err(cannot("the tunnel client no longer keeps it")),
+        Ok(Err(e)) => return Err(unreachable(&e)),
+        Err(_) => return Err(unreachable(&"the tunnel client did not answer in time")),
+    };
+    let classified =
+        classify(&request).map_err(|_| cannot("the tunnel client sent no request for it"))?;
+    metrics::counter!(crate::metrics::ANSWERS_REPLAYED).increment(1);
+    tracing::info!(tenant = %who.tenant, source = %session.source, session = %session.id, after = claims.message, "answer replayed");
+    let log = session.answer_log(Some(AnswerIds::new(state.fleet.clone(), claims)));
+    let reader = log.attach(crate::relay::session::Start::Undelivered);
+    let mut admitted = admit_read(state, who, &session.source, request, classified).await;
+    if let Some(denied) = admitted.refused().await {
+        log.push(denied).await;
+        log.finish();
+        return Ok(sse_response(
+            state,
+            reader,
+            ids,
+            None,
+            None,
+            CancellationToken::new(),
+        ));
+    }
+    let filter = admitted.continue_in(state, session, who);
+    let (_, classified, calls) = admitted.into_parts();
+    let awaiting = Awaiting::new(
+        state.request_timeout(),
+        &session.source,
+        &requests(&classified),
+        Era::Session,
+        calls,
+    )
+    .filtered_by(filter)
+    .tracked_by(Some(session))
+    .cancellable(Some(session));
+    tokio::spawn(produce(
+        log,
+        exchange,
+        None,
+        awaiting,
+        state.stop.clone(),
+        session.channel.clone(),
+        Ending {
+            finish: true,
+            with_reader: false,
+        },
+    ));
+    Ok(sse_response(
+        state,
+        reader,
+        ids,
+        None,
+        None,
+        CancellationToken::new(),
+    ))
+}
