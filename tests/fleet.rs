@@ -716,3 +716,72 @@ async fn rolling_restart_under_session_load_fails_no_call() {
         report.closes
     );
 }
+
+/// Issue 15, must-show 2 with the official Python SDK: `kill -9` of one relay under
+/// session-era load loses no call. In a fleet each answer is an event stream primed at once
+/// with a sealed event id; the SDK, whose POST breaks with the relay, resumes the answer with
+/// `Last-Event-ID` (a GET HAProxy sends to a live relay), and that relay has the session's
+/// `connect` replay the answer it kept. Every session keeps its one `Mcp-Session-Id`, every
+/// call succeeds, and the upstream saw one `initialize` per session and each call once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_relay_under_sdk_session_load_loses_no_call() {
+    const SESSIONS: usize = 8;
+    let mut fleet = Fleet::start().await;
+    let victim = 1;
+    let mut load = fleet.load("legacy", SESSIONS, 0, 15.0, "resume");
+    load.wait_calls(10 * SESSIONS).await;
+    let killed = fleet.kill_relay(victim).await;
+    load.wait_calls_after(killed.reaped, 5 * SESSIONS).await;
+    let report = load.finish().await;
+
+    assert!(report.session_errors.is_empty(), "{}", report.brief());
+    assert!(
+        report.failed().is_empty(),
+        "every call succeeded, those in flight on the killed relay resumed elsewhere; {}",
+        report.brief()
+    );
+    let ids = report.session_ids_by_session();
+    assert_eq!(ids.len(), SESSIONS);
+    for (session, seen) in &ids {
+        assert!(
+            seen.len() == 1 && seen[0].is_some(),
+            "session {session} kept its one session id: {seen:?}"
+        );
+    }
+    assert_upstream_saw_each_call_once(&fleet, &report);
+    let received = fleet.upstream.received();
+    assert_eq!(
+        received.initialize_total(),
+        SESSIONS as u32,
+        "one upstream initialize per agent session: {:?}",
+        received.initializes
+    );
+    let replayed = replayed_answers(&fleet).await;
+    eprintln!(
+        "kill -9 under SDK session load: {} calls, 0 failed; {replayed} answers replayed on the other relays; by relay {:?}",
+        report.calls.len(),
+        report.calls_by_relay()
+    );
+}
+
+/// Answers the running relays of `fleet` replayed (their `mcp_tunnel_answers_replayed_total`).
+async fn replayed_answers(fleet: &Fleet) -> u64 {
+    let mut total = 0;
+    for relay in fleet.relays.iter().filter(|r| r.process.is_some()) {
+        let text = reqwest::Client::new()
+            .get(relay.admin_url("/metrics"))
+            .timeout(common::WAIT)
+            .send()
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics body");
+        total += text
+            .lines()
+            .filter_map(|line| line.strip_prefix("mcp_tunnel_answers_replayed_total "))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
+    total
+}

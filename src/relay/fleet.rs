@@ -256,14 +256,19 @@ impl FleetKeys {
     }
 }
 
-/// A secret file's bytes, surrounding whitespace trimmed (so `openssl rand -hex 32 > F` and a
-/// file edited with a trailing newline read alike on every relay).
+/// A secret file's bytes: a text secret (printable ASCII, as `openssl rand -hex 32 > F`
+/// writes) with its surrounding whitespace trimmed, so a file edited with a trailing newline
+/// reads alike on every relay; raw random bytes (`head -c 32 /dev/urandom > F`) as they are
+/// (trimming them would drop random bytes that happen to be whitespace).
 fn read_secret(path: &Path) -> Result<Vec<u8>, FleetError> {
     let bytes = std::fs::read(path).map_err(|source| FleetError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let trimmed = bytes.trim_ascii();
+    let text = bytes
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    let trimmed = if text { bytes.trim_ascii() } else { &bytes[..] };
     if trimmed.len() < MIN_SECRET_BYTES {
         return Err(FleetError::TooShort {
             path: path.to_owned(),

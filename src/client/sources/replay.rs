@@ -19,6 +19,8 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -34,8 +36,22 @@ use crate::wire::{Frame, FrameKind, Replay, WeakFrameSink};
 /// at once. An answer larger than this cannot be replayed (a replay of it says so).
 pub(crate) const REPLAY_BYTES: usize = 1024 * 1024;
 
+/// Bytes kept for all sessions of one source at most: with [`REPLAY_BYTES`] per session, what
+/// bounds the memory a source's sessions (up to [`super::held::MAX_HELD`]) hold for replays.
+/// Past it, answers in flight are not kept (a replay of one says so).
+pub(crate) const REPLAY_SOURCE_BYTES: usize = 64 * 1024 * 1024;
+
 /// Answers kept per session; past this the oldest finished one is forgotten.
 pub(crate) const REPLAY_ANSWERS: usize = 64;
+
+/// How long a finished answer is kept: an agent resumes an answer whose connection broke
+/// within a few seconds (clients retry after the `retry` the relay's priming event suggests,
+/// 1 s); what nobody resumed by then is forgotten.
+pub(crate) const KEEP_FINISHED: Duration = Duration::from_secs(60);
+
+/// Bytes kept for replays by the sessions of one source, together (see
+/// [`REPLAY_SOURCE_BYTES`]).
+pub(crate) type SourceBytes = Arc<AtomicUsize>;
 
 /// An answer's name: the relay's number for the stream that asked, and the exchange on it.
 pub(crate) type Key = (u64, u64);
@@ -53,8 +69,8 @@ struct Answer {
     bytes: usize,
     /// It outgrew the buffer: kept no more.
     overflowed: bool,
-    /// Its `End` went out: the upstream has answered.
-    done: bool,
+    /// When its `End` went out (the upstream had answered).
+    done: Option<Instant>,
     /// The stream it goes to and its exchange number there (held weakly: a stream ends when
     /// its own work is done).
     target: Option<(WeakFrameSink<SendHalf>, u64)>,
@@ -62,13 +78,52 @@ struct Answer {
     sending: Arc<tokio::sync::Mutex<()>>,
 }
 
-#[derive(Default)]
 struct Inner {
     answers: VecDeque<Answer>,
+    /// Bytes kept by this session.
     bytes: usize,
+    /// Bytes kept by every session of the source.
+    source: SourceBytes,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.source.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Inner {
+    /// Whether `needed` more bytes fit this session's and the source's budgets.
+    fn fits(&self, needed: usize) -> bool {
+        self.bytes + needed <= REPLAY_BYTES
+            && self.source.load(Ordering::Acquire) + needed <= REPLAY_SOURCE_BYTES
+    }
+
+    fn charge(&mut self, bytes: usize) {
+        self.bytes += bytes;
+        self.source.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn release(&mut self, bytes: usize) {
+        self.bytes -= bytes;
+        self.source.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// Forgets the answers finished longer than [`KEEP_FINISHED`] ago.
+    fn expire(&mut self, now: Instant) {
+        let mut freed = 0;
+        self.answers.retain(|answer| {
+            let keep = answer
+                .done
+                .is_none_or(|at| now.saturating_duration_since(at) < KEEP_FINISHED);
+            if !keep {
+                freed += answer.bytes;
+            }
+            keep
+        });
+        self.release(freed);
+    }
+
     fn find(&mut self, key: Key) -> Option<&mut Answer> {
         self.answers.iter_mut().find(|answer| answer.key == key)
     }
@@ -78,12 +133,12 @@ impl Inner {
         let Some(index) = self
             .answers
             .iter()
-            .position(|answer| answer.done && answer.key != keep)
+            .position(|answer| answer.done.is_some() && answer.key != keep)
         else {
             return false;
         };
         if let Some(answer) = self.answers.remove(index) {
-            self.bytes -= answer.bytes;
+            self.release(answer.bytes);
         }
         true
     }
@@ -101,25 +156,25 @@ impl Inner {
         let needed = frame.payload.len();
         let answer = self.find(key)?;
         if frame.kind == FrameKind::End {
-            answer.done = true;
+            answer.done = Some(Instant::now());
         }
         if !keeps || answer.overflowed {
             return Some(answer.target.clone());
         }
-        while self.bytes + needed > REPLAY_BYTES && self.forget_oldest_done(key) {}
-        let fits = self.bytes + needed <= REPLAY_BYTES;
+        while !self.fits(needed) && self.forget_oldest_done(key) {}
+        let fits = self.fits(needed);
         let answer = self.find(key).expect("only other answers were forgotten");
         if fits {
             answer.frames.push(frame.clone());
             answer.bytes += needed;
-            self.bytes += needed;
+            self.charge(needed);
         } else {
             let freed = answer.bytes;
             answer.overflowed = true;
             answer.frames = Vec::new();
             answer.request = Bytes::new();
             answer.bytes = 0;
-            self.bytes -= freed;
+            self.release(freed);
         }
         let target = self.find(key).and_then(|answer| answer.target.clone());
         Some(target)
@@ -127,12 +182,22 @@ impl Inner {
 }
 
 /// The answers of one held session.
-#[derive(Default)]
 pub(crate) struct Replays {
     inner: Mutex<Inner>,
 }
 
 impl Replays {
+    /// No answers yet; the bytes kept count against `source` too.
+    pub(crate) fn new(source: SourceBytes) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                answers: VecDeque::new(),
+                bytes: 0,
+                source,
+            }),
+        }
+    }
+
     /// An answer begins: the agent's `request` (with its request `ids`) came on `out` as
     /// `exchange`, whose key is `key`.
     pub(crate) fn begin(
@@ -144,23 +209,22 @@ impl Replays {
         exchange: u64,
     ) {
         let mut inner = self.inner.lock();
+        inner.expire(Instant::now());
         if inner.answers.len() >= REPLAY_ANSWERS
             && !inner.forget_oldest_done(key)
             && let Some(oldest) = inner.answers.pop_front()
         {
-            inner.bytes -= oldest.bytes;
+            inner.release(oldest.bytes);
         }
-        let overflowed = inner.bytes + request.len() > REPLAY_BYTES && {
-            while inner.bytes + request.len() > REPLAY_BYTES && inner.forget_oldest_done(key) {}
-            inner.bytes + request.len() > REPLAY_BYTES
-        };
+        while !inner.fits(request.len()) && inner.forget_oldest_done(key) {}
+        let overflowed = !inner.fits(request.len());
         let (request, bytes) = if overflowed {
             (Bytes::new(), 0)
         } else {
             let len = request.len();
             (request, len)
         };
-        inner.bytes += bytes;
+        inner.charge(bytes);
         inner.answers.push_back(Answer {
             key,
             request,
@@ -168,7 +232,7 @@ impl Replays {
             frames: Vec::new(),
             bytes,
             overflowed,
-            done: false,
+            done: None,
             target: Some((out.downgrade(), exchange)),
             sending: Arc::default(),
         });
@@ -302,7 +366,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replay_sends_what_the_agent_missed_then_the_rest_as_it_arrives() {
-        let replays = Replays::default();
+        let replays = Replays::new(SourceBytes::default());
         let (first, mut first_reader) = pipe();
         replays.begin(
             (9, 4),
@@ -350,7 +414,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unknown_answer_gets_end_and_an_oversized_one_says_it_cannot_be_resumed() {
-        let replays = Replays::default();
+        let replays = Replays::new(SourceBytes::default());
         let (out, mut reader) = pipe();
         let replay = |exchange| Replay {
             stream: 1,
@@ -361,12 +425,19 @@ mod tests {
         assert_eq!(frames(&mut reader, 1).await[0].kind, FrameKind::End);
 
         let id = RawValue::from_string("17".into()).expect("json");
-        replays.begin((1, 6), Bytes::from_static(b"{}"), vec![id], &out, 6);
+        let (first, mut first_reader) = pipe();
+        replays.begin((1, 6), Bytes::from_static(b"{}"), vec![id], &first, 6);
         let big = Frame::message(6, Bytes::from(vec![b'x'; REPLAY_BYTES + 1]));
         replays.send((1, 6), big).await.expect("begun");
-        let _ = frames(&mut reader, 1).await;
+        let _ = frames(&mut first_reader, 1).await;
         assert_eq!(replays.bytes(), 0, "nothing kept of it");
         replays.replay(replay(6), out, 3).await;
+        let moved = frames(&mut first_reader, 1).await;
+        assert_eq!(
+            (moved[0].kind, moved[0].exchange, moved[0].payload.len()),
+            (FrameKind::Replay, 6, 0),
+            "the stream it went to is told it moved"
+        );
         let got = frames(&mut reader, 3).await;
         assert_eq!(got[0].kind, FrameKind::Replay);
         let error = String::from_utf8_lossy(&got[1].payload).into_owned();
@@ -379,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_buffer_forgets_finished_answers_first_and_stays_within_its_bytes() {
-        let replays = Replays::default();
+        let replays = Replays::new(SourceBytes::default());
         let (out, _reader) = pipe();
         let chunk = Bytes::from(vec![b'y'; REPLAY_BYTES / 4]);
         for exchange in 1..=8 {
@@ -403,5 +474,56 @@ mod tests {
             !kept.contains(&(1, 1)),
             "the oldest finished one went first"
         );
+    }
+
+    #[test]
+    fn finished_answers_are_kept_for_a_while_only() {
+        let replays = Replays::new(SourceBytes::default());
+        {
+            let mut inner = replays.inner.lock();
+            inner.charge(10);
+            inner.answers.push_back(Answer {
+                key: (1, 1),
+                request: Bytes::new(),
+                ids: Vec::new(),
+                frames: Vec::new(),
+                bytes: 10,
+                overflowed: false,
+                done: Some(Instant::now()),
+                target: None,
+                sending: Arc::default(),
+            });
+            inner.expire(Instant::now());
+            assert_eq!(inner.bytes, 10, "kept at first");
+            inner.expire(Instant::now() + KEEP_FINISHED);
+        }
+        assert_eq!(replays.bytes(), 0, "forgotten after KEEP_FINISHED");
+    }
+
+    #[tokio::test]
+    async fn the_sessions_of_a_source_share_one_budget_given_back_when_they_end() {
+        let source = SourceBytes::default();
+        let (out, _reader) = pipe();
+        let sessions: Vec<Replays> = (0..REPLAY_SOURCE_BYTES / REPLAY_BYTES + 1)
+            .map(|_| Replays::new(source.clone()))
+            .collect();
+        let chunk = Bytes::from(vec![b'z'; REPLAY_BYTES - 1]);
+        for (n, replays) in sessions.iter().enumerate() {
+            let exchange = n as u64 + 1;
+            replays.begin((1, exchange), Bytes::new(), Vec::new(), &out, exchange);
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                replays.send((1, exchange), Frame::message(exchange, chunk.clone())),
+            )
+            .await;
+        }
+        assert!(source.load(Ordering::Acquire) <= REPLAY_SOURCE_BYTES);
+        assert_eq!(
+            sessions.last().map(Replays::bytes),
+            Some(0),
+            "past the source's budget an answer is not kept"
+        );
+        drop(sessions);
+        assert_eq!(source.load(Ordering::Acquire), 0, "given back");
     }
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use super::Out;
 use super::held::{self, Held};
+use super::replay::SourceBytes;
 use super::stream::{self, Inbound};
 use crate::mcp::jsonrpc::codes;
 use crate::transport::{RecvHalf, SendHalf};
@@ -50,6 +51,8 @@ pub(crate) struct HttpSource {
     max_answer: usize,
     /// Session-era upstream sessions, kept past their streams for a relay to resume.
     held: Held<HttpSession>,
+    /// Bytes the held sessions keep of their answers for replays, together.
+    replay_bytes: SourceBytes,
     /// Whether the sweep of expired held sessions runs.
     sweeping: OnceLock<()>,
 }
@@ -77,6 +80,7 @@ impl HttpSource {
                 crate::config::DEFAULT_CONNECT_SESSION_IDLE_SECS,
             )),
             sweeping: OnceLock::new(),
+            replay_bytes: SourceBytes::default(),
         })
     }
 
@@ -220,7 +224,12 @@ impl HttpSource {
             .as_ref()
             .filter(|s| header.era == Era::Session && s.handle.len() <= held::MAX_HANDLE_LEN)
         else {
-            let session = HttpSession::new(None, UpstreamState::default(), assertion);
+            let session = HttpSession::new(
+                None,
+                UpstreamState::default(),
+                assertion,
+                self.replay_bytes.clone(),
+            );
             return Some((Arc::new(session), false));
         };
         if named.resume
@@ -248,6 +257,7 @@ impl HttpSource {
             Some(named.handle.clone()),
             upstream,
             assertion,
+            self.replay_bytes.clone(),
         ));
         self.hold(&named.handle, &session);
         Some((session, named.resume))

@@ -9,7 +9,7 @@ use http::header::HeaderValue;
 use parking_lot::Mutex;
 
 use super::context::StreamContext;
-use crate::client::sources::replay::Replays;
+use crate::client::sources::replay::{Replays, SourceBytes};
 use crate::client::sources::streams::StreamSet;
 use crate::govern::assertion::Assertion;
 use crate::wire::{Frame, Resumable};
@@ -43,18 +43,20 @@ pub(super) struct HttpSession {
 }
 
 impl HttpSession {
-    /// A session under `handle` (if held), known to the upstream as `upstream`.
+    /// A session under `handle` (if held), known to the upstream as `upstream`, whose kept
+    /// answers count against its source's `replay_bytes`.
     pub(super) fn new(
         handle: Option<String>,
         upstream: UpstreamState,
         assertion: Option<Assertion>,
+        replay_bytes: SourceBytes,
     ) -> Self {
         Self {
             handle,
             upstream: Mutex::new(upstream),
             assertion: Mutex::new(assertion),
             streams: StreamSet::default(),
-            replays: Replays::default(),
+            replays: Replays::new(replay_bytes),
             tasks: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
