@@ -177,7 +177,7 @@ secret_file = "{FLEET_SECRET_FILE}"
 /// room on a loaded machine.
 pub const RELAY_DRAIN_DELAY_SECS: u64 = 2;
 
-/// The fleet secret's file in the fleet's directory (32 random bytes, written by
+/// The fleet secret's file in the fleet's directory (32 random bytes as hex, written by
 /// [`Fleet::start_with`]).
 pub const FLEET_SECRET_FILE: &str = "fleet.key";
 
@@ -499,7 +499,7 @@ pub struct Fleet {
     pub tunnel_token: String,
     /// The CA the `connect`s trust.
     pub ca: PathBuf,
-    /// The fleet secret's file (`fleet.key`, 32 random bytes), named by every relay's config.
+    /// The fleet secret's file (`fleet.key`, 32 random bytes as hex), named by every relay's config.
     pub fleet_secret: PathBuf,
     /// Dev certificates (`relay.pem`, `relay.key`, `ca.pem`), `fleet.key`, the relay configs
     /// (`relay-N.toml`) and `haproxy.cfg`.
@@ -529,8 +529,12 @@ impl Fleet {
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
         let fleet_secret = dir.path().join(FLEET_SECRET_FILE);
+        // 32 random bytes, written as hex: the relay trims surrounding whitespace off the
+        // file, so raw bytes would come up short whenever they begin or end with a whitespace
+        // byte (a fleet start in ~20 failed so).
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+        let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         std::fs::write(&fleet_secret, secret).expect("write the fleet secret");
         let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
         let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
