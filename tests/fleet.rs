@@ -4,13 +4,17 @@
 //! and the Python SDK (`scripts/install-peers.sh`).
 //!
 //! Run with `cargo test --test fleet` (the tests of this binary run one at a time: each starts
-//! a whole fleet).
+//! a whole fleet). The benchmark of the fleet (failover time after `kill -9` of a relay, calls/s
+//! of three relays against one; BENCHMARKS.md, "Fleet") is an ignored test of this binary:
+//! `cargo test --release --test fleet -- --ignored fleet_benchmark --nocapture`.
 
 mod common;
 
-use std::time::SystemTime;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
 
-use common::fleet::{Fleet, LoadReport};
+use common::fleet::{Fleet, Haproxy, LoadReport, Proc};
 
 /// Concurrent clients of the load tests.
 const STATELESS_SESSIONS: usize = 6;
@@ -396,14 +400,18 @@ struct SessionCall {
     message: String,
     started: SystemTime,
     ended: SystemTime,
+    /// The relay that answered (HAProxy's `X-Fleet-Relay`), if an answer came.
+    relay: Option<String>,
     /// The error, or `None` when the echo came back.
     error: Option<String>,
 }
 
 /// Calls `echo` in a loop on the session of `agent` (a raw Streamable HTTP agent, through the
-/// load balancer) until `stop`, each call with a unique message; every call bounded.
+/// load balancer) until `stop`, each call with a unique message `PREFIX-sSESSION-cN`, also sent
+/// in an `X-Fleet-Call` header (HAProxy logs it); every call bounded.
 async fn session_loop(
     agent: common::Agent,
+    prefix: String,
     session: usize,
     stop: tokio_util::sync::CancellationToken,
     succeeded: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -413,17 +421,22 @@ async fn session_loop(
         if stop.is_cancelled() {
             break;
         }
-        let message = format!("kill-s{session}-c{n}");
+        let message = format!("{prefix}-s{session}-c{n}");
         let body = serde_json::json!({"jsonrpc": "2.0", "id": n + 10, "method": "tools/call",
             "params": {"name": "echo", "arguments": {"message": message}}});
         let started = SystemTime::now();
         let sent = agent
             .request(reqwest::Method::POST)
             .header("content-type", "application/json")
+            .header("x-fleet-call", &message)
             .timeout(SESSION_CALL_TIMEOUT)
             .body(body.to_string())
             .send()
             .await;
+        let relay = sent.as_ref().ok().and_then(|response| {
+            let relay = response.headers().get(common::fleet::RELAY_HEADER)?;
+            Some(relay.to_str().ok()?.to_owned())
+        });
         let error = match sent {
             Err(e) => Some(format!("request failed: {e}")),
             Ok(response) if response.status() != 200 => {
@@ -445,6 +458,7 @@ async fn session_loop(
             message,
             started,
             ended: SystemTime::now(),
+            relay,
             error,
         });
     }
@@ -469,6 +483,7 @@ async fn kill_9_of_a_relay_under_session_load_keeps_every_session() {
         ids.push(agent.session.clone().expect("a session id"));
         tasks.push(tokio::spawn(session_loop(
             agent,
+            "kill".into(),
             session,
             stop.clone(),
             std::sync::Arc::default(),
@@ -558,7 +573,13 @@ async fn kill_9_of_a_connect_under_session_load_keeps_every_session() {
         assert_eq!(answer.status, 200, "session {session} opens: {answer:?}");
         let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         succeeded.push(ok.clone());
-        tasks.push(tokio::spawn(session_loop(agent, session, stop.clone(), ok)));
+        tasks.push(tokio::spawn(session_loop(
+            agent,
+            "kill".into(),
+            session,
+            stop.clone(),
+            ok,
+        )));
     }
     let each_succeeded = |succeeded: &[std::sync::Arc<std::sync::atomic::AtomicU64>]| {
         succeeded
@@ -717,6 +738,496 @@ async fn rolling_restart_under_session_load_fails_no_call() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// The benchmark of issue 15's "Measure" (BENCHMARKS.md, "Fleet"). It asserts correctness only
+// (every session goes on after a kill; every call reached the upstream at most once, exactly
+// once when it succeeded), never speed.
+
+/// Kill rounds of the failover measurement (the victim rotates over the relays).
+const FAILOVER_ROUNDS: usize = 3;
+/// Session-era sessions calling in a loop during a kill.
+const FAILOVER_SESSIONS: usize = 12;
+/// Successful calls each session makes before the kill, and again after HAProxy took the
+/// killed relay out.
+const FAILOVER_CALLS: u64 = 20;
+/// Calls in flight at once in the throughput runs (session era: one session each).
+const THROUGHPUT_CONCURRENCY: usize = 32;
+/// Seconds of each throughput run.
+const THROUGHPUT_SECS: u64 = 5;
+
+/// Successful calls so far, per session.
+type Counters = Vec<std::sync::Arc<std::sync::atomic::AtomicU64>>;
+
+fn each_succeeded(counters: &Counters) -> Vec<u64> {
+    counters
+        .iter()
+        .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+        .collect()
+}
+
+/// Waits (bounded by a minute) until every session made `by` successful calls more than `from`.
+async fn wait_each_succeeded(counters: &Counters, from: &[u64], by: u64, what: &str) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while each_succeeded(counters)
+            .iter()
+            .zip(from)
+            .any(|(now, from)| *now < from + by)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: {:?} from {from:?}", each_succeeded(counters)));
+}
+
+/// Seconds from `from` to `to` (0 when `to` is earlier).
+fn secs(from: SystemTime, to: SystemTime) -> f64 {
+    to.duration_since(from).unwrap_or_default().as_secs_f64()
+}
+
+/// Nearest-rank percentile `p` (0-100) of `values`; `NaN` when empty.
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted
+        .get(rank.min(sorted.len()).wrapping_sub(1))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// What one kill round measured.
+struct FailoverRound {
+    victim: String,
+    /// Per affected session: seconds from the kill to its first successful call from its
+    /// first affected call on.
+    failover: Vec<f64>,
+    /// Affected sessions with a failed call (the others' calls were only retried by HAProxy
+    /// or answered by the relay as it died).
+    with_failed_call: usize,
+    calls: usize,
+    failed: usize,
+    /// Calls HAProxy sent to the dead relay first and then again to another (its log).
+    retried: usize,
+    /// Seconds from the kill until HAProxy's stats showed the relay down.
+    marked_down: f64,
+    /// Seconds from the restart until both connects were attached and HAProxy saw it up.
+    back_in: f64,
+    /// The failed calls' errors, with counts.
+    errors: BTreeMap<String, usize>,
+}
+
+/// One kill round: `FAILOVER_SESSIONS` session-era sessions (raw agents: the session id is
+/// kept whatever happens) call `echo` in a loop through HAProxy; `kill -9` of relay `victim`;
+/// the calls go on until every session made `FAILOVER_CALLS` successful calls after HAProxy
+/// took it out; then the relay starts again and the round waits until it is back in service.
+///
+/// A session is affected when a call of it that ended after the kill failed, was answered by
+/// the killed relay, or was retried by HAProxy (sent to the killed relay first); its failover
+/// time runs from the kill to the end of its first successful call from the first affected one
+/// on.
+async fn failover_round(fleet: &mut Fleet, round: usize, victim: usize) -> FailoverRound {
+    let prefix = format!("failover{round}");
+    let victim_id = fleet.relays[victim].id.clone();
+    let initializes_before = fleet.upstream.received().initialize_total();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (mut tasks, mut counters) = (Vec::new(), Counters::new());
+    for session in 0..FAILOVER_SESSIONS {
+        let mut agent = common::Agent::new(&fleet.url(), &fleet.api_key);
+        let answer = agent.initialize().await;
+        assert_eq!(answer.status, 200, "session {session} opens: {answer:?}");
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        counters.push(ok.clone());
+        let task = session_loop(agent, prefix.clone(), session, stop.clone(), ok);
+        tasks.push(tokio::spawn(task));
+    }
+    let zero = vec![0; FAILOVER_SESSIONS];
+    wait_each_succeeded(&counters, &zero, FAILOVER_CALLS, "every session calls").await;
+    let killed = fleet.kill_relay(victim).await;
+    let survivors = fleet.running_relay_ids();
+    let survivors: Vec<&str> = survivors.iter().map(String::as_str).collect();
+    fleet.haproxy.wait_servers(&survivors).await;
+    let out_at = SystemTime::now();
+    let from = each_succeeded(&counters);
+    wait_each_succeeded(&counters, &from, FAILOVER_CALLS, "every session goes on").await;
+    stop.cancel();
+    let mut sessions = Vec::new();
+    for task in tasks {
+        // Each loop ends after its call in flight, which is bounded.
+        let calls = tokio::time::timeout(2 * SESSION_CALL_TIMEOUT, task).await;
+        sessions.push(calls.expect("the session loop ends").expect("session task"));
+    }
+    let restarting = std::time::Instant::now();
+    fleet.start_relay(victim).await;
+    let back_in = restarting.elapsed().as_secs_f64();
+
+    let retried: HashSet<String> = fleet
+        .haproxy
+        .logged_calls()
+        .into_iter()
+        .filter(|l| l.call.starts_with(&format!("{prefix}-s")) && l.retries > 0)
+        .map(|l| l.call)
+        .collect();
+    let received = fleet.upstream.received();
+    let (mut failover, mut with_failed_call) = (Vec::new(), 0);
+    let mut errors = BTreeMap::new();
+    for (session, calls) in sessions.iter().enumerate() {
+        for call in calls {
+            let times = received.times_echoed(&call.message);
+            match &call.error {
+                None => assert_eq!(times, 1, "{} reached the upstream once", call.message),
+                Some(error) => {
+                    assert!(times <= 1, "{} reached the upstream twice", call.message);
+                    *errors.entry(error.clone()).or_default() += 1;
+                }
+            }
+        }
+        assert!(
+            calls
+                .iter()
+                .any(|c| c.started > out_at && c.error.is_none()),
+            "session {session} goes on with its session id after the kill: {calls:?}"
+        );
+        let affected = calls.iter().position(|c| {
+            c.ended > killed.signalled
+                && (c.error.is_some()
+                    || c.relay.as_deref() == Some(victim_id.as_str())
+                    || retried.contains(&c.message))
+        });
+        if calls
+            .iter()
+            .any(|c| c.error.is_some() && c.ended > killed.signalled)
+        {
+            with_failed_call += 1;
+        }
+        if let Some(first) = affected {
+            let recovered = calls[first..]
+                .iter()
+                .find(|c| c.error.is_none())
+                .expect("a successful call after the affected one");
+            failover.push(secs(killed.signalled, recovered.ended));
+        }
+    }
+    assert_eq!(
+        received.initialize_total() - initializes_before,
+        FAILOVER_SESSIONS as u32,
+        "one upstream initialize per agent session"
+    );
+    let repeated: Vec<_> = received
+        .repeated_calls()
+        .into_iter()
+        .filter(|(key, _)| key.contains(&prefix))
+        .collect();
+    assert!(
+        repeated.is_empty(),
+        "no call reached the upstream twice: {repeated:?}"
+    );
+    FailoverRound {
+        victim: victim_id,
+        failover,
+        with_failed_call,
+        calls: sessions.iter().map(Vec::len).sum(),
+        failed: errors.values().sum(),
+        retried: retried.len(),
+        marked_down: secs(killed.signalled, out_at),
+        back_in,
+        errors,
+    }
+}
+
+/// User + system CPU time of process `pid` so far, in microseconds (`/proc/PID/stat`).
+fn cpu_micros(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after the last ')';
+    // utime and stime are fields 14 and 15 of proc(5), so 12 and 13 after the name.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000 / per_sec
+}
+
+/// The machine's (busy, total) CPU time so far, in ticks of all cores (`/proc/stat`).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user already).
+    let total: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// One throughput run's figures.
+struct ThroughputRun {
+    calls_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    calls: u64,
+    errors: u64,
+    /// Sessions resumed by a relay that did not hold them (session era), all relays.
+    resumed: u64,
+    /// CPU µs per call: the relays together, the connects together, HAProxy, the test process
+    /// (the recording upstream); the bench client is the rest of the machine's busy time.
+    cpu: [f64; 4],
+    /// The machine's busy share of all its cores during the run (%).
+    busy: f64,
+}
+
+/// `mcp-tunnel bench` through `haproxy` for `THROUGHPUT_SECS` at `THROUGHPUT_CONCURRENCY`,
+/// calling `echo` with `message`; checks the upstream saw each successful call once.
+async fn bench_run(fleet: &Fleet, haproxy: &Haproxy, era: &str, message: &str) -> ThroughputRun {
+    let mut pids = Vec::new();
+    for relay in &fleet.relays {
+        pids.push((0, relay.process.as_ref().expect("every relay runs").pid()));
+    }
+    for connect in &fleet.connects {
+        pids.push((1, connect.as_ref().expect("every connect runs").pid()));
+    }
+    pids.push((2, haproxy.process.pid()));
+    pids.push((3, std::process::id() as i32));
+    let resumed_before = sessions_resumed(fleet).await;
+    let upstream_before = fleet.upstream.received().times_echoed(message);
+    let cpu_before: Vec<u64> = pids.iter().map(|(_, pid)| cpu_micros(*pid)).collect();
+    let machine_before = machine_ticks();
+    let args = serde_json::json!({ "message": message }).to_string();
+    let url = format!("http://{}/mcp/{}", haproxy.frontend, common::fleet::SOURCE);
+    let mut bench = Proc::start(
+        "bench",
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .args([
+                "bench",
+                "--url",
+                &url,
+                "--key",
+                &fleet.api_key,
+                "--era",
+                era,
+            ])
+            .args(["--concurrency", &THROUGHPUT_CONCURRENCY.to_string()])
+            .args(["--duration", &THROUGHPUT_SECS.to_string()])
+            .args(["--args", &args, "--timeout", "10", "--json"]),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(THROUGHPUT_SECS + 60);
+    bench.peer.exit_status(deadline).await;
+    let machine_after = machine_ticks();
+    let cpu_after: Vec<u64> = pids.iter().map(|(_, pid)| cpu_micros(*pid)).collect();
+    let resumed = sessions_resumed(fleet).await - resumed_before;
+    let output = bench.peer.output();
+    let report: serde_json::Value = output
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .find(|v: &serde_json::Value| v.get("calls_per_sec").is_some())
+        .unwrap_or_else(|| panic!("bench printed its JSON report:\n{output}"));
+    let calls = report["calls"].as_u64().expect("calls");
+    let ok = report["ok"].as_u64().expect("ok");
+    let reached = u64::from(fleet.upstream.received().times_echoed(message) - upstream_before);
+    assert!(
+        ok <= reached && reached <= calls,
+        "bench {era} via {url}: {ok} of {calls} calls succeeded, the upstream saw {reached}: {output}"
+    );
+    let mut cpu = [0.0; 4];
+    for (((group, _), before), after) in pids.iter().zip(&cpu_before).zip(&cpu_after) {
+        cpu[*group] += (after - before) as f64 / calls.max(1) as f64;
+    }
+    let busy = (machine_after.0 - machine_before.0) as f64
+        / (machine_after.1 - machine_before.1).max(1) as f64;
+    ThroughputRun {
+        calls_per_sec: report["calls_per_sec"].as_f64().unwrap_or(0.0),
+        p50_ms: report["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        p99_ms: report["p99_ms"].as_f64().unwrap_or(f64::NAN),
+        calls,
+        errors: calls - ok,
+        resumed,
+        cpu,
+        busy: 100.0 * busy,
+    }
+}
+
+/// Sessions the relays resumed since they started, all relays together
+/// (`mcp_tunnel_sessions_resumed_total`).
+async fn sessions_resumed(fleet: &Fleet) -> u64 {
+    let mut total = 0;
+    for index in 0..fleet.relays.len() {
+        let text = fleet.metrics(index).await;
+        total += text
+            .lines()
+            .filter(|l| l.starts_with("mcp_tunnel_sessions_resumed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
+    total
+}
+
+/// The core count and load average, for the record.
+fn machine() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{} cores, load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load.join(" ")
+    )
+}
+
+/// Issue 15's measurements in one run (BENCHMARKS.md, "Fleet"): the failover time after
+/// `kill -9` of a relay under session-era load, and the calls/s of the three-relay fleet
+/// against one relay behind the same kind of HAProxy, with the same client load and upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: cargo test --release --test fleet -- --ignored fleet_benchmark --nocapture"]
+async fn fleet_benchmark() {
+    let before = machine();
+    let mut fleet = Fleet::start().await;
+
+    // 1. Failover.
+    let mut rounds = Vec::new();
+    for round in 0..FAILOVER_ROUNDS {
+        let victim = round % fleet.relays.len();
+        rounds.push(failover_round(&mut fleet, round, victim).await);
+    }
+
+    // 2. Throughput: the same relays, connects and upstream behind two more HAProxies of the
+    // fleet's config, request logs off: one with all three relays, one with relay-1 alone (the
+    // other two keep running, idle).
+    let all: Vec<(&str, SocketAddr, SocketAddr)> = fleet
+        .relays
+        .iter()
+        .map(|r| (r.id.as_str(), r.agents, r.admin))
+        .collect();
+    let dirs = ["bench-3", "bench-1"].map(|d| fleet.dir.path().join(d));
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).expect("create the bench HAProxy's directory");
+    }
+    let three = Haproxy::start_with(&dirs[0], &all, false).await;
+    three
+        .wait_servers(&all.iter().map(|r| r.0).collect::<Vec<_>>())
+        .await;
+    let one = Haproxy::start_with(&dirs[1], &all[..1], false).await;
+    one.wait_servers(&[all[0].0]).await;
+    let mut runs: BTreeMap<(&str, &str), Vec<ThroughputRun>> = BTreeMap::new();
+    let mut n = 0;
+    for era in ["stateless", "legacy"] {
+        // 3 1 1 3: a drift of the machine's load weighs on both alike.
+        for (setup, haproxy) in [
+            ("3 relays", &three),
+            ("1 relay", &one),
+            ("1 relay", &one),
+            ("3 relays", &three),
+        ] {
+            n += 1;
+            let run = bench_run(&fleet, haproxy, era, &format!("bench-{n}")).await;
+            runs.entry((era, setup)).or_default().push(run);
+        }
+    }
+    let after = machine();
+
+    // The summary (Markdown tables, for BENCHMARKS.md).
+    println!("\n## Fleet benchmark\n\nMachine: before {before}; after {after}.");
+    println!(
+        "Everything shares those cores: the load client, HAProxy, the relays, the connects and \
+         the recording upstream (in the test process)."
+    );
+    println!(
+        "\nFailover: {FAILOVER_SESSIONS} session-era sessions (raw Streamable HTTP agents) \
+         calling echo in a loop through HAProxy (round-robin, health checks every 250 ms); \
+         kill -9 of one relay per round. A session is affected when a call of it that ended \
+         after the kill failed, was retried by HAProxy (sent to the dead relay first) or was \
+         answered by the dying relay; its failover time runs from the kill to its first \
+         successful call from then on.\n"
+    );
+    println!(
+        "| round | killed | calls (failed) | retried by HAProxy | affected sessions (with a failed call) | failover p50 (s) | max (s) | HAProxy marked it down (s) | back in service (s) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut pooled = Vec::new();
+    for (round, r) in rounds.iter().enumerate() {
+        pooled.extend(r.failover.iter().copied());
+        println!(
+            "| {round} | {} | {} ({}) | {} | {} of {FAILOVER_SESSIONS} ({}) | {:.3} | {:.3} | {:.2} | {:.2} |",
+            r.victim,
+            r.calls,
+            r.failed,
+            r.retried,
+            r.failover.len(),
+            r.with_failed_call,
+            percentile(&r.failover, 50.0),
+            percentile(&r.failover, 100.0),
+            r.marked_down,
+            r.back_in
+        );
+    }
+    println!(
+        "| all | | {} ({}) | {} | {} of {} ({}) | {:.3} | {:.3} | | |",
+        rounds.iter().map(|r| r.calls).sum::<usize>(),
+        rounds.iter().map(|r| r.failed).sum::<usize>(),
+        rounds.iter().map(|r| r.retried).sum::<usize>(),
+        pooled.len(),
+        FAILOVER_SESSIONS * FAILOVER_ROUNDS,
+        rounds.iter().map(|r| r.with_failed_call).sum::<usize>(),
+        percentile(&pooled, 50.0),
+        percentile(&pooled, 100.0)
+    );
+    for (round, r) in rounds.iter().enumerate() {
+        if !r.errors.is_empty() {
+            println!("\nround {round}, failed calls: {:?}", r.errors);
+        }
+    }
+    println!(
+        "\nThroughput: mcp-tunnel bench, echo, concurrency {THROUGHPUT_CONCURRENCY} (legacy: one \
+         session per concurrent call), {THROUGHPUT_SECS} s per run, runs in the order 3 1 1 3, \
+         through HAProxy to 3 relays or to 1 relay; same 2 connects, same recording upstream. \
+         Sessions resumed: by a relay that did not open them (all runs of the row). CPU µs \
+         per call by process group; the rest of the machine's busy time is the bench client.\n"
+    );
+    println!(
+        "| era | relays | calls/s per run | mean calls/s | p50 (ms) | p99 (ms) | errors | sessions resumed | machine busy | CPU µs/call: relays | connects | HAProxy | upstream |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut means = BTreeMap::new();
+    for ((era, setup), list) in runs.iter().rev() {
+        let avg =
+            |f: &dyn Fn(&ThroughputRun) -> f64| list.iter().map(f).sum::<f64>() / list.len() as f64;
+        let mean = avg(&|r| r.calls_per_sec);
+        means.insert((*era, *setup), mean);
+        println!(
+            "| {era} | {setup} | {} | {mean:.0} | {:.2} | {:.2} | {} of {} | {} | {:.0}% | {:.0} | {:.0} | {:.0} | {:.0} |",
+            list.iter()
+                .map(|r| format!("{:.0}", r.calls_per_sec))
+                .collect::<Vec<_>>()
+                .join(", "),
+            avg(&|r| r.p50_ms),
+            avg(&|r| r.p99_ms),
+            list.iter().map(|r| r.errors).sum::<u64>(),
+            list.iter().map(|r| r.calls).sum::<u64>(),
+            list.iter().map(|r| r.resumed).sum::<u64>(),
+            avg(&|r| r.busy),
+            avg(&|r| r.cpu[0]),
+            avg(&|r| r.cpu[1]),
+            avg(&|r| r.cpu[2]),
+            avg(&|r| r.cpu[3]),
+        );
+    }
+    println!();
+    for era in ["stateless", "legacy"] {
+        println!(
+            "{era}: 3 relays / 1 relay = {:.2}x",
+            means[&(era, "3 relays")] / means[&(era, "1 relay")]
+        );
+    }
+}
+
 /// Issue 15, must-show 2 with the official Python SDK: `kill -9` of one relay under
 /// session-era load loses no call. In a fleet each answer is an event stream primed at once
 /// with a sealed event id; the SDK, whose POST breaks with the relay, resumes the answer with
@@ -767,17 +1278,13 @@ async fn kill_9_of_a_relay_under_sdk_session_load_loses_no_call() {
 /// Answers the running relays of `fleet` replayed (their `mcp_tunnel_answers_replayed_total`).
 async fn replayed_answers(fleet: &Fleet) -> u64 {
     let mut total = 0;
-    for relay in fleet.relays.iter().filter(|r| r.process.is_some()) {
-        let text = reqwest::Client::new()
-            .get(relay.admin_url("/metrics"))
-            .timeout(common::WAIT)
-            .send()
+    for index in 0..fleet.relays.len() {
+        if fleet.relays[index].process.is_none() {
+            continue;
+        }
+        total += fleet
+            .metrics(index)
             .await
-            .expect("/metrics answers")
-            .text()
-            .await
-            .expect("/metrics body");
-        total += text
             .lines()
             .filter_map(|line| line.strip_prefix("mcp_tunnel_answers_replayed_total "))
             .filter_map(|value| value.trim().parse::<f64>().ok())

@@ -56,7 +56,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn start(name: &'static str, command: &mut Command) -> Self {
+    /// Spawns `command` (output drained into `peer`).
+    pub fn start(name: &'static str, command: &mut Command) -> Self {
         Self {
             peer: Peer::start(name, command.env("NO_COLOR", "1")),
         }
@@ -176,7 +177,7 @@ secret_file = "{FLEET_SECRET_FILE}"
 /// room on a loaded machine.
 pub const RELAY_DRAIN_DELAY_SECS: u64 = 2;
 
-/// The fleet secret's file in the fleet's directory (32 random bytes, written by
+/// The fleet secret's file in the fleet's directory (32 random bytes as hex, written by
 /// [`Fleet::start_with`]).
 pub const FLEET_SECRET_FILE: &str = "fleet.key";
 
@@ -221,12 +222,15 @@ pub fn haproxy_binary() -> PathBuf {
 ///   again (to another relay on the last retry) only when its connection failed, so never once a
 ///   relay may have received it (no `empty-response`, `response-timeout` or status retries);
 /// - timeouts that let SSE streams live (`timeout server 60s`, `timeout tunnel 1h`);
-/// - every response names its relay in `X-Fleet-Relay`, and every request is logged to stdout.
+/// - every response names its relay in `X-Fleet-Relay`, and every request is logged to stdout
+///   (when `log_requests`), with its `X-Fleet-Call` header (the load client's call) captured.
 pub fn haproxy_config(
     frontend: SocketAddr,
     stats: SocketAddr,
     relays: &[(&str, SocketAddr, SocketAddr)],
+    log_requests: bool,
 ) -> String {
+    let request_log = if log_requests { "" } else { "    no log\n" };
     let mut config = format!(
         r#"global
     log stdout format raw local0
@@ -250,6 +254,7 @@ defaults
 
 frontend agents
     bind {frontend}
+{request_log}    http-request capture req.hdr(x-fleet-call) len 64
     default_backend {BACKEND}
 
 listen stats
@@ -280,14 +285,27 @@ impl Haproxy {
     /// should another process take one first); returns once it runs (the caller waits for
     /// its servers).
     pub async fn start(dir: &Path, relays: &[(&str, SocketAddr, SocketAddr)]) -> Self {
+        Self::start_with(dir, relays, true).await
+    }
+
+    /// [`Haproxy::start`], logging each request only when `log_requests` (a benchmark's load
+    /// balancer logs none: the lines would cost CPU and memory at thousands of calls a second).
+    pub async fn start_with(
+        dir: &Path,
+        relays: &[(&str, SocketAddr, SocketAddr)],
+        log_requests: bool,
+    ) -> Self {
         let binary = haproxy_binary();
         let config = dir.join("haproxy.cfg");
         let mut last = String::new();
         for _ in 0..BIND_ATTEMPTS {
             let frontend = loopback(super::free_port());
             let stats = loopback(super::free_port());
-            std::fs::write(&config, haproxy_config(frontend, stats, relays))
-                .expect("write haproxy.cfg");
+            std::fs::write(
+                &config,
+                haproxy_config(frontend, stats, relays, log_requests),
+            )
+            .expect("write haproxy.cfg");
             let mut process = Proc::start(
                 "haproxy",
                 Command::new(&binary).arg("-f").arg(&config).arg("-db"),
@@ -388,6 +406,67 @@ impl Haproxy {
     }
 }
 
+/// A request HAProxy logged (`option httplog`) that carried an `X-Fleet-Call` header.
+#[derive(Clone, Debug)]
+pub struct LoggedCall {
+    /// The call's message (`PREFIX-sS-cN`).
+    pub call: String,
+    /// The relay that finally got the request (HAProxy's server name).
+    pub server: String,
+    /// HTTP status HAProxy logged (-1: none, the connection was closed).
+    pub status: i32,
+    /// Connection retries (`%rc`): failed attempts to reach a relay before this one.
+    pub retries: u32,
+    /// Whether a retry went to another relay (`+` before `%rc`).
+    pub redispatched: bool,
+    /// The termination state (`----` for a normal end).
+    pub termination: String,
+}
+
+impl LoggedCall {
+    /// Parses one `option httplog` line with one captured request header; `None` for other
+    /// lines (or a request without the header).
+    pub fn parse(line: &str) -> Option<Self> {
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        let capture = tokens
+            .iter()
+            .position(|t| t.starts_with('{') && t.ends_with('}'))?;
+        let call = tokens[capture]
+            .trim_start_matches('{')
+            .trim_end_matches('}');
+        if call.is_empty() || capture < 3 {
+            return None;
+        }
+        let counters = tokens[capture - 2].rsplit('/').next()?;
+        let server_at = tokens
+            .iter()
+            .position(|t| t.starts_with(&format!("{BACKEND}/")))?;
+        Some(Self {
+            call: call.to_owned(),
+            server: tokens[server_at]
+                .trim_start_matches(&format!("{BACKEND}/"))
+                .to_owned(),
+            status: tokens.get(server_at + 2)?.parse().ok()?,
+            retries: counters.trim_start_matches('+').parse().ok()?,
+            redispatched: counters.starts_with('+'),
+            termination: tokens[capture - 3].to_owned(),
+        })
+    }
+}
+
+impl Haproxy {
+    /// The requests HAProxy logged so far that carried an `X-Fleet-Call` header (HAProxy drops
+    /// a log line rather than block on stdout, so a call may be missing).
+    pub fn logged_calls(&self) -> Vec<LoggedCall> {
+        self.process
+            .peer
+            .output()
+            .lines()
+            .filter_map(LoggedCall::parse)
+            .collect()
+    }
+}
+
 /// HAProxy's stats as CSV, or `None` when the page does not answer.
 async fn stats_csv(stats: SocketAddr) -> Option<String> {
     let response = reqwest::Client::new()
@@ -420,7 +499,7 @@ pub struct Fleet {
     pub tunnel_token: String,
     /// The CA the `connect`s trust.
     pub ca: PathBuf,
-    /// The fleet secret's file (`fleet.key`, 32 random bytes), named by every relay's config.
+    /// The fleet secret's file (`fleet.key`, 32 random bytes as hex), named by every relay's config.
     pub fleet_secret: PathBuf,
     /// Dev certificates (`relay.pem`, `relay.key`, `ca.pem`), `fleet.key`, the relay configs
     /// (`relay-N.toml`) and `haproxy.cfg`.
@@ -450,8 +529,12 @@ impl Fleet {
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
         let fleet_secret = dir.path().join(FLEET_SECRET_FILE);
+        // 32 random bytes, written as hex: the relay trims surrounding whitespace off the
+        // file, so raw bytes would come up short whenever they begin or end with a whitespace
+        // byte (a fleet start in ~20 failed so).
         let mut secret = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rng(), &mut secret);
+        let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         std::fs::write(&fleet_secret, secret).expect("write the fleet secret");
         let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
         let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
