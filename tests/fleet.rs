@@ -534,7 +534,9 @@ async fn kill_9_of_a_relay_under_session_load_keeps_every_session() {
             }
         }
         let failed = calls.iter().filter(|c| c.error.is_some()).count();
-        assert!(failed <= 1, "session {session}: {failed} failed calls");
+        // Sequential calls, but the kill is a window (signalled to reaped): a call refused by
+        // the dying relay and the next one, both begun before it was gone, may each fail.
+        assert!(failed <= 2, "session {session}: {failed} failed calls");
     }
     let failed: Vec<&SessionCall> = all.iter().flatten().filter(|c| c.error.is_some()).collect();
     eprintln!(
