@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use axum::response::Response;
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::admit_read;
@@ -23,10 +24,26 @@ use super::answer::sse_response;
 use super::reply::AgentError;
 use crate::govern::Identity;
 use crate::mcp::classify;
-use crate::relay::session::{AnswerIds, Awaiting, Ending, EventClaims, Session, produce, requests};
+use crate::relay::session::{
+    AnswerIds, Awaiting, Ending, EventClaims, EventIds, LogReader, Session, Start, produce,
+    requests,
+};
 use crate::relay::state::RelayState;
-use crate::relay::tunnel::Event;
+use crate::relay::tunnel::{Event, Exchange};
 use crate::wire::{Era, Replay};
+
+/// Why an answer cannot be resumed, as the agent's GET is told (`400`).
+fn cannot(why: &str) -> AgentError {
+    AgentError::BadRequest(format!(
+        "Bad Request: the answer this Last-Event-ID names cannot be resumed: {why}"
+    ))
+}
+
+/// The agent's resumed stream: `reader`'s events, ended with its log (whatever the drain: a
+/// resumed answer is a call in flight).
+fn resumed(state: &RelayState, reader: LogReader, ids: EventIds) -> Response {
+    sse_response(state, reader, ids, None, None, CancellationToken::new())
+}
 
 /// The answer to a GET resuming the answer `claims` names, in `session` (the caller's).
 pub(super) async fn resume_answer(
@@ -35,11 +52,6 @@ pub(super) async fn resume_answer(
     session: &Arc<Session>,
     claims: EventClaims,
 ) -> Result<Response, AgentError> {
-    let cannot = |why: &str| {
-        AgentError::BadRequest(format!(
-            "Bad Request: the answer this Last-Event-ID names cannot be resumed: {why}"
-        ))
-    };
     if claims.handle != session.id {
         return Err(cannot("it belongs to another session"));
     }
@@ -47,66 +59,21 @@ pub(super) async fn resume_answer(
     if let Some(log) = session.answer_log_of(claims.stream, claims.exchange)
         && let Some(reader) = log.attach_after_message(claims.message)
     {
-        // Carried here, and still kept: the log serves the rest (a resumed answer ends with
-        // its log, whatever the drain).
-        return Ok(sse_response(
-            state,
-            reader,
-            ids,
-            None,
-            None,
-            CancellationToken::new(),
-        ));
+        // Carried here, and still kept: the log serves the rest.
+        return Ok(resumed(state, reader, ids));
     }
-    if !session.replays_answers(&state.fleet)
-        || claims.connect.as_deref() != session.channel.connect_instance()
-    {
-        return Err(cannot(
-            "the tunnel client that kept it is gone (restarted, or not the one carrying the \
-             session now)",
-        ));
-    }
-    let replay = Replay {
-        stream: claims.stream,
-        exchange: claims.exchange,
-        after: claims.message,
-    };
-    let unreachable = |e: &dyn std::fmt::Display| {
-        AgentError::Unavailable(format!(
-            "source {} could not replay the answer: {e}",
-            session.source
-        ))
-    };
-    let mut exchange = session
-        .channel
-        .replay(&replay)
-        .await
-        .map_err(|e| unreachable(&e))?;
-    let wait = state.governance().limits.open_stream_timeout();
-    let request = match tokio::time::timeout(wait, exchange.next()).await {
-        Ok(Ok(Event::Replaying(request))) => request,
-        Ok(Ok(_)) => return Err(cannot("the tunnel client no longer keeps it")),
-        Ok(Err(e)) => return Err(unreachable(&e)),
-        Err(_) => return Err(unreachable(&"the tunnel client did not answer in time")),
-    };
+    let (exchange, request) = ask_connect(state, session, &claims).await?;
     let classified =
         classify(&request).map_err(|_| cannot("the tunnel client sent no request for it"))?;
     metrics::counter!(crate::metrics::ANSWERS_REPLAYED).increment(1);
     tracing::info!(tenant = %who.tenant, source = %session.source, session = %session.id, after = claims.message, "answer replayed");
     let log = session.answer_log(Some(AnswerIds::new(state.fleet.clone(), claims)));
-    let reader = log.attach(crate::relay::session::Start::Undelivered);
+    let reader = log.attach(Start::Undelivered);
     let mut admitted = admit_read(state, who, &session.source, request, classified).await;
     if let Some(denied) = admitted.refused().await {
         log.push(denied).await;
         log.finish();
-        return Ok(sse_response(
-            state,
-            reader,
-            ids,
-            None,
-            None,
-            CancellationToken::new(),
-        ));
+        return Ok(resumed(state, reader, ids));
     }
     let filter = admitted.continue_in(state, session, who);
     let (_, classified, calls) = admitted.into_parts();
@@ -132,12 +99,45 @@ pub(super) async fn resume_answer(
             with_reader: false,
         },
     ));
-    Ok(sse_response(
-        state,
-        reader,
-        ids,
-        None,
-        None,
-        CancellationToken::new(),
-    ))
+    Ok(resumed(state, reader, ids))
+}
+
+/// Asks the session's `connect` to replay the answer `claims` names on this relay's stream;
+/// returns the exchange it arrives on and the agent's message it answers.
+async fn ask_connect(
+    state: &RelayState,
+    session: &Session,
+    claims: &EventClaims,
+) -> Result<(Exchange, Bytes), AgentError> {
+    if !session.replays_answers(&state.fleet)
+        || claims.connect.as_deref() != session.channel.connect_instance()
+    {
+        return Err(cannot(
+            "the tunnel client that kept it is gone (restarted, or not the one carrying the \
+             session now)",
+        ));
+    }
+    let replay = Replay {
+        stream: claims.stream,
+        exchange: claims.exchange,
+        after: claims.message,
+    };
+    let unreachable = |e: &dyn std::fmt::Display| {
+        AgentError::Unavailable(format!(
+            "source {} could not replay the answer: {e}",
+            session.source
+        ))
+    };
+    let mut exchange = session
+        .channel
+        .replay(&replay)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let wait = state.governance().limits.open_stream_timeout();
+    match tokio::time::timeout(wait, exchange.next()).await {
+        Ok(Ok(Event::Replaying(request))) => Ok((exchange, request)),
+        Ok(Ok(_)) => Err(cannot("the tunnel client no longer keeps it")),
+        Ok(Err(e)) => Err(unreachable(&e)),
+        Err(_) => Err(unreachable(&"the tunnel client did not answer in time")),
+    }
 }
