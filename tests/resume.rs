@@ -456,3 +456,50 @@ async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_t
         "{replayed}"
     );
 }
+
+/// The `data` of each `notifications/message` in an event stream's text.
+fn notes(text: &str) -> Vec<String> {
+    common::sse_data(text.as_bytes())
+        .iter()
+        .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
+        .filter(|message| message["method"] == "notifications/message")
+        .filter_map(|message| message["params"]["data"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_agents_get_stream_resumes_on_another_relay_with_exactly_the_messages_it_missed() {
+    let (stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, gate, _) = common::start_gated_upstream(&stop).await;
+    let _client = connect_all(&[&a, &b], &upstream).await;
+    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
+    on_a.initialize_result().await;
+
+    // The agent listens on A; the upstream's first message reaches it there, with a sealed id.
+    let mut listening = on_a.get(None, "GET stream on A").await;
+    assert_eq!(listening.status(), 200);
+    read_events_until(&mut listening, |text| text.contains("id:")).await;
+    gate.notify("one").await;
+    let seen = read_events_until(&mut listening, |text| notes(text).len() == 1).await;
+    assert_eq!(notes(&seen), ["one"]);
+    let id = last_event_id(&seen).expect("the message's event id");
+
+    // The agent's connection breaks; the upstream goes on sending while it is away.
+    drop(listening);
+    gate.notify("two").await;
+    gate.notify("three").await;
+
+    // It resumes on B, which never carried those messages: `connect` sends them again there,
+    // then the new ones follow; nothing twice.
+    let on_b = via(&b, &on_a);
+    let mut resumed = on_b.get(Some(&id), "resume the GET stream on B").await;
+    assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
+    assert!(common::is_event_stream(resumed.headers()));
+    let missed = read_events_until(&mut resumed, |text| notes(text).len() >= 2).await;
+    gate.notify("four").await;
+    let rest = read_events_until(&mut resumed, |text| !notes(text).is_empty()).await;
+    let got: Vec<String> = notes(&missed).into_iter().chain(notes(&rest)).collect();
+    assert_eq!(got, ["two", "three", "four"], "{missed}{rest}");
+}

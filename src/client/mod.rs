@@ -417,6 +417,7 @@ impl Slot {
             connection.clone(),
             welcomed.tenant.into(),
             welcomed.limit,
+            welcomed.wire_version,
             self.sources.clone(),
             active.clone(),
         ));
@@ -627,11 +628,13 @@ impl ActiveStreams {
     }
 }
 
-/// Serves the streams the relay opens on `connection` until it ends.
+/// Serves the streams the relay opens on `connection` (whose relay works at `wire_version`)
+/// until it ends.
 async fn serve_streams(
     connection: Arc<dyn TunnelConnection>,
     tenant: Arc<str>,
     limit: usize,
+    wire_version: u32,
     sources: Arc<Sources>,
     active: Arc<ActiveStreams>,
 ) {
@@ -656,7 +659,7 @@ async fn serve_streams(
                 return tracing::error!(expected = %tenant, got = %header.tenant, "relay sent a stream for another tenant; refused");
             }
             match sources.get(&header.source) {
-                Some(source) => source.serve(header, reader, writer).await,
+                Some(source) => source.serve(header, wire_version, reader, writer).await,
                 None => {
                     tracing::warn!(source = %header.source, "relay asked for a source this client does not serve");
                     let _ = writer

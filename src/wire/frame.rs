@@ -110,6 +110,16 @@ pub enum FrameKind {
     ///
     /// Wire version 3 (see [`crate::wire::version`]).
     Replay = 12,
+    /// From `connect`, on a session-era stream of a held Streamable HTTP session: one
+    /// server-initiated message (as [`FrameKind::Message`] on [`UNSOLICITED`]), whose
+    /// `exchange` field is its number within the session (from 1). `connect` keeps the
+    /// latest of them, so an agent whose GET stream broke resumes it on any relay: the relay
+    /// seals the number into the event's id and, given it back, sends a [`super::ListenAfter`]
+    /// listen, and `connect` sends again the messages after it.
+    ///
+    /// Wire version 4 (see [`crate::wire::version`]); until then these messages ride
+    /// `Message` frames on [`UNSOLICITED`], unnumbered.
+    Event = 13,
 }
 
 impl FrameKind {
@@ -127,6 +137,7 @@ impl FrameKind {
             10 => Self::Resumable,
             11 => Self::Listen,
             12 => Self::Replay,
+            13 => Self::Event,
             _ => return None,
         })
     }
@@ -201,6 +212,15 @@ impl Frame {
             kind: FrameKind::Listen,
             exchange: UNSOLICITED,
             payload: Bytes::new(),
+        }
+    }
+
+    /// A server-initiated message numbered `number` within its session ([`FrameKind::Event`]).
+    pub fn event(number: u64, message: Bytes) -> Self {
+        Self {
+            kind: FrameKind::Event,
+            exchange: number,
+            payload: message,
         }
     }
 

@@ -90,6 +90,18 @@ pub struct Replay {
     pub after: u64,
 }
 
+/// The agent resumes its GET stream here ([`super::FrameKind::Listen`] with this payload,
+/// from a relay of wire version 4): it has the session's server-initiated messages up to
+/// number `after` ([`super::FrameKind::Event`]), and `connect` sends again those it keeps after
+/// it, before any new one. A listen without a payload is a fresh GET stream: nothing is sent
+/// again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenAfter {
+    /// The number of the last message the agent has.
+    pub after: u64,
+}
+
 /// What `connect` says of an upstream session it holds ([`super::FrameKind::Resumable`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

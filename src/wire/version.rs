@@ -41,6 +41,9 @@
 //!   `Listen` frame kinds.
 //! - **3**: nothing in flight lost (issue 15): the session handle's `stream`, and the `Replay`
 //!   frame kind (`connect` buffers each answer of a held session; any relay replays it).
+//! - **4**: an agent's GET stream resumes on any relay (issue 15): the `Event` frame kind
+//!   (`connect` numbers and keeps the server-initiated messages of a held session) and the
+//!   `Listen` frame's [`ListenAfter`](super::ListenAfter) payload.
 
 use thiserror::Error;
 
@@ -48,7 +51,7 @@ use thiserror::Error;
 pub const ALPN: &[u8] = b"mcp-tunnel/1";
 
 /// The newest wire version this build speaks, announced in the handshake (rule 2).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest peer version this build still serves (rule 4).
 pub const MIN_PROTOCOL_VERSION: u32 = 1;

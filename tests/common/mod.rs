@@ -980,6 +980,8 @@ fn scripted_answer(message: &Value, method: &str, tool_text: &str) -> axum::resp
 pub struct Gate {
     arrived: Arc<tokio::sync::Notify>,
     open: CancellationToken,
+    /// What goes out on the upstream's standalone GET streams.
+    notes: Arc<tokio::sync::Mutex<Option<tokio::sync::broadcast::Sender<String>>>>,
 }
 
 impl Gate {
@@ -994,12 +996,32 @@ impl Gate {
     pub fn release(&self) {
         self.open.cancel();
     }
+
+    /// Sends a `notifications/message` whose data is `text` on the upstream's GET stream,
+    /// once one is open (waits for it, bounded by [`WAIT`]).
+    pub async fn notify(&self, text: &str) {
+        let note = json!({"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":text}});
+        let sent = async {
+            loop {
+                if let Some(notes) = self.notes.lock().await.as_ref()
+                    && notes.receiver_count() > 0
+                {
+                    let _ = notes.send(note.to_string());
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, sent)
+            .await
+            .expect("the upstream's GET stream opens");
+    }
 }
 
 /// A minimal Streamable HTTP upstream whose `tools/call` of `hold` answers `released` only
 /// once the returned [`Gate`] opens (or after [`WAIT`]); every other tool answers `served` at
-/// once. It records every request (see [`Seen`]) and settles `initialize` on the version the
-/// client asked for.
+/// once. It records every request (see [`Seen`]), settles `initialize` on the version the
+/// client asked for, and serves a standalone GET stream on which [`Gate::notify`] sends.
 pub async fn start_gated_upstream(shutdown: &CancellationToken) -> (String, Gate, Seen) {
     let gate = Gate::default();
     let seen = Seen::default();
@@ -1033,6 +1055,31 @@ pub async fn start_gated_upstream(shutdown: &CancellationToken) -> (String, Gate
                     }
                     answer
                 }
+            }
+        }),
+    );
+    let (notes, _) = tokio::sync::broadcast::channel::<String>(64);
+    *gate.notes.try_lock().expect("nobody else holds it yet") = Some(notes.clone());
+    let app = app.route(
+        "/mcp",
+        axum::routing::get(move |headers: HeaderMap| {
+            let notes = notes.subscribe();
+            async move {
+                // Only a session's GET stream: a GET without one is how `connect` tells an
+                // HTTP+SSE server from a Streamable HTTP one.
+                if !headers.contains_key("mcp-session-id") {
+                    return axum::http::StatusCode::METHOD_NOT_ALLOWED.into_response();
+                }
+                let events = futures_util::stream::unfold(notes, |mut notes| async move {
+                    let note = notes.recv().await.ok()?;
+                    let event = format!("event: message\ndata: {note}\n\n");
+                    Some((Ok::<_, std::convert::Infallible>(event), notes))
+                });
+                (
+                    [("content-type", "text/event-stream")],
+                    axum::body::Body::from_stream(events),
+                )
+                    .into_response()
             }
         }),
     );

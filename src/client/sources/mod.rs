@@ -1,5 +1,6 @@
 //! The upstream MCP servers `connect` serves, by name.
 
+mod events;
 mod held;
 mod http;
 mod replay;
@@ -27,15 +28,19 @@ pub(super) enum Source {
 }
 
 impl Source {
-    /// Serves one exchange stream until it ends.
+    /// Serves one exchange stream, from a relay working at `wire_version`, until it ends.
     pub(super) async fn serve(
         &self,
         header: OpenHeader,
+        wire_version: u32,
         reader: FrameReader<RecvHalf>,
         writer: FrameWriter<SendHalf>,
     ) {
         match self {
-            Source::Http(source) => source.clone().serve(header, reader, writer).await,
+            Source::Http(source) => {
+                let numbered = wire_version >= 4;
+                source.clone().serve(header, numbered, reader, writer).await
+            }
             Source::Stdio(source) => source.clone().serve(header, reader, writer).await,
         }
     }

@@ -36,7 +36,8 @@ pub(crate) fn global(stream: StreamNo, exchange: u64) -> Option<u64> {
 #[derive(Default)]
 struct Inner {
     next: StreamNo,
-    streams: HashMap<StreamNo, WeakFrameSink<SendHalf>>,
+    /// Each stream, and whether its relay takes numbered server-initiated messages.
+    streams: HashMap<StreamNo, (WeakFrameSink<SendHalf>, bool)>,
     listener: Option<StreamNo>,
     latest: Option<StreamNo>,
 }
@@ -49,12 +50,16 @@ pub(crate) struct StreamSet {
 
 impl StreamSet {
     /// A stream now carries the session; returns its number (from 1: 0 is no stream).
-    pub(crate) fn attach(&self, out: &Out) -> StreamNo {
+    /// `numbered`: its relay takes server-initiated messages numbered
+    /// ([`crate::wire::FrameKind::Event`], wire version 4).
+    pub(crate) fn attach(&self, out: &Out, numbered: bool) -> StreamNo {
         let mut inner = self.inner.lock();
-        inner.streams.retain(|_, weak| weak.upgrade().is_some());
+        inner
+            .streams
+            .retain(|_, (weak, _)| weak.upgrade().is_some());
         inner.next = inner.next.wrapping_add(1).max(1);
         let number = inner.next;
-        inner.streams.insert(number, out.downgrade());
+        inner.streams.insert(number, (out.downgrade(), numbered));
         inner.latest = Some(number);
         number
     }
@@ -68,19 +73,25 @@ impl StreamSet {
     /// [`UNSOLICITED`] to the stream the agent listens on, else the latest attached. `None`
     /// when that stream is gone (nobody waits for the message any more).
     pub(crate) fn resolve(&self, exchange: u64) -> Option<(Out, u64)> {
-        let inner = self.inner.lock();
-        let live = |number: Option<StreamNo>| {
-            number
-                .and_then(|n| inner.streams.get(&n))
-                .and_then(WeakFrameSink::upgrade)
-        };
         if exchange == UNSOLICITED {
-            let out = live(inner.listener).or_else(|| live(inner.latest))?;
-            return Some((out, UNSOLICITED));
+            return self.unsolicited_target().map(|(out, _)| (out, UNSOLICITED));
         }
         let stream = StreamNo::try_from(exchange >> LOCAL_BITS).ok()?;
         let local = exchange & ((1 << LOCAL_BITS) - 1);
-        Some((live(Some(stream))?, local))
+        let (weak, _) = self.inner.lock().streams.get(&stream)?.clone();
+        Some((weak.upgrade()?, local))
+    }
+
+    /// Where a server-initiated message goes: the stream the agent listens on, else the
+    /// latest attached, with whether its relay takes numbered ones. `None` when that stream
+    /// is gone.
+    pub(crate) fn unsolicited_target(&self) -> Option<(Out, bool)> {
+        let inner = self.inner.lock();
+        let live = |number: Option<StreamNo>| {
+            let (weak, numbered) = number.and_then(|n| inner.streams.get(&n))?;
+            Some((weak.upgrade()?, *numbered))
+        };
+        live(inner.listener).or_else(|| live(inner.latest))
     }
 
     /// Every stream carrying the session now.
@@ -89,7 +100,7 @@ impl StreamSet {
             .lock()
             .streams
             .values()
-            .filter_map(WeakFrameSink::upgrade)
+            .filter_map(|(weak, _)| weak.upgrade())
             .collect()
     }
 }

@@ -1,14 +1,17 @@
 //! Answering agents: forward a message down its tunnel stream and turn what comes back into
 //! plain JSON, or into an SSE stream backed by an [`EventLog`] (resumable in the session era).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use futures_util::Stream;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +29,11 @@ use crate::relay::tunnel::{Channel, Exchange};
 use crate::wire::Era;
 
 /// The reconnection delay suggested to agents in priming events.
-const SSE_RETRY: Duration = Duration::from_secs(1);
+pub(super) const SSE_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a primed answer waits for its priming event to be written before it sends the
+/// request all the same: an agent that does not read must not hold its call back for ever.
+const PRIMING_WRITE: Duration = Duration::from_secs(2);
 
 /// SSE chunks buffered toward a slow agent before the log reader waits.
 const SSE_QUEUE: usize = 16;
@@ -104,6 +111,9 @@ pub(super) async fn forward(
     .filtered_by(target.filter)
     .holding(target.listen)
     .cancellable(target.session);
+    if let Some(session) = target.session.filter(|s| primes_at_once(state, s)) {
+        return primed_answer(state, channel, body, awaiting, session).await;
+    }
     match channel.request(body).await {
         Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
         Err(e) => json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await),
@@ -177,11 +187,6 @@ async fn answer(
             StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY)
         })
     };
-    if let Some(session) = session.filter(|s| primes_at_once(state, s)) {
-        // Resumable on any relay from its first byte: a call in flight when this relay dies
-        // is not lost (see `relay::agents::replay`).
-        return stream_answer(state, channel, exchange, None, awaiting, Some(session));
-    }
     match awaiting.open(&mut exchange, &channel, &state.stop).await {
         Opening::Json {
             status: code,
@@ -210,7 +215,89 @@ async fn answer(
 /// primed streams (2025-11-25 and later), so every answer carries an event id before its first
 /// message, and an agent whose relay dies mid-call resumes it on another.
 fn primes_at_once(state: &RelayState, session: &Session) -> bool {
-    session.event_ids() == EventIds::Primed && session.replays_answers(&state.fleet)
+    session.transport == Transport::Streamable
+        && session.event_ids() == EventIds::Primed
+        && session.replays_answers(&state.fleet)
+}
+
+/// Answers a request of a session whose answers are primed at once ([`primes_at_once`]): the
+/// agent's event stream, with the priming event that names the answer, goes out first, and the
+/// request goes to `connect` only once that event is written. So every call the upstream
+/// received left its agent an event id to resume the answer from, on any relay, should this
+/// one die before it answers (see `relay::agents::replay`).
+async fn primed_answer(
+    state: &Arc<RelayState>,
+    channel: &Arc<Channel>,
+    body: Bytes,
+    mut awaiting: Awaiting,
+    session: &Arc<Session>,
+) -> Response {
+    let exchange = match channel.reserve() {
+        Ok(exchange) => exchange,
+        Err(e) => {
+            return json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await);
+        }
+    };
+    let log = session.answer_log(session.answer_ids(&state.fleet, exchange.id));
+    let reader = log.attach(Start::Undelivered);
+    let (written, on_written) = oneshot::channel();
+    let (channel, stop) = (channel.clone(), state.stop.clone());
+    let mut awaiting = awaiting.tracked_by(Some(session));
+    tokio::spawn(async move {
+        // Written, or the agent left before it was (its call goes on all the same, as any
+        // call whose agent left), or the agent reads nothing: then not held back for ever.
+        let _ = tokio::time::timeout(PRIMING_WRITE, on_written).await;
+        if let Err(e) = channel.send_request(&exchange, body).await {
+            let failure = awaiting.source_failed(&e.to_string()).await;
+            log.push(failure).await;
+            log.finish();
+            return;
+        }
+        let ending = Ending {
+            finish: true,
+            with_reader: false,
+        };
+        produce(log, exchange, None, awaiting, stop, channel, ending).await;
+    });
+    let response = sse_response(
+        state,
+        reader,
+        EventIds::Primed,
+        None,
+        None,
+        CancellationToken::new(),
+    );
+    response.map(|body| {
+        Body::from_stream(FirstWritten {
+            inner: body.into_data_stream(),
+            first_out: false,
+            written: Some(written),
+        })
+    })
+}
+
+/// A response body that says when the HTTP server comes back for more after the first chunk:
+/// the server then holds that chunk in its write buffer, and writes it out before it waits for
+/// the next (hyper polls the body, then flushes, in one turn of its loop).
+struct FirstWritten<S> {
+    inner: S,
+    first_out: bool,
+    written: Option<oneshot::Sender<()>>,
+}
+
+impl<S: Stream + Unpin> Stream for FirstWritten<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<S::Item>> {
+        if self.first_out
+            && let Some(written) = self.written.take()
+        {
+            let _ = written.send(());
+        }
+        let item = ready!(Pin::new(&mut self.inner).poll_next(cx));
+        self.first_out = true;
+        Poll::Ready(item)
+    }
 }
 
 /// The answer to a request the agent cancelled before anything of its answer was sent: an
@@ -363,4 +450,28 @@ pub(super) fn sse_response(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_first_chunk_counts_as_written_once_the_server_asks_for_more() {
+        let (written, mut on_written) = oneshot::channel();
+        let mut body = FirstWritten {
+            inner: futures_util::stream::iter([1, 2]),
+            first_out: false,
+            written: Some(written),
+        };
+        assert_eq!(body.next().await, Some(1));
+        assert!(
+            on_written.try_recv().is_err(),
+            "not before the server asks again"
+        );
+        assert_eq!(body.next().await, Some(2));
+        assert_eq!(on_written.try_recv(), Ok(()));
+    }
 }

@@ -1,4 +1,5 @@
-//! Resuming an answer on any relay of the fleet: the GET that carries a sealed `Last-Event-ID`.
+//! Resuming on any relay of the fleet: the GET that carries a sealed `Last-Event-ID`, for an
+//! answer or for the agent's GET stream itself (see [`listen`]).
 //!
 //! In a fleet, a session's answers are SSE streams whose event ids are sealed
 //! ([`EventClaims`]): they name the session, the stream and exchange that carried the request,
@@ -20,17 +21,17 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::admission::admit_read;
-use super::answer::sse_response;
+use super::answer::{SSE_RETRY, sse_response};
 use super::reply::AgentError;
 use crate::govern::Identity;
-use crate::mcp::classify;
+use crate::mcp::{classify, sse};
 use crate::relay::session::{
     AnswerIds, Awaiting, Ending, EventClaims, EventIds, LogReader, Session, Start, produce,
     requests,
 };
 use crate::relay::state::RelayState;
 use crate::relay::tunnel::{Event, Exchange};
-use crate::wire::{Era, Replay};
+use crate::wire::{Era, Replay, UNSOLICITED};
 
 /// Why an answer cannot be resumed, as the agent's GET is told (`400`).
 fn cannot(why: &str) -> AgentError {
@@ -100,6 +101,59 @@ pub(super) async fn resume_answer(
         },
     ));
     Ok(resumed(state, reader, ids))
+}
+
+/// The agent's GET stream on this relay: the session's server-initiated messages. When
+/// `connect` numbers them ([`Session::numbers_events`]), their event ids are sealed, so the
+/// stream resumes on any relay of the fleet: `after` is the number of the last message the
+/// agent has (from its `Last-Event-ID`), and `connect` sends again those it keeps after it,
+/// on this relay's stream, before any new one. Without `after`, a fresh stream starts at the
+/// messages no reader has taken yet, primed with the number before them.
+pub(super) async fn listen(state: &RelayState, session: &Session, after: Option<u64>) -> Response {
+    let log = session.standalone();
+    let until = state.shutdown.clone();
+    let ids = match session.answer_ids(&state.fleet, UNSOLICITED) {
+        Some(ids) if session.channel.numbers_events() => ids,
+        _ => {
+            session.channel.listen().await;
+            let reader = log.attach(Start::Undelivered);
+            return sse_response(state, reader, session.event_ids(), None, None, until);
+        }
+    };
+    log.name(ids);
+    let (reader, prelude) = match after {
+        Some(after) => {
+            let reader = log.attach_after_number(after);
+            session.channel.listen_after(after).await;
+            (reader, None)
+        }
+        None => {
+            let primed_at = log.undelivered_after();
+            let reader = log.attach(Start::Undelivered);
+            session.channel.listen().await;
+            let prime = sse::priming_event(&log.event_id(0, primed_at), SSE_RETRY);
+            (reader, Some(prime))
+        }
+    };
+    sse_response(state, reader, EventIds::Resumable, prelude, None, until)
+}
+
+/// The answer to a GET resuming the session's GET stream from the event `claims` names
+/// (see [`listen`]). When the `connect` that numbered it is gone (restarted), the messages
+/// it kept are too: the agent gets the stream from now on.
+pub(super) async fn resume_listening(
+    state: &Arc<RelayState>,
+    session: &Arc<Session>,
+    claims: EventClaims,
+) -> Result<Response, AgentError> {
+    if claims.handle != session.id {
+        return Err(cannot("it belongs to another session"));
+    }
+    if claims.connect.as_deref() != session.channel.connect_instance() {
+        tracing::info!(source = %session.source, session = %session.id, after = claims.message, "GET stream resumed without the messages after its last event: the tunnel client that kept them is gone");
+        return Ok(listen(state, session, None).await);
+    }
+    Ok(listen(state, session, Some(claims.message)).await)
 }
 
 /// Asks the session's `connect` to replay the answer `claims` names on this relay's stream;

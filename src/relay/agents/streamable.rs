@@ -31,7 +31,7 @@ use crate::relay::session::{
     is_standalone_stream, new_handle, new_session_id, new_stream_base, parse_event_id,
 };
 use crate::relay::state::RelayState;
-use crate::wire::{Era, SessionHandle};
+use crate::wire::{Era, SessionHandle, UNSOLICITED};
 
 /// The header a reconnecting agent names its last seen event with.
 const LAST_EVENT_ID: &str = "last-event-id";
@@ -372,6 +372,9 @@ async fn handle_get(
             .map_err(Lost::into_error)?;
         let last = header_str(&headers, LAST_EVENT_ID);
         if let Some(claims) = last.and_then(|id| EventClaims::open(&state.fleet, id)) {
+            if claims.exchange == UNSOLICITED {
+                return replay::resume_listening(&state, &session, claims).await;
+            }
             return replay::resume_answer(&state, &who, &session, claims).await;
         }
         let named = last.and_then(parse_event_id);
@@ -400,16 +403,7 @@ async fn handle_get(
                 };
                 (log.attach(Start::After(seq)), EventIds::Resumable, until)
             }
-            None => {
-                // The agent listens here: `connect` sends the session's server messages to
-                // this relay's stream.
-                session.channel.listen().await;
-                (
-                    session.standalone().attach(Start::Undelivered),
-                    session.event_ids(),
-                    state.shutdown.clone(),
-                )
-            }
+            None => return Ok(replay::listen(&state, &session, None).await),
         };
         Ok(sse_response(&state, reader, ids, None, None, until))
     }

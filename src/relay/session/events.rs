@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 
 use super::sealed::AnswerIds;
 use crate::relay::tunnel::Budget;
+use crate::wire::UNSOLICITED;
 
 /// Events kept for replay per stream: a reconnect within a few seconds of a busy stream.
 pub(crate) const REPLAY_EVENTS: usize = 64;
@@ -30,8 +31,9 @@ pub struct EventLog {
     /// The stream number, the first half of every event id (`<stream>-<seq>`).
     pub stream: u64,
     /// Sealed event ids naming the answer itself, which any relay of the fleet can resume
-    /// (see [`AnswerIds`]); `None` for `<stream>-<seq>` ids, resumable on this relay only.
-    ids: Option<AnswerIds>,
+    /// (see [`AnswerIds`]); unset for `<stream>-<seq>` ids, resumable on this relay only. A
+    /// session's GET stream log is named when an agent first listens (see [`EventLog::name`]).
+    ids: std::sync::OnceLock<AnswerIds>,
     state: Mutex<LogState>,
     changed: Notify,
 }
@@ -68,6 +70,9 @@ struct LogState {
     events: VecDeque<Entry>,
     /// Messages completed so far (the number of the last whole one).
     messages: u64,
+    /// The number `connect` gave the last message pushed with one ([`EventLog::push_event`]):
+    /// one at or below it is a message sent again, already here.
+    numbered: u64,
     bytes: usize,
     /// Sequence numbers below this have been handed to some reader.
     delivered: u64,
@@ -175,11 +180,16 @@ impl EventLog {
         ids: Option<AnswerIds>,
     ) -> Self {
         let messages = ids.as_ref().map_or(0, |ids| ids.after);
+        let named = std::sync::OnceLock::new();
+        if let Some(ids) = ids {
+            let _ = named.set(ids);
+        }
         Self {
             stream,
-            ids,
+            ids: named,
             state: Mutex::new(LogState {
                 messages,
+                numbered: 0,
                 // Sequence 0 is the priming event's id (a stream that begins empty): resuming
                 // after it replays from the first real event.
                 first: 1,
@@ -211,16 +221,39 @@ impl EventLog {
     /// whole: pieces already taken are evicted like any event. A reader that attaches in the
     /// middle of a message in pieces skips to the next message (it cannot replay half an event).
     pub async fn push_piece(&self, piece: Piece, message: Bytes) {
+        self.push_entry(piece, message, UNSOLICITED).await
+    }
+
+    /// Appends a server-initiated message of the session's GET stream with the number
+    /// `connect` gave it ([`crate::wire::FrameKind::Event`]), which its event id then seals;
+    /// or, for [`UNSOLICITED`], one without a number. A number at or below the last one here
+    /// is a message `connect` sent again: already here, it is skipped. Once numbered, an
+    /// unnumbered message shares the number of the one before it.
+    pub async fn push_event(&self, number: u64, message: Bytes) {
+        self.push_entry(Piece::Whole, message, number).await
+    }
+
+    async fn push_entry(&self, piece: Piece, message: Bytes, numbered: u64) {
         loop {
             let notified = self.changed.notified();
             {
                 let mut state = self.lock();
+                if numbered != UNSOLICITED && numbered <= state.numbered {
+                    return;
+                }
                 if !state.full(message.len()) {
                     state.bytes += message.len();
                     if let Some(budget) = &state.budget {
                         budget.charge(message.len());
                     }
-                    let number = state.messages + 1;
+                    let number = match (numbered, state.numbered) {
+                        (UNSOLICITED, 0) => state.messages + 1,
+                        (UNSOLICITED, _) => state.messages,
+                        (numbered, _) => {
+                            state.numbered = numbered;
+                            numbered
+                        }
+                    };
                     if matches!(piece, Piece::Whole | Piece::Last) {
                         state.messages = number;
                     }
@@ -295,14 +328,44 @@ impl EventLog {
 impl EventLog {
     /// The sealed ids naming this log's answer, if it has them.
     pub fn answer_ids(&self) -> Option<&AnswerIds> {
-        self.ids.as_ref()
+        self.ids.get()
+    }
+
+    /// Names the log's events with sealed `ids` from now on, unless it is named already.
+    pub fn name(&self, ids: AnswerIds) {
+        let _ = self.ids.set(ids);
+    }
+
+    /// The number of the last message before the first one no reader has taken: where a
+    /// fresh reader of a numbered log starts (its priming event's id).
+    pub fn undelivered_after(&self) -> u64 {
+        let state = self.lock();
+        let taken = state.delivered.saturating_sub(state.first) as usize;
+        match state.events.get(taken) {
+            Some(entry) => entry.message.saturating_sub(1),
+            None => state.messages,
+        }
+    }
+
+    /// Attaches a reader at the first message numbered above `after` (a GET stream resumed
+    /// with a sealed `Last-Event-ID`), or at the next message to come. Messages after `after`
+    /// already evicted here are not in it: `connect` sends those it keeps again.
+    pub fn attach_after_number(self: &std::sync::Arc<Self>, after: u64) -> LogReader {
+        let seq = {
+            let state = self.lock();
+            match state.events.iter().position(|entry| entry.message > after) {
+                Some(index) => state.first + index as u64,
+                None => state.next_seq(),
+            }
+        };
+        self.attach(Start::After(seq - 1))
     }
 
     /// The id of the event that ends message `message` (or of the priming event, for the
     /// message before the first): sealed when the log has [`AnswerIds`], else
     /// `<stream>-<seq>` with the entry's sequence number `seq`.
     pub fn event_id(&self, seq: u64, message: u64) -> String {
-        match &self.ids {
+        match self.ids.get() {
             Some(ids) => ids.mint(message),
             None => format!("{}-{seq}", self.stream),
         }
@@ -310,7 +373,7 @@ impl EventLog {
 
     /// The priming event's id: before the first message.
     pub fn priming_id(&self) -> String {
-        let before = self.ids.as_ref().map_or(0, |ids| ids.after);
+        let before = self.ids.get().map_or(0, |ids| ids.after);
         self.event_id(0, before)
     }
 
@@ -494,6 +557,31 @@ mod tests {
                 .collect();
         assert_eq!(got, vec![(1, msg(0)), (2, msg(1)), (3, msg(2))]);
         assert!(log.is_done());
+    }
+
+    #[tokio::test]
+    async fn numbered_messages_skip_what_is_here_and_resume_after_a_number() {
+        let log = Arc::new(EventLog::new(1));
+        let mut first = log.attach(Start::Undelivered);
+        for number in [3, 4] {
+            log.push_event(number, msg(number as usize)).await;
+        }
+        assert_eq!(first.next().await, Some((1, msg(3))));
+        assert_eq!(log.undelivered_after(), 3, "a fresh reader starts after 3");
+        // `connect` sends 4 again, then 5, to a stream that resumes after 3; an unnumbered
+        // message shares the number of the one before it.
+        log.push_event(4, msg(40)).await;
+        log.push_event(5, msg(5)).await;
+        log.push_event(UNSOLICITED, msg(6)).await;
+        log.finish();
+        drop(first);
+        let mut resumed = log.attach_after_number(3);
+        let mut got = Vec::new();
+        while let Some((_, _, message, number)) = resumed.next_entry().await {
+            got.push((number, message));
+        }
+        assert_eq!(got, vec![(4, msg(4)), (5, msg(5)), (5, msg(6))]);
+        assert_eq!(log.undelivered_after(), 5);
     }
 
     #[tokio::test]

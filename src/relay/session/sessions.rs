@@ -226,13 +226,13 @@ impl Session {
             let log = standalone.clone();
             let requests = server_requests.clone();
             tokio::spawn(async move {
-                while let Some(message) = queue.recv().await {
+                while let Some((number, message)) = queue.recv().await {
                     // Charged while queued (see `Channel::unsolicited`); the log charges it now.
                     budget.release(message.len());
                     if let Ok(classified) = classify(&message) {
                         requests.track(&message, &classified);
                     }
-                    log.push(message).await;
+                    log.push_event(number, message).await;
                 }
                 log.finish();
             });
@@ -427,6 +427,13 @@ impl Session {
             && self.transport == Transport::Streamable
             && self.channel.replays()
             && self.channel.resumable().is_some_and(|r| r.portable)
+    }
+
+    /// Whether the session's server-initiated messages (its agent's GET stream) can be
+    /// resumed on any relay of a fleet sealed with `keys`: `connect` numbers and keeps them
+    /// (wire version 4) for a session whose answers it keeps ([`Session::replays_answers`]).
+    pub fn numbers_events(&self, keys: &FleetKeys) -> bool {
+        self.replays_answers(keys) && self.channel.numbers_events()
     }
 
     /// The sealed ids of the answer to `exchange` on this copy's stream, when it can be

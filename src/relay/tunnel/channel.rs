@@ -22,8 +22,8 @@ use crate::govern::assertion::Refresher;
 use crate::transport::SendHalf;
 use crate::transport::{SILENT_AFTER, TransportError, TransportKind};
 use crate::wire::{
-    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, OpenHeader, Replay, Resumable,
-    SinkError, UNSOLICITED,
+    Frame, FrameKind, FrameReader, FrameSink, FrameWriter, ListenAfter, OpenHeader, Replay,
+    Resumable, SinkError, UNSOLICITED,
 };
 
 /// The longest upstream session id a relay seals into an agent's session id (MCP session ids
@@ -142,7 +142,7 @@ struct Shared {
     budget: Arc<Budget>,
     closed: Mutex<Option<String>>,
     /// Taken on close, so the GET stream's producer sees the end.
-    unsolicited_tx: Mutex<Option<mpsc::Sender<Bytes>>>,
+    unsolicited_tx: Mutex<Option<mpsc::Sender<(u64, Bytes)>>>,
     /// What `connect` last said of the session's upstream ([`FrameKind::Resumable`]).
     resumable: Mutex<Option<Resumable>>,
     /// Woken when `resumable` is set or the stream closes.
@@ -176,7 +176,7 @@ pub struct Channel {
     /// Requests are written by the agent's task itself, in order.
     sink: FrameSink<SendHalf>,
     next_exchange: AtomicU64,
-    unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    unsolicited_rx: Arc<tokio::sync::Mutex<mpsc::Receiver<(u64, Bytes)>>>,
     /// The session's event budget; messages in the unsolicited queue are charged to it.
     budget: Arc<Budget>,
     /// Renews the stream's identity assertion, when it has one.
@@ -294,11 +294,19 @@ impl Channel {
 
     /// Forwards a message that expects answers, returning the exchange to read them from.
     pub async fn request(&self, message: Bytes) -> Result<Exchange, ChannelError> {
-        let exchange = self.expect()?;
-        self.renew_identity().await?;
-        self.send_frame(Frame::message(exchange.id, message))
-            .await?;
+        let exchange = self.reserve()?;
+        self.send_request(&exchange, message).await?;
         Ok(exchange)
+    }
+
+    /// Sends a request on the exchange [`Channel::reserve`] registered.
+    pub async fn send_request(
+        &self,
+        exchange: &Exchange,
+        message: Bytes,
+    ) -> Result<(), ChannelError> {
+        self.renew_identity().await?;
+        self.send_frame(Frame::message(exchange.id, message)).await
     }
 
     /// Whether `connect` keeps this stream's answers for a replay (wire version 3).
@@ -310,7 +318,7 @@ impl Channel {
     /// [`FrameKind::Replay`]), returning the exchange it arrives on: first
     /// [`Event::Replaying`], or [`Event::End`] when `connect` cannot.
     pub async fn replay(&self, replay: &Replay) -> Result<Exchange, ChannelError> {
-        let exchange = self.expect()?;
+        let exchange = self.reserve()?;
         let payload = serde_json::to_vec(replay)
             .expect("wire types serialize infallibly: plain structs of numbers");
         self.send_frame(Frame {
@@ -322,8 +330,10 @@ impl Channel {
         Ok(exchange)
     }
 
-    /// Registers a new exchange, before its first frame goes.
-    fn expect(&self) -> Result<Exchange, ChannelError> {
+    /// Registers a new exchange before its first frame goes (for a request, by
+    /// [`Channel::send_request`]): its number names the answer's events before `connect` has
+    /// the request.
+    pub fn reserve(&self) -> Result<Exchange, ChannelError> {
         let id = self.next_exchange.fetch_add(1, Ordering::Relaxed);
         let (tx, events) = mpsc::channel(EXCHANGE_QUEUE);
         let queued = Arc::new(Queued::default());
@@ -395,10 +405,13 @@ impl Channel {
         })
     }
 
-    /// The queue of messages for the agent's GET stream; one holder at a time. Each message
-    /// taken from it is charged to [`Channel::budget`] until the taker calls
+    /// The queue of messages for the agent's GET stream, each with its number in the session
+    /// ([`FrameKind::Event`]; [`UNSOLICITED`] for an unnumbered one); one holder at a time.
+    /// Each message taken from it is charged to [`Channel::budget`] until the taker calls
     /// [`Budget::release`] with its length.
-    pub fn unsolicited(&self) -> Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>> {
+    pub fn unsolicited(
+        &self,
+    ) -> Option<tokio::sync::OwnedMutexGuard<mpsc::Receiver<(u64, Bytes)>>> {
         self.unsolicited_rx.clone().try_lock_owned().ok()
     }
 
@@ -471,6 +484,23 @@ impl Channel {
         }
     }
 
+    /// Tells `connect` the agent resumes its GET stream here, having the session's
+    /// server-initiated messages up to number `after`: `connect` sends again those it keeps
+    /// after it ([`ListenAfter`]). Only when [`Channel::numbers_events`].
+    pub async fn listen_after(&self, after: u64) {
+        if self.numbers_events() {
+            let _ = self
+                .send_frame(Frame::json(FrameKind::Listen, &ListenAfter { after }))
+                .await;
+        }
+    }
+
+    /// Whether `connect` numbers the session's server-initiated messages on this stream
+    /// ([`FrameKind::Event`], wire version 4).
+    pub fn numbers_events(&self) -> bool {
+        self.wire_version >= 4
+    }
+
     /// Asks the peer to end the stream, with a reason.
     pub async fn close(&self, reason: &str) {
         let _ = self.sink.send(Frame::close(reason)).await;
@@ -528,6 +558,13 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 Err(e) => return format!("protocol error: bad resumable frame: {e}"),
             }
         }
+        if frame.kind == FrameKind::Event {
+            if frame.exchange == UNSOLICITED {
+                return "protocol error: a server-initiated message numbered 0".into();
+            }
+            shared.queue_unsolicited(frame.exchange, frame.payload);
+            continue;
+        }
         let exchange = frame.exchange;
         match assembly.event(frame) {
             Ok(Some((event, closes_pieces))) => {
@@ -559,7 +596,6 @@ impl Shared {
         if closes_pieces {
             return;
         }
-        let len = message.len();
         // An answer whose request went away belongs to that request's stream only (where a
         // resuming agent finds it, when the stream was kept); on the GET stream an agent could
         // not tell it from an answer it is owed (2025-11-25 forbids it).
@@ -571,10 +607,18 @@ impl Shared {
             );
             return;
         }
+        self.queue_unsolicited(UNSOLICITED, message);
+    }
+
+    /// Queues a message for the agent's GET stream, with its number in the session
+    /// ([`FrameKind::Event`]), or [`UNSOLICITED`] for none; dropped when the session's budget
+    /// or the queue is full.
+    fn queue_unsolicited(&self, number: u64, message: Bytes) {
+        let len = message.len();
         let queued = self.budget.fits(len)
             && self.unsolicited_tx.lock().clone().is_some_and(|tx| {
                 self.budget.charge(len);
-                let sent = tx.try_send(message).is_ok();
+                let sent = tx.try_send((number, message)).is_ok();
                 if !sent {
                     self.budget.release(len);
                 }

@@ -2,8 +2,9 @@
 use super::*;
 
 /// A reader over `frames`, and what `read_loop` delivers to exchange 1 (waited on) and to
-/// the GET stream, with the reason it stopped.
-async fn run(frames: Vec<Frame>, limit: usize) -> (Vec<Event>, Vec<Bytes>, String) {
+/// the GET stream (with each message's number, `UNSOLICITED` for none), with the reason it
+/// stopped.
+async fn run(frames: Vec<Frame>, limit: usize) -> (Vec<Event>, Vec<(u64, Bytes)>, String) {
     run_within(frames, limit, Budget::new(0)).await
 }
 
@@ -12,7 +13,7 @@ async fn run_within(
     frames: Vec<Frame>,
     limit: usize,
     budget: Arc<Budget>,
-) -> (Vec<Event>, Vec<Bytes>, String) {
+) -> (Vec<Event>, Vec<(u64, Bytes)>, String) {
     let (mut near, far) = tokio::io::duplex(64 * 1024);
     let writer = tokio::spawn(async move {
         let mut bytes = bytes::BytesMut::new();
@@ -135,7 +136,7 @@ async fn pieces_of_a_request_gone_away_never_reach_the_get_stream() {
     ];
     let (events, standalone, _) = run(frames, 64).await;
     assert!(events.is_empty());
-    assert_eq!(standalone, vec![piece("{\"whole\":1}")]);
+    assert_eq!(standalone, vec![(UNSOLICITED, piece("{\"whole\":1}"))]);
 }
 
 #[tokio::test]
@@ -171,6 +172,29 @@ async fn the_unsolicited_queue_is_bounded_by_the_sessions_budget_in_bytes() {
 }
 
 #[tokio::test]
+async fn numbered_server_messages_reach_the_get_stream_with_their_numbers() {
+    let note = piece("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}");
+    let frames = vec![
+        Frame::event(7, note.clone()),
+        Frame::message(UNSOLICITED, note.clone()),
+        Frame::event(8, note.clone()),
+    ];
+    let (_, standalone, reason) = run(frames.clone(), 1024).await;
+    assert_eq!(
+        standalone,
+        vec![
+            (7, note.clone()),
+            (UNSOLICITED, note.clone()),
+            (8, note.clone())
+        ],
+        "{reason}"
+    );
+    let (_, standalone, reason) = run(vec![Frame::event(UNSOLICITED, note)], 1024).await;
+    assert!(standalone.is_empty());
+    assert!(reason.contains("numbered 0"), "{reason}");
+}
+
+#[tokio::test]
 async fn an_answer_whose_request_went_away_never_reaches_the_get_stream() {
     let frames = vec![
         Frame::message(2, piece("{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":{}}")),
@@ -183,8 +207,9 @@ async fn an_answer_whose_request_went_away_never_reaches_the_get_stream() {
     let (_, standalone, _) = run(frames, 1024).await;
     assert_eq!(
         standalone,
-        vec![piece(
-            "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}"
+        vec![(
+            UNSOLICITED,
+            piece("{\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}")
         )],
         "the orphaned answer is dropped, the server's notification still goes"
     );

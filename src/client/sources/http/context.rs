@@ -26,7 +26,7 @@ use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, error_body};
 use crate::mcp::{Classified, classify};
-use crate::wire::{Era, Frame, FrameKind, OpenHeader, Replay, UNSOLICITED};
+use crate::wire::{Era, Frame, FrameKind, ListenAfter, OpenHeader, Replay, UNSOLICITED};
 
 /// Time a DELETE of an upstream session may take when a stream ends.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -66,16 +66,17 @@ pub(super) struct StreamContext {
 
 impl StreamContext {
     /// The context of one stream of `source`, opened with `header`, carrying `session`,
-    /// writing to `out`.
+    /// writing to `out` (server-initiated messages `numbered` or not: see
+    /// [`StreamSet::attach`](crate::client::sources::streams::StreamSet::attach)).
     pub(super) fn new(
         source: Arc<HttpSource>,
         header: OpenHeader,
         session: Arc<HttpSession>,
-        out: Out,
+        (out, numbered): (Out, bool),
         max_frame: usize,
         max_answer: usize,
     ) -> Self {
-        let number = session.streams.attach(&out);
+        let number = session.streams.attach(&out, numbered);
         let relay_stream = header
             .session
             .as_ref()
@@ -176,8 +177,24 @@ impl StreamContext {
     fn signal(&self, frame: &Frame) {
         match frame.kind {
             FrameKind::Listen => {
-                if let Some((_, number)) = &self.out {
-                    self.session.streams.listen(*number);
+                let Some((out, number)) = &self.out else {
+                    return;
+                };
+                if frame.payload.is_empty() {
+                    return self.session.streams.listen(*number);
+                }
+                match frame.parse_json::<ListenAfter>(FrameKind::Listen) {
+                    Ok(ListenAfter { after }) => {
+                        let (out, number, session) = (out.clone(), *number, self.session.clone());
+                        tokio::spawn(async move {
+                            let streams = &session.streams;
+                            session
+                                .events
+                                .listen_after(streams, number, &out, after)
+                                .await;
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "bad listen frame ignored"),
                 }
             }
             FrameKind::Replay => {

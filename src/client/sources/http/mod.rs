@@ -130,14 +130,17 @@ impl HttpSource {
     }
 
     /// Serves one exchange stream: forwards each message upstream and tags what comes back.
+    /// Server-initiated messages go on it numbered ([`crate::wire::FrameKind::Event`]) when
+    /// the relay is of wire version 4 (`numbered`).
     pub(crate) async fn serve(
         self: Arc<Self>,
         header: OpenHeader,
+        numbered: bool,
         reader: FrameReader<RecvHalf>,
         writer: FrameWriter<SendHalf>,
     ) {
         stream::serve(reader, writer, |inbound, out, max_frame| {
-            self.serve_stream(header, inbound, out, max_frame)
+            self.serve_stream(header, inbound, (out, numbered), max_frame)
         })
         .await;
     }
@@ -146,7 +149,7 @@ impl HttpSource {
         self: Arc<Self>,
         header: OpenHeader,
         mut inbound: Inbound,
-        out: Out,
+        (out, numbered): (Out, bool),
         max_frame: usize,
     ) {
         // A resumed session is a Streamable HTTP one: an HTTP+SSE session is never held
@@ -184,7 +187,7 @@ impl HttpSource {
             self.clone(),
             header,
             session.clone(),
-            out,
+            (out, numbered),
             max_frame,
             max_answer,
         ));

@@ -9,6 +9,7 @@ use http::header::HeaderValue;
 use parking_lot::Mutex;
 
 use super::context::StreamContext;
+use crate::client::sources::events::KeptEvents;
 use crate::client::sources::replay::{Replays, SourceBytes};
 use crate::client::sources::streams::StreamSet;
 use crate::govern::assertion::Assertion;
@@ -35,6 +36,9 @@ pub(super) struct HttpSession {
     pub(super) streams: StreamSet,
     /// Its answers, kept for a relay to replay (held sessions only).
     pub(super) replays: Replays,
+    /// Its server-initiated messages, numbered and kept for a relay an agent resumes its GET
+    /// stream on (held sessions only).
+    pub(super) events: KeptEvents,
     /// The context the session's own tasks run in (the GET stream, the final DELETE): it has
     /// no stream of its own. Taken when the session ends (it points back at the session).
     tasks: Mutex<Option<Arc<StreamContext>>>,
@@ -56,7 +60,8 @@ impl HttpSession {
             upstream: Mutex::new(upstream),
             assertion: Mutex::new(assertion),
             streams: StreamSet::default(),
-            replays: Replays::new(replay_bytes),
+            replays: Replays::new(replay_bytes.clone()),
+            events: KeptEvents::new(replay_bytes),
             tasks: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
@@ -77,9 +82,14 @@ impl HttpSession {
     }
 
     /// Sends a server-initiated message toward the agent: on the stream it listens on, else
-    /// the latest attached one. Dropped (the agent reads nothing now) when no stream lives.
+    /// the latest attached one. A held session's are numbered and kept (see
+    /// [`KeptEvents`]); another's is dropped (the agent reads nothing now) when no stream
+    /// lives.
     pub(super) async fn send_unsolicited(&self, frame: Frame) {
-        match self.streams.resolve(frame.exchange) {
+        if self.handle.is_some() {
+            return self.events.send(&self.streams, frame.payload).await;
+        }
+        match self.streams.unsolicited_target() {
             Some((out, _)) => {
                 let _ = out.send(frame).await;
             }

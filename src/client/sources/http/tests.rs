@@ -66,6 +66,7 @@ async fn only_mcp_routing_headers_from_the_relay_reach_the_upstream() {
     let (relay_read, relay_write) = tokio::io::split(relay_end);
     let served = tokio::spawn(source.serve(
         header,
+        true,
         FrameReader::new(Box::new(connect_read), 1 << 20),
         FrameWriter::new(Box::new(connect_write), 1 << 20),
     ));

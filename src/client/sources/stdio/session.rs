@@ -90,7 +90,7 @@ impl StdioSource {
                 .send(Frame::json(FrameKind::Resumable, &resumable))
                 .await;
         }
-        let number = session.streams.attach(&out);
+        let number = session.streams.attach(&out, false);
         session.carry(number, &mut inbound, &out).await;
         match &session.handle {
             Some(handle) if !inbound.closed_by_relay() && !session.over.is_cancelled() => {
