@@ -39,6 +39,8 @@ pub struct FleetOptions {
     pub relays: usize,
     /// `connect` processes, each attached to every relay.
     pub connects: usize,
+    /// How long the upstream takes over each tool call.
+    pub upstream_latency: std::time::Duration,
 }
 
 impl Default for FleetOptions {
@@ -46,6 +48,7 @@ impl Default for FleetOptions {
         Self {
             relays: 3,
             connects: 2,
+            upstream_latency: std::time::Duration::ZERO,
         }
     }
 }
@@ -496,6 +499,8 @@ pub struct Fleet {
     pub upstream: RecordingUpstream,
     /// The agent API key (tenant `acme`, subject `agent@acme.example`, no roles).
     pub api_key: String,
+    /// Another caller's API key (tenant `acme`, subject `other@acme.example`, no roles).
+    pub other_key: String,
     pub tunnel_token: String,
     /// The CA the `connect`s trust.
     pub ca: PathBuf,
@@ -538,8 +543,17 @@ impl Fleet {
         std::fs::write(&fleet_secret, secret).expect("write the fleet secret");
         let tunnel_token = mcp_tunnel::govern::identity::new_secret("mcpt_tok_");
         let api_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
-        let upstream = RecordingUpstream::start().await;
-        let tenant = super::acme_tenant(&tunnel_token, &api_key);
+        let other_key = mcp_tunnel::govern::identity::new_secret("mcpt_key_");
+        let upstream = RecordingUpstream::start_with_latency(options.upstream_latency).await;
+        let tenant = super::tenant_block(
+            &tunnel_token,
+            "",
+            &[
+                ("agent@acme.example", &api_key, &[]),
+                ("other@acme.example", &other_key, &[]),
+            ],
+            &[],
+        );
         let mut relays = Vec::new();
         for n in 1..=options.relays {
             relays.push(start_new_relay(dir.path(), &format!("relay-{n}"), &tenant).await);
@@ -555,6 +569,7 @@ impl Fleet {
             relays,
             upstream,
             api_key,
+            other_key,
             tunnel_token,
             ca,
             fleet_secret,

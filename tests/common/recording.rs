@@ -120,12 +120,20 @@ struct Proxy {
     target: String,
     http: reqwest::Client,
     record: Arc<Mutex<Received>>,
+    /// How long each `tools/call` waits before it goes on to the demo server.
+    latency: std::time::Duration,
 }
 
 impl RecordingUpstream {
     /// Starts the demo server and the recording proxy in front of it, both on loopback ports
     /// the OS picks.
     pub async fn start() -> Self {
+        Self::start_with_latency(std::time::Duration::ZERO).await
+    }
+
+    /// [`RecordingUpstream::start`], each `tools/call` taking at least `latency` (recorded
+    /// as it arrives): calls are in flight for that long.
+    pub async fn start_with_latency(latency: std::time::Duration) -> Self {
         let stop = CancellationToken::new();
         let server = mcp_tunnel::demo::lean::serve(
             "127.0.0.1:0".parse().expect("literal"),
@@ -142,6 +150,7 @@ impl RecordingUpstream {
                 .build()
                 .expect("an HTTP client"),
             record: record.clone(),
+            latency,
         };
         let app = axum::Router::new()
             .route("/mcp", axum::routing::any(forward))
@@ -174,6 +183,7 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let mut initialize = false;
+    let mut calls = false;
     if method == Method::DELETE {
         proxy.record.lock().expect("record lock").deletes += 1;
     }
@@ -193,6 +203,7 @@ async fn forward(
             match name {
                 "initialize" => initialize = true,
                 "tools/call" => {
+                    calls = true;
                     let params = &message["params"];
                     let key = call_key(
                         params["name"].as_str().unwrap_or_default(),
@@ -208,6 +219,9 @@ async fn forward(
                 _ => {}
             }
         }
+    }
+    if calls && !proxy.latency.is_zero() {
+        tokio::time::sleep(proxy.latency).await;
     }
     let mut request = proxy.http.request(method, &proxy.target);
     for (name, value) in &headers {
