@@ -12,6 +12,9 @@ pub const SESSIONS_RESUMED: &str = "mcp_tunnel_sessions_resumed_total";
 /// Counter: answers this relay resumed for an agent by a replay from `connect` (the relay
 /// that carried them died, or the agent resumed on another relay).
 pub const ANSWERS_REPLAYED: &str = "mcp_tunnel_answers_replayed_total";
+/// Counter: answers in flight whose tunnel stream ended while this relay lived, picked up on
+/// a new stream to the same `connect`, which replayed the rest.
+pub const ANSWERS_REATTACHED: &str = "mcp_tunnel_answers_reattached_total";
 /// Counter: agent requests, labelled by `outcome`.
 pub const REQUESTS: &str = "mcp_tunnel_requests_total";
 /// Counter: server-to-agent messages dropped because no agent stream could take them.

@@ -503,3 +503,105 @@ async fn an_agents_get_stream_resumes_on_another_relay_with_exactly_the_messages
     let got: Vec<String> = notes(&missed).into_iter().chain(notes(&rest)).collect();
     assert_eq!(got, ["two", "three", "four"], "{missed}{rest}");
 }
+
+/// A TCP forwarder on a loopback port to `target` whose connections the test cuts at once
+/// (a tunnel drop while both ends live); new connections go through as before.
+struct Cuttable {
+    addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Cuttable {
+    async fn start(
+        target: std::net::SocketAddr,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let addr = listener.local_addr().expect("local address");
+        let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = stop.cancelled() => return,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    return;
+                };
+                let mut cuts = cuts.clone();
+                cuts.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    /// Cuts every connection open now.
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+/// A tunnel drop while the relay lives: the answer in flight is not lost. The relay waits for
+/// the session's `connect` to attach again, resumes the session on the new tunnel and has
+/// `connect` replay the answer, which reaches the agent on its first request: no error, and
+/// the upstream saw the call once. Both ways an answer goes out: plain JSON from a standalone
+/// relay, and a stream primed at once from a relay of a fleet.
+#[tokio::test]
+async fn an_answer_in_flight_survives_a_tunnel_drop_while_the_relay_lives() {
+    for in_fleet in [false, true] {
+        let (stop, _guard) = common::stop_on_drop();
+        let fleet = Fleet::new();
+        let relay = Harness::start(if in_fleet {
+            fleet.options()
+        } else {
+            Options::default()
+        })
+        .await;
+        let (upstream, gate, recorded) = common::start_gated_upstream(&stop).await;
+        let proxy = Cuttable::start(relay.tunnel, &stop).await;
+        let mut settings = relay.client_settings(&relay.acme, &[("db", &upstream)]);
+        settings.relay = proxy.addr.to_string();
+        settings.transport = mcp_tunnel::config::TransportChoice::Https;
+        let _client = relay.connect_with(&relay.acme, settings).await;
+        let mut agent = Agent::new(&relay.url("db"), &relay.acme.api_key);
+        agent.initialize_result().await;
+
+        let held = {
+            let agent = via(&relay, &agent);
+            tokio::spawn(async move { agent.call_tool(7, "hold", json!({})).await })
+        };
+        gate.held().await;
+        proxy.cut();
+        gate.release();
+        let answer = tokio::time::timeout(WAIT, held)
+            .await
+            .expect("the answer in time")
+            .expect("the call task");
+        assert_eq!(answer.status, 200, "in a fleet: {in_fleet}: {answer:?}");
+        assert_eq!(
+            common::tool_text(answer.response()),
+            "released",
+            "in a fleet: {in_fleet}: {answer:?}"
+        );
+        assert_eq!(
+            seen(&recorded, "tools/call"),
+            1,
+            "the upstream saw the call once"
+        );
+        // The session goes on.
+        let next = agent.call_tool(8, "echo", json!({})).await;
+        assert_eq!(next.status, 200, "{next:?}");
+    }
+}

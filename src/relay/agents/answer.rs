@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::replay;
 use super::reply::{JSON, json_response, source_error};
 use crate::mcp::jsonrpc::Classified;
 use crate::mcp::sse;
@@ -115,7 +116,13 @@ pub(super) async fn forward(
         return primed_answer(state, channel, body, awaiting, session).await;
     }
     match channel.request(body).await {
-        Ok(exchange) => answer(state, channel.clone(), exchange, awaiting, target.session).await,
+        Ok(mut exchange) => {
+            let reattach = target
+                .session
+                .and_then(|s| replay::reattach(state, s, exchange.id));
+            exchange.reattach_with(reattach);
+            answer(state, channel.clone(), exchange, awaiting, target.session).await
+        }
         Err(e) => json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await),
     }
 }
@@ -232,12 +239,13 @@ async fn primed_answer(
     mut awaiting: Awaiting,
     session: &Arc<Session>,
 ) -> Response {
-    let exchange = match channel.reserve() {
+    let mut exchange = match channel.reserve() {
         Ok(exchange) => exchange,
         Err(e) => {
             return json_response(StatusCode::OK, awaiting.source_failed(&e.to_string()).await);
         }
     };
+    exchange.reattach_with(replay::reattach(state, session, exchange.id));
     let log = session.answer_log(session.answer_ids(&state.fleet, exchange.id));
     let reader = log.attach(Start::Undelivered);
     let (written, on_written) = oneshot::channel();

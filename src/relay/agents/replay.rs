@@ -15,6 +15,7 @@
 //! the answer goes out, so the trail holds every answer an agent got, from whichever relay.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::response::Response;
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::admission::admit_read;
 use super::answer::{SSE_RETRY, sse_response};
 use super::reply::AgentError;
+use super::resume::{self, Lost};
 use crate::govern::Identity;
 use crate::mcp::{classify, sse};
 use crate::relay::session::{
@@ -30,7 +32,7 @@ use crate::relay::session::{
     requests,
 };
 use crate::relay::state::RelayState;
-use crate::relay::tunnel::{Event, Exchange};
+use crate::relay::tunnel::{Event, Exchange, Reattach};
 use crate::wire::{Era, Replay, UNSOLICITED};
 
 /// Why an answer cannot be resumed, as the agent's GET is told (`400`).
@@ -156,6 +158,60 @@ pub(super) async fn resume_listening(
     Ok(listen(state, session, Some(claims.message)).await)
 }
 
+/// How long a relay waits for a `connect` whose tunnel dropped with an answer in flight to
+/// attach again: it reconnects within a second or two (see `client::backoff`).
+const REATTACH_WINDOW: Duration = Duration::from_secs(10);
+
+/// How often the relay looks for that `connect` meanwhile.
+const REATTACH_POLL: Duration = Duration::from_millis(100);
+
+/// What picks `session`'s answer to `exchange` (on this copy's stream) up again when its
+/// tunnel stream ends while this relay lives: once the session's `connect` is attached again
+/// (within [`REATTACH_WINDOW`]), the session resumes on a stream to it, and `connect` replays
+/// the rest of the answer there. The upstream sees the request once, the agent's stream goes
+/// on. `None` when the `connect` does not keep the session's answers.
+pub(super) fn reattach(
+    state: &Arc<RelayState>,
+    session: &Session,
+    exchange: u64,
+) -> Option<Reattach> {
+    if !session.keeps_answers() {
+        return None;
+    }
+    let claims = session.claims(0);
+    let answer = EventClaims {
+        handle: session.id.clone(),
+        connect: claims.connect.clone(),
+        stream: session.stream_base(),
+        exchange,
+        message: 0,
+    };
+    let (state, who) = (state.clone(), session.identity());
+    Some(Arc::new(move |after| {
+        let (state, who, claims) = (state.clone(), who.clone(), claims.clone());
+        let answer = EventClaims {
+            message: after,
+            ..answer.clone()
+        };
+        Box::pin(async move {
+            let deadline = Instant::now() + REATTACH_WINDOW;
+            let source = claims.source.clone();
+            loop {
+                match resume::resume(&state, &who, &source, claims.clone(), true).await {
+                    Ok(session) => {
+                        let (exchange, _) = ask_connect(&state, &session, &answer).await.ok()?;
+                        return Some(exchange.keeping(session.channel.clone()));
+                    }
+                    Err(Lost::Unreachable(_) | Lost::Starting) if Instant::now() < deadline => {
+                        tokio::time::sleep(REATTACH_POLL).await;
+                    }
+                    Err(_) => return None,
+                }
+            }
+        })
+    }))
+}
+
 /// Asks the session's `connect` to replay the answer `claims` names on this relay's stream;
 /// returns the exchange it arrives on and the agent's message it answers.
 async fn ask_connect(
@@ -163,9 +219,7 @@ async fn ask_connect(
     session: &Session,
     claims: &EventClaims,
 ) -> Result<(Exchange, Bytes), AgentError> {
-    if !session.replays_answers(&state.fleet)
-        || claims.connect.as_deref() != session.channel.connect_instance()
-    {
+    if !session.keeps_answers() || claims.connect.as_deref() != session.channel.connect_instance() {
         return Err(cannot(
             "the tunnel client that kept it is gone (restarted, or not the one carrying the \
              session now)",

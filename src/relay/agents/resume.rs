@@ -69,17 +69,21 @@ pub(super) async fn find(
         }
         // Its tunnel went silent (its `connect` may be dead): continue on a live one, which
         // any `connect` of the source can; failing that, stay (the tunnel may recover).
-        return Ok(resume(state, who, source, claims).await.unwrap_or(session));
+        return Ok(resume(state, who, source, claims, false)
+            .await
+            .unwrap_or(session));
     }
-    resume(state, who, source, claims).await
+    resume(state, who, source, claims, false).await
 }
 
-/// Resumes the session of `claims` on a new tunnel stream.
-async fn resume(
+/// Resumes the session of `claims` on a new tunnel stream: to the `connect` holding it, or,
+/// unless `own_connect` (an answer only it keeps is picked up), to any that can take it over.
+pub(super) async fn resume(
     state: &Arc<RelayState>,
     who: &Identity,
     source: &str,
     claims: SessionClaims,
+    own_connect: bool,
 ) -> Result<Arc<Session>, Lost> {
     let portable = claims.resumable.portable;
     let unreachable = || {
@@ -88,11 +92,12 @@ async fn resume(
              reconnecting); the session continues once it is back"
         ))
     };
-    let Some(tunnel) =
-        state
-            .registry
-            .route_resumed(&who.tenant, source, claims.connect.as_deref(), portable)
-    else {
+    let Some(tunnel) = state.registry.route_resumed(
+        &who.tenant,
+        source,
+        claims.connect.as_deref(),
+        portable && !own_connect,
+    ) else {
         // Held only by a `connect` that is gone: so is the session. Unless this relay has
         // just started, and that `connect` may not be back yet.
         return Err(if state.starting.is_starting() {

@@ -206,17 +206,7 @@ async fn initialize(
             return AgentError::TooManySessions { id, cap }.into_response();
         }
         tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session opened");
-        let claims = SessionClaims {
-            tenant: who.tenant.to_string(),
-            subject: who.subject.to_string(),
-            source: source.to_owned(),
-            handle,
-            connect: channel.connect_instance().map(str::to_owned),
-            // A `connect` that says nothing (wire version 1) ends the session with its stream.
-            resumable: channel.resumable().unwrap_or_default(),
-            version: session.version().map(str::to_owned),
-            issued: crate::relay::tunnel::registry::unix_now(),
-        };
+        let claims = session.claims(crate::relay::tunnel::registry::unix_now());
         let value =
             HeaderValue::from_str(&claims.seal(&state.fleet)).expect("sealed ids are base64url");
         response.headers_mut().insert(SESSION_HEADER, value);

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::events::EventLog;
 use super::exchange::EventIds;
-use super::sealed::{AnswerIds, EventClaims};
+use super::sealed::{AnswerIds, EventClaims, SessionClaims};
 use crate::govern::Identity;
 use crate::govern::audit::Direction;
 use crate::mcp::classify;
@@ -421,12 +421,32 @@ impl Session {
     /// `keys`: its `connect` keeps them for a replay (wire version 3, an HTTP upstream), and
     /// the fleet shares its secret.
     pub fn replays_answers(&self, keys: &FleetKeys) -> bool {
-        // `connect` keeps the answers of sessions any `connect` may resume (HTTP upstreams);
-        // a stdio process's answers go only to the stream that asked.
-        keys.shared()
-            && self.transport == Transport::Streamable
+        keys.shared() && self.keeps_answers()
+    }
+
+    /// Whether the session's `connect` keeps its answers for a replay on another stream (wire
+    /// version 3): it does for sessions any `connect` may resume (HTTP upstreams); a stdio
+    /// process's answers go only to the stream that asked.
+    pub fn keeps_answers(&self) -> bool {
+        self.transport == Transport::Streamable
             && self.channel.replays()
             && self.channel.resumable().is_some_and(|r| r.portable)
+    }
+
+    /// The claims of the agent-facing id of this session, issued at `issued` (seconds since
+    /// the epoch).
+    pub(crate) fn claims(&self, issued: u64) -> SessionClaims {
+        SessionClaims {
+            tenant: self.tenant.to_string(),
+            subject: self.subject.to_string(),
+            source: self.source.clone(),
+            handle: self.id.clone(),
+            connect: self.channel.connect_instance().map(str::to_owned),
+            // A `connect` that says nothing (wire version 1) ends the session with its stream.
+            resumable: self.channel.resumable().unwrap_or_default(),
+            version: self.version().map(str::to_owned),
+            issued,
+        }
     }
 
     /// Whether the session's server-initiated messages (its agent's GET stream) can be

@@ -190,6 +190,13 @@ pub struct Channel {
     guard: StreamGuard,
 }
 
+/// Picks an answer up again when the tunnel stream carrying it ends while the relay lives
+/// (see [`Exchange::reattach_with`]): given how many of the answer's messages arrived, a new
+/// exchange on another stream on which `connect` replays the rest, its first event
+/// ([`Event::Replaying`]) already taken; `None` when it cannot.
+pub(crate) type Reattach =
+    Arc<dyn Fn(u64) -> futures_util::future::BoxFuture<'static, Option<Exchange>> + Send + Sync>;
+
 /// An agent request in flight: its events, and its registration, removed on drop.
 pub struct Exchange {
     /// The exchange number.
@@ -197,25 +204,62 @@ pub struct Exchange {
     events: mpsc::Receiver<Event>,
     queued: Arc<Queued>,
     shared: Arc<Shared>,
+    /// Whole messages taken so far, and whether a message in pieces is open.
+    taken: (u64, bool),
+    reattach: Option<Reattach>,
+    /// The channel of a reattached exchange, kept open while it is read.
+    _channel: Option<Arc<Channel>>,
 }
 
 impl Exchange {
-    /// The next event, or the reason the stream ended.
+    /// The next event, or the reason the stream ended. When the stream ends between two
+    /// messages of the answer and the exchange can be [reattached](Exchange::reattach_with),
+    /// the answer goes on from the new stream.
     pub async fn next(&mut self) -> Result<Event, ChannelError> {
-        match self.events.recv().await {
-            Some(event) => {
+        loop {
+            if let Some(event) = self.events.recv().await {
                 self.queued
                     .bytes
                     .fetch_sub(event_bytes(&event), Ordering::AcqRel);
                 self.queued.taken.notify_waiters();
-                Ok(event)
+                match &event {
+                    Event::Message(_) => self.taken = (self.taken.0 + 1, false),
+                    Event::Part(_) => self.taken.1 = true,
+                    _ => {}
+                }
+                return Ok(event);
             }
-            None => Err(ChannelError::Closed(
-                self.shared
-                    .closed_reason()
-                    .unwrap_or_else(|| "tunnel stream ended".into()),
-            )),
+            let reason = self
+                .shared
+                .closed_reason()
+                .unwrap_or_else(|| "tunnel stream ended".into());
+            let (messages, in_pieces) = self.taken;
+            let Some(reattach) = self.reattach.clone().filter(|_| !in_pieces) else {
+                return Err(ChannelError::Closed(reason));
+            };
+            tracing::info!(reason = %reason, messages, "an answer's tunnel stream ended: picking the answer up on another");
+            match reattach(messages).await {
+                Some(mut next) => {
+                    next.taken = self.taken;
+                    next.reattach = Some(reattach);
+                    metrics::counter!(crate::metrics::ANSWERS_REATTACHED).increment(1);
+                    *self = next;
+                }
+                None => return Err(ChannelError::Closed(reason)),
+            }
         }
+    }
+
+    /// Lets the answer go on when the tunnel stream carrying it ends while the relay lives:
+    /// `reattach` gives the exchange it goes on from (see [`Reattach`]).
+    pub fn reattach_with(&mut self, reattach: Option<Reattach>) {
+        self.reattach = reattach;
+    }
+
+    /// Keeps `channel` open while the exchange is read (one opened for a reattach only).
+    pub fn keeping(mut self, channel: Arc<Channel>) -> Self {
+        self._channel = Some(channel);
+        self
     }
 }
 
@@ -354,6 +398,9 @@ impl Channel {
             events,
             queued,
             shared: self.shared.clone(),
+            taken: (0, false),
+            reattach: None,
+            _channel: None,
         })
     }
 

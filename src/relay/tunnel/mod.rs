@@ -11,6 +11,6 @@ pub(crate) mod channel;
 pub(crate) mod registry;
 
 pub(super) use budget::Budget;
-pub(super) use channel::{Channel, ChannelError, ChannelLimits, Event, Exchange};
+pub(super) use channel::{Channel, ChannelError, ChannelLimits, Event, Exchange, Reattach};
 pub(super) use registry::Registry;
 pub use registry::TunnelRow;
