@@ -1304,13 +1304,8 @@ async fn replayed_answers(fleet: &Fleet) -> u64 {
         if fleet.relays[index].process.is_none() {
             continue;
         }
-        total += fleet
-            .metrics(index)
-            .await
-            .lines()
-            .filter_map(|line| line.strip_prefix("mcp_tunnel_answers_replayed_total "))
-            .filter_map(|value| value.trim().parse::<f64>().ok())
-            .sum::<f64>() as u64;
+        let metrics = fleet.metrics(index).await;
+        total += common::counter(&metrics, "mcp_tunnel_answers_replayed_total");
     }
     total
 }

@@ -448,11 +448,11 @@ async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_t
         1,
         "the upstream saw the call once"
     );
-    // Both relays of this test count into the process's one metrics recorder: B's replay,
-    // then A's (the answer had moved away from A's own log).
+    // Both relays of this test count into the process's one metrics recorder (with the other
+    // tests of this file): B's replay, then A's (the answer had moved away from A's own log).
     let replayed = b.metrics().await;
     assert!(
-        replayed.contains("mcp_tunnel_answers_replayed_total 2"),
+        common::counter(&replayed, "mcp_tunnel_answers_replayed_total") >= 2,
         "{replayed}"
     );
 }
@@ -557,10 +557,10 @@ impl Cuttable {
 /// the session's `connect` to attach again, resumes the session on the new tunnel and has
 /// `connect` replay the answer, which reaches the agent on its first request: no error, and
 /// the upstream saw the call once. Both ways an answer goes out: plain JSON from a standalone
-/// relay, and a stream primed at once from a relay of a fleet.
+/// relay, and a stream primed at once from a relay of a fleet; an HTTP upstream and a stdio one.
 #[tokio::test]
 async fn an_answer_in_flight_survives_a_tunnel_drop_while_the_relay_lives() {
-    for in_fleet in [false, true] {
+    for (in_fleet, stdio) in [(false, false), (true, false), (true, true)] {
         let (stop, _guard) = common::stop_on_drop();
         let fleet = Fleet::new();
         let relay = Harness::start(if in_fleet {
@@ -570,8 +570,15 @@ async fn an_answer_in_flight_survives_a_tunnel_drop_while_the_relay_lives() {
         })
         .await;
         let (upstream, gate, recorded) = common::start_gated_upstream(&stop).await;
+        let stdio_gate = StdioGate::new();
         let proxy = Cuttable::start(relay.tunnel, &stop).await;
         let mut settings = relay.client_settings(&relay.acme, &[("db", &upstream)]);
+        if stdio {
+            settings.sources = vec![
+                mcp_tunnel::config::SourceConfig::parse_flag(&stdio_gate.source())
+                    .expect("a valid source"),
+            ];
+        }
         settings.relay = proxy.addr.to_string();
         settings.transport = mcp_tunnel::config::TransportChoice::Https;
         let _client = relay.connect_with(&relay.acme, settings).await;
@@ -582,26 +589,200 @@ async fn an_answer_in_flight_survives_a_tunnel_drop_while_the_relay_lives() {
             let agent = via(&relay, &agent);
             tokio::spawn(async move { agent.call_tool(7, "hold", json!({})).await })
         };
-        gate.held().await;
+        let case = format!("in a fleet: {in_fleet}, stdio: {stdio}");
+        if stdio {
+            stdio_gate.held().await;
+        } else {
+            gate.held().await;
+        }
         proxy.cut();
         gate.release();
+        stdio_gate.release();
         let answer = tokio::time::timeout(WAIT, held)
             .await
             .expect("the answer in time")
             .expect("the call task");
-        assert_eq!(answer.status, 200, "in a fleet: {in_fleet}: {answer:?}");
+        assert_eq!(answer.status, 200, "{case}: {answer:?}");
         assert_eq!(
             common::tool_text(answer.response()),
             "released",
-            "in a fleet: {in_fleet}: {answer:?}"
+            "{case}: {answer:?}"
         );
-        assert_eq!(
-            seen(&recorded, "tools/call"),
-            1,
-            "the upstream saw the call once"
-        );
+        let calls = if stdio {
+            stdio_gate.calls().len()
+        } else {
+            seen(&recorded, "tools/call")
+        };
+        assert_eq!(calls, 1, "{case}: the upstream saw the call once");
         // The session goes on.
         let next = agent.call_tool(8, "echo", json!({})).await;
-        assert_eq!(next.status, 200, "{next:?}");
+        assert_eq!(next.status, 200, "{case}: {next:?}");
     }
+}
+
+/// A stdio server on the Python standard library that holds a call until the test releases it
+/// and sends server-initiated messages when the test asks, driven through files in a folder:
+/// the test's gate on a stdio upstream.
+struct StdioGate {
+    dir: tempfile::TempDir,
+    notes: std::sync::atomic::AtomicUsize,
+}
+
+impl StdioGate {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("gated_server.py"),
+            r#"
+import json, os, sys, threading, time
+DIR = sys.argv[1]
+lock = threading.Lock()
+def send(msg):
+    with lock:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+def wait_for(name):
+    path = os.path.join(DIR, name)
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return path
+def hold(id):
+    wait_for("release")
+    send({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": "released"}]}})
+def notes():
+    n = 1
+    while True:
+        with open(wait_for("note-%d" % n)) as f:
+            data = f.read()
+        send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": data}})
+        n += 1
+threading.Thread(target=notes, daemon=True).start()
+for line in sys.stdin:
+    msg = json.loads(line)
+    method, id = msg.get("method"), msg.get("id")
+    if method is None or id is None:
+        continue
+    if method == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}, "logging": {}}, "serverInfo": {"name": "gated", "version": "1"}}
+    elif method == "tools/call":
+        with open(os.path.join(DIR, "calls"), "a") as f:
+            f.write(msg["params"]["name"] + "\n")
+        if msg["params"]["name"] == "hold":
+            open(os.path.join(DIR, "held"), "w").close()
+            threading.Thread(target=hold, args=(id,), daemon=True).start()
+            continue
+        result = {"content": [{"type": "text", "text": "echoed"}]}
+    else:
+        result = {}
+    send({"jsonrpc": "2.0", "id": id, "result": result})
+"#,
+        )
+        .expect("script written");
+        Self {
+            dir,
+            notes: Default::default(),
+        }
+    }
+
+    /// The `--source` flag that runs it as `db`.
+    fn source(&self) -> String {
+        format!(
+            "db=stdio:{}/tests/peers/.venv/bin/python -u {}/gated_server.py {}",
+            env!("CARGO_MANIFEST_DIR"),
+            self.dir.path().display(),
+            self.dir.path().display()
+        )
+    }
+
+    /// Waits (bounded) until the server holds a call.
+    async fn held(&self) {
+        let held = self.dir.path().join("held");
+        tokio::time::timeout(WAIT, async {
+            while !held.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the server holds the call");
+    }
+
+    /// Lets the held call answer.
+    fn release(&self) {
+        std::fs::write(self.dir.path().join("release"), "").expect("release written");
+    }
+
+    /// Has the server send a `notifications/message` with `text` outside any call.
+    fn notify(&self, text: &str) {
+        let n = self.notes.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let ready = self.dir.path().join(format!("note-{n}"));
+        let writing = self.dir.path().join(format!("writing-{n}"));
+        std::fs::write(&writing, text).expect("note written");
+        std::fs::rename(writing, ready).expect("note ready");
+    }
+
+    /// The names of the tools the server was called with, in order.
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A stdio session's process lives in its `connect`, and so do its answers and messages: an
+/// answer in flight when the agent's connection broke is resumed on another relay, and the
+/// agent's GET stream resumes there with exactly the messages it missed.
+#[tokio::test]
+async fn a_stdio_sessions_answer_in_flight_and_its_get_stream_resume_on_another_relay() {
+    let (_stop, _guard) = common::stop_on_drop();
+    let gate = StdioGate::new();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let _client = connect_all_to(&[&a, &b], &gate.source()).await;
+    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
+    on_a.initialize_result().await;
+
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
+    let mut post = on_a.send(&call).await;
+    assert_eq!(post.status(), 200);
+    assert!(common::is_event_stream(post.headers()));
+    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
+    let id = last_event_id(&primed).expect("a priming event id");
+    gate.held().await;
+    drop(post);
+    let on_b = via(&b, &on_a);
+    let resumed = on_b.get(Some(&id), "resume the answer on B").await;
+    assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
+    gate.release();
+    let body = tokio::time::timeout(WAIT, resumed.bytes())
+        .await
+        .expect("the answer in time")
+        .expect("the body");
+    let answers: Vec<serde_json::Value> = common::sse_data(&body)
+        .iter()
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .collect();
+    assert_eq!(answers.len(), 1, "the answer, once: {answers:?}");
+    assert_eq!(answers[0]["id"], 7);
+    assert_eq!(common::tool_text(&answers[0]), "released");
+    assert_eq!(gate.calls(), ["hold"], "the process got the call once");
+
+    let mut listening = on_a.get(None, "GET stream on A").await;
+    assert_eq!(listening.status(), 200);
+    read_events_until(&mut listening, |text| text.contains("id:")).await;
+    gate.notify("one");
+    let seen = read_events_until(&mut listening, |text| notes(text).len() == 1).await;
+    assert_eq!(notes(&seen), ["one"]);
+    let id = last_event_id(&seen).expect("the message's event id");
+    drop(listening);
+    gate.notify("two");
+    gate.notify("three");
+    let mut resumed = on_b.get(Some(&id), "resume the GET stream on B").await;
+    assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
+    let missed = read_events_until(&mut resumed, |text| notes(text).len() >= 2).await;
+    gate.notify("four");
+    let rest = read_events_until(&mut resumed, |text| !notes(text).is_empty()).await;
+    let got: Vec<String> = notes(&missed).into_iter().chain(notes(&rest)).collect();
+    assert_eq!(got, ["two", "three", "four"], "{missed}{rest}");
 }

@@ -692,6 +692,15 @@ pub fn sse_data(body: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The value of the unlabelled counter `name` in a Prometheus text exposition (0 when absent).
+pub fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .filter_map(|value| value.trim().parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 /// The text of the first content block of a tool result.
 pub fn tool_text(response: &Value) -> &str {
     response["result"]["content"][0]["text"]

@@ -3,6 +3,7 @@
 mod events;
 mod held;
 mod http;
+mod outlet;
 mod replay;
 mod routing;
 mod stdio;
@@ -36,12 +37,11 @@ impl Source {
         reader: FrameReader<RecvHalf>,
         writer: FrameWriter<SendHalf>,
     ) {
+        // Server-initiated messages cross numbered from wire version 4 on.
+        let numbered = wire_version >= 4;
         match self {
-            Source::Http(source) => {
-                let numbered = wire_version >= 4;
-                source.clone().serve(header, numbered, reader, writer).await
-            }
-            Source::Stdio(source) => source.clone().serve(header, reader, writer).await,
+            Source::Http(source) => source.clone().serve(header, numbered, reader, writer).await,
+            Source::Stdio(source) => source.clone().serve(header, numbered, reader, writer).await,
         }
     }
 }
@@ -119,10 +119,8 @@ pub(crate) type Out = crate::wire::FrameSink<SendHalf>;
 /// A large answer crosses the tunnel in pieces of this size ([`crate::wire::FrameKind::MessagePart`]).
 pub(crate) const PIECE_BYTES: usize = 256 * 1024;
 
-/// Sends one whole upstream message for `exchange`: as one frame when it is at most
-/// [`PIECE_BYTES`] (and fits `max_frame`), else in pieces. The standalone stream
-/// ([`crate::wire::UNSOLICITED`]) carries no pieces: a message there larger than a frame is
-/// dropped (and logged) instead of breaking the stream. Fails when the stream is gone.
+/// Sends one whole upstream message for `exchange` (see [`message_frames`]). Fails when the
+/// stream is gone.
 pub(crate) async fn send_message(
     out: &Out,
     exchange: u64,
@@ -130,27 +128,85 @@ pub(crate) async fn send_message(
     max_frame: usize,
     source: &str,
 ) -> Result<(), crate::wire::SinkError> {
+    for frame in message_frames(exchange, message, max_frame, source) {
+        out.send(frame).await?;
+    }
+    Ok(())
+}
+
+/// The frames that carry one whole upstream message for `exchange`: one frame when it is at
+/// most [`PIECE_BYTES`] (and fits `max_frame`), else pieces. The standalone stream
+/// ([`crate::wire::UNSOLICITED`]) carries no pieces: a message there larger than a frame is
+/// dropped (and logged) instead of breaking the stream.
+pub(crate) fn message_frames(
+    exchange: u64,
+    message: bytes::Bytes,
+    max_frame: usize,
+    source: &str,
+) -> impl Iterator<Item = crate::wire::Frame> + use<> {
     use crate::wire::Frame;
     let piece_bytes = PIECE_BYTES.min(max_frame);
-    if message.len() <= piece_bytes {
-        return out.send(Frame::message(exchange, message)).await;
-    }
-    if exchange == crate::wire::UNSOLICITED {
-        if message.len() <= max_frame {
-            return out.send(Frame::message(exchange, message)).await;
-        }
+    let whole = message.len() <= piece_bytes
+        || (exchange == crate::wire::UNSOLICITED && message.len() <= max_frame);
+    let mut rest = if whole || exchange != crate::wire::UNSOLICITED {
+        Some(message)
+    } else {
         tracing::warn!(
             source,
             size = message.len(),
             max_frame,
             "server-to-agent message larger than a tunnel frame; dropped"
         );
-        return Ok(());
+        None
+    };
+    std::iter::from_fn(move || {
+        let message = rest.as_mut()?;
+        if whole || message.len() <= piece_bytes {
+            return rest.take().map(|last| Frame::message(exchange, last));
+        }
+        Some(Frame::part(exchange, message.split_to(piece_bytes)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{FrameKind, UNSOLICITED};
+
+    fn shapes(exchange: u64, len: usize, max_frame: usize) -> Vec<(FrameKind, usize)> {
+        message_frames(
+            exchange,
+            bytes::Bytes::from(vec![b'x'; len]),
+            max_frame,
+            "t",
+        )
+        .map(|f| (f.kind, f.payload.len()))
+        .collect()
     }
-    let mut rest = message;
-    while rest.len() > piece_bytes {
-        let piece = rest.split_to(piece_bytes);
-        out.send(Frame::part(exchange, piece)).await?;
+
+    #[test]
+    fn a_message_crosses_whole_or_in_pieces_and_a_too_large_server_message_is_dropped() {
+        assert_eq!(shapes(3, 10, 1 << 20), [(FrameKind::Message, 10)]);
+        assert_eq!(
+            shapes(3, PIECE_BYTES * 2 + 5, 1 << 20),
+            [
+                (FrameKind::MessagePart, PIECE_BYTES),
+                (FrameKind::MessagePart, PIECE_BYTES),
+                (FrameKind::Message, 5)
+            ]
+        );
+        assert_eq!(
+            shapes(3, PIECE_BYTES * 2, 1 << 20),
+            [
+                (FrameKind::MessagePart, PIECE_BYTES),
+                (FrameKind::Message, PIECE_BYTES)
+            ]
+        );
+        assert_eq!(
+            shapes(UNSOLICITED, PIECE_BYTES + 1, 1 << 20),
+            [(FrameKind::Message, PIECE_BYTES + 1)],
+            "whole on the standalone stream while it fits a frame"
+        );
+        assert!(shapes(UNSOLICITED, (1 << 20) + 1, 1 << 20).is_empty());
     }
-    out.send(Frame::message(exchange, rest)).await
 }

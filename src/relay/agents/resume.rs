@@ -99,10 +99,11 @@ pub(super) async fn resume(
         portable && !own_connect,
     ) else {
         // Held only by a `connect` that is gone: so is the session. Unless this relay has
-        // just started, and that `connect` may not be back yet.
+        // just started, or an answer of it is picked up after its tunnel dropped: then that
+        // `connect` may not be back yet.
         return Err(if state.starting.is_starting() {
             Lost::Starting
-        } else if portable {
+        } else if portable || own_connect {
             unreachable()
         } else {
             Lost::NotFound

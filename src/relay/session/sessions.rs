@@ -418,19 +418,22 @@ impl Session {
     }
 
     /// Whether the answers of this session can be resumed on any relay of a fleet sealed with
-    /// `keys`: its `connect` keeps them for a replay (wire version 3, an HTTP upstream), and
-    /// the fleet shares its secret.
+    /// `keys`: its `connect` keeps them for a replay ([`Session::keeps_answers`]), and the
+    /// fleet shares its secret.
     pub fn replays_answers(&self, keys: &FleetKeys) -> bool {
         keys.shared() && self.keeps_answers()
     }
 
-    /// Whether the session's `connect` keeps its answers for a replay on another stream (wire
-    /// version 3): it does for sessions any `connect` may resume (HTTP upstreams); a stdio
-    /// process's answers go only to the stream that asked.
+    /// Whether the session's `connect` keeps its answers for a replay on another stream: it
+    /// does for an HTTP upstream's sessions from wire version 3 on, and for a stdio process's
+    /// from version 4 on (before, those went only to the stream that asked).
     pub fn keeps_answers(&self) -> bool {
+        let Some(resumable) = self.channel.resumable() else {
+            return false;
+        };
         self.transport == Transport::Streamable
             && self.channel.replays()
-            && self.channel.resumable().is_some_and(|r| r.portable)
+            && (resumable.portable || self.channel.numbers_events())
     }
 
     /// The claims of the agent-facing id of this session, issued at `issued` (seconds since

@@ -26,7 +26,7 @@ use crate::govern::assertion::Assertion;
 use crate::mcp::era::{SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageKind, error_body};
 use crate::mcp::{Classified, classify};
-use crate::wire::{Era, Frame, FrameKind, ListenAfter, OpenHeader, Replay, UNSOLICITED};
+use crate::wire::{Era, Frame, FrameKind, OpenHeader, UNSOLICITED};
 
 /// Time a DELETE of an upstream session may take when a stream ends.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,7 +76,7 @@ impl StreamContext {
         max_frame: usize,
         max_answer: usize,
     ) -> Self {
-        let number = session.streams.attach(&out, numbered);
+        let number = session.outlet.streams.attach(&out, numbered);
         let relay_stream = header
             .session
             .as_ref()
@@ -176,42 +176,9 @@ impl StreamContext {
     /// reads server-initiated messages on this stream.
     fn signal(&self, frame: &Frame) {
         match frame.kind {
-            FrameKind::Listen => {
-                let Some((out, number)) = &self.out else {
-                    return;
-                };
-                if frame.payload.is_empty() {
-                    return self.session.streams.listen(*number);
-                }
-                match frame.parse_json::<ListenAfter>(FrameKind::Listen) {
-                    Ok(ListenAfter { after }) => {
-                        let (out, number, session) = (out.clone(), *number, self.session.clone());
-                        tokio::spawn(async move {
-                            let streams = &session.streams;
-                            session
-                                .events
-                                .listen_after(streams, number, &out, after)
-                                .await;
-                        });
-                    }
-                    Err(e) => tracing::warn!(error = %e, "bad listen frame ignored"),
-                }
-            }
-            FrameKind::Replay => {
-                let Some((out, _)) = &self.out else { return };
-                let (out, exchange, session) = (out.clone(), frame.exchange, self.session.clone());
-                match frame.parse_json::<Replay>(FrameKind::Replay) {
-                    Ok(replay) => {
-                        tokio::spawn(async move {
-                            session.replays.replay(replay, out, exchange).await;
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bad replay frame refused");
-                        tokio::spawn(async move {
-                            let _ = out.send(Frame::end(exchange)).await;
-                        });
-                    }
+            FrameKind::Listen | FrameKind::Replay => {
+                if let Some((out, number)) = &self.out {
+                    self.session.outlet.signal(*number, out, frame);
                 }
             }
             _ => match frame.parse_json::<Assertion>(FrameKind::Identity) {
@@ -239,6 +206,7 @@ impl StreamContext {
             Some(stream) if frame.exchange != UNSOLICITED => {
                 match self
                     .session
+                    .outlet
                     .replays
                     .send((stream, frame.exchange), frame)
                     .await
@@ -354,6 +322,7 @@ impl StreamContext {
             let ids = requests.iter().filter_map(|m| m.id.clone()).collect();
             let key = (stream, exchange);
             self.session
+                .outlet
                 .replays
                 .begin(key, payload.clone(), ids, out, exchange);
         }

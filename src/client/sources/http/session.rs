@@ -9,9 +9,8 @@ use http::header::HeaderValue;
 use parking_lot::Mutex;
 
 use super::context::StreamContext;
-use crate::client::sources::events::KeptEvents;
-use crate::client::sources::replay::{Replays, SourceBytes};
-use crate::client::sources::streams::StreamSet;
+use crate::client::sources::outlet::Outlet;
+use crate::client::sources::replay::SourceBytes;
 use crate::govern::assertion::Assertion;
 use crate::wire::{Frame, Resumable};
 
@@ -32,13 +31,9 @@ pub(super) struct HttpSession {
     pub(super) upstream: Mutex<UpstreamState>,
     /// The latest identity assertion: the open header's, then each one a relay renews it with.
     pub(super) assertion: Mutex<Option<Assertion>>,
-    /// The streams carrying it, and which one its agent listens on.
-    pub(super) streams: StreamSet,
-    /// Its answers, kept for a relay to replay (held sessions only).
-    pub(super) replays: Replays,
-    /// Its server-initiated messages, numbered and kept for a relay an agent resumes its GET
-    /// stream on (held sessions only).
-    pub(super) events: KeptEvents,
+    /// The streams carrying it, and what is kept of its answers and server-initiated
+    /// messages (held sessions only).
+    pub(super) outlet: Arc<Outlet>,
     /// The context the session's own tasks run in (the GET stream, the final DELETE): it has
     /// no stream of its own. Taken when the session ends (it points back at the session).
     tasks: Mutex<Option<Arc<StreamContext>>>,
@@ -59,9 +54,7 @@ impl HttpSession {
             handle,
             upstream: Mutex::new(upstream),
             assertion: Mutex::new(assertion),
-            streams: StreamSet::default(),
-            replays: Replays::new(replay_bytes.clone()),
-            events: KeptEvents::new(replay_bytes),
+            outlet: Arc::new(Outlet::new(replay_bytes)),
             tasks: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
@@ -83,13 +76,14 @@ impl HttpSession {
 
     /// Sends a server-initiated message toward the agent: on the stream it listens on, else
     /// the latest attached one. A held session's are numbered and kept (see
-    /// [`KeptEvents`]); another's is dropped (the agent reads nothing now) when no stream
+    /// [`KeptEvents`](crate::client::sources::events::KeptEvents)); another's is dropped (the agent reads nothing now) when no stream
     /// lives.
     pub(super) async fn send_unsolicited(&self, frame: Frame) {
         if self.handle.is_some() {
-            return self.events.send(&self.streams, frame.payload).await;
+            let outlet = &self.outlet;
+            return outlet.events.send(&outlet.streams, frame.payload).await;
         }
-        match self.streams.unsolicited_target() {
+        match self.outlet.streams.unsolicited_target() {
             Some((out, _)) => {
                 let _ = out.send(frame).await;
             }

@@ -26,6 +26,7 @@
 //! `error`, what agents are told. The frame loop is the one all sources share
 //! (`sources::stream`).
 
+mod deliver;
 mod error;
 mod lines;
 mod pool;
@@ -95,6 +96,9 @@ pub(crate) struct StdioSource {
     /// Session-era sessions, kept past their streams for a relay to resume. Their processes
     /// idle out on their own (`idle`), so the table itself never expires them.
     held: Held<session::Session>,
+    /// Bytes its held sessions keep for relays (their answers and server-initiated messages),
+    /// together (see [`super::replay::REPLAY_SOURCE_BYTES`]).
+    replay_bytes: super::replay::SourceBytes,
 }
 
 impl StdioSource {
@@ -119,6 +123,7 @@ impl StdioSource {
             pool: tokio::sync::Mutex::new(None),
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
             held: Held::new(Duration::ZERO),
+            replay_bytes: super::replay::SourceBytes::default(),
         })
     }
 
@@ -143,16 +148,21 @@ impl StdioSource {
         }
     }
 
-    /// Serves one exchange stream until it ends.
+    /// Serves one exchange stream until it ends; `numbered`: its relay takes server-initiated
+    /// messages numbered (wire version 4).
     pub(crate) async fn serve(
         self: Arc<Self>,
         header: OpenHeader,
+        numbered: bool,
         reader: FrameReader<RecvHalf>,
         writer: FrameWriter<SendHalf>,
     ) {
         stream::serve(reader, writer, |inbound, out, max_frame| async move {
             match header.era {
-                Era::Session => self.serve_session(header, inbound, out, max_frame).await,
+                Era::Session => {
+                    let limits = (max_frame, numbered);
+                    self.serve_session(header, inbound, out, limits).await
+                }
                 Era::Stateless => self.serve_stateless(header, inbound, out, max_frame).await,
             }
         })

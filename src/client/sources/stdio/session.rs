@@ -19,14 +19,15 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use super::deliver::Delivery;
 use super::lines::{Line, LineDecoder, one_line, quote};
 use super::process::{Exit, Process};
 use super::slots::{Activity, Lease, pending};
 use super::{DRAIN_WAIT, StdioError, StdioSource};
+use crate::client::sources::Out;
 use crate::client::sources::routing::{Routing, progress_tokens};
-use crate::client::sources::stream::{Inbound, fail_ids, fail_requests, requests};
-use crate::client::sources::streams::{StreamNo, StreamSet, global};
-use crate::client::sources::{Out, send_message};
+use crate::client::sources::stream::{Inbound, fail_requests, requests};
+use crate::client::sources::streams::{StreamNo, global};
 use crate::mcp::classify;
 use crate::mcp::jsonrpc::MessageInfo;
 use crate::wire::{Frame, FrameKind, OpenHeader, Resumable};
@@ -39,7 +40,7 @@ impl StdioSource {
         header: OpenHeader,
         mut inbound: Inbound,
         out: Out,
-        limit: usize,
+        (limit, numbered): (usize, bool),
     ) {
         let named = header
             .session
@@ -90,8 +91,18 @@ impl StdioSource {
                 .send(Frame::json(FrameKind::Resumable, &resumable))
                 .await;
         }
-        let number = session.streams.attach(&out, false);
-        session.carry(number, &mut inbound, &out).await;
+        let number = session.delivery.outlet.streams.attach(&out, numbered);
+        // The relay's number for this stream (wire version 3): a held session keeps its
+        // answers under it, for a replay on another stream.
+        let relay_stream = named
+            .and_then(|named| named.stream)
+            .filter(|_| session.handle.is_some());
+        if relay_stream.is_some() {
+            inbound.replays_answers();
+        }
+        session
+            .carry((number, relay_stream), &mut inbound, &out)
+            .await;
         match &session.handle {
             Some(handle) if !inbound.closed_by_relay() && !session.over.is_cancelled() => {
                 // The stream ended, not the session: a relay may resume it.
@@ -125,10 +136,11 @@ pub(super) struct Session {
     exit: Exit,
     stdout_task: Mutex<Option<JoinHandle<()>>>,
     routing: Arc<Mutex<Routing>>,
+    /// Where its answers and messages go (and what is kept of them).
+    delivery: Arc<Delivery>,
     /// Whether answers are announced as event streams (see [`announces_streams`]).
     primed: Arc<AtomicBool>,
     activity: Activity,
-    streams: Arc<StreamSet>,
     /// Asked to end (the agent ended it, or it expired).
     stop: CancellationToken,
     /// Cancelled once it is over; [`Session::over_reason`] says why.
@@ -148,17 +160,19 @@ impl Session {
         let routing = Arc::new(Mutex::new(Routing::default()));
         let primed = Arc::new(AtomicBool::new(false));
         let activity = Activity::default();
-        let streams = Arc::new(StreamSet::default());
+        let delivery = Arc::new(Delivery::new(
+            source.name.clone(),
+            frame_limit,
+            handle.is_some(),
+            source.replay_bytes.clone(),
+        ));
         let stdout_task = process.stdout.take().map(|stdout| {
             tokio::spawn(route_session_output(
                 stdout,
-                OutputLimits {
-                    line: process.line_limit,
-                    frame: frame_limit,
-                },
+                process.line_limit,
                 source.name.clone(),
                 routing.clone(),
-                streams.clone(),
+                delivery.clone(),
                 primed.clone(),
                 activity.clone(),
             ))
@@ -173,9 +187,9 @@ impl Session {
             handle,
             stdout_task: Mutex::new(stdout_task),
             routing,
+            delivery,
             primed,
             activity,
-            streams,
             stop: CancellationToken::new(),
             over: CancellationToken::new(),
             reason: Mutex::new(None),
@@ -250,7 +264,7 @@ impl Session {
             Over::Crashed(reason) => {
                 let code = source.exited(String::new()).code();
                 self.fail_pending(code, &reason).await;
-                for out in self.streams.all() {
+                for out in self.delivery.outlet.streams.all() {
                     let _ = out.send(Frame::close(reason.clone())).await;
                 }
             }
@@ -285,21 +299,24 @@ impl Session {
     async fn fail_pending(&self, code: i64, reason: &str) {
         let pending = self.routing.lock().take_all();
         for (exchange, ids) in pending {
-            if let Some((out, local)) = self.streams.resolve(exchange) {
-                fail_ids(&out, local, ids, code, reason).await;
-            }
+            self.delivery.fail(exchange, ids, code, reason).await;
         }
     }
 
-    /// Carries the session on one stream (`number`, writing to `out`) until the stream ends
-    /// or the session is over.
-    async fn carry(&self, number: StreamNo, inbound: &mut Inbound, out: &Out) {
+    /// Carries the session on one stream (`number`, the relay's `relay_stream`, writing to
+    /// `out`) until the stream ends or the session is over.
+    async fn carry(
+        &self,
+        (number, relay_stream): (StreamNo, Option<u64>),
+        inbound: &mut Inbound,
+        out: &Out,
+    ) {
         loop {
             let frame = tokio::select! {
                 frame = inbound.next_message_with(|frame| {
                     self.activity.touch();
-                    if frame.kind == FrameKind::Listen {
-                        self.streams.listen(number);
+                    if matches!(frame.kind, FrameKind::Listen | FrameKind::Replay) {
+                        self.delivery.outlet.signal(number, out, frame);
                     }
                 }) => frame,
                 () = self.over.cancelled() => break,
@@ -309,7 +326,7 @@ impl Session {
                 return;
             };
             if !self
-                .message(number, out, frame.exchange, frame.payload)
+                .message((number, relay_stream), out, frame.exchange, frame.payload)
                 .await
             {
                 // The process died: `watch` answers what is pending and closes the stream.
@@ -341,7 +358,13 @@ impl Session {
     /// Forwards one message of stream `number` to the process; false when the process died.
     /// Once the session is primed, a request's answer is announced as an event stream at once
     /// (see [`announces_streams`]).
-    async fn message(&self, number: StreamNo, out: &Out, exchange: u64, payload: Bytes) -> bool {
+    async fn message(
+        &self,
+        (number, relay_stream): (StreamNo, Option<u64>),
+        out: &Out,
+        exchange: u64,
+        payload: Bytes,
+    ) -> bool {
         let classified = match classify(&payload) {
             Ok(classified) => classified,
             Err(e) => {
@@ -352,9 +375,10 @@ impl Session {
             }
         };
         let requests: Vec<&MessageInfo> = requests(&classified).collect();
+        let session_wide = global(number, exchange);
         let recorded = if requests.is_empty() {
             Ok(())
-        } else if let Some(session_wide) = global(number, exchange) {
+        } else if let Some(session_wide) = session_wide {
             let tokens = progress_tokens(&payload);
             self.routing.lock().record(session_wide, &requests, &tokens)
         } else {
@@ -369,9 +393,16 @@ impl Session {
             error.answer_all(out, exchange, &classified).await;
             return true;
         }
-        if self.primed.load(Ordering::Relaxed) && !requests.is_empty() {
-            // Before the request reaches the child, so before any line of its answer.
-            let _ = out.send(Frame::streaming(exchange)).await;
+        if let (Some(session_wide), false) = (session_wide, requests.is_empty()) {
+            let ids = requests.iter().filter_map(|m| m.id.clone()).collect();
+            self.delivery
+                .begin(session_wide, (relay_stream, exchange), &payload, ids, out);
+            if self.primed.load(Ordering::Relaxed) {
+                // Before the request reaches the child, so before any line of its answer.
+                self.delivery
+                    .send(session_wide, Frame::streaming(exchange))
+                    .await;
+            }
         }
         let line = one_line(payload);
         // A clone of the sender only for this send: the child's stdin closes with the process.
@@ -444,31 +475,23 @@ fn announces_streams(line: &[u8]) -> bool {
     }
 }
 
-/// How large what a session's process prints may be: one line (bounded by the answer limit)
-/// and one frame (larger lines cross the tunnel in pieces).
-#[derive(Debug, Clone, Copy)]
-struct OutputLimits {
-    line: usize,
-    frame: usize,
-}
-
 /// Reads a session's child's stdout and sends each message to its exchange, on the stream that
 /// exchange came in on (server-initiated ones to the stream the agent listens on).
 async fn route_session_output(
     stdout: ChildStdout,
-    limits: OutputLimits,
+    line_limit: usize,
     source: Arc<str>,
     routing: Arc<Mutex<Routing>>,
-    streams: Arc<StreamSet>,
+    delivery: Arc<Delivery>,
     primed: Arc<AtomicBool>,
     activity: Activity,
 ) {
-    let mut lines = FramedRead::new(stdout, LineDecoder::new(limits.line));
+    let mut lines = FramedRead::new(stdout, LineDecoder::new(line_limit));
     while let Some(Ok(line)) = lines.next().await {
         let line = match line {
             Line::Text(line) => line,
             Line::TooLong => {
-                tracing::warn!(source = %source, limit = limits.line, "stdio process printed a message larger than max_answer_bytes; dropped");
+                tracing::warn!(source = %source, limit = line_limit, "stdio process printed a message larger than max_answer_bytes; dropped");
                 continue;
             }
         };
@@ -488,19 +511,11 @@ async fn route_session_output(
         {
             primed.store(true, Ordering::Relaxed);
         }
-        match streams.resolve(exchange) {
-            Some((out, local)) => {
-                // A stream gone mid-answer loses only that answer, not the session.
-                let _ = send_message(&out, local, line, limits.frame, &source).await;
-            }
-            None => {
-                tracing::debug!(source = %source, "answer of a request whose stream is gone dropped");
-            }
-        }
+        // A stream gone mid-answer loses only that answer (unless it is kept), not the
+        // session.
+        delivery.message(exchange, line).await;
         for exchange in ended {
-            if let Some((out, local)) = streams.resolve(exchange) {
-                let _ = out.send(Frame::end(local)).await;
-            }
+            delivery.end(exchange).await;
         }
     }
 }
