@@ -392,7 +392,19 @@ fn last_event_id(text: &str) -> Option<String> {
 async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_the_call_once() {
     let (stop, _guard) = common::stop_on_drop();
     let fleet = Fleet::new();
-    let (a, b) = two_relays(&fleet).await;
+    let trails = tempfile::tempdir().expect("temp dir");
+    let (a_db, b_db) = (trails.path().join("a.db"), trails.path().join("b.db"));
+    let a = Harness::start(Options {
+        audit: Some(common::audit::audit_at(&a_db)),
+        ..fleet.options()
+    })
+    .await;
+    let b = Harness::start(Options {
+        creds: Some((a.acme.clone(), a.other.clone())),
+        audit: Some(common::audit::audit_at(&b_db)),
+        ..fleet.options()
+    })
+    .await;
     let (upstream, gate, recorded) = common::start_gated_upstream(&stop).await;
     let _client = connect_all(&[&a, &b], &upstream).await;
     let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
@@ -454,6 +466,35 @@ async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_t
     assert!(
         common::counter(&replayed, "mcp_tunnel_answers_replayed_total") >= 2,
         "{replayed}"
+    );
+
+    // Each relay's trail says what happened there: on A the call moved (to B), then A
+    // delivered it on the second resume; B delivered it once.
+    let calls = |rows: Vec<serde_json::Value>| -> Vec<String> {
+        let mut outcomes: Vec<String> = rows
+            .iter()
+            .filter(|row| row["mcp.method.name"] == "tools/call")
+            .map(common::audit::outcome)
+            .collect();
+        outcomes.sort();
+        outcomes
+    };
+    let on_a = tokio::time::timeout(WAIT, async {
+        loop {
+            let outcomes = calls(common::audit::export(&a_db).await);
+            if outcomes.len() >= 2 {
+                return outcomes;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("A's rows in time");
+    assert_eq!(on_a, ["moved", "ok"], "A's trail");
+    assert_eq!(
+        calls(common::audit::export(&b_db).await),
+        ["ok"],
+        "B's trail"
     );
 }
 

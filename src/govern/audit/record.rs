@@ -62,11 +62,14 @@ pub enum Outcome {
     Timeout,
     /// The agent went away before the answer (or a stream ended without one).
     Abandoned,
+    /// The agent resumed the answer on another relay of the fleet: that relay's trail has
+    /// the row with how it ended (see `relay::agents::replay`).
+    Moved,
 }
 
 impl Outcome {
     /// A short label for metrics and filters: `ok`, `error`, `tool_error`, `tunnel_error`,
-    /// `timeout`, `abandoned`.
+    /// `timeout`, `abandoned`, `moved`.
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
@@ -75,6 +78,7 @@ impl Outcome {
             Outcome::TunnelError => "tunnel_error",
             Outcome::Timeout => "timeout",
             Outcome::Abandoned => "abandoned",
+            Outcome::Moved => "moved",
         }
     }
 }

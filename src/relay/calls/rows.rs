@@ -28,7 +28,7 @@ pub struct CallRow {
     pub decision: &'static str,
     /// The rule that decided.
     pub rule: String,
-    /// `ok`, `error`, `tool_error`, `tunnel_error`, `timeout` or `abandoned`.
+    /// `ok`, `error`, `tool_error`, `tunnel_error`, `timeout`, `abandoned` or `moved`.
     pub outcome: &'static str,
     /// The JSON-RPC error code, for `error`.
     pub code: Option<i64>,

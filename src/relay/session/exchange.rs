@@ -564,10 +564,11 @@ async fn produce_all(
                 }
                 Some(Ok(Event::TooLarge(limit))) => awaiting.broken(channel, Broken::TooLarge(limit)).await,
                 Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
-                // The agent resumed the answer on another relay: it goes there (the calls
-                // still open are recorded as abandoned here when `awaiting` drops).
+                // The agent resumed the answer on another relay: it goes there, and that
+                // relay records how the calls still open end; here they moved.
                 Some(Ok(Event::Replaying(_))) => {
                     log.moved_away();
+                    awaiting.fail(Outcome::Moved, Bytes::new()).await;
                     return;
                 }
                 Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
