@@ -546,10 +546,12 @@ async fn an_agents_get_stream_resumes_on_another_relay_with_exactly_the_messages
 }
 
 /// A TCP forwarder on a loopback port to `target` whose connections the test cuts at once
-/// (a tunnel drop while both ends live); new connections go through as before.
+/// (a tunnel drop while both ends live); new connections go through as before, unless the
+/// test holds them off (the network is down a while).
 struct Cuttable {
     addr: std::net::SocketAddr,
     cut: tokio::sync::watch::Sender<u64>,
+    held_off: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cuttable {
@@ -562,7 +564,9 @@ impl Cuttable {
             .expect("bind a loopback port");
         let addr = listener.local_addr().expect("local address");
         let (cut, cuts) = tokio::sync::watch::channel(0u64);
+        let held_off = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = stop.clone();
+        let holding = held_off.clone();
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -572,6 +576,9 @@ impl Cuttable {
                 let Ok((mut inbound, _)) = accepted else {
                     return;
                 };
+                if holding.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
                 let mut cuts = cuts.clone();
                 cuts.mark_unchanged();
                 tokio::spawn(async move {
@@ -585,7 +592,17 @@ impl Cuttable {
                 });
             }
         });
-        Self { addr, cut }
+        Self {
+            addr,
+            cut,
+            held_off,
+        }
+    }
+
+    /// Closes new connections at once (`true`) or lets them through again.
+    fn hold_off(&self, held_off: bool) {
+        self.held_off
+            .store(held_off, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Cuts every connection open now.
@@ -826,4 +843,61 @@ async fn a_stdio_sessions_answer_in_flight_and_its_get_stream_resume_on_another_
     let rest = read_events_until(&mut resumed, |text| !notes(text).is_empty()).await;
     let got: Vec<String> = notes(&missed).into_iter().chain(notes(&rest)).collect();
     assert_eq!(got, ["two", "three", "four"], "{missed}{rest}");
+}
+
+/// A tunnel that is down a while (its `connect` lives): a stdio session, which only that
+/// `connect` can serve, is reconnecting, not gone. A call meanwhile gets an error that says so
+/// (not the `404` that would end the agent's session), and once the tunnel is back the session
+/// goes on in the same process.
+#[tokio::test]
+async fn a_stdio_session_outlives_a_tunnel_that_is_down_a_while() {
+    let (stop, _guard) = common::stop_on_drop();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let relay = Harness::start(Options::default()).await;
+    let proxy = Cuttable::start(relay.tunnel, &stop).await;
+    let mut settings = relay.client_settings(&relay.acme, &[]);
+    settings.sources = vec![
+        mcp_tunnel::config::SourceConfig::parse_flag(&pid_server(dir.path()))
+            .expect("a valid source"),
+    ];
+    settings.relay = proxy.addr.to_string();
+    settings.transport = mcp_tunnel::config::TransportChoice::Https;
+    let _client = relay.connect_with(&relay.acme, settings).await;
+    tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
+        .await
+        .expect("the tunnel is up");
+    let mut agent = Agent::new(&relay.url("db"), &relay.acme.api_key);
+    agent.initialize().await;
+    let first = agent.echo(2, "one").await;
+    let (_, pid) = first.split_once('@').expect("message@pid");
+
+    proxy.hold_off(true);
+    proxy.cut();
+    tokio::time::timeout(WAIT, async {
+        while relay.state.registry.route("acme", "db").is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the tunnel goes down");
+    let meanwhile = agent.call_tool(3, "echo", json!({"message": "two"})).await;
+    assert_ne!(
+        meanwhile.status, 404,
+        "the session is not gone: {meanwhile:?}"
+    );
+    let error = meanwhile.response()["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a JSON-RPC error: {meanwhile:?}"))
+        .to_owned();
+    assert!(error.contains("reconnecting"), "{error}");
+
+    proxy.hold_off(false);
+    tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
+        .await
+        .expect("the tunnel is back");
+    assert_eq!(
+        agent.echo(4, "three").await,
+        format!("three@{pid}"),
+        "the same process"
+    );
 }

@@ -99,11 +99,15 @@ pub(super) async fn resume(
         portable && !own_connect,
     ) else {
         // Held only by a `connect` that is gone: so is the session. Unless this relay has
-        // just started, or an answer of it is picked up after its tunnel dropped: then that
-        // `connect` may not be back yet.
+        // just started, or that `connect`'s tunnels left a moment ago (a network blip), or an
+        // answer of it is picked up after its tunnel dropped: then it may not be back yet.
+        let reconnecting = claims
+            .connect
+            .as_deref()
+            .is_some_and(|connect| state.registry.reconnecting(&who.tenant, connect));
         return Err(if state.starting.is_starting() {
             Lost::Starting
-        } else if portable || own_connect {
+        } else if portable || own_connect || reconnecting {
             unreachable()
         } else {
             Lost::NotFound

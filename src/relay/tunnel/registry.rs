@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use super::departed::Departed;
 use crate::govern::identity::TunnelGrant;
 use crate::transport::{
     SILENT_AFTER, TransportError, TransportKind, TunnelConnection, TunnelStream,
@@ -155,6 +156,8 @@ pub struct Registry {
     tunnels: RwLock<HashMap<u64, Arc<Tunnel>>>,
     next_id: AtomicU64,
     changed: watch::Sender<u64>,
+    /// `connect` instances whose last tunnel left a moment ago (see [`Departed`]).
+    departed: Mutex<Departed>,
 }
 
 impl Default for Registry {
@@ -164,6 +167,7 @@ impl Default for Registry {
             tunnels: RwLock::default(),
             next_id: AtomicU64::new(1),
             changed: watch::channel(0).0,
+            departed: Mutex::default(),
         }
     }
 }
@@ -208,7 +212,18 @@ impl Registry {
                 warn_on_conflict(&tunnel, source, list);
             }
         }
-        self.tunnels.write().insert(tunnel.id, tunnel.clone());
+        let mut tunnels = self.tunnels.write();
+        if let Some(connect) = &tunnel.terms.connect {
+            let new = !tunnels
+                .values()
+                .any(|t| t.tenant == tenant && t.terms.connect.as_deref() == Some(&**connect));
+            let sources = &tunnel.sources;
+            self.departed
+                .lock()
+                .attached(&tenant, connect, sources, new);
+        }
+        tunnels.insert(tunnel.id, tunnel.clone());
+        drop(tunnels);
         metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).increment(1.0);
         self.changed.send_modify(|n| *n += 1);
         tunnel
@@ -238,10 +253,30 @@ impl Registry {
     /// Removes a tunnel (its connection ended).
     pub fn unregister(&self, tunnel: &Tunnel) {
         self.remove_routes(tunnel);
-        if self.tunnels.write().remove(&tunnel.id).is_some() {
+        let mut tunnels = self.tunnels.write();
+        if tunnels.remove(&tunnel.id).is_some() {
             metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
         }
+        if let Some(connect) = &tunnel.terms.connect
+            && !tunnels
+                .values()
+                .any(|t| t.tenant == tunnel.tenant && t.terms.connect.as_ref() == Some(connect))
+        {
+            let now = std::time::Instant::now();
+            let sources = &tunnel.sources;
+            self.departed
+                .lock()
+                .left(&tunnel.tenant, connect, sources, now);
+        }
+        drop(tunnels);
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Whether `connect` of `tenant` had a tunnel here a moment ago and may attach again
+    /// (see [`Departed`]): a session only it holds is reconnecting, not gone.
+    pub fn reconnecting(&self, tenant: &str, connect: &str) -> bool {
+        let now = std::time::Instant::now();
+        self.departed.lock().reconnecting(tenant, connect, now)
     }
 
     /// The tunnel a new session of `tenant` with `source` goes to: among the tunnels of the
