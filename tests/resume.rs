@@ -901,3 +901,54 @@ async fn a_stdio_session_outlives_a_tunnel_that_is_down_a_while() {
         "the same process"
     );
 }
+
+/// An answer the agent resumed on another relay survives that relay's tunnel dropping too: the
+/// replaying relay picks it up again from `connect` once its tunnel is back, after the
+/// messages it already had.
+#[tokio::test]
+async fn a_replayed_answer_survives_a_tunnel_drop_of_the_replaying_relay() {
+    let (stop, _guard) = common::stop_on_drop();
+    let fleet = Fleet::new();
+    let (a, b) = two_relays(&fleet).await;
+    let (upstream, gate, recorded) = common::start_gated_upstream(&stop).await;
+    let proxy = Cuttable::start(b.tunnel, &stop).await;
+    let mut settings = a.client_settings(&a.acme, &[("db", &upstream)]);
+    settings.relay = format!("{},{}", a.tunnel, proxy.addr);
+    settings.transport = mcp_tunnel::config::TransportChoice::Https;
+    settings.connections = 2;
+    let _client = b.connect_with(&b.acme, settings).await;
+    for relay in [&a, &b] {
+        tokio::time::timeout(WAIT, relay.state.registry.wait_for("acme", "db"))
+            .await
+            .expect("every relay of the fleet gets a tunnel");
+    }
+    let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
+    on_a.initialize_result().await;
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
+    let mut post = on_a.send(&call).await;
+    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
+    let id = last_event_id(&primed).expect("a priming event id");
+    gate.held().await;
+    drop(post);
+
+    let on_b = via(&b, &on_a);
+    let resumed = on_b.get(Some(&id), "resume the answer on B").await;
+    assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
+    proxy.cut();
+    gate.release();
+    let body = tokio::time::timeout(WAIT, resumed.bytes())
+        .await
+        .expect("the answer in time")
+        .expect("the body");
+    let answers: Vec<serde_json::Value> = common::sse_data(&body)
+        .iter()
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .collect();
+    assert_eq!(answers.len(), 1, "the answer, once: {answers:?}");
+    assert_eq!(common::tool_text(&answers[0]), "released");
+    assert_eq!(
+        seen(&recorded, "tools/call"),
+        1,
+        "the upstream saw the call once"
+    );
+}

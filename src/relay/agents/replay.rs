@@ -65,11 +65,12 @@ pub(super) async fn resume_answer(
         // Carried here, and still kept: the log serves the rest.
         return Ok(resumed(state, reader, ids));
     }
-    let (exchange, request) = ask_connect(state, session, &claims).await?;
+    let (mut exchange, request) = ask_connect(state, session, &claims).await?;
     let classified =
         classify(&request).map_err(|_| cannot("the tunnel client sent no request for it"))?;
     metrics::counter!(crate::metrics::ANSWERS_REPLAYED).increment(1);
     tracing::info!(tenant = %who.tenant, source = %session.source, session = %session.id, after = claims.message, "answer replayed");
+    exchange.reattach_with(reattach_answer(state, session, claims.clone()));
     let log = session.answer_log(Some(AnswerIds::new(state.fleet.clone(), claims)));
     let reader = log.attach(Start::Undelivered);
     let mut admitted = admit_read(state, who, &session.source, request, classified).await;
@@ -175,22 +176,32 @@ pub(super) fn reattach(
     session: &Session,
     exchange: u64,
 ) -> Option<Reattach> {
-    if !session.keeps_answers() {
-        return None;
-    }
-    let claims = session.claims(0);
     let answer = EventClaims {
         handle: session.id.clone(),
-        connect: claims.connect.clone(),
+        connect: session.channel.connect_instance().map(str::to_owned),
         stream: session.stream_base(),
         exchange,
         message: 0,
     };
+    reattach_answer(state, session, answer)
+}
+
+/// [`reattach`] for the answer `answer` names, read here from its message `answer.message`
+/// on (a replay: it was carried by another stream first).
+fn reattach_answer(
+    state: &Arc<RelayState>,
+    session: &Session,
+    answer: EventClaims,
+) -> Option<Reattach> {
+    if !session.keeps_answers() {
+        return None;
+    }
+    let claims = session.claims(0);
     let (state, who) = (state.clone(), session.identity());
-    Some(Arc::new(move |after| {
+    Some(Arc::new(move |taken| {
         let (state, who, claims) = (state.clone(), who.clone(), claims.clone());
         let answer = EventClaims {
-            message: after,
+            message: answer.message + taken,
             ..answer.clone()
         };
         Box::pin(async move {

@@ -527,6 +527,9 @@ async fn produce_all(
         remaining = remaining.saturating_sub(release(log, awaiting, arrived).await);
     }
     while remaining > 0 {
+        // After a reattach, the request lives on the new channel.
+        let reattached = exchange.reattached_to().cloned();
+        let channel = reattached.as_deref().unwrap_or(channel);
         let failure = tokio::select! {
             // At the end of the grace period the tunnel closes too: the shutdown is the reason.
             biased;

@@ -208,7 +208,7 @@ pub struct Exchange {
     taken: (u64, bool),
     reattach: Option<Reattach>,
     /// The channel of a reattached exchange, kept open while it is read.
-    _channel: Option<Arc<Channel>>,
+    channel: Option<Arc<Channel>>,
 }
 
 impl Exchange {
@@ -258,8 +258,14 @@ impl Exchange {
 
     /// Keeps `channel` open while the exchange is read (one opened for a reattach only).
     pub fn keeping(mut self, channel: Arc<Channel>) -> Self {
-        self._channel = Some(channel);
+        self.channel = Some(channel);
         self
+    }
+
+    /// The channel the exchange goes on after a reattach, if it was reattached: what the
+    /// relay says about the request (its cancellation) goes there now.
+    pub fn reattached_to(&self) -> Option<&Arc<Channel>> {
+        self.channel.as_ref()
     }
 }
 
@@ -400,7 +406,7 @@ impl Channel {
             shared: self.shared.clone(),
             taken: (0, false),
             reattach: None,
-            _channel: None,
+            channel: None,
         })
     }
 
