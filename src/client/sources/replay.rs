@@ -303,11 +303,21 @@ impl Replays {
                 })
                 .await;
         }
+        // Frames before `start` hold the messages the agent has.
+        let mut seen = 0;
+        let start = frames
+            .iter()
+            .position(|frame| {
+                let past = seen >= replay.after;
+                seen += u64::from(frame.kind == FrameKind::Message);
+                past
+            })
+            .unwrap_or(frames.len());
         let _ = out
             .send(Frame {
                 kind: FrameKind::Replay,
                 exchange,
-                payload: request,
+                payload: unanswered(request, &frames[..start]),
             })
             .await;
         if overflowed {
@@ -317,12 +327,7 @@ impl Replays {
             );
             return fail_ids(&out, exchange, ids, codes::SOURCE_UNAVAILABLE, &reason).await;
         }
-        let mut seen = 0;
-        for frame in frames {
-            if seen < replay.after {
-                seen += u64::from(frame.kind == FrameKind::Message);
-                continue;
-            }
+        for frame in frames.into_iter().skip(start) {
             if out.send(Frame { exchange, ..frame }).await.is_err() {
                 return;
             }
@@ -334,6 +339,56 @@ impl Replays {
     fn bytes(&self) -> usize {
         self.inner.lock().bytes
     }
+}
+
+/// The agent's `request` without the requests of a batch that the messages in `had` (frames
+/// the agent already has) answered: the relay that replays waits for, and records, only the
+/// calls whose answers the agent lacks. A single request, or a batch none of whose requests
+/// was answered, goes as it is.
+fn unanswered(request: Bytes, had: &[Frame]) -> Bytes {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        method: Option<&'a RawValue>,
+    }
+    if had.is_empty() || request.first() != Some(&b'[') {
+        return request;
+    }
+    let mut answered = std::collections::HashSet::new();
+    let mut message = Vec::new();
+    for frame in had {
+        message.extend_from_slice(&frame.payload);
+        if frame.kind == FrameKind::MessagePart {
+            continue;
+        }
+        if let Ok(Head {
+            id: Some(id),
+            method: None,
+        }) = serde_json::from_slice::<Head>(&message)
+        {
+            answered.insert(super::routing::key(id));
+        }
+        message.clear();
+    }
+    let Ok(batch) = serde_json::from_slice::<Vec<&RawValue>>(&request) else {
+        return request;
+    };
+    let open: Vec<&str> = batch
+        .iter()
+        .filter(|item| {
+            !matches!(
+                serde_json::from_str::<Head>(item.get()),
+                Ok(Head { id: Some(id), method: Some(_) }) if answered.contains(&super::routing::key(id))
+            )
+        })
+        .map(|item| item.get())
+        .collect();
+    if open.len() == batch.len() {
+        return request;
+    }
+    Bytes::from(format!("[{}]", open.join(",")))
 }
 
 #[cfg(test)]
@@ -525,5 +580,31 @@ mod tests {
         );
         drop(sessions);
         assert_eq!(source.load(Ordering::Acquire), 0, "given back");
+    }
+
+    #[test]
+    fn a_replayed_batch_asks_only_for_the_answers_the_agent_lacks() {
+        let batch = Bytes::from_static(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"2.0","method":"n"},{"jsonrpc":"2.0","id":"two","method":"b"}]"#,
+        );
+        let had = [
+            Frame::message(
+                5,
+                Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/progress"}"#),
+            ),
+            Frame::part(5, Bytes::from_static(br#"{"jsonrpc":"2.0","id":"#)),
+            Frame::message(5, Bytes::from_static(br#"1,"result":{}}"#)),
+        ];
+        assert_eq!(
+            unanswered(batch.clone(), &had),
+            Bytes::from_static(
+                br#"[{"jsonrpc":"2.0","method":"n"},{"jsonrpc":"2.0","id":"two","method":"b"}]"#
+            ),
+            "the answered request is left out, even when its answer came in pieces"
+        );
+        assert_eq!(unanswered(batch.clone(), &had[..1]), batch, "none answered");
+        assert_eq!(unanswered(batch.clone(), &[]), batch);
+        let single = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"method":"a"}"#);
+        assert_eq!(unanswered(single.clone(), &had), single, "a single request");
     }
 }
