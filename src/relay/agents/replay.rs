@@ -160,7 +160,8 @@ pub(super) async fn resume_listening(
 }
 
 /// How long a relay waits for a `connect` whose tunnel dropped with an answer in flight to
-/// attach again: it reconnects within a second or two (see `client::backoff`).
+/// attach again: it reconnects within a second or two (see `client::backoff`). A new instance
+/// of it (it restarted, and lost the answer) ends the wait at once.
 const REATTACH_WINDOW: Duration = Duration::from_secs(10);
 
 /// How often the relay looks for that `connect` meanwhile.

@@ -98,16 +98,17 @@ pub(super) async fn resume(
         claims.connect.as_deref(),
         portable && !own_connect,
     ) else {
-        // Held only by a `connect` that is gone: so is the session. Unless this relay has
-        // just started, or that `connect`'s tunnels left a moment ago (a network blip), or an
-        // answer of it is picked up after its tunnel dropped: then it may not be back yet.
+        // Held only by a `connect` that is gone: so is the session (or the answer only it
+        // kept). Unless this relay has just started, or that `connect`'s tunnels left a
+        // moment ago (a network blip) and no new instance replaced it: then it may be back
+        // soon. Any `connect` can take a portable session over once one is back.
         let reconnecting = claims
             .connect
             .as_deref()
             .is_some_and(|connect| state.registry.reconnecting(&who.tenant, connect));
         return Err(if state.starting.is_starting() {
             Lost::Starting
-        } else if portable || own_connect || reconnecting {
+        } else if (portable && !own_connect) || reconnecting {
             unreachable()
         } else {
             Lost::NotFound

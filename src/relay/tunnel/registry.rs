@@ -252,15 +252,14 @@ impl Registry {
 
     /// Removes a tunnel (its connection ended).
     pub fn unregister(&self, tunnel: &Tunnel) {
-        self.remove_routes(tunnel);
-        let mut tunnels = self.tunnels.write();
-        if tunnels.remove(&tunnel.id).is_some() {
-            metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
-        }
+        // The departure first: whoever finds no route to its `connect` from now on finds it
+        // reconnecting.
         if let Some(connect) = &tunnel.terms.connect
-            && !tunnels
-                .values()
-                .any(|t| t.tenant == tunnel.tenant && t.terms.connect.as_ref() == Some(connect))
+            && !self.tunnels.read().values().any(|t| {
+                t.id != tunnel.id
+                    && t.tenant == tunnel.tenant
+                    && t.terms.connect.as_ref() == Some(connect)
+            })
         {
             let now = std::time::Instant::now();
             let sources = &tunnel.sources;
@@ -268,7 +267,10 @@ impl Registry {
                 .lock()
                 .left(&tunnel.tenant, connect, sources, now);
         }
-        drop(tunnels);
+        self.remove_routes(tunnel);
+        if self.tunnels.write().remove(&tunnel.id).is_some() {
+            metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
+        }
         self.changed.send_modify(|n| *n += 1);
     }
 
