@@ -388,6 +388,30 @@ fn last_event_id(text: &str) -> Option<String> {
         .next_back()
 }
 
+/// Posts a `hold` call (`id` 7) as `agent`: in a fleet its answer is a stream primed at once.
+/// Returns the stream and the priming event's id.
+async fn post_hold(agent: &Agent) -> (reqwest::Response, String) {
+    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
+    let mut post = agent.send(&call).await;
+    assert_eq!(post.status(), 200);
+    assert!(common::is_event_stream(post.headers()));
+    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
+    let id = last_event_id(&primed).expect("a priming event id");
+    (post, id)
+}
+
+/// The JSON-RPC messages of an event stream's whole body (read within [`WAIT`]).
+async fn messages_of(response: reqwest::Response) -> Vec<serde_json::Value> {
+    let body = tokio::time::timeout(WAIT, response.bytes())
+        .await
+        .expect("the answer in time")
+        .expect("the body");
+    common::sse_data(&body)
+        .iter()
+        .filter_map(|data| serde_json::from_str(data).ok())
+        .collect()
+}
+
 #[tokio::test]
 async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_the_call_once() {
     let (stop, _guard) = common::stop_on_drop();
@@ -412,12 +436,7 @@ async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_t
 
     // In a fleet a 2025-11-25 session's answer is a stream primed at once: it has an event id
     // before the upstream has answered.
-    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
-    let mut post = on_a.send(&call).await;
-    assert_eq!(post.status(), 200);
-    assert!(common::is_event_stream(post.headers()));
-    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
-    let id = last_event_id(&primed).expect("a priming event id");
+    let (post, id) = post_hold(&on_a).await;
     gate.held().await;
 
     // The agent's connection breaks with the call in flight; it resumes on the other relay,
@@ -428,14 +447,7 @@ async fn an_answer_in_flight_is_resumed_on_another_relay_and_the_upstream_sees_t
     assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
     assert!(common::is_event_stream(resumed.headers()));
     gate.release();
-    let body = tokio::time::timeout(WAIT, resumed.bytes())
-        .await
-        .expect("the answer in time")
-        .expect("the body");
-    let answers: Vec<serde_json::Value> = common::sse_data(&body)
-        .iter()
-        .filter_map(|data| serde_json::from_str(data).ok())
-        .collect();
+    let answers = messages_of(resumed).await;
     assert_eq!(answers.len(), 1, "the answer, once: {answers:?}");
     assert_eq!(answers[0]["id"], 7);
     assert_eq!(common::tool_text(&answers[0]), "released");
@@ -801,26 +813,14 @@ async fn a_stdio_sessions_answer_in_flight_and_its_get_stream_resume_on_another_
     let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
     on_a.initialize_result().await;
 
-    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
-    let mut post = on_a.send(&call).await;
-    assert_eq!(post.status(), 200);
-    assert!(common::is_event_stream(post.headers()));
-    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
-    let id = last_event_id(&primed).expect("a priming event id");
+    let (post, id) = post_hold(&on_a).await;
     gate.held().await;
     drop(post);
     let on_b = via(&b, &on_a);
     let resumed = on_b.get(Some(&id), "resume the answer on B").await;
     assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
     gate.release();
-    let body = tokio::time::timeout(WAIT, resumed.bytes())
-        .await
-        .expect("the answer in time")
-        .expect("the body");
-    let answers: Vec<serde_json::Value> = common::sse_data(&body)
-        .iter()
-        .filter_map(|data| serde_json::from_str(data).ok())
-        .collect();
+    let answers = messages_of(resumed).await;
     assert_eq!(answers.len(), 1, "the answer, once: {answers:?}");
     assert_eq!(answers[0]["id"], 7);
     assert_eq!(common::tool_text(&answers[0]), "released");
@@ -924,10 +924,7 @@ async fn a_replayed_answer_survives_a_tunnel_drop_of_the_replaying_relay() {
     }
     let mut on_a = Agent::new(&a.url("db"), &a.acme.api_key);
     on_a.initialize_result().await;
-    let call = json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"hold","arguments":{}}});
-    let mut post = on_a.send(&call).await;
-    let primed = read_events_until(&mut post, |text| text.contains("id:")).await;
-    let id = last_event_id(&primed).expect("a priming event id");
+    let (post, id) = post_hold(&on_a).await;
     gate.held().await;
     drop(post);
 
@@ -936,14 +933,7 @@ async fn a_replayed_answer_survives_a_tunnel_drop_of_the_replaying_relay() {
     assert_eq!(resumed.status(), 200, "{:?}", resumed.text().await);
     proxy.cut();
     gate.release();
-    let body = tokio::time::timeout(WAIT, resumed.bytes())
-        .await
-        .expect("the answer in time")
-        .expect("the body");
-    let answers: Vec<serde_json::Value> = common::sse_data(&body)
-        .iter()
-        .filter_map(|data| serde_json::from_str(data).ok())
-        .collect();
+    let answers = messages_of(resumed).await;
     assert_eq!(answers.len(), 1, "the answer, once: {answers:?}");
     assert_eq!(common::tool_text(&answers[0]), "released");
     assert_eq!(

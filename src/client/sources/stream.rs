@@ -171,11 +171,21 @@ pub(crate) async fn fail_ids(
     code: i64,
     reason: &str,
 ) {
-    for id in ids {
-        let body = error_body(Some(&id), code, reason);
-        let _ = out.send(Frame::message(exchange, body)).await;
+    for frame in failure_frames(exchange, ids, code, reason) {
+        let _ = out.send(frame).await;
     }
-    let _ = out.send(Frame::end(exchange)).await;
+}
+
+/// The frames of [`fail_ids`]: an error answer for each of `ids`, then the end of `exchange`.
+pub(crate) fn failure_frames(
+    exchange: u64,
+    ids: Vec<Box<RawValue>>,
+    code: i64,
+    reason: &str,
+) -> impl Iterator<Item = Frame> + use<'_> {
+    ids.into_iter()
+        .map(move |id| Frame::message(exchange, error_body(Some(&id), code, reason)))
+        .chain(std::iter::once(Frame::end(exchange)))
 }
 
 /// Fails every request pending in `routing` (see [`fail_ids`]), exchange by exchange; returns

@@ -18,8 +18,8 @@ use serde_json::value::RawValue;
 
 use crate::client::sources::outlet::Outlet;
 use crate::client::sources::replay::{Key, SourceBytes};
+use crate::client::sources::stream::failure_frames;
 use crate::client::sources::{Out, message_frames};
-use crate::mcp::jsonrpc::error_body;
 use crate::wire::{Frame, UNSOLICITED};
 
 /// The outlet of one session's process, and where each of its answers goes.
@@ -127,10 +127,9 @@ impl Delivery {
         code: i64,
         reason: &str,
     ) {
-        for id in ids {
-            let body = error_body(Some(&id), code, reason);
-            self.send(exchange, Frame::message(exchange, body)).await;
+        for frame in failure_frames(exchange, ids, code, reason) {
+            self.send(exchange, frame).await;
         }
-        self.end(exchange).await;
+        self.keys.lock().remove(&exchange);
     }
 }
