@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventLog, Piece};
-use super::sessions::{CancelGuard, ListenGuard, Session};
+use super::sessions::{CancelGuard, Session};
+use super::store::ListenGuard;
 use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
