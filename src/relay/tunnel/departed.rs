@@ -6,8 +6,10 @@
 //! `connect` attaches again within its reconnect backoff. Until then its sessions are
 //! *reconnecting*, not gone: their agents get an error that says so and keep their session
 //! ids. So the registry remembers, for [`RECONNECT_WINDOW`], which instances left, and with
-//! which sources. A new instance serving one of those sources means the one that left was
-//! replaced (its `connect` restarted): its sessions are gone after all.
+//! which sources, and which new instances arrived. A new instance serving one of those sources
+//! means the one that left was replaced (its `connect` restarted): its sessions are gone after
+//! all, whether the new one arrived after the old one's end or (a `connect` killed without a
+//! word, noticed only at its connection's idle timeout) before it.
 //!
 //! Bounded per tenant ([`PER_TENANT`]): a tenant that churns `connect` instances forgets its
 //! own oldest departures first, never another tenant's. Plain data, the caller passes `now`.
@@ -24,21 +26,52 @@ pub(crate) const RECONNECT_WINDOW: Duration = Duration::from_secs(60);
 /// instance per process start.
 pub(crate) const PER_TENANT: usize = 64;
 
-/// One `connect` instance that left: when, and the sources it served.
-struct Departure {
+/// One `connect` instance that left or arrived: when, and the sources it serves.
+struct Sighting {
     connect: Arc<str>,
     sources: Vec<String>,
     at: Instant,
 }
 
-/// The departures, per tenant, oldest first.
+impl Sighting {
+    fn recent(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.at) < RECONNECT_WINDOW
+    }
+
+    fn serves_any(&self, sources: &[String]) -> bool {
+        self.sources.iter().any(|s| sources.contains(s))
+    }
+}
+
+/// One tenant's recent departures, and its recent new instances, oldest first.
+#[derive(Default)]
+struct Tenant {
+    departed: VecDeque<Sighting>,
+    arrived: VecDeque<Sighting>,
+}
+
+/// Adds `sighting` to `list`, forgetting what is old, the same instance's earlier one, and
+/// past [`PER_TENANT`] the oldest.
+fn note(list: &mut VecDeque<Sighting>, sighting: Sighting) {
+    let now = sighting.at;
+    list.retain(|s| s.connect != sighting.connect && s.recent(now));
+    if list.len() >= PER_TENANT {
+        list.pop_front();
+    }
+    list.push_back(sighting);
+}
+
+/// The departures and arrivals, per tenant.
 #[derive(Default)]
 pub(crate) struct Departed {
-    by_tenant: HashMap<Arc<str>, VecDeque<Departure>>,
+    by_tenant: HashMap<Arc<str>, Tenant>,
 }
 
 impl Departed {
-    /// `connect` of `tenant`, serving `sources`, left at `now`.
+    /// `connect` of `tenant`, serving `sources`, left at `now`: it is reconnecting, unless a
+    /// new instance serving one of its sources arrived within the window (a `connect` killed
+    /// and started again: the relay may notice the old connection's end only after the new
+    /// one is up).
     pub(crate) fn left(
         &mut self,
         tenant: &Arc<str>,
@@ -46,41 +79,57 @@ impl Departed {
         sources: &[String],
         now: Instant,
     ) {
-        let list = self.by_tenant.entry(tenant.clone()).or_default();
-        list.retain(|d| d.connect != *connect && now.duration_since(d.at) < RECONNECT_WINDOW);
-        if list.len() >= PER_TENANT {
-            list.pop_front();
+        let entry = self.by_tenant.entry(tenant.clone()).or_default();
+        let replaced = entry
+            .arrived
+            .iter()
+            .any(|a| a.connect != *connect && a.recent(now) && a.serves_any(sources));
+        if replaced {
+            return;
         }
-        list.push_back(Departure {
+        let sighting = Sighting {
             connect: connect.clone(),
             sources: sources.to_vec(),
             at: now,
-        });
+        };
+        note(&mut entry.departed, sighting);
     }
 
-    /// `connect` of `tenant` attached a tunnel serving `sources`: if it had left, it is back;
-    /// if it is `new` (no tunnel of it was attached), it replaces those that left serving
-    /// one of its sources.
-    pub(crate) fn attached(&mut self, tenant: &str, connect: &str, sources: &[String], new: bool) {
-        let Some(list) = self.by_tenant.get_mut(tenant) else {
-            return;
-        };
-        let returning = list.iter().any(|d| &*d.connect == connect);
-        list.retain(|d| {
-            &*d.connect != connect
-                && (returning || !new || !d.sources.iter().any(|s| sources.contains(s)))
-        });
-        if list.is_empty() {
-            self.by_tenant.remove(tenant);
+    /// `connect` of `tenant` attached a tunnel serving `sources` at `now`: if it had left, it
+    /// is back; if it is `new` (no tunnel of it was attached, and it had not left), it is a
+    /// new instance, which replaces those that left serving one of its sources.
+    pub(crate) fn attached(
+        &mut self,
+        tenant: &Arc<str>,
+        connect: &Arc<str>,
+        sources: &[String],
+        new: bool,
+        now: Instant,
+    ) {
+        let entry = self.by_tenant.entry(tenant.clone()).or_default();
+        let returning = entry.departed.iter().any(|d| d.connect == *connect);
+        let arrives = new && !returning;
+        entry
+            .departed
+            .retain(|d| d.connect != *connect && !(arrives && d.serves_any(sources)));
+        if arrives {
+            let sighting = Sighting {
+                connect: connect.clone(),
+                sources: sources.to_vec(),
+                at: now,
+            };
+            note(&mut entry.arrived, sighting);
         }
     }
 
     /// Whether `connect` of `tenant` left less than [`RECONNECT_WINDOW`] before `now`, and
     /// was not replaced since.
     pub(crate) fn reconnecting(&self, tenant: &str, connect: &str, now: Instant) -> bool {
-        self.by_tenant.get(tenant).is_some_and(|list| {
-            list.iter()
-                .any(|d| &*d.connect == connect && now.duration_since(d.at) < RECONNECT_WINDOW)
+        self.by_tenant.get(tenant).is_some_and(|entry| {
+            entry
+                .departed
+                .iter()
+                .any(|d| &*d.connect == connect && d.recent(now))
         })
     }
 }
@@ -103,7 +152,7 @@ mod tests {
         assert!(departed.reconnecting("acme", "c1", start + Duration::from_secs(59)));
         assert!(!departed.reconnecting("other", "c1", start), "per tenant");
         assert!(!departed.reconnecting("acme", "c1", start + RECONNECT_WINDOW));
-        departed.attached("acme", "c1", &db(), true);
+        departed.attached(&acme, &c1, &db(), true, start);
         assert!(!departed.reconnecting("acme", "c1", start));
     }
 
@@ -113,14 +162,32 @@ mod tests {
         let now = Instant::now();
         let mut departed = Departed::default();
         departed.left(&acme, &c1, &db(), now);
-        departed.attached("acme", "c2", &["files".to_owned()], true);
-        departed.attached("acme", "c3", &db(), false);
+        departed.attached(&acme, &"c2".into(), &["files".to_owned()], true, now);
+        departed.attached(&acme, &"c3".into(), &db(), false, now);
         assert!(
             departed.reconnecting("acme", "c1", now),
             "another source's, or an instance attached before"
         );
-        departed.attached("acme", "c2", &db(), true);
+        departed.attached(&acme, &"c2".into(), &db(), true, now);
         assert!(!departed.reconnecting("acme", "c1", now), "replaced");
+    }
+
+    #[test]
+    fn an_old_instance_noticed_gone_after_its_replacement_arrived_is_not_reconnecting() {
+        let (acme, old, new): (Arc<str>, Arc<str>, Arc<str>) =
+            ("acme".into(), "old".into(), "new".into());
+        let now = Instant::now();
+        let mut departed = Departed::default();
+        departed.attached(&acme, &new, &db(), true, now);
+        departed.left(&acme, &old, &db(), now + Duration::from_secs(10));
+        assert!(!departed.reconnecting("acme", "old", now + Duration::from_secs(10)));
+        // A long-attached instance that drops is reconnecting, replacement or not of others.
+        departed.left(&acme, &new, &db(), now + RECONNECT_WINDOW);
+        assert!(departed.reconnecting("acme", "new", now + RECONNECT_WINDOW));
+        // It comes back: not a new arrival, and nothing else is replaced by it.
+        departed.left(&acme, &old, &db(), now + RECONNECT_WINDOW);
+        departed.attached(&acme, &new, &db(), true, now + RECONNECT_WINDOW);
+        assert!(departed.reconnecting("acme", "old", now + RECONNECT_WINDOW));
     }
 
     #[test]
@@ -138,6 +205,6 @@ mod tests {
             "the oldest forgotten"
         );
         assert!(departed.reconnecting("acme", &format!("c{}", PER_TENANT + 9), now));
-        assert_eq!(departed.by_tenant["acme"].len(), PER_TENANT);
+        assert_eq!(departed.by_tenant["acme"].departed.len(), PER_TENANT);
     }
 }

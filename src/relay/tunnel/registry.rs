@@ -217,10 +217,10 @@ impl Registry {
             let new = !tunnels
                 .values()
                 .any(|t| t.tenant == tenant && t.terms.connect.as_deref() == Some(&**connect));
-            let sources = &tunnel.sources;
+            let (sources, now) = (&tunnel.sources, std::time::Instant::now());
             self.departed
                 .lock()
-                .attached(&tenant, connect, sources, new);
+                .attached(&tenant, connect, sources, new, now);
         }
         tunnels.insert(tunnel.id, tunnel.clone());
         drop(tunnels);
@@ -252,14 +252,19 @@ impl Registry {
 
     /// Removes a tunnel (its connection ended).
     pub fn unregister(&self, tunnel: &Tunnel) {
-        // The departure first: whoever finds no route to its `connect` from now on finds it
-        // reconnecting.
+        // The departure first, under the same lock as the removal (two tunnels of one
+        // `connect` ending together must not each count on the other): whoever finds no route
+        // to its `connect` from now on finds it reconnecting. Not when it said it drains (it
+        // stops, or moves to another of its tunnels).
+        let mut tunnels = self.tunnels.write();
+        if tunnels.remove(&tunnel.id).is_some() {
+            metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
+        }
         if let Some(connect) = &tunnel.terms.connect
-            && !self.tunnels.read().values().any(|t| {
-                t.id != tunnel.id
-                    && t.tenant == tunnel.tenant
-                    && t.terms.connect.as_ref() == Some(connect)
-            })
+            && !tunnel.draining.load(Ordering::Relaxed)
+            && !tunnels
+                .values()
+                .any(|t| t.tenant == tunnel.tenant && t.terms.connect.as_ref() == Some(connect))
         {
             let now = std::time::Instant::now();
             let sources = &tunnel.sources;
@@ -267,10 +272,8 @@ impl Registry {
                 .lock()
                 .left(&tunnel.tenant, connect, sources, now);
         }
+        drop(tunnels);
         self.remove_routes(tunnel);
-        if self.tunnels.write().remove(&tunnel.id).is_some() {
-            metrics::gauge!(crate::metrics::TUNNELS, "transport" => tunnel.connection.kind().to_string()).decrement(1.0);
-        }
         self.changed.send_modify(|n| *n += 1);
     }
 
