@@ -79,6 +79,8 @@ enum Broken {
     Ended,
     /// The tunnel stream ended; the text says why.
     Closed(String),
+    /// The agent resumed the answer on another relay (`connect` said so): it goes there now.
+    Moved,
 }
 
 impl Awaiting {
@@ -193,6 +195,14 @@ impl Awaiting {
                     .await
             }
             Broken::Closed(reason) => self.source_failed(&reason).await,
+            Broken::Moved => {
+                let body = source_error_body(
+                    self.id.as_deref(),
+                    &self.source,
+                    "the answer moved to another relay",
+                );
+                self.fail(Outcome::Moved, body).await
+            }
         }
     }
 
@@ -349,7 +359,8 @@ fn next_piece(event: Result<Event, Broken>) -> Result<Option<(Bytes, bool)>, Bro
     match event? {
         Event::Part(bytes) => Ok(Some((bytes, false))),
         Event::Message(bytes) => Ok(Some((bytes, true))),
-        Event::Rejected(_) | Event::Streaming | Event::Replaying(_) => Ok(None),
+        Event::Rejected(_) | Event::Streaming => Ok(None),
+        Event::Replaying(_) => Err(Broken::Moved),
         Event::TooLarge(limit) => Err(Broken::TooLarge(limit)),
         Event::End => Err(Broken::Ended),
     }
@@ -391,7 +402,8 @@ async fn assemble(
             }
             Event::TooLarge(limit) => return Err(Broken::TooLarge(limit)),
             Event::End => return Err(Broken::Ended),
-            Event::Rejected(_) | Event::Streaming | Event::Replaying(_) => {}
+            Event::Replaying(_) => return Err(Broken::Moved),
+            Event::Rejected(_) | Event::Streaming => {}
         }
     }
 }
@@ -528,61 +540,65 @@ async fn produce_all(
         remaining = remaining.saturating_sub(release(log, awaiting, arrived).await);
     }
     while remaining > 0 {
-        // After a reattach, the request lives on the new channel.
-        let reattached = exchange.reattached_to().cloned();
-        let channel = reattached.as_deref().unwrap_or(channel);
-        let failure = tokio::select! {
+        let event = tokio::select! {
             // At the end of the grace period the tunnel closes too: the shutdown is the reason.
             biased;
-            _ = shutdown.cancelled() => awaiting.source_failed("the relay is shutting down").await,
+            _ = shutdown.cancelled() => Err(Broken::Shutdown),
             // The agent cancelled: no more of this answer, nor an error in its place.
             _ = awaiting.cancelled.cancelled() => return,
             event = next_event(exchange, awaiting.timeout) => match event {
-                Some(Ok(Event::Message(message))) => {
-                    let responses = release(log, awaiting, Arrived::new(message)).await;
-                    remaining = remaining.saturating_sub(responses);
-                    continue;
-                }
-                // The answer in pieces is passed on as it arrives when nothing needs it whole.
-                // Only into a log of its own (`finish`): on the shared stream of an HTTP+SSE
-                // session, pieces of concurrent answers would interleave.
-                Some(Ok(Event::Part(first))) if finish && remaining == 1 && awaiting.pipelines(&first) => {
-                    match stream_pieces(log, exchange, awaiting, first, shutdown).await {
-                        Ok(responses) => {
-                            remaining = remaining.saturating_sub(responses);
-                            continue;
-                        }
-                        Err(broken) => awaiting.broken(channel, broken).await,
-                    }
-                }
-                // Else a message in pieces within an event stream is released whole.
-                Some(Ok(Event::Part(first))) => {
-                    match assemble(exchange, first, awaiting.timeout, shutdown).await {
-                        Ok(message) => {
-                            let responses = release(log, awaiting, Arrived::new(message)).await;
-                            remaining = remaining.saturating_sub(responses);
-                            continue;
-                        }
-                        Err(broken) => awaiting.broken(channel, broken).await,
-                    }
-                }
-                Some(Ok(Event::TooLarge(limit))) => awaiting.broken(channel, Broken::TooLarge(limit)).await,
-                Some(Ok(Event::Rejected(_) | Event::Streaming)) => continue,
-                // The agent resumed the answer on another relay: it goes there, and that
-                // relay records how the calls still open end; here they moved.
-                Some(Ok(Event::Replaying(_))) => {
-                    log.moved_away();
-                    awaiting.fail(Outcome::Moved, Bytes::new()).await;
-                    return;
-                }
-                Some(Ok(Event::End)) => awaiting.source_failed("the upstream ended its response without answering").await,
-                Some(Err(e)) => awaiting.source_failed(&e.to_string()).await,
-                None => {
-                    let body = timeout_body(channel, awaiting).await;
-                    awaiting.fail(Outcome::Timeout, body).await
-                }
+                Some(Ok(event)) => Ok(event),
+                Some(Err(e)) => Err(Broken::Closed(e.to_string())),
+                None => Err(Broken::Timeout),
             },
         };
+        // Read after the event: a reattach (inside it) moves the request to a new channel,
+        // where its cancellation goes now.
+        let reattached = exchange.reattached_to().cloned();
+        let channel = reattached.as_deref().unwrap_or(channel);
+        let broken = match event {
+            Ok(Event::Message(message)) => {
+                let responses = release(log, awaiting, Arrived::new(message)).await;
+                remaining = remaining.saturating_sub(responses);
+                continue;
+            }
+            // The answer in pieces is passed on as it arrives when nothing needs it whole.
+            // Only into a log of its own (`finish`): on the shared stream of an HTTP+SSE
+            // session, pieces of concurrent answers would interleave.
+            Ok(Event::Part(first)) if finish && remaining == 1 && awaiting.pipelines(&first) => {
+                match stream_pieces(log, exchange, awaiting, first, shutdown).await {
+                    Ok(responses) => {
+                        remaining = remaining.saturating_sub(responses);
+                        continue;
+                    }
+                    Err(broken) => broken,
+                }
+            }
+            // Else a message in pieces within an event stream is released whole.
+            Ok(Event::Part(first)) => {
+                match assemble(exchange, first, awaiting.timeout, shutdown).await {
+                    Ok(message) => {
+                        let responses = release(log, awaiting, Arrived::new(message)).await;
+                        remaining = remaining.saturating_sub(responses);
+                        continue;
+                    }
+                    Err(broken) => broken,
+                }
+            }
+            Ok(Event::TooLarge(limit)) => Broken::TooLarge(limit),
+            Ok(Event::Rejected(_) | Event::Streaming) => continue,
+            Ok(Event::Replaying(_)) => Broken::Moved,
+            Ok(Event::End) => Broken::Ended,
+            Err(broken) => broken,
+        };
+        if matches!(broken, Broken::Moved) {
+            // The agent resumed the answer on another relay: it goes there, and that relay
+            // records how the calls still open end; here they moved.
+            log.moved_away();
+            awaiting.fail(Outcome::Moved, Bytes::new()).await;
+            return;
+        }
+        let failure = awaiting.broken(channel, broken).await;
         log.push(failure).await;
         break;
     }
