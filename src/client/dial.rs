@@ -215,6 +215,9 @@ impl Dialer {
             .map_err(|e| ClientError::Handshake(e.to_string()))?;
         let reply: HelloReply = read_control(&mut reader).await?;
         match reply {
+            HelloReply::Welcome { max_frame: 0, .. } => Err(ClientError::Handshake(
+                "the relay announced a frame limit of 0 bytes".into(),
+            )),
             HelloReply::Welcome { tenant, max_frame } => {
                 // Never send the relay more than it accepts, nor accept more than we allow.
                 let limit = usize::try_from(max_frame)

@@ -32,6 +32,8 @@ pub use frame::{
     DEFAULT_MAX_FRAME, Frame, FrameDecoder, FrameError, FrameKind, FrameReader, FrameWriter,
     HEADER_LEN, PieceCount, UNSOLICITED,
 };
-pub use open::{Assertion, Era, ListenAfter, OpenHeader, Replay, Resumable, SessionHandle};
+pub use open::{
+    Assertion, Era, ListenAfter, NOTHING_OPEN, OpenHeader, Replay, Resumable, SessionHandle,
+};
 pub use sink::{FrameSink, SinkError, WeakFrameSink};
 pub use version::{ALPN, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, VersionError, agree};

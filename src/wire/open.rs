@@ -90,6 +90,11 @@ pub struct Replay {
     pub after: u64,
 }
 
+/// The payload of `connect`'s `Replay` ack when those messages already answer every request
+/// of the agent's message: the relay that replays has nothing to wait for or record. (Else the
+/// ack carries the agent's message, without the requests already answered.)
+pub const NOTHING_OPEN: &[u8] = b"[]";
+
 /// The agent resumes its GET stream here ([`super::FrameKind::Listen`] with this payload,
 /// from a relay of wire version 4): it has the session's server-initiated messages up to
 /// number `after` ([`super::FrameKind::Event`]), and `connect` sends again those it keeps after

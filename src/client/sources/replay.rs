@@ -30,7 +30,7 @@ use super::Out;
 use super::stream::fail_ids;
 use crate::mcp::jsonrpc::codes;
 use crate::transport::SendHalf;
-use crate::wire::{Frame, FrameKind, Replay, WeakFrameSink};
+use crate::wire::{Frame, FrameKind, NOTHING_OPEN, Replay, WeakFrameSink};
 
 /// Bytes of answers (and their requests) kept per session: a few ordinary answers in flight
 /// at once. An answer larger than this cannot be replayed (a replay of it says so).
@@ -341,10 +341,10 @@ impl Replays {
     }
 }
 
-/// The agent's `request` without the requests of a batch that the messages in `had` (frames
-/// the agent already has) answered: the relay that replays waits for, and records, only the
-/// calls whose answers the agent lacks. A single request, or a batch none of whose requests
-/// was answered, goes as it is.
+/// The agent's `request` without the requests that the messages in `had` (frames the agent
+/// already has) answered: the relay that replays waits for, and records, only the calls whose
+/// answers the agent lacks. [`NOTHING_OPEN`] when it has them all; the request as it is when
+/// none was answered.
 fn unanswered(request: Bytes, had: &[Frame]) -> Bytes {
     #[derive(serde::Deserialize)]
     struct Head<'a> {
@@ -353,7 +353,36 @@ fn unanswered(request: Bytes, had: &[Frame]) -> Bytes {
         #[serde(borrow, default)]
         method: Option<&'a RawValue>,
     }
-    if had.is_empty() || request.first() != Some(&b'[') {
+    /// The id of a response.
+    fn answers(raw: &RawValue) -> Option<String> {
+        match serde_json::from_str::<Head>(raw.get()) {
+            Ok(Head {
+                id: Some(id),
+                method: None,
+            }) => Some(super::routing::key(id)),
+            _ => None,
+        }
+    }
+    /// The id of a request.
+    fn asks(raw: &RawValue) -> Option<String> {
+        match serde_json::from_str::<Head>(raw.get()) {
+            Ok(Head {
+                id: Some(id),
+                method: Some(_),
+            }) => Some(super::routing::key(id)),
+            _ => None,
+        }
+    }
+    /// A message's items: a batch's elements, or the message itself.
+    fn items(message: &[u8]) -> Vec<&RawValue> {
+        match message.first() {
+            Some(b'[') => serde_json::from_slice(message).unwrap_or_default(),
+            _ => serde_json::from_slice::<&RawValue>(message)
+                .into_iter()
+                .collect(),
+        }
+    }
+    if had.is_empty() {
         return request;
     }
     let mut answered = std::collections::HashSet::new();
@@ -363,32 +392,26 @@ fn unanswered(request: Bytes, had: &[Frame]) -> Bytes {
         if frame.kind == FrameKind::MessagePart {
             continue;
         }
-        if let Ok(Head {
-            id: Some(id),
-            method: None,
-        }) = serde_json::from_slice::<Head>(&message)
-        {
-            answered.insert(super::routing::key(id));
-        }
+        answered.extend(items(&message).into_iter().filter_map(answers));
         message.clear();
     }
-    let Ok(batch) = serde_json::from_slice::<Vec<&RawValue>>(&request) else {
-        return request;
-    };
-    let open: Vec<&str> = batch
-        .iter()
-        .filter(|item| {
-            !matches!(
-                serde_json::from_str::<Head>(item.get()),
-                Ok(Head { id: Some(id), method: Some(_) }) if answered.contains(&super::routing::key(id))
-            )
-        })
-        .map(|item| item.get())
-        .collect();
-    if open.len() == batch.len() {
+    if answered.is_empty() {
         return request;
     }
-    Bytes::from(format!("[{}]", open.join(",")))
+    let asked = items(&request);
+    let open: Vec<&RawValue> = asked
+        .iter()
+        .copied()
+        .filter(|item| asks(item).is_none_or(|id| !answered.contains(&id)))
+        .collect();
+    if open.len() == asked.len() {
+        request
+    } else if !open.iter().any(|item| asks(item).is_some()) {
+        Bytes::from_static(NOTHING_OPEN)
+    } else {
+        let open: Vec<&str> = open.iter().map(|item| item.get()).collect();
+        Bytes::from(format!("[{}]", open.join(",")))
+    }
 }
 
 #[cfg(test)]
@@ -605,6 +628,22 @@ mod tests {
         assert_eq!(unanswered(batch.clone(), &had[..1]), batch, "none answered");
         assert_eq!(unanswered(batch.clone(), &[]), batch);
         let single = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"method":"a"}"#);
-        assert_eq!(unanswered(single.clone(), &had), single, "a single request");
+        assert_eq!(
+            unanswered(single.clone(), &had),
+            NOTHING_OPEN,
+            "a single request the agent has the answer of"
+        );
+        assert_eq!(unanswered(single.clone(), &had[..1]), single);
+        let both = [Frame::message(
+            5,
+            Bytes::from_static(
+                br#"[{"jsonrpc":"2.0","id":"two","result":{}},{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}]"#,
+            ),
+        )];
+        assert_eq!(
+            unanswered(batch, &both),
+            NOTHING_OPEN,
+            "answered by one array: only a notification is left"
+        );
     }
 }

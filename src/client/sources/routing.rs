@@ -246,6 +246,27 @@ impl Routing {
             .collect()
     }
 
+    /// Forgets the pending request whose id key is `id` (the agent cancelled it: the server
+    /// sends no answer); returns its exchange and whether that exchange has nothing pending
+    /// any more.
+    pub(super) fn cancel(&mut self, id: &str) -> Option<(u64, bool)> {
+        let pending = self.requests.remove(id)?;
+        if let Some(token) = &pending.token {
+            self.tokens.remove(token);
+        }
+        let ended = match self.exchanges.get_mut(&pending.exchange) {
+            Some(entry) => {
+                entry.0 = entry.0.saturating_sub(1);
+                entry.0 == 0
+            }
+            None => true,
+        };
+        if ended {
+            self.exchanges.remove(&pending.exchange);
+        }
+        Some((pending.exchange, ended))
+    }
+
     /// Takes every pending request, grouped by exchange (the process is gone).
     pub(super) fn take_all(&mut self) -> Vec<(u64, Vec<Box<RawValue>>)> {
         let mut by_exchange: BTreeMap<u64, Vec<Box<RawValue>>> = BTreeMap::new();
@@ -271,6 +292,30 @@ mod tests {
             .messages()
             .iter()
             .filter(|m| m.kind == MessageKind::Request)
+    }
+
+    #[test]
+    fn a_cancelled_request_leaves_its_exchange_ended_once_nothing_else_is_pending() {
+        let mut routing = Routing::default();
+        let batch =
+            br#"[{"jsonrpc":"2.0","id":1,"method":"a"},{"jsonrpc":"2.0","id":2,"method":"b"}]"#;
+        let classified = classify(batch).expect("batch");
+        let asked: Vec<&MessageInfo> = requests(&classified).collect();
+        routing.record(5, &asked, &[]).expect("fresh ids");
+        let cancel =
+            br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#;
+        let id = cancelled_request(cancel).expect("a request id");
+        assert_eq!(
+            routing.cancel(&id),
+            Some((5, false)),
+            "the other is pending"
+        );
+        assert_eq!(routing.cancel(&id), None, "once");
+        assert_eq!(
+            routing.cancel(&key(&RawValue::from_string("2".into()).expect("json"))),
+            Some((5, true))
+        );
+        assert_eq!(routing.pending(), 0);
     }
 
     #[test]

@@ -66,6 +66,13 @@ pub(super) async fn resume_answer(
         return Ok(resumed(state, reader, ids));
     }
     let (mut exchange, request) = ask_connect(state, session, &claims).await?;
+    if request.as_ref() == crate::wire::NOTHING_OPEN {
+        // The agent has every response: its stream ends with nothing more.
+        let log = session.answer_log(Some(AnswerIds::new(state.fleet.clone(), claims)));
+        let reader = log.attach(Start::Undelivered);
+        log.finish();
+        return Ok(resumed(state, reader, ids));
+    }
     let classified =
         classify(&request).map_err(|_| cannot("the tunnel client sent no request for it"))?;
     metrics::counter!(crate::metrics::ANSWERS_REPLAYED).increment(1);

@@ -25,11 +25,11 @@ use super::process::{Exit, Process};
 use super::slots::{Activity, Lease, pending};
 use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::Out;
-use crate::client::sources::routing::{Routing, progress_tokens};
+use crate::client::sources::routing::{Routing, cancelled_request, progress_tokens};
 use crate::client::sources::stream::{Inbound, fail_requests, requests};
 use crate::client::sources::streams::{StreamNo, global};
-use crate::mcp::classify;
 use crate::mcp::jsonrpc::MessageInfo;
+use crate::mcp::{Classified, classify};
 use crate::wire::{Frame, FrameKind, OpenHeader, Resumable};
 
 impl StdioSource {
@@ -404,6 +404,16 @@ impl Session {
                     .await;
             }
         }
+        // A cancelled request gets no answer from the server: its answer ends once the
+        // cancellation is forwarded.
+        let cancels = match &classified {
+            Classified::Single(info)
+                if info.method.as_deref() == Some("notifications/cancelled") =>
+            {
+                cancelled_request(&payload)
+            }
+            _ => None,
+        };
         let line = one_line(payload);
         // A clone of the sender only for this send: the child's stdin closes with the process.
         let stdin = self
@@ -421,6 +431,12 @@ impl Session {
         if requests.is_empty() {
             // Notifications and responses have no answer to wait for.
             let _ = out.send(Frame::end(exchange)).await;
+        }
+        if let Some(id) = cancels {
+            let cancelled = self.routing.lock().cancel(&id);
+            if let Some((exchange, true)) = cancelled {
+                self.delivery.end(exchange).await;
+            }
         }
         // A failed delivery means the child is gone: its exit answers the pending requests.
         delivered || !self.exit.dead.is_cancelled()
