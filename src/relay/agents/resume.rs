@@ -137,8 +137,9 @@ pub(super) async fn resume(
         .await
     {
         tracing::info!(tenant = %who.tenant, source, session = %claims.handle, reason = %e, "session not resumed");
-        // `connect` refused (it holds no such session): gone. Otherwise it did not answer.
-        return Err(if channel.closed_reason().is_some() {
+        // `connect` refused (it holds no such session): gone. Otherwise it did not answer, or
+        // its tunnel broke meanwhile.
+        return Err(if channel.closed_by_peer() {
             Lost::NotFound
         } else {
             unreachable()

@@ -147,6 +147,9 @@ struct Shared {
     resumable: Mutex<Option<Resumable>>,
     /// Woken when `resumable` is set or the stream closes.
     resumable_changed: tokio::sync::Notify,
+    /// `connect` ended the stream with `Close` (it refused it, or ended the session), rather
+    /// than the stream or its tunnel breaking.
+    closed_by_peer: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -307,6 +310,7 @@ impl Channel {
             unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
             resumable: Mutex::default(),
             resumable_changed: tokio::sync::Notify::new(),
+            closed_by_peer: Default::default(),
         });
         let (stop, stopped) = oneshot::channel();
 
@@ -483,6 +487,12 @@ impl Channel {
         self.shared.closed_reason()
     }
 
+    /// Whether `connect` ended the stream with `Close` (it refused it, or the session ended
+    /// there), not the stream or its tunnel breaking.
+    pub fn closed_by_peer(&self) -> bool {
+        self.shared.closed_by_peer.load(Ordering::Acquire)
+    }
+
     /// Whether the tunnel carrying the stream has gone silent (its `connect` may be dead: see
     /// [`super::registry::Tunnel::silent`]).
     pub fn tunnel_silent(&self) -> bool {
@@ -617,6 +627,9 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             }
             shared.queue_unsolicited(frame.exchange, frame.payload);
             continue;
+        }
+        if frame.kind == FrameKind::Close {
+            shared.closed_by_peer.store(true, Ordering::Release);
         }
         let exchange = frame.exchange;
         match assembly.event(frame) {

@@ -37,6 +37,7 @@ async fn run_within(
         unsolicited_tx: Mutex::new(Some(unsolicited_tx)),
         resumable: Mutex::default(),
         resumable_changed: tokio::sync::Notify::new(),
+        closed_by_peer: Default::default(),
     };
     let mut reader = FrameReader::new(far, limit);
     let reason = tokio::time::timeout(
