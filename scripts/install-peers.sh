@@ -8,9 +8,11 @@
 #   - chromium (Debian package, /usr/bin/chromium), the headless browser tests/activity.rs runs
 #   - haproxy (Debian package, /usr/sbin/haproxy), the load balancer tests/fleet.rs puts in
 #     front of three relays
+#   - postgresql (Debian package, /usr/lib/postgresql/N/bin), whose initdb and pg_ctl the audit
+#     tests run a cluster of their own with (tests/common/postgres.rs)
 # Idempotent: an install that already matches the pins is left alone. Fails loudly on any error.
 # Needs Node.js >= 20 with npm, and Python >= 3.10 (the suite's Node 22 comes from npm; Linux x64);
-# installing tinyproxy, chromium and haproxy needs root and apt-get (or install it yourself first).
+# installing tinyproxy, chromium, haproxy and postgresql needs root and apt-get (or install it yourself first).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,6 +65,13 @@ have_haproxy() {
     command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]]
 }
 debian_package haproxy have_haproxy
+
+# postgresql: Debian's server programs (not a running service: the tests make and start their
+# own cluster, as the postgres user the package creates, and stop it).
+have_initdb() {
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+debian_package postgresql have_initdb
 
 # Node peers: `npm ci` installs exactly the lockfile; skip it when the tree already matches.
 if [[ -d "$peers/node_modules" ]] && (cd "$peers" && npm ls --all >/dev/null 2>&1); then

@@ -30,6 +30,7 @@ pub mod audit;
 mod config_relay;
 pub mod fleet;
 pub mod peers;
+pub mod postgres;
 pub mod recording;
 pub mod sse;
 pub use config_relay::*;

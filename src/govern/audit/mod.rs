@@ -20,6 +20,7 @@ pub mod capture;
 pub mod chain;
 pub mod checkpoint;
 pub mod key;
+pub mod postgres;
 pub mod query;
 pub mod record;
 mod settings;
