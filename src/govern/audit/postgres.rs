@@ -1,4 +1,5 @@
-//! One trail for a fleet, in PostgreSQL (issue 16; work in progress on this branch).
+//! One trail for a fleet, in PostgreSQL. So far the shipping and the schema: the relay does not
+//! run a shipper yet (`[audit] url` is to come), and `audit tail|export|verify` read SQLite.
 //!
 //! A relay's local SQLite trail stays what makes a row durable before its answer is released:
 //! it is the spool. [`ship`] copies its rows, in local insertion order (so in order within
