@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::postgres::Postgres;
-use mcp_tunnel::govern::audit::postgres::{SpoolRow, mark_shipped, migrate, ship, unshipped};
+use mcp_tunnel::govern::audit::postgres::{
+    Shipped, SpoolRow, mark_shipped, migrate, ship, ship_spool, unshipped,
+};
 use mcp_tunnel::govern::audit::{AuditSettings, Auditor, Direction, Outcome, Record, Verdict};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -91,6 +93,67 @@ async fn rows_in(client: &tokio_postgres::Client) -> Vec<(String, String, i64, S
         .into_iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect()
+}
+
+/// Ships a whole spool, round after round, until a round ships nothing; returns the total.
+async fn ship_all(client: &mut tokio_postgres::Client, path: &Path) -> Shipped {
+    let conn = rusqlite::Connection::open(path).expect("open the spool");
+    let mut total = Shipped::default();
+    for _ in 0..100 {
+        let round = ship_spool(client, "test", &conn, path).await.expect("ship");
+        if round == Shipped::default() {
+            return total;
+        }
+        total.rows += round.rows;
+        total.checkpoints += round.checkpoints;
+    }
+    panic!("the spool did not drain in 100 rounds");
+}
+
+/// `SELECT count(*)` of `table` in the database.
+async fn count(client: &tokio_postgres::Client, table: &str) -> u64 {
+    let row = client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count");
+    row.get::<_, i64>(0) as u64
+}
+
+/// `SELECT count(*)` of `table` in the spool at `path`.
+fn spool_count(path: &Path, table: &str) -> u64 {
+    let conn = rusqlite::Connection::open(path).expect("open the spool");
+    conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .expect("count") as u64
+}
+
+#[tokio::test]
+async fn a_spool_ships_its_rows_checkpoints_and_keys_once_even_when_shipped_again() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = spool(dir.path(), "relay-a", 40).await;
+    let mut client = connect(&pg).await;
+    migrate(&client, "test").await.expect("schema");
+    let checkpoints = spool_count(&a, "checkpoints");
+    assert!(checkpoints >= 2, "a start and a close checkpoint at least");
+    assert_eq!(
+        ship_all(&mut client, &a).await,
+        Shipped {
+            rows: 80,
+            checkpoints
+        }
+    );
+    assert_eq!(count(&client, "records").await, 80);
+    assert_eq!(count(&client, "checkpoints").await, checkpoints);
+    assert_eq!(count(&client, "keys").await, spool_count(&a, "keys"));
+    // Every mark lost (a crash before the spool noted them): all again, nothing new.
+    let conn = rusqlite::Connection::open(&a).expect("open the spool");
+    conn.execute("DELETE FROM meta WHERE key LIKE 'shipped%'", [])
+        .expect("forget the marks");
+    assert_eq!(ship_all(&mut client, &a).await, Shipped::default());
+    assert_eq!(count(&client, "records").await, 80);
+    assert_eq!(count(&client, "checkpoints").await, checkpoints);
 }
 
 #[tokio::test]
