@@ -34,6 +34,14 @@ struct Sighting {
 }
 
 impl Sighting {
+    fn new(connect: &Arc<str>, sources: &[String], at: Instant) -> Self {
+        Self {
+            connect: connect.clone(),
+            sources: sources.to_vec(),
+            at,
+        }
+    }
+
     fn recent(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.at) < RECONNECT_WINDOW
     }
@@ -87,12 +95,7 @@ impl Departed {
         if replaced {
             return;
         }
-        let sighting = Sighting {
-            connect: connect.clone(),
-            sources: sources.to_vec(),
-            at: now,
-        };
-        note(&mut entry.departed, sighting);
+        note(&mut entry.departed, Sighting::new(connect, sources, now));
     }
 
     /// `connect` of `tenant` attached a tunnel serving `sources` at `now`: if it had left, it
@@ -113,12 +116,7 @@ impl Departed {
             .departed
             .retain(|d| d.connect != *connect && !(arrives && d.serves_any(sources)));
         if arrives {
-            let sighting = Sighting {
-                connect: connect.clone(),
-                sources: sources.to_vec(),
-                at: now,
-            };
-            note(&mut entry.arrived, sighting);
+            note(&mut entry.arrived, Sighting::new(connect, sources, now));
         }
     }
 
