@@ -87,6 +87,16 @@ pub const AUDIT_WRITE_SECONDS: &str = "mcp_tunnel_audit_write_seconds";
 pub const AUDIT_QUEUE_DEPTH: &str = "mcp_tunnel_audit_queue_depth";
 /// Histogram: audit rows per commit (group commit batch size).
 pub const AUDIT_BATCH_ROWS: &str = "mcp_tunnel_audit_batch_rows";
+/// Gauge: audit rows in the local spool not yet shipped to the `[audit] url` database.
+pub const AUDIT_SPOOL_ROWS: &str = "mcp_tunnel_audit_spool_rows";
+/// Gauge: seconds since the oldest unshipped spool row's call arrived (0 when all are shipped).
+pub const AUDIT_SPOOL_AGE_SECONDS: &str = "mcp_tunnel_audit_spool_age_seconds";
+/// Counter: audit rows shipped to the database (new there; a re-shipped row is not counted).
+pub const AUDIT_SHIPPED: &str = "mcp_tunnel_audit_shipped_total";
+/// Histogram: audit rows per database transaction (the database's group commit).
+pub const AUDIT_SHIP_BATCH_ROWS: &str = "mcp_tunnel_audit_ship_batch_rows";
+/// Gauge: 1 while the audit database answers the shipper, 0 while it does not.
+pub const AUDIT_DATABASE_UP: &str = "mcp_tunnel_audit_database_up";
 /// Counter: signed audit checkpoints that could not be appended to `[audit] checkpoint_file`
 /// (the off-box copy); the trail itself has them.
 pub const AUDIT_CHECKPOINT_FILE_ERRORS: &str = "mcp_tunnel_audit_checkpoint_file_errors_total";

@@ -1,4 +1,5 @@
-//! `[audit]`: the audit trail's file, key, durability and what it keeps per source.
+//! `[audit]`: the audit trail's file (or database), key, durability and what it keeps per
+//! source.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -10,8 +11,23 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditSection {
-    /// The SQLite file of the audit trail.
+    /// The SQLite file of the audit trail; with `url`, the local spool rows wait in until the
+    /// database has them (default: `audit-spool.db` beside the configuration file).
+    #[serde(default)]
     pub path: PathBuf,
+    /// The fleet's trail in PostgreSQL: `postgresql://USER[:PASSWORD]@HOST:PORT/DB`, with
+    /// `?sslmode=` and `sslrootcert=` as libpq names them. Rows are durable in `path` before
+    /// an answer is released and ship to the database in the background.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A file whose first line is the database password, when `url` has none (else the
+    /// `PGPASSWORD` environment variable).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// With `url`: whether calls go on (`"spool"`, the default) or are refused (`"refuse"`)
+    /// while the database does not take rows.
+    #[serde(default)]
+    pub on_database_down: OnDatabaseDown,
     /// How durable a committed row is.
     #[serde(default)]
     pub durability: Durability,
@@ -50,6 +66,22 @@ pub enum Durability {
     /// WAL with `synchronous = FULL`: every commit is fsynced, so rows survive power loss.
     Fsync,
 }
+
+/// `[audit] on_database_down`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDatabaseDown {
+    /// Calls go on; their rows wait in the spool and ship once the database answers.
+    #[default]
+    Spool,
+    /// Calls are refused (fail closed) while the database does not answer or has not taken
+    /// rows for a while.
+    Refuse,
+}
+
+/// The spool's file name (beside the configuration file) when `[audit] url` is set without
+/// `path`.
+pub const DEFAULT_SPOOL_FILE: &str = "audit-spool.db";
 
 /// `[[audit.sources]]`
 #[derive(Debug, Clone, Deserialize)]
@@ -114,6 +146,9 @@ impl AuditSection {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
+            url: None,
+            password_file: None,
+            on_database_down: OnDatabaseDown::default(),
             durability: Durability::default(),
             key: None,
             checkpoint_rows: DEFAULT_CHECKPOINT_ROWS,
@@ -134,8 +169,33 @@ impl AuditSection {
         Duration::from_secs(self.checkpoint_secs)
     }
 
+    /// Fills in what defaults to a place beside the configuration file in `base` and makes
+    /// relative paths relative to it.
+    pub fn resolve(&mut self, base: &Path) {
+        if self.path.as_os_str().is_empty() && self.url.is_some() {
+            self.path = PathBuf::from(DEFAULT_SPOOL_FILE);
+        }
+        if !self.path.as_os_str().is_empty() {
+            self.path = base.join(&self.path);
+        }
+        self.key = self.key.as_ref().map(|key| base.join(key));
+        self.checkpoint_file = self.checkpoint_file.as_ref().map(|f| base.join(f));
+        self.password_file = self.password_file.as_ref().map(|f| base.join(f));
+    }
+
     /// Checks values serde cannot: positive limits, one entry per tenant and source.
     pub fn validate(&self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("audit: set path (a SQLite file) or url (a PostgreSQL database)".into());
+        }
+        if let Some(url) = &self.url
+            && !(url.starts_with("postgresql://") || url.starts_with("postgres://"))
+        {
+            return Err("audit.url must be a postgresql:// URL".into());
+        }
+        if self.url.is_none() && self.on_database_down != OnDatabaseDown::Spool {
+            return Err("audit.on_database_down applies only with audit.url".into());
+        }
         if self.checkpoint_rows == 0 {
             return Err("audit.checkpoint_rows must be at least 1".into());
         }

@@ -309,9 +309,7 @@ impl RelayConfig {
         config.tunnel.cert = base.join(&config.tunnel.cert);
         config.tunnel.key = base.join(&config.tunnel.key);
         if let Some(audit) = &mut config.audit {
-            audit.path = base.join(&audit.path);
-            audit.key = audit.key.as_ref().map(|key| base.join(key));
-            audit.checkpoint_file = audit.checkpoint_file.as_ref().map(|f| base.join(f));
+            audit.resolve(base);
             audit.validate().map_err(|message| ConfigError::Invalid {
                 path: path.into(),
                 message,

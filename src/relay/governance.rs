@@ -11,7 +11,8 @@ use crate::config::{
     RelayConfig, TenantSection, validate_source_name,
 };
 use crate::govern::assertion::{self, AssertionSigner};
-use crate::govern::audit::{AuditSettings, Capture, CaptureRules, Durability};
+use crate::govern::audit::postgres::OnDatabaseDown;
+use crate::govern::audit::{AuditSettings, Capture, CaptureRules, DatabaseSettings, Durability};
 use crate::govern::condition::Condition;
 use crate::govern::jwks::RemoteJwks;
 use crate::govern::jwt::{self, ClaimMapping, JwtVerifier, Provider, ProviderKeys, TenantSource};
@@ -111,6 +112,14 @@ pub(super) fn audit_settings(config: &RelayConfig) -> Option<AuditSettings> {
         checkpoint_file: section.checkpoint_file.clone(),
         relay_id: None,
         new_epoch: false,
+        database: section.url.as_ref().map(|url| DatabaseSettings {
+            url: url.clone(),
+            password_file: section.password_file.clone(),
+            on_down: match section.on_database_down {
+                crate::config::OnDatabaseDown::Spool => OnDatabaseDown::Spool,
+                crate::config::OnDatabaseDown::Refuse => OnDatabaseDown::Refuse,
+            },
+        }),
     })
 }
 

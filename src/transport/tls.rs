@@ -124,3 +124,14 @@ pub fn client_config(
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
+
+/// A client config for the audit database (`[audit] url` with TLS): verifies the server
+/// against `roots` and its host name like every other connection of the crate, and accepts
+/// TLS 1.2 as well, which PostgreSQL servers still commonly offer.
+pub fn database_client_config(roots: &Roots) -> Result<rustls::ClientConfig, TransportError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TransportError::Config(e.to_string()))?
+        .with_root_certificates(roots.store()?)
+        .with_no_client_auth())
+}

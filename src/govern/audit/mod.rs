@@ -34,7 +34,7 @@ pub use auditor::{APPEND_TIMEOUT, Auditor, CLOSE_TIMEOUT};
 pub use capture::{Capture, CaptureRules, REDACTED, redact_json};
 pub use query::{Filter, Reader, StoredRow, export, tail};
 pub use record::{Direction, Outcome, Record, Verdict, digest};
-pub use settings::{AuditSettings, Durability};
+pub use settings::{AuditSettings, DatabaseSettings, Durability};
 pub use verify::{Problem, ProblemKind, Report, verify};
 
 /// Why the audit trail could not do what was asked.

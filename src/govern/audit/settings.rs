@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::capture::CaptureRules;
+use super::postgres::OnDatabaseDown;
 use crate::config;
 
 /// How durable a committed row is.
@@ -16,6 +17,21 @@ pub enum Durability {
     Commit,
     /// WAL with `synchronous = FULL`: every commit is fsynced, so rows survive power loss.
     Fsync,
+}
+
+/// The fleet's trail in PostgreSQL (`[audit] url`): the SQLite trail at
+/// [`AuditSettings::path`] becomes the spool rows ship from. [`Durability`] keeps its meaning
+/// for the spool (a row is durable there before its answer is released, whatever the
+/// database does); the database's commits are always durable (`synchronous_commit = on` or
+/// stronger) before the spool marks rows shipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseSettings {
+    /// `postgresql://...` (see [`super::postgres::Target`]).
+    pub url: String,
+    /// The password's file, when `url` has none.
+    pub password_file: Option<PathBuf>,
+    /// Whether calls go on or are refused while the database does not take rows.
+    pub on_down: OnDatabaseDown,
 }
 
 /// The audit trail's file, key, durability, checkpoint cadence, queue and capture rules.
@@ -44,6 +60,8 @@ pub struct AuditSettings {
     /// Begin a new epoch if the trail does not verify at start, instead of refusing to start
     /// (`relay --new-audit-epoch`).
     pub new_epoch: bool,
+    /// Ship the trail to PostgreSQL (`[audit] url`); `None`: the SQLite file is the trail.
+    pub database: Option<DatabaseSettings>,
 }
 
 impl AuditSettings {
@@ -61,6 +79,7 @@ impl AuditSettings {
             checkpoint_file: None,
             relay_id: None,
             new_epoch: false,
+            database: None,
         }
     }
 

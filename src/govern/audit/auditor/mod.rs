@@ -46,6 +46,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::capture::{Capture, CaptureRules};
+use super::postgres::Shipper;
 use super::{AuditError, Record};
 use crate::metrics as names;
 use writer::{Writer, micros_since};
@@ -86,6 +87,8 @@ struct Inner {
     room: Arc<Semaphore>,
     capture: RwLock<CaptureRules>,
     path: PathBuf,
+    /// Ships the trail to the fleet's database (`[audit] url`), if configured.
+    shipper: Option<Shipper>,
 }
 
 impl std::fmt::Debug for Auditor {
@@ -187,9 +190,24 @@ impl Auditor {
         &self.inner.path
     }
 
-    /// Flushes pending rows and writes a final signed checkpoint (graceful shutdown). Appends
-    /// after this fail with [`AuditError::Closed`]. Waits at most [`CLOSE_TIMEOUT`].
+    /// With `[audit] url` and `on_database_down = "refuse"`: why calls must be refused now
+    /// (the database does not take rows); `None` while they may go on.
+    pub fn refusal(&self) -> Option<String> {
+        self.inner.shipper.as_ref()?.refusal()
+    }
+
+    /// Flushes pending rows and writes a final signed checkpoint (graceful shutdown), then,
+    /// with `[audit] url`, ships what is left (within the shipper's own timeout). Appends
+    /// after this fail with [`AuditError::Closed`]. Waits at most [`CLOSE_TIMEOUT`] for the
+    /// trail.
     pub async fn close(&self) {
+        self.close_trail().await;
+        if let Some(shipper) = &self.inner.shipper {
+            shipper.close().await;
+        }
+    }
+
+    async fn close_trail(&self) {
         let (done, closed) = oneshot::channel();
         let flushed = tokio::time::timeout(CLOSE_TIMEOUT, async {
             if self.inner.queue.send(Message::Close { done }).is_ok() {

@@ -19,6 +19,7 @@ use super::writer::Writer;
 use super::{Auditor, Inner};
 use crate::govern::audit::checkpoint::{GENESIS_HEX, Kind};
 use crate::govern::audit::key::CheckpointKey;
+use crate::govern::audit::postgres::{Shipper, ShipperSettings, Target};
 use crate::govern::audit::settings::{AuditSettings, Durability};
 use crate::govern::audit::store::{self, Head, StoredCheckpoint};
 use crate::govern::audit::{AuditError, verify};
@@ -38,6 +39,12 @@ impl Auditor {
     /// thread. Errors name the file and problem.
     pub fn open(config: &AuditSettings) -> Result<Auditor, AuditError> {
         let path = &config.path;
+        // A bad database address fails the start before anything is written.
+        let database = config
+            .database
+            .as_ref()
+            .map(|db| Target::new(&db.url, db.password_file.as_deref()).map(|t| (t, db.on_down)))
+            .transpose()?;
         let key = CheckpointKey::load_or_create(&config.key_path())?;
         let relay = config
             .relay_id
@@ -87,11 +94,25 @@ impl Auditor {
         writer
             .checkpoint(first.kind, &first.note, true)
             .map_err(|e| writer.write_error(&e))?;
-        Self::start(config, writer)
+        let shipper = database
+            .map(|(target, on_down)| {
+                tracing::info!(database = %target.name(), spool = %path.display(), ?on_down, "audit rows ship to the database");
+                Shipper::start(ShipperSettings {
+                    target,
+                    spool: path.clone(),
+                    on_down,
+                })
+            })
+            .transpose()?;
+        Self::start(config, writer, shipper)
     }
 
-    /// Starts the writer thread over `writer` and returns the handle on it.
-    fn start(config: &AuditSettings, writer: Writer) -> Result<Auditor, AuditError> {
+    /// Starts the writer thread over `writer` and returns the handle on it (and on `shipper`).
+    fn start(
+        config: &AuditSettings,
+        writer: Writer,
+        shipper: Option<Shipper>,
+    ) -> Result<Auditor, AuditError> {
         let path = writer.path.clone();
         let (queue, rx) = mpsc::channel();
         let room = Arc::new(Semaphore::new(config.queue));
@@ -120,6 +141,7 @@ impl Auditor {
                 room,
                 capture: RwLock::new(config.capture.clone()),
                 path,
+                shipper,
             }),
         })
     }

@@ -1,0 +1,134 @@
+//! One audit trail for a fleet, in PostgreSQL.
+//!
+//! A relay's local SQLite trail stays what makes a row durable before its answer is released:
+//! with `[audit] url` it is the spool. The relay's [`Shipper`] copies its rows, in local
+//! insertion order (so in order within every chain), into PostgreSQL, many per transaction,
+//! keyed by (relay, tenant, seq): a row shipped twice (a crash between the database's commit
+//! and the spool's note of it) is not stored twice, and a row whose key is there with another
+//! hash is refused (a forked or altered chain), never overwritten. The relays' signed
+//! checkpoints and their public keys ship the same way, after the rows they sign, so the
+//! database never holds a checkpoint naming a row it lacks.
+//!
+//! One module a concern: `target` (the database's address, password and TLS), `spool` (what
+//! the SQLite spool has not shipped, and its marks), `ship` (copying it in), `shipper` (the
+//! relay's background task, its metrics and the fail-closed switch). This file holds the
+//! schema.
+
+mod ship;
+mod shipper;
+mod spool;
+mod target;
+
+pub use ship::{SHIP_BATCH, Shipped, ship, ship_spool};
+pub use shipper::{
+    CLOSE_TIMEOUT, MAX_BACKOFF, MIN_BACKOFF, OnDatabaseDown, REFUSE_AFTER, ROUND_TIMEOUT,
+    SHIP_POLL, Shipper, ShipperSettings,
+};
+pub use spool::{SpoolCheckpoint, SpoolRow, mark_shipped, spool_depth, unshipped};
+pub use target::{CONNECT_TIMEOUT, SslMode, Target};
+
+use tokio_postgres::Client;
+
+use super::AuditError;
+
+/// The PostgreSQL schema this code writes (in `meta`).
+pub const PG_SCHEMA_VERSION: &str = "1";
+
+/// The tables. `records` holds the columns `audit tail|export` filter on besides the record's
+/// bytes (which the hash covers: `audit verify` checks the columns against them); `id` is the
+/// order rows arrived in the database, `spool_id` their order in their relay's spool (the
+/// order a relay wrote them, which `verify` walks).
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id BIGINT GENERATED ALWAYS AS IDENTITY,
+    relay TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    spool_id BIGINT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    time_ms BIGINT NOT NULL,
+    subject TEXT NOT NULL,
+    source TEXT NOT NULL,
+    tool TEXT,
+    decision TEXT NOT NULL,
+    record BYTEA NOT NULL,
+    PRIMARY KEY (relay, tenant, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_id ON records (id);
+CREATE INDEX IF NOT EXISTS records_time ON records (time_ms);
+CREATE INDEX IF NOT EXISTS records_spool_order ON records (relay, spool_id);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    relay TEXT NOT NULL,
+    n BIGINT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    note TEXT NOT NULL,
+    time_ms BIGINT NOT NULL,
+    interval_ms BIGINT NOT NULL,
+    heads TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    PRIMARY KEY (relay, n)
+);
+CREATE TABLE IF NOT EXISTS keys (
+    public_key TEXT PRIMARY KEY,
+    added_ms BIGINT NOT NULL
+);
+";
+
+/// An error of the database named `name` (its address without the password).
+fn pg_error(name: &str) -> impl Fn(tokio_postgres::Error) -> AuditError + '_ {
+    move |e| AuditError::Database {
+        path: name.into(),
+        message: target::describe(&e),
+    }
+}
+
+/// Creates the schema (or checks its version) in the database `client` is connected to. Safe
+/// to run from several relays at once.
+pub async fn migrate(client: &Client, name: &str) -> Result<(), AuditError> {
+    let err = pg_error(name);
+    // Relays starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation
+    // in the catalog): one at a time, under a transaction-scoped advisory lock.
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({MIGRATE_LOCK}); {SCHEMA} COMMIT;"
+        ))
+        .await
+        .map_err(&err)?;
+    let version: Option<String> = client
+        .query_opt("SELECT value FROM meta WHERE key = 'schema'", &[])
+        .await
+        .map_err(&err)?
+        .map(|row| row.get(0));
+    match version.as_deref() {
+        None => {
+            client
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', $1) ON CONFLICT DO NOTHING",
+                    &[&PG_SCHEMA_VERSION],
+                )
+                .await
+                .map_err(&err)?;
+            Ok(())
+        }
+        Some(PG_SCHEMA_VERSION) => Ok(()),
+        Some(other) => Err(AuditError::Database {
+            path: name.into(),
+            message: format!(
+                "schema version {other}, this build writes {PG_SCHEMA_VERSION}: upgrade the relay"
+            ),
+        }),
+    }
+}
+
+/// The advisory lock [`migrate`] holds: an arbitrary constant of this program ("mcpt" in
+/// ASCII), so relays of one fleet serialize their migrations and nothing else waits on it.
+const MIGRATE_LOCK: i64 = 0x6d63_7074;
