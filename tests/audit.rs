@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use common::audit::{
-    Trail, assert_fails_naming, audit_at, caller_role, export, now_ms, outcome, rewrite_rows,
+    Trail, assert_every_answer_has_a_row, assert_fails_naming, audit_at, caller_role, export,
+    load_until_answered, now_ms, outcome, rewrite_rows,
 };
 use common::{Agent, Harness, Options, WAIT, free_port, tool_text};
 use serde_json::{Value, json};
@@ -363,11 +363,6 @@ fn assert_live_gauges(after: &str, source: &str) {
 // ---------------------------------------------------------------------------------------------
 // kill -9 of the relay binary under load.
 
-/// Agent tasks calling echo in a loop.
-const LOADERS: usize = 6;
-/// Answers received before the kill, at least (so the kill lands mid-load).
-const ANSWERS_BEFORE_KILL: usize = 60;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
     use mcp_tunnel::govern::identity::new_secret;
@@ -416,94 +411,6 @@ async fn every_answer_an_agent_saw_has_its_row_after_kill_9() {
     let answered = answered.lock().expect("lock").clone();
     assert_every_answer_has_a_row(&export(&db).await, &answered);
     assert_verifies(&db).await;
-}
-
-/// Answers an agent saw (its echoed messages) and the loaders still calling.
-type Load = (Arc<Mutex<Vec<String>>>, tokio::task::JoinSet<()>);
-
-/// Starts `LOADERS` agents on `url`, each calling echo with a unique message; an answer counts
-/// only if it is the echo. Returns once `ANSWERS_BEFORE_KILL` answers came back.
-async fn load_until_answered(url: &str, api_key: &str) -> Load {
-    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let mut loaders = tokio::task::JoinSet::new();
-    for loader in 0..LOADERS {
-        let mut agent = Agent::new(url, api_key);
-        agent.http = reqwest::Client::builder()
-            .timeout(WAIT)
-            .build()
-            .expect("HTTP client");
-        let (answered, seen_tx) = (answered.clone(), seen_tx.clone());
-        loaders.spawn(async move {
-            if agent.initialize().await.status != 200 {
-                return;
-            }
-            // Bounded: the relay dies long before this many calls.
-            for id in 1..=100_000u64 {
-                let message = format!("loader{loader}-call{id}");
-                let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"message":message}}});
-                let Ok(response) = agent
-                    .request(reqwest::Method::POST)
-                    .header("content-type", "application/json")
-                    .body(body.to_string())
-                    .send()
-                    .await
-                else {
-                    return;
-                };
-                let Ok(bytes) = response.bytes().await else {
-                    return;
-                };
-                let text = String::from_utf8_lossy(&bytes);
-                let data = common::sse_data(&bytes);
-                let json_text = data.last().map(String::as_str).unwrap_or(&text);
-                match serde_json::from_str::<Value>(json_text) {
-                    Ok(v) if v["result"]["content"][0]["text"] == message.as_str() => {
-                        answered.lock().expect("lock").push(message);
-                        let _ = seen_tx.send(());
-                    }
-                    _ => return,
-                }
-            }
-        });
-    }
-    drop(seen_tx);
-    tokio::time::timeout(WAIT, async {
-        for _ in 0..ANSWERS_BEFORE_KILL {
-            seen_rx.recv().await.expect("loaders keep answering");
-        }
-    })
-    .await
-    .expect("load flows");
-    (answered, loaders)
-}
-
-/// Every answered message (at least `ANSWERS_BEFORE_KILL`) has a row in `rows`, found by the
-/// digest of its params.
-fn assert_every_answer_has_a_row(rows: &[Value], answered: &[String]) {
-    let digests: HashMap<String, usize> = rows
-        .iter()
-        .filter_map(|r| r["args_sha256"].as_str())
-        .fold(HashMap::new(), |mut m, d| {
-            *m.entry(d.to_owned()).or_default() += 1;
-            m
-        });
-    assert!(answered.len() >= ANSWERS_BEFORE_KILL);
-    let missing: Vec<&String> = answered
-        .iter()
-        .filter(|message| {
-            let params = json!({"name":"echo","arguments":{"message":message}});
-            let digest = mcp_tunnel::govern::audit::digest(params.to_string().as_bytes());
-            !digests.contains_key(&digest)
-        })
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} of {} answered calls have no row, e.g. {:?}",
-        missing.len(),
-        answered.len(),
-        missing.first()
-    );
 }
 
 // ---------------------------------------------------------------------------------------------

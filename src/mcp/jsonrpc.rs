@@ -27,6 +27,9 @@ pub mod codes {
     pub const TIMEOUT: i64 = -32001;
     /// A message exceeded a size limit.
     pub const TOO_LARGE: i64 = -32002;
+    /// The relay refuses calls while its audit trail cannot take their records
+    /// (`[audit] on_database_down = "refuse"`): fail closed.
+    pub const AUDIT_UNAVAILABLE: i64 = -32003;
 }
 
 /// The kind of one JSON-RPC message.

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use mcp_tunnel::govern::audit::{AuditSettings, Record, chain};
 use mcp_tunnel::govern::policy::Role;
-use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
 
 /// Role `caller`: may call `echo` and `add` of any source, nothing else.
 pub fn caller_role() -> (String, Role) {
@@ -139,4 +142,100 @@ impl Trail {
         };
         (harness, trail)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load for the kill tests: agents calling echo until the relay dies.
+
+/// Agent tasks calling echo in a loop.
+pub const LOADERS: usize = 6;
+/// Answers received before the kill, at least (so the kill lands mid-load).
+pub const ANSWERS_BEFORE_KILL: usize = 60;
+
+/// Answers an agent saw (its echoed messages) and the loaders still calling.
+pub type Load = (Arc<Mutex<Vec<String>>>, tokio::task::JoinSet<()>);
+
+/// Starts `LOADERS` agents on `url`, each calling echo with a unique message; an answer counts
+/// only if it is the echo. Returns once `ANSWERS_BEFORE_KILL` answers came back.
+pub async fn load_until_answered(url: &str, api_key: &str) -> Load {
+    let answered: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut loaders = tokio::task::JoinSet::new();
+    for loader in 0..LOADERS {
+        let mut agent = super::Agent::new(url, api_key);
+        agent.http = reqwest::Client::builder()
+            .timeout(super::WAIT)
+            .build()
+            .expect("HTTP client");
+        let (answered, seen_tx) = (answered.clone(), seen_tx.clone());
+        loaders.spawn(async move {
+            if agent.initialize().await.status != 200 {
+                return;
+            }
+            // Bounded: the relay dies long before this many calls.
+            for id in 1..=100_000u64 {
+                let message = format!("loader{loader}-call{id}");
+                let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"echo","arguments":{"message":message}}});
+                let Ok(response) = agent
+                    .request(reqwest::Method::POST)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                let Ok(bytes) = response.bytes().await else {
+                    return;
+                };
+                let text = String::from_utf8_lossy(&bytes);
+                let data = super::sse_data(&bytes);
+                let json_text = data.last().map(String::as_str).unwrap_or(&text);
+                match serde_json::from_str::<Value>(json_text) {
+                    Ok(v) if v["result"]["content"][0]["text"] == message.as_str() => {
+                        answered.lock().expect("lock").push(message);
+                        let _ = seen_tx.send(());
+                    }
+                    _ => return,
+                }
+            }
+        });
+    }
+    drop(seen_tx);
+    tokio::time::timeout(super::WAIT, async {
+        for _ in 0..ANSWERS_BEFORE_KILL {
+            seen_rx.recv().await.expect("loaders keep answering");
+        }
+    })
+    .await
+    .expect("load flows");
+    (answered, loaders)
+}
+
+/// Every answered message (at least `ANSWERS_BEFORE_KILL`) has a row in `rows`, found by the
+/// digest of its params.
+pub fn assert_every_answer_has_a_row(rows: &[Value], answered: &[String]) {
+    let digests: HashMap<String, usize> = rows
+        .iter()
+        .filter_map(|r| r["args_sha256"].as_str())
+        .fold(HashMap::new(), |mut m, d| {
+            *m.entry(d.to_owned()).or_default() += 1;
+            m
+        });
+    assert!(answered.len() >= ANSWERS_BEFORE_KILL);
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|message| {
+            let params = json!({"name":"echo","arguments":{"message":message}});
+            let digest = mcp_tunnel::govern::audit::digest(params.to_string().as_bytes());
+            !digests.contains_key(&digest)
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} answered calls have no row, e.g. {:?}",
+        missing.len(),
+        answered.len(),
+        missing.first()
+    );
 }

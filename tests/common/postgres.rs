@@ -164,3 +164,79 @@ impl Drop for Postgres {
         }
     }
 }
+
+/// One row of the database's `records`, as the tests read it.
+#[derive(Debug, Clone)]
+pub struct PgRow {
+    pub relay: String,
+    pub tenant: String,
+    pub seq: i64,
+    pub spool_id: i64,
+    /// The record's JSON.
+    pub record: serde_json::Value,
+}
+
+/// A client of the database at `url` (no TLS: the test cluster is on loopback).
+pub async fn client(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio::time::timeout(
+        super::WAIT,
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("connects in time")
+    .expect("connects");
+    tokio::spawn(connection);
+    client
+}
+
+/// Every row of the trail in the database at `url`, by relay, tenant and seq.
+pub async fn rows(url: &str) -> Vec<PgRow> {
+    client(url)
+        .await
+        .query(
+            "SELECT relay, tenant, seq, spool_id, record FROM records ORDER BY relay, tenant, seq",
+            &[],
+        )
+        .await
+        .expect("read the records")
+        .iter()
+        .map(|row| PgRow {
+            relay: row.get(0),
+            tenant: row.get(1),
+            seq: row.get(2),
+            spool_id: row.get(3),
+            record: serde_json::from_slice(row.get::<_, &[u8]>(4)).expect("a record is JSON"),
+        })
+        .collect()
+}
+
+/// Every chain of `rows` (sorted by relay, tenant, seq) runs 1, 2, 3, ... with no gap or
+/// repeat, in the order its relay wrote it (spool ids rise with seq).
+pub fn assert_chains_whole(rows: &[PgRow]) {
+    for pair in rows.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if (a.relay.as_str(), a.tenant.as_str()) != (b.relay.as_str(), b.tenant.as_str()) {
+            assert_eq!(b.seq, 1, "chain {} {} starts at 1", b.relay, b.tenant);
+            continue;
+        }
+        assert_eq!(
+            b.seq,
+            a.seq + 1,
+            "chain {} {} has no gap: {a:?} {b:?}",
+            a.relay,
+            a.tenant
+        );
+        assert!(b.spool_id > a.spool_id, "order kept: {a:?} then {b:?}");
+    }
+    if let Some(first) = rows.first() {
+        assert_eq!(first.seq, 1);
+    }
+}
+
+/// Rows of the SQLite trail (spool) at `path`.
+pub fn spool_rows(path: &Path) -> i64 {
+    rusqlite::Connection::open(path)
+        .expect("open the spool")
+        .query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+        .expect("count the spool's rows")
+}

@@ -330,6 +330,9 @@ pub(super) async fn authorize(
     body: &Bytes,
     classified: &Classified,
 ) -> Authorization {
+    if let Some(reason) = state.calls.audit_refusal() {
+        return refuse_requests(classified, &reason);
+    }
     let governance = state.governance();
     let evaluates = classified.messages().iter().any(|message| {
         governed_kind(message).is_some_and(|kind| {
@@ -381,6 +384,36 @@ pub(super) async fn authorize(
             ),
             code: codes::INTERNAL_ERROR,
         }),
+    }
+}
+
+/// Every request of the body refused because the audit trail cannot take records
+/// (`[audit] on_database_down = "refuse"`): nothing reaches the tunnel, and each request's
+/// record (kept in the spool) names why.
+fn refuse_requests(classified: &Classified, reason: &str) -> Authorization {
+    let messages = classified.messages();
+    let is_request = |m: &MessageInfo| m.kind == MessageKind::Request;
+    let first = messages.iter().find(|m| is_request(m));
+    let refusal = first.map(|m| {
+        tracing::warn!(
+            reason,
+            "call refused: the audit database does not take rows"
+        );
+        Refusal {
+            body: error_body(
+                m.id.as_deref(),
+                codes::AUDIT_UNAVAILABLE,
+                &format!("call refused: {reason} (the relay fails closed)"),
+            ),
+            code: codes::AUDIT_UNAVAILABLE,
+        }
+    });
+    Authorization {
+        decisions: messages
+            .iter()
+            .map(|m| is_request(m).then(|| Decision::Deny(format!("audit: {reason}"))))
+            .collect(),
+        refusal,
     }
 }
 

@@ -64,6 +64,12 @@ impl Calls {
         self.auditor.is_some()
     }
 
+    /// Why calls must be refused now: the audit database does not take rows and
+    /// `[audit] on_database_down = "refuse"` (fail closed); `None` while calls may go on.
+    pub fn audit_refusal(&self) -> Option<String> {
+        self.auditor.as_ref()?.refusal()
+    }
+
     /// What the trail keeps of `tenant`'s `source`'s arguments and results.
     fn capture(&self, tenant: &str, source: &str) -> Capture {
         self.auditor

@@ -147,7 +147,8 @@ impl Shipper {
             return Some(format!("the audit database {} does not answer", self.name));
         }
         let oldest = self.health.oldest_ms.load(Ordering::Relaxed);
-        let behind = oldest > 0 && now_ms().saturating_sub(oldest) > REFUSE_AFTER.as_millis() as i64;
+        let behind =
+            oldest > 0 && now_ms().saturating_sub(oldest) > REFUSE_AFTER.as_millis() as i64;
         behind.then(|| {
             format!(
                 "the audit database {} has not taken rows for over {} s",
@@ -280,6 +281,14 @@ async fn ship_until_stopped(
             return Ok(());
         }
         if round.rows == 0 && round.checkpoints == 0 {
+            // Idle rounds read only the spool: notice a database that went away (its
+            // connection closed) now, not at the next row, so `refuse` mode reacts at once.
+            if client.is_closed() {
+                return Err(AuditError::Database {
+                    path: name.into(),
+                    message: "the connection closed".into(),
+                });
+            }
             tokio::select! {
                 _ = tokio::time::sleep(SHIP_POLL) => {}
                 _ = stop.changed() => {}
