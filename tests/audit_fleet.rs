@@ -13,7 +13,7 @@ use common::audit::{
     ANSWERS_BEFORE_KILL, assert_every_answer_has_a_row, caller_role, load_until_answered,
 };
 use common::postgres::{Postgres, assert_chains_whole, rows, spool_rows};
-use common::{Agent, Fleet, Harness, Options, TenantCreds, WAIT, tool_text};
+use common::{Agent, Fleet, Harness, Options, TenantCreds, WAIT, percentile, tool_text};
 use mcp_tunnel::govern::audit::postgres::OnDatabaseDown;
 use mcp_tunnel::govern::audit::{AuditSettings, DatabaseSettings, digest};
 use serde_json::{Value, json};
@@ -500,4 +500,192 @@ async fn on_database_down_refuse_fails_closed_while_the_database_is_away() {
             "{row}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark (issue 16): what the PostgreSQL trail costs a call against the SQLite trail and
+// against no trail, in one run.
+
+/// Sequential echo calls per path per round, and rounds (paths alternate each round, so drift
+/// in the machine's load hits all three alike).
+const BENCH_CALLS: usize = 500;
+const BENCH_ROUNDS: usize = 4;
+/// Concurrent agents, and calls each, in the throughput phase.
+const BENCH_AGENTS: usize = 64;
+const BENCH_AGENT_CALLS: usize = 50;
+
+/// One path of the benchmark: a relay with its trail (or none), and a session on it.
+struct BenchPath {
+    name: &'static str,
+    harness: Harness,
+    agent: Agent,
+    latencies_ms: Vec<f64>,
+}
+
+/// `calls` sequential echoes on `agent`; their round trips in ms.
+async fn echo_round(agent: &Agent, calls: usize, from: u64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(calls);
+    for n in 0..calls as u64 {
+        let started = std::time::Instant::now();
+        let message = format!("bench-{}", from + n);
+        assert_eq!(agent.echo(from + n, &message).await, message);
+        out.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    out
+}
+
+/// `BENCH_AGENTS` sessions calling echo `BENCH_AGENT_CALLS` times each at once on `url`;
+/// returns the calls per second.
+async fn echo_storm(url: &str, key: &str) -> f64 {
+    let mut agents = Vec::new();
+    for _ in 0..BENCH_AGENTS {
+        let mut agent = Agent::new(url, key);
+        assert_eq!(agent.initialize().await.status, 200);
+        agents.push(agent);
+    }
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (a, agent) in agents.into_iter().enumerate() {
+        tasks.spawn(async move {
+            for n in 0..BENCH_AGENT_CALLS as u64 {
+                let message = format!("storm-{a}-{n}");
+                assert_eq!(agent.echo(n + 1, &message).await, message);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("an agent of the storm");
+    }
+    (BENCH_AGENTS * BENCH_AGENT_CALLS) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The sum and count of histogram `name` in Prometheus text.
+fn histogram(text: &str, name: &str) -> (f64, f64) {
+    let value = |suffix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{suffix}")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    (value("_sum"), value("_count"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: cargo test --release --test audit_fleet audit_database_benchmark -- --ignored --nocapture"]
+async fn audit_database_benchmark() {
+    let _serial = SERIAL.lock().await;
+    let pg = Postgres::start_durable();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fleet = Fleet::new();
+    let (stop, _guard) = common::stop_on_drop();
+    let upstream = common::demo_upstream(&stop).await;
+    let mut sqlite = AuditSettings::new(dir.path().join("sqlite.db"));
+    sqlite.relay_id = Some("sqlite".into());
+    let trails = [
+        ("none", None),
+        ("sqlite", Some(sqlite)),
+        (
+            "postgres",
+            Some(shipping(
+                dir.path(),
+                "postgres",
+                &pg.url(),
+                OnDatabaseDown::Spool,
+            )),
+        ),
+    ];
+    let mut paths = Vec::new();
+    let mut connects = Vec::new();
+    for (name, audit) in trails {
+        let harness = Harness::start(Options {
+            audit,
+            ..fleet.options()
+        })
+        .await;
+        connects.push(harness.connect(&harness.acme, &[("demo", &upstream)]).await);
+        let mut agent = Agent::new(&harness.url("demo"), &harness.acme.api_key);
+        assert_eq!(agent.initialize().await.status, 200);
+        // Warm up: connections, caches, the trail's first pages.
+        echo_round(&agent, 50, 1_000_000).await;
+        paths.push(BenchPath {
+            name,
+            harness,
+            agent,
+            latencies_ms: Vec::new(),
+        });
+    }
+    for round in 0..BENCH_ROUNDS {
+        for path in &mut paths {
+            let from = (round * BENCH_CALLS) as u64 + 1;
+            let round = echo_round(&path.agent, BENCH_CALLS, from).await;
+            path.latencies_ms.extend(round);
+        }
+    }
+    let base_p50 = percentile(&paths[0].latencies_ms, 50.0);
+    let base_p99 = percentile(&paths[0].latencies_ms, 99.0);
+    println!(
+        "\naudit trail benchmark: {} sequential echo calls per path ({BENCH_ROUNDS} alternating rounds)",
+        BENCH_CALLS * BENCH_ROUNDS
+    );
+    println!("path       p50 ms  p99 ms  added p50  added p99");
+    for path in &paths {
+        let (p50, p99) = (
+            percentile(&path.latencies_ms, 50.0),
+            percentile(&path.latencies_ms, 99.0),
+        );
+        println!(
+            "{:<9} {p50:>7.3} {p99:>7.3} {:>+10.3} {:>+10.3}",
+            path.name,
+            p50 - base_p50,
+            p99 - base_p99
+        );
+    }
+
+    println!(
+        "\n{BENCH_AGENTS} concurrent sessions x {BENCH_AGENT_CALLS} echo calls ({} calls per path)",
+        BENCH_AGENTS * BENCH_AGENT_CALLS
+    );
+    println!("path       calls/s  ratio to none");
+    let mut base_rate = 0.0;
+    for path in &paths {
+        let rate = echo_storm(&path.harness.url("demo"), &path.harness.acme.api_key).await;
+        if path.name == "none" {
+            base_rate = rate;
+        }
+        println!("{:<9} {rate:>8.0} {:>8.2}x", path.name, rate / base_rate);
+    }
+
+    // The database's side: how fast the spool drains into it, rows per transaction.
+    let pg_path = &paths[2];
+    let shipped_before = metric(&pg_path.harness, "mcp_tunnel_audit_shipped_total").await;
+    let started = std::time::Instant::now();
+    let url = pg_path.harness.url("demo");
+    let key = pg_path.harness.acme.api_key.clone();
+    let storm = tokio::spawn(async move { echo_storm(&url, &key).await });
+    let rate = storm.await.expect("the storm");
+    wait_metric(
+        &pg_path.harness,
+        "mcp_tunnel_audit_spool_rows",
+        "the spool drains",
+        |v| v == 0.0,
+    )
+    .await;
+    let drained = started.elapsed().as_secs_f64();
+    let shipped = metric(&pg_path.harness, "mcp_tunnel_audit_shipped_total").await - shipped_before;
+    let text = pg_path.harness.metrics().await;
+    let (sum, count) = histogram(&text, "mcp_tunnel_audit_ship_batch_rows");
+    let (local_sum, local_count) = histogram(&text, "mcp_tunnel_audit_batch_rows");
+    println!(
+        "\npostgres: {shipped:.0} rows shipped in {drained:.2} s from the storm's start to an empty spool \
+         ({:.0} rows/s; the storm itself {rate:.0} calls/s); {:.1} rows per database transaction \
+         on average over the run; {:.1} rows per local (SQLite) commit, both trails",
+        shipped / drained,
+        sum / count.max(1.0),
+        local_sum / local_count.max(1.0)
+    );
+    for path in paths {
+        path.harness.stop().await;
+    }
+    let rows = rows(&pg.url()).await;
+    assert_chains_whole(&rows);
 }

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use common::fleet::{Fleet, FleetOptions, Haproxy, LoadReport, Proc};
+use common::percentile;
 
 /// Concurrent clients of the load tests.
 const STATELESS_SESSIONS: usize = 6;
@@ -785,17 +786,6 @@ async fn wait_each_succeeded(counters: &Counters, from: &[u64], by: u64, what: &
 /// Seconds from `from` to `to` (0 when `to` is earlier).
 fn secs(from: SystemTime, to: SystemTime) -> f64 {
     to.duration_since(from).unwrap_or_default().as_secs_f64()
-}
-
-/// Nearest-rank percentile `p` (0-100) of `values`; `NaN` when empty.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted
-        .get(rank.min(sorted.len()).wrapping_sub(1))
-        .copied()
-        .unwrap_or(f64::NAN)
 }
 
 /// What one kill round measured.

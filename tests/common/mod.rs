@@ -1120,3 +1120,14 @@ pub async fn start_recording_upstream(shutdown: &CancellationToken) -> (String, 
     let addr = serve_axum(app, shutdown).await;
     (format!("http://{addr}/mcp"), seen)
 }
+
+/// Nearest-rank percentile `p` (0-100) of `values`; `NaN` when empty.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted
+        .get(rank.min(sorted.len()).wrapping_sub(1))
+        .copied()
+        .unwrap_or(f64::NAN)
+}

@@ -13,6 +13,8 @@ pub struct Postgres {
     /// Its port on 127.0.0.1.
     pub port: u16,
     running: bool,
+    /// Whether commits are flushed to disk (off for tests: they never crash the machine).
+    fsync: bool,
 }
 
 /// The folder of PostgreSQL's server programs: `pg_config --bindir`, else Debian's
@@ -69,8 +71,18 @@ fn run(mut command: Command, what: &str) {
 }
 
 impl Postgres {
-    /// Makes a cluster (user `postgres`, trust authentication on loopback) and starts it.
+    /// Makes a cluster (user `postgres`, trust authentication on loopback) and starts it,
+    /// with `fsync` off.
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// [`Postgres::start`] with commits flushed to disk as in production (benchmarks).
+    pub fn start_durable() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(fsync: bool) -> Self {
         let bin = bin_dir();
         let dir = tempfile::tempdir().expect("temp dir");
         if is_root() {
@@ -110,6 +122,7 @@ impl Postgres {
             bin,
             port,
             running: false,
+            fsync,
         };
         postgres.resume();
         postgres
@@ -125,9 +138,10 @@ impl Postgres {
     /// Starts it again after [`Postgres::pause`] (waits until it accepts connections).
     pub fn resume(&mut self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.fsync { "on" } else { "off" }
         );
         let log = self.dir.path().join("server.log");
         let log = log.to_str().expect("UTF-8 temp path").to_owned();
