@@ -689,3 +689,53 @@ async fn audit_database_benchmark() {
     let rows = rows(&pg.url()).await;
     assert_chains_whole(&rows);
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS to the database: verified against the CA named by `sslrootcert`, never skipped.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_verified_against_sslrootcert() {
+    use mcp_tunnel::govern::audit::postgres::{Target, migrate};
+
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certs = mcp_tunnel::certs::generate(&[]).expect("dev certificates");
+    let pg = Postgres::start_tls(&certs.relay_pem, &certs.relay_key);
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).expect("write the CA");
+    let base = pg.url();
+
+    // verify-full against the server's CA: connects over TLS.
+    let url = format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display());
+    let target = Target::new(&url, None).expect("a valid URL");
+    let client = target.connect().await.expect("TLS to the database");
+    migrate(&client, target.name()).await.expect("migrates");
+    let tls: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(tls, "the session is encrypted");
+
+    // Another CA: refused, whatever the mode asks (require verifies too).
+    let other = mcp_tunnel::certs::generate(&[]).expect("other certificates");
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, &other.ca_pem).expect("write the other CA");
+    for mode in ["require", "verify-ca", "verify-full", "prefer"] {
+        let url = format!("{base}?sslmode={mode}&sslrootcert={}", other_ca.display());
+        let err = Target::new(&url, None)
+            .expect("a valid URL")
+            .connect()
+            .await
+            .expect_err("a certificate of another CA is refused");
+        let text = err.to_string();
+        assert!(!text.contains("password"), "{text}");
+        assert!(
+            text.to_lowercase().contains("certificate") || text.contains("tls"),
+            "sslmode={mode}: {text}"
+        );
+    }
+}

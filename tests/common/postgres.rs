@@ -15,6 +15,8 @@ pub struct Postgres {
     running: bool,
     /// Whether commits are flushed to disk (off for tests: they never crash the machine).
     fsync: bool,
+    /// `-c` settings of TLS, when it serves TLS.
+    tls: Option<String>,
 }
 
 /// The folder of PostgreSQL's server programs: `pg_config --bindir`, else Debian's
@@ -74,15 +76,21 @@ impl Postgres {
     /// Makes a cluster (user `postgres`, trust authentication on loopback) and starts it,
     /// with `fsync` off.
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, None)
     }
 
     /// [`Postgres::start`] with commits flushed to disk as in production (benchmarks).
     pub fn start_durable() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(fsync: bool) -> Self {
+    /// [`Postgres::start`] serving TLS (as well as plain connections) with this certificate
+    /// chain and key (PEM).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_with(false, Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(fsync: bool, tls: Option<(&str, &str)>) -> Self {
         let bin = bin_dir();
         let dir = tempfile::tempdir().expect("temp dir");
         if is_root() {
@@ -113,6 +121,28 @@ impl Postgres {
             ),
             "initdb",
         );
+        let tls = tls.map(|(cert, key)| {
+            let (cert_file, key_file) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_file, cert).expect("write the server certificate");
+            std::fs::write(&key_file, key).expect("write the server key");
+            // The server refuses a key others can read; it must own it.
+            std::fs::set_permissions(
+                &key_file,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .expect("key mode 0600");
+            if is_root() {
+                let mut chown = Command::new("chown");
+                chown.arg("postgres").arg(&cert_file).arg(&key_file);
+                run(chown, "chown the TLS files to postgres");
+            }
+            format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert_file.display(),
+                key_file.display()
+            )
+        });
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -123,6 +153,7 @@ impl Postgres {
             port,
             running: false,
             fsync,
+            tls,
         };
         postgres.resume();
         postgres
@@ -138,10 +169,11 @@ impl Postgres {
     /// Starts it again after [`Postgres::pause`] (waits until it accepts connections).
     pub fn resume(&mut self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={}",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={}{}",
             self.port,
             self.dir.path().display(),
-            if self.fsync { "on" } else { "off" }
+            if self.fsync { "on" } else { "off" },
+            self.tls.as_deref().unwrap_or_default()
         );
         let log = self.dir.path().join("server.log");
         let log = log.to_str().expect("UTF-8 temp path").to_owned();

@@ -70,8 +70,10 @@ pub async fn ship(client: &mut Client, name: &str, rows: &[SpoolRow]) -> Result<
                 path: name.into(),
                 message: format!(
                     "row {seq} of relay {relay}, tenant {tenant} is in the database with \
-                     another hash: the chains forked (two relays with one id?) or a row was \
-                     altered; nothing of this batch was stored"
+                     another hash: the chains forked (two relays with one [fleet] id, or this \
+                     relay's spool was replaced or restored from an old copy) or a row was \
+                     altered; nothing of this batch was stored. Give the relay a new [fleet] id \
+                     or restore its spool"
                 ),
             });
         }
