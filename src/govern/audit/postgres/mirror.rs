@@ -21,7 +21,8 @@
 //!
 //! Rows are read through a portal and written in transactions of [`PAGE_ROWS`]: memory stays
 //! bounded; the mirror takes about as much disk as the trail (in the system's temporary
-//! folder, removed when the [`Mirror`] is dropped).
+//! folder, removed when the [`Mirror`] is dropped). Its SQLite writes block the task that
+//! makes it: a command's work (`audit verify`), never a relay's.
 
 use std::path::{Path, PathBuf};
 

@@ -13,7 +13,9 @@
 //! [`ROUND_TIMEOUT`](super::ROUND_TIMEOUT) and drops its connection, which aborts the
 //! transaction. Ids never used (a rolled back round, a row shipped twice, which takes an id and
 //! stores nothing) are forgotten after [`LATE`]; at most [`MAX_GAPS`] ranges are kept (the
-//! oldest go first).
+//! oldest go first). Not guaranteed: a row committed more than [`LATE`] after its id was taken
+//! (a transaction held open that long, which no relay does), and, of the rows being committed
+//! when the follower starts, those more than [`START_WINDOW`] ids below the newest.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -39,7 +41,7 @@ pub const MAX_GAPS: usize = 100_000;
 
 /// How many ids below the newest `tail --follow` looks at when it starts, for rows still
 /// being committed then.
-const START_WINDOW: i64 = 10_000;
+pub const START_WINDOW: i64 = 10_000;
 
 /// A bound parameter.
 type Param = Box<dyn ToSql + Sync + Send>;
@@ -441,5 +443,46 @@ impl Follower {
         }
         self.gaps.retain(|g| g.since.elapsed() < LATE);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ranges(follower: &Follower) -> Vec<(i64, i64)> {
+        follower.gaps.iter().map(|g| (g.lo, g.hi)).collect()
+    }
+
+    #[test]
+    fn a_gap_splits_around_the_rows_that_fill_it() {
+        let mut follower = Follower::new(&Filter::default(), 0);
+        follower.gap(3, 9);
+        follower.gap(12, 12);
+        follower.gap(5, 4);
+        assert_eq!(ranges(&follower), [(3, 9), (12, 12)]);
+        follower.fill(6);
+        assert_eq!(ranges(&follower), [(3, 5), (7, 9), (12, 12)]);
+        for id in [3, 9, 12, 10, 1] {
+            follower.fill(id);
+        }
+        assert_eq!(ranges(&follower), [(4, 5), (7, 8)]);
+        for id in [4, 5, 7, 8] {
+            follower.fill(id);
+        }
+        assert!(follower.gaps.is_empty());
+    }
+
+    #[test]
+    fn filters_become_numbered_conditions() {
+        let filter = Filter {
+            relay: Some("relay-a".into()),
+            tool: Some("query".into()),
+            until_ms: Some(10),
+            ..Filter::default()
+        };
+        let (sql, params) = condition(&filter, 3);
+        assert_eq!(sql, "true AND relay = $3 AND tool = $4 AND time_ms < $5");
+        assert_eq!(params.len(), 3);
     }
 }
