@@ -8,8 +8,8 @@ use tokio_postgres::Client;
 
 use super::pg_error;
 use super::spool::{
-    CHECKPOINT_NUMBERS, CHECKPOINT_TEXT, CHECKPOINTS_MARK, SpoolCheckpoint, SpoolRow, mark_shipped,
-    set_mark, unshipped, unshipped_checkpoints,
+    CHECKPOINT_NUMBERS, CHECKPOINT_TEXT, CHECKPOINTS_MARK, SpoolCheckpoint, SpoolRow,
+    mark_shipped, set_mark, unshipped, unshipped_checkpoints,
 };
 use crate::govern::audit::AuditError;
 

@@ -147,8 +147,7 @@ impl Shipper {
             return Some(format!("the audit database {} does not answer", self.name));
         }
         let oldest = self.health.oldest_ms.load(Ordering::Relaxed);
-        let behind =
-            oldest > 0 && now_ms().saturating_sub(oldest) > REFUSE_AFTER.as_millis() as i64;
+        let behind = oldest > 0 && now_ms().saturating_sub(oldest) > REFUSE_AFTER.as_millis() as i64;
         behind.then(|| {
             format!(
                 "the audit database {} has not taken rows for over {} s",

@@ -105,12 +105,7 @@ pub(super) fn get_mark(conn: &Connection, path: &Path, key: &str) -> Result<i64,
         .unwrap_or(0))
 }
 
-pub(super) fn set_mark(
-    conn: &Connection,
-    path: &Path,
-    key: &str,
-    id: i64,
-) -> Result<(), AuditError> {
+pub(super) fn set_mark(conn: &Connection, path: &Path, key: &str, id: i64) -> Result<(), AuditError> {
     conn.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -187,6 +182,7 @@ pub(super) fn unshipped_checkpoints(
     .collect::<Result<Vec<_>, _>>()
     .map_err(&err)
 }
+
 
 /// How far the spool is behind: its unshipped rows, and when the oldest of them was received
 /// (ms since the epoch; `None` when every row is shipped).

@@ -87,8 +87,9 @@ impl Target {
         let mut config = Config::from_str(&stripped).map_err(|e| bad(describe(&e)))?;
         if config.get_password().is_none() {
             if let Some(file) = password_file {
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| bad(format!("password file {}: {e}", file.display())))?;
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    bad(format!("password file {}: {e}", file.display()))
+                })?;
                 config.password(text.lines().next().unwrap_or_default());
             } else if let Ok(password) = std::env::var("PGPASSWORD") {
                 config.password(password);
