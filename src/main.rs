@@ -82,7 +82,8 @@ enum Command {
         #[command(subcommand)]
         command: NewKey,
     },
-    /// The audit trail: follow, export or verify it (works while a relay writes to it).
+    /// The audit trail: follow, export or verify it (works while relays write to it), in a
+    /// relay's SQLite file or the fleet's PostgreSQL database.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
@@ -95,9 +96,8 @@ enum Command {
 enum AuditCommand {
     /// The latest rows as lines; with --follow, then new rows as they are written.
     Tail {
-        /// The audit trail (SQLite file).
-        #[arg(long)]
-        db: PathBuf,
+        #[command(flatten)]
+        trail: TrailArgs,
         /// Keep printing new rows until interrupted.
         #[arg(long)]
         follow: bool,
@@ -109,9 +109,8 @@ enum AuditCommand {
     },
     /// Every matching row, oldest first, one JSON object per line.
     Export {
-        /// The audit trail (SQLite file).
-        #[arg(long)]
-        db: PathBuf,
+        #[command(flatten)]
+        trail: TrailArgs,
         /// Output format.
         #[arg(long, value_parser = ["jsonl"], default_value = "jsonl")]
         format: String,
@@ -127,9 +126,8 @@ enum AuditCommand {
     /// Check every tenant's hash chain and every checkpoint signature; exits non-zero naming
     /// the first bad row.
     Verify {
-        /// The audit trail (SQLite file).
-        #[arg(long)]
-        db: PathBuf,
+        #[command(flatten)]
+        trail: TrailArgs,
         /// The relay's checkpoint public key (`audit.key.pub`); repeat it for every key the
         /// trail was signed with (one per relay, or after a key change). Without it, signatures
         /// are checked with the keys the trail names.
@@ -143,9 +141,8 @@ enum AuditCommand {
     /// The relays' signed checkpoints, oldest first: one line each, or with --export one JSON
     /// object a line (the off-box copy `verify --checkpoints` reads).
     Checkpoints {
-        /// The audit trail (SQLite file).
-        #[arg(long)]
-        db: PathBuf,
+        #[command(flatten)]
+        trail: TrailArgs,
         /// Print JSON lines (the off-box copy's format).
         #[arg(long)]
         export: bool,
@@ -153,7 +150,66 @@ enum AuditCommand {
 }
 
 #[derive(clap::Args)]
+struct TrailArgs {
+    /// The audit trail: a relay's SQLite file, or the fleet's PostgreSQL database as a
+    /// postgresql:// URL (its password in the URL, --password-file or PGPASSWORD).
+    #[arg(long)]
+    db: TrailAddress,
+    /// The database's password (the file's first line), for a postgresql:// --db without one.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+/// What `--db` names: a SQLite file, or a `postgresql://` (or `postgres://`) URL.
+#[derive(Clone)]
+enum TrailAddress {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::str::FromStr for TrailAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.starts_with("postgresql://") || text.starts_with("postgres://") {
+            Ok(Self::Postgres(text.to_owned()))
+        } else if let Some((scheme, _)) = text.split_once("://") {
+            Err(format!(
+                "{scheme}:// is not a trail: give a SQLite file or a postgresql:// URL"
+            ))
+        } else {
+            Ok(Self::Sqlite(PathBuf::from(text)))
+        }
+    }
+}
+
+/// An audit trail to read.
+enum Trail {
+    Sqlite(PathBuf),
+    Postgres(Box<audit::postgres::Target>),
+}
+
+impl TrailArgs {
+    fn open(self) -> anyhow::Result<Trail> {
+        match self.db {
+            TrailAddress::Sqlite(path) => {
+                if self.password_file.is_some() {
+                    anyhow::bail!("--password-file is for a postgresql:// --db");
+                }
+                Ok(Trail::Sqlite(path))
+            }
+            TrailAddress::Postgres(url) => Ok(Trail::Postgres(Box::new(
+                audit::postgres::Target::new(&url, self.password_file.as_deref())?,
+            ))),
+        }
+    }
+}
+
+#[derive(clap::Args)]
 struct AuditFilterArgs {
+    /// Only rows of this relay instance (`[audit] id`, or the relay's host:port).
+    #[arg(long)]
+    relay: Option<String>,
     /// Only this tenant.
     #[arg(long)]
     tenant: Option<String>,
@@ -174,6 +230,7 @@ struct AuditFilterArgs {
 impl AuditFilterArgs {
     fn into_filter(self) -> audit::Filter {
         audit::Filter {
+            relay: self.relay,
             tenant: self.tenant,
             subject: self.subject,
             source: self.source,
@@ -603,49 +660,70 @@ fn new_key(tenant: &str, subject: &str, roles: &[String]) {
 }
 
 async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
+    use audit::postgres::{mirror, read};
     match command {
         AuditCommand::Tail {
-            db,
+            trail,
             follow,
             filter,
             lines,
         } => {
+            let trail = trail.open()?;
             let stop = shutdown_on_signals();
             let filter = filter.into_filter();
-            tokio::task::spawn_blocking(move || {
-                let mut out = std::io::stdout().lock();
-                audit::tail(
-                    &db,
-                    &filter,
-                    lines,
-                    follow,
-                    &|| stop.is_cancelled(),
-                    &mut out,
-                )
-            })
-            .await??;
+            match trail {
+                Trail::Sqlite(db) => {
+                    tokio::task::spawn_blocking(move || {
+                        let mut out = std::io::stdout().lock();
+                        audit::tail(
+                            &db,
+                            &filter,
+                            lines,
+                            follow,
+                            &|| stop.is_cancelled(),
+                            &mut out,
+                        )
+                    })
+                    .await??
+                }
+                Trail::Postgres(target) => {
+                    let mut out = std::io::stdout().lock();
+                    let stop = || stop.is_cancelled();
+                    read::tail(&target, &filter, lines, follow, &stop, &mut out).await?
+                }
+            }
         }
         AuditCommand::Export {
-            db,
+            trail,
             format: _,
             filter,
             since,
             until,
         } => {
+            let trail = trail.open()?;
             let mut filter = filter.into_filter();
             filter.since_ms = since.as_deref().map(audit::query::parse_time).transpose()?;
             filter.until_ms = until.as_deref().map(audit::query::parse_time).transpose()?;
-            tokio::task::spawn_blocking(move || {
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                audit::export(&db, &filter, &mut out)
-            })
-            .await??;
+            match trail {
+                Trail::Sqlite(db) => {
+                    tokio::task::spawn_blocking(move || {
+                        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                        audit::export(&db, &filter, &mut out)
+                    })
+                    .await??;
+                }
+                Trail::Postgres(target) => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    read::export(&target, &filter, &mut out).await?;
+                }
+            }
         }
         AuditCommand::Verify {
-            db,
+            trail,
             public_key,
             checkpoints,
         } => {
+            let trail = trail.open()?;
             let keys = public_key
                 .iter()
                 .map(|path| audit::key::read_public_key(path))
@@ -661,21 +739,35 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let report =
-                tokio::task::spawn_blocking(move || audit::verify(&db, &keys, copy.as_deref()))
-                    .await??;
+            let report = match trail {
+                Trail::Sqlite(db) => {
+                    tokio::task::spawn_blocking(move || audit::verify(&db, &keys, copy.as_deref()))
+                        .await??
+                }
+                Trail::Postgres(target) => {
+                    let mirror = mirror::mirror(&target).await?;
+                    tokio::task::spawn_blocking(move || mirror.verify(&keys, copy.as_deref()))
+                        .await??
+                }
+            };
             println!("{report}");
             if let Some(problem) = report.problem {
                 anyhow::bail!("audit verify failed: {problem}");
             }
         }
-        AuditCommand::Checkpoints { db, export } => {
-            tokio::task::spawn_blocking(move || {
+        AuditCommand::Checkpoints { trail, export } => match trail.open()? {
+            Trail::Sqlite(db) => {
+                tokio::task::spawn_blocking(move || {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    audit::query::checkpoints(&db, export, &mut out)
+                })
+                .await??;
+            }
+            Trail::Postgres(target) => {
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                audit::query::checkpoints(&db, export, &mut out)
-            })
-            .await??;
-        }
+                read::checkpoints(&target, export, &mut out).await?;
+            }
+        },
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ const PAGE_ROWS: usize = 1000;
 /// Which rows to read. Every field set must match (exactly); none set reads everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
+    /// The relay instance that wrote the row.
+    pub relay: Option<String>,
     /// The tenant.
     pub tenant: Option<String>,
     /// The caller.
@@ -39,12 +41,33 @@ pub struct Filter {
     pub until_ms: Option<u64>,
 }
 
+/// One condition of a [`Filter`]: `column op value`. Both trails (SQLite and PostgreSQL) have
+/// these columns under these names; each renders its own placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Term {
+    /// The column.
+    pub column: &'static str,
+    /// `=`, `>=` or `<`.
+    pub op: &'static str,
+    /// The value.
+    pub value: TermValue,
+}
+
+/// The value a [`Term`] compares with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TermValue {
+    /// A text column's value.
+    Text(String),
+    /// An integer column's value.
+    Integer(i64),
+}
+
 impl Filter {
-    /// The SQL condition and its parameters.
-    fn sql(&self) -> (String, Vec<Value>) {
-        let mut conditions = vec!["1 = 1".to_owned()];
-        let mut values = Vec::new();
+    /// The conditions, in a fixed order.
+    pub fn terms(&self) -> Vec<Term> {
+        let mut terms = Vec::new();
         let text = [
+            ("relay", &self.relay),
             ("tenant", &self.tenant),
             ("subject", &self.subject),
             ("source", &self.source),
@@ -52,21 +75,54 @@ impl Filter {
         ];
         for (column, value) in text {
             if let Some(value) = value {
-                values.push(Value::Text(value.clone()));
-                conditions.push(format!("{column} = ?{}", values.len()));
+                terms.push(Term {
+                    column,
+                    op: "=",
+                    value: TermValue::Text(value.clone()),
+                });
             }
         }
         if let Some(decision) = self.decision {
-            values.push(Value::Text(decision.label().to_owned()));
-            conditions.push(format!("decision = ?{}", values.len()));
+            terms.push(Term {
+                column: "decision",
+                op: "=",
+                value: TermValue::Text(decision.label().to_owned()),
+            });
         }
+        let int = |ms: u64| TermValue::Integer(i64::try_from(ms).unwrap_or(i64::MAX));
         if let Some(since) = self.since_ms {
-            values.push(Value::Integer(i64::try_from(since).unwrap_or(i64::MAX)));
-            conditions.push(format!("time_ms >= ?{}", values.len()));
+            terms.push(Term {
+                column: "time_ms",
+                op: ">=",
+                value: int(since),
+            });
         }
         if let Some(until) = self.until_ms {
-            values.push(Value::Integer(i64::try_from(until).unwrap_or(i64::MAX)));
-            conditions.push(format!("time_ms < ?{}", values.len()));
+            terms.push(Term {
+                column: "time_ms",
+                op: "<",
+                value: int(until),
+            });
+        }
+        terms
+    }
+
+    /// The SQLite condition and its parameters. `relay` is the expression of the relay column
+    /// (a schema 1 file has none: `''`).
+    fn sql(&self, relay: &str) -> (String, Vec<Value>) {
+        let mut conditions = vec!["1 = 1".to_owned()];
+        let mut values = Vec::new();
+        for term in self.terms() {
+            values.push(match term.value {
+                TermValue::Text(text) => Value::Text(text),
+                TermValue::Integer(n) => Value::Integer(n),
+            });
+            let column = if term.column == "relay" {
+                relay
+            } else {
+                term.column
+            };
+            conditions.push(format!("{column} {} ?{}", term.op, values.len()));
         }
         (conditions.join(" AND "), values)
     }
@@ -99,7 +155,7 @@ pub fn format_time(ms: u64) -> String {
 /// One stored row: the chain fields and the record.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredRow {
-    /// Insertion order in the file.
+    /// Insertion order in the file (in PostgreSQL: the order rows arrived there, `id`).
     pub id: i64,
     /// The tenant's chain position (1, 2, ...).
     pub seq: u64,
@@ -164,14 +220,19 @@ impl StoredRow {
 pub struct Reader {
     conn: Connection,
     path: std::path::PathBuf,
+    /// The relay column's expression: `relay`, or `''` in a schema 1 file (which has none).
+    relay_column: &'static str,
 }
 
 impl Reader {
     /// Opens the trail read-only.
     pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let conn = store::open_reader(path)?;
+        let v1 = store::schema_version(&conn, path)?.as_deref() == Some(store::SCHEMA_V1);
         Ok(Self {
-            conn: store::open_reader(path)?,
+            conn,
             path: path.to_owned(),
+            relay_column: if v1 { "''" } else { "relay" },
         })
     }
 
@@ -207,7 +268,7 @@ impl Reader {
         order: &str,
         limit: usize,
     ) -> Result<Vec<StoredRow>, AuditError> {
-        let (condition, mut values) = filter.sql();
+        let (condition, mut values) = filter.sql(self.relay_column);
         values.push(Value::Integer(id));
         let id_condition = id_condition.replace('?', &format!("?{}", values.len()));
         values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
@@ -268,35 +329,48 @@ pub fn checkpoints(path: &Path, json: bool, out: &mut dyn Write) -> Result<u64, 
     // Streamed: a year of one-minute checkpoints is half a million.
     for stored in stmt.query_map([], store::read_checkpoint).map_err(err)? {
         let stored = stored.map_err(err)?;
-        match (&stored.checkpoint, json) {
-            (Ok(cp), true) => writeln!(out, "{}", cp.to_json_line())?,
-            (Ok(cp), false) => writeln!(
-                out,
-                "{} relay={:?} n={} kind={} epoch={} tenants={} key={}{}",
-                format_time(cp.time_ms),
-                cp.relay,
-                cp.n,
-                cp.kind.label(),
-                cp.epoch,
-                cp.heads.len(),
-                cp.public_key.get(..16).unwrap_or(&cp.public_key),
-                if cp.note.is_empty() {
-                    String::new()
-                } else {
-                    format!(" note={:?}", cp.note)
-                }
-            )?,
-            (Err(e), _) => {
-                return Err(AuditError::Database {
-                    path: path.to_owned(),
-                    message: format!("checkpoint id {}: {e}", stored.id),
-                });
-            }
-        }
+        let line = checkpoint_line(&stored, json).map_err(|message| AuditError::Database {
+            path: path.to_owned(),
+            message,
+        })?;
+        writeln!(out, "{line}")?;
         written += 1;
     }
     out.flush()?;
     Ok(written)
+}
+
+/// The `audit checkpoints` line of a stored checkpoint: human-readable, or with `json` its JSON
+/// object (the off-box copy's line); what is wrong with the row if it is not a checkpoint.
+pub fn checkpoint_line(stored: &store::StoredCheckpoint, json: bool) -> Result<String, String> {
+    let cp = match &stored.checkpoint {
+        Ok(cp) => cp,
+        Err(e) if stored.id != 0 => return Err(format!("checkpoint id {}: {e}", stored.id)),
+        Err(e) => {
+            return Err(format!(
+                "checkpoint {} of relay {:?}: {e}",
+                stored.n, stored.relay
+            ));
+        }
+    };
+    if json {
+        return Ok(cp.to_json_line());
+    }
+    Ok(format!(
+        "{} relay={:?} n={} kind={} epoch={} tenants={} key={}{}",
+        format_time(cp.time_ms),
+        cp.relay,
+        cp.n,
+        cp.kind.label(),
+        cp.epoch,
+        cp.heads.len(),
+        cp.public_key.get(..16).unwrap_or(&cp.public_key),
+        if cp.note.is_empty() {
+            String::new()
+        } else {
+            format!(" note={:?}", cp.note)
+        }
+    ))
 }
 
 /// `audit export --format jsonl`: every matching row as one JSON line, oldest first. Returns
@@ -390,11 +464,16 @@ mod tests {
             since_ms: Some(5),
             ..Filter::default()
         };
-        let (sql, values) = filter.sql();
+        let (sql, values) = filter.sql("relay");
         assert_eq!(
             sql,
             "1 = 1 AND tenant = ?1 AND decision = ?2 AND time_ms >= ?3"
         );
+        let relay = Filter {
+            relay: Some("relay-a".into()),
+            ..Filter::default()
+        };
+        assert_eq!(relay.sql("''").0, "1 = 1 AND '' = ?1");
         assert_eq!(
             values,
             vec![

@@ -556,40 +556,104 @@ pub struct StoredCheckpoint {
 pub const CHECKPOINT_COLUMNS: &str = "id, relay, n, prev, hash, kind, epoch, note, time_ms, \
     interval_ms, heads, public_key, signature";
 
-/// One row of [`CHECKPOINT_COLUMNS`].
-pub fn read_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
-    let int = |i: usize| -> rusqlite::Result<u64> {
-        Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or(0))
-    };
-    let kind: String = row.get(5)?;
-    let heads: String = row.get(10)?;
-    let parsed = match (
-        Kind::parse(&kind),
-        serde_json::from_str::<Vec<HeadEntry>>(&heads),
-    ) {
-        (None, _) => Err(format!("unknown kind {kind:?}")),
-        (_, Err(e)) => Err(format!("the heads are not a list of heads: {e}")),
-        (Some(kind), Ok(heads)) => Ok(Checkpoint {
-            relay: row.get(1)?,
-            n: int(2)?,
-            prev: row.get(3)?,
-            kind,
-            epoch: int(6)?,
-            note: row.get(7)?,
-            time_ms: int(8)?,
-            interval_ms: int(9)?,
-            heads,
-            public_key: row.get(11)?,
-            signature: row.get(12)?,
-        }),
-    };
-    Ok(StoredCheckpoint {
+/// The columns of one checkpoint row as stored (in SQLite, or in the PostgreSQL trail, which
+/// has the same ones but `id`), in the order of [`CHECKPOINT_COLUMNS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRow {
+    /// The row id (0 where the table has none).
+    pub id: i64,
+    /// `relay`.
+    pub relay: String,
+    /// `n`.
+    pub n: i64,
+    /// `prev`.
+    pub prev: String,
+    /// `hash`.
+    pub hash: String,
+    /// `kind`.
+    pub kind: String,
+    /// `epoch`.
+    pub epoch: i64,
+    /// `note`.
+    pub note: String,
+    /// `time_ms`.
+    pub time_ms: i64,
+    /// `interval_ms`.
+    pub interval_ms: i64,
+    /// `heads` (JSON).
+    pub heads: String,
+    /// `public_key`.
+    pub public_key: String,
+    /// `signature`.
+    pub signature: String,
+}
+
+impl CheckpointRow {
+    /// The row as stored, with the checkpoint it holds (or what is wrong with it).
+    pub fn parse(self) -> StoredCheckpoint {
+        let int = |n: i64| u64::try_from(n).unwrap_or(0);
+        let parsed = match (
+            Kind::parse(&self.kind),
+            serde_json::from_str::<Vec<HeadEntry>>(&self.heads),
+        ) {
+            (None, _) => Err(format!("unknown kind {:?}", self.kind)),
+            (_, Err(e)) => Err(format!("the heads are not a list of heads: {e}")),
+            (Some(kind), Ok(heads)) => Ok(Checkpoint {
+                relay: self.relay.clone(),
+                n: int(self.n),
+                prev: self.prev,
+                kind,
+                epoch: int(self.epoch),
+                note: self.note,
+                time_ms: int(self.time_ms),
+                interval_ms: int(self.interval_ms),
+                heads,
+                public_key: self.public_key,
+                signature: self.signature,
+            }),
+        };
+        StoredCheckpoint {
+            id: self.id,
+            relay: self.relay,
+            n: int(self.n),
+            stored_hash: self.hash,
+            checkpoint: parsed,
+        }
+    }
+}
+
+/// One row of [`CHECKPOINT_COLUMNS`], as stored.
+pub fn read_checkpoint_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
+    Ok(CheckpointRow {
         id: row.get(0)?,
         relay: row.get(1)?,
-        n: int(2)?,
-        stored_hash: row.get(4)?,
-        checkpoint: parsed,
+        n: row.get(2)?,
+        prev: row.get(3)?,
+        hash: row.get(4)?,
+        kind: row.get(5)?,
+        epoch: row.get(6)?,
+        note: row.get(7)?,
+        time_ms: row.get(8)?,
+        interval_ms: row.get(9)?,
+        heads: row.get(10)?,
+        public_key: row.get(11)?,
+        signature: row.get(12)?,
     })
+}
+
+/// One row of [`CHECKPOINT_COLUMNS`].
+pub fn read_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
+    read_checkpoint_row(row).map(CheckpointRow::parse)
+}
+
+/// Creates the tables of schema [`SCHEMA_VERSION`] in an empty database and records the
+/// version: what a relay's first open does (without its WAL and key), for a copy of a trail
+/// made elsewhere (the PostgreSQL trail's mirror, which `audit verify` reads).
+pub fn create_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE; {META} {RECORDS_V2} {TABLES_V2} \
+         INSERT INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}'); COMMIT;"
+    ))
 }
 
 /// The checkpoint of `relay` with the highest number, if any.

@@ -11,9 +11,12 @@
 //!
 //! One module a concern: `target` (the database's address, password and TLS), `spool` (what
 //! the SQLite spool has not shipped, and its marks), `ship` (copying it in), `shipper` (the
-//! relay's background task, its metrics and the fail-closed switch). This file holds the
-//! schema.
+//! relay's background task, its metrics and the fail-closed switch), `read` (`audit tail`,
+//! `export` and `checkpoints` over the database), `mirror` (`audit verify` over it, through a
+//! SQLite copy the one verifier reads). This file holds the schema.
 
+pub mod mirror;
+pub mod read;
 mod ship;
 mod shipper;
 mod spool;

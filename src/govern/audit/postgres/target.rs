@@ -84,7 +84,7 @@ impl Target {
         } else {
             format!("{base}?{}", rest.join("&"))
         };
-        let mut config = Config::from_str(&stripped).map_err(|e| bad(e.to_string()))?;
+        let mut config = Config::from_str(&stripped).map_err(|e| bad(describe(&e)))?;
         if config.get_password().is_none() {
             if let Some(file) = password_file {
                 let text = std::fs::read_to_string(file)

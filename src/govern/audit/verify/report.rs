@@ -135,7 +135,8 @@ pub enum ProblemKind {
 }
 
 impl ProblemKind {
-    fn is_checkpoint(self) -> bool {
+    /// Whether the problem is with a checkpoint (its `id` a checkpoint row's), not a row.
+    pub fn is_checkpoint(self) -> bool {
         matches!(
             self,
             ProblemKind::BadSignature
