@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::postgres::Postgres;
 use mcp_tunnel::govern::audit::postgres::{
-    Shipped, SpoolRow, mark_shipped, migrate, ship, ship_spool, unshipped,
+    Marks, Shipped, SpoolRow, mark_shipped, migrate, ship, ship_spool, unshipped,
 };
 use mcp_tunnel::govern::audit::{AuditSettings, Auditor, Direction, Outcome, Record, Verdict};
 
@@ -108,10 +108,14 @@ async fn rows_in(client: &tokio_postgres::Client) -> Vec<(String, String, i64, S
 /// Ships a whole spool, round after round, until a round ships nothing; returns the total.
 async fn ship_all(client: &mut tokio_postgres::Client, path: &Path) -> Shipped {
     let conn = rusqlite::Connection::open(path).expect("open the spool");
+    let mut marks = Marks::load(&conn, path).expect("the spool's marks");
     let mut total = Shipped::default();
     for _ in 0..100 {
-        let round = ship_spool(client, "test", &conn, path).await.expect("ship");
+        let round = ship_spool(client, "test", &conn, path, &mut marks)
+            .await
+            .expect("ship");
         if round == Shipped::default() {
+            marks.note(&conn, path, true).expect("note the marks");
             return total;
         }
         total.rows += round.rows;

@@ -27,7 +27,9 @@ pub use shipper::{
     CLOSE_TIMEOUT, MAX_BACKOFF, MIN_BACKOFF, OnDatabaseDown, REFUSE_AFTER, ROUND_TIMEOUT,
     SHIP_POLL, Shipper, ShipperSettings,
 };
-pub use spool::{SpoolCheckpoint, SpoolRow, mark_shipped, spool_depth, unshipped};
+pub use spool::{
+    Marks, NOTE_EVERY, SpoolCheckpoint, SpoolRow, mark_shipped, spool_depth, unshipped,
+};
 pub use target::{CONNECT_TIMEOUT, SslMode, Target};
 
 use tokio_postgres::Client;

@@ -8,8 +8,8 @@ use tokio_postgres::Client;
 
 use super::pg_error;
 use super::spool::{
-    CHECKPOINT_NUMBERS, CHECKPOINT_TEXT, CHECKPOINTS_MARK, SpoolCheckpoint, SpoolRow, mark_shipped,
-    set_mark, unshipped, unshipped_checkpoints,
+    CHECKPOINT_NUMBERS, CHECKPOINT_TEXT, Marks, SpoolCheckpoint, SpoolRow, checkpoints_after,
+    rows_after,
 };
 use crate::govern::audit::AuditError;
 
@@ -171,33 +171,36 @@ pub struct Shipped {
     pub checkpoints: u64,
 }
 
-/// Ships what the spool `conn` (at `path`) holds that it has not shipped: up to
+/// Ships what the spool `conn` (at `path`) holds after `marks`, moving them on: up to
 /// [`SHIP_BATCH`] of the checkpoints present now are read first, then every row (in batches of
 /// [`SHIP_BATCH`]), then those checkpoints: a checkpoint reaches the database only after every
-/// row it signs. Run it until it ships nothing.
+/// row it signs. Run it until it ships nothing; the marks are noted in the spool as
+/// [`Marks::note`] says.
 pub async fn ship_spool(
     client: &mut Client,
     name: &str,
     conn: &Connection,
     path: &Path,
+    marks: &mut Marks,
 ) -> Result<Shipped, AuditError> {
     let mut shipped = Shipped::default();
     // At most a batch of them a round (bounded memory after a long outage); the next round
     // ships the rest.
-    let checkpoints = unshipped_checkpoints(conn, path, SHIP_BATCH)?;
+    let checkpoints = checkpoints_after(conn, path, marks.checkpoints, SHIP_BATCH)?;
     loop {
-        let (_, rows) = unshipped(conn, path, SHIP_BATCH)?;
+        let rows = rows_after(conn, path, marks.rows, SHIP_BATCH)?;
         let Some(last) = rows.last().map(|r| r.id) else {
             break;
         };
         shipped.rows += ship(client, name, &rows).await?;
-        mark_shipped(conn, path, last)?;
+        marks.rows = last;
     }
     for batch in checkpoints.chunks(SHIP_BATCH) {
         shipped.checkpoints += ship_checkpoints(client, name, batch).await?;
         if let Some(last) = batch.last() {
-            set_mark(conn, path, CHECKPOINTS_MARK, last.id)?;
+            marks.checkpoints = last.id;
         }
     }
+    marks.note(conn, path, false)?;
     Ok(shipped)
 }

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
 
 use super::ship::ship_spool;
-use super::spool::spool_depth;
+use super::spool::{Marks, spool_depth};
 use super::{Target, migrate};
 use crate::govern::audit::AuditError;
 use crate::metrics as names;
@@ -181,24 +181,20 @@ fn now_ms() -> i64 {
 /// The shipper's loop: connect (with backoff), then ship round after round until stopped;
 /// at the stop one last round.
 async fn run(settings: ShipperSettings, health: Arc<Health>, mut stop: watch::Receiver<bool>) {
-    let name = settings.target.name().to_owned();
-    let path = settings.spool.clone();
-    let conn = match Connection::open(&path).and_then(|conn| {
-        conn.busy_timeout(SPOOL_BUSY_TIMEOUT)?;
-        Ok(conn)
-    }) {
-        Ok(conn) => conn,
+    let mut spool = match Spool::open(settings, health) {
+        Ok(spool) => spool,
         Err(e) => {
-            tracing::error!(spool = %path.display(), error = %e, "audit shipper cannot open the spool");
+            tracing::error!(error = %e, "audit shipper cannot open the spool");
             return;
         }
     };
+    let name = spool.name.clone();
     let mut backoff = MIN_BACKOFF;
     let mut was_up = true;
     loop {
         let stopping = *stop.borrow();
         let connected = async {
-            let client = settings.target.connect().await?;
+            let client = spool.settings.target.connect().await?;
             migrate(&client, &name).await?;
             // The spool marks a row shipped once this commit returns: it must be durable in
             // the database, whatever the database's default (`off` would lose rows the
@@ -216,7 +212,7 @@ async fn run(settings: ShipperSettings, health: Arc<Health>, mut stop: watch::Re
                 }
                 was_up = true;
                 backoff = MIN_BACKOFF;
-                ship_until_stopped(&mut client, &name, &conn, &settings, &health, &mut stop).await
+                spool.ship_until_stopped(&mut client, &mut stop).await
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(AuditError::Database {
@@ -227,7 +223,7 @@ async fn run(settings: ShipperSettings, health: Arc<Health>, mut stop: watch::Re
         match outcome {
             Ok(()) => return,
             Err(e) => {
-                health.up.store(false, Ordering::Relaxed);
+                spool.health.up.store(false, Ordering::Relaxed);
                 metrics::gauge!(names::AUDIT_DATABASE_UP).set(0.0);
                 if was_up {
                     tracing::warn!(database = %name, error = %e, "audit database does not take rows; they wait in the spool");
@@ -237,9 +233,10 @@ async fn run(settings: ShipperSettings, health: Arc<Health>, mut stop: watch::Re
                 was_up = false;
             }
         }
-        report_depth(&conn, &settings, &health);
+        spool.report_depth();
         if stopping {
-            tracing::warn!(database = %name, spool = %path.display(), "relay stopping with unshipped audit rows; they ship at its next start");
+            spool.note_marks();
+            tracing::warn!(database = %name, spool = %spool.settings.spool.display(), "relay stopping with unshipped audit rows; they ship at its next start");
             return;
         }
         tokio::select! {
@@ -250,68 +247,111 @@ async fn run(settings: ShipperSettings, health: Arc<Health>, mut stop: watch::Re
     }
 }
 
-/// Ships rounds until stopped (`Ok` after the last round) or the database fails (`Err`: the
-/// caller reconnects).
-async fn ship_until_stopped(
-    client: &mut tokio_postgres::Client,
-    name: &str,
-    conn: &Connection,
-    settings: &ShipperSettings,
-    health: &Health,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), AuditError> {
-    loop {
-        let stopping = *stop.borrow();
-        let round = tokio::time::timeout(
-            ROUND_TIMEOUT,
-            ship_spool(client, name, conn, &settings.spool),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(AuditError::Database {
-                path: name.into(),
-                message: format!("a round of shipping took over {ROUND_TIMEOUT:?}"),
+/// The spool as the shipper holds it: its connection, where shipping stands, and what it
+/// tells the relay.
+struct Spool {
+    conn: Connection,
+    marks: Marks,
+    settings: ShipperSettings,
+    health: Arc<Health>,
+    /// The database's name (without its password).
+    name: String,
+}
+
+impl Spool {
+    fn open(settings: ShipperSettings, health: Arc<Health>) -> Result<Self, AuditError> {
+        let path = &settings.spool;
+        let conn = Connection::open(path)
+            .and_then(|conn| {
+                conn.busy_timeout(SPOOL_BUSY_TIMEOUT)?;
+                Ok(conn)
             })
-        })?;
-        health.up.store(true, Ordering::Relaxed);
-        metrics::gauge!(names::AUDIT_DATABASE_UP).set(1.0);
-        metrics::counter!(names::AUDIT_SHIPPED).increment(round.rows);
-        report_depth(conn, settings, health);
-        if stopping {
-            return Ok(());
-        }
-        if round.rows == 0 && round.checkpoints == 0 {
-            // Idle rounds read only the spool: notice a database that went away (its
-            // connection closed) now, not at the next row, so `refuse` mode reacts at once.
-            if client.is_closed() {
-                return Err(AuditError::Database {
-                    path: name.into(),
-                    message: "the connection closed".into(),
-                });
+            .map_err(|e| AuditError::Database {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let marks = Marks::load(&conn, path)?;
+        Ok(Self {
+            conn,
+            marks,
+            name: settings.target.name().to_owned(),
+            settings,
+            health,
+        })
+    }
+
+    /// Ships rounds until stopped (`Ok` after the last round, its marks noted) or the
+    /// database fails (`Err`: the caller reconnects).
+    async fn ship_until_stopped(
+        &mut self,
+        client: &mut tokio_postgres::Client,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), AuditError> {
+        loop {
+            let stopping = *stop.borrow();
+            let shipping = ship_spool(
+                client,
+                &self.name,
+                &self.conn,
+                &self.settings.spool,
+                &mut self.marks,
+            );
+            let round = tokio::time::timeout(ROUND_TIMEOUT, shipping)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(AuditError::Database {
+                        path: self.name.clone().into(),
+                        message: format!("a round of shipping took over {ROUND_TIMEOUT:?}"),
+                    })
+                })?;
+            self.health.up.store(true, Ordering::Relaxed);
+            metrics::gauge!(names::AUDIT_DATABASE_UP).set(1.0);
+            metrics::counter!(names::AUDIT_SHIPPED).increment(round.rows);
+            self.report_depth();
+            if stopping {
+                self.note_marks();
+                return Ok(());
             }
-            tokio::select! {
-                _ = tokio::time::sleep(SHIP_POLL) => {}
-                _ = stop.changed() => {}
+            if round.rows == 0 && round.checkpoints == 0 {
+                // Idle rounds read only the spool: notice a database that went away (its
+                // connection closed) now, not at the next row, so `refuse` mode reacts at once.
+                if client.is_closed() {
+                    return Err(AuditError::Database {
+                        path: self.name.clone().into(),
+                        message: "the connection closed".into(),
+                    });
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(SHIP_POLL) => {}
+                    _ = stop.changed() => {}
+                }
             }
         }
     }
-}
 
-/// Reads the spool's depth into the metrics and the health the relay reads.
-fn report_depth(conn: &Connection, settings: &ShipperSettings, health: &Health) {
-    match spool_depth(conn, &settings.spool) {
-        Ok((rows, oldest)) => {
-            let oldest = oldest.unwrap_or(0);
-            health.oldest_ms.store(oldest, Ordering::Relaxed);
-            metrics::gauge!(names::AUDIT_SPOOL_ROWS).set(rows as f64);
-            let age = if oldest > 0 {
-                now_ms().saturating_sub(oldest) as f64 / 1000.0
-            } else {
-                0.0
-            };
-            metrics::gauge!(names::AUDIT_SPOOL_AGE_SECONDS).set(age.max(0.0));
+    /// Notes the marks in the spool now (the stop): the next start ships from there.
+    fn note_marks(&mut self) {
+        if let Err(e) = self.marks.note(&self.conn, &self.settings.spool, true) {
+            tracing::warn!(error = %e, "audit shipper cannot note its marks; the next start ships again from the last note");
         }
-        Err(e) => tracing::warn!(error = %e, "audit shipper cannot read the spool's depth"),
+    }
+
+    /// Reads the spool's depth into the metrics and the health the relay reads.
+    fn report_depth(&self) {
+        match spool_depth(&self.conn, &self.settings.spool, self.marks.rows) {
+            Ok((rows, oldest)) => {
+                let oldest = oldest.unwrap_or(0);
+                self.health.oldest_ms.store(oldest, Ordering::Relaxed);
+                metrics::gauge!(names::AUDIT_SPOOL_ROWS).set(rows as f64);
+                let age = if oldest > 0 {
+                    now_ms().saturating_sub(oldest) as f64 / 1000.0
+                } else {
+                    0.0
+                };
+                metrics::gauge!(names::AUDIT_SPOOL_AGE_SECONDS).set(age.max(0.0));
+            }
+            Err(e) => tracing::warn!(error = %e, "audit shipper cannot read the spool's depth"),
+        }
     }
 }
 

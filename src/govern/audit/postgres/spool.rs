@@ -3,6 +3,7 @@
 //! only after PostgreSQL committed, so on restart the relay ships again from there.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -37,15 +38,25 @@ pub struct SpoolRow {
     pub record: Vec<u8>,
 }
 
-/// Up to `limit` rows of the spool `conn` (at `path`) after its shipped mark, oldest first,
-/// with that mark.
+/// Up to `limit` rows of the spool `conn` (at `path`) after its shipped mark as noted in it,
+/// oldest first, with that mark.
 pub fn unshipped(
     conn: &Connection,
     path: &Path,
     limit: usize,
 ) -> Result<(i64, Vec<SpoolRow>), AuditError> {
-    let err = spool_error(path);
     let mark = get_mark(conn, path, ROWS_MARK)?;
+    Ok((mark, rows_after(conn, path, mark, limit)?))
+}
+
+/// Up to `limit` rows of the spool after row id `mark`, oldest first.
+pub(super) fn rows_after(
+    conn: &Connection,
+    path: &Path,
+    mark: i64,
+    limit: usize,
+) -> Result<Vec<SpoolRow>, AuditError> {
+    let err = spool_error(path);
     let mut stmt = conn
         .prepare(
             "SELECT id, relay, tenant, seq, prev_hash, hash, time_ms, subject, source, tool, decision, \
@@ -75,7 +86,7 @@ pub fn unshipped(
         .map_err(&err)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(&err)?;
-    Ok((mark, rows))
+    Ok(rows)
 }
 
 /// Notes in the spool that every row up to `id` is shipped.
@@ -149,14 +160,14 @@ pub(super) const CHECKPOINT_TEXT: [&str; 7] = [
 /// Its number columns besides `n`.
 pub(super) const CHECKPOINT_NUMBERS: [&str; 3] = ["epoch", "time_ms", "interval_ms"];
 
-/// Up to `limit` checkpoints of the spool after its checkpoint mark, oldest first.
-pub(super) fn unshipped_checkpoints(
+/// Up to `limit` checkpoints of the spool after checkpoint id `mark`, oldest first.
+pub(super) fn checkpoints_after(
     conn: &Connection,
     path: &Path,
+    mark: i64,
     limit: usize,
 ) -> Result<Vec<SpoolCheckpoint>, AuditError> {
     let err = spool_error(path);
-    let mark = get_mark(conn, path, CHECKPOINTS_MARK)?;
     let sql = format!(
         "SELECT id, relay, n, {}, {} FROM checkpoints WHERE id > ?1 ORDER BY id LIMIT ?2",
         CHECKPOINT_TEXT.join(", "),
@@ -188,11 +199,14 @@ pub(super) fn unshipped_checkpoints(
     .map_err(&err)
 }
 
-/// How far the spool is behind: its unshipped rows, and when the oldest of them was received
-/// (ms since the epoch; `None` when every row is shipped).
-pub fn spool_depth(conn: &Connection, path: &Path) -> Result<(u64, Option<i64>), AuditError> {
+/// How far the spool is behind the row id `mark`: its rows after it, and when the oldest of
+/// them was received (ms since the epoch; `None` when there are none).
+pub fn spool_depth(
+    conn: &Connection,
+    path: &Path,
+    mark: i64,
+) -> Result<(u64, Option<i64>), AuditError> {
     let err = spool_error(path);
-    let mark = get_mark(conn, path, ROWS_MARK)?;
     let (count, oldest): (i64, Option<i64>) = conn
         .query_row(
             "SELECT count(*), (SELECT time_ms FROM records WHERE id > ?1 ORDER BY id LIMIT 1) \
@@ -202,4 +216,79 @@ pub fn spool_depth(conn: &Connection, path: &Path) -> Result<(u64, Option<i64>),
         )
         .map_err(&err)?;
     Ok((u64::try_from(count).unwrap_or(0), oldest))
+}
+
+/// How often at most the shipper notes its marks in the spool. A note is a write, which takes
+/// the SQLite write lock the relay's writer needs (whose busy wait then sleeps a millisecond or
+/// more: the p99 of a call doubled when the marks were noted after every batch). A crash
+/// re-ships at most what was shipped since the last note, which the database stores once.
+pub const NOTE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where shipping stands in a spool: the last row and checkpoint the database has. Kept in
+/// memory while the shipper runs and noted in the spool's `meta` (`shipped_id`,
+/// `shipped_checkpoint_id`) at most every [`NOTE_EVERY`] and at its stop.
+#[derive(Debug, Clone)]
+pub struct Marks {
+    /// The last row id shipped.
+    pub rows: i64,
+    /// The last checkpoint id shipped.
+    pub checkpoints: i64,
+    /// The marks as last noted in the spool.
+    noted: (i64, i64),
+    noted_at: Instant,
+}
+
+impl Marks {
+    /// The marks as noted in the spool `conn` (at `path`).
+    pub fn load(conn: &Connection, path: &Path) -> Result<Self, AuditError> {
+        let rows = get_mark(conn, path, ROWS_MARK)?;
+        let checkpoints = get_mark(conn, path, CHECKPOINTS_MARK)?;
+        Ok(Self {
+            rows,
+            checkpoints,
+            noted: (rows, checkpoints),
+            noted_at: Instant::now(),
+        })
+    }
+
+    /// Notes the marks in the spool if they moved: at once with `now`, else only once
+    /// [`NOTE_EVERY`] has passed since the last note.
+    pub fn note(&mut self, conn: &Connection, path: &Path, now: bool) -> Result<(), AuditError> {
+        let current = (self.rows, self.checkpoints);
+        if current == self.noted || (!now && self.noted_at.elapsed() < NOTE_EVERY) {
+            return Ok(());
+        }
+        set_mark(conn, path, ROWS_MARK, self.rows)?;
+        set_mark(conn, path, CHECKPOINTS_MARK, self.checkpoints)?;
+        self.noted = current;
+        self.noted_at = Instant::now();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_noted_at_most_every_second_unless_asked_and_only_when_they_moved() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("spool.db");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            .expect("meta");
+        let mut marks = Marks::load(&conn, &path).expect("load");
+        assert_eq!((marks.rows, marks.checkpoints), (0, 0));
+        marks.rows = 5;
+        marks.checkpoints = 2;
+        marks.note(&conn, &path, false).expect("note");
+        let stored = Marks::load(&conn, &path).expect("reload");
+        assert_eq!(stored.rows, 0, "not noted within NOTE_EVERY of the last");
+        marks.note(&conn, &path, true).expect("note now");
+        let stored = Marks::load(&conn, &path).expect("reload");
+        assert_eq!((stored.rows, stored.checkpoints), (5, 2));
+        // Unmoved marks write nothing: a locked spool does not matter then.
+        conn.execute_batch("DROP TABLE meta").expect("drop");
+        marks.note(&conn, &path, true).expect("nothing to note");
+    }
 }
