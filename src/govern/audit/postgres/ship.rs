@@ -79,6 +79,7 @@ pub async fn ship(client: &mut Client, name: &str, rows: &[SpoolRow]) -> Result<
         }
     }
     tx.commit().await.map_err(&err)?;
+    metrics::counter!(crate::metrics::AUDIT_SHIPPED).increment(inserted);
     Ok(inserted)
 }
 

@@ -306,7 +306,6 @@ impl Spool {
                 })?;
             self.health.up.store(true, Ordering::Relaxed);
             metrics::gauge!(names::AUDIT_DATABASE_UP).set(1.0);
-            metrics::counter!(names::AUDIT_SHIPPED).increment(round.rows);
             self.report_depth();
             if stopping {
                 self.note_marks();
