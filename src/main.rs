@@ -154,60 +154,21 @@ struct TrailArgs {
     /// The audit trail: a relay's SQLite file, or the fleet's PostgreSQL database as a
     /// postgresql:// URL (its password in the URL, --password-file or PGPASSWORD).
     #[arg(long)]
-    db: TrailAddress,
+    db: String,
     /// The database's password (the file's first line), for a postgresql:// --db without one.
     #[arg(long)]
     password_file: Option<PathBuf>,
 }
 
-/// What `--db` names: a SQLite file, or a `postgresql://` (or `postgres://`) URL.
-#[derive(Clone)]
-enum TrailAddress {
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-impl std::str::FromStr for TrailAddress {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        if text.starts_with("postgresql://") || text.starts_with("postgres://") {
-            Ok(Self::Postgres(text.to_owned()))
-        } else if let Some((scheme, _)) = text.split_once("://") {
-            Err(format!(
-                "{scheme}:// is not a trail: give a SQLite file or a postgresql:// URL"
-            ))
-        } else {
-            Ok(Self::Sqlite(PathBuf::from(text)))
-        }
-    }
-}
-
-/// An audit trail to read.
-enum Trail {
-    Sqlite(PathBuf),
-    Postgres(Box<audit::postgres::Target>),
-}
-
 impl TrailArgs {
-    fn open(self) -> anyhow::Result<Trail> {
-        match self.db {
-            TrailAddress::Sqlite(path) => {
-                if self.password_file.is_some() {
-                    anyhow::bail!("--password-file is for a postgresql:// --db");
-                }
-                Ok(Trail::Sqlite(path))
-            }
-            TrailAddress::Postgres(url) => Ok(Trail::Postgres(Box::new(
-                audit::postgres::Target::new(&url, self.password_file.as_deref())?,
-            ))),
-        }
+    fn open(self) -> anyhow::Result<audit::Trail> {
+        Ok(audit::Trail::open(&self.db, self.password_file.as_deref())?)
     }
 }
 
 #[derive(clap::Args)]
 struct AuditFilterArgs {
-    /// Only rows of this relay instance (`[audit] id`, or the relay's host:port).
+    /// Only rows of this relay instance (its `[fleet] id`, or host:port).
     #[arg(long)]
     relay: Option<String>,
     /// Only this tenant.
@@ -660,7 +621,6 @@ fn new_key(tenant: &str, subject: &str, roles: &[String]) {
 }
 
 async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
-    use audit::postgres::{mirror, read};
     match command {
         AuditCommand::Tail {
             trail,
@@ -670,28 +630,16 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
         } => {
             let trail = trail.open()?;
             let stop = shutdown_on_signals();
-            let filter = filter.into_filter();
-            match trail {
-                Trail::Sqlite(db) => {
-                    tokio::task::spawn_blocking(move || {
-                        let mut out = std::io::stdout().lock();
-                        audit::tail(
-                            &db,
-                            &filter,
-                            lines,
-                            follow,
-                            &|| stop.is_cancelled(),
-                            &mut out,
-                        )
-                    })
-                    .await??
-                }
-                Trail::Postgres(target) => {
-                    let mut out = std::io::stdout().lock();
-                    let stop = || stop.is_cancelled();
-                    read::tail(&target, &filter, lines, follow, &stop, &mut out).await?
-                }
-            }
+            let mut out = std::io::stdout().lock();
+            trail
+                .tail(
+                    &filter.into_filter(),
+                    lines,
+                    follow,
+                    &|| stop.is_cancelled(),
+                    &mut out,
+                )
+                .await?;
         }
         AuditCommand::Export {
             trail,
@@ -704,19 +652,8 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
             let mut filter = filter.into_filter();
             filter.since_ms = since.as_deref().map(audit::query::parse_time).transpose()?;
             filter.until_ms = until.as_deref().map(audit::query::parse_time).transpose()?;
-            match trail {
-                Trail::Sqlite(db) => {
-                    tokio::task::spawn_blocking(move || {
-                        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                        audit::export(&db, &filter, &mut out)
-                    })
-                    .await??;
-                }
-                Trail::Postgres(target) => {
-                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                    read::export(&target, &filter, &mut out).await?;
-                }
-            }
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            trail.export(&filter, &mut out).await?;
         }
         AuditCommand::Verify {
             trail,
@@ -739,35 +676,16 @@ async fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let report = match trail {
-                Trail::Sqlite(db) => {
-                    tokio::task::spawn_blocking(move || audit::verify(&db, &keys, copy.as_deref()))
-                        .await??
-                }
-                Trail::Postgres(target) => {
-                    let mirror = mirror::mirror(&target).await?;
-                    tokio::task::spawn_blocking(move || mirror.verify(&keys, copy.as_deref()))
-                        .await??
-                }
-            };
+            let report = trail.verify(&keys, copy.as_deref()).await?;
             println!("{report}");
             if let Some(problem) = report.problem {
                 anyhow::bail!("audit verify failed: {problem}");
             }
         }
-        AuditCommand::Checkpoints { trail, export } => match trail.open()? {
-            Trail::Sqlite(db) => {
-                tokio::task::spawn_blocking(move || {
-                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                    audit::query::checkpoints(&db, export, &mut out)
-                })
-                .await??;
-            }
-            Trail::Postgres(target) => {
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                read::checkpoints(&target, export, &mut out).await?;
-            }
-        },
+        AuditCommand::Checkpoints { trail, export } => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            trail.open()?.checkpoints(export, &mut out).await?;
+        }
     }
     Ok(())
 }

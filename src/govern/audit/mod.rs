@@ -25,6 +25,7 @@ pub mod query;
 pub mod record;
 mod settings;
 pub mod store;
+mod trail;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -35,6 +36,7 @@ pub use capture::{Capture, CaptureRules, REDACTED, redact_json};
 pub use query::{Filter, Reader, StoredRow, export, tail};
 pub use record::{Direction, Outcome, Record, Verdict, digest};
 pub use settings::{AuditSettings, DatabaseSettings, Durability};
+pub use trail::Trail;
 pub use verify::{Problem, ProblemKind, Report, verify};
 
 /// Why the audit trail could not do what was asked.
