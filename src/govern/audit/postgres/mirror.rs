@@ -19,7 +19,7 @@
 //! [`Mirror::verify`] turns the mirror's row id into the database's `records.id`, and drops
 //! the checkpoint row ids (the database's checkpoints are named by relay and number only).
 //!
-//! Rows are read through a portal and written in transactions of [`PAGE_ROWS`]: memory stays
+//! Rows are read through a portal and written in transactions of [`super::read::PAGE_ROWS`]: memory stays
 //! bounded; the mirror takes about as much disk as the trail (in the system's temporary
 //! folder, removed when the [`Mirror`] is dropped). Its SQLite writes block the task that
 //! makes it: a command's work (`audit verify`), never a relay's.
@@ -30,7 +30,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use tokio_postgres::Row;
 
-use super::read::{PAGE_ROWS, checkpoint_row, checkpoints_sql, open, snapshot};
+use super::read::{checkpoint_row, checkpoints_sql, for_each_page, open, snapshot};
 use super::{Target, pg_error};
 use crate::govern::audit::checkpoint::Checkpoint;
 use crate::govern::audit::store::{self, RECORD_COLUMN_COUNT, RECORD_COLUMNS, record_columns};
@@ -138,26 +138,21 @@ pub async fn mirror(target: &Target) -> Result<Mirror, AuditError> {
     let copier = RowCopier::new()?;
     let (mut copied_rows, mut copied_checkpoints) = (0, 0);
     let portal = tx.bind(ROWS_SQL, &[]).await.map_err(&err)?;
-    loop {
-        let rows = tx.query_portal(&portal, PAGE_ROWS).await.map_err(&err)?;
-        copied_rows = copier
-            .copy(&conn, &rows, copied_rows)
-            .map_err(|e| match e {
-                Copy::Sqlite(e) => sql(e),
-                Copy::Database(e) => err(e),
-            })?;
-        if rows.len() < PAGE_ROWS as usize {
-            break;
-        }
-    }
+    for_each_page(&tx, &portal, name, |rows| {
+        copied_rows = copier.copy(&conn, rows, copied_rows).map_err(|e| match e {
+            Copy::Sqlite(e) => sql(e),
+            Copy::Database(e) => err(e),
+        })?;
+        Ok(())
+    })
+    .await?;
     let portal = tx
         .bind(checkpoints_sql().as_str(), &[])
         .await
         .map_err(&err)?;
-    loop {
-        let rows = tx.query_portal(&portal, PAGE_ROWS).await.map_err(&err)?;
+    for_each_page(&tx, &portal, name, |rows| {
         conn.execute_batch("BEGIN").map_err(sql)?;
-        for row in &rows {
+        for row in rows {
             let cp = checkpoint_row(row).map_err(&err)?;
             conn.execute(
                 "INSERT INTO checkpoints (relay, n, prev, hash, kind, epoch, note, time_ms, \
@@ -182,10 +177,9 @@ pub async fn mirror(target: &Target) -> Result<Mirror, AuditError> {
             copied_checkpoints += 1;
         }
         conn.execute_batch("COMMIT").map_err(sql)?;
-        if rows.len() < PAGE_ROWS as usize {
-            break;
-        }
-    }
+        Ok(())
+    })
+    .await?;
     let keys = tx
         .query("SELECT public_key, added_ms FROM keys", &[])
         .await

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, IsolationLevel, Row, Transaction};
+use tokio_postgres::{Client, IsolationLevel, Portal, Row, Transaction};
 
 use super::{PG_SCHEMA_VERSION, Target, pg_error};
 use crate::govern::audit::AuditError;
@@ -136,6 +136,26 @@ fn stored_row(row: &Row, at: usize, name: &str) -> Result<StoredRow, AuditError>
     })
 }
 
+/// Reads `portal` a page of [`PAGE_ROWS`] rows at a time, handing each page to `each`:
+/// bounded memory on a trail of any size.
+pub(super) async fn for_each_page(
+    tx: &Transaction<'_>,
+    portal: &Portal,
+    name: &str,
+    mut each: impl FnMut(&[Row]) -> Result<(), AuditError>,
+) -> Result<(), AuditError> {
+    loop {
+        let rows = tx
+            .query_portal(portal, PAGE_ROWS)
+            .await
+            .map_err(pg_error(name))?;
+        each(&rows)?;
+        if rows.len() < PAGE_ROWS as usize {
+            return Ok(());
+        }
+    }
+}
+
 /// `audit export --db postgresql://...`: every matching row as one JSON line, in the order
 /// rows arrived, from one snapshot. Returns the number of rows written.
 pub async fn export(
@@ -154,16 +174,14 @@ pub async fn export(
         .await
         .map_err(&err)?;
     let mut written = 0;
-    loop {
-        let rows = tx.query_portal(&portal, PAGE_ROWS).await.map_err(&err)?;
-        for row in &rows {
+    for_each_page(&tx, &portal, name, |rows| {
+        for row in rows {
             writeln!(out, "{}", stored_row(row, 0, name)?.to_json_line())?;
             written += 1;
         }
-        if rows.len() < PAGE_ROWS as usize {
-            break;
-        }
-    }
+        Ok(())
+    })
+    .await?;
     out.flush()?;
     tx.commit().await.map_err(&err)?;
     Ok(written)
@@ -185,9 +203,8 @@ pub async fn checkpoints(
         .await
         .map_err(&err)?;
     let mut written = 0;
-    loop {
-        let rows = tx.query_portal(&portal, PAGE_ROWS).await.map_err(&err)?;
-        for row in &rows {
+    for_each_page(&tx, &portal, name, |rows| {
+        for row in rows {
             let stored = checkpoint_row(row).map_err(&err)?.parse();
             let line = checkpoint_line(&stored, json).map_err(|message| AuditError::Database {
                 path: name.into(),
@@ -196,10 +213,9 @@ pub async fn checkpoints(
             writeln!(out, "{line}")?;
             written += 1;
         }
-        if rows.len() < PAGE_ROWS as usize {
-            break;
-        }
-    }
+        Ok(())
+    })
+    .await?;
     out.flush()?;
     tx.commit().await.map_err(&err)?;
     Ok(written)

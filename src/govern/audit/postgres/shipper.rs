@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
-use serde::Deserialize;
 use tokio::sync::{oneshot, watch};
 
 use super::ship::ship_spool;
@@ -57,8 +56,7 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
 const SPOOL_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `[audit] on_database_down`: what the relay does while the database does not take rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum OnDatabaseDown {
     /// Go on answering; rows wait in the spool and ship once the database answers.
     #[default]

@@ -140,7 +140,7 @@ pub struct SpoolCheckpoint {
     pub relay: String,
     /// Its number in that chain.
     pub n: i64,
-    /// The text columns, in the order of [`CHECKPOINT_TEXT`].
+    /// The text columns: prev, hash, kind, note, heads, public_key, signature.
     pub text: [String; 7],
     /// `epoch`, `time_ms`, `interval_ms`.
     pub numbers: [i64; 3],
