@@ -581,27 +581,10 @@ async fn export_and_tail_over_postgres_print_what_the_sqlite_readers_print_filte
 
 #[tokio::test]
 async fn tail_follow_over_postgres_prints_rows_shipped_after_it_started_even_out_of_order() {
-    use tokio::io::AsyncBufReadExt;
-
     let fleet = Fleet::start().await;
     let url = fleet.url();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-        .args([
-            "audit", "tail", "--follow", "-n", "1", "--tenant", "acme", "--db", &url,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tail --follow");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let mut next_line = async || {
-        tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("a line in time")
-            .expect("read stdout")
-            .expect("tail still running")
-    };
-    let first = next_line().await;
+    let mut follow = common::audit::Follow::start(&url);
+    let first = follow.next_line().await;
     assert!(
         first.contains(" acme#15 "),
         "relay-b's last acme row: {first}"
@@ -612,7 +595,7 @@ async fn tail_follow_over_postgres_prints_rows_shipped_after_it_started_even_out
     let mut client = connect_to(&url).await;
     ship_all(&mut client, &c).await;
     for seq in 1..=3 {
-        let line = next_line().await;
+        let line = follow.next_line().await;
         assert!(line.contains(&format!(" acme#{seq} ")), "{line}");
     }
 
@@ -636,17 +619,13 @@ async fn tail_follow_over_postgres_prints_rows_shipped_after_it_started_even_out
         .execute(insert, &[&relay, &bytes, &seq])
         .await
         .expect("the higher id, committed");
-    let line = next_line().await;
+    let line = follow.next_line().await;
     assert!(line.contains(" acme#102 "), "{line}");
     tx.commit().await.expect("commit the lower id");
-    let line = next_line().await;
+    let line = follow.next_line().await;
     assert!(line.contains(" acme#101 "), "{line}");
 
-    child.start_kill().expect("stop tail by its pid");
-    tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("tail exits in time")
-        .expect("wait");
+    follow.stop().await;
 }
 
 #[tokio::test]

@@ -419,47 +419,25 @@ async fn verify_reads_while_the_relay_writes() {
 
 #[tokio::test]
 async fn tail_follows_new_rows_that_match() {
-    use tokio::io::AsyncBufReadExt;
-
     let dir = tempfile::tempdir().expect("temp dir");
     let config = AuditSettings::new(dir.path().join("audit.db"));
     let auditor = Auditor::open(&config).expect("open");
     auditor.append(record("acme", 0)).await.expect("append");
     auditor.append(record("acme", 1)).await.expect("append");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
-        .args([
-            "audit", "tail", "--follow", "-n", "1", "--tenant", "acme", "--db",
-        ])
-        .arg(&config.path)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tail --follow");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-    let mut next_line = async || {
-        tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("a line in time")
-            .expect("read stdout")
-            .expect("tail still running")
-    };
-    let first = next_line().await;
+    let mut follow = common::audit::Follow::start(&config.path.display().to_string());
+    let first = follow.next_line().await;
     assert!(
         first.contains(" acme#2 "),
         "the last acme row first: {first}"
     );
     auditor.append(record("globex", 2)).await.expect("append");
     auditor.append(record("acme", 3)).await.expect("append");
-    let followed = next_line().await;
+    let followed = follow.next_line().await;
     assert!(
         followed.contains(" acme#3 ") && followed.contains("user0@acme.example"),
         "the new acme row, not globex's: {followed}"
     );
-    child.start_kill().expect("stop tail by its pid");
-    tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("tail exits in time")
-        .expect("wait");
+    follow.stop().await;
     auditor.close().await;
 }
 

@@ -239,3 +239,51 @@ pub fn assert_every_answer_has_a_row(rows: &[Value], answered: &[String]) {
         missing.first()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// `audit tail --follow` as a child process.
+
+/// `mcp-tunnel audit tail --follow -n 1 --tenant acme --db DB`, read line by line; stopped by
+/// its PID in [`Follow::stop`] (or killed when dropped).
+pub struct Follow {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Follow {
+    /// Starts following acme's rows of the trail `db` (a file or a `postgresql://` URL).
+    pub fn start(db: &str) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mcp-tunnel"))
+            .args([
+                "audit", "tail", "--follow", "-n", "1", "--tenant", "acme", "--db", db,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tail --follow");
+        let stdout = child.stdout.take().expect("piped stdout");
+        Self {
+            child,
+            lines: tokio::io::BufReader::new(stdout).lines(),
+        }
+    }
+
+    /// Its next line (bounded by `WAIT`).
+    pub async fn next_line(&mut self) -> String {
+        tokio::time::timeout(super::WAIT, self.lines.next_line())
+            .await
+            .expect("a line in time")
+            .expect("read stdout")
+            .expect("tail still running")
+    }
+
+    /// Stops it by its PID and reaps it (bounded).
+    pub async fn stop(mut self) {
+        self.child.start_kill().expect("stop tail by its pid");
+        tokio::time::timeout(super::WAIT, self.child.wait())
+            .await
+            .expect("tail exits in time")
+            .expect("wait");
+    }
+}
