@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
 use common::fleet::{Fleet, FleetOptions, Haproxy, LoadReport, Proc};
-use common::percentile;
+use common::{cpu_micros, percentile};
 
 /// Concurrent clients of the load tests.
 const STATELESS_SESSIONS: usize = 6;
@@ -925,24 +925,6 @@ async fn failover_round(fleet: &mut Fleet, round: usize, victim: usize) -> Failo
         back_in,
         errors,
     }
-}
-
-/// User + system CPU time of process `pid` so far, in microseconds (`/proc/PID/stat`).
-fn cpu_micros(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (which may hold spaces) start after the last ')';
-    // utime and stime are fields 14 and 15 of proc(5), so 12 and 13 after the name.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
-        .sum();
-    // SAFETY: sysconf with a valid name has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    ticks * 1_000_000 / per_sec
 }
 
 /// The machine's (busy, total) CPU time so far, in ticks of all cores (`/proc/stat`).

@@ -1131,3 +1131,40 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
         .copied()
         .unwrap_or(f64::NAN)
 }
+
+/// User + system CPU time of process `pid` so far, in microseconds (`/proc/PID/stat`).
+pub fn cpu_micros(pid: i32) -> u64 {
+    stat_cpu_micros(&format!("/proc/{pid}/stat"))
+}
+
+/// User + system CPU time in the `/proc` stat file at `path` (a process's, or a thread's under
+/// `/proc/PID/task/TID/stat`), in microseconds; 0 when it cannot be read.
+pub fn stat_cpu_micros(path: &str) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after the last ')';
+    // utime and stime are fields 14 and 15 of proc(5), so 12 and 13 after the name.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks * 1_000_000 / per_sec
+}
+
+/// CPU time so far (µs) of this process's threads named `name` (`/proc/self/task/*/comm`).
+pub fn thread_cpu_micros(name: &str) -> u64 {
+    std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .map(|task| stat_cpu_micros(&task.path().join("stat").display().to_string()))
+        .sum()
+}

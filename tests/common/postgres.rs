@@ -190,6 +190,31 @@ impl Postgres {
         self.running = false;
     }
 
+    /// CPU time so far (µs) of the server: its postmaster and the processes it started (a
+    /// backend per connection, the WAL writer, ...), from `/proc`.
+    pub fn cpu_micros(&self) -> u64 {
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let Some(postmaster) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok())
+        else {
+            return 0;
+        };
+        let parent = |pid: i32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
+        };
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid == postmaster || parent(pid) == Some(postmaster))
+            .map(super::cpu_micros)
+            .sum()
+    }
+
     /// A `postgresql://` URL for database `postgres` as user `postgres`.
     pub fn url(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
