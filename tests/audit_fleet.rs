@@ -470,6 +470,15 @@ async fn on_database_down_refuse_fails_closed_while_the_database_is_away() {
     })
     .await
     .expect("calls are refused while the database is away");
+    // Unavailable, saying when to come back: a load balancer or client may go elsewhere.
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(
+        refused
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
     assert!(
         refused.error_message().contains("does not answer")
             || refused.error_message().contains("has not taken rows"),

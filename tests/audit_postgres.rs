@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::postgres::Postgres;
 use mcp_tunnel::govern::audit::postgres::{
-    Marks, Shipped, SpoolRow, mark_shipped, migrate, ship, ship_spool, unshipped,
+    Marks, Shipped, SpoolRow, Target, mark_shipped, migrate, ship, ship_spool, unshipped,
 };
 use mcp_tunnel::govern::audit::{AuditSettings, Auditor, Direction, Outcome, Record, Verdict};
 
@@ -677,7 +677,7 @@ async fn a_database_that_is_not_a_trail_or_not_there_is_a_clear_error() {
         (
             "postgresql://postgres@127.0.0.1:notaport/postgres".into(),
             vec![],
-            "audit trail postgresql://postgres@127.0.0.1:notaport/postgres",
+            "audit trail the audit database url: invalid connection string",
         ),
         (
             db_url(&pg, "empty"),
@@ -693,9 +693,10 @@ async fn a_database_that_is_not_a_trail_or_not_there_is_a_clear_error() {
             "mysql:// is not a trail",
         ),
         (
+            // Named generically (the URL's text may hold the password), with the cause.
             "postgresql://postgres:s3cret@127.0.0.1:notaport/postgres".into(),
             vec![],
-            "postgresql://postgres@127.0.0.1:notaport/postgres",
+            "the audit database url: invalid connection string: invalid value for option `port`",
         ),
     ];
     for (db, extra, expected) in &cases {
@@ -717,4 +718,54 @@ async fn a_database_that_is_not_a_trail_or_not_there_is_a_clear_error() {
             assert!(!out.contains("s3cret"), "never the password: {out}");
         }
     }
+}
+
+/// The least-privilege role the README gives relays: `SELECT` and `INSERT`, nothing else.
+const RELAY_ROLE: &str = "CREATE ROLE relay_writer LOGIN; \
+    GRANT SELECT ON meta TO relay_writer; \
+    GRANT SELECT, INSERT ON records, checkpoints, keys TO relay_writer;";
+
+#[tokio::test]
+async fn a_relay_ships_with_select_and_insert_only_and_cannot_erase_the_trail() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The schema made once by the database's owner.
+    let owner = connect(&pg).await;
+    migrate(&owner, "owner")
+        .await
+        .expect("the owner makes the schema");
+    owner
+        .batch_execute(RELAY_ROLE)
+        .await
+        .expect("the relay's role");
+
+    let url = format!("postgresql://relay_writer@127.0.0.1:{}/postgres", pg.port);
+    let target = Target::new(&url, None).expect("a valid URL");
+    let mut relay = target.connect().await.expect("connects as relay_writer");
+    migrate(&relay, target.name())
+        .await
+        .expect("a relay only reads the schema's version");
+    let path = spool(dir.path(), "relay-a", 10).await;
+    let shipped = ship_all(&mut relay, &path).await;
+    assert_eq!(shipped.rows, 20);
+    assert!(shipped.checkpoints >= 2, "{shipped:?}");
+
+    for erase in [
+        "DELETE FROM records",
+        "UPDATE records SET subject = 'x'",
+        "TRUNCATE records",
+        "DELETE FROM checkpoints",
+        "DROP TABLE records",
+    ] {
+        let err = relay
+            .batch_execute(erase)
+            .await
+            .expect_err("a relay cannot change or erase the trail");
+        let text = format!("{err:?}");
+        assert!(
+            text.contains("permission denied") || text.contains("must be owner"),
+            "{erase}: {text}"
+        );
+    }
+    assert_eq!(count(&owner, "records").await, 20);
 }

@@ -19,7 +19,7 @@ pub struct AuditSection {
     /// `?sslmode=` and `sslrootcert=` as libpq names them. Rows are durable in `path` before
     /// an answer is released and ship to the database in the background.
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<DatabaseUrl>,
     /// A file whose first line is the database password, when `url` has none (else the
     /// `PGPASSWORD` environment variable).
     #[serde(default)]
@@ -65,6 +65,17 @@ pub enum Durability {
     Commit,
     /// WAL with `synchronous = FULL`: every commit is fsynced, so rows survive power loss.
     Fsync,
+}
+
+/// `[audit] url`: printed (`Debug`) without its text, which may hold a password.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
 }
 
 /// `[audit] on_database_down`
@@ -188,13 +199,16 @@ impl AuditSection {
         if self.path.as_os_str().is_empty() {
             return Err("audit: set path (a SQLite file) or url (a PostgreSQL database)".into());
         }
-        if let Some(url) = &self.url
+        if let Some(DatabaseUrl(url)) = &self.url
             && !(url.starts_with("postgresql://") || url.starts_with("postgres://"))
         {
             return Err("audit.url must be a postgresql:// URL".into());
         }
         if self.url.is_none() && self.on_database_down != OnDatabaseDown::Spool {
             return Err("audit.on_database_down applies only with audit.url".into());
+        }
+        if self.url.is_none() && self.password_file.is_some() {
+            return Err("audit.password_file applies only with audit.url".into());
         }
         if self.checkpoint_rows == 0 {
             return Err("audit.checkpoint_rows must be at least 1".into());

@@ -113,7 +113,7 @@ pub(super) fn audit_settings(config: &RelayConfig) -> Option<AuditSettings> {
         relay_id: None,
         new_epoch: false,
         database: section.url.as_ref().map(|url| DatabaseSettings {
-            url: url.clone(),
+            url: url.0.clone(),
             password_file: section.password_file.clone(),
             on_down: match section.on_database_down {
                 crate::config::OnDatabaseDown::Spool => OnDatabaseDown::Spool,

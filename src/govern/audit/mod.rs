@@ -66,6 +66,16 @@ pub enum AuditError {
         /// What SQLite said.
         message: String,
     },
+    /// The database holds a row or checkpoint of this relay with another hash: its chains
+    /// forked (two relays with one `[fleet] id`, or a spool replaced or restored from an old
+    /// copy) or the database was altered. Shipping cannot go on until an operator acts.
+    #[error("audit database {database}: {message}")]
+    Forked {
+        /// The database (without its password).
+        database: String,
+        /// Which row or checkpoint, and what to do.
+        message: String,
+    },
     /// The trail was closed (shutdown) before the record was queued or committed.
     #[error("the audit trail is closed")]
     Closed,

@@ -24,7 +24,7 @@ pub enum Durability {
 /// for the spool (a row is durable there before its answer is released, whatever the
 /// database does); the database's commits are always durable (`synchronous_commit = on` or
 /// stronger) before the spool marks rows shipped.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseSettings {
     /// `postgresql://...` (see [`super::postgres::Target`]).
     pub url: String,
@@ -32,6 +32,16 @@ pub struct DatabaseSettings {
     pub password_file: Option<PathBuf>,
     /// Whether calls go on or are refused while the database does not take rows.
     pub on_down: OnDatabaseDown,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    /// Without the URL, which may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("password_file", &self.password_file)
+            .field("on_down", &self.on_down)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The audit trail's file, key, durability, checkpoint cadence, queue and capture rules.

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -211,13 +211,13 @@ pub(super) struct Admitted {
 impl Admitted {
     /// Policy's refusal, if the body was refused: the calls are finished as refused, and the
     /// error to answer with is returned (or the error saying they could not be audited).
-    pub(super) async fn refused(&mut self) -> Option<Bytes> {
+    pub(super) async fn refused(&mut self) -> Option<(StatusCode, Bytes)> {
         let denied = self.refusal.take()?;
-        Some(
-            self.calls
-                .fail(Outcome::Error(denied.code), denied.body)
-                .await,
-        )
+        let body = self
+            .calls
+            .fail(Outcome::Error(denied.code), denied.body)
+            .await;
+        Some((denied.status, body))
     }
 
     /// The body, its messages and their calls, to forward.
@@ -295,6 +295,10 @@ pub(super) struct Refusal {
     pub body: Bytes,
     /// Its JSON-RPC error code.
     pub code: i64,
+    /// The HTTP status of a direct answer: `200` for policy's refusals (the JSON-RPC error is
+    /// the answer), `503` while the audit trail cannot take records (the relay is unavailable
+    /// and says when to retry, so a load balancer or client may go elsewhere).
+    pub status: StatusCode,
 }
 
 /// Policy's word on one agent message: on each message of the body (parallel to
@@ -383,6 +387,7 @@ pub(super) async fn authorize(
                 "authorization failed",
             ),
             code: codes::INTERNAL_ERROR,
+            status: StatusCode::OK,
         }),
     }
 }
@@ -406,6 +411,7 @@ fn refuse_requests(classified: &Classified, reason: &str) -> Authorization {
                 &format!("call refused: {reason} (the relay fails closed)"),
             ),
             code: codes::AUDIT_UNAVAILABLE,
+            status: StatusCode::SERVICE_UNAVAILABLE,
         }
     });
     Authorization {
@@ -500,6 +506,7 @@ fn decide(
             authorization.refusal = Some(Refusal {
                 body: error_body(message.id.as_deref(), code, &text),
                 code,
+                status: StatusCode::OK,
             });
         }
         authorization.decisions.push(decision);

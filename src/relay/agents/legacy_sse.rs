@@ -184,7 +184,7 @@ async fn handle_message(
         let mut admitted = admit(&state, &who, &source, body).await?;
         // A refused message's records name its session too.
         admitted.calls.set_context(&session.call_context());
-        if let Some(denied) = admitted.refused().await {
+        if let Some((_, denied)) = admitted.refused().await {
             session.standalone().push(denied).await;
             return Ok::<_, AgentError>(StatusCode::ACCEPTED.into_response());
         }

@@ -81,7 +81,7 @@ pub(super) async fn resume_answer(
     let log = session.answer_log(Some(AnswerIds::new(state.fleet.clone(), claims)));
     let reader = log.attach(Start::Undelivered);
     let mut admitted = admit_read(state, who, &session.source, request, classified).await;
-    if let Some(denied) = admitted.refused().await {
+    if let Some((_, denied)) = admitted.refused().await {
         log.push(denied).await;
         log.finish();
         return Ok(resumed(state, reader, ids));

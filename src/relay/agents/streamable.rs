@@ -72,8 +72,15 @@ async fn post_inner(
         protocol_version: version.map(str::to_owned),
         transport: None,
     });
-    if let Some(denied) = admitted.refused().await {
-        return Ok(json_response(StatusCode::OK, denied));
+    if let Some((status, denied)) = admitted.refused().await {
+        let mut response = json_response(status, denied);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from_static("1"),
+            );
+        }
+        return Ok(response);
     }
     if let Some(session_id) = header_str(&headers, SESSION_HEADER) {
         let session = match resume::find(&state, session_id, &who, &source).await {

@@ -22,13 +22,13 @@ mod shipper;
 mod spool;
 mod target;
 
-pub use ship::{SHIP_BATCH, Shipped, ship, ship_spool};
+pub use ship::{ROUND_BATCHES, SHIP_BATCH, Shipped, ship, ship_spool};
 pub use shipper::{
     CLOSE_TIMEOUT, MAX_BACKOFF, MIN_BACKOFF, OnDatabaseDown, REFUSE_AFTER, ROUND_TIMEOUT,
     SHIP_POLL, Shipper, ShipperSettings,
 };
 pub use spool::{
-    Marks, NOTE_EVERY, SpoolCheckpoint, SpoolRow, mark_shipped, spool_depth, unshipped,
+    BATCH_BYTES, Marks, NOTE_EVERY, SpoolCheckpoint, SpoolRow, mark_shipped, spool_depth, unshipped,
 };
 pub use target::{CONNECT_TIMEOUT, SslMode, Target};
 
@@ -36,8 +36,10 @@ use tokio_postgres::Client;
 
 use super::AuditError;
 
-/// The PostgreSQL schema this code writes (in `meta`).
-pub const PG_SCHEMA_VERSION: &str = "1";
+/// The PostgreSQL schema this code writes (in `meta`). Version 1 was a development build's
+/// (records without arrival ids or filter columns), never released.
+pub const PG_SCHEMA_VERSION: &str = "2";
+const PG_SCHEMA_VERSION_NUMBER: u32 = 2;
 
 /// The tables. `records` holds the columns `audit tail|export` filter on besides the record's
 /// bytes (which the hash covers: `audit verify` checks the columns against them); `id` is the
@@ -97,41 +99,68 @@ fn pg_error(name: &str) -> impl Fn(tokio_postgres::Error) -> AuditError + '_ {
 }
 
 /// Creates the schema (or checks its version) in the database `client` is connected to. Safe
-/// to run from several relays at once.
+/// to run from several relays at once. A database whose schema is there already is only read:
+/// relays then need no more than `SELECT` and `INSERT` on its tables (see the README's
+/// least-privilege role), never the right to change or drop them.
 pub async fn migrate(client: &Client, name: &str) -> Result<(), AuditError> {
     let err = pg_error(name);
+    if let Some(version) = schema_version(client, name).await? {
+        return check_version(&version, name);
+    }
     // Relays starting together would race on CREATE TABLE IF NOT EXISTS (a unique violation
     // in the catalog): one at a time, under a transaction-scoped advisory lock.
     client
         .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({MIGRATE_LOCK}); {SCHEMA} COMMIT;"
+            "BEGIN; SELECT pg_advisory_xact_lock({MIGRATE_LOCK}); {SCHEMA} \
+             INSERT INTO meta (key, value) VALUES ('schema', '{PG_SCHEMA_VERSION}') \
+             ON CONFLICT DO NOTHING; COMMIT;"
         ))
         .await
         .map_err(&err)?;
-    let version: Option<String> = client
-        .query_opt("SELECT value FROM meta WHERE key = 'schema'", &[])
-        .await
-        .map_err(&err)?
-        .map(|row| row.get(0));
-    match version.as_deref() {
-        None => {
-            client
-                .execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema', $1) ON CONFLICT DO NOTHING",
-                    &[&PG_SCHEMA_VERSION],
-                )
-                .await
-                .map_err(&err)?;
-            Ok(())
-        }
-        Some(PG_SCHEMA_VERSION) => Ok(()),
-        Some(other) => Err(AuditError::Database {
+    match schema_version(client, name).await? {
+        Some(version) => check_version(&version, name),
+        None => Err(AuditError::Database {
             path: name.into(),
-            message: format!(
-                "schema version {other}, this build writes {PG_SCHEMA_VERSION}: upgrade the relay"
-            ),
+            message: "the schema was created but names no version".into(),
         }),
     }
+}
+
+/// The schema version the database records; `None` when it has no `meta` table or no version.
+async fn schema_version(client: &Client, name: &str) -> Result<Option<String>, AuditError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+        .await
+        .map_err(pg_error(name))?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt("SELECT value FROM meta WHERE key = 'schema'", &[])
+        .await
+        .map_err(pg_error(name))?
+        .map(|row| row.get(0)))
+}
+
+/// Whether this build writes a database of schema `version`.
+fn check_version(version: &str, name: &str) -> Result<(), AuditError> {
+    if version == PG_SCHEMA_VERSION {
+        return Ok(());
+    }
+    let message = match version.parse::<u32>() {
+        Ok(v) if v > PG_SCHEMA_VERSION_NUMBER => format!(
+            "schema version {version}, this build writes {PG_SCHEMA_VERSION}: upgrade the relay"
+        ),
+        _ => format!(
+            "schema version {version} was written by an earlier development build, which this \
+             build ({PG_SCHEMA_VERSION}) does not migrate: give the relays a new database"
+        ),
+    };
+    Err(AuditError::Database {
+        path: name.into(),
+        message,
+    })
 }
 
 /// The advisory lock [`migrate`] holds: an arbitrary constant of this program ("mcpt" in

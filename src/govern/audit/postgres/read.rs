@@ -32,6 +32,9 @@ use crate::govern::audit::store::{CHECKPOINT_COLUMNS, CheckpointRow};
 /// Rows read per round trip: bounds memory on any trail size.
 pub const PAGE_ROWS: i32 = 1000;
 
+/// The longest one poll of `tail --follow` may wait on the database.
+pub const POLL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long `tail --follow` waits for an id below the highest it read to become a row: twice
 /// a shipper's longest round.
 pub const LATE: Duration = Duration::from_secs(2 * super::ROUND_TIMEOUT.as_secs());
@@ -305,7 +308,16 @@ pub async fn tail(
         below = id;
     }
     while !stop() {
-        follower.poll(&client, name, out).await?;
+        // A database gone quiet (a network cut leaves TCP waiting for hours) ends the follow
+        // with an error rather than holding it past Ctrl-C.
+        tokio::time::timeout(POLL_TIMEOUT, follower.poll(&client, name, out))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AuditError::Database {
+                    path: name.into(),
+                    message: format!("no answer within {POLL_TIMEOUT:?}"),
+                })
+            })?;
         out.flush()?;
         tokio::time::sleep(FOLLOW_POLL).await;
     }

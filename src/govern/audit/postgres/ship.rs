@@ -66,8 +66,8 @@ pub async fn ship(client: &mut Client, name: &str, rows: &[SpoolRow]) -> Result<
             .map_err(&err)?
             .map(|row| (row.get(0), row.get(1), row.get(2)));
         if let Some((relay, tenant, seq)) = forked {
-            return Err(AuditError::Database {
-                path: name.into(),
+            return Err(AuditError::Forked {
+                database: name.into(),
                 message: format!(
                     "row {seq} of relay {relay}, tenant {tenant} is in the database with \
                      another hash: the chains forked (two relays with one [fleet] id, or this \
@@ -143,8 +143,8 @@ async fn ship_checkpoints(
             .map_err(&err)?
             .map(|row| (row.get(0), row.get(1)));
         if let Some((relay, n)) = forked {
-            return Err(AuditError::Database {
-                path: name.into(),
+            return Err(AuditError::Forked {
+                database: name.into(),
                 message: format!(
                     "checkpoint {n} of relay {relay} is in the database with another hash: \
                      nothing of this batch was stored"
@@ -172,11 +172,18 @@ pub struct Shipped {
     pub checkpoints: u64,
 }
 
+/// Batches of rows one [`ship_spool`] round ships at most: a round is bounded in time (the
+/// shipper gives each [`super::ROUND_TIMEOUT`]), so a large backlog drains over many rounds,
+/// each making progress, instead of timing out whole.
+pub const ROUND_BATCHES: usize = 16;
+
 /// Ships what the spool `conn` (at `path`) holds after `marks`, moving them on: up to
-/// [`SHIP_BATCH`] of the checkpoints present now are read first, then every row (in batches of
-/// [`SHIP_BATCH`]), then those checkpoints: a checkpoint reaches the database only after every
-/// row it signs. Run it until it ships nothing; the marks are noted in the spool as
-/// [`Marks::note`] says.
+/// [`SHIP_BATCH`] of the checkpoints present now are read first, then up to [`ROUND_BATCHES`]
+/// batches of rows; if that took every row there was, those checkpoints follow (a checkpoint
+/// reaches the database only after every row it signs), else the next round reads them again.
+/// Run it until it ships nothing. The marks are noted in the spool as [`Marks::note`] says; a
+/// note that fails is logged and retried later (the rows are in the database: the worst a
+/// crash then costs is shipping them again, which stores nothing twice).
 pub async fn ship_spool(
     client: &mut Client,
     name: &str,
@@ -188,20 +195,33 @@ pub async fn ship_spool(
     // At most a batch of them a round (bounded memory after a long outage); the next round
     // ships the rest.
     let checkpoints = checkpoints_after(conn, path, marks.checkpoints, SHIP_BATCH)?;
-    loop {
+    let mut drained = false;
+    for _ in 0..ROUND_BATCHES {
         let rows = rows_after(conn, path, marks.rows, SHIP_BATCH)?;
         let Some(last) = rows.last().map(|r| r.id) else {
+            drained = true;
             break;
         };
         shipped.rows += ship(client, name, &rows).await?;
         marks.rows = last;
+        note(marks, conn, path);
     }
-    for batch in checkpoints.chunks(SHIP_BATCH) {
-        shipped.checkpoints += ship_checkpoints(client, name, batch).await?;
-        if let Some(last) = batch.last() {
-            marks.checkpoints = last.id;
+    if drained {
+        for batch in checkpoints.chunks(SHIP_BATCH) {
+            shipped.checkpoints += ship_checkpoints(client, name, batch).await?;
+            if let Some(last) = batch.last() {
+                marks.checkpoints = last.id;
+            }
         }
+        note(marks, conn, path);
     }
-    marks.note(conn, path, false)?;
     Ok(shipped)
+}
+
+/// [`Marks::note`] when due; a failure (the spool's lock held past its busy timeout) is logged
+/// and the note retried at the next batch.
+fn note(marks: &mut Marks, conn: &Connection, path: &Path) {
+    if let Err(e) = marks.note(conn, path, false) {
+        tracing::warn!(error = %e, "cannot note the shipped marks in the spool; retried later");
+    }
 }

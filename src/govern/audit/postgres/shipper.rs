@@ -11,13 +11,13 @@
 //! spool, and the shipper retries with a backoff up to [`MAX_BACKOFF`], reporting the spool's
 //! depth and age as metrics. Operators who prefer refusing calls to spooling set
 //! `[audit] on_database_down = "refuse"`: then [`Shipper::refusal`] says why calls are refused
-//! while the database does not answer or the spool's oldest row is older than
+//! while the database does not answer or has not finished a round of shipping for
 //! [`REFUSE_AFTER`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::Connection;
 use tokio::sync::{oneshot, watch};
@@ -44,13 +44,17 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// database that stopped answering without closing it) and dropped.
 pub const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// With `on_database_down = "refuse"`: calls are refused once the spool's oldest unshipped
-/// row is older than this (the database has not taken rows for that long), and while the
+/// With `on_database_down = "refuse"`: calls are refused once no round of shipping has ended
+/// well for this long (a database that hangs without closing the connection), and while the
 /// database does not answer. Long enough that a database commit under load never trips it.
 pub const REFUSE_AFTER: Duration = Duration::from_secs(10);
 
 /// How long the relay's close waits for the last round (the close checkpoint shipped).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How often the spool's depth is counted while a backlog drains (idle rounds count it every
+/// time: nothing to scan then).
+const DEPTH_EVERY: Duration = Duration::from_secs(1);
 
 /// SQLite's wait for the writer's lock when the shipper notes its marks.
 const SPOOL_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -82,8 +86,12 @@ pub struct ShipperSettings {
 struct Health {
     /// Whether the last attempt to connect or ship succeeded.
     up: AtomicBool,
-    /// When the oldest unshipped row's call arrived (ms since the epoch); 0: none.
-    oldest_ms: AtomicI64,
+    /// Whether the last attempt failed because the database holds this relay's rows with
+    /// other hashes ([`AuditError::Forked`]).
+    forked: AtomicBool,
+    /// When the last round of shipping ended well (ms since the epoch): an idle round too,
+    /// since nothing waited then. A round that hangs on the database stops it moving.
+    progress_ms: AtomicI64,
 }
 
 /// The running shipper; [`Shipper::close`] ships a last time and stops it.
@@ -102,7 +110,8 @@ impl Shipper {
     pub fn start(settings: ShipperSettings) -> Result<Shipper, AuditError> {
         let health = Arc::new(Health {
             up: AtomicBool::new(false),
-            oldest_ms: AtomicI64::new(0),
+            forked: AtomicBool::new(false),
+            progress_ms: AtomicI64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let (done, stopped) = oneshot::channel();
@@ -136,17 +145,23 @@ impl Shipper {
     }
 
     /// With `on_database_down = "refuse"`, why calls are refused now (the database does not
-    /// answer, or has not taken rows for [`REFUSE_AFTER`]); `None` while calls may go on.
+    /// answer, or no round of shipping has ended well for [`REFUSE_AFTER`]); `None` while
+    /// calls may go on.
     pub fn refusal(&self) -> Option<String> {
         if self.on_down != OnDatabaseDown::Refuse {
             return None;
         }
+        if self.health.forked.load(Ordering::Relaxed) {
+            return Some(format!(
+                "the audit database {} holds this relay's rows with other hashes",
+                self.name
+            ));
+        }
         if !self.health.up.load(Ordering::Relaxed) {
             return Some(format!("the audit database {} does not answer", self.name));
         }
-        let oldest = self.health.oldest_ms.load(Ordering::Relaxed);
-        let behind =
-            oldest > 0 && now_ms().saturating_sub(oldest) > REFUSE_AFTER.as_millis() as i64;
+        let progress = self.health.progress_ms.load(Ordering::Relaxed);
+        let behind = now_ms().saturating_sub(progress) > REFUSE_AFTER.as_millis() as i64;
         behind.then(|| {
             format!(
                 "the audit database {} has not taken rows for over {} s",
@@ -223,7 +238,12 @@ async fn run(settings: ShipperSettings, health: Arc<Health>, mut stop: watch::Re
             Err(e) => {
                 spool.health.up.store(false, Ordering::Relaxed);
                 metrics::gauge!(names::AUDIT_DATABASE_UP).set(0.0);
-                if was_up {
+                let forked = matches!(e, AuditError::Forked { .. });
+                spool.health.forked.store(forked, Ordering::Relaxed);
+                if forked {
+                    // Not an outage: it lasts until an operator acts, so it is said every time.
+                    tracing::error!(database = %name, error = %e, "audit rows cannot ship; they wait in the spool");
+                } else if was_up {
                     tracing::warn!(database = %name, error = %e, "audit database does not take rows; they wait in the spool");
                 } else {
                     tracing::debug!(database = %name, error = %e, "audit database still down");
@@ -254,6 +274,8 @@ struct Spool {
     health: Arc<Health>,
     /// The database's name (without its password).
     name: String,
+    /// When the depth metrics were last read.
+    reported: Instant,
 }
 
 impl Spool {
@@ -275,6 +297,7 @@ impl Spool {
             name: settings.target.name().to_owned(),
             settings,
             health,
+            reported: Instant::now(),
         })
     }
 
@@ -303,13 +326,19 @@ impl Spool {
                     })
                 })?;
             self.health.up.store(true, Ordering::Relaxed);
+            self.health.forked.store(false, Ordering::Relaxed);
+            self.health.progress_ms.store(now_ms(), Ordering::Relaxed);
             metrics::gauge!(names::AUDIT_DATABASE_UP).set(1.0);
-            self.report_depth();
+            // Counting a large backlog's rows costs a scan: while one drains, once a second.
+            let idle = round.rows == 0 && round.checkpoints == 0;
+            if idle || self.reported.elapsed() >= DEPTH_EVERY {
+                self.report_depth();
+            }
             if stopping {
                 self.note_marks();
                 return Ok(());
             }
-            if round.rows == 0 && round.checkpoints == 0 {
+            if idle {
                 // Idle rounds read only the spool: notice a database that went away (its
                 // connection closed) now, not at the next row, so `refuse` mode reacts at once.
                 if client.is_closed() {
@@ -334,11 +363,11 @@ impl Spool {
     }
 
     /// Reads the spool's depth into the metrics and the health the relay reads.
-    fn report_depth(&self) {
+    fn report_depth(&mut self) {
+        self.reported = Instant::now();
         match spool_depth(&self.conn, &self.settings.spool, self.marks.rows) {
             Ok((rows, oldest)) => {
                 let oldest = oldest.unwrap_or(0);
-                self.health.oldest_ms.store(oldest, Ordering::Relaxed);
                 metrics::gauge!(names::AUDIT_SPOOL_ROWS).set(rows as f64);
                 let age = if oldest > 0 {
                     now_ms().saturating_sub(oldest) as f64 / 1000.0

@@ -38,8 +38,8 @@ pub struct SpoolRow {
     pub record: Vec<u8>,
 }
 
-/// Up to `limit` rows of the spool `conn` (at `path`) after its shipped mark as noted in it,
-/// oldest first, with that mark.
+/// Up to `limit` rows (and about [`BATCH_BYTES`]) of the spool `conn` (at `path`) after its
+/// shipped mark as noted in it, oldest first, with that mark.
 pub fn unshipped(
     conn: &Connection,
     path: &Path,
@@ -49,7 +49,14 @@ pub fn unshipped(
     Ok((mark, rows_after(conn, path, mark, limit)?))
 }
 
-/// Up to `limit` rows of the spool after row id `mark`, oldest first.
+/// The record bytes one batch holds at most (beyond its first row, which always goes): rows
+/// keep whole arguments and results under `level = "full"`, and a batch of 512 large ones
+/// would make one message the database refuses, again at every retry, and cost the relay that
+/// much memory.
+pub const BATCH_BYTES: usize = 16 << 20;
+
+/// Up to `limit` rows of the spool after row id `mark`, oldest first, stopping before the row
+/// that would take the batch's record bytes past [`BATCH_BYTES`] (the first row always comes).
 pub(super) fn rows_after(
     conn: &Connection,
     path: &Path,
@@ -63,30 +70,32 @@ pub(super) fn rows_after(
              record FROM records WHERE id > ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(&err)?;
-    let rows = stmt
-        .query_map(
-            params![mark, i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| {
-                Ok(SpoolRow {
-                    id: r.get(0)?,
-                    relay: r.get(1)?,
-                    tenant: r.get(2)?,
-                    seq: r.get(3)?,
-                    prev_hash: r.get(4)?,
-                    hash: r.get(5)?,
-                    time_ms: r.get(6)?,
-                    subject: r.get(7)?,
-                    source: r.get(8)?,
-                    tool: r.get(9)?,
-                    decision: r.get(10)?,
-                    record: r.get(11)?,
-                })
-            },
-        )
-        .map_err(&err)?
-        .collect::<Result<Vec<_>, _>>()
+    let mut rows = stmt
+        .query(params![mark, i64::try_from(limit).unwrap_or(i64::MAX)])
         .map_err(&err)?;
-    Ok(rows)
+    let (mut batch, mut bytes) = (Vec::new(), 0usize);
+    while let Some(r) = rows.next().map_err(&err)? {
+        let record: Vec<u8> = r.get(11).map_err(&err)?;
+        bytes += record.len();
+        if !batch.is_empty() && bytes > BATCH_BYTES {
+            break;
+        }
+        batch.push(SpoolRow {
+            id: r.get(0).map_err(&err)?,
+            relay: r.get(1).map_err(&err)?,
+            tenant: r.get(2).map_err(&err)?,
+            seq: r.get(3).map_err(&err)?,
+            prev_hash: r.get(4).map_err(&err)?,
+            hash: r.get(5).map_err(&err)?,
+            time_ms: r.get(6).map_err(&err)?,
+            subject: r.get(7).map_err(&err)?,
+            source: r.get(8).map_err(&err)?,
+            tool: r.get(9).map_err(&err)?,
+            decision: r.get(10).map_err(&err)?,
+            record,
+        });
+    }
+    Ok(batch)
 }
 
 /// Notes in the spool that every row up to `id` is shipped.

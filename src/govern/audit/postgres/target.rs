@@ -4,13 +4,16 @@
 //! `sslmode` takes libpq's names. Whenever TLS is used the server's certificate is verified,
 //! host name included, against `sslrootcert=FILE` or the system's trust store: `require` and
 //! `verify-ca` are as strict as `verify-full` (the crate never skips verification).
-//! `disable` connects in the clear (a database on loopback or a private socket); `prefer`,
-//! libpq's default, uses TLS when the server offers it.
+//! `disable` connects in the clear and `prefer` uses TLS when the server offers it (both for a
+//! database on loopback or a private socket; a warning says so for any other host). Without
+//! `sslmode`, TLS is required unless every host is on this machine. The name logs and errors
+//! give the database is built from the parsed address, never from the URL's text.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls};
 
 use crate::govern::audit::AuditError;
@@ -51,29 +54,31 @@ impl std::fmt::Debug for Target {
 
 impl Target {
     /// Reads `url`; without a password in it, the password is read from `password_file`
-    /// (its first line) or the `PGPASSWORD` environment variable.
+    /// (its first line) or the `PGPASSWORD` environment variable. Without `sslmode`, TLS is
+    /// required unless every host is on loopback or a Unix socket (`prefer` then): libpq's
+    /// default `prefer` lets anyone on the path answer "no TLS" and see the password.
     pub fn new(url: &str, password_file: Option<&Path>) -> Result<Self, AuditError> {
-        let name = without_password(url);
+        // Until the URL is parsed, errors name it generically: it may hold a password.
         let bad = |message: String| AuditError::Database {
-            path: name.clone().into(),
+            path: "the audit database url".into(),
             message,
         };
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         if !(base.starts_with("postgresql://") || base.starts_with("postgres://")) {
             return Err(bad("the audit url must start with postgresql://".into()));
         }
-        let mut ssl = SslMode::Prefer;
+        let mut ssl = None;
         let mut root_cert = None;
         let mut rest = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=').unwrap_or((pair, "")) {
                 ("sslmode", mode) => {
-                    ssl = match mode {
+                    ssl = Some(match mode {
                         "disable" => SslMode::Disable,
                         "allow" | "prefer" => SslMode::Prefer,
                         "require" | "verify-ca" | "verify-full" => SslMode::Require,
                         other => return Err(bad(format!("unknown sslmode {other:?}"))),
-                    }
+                    })
                 }
                 ("sslrootcert", file) => root_cert = Some(PathBuf::from(file)),
                 _ => rest.push(pair),
@@ -85,10 +90,24 @@ impl Target {
             format!("{base}?{}", rest.join("&"))
         };
         let mut config = Config::from_str(&stripped).map_err(|e| bad(describe(&e)))?;
+        let name = display_name(&config);
+        let local = config.get_hosts().iter().all(is_local);
+        let ssl = match ssl {
+            Some(mode) => {
+                if mode != SslMode::Require && !local {
+                    tracing::warn!(database = %name, ?mode, "sslmode lets the audit database connection run without TLS: anyone on the path can then read the password and the rows; use sslmode=verify-full");
+                }
+                mode
+            }
+            None if local => SslMode::Prefer,
+            None => SslMode::Require,
+        };
         if config.get_password().is_none() {
             if let Some(file) = password_file {
-                let text = std::fs::read_to_string(file)
-                    .map_err(|e| bad(format!("password file {}: {e}", file.display())))?;
+                let text = std::fs::read_to_string(file).map_err(|e| AuditError::Database {
+                    path: name.clone().into(),
+                    message: format!("password file {}: {e}", file.display()),
+                })?;
                 config.password(text.lines().next().unwrap_or_default());
             } else if let Ok(password) = std::env::var("PGPASSWORD") {
                 config.password(password);
@@ -173,22 +192,44 @@ where
     }
 }
 
-/// `url` with the password (between `user:` and `@`) left out.
-fn without_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
-    match authority.rsplit_once('@') {
-        Some((user, host)) => {
-            let user = user.split_once(':').map_or(user, |(u, _)| u);
-            format!("{scheme}://{user}@{host}{path}")
+/// The database as logs and errors name it, built from the parsed address so it can never
+/// carry the password: `postgresql://USER@HOST:PORT/DB`.
+fn display_name(config: &Config) -> String {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(dir) => dir.display().to_string(),
+            };
+            match config.get_ports().get(i).or(config.get_ports().first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    format!(
+        "postgresql://{}@{}/{}",
+        config.get_user().unwrap_or_default(),
+        hosts.join(","),
+        config.get_dbname().unwrap_or_default()
+    )
+}
+
+/// Whether `host` is this machine: a loopback name or address, or a Unix socket.
+fn is_local(host: &Host) -> bool {
+    match host {
+        Host::Unix(_) => true,
+        Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
         }
-        None => format!("{scheme}://{authority}{path}"),
     }
 }
 
@@ -198,22 +239,41 @@ mod tests {
 
     #[test]
     fn names_never_carry_the_password_or_the_query() {
+        let name = |url: &str| Target::new(url, None).unwrap().name().to_owned();
         assert_eq!(
-            without_password("postgresql://audit:s3cret@db.internal:5432/trail?sslmode=require"),
+            name("postgresql://audit:s3cret@db.internal:5432/trail?sslmode=require"),
             "postgresql://audit@db.internal:5432/trail"
         );
+        // A password with a slash (base64 passwords have them) stays out too.
         assert_eq!(
-            without_password("postgresql://db:5432/trail"),
-            "postgresql://db:5432/trail"
+            name("postgresql://audit:ab/cd@db.internal:5432/trail"),
+            "postgresql://audit@db.internal:5432/trail"
         );
         let target = Target::new("postgresql://audit:s3cret@db:5432/trail", None).unwrap();
         assert!(!format!("{target:?}").contains("s3cret"));
+        // Nor do errors before the address is understood.
+        let err = Target::new("postgresql://audit:s3cret@db:notaport/trail", None).unwrap_err();
+        assert!(!err.to_string().contains("s3cret"), "{err}");
     }
 
     #[test]
     fn sslmode_takes_libpqs_names_and_verifies_whenever_tls_is_used() {
         let mode = |url: &str| Target::new(url, None).map(|t| t.ssl);
-        assert_eq!(mode("postgresql://u@h/db").unwrap(), SslMode::Prefer);
+        // Without sslmode: TLS required, unless the database is on this machine.
+        assert_eq!(mode("postgresql://u@h/db").unwrap(), SslMode::Require);
+        assert_eq!(
+            mode("postgresql://u@127.0.0.1/db").unwrap(),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("postgresql://u@localhost/db").unwrap(),
+            SslMode::Prefer
+        );
+        assert_eq!(mode("postgresql://u@[::1]/db").unwrap(), SslMode::Prefer);
+        assert_eq!(
+            mode("postgresql://u@h/db?sslmode=prefer").unwrap(),
+            SslMode::Prefer
+        );
         assert_eq!(
             mode("postgresql://u@h/db?sslmode=disable").unwrap(),
             SslMode::Disable
