@@ -300,4 +300,38 @@ mod tests {
         conn.execute_batch("DROP TABLE meta").expect("drop");
         marks.note(&conn, &path, true).expect("nothing to note");
     }
+
+    #[test]
+    fn a_batch_stops_at_its_byte_budget_but_always_takes_one_row() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("spool.db");
+        let conn = Connection::open(&path).expect("open");
+        crate::govern::audit::store::create_schema(&conn).expect("schema");
+        let insert = |id: i64, size: usize| {
+            conn.execute(
+                "INSERT INTO records (id, relay, tenant, seq, prev_hash, hash, time_ms, subject, \
+                 roles, source, direction, method, decision, rule, outcome, latency_us, \
+                 bytes_in, bytes_out, args_sha256, record) VALUES (?1, 'r', 't', ?1, '', '', 0, \
+                 's', '[]', 'src', 'agent_to_server', 'tools/call', 'allow', '', 'ok', 0, 0, 0, \
+                 '', ?2)",
+                params![id, vec![b'x'; size]],
+            )
+            .expect("insert");
+        };
+        // Three rows of 10 MiB: each batch takes one (two would pass 16 MiB).
+        for id in 1..=3 {
+            insert(id, 10 << 20);
+        }
+        let batch = rows_after(&conn, &path, 0, 512).expect("read");
+        assert_eq!(batch.iter().map(|r| r.id).collect::<Vec<_>>(), vec![1]);
+        // A row larger than the whole budget still ships, alone.
+        insert(4, 20 << 20);
+        let batch = rows_after(&conn, &path, 3, 512).expect("read");
+        assert_eq!(batch.iter().map(|r| r.id).collect::<Vec<_>>(), vec![4]);
+        // Small rows: the row limit decides.
+        for id in 5..=20 {
+            insert(id, 100);
+        }
+        assert_eq!(rows_after(&conn, &path, 4, 8).expect("read").len(), 8);
+    }
 }
