@@ -167,27 +167,12 @@ pub async fn export(
     out: &mut dyn Write,
 ) -> Result<u64, AuditError> {
     let name = target.name();
-    let err = pg_error(name);
-    let mut client = open(target).await?;
-    let tx = snapshot(&mut client, name).await?;
     let (condition, params) = condition(filter, 1);
     let sql = format!("SELECT {ROW_COLUMNS} FROM records WHERE {condition} ORDER BY id");
-    let portal = tx
-        .bind(sql.as_str(), &refs(&[], &params))
-        .await
-        .map_err(&err)?;
-    let mut written = 0;
-    for_each_page(&tx, &portal, name, |rows| {
-        for row in rows {
-            writeln!(out, "{}", stored_row(row, 0, name)?.to_json_line())?;
-            written += 1;
-        }
-        Ok(())
+    write_lines(target, &sql, &refs(&[], &params), out, |row| {
+        Ok(stored_row(row, 0, name)?.to_json_line())
     })
-    .await?;
-    out.flush()?;
-    tx.commit().await.map_err(&err)?;
-    Ok(written)
+    .await
 }
 
 /// `audit checkpoints --db postgresql://...`: every relay's checkpoints, relay by relay in
@@ -198,22 +183,34 @@ pub async fn checkpoints(
     out: &mut dyn Write,
 ) -> Result<u64, AuditError> {
     let name = target.name();
+    write_lines(target, &checkpoints_sql(), &[], out, |row| {
+        let stored = checkpoint_row(row).map_err(pg_error(name))?.parse();
+        checkpoint_line(&stored, json).map_err(|message| AuditError::Database {
+            path: name.into(),
+            message,
+        })
+    })
+    .await
+}
+
+/// Writes `line` of every row of `sql` (with `params`) to `out`, from one snapshot, a page at a
+/// time; returns how many.
+async fn write_lines(
+    target: &Target,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+    out: &mut dyn Write,
+    line: impl Fn(&Row) -> Result<String, AuditError>,
+) -> Result<u64, AuditError> {
+    let name = target.name();
     let err = pg_error(name);
     let mut client = open(target).await?;
     let tx = snapshot(&mut client, name).await?;
-    let portal = tx
-        .bind(checkpoints_sql().as_str(), &[])
-        .await
-        .map_err(&err)?;
+    let portal = tx.bind(sql, params).await.map_err(&err)?;
     let mut written = 0;
     for_each_page(&tx, &portal, name, |rows| {
         for row in rows {
-            let stored = checkpoint_row(row).map_err(&err)?.parse();
-            let line = checkpoint_line(&stored, json).map_err(|message| AuditError::Database {
-                path: name.into(),
-                message,
-            })?;
-            writeln!(out, "{line}")?;
+            writeln!(out, "{}", line(row)?)?;
             written += 1;
         }
         Ok(())
