@@ -239,7 +239,12 @@ mod tests {
 
     #[test]
     fn names_never_carry_the_password_or_the_query() {
-        let name = |url: &str| Target::new(url, None).unwrap().name().to_owned();
+        let name = |url: &str| {
+            Target::new(url, None)
+                .expect("the test URL is valid")
+                .name()
+                .to_owned()
+        };
         assert_eq!(
             name("postgresql://audit:s3cret@db.internal:5432/trail?sslmode=require"),
             "postgresql://audit@db.internal:5432/trail"
@@ -249,7 +254,8 @@ mod tests {
             name("postgresql://audit:ab/cd@db.internal:5432/trail"),
             "postgresql://audit@db.internal:5432/trail"
         );
-        let target = Target::new("postgresql://audit:s3cret@db:5432/trail", None).unwrap();
+        let target = Target::new("postgresql://audit:s3cret@db:5432/trail", None)
+            .expect("the test URL is valid");
         assert!(!format!("{target:?}").contains("s3cret"));
         // Nor do errors before the address is understood.
         let err = Target::new("postgresql://audit:s3cret@db:notaport/trail", None).unwrap_err();
@@ -260,27 +266,34 @@ mod tests {
     fn sslmode_takes_libpqs_names_and_verifies_whenever_tls_is_used() {
         let mode = |url: &str| Target::new(url, None).map(|t| t.ssl);
         // Without sslmode: TLS required, unless the database is on this machine.
-        assert_eq!(mode("postgresql://u@h/db").unwrap(), SslMode::Require);
         assert_eq!(
-            mode("postgresql://u@127.0.0.1/db").unwrap(),
+            mode("postgresql://u@h/db").expect("the test URL is valid"),
+            SslMode::Require
+        );
+        assert_eq!(
+            mode("postgresql://u@127.0.0.1/db").expect("the test URL is valid"),
             SslMode::Prefer
         );
         assert_eq!(
-            mode("postgresql://u@localhost/db").unwrap(),
-            SslMode::Prefer
-        );
-        assert_eq!(mode("postgresql://u@[::1]/db").unwrap(), SslMode::Prefer);
-        assert_eq!(
-            mode("postgresql://u@h/db?sslmode=prefer").unwrap(),
+            mode("postgresql://u@localhost/db").expect("the test URL is valid"),
             SslMode::Prefer
         );
         assert_eq!(
-            mode("postgresql://u@h/db?sslmode=disable").unwrap(),
+            mode("postgresql://u@[::1]/db").expect("the test URL is valid"),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("postgresql://u@h/db?sslmode=prefer").expect("the test URL is valid"),
+            SslMode::Prefer
+        );
+        assert_eq!(
+            mode("postgresql://u@h/db?sslmode=disable").expect("the test URL is valid"),
             SslMode::Disable
         );
         for strict in ["require", "verify-ca", "verify-full"] {
             assert_eq!(
-                mode(&format!("postgresql://u@h/db?sslmode={strict}")).unwrap(),
+                mode(&format!("postgresql://u@h/db?sslmode={strict}"))
+                    .expect("the test URL is valid"),
                 SslMode::Require
             );
         }
@@ -291,12 +304,14 @@ mod tests {
 
     #[test]
     fn the_password_comes_from_the_url_then_the_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temp dir");
         let file = dir.path().join("pw");
-        std::fs::write(&file, "from-file\n").unwrap();
-        let target = Target::new("postgresql://u@h/db", Some(&file)).unwrap();
+        std::fs::write(&file, "from-file\n").expect("write the password file");
+        let target =
+            Target::new("postgresql://u@h/db", Some(&file)).expect("the test URL is valid");
         assert_eq!(target.config.get_password(), Some(&b"from-file"[..]));
-        let target = Target::new("postgresql://u:in-url@h/db", Some(&file)).unwrap();
+        let target =
+            Target::new("postgresql://u:in-url@h/db", Some(&file)).expect("the test URL is valid");
         assert_eq!(target.config.get_password(), Some(&b"in-url"[..]));
         let missing = Target::new("postgresql://u@h/db", Some(&dir.path().join("nope")));
         assert!(missing.unwrap_err().to_string().contains("password file"));
