@@ -434,9 +434,14 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     let legacy = python_client(&url, &key, "legacy").await;
     legacy.assert_session_era_echo("legacy negotiates a session-era version");
 
-    // server-everything has no server/discover: auto falls back to the handshake.
-    let auto = python_client(&url, &key, "auto").await;
-    auto.assert_session_era_echo("auto falls back to a session-era version");
+    // server-everything speaks only the session era (no server/discover): `connect` bridges
+    // stateless agents to it, so auto lands on 2026-07-28 through the tunnel, as it would
+    // directly against a server of both eras.
+    for mode in ["auto", "2026-07-28"] {
+        let modern = python_client(&url, &key, mode).await;
+        assert_eq!(modern.negotiated, "2026-07-28", "{mode}: bridged");
+        modern.assert_echo(mode);
+    }
 
     // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
     let sse_url = format!("http://{}/sse/everything", harness.agents);

@@ -3,6 +3,7 @@
 //! Messages stay as bytes; these helpers read the few fields routing, policy and audit need
 //! (kind, id, method, tool or resource name) and never re-serialise a message.
 
+pub mod bridge;
 pub mod era;
 pub mod jsonrpc;
 pub mod scan;

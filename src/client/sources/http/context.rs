@@ -44,6 +44,33 @@ const DETACHED_ANSWERS: Duration = Duration::from_secs(300);
 /// Text of an upstream error body quoted in a synthesized error.
 const QUOTE_LIMIT: usize = 200;
 
+/// The headers of every POST upstream: a JSON body, and JSON or an event stream accepted back.
+pub(super) fn base_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        ACCEPT,
+        HeaderValue::from_static("application/json, text/event-stream"),
+    );
+    headers
+}
+
+/// The relay-signed identity of the caller, when the tenant enables it for this source: only
+/// in the `x-` header namespace, so it can never replace `Host` or credentials.
+pub(super) fn insert_assertion(headers: &mut HeaderMap, assertion: Option<&Assertion>) {
+    if let Some(assertion) = assertion
+        && crate::govern::assertion::header_name_allowed(&assertion.header)
+        && let (Ok(name), Ok(mut value)) = (
+            HeaderName::try_from(assertion.header.as_str()),
+            HeaderValue::from_str(&assertion.token),
+        )
+    {
+        // Sensitive: never logged, and dropped on a redirect to another origin.
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+}
+
 /// Shared by the tasks serving one stream.
 pub(super) struct StreamContext {
     pub(super) source: Arc<HttpSource>,
@@ -62,6 +89,10 @@ pub(super) struct StreamContext {
     /// answers (wire version 3): each answer is kept under it and its exchange (see
     /// [`crate::client::sources::replay`]).
     relay_stream: Option<u64>,
+    /// A stateless agent's stream carried by a session-era upstream session (see
+    /// [`super::bridge`]): requests go with the session's headers, `server/discover` is
+    /// answered here, and results are completed for the agent's era.
+    bridged: bool,
 }
 
 impl StreamContext {
@@ -90,6 +121,7 @@ impl StreamContext {
             max_frame,
             max_answer,
             relay_stream,
+            bridged: false,
         };
         tracing::debug!(source = %context.source.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         context
@@ -105,6 +137,22 @@ impl StreamContext {
             max_frame: self.max_frame,
             max_answer: self.max_answer,
             relay_stream: None,
+            bridged: self.bridged,
+        }
+    }
+
+    /// Makes this the context of a bridged stream (see [`super::bridge`]).
+    pub(super) fn bridged(mut self) -> Self {
+        self.bridged = true;
+        self
+    }
+
+    /// The era the upstream is spoken to in: the agent's, unless the stream is bridged.
+    fn upstream_era(&self) -> Era {
+        if self.bridged {
+            Era::Session
+        } else {
+            self.header.era
         }
     }
 
@@ -112,8 +160,8 @@ impl StreamContext {
     /// go upstream in order; requests go at once, each answered while the next is read.
     /// Requests still in flight when the stream ends are abandoned, unless their answers are
     /// kept for a replay: then they run on, for at most [`DETACHED_ANSWERS`] (or the session's
-    /// idle time, if longer).
-    pub(super) async fn run(self: Arc<Self>, inbound: &mut Inbound) {
+    /// idle time, if longer). Returns whether requests were still in flight when it ended.
+    pub(super) async fn run(self: Arc<Self>, inbound: &mut Inbound) -> bool {
         if self.relay_stream.is_some() {
             inbound.replays_answers();
         }
@@ -158,7 +206,8 @@ impl StreamContext {
                 }));
             }
         }
-        if self.relay_stream.is_some() && !inbound.closed_by_relay() && !requests.is_empty() {
+        let abandoned = !requests.is_empty();
+        if self.relay_stream.is_some() && !inbound.closed_by_relay() && abandoned {
             // The stream is gone, not the session: the answers still come, kept for the
             // relay the agent resumes on.
             let grace = self.source.held.idle().max(DETACHED_ANSWERS);
@@ -169,6 +218,7 @@ impl StreamContext {
                 }
             });
         }
+        abandoned
     }
 
     /// Takes a relay's signal between messages: an identity frame renews the assertion for
@@ -202,6 +252,13 @@ impl StreamContext {
         if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
             return self.session.send_unsolicited(frame).await;
         }
+        let frame = if self.bridged && frame.kind == FrameKind::Message {
+            let method = self.header_value(crate::mcp::era::METHOD_HEADER);
+            let payload = crate::mcp::bridge::complete(frame.payload, method);
+            Frame::message(frame.exchange, payload)
+        } else {
+            frame
+        };
         let frame = match self.relay_stream {
             Some(stream) if frame.exchange != UNSOLICITED => {
                 match self
@@ -223,14 +280,18 @@ impl StreamContext {
         }
     }
 
+    /// A routing header the agent sent (see [`OpenHeader::mcp_headers`]), by lower-case name.
+    fn header_value(&self, name: &str) -> Option<&str> {
+        self.header
+            .mcp_headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     pub(super) fn headers(&self, is_initialize: bool) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
-        match self.header.era {
+        let mut headers = base_headers();
+        match self.upstream_era() {
             Era::Session => {
                 let session = self.session.upstream.lock();
                 if let Some(id) = &session.id {
@@ -238,6 +299,10 @@ impl StreamContext {
                 }
                 if let (Some(version), false) = (&session.version, is_initialize) {
                     headers.insert(VERSION_HEADER, version.clone());
+                }
+                drop(session);
+                if self.bridged && !is_initialize {
+                    self.insert_mcp_headers(&mut headers);
                 }
             }
             Era::Stateless => {
@@ -249,37 +314,29 @@ impl StreamContext {
                 {
                     headers.insert(VERSION_HEADER, version);
                 }
-                // Only the MCP routing headers, whatever the relay sends: nothing it says can
-                // set `Host`, credentials, cookies or the session upstream.
-                for (name, value) in &self.header.mcp_headers {
-                    if !crate::mcp::era::relayed_header_allowed(name) {
-                        tracing::warn!(source = %self.source.name, header = ?name, "header from the relay not sent upstream: only Mcp-Method, Mcp-Name and Mcp-Param-* are");
-                        continue;
-                    }
-                    if let (Ok(name), Ok(value)) = (
-                        HeaderName::try_from(name.as_str()),
-                        HeaderValue::from_str(value),
-                    ) {
-                        headers.insert(name, value);
-                    }
-                }
+                self.insert_mcp_headers(&mut headers);
             }
         }
-        // The relay-signed identity of the caller, when the tenant enables it for this source:
-        // only in the `x-` header namespace, so it can never replace `Host` or credentials.
         let assertion = self.session.assertion.lock().clone();
-        if let Some(assertion) = &assertion
-            && crate::govern::assertion::header_name_allowed(&assertion.header)
-            && let (Ok(name), Ok(mut value)) = (
-                HeaderName::try_from(assertion.header.as_str()),
-                HeaderValue::from_str(&assertion.token),
-            )
-        {
-            // Sensitive: never logged, and dropped on a redirect to another origin.
-            value.set_sensitive(true);
-            headers.insert(name, value);
-        }
+        insert_assertion(&mut headers, assertion.as_ref());
         headers
+    }
+
+    /// The agent's MCP routing headers, untouched. Only those, whatever the relay sends:
+    /// nothing it says can set `Host`, credentials, cookies or the session upstream.
+    fn insert_mcp_headers(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.header.mcp_headers {
+            if !crate::mcp::era::relayed_header_allowed(name) {
+                tracing::warn!(source = %self.source.name, header = ?name, "header from the relay not sent upstream: only Mcp-Method, Mcp-Name and Mcp-Param-* are");
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(name.as_str()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
     }
 
     /// The headers of a GET for an event stream (the standalone stream, or a resumed answer).
@@ -326,10 +383,30 @@ impl StreamContext {
                 .replays
                 .begin(key, payload.clone(), ids, out, exchange);
         }
-        if let Err(error) = self
-            .post(exchange, payload, is_initialize, &mut pending)
-            .await
-        {
+        let discover = requests
+            .first()
+            .filter(|m| self.bridged && m.method.as_deref() == Some("server/discover"))
+            .and_then(|m| m.id.as_deref());
+        if let Some(answer) = discover.and_then(|id| self.discover_answer(id)) {
+            self.send(Frame::message(exchange, answer)).await;
+            return self.send(Frame::end(exchange)).await;
+        }
+        let mut result = self
+            .post(exchange, payload.clone(), is_initialize, &mut pending)
+            .await;
+        if let Err(UpstreamError::Expired { .. }) = result {
+            // A bridged session the upstream forgot: open it again, and send the request once
+            // more (nothing of its answer went to the agent).
+            tracing::debug!(source = %self.name(), "bridged upstream session expired; opened again");
+            result = match self.handshake().await {
+                Ok(()) => {
+                    self.post(exchange, payload, is_initialize, &mut pending)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+        }
+        if let Err(error) = result {
             tracing::warn!(source = %self.name(), error = %error, "upstream exchange failed");
             let abandoned = matches!(error, UpstreamError::BrokeOff { .. });
             for request in requests.iter().filter(|m| {
@@ -389,10 +466,16 @@ impl StreamContext {
             return Ok(());
         }
         if status == StatusCode::NOT_FOUND
-            && self.header.era == Era::Session
+            && self.upstream_era() == Era::Session
             && !is_initialize
             && self.session_id().is_some()
         {
+            if self.bridged && !self.session.is_gone() {
+                self.session.mark_gone();
+                return Err(UpstreamError::Expired {
+                    source_name: self.name().to_owned(),
+                });
+            }
             // The upstream forgot the session: ours ends once this answer (with the upstream's
             // 404, which tells the agent to initialize again) is through (see `exchange`).
             self.session.mark_gone();

@@ -17,6 +17,10 @@ pub(super) enum UpstreamError {
     },
     #[error("source {source_name} sent a response larger than the limit of {limit} bytes")]
     TooLarge { source_name: String, limit: usize },
+    /// A bridged session the upstream forgot (it answered `404`): opened again and the
+    /// request sent once more (see [`super::bridge`]).
+    #[error("source {source_name} ended the session")]
+    Expired { source_name: String },
     #[error("source {source_name}: {reason}")]
     Broken { source_name: String, reason: String },
     /// The answer failed after some of its pieces went to the relay: the exchange's `End`

@@ -11,6 +11,7 @@
 //! transports use. The frame loop is the one all sources share (`sources::stream`).
 
 mod answer;
+mod bridge;
 mod client;
 mod context;
 mod error;
@@ -53,8 +54,10 @@ pub(crate) struct HttpSource {
     held: Held<HttpSession>,
     /// Bytes the held sessions keep of their answers for replays, together.
     replay_bytes: SourceBytes,
-    /// Whether the sweep of expired held sessions runs.
+    /// Whether the sweep of expired held and bridged sessions runs.
     sweeping: OnceLock<()>,
+    /// Stateless agents of an upstream that speaks only the session era.
+    bridge: bridge::Bridge,
 }
 
 impl HttpSource {
@@ -81,6 +84,7 @@ impl HttpSource {
             )),
             sweeping: OnceLock::new(),
             replay_bytes: SourceBytes::default(),
+            bridge: bridge::Bridge::default(),
         })
     }
 
@@ -175,6 +179,12 @@ impl HttpSource {
             }
         }
         let max_answer = self.max_answer.max(max_frame);
+        if header.era == Era::Stateless && self.bridges(&header).await {
+            let limits = (max_frame, max_answer);
+            return self
+                .serve_bridged(header, inbound, (out, numbered), limits)
+                .await;
+        }
         let Some((session, resumed)) = self.session_for(&header) else {
             let reason = format!(
                 "session not found: its upstream session with source {} has ended",
@@ -199,7 +209,7 @@ impl HttpSource {
                 .await;
             session.start_get_stream();
         }
-        context.clone().run(&mut inbound).await;
+        let _ = context.clone().run(&mut inbound).await;
         match &session.handle {
             Some(handle) if !inbound.closed_by_relay() && !session.is_gone() => {
                 // The stream ended, not the session: a relay may resume it.
@@ -213,6 +223,39 @@ impl HttpSource {
                 session.end(Some(&context)).await;
             }
         }
+    }
+
+    /// Serves a stateless agent's stream over a bridged session-era session of its caller
+    /// (see [`bridge`]), opened first when it is new.
+    async fn serve_bridged(
+        self: Arc<Self>,
+        header: OpenHeader,
+        mut inbound: Inbound,
+        (out, numbered): (Out, bool),
+        (max_frame, max_answer): (usize, usize),
+    ) {
+        let (checkout, fresh) = match self.check_out(&header).await {
+            Ok(checkout) => checkout,
+            Err(e) => return inbound.refuse(&out, e.code(), &e.to_string()).await,
+        };
+        let session = checkout.session();
+        let context = StreamContext::new(
+            self.clone(),
+            header,
+            session.clone(),
+            (out.clone(), numbered),
+            max_frame,
+            max_answer,
+        );
+        let context = Arc::new(context.bridged());
+        session.set_tasks(|| Arc::new(context.for_session()));
+        if fresh && let Err(e) = context.handshake().await {
+            tracing::warn!(source = %self.name, error = %e, "bridged upstream session could not be opened");
+            // The checkout ends the half-open session as it drops.
+            return inbound.refuse(&out, e.code(), &e.to_string()).await;
+        }
+        let abandoned = context.clone().run(&mut inbound).await;
+        checkout.release(!abandoned);
     }
 
     /// The upstream session a stream opened with `header` carries, and whether it resumes
@@ -295,6 +338,10 @@ async fn sweep(source: Weak<HttpSource>) {
         };
         for session in source.held.expired(Instant::now()) {
             tracing::debug!(source = %source.name, "upstream session idle past session_idle_secs; ended");
+            session.end(None).await;
+        }
+        for session in source.bridge.expired(Instant::now(), source.held.idle()) {
+            tracing::debug!(source = %source.name, "bridged upstream session idle past session_idle_secs; ended");
             session.end(None).await;
         }
     }

@@ -12,6 +12,7 @@ use super::context::StreamContext;
 use crate::client::sources::outlet::Outlet;
 use crate::client::sources::replay::SourceBytes;
 use crate::govern::assertion::Assertion;
+use crate::mcp::bridge::Initialized;
 use crate::wire::{Frame, Resumable};
 
 /// What the upstream said of the session.
@@ -37,6 +38,9 @@ pub(super) struct HttpSession {
     /// The context the session's own tasks run in (the GET stream, the final DELETE): it has
     /// no stream of its own. Taken when the session ends (it points back at the session).
     tasks: Mutex<Option<Arc<StreamContext>>>,
+    /// A bridged session's `initialize` result (see [`super::bridge`]): what an agent's
+    /// `server/discover` is answered from.
+    pub(super) initialized: Mutex<Option<Arc<Initialized>>>,
     get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
     gone: std::sync::atomic::AtomicBool,
 }
@@ -56,6 +60,7 @@ impl HttpSession {
             assertion: Mutex::new(assertion),
             outlet: Arc::new(Outlet::new(replay_bytes)),
             tasks: Mutex::default(),
+            initialized: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
         }
@@ -121,6 +126,11 @@ impl HttpSession {
     /// The upstream forgot the session (it answered 404): nothing may resume it.
     pub(super) fn mark_gone(&self) {
         self.gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A bridged session opened anew upstream after the upstream forgot it.
+    pub(super) fn revive(&self) {
+        self.gone.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the upstream forgot the session.

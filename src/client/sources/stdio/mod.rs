@@ -11,9 +11,9 @@
 //! relay. If the child dies during its session, every pending request gets a JSON-RPC error
 //! naming the source and the session ends.
 //!
-//! Stateless 2026-07-28 requests share one long-lived process per source, started lazily and
-//! initialized by `connect` itself in the session era the server speaks (a stdio server may not
-//! know 2026-07-28). Each request travels with an id (and progress token) that `connect`
+//! Stateless 2026-07-28 requests share one long-lived process per source, started lazily: a
+//! server that answers `server/discover` with 2026-07-28 gets them as they are, any other is
+//! initialized by `connect` itself in the session era and bridged (see `pool`). Each request travels with an id (and progress token) that `connect`
 //! assigns, so answers of concurrent agents never mix; the answer goes back with the agent's
 //! own id.
 //!
@@ -89,6 +89,8 @@ pub(crate) struct StdioSource {
     idle: Duration,
     slots: Arc<Slots>,
     pool: tokio::sync::Mutex<Option<Arc<Pooled>>>,
+    /// Whether the pooled process speaks 2026-07-28 (see `pool`), once a probe told.
+    pooled_speaks_stateless: parking_lot::Mutex<Option<bool>>,
     /// The largest answer line read from a child (`max_answer_bytes`). A line is buffered
     /// whole (bounded by this) because its id must be read to route it, then sent on in
     /// pieces when it is larger than one.
@@ -121,6 +123,7 @@ impl StdioSource {
             idle: limits.idle,
             slots: Arc::new(Slots::new(cap)),
             pool: tokio::sync::Mutex::new(None),
+            pooled_speaks_stateless: parking_lot::Mutex::new(None),
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
             held: Held::new(Duration::ZERO),
             replay_bytes: super::replay::SourceBytes::default(),

@@ -1,7 +1,13 @@
 //! Stateless era: one long-lived, pooled process per source serves every stateless request.
-//! `connect` initializes it itself, and re-addresses each request with an id (and progress
-//! token) of its own, so answers of concurrent agents never mix; answers go back under the
-//! agent's own id.
+//! `connect` re-addresses each request with an id (and progress token) of its own, so answers
+//! of concurrent agents never mix; answers go back under the agent's own id.
+//!
+//! A new process is first asked `server/discover`: one that speaks 2026-07-28 gets the
+//! agents' requests as they are. One that does not (an error, or no answer within
+//! [`DISCOVER_TIMEOUT`]) is initialized by `connect` in the session era and *bridged* (see
+//! [`crate::mcp::bridge`]): an agent's `server/discover` is answered from its `initialize`
+//! result, and its results get the fields 2026-07-28 requires. A process that dies of the
+//! probe is started again without it; the source remembers its era.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::process::ChildStdout;
 use tokio::sync::{mpsc, oneshot};
@@ -24,12 +29,18 @@ use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Probe, cancelled_request, key};
 use crate::client::sources::stream::Inbound;
 use crate::client::sources::{Out, send_message};
+use crate::mcp::bridge::{self, Initialized};
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
 use crate::wire::{Frame, OpenHeader};
 
 /// Time a pooled process has to answer `connect`'s own `initialize`.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time a new pooled process has to answer `connect`'s `server/discover` before it is taken
+/// for a session-era server: a server that knows only the handshake may ignore a request
+/// before `initialize` instead of refusing it.
+const DISCOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The protocol version `connect` asks a pooled process for: the newest session-era version.
 /// Servers that only know older ones answer with theirs, as the handshake allows.
@@ -117,6 +128,13 @@ impl StdioSource {
                 return error.answer_all(out, exchange, &classified).await;
             }
         };
+        let bridged = pooled.initialized.get().cloned().flatten();
+        if let (Some(initialized), Some("server/discover")) = (&bridged, info.method.as_deref()) {
+            let answer = initialized.discover_answer(&original_id);
+            let _ = out.send(Frame::message(exchange, answer)).await;
+            let _ = out.send(Frame::end(exchange)).await;
+            return;
+        }
         let id = pooled.next_id();
         let Ok((line, original_token)) = remap_request(&frame.payload, id) else {
             let error = self.error("the request could not be re-addressed");
@@ -127,6 +145,7 @@ impl StdioSource {
             original_token,
             exchange,
             out: out.clone(),
+            completes: bridged.and(info.method.clone()),
         };
         if !pooled.expect(id, Waiter::Agent(call)) {
             // The process died between our lookup and now.
@@ -148,7 +167,16 @@ impl StdioSource {
         if current.take().is_some() {
             tracing::info!(source = %self.name, "restarting the pooled stdio process");
         }
-        let pooled = Pooled::start(self, limit, context).await?;
+        let probed = self.pooled_speaks_stateless.lock().is_none();
+        let pooled = match Pooled::start(self, limit, context).await {
+            // The probe killed a server that knows only the handshake: once more, without it.
+            Err(StdioError::Exited { .. })
+                if probed && *self.pooled_speaks_stateless.lock() == Some(false) =>
+            {
+                Pooled::start(self, limit, context).await?
+            }
+            started => started?,
+        };
         *current = Some(pooled.clone());
         Ok(pooled)
     }
@@ -160,6 +188,9 @@ struct AgentCall {
     original_token: Option<Box<RawValue>>,
     exchange: u64,
     out: Out,
+    /// The agent's method, when the process is bridged: its result is completed for the
+    /// agent's era (see [`crate::mcp::bridge::complete`]).
+    completes: Option<String>,
 }
 
 /// Who waits for an answer of the pooled process.
@@ -180,6 +211,9 @@ pub(super) struct Pooled {
     exit: Exit,
     /// The process; dropping the last `Pooled` stops it.
     process: Process,
+    /// Set once the process is ready: `None` when it speaks 2026-07-28 itself, else its
+    /// `initialize` result (the process is bridged).
+    initialized: std::sync::OnceLock<Option<Arc<Initialized>>>,
 }
 
 impl Pooled {
@@ -201,6 +235,7 @@ impl Pooled {
             stdin,
             exit: process.exit.clone(),
             process,
+            initialized: std::sync::OnceLock::new(),
         });
         if let Some(stdout) = stdout {
             tokio::spawn(route_pooled_output(
@@ -213,69 +248,69 @@ impl Pooled {
                 pooled.source.clone(),
             ));
         }
-        let init_error = |reason: String| StdioError::Init {
+        let known = *source.pooled_speaks_stateless.lock();
+        if known != Some(false) {
+            match pooled
+                .ask(source, bridge::discover_request, DISCOVER_TIMEOUT)
+                .await
+            {
+                Ok(answer) if bridge::speaks_stateless(&answer) => {
+                    *source.pooled_speaks_stateless.lock() = Some(true);
+                    let _ = pooled.initialized.set(None);
+                    tracing::info!(source = %source.name, "pooled stdio process speaks 2026-07-28: stateless requests go as they are");
+                    return Ok(pooled);
+                }
+                Err(error @ StdioError::Exited { .. }) => {
+                    *source.pooled_speaks_stateless.lock() = Some(false);
+                    return Err(error);
+                }
+                // An error, or no answer: a session-era server.
+                _ => *source.pooled_speaks_stateless.lock() = Some(false),
+            }
+        }
+        let initialize = |id| bridge::initialize_request(id, POOLED_PROTOCOL_VERSION);
+        let answer = pooled.ask(source, initialize, INIT_TIMEOUT).await?;
+        let initialized = Initialized::parse(&answer).map_err(|e| StdioError::Init {
             source_name: source.name.to_string(),
-            reason,
-        };
-        let id = pooled.next_id();
-        let (tx, rx) = oneshot::channel();
-        if !pooled.expect(id, Waiter::Internal(tx)) {
-            return Err(source.exited(pooled.exit.status()));
-        }
-        let initialize = serde_json::json!({
-            "jsonrpc": "2.0",
-            "id": id,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": POOLED_PROTOCOL_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "mcp-tunnel", "version": env!("CARGO_PKG_VERSION")},
-            },
-        });
-        pooled.send(Bytes::from(initialize.to_string())).await;
-        let answer = tokio::select! {
-            answer = tokio::time::timeout(INIT_TIMEOUT, rx) => answer,
-            () = pooled.exit.dead.cancelled() => return Err(source.exited(pooled.exit.status())),
-        };
-        let answer = match answer {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => return Err(source.exited(pooled.exit.status())),
-            Err(_) => {
-                return Err(init_error(format!(
-                    "no answer within {} s",
-                    INIT_TIMEOUT.as_secs()
-                )));
-            }
-        };
-        #[derive(Deserialize)]
-        struct InitAnswer {
-            result: Option<serde::de::IgnoredAny>,
-            error: Option<InitError>,
-        }
-        #[derive(Deserialize)]
-        struct InitError {
-            message: Option<String>,
-        }
-        match serde_json::from_slice::<InitAnswer>(&answer) {
-            Ok(InitAnswer {
-                result: Some(_), ..
-            }) => {}
-            Ok(InitAnswer {
-                error: Some(error), ..
-            }) => {
-                return Err(init_error(
-                    error.message.unwrap_or_else(|| "an error".into()),
-                ));
-            }
-            _ => return Err(init_error("a malformed initialize answer".into())),
-        }
+            reason: e.to_string(),
+        })?;
         pooled
-            .send(Bytes::from_static(
-                br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-            ))
+            .send(Bytes::from_static(bridge::INITIALIZED_NOTIFICATION))
             .await;
+        let _ = pooled.initialized.set(Some(Arc::new(initialized)));
         tracing::info!(source = %source.name, "pooled stdio process ready for stateless requests");
         Ok(pooled)
+    }
+
+    /// Sends a request of `connect`'s own (made by `request` from its id) and waits up to
+    /// `timeout` for the answer.
+    async fn ask(
+        &self,
+        source: &StdioSource,
+        request: impl FnOnce(u64) -> Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, StdioError> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        if !self.expect(id, Waiter::Internal(tx)) {
+            return Err(source.exited(self.exit.status()));
+        }
+        self.send(request(id)).await;
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(timeout, rx) => answer,
+            () = self.exit.dead.cancelled() => return Err(source.exited(self.exit.status())),
+        };
+        match answer {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(source.exited(self.exit.status())),
+            Err(_) => {
+                self.forget(id);
+                Err(StdioError::Init {
+                    source_name: source.name.to_string(),
+                    reason: format!("no answer within {} s", timeout.as_secs()),
+                })
+            }
+        }
     }
 
     fn next_id(&self) -> u64 {
@@ -436,7 +471,13 @@ async fn route_pooled_answer(
     match waiter {
         Some(Waiter::Agent(call)) => {
             let body = match replace_at(raw, &["id"], &call.original_id) {
-                Ok((body, _)) => one_line(Bytes::from(body.get().to_owned())),
+                Ok((body, _)) => {
+                    let body = one_line(Bytes::from(body.get().to_owned()));
+                    match &call.completes {
+                        Some(method) => bridge::complete(body, Some(method)),
+                        None => body,
+                    }
+                }
                 Err(_) => error_body(
                     Some(&call.original_id),
                     codes::INTERNAL_ERROR,

@@ -1,0 +1,586 @@
+//! Stateless (2026-07-28) agents of an upstream that speaks only the session era.
+//!
+//! The first stateless stream of a source asks the upstream `server/discover` (at
+//! [`STATELESS_SINCE`]); an upstream that answers with a 2026-07-28 version gets stateless
+//! requests as they are, and one that refuses gets them *bridged*: each request goes upstream
+//! inside a session-era session `connect` opened with its own `initialize`, and what comes back
+//! is completed for the agent (`resultType`, cache hints; see [`crate::mcp::bridge`]). An
+//! agent's `server/discover` is answered from the upstream's `initialize` result. What the
+//! probe learned holds for [`ERA_TTL`], so an upstream that is upgraded is noticed.
+//!
+//! Bridged sessions are pooled per source and per caller: a session carries one request at a
+//! time (the agents' own ids then never meet in one upstream session, and a server request in
+//! mid-call belongs to exactly one call), and is kept after it for the caller's next request.
+//! When an identity assertion goes upstream, a session only ever serves the caller it was
+//! opened for; without one, all callers share the pool. A session the upstream expired (`404`)
+//! is opened again and the request sent once more. The pool is bounded ([`MAX_SESSIONS`] per
+//! source, [`MAX_BUSY_PER_CALLER`] per caller); sessions idle past the source's
+//! `session_idle_secs` are ended (`DELETE`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, StatusCode};
+use parking_lot::Mutex;
+
+use super::HttpSource;
+use super::client::{Response, body_stream, error_chain};
+use super::context::StreamContext;
+use super::error::UpstreamError;
+use super::session::{HttpSession, UpstreamState};
+use crate::mcp::MessageKind;
+use crate::mcp::bridge::{self, Initialized};
+use crate::mcp::era::{
+    LATEST_SESSION_VERSION, METHOD_HEADER, SESSION_HEADER, STATELESS_SINCE, VERSION_HEADER,
+};
+use crate::mcp::sse_reader::{SseItem, SseReader};
+use crate::wire::OpenHeader;
+
+/// Bridged upstream sessions one source keeps at most, busy or idle. Each is one session on
+/// the upstream (a few KiB there, a few hundred bytes here); at the cap the one idle longest
+/// is ended to make room, and when all are busy a request waits up to [`CHECKOUT_WAIT`].
+pub(super) const MAX_SESSIONS: usize = 256;
+
+/// Bridged sessions one caller keeps busy at once: requests in flight through the bridge. A
+/// caller past it waits like everyone else when the pool is full, so one caller cannot take
+/// every session of a source.
+pub(super) const MAX_BUSY_PER_CALLER: usize = 64;
+
+/// How long what the `server/discover` probe learned of an upstream's era holds.
+const ERA_TTL: Duration = Duration::from_secs(300);
+
+/// Time the probe, or our own `initialize` and `notifications/initialized`, may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time a request waits for a bridged session when the pool is full.
+const CHECKOUT_WAIT: Duration = Duration::from_secs(10);
+
+/// The largest answer to our own `server/discover` or `initialize` read.
+const HANDSHAKE_ANSWER_LIMIT: usize = 1 << 20;
+
+/// The id of the requests `connect` sends of its own in a bridged session (its `initialize`,
+/// before any agent's request) and in the probe.
+const OWN_REQUEST_ID: u64 = 1;
+
+/// What a source knows of stateless agents: the upstream's era, and the pooled sessions.
+pub(super) struct Bridge {
+    /// Whether the upstream speaks 2026-07-28, and when that was learned.
+    era: Mutex<Option<(bool, Instant)>>,
+    pool: Mutex<Pool<HttpSession>>,
+    freed: tokio::sync::Notify,
+}
+
+impl Default for Bridge {
+    fn default() -> Self {
+        Self {
+            era: Mutex::new(None),
+            pool: Mutex::new(Pool::new(MAX_SESSIONS, MAX_BUSY_PER_CALLER)),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Bridge {
+    /// The idle sessions unused for `idle`: taken out of the pool, for the caller to end.
+    pub(super) fn expired(&self, now: Instant, idle: Duration) -> Vec<Arc<HttpSession>> {
+        self.pool.lock().expired(now, idle)
+    }
+}
+
+/// A bridged session checked out of its source's pool for one stream. Given back when the
+/// stream is done with it cleanly; ended (`DELETE`) otherwise.
+pub(super) struct Checkout {
+    source: Arc<HttpSource>,
+    key: String,
+    session: Option<Arc<HttpSession>>,
+}
+
+impl Checkout {
+    /// The session.
+    pub(super) fn session(&self) -> Arc<HttpSession> {
+        self.session
+            .clone()
+            .expect("a checkout holds its session until it is dropped")
+    }
+
+    /// Gives the session back to the pool for the caller's next request, unless the upstream
+    /// forgot it or a request of the stream was abandoned in flight (the upstream may still be
+    /// working on it under an id the next caller may use).
+    pub(super) fn release(mut self, clean: bool) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        if clean && !session.is_gone() {
+            let bridge = &self.source.bridge;
+            bridge
+                .pool
+                .lock()
+                .give_back(&self.key, session, Instant::now());
+            bridge.freed.notify_waiters();
+        } else {
+            self.discard(session);
+        }
+    }
+
+    fn discard(&self, session: Arc<HttpSession>) {
+        self.source.bridge.pool.lock().discard(&self.key);
+        self.source.bridge.freed.notify_waiters();
+        tokio::spawn(async move { session.end(None).await });
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.discard(session);
+        }
+    }
+}
+
+impl HttpSource {
+    /// Whether stateless requests of a stream opened with `header` are bridged: the upstream
+    /// does not speak 2026-07-28. Probed with `server/discover` when not known (or known for
+    /// longer than [`ERA_TTL`]); an upstream that cannot be reached is not judged (its
+    /// requests go as they are, and fail as they would).
+    pub(super) async fn bridges(&self, header: &OpenHeader) -> bool {
+        let now = Instant::now();
+        if let Some((stateless, at)) = *self.bridge.era.lock()
+            && now.duration_since(at) < ERA_TTL
+        {
+            return !stateless;
+        }
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.probe(header)).await {
+            Ok(Ok(stateless)) => {
+                if !stateless {
+                    tracing::info!(source = %self.name, "upstream does not speak 2026-07-28: stateless agents are bridged to the session era");
+                }
+                *self.bridge.era.lock() = Some((stateless, now));
+                !stateless
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(source = %self.name, error = %e, "server/discover probe failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(source = %self.name, "server/discover probe timed out");
+                false
+            }
+        }
+    }
+
+    /// Asks the upstream `server/discover` at [`STATELESS_SINCE`] (with the caller's identity
+    /// assertion, which an upstream may require of every request).
+    async fn probe(&self, header: &OpenHeader) -> Result<bool, UpstreamError> {
+        let mut headers = super::context::base_headers();
+        headers.insert(VERSION_HEADER, HeaderValue::from_static(STATELESS_SINCE));
+        headers.insert(METHOD_HEADER, HeaderValue::from_static("server/discover"));
+        super::context::insert_assertion(&mut headers, header.assertion.as_ref());
+        let response = self
+            .client
+            .send(
+                Method::POST,
+                &self.target,
+                headers,
+                bridge::discover_request(OWN_REQUEST_ID),
+            )
+            .await
+            .map_err(|e| UpstreamError::Unreachable {
+                source_name: self.name.clone(),
+                reason: error_chain(&e),
+            })?;
+        let answer = read_answer(&self.name, response).await?;
+        Ok(bridge::speaks_stateless(&answer))
+    }
+
+    /// Checks out a bridged session for a stream opened with `header`: one of its caller's
+    /// idle ones, else a new one (not yet initialized: see [`StreamContext::handshake`]).
+    /// Waits up to [`CHECKOUT_WAIT`] when the pool is full.
+    pub(super) async fn check_out(
+        self: &Arc<Self>,
+        header: &OpenHeader,
+    ) -> Result<(Checkout, bool), UpstreamError> {
+        let key = if header.assertion.is_some() {
+            header.subject.clone()
+        } else {
+            String::new()
+        };
+        let deadline = tokio::time::Instant::now() + CHECKOUT_WAIT;
+        loop {
+            let freed = self.bridge.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let taken = self.bridge.pool.lock().take(&key);
+            let (session, fresh) = match taken {
+                Take::Reuse(session) => (session, false),
+                Take::Open { evicted } => {
+                    if let Some(evicted) = evicted {
+                        tokio::spawn(async move { evicted.end(None).await });
+                    }
+                    let session = HttpSession::new(
+                        None,
+                        UpstreamState::default(),
+                        None,
+                        self.replay_bytes.clone(),
+                    );
+                    (Arc::new(session), true)
+                }
+                Take::Full => {
+                    if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                        return Err(UpstreamError::Broken {
+                            source_name: self.name.clone(),
+                            reason: format!(
+                                "every upstream session for stateless agents is busy ({MAX_SESSIONS} per source, {MAX_BUSY_PER_CALLER} per caller)"
+                            ),
+                        });
+                    }
+                    continue;
+                }
+            };
+            // This stream's assertion is the one its requests carry.
+            *session.assertion.lock() = header.assertion.clone();
+            if self.sweeping.set(()).is_ok() {
+                tokio::spawn(super::sweep(Arc::downgrade(self)));
+            }
+            let checkout = Checkout {
+                source: self.clone(),
+                key,
+                session: Some(session),
+            };
+            return Ok((checkout, fresh));
+        }
+    }
+}
+
+impl StreamContext {
+    /// Opens the bridged session upstream: our own `initialize` at the newest session-era
+    /// version, then `notifications/initialized`. Forgets whatever session it had before (the
+    /// upstream expired it). Bounded by [`HANDSHAKE_TIMEOUT`].
+    pub(super) async fn handshake(&self) -> Result<(), UpstreamError> {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.try_handshake()).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Broken {
+                source_name: self.name().to_owned(),
+                reason: format!(
+                    "no answer to initialize within {} s",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                ),
+            }),
+        }
+    }
+
+    async fn try_handshake(&self) -> Result<(), UpstreamError> {
+        *self.session.upstream.lock() = UpstreamState::default();
+        self.session.revive();
+        let initialize = bridge::initialize_request(OWN_REQUEST_ID, LATEST_SESSION_VERSION);
+        let response = self.post_own(initialize, true).await?;
+        if let Some(id) = response.headers().get(SESSION_HEADER) {
+            self.session.upstream.lock().id = Some(id.clone());
+        }
+        let status = response.status();
+        let answer = read_answer(self.name(), response).await?;
+        let refused = |reason: String| UpstreamError::Broken {
+            source_name: self.name().to_owned(),
+            reason,
+        };
+        let initialized = Initialized::parse(&answer).map_err(|e| match status.is_success() {
+            true => refused(e.to_string()),
+            false => refused(format!("HTTP {status}: {e}")),
+        })?;
+        self.session.upstream.lock().version = HeaderValue::from_str(&initialized.version).ok();
+        *self.session.initialized.lock() = Some(Arc::new(initialized));
+        let response = self
+            .post_own(Bytes::from_static(bridge::INITIALIZED_NOTIFICATION), false)
+            .await?;
+        if !response.status().is_success() {
+            return Err(refused(format!(
+                "HTTP {} to notifications/initialized",
+                response.status()
+            )));
+        }
+        tracing::debug!(source = %self.name(), "bridged upstream session opened for stateless agents");
+        Ok(())
+    }
+
+    async fn post_own(&self, body: Bytes, is_initialize: bool) -> Result<Response, UpstreamError> {
+        self.source
+            .client
+            .send(
+                Method::POST,
+                &self.source.target,
+                self.headers(is_initialize),
+                body,
+            )
+            .await
+            .map_err(|e| UpstreamError::Unreachable {
+                source_name: self.name().to_owned(),
+                reason: error_chain(&e),
+            })
+    }
+
+    /// The answer to an agent's `server/discover` in a bridged stream, from the upstream's
+    /// `initialize` result.
+    pub(super) fn discover_answer(&self, id: &serde_json::value::RawValue) -> Option<Bytes> {
+        let initialized = self.session.initialized.lock().clone()?;
+        Some(initialized.discover_answer(id))
+    }
+}
+
+/// Reads the JSON-RPC answer to one of our own requests: a JSON body, or the first response
+/// in an event stream, within [`HANDSHAKE_ANSWER_LIMIT`].
+async fn read_answer(source: &str, response: Response) -> Result<Bytes, UpstreamError> {
+    let broken = |reason: String| UpstreamError::Broken {
+        source_name: source.to_owned(),
+        reason,
+    };
+    let sse = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"));
+    let status = response.status();
+    let mut body = body_stream(response);
+    let mut reader = SseReader::new();
+    let mut items = Vec::new();
+    let mut message = bytes::BytesMut::new();
+    let mut read = 0usize;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| broken(error_chain(&e)))?;
+        read += chunk.len();
+        if read > HANDSHAKE_ANSWER_LIMIT {
+            return Err(UpstreamError::TooLarge {
+                source_name: source.to_owned(),
+                limit: HANDSHAKE_ANSWER_LIMIT,
+            });
+        }
+        if !sse {
+            message.extend_from_slice(&chunk);
+            continue;
+        }
+        items.clear();
+        reader
+            .feed(&chunk, &mut items)
+            .map_err(|e| broken(format!("bad event stream: {e}")))?;
+        for item in items.drain(..) {
+            match item {
+                SseItem::Data(bytes) => message.extend_from_slice(&bytes),
+                SseItem::End { .. } => {
+                    let event = std::mem::take(&mut message).freeze();
+                    let is_response = crate::mcp::classify(&event).is_ok_and(|c| {
+                        c.messages().iter().any(|m| m.kind == MessageKind::Response)
+                    });
+                    if is_response {
+                        return Ok(event);
+                    }
+                }
+            }
+        }
+    }
+    if sse || (message.is_empty() && status == StatusCode::ACCEPTED) {
+        return Err(broken(format!("no answer (HTTP {status})")));
+    }
+    Ok(message.freeze())
+}
+
+/// What [`Pool::take`] found for a caller.
+#[derive(Debug)]
+pub(super) enum Take<S> {
+    /// One of its idle sessions.
+    Reuse(Arc<S>),
+    /// Room for a new one, made by taking `evicted` (idle longest) out, when it says so.
+    Open { evicted: Option<Arc<S>> },
+    /// None: the pool is full of busy sessions, or the caller is at its own cap.
+    Full,
+}
+
+/// The bookkeeping of bridged sessions, per caller key: plain data, the caller passes `now`.
+pub(super) struct Pool<S> {
+    idle: HashMap<String, Vec<(Arc<S>, Instant)>>,
+    busy: HashMap<String, usize>,
+    /// Sessions in the pool, idle and busy.
+    live: usize,
+    max: usize,
+    max_busy: usize,
+}
+
+impl<S> Pool<S> {
+    pub(super) fn new(max: usize, max_busy: usize) -> Self {
+        Self {
+            idle: HashMap::new(),
+            busy: HashMap::new(),
+            live: 0,
+            max,
+            max_busy,
+        }
+    }
+
+    /// A session for `key`: its idle one used last, else room for a new one.
+    pub(super) fn take(&mut self, key: &str) -> Take<S> {
+        let busy = self.busy.get(key).copied().unwrap_or(0);
+        if busy >= self.max_busy {
+            return Take::Full;
+        }
+        if let Some(idle) = self.idle.get_mut(key)
+            && let Some((session, _)) = idle.pop()
+        {
+            if idle.is_empty() {
+                self.idle.remove(key);
+            }
+            *self.busy.entry(key.to_owned()).or_default() += 1;
+            return Take::Reuse(session);
+        }
+        let evicted = if self.live >= self.max {
+            let Some(evicted) = self.evict_oldest() else {
+                return Take::Full;
+            };
+            Some(evicted)
+        } else {
+            None
+        };
+        if evicted.is_none() {
+            self.live += 1;
+        }
+        *self.busy.entry(key.to_owned()).or_default() += 1;
+        Take::Open { evicted }
+    }
+
+    fn evict_oldest(&mut self) -> Option<Arc<S>> {
+        let key = self
+            .idle
+            .iter()
+            .filter_map(|(key, sessions)| Some((key, sessions.first()?.1)))
+            .min_by_key(|(_, since)| *since)
+            .map(|(key, _)| key.clone())?;
+        let sessions = self.idle.get_mut(&key)?;
+        let (session, _) = sessions.remove(0);
+        if sessions.is_empty() {
+            self.idle.remove(&key);
+        }
+        Some(session)
+    }
+
+    /// A busy session of `key` is idle again.
+    pub(super) fn give_back(&mut self, key: &str, session: Arc<S>, now: Instant) {
+        self.unbusy(key);
+        self.idle
+            .entry(key.to_owned())
+            .or_default()
+            .push((session, now));
+    }
+
+    /// A busy session of `key` ended.
+    pub(super) fn discard(&mut self, key: &str) {
+        self.unbusy(key);
+        self.live = self.live.saturating_sub(1);
+    }
+
+    fn unbusy(&mut self, key: &str) {
+        if let Some(busy) = self.busy.get_mut(key) {
+            *busy = busy.saturating_sub(1);
+            if *busy == 0 {
+                self.busy.remove(key);
+            }
+        }
+    }
+
+    /// Takes out the idle sessions unused for `idle` (none when zero).
+    pub(super) fn expired(&mut self, now: Instant, idle: Duration) -> Vec<Arc<S>> {
+        if idle.is_zero() {
+            return Vec::new();
+        }
+        let mut expired = Vec::new();
+        self.idle.retain(|_, sessions| {
+            sessions.retain(|(session, since)| {
+                let keep = now.duration_since(*since) < idle;
+                if !keep {
+                    expired.push(session.clone());
+                }
+                keep
+            });
+            !sessions.is_empty()
+        });
+        self.live = self.live.saturating_sub(expired.len());
+        expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(take: Take<u32>) -> Option<Arc<u32>> {
+        match take {
+            Take::Open { evicted } => evicted,
+            other => panic!("expected room for a new session, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_caller_gets_its_own_idle_session_back_and_never_another_callers() {
+        let mut pool = Pool::new(4, 4);
+        let now = Instant::now();
+        assert!(opened(pool.take("ada")).is_none());
+        pool.give_back("ada", Arc::new(1), now);
+        match pool.take("bob") {
+            Take::Open { evicted: None } => {}
+            other => panic!("bob gets a session of his own: {other:?}"),
+        }
+        match pool.take("ada") {
+            Take::Reuse(session) => assert_eq!(*session, 1),
+            other => panic!("ada reuses hers: {other:?}"),
+        }
+        assert_eq!(pool.live, 2);
+    }
+
+    #[test]
+    fn a_full_pool_evicts_the_session_idle_longest_and_refuses_when_all_are_busy() {
+        let mut pool = Pool::new(2, 2);
+        let start = Instant::now();
+        opened(pool.take("a"));
+        opened(pool.take("b"));
+        pool.give_back("a", Arc::new(10), start);
+        pool.give_back("b", Arc::new(20), start + Duration::from_secs(1));
+        assert_eq!(opened(pool.take("c")).as_deref(), Some(&10), "a's is older");
+        assert_eq!(pool.live, 2);
+        opened(pool.take("d"));
+        assert!(matches!(pool.take("e"), Take::Full), "every session busy");
+        pool.discard("c");
+        assert!(opened(pool.take("e")).is_none(), "room again after an end");
+    }
+
+    #[test]
+    fn one_caller_cannot_take_every_session() {
+        let mut pool = Pool::new(8, 2);
+        opened(pool.take("greedy"));
+        opened(pool.take("greedy"));
+        assert!(matches!(pool.take("greedy"), Take::Full));
+        opened(pool.take("other"));
+        pool.give_back("greedy", Arc::new(1), Instant::now());
+        assert!(matches!(pool.take("greedy"), Take::Reuse(_)));
+    }
+
+    #[test]
+    fn idle_sessions_expire() {
+        let mut pool = Pool::new(4, 4);
+        let start = Instant::now();
+        opened(pool.take("a"));
+        opened(pool.take("a"));
+        pool.give_back("a", Arc::new(1), start);
+        pool.give_back("a", Arc::new(2), start + Duration::from_secs(60));
+        let idle = Duration::from_secs(90);
+        assert!(
+            pool.expired(start + Duration::from_secs(30), idle)
+                .is_empty()
+        );
+        let gone = pool.expired(start + Duration::from_secs(100), idle);
+        assert_eq!(gone.iter().map(|s| **s).collect::<Vec<_>>(), [1]);
+        assert_eq!(pool.live, 1);
+        assert!(
+            pool.expired(start, Duration::ZERO).is_empty(),
+            "zero: never"
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! Translating between the two protocol eras: what a stateless (2026-07-28) agent expects of an
+//! upstream that speaks only the session era, built from what that upstream does say.
+//!
+//! Pure functions over message bytes, so every rule is tested without sockets: the requests a
+//! bridge sends of its own (`server/discover` to learn the upstream's era, `initialize` to open
+//! a session), the `server/discover` answer made from the upstream's `initialize` result, and
+//! the fields 2026-07-28 requires on every result (`resultType`, and the cache hints of the
+//! cacheable ones), inserted into the upstream's answer without re-serialising it.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::era::{STATELESS_SINCE, era_of};
+use crate::wire::Era;
+
+/// `_meta` key of the protocol version a 2026-07-28 request declares.
+pub const PROTOCOL_VERSION_META: &str = "io.modelcontextprotocol/protocolVersion";
+/// `_meta` key of the capabilities a 2026-07-28 request declares.
+pub const CLIENT_CAPABILITIES_META: &str = "io.modelcontextprotocol/clientCapabilities";
+/// `_meta` key of the server's name and version in a `server/discover` result.
+pub const SERVER_INFO_META: &str = "io.modelcontextprotocol/serverInfo";
+
+/// The cache lifetime given to a cacheable result whose upstream gave none: nothing may be
+/// reused, the conservative reading of a server that never said.
+pub const DEFAULT_TTL_MS: u64 = 0;
+
+/// The cache scope given to a cacheable result whose upstream gave none. `private`: through a
+/// governed relay a list depends on the caller (policy filters it per role), so no intermediary
+/// may share it.
+pub const DEFAULT_CACHE_SCOPE: &str = "private";
+
+/// Methods whose complete results carry cache hints (`ttlMs`, `cacheScope`) in 2026-07-28.
+pub const CACHEABLE_METHODS: &[&str] = &[
+    "server/discover",
+    "tools/list",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+];
+
+/// Why an upstream's answer could not be translated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BridgeError {
+    /// The upstream's `initialize` answer is an error, or is not JSON-RPC.
+    #[error("the upstream refused initialize: {0}")]
+    InitializeRefused(String),
+}
+
+/// Our own `server/discover`, sent at [`STATELESS_SINCE`] to learn whether an upstream speaks
+/// 2026-07-28. It declares no client capabilities.
+pub fn discover_request(id: u64) -> Bytes {
+    let request = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "method": "server/discover",
+        "params": {"_meta": {
+            PROTOCOL_VERSION_META: STATELESS_SINCE,
+            CLIENT_CAPABILITIES_META: {},
+            "io.modelcontextprotocol/clientInfo": client_info(),
+        }},
+    });
+    Bytes::from(request.to_string())
+}
+
+/// Our own session-era `initialize` at `version`, declaring no client capabilities: the
+/// bridge answers no server requests of its own.
+pub fn initialize_request(id: u64, version: &str) -> Bytes {
+    let request = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": client_info(),
+        },
+    });
+    Bytes::from(request.to_string())
+}
+
+/// The `notifications/initialized` that completes our handshake.
+pub const INITIALIZED_NOTIFICATION: &[u8] =
+    br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+fn client_info() -> serde_json::Value {
+    serde_json::json!({"name": "mcp-tunnel", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// Whether an answer to `server/discover` shows an upstream that speaks 2026-07-28: a result
+/// whose `supportedVersions` holds a stateless-era version. An error, an HTTP-level refusal
+/// turned into one, or a list of session-era versions only all mean it does not.
+pub fn speaks_stateless(discover_answer: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Answer {
+        result: Option<Supported>,
+    }
+    #[derive(Deserialize)]
+    struct Supported {
+        #[serde(rename = "supportedVersions", default)]
+        supported_versions: Vec<String>,
+    }
+    serde_json::from_slice::<Answer>(discover_answer).is_ok_and(|answer| {
+        answer.result.is_some_and(|result| {
+            result
+                .supported_versions
+                .iter()
+                .any(|v| era_of(v) == Era::Stateless)
+        })
+    })
+}
+
+/// What a session-era upstream said in its `initialize` answer that a `server/discover`
+/// result repeats.
+#[derive(Debug, Clone)]
+pub struct Initialized {
+    /// The protocol version the session negotiated.
+    pub version: String,
+    capabilities: Box<RawValue>,
+    server_info: Option<Box<RawValue>>,
+    instructions: Option<Box<RawValue>>,
+}
+
+impl Initialized {
+    /// Reads an `initialize` answer (a whole JSON-RPC response).
+    pub fn parse(answer: &[u8]) -> Result<Self, BridgeError> {
+        #[derive(Deserialize)]
+        struct Answer {
+            result: Option<InitResult>,
+            error: Option<ErrorObject>,
+        }
+        #[derive(Deserialize)]
+        struct ErrorObject {
+            message: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct InitResult {
+            #[serde(rename = "protocolVersion")]
+            protocol_version: String,
+            capabilities: Option<Box<RawValue>>,
+            #[serde(rename = "serverInfo")]
+            server_info: Option<Box<RawValue>>,
+            instructions: Option<Box<RawValue>>,
+        }
+        let refused = |why: &str| BridgeError::InitializeRefused(why.to_owned());
+        let answer: Answer =
+            serde_json::from_slice(answer).map_err(|_| refused("its answer is not JSON-RPC"))?;
+        let Some(result) = answer.result else {
+            let why = answer
+                .error
+                .and_then(|e| e.message)
+                .unwrap_or_else(|| "an answer without a result".into());
+            return Err(BridgeError::InitializeRefused(why));
+        };
+        let empty = || RawValue::from_string("{}".into()).expect("{} is a JSON object");
+        Ok(Self {
+            version: result.protocol_version,
+            capabilities: result.capabilities.unwrap_or_else(empty),
+            server_info: result.server_info,
+            instructions: result.instructions,
+        })
+    }
+
+    /// The answer to an agent's `server/discover` (with id `id`): the upstream's capabilities,
+    /// instructions and server info, the versions the bridge serves (the session's own and
+    /// [`STATELESS_SINCE`]), and the default cache hints.
+    pub fn discover_answer(&self, id: &RawValue) -> Bytes {
+        #[derive(Serialize)]
+        struct Answer<'a> {
+            jsonrpc: &'static str,
+            id: &'a RawValue,
+            result: Discover<'a>,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Discover<'a> {
+            result_type: &'static str,
+            supported_versions: [&'a str; 2],
+            capabilities: &'a RawValue,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            instructions: Option<&'a RawValue>,
+            ttl_ms: u64,
+            cache_scope: &'static str,
+            #[serde(rename = "_meta", skip_serializing_if = "Option::is_none")]
+            meta: Option<Meta<'a>>,
+        }
+        #[derive(Serialize)]
+        struct Meta<'a> {
+            #[serde(rename = "io.modelcontextprotocol/serverInfo")]
+            server_info: &'a RawValue,
+        }
+        let answer = Answer {
+            jsonrpc: "2.0",
+            id,
+            result: Discover {
+                result_type: "complete",
+                supported_versions: [self.version.as_str(), STATELESS_SINCE],
+                capabilities: &self.capabilities,
+                instructions: self.instructions.as_deref(),
+                ttl_ms: DEFAULT_TTL_MS,
+                cache_scope: DEFAULT_CACHE_SCOPE,
+                meta: self
+                    .server_info
+                    .as_deref()
+                    .map(|server_info| Meta { server_info }),
+            },
+        };
+        Bytes::from(serde_json::to_vec(&answer).expect("plain JSON of borrowed JSON values"))
+    }
+}
+
+/// Completes a session-era answer for a 2026-07-28 agent: a result object gets
+/// `resultType: "complete"` when it has no `resultType`, and a result of a cacheable `method`
+/// (see [`CACHEABLE_METHODS`]) gets [`DEFAULT_TTL_MS`] and [`DEFAULT_CACHE_SCOPE`] where it
+/// has none. The fields are inserted at the start of the result object: every other byte stays
+/// as the upstream sent it. Anything else (errors, notifications, requests, text that is not
+/// JSON) comes back unchanged.
+pub fn complete(message: Bytes, method: Option<&str>) -> Bytes {
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow)]
+        result: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Present<'a> {
+        #[serde(rename = "resultType", borrow)]
+        result_type: Option<&'a RawValue>,
+        #[serde(rename = "ttlMs", borrow)]
+        ttl_ms: Option<&'a RawValue>,
+        #[serde(rename = "cacheScope", borrow)]
+        cache_scope: Option<&'a RawValue>,
+    }
+    let Ok(Envelope {
+        result: Some(result),
+    }) = serde_json::from_slice::<Envelope<'_>>(&message)
+    else {
+        return message;
+    };
+    let Ok(present) = serde_json::from_str::<Present<'_>>(result.get()) else {
+        return message;
+    };
+    if present.result_type.is_some() {
+        // Already 2026-07-28 (`complete`, or `input_required`, which carries no cache hints).
+        return message;
+    }
+    let mut fields = String::from(r#""resultType":"complete""#);
+    if method.is_some_and(|m| CACHEABLE_METHODS.contains(&m)) {
+        if present.ttl_ms.is_none() {
+            fields.push_str(&format!(r#","ttlMs":{DEFAULT_TTL_MS}"#));
+        }
+        if present.cache_scope.is_none() {
+            fields.push_str(&format!(r#","cacheScope":"{DEFAULT_CACHE_SCOPE}""#));
+        }
+    }
+    // The result borrows from `message`: its offset there is where the object opens.
+    let open = result.get().as_ptr() as usize - message.as_ptr() as usize;
+    let body = &result.get()[1..];
+    if !body.trim_start().starts_with('}') {
+        fields.push(',');
+    }
+    let mut completed = Vec::with_capacity(message.len() + fields.len());
+    completed.extend_from_slice(&message[..=open]);
+    completed.extend_from_slice(fields.as_bytes());
+    completed.extend_from_slice(&message[open + 1..]);
+    Bytes::from(completed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn value(bytes: &[u8]) -> Value {
+        serde_json::from_slice(bytes).expect("the bridge writes JSON")
+    }
+
+    #[test]
+    fn results_get_result_type_and_cacheable_ones_cache_hints() {
+        let call = br#"{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"hi"}],"n":12345678901234567890123}}"#;
+        let done = complete(Bytes::from_static(call), Some("tools/call"));
+        let text = std::str::from_utf8(&done).expect("utf-8");
+        assert!(
+            text.starts_with(
+                r#"{"jsonrpc":"2.0","id":7,"result":{"resultType":"complete","content""#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("12345678901234567890123"),
+            "other bytes are kept"
+        );
+
+        let list = br#"{"jsonrpc":"2.0","id":1,"result":{"tools":[]}}"#;
+        let done = value(&complete(Bytes::from_static(list), Some("tools/list")));
+        assert_eq!(
+            done["result"],
+            json!({"resultType":"complete","ttlMs":0,"cacheScope":"private","tools":[]})
+        );
+
+        let hinted = br#"{"jsonrpc":"2.0","id":1,"result":{"contents":[],"ttlMs":5000,"cacheScope":"public"}}"#;
+        let done = value(&complete(
+            Bytes::from_static(hinted),
+            Some("resources/read"),
+        ));
+        assert_eq!(done["result"]["ttlMs"], 5000, "the upstream's hints stay");
+        assert_eq!(done["result"]["cacheScope"], "public");
+        assert_eq!(done["result"]["resultType"], "complete");
+
+        let empty = br#"{"jsonrpc":"2.0","id":"x","result": { } }"#;
+        let done = value(&complete(Bytes::from_static(empty), Some("ping")));
+        assert_eq!(done["result"], json!({"resultType":"complete"}));
+    }
+
+    #[test]
+    fn what_is_not_a_plain_result_is_left_alone() {
+        for message in [
+            &br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","inputRequests":{}}}"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#,
+            br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progress":1}}"#,
+            br#"{"jsonrpc":"2.0","id":1,"result":[1,2]}"#,
+            br#"{"jsonrpc":"2.0","id":1,"result":"text"}"#,
+            b"not json",
+            b"",
+        ] {
+            let done = complete(Bytes::copy_from_slice(message), Some("tools/list"));
+            assert_eq!(&done[..], message);
+        }
+    }
+
+    #[test]
+    fn discover_is_answered_from_the_initialize_result() {
+        let init = br#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{"listChanged":true}},"serverInfo":{"name":"up","version":"1"},"instructions":"be nice"}}"#;
+        let initialized = Initialized::parse(init).expect("a result");
+        assert_eq!(initialized.version, "2025-06-18");
+        let id = RawValue::from_string("\"d-1\"".into()).expect("raw");
+        let answer = value(&initialized.discover_answer(&id));
+        assert_eq!(
+            answer,
+            json!({"jsonrpc":"2.0","id":"d-1","result":{
+                "resultType":"complete",
+                "supportedVersions":["2025-06-18","2026-07-28"],
+                "capabilities":{"tools":{"listChanged":true}},
+                "instructions":"be nice",
+                "ttlMs":0,
+                "cacheScope":"private",
+                "_meta":{"io.modelcontextprotocol/serverInfo":{"name":"up","version":"1"}}
+            }})
+        );
+        assert!(speaks_stateless(&initialized.discover_answer(&id)));
+
+        let bare = br#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-03-26"}}"#;
+        let answer = value(
+            &Initialized::parse(bare)
+                .expect("a result")
+                .discover_answer(&id),
+        );
+        assert_eq!(answer["result"]["capabilities"], json!({}));
+        assert!(answer["result"].get("_meta").is_none());
+    }
+
+    #[test]
+    fn a_refused_initialize_says_why() {
+        let refused = br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32600,"message":"this connection serves 2026-07-28"}}"#;
+        assert_eq!(
+            Initialized::parse(refused).unwrap_err(),
+            BridgeError::InitializeRefused("this connection serves 2026-07-28".into())
+        );
+        assert!(Initialized::parse(b"<html>").is_err());
+        assert!(Initialized::parse(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#).is_err());
+    }
+
+    #[test]
+    fn only_a_modern_supported_version_shows_a_modern_upstream() {
+        assert!(speaks_stateless(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"supportedVersions":["2025-11-25","2026-07-28"]}}"#
+        ));
+        assert!(!speaks_stateless(
+            br#"{"jsonrpc":"2.0","id":1,"result":{"supportedVersions":["2025-11-25"]}}"#
+        ));
+        assert!(!speaks_stateless(
+            br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"Bad Request: Server not initialized"}}"#
+        ));
+        assert!(!speaks_stateless(b"Bad Request"));
+    }
+
+    #[test]
+    fn our_own_requests_are_well_formed() {
+        let discover = value(&discover_request(3));
+        assert_eq!(discover["method"], "server/discover");
+        assert_eq!(
+            discover["params"]["_meta"][PROTOCOL_VERSION_META],
+            "2026-07-28"
+        );
+        let init = value(&initialize_request(4, "2025-11-25"));
+        assert_eq!(init["params"]["protocolVersion"], "2025-11-25");
+        assert_eq!(init["id"], 4);
+        assert_eq!(
+            value(INITIALIZED_NOTIFICATION)["method"],
+            "notifications/initialized"
+        );
+    }
+}
