@@ -163,8 +163,11 @@ impl Initialized {
     }
 
     /// The answer to an agent's `server/discover` (with id `id`): the upstream's capabilities,
-    /// instructions and server info, the versions the bridge serves (the session's own and
-    /// [`STATELESS_SINCE`]), and the default cache hints.
+    /// instructions and server info, and the default cache hints. It advertises the session's
+    /// own version only: a server request in mid-call (sampling, elicitation, roots) does not
+    /// cross the bridge yet (it needs `input_required`), so a client that can use either era
+    /// (`auto`) is told to take the session era, where nothing is lost; a client pinned to
+    /// 2026-07-28 is still served through the bridge.
     pub fn discover_answer(&self, id: &RawValue) -> Bytes {
         #[derive(Serialize)]
         struct Answer<'a> {
@@ -176,7 +179,7 @@ impl Initialized {
         #[serde(rename_all = "camelCase")]
         struct Discover<'a> {
             result_type: &'static str,
-            supported_versions: [&'a str; 2],
+            supported_versions: [&'a str; 1],
             capabilities: &'a RawValue,
             #[serde(skip_serializing_if = "Option::is_none")]
             instructions: Option<&'a RawValue>,
@@ -195,7 +198,7 @@ impl Initialized {
             id,
             result: Discover {
                 result_type: "complete",
-                supported_versions: [self.version.as_str(), STATELESS_SINCE],
+                supported_versions: [self.version.as_str()],
                 capabilities: &self.capabilities,
                 instructions: self.instructions.as_deref(),
                 ttl_ms: DEFAULT_TTL_MS,
@@ -339,7 +342,7 @@ mod tests {
             answer,
             json!({"jsonrpc":"2.0","id":"d-1","result":{
                 "resultType":"complete",
-                "supportedVersions":["2025-06-18","2026-07-28"],
+                "supportedVersions":["2025-06-18"],
                 "capabilities":{"tools":{"listChanged":true}},
                 "instructions":"be nice",
                 "ttlMs":0,
@@ -347,7 +350,10 @@ mod tests {
                 "_meta":{"io.modelcontextprotocol/serverInfo":{"name":"up","version":"1"}}
             }})
         );
-        assert!(speaks_stateless(&initialized.discover_answer(&id)));
+        assert!(
+            !speaks_stateless(&initialized.discover_answer(&id)),
+            "auto clients take the session era while server requests do not cross the bridge"
+        );
 
         let bare = br#"{"jsonrpc":"2.0","id":1,"result":{"protocolVersion":"2025-03-26"}}"#;
         let answer = value(

@@ -23,9 +23,11 @@ async fn only_mcp_routing_headers_from_the_relay_reach_the_upstream() {
             let record = record.clone();
             async move {
                 *record.lock() = Some(headers);
+                // One answer for everything: `connect`'s server/discover probe reads a
+                // 2026-07-28 upstream from it (no bridge), the agent's tools/list its list.
                 (
                     [("content-type", "application/json")],
-                    r#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete","tools":[]}}"#,
+                    r#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete","supportedVersions":["2026-07-28"],"tools":[]}}"#,
                 )
             }
         }),
