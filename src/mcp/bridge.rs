@@ -88,9 +88,11 @@ fn client_info() -> serde_json::Value {
     serde_json::json!({"name": "mcp-tunnel", "version": env!("CARGO_PKG_VERSION")})
 }
 
-/// Whether an answer to `server/discover` shows an upstream that speaks 2026-07-28: a result
-/// whose `supportedVersions` holds a stateless-era version. An error, an HTTP-level refusal
-/// turned into one, or a list of session-era versions only all mean it does not.
+/// Whether an answer to `server/discover` shows an upstream that speaks 2026-07-28: a result,
+/// unless its `supportedVersions` lists session-era versions only. An error, or an answer
+/// that is not JSON-RPC (an HTTP-level refusal), means it does not. A result without a list is
+/// taken at its word: bridging a server that answered discover would only add a handshake it
+/// may refuse.
 pub fn speaks_stateless(discover_answer: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Answer {
@@ -99,15 +101,17 @@ pub fn speaks_stateless(discover_answer: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Supported {
         #[serde(rename = "supportedVersions", default)]
-        supported_versions: Vec<String>,
+        supported_versions: Option<Vec<String>>,
     }
     serde_json::from_slice::<Answer>(discover_answer).is_ok_and(|answer| {
-        answer.result.is_some_and(|result| {
-            result
-                .supported_versions
-                .iter()
-                .any(|v| era_of(v) == Era::Stateless)
-        })
+        answer
+            .result
+            .is_some_and(|result| match result.supported_versions {
+                Some(versions) if !versions.is_empty() => {
+                    versions.iter().any(|v| era_of(v) == Era::Stateless)
+                }
+                _ => true,
+            })
     })
 }
 
@@ -388,6 +392,10 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"Bad Request: Server not initialized"}}"#
         ));
         assert!(!speaks_stateless(b"Bad Request"));
+        assert!(
+            speaks_stateless(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
+            "a result without a list is taken at its word"
+        );
     }
 
     #[test]
