@@ -47,6 +47,14 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// 1 KiB sealed); anything longer is refused before any work is spent on it.
 pub const MAX_SEALED_LEN: usize = 2048;
 
+/// The longest sealed `requestState` opened: it wraps the upstream's own state, which a
+/// stateless server may fill with what it needs to continue (see [`MAX_INNER_STATE`]).
+pub const MAX_SEALED_STATE_LEN: usize = 64 * 1024;
+
+/// The longest upstream `requestState` a relay wraps: what fits [`MAX_SEALED_STATE_LEN`] once
+/// sealed and base64-encoded (4/3 larger), with room for the claims around it.
+pub const MAX_INNER_STATE: usize = 44 * 1024;
+
 /// What a sealed value is for; each has its own key and additional data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -54,6 +62,8 @@ pub enum Purpose {
     Session,
     /// An agent-facing SSE event id.
     Event,
+    /// The `requestState` of an `input_required` answer (see `session::sealed::InputClaims`).
+    Input,
 }
 
 impl Purpose {
@@ -61,6 +71,15 @@ impl Purpose {
         match self {
             Purpose::Session => b"mcp-tunnel fleet: session id",
             Purpose::Event => b"mcp-tunnel fleet: event id",
+            Purpose::Input => b"mcp-tunnel fleet: request state",
+        }
+    }
+
+    /// The longest sealed text of this purpose opened.
+    fn max_len(self) -> usize {
+        match self {
+            Purpose::Session | Purpose::Event => MAX_SEALED_LEN,
+            Purpose::Input => MAX_SEALED_STATE_LEN,
         }
     }
 
@@ -68,6 +87,7 @@ impl Purpose {
         match self {
             Purpose::Session => 1,
             Purpose::Event => 2,
+            Purpose::Input => 3,
         }
     }
 }
@@ -101,6 +121,7 @@ struct Secret {
     id: [u8; KEY_ID_LEN],
     session: RandomizedNonceKey,
     event: RandomizedNonceKey,
+    input: RandomizedNonceKey,
 }
 
 /// The output length HKDF expands to: one AES-256 key.
@@ -133,6 +154,7 @@ impl Secret {
             id,
             session: key(Purpose::Session),
             event: key(Purpose::Event),
+            input: key(Purpose::Input),
         }
     }
 
@@ -140,6 +162,7 @@ impl Secret {
         match purpose {
             Purpose::Session => &self.session,
             Purpose::Event => &self.event,
+            Purpose::Input => &self.input,
         }
     }
 }
@@ -234,7 +257,7 @@ impl FleetKeys {
     /// Opens a sealed `text` of `purpose`; `None` for anything this fleet did not seal (or
     /// sealed for another purpose, or altered in any byte).
     pub fn open(&self, purpose: Purpose, text: &str) -> Option<Vec<u8>> {
-        if text.len() > MAX_SEALED_LEN {
+        if text.len() > purpose.max_len() {
             return None;
         }
         let bytes = URL_SAFE_NO_PAD.decode(text).ok()?;

@@ -278,6 +278,7 @@ impl Relay {
                 .unwrap_or(false),
             sse_keep_alive: settings.sse_keep_alive,
             fleet: settings.fleet.keys.clone(),
+            spent_states: Default::default(),
             starting: state::Startup::new(settings.fleet.startup_window),
             unready: CancellationToken::new(),
             shutdown: CancellationToken::new(),

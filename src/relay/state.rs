@@ -46,6 +46,8 @@ pub struct RelayState {
     pub sse_keep_alive: Duration,
     /// The keys that seal session ids (see [`super::fleet`]).
     pub fleet: Arc<super::fleet::FleetKeys>,
+    /// The `requestState`s retried here, each good once (see [`super::session::input`]).
+    pub(crate) spent_states: super::session::input::SpentStates,
     /// Whether the relay is still starting (a relay of a fleet, until a tunnel registers or
     /// its startup window ends): `/healthz` answers `503 starting`, and an agent request for a
     /// source no tunnel reaches here gets `503` with `Retry-After` rather than `404`.

@@ -567,6 +567,23 @@ pub(super) async fn open_channel(
     open_on(state, who, &tunnel, header).await
 }
 
+/// Opens a tunnel stream to the source named in `header` on the `connect` instance `connect`
+/// (which holds the rest of a call), else, when it is not attached here, on any (see
+/// [`open_channel`]): the call's own `connect` then says what became of it.
+pub(super) async fn open_channel_to(
+    state: &RelayState,
+    who: &Identity,
+    header: &OpenHeader,
+    connect: &str,
+) -> Result<Arc<Channel>, Response> {
+    let tunnel = state
+        .registry
+        .route_resumed(&who.tenant, &header.source, Some(connect), false)
+        .or_else(|| state.registry.route(&who.tenant, &header.source))
+        .ok_or_else(|| unrouted(state).into_response())?;
+    open_on(state, who, &tunnel, header).await
+}
+
 /// The refusal of a request for a source no tunnel of the caller's tenant reaches here: `404`,
 /// as for a source that does not exist; `503` with `Retry-After` while the relay is starting
 /// (its tunnels may not have registered yet). Which one depends on the relay's startup only,

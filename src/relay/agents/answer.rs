@@ -21,6 +21,7 @@ use crate::mcp::jsonrpc::Classified;
 use crate::mcp::sse;
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
+use crate::relay::session::input::InputSeal;
 use crate::relay::session::{
     Arrived, Awaiting, Ending, EventIds, EventLog, ListenGuard, LogReader, Opening, Piece, Session,
     Start, Transport, pipe, produce, requests,
@@ -69,6 +70,8 @@ pub(super) struct Target<'a> {
     pub calls: InFlight,
     /// A stateless listen stream's place under the session caps, held while it is open.
     pub listen: Option<ListenGuard>,
+    /// Seals the state of an `input_required` answer (a stateless call).
+    pub seal: Option<InputSeal>,
 }
 
 /// Sends the body down `channel` and answers the agent: 202 for notifications and responses,
@@ -110,6 +113,7 @@ pub(super) async fn forward(
         calls,
     )
     .filtered_by(target.filter)
+    .sealed_by(target.seal)
     .holding(target.listen)
     .cancellable(target.session);
     if let Some(session) = target.session.filter(|s| primes_at_once(state, s)) {

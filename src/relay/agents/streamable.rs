@@ -14,7 +14,7 @@ use axum::routing::post;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{admit, gate, header_str, open_channel, open_header};
+use super::admission::{admit, gate, header_str, open_channel, open_channel_to, open_header};
 use super::answer::{JsonAnswer, Target, forward, sse_response};
 use super::oauth::Resource;
 use super::replay;
@@ -22,10 +22,12 @@ use super::reply::{AgentError, json_response, source_error};
 use super::resume::{self, Lost};
 use crate::govern::Identity;
 use crate::govern::audit::Outcome;
+use crate::mcp::bridge::{self, Retry};
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
 use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
+use crate::relay::session::input::{InputSeal, StateRefused, open_retry};
 use crate::relay::session::{
     CapReached, EventClaims, EventIds, Session, SessionClaims, Start, Transport,
     is_standalone_stream, new_handle, new_session_id, new_stream_base, parse_event_id,
@@ -99,6 +101,7 @@ async fn post_inner(
             filter,
             calls,
             listen: None,
+            seal: None,
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
@@ -197,6 +200,7 @@ async fn initialize(
         filter: None,
         calls,
         listen: None,
+        seal: None,
     };
     let mut response = forward(state, &channel, body, classified, target).await;
     let answer = response.extensions().get::<JsonAnswer>();
@@ -251,13 +255,34 @@ async fn stateless(
     } else {
         None
     };
+    // A retry of an `input_required` answer: its sealed state is checked and replaced by the
+    // upstream's own before anything goes on, and names the `connect` holding the call.
+    let interactive = info.method.as_deref().is_some_and(is_interactive);
+    let (body, holder) = match interactive.then(|| Retry::parse(&body)).flatten() {
+        Some(Retry {
+            state: Some(sealed),
+            ..
+        }) => match retried(state, who, source, &body, &sealed) {
+            Ok(retry) => retry,
+            Err(refused) => return Ok(refused_retry(calls, info.id.as_deref(), refused).await),
+        },
+        _ => (body, None),
+    };
     let version = header_str(headers, VERSION_HEADER).map(str::to_owned);
     let context = format!("req-{}", &new_session_id()[..16]);
     let header = open_header(who, source, Era::Stateless, context, version, headers);
-    let channel = match open_channel(state, who, &header).await {
+    let opened = match holder {
+        Some(connect) => open_channel_to(state, who, &header, &connect).await,
+        None => open_channel(state, who, &header).await,
+    };
+    let channel = match opened {
         Ok(channel) => channel,
         Err(response) => return Ok(unreached(calls, response).await),
     };
+    let seal = interactive.then(|| {
+        let connect = channel.connect_instance().map(str::to_owned);
+        InputSeal::new(state.fleet.clone(), who, source, body.clone(), connect)
+    });
     let target = Target {
         source,
         session: None,
@@ -265,8 +290,41 @@ async fn stateless(
         filter: ListFilter::for_request(&state.governance(), &state.calls, who, source, classified),
         calls,
         listen,
+        seal,
     };
     Ok(forward(state, &channel, body, classified, target).await)
+}
+
+/// Requests a server may answer `input_required` (SEP-2322).
+fn is_interactive(method: &str) -> bool {
+    matches!(method, "tools/call" | "prompts/get" | "resources/read")
+}
+
+/// Opens the sealed state of a retry and spends it: the request to send on (with the
+/// upstream's own state in place of the sealed one), and the `connect` that holds the call.
+fn retried(
+    state: &RelayState,
+    who: &Identity,
+    source: &str,
+    body: &Bytes,
+    sealed: &str,
+) -> Result<(Bytes, Option<String>), StateRefused> {
+    let claims = open_retry(&state.fleet, &state.spent_states, who, source, body, sealed)?;
+    let body = bridge::with_request_state(body, claims.inner.as_deref())
+        .ok_or(StateRefused::Unknown)?;
+    Ok((body, claims.connect))
+}
+
+/// The answer to a retry whose state is refused: an invalid-params error, its call recorded.
+async fn refused_retry(
+    mut calls: InFlight,
+    id: Option<&serde_json::value::RawValue>,
+    refused: StateRefused,
+) -> Response {
+    tracing::info!(reason = %refused, "retry with a refused requestState");
+    let body = error_body(id, codes::INVALID_PARAMS, &refused.to_string());
+    let body = calls.fail(Outcome::Error(codes::INVALID_PARAMS), body).await;
+    json_response(StatusCode::OK, body)
 }
 
 /// The answer when a session cap refuses a new session or listen stream: `429` with a

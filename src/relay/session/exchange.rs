@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{EventLog, Piece};
+use super::input::InputSeal;
 use super::sessions::{CancelGuard, Session};
 use super::store::ListenGuard;
 use crate::govern::audit::Outcome;
@@ -52,6 +53,8 @@ pub(crate) struct Awaiting {
     learner: Option<Arc<Session>>,
     /// Policy's filter for a list answer.
     filter: Option<Arc<ListFilter>>,
+    /// Seals the state of an `input_required` answer (a stateless call).
+    seal: Option<Arc<InputSeal>>,
     /// The calls awaiting their answers.
     calls: InFlight,
     /// The session whose server requests ride this answer stream, to be tracked.
@@ -84,10 +87,15 @@ enum Broken {
 }
 
 impl Awaiting {
-    /// The message as the caller may see it.
+    /// The message as the caller may see it: a list as policy filters it, an
+    /// `input_required` answer with its state sealed.
     fn filtered(&self, message: Bytes) -> Bytes {
-        match &self.filter {
+        let message = match &self.filter {
             Some(filter) => filter.apply(message),
+            None => message,
+        };
+        match &self.seal {
+            Some(seal) => seal.apply(message),
             None => message,
         }
     }
@@ -117,6 +125,7 @@ impl Awaiting {
             source: source.to_owned(),
             learner: None,
             filter: None,
+            seal: None,
             calls,
             tracker: None,
             _listen: None,
@@ -128,6 +137,12 @@ impl Awaiting {
     /// Filters a list answer as policy says.
     pub(crate) fn filtered_by(mut self, filter: Option<ListFilter>) -> Self {
         self.filter = filter.map(Arc::new);
+        self
+    }
+
+    /// Seals the state of an `input_required` answer with `seal`.
+    pub(crate) fn sealed_by(mut self, seal: Option<InputSeal>) -> Self {
+        self.seal = seal.map(Arc::new);
         self
     }
 

@@ -5,6 +5,7 @@
 
 pub(crate) mod events;
 pub(crate) mod exchange;
+pub(crate) mod input;
 pub(crate) mod sealed;
 pub(crate) mod sessions;
 pub(crate) mod store;

@@ -102,6 +102,51 @@ impl EventClaims {
     }
 }
 
+/// What a sealed `requestState` holds (see [`super::input`]): whose call it is, a digest of
+/// what it asks, where its rest waits, the upstream's own state, and when it was issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct InputClaims {
+    /// Tenant of the caller.
+    #[serde(rename = "t")]
+    pub(crate) tenant: String,
+    /// Subject of the caller.
+    #[serde(rename = "u")]
+    pub(crate) subject: String,
+    /// The source.
+    #[serde(rename = "s")]
+    pub(crate) source: String,
+    /// Hex SHA-256 of the call's method and arguments (`mcp::bridge::call_digest`).
+    #[serde(rename = "d")]
+    pub(crate) digest: String,
+    /// The `connect` instance that answered (and, bridging, keeps the call waiting).
+    #[serde(rename = "c", default, skip_serializing_if = "Option::is_none")]
+    pub(crate) connect: Option<String>,
+    /// The upstream's own `requestState`, if it gave one.
+    #[serde(rename = "st", default, skip_serializing_if = "Option::is_none")]
+    pub(crate) inner: Option<String>,
+    /// Seconds since the epoch when it was issued.
+    #[serde(rename = "i")]
+    pub(crate) issued: u64,
+    /// Random, hex: what a spent state is remembered by.
+    #[serde(rename = "n")]
+    pub(crate) nonce: String,
+}
+
+impl InputClaims {
+    /// The agent-facing `requestState`: these claims, sealed.
+    pub(crate) fn seal(&self, keys: &FleetKeys) -> String {
+        let plain = serde_json::to_vec(self)
+            .expect("claims serialize infallibly: plain strings and numbers");
+        keys.seal(Purpose::Input, &plain)
+    }
+
+    /// The claims in a `requestState`, if a relay of this fleet sealed it.
+    pub(crate) fn open(keys: &FleetKeys, state: &str) -> Option<Self> {
+        let plain = keys.open(Purpose::Input, state)?;
+        serde_json::from_slice(&plain).ok()
+    }
+}
+
 /// Mints the sealed event ids of one answer stream (see [`EventClaims`]).
 #[derive(Clone)]
 pub struct AnswerIds {

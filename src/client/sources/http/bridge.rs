@@ -275,7 +275,7 @@ impl StreamContext {
     async fn try_handshake(&self) -> Result<(), UpstreamError> {
         *self.session.upstream.lock() = UpstreamState::default();
         self.session.revive();
-        let initialize = bridge::initialize_request(OWN_REQUEST_ID, LATEST_SESSION_VERSION);
+        let initialize = bridge::initialize_request(OWN_REQUEST_ID, LATEST_SESSION_VERSION, bridge::INPUT_CAPABILITIES);
         let response = self.post_own(initialize, true).await?;
         if let Some(id) = response.headers().get(SESSION_HEADER) {
             self.session.upstream.lock().id = Some(id.clone());

@@ -268,7 +268,7 @@ impl Pooled {
                 _ => *source.pooled_speaks_stateless.lock() = Some(false),
             }
         }
-        let initialize = |id| bridge::initialize_request(id, POOLED_PROTOCOL_VERSION);
+        let initialize = |id| bridge::initialize_request(id, POOLED_PROTOCOL_VERSION, "{}");
         let answer = pooled.ask(source, initialize, INIT_TIMEOUT).await?;
         let initialized = Initialized::parse(&answer).map_err(|e| StdioError::Init {
             source_name: source.name.to_string(),
