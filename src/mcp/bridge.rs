@@ -508,7 +508,8 @@ pub fn reseal_input_required(
     if memchr::memmem::find(message, b"input_required").is_none() {
         return Resealed::Unchanged;
     }
-    let Ok(mut object) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(message)
+    let Ok(mut object) =
+        serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(message)
     else {
         return Resealed::Unchanged;
     };
@@ -688,7 +689,11 @@ mod tests {
         .expect("a request");
         assert_eq!(input_capability(&asked.method), Some("elicitation"));
         assert_eq!(input_capability("ping"), None);
-        let answer = value(&input_required(&raw(r#""a-1""#), &[("0".into(), &asked)], "S"));
+        let answer = value(&input_required(
+            &raw(r#""a-1""#),
+            &[("0".into(), &asked)],
+            "S",
+        ));
         assert_eq!(
             answer,
             json!({"jsonrpc":"2.0","id":"a-1","result":{"resultType":"input_required",
@@ -702,8 +707,16 @@ mod tests {
         .expect("a retry");
         assert_eq!(retry.state.as_deref(), Some("S"));
         let upstream = value(&response(&asked.id, &retry.responses["0"]));
-        assert_eq!(upstream, json!({"jsonrpc":"2.0","id":0,"result":{"action":"accept"}}));
-        assert!(Retry::parse(br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"t"}}"#).is_none());
+        assert_eq!(
+            upstream,
+            json!({"jsonrpc":"2.0","id":0,"result":{"action":"accept"}})
+        );
+        assert!(
+            Retry::parse(
+                br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"t"}}"#
+            )
+            .is_none()
+        );
     }
 
     #[test]
@@ -727,9 +740,15 @@ mod tests {
 
     #[test]
     fn ids_and_states_are_rewritten_and_input_required_is_resealed() {
-        let answer = reidentify(br#"{"result":{"x":1},"jsonrpc":"2.0","id":1}"#, &raw(r#""r""#))
-            .expect("an object");
-        assert_eq!(value(&answer), json!({"result":{"x":1},"jsonrpc":"2.0","id":"r"}));
+        let answer = reidentify(
+            br#"{"result":{"x":1},"jsonrpc":"2.0","id":1}"#,
+            &raw(r#""r""#),
+        )
+        .expect("an object");
+        assert_eq!(
+            value(&answer),
+            json!({"result":{"x":1},"jsonrpc":"2.0","id":"r"})
+        );
         let request = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","requestState":"SEALED"}}"#;
         let inner = with_request_state(request, Some("inner")).expect("an object");
         assert_eq!(value(&inner)["params"]["requestState"], "inner");
@@ -737,17 +756,28 @@ mod tests {
         assert!(value(&none)["params"].get("requestState").is_none());
 
         let native = br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","inputRequests":{},"requestState":"up"}}"#;
-        match reseal_input_required(native, |state| Some(format!("sealed({})", state.unwrap_or("-")))) {
-            Resealed::Sealed(bytes) => assert_eq!(value(&bytes)["result"]["requestState"], "sealed(up)"),
+        match reseal_input_required(native, |state| {
+            Some(format!("sealed({})", state.unwrap_or("-")))
+        }) {
+            Resealed::Sealed(bytes) => {
+                assert_eq!(value(&bytes)["result"]["requestState"], "sealed(up)")
+            }
             other => panic!("resealed: {other:?}"),
         }
         let stateless = br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","inputRequests":{"k":{"method":"roots/list"}}}}"#;
-        match reseal_input_required(stateless, |state| Some(format!("sealed({})", state.unwrap_or("-")))) {
-            Resealed::Sealed(bytes) => assert_eq!(value(&bytes)["result"]["requestState"], "sealed(-)"),
+        match reseal_input_required(stateless, |state| {
+            Some(format!("sealed({})", state.unwrap_or("-")))
+        }) {
+            Resealed::Sealed(bytes) => {
+                assert_eq!(value(&bytes)["result"]["requestState"], "sealed(-)")
+            }
             other => panic!("resealed: {other:?}"),
         }
         assert_eq!(reseal_input_required(native, |_| None), Resealed::Refused);
         let complete = br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete","text":"input_required"}}"#;
-        assert_eq!(reseal_input_required(complete, |_| None), Resealed::Unchanged);
+        assert_eq!(
+            reseal_input_required(complete, |_| None),
+            Resealed::Unchanged
+        );
     }
 }

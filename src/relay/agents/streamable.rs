@@ -310,8 +310,8 @@ fn retried(
     sealed: &str,
 ) -> Result<(Bytes, Option<String>), StateRefused> {
     let claims = open_retry(&state.fleet, &state.spent_states, who, source, body, sealed)?;
-    let body = bridge::with_request_state(body, claims.inner.as_deref())
-        .ok_or(StateRefused::Unknown)?;
+    let body =
+        bridge::with_request_state(body, claims.inner.as_deref()).ok_or(StateRefused::Unknown)?;
     Ok((body, claims.connect))
 }
 
@@ -323,7 +323,9 @@ async fn refused_retry(
 ) -> Response {
     tracing::info!(reason = %refused, "retry with a refused requestState");
     let body = error_body(id, codes::INVALID_PARAMS, &refused.to_string());
-    let body = calls.fail(Outcome::Error(codes::INVALID_PARAMS), body).await;
+    let body = calls
+        .fail(Outcome::Error(codes::INVALID_PARAMS), body)
+        .await;
     json_response(StatusCode::OK, body)
 }
 

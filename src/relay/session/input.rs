@@ -143,8 +143,7 @@ pub(crate) fn open_retry(
     state: &str,
 ) -> Result<InputClaims, StateRefused> {
     let claims = InputClaims::open(keys, state).ok_or(StateRefused::Unknown)?;
-    if *claims.tenant != *who.tenant || *claims.subject != *who.subject || claims.source != source
-    {
+    if *claims.tenant != *who.tenant || *claims.subject != *who.subject || claims.source != source {
         return Err(StateRefused::NotYours);
     }
     let digest = bridge::call_digest(request).map(hex::encode);
@@ -211,17 +210,29 @@ mod tests {
     const ASKED: &[u8] = br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","inputRequests":{"0":{"method":"roots/list"}},"requestState":"park-1"}}"#;
 
     fn sealed(keys: &Arc<FleetKeys>) -> String {
-        let seal = InputSeal::new(keys.clone(), &who("alice"), "db", Bytes::from_static(CALL), Some("c1".into()));
+        let seal = InputSeal::new(
+            keys.clone(),
+            &who("alice"),
+            "db",
+            Bytes::from_static(CALL),
+            Some("c1".into()),
+        );
         let answer: serde_json::Value =
             serde_json::from_slice(&seal.apply(Bytes::from_static(ASKED))).expect("JSON");
         let state = answer["result"]["requestState"].as_str().expect("a state");
-        assert_ne!(state, "park-1", "the upstream's state never reaches the agent");
+        assert_ne!(
+            state, "park-1",
+            "the upstream's state never reaches the agent"
+        );
         state.to_owned()
     }
 
     #[test]
     fn a_sealed_state_opens_once_for_its_caller_and_call() {
-        let keys = Arc::new(FleetKeys::from_secrets(b"0123456789abcdef0123456789abcdef", &[]));
+        let keys = Arc::new(FleetKeys::from_secrets(
+            b"0123456789abcdef0123456789abcdef",
+            &[],
+        ));
         let spent = SpentStates::default();
         let state = sealed(&keys);
         let retry = br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"t","arguments":{"a":1},"requestState":"x","inputResponses":{}}}"#;
@@ -229,19 +240,39 @@ mod tests {
         let open = |who: &Identity, request: &[u8], state: &str| {
             open_retry(&keys, &spent, who, "db", request, state)
         };
-        assert_eq!(open(&who("bob"), retry, &state).err(), Some(StateRefused::NotYours));
-        assert_eq!(open(&who("alice"), other, &state).err(), Some(StateRefused::OtherCall));
+        assert_eq!(
+            open(&who("bob"), retry, &state).err(),
+            Some(StateRefused::NotYours)
+        );
+        assert_eq!(
+            open(&who("alice"), other, &state).err(),
+            Some(StateRefused::OtherCall)
+        );
         let mut forged = state.clone().into_bytes();
         forged[20] = if forged[20] == b'A' { b'B' } else { b'A' };
         let forged = String::from_utf8(forged).expect("base64 stays ASCII");
-        assert_eq!(open(&who("alice"), retry, &forged).err(), Some(StateRefused::Unknown));
+        assert_eq!(
+            open(&who("alice"), retry, &forged).err(),
+            Some(StateRefused::Unknown)
+        );
         let claims = open(&who("alice"), retry, &state).expect("the caller's own retry");
         assert_eq!(claims.inner.as_deref(), Some("park-1"));
         assert_eq!(claims.connect.as_deref(), Some("c1"));
-        assert_eq!(open(&who("alice"), retry, &state).err(), Some(StateRefused::Spent));
+        assert_eq!(
+            open(&who("alice"), retry, &state).err(),
+            Some(StateRefused::Spent)
+        );
         let elsewhere = FleetKeys::from_secrets(b"another fleet's secret, 32 bytes!", &[]);
         assert_eq!(
-            open_retry(&elsewhere, &spent, &who("alice"), "db", retry, &sealed(&keys)).err(),
+            open_retry(
+                &elsewhere,
+                &spent,
+                &who("alice"),
+                "db",
+                retry,
+                &sealed(&keys)
+            )
+            .err(),
             Some(StateRefused::Unknown)
         );
     }
@@ -252,6 +283,9 @@ mod tests {
         assert!(spent.spend("a", 100, 10));
         assert!(!spent.spend("a", 100, 20));
         assert!(spent.spend("b", 300, 150), "a expired at 100");
-        assert!(spent.spend("a", 400, 150), "forgotten once expired: it cannot open anyway");
+        assert!(
+            spent.spend("a", 400, 150),
+            "forgotten once expired: it cannot open anyway"
+        );
     }
 }

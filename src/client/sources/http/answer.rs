@@ -2,14 +2,14 @@
 //! stream (resumed with `Last-Event-ID` when it breaks off), whole when small, in pieces when
 //! large, never held whole; and which pending requests they answer.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::HeaderValue;
 
-use super::client::{Response, body_stream, content_length, error_chain};
+use super::client::{BodyStream, Response, body_stream, content_length, error_chain};
 use super::context::StreamContext;
 use super::error::UpstreamError;
 use crate::mcp::jsonrpc::MessageKind;
@@ -123,29 +123,37 @@ impl StreamContext {
     /// [`Assembling`]), so an answer of any size up to `max_answer_bytes` is never held whole.
     /// When the upstream closes the stream before answering (SSE polling) or it breaks, the
     /// answer is resumed with a GET carrying `Last-Event-ID`, after the `retry` delay the
-    /// upstream asked for.
+    /// upstream asked for. In a bridged stream, a request the upstream sends its client stops
+    /// the relaying: see [`SseEnd::Asked`].
     pub(super) async fn relay_sse(
         &self,
         exchange: u64,
         response: Response,
         pending: &mut HashSet<String>,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<SseEnd, UpstreamError> {
+        if exchange != UNSOLICITED {
+            self.send(Frame::streaming(exchange)).await;
+        }
+        self.follow_sse(exchange, Box::new(EventBody::new(response)), pending)
+            .await
+    }
+
+    /// Relays the rest of an answer's event stream from where `body` stands (see
+    /// [`StreamContext::relay_sse`]).
+    pub(super) async fn follow_sse(
+        &self,
+        exchange: u64,
+        mut body: Box<EventBody>,
+        pending: &mut HashSet<String>,
+    ) -> Result<SseEnd, UpstreamError> {
         let broken = |reason: String| UpstreamError::Broken {
             source_name: self.name().to_owned(),
             reason,
         };
-        if exchange != UNSOLICITED {
-            self.send(Frame::streaming(exchange)).await;
-        }
-        let mut cursor = Cursor::default();
-        let mut resumes = 0;
-        let mut response = response;
         loop {
-            let (failure, sent) = match self
-                .relay_events(exchange, response, pending, &mut cursor)
-                .await?
-            {
-                BodyEnd::Answered => return Ok(()),
+            let (failure, sent) = match self.relay_events(exchange, &mut body, pending).await? {
+                BodyEnd::Answered => return Ok(SseEnd::Answered),
+                BodyEnd::Asked(request) => return Ok(SseEnd::Asked(request, body)),
                 BodyEnd::Ended { failure, sent } => (failure, sent),
             };
             if sent > 0 {
@@ -157,57 +165,45 @@ impl StreamContext {
                 });
             }
             if exchange == UNSOLICITED || pending.is_empty() {
-                return failure.map_or(Ok(()), |reason| Err(broken(reason)));
+                return failure.map_or(Ok(SseEnd::Answered), |reason| Err(broken(reason)));
             }
-            let Some(id) = cursor.last_id.clone() else {
+            let Some(id) = body.cursor.last_id.clone() else {
                 return Err(broken(failure.unwrap_or_else(|| {
                     "it closed its event stream before answering".into()
                 })));
             };
-            if resumes >= RESUME_ATTEMPTS {
+            if body.resumes >= RESUME_ATTEMPTS {
                 return Err(broken(format!(
-                    "its event stream ended {resumes} times before answering"
+                    "its event stream ended {} times before answering",
+                    body.resumes
                 )));
             }
-            resumes += 1;
-            let delay = Duration::from_millis(cursor.retry.unwrap_or(DEFAULT_RESUME_DELAY_MS))
+            body.resumes += 1;
+            let delay = Duration::from_millis(body.cursor.retry.unwrap_or(DEFAULT_RESUME_DELAY_MS))
                 .min(MAX_RESUME_DELAY);
             tokio::time::sleep(delay).await;
-            response = self.resume(&id).await.map_err(broken)?;
+            let response = self.resume(&id).await.map_err(broken)?;
+            body.restart(response);
         }
     }
 
     /// Relays the events of one SSE response body until every request in `pending` is
-    /// answered (on an exchange's stream) or the body ends; `cursor` follows the event ids
-    /// and `retry` delays it carries.
+    /// answered (on an exchange's stream), the upstream asks its client something (bridged),
+    /// or the body ends; the body's cursor follows the event ids and `retry` delays.
     async fn relay_events(
         &self,
         exchange: u64,
-        response: Response,
+        body: &mut EventBody,
         pending: &mut HashSet<String>,
-        cursor: &mut Cursor,
     ) -> Result<BodyEnd, UpstreamError> {
-        let mut reader = SseReader::new();
-        let mut body = body_stream(response);
-        let mut event = Assembling::new(exchange, self.max_frame, self.max_answer);
-        let mut items = Vec::new();
+        let mut event = Assembling::new(exchange, self);
         let ended = |event: &Assembling, failure| BodyEnd::Ended {
             failure,
             sent: event.sent,
         };
-        while let Some(chunk) = body.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    let failure = format!("its event stream broke: {}", error_chain(&e));
-                    return Ok(ended(&event, Some(failure)));
-                }
-            };
-            items.clear();
-            if let Err(e) = reader.feed(&chunk, &mut items) {
-                return Ok(ended(&event, Some(format!("bad event stream: {e}"))));
-            }
-            for item in items.drain(..) {
+        let mut fresh = Vec::new();
+        loop {
+            while let Some(item) = body.items.pop_front() {
                 let (id, asked, data) = match item {
                     SseItem::Data(bytes) => {
                         event.push(self, bytes).await?;
@@ -216,12 +212,15 @@ impl StreamContext {
                     SseItem::End { id, retry, data } => (id, retry, data),
                 };
                 if let Some(id) = id {
-                    cursor.last_id = Some(id);
+                    body.cursor.last_id = Some(id);
                 }
-                cursor.retry = asked.or(cursor.retry);
+                body.cursor.retry = asked.or(body.cursor.retry);
                 let Some(message) = event.finish(self, data).await? else {
                     continue;
                 };
+                if let Some(request) = message.asked {
+                    return Ok(BodyEnd::Asked(request));
+                }
                 if let Some(whole) = &message.whole {
                     if self.session.upstream.lock().version.is_none() {
                         self.remember_version(whole);
@@ -234,8 +233,22 @@ impl StreamContext {
                     return Ok(BodyEnd::Answered);
                 }
             }
+            let Some(chunk) = body.body.next().await else {
+                return Ok(ended(&event, None));
+            };
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    let failure = format!("its event stream broke: {}", error_chain(&e));
+                    return Ok(ended(&event, Some(failure)));
+                }
+            };
+            fresh.clear();
+            if let Err(e) = body.reader.feed(&chunk, &mut fresh) {
+                return Ok(ended(&event, Some(format!("bad event stream: {e}"))));
+            }
+            body.items.extend(fresh.drain(..));
         }
-        Ok(ended(&event, None))
     }
 
     /// Asks the upstream to resume its event stream after the event `last_event_id`.
@@ -267,10 +280,51 @@ struct Cursor {
     retry: Option<u64>,
 }
 
+/// An upstream's event stream answering one request, read as far as it was relayed: kept as
+/// it stands while a bridged call waits for its agent's input, and read on after.
+pub(super) struct EventBody {
+    reader: SseReader,
+    body: BodyStream,
+    /// Items parsed but not yet relayed (a chunk may hold events past the one that stopped).
+    items: VecDeque<SseItem>,
+    cursor: Cursor,
+    resumes: u32,
+}
+
+impl EventBody {
+    fn new(response: Response) -> Self {
+        Self {
+            reader: SseReader::new(),
+            body: body_stream(response),
+            items: VecDeque::new(),
+            cursor: Cursor::default(),
+            resumes: 0,
+        }
+    }
+
+    /// Reads on from `response`, the upstream's resumption of the stream.
+    fn restart(&mut self, response: Response) {
+        self.reader = SseReader::new();
+        self.body = body_stream(response);
+        self.items.clear();
+    }
+}
+
+/// How relaying an answer's event stream stopped.
+pub(super) enum SseEnd {
+    /// Every request waited on is answered (or, on the standalone stream, it ended).
+    Answered,
+    /// A bridged stream's upstream sent its client a request (this whole message): it was
+    /// not relayed, and the rest of the answer waits in the body until it is answered.
+    Asked(Bytes, Box<EventBody>),
+}
+
 /// How one SSE response body ended.
 enum BodyEnd {
     /// Every request it was waited on for is answered.
     Answered,
+    /// The upstream asked its client something (bridged streams).
+    Asked(Bytes),
     /// It ended, broken when `failure` says why; `sent` bytes of an unfinished message had
     /// already gone on as pieces.
     Ended {
@@ -282,11 +336,16 @@ enum BodyEnd {
 /// One SSE event's data on its way to the relay: held while it is at most [`PIECE_BYTES`]
 /// (nearly every message, sent whole as before), else passed on in pieces as it arrives, never
 /// more than about one piece held. The whole message stays within `max_answer` (within the
-/// frame limit on the standalone stream, which carries no pieces).
+/// frame limit on the standalone stream, which carries no pieces, and on a stream whose
+/// answers are rewritten whole: see [`StreamContext::rewrites_answers`]).
 struct Assembling {
     exchange: u64,
     max_frame: usize,
     max_answer: usize,
+    /// Whether messages may go in pieces.
+    pieces: bool,
+    /// Whether a whole request the upstream sends its client is held back (bridged streams).
+    intercepts: bool,
     head: bytes::BytesMut,
     /// Bytes already passed on as pieces.
     sent: usize,
@@ -295,19 +354,24 @@ struct Assembling {
 }
 
 /// A message [`Assembling`] finished.
+#[derive(Default)]
 struct Finished {
     /// The message, when it went whole.
     whole: Option<Bytes>,
     /// The id it answers, when it went in pieces and is a response.
     answers: Option<String>,
+    /// The message, when it is a request to the client held back (not sent).
+    asked: Option<Bytes>,
 }
 
 impl Assembling {
-    fn new(exchange: u64, max_frame: usize, max_answer: usize) -> Self {
+    fn new(exchange: u64, context: &StreamContext) -> Self {
         Self {
             exchange,
-            max_frame,
-            max_answer: max_answer.max(max_frame),
+            max_frame: context.max_frame,
+            max_answer: context.max_answer.max(context.max_frame),
+            pieces: exchange != UNSOLICITED && !context.rewrites_answers(),
+            intercepts: exchange != UNSOLICITED && context.is_bridged(),
             head: bytes::BytesMut::new(),
             sent: 0,
             scanner: None,
@@ -315,7 +379,7 @@ impl Assembling {
     }
 
     fn limit(&self) -> usize {
-        if self.exchange == UNSOLICITED {
+        if !self.pieces {
             self.max_frame
         } else {
             self.max_answer
@@ -343,7 +407,7 @@ impl Assembling {
             });
         }
         self.head.extend_from_slice(&bytes);
-        if self.exchange == UNSOLICITED {
+        if !self.pieces {
             return Ok(());
         }
         // Keep at least one byte back: the closing `Message` is never empty.
@@ -376,13 +440,17 @@ impl Assembling {
             return Ok(None);
         }
         match scanner {
+            None if self.intercepts && is_request(&last) => Ok(Some(Finished {
+                asked: Some(last),
+                ..Finished::default()
+            })),
             None => {
                 context
                     .send(Frame::message(self.exchange, last.clone()))
                     .await;
                 Ok(Some(Finished {
                     whole: Some(last),
-                    answers: None,
+                    ..Finished::default()
                 }))
             }
             Some(mut scanner) => {
@@ -392,12 +460,17 @@ impl Assembling {
                     .facts()
                     .and_then(|facts| facts.id.as_deref().map(str::to_owned));
                 Ok(Some(Finished {
-                    whole: None,
                     answers,
+                    ..Finished::default()
                 }))
             }
         }
     }
+}
+
+/// Whether `message` is a single JSON-RPC request.
+fn is_request(message: &[u8]) -> bool {
+    matches!(classify(message), Ok(crate::mcp::Classified::Single(m)) if m.kind == MessageKind::Request)
 }
 
 /// A request id as a lookup key: its JSON text, trimmed.

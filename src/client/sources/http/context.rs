@@ -13,9 +13,12 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
 
 use super::HttpSource;
-use super::answer::{answered, id_key};
+use super::answer::{EventBody, SseEnd, answered, id_key};
+use super::bridge::Checkout;
 use super::client::{Response, body_stream, content_length, error_chain};
 use super::error::UpstreamError;
 use super::session::HttpSession;
@@ -93,6 +96,13 @@ pub(super) struct StreamContext {
     /// [`super::bridge`]): requests go with the session's headers, `server/discover` is
     /// answered here, and results are completed for the agent's era.
     bridged: bool,
+    /// A bridged stream's session, checked out of its source's pool (see
+    /// [`super::bridge::Checkout`]): given back when the stream is done, or moved into the
+    /// call that waits for its agent's input.
+    pub(super) checkout: Mutex<Option<Checkout>>,
+    /// The id a retried call's answer goes out under (the retry's: the upstream answers the
+    /// first attempt's), when this stream carries a retry (see [`super::bridge`]).
+    pub(super) reanswer: Option<Box<RawValue>>,
 }
 
 impl StreamContext {
@@ -122,6 +132,8 @@ impl StreamContext {
             max_answer,
             relay_stream,
             bridged: false,
+            checkout: Mutex::new(None),
+            reanswer: None,
         };
         tracing::debug!(source = %context.source.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         context
@@ -138,13 +150,34 @@ impl StreamContext {
             max_answer: self.max_answer,
             relay_stream: None,
             bridged: self.bridged,
+            checkout: Mutex::new(None),
+            reanswer: None,
         }
     }
 
-    /// Makes this the context of a bridged stream (see [`super::bridge`]).
-    pub(super) fn bridged(mut self) -> Self {
+    /// Makes this the context of a bridged stream over `checkout`'s session (see
+    /// [`super::bridge`]).
+    pub(super) fn bridged(mut self, checkout: Checkout) -> Self {
         self.bridged = true;
+        self.checkout = Mutex::new(Some(checkout));
         self
+    }
+
+    /// Makes this the stream of a retried call, whose answer goes out under `id`.
+    pub(super) fn answering_as(mut self, id: Box<RawValue>) -> Self {
+        self.reanswer = Some(id);
+        self
+    }
+
+    /// Whether the stream is bridged (see [`super::bridge`]).
+    pub(super) fn is_bridged(&self) -> bool {
+        self.bridged
+    }
+
+    /// Whether answers are rewritten whole (a retried call's, under the retry's id): they
+    /// never go in pieces.
+    pub(super) fn rewrites_answers(&self) -> bool {
+        self.reanswer.is_some()
     }
 
     /// The era the upstream is spoken to in: the agent's, unless the stream is bridged.
@@ -161,7 +194,12 @@ impl StreamContext {
     /// Requests still in flight when the stream ends are abandoned, unless their answers are
     /// kept for a replay: then they run on, for at most [`DETACHED_ANSWERS`] (or the session's
     /// idle time, if longer). Returns whether requests were still in flight when it ended.
-    pub(super) async fn run(self: Arc<Self>, inbound: &mut Inbound) -> bool {
+    /// `first` is a message already read from `inbound`, served before any other.
+    pub(super) async fn run(
+        self: Arc<Self>,
+        mut first: Option<Frame>,
+        inbound: &mut Inbound,
+    ) -> bool {
         if self.relay_stream.is_some() {
             inbound.replays_answers();
         }
@@ -171,9 +209,12 @@ impl StreamContext {
         // lives, a few KiB per idle session unboxed.
         let mut requests: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
         loop {
-            let frame = tokio::select! {
-                frame = inbound.next_message_with(|frame| self.signal(frame)) => frame,
-                Some(()) = requests.next(), if !requests.is_empty() => continue,
+            let frame = match first.take() {
+                Some(frame) => Some(frame),
+                None => tokio::select! {
+                    frame = inbound.next_message_with(|frame| self.signal(frame)) => frame,
+                    Some(()) = requests.next(), if !requests.is_empty() => continue,
+                },
             };
             let Some(frame) = frame else {
                 break;
@@ -254,7 +295,13 @@ impl StreamContext {
         }
         let frame = if self.bridged && frame.kind == FrameKind::Message {
             let method = self.header_value(crate::mcp::era::METHOD_HEADER);
-            let payload = crate::mcp::bridge::complete(frame.payload, method);
+            let mut payload = crate::mcp::bridge::complete(frame.payload, method);
+            if let Some(id) = &self.reanswer
+                && matches!(classify(&payload), Ok(Classified::Single(m)) if m.kind == MessageKind::Response)
+                && let Some(rewritten) = crate::mcp::bridge::reidentify(&payload, id)
+            {
+                payload = rewritten;
+            }
             Frame::message(frame.exchange, payload)
         } else {
             frame
@@ -400,12 +447,38 @@ impl StreamContext {
             tracing::debug!(source = %self.name(), "bridged upstream session expired; opened again");
             result = match self.handshake().await {
                 Ok(()) => {
-                    self.post(exchange, payload, is_initialize, &mut pending)
+                    self.post(exchange, payload.clone(), is_initialize, &mut pending)
                         .await
                 }
                 Err(e) => Err(e),
             };
         }
+        let result = match result {
+            Ok(Some(asked)) => self.asked(exchange, &payload, asked, &mut pending).await,
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.fail_pending(exchange, &requests, &pending, result)
+            .await;
+        self.send(Frame::end(exchange)).await;
+        if self.session.is_gone() {
+            self.send(Frame::close(format!(
+                "source {} ended the session",
+                self.name()
+            )))
+            .await;
+        }
+    }
+
+    /// Answers the requests still `pending` after `result` failed with the error that says
+    /// why (none when the upstream broke off inside an answer already partly relayed).
+    pub(super) async fn fail_pending(
+        &self,
+        exchange: u64,
+        requests: &[&crate::mcp::MessageInfo],
+        pending: &HashSet<String>,
+        result: Result<(), UpstreamError>,
+    ) {
         if let Err(error) = result {
             tracing::warn!(source = %self.name(), error = %error, "upstream exchange failed");
             let abandoned = matches!(error, UpstreamError::BrokeOff { .. });
@@ -422,23 +495,17 @@ impl StreamContext {
                 .await;
             }
         }
-        self.send(Frame::end(exchange)).await;
-        if self.session.is_gone() {
-            self.send(Frame::close(format!(
-                "source {} ended the session",
-                self.name()
-            )))
-            .await;
-        }
     }
 
+    /// POSTs `payload` and relays the answer; in a bridged stream, what the upstream asked its
+    /// client in mid-answer, with the rest of the answer (see [`SseEnd::Asked`]).
     async fn post(
         &self,
         exchange: u64,
         payload: Bytes,
         is_initialize: bool,
         pending: &mut HashSet<String>,
-    ) -> Result<(), UpstreamError> {
+    ) -> Result<Option<(Bytes, Box<EventBody>)>, UpstreamError> {
         let response = self
             .source
             .client
@@ -463,7 +530,7 @@ impl StreamContext {
                 .await;
         }
         if status == StatusCode::ACCEPTED {
-            return Ok(());
+            return Ok(None);
         }
         if status == StatusCode::NOT_FOUND
             && self.upstream_era() == Era::Session
@@ -487,11 +554,17 @@ impl StreamContext {
             .unwrap_or_default()
             .to_ascii_lowercase();
         if content_type.starts_with("text/event-stream") && status.is_success() {
-            return self.relay_sse(exchange, response, pending).await;
+            return match self.relay_sse(exchange, response, pending).await? {
+                SseEnd::Answered => Ok(None),
+                SseEnd::Asked(request, rest) => Ok(Some((request, rest))),
+            };
         }
         // `initialize` answers are read whole: the session's version is learned from them.
         if status.is_success() && !is_initialize {
-            return self.relay_json(exchange, response, pending).await;
+            return self
+                .relay_json(exchange, response, pending)
+                .await
+                .map(|()| None);
         }
         let body = self.read_limited(response).await?;
         if !status.is_success() {
@@ -500,7 +573,7 @@ impl StreamContext {
                 self.send(Frame::rejected(exchange, status.as_u16())).await;
                 answered(&body, pending);
                 self.send(Frame::message(exchange, body)).await;
-                return Ok(());
+                return Ok(None);
             }
             self.send(Frame::rejected(exchange, status.as_u16())).await;
             let text = String::from_utf8_lossy(&body[..body.len().min(QUOTE_LIMIT)])
@@ -513,14 +586,14 @@ impl StreamContext {
             });
         }
         if body.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         if is_initialize {
             self.remember_version(&body);
         }
         answered(&body, pending);
         self.send(Frame::message(exchange, body)).await;
-        Ok(())
+        Ok(None)
     }
 
     pub(super) fn remember_version(&self, body: &[u8]) {

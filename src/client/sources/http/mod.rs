@@ -209,7 +209,7 @@ impl HttpSource {
                 .await;
             session.start_get_stream();
         }
-        let _ = context.clone().run(&mut inbound).await;
+        let _ = context.clone().run(None, &mut inbound).await;
         match &session.handle {
             Some(handle) if !inbound.closed_by_relay() && !session.is_gone() => {
                 // The stream ended, not the session: a relay may resume it.
@@ -226,7 +226,8 @@ impl HttpSource {
     }
 
     /// Serves a stateless agent's stream over a bridged session-era session of its caller
-    /// (see [`bridge`]), opened first when it is new.
+    /// (see [`bridge`]), opened first when it is new; or, when its request retries a call
+    /// waiting for its input, over that call's session, where the call goes on.
     async fn serve_bridged(
         self: Arc<Self>,
         header: OpenHeader,
@@ -234,9 +235,65 @@ impl HttpSource {
         (out, numbered): (Out, bool),
         (max_frame, max_answer): (usize, usize),
     ) {
+        let Some(first) = inbound.next_message().await else {
+            return;
+        };
+        let retry = crate::mcp::bridge::Retry::parse(&first.payload);
+        if let Some((handle, retry)) = retry.and_then(|r| Some((r.state.clone()?, r))) {
+            let classified = crate::mcp::classify(&first.payload);
+            let id = classified
+                .as_ref()
+                .ok()
+                .and_then(|c| c.messages().first().and_then(|m| m.id.clone()));
+            let (Some(parked), Some(id)) = (self.unpark(&handle, &header.subject), id) else {
+                let reason = format!(
+                    "requestState names no call waiting at source {} (it expired, was \
+                     answered, or its connect restarted): send the request again without it",
+                    self.name
+                );
+                if let Ok(classified) = classified {
+                    stream::fail_requests(
+                        &out,
+                        first.exchange,
+                        &classified,
+                        codes::INVALID_PARAMS,
+                        &reason,
+                    )
+                    .await;
+                }
+                return;
+            };
+            let (checkout, waiting) = (*parked).split();
+            let context = StreamContext::new(
+                self.clone(),
+                header,
+                checkout.session(),
+                (out, numbered),
+                max_frame,
+                max_answer,
+            );
+            let context = Arc::new(context.bridged(checkout).answering_as(id));
+            context
+                .resume_call(first.exchange, first.payload, retry, waiting)
+                .await;
+            let abandoned = context.clone().run(None, &mut inbound).await;
+            return context.release_checkout(!abandoned);
+        }
         let (checkout, fresh) = match self.check_out(&header).await {
             Ok(checkout) => checkout,
-            Err(e) => return inbound.refuse(&out, e.code(), &e.to_string()).await,
+            Err(e) => {
+                if let Ok(classified) = crate::mcp::classify(&first.payload) {
+                    stream::fail_requests(
+                        &out,
+                        first.exchange,
+                        &classified,
+                        e.code(),
+                        &e.to_string(),
+                    )
+                    .await;
+                }
+                return;
+            }
         };
         let session = checkout.session();
         let context = StreamContext::new(
@@ -247,15 +304,19 @@ impl HttpSource {
             max_frame,
             max_answer,
         );
-        let context = Arc::new(context.bridged());
+        let context = Arc::new(context.bridged(checkout));
         session.set_tasks(|| Arc::new(context.for_session()));
         if fresh && let Err(e) = context.handshake().await {
             tracing::warn!(source = %self.name, error = %e, "bridged upstream session could not be opened");
+            if let Ok(classified) = crate::mcp::classify(&first.payload) {
+                stream::fail_requests(&out, first.exchange, &classified, e.code(), &e.to_string())
+                    .await;
+            }
             // The checkout ends the half-open session as it drops.
-            return inbound.refuse(&out, e.code(), &e.to_string()).await;
+            return;
         }
-        let abandoned = context.clone().run(&mut inbound).await;
-        checkout.release(!abandoned);
+        let abandoned = context.clone().run(Some(first), &mut inbound).await;
+        context.release_checkout(!abandoned);
     }
 
     /// The upstream session a stream opened with `header` carries, and whether it resumes
