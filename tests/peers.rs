@@ -444,6 +444,10 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     assert_eq!(modern.negotiated, "2026-07-28", "bridged");
     modern.assert_echo("a 2026-07-28 client bridged to a session-era upstream");
     modern.assert_lists("echo", "bridged");
+    // Sampling, elicitation and progress of a 2026-07-28 client bridged to the session era:
+    // each server request in mid-call is an input_required round, its retry answers it.
+    let bridged = callbacks_client(&url, &key, "2026-07-28").await;
+    assert_eq!(bridged.text("negotiated"), "2026-07-28", "bridged callbacks");
 
     // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
     let sse_url = format!("http://{}/sse/everything", harness.agents);
