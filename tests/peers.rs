@@ -447,7 +447,11 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
     // Sampling, elicitation and progress of a 2026-07-28 client bridged to the session era:
     // each server request in mid-call is an input_required round, its retry answers it.
     let bridged = callbacks_client(&url, &key, "2026-07-28").await;
-    assert_eq!(bridged.text("negotiated"), "2026-07-28", "bridged callbacks");
+    assert_eq!(
+        bridged.text("negotiated"),
+        "2026-07-28",
+        "bridged callbacks"
+    );
 
     // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same Streamable HTTP upstream.
     let sse_url = format!("http://{}/sse/everything", harness.agents);
@@ -456,6 +460,105 @@ async fn python_sdk_and_inspector_through_tunnel_to_server_everything() {
 
     inspector_lists_and_calls_echo(&url, &key).await;
     assert_traffic_rode_quic_streams_then_stop(harness, client, "everything").await;
+    everything.stop().await;
+}
+
+/// A stateless `tools/call` of `tool` with `arguments` (and `extra` params, such as a retry's),
+/// declaring the elicitation capability, through `agent`.
+async fn stateless_call(
+    agent: &common::Agent,
+    id: u64,
+    tool: &str,
+    arguments: Value,
+    extra: Value,
+) -> common::Answer {
+    let mut params = json!({"name": tool, "arguments": arguments, "_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {}},
+    }});
+    if let (Some(params), Some(extra)) = (params.as_object_mut(), extra.as_object()) {
+        params.extend(extra.clone());
+    }
+    let response = agent
+        .request(reqwest::Method::POST)
+        .header("content-type", "application/json")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .body(json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":params}).to_string())
+        .send()
+        .await
+        .expect("the call is sent");
+    common::read_answer(response).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
+    let (everything, upstream) = start_server_everything().await;
+    let (harness, client, url, key) = serving("everything", &upstream).await;
+    let mut agent = common::Agent::new(&url, &key);
+    agent.version = Some("2026-07-28".into());
+    let tool = "trigger-elicitation-request";
+
+    let asked = stateless_call(&agent, 1, tool, json!({}), json!({})).await;
+    let result = &asked.response()["result"];
+    assert_eq!(result["resultType"], "input_required", "{asked:?}");
+    let requests = result["inputRequests"].as_object().expect("input requests");
+    assert_eq!(requests.len(), 1, "{result}");
+    let (input_key, request) = requests.iter().next().expect("one input request");
+    assert_eq!(request["method"], "elicitation/create", "{result}");
+    let state = result["requestState"]
+        .as_str()
+        .expect("a request state")
+        .to_owned();
+    let answers = json!({input_key.clone(): {"action": "accept", "content": {"name": "Ada", "check": true, "integer": 7}}});
+    let retry = |state: &str| json!({"requestState": state, "inputResponses": answers.clone()});
+
+    // Forged: one character changed.
+    let mut forged = state.clone().into_bytes();
+    let at = forged.len() / 2;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).expect("ASCII");
+    let refused = stateless_call(&agent, 2, tool, json!({}), retry(&forged)).await;
+    assert_eq!(refused.response()["error"]["code"], -32602, "{refused:?}");
+    assert!(
+        refused
+            .error_message()
+            .contains("not one this relay issued"),
+        "{refused:?}"
+    );
+
+    // Another call's arguments.
+    let other = stateless_call(&agent, 3, tool, json!({"other": 1}), retry(&state)).await;
+    assert!(
+        other.error_message().contains("other arguments"),
+        "{other:?}"
+    );
+
+    // The call's own retry: the answer reaches the waiting server, the result comes back.
+    let done = stateless_call(&agent, 4, tool, json!({}), retry(&state)).await;
+    let response = done.response();
+    assert_eq!(response["id"], 4, "under the retry's id: {done:?}");
+    assert_eq!(response["result"]["resultType"], "complete", "{done:?}");
+    let text: String = response["result"]["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|block| block["text"].as_str())
+        .collect();
+    assert!(
+        text.contains("User provided the requested information!") && text.contains("Name: Ada"),
+        "the server got the retry's answer: {done:?}"
+    );
+
+    // Replayed.
+    let replayed = stateless_call(&agent, 5, tool, json!({}), retry(&state)).await;
+    assert!(
+        replayed.error_message().contains("already used"),
+        "{replayed:?}"
+    );
+
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
     everything.stop().await;
 }
 
