@@ -563,6 +563,37 @@ async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_era_clients_through_tunnel_to_a_server_that_speaks_only_2026_07_28() {
+    let (server, upstream) = common::peers::start_python_server("py_modern_server.py").await;
+    // Connected directly, a session-era client is refused: the wrapper does what it says.
+    let mut command = Command::new(python());
+    command
+        .arg(peer_file("client.py"))
+        .args([upstream.as_str(), "unused-key", "legacy"]);
+    let direct = run(format!("client.py {upstream} legacy"), &mut command).await;
+    assert!(!direct.status.success(), "initialize is refused directly");
+
+    let (harness, client, url, key) = serving("modern", &upstream).await;
+    // Through the tunnel, `connect` answers initialize from server/discover and sends each
+    // request of the session as a 2026-07-28 request.
+    let legacy = python_client(&url, &key, "legacy").await;
+    legacy.assert_session_era_echo("a session-era client bridged to a 2026-07-28-only server");
+    legacy.assert_lists("count", "bridged");
+    let added =
+        python_client_call(&url, &key, "legacy", Some(("add", r#"{"a": 2, "b": 40}"#))).await;
+    assert_eq!(added.call, "42", "bridged add");
+    // A client of the server's own era is not bridged.
+    let modern = python_client(&url, &key, "2026-07-28").await;
+    assert_eq!(modern.negotiated, "2026-07-28");
+    modern.assert_echo("same era");
+    // The Inspector CLI speaks the session era.
+    inspector_lists_and_calls_echo(&url, &key).await;
+
+    assert_traffic_rode_quic_streams_then_stop(harness, client, "modern").await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     let (server, upstream) = start_python_server().await;
     let (harness, client, url, key) = serving("pysrv", &upstream).await;

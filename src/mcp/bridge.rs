@@ -285,6 +285,186 @@ pub fn complete(message: Bytes, method: Option<&str>) -> Bytes {
     Bytes::from(completed)
 }
 
+/// `_meta` key of the client's name and version in a 2026-07-28 request.
+pub const CLIENT_INFO_META: &str = "io.modelcontextprotocol/clientInfo";
+
+/// What a 2026-07-28 upstream's `server/discover` result says that a session-era agent's
+/// `initialize` result repeats: the other direction of [`Initialized`].
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    capabilities: Box<RawValue>,
+    server_info: Option<Box<RawValue>>,
+    instructions: Option<Box<RawValue>>,
+}
+
+impl Discovered {
+    /// Reads a `server/discover` answer (a whole JSON-RPC response); `None` for an error.
+    pub fn parse(answer: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Answer {
+            result: Option<DiscoverResult>,
+        }
+        #[derive(Deserialize)]
+        struct DiscoverResult {
+            capabilities: Option<Box<RawValue>>,
+            instructions: Option<Box<RawValue>>,
+            #[serde(rename = "_meta")]
+            meta: Option<Meta>,
+        }
+        #[derive(Deserialize)]
+        struct Meta {
+            #[serde(rename = "io.modelcontextprotocol/serverInfo")]
+            server_info: Option<Box<RawValue>>,
+        }
+        let result = serde_json::from_slice::<Answer>(answer).ok()?.result?;
+        let empty = || RawValue::from_string("{}".into()).expect("{} is a JSON object");
+        Some(Self {
+            capabilities: result.capabilities.unwrap_or_else(empty),
+            server_info: result.meta.and_then(|m| m.server_info),
+            instructions: result.instructions,
+        })
+    }
+
+    /// The answer to a session-era agent's `initialize` (id `id`) that asked for `version`:
+    /// that version when it is a session-era one this relay knows, else the newest; the
+    /// upstream's capabilities (but `resources.subscribe`: a session-era subscription has no
+    /// 2026-07-28 counterpart on one request), server info and instructions.
+    pub fn initialize_answer(&self, id: &RawValue, version: &str) -> Bytes {
+        #[derive(Serialize)]
+        struct Answer<'a> {
+            jsonrpc: &'static str,
+            id: &'a RawValue,
+            result: InitResult<'a>,
+        }
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct InitResult<'a> {
+            protocol_version: &'a str,
+            capabilities: &'a RawValue,
+            server_info: &'a RawValue,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            instructions: Option<&'a RawValue>,
+        }
+        let version = super::era::SESSION_VERSIONS
+            .iter()
+            .find(|v| **v == version)
+            .copied()
+            .unwrap_or(super::era::LATEST_SESSION_VERSION);
+        let unnamed = RawValue::from_string(r#"{"name":"unnamed","version":"0"}"#.into())
+            .expect("a JSON object");
+        let mut capabilities: serde_json::Value =
+            serde_json::from_str(self.capabilities.get()).unwrap_or_default();
+        if let Some(resources) = capabilities
+            .get_mut("resources")
+            .and_then(|r| r.as_object_mut())
+        {
+            resources.remove("subscribe");
+        }
+        let capabilities = serde_json::value::to_raw_value(&capabilities)
+            .unwrap_or_else(|_| self.capabilities.clone());
+        let answer = Answer {
+            jsonrpc: "2.0",
+            id,
+            result: InitResult {
+                protocol_version: version,
+                capabilities: &capabilities,
+                server_info: self.server_info.as_deref().unwrap_or(&unnamed),
+                instructions: self.instructions.as_deref(),
+            },
+        };
+        Bytes::from(serde_json::to_vec(&answer).expect("plain JSON of borrowed JSON values"))
+    }
+}
+
+/// What a session-era agent declared in its `initialize`, which each of its requests carries
+/// to an upstream that speaks only 2026-07-28 (where every request declares it again).
+#[derive(Debug, Clone)]
+pub struct Declared {
+    /// The version the agent asked for.
+    pub version: String,
+    capabilities: serde_json::Value,
+    client_info: Option<serde_json::Value>,
+}
+
+impl Declared {
+    /// Reads an agent's `initialize` request.
+    pub fn parse(initialize: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Request {
+            params: Params,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Params {
+            protocol_version: String,
+            capabilities: Option<serde_json::Value>,
+            client_info: Option<serde_json::Value>,
+        }
+        let params = serde_json::from_slice::<Request>(initialize).ok()?.params;
+        Some(Self {
+            version: params.protocol_version,
+            capabilities: params.capabilities.unwrap_or_else(|| serde_json::json!({})),
+            client_info: params.client_info,
+        })
+    }
+
+    /// `request` as a 2026-07-28 request: its params' `_meta` carries the version, the
+    /// capabilities and the client info (keys the agent set itself stay). `None` when it is not
+    /// a JSON object with an object (or no) `params`.
+    pub fn stateless_request(&self, request: &[u8]) -> Option<Bytes> {
+        let mut object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(request).ok()?;
+        let params = object
+            .entry("params")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()?;
+        let meta = params
+            .entry("_meta")
+            .or_insert_with(|| serde_json::json!({}))
+            .as_object_mut()?;
+        meta.insert(PROTOCOL_VERSION_META.into(), STATELESS_SINCE.into());
+        meta.insert(CLIENT_CAPABILITIES_META.into(), self.capabilities.clone());
+        if let Some(info) = &self.client_info {
+            meta.insert(CLIENT_INFO_META.into(), info.clone());
+        }
+        serde_json::to_vec(&object).ok().map(Bytes::from)
+    }
+
+    /// The `subscriptions/listen` (id `id`) that feeds the agent's GET stream: every list
+    /// change the agent could have been told of in its session.
+    pub fn listen_request(&self, id: u64) -> Bytes {
+        let request = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "method": "subscriptions/listen",
+            "params": {"notifications": {
+                "toolsListChanged": true,
+                "promptsListChanged": true,
+                "resourcesListChanged": true,
+            }},
+        });
+        self.stateless_request(request.to_string().as_bytes())
+            .unwrap_or_else(|| Bytes::from(request.to_string()))
+    }
+}
+
+/// A header value as 2026-07-28 carries it: as it is when it is plain printable ASCII without
+/// surrounding spaces, else `=?base64?<standard base64 of its UTF-8>?=`.
+pub fn header_value(value: &str) -> String {
+    let plain = value.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !value.starts_with(' ')
+        && !value.ends_with(' ')
+        && !value.starts_with("=?");
+    if plain {
+        return value.to_owned();
+    }
+    use base64::Engine;
+    format!(
+        "=?base64?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(value)
+    )
+}
+
 /// The client capability a server request needs to be carried to a 2026-07-28 agent as an
 /// input request, for the methods an `input_required` answer may embed; `None` for any other.
 pub fn input_capability(method: &str) -> Option<&'static str> {
@@ -779,5 +959,58 @@ mod tests {
             reseal_input_required(complete, |_| None),
             Resealed::Unchanged
         );
+    }
+
+    #[test]
+    fn a_session_agent_meets_a_stateless_upstream() {
+        let discover = br#"{"jsonrpc":"2.0","id":1,"result":{"resultType":"complete","supportedVersions":["2026-07-28"],"capabilities":{"tools":{},"resources":{"subscribe":true,"listChanged":true}},"instructions":"be kind","_meta":{"io.modelcontextprotocol/serverInfo":{"name":"modern","version":"2"}}}}"#;
+        let discovered = Discovered::parse(discover).expect("a result");
+        let answer = value(&discovered.initialize_answer(&raw("0"), "2025-06-18"));
+        assert_eq!(
+            answer,
+            json!({"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18",
+                "capabilities":{"tools":{},"resources":{"listChanged":true}},"serverInfo":{"name":"modern","version":"2"},
+                "instructions":"be kind"}})
+        );
+        let newest = value(&discovered.initialize_answer(&raw("0"), "2099-01-01"));
+        assert_eq!(newest["result"]["protocolVersion"], "2025-11-25");
+        assert!(
+            Discovered::parse(
+                br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32601,"message":"no"}}"#
+            )
+            .is_none()
+        );
+
+        let declared = Declared::parse(
+            br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"sampling":{}},"clientInfo":{"name":"c","version":"1"}}}"#,
+        )
+        .expect("an initialize");
+        let call = declared
+            .stateless_request(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"t","_meta":{"progressToken":9}}}"#)
+            .expect("an object");
+        let meta = &value(&call)["params"]["_meta"];
+        assert_eq!(meta["progressToken"], 9);
+        assert_eq!(meta[PROTOCOL_VERSION_META], "2026-07-28");
+        assert_eq!(meta[CLIENT_CAPABILITIES_META], json!({"sampling":{}}));
+        assert_eq!(meta[CLIENT_INFO_META]["name"], "c");
+        let list = declared
+            .stateless_request(br#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#)
+            .expect("an object");
+        assert_eq!(
+            value(&list)["params"]["_meta"][PROTOCOL_VERSION_META],
+            "2026-07-28"
+        );
+        assert_eq!(
+            value(&declared.listen_request(5))["params"]["notifications"]["toolsListChanged"],
+            true
+        );
+    }
+
+    #[test]
+    fn header_values_that_are_not_plain_are_base64_encoded() {
+        assert_eq!(header_value("get_weather"), "get_weather");
+        assert_eq!(header_value("file:///a b"), "file:///a b");
+        assert_eq!(header_value("café"), "=?base64?Y2Fmw6k=?=");
+        assert_eq!(header_value(" x"), "=?base64?IHg=?=");
     }
 }

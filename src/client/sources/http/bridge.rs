@@ -36,7 +36,7 @@ use super::context::StreamContext;
 use super::error::UpstreamError;
 use super::session::{HttpSession, UpstreamState};
 use crate::mcp::MessageKind;
-use crate::mcp::bridge::{self, Initialized, ServerRequest, input_capability};
+use crate::mcp::bridge::{self, Discovered, Initialized, ServerRequest, input_capability};
 use crate::mcp::era::{
     LATEST_SESSION_VERSION, METHOD_HEADER, SESSION_HEADER, STATELESS_SINCE, VERSION_HEADER,
 };
@@ -45,7 +45,7 @@ use crate::mcp::sse_reader::{SseItem, SseReader};
 use crate::wire::{Frame, OpenHeader};
 
 /// `{}`: the result of a ping.
-fn empty_object() -> Box<RawValue> {
+pub(super) fn empty_object() -> Box<RawValue> {
     RawValue::from_string("{}".into()).expect("{} is a JSON object")
 }
 
@@ -60,7 +60,7 @@ pub(super) const MAX_SESSIONS: usize = 256;
 pub(super) const MAX_BUSY_PER_CALLER: usize = 64;
 
 /// How long what the `server/discover` probe learned of an upstream's era holds.
-const ERA_TTL: Duration = Duration::from_secs(300);
+pub(super) const ERA_TTL: Duration = Duration::from_secs(300);
 
 /// Time the probe, or our own `initialize` and `notifications/initialized`, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -88,8 +88,11 @@ const PARK_HANDLE_BYTES: usize = 16;
 /// What a source knows of stateless agents: the upstream's era, the pooled sessions, and the
 /// calls waiting for their agents' input.
 pub(super) struct Bridge {
-    /// Whether the upstream speaks 2026-07-28, and when that was learned.
-    era: Mutex<Option<(bool, Instant)>>,
+    /// What the `server/discover` probe learned, and when.
+    era: Mutex<Option<(Probed, Instant)>>,
+    /// When the upstream last refused a session-era `initialize` while it answers
+    /// `server/discover` (see [`super::stateless_upstream`]).
+    pub(super) session_refused: Mutex<Option<Instant>>,
     pool: Mutex<Pool<HttpSession>>,
     freed: tokio::sync::Notify,
     parked: Mutex<ParkedCalls>,
@@ -99,11 +102,21 @@ impl Default for Bridge {
     fn default() -> Self {
         Self {
             era: Mutex::new(None),
+            session_refused: Mutex::new(None),
             pool: Mutex::new(Pool::new(MAX_SESSIONS, MAX_BUSY_PER_CALLER)),
             freed: tokio::sync::Notify::new(),
             parked: Mutex::new(ParkedCalls::default()),
         }
     }
+}
+
+/// What the `server/discover` probe learned of an upstream.
+#[derive(Clone)]
+pub(super) struct Probed {
+    /// Whether it speaks 2026-07-28.
+    pub(super) stateless: bool,
+    /// Its discover result, when it does.
+    pub(super) discovered: Option<Arc<Discovered>>,
 }
 
 /// A bridged call whose upstream asked its client something (elicitation, sampling, roots):
@@ -232,38 +245,43 @@ impl HttpSource {
     }
 
     /// Whether stateless requests of a stream opened with `header` are bridged: the upstream
-    /// does not speak 2026-07-28. Probed with `server/discover` when not known (or known for
-    /// longer than [`ERA_TTL`]); an upstream that cannot be reached is not judged (its
-    /// requests go as they are, and fail as they would).
+    /// does not speak 2026-07-28 (see [`HttpSource::probed`]); an upstream that cannot be
+    /// reached is not judged (its requests go as they are, and fail as they would).
     pub(super) async fn bridges(&self, header: &OpenHeader) -> bool {
+        self.probed(header).await.is_some_and(|p| !p.stateless)
+    }
+
+    /// What the `server/discover` probe learned of the upstream: asked when not known (or
+    /// known for longer than [`ERA_TTL`]); `None` when it could not be asked.
+    pub(super) async fn probed(&self, header: &OpenHeader) -> Option<Probed> {
         let now = Instant::now();
-        if let Some((stateless, at)) = *self.bridge.era.lock()
-            && now.duration_since(at) < ERA_TTL
+        if let Some((probed, at)) = &*self.bridge.era.lock()
+            && now.duration_since(*at) < ERA_TTL
         {
-            return !stateless;
+            return Some(probed.clone());
         }
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.probe(header)).await {
-            Ok(Ok(stateless)) => {
-                if !stateless {
+            Ok(Ok(probed)) => {
+                if !probed.stateless {
                     tracing::info!(source = %self.name, "upstream does not speak 2026-07-28: stateless agents are bridged to the session era");
                 }
-                *self.bridge.era.lock() = Some((stateless, now));
-                !stateless
+                *self.bridge.era.lock() = Some((probed.clone(), now));
+                Some(probed)
             }
             Ok(Err(e)) => {
                 tracing::debug!(source = %self.name, error = %e, "server/discover probe failed");
-                false
+                None
             }
             Err(_) => {
                 tracing::debug!(source = %self.name, "server/discover probe timed out");
-                false
+                None
             }
         }
     }
 
     /// Asks the upstream `server/discover` at [`STATELESS_SINCE`] (with the caller's identity
     /// assertion, which an upstream may require of every request).
-    async fn probe(&self, header: &OpenHeader) -> Result<bool, UpstreamError> {
+    async fn probe(&self, header: &OpenHeader) -> Result<Probed, UpstreamError> {
         let mut headers = super::context::base_headers();
         headers.insert(VERSION_HEADER, HeaderValue::from_static(STATELESS_SINCE));
         headers.insert(METHOD_HEADER, HeaderValue::from_static("server/discover"));
@@ -282,7 +300,15 @@ impl HttpSource {
                 reason: error_chain(&e),
             })?;
         let answer = read_answer(&self.name, response).await?;
-        Ok(bridge::speaks_stateless(&answer))
+        let stateless = bridge::speaks_stateless(&answer);
+        let discovered = stateless
+            .then(|| Discovered::parse(&answer))
+            .flatten()
+            .map(Arc::new);
+        Ok(Probed {
+            stateless,
+            discovered,
+        })
     }
 
     /// Checks out a bridged session for a stream opened with `header`: one of its caller's
@@ -631,7 +657,7 @@ impl StreamContext {
 
 /// Reads the JSON-RPC answer to one of our own requests: a JSON body, or the first response
 /// in an event stream, within [`HANDSHAKE_ANSWER_LIMIT`].
-async fn read_answer(source: &str, response: Response) -> Result<Bytes, UpstreamError> {
+pub(super) async fn read_answer(source: &str, response: Response) -> Result<Bytes, UpstreamError> {
     let broken = |reason: String| UpstreamError::Broken {
         source_name: source.to_owned(),
         reason,

@@ -44,6 +44,13 @@ const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
 /// replayed (see [`StreamContext::run`]).
 const DETACHED_ANSWERS: Duration = Duration::from_secs(300);
 
+/// Whether `body` is a JSON-RPC error response.
+fn is_error(body: &[u8]) -> bool {
+    let mut scanner = crate::mcp::ResponseScanner::new();
+    scanner.feed(body);
+    scanner.facts().is_some_and(|facts| facts.is_error)
+}
+
 /// Text of an upstream error body quoted in a synthesized error.
 const QUOTE_LIMIT: usize = 200;
 
@@ -291,6 +298,14 @@ impl StreamContext {
     /// message on the stream the session's agent listens on.
     pub(super) async fn send(&self, frame: Frame) {
         if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
+            if memchr::memmem::find(&frame.payload, b"notifications/subscriptions/acknowledged")
+                .is_some()
+                && self.session.declared().is_some()
+            {
+                // The upstream's answer to our own `subscriptions/listen`: the agent's session
+                // era has no such notification.
+                return;
+            }
             return self.session.send_unsolicited(frame).await;
         }
         let frame = if self.bridged && frame.kind == FrameKind::Message {
@@ -430,6 +445,19 @@ impl StreamContext {
                 .replays
                 .begin(key, payload.clone(), ids, out, exchange);
         }
+        if let Some(declared) = self.session.declared() {
+            return self
+                .exchange_stateless(exchange, payload, classified.as_ref(), &declared)
+                .await;
+        }
+        if is_initialize
+            && self.source.refuses_session_era()
+            && let Some(answer) = self.bridge_to_stateless(&payload).await
+        {
+            self.send_resumable().await;
+            self.send(Frame::message(exchange, answer)).await;
+            return self.send(Frame::end(exchange)).await;
+        }
         let discover = requests
             .first()
             .filter(|m| self.bridged && m.method.as_deref() == Some("server/discover"))
@@ -506,6 +534,7 @@ impl StreamContext {
         is_initialize: bool,
         pending: &mut HashSet<String>,
     ) -> Result<Option<(Bytes, Box<EventBody>)>, UpstreamError> {
+        let sent = payload.clone();
         let response = self
             .source
             .client
@@ -520,14 +549,21 @@ impl StreamContext {
                 source_name: self.name().to_owned(),
                 reason: error_chain(&e),
             })?;
+        self.relay_answer(exchange, response, (is_initialize, &sent), pending)
+            .await
+    }
+
+    /// Relays the upstream's answer to a POST of `sent` (see [`StreamContext::post`]).
+    pub(super) async fn relay_answer(
+        &self,
+        exchange: u64,
+        response: Response,
+        (is_initialize, sent): (bool, &Bytes),
+        pending: &mut HashSet<String>,
+    ) -> Result<Option<(Bytes, Box<EventBody>)>, UpstreamError> {
         let status = response.status();
         if is_initialize && let Some(id) = response.headers().get(SESSION_HEADER) {
             self.session.upstream.lock().id = Some(id.clone());
-        }
-        if is_initialize && status.is_success() && self.session.handle.is_some() {
-            // Before any of the answer: the relay seals this into the agent's session id.
-            self.send(Frame::json(FrameKind::Resumable, &self.session.resumable()))
-                .await;
         }
         if status == StatusCode::ACCEPTED {
             return Ok(None);
@@ -554,6 +590,9 @@ impl StreamContext {
             .unwrap_or_default()
             .to_ascii_lowercase();
         if content_type.starts_with("text/event-stream") && status.is_success() {
+            if is_initialize {
+                self.send_resumable().await;
+            }
             return match self.relay_sse(exchange, response, pending).await? {
                 SseEnd::Answered => Ok(None),
                 SseEnd::Asked(request, rest) => Ok(Some((request, rest))),
@@ -567,6 +606,16 @@ impl StreamContext {
                 .map(|()| None);
         }
         let body = self.read_limited(response).await?;
+        if is_initialize
+            && (!status.is_success() || is_error(&body))
+            && let Some(answer) = self.bridge_to_stateless(sent).await
+        {
+            // The upstream speaks only 2026-07-28: this session is bridged to it.
+            self.send_resumable().await;
+            answered(&answer, pending);
+            self.send(Frame::message(exchange, answer)).await;
+            return Ok(None);
+        }
         if !status.is_success() {
             if content_type.starts_with("application/json") && classify(&body).is_ok() {
                 // A JSON-RPC error from the upstream passes through unchanged, status included.
@@ -585,15 +634,25 @@ impl StreamContext {
                 body: text,
             });
         }
+        if is_initialize {
+            self.send_resumable().await;
+            self.remember_version(&body);
+        }
         if body.is_empty() {
             return Ok(None);
-        }
-        if is_initialize {
-            self.remember_version(&body);
         }
         answered(&body, pending);
         self.send(Frame::message(exchange, body)).await;
         Ok(None)
+    }
+
+    /// Tells the relay what resumes a held session, before any of its `initialize` answer:
+    /// the relay seals it into the agent's session id.
+    async fn send_resumable(&self) {
+        if self.session.handle.is_some() {
+            self.send(Frame::json(FrameKind::Resumable, &self.session.resumable()))
+                .await;
+        }
     }
 
     pub(super) fn remember_version(&self, body: &[u8]) {
@@ -645,7 +704,14 @@ impl StreamContext {
     pub(super) async fn standalone_stream(self: Arc<Self>) {
         let mut failures = 0;
         while failures < GET_STREAM_ATTEMPTS {
-            match self.get(self.event_stream_headers()).await {
+            let opened = match self.session.declared() {
+                Some(declared) => self.listen_request(&declared).await,
+                None => self
+                    .get(self.event_stream_headers())
+                    .await
+                    .map_err(|e| error_chain(&e)),
+            };
+            match opened {
                 Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
                 Ok(response) if response.status().is_success() => {
                     failures = 0;
@@ -662,7 +728,7 @@ impl StreamContext {
                     failures += 1;
                 }
                 Err(e) => {
-                    tracing::debug!(source = %self.name(), error = %error_chain(&e), "upstream GET stream failed");
+                    tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
                     failures += 1;
                 }
             }

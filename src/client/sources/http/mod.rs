@@ -17,6 +17,7 @@ mod context;
 mod error;
 mod legacy;
 mod session;
+mod stateless_upstream;
 #[cfg(test)]
 mod tests;
 

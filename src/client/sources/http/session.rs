@@ -12,7 +12,7 @@ use super::context::StreamContext;
 use crate::client::sources::outlet::Outlet;
 use crate::client::sources::replay::SourceBytes;
 use crate::govern::assertion::Assertion;
-use crate::mcp::bridge::Initialized;
+use crate::mcp::bridge::{Declared, Initialized};
 use crate::wire::{Frame, Resumable};
 
 /// What the upstream said of the session.
@@ -41,6 +41,10 @@ pub(super) struct HttpSession {
     /// A bridged session's `initialize` result (see [`super::bridge`]): what an agent's
     /// `server/discover` is answered from.
     pub(super) initialized: Mutex<Option<Arc<Initialized>>>,
+    /// A session bridged to an upstream that speaks only 2026-07-28 (see
+    /// [`super::stateless_upstream`]): what the agent's `initialize` declared, which each of
+    /// its requests carries.
+    pub(super) declared: Mutex<Option<Arc<Declared>>>,
     get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
     gone: std::sync::atomic::AtomicBool,
 }
@@ -61,6 +65,7 @@ impl HttpSession {
             outlet: Arc::new(Outlet::new(replay_bytes)),
             tasks: Mutex::default(),
             initialized: Mutex::default(),
+            declared: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
         }
@@ -71,12 +76,18 @@ impl HttpSession {
         self.upstream.lock().id.clone()
     }
 
-    /// What a relay seals into the agent's session id to resume this one anywhere.
+    /// What a relay seals into the agent's session id to resume this one: anywhere, unless it
+    /// is bridged to a 2026-07-28 upstream (what the agent declared lives only here).
     pub(super) fn resumable(&self) -> Resumable {
         Resumable {
             upstream_session: self.id().and_then(|id| id.to_str().ok().map(str::to_owned)),
-            portable: true,
+            portable: self.declared().is_none(),
         }
+    }
+
+    /// What the agent declared, when the session is bridged to a 2026-07-28 upstream.
+    pub(super) fn declared(&self) -> Option<Arc<Declared>> {
+        self.declared.lock().clone()
     }
 
     /// Sends a server-initiated message toward the agent: on the stream it listens on, else
@@ -115,7 +126,7 @@ impl HttpSession {
     /// an id.
     pub(super) fn start_get_stream(&self) {
         let mut get_stream = self.get_stream.lock();
-        if get_stream.is_some() || self.id().is_none() {
+        if get_stream.is_some() || (self.id().is_none() && self.declared().is_none()) {
             return;
         }
         if let Some(tasks) = self.tasks.lock().clone() {
