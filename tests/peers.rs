@@ -589,6 +589,21 @@ async fn session_era_clients_through_tunnel_to_a_server_that_speaks_only_2026_07
     // The Inspector CLI speaks the session era.
     inspector_lists_and_calls_echo(&url, &key).await;
 
+    // Sampling, elicitation and progress, as a client of the server's own era sees them
+    // directly...
+    let direct = callbacks_client(&upstream, "unused-key", "2026-07-28").await;
+    assert_eq!(direct.text("negotiated"), "2026-07-28");
+    // ...through the tunnel in the same era (the relay seals each input_required state)...
+    let same_era = callbacks_client(&url, &key, "2026-07-28").await;
+    assert_eq!(same_era.text("negotiated"), "2026-07-28");
+    // ...and for a session-era client, whose callbacks answer real requests in mid-call that
+    // `connect` makes of the server's input_required answers, retrying with the answers.
+    let bridged = callbacks_client(&url, &key, "legacy").await;
+    assert!(
+        bridged.text("negotiated").starts_with("2025-"),
+        "bridged callbacks"
+    );
+
     assert_traffic_rode_quic_streams_then_stop(harness, client, "modern").await;
     server.stop().await;
 }

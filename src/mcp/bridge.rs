@@ -448,6 +448,133 @@ impl Declared {
     }
 }
 
+/// An `input_required` result of a 2026-07-28 upstream, for a session-era agent: the input
+/// requests it embeds (key, method, params), and its state.
+#[derive(Debug)]
+pub struct InputRequired {
+    /// The embedded requests, in key order.
+    pub requests: Vec<(String, String, Option<Box<RawValue>>)>,
+    /// The upstream's `requestState`, if any.
+    pub state: Option<String>,
+}
+
+impl InputRequired {
+    /// The `input_required` result in `message` (a whole JSON-RPC response), if it is one.
+    pub fn parse(message: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Answer {
+            result: InputResult,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct InputResult {
+            result_type: String,
+            input_requests: Option<std::collections::BTreeMap<String, Embedded>>,
+            request_state: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Embedded {
+            method: String,
+            params: Option<Box<RawValue>>,
+        }
+        memchr::memmem::find(message, b"input_required")?;
+        let result = serde_json::from_slice::<Answer>(message).ok()?.result;
+        if result.result_type != "input_required" {
+            return None;
+        }
+        Some(Self {
+            requests: result
+                .input_requests
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, e)| (key, e.method, e.params))
+                .collect(),
+            state: result.request_state,
+        })
+    }
+}
+
+/// A request to a session-era agent under the string id `id`: an input request of a
+/// 2026-07-28 upstream, sent the way its era asks for input in mid-call.
+pub fn server_request(id: &str, method: &str, params: Option<&RawValue>) -> Bytes {
+    #[derive(Serialize)]
+    struct Request<'a> {
+        jsonrpc: &'static str,
+        id: &'a str,
+        method: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        params: Option<&'a RawValue>,
+    }
+    let request = Request {
+        jsonrpc: "2.0",
+        id,
+        method,
+        params,
+    };
+    Bytes::from(serde_json::to_vec(&request).expect("plain JSON of borrowed JSON values"))
+}
+
+/// `request` retried (SEP-2322): its params carry `responses` as `inputResponses` and the
+/// upstream's `state` as `requestState` (none when it gave none).
+pub fn retry_request(
+    request: &[u8],
+    responses: serde_json::Map<String, serde_json::Value>,
+    state: Option<&str>,
+) -> Option<Bytes> {
+    let mut object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(request).ok()?;
+    let params = object.get_mut("params")?.as_object_mut()?;
+    params.insert("inputResponses".into(), responses.into());
+    match state {
+        Some(state) => params.insert("requestState".into(), state.into()),
+        None => params.remove("requestState"),
+    };
+    serde_json::to_vec(&object).ok().map(Bytes::from)
+}
+
+/// The responses in an agent's message (one, or a batch): each one's id (its JSON text) and
+/// its result, or its error object.
+pub fn agent_answers(
+    message: &[u8],
+) -> Vec<(String, Result<serde_json::Value, serde_json::Value>)> {
+    #[derive(Deserialize)]
+    struct Answer {
+        // A value, not raw text: an untagged enum buffers its input, which raw text cannot be.
+        id: Option<serde_json::Value>,
+        result: Option<serde_json::Value>,
+        error: Option<serde_json::Value>,
+    }
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Body {
+        One(Answer),
+        Many(Vec<Answer>),
+    }
+    let answers = match serde_json::from_slice::<Body>(message) {
+        Ok(Body::One(answer)) => vec![answer],
+        Ok(Body::Many(answers)) => answers,
+        Err(_) => Vec::new(),
+    };
+    answers
+        .into_iter()
+        .filter_map(|a| {
+            let id = serde_json::to_string(&a.id?).ok()?;
+            match (a.result, a.error) {
+                (Some(result), None) => Some((id, Ok(result))),
+                (_, Some(error)) => Some((id, Err(error))),
+                (None, None) => None,
+            }
+        })
+        .collect()
+}
+
+impl Declared {
+    /// Whether the agent declared the client capability `capability`.
+    pub fn declares(&self, capability: &str) -> bool {
+        self.capabilities.get(capability).is_some()
+    }
+}
+
 /// A header value as 2026-07-28 carries it: as it is when it is plain printable ASCII without
 /// surrounding spaces, else `=?base64?<standard base64 of its UTF-8>?=`.
 pub fn header_value(value: &str) -> String {
@@ -1012,5 +1139,45 @@ mod tests {
         assert_eq!(header_value("file:///a b"), "file:///a b");
         assert_eq!(header_value("café"), "=?base64?Y2Fmw6k=?=");
         assert_eq!(header_value(" x"), "=?base64?IHg=?=");
+    }
+
+    #[test]
+    fn a_stateless_upstreams_input_request_is_asked_of_a_session_agent_and_retried() {
+        let answer = br#"{"jsonrpc":"2.0","id":3,"result":{"resultType":"input_required","inputRequests":{"ok":{"method":"elicitation/create","params":{"message":"sure?"}}},"requestState":"st"}}"#;
+        let asked = InputRequired::parse(answer).expect("input_required");
+        assert_eq!(asked.state.as_deref(), Some("st"));
+        let (key, method, params) = &asked.requests[0];
+        assert_eq!(
+            (key.as_str(), method.as_str()),
+            ("ok", "elicitation/create")
+        );
+        let request = value(&server_request("mcp-tunnel-1", method, params.as_deref()));
+        assert_eq!(
+            request,
+            json!({"jsonrpc":"2.0","id":"mcp-tunnel-1","method":"elicitation/create","params":{"message":"sure?"}})
+        );
+        assert!(
+            InputRequired::parse(br#"{"jsonrpc":"2.0","id":3,"result":{"resultType":"complete"}}"#)
+                .is_none()
+        );
+
+        let answers =
+            agent_answers(br#"{"jsonrpc":"2.0","id":"mcp-tunnel-1","result":{"action":"accept"}}"#);
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].0, r#""mcp-tunnel-1""#);
+        let mut responses = serde_json::Map::new();
+        responses.insert("ok".into(), answers[0].1.clone().expect("a result"));
+        let retry = retry_request(
+            br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"t"}}"#,
+            responses,
+            asked.state.as_deref(),
+        )
+        .expect("an object");
+        let retry = value(&retry);
+        assert_eq!(retry["params"]["inputResponses"]["ok"]["action"], "accept");
+        assert_eq!(retry["params"]["requestState"], "st");
+        let failed =
+            agent_answers(br#"[{"jsonrpc":"2.0","id":7,"error":{"code":-1,"message":"no"}}]"#);
+        assert!(failed[0].1.is_err());
     }
 }

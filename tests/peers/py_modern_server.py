@@ -9,15 +9,31 @@ GET and DELETE of sessions (405). Everything else is the SDK's own stateless ser
 Serves http://127.0.0.1:PORT/mcp; Uvicorn prints "Uvicorn running on
 http://127.0.0.1:PORT" to stderr once it listens.
 
-Tools: echo(message), add(a, b), count(steps) (reports progress after each step). Resource:
-text://hello. Prompt: greet(name).
+Tools: echo(message), add(a, b), count(steps) (reports progress after each step), and three
+that answer like server-everything's tools of the same names, so tests/peers/callbacks_client.py
+and its assertions work unchanged: trigger-sampling-request(prompt, maxTokens) and
+trigger-elicitation-request() ask the client for input the 2026-07-28 way (an input_required
+answer, then the retry), trigger-long-running-operation(duration, steps) reports progress.
+Resource: text://hello. Prompt: greet(name).
 """
 
+import asyncio
 import json
 import sys
+from typing import Annotated
 
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from mcp_types import (
+    CreateMessageRequest,
+    CreateMessageRequestParams,
+    ElicitRequest,
+    ElicitRequestFormParams,
+    InputRequiredResult,
+    SamplingMessage,
+    TextContent,
+)
+from pydantic import Field
 
 MODERN = "2026-07-28"
 
@@ -42,6 +58,63 @@ async def count(steps: int, ctx: Context) -> str:
     for step in range(1, steps + 1):
         await ctx.report_progress(step, steps)
     return f"Counted to {steps}."
+
+
+@mcp.tool(name="trigger-sampling-request")
+async def trigger_sampling_request(
+    prompt: str, ctx: Context, maxTokens: int = 100
+) -> str | InputRequiredResult:
+    """Ask the client to sample PROMPT (input_required), then return what it sampled."""
+    answers = ctx.input_responses or {}
+    if "sample" not in answers:
+        request = CreateMessageRequest(params=CreateMessageRequestParams(
+            messages=[SamplingMessage(role="user", content=TextContent(type="text", text=f"Resource sampleLLM context: {prompt}"))],
+            max_tokens=maxTokens,
+        ))
+        return InputRequiredResult(input_requests={"sample": request}, request_state="sampling")
+    sampled = answers["sample"]
+    return "LLM sampling result: \n" + json.dumps(sampled.model_dump(by_alias=True, exclude_none=True), indent=2)
+
+
+@mcp.tool(name="trigger-elicitation-request")
+async def trigger_elicitation_request(ctx: Context) -> list[str] | InputRequiredResult:
+    """Ask the client to fill a form (input_required), then report what it gave."""
+    answers = ctx.input_responses or {}
+    if "form" not in answers:
+        schema = {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "title": "String", "description": "Your full, legal name"},
+                "check": {"type": "boolean", "title": "Boolean", "description": "Agree to the terms and conditions"},
+                "integer": {"type": "integer", "title": "Integer", "description": "Your favorite integer"},
+            },
+            "required": ["name"],
+        }
+        request = ElicitRequest(params=ElicitRequestFormParams(
+            message="Please provide inputs for the following fields:", requested_schema=schema,
+        ))
+        return InputRequiredResult(input_requests={"form": request}, request_state="elicitation")
+    result = answers["form"]
+    content = result.content or {}
+    lines = [
+        "✅ User provided the requested information!",
+        "User inputs:\n- Name: {}".format(content.get("name")),
+        "\nRaw result: " + json.dumps(result.model_dump(by_alias=True, exclude_none=True), indent=2),
+    ]
+    return lines
+
+
+@mcp.tool(name="trigger-long-running-operation")
+async def trigger_long_running_operation(
+    ctx: Context,
+    duration: Annotated[float, Field(description="seconds")] = 10,
+    steps: int = 5,
+) -> str:
+    """Report progress STEPS times over DURATION seconds."""
+    for step in range(1, steps + 1):
+        await asyncio.sleep(duration / steps)
+        await ctx.report_progress(step, steps)
+    return f"Long running operation completed. Duration: {duration:g} seconds, Steps: {steps}."
 
 
 @mcp.resource("text://hello")

@@ -110,6 +110,9 @@ pub(super) struct StreamContext {
     /// The id a retried call's answer goes out under (the retry's: the upstream answers the
     /// first attempt's), when this stream carries a retry (see [`super::bridge`]).
     pub(super) reanswer: Option<Box<RawValue>>,
+    /// An `input_required` answer of a 2026-07-28 upstream to a session-era agent, held back
+    /// from the agent (see [`super::stateless_upstream`]).
+    pub(super) input_required: Mutex<Option<Bytes>>,
 }
 
 impl StreamContext {
@@ -141,6 +144,7 @@ impl StreamContext {
             bridged: false,
             checkout: Mutex::new(None),
             reanswer: None,
+            input_required: Mutex::new(None),
         };
         tracing::debug!(source = %context.source.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         context
@@ -159,6 +163,7 @@ impl StreamContext {
             bridged: self.bridged,
             checkout: Mutex::new(None),
             reanswer: None,
+            input_required: Mutex::new(None),
         }
     }
 
@@ -307,6 +312,16 @@ impl StreamContext {
                 return;
             }
             return self.session.send_unsolicited(frame).await;
+        }
+        if frame.kind == FrameKind::Message
+            && memchr::memmem::find(&frame.payload, b"input_required").is_some()
+            && self.session.declared().is_some()
+            && crate::mcp::bridge::InputRequired::parse(&frame.payload).is_some()
+        {
+            // Asked of the agent the way its era asks, by the exchange (see
+            // `stateless_upstream`).
+            *self.input_required.lock() = Some(frame.payload);
+            return;
         }
         let frame = if self.bridged && frame.kind == FrameKind::Message {
             let method = self.header_value(crate::mcp::era::METHOD_HEADER);

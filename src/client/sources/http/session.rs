@@ -3,7 +3,9 @@
 //! version, the caller's latest identity assertion, the upstream's standalone GET stream, and
 //! which stream the agent listens on for what that GET stream brings.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::HeaderValue;
 use parking_lot::Mutex;
@@ -14,6 +16,10 @@ use crate::client::sources::replay::SourceBytes;
 use crate::govern::assertion::Assertion;
 use crate::mcp::bridge::{Declared, Initialized};
 use crate::wire::{Frame, Resumable};
+
+/// Where the agent's answer to a request asked of it goes: its result, or its error.
+pub(super) type Answering =
+    tokio::sync::oneshot::Sender<Result<serde_json::Value, serde_json::Value>>;
 
 /// What the upstream said of the session.
 #[derive(Default)]
@@ -45,6 +51,11 @@ pub(super) struct HttpSession {
     /// [`super::stateless_upstream`]): what the agent's `initialize` declared, which each of
     /// its requests carries.
     pub(super) declared: Mutex<Option<Arc<Declared>>>,
+    /// Requests of a bridged 2026-07-28 upstream asked of the agent, waiting for its answers,
+    /// by id (JSON text; see [`super::stateless_upstream`]).
+    pub(super) asked: Mutex<HashMap<String, Answering>>,
+    /// The number in the id of the next request asked of the agent.
+    asked_ids: AtomicU64,
     get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
     gone: std::sync::atomic::AtomicBool,
 }
@@ -66,6 +77,8 @@ impl HttpSession {
             tasks: Mutex::default(),
             initialized: Mutex::default(),
             declared: Mutex::default(),
+            asked: Mutex::default(),
+            asked_ids: AtomicU64::new(1),
             get_stream: Mutex::default(),
             gone: Default::default(),
         }
@@ -83,6 +96,12 @@ impl HttpSession {
             upstream_session: self.id().and_then(|id| id.to_str().ok().map(str::to_owned)),
             portable: self.declared().is_none(),
         }
+    }
+
+    /// A fresh id (a JSON string) for a request asked of the agent.
+    pub(super) fn next_asked_id(&self) -> String {
+        let n = self.asked_ids.fetch_add(1, Ordering::Relaxed);
+        format!("mcp-tunnel-input-{n}")
     }
 
     /// What the agent declared, when the session is bridged to a 2026-07-28 upstream.

@@ -27,7 +27,7 @@ use super::bridge::{ERA_TTL, empty_object};
 use super::client::error_chain;
 use super::context::{StreamContext, base_headers, insert_assertion};
 use super::error::UpstreamError;
-use crate::mcp::bridge::{self, Declared};
+use crate::mcp::bridge::{self, Declared, InputRequired};
 use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, STATELESS_SINCE, VERSION_HEADER};
 use crate::mcp::jsonrpc::{MessageInfo, codes, error_body};
 use crate::mcp::{Classified, MessageKind};
@@ -35,6 +35,28 @@ use crate::wire::{Era, Frame};
 
 /// The id of `connect`'s own `subscriptions/listen`.
 const LISTEN_REQUEST_ID: u64 = 1;
+
+/// Rounds of input one call may ask for (the SDKs' own default limit).
+const MAX_INPUT_ROUNDS: usize = 10;
+
+/// Inputs one round may ask for: each is a request to the agent, waited for.
+const MAX_INPUTS_PER_ROUND: usize = 16;
+
+/// The ids of one round's requests to the agent: forgotten when the round is over, answered
+/// or not.
+struct AskedIds<'a>(
+    &'a parking_lot::Mutex<std::collections::HashMap<String, super::session::Answering>>,
+    Vec<String>,
+);
+
+impl Drop for AskedIds<'_> {
+    fn drop(&mut self) {
+        let mut asked = self.0.lock();
+        for id in &self.1 {
+            asked.remove(id);
+        }
+    }
+}
 
 impl HttpSource {
     /// Whether the upstream refused a session-era `initialize` within [`ERA_TTL`], while it
@@ -81,7 +103,10 @@ impl StreamContext {
     ) {
         let Some(classified) = classified else {
             // Not JSON-RPC: the upstream says what is wrong with it.
-            return self.post_stateless(exchange, payload, None).await;
+            let mut pending = HashSet::new();
+            let result = self.post_round(exchange, payload, None, &mut pending).await;
+            self.fail_pending(exchange, &[], &pending, result).await;
+            return self.send(Frame::end(exchange)).await;
         };
         let requests: Vec<&MessageInfo> = classified
             .messages()
@@ -89,7 +114,9 @@ impl StreamContext {
             .filter(|m| m.kind == MessageKind::Request)
             .collect();
         let [request] = requests[..] else {
-            // Notifications and responses have no 2026-07-28 counterpart: dropped.
+            // The agent's answers go to the calls that asked; its notifications have no
+            // 2026-07-28 counterpart, and are dropped.
+            self.deliver_answers(&payload);
             for request in &requests {
                 let reason = "a batch of requests cannot go to a 2026-07-28 upstream";
                 let body = error_body(request.id.as_deref(), codes::INVALID_REQUEST, reason);
@@ -113,42 +140,153 @@ impl StreamContext {
             self.send(Frame::message(exchange, answer)).await;
             return self.send(Frame::end(exchange)).await;
         }
-        let Some(body) = declared.stateless_request(&payload) else {
-            return self.post_stateless(exchange, payload, Some(request)).await;
+        let mut body = declared.stateless_request(&payload).unwrap_or(payload);
+        let ids = || -> HashSet<String> {
+            request
+                .id
+                .as_deref()
+                .map(super::answer::id_key)
+                .into_iter()
+                .collect()
         };
-        self.post_stateless(exchange, body, Some(request)).await
+        let mut pending = ids();
+        let mut rounds = 0;
+        let result = loop {
+            let result = self
+                .post_round(exchange, body.clone(), Some(request), &mut pending)
+                .await;
+            let Some(asked) = self.input_required.lock().take() else {
+                break result;
+            };
+            rounds += 1;
+            if rounds > MAX_INPUT_ROUNDS {
+                break Err(self.upstream_broken(format!(
+                    "it asked for input more than {MAX_INPUT_ROUNDS} times in one call"
+                )));
+            }
+            match self.ask_agent(exchange, declared, &asked, &body).await {
+                Ok(retry) => {
+                    body = retry;
+                    pending = ids();
+                }
+                Err(e) => {
+                    pending = ids();
+                    break Err(e);
+                }
+            }
+        };
+        self.fail_pending(exchange, &[request], &pending, result)
+            .await;
+        self.send(Frame::end(exchange)).await;
     }
 
-    /// POSTs a 2026-07-28 request and relays the answer, then ends the exchange.
-    async fn post_stateless(&self, exchange: u64, body: Bytes, request: Option<&MessageInfo>) {
+    /// Asks the agent what the upstream's `input_required` answer (`asked`) embeds, as requests
+    /// on the exchange's stream, and waits for its answers (at most [`bridge::INPUT_WAIT`]):
+    /// the retry of `request` that carries them.
+    async fn ask_agent(
+        &self,
+        exchange: u64,
+        declared: &Declared,
+        asked: &[u8],
+        request: &Bytes,
+    ) -> Result<Bytes, UpstreamError> {
+        let input = InputRequired::parse(asked).ok_or_else(|| {
+            self.upstream_broken("an input_required answer that cannot be read".into())
+        })?;
+        if input.requests.len() > MAX_INPUTS_PER_ROUND {
+            return Err(self.upstream_broken(format!(
+                "it asked for {} inputs at once (at most {MAX_INPUTS_PER_ROUND})",
+                input.requests.len()
+            )));
+        }
+        if let Some((_, method, _)) = input.requests.iter().find(|(_, method, _)| {
+            bridge::input_capability(method).is_none_or(|capability| !declared.declares(capability))
+        }) {
+            return Err(self.upstream_broken(format!(
+                "it asked the client for {method}, which the client did not declare"
+            )));
+        }
+        let mut waiting = Vec::with_capacity(input.requests.len());
+        let mut asked_ids = AskedIds(&self.session.asked, Vec::new());
+        for (key, method, params) in &input.requests {
+            let id = self.session.next_asked_id();
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            let id_key = serde_json::Value::from(id.as_str()).to_string();
+            self.session.asked.lock().insert(id_key.clone(), answer);
+            asked_ids.1.push(id_key);
+            let message = bridge::server_request(&id, method, params.as_deref());
+            self.send(Frame::message(exchange, message)).await;
+            waiting.push((key, answered));
+        }
+        let deadline = tokio::time::Instant::now() + bridge::INPUT_WAIT;
+        let mut responses = serde_json::Map::new();
+        for (key, answered) in waiting {
+            match tokio::time::timeout_at(deadline, answered).await {
+                Ok(Ok(Ok(result))) => {
+                    responses.insert(key.clone(), result);
+                }
+                Ok(Ok(Err(error))) => {
+                    return Err(
+                        self.upstream_broken(format!("the client refused its input: {error}"))
+                    );
+                }
+                Ok(Err(_)) => return Err(self.upstream_broken("the session ended".into())),
+                Err(_) => {
+                    return Err(self.upstream_broken(format!(
+                        "the client did not answer within {} s",
+                        bridge::INPUT_WAIT.as_secs()
+                    )));
+                }
+            }
+        }
+        bridge::retry_request(request, responses, input.state.as_deref())
+            .ok_or_else(|| self.upstream_broken("the request could not be retried".into()))
+    }
+
+    /// Hands the agent's answers in `message` to the calls waiting for them.
+    fn deliver_answers(&self, message: &[u8]) {
+        for (id, answer) in bridge::agent_answers(message) {
+            if let Some(waiting) = self.session.asked.lock().remove(&id) {
+                let _ = waiting.send(answer);
+            }
+        }
+    }
+
+    /// POSTs a 2026-07-28 request and relays the answer (an `input_required` one is held back:
+    /// see [`StreamContext::send`]).
+    async fn post_round(
+        &self,
+        exchange: u64,
+        body: Bytes,
+        request: Option<&MessageInfo>,
+        pending: &mut HashSet<String>,
+    ) -> Result<(), UpstreamError> {
         let headers = self.stateless_headers(
             request.and_then(|r| r.method.as_deref()),
             request.and_then(|r| r.target.as_deref()),
         );
-        let mut pending: HashSet<String> = request
-            .and_then(|r| r.id.as_deref())
-            .map(super::answer::id_key)
-            .into_iter()
-            .collect();
-        let result = match self
+        match self
             .source
             .client
             .send(Method::POST, &self.source.target, headers, body.clone())
             .await
         {
             Ok(response) => self
-                .relay_answer(exchange, response, (false, &body), &mut pending)
+                .relay_answer(exchange, response, (false, &body), pending)
                 .await
                 .map(|_| ()),
             Err(e) => Err(UpstreamError::Unreachable {
                 source_name: self.name().to_owned(),
                 reason: error_chain(&e),
             }),
-        };
-        let requests: Vec<&MessageInfo> = request.into_iter().collect();
-        self.fail_pending(exchange, &requests, &pending, result)
-            .await;
-        self.send(Frame::end(exchange)).await;
+        }
+    }
+
+    fn upstream_broken(&self, reason: String) -> UpstreamError {
+        UpstreamError::Broken {
+            source_name: self.name().to_owned(),
+            reason,
+        }
     }
 
     /// The headers of a 2026-07-28 request of `method` naming `target` (a tool, prompt or
