@@ -214,10 +214,16 @@ async fn python_client_call(
 /// elicitation callbacks) against server-everything at `url` in `mode` (`legacy`, `auto` or
 /// `sse`), asserts everything it reports, and returns its facts.
 async fn callbacks_client(url: &str, key: &str, mode: &str) -> Facts {
+    callbacks_client_with(url, key, mode, &[]).await
+}
+
+/// [`callbacks_client`] with the script's optional arguments (a resource and a prompt).
+async fn callbacks_client_with(url: &str, key: &str, mode: &str, reads: &[&str]) -> Facts {
     let mut command = Command::new(python());
     command
         .arg(peer_file("callbacks_client.py"))
-        .args([url, key, mode]);
+        .args([url, key, mode])
+        .args(reads);
     let ran = run(format!("callbacks_client.py {url} {mode}"), &mut command)
         .await
         .succeeded();
@@ -562,50 +568,192 @@ async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
     everything.stop().await;
 }
 
+/// One upstream of the era matrix: what it speaks, and the resource and prompt every client
+/// reads of it.
+struct MatrixUpstream {
+    name: &'static str,
+    /// The client mode of its own era, for the direct baseline (`legacy` where the session era
+    /// is spoken, and the Inspector CLI can connect directly too).
+    own_era: &'static str,
+    resource: &'static str,
+    prompt: (&'static str, &'static str, &'static str),
+}
+
+/// A fact as it compares across the bridge: text that ends in a JSON object (a result that
+/// quotes what the server got) is its prefix and the parsed object, whose keys the bridge may
+/// have written in another order.
+fn same_json(fact: &Value) -> Value {
+    let Some(text) = fact.as_str() else {
+        return fact.clone();
+    };
+    match text.find('{').map(|at| text.split_at(at)) {
+        Some((prefix, object)) => match serde_json::from_str::<Value>(object) {
+            Ok(object) => json!([prefix, object]),
+            Err(_) => fact.clone(),
+        },
+        None => fact.clone(),
+    }
+}
+
+/// Runs `tests/peers/callbacks_client.py` in `mode` against `url`, reading the upstream's
+/// resource and prompt too (see [`callbacks_client`], whose assertions it makes).
+async fn matrix_client(url: &str, key: &str, mode: &str, upstream: &MatrixUpstream) -> Facts {
+    let (prompt, arguments, _) = upstream.prompt;
+    callbacks_client_with(url, key, mode, &[upstream.resource, prompt, arguments]).await
+}
+
+/// One row of the era matrix: the Python SDK client in the session era and in 2026-07-28,
+/// and the Inspector CLI, each through relay and `connect` to `upstream` (at `direct`), each
+/// with the same tool list, tool call, resource, prompt, progress and (for the SDK clients)
+/// sampling and elicitation results as a client of the upstream's own era connected directly.
+async fn era_matrix_row(upstream: MatrixUpstream, server: common::Peer, direct: String) {
+    let baseline = matrix_client(&direct, "unused-key", upstream.own_era, &upstream).await;
+    let (harness, client, url, key) = serving(upstream.name, &direct).await;
+    for mode in ["legacy", "2026-07-28"] {
+        let through = matrix_client(&url, &key, mode, &upstream).await;
+        let cell = format!("{mode} client, {} upstream", upstream.name);
+        let era = through.text("negotiated");
+        assert_eq!(mode == "legacy", era.starts_with("2025-"), "{cell}: {era}");
+        for fact in [
+            "tools",
+            "resource",
+            "prompt",
+            "sampling_result",
+            "elicitation_result",
+            "progress",
+            "long_result",
+        ] {
+            assert_eq!(
+                same_json(through.get(fact)),
+                same_json(baseline.get(fact)),
+                "{cell}: {fact} as a direct client of the upstream's own era sees it"
+            );
+        }
+    }
+
+    // The Inspector CLI (session era; it cannot answer sampling or elicitation). Its tool
+    // list is compared with its own direct one where it can connect directly (an upstream may
+    // offer tools by the client's capabilities, and the Inspector's are not the SDK's).
+    let listed = common::tool_names(&inspector(&url, &key, &["--method", "tools/list"]).await);
+    let expected = if upstream.own_era == "legacy" {
+        common::tool_names(&inspector(&direct, "unused-key", &["--method", "tools/list"]).await)
+    } else {
+        serde_json::from_value(baseline.get("tools").clone()).expect("tools is a list of names")
+    };
+    let sorted = |mut names: Vec<String>| {
+        names.sort();
+        names
+    };
+    assert_eq!(
+        sorted(listed),
+        sorted(expected),
+        "Inspector tools/list, {} upstream",
+        upstream.name
+    );
+    inspector_lists_and_calls_echo(&url, &key).await;
+    let read = inspector(
+        &url,
+        &key,
+        &["--method", "resources/read", "--uri", upstream.resource],
+    )
+    .await;
+    let read = read.get("result").unwrap_or(&read);
+    assert_eq!(
+        read["contents"][0]["text"],
+        *baseline.get("resource"),
+        "Inspector resources/read, {} upstream: {read}",
+        upstream.name
+    );
+    let (prompt, _, pair) = upstream.prompt;
+    let got = inspector(
+        &url,
+        &key,
+        &[
+            "--method",
+            "prompts/get",
+            "--prompt-name",
+            prompt,
+            "--prompt-args",
+            pair,
+        ],
+    )
+    .await;
+    let got = got.get("result").unwrap_or(&got);
+    assert_eq!(
+        got["messages"][0]["content"]["text"],
+        *baseline.get("prompt"),
+        "Inspector prompts/get, {} upstream: {got}",
+        upstream.name
+    );
+    let progress = inspector(
+        &url,
+        &key,
+        &[
+            "--method",
+            "tools/call",
+            "--tool-name",
+            "trigger-long-running-operation",
+            "--tool-arg",
+            "duration=1",
+            "steps=2",
+        ],
+    )
+    .await;
+    let progress = progress.get("result").unwrap_or(&progress);
+    assert!(
+        progress["content"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("Long running operation completed")),
+        "Inspector progress call, {} upstream: {progress}",
+        upstream.name
+    );
+
+    assert_traffic_rode_quic_streams_then_stop(harness, client, upstream.name).await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_era_clients_through_tunnel_to_a_server_that_speaks_only_2026_07_28() {
-    let (server, upstream) = common::peers::start_python_server("py_modern_server.py").await;
+async fn era_matrix_to_an_upstream_of_the_session_era_only() {
+    let (server, direct) = start_server_everything().await;
+    let upstream = MatrixUpstream {
+        name: "everything",
+        own_era: "legacy",
+        resource: "demo://resource/static/document/features.md",
+        prompt: ("args-prompt", r#"{"city": "Paris"}"#, "city=Paris"),
+    };
+    era_matrix_row(upstream, server, direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn era_matrix_to_an_upstream_of_2026_07_28_only() {
+    let (server, direct) =
+        common::peers::start_python_server_with("py_server.py", &["--modern-only"]).await;
     // Connected directly, a session-era client is refused: the wrapper does what it says.
     let mut command = Command::new(python());
     command
         .arg(peer_file("client.py"))
-        .args([upstream.as_str(), "unused-key", "legacy"]);
-    let direct = run(format!("client.py {upstream} legacy"), &mut command).await;
-    assert!(!direct.status.success(), "initialize is refused directly");
+        .args([direct.as_str(), "unused-key", "legacy"]);
+    let refused = run(format!("client.py {direct} legacy"), &mut command).await;
+    assert!(!refused.status.success(), "initialize is refused directly");
+    let upstream = MatrixUpstream {
+        name: "modern",
+        own_era: "2026-07-28",
+        resource: "text://hello",
+        prompt: ("greet", r#"{"name": "Ada"}"#, "name=Ada"),
+    };
+    era_matrix_row(upstream, server, direct).await;
+}
 
-    let (harness, client, url, key) = serving("modern", &upstream).await;
-    // Through the tunnel, `connect` answers initialize from server/discover and sends each
-    // request of the session as a 2026-07-28 request.
-    let legacy = python_client(&url, &key, "legacy").await;
-    legacy.assert_session_era_echo("a session-era client bridged to a 2026-07-28-only server");
-    legacy.assert_lists("count", "bridged");
-    let added =
-        python_client_call(&url, &key, "legacy", Some(("add", r#"{"a": 2, "b": 40}"#))).await;
-    assert_eq!(added.call, "42", "bridged add");
-    // A client of the server's own era is not bridged.
-    let modern = python_client(&url, &key, "2026-07-28").await;
-    assert_eq!(modern.negotiated, "2026-07-28");
-    modern.assert_echo("same era");
-    // The Inspector CLI speaks the session era.
-    inspector_lists_and_calls_echo(&url, &key).await;
-
-    // Sampling, elicitation and progress, as a client of the server's own era sees them
-    // directly...
-    let direct = callbacks_client(&upstream, "unused-key", "2026-07-28").await;
-    assert_eq!(direct.text("negotiated"), "2026-07-28");
-    // ...through the tunnel in the same era (the relay seals each input_required state)...
-    let same_era = callbacks_client(&url, &key, "2026-07-28").await;
-    assert_eq!(same_era.text("negotiated"), "2026-07-28");
-    // ...and for a session-era client, whose callbacks answer real requests in mid-call that
-    // `connect` makes of the server's input_required answers, retrying with the answers.
-    let bridged = callbacks_client(&url, &key, "legacy").await;
-    assert!(
-        bridged.text("negotiated").starts_with("2025-"),
-        "bridged callbacks"
-    );
-
-    assert_traffic_rode_quic_streams_then_stop(harness, client, "modern").await;
-    server.stop().await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn era_matrix_to_an_upstream_of_both_eras() {
+    let (server, direct) = start_python_server().await;
+    let upstream = MatrixUpstream {
+        name: "both",
+        own_era: "2026-07-28",
+        resource: "text://hello",
+        prompt: ("greet", r#"{"name": "Ada"}"#, "name=Ada"),
+    };
+    era_matrix_row(upstream, server, direct).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,8 +69,8 @@ pub fn discover_request(id: u64) -> Bytes {
 }
 
 /// Our own session-era `initialize` at `version`, declaring `capabilities` (a JSON object):
-/// [`INPUT_CAPABILITIES`] where the bridge carries server requests to its agents as
-/// `input_required` answers, `{}` where it answers none.
+/// those of the agents the session serves where the bridge carries server requests to them
+/// as `input_required` answers (see [`declared_capabilities`]), `{}` where it answers none.
 pub fn initialize_request(id: u64, version: &str, capabilities: &str) -> Bytes {
     let capabilities: serde_json::Value =
         serde_json::from_str(capabilities).unwrap_or_else(|_| serde_json::json!({}));
@@ -87,10 +87,35 @@ pub fn initialize_request(id: u64, version: &str, capabilities: &str) -> Bytes {
     Bytes::from(request.to_string())
 }
 
-/// The client capabilities a bridge that carries server requests declares upstream: the
-/// three kinds of request 2026-07-28 embeds in an `input_required` answer (SEP-2322). Which
-/// agent can answer one is checked per request (see [`declares_capability`]).
-pub const INPUT_CAPABILITIES: &str = r#"{"elicitation":{},"sampling":{},"roots":{}}"#;
+/// The largest client capabilities object a bridged session declares as the agent wrote it;
+/// a larger one is declared as `{}`.
+const MAX_CAPABILITIES_LEN: usize = 4096;
+
+/// The client capabilities a 2026-07-28 request declares in its `_meta`, as JSON text with
+/// its keys in order (`{}` when it declares none, or too many): what a bridged session opened
+/// for it declares upstream, so the upstream offers what it would offer that client directly.
+pub fn declared_capabilities(request: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Request {
+        params: Option<Params>,
+    }
+    #[derive(Deserialize)]
+    struct Params {
+        #[serde(rename = "_meta")]
+        meta: Option<Meta>,
+    }
+    #[derive(Deserialize)]
+    struct Meta {
+        #[serde(rename = "io.modelcontextprotocol/clientCapabilities")]
+        capabilities: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    serde_json::from_slice::<Request>(request)
+        .ok()
+        .and_then(|r| r.params?.meta?.capabilities)
+        .and_then(|capabilities| serde_json::to_string(&capabilities).ok())
+        .filter(|text| text.len() <= MAX_CAPABILITIES_LEN)
+        .unwrap_or_else(|| "{}".into())
+}
 
 /// The `notifications/initialized` that completes our handshake.
 pub const INITIALIZED_NOTIFICATION: &[u8] =
@@ -974,7 +999,7 @@ mod tests {
             discover["params"]["_meta"][PROTOCOL_VERSION_META],
             "2026-07-28"
         );
-        let init = value(&initialize_request(4, "2025-11-25", INPUT_CAPABILITIES));
+        let init = value(&initialize_request(4, "2025-11-25", r#"{"sampling":{}}"#));
         assert_eq!(init["params"]["protocolVersion"], "2025-11-25");
         assert_eq!(init["params"]["capabilities"]["sampling"], json!({}));
         assert_eq!(init["id"], 4);
@@ -1030,6 +1055,8 @@ mod tests {
     fn capabilities_are_read_from_the_request_meta() {
         let request = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","_meta":{"io.modelcontextprotocol/clientCapabilities":{"sampling":{}}}}}"#;
         assert!(declares_capability(request, "sampling"));
+        assert_eq!(declared_capabilities(request), r#"{"sampling":{}}"#);
+        assert_eq!(declared_capabilities(b"{}"), "{}");
         assert!(!declares_capability(request, "elicitation"));
         assert!(!declares_capability(b"{}", "sampling"));
     }

@@ -57,11 +57,17 @@ pub async fn start_server_everything(node: impl AsRef<OsStr>) -> (Peer, String) 
 /// A Python peer script (`tests/peers/SCRIPT PORT`, a Uvicorn server) on a free port; returns
 /// it and its URL.
 pub async fn start_python_server(script: &'static str) -> (Peer, String) {
+    start_python_server_with(script, &[]).await
+}
+
+/// [`start_python_server`] with `args` after the port.
+pub async fn start_python_server_with(script: &'static str, args: &[&str]) -> (Peer, String) {
     let port = super::free_port();
     let mut command = tokio::process::Command::new(python());
     command
         .arg(peer_file(script))
         .arg(port.to_string())
+        .args(args)
         .env("PYTHONUNBUFFERED", "1");
     let mut peer = Peer::start(script, &mut command);
     peer.wait_for_line("\"Uvicorn running on\"", |line| {

@@ -2,17 +2,19 @@
 tests/peers.rs: sampling and elicitation requests answered by this client's callbacks, and
 progress notifications, all triggered by tools of server-everything.
 
-Usage: callbacks_client.py URL KEY MODE
+Usage: callbacks_client.py URL KEY MODE [RESOURCE_URI PROMPT_NAME PROMPT_ARGUMENTS_JSON]
 
 MODE is "legacy" (Streamable HTTP, initialize handshake and sessions), "auto" (probe with
-server/discover, fall back to initialize) or "sse" (the 2024-11-05 HTTP+SSE transport; URL is
-then the GET /sse URL).
+server/discover, fall back to initialize), a protocol version such as "2026-07-28" (that era
+only), or "sse" (the 2024-11-05 HTTP+SSE transport; URL is then the GET /sse URL).
 
 The client declares sampling and elicitation (its callbacks), lists the tools, then calls
     echo                              {"message": "hi"}
     trigger-sampling-request          {"prompt": PROMPT, "maxTokens": 32}
     trigger-elicitation-request       {}
     trigger-long-running-operation    {"duration": 2, "steps": 4}   (with a progress callback)
+
+Given a resource and a prompt, it also reads the one and gets the other.
 
 Prints one `key: value` line per fact, each value as JSON:
     negotiated: "<protocol version>"
@@ -31,9 +33,12 @@ Prints one `key: value` line per fact, each value as JSON:
     progress: [[progress, total], ...]   (the notifications of the long-running call, in order)
     long_result: "<all text of the tool result>"
     long_is_error: <bool>
+    resource: "<text of the resource>"           (with RESOURCE_URI)
+    prompt: "<text of the prompt's first message>" (with PROMPT_NAME)
 Exits non-zero, with the traceback on stderr, on any exception.
 """
 
+import json
 import sys
 from typing import Any
 
@@ -89,7 +94,7 @@ def all_text(result: CallToolResult) -> str:
     return "\n".join(getattr(block, "text", "") for block in result.content)
 
 
-async def run(url: str, key: str, mode: str) -> None:
+async def run(url: str, key: str, mode: str, *reads: str) -> None:
     timeout = httpx2.Timeout(30.0, read=60.0)
     recorder = Recorder()
     callbacks = {"sampling_callback": recorder.sample, "elicitation_callback": recorder.elicit}
@@ -97,14 +102,14 @@ async def run(url: str, key: str, mode: str) -> None:
     with anyio.fail_after(120):
         if mode == "sse":
             async with Client(sse_client(url, headers=headers), mode="legacy", **callbacks) as client:
-                await exercise(client, recorder)
+                await exercise(client, recorder, reads)
             return
         async with httpx2.AsyncClient(headers=headers, timeout=timeout) as http:
             async with Client(streamable_http_client(url, http_client=http), mode=mode, **callbacks) as client:
-                await exercise(client, recorder)
+                await exercise(client, recorder, reads)
 
 
-async def exercise(client: Client, recorder: Recorder) -> None:
+async def exercise(client: Client, recorder: Recorder, reads: tuple[str, ...]) -> None:
     emit("negotiated", client.protocol_version)
     tools = await client.list_tools()
     emit("tools", [t.name for t in tools.tools])
@@ -138,9 +143,16 @@ async def exercise(client: Client, recorder: Recorder) -> None:
     emit("long_result", all_text(long))
     emit("long_is_error", bool(long.is_error))
 
+    if reads:
+        uri, prompt, arguments = reads
+        resource = await client.read_resource(uri)
+        emit("resource", "".join(getattr(c, "text", "") for c in resource.contents))
+        got = await client.get_prompt(prompt, json.loads(arguments))
+        emit("prompt", getattr(got.messages[0].content, "text", None))
+
 
 def main() -> int:
-    return run_main(__doc__, run, lambda argv: argv[1:4])
+    return run_main(__doc__, run, lambda argv: argv[1:], arg_counts=(4, 7))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -191,6 +191,9 @@ impl Bridge {
 /// stream is done with it cleanly; ended (`DELETE`) otherwise.
 pub(super) struct Checkout {
     source: Arc<HttpSource>,
+    /// Whose it is, for the per-caller cap.
+    caller: String,
+    /// Which idle sessions it may be given back among (see [`Pool`]).
     key: String,
     session: Option<Arc<HttpSession>>,
 }
@@ -215,7 +218,7 @@ impl Checkout {
             bridge
                 .pool
                 .lock()
-                .give_back(&self.key, session, Instant::now());
+                .give_back(&self.caller, &self.key, session, Instant::now());
             bridge.freed.notify_waiters();
         } else {
             self.discard(session);
@@ -223,7 +226,7 @@ impl Checkout {
     }
 
     fn discard(&self, session: Arc<HttpSession>) {
-        self.source.bridge.pool.lock().discard(&self.key);
+        self.source.bridge.pool.lock().discard(&self.caller);
         self.source.bridge.freed.notify_waiters();
         tokio::spawn(async move { session.end(None).await });
     }
@@ -311,24 +314,28 @@ impl HttpSource {
         })
     }
 
-    /// Checks out a bridged session for a stream opened with `header`: one of its caller's
-    /// idle ones, else a new one (not yet initialized: see [`StreamContext::handshake`]).
-    /// Waits up to [`CHECKOUT_WAIT`] when the pool is full.
+    /// Checks out a bridged session for a stream opened with `header`, whose agent declares
+    /// `capabilities` (see [`bridge::declared_capabilities`]): one of its caller's idle ones
+    /// opened with the same capabilities (the upstream may offer tools by them), else a new
+    /// one (not yet initialized: see [`StreamContext::handshake`]). Waits up to
+    /// [`CHECKOUT_WAIT`] when the pool is full.
     pub(super) async fn check_out(
         self: &Arc<Self>,
         header: &OpenHeader,
+        capabilities: String,
     ) -> Result<(Checkout, bool), UpstreamError> {
-        let key = if header.assertion.is_some() {
+        let caller = if header.assertion.is_some() {
             header.subject.clone()
         } else {
             String::new()
         };
+        let key = format!("{caller}\n{capabilities}");
         let deadline = tokio::time::Instant::now() + CHECKOUT_WAIT;
         loop {
             let freed = self.bridge.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let taken = self.bridge.pool.lock().take(&key);
+            let taken = self.bridge.pool.lock().take(&caller, &key);
             let (session, fresh) = match taken {
                 Take::Reuse(session) => (session, false),
                 Take::Open { evicted } => {
@@ -341,6 +348,7 @@ impl HttpSource {
                         None,
                         self.replay_bytes.clone(),
                     );
+                    *session.capabilities.lock() = capabilities.clone();
                     (Arc::new(session), true)
                 }
                 Take::Full => {
@@ -362,6 +370,7 @@ impl HttpSource {
             }
             let checkout = Checkout {
                 source: self.clone(),
+                caller,
                 key,
                 session: Some(session),
             };
@@ -390,11 +399,9 @@ impl StreamContext {
     async fn try_handshake(&self) -> Result<(), UpstreamError> {
         *self.session.upstream.lock() = UpstreamState::default();
         self.session.revive();
-        let initialize = bridge::initialize_request(
-            OWN_REQUEST_ID,
-            LATEST_SESSION_VERSION,
-            bridge::INPUT_CAPABILITIES,
-        );
+        let capabilities = self.session.capabilities.lock().clone();
+        let initialize =
+            bridge::initialize_request(OWN_REQUEST_ID, LATEST_SESSION_VERSION, &capabilities);
         let response = self.post_own(initialize, true).await?;
         if let Some(id) = response.headers().get(SESSION_HEADER) {
             self.session.upstream.lock().id = Some(id.clone());
@@ -722,7 +729,8 @@ pub(super) enum Take<S> {
     Full,
 }
 
-/// The bookkeeping of bridged sessions, per caller key: plain data, the caller passes `now`.
+/// The bookkeeping of bridged sessions: idle ones by key (a caller and the capabilities its
+/// sessions declared), busy ones counted by caller. Plain data: the caller passes `now`.
 pub(super) struct Pool<S> {
     idle: HashMap<String, Vec<(Arc<S>, Instant)>>,
     busy: HashMap<String, usize>,
@@ -743,9 +751,9 @@ impl<S> Pool<S> {
         }
     }
 
-    /// A session for `key`: its idle one used last, else room for a new one.
-    pub(super) fn take(&mut self, key: &str) -> Take<S> {
-        let busy = self.busy.get(key).copied().unwrap_or(0);
+    /// A session of `caller` for `key`: its idle one used last, else room for a new one.
+    pub(super) fn take(&mut self, caller: &str, key: &str) -> Take<S> {
+        let busy = self.busy.get(caller).copied().unwrap_or(0);
         if busy >= self.max_busy {
             return Take::Full;
         }
@@ -755,7 +763,7 @@ impl<S> Pool<S> {
             if idle.is_empty() {
                 self.idle.remove(key);
             }
-            *self.busy.entry(key.to_owned()).or_default() += 1;
+            *self.busy.entry(caller.to_owned()).or_default() += 1;
             return Take::Reuse(session);
         }
         let evicted = if self.live >= self.max {
@@ -769,7 +777,7 @@ impl<S> Pool<S> {
         if evicted.is_none() {
             self.live += 1;
         }
-        *self.busy.entry(key.to_owned()).or_default() += 1;
+        *self.busy.entry(caller.to_owned()).or_default() += 1;
         Take::Open { evicted }
     }
 
@@ -788,26 +796,26 @@ impl<S> Pool<S> {
         Some(session)
     }
 
-    /// A busy session of `key` is idle again.
-    pub(super) fn give_back(&mut self, key: &str, session: Arc<S>, now: Instant) {
-        self.unbusy(key);
+    /// A busy session of `caller` is idle again, under `key`.
+    pub(super) fn give_back(&mut self, caller: &str, key: &str, session: Arc<S>, now: Instant) {
+        self.unbusy(caller);
         self.idle
             .entry(key.to_owned())
             .or_default()
             .push((session, now));
     }
 
-    /// A busy session of `key` ended.
-    pub(super) fn discard(&mut self, key: &str) {
-        self.unbusy(key);
+    /// A busy session of `caller` ended.
+    pub(super) fn discard(&mut self, caller: &str) {
+        self.unbusy(caller);
         self.live = self.live.saturating_sub(1);
     }
 
-    fn unbusy(&mut self, key: &str) {
-        if let Some(busy) = self.busy.get_mut(key) {
+    fn unbusy(&mut self, caller: &str) {
+        if let Some(busy) = self.busy.get_mut(caller) {
             *busy = busy.saturating_sub(1);
             if *busy == 0 {
-                self.busy.remove(key);
+                self.busy.remove(caller);
             }
         }
     }
@@ -848,13 +856,13 @@ mod tests {
     fn a_caller_gets_its_own_idle_session_back_and_never_another_callers() {
         let mut pool = Pool::new(4, 4);
         let now = Instant::now();
-        assert!(opened(pool.take("ada")).is_none());
-        pool.give_back("ada", Arc::new(1), now);
-        match pool.take("bob") {
+        assert!(opened(pool.take("ada", "ada")).is_none());
+        pool.give_back("ada", "ada", Arc::new(1), now);
+        match pool.take("bob", "bob") {
             Take::Open { evicted: None } => {}
             other => panic!("bob gets a session of his own: {other:?}"),
         }
-        match pool.take("ada") {
+        match pool.take("ada", "ada") {
             Take::Reuse(session) => assert_eq!(*session, 1),
             other => panic!("ada reuses hers: {other:?}"),
         }
@@ -865,37 +873,47 @@ mod tests {
     fn a_full_pool_evicts_the_session_idle_longest_and_refuses_when_all_are_busy() {
         let mut pool = Pool::new(2, 2);
         let start = Instant::now();
-        opened(pool.take("a"));
-        opened(pool.take("b"));
-        pool.give_back("a", Arc::new(10), start);
-        pool.give_back("b", Arc::new(20), start + Duration::from_secs(1));
-        assert_eq!(opened(pool.take("c")).as_deref(), Some(&10), "a's is older");
+        opened(pool.take("a", "a"));
+        opened(pool.take("b", "b"));
+        pool.give_back("a", "a", Arc::new(10), start);
+        pool.give_back("b", "b", Arc::new(20), start + Duration::from_secs(1));
+        assert_eq!(
+            opened(pool.take("c", "c")).as_deref(),
+            Some(&10),
+            "a's is older"
+        );
         assert_eq!(pool.live, 2);
-        opened(pool.take("d"));
-        assert!(matches!(pool.take("e"), Take::Full), "every session busy");
+        opened(pool.take("d", "d"));
+        assert!(
+            matches!(pool.take("e", "e"), Take::Full),
+            "every session busy"
+        );
         pool.discard("c");
-        assert!(opened(pool.take("e")).is_none(), "room again after an end");
+        assert!(
+            opened(pool.take("e", "e")).is_none(),
+            "room again after an end"
+        );
     }
 
     #[test]
     fn one_caller_cannot_take_every_session() {
         let mut pool = Pool::new(8, 2);
-        opened(pool.take("greedy"));
-        opened(pool.take("greedy"));
-        assert!(matches!(pool.take("greedy"), Take::Full));
-        opened(pool.take("other"));
-        pool.give_back("greedy", Arc::new(1), Instant::now());
-        assert!(matches!(pool.take("greedy"), Take::Reuse(_)));
+        opened(pool.take("greedy", "greedy"));
+        opened(pool.take("greedy", "greedy"));
+        assert!(matches!(pool.take("greedy", "greedy"), Take::Full));
+        opened(pool.take("other", "other"));
+        pool.give_back("greedy", "greedy", Arc::new(1), Instant::now());
+        assert!(matches!(pool.take("greedy", "greedy"), Take::Reuse(_)));
     }
 
     #[test]
     fn idle_sessions_expire() {
         let mut pool = Pool::new(4, 4);
         let start = Instant::now();
-        opened(pool.take("a"));
-        opened(pool.take("a"));
-        pool.give_back("a", Arc::new(1), start);
-        pool.give_back("a", Arc::new(2), start + Duration::from_secs(60));
+        opened(pool.take("a", "a"));
+        opened(pool.take("a", "a"));
+        pool.give_back("a", "a", Arc::new(1), start);
+        pool.give_back("a", "a", Arc::new(2), start + Duration::from_secs(60));
         let idle = Duration::from_secs(90);
         assert!(
             pool.expired(start + Duration::from_secs(30), idle)

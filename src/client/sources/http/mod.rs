@@ -280,7 +280,8 @@ impl HttpSource {
             let abandoned = context.clone().run(None, &mut inbound).await;
             return context.release_checkout(!abandoned);
         }
-        let (checkout, fresh) = match self.check_out(&header).await {
+        let capabilities = crate::mcp::bridge::declared_capabilities(&first.payload);
+        let (checkout, fresh) = match self.check_out(&header, capabilities).await {
             Ok(checkout) => checkout,
             Err(e) => {
                 if let Ok(classified) = crate::mcp::classify(&first.payload) {

@@ -51,6 +51,9 @@ pub(super) struct HttpSession {
     /// [`super::stateless_upstream`]): what the agent's `initialize` declared, which each of
     /// its requests carries.
     pub(super) declared: Mutex<Option<Arc<Declared>>>,
+    /// A bridged session's client capabilities (JSON), declared in our own `initialize`: the
+    /// agents' it serves (see [`super::bridge`]).
+    pub(super) capabilities: Mutex<String>,
     /// Requests of a bridged 2026-07-28 upstream asked of the agent, waiting for its answers,
     /// by id (JSON text; see [`super::stateless_upstream`]).
     pub(super) asked: Mutex<HashMap<String, Answering>>,
@@ -77,6 +80,7 @@ impl HttpSession {
             tasks: Mutex::default(),
             initialized: Mutex::default(),
             declared: Mutex::default(),
+            capabilities: Mutex::new("{}".into()),
             asked: Mutex::default(),
             asked_ids: AtomicU64::new(1),
             get_stream: Mutex::default(),
