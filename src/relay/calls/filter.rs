@@ -113,7 +113,18 @@ impl ListFilter {
                 .check(&self.who, self.kind, &self.source, name_of(entry, field))
                 .is_allowed()
         });
-        if entries.len() == before {
+        let mut changed = entries.len() != before;
+        // The list is the caller's (policy decides it by identity): no cache may share it
+        // (2026-07-28's `cacheScope`, present on results of that era).
+        if let Some(scope) = value
+            .get_mut("result")
+            .and_then(|r| r.get_mut("cacheScope"))
+            .filter(|scope| scope.as_str() != Some("private"))
+        {
+            *scope = Value::from("private");
+            changed = true;
+        }
+        if !changed {
             return message;
         }
         serde_json::to_vec(&value)
