@@ -500,7 +500,17 @@ async fn stateless_call(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
     let (everything, upstream) = start_server_everything().await;
-    let (harness, client, url, key) = serving("everything", &upstream).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db = dir.path().join("audit.db");
+    let harness = common::Harness::start(common::Options {
+        audit: Some(common::audit::audit_at(&db)),
+        ..common::Options::default()
+    })
+    .await;
+    let client = harness
+        .connect(&harness.acme, &[("everything", &upstream)])
+        .await;
+    let (url, key) = (harness.url("everything"), harness.acme.api_key.clone());
     let mut agent = common::Agent::new(&url, &key);
     agent.version = Some("2026-07-28".into());
     let tool = "trigger-elicitation-request";
@@ -566,6 +576,34 @@ async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
     client.stop().await.expect("connect stops cleanly");
     harness.stop().await;
     everything.stop().await;
+
+    // The trail: the first round and its retry are one call (one `mcp.call.id`), the first
+    // recorded as input_required; the refused retries are rows of their own, unlinked.
+    let rows: Vec<Value> = common::audit::export(&db)
+        .await
+        .into_iter()
+        .filter(|row| row["gen_ai.tool.name"] == tool)
+        .collect();
+    let outcomes: Vec<(&Value, &Value)> = rows
+        .iter()
+        .map(|row| (&row["outcome"]["kind"], &row["mcp.call.id"]))
+        .collect();
+    assert_eq!(outcomes.len(), 5, "{rows:#?}");
+    let call = outcomes[0].1;
+    assert!(
+        call.is_string(),
+        "the first round names its call: {rows:#?}"
+    );
+    assert_eq!(outcomes[0].0, "input_required", "{rows:#?}");
+    assert_eq!(
+        (outcomes[3].0, outcomes[3].1),
+        (&json!("ok"), call),
+        "{rows:#?}"
+    );
+    for refused in [1, 2, 4] {
+        assert_eq!(outcomes[refused].0, "error", "{rows:#?}");
+        assert!(outcomes[refused].1.is_null(), "{rows:#?}");
+    }
 }
 
 /// One upstream of the era matrix: what it speaks, and the resource and prompt every client
@@ -1162,4 +1200,80 @@ async fn a_100_mib_python_sdk_result_crosses_relay_and_connect_in_both_eras() {
     connect.stop().await;
     relay.stop().await;
     server.stop().await;
+}
+
+/// Calls `echo` `CALLS` times in a row through `agent` (the session era when it has a session,
+/// else 2026-07-28) and returns the p50 and p99 round trip in microseconds.
+async fn echo_latency(agent: &common::Agent) -> (u128, u128) {
+    const CALLS: u64 = 400;
+    let mut micros = Vec::with_capacity(CALLS as usize);
+    for id in 0..CALLS + 20 {
+        let started = std::time::Instant::now();
+        let answer = if agent.session.is_some() {
+            agent.call_tool(id, "echo", json!({"message": "hi"})).await
+        } else {
+            stateless_call(agent, id, "echo", json!({"message": "hi"}), json!({})).await
+        };
+        assert!(
+            common::tool_text(answer.response()).contains("hi"),
+            "{answer:?}"
+        );
+        // The first calls warm connections and pools up.
+        if id >= 20 {
+            micros.push(started.elapsed().as_micros());
+        }
+    }
+    micros.sort_unstable();
+    (micros[micros.len() / 2], micros[micros.len() * 99 / 100])
+}
+
+/// The latency a bridged call adds over a same-era call through the tunnel, against the
+/// same upstream: a 2026-07-28 agent of a session-era upstream (server-everything) against a
+/// session-era agent of it, and a session-era agent of a 2026-07-28-only upstream against a
+/// 2026-07-28 agent of it. A measurement, never a pass or fail on speed:
+/// `cargo test --release --test peers bridged_call_latency -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: cargo test --release --test peers bridged_call_latency -- --ignored --nocapture"]
+async fn bridged_call_latency() {
+    let (everything, session_only) = start_server_everything().await;
+    let (modern, stateless_only) =
+        common::peers::start_python_server_with("py_server.py", &["--modern-only"]).await;
+    let harness = common::Harness::start(common::Options::default()).await;
+    let client = harness
+        .connect(
+            &harness.acme,
+            &[("everything", &session_only), ("modern", &stateless_only)],
+        )
+        .await;
+    let key = harness.acme.api_key.clone();
+    let mut report = Vec::new();
+    for (source, own_era_is_session) in [("everything", true), ("modern", false)] {
+        let url = harness.url(source);
+        let mut session = common::Agent::new(&url, &key);
+        assert_eq!(session.initialize().await.status, 200);
+        let mut stateless = common::Agent::new(&url, &key);
+        stateless.version = Some("2026-07-28".into());
+        let session_era = echo_latency(&session).await;
+        let stateless_era = echo_latency(&stateless).await;
+        let (same, bridged) = if own_era_is_session {
+            (session_era, stateless_era)
+        } else {
+            (stateless_era, session_era)
+        };
+        report.push(format!(
+            "{source}: same era p50 {} us p99 {} us; bridged p50 {} us p99 {} us; added p50 {:+} us",
+            same.0,
+            same.1,
+            bridged.0,
+            bridged.1,
+            bridged.0 as i128 - same.0 as i128
+        ));
+    }
+    for line in &report {
+        println!("{line}");
+    }
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
+    everything.stop().await;
+    modern.stop().await;
 }

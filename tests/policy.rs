@@ -220,7 +220,8 @@ async fn stateless_analyst(url: &str, analyst_key: &str) {
     let list = read_answer(list.send().await.expect("POST")).await;
     assert_eq!(tool_names(list.response()), ["echo"]);
     assert_eq!(
-        list.response()["result"]["cacheScope"], "private",
+        list.response()["result"]["cacheScope"],
+        "private",
         "a list policy decides by identity is no cache's to share"
     );
     let call = stateless

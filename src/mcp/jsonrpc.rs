@@ -56,6 +56,9 @@ pub struct MessageInfo {
     pub target: Option<String>,
     /// For a response: `result.isError == true` (a failed tool call).
     pub is_tool_error: bool,
+    /// For a response: `result.resultType == "input_required"` (2026-07-28: the far side asks
+    /// the agent for input; the agent's retry is the call's next round).
+    pub is_input_required: bool,
     /// For a response: the JSON-RPC error code, if it is an error.
     pub error_code: Option<i64>,
     /// Where the message's `params` (request, notification) or `result` (response) JSON text
@@ -218,6 +221,8 @@ fn target_of(method: &str, params: Option<&RawValue>) -> Result<Option<String>, 
 struct ToolResult {
     #[serde(rename = "isError", default)]
     is_error: bool,
+    #[serde(rename = "resultType")]
+    result_type: Option<String>,
 }
 
 /// Where `part` (a slice borrowed from `body`) lies in `body`.
@@ -304,13 +309,18 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
         }
         _ => None,
     };
-    let is_tool_error = match wire.result {
-        Some(result) if result.get().contains("\"isError\"") => {
-            serde_json::from_str::<ToolResult>(result.get())
-                .map(|r| r.is_error)
-                .unwrap_or(false)
+    let (is_tool_error, is_input_required) = match wire.result {
+        Some(result)
+            if result.get().contains("\"isError\"") || result.get().contains("input_required") =>
+        {
+            serde_json::from_str::<ToolResult>(result.get()).map_or((false, false), |r| {
+                (
+                    r.is_error,
+                    r.result_type.as_deref() == Some("input_required"),
+                )
+            })
         }
-        _ => false,
+        _ => (false, false),
     };
     let error_code = match wire.error {
         Some(error) => {
@@ -331,6 +341,7 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
         method,
         target,
         is_tool_error,
+        is_input_required,
         error_code,
         payload,
         size,

@@ -109,6 +109,8 @@ impl ResponseFacts {
             method: None,
             target: None,
             is_tool_error: self.is_tool_error,
+            // Pieced answers are results, never the small input_required ones.
+            is_input_required: false,
             // An error without an integer code still fails the call.
             error_code: match (self.is_error, self.error_code) {
                 (true, code) => Some(code.unwrap_or(super::jsonrpc::codes::INTERNAL_ERROR)),

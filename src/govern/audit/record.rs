@@ -56,6 +56,9 @@ pub enum Outcome {
     Error(i64),
     /// A `tools/call` result with `isError: true`: the tool ran and failed.
     ToolError,
+    /// An `input_required` result (2026-07-28): the far side asked the agent for input, and
+    /// the agent's retry is the call's next round (its row has the same `mcp.call.id`).
+    InputRequired,
     /// The relay answered for the far side: tunnel gone, source offline, shutdown.
     TunnelError,
     /// No answer within the request timeout.
@@ -68,13 +71,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// A short label for metrics and filters: `ok`, `error`, `tool_error`, `tunnel_error`,
-    /// `timeout`, `abandoned`, `moved`.
+    /// A short label for metrics and filters: `ok`, `error`, `tool_error`, `input_required`,
+    /// `tunnel_error`, `timeout`, `abandoned`, `moved`.
     pub fn label(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Error(_) => "error",
             Outcome::ToolError => "tool_error",
+            Outcome::InputRequired => "input_required",
             Outcome::TunnelError => "tunnel_error",
             Outcome::Timeout => "timeout",
             Outcome::Abandoned => "abandoned",
@@ -147,6 +151,15 @@ pub struct Record {
     /// The `result` (or `error`), redacted, when the source's audit level is `full`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// The call this request is a round of, when it took more than one (2026-07-28
+    /// `input_required` answers and their retries, whichever eras meet): the same random id on
+    /// every round's row. In the hashed record only (no column).
+    #[serde(
+        rename = "mcp.call.id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub call: Option<String>,
 }
 
 /// The hex sha256 of `bytes`: the digest of arguments kept in every record.
@@ -197,6 +210,7 @@ impl Record {
             args_sha256: digest(b"{}"),
             args: None,
             result: None,
+            call: None,
         }
     }
 }

@@ -136,6 +136,7 @@ fn open_call(state: &RelayState, who: &Identity, source: &str, session: &str) ->
         null_id: false,
         target: None,
         is_tool_error: false,
+        is_input_required: false,
         error_code: None,
         payload: None,
         size: 0,

@@ -28,6 +28,7 @@ use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::input::{InputSeal, StateRefused, open_retry};
+use crate::relay::session::sealed::InputClaims;
 use crate::relay::session::{
     CapReached, EventClaims, EventIds, Session, SessionClaims, Start, Transport,
     is_standalone_stream, new_handle, new_session_id, new_stream_base, parse_event_id,
@@ -258,15 +259,19 @@ async fn stateless(
     // A retry of an `input_required` answer: its sealed state is checked and replaced by the
     // upstream's own before anything goes on, and names the `connect` holding the call.
     let interactive = info.method.as_deref().is_some_and(is_interactive);
-    let (body, holder) = match interactive.then(|| Retry::parse(&body)).flatten() {
+    let mut calls = calls;
+    let (body, holder, call) = match interactive.then(|| Retry::parse(&body)).flatten() {
         Some(Retry {
             state: Some(sealed),
             ..
         }) => match retried(state, who, source, &body, &sealed) {
-            Ok(retry) => retry,
+            Ok((body, claims)) => {
+                calls.link(&claims.call);
+                (body, claims.connect, Some(claims.call))
+            }
             Err(refused) => return Ok(refused_retry(calls, info.id.as_deref(), refused).await),
         },
-        _ => (body, None),
+        _ => (body, None, None),
     };
     let version = header_str(headers, VERSION_HEADER).map(str::to_owned);
     let context = format!("req-{}", &new_session_id()[..16]);
@@ -281,7 +286,13 @@ async fn stateless(
     };
     let seal = interactive.then(|| {
         let connect = channel.connect_instance().map(str::to_owned);
-        InputSeal::new(state.fleet.clone(), who, source, body.clone(), connect)
+        InputSeal::new(
+            state.fleet.clone(),
+            who,
+            source,
+            body.clone(),
+            (connect, call),
+        )
     });
     let target = Target {
         source,
@@ -301,18 +312,19 @@ fn is_interactive(method: &str) -> bool {
 }
 
 /// Opens the sealed state of a retry and spends it: the request to send on (with the
-/// upstream's own state in place of the sealed one), and the `connect` that holds the call.
+/// upstream's own state in place of the sealed one), and the state's claims (the `connect`
+/// that holds the call, the call's id).
 fn retried(
     state: &RelayState,
     who: &Identity,
     source: &str,
     body: &Bytes,
     sealed: &str,
-) -> Result<(Bytes, Option<String>), StateRefused> {
+) -> Result<(Bytes, InputClaims), StateRefused> {
     let claims = open_retry(&state.fleet, &state.spent_states, who, source, body, sealed)?;
     let body =
         bridge::with_request_state(body, claims.inner.as_deref()).ok_or(StateRefused::Unknown)?;
-    Ok((body, claims.connect))
+    Ok((body, claims))
 }
 
 /// The answer to a retry whose state is refused: an invalid-params error, its call recorded.

@@ -263,6 +263,7 @@ fn slimmed(r: &Record) -> Record {
         args_sha256: clip(&r.args_sha256),
         args: None,
         result: None,
+        call: r.call.clone(),
     }
 }
 

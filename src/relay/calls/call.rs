@@ -210,6 +210,7 @@ impl Call {
                 args_sha256,
                 args,
                 result: None,
+                call: None,
             }),
             started: Instant::now(),
             calls: calls.clone(),
@@ -282,10 +283,11 @@ impl Drop for Call {
 
 /// How a response message ended the call it answers.
 pub(crate) fn outcome_of(info: &MessageInfo) -> Outcome {
-    match (info.error_code, info.is_tool_error) {
-        (Some(code), _) => Outcome::Error(code),
-        (None, true) => Outcome::ToolError,
-        (None, false) => Outcome::Ok,
+    match (info.error_code, info.is_tool_error, info.is_input_required) {
+        (Some(code), ..) => Outcome::Error(code),
+        (None, true, _) => Outcome::ToolError,
+        (None, false, true) => Outcome::InputRequired,
+        (None, false, false) => Outcome::Ok,
     }
 }
 
@@ -353,6 +355,14 @@ impl InFlight {
     pub(crate) fn set_context(&mut self, context: &Context) {
         for call in &mut self.calls {
             call.set_context(context);
+        }
+    }
+
+    /// Marks the calls as rounds of the call `call` (`mcp.call.id`: see
+    /// [`crate::govern::audit::Record::call`]).
+    pub(crate) fn link(&mut self, call: &str) {
+        for record in self.calls.iter_mut().filter_map(|c| c.record.as_mut()) {
+            record.call = Some(call.to_owned());
         }
     }
 

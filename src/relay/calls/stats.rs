@@ -186,6 +186,7 @@ pub(crate) mod tests {
             args_sha256: digest(b"{}"),
             args: None,
             result: None,
+            call: None,
         }
     }
 

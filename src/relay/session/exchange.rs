@@ -88,16 +88,21 @@ enum Broken {
 
 impl Awaiting {
     /// The message as the caller may see it: a list as policy filters it, an
-    /// `input_required` answer with its state sealed.
-    fn filtered(&self, message: Bytes) -> Bytes {
+    /// `input_required` answer with its state sealed (its call then recorded as a round of
+    /// the call the state names).
+    fn filtered(&mut self, message: Bytes) -> Bytes {
         let message = match &self.filter {
             Some(filter) => filter.apply(message),
             None => message,
         };
-        match &self.seal {
-            Some(seal) => seal.apply(message),
-            None => message,
+        let Some(seal) = &self.seal else {
+            return message;
+        };
+        let (message, sealed) = seal.apply(message);
+        if sealed {
+            self.calls.link(seal.call());
         }
+        message
     }
 }
 

@@ -42,16 +42,19 @@ pub(crate) struct InputSeal {
     request: Bytes,
     /// The `connect` that answered, which holds a bridged call's rest.
     connect: Option<String>,
+    /// The call's id in the audit trail: the first round's, carried by every state after it.
+    call: String,
 }
 
 impl InputSeal {
-    /// The sealer of answers to `who`'s `request` to `source`, answered by `connect`.
+    /// The sealer of answers to `who`'s `request` to `source`, answered by `connect`; `call`
+    /// is the call's id when the request is a retry (a round after the first).
     pub(crate) fn new(
         keys: Arc<FleetKeys>,
         who: &Identity,
         source: &str,
         request: Bytes,
-        connect: Option<String>,
+        (connect, call): (Option<String>, Option<String>),
     ) -> Self {
         Self {
             keys,
@@ -60,16 +63,26 @@ impl InputSeal {
             source: source.to_owned(),
             request,
             connect,
+            call: call.unwrap_or_else(|| {
+                let mut bytes = [0u8; 16];
+                rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+                hex::encode(bytes)
+            }),
         }
     }
 
-    /// The answer as the agent gets it: an `input_required` result with its state sealed; an
-    /// error in its place when it cannot be (the upstream's state is too large, or not a
-    /// string); anything else unchanged.
-    pub(crate) fn apply(&self, message: Bytes) -> Bytes {
-        match bridge::reseal_input_required(&message, |inner| self.seal(inner)) {
+    /// The call's id in the audit trail.
+    pub(crate) fn call(&self) -> &str {
+        &self.call
+    }
+
+    /// The answer as the agent gets it: an `input_required` result with its state sealed
+    /// (and `true`); an error in its place when it cannot be (the upstream's state is too
+    /// large, or not a string); anything else unchanged.
+    pub(crate) fn apply(&self, message: Bytes) -> (Bytes, bool) {
+        let message = match bridge::reseal_input_required(&message, |inner| self.seal(inner)) {
             Resealed::Unchanged => message,
-            Resealed::Sealed(sealed) => sealed,
+            Resealed::Sealed(sealed) => return (sealed, true),
             Resealed::Refused => {
                 tracing::warn!(source = %self.source, "an input_required answer whose requestState cannot be sealed was refused");
                 let id = crate::mcp::classify(&message)
@@ -85,7 +98,8 @@ impl InputSeal {
                     ),
                 )
             }
-        }
+        };
+        (message, false)
     }
 
     fn seal(&self, inner: Option<&str>) -> Option<String> {
@@ -104,6 +118,7 @@ impl InputSeal {
             inner: inner.map(str::to_owned),
             issued: unix_now(),
             nonce: hex::encode(nonce),
+            call: self.call.clone(),
         };
         Some(claims.seal(&self.keys))
     }
@@ -215,10 +230,11 @@ mod tests {
             &who("alice"),
             "db",
             Bytes::from_static(CALL),
-            Some("c1".into()),
+            (Some("c1".into()), None),
         );
-        let answer: serde_json::Value =
-            serde_json::from_slice(&seal.apply(Bytes::from_static(ASKED))).expect("JSON");
+        let (answer, sealed) = seal.apply(Bytes::from_static(ASKED));
+        assert!(sealed);
+        let answer: serde_json::Value = serde_json::from_slice(&answer).expect("JSON");
         let state = answer["result"]["requestState"].as_str().expect("a state");
         assert_ne!(
             state, "park-1",
@@ -258,6 +274,7 @@ mod tests {
         let claims = open(&who("alice"), retry, &state).expect("the caller's own retry");
         assert_eq!(claims.inner.as_deref(), Some("park-1"));
         assert_eq!(claims.connect.as_deref(), Some("c1"));
+        assert_eq!(claims.call.len(), 32, "a call id");
         assert_eq!(
             open(&who("alice"), retry, &state).err(),
             Some(StateRefused::Spent)

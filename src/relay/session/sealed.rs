@@ -130,6 +130,9 @@ pub(crate) struct InputClaims {
     /// Random, hex: what a spent state is remembered by.
     #[serde(rename = "n")]
     pub(crate) nonce: String,
+    /// The call's id in the audit trail (`mcp.call.id`), the same on every round.
+    #[serde(rename = "k")]
+    pub(crate) call: String,
 }
 
 impl InputClaims {
