@@ -44,6 +44,7 @@ fn record(tenant: &str, n: u64) -> Record {
         args_sha256: String::new(),
         args: None,
         result: None,
+        call: None,
     }
 }
 

@@ -61,6 +61,7 @@ fn record(tenant: &str, n: u64) -> Record {
         args_sha256: digest(format!("{{\"n\":{n}}}").as_bytes()),
         args: None,
         result: None,
+        call: None,
     }
 }
 
