@@ -434,8 +434,9 @@ impl Declared {
     }
 
     /// `request` as a 2026-07-28 request: its params' `_meta` carries the version, the
-    /// capabilities and the client info (keys the agent set itself stay). `None` when it is not
-    /// a JSON object with an object (or no) `params`.
+    /// capabilities and the client info (keys the agent set itself stay). A retry's fields
+    /// (`requestState`, `inputResponses`) are the bridge's to set, never a session-era agent's:
+    /// they are dropped. `None` when it is not a JSON object with an object (or no) `params`.
     pub fn stateless_request(&self, request: &[u8]) -> Option<Bytes> {
         let mut object: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(request).ok()?;
@@ -443,6 +444,8 @@ impl Declared {
             .entry("params")
             .or_insert_with(|| serde_json::json!({}))
             .as_object_mut()?;
+        params.remove("requestState");
+        params.remove("inputResponses");
         let meta = params
             .entry("_meta")
             .or_insert_with(|| serde_json::json!({}))
@@ -598,23 +601,6 @@ impl Declared {
     pub fn declares(&self, capability: &str) -> bool {
         self.capabilities.get(capability).is_some()
     }
-}
-
-/// A header value as 2026-07-28 carries it: as it is when it is plain printable ASCII without
-/// surrounding spaces, else `=?base64?<standard base64 of its UTF-8>?=`.
-pub fn header_value(value: &str) -> String {
-    let plain = value.bytes().all(|b| (0x20..0x7f).contains(&b))
-        && !value.starts_with(' ')
-        && !value.ends_with(' ')
-        && !value.starts_with("=?");
-    if plain {
-        return value.to_owned();
-    }
-    use base64::Engine;
-    format!(
-        "=?base64?{}?=",
-        base64::engine::general_purpose::STANDARD.encode(value)
-    )
 }
 
 /// The client capability a server request needs to be carried to a 2026-07-28 agent as an
@@ -1140,8 +1126,12 @@ mod tests {
         )
         .expect("an initialize");
         let call = declared
-            .stateless_request(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"t","_meta":{"progressToken":9}}}"#)
+            .stateless_request(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"t","requestState":"forged","_meta":{"progressToken":9}}}"#)
             .expect("an object");
+        assert!(
+            value(&call)["params"].get("requestState").is_none(),
+            "the agent's own state is dropped"
+        );
         let meta = &value(&call)["params"]["_meta"];
         assert_eq!(meta["progressToken"], 9);
         assert_eq!(meta[PROTOCOL_VERSION_META], "2026-07-28");
@@ -1161,11 +1151,18 @@ mod tests {
     }
 
     #[test]
-    fn header_values_that_are_not_plain_are_base64_encoded() {
-        assert_eq!(header_value("get_weather"), "get_weather");
-        assert_eq!(header_value("file:///a b"), "file:///a b");
-        assert_eq!(header_value("café"), "=?base64?Y2Fmw6k=?=");
-        assert_eq!(header_value(" x"), "=?base64?IHg=?=");
+    fn header_values_that_are_not_plain_are_base64_encoded_and_decode_back() {
+        use crate::mcp::era::{decode_header_value, encode_header_value};
+        assert_eq!(encode_header_value("get_weather"), "get_weather");
+        assert_eq!(encode_header_value("file:///a b"), "file:///a b");
+        assert_eq!(encode_header_value("café"), "=?base64?Y2Fmw6k=?=");
+        assert_eq!(encode_header_value(" x"), "=?base64?IHg=?=");
+        for value in ["café", " x", "plain"] {
+            assert_eq!(
+                decode_header_value(&encode_header_value(value)).as_deref(),
+                Some(value)
+            );
+        }
     }
 
     #[test]

@@ -28,6 +28,46 @@ pub const NAME_HEADER: &str = "mcp-name";
 /// Prefix of the 2026-07-28 headers that repeat a call's parameters (`Mcp-Param-*`).
 pub const PARAM_HEADER_PREFIX: &str = "mcp-param-";
 
+/// Requests that name a tool, prompt or resource (`Mcp-Name` repeats it), and that a server
+/// may answer `input_required` in 2026-07-28 (SEP-2322).
+pub fn names_target(method: &str) -> bool {
+    matches!(method, "tools/call" | "prompts/get" | "resources/read")
+}
+
+/// A header value as 2026-07-28 carries it: as it is when it is plain printable ASCII without
+/// surrounding spaces, else `=?base64?<standard base64 of its UTF-8>?=`.
+pub fn encode_header_value(value: &str) -> String {
+    let plain = value.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !value.starts_with(' ')
+        && !value.ends_with(' ')
+        && !value.starts_with("=?");
+    if plain {
+        return value.to_owned();
+    }
+    use base64::Engine;
+    format!(
+        "=?base64?{}?=",
+        base64::engine::general_purpose::STANDARD.encode(value)
+    )
+}
+
+/// Decodes the `=?base64?<b64>?=` header form; plain values pass through.
+pub fn decode_header_value(value: &str) -> Option<String> {
+    match value
+        .strip_prefix("=?base64?")
+        .and_then(|v| v.strip_suffix("?="))
+    {
+        Some(encoded) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()?;
+            String::from_utf8(bytes).ok()
+        }
+        None => Some(value.to_owned()),
+    }
+}
+
 /// Whether a header of the agent's request travels to the upstream (in the stream's open
 /// header): only the 2026-07-28 routing headers, `Mcp-Method`, `Mcp-Name` and `Mcp-Param-*`.
 /// `connect` applies the same rule to what it receives, so a relay can never make it set

@@ -221,8 +221,9 @@ fn target_of(method: &str, params: Option<&RawValue>) -> Result<Option<String>, 
 struct ToolResult {
     #[serde(rename = "isError", default)]
     is_error: bool,
+    /// Any JSON: a malformed one must not cost the `isError` beside it.
     #[serde(rename = "resultType")]
-    result_type: Option<String>,
+    result_type: Option<serde_json::Value>,
 }
 
 /// Where `part` (a slice borrowed from `body`) lies in `body`.
@@ -316,7 +317,7 @@ fn facts(body: &[u8], wire: Wire<'_>, size: usize) -> Result<MessageInfo, Classi
             serde_json::from_str::<ToolResult>(result.get()).map_or((false, false), |r| {
                 (
                     r.is_error,
-                    r.result_type.as_deref() == Some("input_required"),
+                    r.result_type.as_ref().and_then(|t| t.as_str()) == Some("input_required"),
                 )
             })
         }

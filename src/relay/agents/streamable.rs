@@ -23,7 +23,9 @@ use super::resume::{self, Lost};
 use crate::govern::Identity;
 use crate::govern::audit::Outcome;
 use crate::mcp::bridge::{self, Retry};
-use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER};
+use crate::mcp::era::{
+    METHOD_HEADER, NAME_HEADER, SESSION_HEADER, VERSION_HEADER, decode_header_value, names_target,
+};
 use crate::mcp::jsonrpc::{Classified, MessageInfo, codes, error_body};
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
@@ -258,7 +260,7 @@ async fn stateless(
     };
     // A retry of an `input_required` answer: its sealed state is checked and replaced by the
     // upstream's own before anything goes on, and names the `connect` holding the call.
-    let interactive = info.method.as_deref().is_some_and(is_interactive);
+    let interactive = info.method.as_deref().is_some_and(names_target);
     let mut calls = calls;
     let (body, holder, call) = match interactive.then(|| Retry::parse(&body)).flatten() {
         Some(Retry {
@@ -304,11 +306,6 @@ async fn stateless(
         seal,
     };
     Ok(forward(state, &channel, body, classified, target).await)
-}
-
-/// Requests a server may answer `input_required` (SEP-2322).
-fn is_interactive(method: &str) -> bool {
-    matches!(method, "tools/call" | "prompts/get" | "resources/read")
 }
 
 /// Opens the sealed state of a retry and spends it: the request to send on (with the
@@ -391,11 +388,7 @@ fn check_stateless_headers(headers: &HeaderMap, info: &MessageInfo) -> Result<()
         }
         None => return Err(mismatch("Mcp-Method header is required".into())),
     }
-    if let Some(target) = info
-        .target
-        .as_deref()
-        .filter(|_| matches!(method, "tools/call" | "prompts/get" | "resources/read"))
-    {
+    if let Some(target) = info.target.as_deref().filter(|_| names_target(method)) {
         let value = header_str(headers, NAME_HEADER)
             .ok_or_else(|| mismatch("Mcp-Name header is required".into()))?;
         if decode_header_value(value).as_deref() != Some(target) {
@@ -405,23 +398,6 @@ fn check_stateless_headers(headers: &HeaderMap, info: &MessageInfo) -> Result<()
         }
     }
     Ok(())
-}
-
-/// Decodes the `=?base64?<b64>?=` header form; plain values pass through.
-fn decode_header_value(value: &str) -> Option<String> {
-    match value
-        .strip_prefix("=?base64?")
-        .and_then(|v| v.strip_suffix("?="))
-    {
-        Some(encoded) => {
-            use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .ok()?;
-            String::from_utf8(bytes).ok()
-        }
-        None => Some(value.to_owned()),
-    }
 }
 
 /// GET: the session's standalone stream, or, with `Last-Event-ID`, the rest of the stream that

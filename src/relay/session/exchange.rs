@@ -232,8 +232,13 @@ impl Awaiting {
     fn pipelines(&self, first: &[u8]) -> bool {
         let mut scanner = ResponseScanner::new();
         scanner.feed(first);
+        // An `input_required` answer is sealed whole (it is small; a large one that names
+        // itself in its first piece too).
+        let sealing =
+            self.seal.is_some() && memchr::memmem::find(first, b"input_required").is_some();
         self.pipelined
             && self.filter.is_none()
+            && !sealing
             && !self.calls.keeps_results()
             && scanner.is_object()
     }

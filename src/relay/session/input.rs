@@ -21,15 +21,16 @@ use super::sealed::InputClaims;
 use crate::govern::Identity;
 use crate::mcp::bridge::{self, Resealed};
 use crate::mcp::jsonrpc::{codes, error_body};
-use crate::relay::fleet::{FleetKeys, MAX_INNER_STATE};
+use crate::relay::fleet::{FleetKeys, MAX_INNER_STATE, MAX_SEALED_STATE_LEN};
 use crate::relay::tunnel::registry::unix_now;
 
 /// How long an agent has to retry an `input_required` answer: the time `connect` keeps a
 /// bridged call waiting for it ([`bridge::INPUT_WAIT`]).
 pub(crate) const INPUT_WAIT_SECS: u64 = bridge::INPUT_WAIT.as_secs();
 
-/// States remembered as spent, at most: each is 16 bytes and an expiry, so the set stays
-/// under a few MiB; past it the oldest is forgotten first (it expires soonest anyway).
+/// States remembered as spent, at most: each is a 128-bit nonce and an expiry, about 64
+/// bytes with the set's overhead, so the set stays under about 6 MiB; past it the one spent
+/// longest ago is forgotten first.
 const MAX_SPENT: usize = 100_000;
 
 /// Seals the `requestState` of an `input_required` answer to one stateless request.
@@ -120,7 +121,8 @@ impl InputSeal {
             nonce: hex::encode(nonce),
             call: self.call.clone(),
         };
-        Some(claims.seal(&self.keys))
+        // Escapes in the JSON of the claims can make a state under the limit seal over it.
+        Some(claims.seal(&self.keys)).filter(|sealed| sealed.len() <= MAX_SEALED_STATE_LEN)
     }
 }
 
@@ -185,14 +187,20 @@ pub(crate) struct SpentStates {
 
 #[derive(Default)]
 struct Spent {
-    nonces: HashSet<String>,
-    /// In the order spent, which is the order they expire in (every state lives as long).
-    order: VecDeque<(u64, String)>,
+    nonces: HashSet<u128>,
+    /// In the order spent, with when each expires. States are spent soon after they are
+    /// issued, so this is nearly the order they expire in: the front is dropped once expired
+    /// (one expiring later behind it waits at most the state lifetime for its turn).
+    order: VecDeque<(u64, u128)>,
 }
 
 impl SpentStates {
-    /// Marks `nonce` (expiring at `expires`) spent; `false` when it already was.
+    /// Marks `nonce` (hex, expiring at `expires`) spent; `false` when it already was (or is
+    /// not a nonce this relay makes).
     fn spend(&self, nonce: &str, expires: u64, now: u64) -> bool {
+        let Ok(nonce) = u128::from_str_radix(nonce, 16) else {
+            return false;
+        };
         let mut spent = self.inner.lock();
         while let Some((expiry, _)) = spent.order.front()
             && (*expiry < now || spent.order.len() >= MAX_SPENT)
@@ -201,10 +209,10 @@ impl SpentStates {
                 spent.nonces.remove(&old);
             }
         }
-        if !spent.nonces.insert(nonce.to_owned()) {
+        if !spent.nonces.insert(nonce) {
             return false;
         }
-        spent.order.push_back((expires, nonce.to_owned()));
+        spent.order.push_back((expires, nonce));
         true
     }
 }
@@ -297,12 +305,13 @@ mod tests {
     #[test]
     fn spent_states_are_forgotten_when_they_expire() {
         let spent = SpentStates::default();
-        assert!(spent.spend("a", 100, 10));
-        assert!(!spent.spend("a", 100, 20));
-        assert!(spent.spend("b", 300, 150), "a expired at 100");
+        assert!(spent.spend("0a", 100, 10));
+        assert!(!spent.spend("0a", 100, 20));
+        assert!(spent.spend("0b", 300, 150), "0a expired at 100");
         assert!(
-            spent.spend("a", 400, 150),
+            spent.spend("0a", 400, 150),
             "forgotten once expired: it cannot open anyway"
         );
+        assert!(!spent.spend("not hex", 400, 150));
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::header::{CONTENT_TYPE, HeaderValue};
+use http::header::HeaderValue;
 use http::{Method, StatusCode};
 use parking_lot::Mutex;
 
@@ -44,6 +44,22 @@ use crate::mcp::jsonrpc::{codes, error_body};
 use crate::mcp::sse_reader::{SseItem, SseReader};
 use crate::wire::{Frame, OpenHeader};
 
+/// The id of the single request in `payload`, when it is one a server may answer
+/// `input_required` (see [`crate::mcp::era::names_target`]).
+pub(super) fn interactive_request(payload: &[u8]) -> Option<Box<RawValue>> {
+    match crate::mcp::classify(payload).ok()? {
+        crate::mcp::Classified::Single(m)
+            if m.kind == MessageKind::Request
+                && m.method
+                    .as_deref()
+                    .is_some_and(crate::mcp::era::names_target) =>
+        {
+            m.id
+        }
+        _ => None,
+    }
+}
+
 /// `{}`: the result of a ping.
 pub(super) fn empty_object() -> Box<RawValue> {
     RawValue::from_string("{}".into()).expect("{} is a JSON object")
@@ -60,7 +76,7 @@ pub(super) const MAX_SESSIONS: usize = 256;
 pub(super) const MAX_BUSY_PER_CALLER: usize = 64;
 
 /// How long what the `server/discover` probe learned of an upstream's era holds.
-pub(super) const ERA_TTL: Duration = Duration::from_secs(300);
+const ERA_TTL: Duration = Duration::from_secs(300);
 
 /// Time the probe, or our own `initialize` and `notifications/initialized`, may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,8 +92,10 @@ const HANDSHAKE_ANSWER_LIMIT: usize = 1 << 20;
 const OWN_REQUEST_ID: u64 = 1;
 
 /// Calls one source keeps waiting for their agents' input at once (see [`Parked`]): each
-/// holds a bridged session and the upstream's open answer.
-pub(super) const MAX_PARKED: usize = 256;
+/// holds a bridged session (a quarter of [`MAX_SESSIONS`] at most, so waiting calls never
+/// take the pool) and the upstream's open answer. A waiting session is not busy: it counts
+/// here, not against [`MAX_BUSY_PER_CALLER`].
+pub(super) const MAX_PARKED: usize = MAX_SESSIONS / 4;
 
 /// Calls one caller keeps waiting at once: an agent that never answers cannot hold more.
 pub(super) const MAX_PARKED_PER_CALLER: usize = 8;
@@ -90,9 +108,6 @@ const PARK_HANDLE_BYTES: usize = 16;
 pub(super) struct Bridge {
     /// What the `server/discover` probe learned, and when.
     era: Mutex<Option<(Probed, Instant)>>,
-    /// When the upstream last refused a session-era `initialize` while it answers
-    /// `server/discover` (see [`super::stateless_upstream`]).
-    pub(super) session_refused: Mutex<Option<Instant>>,
     pool: Mutex<Pool<HttpSession>>,
     freed: tokio::sync::Notify,
     parked: Mutex<ParkedCalls>,
@@ -102,7 +117,6 @@ impl Default for Bridge {
     fn default() -> Self {
         Self {
             era: Mutex::new(None),
-            session_refused: Mutex::new(None),
             pool: Mutex::new(Pool::new(MAX_SESSIONS, MAX_BUSY_PER_CALLER)),
             freed: tokio::sync::Notify::new(),
             parked: Mutex::new(ParkedCalls::default()),
@@ -196,6 +210,8 @@ pub(super) struct Checkout {
     /// Which idle sessions it may be given back among (see [`Pool`]).
     key: String,
     session: Option<Arc<HttpSession>>,
+    /// Whether its call waits for its agent's input (see [`Parked`]): not busy meanwhile.
+    parked: bool,
 }
 
 impl Checkout {
@@ -225,8 +241,31 @@ impl Checkout {
         }
     }
 
+    /// Its call waits for its agent's input: the session stops counting as its caller's busy
+    /// one (the waiting calls have caps of their own).
+    fn park(&mut self) {
+        if !self.parked {
+            self.parked = true;
+            self.source.bridge.pool.lock().unbusy(&self.caller);
+            self.source.bridge.freed.notify_waiters();
+        }
+    }
+
+    /// Its call goes on: busy again.
+    pub(super) fn unpark(&mut self) {
+        if self.parked {
+            self.parked = false;
+            self.source.bridge.pool.lock().busy(&self.caller);
+        }
+    }
+
     fn discard(&self, session: Arc<HttpSession>) {
-        self.source.bridge.pool.lock().discard(&self.caller);
+        let mut pool = self.source.bridge.pool.lock();
+        match self.parked {
+            true => pool.forget(),
+            false => pool.discard(&self.caller),
+        }
+        drop(pool);
         self.source.bridge.freed.notify_waiters();
         tokio::spawn(async move { session.end(None).await });
     }
@@ -373,6 +412,7 @@ impl HttpSource {
                 caller,
                 key,
                 session: Some(session),
+                parked: false,
             };
             return Ok((checkout, fresh));
         }
@@ -467,13 +507,18 @@ impl StreamContext {
         (mut message, mut body): (Bytes, Box<EventBody>),
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
+        // Only a call that may be answered `input_required` waits (the relay seals the state of
+        // those answers, and checks their retries).
+        let waits = interactive_request(payload).is_some();
         loop {
             let Some(request) = ServerRequest::parse(&message) else {
                 return Err(self.broken("it sent a request that is not JSON-RPC".into()));
             };
             let reply = match (request.method.as_str(), input_capability(&request.method)) {
                 ("ping", _) => bridge::response(&request.id, &empty_object()),
-                (_, Some(capability)) if bridge::declares_capability(payload, capability) => {
+                (_, Some(capability))
+                    if waits && bridge::declares_capability(payload, capability) =>
+                {
                     match self.park(exchange, payload, request, body, pending).await {
                         Ok(()) => return Ok(()),
                         Err((id, rest, why)) => {
@@ -507,10 +552,8 @@ impl StreamContext {
         body: Box<EventBody>,
         pending: &mut HashSet<String>,
     ) -> Result<(), (Box<RawValue>, Box<EventBody>, String)> {
-        let agent_id = crate::mcp::classify(payload)
-            .ok()
-            .and_then(|c| c.messages().first().and_then(|m| m.id.clone()));
-        let (Some(agent_id), Some(checkout)) = (agent_id, self.checkout.lock().take()) else {
+        let agent_id = interactive_request(payload);
+        let (Some(agent_id), Some(mut checkout)) = (agent_id, self.checkout.lock().take()) else {
             return Err((
                 request.id,
                 body,
@@ -518,6 +561,7 @@ impl StreamContext {
             ));
         };
         let key = request.id.get().trim().trim_matches('"').to_owned();
+        checkout.park();
         let parked = Box::new(Parked {
             subject: self.header.subject.clone(),
             checkout,
@@ -537,7 +581,8 @@ impl StreamContext {
             .lock()
             .insert(handle.clone(), parked)
         {
-            let (checkout, waiting) = (*parked).split();
+            let (mut checkout, waiting) = (*parked).split();
+            checkout.unpark();
             *self.checkout.lock() = Some(checkout);
             *pending = waiting.pending;
             let why = format!(
@@ -669,11 +714,7 @@ pub(super) async fn read_answer(source: &str, response: Response) -> Result<Byte
         source_name: source.to_owned(),
         reason,
     };
-    let sse = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"));
+    let sse = super::context::is_event_stream(&response);
     let status = response.status();
     let mut body = body_stream(response);
     let mut reader = SseReader::new();
@@ -811,7 +852,17 @@ impl<S> Pool<S> {
         self.live = self.live.saturating_sub(1);
     }
 
-    fn unbusy(&mut self, caller: &str) {
+    /// A session of `caller` is busy again (its call goes on after waiting).
+    pub(super) fn busy(&mut self, caller: &str) {
+        *self.busy.entry(caller.to_owned()).or_default() += 1;
+    }
+
+    /// A session that counted as nobody's busy one (a waiting call's) ended.
+    pub(super) fn forget(&mut self) {
+        self.live = self.live.saturating_sub(1);
+    }
+
+    pub(super) fn unbusy(&mut self, caller: &str) {
         if let Some(busy) = self.busy.get_mut(caller) {
             *busy = busy.saturating_sub(1);
             if *busy == 0 {
@@ -925,6 +976,27 @@ mod tests {
         assert!(
             pool.expired(start, Duration::ZERO).is_empty(),
             "zero: never"
+        );
+    }
+
+    #[test]
+    fn a_waiting_session_is_not_busy_but_still_live() {
+        let mut pool = Pool::<u32>::new(4, 1);
+        opened(pool.take("a", "a"));
+        assert!(matches!(pool.take("a", "a"), Take::Full), "a is at its cap");
+        pool.unbusy("a");
+        opened(pool.take("a", "a"));
+        assert_eq!(
+            pool.live, 2,
+            "the waiting session still counts toward the pool"
+        );
+        pool.forget();
+        pool.discard("a");
+        assert_eq!((pool.live, pool.busy.len()), (0, 0));
+        pool.busy("a");
+        assert!(
+            matches!(pool.take("a", "a"), Take::Full),
+            "busy again once its call goes on"
         );
     }
 }

@@ -44,6 +44,15 @@ const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
 /// replayed (see [`StreamContext::run`]).
 const DETACHED_ANSWERS: Duration = Duration::from_secs(300);
 
+/// Whether `response` is an event stream (by its content type).
+pub(super) fn is_event_stream(response: &Response) -> bool {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/event-stream"))
+}
+
 /// Whether `body` is a JSON-RPC error response.
 fn is_error(body: &[u8]) -> bool {
     let mut scanner = crate::mcp::ResponseScanner::new();
@@ -110,9 +119,9 @@ pub(super) struct StreamContext {
     /// The id a retried call's answer goes out under (the retry's: the upstream answers the
     /// first attempt's), when this stream carries a retry (see [`super::bridge`]).
     pub(super) reanswer: Option<Box<RawValue>>,
-    /// An `input_required` answer of a 2026-07-28 upstream to a session-era agent, held back
-    /// from the agent (see [`super::stateless_upstream`]).
-    pub(super) input_required: Mutex<Option<Bytes>>,
+    /// The `input_required` answers of a 2026-07-28 upstream to a session-era agent, held back
+    /// from the agent, by exchange (see [`super::stateless_upstream`]).
+    pub(super) input_required: Mutex<std::collections::HashMap<u64, Bytes>>,
 }
 
 impl StreamContext {
@@ -144,7 +153,7 @@ impl StreamContext {
             bridged: false,
             checkout: Mutex::new(None),
             reanswer: None,
-            input_required: Mutex::new(None),
+            input_required: Mutex::default(),
         };
         tracing::debug!(source = %context.source.name, context = %context.header.context, subject = %context.header.subject, era = ?context.header.era, "stream opened");
         context
@@ -163,7 +172,7 @@ impl StreamContext {
             bridged: self.bridged,
             checkout: Mutex::new(None),
             reanswer: None,
-            input_required: Mutex::new(None),
+            input_required: Mutex::default(),
         }
     }
 
@@ -303,13 +312,19 @@ impl StreamContext {
     /// message on the stream the session's agent listens on.
     pub(super) async fn send(&self, frame: Frame) {
         if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
-            if memchr::memmem::find(&frame.payload, b"notifications/subscriptions/acknowledged")
-                .is_some()
-                && self.session.declared().is_some()
-            {
-                // The upstream's answer to our own `subscriptions/listen`: the agent's session
-                // era has no such notification.
-                return;
+            if self.session.declared().is_some() {
+                // A `subscriptions/listen` stream carries the upstream's acknowledgement and, at
+                // its end, the answer to our own request: neither is the agent's (its era has
+                // no such notification, and the id is ours).
+                let notification = matches!(classify(&frame.payload), Ok(Classified::Single(m)) if m.kind == MessageKind::Notification);
+                let acknowledged = memchr::memmem::find(
+                    &frame.payload,
+                    b"notifications/subscriptions/acknowledged",
+                )
+                .is_some();
+                if !notification || acknowledged {
+                    return;
+                }
             }
             return self.session.send_unsolicited(frame).await;
         }
@@ -320,7 +335,9 @@ impl StreamContext {
         {
             // Asked of the agent the way its era asks, by the exchange (see
             // `stateless_upstream`).
-            *self.input_required.lock() = Some(frame.payload);
+            self.input_required
+                .lock()
+                .insert(frame.exchange, frame.payload);
             return;
         }
         let frame = if self.bridged && frame.kind == FrameKind::Message {
@@ -464,14 +481,6 @@ impl StreamContext {
             return self
                 .exchange_stateless(exchange, payload, classified.as_ref(), &declared)
                 .await;
-        }
-        if is_initialize
-            && self.source.refuses_session_era()
-            && let Some(answer) = self.bridge_to_stateless(&payload).await
-        {
-            self.send_resumable().await;
-            self.send(Frame::message(exchange, answer)).await;
-            return self.send(Frame::end(exchange)).await;
         }
         let discover = requests
             .first()
@@ -728,7 +737,7 @@ impl StreamContext {
             };
             match opened {
                 Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
-                Ok(response) if response.status().is_success() => {
+                Ok(response) if response.status().is_success() && is_event_stream(&response) => {
                     failures = 0;
                     if let Err(e) = self
                         .relay_sse(UNSOLICITED, response, &mut HashSet::new())

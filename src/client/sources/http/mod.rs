@@ -239,14 +239,12 @@ impl HttpSource {
         let Some(first) = inbound.next_message().await else {
             return;
         };
-        let retry = crate::mcp::bridge::Retry::parse(&first.payload);
-        if let Some((handle, retry)) = retry.and_then(|r| Some((r.state.clone()?, r))) {
+        let retry = bridge::interactive_request(&first.payload)
+            .and_then(|id| Some((id, crate::mcp::bridge::Retry::parse(&first.payload)?)));
+        if let Some((id, retry)) = retry.filter(|(_, r)| r.state.is_some()) {
             let classified = crate::mcp::classify(&first.payload);
-            let id = classified
-                .as_ref()
-                .ok()
-                .and_then(|c| c.messages().first().and_then(|m| m.id.clone()));
-            let (Some(parked), Some(id)) = (self.unpark(&handle, &header.subject), id) else {
+            let handle = retry.state.as_deref().unwrap_or_default();
+            let Some(parked) = self.unpark(handle, &header.subject) else {
                 let reason = format!(
                     "requestState names no call waiting at source {} (it expired, was \
                      answered, or its connect restarted): send the request again without it",
@@ -264,7 +262,10 @@ impl HttpSource {
                 }
                 return;
             };
-            let (checkout, waiting) = (*parked).split();
+            let (mut checkout, waiting) = (*parked).split();
+            checkout.unpark();
+            // The retry's assertion is the fresh one: the call may have waited minutes.
+            *checkout.session().assertion.lock() = header.assertion.clone();
             let context = StreamContext::new(
                 self.clone(),
                 header,

@@ -7,28 +7,28 @@
 //! the agent declared in `initialize` (its version, capabilities and client info) in `_meta`
 //! and the routing headers that era requires. The upstream has no session to end; the
 //! agent's notifications have nowhere to go (2026-07-28 has none from the client), and a
-//! `ping` is answered here. The agent's GET stream is fed from `subscriptions/listen`. What
-//! was learned holds for the source for [`ERA_TTL`]: the next sessions skip the refused
-//! `initialize`.
+//! `ping` is answered here. The agent's GET stream is fed from `subscriptions/listen`. Each
+//! session tries `initialize` first: one agent's refused `initialize` (a version the upstream
+//! does not take, say) never decides for another's.
 //!
 //! What the agent declared lives in this `connect` only, so a bridged session is resumed by
 //! this `connect` alone (it reports itself not portable).
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::Method;
 use http::header::{HeaderMap, HeaderValue};
 
-use super::HttpSource;
-use super::bridge::{ERA_TTL, empty_object};
+use super::bridge::empty_object;
 use super::client::error_chain;
 use super::context::{StreamContext, base_headers, insert_assertion};
 use super::error::UpstreamError;
 use crate::mcp::bridge::{self, Declared, InputRequired};
-use crate::mcp::era::{METHOD_HEADER, NAME_HEADER, STATELESS_SINCE, VERSION_HEADER};
+use crate::mcp::era::{
+    METHOD_HEADER, NAME_HEADER, STATELESS_SINCE, VERSION_HEADER, encode_header_value, names_target,
+};
 use crate::mcp::jsonrpc::{MessageInfo, codes, error_body};
 use crate::mcp::{Classified, MessageKind};
 use crate::wire::{Era, Frame};
@@ -58,17 +58,6 @@ impl Drop for AskedIds<'_> {
     }
 }
 
-impl HttpSource {
-    /// Whether the upstream refused a session-era `initialize` within [`ERA_TTL`], while it
-    /// answers `server/discover`.
-    pub(super) fn refuses_session_era(&self) -> bool {
-        self.bridge
-            .session_refused
-            .lock()
-            .is_some_and(|at| at.elapsed() < ERA_TTL)
-    }
-}
-
 impl StreamContext {
     /// Bridges this session to the upstream, when it speaks 2026-07-28 (it answers
     /// `server/discover`): the answer to the agent's `initialize` (`sent`), made from the
@@ -85,7 +74,6 @@ impl StreamContext {
             .first()?
             .id
             .clone()?;
-        *self.source.bridge.session_refused.lock() = Some(Instant::now());
         let answer = discovered.initialize_answer(&id, &declared.version);
         *self.session.declared.lock() = Some(Arc::new(declared));
         tracing::info!(source = %self.name(), "upstream speaks only 2026-07-28: session-era agents are bridged to it");
@@ -113,10 +101,16 @@ impl StreamContext {
             .iter()
             .filter(|m| m.kind == MessageKind::Request)
             .collect();
-        let [request] = requests[..] else {
-            // The agent's answers go to the calls that asked; its notifications have no
-            // 2026-07-28 counterpart, and are dropped.
+        // The agent's answers go to the calls that asked; its notifications have no
+        // 2026-07-28 counterpart, and are dropped.
+        if classified
+            .messages()
+            .iter()
+            .any(|m| m.kind == MessageKind::Response)
+        {
             self.deliver_answers(&payload);
+        }
+        let [request] = requests[..] else {
             for request in &requests {
                 let reason = "a batch of requests cannot go to a 2026-07-28 upstream";
                 let body = error_body(request.id.as_deref(), codes::INVALID_REQUEST, reason);
@@ -155,11 +149,12 @@ impl StreamContext {
             let result = self
                 .post_round(exchange, body.clone(), Some(request), &mut pending)
                 .await;
-            let Some(asked) = self.input_required.lock().take() else {
+            let Some(asked) = self.input_required.lock().remove(&exchange) else {
                 break result;
             };
             rounds += 1;
             if rounds > MAX_INPUT_ROUNDS {
+                pending = ids();
                 break Err(self.upstream_broken(format!(
                     "it asked for input more than {MAX_INPUT_ROUNDS} times in one call"
                 )));
@@ -301,12 +296,9 @@ impl StreamContext {
         if let Some(method) = method.and_then(|m| HeaderValue::from_str(m).ok()) {
             headers.insert(METHOD_HEADER, method);
         }
-        let named = matches!(
-            method,
-            Some("tools/call" | "prompts/get" | "resources/read")
-        );
+        let named = method.is_some_and(names_target);
         if let Some(target) = target.filter(|_| named)
-            && let Ok(value) = HeaderValue::from_str(&bridge::header_value(target))
+            && let Ok(value) = HeaderValue::from_str(&encode_header_value(target))
         {
             headers.insert(NAME_HEADER, value);
         }
