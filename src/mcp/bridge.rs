@@ -95,6 +95,14 @@ const MAX_CAPABILITIES_LEN: usize = 4096;
 /// its keys in order (`{}` when it declares none, or too many): what a bridged session opened
 /// for it declares upstream, so the upstream offers what it would offer that client directly.
 pub fn declared_capabilities(request: &[u8]) -> String {
+    request_capabilities(request)
+        .and_then(|capabilities| serde_json::to_string(&capabilities).ok())
+        .filter(|text| text.len() <= MAX_CAPABILITIES_LEN)
+        .unwrap_or_else(|| "{}".into())
+}
+
+/// The client capabilities object in a 2026-07-28 request's `_meta`, if any.
+fn request_capabilities(request: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
     #[derive(Deserialize)]
     struct Request {
         params: Option<Params>,
@@ -112,9 +120,6 @@ pub fn declared_capabilities(request: &[u8]) -> String {
     serde_json::from_slice::<Request>(request)
         .ok()
         .and_then(|r| r.params?.meta?.capabilities)
-        .and_then(|capabilities| serde_json::to_string(&capabilities).ok())
-        .filter(|text| text.len() <= MAX_CAPABILITIES_LEN)
-        .unwrap_or_else(|| "{}".into())
 }
 
 /// The `notifications/initialized` that completes our handshake.
@@ -617,24 +622,7 @@ pub fn input_capability(method: &str) -> Option<&'static str> {
 /// Whether a 2026-07-28 request declares the client capability `capability` in its
 /// `_meta` (see [`CLIENT_CAPABILITIES_META`]).
 pub fn declares_capability(request: &[u8], capability: &str) -> bool {
-    #[derive(Deserialize)]
-    struct Request {
-        params: Option<Params>,
-    }
-    #[derive(Deserialize)]
-    struct Params {
-        #[serde(rename = "_meta")]
-        meta: Option<Meta>,
-    }
-    #[derive(Deserialize)]
-    struct Meta {
-        #[serde(rename = "io.modelcontextprotocol/clientCapabilities")]
-        capabilities: Option<serde_json::Map<String, serde_json::Value>>,
-    }
-    serde_json::from_slice::<Request>(request)
-        .ok()
-        .and_then(|r| r.params?.meta?.capabilities)
-        .is_some_and(|capabilities| capabilities.contains_key(capability))
+    request_capabilities(request).is_some_and(|capabilities| capabilities.contains_key(capability))
 }
 
 /// A request an upstream sent its client (whole, as one JSON-RPC message).

@@ -52,18 +52,32 @@ pub(crate) struct SessionClaims {
     pub(crate) issued: u64,
 }
 
+/// `claims` sealed for `purpose` with the fleet's current secret.
+fn seal<T: Serialize>(keys: &FleetKeys, purpose: Purpose, claims: &T) -> String {
+    let plain = serde_json::to_vec(claims)
+        .expect("claims serialize infallibly: plain strings, numbers and booleans");
+    keys.seal(purpose, &plain)
+}
+
+/// The claims sealed for `purpose` in `text`, if a relay of this fleet sealed them.
+fn open<T: serde::de::DeserializeOwned>(
+    keys: &FleetKeys,
+    purpose: Purpose,
+    text: &str,
+) -> Option<T> {
+    let plain = keys.open(purpose, text)?;
+    serde_json::from_slice(&plain).ok()
+}
+
 impl SessionClaims {
     /// The agent-facing session id: these claims, sealed with the fleet's current secret.
     pub(crate) fn seal(&self, keys: &FleetKeys) -> String {
-        let plain = serde_json::to_vec(self)
-            .expect("claims serialize infallibly: plain strings, numbers and booleans");
-        keys.seal(Purpose::Session, &plain)
+        seal(keys, Purpose::Session, self)
     }
 
     /// The claims in a session id, if a relay of this fleet sealed it.
     pub(crate) fn open(keys: &FleetKeys, id: &str) -> Option<Self> {
-        let plain = keys.open(Purpose::Session, id)?;
-        serde_json::from_slice(&plain).ok()
+        open(keys, Purpose::Session, id)
     }
 
     /// Whether the session is `who`'s, with `source`: another caller's id reads as unknown.
@@ -97,8 +111,7 @@ pub(crate) struct EventClaims {
 impl EventClaims {
     /// The claims in an event id, if a relay of this fleet sealed it.
     pub(crate) fn open(keys: &FleetKeys, id: &str) -> Option<Self> {
-        let plain = keys.open(Purpose::Event, id)?;
-        serde_json::from_slice(&plain).ok()
+        open(keys, Purpose::Event, id)
     }
 }
 
@@ -138,15 +151,12 @@ pub(crate) struct InputClaims {
 impl InputClaims {
     /// The agent-facing `requestState`: these claims, sealed.
     pub(crate) fn seal(&self, keys: &FleetKeys) -> String {
-        let plain = serde_json::to_vec(self)
-            .expect("claims serialize infallibly: plain strings and numbers");
-        keys.seal(Purpose::Input, &plain)
+        seal(keys, Purpose::Input, self)
     }
 
     /// The claims in a `requestState`, if a relay of this fleet sealed it.
     pub(crate) fn open(keys: &FleetKeys, state: &str) -> Option<Self> {
-        let plain = keys.open(Purpose::Input, state)?;
-        serde_json::from_slice(&plain).ok()
+        open(keys, Purpose::Input, state)
     }
 }
 
@@ -183,9 +193,7 @@ impl AnswerIds {
             message,
             ..self.claims.clone()
         };
-        let plain = serde_json::to_vec(&claims)
-            .expect("claims serialize infallibly: plain strings and numbers");
-        self.keys.seal(Purpose::Event, &plain)
+        seal(&self.keys, Purpose::Event, &claims)
     }
 }
 
