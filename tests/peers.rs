@@ -795,6 +795,58 @@ async fn era_matrix_to_an_upstream_of_both_eras() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_keeps_at_most_8_bridged_calls_waiting_for_input() {
+    let (everything, upstream) = start_server_everything().await;
+    let (harness, client, url, key) = serving("everything", &upstream).await;
+    let mut agent = common::Agent::new(&url, &key);
+    agent.version = Some("2026-07-28".into());
+    let tool = "trigger-elicitation-request";
+    let mut states = Vec::new();
+    for id in 0..8 {
+        let asked = stateless_call(&agent, id, tool, json!({}), json!({})).await;
+        let result = &asked.response()["result"];
+        assert_eq!(
+            result["resultType"], "input_required",
+            "call {id}: {asked:?}"
+        );
+        let key = result["inputRequests"]
+            .as_object()
+            .and_then(|r| r.keys().next().cloned())
+            .expect("one input request");
+        let state = result["requestState"].as_str().expect("a state").to_owned();
+        states.push((key, state));
+    }
+    // The ninth cannot wait: the server's request is refused, and the call ends at once
+    // (server-everything reports the refused elicitation as an error).
+    let ninth = stateless_call(&agent, 8, tool, json!({}), json!({})).await;
+    let response = ninth.response();
+    assert_ne!(
+        response["result"]["resultType"], "input_required",
+        "a ninth waiting call is refused: {ninth:?}"
+    );
+    // The waiting ones still go on.
+    let (input_key, state) = &states[0];
+    let answers = json!({input_key.clone(): {"action": "decline"}});
+    let done = stateless_call(
+        &agent,
+        9,
+        tool,
+        json!({}),
+        json!({"requestState": state, "inputResponses": answers}),
+    )
+    .await;
+    assert_eq!(done.response()["id"], 9, "{done:?}");
+    assert_eq!(
+        done.response()["result"]["resultType"],
+        "complete",
+        "{done:?}"
+    );
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
+    everything.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     let (server, upstream) = start_python_server().await;
     let (harness, client, url, key) = serving("pysrv", &upstream).await;
