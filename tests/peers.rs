@@ -847,6 +847,49 @@ async fn a_caller_keeps_at_most_8_bridged_calls_waiting_for_input() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_agents_cancellation_stops_its_call_on_a_2026_07_28_only_upstream() {
+    let (server, upstream) =
+        common::peers::start_python_server_with("py_server.py", &["--modern-only"]).await;
+    let (harness, client, url, key) = serving("modern", &upstream).await;
+    let mut agent = common::Agent::new(&url, &key);
+    assert_eq!(agent.initialize().await.status, 200, "bridged session");
+    let slow = |id: u64, message: &str| {
+        json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"slow-echo",
+            "arguments":{"message":message,"seconds":2},"_meta":{"progressToken":id}}})
+    };
+    // The call is running upstream once its first progress notification arrives.
+    let mut running = agent.send(&slow(1, "cancelled")).await;
+    let mut seen = String::new();
+    while !seen.contains("notifications/progress") {
+        let chunk = tokio::time::timeout(common::WAIT, running.chunk())
+            .await
+            .expect("progress within the wait")
+            .expect("the answer stream reads")
+            .expect("progress before the stream ends");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let cancel = agent
+        .send(&json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}))
+        .await;
+    assert_eq!(cancel.status(), 202);
+    // A call started after it, as long, ends after it would have.
+    let control = agent
+        .call_tool(2, "slow-echo", json!({"message":"finished","seconds":2}))
+        .await;
+    assert_eq!(common::tool_text(control.response()), "Echo: finished");
+    let finished = agent.call_tool(3, "finished-calls", json!({})).await;
+    assert_eq!(
+        finished.response()["result"]["structuredContent"]["result"],
+        json!(["finished"]),
+        "the cancelled call was stopped upstream: {finished:?}"
+    );
+    drop(running);
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     let (server, upstream) = start_python_server().await;
     let (harness, client, url, key) = serving("pysrv", &upstream).await;

@@ -10,7 +10,8 @@ With --modern-only it speaks only 2026-07-28 (no SDK ships such a server): a thi
 refuses `initialize` and any request whose MCP-Protocol-Version header names another version
 (HTTP 400 with a JSON-RPC error), and the GET and DELETE of sessions (405).
 
-Tools: echo(message), add(a, b), big(size), and three that answer like server-everything's tools
+Tools: echo(message), add(a, b), big(size), slow-echo(message, seconds) and finished-calls()
+(which slow-echo calls ran to the end: a cancelled one does not), and three that answer like server-everything's tools
 of the same names, so tests/peers/callbacks_client.py and its assertions work on every server:
 trigger-sampling-request(prompt, maxTokens) and trigger-elicitation-request() ask the client for
 input the way the request's era does (a request in mid-call in the session era; an
@@ -58,6 +59,25 @@ def add(a: int, b: int) -> int:
 def big(size: int) -> str:
     """Return a string of SIZE characters (for large-answer tests)."""
     return "x" * size
+
+
+FINISHED: list[str] = []
+
+
+@mcp.tool(name="slow-echo")
+async def slow_echo(message: str, seconds: float, ctx: Context) -> str:
+    """Echo MESSAGE after SECONDS (reporting progress 0 at once); a call cancelled before
+    then never finishes."""
+    await ctx.report_progress(0, 1)
+    await asyncio.sleep(seconds)
+    FINISHED.append(message)
+    return f"Echo: {message}"
+
+
+@mcp.tool(name="finished-calls")
+def finished_calls() -> list[str]:
+    """The messages of the slow-echo calls that finished, in order."""
+    return list(FINISHED)
 
 
 def session_era(ctx: Context) -> bool:

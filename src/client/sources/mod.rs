@@ -5,7 +5,7 @@ mod held;
 mod http;
 mod outlet;
 mod replay;
-mod routing;
+pub(crate) mod routing;
 mod stdio;
 mod stream;
 mod streams;

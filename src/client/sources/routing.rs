@@ -15,7 +15,7 @@ use crate::mcp::jsonrpc::{MessageInfo, MessageKind};
 use crate::wire::UNSOLICITED;
 
 /// A JSON-RPC id or progress token as a comparable key (`"a"` and `"\u0061"` are equal).
-pub(super) fn key(raw: &RawValue) -> String {
+pub(crate) fn key(raw: &RawValue) -> String {
     serde_json::from_str::<serde_json::Value>(raw.get())
         .map(|value| value.to_string())
         .unwrap_or_else(|_| raw.get().to_owned())
@@ -94,7 +94,7 @@ fn notification_token(raw: &RawValue) -> Option<String> {
 }
 
 /// `params.requestId` of a `notifications/cancelled`, as a key.
-pub(super) fn cancelled_request(body: &[u8]) -> Option<String> {
+pub(crate) fn cancelled_request(body: &[u8]) -> Option<String> {
     let probe = serde_json::from_slice::<Probe<'_>>(body).ok()?;
     probe.params?.request_id.map(key)
 }

@@ -59,6 +59,9 @@ pub(super) struct HttpSession {
     pub(super) asked: Mutex<HashMap<String, Answering>>,
     /// The number in the id of the next request asked of the agent.
     asked_ids: AtomicU64,
+    /// The agent's requests in flight to a 2026-07-28 upstream, by id (see
+    /// [`crate::client::sources::routing::key`]): its `notifications/cancelled` stops one.
+    pub(super) cancels: Mutex<HashMap<String, tokio_util::sync::CancellationToken>>,
     get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
     gone: std::sync::atomic::AtomicBool,
 }
@@ -83,6 +86,7 @@ impl HttpSession {
             capabilities: Mutex::new("{}".into()),
             asked: Mutex::default(),
             asked_ids: AtomicU64::new(1),
+            cancels: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
         }

@@ -25,6 +25,9 @@ use super::bridge::empty_object;
 use super::client::error_chain;
 use super::context::{StreamContext, base_headers, insert_assertion};
 use super::error::UpstreamError;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::sources::routing::{cancelled_request, key};
 use crate::mcp::bridge::{self, Declared, InputRequired};
 use crate::mcp::era::{
     METHOD_HEADER, NAME_HEADER, STATELESS_SINCE, VERSION_HEADER, encode_header_value, names_target,
@@ -48,6 +51,35 @@ struct AskedIds<'a>(
     &'a parking_lot::Mutex<std::collections::HashMap<String, super::session::Answering>>,
     Vec<String>,
 );
+
+/// A request's place in [`super::session::HttpSession::cancels`], given up when it ends.
+struct CancelOnDrop<'a> {
+    cancels: &'a parking_lot::Mutex<std::collections::HashMap<String, CancellationToken>>,
+    id: Option<String>,
+    token: CancellationToken,
+}
+
+impl<'a> CancelOnDrop<'a> {
+    fn new(
+        cancels: &'a parking_lot::Mutex<std::collections::HashMap<String, CancellationToken>>,
+        id: Option<&serde_json::value::RawValue>,
+    ) -> Self {
+        let token = CancellationToken::new();
+        let id = id.map(key);
+        if let Some(id) = &id {
+            cancels.lock().insert(id.clone(), token.clone());
+        }
+        Self { cancels, id, token }
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = &self.id {
+            self.cancels.lock().remove(id);
+        }
+    }
+}
 
 impl Drop for AskedIds<'_> {
     fn drop(&mut self) {
@@ -110,6 +142,14 @@ impl StreamContext {
         {
             self.deliver_answers(&payload);
         }
+        if let Classified::Single(m) = classified
+            && m.method.as_deref() == Some("notifications/cancelled")
+            && let Some(id) = cancelled_request(&payload)
+            && let Some(cancel) = self.session.cancels.lock().remove(&id)
+        {
+            // 2026-07-28 cancels a request by closing its stream: the call's POST is dropped.
+            cancel.cancel();
+        }
         let [request] = requests[..] else {
             for request in &requests {
                 let reason = "a batch of requests cannot go to a 2026-07-28 upstream";
@@ -134,6 +174,25 @@ impl StreamContext {
             self.send(Frame::message(exchange, answer)).await;
             return self.send(Frame::end(exchange)).await;
         }
+        let cancel = CancelOnDrop::new(&self.session.cancels, request.id.as_deref());
+        tokio::select! {
+            () = self.call_stateless(exchange, payload, request, declared) => {}
+            () = cancel.token.cancelled() => {
+                tracing::debug!(source = %self.name(), "the agent cancelled its request: dropped upstream");
+            }
+        }
+        self.send(Frame::end(exchange)).await;
+    }
+
+    /// Sends one request of the agent upstream, and answers it: each `input_required` round
+    /// is asked of the agent and retried (at most [`MAX_INPUT_ROUNDS`]).
+    async fn call_stateless(
+        &self,
+        exchange: u64,
+        payload: Bytes,
+        request: &MessageInfo,
+        declared: &Declared,
+    ) {
         let mut body = declared.stateless_request(&payload).unwrap_or(payload);
         let ids = || -> HashSet<String> {
             request
@@ -172,7 +231,6 @@ impl StreamContext {
         };
         self.fail_pending(exchange, &[request], &pending, result)
             .await;
-        self.send(Frame::end(exchange)).await;
     }
 
     /// Asks the agent what the upstream's `input_required` answer (`asked`) embeds, as requests
