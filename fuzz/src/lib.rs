@@ -64,6 +64,11 @@ pub const TARGETS: &[Target] = &[
         run: targets::jwt,
     },
     Target {
+        name: "bridge",
+        about: "the protocol-era bridge's readings and rewrites of agent and upstream messages (src/mcp/bridge.rs)",
+        run: targets::bridge,
+    },
+    Target {
         name: "cel",
         about: "CEL conditions compiled and evaluated over hostile call arguments, rule globs",
         run: targets::cel,

@@ -686,3 +686,81 @@ fn cel_on_this_thread(data: &[u8]) {
         }
     }
 }
+
+/// The protocol-era bridge (`src/mcp/bridge.rs`) over one message, read as each side's message
+/// it may be: a retry, an `input_required` answer (to reseal, and to ask of a session agent),
+/// an agent's answers, an upstream's request, an `initialize` or `server/discover`. Every
+/// rewrite of a JSON object must give JSON with the field it set.
+pub fn bridge(data: &[u8]) {
+    use mcp_tunnel::mcp::bridge::{
+        self, Declared, Discovered, InputRequired, Resealed, Retry, ServerRequest,
+    };
+    let json = |bytes: &[u8], what: &str| -> Value {
+        serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("{what} is not JSON ({e})"))
+    };
+    let _ = Retry::parse(data);
+    let _ = bridge::agent_answers(data);
+    let _ = bridge::declares_capability(data, "sampling");
+    let capabilities = bridge::declared_capabilities(data);
+    json(capabilities.as_bytes(), "declared capabilities");
+    if let Some(digest) = bridge::call_digest(data) {
+        assert_eq!(
+            Some(digest),
+            bridge::call_digest(data),
+            "a digest is stable"
+        );
+    }
+    match bridge::reseal_input_required(data, |state| {
+        Some(format!("sealed:{}", state.unwrap_or("")))
+    }) {
+        Resealed::Sealed(sealed) => {
+            let value = json(&sealed, "a resealed answer");
+            assert!(
+                value["result"]["requestState"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("sealed:")),
+                "the state is the sealer's"
+            );
+        }
+        Resealed::Unchanged | Resealed::Refused => {}
+    }
+    if let Some(asked) = InputRequired::parse(data) {
+        for (key, method, params) in &asked.requests {
+            json(
+                &bridge::server_request(key, method, params.as_deref()),
+                "a server request",
+            );
+        }
+    }
+    let id = serde_json::value::RawValue::from_string("7".into()).expect("7 is JSON");
+    if let Some(request) = ServerRequest::parse(data) {
+        let result = serde_json::value::RawValue::from_string("{}".into()).expect("{} is JSON");
+        json(&bridge::response(&request.id, &result), "a response");
+    }
+    if let Some(rewritten) = bridge::reidentify(data, &id) {
+        assert_eq!(json(&rewritten, "a reidentified message")["id"], 7);
+    }
+    if let Some(stateful) = bridge::with_request_state(data, Some("s")) {
+        assert_eq!(
+            json(&stateful, "a request with a state")["params"]["requestState"],
+            "s"
+        );
+    }
+    if let Some(declared) = Declared::parse(data) {
+        if let Some(stateless) = declared.stateless_request(data) {
+            let value = json(&stateless, "a stateless request");
+            assert!(value["params"]["_meta"].is_object());
+        }
+        json(&declared.listen_request(1), "a listen request");
+    }
+    if let Some(discovered) = Discovered::parse(data) {
+        json(
+            &discovered.initialize_answer(&id, "2025-11-25"),
+            "an initialize answer",
+        );
+    }
+    let completed = bridge::complete(Bytes::copy_from_slice(data), Some("tools/list"));
+    if completed.as_ref() != data {
+        json(&completed, "a completed result");
+    }
+}
