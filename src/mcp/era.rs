@@ -128,4 +128,18 @@ mod tests {
             assert!(!super::relayed_header_allowed(name), "{name}");
         }
     }
+
+    #[test]
+    fn header_values_that_are_not_plain_are_base64_encoded_and_decode_back() {
+        assert_eq!(encode_header_value("get_weather"), "get_weather");
+        assert_eq!(encode_header_value("file:///a b"), "file:///a b");
+        assert_eq!(encode_header_value("café"), "=?base64?Y2Fmw6k=?=");
+        assert_eq!(encode_header_value(" x"), "=?base64?IHg=?=");
+        for value in ["café", " x", "plain"] {
+            assert_eq!(
+                decode_header_value(&encode_header_value(value)).as_deref(),
+                Some(value)
+            );
+        }
+    }
 }

@@ -9,6 +9,11 @@
 //! and its requests; `answer`, relaying the upstream's answers (JSON or event streams, in
 //! pieces when large); `error`, why an exchange failed; `client`, the pooled HTTP client both
 //! transports use. The frame loop is the one all sources share (`sources::stream`).
+//!
+//! Protocol eras meet here too: `bridge` serves stateless (2026-07-28) agents over session-era
+//! sessions of its own (`pool` keeps them, `waiting` holds the calls whose upstream asked the
+//! agent something in mid-call), and `stateless_upstream` serves session-era agents of an
+//! upstream that speaks only 2026-07-28.
 
 mod answer;
 mod bridge;
@@ -16,10 +21,12 @@ mod client;
 mod context;
 mod error;
 mod legacy;
+mod pool;
 mod session;
 mod stateless_upstream;
 #[cfg(test)]
 mod tests;
+mod waiting;
 
 pub use client::Target;
 
@@ -239,7 +246,7 @@ impl HttpSource {
         let Some(first) = inbound.next_message().await else {
             return;
         };
-        let retry = bridge::interactive_request(&first.payload)
+        let retry = waiting::interactive_request(&first.payload)
             .and_then(|id| Some((id, crate::mcp::bridge::Retry::parse(&first.payload)?)));
         if let Some((id, retry)) = retry.filter(|(_, r)| r.state.is_some()) {
             let classified = crate::mcp::classify(&first.payload);
