@@ -890,6 +890,75 @@ async fn a_session_agents_cancellation_stops_its_call_on_a_2026_07_28_only_upstr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_retry_on_another_relay_of_the_fleet_goes_on_with_its_call() {
+    let (everything, upstream) = start_server_everything().await;
+    let fleet = common::Fleet::new();
+    let a = common::Harness::start(fleet.options()).await;
+    let b = common::Harness::start(common::Options {
+        creds: Some((a.acme.clone(), a.other.clone())),
+        ..fleet.options()
+    })
+    .await;
+    // One `connect`, attached to both relays.
+    let mut settings = common::quic_settings(
+        format!("{},{}", a.tunnel, b.tunnel),
+        &a.acme.tunnel_token,
+        &a.ca_pem,
+        &[],
+    );
+    settings.sources = vec![
+        mcp_tunnel::config::SourceConfig::parse_flag(&format!("everything={upstream}"))
+            .expect("a valid source"),
+    ];
+    settings.connections = 2;
+    let client = b.connect_with(&b.acme, settings).await;
+    for relay in [&a, &b] {
+        tokio::time::timeout(
+            common::WAIT,
+            relay.state.registry.wait_for("acme", "everything"),
+        )
+        .await
+        .expect("every relay of the fleet gets a tunnel");
+    }
+    let agent = |relay: &common::Harness| {
+        let mut agent = common::Agent::new(&relay.url("everything"), &relay.acme.api_key);
+        agent.version = Some("2026-07-28".into());
+        agent
+    };
+    let tool = "trigger-elicitation-request";
+    let asked = stateless_call(&agent(&a), 1, tool, json!({}), json!({})).await;
+    let result = &asked.response()["result"];
+    assert_eq!(result["resultType"], "input_required", "{asked:?}");
+    let input_key = result["inputRequests"]
+        .as_object()
+        .and_then(|r| r.keys().next().cloned())
+        .expect("one input request");
+    let state = result["requestState"].as_str().expect("a state").to_owned();
+    let retry = json!({"requestState": state,
+        "inputResponses": {input_key: {"action": "accept", "content": {"name": "Ada"}}}});
+
+    // The retry reaches the other relay: the state routes it to the `connect` that keeps the
+    // call, which goes on.
+    let done = stateless_call(&agent(&b), 2, tool, json!({}), retry.clone()).await;
+    assert_eq!(
+        done.response()["result"]["resultType"],
+        "complete",
+        "{done:?}"
+    );
+    // Replayed on the first relay (which never saw it spent): the call is gone from its
+    // `connect`, so the replay is refused all the same.
+    let replayed = stateless_call(&agent(&a), 3, tool, json!({}), retry).await;
+    assert!(
+        replayed.error_message().contains("names no call waiting"),
+        "{replayed:?}"
+    );
+    drop(client);
+    a.stop().await;
+    b.stop().await;
+    everything.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_stateless_era_through_tunnel_to_mcpserver() {
     let (server, upstream) = start_python_server().await;
     let (harness, client, url, key) = serving("pysrv", &upstream).await;
