@@ -1050,6 +1050,15 @@ async fn python_sdk_callbacks_and_progress_through_tunnel_to_stdio_server_everyt
         auto.text("negotiated")
     );
 
+    // A 2026-07-28 client: its requests go to a process of its own, initialized with its
+    // capabilities, where each server request in mid-call becomes an input_required round.
+    let modern = callbacks_client(&harness.url("everything"), &key, "2026-07-28").await;
+    assert_eq!(
+        modern.text("negotiated"),
+        "2026-07-28",
+        "bridged callbacks over stdio"
+    );
+
     // The 2024-11-05 HTTP+SSE transport at /sse/{source}, to the same stdio upstream: echo,
     // and the same callbacks and progress on the one GET stream.
     let sse_url = format!("http://{}/sse/everything", harness.agents);

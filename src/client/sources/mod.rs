@@ -116,6 +116,14 @@ pub(crate) fn start_writer(
 /// Where a source's tasks send frames toward the relay.
 pub(crate) type Out = crate::wire::FrameSink<SendHalf>;
 
+/// The handle a call waiting for its agent's input is kept under (the `requestState` a bridge
+/// gives): 128 random bits, hex, never guessed.
+pub(crate) fn waiting_handle() -> String {
+    let mut bytes = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    hex::encode(bytes)
+}
+
 /// A large answer crosses the tunnel in pieces of this size ([`crate::wire::FrameKind::MessagePart`]).
 pub(crate) const PIECE_BYTES: usize = 256 * 1024;
 

@@ -32,9 +32,6 @@ pub(super) const MAX_PARKED: usize = super::bridge::MAX_SESSIONS / 4;
 /// Calls one caller keeps waiting at once: an agent that never answers cannot hold more.
 pub(super) const MAX_PARKED_PER_CALLER: usize = 8;
 
-/// Random bytes in the handle of a waiting call (128 bits: never guessed).
-const PARK_HANDLE_BYTES: usize = 16;
-
 /// The id of the single request in `payload`, when it is one a server may answer
 /// `input_required` (see [`crate::mcp::era::names_target`]).
 pub(super) fn interactive_request(payload: &[u8]) -> Option<Box<RawValue>> {
@@ -201,9 +198,7 @@ impl StreamContext {
                 asked: vec![(key.clone(), request.id.clone())],
             },
         });
-        let mut bytes = [0u8; PARK_HANDLE_BYTES];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
-        let handle = hex::encode(bytes);
+        let handle = crate::client::sources::waiting_handle();
         if let Err(parked) = self
             .source
             .bridge

@@ -89,6 +89,9 @@ pub(crate) struct StdioSource {
     idle: Duration,
     slots: Arc<Slots>,
     pool: tokio::sync::Mutex<Option<Arc<Pooled>>>,
+    /// Bridged processes of one caller each, by caller and declared capabilities, for the
+    /// stateless requests that may be asked for input (see `pool`).
+    callers: tokio::sync::Mutex<std::collections::HashMap<String, Arc<Pooled>>>,
     /// Whether the pooled process speaks 2026-07-28 (see `pool`), once a probe told.
     pooled_speaks_stateless: parking_lot::Mutex<Option<bool>>,
     /// The largest answer line read from a child (`max_answer_bytes`). A line is buffered
@@ -123,6 +126,7 @@ impl StdioSource {
             idle: limits.idle,
             slots: Arc::new(Slots::new(cap)),
             pool: tokio::sync::Mutex::new(None),
+            callers: tokio::sync::Mutex::default(),
             pooled_speaks_stateless: parking_lot::Mutex::new(None),
             max_answer: crate::config::DEFAULT_MAX_ANSWER_BYTES,
             held: Held::new(Duration::ZERO),

@@ -1,4 +1,5 @@
-//! Stateless era: one long-lived, pooled process per source serves every stateless request.
+//! Stateless era: one long-lived, pooled process per source serves every stateless request
+//! (and, bridged, one per caller whose requests may be asked for input: see [`Parked`]).
 //! `connect` re-addresses each request with an id (and progress token) of its own, so answers
 //! of concurrent agents never mix; answers go back under the agent's own id.
 //!
@@ -29,7 +30,8 @@ use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Probe, cancelled_request, key};
 use crate::client::sources::stream::Inbound;
 use crate::client::sources::{Out, send_message};
-use crate::mcp::bridge::{self, Initialized};
+use crate::mcp::bridge::{self, Initialized, ServerRequest, input_capability};
+use crate::mcp::era::names_target;
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
 use crate::wire::{Frame, OpenHeader};
@@ -60,9 +62,10 @@ impl StdioSource {
             self.stateless_message(&header, limit, &out, &mut mine, frame)
                 .await;
         }
-        // Requests the agent no longer waits for: tell the server to stop working on them.
+        // Requests the agent no longer waits for: tell the server to stop working on them
+        // (not those waiting for the agent's input: its retry, on another stream, takes them up).
         for (pooled, id) in mine {
-            if pooled.forget(id) {
+            if pooled.abandon(id) {
                 pooled.send(cancelled(id)).await;
             }
         }
@@ -121,6 +124,16 @@ impl StdioSource {
             let _ = out.send(Frame::end(exchange)).await;
             return;
         };
+        let method = info.method.as_deref().unwrap_or_default();
+        if names_target(method)
+            && let Some(retry) = bridge::Retry::parse(&frame.payload)
+            && let Some(handle) = retry.state.clone()
+        {
+            let retried = (&frame.payload, info, original_id);
+            return self
+                .resume_parked(header, (out, exchange), mine, retried, (handle, retry))
+                .await;
+        }
         let pooled = match self.pooled(limit, &header.context).await {
             Ok(pooled) => pooled,
             Err(error) => {
@@ -135,6 +148,31 @@ impl StdioSource {
             let _ = out.send(Frame::end(exchange)).await;
             return;
         }
+        // The requests of an agent that can be asked for input go to its caller's own process,
+        // which declares what the agent declares (so it lists what it would list that client),
+        // and where a server request can be tied to the one call in flight (at the cap, to the
+        // shared one, where none can).
+        let asks = bridged.is_some()
+            && ["elicitation", "sampling", "roots"]
+                .iter()
+                .any(|capability| bridge::declares_capability(&frame.payload, capability));
+        let declared = asks.then(|| bridge::declared_capabilities(&frame.payload));
+        let pooled = match &declared {
+            Some(capabilities) => {
+                match self
+                    .caller_pooled(&header.subject, capabilities, limit, &header.context)
+                    .await
+                {
+                    Ok(Some(own)) => own,
+                    Ok(None) => pooled,
+                    Err(error) => {
+                        tracing::warn!(source = %self.name, %error, "stateless request refused");
+                        return error.answer_all(out, exchange, &classified).await;
+                    }
+                }
+            }
+            None => pooled,
+        };
         let id = pooled.next_id();
         let Ok((line, original_token)) = remap_request(&frame.payload, id) else {
             let error = self.error("the request could not be re-addressed");
@@ -146,6 +184,7 @@ impl StdioSource {
             exchange,
             out: out.clone(),
             completes: bridged.and(info.method.clone()),
+            declared: declared.filter(|_| pooled.parked.is_some() && names_target(method)),
         };
         if !pooled.expect(id, Waiter::Agent(call)) {
             // The process died between our lookup and now.
@@ -168,17 +207,125 @@ impl StdioSource {
             tracing::info!(source = %self.name, "restarting the pooled stdio process");
         }
         let probed = self.pooled_speaks_stateless.lock().is_none();
-        let pooled = match Pooled::start(self, limit, context).await {
+        let pooled = match Pooled::start(self, limit, context, None).await {
             // The probe killed a server that knows only the handshake: once more, without it.
             Err(StdioError::Exited { .. })
                 if probed && *self.pooled_speaks_stateless.lock() == Some(false) =>
             {
-                Pooled::start(self, limit, context).await?
+                Pooled::start(self, limit, context, None).await?
             }
             started => started?,
         };
         *current = Some(pooled.clone());
         Ok(pooled)
+    }
+}
+
+impl StdioSource {
+    /// The caller's own bridged process for requests declaring `capabilities` (its
+    /// `initialize` declares them), started if there is none alive; `None` at
+    /// [`MAX_CALLER_PROCESSES`] when none is idle to make room.
+    async fn caller_pooled(
+        &self,
+        subject: &str,
+        capabilities: &str,
+        limit: usize,
+        context: &str,
+    ) -> Result<Option<Arc<Pooled>>, StdioError> {
+        let key = caller_key(subject, capabilities);
+        let mut callers = self.callers.lock().await;
+        if let Some(own) = callers.get(&key)
+            && !own.exit.dead.is_cancelled()
+        {
+            return Ok(Some(own.clone()));
+        }
+        callers.retain(|_, own| !own.exit.dead.is_cancelled());
+        if callers.len() >= MAX_CALLER_PROCESSES {
+            let idle = callers
+                .iter()
+                .find(|(_, own)| own.is_idle())
+                .map(|(key, _)| key.clone());
+            match idle {
+                // Dropping the last handle stops the process.
+                Some(idle) => drop(callers.remove(&idle)),
+                None => return Ok(None),
+            }
+        }
+        let own = Pooled::start(self, limit, context, Some(capabilities)).await?;
+        tracing::info!(source = %self.name, "a stdio process of its own for a caller whose requests may be asked for input");
+        callers.insert(key, own.clone());
+        Ok(Some(own))
+    }
+
+    /// Goes on with a call of a caller's process that waits for the agent's input (see
+    /// [`Parked`]): the retry's answer goes to the process as the response to its request, and
+    /// the call's answer to the retry, under its id.
+    async fn resume_parked(
+        &self,
+        header: &OpenHeader,
+        (out, exchange): (&Out, u64),
+        mine: &mut Vec<(Arc<Pooled>, u64)>,
+        (payload, info, original_id): (&Bytes, &crate::mcp::MessageInfo, Box<RawValue>),
+        (handle, retry): (String, bridge::Retry),
+    ) {
+        let capabilities = bridge::declared_capabilities(payload);
+        let own = self
+            .callers
+            .lock()
+            .await
+            .get(&caller_key(&header.subject, &capabilities))
+            .cloned();
+        let found = own.and_then(|own| {
+            let parked = own.parked.as_ref()?.lock().remove(&handle)?;
+            Some((own, parked))
+        });
+        let Some((own, parked)) = found else {
+            let reason = format!(
+                "requestState names no call waiting at source {} (it expired, was answered, or \
+                 its process ended): send the request again without it",
+                self.name
+            );
+            let body = error_body(Some(&original_id), codes::INVALID_PARAMS, &reason);
+            let _ = out.send(Frame::message(exchange, body)).await;
+            let _ = out.send(Frame::end(exchange)).await;
+            return;
+        };
+        let original_token = remap_request(payload, parked.id)
+            .ok()
+            .and_then(|(_, token)| token);
+        let call = AgentCall {
+            original_id,
+            original_token,
+            exchange,
+            out: out.clone(),
+            completes: info.method.clone(),
+            declared: Some(capabilities),
+        };
+        let resumed = match own.waiters.lock().as_mut() {
+            Some(waiters) => {
+                waiters.insert(parked.id, Waiter::Agent(call));
+                true
+            }
+            None => false,
+        };
+        if !resumed {
+            let error = self.exited(own.exit.status());
+            let body = error_body(info.id.as_deref(), error.code(), &error.to_string());
+            let _ = out.send(Frame::message(exchange, body)).await;
+            let _ = out.send(Frame::end(exchange)).await;
+            return;
+        }
+        mine.push((own.clone(), parked.id));
+        let (key, asked) = parked.asked;
+        let reply = match retry.responses.get(&key) {
+            Some(result) => bridge::response(&asked, result),
+            None => error_body(
+                Some(&asked),
+                codes::INVALID_PARAMS,
+                "the client's retry carried no answer to this request",
+            ),
+        };
+        own.send(reply).await;
     }
 }
 
@@ -191,6 +338,9 @@ struct AgentCall {
     /// The agent's method, when the process is bridged: its result is completed for the
     /// agent's era (see [`crate::mcp::bridge::complete`]).
     completes: Option<String>,
+    /// The client capabilities the agent's request declared, when it may be asked for input
+    /// (a caller's own process, see [`StdioSource::caller_pooled`]).
+    declared: Option<String>,
 }
 
 /// Who waits for an answer of the pooled process.
@@ -199,6 +349,32 @@ enum Waiter {
     Agent(AgentCall),
     /// `connect`'s own `initialize`.
     Internal(oneshot::Sender<Bytes>),
+    /// An agent's request whose server asked for input: the agent's retry takes it up (see
+    /// [`Parked`]).
+    Parked,
+}
+
+/// A call of a caller's process whose server asked the client something in mid-call: the
+/// agent got `input_required` with the handle this is kept under, and its retry carries the
+/// answers. Meanwhile the process keeps working on the call, waiting for our answer.
+struct Parked {
+    /// Our id of the call's request.
+    id: u64,
+    /// The server's request: its key in the `input_required` answer, and its id.
+    asked: (String, Box<RawValue>),
+}
+
+/// Calls one caller's process keeps waiting for input at once.
+const MAX_PARKED_PER_PROCESS: usize = 8;
+
+/// Caller processes one stdio source runs for stateless agents that may be asked for input
+/// (beyond them, such agents share the source's pooled process, where no server request
+/// reaches them).
+const MAX_CALLER_PROCESSES: usize = 8;
+
+/// The key of a caller's own process: who, and what its requests declare.
+fn caller_key(subject: &str, capabilities: &str) -> String {
+    format!("{subject}\n{capabilities}")
 }
 
 /// The long-lived process that serves a source's stateless requests.
@@ -214,6 +390,9 @@ pub(super) struct Pooled {
     /// Set once the process is ready: `None` when it speaks 2026-07-28 itself, else its
     /// `initialize` result (the process is bridged).
     initialized: std::sync::OnceLock<Option<Arc<Initialized>>>,
+    /// A caller's own process (see [`StdioSource::caller_pooled`]): its calls waiting for the
+    /// agent's input, by handle. `None` for the source's shared process.
+    parked: Option<Mutex<HashMap<String, Parked>>>,
 }
 
 impl Pooled {
@@ -222,6 +401,7 @@ impl Pooled {
         source: &StdioSource,
         limit: usize,
         context: &str,
+        caller: Option<&str>,
     ) -> Result<Arc<Self>, StdioError> {
         let mut process = source.spawn(limit, context).await?;
         let stdout = process.stdout.take();
@@ -236,6 +416,7 @@ impl Pooled {
             exit: process.exit.clone(),
             process,
             initialized: std::sync::OnceLock::new(),
+            parked: caller.map(|_| Mutex::new(HashMap::new())),
         });
         if let Some(stdout) = stdout {
             tokio::spawn(route_pooled_output(
@@ -268,7 +449,11 @@ impl Pooled {
                 _ => *source.pooled_speaks_stateless.lock() = Some(false),
             }
         }
-        let initialize = |id| bridge::initialize_request(id, POOLED_PROTOCOL_VERSION, "{}");
+        // The shared process declares no capabilities (no server request can be tied to one of
+        // its many calls); a caller's own declares the caller's.
+        let capabilities = caller.unwrap_or("{}").to_owned();
+        let initialize =
+            move |id| bridge::initialize_request(id, POOLED_PROTOCOL_VERSION, &capabilities);
         let answer = pooled.ask(source, initialize, INIT_TIMEOUT).await?;
         let initialized = Initialized::parse(&answer).map_err(|e| StdioError::Init {
             source_name: source.name.to_string(),
@@ -329,6 +514,24 @@ impl Pooled {
         }
     }
 
+    /// Whether nothing waits on the process (no call in flight, none waiting for input).
+    fn is_idle(&self) -> bool {
+        self.waiters.lock().as_ref().is_none_or(HashMap::is_empty)
+    }
+
+    /// Removes the agent's call waiting under our id, unless it waits for the agent's input;
+    /// true if there was one.
+    fn abandon(&self, id: u64) -> bool {
+        let mut waiters = self.waiters.lock();
+        let Some(waiters) = waiters.as_mut() else {
+            return false;
+        };
+        if matches!(waiters.get(&id), Some(Waiter::Parked)) {
+            return false;
+        }
+        waiters.remove(&id).is_some()
+    }
+
     /// Removes the waiter of our id; true if it was still waiting.
     fn forget(&self, id: u64) -> bool {
         self.waiters
@@ -343,7 +546,7 @@ impl Pooled {
         let waiters = self.waiters.lock();
         match waiters.as_ref()?.get(&id)? {
             Waiter::Agent(call) => Some(key(&call.original_id)),
-            Waiter::Internal(_) => None,
+            Waiter::Internal(_) | Waiter::Parked => None,
         }
     }
 
@@ -419,7 +622,7 @@ async fn route_pooled_output(
 /// `initialize`), a progress notification to the agent whose request it is about, and a
 /// request of the server answered on the spot.
 async fn route_pooled_line(
-    pooled: &Pooled,
+    pooled: &Arc<Pooled>,
     stdin: &mpsc::WeakSender<Bytes>,
     line: Bytes,
     max_frame: usize,
@@ -447,7 +650,9 @@ async fn route_pooled_line(
             route_pooled_progress(pooled, raw, max_frame, message.method.as_deref()).await;
         }
         MessageKind::Request => {
-            if let Some(id) = message.id.as_deref() {
+            if let Some(id) = message.id.as_deref()
+                && !park(pooled, &line, message.method.as_deref(), max_frame).await
+            {
                 answer_server_request(stdin, id, message.method.as_deref()).await;
             }
         }
@@ -493,7 +698,9 @@ async fn route_pooled_answer(
         Some(Waiter::Internal(tx)) => {
             let _ = tx.send(line.clone());
         }
-        None => {}
+        // Answered without the input it asked for: the agent's retry finds nothing to take
+        // up (its parked entry expires).
+        Some(Waiter::Parked) | None => {}
     }
 }
 
@@ -517,7 +724,7 @@ async fn route_pooled_progress(
                 call.exchange,
                 call.out.clone(),
             )),
-            Waiter::Internal(_) => None,
+            Waiter::Internal(_) | Waiter::Parked => None,
         }
     });
     match target {
@@ -531,6 +738,77 @@ async fn route_pooled_progress(
             tracing::debug!(source = %pooled.source, method = ?method, "notification of the pooled stdio process dropped");
         }
     }
+}
+
+/// Parks the only call in flight on a caller's own process when the process asks its client
+/// something that call's agent declared it can answer (see [`Parked`]): the agent gets
+/// `input_required`. False when it cannot be tied to one call, or has no room: the request is
+/// answered as the shared process's are.
+async fn park(pooled: &Arc<Pooled>, line: &Bytes, method: Option<&str>, max_frame: usize) -> bool {
+    let (Some(parked), Some(capability)) = (&pooled.parked, method.and_then(input_capability))
+    else {
+        return false;
+    };
+    let Some(request) = ServerRequest::parse(line) else {
+        return false;
+    };
+    let (id, call) = {
+        let mut waiters = pooled.waiters.lock();
+        let Some(waiters) = waiters.as_mut() else {
+            return false;
+        };
+        let mut agents = waiters
+            .iter()
+            .filter(|(_, waiter)| matches!(waiter, Waiter::Agent(_)));
+        let (Some((&id, Waiter::Agent(call))), None) = (agents.next(), agents.next()) else {
+            return false;
+        };
+        let declares = call.declared.as_deref().is_some_and(|declared| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(declared)
+                .is_ok_and(|declared| declared.contains_key(capability))
+        });
+        if !declares || parked.lock().len() >= MAX_PARKED_PER_PROCESS {
+            return false;
+        }
+        match waiters.insert(id, Waiter::Parked) {
+            Some(Waiter::Agent(call)) => (id, call),
+            _ => return false,
+        }
+    };
+    let handle = crate::client::sources::waiting_handle();
+    let key = request.id.get().trim().trim_matches('"').to_owned();
+    let asked = (key.clone(), request.id.clone());
+    parked.lock().insert(handle.clone(), Parked { id, asked });
+    let waiting = Arc::downgrade(pooled);
+    let expiring = handle.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(bridge::INPUT_WAIT).await;
+        let Some(pooled) = waiting.upgrade() else {
+            return;
+        };
+        let expired = pooled
+            .parked
+            .as_ref()
+            .and_then(|p| p.lock().remove(&expiring));
+        if let Some(expired) = expired {
+            tracing::info!(source = %pooled.source, "a call waited {} s for its agent's input: cancelled", bridge::INPUT_WAIT.as_secs());
+            let (_, asked) = expired.asked;
+            pooled
+                .send(error_body(
+                    Some(&asked),
+                    codes::INTERNAL_ERROR,
+                    "the client did not answer in time",
+                ))
+                .await;
+            if pooled.forget(expired.id) {
+                pooled.send(cancelled(expired.id)).await;
+            }
+        }
+    });
+    let answer = bridge::input_required(&call.original_id, &[(key, &request)], &handle);
+    let _ = send_message(&call.out, call.exchange, answer, max_frame, &pooled.source).await;
+    let _ = call.out.send(Frame::end(call.exchange)).await;
+    true
 }
 
 /// Answers a request of the pooled process: `connect` declared no client capabilities to it,
