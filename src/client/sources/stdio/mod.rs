@@ -21,11 +21,13 @@
 //! stops ([`StdioSource::shutdown`]), and a per-source cap bounds how many run at once.
 //!
 //! One concept a file: this one, the source and its settings; `session`, the session era;
-//! `pool`, the stateless era's pooled process; `remap`, re-addressing its messages;
+//! `pool`, the stateless era's pooled process; `caller`, the processes of callers that can be
+//! asked for input; `remap`, re-addressing its messages;
 //! `process`, a child's life; `slots`, the cap and the kill list; `lines`, the line codec;
 //! `error`, what agents are told. The frame loop is the one all sources share
 //! (`sources::stream`).
 
+mod caller;
 mod deliver;
 mod error;
 mod lines;

@@ -23,6 +23,7 @@ use tokio::process::ChildStdout;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
+use super::caller::{Parked, park};
 use super::lines::{Line, LineDecoder, one_line, quote};
 use super::process::{Exit, Process, kill_group};
 use super::remap::{remap_request, replace_at};
@@ -30,7 +31,7 @@ use super::{DRAIN_WAIT, StdioError, StdioSource};
 use crate::client::sources::routing::{Probe, cancelled_request, key};
 use crate::client::sources::stream::Inbound;
 use crate::client::sources::{Out, send_message};
-use crate::mcp::bridge::{self, Initialized, ServerRequest, input_capability};
+use crate::mcp::bridge::{self, Initialized};
 use crate::mcp::era::names_target;
 use crate::mcp::jsonrpc::{MessageKind, codes, error_body};
 use crate::mcp::{Classified, classify};
@@ -100,15 +101,7 @@ impl StdioSource {
             MessageKind::Notification
                 if info.method.as_deref() == Some("notifications/cancelled") =>
             {
-                // Cancels one of this stream's requests, under the id the server knows.
-                let target = cancelled_request(&frame.payload);
-                if let Some((pooled, id)) = mine
-                    .iter()
-                    .find(|(pooled, id)| target.as_deref() == pooled.original_id(*id).as_deref())
-                    && pooled.forget(*id)
-                {
-                    pooled.send(cancelled(*id)).await;
-                }
+                cancel_mine(mine, &frame.payload).await;
                 let _ = out.send(Frame::end(exchange)).await;
                 return;
             }
@@ -148,30 +141,15 @@ impl StdioSource {
             let _ = out.send(Frame::end(exchange)).await;
             return;
         }
-        // The requests of an agent that can be asked for input go to its caller's own process,
-        // which declares what the agent declares (so it lists what it would list that client),
-        // and where a server request can be tied to the one call in flight (at the cap, to the
-        // shared one, where none can).
-        let asks = bridged.is_some()
-            && ["elicitation", "sampling", "roots"]
-                .iter()
-                .any(|capability| bridge::declares_capability(&frame.payload, capability));
-        let declared = asks.then(|| bridge::declared_capabilities(&frame.payload));
-        let pooled = match &declared {
-            Some(capabilities) => {
-                match self
-                    .caller_pooled(&header.subject, capabilities, limit, &header.context)
-                    .await
-                {
-                    Ok(Some(own)) => own,
-                    Ok(None) => pooled,
-                    Err(error) => {
-                        tracing::warn!(source = %self.name, %error, "stateless request refused");
-                        return error.answer_all(out, exchange, &classified).await;
-                    }
-                }
+        let (pooled, declared) = match self
+            .process_for(header, &frame.payload, bridged.is_some(), pooled, limit)
+            .await
+        {
+            Ok(routed) => routed,
+            Err(error) => {
+                tracing::warn!(source = %self.name, %error, "stateless request refused");
+                return error.answer_all(out, exchange, &classified).await;
             }
-            None => pooled,
         };
         let id = pooled.next_id();
         let Ok((line, original_token)) = remap_request(&frame.payload, id) else {
@@ -221,130 +199,22 @@ impl StdioSource {
     }
 }
 
-impl StdioSource {
-    /// The caller's own bridged process for requests declaring `capabilities` (its
-    /// `initialize` declares them), started if there is none alive; `None` at
-    /// [`MAX_CALLER_PROCESSES`] when none is idle to make room.
-    async fn caller_pooled(
-        &self,
-        subject: &str,
-        capabilities: &str,
-        limit: usize,
-        context: &str,
-    ) -> Result<Option<Arc<Pooled>>, StdioError> {
-        let key = caller_key(subject, capabilities);
-        let mut callers = self.callers.lock().await;
-        if let Some(own) = callers.get(&key)
-            && !own.exit.dead.is_cancelled()
-        {
-            return Ok(Some(own.clone()));
-        }
-        callers.retain(|_, own| !own.exit.dead.is_cancelled());
-        if callers.len() >= MAX_CALLER_PROCESSES {
-            let idle = callers
-                .iter()
-                .find(|(_, own)| own.is_idle())
-                .map(|(key, _)| key.clone());
-            match idle {
-                // Dropping the last handle stops the process.
-                Some(idle) => drop(callers.remove(&idle)),
-                None => return Ok(None),
-            }
-        }
-        let own = Pooled::start(self, limit, context, Some(capabilities)).await?;
-        tracing::info!(source = %self.name, "a stdio process of its own for a caller whose requests may be asked for input");
-        callers.insert(key, own.clone());
-        Ok(Some(own))
-    }
-
-    /// Goes on with a call of a caller's process that waits for the agent's input (see
-    /// [`Parked`]): the retry's answer goes to the process as the response to its request, and
-    /// the call's answer to the retry, under its id.
-    async fn resume_parked(
-        &self,
-        header: &OpenHeader,
-        (out, exchange): (&Out, u64),
-        mine: &mut Vec<(Arc<Pooled>, u64)>,
-        (payload, info, original_id): (&Bytes, &crate::mcp::MessageInfo, Box<RawValue>),
-        (handle, retry): (String, bridge::Retry),
-    ) {
-        let capabilities = bridge::declared_capabilities(payload);
-        let own = self
-            .callers
-            .lock()
-            .await
-            .get(&caller_key(&header.subject, &capabilities))
-            .cloned();
-        let found = own.and_then(|own| {
-            let parked = own.parked.as_ref()?.lock().remove(&handle)?;
-            Some((own, parked))
-        });
-        let Some((own, parked)) = found else {
-            let reason = format!(
-                "requestState names no call waiting at source {} (it expired, was answered, or \
-                 its process ended): send the request again without it",
-                self.name
-            );
-            let body = error_body(Some(&original_id), codes::INVALID_PARAMS, &reason);
-            let _ = out.send(Frame::message(exchange, body)).await;
-            let _ = out.send(Frame::end(exchange)).await;
-            return;
-        };
-        let original_token = remap_request(payload, parked.id)
-            .ok()
-            .and_then(|(_, token)| token);
-        let call = AgentCall {
-            original_id,
-            original_token,
-            exchange,
-            out: out.clone(),
-            completes: info.method.clone(),
-            declared: Some(capabilities),
-        };
-        let resumed = match own.waiters.lock().as_mut() {
-            Some(waiters) => {
-                waiters.insert(parked.id, Waiter::Agent(call));
-                true
-            }
-            None => false,
-        };
-        if !resumed {
-            let error = self.exited(own.exit.status());
-            let body = error_body(info.id.as_deref(), error.code(), &error.to_string());
-            let _ = out.send(Frame::message(exchange, body)).await;
-            let _ = out.send(Frame::end(exchange)).await;
-            return;
-        }
-        mine.push((own.clone(), parked.id));
-        let (key, asked) = parked.asked;
-        let reply = match retry.responses.get(&key) {
-            Some(result) => bridge::response(&asked, result),
-            None => error_body(
-                Some(&asked),
-                codes::INVALID_PARAMS,
-                "the client's retry carried no answer to this request",
-            ),
-        };
-        own.send(reply).await;
-    }
-}
-
 /// A call of an agent waiting on the pooled process.
-struct AgentCall {
-    original_id: Box<RawValue>,
-    original_token: Option<Box<RawValue>>,
-    exchange: u64,
-    out: Out,
+pub(super) struct AgentCall {
+    pub(super) original_id: Box<RawValue>,
+    pub(super) original_token: Option<Box<RawValue>>,
+    pub(super) exchange: u64,
+    pub(super) out: Out,
     /// The agent's method, when the process is bridged: its result is completed for the
     /// agent's era (see [`crate::mcp::bridge::complete`]).
-    completes: Option<String>,
+    pub(super) completes: Option<String>,
     /// The client capabilities the agent's request declared, when it may be asked for input
     /// (a caller's own process, see [`StdioSource::caller_pooled`]).
-    declared: Option<String>,
+    pub(super) declared: Option<String>,
 }
 
 /// Who waits for an answer of the pooled process.
-enum Waiter {
+pub(super) enum Waiter {
     /// An agent's stateless request.
     Agent(AgentCall),
     /// `connect`'s own `initialize`.
@@ -354,50 +224,27 @@ enum Waiter {
     Parked,
 }
 
-/// A call of a caller's process whose server asked the client something in mid-call: the
-/// agent got `input_required` with the handle this is kept under, and its retry carries the
-/// answers. Meanwhile the process keeps working on the call, waiting for our answer.
-struct Parked {
-    /// Our id of the call's request.
-    id: u64,
-    /// The server's request: its key in the `input_required` answer, and its id.
-    asked: (String, Box<RawValue>),
-}
-
-/// Calls one caller's process keeps waiting for input at once.
-const MAX_PARKED_PER_PROCESS: usize = 8;
-
-/// Caller processes one stdio source runs for stateless agents that may be asked for input
-/// (beyond them, such agents share the source's pooled process, where no server request
-/// reaches them).
-const MAX_CALLER_PROCESSES: usize = 8;
-
-/// The key of a caller's own process: who, and what its requests declare.
-fn caller_key(subject: &str, capabilities: &str) -> String {
-    format!("{subject}\n{capabilities}")
-}
-
 /// The long-lived process that serves a source's stateless requests.
 pub(super) struct Pooled {
-    source: Arc<str>,
+    pub(super) source: Arc<str>,
     /// Our ids to their waiters; `None` once the process is gone.
-    waiters: Mutex<Option<HashMap<u64, Waiter>>>,
-    next_id: AtomicU64,
-    stdin: mpsc::Sender<Bytes>,
-    exit: Exit,
+    pub(super) waiters: Mutex<Option<HashMap<u64, Waiter>>>,
+    pub(super) next_id: AtomicU64,
+    pub(super) stdin: mpsc::Sender<Bytes>,
+    pub(super) exit: Exit,
     /// The process; dropping the last `Pooled` stops it.
-    process: Process,
+    pub(super) process: Process,
     /// Set once the process is ready: `None` when it speaks 2026-07-28 itself, else its
     /// `initialize` result (the process is bridged).
-    initialized: std::sync::OnceLock<Option<Arc<Initialized>>>,
+    pub(super) initialized: std::sync::OnceLock<Option<Arc<Initialized>>>,
     /// A caller's own process (see [`StdioSource::caller_pooled`]): its calls waiting for the
     /// agent's input, by handle. `None` for the source's shared process.
-    parked: Option<Mutex<HashMap<String, Parked>>>,
+    pub(super) parked: Option<Mutex<HashMap<String, Parked>>>,
 }
 
 impl Pooled {
     /// Starts the process and completes the MCP handshake with it.
-    async fn start(
+    pub(super) async fn start(
         source: &StdioSource,
         limit: usize,
         context: &str,
@@ -498,7 +345,7 @@ impl Pooled {
         }
     }
 
-    fn next_id(&self) -> u64 {
+    pub(super) fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
@@ -515,7 +362,7 @@ impl Pooled {
     }
 
     /// Whether nothing waits on the process (no call in flight, none waiting for input).
-    fn is_idle(&self) -> bool {
+    pub(super) fn is_idle(&self) -> bool {
         self.waiters.lock().as_ref().is_none_or(HashMap::is_empty)
     }
 
@@ -533,7 +380,7 @@ impl Pooled {
     }
 
     /// Removes the waiter of our id; true if it was still waiting.
-    fn forget(&self, id: u64) -> bool {
+    pub(super) fn forget(&self, id: u64) -> bool {
         self.waiters
             .lock()
             .as_mut()
@@ -551,7 +398,7 @@ impl Pooled {
     }
 
     /// Writes a line to the process (dropped if it is gone: its waiters are answered then).
-    async fn send(&self, line: Bytes) {
+    pub(super) async fn send(&self, line: Bytes) {
         tokio::select! {
             _ = self.stdin.send(line) => {}
             () = self.exit.dead.cancelled() => {}
@@ -559,8 +406,21 @@ impl Pooled {
     }
 }
 
+/// Cancels the request of this stream (`mine`) that the agent's `notifications/cancelled`
+/// names, under the id the server knows.
+async fn cancel_mine(mine: &[(Arc<Pooled>, u64)], notification: &[u8]) {
+    let target = cancelled_request(notification);
+    if let Some((pooled, id)) = mine
+        .iter()
+        .find(|(pooled, id)| target.as_deref() == pooled.original_id(*id).as_deref())
+        && pooled.forget(*id)
+    {
+        pooled.send(cancelled(*id)).await;
+    }
+}
+
 /// A `notifications/cancelled` for our id.
-fn cancelled(id: u64) -> Bytes {
+pub(super) fn cancelled(id: u64) -> Bytes {
     let body = serde_json::json!({
         "jsonrpc": "2.0",
         "method": "notifications/cancelled",
@@ -738,77 +598,6 @@ async fn route_pooled_progress(
             tracing::debug!(source = %pooled.source, method = ?method, "notification of the pooled stdio process dropped");
         }
     }
-}
-
-/// Parks the only call in flight on a caller's own process when the process asks its client
-/// something that call's agent declared it can answer (see [`Parked`]): the agent gets
-/// `input_required`. False when it cannot be tied to one call, or has no room: the request is
-/// answered as the shared process's are.
-async fn park(pooled: &Arc<Pooled>, line: &Bytes, method: Option<&str>, max_frame: usize) -> bool {
-    let (Some(parked), Some(capability)) = (&pooled.parked, method.and_then(input_capability))
-    else {
-        return false;
-    };
-    let Some(request) = ServerRequest::parse(line) else {
-        return false;
-    };
-    let (id, call) = {
-        let mut waiters = pooled.waiters.lock();
-        let Some(waiters) = waiters.as_mut() else {
-            return false;
-        };
-        let mut agents = waiters
-            .iter()
-            .filter(|(_, waiter)| matches!(waiter, Waiter::Agent(_)));
-        let (Some((&id, Waiter::Agent(call))), None) = (agents.next(), agents.next()) else {
-            return false;
-        };
-        let declares = call.declared.as_deref().is_some_and(|declared| {
-            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(declared)
-                .is_ok_and(|declared| declared.contains_key(capability))
-        });
-        if !declares || parked.lock().len() >= MAX_PARKED_PER_PROCESS {
-            return false;
-        }
-        match waiters.insert(id, Waiter::Parked) {
-            Some(Waiter::Agent(call)) => (id, call),
-            _ => return false,
-        }
-    };
-    let handle = crate::client::sources::waiting_handle();
-    let key = request.id.get().trim().trim_matches('"').to_owned();
-    let asked = (key.clone(), request.id.clone());
-    parked.lock().insert(handle.clone(), Parked { id, asked });
-    let waiting = Arc::downgrade(pooled);
-    let expiring = handle.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(bridge::INPUT_WAIT).await;
-        let Some(pooled) = waiting.upgrade() else {
-            return;
-        };
-        let expired = pooled
-            .parked
-            .as_ref()
-            .and_then(|p| p.lock().remove(&expiring));
-        if let Some(expired) = expired {
-            tracing::info!(source = %pooled.source, "a call waited {} s for its agent's input: cancelled", bridge::INPUT_WAIT.as_secs());
-            let (_, asked) = expired.asked;
-            pooled
-                .send(error_body(
-                    Some(&asked),
-                    codes::INTERNAL_ERROR,
-                    "the client did not answer in time",
-                ))
-                .await;
-            if pooled.forget(expired.id) {
-                pooled.send(cancelled(expired.id)).await;
-            }
-        }
-    });
-    let answer = bridge::input_required(&call.original_id, &[(key, &request)], &handle);
-    let _ = send_message(&call.out, call.exchange, answer, max_frame, &pooled.source).await;
-    let _ = call.out.send(Frame::end(call.exchange)).await;
-    true
 }
 
 /// Answers a request of the pooled process: `connect` declared no client capabilities to it,
