@@ -606,6 +606,123 @@ async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
     }
 }
 
+/// A JSON-RPC request of `method` with `params`, as one session-era message.
+fn rpc(id: u64, method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+/// The task ids a `tasks/list` answer names.
+fn listed_tasks(answer: &common::Answer) -> Vec<String> {
+    answer.response()["result"]["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|task| task["taskId"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// server-everything runs `simulate-research-query` as a task (2025-11-25 tasks). Through the
+/// relay its id is bound to the caller that created it: the creator polls, lists and fetches
+/// it; another caller of the same tenant, with the id it was shown or the upstream's own, gets
+/// "Task not found" and an audit row, and does not see it listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_is_reachable_only_by_the_caller_that_created_it() {
+    let (everything, upstream) = start_server_everything().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let db = dir.path().join("audit.db");
+    let harness = common::Harness::start(common::Options {
+        audit: Some(common::audit::audit_at(&db)),
+        ..common::Options::default()
+    })
+    .await;
+    let client = harness
+        .connect(&harness.acme, &[("everything", &upstream)])
+        .await;
+    let url = harness.url("everything");
+    let mut alice = common::Agent::new(&url, &harness.acme.api_key);
+    let mut bob = common::Agent::new(&url, &harness.acme.second_key);
+    alice.initialize_result().await;
+    bob.initialize_result().await;
+
+    let created = alice
+        .post(&rpc(
+            1,
+            "tools/call",
+            json!({"name": "simulate-research-query", "arguments": {"topic": "tunnels"}, "task": {"ttl": 60000}}),
+        ))
+        .await;
+    let task_id = created.response()["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a task was created: {created:?}"))
+        .to_owned();
+    let (tag, raw) = task_id.split_once('.').expect("a bound id: TAG.RAW");
+    assert_eq!(tag.len(), 22, "a 128-bit tag, base64url: {task_id}");
+
+    let got = alice
+        .post(&rpc(2, "tasks/get", json!({"taskId": task_id})))
+        .await;
+    assert_eq!(
+        got.response()["result"]["taskId"],
+        task_id.as_str(),
+        "{got:?}"
+    );
+    let listed = alice.post(&rpc(3, "tasks/list", json!({}))).await;
+    assert_eq!(
+        listed_tasks(&listed),
+        std::slice::from_ref(&task_id),
+        "{listed:?}"
+    );
+
+    for (id, method, tried) in [
+        (10, "tasks/get", task_id.as_str()),
+        (11, "tasks/get", raw),
+        (12, "tasks/cancel", task_id.as_str()),
+        (13, "tasks/result", task_id.as_str()),
+    ] {
+        let refused = bob.post(&rpc(id, method, json!({"taskId": tried}))).await;
+        assert_eq!(refused.response()["error"]["code"], -32602, "{refused:?}");
+        assert!(
+            refused.error_message().contains("Task not found"),
+            "{refused:?}"
+        );
+    }
+    let bobs = bob.post(&rpc(14, "tasks/list", json!({}))).await;
+    assert!(listed_tasks(&bobs).is_empty(), "{bobs:?}");
+
+    // The creator's task runs on, unharmed, to its result (four stages of a second each).
+    let result = alice
+        .post(&rpc(4, "tasks/result", json!({"taskId": task_id})))
+        .await;
+    let text = result.response()["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(text.contains("Research Report"), "{result:?}");
+    let related = &result.response()["result"]["_meta"]["io.modelcontextprotocol/related-task"];
+    if !related.is_null() {
+        assert_eq!(related["taskId"], task_id.as_str(), "{result:?}");
+    }
+
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
+    everything.stop().await;
+    let refused: Vec<(Value, Value)> = common::audit::export(&db)
+        .await
+        .into_iter()
+        .filter(|row| row["decision"] == "deny")
+        .map(|row| (row["mcp.method.name"].clone(), row["subject"].clone()))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            (json!("tasks/get"), json!("second@acme")),
+            (json!("tasks/get"), json!("second@acme")),
+            (json!("tasks/cancel"), json!("second@acme")),
+            (json!("tasks/result"), json!("second@acme")),
+        ],
+        "each refusal is an audit row"
+    );
+}
+
 /// One upstream of the era matrix: what it speaks, and the resource and prompt every client
 /// reads of it.
 struct MatrixUpstream {

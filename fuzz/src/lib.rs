@@ -69,6 +69,11 @@ pub const TARGETS: &[Target] = &[
         run: targets::bridge,
     },
     Target {
+        name: "tasks",
+        about: "task ids bound to callers in upstream messages and unbound in agent requests (src/mcp/tasks.rs)",
+        run: targets::tasks,
+    },
+    Target {
         name: "cel",
         about: "CEL conditions compiled and evaluated over hostile call arguments, rule globs",
         run: targets::cel,

@@ -764,3 +764,56 @@ pub fn bridge(data: &[u8]) {
         json(&completed, "a completed result");
     }
 }
+
+/// Task ids (`src/mcp/tasks.rs`) over one message: bound as an upstream's (with a binder that
+/// marks ids, so every id it bound can be told), and unbound as an agent's request.
+pub fn tasks(data: &[u8]) {
+    use mcp_tunnel::mcp::tasks::{self, TaskIds};
+    struct Marked;
+    impl TaskIds for Marked {
+        fn bind(&self, raw: &str) -> String {
+            format!("mine:{raw}")
+        }
+        fn unbind(&self, bound: &str) -> Option<String> {
+            bound.strip_prefix("mine:").map(str::to_owned)
+        }
+        fn created(&self, _raw: &str) {}
+        fn listed(&self, raw: &str) -> bool {
+            raw.len().is_multiple_of(2)
+        }
+    }
+    if let Some(bound) = tasks::bind_answer(data, &Marked) {
+        let value: Value = serde_json::from_slice(&bound).expect("a bound message is JSON");
+        let messages = match &value {
+            Value::Array(batch) => batch.iter().collect(),
+            one => vec![one],
+        };
+        for message in messages {
+            let result = &message["result"];
+            for id in [&result["taskId"], &result["task"]["taskId"]] {
+                if let Some(id) = id.as_str() {
+                    assert!(id.starts_with("mine:"), "an unbound id left in {value}");
+                }
+            }
+        }
+    }
+    if let Ok(Some(unbound)) = tasks::unbind_request(data, &Marked) {
+        serde_json::from_slice::<Value>(&unbound).expect("an unbound request is JSON");
+    }
+    // A tasks/get naming the data as an id: the caller's own when it carries the mark.
+    if let Ok(text) = std::str::from_utf8(data) {
+        let request = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"taskId": text}});
+        let request = serde_json::to_vec(&request).expect("a Value encodes");
+        match tasks::unbind_request(&request, &Marked) {
+            Ok(Some(unbound)) => {
+                let value: Value = serde_json::from_slice(&unbound).expect("JSON");
+                assert_eq!(
+                    Some(value["params"]["taskId"].as_str().unwrap_or("?")),
+                    text.strip_prefix("mine:")
+                );
+            }
+            Ok(None) => panic!("a tasks/get names a task"),
+            Err(_) => assert!(!text.starts_with("mine:"), "the caller's own id refused"),
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub mod jsonrpc;
 pub mod scan;
 pub mod sse;
 pub mod sse_reader;
+pub mod tasks;
 
 pub use era::era_of;
 pub use jsonrpc::{Classified, MessageInfo, MessageKind, classify};

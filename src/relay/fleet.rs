@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, Nonce, RandomizedNonceKey};
 use aws_lc_rs::hkdf::{HKDF_SHA256, KeyType, Salt};
+use aws_lc_rs::{constant_time, hmac};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sha2::{Digest, Sha256};
@@ -122,7 +123,15 @@ struct Secret {
     session: RandomizedNonceKey,
     event: RandomizedNonceKey,
     input: RandomizedNonceKey,
+    /// Tags task ids to their callers ([`FleetKeys::tag`]).
+    task: hmac::Key,
 }
+
+/// Bytes of a task-id tag: 128 bits, beyond guessing (a wrong guess costs a request).
+pub const TASK_TAG_LEN: usize = 16;
+
+/// The HKDF label of the task-id tag key.
+const TASK_LABEL: &[u8] = b"mcp-tunnel fleet: task id";
 
 /// The output length HKDF expands to: one AES-256 key.
 struct KeyLen;
@@ -142,12 +151,15 @@ impl Secret {
             .finalize();
         id.copy_from_slice(&digest[..KEY_ID_LEN]);
         let prk = Salt::new(HKDF_SHA256, b"mcp-tunnel fleet v1").extract(secret);
-        let key = |purpose: Purpose| {
+        let expand = |label: &[u8]| {
             let mut bytes = [0u8; 32];
-            prk.expand(&[purpose.label()], KeyLen)
+            prk.expand(&[label], KeyLen)
                 .and_then(|okm| okm.fill(&mut bytes))
                 .expect("HKDF-SHA256 expands to 32 bytes, far below its 8160-byte limit");
-            RandomizedNonceKey::new(&AES_256_GCM, &bytes)
+            bytes
+        };
+        let key = |purpose: Purpose| {
+            RandomizedNonceKey::new(&AES_256_GCM, &expand(purpose.label()))
                 .expect("a 32-byte key is what AES-256-GCM takes")
         };
         Self {
@@ -155,7 +167,14 @@ impl Secret {
             session: key(Purpose::Session),
             event: key(Purpose::Event),
             input: key(Purpose::Input),
+            task: hmac::Key::new(hmac::HMAC_SHA256, &expand(TASK_LABEL)),
         }
+    }
+
+    fn tag(&self, data: &[u8]) -> [u8; TASK_TAG_LEN] {
+        let mut tag = [0u8; TASK_TAG_LEN];
+        tag.copy_from_slice(&hmac::sign(&self.task, data).as_ref()[..TASK_TAG_LEN]);
+        tag
     }
 
     fn key(&self, purpose: Purpose) -> &RandomizedNonceKey {
@@ -252,6 +271,20 @@ impl FleetKeys {
         out.extend_from_slice(nonce.as_ref());
         out.extend_from_slice(&sealed);
         URL_SAFE_NO_PAD.encode(out)
+    }
+
+    /// A tag for `data` (a task id and whose it is: see `session::tasks`), with the current
+    /// secret: the same data always gets the same tag, on every relay of the fleet.
+    pub fn tag(&self, data: &[u8]) -> [u8; TASK_TAG_LEN] {
+        self.current.tag(data)
+    }
+
+    /// Whether `tag` is what this fleet tags `data` with (the current secret, or one still
+    /// accepted during a rotation); compared in constant time.
+    pub fn verify_tag(&self, data: &[u8], tag: &[u8]) -> bool {
+        std::iter::once(&self.current)
+            .chain(&self.accepted)
+            .any(|secret| constant_time::verify_slices_are_equal(&secret.tag(data), tag).is_ok())
     }
 
     /// Opens a sealed `text` of `purpose`; `None` for anything this fleet did not seal (or
@@ -372,6 +405,25 @@ mod tests {
         assert_ne!(
             keys.seal(Purpose::Session, b"x"),
             keys.seal(Purpose::Session, b"x")
+        );
+    }
+
+    #[test]
+    fn a_task_tag_is_the_fleets_and_survives_a_rotation() {
+        let old = b"0123456789abcdef0123456789abcdef";
+        let new = b"fedcba9876543210fedcba9876543210";
+        let one = FleetKeys::from_secrets(old, &[]);
+        let other = FleetKeys::from_secrets(old, &[]);
+        assert_eq!(one.tag(b"t"), other.tag(b"t"), "every relay tags alike");
+        assert_ne!(one.tag(b"t"), one.tag(b"u"));
+        let rotated = FleetKeys::from_secrets(new, &[old]);
+        assert!(rotated.verify_tag(b"t", &one.tag(b"t")));
+        assert!(rotated.verify_tag(b"t", &rotated.tag(b"t")));
+        assert!(!rotated.verify_tag(b"u", &one.tag(b"t")));
+        assert!(!FleetKeys::standalone().verify_tag(b"t", &one.tag(b"t")));
+        assert!(
+            !one.verify_tag(b"t", &one.tag(b"t")[..8]),
+            "a shortened tag"
         );
     }
 

@@ -279,6 +279,7 @@ impl Relay {
             sse_keep_alive: settings.sse_keep_alive,
             fleet: settings.fleet.keys.clone(),
             spent_states: Default::default(),
+            task_owners: Default::default(),
             starting: state::Startup::new(settings.fleet.startup_window),
             unready: CancellationToken::new(),
             shutdown: CancellationToken::new(),

@@ -10,10 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::calls::{Activity, Calls};
 use super::governance::Governance;
+use super::session::tasks::{TaskBinding, TaskOwners};
 use super::session::{SessionCaps, Sessions, Transport};
 use super::tunnel::Registry;
 use super::tunnel::accept::TunnelHost;
 use crate::config::LimitsSection;
+use crate::govern::Identity;
 use crate::govern::identity::TunnelGrant;
 
 /// What every handler shares.
@@ -48,6 +50,8 @@ pub struct RelayState {
     pub fleet: Arc<super::fleet::FleetKeys>,
     /// The `requestState`s retried here, each good once (see [`super::session::input`]).
     pub(crate) spent_states: super::session::input::SpentStates,
+    /// The tasks created through this relay, for `tasks/list` (see [`super::session::tasks`]).
+    pub(crate) task_owners: Arc<TaskOwners>,
     /// Whether the relay is still starting (a relay of a fleet, until a tunnel registers or
     /// its startup window ends): `/healthz` answers `503 starting`, and an agent request for a
     /// source no tunnel reaches here gets `503` with `Retry-After` rather than `404`.
@@ -194,6 +198,11 @@ impl RelayState {
 }
 
 impl RelayState {
+    /// `who`'s task ids at `source` (see [`super::session::tasks`]).
+    pub(crate) fn task_binding(&self, who: &Identity, source: &str) -> TaskBinding {
+        TaskBinding::new(&self.fleet, &self.task_owners, who, source)
+    }
+
     /// Ends the sessions that are idle past `session_idle_secs`, whose tunnel stream ended, or
     /// (HTTP+SSE) whose agent did not initialize within `request_timeout_secs`; returns how
     /// many. The relay does this every 30 s.

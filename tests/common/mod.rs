@@ -63,6 +63,8 @@ pub fn init_tracing() {
 pub struct TenantCreds {
     pub name: String,
     pub api_key: String,
+    /// A second API key of the tenant, of another subject (`second@TENANT`) with the same roles.
+    pub second_key: String,
     pub tunnel_token: String,
 }
 
@@ -71,13 +73,14 @@ impl TenantCreds {
         Self {
             name: name.into(),
             api_key: new_secret("mcpt_key_"),
+            second_key: new_secret("mcpt_key_"),
             tunnel_token: new_secret("mcpt_tok_"),
         }
     }
 }
 
-/// The keyring of `tenants`: each one's tunnel token and API key (of subject
-/// `agent@TENANT`), the API key of `acme` holding `acme_roles`.
+/// The keyring of `tenants`: each one's tunnel token and API keys (of subjects `agent@TENANT`
+/// and `second@TENANT`), the API keys of `acme` holding `acme_roles`.
 fn keyring(acme: &TenantCreds, tenants: [&TenantCreds; 3], acme_roles: &[String]) -> Keyring {
     let mut keyring = Keyring::default();
     for tenant in tenants {
@@ -85,18 +88,21 @@ fn keyring(acme: &TenantCreds, tenants: [&TenantCreds; 3], acme_roles: &[String]
             SecretHash::of(&tenant.tunnel_token),
             tenant.name.as_str().into(),
         );
-        keyring.add_api_key(
-            SecretHash::of(&tenant.api_key),
-            Identity {
-                tenant: tenant.name.as_str().into(),
-                subject: format!("agent@{}", tenant.name).into(),
-                roles: if tenant.name == acme.name {
-                    acme_roles.to_vec().into()
-                } else {
-                    Vec::new().into()
+        let roles: Vec<String> = if tenant.name == acme.name {
+            acme_roles.to_vec()
+        } else {
+            Vec::new()
+        };
+        for (key, subject) in [(&tenant.api_key, "agent"), (&tenant.second_key, "second")] {
+            keyring.add_api_key(
+                SecretHash::of(key),
+                Identity {
+                    tenant: tenant.name.as_str().into(),
+                    subject: format!("{subject}@{}", tenant.name).into(),
+                    roles: roles.clone().into(),
                 },
-            },
-        );
+            );
+        }
     }
     keyring
 }

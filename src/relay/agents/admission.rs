@@ -21,10 +21,12 @@ use crate::govern::policy::{Decision, Kind};
 use crate::mcp::jsonrpc::{
     Classified, ClassifyError, MessageInfo, MessageKind, classify_capped, codes, error_body,
 };
+use crate::mcp::tasks::UnknownTask;
 use crate::relay::calls::InFlight;
 use crate::relay::calls::filter::{ListFilter, is_list_method};
 use crate::relay::governance::Governance;
 use crate::relay::session::Session;
+use crate::relay::session::tasks::TaskBinding;
 use crate::relay::state::RelayState;
 use crate::relay::tunnel::{Budget, Channel, ChannelLimits};
 use crate::wire::{Era, OpenHeader, SessionHandle};
@@ -279,11 +281,30 @@ pub(super) async fn admit_read(
         &classified,
         &authorization.decisions,
     );
+    // The task ids the agent names (all its own: checked above) go on as the upstream's.
+    let (body, classified) = match authorization.refusal {
+        None => unbind_tasks(state.task_binding(who, source), body, classified),
+        Some(_) => (body, classified),
+    };
     Admitted {
         body,
         classified,
         calls,
         refusal: authorization.refusal,
+    }
+}
+
+/// `body` with the task ids it names replaced by the upstream's own, classified again when
+/// any was (rare: a tasks method, a task subscription).
+fn unbind_tasks(tasks: TaskBinding, body: Bytes, classified: Classified) -> (Bytes, Classified) {
+    let Ok(Some(unbound)) = crate::mcp::tasks::unbind_request(&body, &tasks) else {
+        return (body, classified);
+    };
+    let unbound = Bytes::from(unbound);
+    match crate::mcp::classify(&unbound) {
+        Ok(reclassified) => (unbound, reclassified),
+        // Re-encoding valid JSON yields valid JSON; should it not, the body goes on as it came.
+        Err(_) => (body, classified),
     }
 }
 
@@ -346,8 +367,9 @@ pub(super) async fn authorize(
                 .evaluates_conditions(who, kind, source, name)
         })
     });
+    let tasks = state.task_binding(who, source);
     if !evaluates {
-        return decide(&governance, who, source, body, classified);
+        return decide(&governance, who, source, body, classified, &tasks);
     }
     let (who_owned, source_owned, body_owned, classified_owned) = (
         who.clone(),
@@ -362,6 +384,7 @@ pub(super) async fn authorize(
             &source_owned,
             &body_owned,
             &classified_owned,
+            &tasks,
         )
     });
     // Evaluation is finite (CEL has no unbounded loops, the body and batch are bounded), but
@@ -439,6 +462,9 @@ const NULL_ID_RULE: &str = "a request id must not be null";
 /// The rule named in the audit record of a list request in a batch.
 const BATCHED_LIST_RULE: &str = "a list request cannot be filtered inside a batch";
 
+/// The rule named in the audit record of a request naming a task that is not the caller's.
+const OTHERS_TASK_RULE: &str = "a task id must be one the caller was given";
+
 /// [`authorize`]'s checks, on the calling thread.
 fn decide(
     governance: &Governance,
@@ -446,6 +472,7 @@ fn decide(
     source: &str,
     body: &[u8],
     classified: &Classified,
+    tasks: &TaskBinding,
 ) -> Authorization {
     let mut authorization = Authorization::default();
     let is_batch = matches!(classified, Classified::Batch(_));
@@ -470,6 +497,13 @@ fn decide(
                     "Invalid Request: {} cannot be sent in a batch; send it alone",
                     message.method.as_deref().unwrap_or_default()
                 ),
+            ))
+        } else if let Err(unknown) = names_own_tasks(message, body, tasks) {
+            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, method = message.method.as_deref(), "a task id that is not the caller's refused");
+            Some(refused(
+                OTHERS_TASK_RULE,
+                codes::INVALID_PARAMS,
+                unknown.to_string(),
             ))
         } else {
             None
@@ -512,6 +546,25 @@ fn decide(
         authorization.decisions.push(decision);
     }
     authorization
+}
+
+/// Whether the request `message` names only task ids the caller was given (see
+/// [`crate::mcp::tasks`]); other messages name none.
+fn names_own_tasks(
+    message: &MessageInfo,
+    body: &[u8],
+    tasks: &TaskBinding,
+) -> Result<(), UnknownTask> {
+    match (
+        message.kind,
+        message.method.as_deref(),
+        message.payload(body),
+    ) {
+        (MessageKind::Request, Some(method), Some(params)) => {
+            crate::mcp::tasks::check_request(method, params, tasks)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The open header of a new exchange stream. In the stateless era the agent's MCP routing

@@ -22,6 +22,7 @@ use crate::mcp::sse;
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::calls::{Context, InFlight};
 use crate::relay::session::input::InputSeal;
+use crate::relay::session::tasks::TaskBinding;
 use crate::relay::session::{
     Arrived, Awaiting, Ending, EventIds, EventLog, ListenGuard, LogReader, Opening, Piece, Session,
     Start, Transport, pipe, produce, requests,
@@ -72,6 +73,8 @@ pub(super) struct Target<'a> {
     pub listen: Option<ListenGuard>,
     /// Seals the state of an `input_required` answer (a stateless call).
     pub seal: Option<InputSeal>,
+    /// The caller's task ids at the source.
+    pub tasks: TaskBinding,
 }
 
 /// Sends the body down `channel` and answers the agent: 202 for notifications and responses,
@@ -113,6 +116,7 @@ pub(super) async fn forward(
         calls,
     )
     .filtered_by(target.filter)
+    .binding_tasks(target.tasks)
     .sealed_by(target.seal)
     .holding(target.listen)
     .cancellable(target.session);
@@ -162,6 +166,7 @@ pub(super) async fn forward_to_stream(
         calls,
     )
     .filtered_by(filter)
+    .binding_tasks(session.tasks().clone())
     .tracked_by(Some(session))
     .cancellable(Some(session));
     match session.channel.request(body).await {

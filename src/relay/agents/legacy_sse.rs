@@ -77,6 +77,7 @@ async fn open_stream(
         (channel, new_stream_base()),
         Transport::LegacySse,
         &state.calls,
+        state.task_binding(&who, &source),
     ));
     if let Err(cap) = state
         .sessions

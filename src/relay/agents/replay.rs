@@ -96,6 +96,7 @@ pub(super) async fn resume_answer(
         calls,
     )
     .filtered_by(filter)
+    .binding_tasks(session.tasks().clone())
     .tracked_by(Some(session))
     .cancellable(Some(session));
     tokio::spawn(produce(

@@ -152,6 +152,7 @@ pub(super) async fn resume(
         (channel, base),
         Transport::Streamable,
         &state.calls,
+        state.task_binding(who, source),
     ));
     session.know_version(claims.version);
     tracing::info!(tenant = %who.tenant, subject = %who.subject, source, session = %session.id, "session resumed");

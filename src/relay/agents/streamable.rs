@@ -105,6 +105,7 @@ async fn post_inner(
             calls,
             listen: None,
             seal: None,
+            tasks: session.tasks().clone(),
         };
         return Ok(forward(&state, &session.channel, body, &classified, target).await);
     }
@@ -195,6 +196,7 @@ async fn initialize(
         (channel.clone(), base),
         Transport::Streamable,
         &state.calls,
+        state.task_binding(who, source),
     ));
     let target = Target {
         source,
@@ -204,6 +206,7 @@ async fn initialize(
         calls,
         listen: None,
         seal: None,
+        tasks: session.tasks().clone(),
     };
     let mut response = forward(state, &channel, body, classified, target).await;
     let answer = response.extensions().get::<JsonAnswer>();
@@ -304,6 +307,7 @@ async fn stateless(
         calls,
         listen,
         seal,
+        tasks: state.task_binding(who, source),
     };
     Ok(forward(state, &channel, body, classified, target).await)
 }

@@ -16,11 +16,12 @@ use super::events::{EventLog, Piece};
 use super::input::InputSeal;
 use super::sessions::{CancelGuard, Session};
 use super::store::ListenGuard;
+use super::tasks::TaskBinding;
 use crate::govern::audit::Outcome;
 use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
 };
-use crate::mcp::{ResponseScanner, classify};
+use crate::mcp::{ResponseScanner, classify, tasks};
 use crate::relay::calls::InFlight;
 use crate::relay::calls::filter::ListFilter;
 use crate::relay::tunnel::{Channel, ChannelError, Event, Exchange};
@@ -55,6 +56,8 @@ pub(crate) struct Awaiting {
     filter: Option<Arc<ListFilter>>,
     /// Seals the state of an `input_required` answer (a stateless call).
     seal: Option<Arc<InputSeal>>,
+    /// Binds the task ids of the answer to the caller.
+    tasks: Option<Arc<TaskBinding>>,
     /// The calls awaiting their answers.
     calls: InFlight,
     /// The session whose server requests ride this answer stream, to be tracked.
@@ -95,6 +98,10 @@ impl Awaiting {
             Some(filter) => filter.apply(message),
             None => message,
         };
+        let message = match &self.tasks {
+            Some(tasks) => tasks.apply(message),
+            None => message,
+        };
         let Some(seal) = &self.seal else {
             return message;
         };
@@ -131,6 +138,7 @@ impl Awaiting {
             learner: None,
             filter: None,
             seal: None,
+            tasks: None,
             calls,
             tracker: None,
             _listen: None,
@@ -142,6 +150,12 @@ impl Awaiting {
     /// Filters a list answer as policy says.
     pub(crate) fn filtered_by(mut self, filter: Option<ListFilter>) -> Self {
         self.filter = filter.map(Arc::new);
+        self
+    }
+
+    /// Binds the task ids of the answer to the caller `tasks` names.
+    pub(crate) fn binding_tasks(mut self, tasks: TaskBinding) -> Self {
+        self.tasks = Some(Arc::new(tasks));
         self
     }
 
@@ -236,9 +250,12 @@ impl Awaiting {
         // itself in its first piece too).
         let sealing =
             self.seal.is_some() && memchr::memmem::find(first, b"input_required").is_some();
+        // Task ids are bound whole too (they sit in small messages: a creation, a status).
+        let binding = self.tasks.is_some() && tasks::mentions_tasks(first);
         self.pipelined
             && self.filter.is_none()
             && !sealing
+            && !binding
             && !self.calls.keeps_results()
             && scanner.is_object()
     }

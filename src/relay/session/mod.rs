@@ -9,6 +9,7 @@ pub(crate) mod input;
 pub(crate) mod sealed;
 pub(crate) mod sessions;
 pub(crate) mod store;
+pub(crate) mod tasks;
 
 pub use events::parse_event_id;
 pub(super) use events::{EventLog, LogReader, Piece, Start};

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::events::EventLog;
 use super::exchange::EventIds;
 use super::sealed::{AnswerIds, EventClaims, SessionClaims};
+use super::tasks::TaskBinding;
 use crate::govern::Identity;
 use crate::govern::audit::Direction;
 use crate::mcp::classify;
@@ -90,6 +91,8 @@ pub struct Session {
     server_requests: Arc<ServerRequests>,
     /// The agent's requests in flight, by id key: cancelled when the agent cancels them.
     cancels: Arc<Mutex<Cancels>>,
+    /// The caller's task ids at the source.
+    tasks: TaskBinding,
 }
 
 /// The cancellation tokens of a session's requests in flight, by id key.
@@ -199,13 +202,14 @@ impl Session {
     /// `channel`, whose stream base is `first` (from [`new_stream_base`], as the channel's open
     /// header named it). Starts moving the channel's server-initiated messages into the
     /// standalone stream's log.
-    pub fn new(
+    pub(crate) fn new(
         id: String,
         who: &Identity,
         source: &str,
         (channel, first): (Arc<Channel>, u64),
         transport: Transport,
         calls: &Arc<Calls>,
+        tasks: TaskBinding,
     ) -> Self {
         let budget = channel.budget().clone();
         let standalone = Arc::new(EventLog::with_budget(first, Some(budget.clone())));
@@ -225,10 +229,12 @@ impl Session {
         if let Some(mut queue) = channel.unsolicited() {
             let log = standalone.clone();
             let requests = server_requests.clone();
+            let tasks = tasks.clone();
             tokio::spawn(async move {
                 while let Some((number, message)) = queue.recv().await {
                     // Charged while queued (see `Channel::unsolicited`); the log charges it now.
                     budget.release(message.len());
+                    let message = tasks.apply(message);
                     if let Ok(classified) = classify(&message) {
                         requests.track(&message, &classified);
                     }
@@ -255,6 +261,7 @@ impl Session {
             version,
             server_requests,
             cancels: Arc::default(),
+            tasks,
         }
     }
 
@@ -405,6 +412,11 @@ impl Session {
             Some(version) if version.as_str() >= PRIMED_STREAMS_SINCE => EventIds::Primed,
             _ => EventIds::Resumable,
         }
+    }
+
+    /// The caller's task ids at the source.
+    pub(crate) fn tasks(&self) -> &TaskBinding {
+        &self.tasks
     }
 
     /// The standalone stream's log.
