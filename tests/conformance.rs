@@ -574,3 +574,177 @@ async fn relay_keeps_conformance_of_server_everything() {
     differential("everything", &url, &exceptions).await;
     upstream.stop().await;
 }
+
+/// The suite's client scenarios that a client behind the tunnel takes part in (the `auth/*`
+/// ones test a client's own OAuth flow against the server, which the relay's API keys replace).
+/// In each the scenario's server watches the client it is given: through the tunnel that is
+/// `connect`, speaking for the agent.
+const CLIENT_SCENARIOS: &[&str] = &[
+    "initialize",
+    "tools_call",
+    "elicitation-sep1034-client-defaults",
+    "sse-retry",
+];
+
+/// Runs the client `scenario` with `tests/peers/conformance_client.py MODE` as the client
+/// (through the relay when `via` is given, see the script) and reads its `checks.json`.
+async fn run_client_scenario(
+    scenario: &str,
+    mode: &str,
+    via: Option<&str>,
+) -> (Option<Vec<Check>>, String) {
+    let results = tempfile::tempdir().expect("a results directory");
+    let client = format!(
+        "{} {} {mode}",
+        common::peers::python().display(),
+        peer_file("conformance_client.py").display()
+    );
+    let mut command = Command::new(node22());
+    command
+        .arg(conformance_cli())
+        .args([
+            "client",
+            "--command",
+            &client,
+            "--scenario",
+            scenario,
+            "--output-dir",
+        ])
+        .arg(results.path())
+        .env("NO_COLOR", "1")
+        .env_remove("MCPT_VIA");
+    if let Some(via) = via {
+        command.env("MCPT_VIA", via);
+    }
+    let mut child = common::spawn(&mut command);
+    let mut stdout = child.0.stdout.take().expect("stdout is piped");
+    let mut stderr = child.0.stderr.take().expect("stderr is piped");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let finished = tokio::time::timeout(SUITE_WAIT, async {
+        let _ = tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+        child.0.wait().await
+    })
+    .await;
+    if finished.is_err() {
+        let _ = child.0.start_kill();
+        let _ = tokio::time::timeout(common::WAIT, child.0.wait()).await;
+    }
+    let mut output = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    );
+    let mut checks = None;
+    for entry in std::fs::read_dir(results.path()).expect("read the results directory") {
+        let entry = entry.expect("a results entry");
+        for log in ["stdout.txt", "stderr.txt"] {
+            if let Ok(text) = std::fs::read_to_string(entry.path().join(log)) {
+                let _ = write!(output, "\n--- client {log}:\n{text}");
+            }
+        }
+        if let Ok(text) = std::fs::read_to_string(entry.path().join("checks.json")) {
+            let parsed: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
+            checks = Some(
+                parsed
+                    .into_iter()
+                    .map(|c| Check {
+                        id: c["id"].as_str().unwrap_or_default().to_owned(),
+                        status: c["status"].as_str().unwrap_or_default().to_owned(),
+                        error: c["errorMessage"].as_str().map(str::to_owned),
+                        details: c["details"].clone(),
+                    })
+                    .collect(),
+            );
+        }
+    }
+    (checks, output)
+}
+
+/// The verdict of a client scenario's checks: its SUCCESS, FAILURE and WARNING checks in order.
+fn client_verdict(checks: &Option<Vec<Check>>) -> Option<Vec<(String, String)>> {
+    Some(
+        checks
+            .as_ref()?
+            .iter()
+            .filter(|c| c.status != "INFO")
+            .map(|c| (c.id.clone(), c.status.clone()))
+            .collect(),
+    )
+}
+
+/// The suite's client scenarios, with the Python SDK as the client: directly in the session
+/// era (the scenario servers' own), and through relay and `connect` both in the session era
+/// and in 2026-07-28, which `connect` bridges to the session-era server. Every run must score
+/// what the direct one scores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_scenarios_score_the_same_through_the_tunnel_and_the_bridge() {
+    let harness = common::Harness::start(common::Options::default()).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &harness.ca_pem).expect("write the CA");
+    let via = serde_json::json!({
+        "bin": env!("CARGO_BIN_EXE_mcp-tunnel"),
+        "relay": harness.tunnel.to_string(),
+        "token": harness.acme.tunnel_token,
+        "ca": ca,
+        "admin": format!("http://{}", harness.admin),
+        "agents": format!("http://{}", harness.agents),
+        "key": harness.acme.api_key,
+    })
+    .to_string();
+    let mut problems = Vec::new();
+    let mut table = format!(
+        "{:<40} {:<12} {:<12} {:<12}\n",
+        "scenario", "direct", "tunnel", "bridged"
+    );
+    for scenario in CLIENT_SCENARIOS {
+        let (direct, direct_output) = run_client_scenario(scenario, "legacy", None).await;
+        let (tunnel, tunnel_output) = run_client_scenario(scenario, "legacy", Some(&via)).await;
+        let (bridged, bridged_output) =
+            run_client_scenario(scenario, "2026-07-28", Some(&via)).await;
+        let cell = |checks: &Option<Vec<Check>>| match client_verdict(checks) {
+            None => "NO RESULT".to_owned(),
+            Some(v) if v.iter().all(|(_, s)| s == "SUCCESS") => format!("pass ({})", v.len()),
+            Some(v) => v
+                .iter()
+                .filter(|(_, s)| s != "SUCCESS")
+                .map(|(id, s)| format!("{s}:{id}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+        let _ = writeln!(
+            table,
+            "{scenario:<40} {:<12} {:<12} {:<12}",
+            cell(&direct),
+            cell(&tunnel),
+            cell(&bridged)
+        );
+        let expected = client_verdict(&direct);
+        if expected.as_ref().is_none_or(|v| v.is_empty()) {
+            problems.push(format!("{scenario}: no direct result\n{direct_output}"));
+            continue;
+        }
+        for (what, checks, output) in [
+            ("through the tunnel", &tunnel, &tunnel_output),
+            ("bridged from 2026-07-28", &bridged, &bridged_output),
+        ] {
+            if client_verdict(checks) != expected {
+                let failing: Vec<String> = checks
+                    .iter()
+                    .flatten()
+                    .filter(|c| c.status != "SUCCESS" && c.status != "INFO")
+                    .map(|c| format!("{} {}: {:?} {}", c.id, c.status, c.error, c.details))
+                    .collect();
+                problems.push(format!(
+                    "{scenario} {what}: {} where directly {}\n  {}\n{output}",
+                    cell(checks),
+                    cell(&direct),
+                    failing.join("\n  ")
+                ));
+            }
+        }
+    }
+    println!("{table}");
+    harness.stop().await;
+    assert!(problems.is_empty(), "{table}\n{}", problems.join("\n\n"));
+}

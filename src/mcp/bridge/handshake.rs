@@ -89,11 +89,11 @@ fn client_info() -> serde_json::Value {
     serde_json::json!({"name": "mcp-tunnel", "version": env!("CARGO_PKG_VERSION")})
 }
 
-/// Whether an answer to `server/discover` shows an upstream that speaks 2026-07-28: a result,
-/// unless its `supportedVersions` lists session-era versions only. An error, or an answer
-/// that is not JSON-RPC (an HTTP-level refusal), means it does not. A result without a list is
-/// taken at its word: bridging a server that answered discover would only add a handshake it
-/// may refuse.
+/// Whether an answer to `server/discover` shows an upstream that speaks 2026-07-28: a result
+/// whose `supportedVersions` (required by 2026-07-28) names a version of that era. An error,
+/// an answer that is not JSON-RPC (an HTTP-level refusal), or a result without the list (a
+/// session-era server that answers any method it does not know with an empty result) means it
+/// does not.
 pub fn speaks_stateless(discover_answer: &[u8]) -> bool {
     #[derive(Deserialize)]
     struct Answer {
@@ -107,12 +107,8 @@ pub fn speaks_stateless(discover_answer: &[u8]) -> bool {
     serde_json::from_slice::<Answer>(discover_answer).is_ok_and(|answer| {
         answer
             .result
-            .is_some_and(|result| match result.supported_versions {
-                Some(versions) if !versions.is_empty() => {
-                    versions.iter().any(|v| era_of(v) == Era::Stateless)
-                }
-                _ => true,
-            })
+            .and_then(|result| result.supported_versions)
+            .is_some_and(|versions| versions.iter().any(|v| era_of(v) == Era::Stateless))
     })
 }
 
@@ -288,8 +284,8 @@ mod tests {
         ));
         assert!(!speaks_stateless(b"Bad Request"));
         assert!(
-            speaks_stateless(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
-            "a result without a list is taken at its word"
+            !speaks_stateless(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#),
+            "a session-era server answering every unknown method with an empty result"
         );
     }
 

@@ -15,6 +15,7 @@ use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 
 use super::HttpSource;
 use super::answer::{EventBody, SseEnd, answered, id_key};
@@ -39,6 +40,11 @@ const GET_STREAM_ATTEMPTS: u32 = 3;
 
 /// Pause between GET stream attempts.
 const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
+
+/// How long the requests after `notifications/initialized` wait for the upstream to answer the
+/// GET stream: a loopback or LAN upstream answers in milliseconds; one that does not answer
+/// within this costs the session's first request no more.
+const GET_STREAM_OPENING: Duration = Duration::from_secs(2);
 
 /// The least time requests in flight on a stream that ended run on, for their answers to be
 /// replayed (see [`StreamContext::run`]).
@@ -248,16 +254,25 @@ impl StreamContext {
                 // In order: the session id must exist before the next message, and
                 // notifications must reach the upstream before requests sent after them.
                 // Requests already in flight keep going meanwhile.
-                let ordered = self.exchange(frame.exchange, frame.payload, classified);
+                let ordered = async {
+                    self.exchange(frame.exchange, frame.payload, classified)
+                        .await;
+                    // The upstream's GET stream opens before the next request goes: a server
+                    // may send what it has for the agent on it at once (a request in mid-call
+                    // made without naming the call), and drop it while no GET stream is open.
+                    if is_initialized
+                        && self.header.era == Era::Session
+                        && let Some(answered) = self.session.start_get_stream()
+                    {
+                        let _ = tokio::time::timeout(GET_STREAM_OPENING, answered).await;
+                    }
+                };
                 tokio::pin!(ordered);
                 loop {
                     tokio::select! {
                         () = &mut ordered => break,
                         Some(()) = requests.next(), if !requests.is_empty() => {}
                     }
-                }
-                if is_initialized && self.header.era == Era::Session {
-                    self.session.start_get_stream();
                 }
             } else {
                 let context = self.clone();
@@ -725,7 +740,11 @@ impl StreamContext {
     }
 
     /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
-    pub(super) async fn standalone_stream(self: Arc<Self>) {
+    /// `answered` hears when the first attempt got its answer (or failed).
+    pub(super) async fn standalone_stream(
+        self: Arc<Self>,
+        mut answered: Option<oneshot::Sender<()>>,
+    ) {
         let mut failures = 0;
         while failures < GET_STREAM_ATTEMPTS {
             let opened = match self.session.declared() {
@@ -735,6 +754,9 @@ impl StreamContext {
                     .await
                     .map_err(|e| error_chain(&e)),
             };
+            if let Some(answered) = answered.take() {
+                let _ = answered.send(());
+            }
             match opened {
                 Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
                 Ok(response) if response.status().is_success() && is_event_stream(&response) => {

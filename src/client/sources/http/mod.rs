@@ -215,7 +215,7 @@ impl HttpSource {
             context
                 .send(Frame::json(FrameKind::Resumable, &session.resumable()))
                 .await;
-            session.start_get_stream();
+            let _ = session.start_get_stream();
         }
         let _ = context.clone().run(None, &mut inbound).await;
         match &session.handle {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::HeaderValue;
 use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use super::context::StreamContext;
 use crate::client::sources::outlet::Outlet;
@@ -150,15 +151,18 @@ impl HttpSession {
     }
 
     /// Starts the upstream's standalone GET stream, once, when the upstream gave the session
-    /// an id.
-    pub(super) fn start_get_stream(&self) {
+    /// an id. The receiver hears when the upstream answered the GET (or it failed): an upstream
+    /// may drop what it sends while no GET stream is open, so requests wait for it (see
+    /// `StreamContext::run`).
+    pub(super) fn start_get_stream(&self) -> Option<oneshot::Receiver<()>> {
         let mut get_stream = self.get_stream.lock();
         if get_stream.is_some() || (self.id().is_none() && self.declared().is_none()) {
-            return;
+            return None;
         }
-        if let Some(tasks) = self.tasks.lock().clone() {
-            *get_stream = Some(tokio::spawn(tasks.standalone_stream()));
-        }
+        let tasks = self.tasks.lock().clone()?;
+        let (opened, answered) = oneshot::channel();
+        *get_stream = Some(tokio::spawn(tasks.standalone_stream(Some(opened))));
+        Some(answered)
     }
 
     /// The upstream forgot the session (it answered 404): nothing may resume it.
