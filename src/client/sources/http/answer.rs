@@ -233,7 +233,16 @@ impl StreamContext {
                     return Ok(BodyEnd::Answered);
                 }
             }
-            let Some(chunk) = body.body.next().await else {
+            // A bridged call also takes what its session's upstream asks on the GET stream.
+            let next = if event.intercepts && event.sent == 0 && event.head.is_empty() {
+                tokio::select! {
+                    chunk = body.body.next() => chunk,
+                    request = self.session.next_ask() => return Ok(BodyEnd::Asked(request)),
+                }
+            } else {
+                body.body.next().await
+            };
+            let Some(chunk) = next else {
                 return Ok(ended(&event, None));
             };
             let chunk = match chunk {

@@ -310,6 +310,7 @@ impl HttpSource {
             };
             // This stream's assertion is the one its requests carry.
             *session.assertion.lock() = header.assertion.clone();
+            session.take_asks();
             if self.sweeping.set(()).is_ok() {
                 tokio::spawn(super::sweep(Arc::downgrade(self)));
             }
@@ -331,6 +332,16 @@ impl StreamContext {
     /// upstream expired it). Bounded by [`HANDSHAKE_TIMEOUT`].
     pub(super) async fn handshake(&self) -> Result<(), UpstreamError> {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.try_handshake()).await {
+            Ok(Ok(())) => {
+                // The upstream's GET stream, open before the call goes: what the upstream asks
+                // on it belongs to the call (see `HttpSession::push_ask`).
+                self.session.set_tasks(|| Arc::new(self.for_session()));
+                if let Some(answered) = self.session.start_get_stream() {
+                    let _ =
+                        tokio::time::timeout(super::context::GET_STREAM_OPENING, answered).await;
+                }
+                Ok(())
+            }
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Broken {
                 source_name: self.name().to_owned(),

@@ -44,7 +44,7 @@ const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
 /// How long the requests after `notifications/initialized` wait for the upstream to answer the
 /// GET stream: a loopback or LAN upstream answers in milliseconds; one that does not answer
 /// within this costs the session's first request no more.
-const GET_STREAM_OPENING: Duration = Duration::from_secs(2);
+pub(super) const GET_STREAM_OPENING: Duration = Duration::from_secs(2);
 
 /// The least time requests in flight on a stream that ended run on, for their answers to be
 /// replayed (see [`StreamContext::run`]).
@@ -326,6 +326,17 @@ impl StreamContext {
     /// Sends a frame toward the relay: an exchange's on this stream, a server-initiated
     /// message on the stream the session's agent listens on.
     pub(super) async fn send(&self, frame: Frame) {
+        if self.bridged && frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
+            // A bridged session's GET stream: a request belongs to the call that has the
+            // session; anything else has no agent to go to (a stateless agent has no stream
+            // of its own to the upstream).
+            let is_request = matches!(classify(&frame.payload), Ok(Classified::Single(m)) if m.kind == MessageKind::Request);
+            if !(is_request && self.session.push_ask(frame.payload)) {
+                metrics::counter!(crate::metrics::DROPPED_MESSAGES).increment(1);
+                tracing::debug!(source = %self.name(), request = is_request, "a message on a bridged session's GET stream dropped: no call takes it");
+            }
+            return;
+        }
         if frame.exchange == UNSOLICITED && frame.kind == FrameKind::Message {
             if self.session.declared().is_some() {
                 // A `subscriptions/listen` stream carries the upstream's acknowledgement and, at

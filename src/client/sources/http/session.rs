@@ -65,7 +65,25 @@ pub(super) struct HttpSession {
     pub(super) cancels: Mutex<HashMap<String, tokio_util::sync::CancellationToken>>,
     get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
     gone: std::sync::atomic::AtomicBool,
+    /// A bridged session's requests from its upstream's GET stream (see [`Asks`]); `None`
+    /// for every other session.
+    asks: Mutex<Option<Arc<Asks>>>,
 }
+
+/// Requests a bridged session's upstream sent its client on the GET stream: a request made in
+/// mid-call without naming the call it belongs to (the TypeScript SDK's `server.request()`
+/// from a tool handler is one). A bridged session carries one call at a time (see
+/// [`super::pool`]), so they belong to that call, which takes them as if they had come on its
+/// own answer stream ([`HttpSession::next_ask`]).
+#[derive(Default)]
+struct Asks {
+    queue: Mutex<std::collections::VecDeque<bytes::Bytes>>,
+    arrived: tokio::sync::Notify,
+}
+
+/// Requests held for a bridged session's call, at most: the upstream waits for each answer,
+/// so more than a few at once is no server's call flow; past it they are dropped.
+const MAX_ASKS: usize = 4;
 
 impl HttpSession {
     /// A session under `handle` (if held), known to the upstream as `upstream`, whose kept
@@ -90,6 +108,7 @@ impl HttpSession {
             cancels: Mutex::default(),
             get_stream: Mutex::default(),
             gone: Default::default(),
+            asks: Mutex::default(),
         }
     }
 
@@ -156,7 +175,9 @@ impl HttpSession {
     /// `StreamContext::run`).
     pub(super) fn start_get_stream(&self) -> Option<oneshot::Receiver<()>> {
         let mut get_stream = self.get_stream.lock();
-        if get_stream.is_some() || (self.id().is_none() && self.declared().is_none()) {
+        // One at a time; a bridged session opened anew upstream starts another.
+        let running = get_stream.as_ref().is_some_and(|task| !task.is_finished());
+        if running || (self.id().is_none() && self.declared().is_none()) {
             return None;
         }
         let tasks = self.tasks.lock().clone()?;
@@ -178,6 +199,48 @@ impl HttpSession {
     /// Whether the upstream forgot the session.
     pub(super) fn is_gone(&self) -> bool {
         self.gone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes the upstream's requests from its GET stream for the call that has this bridged
+    /// session; forgets any left from a call before.
+    pub(super) fn take_asks(&self) {
+        let mut asks = self.asks.lock();
+        match &*asks {
+            Some(asks) => asks.queue.lock().clear(),
+            None => *asks = Some(Arc::default()),
+        }
+    }
+
+    /// Holds a request the upstream sent on the GET stream of a bridged session for its call;
+    /// `false` when none takes them, or too many wait.
+    pub(super) fn push_ask(&self, request: bytes::Bytes) -> bool {
+        let Some(asks) = self.asks.lock().clone() else {
+            return false;
+        };
+        let mut queue = asks.queue.lock();
+        if queue.len() >= MAX_ASKS {
+            return false;
+        }
+        queue.push_back(request);
+        asks.arrived.notify_one();
+        true
+    }
+
+    /// The next request the upstream sent on a bridged session's GET stream; never, for any
+    /// other session.
+    pub(super) async fn next_ask(&self) -> bytes::Bytes {
+        let Some(asks) = self.asks.lock().clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let arrived = asks.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(request) = asks.queue.lock().pop_front() {
+                return request;
+            }
+            arrived.await;
+        }
     }
 
     /// Ends the session: stops its GET stream and DELETEs it upstream (through `context`, or
