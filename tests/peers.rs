@@ -963,6 +963,73 @@ async fn a_caller_keeps_at_most_8_bridged_calls_waiting_for_input() {
     everything.stop().await;
 }
 
+/// The text of a tool result, or the error's message.
+fn call_text(answer: &common::Answer) -> String {
+    let response = answer.response();
+    match response["result"]["content"][0]["text"].as_str() {
+        Some(text) => text.to_owned(),
+        None => format!("error: {}", answer.error_message()),
+    }
+}
+
+/// `routed-echo` marks its `region` with `x-mcp-header`: the Python SDK's 2026-07-28 server
+/// refuses a call whose `Mcp-Param-Region` header is missing or disagrees. A session-era agent
+/// sends no such header, so `connect` adds it from the upstream's tool list; a 2026-07-28
+/// agent's own goes through untouched (one without it is refused, as directly).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_param_headers_reach_a_2026_07_28_only_upstream_from_either_era() {
+    let (modern, upstream) =
+        common::peers::start_python_server_with("py_server.py", &["--modern-only"]).await;
+    let harness = common::Harness::start(common::Options::default()).await;
+    let client = harness
+        .connect(&harness.acme, &[("modern", &upstream)])
+        .await;
+    let (url, key) = (harness.url("modern"), harness.acme.api_key.clone());
+
+    let mut session = common::Agent::new(&url, &key);
+    session.initialize_result().await;
+    for (id, region) in [(1, "eu-west"), (2, "Zürich")] {
+        let answer = session
+            .call_tool(
+                id,
+                "routed-echo",
+                json!({"region": region, "message": "hi"}),
+            )
+            .await;
+        assert_eq!(call_text(&answer), format!("{region}: hi"), "{answer:?}");
+    }
+
+    let stateless = |region: Option<&str>| {
+        let mut request = common::Agent::new(&url, &key)
+            .request(reqwest::Method::POST)
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "routed-echo");
+        if let Some(region) = region {
+            request = request.header("mcp-param-region", region);
+        }
+        let body = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "routed-echo", "arguments": {"region": "ap-south", "message": "hi"},
+            "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}},
+        }});
+        async move {
+            common::read_answer(request.body(body.to_string()).send().await.expect("sent")).await
+        }
+    };
+    let own = stateless(Some("ap-south")).await;
+    assert_eq!(call_text(&own), "ap-south: hi", "{own:?}");
+    let missing = stateless(None).await;
+    assert!(
+        call_text(&missing).contains("Mcp-Param-Region"),
+        "the upstream checks the header: {missing:?}"
+    );
+
+    client.stop().await.expect("connect stops cleanly");
+    harness.stop().await;
+    modern.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_agents_cancellation_stops_its_call_on_a_2026_07_28_only_upstream() {
     let (server, upstream) =

@@ -10,7 +10,8 @@ With --modern-only it speaks only 2026-07-28 (no SDK ships such a server): a thi
 refuses `initialize` and any request whose MCP-Protocol-Version header names another version
 (HTTP 400 with a JSON-RPC error), and the GET and DELETE of sessions (405).
 
-Tools: echo(message), add(a, b), big(size), slow-echo(message, seconds) and finished-calls()
+Tools: echo(message), add(a, b), routed-echo(region, message) (region marked x-mcp-header,
+so a 2026-07-28 request must repeat it in Mcp-Param-Region), big(size), slow-echo(message, seconds) and finished-calls()
 (which slow-echo calls ran to the end: a cancelled one does not), and three that answer like server-everything's tools
 of the same names, so tests/peers/callbacks_client.py and its assertions work on every server:
 trigger-sampling-request(prompt, maxTokens) and trigger-elicitation-request() ask the client for
@@ -53,6 +54,15 @@ def echo(message: str) -> str:
 def add(a: int, b: int) -> int:
     """Add two integers."""
     return a + b
+
+
+@mcp.tool(name="routed-echo")
+def routed_echo(
+    region: Annotated[str, Field(json_schema_extra={"x-mcp-header": "Region"})],
+    message: str,
+) -> str:
+    """Echo the message with its region, which 2026-07-28 clients repeat in Mcp-Param-Region."""
+    return f"{region}: {message}"
 
 
 @mcp.tool()

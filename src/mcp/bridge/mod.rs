@@ -6,16 +6,19 @@
 //! file: `handshake`, the bridge's own `server/discover` and `initialize` and what it learns from
 //! them; `complete`, the fields 2026-07-28 requires on a session-era result; `input`, requests
 //! in mid-call as `input_required` answers and their retries; `session_agents`, a session-era
-//! agent's session carried to a 2026-07-28 upstream.
+//! agent's session carried to a 2026-07-28 upstream; `params`, the `Mcp-Param-*` headers its
+//! calls carry there.
 
 mod complete;
 mod handshake;
 mod input;
+mod params;
 mod session_agents;
 
 pub use complete::*;
 pub use handshake::*;
 pub use input::*;
+pub use params::*;
 pub use session_agents::*;
 
 /// `_meta` key of the protocol version a 2026-07-28 request declares.

@@ -58,6 +58,10 @@ pub(super) struct HttpSession {
     /// Requests of a bridged 2026-07-28 upstream asked of the agent, waiting for its answers,
     /// by id (JSON text; see [`super::stateless_upstream`]).
     pub(super) asked: Mutex<HashMap<String, Answering>>,
+    /// The `x-mcp-header` annotations of a 2026-07-28 upstream's tools, by tool name, once
+    /// listed (see [`super::stateless_upstream`]): the `Mcp-Param-*` headers each call carries.
+    pub(super) param_annotations:
+        tokio::sync::Mutex<Option<Arc<HashMap<String, crate::mcp::bridge::ParamAnnotations>>>>,
     /// The number in the id of the next request asked of the agent.
     asked_ids: AtomicU64,
     /// The agent's requests in flight to a 2026-07-28 upstream, by id (see
@@ -104,6 +108,7 @@ impl HttpSession {
             declared: Mutex::default(),
             capabilities: Mutex::new("{}".into()),
             asked: Mutex::default(),
+            param_annotations: tokio::sync::Mutex::const_new(None),
             asked_ids: AtomicU64::new(1),
             cancels: Mutex::default(),
             get_stream: Mutex::default(),

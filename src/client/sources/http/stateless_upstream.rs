@@ -14,12 +14,12 @@
 //! What the agent declared lives in this `connect` only, so a bridged session is resumed by
 //! this `connect` alone (it reports itself not portable).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::Method;
-use http::header::{HeaderMap, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use super::bridge::empty_object;
 use super::client::error_chain;
@@ -41,6 +41,12 @@ const LISTEN_REQUEST_ID: u64 = 1;
 
 /// Rounds of input one call may ask for (the SDKs' own default limit).
 const MAX_INPUT_ROUNDS: usize = 10;
+
+/// The id of our own `tools/list` (for the tools' `Mcp-Param-*` annotations).
+const OWN_LIST_ID: u64 = 2;
+
+/// Pages of the upstream's tools listed for their annotations, at most.
+const MAX_LIST_PAGES: usize = 10;
 
 /// Inputs one round may ask for: each is a request to the agent, waited for.
 const MAX_INPUTS_PER_ROUND: usize = 16;
@@ -124,7 +130,9 @@ impl StreamContext {
         let Some(classified) = classified else {
             // Not JSON-RPC: the upstream says what is wrong with it.
             let mut pending = HashSet::new();
-            let result = self.post_round(exchange, payload, None, &mut pending).await;
+            let result = self
+                .post_round(exchange, payload, (None, &[]), &mut pending)
+                .await;
             self.fail_pending(exchange, &[], &pending, result).await;
             return self.send(Frame::end(exchange)).await;
         };
@@ -193,6 +201,7 @@ impl StreamContext {
         request: &MessageInfo,
         declared: &Declared,
     ) {
+        let params = self.param_headers(request, &payload, declared).await;
         let mut body = declared.stateless_request(&payload).unwrap_or(payload);
         let ids = || -> HashSet<String> {
             request
@@ -206,7 +215,12 @@ impl StreamContext {
         let mut rounds = 0;
         let result = loop {
             let result = self
-                .post_round(exchange, body.clone(), Some(request), &mut pending)
+                .post_round(
+                    exchange,
+                    body.clone(),
+                    (Some(request), &params),
+                    &mut pending,
+                )
                 .await;
             let Some(asked) = self.input_required.lock().remove(&exchange) else {
                 break result;
@@ -311,13 +325,21 @@ impl StreamContext {
         &self,
         exchange: u64,
         body: Bytes,
-        request: Option<&MessageInfo>,
+        (request, params): (Option<&MessageInfo>, &[(String, String)]),
         pending: &mut HashSet<String>,
     ) -> Result<(), UpstreamError> {
-        let headers = self.stateless_headers(
+        let mut headers = self.stateless_headers(
             request.and_then(|r| r.method.as_deref()),
             request.and_then(|r| r.target.as_deref()),
         );
+        for (name, value) in params {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
         match self
             .source
             .client
@@ -333,6 +355,83 @@ impl StreamContext {
                 reason: error_chain(&e),
             }),
         }
+    }
+
+    /// The `Mcp-Param-*` headers of a `tools/call` (`payload`) of the agent: its arguments that
+    /// the tool's schema marks with `x-mcp-header`. The upstream's tools are listed once per
+    /// session (at most [`MAX_LIST_PAGES`] pages), on its first call.
+    async fn param_headers(
+        &self,
+        request: &MessageInfo,
+        payload: &[u8],
+        declared: &Declared,
+    ) -> Vec<(String, String)> {
+        if request.method.as_deref() != Some("tools/call") {
+            return Vec::new();
+        }
+        let Some(tool) = request.target.as_deref() else {
+            return Vec::new();
+        };
+        let annotations = {
+            let mut known = self.session.param_annotations.lock().await;
+            match &*known {
+                Some(known) => known.clone(),
+                None => known
+                    .insert(Arc::new(self.list_annotations(declared).await))
+                    .clone(),
+            }
+        };
+        let Some(marked) = annotations.get(tool) else {
+            return Vec::new();
+        };
+        let arguments = serde_json::from_slice::<serde_json::Value>(payload)
+            .map(|v| v["params"]["arguments"].clone())
+            .unwrap_or_default();
+        bridge::param_headers(marked, &arguments)
+    }
+
+    /// Lists the upstream's tools (our own `tools/list`, as the agent would) for their
+    /// `x-mcp-header` annotations; what could not be listed marks nothing.
+    async fn list_annotations(
+        &self,
+        declared: &Declared,
+    ) -> HashMap<String, bridge::ParamAnnotations> {
+        let mut all = HashMap::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_LIST_PAGES {
+            let mut params = serde_json::json!({});
+            if let Some(cursor) = &cursor {
+                params["cursor"] = cursor.clone().into();
+            }
+            let list = serde_json::json!({"jsonrpc": "2.0", "id": OWN_LIST_ID, "method": "tools/list", "params": params});
+            let Some(body) = declared.stateless_request(list.to_string().as_bytes()) else {
+                break;
+            };
+            let headers = self.stateless_headers(Some("tools/list"), None);
+            let answer = match self
+                .source
+                .client
+                .send(Method::POST, &self.source.target, headers, body)
+                .await
+            {
+                Ok(response) => super::bridge::read_answer(self.name(), response).await,
+                Err(e) => Err(self.upstream_broken(error_chain(&e))),
+            };
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::debug!(source = %self.name(), error = %e, "tools/list for Mcp-Param headers failed");
+                    break;
+                }
+            };
+            let (tools, next) = bridge::listed_annotations(&answer);
+            all.extend(tools);
+            cursor = next;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        all
     }
 
     fn upstream_broken(&self, reason: String) -> UpstreamError {
