@@ -60,9 +60,11 @@ fn addresses_a_task(method: &str) -> bool {
 }
 
 /// Whether `message` may carry a task id at all: the quick test that keeps every other message
-/// off the JSON parser.
+/// off the JSON parser. It looks for the key with its quotes: inside a JSON string (a tool's
+/// text that mentions task ids) a quote is always escaped, so text never matches.
 pub fn mentions_tasks(message: &[u8]) -> bool {
-    memchr::memmem::find(message, b"taskId").is_some()
+    memchr::memmem::find(message, br#""taskId""#).is_some()
+        || memchr::memmem::find(message, br#""taskIds""#).is_some()
 }
 
 /// The message (one JSON-RPC message or a batch) from an upstream with every task id bound
@@ -190,7 +192,9 @@ fn map_listed_ids(
 /// The request (one message or a batch) from an agent with every task id it names unbound:
 /// `Ok(None)` when it names none, `Err` when one is not the caller's.
 pub fn unbind_request(message: &[u8], ids: &dyn TaskIds) -> Result<Option<Vec<u8>>, UnknownTask> {
-    if !mentions_tasks(message) {
+    let names_tasks = memchr::memmem::find(message, b"tasks/").is_some()
+        || memchr::memmem::find(message, b"subscriptions/listen").is_some();
+    if !names_tasks && !mentions_tasks(message) {
         return Ok(None);
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(message) else {
@@ -210,8 +214,11 @@ pub fn unbind_request(message: &[u8], ids: &dyn TaskIds) -> Result<Option<Vec<u8
 }
 
 /// Whether the request `method` with `params` (its JSON text) names only the caller's tasks.
+/// The methods that name tasks are always read whole (a key spelled with escapes is the same
+/// key); others only when [`mentions_tasks`].
 pub fn check_request(method: &str, params: &[u8], ids: &dyn TaskIds) -> Result<(), UnknownTask> {
-    if !addresses_a_task(method) && !mentions_tasks(params) {
+    let names_tasks = addresses_a_task(method) || method == "subscriptions/listen";
+    if !names_tasks && !mentions_tasks(params) {
         return Ok(());
     }
     let mut params = match serde_json::from_slice::<Value>(params) {
@@ -378,6 +385,7 @@ mod tests {
         for message in [
             r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hi"}]}}"#,
             r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"taskId"}]}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"{\"taskId\":\"t\"}"}]}}"#,
             r#"{"jsonrpc":"2.0","id":"s","method":"tasks/get","params":{"taskId":"agent-side"}}"#,
             "not json taskId",
         ] {
@@ -419,6 +427,16 @@ mod tests {
             unbind_request(answer, &alice),
             Ok(None),
             "the agent's responses name its own tasks"
+        );
+        let escaped = br#"{"jsonrpc":"2.0","id":4,"method":"tasks/get","params":{"task\u0049d":"t1"}}"#;
+        assert_eq!(
+            unbind_request(escaped, &alice),
+            Err(UnknownTask),
+            "a key spelled with escapes is the same key"
+        );
+        assert_eq!(
+            check_request("tasks/get", br#"{"task\u0049d":"t1"}"#, &alice),
+            Err(UnknownTask)
         );
         let call = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"x","arguments":{"taskId":"free text"}}}"#;
         assert_eq!(unbind_request(call, &alice), Ok(None));
