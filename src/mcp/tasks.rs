@@ -428,7 +428,8 @@ mod tests {
             Ok(None),
             "the agent's responses name its own tasks"
         );
-        let escaped = br#"{"jsonrpc":"2.0","id":4,"method":"tasks/get","params":{"task\u0049d":"t1"}}"#;
+        let escaped =
+            br#"{"jsonrpc":"2.0","id":4,"method":"tasks/get","params":{"task\u0049d":"t1"}}"#;
         assert_eq!(
             unbind_request(escaped, &alice),
             Err(UnknownTask),

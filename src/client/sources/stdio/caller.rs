@@ -86,7 +86,9 @@ impl StdioSource {
         {
             return Ok(Some(own.clone()));
         }
-        callers.retain(|_, own| !own.exit.dead.is_cancelled());
+        // Dropping the last handle stops a process: the dead, and those idle past the source's
+        // idle time, go (looked at whenever a caller needs one).
+        callers.retain(|_, own| !own.exit.dead.is_cancelled() && !own.idle_for(self.idle));
         if callers.len() >= MAX_CALLER_PROCESSES {
             let idle = callers
                 .iter()

@@ -240,6 +240,9 @@ pub(super) struct Pooled {
     /// A caller's own process (see [`StdioSource::caller_pooled`]): its calls waiting for the
     /// agent's input, by handle. `None` for the source's shared process.
     pub(super) parked: Option<Mutex<HashMap<String, Parked>>>,
+    /// When a call last started or ended on it: a caller's own process idle past the
+    /// source's idle time is stopped (see [`StdioSource::caller_pooled`]).
+    last_active: Mutex<std::time::Instant>,
 }
 
 impl Pooled {
@@ -264,6 +267,7 @@ impl Pooled {
             process,
             initialized: std::sync::OnceLock::new(),
             parked: caller.map(|_| Mutex::new(HashMap::new())),
+            last_active: Mutex::new(std::time::Instant::now()),
         });
         if let Some(stdout) = stdout {
             tokio::spawn(route_pooled_output(
@@ -351,6 +355,7 @@ impl Pooled {
 
     /// Registers a waiter for our id; false when the process is already gone.
     fn expect(&self, id: u64, waiter: Waiter) -> bool {
+        self.touch();
         let mut waiters = self.waiters.lock();
         match waiters.as_mut() {
             Some(waiters) => {
@@ -364,6 +369,15 @@ impl Pooled {
     /// Whether nothing waits on the process (no call in flight, none waiting for input).
     pub(super) fn is_idle(&self) -> bool {
         self.waiters.lock().as_ref().is_none_or(HashMap::is_empty)
+    }
+
+    /// Whether nothing has waited on the process for `idle` (zero: never idles out).
+    pub(super) fn idle_for(&self, idle: std::time::Duration) -> bool {
+        !idle.is_zero() && self.is_idle() && self.last_active.lock().elapsed() >= idle
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock() = std::time::Instant::now();
     }
 
     /// Removes the agent's call waiting under our id, unless it waits for the agent's input;
@@ -381,6 +395,7 @@ impl Pooled {
 
     /// Removes the waiter of our id; true if it was still waiting.
     pub(super) fn forget(&self, id: u64) -> bool {
+        self.touch();
         self.waiters
             .lock()
             .as_mut()
@@ -528,6 +543,7 @@ async fn route_pooled_answer(
     line: &Bytes,
     max_frame: usize,
 ) {
+    pooled.touch();
     let waiter = pooled
         .waiters
         .lock()
