@@ -164,13 +164,23 @@ async fn an_http_sse_stream_that_never_initializes_is_swept_and_its_stream_ends(
     assert_eq!(harness.state.sessions.len(), 0);
 }
 
-/// A Streamable HTTP upstream whose `subscriptions/listen` answer is an event stream that
-/// never ends by itself; anything else gets an empty result.
+/// A Streamable HTTP upstream of 2026-07-28 whose `subscriptions/listen` answer is an event
+/// stream that never ends by itself; `server/discover` names its version, anything else gets
+/// an empty result.
 async fn listening_upstream(shutdown: &CancellationToken) -> String {
     let app = axum::Router::new().route(
         "/mcp",
         axum::routing::post(|body: String| async move {
             let message: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if message["method"] == "server/discover" {
+                let discovered = json!({"jsonrpc":"2.0","id":message["id"],"result":{
+                    "supportedVersions":["2026-07-28"],"capabilities":{},
+                    "serverInfo":{"name":"listening","version":"0"}}});
+                return axum::response::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(axum::body::Body::from(discovered.to_string()))
+                    .expect("a valid response");
+            }
             if message["method"] == "subscriptions/listen" {
                 let stream = futures_util::stream::pending::<Result<String, std::io::Error>>();
                 return axum::response::Response::builder()
