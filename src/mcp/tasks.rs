@@ -6,13 +6,15 @@
 //! (often over one pooled session), so an upstream id alone would let one caller reach
 //! another's task. The relay therefore never shows an upstream id as it is: every task id an
 //! upstream sends toward an agent is *bound* to that agent ([`TaskIds::bind`]), and every task
-//! id an agent sends is *unbound* ([`TaskIds::unbind`]) before it goes on: one that is not the
-//! caller's own is refused, as a task that does not exist.
+//! id an agent's request names is *unbound* ([`TaskIds::unbind`]) before it goes on: one that
+//! is not the caller's own is refused, as a task that does not exist.
 //!
 //! This module knows where task ids sit in messages of both eras; what binding means (a tag
-//! keyed by the fleet secret) is the relay's ([`TaskIds`]).
+//! keyed by the fleet secret) is the relay's ([`TaskIds`]). It reads only those places (the
+//! rest of a message is skipped, never built into a tree) and rewrites a message by replacing
+//! the bytes of each id ([`Splice`]), so everything else reaches the other side byte for byte.
 //!
-//! Upstream to agent, in results, notifications and requests:
+//! Upstream to agent, in results, notifications and requests ([`bind_answer`]):
 //! - `result.taskId`: a 2026-07-28 `CreateTaskResult` (`resultType: "task"`), the `tasks/get`
 //!   and 2025-11-25 `tasks/cancel` results;
 //! - `result.task.taskId`: a 2025-11-25 `CreateTaskResult`;
@@ -23,17 +25,26 @@
 //! - `params.notifications.taskIds[]` of `notifications/subscriptions/acknowledged`;
 //! - `_meta["io.modelcontextprotocol/related-task"].taskId` of results and params.
 //!
-//! Agent to upstream, in requests: `params.taskId` of `tasks/get`, `tasks/result`,
-//! `tasks/update`, `tasks/cancel`; `params.notifications.taskIds[]` of `subscriptions/listen`;
-//! the related-task `_meta` of params. The agent's responses (to requests the upstream sent)
-//! are left as they are: the task ids they name are the agent's own.
+//! Agent to upstream ([`unbind_payload`]): in requests, `params.taskId` of `tasks/get`,
+//! `tasks/result`, `tasks/update`, `tasks/cancel`, `params.notifications.taskIds[]` of
+//! `subscriptions/listen` and the related-task `_meta`: each must be the caller's, and a
+//! request that cannot be read for them is refused (it fails closed). In the agent's
+//! notifications and responses a related-task id may name a task of the agent's own (a
+//! server may have the client run a task): it is unbound when it is one of the caller's, and
+//! left as it is otherwise.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::mcp::MessageKind;
 
 /// The `_meta` key naming the task a message belongs to.
 pub const RELATED_TASK: &str = "io.modelcontextprotocol/related-task";
 
-/// What binding a task id to a caller means: given to [`bind_answer`] and [`unbind_request`].
+/// What binding a task id to a caller means: given to [`bind_answer`] and [`unbind_payload`].
 pub trait TaskIds {
     /// The id the caller sees for the upstream's `raw` id.
     fn bind(&self, raw: &str) -> String;
@@ -45,401 +56,354 @@ pub trait TaskIds {
     fn listed(&self, raw: &str) -> bool;
 }
 
-/// A task id in an agent's request that is not the caller's: the request is refused as if the
-/// task did not exist.
+/// A task id in an agent's request that is not the caller's (or a request that names tasks
+/// and cannot be read): the request is refused as if the task did not exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Failed to retrieve task: Task not found")]
 pub struct UnknownTask;
 
+/// The bytes at `range` of a message, to be replaced by `text`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Splice {
+    /// Where, in the message.
+    pub range: Range<usize>,
+    /// What goes there.
+    pub text: Vec<u8>,
+}
+
+impl Splice {
+    fn shifted(mut self, by: usize) -> Self {
+        self.range = self.range.start + by..self.range.end + by;
+        self
+    }
+}
+
+/// `bytes` with each splice applied (ranges in order, not overlapping).
+pub fn apply_splices(bytes: &[u8], splices: &[Splice]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + splices.len() * 32);
+    let mut at = 0;
+    for splice in splices {
+        out.extend_from_slice(&bytes[at..splice.range.start]);
+        out.extend_from_slice(&splice.text);
+        at = splice.range.end;
+    }
+    out.extend_from_slice(&bytes[at..]);
+    out
+}
+
 /// Methods whose `params.taskId` names an existing task.
-fn addresses_a_task(method: &str) -> bool {
+pub fn addresses_a_task(method: &str) -> bool {
     matches!(
         method,
         "tasks/get" | "tasks/result" | "tasks/update" | "tasks/cancel"
     )
 }
 
-/// Whether `message` may carry a task id at all: the quick test that keeps every other message
-/// off the JSON parser. It looks for the key with its quotes: inside a JSON string (a tool's
-/// text that mentions task ids) a quote is always escaped, so text never matches.
+/// Whether an upstream's `message` may carry a task id at all: the quick test that keeps every
+/// other message off the parser. It looks for the key with its quotes: inside a JSON string (a
+/// tool's text that mentions task ids) a quote is always escaped, so text never matches.
 pub fn mentions_tasks(message: &[u8]) -> bool {
     memchr::memmem::find(message, br#""taskId""#).is_some()
         || memchr::memmem::find(message, br#""taskIds""#).is_some()
 }
 
+/// The fields of a result or params that may hold task ids; the rest is skipped unread.
+#[derive(Deserialize, Default)]
+struct Fields<'a> {
+    #[serde(rename = "taskId", borrow, default)]
+    task_id: Option<&'a RawValue>,
+    #[serde(rename = "resultType", borrow, default)]
+    result_type: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    task: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    tasks: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    notifications: Option<&'a RawValue>,
+    #[serde(rename = "_meta", borrow, default)]
+    meta: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TaskIdField<'a> {
+    #[serde(rename = "taskId", borrow, default)]
+    task_id: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RelatedField<'a> {
+    #[serde(rename = "io.modelcontextprotocol/related-task", borrow, default)]
+    related: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct TaskIdsField<'a> {
+    #[serde(rename = "taskIds", borrow, default)]
+    task_ids: Option<Vec<&'a RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+}
+
+/// Where `part` (borrowed from `base`) lies in `base`.
+fn range_in(base: &[u8], part: &str) -> Option<Range<usize>> {
+    let start = (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize)?;
+    let end = start.checked_add(part.len())?;
+    (end <= base.len()).then_some(start..end)
+}
+
+/// Whether `raw` is a JSON object (so a struct reads it).
+fn is_object(raw: &[u8]) -> bool {
+    raw.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{')
+}
+
+/// `raw` read as a struct when it is an object; `Ok(None)` when it is not one; `Err` when it
+/// is an object that cannot be read.
+fn read<'a, T: Deserialize<'a>>(raw: &'a str) -> Result<Option<T>, serde_json::Error> {
+    if !is_object(raw.as_bytes()) {
+        return Ok(None);
+    }
+    serde_json::from_str(raw).map(Some)
+}
+
+/// The text of a JSON string token; `None` for anything else.
+fn string_of(raw: &RawValue) -> Option<String> {
+    serde_json::from_str::<String>(raw.get()).ok()
+}
+
+/// A JSON string token holding `text`.
+fn token(text: &str) -> Vec<u8> {
+    serde_json::to_vec(text).unwrap_or_else(|_| b"\"\"".to_vec())
+}
+
 /// The message (one JSON-RPC message or a batch) from an upstream with every task id bound
 /// to the caller, and the tasks of a list that are not the caller's left out; `None` when
-/// nothing changed (most messages: see [`mentions_tasks`]).
+/// nothing changed (most messages: see [`mentions_tasks`]), or it cannot be read.
 pub fn bind_answer(message: &[u8], ids: &dyn TaskIds) -> Option<Vec<u8>> {
     if !mentions_tasks(message) {
         return None;
     }
-    let mut value: Value = serde_json::from_slice(message).ok()?;
-    let changed = match &mut value {
-        Value::Array(batch) => batch
-            .iter_mut()
-            .filter_map(Value::as_object_mut)
-            .fold(false, |changed, one| bind_one(one, ids) | changed),
-        Value::Object(one) => bind_one(one, ids),
-        _ => false,
-    };
-    changed.then(|| serde_json::to_vec(&value).ok()).flatten()
+    let text = std::str::from_utf8(message).ok()?;
+    let mut splices = Vec::new();
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let batch: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+        for one in batch {
+            let at = range_in(message, one.get())?.start;
+            splices.extend(bind_one(one.get(), ids).into_iter().map(|s| s.shifted(at)));
+        }
+    } else {
+        splices = bind_one(text, ids);
+    }
+    (!splices.is_empty()).then(|| apply_splices(message, &splices))
 }
 
-fn bind_one(message: &mut Map<String, Value>, ids: &dyn TaskIds) -> bool {
-    let mut changed = false;
-    if let Some(Value::Object(result)) = message.get_mut("result") {
-        // A task's creation: 2026-07-28's flat `CreateTaskResult`, 2025-11-25's `{task}`.
-        let flat_creation = result.get("resultType").and_then(Value::as_str) == Some("task");
-        if let Some(raw) = result.get("taskId").and_then(Value::as_str)
-            && flat_creation
-        {
-            ids.created(raw);
-        }
-        if let Some(raw) = result
-            .get("task")
-            .and_then(|task| task.get("taskId"))
-            .and_then(Value::as_str)
-        {
-            ids.created(raw);
-        }
-        changed |= bind_field(result, ids);
-        if let Some(Value::Object(task)) = result.get_mut("task") {
-            changed |= bind_field(task, ids);
-        }
-        if let Some(Value::Array(tasks)) = result.get_mut("tasks") {
-            let before = tasks.len();
-            tasks.retain(|task| {
-                task.get("taskId")
-                    .and_then(Value::as_str)
-                    .is_none_or(|raw| ids.listed(raw))
-            });
-            changed |= tasks.len() != before;
-            for task in tasks.iter_mut().filter_map(Value::as_object_mut) {
-                changed |= bind_field(task, ids);
+/// The splices binding the task ids of one message (`text`), relative to it.
+fn bind_one(text: &str, ids: &dyn TaskIds) -> Vec<Splice> {
+    let base = text.as_bytes();
+    let Ok(Some(envelope)) = read::<Envelope>(text) else {
+        return Vec::new();
+    };
+    let mut splices = Vec::new();
+    if let Some(result) = envelope.result
+        && let Ok(Some(fields)) = read::<Fields>(result.get())
+    {
+        let flat_creation = fields.result_type.and_then(string_of).as_deref() == Some("task");
+        if let Some(raw) = fields.task_id.and_then(string_of) {
+            if flat_creation {
+                ids.created(&raw);
             }
+            splices.extend(bind_at(base, fields.task_id, ids));
         }
-        changed |= bind_related(result, ids);
+        if let Some(task) = fields.task
+            && let Ok(Some(task)) = read::<TaskIdField>(task.get())
+        {
+            if let Some(raw) = task.task_id.and_then(string_of) {
+                ids.created(&raw);
+            }
+            splices.extend(bind_at(base, task.task_id, ids));
+        }
+        if let Some(tasks) = fields.tasks {
+            splices.extend(bind_list(base, tasks, ids));
+        }
+        splices.extend(bind_related(base, fields.meta, ids));
     }
-    let method = message
-        .get("method")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let is_notification = !message.contains_key("id");
-    if let Some(Value::Object(params)) = message.get_mut("params") {
-        match method.as_deref() {
+    if let Some(params) = envelope.params
+        && let Ok(Some(fields)) = read::<Fields>(params.get())
+    {
+        let is_notification = envelope.id.is_none();
+        match envelope.method.as_deref() {
             Some("notifications/tasks" | "notifications/tasks/status") if is_notification => {
-                changed |= bind_field(params, ids);
+                splices.extend(bind_at(base, fields.task_id, ids));
             }
             Some("notifications/subscriptions/acknowledged") if is_notification => {
-                changed |= map_listed_ids(params, &|raw| Some(ids.bind(raw))).unwrap_or(false);
+                if let Some(Ok(Some(listed))) =
+                    fields.notifications.map(|n| read::<TaskIdsField>(n.get()))
+                {
+                    for id in listed.task_ids.into_iter().flatten() {
+                        splices.extend(bind_at(base, Some(id), ids));
+                    }
+                }
             }
             _ => {}
         }
-        changed |= bind_related(params, ids);
+        splices.extend(bind_related(base, fields.meta, ids));
     }
-    changed
+    splices.sort_by_key(|s| s.range.start);
+    splices
 }
 
-/// Binds `object.taskId`, if it is a string.
-fn bind_field(object: &mut Map<String, Value>, ids: &dyn TaskIds) -> bool {
-    match object.get_mut("taskId") {
-        Some(Value::String(raw)) => {
-            *raw = ids.bind(raw);
-            true
+/// The splice binding the id at `raw` (a string token borrowed from `base`).
+fn bind_at(base: &[u8], raw: Option<&RawValue>, ids: &dyn TaskIds) -> Option<Splice> {
+    let raw = raw?;
+    let id = string_of(raw)?;
+    Some(Splice {
+        range: range_in(base, raw.get())?,
+        text: token(&ids.bind(&id)),
+    })
+}
+
+/// The splice binding a related-task id in `meta` (a `_meta` object).
+fn bind_related(base: &[u8], meta: Option<&RawValue>, ids: &dyn TaskIds) -> Option<Splice> {
+    let related = read::<RelatedField>(meta?.get()).ok()??.related?;
+    let task = read::<TaskIdField>(related.get()).ok()??;
+    bind_at(base, task.task_id, ids)
+}
+
+/// The splice replacing a `tasks` list (`tasks`, borrowed from `base`) with the caller's own
+/// tasks, their ids bound; `None` when it is no list.
+fn bind_list(base: &[u8], tasks: &RawValue, ids: &dyn TaskIds) -> Option<Splice> {
+    let entries: Vec<&RawValue> = serde_json::from_str(tasks.get()).ok()?;
+    let mut list = b"[".to_vec();
+    for entry in entries {
+        let text = entry.get();
+        let task = read::<TaskIdField>(text).ok().flatten();
+        let id = task.as_ref().and_then(|t| t.task_id);
+        let kept = match id.and_then(string_of) {
+            Some(raw) => ids.listed(&raw),
+            None => true,
+        };
+        if !kept {
+            continue;
         }
-        _ => false,
-    }
-}
-
-/// Binds `object._meta["io.modelcontextprotocol/related-task"].taskId`.
-fn bind_related(object: &mut Map<String, Value>, ids: &dyn TaskIds) -> bool {
-    match related_task(object) {
-        Some(task) => bind_field(task, ids),
-        None => false,
-    }
-}
-
-fn related_task(object: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> {
-    object
-        .get_mut("_meta")?
-        .get_mut(RELATED_TASK)?
-        .as_object_mut()
-}
-
-/// Maps `object.notifications.taskIds[]` with `map` (binding cannot fail; unbinding fails on
-/// an id that is not the caller's, which refuses the whole list).
-fn map_listed_ids(
-    object: &mut Map<String, Value>,
-    map: &dyn Fn(&str) -> Option<String>,
-) -> Result<bool, UnknownTask> {
-    let Some(Value::Array(task_ids)) = object
-        .get_mut("notifications")
-        .and_then(|n| n.get_mut("taskIds"))
-    else {
-        return Ok(false);
-    };
-    let mut changed = false;
-    for id in task_ids.iter_mut() {
-        if let Value::String(text) = id {
-            *text = map(text).ok_or(UnknownTask)?;
-            changed = true;
+        if list.len() > 1 {
+            list.push(b',');
+        }
+        match bind_at(text.as_bytes(), id, ids) {
+            Some(splice) => list.extend(apply_splices(text.as_bytes(), &[splice])),
+            None => list.extend_from_slice(text.as_bytes()),
         }
     }
-    Ok(changed)
+    list.push(b']');
+    Some(Splice {
+        range: range_in(base, tasks.get())?,
+        text: list,
+    })
 }
 
-/// The request (one message or a batch) from an agent with every task id it names unbound:
-/// `Ok(None)` when it names none, `Err` when one is not the caller's.
-pub fn unbind_request(message: &[u8], ids: &dyn TaskIds) -> Result<Option<Vec<u8>>, UnknownTask> {
-    let names_tasks = memchr::memmem::find(message, b"tasks/").is_some()
-        || memchr::memmem::find(message, b"subscriptions/listen").is_some();
-    if !names_tasks && !mentions_tasks(message) {
-        return Ok(None);
-    }
-    let Ok(mut value) = serde_json::from_slice::<Value>(message) else {
-        return Ok(None);
-    };
-    let mut changed = false;
-    match &mut value {
-        Value::Array(batch) => {
-            for one in batch.iter_mut().filter_map(Value::as_object_mut) {
-                changed |= unbind_one(one, ids)?;
-            }
-        }
-        Value::Object(one) => changed = unbind_one(one, ids)?,
-        _ => {}
-    }
-    Ok(changed.then(|| serde_json::to_vec(&value).ok()).flatten())
-}
-
-/// Whether the request `method` with `params` (its JSON text) names only the caller's tasks.
-/// The methods that name tasks are always read whole (a key spelled with escapes is the same
-/// key); others only when [`mentions_tasks`].
-pub fn check_request(method: &str, params: &[u8], ids: &dyn TaskIds) -> Result<(), UnknownTask> {
-    let names_tasks = addresses_a_task(method) || method == "subscriptions/listen";
-    if !names_tasks && !mentions_tasks(params) {
-        return Ok(());
-    }
-    let mut params = match serde_json::from_slice::<Value>(params) {
-        Ok(Value::Object(params)) => params,
-        // A tasks method without its object of params is the upstream's to refuse.
-        _ => return Ok(()),
-    };
-    unbind_params(method, &mut params, ids).map(|_| ())
-}
-
-fn unbind_one(message: &mut Map<String, Value>, ids: &dyn TaskIds) -> Result<bool, UnknownTask> {
-    // Responses (the agent answering the upstream) name the agent's own tasks.
-    let Some(method) = message
-        .get("method")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        return Ok(false);
-    };
-    match message.get_mut("params") {
-        Some(Value::Object(params)) => unbind_params(&method, params, ids),
-        _ => Ok(false),
-    }
-}
-
-fn unbind_params(
-    method: &str,
-    params: &mut Map<String, Value>,
+/// The splices (relative to `payload`) that unbind the task ids of one agent message of
+/// `kind` and `method`, whose `payload` is its `params` (request, notification) or `result`
+/// (response). A request naming a task that is not the caller's, or naming tasks in a way
+/// that cannot be read, is `Err`.
+pub fn unbind_payload(
+    kind: MessageKind,
+    method: Option<&str>,
+    payload: &[u8],
     ids: &dyn TaskIds,
-) -> Result<bool, UnknownTask> {
-    let unbind = |object: &mut Map<String, Value>| -> Result<bool, UnknownTask> {
-        match object.get_mut("taskId") {
-            Some(Value::String(bound)) => {
-                *bound = ids.unbind(bound).ok_or(UnknownTask)?;
-                Ok(true)
-            }
-            // A task id that is not a string names no task of the caller's.
-            Some(_) => Err(UnknownTask),
-            None => Ok(false),
-        }
+) -> Result<Vec<Splice>, UnknownTask> {
+    let method = method.unwrap_or_default();
+    let names_tasks = kind == MessageKind::Request
+        && (addresses_a_task(method) || method == "subscriptions/listen");
+    // A key may be spelled with escapes: any escape sends the message to the parser.
+    let may_name_tasks = names_tasks
+        || memchr::memmem::find(payload, b"taskId").is_some()
+        || memchr::memmem::find(payload, b"related-task").is_some()
+        || memchr::memmem::find(payload, b"\\u").is_some();
+    if !may_name_tasks {
+        return Ok(Vec::new());
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| UnknownTask)?;
+    let fields = match read::<Fields>(text) {
+        Ok(Some(fields)) => fields,
+        Ok(None) if names_tasks => return Err(UnknownTask),
+        Ok(None) => return Ok(Vec::new()),
+        // An object that cannot be read (duplicate keys, numbers or depth past the parser's
+        // limits): a request fails closed; anything else goes as it is.
+        Err(_) if kind == MessageKind::Request => return Err(UnknownTask),
+        Err(_) => return Ok(Vec::new()),
     };
-    let mut changed = false;
-    if addresses_a_task(method) {
-        changed |= unbind(params)?;
+    let strict = kind == MessageKind::Request;
+    let mut splices = Vec::new();
+    if names_tasks && addresses_a_task(method) {
+        splices.extend(unbind_at(payload, fields.task_id, ids, true)?);
     }
-    if method == "subscriptions/listen" {
-        changed |= map_listed_ids(params, &|bound| ids.unbind(bound))?;
+    if names_tasks && method == "subscriptions/listen" {
+        let listed = match fields.notifications.map(|n| read::<TaskIdsField>(n.get())) {
+            Some(Ok(listed)) => listed,
+            Some(Err(_)) => return Err(UnknownTask),
+            None => None,
+        };
+        for id in listed.and_then(|l| l.task_ids).into_iter().flatten() {
+            splices.extend(unbind_at(payload, Some(id), ids, true)?);
+        }
     }
-    if let Some(task) = related_task(params) {
-        changed |= unbind(task)?;
+    if let Some(meta) = fields.meta {
+        let related = match read::<RelatedField>(meta.get()) {
+            Ok(related) => related.and_then(|r| r.related),
+            Err(_) if strict => return Err(UnknownTask),
+            Err(_) => None,
+        };
+        let task = match related.map(|r| read::<TaskIdField>(r.get())) {
+            Some(Ok(task)) => task,
+            Some(Err(_)) if strict => return Err(UnknownTask),
+            _ => None,
+        };
+        if let Some(task) = task {
+            splices.extend(unbind_at(payload, task.task_id, ids, strict)?);
+        }
     }
-    Ok(changed)
+    splices.sort_by_key(|s| s.range.start);
+    Ok(splices)
+}
+
+/// The splice unbinding the id at `raw` (borrowed from `base`). `strict`: an id that is not
+/// the caller's (or not a string) is `Err`; otherwise it is left as it is.
+fn unbind_at(
+    base: &[u8],
+    raw: Option<&RawValue>,
+    ids: &dyn TaskIds,
+    strict: bool,
+) -> Result<Option<Splice>, UnknownTask> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let unbound = string_of(raw).and_then(|bound| ids.unbind(&bound));
+    match (unbound, range_in(base, raw.get())) {
+        (Some(id), Some(range)) => Ok(Some(Splice {
+            range,
+            text: token(&id),
+        })),
+        _ if strict => Err(UnknownTask),
+        _ => Ok(None),
+    }
+}
+
+/// The upstream's id of the task a request's `params` names (after [`unbind_payload`]).
+pub fn task_id_of(params: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(params).ok()?;
+    read::<Fields>(text).ok()??.task_id.and_then(string_of)
 }
 
 #[cfg(test)]
-mod tests {
-    use std::cell::RefCell;
-
-    use super::*;
-
-    /// Binds by prefixing the caller's name; remembers creations; lists only `mine-*`.
-    struct Caller {
-        name: &'static str,
-        created: RefCell<Vec<String>>,
-    }
-
-    impl Caller {
-        fn new(name: &'static str) -> Self {
-            Self {
-                name,
-                created: RefCell::default(),
-            }
-        }
-    }
-
-    impl TaskIds for Caller {
-        fn bind(&self, raw: &str) -> String {
-            format!("{}:{raw}", self.name)
-        }
-        fn unbind(&self, bound: &str) -> Option<String> {
-            bound
-                .strip_prefix(self.name)
-                .and_then(|rest| rest.strip_prefix(':'))
-                .map(str::to_owned)
-        }
-        fn created(&self, raw: &str) {
-            self.created.borrow_mut().push(raw.to_owned());
-        }
-        fn listed(&self, raw: &str) -> bool {
-            raw.starts_with("mine-")
-        }
-    }
-
-    fn bound(message: &str, ids: &dyn TaskIds) -> Value {
-        let out = bind_answer(message.as_bytes(), ids).expect("task ids to bind");
-        serde_json::from_slice(&out).expect("JSON")
-    }
-
-    #[test]
-    fn every_task_id_an_upstream_sends_is_bound_and_creations_are_told() {
-        let alice = Caller::new("alice");
-        let v = bound(
-            r#"{"jsonrpc":"2.0","id":1,"result":{"task":{"taskId":"t1","status":"working"}}}"#,
-            &alice,
-        );
-        assert_eq!(v["result"]["task"]["taskId"], "alice:t1");
-        let v = bound(
-            r#"{"jsonrpc":"2.0","id":2,"result":{"resultType":"task","taskId":"t2","status":"working"}}"#,
-            &alice,
-        );
-        assert_eq!(v["result"]["taskId"], "alice:t2");
-        assert_eq!(*alice.created.borrow(), ["t1", "t2"]);
-        let v = bound(
-            r#"{"jsonrpc":"2.0","id":3,"result":{"taskId":"t1","status":"completed"}}"#,
-            &alice,
-        );
-        assert_eq!(v["result"]["taskId"], "alice:t1");
-        assert_eq!(
-            alice.created.borrow().len(),
-            2,
-            "a tasks/get result creates nothing"
-        );
-        let v = bound(
-            r#"{"jsonrpc":"2.0","method":"notifications/tasks/status","params":{"taskId":"t1","status":"working"}}"#,
-            &alice,
-        );
-        assert_eq!(v["params"]["taskId"], "alice:t1");
-        let v = bound(
-            r#"{"jsonrpc":"2.0","method":"notifications/subscriptions/acknowledged","params":{"notifications":{"taskIds":["t1","t2"]}}}"#,
-            &alice,
-        );
-        assert_eq!(
-            v["params"]["notifications"]["taskIds"],
-            serde_json::json!(["alice:t1", "alice:t2"])
-        );
-        let v = bound(
-            r#"{"jsonrpc":"2.0","id":"s1","method":"elicitation/create","params":{"message":"?","_meta":{"io.modelcontextprotocol/related-task":{"taskId":"t1"}}}}"#,
-            &alice,
-        );
-        assert_eq!(v["params"]["_meta"][RELATED_TASK]["taskId"], "alice:t1");
-        let v = bound(
-            r#"[{"jsonrpc":"2.0","id":4,"result":{"content":[],"_meta":{"io.modelcontextprotocol/related-task":{"taskId":"t1"}}}}]"#,
-            &alice,
-        );
-        assert_eq!(v[0]["result"]["_meta"][RELATED_TASK]["taskId"], "alice:t1");
-    }
-
-    #[test]
-    fn a_list_keeps_only_the_callers_tasks() {
-        let alice = Caller::new("alice");
-        let v = bound(
-            r#"{"jsonrpc":"2.0","id":1,"result":{"tasks":[{"taskId":"mine-1"},{"taskId":"bobs"},{"taskId":"mine-2"}]}}"#,
-            &alice,
-        );
-        assert_eq!(
-            v["result"]["tasks"],
-            serde_json::json!([{"taskId": "alice:mine-1"}, {"taskId": "alice:mine-2"}])
-        );
-    }
-
-    #[test]
-    fn messages_without_task_ids_are_left_alone() {
-        let alice = Caller::new("alice");
-        for message in [
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"hi"}]}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"taskId"}]}}"#,
-            r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"{\"taskId\":\"t\"}"}]}}"#,
-            r#"{"jsonrpc":"2.0","id":"s","method":"tasks/get","params":{"taskId":"agent-side"}}"#,
-            "not json taskId",
-        ] {
-            assert_eq!(bind_answer(message.as_bytes(), &alice), None, "{message}");
-        }
-    }
-
-    #[test]
-    fn an_agent_names_only_its_own_tasks() {
-        let alice = Caller::new("alice");
-        let get =
-            br#"{"jsonrpc":"2.0","id":1,"method":"tasks/get","params":{"taskId":"alice:t1"}}"#;
-        let out = unbind_request(get, &alice)
-            .expect("alice's own task")
-            .expect("rewritten");
-        let v: Value = serde_json::from_slice(&out).expect("JSON");
-        assert_eq!(v["params"]["taskId"], "t1");
-        assert_eq!(
-            check_request("tasks/get", br#"{"taskId":"alice:t1"}"#, &alice),
-            Ok(())
-        );
-        for method in ["tasks/get", "tasks/result", "tasks/update", "tasks/cancel"] {
-            for params in [
-                r#"{"taskId":"bob:t1"}"#,
-                r#"{"taskId":"t1"}"#,
-                r#"{"taskId":7}"#,
-            ] {
-                assert_eq!(
-                    check_request(method, params.as_bytes(), &alice),
-                    Err(UnknownTask),
-                    "{method} {params}"
-                );
-            }
-        }
-        let listen = br#"{"jsonrpc":"2.0","id":2,"method":"subscriptions/listen","params":{"notifications":{"taskIds":["alice:t1","bob:t2"]}}}"#;
-        assert_eq!(unbind_request(listen, &alice), Err(UnknownTask));
-        let answer = br#"{"jsonrpc":"2.0","id":"s1","result":{"task":{"taskId":"agent-side"}}}"#;
-        assert_eq!(
-            unbind_request(answer, &alice),
-            Ok(None),
-            "the agent's responses name its own tasks"
-        );
-        let escaped =
-            br#"{"jsonrpc":"2.0","id":4,"method":"tasks/get","params":{"task\u0049d":"t1"}}"#;
-        assert_eq!(
-            unbind_request(escaped, &alice),
-            Err(UnknownTask),
-            "a key spelled with escapes is the same key"
-        );
-        assert_eq!(
-            check_request("tasks/get", br#"{"task\u0049d":"t1"}"#, &alice),
-            Err(UnknownTask)
-        );
-        let call = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"x","arguments":{"taskId":"free text"}}}"#;
-        assert_eq!(unbind_request(call, &alice), Ok(None));
-    }
-}
+mod tests;

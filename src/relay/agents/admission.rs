@@ -21,7 +21,7 @@ use crate::govern::policy::{Decision, Kind};
 use crate::mcp::jsonrpc::{
     Classified, ClassifyError, MessageInfo, MessageKind, classify_capped, codes, error_body,
 };
-use crate::mcp::tasks::UnknownTask;
+use crate::mcp::tasks::{Splice, UnknownTask, apply_splices};
 use crate::relay::calls::InFlight;
 use crate::relay::calls::filter::{ListFilter, is_list_method};
 use crate::relay::governance::Governance;
@@ -260,7 +260,17 @@ pub(super) async fn admit(
     body: Body,
 ) -> Result<Admitted, AgentError> {
     let (body, classified) = read_message(state, who, source, body).await?;
-    Ok(admit_read(state, who, source, body, classified).await)
+    Ok(admit_read(state, who, source, (body, classified), TaskIdsAre::Bound).await)
+}
+
+/// How the task ids of a message being admitted stand (see [`crate::mcp::tasks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TaskIdsAre {
+    /// As the agent sent them: each must be the caller's, and is unbound.
+    Bound,
+    /// Already unbound: a replayed answer's request, which `connect` sends back as it went
+    /// upstream after its admission on the first relay.
+    Unbound,
 }
 
 /// The admission of a message already read (see [`admit`]): a replayed answer's request,
@@ -269,10 +279,11 @@ pub(super) async fn admit_read(
     state: &RelayState,
     who: &Identity,
     source: &str,
-    body: Bytes,
-    classified: Classified,
+    (body, classified): (Bytes, Classified),
+    ids: TaskIdsAre,
 ) -> Admitted {
-    let authorization = authorize(state, who, source, &body, &classified).await;
+    let tasks = (ids == TaskIdsAre::Bound).then(|| state.task_binding(who, source));
+    let authorization = authorize(state, who, source, &body, &classified, tasks).await;
     let calls = InFlight::begin(
         &state.calls,
         who,
@@ -283,28 +294,21 @@ pub(super) async fn admit_read(
     );
     // The task ids the agent names (all its own: checked above) go on as the upstream's.
     let (body, classified) = match authorization.refusal {
-        None => unbind_tasks(state.task_binding(who, source), body, classified),
-        Some(_) => (body, classified),
+        None if !authorization.tasks.is_empty() => {
+            let unbound = Bytes::from(apply_splices(&body, &authorization.tasks));
+            match crate::mcp::classify(&unbound) {
+                Ok(reclassified) => (unbound, reclassified),
+                // Only JSON string tokens were replaced by JSON string tokens.
+                Err(_) => (body, classified),
+            }
+        }
+        _ => (body, classified),
     };
     Admitted {
         body,
         classified,
         calls,
         refusal: authorization.refusal,
-    }
-}
-
-/// `body` with the task ids it names replaced by the upstream's own, classified again when
-/// any was (rare: a tasks method, a task subscription).
-fn unbind_tasks(tasks: TaskBinding, body: Bytes, classified: Classified) -> (Bytes, Classified) {
-    let Ok(Some(unbound)) = crate::mcp::tasks::unbind_request(&body, &tasks) else {
-        return (body, classified);
-    };
-    let unbound = Bytes::from(unbound);
-    match crate::mcp::classify(&unbound) {
-        Ok(reclassified) => (unbound, reclassified),
-        // Re-encoding valid JSON yields valid JSON; should it not, the body goes on as it came.
-        Err(_) => (body, classified),
     }
 }
 
@@ -329,6 +333,8 @@ pub(super) struct Refusal {
 pub(super) struct Authorization {
     /// One entry per message of the body.
     pub decisions: Vec<Option<Decision>>,
+    /// Where the body's task ids are, and the upstream's ids that replace them.
+    pub tasks: Vec<Splice>,
     /// The JSON-RPC error for the first refused message, if any: the whole body is refused.
     pub refusal: Option<Refusal>,
 }
@@ -354,6 +360,7 @@ pub(super) async fn authorize(
     source: &str,
     body: &Bytes,
     classified: &Classified,
+    tasks: Option<TaskBinding>,
 ) -> Authorization {
     if let Some(reason) = state.calls.audit_refusal() {
         return refuse_requests(classified, &reason);
@@ -367,9 +374,8 @@ pub(super) async fn authorize(
                 .evaluates_conditions(who, kind, source, name)
         })
     });
-    let tasks = state.task_binding(who, source);
     if !evaluates {
-        return decide(&governance, who, source, body, classified, &tasks);
+        return decide(&governance, who, source, body, classified, tasks.as_ref());
     }
     let (who_owned, source_owned, body_owned, classified_owned) = (
         who.clone(),
@@ -384,7 +390,7 @@ pub(super) async fn authorize(
             &source_owned,
             &body_owned,
             &classified_owned,
-            &tasks,
+            tasks.as_ref(),
         )
     });
     // Evaluation is finite (CEL has no unbounded loops, the body and batch are bounded), but
@@ -412,6 +418,7 @@ pub(super) async fn authorize(
             code: codes::INTERNAL_ERROR,
             status: StatusCode::OK,
         }),
+        tasks: Vec::new(),
     }
 }
 
@@ -443,6 +450,7 @@ fn refuse_requests(classified: &Classified, reason: &str) -> Authorization {
             .map(|m| is_request(m).then(|| Decision::Deny(format!("audit: {reason}"))))
             .collect(),
         refusal,
+        tasks: Vec::new(),
     }
 }
 
@@ -472,7 +480,7 @@ fn decide(
     source: &str,
     body: &[u8],
     classified: &Classified,
-    tasks: &TaskBinding,
+    tasks: Option<&TaskBinding>,
 ) -> Authorization {
     let mut authorization = Authorization::default();
     let is_batch = matches!(classified, Classified::Batch(_));
@@ -498,15 +506,21 @@ fn decide(
                     message.method.as_deref().unwrap_or_default()
                 ),
             ))
-        } else if let Err(unknown) = names_own_tasks(message, body, tasks) {
-            tracing::info!(tenant = %who.tenant, subject = %who.subject, source, method = message.method.as_deref(), "a task id that is not the caller's refused");
-            Some(refused(
-                OTHERS_TASK_RULE,
-                codes::INVALID_PARAMS,
-                unknown.to_string(),
-            ))
         } else {
-            None
+            match unbind_tasks(message, body, tasks) {
+                Ok(splices) => {
+                    authorization.tasks.extend(splices);
+                    None
+                }
+                Err(unknown) => {
+                    tracing::info!(tenant = %who.tenant, subject = %who.subject, source, method = message.method.as_deref(), "a task id that is not the caller's refused");
+                    Some(refused(
+                        OTHERS_TASK_RULE,
+                        codes::INVALID_PARAMS,
+                        unknown.to_string(),
+                    ))
+                }
+            }
         };
         let (decision, refusal) = match (denied, kind) {
             (Some((decision, code, text)), _) => (Some(decision), Some((code, text))),
@@ -548,22 +562,40 @@ fn decide(
     authorization
 }
 
-/// Whether the request `message` names only task ids the caller was given (see
-/// [`crate::mcp::tasks`]); other messages name none.
-fn names_own_tasks(
+/// The splices (in `body`) that unbind the task ids `message` names, all the caller's own
+/// (see [`crate::mcp::tasks`]); `Err` when a request names one that is not.
+fn unbind_tasks(
     message: &MessageInfo,
     body: &[u8],
-    tasks: &TaskBinding,
-) -> Result<(), UnknownTask> {
-    match (
-        message.kind,
-        message.method.as_deref(),
-        message.payload(body),
-    ) {
-        (MessageKind::Request, Some(method), Some(params)) => {
-            crate::mcp::tasks::check_request(method, params, tasks)
+    tasks: Option<&TaskBinding>,
+) -> Result<Vec<Splice>, UnknownTask> {
+    let (Some(tasks), Some(range)) = (tasks, message.payload.clone()) else {
+        return Ok(Vec::new());
+    };
+    let payload = body.get(range.clone()).unwrap_or_default();
+    let splices =
+        crate::mcp::tasks::unbind_payload(message.kind, message.method.as_deref(), payload, tasks)?;
+    Ok(splices
+        .into_iter()
+        .map(|s| Splice {
+            range: s.range.start + range.start..s.range.end + range.start,
+            text: s.text,
+        })
+        .collect())
+}
+
+/// A tasks request's `Mcp-Name` (2026-07-28: the task id, as the body's `params.taskId`)
+/// unbound like the body's, so the two still agree upstream. One that is not the caller's
+/// id is left as it is (the body's was checked; the upstream refuses the mismatch).
+pub(super) fn unbind_name_header(header: &mut OpenHeader, tasks: &TaskBinding) {
+    use crate::mcp::era::{NAME_HEADER, decode_header_value, encode_header_value};
+    use crate::mcp::tasks::TaskIds;
+    for (name, value) in &mut header.mcp_headers {
+        if name.eq_ignore_ascii_case(NAME_HEADER)
+            && let Some(raw) = decode_header_value(value).and_then(|bound| tasks.unbind(&bound))
+        {
+            *value = encode_header_value(&raw);
         }
-        _ => Ok(()),
     }
 }
 

@@ -21,7 +21,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::admit_read;
+use super::admission::{TaskIdsAre, admit_read};
 use super::answer::{SSE_RETRY, sse_response};
 use super::reply::AgentError;
 use super::resume::{self, Lost};
@@ -80,7 +80,14 @@ pub(super) async fn resume_answer(
     exchange.reattach_with(reattach_answer(state, session, claims.clone()));
     let log = session.answer_log(Some(AnswerIds::new(state.fleet.clone(), claims)));
     let reader = log.attach(Start::Undelivered);
-    let mut admitted = admit_read(state, who, &session.source, request, classified).await;
+    let mut admitted = admit_read(
+        state,
+        who,
+        &session.source,
+        (request, classified),
+        TaskIdsAre::Unbound,
+    )
+    .await;
     if let Some((_, denied)) = admitted.refused().await {
         log.push(denied).await;
         log.finish();

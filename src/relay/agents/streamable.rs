@@ -14,7 +14,9 @@ use axum::routing::post;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{admit, gate, header_str, open_channel, open_channel_to, open_header};
+use super::admission::{
+    admit, gate, header_str, open_channel, open_channel_to, open_header, unbind_name_header,
+};
 use super::answer::{JsonAnswer, Target, forward, sse_response};
 use super::oauth::Resource;
 use super::replay;
@@ -280,7 +282,14 @@ async fn stateless(
     };
     let version = header_str(headers, VERSION_HEADER).map(str::to_owned);
     let context = format!("req-{}", &new_session_id()[..16]);
-    let header = open_header(who, source, Era::Stateless, context, version, headers);
+    let mut header = open_header(who, source, Era::Stateless, context, version, headers);
+    if info
+        .method
+        .as_deref()
+        .is_some_and(crate::mcp::tasks::addresses_a_task)
+    {
+        unbind_name_header(&mut header, &state.task_binding(who, source));
+    }
     let opened = match holder {
         Some(connect) => open_channel_to(state, who, &header, &connect).await,
         None => open_channel(state, who, &header).await,
