@@ -99,6 +99,14 @@ impl Classified {
         }
     }
 
+    /// The requests among the messages: what an answer must respond to.
+    pub fn requests(&self) -> Vec<&MessageInfo> {
+        self.messages()
+            .iter()
+            .filter(|m| m.kind == MessageKind::Request)
+            .collect()
+    }
+
     /// Whether any message expects a response.
     pub fn has_requests(&self) -> bool {
         self.messages()

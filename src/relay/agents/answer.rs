@@ -25,7 +25,7 @@ use crate::relay::session::input::InputSeal;
 use crate::relay::session::tasks::TaskBinding;
 use crate::relay::session::{
     Arrived, Awaiting, Ending, EventIds, EventLog, ListenGuard, LogReader, Opening, Piece, Session,
-    Start, Transport, pipe, produce, requests,
+    Start, Transport, pipe, produce,
 };
 use crate::relay::state::RelayState;
 use crate::relay::tunnel::{Channel, Exchange};
@@ -86,7 +86,7 @@ pub(super) async fn forward(
     classified: &Classified,
     target: Target<'_>,
 ) -> Response {
-    let requests = requests(classified);
+    let requests = classified.requests();
     if requests.is_empty() {
         if let Some(session) = target.session
             && let Err(refusal) = session.answer_server_requests(&body, classified).await
@@ -144,7 +144,7 @@ pub(super) async fn forward_to_stream(
     filter: Option<ListFilter>,
     calls: InFlight,
 ) -> Response {
-    let requests = requests(classified);
+    let requests = classified.requests();
     if requests.is_empty() {
         if let Err(refusal) = session.answer_server_requests(&body, classified).await {
             session.standalone().push(refusal).await;

@@ -29,7 +29,6 @@ use crate::govern::Identity;
 use crate::mcp::{classify, sse};
 use crate::relay::session::{
     AnswerIds, Awaiting, Ending, EventClaims, EventIds, LogReader, Session, Start, produce,
-    requests,
 };
 use crate::relay::state::RelayState;
 use crate::relay::tunnel::{Event, Exchange, Reattach};
@@ -98,7 +97,7 @@ pub(super) async fn resume_answer(
     let awaiting = Awaiting::new(
         state.request_timeout(),
         &session.source,
-        &requests(&classified),
+        &classified.requests(),
         Era::Session,
         calls,
     )

@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 
 use crate::govern::limits::{Limited, RateLimited};
 use crate::mcp::jsonrpc::{codes, error_body};
-use crate::relay::session::source_error_body;
+use crate::relay::calls::source_error_body;
 
 /// Content type of JSON-RPC bodies.
 pub(super) const JSON: HeaderValue = HeaderValue::from_static("application/json");

@@ -291,6 +291,20 @@ pub(crate) fn outcome_of(info: &MessageInfo) -> Outcome {
     }
 }
 
+/// The relay-made error saying `source` could not answer (counted as a tunnel error).
+pub(crate) fn source_error_body(
+    id: Option<&serde_json::value::RawValue>,
+    source: &str,
+    why: &str,
+) -> Bytes {
+    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "tunnel_error").increment(1);
+    error_body(
+        id,
+        codes::SOURCE_UNAVAILABLE,
+        &format!("source {source} is unavailable: {why}"),
+    )
+}
+
 /// The error an agent gets instead of an answer the audit trail could not record.
 pub(crate) fn unaudited_body(id: Option<&str>) -> Bytes {
     let id = id.and_then(|id| serde_json::value::RawValue::from_string(id.to_owned()).ok());

@@ -13,5 +13,7 @@ mod rows;
 mod stats;
 
 pub(super) use activity::Activity;
-pub(super) use call::{Call, Calls, Context, InFlight, outcome_of, unaudited_body};
+pub(super) use call::{
+    Call, Calls, Context, InFlight, outcome_of, source_error_body, unaudited_body,
+};
 pub(super) use rows::{CallRow, ToolRow};

@@ -22,8 +22,8 @@ use crate::mcp::jsonrpc::{
     Classified, MessageInfo, MessageKind, cancelled_notification, codes, error_body,
 };
 use crate::mcp::{ResponseScanner, classify, tasks};
-use crate::relay::calls::InFlight;
 use crate::relay::calls::filter::ListFilter;
+use crate::relay::calls::{InFlight, source_error_body};
 use crate::relay::tunnel::{Channel, ChannelError, Event, Exchange};
 use crate::wire::Era;
 
@@ -363,25 +363,6 @@ impl Awaiting {
             Err(refusal) => Opening::Failed(refusal),
         }
     }
-}
-
-/// The relay-made error saying `source` could not answer (counted as a tunnel error).
-pub(crate) fn source_error_body(id: Option<&RawValue>, source: &str, why: &str) -> Bytes {
-    metrics::counter!(crate::metrics::REQUESTS, "outcome" => "tunnel_error").increment(1);
-    error_body(
-        id,
-        codes::SOURCE_UNAVAILABLE,
-        &format!("source {source} is unavailable: {why}"),
-    )
-}
-
-/// The requests among an agent message's messages: what its answer must respond to.
-pub(crate) fn requests(classified: &Classified) -> Vec<&MessageInfo> {
-    classified
-        .messages()
-        .iter()
-        .filter(|m| m.kind == MessageKind::Request)
-        .collect()
 }
 
 /// Waits for the next event, within the request timeout if one applies.

@@ -13,9 +13,7 @@ pub(crate) mod tasks;
 
 pub use events::parse_event_id;
 pub(super) use events::{EventLog, LogReader, Piece, Start};
-pub(super) use exchange::{
-    Arrived, Awaiting, Ending, EventIds, Opening, pipe, produce, requests, source_error_body,
-};
+pub(super) use exchange::{Arrived, Awaiting, Ending, EventIds, Opening, pipe, produce};
 pub(super) use sealed::{AnswerIds, EventClaims, SessionClaims, new_handle};
 pub(super) use sessions::{
     Session, Transport, is_standalone_stream, new_session_id, new_stream_base,

@@ -3,19 +3,28 @@
 //! large, never held whole; and which pending requests they answer.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use http::StatusCode;
 use http::header::HeaderValue;
+use tokio::sync::oneshot;
 
 use super::client::{BodyStream, Response, body_stream, content_length, error_chain};
-use super::context::StreamContext;
+use super::context::{StreamContext, is_event_stream};
 use super::error::UpstreamError;
 use crate::mcp::jsonrpc::MessageKind;
 use crate::mcp::sse_reader::{SseItem, SseReader};
 use crate::mcp::{ResponseScanner, classify};
 use crate::wire::{Frame, UNSOLICITED};
+
+/// Consecutive failures after which the standalone GET stream is given up.
+const GET_STREAM_ATTEMPTS: u32 = 3;
+
+/// Pause between GET stream attempts.
+const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
 
 /// Times an answer stream is resumed with `Last-Event-ID` before the request fails.
 const RESUME_ATTEMPTS: u32 = 5;
@@ -278,6 +287,49 @@ impl StreamContext {
             ));
         }
         Ok(response)
+    }
+
+    /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
+    /// `answered` hears when the first attempt got its answer (or failed).
+    pub(super) async fn standalone_stream(
+        self: Arc<Self>,
+        mut answered: Option<oneshot::Sender<()>>,
+    ) {
+        let mut failures = 0;
+        while failures < GET_STREAM_ATTEMPTS {
+            let opened = match self.session.declared() {
+                Some(declared) => self.listen_request(&declared).await,
+                None => self
+                    .get(self.event_stream_headers())
+                    .await
+                    .map_err(|e| error_chain(&e)),
+            };
+            if let Some(answered) = answered.take() {
+                let _ = answered.send(());
+            }
+            match opened {
+                Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
+                Ok(response) if response.status().is_success() && is_event_stream(&response) => {
+                    failures = 0;
+                    if let Err(e) = self
+                        .relay_sse(UNSOLICITED, response, &mut HashSet::new())
+                        .await
+                    {
+                        tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
+                        failures += 1;
+                    }
+                }
+                Ok(response) => {
+                    tracing::debug!(source = %self.name(), status = %response.status(), "upstream refused the GET stream");
+                    failures += 1;
+                }
+                Err(e) => {
+                    tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
+                    failures += 1;
+                }
+            }
+            tokio::time::sleep(GET_STREAM_RETRY).await;
+        }
     }
 }
 

@@ -15,7 +15,6 @@ use http::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 
 use super::HttpSource;
 use super::answer::{EventBody, SseEnd, answered, id_key};
@@ -34,12 +33,6 @@ use crate::wire::{Era, Frame, FrameKind, OpenHeader, UNSOLICITED};
 
 /// Time a DELETE of an upstream session may take when a stream ends.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Consecutive failures after which the standalone GET stream is given up.
-const GET_STREAM_ATTEMPTS: u32 = 3;
-
-/// Pause between GET stream attempts.
-const GET_STREAM_RETRY: Duration = Duration::from_secs(1);
 
 /// How long the requests after `notifications/initialized` wait for the upstream to answer the
 /// GET stream: a loopback or LAN upstream answers in milliseconds; one that does not answer
@@ -748,49 +741,6 @@ impl StreamContext {
             body.extend_from_slice(&chunk);
         }
         Ok(body.freeze())
-    }
-
-    /// The upstream's standalone GET stream: its messages go to the agent's GET stream.
-    /// `answered` hears when the first attempt got its answer (or failed).
-    pub(super) async fn standalone_stream(
-        self: Arc<Self>,
-        mut answered: Option<oneshot::Sender<()>>,
-    ) {
-        let mut failures = 0;
-        while failures < GET_STREAM_ATTEMPTS {
-            let opened = match self.session.declared() {
-                Some(declared) => self.listen_request(&declared).await,
-                None => self
-                    .get(self.event_stream_headers())
-                    .await
-                    .map_err(|e| error_chain(&e)),
-            };
-            if let Some(answered) = answered.take() {
-                let _ = answered.send(());
-            }
-            match opened {
-                Ok(response) if response.status() == StatusCode::METHOD_NOT_ALLOWED => return,
-                Ok(response) if response.status().is_success() && is_event_stream(&response) => {
-                    failures = 0;
-                    if let Err(e) = self
-                        .relay_sse(UNSOLICITED, response, &mut HashSet::new())
-                        .await
-                    {
-                        tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
-                        failures += 1;
-                    }
-                }
-                Ok(response) => {
-                    tracing::debug!(source = %self.name(), status = %response.status(), "upstream refused the GET stream");
-                    failures += 1;
-                }
-                Err(e) => {
-                    tracing::debug!(source = %self.name(), error = %e, "upstream GET stream failed");
-                    failures += 1;
-                }
-            }
-            tokio::time::sleep(GET_STREAM_RETRY).await;
-        }
     }
 
     /// DELETEs the upstream session, if there is one.
