@@ -23,7 +23,7 @@ use crate::govern::Identity;
 use crate::mcp::tasks::{self, TaskIds};
 use crate::relay::fleet::{FleetKeys, TASK_TAG_LEN};
 
-/// Tasks remembered as created, per tenant: each is a 128-bit tag (with the order kept, about
+/// Tasks remembered as created, per tenant: each is a 128-bit digest (with the order kept, about
 /// 48 bytes), so a tenant's record stays under 0.5 MiB; past it the oldest is forgotten (its
 /// task drops out of its caller's `tasks/list`, and stays reachable by its id).
 const OWNED_PER_TENANT: usize = 10_000;
@@ -85,6 +85,17 @@ impl TaskBinding {
         self.keys.tag(&self.tagged(raw))
     }
 
+    /// What the record of created tasks keeps of one: a digest of the same parts as the tag,
+    /// unkeyed (the record never leaves the relay), so a rotation of the fleet secret leaves
+    /// it valid.
+    fn owner_key(&self, raw: &str) -> [u8; TASK_TAG_LEN] {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.tagged(raw));
+        let mut key = [0u8; TASK_TAG_LEN];
+        key.copy_from_slice(&digest[..TASK_TAG_LEN]);
+        key
+    }
+
     /// The upstream's message as the caller sees it: every task id in it bound, a task list
     /// cut to the caller's own; anything else unchanged (no parse unless it names a task).
     pub(crate) fn apply(&self, message: Bytes) -> Bytes {
@@ -107,16 +118,16 @@ impl TaskIds for TaskBinding {
     }
 
     fn created(&self, raw: &str) {
-        self.owners.record(&self.tenant, self.tag(raw));
+        self.owners.record(&self.tenant, self.owner_key(raw));
     }
 
     fn listed(&self, raw: &str) -> bool {
-        self.owners.holds(&self.tenant, self.tag(raw))
+        self.owners.holds(&self.tenant, self.owner_key(raw))
     }
 }
 
-/// The tasks this relay saw created, by tenant: the tag of each (which names the caller, the
-/// source and the task), so a `tasks/list` answer keeps only the caller's own.
+/// The tasks this relay saw created, by tenant: a digest of each (of the caller, the source
+/// and the task), so a `tasks/list` answer keeps only the caller's own.
 #[derive(Default)]
 pub(crate) struct TaskOwners {
     tenants: Mutex<HashMap<Arc<str>, Owned>>,
