@@ -35,6 +35,8 @@ AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see
 WORKERS=${WORKERS:-}                 # tokio worker threads of relay, connect and rathole (empty: one per core)
 READY_SECS=${READY_SECS:-60}         # bound on every readiness wait
 MAX_MESSAGE=$((128 * 1024 * 1024))   # relay and connect frame limit: room for the 100 MiB result
+# Relay session caps: room for the largest idle count (and the warm-up's sessions) from one key.
+SESSION_CAP=$((2 * $(tr ',' '\n' <<<"$IDLE_COUNTS" | sort -n | tail -1) + 1000))
 RATHOLE_ROOT=$TARGET/tools/rathole
 RATHOLE=$RATHOLE_ROOT/bin/rathole
 
@@ -85,6 +87,10 @@ $( ((AUDIT)) && printf '[audit]\npath = "%s"\n' "$dir/audit.db")
 
 [limits]
 max_message_bytes = $MAX_MESSAGE
+# Room for the idle-session workload (one key opens them all), past the per-caller defaults.
+max_sessions_per_key = $SESSION_CAP
+max_sessions_per_tenant = $SESSION_CAP
+max_sessions_per_source = $SESSION_CAP
 
 $(bench_tenant "demo/*")
 EOF

@@ -56,7 +56,7 @@ struct Holder {
 /// The live sessions of all tenants, and the stateless listen streams open now.
 #[derive(Default)]
 pub struct Sessions {
-    map: Mutex<HashMap<String, Arc<Session>>>,
+    map: Mutex<Live>,
     /// Open stateless `subscriptions/listen` streams, by a number of their own.
     listens: Arc<Mutex<HashMap<u64, Holder>>>,
     next_listen: std::sync::atomic::AtomicU64,
@@ -74,10 +74,89 @@ impl Drop for ListenGuard {
     }
 }
 
+/// The sessions by id, with how many each tenant, caller and source holds: the caps are
+/// checked against these counts in constant time, and the sessions scanned only near a cap
+/// (the counts include sessions whose tunnel stream ended and the sweep has not yet removed,
+/// which the scan leaves out).
+#[derive(Default)]
+struct Live {
+    by_id: HashMap<String, Arc<Session>>,
+    per_tenant: HashMap<Arc<str>, usize>,
+    per_key: HashMap<(Arc<str>, Arc<str>), usize>,
+    per_source: HashMap<(Arc<str>, String), usize>,
+}
+
+impl Live {
+    fn insert(&mut self, session: Arc<Session>) -> Option<Arc<Session>> {
+        let counted = (
+            session.tenant.clone(),
+            session.subject.clone(),
+            session.source.clone(),
+        );
+        let replaced = self.by_id.insert(session.id.clone(), session);
+        if let Some(old) = &replaced {
+            self.uncount(old);
+        }
+        let (tenant, subject, source) = counted;
+        *self.per_tenant.entry(tenant.clone()).or_default() += 1;
+        *self.per_key.entry((tenant.clone(), subject)).or_default() += 1;
+        *self.per_source.entry((tenant, source)).or_default() += 1;
+        replaced
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Session>> {
+        let removed = self.by_id.remove(id)?;
+        self.uncount(&removed);
+        Some(removed)
+    }
+
+    fn uncount(&mut self, session: &Session) {
+        fn down<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K) {
+            if let Some(count) = map.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+        down(&mut self.per_tenant, session.tenant.clone());
+        down(
+            &mut self.per_key,
+            (session.tenant.clone(), session.subject.clone()),
+        );
+        down(
+            &mut self.per_source,
+            (session.tenant.clone(), session.source.clone()),
+        );
+    }
+
+    /// Whether `who` is below every cap with `extra` more holders (its listen streams),
+    /// counting every session, ended ones too: when it is, the exact count is too.
+    fn clearly_below(
+        &self,
+        who: &Identity,
+        source: &str,
+        caps: SessionCaps,
+        extra: [usize; 3],
+    ) -> bool {
+        let get = |count: Option<&usize>| count.copied().unwrap_or(0);
+        let key = get(self.per_key.get(&(who.tenant.clone(), who.subject.clone()))) + extra[0];
+        let by_source = get(self
+            .per_source
+            .get(&(who.tenant.clone(), source.to_owned())))
+            + extra[1];
+        let tenant = get(self.per_tenant.get(&who.tenant)) + extra[2];
+        let below = |count: usize, cap: usize| cap == 0 || count < cap;
+        below(key, caps.per_key)
+            && below(by_source, caps.per_source)
+            && below(tenant, caps.per_tenant)
+    }
+}
+
 impl Sessions {
     /// Adds a session.
     pub fn insert(&self, session: Arc<Session>) {
-        self.map.lock().insert(session.id.clone(), session);
+        self.map.lock().insert(session);
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
     }
 
@@ -86,7 +165,7 @@ impl Sessions {
         {
             let mut map = self.map.lock();
             self.check(&map, &session.identity(), &session.source, caps)?;
-            map.insert(session.id.clone(), session);
+            map.insert(session);
         }
         metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
         Ok(())
@@ -104,13 +183,14 @@ impl Sessions {
         {
             let mut map = self.map.lock();
             if let Some(existing) = map
+                .by_id
                 .get(&session.id)
                 .filter(|s| s.channel.closed_reason().is_none() && !s.channel.tunnel_silent())
             {
                 return Ok(existing.clone());
             }
             self.check(&map, &session.identity(), &session.source, caps)?;
-            if map.insert(session.id.clone(), session.clone()).is_some() {
+            if map.insert(session.clone()).is_some() {
                 // It replaced one whose stream had ended: the count stays.
                 return Ok(session);
             }
@@ -162,13 +242,23 @@ impl Sessions {
     /// tunnel stream has ended do not count (the sweep removes them).
     fn check(
         &self,
-        map: &HashMap<String, Arc<Session>>,
+        map: &Live,
         who: &Identity,
         source: &str,
         caps: SessionCaps,
     ) -> Result<(), CapReached> {
         let listens = self.listens.lock();
+        let mut extra = [0; 3];
+        for held in listens.values().filter(|h| h.tenant == who.tenant) {
+            extra[0] += usize::from(held.subject == who.subject);
+            extra[1] += usize::from(held.source == source);
+            extra[2] += 1;
+        }
+        if map.clearly_below(who, source, caps, extra) {
+            return Ok(());
+        }
         let holders = map
+            .by_id
             .values()
             .filter(|s| s.channel.closed_reason().is_none())
             .map(|s| (&s.tenant, &s.subject, s.source.as_str()))
@@ -217,7 +307,7 @@ impl Sessions {
         source: &str,
         transport: Transport,
     ) -> Option<Arc<Session>> {
-        let session = self.map.lock().get(id).cloned()?;
+        let session = self.map.lock().by_id.get(id).cloned()?;
         if session.tenant != who.tenant
             || session.subject != who.subject
             || session.source != source
@@ -249,6 +339,7 @@ impl Sessions {
         let expired: Vec<String> = self
             .map
             .lock()
+            .by_id
             .values()
             .filter(|s| {
                 let idle_for = s.idle_for();
@@ -265,7 +356,7 @@ impl Sessions {
 
     /// Live sessions now.
     pub fn len(&self) -> usize {
-        self.map.lock().len()
+        self.map.lock().by_id.len()
     }
 
     /// Whether there are none.
@@ -277,8 +368,8 @@ impl Sessions {
     pub fn count(&self, tenant: Option<&str>) -> usize {
         let map = self.map.lock();
         match tenant {
-            None => map.len(),
-            Some(tenant) => map.values().filter(|s| *s.tenant == *tenant).count(),
+            None => map.by_id.len(),
+            Some(tenant) => map.per_tenant.get(tenant).copied().unwrap_or(0),
         }
     }
 }
