@@ -90,9 +90,9 @@ enum Broken {
 }
 
 impl Awaiting {
-    /// The message as the caller may see it: a list as policy filters it, an
-    /// `input_required` answer with its state sealed (its call then recorded as a round of
-    /// the call the state names).
+    /// The message as the caller may see it: a list as policy filters it, its task ids bound
+    /// to the caller, an `input_required` answer with its state sealed (its call then recorded
+    /// as a round of the call the state names).
     fn filtered(&mut self, message: Bytes) -> Bytes {
         let message = match &self.filter {
             Some(filter) => filter.apply(message),
