@@ -497,8 +497,14 @@ async fn stateless_call(
     common::read_answer(response).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
+/// server-everything behind a relay that keeps an audit trail, and the `connect` serving it
+/// as source `everything` to tenant acme; the trail's directory (kept while it lives) and file.
+async fn audited_everything() -> (
+    common::Peer,
+    common::Harness,
+    common::Client,
+    (tempfile::TempDir, PathBuf),
+) {
     let (everything, upstream) = start_server_everything().await;
     let dir = tempfile::tempdir().expect("a temporary directory");
     let db = dir.path().join("audit.db");
@@ -510,6 +516,12 @@ async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
     let client = harness
         .connect(&harness.acme, &[("everything", &upstream)])
         .await;
+    (everything, harness, client, (dir, db))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridged_elicitation_round_is_bound_to_its_call_and_spent_once() {
+    let (everything, harness, client, (_dir, db)) = audited_everything().await;
     let (url, key) = (harness.url("everything"), harness.acme.api_key.clone());
     let mut agent = common::Agent::new(&url, &key);
     agent.version = Some("2026-07-28".into());
@@ -627,17 +639,7 @@ fn listed_tasks(answer: &common::Answer) -> Vec<String> {
 /// "Task not found" and an audit row, and does not see it listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_is_reachable_only_by_the_caller_that_created_it() {
-    let (everything, upstream) = start_server_everything().await;
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let db = dir.path().join("audit.db");
-    let harness = common::Harness::start(common::Options {
-        audit: Some(common::audit::audit_at(&db)),
-        ..common::Options::default()
-    })
-    .await;
-    let client = harness
-        .connect(&harness.acme, &[("everything", &upstream)])
-        .await;
+    let (everything, harness, client, (_dir, db)) = audited_everything().await;
     let url = harness.url("everything");
     let mut alice = common::Agent::new(&url, &harness.acme.api_key);
     let mut bob = common::Agent::new(&url, &harness.acme.second_key);
