@@ -131,6 +131,20 @@ async fn a_2026_task_is_polled_by_its_creator_alone_with_the_id_it_was_given() {
         "the upstream sees its own id in the header and the body"
     );
 
+    // The header must name the body's task as the caller was given it.
+    let mismatched = stateless(&alice, 4, "tasks/get", "up-1", json!({"taskId": task})).await;
+    assert!(
+        mismatched["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Mcp-Name")),
+        "{mismatched}"
+    );
+    assert_eq!(
+        seen.lock().expect("not poisoned").len(),
+        1,
+        "refused at the relay"
+    );
+
     for tried in [task.as_str(), "up-1"] {
         let refused = stateless(&bob, 3, "tasks/get", tried, json!({"taskId": tried})).await;
         assert_eq!(refused["error"]["code"], -32602, "{refused}");

@@ -99,6 +99,12 @@ pub fn addresses_a_task(method: &str) -> bool {
     )
 }
 
+/// Whether the answers to `method` are about tasks (they are read whole, never passed on in
+/// pieces: see the relay's `Awaiting`).
+pub fn names_tasks(method: &str) -> bool {
+    method.starts_with("tasks/") || method == "subscriptions/listen"
+}
+
 /// Whether an upstream's `message` may carry a task id at all: the quick test that keeps every
 /// other message off the parser. It looks for the key with its quotes: inside a JSON string (a
 /// tool's text that mentions task ids) a quote is always escaped, so text never matches.
@@ -343,6 +349,15 @@ pub fn unbind_payload(
         Err(_) if kind == MessageKind::Request => return Err(UnknownTask),
         Err(_) => return Ok(Vec::new()),
     };
+    if names_tasks {
+        refuse_folded_keys(text, &["taskId", "notifications", "_meta"])?;
+        if let Some(notifications) = fields
+            .notifications
+            .filter(|_| method == "subscriptions/listen")
+        {
+            refuse_folded_keys(notifications.get(), &["taskIds"])?;
+        }
+    }
     let strict = kind == MessageKind::Request;
     let mut splices = Vec::new();
     if names_tasks && addresses_a_task(method) {
@@ -375,6 +390,30 @@ pub fn unbind_payload(
     }
     splices.sort_by_key(|s| s.range.start);
     Ok(splices)
+}
+
+/// Refuses an object (`text`) with a key that differs from one of `keys` only by case or
+/// Unicode case folding (`TaskID`, `taſkId`): this module reads the exact key, and an upstream
+/// that matches keys regardless of case (Go's `encoding/json` does) would read the other.
+fn refuse_folded_keys(text: &str, keys: &[&str]) -> Result<(), UnknownTask> {
+    if !is_object(text.as_bytes()) {
+        return Ok(());
+    }
+    let present: std::collections::HashMap<Cow<'_, str>, serde::de::IgnoredAny> =
+        serde_json::from_str(text).map_err(|_| UnknownTask)?;
+    let fold = |key: &str| -> String {
+        key.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let wanted: Vec<String> = keys.iter().map(|key| fold(key)).collect();
+    for key in present.keys() {
+        if !keys.contains(&key.as_ref()) && wanted.contains(&fold(key)) {
+            return Err(UnknownTask);
+        }
+    }
+    Ok(())
 }
 
 /// The splice unbinding the id at `raw` (borrowed from `base`). `strict`: an id that is not

@@ -182,6 +182,8 @@ fn an_agent_names_only_its_own_tasks() {
             r#"{"taskId":"t1","x":1e400}"#,
             r#"{"taskId":"alice:t1","taskId":"t1"}"#,
             r#"{"taskId":"\ud800"}"#,
+            r#"{"taskId":"alice:t1","TaskID":"t2"}"#,
+            r#"{"taskId":"alice:t1","ta\u017fkId":"t2"}"#,
             r#"[]"#,
         ] {
             assert_eq!(

@@ -585,18 +585,28 @@ fn unbind_tasks(
 }
 
 /// A tasks request's `Mcp-Name` (2026-07-28: the task id, as the body's `params.taskId`)
-/// unbound like the body's, so the two still agree upstream. One that is not the caller's
-/// id is left as it is (the body's was checked; the upstream refuses the mismatch).
-pub(super) fn unbind_name_header(header: &mut OpenHeader, tasks: &TaskBinding) {
+/// unbound like the body's (`task`, already unbound), so the two agree upstream; a header
+/// that does not name the body's task, as the caller was given it, is refused.
+pub(super) fn unbind_name_header(
+    header: &mut OpenHeader,
+    tasks: &TaskBinding,
+    task: Option<&str>,
+) -> Result<(), String> {
     use crate::mcp::era::{NAME_HEADER, decode_header_value, encode_header_value};
     use crate::mcp::tasks::TaskIds;
     for (name, value) in &mut header.mcp_headers {
-        if name.eq_ignore_ascii_case(NAME_HEADER)
-            && let Some(raw) = decode_header_value(value).and_then(|bound| tasks.unbind(&bound))
-        {
-            *value = encode_header_value(&raw);
+        if !name.eq_ignore_ascii_case(NAME_HEADER) {
+            continue;
+        }
+        let raw = decode_header_value(value).and_then(|bound| tasks.unbind(&bound));
+        match raw {
+            Some(raw) if Some(raw.as_str()) == task => *value = encode_header_value(&raw),
+            _ => {
+                return Err("Mcp-Name header must be the task id params.taskId names".into());
+            }
         }
     }
+    Ok(())
 }
 
 /// The open header of a new exchange stream. In the stateless era the agent's MCP routing

@@ -288,7 +288,16 @@ async fn stateless(
         .as_deref()
         .is_some_and(crate::mcp::tasks::addresses_a_task)
     {
-        unbind_name_header(&mut header, &state.task_binding(who, source));
+        let task = info.payload(&body).and_then(crate::mcp::tasks::task_id_of);
+        unbind_name_header(
+            &mut header,
+            &state.task_binding(who, source),
+            task.as_deref(),
+        )
+        .map_err(|message| AgentError::HeaderMismatch {
+            id: info.id.clone(),
+            message,
+        })?;
     }
     let opened = match holder {
         Some(connect) => open_channel_to(state, who, &header, &connect).await,

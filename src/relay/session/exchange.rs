@@ -128,7 +128,10 @@ impl Awaiting {
             && requests
                 .iter()
                 .any(|m| m.method.as_deref() == Some("subscriptions/listen"));
-        let pipelined = requests.len() == 1 && requests[0].method.as_deref() != Some("initialize");
+        // Answers to tasks methods are read whole, wherever their task ids sit: all are bound.
+        let method = requests.first().and_then(|m| m.method.as_deref());
+        let pipelined = requests.len() == 1
+            && method.is_some_and(|m| m != "initialize" && !tasks::names_tasks(m));
         Self {
             id: requests.first().and_then(|m| m.id.clone()),
             responses: requests.len(),
