@@ -1,9 +1,11 @@
 //! The audit trail: a tamper-evident record of every call through the relay.
 //!
 //! The relay builds a [`Record`] per request and hands it to [`Auditor::append`], which
-//! resolves once the row is committed, so the relay can hold the agent's answer until the
-//! trail has it. One writer thread owns the SQLite file (WAL) and commits whatever is queued in
-//! one transaction (group commit): the cost of a commit is shared by every call waiting on it.
+//! resolves once the row is durable in the segment file ([`segment`]: one `write`, and with
+//! `durability = "fsync"` a sync shared by every call waiting), so the relay can hold the
+//! agent's answer until the trail has it. An indexer thread copies the rows into the SQLite
+//! file (WAL) in batches behind the calls; readers read the database and the rows past its
+//! mark in the segment file.
 //!
 //! Each (relay instance, tenant) pair's rows form a hash chain (see [`chain`]), and each relay
 //! signs a numbered, hash-linked chain of checkpoints over the heads of all its tenant chains
@@ -23,6 +25,7 @@ pub mod key;
 pub mod postgres;
 pub mod query;
 pub mod record;
+pub mod segment;
 mod settings;
 pub mod store;
 mod trail;

@@ -11,8 +11,10 @@ use rusqlite::types::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::store;
+use std::collections::HashMap;
+
 use super::{AuditError, Record, Verdict};
+use super::{segment, store};
 
 /// How often `tail --follow` looks for new rows.
 pub const FOLLOW_POLL: Duration = Duration::from_millis(250);
@@ -105,6 +107,22 @@ impl Filter {
             });
         }
         terms
+    }
+
+    /// Whether a row of `relay` holding `record` matches (what [`Filter::terms`] asks of the
+    /// columns, asked of the record: for rows not yet in a database).
+    pub fn matches(&self, relay: &str, record: &Record) -> bool {
+        let is = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|want| have == Some(want))
+        };
+        is(&self.relay, Some(relay))
+            && is(&self.tenant, Some(&record.tenant))
+            && is(&self.subject, Some(&record.subject))
+            && is(&self.source, Some(&record.source))
+            && is(&self.tool, record.tool.as_deref())
+            && self.decision.is_none_or(|d| d == record.decision)
+            && self.since_ms.is_none_or(|since| record.time_ms >= since)
+            && self.until_ms.is_none_or(|until| record.time_ms < until)
     }
 
     /// The SQLite condition and its parameters. `relay` is the expression of the relay column
@@ -260,6 +278,60 @@ impl Reader {
         Ok(rows)
     }
 
+    /// The rows matching `filter` that are in the segment files past the database's mark and
+    /// not in the database (a running relay's last milliseconds of rows, or what a crash left
+    /// before the relay's next start indexes it), in file order. Their `id` is 0.
+    pub fn unindexed(&self, filter: &Filter) -> Result<Vec<StoredRow>, AuditError> {
+        // Open before the mark is read: a file removed once indexed meanwhile is still whole.
+        let files = segment::open_from(&self.path, 0).map_err(|e| self.error(e))?;
+        if files.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mark = store::segment_mark(&self.conn).map_err(|e| self.error(e))?;
+        let rows = segment::rows_past(files, mark).map_err(|e| self.error(e))?;
+        let mut indexed: HashMap<(String, String), u64> = HashMap::new();
+        let mut out = Vec::new();
+        for (relay, row) in rows {
+            if !filter.matches(&relay, &row.record) {
+                continue;
+            }
+            let key = (relay, row.record.tenant.clone());
+            let last = match indexed.get(&key) {
+                Some(last) => *last,
+                None => {
+                    let last = self.last_seq(&key.0, &key.1)?;
+                    indexed.insert(key, last);
+                    last
+                }
+            };
+            // Indexed after the mark was read: the database has it.
+            if row.seq <= last {
+                continue;
+            }
+            out.push(StoredRow {
+                id: 0,
+                seq: row.seq,
+                prev_hash: hex::encode(row.prev),
+                hash: hex::encode(row.hash),
+                record: serde_json::from_slice(&row.bytes)
+                    .map_err(|e| self.error(format!("a segment row is not JSON: {e}")))?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The last sequence number the database has of the chain of `relay` and `tenant`.
+    fn last_seq(&self, relay: &str, tenant: &str) -> Result<u64, AuditError> {
+        let sql = format!(
+            "SELECT COALESCE(MAX(seq), 0) FROM records WHERE {} = ?1 AND tenant = ?2",
+            self.relay_column
+        );
+        self.conn
+            .query_row(&sql, [relay, tenant], |r| r.get::<_, i64>(0))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+            .map_err(|e| self.error(e))
+    }
+
     fn select(
         &self,
         filter: &Filter,
@@ -388,12 +460,16 @@ pub fn export(path: &Path, filter: &Filter, out: &mut dyn Write) -> Result<u64, 
             written += 1;
         }
     }
+    for row in reader.unindexed(filter)? {
+        writeln!(out, "{}", row.to_json_line())?;
+        written += 1;
+    }
     out.flush()?;
     Ok(written)
 }
 
-/// `audit tail`: the last `n` matching rows as human-readable lines; with `follow`, then every
-/// new matching row as it is committed, until `stop` returns true (checked every
+/// `audit tail`: the last `n` matching rows as human-readable lines (without `follow`, rows
+/// not yet indexed included); with `follow`, then every new matching row as it is indexed, until `stop` returns true (checked every
 /// [`FOLLOW_POLL`]).
 pub fn tail(
     path: &Path,
@@ -404,8 +480,13 @@ pub fn tail(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let reader = Reader::open(path)?;
-    let rows = reader.last_rows(filter, n)?;
+    let mut rows = reader.last_rows(filter, n)?;
     let mut after = rows.last().map_or(0, |r| r.id);
+    if !follow {
+        // Following reads the database only: these rows reach it within milliseconds.
+        rows.extend(reader.unindexed(filter)?);
+        rows.drain(..rows.len().saturating_sub(n));
+    }
     if !follow && rows.is_empty() {
         return Ok(());
     }

@@ -11,11 +11,15 @@ use crate::config;
 /// How durable a committed row is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// WAL with `synchronous = NORMAL`: a committed row survives a crash of the relay process
-    /// (not necessarily a power loss). The default: cheap, and what the relay promises agents.
+    /// A row is written to the segment file (one `write`) before its answer is released: it
+    /// survives a crash of the relay process, not necessarily a power loss. The database
+    /// behind it runs WAL with `synchronous = NORMAL`. The default: cheap, and what the relay
+    /// promises agents.
     #[default]
     Commit,
-    /// WAL with `synchronous = FULL`: every commit is fsynced, so rows survive power loss.
+    /// The segment file is also synced (`fdatasync`, one for every call waiting) before the
+    /// answer is released, so rows survive power loss; the database runs with
+    /// `synchronous = FULL`.
     Fsync,
 }
 

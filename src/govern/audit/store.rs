@@ -11,6 +11,7 @@ use rusqlite::{Connection, OpenFlags, params};
 
 use super::chain::{self, GENESIS};
 use super::checkpoint::{Checkpoint, HeadEntry, Kind};
+use super::segment::{Mark, Row};
 use super::settings::Durability;
 use super::{AuditError, Record};
 
@@ -511,6 +512,74 @@ pub fn insert_record(
         record.args_sha256,
     ])?;
     Ok(())
+}
+
+/// The `meta` key of how far the segment files are indexed ([`Mark`]).
+const SEGMENT_MARK: &str = "segment";
+
+/// How far the segment files are indexed (the start of generation 0 when never).
+pub fn segment_mark(conn: &Connection) -> rusqlite::Result<Mark> {
+    let text: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [SEGMENT_MARK],
+            |row| row.get(0),
+        )
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    match text {
+        None => Ok(Mark::default()),
+        Some(text) => Mark::parse(&text).ok_or_else(|| {
+            rusqlite::Error::InvalidColumnType(
+                0,
+                "meta.segment".into(),
+                rusqlite::types::Type::Text,
+            )
+        }),
+    }
+}
+
+/// Records how far the segment files are indexed (inside the transaction that indexed the
+/// rows, so the two never disagree).
+pub fn set_segment_mark(conn: &Connection, mark: Mark) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?
+        .execute(params![SEGMENT_MARK, mark.to_text()])?;
+    Ok(())
+}
+
+/// Indexes segment `rows` of `relay` (in file order) in one transaction with the `mark` after
+/// them: both or neither.
+pub fn index_rows(
+    conn: &Connection,
+    relay: &str,
+    rows: &[Row],
+    mark: Mark,
+) -> rusqlite::Result<()> {
+    begin(conn)?;
+    let inserted = (|| {
+        for row in rows {
+            insert_record(
+                conn,
+                relay,
+                row.seq,
+                &row.prev,
+                &row.hash,
+                &row.bytes,
+                &row.record,
+            )?;
+        }
+        set_segment_mark(conn, mark)
+    })();
+    match inserted {
+        Ok(()) => commit(conn),
+        Err(e) => {
+            rollback(conn);
+            Err(e)
+        }
+    }
 }
 
 /// Inserts a signed checkpoint of the relay's chain.

@@ -1,38 +1,40 @@
-//! [`Auditor`]: the relay's handle on the trail, and the writer thread behind it.
+//! [`Auditor`]: the relay's handle on the trail, and the threads behind it.
 //!
-//! When nothing is queued or being written and `durability = "commit"`, an append commits its
-//! own row on the caller's thread (a few tens of µs of CPU, no fsync, never waiting on another
-//! connection's lock): that skips the two thread wake-ups of the queue, which were about half
-//! of the audit's added latency at low load (`examples/echo_latency.rs`: audited minus plain
-//! p50 +0.115-0.130 ms before, +0.050-0.091 ms after, back to back). Otherwise, as below.
+//! An append puts the row on the segment file (see [`super::segment`]) on the caller's
+//! thread, under one short lock ([`log::Log`]): chained on from its tenant's last row, one
+//! `write`, no SQLite and no thread hand-off. With `durability = "commit"` that is all: the
+//! row survives a crash of the relay process once `write` returns. With `"fsync"` the append
+//! then waits until the file is synced past its row; one caller syncs for everyone waiting
+//! (group commit) on a blocking thread. Either way the relay holds the agent's answer until
+//! the append resolves.
 //!
-//! Appends go through a bounded queue to one dedicated thread (not a tokio worker: SQLite
-//! blocks). The thread waits on a std channel (a futex wake-up), not on a tokio runtime of its
-//! own: that hand-off measured 15 µs at the median against 40 µs, and 50 µs at p99 against
-//! 2-3 ms (`examples/echo_latency.rs`); room in the queue is a tokio semaphore so appends wait
-//! for it without blocking. The thread takes everything queued, writes it in one transaction, and then
-//! completes every waiting append (group commit). A full queue makes `append` wait; nothing is
-//! dropped.
+//! The indexer thread ([`index`]) copies the rows into SQLite in batches behind the calls and
+//! signs checkpoints (see [`super::checkpoint`]): after a batch that leaves a tenant with
+//! [`AuditSettings::checkpoint_rows`] unsigned rows, and at least every
+//! [`AuditSettings::checkpoint_secs`] while any row is unsigned. Rows written and not yet
+//! indexed are bounded by [`AuditSettings::queue`]: a full backlog makes appends wait (and fail
+//! at once, naming why, while the database refuses rows).
 //!
-//! Checkpoints (see [`super::checkpoint`]): [`Auditor::open`] checks the relay's own chain
-//! ([`super::verify::check_start`]) and refuses a trail that does not verify unless
-//! `new_epoch` is set, then signs a start (or epoch) checkpoint; after a commit that leaves a
-//! tenant with [`AuditSettings::checkpoint_rows`] unsigned rows, and at least every
-//! [`AuditSettings::checkpoint_secs`] while any row is unsigned, the next checkpoint signs the
-//! head of every tenant; [`Auditor::close`] signs a close checkpoint. Each is also appended to
+//! [`Auditor::open`] indexes what a crash left in the segment files ([`recover`]), checks the
+//! relay's own chain ([`super::verify::check_start`]) and refuses a trail that does not verify
+//! unless `new_epoch` is set, then signs a start (or epoch) checkpoint; [`Auditor::close`]
+//! indexes the rest and signs a close checkpoint. Each checkpoint is also appended to
 //! `[audit] checkpoint_file` when set.
 //!
 //! One module a concern: `open` (opening the trail, the start check and the run's first
-//! checkpoint), `thread` (the writer thread and its group commit), `writer` (the state
-//! behind the lock and how rows are written), `signing` (checkpoints as the writer signs
-//! them, and the off-box copy), `wal` (the WAL merge thread). This file is the handle the
-//! relay holds.
+//! checkpoint), `recover` (a crash's rows), `log` (the call path's segment writer), `index`
+//! (the indexer thread), `writer` (the database's side), `signing` (checkpoints and the
+//! off-box copy), `wal` (the WAL merge thread). This file is the handle the relay holds.
 
+#[cfg(test)]
+mod crash_tests;
+mod index;
+mod log;
 mod open;
+mod recover;
 mod signing;
 #[cfg(test)]
 pub(crate) mod tests;
-mod thread;
 mod wal;
 mod writer;
 
@@ -43,23 +45,18 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, TryAcquireError, oneshot};
 
 use super::capture::{Capture, CaptureRules};
 use super::postgres::Shipper;
-use super::{AuditError, Record};
+use super::{AuditError, Record, chain};
 use crate::metrics as names;
-use writer::{Writer, micros_since};
+use index::Wake;
+use log::Log;
 
 /// The longest an append waits for its row to be committed (queue wait included). Only a stuck
 /// disk gets near it; the relay then answers the agent with an error rather than hang.
 pub const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long the trail must have been idle (no commit ending) for an append to commit inline:
-/// longer than the gaps between appends under load (where the queue's group commit wins, as
-/// one inline row per commit would cut the batches), shorter than a call's round trip at low
-/// load (about 0.4 ms through the relay).
-pub(super) const INLINE_IDLE: Duration = Duration::from_micros(100);
 
 /// The longest [`Auditor::close`] waits for the writer to flush and sign.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -71,20 +68,21 @@ pub struct Auditor {
 }
 
 struct Inner {
-    queue: mpsc::Sender<Message>,
-    /// The connection and chain heads, shared by the writer thread and inline appends.
-    store: Arc<Mutex<Writer>>,
-    /// Whether an append may commit its own row on the caller's thread when nothing else is
-    /// being written (`durability = "commit"` only: no fsync, so the commit takes tens of
-    /// microseconds of CPU and never waits on the disk).
-    inline: bool,
-    /// The queue's size: an idle writer has all of `room`'s permits.
-    capacity: usize,
-    /// When the last commit ended, in µs after `opened` (for [`INLINE_IDLE`]).
-    last_write: Arc<AtomicU64>,
-    opened: Instant,
-    /// One permit per record the queue may hold; an append holds one until its row is written.
+    /// The segment file and the chains as written.
+    log: Arc<Mutex<Log>>,
+    /// Wakes the indexer thread.
+    index: mpsc::Sender<Wake>,
+    /// `durability = "fsync"`: an append waits until the file is synced past its row.
+    durable: bool,
+    /// The bytes of this run's segment writes known to be on disk.
+    synced: AtomicU64,
+    /// Held by the one caller syncing for everyone waiting.
+    sync_gate: tokio::sync::Mutex<()>,
+    /// One permit per row the backlog (written, not yet indexed) may hold; the indexer gives a
+    /// row's permit back once the row is in the database.
     room: Arc<Semaphore>,
+    /// Why indexing fails, while it does.
+    failing: Arc<Mutex<Option<String>>>,
     capture: RwLock<CaptureRules>,
     path: PathBuf,
     /// Ships the trail to the fleet's database (`[audit] url`), if configured.
@@ -99,78 +97,85 @@ impl std::fmt::Debug for Auditor {
     }
 }
 
-#[allow(
-    clippy::large_enum_variant,
-    reason = "almost every message is an Append; boxing would add an allocation per call"
-)]
-enum Message {
-    Append {
-        /// Room in the queue, given back once the row is written.
-        permit: OwnedSemaphorePermit,
-        record: Record,
-        done: oneshot::Sender<Result<(), AuditError>>,
-    },
-    Close {
-        done: oneshot::Sender<()>,
-    },
-}
-
 impl Auditor {
-    /// Appends one record; resolves once the row is committed (so the relay can hold the
-    /// agent's response until then). Concurrent appends share one transaction. Waits while the
-    /// queue is full, at most [`APPEND_TIMEOUT`] in all.
+    /// Appends one record; resolves once the row is durable (written, and with
+    /// `durability = "fsync"` synced), so the relay can hold the agent's answer until then.
+    /// Waits while the backlog of rows to index is full, at most [`APPEND_TIMEOUT`] in all.
     pub async fn append(&self, record: Record) -> Result<(), AuditError> {
         let started = Instant::now();
-        if let Some(result) = self.append_inline(&record) {
-            metrics::histogram!(names::AUDIT_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
-            return result;
-        }
-        let (done, committed) = oneshot::channel();
-        let result = tokio::time::timeout(APPEND_TIMEOUT, async {
-            let permit = self
-                .inner
-                .room
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| AuditError::Closed)?;
-            self.inner
-                .queue
-                .send(Message::Append {
-                    permit,
-                    record,
-                    done,
-                })
-                .map_err(|_| AuditError::Closed)?;
-            committed.await.map_err(|_| AuditError::Closed)?
-        })
-        .await
-        .unwrap_or(Err(AuditError::Timeout(APPEND_TIMEOUT)));
+        let result = tokio::time::timeout(APPEND_TIMEOUT, self.append_within(record))
+            .await
+            .unwrap_or(Err(AuditError::Timeout(APPEND_TIMEOUT)));
         metrics::histogram!(names::AUDIT_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
         result
     }
 
-    /// Commits `record` on the caller's thread if the writer is idle: nothing queued, nothing
-    /// being written, the lock free and SQLite's write lock free. That saves the two thread
-    /// wake-ups of the queue (to the writer and back to the waiting task), most of the audit's
-    /// added latency at low load. `None` when the queue must take it (busy writer,
-    /// `durability = "fsync"`), so concurrent appends still share one commit.
-    fn append_inline(&self, record: &Record) -> Option<Result<(), AuditError>> {
+    async fn append_within(&self, record: Record) -> Result<(), AuditError> {
         let inner = &self.inner;
-        if !inner.inline || inner.room.available_permits() < inner.capacity {
-            return None;
+        match inner.room.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(TryAcquireError::Closed) => return Err(AuditError::Closed),
+            Err(TryAcquireError::NoPermits) => {
+                if let Some(why) = inner.failing.lock().clone() {
+                    return Err(AuditError::Write {
+                        path: inner.path.clone(),
+                        message: format!("the rows waiting to be indexed fill the backlog: {why}"),
+                    });
+                }
+                let permit = inner.room.acquire().await.map_err(|_| AuditError::Closed)?;
+                permit.forget();
+            }
         }
-        let idle =
-            micros_since(inner.opened).saturating_sub(inner.last_write.load(Ordering::Relaxed));
-        if idle < INLINE_IDLE.as_micros() as u64 {
-            return None;
+        let bytes = chain::canonical(&record);
+        let appended = inner.log.lock().append(record, bytes);
+        let (written, wake) = match appended {
+            Ok(appended) => appended,
+            Err(e) => {
+                inner.room.add_permits(1);
+                return Err(e);
+            }
+        };
+        if wake {
+            // The indexer is gone only after the close; the row is in the segment regardless.
+            let _ = inner.index.send(Wake::Rows);
         }
-        let mut writer = inner.store.try_lock()?;
-        let result = writer.commit_one(record);
-        inner
-            .last_write
-            .store(micros_since(inner.opened), Ordering::Relaxed);
-        result
+        if inner.durable {
+            self.sync_to(written).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the segment is synced past `written` bytes of this run: the first waiter
+    /// syncs everything written so far on a blocking thread, the others find it done.
+    async fn sync_to(&self, written: u64) -> Result<(), AuditError> {
+        let inner = &self.inner;
+        if inner.synced.load(Ordering::Acquire) >= written {
+            return Ok(());
+        }
+        let _syncing = inner.sync_gate.lock().await;
+        if inner.synced.load(Ordering::Acquire) >= written {
+            return Ok(());
+        }
+        let (target, handle) = inner.log.lock().to_sync()?;
+        let synced = tokio::task::spawn_blocking(move || handle.sync_data())
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        synced.map_err(|e| AuditError::Write {
+            path: inner.path.clone(),
+            message: format!("syncing the segment file: {e}"),
+        })?;
+        inner.synced.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Indexes every row appended so far into the database now, and resolves once it is (or
+    /// once the indexer gave up on this batch): for readers of the database that must see
+    /// every row, and tests.
+    pub async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.inner.index.send(Wake::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, flushed).await;
+        }
     }
 
     /// What to keep of arguments and results for this tenant's source ([`Capture::keep`]
@@ -210,7 +215,7 @@ impl Auditor {
     async fn close_trail(&self) {
         let (done, closed) = oneshot::channel();
         let flushed = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            if self.inner.queue.send(Message::Close { done }).is_ok() {
+            if self.inner.index.send(Wake::Close(done)).is_ok() {
                 let _ = closed.await;
             }
         })

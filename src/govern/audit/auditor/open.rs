@@ -12,14 +12,17 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Semaphore;
 
+use super::index::Indexer;
+use super::log::Log;
+use super::recover::recover;
 use super::signing::{ChainState, CheckpointFile};
-use super::thread::WriterThread;
 use super::wal::{WAL_RESTART_FRAMES, WalCheckpointer};
 use super::writer::Writer;
 use super::{Auditor, Inner};
 use crate::govern::audit::checkpoint::{GENESIS_HEX, Kind};
 use crate::govern::audit::key::CheckpointKey;
 use crate::govern::audit::postgres::{Shipper, ShipperSettings, Target};
+use crate::govern::audit::segment::SegmentFile;
 use crate::govern::audit::settings::{AuditSettings, Durability};
 use crate::govern::audit::store::{self, Head, StoredCheckpoint};
 use crate::govern::audit::{AuditError, verify};
@@ -53,10 +56,18 @@ impl Auditor {
         let (conn, migrated) =
             store::open_writer(path, config.durability, key.public_hex(), &relay)?;
         let db_error = store::sql_error(path);
+        let recovered = recover(&conn, path, config.new_epoch)?;
         let heads = store::load_heads(&conn, &relay).map_err(&db_error)?;
         let last = store::last_checkpoint(&conn, &relay).map_err(&db_error)?;
-        let verdict = verify::check_start(&conn, &relay, key.public_hex(), &heads, last.as_ref())
-            .map_err(&db_error)?;
+        let mut verdict =
+            verify::check_start(&conn, &relay, key.public_hex(), &heads, last.as_ref())
+                .map_err(&db_error)?;
+        if let Some(damage) = recovered.damage {
+            verdict = Err(match verdict {
+                Ok(()) => damage,
+                Err(why) => format!("{damage}; {why}"),
+            });
+        }
         let first = first_checkpoint(config, &relay, migrated, verdict, last.as_ref())?;
         let chain = ChainState {
             n: last.as_ref().map_or(0, |l| l.n),
@@ -75,6 +86,18 @@ impl Auditor {
             .map(|file| CheckpointFile::open(file, config.durability))
             .transpose()?;
         log_open(path, &relay, &heads, config.durability);
+        let durable = config.durability == Durability::Fsync;
+        let segment = SegmentFile::create(path, &relay, recovered.next, durable).map_err(|e| {
+            AuditError::Database {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let written = heads
+            .iter()
+            .map(|(t, h)| (t.clone(), (h.seq, h.hash)))
+            .collect();
+        let log = Log::new(segment, written, path.clone(), relay.clone(), durable);
         let wal = WalCheckpointer::start(path, WAL_RESTART_FRAMES)?;
         let mut writer = Writer {
             conn: Some(conn),
@@ -104,41 +127,42 @@ impl Auditor {
                 })
             })
             .transpose()?;
-        Self::start(config, writer, shipper)
+        Self::start(config, writer, log, shipper)
     }
 
-    /// Starts the writer thread over `writer` and returns the handle on it (and on `shipper`).
+    /// Starts the indexer thread over `writer` and returns the handle on the trail (and on
+    /// `shipper`).
     fn start(
         config: &AuditSettings,
         writer: Writer,
+        log: Log,
         shipper: Option<Shipper>,
     ) -> Result<Auditor, AuditError> {
         let path = writer.path.clone();
-        let (queue, rx) = mpsc::channel();
+        let (index, rx) = mpsc::channel();
         let room = Arc::new(Semaphore::new(config.queue));
-        let store = Arc::new(Mutex::new(writer));
-        let opened = Instant::now();
-        let last_write = Arc::new(AtomicU64::new(0));
-        let thread = WriterThread {
-            store: store.clone(),
-            last_write: last_write.clone(),
-            opened,
+        let log = Arc::new(Mutex::new(log));
+        let failing = Arc::new(Mutex::new(None));
+        let indexer = Indexer {
+            writer,
+            log: log.clone(),
             room: room.clone(),
-            capacity: config.queue,
+            failing: failing.clone(),
+            retry: None,
         };
         std::thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || thread.run(rx))
+            .name("audit-index".into())
+            .spawn(move || indexer.run(rx))
             .map_err(AuditError::Thread)?;
         Ok(Auditor {
             inner: Arc::new(Inner {
-                queue,
-                store,
-                inline: config.durability == Durability::Commit,
-                capacity: config.queue,
-                last_write,
-                opened,
+                log,
+                index,
+                durable: config.durability == Durability::Fsync,
+                synced: AtomicU64::new(0),
+                sync_gate: tokio::sync::Mutex::new(()),
                 room,
+                failing,
                 capture: RwLock::new(config.capture.clone()),
                 path,
                 shipper,

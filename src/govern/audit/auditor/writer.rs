@@ -1,7 +1,6 @@
-//! The trail's state behind one lock ([`Writer`]): the connection, the key, where each tenant
-//! chain stands; and how rows are written: in batches from the queue ([`Writer::commit`]) or
-//! one at a time on the caller's thread ([`Writer::commit_one`]), chained on from the heads
-//! and applied to them only once committed.
+//! The database's side of the trail ([`Writer`], owned by the indexer thread): the connection,
+//! the key, where each indexed tenant chain stands; and how segment rows are indexed, in
+//! batches, each with the mark after it ([`Writer::index`]).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,15 +9,16 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 
 use super::signing::{ChainState, CheckpointFile};
-use super::thread::Taken;
 use super::wal::WalCheckpointer;
+use crate::govern::audit::AuditError;
 use crate::govern::audit::checkpoint::Kind;
 use crate::govern::audit::key::CheckpointKey;
+use crate::govern::audit::segment::{Mark, Row};
 use crate::govern::audit::store::{self, Head};
-use crate::govern::audit::{AuditError, Record, chain};
 use crate::metrics as names;
 
-/// The trail's state, behind one lock: the connection, the key, and where each chain stands.
+/// The database's side of the trail: the connection, the key, and where each indexed chain
+/// stands.
 pub(super) struct Writer {
     /// `None` once closed.
     pub(super) conn: Option<Connection>,
@@ -39,39 +39,75 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Commits one record on the caller's thread ([`Auditor::append_inline`]), and signs a
-    /// checkpoint if one is now due (once in [`AuditSettings::checkpoint_rows`] rows, so
-    /// checkpoints stay exactly that many rows apart). Never waits on another connection's
-    /// lock: `None` then, nothing written, for the queue to retry.
-    pub(super) fn commit_one(&mut self, record: &Record) -> Option<Result<(), AuditError>> {
-        let Some(conn) = &self.conn else {
-            return Some(Err(AuditError::Closed));
-        };
-        // The writer's own BEGIN IMMEDIATE waits up to BUSY_TIMEOUT for the write lock; a tokio
-        // worker must not, so this one fails at once and the thread waits instead.
-        if let Err(e) = store::begin_now(conn) {
-            if is_busy(&e) {
-                return None;
-            }
-            tracing::error!(path = %self.path.display(), error = %e, rows = 1, "audit write failed");
-            return Some(Err(self.write_error(&e)));
-        }
-        metrics::histogram!(names::AUDIT_BATCH_ROWS).record(1.0);
-        let result = match write_rows(conn, &self.relay, &self.heads, std::iter::once(record)) {
-            Ok(heads) => {
-                self.heads.extend(heads);
-                if let Some(wal) = &mut self.wal {
-                    wal.wrote(1);
+    /// Indexes `rows` (segment rows, in file order, all in generation `generation`'s file)
+    /// into the database with the mark after them; then the heads move on. A batch is cut
+    /// after each row that brings a tenant to [`AuditSettings::checkpoint_rows`] unsigned rows
+    /// and the checkpoint is signed there, so checkpoints stay exactly that many rows apart
+    /// however rows are batched. On failure the rows from the failed part on are not applied:
+    /// the caller tries again with them.
+    pub(super) fn index(
+        &mut self,
+        rows: &[Row],
+        generation: u64,
+        mark: Mark,
+    ) -> Result<(), (usize, AuditError)> {
+        let mut done = 0;
+        loop {
+            let cut = done + self.rows_to_checkpoint(&rows[done..]);
+            let part_mark = if cut == rows.len() {
+                mark
+            } else {
+                Mark {
+                    generation,
+                    offset: rows[cut - 1].end,
                 }
-                Ok(())
+            };
+            self.index_part(&rows[done..cut], part_mark)
+                .map_err(|e| (done, e))?;
+            done = cut;
+            self.checkpoint_if_due();
+            if done == rows.len() {
+                return Ok(());
             }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, rows = 1, "audit write failed");
-                Err(self.write_error(&e))
+        }
+    }
+
+    /// How many of `rows` to index before a checkpoint is due (all of them if none falls due).
+    fn rows_to_checkpoint(&self, rows: &[Row]) -> usize {
+        let mut unsigned: HashMap<&str, u64> = HashMap::new();
+        for (i, row) in rows.iter().enumerate() {
+            let tenant = row.record.tenant.as_str();
+            let count = unsigned
+                .entry(tenant)
+                .or_insert_with(|| self.heads.get(tenant).map_or(0, Head::unsigned));
+            *count += 1;
+            if *count >= self.checkpoint_rows {
+                return i + 1;
             }
+        }
+        rows.len()
+    }
+
+    /// Indexes `rows` with `mark` in one transaction and moves the heads on.
+    fn index_part(&mut self, rows: &[Row], mark: Mark) -> Result<(), AuditError> {
+        let Some(conn) = &self.conn else {
+            return Err(AuditError::Closed);
         };
-        self.checkpoint_if_due();
-        Some(result)
+        metrics::histogram!(names::AUDIT_BATCH_ROWS).record(rows.len() as f64);
+        let written = store::index_rows(conn, &self.relay, rows, mark);
+        if let Err(e) = written {
+            tracing::error!(path = %self.path.display(), error = %e, rows = rows.len(), "audit indexing failed; the rows wait in the segment file");
+            return Err(self.write_error(&e));
+        }
+        for row in rows {
+            let head = self.heads.entry(row.record.tenant.clone()).or_default();
+            head.seq = row.seq;
+            head.hash = row.hash;
+        }
+        if let Some(wal) = &mut self.wal {
+            wal.wrote(rows.len() as u64);
+        }
+        Ok(())
     }
 
     /// The error an append gets when the trail could not write.
@@ -79,49 +115,6 @@ impl Writer {
         AuditError::Write {
             path: self.path.clone(),
             message: e.to_string(),
-        }
-    }
-
-    /// Writes `appends` in one transaction and completes each with the outcome.
-    pub(super) fn commit(&mut self, appends: &mut Vec<Taken>) {
-        metrics::histogram!(names::AUDIT_BATCH_ROWS).record(appends.len() as f64);
-        let Some(conn) = &self.conn else {
-            for (_, _, done) in appends.drain(..) {
-                let _ = done.send(Err(AuditError::Closed));
-            }
-            return;
-        };
-        let result = store::begin(conn).and_then(|()| {
-            write_rows(
-                conn,
-                &self.relay,
-                &self.heads,
-                appends.iter().map(|(_, r, _)| r),
-            )
-        });
-        let failure = match result {
-            Ok(heads) => {
-                self.heads.extend(heads);
-                if let Some(wal) = &mut self.wal {
-                    wal.wrote(appends.len() as u64);
-                }
-                None
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, rows = appends.len(), "audit write failed");
-                Some(e.to_string())
-            }
-        };
-        for (_, _, done) in appends.drain(..) {
-            let outcome = match &failure {
-                None => Ok(()),
-                Some(message) => Err(AuditError::Write {
-                    path: self.path.clone(),
-                    message: message.clone(),
-                }),
-            };
-            // The appender may have timed out and gone; nothing to tell it then.
-            let _ = done.send(outcome);
         }
     }
 
@@ -143,51 +136,4 @@ impl Writer {
             }
         }
     }
-}
-
-/// Microseconds from `start` to now.
-pub(super) fn micros_since(start: Instant) -> u64 {
-    u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
-}
-
-/// Whether SQLite refused for another connection's lock.
-fn is_busy(e: &rusqlite::Error) -> bool {
-    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
-}
-
-/// Inserts `records` chained after `heads` in the transaction the caller began
-/// ([`store::begin`]) and commits it (or rolls it back); returns the new heads of the tenants
-/// written (applied by the caller only once committed).
-fn write_rows<'a>(
-    conn: &Connection,
-    relay: &str,
-    heads: &HashMap<String, Head>,
-    records: impl Iterator<Item = &'a Record>,
-) -> rusqlite::Result<HashMap<String, Head>> {
-    let mut moved: HashMap<String, Head> = HashMap::new();
-    let inserted = (|| {
-        for record in records {
-            let head = match moved.get_mut(&record.tenant) {
-                Some(head) => head,
-                None => moved
-                    .entry(record.tenant.clone())
-                    .or_insert_with(|| heads.get(&record.tenant).copied().unwrap_or_default()),
-            };
-            let seq = head.seq + 1;
-            let bytes = chain::canonical(record);
-            let hash = chain::row_hash(&head.hash, seq, &bytes);
-            store::insert_record(conn, relay, seq, &head.hash, &hash, &bytes, record)?;
-            head.seq = seq;
-            head.hash = hash;
-        }
-        Ok(())
-    })();
-    match inserted {
-        Ok(()) => store::commit(conn)?,
-        Err(e) => {
-            store::rollback(conn);
-            return Err(e);
-        }
-    }
-    Ok(moved)
 }

@@ -23,6 +23,9 @@
 //! - **Epochs.** A relay started with `--new-audit-epoch` on a trail that did not verify
 //!   writes an epoch checkpoint saying why: reported as a warning; the rows before it are still
 //!   checked, and rows it signed that no earlier checkpoint did must pass the unsigned-rows test.
+//! - **Segment rows.** Rows past the database's mark in the segment files (a running relay's
+//!   last milliseconds, or a crash's) must continue their chains from the database's rows
+//!   (see `segment`); they are counted, with a warning.
 //! - **Off-box copy** (`--checkpoints FILE`): every checkpoint in it must be in the trail,
 //!   identical. Without it, a trail rewritten whole with another key, or cut back to an earlier
 //!   checkpoint together with everything after, cannot be told from an intact one.
@@ -35,6 +38,7 @@ mod legacy;
 mod offbox;
 mod report;
 mod rows;
+mod segment;
 mod start;
 
 use std::collections::HashSet;
@@ -69,6 +73,11 @@ pub fn verify(
 ) -> Result<Report, AuditError> {
     let mut conn = store::open_reader(path)?;
     let err = store::sql_error(path);
+    // Before the snapshot: a file removed once indexed meanwhile is still read whole.
+    let segments = super::segment::open_from(path, 0).map_err(|e| AuditError::Database {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     let v1 = store::schema_version(&conn, path)?.as_deref() == Some(store::SCHEMA_V1);
     // One read transaction: rows and checkpoints from the same moment.
     let tx = conn.transaction().map_err(&err)?;
@@ -106,6 +115,18 @@ pub fn verify(
     report.problem = check_after_walk(&tx, path, v1, &keys, &signed, &walk, &mut report)?;
     if report.problem.is_some() {
         return Ok(report);
+    }
+    if !v1 {
+        report.problem =
+            segment::check_segment(&tx, segments, &walk.tails, &mut report).map_err(|e| {
+                AuditError::Database {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                }
+            })?;
+        if report.problem.is_some() {
+            return Ok(report);
+        }
     }
     if let Some(copy) = offbox {
         report.problem = offbox::check_offbox(copy, &keys, &tx, &mut report).map_err(&err)?;

@@ -19,6 +19,7 @@ use crate::govern::audit::chain::{self, GENESIS};
 use crate::govern::audit::store::{RECORD_COLUMN_COUNT, RECORD_COLUMNS, record_columns};
 
 /// Where a chain stands during the scan.
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Tail {
     pub(super) seq: u64,
     pub(super) hash: [u8; 32],

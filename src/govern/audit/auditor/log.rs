@@ -1,0 +1,194 @@
+//! The call path's half of the trail ([`Log`]): chains each record on from where its tenant's
+//! chain was written, appends its line to the segment file with one `write`, and keeps the row
+//! for the indexer. Behind one short lock: no SQLite, no thread hand-off, no wait on the disk
+//! (with `durability = "fsync"` the caller waits for the sync after the lock is let go).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::govern::audit::chain::{self, GENESIS};
+use crate::govern::audit::segment::{self, Mark, Row, SegmentFile};
+use crate::govern::audit::{AuditError, Record};
+
+/// Where a tenant's chain was last written: its sequence number and hash.
+pub(super) type Written = (u64, [u8; 32]);
+
+/// The segment file being written, where each chain stands in it, and the rows not yet
+/// handed to the indexer.
+pub(super) struct Log {
+    /// `None` once closed: appends then fail with [`AuditError::Closed`].
+    file: Option<SegmentFile>,
+    /// Per tenant, the last row written (indexed or not).
+    heads: HashMap<String, Written>,
+    /// Rows written and not yet taken by the indexer, in file order.
+    pending: Vec<Row>,
+    /// Bytes written in this run, over every generation: what a sync waits for.
+    written: u64,
+    /// The line being built (its room reused).
+    line: Vec<u8>,
+    trail: PathBuf,
+    relay: String,
+    durable: bool,
+    /// A file holding this much is replaced by the next generation ([`segment::ROTATE_BYTES`];
+    /// tests lower it).
+    pub(super) rotate_bytes: u64,
+}
+
+/// What the indexer takes: the rows (all in one generation's file), the mark once they are
+/// indexed, and a file to remove then (the generation the log moved on from).
+pub(super) struct Taken {
+    pub(super) rows: Vec<Row>,
+    /// The generation of the file the rows are in.
+    pub(super) generation: u64,
+    pub(super) mark: Mark,
+    pub(super) retired: Option<PathBuf>,
+}
+
+impl Log {
+    /// A log appending to `file`, the chains standing at `heads` (as the database has them,
+    /// every earlier segment row indexed).
+    pub(super) fn new(
+        file: SegmentFile,
+        heads: HashMap<String, Written>,
+        trail: PathBuf,
+        relay: String,
+        durable: bool,
+    ) -> Self {
+        Self {
+            file: Some(file),
+            heads,
+            pending: Vec::new(),
+            written: 0,
+            line: Vec::new(),
+            trail,
+            relay,
+            durable,
+            rotate_bytes: segment::ROTATE_BYTES,
+        }
+    }
+
+    /// Appends `record` (its canonical `bytes`) as the next row of its tenant's chain.
+    /// Returns the bytes written in this run once it is (what a sync must reach for it to be
+    /// durable) and whether the indexer must be woken (it had nothing pending).
+    pub(super) fn append(
+        &mut self,
+        record: Record,
+        bytes: Vec<u8>,
+    ) -> Result<(u64, bool), AuditError> {
+        let file = self.file.as_mut().ok_or(AuditError::Closed)?;
+        let (seq, prev) = self
+            .heads
+            .get(&record.tenant)
+            .map_or((1, GENESIS), |&(seq, hash)| (seq + 1, hash));
+        let hash = chain::row_hash(&prev, seq, &bytes);
+        self.line.clear();
+        segment::encode(&mut self.line, seq, &prev, &hash, &bytes);
+        file.append(&self.line).map_err(|e| AuditError::Write {
+            path: file.path().to_owned(),
+            message: e.to_string(),
+        })?;
+        self.written += self.line.len() as u64;
+        // Shrink a line buffer a large record grew, so an idle relay does not keep it.
+        if self.line.capacity() > LINE_KEEP {
+            self.line = Vec::new();
+        }
+        match self.heads.get_mut(&record.tenant) {
+            Some(head) => *head = (seq, hash),
+            None => {
+                self.heads.insert(record.tenant.clone(), (seq, hash));
+            }
+        }
+        let wake = self.pending.is_empty();
+        let end = file.end().offset;
+        self.pending.push(Row {
+            seq,
+            prev,
+            hash,
+            bytes,
+            record,
+            end,
+        });
+        Ok((self.written, wake))
+    }
+
+    /// The bytes written in this run and a handle to sync them with: every byte before the
+    /// count is in the handle's file or in a file already synced (a generation is synced
+    /// before the log moves on from it).
+    pub(super) fn to_sync(&self) -> Result<(u64, std::fs::File), AuditError> {
+        let file = self.file.as_ref().ok_or(AuditError::Closed)?;
+        let handle = file.handle().map_err(|e| AuditError::Write {
+            path: file.path().to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok((self.written, handle))
+    }
+
+    /// Rows waiting for the indexer.
+    pub(super) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Hands the pending rows to the indexer. Once the file holds `rotate_bytes`,
+    /// the log moves on to the next generation here, so every row taken is in the file it
+    /// retires and the mark after them is the new file's start.
+    pub(super) fn take(&mut self) -> Option<Taken> {
+        let file = self.file.as_mut()?;
+        let rows = std::mem::take(&mut self.pending);
+        let end = file.end();
+        if end.offset < self.rotate_bytes {
+            return Some(Taken {
+                rows,
+                generation: end.generation,
+                mark: end,
+                retired: None,
+            });
+        }
+        let next = end.generation + 1;
+        let moved = (|| {
+            if self.durable {
+                file.sync()?;
+            }
+            SegmentFile::create(&self.trail, &self.relay, next, self.durable)
+        })();
+        match moved {
+            Ok(new) => {
+                let old = std::mem::replace(file, new);
+                Some(Taken {
+                    rows,
+                    generation: end.generation,
+                    mark: Mark {
+                        generation: next,
+                        offset: 0,
+                    },
+                    retired: Some(old.path().to_owned()),
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the next audit segment file; going on with this one");
+                Some(Taken {
+                    rows,
+                    generation: end.generation,
+                    mark: end,
+                    retired: None,
+                })
+            }
+        }
+    }
+
+    /// Closes the log (appends fail from now on) and hands over what is pending and the mark
+    /// at the file's end.
+    pub(super) fn close(&mut self) -> Option<(Taken, PathBuf)> {
+        let file = self.file.take()?;
+        let taken = Taken {
+            rows: std::mem::take(&mut self.pending),
+            generation: file.end().generation,
+            mark: file.end(),
+            retired: None,
+        };
+        Some((taken, file.path().to_owned()))
+    }
+}
+
+/// The line buffer's room kept between appends: a metadata row is well under this; a row
+/// with captured arguments may be larger, and its room is given back.
+const LINE_KEEP: usize = 16 << 10;
