@@ -11,8 +11,6 @@ use rusqlite::types::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use std::collections::HashMap;
-
 use super::{AuditError, Record, Verdict};
 use super::{segment, store};
 
@@ -109,20 +107,35 @@ impl Filter {
         terms
     }
 
-    /// Whether a row of `relay` holding `record` matches (what [`Filter::terms`] asks of the
-    /// columns, asked of the record: for rows not yet in a database).
+    /// Whether a row of `relay` holding `record` matches: [`Filter::terms`] asked of the
+    /// record's fields, for rows not yet in a database.
     pub fn matches(&self, relay: &str, record: &Record) -> bool {
-        let is = |want: &Option<String>, have: Option<&str>| {
-            want.as_deref().is_none_or(|want| have == Some(want))
-        };
-        is(&self.relay, Some(relay))
-            && is(&self.tenant, Some(&record.tenant))
-            && is(&self.subject, Some(&record.subject))
-            && is(&self.source, Some(&record.source))
-            && is(&self.tool, record.tool.as_deref())
-            && self.decision.is_none_or(|d| d == record.decision)
-            && self.since_ms.is_none_or(|since| record.time_ms >= since)
-            && self.until_ms.is_none_or(|until| record.time_ms < until)
+        self.terms().iter().all(|term| {
+            let text = |have: Option<&str>| match &term.value {
+                TermValue::Text(want) => have == Some(want.as_str()),
+                TermValue::Integer(_) => false,
+            };
+            match term.column {
+                "relay" => text(Some(relay)),
+                "tenant" => text(Some(&record.tenant)),
+                "subject" => text(Some(&record.subject)),
+                "source" => text(Some(&record.source)),
+                "tool" => text(record.tool.as_deref()),
+                "decision" => text(Some(record.decision.label())),
+                "time_ms" => {
+                    let TermValue::Integer(bound) = term.value else {
+                        return false;
+                    };
+                    let time = i64::try_from(record.time_ms).unwrap_or(i64::MAX);
+                    if term.op == ">=" {
+                        time >= bound
+                    } else {
+                        time < bound
+                    }
+                }
+                _ => false,
+            }
+        })
     }
 
     /// The SQLite condition and its parameters. `relay` is the expression of the relay column
@@ -278,34 +291,41 @@ impl Reader {
         Ok(rows)
     }
 
-    /// The rows matching `filter` that are in the segment files past the database's mark and
-    /// not in the database (a running relay's last milliseconds of rows, or what a crash left
-    /// before the relay's next start indexes it), in file order. Their `id` is 0.
-    pub fn unindexed(&self, filter: &Filter) -> Result<Vec<StoredRow>, AuditError> {
-        // Open before the mark is read: a file removed once indexed meanwhile is still whole.
+    /// Runs `read` over one moment of the trail: the segment files are opened first (a file
+    /// the relay removes once indexed is still read whole), then one read transaction, so the
+    /// database's rows and the segment rows past its mark ([`Reader::unindexed`]) neither
+    /// overlap nor leave a gap.
+    pub fn snapshot<T>(
+        &self,
+        read: impl FnOnce(&Self, segment::OpenFiles) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
         let files = segment::open_from(&self.path, 0).map_err(|e| self.error(e))?;
+        self.conn
+            .execute_batch("BEGIN")
+            .map_err(|e| self.error(e))?;
+        let result = read(self, files);
+        if let Err(e) = self.conn.execute_batch("COMMIT") {
+            tracing::debug!(error = %e, "ending the audit read transaction");
+        }
+        result
+    }
+
+    /// The rows matching `filter` that are in the segment `files` past the database's mark (a
+    /// running relay's last milliseconds of rows, or what a crash left before the relay's
+    /// next start indexes it), in file order; their `id` is 0. Inside [`Reader::snapshot`].
+    pub fn unindexed(
+        &self,
+        files: segment::OpenFiles,
+        filter: &Filter,
+    ) -> Result<Vec<StoredRow>, AuditError> {
         if files.is_empty() {
             return Ok(Vec::new());
         }
         let mark = store::segment_mark(&self.conn).map_err(|e| self.error(e))?;
-        let rows = segment::rows_past(files, mark).map_err(|e| self.error(e))?;
-        let mut indexed: HashMap<(String, String), u64> = HashMap::new();
+        let past = segment::rows_past(files, mark).map_err(|e| self.error(e))?;
         let mut out = Vec::new();
-        for (relay, row) in rows {
+        for (relay, row) in past.rows {
             if !filter.matches(&relay, &row.record) {
-                continue;
-            }
-            let key = (relay, row.record.tenant.clone());
-            let last = match indexed.get(&key) {
-                Some(last) => *last,
-                None => {
-                    let last = self.last_seq(&key.0, &key.1)?;
-                    indexed.insert(key, last);
-                    last
-                }
-            };
-            // Indexed after the mark was read: the database has it.
-            if row.seq <= last {
                 continue;
             }
             out.push(StoredRow {
@@ -318,18 +338,6 @@ impl Reader {
             });
         }
         Ok(out)
-    }
-
-    /// The last sequence number the database has of the chain of `relay` and `tenant`.
-    fn last_seq(&self, relay: &str, tenant: &str) -> Result<u64, AuditError> {
-        let sql = format!(
-            "SELECT COALESCE(MAX(seq), 0) FROM records WHERE {} = ?1 AND tenant = ?2",
-            self.relay_column
-        );
-        self.conn
-            .query_row(&sql, [relay, tenant], |r| r.get::<_, i64>(0))
-            .map(|n| u64::try_from(n).unwrap_or(0))
-            .map_err(|e| self.error(e))
     }
 
     fn select(
@@ -449,21 +457,24 @@ pub fn checkpoint_line(stored: &store::StoredCheckpoint, json: bool) -> Result<S
 /// the number of rows written.
 pub fn export(path: &Path, filter: &Filter, out: &mut dyn Write) -> Result<u64, AuditError> {
     let reader = Reader::open(path)?;
-    let mut after = 0;
-    let mut written = 0;
-    loop {
-        let rows = reader.rows_after(filter, after, PAGE_ROWS)?;
-        let Some(last) = rows.last() else { break };
-        after = last.id;
-        for row in &rows {
+    let written = reader.snapshot(|reader, files| {
+        let mut after = 0;
+        let mut written = 0;
+        loop {
+            let rows = reader.rows_after(filter, after, PAGE_ROWS)?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            for row in &rows {
+                writeln!(out, "{}", row.to_json_line())?;
+                written += 1;
+            }
+        }
+        for row in reader.unindexed(files, filter)? {
             writeln!(out, "{}", row.to_json_line())?;
             written += 1;
         }
-    }
-    for row in reader.unindexed(filter)? {
-        writeln!(out, "{}", row.to_json_line())?;
-        written += 1;
-    }
+        Ok(written)
+    })?;
     out.flush()?;
     Ok(written)
 }
@@ -480,13 +491,18 @@ pub fn tail(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let reader = Reader::open(path)?;
-    let mut rows = reader.last_rows(filter, n)?;
+    let rows = if follow {
+        // Following reads the database only: rows reach it within milliseconds.
+        reader.last_rows(filter, n)?
+    } else {
+        reader.snapshot(|reader, files| {
+            let mut rows = reader.last_rows(filter, n)?;
+            rows.extend(reader.unindexed(files, filter)?);
+            rows.drain(..rows.len().saturating_sub(n));
+            Ok(rows)
+        })?
+    };
     let mut after = rows.last().map_or(0, |r| r.id);
-    if !follow {
-        // Following reads the database only: these rows reach it within milliseconds.
-        rows.extend(reader.unindexed(filter)?);
-        rows.drain(..rows.len().saturating_sub(n));
-    }
     if !follow && rows.is_empty() {
         return Ok(());
     }
@@ -535,6 +551,42 @@ mod tests {
         );
         assert!(parse_time("yesterday").is_err());
         assert_eq!(format_time(1_764_140_400_500), "2025-11-26T07:00:00.5Z");
+    }
+
+    #[test]
+    fn filters_match_records_as_they_match_columns() {
+        let record = Record {
+            tool: Some("echo".into()),
+            ..Record::example("acme", 7)
+        };
+        let at = record.time_ms;
+        let matches = |filter: Filter| filter.matches("relay-a", &record);
+        assert!(matches(Filter::default()));
+        assert!(matches(Filter {
+            relay: Some("relay-a".into()),
+            tenant: Some("acme".into()),
+            tool: Some("echo".into()),
+            decision: Some(record.decision),
+            since_ms: Some(at),
+            until_ms: Some(at + 1),
+            ..Filter::default()
+        }));
+        assert!(!matches(Filter {
+            relay: Some("relay-b".into()),
+            ..Filter::default()
+        }));
+        assert!(!matches(Filter {
+            tool: Some("add".into()),
+            ..Filter::default()
+        }));
+        assert!(!matches(Filter {
+            until_ms: Some(at),
+            ..Filter::default()
+        }));
+        assert!(!matches(Filter {
+            since_ms: Some(at + 1),
+            ..Filter::default()
+        }));
     }
 
     #[test]

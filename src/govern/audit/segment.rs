@@ -181,6 +181,52 @@ pub fn encode(out: &mut Vec<u8>, seq: u64, prev: &[u8; 32], hash: &[u8; 32], rec
     out.extend_from_slice(b"}\n");
 }
 
+/// Takes the trail's writer lock (`TRAIL.lock`, an exclusive `flock`): one relay process
+/// writes a trail's segment files and indexes them; a second one on the same trail would index
+/// and remove the file the first is writing. Held until the returned file is dropped (and let
+/// go by the system when the process dies). Waits up to [`LOCK_WAIT`] for a writer that is
+/// closing.
+pub fn lock(trail: &Path) -> Result<File, SegmentError> {
+    use std::os::fd::AsRawFd;
+    let mut name = trail.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SegmentError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; it touches no memory.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let source = std::io::Error::last_os_error();
+        if source.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(SegmentError::Io { path, source });
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(SegmentError::Io {
+                path,
+                source: std::io::Error::other("another relay process writes this audit trail"),
+            });
+        }
+        std::thread::sleep(LOCK_POLL);
+    }
+}
+
+/// How long [`lock`] waits for a writer that is closing (a restart in place) to let go.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often [`lock`] tries again meanwhile.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A segment file open for appending: the relay's side.
 #[derive(Debug)]
 pub struct SegmentFile {
@@ -188,6 +234,9 @@ pub struct SegmentFile {
     path: PathBuf,
     generation: u64,
     len: u64,
+    /// A failed write could not be cut back: nothing more may be appended (a row after the
+    /// torn bytes would be unreadable).
+    broken: bool,
 }
 
 impl SegmentFile {
@@ -216,27 +265,45 @@ impl SegmentFile {
         };
         let mut line = serde_json::to_vec(&header).expect("a header always serializes");
         line.push(b'\n');
-        file.write_all(&line).map_err(io)?;
-        if durable {
-            file.sync_all().map_err(io)?;
-            if let Some(dir) = path.parent() {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        let started = file.write_all(&line).and_then(|()| {
+            if !durable {
+                return Ok(());
             }
+            file.sync_all()?;
+            match path.parent() {
+                Some(dir) => File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = started {
+            // No row is in it: a later try starts the generation afresh.
+            let _ = std::fs::remove_file(&path);
+            return Err(io(e));
         }
         Ok(Self {
             file,
             len: line.len() as u64,
             path,
             generation,
+            broken: false,
         })
     }
 
     /// Appends `bytes` (whole lines) with one `write`. If it fails part way, the file is cut
     /// back to where it was, so no torn line stays in front of later rows.
     pub fn append(&mut self, bytes: &[u8]) -> Result<(), SegmentError> {
+        if self.broken {
+            return Err(SegmentError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other(
+                    "an earlier write failed and could not be cut back; restart the relay",
+                ),
+            });
+        }
         if let Err(source) = self.file.write_all(bytes) {
             if let Err(e) = self.file.set_len(self.len) {
-                tracing::error!(path = %self.path.display(), error = %e, "cannot cut a failed audit segment write back");
+                self.broken = true;
+                tracing::error!(path = %self.path.display(), error = %e, "cannot cut a failed audit segment write back; no more rows go to this file");
             }
             return Err(SegmentError::Io {
                 path: self.path.clone(),
@@ -310,8 +377,14 @@ pub fn read(path: &Path, file: File, generation: u64, from: u64) -> Result<Conte
         Some(b'\n') => serde_json::from_slice(&line)
             .map_err(|e| damaged(0, format!("the header is not a segment header ({e})")))?,
         _ => {
-            // Created and cut short before its header was whole: no row can follow.
-            return Err(damaged(0, "the header is torn".into()));
+            // Created and cut short (a crash) before its header was whole: no row was
+            // written to it.
+            return Ok(Contents {
+                relay: String::new(),
+                rows: Vec::new(),
+                end: 0,
+                torn: header_len,
+            });
         }
     };
     if header.mcp_tunnel_audit_segment != FORMAT || header.generation != generation {
@@ -385,10 +458,13 @@ fn parse_row(line: &[u8], end: u64) -> Result<Row, String> {
     })
 }
 
+/// Segment files opened for reading: generation, path and file, oldest first.
+pub type OpenFiles = Vec<(u64, PathBuf, File)>;
+
 /// The files of the trail at `trail` at or past generation `from`, open, oldest first. Open
 /// before the reader looks at the mark, so a file the relay removes meanwhile (its rows then
 /// indexed) is still read whole.
-pub fn open_from(trail: &Path, from: u64) -> Result<Vec<(u64, PathBuf, File)>, SegmentError> {
+pub fn open_from(trail: &Path, from: u64) -> Result<OpenFiles, SegmentError> {
     let mut files = Vec::new();
     for generation in generations(trail)? {
         if generation < from {
@@ -405,13 +481,19 @@ pub fn open_from(trail: &Path, from: u64) -> Result<Vec<(u64, PathBuf, File)>, S
     Ok(files)
 }
 
-/// The rows of the open `files` past `mark` (rows of earlier generations are indexed), each
-/// with the relay whose chain it continues, oldest first per file.
-pub fn rows_past(
-    files: Vec<(u64, PathBuf, File)>,
-    mark: Mark,
-) -> Result<Vec<(String, Row)>, SegmentError> {
-    let mut out = Vec::new();
+/// What the segment files hold past a mark.
+#[derive(Debug, Default)]
+pub struct Past {
+    /// The rows, each with the relay whose chain it continues, in file order.
+    pub rows: Vec<(String, Row)>,
+    /// Files that end in bytes that are not a whole row, and how many (a write cut short by a
+    /// crash, or one in progress).
+    pub torn: Vec<(PathBuf, u64)>,
+}
+
+/// What the open `files` hold past `mark` (rows of earlier generations are indexed).
+pub fn rows_past(files: OpenFiles, mark: Mark) -> Result<Past, SegmentError> {
+    let mut past = Past::default();
     for (generation, path, file) in files {
         if generation < mark.generation {
             continue;
@@ -422,14 +504,17 @@ pub fn rows_past(
             0
         };
         let contents = read(&path, file, generation, from)?;
-        out.extend(
+        if contents.torn > 0 {
+            past.torn.push((path, contents.torn));
+        }
+        past.rows.extend(
             contents
                 .rows
                 .into_iter()
                 .map(|row| (contents.relay.clone(), row)),
         );
     }
-    Ok(out)
+    Ok(past)
 }
 
 #[cfg(test)]

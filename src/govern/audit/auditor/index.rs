@@ -46,6 +46,10 @@ pub(super) struct Indexer {
     pub(super) failing: Arc<Mutex<Option<String>>>,
     /// A batch the database refused, tried again before anything newer.
     pub(super) retry: Option<Taken>,
+    /// The backlog's size (for the depth gauge).
+    pub(super) capacity: usize,
+    /// The trail's writer lock (`segment::lock`), let go once closed.
+    pub(super) lock: Option<std::fs::File>,
 }
 
 impl Indexer {
@@ -121,7 +125,8 @@ impl Indexer {
                 if let Some(old) = &taken.retired {
                     remove(old);
                 }
-                metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(self.log.lock().pending() as f64);
+                let depth = self.capacity.saturating_sub(self.room.available_permits());
+                metrics::gauge!(names::AUDIT_QUEUE_DEPTH).set(depth as f64);
                 true
             }
             Err((indexed, e)) => {
@@ -135,17 +140,23 @@ impl Indexer {
         }
     }
 
-    /// The graceful end: indexes what is left, signs the close checkpoint, closes the
-    /// database and, when every row is in it, removes the segment file.
+    /// The graceful end: refuses further appends, indexes what is left (a retry first, it is
+    /// older), signs the close checkpoint, closes the database and, when every row is in it,
+    /// removes the segment file; then lets the trail go for another writer.
     fn close(&mut self) {
-        self.index_pending();
+        self.room.close();
         let closed = self.log.lock().close();
+        let retried = match self.retry.take() {
+            Some(taken) => self.index(taken),
+            None => true,
+        };
         if let Some((taken, path)) = closed
-            && self.retry.is_none()
+            && retried
             && self.index(taken)
         {
             remove(&path);
         }
         self.writer.finish();
+        self.lock = None;
     }
 }

@@ -29,6 +29,9 @@ pub(super) struct Log {
     trail: PathBuf,
     relay: String,
     durable: bool,
+    /// Why no row may be appended any more (a sync failed: rows the file's pages held may be
+    /// lost, so nothing written after can be promised durable). Until the relay restarts.
+    broken: Option<String>,
     /// A file holding this much is replaced by the next generation ([`segment::ROTATE_BYTES`];
     /// tests lower it).
     pub(super) rotate_bytes: u64,
@@ -64,7 +67,16 @@ impl Log {
             relay,
             durable,
             rotate_bytes: segment::ROTATE_BYTES,
+            broken: None,
         }
+    }
+
+    /// Stops appends for good after a failed sync of the file (`fsync` durability): the
+    /// kernel may have dropped the pages it could not write, and a later sync would succeed
+    /// without them.
+    pub(super) fn break_off(&mut self, why: String) {
+        tracing::error!(reason = %why, "audit segment sync failed: no more rows are accepted until the relay restarts");
+        self.broken = Some(why);
     }
 
     /// Appends `record` (its canonical `bytes`) as the next row of its tenant's chain.
@@ -75,7 +87,7 @@ impl Log {
         record: Record,
         bytes: Vec<u8>,
     ) -> Result<(u64, bool), AuditError> {
-        let file = self.file.as_mut().ok_or(AuditError::Closed)?;
+        let file = writable(&mut self.file, &self.broken)?;
         let (seq, prev) = self
             .heads
             .get(&record.tenant)
@@ -114,18 +126,13 @@ impl Log {
     /// The bytes written in this run and a handle to sync them with: every byte before the
     /// count is in the handle's file or in a file already synced (a generation is synced
     /// before the log moves on from it).
-    pub(super) fn to_sync(&self) -> Result<(u64, std::fs::File), AuditError> {
-        let file = self.file.as_ref().ok_or(AuditError::Closed)?;
+    pub(super) fn to_sync(&mut self) -> Result<(u64, std::fs::File), AuditError> {
+        let file = writable(&mut self.file, &self.broken)?;
         let handle = file.handle().map_err(|e| AuditError::Write {
             path: file.path().to_owned(),
             message: e.to_string(),
         })?;
         Ok((self.written, handle))
-    }
-
-    /// Rows waiting for the indexer.
-    pub(super) fn pending(&self) -> usize {
-        self.pending.len()
     }
 
     /// Hands the pending rows to the indexer. Once the file holds `rotate_bytes`,
@@ -144,12 +151,18 @@ impl Log {
             });
         }
         let next = end.generation + 1;
-        let moved = (|| {
-            if self.durable {
-                file.sync()?;
-            }
-            SegmentFile::create(&self.trail, &self.relay, next, self.durable)
-        })();
+        if self.durable
+            && let Err(e) = file.sync()
+        {
+            self.break_off(format!("syncing before the next generation: {e}"));
+            return Some(Taken {
+                rows,
+                generation: end.generation,
+                mark: end,
+                retired: None,
+            });
+        }
+        let moved = SegmentFile::create(&self.trail, &self.relay, next, self.durable);
         match moved {
             Ok(new) => {
                 let old = std::mem::replace(file, new);
@@ -186,6 +199,21 @@ impl Log {
             retired: None,
         };
         Some((taken, file.path().to_owned()))
+    }
+}
+
+/// The file of `log`, or why no row may be written: closed, or `broken` by a failed sync.
+fn writable<'a>(
+    file: &'a mut Option<SegmentFile>,
+    broken: &Option<String>,
+) -> Result<&'a mut SegmentFile, AuditError> {
+    let file = file.as_mut().ok_or(AuditError::Closed)?;
+    match broken {
+        None => Ok(file),
+        Some(why) => Err(AuditError::Write {
+            path: file.path().to_owned(),
+            message: why.clone(),
+        }),
     }
 }
 

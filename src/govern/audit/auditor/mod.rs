@@ -12,8 +12,8 @@
 //! signs checkpoints (see [`super::checkpoint`]): after a batch that leaves a tenant with
 //! [`AuditSettings::checkpoint_rows`] unsigned rows, and at least every
 //! [`AuditSettings::checkpoint_secs`] while any row is unsigned. Rows written and not yet
-//! indexed are bounded by [`AuditSettings::queue`]: a full backlog makes appends wait (and fail
-//! at once, naming why, while the database refuses rows).
+//! indexed are bounded by [`AuditSettings::queue`]: a full backlog makes appends wait. While
+//! the database refuses rows, appends fail at once, naming why.
 //!
 //! [`Auditor::open`] indexes what a crash left in the segment files ([`recover`]), checks the
 //! relay's own chain ([`super::verify::check_start`]) and refuses a trail that does not verify
@@ -112,16 +112,19 @@ impl Auditor {
 
     async fn append_within(&self, record: Record) -> Result<(), AuditError> {
         let inner = &self.inner;
+        // While the database refuses rows, calls are refused as they were when rows went
+        // straight to it: what is in the segment then waits, and stays within a checkpoint
+        // interval of the rows before it.
+        if let Some(why) = inner.failing.lock().clone() {
+            return Err(AuditError::Write {
+                path: inner.path.clone(),
+                message: format!("the database does not take rows: {why}"),
+            });
+        }
         match inner.room.try_acquire() {
             Ok(permit) => permit.forget(),
             Err(TryAcquireError::Closed) => return Err(AuditError::Closed),
             Err(TryAcquireError::NoPermits) => {
-                if let Some(why) = inner.failing.lock().clone() {
-                    return Err(AuditError::Write {
-                        path: inner.path.clone(),
-                        message: format!("the rows waiting to be indexed fill the backlog: {why}"),
-                    });
-                }
                 let permit = inner.room.acquire().await.map_err(|_| AuditError::Closed)?;
                 permit.forget();
             }
@@ -160,10 +163,14 @@ impl Auditor {
         let synced = tokio::task::spawn_blocking(move || handle.sync_data())
             .await
             .map_err(|_| AuditError::Closed)?;
-        synced.map_err(|e| AuditError::Write {
-            path: inner.path.clone(),
-            message: format!("syncing the segment file: {e}"),
-        })?;
+        if let Err(e) = synced {
+            let why = format!("syncing the segment file failed: {e}");
+            inner.log.lock().break_off(why.clone());
+            return Err(AuditError::Write {
+                path: inner.path.clone(),
+                message: why,
+            });
+        }
         inner.synced.fetch_max(target, Ordering::AcqRel);
         Ok(())
     }

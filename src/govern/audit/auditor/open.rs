@@ -22,7 +22,7 @@ use super::{Auditor, Inner};
 use crate::govern::audit::checkpoint::{GENESIS_HEX, Kind};
 use crate::govern::audit::key::CheckpointKey;
 use crate::govern::audit::postgres::{Shipper, ShipperSettings, Target};
-use crate::govern::audit::segment::SegmentFile;
+use crate::govern::audit::segment::{self, SegmentFile};
 use crate::govern::audit::settings::{AuditSettings, Durability};
 use crate::govern::audit::store::{self, Head, StoredCheckpoint};
 use crate::govern::audit::{AuditError, verify};
@@ -48,6 +48,10 @@ impl Auditor {
             .as_ref()
             .map(|db| Target::new(&db.url, db.password_file.as_deref()).map(|t| (t, db.on_down)))
             .transpose()?;
+        let lock = segment::lock(path).map_err(|e| AuditError::Database {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let key = CheckpointKey::load_or_create(&config.key_path())?;
         let relay = config
             .relay_id
@@ -127,7 +131,7 @@ impl Auditor {
                 })
             })
             .transpose()?;
-        Self::start(config, writer, log, shipper)
+        Self::start(config, writer, log, lock, shipper)
     }
 
     /// Starts the indexer thread over `writer` and returns the handle on the trail (and on
@@ -136,6 +140,7 @@ impl Auditor {
         config: &AuditSettings,
         writer: Writer,
         log: Log,
+        lock: std::fs::File,
         shipper: Option<Shipper>,
     ) -> Result<Auditor, AuditError> {
         let path = writer.path.clone();
@@ -149,6 +154,8 @@ impl Auditor {
             room: room.clone(),
             failing: failing.clone(),
             retry: None,
+            capacity: config.queue,
+            lock: Some(lock),
         };
         std::thread::Builder::new()
             .name("audit-index".into())

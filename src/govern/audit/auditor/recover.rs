@@ -61,7 +61,11 @@ pub(super) fn recover(
             Err(Failure::Damaged(why)) if new_epoch => {
                 let aside = set_aside(&path);
                 tracing::warn!(path = %path.display(), aside = %aside.display(), %why, "audit segment file damaged: set aside (--new-audit-epoch)");
-                recovered.damage = Some(format!("{why} (set aside as {})", aside.display()));
+                let reason = format!("{why} (set aside as {})", aside.display());
+                recovered.damage = Some(match recovered.damage.take() {
+                    None => reason,
+                    Some(earlier) => format!("{earlier}; {reason}"),
+                });
             }
             Err(Failure::Damaged(why)) => {
                 return Err(AuditError::Untrusted {
@@ -100,6 +104,9 @@ fn index_file(
         })
     })?;
     let contents = segment::read(path, file, generation, from).map_err(damaged)?;
+    if contents.torn > 0 {
+        tracing::warn!(path = %path.display(), bytes = contents.torn, "the audit segment file ends in a row cut short by a crash (no answer waited on it): dropped");
+    }
     let mut heads = store::load_heads(conn, &contents.relay).map_err(Failure::Database)?;
     for row in &contents.rows {
         let head = heads.entry(row.record.tenant.clone()).or_default();

@@ -228,9 +228,8 @@ async fn a_quiet_tenant_is_signed_after_the_interval() {
 }
 
 #[tokio::test]
-async fn rows_the_database_refuses_wait_in_the_segment_and_appends_fail_once_the_backlog_is_full() {
-    let (_dir, mut config) = trail();
-    config.queue = 2;
+async fn while_the_database_refuses_rows_they_wait_in_the_segment_and_calls_are_refused() {
+    let (_dir, config) = trail();
     let auditor = Auditor::open(&config).expect("open");
     auditor.append(record("acme", 1)).await.expect("append");
     auditor.flush().await;
@@ -239,14 +238,13 @@ async fn rows_the_database_refuses_wait_in_the_segment_and_appends_fail_once_the
         "CREATE TRIGGER refuse BEFORE INSERT ON records BEGIN SELECT RAISE(FAIL, 'disk says no'); END;",
     )
     .expect("make the database refuse rows");
-    // Durable in the segment: the call goes on although the database refuses the row.
+    // Durable in the segment: this call goes on; the indexer then finds the database refusing.
     auditor.append(record("acme", 2)).await.expect("append 2");
     auditor.flush().await;
-    auditor.append(record("acme", 3)).await.expect("append 3");
     let err = auditor
-        .append(record("acme", 4))
+        .append(record("acme", 3))
         .await
-        .expect_err("the backlog is full while the database refuses rows");
+        .expect_err("refused while the database refuses rows");
     assert!(
         matches!(err, AuditError::Write { .. })
             && err.to_string().contains("audit.db")
@@ -254,26 +252,40 @@ async fn rows_the_database_refuses_wait_in_the_segment_and_appends_fail_once_the
         "{err}"
     );
     // Readers see every durable row meanwhile.
-    assert_eq!(exported(&config.path), 3);
+    assert_eq!(exported(&config.path), 2);
     conn.execute_batch("DROP TRIGGER refuse")
         .expect("the database takes rows again");
-    // The indexer tries again on its own.
+    // The indexer tries again on its own, and calls go on.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rows(&config.path).len() < 3 && Instant::now() < deadline {
+    while rows(&config.path).len() < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    auditor.append(record("acme", 4)).await.expect("append 4");
+    auditor.append(record("acme", 3)).await.expect("append 3");
     auditor.close().await;
     let rows = rows(&config.path);
-    assert_eq!(
-        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
+    assert_eq!(rows.iter().map(|r| r.1).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert!(
         crate::govern::audit::verify(&config.path, &[], None)
             .expect("verify")
             .ok()
     );
+}
+
+#[tokio::test]
+async fn one_relay_process_writes_a_trail_at_a_time() {
+    let (_dir, config) = trail();
+    let first = Auditor::open(&config).expect("open");
+    let err = Auditor::open(&config).expect_err("a second writer is refused");
+    assert!(
+        err.to_string().contains("another relay process")
+            && err.to_string().contains("audit.db.lock"),
+        "{err}"
+    );
+    first.close().await;
+    Auditor::open(&config)
+        .expect("free once closed")
+        .close()
+        .await;
 }
 
 #[tokio::test]

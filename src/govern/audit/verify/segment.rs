@@ -5,8 +5,6 @@
 //! hashing to its own hash.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::PathBuf;
 
 use rusqlite::Connection;
 
@@ -15,21 +13,17 @@ use super::rows::Tail;
 use crate::govern::audit::segment::{self, SegmentError};
 use crate::govern::audit::store;
 
-/// The segment files, opened before the read snapshot begins (a file the relay removes once
-/// indexed is still read whole).
-pub(super) type Open = Vec<(u64, PathBuf, File)>;
-
 /// Checks the segment rows past the mark `tx` records against the chains' `tails` (as the
 /// walk over the database left them); counts them into `report`.
 pub(super) fn check_segment(
     tx: &Connection,
-    files: Open,
+    files: segment::OpenFiles,
     tails: &HashMap<(String, String), Tail>,
     report: &mut Report,
 ) -> Result<Option<Problem>, SegmentCheckError> {
     let mark = store::segment_mark(tx)?;
-    let rows = match segment::rows_past(files, mark) {
-        Ok(rows) => rows,
+    let past = match segment::rows_past(files, mark) {
+        Ok(past) => past,
         Err(SegmentError::Damaged { path, offset, what }) => {
             return Ok(Some(Problem {
                 relay: String::new(),
@@ -45,19 +39,26 @@ pub(super) fn check_segment(
     };
     let mut ends: HashMap<(String, String), Tail> = HashMap::new();
     let mut per_relay: std::collections::BTreeMap<String, u64> = Default::default();
-    for (relay, row) in rows {
+    for (path, bytes) in &past.torn {
+        report.warnings.push(format!(
+            "segment file {} ends in {bytes} bytes that are not a whole row (a write cut short \
+             by a crash, which no answer waited on, or one in progress)",
+            path.display()
+        ));
+    }
+    for (relay, row) in past.rows {
         let key = (relay.clone(), row.record.tenant.clone());
-        // Indexed after the mark was read: the walk saw it.
-        if tails.get(&key).is_some_and(|t| row.seq <= t.seq) {
-            continue;
-        }
         let end = ends.entry(key).or_insert_with_key(|key| {
             tails.get(key).copied().unwrap_or(Tail {
                 seq: 0,
                 hash: crate::govern::audit::chain::GENESIS,
             })
         });
-        let kind = if row.seq != end.seq + 1 {
+        // The database and the mark are of one snapshot: a row past the mark whose number the
+        // chain already has is a second version of it (a fork).
+        let kind = if row.seq <= end.seq {
+            Some(ProblemKind::Reordered)
+        } else if row.seq != end.seq + 1 {
             Some(ProblemKind::Gap)
         } else if row.prev != end.hash {
             Some(ProblemKind::ChainBroken)
