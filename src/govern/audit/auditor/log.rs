@@ -126,7 +126,7 @@ impl Log {
     /// The bytes written in this run and a handle to sync them with: every byte before the
     /// count is in the handle's file or in a file already synced (a generation is synced
     /// before the log moves on from it).
-    pub(super) fn to_sync(&mut self) -> Result<(u64, std::fs::File), AuditError> {
+    pub(super) fn sync_handle(&mut self) -> Result<(u64, std::fs::File), AuditError> {
         let file = writable(&mut self.file, &self.broken)?;
         let handle = file.handle().map_err(|e| AuditError::Write {
             path: file.path().to_owned(),

@@ -159,7 +159,7 @@ impl Auditor {
         if inner.synced.load(Ordering::Acquire) >= written {
             return Ok(());
         }
-        let (target, handle) = inner.log.lock().to_sync()?;
+        let (target, handle) = inner.log.lock().sync_handle()?;
         let synced = tokio::task::spawn_blocking(move || handle.sync_data())
             .await
             .map_err(|_| AuditError::Closed)?;

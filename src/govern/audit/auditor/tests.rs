@@ -329,7 +329,7 @@ async fn fsync_durability_syncs_before_an_append_resolves() {
     for task in tasks {
         task.await.expect("task");
     }
-    let written = auditor.inner.log.lock().to_sync().expect("open").0;
+    let written = auditor.inner.log.lock().sync_handle().expect("open").0;
     assert!(
         auditor
             .inner
