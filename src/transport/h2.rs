@@ -400,6 +400,11 @@ impl AsyncRead for H2Recv {
                         let n = pending.len().min(out.remaining());
                         out.put_slice(&pending[..n]);
                         pending.advance(n);
+                        if pending.is_empty() {
+                            // An empty slice still holds h2's read buffer: let it go, so an
+                            // idle stream keeps none.
+                            *pending = Bytes::new();
+                        }
                         return Poll::Ready(Ok(()));
                     }
                     match ready!(body.poll_data(cx)) {

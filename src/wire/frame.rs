@@ -367,6 +367,11 @@ pub struct FrameDecoder {
     limit: usize,
 }
 
+/// What the read buffer grows to when a frame starts arriving on an idle stream: a typical
+/// JSON-RPC message and its header in one read; a larger frame reserves its whole size once its
+/// header is read.
+const READ_CHUNK: usize = 4 * 1024;
+
 impl FrameDecoder {
     /// A decoder that refuses payloads over `limit` bytes.
     pub fn new(limit: usize) -> Self {
@@ -380,6 +385,11 @@ impl Decoder for FrameDecoder {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
         if src.len() < HEADER_LEN {
+            // Bytes of a frame arrived into an idle stream's near-empty buffer: room for a
+            // typical message before the next read, so it is not read a few bytes at a time.
+            if !src.is_empty() {
+                src.reserve(READ_CHUNK);
+            }
             return Ok(None);
         }
         let kind_byte = src[0];
@@ -403,6 +413,12 @@ impl Decoder for FrameDecoder {
         );
         src.advance(HEADER_LEN);
         let payload = src.split_to(size).freeze();
+        if src.is_empty() {
+            // Nothing buffered past this frame: let go of the buffer, so an idle stream holds
+            // none (it was 16 KiB per stream, most of an idle session's memory on each side);
+            // the next read starts small and `READ_CHUNK` is reserved once bytes arrive.
+            *src = BytesMut::new();
+        }
         Ok(Some(Frame {
             kind,
             exchange,
@@ -428,13 +444,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Wraps `io`, refusing frames over `limit` bytes.
     pub fn new(io: R, limit: usize) -> Self {
         Self {
-            inner: FramedRead::with_capacity(io, FrameDecoder::new(limit), 16 * 1024),
+            inner: FramedRead::with_capacity(io, FrameDecoder::new(limit), 0),
         }
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
         self.inner.next().await.transpose()
+    }
+
+    /// The read buffer's capacity (what an idle stream holds).
+    #[cfg(test)]
+    fn buffered_capacity(&self) -> usize {
+        self.inner.read_buffer().capacity()
     }
 }
 
@@ -527,6 +549,39 @@ mod tests {
             decode_all(&wire, 1024).expect("valid frames decode"),
             frames
         );
+    }
+
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer_between_frames() {
+        let (mut near, far) = tokio::io::duplex(64 * 1024);
+        let mut reader = FrameReader::new(far, 1 << 20);
+        assert_eq!(reader.buffered_capacity(), 0);
+        let small = Frame::message(1, Bytes::from_static(br#"{"jsonrpc":"2.0","id":1}"#));
+        let large = Frame::message(2, Bytes::from(vec![b'x'; 300 * 1024]));
+        let (read_first, first_read) = tokio::sync::oneshot::channel::<()>();
+        let writer = tokio::spawn(async move {
+            let mut wire = BytesMut::new();
+            small.encode(&mut wire);
+            near.write_all(&wire).await.expect("write");
+            first_read.await.expect("the reader goes on");
+            let mut wire = BytesMut::new();
+            large.encode(&mut wire);
+            near.write_all(&wire).await.expect("write");
+            near
+        });
+        let first = reader.next().await.expect("read").expect("a frame");
+        assert_eq!(first.exchange, 1);
+        assert_eq!(
+            reader.buffered_capacity(),
+            0,
+            "nothing kept after a whole frame"
+        );
+        read_first.send(()).expect("the writer waits");
+        let second = reader.next().await.expect("read").expect("a frame");
+        assert_eq!(second.payload.len(), 300 * 1024);
+        assert_eq!(reader.buffered_capacity(), 0, "nor after a large one");
+        drop(writer.await.expect("writer"));
+        assert!(reader.next().await.expect("a clean end").is_none());
     }
 
     #[test]
