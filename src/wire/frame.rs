@@ -13,7 +13,7 @@
 //! allocating) the payload, so a hostile peer cannot make either side buffer more than the limit.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, FramedRead};
 
@@ -413,12 +413,6 @@ impl Decoder for FrameDecoder {
         );
         src.advance(HEADER_LEN);
         let payload = src.split_to(size).freeze();
-        if src.is_empty() {
-            // Nothing buffered past this frame: let go of the buffer, so an idle stream holds
-            // none (it was 16 KiB per stream, most of an idle session's memory on each side);
-            // the next read starts small and `READ_CHUNK` is reserved once bytes arrive.
-            *src = BytesMut::new();
-        }
         Ok(Some(Frame {
             kind,
             exchange,
@@ -449,7 +443,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame, or `None` when the peer finished the stream cleanly.
+    ///
+    /// A stream with nothing to read now and nothing buffered lets go of its read buffer
+    /// before it waits, so an idle stream holds none (it held 16 KiB, most of an idle
+    /// session's memory on each side); the next read starts small and [`READ_CHUNK`] is
+    /// reserved once bytes arrive. A busy stream keeps its buffer from frame to frame.
     pub async fn next(&mut self) -> Result<Option<Frame>, FrameError> {
+        if let Some(ready) = self.inner.next().now_or_never() {
+            return ready.transpose();
+        }
+        if self.inner.read_buffer().is_empty() && self.inner.read_buffer().capacity() > 0 {
+            *self.inner.read_buffer_mut() = BytesMut::new();
+        }
         self.inner.next().await.transpose()
     }
 
@@ -552,10 +557,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_idle_reader_holds_no_buffer_between_frames() {
+    async fn an_idle_reader_holds_no_buffer() {
+        use std::time::Duration;
         let (mut near, far) = tokio::io::duplex(64 * 1024);
         let mut reader = FrameReader::new(far, 1 << 20);
-        assert_eq!(reader.buffered_capacity(), 0);
         let small = Frame::message(1, Bytes::from_static(br#"{"jsonrpc":"2.0","id":1}"#));
         let large = Frame::message(2, Bytes::from(vec![b'x'; 300 * 1024]));
         let (read_first, first_read) = tokio::sync::oneshot::channel::<()>();
@@ -571,15 +576,17 @@ mod tests {
         });
         let first = reader.next().await.expect("read").expect("a frame");
         assert_eq!(first.exchange, 1);
-        assert_eq!(
-            reader.buffered_capacity(),
-            0,
-            "nothing kept after a whole frame"
-        );
+        // Waiting with nothing to read: idle.
+        let idle = tokio::time::timeout(Duration::from_millis(20), reader.next()).await;
+        assert!(idle.is_err(), "nothing was sent yet");
+        // What the framing reserves to poll the stream at all (a few bytes), not a buffer.
+        assert!(reader.buffered_capacity() <= 8, "nothing kept while idle");
         read_first.send(()).expect("the writer waits");
         let second = reader.next().await.expect("read").expect("a frame");
         assert_eq!(second.payload.len(), 300 * 1024);
-        assert_eq!(reader.buffered_capacity(), 0, "nor after a large one");
+        let idle = tokio::time::timeout(Duration::from_millis(20), reader.next()).await;
+        assert!(idle.is_err(), "nothing more was sent yet");
+        assert!(reader.buffered_capacity() <= 8, "nor after a large frame");
         drop(writer.await.expect("writer"));
         assert!(reader.next().await.expect("a clean end").is_none());
     }
