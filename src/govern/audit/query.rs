@@ -11,6 +11,8 @@ use rusqlite::types::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use std::collections::HashMap;
+
 use super::{AuditError, Record, Verdict};
 use super::{segment, store};
 
@@ -479,8 +481,8 @@ pub fn export(path: &Path, filter: &Filter, out: &mut dyn Write) -> Result<u64, 
     Ok(written)
 }
 
-/// `audit tail`: the last `n` matching rows as human-readable lines (without `follow`, rows
-/// not yet indexed included); with `follow`, then every new matching row as it is indexed, until `stop` returns true (checked every
+/// `audit tail`: the last `n` matching rows as human-readable lines (rows not yet indexed
+/// included); with `follow`, then every new matching row as it is indexed, until `stop` returns true (checked every
 /// [`FOLLOW_POLL`]).
 pub fn tail(
     path: &Path,
@@ -491,27 +493,28 @@ pub fn tail(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let reader = Reader::open(path)?;
-    let rows = if follow {
-        // Following reads the database only: rows reach it within milliseconds.
-        reader.last_rows(filter, n)?
-    } else {
-        reader.snapshot(|reader, files| {
-            let mut rows = reader.last_rows(filter, n)?;
-            rows.extend(reader.unindexed(files, filter)?);
-            rows.drain(..rows.len().saturating_sub(n));
-            Ok(rows)
-        })?
-    };
-    let mut after = rows.last().map_or(0, |r| r.id);
-    if !follow && rows.is_empty() {
-        return Ok(());
-    }
-    if follow && rows.is_empty() {
-        // Start following from the current end, not from the first row.
-        after = reader
+    // The last rows (the segment's included), and where the database ends: following goes on
+    // from there.
+    let (rows, mut after) = reader.snapshot(|reader, files| {
+        let mut rows = reader.last_rows(filter, n)?;
+        rows.extend(reader.unindexed(files, filter)?);
+        rows.drain(..rows.len().saturating_sub(n));
+        let end: i64 = reader
             .conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM records", [], |r| r.get(0))
             .map_err(|e| reader.error(e))?;
+        Ok((rows, end))
+    })?;
+    if !follow && rows.is_empty() {
+        return Ok(());
+    }
+    // Rows shown from the segment reach the database later: not shown again then.
+    let mut shown: HashMap<String, u64> = HashMap::new();
+    for row in rows.iter().filter(|r| r.id == 0) {
+        if let Some(tenant) = row.record["tenant"].as_str() {
+            let seq = shown.entry(tenant.to_owned()).or_default();
+            *seq = (*seq).max(row.seq);
+        }
     }
     for row in &rows {
         writeln!(out, "{}", row.to_human_line())?;
@@ -527,7 +530,13 @@ pub fn tail(
             }
         }
         for row in &rows {
-            writeln!(out, "{}", row.to_human_line())?;
+            let seen = row.record["tenant"]
+                .as_str()
+                .and_then(|tenant| shown.get(tenant))
+                .is_some_and(|&seq| row.seq <= seq);
+            if !seen {
+                writeln!(out, "{}", row.to_human_line())?;
+            }
         }
         out.flush()?;
     }

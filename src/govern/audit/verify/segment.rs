@@ -4,7 +4,7 @@
 //! from where the database's rows end: the next sequence number, linked to the last hash, and
 //! hashing to its own hash.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use rusqlite::Connection;
 
@@ -37,6 +37,8 @@ pub(super) fn check_segment(
         }
         Err(e) => return Err(e.into()),
     };
+    let known: HashSet<&str> = tails.keys().map(|(_, tenant)| tenant.as_str()).collect();
+    let mut new_tenants: HashSet<String> = HashSet::new();
     let mut ends: HashMap<(String, String), Tail> = HashMap::new();
     let mut per_relay: std::collections::BTreeMap<String, u64> = Default::default();
     for (path, bytes) in &past.torn {
@@ -85,8 +87,12 @@ pub(super) fn check_segment(
         end.seq = row.seq;
         end.hash = row.hash;
         report.rows += 1;
+        if !known.contains(row.record.tenant.as_str()) {
+            new_tenants.insert(row.record.tenant.clone());
+        }
         *per_relay.entry(relay).or_default() += 1;
     }
+    report.tenants += new_tenants.len() as u64;
     for (relay, count) in per_relay {
         report.warnings.push(format!(
             "relay {relay:?}: {count} rows are in the segment file, not yet in the database (a \
