@@ -165,7 +165,10 @@ impl Inner {
         let fits = self.fits(needed);
         let answer = self.find(key).expect("only other answers were forgotten");
         if fits {
-            answer.frames.push(frame.clone());
+            answer.frames.push(Frame {
+                payload: unpinned(&frame.payload),
+                ..frame.clone()
+            });
             answer.bytes += needed;
             self.charge(needed);
         } else {
@@ -222,7 +225,7 @@ impl Replays {
             (Bytes::new(), 0)
         } else {
             let len = request.len();
-            (request, len)
+            (unpinned(&request), len)
         };
         inner.charge(bytes);
         inner.answers.push_back(Answer {
@@ -411,6 +414,21 @@ fn unanswered(request: Bytes, had: &[Frame]) -> Bytes {
     } else {
         let open: Vec<&str> = open.iter().map(|item| item.get()).collect();
         Bytes::from(format!("[{}]", open.join(",")))
+    }
+}
+
+/// Kept bytes smaller than this are copied (see [`unpinned`]).
+const COPY_BELOW: usize = 4 * 1024;
+
+/// `bytes` as a replay keeps them: a small slice is copied, so a kept request or answer never
+/// holds on to the whole read buffer it was cut from (a frame reader's, hyper's) for as long
+/// as the replay keeps it, kilobytes per idle session; a large one is mostly its own buffer
+/// and is kept as it is.
+fn unpinned(bytes: &Bytes) -> Bytes {
+    if bytes.len() < COPY_BELOW {
+        Bytes::copy_from_slice(bytes)
+    } else {
+        bytes.clone()
     }
 }
 

@@ -67,7 +67,10 @@ pub(super) struct HttpSession {
     /// The agent's requests in flight to a 2026-07-28 upstream, by id (see
     /// [`crate::client::sources::routing::key`]): its `notifications/cancelled` stops one.
     pub(super) cancels: Mutex<HashMap<String, tokio_util::sync::CancellationToken>>,
-    get_stream: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The running GET stream, if any. Not its `JoinHandle`: a handle keeps the finished task's
+    /// allocation (sized for the whole stream future) until the session ends, kilobytes per
+    /// idle session whose upstream refused the GET at once.
+    get_stream: Mutex<Option<GetStream>>,
     gone: std::sync::atomic::AtomicBool,
     /// A bridged session's requests from its upstream's GET stream (see [`Asks`]); `None`
     /// for every other session.
@@ -88,6 +91,12 @@ struct Asks {
 /// Requests held for a bridged session's call, at most: the upstream waits for each answer,
 /// so more than a few at once is no server's call flow; past it they are dropped.
 const MAX_ASKS: usize = 4;
+
+/// A session's standalone GET stream task: how to stop it, and whether it still runs.
+struct GetStream {
+    stop: tokio_util::sync::CancellationToken,
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl HttpSession {
     /// A session under `handle` (if held), known to the upstream as `upstream`, whose kept
@@ -181,13 +190,27 @@ impl HttpSession {
     pub(super) fn start_get_stream(&self) -> Option<oneshot::Receiver<()>> {
         let mut get_stream = self.get_stream.lock();
         // One at a time; a bridged session opened anew upstream starts another.
-        let running = get_stream.as_ref().is_some_and(|task| !task.is_finished());
+        let running = get_stream
+            .as_ref()
+            .is_some_and(|stream| stream.running.load(Ordering::Acquire));
         if running || (self.id().is_none() && self.declared().is_none()) {
             return None;
         }
         let tasks = self.tasks.lock().clone()?;
         let (opened, answered) = oneshot::channel();
-        *get_stream = Some(tokio::spawn(tasks.standalone_stream(Some(opened))));
+        let stream = GetStream {
+            stop: tokio_util::sync::CancellationToken::new(),
+            running: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        };
+        let (stop, running) = (stream.stop.clone(), stream.running.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tasks.standalone_stream(Some(opened)) => {}
+                () = stop.cancelled() => {}
+            }
+            running.store(false, Ordering::Release);
+        });
+        *get_stream = Some(stream);
         Some(answered)
     }
 
@@ -251,8 +274,8 @@ impl HttpSession {
     /// Ends the session: stops its GET stream and DELETEs it upstream (through `context`, or
     /// the session's own task context).
     pub(super) async fn end(&self, context: Option<&StreamContext>) {
-        if let Some(task) = self.get_stream.lock().take() {
-            task.abort();
+        if let Some(stream) = self.get_stream.lock().take() {
+            stream.stop.cancel();
         }
         let tasks = self.tasks.lock().take();
         match context.or(tasks.as_deref()) {
