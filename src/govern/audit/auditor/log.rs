@@ -202,7 +202,7 @@ impl Log {
     }
 }
 
-/// The file of `log`, or why no row may be written: closed, or `broken` by a failed sync.
+/// The log's `file`, or why no row may be written to it: closed, or `broken` by a failed sync.
 fn writable<'a>(
     file: &'a mut Option<SegmentFile>,
     broken: &Option<String>,
