@@ -18,6 +18,13 @@
 #   benches/compare.sh                        # from the crate root; CARGO_TARGET_DIR is honoured
 #   DURATION=5 IDLE_COUNTS=1000,10000 BLOB_BYTES=104857600 BLOB_CALLS=3 PATHS="direct quic https rathole" benches/compare.sh
 #   WORKERS=1 benches/compare.sh           # the tunnels' processes (ours and rathole's) on one tokio worker
+#   BASELINE=/tmp/old/mcp-tunnel benches/compare.sh
+#       # before/after in one run: the path "base" is the QUIC tunnel of that older binary,
+#       # measured like "quic" and printed beside it with the ratios new/old
+#   PROFILE=/tmp/prof PATHS="quic rathole" IDLE_COUNTS=10 benches/compare.sh
+#       # perf profiles of both sides of each tunnel at saturation: /tmp/prof/PATH-{server,client}.data,
+#       # read with `perf report -i FILE --no-children`; software cpu-clock events, so they work
+#       # on VMs without hardware counters (the figures of that run carry perf's own cost)
 # rathole is installed with `cargo install rathole` under $CARGO_TARGET_DIR/tools (never committed).
 set -euo pipefail
 
@@ -30,9 +37,11 @@ BLOB_CALLS=${BLOB_CALLS:-3}
 FIRST_CALLS=${FIRST_CALLS:-200}
 ECHO_ROUNDS=${ECHO_ROUNDS:-5000}     # round trips of the raw ceilings' echo
 SATURATION=${SATURATION:-64}
-PATHS=${PATHS:-direct quic https rathole}
+BASELINE=${BASELINE:-}               # an older mcp-tunnel binary: its relay and connect over QUIC are measured too (path "base")
+PATHS=${PATHS:-direct quic https rathole${BASELINE:+ base}}
 AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see what auditing costs)
 WORKERS=${WORKERS:-}                 # tokio worker threads of relay, connect and rathole (empty: one per core)
+PROFILE=${PROFILE:-}                 # a directory: perf profiles (cpu-clock, call graphs) of each tunnel's two processes during the saturation workload
 READY_SECS=${READY_SECS:-60}         # bound on every readiness wait
 MAX_MESSAGE=$((128 * 1024 * 1024))   # relay and connect frame limit: room for the 100 MiB result
 # Relay session caps: room for the largest idle count (and the warm-up's sessions) from one key.
@@ -75,9 +84,10 @@ make_secrets
 # ------------------------------------------------------------------------------------------
 # Processes of each path.
 
-# start_tunnel TRANSPORT: relay (policy: a role allowing demo/*; audit on) and connect.
+# start_tunnel TRANSPORT [BINARY NAME]: relay (policy: a role allowing demo/*; audit on) and
+# connect, of BINARY (default: this tree's), their files under $WORK/NAME (default: TRANSPORT).
 start_tunnel() {
-    local transport=$1 tunnel agents admin dir=$WORK/$1
+    local transport=$1 bin=${2:-$BIN} tunnel agents admin dir=$WORK/${3:-$1}
     mkdir -p "$dir"
     tunnel=$(free_port) agents=$(free_port) admin=$(free_port)
     cat >"$dir/relay.toml" <<EOF
@@ -105,10 +115,10 @@ max_message_bytes = $MAX_MESSAGE
 name = "demo"
 url = "$UPSTREAM_URL"
 EOF
-    start "relay-$transport" "${TUNNEL_ENV[@]}" "$BIN" relay --config "$dir/relay.toml"
+    start "relay-${3:-$1}" "${TUNNEL_ENV[@]}" "$bin" relay --config "$dir/relay.toml"
     SERVER_PID=$LAST_PID
     wait_until "relay" "$SERVER_PID" curl -sf -m 2 "http://127.0.0.1:$admin/healthz"
-    start "connect-$transport" "${TUNNEL_ENV[@]}" "$BIN" connect --config "$dir/connect.toml"
+    start "connect-${3:-$1}" "${TUNNEL_ENV[@]}" "$bin" connect --config "$dir/connect.toml"
     CLIENT_PID=$LAST_PID
     wait_until "connect ($transport)" "$CLIENT_PID" tunnel_up "127.0.0.1:$admin"
     URL=http://127.0.0.1:$agents/mcp/demo
@@ -216,6 +226,29 @@ cpu_per() {
     return 0
 }
 
+# profile_start PATH SERVER CLIENT: perf records both processes (software cpu-clock samples, DWARF
+# call graphs) into $PROFILE/PATH-{server,client}.data until profile_stop.
+PERF_PIDS=()
+profile_start() {
+    local p=$1 side pid
+    command -v perf >/dev/null || die "PROFILE needs perf (apt-get install linux-perf)"
+    mkdir -p "$PROFILE"
+    for side in server client; do
+        pid=$2
+        [[ $side == client ]] && pid=$3
+        perf record -q -e cpu-clock -F 999 --call-graph dwarf -p "$pid" -o "$PROFILE/$p-$side.data" \
+            >"$WORK/perf-$p-$side.log" 2>&1 &
+        PERF_PIDS+=("$!")
+    done
+    sleep 0.5 # perf attaches asynchronously; a half second of saturation unprofiled is fine
+}
+profile_stop() {
+    local pid
+    for pid in "${PERF_PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+    for pid in "${PERF_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    PERF_PIDS=()
+}
+
 measure_path() {
     local p=$1 server=${2:-} client=${3:-} out
     log "$p: warm-up"
@@ -237,8 +270,10 @@ measure_path() {
     R[$p.p99]=$(jq -r .p99_ms <<<"$out")
 
     log "$p: saturation, $SATURATION sessions"
+    [[ -n $PROFILE && $p != direct ]] && profile_start "$p" "$server" "$client"
     cpu_start "$server" "$client"
     out=$(bench_json --concurrency "$SATURATION" --sessions "$SATURATION" --duration "$DURATION")
+    [[ -n $PROFILE && $p != direct ]] && profile_stop
     R[$p.cps]=$(jq -r .calls_per_sec <<<"$out")
     cpu_per "$p" cps "$server" "$client" "$(jq -r .calls <<<"$out")" 1000000
 
@@ -277,6 +312,11 @@ for p in $PATHS; do
     case $p in
         direct) URL=$UPSTREAM_URL URL_KEY=; measure_path direct "$UPSTREAM_PID" "" ;;
         quic | https) start_tunnel "$p"; measure_path "$p" "$SERVER_PID" "$CLIENT_PID" ;;
+        base)
+            [[ -x $BASELINE ]] || die "path base needs BASELINE, an mcp-tunnel binary"
+            start_tunnel quic "$BASELINE" base
+            measure_path base "$SERVER_PID" "$CLIENT_PID"
+            ;;
         rathole) start_rathole; measure_path rathole "$SERVER_PID" "$CLIENT_PID" ;;
         *) die "unknown path $p" ;;
     esac
@@ -294,7 +334,7 @@ log "load after: $LOAD_AFTER"
 ratio() { has "$1" && has "$2" && awk "BEGIN { b = ${R[$2]}; if (b > 0) printf \"%.2f\", ${R[$1]} / b }"; }
 added() { [[ $1 != direct.* ]] && has "$1" && has "$2" && awk "BEGIN { printf \"%+.3f ms\", ${R[$1]} - ${R[$2]} }"; }
 
-declare -A NAME=([direct]="direct" [quic]="mcp-tunnel QUIC" [https]="mcp-tunnel HTTPS"
+declare -A NAME=([direct]="direct" [quic]="mcp-tunnel QUIC" [https]="mcp-tunnel HTTPS" [base]="baseline QUIC"
     [rathole]="rathole (noise)" [raw_quic]="raw quinn, 1 stream" [raw_tls]="raw TLS over TCP")
 
 row() { # row WORKLOAD PATH METRIC FORMAT NOTE
@@ -303,7 +343,7 @@ row() { # row WORKLOAD PATH METRIC FORMAT NOTE
     local vd="" vr=""
     # Idle sessions: the direct row is the upstream's own cost, not a path to compare with.
     [[ $m != idle* ]] && vd=$(ratio "$key" "direct.$m" || true)
-    [[ $p == quic || $p == https ]] && vr=$(ratio "$key" "rathole.$m" || true)
+    [[ $p == quic || $p == https || $p == base ]] && vr=$(ratio "$key" "rathole.$m" || true)
     printf '| %s | %s | %s | %s | %s | %s |\n' "$w" "${NAME[$p]}" "$(num "$f" "${R[$key]}")" \
         "${vd:+${vd}x}" "${vr:+${vr}x}" "$note"
 }
@@ -327,7 +367,7 @@ echo
 echo "| workload | path | figure | vs direct | vs rathole | note |"
 echo "|---|---|---|---|---|---|"
 for q in p50 p99; do
-    for p in direct quic https rathole; do
+    for p in direct quic https base rathole; do
         row "echo $q latency, c=1 (ms)" "$p" $q "%.3f" "$(added "$p.$q" direct.$q || true)"
     done
     # The transports alone: one round trip of a 200-byte message on an open stream.
@@ -335,10 +375,10 @@ for q in p50 p99; do
         row "echo $q latency, c=1 (ms)" "$p" $q "%.3f" "one round trip on an open stream, no HTTP"
     done
 done
-for p in direct quic https rathole; do
+for p in direct quic https base rathole; do
     row "calls/s, $SATURATION sessions" "$p" cps "%.0f" "CPU µs per call: $(cpu_note "$p" cps)"
 done
-for p in direct quic https rathole raw_quic raw_tls; do
+for p in direct quic https base rathole raw_quic raw_tls; do
     note=""
     [[ $p != raw_quic ]] && has raw_quic.blob && has "$p.blob" &&
         note="$(awk "BEGIN { printf \"%.0f%%\", 100 * ${R[$p.blob]} / ${R[raw_quic.blob]} }") of raw quinn"
@@ -347,20 +387,20 @@ for p in direct quic https rathole raw_quic raw_tls; do
 done
 IFS=, read -ra STEPS <<<"$IDLE_COUNTS"
 for n in "${STEPS[@]}"; do
-    for p in direct quic https rathole; do
+    for p in direct quic https base rathole; do
         side="relay"; [[ $p == rathole ]] && side="server"; [[ $p == direct ]] && side="upstream"
         row "$n idle sessions: $side KiB/session" "$p" "idle$n.server" "%.2f" "opened in ${R[$p.idle$n.open_secs]:-?} s"
     done
-    for p in quic https rathole; do
+    for p in quic https base rathole; do
         side="connect"; [[ $p == rathole ]] && side="client"
         row "$n idle sessions: $side KiB/session" "$p" "idle$n.client" "%.2f"
     done
 done
-for p in direct quic https rathole; do
+for p in direct quic https base rathole; do
     row "new session to first answer, p50 (ms)" "$p" first_p50 "%.3f" \
         "$(has "$p.first_call_p50" && num '%.3f' "${R[$p.first_call_p50]}") ms per call on an open session"
 done
-for p in direct quic https rathole; do
+for p in direct quic https base rathole; do
     row "new session to first answer, p99 (ms)" "$p" first_p99 "%.3f"
 done
 
@@ -403,4 +443,18 @@ if has quic.p50 && has rathole.p50 && has direct.p50; then
     extra=$(num %.3f "(${R[quic.first_p50]} - ${R[direct.first_p50]}) - 3 * (${R[quic.first_call_p50]} - ${R[direct.first_call_p50]})")
     target "new session: time added over direct beyond 3 tunneled requests' added time (p50)" \
         "$extra ms (QUIC), $(num %.3f "(${R[https.first_p50]:-0} - ${R[direct.first_p50]}) - 3 * (${R[https.first_call_p50]:-0} - ${R[direct.first_call_p50]})") ms (HTTPS)"
+fi
+
+# Before/after: this tree's QUIC tunnel against the baseline binary's, in this run.
+if has base.p50 && has quic.p50; then
+    echo
+    echo "This tree against the baseline ($BASELINE), both over QUIC (new / old):"
+    target "echo p50 added over direct" "+$(num %.3f "${R[quic.p50]} - ${R[direct.p50]}") ms against +$(num %.3f "${R[base.p50]} - ${R[direct.p50]}") ms"
+    has quic.cps.cpu_server && has base.cps.cpu_server &&
+        target "relay + connect CPU per call at saturation" \
+            "$(num %.0f "${R[quic.cps.cpu_server]} + ${R[quic.cps.cpu_client]}") µs against $(num %.0f "${R[base.cps.cpu_server]} + ${R[base.cps.cpu_client]}") µs ($(num %.2f "(${R[quic.cps.cpu_server]} + ${R[quic.cps.cpu_client]}) / (${R[base.cps.cpu_server]} + ${R[base.cps.cpu_client]})")x)"
+    target "calls/s at saturation" "$(num %.0f "${R[quic.cps]}") against $(num %.0f "${R[base.cps]}") ($(num %.2f "${R[quic.cps]} / ${R[base.cps]}")x)"
+    last=${STEPS[${#STEPS[@]} - 1]}
+    has "base.idle$last.client" && target "connect KiB per idle session at $last" \
+        "$(num %.2f "${R[quic.idle$last.client]}") against $(num %.2f "${R[base.idle$last.client]}")"
 fi

@@ -41,7 +41,10 @@ impl Source {
         let numbered = wire_version >= 4;
         match self {
             Source::Http(source) => source.clone().serve(header, numbered, reader, writer).await,
-            Source::Stdio(source) => source.clone().serve(header, numbered, reader, writer).await,
+            // Boxed: a stream's future is sized for its largest variant (see HttpSource::serve).
+            Source::Stdio(source) => {
+                Box::pin(source.clone().serve(header, numbered, reader, writer)).await
+            }
         }
     }
 }

@@ -361,7 +361,7 @@ impl StreamContext {
             bridge::initialize_request(OWN_REQUEST_ID, LATEST_SESSION_VERSION, &capabilities);
         let response = self.post_own(initialize, true).await?;
         if let Some(id) = response.headers().get(SESSION_HEADER) {
-            self.session.upstream.lock().id = Some(id.clone());
+            self.session.upstream.lock().keep_id(id);
         }
         let status = response.status();
         let answer = read_answer(self.name(), response).await?;

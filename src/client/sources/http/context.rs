@@ -247,7 +247,9 @@ impl StreamContext {
                 // In order: the session id must exist before the next message, and
                 // notifications must reach the upstream before requests sent after them.
                 // Requests already in flight keep going meanwhile.
-                let ordered = async {
+                // Boxed, so this rare path does not size the stream's future, which every
+                // idle session keeps for as long as it lives.
+                let mut ordered: BoxFuture<'_, ()> = Box::pin(async {
                     self.exchange(frame.exchange, frame.payload, classified)
                         .await;
                     // The upstream's GET stream opens before the next request goes: a server
@@ -259,8 +261,7 @@ impl StreamContext {
                     {
                         let _ = tokio::time::timeout(GET_STREAM_OPENING, answered).await;
                     }
-                };
-                tokio::pin!(ordered);
+                });
                 loop {
                     tokio::select! {
                         () = &mut ordered => break,
@@ -606,7 +607,7 @@ impl StreamContext {
     ) -> Result<Option<(Bytes, Box<EventBody>)>, UpstreamError> {
         let status = response.status();
         if is_initialize && let Some(id) = response.headers().get(SESSION_HEADER) {
-            self.session.upstream.lock().id = Some(id.clone());
+            self.session.upstream.lock().keep_id(id);
         }
         if status == StatusCode::ACCEPTED {
             return Ok(None);

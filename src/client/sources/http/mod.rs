@@ -157,6 +157,9 @@ impl HttpSource {
         .await;
     }
 
+    /// Every path but the common one (a session-era stream's frame loop) is boxed where it is
+    /// awaited: the stream's future is sized for its largest await, and each idle session
+    /// keeps that future for as long as it lives.
     async fn serve_stream(
         self: Arc<Self>,
         header: OpenHeader,
@@ -170,28 +173,25 @@ impl HttpSource {
         let legacy = if resumes {
             Ok(None)
         } else {
-            self.legacy_session(header.era).await
+            Box::pin(self.legacy_session(header.era)).await
         };
         match legacy {
             Ok(Some(opened)) => {
                 let name = self.name.as_str().into();
-                return legacy::serve(name, self.client.clone(), opened, header, inbound, out)
-                    .await;
+                let legacy = legacy::serve(name, self.client.clone(), opened, header, inbound, out);
+                return Box::pin(legacy).await;
             }
             Ok(None) => {}
             Err(reason) => {
                 // Every request of the first message gets the reason, then the stream ends.
-                return inbound
-                    .refuse(&out, codes::SOURCE_UNAVAILABLE, &reason)
-                    .await;
+                return Box::pin(inbound.refuse(&out, codes::SOURCE_UNAVAILABLE, &reason)).await;
             }
         }
         let max_answer = self.max_answer.max(max_frame);
-        if header.era == Era::Stateless && self.bridges(&header).await {
+        if header.era == Era::Stateless && Box::pin(self.bridges(&header)).await {
             let limits = (max_frame, max_answer);
-            return self
-                .serve_bridged(header, inbound, (out, numbered), limits)
-                .await;
+            let bridged = self.serve_bridged(header, inbound, (out, numbered), limits);
+            return Box::pin(bridged).await;
         }
         let Some((session, resumed)) = self.session_for(&header) else {
             let reason = format!(
@@ -212,9 +212,8 @@ impl HttpSource {
         session.set_tasks(|| Arc::new(context.for_session()));
         if resumed {
             // First of all: the relay waits for this to know the resume succeeded.
-            context
-                .send(Frame::json(FrameKind::Resumable, &session.resumable()))
-                .await;
+            let resumable = Frame::json(FrameKind::Resumable, &session.resumable());
+            Box::pin(context.send(resumable)).await;
             let _ = session.start_get_stream();
         }
         let _ = context.clone().run(None, &mut inbound).await;
@@ -228,7 +227,7 @@ impl HttpSource {
                 if let Some(handle) = handle {
                     self.held.remove(handle, Instant::now());
                 }
-                session.end(Some(&context)).await;
+                Box::pin(session.end(Some(&context))).await;
             }
         }
     }

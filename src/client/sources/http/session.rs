@@ -31,6 +31,16 @@ pub(super) struct UpstreamState {
     pub(super) version: Option<HeaderValue>,
 }
 
+impl UpstreamState {
+    /// Keeps the upstream's `Mcp-Session-Id` as its own copy: a header value hyper parsed is a
+    /// slice of the connection's read buffer, and keeping it would keep that whole buffer
+    /// (kilobytes) for as long as the session lives.
+    pub(super) fn keep_id(&mut self, id: &HeaderValue) {
+        let own = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(id.as_bytes()));
+        self.id = Some(own.unwrap_or_else(|_| id.clone()));
+    }
+}
+
 /// One upstream session.
 pub(super) struct HttpSession {
     /// The handle it is held under; `None` for a session that ends with its stream (the

@@ -124,6 +124,9 @@ impl Indexer {
         match self.writer.index(&taken.rows, taken.generation, taken.mark) {
             Ok(()) => {
                 self.room.add_permits(taken.rows.len());
+                let mut rows = taken.rows;
+                rows.clear();
+                self.log.lock().recycle(rows);
                 *self.failing.lock() = None;
                 if let Some(old) = &taken.retired {
                     remove(old);

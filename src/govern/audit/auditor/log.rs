@@ -22,6 +22,10 @@ pub(super) struct Log {
     heads: HashMap<String, Written>,
     /// Rows written and not yet taken by the indexer, in file order.
     pending: Vec<Row>,
+    /// The room of a batch the indexer is done with, for the next one: a batch of a busy
+    /// relay holds hundreds of rows, and growing a new vector to that size for each batch
+    /// cost fresh pages, zeroed by the kernel, on the call path.
+    spare: Vec<Row>,
     /// Bytes written in this run, over every generation: what a sync waits for.
     written: u64,
     /// The line being built (its room reused).
@@ -61,6 +65,7 @@ impl Log {
             file: Some(file),
             heads,
             pending: Vec::new(),
+            spare: Vec::new(),
             written: 0,
             line: Vec::new(),
             trail,
@@ -140,7 +145,7 @@ impl Log {
     /// retires and the mark after them is the new file's start.
     pub(super) fn take(&mut self) -> Option<Taken> {
         let file = self.file.as_mut()?;
-        let rows = std::mem::take(&mut self.pending);
+        let rows = std::mem::replace(&mut self.pending, std::mem::take(&mut self.spare));
         let end = file.end();
         if end.offset < self.rotate_bytes {
             return Some(Taken {
@@ -188,6 +193,18 @@ impl Log {
         }
     }
 
+    /// Takes back the room of an indexed batch (emptied) for a later one; not more than
+    /// [`SPARE_ROWS`], so a burst does not keep its room for good.
+    pub(super) fn recycle(&mut self, rows: Vec<Row>) {
+        debug_assert!(
+            rows.is_empty(),
+            "the indexer empties a batch before handing it back"
+        );
+        if rows.capacity() <= SPARE_ROWS && rows.capacity() > self.spare.capacity() {
+            self.spare = rows;
+        }
+    }
+
     /// Closes the log (appends fail from now on) and hands over what is pending and the mark
     /// at the file's end.
     pub(super) fn close(&mut self) -> Option<(Taken, PathBuf)> {
@@ -220,3 +237,7 @@ fn writable<'a>(
 /// The line buffer's room kept between appends: a metadata row is well under this; a row
 /// with captured arguments may be larger, and its room is given back.
 const LINE_KEEP: usize = 16 << 10;
+
+/// The most rows of room kept between batches ([`Log::recycle`]): a batch of 20 ms at
+/// 50,000 calls/s (only the rows' inline part; what each record owns is freed).
+const SPARE_ROWS: usize = 1024;
