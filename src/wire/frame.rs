@@ -466,7 +466,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// A payload under this size is copied behind its header and written with it
-/// ([`FrameWriter::send_all`]): a copy of this much costs less than a write of its own.
+/// ([`FrameWriter::send`]): a copy of this much costs less than a write of its own.
 const COALESCE_BYTES: usize = 16 * 1024;
 
 /// Writes frames to one direction of a tunnel stream.
@@ -481,43 +481,27 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Self { io, limit }
     }
 
-    /// Writes one frame (see [`FrameWriter::send_all`]).
+    /// Writes one frame. A payload under `COALESCE_BYTES` is copied behind the header and
+    /// both go to the stream in one write: each write to a QUIC stream locks the connection
+    /// and wakes its driver, which costs more than the copy. A larger payload is handed to the
+    /// stream as is after its header (no copy into a staging buffer), which matters for
+    /// multi-megabyte tool results.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), FrameError> {
-        self.send_all(std::slice::from_ref(frame)).await
-    }
-
-    /// Writes `frames` in order; none is written when any payload is over the limit.
-    ///
-    /// Small frames go to the stream in one write: each write to a QUIC stream wakes its
-    /// connection's driver, which may send what it has at once, so a header written apart
-    /// from its payload can cost a packet of its own and a wake-up of the peer. A payload of
-    /// `COALESCE_BYTES` or more is handed to the stream as is after its header (no copy
-    /// into a staging buffer), which matters for multi-megabyte tool results.
-    pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), FrameError> {
-        if let Some(frame) = frames.iter().find(|f| f.payload.len() > self.limit) {
+        if frame.payload.len() > self.limit {
             return Err(FrameError::TooLarge {
                 size: frame.payload.len(),
                 limit: self.limit,
             });
         }
-        let copied = |frame: &Frame| frame.payload.len() < COALESCE_BYTES;
-        let staged_len = frames
-            .iter()
-            .map(|f| HEADER_LEN + if copied(f) { f.payload.len() } else { 0 })
-            .sum();
-        let mut staged = Vec::with_capacity(staged_len);
-        for frame in frames {
-            staged.extend_from_slice(&frame.encode_header());
-            if copied(frame) {
-                staged.extend_from_slice(&frame.payload);
-            } else {
-                self.io.write_all(&staged).await?;
-                staged.clear();
-                self.io.write_all(&frame.payload).await?;
-            }
-        }
-        if !staged.is_empty() {
+        let header = frame.encode_header();
+        if frame.payload.len() < COALESCE_BYTES {
+            let mut staged = Vec::with_capacity(HEADER_LEN + frame.payload.len());
+            staged.extend_from_slice(&header);
+            staged.extend_from_slice(&frame.payload);
             self.io.write_all(&staged).await?;
+        } else {
+            self.io.write_all(&header).await?;
+            self.io.write_all(&frame.payload).await?;
         }
         Ok(())
     }
@@ -749,37 +733,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_frames_reach_the_stream_in_one_write_and_large_payloads_uncopied() {
+    async fn a_small_frame_reaches_the_stream_in_one_write_and_a_large_payload_uncopied() {
         let small = Frame::message(1, Bytes::from_static(br#"{"jsonrpc":"2.0","id":1}"#));
         let large = Frame::message(2, Bytes::from(vec![b'x'; COALESCE_BYTES]));
-        let frames = [small.clone(), Frame::end(1), large.clone(), Frame::end(2)];
+        let frames = [small.clone(), Frame::end(1), large.clone()];
         let mut writer = FrameWriter::new(Writes::default(), 1 << 20);
-        writer.send(&small).await.expect("sent");
-        writer.send_all(&frames).await.expect("sent");
+        for frame in &frames {
+            writer.send(frame).await.expect("sent");
+        }
         let writes = std::mem::take(&mut writer.io.0);
         let sizes: Vec<usize> = writes.iter().map(Vec::len).collect();
         assert_eq!(
             sizes,
             [
                 HEADER_LEN + small.payload.len(),
-                // the small message, its end and the large payload's header
-                3 * HEADER_LEN + small.payload.len(),
-                COALESCE_BYTES,
                 HEADER_LEN,
+                HEADER_LEN,
+                COALESCE_BYTES
             ],
-            "a header with its small payload, frames together, a large payload apart"
+            "a header with its small payload, a large payload apart from its header"
         );
-        let wire = writes.concat();
-        let mut expected = vec![small];
-        expected.extend(frames);
-        assert_eq!(decode_all(&wire, 1 << 20).expect("decodes"), expected);
-        let too_large = [
-            Frame::end(3),
-            Frame::message(3, Bytes::from(vec![b'y'; 2048])),
-        ];
+        assert_eq!(
+            decode_all(&writes.concat(), 1 << 20).expect("decodes"),
+            frames
+        );
         let mut writer = FrameWriter::new(Writes::default(), 1024);
+        let too_large = Frame::message(3, Bytes::from(vec![b'y'; 2048]));
         assert!(matches!(
-            writer.send_all(&too_large).await,
+            writer.send(&too_large).await,
             Err(FrameError::TooLarge {
                 size: 2048,
                 limit: 1024
@@ -787,7 +768,7 @@ mod tests {
         ));
         assert!(
             writer.io.0.is_empty(),
-            "nothing written when any frame is refused"
+            "nothing of a refused frame is written"
         );
     }
 }
