@@ -18,6 +18,7 @@
 #   benches/compare.sh                        # from the crate root; CARGO_TARGET_DIR is honoured
 #   DURATION=5 IDLE_COUNTS=1000,10000 BLOB_BYTES=104857600 BLOB_CALLS=3 PATHS="direct quic https rathole" benches/compare.sh
 #   WORKERS=1 benches/compare.sh           # the tunnels' processes (ours and rathole's) on one tokio worker
+#   SSE=1 benches/compare.sh               # the upstream answers in SSE events (the SDK servers' default)
 #   BASELINE=/tmp/old/mcp-tunnel benches/compare.sh
 #       # before/after in one run: the path "base" is the QUIC tunnel of that older binary,
 #       # measured like "quic" and printed beside it with the ratios new/old
@@ -40,6 +41,7 @@ SATURATION=${SATURATION:-64}
 BASELINE=${BASELINE:-}               # an older mcp-tunnel binary: its relay and connect over QUIC are measured too (path "base")
 PATHS=${PATHS:-direct quic https rathole${BASELINE:+ base}}
 AUDIT=${AUDIT:-1}                    # 0: the relay runs without [audit] (to see what auditing costs)
+SSE=${SSE:-0}                        # 1: the upstream answers with one SSE event per request (as the SDK servers do), not JSON
 WORKERS=${WORKERS:-}                 # tokio worker threads of relay, connect and rathole (empty: one per core)
 PROFILE=${PROFILE:-}                 # a directory: perf profiles (cpu-clock, call graphs) of each tunnel's two processes during the saturation workload
 READY_SECS=${READY_SECS:-60}         # bound on every readiness wait
@@ -54,6 +56,7 @@ TUNNEL_ENV=(env)
 [[ -n $WORKERS ]] && TUNNEL_ENV+=("TOKIO_WORKER_THREADS=$WORKERS")
 
 LOG_TAG=compare
+((SSE)) && UPSTREAM_SSE=1
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
@@ -362,7 +365,7 @@ cpu_note() { # cpu_note PATH METRIC: each process's share of the CPU per call
 
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average before $LOAD_BEFORE, after $LOAD_AFTER."
-[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); tokio workers of the tunnels: ${WORKERS:-one per core}; $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
+[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); upstream answers: $( ((SSE)) && echo "one SSE event" || echo JSON); tokio workers of the tunnels: ${WORKERS:-one per core}; $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
 echo
 echo "| workload | path | figure | vs direct | vs rathole | note |"
 echo "|---|---|---|---|---|---|"

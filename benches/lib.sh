@@ -146,10 +146,11 @@ EOF
 }
 
 # start_upstream: the lean demo MCP server on a free port; sets UPSTREAM_PID and UPSTREAM_URL.
+# With UPSTREAM_SSE set, it answers each request with one SSE event instead of a JSON body.
 start_upstream() {
     local port
     port=$(free_port)
-    start upstream "$BIN" demo --upstream-only --listen "127.0.0.1:$port"
+    start upstream "$BIN" demo --upstream-only --listen "127.0.0.1:$port" ${UPSTREAM_SSE:+--sse-answers}
     UPSTREAM_PID=$LAST_PID
     UPSTREAM_URL=http://127.0.0.1:$port/mcp
     wait_until "upstream" "$UPSTREAM_PID" http_answers "$UPSTREAM_URL"

@@ -71,6 +71,10 @@ enum Command {
         /// Run only the built-in MCP server and print its URL (for benchmarks).
         #[arg(long)]
         upstream_only: bool,
+        /// With --upstream-only: answer each request with one SSE event (as the SDK servers
+        /// do by default) instead of a JSON body.
+        #[arg(long, requires = "upstream_only")]
+        sse_answers: bool,
     },
     /// Tunnel tokens.
     Token {
@@ -467,7 +471,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Demo {
             listen,
             upstream_only,
-        } => demo(listen, upstream_only).await,
+            sse_answers,
+        } => {
+            let answers = match (upstream_only, sse_answers) {
+                (false, _) => None,
+                (true, false) => Some(mcp_tunnel::demo::lean::Answers::Json),
+                (true, true) => Some(mcp_tunnel::demo::lean::Answers::Sse),
+            };
+            demo(listen, answers).await
+        }
         Command::Token {
             command:
                 NewSecret::New {
@@ -544,12 +556,16 @@ async fn connect(args: ConnectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mcp-tunnel demo`: the whole product on loopback, or only its demo MCP server.
-async fn demo(listen: Option<SocketAddr>, upstream_only: bool) -> anyhow::Result<()> {
+/// `mcp-tunnel demo`: the whole product on loopback, or only its demo MCP server (answering
+/// as `upstream_only` says).
+async fn demo(
+    listen: Option<SocketAddr>,
+    upstream_only: Option<mcp_tunnel::demo::lean::Answers>,
+) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
-    if upstream_only {
+    if let Some(answers) = upstream_only {
         let listen = listen.unwrap_or(mcp_tunnel::demo::DEFAULT_LISTEN);
-        let addr = mcp_tunnel::demo::lean::serve(listen, shutdown.clone())
+        let addr = mcp_tunnel::demo::lean::serve(listen, answers, shutdown.clone())
             .await
             .with_context(|| {
                 format!("cannot listen on {listen}; pick another address with --listen")

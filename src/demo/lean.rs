@@ -11,6 +11,10 @@
 //!
 //! Notifications and client responses get 202. GET gets 405: the server never speaks first, and
 //! the transport lets a server decline the standalone stream.
+//!
+//! With [`Answers::Sse`] each answer is one SSE event instead (`text/event-stream`), as the
+//! Python and TypeScript SDK servers answer by default: what the benchmarks measure that path
+//! with.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -50,20 +54,56 @@ const SERVER_NAME: &str = "mcp-tunnel-demo";
 /// The `tools/list` result, fixed.
 const TOOLS: &str = r#"{"tools":[{"name":"add","description":"Add two integers","inputSchema":{"type":"object","properties":{"a":{"description":"Left operand.","type":"integer","format":"int64"},"b":{"description":"Right operand.","type":"integer","format":"int64"}},"required":["a","b"]}},{"name":"blob","description":"Return SIZE bytes of text (for throughput tests)","inputSchema":{"type":"object","properties":{"size":{"description":"How many bytes of text to return.","type":"integer","format":"uint64","minimum":0}},"required":["size"]}},{"name":"echo","description":"Echo the message back unchanged","inputSchema":{"type":"object","properties":{"message":{"description":"The text to send back.","type":"string"}},"required":["message"]}},{"name":"sleep","description":"Wait MS milliseconds, then answer (a slow tool for tests)","inputSchema":{"type":"object","properties":{"ms":{"description":"Milliseconds to wait before answering.","type":"integer","format":"uint64","minimum":0}},"required":["ms"]}}]}"#;
 
+/// How the server answers a request.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Answers {
+    /// One JSON body (`application/json`).
+    #[default]
+    Json,
+    /// One SSE event carrying the JSON (`text/event-stream`), then the end of the body.
+    Sse,
+}
+
 /// The server's state: the open sessions.
 #[derive(Debug, Default)]
 struct Server {
     sessions: Mutex<HashSet<String>>,
+    answers: Answers,
 }
 
-/// Serves the lean demo server at `/mcp` on `addr` until `shutdown`; returns the bound address
-/// once it accepts connections.
-pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+/// Serves the lean demo server at `/mcp` on `addr` until `shutdown`, answering as `answers`
+/// says; returns the bound address once it accepts connections.
+pub async fn serve(
+    addr: SocketAddr,
+    answers: Answers,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let server = Server {
+        answers,
+        ..Server::default()
+    };
     let router = axum::Router::new()
         .route("/mcp", post(on_post).get(on_get).delete(on_delete))
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-        .with_state(Arc::new(Server::default()));
+        .with_state(Arc::new(server));
     super::spawn_server(addr, router, shutdown).await
+}
+
+/// `response`, a JSON answer, as one SSE event: its body (JSON has no raw line breaks, so it
+/// is one `data` line) streamed between the event's head and end, never held whole.
+fn as_sse_event(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let head =
+        futures_util::stream::once(async { Ok(Bytes::from_static(b"event: message\ndata: ")) });
+    let end = futures_util::stream::once(async { Ok(Bytes::from_static(b"\n\n")) });
+    let data = body.into_data_stream();
+    let event = futures_util::StreamExt::chain(futures_util::StreamExt::chain(head, data), end);
+    Response::from_parts(parts, Body::from_stream(event))
 }
 
 /// The fields of a JSON-RPC message the server reads.
@@ -293,6 +333,9 @@ async fn on_post(State(server): State<Arc<Server>>, headers: HeaderMap, body: By
         outcome = outcome.tagged_complete(method == "tools/list");
     }
     let mut response = reply(id, outcome);
+    if server.answers == Answers::Sse {
+        response = as_sse_event(response);
+    }
     if let Some(session) = session_id.and_then(|s| HeaderValue::try_from(s).ok()) {
         response.headers_mut().insert(SESSION_HEADER, session);
     }
@@ -513,11 +556,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn answers_as_one_sse_event_when_asked_to() {
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().expect("literal"),
+            Answers::Sse,
+            shutdown.clone(),
+        )
+        .await
+        .expect("binds");
+        let http = reqwest::Client::new();
+        let post = |body: Value, session: Option<String>| {
+            let mut request = http
+                .post(format!("http://{addr}/mcp"))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .timeout(Duration::from_secs(10));
+            if let Some(session) = session {
+                request = request.header(SESSION_HEADER, session);
+            }
+            request.body(body.to_string()).send()
+        };
+        let init = post(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"0"}}}), None)
+            .await
+            .expect("initialize");
+        let session = init.headers()[SESSION_HEADER]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        assert_eq!(init.headers()["content-type"], "text/event-stream");
+        for (arguments, tool) in [
+            (json!({"message":"hé"}), "echo"),
+            (json!({"size":100_000}), "blob"),
+        ] {
+            let answer = post(call(tool, arguments), Some(session.clone()))
+                .await
+                .expect("called");
+            assert_eq!(answer.headers()["content-type"], "text/event-stream");
+            let text = answer.text().await.expect("body");
+            let data = text
+                .strip_prefix("event: message\ndata: ")
+                .and_then(|rest| rest.strip_suffix("\n\n"))
+                .expect("one event");
+            let message: Value = serde_json::from_str(data).expect("the event carries JSON");
+            assert_eq!(message["id"], 5, "{tool}");
+            assert_eq!(message["result"]["isError"], false, "{tool}");
+        }
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn speaks_both_eras() {
         let shutdown = CancellationToken::new();
-        let addr = serve("127.0.0.1:0".parse().expect("literal"), shutdown.clone())
-            .await
-            .expect("binds");
+        let addr = serve(
+            "127.0.0.1:0".parse().expect("literal"),
+            Answers::Json,
+            shutdown.clone(),
+        )
+        .await
+        .expect("binds");
         let peer = Peer {
             http: reqwest::Client::new(),
             url: format!("http://{addr}/mcp"),

@@ -154,7 +154,12 @@ async fn start_on(listen: SocketAddr, shutdown: CancellationToken) -> Result<Dem
 }
 
 async fn start_inner(listen: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<Demo> {
-    let upstream = lean::serve("127.0.0.1:0".parse()?, shutdown.clone()).await?;
+    let upstream = lean::serve(
+        "127.0.0.1:0".parse()?,
+        lean::Answers::Json,
+        shutdown.clone(),
+    )
+    .await?;
     let upstream_url = format!("http://{upstream}/mcp");
 
     let certs = crate::certs::generate(&[])?;

@@ -137,6 +137,7 @@ impl RecordingUpstream {
         let stop = CancellationToken::new();
         let server = mcp_tunnel::demo::lean::serve(
             "127.0.0.1:0".parse().expect("literal"),
+            mcp_tunnel::demo::lean::Answers::Json,
             stop.child_token(),
         )
         .await
