@@ -56,7 +56,8 @@ TUNNEL_ENV=(env)
 [[ -n $WORKERS ]] && TUNNEL_ENV+=("TOKIO_WORKER_THREADS=$WORKERS")
 
 LOG_TAG=compare
-((SSE)) && UPSTREAM_SSE=1
+UPSTREAM_SSE=
+[[ $SSE == 1 ]] && UPSTREAM_SSE=1
 # shellcheck source=benches/lib.sh
 source "$ROOT/benches/lib.sh"
 
@@ -365,7 +366,7 @@ cpu_note() { # cpu_note PATH METRIC: each process's share of the CPU per call
 
 echo
 echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), kernel $(uname -r); load average before $LOAD_BEFORE, after $LOAD_AFTER."
-[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); upstream answers: $( ((SSE)) && echo "one SSE event" || echo JSON); tokio workers of the tunnels: ${WORKERS:-one per core}; $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
+[[ -x $RATHOLE ]] && echo "rathole $("$RATHOLE" --version | awk '/Build Version/ {print $3}'), noise transport; relay audit: $( ((AUDIT)) && echo on || echo off); upstream answers: $([[ -n $UPSTREAM_SSE ]] && echo "one SSE event" || echo JSON); tokio workers of the tunnels: ${WORKERS:-one per core}; $DURATION s per rate workload, $BLOB_CALLS blob results, $FIRST_CALLS new sessions."
 echo
 echo "| workload | path | figure | vs direct | vs rathole | note |"
 echo "|---|---|---|---|---|---|"
@@ -449,7 +450,7 @@ if has quic.p50 && has rathole.p50 && has direct.p50; then
 fi
 
 # Before/after: this tree's QUIC tunnel against the baseline binary's, in this run.
-if has base.p50 && has quic.p50; then
+if has base.p50 && has quic.p50 && has direct.p50; then
     echo
     echo "This tree against the baseline ($BASELINE), both over QUIC (new / old):"
     target "echo p50 added over direct" "+$(num %.3f "${R[quic.p50]} - ${R[direct.p50]}") ms against +$(num %.3f "${R[base.p50]} - ${R[direct.p50]}") ms"

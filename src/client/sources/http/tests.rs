@@ -134,8 +134,9 @@ async fn a_streams_future_is_sized_for_its_frame_loop_not_its_rare_paths() {
         FrameWriter::new(Box::new(write), 1 << 20),
     );
     let size = std::mem::size_of_val(&serving);
-    // 2.5 KiB in a debug build. Before the rare paths were boxed the whole stream task took
-    // 7.5 KiB per idle session in a release build (heaptrack), 3.2 KiB after.
-    assert!(size <= 3072, "a stream's future takes {size} bytes");
+    // 2.5 KiB in a debug build (the bound leaves room for the compiler's layout to vary).
+    // Before the rare paths were boxed the whole stream task took 7.5 KiB per idle session in
+    // a release build (heaptrack), 3.2 KiB after.
+    assert!(size <= 4096, "a stream's future takes {size} bytes");
     drop((serving, near));
 }
