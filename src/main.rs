@@ -473,12 +473,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             upstream_only,
             sse_answers,
         } => {
-            let answers = match (upstream_only, sse_answers) {
-                (false, _) => None,
-                (true, false) => Some(mcp_tunnel::demo::lean::Answers::Json),
-                (true, true) => Some(mcp_tunnel::demo::lean::Answers::Sse),
+            use mcp_tunnel::demo::lean::Answers;
+            let answers = if sse_answers {
+                Answers::Sse
+            } else {
+                Answers::Json
             };
-            demo(listen, answers).await
+            demo(listen, upstream_only.then_some(answers)).await
         }
         Command::Token {
             command:

@@ -551,20 +551,26 @@ mod tests {
         }
     }
 
+    /// The server on a free port, answering as `answers` says, until the token is cancelled.
+    async fn start(answers: Answers) -> (SocketAddr, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let addr = serve(
+            "127.0.0.1:0".parse().expect("literal"),
+            answers,
+            shutdown.clone(),
+        )
+        .await
+        .expect("binds");
+        (addr, shutdown)
+    }
+
     fn call(tool: &str, arguments: Value) -> Value {
         json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":tool,"arguments":arguments}})
     }
 
     #[tokio::test]
     async fn answers_as_one_sse_event_when_asked_to() {
-        let shutdown = CancellationToken::new();
-        let addr = serve(
-            "127.0.0.1:0".parse().expect("literal"),
-            Answers::Sse,
-            shutdown.clone(),
-        )
-        .await
-        .expect("binds");
+        let (addr, shutdown) = start(Answers::Sse).await;
         let http = reqwest::Client::new();
         let post = |body: Value, session: Option<String>| {
             let mut request = http
@@ -607,14 +613,7 @@ mod tests {
 
     #[tokio::test]
     async fn speaks_both_eras() {
-        let shutdown = CancellationToken::new();
-        let addr = serve(
-            "127.0.0.1:0".parse().expect("literal"),
-            Answers::Json,
-            shutdown.clone(),
-        )
-        .await
-        .expect("binds");
+        let (addr, shutdown) = start(Answers::Json).await;
         let peer = Peer {
             http: reqwest::Client::new(),
             url: format!("http://{addr}/mcp"),
